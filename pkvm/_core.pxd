@@ -1,0 +1,110 @@
+# cython: language_level=3
+"""C-level declarations of pkvm's typed core, for other Cython code to ``cimport``.
+
+``RangeMap`` is a B+tree of coalesced half-open runs ``[start, end)`` of ``uint64`` keys with
+``uint64`` values. Only runs whose value differs from the map's default are stored. Every leaf
+keeps its runs in three parallel arrays; a leaf whose runs all share one value keeps that value
+once (``uval``) and has no value array at all, which halves the memory of the common
+"one attribute value in a sea of default" state.
+
+Invariants (checked by ``RangeMap._check``):
+- runs are sorted, non-empty and non-overlapping: ``start < end <= next.start``;
+- runs are coalesced: ``end == next.start`` implies the two values differ;
+- no stored run has the default value;
+- ``Inner.keys[i]`` is exactly the smallest run start in ``children[i]``'s subtree;
+- every leaf is at depth ``height``; only a root leaf may be empty;
+- leaves form a doubly linked list in key order.
+
+Contract of the ``cdef`` methods: they trust their arguments (``start <= end`` etc. were
+validated by the Python-level wrappers). ``except -1`` methods can fail only with
+``MemoryError``, which is raised before anything changes; the ``noexcept`` ones cannot fail.
+"""
+
+from libc.stdint cimport uint64_t
+
+cdef enum:
+    LEAF_CAP = 64       # runs per leaf (1 KiB of keys)
+    INNER_CAP = 64      # children per inner node
+    MAX_HEIGHT = 24     # inner levels; 4 ** 24 runs would not fit in memory at the minimum fanout
+
+
+cdef struct Leaf:
+    uint64_t starts[LEAF_CAP]   # first key of each run (inclusive), strictly ascending
+    uint64_t ends[LEAF_CAP]     # one past the last key of each run (exclusive)
+    uint64_t *vals              # value per run (LEAF_CAP slots), or NULL when all equal uval
+    uint64_t uval               # the common value of every run when vals is NULL
+    int n                       # runs in use
+    Leaf *prev                  # left neighbour in key order, NULL for the first leaf
+    Leaf *next                  # right neighbour in key order, NULL for the last leaf
+
+
+cdef struct Inner:
+    uint64_t keys[INNER_CAP]    # keys[i] = smallest run start in children[i]'s subtree
+    void *children[INNER_CAP]   # Leaf* when this node is at height 1, Inner* above
+    int n                       # children in use (>= 1)
+
+
+cdef struct Path:
+    Inner *node[MAX_HEIGHT]     # node[0] is the root; node[height-1] is the leaf's parent
+    int idx[MAX_HEIGHT]         # child index taken at each level
+
+
+cdef struct Run:
+    uint64_t start              # first key (inclusive)
+    uint64_t end                # one past the last key (exclusive)
+    uint64_t value              # the run's value (may equal the default for gaps)
+
+
+cdef class RangeMap:
+    cdef void *root                 # Leaf* when height == 0, else Inner*
+    cdef int height                 # inner levels above the leaves
+    cdef Leaf *first_leaf           # leftmost leaf
+    cdef uint64_t dflt              # value of every key not covered by a stored run
+    cdef Py_ssize_t count           # stored runs
+    cdef Py_ssize_t n_leaves        # leaves allocated in the tree
+    cdef Py_ssize_t n_inner         # inner nodes allocated in the tree
+    cdef Py_ssize_t n_vals          # value arrays allocated in the tree
+    cdef int leaf_cap               # runs per leaf (LEAF_CAP, smaller only for tests)
+    cdef int inner_cap              # children per inner node (INNER_CAP, smaller only for tests)
+    # free pools of spare nodes: reserve-then-commit keeps MemoryError from half-applying
+    cdef Leaf *pool_leaves          # linked through Leaf.next
+    cdef Inner *pool_inner          # linked through Inner.children[0]
+    cdef uint64_t *pool_vals        # linked through vals[0]
+    cdef int n_pool_leaves
+    cdef int n_pool_inner
+    cdef int n_pool_vals
+
+    # -- C-level API (trusting; see the module docstring) ------------------------------------
+    cdef int _assign_c(self, uint64_t start, uint64_t end, uint64_t value) except -1 nogil
+    cdef uint64_t _get_c(self, uint64_t key) noexcept nogil
+    cdef int _find_ne_c(self, uint64_t start, uint64_t end, uint64_t value,
+                        uint64_t *found) noexcept nogil
+    cdef Run _run_at_c(self, uint64_t key) noexcept nogil
+    cdef Run _next_run_c(self, uint64_t key) noexcept nogil
+
+    # -- internals ---------------------------------------------------------------------------
+    cdef Leaf *_descend(self, uint64_t key, Path *path) noexcept nogil
+    cdef int _reserve(self) except -1 nogil
+    cdef int _refill(self) except -1 nogil
+    cdef int _assign_slow(self, uint64_t start, uint64_t end, uint64_t value) except -1 nogil
+    cdef void _remove_leaf(self, Leaf *leaf, Path *path) noexcept nogil
+    cdef void _leaf_append(self, Leaf *dst, Leaf *src) noexcept nogil
+    cdef Leaf *_take_leaf(self) noexcept nogil
+    cdef Inner *_take_inner(self) noexcept nogil
+    cdef uint64_t *_take_vals(self) noexcept nogil
+    cdef void _give_leaf(self, Leaf *leaf) noexcept nogil
+    cdef void _give_inner(self, Inner *node) noexcept nogil
+    cdef void _give_vals(self, uint64_t *vals) noexcept nogil
+    cdef void _fix_min(self, Path *path, int level, uint64_t key) noexcept nogil
+    cdef void _leaf_write(self, Leaf *leaf, int i, uint64_t start, uint64_t end,
+                          uint64_t value) noexcept nogil
+    cdef void _leaf_shrink_vals(self, Leaf *leaf) noexcept nogil
+    cdef void _insert_child(self, Path *path, int level, uint64_t key, void *child) noexcept nogil
+    cdef void _remove_child(self, Path *path, int level) noexcept nogil
+    cdef void _rebalance_leaf(self, Leaf *leaf, Path *path) noexcept nogil
+    cdef void _rebalance_inner(self, Path *path, int level) noexcept nogil
+    cdef void _insert_run(self, uint64_t start, uint64_t end, uint64_t value) noexcept nogil
+    cdef void _erase_starts(self, uint64_t lo, uint64_t hi) noexcept nogil
+    cdef void _free_subtree(self, void *node, int height) noexcept nogil
+    cdef void _reset(self) noexcept nogil
+    cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1

@@ -1,0 +1,1247 @@
+# cython: language_level=3
+"""pkvm's typed core: ``RangeMap``, a B+tree of coalesced half-open ``uint64`` runs.
+
+Layout and invariants are documented in ``_core.pxd``; the design (and what was rejected) in
+``docs/design.md``. In short: leaves hold up to ``LEAF_CAP`` runs in parallel ``starts`` /
+``ends`` arrays plus either a per-run value array or one shared value; inner nodes hold the
+exact minimum start of each child, so a descent by key always lands in the leaf that holds the
+last run starting at or before the key. Runs equal to the default are never stored.
+
+Every mutation first reserves the nodes it could possibly need (``_reserve``); after that
+nothing can fail, so a ``MemoryError`` never leaves a half-applied update behind.
+"""
+
+cimport cython
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memmove, memset
+
+import operator
+
+import numpy as np
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    /* Issue loads for every cache line of [p, p + nbytes) so a node's lines arrive in
+       parallel instead of one binary-search step at a time. */
+    static inline void pkvm_prefetch_span(const void *p, size_t nbytes) {
+        const char *c = (const char *)p;
+        for (size_t off = 0; off < nbytes; off += 64)
+            __builtin_prefetch(c + off);
+    }
+    """
+    void pkvm_prefetch_span(const void *p, size_t nbytes) noexcept nogil
+
+cdef extern from "Python.h":
+    # The raw C-API call: it returns (unsigned long long)-1 and sets OverflowError for negative
+    # or too-large ints; we turn that into a message that names the argument.
+    unsigned long long _as_ull "PyLong_AsUnsignedLongLong"(object o) noexcept
+    bint _is_exact_int "PyLong_CheckExact"(object o) noexcept
+    void* PyErr_Occurred() noexcept
+    void PyErr_Clear() noexcept
+
+UINT64_MAX = 0xFFFFFFFFFFFFFFFF
+cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFFULL
+cdef int POOL_MAX = 96          # spare nodes of each kind kept for reuse
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument validation (Python boundary)
+# ---------------------------------------------------------------------------------------------
+
+cdef int _u64_slow(object o, str name, uint64_t *out) except -1:
+    if isinstance(o, (float, complex, str, bytes)) or not hasattr(type(o), "__index__"):
+        raise TypeError(f"{name} must be an integer, not {type(o).__name__}")
+    return _u64(operator.index(o), name, out)
+
+
+cdef inline int _u64(object o, str name, uint64_t *out) except -1:
+    """Convert ``o`` to a uint64 into ``out``; TypeError/OverflowError name the argument."""
+    cdef unsigned long long v
+    if _is_exact_int(o):
+        v = _as_ull(o)
+        if v == <unsigned long long>-1 and PyErr_Occurred() != NULL:
+            PyErr_Clear()
+            raise OverflowError(f"{name} out of range for uint64: {o}")
+        out[0] = v
+        return 0
+    return _u64_slow(o, name, out)
+
+
+cdef object _u64_array(object obj, str name):
+    """Return ``obj`` as a C-contiguous 1-D uint64 numpy array, validating every element."""
+    cdef uint64_t tmp
+    arr = np.asarray(obj)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-dimensional, got shape {arr.shape}")
+    kind = arr.dtype.kind
+    if kind == "u":
+        return np.ascontiguousarray(arr, dtype=np.uint64)
+    if kind == "i":
+        if arr.size:
+            neg = np.flatnonzero(arr < 0)
+            if neg.size:
+                i = int(neg[0])
+                raise OverflowError(f"{name}[{i}] out of range for uint64: {int(arr[i])}")
+        return np.ascontiguousarray(arr, dtype=np.uint64)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if kind == "O":
+        out = np.empty(arr.shape[0], dtype=np.uint64)
+        for i in range(arr.shape[0]):
+            _u64(arr[i], f"{name}[{i}]", &tmp)
+            out[i] = tmp
+        return out
+    raise TypeError(f"{name} must be an array of integers, not {arr.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small inline helpers (searches and value access)
+# ---------------------------------------------------------------------------------------------
+
+@cython.boundscheck(False)
+cdef inline int _ub(const uint64_t *a, int n, uint64_t key) noexcept nogil:
+    """Number of elements of the ascending ``a[0:n]`` that are ``<= key`` (branch-free)."""
+    cdef int base = 0
+    cdef int half
+    if n == 0:
+        return 0
+    while n > 1:
+        half = n >> 1
+        base = base + half if a[base + half] <= key else base
+        n -= half
+    return base + (a[base] <= key)
+
+
+@cython.boundscheck(False)
+cdef inline int _lb(const uint64_t *a, int n, uint64_t key) noexcept nogil:
+    """Number of elements of the ascending ``a[0:n]`` that are ``< key`` (branch-free)."""
+    cdef int base = 0
+    cdef int half
+    if n == 0:
+        return 0
+    while n > 1:
+        half = n >> 1
+        base = base + half if a[base + half] < key else base
+        n -= half
+    return base + (a[base] < key)
+
+
+cdef inline uint64_t _val(const Leaf *leaf, int i) noexcept nogil:
+    return leaf.vals[i] if leaf.vals != NULL else leaf.uval
+
+
+cdef inline Run _mkrun(uint64_t start, uint64_t end, uint64_t value) noexcept nogil:
+    cdef Run r
+    r.start = start
+    r.end = end
+    r.value = value
+    return r
+
+
+cdef inline int _make_reps(bint have, Run f, Run g, uint64_t s, uint64_t e, uint64_t v,
+                           uint64_t dflt, Run *rep) noexcept nogil:
+    """Replacement runs for assigning ``v`` over ``[s, e)``.
+
+    ``f`` is the first run with ``end >= s`` and ``g`` the last with ``start <= e`` (touching
+    runs included, so equal neighbours coalesce); ``have`` says whether any such run exists.
+    Returns the number of runs written to ``rep`` (at most 3, in key order).
+    """
+    cdef int m = 0
+    cdef uint64_t new_s = s, new_e = e
+    cdef bint right = False
+    if have:
+        if f.start < s:
+            if f.value == v:
+                new_s = f.start
+            else:
+                rep[m] = _mkrun(f.start, s, f.value)
+                m += 1
+        if g.end > e:
+            if g.value == v:
+                new_e = g.end
+            else:
+                right = True
+    if v != dflt:
+        rep[m] = _mkrun(new_s, new_e, v)
+        m += 1
+    if right:
+        rep[m] = _mkrun(e, g.end, g.value)
+        m += 1
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# RangeMap
+# ---------------------------------------------------------------------------------------------
+
+cdef class RangeMap:
+    """A coalescing map from half-open ``uint64`` key ranges ``[start, end)`` to ``uint64`` values.
+
+    Every key not covered by a stored run has ``default``. Adjacent runs with equal values
+    merge, and runs whose value equals ``default`` are not stored, so the map's size is the
+    number of maximal non-default runs, whatever the span of keys.
+
+    Keys satisfy ``0 <= start <= end <= 2**64 - 1``; ``start == end`` is a no-op. The key
+    ``2**64 - 1`` cannot be covered and always reads as ``default``.
+
+    Runtime complexity: ``assign`` O(log n + k) for k replaced runs; ``get``, ``find_ne`` and
+    ``run_at`` O(log n); memory O(n) for n stored runs.
+
+    >>> m = RangeMap()
+    >>> m.assign(0x100, 0x300, 8)
+    >>> m.assign(0x200, 0x280, 0)
+    >>> m.ranges()
+    [(256, 512, 8), (640, 768, 8)]
+    >>> m.find_ne(0x100, 0x300, 8)
+    512
+    """
+
+    def __cinit__(self, default=0, *, _fanout=None):
+        cdef uint64_t d
+        cdef int cap = LEAF_CAP
+        _u64(default, "default", &d)
+        if _fanout is not None:
+            if not isinstance(_fanout, int) or not (4 <= _fanout <= LEAF_CAP):
+                raise ValueError(f"_fanout must be an int in [4, {LEAF_CAP}], not {_fanout!r}")
+            cap = _fanout
+        self.dflt = d
+        self.leaf_cap = cap
+        self.inner_cap = cap if cap <= INNER_CAP else INNER_CAP
+        self.pool_leaves = NULL
+        self.pool_inner = NULL
+        self.pool_vals = NULL
+        self.root = NULL
+        self._refill()
+        self.root = self._take_leaf()
+        self.first_leaf = <Leaf*>self.root
+        self.height = 0
+        self.count = 0
+
+    def __dealloc__(self):
+        cdef Leaf *lf
+        cdef Inner *nd
+        cdef uint64_t *v
+        if self.root != NULL:
+            self._free_subtree(self.root, self.height)
+            self.root = NULL
+        while self.pool_leaves != NULL:
+            lf = self.pool_leaves
+            self.pool_leaves = lf.next
+            free(lf)
+        while self.pool_inner != NULL:
+            nd = self.pool_inner
+            self.pool_inner = <Inner*>nd.children[0]
+            free(nd)
+        while self.pool_vals != NULL:
+            v = self.pool_vals
+            self.pool_vals = <uint64_t*><size_t>v[0]
+            free(v)
+
+    # -- node pools ------------------------------------------------------------------------------
+
+    cdef int _reserve(self) except -1 nogil:
+        # Worst case of one assign: 3 run inserts, each splitting a leaf and every inner level
+        # (plus a new root), and a few value arrays for splits and merges.
+        if (self.n_pool_leaves >= 4 and self.n_pool_inner >= 3 * self.height + 8
+                and self.n_pool_vals >= 16):
+            return 0
+        return self._refill()
+
+    cdef int _refill(self) except -1 nogil:
+        cdef Leaf *lf
+        cdef Inner *nd
+        cdef uint64_t *v
+        while self.n_pool_leaves < 4:
+            lf = <Leaf*>malloc(sizeof(Leaf))
+            if lf == NULL:
+                with gil:
+                    raise MemoryError("RangeMap: out of memory allocating a leaf")
+            lf.vals = NULL
+            lf.next = self.pool_leaves
+            self.pool_leaves = lf
+            self.n_pool_leaves += 1
+        while self.n_pool_inner < 3 * self.height + 8:
+            nd = <Inner*>malloc(sizeof(Inner))
+            if nd == NULL:
+                with gil:
+                    raise MemoryError("RangeMap: out of memory allocating an inner node")
+            nd.children[0] = <void*>self.pool_inner
+            self.pool_inner = nd
+            self.n_pool_inner += 1
+        while self.n_pool_vals < 16:
+            v = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
+            if v == NULL:
+                with gil:
+                    raise MemoryError("RangeMap: out of memory allocating a value array")
+            v[0] = <uint64_t><size_t>self.pool_vals
+            self.pool_vals = v
+            self.n_pool_vals += 1
+        return 0
+
+    cdef Leaf *_take_leaf(self) noexcept nogil:
+        cdef Leaf *lf = self.pool_leaves
+        self.pool_leaves = lf.next
+        self.n_pool_leaves -= 1
+        lf.n = 0
+        lf.vals = NULL
+        lf.uval = self.dflt
+        lf.prev = NULL
+        lf.next = NULL
+        self.n_leaves += 1
+        return lf
+
+    cdef Inner *_take_inner(self) noexcept nogil:
+        cdef Inner *nd = self.pool_inner
+        self.pool_inner = <Inner*>nd.children[0]
+        self.n_pool_inner -= 1
+        nd.n = 0
+        self.n_inner += 1
+        return nd
+
+    cdef uint64_t *_take_vals(self) noexcept nogil:
+        cdef uint64_t *v = self.pool_vals
+        self.pool_vals = <uint64_t*><size_t>v[0]
+        self.n_pool_vals -= 1
+        self.n_vals += 1
+        return v
+
+    cdef void _give_vals(self, uint64_t *v) noexcept nogil:
+        self.n_vals -= 1
+        if self.n_pool_vals >= POOL_MAX:
+            free(v)
+            return
+        v[0] = <uint64_t><size_t>self.pool_vals
+        self.pool_vals = v
+        self.n_pool_vals += 1
+
+    cdef void _give_leaf(self, Leaf *lf) noexcept nogil:
+        if lf.vals != NULL:
+            self._give_vals(lf.vals)
+            lf.vals = NULL
+        self.n_leaves -= 1
+        if self.n_pool_leaves >= POOL_MAX:
+            free(lf)
+            return
+        lf.next = self.pool_leaves
+        self.pool_leaves = lf
+        self.n_pool_leaves += 1
+
+    cdef void _give_inner(self, Inner *nd) noexcept nogil:
+        self.n_inner -= 1
+        if self.n_pool_inner >= POOL_MAX:
+            free(nd)
+            return
+        nd.children[0] = <void*>self.pool_inner
+        self.pool_inner = nd
+        self.n_pool_inner += 1
+
+    cdef void _free_subtree(self, void *node, int height) noexcept nogil:
+        cdef Inner *nd
+        cdef Leaf *lf
+        cdef int i
+        if height == 0:
+            lf = <Leaf*>node
+            if lf.vals != NULL:
+                free(lf.vals)
+                self.n_vals -= 1
+            free(lf)
+            self.n_leaves -= 1
+            return
+        nd = <Inner*>node
+        for i in range(nd.n):
+            self._free_subtree(nd.children[i], height - 1)
+        free(nd)
+        self.n_inner -= 1
+
+    cdef void _reset(self) noexcept nogil:
+        """Free every node and leave one empty root leaf (the pool must hold a leaf)."""
+        self._free_subtree(self.root, self.height)
+        self.root = self._take_leaf()
+        self.first_leaf = <Leaf*>self.root
+        self.height = 0
+        self.count = 0
+
+    # -- descent and structure maintenance ---------------------------------------------------
+
+    cdef Leaf *_descend(self, uint64_t key, Path *path) noexcept nogil:
+        """The leaf holding the last run whose start is ``<= key`` (the first leaf if none)."""
+        cdef void *node = self.root
+        cdef Inner *nd
+        cdef int lvl, i
+        for lvl in range(self.height):
+            nd = <Inner*>node
+            pkvm_prefetch_span(nd.keys, nd.n * sizeof(uint64_t))
+            i = _ub(nd.keys, nd.n, key) - 1
+            if i < 0:
+                i = 0
+            path.node[lvl] = nd
+            path.idx[lvl] = i
+            node = nd.children[i]
+        pkvm_prefetch_span((<Leaf*>node).starts, (<Leaf*>node).n * sizeof(uint64_t))
+        pkvm_prefetch_span((<Leaf*>node).ends, (<Leaf*>node).n * sizeof(uint64_t))
+        return <Leaf*>node
+
+    cdef void _fix_min(self, Path *path, int level, uint64_t key) noexcept nogil:
+        """The subtree entered at ``path.idx[level]`` now starts at ``key``: fix the keys above."""
+        cdef int lvl = level
+        while lvl >= 0:
+            path.node[lvl].keys[path.idx[lvl]] = key
+            if path.idx[lvl] != 0:
+                return
+            lvl -= 1
+
+    cdef void _leaf_write(self, Leaf *lf, int i, uint64_t start, uint64_t end,
+                          uint64_t value) noexcept nogil:
+        """Write run ``i`` of a leaf whose ``n`` already counts it."""
+        cdef uint64_t *v
+        cdef int j
+        lf.starts[i] = start
+        lf.ends[i] = end
+        if lf.vals != NULL:
+            lf.vals[i] = value
+        elif value != lf.uval:
+            if lf.n == 1:
+                lf.uval = value
+            else:
+                v = self._take_vals()
+                for j in range(lf.n):
+                    v[j] = lf.uval
+                v[i] = value
+                lf.vals = v
+
+    cdef void _leaf_shrink_vals(self, Leaf *lf) noexcept nogil:
+        """Drop a leaf's value array when all its runs share one value."""
+        cdef int j
+        cdef uint64_t v0
+        if lf.vals == NULL:
+            return
+        if lf.n > 0:
+            v0 = lf.vals[0]
+            for j in range(1, lf.n):
+                if lf.vals[j] != v0:
+                    return
+            lf.uval = v0
+        self._give_vals(lf.vals)
+        lf.vals = NULL
+
+    cdef void _leaf_append(self, Leaf *dst, Leaf *src) noexcept nogil:
+        """Move every run of ``src`` to the end of ``dst`` (the caller checked capacity)."""
+        cdef int j, n = dst.n, k = src.n
+        cdef uint64_t *v
+        memcpy(&dst.starts[n], &src.starts[0], k * sizeof(uint64_t))
+        memcpy(&dst.ends[n], &src.ends[0], k * sizeof(uint64_t))
+        if dst.vals == NULL and src.vals == NULL and (n == 0 or k == 0 or dst.uval == src.uval):
+            if n == 0:
+                dst.uval = src.uval
+        else:
+            if dst.vals == NULL:
+                v = self._take_vals()
+                for j in range(n):
+                    v[j] = dst.uval
+                dst.vals = v
+            for j in range(k):
+                dst.vals[n + j] = _val(src, j)
+        dst.n = n + k
+        src.n = 0
+
+    cdef void _insert_child(self, Path *path, int level, uint64_t key, void *child) noexcept nogil:
+        """Insert ``child`` (whose subtree starts at ``key``) right after ``path.idx[level]``."""
+        cdef Inner *nd = path.node[level]
+        cdef Inner *n2
+        cdef Inner *nr
+        cdef int pos = path.idx[level] + 1
+        cdef int at, lvl
+        cdef bint rightmost
+        if nd.n < self.inner_cap:
+            memmove(&nd.keys[pos + 1], &nd.keys[pos], (nd.n - pos) * sizeof(uint64_t))
+            memmove(&nd.children[pos + 1], &nd.children[pos], (nd.n - pos) * sizeof(void*))
+            nd.keys[pos] = key
+            nd.children[pos] = child
+            nd.n += 1
+            return
+        # Split. Appends at the right edge of the tree keep the left node full, so ordered
+        # inserts (a guest booting front to back) build a densely packed tree.
+        rightmost = pos == nd.n
+        lvl = level - 1
+        while rightmost and lvl >= 0:
+            rightmost = path.idx[lvl] == path.node[lvl].n - 1
+            lvl -= 1
+        at = nd.n if rightmost else nd.n // 2
+        n2 = self._take_inner()
+        n2.n = nd.n - at
+        memcpy(&n2.keys[0], &nd.keys[at], n2.n * sizeof(uint64_t))
+        memcpy(&n2.children[0], &nd.children[at], n2.n * sizeof(void*))
+        nd.n = at
+        if pos <= at and not rightmost:
+            memmove(&nd.keys[pos + 1], &nd.keys[pos], (nd.n - pos) * sizeof(uint64_t))
+            memmove(&nd.children[pos + 1], &nd.children[pos], (nd.n - pos) * sizeof(void*))
+            nd.keys[pos] = key
+            nd.children[pos] = child
+            nd.n += 1
+        else:
+            pos -= at
+            memmove(&n2.keys[pos + 1], &n2.keys[pos], (n2.n - pos) * sizeof(uint64_t))
+            memmove(&n2.children[pos + 1], &n2.children[pos], (n2.n - pos) * sizeof(void*))
+            n2.keys[pos] = key
+            n2.children[pos] = child
+            n2.n += 1
+        if level == 0:
+            nr = self._take_inner()
+            nr.n = 2
+            nr.keys[0] = nd.keys[0]
+            nr.children[0] = <void*>nd
+            nr.keys[1] = n2.keys[0]
+            nr.children[1] = <void*>n2
+            self.root = <void*>nr
+            self.height += 1
+        else:
+            self._insert_child(path, level - 1, n2.keys[0], <void*>n2)
+
+    cdef void _remove_child(self, Path *path, int level) noexcept nogil:
+        """Remove child ``path.idx[level]`` of ``path.node[level]`` (already freed or moved)."""
+        cdef Inner *nd = path.node[level]
+        cdef int i = path.idx[level]
+        memmove(&nd.keys[i], &nd.keys[i + 1], (nd.n - i - 1) * sizeof(uint64_t))
+        memmove(&nd.children[i], &nd.children[i + 1], (nd.n - i - 1) * sizeof(void*))
+        nd.n -= 1
+        if nd.n == 0:
+            # Only reachable through single-child inner nodes; drop the node itself.
+            self._give_inner(nd)
+            if level == 0:
+                self.root = <void*>self._take_leaf()
+                self.first_leaf = <Leaf*>self.root
+                self.height = 0
+            else:
+                self._remove_child(path, level - 1)
+            return
+        if i == 0 and level > 0:
+            self._fix_min(path, level - 1, nd.keys[0])
+        if level == 0:
+            while self.height > 0 and (<Inner*>self.root).n == 1:
+                nd = <Inner*>self.root
+                self.root = nd.children[0]
+                self.height -= 1
+                self._give_inner(nd)
+        elif nd.n < (self.inner_cap >> 2 if self.inner_cap >= 8 else 2):
+            self._rebalance_inner(path, level)
+
+    cdef void _rebalance_inner(self, Path *path, int level) noexcept nogil:
+        """Merge an underfull inner node with a sibling under the same parent, if they fit."""
+        cdef Inner *nd = path.node[level]
+        cdef Inner *parent = path.node[level - 1]
+        cdef Inner *sib
+        cdef int i = path.idx[level - 1]
+        cdef int limit = (self.inner_cap * 3) >> 2
+        if i + 1 < parent.n:
+            sib = <Inner*>parent.children[i + 1]
+            if nd.n + sib.n <= limit:
+                memcpy(&nd.keys[nd.n], &sib.keys[0], sib.n * sizeof(uint64_t))
+                memcpy(&nd.children[nd.n], &sib.children[0], sib.n * sizeof(void*))
+                nd.n += sib.n
+                self._give_inner(sib)
+                path.idx[level - 1] = i + 1
+                self._remove_child(path, level - 1)
+                return
+        if i > 0:
+            sib = <Inner*>parent.children[i - 1]
+            if sib.n + nd.n <= limit:
+                memcpy(&sib.keys[sib.n], &nd.keys[0], nd.n * sizeof(uint64_t))
+                memcpy(&sib.children[sib.n], &nd.children[0], nd.n * sizeof(void*))
+                sib.n += nd.n
+                self._give_inner(nd)
+                self._remove_child(path, level - 1)
+
+    cdef void _remove_leaf(self, Leaf *lf, Path *path) noexcept nogil:
+        """Unlink an empty non-root leaf and drop it from its parent."""
+        if lf.prev != NULL:
+            lf.prev.next = lf.next
+        else:
+            self.first_leaf = lf.next
+        if lf.next != NULL:
+            lf.next.prev = lf.prev
+        self._give_leaf(lf)
+        self._remove_child(path, self.height - 1)
+
+    cdef void _rebalance_leaf(self, Leaf *lf, Path *path) noexcept nogil:
+        """Merge an underfull leaf into a sibling under the same parent, if they fit.
+
+        Merging (never borrowing) keeps this simple while bounding memory: a leaf stays at
+        least a quarter full unless both neighbours are too full to take it.
+        """
+        cdef int h = self.height
+        cdef Inner *parent
+        cdef Leaf *sib
+        cdef int i
+        cdef int limit = (self.leaf_cap * 3) >> 2
+        if h == 0 or lf.n >= (self.leaf_cap >> 2):
+            return
+        parent = path.node[h - 1]
+        i = path.idx[h - 1]
+        if i + 1 < parent.n:
+            sib = <Leaf*>parent.children[i + 1]
+            if lf.n + sib.n <= limit:
+                self._leaf_append(lf, sib)
+                path.idx[h - 1] = i + 1
+                self._remove_leaf(sib, path)
+                return
+        if i > 0:
+            sib = <Leaf*>parent.children[i - 1]
+            if sib.n + lf.n <= limit:
+                self._leaf_append(sib, lf)
+                self._remove_leaf(lf, path)
+
+    cdef void _insert_run(self, uint64_t s, uint64_t e, uint64_t v) noexcept nogil:
+        """Insert a run that overlaps and touches no stored run (nodes were reserved)."""
+        cdef Path path
+        cdef Leaf *lf = self._descend(s, &path)
+        cdef Leaf *r
+        cdef Leaf *t
+        cdef Inner *nr
+        cdef int i = _lb(lf.starts, lf.n, s)
+        cdef int at, j, n
+        cdef uint64_t u0
+        cdef bint uniform
+        if lf.n < self.leaf_cap:
+            memmove(&lf.starts[i + 1], &lf.starts[i], (lf.n - i) * sizeof(uint64_t))
+            memmove(&lf.ends[i + 1], &lf.ends[i], (lf.n - i) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[i + 1], &lf.vals[i], (lf.n - i) * sizeof(uint64_t))
+            lf.n += 1
+            self._leaf_write(lf, i, s, e, v)
+            self.count += 1
+            if i == 0 and self.height > 0:
+                self._fix_min(&path, self.height - 1, s)
+            return
+        # Split a full leaf; an append at the right edge keeps the left leaf full.
+        n = lf.n
+        at = n if (i == n and lf.next == NULL) else n // 2
+        r = self._take_leaf()
+        r.n = n - at
+        memcpy(&r.starts[0], &lf.starts[at], r.n * sizeof(uint64_t))
+        memcpy(&r.ends[0], &lf.ends[at], r.n * sizeof(uint64_t))
+        if lf.vals != NULL:
+            uniform = True
+            u0 = lf.vals[at] if r.n > 0 else 0
+            for j in range(at, n):
+                if lf.vals[j] != u0:
+                    uniform = False
+                    break
+            if uniform:
+                r.uval = u0
+            else:
+                r.vals = self._take_vals()
+                memcpy(&r.vals[0], &lf.vals[at], r.n * sizeof(uint64_t))
+        else:
+            r.uval = lf.uval
+        lf.n = at
+        self._leaf_shrink_vals(lf)
+        r.prev = lf
+        r.next = lf.next
+        if lf.next != NULL:
+            lf.next.prev = r
+        lf.next = r
+        if i < at:
+            t = lf
+        else:
+            t = r
+            i -= at
+        memmove(&t.starts[i + 1], &t.starts[i], (t.n - i) * sizeof(uint64_t))
+        memmove(&t.ends[i + 1], &t.ends[i], (t.n - i) * sizeof(uint64_t))
+        if t.vals != NULL:
+            memmove(&t.vals[i + 1], &t.vals[i], (t.n - i) * sizeof(uint64_t))
+        t.n += 1
+        self._leaf_write(t, i, s, e, v)
+        self.count += 1
+        if t == lf and i == 0 and self.height > 0:
+            self._fix_min(&path, self.height - 1, s)
+        if self.height == 0:
+            nr = self._take_inner()
+            nr.n = 2
+            nr.keys[0] = lf.starts[0]
+            nr.children[0] = <void*>lf
+            nr.keys[1] = r.starts[0]
+            nr.children[1] = <void*>r
+            self.root = <void*>nr
+            self.height = 1
+        else:
+            self._insert_child(&path, self.height - 1, r.starts[0], <void*>r)
+
+    cdef void _erase_starts(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        """Remove every run whose start lies in ``[lo, hi]`` (inclusive), leaf by leaf."""
+        cdef Path path
+        cdef Leaf *lf
+        cdef int a, b, k, n
+        while True:
+            lf = self._descend(lo, &path)
+            a = _lb(lf.starts, lf.n, lo)
+            if a == lf.n:
+                if lf.next == NULL or lf.next.starts[0] > hi:
+                    return
+                lf = self._descend(lf.next.starts[0], &path)
+                a = 0
+            b = _ub(lf.starts, lf.n, hi)
+            if b <= a:
+                return
+            n = lf.n
+            k = b - a
+            memmove(&lf.starts[a], &lf.starts[b], (n - b) * sizeof(uint64_t))
+            memmove(&lf.ends[a], &lf.ends[b], (n - b) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[a], &lf.vals[b], (n - b) * sizeof(uint64_t))
+            lf.n = n - k
+            self.count -= k
+            if lf.n == 0:
+                if self.height > 0:
+                    self._remove_leaf(lf, &path)
+            else:
+                if a == 0 and self.height > 0:
+                    self._fix_min(&path, self.height - 1, lf.starts[0])
+                self._rebalance_leaf(lf, &path)
+            if b < n:
+                return
+
+    cdef int _assign_slow(self, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
+        """General assign: the affected runs span leaves, or the result does not fit."""
+        cdef Path path
+        cdef Leaf *lf
+        cdef int a, b, m, j
+        cdef bint have = False
+        cdef Run f, g
+        cdef Run rep[3]
+        # f: the first run with end >= s (it may be the last run of the previous leaf)
+        lf = self._descend(s, &path)
+        a = _lb(lf.ends, lf.n, s)
+        if a == 0 and lf.prev != NULL and lf.prev.ends[lf.prev.n - 1] >= s:
+            f = _mkrun(lf.prev.starts[lf.prev.n - 1], lf.prev.ends[lf.prev.n - 1],
+                       _val(lf.prev, lf.prev.n - 1))
+            have = True
+        elif a < lf.n:
+            f = _mkrun(lf.starts[a], lf.ends[a], _val(lf, a))
+            have = True
+        elif lf.next != NULL:
+            f = _mkrun(lf.next.starts[0], lf.next.ends[0], _val(lf.next, 0))
+            have = True
+        if have and f.start > e:
+            have = False
+        if have:
+            # g: the last run with start <= e (exists, since f.start <= e)
+            lf = self._descend(e, &path)
+            b = _ub(lf.starts, lf.n, e) - 1
+            g = _mkrun(lf.starts[b], lf.ends[b], _val(lf, b))
+        m = _make_reps(have, f, g, s, e, v, self.dflt, rep)
+        if have:
+            self._erase_starts(f.start, g.start)
+        for j in range(m):
+            self._insert_run(rep[j].start, rep[j].end, rep[j].value)
+        return 0
+
+    cdef int _assign_c(self, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
+        """Set every key of ``[s, e)`` to ``v``; trusts ``s <= e``."""
+        cdef Path path
+        cdef Leaf *lf
+        cdef Leaf *nb
+        cdef int a, b, k, m, n, j, delta
+        cdef Run f, g
+        cdef Run rep[3]
+        if s >= e:
+            return 0
+        self._reserve()
+        lf = self._descend(s, &path)
+        n = lf.n
+        a = _lb(lf.ends, n, s)            # first run with end >= s
+        b = _ub(lf.starts, n, e)          # runs with start <= e
+        # A touching or overlapping neighbour in another leaf sends us to the general path
+        # (a touching neighbour with a different value is left as it is).
+        if a == 0 and lf.prev != NULL:
+            nb = lf.prev
+            if nb.ends[nb.n - 1] > s or (nb.ends[nb.n - 1] == s and _val(nb, nb.n - 1) == v):
+                return self._assign_slow(s, e, v)
+        if b == n and lf.next != NULL:
+            nb = lf.next
+            if nb.starts[0] < e or (nb.starts[0] == e and _val(nb, 0) == v):
+                return self._assign_slow(s, e, v)
+        k = b - a
+        if k > 0:
+            f = _mkrun(lf.starts[a], lf.ends[a], _val(lf, a))
+            g = _mkrun(lf.starts[b - 1], lf.ends[b - 1], _val(lf, b - 1))
+        m = _make_reps(k > 0, f, g, s, e, v, self.dflt, rep)
+        if m == k:
+            # Nothing changes when the replacement is what is already stored.
+            for j in range(m):
+                if (rep[j].start != lf.starts[a + j] or rep[j].end != lf.ends[a + j]
+                        or rep[j].value != _val(lf, a + j)):
+                    break
+            else:
+                return 0
+        delta = m - k
+        if n + delta > self.leaf_cap:
+            # Drop the replaced runs here (the leaf stays well filled), then insert with splits.
+            memmove(&lf.starts[a], &lf.starts[b], (n - b) * sizeof(uint64_t))
+            memmove(&lf.ends[a], &lf.ends[b], (n - b) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[a], &lf.vals[b], (n - b) * sizeof(uint64_t))
+            lf.n = n - k
+            self.count -= k
+            if a == 0 and self.height > 0:
+                self._fix_min(&path, self.height - 1, lf.starts[0])
+            for j in range(m):
+                self._insert_run(rep[j].start, rep[j].end, rep[j].value)
+            return 0
+        if delta != 0:
+            memmove(&lf.starts[a + m], &lf.starts[b], (n - b) * sizeof(uint64_t))
+            memmove(&lf.ends[a + m], &lf.ends[b], (n - b) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[a + m], &lf.vals[b], (n - b) * sizeof(uint64_t))
+            lf.n = n + delta
+            self.count += delta
+        for j in range(m):
+            self._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
+        if lf.n == 0:
+            if self.height > 0:
+                self._remove_leaf(lf, &path)
+            return 0
+        if a == 0 and self.height > 0:
+            self._fix_min(&path, self.height - 1, lf.starts[0])
+        if delta < 0:
+            self._rebalance_leaf(lf, &path)
+        return 0
+
+    # -- queries -------------------------------------------------------------------------------
+
+    cdef uint64_t _get_c(self, uint64_t key) noexcept nogil:
+        cdef Path path
+        cdef Leaf *lf = self._descend(key, &path)
+        cdef int i = _ub(lf.starts, lf.n, key) - 1
+        if i >= 0 and key < lf.ends[i]:
+            return _val(lf, i)
+        return self.dflt
+
+    cdef Run _run_at_c(self, uint64_t key) noexcept nogil:
+        """The maximal run containing ``key`` (gaps are runs of the default); key < U64_MAX."""
+        cdef Path path
+        cdef Leaf *lf = self._descend(key, &path)
+        cdef int i = _ub(lf.starts, lf.n, key) - 1
+        cdef uint64_t gs, ge
+        if i >= 0 and key < lf.ends[i]:
+            return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
+        gs = lf.ends[i] if i >= 0 else 0
+        if i + 1 < lf.n:
+            ge = lf.starts[i + 1]
+        elif lf.next != NULL:
+            ge = lf.next.starts[0]
+        else:
+            ge = U64_MAX
+        return _mkrun(gs, ge, self.dflt)
+
+    cdef Run _next_run_c(self, uint64_t key) noexcept nogil:
+        """The first stored run with ``end > key``; ``start == end == U64_MAX`` if none."""
+        cdef Path path
+        cdef Leaf *lf = self._descend(key, &path)
+        cdef int i = _ub(lf.ends, lf.n, key)
+        if i < lf.n:
+            return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
+        if lf.next != NULL:
+            return _mkrun(lf.next.starts[0], lf.next.ends[0], _val(lf.next, 0))
+        return _mkrun(U64_MAX, U64_MAX, self.dflt)
+
+    cdef int _find_ne_c(self, uint64_t s, uint64_t e, uint64_t v,
+                        uint64_t *found) noexcept nogil:
+        """Set ``found`` to the first key of ``[s, e)`` whose value is not ``v``; 1 if any.
+
+        O(log n): runs are coalesced, so a non-default ``v`` must be one stored run covering
+        the whole range, and a default ``v`` fails at the first stored run in the range.
+        """
+        cdef Run r
+        if s >= e:
+            return 0
+        if v == self.dflt:
+            r = self._next_run_c(s)
+            if r.start < e:
+                found[0] = r.start if r.start > s else s
+                return 1
+            return 0
+        r = self._run_at_c(s)
+        if r.value != v:
+            found[0] = s
+            return 1
+        if r.end >= e:
+            return 0
+        found[0] = r.end
+        return 1
+
+    # -- Python API ----------------------------------------------------------------------------
+
+    @property
+    def default(self):
+        """The value of every key not covered by a stored run."""
+        return self.dflt
+
+    @property
+    def nbytes(self):
+        """Bytes of C memory owned by the map: nodes, value arrays and the spare-node pools."""
+        return ((self.n_leaves + self.n_pool_leaves) * sizeof(Leaf)
+                + (self.n_inner + self.n_pool_inner) * sizeof(Inner)
+                + (self.n_vals + self.n_pool_vals) * LEAF_CAP * sizeof(uint64_t))
+
+    def __len__(self):
+        return self.count
+
+    def __repr__(self):
+        return f"RangeMap(default={self.dflt}, runs={self.count})"
+
+    def _depth(self):
+        """Test hook: the tree's height counting the leaf level (1 = a single leaf)."""
+        return self.height + 1
+
+    def assign(self, start, end, value):
+        """Set every key in the half-open ``[start, end)`` to ``value``.
+
+        Neighbouring runs with the same value merge; assigning ``default`` deletes.
+        ``start == end`` is a no-op.
+
+        Runtime complexity: O(log n + k) for k runs replaced.
+
+        Raises:
+            TypeError: an argument is not an integer.
+            OverflowError: an argument is negative or above ``2**64 - 1``.
+            ValueError: ``start > end``.
+        """
+        cdef uint64_t s, e, v
+        _u64(start, "start", &s)
+        _u64(end, "end", &e)
+        _u64(value, "value", &v)
+        if s > e:
+            raise ValueError(f"start {s:#x} > end {e:#x}")
+        if e == U64_MAX:
+            pass  # allowed: the range stops just below the last key
+        self._assign_c(s, e, v)
+
+    def get(self, key):
+        """The value of ``key``. Runtime complexity: O(log n)."""
+        cdef uint64_t k
+        _u64(key, "key", &k)
+        return self._get_c(k)
+
+    def find_ne(self, start, end, value):
+        """The first key in the half-open ``[start, end)`` whose value is not ``value``, or -1.
+
+        This is ``kvm_range_has_memory_attributes`` turned into a search: the range has the
+        value everywhere iff the result is -1. Runtime complexity: O(log n).
+        """
+        cdef uint64_t s, e, v, found
+        _u64(start, "start", &s)
+        _u64(end, "end", &e)
+        _u64(value, "value", &v)
+        if s > e:
+            raise ValueError(f"start {s:#x} > end {e:#x}")
+        if self._find_ne_c(s, e, v, &found):
+            return found
+        return -1
+
+    def run_at(self, key):
+        """The maximal run ``(start, end, value)`` containing ``key`` (half-open).
+
+        Gaps between stored runs are runs of ``default``. ``key`` must be below ``2**64 - 1``.
+        Runtime complexity: O(log n).
+        """
+        cdef uint64_t k
+        cdef Run r
+        _u64(key, "key", &k)
+        if k == U64_MAX:
+            raise OverflowError(f"key out of range for run_at: {k:#x} (must be < 2**64 - 1)")
+        r = self._run_at_c(k)
+        return (r.start, r.end, r.value)
+
+    def ranges(self, start=0, end=None):
+        """The stored runs intersecting the half-open ``[start, end)``, clipped, in key order.
+
+        ``end=None`` means ``2**64 - 1``. Runtime complexity: O(log n + k).
+        """
+        cdef uint64_t s, e, cur
+        cdef Path path
+        cdef Leaf *lf
+        cdef int i
+        _u64(start, "start", &s)
+        if end is None:
+            e = U64_MAX
+        else:
+            _u64(end, "end", &e)
+        if s > e:
+            raise ValueError(f"start {s:#x} > end {e:#x}")
+        out = []
+        if s == e:
+            return out
+        lf = self._descend(s, &path)
+        i = _ub(lf.ends, lf.n, s)
+        while lf != NULL:
+            while i < lf.n:
+                if lf.starts[i] >= e:
+                    return out
+                out.append((lf.starts[i] if lf.starts[i] > s else s,
+                            lf.ends[i] if lf.ends[i] < e else e,
+                            _val(lf, i)))
+                i += 1
+            lf = lf.next
+            i = 0
+        return out
+
+    def iter_ranges(self, start=0, end=None):
+        """Lazily yield what :meth:`ranges` returns.
+
+        Each step looks the next run up afresh, so modifying the map while iterating is safe
+        (the iteration sees the live map).
+        """
+        cdef uint64_t s, e, cur
+        cdef Run r
+        _u64(start, "start", &s)
+        if end is None:
+            e = U64_MAX
+        else:
+            _u64(end, "end", &e)
+        if s > e:
+            raise ValueError(f"start {s:#x} > end {e:#x}")
+        return self._iter(s, e)
+
+    def _iter(self, uint64_t s, uint64_t e):
+        cdef uint64_t cur = s
+        cdef Run r
+        while cur < e:
+            r = self._next_run_c(cur)
+            if r.start >= e:
+                return
+            yield (r.start if r.start > cur else cur, r.end if r.end < e else e, r.value)
+            cur = r.end
+
+    def assign_many(self, starts, ends, values):
+        """``assign(starts[i], ends[i], values[i])`` for every ``i``, in array order.
+
+        Later entries win. ``values`` may be a scalar. Every entry is validated before anything
+        changes; the loop runs without the GIL.
+
+        Raises:
+            TypeError, OverflowError, ValueError: as :meth:`assign`, naming the array and index;
+            ValueError also for arrays that are not 1-D or differ in length.
+        """
+        cdef uint64_t sv
+        cdef const uint64_t[::1] S
+        cdef const uint64_t[::1] E
+        cdef const uint64_t[::1] V
+        cdef Py_ssize_t i, n
+        s_arr = _u64_array(starts, "starts")
+        e_arr = _u64_array(ends, "ends")
+        if np.ndim(values) == 0:
+            _u64(values, "values", &sv)
+            v_arr = np.full(s_arr.shape[0], sv, dtype=np.uint64)
+        else:
+            v_arr = _u64_array(values, "values")
+        n = s_arr.shape[0]
+        if e_arr.shape[0] != n or v_arr.shape[0] != n:
+            raise ValueError("starts, ends and values must have the same length "
+                             f"({n}, {e_arr.shape[0]}, {v_arr.shape[0]})")
+        bad = np.flatnonzero(s_arr > e_arr)
+        if bad.size:
+            i = bad[0]
+            raise ValueError(f"starts[{i}] {int(s_arr[i]):#x} > ends[{i}] {int(e_arr[i]):#x}")
+        S = s_arr
+        E = e_arr
+        V = v_arr
+        with nogil:
+            for i in range(n):
+                self._assign_c(S[i], E[i], V[i])
+
+    def get_many(self, keys):
+        """The values of ``keys`` as a numpy ``uint64`` array (runs without the GIL).
+
+        Sorted keys are answered in one pass over the leaves; others descend per key.
+        """
+        cdef const uint64_t[::1] K
+        cdef uint64_t[::1] O
+        cdef Py_ssize_t i, n
+        cdef Path path
+        cdef Leaf *lf = NULL
+        cdef uint64_t lo = 1, hi = 0, k
+        cdef int j
+        k_arr = _u64_array(keys, "keys")
+        n = k_arr.shape[0]
+        out = np.empty(n, dtype=np.uint64)
+        K = k_arr
+        O = out
+        with nogil:
+            for i in range(n):
+                k = K[i]
+                # finger: stay in the current leaf while the key belongs to it
+                if lf == NULL or k < lo or k >= hi:
+                    lf = self._descend(k, &path)
+                    lo = lf.starts[0] if lf.n > 0 and lf.prev != NULL else 0
+                    hi = lf.next.starts[0] if lf.next != NULL else U64_MAX
+                j = _ub(lf.starts, lf.n, k) - 1
+                O[i] = _val(lf, j) if j >= 0 and k < lf.ends[j] else self.dflt
+        return out
+
+    def clear(self):
+        """Remove every run (all keys read ``default`` again) and release the nodes."""
+        self._reset()
+        self._trim_pools()
+
+    def _trim_pools(self):
+        cdef Leaf *lf
+        cdef Inner *nd
+        cdef uint64_t *v
+        while self.n_pool_leaves > 4:
+            lf = self.pool_leaves
+            self.pool_leaves = lf.next
+            self.n_pool_leaves -= 1
+            free(lf)
+        while self.n_pool_inner > 3 * self.height + 8:
+            nd = self.pool_inner
+            self.pool_inner = <Inner*>nd.children[0]
+            self.n_pool_inner -= 1
+            free(nd)
+        while self.n_pool_vals > 16:
+            v = self.pool_vals
+            self.pool_vals = <uint64_t*><size_t>v[0]
+            self.n_pool_vals -= 1
+            free(v)
+
+    def copy(self):
+        """An independent map with the same default and runs. Runtime complexity: O(n)."""
+        cdef RangeMap other = RangeMap.__new__(RangeMap, self.dflt, _fanout=self.leaf_cap)
+        cdef Leaf *lf = self.first_leaf
+        cdef int i
+        while lf != NULL:
+            for i in range(lf.n):
+                other._reserve()
+                other._insert_run(lf.starts[i], lf.ends[i], _val(lf, i))
+            lf = lf.next
+        return other
+
+    def _runs_arrays(self):
+        cdef Py_ssize_t n = self.count, k = 0
+        cdef Leaf *lf = self.first_leaf
+        cdef int i
+        s = np.empty(n, dtype=np.uint64)
+        e = np.empty(n, dtype=np.uint64)
+        v = np.empty(n, dtype=np.uint64)
+        cdef uint64_t[::1] S = s
+        cdef uint64_t[::1] E = e
+        cdef uint64_t[::1] V = v
+        while lf != NULL:
+            for i in range(lf.n):
+                S[k] = lf.starts[i]
+                E[k] = lf.ends[i]
+                V[k] = _val(lf, i)
+                k += 1
+            lf = lf.next
+        return s, e, v
+
+    def __reduce__(self):
+        s, e, v = self._runs_arrays()
+        return (_rangemap_from_runs, (self.dflt, s, e, v))
+
+    def __eq__(self, other):
+        cdef RangeMap o
+        cdef Leaf *a
+        cdef Leaf *b
+        cdef int i = 0, j = 0
+        if not isinstance(other, RangeMap):
+            return NotImplemented
+        o = <RangeMap>other
+        if o.dflt != self.dflt or o.count != self.count:
+            return False
+        a = self.first_leaf
+        b = o.first_leaf
+        while True:
+            while a != NULL and i >= a.n:
+                a = a.next
+                i = 0
+            while b != NULL and j >= b.n:
+                b = b.next
+                j = 0
+            if a == NULL or b == NULL:
+                return a == NULL and b == NULL
+            if (a.starts[i] != b.starts[j] or a.ends[i] != b.ends[j]
+                    or _val(a, i) != _val(b, j)):
+                return False
+            i += 1
+            j += 1
+
+    __hash__ = None
+
+    def _check(self):
+        """Assert every structural invariant (see ``_core.pxd``); raise ``AssertionError``."""
+        cdef Py_ssize_t runs = 0, leaves = 0, nvals = 0
+        cdef Leaf *lf = self.first_leaf
+        cdef Leaf *prev = NULL
+        cdef int i
+        cdef bint have_last = False
+        cdef uint64_t last_end = 0, last_val = 0, v
+        if self.height == 0:
+            assert self.root == <void*>self.first_leaf, "root leaf is not the first leaf"
+        inner = self._check_node(self.root, self.height, True)
+        while lf != NULL:
+            assert lf.prev == prev, f"leaf {leaves}: broken prev link"
+            assert lf.n > 0 or (self.height == 0 and leaves == 0), f"leaf {leaves} is empty"
+            assert lf.n <= self.leaf_cap, f"leaf {leaves} overfull ({lf.n})"
+            if lf.vals != NULL:
+                nvals += 1
+            for i in range(lf.n):
+                v = _val(lf, i)
+                assert lf.starts[i] < lf.ends[i], (
+                    f"empty or inverted run [{lf.starts[i]:#x}, {lf.ends[i]:#x})")
+                assert v != self.dflt, (
+                    f"run [{lf.starts[i]:#x}, {lf.ends[i]:#x}) stores the default {v}")
+                if have_last:
+                    assert last_end <= lf.starts[i], (
+                        f"run [{lf.starts[i]:#x}, {lf.ends[i]:#x}) overlaps the previous run "
+                        f"ending at {last_end:#x}")
+                    assert not (last_end == lf.starts[i] and last_val == v), (
+                        f"run [{lf.starts[i]:#x}, {lf.ends[i]:#x}) not coalesced with its "
+                        f"left neighbour (value {v})")
+                have_last = True
+                last_end = lf.ends[i]
+                last_val = v
+                runs += 1
+            leaves += 1
+            prev = lf
+            lf = lf.next
+        assert runs == self.count, f"count {self.count} != {runs} runs in the leaves"
+        assert leaves == self.n_leaves, f"n_leaves {self.n_leaves} != {leaves} linked leaves"
+        assert inner == self.n_inner, f"n_inner {self.n_inner} != {inner} inner nodes"
+        assert nvals == self.n_vals, f"n_vals {self.n_vals} != {nvals} value arrays"
+
+    cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1:
+        """Check one subtree (keys are exact minima); return its number of inner nodes."""
+        cdef Inner *nd
+        cdef Py_ssize_t inner = 1
+        cdef int i
+        if height == 0:
+            return 0
+        nd = <Inner*>node
+        assert 1 <= nd.n <= self.inner_cap, f"inner node with {nd.n} children"
+        assert not is_root or nd.n >= 2, "inner root with a single child"
+        for i in range(nd.n):
+            assert nd.keys[i] == _subtree_min(nd.children[i], height - 1), (
+                f"inner key {nd.keys[i]:#x} is not the minimum of child {i}")
+            if i > 0:
+                assert nd.keys[i - 1] < nd.keys[i], "inner keys not ascending"
+            inner += self._check_node(nd.children[i], height - 1, False)
+        return inner
+
+
+cdef uint64_t _subtree_min(void *node, int height) noexcept nogil:
+    while height > 0:
+        node = (<Inner*>node).children[0]
+        height -= 1
+    return (<Leaf*>node).starts[0] if (<Leaf*>node).n > 0 else 0
+
+
+def _rangemap_from_runs(default, starts, ends, values):
+    """Unpickling helper: rebuild a map from its sorted, coalesced runs."""
+    m = RangeMap(default)
+    m.assign_many(starts, ends, values)
+    return m
