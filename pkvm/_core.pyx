@@ -175,6 +175,92 @@ cdef inline int _make_reps(bint have, Run f, Run g, uint64_t s, uint64_t e, uint
     return m
 
 
+cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
+                        uint64_t *sorted_keys) except -1 nogil:
+    """Write to ``perm`` the stable ascending order of ``keys`` (LSD radix sort, 8-bit digits).
+
+    ``sorted_keys`` (optional, may be NULL) receives ``keys`` in that order.
+
+    One read pass builds every digit's histogram; digits no key uses are skipped, so GFN-sized
+    keys (< 2**40) take at most five scatter passes; 256 buckets keep the
+    scatter's write cursors within the TLB's reach. O(n) time, 4n words of scratch memory.
+    """
+    cdef uint64_t *k1 = <uint64_t*>malloc(n * sizeof(uint64_t))
+    cdef uint64_t *k2 = <uint64_t*>malloc(n * sizeof(uint64_t))
+    cdef Py_ssize_t *i2 = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *cnt = <Py_ssize_t*>malloc(8 * 256 * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *i1 = perm
+    cdef Py_ssize_t *ti
+    cdef Py_ssize_t *c
+    cdef uint64_t *tk
+    cdef Py_ssize_t i, tot, x
+    cdef uint64_t bits = 0, k
+    cdef int shift, d, p, npass = 0
+    if k1 == NULL or k2 == NULL or i2 == NULL or cnt == NULL:
+        free(k1)
+        free(k2)
+        free(i2)
+        free(cnt)
+        with gil:
+            raise MemoryError("RangeMap: out of memory sorting keys")
+    for i in range(n):
+        bits |= keys[i]
+    while npass < 8 and (bits >> (8 * npass)) != 0:
+        npass += 1
+    memset(cnt, 0, 8 * 256 * sizeof(Py_ssize_t))
+    for i in range(n):
+        k = keys[i]
+        k1[i] = k
+        i1[i] = i
+        for p in range(npass):
+            cnt[p * 256 + <int>((k >> (8 * p)) & 255)] += 1
+    for p in range(npass):
+        shift = 8 * p
+        c = &cnt[p * 256]
+        tot = 0
+        for d in range(256):
+            x = c[d]
+            c[d] = tot
+            tot += x
+        for i in range(n):
+            d = <int>((k1[i] >> shift) & 255)
+            k2[c[d]] = k1[i]
+            i2[c[d]] = i1[i]
+            c[d] += 1
+        tk = k1
+        k1 = k2
+        k2 = tk
+        ti = i1
+        i1 = i2
+        i2 = ti
+    if i1 != perm:
+        memcpy(perm, i1, n * sizeof(Py_ssize_t))
+        i2 = i1
+    if sorted_keys != NULL:
+        memcpy(sorted_keys, k1, n * sizeof(uint64_t))
+    free(k1)
+    free(k2)
+    free(i2)
+    free(cnt)
+    return 0
+
+
+cdef bint _disjoint_in_order(const uint64_t *S, const uint64_t *E, const Py_ssize_t *P,
+                             Py_ssize_t n) noexcept nogil:
+    """True if applying the ranges in the stable start order ``P`` equals array order.
+
+    That holds when, in start order, each range ends at or before the next one starts or is
+    exactly the same range (equal ranges keep their array order: later still wins).
+    """
+    cdef Py_ssize_t i, p, q
+    for i in range(n - 1):
+        p = P[i]
+        q = P[i + 1]
+        if E[p] > S[q] and not (S[p] == S[q] and E[p] == E[q]):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # RangeMap
 # ---------------------------------------------------------------------------------------------
@@ -874,6 +960,31 @@ cdef class RangeMap:
         found[0] = r.end
         return 1
 
+    cdef void _get_sorted(self, const uint64_t *K, uint64_t *O, Py_ssize_t n) noexcept nogil:
+        """Keys mostly ascending: stay in a leaf while the keys belong to it (a finger).
+
+        Within a leaf the run index only moves forward for ascending keys, so it is advanced
+        by a short scan instead of a fresh binary search.
+        """
+        cdef Path path
+        cdef Leaf *lf = NULL
+        cdef uint64_t hi = 0, lo = 0, k
+        cdef Py_ssize_t i
+        cdef int j = -1
+        for i in range(n):
+            k = K[i]
+            if lf == NULL or k >= hi or k < lo:
+                lf = self._descend(k, &path)
+                lo = lf.starts[0] if lf.prev != NULL and lf.n > 0 else 0
+                hi = lf.next.starts[0] if lf.next != NULL else U64_MAX
+                j = _ub(lf.starts, lf.n, k) - 1
+            elif j >= 0 and k < lf.starts[j]:
+                j = _ub(lf.starts, lf.n, k) - 1
+            else:
+                while j + 1 < lf.n and lf.starts[j + 1] <= k:
+                    j += 1
+            O[i] = _val(lf, j) if j >= 0 and k < lf.ends[j] else self.dflt
+
     # -- Python API ----------------------------------------------------------------------------
 
     @property
@@ -917,8 +1028,6 @@ cdef class RangeMap:
         _u64(value, "value", &v)
         if s > e:
             raise ValueError(f"start {s:#x} > end {e:#x}")
-        if e == U64_MAX:
-            pass  # allowed: the range stops just below the last key
         self._assign_c(s, e, v)
 
     def get(self, key):
@@ -1028,6 +1137,8 @@ cdef class RangeMap:
             ValueError also for arrays that are not 1-D or differ in length.
         """
         cdef uint64_t sv
+        cdef Py_ssize_t *P
+        cdef bint ordered
         cdef const uint64_t[::1] S
         cdef const uint64_t[::1] E
         cdef const uint64_t[::1] V
@@ -1050,6 +1161,25 @@ cdef class RangeMap:
         S = s_arr
         E = e_arr
         V = v_arr
+        if n >= 64:
+            P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+            if P == NULL:
+                raise MemoryError("RangeMap.assign_many: out of memory")
+            try:
+                with nogil:
+                    _radix_argsort(&S[0], n, P, NULL)
+                    ordered = _disjoint_in_order(&S[0], &E[0], P, n)
+                    if ordered:
+                        # Same result as array order (the ranges do not partially overlap),
+                        # but consecutive descents now share their cache-hot path.
+                        for i in range(n):
+                            self._assign_c(S[P[i]], E[P[i]], V[P[i]])
+                    else:
+                        for i in range(n):
+                            self._assign_c(S[i], E[i], V[i])
+            finally:
+                free(P)
+            return
         with nogil:
             for i in range(n):
                 self._assign_c(S[i], E[i], V[i])
@@ -1057,30 +1187,45 @@ cdef class RangeMap:
     def get_many(self, keys):
         """The values of ``keys`` as a numpy ``uint64`` array (runs without the GIL).
 
-        Sorted keys are answered in one pass over the leaves; others descend per key.
+        Sorted keys are answered in one pass over the leaves. Unsorted keys are looked up in
+        groups whose descents advance level by level together, so the cache misses of a
+        group overlap instead of queueing behind each other.
         """
         cdef const uint64_t[::1] K
         cdef uint64_t[::1] O
-        cdef Py_ssize_t i, n
-        cdef Path path
-        cdef Leaf *lf = NULL
-        cdef uint64_t lo = 1, hi = 0, k
-        cdef int j
+        cdef Py_ssize_t n
         k_arr = _u64_array(keys, "keys")
         n = k_arr.shape[0]
         out = np.empty(n, dtype=np.uint64)
+        if n == 0:
+            return out
         K = k_arr
         O = out
-        with nogil:
-            for i in range(n):
-                k = K[i]
-                # finger: stay in the current leaf while the key belongs to it
-                if lf == NULL or k < lo or k >= hi:
-                    lf = self._descend(k, &path)
-                    lo = lf.starts[0] if lf.n > 0 and lf.prev != NULL else 0
-                    hi = lf.next.starts[0] if lf.next != NULL else U64_MAX
-                j = _ub(lf.starts, lf.n, k) - 1
-                O[i] = _val(lf, j) if j >= 0 and k < lf.ends[j] else self.dflt
+        cdef bint sorted_keys = n < 2 or bool(np.all(k_arr[1:] >= k_arr[:n - 1]))
+        cdef Py_ssize_t i
+        cdef Py_ssize_t *P
+        cdef uint64_t *SK
+        cdef uint64_t *SO
+        if sorted_keys or n < 64:
+            with nogil:
+                self._get_sorted(&K[0], &O[0], n)
+            return out
+        # Random order: sort once (radix, O(n)), answer in key order, scatter back.
+        P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+        SK = <uint64_t*>malloc(n * sizeof(uint64_t))
+        SO = <uint64_t*>malloc(n * sizeof(uint64_t))
+        try:
+            if P == NULL or SK == NULL or SO == NULL:
+                raise MemoryError("RangeMap.get_many: out of memory")
+            with nogil:
+                _radix_argsort(&K[0], n, P, SK)
+                self._get_sorted(SK, SO, n)
+                for i in range(n):
+                    O[P[i]] = SO[i]
+        finally:
+            free(P)
+            free(SK)
+            free(SO)
         return out
 
     def clear(self):
