@@ -8,9 +8,12 @@ from typing import Iterator
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 UINT64_MAX: int
+__test__: dict[str, str]
 
+@disjoint_base
 class RangeMap:
     """A coalescing map from half-open ``uint64`` key ranges to ``uint64`` values.
 
@@ -18,7 +21,8 @@ class RangeMap:
     runs whose value equals ``default`` are not stored.
     """
 
-    def __init__(self, default: int = 0) -> None: ...
+    def __new__(cls, default: int = 0, *, _fanout: int | None = None) -> RangeMap:
+        """``_fanout`` (4..64) shrinks the nodes so that tests reach deep trees with few runs."""
     @property
     def default(self) -> int: ...
     @property
@@ -27,7 +31,7 @@ class RangeMap:
     def __len__(self) -> int:
         """Number of stored (non-default, coalesced) runs."""
     def __repr__(self) -> str: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __reduce__(self) -> tuple[object, ...]: ...
     def assign(self, start: int, end: int, value: int) -> None:
         """Set every key in ``[start, end)`` to ``value``. ``start == end`` is a no-op."""
