@@ -76,6 +76,10 @@ cdef object _u64_array(object obj, str name):
     """Return ``obj`` as a C-contiguous 1-D uint64 numpy array, validating every element."""
     cdef uint64_t tmp
     arr = np.asarray(obj)
+    if not isinstance(obj, np.ndarray) and arr.dtype.kind not in "uiO" and arr.size:
+        # numpy reads a list mixing small ints with ints >= 2**63 as float64 (losing digits);
+        # re-read such containers exactly and check each element with the scalar rules.
+        arr = np.asarray(obj, dtype=object)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-dimensional, got shape {arr.shape}")
     kind = arr.dtype.kind
@@ -1230,6 +1234,7 @@ cdef class RangeMap:
 
     def clear(self):
         """Remove every run (all keys read ``default`` again) and release the nodes."""
+        self._refill()      # _reset takes the new root leaf from the pool
         self._reset()
         self._trim_pools()
 
