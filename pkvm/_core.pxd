@@ -66,6 +66,8 @@ cdef class RangeMap:
     cdef Py_ssize_t n_vals          # value arrays allocated in the tree
     cdef int leaf_cap               # runs per leaf (LEAF_CAP, smaller only for tests)
     cdef int inner_cap              # children per inner node (INNER_CAP, smaller only for tests)
+    cdef int bulk_readers           # get_many calls running without the GIL
+    cdef bint bulk_writer           # an assign_many running without the GIL
     # free pools of spare nodes: reserve-then-commit keeps MemoryError from half-applying
     cdef Leaf *pool_leaves          # linked through Leaf.next
     cdef Inner *pool_inner          # linked through Inner.children[0]

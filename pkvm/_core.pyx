@@ -1026,6 +1026,7 @@ cdef class RangeMap:
             OverflowError: an argument is negative or above ``2**64 - 1``.
             ValueError: ``start > end``.
         """
+        _enter_write(self)
         cdef uint64_t s, e, v
         _u64(start, "start", &s)
         _u64(end, "end", &e)
@@ -1036,6 +1037,7 @@ cdef class RangeMap:
 
     def get(self, key):
         """The value of ``key``. Runtime complexity: O(log n)."""
+        _enter_read(self)
         cdef uint64_t k
         _u64(key, "key", &k)
         return self._get_c(k)
@@ -1046,6 +1048,7 @@ cdef class RangeMap:
         This is ``kvm_range_has_memory_attributes`` turned into a search: the range has the
         value everywhere iff the result is -1. Runtime complexity: O(log n).
         """
+        _enter_read(self)
         cdef uint64_t s, e, v, found
         _u64(start, "start", &s)
         _u64(end, "end", &e)
@@ -1062,6 +1065,7 @@ cdef class RangeMap:
         Gaps between stored runs are runs of ``default``. ``key`` must be below ``2**64 - 1``.
         Runtime complexity: O(log n).
         """
+        _enter_read(self)
         cdef uint64_t k
         cdef Run r
         _u64(key, "key", &k)
@@ -1075,6 +1079,7 @@ cdef class RangeMap:
 
         ``end=None`` means ``2**64 - 1``. Runtime complexity: O(log n + k).
         """
+        _enter_read(self)
         cdef uint64_t s, e, cur
         cdef Path path
         cdef Leaf *lf
@@ -1124,6 +1129,7 @@ cdef class RangeMap:
         cdef uint64_t cur = s
         cdef Run r
         while cur < e:
+            _enter_read(self)
             r = self._next_run_c(cur)
             if r.start >= e:
                 return
@@ -1165,28 +1171,33 @@ cdef class RangeMap:
         S = s_arr
         E = e_arr
         V = v_arr
-        if n >= 64:
-            P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
-            if P == NULL:
-                raise MemoryError("RangeMap.assign_many: out of memory")
-            try:
+        _enter_write(self)
+        self.bulk_writer = True
+        try:
+            if n >= 64:
+                P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+                if P == NULL:
+                    raise MemoryError("RangeMap.assign_many: out of memory")
+                try:
+                    with nogil:
+                        _radix_argsort(&S[0], n, P, NULL)
+                        ordered = _disjoint_in_order(&S[0], &E[0], P, n)
+                        if ordered:
+                            # Same result as array order (no partial overlaps), but consecutive
+                            # descents now share their cache-hot path.
+                            for i in range(n):
+                                self._assign_c(S[P[i]], E[P[i]], V[P[i]])
+                        else:
+                            for i in range(n):
+                                self._assign_c(S[i], E[i], V[i])
+                finally:
+                    free(P)
+            else:
                 with nogil:
-                    _radix_argsort(&S[0], n, P, NULL)
-                    ordered = _disjoint_in_order(&S[0], &E[0], P, n)
-                    if ordered:
-                        # Same result as array order (the ranges do not partially overlap),
-                        # but consecutive descents now share their cache-hot path.
-                        for i in range(n):
-                            self._assign_c(S[P[i]], E[P[i]], V[P[i]])
-                    else:
-                        for i in range(n):
-                            self._assign_c(S[i], E[i], V[i])
-            finally:
-                free(P)
-            return
-        with nogil:
-            for i in range(n):
-                self._assign_c(S[i], E[i], V[i])
+                    for i in range(n):
+                        self._assign_c(S[i], E[i], V[i])
+        finally:
+            self.bulk_writer = False
 
     def get_many(self, keys):
         """The values of ``keys`` as a numpy ``uint64`` array (runs without the GIL).
@@ -1210,14 +1221,20 @@ cdef class RangeMap:
         cdef Py_ssize_t *P
         cdef uint64_t *SK
         cdef uint64_t *SO
+        _enter_read(self)
         if sorted_keys or n < 64:
-            with nogil:
-                self._get_sorted(&K[0], &O[0], n)
+            self.bulk_readers += 1
+            try:
+                with nogil:
+                    self._get_sorted(&K[0], &O[0], n)
+            finally:
+                self.bulk_readers -= 1
             return out
         # Random order: sort once (radix, O(n)), answer in key order, scatter back.
         P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
         SK = <uint64_t*>malloc(n * sizeof(uint64_t))
         SO = <uint64_t*>malloc(n * sizeof(uint64_t))
+        self.bulk_readers += 1
         try:
             if P == NULL or SK == NULL or SO == NULL:
                 raise MemoryError("RangeMap.get_many: out of memory")
@@ -1227,6 +1244,7 @@ cdef class RangeMap:
                 for i in range(n):
                     O[P[i]] = SO[i]
         finally:
+            self.bulk_readers -= 1
             free(P)
             free(SK)
             free(SO)
@@ -1234,6 +1252,7 @@ cdef class RangeMap:
 
     def clear(self):
         """Remove every run (all keys read ``default`` again) and release the nodes."""
+        _enter_write(self)
         self._refill()      # _reset takes the new root leaf from the pool
         self._reset()
         self._trim_pools()
@@ -1260,6 +1279,7 @@ cdef class RangeMap:
 
     def copy(self):
         """An independent map with the same default and runs. Runtime complexity: O(n)."""
+        _enter_read(self)
         cdef RangeMap other = RangeMap.__new__(RangeMap, self.dflt, _fanout=self.leaf_cap)
         cdef Leaf *lf = self.first_leaf
         cdef int i
@@ -1271,6 +1291,7 @@ cdef class RangeMap:
         return other
 
     def _runs_arrays(self):
+        _enter_read(self)
         cdef Py_ssize_t n = self.count, k = 0
         cdef Leaf *lf = self.first_leaf
         cdef int i
@@ -1301,6 +1322,8 @@ cdef class RangeMap:
         if not isinstance(other, RangeMap):
             return NotImplemented
         o = <RangeMap>other
+        _enter_read(self)
+        _enter_read(o)
         if o.dflt != self.dflt or o.count != self.count:
             return False
         a = self.first_leaf
@@ -1324,6 +1347,7 @@ cdef class RangeMap:
 
     def _check(self):
         """Assert every structural invariant (see ``_core.pxd``); raise ``AssertionError``."""
+        _enter_read(self)
         cdef Py_ssize_t runs = 0, leaves = 0, nvals = 0
         cdef Leaf *lf = self.first_leaf
         cdef Leaf *prev = NULL
@@ -1381,6 +1405,20 @@ cdef class RangeMap:
                 assert nd.keys[i - 1] < nd.keys[i], "inner keys not ascending"
             inner += self._check_node(nd.children[i], height - 1, False)
         return inner
+
+
+cdef inline int _enter_read(RangeMap m) except -1:
+    """Refuse to read a map that another thread is changing in a GIL-free bulk call."""
+    if m.bulk_writer:
+        raise RuntimeError("RangeMap is being changed by assign_many in another thread")
+    return 0
+
+
+cdef inline int _enter_write(RangeMap m) except -1:
+    """Refuse to change a map that another thread is using in a GIL-free bulk call."""
+    if m.bulk_writer or m.bulk_readers:
+        raise RuntimeError("RangeMap is in use by a bulk call in another thread")
+    return 0
 
 
 cdef uint64_t _subtree_min(void *node, int height) noexcept nogil:
