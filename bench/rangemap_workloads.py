@@ -59,10 +59,10 @@ SORTED_OPS = {"W1": 2**17, "W2": 100_000, "W3": 50_000}
 """Operations per workload for ``sorted`` (a prefix of the same sequence)."""
 
 IMPLS = {
-    "W1": ["core", "core-bulk", "sorted", "numpy"],
-    "W2-toggle": ["core", "sorted", "numpy"],
-    "W2-lookup": ["core", "sorted", "numpy"],
-    "W3": ["core", "sorted", "numpy"],
+    "W1": ["core", "core-bulk", "sorted", "numpy", "floor"],
+    "W2-toggle": ["core", "sorted", "numpy", "floor"],
+    "W2-lookup": ["core", "sorted", "numpy", "floor"],
+    "W3": ["core", "sorted", "numpy", "floor"],
     "W4-toggle": ["core-bulk", "numpy-bulk"],
     "W4-lookup": ["core-bulk", "numpy-bulk"],
 }
@@ -254,8 +254,43 @@ class Case:
     check: Callable[[Any], None]  # raises AssertionError if ``run`` returned a wrong result
 
 
+class CallFloor:
+    """The fixed cost of a per-op loop: the same calls, each answered in O(1).
+
+    Its ``assign``, ``get`` and ``find_ne`` are methods of an empty RangeMap taking the same
+    integer arguments (``assign`` is the empty map's ``find_ne``, which converts and checks
+    three integers and returns at once), so a loop over it costs what the interpreter, the
+    argument objects and one core call cost -- the floor under any per-op implementation.
+    """
+
+    def __init__(self) -> None:
+        self.empty = pkvm.RangeMap()
+        self.assign = self.empty.find_ne
+        self.get = self.empty.get
+        self.find_ne = self.empty.find_ne
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        return self.empty.ranges()
+
+
 def _new_map(impl: str) -> Any:
+    if impl == "floor":
+        return CallFloor()
     return SortedRangeMap() if impl == "sorted" else pkvm.RangeMap()
+
+
+def _floor_check(expected: Any) -> Callable[[Any], None]:
+    """The floor changes nothing: its map stays empty; lookups find nothing."""
+
+    def check(result: Any) -> None:
+        state = result[1] if isinstance(result, tuple) else result
+        if isinstance(state, CallFloor):
+            assert state.ranges() == [], "the call floor changed its map"
+        if expected is not None:
+            got = result[0] if isinstance(result, tuple) else result
+            assert got == expected, f"call floor answered {got}, expected {expected}"
+
+    return check
 
 
 def check_runs(expected: list[tuple[int, int, int]]) -> Callable[[Any], None]:
@@ -383,13 +418,15 @@ def make_case(data: WorkloadData, workload: str, impl: str) -> Case:
                 check,
             )
         starts, ends = (x[:n] for x in data.w1_lists)
+        if impl == "floor":
+            check = _floor_check(None)
         if impl == "numpy":
             return Case(workload, impl, n, lambda: (fresh_array(), starts, ends), _w1_numpy, check)
         return Case(workload, impl, n, lambda: (_new_map(impl), starts, ends), _w1_map, check)
 
     if workload == "W2-toggle":
         keys, ends, values = (x[:n] for x in data.w2_lists)
-        check = check_runs(data.w2_runs(n))
+        check = _floor_check(None) if impl == "floor" else check_runs(data.w2_runs(n))
         if impl == "numpy":
             return Case(
                 workload, impl, n, lambda: (fresh_array(), keys, values), _w2_toggle_numpy, check
@@ -400,12 +437,19 @@ def make_case(data: WorkloadData, workload: str, impl: str) -> Case:
 
     if workload == "W2-lookup":
         keys = data.w2_lookup_list[:n]
+        if impl == "floor":
+            return Case(workload, impl, n, lambda: (CallFloor(), keys), _w2_lookup_map,
+                        _floor_check(0))
         check = _check_equal(data.w2_hits(n))
         run = _w2_lookup_numpy if impl == "numpy" else _w2_lookup_map
         return Case(workload, impl, n, lambda: (data.w2_state(impl), keys), run, check)
 
     if workload == "W3":
         ops = [x[:n] for x in data.w3_lists]
+        if impl == "floor":
+            # On an empty map a query range is uniform exactly when it asks for the default 0.
+            zeros = sum(1 for v in ops[5] if v == 0)
+            return Case(workload, impl, n, lambda: (CallFloor(), *ops), _w3_map, _floor_check(zeros))
         uniform, runs = data.w3_model[n]
         final_state_ok = check_runs(runs)
 

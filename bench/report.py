@@ -33,6 +33,7 @@ LABELS = {
     "sorted": "SortedRangeMap (sortedcontainers)",
     "numpy": "numpy uint8 per key",
     "numpy-bulk": "numpy uint8 per key, fancy indexing",
+    "floor": "call floor: the same loop, O(1) calls",
 }
 WORKLOADS = {
     "W1": "W1 boot: in-order 512-key assigns",
