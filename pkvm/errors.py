@@ -1,0 +1,39 @@
+"""pkvm's exception hierarchy.
+
+Every pkvm error derives from :class:`PkvmError`; each subclass also inherits the builtin it
+refines, so ``except OSError`` / ``except AssertionError`` / ``except TypeError`` code keeps
+working.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class PkvmError(Exception):
+    """Base class of every error pkvm raises on purpose."""
+
+
+class KvmError(PkvmError, OSError):
+    """An ioctl-like call failed; ``.errno`` is the errno the kernel returns.
+
+    >>> e = KvmError(_errno.EINVAL, "flags 0x1 are not 0")
+    >>> (e.errno, e.strerror)
+    (22, 'flags 0x1 are not 0')
+    """
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(errno, message)
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno, str(self.errno))
+        return f"[{name}] {self.strerror} ({os.strerror(self.errno)})"
+
+
+class InternalInvariantError(PkvmError, AssertionError):
+    """pkvm's own logic broke an invariant (KVM_BUG_ON, or a failed ``vm.check()``)."""
+
+
+class PlatformRegistrationError(PkvmError, TypeError):
+    """A platform op table is missing a mandatory op or has a non-callable one."""
