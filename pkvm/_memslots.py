@@ -1,0 +1,200 @@
+"""``KVM_SET_USER_MEMORY_REGION2`` (spec §2.9, §3.1, §4.7): validation, create, move,
+flags-only change and delete, split out of :mod:`pkvm.vm` to keep that file readable.
+
+Validation follows ``kvm_vm_ioctl_set_memory_region`` -> ``kvm_set_memory_region`` ->
+``check_memory_region_flags`` -> ``kvm_gmem_bind`` in the kernel's order; nothing changes
+until every check passed.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from .constants import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY,
+    KVM_USER_MEM_SLOTS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+    TASK_SIZE_MAX,
+)
+from .errors import KvmError
+from .gmem import GuestMemfd
+from .mmu import LEVEL_SHIFT
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import VM, Memslot
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _u64(name: str, value: object) -> int:
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        value = int(value)
+    if value < 0 or value > _U64_MAX:
+        raise ValueError(f"{name}={value:#x} does not fit a u64")
+    return value
+
+
+def _einval(msg: str) -> KvmError:
+    return KvmError(errno.EINVAL, msg)
+
+
+def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                            userspace_addr: int, guest_memfd: GuestMemfd | None,
+                            guest_memfd_offset: int) -> None:
+    """See :meth:`pkvm.VM.set_user_memory_region2`."""
+    from .vm import Memslot
+
+    slot = _u64("slot", slot)
+    if slot >> 32:
+        raise ValueError(f"slot={slot:#x} does not fit a u32")
+    flags = _u64("flags", flags)
+    if flags >> 32:
+        raise ValueError(f"flags={flags:#x} does not fit a u32")
+    gpa = _u64("guest_phys_addr", guest_phys_addr)
+    size = _u64("memory_size", memory_size)
+    uaddr = _u64("userspace_addr", userspace_addr)
+    gmem_off = _u64("guest_memfd_offset", guest_memfd_offset)
+    if guest_memfd is not None and not isinstance(guest_memfd, GuestMemfd):
+        raise TypeError(f"guest_memfd must be a pkvm GuestMemfd or None, not {type(guest_memfd).__name__}")
+    platform = vm._platform
+
+    if slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
+        raise _einval(f"slot id {slot & 0xFFFF} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
+    # check_memory_region_flags
+    valid = KVM_MEM_LOG_DIRTY_PAGES
+    if platform.has_private_mem:
+        valid |= KVM_MEM_GUEST_MEMFD
+    if flags & KVM_MEM_GUEST_MEMFD:
+        valid &= ~KVM_MEM_LOG_DIRTY_PAGES  # dirty logging of private memory is unsupported
+    if not platform.has_protected_state and not flags & KVM_MEM_GUEST_MEMFD:
+        valid |= KVM_MEM_READONLY
+    if flags & ~valid:
+        raise _einval(f"memslot flags {flags:#x} not valid for a {platform.name} VM (valid here: {valid:#x})")
+    as_id = slot >> 16
+    if size & (PAGE_SIZE - 1):
+        raise _einval(f"memory_size {size:#x} is not 4 KiB aligned")
+    if gpa & (PAGE_SIZE - 1):
+        raise _einval(f"guest_phys_addr {gpa:#x} is not 4 KiB aligned")
+    if uaddr & (PAGE_SIZE - 1) or uaddr + size > TASK_SIZE_MAX:
+        raise _einval(f"userspace_addr range [{uaddr:#x}, {uaddr + size:#x}) is unaligned or not user memory")
+    if flags & KVM_MEM_GUEST_MEMFD and (gmem_off & (PAGE_SIZE - 1) or gmem_off + size > _U64_MAX):
+        raise _einval(f"guest_memfd_offset {gmem_off:#x} is unaligned or wraps")
+    if as_id >= len(vm._slot_maps):
+        raise _einval(f"address space {as_id} does not exist (this VM has {len(vm._slot_maps)})")
+    if gpa + size > _U64_MAX:
+        raise _einval(f"[{gpa:#x}, +{size:#x}) wraps around 2**64")
+    if size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES:
+        raise _einval(f"memory_size {size:#x} exceeds KVM_MEM_MAX_NR_PAGES pages")
+
+    old = vm._slots.get(slot)
+    if not size:
+        if old is None:
+            raise _einval(f"slot {slot:#x} does not exist, cannot delete it")
+        _delete(vm, old)
+        return
+    base_gfn, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+    if old is None:
+        change = "create"
+    else:
+        if flags & KVM_MEM_GUEST_MEMFD or old.flags & KVM_MEM_GUEST_MEMFD:
+            raise _einval(f"slot {slot:#x}: guest_memfd memslots are immutable; delete it (memory_size=0) instead")
+        if uaddr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & KVM_MEM_READONLY:
+            raise _einval(f"slot {slot:#x}: only the base address or dirty logging of a slot can change")
+        if base_gfn != old.base_gfn:
+            change = "move"
+        elif flags != old.flags:
+            change = "flags"
+        else:
+            return
+    if change in ("create", "move"):
+        for _s, _e, key in vm._slot_maps[as_id].iter_ranges(base_gfn, base_gfn + npages):
+            if key - 1 != slot:
+                other = vm._slots[key - 1]
+                raise KvmError(errno.EEXIST, f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) overlap slot "
+                               f"{other.key:#x} [{other.base_gfn:#x}, {other.end_gfn:#x})")
+    gmem = None
+    if flags & KVM_MEM_GUEST_MEMFD:
+        gmem = guest_memfd
+        # kvm_gmem_bind
+        if gmem is not None and gmem.closed:
+            raise KvmError(errno.EBADF, f"guest_memfd fd {gmem.fd} is closed")
+        if gmem is None:
+            raise _einval("KVM_MEM_GUEST_MEMFD needs a guest_memfd")
+        if gmem._vm is not vm:
+            raise _einval(f"guest_memfd fd {gmem.fd} belongs to another VM")
+        start = gmem_off >> PAGE_SHIFT
+        if gmem_off + size > gmem.size:
+            raise _einval(f"guest_memfd range [{gmem_off:#x}, {gmem_off + size:#x}) runs past its size {gmem.size:#x}")
+        if gmem.bindings.find_ne(start, start + npages, 0) != -1:
+            raise _einval(f"guest_memfd fd {gmem.fd} pages [{start:#x}, {start + npages:#x}) are already bound")
+
+    if change == "flags":
+        old.flags = flags  # lpage_info is kept (KVM_MR_FLAGS_ONLY copies the metadata)
+        return
+    if change == "move":
+        _delete(vm, old)
+    new = Memslot(slot, base_gfn, npages, uaddr, flags, gmem, gmem_off >> PAGE_SHIFT)
+    if platform.has_private_mem:
+        init_memslot_mixed(vm, new)
+    if gmem is not None:
+        gmem._bind(new, new.gmem_pgoff)
+    vm._slots[slot] = new
+    vm._slot_maps[as_id].assign(base_gfn, new.end_gfn, slot + 1)
+
+
+def _delete(vm: VM, old: Memslot) -> None:
+    """``KVM_MR_DELETE``: invalidate the slot, zap its mappings, unbind, free metadata."""
+    old.invalid = True
+    if old.as_id == 0 and vm._zap(old.base_gfn, old.end_gfn):
+        vm._flush_remote_tlbs()
+    vm._slot_maps[old.as_id].assign(old.base_gfn, old.end_gfn, 0)
+    del vm._slots[old.key]
+    if old.gmem is not None:
+        old.gmem._unbind(old)
+
+
+def attr_edges(vm: VM, start: int, end: int) -> list[int]:
+    """Gfns in ``(start, end)`` where the attribute value changes, sorted."""
+    edges = []
+    for s, e, _v in vm._attrs.iter_ranges(start, end):
+        if s > start and (not edges or edges[-1] != s):
+            edges.append(s)
+        if e < end:
+            edges.append(e)
+    return edges
+
+
+def expected_mixed(vm: VM, slot: Memslot, level: int) -> list[int]:
+    """Chunk numbers of the fully-inside ``level`` chunks of ``slot`` that must be MIXED.
+
+    A chunk is uniform (§3.2) iff no attribute change falls strictly inside it; at 1G that
+    also covers "no 2M sub-chunk is MIXED and every sub-chunk starts with the same value".
+    """
+    shift = LEVEL_SHIFT[level]
+    mask = (1 << shift) - 1
+    first_full = (slot.base_gfn + mask) >> shift
+    last_full = slot.end_gfn >> shift
+    out: list[int] = []
+    for b in attr_edges(vm, slot.base_gfn, slot.end_gfn):
+        if b & mask:
+            c = b >> shift
+            if first_full <= c < last_full and (not out or out[-1] != c):
+                out.append(c)
+    return out
+
+
+def init_memslot_mixed(vm: VM, slot: Memslot) -> None:
+    """``kvm_mmu_init_memslot_memory_attributes`` (§3.1), one edge at a time."""
+    for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+        shift = LEVEL_SHIFT[level]
+        for c in expected_mixed(vm, slot, level):
+            slot.lpage.set_mixed(c << shift, level, True)

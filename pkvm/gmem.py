@@ -1,0 +1,413 @@
+"""guest_memfd: the private backing of a VM's memory (spec §2.9, §4.3, §4.7).
+
+A :class:`GuestMemfd` has a size, bindings (file index ranges -> memslot) and folios. Folios
+are range-compressed: one :class:`~pkvm._core.RangeMap` from file index to a value packing
+present, "prepared" (the folio's up-to-date flag), the folio order and the ``pfn - index``
+delta, so a run of folios allocated together is one run.
+
+Invariants (:meth:`GuestMemfd._check`): folios lie inside the file; a folio of order o starts
+on an o-aligned index and maps an o-aligned pfn block; every folio pfn is allocated in host
+memory; bindings do not overlap and each matches its memslot; a closed file has no folios
+and no bindings.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from ._core import RangeMap
+from .constants import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    MAX_LFS_FILESIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from .errors import InternalInvariantError, KvmError
+from .hostmem import decode_delta, encode_delta
+from .platforms import is_implemented
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .mmu import PageFault
+    from .vm import VM, Memslot
+
+FOLIO_PRESENT = 1 << 0
+FOLIO_PREPARED = 1 << 1
+_FOLIO_ORDER_SHIFT = 2  # bits 2-6
+_FOLIO_ORDER_MASK = 0x1F
+
+
+def _folio_value(pfn_delta: int, order: int, prepared: bool) -> int:
+    return (encode_delta(pfn_delta) | FOLIO_PRESENT | (order << _FOLIO_ORDER_SHIFT)
+            | (FOLIO_PREPARED if prepared else 0))
+
+
+def folio_order(value: int) -> int:
+    """Order of an encoded folio."""
+    return (value >> _FOLIO_ORDER_SHIFT) & _FOLIO_ORDER_MASK
+
+
+def _check_int(name: str, value: object) -> int:
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        value = int(value)
+    return value
+
+
+class GuestMemfd:
+    """A guest_memfd file (``KVM_CREATE_GUEST_MEMFD``), bound to one VM.
+
+    Create one with ``vm.create_guest_memfd(size)``. ``size`` is in bytes.
+    """
+
+    __slots__ = ("_vm", "fd", "size", "npages", "flags", "closed", "folios", "bindings")
+
+    def __init__(self, vm: VM, fd: int, size: int, flags: int) -> None:
+        self._vm = vm
+        self.fd = fd
+        self.size = size
+        self.npages = size >> PAGE_SHIFT
+        self.flags = flags
+        self.closed = False
+        self.folios = RangeMap(0)
+        #: file index -> memslot key + 1 (``gmem->bindings``)
+        self.bindings = RangeMap(0)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.folios)} folio runs"
+        return f"<GuestMemfd fd={self.fd} size={self.size:#x} {state}>"
+
+    # -- folio queries --------------------------------------------------------------------
+
+    def folio(self, index: int) -> tuple[int, int, bool] | None:
+        """``(pfn, order, prepared)`` of the page at file ``index``, or None if no folio."""
+        v = self.folios.get(index)
+        if not v:
+            return None
+        return (index + decode_delta(v), folio_order(v), bool(v & FOLIO_PREPARED))
+
+    @property
+    def nr_pages_allocated(self) -> int:
+        """Pages held by folios. Runtime complexity: O(k) for k folio runs."""
+        return sum(e - s for s, e, v in self.folios.iter_ranges())
+
+    # -- fallocate ------------------------------------------------------------------------
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` on the file: allocate folios, or punch a hole (§2.9, §4.7).
+
+        The byte range is half-open ``[offset, offset + length)``. Allocation only creates
+        folios (6.11+: neither zeroed nor prepared; 6.8: zeroed and up to date). A hole
+        punch brackets the truncation with an invalidation: ``invalidate_begin``, zap every
+        mapping of the bound gfns, free the folios (``gmem_invalidate`` op), then
+        ``invalidate_end``. Attributes are not touched.
+
+        Runtime complexity: O(log n + k) for k folio runs.
+
+        Raises:
+            KvmError: EINVAL (negative offset, ``length <= 0``, unaligned, allocating past the
+                size), EOPNOTSUPP (no ``KEEP_SIZE`` or unknown mode bits), EBADF (closed),
+                EFBIG (past ``MAX_LFS_FILESIZE``), ENOMEM (host memory exhausted; nothing is
+                allocated then).
+        """
+        mode = _check_int("mode", mode)
+        offset = _check_int("offset", offset)
+        length = _check_int("length", length)
+        # vfs_fallocate's generic checks come first, then kvm_gmem_fallocate's.
+        if offset < 0 or length <= 0:
+            raise KvmError(errno.EINVAL,
+                           f"fallocate offset {offset:#x} / length {length:#x} must be >= 0 / > 0")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise KvmError(errno.EOPNOTSUPP, f"guest_memfd supports only KEEP_SIZE and PUNCH_HOLE, not mode {mode:#x}")
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise KvmError(errno.EOPNOTSUPP,
+                           "PUNCH_HOLE needs KEEP_SIZE: use mode=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE")
+        if self.closed:
+            raise KvmError(errno.EBADF, f"guest_memfd fd {self.fd} is closed")
+        if offset + length > MAX_LFS_FILESIZE:
+            raise KvmError(errno.EFBIG, f"[{offset:#x}, {offset + length:#x}) ends past MAX_LFS_FILESIZE")
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise KvmError(errno.EOPNOTSUPP, "guest_memfd cannot change size: pass FALLOC_FL_KEEP_SIZE")
+        if offset & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1):
+            raise KvmError(errno.EINVAL, f"[{offset:#x}, {offset + length:#x}) is not 4 KiB aligned")
+        start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            self._punch_hole(start, min(end, self.npages))
+        else:
+            if end > self.npages:
+                raise KvmError(errno.EINVAL,
+                               f"allocating [{offset:#x}, {offset + length:#x}) past the size {self.size:#x}")
+            self._allocate(start, end)
+
+    def _allocate(self, start: int, end: int) -> None:
+        """``kvm_gmem_allocate``: create the missing folios in ``[start, end)``."""
+        vm = self._vm
+        order = vm._policy.gmem_max_order
+        holes = [(s, e) for s, e, _v in _gaps(self.folios, start, end)]
+        if not holes:
+            return
+        # Reserve first so that ENOMEM leaves the file untouched.
+        units = [self._plan_units(s, e, order) for s, e in holes]
+        mem = vm._hostmem
+        need = {0: 0, order: 0}
+        for u in units:
+            for o, n in u:
+                need[o] += n
+        if not all(mem.can_alloc(n, o) for o, n in need.items() if n):
+            raise KvmError(errno.ENOMEM, f"host memory exhausted allocating guest_memfd pages [{start:#x}, {end:#x})")
+        prepared = vm._policy.prepare == "none"
+        for (s, _e), plan in zip(holes, units, strict=True):
+            idx = s
+            for o, n in plan:
+                self._alloc_folios(idx, n, o, prepared)
+                idx += n << o
+
+    def _plan_units(self, s: int, e: int, order: int) -> list[tuple[int, int]]:
+        """Split the hole ``[s, e)`` into ``(order, count)`` folio runs, in index order."""
+        if not order:
+            return [(0, e - s)]
+        size = 1 << order
+        out: list[tuple[int, int]] = []
+        i = s
+        while i < e:
+            a = i & ~(size - 1)
+            if a == i and i + size <= e and i + size <= self.npages:
+                n = (min(e, self.npages) - i) >> order
+                out.append((order, n))
+                i += n << order
+            else:
+                stop = min(e, (i + size) & ~(size - 1))
+                out.append((0, stop - i))
+                i = stop
+        return out
+
+    def _alloc_folios(self, index: int, count: int, order: int, prepared: bool) -> list[tuple[int, int]]:
+        """Allocate ``count`` folios of ``order`` at ``index``; return the host pfn runs."""
+        vm = self._vm
+        plan = vm._hostmem.alloc(count, order)
+        i = index
+        for pfn, n in plan:
+            self.folios.assign(i, i + n, _folio_value(pfn - i, order, prepared))
+            i += n
+        vm._stats["gmem_pages_allocated"] += count << order
+        vm._charge_alloc(count << order, order)
+        return plan
+
+    # -- hole punch and release -------------------------------------------------------------
+
+    def _bound_gfn_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Slot-clipped gfn ranges of the bindings that intersect file indices ``[start, end)``."""
+        out = []
+        slots = self._vm._slots
+        for s, e, key in self.bindings.iter_ranges(start, end):
+            slot = slots[key - 1]
+            base = slot.base_gfn - slot.gmem_pgoff
+            out.append((base + s, base + e))
+        return out
+
+    def _punch_hole(self, start: int, end: int) -> None:
+        """``kvm_gmem_punch_hole`` on file indices ``[start, end)`` (already clipped)."""
+        if start >= end:
+            return
+        vm = self._vm
+        ranges = self._bound_gfn_ranges(start, end)
+        if ranges:
+            vm._invalidate_begin()
+            flush = False
+            for s, e in ranges:
+                vm._invalidate_range_add(s, e)
+                flush |= vm._zap(s, e) > 0  # attr_filter PRIVATE: one root here
+            if flush:
+                vm._flush_remote_tlbs()
+        self._truncate(start, end)
+        if ranges:
+            vm._invalidate_end()
+
+    def _truncate(self, start: int, end: int) -> None:
+        """Free the folios wholly inside ``[start, end)``; a large folio only partly inside
+        stays (its partial range would just be zeroed)."""
+        vm = self._vm
+        op = vm._platform.gmem_invalidate
+        real_op = is_implemented(op)
+        freed = 0
+        for s, e, v in self.folios.ranges(start, end):
+            order = folio_order(v)
+            size = 1 << order
+            # Runs are clipped to [start, end) and folios are aligned: keep whole folios only.
+            a = (s + size - 1) & ~(size - 1)
+            b = e & ~(size - 1)
+            if a >= b:
+                continue
+            pfn = a + decode_delta(v)
+            if real_op:
+                op(vm, pfn, pfn + (b - a))
+                vm._stats["gmem_invalidate"] += (b - a) >> order
+            vm._hostmem.free(pfn, b - a)
+            self.folios.assign(a, b, 0)
+            freed += b - a
+        if freed:
+            vm._stats["gmem_pages_freed"] += freed
+            vm._charge("gmem_punch_4k", freed)
+
+    def close(self) -> None:
+        """Close the last fd (``kvm_gmem_release``, §4.7), then free the inode's folios.
+
+        Every bound memslot loses its file (later private faults there exit with EFAULT);
+        the bindings' mappings are zapped inside one invalidation.
+
+        Raises:
+            KvmError: EBADF if the file is already closed.
+        """
+        if self.closed:
+            raise KvmError(errno.EBADF, f"guest_memfd fd {self.fd} is already closed")
+        vm = self._vm
+        ranges = self._bound_gfn_ranges(0, self.npages)
+        for _s, _e, key in self.bindings.iter_ranges():
+            vm._slots[key - 1].gmem_file = None
+        if ranges:
+            vm._invalidate_begin()
+            flush = False
+            for s, e in ranges:
+                vm._invalidate_range_add(s, e)
+                flush |= vm._zap(s, e) > 0
+            if flush:
+                vm._flush_remote_tlbs()
+            vm._invalidate_end()
+        self.bindings.clear()
+        self.closed = True
+        # The file held the only reference to the inode: eviction truncates every folio.
+        self._truncate(0, self.npages)
+
+    # -- bindings -----------------------------------------------------------------------------
+
+    def _bind(self, slot: Memslot, pgoff: int) -> None:
+        self.bindings.assign(pgoff, pgoff + slot.npages, slot.key + 1)
+
+    def _unbind(self, slot: Memslot) -> None:
+        if not self.closed:
+            self.bindings.assign(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages, 0)
+
+    def _check(self) -> None:
+        vm = self._vm
+        if self.closed and (len(self.folios) or len(self.bindings)):
+            raise InternalInvariantError(f"closed guest_memfd fd {self.fd} still has folios or bindings")
+        for s, e, v in self.folios.iter_ranges():
+            order = folio_order(v)
+            size = 1 << order
+            pfn = s + decode_delta(v)
+            if not v & FOLIO_PRESENT or e > self.npages or s & (size - 1) or e & (size - 1) or pfn & (size - 1):
+                raise InternalInvariantError(f"fd {self.fd}: bad folio run [{s:#x}, {e:#x}) value {v:#x}")
+            if vm._hostmem._used.find_ne(pfn, pfn + (e - s), 1) != -1:
+                raise InternalInvariantError(f"fd {self.fd}: folios [{s:#x}, {e:#x}) map unallocated pfns")
+        for s, e, key in self.bindings.iter_ranges():
+            slot = vm._slots.get(key - 1)
+            if (slot is None or slot.gmem is not self or slot.gmem_pgoff > s
+                    or s - slot.gmem_pgoff + (e - s) > slot.npages):
+                raise InternalInvariantError(f"fd {self.fd}: binding [{s:#x}, {e:#x}) does not match a memslot")
+
+
+def _gaps(m: RangeMap, start: int, end: int):
+    """Runs of absent keys in ``[start, end)`` as ``(s, e, 0)``."""
+    k = start
+    while k < end:
+        s, e, v = m.run_at(k)
+        e = min(e, end)
+        if not v:
+            yield (k, e, 0)
+        k = e
+
+
+def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
+    """``kvm_mmu_faultin_pfn_gmem`` + ``kvm_gmem_get_pfn`` for the gfns ``[f.gfn, end)``.
+
+    Resolves (allocating and preparing per ``Policy.prepare``, §4.3) the folios, sets
+    ``f.delta`` and ``f.order`` and returns the end of the batch it could serve; on failure
+    it fills a memory-fault exit in ``f``.
+    """
+    from .mmu import _memory_fault_exit  # mmu imports this module lazily
+
+    slot = f.slot
+    gfn = f.gfn
+    gmem = slot.gmem  # type: ignore[union-attr]
+    if gmem is None:
+        _memory_fault_exit(f, errno.EFAULT)  # private access to a slot without guest_memfd
+        return gfn + 1
+    if slot.gmem_file is None:  # type: ignore[union-attr]
+        _memory_fault_exit(f, errno.EFAULT)  # the file was closed
+        return gfn + 1
+    index = gfn - slot.base_gfn + slot.gmem_pgoff  # type: ignore[union-attr]
+    if gmem.bindings.get(index) != slot.key + 1:  # type: ignore[union-attr]
+        _memory_fault_exit(f, errno.EIO)
+        return gfn + 1
+    policy = vm._policy
+    folios = gmem.folios
+    s, e, v = folios.run_at(index)
+    if f.single or (v and folio_order(v)) or (not v and policy.gmem_max_order):
+        end = gfn + 1
+        f.single = True
+    else:
+        end = min(end, gfn + (e - index))
+    undo = None
+    if not v:
+        order = 0
+        if policy.gmem_max_order:
+            size = 1 << policy.gmem_max_order
+            a = index & ~(size - 1)
+            if a + size <= gmem.npages and folios.find_ne(a, a + size, 0) == -1:
+                order = policy.gmem_max_order
+        mem = vm._hostmem
+        cursor = mem._cursor
+        first = index if not order else index & ~((1 << order) - 1)
+        try:
+            plan = gmem._alloc_folios(first, 1 if order else end - gfn, order, policy.prepare == "none")
+        except KvmError as exc:
+            _memory_fault_exit(f, exc.errno)
+            return gfn + 1
+        if not order:
+            end = gfn + plan[0][1]
+        undo = (first, plan, cursor, order)
+        s, e, v = folios.run_at(index)
+    order = folio_order(v)
+    size = 1 << order
+    fi = index & ~(size - 1)
+    gfn_f = gfn - (index - fi)
+    delta = decode_delta(v)
+    nf = 1 if order else end - gfn
+    mode = policy.prepare
+    if mode != "none" and (mode == "every-lookup" or not v & FOLIO_PREPARED):
+        op = vm._platform.gmem_prepare
+        r = op(vm, gfn_f, fi + delta, order, nf) if is_implemented(op) else 0
+        if r:
+            if nf > 1:
+                # The op prepared nothing; retry folio by folio like per-page faults would.
+                if undo is not None:
+                    _undo_alloc(vm, gmem, undo)
+                f.single = True
+                return kvm_gmem_get_pfn(vm, f, gfn + 1)
+            if mode == "every-lookup":
+                folios.assign(fi, fi + size, v | FOLIO_PREPARED)
+            _memory_fault_exit(f, -r)
+            return gfn + 1
+        if is_implemented(op):
+            vm._stats["gmem_prepare"] += nf
+        if not v & FOLIO_PREPARED:
+            folios.assign(fi, fi + (nf << order), v | FOLIO_PREPARED)
+    f.delta = index + delta - gfn
+    f.order = order if not (gfn - index) & (size - 1) else 0
+    return end
+
+
+def _undo_alloc(vm: VM, gmem: GuestMemfd, undo: tuple) -> None:
+    """Give back the folios a failed batch allocated, restoring the allocator's cursor."""
+    first, plan, cursor, order = undo
+    idx = first
+    for pfn, n in plan:
+        vm._hostmem.free(pfn, n)
+        gmem.folios.assign(idx, idx + n, 0)
+        idx += n
+    vm._hostmem._cursor = cursor
+    total = sum(n for _, n in plan)
+    vm._stats["gmem_pages_allocated"] -= total
+    vm._uncharge_alloc(total, order)

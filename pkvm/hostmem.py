@@ -1,0 +1,250 @@
+"""Simulated host memory: the pfn allocator and the VMM's shared (HVA) backing.
+
+:class:`HostMemory` hands out host page frames next-fit, in naturally aligned blocks of
+``2**order`` pages, so a later order-9 guest_memfd folio or a THP gets a 2M-aligned pfn block
+(the SNP RMP will index these pfns). State is one :class:`~pkvm._core.RangeMap` of allocated
+pfn runs: memory does not grow with the number of pages allocated.
+
+:class:`SharedBacking` is the VMM's anonymous memory: HVA page -> pfn, populated a whole host
+page (4K, 2M THP, 2M or 1G hugetlb) at a time on first touch, like GUP faulting in a page.
+
+Invariants: allocated runs lie in ``[start_pfn, start_pfn + nr_pages)``; ``nr_allocated`` is
+the number of allocated pfns; every populated HVA page maps to an allocated pfn.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ._core import RangeMap
+from .errors import InternalInvariantError, KvmError
+
+#: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
+DEFAULT_START_PFN = 1 << 20
+DEFAULT_NR_PAGES = 1 << 34
+
+# Encoding of a SharedBacking value: bit 0 "populated", bits 8.. the (pfn - hva page) delta as
+# a 56-bit two's-complement number, so linearly mapped pages coalesce into one run.
+_DELTA_SHIFT = 8
+_DELTA_MASK = (1 << 56) - 1
+_DELTA_SIGN = 1 << 55
+
+
+def encode_delta(delta: int) -> int:
+    """Pack a signed pfn delta into the high bits of a RangeMap value."""
+    return (delta & _DELTA_MASK) << _DELTA_SHIFT
+
+
+def decode_delta(value: int) -> int:
+    """Unpack the signed pfn delta of :func:`encode_delta`."""
+    d = value >> _DELTA_SHIFT
+    return d - (1 << 56) if d & _DELTA_SIGN else d
+
+
+class HostMemory:
+    """A next-fit allocator of host pfns in aligned power-of-two blocks.
+
+    Runtime complexity: O(log n + k) per call for n allocated runs and k free runs visited.
+
+    >>> mem = HostMemory(start_pfn=0x100, nr_pages=0x1000)
+    >>> mem.alloc(1, 9)
+    [(512, 512)]
+    >>> mem.alloc(3, 0)
+    [(1024, 3)]
+    """
+
+    __slots__ = ("_used", "start_pfn", "end_pfn", "_cursor", "nr_allocated")
+
+    def __init__(self, start_pfn: int = DEFAULT_START_PFN, nr_pages: int = DEFAULT_NR_PAGES) -> None:
+        if start_pfn < 0 or nr_pages <= 0:
+            raise ValueError(f"bad host memory [{start_pfn:#x}, +{nr_pages:#x})")
+        self._used = RangeMap(0)
+        self.start_pfn = start_pfn
+        self.end_pfn = start_pfn + nr_pages
+        self._cursor = start_pfn
+        self.nr_allocated = 0
+
+    def _plan(self, n_units: int, order: int) -> list[tuple[int, int]] | None:
+        """Where ``n_units`` blocks of ``2**order`` pages would go, next-fit, or None."""
+        size = 1 << order
+        start, end, used = self.start_pfn, self.end_pfn, self._used
+        out: list[tuple[int, int]] = []
+        remaining = n_units
+        pos = origin = self._cursor
+        wrapped = False
+        while remaining:
+            if wrapped and pos >= origin:
+                return None
+            a = (pos + size - 1) & ~(size - 1)
+            if a + size > end:
+                if wrapped:
+                    return None
+                wrapped, pos = True, start
+                continue
+            s, e, v = used.run_at(a)
+            if v:
+                pos = e
+                continue
+            if e > end:
+                e = end
+            if wrapped and e > origin:
+                e = origin
+            units = (e - a) >> order
+            if units == 0:
+                pos = e if e > a else a + size
+                continue
+            take = units if units < remaining else remaining
+            if out and out[-1][0] + out[-1][1] == a:
+                out[-1] = (out[-1][0], out[-1][1] + (take << order))
+            else:
+                out.append((a, take << order))
+            remaining -= take
+            pos = a + (take << order)
+        return out
+
+    def can_alloc(self, n_units: int, order: int = 0) -> bool:
+        """Whether :meth:`alloc` of the same arguments would succeed."""
+        return n_units == 0 or self._plan(n_units, order) is not None
+
+    def alloc(self, n_units: int, order: int = 0) -> list[tuple[int, int]]:
+        """Allocate ``n_units`` blocks of ``2**order`` pages; return ``[(pfn, npages), ...]``.
+
+        The result is what ``n_units`` successive single-block calls would return, merged
+        into contiguous runs.
+
+        Raises:
+            KvmError: ENOMEM when the memory is exhausted (nothing is allocated then).
+        """
+        if n_units == 0:
+            return []
+        plan = self._plan(n_units, order)
+        if plan is None:
+            raise KvmError(errno.ENOMEM, f"host memory exhausted allocating {n_units} x order-{order} blocks")
+        for pfn, n in plan:
+            self._used.assign(pfn, pfn + n, 1)
+            self.nr_allocated += n
+        self._cursor = plan[-1][0] + plan[-1][1]
+        return plan
+
+    def free(self, pfn: int, npages: int) -> None:
+        """Return ``[pfn, pfn + npages)`` to the allocator.
+
+        Raises:
+            InternalInvariantError: part of the range was not allocated (a double free).
+        """
+        if npages <= 0:
+            return
+        if self._used.find_ne(pfn, pfn + npages, 1) != -1:
+            raise InternalInvariantError(f"freeing unallocated host pfns in [{pfn:#x}, {pfn + npages:#x})")
+        self._used.assign(pfn, pfn + npages, 0)
+        self.nr_allocated -= npages
+
+    def is_allocated(self, pfn: int) -> bool:
+        """Whether host pfn ``pfn`` is currently allocated."""
+        return self._used.get(pfn) == 1
+
+    def _check(self) -> None:
+        total = 0
+        for s, e, v in self._used.iter_ranges():
+            if v != 1 or s < self.start_pfn or e > self.end_pfn:
+                raise InternalInvariantError(f"bad host memory run [{s:#x}, {e:#x}) = {v}")
+            total += e - s
+        if total != self.nr_allocated:
+            raise InternalInvariantError(f"host memory counts {self.nr_allocated} pages, runs hold {total}")
+
+
+class SharedBacking:
+    """The VMM's shared memory: HVA page -> host pfn, populated one host page at a time.
+
+    ``order`` is the host page order of the backing (0 for 4K, 9 for THP / hugetlb-2M, 18
+    for hugetlb-1G): the first touch of any HVA page populates the whole naturally aligned
+    block of ``2**order`` pages around it, with a single aligned pfn block.
+    """
+
+    __slots__ = ("_map", "_mem", "order", "nr_populated")
+
+    def __init__(self, mem: HostMemory, order: int) -> None:
+        self._map = RangeMap(0)
+        self._mem = mem
+        self.order = order
+        self.nr_populated = 0
+
+    def run_at(self, hva_page: int) -> tuple[int, int, int]:
+        """``(start, end, pfn_delta_or_None)`` of the HVA run containing ``hva_page``.
+
+        ``pfn = hva_page + delta`` inside a populated run; ``None`` marks an unpopulated run.
+        """
+        s, e, v = self._map.run_at(hva_page)
+        return (s, e, decode_delta(v) if v else None)  # type: ignore[return-value]
+
+    def lookup(self, hva_page: int) -> int | None:
+        """The pfn backing ``hva_page``, or None if it was never touched."""
+        v = self._map.get(hva_page)
+        return hva_page + decode_delta(v) if v else None
+
+    def blocks_to_populate(self, start: int, end: int) -> int:
+        """How many host pages a touch of every HVA page in ``[start, end)`` would allocate."""
+        order = self.order
+        a = start >> order
+        b = (end + (1 << order) - 1) >> order
+        return sum(y - x for x, y in self._unpopulated_blocks(a, b)) << order
+
+    def _unpopulated_blocks(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Runs ``[x, y)`` of block numbers in ``[a, b)`` whose block is not populated."""
+        order = self.order
+        out: list[tuple[int, int]] = []
+        blk = a
+        m = self._map
+        while blk < b:
+            s, e, v = m.run_at(blk << order)
+            # Blocks are populated whole, so run edges fall on block boundaries.
+            ea = min((e + (1 << order) - 1) >> order, b)
+            if not v:
+                out.append((blk, ea))
+            blk = ea
+        return out
+
+    def populate(self, start: int, end: int) -> int:
+        """Touch every HVA page in ``[start, end)``; return the number of pages allocated.
+
+        Blocks are allocated in address order, as successive first touches would.
+
+        Raises:
+            KvmError: ENOMEM if host memory runs out (nothing is populated then).
+        """
+        order = self.order
+        a = start >> order
+        b = (end + (1 << order) - 1) >> order
+        todo = self._unpopulated_blocks(a, b)
+        units = sum(y - x for x, y in todo)
+        if not units:
+            return 0
+        if not self._mem.can_alloc(units, order):
+            raise KvmError(errno.ENOMEM, f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})")
+        m = self._map
+        for x, y in todo:
+            blk = x
+            for pfn, n in self._mem.alloc(y - x, order):
+                hva = blk << order
+                m.assign(hva, hva + n, 1 | encode_delta(pfn - hva))
+                blk += n >> order
+        self.nr_populated += units << order
+        return units << order
+
+    def discard(self, start: int, end: int) -> int:
+        """``MADV_DONTNEED`` on whole host pages inside ``[start, end)``; return pages freed."""
+        order = self.order
+        a = (start + (1 << order) - 1) >> order << order
+        b = end >> order << order
+        freed = 0
+        for s, e, v in self._map.ranges(a, b):
+            delta = decode_delta(v)
+            self._mem.free(s + delta, e - s)
+            freed += e - s
+        self._map.assign(a, max(a, b), 0)
+        self.nr_populated -= freed
+        return freed
+
+    def iter_runs(self) -> list[tuple[int, int, int]]:
+        """Populated runs ``(start, end, pfn_delta)`` in HVA order."""
+        return [(s, e, decode_delta(v)) for s, e, v in self._map.iter_ranges()]

@@ -1,0 +1,690 @@
+"""The TDP MMU model: leaf SPTEs, large-page tracking and the nested page-fault path.
+
+State (all range-compressed :class:`~pkvm._core.RangeMap` s, never one object per page):
+
+* :class:`Mmu` — leaf SPTEs keyed by gfn. A value packs present, level, private and writable
+  bits with the ``pfn - gfn`` delta (see :func:`make_spte`), so linearly mapped pages with
+  equal flags coalesce into one run. A huge leaf at level L covers an L-aligned gfn block.
+* :class:`LpageInfo` — per memslot and level (2M, 1G): chunk number (``gfn >> shift``) ->
+  ``disallow_lpage`` word = reference count | ``KVM_LPAGE_MIXED_FLAG`` (spec §3.1).
+
+The fault path (spec §4.2) is split into the kernel's phases so that a timeline driver can
+interleave them: :func:`fault_begin` (entry, ``is_private``, fast path), :func:`faultin_pfn`
+(sequence snapshot, mismatch, slot checks, pfn lookup), :func:`fault_is_stale` (under
+``mmu_lock``), :func:`fault_install` (hugepage adjust + install) and :func:`fault_finish`
+(stats). One :class:`PageFault` may stand for N identical faults on consecutive gfns (a
+"batch"): it is then accounted as N faults, which is how ``Vcpu.access`` stays O(log n).
+
+Invariants (checked by :meth:`Mmu._check`): leaf runs are aligned to their level; the
+``pages_4k/2m/1g`` stats equal the number of leaves per level.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from ._core import RangeMap
+from .constants import (
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    PAGE_SHIFT,
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+)
+from .errors import InternalInvariantError, KvmError
+from .hostmem import decode_delta, encode_delta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import VM, Memslot, Vcpu
+
+#: gfn shift of each level (index = PG_LEVEL_*).
+LEVEL_SHIFT = (0, 0, 9, 18)
+#: ``KVM_LPAGE_MIXED_FLAG``: bit 31 of ``disallow_lpage``.
+KVM_LPAGE_MIXED_FLAG = 1 << 31
+_STAT_OF_LEVEL = (None, "pages_4k", "pages_2m", "pages_1g")
+
+SPTE_PRESENT = 1 << 0
+SPTE_LEVEL_SHIFT = 1  # bits 1-2: PG_LEVEL_*
+SPTE_PRIVATE = 1 << 3
+SPTE_WRITABLE = 1 << 4
+_SPTE_FLAGS = 0xFF
+
+
+def make_spte(delta: int, level: int, private: bool, writable: bool) -> int:
+    """The RangeMap value of a present leaf mapping ``gfn -> gfn + delta`` at ``level``."""
+    return (encode_delta(delta) | SPTE_PRESENT | (level << SPTE_LEVEL_SHIFT)
+            | (SPTE_PRIVATE if private else 0) | (SPTE_WRITABLE if writable else 0))
+
+
+def spte_level(value: int) -> int:
+    """Level of an encoded present SPTE."""
+    return (value >> SPTE_LEVEL_SHIFT) & 3
+
+
+def level_for_order(order: int) -> int:
+    """``kvm_max_level_for_order``: >= 18 -> 1G, >= 9 -> 2M, else 4K (spec §3.5)."""
+    return PG_LEVEL_1G if order >= 18 else PG_LEVEL_2M if order >= 9 else PG_LEVEL_4K
+
+
+class Spte(NamedTuple):
+    """A decoded leaf SPTE: the mapping of one gfn."""
+
+    pfn: int
+    level: int
+    private: bool
+    writable: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaf SPTEs
+
+
+class Mmu:
+    """The TDP MMU's leaf SPTEs of one root, range-compressed.
+
+    Only one root is modelled: SW_PROTECTED (and SNP) keep shared and private mappings in
+    one NPT, so the PRE hook's ``attr_filter`` never narrows a zap here (spec §2.5).
+    """
+
+    __slots__ = ("sptes", "_stats", "_charge")
+
+    def __init__(self, stats: dict[str, int], charge: Callable[[str, int], None]) -> None:
+        self.sptes = RangeMap(0)
+        self._stats = stats
+        self._charge = charge  # charge(op, count): modeled time of the work done here
+
+    def lookup(self, gfn: int) -> Spte | None:
+        """The leaf mapping ``gfn``, or None. Runtime complexity: O(log n)."""
+        v = self.sptes.get(gfn)
+        if not v:
+            return None
+        return Spte(gfn + decode_delta(v), spte_level(v), bool(v & SPTE_PRIVATE), bool(v & SPTE_WRITABLE))
+
+    def _drop_leaves(self, start: int, end: int) -> int:
+        """Count and unaccount the leaves inside ``[start, end)`` (which must not cut one)."""
+        st = self._stats
+        n = 0
+        for s, e, v in self.sptes.iter_ranges(start, end):
+            level = spte_level(v)
+            k = (e - s) >> LEVEL_SHIFT[level]
+            st[_STAT_OF_LEVEL[level]] -= k  # type: ignore[index]
+            n += k
+        return n
+
+    def zap_range(self, start: int, end: int) -> int:
+        """Zap every leaf that intersects ``[start, end)``; return how many were zapped.
+
+        A huge leaf that straddles the range is zapped whole, as ``tdp_mmu_zap_leafs``
+        does. Runtime complexity: O(log n + k) for k runs.
+        """
+        m = self.sptes
+        if m.find_ne(start, end, 0) == -1:
+            return 0
+        v = m.get(start)
+        if v and spte_level(v) > PG_LEVEL_4K:
+            start &= ~((1 << LEVEL_SHIFT[spte_level(v)]) - 1)
+        v = m.get(end - 1)
+        if v and spte_level(v) > PG_LEVEL_4K:
+            n = 1 << LEVEL_SHIFT[spte_level(v)]
+            end = (end + n - 1) & ~(n - 1)
+        zapped = self._drop_leaves(start, end)
+        m.assign(start, end, 0)
+        self._stats["zapped_sptes"] += zapped
+        return zapped
+
+    def split_to(self, gfn: int, level: int) -> None:
+        """Split the huge leaf containing ``gfn`` until the leaf there is at most ``level``.
+
+        Models ``tdp_mmu_split_huge_page`` on the fault's walk down: the children map the same
+        pfns, so no TLB flush is needed.
+        """
+        m, st = self.sptes, self._stats
+        v = m.get(gfn)
+        while v and spte_level(v) > level:
+            old = spte_level(v)
+            n = 1 << LEVEL_SHIFT[old]
+            base = gfn & ~(n - 1)
+            m.assign(base, base + n, (v & ~(3 << SPTE_LEVEL_SHIFT)) | ((old - 1) << SPTE_LEVEL_SHIFT))
+            st[_STAT_OF_LEVEL[old]] -= 1  # type: ignore[index]
+            st[_STAT_OF_LEVEL[old - 1]] += 512  # type: ignore[index]
+            st["huge_page_splits"] += 1
+            self._charge("huge_page_split", 1)
+            v = m.get(gfn)
+
+    def map_leaf(self, gfn: int, level: int, value: int) -> tuple[bool, bool]:
+        """Install one leaf at ``level`` covering ``gfn``; return ``(spurious, flush)``.
+
+        An identical leaf already there makes the fault spurious. Smaller leaves inside the
+        new leaf's block (a page table the huge leaf replaces) are dropped, which needs a TLB
+        flush, as does overwriting a present leaf (``tdp_mmu_map_handle_target_level``).
+        """
+        self.split_to(gfn, level)
+        m = self.sptes
+        n = 1 << LEVEL_SHIFT[level]
+        base = gfn & ~(n - 1)
+        old = m.get(gfn)
+        if old == value:
+            return True, False
+        flush = False
+        if m.find_ne(base, base + n, 0) != -1:
+            flush = True
+            dropped = self._drop_leaves(base, base + n)
+            # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
+            if not (old and spte_level(old) == level):
+                self._stats["zapped_sptes"] += dropped
+        m.assign(base, base + n, value)
+        self._stats[_STAT_OF_LEVEL[level]] += 1  # type: ignore[index]
+        return False, flush
+
+    def map_run(self, start: int, end: int, level: int, value: int) -> None:
+        """Install leaves at ``level`` over the unmapped, ``level``-aligned ``[start, end)``."""
+        self.sptes.assign(start, end, value)
+        self._stats[_STAT_OF_LEVEL[level]] += (end - start) >> LEVEL_SHIFT[level]  # type: ignore[index]
+
+    def leaf_counts(self) -> tuple[int, int, int]:
+        """Number of leaves at 4K, 2M and 1G."""
+        counts = [0, 0, 0, 0]
+        for s, e, v in self.sptes.iter_ranges():
+            counts[spte_level(v)] += (e - s) >> LEVEL_SHIFT[spte_level(v)]
+        return counts[1], counts[2], counts[3]
+
+    def _check(self) -> None:
+        """Assert leaf alignment and the per-level page counters."""
+        for s, e, v in self.sptes.iter_ranges():
+            level = spte_level(v)
+            if not (v & SPTE_PRESENT) or level not in (1, 2, 3):
+                raise InternalInvariantError(f"bad SPTE value {v:#x} on gfns [{s:#x}, {e:#x})")
+            n = 1 << LEVEL_SHIFT[level]
+            if s & (n - 1) or e & (n - 1):
+                raise InternalInvariantError(f"level-{level} leaves on unaligned gfns [{s:#x}, {e:#x})")
+        counts = self.leaf_counts()
+        st = self._stats
+        if counts != (st["pages_4k"], st["pages_2m"], st["pages_1g"]):
+            raise InternalInvariantError(
+                f"pages_4k/2m/1g stats {(st['pages_4k'], st['pages_2m'], st['pages_1g'])} != leaves {counts}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Large-page tracking
+
+
+class LpageInfo:
+    """``lpage_info`` of one memslot: per level, chunk number -> ``disallow_lpage`` word.
+
+    Chunks are numbered absolutely (``gfn >> shift``); the kernel's slot-relative index is a
+    bijection of it. Only :meth:`is_mixed`, :meth:`set_mixed` and :meth:`clear_mixed` know
+    where the MIXED bit lives.
+    """
+
+    __slots__ = ("maps",)
+
+    def __init__(self, base_gfn: int, npages: int, ugfn: int) -> None:
+        # Spec §3.1 / kvm_alloc_memslot_metadata: head and tail chunks partially outside the
+        # slot, and every chunk when GFN and HVA are incongruent, get disallow_lpage = 1.
+        maps: list[RangeMap | None] = [None, None]
+        end = base_gfn + npages
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            shift = LEVEL_SHIFT[level]
+            mask = (1 << shift) - 1
+            m = RangeMap(0)
+            first, last = base_gfn >> shift, (end - 1) >> shift
+            if (base_gfn ^ ugfn) & mask:
+                m.assign(first, last + 1, 1)
+            else:
+                if base_gfn & mask:
+                    m.assign(first, first + 1, 1)
+                if end & mask:
+                    m.assign(last, last + 1, 1)
+            maps.append(m)
+        self.maps = maps
+
+    def word(self, gfn: int, level: int) -> int:
+        """The whole ``disallow_lpage`` word of the chunk containing ``gfn``."""
+        return self.maps[level].get(gfn >> LEVEL_SHIFT[level])  # type: ignore[union-attr]
+
+    def disallow_count(self, gfn: int, level: int) -> int:
+        """The reference-count part of the word (reasons other than mixed attributes)."""
+        return self.word(gfn, level) & ~KVM_LPAGE_MIXED_FLAG
+
+    def is_mixed(self, gfn: int, level: int) -> bool:
+        """``hugepage_test_mixed``."""
+        return bool(self.word(gfn, level) & KVM_LPAGE_MIXED_FLAG)
+
+    def set_mixed(self, gfn: int, level: int, mixed: bool) -> None:
+        """``hugepage_set_mixed`` / ``hugepage_clear_mixed`` on one chunk."""
+        m = self.maps[level]
+        idx = gfn >> LEVEL_SHIFT[level]
+        v = m.get(idx)  # type: ignore[union-attr]
+        nv = (v | KVM_LPAGE_MIXED_FLAG) if mixed else (v & ~KVM_LPAGE_MIXED_FLAG)
+        if nv != v:
+            m.assign(idx, idx + 1, nv)  # type: ignore[union-attr]
+
+    def clear_mixed(self, first: int, last: int, level: int) -> None:
+        """Clear MIXED on chunks ``[first, last)`` (chunk numbers, half-open)."""
+        m = self.maps[level]
+        for s, e, v in m.ranges(first, last):  # type: ignore[union-attr]
+            if v & KVM_LPAGE_MIXED_FLAG:
+                m.assign(s, e, v & ~KVM_LPAGE_MIXED_FLAG)  # type: ignore[union-attr]
+
+    def any_mixed(self, first: int, last: int, level: int) -> bool:
+        """Whether any chunk in ``[first, last)`` is MIXED."""
+        m = self.maps[level]
+        if m.find_ne(first, last, 0) == -1:  # type: ignore[union-attr]
+            return False
+        for _s, _e, v in m.ranges(first, last):  # type: ignore[union-attr]
+            if v & KVM_LPAGE_MIXED_FLAG:
+                return True
+        return False
+
+
+def hugepage_has_attrs(attrs_map: RangeMap, lpage: LpageInfo, gfn: int, level: int, attrs: int) -> bool:
+    """``hugepage_has_attrs`` (spec §3.2) for the ``level`` chunk starting at ``gfn``.
+
+    2M: every gfn has exactly ``attrs``. 1G: no 2M sub-chunk is MIXED and the *first* gfn of
+    every sub-chunk has ``attrs`` (checked per attribute run, so O(log n + k)).
+    """
+    if level == PG_LEVEL_2M:
+        return attrs_map.find_ne(gfn, gfn + 512, attrs) == -1
+    first = gfn >> 9
+    if lpage.any_mixed(first, first + 512, PG_LEVEL_2M):
+        return False
+    end = gfn + (1 << 18)
+    k = attrs_map.find_ne(gfn, end, attrs)
+    while k != -1:
+        s, e, v = attrs_map.run_at(k)
+        e = min(e, end)
+        if ((k + 511) & ~511) < e:  # a sub-chunk starts inside this mismatching run
+            return False
+        k = attrs_map.find_ne(e, end, attrs) if e < end else -1
+    return True
+
+
+def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> None:
+    """``kvm_arch_post_set_memory_attributes`` on the slot-clipped ``[start, end)``.
+
+    Per level, 2M first (1G consumes its results): the partially covered head chunk gets
+    MIXED := !hugepage_has_attrs(new value), body chunks are cleared, the tail chunk is
+    recomputed. ``set_mixed`` / ``hugepage_has_attrs`` are inlined for speed, and a 1G
+    chunk known to hold a just-MIXED 2M sub-chunk skips its scan (the answer is "not
+    uniform" either way, §3.2).
+    """
+    lp = slot.lpage
+    maps = lp.maps
+    amap = vm._attrs
+    base, slot_end = slot.base_gfn, slot.end_gfn
+    whole_chunk = vm._whole_chunk
+    MIXED = KVM_LPAGE_MIXED_FLAG
+    g = start & -512
+    if end - g <= 512:
+        # Fast path, same result: the range lies in one 2M chunk, which is therefore the
+        # only 2M chunk touched (head, or body if fully covered), and its 1G chunk is the
+        # only 1G chunk touched (a partially covered head).
+        m = maps[PG_LEVEL_2M]
+        uniform = True
+        if end - start < 512:
+            if g >= base and (not whole_chunk or g + 512 <= slot_end):
+                uniform = amap.find_ne(g, g + 512, attrs) == -1
+                idx = g >> 9
+                v = m.get(idx)
+                nv = (v & ~MIXED) if uniform else (v | MIXED)
+                if nv != v:
+                    m.assign(idx, idx + 1, nv)
+        else:
+            idx = g >> 9
+            v = m.get(idx)
+            if v & MIXED:
+                m.assign(idx, idx + 1, v & ~MIXED)
+        g = start & -(1 << 18)
+        # A 1G head inside the slot implies the 2M head was inside it too, so a MIXED 2M
+        # result above already answers hugepage_has_attrs at 1G.
+        if g >= base and (not whole_chunk or g + (1 << 18) <= slot_end):
+            if uniform:
+                # Shortcuts of the exact §3.2 test: with every sub-chunk word 0, the chunk
+                # is uniform if no gfn differs, and not if a sub-chunk starts differing.
+                k = -2
+                if maps[PG_LEVEL_2M].find_ne(g >> 9, (g >> 9) + 512, 0) == -1:
+                    k = amap.find_ne(g, g + (1 << 18), attrs)
+                if k == -1:
+                    uniform = True
+                elif k >= 0 and not k & 511:
+                    uniform = False
+                else:
+                    uniform = hugepage_has_attrs(amap, lp, g, PG_LEVEL_1G, attrs)
+            m = maps[PG_LEVEL_1G]
+            idx = g >> 18
+            v = m.get(idx)
+            nv = (v & ~MIXED) if uniform else (v | MIXED)
+            if nv != v:
+                m.assign(idx, idx + 1, nv)
+        return
+    mixed_2m = []  # 2M chunks found MIXED here: their 1G chunk cannot be uniform
+    for level, shift in ((PG_LEVEL_2M, 9), (PG_LEVEL_1G, 18)):
+        n = 1 << shift
+        m = maps[level]
+        g = start & -n
+        if g != start or g + n > end:  # head chunk, partially covered
+            if g >= base and (not whole_chunk or g + n <= slot_end):
+                if level == PG_LEVEL_2M:
+                    uniform = amap.find_ne(g, g + n, attrs) == -1
+                    if not uniform:
+                        mixed_2m.append(g)
+                elif mixed_2m and g <= mixed_2m[0] < g + n:
+                    uniform = False
+                else:
+                    uniform = hugepage_has_attrs(amap, lp, g, level, attrs)
+                idx = g >> shift
+                v = m.get(idx)
+                nv = (v & ~MIXED) if uniform else (v | MIXED)
+                if nv != v:
+                    m.assign(idx, idx + 1, nv)
+            g += n
+        if g + n <= end:  # body: uniform now
+            last = end >> shift
+            if m.find_ne(g >> shift, last, 0) != -1:
+                lp.clear_mixed(g >> shift, last, level)
+            g = last << shift
+        if g < end and g + n <= slot_end:  # tail chunk
+            if level == PG_LEVEL_2M:
+                uniform = amap.find_ne(g, g + n, attrs) == -1
+                if not uniform:
+                    mixed_2m.append(g)
+            elif mixed_2m and g <= mixed_2m[-1] < g + n:
+                uniform = False
+            else:
+                uniform = hugepage_has_attrs(amap, lp, g, level, attrs)
+            idx = g >> shift
+            v = m.get(idx)
+            nv = (v & ~MIXED) if uniform else (v | MIXED)
+            if nv != v:
+                m.assign(idx, idx + 1, nv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault path
+
+
+@dataclass(frozen=True, slots=True)
+class FaultResult:
+    """Outcome of ``Vcpu.page_fault``.
+
+    ``ret`` is ``"fixed"``, ``"retry"``, ``"spurious"``, ``"emulate"`` or ``"exit"`` (a
+    negative return from ``KVM_RUN``: ``errno`` says which; ``exit_reason`` is
+    ``KVM_EXIT_MEMORY_FAULT`` when ``memory_fault = (gpa, size, flags)`` was filled in).
+    ``level``/``pfn`` describe the installed (or already present) leaf.
+    """
+
+    ret: str
+    level: int | None = None
+    pfn: int | None = None
+    exit_reason: int | None = None
+    memory_fault: tuple[int, int, int] | None = None
+    errno: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessResult:
+    """Outcome of ``Vcpu.access``: ``pages_done`` pages completed, ``faults`` faults taken.
+
+    ``ret`` is ``"done"`` when every page was accessed, else the ``ret`` of the fault that
+    stopped the walk (``"exit"`` or ``"emulate"``), whose exit fields are copied here.
+    """
+
+    ret: str
+    pages_done: int
+    faults: int
+    level: int | None = None
+    pfn: int | None = None
+    exit_reason: int | None = None
+    memory_fault: tuple[int, int, int] | None = None
+    errno: int | None = None
+
+
+class PageFault:
+    """``struct kvm_page_fault``, widened to a batch of identical faults ``[gfn, end)``."""
+
+    __slots__ = ("gfn", "limit", "end", "private_access", "is_private", "write", "mmu_seq",
+                 "slot", "delta", "max_level", "map_writable", "level", "ret", "errno",
+                 "memory_fault", "nfaults", "host_level", "single", "order")
+
+    def __init__(self, gfn: int, limit: int, private: bool, write: bool) -> None:
+        self.gfn = gfn
+        self.limit = limit          # batch may cover faults on gfns [gfn, limit)
+        self.end = gfn + 1          # gfns whose faults this object accounts for
+        self.private_access = private
+        self.is_private = False
+        self.write = write
+        self.mmu_seq = 0
+        self.slot: Memslot | None = None
+        self.delta = 0              # pfn - gfn of the resolved backing
+        self.max_level = PG_LEVEL_1G
+        self.map_writable = True
+        self.level = PG_LEVEL_4K
+        self.ret = ""               # "" while the fault is still running
+        self.errno = 0
+        self.memory_fault: tuple[int, int, int] | None = None
+        self.nfaults = 1
+        self.host_level = PG_LEVEL_4K
+        self.single = limit <= gfn + 1
+        self.order = 0
+
+
+def _memory_fault_exit(f: PageFault, err: int) -> None:
+    """``kvm_mmu_prepare_memory_fault_exit`` + a negative return (spec §4.6)."""
+    f.ret = "exit"
+    f.errno = err
+    f.memory_fault = (f.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT,
+                      KVM_MEMORY_EXIT_FLAG_PRIVATE if f.is_private else 0)
+    f.end = f.gfn + 1
+
+
+def fault_begin(vm: VM, f: PageFault) -> None:
+    """Entry (§4.2 steps 1-2): compute ``is_private`` and try the fast path."""
+    attr_private = bool(vm._attrs.get(f.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    if vm._policy.private_fault_source == "attributes":
+        f.is_private = attr_private
+    else:
+        f.is_private = bool(vm._platform.fault_is_private(vm, f.gfn, f.private_access))
+    v = vm._mmu.sptes.get(f.gfn)
+    if v:
+        f.single = True
+        # page_fault_can_be_fast: never on a private/shared mismatch of a private-mem VM; for
+        # a present SPTE only write faults. An SPTE that already allows the write is spurious.
+        mismatch = vm._platform.has_private_mem and f.is_private != attr_private
+        if not mismatch and f.write and v & SPTE_WRITABLE:
+            f.ret = "spurious"
+            f.level = spte_level(v)
+            f.delta = decode_delta(v)
+
+
+def faultin_pfn(vm: VM, f: PageFault) -> None:
+    """``kvm_mmu_faultin_pfn`` (§4.2 step 4): snapshot, mismatch, slot checks, pfn lookup.
+
+    For a batch it also shrinks ``f.end`` to the gfns that take exactly this path.
+    """
+    gfn = f.gfn
+    f.mmu_seq = vm._stats["mmu_invalidate_seq"]
+    attrs_map = vm._attrs
+    attr_private = bool(attrs_map.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    if f.is_private != attr_private:
+        _memory_fault_exit(f, errno.EFAULT)
+        return
+    slot = vm._slot_at(gfn)
+    if slot is None:
+        if f.is_private:
+            _memory_fault_exit(f, errno.EFAULT)
+        else:
+            f.ret = "emulate"  # MMIO (kvm_handle_noslot_fault); MMIO SPTEs are not cached
+            f.end = gfn + 1
+        return
+    f.slot = slot
+    if slot.invalid:
+        f.ret = "retry"
+        return
+    if vm.mmu_invalidate_in_progress:
+        f.single = True
+        if vm._retry_gfn(f.mmu_seq, gfn):  # mmu_invalidate_retry_gfn_unsafe
+            f.ret = "retry"
+            return
+    end = gfn + 1
+    if not f.single:
+        s, e, v = attrs_map.run_at(gfn)
+        end = min(f.limit, slot.end_gfn, e, vm._mmu.sptes.run_at(gfn)[1])
+    if f.is_private:
+        from .gmem import kvm_gmem_get_pfn  # gmem imports this module
+
+        end = kvm_gmem_get_pfn(vm, f, end)
+        if f.ret:
+            return
+        f.max_level = level_for_order(f.order)
+        f.map_writable = not (slot.flags & KVM_MEM_READONLY)
+    else:
+        if f.write and slot.flags & KVM_MEM_READONLY:
+            f.ret = "emulate"  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+            f.end = gfn + 1
+            return
+        hva = slot.hva_page(gfn)
+        shared = vm._shared
+        if not f.single:
+            s, e, d = shared.run_at(hva)
+            end = min(end, gfn + (e - hva))
+        f.host_level = level_for_order(shared.order)
+        if f.host_level > PG_LEVEL_4K and not f.single:
+            end = _clip_to_lpage_runs(slot, gfn, end)
+        try:
+            n = shared.populate(hva, hva + (end - gfn))
+        except KvmError:
+            f.ret, f.errno, f.end = "exit", errno.EFAULT, gfn + 1  # GUP failed: -EFAULT
+            return
+        if n:
+            vm._stats["shared_pages_populated"] += n
+            vm._charge_alloc(n, shared.order)
+        f.delta = shared.lookup(hva) - gfn  # type: ignore[operator]
+        f.map_writable = not (slot.flags & KVM_MEM_READONLY)
+    f.end = end
+
+
+def _clip_to_lpage_runs(slot: Memslot, gfn: int, end: int) -> int:
+    """Shrink a batch so that ``disallow_lpage`` is uniform over it at 2M and 1G."""
+    lp = slot.lpage
+    for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+        shift = LEVEL_SHIFT[level]
+        s, e, v = lp.maps[level].run_at(gfn >> shift)  # type: ignore[union-attr]
+        end = min(end, e << shift)
+    return end
+
+
+def max_mapping_level(vm: VM, f: PageFault) -> int:
+    """``kvm_mmu_max_mapping_level`` + the skips of ``kvm_mmu_hugepage_adjust`` (§3.5)."""
+    slot = f.slot
+    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:  # type: ignore[union-attr]
+        return PG_LEVEL_4K
+    top = f.max_level if f.is_private else PG_LEVEL_1G
+    if top == PG_LEVEL_4K:
+        return PG_LEVEL_4K
+    lp = slot.lpage  # type: ignore[union-attr]
+    level = top
+    while level > PG_LEVEL_4K and lp.word(f.gfn, level):
+        level -= 1
+    if level == PG_LEVEL_4K:
+        return PG_LEVEL_4K
+    if f.is_private:
+        cap = f.max_level
+        limit = vm._platform.gmem_max_mapping_level(vm, f.gfn + f.delta, True)
+        if limit:
+            cap = min(cap, limit)
+    else:
+        cap = f.host_level
+    return min(level, cap)
+
+
+def fault_is_stale(vm: VM, f: PageFault) -> None:
+    """``is_page_fault_stale`` under ``mmu_lock`` (§4.2 step 6): a racing invalidation."""
+    if vm._retry_gfn(f.mmu_seq, f.gfn):
+        f.ret = "retry"
+        f.end = f.gfn + 1
+
+
+def fault_install(vm: VM, f: PageFault) -> None:
+    """``kvm_tdp_mmu_map`` (§4.2 step 7): hugepage adjust, then install the leaf or leaves."""
+    level = max_mapping_level(vm, f)
+    gfn = f.gfn
+    value = make_spte(f.delta, level, f.is_private, f.map_writable)
+    mmu = vm._mmu
+    if level == PG_LEVEL_4K and f.end - gfn > 1:
+        mmu.map_run(gfn, f.end, level, value)
+        f.nfaults = f.end - gfn
+    else:
+        shift = LEVEL_SHIFT[level]
+        n = 1 << shift
+        whole = (f.end - gfn) >> shift if not gfn & (n - 1) else 0
+        if whole > 1:
+            mmu.map_run(gfn, gfn + (whole << shift), level, value)
+            f.nfaults = whole
+            f.end = gfn + (whole << shift)
+        else:
+            f.end = gfn + 1
+            f.nfaults = 1
+            spurious, flush = mmu.map_leaf(gfn, level, value)
+            if flush:
+                vm._flush_remote_tlbs()
+            if spurious:
+                f.ret = "spurious"
+    f.level = level
+    if not f.ret:
+        f.ret = "fixed"
+
+
+def fault_finish(vm: VM, f: PageFault) -> FaultResult:
+    """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
+    st = vm._stats
+    n = f.nfaults if f.ret == "fixed" else 1
+    st["pf_taken"] += n
+    vm._charge("npf_fault", n)
+    ret = f.ret
+    if ret == "fixed":
+        st["pf_fixed"] += n
+    elif ret == "spurious":
+        st["pf_spurious"] += 1
+    elif ret == "retry":
+        st["pf_retry"] += 1
+    elif ret == "emulate":
+        st["pf_emulate"] += 1
+        if f.is_private:  # KVM cannot emulate private accesses
+            _memory_fault_exit(f, errno.EFAULT)
+            ret = "exit"
+    if ret == "exit":
+        exit_reason = None
+        if f.memory_fault is not None:
+            exit_reason = KVM_EXIT_MEMORY_FAULT
+            st["memory_fault_exits"] += 1
+        vm._charge("userspace_exit", 1)
+        return FaultResult("exit", None, None, exit_reason, f.memory_fault, f.errno)
+    if ret in ("fixed", "spurious"):
+        return FaultResult(ret, f.level, f.gfn + f.delta)
+    return FaultResult(ret)
+
+
+def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> tuple[PageFault, FaultResult]:
+    """Run every phase of one (batched) fault to completion: the synchronous driver."""
+    vm = vcpu.vm
+    f = PageFault(gfn, limit, private, write)
+    fault_begin(vm, f)
+    if not f.ret:
+        faultin_pfn(vm, f)
+    if not f.ret:
+        fault_is_stale(vm, f)
+    if not f.ret:
+        fault_install(vm, f)
+    r = fault_finish(vm, f)
+    if r.ret in ("fixed", "spurious", "retry"):
+        # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
+        vm._platform.handle_rmp_fault(vcpu, gfn << PAGE_SHIFT, f.is_private, write, r)
+    return f, r

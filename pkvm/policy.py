@@ -1,0 +1,164 @@
+"""Policies: which kernel design (or version) pkvm reproduces.
+
+A :class:`Policy` is a frozen set of knobs, each named after the behaviour it changes (spec
+Appendix A, §0.2, §10). Presets name kernel versions (``"6.8"`` ... ``"6.19"``) and the
+historical designs of the 2023 ``update_mem_attr`` debate (``"rfc-v8"`` / ``"eager-post"``,
+``"eager-locked"``). Invariant: every field holds one of the values listed in ``_CHOICES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+_CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
+    {
+        "rmp_update": ("fault-time", "eager-post", "eager-locked"),
+        "directmap": ("split-4k", "unmap-restore"),
+        "prepare": ("none", "once-per-folio", "every-lookup"),
+        "zap_filter": ("all", "old-type"),
+        "hugepage_guard": (False, True),
+        "attr_ioctl": ("all-or-nothing", "legacy-progress"),
+        "gmem_max_order": (0, 9),
+        "mixed_head_in_slot": ("start-only", "whole-chunk"),
+        "private_fault_source": ("attributes", "access"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The knobs that select a kernel design. Build one from a preset with :meth:`preset`.
+
+    Knobs (spec section in brackets):
+
+    ``rmp_update``
+        When SNP assigns a page to the guest in the RMP: ``"fault-time"`` (final upstream, in
+        ``gmem_prepare`` during the private fault, §4.4), ``"eager-post"`` (RFC v8: the
+        ``update_mem_attr`` op after the MMU lock is dropped, seed thread) or
+        ``"eager-locked"`` (the ``set_mem_attr`` op inside the MMU lock, §7.7). SNP only.
+    ``directmap``
+        How SNP keeps the host direct map safe: ``"split-4k"`` (final) or
+        ``"unmap-restore"`` (RFC). SNP only.
+    ``prepare``
+        guest_memfd "prepared" tracking (§4.3, §10.1): ``"none"`` (6.8: folios are zeroed
+        and marked up to date when created, no arch hook), ``"once-per-folio"`` (6.11-6.19:
+        zero and prepare on the first fault lookup) or ``"every-lookup"`` (master: zero once,
+        call the arch hook on every lookup).
+    ``zap_filter``
+        Which roots the PRE hook zaps (§2.5): ``"all"`` (6.8/6.11) or ``"old-type"``
+        (6.14+, only the old attribute's root). Only VMs with a mirror root (TDX) can tell.
+    ``hugepage_guard``
+        The 6.16 head/tail hugepage addition to the invalidation range (§2.5 step 2).
+    ``attr_ioctl``
+        ``"all-or-nothing"`` (6.8+: short-circuit, reserve, PRE zap, store, POST; §2.4-2.6)
+        or ``"legacy-progress"`` (the UPM-era ioctl of the RFC v8 series: no short-circuit,
+        an invalidation even outside memslots, store, then zap + MIXED update under the lock;
+        it reported progress because its store could fail part way).
+    ``gmem_max_order``
+        Largest guest_memfd folio order: 0 upstream, 9 to study 2M folios (§10.3).
+    ``mixed_head_in_slot``
+        POST hook head-chunk test (§3.3 step 2): ``"start-only"`` (6.8 checks only that the
+        chunk starts in the slot) or ``"whole-chunk"`` (6.11+ also requires it to end there).
+    ``private_fault_source``
+        Where a fault's ``is_private`` comes from (§4.1): ``"attributes"`` (6.8: the
+        attribute of the gfn for every VM) or ``"access"`` (6.11+: the access type, i.e. the
+        platform's ``fault_is_private`` op).
+
+    >>> Policy.preset("6.8").hugepage_guard
+    False
+    >>> Policy.preset("6.19") == Policy.preset("fault-time")
+    True
+
+    Raises:
+        ValueError: a knob has a value outside its choices.
+    """
+
+    rmp_update: str = "fault-time"
+    directmap: str = "split-4k"
+    prepare: str = "once-per-folio"
+    zap_filter: str = "old-type"
+    hugepage_guard: bool = True
+    attr_ioctl: str = "all-or-nothing"
+    gmem_max_order: int = 0
+    mixed_head_in_slot: str = "whole-chunk"
+    private_fault_source: str = "access"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = _CHOICES[f.name]
+            # bool is an int: compare types too so that gmem_max_order=True is rejected.
+            if not any(type(value) is type(c) and value == c for c in choices):
+                raise ValueError(
+                    f"Policy.{f.name}={value!r} is not one of {', '.join(map(repr, choices))}"
+                )
+
+    @classmethod
+    def preset(cls, name: str) -> Policy:
+        """The policy of a kernel version or historical design, by name.
+
+        Raises:
+            ValueError: ``name`` is not a preset; the message lists the presets.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"policy preset name must be a str, not {type(name).__name__}")
+        try:
+            knobs = _PRESETS[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown policy preset {name!r}; presets are {', '.join(sorted(_PRESETS))}"
+            ) from None
+        return cls(**knobs)
+
+    @staticmethod
+    def presets() -> tuple[str, ...]:
+        """Names accepted by :meth:`preset`, sorted."""
+        return tuple(sorted(_PRESETS))
+
+    def replace(self, **changes: object) -> Policy:
+        """A copy with some knobs changed (validated like the constructor).
+
+        Raises:
+            ValueError: an unknown knob name or an invalid value.
+        """
+        unknown = sorted(set(changes) - set(_CHOICES))
+        if unknown:
+            raise ValueError(f"unknown Policy knob(s) {', '.join(unknown)}; knobs are {', '.join(_CHOICES)}")
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _build_presets() -> Mapping[str, Mapping[str, object]]:
+    """Knob values of every preset, as read-only mappings (no module-level mutable state)."""
+    v6_8 = dict(
+        rmp_update="fault-time", directmap="split-4k", prepare="none", zap_filter="all",
+        hugepage_guard=False, attr_ioctl="all-or-nothing", gmem_max_order=0,
+        mixed_head_in_slot="start-only", private_fault_source="attributes",
+    )
+    v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access")
+    v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
+    v6_19 = dict(v6_16)
+    # RFC v8 of the SNP host series (seed thread, Feb-Mar 2023): RMPUPDATE from the post-lock
+    # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
+    # hook and none of the later MMU fixes.
+    rfc_v8 = dict(v6_8, rmp_update="eager-post", directmap="unmap-restore", attr_ioctl="legacy-progress",
+                  private_fault_source="access")
+    presets = {
+        "6.8": v6_8, "6.11": v6_11, "6.16": v6_16, "6.19": v6_19, "fault-time": v6_19,
+        "rfc-v8": rfc_v8, "eager-post": rfc_v8, "eager-locked": dict(rfc_v8, rmp_update="eager-locked"),
+    }
+    return MappingProxyType({name: MappingProxyType(knobs) for name, knobs in presets.items()})
+
+
+_PRESETS = _build_presets()
+
+
+def resolve_policy(policy: Policy | str) -> Policy:
+    """``policy`` itself if it is a :class:`Policy`, else the preset of that name."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        return Policy.preset(policy)
+    raise TypeError(f"policy must be a pkvm.Policy or a preset name, not {type(policy).__name__}")

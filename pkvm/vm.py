@@ -1,0 +1,716 @@
+"""The KVM VM model: memslots, attributes, the invalidation protocol, vCPUs and accounting.
+
+:class:`VM` is the façade of spec §2-§4 for ``KVM_X86_DEFAULT_VM`` and
+``KVM_X86_SW_PROTECTED_VM`` (SNP and TDX plug in through :mod:`pkvm.platforms`). Every call
+validates fully before it changes anything, so a failed call changes nothing. Operations are
+written as the kernel's phases (``_attr_pre`` / ``_attr_commit`` / ``_attr_post`` /
+``_attr_post_unlock``; the fault phases live in :mod:`pkvm.mmu`) so that a timeline driver can
+interleave them.
+
+State: attributes in one :class:`~pkvm._core.RangeMap` (gfn -> bitmask, 0 never stored);
+memslots with range-compressed ``lpage_info``; one TDP root (:class:`pkvm.mmu.Mmu`);
+guest_memfd files; simulated host memory; ``mmu_invalidate_seq`` / ``_in_progress`` /
+``_range_start`` / ``_range_end`` (§2.8); counters and a modeled clock.
+
+Invariants: see :meth:`VM.check`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from . import _vm_check
+from ._core import RangeMap
+from .constants import (
+    KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_USER_MEMORY2,
+    KVM_CAP_VM_TYPES,
+    KVM_MAX_VCPUS,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_X86_DEFAULT_VM,
+    MAX_LFS_FILESIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+)
+from .costs import CostModel
+from .errors import InternalInvariantError, KvmError
+from .gmem import GuestMemfd
+from .hostmem import HostMemory, SharedBacking
+from .mmu import (
+    KVM_LPAGE_MIXED_FLAG,
+    SPTE_WRITABLE,
+    AccessResult,
+    FaultResult,
+    LpageInfo,
+    Mmu,
+    post_set_mixed,
+    run_fault,
+)
+from .platforms import PLATFORMS, VM_TYPE_NAMES, PlatformOps
+from .policy import Policy, resolve_policy
+
+U64_MAX = (1 << 64) - 1
+INVALID_GFN = U64_MAX  # the kernel's INVALID_GPA sentinel of mmu_invalidate_range_*
+
+#: Counter names in ``vm.stats``: KVM's where KVM has one (spec §8.1), then pkvm's own.
+STAT_KEYS = (
+    "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "remote_tlb_flush",
+    "remote_tlb_flush_requests", "pages_4k", "pages_2m", "pages_1g", "mmu_invalidate_seq",
+    "pf_retry", "memory_fault_exits", "attr_stores", "zapped_sptes", "huge_page_splits",
+    "gmem_pages_allocated", "gmem_pages_freed", "gmem_prepare", "gmem_invalidate",
+    "shared_pages_populated", "mem_attr_op_failures",
+)
+
+#: Operations this layer charges, with the ``vm.stats`` counter each follows (names and default
+#: values are :mod:`pkvm.costs`', from ``spec/costs.md`` §0).
+CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "zap_spte", "remote_tlb_flush",
+               "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split")
+_ALLOC_OP = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
+
+_SHARED_BACKING_ORDER = MappingProxyType({"4k": 0, "thp": 9, "hugetlb-2m": 9, "hugetlb-1g": 18})
+
+
+def _u64(name: str, value: object) -> int:
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        value = int(value)
+    if value < 0 or value > U64_MAX:
+        raise ValueError(f"{name}={value:#x} does not fit a u64")
+    return value
+
+
+class Memslot:
+    """One memslot (``struct kvm_memory_slot``): gfns ``[base_gfn, base_gfn + npages)``.
+
+    ``gmem`` is the bound guest_memfd (or None) and ``gmem_file`` the slot's file pointer,
+    which becomes None when the file is closed. ``lpage`` is its :class:`LpageInfo`.
+    """
+
+    __slots__ = ("key", "as_id", "id", "base_gfn", "npages", "end_gfn", "userspace_addr", "flags",
+                 "gmem", "gmem_file", "gmem_pgoff", "lpage", "invalid", "_ugfn")
+
+    def __init__(self, key: int, base_gfn: int, npages: int, userspace_addr: int, flags: int,
+                 gmem: GuestMemfd | None, gmem_pgoff: int) -> None:
+        self.key = key
+        self.as_id, self.id = key >> 16, key & 0xFFFF
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.end_gfn = base_gfn + npages
+        self.userspace_addr = userspace_addr
+        self.flags = flags
+        self.gmem = gmem
+        self.gmem_file = gmem
+        self.gmem_pgoff = gmem_pgoff
+        self._ugfn = userspace_addr >> PAGE_SHIFT
+        self.lpage = LpageInfo(base_gfn, npages, self._ugfn)
+        self.invalid = False
+
+    def __repr__(self) -> str:
+        return (f"<Memslot {self.as_id}:{self.id} gfns [{self.base_gfn:#x}, {self.end_gfn:#x}) "
+                f"flags={self.flags:#x}{' gmem' if self.gmem else ''}>")
+
+    def hva_page(self, gfn: int) -> int:
+        """The userspace page number backing ``gfn`` (shared memory)."""
+        return self._ugfn + (gfn - self.base_gfn)
+
+    def is_mixed(self, gfn: int, level: int) -> bool:
+        """Whether the ``level`` chunk containing ``gfn`` has the MIXED flag (§3.1)."""
+        return self.lpage.is_mixed(gfn, level)
+
+    def disallow_lpage(self, gfn: int, level: int) -> int:
+        """The ``disallow_lpage`` count (without the MIXED bit) of the chunk holding ``gfn``."""
+        return self.lpage.disallow_count(gfn, level)
+
+
+class VM:
+    """A KVM virtual machine (``KVM_CREATE_VM``).
+
+    ``vm_type`` is a ``KVM_X86_*_VM`` value or its name; ``policy`` a :class:`Policy` or a
+    preset name; ``costs`` a :class:`pkvm.CostModel`, None (the platform's defaults from
+    ``spec/costs.md``) or overrides for them (``{"attr_store": 80}``, ``"npf_fault=2us"``);
+    ``shared_backing`` the VMM's host page size for shared
+    memory (``"4k"``, ``"thp"``, ``"hugetlb-2m"``, ``"hugetlb-1g"``); ``nr_vcpus`` the number
+    of vCPUs the cost model assumes run the guest (the per-vCPU term of a TLB flush).
+    ``seed`` is recorded for the randomized parts of later layers; this layer is
+    deterministic.
+
+    >>> vm = VM("sw_protected")
+    >>> vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES)
+    8
+
+    Raises:
+        KvmError: EINVAL for a VM type pkvm does not (yet) model, like ``KVM_CREATE_VM``.
+        ValueError / TypeError: bad ``policy``, ``costs`` (an unknown operation is a ValueError),
+            ``shared_backing``, ``nr_vcpus``.
+    """
+
+    def __init__(self, vm_type: int | str = KVM_X86_DEFAULT_VM, policy: Policy | str = "fault-time",
+                 costs: Mapping[str, int] | None = None, seed: int = 0, shared_backing: str = "thp",
+                 nr_vcpus: int = 1) -> None:
+        self._platform: PlatformOps = _resolve_platform(vm_type)
+        self._policy = resolve_policy(policy)
+        if shared_backing not in _SHARED_BACKING_ORDER:
+            raise ValueError(f"shared_backing={shared_backing!r} is not one of {', '.join(_SHARED_BACKING_ORDER)}")
+        if type(nr_vcpus) is not int or not 1 <= nr_vcpus <= KVM_MAX_VCPUS:
+            raise ValueError(f"nr_vcpus={nr_vcpus!r} must be an int in [1, {KVM_MAX_VCPUS}]")
+        if type(seed) is not int:
+            raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+        if isinstance(costs, CostModel):
+            model = costs
+        else:
+            model = CostModel.default(self._platform.name)
+            if costs is not None:
+                model = model.with_overrides(costs)
+        self._cost_model = model
+        # One event of each charged op, in whole ns; N events cost N times that (pkvm.costs).
+        self._costs = {op: model.ns(op) for op in CHARGED_OPS if op != "remote_tlb_flush"}
+        self._flush_ns: dict[int, int] = {}
+        self._attr_store_ns = self._costs["attr_store"]
+        self._cost_ns: dict[str, int] = {}
+        self._modeled_ns = 0
+        self.seed = seed
+        self.nr_vcpus = nr_vcpus
+        self.shared_backing = shared_backing
+        self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._attrs = RangeMap(0)
+        self._mmu = Mmu(self._stats, self._charge)
+        self._hostmem = HostMemory()
+        self._shared = SharedBacking(self._hostmem, _SHARED_BACKING_ORDER[shared_backing])
+        self._slots: dict[int, Memslot] = {}
+        nr_as = 1 if self._platform.has_private_mem else 2  # kvm_arch_nr_memslot_as_ids
+        self._slot_maps = [RangeMap(0) for _ in range(nr_as)]  # gfn -> slot key + 1
+        self._gmems: list[GuestMemfd] = []
+        self._vcpus: list[Vcpu] = []
+        self._next_fd = 3
+        self._supported_attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if self._platform.has_private_mem else 0
+        self.mmu_invalidate_in_progress = 0
+        self._range_start = self._range_end = INVALID_GFN
+        # Policy knobs read on hot paths, resolved once (the policy is immutable).
+        pol = self._policy
+        self._guard = pol.hugepage_guard
+        self._whole_chunk = pol.mixed_head_in_slot == "whole-chunk"
+        self._eager_post = pol.rmp_update == "eager-post"
+        self._eager_locked = pol.rmp_update == "eager-locked"
+        self._legacy = pol.attr_ioctl == "legacy-progress"
+        self._sptes = self._mmu.sptes
+        #: Warnings the simulated kernel would only log (e.g. a failing ``update_mem_attr``).
+        self.events: list[tuple[str, str]] = []
+        self._platform.init_vm(self)
+
+    def __repr__(self) -> str:
+        return f"<pkvm.VM {self._platform.name} policy={self._policy} slots={len(self._slots)}>"
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def vm_type(self) -> int:
+        """The ``KVM_X86_*_VM`` value."""
+        return self._platform.vm_type
+
+    @property
+    def platform(self) -> PlatformOps:
+        """The registered op table of this VM type."""
+        return self._platform
+
+    @property
+    def policy(self) -> Policy:
+        """The :class:`Policy` in force."""
+        return self._policy
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """A snapshot of every counter (KVM's names first, then pkvm's)."""
+        return dict(self._stats)
+
+    @property
+    def modeled_ns(self) -> int:
+        """Total modeled time of every completed operation, in ns."""
+        return self._modeled_ns
+
+    def cost_breakdown(self) -> dict[str, int]:
+        """Modeled ns per :mod:`pkvm.costs` operation (``npf_fault``, ``attr_store``, ...)."""
+        return dict(self._cost_ns)
+
+    @property
+    def costs(self) -> CostModel:
+        """The :class:`pkvm.CostModel` that prices this VM's operations."""
+        return self._cost_model
+
+    @property
+    def mmu_invalidate_range(self) -> tuple[int, int]:
+        """``(mmu_invalidate_range_start, _end)`` as the kernel leaves them (INVALID = 2**64-1)."""
+        return (self._range_start, self._range_end)
+
+    @property
+    def vcpus(self) -> tuple[Vcpu, ...]:
+        return tuple(self._vcpus)
+
+    def memslot(self, slot: int) -> Memslot | None:
+        """The memslot with id ``slot`` (``as_id << 16 | id``), or None."""
+        return self._slots.get(slot)
+
+    @property
+    def memslots(self) -> tuple[Memslot, ...]:
+        """Every memslot, by key."""
+        return tuple(self._slots[k] for k in sorted(self._slots))
+
+    @property
+    def mmu(self) -> Mmu:
+        """The TDP MMU model (``vm.mmu.lookup(gfn)`` gives the leaf SPTE)."""
+        return self._mmu
+
+    @property
+    def hostmem(self) -> HostMemory:
+        """The simulated host memory that backs this VM."""
+        return self._hostmem
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def _charge(self, op: str, n: int) -> None:
+        ns = self._costs[op] * n
+        self._cost_ns[op] = self._cost_ns.get(op, 0) + ns
+        self._modeled_ns += ns
+
+    def _charge_alloc(self, npages: int, order: int) -> None:
+        """Charge the allocation of ``npages`` pages in host pages / folios of ``order``."""
+        self._charge(_ALLOC_OP[order], npages >> order)
+
+    def _uncharge_alloc(self, npages: int, order: int) -> None:
+        op = _ALLOC_OP[order]
+        ns = self._costs[op] * (npages >> order)
+        self._cost_ns[op] -= ns
+        if not self._cost_ns[op]:
+            del self._cost_ns[op]
+        self._modeled_ns -= ns
+
+    def _flush_remote_tlbs(self) -> None:
+        """``kvm_flush_remote_tlbs``: every request is modelled as sent (vCPUs in guest mode)."""
+        st = self._stats
+        st["remote_tlb_flush_requests"] += 1
+        st["remote_tlb_flush"] += 1
+        n = max(self.nr_vcpus, len(self._vcpus))
+        ns = self._flush_ns.get(n)
+        if ns is None:
+            ns = self._flush_ns[n] = self._cost_model.ns("remote_tlb_flush", nr_vcpus=n)
+        self._cost_ns["remote_tlb_flush"] = self._cost_ns.get("remote_tlb_flush", 0) + ns
+        self._modeled_ns += ns
+
+    def _zap(self, start: int, end: int) -> int:
+        """``kvm_unmap_gfn_range`` on ``[start, end)``; return the number of leaves zapped."""
+        n = self._mmu.zap_range(start, end)
+        if n:
+            self._charge("zap_spte", n)
+        return n
+
+    # -- the invalidation protocol (§2.8) -----------------------------------------------------
+
+    def _invalidate_begin(self) -> None:
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            self._range_start = self._range_end = INVALID_GFN
+
+    def _invalidate_range_add(self, start: int, end: int) -> None:
+        if self._range_start == INVALID_GFN:
+            self._range_start, self._range_end = start, end
+        else:
+            self._range_start = min(self._range_start, start)
+            self._range_end = max(self._range_end, end)
+
+    def _invalidate_end(self) -> None:
+        self._stats["mmu_invalidate_seq"] += 1
+        self.mmu_invalidate_in_progress -= 1
+        if self.mmu_invalidate_in_progress < 0:
+            raise InternalInvariantError("mmu_invalidate_in_progress went negative")
+
+    def _retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since."""
+        if self.mmu_invalidate_in_progress and self._range_start <= gfn < self._range_end:
+            return True
+        return self._stats["mmu_invalidate_seq"] != mmu_seq
+
+    # -- memslot lookup ---------------------------------------------------------------------
+
+    def _slot_at(self, gfn: int) -> Memslot | None:
+        key = self._slot_maps[0].get(gfn)
+        return self._slots[key - 1] if key else None
+
+    def _slot_ranges(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Slot-clipped pieces ``(s, e, slot key + 1)`` of ``[start, end)``, every address space
+        (``kvm_handle_gfn_range``); ``self._slots[key - 1]`` is the memslot."""
+        maps = self._slot_maps
+        if len(maps) == 1:
+            return maps[0].ranges(start, end)
+        return [r for m in maps for r in m.ranges(start, end)]
+
+    # -- KVM_SET_MEMORY_ATTRIBUTES (§2) ---------------------------------------------------------
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` on the gpas ``[address, address + size)``.
+
+        Semantics (spec §2.4): if every gfn already has ``attributes`` nothing happens (no
+        zap, flush or sequence bump). Otherwise the PRE phase zaps each slot-clipped piece
+        inside one invalidation (begun lazily at the first memslot), the attributes are
+        stored for every gfn (``attr_stores`` counts them), and the POST phase ends the
+        invalidation and recomputes the MIXED flags (§3.3). Gfns outside memslots still get
+        the attribute. All or nothing.
+
+        Runtime complexity: O(log n + k) for k runs touched.
+
+        >>> vm = VM("sw_protected")
+        >>> vm.set_memory_attributes(0x200000, 0x1000, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        >>> vm.get_memory_attributes(0x200)
+        8
+
+        Raises:
+            KvmError: EINVAL, in the kernel's order (§2.2): ``flags != 0``, unsupported
+                attribute bits, ``size == 0``, wrap-around past 2**64, unaligned address or size.
+            TypeError / ValueError: an argument is not an int or does not fit a u64.
+        """
+        if not type(address) is type(size) is type(attributes) is type(flags) is int or (
+                (address | size | attributes | flags) >> 64):  # also true for negative values
+            address, size = _u64("address", address), _u64("size", size)
+            attributes, flags = _u64("attributes", attributes), _u64("flags", flags)
+        if flags:
+            raise KvmError(errno.EINVAL, f"flags {flags:#x} must be 0")
+        if attributes & ~self._supported_attrs:
+            raise KvmError(errno.EINVAL, f"attributes {attributes:#x} not supported by a {self._platform.name} VM "
+                           f"(supported: {self._supported_attrs:#x})")
+        if not size:
+            raise KvmError(errno.EINVAL, f"size 0x0 is empty: [{address:#x}, {address:#x})")
+        end_addr = address + size
+        if end_addr > U64_MAX:
+            raise KvmError(errno.EINVAL, f"[{address:#x}, {address:#x} + {size:#x}) wraps around 2**64")
+        if (address | size) & (PAGE_SIZE - 1):
+            raise KvmError(errno.EINVAL, f"[{address:#x}, {end_addr:#x}) is not 4 KiB aligned")
+        start, end = address >> PAGE_SHIFT, end_addr >> PAGE_SHIFT
+        if self._legacy:
+            self._attr_legacy(start, end, attributes)
+            return
+        if self._attrs.find_ne(start, end, attributes) == -1:
+            return  # §2.7 short-circuit
+        maps = self._slot_maps
+        ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
+        self._attr_pre(ranges, attributes)
+        self._attr_commit(start, end, attributes)
+        self._attr_post(ranges, attributes)
+        if ranges and self._eager_post:
+            self._attr_post_unlock(ranges, attributes)
+
+    def _attr_legacy(self, start: int, end: int, attrs: int) -> None:
+        """The UPM-era ioctl of the RFC v8 series (seed thread; spec §2.6 "historical").
+
+        No short-circuit; ``invalidate_begin`` and ``range_add(start, end)`` whether or not a
+        memslot intersects; the store; then, under the lock, per memslot piece the zap and the
+        MIXED update (``kvm_mem_attrs_changed``), one flush, ``invalidate_end``; then the
+        post-lock op. The kernel wrote back ``address = end``, ``size = 0`` (its store could
+        fail part way; pkvm's cannot, so the progress is always complete).
+        """
+        self._invalidate_begin()
+        self._invalidate_range_add(start, end)
+        self._attr_commit(start, end, attrs)
+        ranges = self._slot_ranges(start, end)
+        zapped = 0
+        for s, e, key in ranges:
+            slot = self._slots[key - 1]
+            zapped += self._zap(s, e)
+            post_set_mixed(self, slot, s, e, attrs)
+            if self._eager_locked:
+                r = self._platform.set_mem_attr(self, slot, attrs, s, e)
+                if r:
+                    self._op_failed("set_mem_attr", slot, attrs, s, e, r)
+        if zapped:
+            self._flush_remote_tlbs()
+        self._invalidate_end()
+        if ranges and self._eager_post:
+            self._attr_post_unlock(ranges, attrs)
+
+    def _attr_pre(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
+        """PRE phase: ``kvm_pre_set_memory_attributes`` per slot-clipped piece (§2.4, §2.5).
+
+        ``invalidate_begin`` runs once, when the lock is taken at the first intersecting
+        slot; each piece is added to the invalidation range (plus, with the 6.16 guard, its
+        partially covered head/tail hugepages that are not MIXED) and zapped. One TLB flush
+        covers the phase. Helpers are inlined: this is the ioctl's hot path.
+        """
+        if not ranges:
+            return  # no memslot: no lock, no invalidate_begin
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            rs = re_ = INVALID_GFN
+        else:
+            rs, re_ = self._range_start, self._range_end
+        guard = self._guard
+        sptes = self._sptes
+        slots = self._slots
+        zapped = 0
+        for s, e, key in ranges:
+            if rs == INVALID_GFN:
+                rs, re_ = s, e
+            else:
+                rs = s if s < rs else rs
+                re_ = e if e > re_ else re_
+            if guard:  # unrolled over 2M (shift 9) and 1G (shift 18)
+                slot = slots[key - 1]
+                maps, base, send = slot.lpage.maps, slot.base_gfn, slot.end_gfn
+                m = maps[PG_LEVEL_2M]
+                hs = s & -512
+                he = (e - 1) & -512
+                if ((hs != s or hs + 512 > e) and hs >= base and hs + 512 <= send
+                        and not m.get(hs >> 9) & KVM_LPAGE_MIXED_FLAG):
+                    rs = hs if hs < rs else rs
+                    re_ = hs + 512 if hs + 512 > re_ else re_
+                if he != hs and he + 512 > e and he + 512 <= send and not m.get(he >> 9) & KVM_LPAGE_MIXED_FLAG:
+                    rs = he if he < rs else rs
+                    re_ = he + 512 if he + 512 > re_ else re_
+                m = maps[PG_LEVEL_1G]
+                hs = s & -262144
+                he = (e - 1) & -262144
+                if ((hs != s or hs + 262144 > e) and hs >= base and hs + 262144 <= send
+                        and not m.get(hs >> 18) & KVM_LPAGE_MIXED_FLAG):
+                    rs = hs if hs < rs else rs
+                    re_ = hs + 262144 if hs + 262144 > re_ else re_
+                if (he != hs and he + 262144 > e and he + 262144 <= send
+                        and not m.get(he >> 18) & KVM_LPAGE_MIXED_FLAG):
+                    rs = he if he < rs else rs
+                    re_ = he + 262144 if he + 262144 > re_ else re_
+            if sptes.find_ne(s, e, 0) != -1:
+                zapped += self._zap(s, e)  # zap_filter: one root holds both kinds here
+        self._range_start, self._range_end = rs, re_
+        if zapped:
+            self._flush_remote_tlbs()  # flush_on_ret, before the lock is dropped
+
+    def _attr_commit(self, start: int, end: int, attrs: int) -> None:
+        """The store: one ``xa_store`` per gfn in the kernel, one range assignment here."""
+        n = end - start
+        self._attrs.assign(start, end, attrs)
+        self._stats["attr_stores"] += n
+        ns = self._attr_store_ns * n
+        cost = self._cost_ns
+        cost["attr_store"] = cost.get("attr_store", 0) + ns
+        self._modeled_ns += ns
+
+    def _attr_post(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
+        """POST phase: ``invalidate_end`` at lock time, then MIXED recomputation (§3.3)."""
+        if not ranges:
+            return
+        self._stats["mmu_invalidate_seq"] += 1  # kvm_mmu_invalidate_end, the on_lock callback
+        self.mmu_invalidate_in_progress -= 1
+        if self.mmu_invalidate_in_progress < 0:
+            raise InternalInvariantError("mmu_invalidate_in_progress went negative")
+        locked_op = self._eager_locked
+        slots = self._slots
+        for s, e, key in ranges:
+            slot = slots[key - 1]
+            post_set_mixed(self, slot, s, e, attrs)
+            if locked_op:
+                r = self._platform.set_mem_attr(self, slot, attrs, s, e)
+                if r:
+                    self._op_failed("set_mem_attr", slot, attrs, s, e, r)
+
+    def _attr_post_unlock(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
+        """After ``mmu_lock`` is dropped: the RFC v8 ``update_mem_attr`` op (seed thread)."""
+        for s, e, key in ranges:
+            slot = self._slots[key - 1]
+            r = self._platform.update_mem_attr(self, slot, attrs, s, e)
+            if r:
+                self._op_failed("update_mem_attr", slot, attrs, s, e, r)
+
+    def _op_failed(self, op: str, slot: Memslot, attrs: int, s: int, e: int, r: int) -> None:
+        # The kernel only pr_warn_ratelimited()s; pkvm records and counts it (STYLE: surfaced).
+        self._stats["mem_attr_op_failures"] += 1
+        self.events.append((op, f"failed to update gfns [{s:#x}, {e:#x}) with attributes {attrs:#x}: {r}"))
+
+    def get_memory_attributes(self, gfn: int) -> int:
+        """The attribute bitmask of ``gfn`` (introspection; KVM has no GET ioctl)."""
+        return self._attrs.get(gfn)
+
+    # -- memslots (§2.9) ------------------------------------------------------------------------
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                                userspace_addr: int = 0, guest_memfd: GuestMemfd | None = None,
+                                guest_memfd_offset: int = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2``: create, move, re-flag or (``memory_size=0``) delete a slot.
+
+        The slot covers gfns ``[guest_phys_addr >> 12, (guest_phys_addr + memory_size) >> 12)``.
+        Creation initializes ``lpage_info`` (§3.1); deletion and moves zap the old range.
+
+        Raises:
+            KvmError: with the kernel's errno (§2.9): EINVAL for bad flags / alignment /
+                wrap-around / slot id / size, an invalid guest_memfd, an overlapping binding or
+                a change to a guest_memfd slot; EEXIST when the gpa range overlaps another
+                slot; EBADF for a closed guest_memfd.
+        """
+        from ._memslots import set_user_memory_region2
+
+        set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                guest_memfd, guest_memfd_offset)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD``: a guest_memfd of ``size`` bytes bound to this VM.
+
+        Raises:
+            KvmError: EINVAL for unknown flag bits (pkvm offers none: gmem-only memslots are
+                not modelled) or a size that is not a positive multiple of 4 KiB.
+        """
+        size, flags = _u64("size", size), _u64("flags", flags)
+        if flags:
+            raise KvmError(errno.EINVAL, f"guest_memfd flags {flags:#x} are not supported (valid: 0x0)")
+        if size == 0 or size > MAX_LFS_FILESIZE or size & (PAGE_SIZE - 1):
+            raise KvmError(errno.EINVAL, f"guest_memfd size {size:#x} must be a positive multiple of 4 KiB")
+        gmem = GuestMemfd(self, self._next_fd, size, flags)
+        self._next_fd += 1
+        self._gmems.append(gmem)
+        return gmem
+
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd; unknown capabilities give 0."""
+        cap = _u64("cap", cap)
+        if cap == KVM_CAP_MEMORY_ATTRIBUTES:
+            return self._supported_attrs
+        if cap == KVM_CAP_GUEST_MEMFD:
+            return int(self._platform.has_private_mem)
+        if cap in (KVM_CAP_USER_MEMORY2, KVM_CAP_MEMORY_FAULT_INFO):
+            return 1
+        if cap == KVM_CAP_VM_TYPES:
+            return sum(1 << t for t in PLATFORMS)
+        return 0
+
+    # -- vCPUs ------------------------------------------------------------------------------------
+
+    def create_vcpu(self) -> Vcpu:
+        """``KVM_CREATE_VCPU`` with the next id.
+
+        Raises:
+            KvmError: EINVAL past ``KVM_MAX_VCPUS``.
+        """
+        if len(self._vcpus) >= KVM_MAX_VCPUS:
+            raise KvmError(errno.EINVAL, f"a VM has at most {KVM_MAX_VCPUS} vCPUs")
+        vcpu = Vcpu(self, len(self._vcpus))
+        self._vcpus.append(vcpu)
+        return vcpu
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Assert every cross-structure invariant.
+
+        §3.4 MIXED flags and the §3.1 disallow counts of every chunk fully inside a slot;
+        SPTEs only in memslots, aligned, agreeing with the attributes, backed by the folio
+        or HVA page they name, at a level the chunk allows; ``pages_*`` stats; guest_memfd
+        folios and bindings; host memory accounting; no invalidation left in progress.
+
+        Raises:
+            InternalInvariantError: naming the first violation found.
+        """
+        _vm_check.check_vm(self)
+
+
+def _resolve_platform(vm_type: int | str) -> PlatformOps:
+    if isinstance(vm_type, str):
+        if vm_type not in VM_TYPE_NAMES:
+            raise ValueError(f"unknown vm_type {vm_type!r}; names are {', '.join(VM_TYPE_NAMES)}")
+        value = VM_TYPE_NAMES[vm_type]
+    elif type(vm_type) is int or (isinstance(vm_type, int) and not isinstance(vm_type, bool)):
+        value = int(vm_type)
+    else:
+        raise TypeError(f"vm_type must be an int or a name, not {type(vm_type).__name__}")
+    ops = PLATFORMS.get(value)
+    if ops is None:
+        supported = ", ".join(f"{t} ({p.name})" for t, p in sorted(PLATFORMS.items()))
+        raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: unsupported VM type {vm_type!r}; supported types: {supported}")
+    return ops
+
+
+class Vcpu:
+    """A vCPU (``KVM_CREATE_VCPU``). Create one with :meth:`VM.create_vcpu`."""
+
+    __slots__ = ("vm", "id")
+
+    def __init__(self, vm: VM, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+
+    def __repr__(self) -> str:
+        return f"<pkvm.Vcpu {self.id} of {self.vm!r}>"
+
+    def page_fault(self, gpa: int, *, private: bool, write: bool = False) -> FaultResult:
+        """One nested page fault on ``gpa`` (spec §4.2), run to completion.
+
+        ``private`` is the access type the hardware reports (SNP: C-bit; TDX: shared bit
+        clear; SW_PROTECTED: ORed with the gfn's attribute by KVM). The result says whether
+        the fault was fixed (and at which level and pfn), spurious, retried, emulated, or
+        exited to userspace (with ``KVM_EXIT_MEMORY_FAULT`` data and an errno).
+
+        Runtime complexity: O(log n).
+
+        Raises:
+            TypeError / ValueError: ``gpa`` is not an int in [0, 2**52 pages), or ``private``
+                / ``write`` are not bools.
+        """
+        gfn = _gpa_to_gfn(gpa)
+        if type(private) is not bool or type(write) is not bool:
+            raise TypeError("private and write must be bools")
+        return run_fault(self, gfn, gfn + 1, private, write)[1]
+
+    def access(self, gpa: int, *, private: bool, write: bool = False, size: int = PAGE_SIZE) -> AccessResult:
+        """A guest access to the bytes ``[gpa, gpa + size)``: faults only where no usable
+        mapping exists.
+
+        Pages are walked in order; a page is usable if it has a present leaf SPTE (writable,
+        for a write). The walk stops at the first fault that does not fix the mapping (an
+        exit to userspace, or MMIO emulation). N unmapped pages in one state are faulted as
+        one batch: counted as N faults (``pf_taken``) at O(log n) cost.
+
+        Raises:
+            TypeError / ValueError: as :meth:`page_fault`; ``size`` must be > 0.
+        """
+        gfn = _gpa_to_gfn(gpa)
+        if type(private) is not bool or type(write) is not bool:
+            raise TypeError("private and write must be bools")
+        if type(size) is not int or size <= 0:
+            raise ValueError(f"size={size!r} must be a positive int")
+        end = (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if end > _MAX_GFN:
+            raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) runs past the 52-bit guest physical address space")
+        sptes = self.vm._mmu.sptes
+        done = faults = 0
+        retries = 0
+        while gfn < end:
+            s, e, v = sptes.run_at(gfn)
+            if v and (not write or v & SPTE_WRITABLE):
+                step = (e if e < end else end) - gfn
+                done += step
+                gfn += step
+                continue
+            f, r = run_fault(self, gfn, gfn + 1 if v else min(e, end), private, write)
+            faults += f.nfaults if r.ret == "fixed" else 1
+            if r.ret in ("fixed", "spurious"):
+                retries = 0
+                continue
+            if r.ret == "retry":
+                retries += 1
+                if retries > 64:  # nothing in the synchronous driver keeps an invalidation open
+                    raise InternalInvariantError(f"gfn {gfn:#x}: fault keeps retrying")
+                continue
+            return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno)
+        return AccessResult("done", done, faults)
+
+
+_MAX_GFN = 1 << 40  # 52-bit guest physical addresses
+
+
+def _gpa_to_gfn(gpa: object) -> int:
+    if type(gpa) is not int:
+        if isinstance(gpa, bool) or not isinstance(gpa, int):
+            raise TypeError(f"gpa must be an int, not {type(gpa).__name__}")
+        gpa = int(gpa)
+    if gpa < 0 or gpa >> PAGE_SHIFT >= _MAX_GFN:
+        raise ValueError(f"gpa={gpa:#x} is outside the 52-bit guest physical address space")
+    return gpa >> PAGE_SHIFT

@@ -1,0 +1,304 @@
+"""The nested page-fault path (spec §4.1, §4.2, §4.6), the mapping level (§3.5) and Vcpu.access."""
+
+import errno
+
+import pytest
+from vmhelpers import GMEM, PRIVATE, UADDR, GiB, MiB, gmem_vm, shared_vm
+
+import pkvm
+from pkvm import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from pkvm.mmu import PageFault, fault_begin, fault_finish, fault_install, fault_is_stale, faultin_pfn
+
+TiB = 1 << 40
+
+# -- §3.5 maximum mapping level -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backing", "size", "level"),
+    [("4k", 4 * MiB, PG_LEVEL_4K), ("thp", 4 * MiB, PG_LEVEL_2M), ("hugetlb-2m", 4 * MiB, PG_LEVEL_2M),
+     ("hugetlb-1g", 2 * GiB, PG_LEVEL_1G), ("hugetlb-1g", 4 * MiB, PG_LEVEL_2M)],
+    ids=["4k", "thp", "hugetlb-2m", "hugetlb-1g", "hugetlb-1g-in-small-slot"],
+)
+def test_shared_level_follows_host_backing(backing, size, level):
+    """A shared fault maps at min(lpage level, host page level of the backing) (§3.5)."""
+    vm, vcpu = shared_vm(size, shared_backing=backing)
+    r = vcpu.page_fault(0x5000, private=False)
+    assert (r.ret, r.level) == ("fixed", level)
+    vm.check()
+
+
+@pytest.mark.parametrize(
+    ("setup", "level"),
+    [("incongruent", PG_LEVEL_4K), ("unaligned-head", PG_LEVEL_4K), ("dirty-logging", PG_LEVEL_4K),
+     ("mixed-chunk", PG_LEVEL_4K), ("uniform-chunk", PG_LEVEL_2M)],
+)
+def test_shared_level_limited_by_lpage(setup, level):
+    """disallow_lpage (incongruent HVA, unaligned slot head), MIXED and dirty logging force 4K (§3.5)."""
+    base, uaddr, flags = 0, UADDR, 0
+    if setup == "incongruent":
+        uaddr = UADDR + 4096
+    if setup == "unaligned-head":
+        base = 4096
+        uaddr = UADDR + 4096
+    if setup == "dirty-logging":
+        flags = pkvm.KVM_MEM_LOG_DIRTY_PAGES
+    vm = pkvm.VM(1)
+    vm.set_user_memory_region2(0, flags, base, 4 * MiB, uaddr)
+    if setup == "mixed-chunk":
+        vm.set_memory_attributes(0x100000, 4096, PRIVATE)
+    r = vm.create_vcpu().page_fault(0x10000, private=False)
+    assert r.level == level
+    vm.check()
+
+
+def test_private_level_is_4k_with_order0_folios():
+    """Upstream guest_memfd hands out order-0 folios: private mappings are always 4K (§1, §3.5)."""
+    vm, gmem, vcpu = gmem_vm(4 * MiB)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    assert vcpu.page_fault(0, private=True).level == PG_LEVEL_4K
+
+
+def test_private_level_2m_with_order9_folios():
+    """With gmem_max_order=9 a uniform private chunk maps at 2M from one aligned folio."""
+    policy = pkvm.Policy.preset("6.19").replace(gmem_max_order=9)
+    vm, gmem, vcpu = gmem_vm(4 * MiB, policy=policy)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    r = vcpu.page_fault(0x3000, private=True)
+    assert r.level == PG_LEVEL_2M and r.pfn % 512 == 3
+    assert gmem.folio(0)[1] == 9
+    vm.check()
+
+
+# -- §4.1 is_private -------------------------------------------------------------------------------
+
+
+def test_sw_protected_private_bit_comes_from_attribute():
+    """SW_PROTECTED ORs the attribute into the error code: a 'shared' access to private memory maps private (§4.1)."""
+    vm, gmem, vcpu = gmem_vm()
+    vm.set_memory_attributes(0, 4096, PRIVATE)
+    r = vcpu.page_fault(0, private=False)
+    assert r.ret == "fixed" and vm.mmu.lookup(0).private
+
+
+@pytest.mark.parametrize(("policy", "ret"), [("6.11", "exit"), ("6.8", "fixed")])
+def test_private_access_to_shared_gfn(policy, ret):
+    """A private access to a shared gfn exits (6.11+); 6.8 derives is_private from the attribute (§0.2, §4.1)."""
+    vm, gmem, vcpu = gmem_vm(policy=policy)
+    assert vcpu.page_fault(0, private=True).ret == ret
+
+
+def test_default_vm_private_access_exits():
+    """On a DEFAULT VM a reported private access never matches the (always shared) attributes."""
+    vm, vcpu = shared_vm(vm_type="default")
+    r = vcpu.page_fault(0, private=True)
+    assert (r.ret, r.errno, r.memory_fault) == ("exit", errno.EFAULT, (0, 4096, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE))
+
+
+# -- §4.2 / §4.6 exits and returns --------------------------------------------------------------
+
+
+def test_mismatch_exit_fields():
+    """A private/shared mismatch fills KVM_EXIT_MEMORY_FAULT (gpa, 4096, flags) and returns EFAULT (§4.2 4b, §4.6)."""
+    vm, gmem, vcpu = gmem_vm()
+    r = vcpu.page_fault(0x7234, private=True)
+    assert r.ret == "exit" and r.errno == errno.EFAULT
+    assert r.exit_reason == pkvm.KVM_EXIT_MEMORY_FAULT
+    assert r.memory_fault == (0x7000, 4096, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+    st = vm.stats
+    assert (st["pf_taken"], st["pf_fixed"], st["memory_fault_exits"]) == (1, 0, 1)
+    assert vm.cost_breakdown() == {"npf_fault": 1500, "userspace_exit": 1000}
+
+
+def test_no_slot_private_exits_shared_emulates():
+    """No memslot: a private fault exits with EFAULT, a shared one is MMIO emulation (§4.2 4c)."""
+    vm = pkvm.VM(1)
+    vcpu = vm.create_vcpu()
+    vm.set_memory_attributes(0, 4096, PRIVATE)
+    r = vcpu.page_fault(0, private=True)
+    assert (r.ret, r.errno, r.exit_reason) == ("exit", errno.EFAULT, pkvm.KVM_EXIT_MEMORY_FAULT)
+    r = vcpu.page_fault(0x10000, private=False)
+    assert r.ret == "emulate" and vm.stats["pf_emulate"] == 1
+
+
+def test_private_fault_in_slot_without_gmem_exits():
+    """A private fault in a slot without guest_memfd exits with EFAULT (§4.2 4g)."""
+    vm, vcpu = shared_vm()
+    vm.set_memory_attributes(0, 4096, PRIVATE)
+    r = vcpu.page_fault(0, private=True)
+    assert (r.ret, r.errno, r.memory_fault[2]) == ("exit", errno.EFAULT, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+
+
+def test_closed_gmem_private_fault_exits_efault():
+    """After the guest_memfd is closed, private faults in its slot exit with EFAULT (§4.3 step 1, §4.7)."""
+    vm, gmem, vcpu = gmem_vm()
+    vm.set_memory_attributes(0, MiB, PRIVATE)
+    vcpu.access(0, private=True, size=MiB)
+    gmem.close()
+    assert vm.stats["pages_4k"] == 0
+    r = vcpu.page_fault(0, private=True)
+    assert (r.ret, r.errno) == ("exit", errno.EFAULT)
+    assert vcpu.page_fault(MiB, private=False).ret == "fixed"  # shared memory is unaffected
+    vm.check()
+
+
+def test_readonly_slot_write_emulates_read_maps_readonly():
+    """A write to a READONLY slot is emulated; a read maps a non-writable SPTE."""
+    vm, vcpu = shared_vm(flags=pkvm.KVM_MEM_READONLY, shared_backing="4k")
+    assert vcpu.page_fault(0, private=False, write=True).ret == "emulate"
+    assert vcpu.page_fault(0, private=False).ret == "fixed"
+    assert not vm.mmu.lookup(0).writable
+    assert vcpu.page_fault(0, private=False, write=True).ret == "emulate"
+    r = vcpu.access(0, private=False, write=True, size=8192)
+    assert (r.ret, r.pages_done, r.faults) == ("emulate", 0, 1)
+
+
+def test_spurious_refault():
+    """Faulting a gfn that already has the identical leaf is spurious (fast path for writes, §4.2 2, 7)."""
+    vm, gmem, vcpu = gmem_vm()
+    assert vcpu.page_fault(0, private=False).ret == "fixed"
+    assert vcpu.page_fault(0, private=False).ret == "spurious"
+    assert vcpu.page_fault(0, private=False, write=True).ret == "spurious"
+    st = vm.stats
+    assert (st["pf_taken"], st["pf_fixed"], st["pf_spurious"]) == (3, 1, 2)
+
+
+def test_stale_fault_retries_while_invalidation_in_progress():
+    """A fault on a gfn inside an in-progress invalidation returns RET_PF_RETRY (§2.8, §4.2 4f/6)."""
+    vm, gmem, vcpu = gmem_vm(shared_backing="4k")
+    vm._invalidate_begin()
+    vm._invalidate_range_add(0, 16)
+    assert vcpu.page_fault(0x5000, private=False).ret == "retry"
+    assert vcpu.page_fault(0x20000, private=False).ret == "fixed"  # outside the range
+    vm._invalidate_end()
+    assert vcpu.page_fault(0x5000, private=False).ret == "fixed"
+    assert vm.stats["pf_retry"] == 1
+
+
+def test_stale_fault_retries_when_sequence_moved():
+    """Phases run apart: an invalidation that completes between snapshot and install forces a retry (§4.2 6)."""
+    vm, gmem, vcpu = gmem_vm()
+    f = PageFault(3, 4, False, False)
+    fault_begin(vm, f)
+    faultin_pfn(vm, f)
+    vm.set_memory_attributes(0x100000, 4096, PRIVATE)  # bumps mmu_invalidate_seq
+    fault_is_stale(vm, f)
+    assert f.ret == "retry"
+    assert fault_finish(vm, f).ret == "retry"
+    g = PageFault(3, 4, False, False)
+    for phase in (fault_begin, faultin_pfn, fault_is_stale, fault_install):
+        phase(vm, g)
+    assert g.ret == "fixed"
+
+
+def test_stale_check_looks_at_the_fault_gfn_only():
+    """The retry check tests only the faulting gfn, so a 2M leaf may cover gfns under invalidation (§2.5, §2.8)."""
+    vm, gmem, vcpu = gmem_vm()
+    vm._invalidate_begin()
+    vm._invalidate_range_add(0, 16)
+    r = vcpu.page_fault(0x20000, private=False)
+    assert (r.ret, r.level) == ("fixed", PG_LEVEL_2M)
+    assert vm.mmu.lookup(5) is not None
+    vm._invalidate_end()
+
+
+def test_emulation_of_a_private_access_becomes_an_exit():
+    """RET_PF_EMULATE on a private fault is turned into a memory-fault exit with EFAULT (§4.2 step 9)."""
+    vm, gmem, vcpu = gmem_vm()
+    f = PageFault(7, 8, True, False)
+    f.is_private, f.ret = True, "emulate"
+    r = fault_finish(vm, f)
+    assert (r.ret, r.errno, r.memory_fault) == ("exit", errno.EFAULT, (0x7000, 4096, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE))
+    st = vm.stats
+    assert (st["pf_emulate"], st["memory_fault_exits"]) == (1, 1)
+
+
+def test_invalid_slot_retries():
+    """A fault hitting a memslot being deleted or moved retries (§4.2 4d)."""
+    vm, vcpu = shared_vm()
+    vm.memslot(0).invalid = True
+    assert vcpu.page_fault(0, private=False).ret == "retry"
+    vm.memslot(0).invalid = False
+
+
+def test_hugepage_install_replaces_small_leaves_and_flushes():
+    """Installing a 2M leaf over a page table of 4K leaves drops them and flushes TLBs (§4.2 7)."""
+    vm, gmem, vcpu = gmem_vm(4 * MiB)
+    vm.set_memory_attributes(0x100000, 4096, PRIVATE)  # chunk 0 MIXED: shared faults map 4K
+    vcpu.access(0, private=False, size=0x10000)
+    assert vm.stats["pages_4k"] == 16
+    vm.set_memory_attributes(0x100000, 4096, 0)        # chunk uniform again; the 4K leaves stay
+    assert vm.stats["pages_4k"] == 16
+    r = vcpu.page_fault(0x20000, private=False)
+    st = vm.stats
+    assert r.level == PG_LEVEL_2M and st["pages_4k"] == 0 and st["pages_2m"] == 1
+    assert st["zapped_sptes"] == 16 and st["remote_tlb_flush"] == 1
+    vm.check()
+
+
+def test_huge_leaf_split_when_goal_is_smaller():
+    """A fault whose goal level is below an existing huge leaf splits it (tdp_mmu_split_huge_page)."""
+    vm, vcpu = shared_vm(4 * MiB)
+    vcpu.page_fault(0, private=False)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_LOG_DIRTY_PAGES, 0, 4 * MiB, UADDR)  # goal now 4K
+    r = vcpu.page_fault(0x3000, private=False)
+    st = vm.stats
+    assert (r.ret, r.level) == ("spurious", PG_LEVEL_4K)
+    assert (st["pages_2m"], st["pages_4k"], st["huge_page_splits"]) == (0, 512, 1)
+    vm.check()
+
+
+# -- Vcpu.access -----------------------------------------------------------------------------------
+
+
+def test_access_counts_faults_only_where_unmapped():
+    """access() faults only pages without a usable mapping and counts one fault per installed leaf."""
+    vm, gmem, vcpu = gmem_vm(4 * MiB, shared_backing="4k")
+    r = vcpu.access(0, private=False, size=MiB)
+    assert (r.ret, r.pages_done, r.faults) == ("done", 256, 256)
+    r = vcpu.access(0, private=False, size=2 * MiB)
+    assert (r.pages_done, r.faults) == (512, 256)
+
+
+def test_access_thp_counts_one_fault_per_2m():
+    """With THP backing a shared 4 MiB access takes one fault per 2M leaf."""
+    vm, vcpu = shared_vm(8 * MiB)
+    r = vcpu.access(0x1000, private=False, size=6 * MiB)
+    assert (r.pages_done, r.faults) == (1536, 4)
+    assert vm.stats["pages_2m"] == 4
+
+
+def test_access_stops_at_first_exit():
+    """A multi-page access stops at the first exit and reports pages_done and that page's exit."""
+    vm, gmem, vcpu = gmem_vm(4 * MiB)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    vm.set_memory_attributes(0x80000, 4096, 0)
+    r = vcpu.access(0, private=True, size=MiB)
+    assert (r.ret, r.pages_done, r.faults) == ("exit", 128, 129)
+    assert r.memory_fault == (0x80000, 4096, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+    assert r.exit_reason == pkvm.KVM_EXIT_MEMORY_FAULT and r.errno == errno.EFAULT
+
+
+def test_access_validation():
+    """access() rejects non-bool flags and bad sizes."""
+    vm, vcpu = shared_vm()
+    with pytest.raises(TypeError, match="private and write must be bools"):
+        vcpu.access(0, private=1)
+    with pytest.raises(ValueError, match="size=0 must be a positive int"):
+        vcpu.access(0, private=False, size=0)
+    with pytest.raises(ValueError, match="outside the 52-bit"):
+        vcpu.page_fault(1 << 52, private=False)
+
+
+def test_1tib_convert_and_touch_is_range_compressed():
+    """1 TiB: set PRIVATE then touch it all counts 2**28 faults and 4K leaves in O(log n) memory."""
+    vm = pkvm.VM(1)
+    gmem = vm.create_guest_memfd(TiB)
+    vm.set_user_memory_region2(0, GMEM, 0, TiB, UADDR, gmem)
+    vm.set_memory_attributes(0, TiB, PRIVATE)
+    r = vm.create_vcpu().access(0, private=True, size=TiB)
+    st = vm.stats
+    assert r.faults == r.pages_done == st["pf_taken"] == st["pf_fixed"] == st["pages_4k"] == 1 << 28
+    assert st["gmem_pages_allocated"] == 1 << 28
+    assert len(vm.mmu.sptes) == 1 and len(gmem.folios) == 1
+    vm.check()

@@ -1,0 +1,106 @@
+"""Platform op tables: registration checks and the ops' call sites (ARCHITECTURE §1, STYLE)."""
+
+import dataclasses
+
+import pytest
+from vmhelpers import PRIVATE, MiB, gmem_vm
+
+import pkvm
+from pkvm.platforms import PLATFORMS, PlatformOps, _return0, is_implemented, register_platform
+
+OPTIONAL = ["init_vm", "gmem_prepare", "gmem_invalidate", "gmem_max_mapping_level", "update_mem_attr",
+            "set_mem_attr", "handle_rmp_fault"]
+
+
+def test_registered_platforms():
+    """DEFAULT and SW_PROTECTED are registered by VM type."""
+    assert {t: p.name for t, p in PLATFORMS.items()} == {0: "default", 1: "sw_protected"}
+    assert not PLATFORMS[0].has_private_mem and PLATFORMS[1].has_private_mem
+
+
+@pytest.mark.parametrize("op", OPTIONAL)
+def test_optional_ops_default_to_return0(op):
+    """Absent optional ops become the shared return-0 op, so call sites never test for None."""
+    for platform in PLATFORMS.values():
+        fn = getattr(platform, op)
+        assert fn is _return0 and fn(1, 2, 3) == 0 and not is_implemented(fn)
+
+
+def test_mandatory_op_missing_is_registration_error():
+    """A table without fault_is_private fails at registration, not at first call."""
+    ops = PlatformOps(name="broken", vm_type=9, has_private_mem=True, fault_is_private=None)
+    with pytest.raises(pkvm.PlatformRegistrationError, match="mandatory op fault_is_private is missing"):
+        register_platform(ops)
+
+
+def test_non_callable_op_is_registration_error():
+    """Ops must be callables."""
+    ops = dataclasses.replace(PLATFORMS[1], gmem_prepare=42)
+    with pytest.raises(pkvm.PlatformRegistrationError, match="op gmem_prepare is not callable"):
+        register_platform(ops)
+    with pytest.raises(pkvm.PlatformRegistrationError, match="expected a PlatformOps"):
+        register_platform(object())
+    assert issubclass(pkvm.PlatformRegistrationError, TypeError)
+
+
+def _with_ops(vm, **ops):
+    vm._platform = register_platform(dataclasses.replace(vm.platform, **ops))  # test-only swap
+    return vm
+
+
+@pytest.mark.parametrize(("policy", "op"), [("eager-post", "update_mem_attr"), ("eager-locked", "set_mem_attr")])
+def test_mem_attr_ops_run_per_slot_piece_under_their_policy(policy, op):
+    """update_mem_attr (after the lock) / set_mem_attr (under it) run once per slot-clipped piece."""
+    calls = []
+    vm, gmem, _ = gmem_vm(2 * MiB, policy=pkvm.Policy().replace(rmp_update=policy))
+    _with_ops(vm, **{op: lambda vm, slot, attrs, s, e: calls.append((slot.id, attrs, s, e)) or 0})
+    vm.set_memory_attributes(0, 8 * MiB, PRIVATE)
+    vm.set_memory_attributes(0, 8 * MiB, PRIVATE)  # short-circuit: no call
+    assert calls == [(0, PRIVATE, 0, 512)]
+
+
+def test_mem_attr_ops_do_not_run_under_fault_time():
+    """The final design calls neither eager op."""
+    calls = []
+    vm, gmem, _ = gmem_vm(2 * MiB, policy="fault-time")
+    op = lambda *a: calls.append(a) or 0  # noqa: E731
+    _with_ops(vm, update_mem_attr=op, set_mem_attr=op)
+    vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
+    assert calls == []
+
+
+def test_failing_post_lock_op_is_surfaced():
+    """A failing update_mem_attr is not just logged: it is counted and recorded as an event."""
+    vm, gmem, _ = gmem_vm(2 * MiB, policy="eager-post")
+    _with_ops(vm, update_mem_attr=lambda *a: -5)
+    vm.set_memory_attributes(0, 4096, PRIVATE)
+    assert vm.stats["mem_attr_op_failures"] == 1
+    assert vm.events[0][0] == "update_mem_attr" and "gfns [0x0, 0x1)" in vm.events[0][1]
+    assert vm.get_memory_attributes(0) == PRIVATE  # the ioctl itself succeeded
+
+
+def test_gmem_max_mapping_level_caps_private_hugepages():
+    """gmem_max_mapping_level caps a private mapping that the folio order would allow at 2M (§3.5)."""
+    vm, gmem, vcpu = gmem_vm(4 * MiB, policy=pkvm.Policy().replace(gmem_max_order=9))
+    _with_ops(vm, gmem_max_mapping_level=lambda vm, pfn, private: pkvm.PG_LEVEL_4K)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    assert vcpu.page_fault(0, private=True).level == pkvm.PG_LEVEL_4K
+
+
+def test_rmp_fault_hook_runs_after_a_positive_return():
+    """handle_rmp_fault runs after the MMU returned > 0 (fixed/spurious/retry), not after exits (§4.2 10)."""
+    seen = []
+    vm, gmem, vcpu = gmem_vm()
+    _with_ops(vm, handle_rmp_fault=lambda vcpu, gpa, private, write, r: seen.append((gpa, r.ret)) or 0)
+    vcpu.page_fault(0x1000, private=False)
+    vcpu.page_fault(0x2000, private=True)  # mismatch exit
+    assert seen == [(0x1000, "fixed")]
+
+
+def test_init_vm_runs_at_creation():
+    """init_vm is the last step of KVM_CREATE_VM."""
+    seen = []
+    ops = register_platform(dataclasses.replace(PLATFORMS[1], init_vm=lambda vm: seen.append(vm) or 0))
+    assert is_implemented(ops.init_vm)
+    ops.init_vm("vm")
+    assert seen == ["vm"]

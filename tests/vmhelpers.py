@@ -1,0 +1,42 @@
+"""Builders shared by the KVM-model tests (not collected: no ``test_`` prefix)."""
+
+import pkvm
+
+PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+GMEM = pkvm.KVM_MEM_GUEST_MEMFD
+PUNCH = pkvm.FALLOC_FL_PUNCH_HOLE | pkvm.FALLOC_FL_KEEP_SIZE
+MiB, GiB = 1 << 20, 1 << 30
+#: A userspace address congruent with gpa 0 at every hugepage level.
+UADDR = 1 << 40
+
+
+def gmem_vm(size=4 * MiB, base=0, *, policy="6.19", shared_backing="thp", vm_type="sw_protected",
+            uaddr=None, slot=0, gmem_size=None, pgoff=0):
+    """A VM with one guest_memfd slot of ``size`` bytes at gpa ``base``; returns (vm, gmem, vcpu)."""
+    vm = pkvm.VM(vm_type, policy=policy, shared_backing=shared_backing)
+    gmem = vm.create_guest_memfd(gmem_size or size + pgoff)
+    vm.set_user_memory_region2(slot, GMEM, base, size, UADDR + base if uaddr is None else uaddr, gmem, pgoff)
+    return vm, gmem, vm.create_vcpu()
+
+
+def shared_vm(size=4 * MiB, base=0, *, vm_type="sw_protected", shared_backing="thp", flags=0,
+              uaddr=None, policy="6.19"):
+    """A VM with one slot without guest_memfd; returns (vm, vcpu)."""
+    vm = pkvm.VM(vm_type, policy=policy, shared_backing=shared_backing)
+    vm.set_user_memory_region2(0, flags, base, size, UADDR + base if uaddr is None else uaddr)
+    return vm, vm.create_vcpu()
+
+
+def snapshot(vm):
+    """Everything a failed call must leave untouched."""
+    return (
+        vm._attrs.ranges(),
+        vm.mmu.sptes.ranges(),
+        [(s.key, s.base_gfn, s.npages, s.flags, [m.ranges() for m in s.lpage.maps[2:]]) for s in vm.memslots],
+        [(g.closed, g.folios.ranges(), g.bindings.ranges()) for g in vm._gmems],
+        vm.stats,
+        vm.modeled_ns,
+        vm.cost_breakdown(),
+        vm.mmu_invalidate_range,
+        vm.hostmem.nr_allocated,
+    )
