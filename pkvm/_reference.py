@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from sortedcontainers import SortedDict
 
-__all__ = ["UINT64_MAX", "DictRangeMap", "SortedRangeMap"]
+__all__ = ["UINT64_MAX", "DictRangeMap", "ReferenceVM", "SortedRangeMap"]
 
 UINT64_MAX = 2**64 - 1
 """Largest ``uint64``: the largest valid ``end`` and a key that is never stored."""
@@ -583,3 +583,8 @@ class SortedRangeMap(_RangeMapBase):
                 if prev[1] == start and prev[2] == value:
                     raise AssertionError(f"run {run} is not coalesced with the previous run")
             prev = (start, end, value)
+
+
+# The per-gfn reference VM (the KVM model's oracle) lives in its own module for size; it is
+# re-exported here so that every slow, obviously-correct twin is found in one place.
+from pkvm._reference_vm import ReferenceVM  # noqa: E402
