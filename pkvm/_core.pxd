@@ -55,6 +55,19 @@ cdef struct Run:
     uint64_t value              # the run's value (may equal the default for gaps)
 
 
+cdef struct Builder:
+    # Streams sorted runs into new, full leaves (RangeMap's merge and bulk-load paths).
+    void **leaves               # leaves built so far, in key order (grown by doubling)
+    Py_ssize_t n                # leaves built
+    Py_ssize_t cap              # slots in ``leaves``
+    Py_ssize_t runs             # runs written
+    Py_ssize_t vals             # value arrays allocated
+    int fill                    # runs per leaf
+    bint have                   # ``pend`` holds a run not yet written (it may still grow)
+    Run pend                    # the last run, kept back so that the next can coalesce
+    uint64_t dflt               # the map's default (never written)
+
+
 cdef class RangeMap:
     cdef void *root                 # Leaf* when height == 0, else Inner*
     cdef int height                 # inner levels above the leaves
@@ -110,4 +123,13 @@ cdef class RangeMap:
     cdef void _erase_starts(self, uint64_t lo, uint64_t hi) noexcept nogil
     cdef void _free_subtree(self, void *node, int height) noexcept nogil
     cdef void _reset(self) noexcept nogil
+    cdef int _merge_runs(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
+                         const Py_ssize_t *P, Py_ssize_t m, Builder *out) noexcept nogil
+    cdef int _adopt(self, Builder *b) except -1 nogil
+    cdef int _assign_merged(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
+                            const Py_ssize_t *P, Py_ssize_t m) except -1 nogil
+    cdef int _bulk_load(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
+                        Py_ssize_t n) except -1 nogil
     cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1
+
+include "_rmp_decl.pxi"

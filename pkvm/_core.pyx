@@ -13,7 +13,7 @@ nothing can fail, so a ``MemoryError`` never leaves a half-applied update behind
 
 cimport cython
 from libc.stdint cimport uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
 import operator
@@ -263,6 +263,122 @@ cdef bint _disjoint_in_order(const uint64_t *S, const uint64_t *E, const Py_ssiz
         if E[p] > S[q] and not (S[p] == S[q] and E[p] == E[q]):
             return False
     return True
+
+
+cdef void _b_init(Builder *b, int fill, uint64_t dflt) noexcept nogil:
+    b.leaves = NULL
+    b.n = b.cap = b.runs = b.vals = 0
+    b.fill = fill
+    b.have = False
+    b.dflt = dflt
+
+
+cdef int _b_put(Builder *b, Run r) noexcept nogil:
+    """Write one run into the current leaf, starting a new one when full; -1 on ENOMEM."""
+    cdef Leaf *lf = <Leaf*>b.leaves[b.n - 1] if b.n > 0 else NULL
+    cdef void **grown
+    cdef int j
+    if lf == NULL or lf.n == b.fill:
+        if b.n == b.cap:
+            grown = <void**>realloc(b.leaves, (2 * b.cap + 16) * sizeof(void*))
+            if grown == NULL:
+                return -1
+            b.leaves = grown
+            b.cap = 2 * b.cap + 16
+        lf = <Leaf*>malloc(sizeof(Leaf))
+        if lf == NULL:
+            return -1
+        lf.n = 0
+        lf.vals = NULL
+        lf.uval = r.value
+        lf.next = NULL
+        lf.prev = <Leaf*>b.leaves[b.n - 1] if b.n > 0 else NULL
+        if lf.prev != NULL:
+            lf.prev.next = lf
+        b.leaves[b.n] = <void*>lf
+        b.n += 1
+    if lf.vals == NULL and r.value != lf.uval:
+        lf.vals = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
+        if lf.vals == NULL:
+            return -1
+        b.vals += 1
+        for j in range(lf.n):
+            lf.vals[j] = lf.uval
+    lf.starts[lf.n] = r.start
+    lf.ends[lf.n] = r.end
+    if lf.vals != NULL:
+        lf.vals[lf.n] = r.value
+    lf.n += 1
+    b.runs += 1
+    return 0
+
+
+cdef inline int _b_emit(Builder *b, uint64_t s, uint64_t e, uint64_t v) noexcept nogil:
+    """Append run ``[s, e) = v`` (skipping empty and default runs, coalescing); -1 on ENOMEM."""
+    if s >= e or v == b.dflt:
+        return 0
+    if b.have and b.pend.end == s and b.pend.value == v:
+        b.pend.end = e
+        return 0
+    if b.have and _b_put(b, b.pend) < 0:
+        return -1
+    b.pend = _mkrun(s, e, v)
+    b.have = True
+    return 0
+
+
+cdef int _b_finish(Builder *b) noexcept nogil:
+    """Write the pending run; make sure at least one (possibly empty) leaf exists."""
+    cdef Leaf *lf
+    if b.have:
+        b.have = False
+        if _b_put(b, b.pend) < 0:
+            return -1
+    if b.n == 0:
+        b.leaves = <void**>malloc(sizeof(void*))
+        lf = <Leaf*>malloc(sizeof(Leaf))
+        if b.leaves == NULL or lf == NULL:
+            free(lf)
+            return -1
+        lf.n = 0
+        lf.vals = NULL
+        lf.uval = b.dflt
+        lf.prev = lf.next = NULL
+        b.leaves[0] = <void*>lf
+        b.n = b.cap = 1
+    return 0
+
+
+cdef void _b_free(Builder *b) noexcept nogil:
+    """Free everything a builder made (its leaves and their value arrays)."""
+    _free_nodes(b.leaves, 0, b.n, 0)
+    free(b.leaves)
+    b.leaves = NULL
+    b.n = 0
+
+
+cdef void _free_nodes(void **level, Py_ssize_t lo, Py_ssize_t hi, int height) noexcept nogil:
+    """Free the subtrees ``level[lo:hi]`` of the given height (``_bulk_load``'s error path)."""
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        _free_node(level[i], height)
+
+
+cdef void _free_node(void *node, int height) noexcept nogil:
+    cdef Inner *nd
+    cdef Leaf *lf
+    cdef int j
+    if node == NULL:
+        return
+    if height == 0:
+        lf = <Leaf*>node
+        free(lf.vals)
+        free(lf)
+        return
+    nd = <Inner*>node
+    for j in range(nd.n):
+        _free_node(nd.children[j], height - 1)
+    free(nd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,6 +1105,160 @@ cdef class RangeMap:
                     j += 1
             O[i] = _val(lf, j) if j >= 0 and k < lf.ends[j] else self.dflt
 
+    # -- bulk merge and bulk load ----------------------------------------------------------
+
+    cdef int _merge_runs(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
+                         const Py_ssize_t *P, Py_ssize_t m, Builder *out) noexcept nogil:
+        """Stream the stored runs merged with ranges given in start order ``P`` into ``out``.
+
+        The ranges must be pairwise disjoint or identical (``_disjoint_in_order``); of identical
+        ranges the last in ``P`` wins, as in array order. Input overrides stored runs where
+        they overlap; ``out`` coalesces and drops the default. O(len(self) + m); -1 on ENOMEM.
+        """
+        cdef Leaf *lf = self.first_leaf
+        cdef int li = 0
+        cdef bint have = False
+        cdef uint64_t cs = 0, ce = 0, cv = 0, s, e, v
+        cdef Py_ssize_t j, p, q
+        while lf != NULL and li >= lf.n:
+            lf = lf.next
+        if lf != NULL:
+            cs, ce, cv, have = lf.starts[0], lf.ends[0], _val(lf, 0), True
+        for j in range(m):
+            p = P[j]
+            s = S[p]
+            e = E[p]
+            v = V[p]
+            if s >= e:
+                continue
+            if j + 1 < m:
+                q = P[j + 1]
+                if S[q] == s and E[q] == e:
+                    continue        # an identical later range overrides this one
+            # stored runs before s, and the head of one that reaches into [s, e)
+            while have and cs < s:
+                if _b_emit(out, cs, ce if ce < s else s, cv) < 0:
+                    return -1
+                if ce > s:
+                    cs = s
+                    break
+                li += 1
+                while lf != NULL and li >= lf.n:
+                    lf = lf.next
+                    li = 0
+                if lf != NULL:
+                    cs, ce, cv = lf.starts[li], lf.ends[li], _val(lf, li)
+                else:
+                    have = False
+            # stored runs covered by [s, e); a run reaching past e keeps its tail
+            while have and cs < e:
+                if ce > e:
+                    cs = e
+                    break
+                li += 1
+                while lf != NULL and li >= lf.n:
+                    lf = lf.next
+                    li = 0
+                if lf != NULL:
+                    cs, ce, cv = lf.starts[li], lf.ends[li], _val(lf, li)
+                else:
+                    have = False
+            if _b_emit(out, s, e, v) < 0:
+                return -1
+        while have:
+            if _b_emit(out, cs, ce, cv) < 0:
+                return -1
+            li += 1
+            while lf != NULL and li >= lf.n:
+                lf = lf.next
+                li = 0
+            if lf != NULL:
+                cs, ce, cv = lf.starts[li], lf.ends[li], _val(lf, li)
+            else:
+                have = False
+        return 0
+
+    cdef int _adopt(self, Builder *b) except -1 nogil:
+        """Build inner levels over a builder's leaves and swap the result in for the tree.
+
+        Everything is allocated before the old tree is freed, so a ``MemoryError`` (raised
+        here, after freeing the builder) leaves the map exactly as it was.
+        """
+        cdef void **level = b.leaves
+        cdef Py_ssize_t nlevel = b.n, nnext, per, extra, pos, i, j, c
+        cdef Py_ssize_t made_inner = 0
+        cdef Inner *nd
+        cdef int height = 0, icap = self.inner_cap
+        while nlevel > 1:
+            nnext = (nlevel + icap - 1) // icap
+            per = nlevel // nnext
+            extra = nlevel % nnext
+            pos = 0
+            for i in range(nnext):
+                nd = <Inner*>malloc(sizeof(Inner))
+                if nd == NULL:
+                    # level[0:i] hold this level's new nodes (owning level[0:pos]'s old
+                    # entries); level[pos:nlevel] are subtrees not adopted yet.
+                    _free_nodes(level, 0, i, height + 1)
+                    _free_nodes(level, pos, nlevel, height)
+                    free(level)
+                    b.leaves = NULL
+                    b.n = 0
+                    with gil:
+                        raise MemoryError("RangeMap: out of memory building the tree")
+                c = per + (1 if i < extra else 0)
+                nd.n = <int>c
+                for j in range(c):
+                    nd.children[j] = level[pos + j]
+                    nd.keys[j] = _subtree_min(level[pos + j], height)
+                pos += c
+                level[i] = <void*>nd
+                made_inner += 1
+            nlevel = nnext
+            height += 1
+        self._free_subtree(self.root, self.height)
+        self.root = level[0]
+        self.height = height
+        self.first_leaf = <Leaf*>self.root
+        while height > 0:
+            self.first_leaf = <Leaf*>(<Inner*>self.first_leaf).children[0]
+            height -= 1
+        self.count = b.runs
+        self.n_leaves += b.n
+        self.n_inner += made_inner
+        self.n_vals += b.vals
+        free(level)
+        b.leaves = NULL
+        b.n = 0
+        return 0
+
+    cdef int _bulk_load(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
+                        Py_ssize_t n) except -1 nogil:
+        """Replace the tree by one holding the sorted, disjoint runs ``S/E/V``, packed full."""
+        cdef Builder b
+        cdef Py_ssize_t i
+        _b_init(&b, self.leaf_cap, self.dflt)
+        for i in range(n):
+            if _b_emit(&b, S[i], E[i], V[i]) < 0:
+                break
+        else:
+            if _b_finish(&b) == 0:
+                return self._adopt(&b)
+        _b_free(&b)
+        with gil:
+            raise MemoryError("RangeMap: out of memory building the tree")
+
+    cdef int _assign_merged(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
+                            const Py_ssize_t *P, Py_ssize_t m) except -1 nogil:
+        """assign_many's merge path: one pass over stored runs and ranges into a fresh tree."""
+        cdef Builder b
+        _b_init(&b, self.leaf_cap, self.dflt)
+        if self._merge_runs(S, E, V, P, m, &b) == 0 and _b_finish(&b) == 0:
+            return self._adopt(&b)
+        _b_free(&b)
+        with gil:
+            raise MemoryError("RangeMap.assign_many: out of memory")
+
     # -- Python API ----------------------------------------------------------------------------
 
     @property
@@ -1182,12 +1452,18 @@ cdef class RangeMap:
                     with nogil:
                         _radix_argsort(&S[0], n, P, NULL)
                         ordered = _disjoint_in_order(&S[0], &E[0], P, n)
-                        if ordered:
-                            # Same result as array order (no partial overlaps), but consecutive
-                            # descents now share their cache-hot path.
+                    if ordered and 4 * n >= self.count:
+                        # Many ranges: one merge pass with the stored runs, then a fresh tree.
+                        with nogil:
+                            self._assign_merged(&S[0], &E[0], &V[0], P, n)
+                    elif ordered:
+                        # Few ranges into a big map: same result as array order (no partial
+                        # overlaps), and consecutive descents share their cache-hot path.
+                        with nogil:
                             for i in range(n):
                                 self._assign_c(S[P[i]], E[P[i]], V[P[i]])
-                        else:
+                    else:
+                        with nogil:
                             for i in range(n):
                                 self._assign_c(S[i], E[i], V[i])
                 finally:
@@ -1278,16 +1554,20 @@ cdef class RangeMap:
             free(v)
 
     def copy(self):
-        """An independent map with the same default and runs. Runtime complexity: O(n)."""
+        """An independent map with the same default and runs, densely packed. O(n)."""
         _enter_read(self)
         cdef RangeMap other = RangeMap.__new__(RangeMap, self.dflt, _fanout=self.leaf_cap)
-        cdef Leaf *lf = self.first_leaf
-        cdef int i
-        while lf != NULL:
-            for i in range(lf.n):
-                other._reserve()
-                other._insert_run(lf.starts[i], lf.ends[i], _val(lf, i))
-            lf = lf.next
+        cdef const uint64_t[::1] S
+        cdef const uint64_t[::1] E
+        cdef const uint64_t[::1] V
+        if self.count == 0:
+            return other
+        s, e, v = self._runs_arrays()
+        S = s
+        E = e
+        V = v
+        with nogil:
+            other._bulk_load(&S[0], &E[0], &V[0], S.shape[0])
         return other
 
     def _runs_arrays(self):
@@ -1433,3 +1713,5 @@ def _rangemap_from_runs(default, starts, ends, values):
     m = RangeMap(default)
     m.assign_many(starts, ends, values)
     return m
+
+include "_rmp.pxi"

@@ -275,5 +275,9 @@ def test_stress_fill_and_clear_memory_is_bounded():
     # Every run needs at least its 8-byte start somewhere in the map's own memory.
     assert full_nbytes[0] >= 8 * n
     assert full_nbytes[2] <= full_nbytes[0]
-    # A leak of one round's nodes would add a whole round's growth; allow 1.5x plus 16 MiB.
-    assert rss_growth[2] <= 1.5 * rss_growth[0] + 16 * 2**20, rss_growth
+    # Round 1 also warms the allocator up (glibc raises its mmap threshold after the first
+    # large free and keeps later scratch buffers in its heap), so leaks are judged between the
+    # warm rounds: a leak of one round's nodes (over 30 MiB here) would show as growth from
+    # round 2 to round 3.
+    assert rss_growth[2] <= rss_growth[1] + 8 * 2**20, rss_growth
+    assert rss_growth[2] <= 3 * rss_growth[0] + 64 * 2**20, rss_growth
