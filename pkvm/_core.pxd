@@ -132,3 +132,4 @@ cdef class RangeMap:
                         Py_ssize_t n) except -1 nogil
     cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1
 
+include "_rmp_decl.pxi"

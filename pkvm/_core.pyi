@@ -65,3 +65,78 @@ class RangeMap:
         """Assert every structural invariant; raises ``AssertionError`` naming the bad run."""
     def _depth(self) -> int:
         """Test hook: height of the tree (1 = a single leaf)."""
+
+# -- SEV-SNP RMP table (pkvm/_rmp.pxi) ------------------------------------------------------------
+
+from typing import NamedTuple
+
+RMP_MAX_PFN: int
+
+class RmpEntry(NamedTuple):
+    """One RMP entry as :meth:`RmpTable.lookup` reports it (level from the 2M-aligned entry)."""
+
+    assigned: bool
+    level: int
+    asid: int
+    gpa: int
+    immutable: bool
+    validated: bool
+    vmsa: bool
+
+@disjoint_base
+class RmpTable:
+    """The SEV-SNP Reverse Map Table: one entry per host pfn, range-compressed.
+
+    Ranges are half-open ``[pfn, pfn + npages)``; range forms return
+    ``(done, fail_pfn, code)``: instructions that succeeded, the pfn operand of the first that
+    did not (-1 if none) and its code (0 if none).
+    """
+
+    def __new__(cls, max_pfn: int = ..., *, _fanout: int | None = None) -> RmpTable: ...
+    @property
+    def max_pfn(self) -> int: ...
+    @property
+    def counters(self) -> dict[str, int]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def nruns(self) -> int: ...
+    def __reduce__(self) -> tuple[object, ...]: ...
+    def rmpupdate(
+        self, pfn: int, level: int, *, assigned: bool, asid: int = 0, gpa: int = 0,
+        immutable: bool = False,
+    ) -> int: ...
+    def rmpupdate_range(
+        self, pfn: int, npages: int, level: int, *, assigned: bool, asid: int = 0,
+        gpa: int = 0, immutable: bool = False,
+    ) -> tuple[int, int, int]: ...
+    def psmash(self, pfn: int) -> int: ...
+    def psmash_range(self, pfn: int, npages: int) -> tuple[int, int, int]: ...
+    def pvalidate(self, pfn: int, level: int, *, asid: int, gpa: int, validate: bool) -> int: ...
+    def pvalidate_range(
+        self, pfn: int, npages: int, level: int, *, asid: int, gpa: int, validate: bool,
+    ) -> tuple[int, int, int]: ...
+    def firmware_update(
+        self, pfn: int, npages: int, *, immutable: bool | None = None,
+        validated: bool | None = None, vmsa: bool | None = None,
+    ) -> None: ...
+    def set_in_use(self, pfn: int, npages: int = 1, in_use: bool = True) -> None:
+        """Test hook: RMPUPDATE/PSMASH on these pages return FAIL_INUSE while set."""
+    def in_use(self, pfn: int) -> bool: ...
+    def lookup(self, pfn: int) -> RmpEntry: ...
+    def ranges(
+        self, pfn: int = 0, npages: int | None = None,
+    ) -> list[tuple[int, int, RmpEntry]]: ...
+    def find_ne(
+        self, pfn: int, npages: int, *, assigned: bool | None = None, level: int | None = None,
+        asid: int | None = None, gpa: int | None = None, immutable: bool | None = None,
+        validated: bool | None = None, vmsa: bool | None = None,
+    ) -> int: ...
+    def find_eq(
+        self, pfn: int, npages: int, *, assigned: bool | None = None, level: int | None = None,
+        asid: int | None = None, gpa: int | None = None, immutable: bool | None = None,
+        validated: bool | None = None, vmsa: bool | None = None,
+    ) -> int: ...
+    def reset_counters(self) -> None: ...
+    def _check(self) -> None:
+        """Assert every RMP invariant; raises ``AssertionError`` naming the bad run."""

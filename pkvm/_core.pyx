@@ -1714,3 +1714,4 @@ def _rangemap_from_runs(default, starts, ends, values):
     m.assign_many(starts, ends, values)
     return m
 
+include "_rmp.pxi"

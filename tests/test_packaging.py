@@ -1,5 +1,6 @@
 """Packaging: the wheel and sdist carry what embedders need, and the core can be cimported."""
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -13,8 +14,8 @@ import pkvm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, cwd):
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+def _run(args, cwd, env=None):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -72,7 +73,9 @@ def test_cimport_consumer_builds_and_runs(tmp_path):
         "assert len(m) == 1000 and m.get(2) == 8 and m.get(3) == 0\n"
         "m._check(); print('ok')\n"
     )
-    assert _run([sys.executable, "-c", code], cwd=tmp_path).stdout.strip() == "ok"
+    # Import the pkvm under test (not whatever pkvm happens to be installed).
+    env = {**os.environ, "PYTHONPATH": include}
+    assert _run([sys.executable, "-c", code], cwd=tmp_path, env=env).stdout.strip() == "ok"
 
 
 def test_stub_matches_runtime(tmp_path):

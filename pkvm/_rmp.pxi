@@ -1,0 +1,948 @@
+# ---------------------------------------------------------------------------------------------
+# RmpTable: the SEV-SNP Reverse Map Table (included at the end of _core.pyx)
+# ---------------------------------------------------------------------------------------------
+#
+# One logical RMP entry per 4K host page (spec kernel-semantics.md §5.1): assigned, page size
+# (4K/2M), ASID, GPA, immutable, validated, VMSA. Nothing is stored per page. Each field lives on
+# its own RangeMap keyed by pfn, so a run of pages whose field values are equal is one run:
+#
+#   own    ownership word, default 0 = hypervisor-owned:
+#            bit  0      assigned (always 1 in a stored run)
+#            bits 1..16  ASID (< 2**16)
+#            bits 17..20 zero
+#            bits 21..63 gfn - pfn as a 43-bit two's-complement delta
+#          Storing the delta instead of the GPA makes linearly mapped pages (gfn = pfn + c)
+#          share one word, so a guest whose memory is physically contiguous is one run however
+#          large it is. Unassigned entries have GPA 0 and ASID 0 (RMPUPDATE rejects anything
+#          else, see docs/snp-rmp.md), hence the single default word 0.
+#   size   1 where the entry is 2M (pagesize bit), else 0
+#   imm    1 where immutable
+#   valid  1 where validated
+#   vmsa   1 where the VMSA bit is set
+#   lock   1 while the entry is "in use" by another CPU: not RMP state, the hook that makes
+#          FAIL_INUSE reachable (the later timeline mode sets it between interleaved steps)
+#
+# A 2M RMP entry is 512 consecutive 4K entries with size = 1 starting at a 2M-aligned pfn, equal
+# in every field (their GPAs advance page by page, which the delta encoding stores as one word).
+# The authoritative page size of a pfn is that of the 2M-aligned entry (§5.1,
+# __snp_lookup_rmpentry); the invariant below makes it equal to the pfn's own.
+#
+# Every instruction writes each field map at most once, over one half-open range, after all the
+# maps it writes were reserved: a MemoryError can only happen before anything changed.
+#
+# Invariants (RmpTable._check):
+# - every map is a valid RangeMap and covers only pfns below max_pfn;
+# - own: every stored word has the assigned bit, bits 17..20 clear and a gfn below 2**40;
+# - size runs start and end on 2M boundaries; inside them every other field map changes value
+#   only on 2M boundaries (a 2M entry is uniform except for its per-page GPA);
+# - imm, valid and vmsa are set only on assigned entries; vmsa only on 4K entries;
+# - lock stores only the value 1.
+
+from collections import namedtuple
+
+from libc.stdint cimport int64_t
+
+cdef enum:
+    _OWN_ASID_SHIFT = 1
+    _OWN_DELTA_SHIFT = 21
+    _MASK_2M = 511
+
+# Hardware return codes (AMD APM vol. 3 / spec §5.3, §5.4, §5.6) and pkvm's fault outcomes;
+# pkvm/snp_constants.py exports the same numbers to Python.
+cdef enum:
+    _RMP_FAIL_INPUT = 1
+    _RMP_FAIL_PERMISSION = 2
+    _RMP_FAIL_INUSE = 3
+    _RMP_FAIL_OVERLAP = 4
+    _PVAL_FAIL_INPUT = 1
+    _PVAL_FAIL_SIZEMISMATCH = 6
+    _PVAL_FAIL_NOUPDATE = 255
+    _PVAL_NPF_RMP = 0x100
+    _PVAL_NPF_SIZEM = 0x101
+
+# Indices into RmpTable.cnt; _RMP_COUNTER_NAMES lists them in this order.
+cdef enum:
+    _C_RMPUPDATE = 0
+    _C_RMPUPDATE_2M = 1
+    _C_RMPUPDATE_FAIL = 2        # + code - 1, for codes 1..4
+    _C_PSMASH = 6
+    _C_PSMASH_FAIL = 7           # + code - 1, for codes 1..3
+    _C_PVALIDATE = 10
+    _C_PVALIDATE_2M = 11
+    _C_PVALIDATE_FAIL_INPUT = 12
+    _C_PVALIDATE_FAIL_SIZEMISMATCH = 13
+    _C_PVALIDATE_FAIL_NOUPDATE = 14
+    _C_PVALIDATE_NPF_RMP = 15
+    _C_PVALIDATE_NPF_SIZEM = 16
+
+_RMP_COUNTER_NAMES = (
+    "rmpupdate", "rmpupdate_2m",
+    "rmpupdate_fail_input", "rmpupdate_fail_permission", "rmpupdate_fail_inuse",
+    "rmpupdate_fail_overlap",
+    "psmash", "psmash_fail_input", "psmash_fail_permission", "psmash_fail_inuse",
+    "pvalidate", "pvalidate_2m",
+    "pvalidate_fail_input", "pvalidate_fail_sizemismatch", "pvalidate_fail_noupdate",
+    "pvalidate_npf_rmp", "pvalidate_npf_sizem",
+)
+
+# RmpMatch.fields bits
+cdef enum:
+    RMP_F_ASSIGNED = 1
+    RMP_F_BIG = 2
+    RMP_F_ASID = 4
+    RMP_F_GPA = 8
+    RMP_F_IMM = 16
+    RMP_F_VALID = 32
+    RMP_F_VMSA = 64
+
+#: Largest pfn + 1 (and gfn + 1) an RMP entry can describe: 52-bit physical addresses.
+RMP_MAX_PFN = 1 << 40
+cdef uint64_t _RMP_MAX_PFN = 1ULL << 40
+
+RmpEntry = namedtuple("RmpEntry",
+                      ["assigned", "level", "asid", "gpa", "immutable", "validated", "vmsa"],
+                      module="pkvm._core")
+RmpEntry.__doc__ = """One RMP entry as ``RmpTable.lookup`` reports it (an immutable snapshot).
+
+``level`` is ``PG_LEVEL_4K`` (1) or ``PG_LEVEL_2M`` (2), taken from the 2M-aligned entry as
+``snp_lookup_rmpentry`` does (spec §5.1); ``gpa`` is in bytes and 0 when not assigned.
+"""
+
+
+cdef inline uint64_t _own_word(uint64_t pfn, uint64_t asid, uint64_t gfn) noexcept nogil:
+    """The ownership word of ``pfn`` owned by ``asid`` at ``gfn`` (wrapping: two's complement)."""
+    return 1 | (asid << _OWN_ASID_SHIFT) | ((gfn - pfn) << _OWN_DELTA_SHIFT)
+
+
+cdef inline uint64_t _own_gfn(uint64_t own, uint64_t pfn) noexcept nogil:
+    return pfn + <uint64_t>((<int64_t>own) >> _OWN_DELTA_SHIFT)
+
+
+cdef inline uint64_t _own_asid(uint64_t own) noexcept nogil:
+    return (own >> _OWN_ASID_SHIFT) & 0xFFFF
+
+
+cdef inline uint64_t _umin(uint64_t a, uint64_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline uint64_t _umax(uint64_t a, uint64_t b) noexcept nogil:
+    return a if a > b else b
+
+
+# -- argument validation (Python boundary) --------------------------------------------------------
+
+cdef object _rmp_int(object o, str name, object lo, object hi):
+    """``o`` as a Python int in ``[lo, hi)``: TypeError / ValueError naming ``name``."""
+    if type(o) is not int:
+        if isinstance(o, (float, complex, str, bytes)) or not hasattr(type(o), "__index__"):
+            raise TypeError(f"{name} must be an integer, not {type(o).__name__}")
+        o = operator.index(o)
+    if o < lo or o >= hi:
+        raise ValueError(f"{name} {o:#x} out of range [{lo:#x}, {hi:#x})")
+    return o
+
+
+cdef int _rmp_flag(object o, str name) except -1:
+    """A 0/1 flag: ``bool`` or the ints 0 and 1."""
+    if o is True:
+        return 1
+    if o is False:
+        return 0
+    if type(o) is not int and (isinstance(o, (float, complex, str, bytes))
+                               or not hasattr(type(o), "__index__")):
+        raise TypeError(f"{name} must be a bool, not {type(o).__name__}")
+    o = operator.index(o)
+    if o != 0 and o != 1:
+        raise ValueError(f"{name} must be a bool (or 0/1), not {o}")
+    return o
+
+
+cdef int _rmp_level(object o) except -1:
+    """1 for PG_LEVEL_4K, 2 for PG_LEVEL_2M; anything else is rejected naming ``level``."""
+    if type(o) is not int and (isinstance(o, (float, complex, str, bytes, bool))
+                               or not hasattr(type(o), "__index__")):
+        raise TypeError(f"level must be an integer, not {type(o).__name__}")
+    o = operator.index(o)
+    if o != 1 and o != 2:
+        raise ValueError(f"level must be PG_LEVEL_4K (1) or PG_LEVEL_2M (2), not {o}")
+    return o
+
+
+cdef object _rmp_gfn(object gpa, object npages):
+    """The gfn of a 4K-aligned ``gpa`` whose ``npages`` pages stay below 2**52."""
+    g = _rmp_int(gpa, "gpa", 0, 1 << 52)
+    if g & 0xFFF:
+        raise ValueError(f"gpa {g:#x} is not 4K-aligned")
+    if (g >> 12) + npages > RMP_MAX_PFN:
+        raise ValueError(f"gpa range [{g:#x}, {g + (npages << 12):#x}) passes 2**52")
+    return g >> 12
+
+
+cdef class RmpTable:
+    """The SEV-SNP Reverse Map Table: one entry per host pfn, range-compressed.
+
+    Models the host instructions RMPUPDATE and PSMASH and the guest instruction PVALIDATE with
+    their return codes (spec kernel-semantics.md §5.3, §5.4, §5.6; the rules the spec leaves
+    open are documented in ``docs/snp-rmp.md``). Every instruction has a range form that runs
+    ``npages`` (4K) or ``npages // 512`` (2M) instructions back to back, stopping at the first
+    that does not succeed, and reports how many succeeded: N instructions, one call.
+
+    All ranges are half-open: ``[pfn, pfn + npages)``. A fresh table is all hypervisor-owned
+    4K entries. Instruction counters are in :attr:`counters`.
+
+    Runtime complexity: every operation is O((k + 1) log n) for k field runs inside its range
+    and n stored runs (so O(log n) on uniform memory, whatever ``npages``); memory O(n).
+    The Python methods keep the GIL (each call is short), so threads see whole instructions.
+
+    >>> rmp = RmpTable()
+    >>> rmp.rmpupdate_range(0x200, 1024, 2, assigned=True, asid=1, gpa=0x4000_0000)
+    (2, -1, 0)
+    >>> e = rmp.lookup(0x201)
+    >>> e.assigned, e.level, e.asid, hex(e.gpa), e.validated
+    (True, 2, 1, '0x40001000', False)
+    >>> rmp.pvalidate(0x201, 1, asid=1, gpa=0x4000_1000, validate=True)   # 4K on a 2M entry
+    257
+    >>> rmp.psmash(0x200), rmp.pvalidate(0x201, 1, asid=1, gpa=0x4000_1000, validate=True)
+    (0, 0)
+    """
+
+    def __cinit__(self, max_pfn=RMP_MAX_PFN, *, _fanout=None):
+        m = _rmp_int(max_pfn, "max_pfn", 1, RMP_MAX_PFN + 1)
+        if m & _MASK_2M:
+            raise ValueError(f"max_pfn {m:#x} is not a multiple of 512 (whole 2M entries)")
+        self.max_pfn_ = m
+        self.own = RangeMap(0, _fanout=_fanout)
+        self.size = RangeMap(0, _fanout=_fanout)
+        self.imm = RangeMap(0, _fanout=_fanout)
+        self.valid = RangeMap(0, _fanout=_fanout)
+        self.vmsa = RangeMap(0, _fanout=_fanout)
+        self.lock = RangeMap(0, _fanout=_fanout)
+        memset(self.cnt, 0, sizeof(self.cnt))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    cdef int _reserve_all(self) except -1 nogil:
+        """Top up every field map's node pool: after this, one assign per map cannot fail."""
+        self.own._reserve()
+        self.size._reserve()
+        self.imm._reserve()
+        self.valid._reserve()
+        self.vmsa._reserve()
+        return 0
+
+    cdef bint _is_2m_c(self, uint64_t pfn) noexcept nogil:
+        """The authoritative page size of ``pfn``: that of its 2M-aligned entry (§5.1)."""
+        return self.size._get_c(pfn & ~(<uint64_t>_MASK_2M)) != 0
+
+    cdef RmpSeg _seg_c(self, uint64_t pfn, uint64_t limit) noexcept nogil:
+        """The fields at ``pfn`` and how far (up to ``limit``) they all stay the same."""
+        cdef RmpSeg s
+        cdef Run r
+        cdef uint64_t e = limit
+        r = self.own._run_at_c(pfn)
+        s.own = r.value
+        e = _umin(e, r.end)
+        r = self.size._run_at_c(pfn)
+        s.size = r.value
+        e = _umin(e, r.end)
+        r = self.imm._run_at_c(pfn)
+        s.imm = r.value
+        e = _umin(e, r.end)
+        r = self.valid._run_at_c(pfn)
+        s.valid = r.value
+        e = _umin(e, r.end)
+        r = self.vmsa._run_at_c(pfn)
+        s.vmsa = r.value
+        s.start = pfn
+        s.end = _umin(e, r.end)
+        return s
+
+    cdef int _first_owned_4k(self, uint64_t s, uint64_t e, uint64_t *found) noexcept nogil:
+        """First pfn of ``[s, e)`` assigned with page size 4K; 1 if any. O((k + 1) log n)."""
+        cdef Run r
+        cdef uint64_t cur = s, a, b
+        while cur < e:
+            r = self.own._next_run_c(cur)
+            if r.start >= e:
+                return 0
+            a = _umax(r.start, cur)
+            b = _umin(r.end, e)
+            if self.size._find_ne_c(a, b, 1, found):
+                return 1
+            cur = b
+        return 0
+
+    cdef int _first_owned_2m(self, uint64_t s, uint64_t e, uint64_t *found) noexcept nogil:
+        """First pfn of ``[s, e)`` assigned with page size 2M; 1 if any. O((k + 1) log n)."""
+        cdef Run r
+        cdef uint64_t cur = s, a, b
+        while cur < e:
+            r = self.size._next_run_c(cur)
+            if r.start >= e:
+                return 0
+            a = _umax(r.start, cur)
+            b = _umin(r.end, e)
+            if self.own._find_ne_c(a, b, 0, found):
+                return 1
+            cur = b
+        return 0
+
+    # -- instructions (C level) ------------------------------------------------------------------
+
+    cdef int _rmpupdate_c(self, uint64_t pfn, uint64_t npages, bint big, bint assigned,
+                          uint64_t asid, uint64_t gfn, bint immutable,
+                          RmpResult *res) except -1 nogil:
+        """RMPUPDATE each 4K page (or 2M region) of ``[pfn, pfn + npages)`` in order.
+
+        The new entries are ``assigned`` to ``asid`` with GPAs ``gfn, gfn + 1, ...`` (ignored
+        when not assigned, where ``asid``, ``gfn`` and ``immutable`` must be 0), page size 2M iff
+        ``big``, ``immutable`` as given, validated and VMSA clear (§5.3). Stops at the first
+        failing instruction. Checks, in priority order, per instruction:
+
+        - FAIL_INPUT: unassigned with a nonzero field; 2M with an unaligned pfn or gfn;
+        - FAIL_INUSE: a locked pfn among the pages written;
+        - FAIL_PERMISSION: an immutable entry among them;
+        - FAIL_OVERLAP: 4K inside an assigned 2M entry; 2M over a region holding an assigned
+          4K entry.
+
+        A 4K update inside an unassigned 2M entry succeeds and demotes the rest of that entry to
+        unassigned 4K entries. Every instruction writes only its own page(s), so the first
+        failure is found on the unchanged table and the successful prefix is written with one
+        assign per field map.
+        """
+        cdef uint64_t e = pfn + npages, m = e, f, x, lo, hi, r, word
+        cdef int code = 0
+        res.done = 0
+        res.fail_pfn = 0
+        res.code = 0
+        if npages == 0:
+            return 0
+        if ((not assigned and (asid != 0 or gfn != 0 or immutable))
+                or (big and ((pfn & _MASK_2M) or (assigned and (gfn & _MASK_2M))))):
+            res.fail_pfn = pfn
+            res.code = _RMP_FAIL_INPUT
+            self.cnt[_C_RMPUPDATE_FAIL + _RMP_FAIL_INPUT - 1] += 1
+            return 0
+        if not big:
+            # Instructions run in pfn order and only the demotion of an unassigned 2M entry
+            # touches other pfns (and cannot create a failure), so the first failing pfn is
+            # the first pfn that fails on the current table. Shrinking the search keeps the
+            # priority order for a pfn that fails several checks.
+            if self.lock._find_ne_c(pfn, m, 0, &x):
+                m = x
+                code = _RMP_FAIL_INUSE
+            if self.imm._find_ne_c(pfn, m, 0, &x):
+                m = x
+                code = _RMP_FAIL_PERMISSION
+            if self._first_owned_2m(pfn, m, &x):
+                m = x
+                code = _RMP_FAIL_OVERLAP
+            f = m
+        else:
+            # A 2M instruction fails if any pfn of its region does; the first region holding
+            # a failing pfn is the first failing instruction; its code is the highest-priority
+            # check that fails anywhere in it.
+            if self.lock._find_ne_c(pfn, m, 0, &x):
+                m = x
+            if self.imm._find_ne_c(pfn, m, 0, &x):
+                m = x
+            if self._first_owned_4k(pfn, m, &x):
+                m = x
+            f = e
+            if m < e:
+                f = r = m & ~(<uint64_t>_MASK_2M)
+                if self.lock._find_ne_c(r, r + RMP_PAGES_2M, 0, &x):
+                    code = _RMP_FAIL_INUSE
+                elif self.imm._find_ne_c(r, r + RMP_PAGES_2M, 0, &x):
+                    code = _RMP_FAIL_PERMISSION
+                else:
+                    code = _RMP_FAIL_OVERLAP
+        if f > pfn:
+            word = _own_word(pfn, asid, gfn) if assigned else 0
+            lo = pfn
+            hi = f
+            if not big:
+                # Unassigned 2M entries cut by the written pages become 4K entries (§5.3 is
+                # silent; see docs/snp-rmp.md). Assigned ones failed with FAIL_OVERLAP above.
+                if self.size._get_c(pfn):
+                    lo = pfn & ~(<uint64_t>_MASK_2M)
+                if self.size._get_c(f - 1):
+                    hi = ((f - 1) | _MASK_2M) + 1
+            self._reserve_all()
+            self.own._assign_c(pfn, f, word)
+            self.size._assign_c(lo, hi, 1 if big else 0)
+            self.imm._assign_c(pfn, f, 1 if immutable else 0)
+            self.valid._assign_c(pfn, f, 0)
+            self.vmsa._assign_c(pfn, f, 0)
+            res.done = (f - pfn) >> 9 if big else f - pfn
+            self.cnt[_C_RMPUPDATE] += res.done
+            if big:
+                self.cnt[_C_RMPUPDATE_2M] += res.done
+        if code:
+            res.fail_pfn = f
+            res.code = code
+            self.cnt[_C_RMPUPDATE_FAIL + code - 1] += 1
+        return 0
+
+    cdef int _psmash_c(self, uint64_t pfn, uint64_t npages, RmpResult *res) except -1 nogil:
+        """PSMASH each 2M region of ``[pfn, pfn + npages)`` in order (``npages % 512 == 0``).
+
+        Splits a 2M entry into 512 4K entries keeping every field (the GPAs already advance
+        per page), §5.4. Checks, in priority order: FAIL_INPUT (unaligned pfn, or the entry is
+        4K), FAIL_INUSE (a locked pfn in the region), FAIL_PERMISSION (immutable).
+        """
+        cdef uint64_t e = pfn + npages, m = e, f = e, x, r
+        cdef int code = 0
+        res.done = 0
+        res.fail_pfn = 0
+        res.code = 0
+        if npages == 0:
+            return 0
+        if pfn & _MASK_2M:
+            res.fail_pfn = pfn
+            res.code = _RMP_FAIL_INPUT
+            self.cnt[_C_PSMASH_FAIL + _RMP_FAIL_INPUT - 1] += 1
+            return 0
+        if self.size._find_ne_c(pfn, m, 1, &x):
+            m = x
+        if self.lock._find_ne_c(pfn, m, 0, &x):
+            m = x
+        if self.imm._find_ne_c(pfn, m, 0, &x):
+            m = x
+        if m < e:
+            f = r = m & ~(<uint64_t>_MASK_2M)
+            if not self.size._get_c(r):
+                code = _RMP_FAIL_INPUT
+            elif self.lock._find_ne_c(r, r + RMP_PAGES_2M, 0, &x):
+                code = _RMP_FAIL_INUSE
+            else:
+                code = _RMP_FAIL_PERMISSION
+        if f > pfn:
+            self.size._reserve()
+            self.size._assign_c(pfn, f, 0)
+            res.done = (f - pfn) >> 9
+            self.cnt[_C_PSMASH] += res.done
+        if code:
+            res.fail_pfn = f
+            res.code = code
+            self.cnt[_C_PSMASH_FAIL + code - 1] += 1
+        return 0
+
+    cdef int _pvalidate_c(self, uint64_t pfn, uint64_t npages, bint big, uint64_t asid,
+                          uint64_t gfn, bint validate, RmpResult *res) except -1 nogil:
+        """PVALIDATE each 4K page (or 2M region) of ``[pfn, pfn + npages)`` for guest ``asid``.
+
+        ``pfn + i`` is the host page the guest's NPT maps ``gfn + i`` to. Outcomes, in priority
+        order, per instruction (§5.6; choices in docs/snp-rmp.md):
+
+        - FAIL_INPUT: 2M with an unaligned pfn or gfn;
+        - NPF_RMP (an #NPF with the RMP bit, not a return code): the entry is not assigned to
+          ``asid`` at this GPA, or is immutable;
+        - FAIL_SIZEMISMATCH: 2M on a 4K entry; NPF_SIZEM (#NPF, RMP + SIZEM): 4K on a 2M entry;
+        - FAIL_NOUPDATE: the validated bit already equals ``validate`` (rFLAGS.CF = 1);
+        - success: validated := ``validate`` on the page (all 512 for 2M).
+
+        For 2M the hardware checks the 2M-aligned entry; a 2M entry is uniform, so the region
+        of the first pfn failing any check is the first failing instruction.
+        """
+        cdef uint64_t e = pfn + npages, m = e, f = e, x, r
+        cdef uint64_t word = _own_word(pfn, asid, gfn)
+        cdef int code = 0
+        res.done = 0
+        res.fail_pfn = 0
+        res.code = 0
+        if npages == 0:
+            return 0
+        if big and ((pfn & _MASK_2M) or (gfn & _MASK_2M)):
+            res.fail_pfn = pfn
+            res.code = _PVAL_FAIL_INPUT
+            self.cnt[_C_PVALIDATE_FAIL_INPUT] += 1
+            return 0
+        # Linear pages of one guest share one ownership word, so "owned by asid at the right
+        # GPA" is "own == word" for every pfn of the range.
+        if self.own._find_ne_c(pfn, m, word, &x):
+            m = x
+        if self.imm._find_ne_c(pfn, m, 0, &x):
+            m = x
+        if self.size._find_ne_c(pfn, m, 1 if big else 0, &x):
+            m = x
+        if self.valid._find_ne_c(pfn, m, 0 if validate else 1, &x):
+            m = x
+        if m < e:
+            f = r = m & ~(<uint64_t>_MASK_2M) if big else m
+            if self.own._get_c(r) != word or self.imm._get_c(r):
+                code = _PVAL_NPF_RMP
+            elif big and not self.size._get_c(r):
+                code = _PVAL_FAIL_SIZEMISMATCH
+            elif not big and self.size._get_c(r):
+                code = _PVAL_NPF_SIZEM
+            else:
+                code = _PVAL_FAIL_NOUPDATE
+        if f > pfn:
+            self.valid._reserve()
+            self.valid._assign_c(pfn, f, 1 if validate else 0)
+            res.done = (f - pfn) >> 9 if big else f - pfn
+            self.cnt[_C_PVALIDATE] += res.done
+            if big:
+                self.cnt[_C_PVALIDATE_2M] += res.done
+        if code:
+            res.fail_pfn = f
+            res.code = code
+            if code == _PVAL_NPF_RMP:
+                self.cnt[_C_PVALIDATE_NPF_RMP] += 1
+            elif code == _PVAL_NPF_SIZEM:
+                self.cnt[_C_PVALIDATE_NPF_SIZEM] += 1
+            elif code == _PVAL_FAIL_SIZEMISMATCH:
+                self.cnt[_C_PVALIDATE_FAIL_SIZEMISMATCH] += 1
+            else:
+                self.cnt[_C_PVALIDATE_FAIL_NOUPDATE] += 1
+        return 0
+
+    cdef int _find_c(self, uint64_t s, uint64_t e, const RmpMatch *want, bint equal,
+                     uint64_t *found) noexcept nogil:
+        """First pfn of ``[s, e)`` whose entry matches ``want`` (``equal``) or does not; 1 if any.
+
+        The GPA wanted at pfn ``p`` is ``want.gfn + (p - s)``; an unassigned entry reports GPA
+        0, which can only be wanted at ``p == s`` with ``want.gfn == 0``.
+        """
+        cdef RmpSeg g
+        cdef uint64_t cur = s
+        cdef int fl = want.fields
+        cdef bint ok, gpa_once
+        while cur < e:
+            g = self._seg_c(cur, e)
+            ok = True
+            if fl & RMP_F_ASSIGNED and (g.own != 0) != (want.assigned != 0):
+                ok = False
+            if fl & RMP_F_BIG and g.size != want.big:
+                ok = False
+            if fl & RMP_F_IMM and g.imm != want.imm:
+                ok = False
+            if fl & RMP_F_VALID and g.valid != want.valid:
+                ok = False
+            if fl & RMP_F_VMSA and g.vmsa != want.vmsa:
+                ok = False
+            if fl & RMP_F_ASID and (_own_asid(g.own) if g.own else 0) != want.asid:
+                ok = False
+            gpa_once = False
+            if ok and fl & RMP_F_GPA:
+                if g.own:
+                    ok = _own_gfn(g.own, cur) == want.gfn + (cur - s)
+                else:
+                    # GPA 0 is wanted only at s itself, and only if want.gfn == 0.
+                    ok = False
+                    gpa_once = cur == s and want.gfn == 0
+            if equal:
+                if ok or gpa_once:
+                    found[0] = cur
+                    return 1
+            elif not ok:
+                if not gpa_once:
+                    found[0] = cur
+                    return 1
+                if cur + 1 < e:
+                    found[0] = cur + 1
+                    return 1
+                return 0
+            cur = g.end
+        return 0
+
+    # -- Python API: instructions --------------------------------------------------------------
+
+    def rmpupdate(self, pfn, level, *, assigned, asid=0, gpa=0, immutable=False):
+        """Execute one RMPUPDATE on host page ``pfn`` and return its return code.
+
+        The new entry: ``assigned`` to guest ``asid`` at ``gpa`` (bytes), page size ``level``
+        (``PG_LEVEL_4K`` or ``PG_LEVEL_2M``), ``immutable``; validated and VMSA cleared.
+        ``rmp_make_shared`` is ``assigned=False`` with every other field 0 (spec §5.3).
+
+        Returns ``RMPUPDATE_SUCCESS`` (0), ``RMPUPDATE_FAIL_INPUT`` (1),
+        ``RMPUPDATE_FAIL_PERMISSION`` (2), ``RMPUPDATE_FAIL_INUSE`` (3) or
+        ``RMPUPDATE_FAIL_OVERLAP`` (4) by the rules of :meth:`rmpupdate_range`.
+        Runtime complexity: O(log n).
+
+        Raises:
+            TypeError, ValueError: an argument of the wrong type or out of range (named).
+        """
+        cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
+        cdef int lvl = _rmp_level(level)
+        # An unaligned 2M operand is the instruction's FAIL_INPUT, even at the table's end.
+        return _rmp_update(self, p, RMP_PAGES_2M if lvl == 2 else 1, lvl, assigned, asid, gpa,
+                           immutable)[2]
+
+    def rmpupdate_range(self, pfn, npages, level, *, assigned, asid=0, gpa=0, immutable=False):
+        """RMPUPDATE every 4K page (or 2M region) of ``[pfn, pfn + npages)`` in order.
+
+        Page ``pfn + i`` gets GPA ``gpa + i * 4096``. Stops at the first instruction that does
+        not return 0 and returns ``(done, fail_pfn, code)``: instructions that succeeded,
+        the pfn operand of the failing one (-1 if none) and its return code (0 if none).
+        Checks per instruction, in order (spec §5.3; choices in docs/snp-rmp.md):
+
+        - ``FAIL_INPUT``: not assigned but ``asid``, ``gpa`` or ``immutable`` nonzero; 2M with
+          ``pfn`` or ``gpa`` not 2M-aligned;
+        - ``FAIL_INUSE``: a page it writes is locked (:meth:`set_in_use`);
+        - ``FAIL_PERMISSION``: a page it writes is immutable;
+        - ``FAIL_OVERLAP``: 4K inside an assigned 2M entry; 2M over a region that holds an
+          assigned 4K entry.
+
+        A 4K update inside an unassigned 2M entry demotes that entry to 4K entries.
+
+        Runtime complexity: O((k + 1) log n) for k field runs in the range.
+
+        Raises:
+            TypeError, ValueError: an argument of the wrong type or out of range (named), or
+            ``npages`` not a multiple of 512 at 2M. Nothing changes.
+        """
+        cdef uint64_t p, n
+        cdef int lvl = _rmp_level(level)
+        _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
+        if lvl == 2 and n & _MASK_2M:
+            raise ValueError(f"npages {n:#x} is not a multiple of 512 for a 2M RMPUPDATE")
+        return _rmp_update(self, p, n, lvl, assigned, asid, gpa, immutable)
+
+    def psmash(self, pfn):
+        """Execute one PSMASH on the 2M entry at ``pfn``; return its return code.
+
+        0 on success, ``PSMASH_FAIL_INPUT`` (1) if ``pfn`` is not 2M-aligned or its entry is
+        4K, ``PSMASH_FAIL_INUSE`` (3), ``PSMASH_FAIL_PERMISSION`` (2) for an immutable entry.
+        Runtime complexity: O(log n).
+
+        Raises:
+            TypeError, ValueError: ``pfn`` of the wrong type or out of range.
+        """
+        cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
+        cdef RmpResult res
+        self._psmash_c(p, RMP_PAGES_2M, &res)
+        return res.code
+
+    def psmash_range(self, pfn, npages):
+        """PSMASH every 2M region of ``[pfn, pfn + npages)`` in order (``npages % 512 == 0``).
+
+        Splits each 2M entry into 512 4K entries that keep all fields, including validated and
+        the per-page GPA (spec §5.4). Returns ``(done, fail_pfn, code)`` as
+        :meth:`rmpupdate_range`; the checks are those of :meth:`psmash`.
+
+        Runtime complexity: O((k + 1) log n) for k field runs in the range.
+
+        Raises:
+            TypeError, ValueError: as :meth:`rmpupdate_range`. Nothing changes.
+        """
+        cdef uint64_t p, n
+        cdef RmpResult res
+        _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
+        if n & _MASK_2M:
+            raise ValueError(f"npages {n:#x} is not a multiple of 512 for PSMASH")
+        self._psmash_c(p, n, &res)
+        return (res.done, res.fail_pfn if res.code else -1, res.code)
+
+    def pvalidate(self, pfn, level, *, asid, gpa, validate):
+        """Execute one guest PVALIDATE of ``gpa`` (mapped to host page ``pfn``) for ``asid``.
+
+        Returns ``PVALIDATE_SUCCESS`` (0), ``PVALIDATE_FAIL_INPUT`` (1),
+        ``PVALIDATE_FAIL_SIZEMISMATCH`` (6) or ``PVALIDATE_FAIL_NOUPDATE`` (255, the CF=1
+        "nothing changed" result), or one of pkvm's fault outcomes ``PVALIDATE_NPF_RMP``
+        (0x100) / ``PVALIDATE_NPF_SIZEM`` (0x101): the instruction did not complete and raised
+        a nested page fault with the RMP (and SIZEM) error-code bit. Rules as
+        :meth:`pvalidate_range`. Runtime complexity: O(log n).
+
+        Raises:
+            TypeError, ValueError: an argument of the wrong type or out of range (named).
+        """
+        cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
+        cdef int lvl = _rmp_level(level)
+        return _rmp_pvalidate(self, p, RMP_PAGES_2M if lvl == 2 else 1, lvl, asid, gpa,
+                              validate)[2]
+
+    def pvalidate_range(self, pfn, npages, level, *, asid, gpa, validate):
+        """PVALIDATE every 4K page (or 2M region) of ``[pfn, pfn + npages)`` in order.
+
+        Page ``pfn + i`` is the host page of guest address ``gpa + i * 4096``. Per
+        instruction, in order (spec §5.6; choices in docs/snp-rmp.md): ``FAIL_INPUT`` (2M with
+        ``pfn`` or ``gpa`` unaligned); ``NPF_RMP`` (not assigned to ``asid`` at that GPA, or
+        immutable); ``FAIL_SIZEMISMATCH`` (2M on a 4K entry) / ``NPF_SIZEM`` (4K on a 2M
+        entry); ``FAIL_NOUPDATE`` (already in the requested state); else success. Returns
+        ``(done, fail_pfn, code)`` as :meth:`rmpupdate_range`.
+
+        Runtime complexity: O(log n).
+
+        Raises:
+            TypeError, ValueError: as :meth:`rmpupdate_range`. Nothing changes.
+        """
+        cdef uint64_t p, n
+        cdef int lvl = _rmp_level(level)
+        _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
+        if lvl == 2 and n & _MASK_2M:
+            raise ValueError(f"npages {n:#x} is not a multiple of 512 for a 2M PVALIDATE")
+        return _rmp_pvalidate(self, p, n, lvl, asid, gpa, validate)
+
+    def firmware_update(self, pfn, npages, *, immutable=None, validated=None, vmsa=None):
+        """Set fields of assigned entries the way SNP firmware commands do.
+
+        The x86 instructions cannot set ``immutable`` after the fact, ``validated`` for the
+        guest, or ``vmsa``; the PSP firmware can (SNP_LAUNCH_UPDATE / LAUNCH_FINISH, VMSA
+        pages, page reclaim; spec §5.2, §5.9). Each field given (not ``None``) is written on
+        every entry of ``[pfn, pfn + npages)``.
+
+        Runtime complexity: O((k + 1) log n) for k ownership runs in the range.
+
+        Raises:
+            TypeError, ValueError: bad arguments; a page in the range is not assigned; the range
+            cuts a 2M entry; ``vmsa=True`` on a 2M entry. Nothing changes.
+        """
+        cdef uint64_t p, n, e, cur
+        cdef Run r
+        cdef int im = -1, va = -1, vm = -1
+        _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
+        if immutable is not None:
+            im = _rmp_flag(immutable, "immutable")
+        if validated is not None:
+            va = _rmp_flag(validated, "validated")
+        if vmsa is not None:
+            vm = _rmp_flag(vmsa, "vmsa")
+        if n == 0:
+            return
+        e = p + n
+        cur = p
+        while cur < e:
+            r = self.own._run_at_c(cur)
+            if r.value == 0:
+                raise ValueError(f"pfn {cur:#x} is not assigned: firmware only updates "
+                                 f"guest-owned entries in [{p:#x}, {e:#x})")
+            cur = r.end
+        if (self.size._get_c(p) and p & _MASK_2M) or (self.size._get_c(e - 1) and e & _MASK_2M):
+            raise ValueError(f"[{p:#x}, {e:#x}) cuts a 2M RMP entry; cover whole 2M entries "
+                             "or PSMASH first")
+        if vm == 1 and self.size._find_ne_c(p, e, 0, &cur):
+            raise ValueError(f"pfn {cur:#x} is a 2M entry: VMSA pages are 4K")
+        self._reserve_all()
+        if im >= 0:
+            self.imm._assign_c(p, e, im)
+        if va >= 0:
+            self.valid._assign_c(p, e, va)
+        if vm >= 0:
+            self.vmsa._assign_c(p, e, vm)
+
+    # -- Python API: the in-use lock (test hook for FAIL_INUSE) --------------------------------
+
+    def set_in_use(self, pfn, npages=1, in_use=True):
+        """Mark ``[pfn, pfn + npages)`` as in use by another CPU (or clear it).
+
+        While set, RMPUPDATE and PSMASH touching those pages fail with ``FAIL_INUSE`` (§5.3,
+        §5.4). A test hook now; the timeline mode will hold it between interleaved steps.
+        Runtime complexity: O(log n).
+        """
+        cdef uint64_t p, n
+        cdef bint v = _rmp_flag(in_use, "in_use")
+        _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
+        self.lock._assign_c(p, p + n, 1 if v else 0)
+
+    def in_use(self, pfn):
+        """Whether ``pfn``'s entry is locked (:meth:`set_in_use`). Runtime complexity: O(log n)."""
+        cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
+        return self.lock._get_c(p) != 0
+
+    # -- Python API: queries --------------------------------------------------------------------
+
+    @property
+    def max_pfn(self):
+        """One past the last pfn the table covers."""
+        return self.max_pfn_
+
+    def lookup(self, pfn):
+        """The entry of host page ``pfn`` as an :class:`RmpEntry` (``snp_lookup_rmpentry``).
+
+        ``level`` comes from the 2M-aligned entry (spec §5.1). Runtime complexity: O(log n).
+        """
+        cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
+        cdef uint64_t own = self.own._get_c(p)
+        return RmpEntry(own != 0, 2 if self._is_2m_c(p) else 1,
+                        _own_asid(own) if own else 0,
+                        _own_gfn(own, p) << 12 if own else 0,
+                        self.imm._get_c(p) != 0, self.valid._get_c(p) != 0,
+                        self.vmsa._get_c(p) != 0)
+
+    def ranges(self, pfn=0, npages=None):
+        """Maximal runs ``(start, end, entry)`` of ``[pfn, pfn + npages)`` (whole table default).
+
+        Within a run every field equals ``entry``'s except the GPA, which is
+        ``entry.gpa + (p - start) * 4096`` for assigned pages. Runtime complexity: O(k log n).
+        """
+        cdef uint64_t p, n, e, cur
+        cdef RmpSeg g
+        if npages is None:
+            npages = self.max_pfn_ - _rmp_int(pfn, "pfn", 0, self.max_pfn_)
+        _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
+        e = p + n
+        out = []
+        cur = p
+        while cur < e:
+            g = self._seg_c(cur, e)
+            out.append((cur, g.end, RmpEntry(
+                g.own != 0, 2 if g.size else 1, _own_asid(g.own) if g.own else 0,
+                _own_gfn(g.own, cur) << 12 if g.own else 0,
+                g.imm != 0, g.valid != 0, g.vmsa != 0)))
+            cur = g.end
+        return out
+
+    def find_ne(self, pfn, npages, *, assigned=None, level=None, asid=None, gpa=None,
+                immutable=None, validated=None, vmsa=None):
+        """The first pfn of ``[pfn, pfn + npages)`` whose entry differs from the given fields.
+
+        Only fields that are not ``None`` are compared; ``gpa`` is the GPA wanted at ``pfn``
+        and advances by 4096 per page (unassigned entries have GPA 0). -1 if every entry
+        matches. ``find_ne(p, 512, assigned=False) == -1`` is ``sev_gmem_prepare``'s "all 512
+        pfns unassigned" test (§5.5). Runtime complexity: O((k + 1) log n).
+        """
+        return _rmp_find(self, pfn, npages, False, assigned, level, asid, gpa, immutable,
+                          validated, vmsa)
+
+    def find_eq(self, pfn, npages, *, assigned=None, level=None, asid=None, gpa=None,
+                immutable=None, validated=None, vmsa=None):
+        """The first pfn of ``[pfn, pfn + npages)`` whose entry has all the given fields, or -1.
+
+        Arguments as :meth:`find_ne`. Runtime complexity: O((k + 1) log n).
+        """
+        return _rmp_find(self, pfn, npages, True, assigned, level, asid, gpa, immutable,
+                          validated, vmsa)
+
+    @property
+    def counters(self):
+        """Instruction counters as a new dict (instructions, not pages).
+
+        ``rmpupdate`` / ``psmash`` / ``pvalidate`` count instructions that succeeded
+        (``*_2m`` those at 2M; a PVALIDATE succeeds only if it changed the validated bit);
+        ``<insn>_fail_<code>`` and ``pvalidate_npf_*`` count the ones that did not.
+        """
+        return {name: self.cnt[i] for i, name in enumerate(_RMP_COUNTER_NAMES)}
+
+    def reset_counters(self):
+        """Set every counter to 0."""
+        memset(self.cnt, 0, sizeof(self.cnt))
+
+    @property
+    def nbytes(self):
+        """Bytes of C memory owned by the table's maps (independent of the pages covered)."""
+        return (self.own.nbytes + self.size.nbytes + self.imm.nbytes + self.valid.nbytes
+                + self.vmsa.nbytes + self.lock.nbytes)
+
+    @property
+    def nruns(self):
+        """Stored runs over all field maps (what memory grows with)."""
+        return (len(self.own) + len(self.size) + len(self.imm) + len(self.valid)
+                + len(self.vmsa) + len(self.lock))
+
+    def __repr__(self):
+        return f"RmpTable(max_pfn={self.max_pfn_:#x}, runs={self.nruns})"
+
+    def __reduce__(self):
+        raise TypeError("RmpTable cannot be pickled")
+
+    def _check(self):
+        """Assert every invariant in the ``_rmp.pxi`` header; raise ``AssertionError``."""
+        cdef uint64_t a, b, x, lim = self.max_pfn_
+        maps = {"own": self.own, "size": self.size, "imm": self.imm, "valid": self.valid,
+                "vmsa": self.vmsa, "lock": self.lock}
+        for name, m in maps.items():
+            m._check()
+            runs = m.ranges()
+            if runs:
+                last = runs[len(runs) - 1]
+                assert last[1] <= lim, f"{name} run {last[:2]} passes max_pfn {lim:#x}"
+        for a, b, w in self.own.ranges():
+            assert w & 1, f"own run [{a:#x}, {b:#x}) stores {w:#x} without the assigned bit"
+            assert (w >> 17) & 0xF == 0, f"own run [{a:#x}, {b:#x}) has reserved bits set"
+            assert _own_gfn(w, a) < _RMP_MAX_PFN and _own_gfn(w, b - 1) < _RMP_MAX_PFN, (
+                f"own run [{a:#x}, {b:#x}) maps a gfn outside 2**40")
+        for name in ("lock", "size", "imm", "valid", "vmsa"):
+            for a, b, v in maps[name].ranges():
+                assert v == 1, f"{name} run [{a:#x}, {b:#x}) stores {v}, not 1"
+        for a, b, _ in self.size.ranges():
+            assert a & _MASK_2M == 0 and b & _MASK_2M == 0, (
+                f"2M entries [{a:#x}, {b:#x}) are not whole aligned 512-page groups")
+            for name in ("own", "imm", "valid", "vmsa"):
+                for s, e, _ in maps[name].ranges(a, b):
+                    for edge in (s, e):
+                        assert edge in (a, b) or edge & _MASK_2M == 0, (
+                            f"{name} changes at pfn {edge:#x} inside the 2M entry at "
+                            f"{edge & ~_MASK_2M:#x}")
+        for name in ("imm", "valid", "vmsa"):
+            for a, b, _ in maps[name].ranges():
+                x = a
+                while x < b:
+                    s, e, w = self.own.run_at(x)
+                    assert w != 0, f"{name} set on unassigned pfn {x:#x}"
+                    x = e
+        for a, b, _ in self.vmsa.ranges():
+            assert self.size.find_ne(a, b, 0) == -1, f"VMSA bit on a 2M entry in [{a:#x}, {b:#x})"
+
+
+# -- Python-boundary helpers of RmpTable (validate everything, then one C call) ---------------
+
+cdef object _rmp_range(uint64_t limit, object pfn, object npages, uint64_t *p, uint64_t *n):
+    """Validate ``[pfn, pfn + npages)`` inside ``[0, limit)``; return ``npages`` as an int."""
+    pv = _rmp_int(pfn, "pfn", 0, limit)
+    nv = _rmp_int(npages, "npages", 0, limit + 1)
+    if pv + nv > limit:
+        raise ValueError(f"npages {nv:#x} from pfn {pv:#x} passes max_pfn {limit:#x}")
+    p[0] = pv
+    n[0] = nv
+    return nv
+
+
+cdef tuple _rmp_result(RmpResult *res):
+    return (res.done, res.fail_pfn if res.code else -1, res.code)
+
+
+cdef tuple _rmp_update(RmpTable t, uint64_t p, uint64_t n, int lvl, object assigned,
+                       object asid, object gpa, object immutable):
+    cdef bint asg = _rmp_flag(assigned, "assigned")
+    cdef bint im = _rmp_flag(immutable, "immutable")
+    cdef uint64_t a = _rmp_int(asid, "asid", 0, 1 << 16)
+    cdef uint64_t g = _rmp_gfn(gpa, n)
+    cdef RmpResult res
+    t._rmpupdate_c(p, n, lvl == 2, asg, a, g, im, &res)
+    return _rmp_result(&res)
+
+
+cdef tuple _rmp_pvalidate(RmpTable t, uint64_t p, uint64_t n, int lvl, object asid,
+                          object gpa, object validate):
+    cdef bint v = _rmp_flag(validate, "validate")
+    cdef uint64_t a = _rmp_int(asid, "asid", 0, 1 << 16)
+    cdef uint64_t g = _rmp_gfn(gpa, n)
+    cdef RmpResult res
+    t._pvalidate_c(p, n, lvl == 2, a, g, v, &res)
+    return _rmp_result(&res)
+
+
+cdef object _rmp_find(RmpTable t, object pfn, object npages, bint equal, object assigned,
+                      object level, object asid, object gpa, object immutable,
+                      object validated, object vmsa):
+    cdef uint64_t p, n, found
+    cdef RmpMatch want
+    nv = _rmp_range(t.max_pfn_, pfn, npages, &p, &n)
+    memset(&want, 0, sizeof(want))
+    if assigned is not None:
+        want.fields |= RMP_F_ASSIGNED
+        want.assigned = _rmp_flag(assigned, "assigned")
+    if level is not None:
+        want.fields |= RMP_F_BIG
+        want.big = _rmp_level(level) == 2
+    if asid is not None:
+        want.fields |= RMP_F_ASID
+        want.asid = _rmp_int(asid, "asid", 0, 1 << 16)
+    if gpa is not None:
+        want.fields |= RMP_F_GPA
+        want.gfn = _rmp_gfn(gpa, nv)
+    if immutable is not None:
+        want.fields |= RMP_F_IMM
+        want.imm = _rmp_flag(immutable, "immutable")
+    if validated is not None:
+        want.fields |= RMP_F_VALID
+        want.valid = _rmp_flag(validated, "validated")
+    if vmsa is not None:
+        want.fields |= RMP_F_VMSA
+        want.vmsa = _rmp_flag(vmsa, "vmsa")
+    if t._find_c(p, p + n, &want, equal, &found):
+        return found
+    return -1

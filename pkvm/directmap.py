@@ -1,0 +1,431 @@
+"""The host kernel's direct map, as SEV-SNP's RMPUPDATE wrapper changes it (spec §5.8).
+
+The direct map is the kernel's linear mapping of all RAM. A host *write* through a 2M or 1G
+mapping that covers a guest-private 4K page raises an RMP #PF, so the kernel adjusts the direct
+map around every RMPUPDATE. Two designs are modelled, selected by ``policy``:
+
+``"split-4k"`` (final, 6.11+, ``adjust_direct_map``)
+    Before a 4K RMPUPDATE, if the page is mapped by a 2M or 1G page, split that mapping down to
+    4K (``set_memory_4k``: a 1G page becomes 512 2M pages, then the 2M page holding the pfn
+    becomes 512 4K pages). 2M RMPUPDATEs need nothing. Pages stay mapped and mappings are never
+    re-coalesced.
+``"unmap-restore"`` (RFC v7-v9, 2022-2023)
+    Before an RMPUPDATE that assigns pages, make every page of the new entry not-present
+    (``set_direct_map_invalid_noflush`` page by page, splitting large mappings on the way);
+    after one that returns pages to the hypervisor, make them present again
+    (``set_direct_map_default_noflush``). Restored pages stay 4K.
+
+Every such change is a CPA (``change_page_attr``) call, which takes the CPA mutex and may sleep
+(spec §5.8, §7.7). The operations therefore return the number of CPA calls they made, so a
+caller that holds a spinlock (the eager-locked policy, under the MMU lock) can count each as a
+``sleep_in_atomic``.
+
+State is one :class:`~pkvm._core.RangeMap` from pfn to the mapping that covers it (level, and a
+not-present bit for unmapped 4K pages), plus the boot-time layout it started from; memory grows
+with the number of distinct runs, not with host memory. Every operation is O((k + 1) log n) for
+k mapping runs in its range.
+
+Invariants (:meth:`DirectMap._check`): exactly the RAM pfns are mapped or unmapped-4K; 1G
+mappings cover whole aligned 1G blocks and 2M mappings whole aligned 2M blocks; only 4K pages are
+ever not present; no page is mapped at a larger level than at boot; the fragmented-page count
+equals the pages whose large boot mapping was split.
+
+Like pkvm's other Python layers, every operation validates its arguments before changing
+anything; a ``MemoryError`` from the range map while committing is treated as fatal.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+from ._core import RangeMap
+from .constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+
+__all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
+
+#: The direct-map policies, named after ``pkvm.Policy.directmap``.
+DIRECTMAP_POLICIES = ("split-4k", "unmap-restore")
+
+#: Host RAM when none is given: pfns ``[1 << 20, (1 << 20) + (1 << 34))`` (64 TiB above 4 GiB),
+#: the range :class:`pkvm.hostmem.HostMemory` allocates from by default.
+DEFAULT_RAM = ((1 << 20, (1 << 20) + (1 << 34)),)
+
+_PAGES = {PG_LEVEL_4K: 1, PG_LEVEL_2M: 1 << 9, PG_LEVEL_1G: 1 << 18}
+_P2M = 1 << 9
+_P1G = 1 << 18
+_ABSENT = 4  # value bit: the 4K page is not present (unmapped); the low bits hold the level
+_LEVEL_MASK = 3
+
+_COUNTER_NAMES = ("directmap_splits", "directmap_unmaps", "directmap_restores",
+                  "directmap_cpa_calls")
+
+
+def _down(x: int, size: int) -> int:
+    return x - x % size
+
+
+def _up(x: int, size: int) -> int:
+    return -(-x // size) * size
+
+
+def _as_int(obj: Any, name: str) -> int:
+    if isinstance(obj, (float, complex, str, bytes)):
+        raise TypeError(f"{name} must be an integer, not {type(obj).__name__}")
+    try:
+        return operator.index(obj)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(obj).__name__}") from None
+
+
+def boot_layout(start: int, end: int) -> list[tuple[int, int, int]]:
+    """The boot-time mappings of the RAM range ``[start, end)`` as ``(start, end, level)``.
+
+    Follows x86 ``split_mem_range``: 4K up to the first 2M boundary, 2M up to the first 1G
+    boundary, 1G pages for whole 1G blocks, then 2M and a 4K tail. Empty pieces are omitted.
+
+    >>> for start, end, level in boot_layout(0x3fe00, 0x80300):
+    ...     print(hex(start), hex(end), level)
+    0x3fe00 0x40000 2
+    0x40000 0x80000 3
+    0x80000 0x80200 2
+    0x80200 0x80300 1
+    """
+    out: list[tuple[int, int, int]] = []
+
+    def piece(a: int, b: int, level: int) -> None:
+        if a < b:
+            out.append((a, b, level))
+
+    m0, m1 = min(_up(start, _P2M), end), max(_down(end, _P2M), start)
+    if m0 >= m1:
+        piece(start, end, PG_LEVEL_4K)
+        return out
+    g0, g1 = min(_up(start, _P1G), m1), max(_down(end, _P1G), m0)
+    piece(start, m0, PG_LEVEL_4K)
+    if g0 < g1:
+        piece(m0, g0, PG_LEVEL_2M)
+        piece(g0, g1, PG_LEVEL_1G)
+        piece(g1, m1, PG_LEVEL_2M)
+    else:
+        piece(m0, m1, PG_LEVEL_2M)
+    piece(m1, end, PG_LEVEL_4K)
+    return out
+
+
+class DirectMap:
+    """The kernel direct map of host RAM and the SNP policy that maintains it.
+
+    ``ram`` is an iterable of half-open pfn ranges ``[start, end)`` of host RAM (touching ranges
+    merge); ``policy`` is ``"split-4k"`` or ``"unmap-restore"``. Counters (:attr:`counters`):
+    ``directmap_splits`` (large mappings split, 1G -> 2M and 2M -> 4K each count one),
+    ``directmap_unmaps`` / ``directmap_restores`` (pages made not-present / present again) and
+    ``directmap_cpa_calls`` (CPA calls, each taking the CPA mutex).
+
+    >>> dm = DirectMap(ram=[(0, 1 << 18)])
+    >>> dm.level(5), dm.fragmented_fraction()
+    (3, 0.0)
+    >>> dm.before_rmpupdate(5, 1, 1, assigned=True)       # split 1G -> 2M -> 4K: one CPA call
+    1
+    >>> dm.level(5), dm.level(512), dm.counters["directmap_splits"]
+    (1, 2, 2)
+    """
+
+    __slots__ = ("_cnt", "_fragmented", "_map", "_orig", "_policy", "_ram", "_ram_pages",
+                 "_ram_starts")
+
+    def __init__(self, ram: Iterable[tuple[int, int]] = DEFAULT_RAM,
+                 policy: str = "split-4k") -> None:
+        if policy not in DIRECTMAP_POLICIES:
+            raise ValueError(f"policy must be one of {DIRECTMAP_POLICIES}, not {policy!r}")
+        ranges = []
+        for i, r in enumerate(ram):
+            try:
+                a, b = r
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"ram[{i}] must be a (start_pfn, end_pfn) pair, not {r!r}") from None
+            a, b = _as_int(a, f"ram[{i}] start"), _as_int(b, f"ram[{i}] end")
+            if not 0 <= a < b <= 1 << 40:
+                raise ValueError(f"ram[{i}] [{a:#x}, {b:#x}) is empty or outside [0, 2**40)")
+            ranges.append((a, b))
+        ranges.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a < merged[-1][1]:
+                raise ValueError(f"ram ranges overlap at pfn {a:#x}")
+            if merged and a == merged[-1][1]:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        self._ram = merged
+        self._ram_starts = [a for a, _ in merged]
+        self._ram_pages = sum(b - a for a, b in merged)
+        self._orig = RangeMap(0)
+        for a, b in merged:
+            for s, e, level in boot_layout(a, b):
+                self._orig.assign(s, e, level)
+        self._map = self._orig.copy()
+        self._policy = policy
+        self._cnt = dict.fromkeys(_COUNTER_NAMES, 0)
+        self._fragmented = 0
+
+    # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> str:
+        """``"split-4k"`` or ``"unmap-restore"``."""
+        return self._policy
+
+    @property
+    def ram(self) -> list[tuple[int, int]]:
+        """The merged RAM ranges ``[start, end)``, in pfn order."""
+        return list(self._ram)
+
+    @property
+    def ram_pages(self) -> int:
+        """Number of RAM pages (the denominator of :meth:`fragmented_fraction`)."""
+        return self._ram_pages
+
+    def level(self, pfn: int) -> int:
+        """Level of the mapping covering ``pfn`` (1, 2, 3), or 0 if unmapped or not RAM.
+
+        Runtime complexity: O(log n).
+        """
+        v = self._map.get(_as_int(pfn, "pfn"))
+        return 0 if v & _ABSENT else v & _LEVEL_MASK
+
+    def is_present(self, pfn: int) -> bool:
+        """Whether ``pfn`` is RAM and mapped. Runtime complexity: O(log n)."""
+        v = self._map.get(_as_int(pfn, "pfn"))
+        return v != 0 and not v & _ABSENT
+
+    def boot_level(self, pfn: int) -> int:
+        """Level of the boot-time mapping of ``pfn``, or 0 if not RAM."""
+        return self._orig.get(_as_int(pfn, "pfn"))
+
+    def ranges(self, start: int = 0, end: int | None = None) -> list[tuple[int, int, int, bool]]:
+        """Runs ``(start, end, level, present)`` of RAM in ``[start, end)`` (all RAM by default).
+
+        Runtime complexity: O(log n + k) for k runs.
+        """
+        start = _as_int(start, "start")
+        end = (1 << 40) if end is None else _as_int(end, "end")
+        return [(a, b, v & _LEVEL_MASK, not v & _ABSENT)
+                for a, b, v in self._map.ranges(start, end)]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The counters, as a new dict."""
+        return dict(self._cnt)
+
+    def reset_counters(self) -> None:
+        """Set every counter to 0 (the fragmentation is state, not a counter)."""
+        for k in self._cnt:
+            self._cnt[k] = 0
+
+    def fragmented_pages(self) -> int:
+        """RAM pages no longer mapped at their large (2M/1G) boot-time level."""
+        return self._fragmented
+
+    def fragmented_fraction(self) -> float:
+        """:meth:`fragmented_pages` as a fraction of all RAM pages."""
+        return self._fragmented / self._ram_pages
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of C memory held by the range maps."""
+        return self._map.nbytes + self._orig.nbytes
+
+    def __repr__(self) -> str:
+        return (f"DirectMap(policy={self._policy!r}, ram_pages={self._ram_pages:#x}, "
+                f"runs={len(self._map)}, fragmented={self.fragmented_fraction():.3g})")
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _check_range(self, pfn: Any, npages: Any) -> tuple[int, int]:
+        """``[pfn, pfn + npages)`` as ints, which must lie in RAM (else the kernel's -EINVAL)."""
+        p = _as_int(pfn, "pfn")
+        n = _as_int(npages, "npages")
+        if n < 0:
+            raise ValueError(f"npages must be >= 0, not {n}")
+        if p < 0:
+            raise ValueError(f"pfn must be >= 0, not {p}")
+        if n:
+            i = bisect.bisect_right(self._ram_starts, p) - 1
+            if i < 0 or p + n > self._ram[i][1]:
+                raise ValueError(f"pfn range [{p:#x}, {p + n:#x}) is not all RAM "
+                                 "(pfn_valid() fails: the kernel returns -EINVAL)")
+        return p, n
+
+    @staticmethod
+    def _check_level(level: Any, p: int, n: int) -> int:
+        lvl = _as_int(level, "level")
+        if lvl not in (PG_LEVEL_4K, PG_LEVEL_2M):
+            raise ValueError(f"level must be PG_LEVEL_4K (1) or PG_LEVEL_2M (2), not {lvl}: "
+                             "RMP entries are 4K or 2M")
+        if lvl == PG_LEVEL_2M and (p % _P2M or n % _P2M):
+            raise ValueError(f"a 2M update needs a 2M-aligned pfn and npages, not pfn {p:#x}, "
+                             f"npages {n:#x}")
+        return lvl
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def _split(self, s: int, e: int) -> int:
+        """Split every large mapping over ``[s, e)`` down to 4K in the 2M blocks it touches.
+
+        This is what CPA does when one 4K page of each touched 2M block gets its own
+        attributes: a 1G page first becomes 512 2M pages, then each touched 2M page becomes
+        512 4K pages. Returns the number of 2M blocks split (one CPA call each for
+        ``set_memory_4k``); adds every split to the counters. The range is RAM.
+        """
+        plan: list[tuple[int, int, int]] = []
+        n1g = n2m = frag = 0
+        cur = s
+        while cur < e:
+            a, b, v = self._map.run_at(cur)
+            stop = min(b, e)
+            level = v & _LEVEL_MASK
+            if level >= PG_LEVEL_2M:
+                m0, m1 = _down(cur, _P2M), _up(stop, _P2M)
+                n2m += (m1 - m0) // _P2M
+                if level == PG_LEVEL_1G:
+                    g0, g1 = _down(cur, _P1G), _up(stop, _P1G)
+                    n1g += (g1 - g0) // _P1G
+                    frag += g1 - g0
+                    plan += [(g0, m0, PG_LEVEL_2M), (m1, g1, PG_LEVEL_2M)]
+                else:
+                    # Each 2M page that was 2M at boot becomes fragmented now; a 2M page that
+                    # came from a split 1G page was counted when that 1G page was split.
+                    frag += self._boot_2m_pages(m0, m1)
+                plan.append((m0, m1, PG_LEVEL_4K))
+            cur = stop
+        for a, b, value in plan:
+            self._map.assign(a, b, value)
+        self._fragmented += frag
+        self._cnt["directmap_splits"] += n1g + n2m
+        return n2m
+
+    def _boot_2m_pages(self, s: int, e: int) -> int:
+        return sum(b - a for a, b, v in self._orig.ranges(s, e) if v == PG_LEVEL_2M)
+
+    def adjust(self, pfn: int, npages: int = 1, level: int = PG_LEVEL_4K) -> int:
+        """``adjust_direct_map`` for each RMPUPDATE of ``[pfn, pfn + npages)`` at ``level``.
+
+        4K: split the 2M/1G mappings that cover the range down to 4K; 2M: nothing (spec §5.8).
+        Returns the number of CPA calls (``set_memory_4k``, one per 2M block split; each takes
+        the CPA mutex). Runtime complexity: O((k + 1) log n).
+
+        Raises:
+            TypeError, ValueError: bad arguments, a pfn that is not RAM, a level other than
+            4K/2M or an unaligned 2M range (the kernel's -EINVAL). Nothing changes.
+        """
+        p, n = self._check_range(pfn, npages)
+        lvl = self._check_level(level, p, n)
+        if lvl == PG_LEVEL_2M or n == 0:
+            return 0
+        calls = self._split(p, p + n)
+        self._cnt["directmap_cpa_calls"] += calls
+        return calls
+
+    def invalidate(self, pfn: int, npages: int = 1) -> int:
+        """RFC ``invalidate_direct_map``: make ``[pfn, pfn + npages)`` not present, page by page.
+
+        Large mappings in the way are split first. Returns the CPA calls made (one per page,
+        each taking the CPA mutex). Runtime complexity: O((k + 1) log n).
+
+        Raises:
+            TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
+        """
+        p, n = self._check_range(pfn, npages)
+        if n == 0:
+            return 0
+        self._split(p, p + n)
+        present = sum(b - a for a, b, v in self._map.ranges(p, p + n) if not v & _ABSENT)
+        self._map.assign(p, p + n, PG_LEVEL_4K | _ABSENT)
+        self._cnt["directmap_unmaps"] += present
+        self._cnt["directmap_cpa_calls"] += n
+        return n
+
+    def restore(self, pfn: int, npages: int = 1) -> int:
+        """RFC ``restore_direct_map``: make ``[pfn, pfn + npages)`` present again, at 4K.
+
+        Pages already present keep their mapping (CPA preserves a large page whose attributes
+        do not change). Returns the CPA calls made (one per page, each taking the CPA mutex).
+        Runtime complexity: O((k + 1) log n).
+
+        Raises:
+            TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
+        """
+        p, n = self._check_range(pfn, npages)
+        if n == 0:
+            return 0
+        absent = [(a, b) for a, b, v in self._map.ranges(p, p + n) if v & _ABSENT]
+        for a, b in absent:
+            self._map.assign(a, b, PG_LEVEL_4K)
+        self._cnt["directmap_restores"] += sum(b - a for a, b in absent)
+        self._cnt["directmap_cpa_calls"] += n
+        return n
+
+    def before_rmpupdate(self, pfn: int, npages: int, level: int, *, assigned: bool) -> int:
+        """What the kernel's ``rmpupdate()`` does to the direct map before the instruction(s).
+
+        For the RMPUPDATEs of ``[pfn, pfn + npages)`` at ``level`` making pages ``assigned``
+        (guest-owned) or not: ``"split-4k"`` runs :meth:`adjust`; ``"unmap-restore"`` runs
+        :meth:`invalidate` when ``assigned``. Returns the CPA calls made (mutex acquisitions).
+
+        Raises:
+            TypeError, ValueError: as :meth:`adjust`. Nothing changes.
+        """
+        p, n = self._check_range(pfn, npages)
+        self._check_level(level, p, n)
+        if self._policy == "split-4k":
+            return self.adjust(p, n, level)
+        return self.invalidate(p, n) if assigned else 0
+
+    def after_rmpupdate(self, pfn: int, npages: int, level: int, *, assigned: bool) -> int:
+        """What ``rmpupdate()`` does after RMPUPDATEs that succeeded on ``[pfn, pfn + npages)``.
+
+        ``"unmap-restore"`` runs :meth:`restore` when the pages went back to the hypervisor
+        (not ``assigned``); ``"split-4k"`` does nothing. Returns the CPA calls made.
+
+        Raises:
+            TypeError, ValueError: as :meth:`adjust`. Nothing changes.
+        """
+        p, n = self._check_range(pfn, npages)
+        self._check_level(level, p, n)
+        if self._policy == "split-4k" or assigned:
+            return 0
+        return self.restore(p, n)
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        """Assert the invariants in the module docstring; raise ``AssertionError``."""
+        self._map._check()
+        self._orig._check()
+        covered = 0
+        for a, b, v in self._map.ranges():
+            i = bisect.bisect_right(self._ram_starts, a) - 1
+            assert i >= 0 and b <= self._ram[i][1], f"mapping [{a:#x}, {b:#x}) outside RAM"
+            covered += b - a
+            level = v & _LEVEL_MASK
+            assert level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G) and v & ~7 == 0, (
+                f"[{a:#x}, {b:#x}) stores {v:#x}")
+            assert not v & _ABSENT or level == PG_LEVEL_4K, (
+                f"[{a:#x}, {b:#x}) is not present but mapped at level {level}")
+            size = _PAGES[level]
+            assert a % size == 0 and b % size == 0, (
+                f"level-{level} mapping [{a:#x}, {b:#x}) is not made of whole aligned pages")
+        assert covered == self._ram_pages, f"{covered:#x} pages mapped, {self._ram_pages:#x} RAM"
+        frag = 0
+        for a, b, boot in self._orig.ranges():
+            for s, e, v in self._map.ranges(a, b):
+                level = v & _LEVEL_MASK
+                assert level <= boot, f"[{s:#x}, {e:#x}) mapped above its boot level {boot}"
+                if boot >= PG_LEVEL_2M and (level != boot or v & _ABSENT):
+                    frag += e - s
+        assert frag == self._fragmented, (
+            f"fragmented count {self._fragmented:#x} != {frag:#x} pages split")
