@@ -265,6 +265,29 @@ cdef bint _disjoint_in_order(const uint64_t *S, const uint64_t *E, const Py_ssiz
     return True
 
 
+cdef struct Cursor:
+    # A walk over the stored runs in key order (RangeMap's merge path).
+    Leaf *lf                    # leaf of the current run
+    int i                       # its index in the leaf
+    bint have                   # False once the walk is past the last run
+    Run r                       # the current run (its start may be advanced by the caller)
+
+
+cdef inline void _cur_load(Cursor *c) noexcept nogil:
+    """Load the run at (lf, i), skipping to the next non-empty leaf as needed."""
+    while c.lf != NULL and c.i >= c.lf.n:
+        c.lf = c.lf.next
+        c.i = 0
+    c.have = c.lf != NULL
+    if c.have:
+        c.r = _mkrun(c.lf.starts[c.i], c.lf.ends[c.i], _val(c.lf, c.i))
+
+
+cdef inline void _cur_next(Cursor *c) noexcept nogil:
+    c.i += 1
+    _cur_load(c)
+
+
 cdef void _b_init(Builder *b, int fill, uint64_t dflt) noexcept nogil:
     b.leaves = NULL
     b.n = b.cap = b.runs = b.vals = 0
@@ -1115,15 +1138,12 @@ cdef class RangeMap:
         ranges the last in ``P`` wins, as in array order. Input overrides stored runs where
         they overlap; ``out`` coalesces and drops the default. O(len(self) + m); -1 on ENOMEM.
         """
-        cdef Leaf *lf = self.first_leaf
-        cdef int li = 0
-        cdef bint have = False
-        cdef uint64_t cs = 0, ce = 0, cv = 0, s, e, v
+        cdef Cursor c
+        cdef uint64_t s, e, v
         cdef Py_ssize_t j, p, q
-        while lf != NULL and li >= lf.n:
-            lf = lf.next
-        if lf != NULL:
-            cs, ce, cv, have = lf.starts[0], lf.ends[0], _val(lf, 0), True
+        c.lf = self.first_leaf
+        c.i = 0
+        _cur_load(&c)
         for j in range(m):
             p = P[j]
             s = S[p]
@@ -1136,46 +1156,25 @@ cdef class RangeMap:
                 if S[q] == s and E[q] == e:
                     continue        # an identical later range overrides this one
             # stored runs before s, and the head of one that reaches into [s, e)
-            while have and cs < s:
-                if _b_emit(out, cs, ce if ce < s else s, cv) < 0:
+            while c.have and c.r.start < s:
+                if _b_emit(out, c.r.start, c.r.end if c.r.end < s else s, c.r.value) < 0:
                     return -1
-                if ce > s:
-                    cs = s
+                if c.r.end > s:
+                    c.r.start = s
                     break
-                li += 1
-                while lf != NULL and li >= lf.n:
-                    lf = lf.next
-                    li = 0
-                if lf != NULL:
-                    cs, ce, cv = lf.starts[li], lf.ends[li], _val(lf, li)
-                else:
-                    have = False
+                _cur_next(&c)
             # stored runs covered by [s, e); a run reaching past e keeps its tail
-            while have and cs < e:
-                if ce > e:
-                    cs = e
+            while c.have and c.r.start < e:
+                if c.r.end > e:
+                    c.r.start = e
                     break
-                li += 1
-                while lf != NULL and li >= lf.n:
-                    lf = lf.next
-                    li = 0
-                if lf != NULL:
-                    cs, ce, cv = lf.starts[li], lf.ends[li], _val(lf, li)
-                else:
-                    have = False
+                _cur_next(&c)
             if _b_emit(out, s, e, v) < 0:
                 return -1
-        while have:
-            if _b_emit(out, cs, ce, cv) < 0:
+        while c.have:
+            if _b_emit(out, c.r.start, c.r.end, c.r.value) < 0:
                 return -1
-            li += 1
-            while lf != NULL and li >= lf.n:
-                lf = lf.next
-                li = 0
-            if lf != NULL:
-                cs, ce, cv = lf.starts[li], lf.ends[li], _val(lf, li)
-            else:
-                have = False
+            _cur_next(&c)
         return 0
 
     cdef int _adopt(self, Builder *b) except -1 nogil:
