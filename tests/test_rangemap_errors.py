@@ -85,16 +85,20 @@ BAD_SCALAR_CALLS = [
 ]
 
 
-@pytest.mark.parametrize(("call", "exc", "match"), BAD_SCALAR_CALLS)
-def test_bad_scalar_input_raises_and_changes_nothing(rangemap_cls, call, exc, match, populated):
-    """A bad scalar argument raises an error naming it, and the map is unchanged."""
-    m = populated()
+def _raises_and_changes_nothing(m, call, exc, match):
+    """``call(m)`` raises ``exc`` matching ``match`` and leaves the populated map as it was."""
     before = m.ranges()
     with pytest.raises(exc, match=match):
         call(m)
     assert m.ranges() == before
     assert len(m) == 3
     m._check()
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), BAD_SCALAR_CALLS)
+def test_bad_scalar_input_raises_and_changes_nothing(rangemap_cls, call, exc, match, populated):
+    """A bad scalar argument raises an error naming it, and the map is unchanged."""
+    _raises_and_changes_nothing(populated(), call, exc, match)
 
 
 @pytest.mark.parametrize(
@@ -261,10 +265,4 @@ BAD_BULK_CALLS = [
 @pytest.mark.parametrize(("call", "exc", "match"), BAD_BULK_CALLS)
 def test_bad_bulk_input_raises_and_changes_nothing(rangemap_cls, call, exc, match, populated):
     """A bad array raises an error naming it; even an error at the last entry changes nothing."""
-    m = populated()
-    before = m.ranges()
-    with pytest.raises(exc, match=match):
-        call(m)
-    assert m.ranges() == before
-    assert len(m) == 3
-    m._check()
+    _raises_and_changes_nothing(populated(), call, exc, match)
