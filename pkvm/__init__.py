@@ -3,18 +3,24 @@
 See ``README.md`` and ``docs/``. Users import ``pkvm``; ``pkvm._core`` is the private typed core.
 """
 
-from pkvm._core import RangeMap
+from pkvm._core import RangeMap, RmpEntry, RmpTable
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
+    KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_EXIT_HYPERCALL,
     KVM_EXIT_MEMORY_FAULT,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_TDX_MEASURE_MEMORY_REGION,
     KVM_X86_DEFAULT_VM,
     KVM_X86_SNP_VM,
     KVM_X86_SW_PROTECTED_VM,
@@ -24,30 +30,62 @@ from pkvm.constants import (
     PG_LEVEL_4K,
 )
 from pkvm.costs import CostModel
+from pkvm.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
+from pkvm.exits import GuestOpResult, Hypercall
 from pkvm.gmem import GuestMemfd
+from pkvm.guest import Guest
 from pkvm.mmu import AccessResult, FaultResult
 from pkvm.policy import Policy
 from pkvm.vm import VM, Memslot, Vcpu
+from pkvm.vmm import Vmm
+from pkvm.snp_constants import (
+    PSMASH_FAIL_INPUT,
+    PSMASH_FAIL_INUSE,
+    PSMASH_FAIL_PERMISSION,
+    PSMASH_SUCCESS,
+    PVALIDATE_FAIL_INPUT,
+    PVALIDATE_FAIL_NOUPDATE,
+    PVALIDATE_FAIL_SIZEMISMATCH,
+    PVALIDATE_NPF_RMP,
+    PVALIDATE_NPF_SIZEM,
+    PVALIDATE_SUCCESS,
+    RMPUPDATE_FAIL_INPUT,
+    RMPUPDATE_FAIL_INUSE,
+    RMPUPDATE_FAIL_OVERLAP,
+    RMPUPDATE_FAIL_PERMISSION,
+    RMPUPDATE_SUCCESS,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessResult",
     "CostModel",
+    "DirectMap",
+    "DIRECTMAP_POLICIES",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "FaultResult",
+    "Guest",
     "GuestMemfd",
+    "GuestOpResult",
+    "Hypercall",
     "InternalInvariantError",
+    "KVM_CAP_EXIT_HYPERCALL",
     "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_MEMORY_ATTRIBUTES",
+    "KVM_EXIT_HYPERCALL",
     "KVM_EXIT_MEMORY_FAULT",
-    "KVM_MEMORY_ATTRIBUTE_PRIVATE",
-    "KVM_MEMORY_EXIT_FLAG_PRIVATE",
+    "KVM_HC_MAP_GPA_RANGE",
+    "KVM_MAP_GPA_RANGE_DECRYPTED",
+    "KVM_MAP_GPA_RANGE_ENCRYPTED",
     "KVM_MEM_GUEST_MEMFD",
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
+    "KVM_MEMORY_ATTRIBUTE_PRIVATE",
+    "KVM_MEMORY_EXIT_FLAG_PRIVATE",
+    "KVM_TDX_MEASURE_MEMORY_REGION",
     "KVM_X86_DEFAULT_VM",
     "KVM_X86_SNP_VM",
     "KVM_X86_SW_PROTECTED_VM",
@@ -60,8 +98,26 @@ __all__ = [
     "PkvmError",
     "PlatformRegistrationError",
     "Policy",
+    "PSMASH_FAIL_INPUT",
+    "PSMASH_FAIL_INUSE",
+    "PSMASH_FAIL_PERMISSION",
+    "PSMASH_SUCCESS",
+    "PVALIDATE_FAIL_INPUT",
+    "PVALIDATE_FAIL_NOUPDATE",
+    "PVALIDATE_FAIL_SIZEMISMATCH",
+    "PVALIDATE_NPF_RMP",
+    "PVALIDATE_NPF_SIZEM",
+    "PVALIDATE_SUCCESS",
     "RangeMap",
-    "VM",
+    "RmpEntry",
+    "RmpTable",
+    "RMPUPDATE_FAIL_INPUT",
+    "RMPUPDATE_FAIL_INUSE",
+    "RMPUPDATE_FAIL_OVERLAP",
+    "RMPUPDATE_FAIL_PERMISSION",
+    "RMPUPDATE_SUCCESS",
     "Vcpu",
+    "VM",
+    "Vmm",
     "__version__",
 ]

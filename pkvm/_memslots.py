@@ -137,6 +137,10 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
         if gmem.bindings.find_ne(start, start + npages, 0) != -1:
             raise _einval(f"guest_memfd fd {gmem.fd} pages [{start:#x}, {start + npages:#x}) are already bound")
 
+    # kvm_arch_prepare_memory_region: no gfn past kvm_mmu_max_gfn() (TDX: below the shared bit).
+    if change in ("create", "move") and vm._gfn_limit is not None and base_gfn + npages > vm._gfn_limit:
+        raise _einval(f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) reach past the largest gfn of this VM "
+                      f"({vm._gfn_limit - 1:#x}; a TD's gfns stay below its shared bit)")
     if change == "flags":
         old.flags = flags  # lpage_info is kept (KVM_MR_FLAGS_ONLY copies the metadata)
         return

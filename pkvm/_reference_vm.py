@@ -35,6 +35,9 @@ from .policy import resolve_policy
 from .vm import STAT_KEYS
 
 PAGES = MappingProxyType({PG_LEVEL_4K: 1, PG_LEVEL_2M: 512, PG_LEVEL_1G: 512 * 512})
+#: ``KVM_FILTER_SHARED`` / ``KVM_FILTER_PRIVATE``: which attribute's mappings a zap targets.
+FILTER_SHARED, FILTER_PRIVATE = 1, 2
+FILTER_ALL = FILTER_SHARED | FILTER_PRIVATE
 MIXED = 1 << 31
 _ORDER = MappingProxyType({"4k": 0, "thp": 9, "hugetlb-2m": 9, "hugetlb-1g": 18})
 
@@ -151,7 +154,8 @@ class ReferenceVM:
             del self.sptes[g]
         self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] -= 1
 
-    def zap(self, s, e):
+    def zap(self, s, e, filt=FILTER_ALL):
+        """Zap the leaves on ``[s, e)``; one root holds both kinds here, so ``filt`` is moot."""
         n = 0
         for g in range(s, e):
             if g in self.sptes:
@@ -194,11 +198,15 @@ class ReferenceVM:
         if pieces:
             self.begin()
             flush = False
+            if self.policy.zap_filter == "all":
+                filt = FILTER_ALL
+            else:
+                filt = FILTER_SHARED if attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE else FILTER_PRIVATE
             for s, e, slot in pieces:
                 self.range_add(s, e)
                 if self.policy.hugepage_guard:
                     self.guard(slot, s, e)
-                flush |= self.zap(s, e) > 0
+                flush |= self.zap(s, e, filt) > 0
             if flush:
                 self.flush()
         self.store(start, end, attributes)
@@ -350,11 +358,19 @@ class ReferenceVM:
             self.end()
 
     def invalidate_gfns(self, gfns):
+        """Invalidate the bound gfns (in file order), zapping only private mappings (§4.7):
+        consecutive gfns of one memslot are zapped as one range, as per binding."""
         self.begin()
         flush = False
-        for g in gfns:  # per gfn; the range it accumulates is the same as per binding
-            self.range_add(g, g + 1)
-            flush |= self.zap(g, g + 1) > 0
+        runs = []
+        for g in gfns:
+            if runs and runs[-1][1] == g and self.slot_of(g) is self.slot_of(g - 1):
+                runs[-1][1] = g + 1
+            else:
+                runs.append([g, g + 1])
+        for s, e in runs:
+            self.range_add(s, e)
+            flush |= self.zap(s, e, FILTER_PRIVATE) > 0
         if flush:
             self.flush()
 

@@ -33,6 +33,10 @@ KVM_MEM_GUEST_MEMFD = 1 << 2
 
 #: ``KVM_EXIT_MEMORY_FAULT``: ``run->exit_reason`` of a memory-fault exit (spec §4.6).
 KVM_EXIT_MEMORY_FAULT = 39
+#: ``KVM_EXIT_HYPERCALL``: ``run->exit_reason`` when a hypercall is forwarded to userspace (§7.2, §7.3).
+KVM_EXIT_HYPERCALL = 3
+#: ``KVM_EXIT_HYPERCALL_LONG_MODE``: ``run->hypercall.flags`` bit, the caller was in 64-bit mode.
+KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
 #: ``KVM_MEMORY_EXIT_FLAG_PRIVATE``: ``run->memory_fault.flags`` bit for a private access.
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
@@ -51,6 +55,56 @@ KVM_CAP_MEMORY_ATTRIBUTES = 233
 KVM_CAP_GUEST_MEMFD = 234
 #: ``KVM_CAP_VM_TYPES``: bitmask of the VM types ``KVM_CREATE_VM`` accepts.
 KVM_CAP_VM_TYPES = 235
+
+#: ``KVM_HC_MAP_GPA_RANGE``: the hypercall number of a guest's shared/private conversion request
+#: (``include/uapi/linux/kvm_para.h``; spec §7.3). Also the ``nr`` of the TDX MapGPA and SNP PSC exits.
+KVM_HC_MAP_GPA_RANGE = 12
+#: ``KVM_MAP_GPA_RANGE_ENCRYPTED``: bit 4 of the third argument, convert to private.
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+#: ``KVM_MAP_GPA_RANGE_DECRYPTED``: the same field without bit 4, convert to shared.
+KVM_MAP_GPA_RANGE_DECRYPTED = 0
+#: ``KVM_MAP_GPA_RANGE_PAGE_SZ_4K`` / ``_2M`` / ``_1G``: bits 3:0 of the third argument.
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
+KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1
+KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2
+#: ``KVM_ENOSYS`` / ``KVM_EINVAL``: the guest-visible hypercall error numbers (``kvm_para.h``).
+KVM_ENOSYS = 1000
+KVM_EINVAL = 22
+#: ``KVM_CAP_EXIT_HYPERCALL``: the bitmask of hypercalls forwarded to userspace (§7.3).
+KVM_CAP_EXIT_HYPERCALL = 201
+#: ``KVM_EXIT_HYPERCALL_VALID_MASK``: the only hypercall userspace may ask to handle.
+KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
+
+# -- Intel TDX (spec §6, §7.2; ``arch/x86/include/asm/shared/tdx.h``, ``arch/x86/kvm/vmx/tdx_errno.h``,
+# ``arch/x86/include/uapi/asm/kvm.h``). Status codes are 64-bit: the class is bits 63:32, the low
+# bits an operand id.
+
+#: ``TDX_SHARED_BIT_PWL_4`` / ``_PWL_5``: the GPA shared bit with 4-level / 5-level secure EPT.
+TDX_SHARED_BIT_PWL_4 = 47
+TDX_SHARED_BIT_PWL_5 = 51
+#: ``KVM_TDX_MEASURE_MEMORY_REGION``: ``KVM_TDX_INIT_MEM_REGION`` flag, extend MRTD over the pages.
+KVM_TDX_MEASURE_MEMORY_REGION = 1 << 0
+#: ``TDX_EXTENDMR_CHUNKSIZE``: bytes measured by one ``TDH.MR.EXTEND``.
+TDX_EXTENDMR_CHUNKSIZE = 256
+#: ``TDVMCALL_MAP_GPA``: the GHCI leaf of ``TDG.VP.VMCALL<MapGPA>``.
+TDVMCALL_MAP_GPA = 0x10001
+#: ``TDVMCALL_STATUS_*``: TDG.VP.VMCALL completion statuses returned in r10.
+TDVMCALL_STATUS_SUCCESS = 0x0
+TDVMCALL_STATUS_RETRY = 0x1
+TDVMCALL_STATUS_INVALID_OPERAND = 0x8000000000000000
+TDVMCALL_STATUS_ALIGN_ERROR = 0x8000000000000002
+TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED = 0x8000000000000003
+#: TDX module completion statuses (``tdx_errno.h``).
+TDX_SUCCESS = 0x0
+TDX_OPERAND_INVALID = 0xC000010000000000
+TDX_OPERAND_BUSY = 0x8000020000000000
+TDX_PREVIOUS_TLB_EPOCH_BUSY = 0x8000020100000000
+TDX_EPT_WALK_FAILED = 0xC0000B0000000000
+TDX_EPT_ENTRY_STATE_INCORRECT = 0xC0000B0D00000000
+TDX_PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000
+TDX_PAGE_SIZE_MISMATCH = 0xC0000B0B00000000
+#: ``TDX_OPERAND_ID_RCX``: operand id of the GPA argument in a status code.
+TDX_OPERAND_ID_RCX = 0x01
 
 #: x86 page-table levels (``enum pg_level``).
 PG_LEVEL_4K = 1

@@ -26,6 +26,7 @@ from .constants import (
 )
 from .errors import InternalInvariantError, KvmError
 from .hostmem import decode_delta, encode_delta
+from .mmu import KVM_FILTER_PRIVATE
 from .platforms import is_implemented
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -218,7 +219,7 @@ class GuestMemfd:
             flush = False
             for s, e in ranges:
                 vm._invalidate_range_add(s, e)
-                flush |= vm._zap(s, e) > 0  # attr_filter PRIVATE: one root here
+                flush |= vm._zap(s, e, KVM_FILTER_PRIVATE) > 0  # only private mappings (§4.7)
             if flush:
                 vm._flush_remote_tlbs()
         self._truncate(start, end)
@@ -271,7 +272,7 @@ class GuestMemfd:
             flush = False
             for s, e in ranges:
                 vm._invalidate_range_add(s, e)
-                flush |= vm._zap(s, e) > 0
+                flush |= vm._zap(s, e, KVM_FILTER_PRIVATE) > 0  # kvm_gmem_invalidate_begin: private only
             if flush:
                 vm._flush_remote_tlbs()
             vm._invalidate_end()
@@ -397,6 +398,37 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     f.delta = index + delta - gfn
     f.order = order if not (gfn - index) & (size - 1) else 0
     return end
+
+
+def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[int, int, bool, int]:
+    """``__kvm_gmem_get_pfn`` for file indices ``[index, limit)``: find or allocate the folios,
+    never preparing them (``kvm_gmem_populate``'s lookup).
+
+    Returns ``(pfn of index, folio order, prepared, end)`` where ``[index, end)`` is served by
+    one uniform folio run (a single index for a large folio). Allocation follows
+    :func:`kvm_gmem_get_pfn`: an order-``gmem_max_order`` folio when its aligned block is in
+    the file and empty, else order-0 folios for the whole hole up to ``limit``.
+
+    Raises:
+        KvmError: ENOMEM when host memory is exhausted (nothing allocated then).
+    """
+    folios = gmem.folios
+    s, e, v = folios.run_at(index)
+    if not v:
+        order = 0
+        max_order = vm._policy.gmem_max_order
+        if max_order:
+            size = 1 << max_order
+            a = index & ~(size - 1)
+            if a + size <= gmem.npages and folios.find_ne(a, a + size, 0) == -1:
+                order = max_order
+        first = index & ~((1 << order) - 1)
+        count = 1 if order else min(limit, e) - index
+        gmem._alloc_folios(first, count, order, vm._policy.prepare == "none")
+        s, e, v = folios.run_at(index)
+    order = folio_order(v)
+    end = index + 1 if order else min(limit, e)
+    return index + decode_delta(v), order, bool(v & FOLIO_PREPARED), end
 
 
 def _undo_alloc(vm: VM, gmem: GuestMemfd, undo: tuple) -> None:

@@ -236,6 +236,8 @@ class SharedBacking:
         order = self.order
         a = (start + (1 << order) - 1) >> order << order
         b = end >> order << order
+        if a >= b:
+            return 0  # no whole host page inside the range
         freed = 0
         for s, e, v in self._map.ranges(a, b):
             delta = decode_delta(v)

@@ -15,6 +15,14 @@ interleave them: :func:`fault_begin` (entry, ``is_private``, fast path), :func:`
 (stats). One :class:`PageFault` may stand for N identical faults on consecutive gfns (a
 "batch"): it is then accounted as N faults, which is how ``Vcpu.access`` stays O(log n).
 
+Two roots (TDX): a VM whose platform has a mirror root keeps private mappings in the *mirror*
+root and shared ones in the *direct* root. Both live in the one :class:`Mmu` map, told apart by
+the leaf's ``SPTE_PRIVATE`` bit. That is exact because a gfn never has a leaf in both roots: a
+leaf's private bit always equals the gfn's PRIVATE attribute (faults install only matching
+leaves, and every conversion zaps at least the old type's root, §2.5), which ``vm.check()``
+asserts. Zaps select roots with :func:`filter_to_root_types`; the mirror root's changes are
+propagated through the platform's external-SPTE ops.
+
 Invariants (checked by :meth:`Mmu._check`): leaf runs are aligned to their level; the
 ``pages_4k/2m/1g`` stats equal the number of leaves per level.
 """
@@ -55,6 +63,36 @@ SPTE_LEVEL_SHIFT = 1  # bits 1-2: PG_LEVEL_*
 SPTE_PRIVATE = 1 << 3
 SPTE_WRITABLE = 1 << 4
 _SPTE_FLAGS = 0xFF
+
+#: ``enum kvm_gfn_range_filter``: which attribute's mappings an invalidation targets (§2.5).
+KVM_FILTER_SHARED = 1 << 0
+KVM_FILTER_PRIVATE = 1 << 1
+KVM_FILTER_ALL = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+#: ``enum kvm_tdp_mmu_root_types``.
+KVM_INVALID_ROOTS = 1 << 0
+KVM_DIRECT_ROOTS = 1 << 1
+KVM_MIRROR_ROOTS = 1 << 2
+KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
+
+
+def filter_to_root_types(has_mirror_root: bool, attr_filter: int) -> int:
+    """``kvm_gfn_range_filter_to_root_types`` plus the ``KVM_INVALID_ROOTS`` that
+    ``kvm_tdp_mmu_unmap_gfn_range`` always adds.
+
+    Without a mirror root every filter means the one direct root (which holds both kinds of
+    mapping). pkvm never has an invalid root between operations: TDX mirror roots are only
+    invalidated at teardown, and direct roots only by ``kvm_mmu_zap_all_fast``, which nothing
+    modelled triggers for a TD (it disables the slot-zap-all quirk) and which zaps the invalid
+    roots before it returns.
+    """
+    if not has_mirror_root:
+        return KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS
+    types = KVM_INVALID_ROOTS
+    if attr_filter & KVM_FILTER_PRIVATE:
+        types |= KVM_MIRROR_ROOTS
+    if attr_filter & KVM_FILTER_SHARED:
+        types |= KVM_DIRECT_ROOTS
+    return types
 
 
 def make_spte(delta: int, level: int, private: bool, writable: bool) -> int:
@@ -118,11 +156,16 @@ class Mmu:
             n += k
         return n
 
-    def zap_range(self, start: int, end: int) -> int:
-        """Zap every leaf that intersects ``[start, end)``; return how many were zapped.
+    def zap_range(self, start: int, end: int, types: int = KVM_VALID_ROOTS,
+                  removed: list[tuple[int, int, int]] | None = None) -> int:
+        """Zap every leaf of the roots in ``types`` that intersects ``[start, end)``; return
+        how many were zapped.
 
         A huge leaf that straddles the range is zapped whole, as ``tdp_mmu_zap_leafs``
-        does. Runtime complexity: O(log n + k) for k runs.
+        does. ``types`` selects the direct root (shared leaves) and/or the mirror root
+        (private leaves); it only narrows anything in a VM with a mirror root, whose caller
+        also passes ``removed`` to collect the zapped mirror runs ``(start, end, value)``.
+        Runtime complexity: O(log n + k) for k runs.
         """
         m = self.sptes
         if m.find_ne(start, end, 0) == -1:
@@ -134,8 +177,19 @@ class Mmu:
         if v and spte_level(v) > PG_LEVEL_4K:
             n = 1 << LEVEL_SHIFT[spte_level(v)]
             end = (end + n - 1) & ~(n - 1)
-        zapped = self._drop_leaves(start, end)
-        m.assign(start, end, 0)
+        if removed is None and types & KVM_VALID_ROOTS == KVM_VALID_ROOTS:
+            zapped = self._drop_leaves(start, end)
+            m.assign(start, end, 0)
+        else:
+            zapped = 0
+            for s, e, v in m.ranges(start, end):
+                root = KVM_MIRROR_ROOTS if v & SPTE_PRIVATE else KVM_DIRECT_ROOTS
+                if not types & root:
+                    continue
+                zapped += self._drop_leaves(s, e)
+                m.assign(s, e, 0)
+                if removed is not None and root == KVM_MIRROR_ROOTS:
+                    removed.append((s, e, v))
         self._stats["zapped_sptes"] += zapped
         return zapped
 
@@ -600,6 +654,9 @@ def max_mapping_level(vm: VM, f: PageFault) -> int:
         limit = vm._platform.gmem_max_mapping_level(vm, f.gfn + f.delta, True)
         if limit:
             cap = min(cap, limit)
+        limit = vm._platform.max_mapping_level(vm, f.gfn, True)
+        if limit:
+            cap = min(cap, limit)
     else:
         cap = f.host_level
     return min(level, cap)
@@ -612,13 +669,36 @@ def fault_is_stale(vm: VM, f: PageFault) -> None:
         f.end = f.gfn + 1
 
 
+def _set_external(vm: VM, f: PageFault, start: int, end: int, level: int) -> bool:
+    """``set_external_spte_present`` for new mirror-root leaves on ``[start, end)``: the
+    platform links missing tables and installs the leaves while the mirror SPTEs are frozen.
+    On failure nothing is installed: ``-EBUSY`` retries the fault, anything else is fatal."""
+    r = vm._platform.set_external_spte(vm, start, end, level, f.delta)
+    if not r:
+        return True
+    f.end = f.gfn + 1
+    f.nfaults = 1
+    if r == -errno.EBUSY:
+        f.ret = "retry"
+    else:
+        f.ret, f.errno = "exit", -r
+    return False
+
+
 def fault_install(vm: VM, f: PageFault) -> None:
-    """``kvm_tdp_mmu_map`` (§4.2 step 7): hugepage adjust, then install the leaf or leaves."""
+    """``kvm_tdp_mmu_map`` (§4.2 step 7): hugepage adjust, then install the leaf or leaves.
+
+    New private leaves of a VM with a mirror root are first propagated to the external page
+    table (``set_external_spte``); if that fails the mirror SPTEs keep their old value.
+    """
     level = max_mapping_level(vm, f)
     gfn = f.gfn
     value = make_spte(f.delta, level, f.is_private, f.map_writable)
     mmu = vm._mmu
+    external = f.is_private and vm._platform.has_mirror_root
     if level == PG_LEVEL_4K and f.end - gfn > 1:
+        if external and not _set_external(vm, f, gfn, f.end, level):
+            return
         mmu.map_run(gfn, f.end, level, value)
         f.nfaults = f.end - gfn
     else:
@@ -626,10 +706,15 @@ def fault_install(vm: VM, f: PageFault) -> None:
         n = 1 << shift
         whole = (f.end - gfn) >> shift if not gfn & (n - 1) else 0
         if whole > 1:
+            if external and not _set_external(vm, f, gfn, gfn + (whole << shift), level):
+                return
             mmu.map_run(gfn, gfn + (whole << shift), level, value)
             f.nfaults = whole
             f.end = gfn + (whole << shift)
         else:
+            base = gfn & ~(n - 1)
+            if external and mmu.sptes.get(gfn) != value and not _set_external(vm, f, base, base + n, level):
+                return
             f.end = gfn + 1
             f.nfaults = 1
             spurious, flush = mmu.map_leaf(gfn, level, value)

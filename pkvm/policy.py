@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
     {
-        "rmp_update": ("fault-time", "eager-post", "eager-locked"),
+        "rmp_update": ("fault-time", "eager-post", "eager-locked", "eager-split"),
         "directmap": ("split-4k", "unmap-restore"),
         "prepare": ("none", "once-per-folio", "every-lookup"),
         "zap_filter": ("all", "old-type"),
@@ -24,6 +24,8 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
         "gmem_max_order": (0, 9),
         "mixed_head_in_slot": ("start-only", "whole-chunk"),
         "private_fault_source": ("attributes", "access"),
+        "tdx_initial_image": ("premap-then-add", "add-in-sept-hook"),
+        "tdx_huge_pages": (False, True),
     }
 )
 
@@ -38,7 +40,9 @@ class Policy:
         When SNP assigns a page to the guest in the RMP: ``"fault-time"`` (final upstream, in
         ``gmem_prepare`` during the private fault, §4.4), ``"eager-post"`` (RFC v8: the
         ``update_mem_attr`` op after the MMU lock is dropped, seed thread) or
-        ``"eager-locked"`` (the ``set_mem_attr`` op inside the MMU lock, §7.7). SNP only.
+        ``"eager-locked"`` (the ``set_mem_attr`` op inside the MMU lock, §7.7) or
+        ``"eager-split"`` (direct-map change in a pre phase before the MMU lock, RMPUPDATE in
+        ``set_mem_attr`` under it, direct-map restore after it; seed thread). SNP only.
     ``directmap``
         How SNP keeps the host direct map safe: ``"split-4k"`` (final) or
         ``"unmap-restore"`` (RFC). SNP only.
@@ -66,6 +70,16 @@ class Policy:
         Where a fault's ``is_private`` comes from (§4.1): ``"attributes"`` (6.8: the
         attribute of the gfn for every VM) or ``"access"`` (6.11+: the access type, i.e. the
         platform's ``fault_is_private`` op).
+    ``tdx_initial_image``
+        How ``KVM_TDX_INIT_MEM_REGION`` adds the initial image (§6.3, App. A): ``"premap-then-add"``
+        (6.16: map the mirror EPT first, counted in ``nr_premapped``, then ``TDH.MEM.PAGE.ADD``;
+        finalization fails while pages are premapped) or ``"add-in-sept-hook"`` (6.19:
+        ``PAGE.ADD`` inside the S-EPT set hook). TDX only.
+    ``tdx_huge_pages``
+        **Beyond upstream.** The TDX 2M private-mapping series (Y. Zhao, RFC Apr 2025 / v3 Jan
+        2026, unmerged as of 6.19): 2M ``PAGE.AUG``, ``DEMOTE`` before a partial conversion, the
+        per-2M guest-inhibit bit and accept-size mismatch faults. Needs ``gmem_max_order=9``
+        (2M guest_memfd folios) to map anything at 2M. TDX only.
 
     >>> Policy.preset("6.8").hugepage_guard
     False
@@ -85,6 +99,8 @@ class Policy:
     gmem_max_order: int = 0
     mixed_head_in_slot: str = "whole-chunk"
     private_fault_source: str = "access"
+    tdx_initial_image: str = "add-in-sept-hook"
+    tdx_huge_pages: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -136,10 +152,11 @@ def _build_presets() -> Mapping[str, Mapping[str, object]]:
         rmp_update="fault-time", directmap="split-4k", prepare="none", zap_filter="all",
         hugepage_guard=False, attr_ioctl="all-or-nothing", gmem_max_order=0,
         mixed_head_in_slot="start-only", private_fault_source="attributes",
+        tdx_initial_image="premap-then-add", tdx_huge_pages=False,
     )
     v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access")
     v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
-    v6_19 = dict(v6_16)
+    v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook")
     # RFC v8 of the SNP host series (seed thread, Feb-Mar 2023): RMPUPDATE from the post-lock
     # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
     # hook and none of the later MMU fixes.
@@ -148,6 +165,9 @@ def _build_presets() -> Mapping[str, Mapping[str, object]]:
     presets = {
         "6.8": v6_8, "6.11": v6_11, "6.16": v6_16, "6.19": v6_19, "fault-time": v6_19,
         "rfc-v8": rfc_v8, "eager-post": rfc_v8, "eager-locked": dict(rfc_v8, rmp_update="eager-locked"),
+        "eager-split": dict(rfc_v8, rmp_update="eager-split"),
+        # Beyond upstream: 6.19 plus the TDX huge page series, on 2M guest_memfd folios.
+        "tdx-huge-pages": dict(v6_19, gmem_max_order=9, tdx_huge_pages=True),
     }
     return MappingProxyType({name: MappingProxyType(knobs) for name, knobs in presets.items()})
 

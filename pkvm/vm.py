@@ -18,17 +18,19 @@ Invariants: see :meth:`VM.check`.
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from . import _vm_check
 from ._core import RangeMap
 from .constants import (
+    KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_MEMORY_FAULT_INFO,
     KVM_CAP_USER_MEMORY2,
     KVM_CAP_VM_TYPES,
+    KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MAX_VCPUS,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_X86_DEFAULT_VM,
@@ -40,17 +42,26 @@ from .constants import (
 )
 from .costs import CostModel
 from .errors import InternalInvariantError, KvmError
+from .exits import GuestOpResult
 from .gmem import GuestMemfd
-from .hostmem import HostMemory, SharedBacking
+from .hostmem import HostMemory, SharedBacking, decode_delta
 from .mmu import (
+    KVM_FILTER_ALL,
+    KVM_FILTER_PRIVATE,
+    KVM_FILTER_SHARED,
     KVM_LPAGE_MIXED_FLAG,
+    KVM_MIRROR_ROOTS,
+    LEVEL_SHIFT,
+    SPTE_PRIVATE,
     SPTE_WRITABLE,
     AccessResult,
     FaultResult,
     LpageInfo,
     Mmu,
+    filter_to_root_types,
     post_set_mixed,
     run_fault,
+    spte_level,
 )
 from .platforms import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from .policy import Policy, resolve_policy
@@ -64,13 +75,14 @@ STAT_KEYS = (
     "remote_tlb_flush_requests", "pages_4k", "pages_2m", "pages_1g", "mmu_invalidate_seq",
     "pf_retry", "memory_fault_exits", "attr_stores", "zapped_sptes", "huge_page_splits",
     "gmem_pages_allocated", "gmem_pages_freed", "gmem_prepare", "gmem_invalidate",
-    "shared_pages_populated", "mem_attr_op_failures",
+    "shared_pages_populated", "mem_attr_op_failures", "hypercalls", "hypercall_exits",
 )
 
 #: Operations this layer charges, with the ``vm.stats`` counter each follows (names and default
 #: values are :mod:`pkvm.costs`', from ``spec/costs.md`` §0).
 CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "zap_spte", "remote_tlb_flush",
-               "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split")
+               "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split",
+               "vmexit")
 _ALLOC_OP = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
 
 _SHARED_BACKING_ORDER = MappingProxyType({"4k": 0, "thp": 9, "hugetlb-2m": 9, "hugetlb-1g": 18})
@@ -139,7 +151,12 @@ class VM:
     memory (``"4k"``, ``"thp"``, ``"hugetlb-2m"``, ``"hugetlb-1g"``); ``nr_vcpus`` the number
     of vCPUs the cost model assumes run the guest (the per-vCPU term of a TLB flush).
     ``seed`` is recorded for the randomized parts of later layers; this layer is
-    deterministic.
+    deterministic. ``options`` are the VM type's own settings (``KVM_CREATE_VM`` plus the
+    platform's init ioctl; TDX: ``{"gpaw": 48 or 52}``, see :mod:`pkvm.platforms.tdx`).
+
+    A VM the kernel kills (``kvm_vm_dead``, e.g. a TD guest touching a page it has not
+    accepted) or finds a bug in (``KVM_BUG_ON``) has ``vm_dead`` set, and every later VM and
+    vCPU call raises ``KvmError(EIO)``; guest_memfd calls still work, as on a file.
 
     >>> vm = VM("sw_protected")
     >>> vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES)
@@ -148,13 +165,19 @@ class VM:
     Raises:
         KvmError: EINVAL for a VM type pkvm does not (yet) model, like ``KVM_CREATE_VM``.
         ValueError / TypeError: bad ``policy``, ``costs`` (an unknown operation is a ValueError),
-            ``shared_backing``, ``nr_vcpus``.
+            ``shared_backing``, ``nr_vcpus``; ``options`` the VM type does not take (TypeError).
     """
 
     def __init__(self, vm_type: int | str = KVM_X86_DEFAULT_VM, policy: Policy | str = "fault-time",
                  costs: Mapping[str, int] | None = None, seed: int = 0, shared_backing: str = "thp",
-                 nr_vcpus: int = 1) -> None:
+                 nr_vcpus: int = 1, options: Mapping[str, object] | None = None) -> None:
         self._platform: PlatformOps = _resolve_platform(vm_type)
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self._platform.options))
+        if unknown:
+            takes = ", ".join(self._platform.options) or "none"
+            raise TypeError(f"options {', '.join(map(repr, unknown))} are not options of a {self._platform.name} VM "
+                            f"(it takes: {takes})")
         self._policy = resolve_policy(policy)
         if shared_backing not in _SHARED_BACKING_ORDER:
             raise ValueError(f"shared_backing={shared_backing!r} is not one of {', '.join(_SHARED_BACKING_ORDER)}")
@@ -196,12 +219,21 @@ class VM:
         pol = self._policy
         self._guard = pol.hugepage_guard
         self._whole_chunk = pol.mixed_head_in_slot == "whole-chunk"
-        self._eager_post = pol.rmp_update == "eager-post"
-        self._eager_locked = pol.rmp_update == "eager-locked"
+        self._eager_split = pol.rmp_update == "eager-split"
+        self._eager_post = pol.rmp_update in ("eager-post", "eager-split")
+        self._eager_locked = pol.rmp_update in ("eager-locked", "eager-split")
         self._legacy = pol.attr_ioctl == "legacy-progress"
         self._sptes = self._mmu.sptes
         #: Warnings the simulated kernel would only log (e.g. a failing ``update_mem_attr``).
         self.events: list[tuple[str, str]] = []
+        #: ``kvm->vm_dead`` / ``kvm->vm_bugged``: set by :meth:`_kill` / :meth:`_bug`.
+        self.vm_dead = False
+        self.vm_bugged = False
+        #: ``KVM_CAP_EXIT_HYPERCALL`` mask enabled by userspace (hypercalls forwarded to it).
+        self.hypercall_exit_mask = 0
+        self.options: Mapping[str, object] = MappingProxyType(options)
+        self._mirror = self._platform.has_mirror_root
+        self._gfn_limit: int | None = None  # kvm_mmu_max_gfn() + 1 when the platform narrows it
         self._platform.init_vm(self)
 
     def __repr__(self) -> str:
@@ -302,12 +334,54 @@ class VM:
         self._cost_ns["remote_tlb_flush"] = self._cost_ns.get("remote_tlb_flush", 0) + ns
         self._modeled_ns += ns
 
-    def _zap(self, start: int, end: int) -> int:
-        """``kvm_unmap_gfn_range`` on ``[start, end)``; return the number of leaves zapped."""
-        n = self._mmu.zap_range(start, end)
+    def _zap(self, start: int, end: int, attr_filter: int = KVM_FILTER_ALL) -> int:
+        """``kvm_unmap_gfn_range`` on ``[start, end)``; return the number of leaves zapped.
+
+        ``attr_filter`` (``KVM_FILTER_SHARED`` / ``_PRIVATE``) selects the roots of a VM with a
+        mirror root (§2.5); other VMs have one root and zap everything. Mirror leaves go
+        through the platform: huge leaves only partly inside the range are split first
+        (``split_external_spte``), then every zapped run is removed (``remove_external_spte``).
+        """
+        if not self._mirror:
+            n = self._mmu.zap_range(start, end)
+        else:
+            mmu, platform = self._mmu, self._platform
+            types = filter_to_root_types(True, attr_filter)
+            if types & KVM_MIRROR_ROOTS:
+                for g in (start, end - 1):
+                    v = mmu.sptes.get(g)
+                    if v & SPTE_PRIVATE and spte_level(v) > 1:
+                        size = 1 << LEVEL_SHIFT[spte_level(v)]
+                        base = g & -size
+                        if base < start or base + size > end:
+                            platform.split_external_spte(self, g, spte_level(v))
+                            mmu.split_to(g, spte_level(v) - 1)
+            removed: list[tuple[int, int, int]] = []
+            n = mmu.zap_range(start, end, types, removed)
+            for s, e, v in removed:
+                platform.remove_external_spte(self, s, e, spte_level(v), decode_delta(v))
         if n:
             self._charge("zap_spte", n)
         return n
+
+    # -- kvm_vm_dead / KVM_BUG_ON --------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self.vm_dead:
+            why = "KVM_BUG_ON" if self.vm_bugged else "kvm_vm_dead"
+            raise KvmError(errno.EIO, f"the VM is dead ({why}: {self.events[-1][1] if self.events else ''}); "
+                           "every VM and vCPU ioctl fails with EIO")
+
+    def _kill(self, reason: str) -> None:
+        """``kvm_vm_dead``: later VM and vCPU ioctls fail with EIO; ``reason`` goes to ``events``."""
+        self.vm_dead = True
+        self.events.append(("kvm_vm_dead", reason))
+
+    def _bug(self, reason: str) -> None:
+        """``KVM_BUG_ON`` / ``kvm_vm_bugged``: the VM is marked bugged and dead."""
+        self.vm_bugged = True
+        self.vm_dead = True
+        self.events.append(("kvm_vm_bugged", reason))
 
     # -- the invalidation protocol (§2.8) -----------------------------------------------------
 
@@ -373,6 +447,8 @@ class VM:
                 attribute bits, ``size == 0``, wrap-around past 2**64, unaligned address or size.
             TypeError / ValueError: an argument is not an int or does not fit a u64.
         """
+        if self.vm_dead:
+            self._check_alive()
         if not type(address) is type(size) is type(attributes) is type(flags) is int or (
                 (address | size | attributes | flags) >> 64):  # also true for negative values
             address, size = _u64("address", address), _u64("size", size)
@@ -397,6 +473,8 @@ class VM:
             return  # §2.7 short-circuit
         maps = self._slot_maps
         ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
+        if ranges and self._eager_split:
+            self._attr_pre_lock(ranges, attributes)
         self._attr_pre(ranges, attributes)
         self._attr_commit(start, end, attributes)
         self._attr_post(ranges, attributes)
@@ -412,10 +490,12 @@ class VM:
         post-lock op. The kernel wrote back ``address = end``, ``size = 0`` (its store could
         fail part way; pkvm's cannot, so the progress is always complete).
         """
+        ranges = self._slot_ranges(start, end)
+        if ranges and self._eager_split:
+            self._attr_pre_lock(ranges, attrs)
         self._invalidate_begin()
         self._invalidate_range_add(start, end)
         self._attr_commit(start, end, attrs)
-        ranges = self._slot_ranges(start, end)
         zapped = 0
         for s, e, key in ranges:
             slot = self._slots[key - 1]
@@ -430,6 +510,15 @@ class VM:
         self._invalidate_end()
         if ranges and self._eager_post:
             self._attr_post_unlock(ranges, attrs)
+
+    def _attr_pre_lock(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
+        """Before ``mmu_lock`` is taken: the ``pre_set_mem_attr`` op per slot-clipped piece
+        (``rmp_update="eager-split"``: the direct-map change that may sleep, seed thread)."""
+        for s, e, key in ranges:
+            slot = self._slots[key - 1]
+            r = self._platform.pre_set_mem_attr(self, slot, attrs, s, e)
+            if r:
+                self._op_failed("pre_set_mem_attr", slot, attrs, s, e, r)
 
     def _attr_pre(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
         """PRE phase: ``kvm_pre_set_memory_attributes`` per slot-clipped piece (§2.4, §2.5).
@@ -450,6 +539,12 @@ class VM:
         sptes = self._sptes
         slots = self._slots
         zapped = 0
+        # §2.5 step 3 (6.14+): zap only the old attribute's mappings; a VM without a mirror root
+        # has one root that holds both kinds, so the filter narrows nothing there.
+        if self._policy.zap_filter == "all":
+            attr_filter = KVM_FILTER_ALL
+        else:
+            attr_filter = KVM_FILTER_SHARED if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE else KVM_FILTER_PRIVATE
         for s, e, key in ranges:
             if rs == INVALID_GFN:
                 rs, re_ = s, e
@@ -481,7 +576,7 @@ class VM:
                     rs = he if he < rs else rs
                     re_ = he + 262144 if he + 262144 > re_ else re_
             if sptes.find_ne(s, e, 0) != -1:
-                zapped += self._zap(s, e)  # zap_filter: one root holds both kinds here
+                zapped += self._zap(s, e, attr_filter)
         self._range_start, self._range_end = rs, re_
         if zapped:
             self._flush_remote_tlbs()  # flush_on_ret, before the lock is dropped
@@ -549,6 +644,7 @@ class VM:
         """
         from ._memslots import set_user_memory_region2
 
+        self._check_alive()
         set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                 guest_memfd, guest_memfd_offset)
 
@@ -559,6 +655,7 @@ class VM:
             KvmError: EINVAL for unknown flag bits (pkvm offers none: gmem-only memslots are
                 not modelled) or a size that is not a positive multiple of 4 KiB.
         """
+        self._check_alive()
         size, flags = _u64("size", size), _u64("flags", flags)
         if flags:
             raise KvmError(errno.EINVAL, f"guest_memfd flags {flags:#x} are not supported (valid: 0x0)")
@@ -571,7 +668,10 @@ class VM:
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd; unknown capabilities give 0."""
+        self._check_alive()
         cap = _u64("cap", cap)
+        if cap == KVM_CAP_EXIT_HYPERCALL:
+            return KVM_EXIT_HYPERCALL_VALID_MASK
         if cap == KVM_CAP_MEMORY_ATTRIBUTES:
             return self._supported_attrs
         if cap == KVM_CAP_GUEST_MEMFD:
@@ -582,6 +682,24 @@ class VM:
             return sum(1 << t for t in PLATFORMS)
         return 0
 
+    def enable_cap(self, cap: int, args0: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM. Only ``KVM_CAP_EXIT_HYPERCALL`` is modelled: ``args0``
+        is the mask of hypercalls to forward to userspace (``1 << KVM_HC_MAP_GPA_RANGE``).
+
+        Raises:
+            KvmError: EINVAL for another capability or a bit outside
+                ``KVM_EXIT_HYPERCALL_VALID_MASK`` (§7.3).
+        """
+        self._check_alive()
+        cap, args0 = _u64("cap", cap), _u64("args0", args0)
+        if cap != KVM_CAP_EXIT_HYPERCALL:
+            raise KvmError(errno.EINVAL, f"KVM_ENABLE_CAP: capability {cap} cannot be enabled on a VM in pkvm "
+                           f"(only KVM_CAP_EXIT_HYPERCALL = {KVM_CAP_EXIT_HYPERCALL})")
+        if args0 & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+            raise KvmError(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL mask {args0:#x} has bits outside "
+                           f"{KVM_EXIT_HYPERCALL_VALID_MASK:#x}")
+        self.hypercall_exit_mask = args0
+
     # -- vCPUs ------------------------------------------------------------------------------------
 
     def create_vcpu(self) -> Vcpu:
@@ -590,9 +708,10 @@ class VM:
         Raises:
             KvmError: EINVAL past ``KVM_MAX_VCPUS``.
         """
+        self._check_alive()
         if len(self._vcpus) >= KVM_MAX_VCPUS:
             raise KvmError(errno.EINVAL, f"a VM has at most {KVM_MAX_VCPUS} vCPUs")
-        vcpu = Vcpu(self, len(self._vcpus))
+        vcpu = self._platform.create_vcpu(self, len(self._vcpus)) or Vcpu(self, len(self._vcpus))
         self._vcpus.append(vcpu)
         return vcpu
 
@@ -610,6 +729,7 @@ class VM:
             InternalInvariantError: naming the first violation found.
         """
         _vm_check.check_vm(self)
+        self._platform.check_vm(self)
 
 
 def _resolve_platform(vm_type: int | str) -> PlatformOps:
@@ -629,16 +749,40 @@ def _resolve_platform(vm_type: int | str) -> PlatformOps:
 
 
 class Vcpu:
-    """A vCPU (``KVM_CREATE_VCPU``). Create one with :meth:`VM.create_vcpu`."""
+    """A vCPU (``KVM_CREATE_VCPU``). Create one with :meth:`VM.create_vcpu`.
 
-    __slots__ = ("vm", "id")
+    Platforms with guest instructions of their own subclass it (TDX: ``map_gpa``, ``accept``;
+    see :mod:`pkvm.platforms.tdx`) through the ``create_vcpu`` op. Subclasses refine two
+    hooks: :meth:`_fault` (the exit handler that runs a nested page fault) and
+    :meth:`_usable_end` (whether an existing mapping lets a guest access complete).
+    """
+
+    __slots__ = ("vm", "id", "_resume")
 
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
         self.id = vcpu_id
+        #: ``complete_userspace_io``: what the next :meth:`run` does (None: nothing pending).
+        self._resume: Callable[[], GuestOpResult] | None = None
 
     def __repr__(self) -> str:
         return f"<pkvm.Vcpu {self.id} of {self.vm!r}>"
+
+    # -- hooks for platform vCPUs ---------------------------------------------------------
+
+    def _fault(self, gfn: int, limit: int, private: bool, write: bool) -> tuple[int, FaultResult]:
+        """The exit handler of a nested page fault on ``gfn`` (a batch up to ``limit``);
+        returns ``(faults taken, result)``."""
+        f, r = run_fault(self, gfn, limit, private, write)
+        return (f.nfaults if r.ret == "fixed" else 1), r
+
+    def _usable_end(self, gfn: int, stop: int, spte: int, private: bool, write: bool) -> int:
+        """The end of the prefix of ``[gfn, stop)`` (one present SPTE run of value ``spte``)
+        that a guest access of this type completes without a fault: all of it, unless a write
+        meets a read-only leaf. The access type does not matter here (no hardware check)."""
+        return stop if not write or spte & SPTE_WRITABLE else gfn
+
+    # -- nested page faults and accesses --------------------------------------------------
 
     def page_fault(self, gpa: int, *, private: bool, write: bool = False) -> FaultResult:
         """One nested page fault on ``gpa`` (spec §4.2), run to completion.
@@ -651,24 +795,29 @@ class Vcpu:
         Runtime complexity: O(log n).
 
         Raises:
+            KvmError: EIO if the VM is dead.
             TypeError / ValueError: ``gpa`` is not an int in [0, 2**52 pages), or ``private``
                 / ``write`` are not bools.
         """
         gfn = _gpa_to_gfn(gpa)
         if type(private) is not bool or type(write) is not bool:
             raise TypeError("private and write must be bools")
-        return run_fault(self, gfn, gfn + 1, private, write)[1]
+        if self.vm.vm_dead:
+            self.vm._check_alive()
+        return self._fault(gfn, gfn + 1, private, write)[1]
 
     def access(self, gpa: int, *, private: bool, write: bool = False, size: int = PAGE_SIZE) -> AccessResult:
         """A guest access to the bytes ``[gpa, gpa + size)``: faults only where no usable
         mapping exists.
 
         Pages are walked in order; a page is usable if it has a present leaf SPTE (writable,
-        for a write). The walk stops at the first fault that does not fix the mapping (an
-        exit to userspace, or MMIO emulation). N unmapped pages in one state are faulted as
-        one batch: counted as N faults (``pf_taken``) at O(log n) cost.
+        for a write; platforms may add conditions, e.g. TDX: the root of the access type and
+        an accepted S-EPT page). The walk stops at the first fault that does not fix the
+        mapping (an exit to userspace, or MMIO emulation). N unmapped pages in one state are
+        faulted as one batch: counted as N faults (``pf_taken``) at O(log n) cost.
 
         Raises:
+            KvmError: EIO if the VM is dead.
             TypeError / ValueError: as :meth:`page_fault`; ``size`` must be > 0.
         """
         gfn = _gpa_to_gfn(gpa)
@@ -679,18 +828,21 @@ class Vcpu:
         end = (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
         if end > _MAX_GFN:
             raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) runs past the 52-bit guest physical address space")
+        if self.vm.vm_dead:
+            self.vm._check_alive()
         sptes = self.vm._mmu.sptes
         done = faults = 0
         retries = 0
         while gfn < end:
             s, e, v = sptes.run_at(gfn)
-            if v and (not write or v & SPTE_WRITABLE):
-                step = (e if e < end else end) - gfn
-                done += step
-                gfn += step
-                continue
-            f, r = run_fault(self, gfn, gfn + 1 if v else min(e, end), private, write)
-            faults += f.nfaults if r.ret == "fixed" else 1
+            if v:
+                u = self._usable_end(gfn, e if e < end else end, v, private, write)
+                if u > gfn:
+                    done += u - gfn
+                    gfn = u
+                    continue
+            n, r = self._fault(gfn, gfn + 1 if v else min(e, end), private, write)
+            faults += n
             if r.ret in ("fixed", "spurious"):
                 retries = 0
                 continue
@@ -701,6 +853,63 @@ class Vcpu:
                 continue
             return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno)
         return AccessResult("done", done, faults)
+
+    # -- guest instructions and KVM_RUN -----------------------------------------------------
+
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, *, long_mode: bool = True) -> GuestOpResult:
+        """The guest executes a KVM hypercall (``VMCALL``; spec §7.3).
+
+        ``KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)`` exits to userspace (``KVM_EXIT_HYPERCALL``)
+        if the VMM enabled ``KVM_CAP_EXIT_HYPERCALL`` for it; answer the exit, then
+        :meth:`run` completes it with the guest's RAX in ``status``. Without the capability RAX
+        is ``-KVM_ENOSYS``, with bad arguments ``-KVM_EINVAL`` (both as u64), and nothing exits.
+
+        Raises:
+            KvmError: EIO if the VM is dead; EBUSY if an exit is still pending.
+            TypeError / ValueError: an argument is not a u64 int.
+        """
+        from .exits import begin_insn, kvm_emulate_hypercall
+
+        nr, a0, a1, a2 = _u64("nr", nr), _u64("a0", a0), _u64("a1", a1), _u64("a2", a2)
+        if type(long_mode) is not bool:
+            raise TypeError("long_mode must be a bool")
+        begin_insn(self)
+        return kvm_emulate_hypercall(self, nr, a0, a1, a2, long_mode)
+
+    def run(self) -> GuestOpResult:
+        """``KVM_RUN``: resume the guest instruction that exited to userspace.
+
+        Runs the pending completion (``complete_userspace_io``: e.g. the next MapGPA chunk, or
+        the hypercall's return value) or re-executes the instruction that took a memory-fault
+        exit. Returns the next exit or the instruction's completion; ``ret == "done"`` with
+        ``status`` None when nothing was pending. ``page_fault`` and ``access`` leave nothing
+        pending: after their exits the caller simply repeats them.
+
+        Raises:
+            KvmError: EIO if the VM is dead.
+        """
+        self.vm._check_alive()
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return GuestOpResult("done")
+        return resume()
+
+    def map_gpa(self, gpa: int, size: int) -> GuestOpResult:
+        """TDX guest: ``TDG.VP.VMCALL<MapGPA>`` (spec §7.2); see :mod:`pkvm.platforms.tdx`.
+
+        Raises:
+            TypeError: the VM type has no MapGPA (only TDX does).
+        """
+        raise TypeError(f"map_gpa is a TDX guest operation (TDG.VP.VMCALL<MapGPA>); a {self.vm.platform.name} VM "
+                        "has none: use vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, ...) or pkvm.Guest")
+
+    def accept(self, gpa: int, level: int) -> GuestOpResult:
+        """TDX guest: ``TDG.MEM.PAGE.ACCEPT`` (spec §6.2, §7.5); see :mod:`pkvm.platforms.tdx`.
+
+        Raises:
+            TypeError: the VM type has no ACCEPT (only TDX does).
+        """
+        raise TypeError(f"accept is a TDX guest operation (TDG.MEM.PAGE.ACCEPT); a {self.vm.platform.name} VM has none")
 
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses

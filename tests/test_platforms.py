@@ -9,19 +9,20 @@ import pkvm
 from pkvm.platforms import PLATFORMS, PlatformOps, _return0, is_implemented, register_platform
 
 OPTIONAL = ["init_vm", "gmem_prepare", "gmem_invalidate", "gmem_max_mapping_level", "update_mem_attr",
-            "set_mem_attr", "handle_rmp_fault"]
+            "set_mem_attr", "handle_rmp_fault", "max_mapping_level", "set_external_spte", "remove_external_spte",
+            "split_external_spte", "create_vcpu", "check_vm", "guest_flows", "vmm_flows"]
 
 
 def test_registered_platforms():
-    """DEFAULT and SW_PROTECTED are registered by VM type."""
-    assert {t: p.name for t, p in PLATFORMS.items()} == {0: "default", 1: "sw_protected"}
-    assert not PLATFORMS[0].has_private_mem and PLATFORMS[1].has_private_mem
+    """DEFAULT, SW_PROTECTED, SNP and TDX are registered by VM type."""
+    assert {t: p.name for t, p in PLATFORMS.items()} == {0: "default", 1: "sw_protected", 4: "snp", 5: "tdx"}
+    assert not PLATFORMS[0].has_private_mem and PLATFORMS[1].has_private_mem and PLATFORMS[5].has_mirror_root
 
 
 @pytest.mark.parametrize("op", OPTIONAL)
 def test_optional_ops_default_to_return0(op):
     """Absent optional ops become the shared return-0 op, so call sites never test for None."""
-    for platform in PLATFORMS.values():
+    for platform in (PLATFORMS[0], PLATFORMS[1]):
         fn = getattr(platform, op)
         assert fn is _return0 and fn(1, 2, 3) == 0 and not is_implemented(fn)
 

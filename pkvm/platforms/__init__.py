@@ -6,7 +6,16 @@ the shared :func:`_return0` by :func:`register_platform`, like ``KVM_X86_OP_OPTI
 call sites never test for ``None``. Tables are checked once, at registration.
 
 Every op's phase and lock are documented on the field. The registry :data:`PLATFORMS` is an
-immutable mapping built at import; later platforms (SNP, TDX) are added to the tuple below.
+immutable mapping built at import; later platforms are added to the tuple below.
+
+Mirror-root ops (``set_external_spte``, ``remove_external_spte``, ``split_external_spte``) are
+the TDP MMU's "external page table" hooks (``kvm_x86_ops.link_external_spt`` /
+``set_external_spte`` / ``remove_external_spte``): the generic MMU edits the mirror root and calls
+them so the platform can propagate the change (TDX: SEAMCALLs on the secure EPT).
+
+Actors (:mod:`pkvm.guest`, :mod:`pkvm.vmm`) find a platform's flows through the ``guest_flows``
+and ``vmm_flows`` factories: a new platform plugs its guest conversion protocol (TDX: MapGPA +
+ACCEPT; SNP: page-state change + PVALIDATE) in there without touching the actors.
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ if TYPE_CHECKING:  # pragma: no cover
     GmemMaxMappingLevel = Callable[[VM, int, bool], int]
     MemAttrOp = Callable[[VM, Memslot, int, int, int], int]
     RmpFaultOp = Callable[[Vcpu, int, bool, bool, object], int]
+    ExternalSpteOp = Callable[[VM, int, int, int, int], int]
+    SplitExternalOp = Callable[[VM, int, int], int]
+    MaxMappingLevel = Callable[[VM, int, bool], int]
+    CreateVcpu = Callable[[VM, int], Any]
+    CheckVm = Callable[[VM], int]
+    FlowsFactory = Callable[[Any], Any]
 
 
 def _return0(*args: Any, **kwargs: Any) -> int:
@@ -44,7 +59,8 @@ class PlatformOps:
         ``name`` (the ``vm_type`` string), ``vm_type`` (the KVM value), ``has_private_mem``
         (``kvm_arch_has_private_mem``: attributes, guest_memfd slots), ``has_protected_state``
         (SNP/TDX: no ``KVM_MEM_READONLY`` slots), ``has_mirror_root`` (TDX: private
-        mappings live in a separate mirror root, so ``zap_filter`` matters).
+        mappings live in a separate mirror root, so ``zap_filter`` matters), ``options`` (the
+        names ``pkvm.VM(options=...)`` accepts for this type; ``init_vm`` reads them).
 
     Ops (``vm`` is the :class:`pkvm.VM`; ranges are half-open ``[start, end)`` gfns):
 
@@ -76,10 +92,40 @@ class PlatformOps:
         ``mmu_lock`` (write) and ``slots_lock``; per slot-clipped range. Runs only under
         ``rmp_update="eager-locked"``; sleeping here (a directmap mutex) is a bug the model
         counts. SNP eager designs.
+    ``pre_set_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; the pre phase of the
+        seed thread's split design. Phase: ``KVM_SET_MEMORY_ATTRIBUTES`` after the short-circuit
+        and before ``mmu_lock`` is taken (so before ``invalidate_begin``), under ``slots_lock``;
+        per slot-clipped range; may sleep. Runs only under ``rmp_update="eager-split"``, which
+        also runs ``set_mem_attr`` (under the lock) and ``update_mem_attr`` (after it). SNP.
     ``handle_rmp_fault(vcpu, gpa, private, write, result) -> int`` — optional
         (``sev_handle_rmp_fault``, called from ``npf_interception``). Phase: after the MMU
         fault handler returned > 0, when the #NPF error code has the RMP bit (§4.2 step 10);
         no MMU lock. SNP.
+    ``max_mapping_level(vm, gfn, private) -> int`` — optional; a gfn-based cap next to
+        ``gmem_max_mapping_level``. Phase: the fault's hugepage adjust, under ``mmu_lock``
+        (read); consulted only when the folio order allows more than 4K. 0 means no cap.
+        TDX with ``Policy.tdx_huge_pages`` (guest-inhibit bit, no promotion).
+    ``set_external_spte(vm, start, end, level, pfn_delta) -> int`` — optional
+        (``link_external_spt`` + ``set_external_spte``, §4.2 step 7). Phase: ``kvm_tdp_mmu_map``
+        under ``mmu_lock`` (read), the new mirror-root leaves on gfns ``[start, end)`` at
+        ``level`` (pfn = gfn + ``pfn_delta``) still frozen: link every missing non-leaf table of
+        the external page table, then install the leaves. Returns 0, ``-EBUSY`` (nothing
+        installed; the fault is retried) or ``-EIO`` (the platform bugged the VM). TDX.
+    ``remove_external_spte(vm, start, end, level, pfn_delta) -> int`` — optional
+        (``remove_external_spte``). Phase: a zap of mirror-root leaves ``[start, end)`` at
+        ``level``, under ``mmu_lock`` (write), after the mirror SPTEs were cleared. TDX
+        (BLOCK, TRACK + kick, REMOVE, WBINVD, clear per leaf, §6.3).
+    ``split_external_spte(vm, gfn, level) -> int`` — optional; **beyond upstream** (TDX huge
+        page series). Phase: before a zap that covers only part of the huge mirror leaf at
+        ``level`` containing ``gfn``, under ``mmu_lock`` (write). TDX (BLOCK, TRACK, DEMOTE).
+    ``create_vcpu(vm, vcpu_id) -> Vcpu`` — optional (``kvm_x86_ops.vcpu_create``). Phase:
+        ``KVM_CREATE_VCPU``. Returns the platform's :class:`pkvm.Vcpu` subclass instance, which
+        carries its guest instructions (TDX: ``map_gpa``, ``accept``), or 0 for a plain Vcpu.
+    ``check_vm(vm) -> int`` — optional. Phase: ``vm.check()``, after the generic invariants;
+        raises :class:`pkvm.InternalInvariantError` on a violation. TDX (S-EPT vs mirror root).
+    ``guest_flows(guest) -> flows`` / ``vmm_flows(vmm) -> flows`` — optional factories of the
+        per-platform actor flows (see :mod:`pkvm.guest` and :mod:`pkvm.vmm` for the protocols);
+        0 selects the generic ``KVM_HC_MAP_GPA_RANGE`` flows. TDX.
     """
 
     name: str
@@ -88,19 +134,31 @@ class PlatformOps:
     fault_is_private: FaultIsPrivate
     has_protected_state: bool = False
     has_mirror_root: bool = False
+    options: tuple[str, ...] = ()
     init_vm: InitVm | None = None
     gmem_prepare: GmemPrepare | None = None
     gmem_invalidate: GmemInvalidate | None = None
     gmem_max_mapping_level: GmemMaxMappingLevel | None = None
     update_mem_attr: MemAttrOp | None = None
     set_mem_attr: MemAttrOp | None = None
+    pre_set_mem_attr: MemAttrOp | None = None
     handle_rmp_fault: RmpFaultOp | None = None
+    max_mapping_level: MaxMappingLevel | None = None
+    set_external_spte: ExternalSpteOp | None = None
+    remove_external_spte: ExternalSpteOp | None = None
+    split_external_spte: SplitExternalOp | None = None
+    create_vcpu: CreateVcpu | None = None
+    check_vm: CheckVm | None = None
+    guest_flows: FlowsFactory | None = None
+    vmm_flows: FlowsFactory | None = None
 
 
 _MANDATORY = ("fault_is_private",)
 _OPTIONAL_RET0 = (
     "init_vm", "gmem_prepare", "gmem_invalidate", "gmem_max_mapping_level",
-    "update_mem_attr", "set_mem_attr", "handle_rmp_fault",
+    "update_mem_attr", "set_mem_attr", "pre_set_mem_attr", "handle_rmp_fault", "max_mapping_level",
+    "set_external_spte", "remove_external_spte", "split_external_spte", "create_vcpu",
+    "check_vm", "guest_flows", "vmm_flows",
 )
 
 
@@ -135,11 +193,15 @@ def is_implemented(op: object) -> bool:
 
 
 from . import default as _default  # noqa: E402
+from . import snp as _snp  # noqa: E402
 from . import sw_protected as _sw_protected  # noqa: E402
+from . import tdx as _tdx  # noqa: E402
 
 #: Registered platforms by ``vm_type``; immutable.
 PLATFORMS: Mapping[int, PlatformOps] = MappingProxyType(
-    {p.vm_type: p for p in (register_platform(_default.OPS), register_platform(_sw_protected.OPS))}
+    {p.vm_type: p for p in (register_platform(_default.OPS), register_platform(_sw_protected.OPS),
+                            register_platform(_snp.OPS),
+                            register_platform(_tdx.OPS))}
 )
 
 #: VM type names accepted by ``pkvm.VM(vm_type=...)``, including unregistered ones.

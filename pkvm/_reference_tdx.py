@@ -1,0 +1,588 @@
+"""A slow, obviously-correct twin of a TDX :class:`pkvm.VM`: S-EPT state per gfn.
+
+:class:`ReferenceTdx` extends :class:`pkvm._reference_vm.ReferenceVM` with what the TDX
+platform adds (spec §6, §7.2, §7.5), written the way the kernel and the TDX module read,
+one page and one SEAMCALL at a time, with plain dicts and sets:
+
+* ``sept``: gfn -> ``(state, level)`` (``"pending"``, ``"mapped"``, ``"blocked"``,
+  ``"pending_blocked"``; FREE is absent); ``tables``: ``(table level, index)`` of every
+  S-EPT page table added; ``inhibit``: 2M chunks with the guest-inhibit bit;
+* the mirror root is the ``private`` leaves of ``sptes``; zaps honour the attribute filter;
+* every private fault is one page: SEPT.ADD per missing table, then AUG / ADD / premap;
+* every zapped mirror leaf runs BLOCK, TRACK + kick, REMOVE, WBINVD, clear, each step with the
+  ``tdh_do_no_vcpus`` BUSY retry;
+* ``accept`` is ``TDG.MEM.PAGE.ACCEPT`` instruction by instruction; ``accept_memory`` is the
+  Linux guest's loop over it (1G, 2M, 4K per position), with no bulk shortcut;
+* ``map_gpa`` / ``map_gpa_complete`` are MapGPA and its per-chunk completion;
+  ``convert_memory`` is QEMU's answer to a conversion exit;
+* ``init_mem_region`` / ``finalize`` build the TD (6.16 premap then ADD, or 6.19 ADD in
+  the hook).
+
+It shares nothing mutable with :mod:`pkvm.platforms.tdx`; it reuses constants and the cost
+table. Use it only at small sizes.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ._reference_vm import FILTER_ALL, FILTER_PRIVATE, FILTER_SHARED, PAGES, ReferenceVM
+from .constants import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    TDVMCALL_STATUS_ALIGN_ERROR,
+    TDVMCALL_STATUS_INVALID_OPERAND,
+    TDVMCALL_STATUS_RETRY,
+    TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED,
+    TDVMCALL_STATUS_SUCCESS,
+    TDX_OPERAND_ID_RCX,
+    TDX_OPERAND_INVALID,
+    TDX_PAGE_ALREADY_ACCEPTED,
+    TDX_PAGE_SIZE_MISMATCH,
+)
+from .costs import CostModel
+from .errors import KvmError
+from .platforms._tdx_sept import TDX_STAT_KEYS
+
+_COST = {"sept_add": "seamcall_sept_add", "aug": "seamcall_aug", "add": "seamcall_add", "block": "seamcall_block",
+         "track": "seamcall_track", "remove": "seamcall_remove", "wbinvd": "seamcall_wbinvd"}
+_SHIFT = {1: 9, 2: 18, 3: 27, 4: 36}  # gfn shift of one S-EPT table of each level
+_CHUNK = 2 << 20
+
+
+class ReferenceTdx(ReferenceVM):
+    """Per-gfn twin of ``pkvm.VM("tdx", ...)``."""
+
+    def __init__(self, policy="6.19", shared_backing="thp", nr_vcpus=1, gpaw=48):
+        super().__init__("tdx", policy, shared_backing, nr_vcpus)
+        self.costs = CostModel.default("tdx")
+        self.backing = shared_backing
+        self.stats.update(dict.fromkeys(TDX_STAT_KEYS, 0))
+        self.gpaw = gpaw
+        self.shared_bit = 51 if gpaw == 52 else 47
+        self.levels = 5 if gpaw == 52 else 4
+        self.sept = {}          # gfn -> (state, level)
+        self.tables = set()     # (table level, index)
+        self.inhibit = set()    # 2M chunk numbers
+        self.runnable = False
+        self.nr_premapped = 0
+        self.premap = self.policy.tdx_initial_image == "premap-then-add"
+        self.huge = self.policy.tdx_huge_pages
+        self.dead = self.bugged = False
+        self.busy = {}
+        self.vcpus = 0
+        self.populating = False
+        self.accept_level = 0
+        self.hc_enabled = False
+        self.pending_interrupts = 0
+        self.mg_next = self.mg_end = 0
+
+    # -- SEAMCALLs --------------------------------------------------------------------------
+
+    def sc(self, name, n=1):
+        """``n`` calls of a SEAMCALL: "busy" (only the first is made) or "ok"."""
+        counter = "seamcall_" + name
+        if self.busy.get(name):
+            self.busy[name] -= 1
+            self.stats[counter] += 1
+            self.stats["seamcall_busy"] += 1
+            if name in _COST:
+                self.charge(_COST[name])
+            return "busy"
+        self.stats[counter] += n
+        if name in _COST:
+            self.charge(_COST[name], n)
+        return "ok"
+
+    def kick(self):
+        n = max(self.nr_vcpus, self.vcpus)
+        self.stats["vcpu_kicks"] += n
+        self.charge("vcpu_kick", n)
+
+    def no_vcpus(self, name):
+        st = self.sc(name)
+        if st == "busy":
+            self.kick()
+            st = self.sc(name)
+        return st
+
+    def bug(self):
+        self.bugged = self.dead = True
+
+    def check_alive(self):
+        if self.dead:
+            raise KvmError(errno.EIO, "dead")
+
+    def check_runnable(self):
+        self.check_alive()
+        if not self.runnable:
+            raise KvmError(errno.EINVAL, "not finalized")
+
+    def create_vcpu(self):
+        self.check_alive()
+        self.vcpus += 1
+
+    def set_memory_attributes(self, address, size, attributes, flags=0):
+        self.check_alive()
+        super().set_memory_attributes(address, size, attributes, flags)
+
+    def set_user_memory_region2(self, slot, flags, gpa, size, uaddr=0, gmem=None, gmem_off=0):
+        self.check_alive()
+        super().set_user_memory_region2(slot, flags, gpa, size, uaddr, gmem, gmem_off)
+
+    # -- the mirror root ----------------------------------------------------------------------
+
+    def link_and_set(self, gfn, level):
+        """SEPT.ADD for the missing tables (top-down), then the leaf SEAMCALL; a status."""
+        for t in range(self.levels - 1, level - 1, -1):
+            key = (t, gfn >> _SHIFT[t])
+            if key not in self.tables:
+                if self.sc("sept_add") == "busy":
+                    return "busy"
+                self.tables.add(key)
+        base = gfn - gfn % PAGES[level]
+        if self.runnable:
+            if self.sc("aug") == "busy":
+                return "busy"
+            for g in range(base, base + PAGES[level]):
+                self.sept[g] = ("pending", level)
+        elif self.premap:
+            self.nr_premapped += 1
+        else:
+            if not self.populating:
+                self.bug()
+                return "bug"
+            if self.sc("add") == "busy":
+                return "busy"
+            for g in range(base, base + PAGES[level]):
+                self.sept[g] = ("mapped", level)
+        return "ok"
+
+    def _install(self, gfn, pfn, level, private, writable):
+        if private and self.sptes.get(gfn) != (pfn, level, private, writable):
+            st = self.link_and_set(gfn, level)
+            if st == "busy":
+                return ("retry", 0, None)
+            if st == "bug":
+                return ("exit", errno.EIO, None)
+        return super()._install(gfn, pfn, level, private, writable)
+
+    def _level(self, slot, gfn, pfn, is_private, max_level):
+        if not is_private:
+            return super()._level(slot, gfn, pfn, is_private, max_level)
+        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES or max_level == PG_LEVEL_4K:
+            return PG_LEVEL_4K
+        level = max_level
+        while level > PG_LEVEL_4K and slot.lpage[level][gfn - gfn % PAGES[level]]:
+            level -= 1
+        if level == PG_LEVEL_4K:
+            return level
+        cap = min(max_level, PG_LEVEL_2M if self.huge else PG_LEVEL_4K)
+        if (not self.huge or self.accept_level == PG_LEVEL_4K or (gfn >> 9) in self.inhibit
+                or (1, gfn >> 9) in self.tables):
+            cap = PG_LEVEL_4K
+        return min(level, cap)
+
+    def zap(self, s, e, filt=FILTER_ALL):
+        take = {True: bool(filt & FILTER_PRIVATE), False: bool(filt & FILTER_SHARED)}
+        if filt & FILTER_PRIVATE:
+            for g in (s, e - 1):
+                spte = self.sptes.get(g)
+                if spte and spte[2] and spte[1] == PG_LEVEL_2M:
+                    base = g - g % 512
+                    if base < s or base + 512 > e:
+                        self.demote(base)
+                        self.split_mirror(base)
+        n = 0
+        for g in range(s, e):
+            spte = self.sptes.get(g)
+            if not spte or not take[spte[2]]:
+                continue
+            level = spte[1]
+            base = g - g % PAGES[level]
+            self.drop_leaf(g)
+            n += 1
+            if spte[2]:
+                self.remove_private(base, level)
+        self.stats["zapped_sptes"] += n
+        if n:
+            self.charge("zap_spte", n)
+        return n
+
+    def remove_private(self, base, level):
+        """``tdx_sept_remove_private_spte`` for the leaf at ``base``."""
+        n = PAGES[level]
+        ent = self.sept.get(base)
+        if ent is None:  # 6.16: premapped, BLOCK finds no leaf
+            st = self.no_vcpus("block")
+            if st == "ok" and self.premap and not self.runnable and self.nr_premapped >= 1:
+                self.nr_premapped -= 1
+            else:
+                self.bug()
+            return
+        if ent[1] != level or ent[0] not in ("pending", "mapped"):
+            return  # left behind by a failed SEAMCALL: the VM is bugged
+        if self.no_vcpus("block") != "ok":
+            self.bug()
+            return
+        for g in range(base, base + n):
+            self.sept[g] = ("blocked" if ent[0] == "mapped" else "pending_blocked", level)
+        tracked = True
+        if self.runnable:
+            if self.no_vcpus("track") != "ok":
+                self.bug()
+                tracked = False
+            self.kick()
+        if self.no_vcpus("remove") != "ok" or not tracked:
+            self.bug()
+            return
+        for g in range(base, base + n):
+            del self.sept[g]
+        if self.sc("wbinvd", n) != "ok":
+            self.bug()
+            return
+        self.stats["tdx_page_clears"] += n
+
+    def demote(self, base):
+        """Beyond upstream: BLOCK (2M), TRACK + kick, DEMOTE of the S-EPT leaf; True if it worked."""
+        state, level = self.sept.get(base, ("free", 0))
+        if level != PG_LEVEL_2M or state not in ("pending", "mapped"):
+            return False  # left behind by a failed SEAMCALL: the VM is bugged
+        if self.no_vcpus("block") != "ok":
+            self.bug()
+            return False
+        if self.runnable:
+            if self.no_vcpus("track") != "ok":
+                self.bug()
+            self.kick()
+        if self.no_vcpus("demote") != "ok":
+            for g in range(base, base + 512):
+                self.sept[g] = ("blocked" if state == "mapped" else "pending_blocked", PG_LEVEL_2M)
+            self.bug()
+            return False
+        for g in range(base, base + 512):
+            self.sept[g] = (state, PG_LEVEL_4K)
+        self.tables.add((1, base >> 9))
+        return True
+
+    def split_mirror(self, base):
+        """``tdp_mmu_split_huge_page`` of the 2M mirror leaf at ``base``."""
+        for g in range(base, base + 512):
+            p, _, pr, w = self.sptes[g]
+            self.sptes[g] = (p, PG_LEVEL_4K, pr, w)
+        self.stats["pages_2m"] -= 1
+        self.stats["pages_4k"] += 512
+        self.stats["huge_page_splits"] += 1
+        self.charge("huge_page_split")
+
+    # -- faults and accesses (tdx_handle_ept_violation) ----------------------------------------
+
+    def page_fault(self, gfn, private, write):
+        self.check_runnable()
+        if private:
+            if self.sept.get(gfn, ("free",))[0] == "pending":
+                self.charge("vmexit")
+                self.charge("userspace_exit")
+                self.dead = True
+                return ("exit", errno.EIO, None)
+            write = True
+        return super().page_fault(gfn, private, write)
+
+    def usable(self, g, private, write):
+        spte = self.sptes.get(g)
+        if not spte or spte[2] != private:
+            return False
+        if private:
+            return self.sept.get(g, ("free",))[0] == "mapped"
+        return not write or spte[3]
+
+    def access(self, gfn, npages, private, write):
+        self.check_runnable()
+        done = faults = 0
+        for g in range(gfn, gfn + npages):
+            while not self.usable(g, private, write):
+                ret, err, _ = self.page_fault(g, private, write)
+                faults += 1
+                if ret not in ("fixed", "spurious", "retry"):
+                    return (ret, done, faults, err)
+            done += 1
+        return ("done", done, faults, 0)
+
+    # -- TDG.MEM.PAGE.ACCEPT -------------------------------------------------------------------
+
+    def _status(self, status, faults):
+        self.stats["tdcall_accept"] += 1
+        self.charge("vmexit")
+        return ("done", status, faults, None)
+
+    def accept(self, gpa, level):
+        """Returns ``("done", status, faults, None)`` or ``("exit", None, faults, errno)``."""
+        self.check_runnable()
+        n = PAGES[level]
+        if gpa % (n << PAGE_SHIFT) or gpa >> self.shared_bit & 1 or gpa >> self.gpaw:
+            return self._status(TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX, 0)
+        gfn = gpa >> PAGE_SHIFT
+        faults = 0
+        while True:
+            ent = self.sept.get(gfn)
+            if ent:
+                st, lvl = ent
+                if lvl == level and st == "pending":
+                    for g in range(gfn, gfn + n):
+                        self.sept[g] = ("mapped", level)
+                    self.stats["tdcall_accept"] += 1
+                    self.stats["tdx_accepts_4k"] += n
+                    self.charge("tdx_accept_4k", n)
+                    return ("done", 0, faults, None)
+                if lvl == level and st == "mapped":
+                    return self._status(TDX_PAGE_ALREADY_ACCEPTED | (level - 1), faults)
+                if lvl > level and st == "pending":
+                    self.stats["tdx_accept_size_faults"] += 1
+                    self.stats["pf_taken"] += 1
+                    self.stats["pf_retry"] += 1
+                    self.charge("npf_fault")
+                    self.inhibit.add(gfn >> 9)
+                    faults += 1
+                    if not self.demote(gfn - gfn % PAGES[lvl]):
+                        return ("exit", None, faults, errno.EIO)
+                    self.split_mirror(gfn - gfn % PAGES[lvl])
+                    continue
+                return self._status(TDX_PAGE_SIZE_MISMATCH | (max(lvl, level) - 1), faults)
+            if level > PG_LEVEL_4K and (level - 1, gfn >> _SHIFT[level - 1]) in self.tables:
+                return self._status(TDX_PAGE_SIZE_MISMATCH | (level - 1), faults)
+            if self.huge and level == PG_LEVEL_4K:
+                self.inhibit.add(gfn >> 9)
+            self.accept_level = level
+            try:
+                ret, err, _ = self.page_fault(gfn, True, True)
+            finally:
+                self.accept_level = 0
+            faults += 1
+            if ret in ("fixed", "spurious", "retry"):
+                continue
+            return ("exit", None, faults, err)
+
+    def accept_memory(self, start, end):
+        """Linux ``tdx_accept_memory(start, end)``, TDCALL by TDCALL; memory-fault exits are
+        answered with :meth:`convert_memory`. Returns True on success."""
+        pos = start
+        while pos < end:
+            size = 0
+            for level in (3, 2, 1):
+                sz = PAGES[level] << PAGE_SHIFT
+                if pos % sz or end - pos < sz:
+                    continue
+                while True:
+                    r = self.accept(pos, level)
+                    if r[0] == "exit":
+                        if r[3] != errno.EFAULT or self.dead or not self._answer_fault(pos):
+                            return False
+                        continue
+                    break
+                if r[1] == 0:
+                    size = sz
+                    break
+            if not size:
+                return False
+            pos += size
+        return True
+
+    def _answer_fault(self, gpa):
+        return self.convert_memory(gpa & ~0xFFF, 4096, True) == 0
+
+    # -- TDG.VP.VMCALL<MapGPA> -----------------------------------------------------------------
+
+    def map_gpa(self, gpa, size):
+        """Returns ``("done", r10, r11)`` or ``("exit", (gpa, npages, attrs))``."""
+        self.check_runnable()
+        self.stats["tdvmcall_map_gpa"] += 1
+        if not self.hc_enabled:
+            self.charge("td_vmm_exit")
+            return ("done", TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, gpa)
+        end = gpa + size
+        shared = 1 << self.shared_bit
+        if (end >= 1 << 64 or end <= gpa or gpa >= 1 << self.gpaw or end - 1 >= 1 << self.gpaw
+                or bool(gpa & shared) != bool((end - 1) & shared)):
+            self.charge("td_vmm_exit")
+            return ("done", TDVMCALL_STATUS_INVALID_OPERAND, gpa)
+        if gpa % 4096 or size % 4096:
+            self.charge("td_vmm_exit")
+            return ("done", TDVMCALL_STATUS_ALIGN_ERROR, gpa)
+        self.mg_next, self.mg_end = gpa, end
+        self.charge("map_gpa")
+        return self._mg_exit()
+
+    def _mg_exit(self):
+        gpa = self.mg_next
+        size = min(self.mg_end - gpa, _CHUNK)
+        self.stats["hypercall_exits"] += 1
+        shared = 1 << self.shared_bit
+        attrs = KVM_MAP_GPA_RANGE_DECRYPTED if gpa & shared else KVM_MAP_GPA_RANGE_ENCRYPTED
+        return ("exit", (gpa & ~shared, size >> PAGE_SHIFT, attrs))
+
+    def map_gpa_complete(self, ret):
+        self.check_alive()
+        if ret:
+            return ("done", TDVMCALL_STATUS_INVALID_OPERAND, self.mg_next)
+        self.mg_next += _CHUNK
+        if self.mg_next >= self.mg_end:
+            return ("done", TDVMCALL_STATUS_SUCCESS, None)
+        if self.pending_interrupts:
+            self.pending_interrupts -= 1
+            return ("done", TDVMCALL_STATUS_RETRY, self.mg_next)
+        self.charge("userspace_exit")
+        return self._mg_exit()
+
+    def map_gpa_answered(self, gpa, size):
+        """MapGPA with every chunk answered by :meth:`convert_memory`; the final ``(r10, r11)``."""
+        r = self.map_gpa(gpa, size)
+        while r[0] == "exit":
+            g, npages, attrs = r[1]
+            ret = self.convert_memory(g, npages << PAGE_SHIFT, bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
+            r = self.map_gpa_complete(ret)
+        return r[1], r[2]
+
+    def guest_map_gpa(self, start, end, enc):
+        """Linux ``tdx_map_gpa``: RETRY resumes at r11, 3 retries without progress at most."""
+        if not enc:
+            start |= 1 << self.shared_bit
+            end |= 1 << self.shared_bit
+        retries = 0
+        while retries < 3:
+            status, r11 = self.map_gpa_answered(start, end - start)
+            if status != TDVMCALL_STATUS_RETRY:
+                return status == 0
+            if r11 is None or r11 < start or r11 >= end:
+                return False
+            if r11 == start:
+                retries += 1
+                continue
+            start, retries = r11, 0
+        return False
+
+    def guest_convert(self, gpa, size, private):
+        """Linux ``tdx_enc_status_changed``."""
+        if not self.guest_map_gpa(gpa, gpa + size, private):
+            return False
+        return self.accept_memory(gpa, gpa + size) if private else True
+
+    # -- QEMU's kvm_convert_memory --------------------------------------------------------------
+
+    def convert_memory(self, gpa, size, to_private):
+        if gpa % 4096 or size % 4096 or not size:
+            return -errno.EINVAL
+        start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+        slot = self.slot_of(start)
+        if slot is None:
+            return 0 if not to_private else -errno.EINVAL
+        if slot.gmem is None:
+            return -errno.EINVAL
+        try:
+            self.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
+        except KvmError as exc:
+            return -exc.errno
+        for s, e, piece in self.pieces(start, end):
+            if to_private:
+                self.discard(piece, s, e)
+            elif piece.gmem is not None and piece.file is not None:
+                off = piece.pgoff - piece.base
+                self.fallocate(piece.gmem, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
+                               (e - s) << PAGE_SHIFT)
+        return 0
+
+    def discard(self, slot, s, e):
+        """``MADV_DONTNEED`` of the whole host pages of the slot's HVA range (not hugetlb)."""
+        if self.backing in ("hugetlb-2m", "hugetlb-1g"):
+            return
+        size = 1 << self.hva_order
+        h0 = slot.uaddr // 4096 + s - slot.base
+        h1 = slot.uaddr // 4096 + e - slot.base
+        a = -(-h0 // size) * size
+        for blk in range(a, h1 - size + 1, size):
+            if blk in self.hva:
+                for h in range(blk, blk + size):
+                    self.used.discard(self.hva.pop(h))
+
+    # -- the TD build ----------------------------------------------------------------------------
+
+    def init_mem_region(self, gfn, npages, measure):
+        """Returns ``(pages done, errno or 0)``."""
+        self.check_alive()
+        if self.runnable:
+            raise KvmError(errno.EINVAL, "finalized")
+        for i in range(npages):
+            err = self.populate_one(gfn + i, measure)
+            if err:
+                return i, err
+        return npages, 0
+
+    def populate_one(self, gfn, measure):
+        slot = self.slot_of(gfn)
+        if slot is None or slot.gmem is None:
+            return errno.EINVAL
+        if slot.file is None:
+            return errno.EFAULT
+        gmem = slot.gmem
+        index = gfn - slot.base + slot.pgoff
+        if gmem.bindings.get(index) != slot.key:
+            return errno.EIO
+        if index not in gmem.folios:
+            order = self.policy.gmem_max_order
+            size = 1 << order
+            a = index - index % size
+            if not (order and a + size <= gmem.npages and not any(j in gmem.folios for j in range(a, a + size))):
+                order = 0
+            self.new_folio(gmem, index, order)
+        pfn, order, fstart = gmem.folios[index]
+        if gmem.prepared[fstart]:
+            return errno.EEXIST
+        if not self.attrs.get(gfn, 0) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            return errno.EINVAL
+        writable = not slot.flags & KVM_MEM_READONLY
+        self.populating = not self.premap
+        try:
+            while True:
+                st = self.link_and_set(gfn, PG_LEVEL_4K)
+                if st != "busy":
+                    break
+        finally:
+            self.populating = False
+        if st == "bug":
+            return errno.EIO
+        self.sptes[gfn] = (pfn, PG_LEVEL_4K, True, writable)
+        self.stats["pages_4k"] += 1
+        if self.premap:
+            gmem.prepared[fstart] = True  # the premap fault's kvm_gmem_get_pfn
+            self.stats["pf_fixed"] += 1
+            if self.sc("add") == "busy":
+                return errno.EBUSY
+            self.sept[gfn] = ("mapped", PG_LEVEL_4K)
+            self.nr_premapped -= 1
+        if measure:
+            if self.busy.get("mr_extend"):
+                self.sc("mr_extend")
+                self.bug()
+                return errno.EIO
+            self.stats["seamcall_mr_extend"] += 16
+            self.charge("seamcall_mr_extend")
+        gmem.prepared[fstart] = True
+        return 0
+
+    def finalize(self):
+        self.check_alive()
+        if self.runnable or (self.premap and self.nr_premapped):
+            raise KvmError(errno.EINVAL, "finalize")
+        if self.sc("mr_finalize") == "busy":
+            raise KvmError(errno.EBUSY, "finalize")
+        self.runnable = True
+
+
+__all__ = ["ReferenceTdx"]

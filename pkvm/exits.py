@@ -1,0 +1,133 @@
+"""Exits to userspace and the guest instructions that cause them: platform-neutral plumbing.
+
+A guest instruction that KVM forwards to userspace (a hypercall, TDX's ``TDG.VP.VMCALL<MapGPA>``,
+SNP's page-state change, or an access KVM cannot resolve) stops the vCPU in an *exit*: the vCPU
+method returns a :class:`GuestOpResult` with ``ret == "exit"`` and the ``struct kvm_run`` data
+(``exit_reason``, a mutable :class:`Hypercall` or ``memory_fault``). Userspace (the
+:class:`pkvm.Vmm` actor, or a test) acts on it, writes ``hypercall.ret`` when there is one, and
+calls :meth:`pkvm.Vcpu.run` (``KVM_RUN``): KVM then runs the instruction's completion callback
+(``vcpu->arch.complete_userspace_io``) or re-executes the instruction, which either exits again
+or completes with ``ret == "done"`` and the guest-visible ``status``.
+
+This module also holds the generic ``KVM_HC_MAP_GPA_RANGE`` hypercall (spec §7.3), which any VM
+type can issue with :meth:`pkvm.Vcpu.hypercall` (SW_PROTECTED selftests use it; TDX reaches the
+same exit through MapGPA, SNP through its page-state change).
+
+Invariant: a vCPU has at most one pending continuation (``vcpu._resume``); a guest instruction
+issued while one is pending is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .constants import (
+    KVM_EINVAL,
+    KVM_ENOSYS,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_HYPERCALL_LONG_MODE,
+    KVM_HC_MAP_GPA_RANGE,
+    PAGE_SHIFT,
+)
+from .errors import KvmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import Vcpu
+
+U64_MAX = (1 << 64) - 1
+
+
+@dataclass(slots=True)
+class Hypercall:
+    """``run->hypercall``: what KVM forwards to userspace on ``KVM_EXIT_HYPERCALL``.
+
+    ``args`` are ``args[0..2]`` (for ``KVM_HC_MAP_GPA_RANGE``: gpa without any shared bit,
+    number of 4K pages, ``KVM_MAP_GPA_RANGE_*`` attributes). KVM pre-zeroes ``ret``;
+    userspace writes its result there before the next ``KVM_RUN`` (0 = success).
+    """
+
+    nr: int
+    args: tuple[int, int, int]
+    ret: int = 0
+    flags: int = 0
+
+    @property
+    def gpa(self) -> int:
+        """``args[0]``."""
+        return self.args[0]
+
+    @property
+    def size(self) -> int:
+        """``args[1]`` pages, in bytes."""
+        return self.args[1] << PAGE_SHIFT
+
+
+@dataclass(slots=True)
+class GuestOpResult:
+    """Outcome of a guest instruction run through KVM.
+
+    ``ret`` is ``"done"`` (the instruction completed; ``status`` is what the guest reads:
+    TDVMCALL r10, TDCALL rax, hypercall rax, all as u64) or ``"exit"`` (``KVM_RUN`` returned
+    to userspace: ``exit_reason`` with ``hypercall`` or ``memory_fault`` set, or a negative
+    return with ``errno`` and no exit reason). ``value`` is a second output register (TDX r11:
+    the gpa to resume or that failed). ``faults`` counts the EPT violations / NPFs the
+    instruction took before this result. Treat it as read-only (it is not frozen only
+    because a result is built for every MapGPA chunk).
+    """
+
+    ret: str
+    status: int | None = None
+    value: int | None = None
+    exit_reason: int | None = None
+    hypercall: Hypercall | None = None
+    memory_fault: tuple[int, int, int] | None = None
+    errno: int | None = None
+    faults: int = 0
+
+
+def begin_insn(vcpu: Vcpu) -> None:
+    """Entry of a guest instruction: the VM must be alive and no exit may be pending."""
+    vcpu.vm._check_alive()
+    if vcpu._resume is not None:
+        raise KvmError(errno.EBUSY, f"vCPU {vcpu.id} is stopped in an exit to userspace: answer it and "
+                       "call vcpu.run() before the guest can execute another instruction")
+
+
+def hypercall_exit(vcpu: Vcpu, hc: Hypercall, complete: Callable[[], GuestOpResult], faults: int = 0) -> GuestOpResult:
+    """Stop ``vcpu`` in a ``KVM_EXIT_HYPERCALL`` carrying ``hc``; ``complete`` runs at the next
+    ``KVM_RUN`` (``complete_userspace_io``). Counts the exit and charges ``userspace_exit``."""
+    vm = vcpu.vm
+    vm._stats["hypercall_exits"] += 1
+    vcpu._resume = complete
+    return GuestOpResult("exit", exit_reason=KVM_EXIT_HYPERCALL, hypercall=hc, faults=faults)
+
+
+def kvm_emulate_hypercall(vcpu: Vcpu, nr: int, a0: int, a1: int, a2: int, long_mode: bool) -> GuestOpResult:
+    """``____kvm_emulate_hypercall`` for the hypercalls pkvm models (spec §7.3).
+
+    ``KVM_HC_MAP_GPA_RANGE`` exits to userspace when it enabled ``KVM_CAP_EXIT_HYPERCALL`` for
+    it and the arguments pass KVM's checks; the guest's RAX is then ``hypercall.ret`` (cut to
+    32 bits for a 32-bit caller). Otherwise RAX is ``-KVM_ENOSYS`` / ``-KVM_EINVAL``. Every
+    call counts in ``hypercalls`` and is one exit handled in the kernel (``vmexit``).
+    """
+    vm = vcpu.vm
+    vm._stats["hypercalls"] += 1
+    vm._charge("vmexit", 1)
+    if nr != KVM_HC_MAP_GPA_RANGE or not vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE):
+        return GuestOpResult("done", status=-KVM_ENOSYS & U64_MAX)
+    gfn = a0 >> PAGE_SHIFT
+    if a0 & ((1 << PAGE_SHIFT) - 1) or not a1 or gfn + a1 > U64_MAX:
+        return GuestOpResult("done", status=-KVM_EINVAL & U64_MAX)
+    hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (a0, a1, a2), 0, KVM_EXIT_HYPERCALL_LONG_MODE if long_mode else 0)
+
+    def complete() -> GuestOpResult:  # complete_hypercall_exit
+        ret = hc.ret & U64_MAX
+        if not long_mode:
+            ret &= 0xFFFFFFFF
+        return GuestOpResult("done", status=ret)
+
+    vm._charge("userspace_exit", 1)
+    return hypercall_exit(vcpu, hc, complete)

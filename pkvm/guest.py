@@ -1,0 +1,162 @@
+"""The guest actor: how a Linux guest converts and accepts its memory, per platform (§7.5).
+
+:class:`Guest` drives one vCPU of a :class:`pkvm.VM` and hands every exit to a
+:class:`pkvm.Vmm`. The platform-specific protocol lives in a *flows* object obtained from the
+platform (``PlatformOps.guest_flows(guest)``), which implements :class:`GuestFlows`:
+
+* ``convert(gpa, size, private)`` — ``set_memory_encrypted`` / ``set_memory_decrypted``:
+  TDX issues ``TDG.VP.VMCALL<MapGPA>`` (RETRY resumes at r11, at most 3 retries without
+  progress) and, for to-private, accepts the range; SNP (issue 4) will do PVALIDATE-rescind +
+  page-state change, or page-state change + PVALIDATE;
+* ``accept(gpa, size)`` — lazy acceptance of unaccepted (already private) memory: TDX runs
+  ``tdx_accept_memory`` (``TDG.MEM.PAGE.ACCEPT`` trying 1G, then 2M, then 4K per aligned
+  chunk); SNP will run ``snp_accept_memory``.
+
+Platforms without their own flows (SW_PROTECTED, DEFAULT) get :class:`HypercallGuestFlows`:
+the ``KVM_HC_MAP_GPA_RANGE`` hypercall of the KVM selftests (§7.3) and nothing to accept.
+
+To add a platform: write a class with ``convert`` and ``accept`` that uses the platform's
+vCPU instructions and :meth:`Guest.execute` to get exits answered, and return it from the
+platform's ``guest_flows`` op. Flows should be range-compressed (a run of pages in one state
+handled in O(1)); TDX's ``_accept_bulk`` is the example.
+
+:meth:`Guest.touch` is an ordinary guest access: an implicit-conversion exit
+(``KVM_EXIT_MEMORY_FAULT``) is answered by the VMM and the access continues.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from .constants import (
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from .mmu import AccessResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .exits import GuestOpResult
+    from .vm import VM, Vcpu
+    from .vmm import Vmm
+
+
+class GuestFlows(Protocol):
+    """The per-platform part of a Linux guest (``PlatformOps.guest_flows(guest)``)."""
+
+    def convert(self, gpa: int, size: int, private: bool) -> bool:
+        """Convert ``[gpa, gpa + size)`` (alias-free) to private or shared; True on success."""
+
+    def accept(self, gpa: int, size: int) -> bool:
+        """Accept the unaccepted private memory ``[gpa, gpa + size)``; True on success."""
+
+
+class HypercallGuestFlows:
+    """The KVM selftest guest (SW_PROTECTED): ``KVM_HC_MAP_GPA_RANGE`` (§7.3, §7.8)."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+
+    def convert(self, gpa: int, size: int, private: bool) -> bool:
+        attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
+        g = self.guest
+        r = g.execute(g.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, size >> PAGE_SHIFT, attrs))
+        return r.ret == "done" and r.status == 0
+
+    def accept(self, gpa: int, size: int) -> bool:
+        return True  # nothing to accept: no hardware validation state
+
+
+class Guest:
+    """A Linux guest on ``vcpu`` (default: the VM's first vCPU, created if needed) whose exits
+    ``vmm`` answers (default: a new :class:`pkvm.Vmm` of ``vm``).
+
+    >>> import pkvm
+    >>> vm = pkvm.VM("sw_protected")
+    >>> vmm = pkvm.Vmm(vm)
+    >>> _ = vmm.add_ram(0, 1 << 21)
+    >>> guest = pkvm.Guest(vm, vmm)
+    >>> guest.convert(0x10000, 0x4000, private=False), vm.get_memory_attributes(0x10)
+    (True, 0)
+    >>> guest.touch(0x10000, 0x4000, private=False).ret
+    'done'
+    """
+
+    def __init__(self, vm: VM, vmm: Vmm | None = None, vcpu: Vcpu | None = None) -> None:
+        from .vm import VM, Vcpu
+        from .vmm import Vmm
+
+        if not isinstance(vm, VM):
+            raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")
+        if vmm is not None and (not isinstance(vmm, Vmm) or vmm.vm is not vm):
+            raise ValueError("vmm must be a pkvm.Vmm of the same VM")
+        if vcpu is not None and (not isinstance(vcpu, Vcpu) or vcpu.vm is not vm):
+            raise ValueError("vcpu must be a vCPU of the same VM")
+        self.vm = vm
+        self.vmm = vmm if vmm is not None else Vmm(vm)
+        self.vcpu = vcpu if vcpu is not None else (vm.vcpus[0] if vm.vcpus else vm.create_vcpu())
+        flows = vm.platform.guest_flows(self)
+        self.flows: GuestFlows = flows if flows else HypercallGuestFlows(self)
+
+    def __repr__(self) -> str:
+        return f"<pkvm.Guest on vCPU {self.vcpu.id} of {self.vm!r}>"
+
+    def execute(self, result: GuestOpResult) -> GuestOpResult:
+        """Finish a guest instruction: while it exits, let the VMM answer and ``KVM_RUN``
+        again. Returns the completion, or the exit the VMM could not answer."""
+        r = result
+        while r.ret == "exit":
+            if not self.vmm.handle_exit(self.vcpu, r):
+                return r
+            r = self.vcpu.run()
+        return r
+
+    @staticmethod
+    def _range(gpa: int, size: int) -> None:
+        if type(gpa) is not int or type(size) is not int:
+            raise TypeError("gpa and size must be ints")
+        if gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+            raise ValueError(f"[{gpa:#x}, +{size:#x}) must be a non-empty, 4 KiB aligned range")
+
+    def convert(self, gpa: int, size: int, *, private: bool) -> bool:
+        """Convert the alias-free range ``[gpa, gpa + size)`` to private or shared, as the
+        Linux guest does (the platform's flows). True on success.
+
+        Raises:
+            KvmError: EIO if the VM is (or becomes) dead.
+            TypeError / ValueError: a bad range.
+        """
+        self._range(gpa, size)
+        return self.flows.convert(gpa, size, bool(private))
+
+    def accept(self, gpa: int, size: int) -> bool:
+        """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). True on
+        success; a platform without acceptance has nothing to do.
+
+        Raises:
+            KvmError: EIO if the VM is (or becomes) dead.
+            TypeError / ValueError: a bad range.
+        """
+        self._range(gpa, size)
+        return self.flows.accept(gpa, size)
+
+    def touch(self, gpa: int, size: int = PAGE_SIZE, *, private: bool, write: bool = False) -> AccessResult:
+        """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and
+        the access goes on. Returns the totals, or the exit the VMM could not answer (and a
+        dead VM's ``-EIO``)."""
+        self._range(gpa, size)
+        vcpu = self.vcpu
+        done = faults = 0
+        pos, end = gpa, gpa + size
+        while True:
+            r = vcpu.access(pos, private=private, write=write, size=end - pos)
+            done += r.pages_done
+            faults += r.faults
+            if r.ret == "done":
+                return AccessResult("done", done, faults)
+            pos += r.pages_done << PAGE_SHIFT
+            if r.exit_reason != KVM_EXIT_MEMORY_FAULT or not self.vmm.handle_exit(vcpu, r):
+                return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno)

@@ -1,0 +1,89 @@
+"""The Linux SNP guest's conversion and acceptance flows (spec §7.1, §7.5; ``SnpGuestFlows``).
+
+Plugged into :class:`pkvm.Guest` through ``PlatformOps.guest_flows``
+(``arch/x86/coco/sev/core.c :: __set_pages_state, snp_accept_memory``):
+
+* to shared: PVALIDATE rescind **first** (so the guest never has a validated page the host
+  owns), then the page-state change;
+* to private: page-state change **first**, then PVALIDATE (under the final design the
+  PVALIDATE's own #NPF makes the page private in the RMP, §7.8);
+* accept (lazy acceptance of memory that is already private): ``snp_accept_memory`` = a
+  to-private page-state change + PVALIDATE;
+* page-state changes use the GHCB protocol: a 2M entry for every 2M-aligned 2M block, 4K
+  entries elsewhere, at most ``VMGEXIT_PSC_MAX_ENTRY`` (64) entries per request; on return the
+  guest requires ``cur_entry > end_entry`` and ``sw_exit_info_2 == 0`` (``vmgexit_psc``), else it
+  would terminate (``GHCB_TERM_PSC``: the flow returns False);
+* PVALIDATE at 2M for those 2M blocks, redone as 512 x 4K on ``FAIL_SIZEMISMATCH``.
+
+Entries are generated lazily one request at a time, so memory does not grow with the range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ..constants import PAGE_SHIFT
+from ._snp_vcpu import (
+    SNP_PAGE_STATE_PRIVATE,
+    SNP_PAGE_STATE_SHARED,
+    VMGEXIT_PSC_MAX_ENTRY,
+    PscDesc,
+    PscEntry,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..guest import Guest
+
+
+def psc_entries(gfn: int, end: int, op: int) -> Iterator[PscEntry]:
+    """The guest's PSC entries for ``[gfn, end)``: 2M where aligned, 4K elsewhere."""
+    while gfn < end:
+        if not gfn & 511 and gfn + 512 <= end:
+            yield PscEntry(gfn, op, True)
+            gfn += 512
+        else:
+            yield PscEntry(gfn, op, False)
+            gfn += 1
+
+
+class SnpGuestFlows:
+    """``convert`` / ``accept`` of an SNP Linux guest (module docstring)."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        #: GHCB requests issued and 2M PVALIDATE fallbacks, for tests and benchmarks.
+        self.requests = 0
+
+    def convert(self, gpa: int, size: int, private: bool) -> bool:
+        if private:
+            return self.page_state_change(gpa, size, True) and self.pvalidate(gpa, size, True)
+        return self.pvalidate(gpa, size, False) and self.page_state_change(gpa, size, False)
+
+    def accept(self, gpa: int, size: int) -> bool:
+        return self.page_state_change(gpa, size, True) and self.pvalidate(gpa, size, True)
+
+    def page_state_change(self, gpa: int, size: int, private: bool) -> bool:
+        """``set_pages_state`` via the GHCB protocol, 64 entries per request."""
+        g = self.guest
+        op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
+        batch: list[PscEntry] = []
+        for ent in psc_entries(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op):
+            batch.append(ent)
+            if len(batch) == VMGEXIT_PSC_MAX_ENTRY:
+                if not self._request(g, batch):
+                    return False
+                batch = []
+        return not batch or self._request(g, batch)
+
+    def _request(self, g: Guest, batch: list[PscEntry]) -> bool:
+        desc = PscDesc.of(batch)
+        self.requests += 1
+        r = g.execute(g.vcpu.psc(desc))  # type: ignore[attr-defined]
+        return r.ret == "done" and r.status == 0 and desc.cur_entry > desc.end_entry
+
+    def pvalidate(self, gpa: int, size: int, validate: bool) -> bool:
+        """``pvalidate_pages``: 2M where aligned, 4K fallback; True if every page changed."""
+        g = self.guest
+        r = g.execute(g.vcpu.pvalidate_range(gpa, size, validate))  # type: ignore[attr-defined]
+        return r.ret == "done" and r.status == 0

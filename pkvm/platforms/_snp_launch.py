@@ -1,0 +1,142 @@
+"""SNP launch: ``KVM_SEV_SNP_LAUNCH_UPDATE`` / ``LAUNCH_FINISH`` and the VMM's launch flow (§5.9).
+
+:func:`launch_update` (``snp_launch_update`` + ``kvm_gmem_populate`` + ``sev_gmem_post_populate``):
+
+1. ``len`` nonzero and 4K aligned (and the gpa), ``flags == 0``, ``type`` one of NORMAL, ZERO,
+   UNMEASURED, SECRETS, CPUID, and LAUNCH_FINISH not yet done; else ``-EINVAL``.
+2. The first gfn's memslot must be guest_memfd-backed (``-EINVAL``). The range is clipped to
+   that memslot.
+3. Folio by folio (allocated if missing, never prepared): ``-EEXIST`` if already prepared;
+   every gfn must have the PRIVATE attribute (``-EINVAL``); every pfn must be unassigned in the
+   RMP (``-EEXIST``); then ``rmp_make_private(4K, immutable=True)`` for each page and the
+   firmware's LAUNCH_UPDATE, which leaves the pages validated (pkvm models the firmware as
+   never failing). The folio is marked prepared. A 2M folio is populated whole: one that is
+   only partly inside the range stops the call (``-EINVAL``, pkvm's choice).
+4. Partial progress: the call returns the bytes done when a later folio fails; if the first
+   one fails it raises the error.
+
+:func:`launch_finish` turns every Pre-Guest page (assigned + immutable) of the guest into a
+Guest-Valid one (immutable cleared, validated kept) and sets ``launched`` (KVM's
+``pre_fault_allowed``).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from ..constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PG_LEVEL_4K
+from ..errors import KvmError
+from ..gmem import FOLIO_PREPARED, gmem_get_folios
+from ..vm import _u64
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .snp import SnpVm
+
+
+def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -> int:
+    """Populate ``[gpa, gpa + size)``; returns the bytes done (module docstring).
+
+    Raises:
+        KvmError: EINVAL / EEXIST as listed when nothing could be done; EIO if the VM is dead.
+        TypeError / ValueError: an argument is not a u64 int.
+    """
+    from .snp import _PAGE_TYPES, rmp_make_private
+
+    vm = snp.vm
+    vm._check_alive()
+    gpa, size = _u64("gpa", gpa), _u64("size", size)
+    page_type, flags = _u64("page_type", page_type), _u64("flags", flags)
+    if snp.launched:
+        raise KvmError(errno.EINVAL, "SNP_LAUNCH_UPDATE after SNP_LAUNCH_FINISH")
+    if not size or (gpa | size) & 0xFFF or flags or page_type not in _PAGE_TYPES:
+        raise KvmError(errno.EINVAL, f"SNP_LAUNCH_UPDATE: bad parameters gpa={gpa:#x} len={size:#x} "
+                       f"type={page_type} flags={flags:#x}")
+    gfn = gpa >> PAGE_SHIFT
+    slot = vm._slot_at(gfn)
+    if slot is None or slot.gmem is None or slot.gmem_file is None:
+        raise KvmError(errno.EINVAL, f"SNP_LAUNCH_UPDATE: gfn {gfn:#x} is not in a guest_memfd memslot")
+    end = min((gpa + size) >> PAGE_SHIFT, slot.end_gfn)
+    gmem = slot.gmem
+    off = slot.gmem_pgoff - slot.base_gfn
+    rmp = snp.rmp
+    done = 0
+    err = 0
+    g = gfn
+    while g < end:
+        idx = g + off
+        try:
+            pfn, order, prepared, iend = gmem_get_folios(vm, gmem, idx, end + off)
+        except KvmError as exc:
+            err = exc.errno
+            break
+        if order:
+            size_f = 1 << order
+            if idx & (size_f - 1) or idx + size_f > end + off:
+                err = errno.EINVAL
+                break
+            iend = idx + size_f
+        n = iend - idx
+        if prepared:
+            err = errno.EEXIST
+            break
+        bad = vm._attrs.find_ne(g, g + n, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        if bad != -1:
+            n = bad - g
+            err = errno.EINVAL
+        busy = rmp.find_ne(pfn, n, assigned=False) if n else -1
+        if busy != -1:
+            n = busy - pfn
+            err = errno.EEXIST
+        if order and err:
+            break
+        if n:
+            if rmp_make_private(vm, pfn, g, n, PG_LEVEL_4K, immutable=True):
+                err = errno.EIO
+                break
+            rmp.firmware_update(pfn, n, validated=True)
+            v = gmem.folios.get(idx)
+            gmem.folios.assign(idx, idx + n, v | FOLIO_PREPARED)
+            vm._stats["launch_update_pages"] += n
+            done += n
+            g += n
+        if err:
+            break
+    if err and not done:
+        raise KvmError(err, f"SNP_LAUNCH_UPDATE at gfn {g:#x}: {errno.errorcode.get(err, err)}")
+    return done << PAGE_SHIFT
+
+
+def launch_finish(snp: SnpVm) -> None:
+    """``KVM_SEV_SNP_LAUNCH_FINISH`` (module docstring).
+
+    Raises:
+        KvmError: EINVAL if already finished; EIO if the VM is dead.
+    """
+    snp.vm._check_alive()
+    if snp.launched:
+        raise KvmError(errno.EINVAL, "SNP_LAUNCH_FINISH: the guest is already launched")
+    rmp = snp.rmp
+    for s, e, ent in rmp.ranges():
+        if ent.assigned and ent.immutable:
+            rmp.firmware_update(s, e - s, immutable=False)
+    snp.launched = True
+
+
+class SnpVmmFlows:
+    """The VMM's SNP launch: LAUNCH_UPDATE every image region (looping on partial progress;
+    ``measure`` selects NORMAL vs UNMEASURED pages), then LAUNCH_FINISH."""
+
+    def __init__(self, vmm: object) -> None:
+        self.vmm = vmm
+
+    def launch(self, image: list[tuple[int, int, bool]]) -> None:
+        from .snp import SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_UNMEASURED
+
+        snp = self.vmm.vm.snp  # type: ignore[attr-defined]
+        for gpa, size, measure in image:
+            while size:
+                n = snp.launch_update(gpa, size, SNP_PAGE_TYPE_NORMAL if measure else SNP_PAGE_TYPE_UNMEASURED)
+                gpa += n
+                size -= n
+        snp.launch_finish()

@@ -1,0 +1,556 @@
+"""An SNP guest's vCPU: the hardware RMP check on accesses, PVALIDATE and page-state changes
+(spec §5.6, §7.1, §7.8).
+
+:class:`SnpVcpu` refines :class:`pkvm.Vcpu`:
+
+* **Access-time RMP check** (§5.6, "spec, unverified"; pkvm's rules, checked in this order on
+  a present NPT leaf):
+
+  1. a C=0 (shared) access to a page assigned in the RMP -> #NPF with the RMP bit;
+  2. a C=1 (private) access to a page not assigned to this ASID at this GPA, or whose RMP entry
+     is larger or smaller than the NPT leaf (KVM's comment: an NPT mapping smaller than the 2M
+     RMP entry faults) -> #NPF with the RMP bit;
+  3. a C=1 access to an assigned page with Validated = 0 -> **#VC** in the guest, not an #NPF:
+     KVM never sees it; :meth:`access` stops with ``ret == "vc"`` (``snp_vc`` counts them).
+
+  An #NPF with the RMP bit runs the normal fault path (which turns a private/shared mismatch into
+  ``KVM_EXIT_MEMORY_FAULT``, §5.6 step 1) and then ``sev_handle_rmp_fault`` (PSMASH + zap, or
+  spurious). If it changed nothing (the entry is still wrong and the leaf still there) the
+  hardware would fault again forever — the guest "loops on #NPF" until some other thread fixes
+  the RMP (M. Roth's description of the RFC v8 race, §7.7). The synchronous driver has no other
+  thread, so the access stops with ``ret == "rmp_loop"``.
+* :meth:`SnpVcpu.pvalidate` — ``PVALIDATE``; :meth:`SnpVcpu.pvalidate_range` the range form the
+  guest flows use (2M where aligned, 512 x 4K after ``FAIL_SIZEMISMATCH``).
+* :meth:`SnpVcpu.psc_msr` — the GHCB MSR protocol page-state change; :meth:`SnpVcpu.psc` — the
+  GHCB protocol (``SVM_VMGEXIT_PSC`` with a :class:`PscDesc`), both producing
+  ``KVM_HC_MAP_GPA_RANGE`` hypercall exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..constants import (
+    KVM_EXIT_HYPERCALL_LONG_MODE,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+    PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+)
+from ..exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
+from ..hostmem import decode_delta
+from ..mmu import SPTE_PRIVATE, FaultResult, spte_level
+from ..snp_constants import (
+    PVALIDATE_FAIL_INPUT,
+    PVALIDATE_FAIL_SIZEMISMATCH,
+    PVALIDATE_NPF_RMP,
+    PVALIDATE_NPF_SIZEM,
+    PVALIDATE_SUCCESS,
+    RMP_PAGES_2M,
+)
+from ..vm import Vcpu, _u64
+
+#: GHCB MSR protocol (``arch/x86/include/asm/sev-common.h``, §7.1).
+GHCB_MSR_PSC_REQ = 0x014
+GHCB_MSR_PSC_RESP = 0x015
+GHCB_MSR_PSC_RESP_ERROR = 0x015 | (1 << 63)
+#: ``SNP_PAGE_STATE_*`` operations of a PSC entry.
+SNP_PAGE_STATE_PRIVATE = 1
+SNP_PAGE_STATE_SHARED = 2
+SNP_PAGE_STATE_PSMASH = 3
+SNP_PAGE_STATE_UNSMASH = 4
+#: ``sw_exit_info_2`` codes of ``SVM_VMGEXIT_PSC``.
+VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
+VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
+VMGEXIT_PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
+#: Entries a PSC buffer may index (KVM); the Linux guest uses at most ``VMGEXIT_PSC_MAX_ENTRY``.
+VMGEXIT_PSC_MAX_COUNT = 253
+VMGEXIT_PSC_MAX_ENTRY = 64
+
+_MAX_REFAULTS = 64
+
+
+@dataclass(slots=True)
+class PscEntry:
+    """One ``struct psc_entry``: ``cur_page`` pages of it done, ``gfn``, ``op``, ``huge`` (2M)."""
+
+    gfn: int
+    op: int
+    huge: bool = False
+    cur_page: int = 0
+
+    @property
+    def npages(self) -> int:
+        return RMP_PAGES_2M if self.huge else 1
+
+
+@dataclass(slots=True)
+class PscDesc:
+    """``struct snp_psc_desc`` in the GHCB shared buffer: header ``cur_entry`` / ``end_entry``
+    and the entries. KVM updates ``cur_entry`` and each entry's ``cur_page`` in place."""
+
+    entries: list[PscEntry] = field(default_factory=list)
+    cur_entry: int = 0
+    end_entry: int = -1
+
+    @classmethod
+    def of(cls, entries: list[PscEntry]) -> PscDesc:
+        return cls(list(entries), 0, len(entries) - 1)
+
+
+class SnpVcpu(Vcpu):
+    """An SNP guest's vCPU (module docstring). ``rmp_npf`` is set while KVM handles an #NPF whose
+    error code has the RMP bit (read by ``sev_handle_rmp_fault``)."""
+
+    __slots__ = ("_rmp_stop", "rmp_npf")
+
+    def __init__(self, vm, vcpu_id: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(vm, vcpu_id)
+        self.rmp_npf = False
+        self._rmp_stop: tuple[int, str] | None = None
+
+    # -- the hardware RMP check ---------------------------------------------------------------
+
+    def _rmp_verdict(self, gfn: int, n: int, spte: int, private: bool) -> tuple[int, str]:
+        """The first gfn of ``[gfn, gfn + n)`` (one leaf run ``spte``) the RMP check stops at and
+        why (``"npf"`` or ``"vc"``), or ``(gfn + n, "")``. O(log n)."""
+        snp = self.vm.snp  # type: ignore[attr-defined]
+        rmp = snp.rmp
+        d = decode_delta(spte)
+        pfn = gfn + d
+        if not private:
+            bad = rmp.find_eq(pfn, n, assigned=True)
+            return (gfn + n, "") if bad == -1 else (bad - d, "npf")
+        npf = rmp.find_ne(pfn, n, assigned=True, asid=snp.asid, gpa=gfn << PAGE_SHIFT)
+        lvl = rmp.find_ne(pfn, n if npf == -1 else npf - pfn, level=spte_level(spte))
+        if lvl != -1:
+            npf = lvl
+        vc = rmp.find_ne(pfn, n if npf == -1 else npf - pfn, validated=True)
+        if vc != -1:
+            return vc - d, "vc"
+        if npf != -1:
+            return npf - d, "npf"
+        return gfn + n, ""
+
+    def _usable_end(self, gfn: int, stop: int, spte: int, private: bool, write: bool) -> int:
+        self._rmp_stop = None
+        u = super()._usable_end(gfn, stop, spte, private, write)
+        if u <= gfn or (private and not spte & SPTE_PRIVATE):
+            return gfn if private and not spte & SPTE_PRIVATE else u
+        end, why = self._rmp_verdict(gfn, u - gfn, spte, private)
+        if why:
+            self._rmp_stop = (end, why)
+        return end
+
+    def _batch_end(self, gfn: int, end: int, validated: bool) -> int:
+        """The end of the prefix of ``[gfn, end)`` whose private faults can be taken as one
+        batch without changing the outcome of the per-page instruction sequence (a guest
+        re-executes after every fault; batching is pkvm's shortcut). ``validated=True`` (an
+        access, a rescind): every page must already have a guest_memfd page whose RMP entry is
+        assigned to this guest at its GPA and validated. ``validated=False`` (a validation):
+        no page may be validated yet (pages without a folio or RMP entry qualify: their fault
+        creates an unvalidated entry). At least one page. O(k log n) for k folio runs."""
+        vm = self.vm
+        slot = vm._slot_at(gfn)
+        if slot is None or slot.gmem is None or end <= gfn + 1:
+            return gfn + 1
+        snp = vm.snp  # type: ignore[attr-defined]
+        rmp = snp.rmp
+        folios = slot.gmem.folios
+        off = slot.gmem_pgoff - slot.base_gfn
+        end = min(end, slot.end_gfn)
+        g = gfn
+        while g < end:
+            _s, e, v = folios.run_at(g + off)
+            e = min(e - off, end)
+            if not v:
+                if validated:
+                    break
+            else:
+                d = decode_delta(v) + off
+                if validated:
+                    bad = rmp.find_ne(g + d, e - g, assigned=True, asid=snp.asid, gpa=g << PAGE_SHIFT,
+                                      validated=True)
+                else:
+                    bad = rmp.find_eq(g + d, e - g, validated=True)
+                if bad != -1:
+                    g = bad - d
+                    break
+            g = e
+        return max(g, gfn + 1)
+
+    def _fault(self, gfn: int, limit: int, private: bool, write: bool) -> tuple[int, FaultResult]:
+        stop, self._rmp_stop = self._rmp_stop, None
+        if stop is None or stop[0] != gfn:
+            if private and limit > gfn + 1:
+                limit = self._batch_end(gfn, limit, True)
+            return super()._fault(gfn, limit, private, write)
+        vm = self.vm
+        if stop[1] == "vc":
+            vm._stats["snp_vc"] += 1
+            return 0, FaultResult("vc")
+        return self._rmp_npf(gfn, private, write)
+
+    def _rmp_npf(self, gfn: int, private: bool, write: bool) -> tuple[int, FaultResult]:
+        """An #NPF with the RMP bit on ``gfn``: the MMU fault path, then the RMP handler. A
+        fault that left the leaf and the RMP entry as they were is reported as ``rmp_loop``."""
+        vm = self.vm
+        rmp = vm.snp.rmp  # type: ignore[attr-defined]
+        v = vm._mmu.sptes.get(gfn)
+        pfn = gfn + decode_delta(v) if v else -1
+        before = (v, rmp.lookup(pfn) if v else None)
+        self.rmp_npf = True
+        try:
+            n, r = super()._fault(gfn, gfn + 1, private, write)
+        finally:
+            self.rmp_npf = False
+        if r.ret in ("fixed", "spurious", "retry"):
+            v2 = vm._mmu.sptes.get(gfn)
+            if (v2, rmp.lookup(pfn) if v2 else None) == before:
+                return n, FaultResult("rmp_loop", spte_level(v) if v else None, pfn)
+        return n, r
+
+    # -- PVALIDATE (§5.6, §7.5) -------------------------------------------------------------------
+
+    def pvalidate(self, gpa: int, level: int, validate: bool) -> GuestOpResult:
+        """The guest's ``PVALIDATE`` of the private page (4K or 2M) at ``gpa``.
+
+        The NPT walk comes first: with no private leaf for ``gpa`` the instruction takes a
+        private #NPF (under the final design, that fault's ``gmem_prepare`` does the
+        RMPUPDATE, §7.8) and re-executes. Returns ``ret == "done"`` with ``status`` the
+        instruction's code (``PVALIDATE_SUCCESS``, ``_FAIL_INPUT``, ``_FAIL_SIZEMISMATCH``,
+        ``_FAIL_NOUPDATE``); ``"exit"`` when the fault exited to userspace (answer it, then
+        :meth:`run` re-executes the instruction); ``"rmp_loop"`` when an RMP #NPF cannot make
+        progress; ``faults`` counts the #NPFs taken.
+
+        Raises:
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            TypeError / ValueError: bad ``gpa``, ``level`` not PG_LEVEL_4K / PG_LEVEL_2M,
+                ``validate`` not a bool.
+        """
+        gpa = _u64("gpa", gpa)
+        if level not in (PG_LEVEL_4K, PG_LEVEL_2M) or type(level) is not int:
+            raise ValueError(f"level={level!r} must be PG_LEVEL_4K (1) or PG_LEVEL_2M (2)")
+        if type(validate) is not bool:
+            raise TypeError("validate must be a bool")
+        if gpa >> (PAGE_SHIFT + 40):
+            raise ValueError(f"gpa={gpa:#x} is outside the 52-bit guest physical address space")
+        begin_insn(self)
+        return self._pvalidate(gpa, level, validate, 0)
+
+    def _pvalidate(self, gpa: int, level: int, validate: bool, faults: int) -> GuestOpResult:
+        vm = self.vm
+        snp = vm.snp  # type: ignore[attr-defined]
+        gfn = gpa >> PAGE_SHIFT
+        if level == PG_LEVEL_2M and gfn & (RMP_PAGES_2M - 1):
+            return self._pval_done(level, PVALIDATE_FAIL_INPUT, faults)
+        sptes = vm._mmu.sptes
+        for _ in range(_MAX_REFAULTS):
+            v = sptes.get(gfn)
+            if not v or not v & SPTE_PRIVATE:
+                n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
+                faults += n
+                if r.ret == "exit":
+                    self._resume = lambda: self._pvalidate(gpa, level, validate, 0)
+                    return GuestOpResult("exit", exit_reason=r.exit_reason, memory_fault=r.memory_fault,
+                                         errno=r.errno, faults=faults)
+                if r.ret not in ("fixed", "spurious", "retry"):
+                    return GuestOpResult(r.ret, faults=faults, errno=r.errno)
+                continue
+            pfn = gfn + decode_delta(v)
+            ent = snp.rmp.lookup(pfn)
+            if (ent.assigned and ent.asid == snp.asid and ent.gpa == gfn << PAGE_SHIFT
+                    and spte_level(v) < ent.level):
+                code = PVALIDATE_NPF_RMP  # the NPT leaf is smaller than the 2M RMP entry
+            else:
+                code = snp.rmp.pvalidate(pfn, level, asid=snp.asid, gpa=gfn << PAGE_SHIFT, validate=validate)
+            if code in (PVALIDATE_NPF_RMP, PVALIDATE_NPF_SIZEM):
+                n, r = self._rmp_npf(gfn, True, False)
+                faults += n
+                if r.ret == "exit":
+                    self._resume = lambda: self._pvalidate(gpa, level, validate, 0)
+                    return GuestOpResult("exit", exit_reason=r.exit_reason, memory_fault=r.memory_fault,
+                                         errno=r.errno, faults=faults)
+                if r.ret == "rmp_loop":
+                    return GuestOpResult("rmp_loop", faults=faults)
+                continue
+            return self._pval_done(level, code, faults)
+        return GuestOpResult("rmp_loop", faults=faults)
+
+    def _pval_done(self, level: int, code: int, faults: int, count: int = 1) -> GuestOpResult:
+        vm = self.vm
+        st = vm._stats
+        vm._charge("pvalidate_2m" if level == PG_LEVEL_2M else "pvalidate_4k", count)
+        if code == PVALIDATE_SUCCESS:
+            st["pvalidate"] += count
+            if level == PG_LEVEL_2M:
+                st["pvalidate_2m"] += count
+        else:
+            st["pvalidate_failures"] += count
+        return GuestOpResult("done", status=code, faults=faults)
+
+    def pvalidate_range(self, gpa: int, size: int, validate: bool, *, huge: bool = True) -> GuestOpResult:
+        """``pvalidate_pages`` over ``[gpa, gpa + size)``: 2M PVALIDATEs for the 2M-aligned
+        blocks when ``huge`` (a ``FAIL_SIZEMISMATCH`` block is redone as 512 x 4K), 4K
+        elsewhere; stops at the first other failure. Range-compressed: a run of pages in one
+        state is one table operation. Returns ``done`` with status 0, or the failing
+        instruction's result (``status``, exit, ``rmp_loop``); ``value`` is the gpa reached.
+
+        Raises:
+            as :meth:`pvalidate`; ``size`` must be a positive multiple of 4 KiB.
+        """
+        gpa, size = _u64("gpa", gpa), _u64("size", size)
+        if not size or (gpa | size) & 0xFFF:
+            raise ValueError(f"[{gpa:#x}, +{size:#x}) must be a non-empty, 4 KiB aligned range")
+        if type(validate) is not bool or type(huge) is not bool:
+            raise TypeError("validate and huge must be bools")
+        begin_insn(self)
+        return self._pvalidate_range(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, validate, huge)
+
+    def _pvalidate_range(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
+        """The range form; after an exit, ``KVM_RUN`` re-executes the faulting PVALIDATE and
+        the guest's loop goes on from there (``vcpu._resume``)."""
+        r = self._pvalidate_range_body(gfn, end, validate, huge)
+        if r.ret == "exit":
+            at = (r.value if r.value is not None else gfn << PAGE_SHIFT) >> PAGE_SHIFT
+            self._resume = lambda: self._pvalidate_range(at, end, validate, huge)
+        return r
+
+    def _pvalidate_range_body(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
+        vm = self.vm
+        snp = vm.snp  # type: ignore[attr-defined]
+        rmp = snp.rmp
+        sptes = vm._mmu.sptes
+        faults = 0
+        while gfn < end:
+            _s, e, v = sptes.run_at(gfn)
+            e = min(e, end)
+            big = huge and not gfn & 511 and gfn + 512 <= end  # the guest's choice of size
+            if not big:
+                # 4K PVALIDATEs up to the next 2M block the guest would do at 2M.
+                nxt = (gfn + 511) & ~511
+                stop = nxt if huge and nxt > gfn and nxt + 512 <= end else end
+                if not v:
+                    # Each PVALIDATE takes its own #NPF; a batch of them is faulted in at once
+                    # where that cannot change the outcome (_batch_end).
+                    n, r = Vcpu._fault(self, gfn, self._batch_end(gfn, min(e, stop), not validate), True, False)
+                    faults += n
+                    if r.ret in ("fixed", "spurious", "retry"):
+                        continue
+                    return self._stopped(self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, faults), gfn)
+                if not v & SPTE_PRIVATE:
+                    return self._stopped(self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, faults), gfn)
+                r2 = self._pvalidate_4k_run(gfn, min(e, stop), validate)
+                if r2 is not None:
+                    return r2
+                gfn = min(e, stop)
+                continue
+            if not v and not vm.policy.gmem_max_order:
+                # Order-0 folios only: the 2M PVALIDATE of a fresh block faults its first page
+                # (one 4K RMP entry). If that pfn is 2M-aligned and the entry is this guest's,
+                # the instruction fails with SIZEMISMATCH and the 4K retries fault the other
+                # pages in order, as do the next blocks (consecutive allocations): fault the
+                # batch at once and let the 4K-leaf range form below replay the instructions.
+                n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
+                faults += n
+                if r.ret not in ("fixed", "spurious", "retry"):
+                    return self._stopped(self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, faults), gfn)
+                v1 = sptes.get(gfn)
+                p1 = gfn + decode_delta(v1) if v1 else -1
+                if (v1 and v1 & SPTE_PRIVATE and not p1 & 511 and e > gfn + 1
+                        and rmp.lookup(p1).validated != validate):  # its 4K retry succeeds
+                    n, r = Vcpu._fault(self, gfn + 1, self._batch_end(gfn + 1, e, not validate), True, False)
+                    faults += n
+                continue
+            pfn = gfn + decode_delta(v) if v else -1
+            if (v and v & SPTE_PRIVATE and e - gfn >= 512 and spte_level(v) == PG_LEVEL_2M
+                    and rmp.lookup(pfn).level == PG_LEVEL_2M):
+                # A run of 2M leaves over 2M RMP entries: one range operation.
+                n2 = (e - gfn) >> 9
+                done, _fail, code = rmp.pvalidate_range(pfn, n2 << 9, PG_LEVEL_2M, asid=snp.asid,
+                                                       gpa=gfn << PAGE_SHIFT, validate=validate)
+                if done:
+                    self._pval_done(PG_LEVEL_2M, PVALIDATE_SUCCESS, 0, done)
+                    gfn += done << 9
+                if code:
+                    r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, 0)
+                    if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
+                        return self._stopped(r, gfn)
+                    gfn += 512
+                continue
+            if (v and v & SPTE_PRIVATE and e - gfn >= 512 and spte_level(v) == PG_LEVEL_4K
+                    and not pfn & 511 and rmp.find_ne(pfn, e - gfn, level=PG_LEVEL_4K, assigned=True, asid=snp.asid,
+                                    gpa=gfn << PAGE_SHIFT) == -1):
+                # 4K leaves over 4K RMP entries: every 2M PVALIDATE fails with SIZEMISMATCH and
+                # is redone as 512 x 4K; the blocks up to the first 4K failure are counted.
+                k = (e - gfn) >> 9
+                r2 = self._pvalidate_4k_run(gfn, gfn + (k << 9), validate)
+                failed_blocks = k if r2 is None else (((r2.value or 0) >> PAGE_SHIFT) - gfn >> 9) + 1
+                self._pval_done(PG_LEVEL_2M, PVALIDATE_FAIL_SIZEMISMATCH, 0, failed_blocks)
+                if r2 is not None:
+                    return r2
+                gfn += k << 9
+                continue
+            # Anything else (no leaf, a shared leaf, mixed sizes): one 2M PVALIDATE at a time.
+            r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, faults)
+            faults = 0
+            if r.ret != "done" or r.status not in (PVALIDATE_SUCCESS, PVALIDATE_FAIL_SIZEMISMATCH):
+                return self._stopped(r, gfn)
+            if r.status == PVALIDATE_FAIL_SIZEMISMATCH:
+                r2 = self._pvalidate_range(gfn, gfn + 512, validate, False)
+                if r2.ret != "done" or r2.status != PVALIDATE_SUCCESS:
+                    return r2
+            gfn += 512
+        return GuestOpResult("done", status=PVALIDATE_SUCCESS, value=end << PAGE_SHIFT, faults=faults)
+
+    @staticmethod
+    def _stopped(r: GuestOpResult, gfn: int) -> GuestOpResult:
+        """``r`` (a failed or exiting single PVALIDATE at ``gfn``) as the range's result."""
+        if r.ret == "done" and r.status == PVALIDATE_SUCCESS:
+            return GuestOpResult("done", status=PVALIDATE_SUCCESS, value=(gfn + 1) << PAGE_SHIFT, faults=r.faults)
+        return GuestOpResult(r.ret, r.status, gfn << PAGE_SHIFT, r.exit_reason, None, r.memory_fault,
+                             r.errno, r.faults)
+
+    def _pvalidate_4k_run(self, gfn: int, end: int, validate: bool) -> GuestOpResult | None:
+        """4K PVALIDATEs over ``[gfn, end)`` inside one private leaf run; None on success."""
+        vm = self.vm
+        snp = vm.snp  # type: ignore[attr-defined]
+        sptes = vm._mmu.sptes
+        while gfn < end:
+            _s, e, v = sptes.run_at(gfn)
+            e = min(e, end)
+            if not v or not v & SPTE_PRIVATE:
+                r = self._pvalidate_range(gfn, e, validate, False)
+                if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
+                    return r
+                gfn = e
+                continue
+            pfn = gfn + decode_delta(v)
+            # A 4K PVALIDATE on a 2M RMP entry stops the range with NPF_SIZEM; the single
+            # path below then takes the #NPF (PSMASH + zap) and re-executes.
+            done, _fail, code = snp.rmp.pvalidate_range(pfn, e - gfn, PG_LEVEL_4K, asid=snp.asid,
+                                                       gpa=gfn << PAGE_SHIFT, validate=validate)
+            if done:
+                self._pval_done(PG_LEVEL_4K, PVALIDATE_SUCCESS, 0, done)
+                gfn += done
+            if code == 0 and gfn == e:
+                continue
+            r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, 0)
+            if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
+                return GuestOpResult(r.ret, r.status, gfn << PAGE_SHIFT, r.exit_reason, None,
+                                     r.memory_fault, r.errno, r.faults)
+            gfn += 1
+        return None
+
+    # -- page-state changes (§7.1) ----------------------------------------------------------------
+
+    def _psc_enabled(self) -> bool:
+        return bool(self.vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE))
+
+    def psc_msr(self, gpa: int, op: int) -> GuestOpResult:
+        """GHCB MSR protocol page-state change of the 4K page at ``gpa`` (``op`` 1 private,
+        2 shared; ``snp_begin_psc_msr``). ``status`` is the response MSR value:
+        ``GHCB_MSR_PSC_RESP`` or ``GHCB_MSR_PSC_RESP_ERROR``.
+
+        Raises:
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            TypeError / ValueError: ``gpa`` / ``op`` not u64 ints.
+        """
+        gpa, op = _u64("gpa", gpa), _u64("op", op)
+        begin_insn(self)
+        vm = self.vm
+        vm._stats["psc_requests"] += 1
+        vm._charge("psc_request", 1)
+        gpa &= ~0xFFF & ((1 << 52) - 1)
+        if op not in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED) or not self._psc_enabled():
+            return GuestOpResult("done", status=GHCB_MSR_PSC_RESP_ERROR)
+        vm._stats["psc_entries"] += 1
+        attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if op == SNP_PAGE_STATE_PRIVATE else KVM_MAP_GPA_RANGE_DECRYPTED
+        hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gpa, 1, attrs | KVM_MAP_GPA_RANGE_PAGE_SZ_4K), 0,
+                       KVM_EXIT_HYPERCALL_LONG_MODE)
+
+        def complete() -> GuestOpResult:  # snp_complete_psc_msr
+            return GuestOpResult("done", status=GHCB_MSR_PSC_RESP_ERROR if hc.ret else GHCB_MSR_PSC_RESP)
+
+        return hypercall_exit(self, hc, complete)
+
+    def psc(self, desc: PscDesc) -> GuestOpResult:
+        """GHCB protocol page-state change (``SVM_VMGEXIT_PSC``, ``snp_begin_psc``): process
+        ``desc`` from ``cur_entry``, coalescing contiguous entries of one operation and size
+        into one ``KVM_HC_MAP_GPA_RANGE`` exit each. ``desc`` is updated in place (``cur_page``,
+        ``cur_entry``) as KVM does in the shared buffer. The completion's ``status`` is
+        ``sw_exit_info_2``: 0 or a ``VMGEXIT_PSC_ERROR_*`` code.
+
+        Raises:
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            TypeError: ``desc`` is not a :class:`PscDesc`.
+        """
+        if not isinstance(desc, PscDesc):
+            raise TypeError(f"desc must be a PscDesc, not {type(desc).__name__}")
+        begin_insn(self)
+        vm = self.vm
+        vm._stats["psc_requests"] += 1
+        vm._charge("psc_request", 1)
+        if not self._psc_enabled():
+            return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC)
+        if desc.end_entry >= VMGEXIT_PSC_MAX_COUNT or desc.end_entry >= len(desc.entries):
+            return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_INVALID_HDR)
+        return self._psc_next(desc)
+
+    def _psc_next(self, desc: PscDesc) -> GuestOpResult:
+        vm = self.vm
+        entries = desc.entries
+        while True:
+            idx = desc.cur_entry
+            # Skip finished entries; validate the one to start from.
+            while idx <= desc.end_entry:
+                ent = entries[idx]
+                npages = ent.npages
+                if ent.cur_page > npages or ent.gfn & (npages - 1):
+                    return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_INVALID_ENTRY)
+                if ent.cur_page == npages:
+                    idx += 1
+                    desc.cur_entry = idx
+                    continue
+                break
+            if idx > desc.end_entry:
+                return GuestOpResult("done", status=0)
+            first = entries[idx]
+            if first.op not in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED):
+                first.cur_page = first.npages  # SMASH / UNSMASH: nothing for KVM to do
+                desc.cur_entry = idx + 1
+                continue
+            gfn = first.gfn + first.cur_page
+            npages = first.npages - first.cur_page
+            huge = first.huge and not first.cur_page
+            inflight = 1
+            j = idx + 1
+            while j <= desc.end_entry:
+                nxt = entries[j]
+                if (nxt.op != first.op or nxt.cur_page or nxt.huge != huge or nxt.gfn != gfn + npages
+                        or nxt.gfn & (nxt.npages - 1)):
+                    break
+                npages += nxt.npages
+                inflight += 1
+                j += 1
+            vm._stats["psc_entries"] += inflight
+            attrs = (KVM_MAP_GPA_RANGE_ENCRYPTED if first.op == SNP_PAGE_STATE_PRIVATE
+                     else KVM_MAP_GPA_RANGE_DECRYPTED)
+            attrs |= KVM_MAP_GPA_RANGE_PAGE_SZ_2M if huge else KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+            hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gfn << PAGE_SHIFT, npages, attrs), 0,
+                           KVM_EXIT_HYPERCALL_LONG_MODE)
+
+            def complete(hc: Hypercall = hc, idx: int = idx, inflight: int = inflight) -> GuestOpResult:
+                if hc.ret:  # __snp_complete_one_psc: userspace failed the range
+                    return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC)
+                for k in range(idx, idx + inflight):
+                    entries[k].cur_page = entries[k].npages
+                desc.cur_entry = idx + inflight
+                return self._psc_next(desc)
+
+            return hypercall_exit(self, hc, complete)
+

@@ -1,0 +1,130 @@
+"""The TDX actors' flows: the Linux TD guest (``arch/x86/coco/tdx``) and QEMU's TD build.
+
+:class:`TdxGuestFlows` (for :class:`pkvm.Guest`):
+
+* ``convert`` is ``tdx_enc_status_changed``: ``tdx_map_gpa`` (MapGPA; on RETRY resume at r11
+  when it lies in the range, at most 3 retries without progress), then for to-private
+  ``tdx_accept_memory``;
+* ``accept`` is ``tdx_accept_memory`` (lazy acceptance, no MapGPA: the memory is already
+  private): per position, ``try_accept_one`` at 1G, then 2M, then 4K, each only when the
+  position is aligned and that much is left. Runs of pages in one S-EPT state go through
+  ``TdxVcpu._accept_bulk`` (same counts as the instruction-by-instruction loop, O(1) per run).
+
+:class:`TdxVmmFlows` (for :class:`pkvm.Vmm`): ``launch`` adds the image with
+``KVM_TDX_INIT_MEM_REGION`` (measured regions with ``KVM_TDX_MEASURE_MEMORY_REGION``) and
+finalizes the TD.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..constants import (
+    KVM_TDX_MEASURE_MEMORY_REGION,
+    PAGE_SHIFT,
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    TDVMCALL_STATUS_RETRY,
+    TDX_SUCCESS,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..guest import Guest
+    from ..vmm import Vmm
+
+#: ``tdx_map_gpa``'s ``max_retries_per_page``.
+MAP_GPA_MAX_RETRIES = 3
+_LEVEL_SHIFT = (0, 0, 9, 18)
+
+
+class TdxGuestFlows:
+    """The Linux TD guest's conversion and acceptance (see the module docstring)."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.td = guest.vm.tdx  # type: ignore[attr-defined]
+
+    def convert(self, gpa: int, size: int, private: bool) -> bool:
+        """``tdx_enc_status_changed``."""
+        if not self.map_gpa(gpa, gpa + size, private):
+            return False
+        if private:
+            return self.accept_memory(gpa, gpa + size)
+        return True
+
+    def accept(self, gpa: int, size: int) -> bool:
+        """Lazy acceptance: ``tdx_accept_memory`` alone."""
+        return self.accept_memory(gpa, gpa + size)
+
+    def map_gpa(self, start: int, end: int, enc: bool) -> bool:
+        """``tdx_map_gpa``: MapGPA ``[start, end)``, with the shared bit set for to-shared."""
+        if not enc:
+            start |= self.td.shared_mask
+            end |= self.td.shared_mask
+        g = self.guest
+        retries = 0
+        while retries < MAP_GPA_MAX_RETRIES:
+            r = g.execute(g.vcpu.map_gpa(start, end - start))
+            if r.ret != "done":
+                return False  # an exit the VMM refused: the vCPU is stopped
+            if r.status != TDVMCALL_STATUS_RETRY:
+                return r.status == 0
+            fail = r.value
+            if fail is None or fail < start or fail >= end:
+                return False  # r11 comes from the untrusted VMM: sanity-check it
+            if fail == start:
+                retries += 1  # a retry without forward progress
+                continue
+            start = fail
+            retries = 0
+        return False
+
+    def accept_memory(self, start: int, end: int) -> bool:
+        """``tdx_accept_memory``: accept ``[start, end)`` (bytes, alias-free)."""
+        vcpu = self.guest.vcpu
+        end_gfn = end >> PAGE_SHIFT
+        pos = start
+        while pos < end:
+            n = vcpu._accept_bulk(pos >> PAGE_SHIFT, end_gfn)  # type: ignore[attr-defined]
+            if n:
+                pos += n << PAGE_SHIFT
+                continue
+            for level in (PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K):
+                size = self._try_accept_one(pos, end - pos, level)
+                if size is None:
+                    return False
+                if size:
+                    break
+            if not size:
+                return False  # every size failed, or the vCPU is stuck in an unanswered exit
+            pos += size
+        return True
+
+    def _try_accept_one(self, start: int, length: int, level: int) -> int | None:
+        """``try_accept_one``: one ``TDG.MEM.PAGE.ACCEPT``; the bytes accepted, 0 if it
+        failed, None if the vCPU is stuck in an exit the VMM could not answer."""
+        size = 1 << (PAGE_SHIFT + _LEVEL_SHIFT[level])
+        if start & (size - 1) or length < size:
+            return 0
+        g = self.guest
+        r = g.execute(g.vcpu.accept(start, level))
+        if r.ret != "done":
+            return None
+        return size if r.status == TDX_SUCCESS else 0
+
+
+class TdxVmmFlows:
+    """QEMU's TD launch (``tdx_finalize_vm`` and the ``KVM_TDX_INIT_MEM_REGION`` calls before)."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self.vmm = vmm
+
+    def launch(self, image: list[tuple[int, int, bool]]) -> None:
+        """Add every ``(gpa, size, measure)`` region of the image, then finalize the TD."""
+        vm = self.vmm.vm
+        vcpu = vm.vcpus[0]
+        for gpa, size, measure in image:
+            vm.tdx.init_mem_region(vcpu, gpa, size >> PAGE_SHIFT,  # type: ignore[attr-defined]
+                                   flags=KVM_TDX_MEASURE_MEMORY_REGION if measure else 0)
+        vm.tdx.finalize_vm()  # type: ignore[attr-defined]

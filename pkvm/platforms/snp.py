@@ -1,0 +1,499 @@
+"""``KVM_X86_SNP_VM``: AMD SEV-SNP on the KVM model (spec §4.1, §4.4, §5, §7.1, §7.7, §7.8).
+
+What this platform adds (the RMP table and the direct map themselves are
+:class:`pkvm._core.RmpTable` and :class:`pkvm.directmap.DirectMap`, see ``docs/snp-rmp.md``):
+
+* **State** (``vm.snp``, also ``vm.rmp`` and ``vm.directmap``): the host's RMP, the host direct
+  map with ``Policy.directmap``, the guest's ASID (``options={"asid": n}``, default 1) and the
+  host CPU count that prices a kernel TLB flush (``options={"host_cpus": n}``, default 64).
+* **The kernel's RMP wrappers** (§5.3, §5.8): :func:`rmp_make_private` / :func:`rmp_make_shared`
+  adjust the direct map first (policy ``split-4k``: split to 4K before a 4K update;
+  ``unmap-restore``: unmap before assigning, restore after unassigning), execute RMPUPDATE over
+  a whole range at once, and count a failure (``rmpupdate_failures``, ``-EFAULT``) instead of
+  logging it. ``FAIL_OVERLAP``, which Linux retries forever, is reported as a failure too: in a
+  synchronous model nothing else could ever resolve it.
+* **guest_memfd hooks**: ``gmem_prepare`` (§5.5: already assigned -> nothing; 2M iff the folio is
+  2M and all 512 pfns are unassigned; else one 4K update), ``gmem_invalidate`` (§5.7: 2M update
+  for a whole aligned 2M entry, else PSMASH then 4K, then a cache flush of every page made
+  shared), ``gmem_max_mapping_level`` (the RMP level of the pfn, §3.5).
+* **Faults**: ``fault_is_private`` is the C-bit of the access (§4.1); the RMP #NPF handler
+  (§5.6) PSMASHes a 2M entry and zaps the 2M gfn range, or does nothing (spurious). The
+  access-time RMP check lives in :class:`pkvm.platforms._snp_vcpu.SnpVcpu`.
+* **RMPUPDATE policies** (``Policy.rmp_update``, §7.7, seed thread), in :mod:`._snp_policy`.
+* **Launch** (§5.9): ``vm.snp.launch_update`` and ``vm.snp.launch_finish``.
+
+Invariants (``vm.check()`` via :func:`snp_check_vm`): the RMP table's own invariants; no RMP
+entry assigned to this guest outside guest_memfd folios except leaked pages; every private
+SPTE maps pfns assigned to this guest at that GPA at an RMP level >= the SPTE level (under
+``fault-time``, where the ioctl never touches the RMP; eager policies may transiently break it,
+which is the race the seed thread discusses); no shared SPTE maps an assigned pfn.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from .._core import RangeMap, RmpTable
+from ..constants import (
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_X86_SNP_VM,
+    PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+)
+from ..directmap import DirectMap
+from ..errors import InternalInvariantError, KvmError
+from ..hostmem import decode_delta
+from ..mmu import SPTE_PRIVATE, spte_level
+from ..snp_constants import (
+    PSMASH_FAIL_INUSE,
+    PSMASH_SUCCESS,
+    RMP_PAGES_2M,
+    RMPUPDATE_FAIL_OVERLAP,
+)
+from . import PlatformOps
+from ._snp_policy import (
+    _split_2m_runs,
+    snp_pre_set_mem_attr,
+    snp_set_mem_attr,
+    snp_update_mem_attr,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..vm import VM, Vcpu
+
+#: Counters an SNP VM adds to ``vm.stats`` (instructions, not pages, unless named ``_pages``).
+SNP_STAT_KEYS = (
+    "rmpupdate", "rmpupdate_2m", "rmpupdate_failures", "psmash", "psmash_failures",
+    "rmp_fault", "rmp_fault_spurious", "pvalidate", "pvalidate_2m", "pvalidate_failures",
+    "snp_vc", "directmap_splits", "directmap_unmaps", "directmap_restores", "directmap_cpa_calls",
+    "directmap_tlb_flushes", "sleep_in_atomic", "cache_flush_pages", "psc_requests", "psc_entries",
+    "snp_leaked_pages", "launch_update_pages",
+)
+#: Cost operations an SNP VM charges besides the generic ones (``directmap_tlb_flush`` is
+#: priced with ``nr_cpus=host_cpus``).
+SNP_CHARGED_OPS = ("rmpupdate", "psmash", "pvalidate_4k", "pvalidate_2m", "psc_request",
+                   "cache_flush_4k", "directmap_split", "sleep_in_atomic")
+
+#: ``KVM_SEV_SNP_PAGE_TYPE_*`` of ``SNP_LAUNCH_UPDATE`` (§5.9).
+SNP_PAGE_TYPE_NORMAL = 1
+SNP_PAGE_TYPE_ZERO = 3
+SNP_PAGE_TYPE_UNMEASURED = 4
+SNP_PAGE_TYPE_SECRETS = 5
+SNP_PAGE_TYPE_CPUID = 6
+_PAGE_TYPES = (SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_ZERO, SNP_PAGE_TYPE_UNMEASURED,
+               SNP_PAGE_TYPE_SECRETS, SNP_PAGE_TYPE_CPUID)
+
+
+class SnpVm:
+    """The SNP state of one VM (``vm.snp``): the host RMP and direct map, the ASID, launch state.
+
+    ``atomic`` is True while a policy op runs under ``mmu_lock``: a direct-map change then
+    counts as ``sleep_in_atomic`` (the CPA mutex may sleep, §5.8, §7.7). ``leaked`` holds the
+    host pfns the kernel gave up on (``snp_leak_pages``): freed by guest_memfd but still
+    assigned in the RMP.
+    """
+
+    def __init__(self, vm: VM, asid: int, host_cpus: int) -> None:
+        self.vm = vm
+        self.asid = asid
+        self.host_cpus = host_cpus
+        mem = vm.hostmem
+        self.rmp = RmpTable()
+        self.directmap = DirectMap(ram=[(mem.start_pfn, mem.end_pfn)], policy=vm.policy.directmap)
+        self.atomic = False
+        self.leaked = RangeMap(0)
+        #: ``pre_fault_allowed``: set by :meth:`launch_finish`.
+        self.launched = False
+        #: eager-split: the plans the pre phase computed, consumed under the lock / after it.
+        self._split_plans: dict[tuple[int, int, int], list[tuple[str, int, int, int, int]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<SnpVm asid={self.asid} rmp runs={self.rmp.nruns} directmap={self.directmap.policy}>"
+
+    # -- launch (§5.9) ----------------------------------------------------------------------
+
+    def launch_update(self, gpa: int, size: int, page_type: int = SNP_PAGE_TYPE_NORMAL,
+                      flags: int = 0) -> int:
+        """``KVM_SEV_SNP_LAUNCH_UPDATE`` on ``[gpa, gpa + size)``; returns the bytes done.
+
+        See :func:`pkvm.platforms._snp_launch.launch_update` for the exact steps.
+        """
+        from ._snp_launch import launch_update
+
+        return launch_update(self, gpa, size, page_type, flags)
+
+    def launch_finish(self) -> None:
+        """``KVM_SEV_SNP_LAUNCH_FINISH``; see :func:`pkvm.platforms._snp_launch.launch_finish`."""
+        from ._snp_launch import launch_finish
+
+        launch_finish(self)
+
+
+# -- the kernel's RMP wrappers (§5.3, §5.4, §5.8) ----------------------------------------------
+
+
+def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned: bool) -> int:
+    """Run one direct-map dispatcher and account its counters; returns its CPA calls."""
+    snp = vm.snp  # type: ignore[attr-defined]
+    dm = snp.directmap
+    before = dict(dm.counters)
+    calls = getattr(dm, method)(pfn, npages, level, assigned=assigned)
+    if not calls:
+        return 0
+    after = dm.counters
+    st = vm._stats
+    splits = after["directmap_splits"] - before["directmap_splits"]
+    unmaps = after["directmap_unmaps"] - before["directmap_unmaps"]
+    restores = after["directmap_restores"] - before["directmap_restores"]
+    st["directmap_splits"] += splits
+    st["directmap_unmaps"] += unmaps
+    st["directmap_restores"] += restores
+    st["directmap_cpa_calls"] += calls
+    if splits:
+        vm._charge("directmap_split", splits)
+    # A kernel-range TLB flush per set_memory_4k call (split-4k), per RMPUPDATE wrapper call
+    # that unmapped or restored pages (unmap-restore: the _noflush helpers, one flush after).
+    if dm.policy == "split-4k":
+        flushes = calls
+    else:
+        flushes = (npages >> 9 if level == PG_LEVEL_2M else npages) if unmaps or restores else 0
+    if flushes:
+        st["directmap_tlb_flushes"] += flushes
+        vm._charge("directmap_tlb_flush", flushes)
+    if snp.atomic:
+        st["sleep_in_atomic"] += calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
+        vm._charge("sleep_in_atomic", calls)
+        vm.events.append(("sleep_in_atomic", (f"BUG: scheduling while atomic: {calls} direct-map "
+                          f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
+    return calls
+
+
+def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, gfn: int = 0,
+                    immutable: bool = False, directmap: str = "both") -> int:
+    """``rmpupdate()`` for every 4K (or 2M) entry of ``[pfn, pfn + npages)``: 0 or ``-EFAULT``.
+
+    ``directmap`` selects the direct-map work done here: ``"both"`` (the wrapper's own
+    ``adjust_direct_map`` / RFC invalidate + restore), ``"before"``, ``"after"`` or ``"none"``
+    (the eager-split policy moves it to other phases). On a failing instruction the pages
+    before it stay updated (the caller loops page by page, as the kernel does) and the failure
+    is counted in ``rmpupdate_failures`` and logged in ``vm.events``.
+    """
+    snp = vm.snp  # type: ignore[attr-defined]
+    if directmap in ("both", "before"):
+        _directmap(vm, "before_rmpupdate", pfn, npages, level, assigned)
+    if assigned:
+        done, fail, code = snp.rmp.rmpupdate_range(pfn, npages, level, assigned=True, asid=snp.asid,
+                                                   gpa=gfn << PAGE_SHIFT, immutable=immutable)
+    else:
+        done, fail, code = snp.rmp.rmpupdate_range(pfn, npages, level, assigned=False)
+    st = vm._stats
+    if done:
+        st["rmpupdate"] += done
+        if level == PG_LEVEL_2M:
+            st["rmpupdate_2m"] += done
+        vm._charge("rmpupdate", done)
+    if code:
+        st["rmpupdate_failures"] += 1
+        how = " (Linux retries FAIL_OVERLAP forever)" if code == RMPUPDATE_FAIL_OVERLAP else ""
+        vm.events.append(("rmpupdate", f"RMPUPDATE failed for pfn {fail:#x} level {level}: code {code}{how}"))
+        if directmap in ("both", "after") and done:
+            _directmap(vm, "after_rmpupdate", pfn, done << (9 if level == PG_LEVEL_2M else 0), level, assigned)
+        return -errno.EFAULT
+    if directmap in ("both", "after"):
+        _directmap(vm, "after_rmpupdate", pfn, npages, level, assigned)
+    return 0
+
+
+def rmp_make_private(vm: VM, pfn: int, gfn: int, npages: int, level: int, immutable: bool = False,
+                     directmap: str = "both") -> int:
+    """``rmp_make_private`` over a range: assigned to this guest's ASID at ``gfn``."""
+    return rmpupdate_range(vm, pfn, npages, level, True, gfn, immutable, directmap)
+
+
+def rmp_make_shared(vm: VM, pfn: int, npages: int, level: int, directmap: str = "both") -> int:
+    """``rmp_make_shared`` over a range: hypervisor-owned, every field zero but the size."""
+    return rmpupdate_range(vm, pfn, npages, level, False, directmap=directmap)
+
+
+def psmash(vm: VM, pfn: int) -> int:
+    """``snp_rmptable_psmash``: PSMASH the 2M entry holding ``pfn``, retrying FAIL_INUSE
+    (pkvm: a locked entry stays locked in a synchronous run, so it is counted and returned)."""
+    snp = vm.snp  # type: ignore[attr-defined]
+    base = pfn & ~(RMP_PAGES_2M - 1)
+    code = snp.rmp.psmash(base)
+    st = vm._stats
+    if code == PSMASH_SUCCESS:
+        st["psmash"] += 1
+        vm._charge("psmash", 1)
+    else:
+        st["psmash_failures"] += 1
+        why = " (KVM retries FAIL_INUSE)" if code == PSMASH_FAIL_INUSE else ""
+        vm.events.append(("psmash", f"PSMASH failed for pfn {base:#x}: code {code}{why}"))
+    return code
+
+
+def make_shared_range(vm: VM, pfn_start: int, pfn_end: int, flush: bool, directmap: str = "both") -> int:
+    """Return every assigned page of ``[pfn_start, pfn_end)`` to the hypervisor (§5.7): a 2M
+    RMPUPDATE for each whole 2M entry inside the range, else PSMASH the 2M entry first (a
+    failure is counted but the 4K updates go on, as the kernel's WARN does) and 4K RMPUPDATEs;
+    then, if ``flush``, a cache flush of the pages made shared. Unassigned pages are skipped.
+    Returns 0 or the first error. O(k log n) for k RMP runs."""
+    snp = vm.snp  # type: ignore[attr-defined]
+    rmp = snp.rmp
+    ret = 0
+    for s, e, ent in rmp.ranges(pfn_start, pfn_end - pfn_start):
+        if not ent.assigned:
+            continue
+        if ent.level == PG_LEVEL_2M:
+            # A run of 2M entries: its ends may cut an entry that continues outside the range.
+            pieces = _split_2m_runs(s, e)
+            for a, b, lvl in pieces:
+                if lvl == PG_LEVEL_4K:
+                    psmash(vm, a)
+        else:
+            pieces = [(s, e, PG_LEVEL_4K)]
+        for a, b, lvl in pieces:
+            r = rmp_make_shared(vm, a, b - a, lvl, directmap)
+            if r:
+                ret = ret or r
+                continue
+            if flush:
+                vm._stats["cache_flush_pages"] += b - a
+                vm._charge("cache_flush_4k", b - a)
+    return ret
+
+
+# -- platform ops ---------------------------------------------------------------------------------
+
+
+def snp_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:
+    """The #NPF error code's ``PFERR_GUEST_ENC_MASK``: the access used C=1 (§4.1)."""
+    return private
+
+
+def snp_init_vm(vm: VM) -> int:
+    """``KVM_CREATE_VM`` + ``KVM_SEV_INIT2``: attach ``vm.snp`` / ``vm.rmp`` / ``vm.directmap``,
+    register the SNP counters and costs.
+
+    Raises:
+        KvmError: EINVAL under a policy whose guest_memfd has no prepare hook
+            (``prepare="none"``, the 6.8 kernel): private pages allocated by a fault could
+            never be assigned in the RMP.
+        ValueError: ``options["asid"]`` not in [1, 65535] or ``options["host_cpus"]`` < 1.
+    """
+    pol = vm.policy
+    if pol.prepare == "none":
+        raise KvmError(errno.EINVAL, "KVM_CREATE_VM: an SNP VM needs guest_memfd's prepare hook "
+                       f"(policy prepare={pol.prepare!r}); use e.g. Policy.preset('6.19').replace("
+                       "rmp_update=...)")
+    asid = vm.options.get("asid", 1)
+    if type(asid) is not int or not 1 <= asid <= 0xFFFF:
+        raise ValueError(f"options['asid']={asid!r} must be an int in [1, 65535]")
+    host_cpus = vm.options.get("host_cpus", 64)
+    if type(host_cpus) is not int or host_cpus < 1:
+        raise ValueError(f"options['host_cpus']={host_cpus!r} must be a positive int")
+    snp = SnpVm(vm, asid, host_cpus)
+    vm.snp = snp  # type: ignore[attr-defined]
+    vm.rmp = snp.rmp  # type: ignore[attr-defined]
+    vm.directmap = snp.directmap  # type: ignore[attr-defined]
+    for key in SNP_STAT_KEYS:
+        vm._stats[key] = 0
+    for op in SNP_CHARGED_OPS:
+        vm._costs[op] = vm._cost_model.ns(op)
+    vm._costs["directmap_tlb_flush"] = vm._cost_model.ns("directmap_tlb_flush", nr_cpus=host_cpus)
+    return 0
+
+
+def snp_gmem_prepare(vm: VM, gfn: int, pfn: int, order: int, nr: int) -> int:
+    """``sev_gmem_prepare`` for ``nr`` folios of ``2**order`` pages (§5.5).
+
+    An assigned pfn is left alone. A 2M folio whose 512 pfns are all unassigned gets one 2M
+    RMPUPDATE; otherwise only the folio's head page gets a 4K one (the kernel's ``(pfn, gfn)``).
+    A batch of order-0 folios updates every unassigned run at 4K. Failure: ``-EINVAL``, having
+    changed nothing for a batch (``nr > 1``: the pages done are made shared again, and the
+    caller retries folio by folio).
+    """
+    snp = vm.snp  # type: ignore[attr-defined]
+    rmp = snp.rmp
+    if order:
+        base = pfn & ~(RMP_PAGES_2M - 1)
+        if rmp.lookup(pfn).assigned:
+            return 0
+        if order >= 9 and rmp.find_ne(base, RMP_PAGES_2M, assigned=False) == -1:
+            r = rmp_make_private(vm, base, gfn & ~(RMP_PAGES_2M - 1), RMP_PAGES_2M, PG_LEVEL_2M)
+        else:
+            r = rmp_make_private(vm, pfn, gfn, 1, PG_LEVEL_4K)
+        return -errno.EINVAL if r else 0
+    done: list[tuple[int, int]] = []
+    for s, e, ent in rmp.ranges(pfn, nr):
+        if ent.assigned:
+            continue
+        r = rmp_make_private(vm, s, gfn + (s - pfn), e - s, PG_LEVEL_4K)
+        if r:
+            if nr > 1:
+                # Undo the batch: the entries after the failing one are unchanged; those before
+                # it (this run's prefix included) go back to hypervisor-owned at 4K.
+                for a, b in done:
+                    rmp_make_shared(vm, a, b - a, PG_LEVEL_4K)
+                undo = rmp.find_ne(s, e - s, assigned=True)
+                if undo > s:
+                    rmp_make_shared(vm, s, undo - s, PG_LEVEL_4K)
+            return -errno.EINVAL
+        done.append((s, e))
+    return 0
+
+
+def snp_gmem_invalidate(vm: VM, pfn_start: int, pfn_end: int) -> int:
+    """``sev_gmem_invalidate`` on freed folios ``[pfn_start, pfn_end)`` (§5.7). A page that
+    cannot be made shared (immutable, in use) is leaked: it stays assigned and is recorded in
+    ``vm.snp.leaked`` / ``snp_leaked_pages``."""
+    r = make_shared_range(vm, pfn_start, pfn_end, flush=True)
+    if r:
+        snp = vm.snp  # type: ignore[attr-defined]
+        for s, e, ent in snp.rmp.ranges(pfn_start, pfn_end - pfn_start):
+            if ent.assigned:
+                snp.leaked.assign(s, e, 1)
+                vm._stats["snp_leaked_pages"] += e - s
+    return 0
+
+
+def snp_gmem_max_mapping_level(vm: VM, pfn: int, private: bool) -> int:
+    """``sev_gmem_max_mapping_level``: the RMP level of an assigned pfn, else 4K (§3.5)."""
+    if not private:
+        return 0
+    ent = vm.snp.rmp.lookup(pfn)  # type: ignore[attr-defined]
+    return ent.level if ent.assigned else PG_LEVEL_4K
+
+
+def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, result: object) -> int:
+    """``sev_handle_rmp_fault`` (§5.6 step 2). Runs only when the #NPF carried the RMP bit,
+    which :class:`~pkvm.platforms._snp_vcpu.SnpVcpu` records in ``vcpu.rmp_npf``."""
+    if not getattr(vcpu, "rmp_npf", False):
+        return 0
+    vcpu.rmp_npf = False  # type: ignore[attr-defined]
+    vm = vcpu.vm
+    snp = vm.snp  # type: ignore[attr-defined]
+    gfn = gpa >> PAGE_SHIFT
+    st = vm._stats
+    st["rmp_fault"] += 1
+    if not vm.get_memory_attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+        vm.events.append(("rmp_fault", f"RMP fault on non-private gfn {gfn:#x}"))
+        return 0
+    slot = vm._slot_at(gfn)
+    if slot is None or slot.gmem is None or slot.gmem_file is None:
+        vm.events.append(("rmp_fault", f"RMP fault on gfn {gfn:#x} without guest_memfd"))
+        return 0
+    folio = slot.gmem.folio(gfn - slot.base_gfn + slot.gmem_pgoff)
+    if folio is None:
+        vm.events.append(("rmp_fault", f"RMP fault on gfn {gfn:#x}: no guest_memfd page"))
+        return 0
+    pfn = folio[0]
+    ent = snp.rmp.lookup(pfn)
+    if not ent.assigned:
+        vm.events.append(("rmp_fault", f"RMP fault on gfn {gfn:#x}: pfn {pfn:#x} not assigned"))
+        return 0
+    if ent.level == PG_LEVEL_4K:
+        st["rmp_fault_spurious"] += 1
+        return 0
+    if psmash(vm, pfn) != PSMASH_SUCCESS:
+        ent = snp.rmp.lookup(pfn)
+        if not (ent.assigned and ent.level == PG_LEVEL_4K):
+            vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
+    base = gfn & ~(RMP_PAGES_2M - 1)
+    if vm._zap(base, base + RMP_PAGES_2M):
+        vm._flush_remote_tlbs()
+    return 0
+
+
+def snp_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
+    from ._snp_vcpu import SnpVcpu
+
+    return SnpVcpu(vm, vcpu_id)
+
+
+def snp_guest_flows(guest: object) -> object:
+    from ._snp_flows import SnpGuestFlows
+
+    return SnpGuestFlows(guest)
+
+
+def snp_vmm_flows(vmm: object) -> object:
+    from ._snp_launch import SnpVmmFlows
+
+    return SnpVmmFlows(vmm)
+
+
+def snp_check_vm(vm: VM) -> int:
+    """The SNP invariants (module docstring). Raises :class:`pkvm.InternalInvariantError`."""
+    snp = vm.snp  # type: ignore[attr-defined]
+    rmp = snp.rmp
+    try:
+        rmp._check()
+        snp.directmap._check()
+    except AssertionError as exc:
+        raise InternalInvariantError(f"SNP: {exc}") from None
+    # Every assigned run belongs to this guest and lies in a guest_memfd folio (or is leaked).
+    owned = RangeMap(0)
+    for g in vm._gmems:
+        for s, e, v in g.folios.ranges(0, g.npages):
+            if v:
+                d = decode_delta(v)
+                owned.assign(s + d, e + d, 1)
+    for s, e, v in snp.leaked.ranges(0, rmp.max_pfn):
+        if v:
+            owned.assign(s, e, 1)
+    for s, e, ent in rmp.ranges():
+        if not ent.assigned:
+            continue
+        if ent.asid != snp.asid:
+            raise InternalInvariantError(f"SNP: pfns [{s:#x}, {e:#x}) assigned to ASID {ent.asid}, "
+                                         f"not this guest's {snp.asid}")
+        bad = owned.find_ne(s, e, 1)
+        if bad != -1:
+            raise InternalInvariantError(f"SNP: pfn {bad:#x} is assigned in the RMP but is neither a "
+                                         "guest_memfd page nor leaked")
+    final = vm.policy.rmp_update == "fault-time"
+    for s, e, v in vm._mmu.sptes.ranges(0, 1 << 40):
+        if not v:
+            continue
+        d = decode_delta(v)
+        if v & SPTE_PRIVATE:
+            if not final:
+                continue
+            lvl = spte_level(v)
+            bad = rmp.find_ne(s + d, e - s, assigned=True, asid=snp.asid, gpa=s << PAGE_SHIFT)
+            if bad != -1:
+                raise InternalInvariantError(f"SNP: private SPTE of gfn {bad - d:#x} maps pfn {bad:#x}, "
+                                             f"which the RMP does not assign to ASID {snp.asid} at that GPA")
+            if lvl == PG_LEVEL_2M and rmp.find_ne(s + d, e - s, level=PG_LEVEL_2M) != -1:
+                raise InternalInvariantError(f"SNP: 2M private SPTE over 4K RMP entries at gfn {s:#x}")
+        elif rmp.find_eq(s + d, e - s, assigned=True) != -1:
+            raise InternalInvariantError(f"SNP: shared SPTE at gfns [{s:#x}, {e:#x}) maps a guest-owned pfn")
+    return 0
+
+
+
+OPS = PlatformOps(
+    name="snp",
+    vm_type=KVM_X86_SNP_VM,
+    has_private_mem=True,
+    has_protected_state=True,
+    options=("asid", "host_cpus"),
+    fault_is_private=snp_fault_is_private,
+    init_vm=snp_init_vm,
+    gmem_prepare=snp_gmem_prepare,
+    gmem_invalidate=snp_gmem_invalidate,
+    gmem_max_mapping_level=snp_gmem_max_mapping_level,
+    update_mem_attr=snp_update_mem_attr,
+    set_mem_attr=snp_set_mem_attr,
+    pre_set_mem_attr=snp_pre_set_mem_attr,
+    handle_rmp_fault=snp_handle_rmp_fault,
+    create_vcpu=snp_create_vcpu,
+    check_vm=snp_check_vm,
+    guest_flows=snp_guest_flows,
+    vmm_flows=snp_vmm_flows,
+)
+
+__all__ = ["OPS", "SNP_STAT_KEYS", "SnpVm", "psmash", "rmp_make_private", "rmp_make_shared"]

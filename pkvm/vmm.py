@@ -1,0 +1,228 @@
+"""The VMM actor: what QEMU does for a confidential guest's memory (spec §7.4).
+
+:class:`Vmm` owns the userspace side of a :class:`pkvm.VM`:
+
+* :meth:`Vmm.add_ram` is ``kvm_set_phys_mem`` for guest_memfd-backed RAM: create the
+  guest_memfd, add the memslot (with an HVA congruent to the gpa at 1 GiB), and mark the whole
+  slot PRIVATE (``kvm_set_memory_attributes_private``) — QEMU's default for such RAM.
+* :meth:`Vmm.handle_exit` answers the exits a conversion produces, as ``kvm_cpu_exec`` does:
+
+  - ``KVM_EXIT_HYPERCALL`` with ``KVM_HC_MAP_GPA_RANGE`` (the SW_PROTECTED/KVM hypercall of
+    §7.3, TDX MapGPA chunks of §7.2, SNP page-state changes of §7.1):
+    ``kvm_handle_hc_map_gpa_range`` converts ``[args[0], args[0] + args[1] pages)`` to private
+    if ``args[2]`` has ``KVM_MAP_GPA_RANGE_ENCRYPTED``, else to shared, and writes the result
+    to ``hypercall.ret`` (0 on success; the guest then sees the failure in its own status);
+  - ``KVM_EXIT_MEMORY_FAULT`` with errno EFAULT and flags within
+    ``KVM_MEMORY_EXIT_FLAG_PRIVATE`` (an implicit conversion, §7.6): convert the page to the
+    access's type; a failure stops the vCPU (``handle_exit`` returns False), as it stops
+    QEMU's vCPU thread. Other errnos (EHWPOISON, ENOMEM, EIO) are fatal too.
+
+* :meth:`Vmm.convert_memory` is ``kvm_convert_memory``: page-aligned and non-empty, else an
+  error; a range outside every memslot is ignored when converting to shared (OVMF converts MMIO
+  space) and an error when converting to private; a memslot without guest_memfd is an error.
+  Then ``KVM_SET_MEMORY_ATTRIBUTES``; then, converting to private, discard the shared backing
+  (``ram_block_discard_range``: ``MADV_DONTNEED``, skipped for hugetlb, whose pages stay
+  allocated), or, converting to shared, punch the guest_memfd hole
+  (``ram_block_discard_guest_memfd_range``), which frees the private pages (TDX) or returns
+  them to the hypervisor in the RMP (SNP).
+* :meth:`Vmm.launch` builds and starts the guest through the platform's VMM flows (TDX:
+  ``KVM_TDX_INIT_MEM_REGION`` over the image, then ``KVM_TDX_FINALIZE_VM``; platforms without a
+  launch protocol: nothing).
+
+Per-platform VMM flows plug in through ``PlatformOps.vmm_flows(vmm)``, an object with
+``launch(image)``; see :class:`VmmFlows`.
+
+Choices where QEMU is more detailed than the model: the discard works on the memslot pieces of
+the range and, like :class:`pkvm.hostmem.SharedBacking`, frees only whole host pages inside it
+(a THP partly covered stays); no host MMU notifier runs, because the attribute change has
+already zapped every shared mapping of the range.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from .constants import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    KVM_CAP_EXIT_HYPERCALL,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from .errors import KvmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .exits import GuestOpResult
+    from .gmem import GuestMemfd
+    from .mmu import AccessResult, FaultResult
+    from .vm import VM, Vcpu
+
+GiB = 1 << 30
+#: Where the VMM starts placing guest RAM in its address space (below ``TASK_SIZE_MAX``).
+HVA_BASE = 1 << 40
+#: Host page sizes whose memory ``ram_block_discard_range`` leaves alone (preallocated hugetlb).
+_NO_DISCARD = ("hugetlb-2m", "hugetlb-1g")
+
+
+class VmmFlows(Protocol):
+    """The per-platform part of the VMM (``PlatformOps.vmm_flows(vmm)`` returns one)."""
+
+    def launch(self, image: list[tuple[int, int, bool]]) -> None:
+        """Build the initial image (``(gpa, size, measure)`` regions) and start the guest."""
+
+
+class _PlainLaunch:
+    """Platforms without a launch protocol: the image is ordinary guest memory."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self.vmm = vmm
+
+    def launch(self, image: list[tuple[int, int, bool]]) -> None:
+        return None
+
+
+class Vmm:
+    """QEMU for one :class:`pkvm.VM`. Enables ``KVM_CAP_EXIT_HYPERCALL`` for
+    ``KVM_HC_MAP_GPA_RANGE`` (unless ``exit_hypercall=False``), as QEMU does for confidential
+    guests.
+
+    ``conversions`` / ``failed_conversions`` count :meth:`convert_memory` calls.
+
+    >>> import pkvm
+    >>> vm = pkvm.VM("sw_protected")
+    >>> vmm = pkvm.Vmm(vm)
+    >>> gmem = vmm.add_ram(0, 1 << 21)
+    >>> vm.get_memory_attributes(0x1ff) == pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    True
+    >>> vmm.convert_memory(0x1000, 0x1000, to_private=False), vm.get_memory_attributes(1)
+    (0, 0)
+    """
+
+    def __init__(self, vm: VM, *, exit_hypercall: bool = True) -> None:
+        from .vm import VM
+
+        if not isinstance(vm, VM):
+            raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")
+        self.vm = vm
+        if exit_hypercall:
+            vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+        self._next_slot = 0
+        self._next_hva = HVA_BASE
+        self.conversions = 0
+        self.failed_conversions = 0
+        flows = vm.platform.vmm_flows(self)
+        self.flows: VmmFlows = flows if flows else _PlainLaunch(self)
+
+    def __repr__(self) -> str:
+        return f"<pkvm.Vmm of {self.vm!r}>"
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def add_ram(self, gpa: int, size: int, *, slot: int | None = None) -> GuestMemfd | None:
+        """Add ``size`` bytes of RAM at ``gpa`` (``kvm_set_phys_mem``): a guest_memfd and a
+        ``KVM_MEM_GUEST_MEMFD`` memslot marked PRIVATE for a VM with private memory, a plain
+        memslot otherwise. Returns the guest_memfd (or None).
+
+        Raises:
+            KvmError: as ``create_guest_memfd`` / ``set_user_memory_region2`` /
+                ``set_memory_attributes``.
+        """
+        vm = self.vm
+        if slot is None:
+            slot = self._next_slot
+        self._next_slot = max(self._next_slot, slot + 1)
+        hva = ((self._next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
+        gmem = None
+        if vm.platform.has_private_mem:
+            gmem = vm.create_guest_memfd(size)
+            vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, 0)
+            vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        else:
+            vm.set_user_memory_region2(slot, 0, gpa, size, hva)
+        self._next_hva = hva + size
+        return gmem
+
+    def launch(self, image: Iterable[tuple[int, int, bool]] = (), vcpu: Vcpu | None = None) -> None:
+        """Build the guest's initial image and start it, through the platform's VMM flows.
+
+        ``image`` lists ``(gpa, size, measure)`` regions of private RAM (TDX: added with
+        ``KVM_TDX_INIT_MEM_REGION``, measured if ``measure``). Creates vCPU 0 if there is none.
+        """
+        vm = self.vm
+        if not vm.vcpus:
+            vm.create_vcpu()
+        regions = []
+        for item in image:
+            gpa, size, measure = item
+            if type(gpa) is not int or type(size) is not int or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+                raise ValueError(f"image region {item!r} must be (gpa, size, measure) with 4 KiB aligned "
+                                 "gpa and size > 0")
+            regions.append((gpa, size, bool(measure)))
+        self.flows.launch(regions)
+
+    # -- exits -----------------------------------------------------------------------------------
+
+    def handle_exit(self, vcpu: Vcpu, result: GuestOpResult | AccessResult | FaultResult) -> bool:
+        """Answer one exit to userspace (``kvm_cpu_exec``); return whether the vCPU may run on.
+
+        ``result`` is a :class:`pkvm.exits.GuestOpResult` or a :class:`pkvm.AccessResult` /
+        :class:`pkvm.FaultResult` with ``ret == "exit"``. After a True return the caller
+        resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
+        """
+        reason = result.exit_reason
+        hc = getattr(result, "hypercall", None)
+        if reason == KVM_EXIT_HYPERCALL and hc is not None:
+            if hc.nr != KVM_HC_MAP_GPA_RANGE:
+                return False  # kvm_handle_hypercall: -EINVAL stops the vCPU
+            ret = self.convert_memory(hc.gpa, hc.size, bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED))
+            hc.ret = ret & ((1 << 64) - 1)
+            return True
+        if reason == KVM_EXIT_MEMORY_FAULT and result.memory_fault is not None:
+            if result.errno != errno.EFAULT:
+                return False
+            gpa, size, flags = result.memory_fault
+            if flags & ~KVM_MEMORY_EXIT_FLAG_PRIVATE:
+                return False
+            return self.convert_memory(gpa, size, bool(flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)) == 0
+        return False
+
+    def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
+        """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
+        errno (see the module docstring for the steps and QEMU's special cases)."""
+        vm = self.vm
+        self.conversions += 1
+        if type(gpa) is not int or type(size) is not int or not size or (gpa | size) & (PAGE_SIZE - 1):
+            return self._failed(-errno.EINVAL)
+        start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+        slot = vm._slot_at(start)
+        if slot is None:
+            return 0 if not to_private else self._failed(-errno.EINVAL)
+        if slot.gmem is None:
+            return self._failed(-errno.EINVAL)
+        try:
+            vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
+        except KvmError as exc:
+            return self._failed(-(exc.errno or errno.EIO))
+        for s, e, key in vm._slot_maps[0].ranges(start, end):
+            piece = vm._slots[key - 1]
+            if to_private:
+                if vm.shared_backing not in _NO_DISCARD:
+                    vm._shared.discard(piece.hva_page(s), piece.hva_page(e))
+            elif piece.gmem is not None and piece.gmem_file is not None:
+                off = piece.gmem_pgoff - piece.base_gfn
+                piece.gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
+                                     (e - s) << PAGE_SHIFT)
+        return 0
+
+    def _failed(self, ret: int) -> int:
+        self.failed_conversions += 1
+        return ret

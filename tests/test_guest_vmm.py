@@ -1,0 +1,223 @@
+"""The actors: pkvm.Vmm answering exits as QEMU does (§7.4), pkvm.Guest running Linux's flows (§7.5),
+the KVM_HC_MAP_GPA_RANGE hypercall (§7.3), and §7.8's end-to-end sequences."""
+
+import errno
+
+import pytest
+from tdxhelpers import PRIVATE, SHARED47, MiB, ops, td, trace
+
+import pkvm
+from pkvm.constants import KVM_EINVAL, KVM_ENOSYS
+
+ENC, DEC = pkvm.KVM_MAP_GPA_RANGE_ENCRYPTED, pkvm.KVM_MAP_GPA_RANGE_DECRYPTED
+U64 = (1 << 64) - 1
+
+
+def _sw(size=8 * MiB, shared_backing="thp"):
+    vm = pkvm.VM("sw_protected", shared_backing=shared_backing)
+    vmm = pkvm.Vmm(vm)
+    gmem = vmm.add_ram(0, size)
+    return vm, vmm, gmem, pkvm.Guest(vm, vmm)
+
+
+# -- §7.8, TDX ------------------------------------------------------------------------------------
+
+
+def test_tdx_shared_to_private_sequence():
+    """§7.8 TDX shared->private: MapGPA -> exit -> VMM sets PRIVATE (zaps the shared EPT) -> ACCEPT ->
+    EPT violation -> gmem page -> PAGE.AUG (PENDING) -> ACCEPT retried -> MAPPED."""
+    vm, vmm, gmem, vcpu = td()
+    vm.set_memory_attributes(0, 2 * MiB, 0)
+    vcpu.access(0, private=False, write=True)  # the 2M are in use as shared memory (one THP leaf)
+    assert vm.stats["pages_2m"] == 1
+    r = vcpu.map_gpa(0, 4096)
+    assert (r.exit_reason, r.hypercall.args) == (pkvm.KVM_EXIT_HYPERCALL, (0, 1, ENC))
+    t = trace(vm)
+    assert vmm.handle_exit(vcpu, r)
+    assert vm.get_memory_attributes(0) == PRIVATE and vm.stats["pages_2m"] == 0 and t == []  # direct root only
+    assert vm.hostmem.nr_allocated == 512  # MADV_DONTNEED of 4K inside a THP frees nothing in the model
+    assert vcpu.run().status == 0
+    r = vcpu.accept(0, pkvm.PG_LEVEL_4K)
+    assert (r.status, r.faults) == (0, 1)
+    assert [e[0] for e in ops(t)] == ["TDH.MEM.SEPT.ADD"] * 3 + ["TDH.MEM.PAGE.AUG"]
+    assert vm.sept.state(0) == "mapped" and gmem.folio(0) is not None
+    vm.check()
+
+
+def test_tdx_private_to_shared_sequence():
+    """§7.8 TDX private->shared: MapGPA(gpa|shared) -> exit -> VMM sets 0 -> BLOCK, TRACK+kick, REMOVE,
+    WBINVD, clear -> VMM punches the hole -> shared access -> EPT violation -> HVA page in the shared EPT."""
+    vm, vmm, gmem, vcpu = td(nr_vcpus=2)
+    guest = pkvm.Guest(vm, vmm)
+    assert guest.accept(0, 2 * MiB)
+    r = vcpu.map_gpa(SHARED47 | 0x3000, 4096)
+    assert r.hypercall.args == (0x3000, 1, DEC)
+    t = trace(vm)
+    assert vmm.handle_exit(vcpu, r)
+    assert [e[0] for e in ops(t)] == ["TDH.MEM.RANGE.BLOCK", "TDH.MEM.TRACK", "kick", "TDH.MEM.PAGE.REMOVE",
+                                      "TDH.PHYMEM.PAGE.WBINVD", "clear"]
+    assert gmem.folio(3) is None and vm.stats["gmem_pages_freed"] == 1
+    assert vcpu.run().status == 0
+    a = guest.touch(0x3000, private=False, write=True)
+    assert (a.ret, a.faults) == ("done", 1) and not vm.mmu.lookup(3).private
+    vm.check()
+
+
+def test_tdx_implicit_conversion_by_touch():
+    """§7.6: a shared access to private memory exits (KVM_EXIT_MEMORY_FAULT); the VMM converts; it goes on."""
+    vm, vmm, gmem, vcpu = td()
+    guest = pkvm.Guest(vm, vmm)
+    r = guest.touch(0x10000, 3 * 4096, private=False)
+    assert (r.ret, r.pages_done) == ("done", 3) and vm.stats["memory_fault_exits"] == 3
+    assert vm.get_memory_attributes(0x11) == 0 and vmm.conversions == 3
+
+
+def test_tdx_private_touch_of_unaccepted_memory_kills():
+    """An implicit conversion to private is not enough on TDX: the page is PENDING until ACCEPT, so the TD dies."""
+    vm, vmm, gmem, vcpu = td()
+    vm.set_memory_attributes(0, 8 * MiB, 0)
+    r = pkvm.Guest(vm, vmm).touch(0x1000, private=True)
+    assert (r.ret, r.errno) == ("exit", errno.EIO) and vm.vm_dead and vm.get_memory_attributes(1) == PRIVATE
+
+
+# -- §7.8, SW_PROTECTED --------------------------------------------------------------------------------
+
+
+def test_sw_protected_hypercall_sequence():
+    """§7.8 SW_PROTECTED: KVM_HC_MAP_GPA_RANGE -> exit -> VMM sets attributes -> ret=0 -> the guest resumes;
+    the next access takes is_private from the attribute."""
+    vm, vmm, gmem, guest = _sw()
+    vcpu = guest.vcpu
+    r = vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0x4000, 2, DEC)
+    assert (r.exit_reason, r.hypercall.args, r.hypercall.flags) == (pkvm.KVM_EXIT_HYPERCALL, (0x4000, 2, DEC), 1)
+    assert vmm.handle_exit(vcpu, r) and r.hypercall.ret == 0
+    assert vcpu.run().status == 0
+    assert vm.get_memory_attributes(4) == vm.get_memory_attributes(5) == 0 and gmem.folio(4) is None
+    r = vcpu.page_fault(0x4000, private=True)  # a private access to a shared gfn: implicit conversion exit
+    assert (r.ret, r.memory_fault) == ("exit", (0x4000, 4096, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE))
+    assert vcpu.page_fault(0x4000, private=False).ret == "fixed" and not vm.mmu.lookup(4).private
+    assert vm.stats["hypercalls"] == 1 and vm.stats["hypercall_exits"] == 1
+
+
+def test_sw_protected_guest_flows_round_trip():
+    """Platforms without flows of their own use the hypercall flows; nothing to accept."""
+    vm, vmm, gmem, guest = _sw()
+    assert isinstance(guest.flows, pkvm.guest.HypercallGuestFlows)
+    assert guest.convert(0, 2 * MiB, private=False) and guest.touch(0, 2 * MiB, private=False).ret == "done"
+    assert guest.convert(0, 2 * MiB, private=True) and guest.accept(0, 2 * MiB)
+    assert guest.touch(0, 2 * MiB, private=True).ret == "done" and vm.stats["pages_4k"] == 512
+    vm.check()
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    ((pkvm.KVM_HC_MAP_GPA_RANGE, 0x800, 1, 0), -KVM_EINVAL & U64),
+    ((pkvm.KVM_HC_MAP_GPA_RANGE, 0x1000, 0, 0), -KVM_EINVAL & U64),
+    ((pkvm.KVM_HC_MAP_GPA_RANGE, 0x1000, U64, 0), -KVM_EINVAL & U64),
+    ((99, 0, 0, 0), -KVM_ENOSYS & U64),
+], ids=["unaligned", "no-pages", "gfn-overflow", "unknown-nr"])
+def test_hypercall_errors_complete_in_kernel(args, status):
+    """§7.3: bad arguments -> RAX = -KVM_EINVAL, unknown hypercalls -> -KVM_ENOSYS, no exit."""
+    vm, vmm, gmem, guest = _sw()
+    r = guest.vcpu.hypercall(*args)
+    assert (r.ret, r.status) == ("done", status) and vm.stats["hypercall_exits"] == 0
+
+
+def test_hypercall_without_capability_is_enosys_and_ret_truncated_for_32_bit():
+    """Without KVM_CAP_EXIT_HYPERCALL the hypercall is -KVM_ENOSYS; a 32-bit caller sees ret cut to 32 bits."""
+    vm = pkvm.VM("sw_protected")
+    vcpu = vm.create_vcpu()
+    assert vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0, 1, 0).status == -KVM_ENOSYS & U64
+    vm.enable_cap(pkvm.KVM_CAP_EXIT_HYPERCALL, 1 << pkvm.KVM_HC_MAP_GPA_RANGE)
+    r = vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0, 1, 0, long_mode=False)
+    assert r.hypercall.flags == 0
+    r.hypercall.ret = U64
+    assert vcpu.run().status == 0xFFFFFFFF
+
+
+def test_enable_cap_and_check_extension():
+    """KVM_CAP_EXIT_HYPERCALL: CHECK_EXTENSION gives 1 << 12; ENABLE_CAP refuses other bits or caps (EINVAL)."""
+    vm = pkvm.VM("sw_protected")
+    assert vm.check_extension(pkvm.KVM_CAP_EXIT_HYPERCALL) == 1 << 12
+    for cap, mask in ((pkvm.KVM_CAP_EXIT_HYPERCALL, 1 << 11), (pkvm.KVM_CAP_GUEST_MEMFD, 0)):
+        with pytest.raises(pkvm.KvmError, match="KVM_CAP_EXIT_HYPERCALL") as exc:
+            vm.enable_cap(cap, mask)
+        assert exc.value.errno == errno.EINVAL and vm.hypercall_exit_mask == 0
+
+
+# -- pkvm.Vmm --------------------------------------------------------------------------------------
+
+
+def test_add_ram_is_kvm_set_phys_mem():
+    """add_ram: a guest_memfd slot marked private (private-memory VMs), a plain slot otherwise."""
+    vm, vmm, gmem, guest = _sw()
+    slot = vm.memslot(0)
+    assert slot.gmem is gmem and slot.userspace_addr % (1 << 30) == 0 and vm.get_memory_attributes(0) == PRIVATE
+    plain = pkvm.VM("default")
+    assert pkvm.Vmm(plain).add_ram(0, 2 * MiB) is None and plain.memslot(0).gmem is None
+
+
+@pytest.mark.parametrize(("gpa", "size", "to_private", "ret"), [
+    (0x800, 4096, True, -errno.EINVAL),
+    (0x1000, 0, True, -errno.EINVAL),
+    (64 * MiB, 4096, False, 0),
+    (64 * MiB, 4096, True, -errno.EINVAL),
+], ids=["unaligned", "empty", "outside-ram-to-shared", "outside-ram-to-private"])
+def test_convert_memory_special_cases(gpa, size, to_private, ret):
+    """kvm_convert_memory: alignment and size errors; outside RAM, to-shared is ignored, to-private fails."""
+    vm, vmm, gmem, guest = _sw()
+    assert vmm.convert_memory(gpa, size, to_private) == ret
+
+
+def test_convert_memory_refuses_ram_without_guest_memfd():
+    """Converting RAM that has no guest_memfd is an error (QEMU reports it)."""
+    vm = pkvm.VM("sw_protected")
+    vm.set_user_memory_region2(0, 0, 0, 2 * MiB, 1 << 40)
+    assert pkvm.Vmm(vm).convert_memory(0, 4096, False) == -errno.EINVAL
+
+
+@pytest.mark.parametrize(("backing", "freed"), [("4k", 1), ("thp", 512), ("hugetlb-2m", 0)])
+def test_to_private_discards_shared_backing_except_hugetlb(backing, freed):
+    """ram_block_discard_range frees whole host pages of the range; hugetlb is preallocated and kept."""
+    vm, vmm, gmem, guest = _sw(shared_backing=backing)
+    assert guest.convert(0, 2 * MiB, private=False) and guest.touch(0, 2 * MiB, private=False).ret == "done"
+    held = vm.hostmem.nr_allocated
+    assert vmm.convert_memory(0, 4096 if backing == "4k" else 2 * MiB, True) == 0
+    assert held - vm.hostmem.nr_allocated == freed
+    vm.check()
+
+
+def test_handle_exit_refuses_what_qemu_refuses():
+    """Unknown hypercalls, memory faults with another errno or unknown flags stop the vCPU."""
+    vm, vmm, gmem, guest = _sw()
+    r = pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_HYPERCALL, hypercall=pkvm.Hypercall(9, (0, 0, 0)))
+    assert not vmm.handle_exit(guest.vcpu, r)
+    for err, flags in ((133, 0), (errno.EFAULT, 1)):  # 133: Linux EHWPOISON
+        r = pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_MEMORY_FAULT, memory_fault=(0, 4096, flags), errno=err)
+        assert not vmm.handle_exit(guest.vcpu, r)
+    assert not vmm.handle_exit(guest.vcpu, pkvm.GuestOpResult("done"))
+
+
+def test_actor_argument_checks():
+    """Guest/Vmm check what they are given."""
+    vm, vmm, gmem, guest = _sw()
+    with pytest.raises(TypeError, match="vm must be a pkvm.VM"):
+        pkvm.Vmm(None)
+    with pytest.raises(ValueError, match="vmm must be a pkvm.Vmm of the same VM"):
+        pkvm.Guest(pkvm.VM("sw_protected"), vmm)
+    with pytest.raises(ValueError, match="must be a non-empty, 4 KiB aligned range"):
+        guest.convert(0x800, 4096, private=True)
+    with pytest.raises(TypeError, match="gpa and size must be ints"):
+        guest.accept(0, None)
+
+
+def test_docstring_examples():
+    """The doctests of the actors and the S-EPT module pass."""
+    import doctest
+
+    import pkvm.guest
+    import pkvm.platforms._tdx_sept
+    import pkvm.vmm
+
+    for mod in (pkvm.vmm, pkvm.guest, pkvm.platforms._tdx_sept):
+        result = doctest.testmod(mod)
+        assert result.failed == 0 and result.attempted > 0, mod.__name__

@@ -1,0 +1,491 @@
+"""SEV-SNP on the KVM model: platform ops, the access-time RMP check, PVALIDATE, page-state
+changes, launch, invariants and the §7.8 end-to-end sequences (spec §4.4, §5, §7)."""
+
+import errno
+
+import pytest
+from vmhelpers import GMEM, PRIVATE, PUNCH, UADDR, MiB, snapshot
+
+import pkvm
+from pkvm.platforms import PLATFORMS
+
+if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # before docs/snp-integration-patches.md is applied
+    pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
+from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
+from pkvm.constants import (
+    KVM_CAP_EXIT_HYPERCALL,
+    KVM_EXIT_HYPERCALL,
+    KVM_HC_MAP_GPA_RANGE,
+)
+from pkvm.platforms import _snp_vcpu as sv
+from pkvm.snp_constants import (
+    PVALIDATE_FAIL_INPUT,
+    PVALIDATE_FAIL_NOUPDATE,
+    PVALIDATE_FAIL_SIZEMISMATCH,
+    PVALIDATE_SUCCESS,
+)
+
+ASID = 1
+
+
+def snp_vm(size=4 * MiB, *, rmp_update="fault-time", directmap="split-4k", order=0, private=True,
+           hypercall=True, shared_backing="4k"):
+    pol = pkvm.Policy.preset("6.19").replace(rmp_update=rmp_update, directmap=directmap, gmem_max_order=order)
+    vm = pkvm.VM("snp", policy=pol, shared_backing=shared_backing)
+    gmem = vm.create_guest_memfd(size)
+    vm.set_user_memory_region2(0, GMEM, 0, size, UADDR, gmem, 0)
+    if private:
+        vm.set_memory_attributes(0, size, PRIVATE)
+    if hypercall:
+        vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    return vm, gmem, vm.create_vcpu()
+
+
+def gpfn(gmem, index):
+    return gmem.folio(index)[0]
+
+
+# -- platform registration and state -------------------------------------------------------------
+
+
+def test_snp_vm_has_rmp_directmap_and_counters():
+    vm, _, vcpu = snp_vm()
+    assert vm.vm_type == pkvm.KVM_X86_SNP_VM == 4
+    assert vm.rmp is vm.snp.rmp and vm.directmap is vm.snp.directmap
+    assert isinstance(vcpu, sv.SnpVcpu)
+    for key in ("rmpupdate", "psmash", "rmp_fault", "directmap_splits", "directmap_unmaps",
+                "directmap_restores", "sleep_in_atomic", "rmpupdate_failures"):
+        assert vm.stats[key] == 0
+    assert vm.check_extension(pkvm.KVM_CAP_MEMORY_ATTRIBUTES) == PRIVATE
+    vm.check()
+
+
+def test_snp_vm_options_and_policy_errors():
+    with pytest.raises(ValueError):
+        pkvm.VM("snp", policy="6.19", options={"asid": 0})
+    with pytest.raises(ValueError):
+        pkvm.VM("snp", policy="6.19", options={"host_cpus": 0})
+    with pytest.raises(TypeError):
+        pkvm.VM("snp", policy="6.19", options={"gpaw": 48})
+    with pytest.raises(pkvm.KvmError) as e:
+        pkvm.VM("snp", policy="6.8")  # no guest_memfd prepare hook
+    assert e.value.errno == errno.EINVAL
+    assert pkvm.VM("snp", policy="6.19", options={"asid": 7}).snp.asid == 7
+
+
+def test_no_readonly_slots_protected_state():
+    vm = pkvm.VM("snp", policy="6.19")
+    with pytest.raises(pkvm.KvmError):
+        vm.set_user_memory_region2(0, pkvm.KVM_MEM_READONLY, 0, 2 * MiB, UADDR)
+
+
+# -- fault path: C-bit, gmem_prepare, max mapping level --------------------------------------------
+
+
+def test_private_fault_assigns_4k_rmp_entry_at_fault_time():
+    vm, gmem, vcpu = snp_vm()
+    r = vcpu.page_fault(0x5000, private=True)
+    assert r.ret == "fixed" and r.level == PG_LEVEL_4K
+    pfn = gpfn(gmem, 5)
+    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x5000, False, False, False)
+    assert vm.stats["rmpupdate"] == 1 and vm.stats["gmem_prepare"] == 1
+    # split-4k: the 1G boot mapping split to 2M, then the 2M one to 4K
+    assert vm.stats["directmap_splits"] == 2 and vm.directmap.level(pfn) == PG_LEVEL_4K
+    vm.check()
+
+
+def test_c_bit_decides_private_shared_mismatch_exits():
+    vm, _, vcpu = snp_vm()
+    r = vcpu.page_fault(0x3000, private=False)  # C=0 access to a private gfn
+    assert r.ret == "exit" and r.memory_fault == (0x3000, 0x1000, 0)
+    assert vm.stats["rmpupdate"] == 0
+
+
+def test_2m_folio_gets_2m_rmp_entry_and_2m_spte():
+    vm, gmem, vcpu = snp_vm(order=9)
+    r = vcpu.page_fault(0x200000 + 0x3000, private=True)
+    assert r.ret == "fixed" and r.level == PG_LEVEL_2M
+    pfn = gpfn(gmem, 512)
+    assert pfn % 512 == 0
+    assert vm.rmp.lookup(pfn + 3) == (True, PG_LEVEL_2M, ASID, 0x203000, False, False, False)
+    assert vm.stats["rmpupdate"] == 1 and vm.stats["rmpupdate_2m"] == 1
+    assert vm.stats["directmap_splits"] == 0  # 2M updates never split (§5.8)
+    vm.check()
+
+
+def test_2m_folio_with_an_assigned_page_gets_4k_head_entry():
+    vm, gmem, vcpu = snp_vm(order=9)
+    gmem.fallocate(pkvm.FALLOC_FL_KEEP_SIZE, 0, 2 * MiB)  # allocate the 2M folio, unprepared
+    pfn = gpfn(gmem, 0)
+    from pkvm.platforms.snp import rmp_make_private
+
+    assert rmp_make_private(vm, pfn + 7, 7, 1, PG_LEVEL_4K) == 0
+    r = vcpu.page_fault(0x1000, private=True)
+    assert r.ret == "fixed" and r.level == PG_LEVEL_4K  # the RMP level caps the mapping
+    assert vm.rmp.lookup(pfn).level == PG_LEVEL_4K and vm.rmp.lookup(pfn).assigned
+    assert not vm.rmp.lookup(pfn + 1).assigned  # only the folio's head page (§5.5)
+
+
+def test_gmem_prepare_batch_failure_changes_nothing():
+    vm, gmem, vcpu = snp_vm()
+    gmem.fallocate(pkvm.FALLOC_FL_KEEP_SIZE, 0, 0x10000)
+    pfn = gpfn(gmem, 0)
+    vm.rmp.set_in_use(pfn + 9)
+    # The range PVALIDATE faults the 16 pages in as one batch; page 9 is locked, so the batch
+    # prepares nothing and the pages are faulted (and validated) one by one up to page 9.
+    r = vcpu.pvalidate_range(0, 0x10000, True)
+    assert r.ret == "exit" and r.memory_fault[0] == 0x9000 and r.errno == errno.EINVAL
+    assert r.value == 0x9000
+    assert vm.rmp.find_ne(pfn, 9, assigned=True, validated=True) == -1
+    assert not vm.rmp.lookup(pfn + 9).assigned and vm.stats["rmpupdate_failures"] >= 1
+    vm.check()
+
+
+# -- invalidate (§5.7) ------------------------------------------------------------------------------
+
+
+def test_hole_punch_returns_pages_with_cache_flush():
+    vm, gmem, vcpu = snp_vm()
+    vcpu.pvalidate_range(0, 0x8000, True)
+    pfn = gpfn(gmem, 0)
+    n = vm.stats["rmpupdate"]
+    gmem.fallocate(PUNCH, 0, 0x8000)
+    assert vm.rmp.find_eq(pfn, 8, assigned=True) == -1
+    assert vm.stats["rmpupdate"] == n + 8 and vm.stats["cache_flush_pages"] == 8
+    vm.check()
+
+
+def test_hole_punch_of_2m_entry_uses_one_2m_update():
+    vm, gmem, vcpu = snp_vm(order=9)
+    vcpu.page_fault(0, private=True)
+    gmem.fallocate(PUNCH, 0, 2 * MiB)
+    assert vm.stats["rmpupdate_2m"] == 2 and vm.stats["psmash"] == 0
+    assert vm.stats["cache_flush_pages"] == 512
+    vm.check()
+
+
+def test_invalidate_of_part_of_a_2m_entry_psmashes_first():
+    from pkvm.platforms.snp import snp_gmem_invalidate
+
+    vm, gmem, vcpu = snp_vm(order=9)
+    vcpu.page_fault(0, private=True)
+    pfn = gpfn(gmem, 0)
+    snp_gmem_invalidate(vm, pfn + 8, pfn + 16)
+    assert vm.stats["psmash"] == 1
+    assert vm.rmp.lookup(pfn).level == PG_LEVEL_4K and vm.rmp.lookup(pfn).assigned
+    assert vm.rmp.find_eq(pfn + 8, 8, assigned=True) == -1
+    assert vm.stats["cache_flush_pages"] == 8
+
+
+def test_immutable_page_is_leaked_on_free():
+    vm, gmem, _vcpu = snp_vm()
+    assert vm.snp.launch_update(0, 0x2000) == 0x2000
+    gmem.fallocate(PUNCH, 0, 0x2000)  # before LAUNCH_FINISH: pages still immutable
+    assert vm.stats["snp_leaked_pages"] == 2 and vm.stats["rmpupdate_failures"] == 1
+    vm.check()
+
+
+# -- the RMP #NPF handler and the access-time check (§5.6) ----------------------------------------
+
+
+def test_unvalidated_private_access_is_a_vc_not_an_npf():
+    vm, _, vcpu = snp_vm()
+    r = vcpu.access(0, private=True, size=0x4000)
+    assert r.ret == "vc" and r.pages_done == 0 and vm.stats["snp_vc"] == 1
+    assert vcpu.pvalidate_range(0, 0x4000, True).status == PVALIDATE_SUCCESS
+    assert vcpu.access(0, private=True, size=0x4000).ret == "done"
+
+
+def test_4k_npt_over_2m_rmp_entry_psmashes_and_zaps():
+    vm, gmem, vcpu = snp_vm(order=9)
+    assert vcpu.pvalidate(0, PG_LEVEL_2M, True).status == PVALIDATE_SUCCESS
+    assert vm.mmu.lookup(0).level == PG_LEVEL_2M
+    # Make the 2M chunk MIXED: converting gfn 511 to shared zaps the 2M leaf.
+    vm.set_memory_attributes(511 << 12, 0x1000, 0)
+    r = vcpu.access(0, private=True, size=0x2000)
+    assert r.ret == "done"
+    # First fault maps 4K (MIXED); the access then takes an RMP #NPF: PSMASH + zap; refault.
+    assert vm.stats["rmp_fault"] == 1 and vm.stats["psmash"] == 1
+    assert vm.rmp.lookup(gpfn(gmem, 0)).level == PG_LEVEL_4K
+    assert vm.mmu.lookup(0).level == PG_LEVEL_4K
+    vm.check()
+
+
+def test_spurious_rmp_fault_on_4k_entry_loops():
+    vm, gmem, vcpu = snp_vm()
+    assert vcpu.pvalidate(0, PG_LEVEL_4K, True).status == PVALIDATE_SUCCESS
+    from pkvm.platforms.snp import rmp_make_shared
+
+    rmp_make_shared(vm, gpfn(gmem, 0), 1, PG_LEVEL_4K)  # the host takes the page back behind KVM
+    r = vcpu.access(0, private=True)
+    assert r.ret == "rmp_loop" and vm.stats["rmp_fault"] == 1
+    with pytest.raises(pkvm.InternalInvariantError):
+        vm.check()
+
+
+# -- PVALIDATE ------------------------------------------------------------------------------------------
+
+
+def test_pvalidate_codes():
+    vm, _gmem, vcpu = snp_vm()
+    assert vcpu.pvalidate(0x1000, PG_LEVEL_2M, True).status == PVALIDATE_FAIL_INPUT
+    r = vcpu.pvalidate(0, PG_LEVEL_2M, True)  # 4K RMP entry (order-0 folio)
+    assert r.status == PVALIDATE_FAIL_SIZEMISMATCH and r.faults == 1
+    assert vcpu.pvalidate(0, PG_LEVEL_4K, True).status == PVALIDATE_SUCCESS
+    assert vcpu.pvalidate(0, PG_LEVEL_4K, True).status == PVALIDATE_FAIL_NOUPDATE
+    assert vcpu.pvalidate(0, PG_LEVEL_4K, False).status == PVALIDATE_SUCCESS
+    assert vm.stats["pvalidate"] == 2 and vm.stats["pvalidate_failures"] == 3
+
+
+def test_pvalidate_4k_on_2m_entry_psmashes():
+    vm, gmem, vcpu = snp_vm(order=9)
+    r = vcpu.pvalidate(0x5000, PG_LEVEL_4K, True)
+    assert r.status == PVALIDATE_SUCCESS
+    assert vm.stats["psmash"] == 1 and vm.stats["rmp_fault"] == 1
+    pfn = gpfn(gmem, 0)
+    assert vm.rmp.lookup(pfn + 5).validated and not vm.rmp.lookup(pfn + 4).validated
+    vm.check()
+
+
+def test_pvalidate_on_shared_gfn_exits_then_reexecutes():
+    vm, _gmem, vcpu = snp_vm(private=False)
+    vmm = pkvm.Vmm(vm, exit_hypercall=False)
+    r = vcpu.pvalidate(0x2000, PG_LEVEL_4K, True)
+    assert r.ret == "exit" and r.memory_fault == (0x2000, 0x1000, pkvm.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+    assert vmm.handle_exit(vcpu, r)
+    r = vcpu.run()
+    assert r.ret == "done" and r.status == PVALIDATE_SUCCESS
+    assert vm.get_memory_attributes(2) == PRIVATE
+
+
+@pytest.mark.parametrize("bad", [
+    {"gpa": -1, "level": PG_LEVEL_4K, "validate": True},
+    {"gpa": 0, "level": 3, "validate": True},
+    {"gpa": 0, "level": PG_LEVEL_4K, "validate": 1},
+    {"gpa": "0", "level": PG_LEVEL_4K, "validate": True},
+])
+def test_pvalidate_bad_input_changes_nothing(bad):
+    vm, _, vcpu = snp_vm()
+    before = snapshot(vm)
+    with pytest.raises((TypeError, ValueError)):
+        vcpu.pvalidate(**bad)
+    assert snapshot(vm) == before
+
+
+def test_pvalidate_range_bad_input():
+    vm, _, vcpu = snp_vm()
+    before = snapshot(vm)
+    for args in [(0x10, 0x1000, True), (0, 0, True), (0, 0x1000, 1)]:
+        with pytest.raises((TypeError, ValueError)):
+            vcpu.pvalidate_range(*args)
+    assert snapshot(vm) == before
+
+
+# -- page-state changes (§7.1) -----------------------------------------------------------------------
+
+
+def test_psc_msr_protocol():
+    vm, _, vcpu = snp_vm(private=False, hypercall=False)
+    assert vcpu.psc_msr(0x3000, 1).status == sv.GHCB_MSR_PSC_RESP_ERROR  # not enabled
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    assert vcpu.psc_msr(0x3000, 5).status == sv.GHCB_MSR_PSC_RESP_ERROR  # bad op
+    r = vcpu.psc_msr(0x3000, sv.SNP_PAGE_STATE_PRIVATE)
+    assert r.ret == "exit" and r.exit_reason == KVM_EXIT_HYPERCALL
+    assert r.hypercall.args == (0x3000, 1, 0x10)
+    with pytest.raises(pkvm.KvmError):
+        vcpu.psc_msr(0x4000, 1)  # an exit is pending
+    vm.set_memory_attributes(0x3000, 0x1000, PRIVATE)
+    assert vcpu.run().status == sv.GHCB_MSR_PSC_RESP
+    r = vcpu.psc_msr(0x3000, sv.SNP_PAGE_STATE_SHARED)
+    assert r.hypercall.args == (0x3000, 1, 0)
+    r.hypercall.ret = 22
+    assert vcpu.run().status == sv.GHCB_MSR_PSC_RESP_ERROR
+    assert vm.stats["psc_requests"] == 4
+
+
+def E(gfn, op=sv.SNP_PAGE_STATE_PRIVATE, huge=False, cur=0):
+    return sv.PscEntry(gfn, op, huge, cur)
+
+
+def test_psc_ghcb_errors():
+    vm, _, vcpu = snp_vm(private=False, hypercall=False)
+    assert vcpu.psc(sv.PscDesc.of([E(0)])).status == sv.VMGEXIT_PSC_ERROR_GENERIC
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    big = sv.PscDesc([E(i) for i in range(254)], 0, 253)
+    assert vcpu.psc(big).status == sv.VMGEXIT_PSC_ERROR_INVALID_HDR
+    assert vcpu.psc(sv.PscDesc.of([E(3, huge=True)])).status == sv.VMGEXIT_PSC_ERROR_INVALID_ENTRY
+    assert vcpu.psc(sv.PscDesc.of([E(0, cur=2)])).status == sv.VMGEXIT_PSC_ERROR_INVALID_ENTRY
+    with pytest.raises(TypeError):
+        vcpu.psc([E(0)])
+
+
+def test_psc_ghcb_coalesces_and_reports_progress():
+    vm, _, vcpu = snp_vm(private=False)
+    shared = sv.SNP_PAGE_STATE_SHARED
+    desc = sv.PscDesc.of([E(0, huge=True, cur=100), E(512, huge=True), E(1024, huge=True),
+                          E(2000), E(2001), E(5, sv.SNP_PAGE_STATE_PSMASH), E(7, shared), E(9, shared)])
+    r = vcpu.psc(desc)
+    # the partly done 2M entry alone, as 4K pages (412 of them); then 512+1024 coalesced at 2M
+    assert r.hypercall.args == ((100) << 12, 412, 0x10)
+    r = vcpu.run()
+    assert desc.cur_entry == 1 and desc.entries[0].cur_page == 512
+    assert r.hypercall.args == (512 << 12, 1024, 0x11)
+    r = vcpu.run()
+    assert r.hypercall.args == (2000 << 12, 2, 0x10)
+    r = vcpu.run()
+    assert desc.cur_entry == 6  # the PSMASH entry was skipped without an exit
+    assert r.hypercall.args == (7 << 12, 1, 0)
+    assert desc.entries[5].cur_page == 1
+    r = vcpu.run()
+    assert r.hypercall.args == (9 << 12, 1, 0)  # not contiguous with 7: its own exit
+    r.hypercall.ret = 1
+    r = vcpu.run()
+    assert r.ret == "done" and r.status == sv.VMGEXIT_PSC_ERROR_GENERIC
+    assert desc.cur_entry == 7 and vm.stats["hypercall_exits"] == 5
+
+
+# -- §7.8 end-to-end sequences ---------------------------------------------------------------------
+
+
+def test_e2e_shared_to_private_4k():
+    vm, gmem, vcpu = snp_vm(private=False)
+    vmm = pkvm.Vmm(vm)
+    vcpu.access(0x7000, private=False)  # shared page in use first
+    seq = vm.stats["mmu_invalidate_seq"]
+    # 1. PSC(op=private) -> KVM_EXIT_HYPERCALL(12, gpa, 1, 0x10)
+    r = vcpu.psc(sv.PscDesc.of([E(7)]))
+    assert r.hypercall.nr == 12 and r.hypercall.args == (0x7000, 1, 0x10)
+    # 2. VMM: attributes (PRE zaps the shared SPTE, seq++ at POST), discard shared backing
+    assert vmm.handle_exit(vcpu, r)
+    assert vm.mmu.lookup(7) is None and vm.stats["mmu_invalidate_seq"] == seq + 1
+    # 3. KVM completes the PSC
+    r = vcpu.run()
+    assert r.status == 0 and r.ret == "done"
+    # 4. PVALIDATE -> #NPF(ENC) -> gmem alloc + prepare RMPUPDATE -> 4K SPTE; re-executed
+    assert vm.stats["rmpupdate"] == 0
+    r = vcpu.pvalidate(0x7000, PG_LEVEL_4K, True)
+    assert r.status == PVALIDATE_SUCCESS and r.faults == 1
+    pfn = gpfn(gmem, 7)
+    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x7000, False, True, False)
+    assert vm.stats["rmpupdate"] == 1 and vm.stats["pvalidate"] == 1
+    # 5. usable with C=1
+    assert vcpu.access(0x7000, private=True).ret == "done"
+    vm.check()
+
+
+def test_e2e_private_to_shared_4k():
+    vm, gmem, vcpu = snp_vm()
+    vmm = pkvm.Vmm(vm)
+    vcpu.pvalidate(0x7000, PG_LEVEL_4K, True)
+    pfn = gpfn(gmem, 7)
+    # 1. rescind, then PSC(op=shared)
+    assert vcpu.pvalidate(0x7000, PG_LEVEL_4K, False).status == PVALIDATE_SUCCESS
+    r = vcpu.psc(sv.PscDesc.of([E(7, sv.SNP_PAGE_STATE_SHARED)]))
+    assert r.hypercall.args == (0x7000, 1, 0)
+    # 2. VMM: attributes 0 (zap) + PUNCH_HOLE -> invalidate -> RMPUPDATE shared + flush
+    n = vm.stats["rmpupdate"]
+    assert vmm.handle_exit(vcpu, r)
+    assert vm.stats["rmpupdate"] == n + 1 and vm.stats["cache_flush_pages"] == 1
+    assert not vm.rmp.lookup(pfn).assigned and gmem.folio(7) is None
+    assert vcpu.run().status == 0
+    # 3. C=0 access -> shared fault -> HVA page mapped
+    r = vcpu.access(0x7000, private=False)
+    assert r.ret == "done" and r.faults == 1
+    vm.check()
+
+
+def test_guest_flows_convert_round_trip():
+    vm, _gmem, vcpu = snp_vm()
+    vmm = pkvm.Vmm(vm)
+    g = pkvm.Guest(vm, vmm, vcpu)
+    assert g.accept(0, 4 * MiB)
+    assert g.touch(0, 4 * MiB, private=True, write=True).ret == "done"
+    assert g.convert(MiB, MiB, private=False)
+    assert g.touch(MiB, MiB, private=False).ret == "done"
+    assert g.convert(MiB, MiB, private=True)
+    assert g.touch(0, 4 * MiB, private=True).ret == "done"
+    st = vm.stats
+    # accept: 2 x 2M PSC entries coalesced into one exit; 2 x SIZEMISMATCH + 1024 4K PVALIDATEs.
+    # Each 1 MiB conversion: 256 4K entries = 4 requests of 64, each coalesced into one exit.
+    assert st["psc_requests"] == 9 and st["hypercall_exits"] == 9
+    assert st["pvalidate"] == 1024 + 256 + 256 and st["pvalidate_failures"] == 2
+    assert st["rmpupdate"] == 1024 + 256 + 256
+    vm.check()
+
+
+# -- launch (§5.9) ----------------------------------------------------------------------------------
+
+
+def test_launch_update_immutable_validated_then_finish():
+    vm, gmem, vcpu = snp_vm()
+    assert vm.snp.launch_update(0x10000, 0x4000) == 0x4000
+    pfn = gpfn(gmem, 0x10)
+    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, True, True, False)
+    assert gmem.folio(0x10)[2]  # prepared
+    with pytest.raises(pkvm.KvmError) as e:
+        vm.snp.launch_update(0x10000, 0x1000)
+    assert e.value.errno == errno.EEXIST
+    vm.snp.launch_finish()
+    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, False, True, False)
+    assert vcpu.access(0x10000, private=True, size=0x4000).ret == "done"  # no PVALIDATE needed
+    with pytest.raises(pkvm.KvmError):
+        vm.snp.launch_update(0x20000, 0x1000)
+    with pytest.raises(pkvm.KvmError):
+        vm.snp.launch_finish()
+    vm.check()
+
+
+def test_launch_update_partial_progress_and_errors():
+    vm, _gmem, _vcpu = snp_vm()
+    vm.set_memory_attributes(0x3000, 0x1000, 0)
+    assert vm.snp.launch_update(0, 0x8000) == 0x3000  # stops at the shared gfn
+    with pytest.raises(pkvm.KvmError) as e:
+        vm.snp.launch_update(0x3000, 0x1000)
+    assert e.value.errno == errno.EINVAL
+    before = snapshot(vm)
+    for args in [(0, 0), (0x100, 0x1000), (0x8000, 0x1000, 2), (0x8000, 0x1000, 1, 1),
+                 (64 * MiB, 0x1000)]:
+        with pytest.raises(pkvm.KvmError):
+            vm.snp.launch_update(*args)
+    assert snapshot(vm) == before
+    with pytest.raises(ValueError):
+        vm.snp.launch_update(-1, 0x1000)
+
+
+def test_vmm_launch_flow():
+    vm = pkvm.VM("snp", policy="6.19")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 4 * MiB)
+    vmm.launch([(0, 0x10000, True), (0x100000, 0x2000, False)])
+    assert vm.snp.launched and vm.stats["launch_update_pages"] == 18
+    vm.check()
+
+
+# -- invariants --------------------------------------------------------------------------------------
+
+
+def test_check_catches_rmp_owned_by_another_asid():
+    vm, gmem, vcpu = snp_vm()
+    vcpu.page_fault(0, private=True)
+    pfn = gpfn(gmem, 0)
+    vm.rmp.rmpupdate(pfn + 100, PG_LEVEL_4K, assigned=True, asid=2, gpa=0)  # not a gmem page
+    with pytest.raises(pkvm.InternalInvariantError):
+        vm.check()
+
+
+def test_check_catches_shared_spte_on_assigned_pfn():
+    vm, _gmem, vcpu = snp_vm(private=False)
+    vcpu.access(0, private=False)
+    pfn = vm.mmu.lookup(0).pfn
+    vm.rmp.rmpupdate(pfn, PG_LEVEL_4K, assigned=True, asid=ASID, gpa=0)
+    with pytest.raises(pkvm.InternalInvariantError):
+        vm.check()
+
+
+def test_docs_example():
+    """The example at the top of docs/snp.md."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "snp.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/snp.md", "exec"), {})  # noqa: S102 -- our own doc example

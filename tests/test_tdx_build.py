@@ -1,0 +1,186 @@
+"""TD build: KVM_TDX_INIT_MEM_REGION in its 6.16 (premap then ADD) and 6.19 (ADD in the S-EPT hook)
+forms, measurement, and KVM_TDX_FINALIZE_VM (spec §6.3, App. A ``tdx_initial_image``)."""
+
+import errno
+
+import pytest
+from tdxhelpers import PRIVATE, PUNCH, SHARED47, MiB, ops, seamcalls, td, tdx_snapshot, trace
+
+import pkvm
+from pkvm.constants import TDX_EPT_ENTRY_STATE_INCORRECT
+
+MEASURE = pkvm.KVM_TDX_MEASURE_MEMORY_REGION
+
+
+@pytest.mark.parametrize("policy", ["6.16", "6.19"])
+def test_init_mem_region_adds_measured_pages(policy):
+    """Both forms end with MAPPED pages, one PAGE.ADD and 16 MR.EXTEND per page, prepared folios."""
+    vm, vmm, gmem, vcpu = td(policy=policy, finalize=False)
+    t = trace(vm)
+    assert vm.tdx.init_mem_region(vcpu, 0x1000, 2, flags=MEASURE) == 2
+    assert [e[0] for e in ops(t)] == ["TDH.MEM.SEPT.ADD"] * 3 + ["TDH.MEM.PAGE.ADD", "TDH.MR.EXTEND"]
+    assert t[-1][1:3] == (1, 3) and vm.sept.state(1) == vm.sept.state(2) == "mapped"
+    assert seamcalls(vm) == {"seamcall_sept_add": 3, "seamcall_add": 2, "seamcall_mr_extend": 32}
+    assert vm.cost_breakdown()["seamcall_mr_extend"] == vm.costs.ns("seamcall_mr_extend", 2)  # per page
+    assert gmem.folio(1)[2] and vm.tdx.nr_premapped == 0
+    # 6.16's mirror mapping is a prefetch fault: pf_fixed counts it, pf_taken does not.
+    assert (vm.stats["pf_taken"], vm.stats["pf_fixed"]) == (0, 2 if policy == "6.16" else 0)
+    vm.check()
+    vm.tdx.finalize_vm()
+    assert vm.tdx.state == "runnable" and vm.stats["seamcall_mr_finalize"] == 1
+    assert vcpu.access(0x1000, private=True, size=8192).ret == "done"  # ADDed pages need no ACCEPT
+
+
+def test_unmeasured_region_has_no_mr_extend():
+    """Without KVM_TDX_MEASURE_MEMORY_REGION there is no TDH.MR.EXTEND."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    vm.tdx.init_mem_region(vcpu, 0, 4)
+    assert vm.stats["seamcall_mr_extend"] == 0 and vm.stats["seamcall_add"] == 4
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(gpa=0x800), "must be 4 KiB aligned"),
+    (dict(source_addr=0x10), "must be 4 KiB aligned"),
+    (dict(nr_pages=0), "non-empty private range"),
+    (dict(gpa=SHARED47), "non-empty private range"),
+    (dict(gpa=SHARED47 - 4096, nr_pages=2), "non-empty private range"),
+    (dict(gpa=(1 << 64) - 4096, nr_pages=2), "non-empty private range"),
+    (dict(flags=2), "flags 0x2"),
+], ids=["unaligned-gpa", "unaligned-source", "no-pages", "shared-gpa", "ends-shared", "wraps", "unknown-flag"])
+def test_init_mem_region_validation_is_einval_and_changes_nothing(kwargs, match):
+    """Bad regions fail with EINVAL before any page is touched."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    args = dict(gpa=0, nr_pages=1, source_addr=0, flags=0) | kwargs
+    before = tdx_snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match=match) as exc:
+        vm.tdx.init_mem_region(vcpu, args.pop("gpa"), args.pop("nr_pages"), **args)
+    assert exc.value.errno == errno.EINVAL and tdx_snapshot(vm) == before
+
+
+def test_init_mem_region_argument_types():
+    """The vCPU must be one of this VM; ints must be u64."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    with pytest.raises(TypeError, match="vcpu must be a pkvm.Vcpu"):
+        vm.tdx.init_mem_region(None, 0, 1)
+    with pytest.raises(ValueError, match="vcpu belongs to another VM"):
+        vm.tdx.init_mem_region(pkvm.VM("tdx").create_vcpu(), 0, 1)
+    with pytest.raises(TypeError, match="nr_pages must be an int"):
+        vm.tdx.init_mem_region(vcpu, 0, 1.0)
+
+
+@pytest.mark.parametrize(("setup", "err", "pages_done"), [
+    ("shared", errno.EINVAL, 3),
+    ("no-slot", errno.EINVAL, 3),
+    ("populated", errno.EEXIST, 3),
+    ("closed", errno.EFAULT, 0),
+], ids=["not-private", "no-memslot", "already-populated", "gmem-closed"])
+def test_init_mem_region_stops_with_progress(setup, err, pages_done):
+    """A per-page failure keeps the pages already added and reports what remains (the region write-back)."""
+    vm = pkvm.VM("tdx")
+    vmm = pkvm.Vmm(vm)
+    gmem = vmm.add_ram(0, 4 * MiB)
+    vcpu = vm.create_vcpu()
+    if setup == "shared":
+        vm.set_memory_attributes(0x3000, 4096, 0)
+    elif setup == "populated":
+        vm.tdx.init_mem_region(vcpu, 0x3000, 1)
+    elif setup == "closed":
+        gmem.close()
+    start = 4 * MiB - 0x3000 if setup == "no-slot" else 0
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, start, 6)
+    assert exc.value.errno == err
+    assert exc.value.progress == (start + pages_done * 4096, 6 - pages_done)
+    assert vm.stats["seamcall_add"] == pages_done + (setup == "populated")
+    vm.check()
+
+
+def test_finalize_rules():
+    """KVM_TDX_FINALIZE_VM: once only; busy MR.FINALIZE is EBUSY; after it no more INIT_MEM_REGION."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    vm.tdx.inject_busy("mr_finalize")
+    with pytest.raises(pkvm.KvmError, match="TDH.MR.FINALIZE returned TDX_OPERAND_BUSY") as exc:
+        vm.tdx.finalize_vm()
+    assert exc.value.errno == errno.EBUSY and vm.tdx.state == "initialized"
+    vm.tdx.finalize_vm()
+    for call in (vm.tdx.finalize_vm, lambda: vm.tdx.init_mem_region(vcpu, 0, 1)):
+        with pytest.raises(pkvm.KvmError, match="already") as exc:
+            call()
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_616_busy_add_leaves_page_premapped_and_blocks_finalize():
+    """6.16: a busy PAGE.ADD after the premap fails the ioctl (EBUSY); nr_premapped stops finalization."""
+    vm, vmm, gmem, vcpu = td(policy="6.16", finalize=False)
+    vm.tdx.init_mem_region(vcpu, 0, 1)
+    vm.tdx.inject_busy("add")
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0x1000, 2)
+    assert (exc.value.errno, exc.value.progress) == (errno.EBUSY, (0x1000, 2))
+    assert vm.tdx.nr_premapped == 1 and vm.sept.state(1) == "free" and vm.mmu.lookup(1) is not None
+    vm.check()
+    with pytest.raises(pkvm.KvmError, match="premapped pages still wait") as exc:
+        vm.tdx.finalize_vm()
+    # The premap made the folio up to date, so populate cannot retry the page: EEXIST.
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0x1000, 1)
+    assert exc.value.errno == errno.EEXIST
+    # Zapping the premapped page: BLOCK finds no S-EPT leaf (ENTRY_STATE_INCORRECT), the count goes back.
+    t = trace(vm)
+    gmem.fallocate(PUNCH, 0x1000, 0x1000)
+    assert [(e.op, e.status) for e in t] == [("TDH.MEM.RANGE.BLOCK", TDX_EPT_ENTRY_STATE_INCORRECT)]
+    assert vm.tdx.nr_premapped == 0 and not vm.vm_dead
+    vm.tdx.finalize_vm()
+    vm.check()
+
+
+def test_619_busy_add_is_retried_inside_the_ioctl():
+    """6.19: a busy PAGE.ADD in the S-EPT hook is RET_PF_RETRY; kvm_tdp_mmu_map_private_pfn loops."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    vm.tdx.inject_busy("add", 2)
+    t = trace(vm)
+    assert vm.tdx.init_mem_region(vcpu, 0, 1) == 1
+    assert [e[0] for e in ops(t)][-3:] == ["TDH.MEM.PAGE.ADD BUSY", "TDH.MEM.PAGE.ADD BUSY", "TDH.MEM.PAGE.ADD"]
+
+
+def test_zap_before_finalize_skips_track():
+    """Removing an ADDed page before finalization: no TRACK, no kick (no vCPU has run)."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    vm.tdx.init_mem_region(vcpu, 0, 1)
+    t = trace(vm)
+    vm.set_memory_attributes(0, 4096, 0)
+    assert [e[0] for e in ops(t)] == ["TDH.MEM.RANGE.BLOCK", "TDH.MEM.PAGE.REMOVE", "TDH.PHYMEM.PAGE.WBINVD",
+                                      "clear"]
+    assert vm.stats["vcpu_kicks"] == 0
+
+
+def test_measure_failure_bugs_the_vm():
+    """TDH.MR.EXTEND failing is a TDX_BUG_ON: EIO, and the page is not counted."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    vm.tdx.inject_busy("mr_extend")
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0, 2, flags=MEASURE)
+    assert exc.value.errno == errno.EIO and exc.value.progress == (0, 2) and vm.vm_bugged
+    vm.check()
+
+
+def test_vmm_launch_builds_and_finalizes():
+    """pkvm.Vmm.launch runs INIT_MEM_REGION over the image and finalizes (QEMU's TD launch)."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    vmm.launch([(0, 64 * 4096, True), (2 * MiB, 4096, False)])
+    assert vm.tdx.runnable and vm.stats["seamcall_add"] == 65 and vm.stats["seamcall_mr_extend"] == 64 * 16
+    with pytest.raises(ValueError, match="must be \\(gpa, size, measure\\)"):
+        vmm.launch([(0x10, 4096, False)])
+
+
+def test_build_only_touches_private_memory():
+    """A VMM that forgot to mark RAM private: INIT_MEM_REGION fails EINVAL at the first page."""
+    vm = pkvm.VM("tdx")
+    gmem = vm.create_guest_memfd(2 * MiB)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 2 * MiB, 1 << 40, gmem)
+    vcpu = vm.create_vcpu()
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0, 1)
+    assert exc.value.errno == errno.EINVAL and gmem.folio(0) is not None  # the folio was allocated first
+    vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
+    assert vm.tdx.init_mem_region(vcpu, 0, 1) == 1
