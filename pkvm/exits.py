@@ -98,7 +98,8 @@ def begin_insn(vcpu: Vcpu) -> None:
 
 def hypercall_exit(vcpu: Vcpu, hc: Hypercall, complete: Callable[[], GuestOpResult], faults: int = 0) -> GuestOpResult:
     """Stop ``vcpu`` in a ``KVM_EXIT_HYPERCALL`` carrying ``hc``; ``complete`` runs at the next
-    ``KVM_RUN`` (``complete_userspace_io``). Counts the exit and charges ``userspace_exit``."""
+    ``KVM_RUN`` (``complete_userspace_io``). Counts the exit; the caller charges it (the cost
+    of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``)."""
     vm = vcpu.vm
     vm._stats["hypercall_exits"] += 1
     vcpu._resume = complete

@@ -78,9 +78,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 U64_MAX = (1 << 64) - 1
 _LEVEL_SHIFT = (0, 0, 9, 18)
-#: ``tdx_track``-style TLB tracking is only needed once vCPUs may have run.
+#: ``kvm_tdx->state``: built by ``KVM_TDX_INIT_MEM_REGION`` until ``KVM_TDX_FINALIZE_VM``.
 TD_STATE_INITIALIZED, TD_STATE_RUNNABLE = "initialized", "runnable"
-#: Bytes a TDX_TLB_TRACKING_NOT_DONE REMOVE returns (``tdx_errno.h``).
+#: ``TDX_TLB_TRACKING_NOT_DONE``: what ``PAGE.REMOVE`` returns when no TRACK completed (``tdx_errno.h``).
 TDX_TLB_TRACKING_NOT_DONE = 0xC0000B0800000000
 
 
