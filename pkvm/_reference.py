@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import operator
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -154,7 +155,7 @@ def _rebuild(cls: type[_RangeMapBase], default: int, runs: list[Run]) -> _RangeM
 # ---------------------------------------------------------------------------------------------
 
 
-class _RangeMapBase:
+class _RangeMapBase(ABC):
     """Public methods shared by the twins; subclasses supply the ``_`` methods on valid input."""
 
     __slots__ = ("_default",)
@@ -166,31 +167,37 @@ class _RangeMapBase:
     def _reserve(self, start: int, end: int) -> None:
         """Raise, before anything changes, if ``_assign(start, end, ...)`` could not complete."""
 
+    @abstractmethod
     def _assign(self, start: int, end: int, value: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _get(self, key: int) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _find_ne(self, start: int, end: int, value: int) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _run_at(self, key: int) -> Run:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _iter(self, start: int, end: int) -> Iterator[Run]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def clear(self) -> None:
         """Remove every stored run, so every key reads as ``default``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _check(self) -> None:
         """Raise ``AssertionError`` naming the offending run if an invariant does not hold."""
-        raise NotImplementedError
 
     @classmethod
     def _from_runs(cls, default: int, runs: Iterable[Run]) -> _RangeMapBase:

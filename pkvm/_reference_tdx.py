@@ -534,14 +534,7 @@ class ReferenceTdx(ReferenceVM):
         index = gfn - slot.base + slot.pgoff
         if gmem.bindings.get(index) != slot.key:
             return errno.EIO
-        if index not in gmem.folios:
-            order = self.policy.gmem_max_order
-            size = 1 << order
-            a = index - index % size
-            if not (order and a + size <= gmem.npages and not any(j in gmem.folios for j in range(a, a + size))):
-                order = 0
-            self.new_folio(gmem, index, order)
-        pfn, order, fstart = gmem.folios[index]
+        pfn, order, fstart = self.folio_at(gmem, index)
         if gmem.prepared[fstart]:
             return errno.EEXIST
         if not self.attrs.get(gfn, 0) & KVM_MEMORY_ATTRIBUTE_PRIVATE:

@@ -309,6 +309,19 @@ class ReferenceVM:
         self.gmems.append(g)
         return g
 
+    def folio_at(self, gmem, index):
+        """The folio at file ``index``, allocating it as a lookup would (order-9 blocks when the
+        policy allows and the aligned block is inside the file and empty): ``(pfn, order, start)``."""
+        if index not in gmem.folios:
+            order = self.policy.gmem_max_order
+            size = 1 << order
+            a = index - index % size
+            if not (order and a + size <= gmem.npages
+                    and not any(j in gmem.folios for j in range(a, a + size))):
+                order = 0
+            self.new_folio(gmem, index, order)
+        return gmem.folios[index]
+
     def new_folio(self, gmem, index, order):
         start = index - index % (1 << order)
         pfn = self.alloc_block(order)
@@ -469,14 +482,7 @@ class ReferenceVM:
         index = gfn - slot.base + slot.pgoff
         if gmem.bindings.get(index) != slot.key:
             return errno.EIO
-        if index not in gmem.folios:
-            order = self.policy.gmem_max_order
-            size = 1 << order
-            a = index - index % size
-            if not (order and a + size <= gmem.npages and not any(j in gmem.folios for j in range(a, a + size))):
-                order = 0
-            self.new_folio(gmem, index, order)
-        pfn, order, fstart = gmem.folios[index]
+        pfn, order, fstart = self.folio_at(gmem, index)
         mode = self.policy.prepare
         op = self.platform.gmem_prepare
         if mode == "once-per-folio" and not gmem.prepared[fstart] or mode == "every-lookup":
