@@ -16,11 +16,18 @@ def test_presets_exist(name):
     assert name in pkvm.Policy.presets()
 
 
+@pytest.mark.parametrize("name", ["eager-post", "eager-locked", "eager-split"])
+def test_design_presets_are_619_with_the_rmpupdate_moved(name):
+    """A design preset differs from 6.19 only in where RMPUPDATE runs and the RFC direct map."""
+    base = pkvm.Policy.preset("6.19")
+    assert pkvm.Policy.preset(name) == base.replace(rmp_update=name, directmap="unmap-restore")
+
+
 def test_preset_aliases():
-    """fault-time is 6.19 and eager-post is RFC v8."""
+    """fault-time is 6.19; rfc-v8 is the whole historical kernel, with the eager-post design."""
     assert pkvm.Policy.preset("fault-time") == pkvm.Policy.preset("6.19") == pkvm.Policy()
-    assert pkvm.Policy.preset("eager-post") == pkvm.Policy.preset("rfc-v8")
-    assert pkvm.Policy.preset("eager-locked").rmp_update == "eager-locked"
+    rfc = pkvm.Policy.preset("rfc-v8")
+    assert (rfc.rmp_update, rfc.directmap, rfc.prepare) == ("eager-post", "unmap-restore", "none")
 
 
 @pytest.mark.parametrize(("name", "knobs"), [

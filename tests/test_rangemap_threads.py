@@ -62,7 +62,9 @@ def test_calls_during_assign_many_are_refused_or_safe(keys, probe):
     m = pkvm.RangeMap()
     outcomes = _run_bulk_while(m, lambda m: m.assign_many(keys, keys + 1, 8), probe)
     m._check()
-    assert len(m) > 0
+    # A probe may also run after the bulk call ended (a clear() then empties the map), but if
+    # none succeeded, the bulk call's result must be intact.
+    assert len(m) > 0 or outcomes["ok"] > 0
     assert outcomes["refused"] > 0
 
 
