@@ -426,19 +426,7 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
         g = start & -n
         if g != start or g + n > end:  # head chunk, partially covered
             if g >= base and (not whole_chunk or g + n <= slot_end):
-                if level == PG_LEVEL_2M:
-                    uniform = amap.find_ne(g, g + n, attrs) == -1
-                    if not uniform:
-                        mixed_2m.append(g)
-                elif mixed_2m and g <= mixed_2m[0] < g + n:
-                    uniform = False
-                else:
-                    uniform = hugepage_has_attrs(amap, lp, g, level, attrs)
-                idx = g >> shift
-                v = m.get(idx)
-                nv = (v & ~MIXED) if uniform else (v | MIXED)
-                if nv != v:
-                    m.assign(idx, idx + 1, nv)
+                _post_partial_chunk(amap, lp, g, level, attrs, mixed_2m)
             g += n
         if g + n <= end:  # body: uniform now
             last = end >> shift
@@ -446,20 +434,26 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
                 lp.clear_mixed(g >> shift, last, level)
             g = last << shift
         if g < end and g + n <= slot_end:  # tail chunk
-            if level == PG_LEVEL_2M:
-                uniform = amap.find_ne(g, g + n, attrs) == -1
-                if not uniform:
-                    mixed_2m.append(g)
-            elif mixed_2m and g <= mixed_2m[-1] < g + n:
-                uniform = False
-            else:
-                uniform = hugepage_has_attrs(amap, lp, g, level, attrs)
-            idx = g >> shift
-            v = m.get(idx)
-            nv = (v & ~MIXED) if uniform else (v | MIXED)
-            if nv != v:
-                m.assign(idx, idx + 1, nv)
+            _post_partial_chunk(amap, lp, g, level, attrs, mixed_2m)
 
+
+def _post_partial_chunk(amap, lp: LpageInfo, g: int, level: int, attrs: int,
+                        mixed_2m: list[int]) -> None:
+    """§3.3 steps 2 and 4: recompute MIXED for one chunk the range covers only partly.
+
+    ``mixed_2m`` collects the 2M chunks found MIXED here (2M runs before 1G): a 1G chunk
+    holding one of them cannot be uniform, which answers §3.2 without reading its sub-chunks.
+    """
+    n = 1 << LEVEL_SHIFT[level]
+    if level == PG_LEVEL_2M:
+        uniform = amap.find_ne(g, g + n, attrs) == -1
+        if not uniform:
+            mixed_2m.append(g)
+    elif any(g <= c < g + n for c in mixed_2m):
+        uniform = False
+    else:
+        uniform = hugepage_has_attrs(amap, lp, g, level, attrs)
+    lp.set_mixed(g, level, not uniform)
 
 # ---------------------------------------------------------------------------------------------
 # The fault path
