@@ -32,7 +32,6 @@ from .constants import (
     FALLOC_FL_PUNCH_HOLE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
-    KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     PAGE_SHIFT,
@@ -175,21 +174,14 @@ class ReferenceTdx(ReferenceVM):
                 return ("exit", errno.EIO, None)
         return super()._install(gfn, pfn, level, private, writable)
 
-    def _level(self, slot, gfn, pfn, is_private, max_level):
+    def _level_cap(self, gfn, pfn, is_private, max_level):
         if not is_private:
-            return super()._level(slot, gfn, pfn, is_private, max_level)
-        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES or max_level == PG_LEVEL_4K:
-            return PG_LEVEL_4K
-        level = max_level
-        while level > PG_LEVEL_4K and slot.lpage[level][gfn - gfn % PAGES[level]]:
-            level -= 1
-        if level == PG_LEVEL_4K:
-            return level
-        cap = min(max_level, PG_LEVEL_2M if self.huge else PG_LEVEL_4K)
+            return super()._level_cap(gfn, pfn, is_private, max_level)
+        # Private: 4K, unless the huge-page series allows this 2M chunk.
         if (not self.huge or self.accept_level == PG_LEVEL_4K or (gfn >> 9) in self.inhibit
                 or (1, gfn >> 9) in self.tables):
-            cap = PG_LEVEL_4K
-        return min(level, cap)
+            return PG_LEVEL_4K
+        return min(max_level, PG_LEVEL_2M)
 
     def zap(self, s, e, filt=FILTER_ALL):
         take = {True: bool(filt & FILTER_PRIVATE), False: bool(filt & FILTER_SHARED)}

@@ -499,6 +499,7 @@ class ReferenceVM:
         return pfn, order
 
     def _level(self, slot, gfn, pfn, is_private, max_level):
+        """§3.5: the largest level lpage_info allows, capped by the backing's level."""
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES or max_level == PG_LEVEL_4K:
             return PG_LEVEL_4K
         level = max_level
@@ -506,14 +507,17 @@ class ReferenceVM:
             level -= 1
         if level == PG_LEVEL_4K:
             return level
+        return min(level, self._level_cap(gfn, pfn, is_private, max_level))
+
+    def _level_cap(self, gfn, pfn, is_private, max_level):
+        """The backing's limit: gmem order and the platform cap if private, else the host page."""
         if is_private:
             cap = max_level
             limit = self.platform.gmem_max_mapping_level(self, pfn, True)
             if limit:
                 cap = min(cap, limit)
-        else:
-            cap = _level_for_order(self.hva_order)
-        return min(level, cap)
+            return cap
+        return _level_for_order(self.hva_order)
 
     def _install(self, gfn, pfn, level, private, writable):
         # Split larger leaves on the way down.
