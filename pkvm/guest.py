@@ -98,6 +98,8 @@ class Guest:
         self.vm = vm
         self.vmm = vmm if vmm is not None else Vmm(vm)
         self.vcpu = vcpu if vcpu is not None else (vm.vcpus[0] if vm.vcpus else vm.create_vcpu())
+        #: The actor modeled time is charged to while this guest runs (``vm.cost_by_actor()``).
+        self.actor = f"vcpu{self.vcpu.id}"
         flows = vm.platform.guest_flows(self)
         self.flows: GuestFlows = flows if flows else HypercallGuestFlows(self)
 
@@ -130,7 +132,11 @@ class Guest:
             TypeError / ValueError: a bad range.
         """
         self._range(gpa, size)
-        return self.flows.convert(gpa, size, bool(private))
+        prev = self.vm._set_actor(self.actor)
+        try:
+            return self.flows.convert(gpa, size, bool(private))
+        finally:
+            self.vm._set_actor(prev)
 
     def accept(self, gpa: int, size: int) -> bool:
         """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). True on
@@ -141,13 +147,24 @@ class Guest:
             TypeError / ValueError: a bad range.
         """
         self._range(gpa, size)
-        return self.flows.accept(gpa, size)
+        prev = self.vm._set_actor(self.actor)
+        try:
+            return self.flows.accept(gpa, size)
+        finally:
+            self.vm._set_actor(prev)
 
     def touch(self, gpa: int, size: int = PAGE_SIZE, *, private: bool, write: bool = False) -> AccessResult:
         """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and
         the access goes on. Returns the totals, or the exit the VMM could not answer (and a
         dead VM's ``-EIO``)."""
         self._range(gpa, size)
+        prev = self.vm._set_actor(self.actor)
+        try:
+            return self._touch(gpa, size, private, write)
+        finally:
+            self.vm._set_actor(prev)
+
+    def _touch(self, gpa: int, size: int, private: bool, write: bool) -> AccessResult:
         vcpu = self.vcpu
         done = faults = 0
         pos, end = gpa, gpa + size

@@ -754,6 +754,9 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
 def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> tuple[PageFault, FaultResult]:
     """Run every phase of one (batched) fault to completion: the synchronous driver."""
     vm = vcpu.vm
+    tracer = vm._tracer
+    if tracer is not None:
+        t0 = vm._modeled_ns
     f = PageFault(gfn, limit, private, write)
     fault_begin(vm, f)
     if not f.ret:
@@ -763,6 +766,13 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
     if not f.ret:
         fault_install(vm, f)
     r = fault_finish(vm, f)
+    if tracer is not None:
+        n = f.nfaults if r.ret == "fixed" else 1
+        step = max(1, (f.end - gfn) // n) if n > 1 else 1
+        tracer.page_faults(vcpu.id, gfn, gfn + n * step, step, private, write,
+                           bool(getattr(vcpu, "rmp_npf", False)), t0, vm._modeled_ns)
+        if r.ret == "exit":
+            tracer.userspace_exit(r.exit_reason or 0, r.errno or 0)
     if r.ret in ("fixed", "spurious", "retry"):
         # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
         vm._platform.handle_rmp_fault(vcpu, gfn << PAGE_SHIFT, f.is_private, write, r)

@@ -65,6 +65,7 @@ from .mmu import (
 )
 from .platforms import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from .policy import Policy, resolve_policy
+from .trace import Tracer
 
 U64_MAX = (1 << 64) - 1
 INVALID_GFN = U64_MAX  # the kernel's INVALID_GPA sentinel of mmu_invalidate_range_*
@@ -196,8 +197,13 @@ class VM:
         self._costs = {op: model.ns(op) for op in CHARGED_OPS if op != "remote_tlb_flush"}
         self._flush_ns: dict[int, int] = {}
         self._attr_store_ns = self._costs["attr_store"]
+        # Modeled ns per actor and op: _cost_ns is the current actor's dict (see _set_actor).
+        self._actor = "vmm"
         self._cost_ns: dict[str, int] = {}
+        self._actor_ns: dict[str, dict[str, int]] = {"vmm": self._cost_ns}
         self._modeled_ns = 0
+        #: The attached :class:`pkvm.trace.Tracer`, or None (every emission point tests this).
+        self._tracer: Tracer | None = None
         self.seed = seed
         self.nr_vcpus = nr_vcpus
         self.shared_backing = shared_backing
@@ -268,7 +274,43 @@ class VM:
 
     def cost_breakdown(self) -> dict[str, int]:
         """Modeled ns per :mod:`pkvm.costs` operation (``npf_fault``, ``attr_store``, ...)."""
-        return dict(self._cost_ns)
+        out: dict[str, int] = {}
+        for cells in self._actor_ns.values():
+            for op, ns in cells.items():
+                out[op] = out.get(op, 0) + ns
+        return out
+
+    def cost_by_actor(self) -> dict[str, dict[str, int]]:
+        """Modeled ns per actor, then per operation: ``{"vmm": {...}, "vcpu0": {...}}``.
+
+        The actor is whoever the work ran for: ``"vmm"`` (the VMM's ioctl and syscall thread;
+        also every call made directly on the VM) and ``"vcpuN"`` while :class:`pkvm.Guest`
+        runs guest code on vCPU N (faults, exits handled in KVM, guest instructions). The
+        :class:`pkvm.Vmm` switches back to ``"vmm"`` while it answers an exit.
+        """
+        return {a: dict(c) for a, c in sorted(self._actor_ns.items()) if c}
+
+    def _set_actor(self, actor: str) -> str:
+        """Charge from now on to ``actor``; returns the previous actor (to restore it)."""
+        prev = self._actor
+        if actor != prev:
+            cells = self._actor_ns.get(actor)
+            if cells is None:
+                cells = self._actor_ns[actor] = {}
+            self._actor = actor
+            self._cost_ns = cells
+        return prev
+
+    def trace(self, tracer: Tracer | None) -> None:
+        """Attach a :class:`pkvm.trace.Tracer` (or detach with None): from now on every
+        traced event (spec §8.2 formats) goes to it. Off, tracing costs one test per event."""
+        from .trace import Tracer
+
+        if tracer is not None and not isinstance(tracer, Tracer):
+            raise TypeError(f"tracer must be a pkvm.trace.Tracer or None, not {type(tracer).__name__}")
+        if tracer is not None:
+            tracer.attach(self)
+        self._tracer = tracer
 
     @property
     def costs(self) -> CostModel:
@@ -468,6 +510,8 @@ class VM:
         start, end = address >> PAGE_SHIFT, end_addr >> PAGE_SHIFT
         if self._legacy:
             self._attr_legacy(start, end, attributes)
+            if self._tracer is not None:
+                self._tracer.set_mem_attributes(start, end, attributes)
             return
         if self._attrs.find_ne(start, end, attributes) == -1:
             return  # §2.7 short-circuit
@@ -480,6 +524,8 @@ class VM:
         self._attr_post(ranges, attributes)
         if ranges and self._eager_post:
             self._attr_post_unlock(ranges, attributes)
+        if self._tracer is not None:
+            self._tracer.set_mem_attributes(start, end, attributes)
 
     def _attr_legacy(self, start: int, end: int, attrs: int) -> None:
         """The UPM-era ioctl of the RFC v8 series (seed thread; spec §2.6 "historical").

@@ -63,6 +63,7 @@ from .errors import KvmError
 if TYPE_CHECKING:  # pragma: no cover
     from .exits import GuestOpResult
     from .gmem import GuestMemfd
+    from .vm import Memslot
     from .mmu import AccessResult, FaultResult
     from .vm import VM, Vcpu
 
@@ -71,6 +72,7 @@ GiB = 1 << 30
 HVA_BASE = 1 << 40
 #: Host page sizes whose memory ``ram_block_discard_range`` leaves alone (preallocated hugetlb).
 _NO_DISCARD = ("hugetlb-2m", "hugetlb-1g")
+MADV_DONTNEED = 4
 
 
 class VmmFlows(Protocol):
@@ -107,12 +109,21 @@ class Vmm:
     (0, 0)
     """
 
-    def __init__(self, vm: VM, *, exit_hypercall: bool = True) -> None:
+    def __init__(self, vm: VM, *, exit_hypercall: bool = True, discard: bool = True) -> None:
         from .vm import VM
 
         if not isinstance(vm, VM):
             raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")
+        if type(discard) is not bool:
+            raise TypeError(f"discard must be a bool, not {type(discard).__name__}")
         self.vm = vm
+        #: Whether a conversion discards the backing it leaves (QEMU's default). False keeps
+        #: both backings allocated: the private folios survive a to-shared conversion, so a
+        #: later to-private conversion finds them allocated and prepared (the regime the
+        #: RFC-era eager designs were written for).
+        self.discard = discard
+        #: GFNs converted by successful :meth:`convert_memory` calls.
+        self.gfns_converted = 0
         if exit_hypercall:
             vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
         self._next_slot = 0
@@ -127,15 +138,30 @@ class Vmm:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def add_ram(self, gpa: int, size: int, *, slot: int | None = None) -> GuestMemfd | None:
+    def add_ram(self, gpa: int, size: int, *, slot: int | None = None, mark_private: bool = True,
+                prealloc: bool = False) -> GuestMemfd | None:
         """Add ``size`` bytes of RAM at ``gpa`` (``kvm_set_phys_mem``): a guest_memfd and a
         ``KVM_MEM_GUEST_MEMFD`` memslot marked PRIVATE for a VM with private memory, a plain
         memslot otherwise. Returns the guest_memfd (or None).
+
+        ``prealloc`` allocates the whole guest_memfd (``fallocate``) before the slot is
+        marked private, as a VMM that preallocates guest memory would: the eager RMPUPDATE
+        designs then find every page allocated at the attribute change (spec §7.7).
+        ``mark_private=False`` leaves the attributes alone (a trace replay, whose trace holds
+        the marking).
 
         Raises:
             KvmError: as ``create_guest_memfd`` / ``set_user_memory_region2`` /
                 ``set_memory_attributes``.
         """
+        prev = self.vm._set_actor("vmm")
+        try:
+            return self._add_ram(gpa, size, slot, mark_private, prealloc)
+        finally:
+            self.vm._set_actor(prev)
+
+    def _add_ram(self, gpa: int, size: int, slot: int | None, mark_private: bool,
+                 prealloc: bool) -> GuestMemfd | None:
         vm = self.vm
         if slot is None:
             slot = self._next_slot
@@ -144,8 +170,11 @@ class Vmm:
         gmem = None
         if vm.platform.has_private_mem:
             gmem = vm.create_guest_memfd(size)
+            if prealloc:
+                gmem.fallocate(FALLOC_FL_KEEP_SIZE, 0, size)
             vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, 0)
-            vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            if mark_private:
+                vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         else:
             vm.set_user_memory_region2(slot, 0, gpa, size, hva)
         self._next_hva = hva + size
@@ -160,6 +189,13 @@ class Vmm:
         vm = self.vm
         if not vm.vcpus:
             vm.create_vcpu()
+        prev = vm._set_actor("vmm")
+        try:
+            self._launch(image)
+        finally:
+            vm._set_actor(prev)
+
+    def _launch(self, image: Iterable[tuple[int, int, bool]]) -> None:
         regions = []
         for item in image:
             gpa, size, measure = item
@@ -178,6 +214,13 @@ class Vmm:
         :class:`pkvm.FaultResult` with ``ret == "exit"``. After a True return the caller
         resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
         """
+        prev = self.vm._set_actor("vmm")
+        try:
+            return self._handle_exit(result)
+        finally:
+            self.vm._set_actor(prev)
+
+    def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> bool:
         reason = result.exit_reason
         hc = getattr(result, "hypercall", None)
         if reason == KVM_EXIT_HYPERCALL and hc is not None:
@@ -198,6 +241,13 @@ class Vmm:
     def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
         errno (see the module docstring for the steps and QEMU's special cases)."""
+        prev = self.vm._set_actor("vmm")
+        try:
+            return self._convert_memory(gpa, size, to_private)
+        finally:
+            self.vm._set_actor(prev)
+
+    def _convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         vm = self.vm
         self.conversions += 1
         if type(gpa) is not int or type(size) is not int or not size or (gpa | size) & (PAGE_SIZE - 1):
@@ -212,16 +262,54 @@ class Vmm:
             vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
         except KvmError as exc:
             return self._failed(-(exc.errno or errno.EIO))
-        for s, e, key in vm._slot_maps[0].ranges(start, end):
-            piece = vm._slots[key - 1]
-            if to_private:
-                if vm.shared_backing not in _NO_DISCARD:
-                    vm._shared.discard(piece.hva_page(s), piece.hva_page(e))
-            elif piece.gmem is not None and piece.gmem_file is not None:
-                off = piece.gmem_pgoff - piece.base_gfn
-                piece.gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
-                                     (e - s) << PAGE_SHIFT)
+        self.gfns_converted += end - start
+        if self.discard:
+            for s, e, key in vm._slot_maps[0].ranges(start, end):
+                piece = vm._slots[key - 1]
+                if to_private:
+                    self._discard_shared(piece, s, e)
+                else:
+                    self._punch(piece, s, e)
         return 0
+
+    def _discard_shared(self, piece: Memslot, s: int, e: int) -> None:
+        """``ram_block_discard_range`` of the shared backing (``MADV_DONTNEED``)."""
+        vm = self.vm
+        if vm.shared_backing in _NO_DISCARD:
+            return
+        vm._shared.discard(piece.hva_page(s), piece.hva_page(e))
+        if vm._tracer is not None:
+            vm._tracer.madvise(piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED)
+
+    def _punch(self, piece: Memslot, s: int, e: int) -> None:
+        """``ram_block_discard_guest_memfd_range``: punch the guest_memfd hole."""
+        if piece.gmem is not None and piece.gmem_file is not None:
+            off = piece.gmem_pgoff - piece.base_gfn
+            piece.gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
+                                 (e - s) << PAGE_SHIFT)
+
+    def discard_ram(self, gpa: int, size: int) -> None:
+        """Give ``[gpa, gpa + size)`` back to the host (a balloon inflate): discard both
+        backings — punch the guest_memfd hole (the private pages, as on a to-shared
+        conversion) and drop the shared backing. The attributes stay; a later guest access
+        faults the memory in again.
+
+        Raises:
+            ValueError: not a non-empty 4 KiB aligned range.
+            KvmError: as ``fallocate``.
+        """
+        if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+            raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range")
+        vm = self.vm
+        prev = vm._set_actor("vmm")
+        try:
+            start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+            for s, e, key in vm._slot_maps[0].ranges(start, end):
+                piece = vm._slots[key - 1]
+                self._punch(piece, s, e)
+                self._discard_shared(piece, s, e)
+        finally:
+            vm._set_actor(prev)
 
     def _failed(self, ret: int) -> int:
         self.failed_conversions += 1

@@ -1,0 +1,264 @@
+"""Per-event traces in the kernel's tracepoint text formats (spec §8.2), and their parser.
+
+A :class:`Tracer` attached to a VM (``vm.trace(tracer)``) receives one call per event the
+model emits, and formats it the way ``trace-cmd report`` prints the kernel's tracepoint::
+
+      CPU 0/KVM-4097  [000]     0.000812: kvm_page_fault:       vcpu 0 rip 0x0 address 0x...
+    qemu-system-x86-4096  [001]     0.000001: kvm_vm_set_mem_attributes: 0x00000000000000 -- ...
+
+The task is the actor that did the work (``qemu-system-x86`` for the VMM's ioctl thread, ``CPU
+N/KVM`` for vCPU N, as QEMU names its threads); the timestamp is the VM's modeled time in
+seconds. Events and their formats:
+
+=============================  ============================================================
+``kvm_vm_set_mem_attributes``  ``%#016llx -- %#016llx [0x%lx]``: start gfn, end gfn, attributes
+                               (one line per successful ``KVM_SET_MEMORY_ATTRIBUTES`` that
+                               changed something; a short-circuited call emits nothing)
+``kvm_page_fault``             ``vcpu %u rip 0x%lx address 0x%016llx error_code 0x%llx``: one
+                               line per nested page fault (a batch of N faults is N lines)
+``kvm_userspace_exit``         ``reason %s (%d)``: ``KVM_EXIT_HYPERCALL (3)``, or ``error (14)``
+                               for a memory-fault exit (``KVM_RUN`` returns -EFAULT)
+``kvm_hypercall``              ``nr 0x%lx a0 0x%lx a1 0x%lx a2 0x%lx a3 0x%lx``
+``sys_enter_fallocate``        the syscall tracepoint of the VMM's guest_memfd ``fallocate``
+``sys_enter_madvise``          the VMM's ``MADV_DONTNEED`` of shared backing it discards
+=============================  ============================================================
+
+Error codes (``kvm_page_fault``): SNP passes the #NPF error code: bit 1 write, bit 32
+``PFERR_GUEST_FINAL``, bit 34 ``PFERR_GUEST_ENC`` for a C-bit access, bit 31 ``PFERR_GUEST_RMP``
+with bit 0 (present) for an RMP-check #NPF, and KVM's synthetic bit 49
+``PFERR_PRIVATE_ACCESS`` for a private fault. TDX passes the exit qualification (bit 0 read,
+bit 1 write, forced to write for a private gpa) and a shared gpa carries the shared bit.
+SW_PROTECTED and DEFAULT VMs pass the plain #NPF bits (KVM derives private from the attribute).
+
+What is *not* in a trace, because the kernel has no tracepoint for it in this set: guest
+instructions that do not trap (PVALIDATE, ``TDG.MEM.PAGE.ACCEPT``), SNP page-state-change
+VMGEXITs and TDX MapGPA TDVMCALLs (their exits to userspace are traced), and memslot setup
+(pkvm writes the memory layout as ``#``-comment header lines, which ``trace-cmd`` never prints
+and the parser reads back). :func:`parse_line` reads any ``trace-cmd report`` line, including
+the latency-flags column newer versions print, and returns None for events it does not know.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING
+
+from .constants import PAGE_SHIFT
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import VM
+
+__all__ = ["Tracer", "TraceEvent", "parse_line", "parse", "PFERR_WRITE", "PFERR_PRIVATE_ACCESS",
+           "PFERR_GUEST_ENC", "PFERR_GUEST_RMP", "PFERR_GUEST_FINAL", "PFERR_PRESENT"]
+
+PFERR_PRESENT = 1 << 0
+PFERR_WRITE = 1 << 1
+PFERR_GUEST_RMP = 1 << 31
+PFERR_GUEST_FINAL = 1 << 32
+PFERR_GUEST_ENC = 1 << 34
+PFERR_PRIVATE_ACCESS = 1 << 49
+EPT_ACC_READ = 1 << 0
+EPT_ACC_WRITE = 1 << 1
+
+KVM_EXIT_NAMES = {3: "KVM_EXIT_HYPERCALL", 39: "KVM_EXIT_MEMORY_FAULT"}
+VMM_COMM = "qemu-system-x86"
+VMM_PID = 4096
+_FALLOC_FD_WIDTH = 8
+
+
+def _comm(actor: str) -> tuple[str, int, int]:
+    """``(comm, pid, cpu)`` of an actor: the VMM's main thread, or QEMU's vCPU thread."""
+    if actor.startswith("vcpu") and actor[4:].isdigit():
+        n = int(actor[4:])
+        return f"CPU {n}/KVM", VMM_PID + 1 + n, n
+    return VMM_COMM, VMM_PID, 0
+
+
+class Tracer:
+    """Formats events into ``trace-cmd report`` lines and writes them to ``sink``.
+
+    ``sink`` is a text file (anything with ``write``) or None to keep the lines in
+    :attr:`lines`. ``header`` lines (without the leading ``#``) are written first.
+    A tracer serves one VM at a time; attach it with :meth:`pkvm.VM.trace`.
+    """
+
+    def __init__(self, sink: IO[str] | None = None, header: Iterable[str] = ()) -> None:
+        self.sink = sink
+        self.lines: list[str] = []
+        self.events = 0
+        self._vm: VM | None = None
+        self._shared_bit = 0
+        self._platform = ""
+        for h in header:
+            self._emit_raw(f"# {h}")
+
+    def attach(self, vm: VM) -> None:
+        """Called by :meth:`pkvm.VM.trace`."""
+        self._vm = vm
+        self._platform = vm.platform.name
+        td = getattr(vm, "tdx", None)
+        self._shared_bit = 1 << td.shared_bit if td is not None else 0
+
+    def _emit_raw(self, line: str) -> None:
+        if self.sink is None:
+            self.lines.append(line)
+        else:
+            self.sink.write(line + "\n")
+
+    def _emit(self, event: str, body: str, ns: int | None = None) -> None:
+        vm = self._vm
+        assert vm is not None
+        comm, pid, cpu = _comm(vm._actor)
+        if ns is None:
+            ns = vm._modeled_ns
+        self.events += 1
+        self._emit_raw(f"{comm:>16}-{pid:<5} [{cpu:03d}] {ns // 1_000_000_000:6d}.{ns // 1000 % 1_000_000:06d}: "
+                       f"{event + ':':<26} {body}")
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def set_mem_attributes(self, start: int, end: int, attrs: int) -> None:
+        self._emit("kvm_vm_set_mem_attributes", f"{start:#016x} -- {end:#016x} [{attrs:#x}]")
+
+    def page_faults(self, vcpu_id: int, gfn: int, end: int, step: int, private: bool, write: bool,
+                    rmp: bool, t0: int, t1: int) -> None:
+        """Faults at ``gfn, gfn + step, ...`` below ``end`` (a batch), timed from t0 to t1."""
+        if self._platform == "tdx":
+            code = EPT_ACC_READ | (EPT_ACC_WRITE if write or private else 0)
+            alias = 0 if private else self._shared_bit
+        else:
+            code = PFERR_GUEST_FINAL | (PFERR_WRITE if write else 0)
+            alias = 0
+            if self._platform == "snp":
+                if private:
+                    code |= PFERR_GUEST_ENC | PFERR_PRIVATE_ACCESS
+                if rmp:
+                    code |= PFERR_GUEST_RMP | PFERR_PRESENT
+        n = (end - gfn + step - 1) // step
+        for i in range(n):
+            gpa = ((gfn + i * step) << PAGE_SHIFT) | alias
+            self._emit("kvm_page_fault", f"vcpu {vcpu_id} rip 0x0 address {gpa:#018x} error_code {code:#x}",
+                       t0 + (t1 - t0) * i // n)
+
+    def userspace_exit(self, reason: int, err: int = 0) -> None:
+        if err:
+            self._emit("kvm_userspace_exit", f"reason error ({err})")
+        else:
+            self._emit("kvm_userspace_exit", f"reason {KVM_EXIT_NAMES.get(reason, 'UNKNOWN')} ({reason})")
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int = 0) -> None:
+        self._emit("kvm_hypercall", f"nr {nr:#x} a0 {a0:#x} a1 {a1:#x} a2 {a2:#x} a3 {a3:#x}")
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        self._emit("sys_enter_fallocate", f"fd: {fd:#0{_FALLOC_FD_WIDTH + 2}x}, mode: {mode:#010x}, "
+                   f"offset: {offset:#018x}, len: {length:#018x}")
+
+    def madvise(self, start: int, length: int, behavior: int) -> None:
+        self._emit("sys_enter_madvise", f"start: {start:#018x}, len_in: {length:#018x}, behavior: {behavior:#010x}")
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One parsed line: ``event`` name, the task (``comm``, ``pid``), ``cpu``, timestamp in
+    ns, and ``fields`` (the event's values as ints, by name)."""
+
+    event: str
+    comm: str
+    pid: int
+    cpu: int
+    ns: int
+    fields: dict[str, int]
+
+
+_LINE = re.compile(r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?:[\w.]{3,6}\s+)?"
+                   r"(?P<sec>\d+)\.(?P<frac>\d+):\s+(?P<event>\w+):\s*(?P<body>.*)$")
+_HEX = r"(0x[0-9a-fA-F]+|[0-9a-fA-F]+)"
+_BODIES = {
+    "kvm_vm_set_mem_attributes": re.compile(rf"^{_HEX}\s+--\s+{_HEX}\s+\[{_HEX}\]"),
+    "kvm_page_fault": re.compile(rf"^vcpu (\d+) rip {_HEX} address {_HEX} error_code {_HEX}"),
+    "kvm_hypercall": re.compile(rf"^nr {_HEX} a0 {_HEX} a1 {_HEX} a2 {_HEX} a3 {_HEX}"),
+    "kvm_userspace_exit": re.compile(r"^reason (\S+) \((-?\d+)\)"),
+    "sys_enter_fallocate": re.compile(rf"^fd: {_HEX}, mode: {_HEX}, offset: {_HEX}, len: {_HEX}"),
+    "sys_enter_madvise": re.compile(rf"^start: {_HEX}, len_in: {_HEX}, behavior: {_HEX}"),
+}
+_NAMES = {
+    "kvm_vm_set_mem_attributes": ("start", "end", "attributes"),
+    "kvm_page_fault": ("vcpu", "rip", "address", "error_code"),
+    "kvm_hypercall": ("nr", "a0", "a1", "a2", "a3"),
+    "sys_enter_fallocate": ("fd", "mode", "offset", "len"),
+    "sys_enter_madvise": ("start", "len_in", "behavior"),
+}
+
+
+def _int(text: str, dec: bool = False) -> int:
+    return int(text, 10 if dec else 16)
+
+
+def parse_line(line: str) -> TraceEvent | None:
+    """Parse one ``trace-cmd report`` line; None for blank, comment, header (``cpus=N``) and
+    unknown-event lines.
+
+    Raises:
+        ValueError: a known event whose fields do not parse (names the event and the text).
+    """
+    m = _LINE.match(line)
+    if m is None:
+        return None
+    event = m["event"]
+    body_re = _BODIES.get(event)
+    if body_re is None:
+        return None
+    b = body_re.match(m["body"])
+    if b is None:
+        raise ValueError(f"{event}: cannot parse {m['body'].strip()!r}")
+    frac = (m["frac"] + "000000000")[:9]
+    ns = int(m["sec"]) * 1_000_000_000 + int(frac)
+    if event == "kvm_userspace_exit":
+        name, num = b.group(1), int(b.group(2))
+        fields = {"errno": num if name in ("error", "restart") else 0,
+                  "reason": 0 if name in ("error", "restart") else num}
+    else:
+        groups = b.groups()
+        names = _NAMES[event]
+        fields = {k: _int(v, dec=(k == "vcpu")) for k, v in zip(names, groups)}
+    return TraceEvent(event, m["comm"].strip(), int(m["pid"]), int(m["cpu"]), ns, fields)
+
+
+def parse(lines: Iterable[str]) -> Iterator[tuple[int, TraceEvent]]:
+    """Parse every line; yield ``(line number, event)`` for the events this module knows.
+
+    Raises:
+        ValueError: ``"line N: ..."`` for a known event that does not parse.
+    """
+    for no, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            ev = parse_line(line)
+        except ValueError as exc:
+            raise ValueError(f"line {no}: {exc}") from None
+        if ev is not None:
+            yield no, ev
+
+
+def header_fields(lines: Iterable[str]) -> dict[str, str]:
+    """``key=value`` pairs of the ``# pkvm ...`` header comment lines at the top of a trace."""
+    out: dict[str, str] = {}
+    for line in lines:
+        s = line.strip()
+        if not s:
+            continue
+        if not s.startswith("#"):
+            break
+        body = s[1:].strip()
+        if body.startswith("pkvm "):
+            for tok in body[5:].split():
+                if "=" in tok:
+                    k, v = tok.split("=", 1)
+                    out[k] = v
+    return out
