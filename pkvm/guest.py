@@ -50,8 +50,9 @@ class GuestFlows(Protocol):
     def convert(self, gpa: int, size: int, private: bool) -> bool:
         """Convert ``[gpa, gpa + size)`` (alias-free) to private or shared; True on success."""
 
-    def accept(self, gpa: int, size: int) -> bool:
-        """Accept the unaccepted private memory ``[gpa, gpa + size)``; True on success."""
+    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
+        """Accept the unaccepted private memory ``[gpa, gpa + size)``; True on success.
+        ``huge=False``: 4K units only (where the platform's guest has such a mode)."""
 
 
 class HypercallGuestFlows:
@@ -66,7 +67,7 @@ class HypercallGuestFlows:
         r = g.execute(g.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, size >> PAGE_SHIFT, attrs))
         return r.ret == "done" and r.status == 0
 
-    def accept(self, gpa: int, size: int) -> bool:
+    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
         return True  # nothing to accept: no hardware validation state
 
 
@@ -138,9 +139,11 @@ class Guest:
         finally:
             self.vm._set_actor(prev)
 
-    def accept(self, gpa: int, size: int) -> bool:
+    def accept(self, gpa: int, size: int, *, huge: bool = True) -> bool:
         """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). True on
-        success; a platform without acceptance has nothing to do.
+        success; a platform without acceptance has nothing to do. ``huge=False`` accepts in
+        4K units only (SNP: 4K page-state entries and PVALIDATEs; TDX has no such mode and
+        raises ValueError).
 
         Raises:
             KvmError: EIO if the VM is (or becomes) dead.
@@ -149,7 +152,7 @@ class Guest:
         self._range(gpa, size)
         prev = self.vm._set_actor(self.actor)
         try:
-            return self.flows.accept(gpa, size)
+            return self.flows.accept(gpa, size, bool(huge))
         finally:
             self.vm._set_actor(prev)
 

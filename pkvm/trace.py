@@ -12,8 +12,8 @@ seconds. Events and their formats:
 
 =============================  ============================================================
 ``kvm_vm_set_mem_attributes``  ``%#016llx -- %#016llx [0x%lx]``: start gfn, end gfn, attributes
-                               (one line per successful ``KVM_SET_MEMORY_ATTRIBUTES`` that
-                               changed something; a short-circuited call emits nothing)
+                               (one line per ``KVM_SET_MEMORY_ATTRIBUTES`` that passed
+                               validation, short-circuited or not: the kernel traces on entry)
 ``kvm_page_fault``             ``vcpu %u rip 0x%lx address 0x%016llx error_code 0x%llx``: one
                                line per nested page fault (a batch of N faults is N lines)
 ``kvm_userspace_exit``         ``reason %s (%d)``: ``KVM_EXIT_HYPERCALL (3)``, or ``error (14)``
@@ -28,7 +28,9 @@ Error codes (``kvm_page_fault``): SNP passes the #NPF error code: bit 1 write, b
 with bit 0 (present) for an RMP-check #NPF, and KVM's synthetic bit 49
 ``PFERR_PRIVATE_ACCESS`` for a private fault. TDX passes the exit qualification (bit 0 read,
 bit 1 write, forced to write for a private gpa) and a shared gpa carries the shared bit.
-SW_PROTECTED and DEFAULT VMs pass the plain #NPF bits (KVM derives private from the attribute).
+SW_PROTECTED and DEFAULT VMs pass the plain #NPF bits; pkvm adds bit 49 when the access it
+simulated was private (a real SW_PROTECTED fault never carries it: KVM derives private from
+the attribute after the tracepoint), so that a replay repeats the same access.
 
 What is *not* in a trace, because the kernel has no tracepoint for it in this set: guest
 instructions that do not trap (PVALIDATE, ``TDG.MEM.PAGE.ACCEPT``), SNP page-state-change
@@ -131,9 +133,11 @@ class Tracer:
         else:
             code = PFERR_GUEST_FINAL | (PFERR_WRITE if write else 0)
             alias = 0
+            if private:
+                code |= PFERR_PRIVATE_ACCESS
             if self._platform == "snp":
                 if private:
-                    code |= PFERR_GUEST_ENC | PFERR_PRIVATE_ACCESS
+                    code |= PFERR_GUEST_ENC
                 if rmp:
                     code |= PFERR_GUEST_RMP | PFERR_PRESENT
         n = (end - gfn + step - 1) // step

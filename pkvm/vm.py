@@ -202,6 +202,8 @@ class VM:
         self._cost_ns: dict[str, int] = {}
         self._actor_ns: dict[str, dict[str, int]] = {"vmm": self._cost_ns}
         self._modeled_ns = 0
+        #: ``KVM_SET_MEMORY_ATTRIBUTES`` calls that passed validation (short-circuited ones too).
+        self.attr_ioctls = 0
         #: The attached :class:`pkvm.trace.Tracer`, or None (every emission point tests this).
         self._tracer: Tracer | None = None
         self.seed = seed
@@ -508,10 +510,11 @@ class VM:
         if (address | size) & (PAGE_SIZE - 1):
             raise KvmError(errno.EINVAL, f"[{address:#x}, {end_addr:#x}) is not 4 KiB aligned")
         start, end = address >> PAGE_SHIFT, end_addr >> PAGE_SHIFT
+        self.attr_ioctls += 1
+        if self._tracer is not None:  # traced on entry, before the short-circuit (6.17+)
+            self._tracer.set_mem_attributes(start, end, attributes)
         if self._legacy:
             self._attr_legacy(start, end, attributes)
-            if self._tracer is not None:
-                self._tracer.set_mem_attributes(start, end, attributes)
             return
         if self._attrs.find_ne(start, end, attributes) == -1:
             return  # §2.7 short-circuit
@@ -524,8 +527,6 @@ class VM:
         self._attr_post(ranges, attributes)
         if ranges and self._eager_post:
             self._attr_post_unlock(ranges, attributes)
-        if self._tracer is not None:
-            self._tracer.set_mem_attributes(start, end, attributes)
 
     def _attr_legacy(self, start: int, end: int, attrs: int) -> None:
         """The UPM-era ioctl of the RFC v8 series (seed thread; spec §2.6 "historical").

@@ -36,10 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..guest import Guest
 
 
-def psc_entries(gfn: int, end: int, op: int) -> Iterator[PscEntry]:
-    """The guest's PSC entries for ``[gfn, end)``: 2M where aligned, 4K elsewhere."""
+def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscEntry]:
+    """The guest's PSC entries for ``[gfn, end)``: 2M where aligned (if ``huge``), 4K elsewhere."""
     while gfn < end:
-        if not gfn & 511 and gfn + 512 <= end:
+        if huge and not gfn & 511 and gfn + 512 <= end:
             yield PscEntry(gfn, op, True)
             gfn += 512
         else:
@@ -60,15 +60,15 @@ class SnpGuestFlows:
             return self.page_state_change(gpa, size, True) and self.pvalidate(gpa, size, True)
         return self.pvalidate(gpa, size, False) and self.page_state_change(gpa, size, False)
 
-    def accept(self, gpa: int, size: int) -> bool:
-        return self.page_state_change(gpa, size, True) and self.pvalidate(gpa, size, True)
+    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
+        return self.page_state_change(gpa, size, True, huge) and self.pvalidate(gpa, size, True, huge)
 
-    def page_state_change(self, gpa: int, size: int, private: bool) -> bool:
+    def page_state_change(self, gpa: int, size: int, private: bool, huge: bool = True) -> bool:
         """``set_pages_state`` via the GHCB protocol, 64 entries per request."""
         g = self.guest
         op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
         batch: list[PscEntry] = []
-        for ent in psc_entries(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op):
+        for ent in psc_entries(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op, huge):
             batch.append(ent)
             if len(batch) == VMGEXIT_PSC_MAX_ENTRY:
                 if not self._request(g, batch):
@@ -82,8 +82,9 @@ class SnpGuestFlows:
         r = g.execute(g.vcpu.psc(desc))  # type: ignore[attr-defined]
         return r.ret == "done" and r.status == 0 and desc.cur_entry > desc.end_entry
 
-    def pvalidate(self, gpa: int, size: int, validate: bool) -> bool:
-        """``pvalidate_pages``: 2M where aligned, 4K fallback; True if every page changed."""
+    def pvalidate(self, gpa: int, size: int, validate: bool, huge: bool = True) -> bool:
+        """``pvalidate_pages``: 2M where aligned (if ``huge``), 4K fallback; True if every
+        page changed."""
         g = self.guest
-        r = g.execute(g.vcpu.pvalidate_range(gpa, size, validate))  # type: ignore[attr-defined]
+        r = g.execute(g.vcpu.pvalidate_range(gpa, size, validate, huge=huge))  # type: ignore[attr-defined]
         return r.ret == "done" and r.status == 0

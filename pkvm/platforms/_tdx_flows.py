@@ -53,8 +53,13 @@ class TdxGuestFlows:
             return self.accept_memory(gpa, gpa + size)
         return True
 
-    def accept(self, gpa: int, size: int) -> bool:
-        """Lazy acceptance: ``tdx_accept_memory`` alone."""
+    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
+        """Lazy acceptance: ``tdx_accept_memory`` alone. The Linux TD guest always tries 1G,
+        then 2M, then 4K (``try_accept_one``): it has no 4K-only mode, so ``huge=False`` is
+        refused."""
+        if not huge:
+            raise ValueError("a TDX guest accepts with 1G -> 2M -> 4K attempts (try_accept_one); "
+                             "4K-only acceptance is an SNP guest choice")
         return self.accept_memory(gpa, gpa + size)
 
     def map_gpa(self, start: int, end: int, enc: bool) -> bool:

@@ -1,0 +1,45 @@
+"""Parsing and printing sizes and durations for the CLI and the experiment configs."""
+
+from __future__ import annotations
+
+import re
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+def parse_size(text: str | int) -> int:
+    """``"64G"`` -> 68719476736. Binary units (K, M, G, T, P; optional ``iB``/``B``);
+    a bare number is bytes.
+
+    Raises:
+        ValueError: not a size (the message quotes it).
+    """
+    if type(text) is int:
+        if text < 0:
+            raise ValueError(f"size {text} is negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"size {text!r} is not a string like '64G'")
+    m = _SIZE.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size like 4K, 2M, 64G or 1T")
+    return int(m.group(1)) << _SHIFT[m.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    """The shortest exact binary-unit spelling: 68719476736 -> ``"64G"``."""
+    for unit, shift in (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n and not n & ((1 << shift) - 1):
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def format_ns(ns: int | float) -> str:
+    """Modeled time for a human: ``"812 ns"``, ``"3.41 µs"``, ``"12.3 ms"``, ``"4.21 s"``."""
+    ns = float(ns)
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if abs(ns) >= scale:
+            v = ns / scale
+            return f"{v:.3g} {unit}" if v < 100 else f"{v:,.0f} {unit}"
+    return f"{ns:.0f} ns"

@@ -1,0 +1,327 @@
+"""Experiments: run a workload on one configuration and get a self-describing result.
+
+:func:`run` is pure: the same ``(config, seed)`` gives the same :class:`Result` (every counter
+and modeled nanosecond; only the simulator's own wall time differs), it touches no global
+state, and both the config and the result pickle, so sweeps can farm runs out to processes::
+
+    >>> from pkvm import experiments
+    >>> cfg = experiments.Config(platform="snp", memory="64M", workload="boot")
+    >>> r = experiments.run(cfg, seed=1)
+    >>> r.counters["pf_taken"] > 0, r.modeled_ns == sum(r.by_actor.values())
+    (True, True)
+    >>> [p.name for p in r.phases]
+    ['launch', 'accept']
+
+:func:`compare` runs one config under several policies; :func:`sweep` over memory sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from . import workloads as _workloads
+from ._units import format_size, parse_size
+from .costs import CostModel
+from .workloads import PhaseRecord
+
+__all__ = ["Config", "Result", "run", "compare", "sweep", "DEFAULT_POLICIES", "PLATFORM_POLICIES"]
+
+#: The policies ``pkvm compare`` runs when none are given, per platform.
+PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
+    "snp": ("fault-time", "eager-post", "eager-locked", "eager-split"),
+    "tdx": ("6.16", "6.19", "tdx-huge-pages"),
+    "sw_protected": ("6.8", "6.11", "6.16", "6.19"),
+    "default": ("6.19",),
+}
+DEFAULT_POLICIES = PLATFORM_POLICIES["snp"]
+_PLATFORMS = ("snp", "tdx", "sw_protected")
+_BACKINGS = ("4k", "thp", "hugetlb-2m", "hugetlb-1g")
+_MIN_MEMORY = 8 << 20
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pkvm")
+    except Exception:  # pragma: no cover - running from a source tree without metadata
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One experiment: platform, guest memory, workload (+ options), policy, costs.
+
+    ``memory`` accepts a size string (``"64G"``) and is stored in bytes. ``options`` are the
+    workload's (``{"accept": "4K"}``); ``costs`` single-operation overrides (``{"rmpupdate":
+    "800ns"}``), applied over ``cost_file`` (a TOML or JSON cost model) or the platform's
+    default model. ``vcpus`` guest vCPUs share the work round-robin. ``discard=False`` makes the
+    VMM keep both backings on conversion (see :class:`pkvm.Vmm`). ``trace`` is a path to write
+    the kernel-format trace to (see :mod:`pkvm.trace`), or None.
+
+    Raises (on construction):
+        ValueError: any field out of range, with the field's name in the message.
+    """
+
+    platform: str = "snp"
+    memory: int | str = 64 << 30
+    workload: str = "boot"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    policy: str = "fault-time"
+    costs: Mapping[str, Any] = field(default_factory=dict)
+    cost_file: str | None = None
+    vcpus: int = 1
+    shared_backing: str = "thp"
+    discard: bool = True
+    image: int | str = 2 << 20
+    trace: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.platform not in _PLATFORMS:
+            raise ValueError(f"platform {self.platform!r} is not one of {', '.join(_PLATFORMS)}")
+        mem = parse_size(self.memory)
+        if mem < _MIN_MEMORY or mem & ((2 << 20) - 1):
+            raise ValueError(f"memory {self.memory!r} must be a multiple of 2M, at least {format_size(_MIN_MEMORY)}")
+        if mem > 1 << 52:
+            raise ValueError(f"memory {self.memory!r} is larger than the 52-bit guest physical address space")
+        object.__setattr__(self, "memory", mem)
+        image = parse_size(self.image)
+        if image & 0xFFF or image >= mem:
+            raise ValueError(f"image {self.image!r} must be 4K aligned and smaller than memory")
+        object.__setattr__(self, "image", image)
+        wl = _workloads.get(self.workload)
+        opts = dict(self.options)
+        _workloads.parse_options(wl, opts)  # validates; raw values are kept for display
+        object.__setattr__(self, "options", opts)
+        object.__setattr__(self, "costs", dict(self.costs))
+        if type(self.vcpus) is not int or not 1 <= self.vcpus <= 1024:
+            raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
+        if self.shared_backing not in _BACKINGS:
+            raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(_BACKINGS)}")
+        from .policy import resolve_policy
+
+        resolve_policy(self.policy)  # raises ValueError for an unknown preset
+        self.cost_model()  # validates overrides and the file
+
+    def cost_model(self) -> CostModel:
+        """The cost model this config runs with."""
+        model = CostModel.default(self.platform)
+        if self.cost_file is not None:
+            if str(self.cost_file).endswith(".json"):
+                import json
+
+                with open(self.cost_file, encoding="utf-8") as f:
+                    model = CostModel.from_dict(json.load(f), base=model)
+            else:
+                model = CostModel.from_toml(self.cost_file, base=model)
+        if self.costs:
+            model = model.with_overrides(self.costs)
+        return model
+
+    def with_(self, **changes: Any) -> Config:
+        """A copy with ``changes`` (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["memory_text"] = format_size(self.memory)  # type: ignore[arg-type]
+        return d
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything one run measured; plain data (pickles, and :meth:`to_dict` is JSON-able).
+
+    ``counters``: ``vm.stats`` plus ``conversions`` (``KVM_SET_MEMORY_ATTRIBUTES`` calls),
+    ``gfns_converted`` (per-gfn attribute stores), ``vmm_conversions``, ``gfns_accessed``;
+    ``modeled_ns`` with ``by_actor`` / ``by_op`` / ``by_actor_op`` breakdowns (ns);
+    ``directmap`` (SNP: ``fragmented_fraction`` and ``fragmented_pages``); ``phases``;
+    ``wall_s`` (the simulator's own time); ``cost_model`` (the full model, as a dict) and its
+    ``cost_fingerprint``; ``notes`` (e.g. what a replay could not reproduce).
+    """
+
+    config: Config
+    seed: int
+    version: str
+    counters: dict[str, int]
+    modeled_ns: int
+    by_actor: dict[str, int]
+    by_op: dict[str, int]
+    by_actor_op: dict[str, dict[str, int]]
+    directmap: dict[str, float]
+    phases: tuple[PhaseRecord, ...]
+    wall_s: float
+    cost_model: dict[str, Any]
+    cost_fingerprint: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def policy(self) -> str:
+        return self.config.policy
+
+    @property
+    def gfns_per_s(self) -> float:
+        """GFNs the simulator processed (converted + accepted/touched) per wall second."""
+        n = self.counters.get("gfns_converted", 0) + self.counters.get("gfns_accessed", 0)
+        return n / self.wall_s if self.wall_s > 0 else 0.0
+
+    def row(self) -> dict[str, Any]:
+        """The comparison-table row: the headline counters, in table order."""
+        c = self.counters
+        seamcalls = sum(v for k, v in c.items() if k.startswith("seamcall_") and k != "seamcall_busy")
+        row: dict[str, Any] = {
+            "policy": self.config.policy,
+            "conversions": c.get("conversions", 0),
+            "gfns_converted": c.get("gfns_converted", 0),
+            "faults": c.get("pf_taken", 0),
+            "memory_fault_exits": c.get("memory_fault_exits", 0),
+        }
+        if self.config.platform == "snp":
+            row["rmpupdates"] = c.get("rmpupdate", 0)
+            row["psmashes"] = c.get("psmash", 0)
+            row["rmp_faults"] = c.get("rmp_fault", 0)
+        elif self.config.platform == "tdx":
+            row["seamcalls"] = seamcalls
+        row["zaps"] = c.get("zapped_sptes", 0)
+        row["tlb_flushes"] = c.get("remote_tlb_flush", 0)
+        if self.config.platform == "snp":
+            row["directmap_splits"] = c.get("directmap_splits", 0)
+            row["directmap_fragmented"] = self.directmap.get("fragmented_fraction", 0.0)
+            row["sleep_in_atomic"] = c.get("sleep_in_atomic", 0)
+        row["modeled_ns"] = self.modeled_ns
+        for actor, ns in self.by_actor.items():
+            row[f"modeled_ns_{actor}"] = ns
+        row["wall_s"] = self.wall_s
+        row["gfns_per_s"] = self.gfns_per_s
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: configuration, seed, pkvm version, cost model, every counter, the
+        modeled-time breakdowns, phases, wall time and the table row."""
+        return {
+            "pkvm_version": self.version,
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "cost_model": self.cost_model,
+            "cost_fingerprint": self.cost_fingerprint,
+            "row": self.row(),
+            "counters": dict(self.counters),
+            "modeled_ns": self.modeled_ns,
+            "by_actor": dict(self.by_actor),
+            "by_op": dict(self.by_op),
+            "by_actor_op": {a: dict(c) for a, c in self.by_actor_op.items()},
+            "directmap": dict(self.directmap),
+            "phases": [asdict(p) for p in self.phases],
+            "wall_s": self.wall_s,
+            "gfns_per_s": self.gfns_per_s,
+            "notes": list(self.notes),
+        }
+
+
+def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
+    from .guest import Guest
+    from .vm import VM
+    from .vmm import Vmm
+
+    vm = VM(config.platform, policy=config.policy, costs=config.cost_model(), seed=seed,
+            shared_backing=config.shared_backing, nr_vcpus=config.vcpus)
+    vmm = Vmm(vm, discard=config.discard)
+    vcpus = [vm.create_vcpu() for _ in range(config.vcpus)]
+    guests = [Guest(vm, vmm, v) for v in vcpus]
+    ctx = _workloads.Context(vm, vmm, guests, seed, config.memory, config.image,  # type: ignore[arg-type]
+                             progress)
+    return vm, ctx
+
+
+def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | None = None) -> Result:
+    """Run ``config``'s workload with ``seed``; return its :class:`Result`.
+
+    ``progress`` (optional) is called with the fraction done, for progress bars.
+
+    Raises:
+        ValueError: a bad config or seed, or a replay file that does not parse.
+        KvmError: the workload hit an error the simulated kernel or guest would report.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a pkvm.experiments.Config, not {type(config).__name__}")
+    if type(seed) is not int or seed < 0:
+        raise ValueError(f"seed {seed!r} must be a non-negative int")
+    wl = _workloads.get(config.workload)
+    opts = _workloads.parse_options(wl, config.options)
+    t0 = time.perf_counter()
+    vm, ctx = _build(config, seed, progress)
+    sink = None
+    try:
+        if config.trace is not None:
+            from .trace import Tracer
+
+            sink = open(config.trace, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            sink.write(f"cpus={config.vcpus + 1}\n")
+            tracer = Tracer(sink, header=[_trace_header(config, opts)])
+            vm.trace(tracer)
+        wl.run(ctx, **opts)
+    finally:
+        if sink is not None:
+            vm.trace(None)
+            sink.close()
+    wall = time.perf_counter() - t0
+    model = vm.costs
+    dm: dict[str, float] = {}
+    directmap = getattr(vm, "directmap", None)
+    if directmap is not None:
+        dm = {"fragmented_fraction": float(directmap.fragmented_fraction()),
+              "fragmented_pages": float(directmap.fragmented_pages())}
+    by_actor_op = vm.cost_by_actor()
+    return Result(
+        config=config, seed=seed, version=_version(), counters=ctx.counters(), modeled_ns=vm.modeled_ns,
+        by_actor={a: sum(c.values()) for a, c in by_actor_op.items()},
+        by_op=dict(sorted(vm.cost_breakdown().items())), by_actor_op=by_actor_op, directmap=dm,
+        phases=tuple(ctx.phases), wall_s=wall, cost_model=model.to_dict(),
+        cost_fingerprint=model.fingerprint(), notes=tuple(ctx.notes))
+
+
+def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
+    return (f"pkvm version={_version()} platform={config.platform} memory={config.memory} "
+            f"image={config.image} vcpus={config.vcpus} policy={config.policy} workload={config.workload} "
+            f"prealloc={int(bool(opts.get('prealloc', False)))} shared_backing={config.shared_backing} "
+            f"discard={int(config.discard)} setup=untraced")
+
+
+def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0, *,
+            progress: Callable[[str, float], None] | None = None) -> list[Result]:
+    """Run ``config`` once per policy (default: the platform's :data:`PLATFORM_POLICIES`),
+    same seed. With ``config.trace`` set and several policies, each policy writes
+    ``<stem>.<policy><suffix>``."""
+    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    out = []
+    for pol in pols:
+        cfg = config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols)))
+        cb = None if progress is None else (lambda f, _p=pol: progress(_p, f))
+        out.append(run(cfg, seed, progress=cb))
+    return out
+
+
+def _trace_path(path: str | None, policy: str, n: int) -> str | None:
+    if path is None or n == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.{policy}{ext or '.txt'}"
+
+
+def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str] | None = None, seed: int = 0, *,
+          progress: Callable[[str, float], None] | None = None) -> list[Result]:
+    """:func:`compare` at each guest memory size, in order (results flattened)."""
+    out: list[Result] = []
+    for mem in memories:
+        out.extend(compare(config.with_(memory=mem), policies, seed, progress=progress))
+    return out
+
+
+def _roundtrip(result: Result) -> Result:
+    """Pickle and unpickle (a test helper: results must survive process pools)."""
+    return pickle.loads(pickle.dumps(result))

@@ -1,0 +1,554 @@
+"""Workloads: what a confidential guest and its VMM do to guest memory, deterministic from a seed.
+
+Every workload drives the :class:`pkvm.Guest` and :class:`pkvm.Vmm` actors, never the KVM
+model directly, so one workload runs unchanged on SNP, TDX and SW_PROTECTED VMs. A workload is
+a function ``run(ctx, **options)`` registered in :data:`WORKLOADS` with a description and its
+options (name -> :class:`Option`). :class:`Context` gives it the VM, the VMM, one guest per
+vCPU, a seeded ``random.Random`` and :meth:`Context.phase` to split the run into phases the
+result reports separately.
+
+Memory layout: one RAM slot ``[0, memory)``; the firmware image (``image`` bytes, default 2 MiB)
+sits at its start and is built by the platform's launch flow (SNP ``LAUNCH_UPDATE``, TDX
+``INIT_MEM_REGION``). A real guest has a PCI hole below 4 GiB; it changes nothing here.
+
+=============  =================================================================================
+``boot``       The VMM marks all RAM private (QEMU's ``kvm_set_phys_mem``), launches, and the
+               guest accepts all of it, as lazy acceptance eventually does (``accept=2M``: 2 MiB
+               units, PVALIDATE / ACCEPT at 2M where possible; ``accept=4K``: 4K only).
+``swiotlb``    Boot, then bounce-buffer churn: ``ops`` times a random 4K page goes private ->
+               shared, is touched ``touches`` times (the device's DMA), and goes back.
+``virtio``     Boot, then ``cycles`` device resets: each device's rings and buffer pool are
+               allocated, converted to shared, used, and converted back on teardown.
+``balloon``    Boot, then ``cycles`` inflate / deflate rounds: the VMM discards ``fraction`` of
+               RAM in ``chunk`` units (punch the guest_memfd hole, drop the shared backing), and
+               the guest later re-accepts and re-touches it, faulting it back in.
+``migration``  The destination of a migration: the incoming VMM builds RAM private, restores the
+               source's shared ranges (SWIOTLB pool and device buffers), and the resumed guest
+               re-accepts its resident private memory and touches its shared buffers.
+``mixed``      Boot with the SWIOTLB pool shared, then ``ops`` random actions: bounce-buffer
+               churn, virtio ring setup / teardown, balloon rounds, and implicit conversions
+               (the guest touches a private page as shared without converting it first).
+``replay``     Replays a kernel trace (``trace-cmd report`` text; see :mod:`pkvm.trace`).
+=============  =================================================================================
+
+Choices the kernel spec does not make (documented in ``docs/workloads.md``): the SWIOTLB pool
+is min(6 % of RAM, 1 GiB) as the Linux CVM guest sizes it; random pages are drawn uniformly
+from RAM above the image; vCPUs take turns (round-robin) in the order actions are drawn.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from ._core import RangeMap
+from ._units import format_size, parse_size
+from .constants import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .guest import Guest
+    from .vm import VM
+    from .vmm import Vmm
+
+__all__ = ["WORKLOADS", "Context", "Option", "Workload", "get", "parse_options"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+P2M = 2 * MiB
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+
+def _bool(text: object) -> bool:
+    if type(text) is bool:
+        return text
+    s = str(text).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true/false)")
+
+
+def _nonneg_int(text: object) -> int:
+    v = int(str(text), 0) if not isinstance(text, int) or isinstance(text, bool) else text
+    if isinstance(text, bool) or v < 0:
+        raise ValueError(f"{text!r} is not a non-negative integer")
+    return v
+
+
+def _fraction(text: object) -> float:
+    v = float(text)  # type: ignore[arg-type]
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{text!r} is not a fraction in [0, 1]")
+    return v
+
+
+def _granule(text: object) -> int:
+    v = parse_size(text)  # type: ignore[arg-type]
+    if v not in (PAGE_SIZE, P2M):
+        raise ValueError(f"{text!r} must be 4K or 2M")
+    return v
+
+
+def _page_size(text: object) -> int:
+    v = parse_size(text)  # type: ignore[arg-type]
+    if v <= 0 or v & (PAGE_SIZE - 1):
+        raise ValueError(f"{text!r} must be a positive multiple of 4K")
+    return v
+
+
+def _text(text: object) -> str:
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{text!r} is not a non-empty string")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """A workload option: default value, parser (text or value -> value), help text."""
+
+    default: Any
+    parse: Callable[[object], Any]
+    help: str
+
+    def show(self, value: Any) -> str:
+        """The value as a user would type it."""
+        if self.parse in (_granule, _page_size):
+            return format_size(value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A registered workload: ``run(ctx, **options)``."""
+
+    name: str
+    description: str
+    options: Mapping[str, Option]
+    run: Callable[..., None]
+
+
+def parse_options(workload: Workload, given: Mapping[str, object]) -> dict[str, Any]:
+    """Every option of ``workload`` with ``given`` parsed over the defaults.
+
+    Raises:
+        ValueError: an unknown option (listing the known ones) or a bad value.
+    """
+    unknown = sorted(set(given) - set(workload.options))
+    if unknown:
+        known = ", ".join(workload.options) or "none"
+        raise ValueError(f"workload {workload.name!r} has no option {unknown[0]!r} (options: {known})")
+    out: dict[str, Any] = {}
+    for name, opt in workload.options.items():
+        if name in given:
+            try:
+                out[name] = opt.parse(given[name])
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"workload {workload.name!r} option {name}={given[name]!r}: {exc}") from None
+        else:
+            out[name] = opt.default
+    return out
+
+
+# -- context ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseRecord:
+    """What one phase of a run did: modeled ns (total and per actor), wall seconds, and the
+    counters it changed (deltas)."""
+
+    name: str
+    modeled_ns: int = 0
+    by_actor: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class Context:
+    """What a workload runs against (built by :func:`pkvm.experiments.run`).
+
+    Attributes: ``vm``, ``vmm``, ``guests`` (one :class:`pkvm.Guest` per vCPU), ``rng`` (a
+    ``random.Random`` seeded from the run's seed), ``memory`` (RAM bytes), ``image`` (bytes of
+    firmware image at gpa 0), ``gfns_accessed`` (pages the guest accepted or touched, for
+    the simulator's GFNs/s), ``notes`` (lines the result reports, e.g. replay mismatches).
+    """
+
+    def __init__(self, vm: VM, vmm: Vmm, guests: list[Guest], seed: int, memory: int, image: int,
+                 progress: Callable[[float], None] | None = None) -> None:
+        self.vm = vm
+        self.vmm = vmm
+        self.guests = guests
+        self.rng = random.Random(seed)
+        self.memory = memory
+        self.image = image
+        self.gfns_accessed = 0
+        self.notes: list[str] = []
+        self.phases: list[PhaseRecord] = []
+        self.setup_done = False
+        #: The guest's own view of which pages it made shared (1) — Linux never hands a shared
+        #: page to the page allocator, so random picks avoid them.
+        self.shared = RangeMap(0)
+        self._turn = 0
+        self._progress = progress
+
+    # -- helpers for workloads ---------------------------------------------------------------
+
+    def guest(self) -> Guest:
+        """The next guest vCPU, round-robin."""
+        g = self.guests[self._turn % len(self.guests)]
+        self._turn += 1
+        return g
+
+    def progress(self, fraction: float) -> None:
+        """Report progress in [0, 1] (drives the CLI's progress bar)."""
+        if self._progress is not None:
+            self._progress(min(1.0, max(0.0, fraction)))
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[PhaseRecord]:
+        """Attribute the work done inside the ``with`` block to phase ``name``."""
+        vm = self.vm
+        rec = PhaseRecord(name)
+        before = self.counters()
+        ns0, actors0 = vm.modeled_ns, {a: sum(c.values()) for a, c in vm.cost_by_actor().items()}
+        t0 = time.perf_counter()
+        try:
+            yield rec
+        finally:
+            rec.wall_s = time.perf_counter() - t0
+            rec.modeled_ns = vm.modeled_ns - ns0
+            after = self.counters()
+            rec.counters = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            actors = {a: sum(c.values()) for a, c in vm.cost_by_actor().items()}
+            rec.by_actor = {a: ns - actors0.get(a, 0) for a, ns in actors.items() if ns != actors0.get(a, 0)}
+            self.phases.append(rec)
+
+    def counters(self) -> dict[str, int]:
+        """``vm.stats`` plus the actors' counters (``conversions``, ``gfns_converted``, ...)."""
+        vm, vmm = self.vm, self.vmm
+        out = dict(vm.stats)
+        out["conversions"] = vm.attr_ioctls
+        out["gfns_converted"] = vm.stats["attr_stores"]
+        out["vmm_conversions"] = vmm.conversions
+        out["vmm_failed_conversions"] = vmm.failed_conversions
+        out["gfns_accessed"] = self.gfns_accessed
+        return out
+
+    def setup(self, *, prealloc: bool = False, mark_private: bool = True) -> None:
+        """Build the VM: RAM ``[0, memory)`` (private, optionally preallocated) and launch it
+        with the firmware image. Runs once, untraced (a trace starts after it)."""
+        if self.setup_done:
+            return
+        vm = self.vm
+        tracer = vm._tracer
+        vm.trace(None)
+        try:
+            self.vmm.add_ram(0, self.memory, prealloc=prealloc, mark_private=mark_private)
+            image = [(0, self.image, True)] if self.image and vm.platform.has_private_mem else []
+            self.vmm.launch(image)
+        finally:
+            vm.trace(tracer)
+        self.setup_done = True
+
+    def accept(self, guest: Guest, gpa: int, size: int, huge: bool = True) -> None:
+        """The guest accepts ``[gpa, gpa + size)`` (``huge=False``: 4K units only)."""
+        if size <= 0:
+            return
+        ok = guest.accept(gpa, size, huge=huge)
+        self._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
+        self.gfns_accessed += size >> PAGE_SHIFT
+
+    def convert(self, guest: Guest, gpa: int, size: int, private: bool) -> None:
+        self._require(guest.convert(gpa, size, private=private),
+                      f"converting [{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}")
+        self.shared.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0 if private else 1)
+
+    def touch(self, guest: Guest, gpa: int, size: int, private: bool, write: bool = True) -> None:
+        r = guest.touch(gpa, size, private=private, write=write)
+        self._require(r.ret == "done", f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
+        self.gfns_accessed += size >> PAGE_SHIFT
+
+    def _require(self, ok: bool, what: str) -> None:
+        if not ok:
+            from .errors import KvmError
+
+            vm = self.vm
+            why = vm.events[-1][1] if vm.events else "the guest saw a failure status"
+            raise KvmError(5, f"workload step failed: {what}: {why}")  # EIO
+
+    def random_page(self, lo: int | None = None, hi: int | None = None) -> int:
+        """A uniformly random private 4K page in ``[lo, hi)`` (default: RAM above the image)."""
+        lo = self.image if lo is None else lo
+        hi = self.memory if hi is None else hi
+        return self.random_region(PAGE_SIZE, PAGE_SIZE, lo, hi)
+
+    def random_region(self, size: int, align: int = PAGE_SIZE, lo: int | None = None, hi: int | None = None) -> int:
+        """A random ``align``-aligned gpa where ``size`` bytes of private RAM fit in
+        ``[lo, hi)`` (default: above the image); drawn again while it overlaps shared pages.
+
+        Raises:
+            ValueError: no such region after 1000 draws.
+        """
+        lo = -(-(self.image if lo is None else lo) // align)
+        hi = ((self.memory if hi is None else hi) - size) // align
+        if hi < lo:
+            raise ValueError(f"{format_size(size)} does not fit in {format_size(self.memory)} of RAM")
+        for _ in range(1000):
+            gpa = self.rng.randint(lo, hi) * align
+            if self.shared.find_ne(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0) == -1:
+                return gpa
+        raise ValueError(f"no private {format_size(size)} region left in {format_size(self.memory)} of RAM")
+
+    def private_runs(self, gpa: int, end: int) -> Iterator[tuple[int, int]]:
+        """The ``(gpa, size)`` runs of ``[gpa, end)`` the guest has not made shared."""
+        pos = gpa >> PAGE_SHIFT
+        stop = end >> PAGE_SHIFT
+        for s, e, _v in self.shared.ranges(pos, stop):
+            if s > pos:
+                yield pos << PAGE_SHIFT, (s - pos) << PAGE_SHIFT
+            pos = e
+        if pos < stop:
+            yield pos << PAGE_SHIFT, (stop - pos) << PAGE_SHIFT
+
+    def swiotlb_size(self) -> int:
+        """Linux's SWIOTLB pool for a CVM: 6 % of RAM, capped at 1 GiB, 2 MiB aligned."""
+        return max(P2M, min(GiB, self.memory * 6 // 100) & ~(P2M - 1))
+
+
+# -- the workloads -----------------------------------------------------------------------------------
+
+
+def _boot_all(ctx: Context, accept: int = P2M, prealloc: bool = False) -> None:
+    with ctx.phase("launch"):
+        ctx.setup(prealloc=prealloc)
+    with ctx.phase("accept"):
+        _accept_all(ctx, accept)
+
+
+def _accept_all(ctx: Context, accept: int = P2M) -> None:
+    """The guest accepts RAM above the image, split evenly over the vCPUs."""
+    start, end = ctx.image, ctx.memory
+    if end <= start:
+        return
+    n = len(ctx.guests)
+    span = -(-(end - start) // n)
+    span = -(-span // P2M) * P2M
+    for i, g in enumerate(ctx.guests):
+        s = start + i * span
+        e = min(end, s + span)
+        if s < e:
+            ctx.accept(g, s, e - s, huge=accept == P2M)
+        ctx.progress((i + 1) / n)
+
+
+def boot(ctx: Context, *, accept: int, prealloc: bool) -> None:
+    _boot_all(ctx, accept, prealloc)
+
+
+def _churn_one(ctx: Context, touches: int) -> None:
+    g = ctx.guest()
+    gpa = ctx.random_page()
+    ctx.convert(g, gpa, PAGE_SIZE, False)
+    for _ in range(touches):
+        ctx.touch(g, gpa, PAGE_SIZE, False)
+    ctx.convert(g, gpa, PAGE_SIZE, True)
+    ctx.touch(g, gpa, PAGE_SIZE, True)
+
+
+def swiotlb(ctx: Context, *, ops: int, touches: int, prealloc: bool) -> None:
+    _boot_all(ctx, P2M, prealloc)
+    with ctx.phase("churn"):
+        for i in range(ops):
+            _churn_one(ctx, touches)
+            if not i & 1023:
+                ctx.progress(i / max(ops, 1))
+
+
+def _device_regions(ctx: Context, queues: int, ring: int, buffers: int) -> list[tuple[int, int]]:
+    """One device's allocations: per queue a ring and a buffer pool, placed at random."""
+    out = []
+    for _ in range(queues):
+        out.append((ctx.random_region(ring), ring))
+        out.append((ctx.random_region(buffers), buffers))
+    return out
+
+
+def _virtio_cycle(ctx: Context, devices: int, queues: int, ring: int, buffers: int, io: int) -> None:
+    live = []
+    for _ in range(devices):
+        g = ctx.guest()
+        regions = _device_regions(ctx, queues, ring, buffers)
+        for gpa, size in regions:
+            ctx.convert(g, gpa, size, False)        # dma_alloc_coherent -> set_memory_decrypted
+        live.append((g, regions))
+    for _ in range(io):
+        for g, regions in live:
+            for gpa, size in regions:
+                ctx.touch(g, gpa, size, False)      # the driver and the device use them
+    for g, regions in live:
+        for gpa, size in regions:
+            ctx.convert(g, gpa, size, True)         # teardown: set_memory_encrypted
+            ctx.touch(g, gpa, size, True)
+
+
+def virtio(ctx: Context, *, cycles: int, devices: int, queues: int, ring: int, buffers: int, io: int,
+           prealloc: bool) -> None:
+    _boot_all(ctx, P2M, prealloc)
+    with ctx.phase("devices"):
+        for c in range(cycles):
+            _virtio_cycle(ctx, devices, queues, ring, buffers, io)
+            ctx.progress((c + 1) / max(cycles, 1))
+
+
+def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
+    lo = -(-ctx.image // chunk)
+    hi = ctx.memory // chunk
+    if hi <= lo:
+        return
+    k = int((hi - lo) * fraction)
+    if not k:
+        return
+    shift = (chunk >> PAGE_SHIFT).bit_length() - 1
+    picked = sorted(c for c in ctx.rng.sample(range(lo, hi), k)
+                    if ctx.shared.find_ne(c << shift, (c + 1) << shift, 0) == -1)  # private chunks only
+    runs: list[tuple[int, int]] = []
+    for c in picked:  # coalesce adjacent chunks: the balloon hands back runs of pages
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    with ctx.phase("inflate"):
+        for s, e in runs:
+            ctx.vmm.discard_ram(s * chunk, (e - s) * chunk)
+    with ctx.phase("deflate"):
+        for s, e in runs:
+            g = ctx.guest()
+            ctx.accept(g, s * chunk, (e - s) * chunk, huge=chunk == P2M)
+            ctx.touch(g, s * chunk, (e - s) * chunk, True)
+
+
+def balloon(ctx: Context, *, cycles: int, fraction: float, chunk: int, prealloc: bool) -> None:
+    _boot_all(ctx, P2M, prealloc)
+    for c in range(cycles):
+        _balloon_round(ctx, fraction, chunk)
+        ctx.progress((c + 1) / max(cycles, 1))
+
+
+def migration(ctx: Context, *, resident: float, devices: int, buffers: int, prealloc: bool) -> None:
+    shared = [(ctx.image, ctx.swiotlb_size())] if ctx.memory - ctx.image > ctx.swiotlb_size() else []
+    for _ in range(devices):
+        shared.append((ctx.random_region(buffers), buffers))
+    with ctx.phase("incoming"):
+        ctx.setup(prealloc=prealloc)
+        for gpa, size in shared:  # the source's shared ranges, restored before the guest runs
+            ctx.vmm.convert_memory(gpa, size, False)
+            ctx.shared.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 1)
+    with ctx.phase("reaccept"):
+        total = (ctx.memory - ctx.image) // P2M
+        k = int(total * resident)
+        start = ctx.image
+        n = len(ctx.guests)
+        per = -(-k // n) if n else 0
+        for i, g in enumerate(ctx.guests):
+            s = start + i * per * P2M
+            e = min(start + k * P2M, s + per * P2M)
+            for gpa, size in ctx.private_runs(s, e):
+                ctx.accept(g, gpa, size)
+    with ctx.phase("resume"):
+        for gpa, size in shared:
+            ctx.touch(ctx.guest(), gpa, size, False)
+
+
+def mixed(ctx: Context, *, ops: int, prealloc: bool) -> None:
+    _boot_all(ctx, P2M, prealloc)
+    pool = ctx.swiotlb_size()
+    with ctx.phase("swiotlb-pool"):
+        if ctx.memory - ctx.image > pool:
+            g = ctx.guest()
+            ctx.convert(g, ctx.image, pool, False)
+            ctx.touch(g, ctx.image, pool, False)
+    implicit = ctx.vm.platform.name in ("snp", "tdx")  # SW_PROTECTED derives the type from the attribute
+    with ctx.phase("steady"):
+        for i in range(ops):
+            x = ctx.rng.random()
+            if x < 0.6:
+                _churn_one(ctx, 1)
+            elif x < 0.8:
+                _virtio_cycle(ctx, 1, 2, 4 * PAGE_SIZE, 64 * PAGE_SIZE, 2)
+            elif x < 0.9:
+                _balloon_round(ctx, 0.001, P2M)
+            elif implicit:
+                g = ctx.guest()
+                gpa = ctx.random_page(ctx.image + pool)
+                ctx.touch(g, gpa, PAGE_SIZE, False)   # KVM_EXIT_MEMORY_FAULT; the VMM converts
+                ctx.convert(g, gpa, PAGE_SIZE, True)
+                ctx.touch(g, gpa, PAGE_SIZE, True)
+            else:
+                _churn_one(ctx, 1)
+            if not i & 255:
+                ctx.progress(i / max(ops, 1))
+
+
+def replay(ctx: Context, *, file: str) -> None:
+    from ._replay import replay_file
+
+    replay_file(ctx, file)
+
+
+_PREALLOC = Option(False, _bool, "fallocate the guest_memfd before marking RAM private (eager designs "
+                   "then convert allocated pages in the ioctl)")
+
+WORKLOADS: Mapping[str, Workload] = MappingProxyType({w.name: w for w in (
+    Workload("boot", "VMM marks all RAM private; the guest lazily accepts all of it",
+             MappingProxyType({"accept": Option(P2M, _granule, "acceptance unit: 2M or 4K"),
+                               "prealloc": _PREALLOC}), boot),
+    Workload("swiotlb", "boot, then bounce-buffer churn: random 4K private->shared->private with touches",
+             MappingProxyType({"ops": Option(2000, _nonneg_int, "conversion round trips"),
+                               "touches": Option(1, _nonneg_int, "shared accesses per round trip"),
+                               "prealloc": _PREALLOC}), swiotlb),
+    Workload("virtio", "boot, then virtio devices set up and tear down shared rings and buffers",
+             MappingProxyType({"cycles": Option(20, _nonneg_int, "device reset cycles"),
+                               "devices": Option(4, _nonneg_int, "devices"),
+                               "queues": Option(2, _nonneg_int, "virtqueues per device"),
+                               "ring": Option(16 * 1024, _page_size, "ring size per queue"),
+                               "buffers": Option(256 * 1024, _page_size, "buffer pool per queue"),
+                               "io": Option(4, _nonneg_int, "passes over the buffers per cycle"),
+                               "prealloc": _PREALLOC}), virtio),
+    Workload("balloon", "boot, then balloon inflate (VMM punches holes) and deflate (guest re-faults)",
+             MappingProxyType({"cycles": Option(2, _nonneg_int, "inflate/deflate rounds"),
+                               "fraction": Option(0.25, _fraction, "fraction of RAM per round"),
+                               "chunk": Option(P2M, _granule, "balloon unit: 2M or 4K"),
+                               "prealloc": _PREALLOC}), balloon),
+    Workload("migration", "migration destination: restore shared ranges, re-accept resident memory",
+             MappingProxyType({"resident": Option(1.0, _fraction, "fraction of private RAM the guest re-accepts"),
+                               "devices": Option(4, _nonneg_int, "device buffer pools to restore as shared"),
+                               "buffers": Option(P2M, _page_size, "buffer pool size per device"),
+                               "prealloc": _PREALLOC}), migration),
+    Workload("mixed", "boot with a shared SWIOTLB pool, then random churn, virtio, balloon and implicit "
+             "conversions", MappingProxyType({"ops": Option(2000, _nonneg_int, "random actions"),
+                                              "prealloc": _PREALLOC}), mixed),
+    Workload("replay", "replay a kernel trace (trace-cmd report text), e.g. one written by --trace",
+             MappingProxyType({"file": Option(None, _text, "the trace file")}), replay),
+)})
+
+
+def get(name: str) -> Workload:
+    """The workload called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    w = WORKLOADS.get(name)
+    if w is None:
+        raise ValueError(f"unknown workload {name!r} (known: {', '.join(WORKLOADS)})")
+    return w
