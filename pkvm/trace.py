@@ -255,7 +255,7 @@ def header_fields(lines: Iterable[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in lines:
         s = line.strip()
-        if not s:
+        if not s or s.startswith("cpus="):  # trace-cmd report's first line
             continue
         if not s.startswith("#"):
             break

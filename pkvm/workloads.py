@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._core import RangeMap
 from ._units import format_size, parse_size
-from .constants import PAGE_SHIFT, PAGE_SIZE
+from .constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:  # pragma: no cover
     from .guest import Guest
@@ -253,8 +253,20 @@ class Context:
         tracer = vm._tracer
         vm.trace(None)
         try:
-            self.vmm.add_ram(0, self.memory, prealloc=prealloc, mark_private=mark_private)
-            image = [(0, self.image, True)] if self.image and vm.platform.has_private_mem else []
+            private = vm.platform.has_private_mem
+            gmem = self.vmm.add_ram(0, self.memory, mark_private=mark_private and not prealloc)
+            if prealloc and gmem is not None:
+                # Everything but the image, which the launch populates itself (an allocated
+                # folio there would be an error for SNP_LAUNCH_UPDATE / INIT_MEM_REGION
+                # under the eager designs); then mark RAM private, as add_ram would have.
+                gmem.fallocate(FALLOC_FL_KEEP_SIZE, self.image, self.memory - self.image)
+                if mark_private:
+                    prev = vm._set_actor("vmm")
+                    try:
+                        vm.set_memory_attributes(0, self.memory, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                    finally:
+                        vm._set_actor(prev)
+            image = [(0, self.image, True)] if self.image and private else []
             self.vmm.launch(image)
         finally:
             vm.trace(tracer)

@@ -266,6 +266,11 @@ class SnpVcpu(Vcpu):
             if (ent.assigned and ent.asid == snp.asid and ent.gpa == gfn << PAGE_SHIFT
                     and spte_level(v) < ent.level):
                 code = PVALIDATE_NPF_RMP  # the NPT leaf is smaller than the 2M RMP entry
+            elif level == PG_LEVEL_2M and spte_level(v) == PG_LEVEL_4K and pfn & (RMP_PAGES_2M - 1):
+                # A 2M PVALIDATE through a 4K nested mapping is a page-size mismatch: the
+                # translation gives no 2M page, so the RMP's alignment rule never applies (the
+                # guest retries at 4K; docs/snp.md).
+                code = PVALIDATE_FAIL_SIZEMISMATCH
             else:
                 code = snp.rmp.pvalidate(pfn, level, asid=snp.asid, gpa=gfn << PAGE_SHIFT, validate=validate)
             if code in (PVALIDATE_NPF_RMP, PVALIDATE_NPF_SIZEM):
