@@ -386,12 +386,15 @@ def swiotlb(ctx: Context, *, ops: int, touches: int, prealloc: bool) -> None:
                 ctx.progress(i / max(ops, 1))
 
 
-def _device_regions(ctx: Context, queues: int, ring: int, buffers: int) -> list[tuple[int, int]]:
-    """One device's allocations: per queue a ring and a buffer pool, placed at random."""
+def _device_regions(ctx: Context, g: Guest, queues: int, ring: int, buffers: int) -> list[tuple[int, int]]:
+    """One device's allocations: per queue a ring and a buffer pool, placed at random in
+    private memory and made shared (``dma_alloc_coherent`` -> ``set_memory_decrypted``)."""
     out = []
     for _ in range(queues):
-        out.append((ctx.random_region(ring), ring))
-        out.append((ctx.random_region(buffers), buffers))
+        for size in (ring, buffers):
+            gpa = ctx.random_region(size)
+            ctx.convert(g, gpa, size, False)
+            out.append((gpa, size))
     return out
 
 
@@ -399,10 +402,7 @@ def _virtio_cycle(ctx: Context, devices: int, queues: int, ring: int, buffers: i
     live = []
     for _ in range(devices):
         g = ctx.guest()
-        regions = _device_regions(ctx, queues, ring, buffers)
-        for gpa, size in regions:
-            ctx.convert(g, gpa, size, False)        # dma_alloc_coherent -> set_memory_decrypted
-        live.append((g, regions))
+        live.append((g, _device_regions(ctx, g, queues, ring, buffers)))
     for _ in range(io):
         for g, regions in live:
             for gpa, size in regions:

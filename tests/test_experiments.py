@@ -1,0 +1,204 @@
+"""pkvm.experiments and pkvm.workloads: determinism, purity, actor attribution, counters that
+follow from the workload's definition, and the error contract of Config."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from pkvm import experiments as E
+from pkvm import workloads as W
+from pkvm.errors import KvmError
+
+MiB = 1 << 20
+SMALL = "64M"
+PAGES = 64 * MiB >> 12
+IMAGE_PAGES = 2 * MiB >> 12
+
+
+def run(**kw):
+    seed = kw.pop("seed", 1)
+    return E.run(E.Config(**{"memory": SMALL, **kw}), seed)
+
+
+# -- definitions of the workloads, checked through their counters ---------------------------
+
+
+@pytest.mark.parametrize("policy", E.PLATFORM_POLICIES["snp"])
+def test_snp_boot_assigns_every_page_once(policy):
+    r = run(policy=policy)
+    c = r.counters
+    # The image is assigned by LAUNCH_UPDATE, the rest by one RMPUPDATE each when accepted.
+    assert c["launch_update_pages"] == IMAGE_PAGES
+    assert c["rmpupdate"] == PAGES
+    assert c["gmem_pages_allocated"] == PAGES
+    # QEMU marks all of RAM private once; the guest's PSCs re-request private (short-circuit).
+    assert c["attr_stores"] == PAGES
+    assert c["conversions"] >= 1
+    assert c["pvalidate"] == PAGES - IMAGE_PAGES  # 2M PVALIDATEs fail on 4K entries, 4K succeed
+    assert c["memory_fault_exits"] == 0
+    assert [p.name for p in r.phases] == ["launch", "accept"]
+
+
+def test_tdx_boot_augments_every_accepted_page():
+    r = run(platform="tdx", policy="6.19")
+    c = r.counters
+    assert c["seamcall_aug"] == PAGES - IMAGE_PAGES
+    assert c["seamcall_add"] == IMAGE_PAGES
+    assert c["tdx_accepts_4k"] == PAGES - IMAGE_PAGES
+
+
+def test_boot_4k_acceptance_takes_no_2m_pvalidate():
+    r2 = run()
+    r4 = run(options={"accept": "4K"})
+    assert r2.counters["pvalidate"] == r4.counters["pvalidate"]
+    assert r2.counters["pvalidate_failures"] > 0          # every 2M attempt is a size mismatch
+    assert r4.counters["pvalidate_failures"] == 0
+    assert r4.counters["psc_entries"] == PAGES - IMAGE_PAGES  # one 4K entry per page
+    with pytest.raises(ValueError, match="try_accept_one"):
+        run(platform="tdx", options={"accept": "4K"})
+
+
+def test_actor_attribution_follows_the_rmpupdate_placement():
+    """The point of the eager-vs-fault-time debate: who pays for RMPUPDATE."""
+    ft = run(policy="fault-time", options={"prealloc": "true"})
+    ep = run(policy="eager-post", options={"prealloc": "true"})
+    unit = ft.by_op["rmpupdate"] // ft.counters["rmpupdate"]
+    assert ft.by_actor_op["vcpu0"]["rmpupdate"] == (PAGES - IMAGE_PAGES) * unit
+    assert ft.by_actor_op["vmm"]["rmpupdate"] == IMAGE_PAGES * unit  # SNP_LAUNCH_UPDATE only
+    assert ep.by_actor_op["vmm"]["rmpupdate"] == ep.by_op["rmpupdate"]  # all in the ioctl
+    assert ep.counters["sleep_in_atomic"] == 0
+    el = run(policy="eager-locked", options={"prealloc": "true"})
+    assert el.counters["sleep_in_atomic"] > 0  # the directmap change under mmu_lock
+    # Without preallocation the eager designs find nothing allocated (spec §7.7).
+    assert run(policy="eager-post").by_actor_op["vmm"]["rmpupdate"] == IMAGE_PAGES * unit
+
+
+def test_modeled_time_adds_up():
+    r = run(workload="mixed", options={"ops": "60"})
+    assert r.modeled_ns == sum(r.by_actor.values()) == sum(r.by_op.values())
+    assert r.modeled_ns == sum(sum(c.values()) for c in r.by_actor_op.values())
+    assert r.modeled_ns == sum(p.modeled_ns for p in r.phases)
+    for name in ("pf_taken", "attr_stores"):
+        assert r.counters[name] == sum(p.counters.get(name, 0) for p in r.phases)
+
+
+def test_swiotlb_churn_counts():
+    r = run(workload="swiotlb", options={"ops": "50", "touches": "3"})
+    churn = next(p for p in r.phases if p.name == "churn")
+    # Each round trip: the VMM converts the page twice (PSC -> KVM_SET_MEMORY_ATTRIBUTES).
+    assert churn.counters["gfns_converted"] == 100
+    assert churn.counters["gmem_pages_freed"] == 50     # the to-shared hole punch
+    assert churn.counters["rmpupdate"] == 100           # back to shared at the punch, private on refault
+
+
+def test_balloon_refaults_what_it_discarded():
+    r = run(workload="balloon", options={"cycles": "1", "fraction": "0.5"})
+    infl = next(p for p in r.phases if p.name == "inflate")
+    defl = next(p for p in r.phases if p.name == "deflate")
+    freed = infl.counters["gmem_pages_freed"]
+    assert freed == (PAGES - IMAGE_PAGES) // 2 // 512 * 512
+    assert defl.counters["gmem_pages_allocated"] == freed
+    assert defl.counters["rmpupdate"] == freed
+
+
+def test_discard_false_keeps_private_folios():
+    keep = run(workload="swiotlb", options={"ops": "20"}, discard=False)
+    assert keep.counters["gmem_pages_freed"] == 0
+
+
+@pytest.mark.parametrize("platform", ["snp", "tdx", "sw_protected"])
+@pytest.mark.parametrize("workload", ["boot", "swiotlb", "virtio", "balloon", "migration", "mixed"])
+def test_every_workload_runs_and_checks(platform, workload):
+    opts = {"ops": "40"} if workload in ("swiotlb", "mixed") else {"cycles": "2"} if workload == "virtio" else {}
+    cfg = E.Config(platform=platform, memory="32M", workload=workload, options=opts, vcpus=2,
+                   policy=E.PLATFORM_POLICIES[platform][-1])
+    vm, ctx = E._build(cfg, 5, None)
+    W.get(workload).run(ctx, **W.parse_options(W.get(workload), opts))
+    vm.check()
+    assert ctx.guests[0].vcpu.vm is vm
+
+
+# -- determinism, purity, pickling ------------------------------------------------------------
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    a = run(workload="mixed", options={"ops": "80"}, seed=7)
+    b = run(workload="mixed", options={"ops": "80"}, seed=7)
+    c = run(workload="mixed", options={"ops": "80"}, seed=8)
+    assert a.counters == b.counters and a.modeled_ns == b.modeled_ns and a.by_actor_op == b.by_actor_op
+    assert (c.counters, c.modeled_ns) != (a.counters, a.modeled_ns)
+
+
+def test_result_and_config_pickle():
+    r = run(workload="swiotlb", options={"ops": "10"})
+    r2 = pickle.loads(pickle.dumps(r))
+    assert r2.counters == r.counters and r2.config == r.config and r2.phases == r.phases
+    assert r2.to_dict() == r.to_dict()
+
+
+def test_result_records_its_cost_model():
+    r = run(costs={"rmpupdate": "800ns"})
+    assert r.cost_model["costs"]["rmpupdate"]["value_ns"] == 800
+    assert r.cost_model["fingerprint"] == r.cost_fingerprint
+    base = run()
+    assert r.cost_fingerprint != base.cost_fingerprint
+    assert r.by_op["rmpupdate"] == 800 * r.counters["rmpupdate"]
+    d = r.to_dict()
+    for key in ("pkvm_version", "config", "seed", "cost_model", "counters", "row", "phases"):
+        assert key in d
+
+
+def test_compare_runs_each_policy_with_the_same_seed():
+    rs = E.compare(E.Config(memory=SMALL, workload="swiotlb", options={"ops": "20"}), seed=3)
+    assert [r.policy for r in rs] == list(E.PLATFORM_POLICIES["snp"])
+    assert len({r.counters["gfns_converted"] for r in rs}) == 1  # same random pages
+
+
+def test_sweep_orders_by_memory_then_policy():
+    rs = E.sweep(E.Config(), ["32M", "64M"], ["fault-time", "eager-post"])
+    assert [(r.config.memory >> 20, r.policy) for r in rs] == [(32, "fault-time"), (32, "eager-post"),
+                                                               (64, "fault-time"), (64, "eager-post")]
+    assert rs[2].counters["rmpupdate"] == 2 * rs[0].counters["rmpupdate"]
+
+
+# -- the error contract -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"platform": "sev"}, "platform"),
+    ({"memory": "12Q"}, "size"),
+    ({"memory": "3M"}, "multiple of 2M"),
+    ({"memory": "4M"}, "at least"),
+    ({"workload": "bogus"}, "unknown workload"),
+    ({"options": {"nope": 1}}, "no option 'nope'"),
+    ({"options": {"accept": "8K"}}, "4K or 2M"),
+    ({"policy": "7.0"}, "7.0"),
+    ({"costs": {"rmpupdate": "fast"}}, "rmpupdate"),
+    ({"costs": {"no_such_op": "1ns"}}, "no_such_op"),
+    ({"vcpus": 0}, "vcpus"),
+    ({"shared_backing": "1g"}, "shared_backing"),
+    ({"image": "1G", "memory": "64M"}, "image"),
+])
+def test_bad_config_is_a_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        E.Config(**kw)
+
+
+def test_bad_seed():
+    with pytest.raises(ValueError, match="seed"):
+        E.run(E.Config(memory=SMALL), -1)
+    with pytest.raises(TypeError):
+        E.run({"memory": SMALL})  # type: ignore[arg-type]
+
+
+def test_workload_failure_is_a_kvm_error():
+    # A region that cannot fit is a ValueError before anything runs.
+    with pytest.raises(ValueError, match="does not fit"):
+        run(workload="virtio", options={"buffers": "128M"})
+
+
+def test_tdx_huge_pages_image_is_refused_with_an_errno():
+    with pytest.raises(KvmError):
+        run(platform="tdx", policy="tdx-huge-pages")

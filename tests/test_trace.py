@@ -1,0 +1,175 @@
+"""Kernel-format traces (pkvm.trace) and the replay workload: formats, parsing of real
+``trace-cmd report`` lines, and the write -> replay round trip (identical KVM-side counters)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pkvm import experiments as E
+from pkvm._replay import GUEST_ONLY_COUNTERS
+from pkvm.trace import TraceEvent, header_fields, parse, parse_line
+
+ROUND_TRIP = [
+    ("snp", "boot", {}), ("snp", "boot", {"prealloc": "1"}), ("snp", "swiotlb", {"ops": "60"}),
+    ("snp", "virtio", {"cycles": "2"}), ("snp", "balloon", {"cycles": "1"}), ("snp", "migration", {}),
+    ("snp", "mixed", {"ops": "80"}), ("tdx", "boot", {}), ("tdx", "mixed", {"ops": "80"}),
+    ("tdx", "balloon", {"cycles": "1"}), ("sw_protected", "mixed", {"ops": "80"}),
+    ("sw_protected", "boot", {"prealloc": "1"}),
+]
+
+
+def _kvm_side(counters):
+    return {k: v for k, v in counters.items() if k not in GUEST_ONLY_COUNTERS}
+
+
+@pytest.mark.parametrize("platform, workload, options", ROUND_TRIP)
+def test_write_replay_gives_identical_counters(tmp_path, platform, workload, options):
+    path = tmp_path / "t.txt"
+    for policy in E.PLATFORM_POLICIES[platform]:
+        cfg = E.Config(platform=platform, memory="64M", workload=workload, options=options, policy=policy,
+                       trace=str(path))
+        a = E.run(cfg, 11)
+        b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), 11)
+        assert _kvm_side(b.counters) == _kvm_side(a.counters), policy
+        # The replay's own trace is the same event stream (the tracepoint lines, timestamps aside).
+        b2 = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=str(tmp_path / "u.txt")), 11)
+        assert _kvm_side(b2.counters) == _kvm_side(a.counters)
+
+
+def test_sw_protected_round_trip_is_complete(tmp_path):
+    """SW_PROTECTED converts with the traced KVM_HC_MAP_GPA_RANGE hypercall, so nothing is
+    guest-only: every counter and every modeled nanosecond come back."""
+    path = tmp_path / "t.txt"
+    cfg = E.Config(platform="sw_protected", memory="64M", workload="swiotlb", options={"ops": "40"},
+                   policy="6.19", trace=str(path))
+    a = E.run(cfg, 2)
+    b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), 2)
+    keep = GUEST_ONLY_COUNTERS - {"hypercalls", "hypercall_exits"}
+    assert {k: v for k, v in b.counters.items() if k not in keep} == {
+        k: v for k, v in a.counters.items() if k not in keep}
+    assert b.modeled_ns == a.modeled_ns
+    assert not b.notes
+
+
+def test_tracing_does_not_change_the_result(tmp_path):
+    cfg = E.Config(memory="64M", workload="mixed", options={"ops": "50"})
+    a = E.run(cfg, 4)
+    b = E.run(cfg.with_(trace=str(tmp_path / "t.txt")), 4)
+    assert a.counters == b.counters and a.modeled_ns == b.modeled_ns
+
+
+def test_trace_lines_are_trace_cmd_report_lines(tmp_path):
+    path = tmp_path / "t.txt"
+    E.run(E.Config(memory="64M", workload="swiotlb", options={"ops": "3"}, trace=str(path)), 1)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "cpus=2"
+    assert header_fields(lines)["platform"] == "snp"
+    events = [ev for _, ev in parse(lines)]
+    kinds = {ev.event for ev in events}
+    assert {"kvm_vm_set_mem_attributes", "kvm_page_fault", "kvm_userspace_exit", "sys_enter_fallocate",
+            "sys_enter_madvise"} <= kinds
+    faults = [ev for ev in events if ev.event == "kvm_page_fault"]
+    assert faults[0].comm == "CPU 0/KVM" and faults[0].fields["vcpu"] == 0
+    attrs = [ev for ev in events if ev.event == "kvm_vm_set_mem_attributes"]
+    assert all(ev.comm == "qemu-system-x86" for ev in attrs)
+    stamps = [ev.ns for ev in events]
+    assert stamps == sorted(stamps)  # modeled time only moves forward
+    # The %#016llx format of the attribute tracepoint: 0x-prefixed, 16 characters wide.
+    line = next(x for x in lines if "kvm_vm_set_mem_attributes:" in x)
+    assert line.split("kvm_vm_set_mem_attributes:")[1].split()[0].startswith("0x")
+    assert len(line.split("kvm_vm_set_mem_attributes:")[1].split()[0]) == 16
+
+
+def test_snp_fault_error_codes(tmp_path):
+    path = tmp_path / "t.txt"
+    E.run(E.Config(memory="64M", workload="swiotlb", options={"ops": "2"}, trace=str(path)), 1)
+    codes = {ev.fields["error_code"] for _, ev in parse(path.read_text().splitlines())
+             if ev.event == "kvm_page_fault"}
+    private = (1 << 32) | (1 << 34) | (1 << 49)
+    assert private in codes                   # PVALIDATE's private #NPF: final + ENC + private
+    assert any(c & (1 << 32) and not c & (1 << 34) for c in codes)  # a shared touch
+
+
+@pytest.mark.parametrize("line, event, fields", [
+    # trace-cmd report with the latency-format column (irqs-off, need-resched, ...)
+    ("  CPU 3/KVM-51337   [012] d.... 91127.431241: kvm_page_fault:       vcpu 3 rip 0xffffffff8108b4f1 "
+     "address 0x0000000100c00000 error_code 0x600000004",
+     "kvm_page_fault", {"vcpu": 3, "rip": 0xffffffff8108b4f1, "address": 0x100c00000, "error_code": 0x600000004}),
+    ("qemu-system-x86-51300 [001]  91127.001000: kvm_vm_set_mem_attributes: 0x00000000000100 -- "
+     "0x00000000000200 [0x8]", "kvm_vm_set_mem_attributes", {"start": 0x100, "end": 0x200, "attributes": 8}),
+    ("  CPU 0/KVM-7 [000] 5.000001: kvm_hypercall:        nr 0xc a0 0x100000 a1 0x2 a2 0x10 a3 0x0",
+     "kvm_hypercall", {"nr": 12, "a0": 0x100000, "a1": 2, "a2": 0x10, "a3": 0}),
+    ("  CPU 0/KVM-7 [000] 5.000001: kvm_userspace_exit:   reason KVM_EXIT_HYPERCALL (3)",
+     "kvm_userspace_exit", {"reason": 3, "errno": 0}),
+    ("  CPU 0/KVM-7 [000] 5.000001: kvm_userspace_exit:   reason error (14)",
+     "kvm_userspace_exit", {"reason": 0, "errno": 14}),
+])
+def test_parse_real_lines(line, event, fields):
+    ev = parse_line(line)
+    assert isinstance(ev, TraceEvent) and ev.event == event and ev.fields == fields
+
+
+def test_parse_skips_what_it_does_not_know():
+    lines = ["cpus=8", "", "# comment", "  CPU 0/KVM-7 [000] 5.0: kvm_entry: vcpu 0, rip 0xfff0",
+             "version = 6", "garbage"]
+    assert list(parse(lines)) == []
+
+
+def test_parse_error_names_the_line():
+    with pytest.raises(ValueError, match="line 2: kvm_page_fault"):
+        list(parse(["cpus=1", "  CPU 0/KVM-7 [000] 5.0: kvm_page_fault: vcpu zero"]))
+
+
+def test_replay_of_a_foreign_trace(tmp_path):
+    """A trace from a real host: no pkvm header, QEMU's own fd numbers."""
+    path = tmp_path / "host.txt"
+    path.write_text("\n".join([
+        "cpus=4",
+        "qemu-system-x86-900 [001] 10.000000: kvm_vm_set_mem_attributes: 0x00000000000400 -- 0x00000000000401 [0x0]",
+        "qemu-system-x86-900 [001] 10.000001: sys_enter_fallocate: fd: 0x0000001b, mode: 0x00000003, "
+        "offset: 0x0000000000400000, len: 0x0000000000001000",
+        "  CPU 0/KVM-901 [002] 10.000100: kvm_page_fault: vcpu 0 rip 0x0 address 0x0000000000400000 "
+        "error_code 0x100000006",
+        "  CPU 0/KVM-901 [002] 10.000200: kvm_page_fault: vcpu 0 rip 0x0 address 0x0000000000800000 "
+        "error_code 0x2000500000006",
+    ]) + "\n")
+    r = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    c = r.counters
+    assert c["pf_taken"] == 2 and c["pf_fixed"] == 2
+    assert c["rmpupdate"] == 1 + 512  # the private fault, plus the launch image of the setup
+    assert c["attr_stores"] == (64 << 8) + 1
+
+
+def test_replay_refuses_a_trace_of_another_platform(tmp_path):
+    path = tmp_path / "t.txt"
+    E.run(E.Config(platform="tdx", memory="64M", policy="6.19", trace=str(path)), 0)
+    with pytest.raises(ValueError, match="tdx VM"):
+        E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    with pytest.raises(ValueError, match="memory"):
+        E.run(E.Config(platform="tdx", policy="6.19", memory="128M", workload="replay",
+                       options={"file": str(path)}), 0)
+
+
+def test_replay_missing_file():
+    with pytest.raises(ValueError, match="does not exist"):
+        E.run(E.Config(memory="64M", workload="replay", options={"file": "/nonexistent/trace.txt"}), 0)
+
+
+def test_compare_writes_one_trace_per_policy(tmp_path):
+    E.compare(E.Config(memory="32M", trace=str(tmp_path / "out.txt")), ["fault-time", "eager-post"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.eager-post.txt", "out.fault-time.txt"]
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(platform=st.sampled_from(["snp", "tdx", "sw_protected"]), seed=st.integers(0, 2**32),
+       ops=st.integers(1, 60), vcpus=st.integers(1, 3), prealloc=st.booleans(), data=st.data())
+def test_round_trip_property(tmp_path, platform, seed, ops, vcpus, prealloc, data):
+    policy = data.draw(st.sampled_from(E.PLATFORM_POLICIES[platform]))
+    path = tmp_path / f"p{seed}.txt"
+    cfg = E.Config(platform=platform, memory="32M", workload="mixed", policy=policy, vcpus=vcpus,
+                   options={"ops": str(ops), "prealloc": str(prealloc)}, trace=str(path))
+    a = E.run(cfg, seed)
+    b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), seed)
+    assert _kvm_side(b.counters) == _kvm_side(a.counters)
