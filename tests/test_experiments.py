@@ -202,3 +202,10 @@ def test_workload_failure_is_a_kvm_error():
 def test_tdx_huge_pages_image_is_refused_with_an_errno():
     with pytest.raises(KvmError):
         run(platform="tdx", policy="tdx-huge-pages")
+
+
+def test_module_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(E)
+    assert result.failed == 0 and result.attempted > 0
