@@ -293,17 +293,36 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
 
 
 def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0, *,
-            progress: Callable[[str, float], None] | None = None) -> list[Result]:
+            progress: Callable[[str, float], None] | None = None, jobs: int = 1) -> list[Result]:
     """Run ``config`` once per policy (default: the platform's :data:`PLATFORM_POLICIES`),
-    same seed. With ``config.trace`` set and several policies, each policy writes
-    ``<stem>.<policy><suffix>``."""
+    same seed; results in policy order. With ``config.trace`` set and several policies, each
+    policy writes ``<stem>.<policy><suffix>``. ``jobs > 1`` runs the policies in that many
+    worker processes (``progress`` then reports each run only when it finishes)."""
     pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
-    out = []
-    for pol in pols:
-        cfg = config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols)))
-        cb = None if progress is None else (lambda f, _p=pol: progress(_p, f))
-        out.append(run(cfg, seed, progress=cb))
-    return out
+    cfgs = [config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols))) for pol in pols]
+    return _run_all(cfgs, seed, progress, jobs)
+
+
+def _run_all(cfgs: list[Config], seed: int, progress: Callable[[str, float], None] | None,
+             jobs: int) -> list[Result]:
+    if type(jobs) is not int or jobs < 1:
+        raise ValueError(f"jobs {jobs!r} must be a positive int")
+    if jobs == 1 or len(cfgs) == 1:
+        out = []
+        for cfg in cfgs:
+            cb = None if progress is None else (lambda f, _p=cfg.policy: progress(_p, f))
+            out.append(run(cfg, seed, progress=cb))
+        return out
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(cfgs))) as pool:
+        futures = [pool.submit(run, cfg, seed) for cfg in cfgs]
+        results = []
+        for cfg, fut in zip(cfgs, futures):
+            results.append(fut.result())
+            if progress is not None:
+                progress(cfg.policy, 1.0)
+    return results
 
 
 def _trace_path(path: str | None, policy: str, n: int) -> str | None:
@@ -314,12 +333,16 @@ def _trace_path(path: str | None, policy: str, n: int) -> str | None:
 
 
 def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str] | None = None, seed: int = 0, *,
-          progress: Callable[[str, float], None] | None = None) -> list[Result]:
-    """:func:`compare` at each guest memory size, in order (results flattened)."""
-    out: list[Result] = []
+          progress: Callable[[str, float], None] | None = None, jobs: int = 1) -> list[Result]:
+    """:func:`compare` at each guest memory size, in order (results flattened: by memory,
+    then policy). ``jobs`` as in :func:`compare`, over all the runs of the sweep."""
+    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    cfgs = []
     for mem in memories:
-        out.extend(compare(config.with_(memory=mem), policies, seed, progress=progress))
-    return out
+        base = config.with_(memory=mem)
+        cfgs += [base.with_(policy=pol, trace=_trace_path(base.trace, f"{format_size(base.memory)}.{pol}",  # type: ignore[arg-type]
+                                                           2)) for pol in pols]
+    return _run_all(cfgs, seed, progress, jobs)
 
 
 def _roundtrip(result: Result) -> Result:

@@ -209,3 +209,16 @@ def test_module_docstring_examples():
 
     result = doctest.testmod(E)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_jobs_farm_out_to_processes_with_identical_results():
+    cfg = E.Config(memory="32M", workload="swiotlb", options={"ops": "30"})
+    serial = E.sweep(cfg, ["32M", "64M"], ["fault-time", "eager-post"], seed=4)
+    seen = []
+    farmed = E.sweep(cfg, ["32M", "64M"], ["fault-time", "eager-post"], seed=4, jobs=2,
+                     progress=lambda p, f: seen.append((p, f)))
+    assert [(r.config.memory, r.policy, r.counters, r.modeled_ns) for r in farmed] == [
+        (r.config.memory, r.policy, r.counters, r.modeled_ns) for r in serial]
+    assert len(seen) == 4 and all(f == 1.0 for _, f in seen)
+    with pytest.raises(ValueError, match="jobs"):
+        E.compare(cfg, jobs=0)
