@@ -196,8 +196,10 @@ def replay_file(ctx: Context, path: str) -> None:
         ValueError: the file does not parse, or its header disagrees with the run.
         OSError: the file cannot be read.
     """
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"replay file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"replay file {path!r} is not a regular file")
     with open(path, encoding="utf-8", errors="replace") as f:
         head = [next(f, "") for _ in range(8)]
     hdr = header_fields(head)
@@ -234,7 +236,13 @@ def replay_file(ctx: Context, path: str) -> None:
                 ctx.progress(no * 110 / size)  # ~110 bytes per trace-cmd line
         rp.finish()
     if rp.trace_exits != rp.own_exits:
-        ctx.notes.append(f"the trace has {rp.trace_exits} exits to userspace; the replay took {rp.own_exits} "
-                         "(page-state-change and MapGPA exits are not replayed: no tracepoint carries them)")
+        ctx.notes.append(f"the trace has {_n(rp.trace_exits, 'exit')} to userspace; the replay took "
+                         f"{rp.own_exits} (page-state-change and MapGPA exits are not replayed: no tracepoint "
+                         "carries them)")
     for name, n in sorted(rp.skipped.items()):
-        ctx.notes.append(f"{n} {name} events named no guest_memfd of this VM and were skipped")
+        ctx.notes.append(f"{_n(n, name + ' event')} named no guest_memfd of this VM and "
+                         f"{'was' if n == 1 else 'were'} skipped")
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

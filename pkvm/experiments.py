@@ -29,7 +29,8 @@ from ._units import format_size, parse_size
 from .costs import CostModel
 from .workloads import PhaseRecord
 
-__all__ = ["Config", "Result", "run", "compare", "sweep", "DEFAULT_POLICIES", "PLATFORM_POLICIES"]
+__all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
+           "PLATFORMS", "SHARED_BACKINGS"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -39,12 +40,15 @@ PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
     "default": ("6.19",),
 }
 DEFAULT_POLICIES = PLATFORM_POLICIES["snp"]
-_PLATFORMS = ("snp", "tdx", "sw_protected")
-_BACKINGS = ("4k", "thp", "hugetlb-2m", "hugetlb-1g")
+#: Platforms an experiment runs on (the VM types with private memory).
+PLATFORMS = ("snp", "tdx", "sw_protected")
+#: How the VMM backs shared memory (``pkvm.VM(shared_backing=...)``).
+SHARED_BACKINGS = ("4k", "thp", "hugetlb-2m", "hugetlb-1g")
 _MIN_MEMORY = 8 << 20
 
 
-def _version() -> str:
+def version() -> str:
+    """The installed pkvm's version (``"0+unknown"`` from a source tree without metadata)."""
     try:
         from importlib.metadata import version
 
@@ -82,8 +86,8 @@ class Config:
     trace: str | None = None
 
     def __post_init__(self) -> None:
-        if self.platform not in _PLATFORMS:
-            raise ValueError(f"platform {self.platform!r} is not one of {', '.join(_PLATFORMS)}")
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"platform {self.platform!r} is not one of {', '.join(PLATFORMS)}")
         mem = parse_size(self.memory)
         if mem < _MIN_MEMORY or mem & ((2 << 20) - 1):
             raise ValueError(f"memory {self.memory!r} must be a multiple of 2M, at least {format_size(_MIN_MEMORY)}")
@@ -96,13 +100,17 @@ class Config:
         object.__setattr__(self, "image", image)
         wl = _workloads.get(self.workload)
         opts = dict(self.options)
-        _workloads.parse_options(wl, opts)  # validates; raw values are kept for display
+        parsed = _workloads.parse_options(wl, opts)  # validates; raw values are kept for display
+        missing = [k for k, v in parsed.items() if v is None]
+        if missing:
+            raise ValueError(f"workload {self.workload!r} needs option {missing[0]!r} "
+                             f"({wl.options[missing[0]].help})")
         object.__setattr__(self, "options", opts)
         object.__setattr__(self, "costs", dict(self.costs))
         if type(self.vcpus) is not int or not 1 <= self.vcpus <= 1024:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
-        if self.shared_backing not in _BACKINGS:
-            raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(_BACKINGS)}")
+        if self.shared_backing not in SHARED_BACKINGS:
+            raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
         from .policy import resolve_policy
 
         resolve_policy(self.policy)  # raises ValueError for an unknown preset
@@ -189,7 +197,9 @@ class Result:
             row["seamcalls"] = seamcalls
         row["zaps"] = c.get("zapped_sptes", 0)
         row["tlb_flushes"] = c.get("remote_tlb_flush", 0)
+        row["mmu_lock_ns"] = c.get("mmu_lock_held_ns", 0)
         if self.config.platform == "snp":
+            row["directmap_tlb_flushes"] = c.get("directmap_tlb_flushes", 0)
             row["directmap_splits"] = c.get("directmap_splits", 0)
             row["directmap_fragmented"] = self.directmap.get("fragmented_fraction", 0.0)
             row["sleep_in_atomic"] = c.get("sleep_in_atomic", 0)
@@ -278,7 +288,7 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
               "fragmented_pages": float(directmap.fragmented_pages())}
     by_actor_op = vm.cost_by_actor()
     return Result(
-        config=config, seed=seed, version=_version(), counters=ctx.counters(), modeled_ns=vm.modeled_ns,
+        config=config, seed=seed, version=version(), counters=ctx.counters(), modeled_ns=vm.modeled_ns,
         by_actor={a: sum(c.values()) for a, c in by_actor_op.items()},
         by_op=dict(sorted(vm.cost_breakdown().items())), by_actor_op=by_actor_op, directmap=dm,
         phases=tuple(ctx.phases), wall_s=wall, cost_model=model.to_dict(),
@@ -286,7 +296,7 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
 
 
 def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
-    return (f"pkvm version={_version()} platform={config.platform} memory={config.memory} "
+    return (f"pkvm version={version()} platform={config.platform} memory={config.memory} "
             f"image={config.image} vcpus={config.vcpus} policy={config.policy} workload={config.workload} "
             f"prealloc={int(bool(opts.get('prealloc', False)))} shared_backing={config.shared_backing} "
             f"discard={int(config.discard)} setup=untraced")

@@ -220,11 +220,13 @@ class GuestMemfd:
         if ranges:
             vm._invalidate_begin()
             flush = False
+            t0 = vm._modeled_ns  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
             for s, e in ranges:
                 vm._invalidate_range_add(s, e)
                 flush |= vm._zap(s, e, KVM_FILTER_PRIVATE) > 0  # only private mappings (§4.7)
             if flush:
                 vm._flush_remote_tlbs()
+            vm.mmu_lock_ns += vm._modeled_ns - t0
         self._truncate(start, end)
         if ranges:
             vm._invalidate_end()

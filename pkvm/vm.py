@@ -204,6 +204,10 @@ class VM:
         self._modeled_ns = 0
         #: ``KVM_SET_MEMORY_ATTRIBUTES`` calls that passed validation (short-circuited ones too).
         self.attr_ioctls = 0
+        #: Modeled ns of work done while holding ``mmu_lock`` for write: the attribute ioctl's
+        #: PRE (zap) and POST (MIXED update, and the eager-locked op) phases and guest_memfd
+        #: invalidations. vCPU faults wait for the lock meanwhile (they take it for read).
+        self.mmu_lock_ns = 0
         #: The attached :class:`pkvm.trace.Tracer`, or None (every emission point tests this).
         self._tracer: Tracer | None = None
         self.seed = seed
@@ -522,9 +526,13 @@ class VM:
         ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
         if ranges and self._eager_split:
             self._attr_pre_lock(ranges, attributes)
+        t0 = self._modeled_ns
         self._attr_pre(ranges, attributes)
-        self._attr_commit(start, end, attributes)
+        t1 = self._modeled_ns
+        self._attr_commit(start, end, attributes)  # under slots_lock only
+        t2 = self._modeled_ns
         self._attr_post(ranges, attributes)
+        self.mmu_lock_ns += t1 - t0 + self._modeled_ns - t2
         if ranges and self._eager_post:
             self._attr_post_unlock(ranges, attributes)
 
@@ -544,6 +552,7 @@ class VM:
         self._invalidate_range_add(start, end)
         self._attr_commit(start, end, attrs)
         zapped = 0
+        t0 = self._modeled_ns
         for s, e, key in ranges:
             slot = self._slots[key - 1]
             zapped += self._zap(s, e)
@@ -554,6 +563,7 @@ class VM:
                     self._op_failed("set_mem_attr", slot, attrs, s, e, r)
         if zapped:
             self._flush_remote_tlbs()
+        self.mmu_lock_ns += self._modeled_ns - t0
         self._invalidate_end()
         if ranges and self._eager_post:
             self._attr_post_unlock(ranges, attrs)

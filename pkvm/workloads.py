@@ -14,7 +14,8 @@ sits at its start and is built by the platform's launch flow (SNP ``LAUNCH_UPDAT
 =============  =================================================================================
 ``boot``       The VMM marks all RAM private (QEMU's ``kvm_set_phys_mem``), launches, and the
                guest accepts all of it, as lazy acceptance eventually does (``accept=2M``: 2 MiB
-               units, PVALIDATE / ACCEPT at 2M where possible; ``accept=4K``: 4K only).
+               units, PVALIDATE / ACCEPT at 2M where possible; ``accept=4K``: 4K only), and
+               writes to it (accepted pages are mapped: faults only on SW_PROTECTED).
 ``swiotlb``    Boot, then bounce-buffer churn: ``ops`` times a random 4K page goes private ->
                shared, is touched ``touches`` times (the device's DMA), and goes back.
 ``virtio``     Boot, then ``cycles`` device resets: each device's rings and buffer pool are
@@ -242,6 +243,7 @@ class Context:
         out["vmm_conversions"] = vmm.conversions
         out["vmm_failed_conversions"] = vmm.failed_conversions
         out["gfns_accessed"] = self.gfns_accessed
+        out["mmu_lock_held_ns"] = vm.mmu_lock_ns
         return out
 
     def setup(self, *, prealloc: bool = False, mark_private: bool = True) -> None:
@@ -295,7 +297,12 @@ class Context:
             from .errors import KvmError
 
             vm = self.vm
-            why = vm.events[-1][1] if vm.events else "the guest saw a failure status"
+            if vm.events:
+                why = f"{vm.events[-1][0]}: {vm.events[-1][1]}"
+            else:
+                why = (f"the {vm.platform.name} guest's flow got a failure status from KVM or the VMM "
+                       f"(VMM conversions failed so far: {self.vmm.failed_conversions}); the simulated "
+                       "Linux guest would terminate here")
             raise KvmError(5, f"workload step failed: {what}: {why}")  # EIO
 
     def random_page(self, lo: int | None = None, hi: int | None = None) -> int:
@@ -360,6 +367,7 @@ def _accept_all(ctx: Context, accept: int = P2M) -> None:
         e = min(end, s + span)
         if s < e:
             ctx.accept(g, s, e - s, huge=accept == P2M)
+            ctx.touch(g, s, e - s, True)  # and uses it (the only faults on SW_PROTECTED)
         ctx.progress((i + 1) / n)
 
 

@@ -1,0 +1,606 @@
+"""The ``pkvm`` command line: run experiments and print, save or plot their results.
+
+Subcommands (``pkvm SUBCOMMAND --help`` for every option)::
+
+    pkvm compare [--platform snp] [--memory 64G] [--workload boot] [--policies a,b] ...
+    pkvm run     [--policy fault-time] ...          one policy, with phase and operation breakdowns
+    pkvm workloads                                  the workloads and their options
+    pkvm costs   [--platform snp] [--cost K=V] ...  the cost model with its sources
+
+Output: tables go to stdout (``rich`` on a terminal; plain text through a pipe, so that the
+output of a script is the same everywhere); the progress bar, the names of the files written
+and errors go to stderr. The progress bar is shown only when stderr is a terminal.
+
+Exit status: 0 on success; 2 for a usage error (a bad option, or a configuration that
+:class:`pkvm.experiments.Config` rejects before anything runs); 1 when a run or a file
+operation fails; 130 on Ctrl-C. Every error is one line, ``pkvm: error: <message>``; an
+unexpected exception (a bug in pkvm) keeps its traceback, for the bug report.
+
+A replay (``--workload replay:PATH``) of a trace that pkvm wrote takes the platform, memory,
+image and vCPU count from the trace's ``# pkvm`` header unless they are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+
+from . import experiments, report, workloads
+from ._units import format_size, parse_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import RenderableType
+
+    from .experiments import Config, Result
+
+__all__ = ["main"]
+
+_PROG = "pkvm"
+_LAYOUTS = ("auto", "rows", "columns")
+#: Defaults of the options that shape the VM. A replay takes what its trace's ``# pkvm``
+#: header recorded instead (the replay refuses a VM of another shape), unless they are given.
+_VM_DEFAULTS: dict[str, Any] = {"platform": "snp", "memory": "64G", "image": "2M", "vcpus": 1}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of printing the
+    usage block and exiting, so that every error reaches the user as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# ---- argument types --------------------------------------------------------------------------
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return key.strip(), value.strip()
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return v
+
+
+def _size(text: str) -> str:
+    """A size like 64G, checked here so that the error names the option; kept as typed, so
+    that the messages of :class:`Config` quote it as the user wrote it."""
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _name_list(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list like a,b,c")
+    return names
+
+
+# ---- the parser ------------------------------------------------------------------------------
+
+
+def _experiment_options(single_policy: bool) -> _Parser:
+    """The options ``compare`` and ``run`` share (an argparse parent parser)."""
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--platform", choices=experiments.PLATFORMS, default=None,
+                   help=f"confidential-VM platform to simulate (default: {_VM_DEFAULTS['platform']})")
+    g.add_argument("--memory", type=_size, default=None, metavar="SIZE",
+                   help="guest RAM, a multiple of 2M such as 256M, 64G or 1T "
+                        f"(default: {_VM_DEFAULTS['memory']})")
+    names = ", ".join(workloads.WORKLOADS)
+    g.add_argument("--workload", default="boot", metavar="NAME",
+                   help=f"what the guest and VMM do: {names}; 'replay:PATH' replays a trace file "
+                        "(see 'pkvm workloads'; default: %(default)s)")
+    g.add_argument("-o", "--option", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
+                   help="a workload option, e.g. accept=4K or file=trace.txt (repeatable)")
+    if single_policy:
+        g.add_argument("--policy", default=None, metavar="NAME",
+                       help="the kernel design or version to model, e.g. fault-time, eager-post, 6.8, "
+                            "6.19 (default: the current upstream design, fault-time on snp and 6.19 "
+                            "elsewhere)")
+    else:
+        g.add_argument("--policies", type=_name_list, default=None, metavar="A,B,...",
+                       help="policies to compare, comma-separated (default: "
+                            + "; ".join(f"{k}: {','.join(v)}" for k, v in _platform_policies()) + ")")
+        g.add_argument("--sweep-memory", type=_name_list, default=None, metavar="SIZE,SIZE,...",
+                       help="repeat the comparison at each guest memory size (e.g. 1G,16G,256G,1T), "
+                            "one table per size; --plot then draws modeled time against memory")
+        g.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
+                       help="run the policies in N worker processes; the results are identical "
+                            "(default: %(default)s)")
+    g.add_argument("--seed", type=_seed, default=0, metavar="N",
+                   help="random seed; the same seed gives the same counters and modeled times "
+                        "(default: %(default)s)")
+    g.add_argument("--cost", action="append", type=_key_value, default=[], metavar="OP=TIME",
+                   help="override one operation's cost, e.g. rmpupdate=800ns (repeatable; see 'pkvm costs')")
+    g.add_argument("--costs", default=None, metavar="FILE",
+                   help="cost model file (.toml, or .json) to start from instead of the platform's defaults; "
+                        "'pkvm costs --toml' writes one")
+    g.add_argument("--vcpus", type=_positive_int, default=None, metavar="N",
+                   help="guest vCPUs; they share the guest's work round-robin "
+                        f"(default: {_VM_DEFAULTS['vcpus']})")
+    g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
+                   help="host memory backing shared guest pages (default: %(default)s)")
+    g.add_argument("--image", type=_size, default=None, metavar="SIZE",
+                   help="firmware image at guest address 0, built by the launch flow "
+                        f"(default: {_VM_DEFAULTS['image']})")
+    g.add_argument("--no-discard", dest="discard", action="store_false",
+                   help="the VMM keeps both backings on conversion instead of discarding the old one")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="OUT.json", default=None,
+                   help="write every result (config, seed, cost model, counters, breakdowns) as JSON")
+    o.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="draw modeled time by operation per policy (with --sweep-memory: modeled time "
+                        "against memory) to a PNG")
+    o.add_argument("--trace", metavar="OUT.txt", default=None,
+                   help="write a kernel-format trace ('trace-cmd report' text)" + (
+                       "" if single_policy else "; with several policies one file per policy, "
+                       "OUT.<policy>.txt (with --sweep-memory, OUT.<size>.<policy>.txt)"))
+    o.add_argument("--layout", choices=_LAYOUTS, default="auto",
+                   help="table shape: one row per policy, one column per policy, or rows when they fit "
+                        "the terminal (default: %(default)s)")
+    o.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no list of the files written")
+    return p
+
+
+def _platform_policies() -> list[tuple[str, tuple[str, ...]]]:
+    return [(k, v) for k, v in experiments.PLATFORM_POLICIES.items() if k in experiments.PLATFORMS]
+
+
+def _default_policy(platform: str) -> str:
+    """``pkvm run``'s policy: the current upstream kernel, under the name SNP users know it by
+    (the ``fault-time`` preset is the ``6.19`` kernel)."""
+    return "fault-time" if platform == "snp" else experiments.PLATFORM_POLICIES["default"][0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pkvm`` argument parser (errors raise :class:`UsageError`)."""
+    fmt = argparse.HelpFormatter
+    parser = _Parser(
+        prog=_PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="pkvm simulates Linux KVM shared/private memory conversion for confidential\n"
+                    "VMs (SEV-SNP, TDX, SW_PROTECTED) and models what each kernel design costs.",
+        epilog="examples:\n"
+               "  pkvm compare --memory 64G\n"
+               "  pkvm compare --platform tdx --workload swiotlb --option ops=5000 --json out.json\n"
+               "  pkvm compare --sweep-memory 1G,16G,256G --plot sweep.png\n"
+               "  pkvm run --policy eager-post --cost rmpupdate=800ns\n"
+               "  pkvm costs --platform snp --toml > snp.toml")
+    parser.add_argument("--version", action="version", version=f"{_PROG} {experiments.version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    c = sub.add_parser(
+        "compare", parents=[_experiment_options(single_policy=False)], formatter_class=fmt,
+        help="run one workload under several policies and tabulate them",
+        epilog="With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
+               "memory, image and vCPUs it was recorded with (options given override them).",
+        description="Run one workload under several policies (same seed, same cost model) and print "
+                    "one table row per policy: conversions, faults, platform operations, zaps, TLB "
+                    "flushes, direct-map damage, modeled time in total and per actor, wall time.")
+    c.set_defaults(handler=_cmd_compare)
+
+    r = sub.add_parser(
+        "run", parents=[_experiment_options(single_policy=True)], formatter_class=fmt,
+        help="run one workload under one policy, with per-phase and per-operation breakdowns",
+        epilog="With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
+               "memory, image and vCPUs it was recorded with (options given override them).",
+        description="Run one workload under one policy and print its table row, the modeled and wall "
+                    "time of each phase, and the modeled time by operation and actor.")
+    r.set_defaults(handler=_cmd_run)
+
+    w = sub.add_parser("workloads", formatter_class=fmt, help="list the workloads and their options",
+                       description="List the workloads with their descriptions and options "
+                                   "(default value and meaning). Set options with --option NAME=VALUE.")
+    w.set_defaults(handler=_cmd_workloads)
+
+    k = sub.add_parser("costs", formatter_class=fmt, help="print the cost model with its sources",
+                       description="Print the cost model a run would use: each operation's value, "
+                                   "plausible range, unit, confidence (H/M/L measured, E estimate), "
+                                   "row of spec/costs.md and source.")
+    k.add_argument("--platform", choices=experiments.PLATFORMS, default="snp",
+                   help="platform profile (default: %(default)s)")
+    k.add_argument("--cost", action="append", type=_key_value, default=[], metavar="OP=TIME",
+                   help="override one operation's cost, e.g. rmpupdate=800ns (repeatable)")
+    k.add_argument("--costs", default=None, metavar="FILE",
+                   help="cost model file (.toml or .json) to start from")
+    fmt_group = k.add_mutually_exclusive_group()
+    fmt_group.add_argument("--toml", action="store_true",
+                           help="print the model as TOML, to edit and pass back with --costs")
+    fmt_group.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    k.set_defaults(handler=_cmd_costs)
+    return parser
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The :class:`Config` the options describe (raises :class:`UsageError` when it is bad).
+
+    Its policy is the first to compare (``compare``) or the one to run (``run``)."""
+    workload = args.workload
+    options = dict(args.option)
+    if workload.startswith("replay:"):
+        workload, path = "replay", workload[len("replay:"):]
+        if not path:
+            raise UsageError("--workload replay:PATH needs a path")
+        if "file" in options and options["file"] != path:
+            raise UsageError("--workload replay:PATH and --option file=... name different files")
+        options["file"] = path
+    recorded = _recorded_shape(options["file"]) if workload == "replay" and "file" in options else {}
+    shape: dict[str, Any] = {}
+    for key, default in _VM_DEFAULTS.items():
+        given = getattr(args, key)
+        shape[key] = given if given is not None else recorded.get(key, default)
+    if hasattr(args, "policies"):
+        policy = (args.policies or experiments.PLATFORM_POLICIES[shape["platform"]])[0]
+    else:
+        policy = args.policy or _default_policy(shape["platform"])
+    try:
+        config = experiments.Config(
+            **shape, workload=workload, options=options, policy=policy, costs=dict(args.cost),
+            cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace)
+    except (ValueError, OSError) as exc:
+        raise UsageError(_message(exc)) from None
+    # An option without a default (replay's file) is required; Config does not check that.
+    wl = workloads.WORKLOADS[config.workload]
+    for name, opt in wl.options.items():
+        if opt.default is None and name not in config.options:
+            hint = " (or --workload replay:PATH)" if config.workload == "replay" else ""
+            raise UsageError(f"workload {config.workload!r} needs --option {name}=...{hint}")
+    return config
+
+
+def _recorded_shape(path: str) -> dict[str, Any]:
+    """What the ``# pkvm`` header of the trace at ``path`` says about the VM's shape
+    (nothing when the file has no such header or cannot be read: the replay reports that)."""
+    from itertools import islice
+
+    from .trace import header_fields
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            fields = header_fields(islice(f, 64))
+    except OSError:
+        return {}
+    shape: dict[str, Any] = {}
+    if fields.get("platform") in experiments.PLATFORMS:
+        shape["platform"] = fields["platform"]
+    for key in ("memory", "image", "vcpus"):
+        if fields.get(key, "").isdigit():
+            shape[key] = int(fields[key])
+    return shape
+
+
+def _policies(args: argparse.Namespace, base: Config) -> list[str]:
+    policies = args.policies or list(experiments.PLATFORM_POLICIES[base.platform])
+    seen: set[str] = set()
+    for p in policies:
+        if p in seen:
+            raise UsageError(f"policy {p!r} is given twice in --policies")
+        seen.add(p)
+        try:
+            base.with_(policy=p, trace=None)
+        except ValueError as exc:
+            raise UsageError(_message(exc)) from None
+    return policies
+
+
+def _memories(text: list[str] | None, base: Config) -> list[int]:
+    out: list[int] = []
+    for m in text or []:
+        try:
+            size = parse_size(m)
+            base.with_(memory=m)
+        except ValueError as exc:
+            raise UsageError(f"--sweep-memory: {_message(exc)}") from None
+        if size in out:
+            raise UsageError(f"--sweep-memory lists {m} twice")
+        out.append(size)
+    return out
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before a long run, not after it, when an output cannot be created."""
+    paths = (args.json, args.plot, args.trace)
+    for path in paths:
+        if path is None:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise UsageError(f"cannot write {path}: directory {parent} does not exist")
+        if os.path.isdir(path):
+            raise UsageError(f"cannot write {path}: it is a directory")
+    if args.plot is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        known = FigureCanvasBase.get_supported_filetypes()
+        if ext and ext not in known:
+            raise UsageError(f"--plot {args.plot}: cannot draw .{ext} files (use .png, or one of "
+                             f"{', '.join(sorted(known))})")
+
+
+def _sweep_trace(path: str | None, memory: int, policies: Sequence[str]) -> str | None:
+    """The trace path to give :func:`pkvm.experiments.compare` at one sweep size, so that the
+    files are named as :func:`pkvm.experiments.sweep` names them: ``out.<size>.<policy>.txt``
+    (compare adds the policy itself when there are several)."""
+    if path is None:
+        return None
+    stem, ext = os.path.splitext(path)
+    tag = format_size(memory) if len(policies) > 1 else f"{format_size(memory)}.{policies[0]}"
+    return f"{stem}.{tag}{ext or '.txt'}"
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+class _Output:
+    """stdout: ``rich`` with colour on a terminal; otherwise plain text at the natural width."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self.console = None
+        if stream.isatty():
+            from rich.console import Console
+
+            self.console = Console(file=stream, highlight=False)
+
+    def table(self, results: Sequence[Result], layout: str) -> RenderableType:
+        return report.table(results, console=self.console, layout=layout)  # type: ignore[arg-type]
+
+    def print(self, renderable: RenderableType | str = "") -> None:
+        if self.console is not None:
+            from rich.text import Text
+
+            self.console.print(Text(renderable) if isinstance(renderable, str) else renderable)
+        elif isinstance(renderable, str):
+            self._stream.write(renderable + "\n")
+        else:
+            self._stream.write(report.render_text(renderable))
+        self._stream.flush()
+
+    def write(self, text: str) -> None:
+        """Preformatted text, as is (no wrapping, which would break its columns)."""
+        self._stream.write(text if text.endswith("\n") else text + "\n")
+        self._stream.flush()
+
+
+def _info(args: argparse.Namespace, line: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _header(config: Config, seed: int, what: str) -> str:
+    """One line naming everything the numbers depend on."""
+    wl = workloads.WORKLOADS[config.workload]
+    opts = workloads.parse_options(wl, config.options)
+    shown = ", ".join(f"{k}={wl.options[k].show(v)}" for k, v in opts.items())
+    model = config.cost_model()
+    changed = model.changed()
+    costs = f"cost model {model.profile} {model.fingerprint()}"
+    if changed:
+        costs += f" ({len(changed)} changed: {', '.join(changed)})"
+    parts = [f"pkvm {experiments.version()}", config.platform, f"{format_size(int(config.memory))} RAM",
+             f"workload {config.workload}" + (f" ({shown})" if shown else ""), what, f"seed {seed}", costs]
+    if config.vcpus != 1:
+        parts.insert(3, f"{config.vcpus} vCPUs")
+    return " · ".join(parts)
+
+
+def _notes(out: _Output, results: Sequence[Result]) -> None:
+    """What the results say they could not reproduce (e.g. a replay's untraced exits)."""
+    notes = [f"note ({r.policy}): {note}" for r in results for note in r.notes]
+    if notes:
+        out.print()
+        out.print("\n".join(notes))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, labels: Sequence[str],
+              prefix: str = "") -> Iterator[Callable[[str, float], None] | None]:
+    """A ``rich`` progress bar on stderr with one task per label (a policy), fed by
+    :func:`pkvm.experiments.compare`'s ``progress(policy, fraction)``. Runs are sequential,
+    so news of one policy means every policy before it has finished. Yields None (no
+    callback) when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    order = list(labels)
+    with bar:
+        tasks = {label: bar.add_task(prefix + label, total=1.0) for label in order}
+
+        def update(label: str, fraction: float) -> None:
+            i = order.index(label)
+            for done in order[:i]:
+                bar.update(tasks[done], completed=1.0)
+            bar.update(tasks[label], completed=fraction)
+
+        yield update
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, results: Sequence[Result],
+                   policies: Sequence[str], memories: Sequence[int]) -> None:
+    for r in results:
+        if r.config.trace is not None:
+            _info(args, f"wrote trace {r.config.trace}")
+    if args.json is not None:
+        extra: dict[str, Any] = {
+            "command": [_PROG, *argv], "config": base.to_dict(), "seed": args.seed,
+            "policies": list(policies), "cost_model": base.cost_model().to_dict()}
+        if memories:
+            extra["sweep_memory"] = [format_size(m) for m in memories]
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_json(results, extra), f, indent=2)
+            f.write("\n")
+        _info(args, f"wrote {args.json}")
+    if args.plot is not None:
+        report.plot(results, args.plot, sweep=bool(memories))
+        _info(args, f"wrote {args.plot}")
+
+
+# ---- subcommands -----------------------------------------------------------------------------
+
+
+def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    base = _config(args)
+    policies = _policies(args, base)
+    memories = _memories(args.sweep_memory, base)
+    _check_outputs(args)
+    results: list[Result] = []
+    for i, mem in enumerate(memories or [int(base.memory)]):
+        config, prefix = base, ""
+        if memories:
+            config = base.with_(memory=mem, trace=_sweep_trace(base.trace, mem, policies))
+            prefix = f"{format_size(mem)} "
+        with _progress(_show_progress(args), policies, prefix) as cb:
+            batch = experiments.compare(config, policies, args.seed, progress=cb, jobs=args.jobs)
+        results.extend(batch)
+        if i:
+            out.print()
+        n = len(policies)
+        out.print(_header(config, args.seed, f"{n} policies" if n > 1 else f"policy {policies[0]}"))
+        out.print(out.table(batch, args.layout))
+        _notes(out, batch)
+    _write_outputs(args, argv, base, results, policies, memories)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    config = _config(args)
+    policy = config.policy
+    _check_outputs(args)
+    with _progress(_show_progress(args), [policy]) as cb:
+        result = experiments.run(config, args.seed,
+                                 progress=None if cb is None else (lambda f: cb(policy, f)))
+    out.print(_header(config, args.seed, f"policy {policy}"))
+    out.print(out.table([result], args.layout))
+    out.print()
+    out.print(report.phase_table(result))
+    out.print()
+    out.print(report.op_table(result))
+    _notes(out, [result])
+    _write_outputs(args, argv, config, [result], [policy], [])
+    return 0
+
+
+def _cmd_workloads(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    wls = workloads.WORKLOADS
+    shown = {name: [(f"{k}={'(required)' if o.default is None else o.show(o.default)}", o.help)
+                    for k, o in wl.options.items()] for name, wl in wls.items()}
+    width = max(len(n) for n in wls)
+    ow = max((len(s) for opts in shown.values() for s, _ in opts), default=0)
+    lines: list[str] = []
+    for name, wl in wls.items():
+        lines.append(f"{name:<{width}}  {wl.description}")
+        lines += [f"{'':<{width}}    {s:<{ow}}  {h}" for s, h in shown[name]]
+    lines.append("")
+    lines.append("Set options with --option NAME=VALUE, e.g. "
+                 "pkvm compare --workload swiotlb --option ops=5000.")
+    out.write("\n".join(lines))
+    return 0
+
+
+def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    try:
+        config = experiments.Config(platform=args.platform, costs=dict(args.cost), cost_file=args.costs)
+    except (ValueError, OSError) as exc:
+        raise UsageError(_message(exc)) from None
+    model = config.cost_model()
+    if args.toml:
+        out.write(model.to_toml())
+        return 0
+    from .costs import format_table
+
+    text = format_table(model.describe(), style="markdown" if args.markdown else "text").rstrip("\n")
+    if not args.markdown:
+        text = f"cost model {model.profile} (host {model.host}) {model.fingerprint()}\n\n{text}"
+    out.write(text)
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def _message(exc: BaseException) -> str:
+    """One line: the exception's text with newlines folded."""
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split("\n"))
+
+
+def _fail(message: str) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pkvm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit
+    status (see the module docstring)."""
+    from .errors import PkvmError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else 0
+        if args.command is None:
+            raise UsageError("no command given; commands: compare, run, workloads, costs (see 'pkvm --help')")
+        return int(args.handler(args, argv, _Output(sys.stdout)))
+    except UsageError as exc:
+        _fail(str(exc))
+        return 2
+    except BrokenPipeError:
+        # The reader went away (``pkvm compare | head``): stop quietly, and keep Python's
+        # final flush of stdout from failing again.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError, PkvmError) as exc:
+        _fail(_message(exc))
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
+        return 130

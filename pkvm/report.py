@@ -1,0 +1,439 @@
+"""Reporting: experiment results as tables (rich or plain text), JSON and plots.
+
+Pure functions over :class:`pkvm.experiments.Result` lists; nothing here prints, runs a
+simulation or keeps state. :mod:`pkvm.cli` prints what these functions build.
+
+- :func:`table` builds a ``rich`` table, one row per result (or one column per result, the
+  transposed ``layout="columns"``), with the columns of :meth:`Result.row` that are present
+  in at least one result: SNP, TDX and SW_PROTECTED rows differ. A value a result does not
+  have prints as ``—``. Counts are right-aligned with thousands separators, times in human
+  units (:func:`pkvm._units.format_ns`).
+- :func:`phase_table` and :func:`op_table` break one result down by phase and by operation.
+- :func:`render_text` and :func:`text_table` render without colour, at the natural width,
+  trailing blanks stripped: the same text on every terminal and through a pipe.
+- :func:`to_json` is the machine-readable report; :func:`plot` draws a PNG with matplotlib.
+
+>>> from pkvm import experiments
+>>> rs = experiments.compare(experiments.Config(memory="64M"), ["fault-time", "eager-post"])
+>>> text = text_table(rs)
+>>> "RMPUPDATEs" in text and "eager-post" in text
+True
+>>> [r["row"]["policy"] for r in to_json(rs)["results"]]
+['fault-time', 'eager-post']
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._units import format_ns, format_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+
+    from .experiments import Result
+
+__all__ = ["table", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
+
+Layout = Literal["auto", "rows", "columns"]
+
+#: Past this many vCPU actors a table shows the vCPUs' sum and maximum instead of one
+#: column each: sixteen ``modeled vcpuN`` columns would bury the rest of the table.
+MAX_VCPU_COLUMNS = 4
+#: Operations :func:`plot` stacks by name; the rest of ``by_op`` is one "other" segment.
+PLOT_TOP_OPS = 8
+#: Width :func:`render_text` lays out at: wide enough that no table ever wraps.
+_TEXT_WIDTH = 1000
+_MISSING = "—"
+_VCPU = re.compile(r"^vcpu(\d+)$")
+
+
+# ---- cell formatting -------------------------------------------------------------------------
+
+
+def _count(v: Any) -> str:
+    return f"{v:,}"
+
+
+def _percent(fraction: Any) -> str:
+    """A fraction as a percentage with significant digits kept for tiny values:
+    0 -> ``"0%"``, 1.5e-05 -> ``"0.0015%"``, 0.25 -> ``"25.0%"``."""
+    pct = float(fraction) * 100.0
+    if pct == 0.0:
+        return "0%"
+    if abs(pct) < 0.1:
+        return f"{pct:.2g}%"
+    return f"{pct:.1f}%"
+
+
+def _seconds(s: Any) -> str:
+    return format_ns(float(s) * 1e9)
+
+
+def _rate(per_s: Any) -> str:
+    """Events per second with an SI prefix: ``"86.6 M"``."""
+    v = float(per_s)
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {prefix}"
+    return f"{v:.3g}"
+
+
+def _number(v: Any) -> str:
+    """A value of a column pkvm does not know yet: counts get separators, floats 4 digits."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return _count(v) if isinstance(v, int) else f"{v:.4g}"
+
+
+# (row key, header, formatter), in :meth:`Result.row` order. Headers break onto two lines
+# where that keeps the 20-odd columns of an SNP table narrow.
+_COUNTERS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("conversions", "conversions", _count),
+    ("gfns_converted", "GFNs\nconverted", _count),
+    ("faults", "faults", _count),
+    ("memory_fault_exits", "memory-fault\nexits", _count),
+    ("rmpupdates", "RMPUPDATEs", _count),
+    ("seamcalls", "SEAMCALLs", _count),
+    ("psmashes", "PSMASHes", _count),
+    ("rmp_faults", "RMP\nfaults", _count),
+    ("zaps", "zaps", _count),
+    ("tlb_flushes", "TLB\nflushes", _count),
+    ("mmu_lock_ns", "mmu_lock\nheld", format_ns),
+    ("directmap_tlb_flushes", "direct-map\nTLB flushes", _count),
+    ("directmap_splits", "direct-map\nsplits", _count),
+    ("directmap_fragmented", "direct-map\nfragmented", _percent),
+    ("sleep_in_atomic", "sleep in\natomic", _count),
+)
+_KNOWN = {"policy", "modeled_ns", "wall_s", "gfns_per_s"} | {k for k, _, _ in _COUNTERS}
+
+
+class _Col:
+    """One metric of the results table: header, and how to get its text from a result."""
+
+    __slots__ = ("key", "header", "cell", "section_end")
+
+    def __init__(self, key: str, header: str, cell: Callable[[Result, dict[str, Any]], str]) -> None:
+        self.key = key
+        self.header = header
+        self.cell = cell
+        self.section_end = False
+
+
+def _field(key: str, fmt: Callable[[Any], str]) -> Callable[[Result, dict[str, Any]], str]:
+    def cell(_r: Result, row: dict[str, Any]) -> str:
+        return fmt(row[key]) if key in row else _MISSING
+    return cell
+
+
+def _actor_order(actor: str) -> tuple[int, int, str]:
+    """``vmm`` first, then ``vcpu0``, ``vcpu1``, ... numerically, then anything else."""
+    if actor == "vmm":
+        return (0, 0, actor)
+    m = _VCPU.match(actor)
+    return (1, int(m.group(1)), actor) if m else (2, 0, actor)
+
+
+def _actors(results: Sequence[Result]) -> list[str]:
+    seen = {a for r in results for a in r.by_actor}
+    return sorted(seen, key=_actor_order)
+
+
+def _columns(results: Sequence[Result], rows: list[dict[str, Any]]) -> list[_Col]:
+    """The metric columns (everything but the row label), for the keys the rows have."""
+    present = {k for row in rows for k in row}
+    cols = [_Col(k, h, _field(k, f)) for k, h, f in _COUNTERS if k in present]
+    # A counter Result.row() gains later still shows, before the modeled times.
+    extra = [k for row in rows for k in row if k not in _KNOWN and not k.startswith("modeled_ns_")]
+    cols += [_Col(k, k.replace("_", " "), _field(k, _number)) for k in dict.fromkeys(extra)]
+    if cols:
+        cols[-1].section_end = True
+    cols.append(_Col("modeled_ns", "modeled\ntotal", _field("modeled_ns", format_ns)))
+    actors = _actors(results)
+    vcpus = [a for a in actors if _VCPU.match(a)]
+    for a in actors:
+        if a in vcpus and len(vcpus) > MAX_VCPU_COLUMNS:
+            continue
+        cols.append(_Col(f"modeled_ns_{a}", f"modeled\n{a}", _field(f"modeled_ns_{a}", format_ns)))
+    if len(vcpus) > MAX_VCPU_COLUMNS:
+        def vcpu_sum(r: Result, _row: dict[str, Any]) -> str:
+            return format_ns(sum(ns for a, ns in r.by_actor.items() if _VCPU.match(a)))
+
+        def vcpu_max(r: Result, _row: dict[str, Any]) -> str:
+            return format_ns(max((ns for a, ns in r.by_actor.items() if _VCPU.match(a)), default=0))
+
+        cols.append(_Col("modeled_ns_vcpus", f"modeled\n{len(vcpus)} vCPUs", vcpu_sum))
+        cols.append(_Col("modeled_ns_vcpu_max", "modeled\nbusiest vCPU", vcpu_max))
+    cols[-1].section_end = True
+    cols.append(_Col("wall_s", "wall", _field("wall_s", _seconds)))
+    cols.append(_Col("gfns_per_s", "GFNs/s", _field("gfns_per_s", _rate)))
+    return cols
+
+
+def _labels(results: Sequence[Result]) -> tuple[list[str], list[str]]:
+    """Row-label headers and one label per result: the policy, preceded by the platform and
+    the memory when the results differ in those (the label titles a transposed column)."""
+    heads = []
+    if len({r.config.platform for r in results}) > 1:
+        heads.append("platform")
+    if len({r.config.memory for r in results}) > 1:
+        heads.append("memory")
+    heads.append("policy")
+    return heads, [" ".join(_label_parts(r, heads)) for r in results]
+
+
+def _label_parts(r: Result, heads: Sequence[str]) -> list[str]:
+    values = {"platform": r.config.platform, "memory": format_size(r.config.memory),  # type: ignore[arg-type]
+              "policy": r.config.policy}
+    return [values[h] for h in heads]
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+
+def table(results: Sequence[Result], *, console: Console | None = None, layout: Layout = "auto") -> Table:
+    """The comparison table: one row per result (``layout="rows"``), or one column per result
+    (``"columns"``: a row per metric, which fits a narrow terminal).
+
+    ``"auto"`` picks rows unless they are wider than ``console`` (without a console: rows).
+    The columns are policy (plus platform / memory when the results differ in them), the
+    counters of :meth:`Result.row` present in any result, modeled time in total and per
+    actor (``vmm``, ``vcpuN``; past :data:`MAX_VCPU_COLUMNS` vCPUs their sum and the busiest
+    one), wall time and GFNs/s.
+
+    Raises:
+        ValueError: no results, or an unknown layout.
+    """
+    from rich import box
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    if not results:
+        raise ValueError("no results to tabulate")
+    if layout not in ("auto", "rows", "columns"):
+        raise ValueError(f"layout {layout!r} is not 'auto', 'rows' or 'columns'")
+    rows = [r.row() for r in results]
+    cols = _columns(results, rows)
+    heads, labels = _labels(results)
+    if layout != "columns":
+        t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False)
+        for h in heads:
+            t.add_column(h, no_wrap=True, style="bold" if h == "policy" else None)
+        for c in cols:
+            t.add_column(c.header, justify="right", no_wrap=True)
+        for r, row in zip(results, rows):
+            t.add_row(*(Text(x) for x in _label_parts(r, heads)), *(Text(c.cell(r, row)) for c in cols))
+        if layout == "rows" or console is None:
+            return t
+        # Measured unconstrained: Console.measure clamps to the console's own width.
+        if Measurement.get(console, console.options.update_width(_TEXT_WIDTH), t).maximum <= console.width:
+            return t
+    t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False)
+    t.add_column("", no_wrap=True)
+    for label in labels:
+        t.add_column(label, justify="right", no_wrap=True)
+    for c in cols:
+        t.add_row(Text(c.header.replace("\n", " ")), *(Text(c.cell(r, row)) for r, row in zip(results, rows)),
+                  end_section=c.section_end)
+    return t
+
+
+def phase_table(result: Result) -> Table:
+    """One result's phases: modeled time in total and per actor, and wall time."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    actors = sorted({a for p in result.phases for a in p.by_actor}, key=_actor_order)
+    t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, title="phases", title_justify="left")
+    t.add_column("phase", no_wrap=True)
+    t.add_column("modeled", justify="right", no_wrap=True)
+    for a in actors:
+        t.add_column(a, justify="right", no_wrap=True)
+    t.add_column("wall", justify="right", no_wrap=True)
+    for p in result.phases:
+        t.add_row(Text(p.name), Text(format_ns(p.modeled_ns)),
+                  *(Text(format_ns(p.by_actor[a]) if a in p.by_actor else _MISSING) for a in actors),
+                  Text(_seconds(p.wall_s)))
+    return t
+
+
+def op_table(result: Result) -> Table:
+    """One result's modeled time by operation (largest first), its share, and per actor."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    actors = sorted(result.by_actor_op, key=_actor_order)
+    total = result.modeled_ns
+    t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, show_footer=True,
+              title="modeled time by operation", title_justify="left")
+    t.add_column("operation", "total", no_wrap=True)
+    t.add_column("modeled", format_ns(total), justify="right", no_wrap=True)
+    t.add_column("share", "100%" if total else _MISSING, justify="right", no_wrap=True)
+    for a in actors:
+        t.add_column(a, format_ns(result.by_actor.get(a, 0)), justify="right", no_wrap=True)
+    for op, ns in sorted(result.by_op.items(), key=lambda kv: (-kv[1], kv[0])):
+        share = f"{100.0 * ns / total:.1f}%" if total else _MISSING
+        per = (result.by_actor_op[a].get(op) for a in actors)
+        t.add_row(Text(op), Text(format_ns(ns)), Text(share),
+                  *(Text(format_ns(v) if v else _MISSING) for v in per))
+    return t
+
+
+def render_text(renderable: RenderableType, *, width: int = _TEXT_WIDTH) -> str:
+    """``renderable`` as plain text: no colour or styles, laid out ``width`` columns wide,
+    trailing blanks stripped from every line."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None, force_terminal=False, no_color=True,
+                      highlight=False, emoji=False, markup=False, legacy_windows=False, soft_wrap=False)
+    console.print(renderable)
+    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
+
+
+def text_table(results: Sequence[Result], *, layout: Layout = "rows") -> str:
+    """:func:`table` as plain text (see :func:`render_text`): for files, pipes and docs."""
+    return render_text(table(results, layout=layout))
+
+
+# ---- JSON ------------------------------------------------------------------------------------
+
+
+def to_json(results: Sequence[Result], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able report: ``{"pkvm_version", **extra, "results": [Result.to_dict(), ...]}``.
+
+    ``extra`` carries what the caller knows about the whole set (the CLI puts the command line,
+    the base config, seed and policies there).
+
+    Raises:
+        ValueError: ``extra`` uses the key ``pkvm_version`` or ``results``.
+    """
+    from .experiments import version as _version
+
+    extra = dict(extra or {})
+    clash = sorted({"pkvm_version", "results"} & set(extra))
+    if clash:
+        raise ValueError(f"extra may not set {', '.join(clash)}: the report fills them in")
+    return {"pkvm_version": _version(), **extra, "results": [r.to_dict() for r in results]}
+
+
+# ---- plots -----------------------------------------------------------------------------------
+
+
+def _time_unit(max_ns: float) -> tuple[str, float]:
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if max_ns >= scale:
+            return unit, scale
+    return "ns", 1.0
+
+
+def _title(results: Sequence[Result], *, memory: bool) -> str:
+    def distinct(values: Sequence[str]) -> str:
+        return "/".join(dict.fromkeys(values))
+
+    parts = [distinct([r.config.platform for r in results]), distinct([r.config.workload for r in results])]
+    if memory:
+        parts.append(distinct([format_size(r.config.memory) for r in results]))  # type: ignore[arg-type]
+    return " · ".join(parts)
+
+
+def plot(results: Sequence[Result], path: str, *, sweep: bool = False) -> None:
+    """Draw ``results`` to ``path`` (PNG, or another format matplotlib knows by the suffix).
+
+    Without ``sweep``: one stacked bar per result of modeled time by operation (the
+    :data:`PLOT_TOP_OPS` largest operations overall, the rest as "other"), total on top.
+    With ``sweep`` (the results of :func:`pkvm.experiments.sweep`): modeled time against
+    guest memory on log-log axes, one line per policy.
+
+    Uses matplotlib's object API on the Agg canvas: no display is needed, and neither
+    pyplot's global figure list nor the process's backend setting is touched.
+
+    Raises:
+        ValueError: no results, or a format matplotlib does not know.
+        OSError: ``path`` cannot be written.
+    """
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("no results to plot")
+    fig = Figure(figsize=(8.0, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    if sweep:
+        _plot_sweep(ax, results)
+    else:
+        _plot_ops(ax, results)
+    fig.savefig(path, dpi=150)
+
+
+def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
+    import matplotlib
+
+    totals: dict[str, int] = {}
+    for r in results:
+        for op, ns in r.by_op.items():
+            totals[op] = totals.get(op, 0) + ns
+    ranked = [op for op, ns in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])) if ns > 0]
+    top = ranked[:PLOT_TOP_OPS]
+    unit, scale = _time_unit(max(r.modeled_ns for r in results))
+    _heads, labels = _labels(results)
+    x = range(len(results))
+    colors = matplotlib.colormaps["tab10"]
+    bottoms = [0.0] * len(results)
+    segments: list[tuple[str, list[int], Any]] = [
+        (op, [r.by_op.get(op, 0) for r in results], colors(i % 10)) for i, op in enumerate(top)]
+    if len(ranked) > len(top):
+        rest = [sum(ns for op, ns in r.by_op.items() if op not in top) for r in results]
+        segments.append(("other", rest, "0.7"))
+    for op, values, color in segments:
+        heights = [v / scale for v in values]
+        ax.bar(x, heights, bottom=bottoms, color=color, label=op, width=0.6)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for i, r in enumerate(results):
+        ax.annotate(format_ns(r.modeled_ns), (i, r.modeled_ns / scale), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel(f"modeled time ({unit})")
+    ax.set_ylim(0, max(1e-9, max(bottoms)) * 1.12)
+    ax.set_title(_title(results, memory=True))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    handles, names = ax.get_legend_handles_labels()
+    # Reversed, so the legend reads top-down like the stack.
+    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              fontsize=8, title="operation", title_fontsize=8)
+
+
+def _plot_sweep(ax: Any, results: Sequence[Result]) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        if r.modeled_ns > 0:  # a log axis cannot show 0
+            lines.setdefault(r.config.policy, []).append((int(r.config.memory), r.modeled_ns / 1e9))
+    memories = sorted({int(r.config.memory) for r in results})
+    # Distinct markers and dashes too: policies with equal times draw on top of each other.
+    markers, dashes = "os^Dv<>P", ("-", "--", "-.", ":")
+    for i, (policy, points) in enumerate(lines.items()):
+        points.sort()
+        ax.plot([m for m, _ in points], [s for _, s in points], marker=markers[i % len(markers)],
+                linestyle=dashes[i % len(dashes)], markersize=7 - min(i, 4), label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([float(m) for m in memories]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_size(int(round(v)))))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(memories) == 1:  # one size: give the point some room instead of a zero-width axis
+        ax.set_xlim(memories[0] / 2, memories[0] * 2)
+    ax.set_xlabel("guest memory")
+    ax.set_ylabel("modeled time (s)")
+    ax.set_title(_title(results, memory=False) + " · modeled time vs guest memory")
+    ax.grid(which="both", alpha=0.3)
+    if lines:
+        ax.legend(title="policy", fontsize=8, title_fontsize=8)

@@ -1,0 +1,304 @@
+"""The ``pkvm`` command line, run as ``python -m pkvm`` through pipes (so: no progress bar)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pkvm import experiments
+from pkvm.cli import main
+from pkvm.workloads import WORKLOADS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--memory", "64M"]
+
+
+def pkvm(*args, cwd=None):
+    """Run ``python -m pkvm ARGS``; return the CompletedProcess (text, both streams captured)."""
+    env = dict(os.environ, COLUMNS="80")  # a narrow terminal must not change piped output
+    return subprocess.run([sys.executable, "-m", "pkvm", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120, check=False)
+
+
+def ok(*args, cwd=None):
+    """Run pkvm and insist on success; return stdout."""
+    p = pkvm(*args, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    return p.stdout
+
+
+def rows(stdout):
+    """The first word of each line of the first table's body (the policies)."""
+    lines = stdout.splitlines()
+    rule = next(i for i, ln in enumerate(lines) if ln.startswith("──"))
+    body = []
+    for ln in lines[rule + 1:]:
+        if not ln.strip():
+            break
+        body.append(ln.split()[0])
+    return body
+
+
+def test_compare_prints_every_policy():
+    """compare prints a header line and one row per default policy, in order."""
+    out = ok("compare", *SMALL)
+    first = out.splitlines()[0]
+    assert first.startswith("pkvm ") and "snp" in first and "64M" in first and "seed 0" in first
+    assert rows(out) == list(experiments.PLATFORM_POLICIES["snp"])
+    assert "RMPUPDATEs" in out
+
+
+def test_compare_policies_and_platform():
+    """--platform and --policies choose what is compared."""
+    out = ok("compare", *SMALL, "--platform", "tdx", "--policies", "6.19,6.16")
+    assert rows(out) == ["6.19", "6.16"]
+    assert "SEAMCALLs" in out and "RMPUPDATEs" not in out
+
+
+def test_piped_output_ignores_the_terminal_width():
+    """Through a pipe the table keeps one row per policy at its natural width."""
+    out = ok("compare", *SMALL)
+    assert max(len(ln) for ln in out.splitlines()) > 80
+
+
+def test_layout_columns():
+    """--layout columns puts the policies in the header."""
+    out = ok("compare", *SMALL, "--layout", "columns")
+    assert out.splitlines()[1].split() == list(experiments.PLATFORM_POLICIES["snp"])
+
+
+def test_compare_json(tmp_path):
+    """--json writes the command line, config, seed, cost model, version and one result per policy."""
+    path = tmp_path / "out.json"
+    ok("compare", *SMALL, "--seed", "3", "--cost", "rmpupdate=800ns", "--json", str(path))
+    d = json.loads(path.read_text())
+    policies = list(experiments.PLATFORM_POLICIES["snp"])
+    assert d["pkvm_version"] == experiments.version()
+    assert d["command"][:2] == ["pkvm", "compare"]
+    assert d["seed"] == 3 and d["policies"] == policies
+    assert d["config"]["memory"] == 64 << 20 and d["config"]["costs"] == {"rmpupdate": "800ns"}
+    assert d["cost_model"]["costs"]["rmpupdate"]["value_ns"] == 800
+    assert [r["row"]["policy"] for r in d["results"]] == policies
+    for r in d["results"]:
+        assert r["seed"] == 3
+        assert r["cost_model"]["fingerprint"] == d["cost_model"]["fingerprint"]
+        for key in ("conversions", "gfns_converted", "faults", "rmpupdates", "modeled_ns"):
+            assert isinstance(r["row"][key], int)
+
+
+def test_json_matches_the_api(tmp_path):
+    """The CLI's counters are the API's for the same config and seed."""
+    path = tmp_path / "out.json"
+    ok("compare", *SMALL, "--policies", "eager-post", "--json", str(path))
+    d = json.loads(path.read_text())
+    api = experiments.run(experiments.Config(memory="64M", policy="eager-post"))
+    assert d["results"][0]["counters"] == api.counters
+    assert d["results"][0]["modeled_ns"] == api.modeled_ns
+
+
+def test_jobs_give_the_same_results(tmp_path):
+    """--jobs 2 runs the policies in worker processes with the same counters and times."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    ok("compare", *SMALL, "--policies", "fault-time,eager-post", "--json", str(one))
+    ok("compare", *SMALL, "--policies", "fault-time,eager-post", "--jobs", "2", "--json", str(two))
+    a, b = (json.loads(p.read_text())["results"] for p in (one, two))
+    assert [(r["counters"], r["by_op"]) for r in a] == [(r["counters"], r["by_op"]) for r in b]
+
+
+def test_compare_plot(tmp_path):
+    """--plot writes a PNG."""
+    path = tmp_path / "bars.png"
+    ok("compare", *SMALL, "--plot", str(path))
+    assert path.read_bytes().startswith(PNG)
+
+
+def test_sweep_memory(tmp_path):
+    """--sweep-memory prints one table per size, and --plot draws the sweep."""
+    png, js = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    out = ok("compare", "--sweep-memory", "64M,128M", "--policies", "fault-time,eager-post",
+             "--plot", str(png), "--json", str(js))
+    headers = [ln for ln in out.splitlines() if ln.startswith("pkvm ")]
+    assert len(headers) == 2 and "64M" in headers[0] and "128M" in headers[1]
+    assert png.read_bytes().startswith(PNG)
+    d = json.loads(js.read_text())
+    assert d["sweep_memory"] == ["64M", "128M"]
+    assert [(r["config"]["memory_text"], r["row"]["policy"]) for r in d["results"]] == [
+        ("64M", "fault-time"), ("64M", "eager-post"), ("128M", "fault-time"), ("128M", "eager-post")]
+
+
+def test_run_prints_phases_and_operations():
+    """run prints the row, the phases and the modeled time by operation."""
+    out = ok("run", *SMALL, "--policy", "eager-post")
+    assert rows(out)[0] == "eager-post"
+    assert "phases" in out and "launch" in out and "accept" in out
+    assert "modeled time by operation" in out and "rmpupdate" in out and "100%" in out
+
+
+def test_run_default_policy_is_upstream():
+    """run without --policy models the current upstream kernel of the platform."""
+    assert rows(ok("run", *SMALL))[0] == "fault-time"
+    assert rows(ok("run", *SMALL, "--platform", "tdx"))[0] == "6.19"
+
+
+def test_trace_then_replay(tmp_path):
+    """--trace writes one file per policy; replay:PATH replays one with the recorded VM shape."""
+    p = pkvm("compare", *SMALL, "--policies", "fault-time,eager-post", "--trace", "t.txt", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["t.eager-post.txt", "t.fault-time.txt"]
+    assert "t.fault-time.txt" in p.stderr and "t.eager-post.txt" in p.stderr
+    out = ok("run", "--workload", "replay:t.fault-time.txt", cwd=tmp_path)  # memory from the header
+    assert "64M RAM" in out.splitlines()[0] and "workload replay" in out
+    out = ok("compare", "--workload", "replay", "--option", "file=t.eager-post.txt", "--policies", "6.19",
+             cwd=tmp_path)
+    assert rows(out) == ["6.19"]
+
+
+def test_sweep_traces_are_named_by_size_and_policy(tmp_path):
+    """A sweep writes one trace per size and policy, named as experiments.sweep names them."""
+    ok("compare", "--sweep-memory", "16M,32M", "--policies", "6.19", "--trace", "t.txt", cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["t.16M.6.19.txt", "t.32M.6.19.txt"]
+
+
+def test_quiet_lists_no_files(tmp_path):
+    """--quiet keeps stderr empty."""
+    p = pkvm("compare", *SMALL, "--policies", "6.19", "--json", str(tmp_path / "o.json"), "--quiet")
+    assert p.returncode == 0 and p.stderr == ""
+
+
+def test_workloads_lists_all():
+    """workloads lists every workload with its options and their defaults."""
+    out = ok("workloads")
+    names = [ln.split()[0] for ln in out.splitlines() if ln and not ln.startswith(" ")]
+    assert names[:len(WORKLOADS)] == list(WORKLOADS)
+    assert len(WORKLOADS) == 7
+    assert "accept=2M" in out and "file=(required)" in out
+
+
+def test_costs_lists_sources():
+    """costs prints every operation with value, range, confidence and source."""
+    out = ok("costs")
+    line = next(ln for ln in out.splitlines() if ln.startswith("rmpupdate "))
+    assert "500 ns" in line and "RMPOPT" in line
+    assert "source" in out and "conf" in out
+
+
+def test_costs_overrides_and_toml(tmp_path):
+    """--cost shows as an override; --toml output reads back with --costs."""
+    assert "override" in ok("costs", "--cost", "rmpupdate=800ns")
+    toml = ok("costs", "--platform", "tdx", "--toml", "--cost", "seamcall_aug=3us")
+    path = tmp_path / "tdx.toml"
+    path.write_text(toml)
+    line = next(ln for ln in ok("costs", "--platform", "tdx", "--costs", str(path)).splitlines()
+                if ln.startswith("seamcall_aug "))
+    assert "3 µs" in line
+
+
+def test_costs_markdown():
+    """--markdown prints a pipe table."""
+    assert ok("costs", "--markdown").splitlines()[0].startswith("| operation |")
+
+
+@pytest.mark.parametrize("args", [[], ["compare"], ["run"], ["workloads"], ["costs"]],
+                         ids=["top", "compare", "run", "workloads", "costs"])
+def test_help(args):
+    """--help works everywhere and describes the options."""
+    out = ok(*args, "--help")
+    assert out.startswith("usage: pkvm")
+    if args in (["compare"], ["run"]):
+        for opt in ("--platform", "--memory", "--workload", "--option", "--seed", "--cost", "--costs",
+                    "--json", "--plot", "--trace", "--quiet"):
+            assert opt in out
+
+
+def test_version():
+    """--version prints the package version."""
+    assert ok("--version").strip() == f"pkvm {experiments.version()}"
+
+
+BAD = {
+    "unknown-platform": (["compare", "--platform", "arm"], 2),
+    "bad-memory": (["compare", "--memory", "12Q"], 2),
+    "unaligned-memory": (["compare", "--memory", "3M"], 2),
+    "unknown-policy": (["compare", *SMALL, "--policies", "fault-time,nope"], 2),
+    "unknown-run-policy": (["run", *SMALL, "--policy", "nope"], 2),
+    "unknown-workload": (["compare", "--workload", "nope"], 2),
+    "unknown-option": (["compare", "--option", "nope=1"], 2),
+    "bad-option-value": (["compare", "--option", "accept=3K"], 2),
+    "option-without-value": (["compare", "--option", "accept"], 2),
+    "bad-cost": (["compare", "--cost", "rmpupdate=fast"], 2),
+    "unknown-cost": (["costs", "--cost", "rmpupdatee=1ns"], 2),
+    "missing-cost-file": (["compare", "--costs", "no-such-costs.toml"], 2),
+    "replay-without-file": (["run", "--workload", "replay"], 2),
+    "missing-replay-file": (["compare", *SMALL, "--workload", "replay:no-such-trace.txt"], 1),
+    "bad-seed": (["compare", "--seed", "-1"], 2),
+    "bad-jobs": (["compare", "--jobs", "0"], 2),
+    "bad-sweep": (["compare", "--sweep-memory", "64M,5M"], 2),
+    "json-in-missing-dir": (["compare", *SMALL, "--json", "no/such/dir/out.json"], 2),
+    "plot-unknown-format": (["compare", *SMALL, "--plot", "out.nope"], 2),
+    "unknown-command": (["frobnicate"], 2),
+    "no-command": ([], 2),
+}
+
+
+@pytest.mark.parametrize(("args", "status"), BAD.values(), ids=BAD.keys())
+def test_bad_input_is_one_line(args, status, tmp_path):
+    """Bad input: the documented status, one 'pkvm: error:' line on stderr, no traceback."""
+    p = pkvm(*args, cwd=tmp_path)
+    assert p.returncode == status, p.stderr
+    assert p.stderr.endswith("\n") and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("pkvm: error: ")
+    assert "Traceback" not in p.stdout + p.stderr
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_main_returns_status(capsys):
+    """main() returns the exit status instead of raising SystemExit (help included)."""
+    assert main(["--help"]) == 0
+    assert main(["compare", "--platform", "arm"]) == 2
+    assert capsys.readouterr().err.startswith("pkvm: error: argument --platform")
+
+
+def test_main_in_process(capsys):
+    """main() can run a comparison in-process, printing plain text to a non-terminal stdout."""
+    assert main(["compare", *SMALL, "--policies", "6.19", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert rows(out) == ["6.19"] and "\x1b" not in out
+
+
+def test_runtime_error_is_one_line(monkeypatch, capsys):
+    """An error the simulated kernel reports mid-run exits 1 with one line."""
+    from pkvm.errors import KvmError
+
+    def fail(*_args, **_kwargs):
+        raise KvmError(5, "workload step failed: converting [0x1000, +0x1000) to shared")
+
+    monkeypatch.setattr(experiments, "compare", fail)
+    assert main(["compare", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert err == "pkvm: error: [EIO] workload step failed: converting [0x1000, +0x1000) to shared " \
+                  "(Input/output error)\n"
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    """Ctrl-C during a run exits 130 with one line and no traceback."""
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "run", interrupt)
+    assert main(["run", *SMALL]) == 130
+    assert capsys.readouterr().err == "pkvm: interrupted\n"
+
+
+def test_progress_bar_follows_the_runs():
+    """The progress callback accepts each policy's fractions in run order."""
+    from pkvm.cli import _progress
+
+    with _progress(False, ["a"]) as cb:
+        assert cb is None
+    with _progress(True, ["a", "b"]) as cb:
+        cb("a", 0.5)
+        cb("b", 0.25)
+        cb("b", 1.0)

@@ -1,0 +1,198 @@
+"""pkvm.report: tables, JSON and plots built from experiment results."""
+
+import doctest
+import json
+
+import pytest
+
+import pkvm.report
+from pkvm import experiments, report
+from pkvm._units import format_ns
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def snp_results():
+    return experiments.compare(experiments.Config(platform="snp", memory="64M"))
+
+
+@pytest.fixture(scope="module")
+def tdx_results():
+    return experiments.compare(experiments.Config(platform="tdx", memory="64M"))
+
+
+@pytest.fixture(scope="module")
+def sw_results():
+    return experiments.compare(experiments.Config(platform="sw_protected", memory="64M"))
+
+
+def header_line(text):
+    """The words of the table's two header lines (single-line headers sit on the second)."""
+    return " ".join(text.splitlines()[:2])
+
+
+def test_text_table_has_a_row_per_policy(snp_results):
+    """Each policy's row starts with its name, in the order run."""
+    lines = report.text_table(snp_results).splitlines()
+    body = [ln.split()[0] for ln in lines[3:]]
+    assert body == list(experiments.PLATFORM_POLICIES["snp"])
+
+
+def test_text_table_numbers_have_thousands_separators(snp_results):
+    """Counts print with separators, right-aligned under their header."""
+    text = report.text_table(snp_results)
+    assert "16,384" in text  # GFNs converted at 64M
+    lines = text.splitlines()
+    header, row = lines[1], lines[3]
+    col_end = header.index("RMPUPDATEs") + len("RMPUPDATEs")
+    assert row[:col_end].endswith("16,384")
+
+
+@pytest.mark.parametrize(("platform", "present", "absent"), [
+    ("snp", ["RMPUPDATEs", "PSMASHes", "RMP", "direct-map", "sleep in"], ["SEAMCALLs"]),
+    ("tdx", ["SEAMCALLs"], ["RMPUPDATEs", "PSMASHes", "direct-map"]),
+    ("sw_protected", [], ["SEAMCALLs", "RMPUPDATEs", "direct-map"]),
+], ids=["snp", "tdx", "sw_protected"])
+def test_columns_follow_the_platform(platform, present, absent, request):
+    """Only the counters a platform's rows have get a column."""
+    results = request.getfixturevalue({"snp": "snp_results", "tdx": "tdx_results",
+                                       "sw_protected": "sw_results"}[platform])
+    head = header_line(report.text_table(results))
+    for word in ["policy", "conversions", "faults", "zaps", "modeled", "wall", "GFNs/s", *present]:
+        assert word in head
+    for word in absent:
+        assert word not in head
+
+
+def test_modeled_time_per_actor(snp_results):
+    """Modeled time has a total column and one per actor, in human units."""
+    text = report.text_table(snp_results)
+    assert "vmm" in header_line(text) and "vcpu0" in header_line(text)
+    assert format_ns(snp_results[0].modeled_ns) in text.splitlines()[3]
+
+
+def test_mixed_platforms_get_a_platform_column(snp_results, tdx_results):
+    """Results of different platforms share one table, missing counters shown as a dash."""
+    text = report.text_table([snp_results[0], tdx_results[0]])
+    assert text.splitlines()[1].split()[:2] == ["platform", "policy"]
+    assert "RMPUPDATEs" in text and "SEAMCALLs" in text and "—" in text
+
+
+def test_sweep_results_get_a_memory_column():
+    """Results at several memory sizes are labelled with their size."""
+    rs = experiments.sweep(experiments.Config(platform="sw_protected"), ["16M", "32M"], ["6.19"])
+    lines = report.text_table(rs).splitlines()
+    assert lines[1].split()[:2] == ["memory", "policy"]
+    assert [ln.split()[0] for ln in lines[3:]] == ["16M", "32M"]
+
+
+def test_columns_layout_has_a_column_per_policy(snp_results):
+    """The transposed layout titles one column per policy and one row per metric."""
+    text = report.text_table(snp_results, layout="columns")
+    assert text.splitlines()[0].split() == list(experiments.PLATFORM_POLICIES["snp"])
+    assert any(ln.split()[:1] == ["RMPUPDATEs"] for ln in text.splitlines())
+
+
+def test_auto_layout_transposes_when_rows_do_not_fit(snp_results):
+    """layout="auto" keeps rows on a wide console and transposes on a narrow one."""
+    from rich.console import Console
+
+    wide = report.table(snp_results, console=Console(width=400), layout="auto")
+    narrow = report.table(snp_results, console=Console(width=80), layout="auto")
+    assert wide.columns[0].header == "policy"
+    assert [c.header for c in narrow.columns[1:]] == list(experiments.PLATFORM_POLICIES["snp"])
+
+
+def test_many_vcpus_collapse_to_sum_and_busiest():
+    """Past MAX_VCPU_COLUMNS vCPUs, the table shows their sum and the busiest instead."""
+    n = report.MAX_VCPU_COLUMNS + 1
+    r = experiments.run(experiments.Config(platform="tdx", memory="64M", vcpus=n))
+    head = header_line(report.text_table([r]))
+    assert f"{n} vCPUs" in head and "busiest vCPU" in head and "vcpu0" not in head
+
+
+def test_table_rejects_bad_input(snp_results):
+    """No results, or an unknown layout, is a ValueError."""
+    with pytest.raises(ValueError, match="no results"):
+        report.table([])
+    with pytest.raises(ValueError, match="layout 'sideways'"):
+        report.table(snp_results, layout="sideways")
+
+
+def test_phase_and_op_tables(snp_results):
+    """A run breaks down by phase and by operation; the operation shares add up."""
+    r = snp_results[0]
+    phases = report.render_text(report.phase_table(r))
+    assert "launch" in phases and "accept" in phases
+    ops = report.render_text(report.op_table(r))
+    for op in r.by_op:
+        assert op in ops
+    assert "100%" in ops
+
+
+def test_percent_keeps_small_fractions_visible():
+    """A tiny fragmentation is not rounded to zero."""
+    assert report._percent(0) == "0%"
+    assert report._percent(1.52587890625e-05) == "0.0015%"
+    assert report._percent(0.25) == "25.0%"
+
+
+def test_render_text_has_no_colour_or_trailing_blanks(snp_results):
+    """Plain text: no escape sequences, no trailing spaces."""
+    text = report.text_table(snp_results)
+    assert "\x1b" not in text
+    assert all(ln == ln.rstrip() for ln in text.splitlines())
+
+
+def test_to_json(snp_results):
+    """The report round-trips through JSON with version, extra keys and one entry per result."""
+    d = json.loads(json.dumps(report.to_json(snp_results, {"command": ["pkvm", "compare"]})))
+    assert list(d) == ["pkvm_version", "command", "results"]
+    assert d["pkvm_version"] == snp_results[0].version
+    assert [r["row"]["policy"] for r in d["results"]] == list(experiments.PLATFORM_POLICIES["snp"])
+    first = d["results"][0]
+    assert first["row"]["rmpupdates"] == snp_results[0].counters["rmpupdate"]
+    assert first["cost_model"]["fingerprint"] == snp_results[0].cost_fingerprint
+
+
+def test_to_json_keeps_its_own_keys(snp_results):
+    """extra may not replace the version or the results."""
+    with pytest.raises(ValueError, match="may not set results"):
+        report.to_json(snp_results, {"results": []})
+
+
+def test_plot_bars(snp_results, tmp_path):
+    """The default plot is a PNG of stacked bars."""
+    path = tmp_path / "bars.png"
+    report.plot(snp_results, str(path))
+    assert path.read_bytes().startswith(PNG)
+
+
+def test_plot_sweep(tmp_path):
+    """The sweep plot is a PNG of modeled time against memory."""
+    rs = experiments.sweep(experiments.Config(), ["16M", "32M", "64M"], ["fault-time", "eager-post"])
+    path = tmp_path / "sweep.png"
+    report.plot(rs, str(path), sweep=True)
+    assert path.read_bytes().startswith(PNG)
+
+
+def test_plot_other_segment(tmp_path, snp_results, monkeypatch):
+    """Operations past PLOT_TOP_OPS are drawn as one "other" segment without error."""
+    monkeypatch.setattr(report, "PLOT_TOP_OPS", 2)
+    path = tmp_path / "few.png"
+    report.plot(snp_results, str(path))
+    assert path.read_bytes().startswith(PNG)
+
+
+def test_plot_rejects_no_results(tmp_path):
+    """Plotting nothing is a ValueError, and no file is written."""
+    with pytest.raises(ValueError, match="no results"):
+        report.plot([], str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_module_doctests():
+    """The examples in pkvm.report's docstring run."""
+    result = doctest.testmod(pkvm.report)
+    assert result.failed == 0 and result.attempted > 0
