@@ -185,9 +185,34 @@ _PRESETS = _build_presets()
 
 
 def resolve_policy(policy: Policy | str) -> Policy:
-    """``policy`` itself if it is a :class:`Policy`, else the preset of that name."""
+    """``policy`` itself if it is a :class:`Policy`, else the policy a spec string names: a
+    preset, optionally with knobs changed, ``"PRESET+knob=value+knob=value"``.
+
+    >>> resolve_policy("eager-post+directmap=split-4k").directmap
+    'split-4k'
+    >>> resolve_policy("6.19+gmem_max_order=9").gmem_max_order
+    9
+
+    Raises:
+        ValueError: an unknown preset or knob, or a value outside the knob's choices.
+    """
     if isinstance(policy, Policy):
         return policy
     if isinstance(policy, str):
-        return Policy.preset(policy)
+        name, *changes = policy.split("+")
+        base = Policy.preset(name.strip())
+        if not changes:
+            return base
+        knobs: dict[str, object] = {}
+        for ch in changes:
+            knob, eq, text = ch.partition("=")
+            knob, text = knob.strip(), text.strip()
+            if not eq or knob not in _CHOICES:
+                raise ValueError(f"policy {policy!r}: {ch!r} is not knob=value; knobs are {', '.join(_CHOICES)}")
+            match = [c for c in _CHOICES[knob] if str(c).lower() == text.lower()]
+            if not match:
+                raise ValueError(f"policy {policy!r}: {knob}={text!r} is not one of "
+                                 f"{', '.join(str(c) for c in _CHOICES[knob])}")
+            knobs[knob] = match[0]
+        return base.replace(**knobs)
     raise TypeError(f"policy must be a pkvm.Policy or a preset name, not {type(policy).__name__}")

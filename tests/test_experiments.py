@@ -222,3 +222,14 @@ def test_jobs_farm_out_to_processes_with_identical_results():
     assert len(seen) == 4 and all(f == 1.0 for _, f in seen)
     with pytest.raises(ValueError, match="jobs"):
         E.compare(cfg, jobs=0)
+
+
+def test_mmu_lock_hold_time_orders_the_eager_designs():
+    """Seed thread: RMPUPDATE (and its direct-map change) inside mmu_lock holds off every vCPU
+    fault; the split design keeps only the RMPUPDATE there; the post-lock design none."""
+    held = {r.policy: r.counters["mmu_lock_held_ns"]
+            for r in E.compare(E.Config(memory=SMALL, options={"prealloc": "true"}))}
+    unit = E.Config().cost_model().ns("rmpupdate")
+    assert held["fault-time"] == held["eager-post"] == 0      # nothing mapped at boot to zap
+    assert held["eager-split"] == (PAGES - IMAGE_PAGES) * unit
+    assert held["eager-locked"] > held["eager-split"]

@@ -81,3 +81,27 @@ def test_vm_accepts_policy_or_name():
     assert pkvm.VM(1, policy="6.8").policy == pkvm.Policy.preset("6.8")
     custom = pkvm.Policy().replace(hugepage_guard=False)
     assert pkvm.VM(1, policy=custom).policy is custom
+
+
+def test_policy_spec_strings():
+    from pkvm.policy import resolve_policy
+
+    p = resolve_policy("eager-locked+directmap=split-4k+hugepage_guard=false")
+    assert p == pkvm.Policy.preset("eager-locked").replace(directmap="split-4k", hugepage_guard=False)
+    assert resolve_policy("6.19+gmem_max_order=9").gmem_max_order == 9
+    vm = pkvm.VM("snp", policy="eager-post+directmap=split-4k")
+    assert vm.policy.rmp_update == "eager-post" and vm.policy.directmap == "split-4k"
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("eager-post+directmap", "knob=value"),
+    ("eager-post+nope=1", "knob=value"),
+    ("eager-post+directmap=huge", "not one of"),
+    ("7.1+directmap=split-4k", "unknown policy preset"),
+    ("6.19+gmem_max_order=3", "not one of"),
+])
+def test_policy_spec_errors(spec, match):
+    from pkvm.policy import resolve_policy
+
+    with pytest.raises(ValueError, match=match):
+        resolve_policy(spec)
