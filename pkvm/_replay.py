@@ -40,8 +40,9 @@ from .constants import PAGE_SHIFT
 from .errors import KvmError
 from .trace import PFERR_GUEST_ENC, PFERR_GUEST_RMP, PFERR_PRIVATE_ACCESS, PFERR_WRITE, EPT_ACC_WRITE, header_fields, parse
 
+from .vm import Vcpu
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .vm import Vcpu
     from .workloads import Context
 
 #: Counters a replay cannot reproduce: guest-side instructions and untraced exits.
@@ -118,11 +119,16 @@ class _Replayer:
         vid, gfn, end, private, write, rmp = r
         vcpu = self.vcpu(vid)
         vm = self.vm
+        snp = self.platform == "snp"
         prev = vm._set_actor(f"vcpu{vid}")
         try:
             while gfn < end:
                 if rmp:
                     n, res = vcpu._rmp_npf(gfn, private, write)  # type: ignore[attr-defined]
+                elif snp:
+                    # The SNP vCPU narrows a batch to what a guest *access* could take without
+                    # a #VC; a trace holds the faults themselves, so KVM's path alone decides.
+                    n, res = Vcpu._fault(vcpu, gfn, end, private, write)
                 else:
                     n, res = vcpu._fault(gfn, end, private, write)
                 if res.ret == "exit":
