@@ -39,6 +39,7 @@ from RAM above the image; vCPUs take turns (round-robin) in the order actions ar
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from ._core import RangeMap
 from ._units import format_size, parse_size
 from .constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
+from .errors import KvmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .guest import Guest
@@ -269,7 +271,14 @@ class Context:
                     finally:
                         vm._set_actor(prev)
             image = [(0, self.image, True)] if self.image and private else []
-            self.vmm.launch(image)
+            try:
+                self.vmm.launch(image)
+            except KvmError as exc:
+                if vm.policy.tdx_huge_pages and exc.errno == errno.EEXIST:
+                    raise KvmError(exc.errno, f"{exc.strerror}; known gap of the beyond-upstream TDX huge pages "
+                                   "mode: the TD build adds only the first page of a 2M folio, so build a 4K "
+                                   "image (Config(image='4K'), --image 4K)") from None
+                raise
         finally:
             vm.trace(tracer)
         self.setup_done = True
@@ -294,8 +303,6 @@ class Context:
 
     def _require(self, ok: bool, what: str) -> None:
         if not ok:
-            from .errors import KvmError
-
             vm = self.vm
             if vm.events:
                 why = f"{vm.events[-1][0]}: {vm.events[-1][1]}"
