@@ -170,7 +170,7 @@ class VM:
     """
 
     def __init__(self, vm_type: int | str = KVM_X86_DEFAULT_VM, policy: Policy | str = "fault-time",
-                 costs: Mapping[str, int] | None = None, seed: int = 0, shared_backing: str = "thp",
+                 costs: CostModel | Mapping[str, object] | None = None, seed: int = 0, shared_backing: str = "thp",
                  nr_vcpus: int = 1, options: Mapping[str, object] | None = None) -> None:
         self._platform: PlatformOps = _resolve_platform(vm_type)
         options = dict(options or {})
