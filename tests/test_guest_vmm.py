@@ -221,3 +221,64 @@ def test_docstring_examples():
     for mod in (pkvm.vmm, pkvm.guest, pkvm.platforms._tdx_sept):
         result = doctest.testmod(mod)
         assert result.failed == 0 and result.attempted > 0, mod.__name__
+
+
+def test_modeled_time_is_charged_to_the_actor_that_runs():
+    vm = pkvm.VM("snp")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 8 << 20)
+    guest = pkvm.Guest(vm, vmm)
+    assert set(vm.cost_by_actor()) == {"vmm"}            # add_ram: the VMM's ioctls
+    assert guest.accept(0x200000, 0x200000)
+    assert set(vm.cost_by_actor()) == {"vmm", "vcpu0"}
+    assert "rmpupdate" in vm.cost_by_actor()["vcpu0"]      # fault time: the vCPU pays
+    before = vm.cost_by_actor()["vmm"].get("attr_store", 0)
+    assert guest.convert(0x200000, 0x1000, private=False)
+    by = vm.cost_by_actor()
+    assert by["vmm"]["attr_store"] - before == 100         # the VMM's KVM_SET_MEMORY_ATTRIBUTES
+    assert "attr_store" not in by["vcpu0"]
+    assert by["vcpu0"]["psc_request"] > 0                  # the page-state change (its exit)
+    assert vm.cost_breakdown() == {op: sum(c.get(op, 0) for c in by.values())
+                                   for op in {o for c in by.values() for o in c}}
+    assert sum(map(sum, (c.values() for c in by.values()))) == vm.modeled_ns
+    assert vm._actor == "vmm"                               # restored after the guest ran
+
+
+def test_actor_is_restored_when_a_call_fails():
+    vm = pkvm.VM("sw_protected")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 2 << 20)
+    guest = pkvm.Guest(vm, vmm)
+    with pytest.raises(ValueError):
+        guest.convert(0x1001, 0x1000, private=False)
+    vm._kill("test")
+    with pytest.raises(pkvm.KvmError):
+        guest.touch(0, private=True)
+    assert vm._actor == "vmm"
+
+
+def test_trace_of_direct_calls():
+    from pkvm.trace import Tracer, parse
+
+    vm = pkvm.VM("sw_protected")
+    tr = Tracer()
+    vm.trace(tr)
+    gmem = vm.create_guest_memfd(4 << 20)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 4 << 20, 1 << 40, gmem)
+    vm.set_memory_attributes(0, 4 << 20, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm.set_memory_attributes(0, 4 << 20, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)   # short-circuits: still traced
+    with pytest.raises(pkvm.KvmError):
+        vm.set_memory_attributes(1, 4096, 0)                                 # fails validation: not traced
+    gmem.fallocate(pkvm.FALLOC_FL_PUNCH_HOLE | pkvm.FALLOC_FL_KEEP_SIZE, 0, 8192)
+    events = [(ev.event, ev.comm, ev.fields) for _, ev in parse(tr.lines)]
+    assert events == [
+        ("kvm_vm_set_mem_attributes", "qemu-system-x86", {"start": 0, "end": 1024, "attributes": 8}),
+        ("kvm_vm_set_mem_attributes", "qemu-system-x86", {"start": 0, "end": 1024, "attributes": 8}),
+        ("sys_enter_fallocate", "qemu-system-x86", {"fd": gmem.fd, "mode": 3, "offset": 0, "len": 8192}),
+    ]
+    assert vm.attr_ioctls == 2
+    vm.trace(None)
+    vm.set_memory_attributes(0, 4096, 0)
+    assert len(tr.lines) == 3
+    with pytest.raises(TypeError):
+        vm.trace("stdout")  # type: ignore[arg-type]
