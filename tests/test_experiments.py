@@ -6,6 +6,8 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pkvm import experiments as E
 from pkvm import workloads as W
@@ -247,3 +249,38 @@ def test_mmu_lock_hold_time_orders_the_eager_designs():
     assert held["fault-time"] == held["eager-post"] == 0      # nothing mapped at boot to zap
     assert held["eager-split"] == (PAGES - IMAGE_PAGES) * unit
     assert held["eager-locked"] > held["eager-split"]
+
+
+_TEXT = st.one_of(st.text(max_size=12), st.integers(-2**70, 2**70), st.none(), st.booleans(),
+                  st.floats(allow_nan=True), st.sampled_from(["4K", "2M", "1T", "0", "-1", "1e3", "true", "64Q"]))
+
+
+@settings(deadline=None, max_examples=200)
+@given(field=st.sampled_from(["platform", "memory", "workload", "policy", "vcpus", "shared_backing", "image",
+                              "discard"]), value=_TEXT)
+def test_config_rejects_garbage_cleanly(field, value):
+    """Bad input never crashes: a Config either builds or raises ValueError / TypeError."""
+    try:
+        E.Config(**{field: value, **({"memory": "64M"} if field != "memory" else {})})
+    except (ValueError, TypeError):
+        pass
+
+
+@settings(deadline=None, max_examples=200)
+@given(workload=st.sampled_from(sorted(W.WORKLOADS)), key=st.sampled_from(
+    ["ops", "touches", "accept", "prealloc", "cycles", "fraction", "chunk", "ring", "buffers", "io", "devices",
+     "queues", "resident", "file", "bogus"]), value=_TEXT)
+def test_workload_options_reject_garbage_cleanly(workload, key, value):
+    try:
+        E.Config(memory="64M", workload=workload, options={key: value})
+    except (ValueError, TypeError):
+        pass
+
+
+@settings(deadline=None, max_examples=100)
+@given(op=st.sampled_from(["rmpupdate", "npf_fault", "remote_tlb_flush", "nope", ""]), value=_TEXT)
+def test_cost_overrides_reject_garbage_cleanly(op, value):
+    try:
+        E.Config(memory="64M", costs={op: value})
+    except (ValueError, TypeError):
+        pass
