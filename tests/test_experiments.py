@@ -191,7 +191,7 @@ def test_bad_config_is_a_value_error(kw, match):
 def test_bad_seed():
     with pytest.raises(ValueError, match="seed"):
         E.run(E.Config(memory=SMALL), -1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="pkvm.experiments.Config"):
         E.run({"memory": SMALL})  # type: ignore[arg-type]
 
 

@@ -249,10 +249,10 @@ def test_actor_is_restored_when_a_call_fails():
     vmm = pkvm.Vmm(vm)
     vmm.add_ram(0, 2 << 20)
     guest = pkvm.Guest(vm, vmm)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="4 KiB aligned"):
         guest.convert(0x1001, 0x1000, private=False)
     vm._kill("test")
-    with pytest.raises(pkvm.KvmError):
+    with pytest.raises(pkvm.KvmError, match="dead"):
         guest.touch(0, private=True)
     assert vm._actor == "vmm"
 
@@ -267,7 +267,7 @@ def test_trace_of_direct_calls():
     vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 4 << 20, 1 << 40, gmem)
     vm.set_memory_attributes(0, 4 << 20, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     vm.set_memory_attributes(0, 4 << 20, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)   # short-circuits: still traced
-    with pytest.raises(pkvm.KvmError):
+    with pytest.raises(pkvm.KvmError, match="aligned"):
         vm.set_memory_attributes(1, 4096, 0)                                 # fails validation: not traced
     gmem.fallocate(pkvm.FALLOC_FL_PUNCH_HOLE | pkvm.FALLOC_FL_KEEP_SIZE, 0, 8192)
     events = [(ev.event, ev.comm, ev.fields) for _, ev in parse(tr.lines)]
@@ -280,5 +280,5 @@ def test_trace_of_direct_calls():
     vm.trace(None)
     vm.set_memory_attributes(0, 4096, 0)
     assert len(tr.lines) == 3
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Tracer"):
         vm.trace("stdout")  # type: ignore[arg-type]
