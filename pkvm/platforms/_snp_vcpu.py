@@ -210,7 +210,8 @@ class SnpVcpu(Vcpu):
             self.rmp_npf = False
         if r.ret in ("fixed", "spurious", "retry"):
             v2 = vm._mmu.sptes.get(gfn)
-            if (v2, rmp.lookup(pfn) if v2 else None) == before:
+            # Nothing changed: the same leaf (or still none) over the same RMP entry.
+            if v2 == v and (not v or rmp.lookup(pfn) == before[1]):
                 return n, FaultResult("rmp_loop", spte_level(v) if v else None, pfn)
         return n, r
 
