@@ -21,6 +21,12 @@ seconds. Events and their formats:
 ``kvm_hypercall``              ``nr 0x%lx a0 0x%lx a1 0x%lx a2 0x%lx a3 0x%lx``
 ``sys_enter_fallocate``        the syscall tracepoint of the VMM's guest_memfd ``fallocate``
 ``sys_enter_madvise``          the VMM's ``MADV_DONTNEED`` of shared backing it discards
+``kvm_rmp_fault``              SNP: ``vcpu %u gpa %016llx pfn 0x%llx error_code 0x%llx rmp_level
+                               %d psmash_ret %d``, as ``sev_handle_rmp_fault`` leaves (not when
+                               the pfn was unassigned)
+``kvm_vmgexit_enter`` /        SNP: a GHCB page-state change (exit_reason ``80000010``); the exit
+``kvm_vmgexit_exit``           line carries ``sw_exit_info_2`` when the request completes
+``kvm_vmgexit_msr_protocol_*`` SNP: an MSR-protocol page-state change (``ghcb_gpa`` is the MSR)
 =============================  ============================================================
 
 Error codes (``kvm_page_fault``): SNP passes the #NPF error code: bit 1 write, bit 32
@@ -33,8 +39,9 @@ simulated was private (a real SW_PROTECTED fault never carries it: KVM derives p
 the attribute after the tracepoint), so that a replay repeats the same access.
 
 What is *not* in a trace, because the kernel has no tracepoint for it in this set: guest
-instructions that do not trap (PVALIDATE, ``TDG.MEM.PAGE.ACCEPT``), SNP page-state-change
-VMGEXITs and TDX MapGPA TDVMCALLs (their exits to userspace are traced), and memslot setup
+instructions that do not trap (PVALIDATE, ``TDG.MEM.PAGE.ACCEPT``), TDX MapGPA TDVMCALLs
+(their exits to userspace are traced), the SPTE-level events of ``kvmmmu`` (pkvm counts them
+instead: a trace with them would be several times larger), and memslot setup
 (pkvm writes the memory layout as ``#``-comment header lines, which ``trace-cmd`` never prints
 and the parser reads back). :func:`parse_line` reads any ``trace-cmd report`` line, including
 the latency-flags column newer versions print, and returns None for events it does not know.
@@ -146,6 +153,28 @@ class Tracer:
             self._emit("kvm_page_fault", f"vcpu {vcpu_id} rip 0x0 address {gpa:#018x} error_code {code:#x}",
                        t0 + (t1 - t0) * i // n)
 
+    def rmp_fault(self, vcpu_id: int, gpa: int, pfn: int, private: bool, write: bool, rmp_level: int,
+                  psmash_ret: int) -> None:
+        code = PFERR_GUEST_RMP | PFERR_PRESENT | PFERR_GUEST_FINAL | (PFERR_WRITE if write else 0)
+        if private:
+            code |= PFERR_GUEST_ENC | PFERR_PRIVATE_ACCESS
+        self._emit("kvm_rmp_fault", f"vcpu {vcpu_id} gpa {gpa:016x} pfn {pfn:#x} error_code {code:#x} "
+                   f"rmp_level {rmp_level} psmash_ret {psmash_ret}")
+
+    def vmgexit_enter(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+        self._emit("kvm_vmgexit_enter", f"vcpu {vcpu_id}, exit_reason {exit_reason:x}, exit_info1 {info1:x}, "
+                   f"exit_info2 {info2:x}")
+
+    def vmgexit_exit(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+        self._emit("kvm_vmgexit_exit", f"vcpu {vcpu_id}, exit_reason {exit_reason:x}, exit_info1 {info1:x}, "
+                   f"exit_info2 {info2:x}")
+
+    def vmgexit_msr_enter(self, vcpu_id: int, ghcb_gpa: int) -> None:
+        self._emit("kvm_vmgexit_msr_protocol_enter", f"vcpu {vcpu_id}, ghcb_gpa {ghcb_gpa:016x}")
+
+    def vmgexit_msr_exit(self, vcpu_id: int, ghcb_gpa: int, result: int) -> None:
+        self._emit("kvm_vmgexit_msr_protocol_exit", f"vcpu {vcpu_id}, ghcb_gpa {ghcb_gpa:016x}, result {result}")
+
     def userspace_exit(self, reason: int, err: int = 0) -> None:
         if err:
             self._emit("kvm_userspace_exit", f"reason error ({err})")
@@ -189,6 +218,12 @@ _BODIES = {
     "kvm_userspace_exit": re.compile(r"^reason (\S+) \((-?\d+)\)"),
     "sys_enter_fallocate": re.compile(rf"^fd: {_HEX}, mode: {_HEX}, offset: {_HEX}, len: {_HEX}"),
     "sys_enter_madvise": re.compile(rf"^start: {_HEX}, len_in: {_HEX}, behavior: {_HEX}"),
+    "kvm_rmp_fault": re.compile(rf"^vcpu (\d+) gpa {_HEX} pfn {_HEX} error_code {_HEX} rmp_level (\d+) "
+                                r"psmash_ret (-?\d+)"),
+    "kvm_vmgexit_enter": re.compile(rf"^vcpu (\d+), exit_reason {_HEX}, exit_info1 {_HEX}, exit_info2 {_HEX}"),
+    "kvm_vmgexit_exit": re.compile(rf"^vcpu (\d+), exit_reason {_HEX}, exit_info1 {_HEX}, exit_info2 {_HEX}"),
+    "kvm_vmgexit_msr_protocol_enter": re.compile(rf"^vcpu (\d+), ghcb_gpa {_HEX}"),
+    "kvm_vmgexit_msr_protocol_exit": re.compile(rf"^vcpu (\d+), ghcb_gpa {_HEX}, result (-?\d+)"),
 }
 _NAMES = {
     "kvm_vm_set_mem_attributes": ("start", "end", "attributes"),
@@ -196,7 +231,13 @@ _NAMES = {
     "kvm_hypercall": ("nr", "a0", "a1", "a2", "a3"),
     "sys_enter_fallocate": ("fd", "mode", "offset", "len"),
     "sys_enter_madvise": ("start", "len_in", "behavior"),
+    "kvm_rmp_fault": ("vcpu", "gpa", "pfn", "error_code", "rmp_level", "psmash_ret"),
+    "kvm_vmgexit_enter": ("vcpu", "exit_reason", "exit_info1", "exit_info2"),
+    "kvm_vmgexit_exit": ("vcpu", "exit_reason", "exit_info1", "exit_info2"),
+    "kvm_vmgexit_msr_protocol_enter": ("vcpu", "ghcb_gpa"),
+    "kvm_vmgexit_msr_protocol_exit": ("vcpu", "ghcb_gpa", "result"),
 }
+_DECIMAL = frozenset({"vcpu", "rmp_level", "psmash_ret", "result"})
 
 
 def _int(text: str, dec: bool = False) -> int:
@@ -229,7 +270,7 @@ def parse_line(line: str) -> TraceEvent | None:
     else:
         groups = b.groups()
         names = _NAMES[event]
-        fields = {k: _int(v, dec=(k == "vcpu")) for k, v in zip(names, groups)}
+        fields = {k: _int(v, dec=k in _DECIMAL) for k, v in zip(names, groups)}
     return TraceEvent(event, m["comm"].strip(), int(m["pid"]), int(m["cpu"]), ns, fields)
 
 

@@ -515,15 +515,27 @@ def mixed(ctx: Context, *, ops: int, prealloc: bool) -> None:
             elif x < 0.9:
                 _balloon_round(ctx, 0.001, P2M)
             elif implicit:
-                g = ctx.guest()
-                gpa = ctx.random_page(ctx.image + pool)
-                ctx.touch(g, gpa, PAGE_SIZE, False)   # KVM_EXIT_MEMORY_FAULT; the VMM converts
-                ctx.convert(g, gpa, PAGE_SIZE, True)
-                ctx.touch(g, gpa, PAGE_SIZE, True)
+                _implicit_round_trip(ctx, ctx.random_page(ctx.image + pool))
             else:
                 _churn_one(ctx, 1)
             if not i & 255:
                 ctx.progress(i / max(ops, 1))
+
+
+def _implicit_round_trip(ctx: Context, gpa: int) -> None:
+    """The guest uses a private page as shared without a page-state change / MapGPA (§7.6):
+    KVM exits with ``KVM_EXIT_MEMORY_FAULT`` and QEMU converts the page. An SNP guest that
+    does this has already rescinded its validation (the first half of its to-shared flow):
+    touching a validated page with the C-bit clear and converting it back later would leave
+    a validated page for PVALIDATE to refuse (``FAIL_NOUPDATE``, a terminated guest). Then the
+    guest converts the page back to private properly and uses it."""
+    g = ctx.guest()
+    if ctx.vm.platform.name == "snp":
+        ctx._require(g.flows.pvalidate(gpa, PAGE_SIZE, False), f"rescinding [{gpa:#x}, +0x1000)")  # type: ignore[attr-defined]
+    ctx.touch(g, gpa, PAGE_SIZE, False)
+    ctx.shared.assign(gpa >> PAGE_SHIFT, (gpa >> PAGE_SHIFT) + 1, 1)
+    ctx.convert(g, gpa, PAGE_SIZE, True)
+    ctx.touch(g, gpa, PAGE_SIZE, True)
 
 
 def replay(ctx: Context, *, file: str) -> None:

@@ -219,3 +219,25 @@ def test_replay_of_arbitrary_host_traces_never_corrupts(tmp_path, platform, line
         return
     assert W.Context  # the run finished: every structure agrees with every other
     vm.check()
+
+
+def test_snp_rmp_faults_and_page_state_changes_are_traced(tmp_path):
+    """2M guest_memfd folios give 2M RMP entries, so the implicit conversions of `mixed` take
+    RMP #NPFs (PSMASH); every GHCB page-state change is a VMGEXIT enter/exit pair."""
+    path = tmp_path / "t.txt"
+    r = E.run(E.Config(memory="64M", workload="mixed", options={"ops": "300"}, policy="6.19+gmem_max_order=9",
+                       trace=str(path)), 1)
+    events = [ev for _, ev in parse(path.read_text().splitlines())]
+    rmp = [ev for ev in events if ev.event == "kvm_rmp_fault"]
+    assert len(rmp) == r.counters["rmp_fault"]  # every one found its pfn assigned, so every one is traced
+    assert rmp and all(ev.fields["rmp_level"] in (1, 2) and ev.fields["error_code"] & (1 << 31) for ev in rmp)
+    assert sum(ev.fields["psmash_ret"] == 0 and ev.fields["rmp_level"] == 2 for ev in rmp) == r.counters["psmash"]
+    enters = [ev for ev in events if ev.event == "kvm_vmgexit_enter"]
+    exits = [ev for ev in events if ev.event == "kvm_vmgexit_exit"]
+    assert len(enters) == len(exits) == r.counters["psc_requests"]
+    assert {ev.fields["exit_reason"] for ev in enters} == {0x80000010}
+    assert all(ev.fields["exit_info2"] == 0 for ev in exits)  # every request succeeded
+    # The replay takes these lines as consequences: the counters still come back.
+    b = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)},
+                       policy="6.19+gmem_max_order=9"), 1)
+    assert _kvm_side(b.counters) == _kvm_side(r.counters)

@@ -63,6 +63,10 @@ SNP_PAGE_STATE_PRIVATE = 1
 SNP_PAGE_STATE_SHARED = 2
 SNP_PAGE_STATE_PSMASH = 3
 SNP_PAGE_STATE_UNSMASH = 4
+#: The VMGEXIT exit code of a GHCB page-state change, and the GHCB MSR protocol request code.
+SVM_VMGEXIT_PSC = 0x80000010
+GHCB_MSR_PSC_REQ = 0x014
+
 #: ``sw_exit_info_2`` codes of ``SVM_VMGEXIT_PSC``.
 VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
 VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
@@ -472,17 +476,26 @@ class SnpVcpu(Vcpu):
         vm._stats["psc_requests"] += 1
         vm._charge("psc_request", 1)
         gpa &= ~0xFFF & ((1 << 52) - 1)
+        tracer = vm._tracer
+        if tracer is not None:  # the GHCB MSR value: gfn, operation, GHCB_MSR_PSC_REQ
+            tracer.vmgexit_msr_enter(self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ)
         if op not in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED) or not self._psc_enabled():
-            return GuestOpResult("done", status=GHCB_MSR_PSC_RESP_ERROR)
+            return self._msr_done(gpa, op, GHCB_MSR_PSC_RESP_ERROR)
         vm._stats["psc_entries"] += 1
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if op == SNP_PAGE_STATE_PRIVATE else KVM_MAP_GPA_RANGE_DECRYPTED
         hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gpa, 1, attrs | KVM_MAP_GPA_RANGE_PAGE_SZ_4K), 0,
                        KVM_EXIT_HYPERCALL_LONG_MODE)
 
         def complete() -> GuestOpResult:  # snp_complete_psc_msr
-            return GuestOpResult("done", status=GHCB_MSR_PSC_RESP_ERROR if hc.ret else GHCB_MSR_PSC_RESP)
+            return self._msr_done(gpa, op, GHCB_MSR_PSC_RESP_ERROR if hc.ret else GHCB_MSR_PSC_RESP)
 
         return hypercall_exit(self, hc, complete)
+
+    def _msr_done(self, gpa: int, op: int, status: int) -> GuestOpResult:
+        tracer = self.vm._tracer
+        if tracer is not None:
+            tracer.vmgexit_msr_exit(self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ, 1)
+        return GuestOpResult("done", status=status)
 
     def psc(self, desc: PscDesc) -> GuestOpResult:
         """GHCB protocol page-state change (``SVM_VMGEXIT_PSC``, ``snp_begin_psc``): process
@@ -501,13 +514,25 @@ class SnpVcpu(Vcpu):
         vm = self.vm
         vm._stats["psc_requests"] += 1
         vm._charge("psc_request", 1)
+        if vm._tracer is not None:
+            vm._tracer.vmgexit_enter(self.id, SVM_VMGEXIT_PSC, 0, 0)
         if not self._psc_enabled():
-            return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC)
+            return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
         if desc.end_entry >= VMGEXIT_PSC_MAX_COUNT or desc.end_entry >= len(desc.entries):
-            return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_INVALID_HDR)
+            return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_INVALID_HDR))
         return self._psc_next(desc)
 
+    def _psc_done(self, r: GuestOpResult) -> GuestOpResult:
+        """The VMGEXIT is complete (``sw_exit_info_2`` = ``r.status``): trace its exit."""
+        tracer = self.vm._tracer
+        if tracer is not None and r.ret == "done":
+            tracer.vmgexit_exit(self.id, SVM_VMGEXIT_PSC, 0, r.status or 0)
+        return r
+
     def _psc_next(self, desc: PscDesc) -> GuestOpResult:
+        return self._psc_done(self._psc_walk(desc))
+
+    def _psc_walk(self, desc: PscDesc) -> GuestOpResult:
         vm = self.vm
         entries = desc.entries
         while True:

@@ -394,16 +394,22 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
     if not ent.assigned:
         vm.events.append(("rmp_fault", f"RMP fault on gfn {gfn:#x}: pfn {pfn:#x} not assigned"))
         return 0
+    tracer = vm._tracer
     if ent.level == PG_LEVEL_4K:
         st["rmp_fault_spurious"] += 1
+        if tracer is not None:
+            tracer.rmp_fault(vcpu.id, gpa, pfn, private, write, PG_LEVEL_4K, 0)
         return 0
-    if psmash(vm, pfn) != PSMASH_SUCCESS:
+    ret = psmash(vm, pfn)
+    if ret != PSMASH_SUCCESS:
         ent = snp.rmp.lookup(pfn)
         if not (ent.assigned and ent.level == PG_LEVEL_4K):
             vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
     base = gfn & ~(RMP_PAGES_2M - 1)
     if vm._zap(base, base + RMP_PAGES_2M):
         vm._flush_remote_tlbs()
+    if tracer is not None:  # traced on the way out, unless the entry was not assigned (§5.6)
+        tracer.rmp_fault(vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret)
     return 0
 
 
