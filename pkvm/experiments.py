@@ -111,9 +111,13 @@ class Config:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
-        from .policy import resolve_policy
+        from .errors import KvmError
+        from .vm import VM
 
-        resolve_policy(self.policy)  # raises ValueError for an unknown preset
+        try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
+            VM(self.platform, policy=self.policy)
+        except KvmError as exc:
+            raise ValueError(f"policy {self.policy!r} cannot run on a {self.platform} VM: {exc.strerror}") from None
         self.cost_model()  # validates overrides and the file
 
     def cost_model(self) -> CostModel:

@@ -274,10 +274,10 @@ class Context:
             try:
                 self.vmm.launch(image)
             except KvmError as exc:
-                if vm.policy.tdx_huge_pages and exc.errno == errno.EEXIST:
-                    raise KvmError(exc.errno, f"{exc.strerror}; known gap of the beyond-upstream TDX huge pages "
-                                   "mode: the TD build adds only the first page of a 2M folio, so build a 4K "
-                                   "image (Config(image='4K'), --image 4K)") from None
+                if vm.platform.name == "tdx" and vm.policy.gmem_max_order and exc.errno == errno.EEXIST:
+                    raise KvmError(exc.errno, f"{exc.strerror}; known gap of the beyond-upstream 2M guest_memfd "
+                                   "folios on TDX: the TD build adds only the first page of a 2M folio, so build "
+                                   "a 4K image (Config(image='4K'), --image 4K)") from None
                 raise
         finally:
             vm.trace(tracer)

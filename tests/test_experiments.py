@@ -284,3 +284,8 @@ def test_cost_overrides_reject_garbage_cleanly(op, value):
         E.Config(memory="64M", costs={op: value})
     except (ValueError, TypeError):
         pass
+
+
+def test_a_policy_the_platform_refuses_is_a_config_error():
+    with pytest.raises(ValueError, match="cannot run on a snp VM: KVM_CREATE_VM: an SNP VM needs"):
+        E.Config(policy="rfc-v8")
