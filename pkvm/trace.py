@@ -49,10 +49,8 @@ the latency-flags column newer versions print, and returns None for events it do
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 from .constants import PAGE_SHIFT
 
@@ -195,8 +193,7 @@ class Tracer:
 # -- parsing -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TraceEvent:
+class TraceEvent(NamedTuple):
     """One parsed line: ``event`` name, the task (``comm``, ``pid``), ``cpu``, timestamp in
     ns, and ``fields`` (the event's values as ints, by name)."""
 
@@ -208,25 +205,9 @@ class TraceEvent:
     fields: dict[str, int]
 
 
-_LINE = re.compile(r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?:[\w.]{3,6}\s+)?"
-                   r"(?P<sec>\d+)\.(?P<frac>\d+):\s+(?P<event>\w+):\s*(?P<body>.*)$")
-_HEX = r"(0x[0-9a-fA-F]+|[0-9a-fA-F]+)"
-_BODIES = {
-    "kvm_vm_set_mem_attributes": re.compile(rf"^{_HEX}\s+--\s+{_HEX}\s+\[{_HEX}\]"),
-    "kvm_page_fault": re.compile(rf"^vcpu (\d+) rip {_HEX} address {_HEX} error_code {_HEX}"),
-    "kvm_hypercall": re.compile(rf"^nr {_HEX} a0 {_HEX} a1 {_HEX} a2 {_HEX} a3 {_HEX}"),
-    "kvm_userspace_exit": re.compile(r"^reason (\S+) \((-?\d+)\)"),
-    "sys_enter_fallocate": re.compile(rf"^fd: {_HEX}, mode: {_HEX}, offset: {_HEX}, len: {_HEX}"),
-    "sys_enter_madvise": re.compile(rf"^start: {_HEX}, len_in: {_HEX}, behavior: {_HEX}"),
-    "kvm_rmp_fault": re.compile(rf"^vcpu (\d+) gpa {_HEX} pfn {_HEX} error_code {_HEX} rmp_level (\d+) "
-                                r"psmash_ret (-?\d+)"),
-    "kvm_vmgexit_enter": re.compile(rf"^vcpu (\d+), exit_reason {_HEX}, exit_info1 {_HEX}, exit_info2 {_HEX}"),
-    "kvm_vmgexit_exit": re.compile(rf"^vcpu (\d+), exit_reason {_HEX}, exit_info1 {_HEX}, exit_info2 {_HEX}"),
-    "kvm_vmgexit_msr_protocol_enter": re.compile(rf"^vcpu (\d+), ghcb_gpa {_HEX}"),
-    "kvm_vmgexit_msr_protocol_exit": re.compile(rf"^vcpu (\d+), ghcb_gpa {_HEX}, result (-?\d+)"),
-}
+#: Each known event's fields, in the order of its printk format. All but
+#: ``kvm_vm_set_mem_attributes`` and ``kvm_userspace_exit`` print ``name value`` pairs.
 _NAMES = {
-    "kvm_vm_set_mem_attributes": ("start", "end", "attributes"),
     "kvm_page_fault": ("vcpu", "rip", "address", "error_code"),
     "kvm_hypercall": ("nr", "a0", "a1", "a2", "a3"),
     "sys_enter_fallocate": ("fd", "mode", "offset", "len"),
@@ -236,42 +217,81 @@ _NAMES = {
     "kvm_vmgexit_exit": ("vcpu", "exit_reason", "exit_info1", "exit_info2"),
     "kvm_vmgexit_msr_protocol_enter": ("vcpu", "ghcb_gpa"),
     "kvm_vmgexit_msr_protocol_exit": ("vcpu", "ghcb_gpa", "result"),
+    "kvm_vm_set_mem_attributes": ("start", "end", "attributes"),
+    "kvm_userspace_exit": ("reason", "errno"),
 }
+#: Fields printed with %u / %d (the rest are hex, with or without 0x).
 _DECIMAL = frozenset({"vcpu", "rmp_level", "psmash_ret", "result"})
 
 
-def _int(text: str, dec: bool = False) -> int:
-    return int(text, 10 if dec else 16)
+def _pairs(event: str, body: str) -> dict[str, int]:
+    names = _NAMES[event]
+    toks = body.replace(",", " ").split()
+    if len(toks) < 2 * len(names) or tuple(t.rstrip(":") for t in toks[0:2 * len(names):2]) != names:
+        raise ValueError(f"{event}: cannot parse {body.strip()!r}")
+    return {k: int(v, 10 if k in _DECIMAL else 16) for k, v in zip(names, toks[1:2 * len(names):2])}
+
+
+def _attrs(body: str) -> dict[str, int]:
+    toks = body.split()
+    if len(toks) < 4 or toks[1] != "--" or not (toks[3].startswith("[") and toks[3].endswith("]")):
+        raise ValueError(f"kvm_vm_set_mem_attributes: cannot parse {body.strip()!r}")
+    return {"start": int(toks[0], 16), "end": int(toks[2], 16), "attributes": int(toks[3][1:-1], 16)}
+
+
+def _exit(body: str) -> dict[str, int]:
+    toks = body.split()
+    if len(toks) < 3 or toks[0] != "reason" or not (toks[2].startswith("(") and toks[2].endswith(")")):
+        raise ValueError(f"kvm_userspace_exit: cannot parse {body.strip()!r}")
+    num = int(toks[2][1:-1])
+    if toks[1] in ("error", "restart"):
+        return {"reason": 0, "errno": num}
+    return {"reason": num, "errno": 0}
 
 
 def parse_line(line: str) -> TraceEvent | None:
-    """Parse one ``trace-cmd report`` line; None for blank, comment, header (``cpus=N``) and
-    unknown-event lines.
+    """Parse one ``trace-cmd report`` line: ``COMM-PID [CPU] [FLAGS] SECS.FRAC: EVENT: BODY``.
+    None for blank, comment and header (``cpus=N``) lines and for events this module does not
+    know.
 
     Raises:
         ValueError: a known event whose fields do not parse (names the event and the text).
     """
-    m = _LINE.match(line)
-    if m is None:
+    rb = line.find("] ")
+    if rb < 0:
         return None
-    event = m["event"]
-    body_re = _BODIES.get(event)
-    if body_re is None:
+    lb = line.rfind("[", 0, rb)
+    c1 = line.find(": ", rb)
+    if lb <= 0 or c1 < 0:
         return None
-    b = body_re.match(m["body"])
-    if b is None:
-        raise ValueError(f"{event}: cannot parse {m['body'].strip()!r}")
-    frac = (m["frac"] + "000000000")[:9]
-    ns = int(m["sec"]) * 1_000_000_000 + int(frac)
-    if event == "kvm_userspace_exit":
-        name, num = b.group(1), int(b.group(2))
-        fields = {"errno": num if name in ("error", "restart") else 0,
-                  "reason": 0 if name in ("error", "restart") else num}
-    else:
-        groups = b.groups()
-        names = _NAMES[event]
-        fields = {k: _int(v, dec=k in _DECIMAL) for k, v in zip(names, groups)}
-    return TraceEvent(event, m["comm"].strip(), int(m["pid"]), int(m["cpu"]), ns, fields)
+    c2 = line.find(":", c1 + 2)
+    if c2 < 0:
+        return None
+    event = line[c1 + 2:c2].strip()
+    if event not in _NAMES:
+        return None
+    comm, dash, pid = line[:lb].strip().rpartition("-")
+    stamp = line[rb + 1:c1].split()
+    if not dash or not pid.isdigit() or not stamp:
+        return None
+    sec, dot, frac = stamp[-1].partition(".")
+    cpu = line[lb + 1:rb]
+    if not sec.isdigit() or not cpu.isdigit() or (dot and not frac.isdigit()):
+        return None
+    body = line[c2 + 1:]
+    try:
+        if event == "kvm_vm_set_mem_attributes":
+            fields = _attrs(body)
+        elif event == "kvm_userspace_exit":
+            fields = _exit(body)
+        else:
+            fields = _pairs(event, body)
+    except ValueError as exc:
+        if str(exc).startswith(event):
+            raise
+        raise ValueError(f"{event}: cannot parse {body.strip()!r}") from None
+    ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    return TraceEvent(event, comm, int(pid), int(cpu), ns, fields)
 
 
 def parse(lines: Iterable[str]) -> Iterator[tuple[int, TraceEvent]]:

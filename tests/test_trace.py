@@ -241,3 +241,16 @@ def test_snp_rmp_faults_and_page_state_changes_are_traced(tmp_path):
     b = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)},
                        policy="6.19+gmem_max_order=9"), 1)
     assert _kvm_side(b.counters) == _kvm_side(r.counters)
+
+
+@pytest.mark.parametrize("bad", [
+    "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0xZZ error_code 0x1",
+    "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu zero",
+    "qemu-system-x86-6 [000] 1.0: kvm_vm_set_mem_attributes: 0x1 -> 0x2 [0x8]",
+])
+def test_replay_names_the_line_it_cannot_parse(tmp_path, bad):
+    path = tmp_path / "t.txt"
+    ok = "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x400000 error_code 0x100000000"
+    path.write_text("\n".join(["cpus=1", ok, bad, ok]) + "\n")
+    with pytest.raises(ValueError, match=r"t\.txt line 3: kvm_"):
+        E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
