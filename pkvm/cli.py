@@ -165,8 +165,7 @@ def _experiment_options(single_policy: bool) -> _Parser:
                         "against memory) to a PNG")
     o.add_argument("--trace", metavar="OUT.txt", default=None,
                    help="write a kernel-format trace ('trace-cmd report' text), one line per event, "
-                   "as large as the kernel's would be (a 64G boot: ~16.8 M lines, ~2.3 GB, about a "
-                   "minute)" + (
+                   "as large as the kernel's would be (a 64G boot: ~16.8 M lines, ~2.3 GB, ~20 s)" + (
                        "" if single_policy else "; with several policies one file per policy, "
                        "OUT.<policy>.txt (with --sweep-memory, OUT.<size>.<policy>.txt)"))
     o.add_argument("--layout", choices=_LAYOUTS, default="auto",
