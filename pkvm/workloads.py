@@ -548,7 +548,7 @@ _PREALLOC = Option(False, _bool, "fallocate the guest_memfd before marking RAM p
                    "then convert allocated pages in the ioctl)")
 
 WORKLOADS: Mapping[str, Workload] = MappingProxyType({w.name: w for w in (
-    Workload("boot", "VMM marks all RAM private; the guest lazily accepts all of it",
+    Workload("boot", "VMM marks all RAM private; the guest lazily accepts all of it and uses it",
              MappingProxyType({"accept": Option(P2M, _granule, "acceptance unit: 2M or 4K"),
                                "prealloc": _PREALLOC}), boot),
     Workload("swiotlb", "boot, then bounce-buffer churn: random 4K private->shared->private with touches",
