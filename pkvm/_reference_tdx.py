@@ -511,12 +511,12 @@ class ReferenceTdx(ReferenceVM):
         if self.runnable:
             raise KvmError(errno.EINVAL, "finalized")
         for i in range(npages):
-            err = self.populate_one(gfn + i, measure, last=i == npages - 1)
+            err = self.populate_one(gfn + i, measure)
             if err:
                 return i, err
         return npages, 0
 
-    def populate_one(self, gfn, measure, last=True):
+    def populate_one(self, gfn, measure):
         slot = self.slot_of(gfn)
         if slot is None or slot.gmem is None:
             return errno.EINVAL
@@ -558,10 +558,7 @@ class ReferenceTdx(ReferenceVM):
                 return errno.EIO
             self.stats["seamcall_mr_extend"] += 16
             self.charge("seamcall_mr_extend")
-        # A large folio's one up-to-date flag is set once the build has added all of it (or
-        # all the region holds of it).
-        if last or index == fstart + (1 << order) - 1:
-            gmem.prepared[fstart] = True
+        gmem.prepared[fstart] = True
         return 0
 
     def finalize(self):

@@ -35,7 +35,7 @@ __all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_PO
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
     "snp": ("fault-time", "eager-post", "eager-locked", "eager-split"),
-    "tdx": ("6.16", "6.19", "tdx-huge-pages"),
+    "tdx": ("6.16", "6.19"),
     "sw_protected": ("6.8", "6.11", "6.16", "6.19"),
     "default": ("6.19",),
 }

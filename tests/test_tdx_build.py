@@ -184,20 +184,3 @@ def test_build_only_touches_private_memory():
     assert exc.value.errno == errno.EINVAL and gmem.folio(0) is not None  # the folio was allocated first
     vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
     assert vm.tdx.init_mem_region(vcpu, 0, 1) == 1
-
-
-def test_619_build_adds_a_whole_2m_folio():
-    """2M guest_memfd folios (beyond upstream): the 6.19 build adds every page of a folio and
-    marks it prepared once; 6.16's premap fault prepares the folio at its first page, so the
-    second page of the region finds it prepared (EEXIST, with the progress written back)."""
-    pol = pkvm.Policy.preset("6.19").replace(gmem_max_order=9)
-    vm, vmm, gmem, vcpu = td(policy=pol, finalize=False)
-    assert vm.tdx.init_mem_region(vcpu, 0, 512) == 512
-    assert vm.stats["seamcall_add"] == 512 and vm.stats["pages_4k"] == 512
-    with pytest.raises(pkvm.KvmError, match="already populated") as exc:
-        vm.tdx.init_mem_region(vcpu, 0, 1)
-    assert exc.value.errno == errno.EEXIST
-    vm16, _, _, vcpu16 = td(policy=pkvm.Policy.preset("6.16").replace(gmem_max_order=9), finalize=False)
-    with pytest.raises(pkvm.KvmError, match="already populated") as exc:
-        vm16.tdx.init_mem_region(vcpu16, 0, 512)
-    assert exc.value.progress == (0x1000, 511)

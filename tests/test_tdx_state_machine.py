@@ -94,8 +94,8 @@ class TdxMachine(RuleBasedStateMachine):
         self._slot(1, 2048, 1024, pgoff=512)
         if data.draw(st.integers(0, 3)):
             n, measure = data.draw(st.integers(1, 16)), data.draw(st.booleans())
-            if self.vm.policy.gmem_max_order and self.vm.policy.tdx_initial_image == "premap-then-add":
-                n = 1  # 6.16's premap fault marks the whole 2M folio prepared: its other pages are EEXIST
+            if self.vm.policy.gmem_max_order:
+                n = 1  # populate marks the whole 2M folio prepared: its other pages are EEXIST
             flags = KVM_TDX_MEASURE_MEMORY_REGION if measure else 0
             assert self.vm.tdx.init_mem_region(self.vcpu, 0, n, flags=flags) == n
             assert self.ref.init_mem_region(0, n, measure) == (n, 0)

@@ -242,10 +242,6 @@ class TdxVm:
             return 0, errno.EEXIST
         if not private:
             return 0, errno.EINVAL
-        if order and not self.premap:
-            # A large folio is populated as a whole, up to the region's end, and only then
-            # marked prepared (one up-to-date flag). 6.16's premap fault prepares it at once.
-            fend = (index & -(1 << order)) + (1 << order)
         end = min(end, fend - off)
         mmu = vm._mmu
         if mmu.sptes.find_ne(gfn, end, 0) != -1:
