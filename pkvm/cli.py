@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["main"]
 
 _PROG = "pkvm"
+_REPLAY_EPILOG = ("With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
+                  "memory, image and vCPUs it was recorded with (options given override them).")
 _LAYOUTS = ("auto", "rows", "columns")
 #: Defaults of the options that shape the VM. A replay takes what its trace's ``# pkvm``
 #: header recorded instead (the replay refuses a VM of another shape), unless they are given.
@@ -205,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare", parents=[_experiment_options(single_policy=False)], formatter_class=fmt,
         help="run one workload under several policies and tabulate them",
-        epilog="With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
-               "memory, image and vCPUs it was recorded with (options given override them).",
+        epilog=_REPLAY_EPILOG,
         description="Run one workload under several policies (same seed, same cost model) and print "
                     "one table row per policy: conversions, faults, platform operations, zaps, TLB "
                     "flushes, direct-map damage, modeled time in total and per actor, wall time.")
@@ -215,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run", parents=[_experiment_options(single_policy=True)], formatter_class=fmt,
         help="run one workload under one policy, with per-phase and per-operation breakdowns",
-        epilog="With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
-               "memory, image and vCPUs it was recorded with (options given override them).",
+        epilog=_REPLAY_EPILOG,
         description="Run one workload under one policy and print its table row, the modeled and wall "
                     "time of each phase, and the modeled time by operation and actor.")
     r.set_defaults(handler=_cmd_run)

@@ -18,7 +18,6 @@ state, and both the config and the result pickle, so sweeps can farm runs out to
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -358,7 +357,3 @@ def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str]
                                                            2)) for pol in pols]
     return _run_all(cfgs, seed, progress, jobs)
 
-
-def _roundtrip(result: Result) -> Result:
-    """Pickle and unpickle (a test helper: results must survive process pools)."""
-    return pickle.loads(pickle.dumps(result))

@@ -83,6 +83,17 @@ def _comm(actor: str) -> tuple[str, int, int]:
     return VMM_COMM, VMM_PID, 0
 
 
+def _task(actor: str) -> str:
+    """The ``COMM-PID [CPU] `` prefix of a ``trace-cmd report`` line for ``actor``."""
+    comm, pid, cpu = _comm(actor)
+    return f"{comm:>16}-{pid:<5} [{cpu:03d}] "
+
+
+def _stamp(ns: int) -> str:
+    """A modeled timestamp as ``trace-cmd report`` prints it: seconds with microseconds."""
+    return f"{ns // 1_000_000_000:6d}.{ns // 1000 % 1_000_000:06d}"
+
+
 class Tracer:
     """Formats events into ``trace-cmd report`` lines and writes them to ``sink``.
 
@@ -117,12 +128,10 @@ class Tracer:
     def _emit(self, event: str, body: str, ns: int | None = None) -> None:
         vm = self._vm
         assert vm is not None
-        comm, pid, cpu = _comm(vm._actor)
         if ns is None:
             ns = vm._modeled_ns
         self.events += 1
-        self._emit_raw(f"{comm:>16}-{pid:<5} [{cpu:03d}] {ns // 1_000_000_000:6d}.{ns // 1000 % 1_000_000:06d}: "
-                       f"{event + ':':<26} {body}")
+        self._emit_raw(f"{_task(vm._actor)}{_stamp(ns)}: {event + ':':<26} {body}")
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -148,9 +157,8 @@ class Tracer:
         n = (end - gfn + step - 1) // step
         vm = self._vm
         assert vm is not None
-        comm, pid, cpu = _comm(vm._actor)
         # The line of _emit, with everything but the timestamp and address built once.
-        head = f"{comm:>16}-{pid:<5} [{cpu:03d}] "
+        head = _task(vm._actor)
         mid = f": {'kvm_page_fault:':<26} vcpu {vcpu_id} rip 0x0 address "
         tail = f" error_code {code:#x}"
         span = t1 - t0
@@ -158,7 +166,7 @@ class Tracer:
         for i in range(n):
             ns = t0 + span * i // n
             gpa = ((gfn + i * step) << PAGE_SHIFT) | alias
-            out.append(f"{head}{ns // 1_000_000_000:6d}.{ns // 1000 % 1_000_000:06d}{mid}{gpa:#018x}{tail}")
+            out.append(f"{head}{_stamp(ns)}{mid}{gpa:#018x}{tail}")
             if len(out) == 4096:
                 self._emit_many(out)
                 out = []
