@@ -23,7 +23,7 @@ import time
 import pytest
 
 import pkvm
-from pkvm._reference_tdx import ReferenceTdx
+from pkvm.testing.reference_tdx import ReferenceTdx
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE

@@ -3,14 +3,14 @@ converting + touching a 1 TiB guest_memfd slot.
 
 Run: ``python -m pytest bench/bench_vm.py --benchmark-only`` (add ``--benchmark-autosave`` to keep
 the numbers). Each benchmark asserts what it computed, so a fast wrong answer fails. ``impl``
-compares :class:`pkvm.VM` with the per-gfn :class:`~pkvm._reference_vm.ReferenceVM` where the
+compares :class:`pkvm.VM` with the per-gfn :class:`~pkvm.testing.reference_vm.ReferenceVM` where the
 reference can run at all.
 """
 
 import pytest
 
 import pkvm
-from pkvm._reference_vm import ReferenceVM
+from pkvm.testing.reference_vm import ReferenceVM
 
 PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
 GMEM = pkvm.KVM_MEM_GUEST_MEMFD

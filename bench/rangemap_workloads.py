@@ -18,7 +18,7 @@ Implementations (``impl`` ids):
 
 - ``core``: :class:`pkvm.RangeMap`, one Python call per operation.
 - ``core-bulk``: :class:`pkvm.RangeMap` through ``assign_many`` / ``get_many``.
-- ``sorted``: :class:`pkvm._reference.SortedRangeMap`, per operation, on the first
+- ``sorted``: :class:`pkvm.testing.reference.SortedRangeMap`, per operation, on the first
   ``SORTED_OPS[workload]`` operations only (it is 10-100x slower); compare it by ns/op.
 - ``numpy`` / ``numpy-bulk``: one byte per key (``np.zeros(2**28, np.uint8)``, 256 MiB),
   updated by ``arr[k] = v`` / ``arr[s:e] = v`` per operation or by fancy indexing in bulk;
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 import pkvm
-from pkvm._reference import SortedRangeMap
+from pkvm.testing.reference import SortedRangeMap
 
 N_KEYS = 2**28
 """GFNs of a 1 TiB guest (4 KiB pages)."""

@@ -29,17 +29,17 @@ from pkvm.constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from pkvm.costs import CostModel
-from pkvm.directmap import DIRECTMAP_POLICIES, DirectMap
+from pkvm.cost.model import CostModel
+from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
-from pkvm.exits import GuestOpResult, Hypercall
-from pkvm.gmem import GuestMemfd
-from pkvm.guest import Guest
-from pkvm.mmu import AccessResult, FaultResult
-from pkvm.policy import Policy
-from pkvm.vm import VM, Memslot, Vcpu
-from pkvm.vmm import Vmm
-from pkvm.snp_constants import (
+from pkvm.kvm.exits import GuestOpResult, Hypercall
+from pkvm.kvm.gmem import GuestMemfd
+from pkvm.actors.guest import Guest
+from pkvm.kvm.mmu import AccessResult, FaultResult
+from pkvm.kvm.policy import Policy
+from pkvm.kvm.vm import VM, Memslot, Vcpu
+from pkvm.actors.vmm import Vmm
+from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,
     PSMASH_FAIL_PERMISSION,
@@ -56,6 +56,10 @@ from pkvm.snp_constants import (
     RMPUPDATE_FAIL_PERMISSION,
     RMPUPDATE_SUCCESS,
 )
+
+from pkvm import _aliases
+
+_aliases.install()
 
 __version__ = "0.1.0"
 
@@ -121,3 +125,8 @@ __all__ = [
     "Vmm",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``pkvm.vm``, ``pkvm.costs``, ...: the pre-layout module names (:mod:`pkvm._aliases`)."""
+    return _aliases.resolve(name)

@@ -30,13 +30,15 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from . import experiments, report, workloads
-from ._units import format_size, parse_size
+from pkvm import experiments
+from pkvm.experiments import report
+from pkvm.experiments import workloads
+from pkvm._units import format_size, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
 
-    from .experiments import Config, Result
+    from pkvm.experiments import Config, Result
 
 __all__ = ["main"]
 
@@ -289,7 +291,7 @@ def _recorded_shape(path: str) -> dict[str, Any]:
     (nothing when the file has no such header or cannot be read: the replay reports that)."""
     from itertools import islice
 
-    from .trace import header_fields
+    from pkvm.experiments.trace import header_fields
 
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -552,7 +554,7 @@ def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     if args.toml:
         out.write(model.to_toml())
         return 0
-    from .costs import format_table
+    from pkvm.cost.model import format_table
 
     text = format_table(model.describe(), style="markdown" if args.markdown else "text").rstrip("\n")
     if not args.markdown:
@@ -577,7 +579,7 @@ def _fail(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pkvm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit
     status (see the module docstring)."""
-    from .errors import PkvmError
+    from pkvm.errors import PkvmError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

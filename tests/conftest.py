@@ -17,7 +17,7 @@ import pytest
 from hypothesis import settings
 
 import pkvm
-from pkvm._reference import DictRangeMap, SortedRangeMap
+from pkvm.testing.reference import DictRangeMap, SortedRangeMap
 
 # When a Hypothesis test fails, its pytest plugin imports libcst to suggest an @example patch;
 # importing libcst emits a DeprecationWarning (from mypy_extensions) that ``filterwarnings =

@@ -9,7 +9,7 @@ import pytest
 
 from pkvm import experiments
 from pkvm.cli import main
-from pkvm.workloads import WORKLOADS
+from pkvm.experiments.workloads import WORKLOADS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--memory", "64M"]

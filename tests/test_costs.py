@@ -1,4 +1,4 @@
-"""Tests of pkvm.costs: the §0 table, profiles, overrides, serialisation and the Ledger."""
+"""Tests of pkvm.cost.model: the §0 table, profiles, overrides, serialisation and the Ledger."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pkvm.costs import (
+from pkvm.cost.model import (
     OPERATIONS,
     PROFILES,
     REFERENCE_FIGURES,
@@ -18,7 +18,7 @@ from pkvm.costs import (
     format_table,
     parse_ns,
 )
-from pkvm.ledger import Ledger
+from pkvm.cost.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -612,10 +612,10 @@ def test_transaction_rolls_back_on_error():
 
 
 def test_module_docstring_examples():
-    """The doctests in pkvm.costs's docstrings pass."""
+    """The doctests in pkvm.cost.model's docstrings pass."""
     import doctest
 
-    import pkvm.costs
+    import pkvm.cost.model
 
-    result = doctest.testmod(pkvm.costs)
+    result = doctest.testmod(pkvm.cost.model)
     assert result.failed == 0 and result.attempted > 10

@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-import pkvm.directmap
+import pkvm.host.directmap
 from pkvm import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm._reference_snp import RefDirectMap
-from pkvm.directmap import DEFAULT_RAM, DIRECTMAP_POLICIES, DirectMap, boot_layout
+from pkvm.testing.reference_snp import RefDirectMap
+from pkvm.host.directmap import DEFAULT_RAM, DIRECTMAP_POLICIES, DirectMap, boot_layout
 
 G = 1 << 18           # pfns per 1G
 M = 1 << 9            # pfns per 2M
@@ -182,7 +182,7 @@ def test_touching_ram_ranges_merge():
 
 def test_default_ram_is_the_host_allocators_range():
     """Without a layout the direct map covers HostMemory's default pfns."""
-    from pkvm import hostmem
+    from pkvm.host import hostmem
 
     assert DEFAULT_RAM == ((hostmem.DEFAULT_START_PFN,
                             hostmem.DEFAULT_START_PFN + hostmem.DEFAULT_NR_PAGES),)
@@ -200,6 +200,6 @@ def test_tib_of_4k_updates_is_cheap():
 
 
 def test_module_doctests():
-    """The examples in pkvm.directmap's docstrings run as written."""
-    result = doctest.testmod(pkvm.directmap)
+    """The examples in pkvm.host.directmap's docstrings run as written."""
+    result = doctest.testmod(pkvm.host.directmap)
     assert result.failed == 0 and result.attempted > 0

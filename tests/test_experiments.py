@@ -1,4 +1,4 @@
-"""pkvm.experiments and pkvm.workloads: determinism, purity, actor attribution, counters that
+"""pkvm.experiments and pkvm.experiments.workloads: determinism, purity, actor attribution, counters that
 follow from the workload's definition, and the error contract of Config."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm import experiments as E
-from pkvm import workloads as W
+from pkvm.experiments import workloads as W
 from pkvm.errors import KvmError
 
 MiB = 1 << 20

@@ -8,7 +8,7 @@ import pytest
 from vmhelpers import GMEM, PRIVATE, PUNCH, UADDR, MiB, gmem_vm, snapshot
 
 import pkvm
-from pkvm._reference_vm import ReferenceVM
+from pkvm.testing.reference_vm import ReferenceVM
 from pkvm.platforms import register_platform
 
 KEEP = pkvm.FALLOC_FL_KEEP_SIZE

@@ -3,7 +3,7 @@
 import pytest
 
 import pkvm
-from pkvm.hostmem import HostMemory, SharedBacking, decode_delta, encode_delta
+from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta, encode_delta
 
 
 def test_next_fit_aligned_blocks():

@@ -102,7 +102,7 @@ def test_sw_protected_hypercall_sequence():
 def test_sw_protected_guest_flows_round_trip():
     """Platforms without flows of their own use the hypercall flows; nothing to accept."""
     vm, vmm, gmem, guest = _sw()
-    assert isinstance(guest.flows, pkvm.guest.HypercallGuestFlows)
+    assert isinstance(guest.flows, pkvm.actors.guest.HypercallGuestFlows)
     assert guest.convert(0, 2 * MiB, private=False) and guest.touch(0, 2 * MiB, private=False).ret == "done"
     assert guest.convert(0, 2 * MiB, private=True) and guest.accept(0, 2 * MiB)
     assert guest.touch(0, 2 * MiB, private=True).ret == "done" and vm.stats["pages_4k"] == 512
@@ -214,11 +214,11 @@ def test_docstring_examples():
     """The doctests of the actors and the S-EPT module pass."""
     import doctest
 
-    import pkvm.guest
+    import pkvm.actors.guest
     import pkvm.platforms._tdx_sept
-    import pkvm.vmm
+    import pkvm.actors.vmm
 
-    for mod in (pkvm.vmm, pkvm.guest, pkvm.platforms._tdx_sept):
+    for mod in (pkvm.actors.vmm, pkvm.actors.guest, pkvm.platforms._tdx_sept):
         result = doctest.testmod(mod)
         assert result.failed == 0 and result.attempted > 0, mod.__name__
 
@@ -258,7 +258,7 @@ def test_actor_is_restored_when_a_call_fails():
 
 
 def test_trace_of_direct_calls():
-    from pkvm.trace import Tracer, parse
+    from pkvm.experiments.trace import Tracer, parse
 
     vm = pkvm.VM("sw_protected")
     tr = Tracer()

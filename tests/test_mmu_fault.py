@@ -7,7 +7,7 @@ from vmhelpers import GMEM, PRIVATE, UADDR, GiB, MiB, gmem_vm, shared_vm
 
 import pkvm
 from pkvm import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm.mmu import PageFault, fault_begin, fault_finish, fault_install, fault_is_stale, faultin_pfn
+from pkvm.kvm.mmu import PageFault, fault_begin, fault_finish, fault_install, fault_is_stale, faultin_pfn
 
 TiB = 1 << 40
 

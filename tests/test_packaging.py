@@ -37,6 +37,12 @@ def test_wheel_ships_pxd_pyi_and_marker(wheel_names):
     assert any(n.startswith("pkvm/_core.") and n.endswith(".so") for n in wheel_names)
 
 
+def test_wheel_ships_every_module(wheel_names):
+    """Every module of the source tree, in every layer's subpackage, is in the wheel."""
+    src = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pkvm").rglob("*.py")}
+    assert src and src <= wheel_names, sorted(src - wheel_names)
+
+
 def test_wheel_has_no_generated_c(wheel_names):
     """Generated C and annotation HTML never ship in a wheel."""
     assert not [n for n in wheel_names if n.endswith((".c", ".html"))]

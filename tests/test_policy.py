@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import pkvm
-from pkvm.policy import resolve_policy
+from pkvm.kvm.policy import resolve_policy
 
 
 @pytest.mark.parametrize("name", ["6.8", "6.11", "6.16", "6.19", "fault-time", "eager-post", "rfc-v8", "eager-locked"])
@@ -84,7 +84,7 @@ def test_vm_accepts_policy_or_name():
 
 
 def test_policy_spec_strings():
-    from pkvm.policy import resolve_policy
+    from pkvm.kvm.policy import resolve_policy
 
     p = resolve_policy("eager-locked+directmap=split-4k+hugepage_guard=false")
     assert p == pkvm.Policy.preset("eager-locked").replace(directmap="split-4k", hugepage_guard=False)
@@ -101,7 +101,7 @@ def test_policy_spec_strings():
     ("6.19+gmem_max_order=3", "not one of"),
 ])
 def test_policy_spec_errors(spec, match):
-    from pkvm.policy import resolve_policy
+    from pkvm.kvm.policy import resolve_policy
 
     with pytest.raises(ValueError, match=match):
         resolve_policy(spec)

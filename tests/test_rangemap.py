@@ -1,4 +1,4 @@
-"""Behaviour of :class:`pkvm.RangeMap` and its pure-Python twins in :mod:`pkvm._reference`.
+"""Behaviour of :class:`pkvm.RangeMap` and its pure-Python twins in :mod:`pkvm.testing.reference`.
 
 Every test runs on all three implementations through the ``rangemap_cls`` fixture (ids
 ``core``, ``sorted``, ``dict``), so the twins are held to the same contract they are used to
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pkvm._reference import UINT64_MAX as U64
-from pkvm._reference import DictRangeMap
+from pkvm.testing.reference import UINT64_MAX as U64
+from pkvm.testing.reference import DictRangeMap
 
 VALUES = [0, 1, 8, U64]
 """Values for the property tests: few, so that equal neighbours (and coalescing) are common."""

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pkvm
-from pkvm._reference import DictRangeMap
+from pkvm.testing.reference import DictRangeMap
 
 VALUES = [0, 1, 8, 9]
 

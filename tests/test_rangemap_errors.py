@@ -14,7 +14,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from pkvm._reference import UINT64_MAX as U64
+from pkvm.testing.reference import UINT64_MAX as U64
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: the error names the argument and the map is unchanged

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import pkvm
-from pkvm._reference import UINT64_MAX as U64
-from pkvm._reference import DictRangeMap, SortedRangeMap
+from pkvm.testing.reference import UINT64_MAX as U64
+from pkvm.testing.reference import DictRangeMap, SortedRangeMap
 
 VALUES = [0, 1, 8, U64]
 """Few values, so that equal neighbours (and coalescing) are common; every default is one."""

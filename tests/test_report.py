@@ -1,12 +1,13 @@
-"""pkvm.report: tables, JSON and plots built from experiment results."""
+"""pkvm.experiments.report: tables, JSON and plots built from experiment results."""
 
 import doctest
 import json
 
 import pytest
 
-import pkvm.report
-from pkvm import experiments, report
+import pkvm.experiments.report
+from pkvm import experiments
+from pkvm.experiments import report
 from pkvm._units import format_ns
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -193,6 +194,6 @@ def test_plot_rejects_no_results(tmp_path):
 
 
 def test_module_doctests():
-    """The examples in pkvm.report's docstring run."""
-    result = doctest.testmod(pkvm.report)
+    """The examples in pkvm.experiments.report's docstring run."""
+    result = doctest.testmod(pkvm.experiments.report)
     assert result.failed == 0 and result.attempted > 0

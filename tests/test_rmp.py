@@ -6,8 +6,8 @@ import pytest
 
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm._core import RmpEntry, RmpTable
-from pkvm._reference_snp import RefRmpTable
-from pkvm.snp_constants import (
+from pkvm.testing.reference_snp import RefRmpTable
+from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,
     PSMASH_FAIL_PERMISSION,

@@ -18,7 +18,7 @@ from pkvm.constants import (
     KVM_HC_MAP_GPA_RANGE,
 )
 from pkvm.platforms import _snp_vcpu as sv
-from pkvm.snp_constants import (
+from pkvm.platforms.snp_constants import (
     PVALIDATE_FAIL_INPUT,
     PVALIDATE_FAIL_NOUPDATE,
     PVALIDATE_FAIL_SIZEMISMATCH,

@@ -1,7 +1,7 @@
 """Differential state machine for SNP: the range-compressed model against a per-page twin.
 
 The twin is an SNP :class:`pkvm.VM` whose RMP and direct map are the per-pfn reference tables
-of :mod:`pkvm._reference_snp` (behind a small adapter), driven by a guest that issues one
+of :mod:`pkvm.testing.reference_snp` (behind a small adapter), driven by a guest that issues one
 instruction at a time (one PVALIDATE per 4K or 2M block with its own SIZEMISMATCH fallback,
 one access per page). The model side uses the range forms (``pvalidate_range``, batched
 faults, range RMP operations). Every rule runs on both; the RMP entries, direct map, SPTEs,
@@ -19,8 +19,8 @@ from pkvm.platforms import PLATFORMS
 if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # before docs/snp-integration-patches.md is applied
     pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm._reference_snp import RefDirectMap, RefRmpTable
-from pkvm.snp_constants import PVALIDATE_FAIL_SIZEMISMATCH, PVALIDATE_SUCCESS
+from pkvm.testing.reference_snp import RefDirectMap, RefRmpTable
+from pkvm.platforms.snp_constants import PVALIDATE_FAIL_SIZEMISMATCH, PVALIDATE_SUCCESS
 
 PAGES = 2048  # 8 MiB of guest RAM: four 2M blocks
 COMPARED = ("rmpupdate", "rmpupdate_2m", "psmash", "rmp_fault", "pvalidate", "pvalidate_2m",

@@ -11,7 +11,7 @@ from pkvm.platforms import PLATFORMS
 if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # before docs/snp-integration-patches.md is applied
     pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
 from pkvm import PG_LEVEL_4K
-from pkvm.snp_constants import PVALIDATE_SUCCESS
+from pkvm.platforms.snp_constants import PVALIDATE_SUCCESS
 
 POLICIES = ("fault-time", "eager-post", "eager-locked", "eager-split")
 KEYS = ("rmpupdate", "psmash", "directmap_cpa_calls", "directmap_splits", "directmap_unmaps",

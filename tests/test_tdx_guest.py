@@ -7,7 +7,7 @@ import pytest
 from tdxhelpers import PRIVATE, SHARED47, MiB, ops, seamcalls, td, tdx_snapshot, trace
 
 import pkvm
-from pkvm._reference_tdx import ReferenceTdx
+from pkvm.testing.reference_tdx import ReferenceTdx
 from pkvm.constants import (
     TDVMCALL_STATUS_ALIGN_ERROR,
     TDVMCALL_STATUS_INVALID_OPERAND,

@@ -1,5 +1,5 @@
 """Hypothesis state machines: a TDX :class:`pkvm.VM` (+ ``pkvm.Vmm`` / ``pkvm.Guest``) against the
-per-gfn :class:`pkvm._reference_tdx.ReferenceTdx`.
+per-gfn :class:`pkvm.testing.reference_tdx.ReferenceTdx`.
 
 Each rule runs one operation on both (the TD build, conversions by the VMM and by the guest's
 MapGPA, accepts and lazy acceptance, faults, accesses, hole punches, memslot changes, injected
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import pkvm
-from pkvm._reference_tdx import ReferenceTdx
+from pkvm.testing.reference_tdx import ReferenceTdx
 from pkvm.constants import KVM_TDX_MEASURE_MEMORY_REGION, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm.platforms._tdx_sept import STATE_NAMES, leaf_level
 

@@ -1,4 +1,4 @@
-"""Kernel-format traces (pkvm.trace) and the replay workload: formats, parsing of real
+"""Kernel-format traces (pkvm.experiments.trace) and the replay workload: formats, parsing of real
 ``trace-cmd report`` lines, and the write -> replay round trip (identical KVM-side counters)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pkvm import experiments as E
-from pkvm._replay import GUEST_ONLY_COUNTERS
-from pkvm.trace import TraceEvent, header_fields, parse, parse_line
+from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
+from pkvm.experiments.trace import TraceEvent, header_fields, parse, parse_line
 
 ROUND_TRIP = [
     ("snp", "boot", {}), ("snp", "boot", {"prealloc": "1"}), ("snp", "swiotlb", {"ops": "60"}),
@@ -200,7 +200,7 @@ _LINE = st.one_of(
 def test_replay_of_arbitrary_host_traces_never_corrupts(tmp_path, platform, lines):
     """A trace from anywhere: the replay either runs and leaves a consistent VM, or stops with
     a ValueError / KvmError naming the line (bad input never crashes)."""
-    from pkvm._replay import replay_file
+    from pkvm.experiments.replay import replay_file
     from pkvm.errors import KvmError
 
     path = tmp_path / "host.txt"

@@ -47,7 +47,7 @@ def test_create_vm_bad_arguments():
 
 
 def test_costs_override_changes_modeled_time():
-    """``costs`` overrides the default latency of a pkvm.costs operation, or is a whole CostModel."""
+    """``costs`` overrides the default latency of a pkvm.cost.model operation, or is a whole CostModel."""
     vm = pkvm.VM(1, costs={"attr_store": 7})
     vm.set_memory_attributes(0, 4 * 4096, PRIVATE)
     assert vm.cost_breakdown() == {"attr_store": 28}
@@ -308,7 +308,7 @@ def test_check_detects_corruption():
         vm.check()
 
 
-@pytest.mark.parametrize("module", ["pkvm.vm", "pkvm.hostmem", "pkvm.policy", "pkvm.errors"])
+@pytest.mark.parametrize("module", ["pkvm.kvm.vm", "pkvm.host.hostmem", "pkvm.kvm.policy", "pkvm.errors"])
 def test_docstring_examples(module):
     """The doctests in the KVM model's docstrings pass."""
     import doctest

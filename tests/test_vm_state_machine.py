@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 )
 
 import pkvm
-from pkvm._reference_vm import ReferenceVM
+from pkvm.testing.reference_vm import ReferenceVM
 
 PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
 

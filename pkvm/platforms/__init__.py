@@ -13,7 +13,7 @@ the TDP MMU's "external page table" hooks (``kvm_x86_ops.link_external_spt`` /
 ``set_external_spte`` / ``remove_external_spte``): the generic MMU edits the mirror root and calls
 them so the platform can propagate the change (TDX: SEAMCALLs on the secure EPT).
 
-Actors (:mod:`pkvm.guest`, :mod:`pkvm.vmm`) find a platform's flows through the ``guest_flows``
+Actors (:mod:`pkvm.actors.guest`, :mod:`pkvm.actors.vmm`) find a platform's flows through the ``guest_flows``
 and ``vmm_flows`` factories: a new platform plugs its guest conversion protocol (TDX: MapGPA +
 ACCEPT; SNP: page-state change + PVALIDATE) in there without touching the actors.
 """
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PlatformRegistrationError
+from pkvm.errors import PlatformRegistrationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM, Memslot, Vcpu
+    from pkvm.kvm.vm import VM, Memslot, Vcpu
 
     FaultIsPrivate = Callable[[VM, int, bool], bool]
     InitVm = Callable[[VM], int]
@@ -124,7 +124,7 @@ class PlatformOps:
     ``check_vm(vm) -> int`` — optional. Phase: ``vm.check()``, after the generic invariants;
         raises :class:`pkvm.InternalInvariantError` on a violation. TDX (S-EPT vs mirror root).
     ``guest_flows(guest) -> flows`` / ``vmm_flows(vmm) -> flows`` — optional factories of the
-        per-platform actor flows (see :mod:`pkvm.guest` and :mod:`pkvm.vmm` for the protocols);
+        per-platform actor flows (see :mod:`pkvm.actors.guest` and :mod:`pkvm.actors.vmm` for the protocols);
         0 selects the generic ``KVM_HC_MAP_GPA_RANGE`` flows. TDX.
     """
 
@@ -192,10 +192,10 @@ def is_implemented(op: object) -> bool:
     return op is not _return0
 
 
-from . import default as _default  # noqa: E402
-from . import snp as _snp  # noqa: E402
-from . import sw_protected as _sw_protected  # noqa: E402
-from . import tdx as _tdx  # noqa: E402
+from pkvm.platforms import default as _default  # noqa: E402
+from pkvm.platforms import snp as _snp  # noqa: E402
+from pkvm.platforms import sw_protected as _sw_protected  # noqa: E402
+from pkvm.platforms import tdx as _tdx  # noqa: E402
 
 #: Registered platforms by ``vm_type``; immutable.
 PLATFORMS: Mapping[int, PlatformOps] = MappingProxyType(

@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..constants import PAGE_SHIFT
-from ._snp_vcpu import (
+from pkvm.constants import PAGE_SHIFT
+from pkvm.platforms._snp_vcpu import (
     SNP_PAGE_STATE_PRIVATE,
     SNP_PAGE_STATE_SHARED,
     VMGEXIT_PSC_MAX_ENTRY,
@@ -33,7 +33,7 @@ from ._snp_vcpu import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..guest import Guest
+    from pkvm.actors.guest import Guest
 
 
 def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscEntry]:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from ..constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PG_LEVEL_4K
-from ..errors import KvmError
-from ..gmem import FOLIO_PREPARED, gmem_get_folios
-from ..vm import _u64
+from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PG_LEVEL_4K
+from pkvm.errors import KvmError
+from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
+from pkvm.kvm.vm import _u64
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .snp import SnpVm
+    from pkvm.platforms.snp import SnpVm
 
 
 def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -> int:
@@ -41,7 +41,7 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
         KvmError: EINVAL / EEXIST as listed when nothing could be done; EIO if the VM is dead.
         TypeError / ValueError: an argument is not a u64 int.
     """
-    from .snp import _PAGE_TYPES, rmp_make_private
+    from pkvm.platforms.snp import _PAGE_TYPES, rmp_make_private
 
     vm = snp.vm
     vm._check_alive()
@@ -131,7 +131,7 @@ class SnpVmmFlows:
         self.vmm = vmm
 
     def launch(self, image: list[tuple[int, int, bool]]) -> None:
-        from .snp import SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_UNMEASURED
+        from pkvm.platforms.snp import SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_UNMEASURED
 
         snp = self.vmm.vm.snp  # type: ignore[attr-defined]
         for gpa, size, measure in image:

@@ -43,12 +43,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PG_LEVEL_2M, PG_LEVEL_4K
-from ..hostmem import decode_delta
-from ..snp_constants import RMP_PAGES_2M
+from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PG_LEVEL_2M, PG_LEVEL_4K
+from pkvm.host.hostmem import decode_delta
+from pkvm.platforms.snp_constants import RMP_PAGES_2M
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM, Memslot
+    from pkvm.kvm.vm import VM, Memslot
 
 Step = tuple[str, int, int, int, int]
 
@@ -70,7 +70,7 @@ def _split_2m_runs(start: int, end: int) -> list[tuple[int, int, int]]:
 
 def plan_piece(vm: VM, slot: Memslot, attrs: int, s: int, e: int) -> list[Step]:
     """The instruction sequence of one slot-clipped piece (module docstring). O(k log n)."""
-    from ..gmem import folio_order  # gmem imports the platforms
+    from pkvm.kvm.gmem import folio_order  # gmem imports the platforms
 
     gmem = slot.gmem
     if gmem is None or slot.gmem_file is None:
@@ -107,7 +107,7 @@ def plan_piece(vm: VM, slot: Memslot, attrs: int, s: int, e: int) -> list[Step]:
 def run_plan(vm: VM, steps: list[Step], directmap: str) -> int:
     """Execute ``steps``; ``directmap`` as :func:`pkvm.platforms.snp.rmpupdate_range`
     (``"before"`` / ``"after"`` run only that direct-map half and no instruction)."""
-    from .snp import _directmap, psmash, rmp_make_private, rmp_make_shared
+    from pkvm.platforms.snp import _directmap, psmash, rmp_make_private, rmp_make_shared
 
     ret = 0
     for kind, pfn, n, lvl, gfn in steps:

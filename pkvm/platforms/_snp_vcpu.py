@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..constants import (
+from pkvm.constants import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
@@ -41,10 +41,10 @@ from ..constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from ..exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
-from ..hostmem import decode_delta
-from ..mmu import SPTE_PRIVATE, FaultResult, spte_level
-from ..snp_constants import (
+from pkvm.kvm.exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
+from pkvm.host.hostmem import decode_delta
+from pkvm.kvm.mmu import SPTE_PRIVATE, FaultResult, spte_level
+from pkvm.platforms.snp_constants import (
     PVALIDATE_FAIL_INPUT,
     PVALIDATE_FAIL_SIZEMISMATCH,
     PVALIDATE_NPF_RMP,
@@ -52,7 +52,7 @@ from ..snp_constants import (
     PVALIDATE_SUCCESS,
     RMP_PAGES_2M,
 )
-from ..vm import Vcpu, _u64
+from pkvm.kvm.vm import Vcpu, _u64
 
 #: GHCB MSR protocol (``arch/x86/include/asm/sev-common.h``, §7.1).
 GHCB_MSR_PSC_REQ = 0x014

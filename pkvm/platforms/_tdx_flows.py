@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..constants import (
+from pkvm.constants import (
     KVM_TDX_MEASURE_MEMORY_REGION,
     PAGE_SHIFT,
     PG_LEVEL_1G,
@@ -30,8 +30,8 @@ from ..constants import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..guest import Guest
-    from ..vmm import Vmm
+    from pkvm.actors.guest import Guest
+    from pkvm.actors.vmm import Vmm
 
 #: ``tdx_map_gpa``'s ``max_retries_per_page``.
 MAP_GPA_MAX_RETRIES = 3

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from .._core import RangeMap
-from ..constants import PG_LEVEL_2M, PG_LEVEL_4K, TDX_OPERAND_BUSY, TDX_SUCCESS
-from ..errors import InternalInvariantError
+from pkvm._core import RangeMap
+from pkvm.constants import PG_LEVEL_2M, PG_LEVEL_4K, TDX_OPERAND_BUSY, TDX_SUCCESS
+from pkvm.errors import InternalInvariantError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM
+    from pkvm.kvm.vm import VM
 
 PENDING, MAPPED, BLOCKED, PENDING_BLOCKED = 1, 2, 3, 4
 STATE_MASK = 7
@@ -65,7 +65,7 @@ TDX_STAT_KEYS = (
     *(c for c, _op, _n in SEAMCALLS.values()), "seamcall_busy", "vcpu_kicks", "tdx_page_clears",
     "tdvmcall_map_gpa", "tdcall_accept", "tdx_accepts_4k", "tdx_accept_size_faults",
 )
-#: Cost operations a TD charges (besides the generic ones of :mod:`pkvm.vm`).
+#: Cost operations a TD charges (besides the generic ones of :mod:`pkvm.kvm.vm`).
 TDX_CHARGED_OPS = ("seamcall_sept_add", "seamcall_aug", "seamcall_add", "seamcall_mr_extend",
                    "seamcall_block", "seamcall_track", "seamcall_remove", "seamcall_wbinvd",
                    "vcpu_kick", "tdx_accept_4k", "map_gpa", "td_vmm_exit")

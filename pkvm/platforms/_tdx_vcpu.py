@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from ..constants import (
+from pkvm.constants import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
@@ -44,14 +44,14 @@ from ..constants import (
     TDX_PAGE_SIZE_MISMATCH,
     TDX_SUCCESS,
 )
-from ..errors import InternalInvariantError, KvmError
-from ..exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
-from ..mmu import SPTE_PRIVATE, SPTE_WRITABLE, FaultResult, run_fault
-from ..vm import Vcpu, _u64
-from ._tdx_sept import MAPPED, PENDING, STATE_MASK, leaf_level, leaf_value
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.kvm.exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
+from pkvm.kvm.mmu import SPTE_PRIVATE, SPTE_WRITABLE, FaultResult, run_fault
+from pkvm.kvm.vm import Vcpu, _u64
+from pkvm.platforms._tdx_sept import MAPPED, PENDING, STATE_MASK, leaf_level, leaf_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .tdx import TdxVm
+    from pkvm.platforms.tdx import TdxVm
 
 #: ``TDX_MAP_GPA_MAX_LEN``: KVM forwards a MapGPA to userspace in chunks of at most 2 MiB.
 TDX_MAP_GPA_MAX_LEN = 2 << 20
@@ -300,7 +300,7 @@ class TdxVcpu(Vcpu):
         TDX module raises an EPT violation carrying the accept level; KVM sets the chunk's
         guest-inhibit bit, DEMOTEs the leaf (BLOCK, TRACK, DEMOTE) and returns RET_PF_RETRY.
         Returns False if a SEAMCALL of the split failed (the VM is then bugged: -EIO)."""
-        from .tdx import tdx_split_external_spte
+        from pkvm.platforms.tdx import tdx_split_external_spte
 
         vm, td = self.vm, self._td
         st = vm._stats

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..constants import KVM_X86_DEFAULT_VM
-from . import PlatformOps
+from pkvm.constants import KVM_X86_DEFAULT_VM
+from pkvm.platforms import PlatformOps
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM
+    from pkvm.kvm.vm import VM
 
 
 def default_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:

@@ -1,7 +1,7 @@
 """``KVM_X86_SNP_VM``: AMD SEV-SNP on the KVM model (spec §4.1, §4.4, §5, §7.1, §7.7, §7.8).
 
 What this platform adds (the RMP table and the direct map themselves are
-:class:`pkvm._core.RmpTable` and :class:`pkvm.directmap.DirectMap`, see ``docs/snp-rmp.md``):
+:class:`pkvm._core.RmpTable` and :class:`pkvm.host.directmap.DirectMap`, see ``docs/snp-rmp.md``):
 
 * **State** (``vm.snp``, also ``vm.rmp`` and ``vm.directmap``): the host's RMP, the host direct
   map with ``Policy.directmap``, the guest's ASID (``options={"asid": n}``, default 1) and the
@@ -34,26 +34,26 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from .._core import RangeMap, RmpTable
-from ..constants import (
+from pkvm._core import RangeMap, RmpTable
+from pkvm.constants import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_X86_SNP_VM,
     PAGE_SHIFT,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from ..directmap import DirectMap
-from ..errors import InternalInvariantError, KvmError
-from ..hostmem import decode_delta
-from ..mmu import SPTE_PRIVATE, spte_level
-from ..snp_constants import (
+from pkvm.host.directmap import DirectMap
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.host.hostmem import decode_delta
+from pkvm.kvm.mmu import SPTE_PRIVATE, spte_level
+from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INUSE,
     PSMASH_SUCCESS,
     RMP_PAGES_2M,
     RMPUPDATE_FAIL_OVERLAP,
 )
-from . import PlatformOps
-from ._snp_policy import (
+from pkvm.platforms import PlatformOps
+from pkvm.platforms._snp_policy import (
     _split_2m_runs,
     snp_pre_set_mem_attr,
     snp_set_mem_attr,
@@ -61,7 +61,7 @@ from ._snp_policy import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM, Vcpu
+    from pkvm.kvm.vm import VM, Vcpu
 
 #: Counters an SNP VM adds to ``vm.stats`` (instructions, not pages, unless named ``_pages``).
 SNP_STAT_KEYS = (
@@ -120,13 +120,13 @@ class SnpVm:
 
         See :func:`pkvm.platforms._snp_launch.launch_update` for the exact steps.
         """
-        from ._snp_launch import launch_update
+        from pkvm.platforms._snp_launch import launch_update
 
         return launch_update(self, gpa, size, page_type, flags)
 
     def launch_finish(self) -> None:
         """``KVM_SEV_SNP_LAUNCH_FINISH``; see :func:`pkvm.platforms._snp_launch.launch_finish`."""
-        from ._snp_launch import launch_finish
+        from pkvm.platforms._snp_launch import launch_finish
 
         launch_finish(self)
 
@@ -414,19 +414,19 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
 
 
 def snp_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
-    from ._snp_vcpu import SnpVcpu
+    from pkvm.platforms._snp_vcpu import SnpVcpu
 
     return SnpVcpu(vm, vcpu_id)
 
 
 def snp_guest_flows(guest: object) -> object:
-    from ._snp_flows import SnpGuestFlows
+    from pkvm.platforms._snp_flows import SnpGuestFlows
 
     return SnpGuestFlows(guest)
 
 
 def snp_vmm_flows(vmm: object) -> object:
-    from ._snp_launch import SnpVmmFlows
+    from pkvm.platforms._snp_launch import SnpVmmFlows
 
     return SnpVmmFlows(vmm)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM
-from . import PlatformOps
+from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM
+from pkvm.platforms import PlatformOps
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM
+    from pkvm.kvm.vm import VM
 
 
 def sw_protected_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:

@@ -10,7 +10,7 @@ What this platform adds to the KVM model:
   ``gpa | 1 << shared_bit``, ``private=True`` one at ``gpa``. Guest instructions take the
   guest's real GPAs: ``vcpu.map_gpa(gpa | vm.tdx.shared_mask, size)`` converts to shared.
 * **Two roots** (§2.5). Shared mappings live in the direct root, private ones in the mirror
-  root (one :class:`pkvm.mmu.Mmu` map; see its docstring). Converting to private zaps only
+  root (one :class:`pkvm.kvm.mmu.Mmu` map; see its docstring). Converting to private zaps only
   direct leaves, to shared only mirror leaves (``Policy.zap_filter="old-type"``); a
   guest_memfd hole punch zaps only mirror leaves; memslot deletion zaps both.
 * **S-EPT** (:mod:`._tdx_sept`, ``vm.sept``). A private fault installs a 4K mirror leaf: first
@@ -41,7 +41,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ..constants import (
+from pkvm.constants import (
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_TDX_MEASURE_MEMORY_REGION,
@@ -55,9 +55,9 @@ from ..constants import (
     TDX_SHARED_BIT_PWL_5,
     TDX_SUCCESS,
 )
-from ..errors import InternalInvariantError, KvmError
-from . import PlatformOps
-from ._tdx_sept import (
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.platforms import PlatformOps
+from pkvm.platforms._tdx_sept import (
     BLOCKED,
     MAPPED,
     PENDING,
@@ -74,7 +74,7 @@ from ._tdx_sept import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vm import VM, Vcpu
+    from pkvm.kvm.vm import VM, Vcpu
 
 U64_MAX = (1 << 64) - 1
 _LEVEL_SHIFT = (0, 0, 9, 18)
@@ -174,7 +174,7 @@ class TdxVm:
                 populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; ENOMEM.
             TypeError / ValueError: bad argument types, or a vCPU of another VM.
         """
-        from ..vm import Vcpu, _u64
+        from pkvm.kvm.vm import Vcpu, _u64
 
         vm = self._vm
         vm._check_alive()
@@ -211,8 +211,8 @@ class TdxVm:
     def _populate(self, gfn: int, limit: int, measure: bool) -> tuple[int, int]:
         """``kvm_gmem_populate`` + ``tdx_gmem_post_populate`` for the longest uniform run of
         pages from ``gfn`` (at most ``limit``); returns ``(pages added, errno or 0)``."""
-        from ..gmem import FOLIO_PREPARED, gmem_get_folios
-        from ..mmu import make_spte
+        from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
+        from pkvm.kvm.mmu import make_spte
 
         vm = self._vm
         slot = vm._slot_at(gfn)
@@ -562,14 +562,14 @@ def tdx_split_external_spte(vm: VM, gfn: int, level: int) -> int:
 
 def tdx_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
     """``KVM_CREATE_VCPU`` + ``KVM_TDX_INIT_VCPU``: a :class:`~._tdx_vcpu.TdxVcpu`."""
-    from ._tdx_vcpu import TdxVcpu
+    from pkvm.platforms._tdx_vcpu import TdxVcpu
 
     return TdxVcpu(vm, vcpu_id)
 
 
 def tdx_check_vm(vm: VM) -> int:
     """The TDX invariants, range by range (see the module docstring)."""
-    from ..mmu import SPTE_PRIVATE, spte_level
+    from pkvm.kvm.mmu import SPTE_PRIVATE, spte_level
 
     td: TdxVm = vm.tdx  # type: ignore[attr-defined]
     sept = td.sept
@@ -611,14 +611,14 @@ def tdx_check_vm(vm: VM) -> int:
 
 def tdx_guest_flows(guest: Any) -> Any:
     """The TDX Linux guest's flows for :class:`pkvm.Guest`."""
-    from ._tdx_flows import TdxGuestFlows
+    from pkvm.platforms._tdx_flows import TdxGuestFlows
 
     return TdxGuestFlows(guest)
 
 
 def tdx_vmm_flows(vmm: Any) -> Any:
     """QEMU's TD build for :class:`pkvm.Vmm`."""
-    from ._tdx_flows import TdxVmmFlows
+    from pkvm.platforms._tdx_flows import TdxVmmFlows
 
     return TdxVmmFlows(vmm)
 

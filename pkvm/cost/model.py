@@ -2,7 +2,7 @@
 
 pkvm counts operations (``vm.stats``); this module turns counts into nanoseconds. A
 :class:`CostModel` maps each operation name to a :class:`Cost` (value, range, unit, source and
-confidence, from ``spec/costs.md`` §0); a :class:`pkvm.ledger.Ledger` charges counted operations against a
+confidence, from ``spec/costs.md`` §0); a :class:`pkvm.cost.ledger.Ledger` charges counted operations against a
 model and attributes the time to an actor (``"vmm"``, ``"vcpu0"``, ``"host"`` ...).
 
 Invariants:
@@ -95,7 +95,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from pkvm import _cost_table as _table
+from pkvm.cost import table as _table
 from pkvm.errors import PkvmError
 
 __all__ = [

@@ -594,4 +594,4 @@ class SortedRangeMap(_RangeMapBase):
 
 # The per-gfn reference VM (the KVM model's oracle) lives in its own module for size; it is
 # re-exported here so that every slow, obviously-correct twin is found in one place.
-from pkvm._reference_vm import ReferenceVM  # noqa: E402
+from pkvm.testing.reference_vm import ReferenceVM  # noqa: E402

@@ -29,13 +29,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._units import format_ns, format_size
+from pkvm._units import format_ns, format_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console, RenderableType
     from rich.table import Table
 
-    from .experiments import Result
+    from pkvm.experiments import Result
 
 __all__ = ["table", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
 
@@ -315,7 +315,7 @@ def to_json(results: Sequence[Result], extra: Mapping[str, Any] | None = None) -
     Raises:
         ValueError: ``extra`` uses the key ``pkvm_version`` or ``results``.
     """
-    from .experiments import version as _version
+    from pkvm.experiments import version as _version
 
     extra = dict(extra or {})
     clash = sorted({"pkvm_version", "results"} & set(extra))

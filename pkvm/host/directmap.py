@@ -41,8 +41,8 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-from ._core import RangeMap
-from .constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from pkvm._core import RangeMap
+from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
 
@@ -50,7 +50,7 @@ __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
 DIRECTMAP_POLICIES = ("split-4k", "unmap-restore")
 
 #: Host RAM when none is given: pfns ``[1 << 20, (1 << 20) + (1 << 34))`` (64 TiB above 4 GiB),
-#: the range :class:`pkvm.hostmem.HostMemory` allocates from by default.
+#: the range :class:`pkvm.host.hostmem.HostMemory` allocates from by default.
 DEFAULT_RAM = ((1 << 20, (1 << 20) + (1 << 34)),)
 
 _PAGES = {PG_LEVEL_4K: 1, PG_LEVEL_2M: 1 << 9, PG_LEVEL_1G: 1 << 18}

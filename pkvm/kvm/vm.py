@@ -4,11 +4,11 @@
 ``KVM_X86_SW_PROTECTED_VM`` (SNP and TDX plug in through :mod:`pkvm.platforms`). Every call
 validates fully before it changes anything, so a failed call changes nothing. Operations are
 written as the kernel's phases (``_attr_pre`` / ``_attr_commit`` / ``_attr_post`` /
-``_attr_post_unlock``; the fault phases live in :mod:`pkvm.mmu`) so that a timeline driver can
+``_attr_post_unlock``; the fault phases live in :mod:`pkvm.kvm.mmu`) so that a timeline driver can
 interleave them.
 
 State: attributes in one :class:`~pkvm._core.RangeMap` (gfn -> bitmask, 0 never stored);
-memslots with range-compressed ``lpage_info``; one TDP root (:class:`pkvm.mmu.Mmu`);
+memslots with range-compressed ``lpage_info``; one TDP root (:class:`pkvm.kvm.mmu.Mmu`);
 guest_memfd files; simulated host memory; ``mmu_invalidate_seq`` / ``_in_progress`` /
 ``_range_start`` / ``_range_end`` (§2.8); counters and a modeled clock.
 
@@ -21,9 +21,9 @@ import errno
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from . import _vm_check
-from ._core import RangeMap
-from .constants import (
+from pkvm.kvm import check as _vm_check
+from pkvm._core import RangeMap
+from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES,
@@ -40,12 +40,12 @@ from .constants import (
     PG_LEVEL_1G,
     PG_LEVEL_2M,
 )
-from .costs import CostModel
-from .errors import InternalInvariantError, KvmError
-from .exits import GuestOpResult
-from .gmem import GuestMemfd
-from .hostmem import HostMemory, SharedBacking, decode_delta
-from .mmu import (
+from pkvm.cost.model import CostModel
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.kvm.exits import GuestOpResult
+from pkvm.kvm.gmem import GuestMemfd
+from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
+from pkvm.kvm.mmu import (
     KVM_FILTER_ALL,
     KVM_FILTER_PRIVATE,
     KVM_FILTER_SHARED,
@@ -63,9 +63,9 @@ from .mmu import (
     run_fault,
     spte_level,
 )
-from .platforms import PLATFORMS, VM_TYPE_NAMES, PlatformOps
-from .policy import Policy, resolve_policy
-from .trace import Tracer
+from pkvm.platforms import PLATFORMS, VM_TYPE_NAMES, PlatformOps
+from pkvm.kvm.policy import Policy, resolve_policy
+from pkvm.experiments.trace import Tracer
 
 U64_MAX = (1 << 64) - 1
 INVALID_GFN = U64_MAX  # the kernel's INVALID_GPA sentinel of mmu_invalidate_range_*
@@ -80,7 +80,7 @@ STAT_KEYS = (
 )
 
 #: Operations this layer charges, with the ``vm.stats`` counter each follows (names and default
-#: values are :mod:`pkvm.costs`', from ``spec/costs.md`` §0).
+#: values are :mod:`pkvm.cost.model`', from ``spec/costs.md`` §0).
 CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "zap_spte", "remote_tlb_flush",
                "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split",
                "vmexit")
@@ -193,7 +193,7 @@ class VM:
             if costs is not None:
                 model = model.with_overrides(costs)
         self._cost_model = model
-        # One event of each charged op, in whole ns; N events cost N times that (pkvm.costs).
+        # One event of each charged op, in whole ns; N events cost N times that (pkvm.cost.model).
         self._costs = {op: model.ns(op) for op in CHARGED_OPS if op != "remote_tlb_flush"}
         self._flush_ns: dict[int, int] = {}
         self._attr_store_ns = self._costs["attr_store"]
@@ -208,7 +208,7 @@ class VM:
         #: PRE (zap) and POST (MIXED update, and the eager-locked op) phases and guest_memfd
         #: invalidations. vCPU faults wait for the lock meanwhile (they take it for read).
         self.mmu_lock_ns = 0
-        #: The attached :class:`pkvm.trace.Tracer`, or None (every emission point tests this).
+        #: The attached :class:`pkvm.experiments.trace.Tracer`, or None (every emission point tests this).
         self._tracer: Tracer | None = None
         self.seed = seed
         self.nr_vcpus = nr_vcpus
@@ -279,7 +279,7 @@ class VM:
         return self._modeled_ns
 
     def cost_breakdown(self) -> dict[str, int]:
-        """Modeled ns per :mod:`pkvm.costs` operation (``npf_fault``, ``attr_store``, ...)."""
+        """Modeled ns per :mod:`pkvm.cost.model` operation (``npf_fault``, ``attr_store``, ...)."""
         out: dict[str, int] = {}
         for cells in self._actor_ns.values():
             for op, ns in cells.items():
@@ -308,12 +308,12 @@ class VM:
         return prev
 
     def trace(self, tracer: Tracer | None) -> None:
-        """Attach a :class:`pkvm.trace.Tracer` (or detach with None): from now on every
+        """Attach a :class:`pkvm.experiments.trace.Tracer` (or detach with None): from now on every
         traced event (spec §8.2 formats) goes to it. Off, tracing costs one test per event."""
-        from .trace import Tracer
+        from pkvm.experiments.trace import Tracer
 
         if tracer is not None and not isinstance(tracer, Tracer):
-            raise TypeError(f"tracer must be a pkvm.trace.Tracer or None, not {type(tracer).__name__}")
+            raise TypeError(f"tracer must be a pkvm.experiments.trace.Tracer or None, not {type(tracer).__name__}")
         if tracer is not None:
             tracer.attach(self)
         self._tracer = tracer
@@ -699,7 +699,7 @@ class VM:
                 a change to a guest_memfd slot; EEXIST when the gpa range overlaps another
                 slot; EBADF for a closed guest_memfd.
         """
-        from ._memslots import set_user_memory_region2
+        from pkvm.kvm.memslots import set_user_memory_region2
 
         self._check_alive()
         set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
@@ -925,7 +925,7 @@ class Vcpu:
             KvmError: EIO if the VM is dead; EBUSY if an exit is still pending.
             TypeError / ValueError: an argument is not a u64 int.
         """
-        from .exits import begin_insn, kvm_emulate_hypercall
+        from pkvm.kvm.exits import begin_insn, kvm_emulate_hypercall
 
         nr, a0, a1, a2 = _u64("nr", nr), _u64("a0", a0), _u64("a1", a1), _u64("a2", a2)
         if type(long_mode) is not bool:

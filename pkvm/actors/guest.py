@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from .constants import (
+from pkvm.constants import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
@@ -36,12 +36,12 @@ from .constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from .mmu import AccessResult
+from pkvm.kvm.mmu import AccessResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .exits import GuestOpResult
-    from .vm import VM, Vcpu
-    from .vmm import Vmm
+    from pkvm.kvm.exits import GuestOpResult
+    from pkvm.kvm.vm import VM, Vcpu
+    from pkvm.actors.vmm import Vmm
 
 
 class GuestFlows(Protocol):
@@ -87,8 +87,8 @@ class Guest:
     """
 
     def __init__(self, vm: VM, vmm: Vmm | None = None, vcpu: Vcpu | None = None) -> None:
-        from .vm import VM, Vcpu
-        from .vmm import Vmm
+        from pkvm.kvm.vm import VM, Vcpu
+        from pkvm.actors.vmm import Vmm
 
         if not isinstance(vm, VM):
             raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import errno
 
-from ._core import RangeMap
-from .errors import InternalInvariantError, KvmError
+from pkvm._core import RangeMap
+from pkvm.errors import InternalInvariantError, KvmError
 
 #: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
 DEFAULT_START_PFN = 1 << 20

@@ -29,7 +29,7 @@ sits at its start and is built by the platform's launch flow (SNP ``LAUNCH_UPDAT
 ``mixed``      Boot with the SWIOTLB pool shared, then ``ops`` random actions: bounce-buffer
                churn, virtio ring setup / teardown, balloon rounds, and implicit conversions
                (the guest touches a private page as shared without converting it first).
-``replay``     Replays a kernel trace (``trace-cmd report`` text; see :mod:`pkvm.trace`).
+``replay``     Replays a kernel trace (``trace-cmd report`` text; see :mod:`pkvm.experiments.trace`).
 =============  =================================================================================
 
 Choices the kernel spec does not make (documented in ``docs/workloads.md``): the SWIOTLB pool
@@ -48,15 +48,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ._core import RangeMap
-from ._units import format_size, parse_size
-from .constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
-from .errors import KvmError
+from pkvm._core import RangeMap
+from pkvm._units import format_size, parse_size
+from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
+from pkvm.errors import KvmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .guest import Guest
-    from .vm import VM
-    from .vmm import Vmm
+    from pkvm.actors.guest import Guest
+    from pkvm.kvm.vm import VM
+    from pkvm.actors.vmm import Vmm
 
 __all__ = ["WORKLOADS", "Context", "Option", "Workload", "get", "parse_options"]
 
@@ -539,7 +539,7 @@ def _implicit_round_trip(ctx: Context, gpa: int) -> None:
 
 
 def replay(ctx: Context, *, file: str) -> None:
-    from ._replay import replay_file
+    from pkvm.experiments.replay import replay_file
 
     replay_file(ctx, file)
 

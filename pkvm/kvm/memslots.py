@@ -1,5 +1,5 @@
 """``KVM_SET_USER_MEMORY_REGION2`` (spec §2.9, §3.1, §4.7): validation, create, move,
-flags-only change and delete, split out of :mod:`pkvm.vm` to keep that file readable.
+flags-only change and delete, split out of :mod:`pkvm.kvm.vm` to keep that file readable.
 
 Validation follows ``kvm_vm_ioctl_set_memory_region`` -> ``kvm_set_memory_region`` ->
 ``check_memory_region_flags`` -> ``kvm_gmem_bind`` in the kernel's order; nothing changes
@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from .constants import (
+from pkvm.constants import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
@@ -23,12 +23,12 @@ from .constants import (
     PG_LEVEL_2M,
     TASK_SIZE_MAX,
 )
-from .errors import KvmError
-from .gmem import GuestMemfd
-from .mmu import LEVEL_SHIFT
+from pkvm.errors import KvmError
+from pkvm.kvm.gmem import GuestMemfd
+from pkvm.kvm.mmu import LEVEL_SHIFT
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .vm import VM, Memslot
+    from pkvm.kvm.vm import VM, Memslot
 
 _U64_MAX = (1 << 64) - 1
 
@@ -51,7 +51,7 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
                             userspace_addr: int, guest_memfd: GuestMemfd | None,
                             guest_memfd_offset: int) -> None:
     """See :meth:`pkvm.VM.set_user_memory_region2`."""
-    from .vm import Memslot
+    from pkvm.kvm.vm import Memslot
 
     slot = _u64("slot", slot)
     if slot >> 32:

@@ -6,7 +6,7 @@ HVA pages are dict entries, and ``access`` faults page by page. Tests drive it a
 model with the same operations and compare attributes, MIXED flags, SPTEs and counters. Use it
 only at small sizes (it costs O(pages) per operation).
 
-It shares nothing mutable with :mod:`pkvm.vm`; it reuses the platform op tables, the policy
+It shares nothing mutable with :mod:`pkvm.kvm.vm`; it reuses the platform op tables, the policy
 and the cost table, which are data.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 from types import MappingProxyType
 
-from .constants import (
+from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -27,12 +27,12 @@ from .constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from .costs import CostModel
-from .errors import KvmError
-from .hostmem import DEFAULT_NR_PAGES, DEFAULT_START_PFN
-from .platforms import PLATFORMS, VM_TYPE_NAMES, is_implemented
-from .policy import resolve_policy
-from .vm import STAT_KEYS
+from pkvm.cost.model import CostModel
+from pkvm.errors import KvmError
+from pkvm.host.hostmem import DEFAULT_NR_PAGES, DEFAULT_START_PFN
+from pkvm.platforms import PLATFORMS, VM_TYPE_NAMES, is_implemented
+from pkvm.kvm.policy import resolve_policy
+from pkvm.kvm.vm import STAT_KEYS
 
 PAGES = MappingProxyType({PG_LEVEL_4K: 1, PG_LEVEL_2M: 512, PG_LEVEL_1G: 512 * 512})
 #: ``KVM_FILTER_SHARED`` / ``KVM_FILTER_PRIVATE``: which attribute's mappings a zap targets.

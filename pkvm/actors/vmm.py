@@ -33,7 +33,7 @@ Per-platform VMM flows plug in through ``PlatformOps.vmm_flows(vmm)``, an object
 ``launch(image)``; see :class:`VmmFlows`.
 
 Choices where QEMU is more detailed than the model: the discard works on the memslot pieces of
-the range and, like :class:`pkvm.hostmem.SharedBacking`, frees only whole host pages inside it
+the range and, like :class:`pkvm.host.hostmem.SharedBacking`, frees only whole host pages inside it
 (a THP partly covered stays); no host MMU notifier runs, because the attribute change has
 already zapped every shared mapping of the range.
 """
@@ -44,7 +44,7 @@ import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from .constants import (
+from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     KVM_CAP_EXIT_HYPERCALL,
@@ -58,14 +58,14 @@ from .constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from .errors import KvmError
+from pkvm.errors import KvmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .exits import GuestOpResult
-    from .gmem import GuestMemfd
-    from .vm import Memslot
-    from .mmu import AccessResult, FaultResult
-    from .vm import VM, Vcpu
+    from pkvm.kvm.exits import GuestOpResult
+    from pkvm.kvm.gmem import GuestMemfd
+    from pkvm.kvm.vm import Memslot
+    from pkvm.kvm.mmu import AccessResult, FaultResult
+    from pkvm.kvm.vm import VM, Vcpu
 
 GiB = 1 << 30
 #: Where the VMM starts placing guest RAM in its address space (below ``TASK_SIZE_MAX``).
@@ -110,7 +110,7 @@ class Vmm:
     """
 
     def __init__(self, vm: VM, *, exit_hypercall: bool = True, discard: bool = True) -> None:
-        from .vm import VM
+        from pkvm.kvm.vm import VM
 
         if not isinstance(vm, VM):
             raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")
@@ -210,7 +210,7 @@ class Vmm:
     def handle_exit(self, vcpu: Vcpu, result: GuestOpResult | AccessResult | FaultResult) -> bool:
         """Answer one exit to userspace (``kvm_cpu_exec``); return whether the vCPU may run on.
 
-        ``result`` is a :class:`pkvm.exits.GuestOpResult` or a :class:`pkvm.AccessResult` /
+        ``result`` is a :class:`pkvm.kvm.exits.GuestOpResult` or a :class:`pkvm.AccessResult` /
         :class:`pkvm.FaultResult` with ``ret == "exit"``. After a True return the caller
         resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
         """

@@ -1,6 +1,6 @@
 """Slow, obviously-correct twins of ``RmpTable`` and ``DirectMap``.
 
-Test oracles in the sense of :mod:`pkvm._reference`: the same operations, one Python object per
+Test oracles in the sense of :mod:`pkvm.testing.reference`: the same operations, one Python object per
 page, each rule written the way the spec states it (kernel-semantics.md §5.1-§5.8, with the
 choices of ``docs/snp-rmp.md``), so that a differential test can compare every entry and every
 counter after every step. Only usable on small ranges (thousands of pages).
@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Any, ClassVar
 
-from .constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from .directmap import boot_layout
-from .snp_constants import (
+from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from pkvm.host.directmap import boot_layout
+from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,
     PSMASH_FAIL_PERMISSION,

@@ -1,6 +1,6 @@
 """The ``replay`` workload: drive the model from a kernel trace (``trace-cmd report`` text).
 
-Each traced event becomes the call that produces it (:mod:`pkvm.trace` lists the formats):
+Each traced event becomes the call that produces it (:mod:`pkvm.experiments.trace` lists the formats):
 
 * ``kvm_vm_set_mem_attributes`` -> ``KVM_SET_MEMORY_ATTRIBUTES`` on the gfn range (VMM actor);
 * ``sys_enter_fallocate`` on a guest_memfd -> ``fallocate`` (the VMM's hole punch, or an
@@ -36,9 +36,9 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from .constants import PAGE_SHIFT
-from .errors import KvmError
-from .trace import (
+from pkvm.constants import PAGE_SHIFT
+from pkvm.errors import KvmError
+from pkvm.experiments.trace import (
     EPT_ACC_WRITE,
     PFERR_GUEST_ENC,
     PFERR_GUEST_RMP,
@@ -48,10 +48,10 @@ from .trace import (
     parse_line,
 )
 
-from .vm import Vcpu
+from pkvm.kvm.vm import Vcpu
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .workloads import Context
+    from pkvm.experiments.workloads import Context
 
 #: Counters a replay cannot reproduce: guest-side instructions and untraced exits.
 GUEST_ONLY_COUNTERS = frozenset({

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .constants import (
+from pkvm.constants import (
     KVM_EINVAL,
     KVM_ENOSYS,
     KVM_EXIT_HYPERCALL,
@@ -32,10 +32,10 @@ from .constants import (
     KVM_HC_MAP_GPA_RANGE,
     PAGE_SHIFT,
 )
-from .errors import KvmError
+from pkvm.errors import KvmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .vm import Vcpu
+    from pkvm.kvm.vm import Vcpu
 
 U64_MAX = (1 << 64) - 1
 

@@ -52,10 +52,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, NamedTuple
 
-from .constants import PAGE_SHIFT
+from pkvm.constants import PAGE_SHIFT
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .vm import VM
+    from pkvm.kvm.vm import VM
 
 __all__ = ["Tracer", "TraceEvent", "parse_line", "parse", "PFERR_WRITE", "PFERR_PRIVATE_ACCESS",
            "PFERR_GUEST_ENC", "PFERR_GUEST_RMP", "PFERR_GUEST_FINAL", "PFERR_PRESENT"]

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from ._core import RangeMap
-from .constants import (
+from pkvm._core import RangeMap
+from pkvm.constants import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -46,11 +46,11 @@ from .constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from .errors import InternalInvariantError, KvmError
-from .hostmem import decode_delta, encode_delta
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.host.hostmem import decode_delta, encode_delta
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .vm import VM, Memslot, Vcpu
+    from pkvm.kvm.vm import VM, Memslot, Vcpu
 
 #: gfn shift of each level (index = PG_LEVEL_*).
 LEVEL_SHIFT = (0, 0, 9, 18)
@@ -586,7 +586,7 @@ def faultin_pfn(vm: VM, f: PageFault) -> None:
         s, e, v = attrs_map.run_at(gfn)
         end = min(f.limit, slot.end_gfn, e, vm._mmu.sptes.run_at(gfn)[1])
     if f.is_private:
-        from .gmem import kvm_gmem_get_pfn  # gmem imports this module
+        from pkvm.kvm.gmem import kvm_gmem_get_pfn  # gmem imports this module
 
         end = kvm_gmem_get_pfn(vm, f, end)
         if f.ret:

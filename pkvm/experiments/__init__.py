@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import workloads as _workloads
-from ._units import format_size, parse_size
-from .costs import CostModel
-from .workloads import PhaseRecord
+from pkvm.experiments import workloads as _workloads
+from pkvm._units import format_size, parse_size
+from pkvm.cost.model import CostModel
+from pkvm.experiments.workloads import PhaseRecord
 
 __all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
            "PLATFORMS", "SHARED_BACKINGS"]
@@ -65,7 +65,7 @@ class Config:
     "800ns"}``), applied over ``cost_file`` (a TOML or JSON cost model) or the platform's
     default model. ``vcpus`` guest vCPUs share the work round-robin. ``discard=False`` makes the
     VMM keep both backings on conversion (see :class:`pkvm.Vmm`). ``trace`` is a path to write
-    the kernel-format trace to (see :mod:`pkvm.trace`), or None.
+    the kernel-format trace to (see :mod:`pkvm.experiments.trace`), or None.
 
     Raises (on construction):
         ValueError: any field out of range, with the field's name in the message.
@@ -110,8 +110,8 @@ class Config:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
-        from .errors import KvmError
-        from .vm import VM
+        from pkvm.errors import KvmError
+        from pkvm.kvm.vm import VM
 
         try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
             VM(self.platform, policy=self.policy)
@@ -237,9 +237,9 @@ class Result:
 
 
 def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
-    from .guest import Guest
-    from .vm import VM
-    from .vmm import Vmm
+    from pkvm.actors.guest import Guest
+    from pkvm.kvm.vm import VM
+    from pkvm.actors.vmm import Vmm
 
     vm = VM(config.platform, policy=config.policy, costs=config.cost_model(), seed=seed,
             shared_backing=config.shared_backing, nr_vcpus=config.vcpus)
@@ -271,7 +271,7 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
     sink = None
     try:
         if config.trace is not None:
-            from .trace import Tracer
+            from pkvm.experiments.trace import Tracer
 
             sink = open(config.trace, "w", encoding="utf-8")  # noqa: SIM115 - closed below
             sink.write(f"cpus={config.vcpus + 1}\n")

@@ -1,6 +1,6 @@
 """A slow, obviously-correct twin of a TDX :class:`pkvm.VM`: S-EPT state per gfn.
 
-:class:`ReferenceTdx` extends :class:`pkvm._reference_vm.ReferenceVM` with what the TDX
+:class:`ReferenceTdx` extends :class:`pkvm.testing.reference_vm.ReferenceVM` with what the TDX
 platform adds (spec §6, §7.2, §7.5), written the way the kernel and the TDX module read,
 one page and one SEAMCALL at a time, with plain dicts and sets:
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import errno
 
-from ._reference_vm import FILTER_ALL, FILTER_PRIVATE, FILTER_SHARED, PAGES, ReferenceVM
-from .constants import (
+from pkvm.testing.reference_vm import FILTER_ALL, FILTER_PRIVATE, FILTER_SHARED, PAGES, ReferenceVM
+from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
@@ -47,9 +47,9 @@ from .constants import (
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
-from .costs import CostModel
-from .errors import KvmError
-from .platforms._tdx_sept import TDX_STAT_KEYS
+from pkvm.cost.model import CostModel
+from pkvm.errors import KvmError
+from pkvm.platforms._tdx_sept import TDX_STAT_KEYS
 
 _COST = {"sept_add": "seamcall_sept_add", "aug": "seamcall_aug", "add": "seamcall_add", "block": "seamcall_block",
          "track": "seamcall_track", "remove": "seamcall_remove", "wbinvd": "seamcall_wbinvd"}

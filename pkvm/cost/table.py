@@ -1,6 +1,6 @@
 """The default latency table of ``spec/costs.md`` §0, transcribed once, as plain data.
 
-:mod:`pkvm.costs` turns these rows into :class:`pkvm.costs.Cost` objects; nothing else should
+:mod:`pkvm.cost.model` turns these rows into :class:`pkvm.cost.model.Cost` objects; nothing else should
 read this module. It is kept apart from ``costs.py`` so the numbers and their derivations can
 be reviewed against the spec without the machinery around them.
 

@@ -1,6 +1,6 @@
-"""Accounting: modeled time charged against a :class:`~pkvm.costs.CostModel`, per actor and op.
+"""Accounting: modeled time charged against a :class:`~pkvm.cost.model.CostModel`, per actor and op.
 
-Split from :mod:`pkvm.costs` (which prices operations) along the seam between *what an
+Split from :mod:`pkvm.cost.model` (which prices operations) along the seam between *what an
 operation costs* and *who spent how much*. Invariants: sums are exact integer nanoseconds; a
 :class:`LedgerSnapshot` restores the ledger exactly (a failed ioctl leaves no charge behind).
 """
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pkvm.costs import CostModel, _count
+from pkvm.cost.model import CostModel, _count
 
 __all__ = ["Ledger", "LedgerSnapshot"]
 

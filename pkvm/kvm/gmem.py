@@ -16,22 +16,22 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from ._core import RangeMap
-from .constants import (
+from pkvm._core import RangeMap
+from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     MAX_LFS_FILESIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from .errors import InternalInvariantError, KvmError
-from .hostmem import decode_delta, encode_delta
-from .mmu import KVM_FILTER_PRIVATE
-from .platforms import is_implemented
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.host.hostmem import decode_delta, encode_delta
+from pkvm.kvm.mmu import KVM_FILTER_PRIVATE
+from pkvm.platforms import is_implemented
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .mmu import PageFault
-    from .vm import VM, Memslot
+    from pkvm.kvm.mmu import PageFault
+    from pkvm.kvm.vm import VM, Memslot
 
 FOLIO_PRESENT = 1 << 0
 FOLIO_PREPARED = 1 << 1
@@ -332,7 +332,7 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     ``f.delta`` and ``f.order`` and returns the end of the batch it could serve; on failure
     it fills a memory-fault exit in ``f``.
     """
-    from .mmu import _memory_fault_exit  # mmu imports this module lazily
+    from pkvm.kvm.mmu import _memory_fault_exit  # mmu imports this module lazily
 
     slot = f.slot
     gfn = f.gfn

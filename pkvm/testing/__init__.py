@@ -1,0 +1,8 @@
+"""Test oracles for pkvm, importable by downstream tests (as ``numpy.testing`` is).
+
+The slow, obviously-correct reference twins of the runtime: per-key range maps
+(:mod:`pkvm.testing.reference`), a per-gfn VM (:mod:`pkvm.testing.reference_vm`), the SNP RMP
+and direct map (:mod:`pkvm.testing.reference_snp`) and the TDX S-EPT
+(:mod:`pkvm.testing.reference_tdx`). Runtime code never imports this package (an import-linter
+contract in ``pyproject.toml``, run by ``tests/test_layers.py``).
+"""
