@@ -39,6 +39,7 @@ from pkvm.kvm.mmu import AccessResult, FaultResult
 from pkvm.kvm.policy import Policy
 from pkvm.kvm.vm import VM, Memslot, Vcpu
 from pkvm.actors.vmm import Vmm
+from pkvm import platforms  # noqa: F401  (importing it installs the op tables: pkvm.kvm.ops)
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,

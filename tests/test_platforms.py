@@ -6,7 +6,8 @@ import pytest
 from vmhelpers import PRIVATE, MiB, gmem_vm
 
 import pkvm
-from pkvm.platforms import PLATFORMS, PlatformOps, _return0, is_implemented, register_platform
+from pkvm.kvm import ops as kvm_ops
+from pkvm.platforms import PLATFORMS, PlatformOps, _return0, install_platforms, is_implemented, register_platform
 
 OPTIONAL = ["init_vm", "gmem_prepare", "gmem_invalidate", "gmem_max_mapping_level", "update_mem_attr",
             "set_mem_attr", "handle_rmp_fault", "max_mapping_level", "set_external_spte", "remove_external_spte",
@@ -42,6 +43,25 @@ def test_non_callable_op_is_registration_error():
     with pytest.raises(pkvm.PlatformRegistrationError, match="expected a PlatformOps"):
         register_platform(object())
     assert issubclass(pkvm.PlatformRegistrationError, TypeError)
+
+
+def test_registry_is_the_kvm_layers_table():
+    """pkvm.platforms fills the KVM layer's registry (kvm_x86_ops pattern); both name one view."""
+    assert PLATFORMS is kvm_ops.PLATFORMS
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        PLATFORMS[7] = PLATFORMS[1]  # type: ignore[index]
+
+
+def test_install_platforms_is_once_and_refusals_change_nothing():
+    """A second install, two tables of one vm_type or a broken table are refused; nothing changes."""
+    before = dict(PLATFORMS)
+    with pytest.raises(pkvm.PlatformRegistrationError, match="installed already"):
+        install_platforms([dataclasses.replace(PLATFORMS[1], vm_type=7)])
+    with pytest.raises(pkvm.PlatformRegistrationError, match="'sw_protected' and 'sw_protected' share vm_type 1"):
+        install_platforms([PLATFORMS[1], PLATFORMS[1]])
+    with pytest.raises(pkvm.PlatformRegistrationError, match="expected a PlatformOps"):
+        install_platforms([object()])
+    assert dict(PLATFORMS) == before
 
 
 def _with_ops(vm, **ops):

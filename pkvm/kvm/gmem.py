@@ -27,7 +27,7 @@ from pkvm.constants import (
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import decode_delta, encode_delta
 from pkvm.kvm.mmu import KVM_FILTER_PRIVATE
-from pkvm.platforms import is_implemented
+from pkvm.kvm.ops import is_implemented
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.mmu import PageFault

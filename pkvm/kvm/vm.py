@@ -63,7 +63,7 @@ from pkvm.kvm.mmu import (
     run_fault,
     spte_level,
 )
-from pkvm.platforms import PLATFORMS, VM_TYPE_NAMES, PlatformOps
+from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
 from pkvm.experiments.trace import Tracer
 

@@ -1,215 +1,33 @@
-"""Platform op tables, modelled on ``kvm_x86_ops`` / ``kvm-x86-ops.h``.
+"""The platforms: one op table (:class:`pkvm.kvm.ops.PlatformOps`) per VM type, and the code
+behind its hooks.
 
-A platform is a frozen :class:`PlatformOps`: a few facts about the VM type and one field per
-kernel hook. Mandatory ops must be callables; optional ops may be ``None`` and are swapped for
-the shared :func:`_return0` by :func:`register_platform`, like ``KVM_X86_OP_OPTIONAL_RET0``, so
-call sites never test for ``None``. Tables are checked once, at registration.
-
-Every op's phase and lock are documented on the field. The registry :data:`PLATFORMS` is an
-immutable mapping built at import; later platforms are added to the tuple below.
-
-Mirror-root ops (``set_external_spte``, ``remove_external_spte``, ``split_external_spte``) are
-the TDP MMU's "external page table" hooks (``kvm_x86_ops.link_external_spt`` /
-``set_external_spte`` / ``remove_external_spte``): the generic MMU edits the mirror root and calls
-them so the platform can propagate the change (TDX: SEAMCALLs on the secure EPT).
-
-Actors (:mod:`pkvm.actors.guest`, :mod:`pkvm.actors.vmm`) find a platform's flows through the ``guest_flows``
-and ``vmm_flows`` factories: a new platform plugs its guest conversion protocol (TDX: MapGPA +
-ACCEPT; SNP: page-state change + PVALIDATE) in there without touching the actors.
+``default`` and ``sw_protected`` are the plain KVM types; ``snp`` (SEV-SNP: the RMP, PVALIDATE,
+page-state changes) and ``tdx`` (the S-EPT, MapGPA, ACCEPT) are the confidential ones. Importing
+this package installs the tables into the KVM layer's registry
+(:func:`pkvm.kvm.ops.install_platforms`, the ``kvm_x86_ops`` pattern): the KVM model and the
+actors reach a platform only through that table. The registry's names are re-exported here.
+See ``docs/kvm-model.md``, ``docs/snp.md``, ``docs/tdx.md`` and the "Layers" section of
+``docs/design.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
-
-from pkvm.errors import PlatformRegistrationError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pkvm.kvm.vm import VM, Memslot, Vcpu
-
-    FaultIsPrivate = Callable[[VM, int, bool], bool]
-    InitVm = Callable[[VM], int]
-    GmemPrepare = Callable[[VM, int, int, int, int], int]
-    GmemInvalidate = Callable[[VM, int, int], int]
-    GmemMaxMappingLevel = Callable[[VM, int, bool], int]
-    MemAttrOp = Callable[[VM, Memslot, int, int, int], int]
-    RmpFaultOp = Callable[[Vcpu, int, bool, bool, object], int]
-    ExternalSpteOp = Callable[[VM, int, int, int, int], int]
-    SplitExternalOp = Callable[[VM, int, int], int]
-    MaxMappingLevel = Callable[[VM, int, bool], int]
-    CreateVcpu = Callable[[VM, int], Any]
-    CheckVm = Callable[[VM], int]
-    FlowsFactory = Callable[[Any], Any]
-
-
-def _return0(*args: Any, **kwargs: Any) -> int:
-    """The shared body of every absent optional op: do nothing, return 0."""
-    return 0
-
-
-@dataclass(frozen=True, slots=True)
-class PlatformOps:
-    """One VM type's facts and hooks.
-
-    Facts:
-        ``name`` (the ``vm_type`` string), ``vm_type`` (the KVM value), ``has_private_mem``
-        (``kvm_arch_has_private_mem``: attributes, guest_memfd slots), ``has_protected_state``
-        (SNP/TDX: no ``KVM_MEM_READONLY`` slots), ``has_mirror_root`` (TDX: private
-        mappings live in a separate mirror root, so ``zap_filter`` matters), ``options`` (the
-        names ``pkvm.VM(options=...)`` accepts for this type; ``init_vm`` reads them).
-
-    Ops (``vm`` is the :class:`pkvm.VM`; ranges are half-open ``[start, end)`` gfns):
-
-    ``fault_is_private(vm, gfn, private) -> bool`` — **mandatory**. Phase: fault entry
-        (``kvm_mmu_do_page_fault``), before the sequence snapshot; no lock. Turns the
-        access type the hardware reported into ``fault.is_private`` (§4.1). All platforms.
-    ``init_vm(vm) -> int`` — optional. Phase: end of ``KVM_CREATE_VM``; no lock. Attaches
-        platform state (SNP: the RMP table; TDX: the S-EPT).
-    ``gmem_prepare(vm, gfn, pfn, order, nr) -> int`` — optional (``kvm_arch_gmem_prepare``).
-        Phase: the fault's pfn lookup, inside ``kvm_gmem_get_pfn``, outside ``mmu_lock``,
-        folio locked (§4.3). Prepares ``nr`` consecutive folios of ``2**order`` pages whose
-        gfns start at ``gfn`` and pfns at ``pfn`` (both linear). Returns 0, or ``-errno``
-        having prepared none of them; the caller then retries folio by folio to find the one
-        that fails. SNP (RMPUPDATE to guest-owned).
-    ``gmem_invalidate(vm, pfn_start, pfn_end) -> int`` — optional
-        (``kvm_arch_gmem_invalidate``). Phase: a folio is freed (hole punch, file release),
-        after the zap, outside ``mmu_lock``, under the file's invalidate lock (§4.7). SNP
-        (RMPUPDATE back to hypervisor-owned, PSMASH if needed).
-    ``gmem_max_mapping_level(vm, pfn, private) -> int`` — optional (6.19
-        ``gmem_max_mapping_level``; 6.11-6.16 ``private_max_mapping_level``). Phase: the
-        fault's hugepage adjust, under ``mmu_lock`` (read); only consulted when the folio
-        order allows more than 4K. 0 means no cap (§3.5). SNP, TDX.
-    ``update_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; the seed thread's
-        RFC v8 op. Phase: after the attribute commit and the POST hook, after ``mmu_lock``
-        is dropped, under ``slots_lock``; per slot-clipped range. Runs only under the
-        ``rmp_update="eager-post"`` policy. SNP eager designs.
-    ``set_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; Isaku Yamahata's
-        variant (``kvm_arch_set_memory_attributes``). Phase: inside the POST phase, under
-        ``mmu_lock`` (write) and ``slots_lock``; per slot-clipped range. Runs only under
-        ``rmp_update="eager-locked"``; sleeping here (a directmap mutex) is a bug the model
-        counts. SNP eager designs.
-    ``pre_set_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; the pre phase of the
-        seed thread's split design. Phase: ``KVM_SET_MEMORY_ATTRIBUTES`` after the short-circuit
-        and before ``mmu_lock`` is taken (so before ``invalidate_begin``), under ``slots_lock``;
-        per slot-clipped range; may sleep. Runs only under ``rmp_update="eager-split"``, which
-        also runs ``set_mem_attr`` (under the lock) and ``update_mem_attr`` (after it). SNP.
-    ``handle_rmp_fault(vcpu, gpa, private, write, result) -> int`` — optional
-        (``sev_handle_rmp_fault``, called from ``npf_interception``). Phase: after the MMU
-        fault handler returned > 0, when the #NPF error code has the RMP bit (§4.2 step 10);
-        no MMU lock. SNP.
-    ``max_mapping_level(vm, gfn, private) -> int`` — optional; a gfn-based cap next to
-        ``gmem_max_mapping_level``. Phase: the fault's hugepage adjust, under ``mmu_lock``
-        (read); consulted only when the folio order allows more than 4K. 0 means no cap.
-        TDX with ``Policy.tdx_huge_pages`` (guest-inhibit bit, no promotion).
-    ``set_external_spte(vm, start, end, level, pfn_delta) -> int`` — optional
-        (``link_external_spt`` + ``set_external_spte``, §4.2 step 7). Phase: ``kvm_tdp_mmu_map``
-        under ``mmu_lock`` (read), the new mirror-root leaves on gfns ``[start, end)`` at
-        ``level`` (pfn = gfn + ``pfn_delta``) still frozen: link every missing non-leaf table of
-        the external page table, then install the leaves. Returns 0, ``-EBUSY`` (nothing
-        installed; the fault is retried) or ``-EIO`` (the platform bugged the VM). TDX.
-    ``remove_external_spte(vm, start, end, level, pfn_delta) -> int`` — optional
-        (``remove_external_spte``). Phase: a zap of mirror-root leaves ``[start, end)`` at
-        ``level``, under ``mmu_lock`` (write), after the mirror SPTEs were cleared. TDX
-        (BLOCK, TRACK + kick, REMOVE, WBINVD, clear per leaf, §6.3).
-    ``split_external_spte(vm, gfn, level) -> int`` — optional; **beyond upstream** (TDX huge
-        page series). Phase: before a zap that covers only part of the huge mirror leaf at
-        ``level`` containing ``gfn``, under ``mmu_lock`` (write). TDX (BLOCK, TRACK, DEMOTE).
-    ``create_vcpu(vm, vcpu_id) -> Vcpu`` — optional (``kvm_x86_ops.vcpu_create``). Phase:
-        ``KVM_CREATE_VCPU``. Returns the platform's :class:`pkvm.Vcpu` subclass instance, which
-        carries its guest instructions (TDX: ``map_gpa``, ``accept``), or 0 for a plain Vcpu.
-    ``check_vm(vm) -> int`` — optional. Phase: ``vm.check()``, after the generic invariants;
-        raises :class:`pkvm.InternalInvariantError` on a violation. TDX (S-EPT vs mirror root).
-    ``guest_flows(guest) -> flows`` / ``vmm_flows(vmm) -> flows`` — optional factories of the
-        per-platform actor flows (see :mod:`pkvm.actors.guest` and :mod:`pkvm.actors.vmm` for the protocols);
-        0 selects the generic ``KVM_HC_MAP_GPA_RANGE`` flows. TDX.
-    """
-
-    name: str
-    vm_type: int
-    has_private_mem: bool
-    fault_is_private: FaultIsPrivate
-    has_protected_state: bool = False
-    has_mirror_root: bool = False
-    options: tuple[str, ...] = ()
-    init_vm: InitVm | None = None
-    gmem_prepare: GmemPrepare | None = None
-    gmem_invalidate: GmemInvalidate | None = None
-    gmem_max_mapping_level: GmemMaxMappingLevel | None = None
-    update_mem_attr: MemAttrOp | None = None
-    set_mem_attr: MemAttrOp | None = None
-    pre_set_mem_attr: MemAttrOp | None = None
-    handle_rmp_fault: RmpFaultOp | None = None
-    max_mapping_level: MaxMappingLevel | None = None
-    set_external_spte: ExternalSpteOp | None = None
-    remove_external_spte: ExternalSpteOp | None = None
-    split_external_spte: SplitExternalOp | None = None
-    create_vcpu: CreateVcpu | None = None
-    check_vm: CheckVm | None = None
-    guest_flows: FlowsFactory | None = None
-    vmm_flows: FlowsFactory | None = None
-
-
-_MANDATORY = ("fault_is_private",)
-_OPTIONAL_RET0 = (
-    "init_vm", "gmem_prepare", "gmem_invalidate", "gmem_max_mapping_level",
-    "update_mem_attr", "set_mem_attr", "pre_set_mem_attr", "handle_rmp_fault", "max_mapping_level",
-    "set_external_spte", "remove_external_spte", "split_external_spte", "create_vcpu",
-    "check_vm", "guest_flows", "vmm_flows",
+from pkvm.kvm.ops import (
+    PLATFORMS,
+    VM_TYPE_NAMES,
+    PlatformOps,
+    _return0,
+    install_platforms,
+    is_implemented,
+    lookup_platform,
+    register_platform,
 )
+from pkvm.platforms import default as _default
+from pkvm.platforms import snp as _snp
+from pkvm.platforms import sw_protected as _sw_protected
+from pkvm.platforms import tdx as _tdx
 
+__all__ = ["PLATFORMS", "VM_TYPE_NAMES", "PlatformOps", "install_platforms", "is_implemented",
+           "lookup_platform", "register_platform"]
 
-def register_platform(ops: PlatformOps) -> PlatformOps:
-    """Check an op table and return it with absent optional ops set to :func:`_return0`.
-
-    Raises:
-        PlatformRegistrationError: ``ops`` is not a PlatformOps, a mandatory op is missing,
-            or an op is not callable.
-    """
-    if not isinstance(ops, PlatformOps):
-        raise PlatformRegistrationError(f"expected a PlatformOps, got {type(ops).__name__}")
-    for name in _MANDATORY:
-        op = getattr(ops, name)
-        if op is None:
-            raise PlatformRegistrationError(f"platform {ops.name!r}: mandatory op {name} is missing")
-        if not callable(op):
-            raise PlatformRegistrationError(f"platform {ops.name!r}: op {name} is not callable: {op!r}")
-    fill = {}
-    for name in _OPTIONAL_RET0:
-        op = getattr(ops, name)
-        if op is None:
-            fill[name] = _return0
-        elif not callable(op):
-            raise PlatformRegistrationError(f"platform {ops.name!r}: op {name} is not callable: {op!r}")
-    return dataclasses.replace(ops, **fill) if fill else ops
-
-
-def is_implemented(op: object) -> bool:
-    """Whether a registered op is a real implementation rather than :func:`_return0`."""
-    return op is not _return0
-
-
-from pkvm.platforms import default as _default  # noqa: E402
-from pkvm.platforms import snp as _snp  # noqa: E402
-from pkvm.platforms import sw_protected as _sw_protected  # noqa: E402
-from pkvm.platforms import tdx as _tdx  # noqa: E402
-
-#: Registered platforms by ``vm_type``; immutable.
-PLATFORMS: Mapping[int, PlatformOps] = MappingProxyType(
-    {p.vm_type: p for p in (register_platform(_default.OPS), register_platform(_sw_protected.OPS),
-                            register_platform(_snp.OPS),
-                            register_platform(_tdx.OPS))}
-)
-
-#: VM type names accepted by ``pkvm.VM(vm_type=...)``, including unregistered ones.
-VM_TYPE_NAMES: Mapping[str, int] = MappingProxyType(
-    {"default": 0, "sw_protected": 1, "sev": 2, "sev_es": 3, "snp": 4, "tdx": 5}
-)
-
-
-def lookup_platform(vm_type: int) -> PlatformOps | None:
-    """The registered platform of ``vm_type``, or None."""
-    return PLATFORMS.get(vm_type)
+install_platforms((_default.OPS, _sw_protected.OPS, _snp.OPS, _tdx.OPS))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pkvm.constants import KVM_X86_DEFAULT_VM
-from pkvm.platforms import PlatformOps
+from pkvm.kvm.ops import PlatformOps
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM

@@ -52,7 +52,7 @@ from pkvm.platforms.snp_constants import (
     RMP_PAGES_2M,
     RMPUPDATE_FAIL_OVERLAP,
 )
-from pkvm.platforms import PlatformOps
+from pkvm.kvm.ops import PlatformOps
 from pkvm.platforms._snp_policy import (
     _split_2m_runs,
     snp_pre_set_mem_attr,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM
-from pkvm.platforms import PlatformOps
+from pkvm.kvm.ops import PlatformOps
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM

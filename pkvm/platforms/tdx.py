@@ -56,7 +56,7 @@ from pkvm.constants import (
     TDX_SUCCESS,
 )
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm.platforms import PlatformOps
+from pkvm.kvm.ops import PlatformOps
 from pkvm.platforms._tdx_sept import (
     BLOCKED,
     MAPPED,
