@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pkvm
 from pkvm import experiments as E
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
-from pkvm.experiments.trace import TraceEvent, header_fields, parse, parse_line
+from pkvm.experiments.trace import Tracer, TraceEvent, header_fields, parse, parse_line
 
 ROUND_TRIP = [
     ("snp", "boot", {}), ("snp", "boot", {"prealloc": "1"}), ("snp", "swiotlb", {"ops": "60"}),
@@ -252,3 +253,38 @@ def test_replay_names_the_line_it_cannot_parse(tmp_path, bad):
     path.write_text("\n".join(["cpus=1", ok, bad, ok]) + "\n")
     with pytest.raises(ValueError, match=r"t\.txt line 3: kvm_"):
         E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+
+
+def test_vm_trace_accepts_tracepoints_and_refuses_other_objects():
+    """vm.trace() takes any Tracepoints subclass (the KVM layer's interface) and refuses the rest."""
+    from pkvm.kvm.tracepoints import Tracepoints
+
+    vm = pkvm.VM("sw_protected")
+    assert isinstance(Tracer(), Tracepoints)
+    with pytest.raises(TypeError, match=r"tracer must be a pkvm.kvm.tracepoints.Tracepoints .* not list"):
+        vm.trace([])
+    assert vm._tracer is None
+
+    class Counting(Tracepoints):
+        """Counts the attribute events; the other tracepoints are ignored."""
+
+        def __init__(self):
+            self.attrs = []
+
+        def attach(self, vm): pass
+        def set_mem_attributes(self, start, end, attrs): self.attrs.append((start, end, attrs))
+        def page_faults(self, *a): pass
+        def userspace_exit(self, reason, err=0): pass
+        def hypercall(self, nr, a0, a1, a2, a3=0): pass
+        def fallocate(self, fd, mode, offset, length): pass
+        def madvise(self, start, length, behavior): pass
+        def rmp_fault(self, *a): pass
+        def vmgexit_enter(self, *a): pass
+        def vmgexit_exit(self, *a): pass
+        def vmgexit_msr_enter(self, *a): pass
+        def vmgexit_msr_exit(self, *a): pass
+
+    counting = Counting()
+    vm.trace(counting)
+    vm.set_memory_attributes(0, 4096, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert counting.attrs == [(0, 1, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)]

@@ -53,6 +53,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 from pkvm.constants import PAGE_SHIFT
+from pkvm.kvm.tracepoints import Tracepoints
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM
@@ -94,8 +95,10 @@ def _stamp(ns: int) -> str:
     return f"{ns // 1_000_000_000:6d}.{ns // 1000 % 1_000_000:06d}"
 
 
-class Tracer:
+class Tracer(Tracepoints):
     """Formats events into ``trace-cmd report`` lines and writes them to ``sink``.
+
+    The events are the tracepoints of :class:`pkvm.kvm.tracepoints.Tracepoints`.
 
     ``sink`` is a text file (anything with ``write``) or None to keep the lines in
     :attr:`lines`. ``header`` lines (without the leading ``#``) are written first.

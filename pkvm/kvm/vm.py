@@ -65,7 +65,7 @@ from pkvm.kvm.mmu import (
 )
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
-from pkvm.experiments.trace import Tracer
+from pkvm.kvm.tracepoints import Tracepoints
 
 U64_MAX = (1 << 64) - 1
 INVALID_GFN = U64_MAX  # the kernel's INVALID_GPA sentinel of mmu_invalidate_range_*
@@ -208,8 +208,9 @@ class VM:
         #: PRE (zap) and POST (MIXED update, and the eager-locked op) phases and guest_memfd
         #: invalidations. vCPU faults wait for the lock meanwhile (they take it for read).
         self.mmu_lock_ns = 0
-        #: The attached :class:`pkvm.experiments.trace.Tracer`, or None (every emission point tests this).
-        self._tracer: Tracer | None = None
+        #: The attached :class:`pkvm.kvm.tracepoints.Tracepoints` (such as a
+        #: :class:`pkvm.experiments.trace.Tracer`), or None (every emission point tests this).
+        self._tracer: Tracepoints | None = None
         self.seed = seed
         self.nr_vcpus = nr_vcpus
         self.shared_backing = shared_backing
@@ -307,13 +308,13 @@ class VM:
             self._cost_ns = cells
         return prev
 
-    def trace(self, tracer: Tracer | None) -> None:
-        """Attach a :class:`pkvm.experiments.trace.Tracer` (or detach with None): from now on every
-        traced event (spec §8.2 formats) goes to it. Off, tracing costs one test per event."""
-        from pkvm.experiments.trace import Tracer
-
-        if tracer is not None and not isinstance(tracer, Tracer):
-            raise TypeError(f"tracer must be a pkvm.experiments.trace.Tracer or None, not {type(tracer).__name__}")
+    def trace(self, tracer: Tracepoints | None) -> None:
+        """Attach a tracer (or detach with None): from now on every traced event goes to it. Off,
+        tracing costs one test per event. ``tracer`` is a :class:`pkvm.experiments.trace.Tracer`
+        (the kernel's text formats, spec §8.2) or any other :class:`pkvm.kvm.tracepoints.Tracepoints`."""
+        if tracer is not None and not isinstance(tracer, Tracepoints):
+            raise TypeError(f"tracer must be a pkvm.kvm.tracepoints.Tracepoints (such as "
+                            f"pkvm.experiments.trace.Tracer) or None, not {type(tracer).__name__}")
         if tracer is not None:
             tracer.attach(self)
         self._tracer = tracer
