@@ -28,12 +28,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
-from pkvm.experiments import report
-from pkvm.experiments import workloads
 from pkvm._units import format_size, parse_size
+from pkvm.cost.model import format_table
+from pkvm.errors import PkvmError
+from pkvm.experiments import report, workloads
+from pkvm.experiments.trace import header_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -289,10 +292,6 @@ def _config(args: argparse.Namespace) -> Config:
 def _recorded_shape(path: str) -> dict[str, Any]:
     """What the ``# pkvm`` header of the trace at ``path`` says about the VM's shape
     (nothing when the file has no such header or cannot be read: the replay reports that)."""
-    from itertools import islice
-
-    from pkvm.experiments.trace import header_fields
-
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             fields = header_fields(islice(f, 64))
@@ -554,8 +553,6 @@ def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     if args.toml:
         out.write(model.to_toml())
         return 0
-    from pkvm.cost.model import format_table
-
     text = format_table(model.describe(), style="markdown" if args.markdown else "text").rstrip("\n")
     if not args.markdown:
         text = f"cost model {model.profile} (host {model.host}) {model.fingerprint()}\n\n{text}"
@@ -579,8 +576,6 @@ def _fail(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pkvm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit
     status (see the module docstring)."""
-    from pkvm.errors import PkvmError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()

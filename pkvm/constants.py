@@ -132,3 +132,8 @@ GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
 #: Largest guest physical address + 1 that the u64 ioctl fields can express.
 U64_LIMIT = 1 << 64
+
+#: ``enum kvm_gfn_range_filter``: which attribute's mappings an invalidation targets (§2.5).
+KVM_FILTER_SHARED = 1 << 0
+KVM_FILTER_PRIVATE = 1 << 1
+KVM_FILTER_ALL = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE

@@ -36,12 +36,12 @@ from pkvm.constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
+from pkvm.actors.vmm import Vmm
 from pkvm.kvm.mmu import AccessResult
+from pkvm.kvm.vm import VM, Vcpu
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.exits import GuestOpResult
-    from pkvm.kvm.vm import VM, Vcpu
-    from pkvm.actors.vmm import Vmm
 
 
 class GuestFlows(Protocol):
@@ -87,9 +87,6 @@ class Guest:
     """
 
     def __init__(self, vm: VM, vmm: Vmm | None = None, vcpu: Vcpu | None = None) -> None:
-        from pkvm.kvm.vm import VM, Vcpu
-        from pkvm.actors.vmm import Vmm
-
         if not isinstance(vm, VM):
             raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")
         if vmm is not None and (not isinstance(vmm, Vmm) or vmm.vm is not vm):

@@ -59,13 +59,13 @@ from pkvm.constants import (
     PAGE_SIZE,
 )
 from pkvm.errors import KvmError
+from pkvm.kvm.vm import VM
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.exits import GuestOpResult
     from pkvm.kvm.gmem import GuestMemfd
-    from pkvm.kvm.vm import Memslot
     from pkvm.kvm.mmu import AccessResult, FaultResult
-    from pkvm.kvm.vm import VM, Vcpu
+    from pkvm.kvm.vm import Memslot, Vcpu
 
 GiB = 1 << 30
 #: Where the VMM starts placing guest RAM in its address space (below ``TASK_SIZE_MAX``).
@@ -110,8 +110,6 @@ class Vmm:
     """
 
     def __init__(self, vm: VM, *, exit_hypercall: bool = True, discard: bool = True) -> None:
-        from pkvm.kvm.vm import VM
-
         if not isinstance(vm, VM):
             raise TypeError(f"vm must be a pkvm.VM, not {type(vm).__name__}")
         if type(discard) is not bool:

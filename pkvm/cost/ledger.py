@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pkvm.cost.model import CostModel, _count
+from pkvm.errors import InternalInvariantError
 
 __all__ = ["Ledger", "LedgerSnapshot"]
 
@@ -185,7 +186,6 @@ class Ledger:
                 self._counts[key] -= count
             self._total -= ns
         if self._total != snap._total:
-            from pkvm.errors import InternalInvariantError
             raise InternalInvariantError(f"ledger restored to {self._total} ns, not {snap._total}")
         self._close(i)
 

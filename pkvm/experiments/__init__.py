@@ -17,16 +17,24 @@ state, and both the config and the result pickle, so sweeps can farm runs out to
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata as _metadata
 from typing import Any
 
-from pkvm.experiments import workloads as _workloads
 from pkvm._units import format_size, parse_size
+from pkvm.actors.guest import Guest
+from pkvm.actors.vmm import Vmm
 from pkvm.cost.model import CostModel
+from pkvm.errors import KvmError
+from pkvm.experiments import workloads as _workloads
+from pkvm.experiments.trace import Tracer
 from pkvm.experiments.workloads import PhaseRecord
+from pkvm.kvm.vm import VM
 
 __all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
            "PLATFORMS", "SHARED_BACKINGS"]
@@ -49,9 +57,7 @@ _MIN_MEMORY = 8 << 20
 def version() -> str:
     """The installed pkvm's version (``"0+unknown"`` from a source tree without metadata)."""
     try:
-        from importlib.metadata import version
-
-        return version("pkvm")
+        return _metadata.version("pkvm")
     except Exception:  # pragma: no cover - running from a source tree without metadata
         return "0+unknown"
 
@@ -110,9 +116,6 @@ class Config:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
-        from pkvm.errors import KvmError
-        from pkvm.kvm.vm import VM
-
         try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
             VM(self.platform, policy=self.policy)
         except KvmError as exc:
@@ -124,8 +127,6 @@ class Config:
         model = CostModel.default(self.platform)
         if self.cost_file is not None:
             if str(self.cost_file).endswith(".json"):
-                import json
-
                 with open(self.cost_file, encoding="utf-8") as f:
                     model = CostModel.from_dict(json.load(f), base=model)
             else:
@@ -237,10 +238,6 @@ class Result:
 
 
 def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
-    from pkvm.actors.guest import Guest
-    from pkvm.kvm.vm import VM
-    from pkvm.actors.vmm import Vmm
-
     vm = VM(config.platform, policy=config.policy, costs=config.cost_model(), seed=seed,
             shared_backing=config.shared_backing, nr_vcpus=config.vcpus)
     vmm = Vmm(vm, discard=config.discard)
@@ -271,8 +268,6 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
     sink = None
     try:
         if config.trace is not None:
-            from pkvm.experiments.trace import Tracer
-
             sink = open(config.trace, "w", encoding="utf-8")  # noqa: SIM115 - closed below
             sink.write(f"cpus={config.vcpus + 1}\n")
             tracer = Tracer(sink, header=[_trace_header(config, opts)])
@@ -326,8 +321,6 @@ def _run_all(cfgs: list[Config], seed: int, progress: Callable[[str, float], Non
             cb = None if progress is None else (lambda f, _p=cfg.policy: progress(_p, f))
             out.append(run(cfg, seed, progress=cb))
         return out
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=min(jobs, len(cfgs))) as pool:
         futures = [pool.submit(run, cfg, seed) for cfg in cfgs]
         results = []

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pkvm._units import format_ns, format_size
+from pkvm.experiments import version as _version
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console, RenderableType
@@ -315,7 +316,6 @@ def to_json(results: Sequence[Result], extra: Mapping[str, Any] | None = None) -
     Raises:
         ValueError: ``extra`` uses the key ``pkvm_version`` or ``results``.
     """
-    from pkvm.experiments import version as _version
 
     extra = dict(extra or {})
     clash = sorted({"pkvm_version", "results"} & set(extra))

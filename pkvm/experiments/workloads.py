@@ -52,6 +52,7 @@ from pkvm._core import RangeMap
 from pkvm._units import format_size, parse_size
 from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
 from pkvm.errors import KvmError
+from pkvm.experiments.replay import replay_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.actors.guest import Guest
@@ -539,8 +540,6 @@ def _implicit_round_trip(ctx: Context, gpa: int) -> None:
 
 
 def replay(ctx: Context, *, file: str) -> None:
-    from pkvm.experiments.replay import replay_file
-
     replay_file(ctx, file)
 
 

@@ -20,17 +20,17 @@ from pkvm._core import RangeMap
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
+    KVM_FILTER_PRIVATE,
     MAX_LFS_FILESIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import decode_delta, encode_delta
-from pkvm.kvm.mmu import KVM_FILTER_PRIVATE
+from pkvm.kvm.fault import PageFault, memory_fault_exit
 from pkvm.kvm.ops import is_implemented
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pkvm.kvm.mmu import PageFault
     from pkvm.kvm.vm import VM, Memslot
 
 FOLIO_PRESENT = 1 << 0
@@ -332,20 +332,19 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     ``f.delta`` and ``f.order`` and returns the end of the batch it could serve; on failure
     it fills a memory-fault exit in ``f``.
     """
-    from pkvm.kvm.mmu import _memory_fault_exit  # mmu imports this module lazily
 
     slot = f.slot
     gfn = f.gfn
     gmem = slot.gmem  # type: ignore[union-attr]
     if gmem is None:
-        _memory_fault_exit(f, errno.EFAULT)  # private access to a slot without guest_memfd
+        memory_fault_exit(f, errno.EFAULT)  # private access to a slot without guest_memfd
         return gfn + 1
     if slot.gmem_file is None:  # type: ignore[union-attr]
-        _memory_fault_exit(f, errno.EFAULT)  # the file was closed
+        memory_fault_exit(f, errno.EFAULT)  # the file was closed
         return gfn + 1
     index = gfn - slot.base_gfn + slot.gmem_pgoff  # type: ignore[union-attr]
     if gmem.bindings.get(index) != slot.key + 1:  # type: ignore[union-attr]
-        _memory_fault_exit(f, errno.EIO)
+        memory_fault_exit(f, errno.EIO)
         return gfn + 1
     policy = vm._policy
     folios = gmem.folios
@@ -369,7 +368,7 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
         try:
             plan = gmem._alloc_folios(first, 1 if order else end - gfn, order, policy.prepare == "none")
         except KvmError as exc:
-            _memory_fault_exit(f, exc.errno)
+            memory_fault_exit(f, exc.errno)
             return gfn + 1
         if not order:
             end = gfn + plan[0][1]
@@ -394,7 +393,7 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
                 return kvm_gmem_get_pfn(vm, f, gfn + 1)
             if mode == "every-lookup":
                 folios.assign(fi, fi + size, v | FOLIO_PREPARED)
-            _memory_fault_exit(f, -r)
+            memory_fault_exit(f, -r)
             return gfn + 1
         if is_implemented(op):
             vm._stats["gmem_prepare"] += nf

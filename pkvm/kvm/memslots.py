@@ -25,10 +25,10 @@ from pkvm.constants import (
 )
 from pkvm.errors import KvmError
 from pkvm.kvm.gmem import GuestMemfd
-from pkvm.kvm.mmu import LEVEL_SHIFT
+from pkvm.kvm.mmu import LEVEL_SHIFT, LpageInfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pkvm.kvm.vm import VM, Memslot
+    from pkvm.kvm.vm import VM
 
 _U64_MAX = (1 << 64) - 1
 
@@ -43,6 +43,50 @@ def _u64(name: str, value: object) -> int:
     return value
 
 
+class Memslot:
+    """One memslot (``struct kvm_memory_slot``): gfns ``[base_gfn, base_gfn + npages)``.
+
+    ``gmem`` is the bound guest_memfd (or None) and ``gmem_file`` the slot's file pointer,
+    which becomes None when the file is closed. ``lpage`` is its :class:`LpageInfo`.
+    """
+
+    __slots__ = ("key", "as_id", "id", "base_gfn", "npages", "end_gfn", "userspace_addr", "flags",
+                 "gmem", "gmem_file", "gmem_pgoff", "lpage", "invalid", "_ugfn")
+
+    def __init__(self, key: int, base_gfn: int, npages: int, userspace_addr: int, flags: int,
+                 gmem: GuestMemfd | None, gmem_pgoff: int) -> None:
+        self.key = key
+        self.as_id, self.id = key >> 16, key & 0xFFFF
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.end_gfn = base_gfn + npages
+        self.userspace_addr = userspace_addr
+        self.flags = flags
+        self.gmem = gmem
+        self.gmem_file = gmem
+        self.gmem_pgoff = gmem_pgoff
+        self._ugfn = userspace_addr >> PAGE_SHIFT
+        self.lpage = LpageInfo(base_gfn, npages, self._ugfn)
+        self.invalid = False
+
+    def __repr__(self) -> str:
+        return (f"<Memslot {self.as_id}:{self.id} gfns [{self.base_gfn:#x}, {self.end_gfn:#x}) "
+                f"flags={self.flags:#x}{' gmem' if self.gmem else ''}>")
+
+    def hva_page(self, gfn: int) -> int:
+        """The userspace page number backing ``gfn`` (shared memory)."""
+        return self._ugfn + (gfn - self.base_gfn)
+
+    def is_mixed(self, gfn: int, level: int) -> bool:
+        """Whether the ``level`` chunk containing ``gfn`` has the MIXED flag (§3.1)."""
+        return self.lpage.is_mixed(gfn, level)
+
+    def disallow_lpage(self, gfn: int, level: int) -> int:
+        """The ``disallow_lpage`` count (without the MIXED bit) of the chunk holding ``gfn``."""
+        return self.lpage.disallow_count(gfn, level)
+
+
+
 def _einval(msg: str) -> KvmError:
     return KvmError(errno.EINVAL, msg)
 
@@ -51,8 +95,6 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
                             userspace_addr: int, guest_memfd: GuestMemfd | None,
                             guest_memfd_offset: int) -> None:
     """See :meth:`pkvm.VM.set_user_memory_region2`."""
-    from pkvm.kvm.vm import Memslot
-
     slot = _u64("slot", slot)
     if slot >> 32:
         raise ValueError(f"slot={slot:#x} does not fit a u32")

@@ -40,14 +40,16 @@ from pkvm.constants import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     PAGE_SHIFT,
     PG_LEVEL_1G,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
+from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import decode_delta, encode_delta
+from pkvm.kvm.fault import PageFault, memory_fault_exit
+from pkvm.kvm.gmem import kvm_gmem_get_pfn
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM, Memslot, Vcpu
@@ -64,10 +66,6 @@ SPTE_PRIVATE = 1 << 3
 SPTE_WRITABLE = 1 << 4
 _SPTE_FLAGS = 0xFF
 
-#: ``enum kvm_gfn_range_filter``: which attribute's mappings an invalidation targets (§2.5).
-KVM_FILTER_SHARED = 1 << 0
-KVM_FILTER_PRIVATE = 1 << 1
-KVM_FILTER_ALL = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
 #: ``enum kvm_tdp_mmu_root_types``.
 KVM_INVALID_ROOTS = 1 << 0
 KVM_DIRECT_ROOTS = 1 << 1
@@ -495,44 +493,6 @@ class AccessResult:
     errno: int | None = None
 
 
-class PageFault:
-    """``struct kvm_page_fault``, widened to a batch of identical faults ``[gfn, end)``."""
-
-    __slots__ = ("gfn", "limit", "end", "private_access", "is_private", "write", "mmu_seq",
-                 "slot", "delta", "max_level", "map_writable", "level", "ret", "errno",
-                 "memory_fault", "nfaults", "host_level", "single", "order")
-
-    def __init__(self, gfn: int, limit: int, private: bool, write: bool) -> None:
-        self.gfn = gfn
-        self.limit = limit          # batch may cover faults on gfns [gfn, limit)
-        self.end = gfn + 1          # gfns whose faults this object accounts for
-        self.private_access = private
-        self.is_private = False
-        self.write = write
-        self.mmu_seq = 0
-        self.slot: Memslot | None = None
-        self.delta = 0              # pfn - gfn of the resolved backing
-        self.max_level = PG_LEVEL_1G
-        self.map_writable = True
-        self.level = PG_LEVEL_4K
-        self.ret = ""               # "" while the fault is still running
-        self.errno = 0
-        self.memory_fault: tuple[int, int, int] | None = None
-        self.nfaults = 1
-        self.host_level = PG_LEVEL_4K
-        self.single = limit <= gfn + 1
-        self.order = 0
-
-
-def _memory_fault_exit(f: PageFault, err: int) -> None:
-    """``kvm_mmu_prepare_memory_fault_exit`` + a negative return (spec §4.6)."""
-    f.ret = "exit"
-    f.errno = err
-    f.memory_fault = (f.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT,
-                      KVM_MEMORY_EXIT_FLAG_PRIVATE if f.is_private else 0)
-    f.end = f.gfn + 1
-
-
 def fault_begin(vm: VM, f: PageFault) -> None:
     """Entry (§4.2 steps 1-2): compute ``is_private`` and try the fast path."""
     attr_private = bool(vm._attrs.get(f.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
@@ -562,12 +522,12 @@ def faultin_pfn(vm: VM, f: PageFault) -> None:
     attrs_map = vm._attrs
     attr_private = bool(attrs_map.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
     if f.is_private != attr_private:
-        _memory_fault_exit(f, errno.EFAULT)
+        memory_fault_exit(f, errno.EFAULT)
         return
     slot = vm._slot_at(gfn)
     if slot is None:
         if f.is_private:
-            _memory_fault_exit(f, errno.EFAULT)
+            memory_fault_exit(f, errno.EFAULT)
         else:
             f.ret = "emulate"  # MMIO (kvm_handle_noslot_fault); MMIO SPTEs are not cached
             f.end = gfn + 1
@@ -586,7 +546,6 @@ def faultin_pfn(vm: VM, f: PageFault) -> None:
         s, e, v = attrs_map.run_at(gfn)
         end = min(f.limit, slot.end_gfn, e, vm._mmu.sptes.run_at(gfn)[1])
     if f.is_private:
-        from pkvm.kvm.gmem import kvm_gmem_get_pfn  # gmem imports this module
 
         end = kvm_gmem_get_pfn(vm, f, end)
         if f.ret:
@@ -737,7 +696,7 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
     elif ret == "emulate":
         st["pf_emulate"] += 1
         if f.is_private:  # KVM cannot emulate private accesses
-            _memory_fault_exit(f, errno.EFAULT)
+            memory_fault_exit(f, errno.EFAULT)
             ret = "exit"
     if ret == "exit":
         exit_reason = None

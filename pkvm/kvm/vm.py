@@ -42,7 +42,7 @@ from pkvm.constants import (
 )
 from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm.kvm.exits import GuestOpResult
+from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
 from pkvm.kvm.mmu import (
@@ -56,13 +56,13 @@ from pkvm.kvm.mmu import (
     SPTE_WRITABLE,
     AccessResult,
     FaultResult,
-    LpageInfo,
     Mmu,
     filter_to_root_types,
     post_set_mixed,
     run_fault,
     spte_level,
 )
+from pkvm.kvm.memslots import Memslot, set_user_memory_region2
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
 from pkvm.kvm.tracepoints import Tracepoints
@@ -97,49 +97,6 @@ def _u64(name: str, value: object) -> int:
     if value < 0 or value > U64_MAX:
         raise ValueError(f"{name}={value:#x} does not fit a u64")
     return value
-
-
-class Memslot:
-    """One memslot (``struct kvm_memory_slot``): gfns ``[base_gfn, base_gfn + npages)``.
-
-    ``gmem`` is the bound guest_memfd (or None) and ``gmem_file`` the slot's file pointer,
-    which becomes None when the file is closed. ``lpage`` is its :class:`LpageInfo`.
-    """
-
-    __slots__ = ("key", "as_id", "id", "base_gfn", "npages", "end_gfn", "userspace_addr", "flags",
-                 "gmem", "gmem_file", "gmem_pgoff", "lpage", "invalid", "_ugfn")
-
-    def __init__(self, key: int, base_gfn: int, npages: int, userspace_addr: int, flags: int,
-                 gmem: GuestMemfd | None, gmem_pgoff: int) -> None:
-        self.key = key
-        self.as_id, self.id = key >> 16, key & 0xFFFF
-        self.base_gfn = base_gfn
-        self.npages = npages
-        self.end_gfn = base_gfn + npages
-        self.userspace_addr = userspace_addr
-        self.flags = flags
-        self.gmem = gmem
-        self.gmem_file = gmem
-        self.gmem_pgoff = gmem_pgoff
-        self._ugfn = userspace_addr >> PAGE_SHIFT
-        self.lpage = LpageInfo(base_gfn, npages, self._ugfn)
-        self.invalid = False
-
-    def __repr__(self) -> str:
-        return (f"<Memslot {self.as_id}:{self.id} gfns [{self.base_gfn:#x}, {self.end_gfn:#x}) "
-                f"flags={self.flags:#x}{' gmem' if self.gmem else ''}>")
-
-    def hva_page(self, gfn: int) -> int:
-        """The userspace page number backing ``gfn`` (shared memory)."""
-        return self._ugfn + (gfn - self.base_gfn)
-
-    def is_mixed(self, gfn: int, level: int) -> bool:
-        """Whether the ``level`` chunk containing ``gfn`` has the MIXED flag (§3.1)."""
-        return self.lpage.is_mixed(gfn, level)
-
-    def disallow_lpage(self, gfn: int, level: int) -> int:
-        """The ``disallow_lpage`` count (without the MIXED bit) of the chunk holding ``gfn``."""
-        return self.lpage.disallow_count(gfn, level)
 
 
 class VM:
@@ -700,8 +657,6 @@ class VM:
                 a change to a guest_memfd slot; EEXIST when the gpa range overlaps another
                 slot; EBADF for a closed guest_memfd.
         """
-        from pkvm.kvm.memslots import set_user_memory_region2
-
         self._check_alive()
         set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                 guest_memfd, guest_memfd_offset)
@@ -926,8 +881,6 @@ class Vcpu:
             KvmError: EIO if the VM is dead; EBUSY if an exit is still pending.
             TypeError / ValueError: an argument is not a u64 int.
         """
-        from pkvm.kvm.exits import begin_insn, kvm_emulate_hypercall
-
         nr, a0, a1, a2 = _u64("nr", nr), _u64("a0", a0), _u64("a1", a1), _u64("a2", a2)
         if type(long_mode) is not bool:
             raise TypeError("long_mode must be a bool")

@@ -29,9 +29,20 @@ from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PG_LEVEL_4K
 from pkvm.errors import KvmError
 from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
 from pkvm.kvm.vm import _u64
+from pkvm.platforms._snp_rmp import rmp_make_private
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.platforms.snp import SnpVm
+
+
+#: ``KVM_SEV_SNP_PAGE_TYPE_*`` of ``SNP_LAUNCH_UPDATE`` (§5.9).
+SNP_PAGE_TYPE_NORMAL = 1
+SNP_PAGE_TYPE_ZERO = 3
+SNP_PAGE_TYPE_UNMEASURED = 4
+SNP_PAGE_TYPE_SECRETS = 5
+SNP_PAGE_TYPE_CPUID = 6
+_PAGE_TYPES = (SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_ZERO, SNP_PAGE_TYPE_UNMEASURED,
+               SNP_PAGE_TYPE_SECRETS, SNP_PAGE_TYPE_CPUID)
 
 
 def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -> int:
@@ -41,8 +52,6 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
         KvmError: EINVAL / EEXIST as listed when nothing could be done; EIO if the VM is dead.
         TypeError / ValueError: an argument is not a u64 int.
     """
-    from pkvm.platforms.snp import _PAGE_TYPES, rmp_make_private
-
     vm = snp.vm
     vm._check_alive()
     gpa, size = _u64("gpa", gpa), _u64("size", size)
@@ -131,8 +140,6 @@ class SnpVmmFlows:
         self.vmm = vmm
 
     def launch(self, image: list[tuple[int, int, bool]]) -> None:
-        from pkvm.platforms.snp import SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_UNMEASURED
-
         snp = self.vmm.vm.snp  # type: ignore[attr-defined]
         for gpa, size, measure in image:
             while size:

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm.host.hostmem import decode_delta
+from pkvm.kvm.gmem import folio_order
+from pkvm.platforms._snp_rmp import _directmap, _split_2m_runs, psmash, rmp_make_private, rmp_make_shared
 from pkvm.platforms.snp_constants import RMP_PAGES_2M
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,25 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
 Step = tuple[str, int, int, int, int]
 
 
-def _split_2m_runs(start: int, end: int) -> list[tuple[int, int, int]]:
-    """``[start, end)`` cut at 2M boundaries into (s, e, level): the whole aligned 2M blocks as
-    one 2M piece, each partial 2M block as its own 4K piece."""
-    up = (start + RMP_PAGES_2M - 1) & ~(RMP_PAGES_2M - 1)
-    down = end & ~(RMP_PAGES_2M - 1)
-    out = []
-    if up > start:
-        out.append((start, min(up, end), PG_LEVEL_4K))
-    if down > up:
-        out.append((up, down, PG_LEVEL_2M))
-    if end > down >= up:
-        out.append((max(down, start), end, PG_LEVEL_4K))
-    return out
-
-
 def plan_piece(vm: VM, slot: Memslot, attrs: int, s: int, e: int) -> list[Step]:
     """The instruction sequence of one slot-clipped piece (module docstring). O(k log n)."""
-    from pkvm.kvm.gmem import folio_order  # gmem imports the platforms
-
     gmem = slot.gmem
     if gmem is None or slot.gmem_file is None:
         return []
@@ -105,10 +90,8 @@ def plan_piece(vm: VM, slot: Memslot, attrs: int, s: int, e: int) -> list[Step]:
 
 
 def run_plan(vm: VM, steps: list[Step], directmap: str) -> int:
-    """Execute ``steps``; ``directmap`` as :func:`pkvm.platforms.snp.rmpupdate_range`
+    """Execute ``steps``; ``directmap`` as :func:`pkvm.platforms._snp_rmp.rmpupdate_range`
     (``"before"`` / ``"after"`` run only that direct-map half and no instruction)."""
-    from pkvm.platforms.snp import _directmap, psmash, rmp_make_private, rmp_make_shared
-
     ret = 0
     for kind, pfn, n, lvl, gfn in steps:
         if directmap in ("before", "after"):

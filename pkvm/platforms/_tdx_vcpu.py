@@ -300,8 +300,6 @@ class TdxVcpu(Vcpu):
         TDX module raises an EPT violation carrying the accept level; KVM sets the chunk's
         guest-inhibit bit, DEMOTEs the leaf (BLOCK, TRACK, DEMOTE) and returns RET_PF_RETRY.
         Returns False if a SEAMCALL of the split failed (the VM is then bugged: -EIO)."""
-        from pkvm.platforms.tdx import tdx_split_external_spte
-
         vm, td = self.vm, self._td
         st = vm._stats
         st["tdx_accept_size_faults"] += 1
@@ -309,7 +307,7 @@ class TdxVcpu(Vcpu):
         st["pf_retry"] += 1
         vm._charge("npf_fault", 1)
         td.sept.guest_inhibit.assign(gfn >> 9, (gfn >> 9) + 1, 1)
-        if tdx_split_external_spte(vm, gfn, mapped_level):
+        if vm._platform.split_external_spte(vm, gfn, mapped_level):  # tdx_split_external_spte
             return False
         vm._mmu.split_to(gfn, mapped_level - 1)
         return True

@@ -47,18 +47,28 @@ from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.mmu import SPTE_PRIVATE, spte_level
 from pkvm.platforms.snp_constants import (
-    PSMASH_FAIL_INUSE,
     PSMASH_SUCCESS,
     RMP_PAGES_2M,
-    RMPUPDATE_FAIL_OVERLAP,
 )
 from pkvm.kvm.ops import PlatformOps
+from pkvm.platforms._snp_flows import SnpGuestFlows
+from pkvm.platforms._snp_launch import (
+    SNP_PAGE_TYPE_CPUID,
+    SNP_PAGE_TYPE_NORMAL,
+    SNP_PAGE_TYPE_SECRETS,
+    SNP_PAGE_TYPE_UNMEASURED,
+    SNP_PAGE_TYPE_ZERO,
+    SnpVmmFlows,
+    launch_finish,
+    launch_update,
+)
 from pkvm.platforms._snp_policy import (
-    _split_2m_runs,
     snp_pre_set_mem_attr,
     snp_set_mem_attr,
     snp_update_mem_attr,
 )
+from pkvm.platforms._snp_rmp import make_shared_range, psmash, rmp_make_private, rmp_make_shared
+from pkvm.platforms._snp_vcpu import SnpVcpu
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM, Vcpu
@@ -75,16 +85,6 @@ SNP_STAT_KEYS = (
 #: priced with ``nr_cpus=host_cpus``).
 SNP_CHARGED_OPS = ("rmpupdate", "psmash", "pvalidate_4k", "pvalidate_2m", "psc_request",
                    "cache_flush_4k", "directmap_split", "sleep_in_atomic")
-
-#: ``KVM_SEV_SNP_PAGE_TYPE_*`` of ``SNP_LAUNCH_UPDATE`` (§5.9).
-SNP_PAGE_TYPE_NORMAL = 1
-SNP_PAGE_TYPE_ZERO = 3
-SNP_PAGE_TYPE_UNMEASURED = 4
-SNP_PAGE_TYPE_SECRETS = 5
-SNP_PAGE_TYPE_CPUID = 6
-_PAGE_TYPES = (SNP_PAGE_TYPE_NORMAL, SNP_PAGE_TYPE_ZERO, SNP_PAGE_TYPE_UNMEASURED,
-               SNP_PAGE_TYPE_SECRETS, SNP_PAGE_TYPE_CPUID)
-
 
 class SnpVm:
     """The SNP state of one VM (``vm.snp``): the host RMP and direct map, the ASID, launch state.
@@ -120,149 +120,11 @@ class SnpVm:
 
         See :func:`pkvm.platforms._snp_launch.launch_update` for the exact steps.
         """
-        from pkvm.platforms._snp_launch import launch_update
-
         return launch_update(self, gpa, size, page_type, flags)
 
     def launch_finish(self) -> None:
         """``KVM_SEV_SNP_LAUNCH_FINISH``; see :func:`pkvm.platforms._snp_launch.launch_finish`."""
-        from pkvm.platforms._snp_launch import launch_finish
-
         launch_finish(self)
-
-
-# -- the kernel's RMP wrappers (§5.3, §5.4, §5.8) ----------------------------------------------
-
-
-def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned: bool) -> int:
-    """Run one direct-map dispatcher and account its counters; returns its CPA calls."""
-    snp = vm.snp  # type: ignore[attr-defined]
-    dm = snp.directmap
-    before = dict(dm.counters)
-    calls = getattr(dm, method)(pfn, npages, level, assigned=assigned)
-    if not calls:
-        return 0
-    after = dm.counters
-    st = vm._stats
-    splits = after["directmap_splits"] - before["directmap_splits"]
-    unmaps = after["directmap_unmaps"] - before["directmap_unmaps"]
-    restores = after["directmap_restores"] - before["directmap_restores"]
-    st["directmap_splits"] += splits
-    st["directmap_unmaps"] += unmaps
-    st["directmap_restores"] += restores
-    st["directmap_cpa_calls"] += calls
-    if splits:
-        vm._charge("directmap_split", splits)
-    # A kernel-range TLB flush per set_memory_4k call (split-4k), per RMPUPDATE wrapper call
-    # that unmapped or restored pages (unmap-restore: the _noflush helpers, one flush after).
-    if dm.policy == "split-4k":
-        flushes = calls
-    else:
-        flushes = (npages >> 9 if level == PG_LEVEL_2M else npages) if unmaps or restores else 0
-    if flushes:
-        st["directmap_tlb_flushes"] += flushes
-        vm._charge("directmap_tlb_flush", flushes)
-    if snp.atomic:
-        st["sleep_in_atomic"] += calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
-        vm._charge("sleep_in_atomic", calls)
-        vm.events.append(("sleep_in_atomic", (f"BUG: scheduling while atomic: {calls} direct-map "
-                          f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
-    return calls
-
-
-def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, gfn: int = 0,
-                    immutable: bool = False, directmap: str = "both") -> int:
-    """``rmpupdate()`` for every 4K (or 2M) entry of ``[pfn, pfn + npages)``: 0 or ``-EFAULT``.
-
-    ``directmap`` selects the direct-map work done here: ``"both"`` (the wrapper's own
-    ``adjust_direct_map`` / RFC invalidate + restore), ``"before"``, ``"after"`` or ``"none"``
-    (the eager-split policy moves it to other phases). On a failing instruction the pages
-    before it stay updated (the caller loops page by page, as the kernel does) and the failure
-    is counted in ``rmpupdate_failures`` and logged in ``vm.events``.
-    """
-    snp = vm.snp  # type: ignore[attr-defined]
-    if directmap in ("both", "before"):
-        _directmap(vm, "before_rmpupdate", pfn, npages, level, assigned)
-    if assigned:
-        done, fail, code = snp.rmp.rmpupdate_range(pfn, npages, level, assigned=True, asid=snp.asid,
-                                                   gpa=gfn << PAGE_SHIFT, immutable=immutable)
-    else:
-        done, fail, code = snp.rmp.rmpupdate_range(pfn, npages, level, assigned=False)
-    st = vm._stats
-    if done:
-        st["rmpupdate"] += done
-        if level == PG_LEVEL_2M:
-            st["rmpupdate_2m"] += done
-        vm._charge("rmpupdate", done)
-    if code:
-        st["rmpupdate_failures"] += 1
-        how = " (Linux retries FAIL_OVERLAP forever)" if code == RMPUPDATE_FAIL_OVERLAP else ""
-        vm.events.append(("rmpupdate", f"RMPUPDATE failed for pfn {fail:#x} level {level}: code {code}{how}"))
-        if directmap in ("both", "after") and done:
-            _directmap(vm, "after_rmpupdate", pfn, done << (9 if level == PG_LEVEL_2M else 0), level, assigned)
-        return -errno.EFAULT
-    if directmap in ("both", "after"):
-        _directmap(vm, "after_rmpupdate", pfn, npages, level, assigned)
-    return 0
-
-
-def rmp_make_private(vm: VM, pfn: int, gfn: int, npages: int, level: int, immutable: bool = False,
-                     directmap: str = "both") -> int:
-    """``rmp_make_private`` over a range: assigned to this guest's ASID at ``gfn``."""
-    return rmpupdate_range(vm, pfn, npages, level, True, gfn, immutable, directmap)
-
-
-def rmp_make_shared(vm: VM, pfn: int, npages: int, level: int, directmap: str = "both") -> int:
-    """``rmp_make_shared`` over a range: hypervisor-owned, every field zero but the size."""
-    return rmpupdate_range(vm, pfn, npages, level, False, directmap=directmap)
-
-
-def psmash(vm: VM, pfn: int) -> int:
-    """``snp_rmptable_psmash``: PSMASH the 2M entry holding ``pfn``, retrying FAIL_INUSE
-    (pkvm: a locked entry stays locked in a synchronous run, so it is counted and returned)."""
-    snp = vm.snp  # type: ignore[attr-defined]
-    base = pfn & ~(RMP_PAGES_2M - 1)
-    code = snp.rmp.psmash(base)
-    st = vm._stats
-    if code == PSMASH_SUCCESS:
-        st["psmash"] += 1
-        vm._charge("psmash", 1)
-    else:
-        st["psmash_failures"] += 1
-        why = " (KVM retries FAIL_INUSE)" if code == PSMASH_FAIL_INUSE else ""
-        vm.events.append(("psmash", f"PSMASH failed for pfn {base:#x}: code {code}{why}"))
-    return code
-
-
-def make_shared_range(vm: VM, pfn_start: int, pfn_end: int, flush: bool, directmap: str = "both") -> int:
-    """Return every assigned page of ``[pfn_start, pfn_end)`` to the hypervisor (§5.7): a 2M
-    RMPUPDATE for each whole 2M entry inside the range, else PSMASH the 2M entry first (a
-    failure is counted but the 4K updates go on, as the kernel's WARN does) and 4K RMPUPDATEs;
-    then, if ``flush``, a cache flush of the pages made shared. Unassigned pages are skipped.
-    Returns 0 or the first error. O(k log n) for k RMP runs."""
-    snp = vm.snp  # type: ignore[attr-defined]
-    rmp = snp.rmp
-    ret = 0
-    for s, e, ent in rmp.ranges(pfn_start, pfn_end - pfn_start):
-        if not ent.assigned:
-            continue
-        if ent.level == PG_LEVEL_2M:
-            # A run of 2M entries: its ends may cut an entry that continues outside the range.
-            pieces = _split_2m_runs(s, e)
-            for a, b, lvl in pieces:
-                if lvl == PG_LEVEL_4K:
-                    psmash(vm, a)
-        else:
-            pieces = [(s, e, PG_LEVEL_4K)]
-        for a, b, lvl in pieces:
-            r = rmp_make_shared(vm, a, b - a, lvl, directmap)
-            if r:
-                ret = ret or r
-                continue
-            if flush:
-                vm._stats["cache_flush_pages"] += b - a
-                vm._charge("cache_flush_4k", b - a)
-    return ret
 
 
 # -- platform ops ---------------------------------------------------------------------------------
@@ -414,19 +276,16 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
 
 
 def snp_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
-    from pkvm.platforms._snp_vcpu import SnpVcpu
 
     return SnpVcpu(vm, vcpu_id)
 
 
 def snp_guest_flows(guest: object) -> object:
-    from pkvm.platforms._snp_flows import SnpGuestFlows
 
     return SnpGuestFlows(guest)
 
 
 def snp_vmm_flows(vmm: object) -> object:
-    from pkvm.platforms._snp_launch import SnpVmmFlows
 
     return SnpVmmFlows(vmm)
 
@@ -502,4 +361,5 @@ OPS = PlatformOps(
     vmm_flows=snp_vmm_flows,
 )
 
-__all__ = ["OPS", "SNP_STAT_KEYS", "SnpVm", "psmash", "rmp_make_private", "rmp_make_shared"]
+__all__ = ["OPS", "SNP_PAGE_TYPE_CPUID", "SNP_PAGE_TYPE_NORMAL", "SNP_PAGE_TYPE_SECRETS", "SNP_PAGE_TYPE_UNMEASURED",
+           "SNP_PAGE_TYPE_ZERO", "SNP_STAT_KEYS", "SnpVm", "psmash", "rmp_make_private", "rmp_make_shared"]

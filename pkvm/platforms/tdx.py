@@ -56,7 +56,11 @@ from pkvm.constants import (
     TDX_SUCCESS,
 )
 from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
+from pkvm.kvm.mmu import SPTE_PRIVATE, make_spte, spte_level
 from pkvm.kvm.ops import PlatformOps
+from pkvm.kvm.vm import Vcpu, _u64
+from pkvm.platforms._tdx_flows import TdxGuestFlows, TdxVmmFlows
 from pkvm.platforms._tdx_sept import (
     BLOCKED,
     MAPPED,
@@ -72,9 +76,10 @@ from pkvm.platforms._tdx_sept import (
     leaf_level,
     leaf_value,
 )
+from pkvm.platforms._tdx_vcpu import TdxVcpu
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pkvm.kvm.vm import VM, Vcpu
+    from pkvm.kvm.vm import VM
 
 U64_MAX = (1 << 64) - 1
 _LEVEL_SHIFT = (0, 0, 9, 18)
@@ -174,8 +179,6 @@ class TdxVm:
                 populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; ENOMEM.
             TypeError / ValueError: bad argument types, or a vCPU of another VM.
         """
-        from pkvm.kvm.vm import Vcpu, _u64
-
         vm = self._vm
         vm._check_alive()
         if not isinstance(vcpu, Vcpu):
@@ -211,9 +214,6 @@ class TdxVm:
     def _populate(self, gfn: int, limit: int, measure: bool) -> tuple[int, int]:
         """``kvm_gmem_populate`` + ``tdx_gmem_post_populate`` for the longest uniform run of
         pages from ``gfn`` (at most ``limit``); returns ``(pages added, errno or 0)``."""
-        from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
-        from pkvm.kvm.mmu import make_spte
-
         vm = self._vm
         slot = vm._slot_at(gfn)
         if slot is None or slot.gmem is None:
@@ -562,15 +562,11 @@ def tdx_split_external_spte(vm: VM, gfn: int, level: int) -> int:
 
 def tdx_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
     """``KVM_CREATE_VCPU`` + ``KVM_TDX_INIT_VCPU``: a :class:`~._tdx_vcpu.TdxVcpu`."""
-    from pkvm.platforms._tdx_vcpu import TdxVcpu
-
     return TdxVcpu(vm, vcpu_id)
 
 
 def tdx_check_vm(vm: VM) -> int:
     """The TDX invariants, range by range (see the module docstring)."""
-    from pkvm.kvm.mmu import SPTE_PRIVATE, spte_level
-
     td: TdxVm = vm.tdx  # type: ignore[attr-defined]
     sept = td.sept
     sept._check(td.huge_pages)
@@ -611,15 +607,11 @@ def tdx_check_vm(vm: VM) -> int:
 
 def tdx_guest_flows(guest: Any) -> Any:
     """The TDX Linux guest's flows for :class:`pkvm.Guest`."""
-    from pkvm.platforms._tdx_flows import TdxGuestFlows
-
     return TdxGuestFlows(guest)
 
 
 def tdx_vmm_flows(vmm: Any) -> Any:
     """QEMU's TD build for :class:`pkvm.Vmm`."""
-    from pkvm.platforms._tdx_flows import TdxVmmFlows
-
     return TdxVmmFlows(vmm)
 
 

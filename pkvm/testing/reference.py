@@ -37,6 +37,10 @@ import numpy as np
 import numpy.typing as npt
 from sortedcontainers import SortedDict
 
+# The per-gfn reference VM (the KVM model's oracle) lives in its own module for size; it is
+# re-exported here so that every slow, obviously-correct twin is found in one place.
+from pkvm.testing.reference_vm import ReferenceVM
+
 __all__ = ["UINT64_MAX", "DictRangeMap", "ReferenceVM", "SortedRangeMap"]
 
 UINT64_MAX = 2**64 - 1
@@ -591,7 +595,3 @@ class SortedRangeMap(_RangeMapBase):
                     raise AssertionError(f"run {run} is not coalesced with the previous run")
             prev = (start, end, value)
 
-
-# The per-gfn reference VM (the KVM model's oracle) lives in its own module for size; it is
-# re-exported here so that every slow, obviously-correct twin is found in one place.
-from pkvm.testing.reference_vm import ReferenceVM  # noqa: E402
