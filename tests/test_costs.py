@@ -19,6 +19,7 @@ from pkvm.cost.model import (
     parse_ns,
 )
 from pkvm.cost.ledger import Ledger
+from pkvm.testing.strategies import cost_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -342,22 +343,7 @@ def test_parse_ns_is_exact(n, unit):
 
 # ---- serialisation -----------------------------------------------------------------------
 
-_ns_values = st.one_of(st.integers(0, 10**12),
-                       st.floats(0, 1e12, allow_nan=False, allow_infinity=False))
-_formula_ops = [op for op in OPERATIONS if CostModel.default()[op].is_formula]
-
-
-@st.composite
-def overridden_models(draw):
-    """A default model of a random profile with random value and slope overrides."""
-    platform = draw(st.sampled_from(PROFILES))
-    values = draw(st.dictionaries(st.sampled_from(OPERATIONS), _ns_values, max_size=8))
-    slopes = draw(st.dictionaries(st.sampled_from(_formula_ops), _ns_values, max_size=2))
-    return CostModel.default(platform).with_overrides(
-        {**values, **{f"{op}.slope": v for op, v in slopes.items()}})
-
-
-@given(overridden_models())
+@given(cost_models())
 def test_toml_round_trip(model):
     """to_toml then from_toml gives an equal model with the same fingerprint."""
     back = CostModel.from_toml(model.to_toml())
@@ -365,7 +351,7 @@ def test_toml_round_trip(model):
     assert hash(back) == hash(model)
 
 
-@given(overridden_models())
+@given(cost_models())
 def test_dict_round_trip_through_json(model):
     """to_dict is JSON-able and from_dict reads it back to an equal model."""
     data = json.loads(json.dumps(model.to_dict()))
@@ -373,7 +359,7 @@ def test_dict_round_trip_through_json(model):
     assert CostModel.from_dict(data) == model
 
 
-@given(overridden_models(), overridden_models())
+@given(cost_models(), cost_models())
 def test_fingerprint_follows_equality(a, b):
     """Two models have the same fingerprint exactly when they are equal."""
     assert (a == b) == (a.fingerprint() == b.fingerprint())
@@ -619,3 +605,13 @@ def test_module_docstring_examples():
 
     result = doctest.testmod(pkvm.cost.model)
     assert result.failed == 0 and result.attempted > 10
+
+
+def test_cost_model_strategy_docstring():
+    """The example in pkvm.testing.strategies (the shared cost-model strategy) runs."""
+    import doctest
+
+    import pkvm.testing.strategies
+
+    result = doctest.testmod(pkvm.testing.strategies)
+    assert result.failed == 0 and result.attempted > 0

@@ -6,7 +6,8 @@ What this platform adds (the RMP table and the direct map themselves are
 * **State** (``vm.snp``, also ``vm.rmp`` and ``vm.directmap``): the host's RMP, the host direct
   map with ``Policy.directmap``, the guest's ASID (``options={"asid": n}``, default 1) and the
   host CPU count that prices a kernel TLB flush (``options={"host_cpus": n}``, default 64).
-* **The kernel's RMP wrappers** (§5.3, §5.8): :func:`rmp_make_private` / :func:`rmp_make_shared`
+* **The kernel's RMP wrappers** (§5.3, §5.8; in :mod:`._snp_rmp`, re-exported here):
+  :func:`rmp_make_private` / :func:`rmp_make_shared`
   adjust the direct map first (policy ``split-4k``: split to 4K before a 4K update;
   ``unmap-restore``: unmap before assigning, restore after unassigning), execute RMPUPDATE over
   a whole range at once, and count a failure (``rmpupdate_failures``, ``-EFAULT``) instead of
