@@ -3,7 +3,10 @@
 See ``README.md`` and ``docs/``. Users import ``pkvm``; ``pkvm._core`` is the private typed core.
 """
 
+from pkvm import platforms  # noqa: F401  (importing it installs the op tables: pkvm.kvm.ops)
 from pkvm._core import RangeMap, RmpEntry, RmpTable
+from pkvm.actors.guest import Guest
+from pkvm.actors.vmm import Vmm
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -30,16 +33,13 @@ from pkvm.constants import (
     PG_LEVEL_4K,
 )
 from pkvm.cost.model import CostModel
-from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
+from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.kvm.exits import GuestOpResult, Hypercall
 from pkvm.kvm.gmem import GuestMemfd
-from pkvm.actors.guest import Guest
 from pkvm.kvm.mmu import AccessResult, FaultResult
 from pkvm.kvm.policy import Policy
 from pkvm.kvm.vm import VM, Memslot, Vcpu
-from pkvm.actors.vmm import Vmm
-from pkvm import platforms  # noqa: F401  (importing it installs the op tables: pkvm.kvm.ops)
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,

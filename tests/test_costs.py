@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pkvm.cost.ledger import Ledger
 from pkvm.cost.model import (
     OPERATIONS,
     PROFILES,
@@ -18,7 +19,6 @@ from pkvm.cost.model import (
     format_table,
     parse_ns,
 )
-from pkvm.cost.ledger import Ledger
 from pkvm.testing.strategies import cost_models
 
 ROOT = Path(__file__).resolve().parents[1]

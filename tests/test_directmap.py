@@ -6,8 +6,8 @@ import pytest
 
 import pkvm.host.directmap
 from pkvm import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm.testing.reference_snp import RefDirectMap
 from pkvm.host.directmap import DEFAULT_RAM, DIRECTMAP_POLICIES, DirectMap, boot_layout
+from pkvm.testing.reference_snp import RefDirectMap
 
 G = 1 << 18           # pfns per 1G
 M = 1 << 9            # pfns per 2M

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm import experiments as E
-from pkvm.experiments import workloads as W
 from pkvm.errors import KvmError
+from pkvm.experiments import workloads as W
 
 MiB = 1 << 20
 SMALL = "64M"

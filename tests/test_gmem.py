@@ -8,8 +8,8 @@ import pytest
 from vmhelpers import GMEM, PRIVATE, PUNCH, UADDR, MiB, gmem_vm, snapshot
 
 import pkvm
-from pkvm.testing.reference_vm import ReferenceVM
 from pkvm.platforms import register_platform
+from pkvm.testing.reference_vm import ReferenceVM
 
 KEEP = pkvm.FALLOC_FL_KEEP_SIZE
 

@@ -6,8 +6,8 @@ from vmhelpers import GMEM, PRIVATE, UADDR, GiB, MiB, gmem_vm, shared_vm
 
 import pkvm
 from pkvm import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm.testing.reference_vm import ReferenceVM
 from pkvm.kvm.mmu import KVM_LPAGE_MIXED_FLAG, LpageInfo, hugepage_has_attrs
+from pkvm.testing.reference_vm import ReferenceVM
 
 INVALID = 2**64 - 1
 

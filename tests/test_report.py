@@ -7,8 +7,8 @@ import pytest
 
 import pkvm.experiments.report
 from pkvm import experiments
-from pkvm.experiments import report
 from pkvm._units import format_ns
+from pkvm.experiments import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

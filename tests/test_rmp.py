@@ -6,7 +6,6 @@ import pytest
 
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm._core import RmpEntry, RmpTable
-from pkvm.testing.reference_snp import RefRmpTable
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,
@@ -23,6 +22,7 @@ from pkvm.platforms.snp_constants import (
     RMPUPDATE_FAIL_PERMISSION,
     RMPUPDATE_SUCCESS,
 )
+from pkvm.testing.reference_snp import RefRmpTable
 
 ASID = 7
 R = 0x1000            # a 2M-aligned host pfn (region [R, R + 512))

@@ -13,8 +13,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm._core import RmpTable
-from pkvm.testing.reference_snp import RefDirectMap, RefRmpTable
 from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
+from pkvm.testing.reference_snp import RefDirectMap, RefRmpTable
 
 G = 1 << 18
 M = 1 << 9

@@ -19,8 +19,8 @@ from pkvm.platforms import PLATFORMS
 if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # before docs/snp-integration-patches.md is applied
     pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm.testing.reference_snp import RefDirectMap, RefRmpTable
 from pkvm.platforms.snp_constants import PVALIDATE_FAIL_SIZEMISMATCH, PVALIDATE_SUCCESS
+from pkvm.testing.reference_snp import RefDirectMap, RefRmpTable
 
 PAGES = 2048  # 8 MiB of guest RAM: four 2M blocks
 COMPARED = ("rmpupdate", "rmpupdate_2m", "psmash", "rmp_fault", "pvalidate", "pvalidate_2m",

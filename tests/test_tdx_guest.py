@@ -7,7 +7,6 @@ import pytest
 from tdxhelpers import PRIVATE, SHARED47, MiB, ops, seamcalls, td, tdx_snapshot, trace
 
 import pkvm
-from pkvm.testing.reference_tdx import ReferenceTdx
 from pkvm.constants import (
     TDVMCALL_STATUS_ALIGN_ERROR,
     TDVMCALL_STATUS_INVALID_OPERAND,
@@ -17,6 +16,7 @@ from pkvm.constants import (
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
+from pkvm.testing.reference_tdx import ReferenceTdx
 
 K4, M2, G1 = pkvm.PG_LEVEL_4K, pkvm.PG_LEVEL_2M, pkvm.PG_LEVEL_1G
 ENC, DEC = pkvm.KVM_MAP_GPA_RANGE_ENCRYPTED, pkvm.KVM_MAP_GPA_RANGE_DECRYPTED

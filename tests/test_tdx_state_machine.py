@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import pkvm
-from pkvm.testing.reference_tdx import ReferenceTdx
 from pkvm.constants import KVM_TDX_MEASURE_MEMORY_REGION, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm.platforms._tdx_sept import STATE_NAMES, leaf_level
+from pkvm.testing.reference_tdx import ReferenceTdx
 
 PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
 PUNCH = pkvm.FALLOC_FL_PUNCH_HOLE | pkvm.FALLOC_FL_KEEP_SIZE

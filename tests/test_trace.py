@@ -201,8 +201,8 @@ _LINE = st.one_of(
 def test_replay_of_arbitrary_host_traces_never_corrupts(tmp_path, platform, lines):
     """A trace from anywhere: the replay either runs and leaves a consistent VM, or stops with
     a ValueError / KvmError naming the line (bad input never crashes)."""
-    from pkvm.experiments.replay import replay_file
     from pkvm.errors import KvmError
+    from pkvm.experiments.replay import replay_file
 
     path = tmp_path / "host.txt"
     path.write_text("cpus=2\n" + "\n".join(lines) + "\n")

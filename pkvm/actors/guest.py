@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from pkvm.actors.vmm import Vmm
 from pkvm.constants import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_HC_MAP_GPA_RANGE,
@@ -36,7 +37,6 @@ from pkvm.constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from pkvm.actors.vmm import Vmm
 from pkvm.kvm.mmu import AccessResult
 from pkvm.kvm.vm import VM, Vcpu
 

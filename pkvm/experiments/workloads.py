@@ -56,8 +56,8 @@ from pkvm.experiments.replay import replay_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.actors.guest import Guest
-    from pkvm.kvm.vm import VM
     from pkvm.actors.vmm import Vmm
+    from pkvm.kvm.vm import VM
 
 __all__ = ["WORKLOADS", "Context", "Option", "Workload", "get", "parse_options"]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from pkvm.kvm.memslots import expected_mixed
 from pkvm.constants import KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm.errors import InternalInvariantError
-from pkvm.kvm.gmem import FOLIO_PREPARED
 from pkvm.host.hostmem import decode_delta
+from pkvm.kvm.gmem import FOLIO_PREPARED
+from pkvm.kvm.memslots import expected_mixed
 from pkvm.kvm.mmu import KVM_LPAGE_MIXED_FLAG, LEVEL_SHIFT, SPTE_PRIVATE, SPTE_WRITABLE, LpageInfo, spte_level
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -21,7 +21,6 @@ import errno
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from pkvm.kvm import check as _vm_check
 from pkvm._core import RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
@@ -42,9 +41,11 @@ from pkvm.constants import (
 )
 from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
+from pkvm.kvm import check as _vm_check
 from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
-from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
+from pkvm.kvm.memslots import Memslot, set_user_memory_region2
 from pkvm.kvm.mmu import (
     KVM_FILTER_ALL,
     KVM_FILTER_PRIVATE,
@@ -62,7 +63,6 @@ from pkvm.kvm.mmu import (
     run_fault,
     spte_level,
 )
-from pkvm.kvm.memslots import Memslot, set_user_memory_region2
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
 from pkvm.kvm.tracepoints import Tracepoints

@@ -41,9 +41,10 @@ from pkvm.constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from pkvm.kvm.exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
 from pkvm.host.hostmem import decode_delta
+from pkvm.kvm.exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
 from pkvm.kvm.mmu import SPTE_PRIVATE, FaultResult, spte_level
+from pkvm.kvm.vm import Vcpu, _u64
 from pkvm.platforms.snp_constants import (
     PVALIDATE_FAIL_INPUT,
     PVALIDATE_FAIL_SIZEMISMATCH,
@@ -52,7 +53,6 @@ from pkvm.platforms.snp_constants import (
     PVALIDATE_SUCCESS,
     RMP_PAGES_2M,
 )
-from pkvm.kvm.vm import Vcpu, _u64
 
 #: GHCB MSR protocol (``arch/x86/include/asm/sev-common.h``, §7.1).
 GHCB_MSR_PSC_REQ = 0x014

@@ -43,14 +43,10 @@ from pkvm.constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
 )
-from pkvm.host.directmap import DirectMap
 from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.host.directmap import DirectMap
 from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.mmu import SPTE_PRIVATE, spte_level
-from pkvm.platforms.snp_constants import (
-    PSMASH_SUCCESS,
-    RMP_PAGES_2M,
-)
 from pkvm.kvm.ops import PlatformOps
 from pkvm.platforms._snp_flows import SnpGuestFlows
 from pkvm.platforms._snp_launch import (
@@ -70,6 +66,10 @@ from pkvm.platforms._snp_policy import (
 )
 from pkvm.platforms._snp_rmp import make_shared_range, psmash, rmp_make_private, rmp_make_shared
 from pkvm.platforms._snp_vcpu import SnpVcpu
+from pkvm.platforms.snp_constants import (
+    PSMASH_SUCCESS,
+    RMP_PAGES_2M,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM, Vcpu

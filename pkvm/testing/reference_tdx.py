@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 
-from pkvm.testing.reference_vm import FILTER_ALL, FILTER_PRIVATE, FILTER_SHARED, PAGES, ReferenceVM
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -50,6 +49,7 @@ from pkvm.constants import (
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.platforms._tdx_sept import TDX_STAT_KEYS
+from pkvm.testing.reference_vm import FILTER_ALL, FILTER_PRIVATE, FILTER_SHARED, PAGES, ReferenceVM
 
 _COST = {"sept_add": "seamcall_sept_add", "aug": "seamcall_aug", "add": "seamcall_add", "block": "seamcall_block",
          "track": "seamcall_track", "remove": "seamcall_remove", "wbinvd": "seamcall_wbinvd"}

@@ -30,9 +30,9 @@ from pkvm.constants import (
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.host.hostmem import DEFAULT_NR_PAGES, DEFAULT_START_PFN
-from pkvm.platforms import PLATFORMS, VM_TYPE_NAMES, is_implemented
 from pkvm.kvm.policy import resolve_policy
 from pkvm.kvm.vm import STAT_KEYS
+from pkvm.platforms import PLATFORMS, VM_TYPE_NAMES, is_implemented
 
 PAGES = MappingProxyType({PG_LEVEL_4K: 1, PG_LEVEL_2M: 512, PG_LEVEL_1G: 512 * 512})
 #: ``KVM_FILTER_SHARED`` / ``KVM_FILTER_PRIVATE``: which attribute's mappings a zap targets.
