@@ -2,7 +2,7 @@
 # RmpTable: the SEV-SNP Reverse Map Table (included at the end of _core.pyx)
 # ---------------------------------------------------------------------------------------------
 #
-# One logical RMP entry per 4K host page (spec kernel-semantics.md §5.1): assigned, page size
+# One logical RMP entry per 4K host page (docs/kernel-semantics.md §5.1): assigned, page size
 # (4K/2M), ASID, GPA, immutable, validated, VMSA. Nothing is stored per page. Each field lives on
 # its own RangeMap keyed by pfn, so a run of pages whose field values are equal is one run:
 #
@@ -47,8 +47,8 @@ cdef enum:
     _OWN_DELTA_SHIFT = 21
     _MASK_2M = 511
 
-# Hardware return codes (AMD APM vol. 3 / spec §5.3, §5.4, §5.6) and pkvm's fault outcomes;
-# pkvm/snp_constants.py exports the same numbers to Python.
+# Hardware return codes (AMD APM vol. 3 / kernel-semantics.md §5.3, §5.4, §5.6) and pkvm's fault outcomes;
+# pkvm/platforms/snp_constants.py exports the same numbers to Python.
 cdef enum:
     _RMP_FAIL_INPUT = 1
     _RMP_FAIL_PERMISSION = 2
@@ -105,7 +105,7 @@ RmpEntry = namedtuple("RmpEntry",
 RmpEntry.__doc__ = """One RMP entry as ``RmpTable.lookup`` reports it (an immutable snapshot).
 
 ``level`` is ``PG_LEVEL_4K`` (1) or ``PG_LEVEL_2M`` (2), taken from the 2M-aligned entry as
-``snp_lookup_rmpentry`` does (spec §5.1); ``gpa`` is in bytes and 0 when not assigned.
+``snp_lookup_rmpentry`` does (kernel-semantics.md §5.1); ``gpa`` is in bytes and 0 when not assigned.
 """
 
 
@@ -183,7 +183,7 @@ cdef class RmpTable:
     """The SEV-SNP Reverse Map Table: one entry per host pfn, range-compressed.
 
     Models the host instructions RMPUPDATE and PSMASH and the guest instruction PVALIDATE with
-    their return codes (spec kernel-semantics.md §5.3, §5.4, §5.6; the rules the spec leaves
+    their return codes (docs/kernel-semantics.md §5.3, §5.4, §5.6; the rules it leaves
     open are documented in ``docs/snp-rmp.md``). Every instruction has a range form that runs
     ``npages`` (4K) or ``npages // 512`` (2M) instructions back to back, stopping at the first
     that does not succeed, and reports how many succeeded: N instructions, one call.
@@ -555,7 +555,7 @@ cdef class RmpTable:
 
         The new entry: ``assigned`` to guest ``asid`` at ``gpa`` (bytes), page size ``level``
         (``PG_LEVEL_4K`` or ``PG_LEVEL_2M``), ``immutable``; validated and VMSA cleared.
-        ``rmp_make_shared`` is ``assigned=False`` with every other field 0 (spec §5.3).
+        ``rmp_make_shared`` is ``assigned=False`` with every other field 0 (kernel-semantics.md §5.3).
 
         Returns ``RMPUPDATE_SUCCESS`` (0), ``RMPUPDATE_FAIL_INPUT`` (1),
         ``RMPUPDATE_FAIL_PERMISSION`` (2), ``RMPUPDATE_FAIL_INUSE`` (3) or
@@ -577,7 +577,7 @@ cdef class RmpTable:
         Page ``pfn + i`` gets GPA ``gpa + i * 4096``. Stops at the first instruction that does
         not return 0 and returns ``(done, fail_pfn, code)``: instructions that succeeded,
         the pfn operand of the failing one (-1 if none) and its return code (0 if none).
-        Checks per instruction, in order (spec §5.3; choices in docs/snp-rmp.md):
+        Checks per instruction, in order (docs/kernel-semantics.md §5.3; choices in docs/snp-rmp.md):
 
         - ``FAIL_INPUT``: not assigned but ``asid``, ``gpa`` or ``immutable`` nonzero; 2M with
           ``pfn`` or ``gpa`` not 2M-aligned;
@@ -620,7 +620,7 @@ cdef class RmpTable:
         """PSMASH every 2M region of ``[pfn, pfn + npages)`` in order (``npages % 512 == 0``).
 
         Splits each 2M entry into 512 4K entries that keep all fields, including validated and
-        the per-page GPA (spec §5.4). Returns ``(done, fail_pfn, code)`` as
+        the per-page GPA (docs/kernel-semantics.md §5.4). Returns ``(done, fail_pfn, code)`` as
         :meth:`rmpupdate_range`; the checks are those of :meth:`psmash`.
 
         Runtime complexity: O((k + 1) log n) for k field runs in the range.
@@ -658,7 +658,7 @@ cdef class RmpTable:
         """PVALIDATE every 4K page (or 2M region) of ``[pfn, pfn + npages)`` in order.
 
         Page ``pfn + i`` is the host page of guest address ``gpa + i * 4096``. Per
-        instruction, in order (spec §5.6; choices in docs/snp-rmp.md): ``FAIL_INPUT`` (2M with
+        instruction, in order (kernel-semantics.md §5.6; choices in docs/snp-rmp.md): ``FAIL_INPUT`` (2M with
         ``pfn`` or ``gpa`` unaligned); ``NPF_RMP`` (not assigned to ``asid`` at that GPA, or
         immutable); ``FAIL_SIZEMISMATCH`` (2M on a 4K entry) / ``NPF_SIZEM`` (4K on a 2M
         entry); ``FAIL_NOUPDATE`` (already in the requested state); else success. Returns
@@ -681,7 +681,7 @@ cdef class RmpTable:
 
         The x86 instructions cannot set ``immutable`` after the fact, ``validated`` for the
         guest, or ``vmsa``; the PSP firmware can (SNP_LAUNCH_UPDATE / LAUNCH_FINISH, VMSA
-        pages, page reclaim; spec §5.2, §5.9). Each field given (not ``None``) is written on
+        pages, page reclaim; kernel-semantics.md §5.2, §5.9). Each field given (not ``None``) is written on
         every entry of ``[pfn, pfn + npages)``.
 
         Runtime complexity: O((k + 1) log n) for k ownership runs in the range.
@@ -752,7 +752,7 @@ cdef class RmpTable:
     def lookup(self, pfn):
         """The entry of host page ``pfn`` as an :class:`RmpEntry` (``snp_lookup_rmpentry``).
 
-        ``level`` comes from the 2M-aligned entry (spec §5.1). Runtime complexity: O(log n).
+        ``level`` comes from the 2M-aligned entry (kernel-semantics.md §5.1). Runtime complexity: O(log n).
         """
         cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
         cdef uint64_t own = self.own._get_c(p)

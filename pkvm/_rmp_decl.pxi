@@ -1,6 +1,6 @@
 # C-level declaration of the SEV-SNP RMP table (included at the end of ``_core.pxd``).
 #
-# ``RmpTable`` keeps one logical RMP entry per host pfn (spec kernel-semantics.md §5.1), stored
+# ``RmpTable`` keeps one logical RMP entry per host pfn (docs/kernel-semantics.md §5.1), stored
 # field by field on ``RangeMap``s so that a TiB of identically-owned pages is a handful of runs.
 # The value encodings and the invariants are documented at the top of ``_rmp.pxi``.
 #

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("costs", formatter_class=fmt, help="print the cost model with its sources",
                        description="Print the cost model a run would use: each operation's value, "
                                    "plausible range, unit, confidence (H/M/L measured, E estimate), "
-                                   "row of spec/costs.md and source.")
+                                   "row of docs/costs.md and source.")
     k.add_argument("--platform", choices=experiments.PLATFORMS, default="snp",
                    help="platform profile (default: %(default)s)")
     k.add_argument("--cost", action="append", type=_key_value, default=[], metavar="OP=TIME",

@@ -1,7 +1,7 @@
 """Kernel constants that pkvm reproduces, with the kernel's values.
 
 Each constant carries the value of the Linux UAPI or internal header named in its comment
-(spec ``kernel-semantics.md`` §2.1, §4.2, §4.6; ``include/uapi/linux/kvm.h``,
+(``docs/kernel-semantics.md`` §2.1, §4.2, §4.6; ``include/uapi/linux/kvm.h``,
 ``arch/x86/include/uapi/asm/kvm.h``, ``include/uapi/linux/falloc.h``).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 #: ``KVM_X86_DEFAULT_VM``: an ordinary VM without private memory.
 KVM_X86_DEFAULT_VM = 0
 #: ``KVM_X86_SW_PROTECTED_VM``: the test-only VM type whose private memory is enforced by
-#: nothing but KVM's own attribute checks (spec §2.1, §4.1).
+#: nothing but KVM's own attribute checks (docs/kernel-semantics.md §2.1, §4.1).
 KVM_X86_SW_PROTECTED_VM = 1
 #: ``KVM_X86_SEV_VM`` (no private memory; not modelled).
 KVM_X86_SEV_VM = 2
@@ -21,7 +21,7 @@ KVM_X86_SNP_VM = 4
 #: ``KVM_X86_TDX_VM``: Intel TDX.
 KVM_X86_TDX_VM = 5
 
-#: ``KVM_MEMORY_ATTRIBUTE_PRIVATE``: the only attribute bit KVM defines (spec §2.1).
+#: ``KVM_MEMORY_ATTRIBUTE_PRIVATE``: the only attribute bit KVM defines (docs/kernel-semantics.md §2.1).
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 
 #: ``KVM_MEM_LOG_DIRTY_PAGES`` memslot flag: dirty logging (forbids hugepage mappings, §3.5).
@@ -31,7 +31,7 @@ KVM_MEM_READONLY = 1 << 1
 #: ``KVM_MEM_GUEST_MEMFD`` memslot flag: the slot's private backing is a guest_memfd.
 KVM_MEM_GUEST_MEMFD = 1 << 2
 
-#: ``KVM_EXIT_MEMORY_FAULT``: ``run->exit_reason`` of a memory-fault exit (spec §4.6).
+#: ``KVM_EXIT_MEMORY_FAULT``: ``run->exit_reason`` of a memory-fault exit (kernel-semantics.md §4.6).
 KVM_EXIT_MEMORY_FAULT = 39
 #: ``KVM_EXIT_HYPERCALL``: ``run->exit_reason`` when a hypercall is forwarded to userspace (§7.2, §7.3).
 KVM_EXIT_HYPERCALL = 3
@@ -40,7 +40,7 @@ KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
 #: ``KVM_MEMORY_EXIT_FLAG_PRIVATE``: ``run->memory_fault.flags`` bit for a private access.
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
-#: ``FALLOC_FL_KEEP_SIZE``: mandatory for every guest_memfd fallocate (spec §2.9).
+#: ``FALLOC_FL_KEEP_SIZE``: mandatory for every guest_memfd fallocate (docs/kernel-semantics.md §2.9).
 FALLOC_FL_KEEP_SIZE = 0x01
 #: ``FALLOC_FL_PUNCH_HOLE``: free the range (guest_memfd: invalidate, zap, free; §4.7).
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -57,7 +57,8 @@ KVM_CAP_GUEST_MEMFD = 234
 KVM_CAP_VM_TYPES = 235
 
 #: ``KVM_HC_MAP_GPA_RANGE``: the hypercall number of a guest's shared/private conversion request
-#: (``include/uapi/linux/kvm_para.h``; spec §7.3). Also the ``nr`` of the TDX MapGPA and SNP PSC exits.
+#: (``include/uapi/linux/kvm_para.h``; kernel-semantics.md §7.3). Also the ``nr`` of the TDX
+#: MapGPA and SNP PSC exits.
 KVM_HC_MAP_GPA_RANGE = 12
 #: ``KVM_MAP_GPA_RANGE_ENCRYPTED``: bit 4 of the third argument, convert to private.
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
@@ -75,7 +76,8 @@ KVM_CAP_EXIT_HYPERCALL = 201
 #: ``KVM_EXIT_HYPERCALL_VALID_MASK``: the only hypercall userspace may ask to handle.
 KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
 
-# -- Intel TDX (spec §6, §7.2; ``arch/x86/include/asm/shared/tdx.h``, ``arch/x86/kvm/vmx/tdx_errno.h``,
+# -- Intel TDX (kernel-semantics.md §6, §7.2; ``arch/x86/include/asm/shared/tdx.h``,
+#    ``arch/x86/kvm/vmx/tdx_errno.h``,
 # ``arch/x86/include/uapi/asm/kvm.h``). Status codes are 64-bit: the class is bits 63:32, the low
 # bits an operand id.
 

@@ -23,7 +23,7 @@ from pkvm.testing.strategies import cost_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# spec/costs.md §0, transcribed by hand once: (row, operation, profile/host, default ns,
+# docs/costs.md §0, transcribed by hand once: (row, operation, profile/host, default ns,
 # low ns, high ns, confidence[, slope, slope low, slope high]). Profile None means "the same in
 # every profile". Times are the spec's µs/ms converted to ns.
 COST_ROWS = [

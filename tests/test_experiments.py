@@ -73,7 +73,7 @@ def test_actor_attribution_follows_the_rmpupdate_placement():
     assert ep.counters["sleep_in_atomic"] == 0
     el = run(policy="eager-locked", options={"prealloc": "true"})
     assert el.counters["sleep_in_atomic"] > 0  # the directmap change under mmu_lock
-    # Without preallocation the eager designs find nothing allocated (spec §7.7).
+    # Without preallocation the eager designs find nothing allocated (kernel-semantics.md §7.7).
     assert run(policy="eager-post").by_actor_op["vmm"]["rmpupdate"] == IMAGE_PAGES * unit
 
 
@@ -241,7 +241,7 @@ def test_jobs_farm_out_to_processes_with_identical_results():
 
 
 def test_mmu_lock_hold_time_orders_the_eager_designs():
-    """Seed thread: RMPUPDATE (and its direct-map change) inside mmu_lock holds off every vCPU
+    """The RFC v8 debate (kernel-semantics.md §7.7): RMPUPDATE (and its direct-map change) inside mmu_lock holds off every vCPU
     fault; the split design keeps only the RMPUPDATE there; the post-lock design none."""
     held = {r.policy: r.counters["mmu_lock_held_ns"]
             for r in E.compare(E.Config(memory=SMALL, options={"prealloc": "true"}))}

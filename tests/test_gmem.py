@@ -1,4 +1,4 @@
-"""guest_memfd: creation and fallocate rules (spec §2.9), folios and "prepared" tracking (§4.3),
+"""guest_memfd: creation and fallocate rules (kernel-semantics.md §2.9), folios and "prepared" tracking (§4.3),
 hole punch and release (§4.7)."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Large-page tracking (spec §3), the PRE/POST phases of KVM_SET_MEMORY_ATTRIBUTES (§2.4-2.8)
+"""Large-page tracking (kernel-semantics.md §3), the PRE/POST phases of KVM_SET_MEMORY_ATTRIBUTES (§2.4-2.8)
 and the TDP MMU leaves they act on."""
 
 import pytest
@@ -70,7 +70,7 @@ def test_default_vm_has_no_mixed_tracking():
 
 
 def test_worked_example_3_6():
-    """The worked example of spec §3.6, step by step."""
+    """The worked example of kernel-semantics.md §3.6, step by step."""
     vm, gmem, _ = gmem_vm(1024 << 12, uaddr=UADDR)
     slot = vm.memslot(0)
     assert slot.disallow_lpage(0, PG_LEVEL_1G) == 1

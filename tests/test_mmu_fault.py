@@ -1,4 +1,4 @@
-"""The nested page-fault path (spec §4.1, §4.2, §4.6), the mapping level (§3.5) and Vcpu.access."""
+"""The nested page-fault path (kernel-semantics.md §4.1, §4.2, §4.6), the mapping level (§3.5) and Vcpu.access."""
 
 import errno
 

@@ -1,4 +1,4 @@
-"""pkvm.Policy: knobs, presets and validation (ARCHITECTURE §4, spec Appendix A)."""
+"""pkvm.Policy: knobs, presets and validation (docs/design.md §2, kernel-semantics.md Appendix A)."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ from pkvm.kvm.policy import resolve_policy
 
 @pytest.mark.parametrize("name", ["6.8", "6.11", "6.16", "6.19", "fault-time", "eager-post", "rfc-v8", "eager-locked"])
 def test_presets_exist(name):
-    """Every preset of ARCHITECTURE §4 builds a valid Policy."""
+    """Every preset of docs/design.md §2 builds a valid Policy."""
     p = pkvm.Policy.preset(name)
     assert isinstance(p, pkvm.Policy)
     assert name in pkvm.Policy.presets()
@@ -40,7 +40,7 @@ def test_preset_aliases():
     ("rfc-v8", dict(rmp_update="eager-post", directmap="unmap-restore", attr_ioctl="legacy-progress")),
 ])
 def test_preset_knobs_follow_the_timeline(name, knobs):
-    """Presets switch the knobs at the versions of the spec §0.2 timeline."""
+    """Presets switch the knobs at the versions of the kernel-semantics.md §0.2 timeline."""
     p = pkvm.Policy.preset(name)
     assert {k: getattr(p, k) for k in knobs} == knobs
 

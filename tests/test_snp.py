@@ -1,5 +1,5 @@
 """SEV-SNP on the KVM model: platform ops, the access-time RMP check, PVALIDATE, page-state
-changes, launch, invariants and the §7.8 end-to-end sequences (spec §4.4, §5, §7)."""
+changes, launch, invariants and the §7.8 end-to-end sequences (kernel-semantics.md §4.4, §5, §7)."""
 
 import errno
 

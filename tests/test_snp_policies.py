@@ -1,5 +1,5 @@
 """The four ``Policy.rmp_update`` designs on one small conversion, with exact operation counts,
-and the races they open or close (spec §4.4, §7.7, seed thread; docs/snp.md explains each
+and the races they open or close (kernel-semantics.md §4.4, §7.7; docs/snp.md explains each
 number)."""
 
 import pytest

@@ -1,5 +1,5 @@
 """TDX platform: address split, the two roots, S-EPT states and the SEAMCALL sequences KVM issues
-(spec §2.5, §4.1, §4.5, §6.1-§6.5)."""
+(kernel-semantics.md §2.5, §4.1, §4.5, §6.1-§6.5)."""
 
 import errno
 

@@ -1,5 +1,5 @@
 """TD build: KVM_TDX_INIT_MEM_REGION in its 6.16 (premap then ADD) and 6.19 (ADD in the S-EPT hook)
-forms, measurement, and KVM_TDX_FINALIZE_VM (spec §6.3, App. A ``tdx_initial_image``)."""
+forms, measurement, and KVM_TDX_FINALIZE_VM (kernel-semantics.md §6.3, App. A ``tdx_initial_image``)."""
 
 import errno
 

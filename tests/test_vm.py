@@ -1,4 +1,4 @@
-"""VM façade: construction, capabilities, and the validation rules of spec §2.1, §2.2 and §2.9."""
+"""VM façade: construction, capabilities, and the validation rules of kernel-semantics.md §2.1, §2.2 and §2.9."""
 
 import errno
 

@@ -1,4 +1,5 @@
-"""The guest actor: how a Linux guest converts and accepts its memory, per platform (§7.5).
+"""The guest actor: how a Linux guest converts and accepts its memory, per platform
+(docs/kernel-semantics.md §7.5).
 
 :class:`Guest` drives one vCPU of a :class:`pkvm.VM` and hands every exit to a
 :class:`pkvm.Vmm`. The platform-specific protocol lives in a *flows* object obtained from the

@@ -1,4 +1,4 @@
-"""The VMM actor: what QEMU does for a confidential guest's memory (spec §7.4).
+"""The VMM actor: what QEMU does for a confidential guest's memory (docs/kernel-semantics.md §7.4).
 
 :class:`Vmm` owns the userspace side of a :class:`pkvm.VM`:
 
@@ -144,7 +144,7 @@ class Vmm:
 
         ``prealloc`` allocates the whole guest_memfd (``fallocate``) before the slot is
         marked private, as a VMM that preallocates guest memory would: the eager RMPUPDATE
-        designs then find every page allocated at the attribute change (spec §7.7).
+        designs then find every page allocated at the attribute change (docs/kernel-semantics.md §7.7).
         ``mark_private=False`` leaves the attributes alone (a trace replay, whose trace holds
         the marking).
 

@@ -2,8 +2,8 @@
 
 pkvm counts operations (``vm.stats``); this module turns counts into nanoseconds. A
 :class:`CostModel` maps each operation name to a :class:`Cost` (value, range, unit, source and
-confidence, from ``spec/costs.md`` §0); a :class:`pkvm.cost.ledger.Ledger` charges counted operations against a
-model and attributes the time to an actor (``"vmm"``, ``"vcpu0"``, ``"host"`` ...).
+confidence, from ``docs/costs.md`` §0); a :class:`pkvm.cost.ledger.Ledger` charges counted
+operations against a model and attributes the time to an actor (``"vmm"``, ``"vcpu0"``, ``"host"`` ...).
 
 Invariants:
 
@@ -115,14 +115,14 @@ __all__ = [
 
 Number = int | float
 
-#: Confidence letters of ``spec/costs.md``: H measured on the operation by its maintainers,
+#: Confidence letters of ``docs/costs.md``: H measured on the operation by its maintainers,
 #: M measured on a larger path or one machine, L indirect or nearby figure, E estimate.
 CONFIDENCES = ("H", "M", "L", "E")
 
 #: Profile names accepted by :meth:`CostModel.default` (``"default"`` is a plain VM).
 PROFILES: tuple[str, ...] = tuple(_table.PROFILE_HOSTS)
 
-#: Every operation a model prices, in the order of the ``spec/costs.md`` §0 table.
+#: Every operation a model prices, in the order of the ``docs/costs.md`` §0 table.
 OPERATIONS: tuple[str, ...] = ("vmexit", *(row["name"] for row in _table.OPERATIONS))
 
 #: Version of the ``to_dict`` / ``to_toml`` layout.
@@ -244,9 +244,9 @@ class Cost:
         value_ns: cost of one event (the base, for a formula cost).
         low_ns, high_ns: the plausible range of ``value_ns`` given by the source. An override
             may lie outside it; the range keeps recording what the source said.
-        source: a short citation, in pkvm's words (the full story is in ``spec/costs.md``).
+        source: a short citation, in pkvm's words (the full story is in ``docs/costs.md``).
         confidence: ``"H"``, ``"M"``, ``"L"`` or ``"E"`` (see :data:`CONFIDENCES`).
-        row: the ``spec/costs.md`` §0 row, or None for an estimate pkvm added.
+        row: the ``docs/costs.md`` §0 row, or None for an estimate pkvm added.
         unit: what one count means, e.g. ``"per RMPUPDATE (4K or 2M entry)"``.
         slope_ns, slope_low_ns, slope_high_ns: per-vCPU / per-CPU term and its range.
         slope_per: ``"vcpu"`` or ``"cpu"`` for a formula cost, else None.
@@ -346,7 +346,7 @@ class ReferenceFigure:
     row: int
 
 
-#: Rows 11, 12, 33, 34 and 35 of ``spec/costs.md`` §0, by name.
+#: Rows 11, 12, 33, 34 and 35 of ``docs/costs.md`` §0, by name.
 REFERENCE_FIGURES: Mapping[str, ReferenceFigure] = MappingProxyType(
     {row["name"]: ReferenceFigure(**row) for row in _table.REFERENCE_FIGURES})
 
@@ -361,7 +361,7 @@ class CostRow(NamedTuple):
     range: str        # e.g. "200 ns–2 µs"
     unit: str
     confidence: str
-    row: str          # the costs.md §0 row, or "—" for a pkvm estimate
+    row: str          # the docs/costs.md §0 row, or "—" for a pkvm estimate
     source: str
     note: str         # "" or "override (profile: 500 ns)"
 
@@ -466,7 +466,7 @@ class CostModel(Mapping[str, Cost]):
 
     @classmethod
     def default(cls, platform: str = "snp", *, host: str | None = None) -> CostModel:
-        """The ``spec/costs.md`` §0 defaults for ``platform``.
+        """The ``docs/costs.md`` §0 defaults for ``platform``.
 
         ``platform`` is one of :data:`PROFILES`: ``"snp"`` (AMD host), ``"tdx"`` (Intel host,
         TD exits), ``"sw_protected"`` or ``"default"`` (a plain VM; ``host="amd"`` by default,
@@ -780,7 +780,7 @@ class CostModel(Mapping[str, Cost]):
         d = self.to_dict()
         lines = [
             "# pkvm cost model (pkvm.costs.CostModel.to_toml). Times in nanoseconds.",
-            "# Confidence: H/M/L measured (see spec/costs.md), E estimate. row: costs.md §0.",
+            "# Confidence: H/M/L measured (see docs/costs.md), E estimate. row: docs/costs.md §0.",
             f"format = {FORMAT}",
             f"profile = {_toml_str(self._profile)}",
             f"host = {_toml_str(self._host)}",

@@ -1,17 +1,17 @@
-"""The default latency table of ``spec/costs.md`` §0, transcribed once, as plain data.
+"""The default latency table of ``docs/costs.md`` §0, transcribed once, as plain data.
 
 :mod:`pkvm.cost.model` turns these rows into :class:`pkvm.cost.model.Cost` objects; nothing else should
 read this module. It is kept apart from ``costs.py`` so the numbers and their derivations can
-be reviewed against the spec without the machinery around them.
+be reviewed against docs/costs.md without the machinery around them.
 
 Conventions:
 
-- Every time is in nanoseconds (the spec gives µs and cycles; cycles were converted by the
-  spec itself at 2.5-3 GHz). ``low_ns``/``high_ns`` are the spec's Range column.
-- ``source`` is a short citation in our own words; the full discussion is in the spec section
-  named in the comment above each row.
+- Every time is in nanoseconds (the sources give µs and cycles; cycles were converted at
+  2.5-3 GHz, docs/costs.md §1). ``low_ns``/``high_ns`` are the table's Range column.
+- ``source`` is a short citation in our own words; the full discussion is in the docs/costs.md §1
+  section named in the comment above each row.
 - Rows without a §0 number (``row`` absent) were added by pkvm. Each has a derivation in the
-  comment above it and confidence ``"E"``, as the spec's legend asks for estimates.
+  comment above it and confidence ``"E"``, as the confidence legend of docs/costs.md asks for estimates.
 - ``includes`` names the operations whose cost a composite row already contains: charging
   both for the same event counts that work twice.
 """
@@ -37,8 +37,8 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     {"name": "ghcb_exit", "value_ns": 2_000, "low_ns": 1_000, "high_ns": 4_000,
      "unit": "per GHCB exit round trip", "confidence": "E", "row": 4,
      "source": "no measurement found; TUM-DSE CVM_eval can measure it but ships no results"},
-    # §1.3: CVM_eval's two-tier example output; the attribution to #VE + TDVMCALL is the
-    # spec author's inference.
+    # §1.3: CVM_eval's two-tier example output; the attribution to #VE + TDVMCALL is an
+    # inference from the two tiers.
     {"name": "td_vmm_exit", "value_ns": 3_900, "low_ns": 3_000, "high_ns": 6_000,
      "unit": "per #VE + TDVMCALL round trip", "confidence": "L", "row": 6,
      "source": "TUM-DSE CVM_eval benchmarks/vmexit README example: CPUID leaf 1/0xB "
@@ -60,7 +60,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "Dstack-TEE/dstack PR #1220 (Granite Rapids, idle host): 8 µs per private "
                "4K fault",
      "includes": ("vmexit", "npf_fault", "seamcall_aug", "tdx_accept_4k")},
-    # §1.3. The spec gives only an upper bound ("up to 153 µs"); the low end is the idle
+    # §1.3. The source gives only an upper bound ("up to 153 µs"); the low end is the idle
     # figure of row 9, since the storm cost grows from it with the exit rate.
     {"name": "tdx_private_fault_storm", "value_ns": 150_000, "low_ns": 8_000, "high_ns": 153_000,
      "unit": "per private 4K fault during an idle-vCPU exit storm", "confidence": "M", "row": 10,
@@ -102,7 +102,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "pkvm estimate: same work as TDH.MEM.PAGE.AUG (row 14), a SEAMCALL that "
                "initialises and links one 4K page, no copy"},
     # §1.5: about three times row 6 plus an ioctl; per-GFN stores are charged separately as
-    # attr_store ("row 19 + n x row 28" in the spec's composition rules).
+    # attr_store ("row 19 + n x row 28" in the composition rules of docs/costs.md §0).
     {"name": "map_gpa", "value_ns": 15_000, "low_ns": 8_000, "high_ns": 40_000,
      "unit": "per MapGPA call (fixed part)", "confidence": "E", "row": 19,
      "source": "no figure; TDVMCALL, exit to the VMM, KVM_SET_MEMORY_ATTRIBUTES and back "
@@ -116,7 +116,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     {"name": "vcpu_kick", "value_ns": 1_200, "low_ns": 1_000, "high_ns": 1_500,
      "unit": "per vCPU kicked out of guest mode, one at a time", "confidence": "M", "row": 20,
      "source": "same figure as ipi (row 20); a kick of all vCPUs at once is remote_tlb_flush"},
-    # §1.7: base + slope x targets. The spec's Range column bounds only the slope; the base is
+    # §1.7: base + slope x targets. The table's Range column bounds only the slope; the base is
     # one IPI round trip, so its range is row 20's.
     {"name": "remote_tlb_flush", "value_ns": 1_500, "low_ns": 1_000, "high_ns": 1_500,
      "slope_ns": 150, "slope_low_ns": 100, "slope_high_ns": 1_500, "slope_per": "vcpu",
@@ -158,13 +158,13 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "unit": "per GFN stored by KVM_SET_MEMORY_ATTRIBUTES", "confidence": "E", "row": 28,
      "source": "estimate; per-GFN xa_store loop, which 'takes a long time for a larger "
                "guest' (M. Roth, AMDSEV#225)"},
-    # pkvm addition. The spec's composition rules price "the zap of KVM mappings" at about
+    # pkvm addition. The composition rules of §0 price "the zap of KVM mappings" at about
     # row 28 per page: one atomic write of a cached SPTE plus the changed-SPTE bookkeeping
     # (accessed/dirty, rmap and stats). A 2M or 1G leaf is still one SPTE. The TLB flush that
     # follows a zap is charged on its own, as remote_tlb_flush.
     {"name": "zap_spte", "value_ns": 100, "low_ns": 50, "high_ns": 500,
      "unit": "per zapped leaf SPTE", "confidence": "E",
-     "source": "pkvm estimate from costs.md §0 ('the zap of KVM mappings ~row 28 per page'); "
+     "source": "pkvm estimate from docs/costs.md §0 ('the zap of KVM mappings ~row 28 per page'); "
                "TLB flush excluded"},
     # §1.9: zeroing is bandwidth bound (~25 GiB/s aggregate in Matlack's test).
     {"name": "gmem_alloc_4k", "value_ns": 700, "low_ns": 400, "high_ns": 2_000,
@@ -199,7 +199,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     {"name": "huge_page_split", "value_ns": 3_000, "low_ns": 1_000, "high_ns": 10_000,
      "unit": "per huge SPTE split into 512 smaller ones", "confidence": "E",
      "source": "pkvm estimate: same work as a direct-map split (row 31)"},
-    # §1.8: the same IPI model as row 21, to every host CPU. The spec's Range column (5-100
+    # §1.8: the same IPI model as row 21, to every host CPU. The table's Range column (5-100
     # µs) is for the whole flush; pkvm keeps it as the base's range (its upper end is loose)
     # and takes the slope's range from row 21.
     {"name": "directmap_tlb_flush", "value_ns": 5_000, "low_ns": 5_000, "high_ns": 100_000,
@@ -208,7 +208,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "estimate; flush_tlb_kernel_range to all host CPUs with row 21's IPI model",
      "includes": ("ipi",)},
     # pkvm addition, and not a cost. ``sleep_in_atomic`` counts a design that would sleep
-    # inside the MMU-lock analogue (ARCHITECTURE §4: impossible designs still run and count
+    # inside the MMU-lock analogue (docs/design.md §2: impossible designs still run and count
     # the violation). Its 0 ns entry lets it be charged like any other operation, so it
     # shows up in per-operation breakdowns without changing any modeled time.
     {"name": "sleep_in_atomic", "value_ns": 0, "low_ns": 0, "high_ns": 0,
@@ -219,7 +219,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
 # Rows 1, 3 and 5 are one operation, ``vmexit``: an exit handled in the kernel. Which row
 # applies depends on the host CPU and on whether the guest is a TD. See ``profile_vmexit``.
 VMEXIT_BY_HOST: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    # §1.3: the AMD figure also stands for SNP's automatic exits (#NPF).
+    # docs/costs.md §1.3: the AMD figure also stands for SNP's automatic exits (#NPF).
     "amd": {"name": "vmexit", "value_ns": 500, "low_ns": 300, "high_ns": 800,
             "unit": "per exit handled in the kernel", "confidence": "M", "row": 1,
             "source": "M. Roth, LKML Dec 2020: pre-VMRUN to post-VMRUN 1,344-1,376 cycles"},

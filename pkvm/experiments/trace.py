@@ -1,4 +1,4 @@
-"""Per-event traces in the kernel's tracepoint text formats (spec §8.2), and their parser.
+"""Per-event traces in the kernel's tracepoint text formats (kernel-semantics.md §8.2), and their parser.
 
 A :class:`Tracer` attached to a VM (``vm.trace(tracer)``) receives one call per event the
 model emits, and formats it the way ``trace-cmd report`` prints the kernel's tracepoint::

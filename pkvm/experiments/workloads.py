@@ -32,7 +32,7 @@ sits at its start and is built by the platform's launch flow (SNP ``LAUNCH_UPDAT
 ``replay``     Replays a kernel trace (``trace-cmd report`` text; see :mod:`pkvm.experiments.trace`).
 =============  =================================================================================
 
-Choices the kernel spec does not make (documented in ``docs/workloads.md``): the SWIOTLB pool
+Choices the kernel reference does not make (documented in ``docs/workloads.md``): the SWIOTLB pool
 is min(6 % of RAM, 1 GiB) as the Linux CVM guest sizes it; random pages are drawn uniformly
 from RAM above the image; vCPUs take turns (round-robin) in the order actions are drawn.
 """
@@ -524,7 +524,8 @@ def mixed(ctx: Context, *, ops: int, prealloc: bool) -> None:
 
 
 def _implicit_round_trip(ctx: Context, gpa: int) -> None:
-    """The guest uses a private page as shared without a page-state change / MapGPA (§7.6):
+    """The guest uses a private page as shared without a page-state change / MapGPA
+    (docs/kernel-semantics.md §7.6):
     KVM exits with ``KVM_EXIT_MEMORY_FAULT`` and QEMU converts the page. An SNP guest that
     does this has already rescinded its validation (the first half of its to-shared flow):
     touching a validated page with the C-bit clear and converting it back later would leave

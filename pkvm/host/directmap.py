@@ -1,4 +1,4 @@
-"""The host kernel's direct map, as SEV-SNP's RMPUPDATE wrapper changes it (spec §5.8).
+"""The host kernel's direct map, as SEV-SNP's RMPUPDATE wrapper changes it (kernel-semantics.md §5.8).
 
 The direct map is the kernel's linear mapping of all RAM. A host *write* through a 2M or 1G
 mapping that covers a guest-private 4K page raises an RMP #PF, so the kernel adjusts the direct
@@ -16,7 +16,7 @@ map around every RMPUPDATE. Two designs are modelled, selected by ``policy``:
     (``set_direct_map_default_noflush``). Restored pages stay 4K.
 
 Every such change is a CPA (``change_page_attr``) call, which takes the CPA mutex and may sleep
-(spec §5.8, §7.7). The operations therefore return the number of CPA calls they made, so a
+(kernel-semantics.md §5.8, §7.7). The operations therefore return the number of CPA calls they made, so a
 caller that holds a spinlock (the eager-locked policy, under the MMU lock) can count each as a
 ``sleep_in_atomic``.
 
@@ -314,7 +314,7 @@ class DirectMap:
     def adjust(self, pfn: int, npages: int = 1, level: int = PG_LEVEL_4K) -> int:
         """``adjust_direct_map`` for each RMPUPDATE of ``[pfn, pfn + npages)`` at ``level``.
 
-        4K: split the 2M/1G mappings that cover the range down to 4K; 2M: nothing (spec §5.8).
+        4K: split the 2M/1G mappings that cover the range down to 4K; 2M: nothing (kernel-semantics.md §5.8).
         Returns the number of CPA calls (``set_memory_4k``, one per 2M block split; each takes
         the CPA mutex). Runtime complexity: O((k + 1) log n).
 

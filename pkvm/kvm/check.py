@@ -54,7 +54,8 @@ def _count_runs(m) -> list[tuple[int, int, int]]:
 
 
 def _check_lpage(vm: VM, slot: Memslot) -> None:
-    """§3.1 counts and the §3.4 MIXED invariant for every chunk fully inside ``slot``."""
+    """docs/kernel-semantics.md §3.1 counts and the §3.4 MIXED invariant for every chunk fully
+    inside ``slot``."""
     for level in (PG_LEVEL_2M, PG_LEVEL_1G):
         shift = LEVEL_SHIFT[level]
         m = slot.lpage.maps[level]

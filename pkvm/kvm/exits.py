@@ -9,7 +9,7 @@ calls :meth:`pkvm.Vcpu.run` (``KVM_RUN``): KVM then runs the instruction's compl
 (``vcpu->arch.complete_userspace_io``) or re-executes the instruction, which either exits again
 or completes with ``ret == "done"`` and the guest-visible ``status``.
 
-This module also holds the generic ``KVM_HC_MAP_GPA_RANGE`` hypercall (spec §7.3), which any VM
+This module also holds the generic ``KVM_HC_MAP_GPA_RANGE`` hypercall (kernel-semantics.md §7.3), which any VM
 type can issue with :meth:`pkvm.Vcpu.hypercall` (SW_PROTECTED selftests use it; TDX reaches the
 same exit through MapGPA, SNP through its page-state change).
 
@@ -109,7 +109,7 @@ def hypercall_exit(vcpu: Vcpu, hc: Hypercall, complete: Callable[[], GuestOpResu
 
 
 def kvm_emulate_hypercall(vcpu: Vcpu, nr: int, a0: int, a1: int, a2: int, long_mode: bool) -> GuestOpResult:
-    """``____kvm_emulate_hypercall`` for the hypercalls pkvm models (spec §7.3).
+    """``____kvm_emulate_hypercall`` for the hypercalls pkvm models (docs/kernel-semantics.md §7.3).
 
     ``KVM_HC_MAP_GPA_RANGE`` exits to userspace when it enabled ``KVM_CAP_EXIT_HYPERCALL`` for
     it and the arguments pass KVM's checks; the guest's RAX is then ``hypercall.ret`` (cut to

@@ -1,4 +1,4 @@
-"""guest_memfd: the private backing of a VM's memory (spec §2.9, §4.3, §4.7).
+"""guest_memfd: the private backing of a VM's memory (docs/kernel-semantics.md §2.9, §4.3, §4.7).
 
 A :class:`GuestMemfd` has a size, bindings (file index ranges -> memslot) and folios. Folios
 are range-compressed: one :class:`~pkvm._core.RangeMap` from file index to a value packing

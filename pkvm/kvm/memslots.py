@@ -1,4 +1,4 @@
-"""``KVM_SET_USER_MEMORY_REGION2`` (spec §2.9, §3.1, §4.7): validation, create, move,
+"""``KVM_SET_USER_MEMORY_REGION2`` (docs/kernel-semantics.md §2.9, §3.1, §4.7): validation, create, move,
 flags-only change and delete, split out of :mod:`pkvm.kvm.vm` to keep that file readable.
 
 Validation follows ``kvm_vm_ioctl_set_memory_region`` -> ``kvm_set_memory_region`` ->

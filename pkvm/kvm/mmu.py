@@ -6,9 +6,9 @@ State (all range-compressed :class:`~pkvm._core.RangeMap` s, never one object pe
   bits with the ``pfn - gfn`` delta (see :func:`make_spte`), so linearly mapped pages with
   equal flags coalesce into one run. A huge leaf at level L covers an L-aligned gfn block.
 * :class:`LpageInfo` — per memslot and level (2M, 1G): chunk number (``gfn >> shift``) ->
-  ``disallow_lpage`` word = reference count | ``KVM_LPAGE_MIXED_FLAG`` (spec §3.1).
+  ``disallow_lpage`` word = reference count | ``KVM_LPAGE_MIXED_FLAG`` (docs/kernel-semantics.md §3.1).
 
-The fault path (spec §4.2) is split into the kernel's phases so that a timeline driver can
+The fault path (kernel-semantics.md §4.2) is split into the kernel's phases so that a timeline driver can
 interleave them: :func:`fault_begin` (entry, ``is_private``, fast path), :func:`faultin_pfn`
 (sequence snapshot, mismatch, slot checks, pfn lookup), :func:`fault_is_stale` (under
 ``mmu_lock``), :func:`fault_install` (hugepage adjust + install) and :func:`fault_finish`
@@ -105,7 +105,7 @@ def spte_level(value: int) -> int:
 
 
 def level_for_order(order: int) -> int:
-    """``kvm_max_level_for_order``: >= 18 -> 1G, >= 9 -> 2M, else 4K (spec §3.5)."""
+    """``kvm_max_level_for_order``: >= 18 -> 1G, >= 9 -> 2M, else 4K (docs/kernel-semantics.md §3.5)."""
     return PG_LEVEL_1G if order >= 18 else PG_LEVEL_2M if order >= 9 else PG_LEVEL_4K
 
 
@@ -126,7 +126,7 @@ class Mmu:
     """The TDP MMU's leaf SPTEs of one root, range-compressed.
 
     Only one root is modelled: SW_PROTECTED (and SNP) keep shared and private mappings in
-    one NPT, so the PRE hook's ``attr_filter`` never narrows a zap here (spec §2.5).
+    one NPT, so the PRE hook's ``attr_filter`` never narrows a zap here (docs/kernel-semantics.md §2.5).
     """
 
     __slots__ = ("sptes", "_stats", "_charge")
@@ -279,7 +279,7 @@ class LpageInfo:
     __slots__ = ("maps",)
 
     def __init__(self, base_gfn: int, npages: int, ugfn: int) -> None:
-        # Spec §3.1 / kvm_alloc_memslot_metadata: head and tail chunks partially outside the
+        # kernel-semantics.md §3.1 / kvm_alloc_memslot_metadata: head and tail chunks partially outside the
         # slot, and every chunk when GFN and HVA are incongruent, get disallow_lpage = 1.
         maps: list[RangeMap | None] = [None, None]
         end = base_gfn + npages
@@ -338,7 +338,7 @@ class LpageInfo:
 
 
 def hugepage_has_attrs(attrs_map: RangeMap, lpage: LpageInfo, gfn: int, level: int, attrs: int) -> bool:
-    """``hugepage_has_attrs`` (spec §3.2) for the ``level`` chunk starting at ``gfn``.
+    """``hugepage_has_attrs`` (kernel-semantics.md §3.2) for the ``level`` chunk starting at ``gfn``.
 
     2M: every gfn has exactly ``attrs``. 1G: no 2M sub-chunk is MIXED and the *first* gfn of
     every sub-chunk has ``attrs`` (checked per attribute run, so O(log n + k)).

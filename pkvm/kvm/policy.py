@@ -1,6 +1,6 @@
 """Policies: which kernel design (or version) pkvm reproduces.
 
-A :class:`Policy` is a frozen set of knobs, each named after the behaviour it changes (spec
+A :class:`Policy` is a frozen set of knobs, each named after the behaviour it changes (docs/kernel-semantics.md
 Appendix A, §0.2, §10). Presets name kernel versions (``"6.8"`` ... ``"6.19"``) and the
 historical designs of the 2023 ``update_mem_attr`` debate: ``"rfc-v8"`` is that whole kernel;
 ``"eager-post"``, ``"eager-locked"`` and ``"eager-split"`` are the 6.19 kernel with only the
@@ -35,15 +35,15 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
 class Policy:
     """The knobs that select a kernel design. Build one from a preset with :meth:`preset`.
 
-    Knobs (spec section in brackets):
+    Knobs (docs/kernel-semantics.md section in brackets):
 
     ``rmp_update``
         When SNP assigns a page to the guest in the RMP: ``"fault-time"`` (final upstream, in
         ``gmem_prepare`` during the private fault, §4.4), ``"eager-post"`` (RFC v8: the
-        ``update_mem_attr`` op after the MMU lock is dropped, seed thread) or
+        ``update_mem_attr`` op after the MMU lock is dropped, §7.7) or
         ``"eager-locked"`` (the ``set_mem_attr`` op inside the MMU lock, §7.7) or
         ``"eager-split"`` (direct-map change in a pre phase before the MMU lock, RMPUPDATE in
-        ``set_mem_attr`` under it, direct-map restore after it; seed thread). SNP only.
+        ``set_mem_attr`` under it, direct-map restore after it; §7.7). SNP only.
     ``directmap``
         How SNP keeps the host direct map safe: ``"split-4k"`` (final) or
         ``"unmap-restore"`` (RFC). SNP only.
@@ -158,7 +158,7 @@ def _build_presets() -> Mapping[str, Mapping[str, object]]:
     v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access")
     v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
     v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook")
-    # RFC v8 of the SNP host series (seed thread, Feb-Mar 2023): RMPUPDATE from the post-lock
+    # RFC v8 of the SNP host series (LKML, Feb-Mar 2023; kernel-semantics.md §7.7): RMPUPDATE from the post-lock
     # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
     # hook and none of the later MMU fixes.
     rfc_v8 = dict(v6_8, rmp_update="eager-post", directmap="unmap-restore", attr_ioctl="legacy-progress",

@@ -1,6 +1,6 @@
 """The KVM VM model: memslots, attributes, the invalidation protocol, vCPUs and accounting.
 
-:class:`VM` is the façade of spec §2-§4 for ``KVM_X86_DEFAULT_VM`` and
+:class:`VM` is the façade of docs/kernel-semantics.md §2-§4 for ``KVM_X86_DEFAULT_VM`` and
 ``KVM_X86_SW_PROTECTED_VM`` (SNP and TDX plug in through :mod:`pkvm.platforms`). Every call
 validates fully before it changes anything, so a failed call changes nothing. Operations are
 written as the kernel's phases (``_attr_pre`` / ``_attr_commit`` / ``_attr_post`` /
@@ -70,7 +70,7 @@ from pkvm.kvm.tracepoints import Tracepoints
 U64_MAX = (1 << 64) - 1
 INVALID_GFN = U64_MAX  # the kernel's INVALID_GPA sentinel of mmu_invalidate_range_*
 
-#: Counter names in ``vm.stats``: KVM's where KVM has one (spec §8.1), then pkvm's own.
+#: Counter names in ``vm.stats``: KVM's where KVM has one (kernel-semantics.md §8.1), then pkvm's own.
 STAT_KEYS = (
     "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "remote_tlb_flush",
     "remote_tlb_flush_requests", "pages_4k", "pages_2m", "pages_1g", "mmu_invalidate_seq",
@@ -80,7 +80,7 @@ STAT_KEYS = (
 )
 
 #: Operations this layer charges, with the ``vm.stats`` counter each follows (names and default
-#: values are :mod:`pkvm.cost.model`', from ``spec/costs.md`` §0).
+#: values are :mod:`pkvm.cost.model`', from ``docs/costs.md`` §0).
 CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "zap_spte", "remote_tlb_flush",
                "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split",
                "vmexit")
@@ -104,7 +104,7 @@ class VM:
 
     ``vm_type`` is a ``KVM_X86_*_VM`` value or its name; ``policy`` a :class:`Policy` or a
     preset name; ``costs`` a :class:`pkvm.CostModel`, None (the platform's defaults from
-    ``spec/costs.md``) or overrides for them (``{"attr_store": 80}``, ``"npf_fault=2us"``);
+    ``docs/costs.md``) or overrides for them (``{"attr_store": 80}``, ``"npf_fault=2us"``);
     ``shared_backing`` the VMM's host page size for shared
     memory (``"4k"``, ``"thp"``, ``"hugetlb-2m"``, ``"hugetlb-1g"``); ``nr_vcpus`` the number
     of vCPUs the cost model assumes run the guest (the per-vCPU term of a TLB flush).
@@ -268,7 +268,7 @@ class VM:
     def trace(self, tracer: Tracepoints | None) -> None:
         """Attach a tracer (or detach with None): from now on every traced event goes to it. Off,
         tracing costs one test per event. ``tracer`` is a :class:`pkvm.experiments.trace.Tracer`
-        (the kernel's text formats, spec §8.2) or any other :class:`pkvm.kvm.tracepoints.Tracepoints`."""
+        (the kernel's text formats, kernel-semantics.md §8.2) or any other :class:`pkvm.kvm.tracepoints.Tracepoints`."""
         if tracer is not None and not isinstance(tracer, Tracepoints):
             raise TypeError(f"tracer must be a pkvm.kvm.tracepoints.Tracepoints (such as "
                             f"pkvm.experiments.trace.Tracer) or None, not {type(tracer).__name__}")
@@ -434,7 +434,7 @@ class VM:
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES`` on the gpas ``[address, address + size)``.
 
-        Semantics (spec §2.4): if every gfn already has ``attributes`` nothing happens (no
+        Semantics (kernel-semantics.md §2.4): if every gfn already has ``attributes`` nothing happens (no
         zap, flush or sequence bump). Otherwise the PRE phase zaps each slot-clipped piece
         inside one invalidation (begun lazily at the first memslot), the attributes are
         stored for every gfn (``attr_stores`` counts them), and the POST phase ends the
@@ -495,7 +495,7 @@ class VM:
             self._attr_post_unlock(ranges, attributes)
 
     def _attr_legacy(self, start: int, end: int, attrs: int) -> None:
-        """The UPM-era ioctl of the RFC v8 series (seed thread; spec §2.6 "historical").
+        """The UPM-era ioctl of the RFC v8 series (docs/kernel-semantics.md §2.6, "historical").
 
         No short-circuit; ``invalidate_begin`` and ``range_add(start, end)`` whether or not a
         memslot intersects; the store; then, under the lock, per memslot piece the zap and the
@@ -528,7 +528,7 @@ class VM:
 
     def _attr_pre_lock(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
         """Before ``mmu_lock`` is taken: the ``pre_set_mem_attr`` op per slot-clipped piece
-        (``rmp_update="eager-split"``: the direct-map change that may sleep, seed thread)."""
+        (``rmp_update="eager-split"``: the direct-map change that may sleep, §7.7)."""
         for s, e, key in ranges:
             slot = self._slots[key - 1]
             r = self._platform.pre_set_mem_attr(self, slot, attrs, s, e)
@@ -625,7 +625,7 @@ class VM:
                     self._op_failed("set_mem_attr", slot, attrs, s, e, r)
 
     def _attr_post_unlock(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
-        """After ``mmu_lock`` is dropped: the RFC v8 ``update_mem_attr`` op (seed thread)."""
+        """After ``mmu_lock`` is dropped: the RFC v8 ``update_mem_attr`` op (§7.7)."""
         for s, e, key in ranges:
             slot = self._slots[key - 1]
             r = self._platform.update_mem_attr(self, slot, attrs, s, e)
@@ -633,7 +633,7 @@ class VM:
                 self._op_failed("update_mem_attr", slot, attrs, s, e, r)
 
     def _op_failed(self, op: str, slot: Memslot, attrs: int, s: int, e: int, r: int) -> None:
-        # The kernel only pr_warn_ratelimited()s; pkvm records and counts it (STYLE: surfaced).
+        # The kernel only pr_warn_ratelimited()s; pkvm records and counts it, so it shows.
         self._stats["mem_attr_op_failures"] += 1
         self.events.append((op, f"failed to update gfns [{s:#x}, {e:#x}) with attributes {attrs:#x}: {r}"))
 
@@ -798,7 +798,7 @@ class Vcpu:
     # -- nested page faults and accesses --------------------------------------------------
 
     def page_fault(self, gpa: int, *, private: bool, write: bool = False) -> FaultResult:
-        """One nested page fault on ``gpa`` (spec §4.2), run to completion.
+        """One nested page fault on ``gpa`` (docs/kernel-semantics.md §4.2), run to completion.
 
         ``private`` is the access type the hardware reports (SNP: C-bit; TDX: shared bit
         clear; SW_PROTECTED: ORed with the gfn's attribute by KVM). The result says whether
@@ -870,7 +870,7 @@ class Vcpu:
     # -- guest instructions and KVM_RUN -----------------------------------------------------
 
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, *, long_mode: bool = True) -> GuestOpResult:
-        """The guest executes a KVM hypercall (``VMCALL``; spec §7.3).
+        """The guest executes a KVM hypercall (``VMCALL``; docs/kernel-semantics.md §7.3).
 
         ``KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)`` exits to userspace (``KVM_EXIT_HYPERCALL``)
         if the VMM enabled ``KVM_CAP_EXIT_HYPERCALL`` for it; answer the exit, then
@@ -906,7 +906,7 @@ class Vcpu:
         return resume()
 
     def map_gpa(self, gpa: int, size: int) -> GuestOpResult:
-        """TDX guest: ``TDG.VP.VMCALL<MapGPA>`` (spec §7.2); see :mod:`pkvm.platforms.tdx`.
+        """TDX guest: ``TDG.VP.VMCALL<MapGPA>`` (kernel-semantics.md §7.2); see :mod:`pkvm.platforms.tdx`.
 
         Raises:
             TypeError: the VM type has no MapGPA (only TDX does).
@@ -915,7 +915,7 @@ class Vcpu:
                         "has none: use vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, ...) or pkvm.Guest")
 
     def accept(self, gpa: int, level: int) -> GuestOpResult:
-        """TDX guest: ``TDG.MEM.PAGE.ACCEPT`` (spec §6.2, §7.5); see :mod:`pkvm.platforms.tdx`.
+        """TDX guest: ``TDG.MEM.PAGE.ACCEPT`` (kernel-semantics.md §6.2, §7.5); see :mod:`pkvm.platforms.tdx`.
 
         Raises:
             TypeError: the VM type has no ACCEPT (only TDX does).

@@ -1,4 +1,4 @@
-"""The Linux SNP guest's conversion and acceptance flows (spec §7.1, §7.5; ``SnpGuestFlows``).
+"""The Linux SNP guest's conversion and acceptance flows (kernel-semantics.md §7.1, §7.5; ``SnpGuestFlows``).
 
 Plugged into :class:`pkvm.Guest` through ``PlatformOps.guest_flows``
 (``arch/x86/coco/sev/core.c :: __set_pages_state, snp_accept_memory``):

@@ -1,4 +1,5 @@
-"""SNP launch: ``KVM_SEV_SNP_LAUNCH_UPDATE`` / ``LAUNCH_FINISH`` and the VMM's launch flow (§5.9).
+"""SNP launch: ``KVM_SEV_SNP_LAUNCH_UPDATE`` / ``LAUNCH_FINISH`` and the VMM's launch flow
+(docs/kernel-semantics.md §5.9).
 
 :func:`launch_update` (``snp_launch_update`` + ``kvm_gmem_populate`` + ``sev_gmem_post_populate``):
 

@@ -1,4 +1,5 @@
-"""The four ``Policy.rmp_update`` designs of SNP, as phase functions (spec §4.4, §7.7, seed thread).
+"""The four ``Policy.rmp_update`` designs of SNP, as phase functions (docs/kernel-semantics.md
+§4.4; the RFC v8 debate of §7.7).
 
 Each eager design turns one slot-clipped piece ``[s, e)`` of a ``KVM_SET_MEMORY_ATTRIBUTES``
 call into a *plan*: the exact instruction sequence for the guest_memfd pages already allocated
@@ -10,7 +11,7 @@ in the piece (pages never allocated are skipped; their first private fault assig
 * to private: every allocated pfn that is not yet assigned gets ``rmp_make_private`` at its gfn,
   at 2M for each whole aligned 2M block of a 2M folio inside the piece, else at 4K. An already
   assigned pfn is skipped (pkvm's choice: a second RMPUPDATE would clear Validated on a page the
-  guest already validated; the spec is silent).
+  guest already validated; the kernel reference is silent).
 * to shared: every assigned pfn gets ``rmp_make_shared``: a whole 2M entry inside the piece at
   2M, otherwise PSMASH the 2M entry first, then 4K.
 

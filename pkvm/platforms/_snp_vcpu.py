@@ -1,9 +1,9 @@
 """An SNP guest's vCPU: the hardware RMP check on accesses, PVALIDATE and page-state changes
-(spec §5.6, §7.1, §7.8).
+(docs/kernel-semantics.md §5.6, §7.1, §7.8).
 
 :class:`SnpVcpu` refines :class:`pkvm.Vcpu`:
 
-* **Access-time RMP check** (§5.6, "spec, unverified"; pkvm's rules, checked in this order on
+* **Access-time RMP check** (§5.6, unverified; pkvm's rules, checked in this order on
   a present NPT leaf):
 
   1. a C=0 (shared) access to a page assigned in the RMP -> #NPF with the RMP bit;

@@ -1,4 +1,4 @@
-"""TDX secure EPT (S-EPT) state and the SEAMCALLs that change it (spec §6.2, §6.3).
+"""TDX secure EPT (S-EPT) state and the SEAMCALLs that change it (docs/kernel-semantics.md §6.2, §6.3).
 
 :class:`Sept` is what the TDX module keeps for one TD, range-compressed:
 

@@ -1,4 +1,4 @@
-"""A TD's vCPU: the TDX EPT-violation handler and the guest's MapGPA and ACCEPT (spec §6.4,
+"""A TD's vCPU: the TDX EPT-violation handler and the guest's MapGPA and ACCEPT (kernel-semantics.md §6.4,
 §7.2, §7.5).
 
 :class:`TdxVcpu` refines :class:`pkvm.Vcpu`:

@@ -2,7 +2,7 @@
 
 No attributes can be set (the supported mask is 0), no guest_memfd memslot can be bound, and
 every fault is shared unless the caller reports a private access, which the hardware of such a
-VM never does (spec §2.1, §4.1).
+VM never does (docs/kernel-semantics.md §2.1, §4.1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``KVM_X86_SNP_VM``: AMD SEV-SNP on the KVM model (spec §4.1, §4.4, §5, §7.1, §7.7, §7.8).
+"""``KVM_X86_SNP_VM``: AMD SEV-SNP on the KVM model (docs/kernel-semantics.md §4.1, §4.4, §5,
+§7.1, §7.7, §7.8).
 
 What this platform adds (the RMP table and the direct map themselves are
 :class:`pkvm._core.RmpTable` and :class:`pkvm.host.directmap.DirectMap`, see ``docs/snp-rmp.md``):
@@ -20,14 +21,14 @@ What this platform adds (the RMP table and the direct map themselves are
 * **Faults**: ``fault_is_private`` is the C-bit of the access (§4.1); the RMP #NPF handler
   (§5.6) PSMASHes a 2M entry and zaps the 2M gfn range, or does nothing (spurious). The
   access-time RMP check lives in :class:`pkvm.platforms._snp_vcpu.SnpVcpu`.
-* **RMPUPDATE policies** (``Policy.rmp_update``, §7.7, seed thread), in :mod:`._snp_policy`.
+* **RMPUPDATE policies** (``Policy.rmp_update``, §7.7: the RFC v8 debate), in :mod:`._snp_policy`.
 * **Launch** (§5.9): ``vm.snp.launch_update`` and ``vm.snp.launch_finish``.
 
 Invariants (``vm.check()`` via :func:`snp_check_vm`): the RMP table's own invariants; no RMP
 entry assigned to this guest outside guest_memfd folios except leaked pages; every private
 SPTE maps pfns assigned to this guest at that GPA at an RMP level >= the SPTE level (under
 ``fault-time``, where the ioctl never touches the RMP; eager policies may transiently break it,
-which is the race the seed thread discusses); no shared SPTE maps an assigned pfn.
+which is the race of the RFC v8 debate, §7.7); no shared SPTE maps an assigned pfn.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """SEV-SNP instruction return codes and pkvm's outcome codes for the RMP table.
 
 Values are the hardware's (AMD APM vol. 3, "RMPUPDATE", "PSMASH", "PVALIDATE") as Linux spells
-them in ``arch/x86/include/asm/sev.h`` (spec ``kernel-semantics.md`` §5.3, §5.4, §5.6). The
-spec marks codes 1-3 "(spec, unverified)"; the rules pkvm applies are in ``docs/snp-rmp.md``.
+them in ``arch/x86/include/asm/sev.h`` (``docs/kernel-semantics.md`` §5.3, §5.4, §5.6). §5.3
+marks codes 1-3 unverified; the rules pkvm applies are in ``docs/snp-rmp.md``.
 ``pkvm._core.RmpTable`` returns exactly these numbers.
 """
 

@@ -2,7 +2,7 @@
 
 The hardware reports no access type, so ``kvm_mmu_page_fault`` ORs the private bit into the
 error code whenever the gfn's attribute is PRIVATE: the attribute is the source of truth
-(spec §4.1, ``[L6.19] arch/x86/kvm/mmu/mmu.c :: kvm_mmu_page_fault``). There is no prepare or
+(kernel-semantics.md §4.1, ``[L6.19] arch/x86/kvm/mmu/mmu.c :: kvm_mmu_page_fault``). There is no prepare or
 invalidate hook and no cap on the mapping level (§3.5).
 """
 

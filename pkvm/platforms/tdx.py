@@ -1,4 +1,4 @@
-"""``KVM_X86_TDX_VM``: Intel TDX trust domains (spec §4.1, §4.5, §6, §7.2, §7.5).
+"""``KVM_X86_TDX_VM``: Intel TDX trust domains (docs/kernel-semantics.md §4.1, §4.5, §6, §7.2, §7.5).
 
 What this platform adds to the KVM model:
 
@@ -156,7 +156,7 @@ class TdxVm:
     # -- KVM_TDX_INIT_MEM_REGION -----------------------------------------------------------
 
     def init_mem_region(self, vcpu: Vcpu, gpa: int, nr_pages: int, *, source_addr: int = 0, flags: int = 0) -> int:
-        """``KVM_TDX_INIT_MEM_REGION`` (vCPU ioctl; spec §6.3): add ``nr_pages`` pages of the
+        """``KVM_TDX_INIT_MEM_REGION`` (vCPU ioctl; kernel-semantics.md §6.3): add ``nr_pages`` pages of the
         initial image at the private ``gpa``, measuring them when ``flags`` has
         ``KVM_TDX_MEASURE_MEMORY_REGION`` (16 ``TDH.MR.EXTEND`` of 256 bytes per page).
 

@@ -1,7 +1,7 @@
 """Slow, obviously-correct twins of ``RmpTable`` and ``DirectMap``.
 
 Test oracles in the sense of :mod:`pkvm.testing.reference`: the same operations, one Python object per
-page, each rule written the way the spec states it (kernel-semantics.md §5.1-§5.8, with the
+page, each rule written the way the kernel reference states it (kernel-semantics.md §5.1-§5.8, with the
 choices of ``docs/snp-rmp.md``), so that a differential test can compare every entry and every
 counter after every step. Only usable on small ranges (thousands of pages).
 

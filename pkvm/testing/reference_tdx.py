@@ -1,7 +1,7 @@
 """A slow, obviously-correct twin of a TDX :class:`pkvm.VM`: S-EPT state per gfn.
 
 :class:`ReferenceTdx` extends :class:`pkvm.testing.reference_vm.ReferenceVM` with what the TDX
-platform adds (spec §6, §7.2, §7.5), written the way the kernel and the TDX module read,
+platform adds (kernel-semantics.md §6, §7.2, §7.5), written the way the kernel and the TDX module read,
 one page and one SEAMCALL at a time, with plain dicts and sets:
 
 * ``sept``: gfn -> ``(state, level)`` (``"pending"``, ``"mapped"``, ``"blocked"``,

@@ -1,8 +1,8 @@
 """A slow, obviously-correct twin of :class:`pkvm.VM`: every structure is a dict per gfn.
 
-It implements the same spec rules (§2-§4) one page at a time, the way the kernel's C code
-reads, with no range compression: attributes, ``disallow_lpage`` words, SPTEs, folios and
-HVA pages are dict entries, and ``access`` faults page by page. Tests drive it and the real
+It implements the same kernel rules (docs/kernel-semantics.md §2-§4) one page at a time, the
+way the kernel's C code reads, with no range compression: attributes, ``disallow_lpage`` words,
+SPTEs, folios and HVA pages are dict entries, and ``access`` faults page by page. Tests drive it and the real
 model with the same operations and compare attributes, MIXED flags, SPTEs and counters. Use it
 only at small sizes (it costs O(pages) per operation).
 
