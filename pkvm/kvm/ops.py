@@ -72,7 +72,8 @@ class PlatformOps:
 
     ``fault_is_private(vm, gfn, private) -> bool`` — **mandatory**. Phase: fault entry
         (``kvm_mmu_do_page_fault``), before the sequence snapshot; no lock. Turns the
-        access type the hardware reported into ``fault.is_private`` (§4.1). All platforms.
+        access type the hardware reported into ``fault.is_private`` (docs/kernel-semantics.md
+        §4.1). All platforms.
     ``init_vm(vm) -> int`` — optional. Phase: end of ``KVM_CREATE_VM``; no lock. Attaches
         platform state (SNP: the RMP table; TDX: the S-EPT).
     ``gmem_prepare(vm, gfn, pfn, order, nr) -> int`` — optional (``kvm_arch_gmem_prepare``).
@@ -89,8 +90,8 @@ class PlatformOps:
         ``gmem_max_mapping_level``; 6.11-6.16 ``private_max_mapping_level``). Phase: the
         fault's hugepage adjust, under ``mmu_lock`` (read); only consulted when the folio
         order allows more than 4K. 0 means no cap (§3.5). SNP, TDX.
-    ``update_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; the seed thread's
-        RFC v8 op. Phase: after the attribute commit and the POST hook, after ``mmu_lock``
+    ``update_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; the RFC v8
+        op (docs/kernel-semantics.md §7.7). Phase: after the attribute commit and the POST hook, after ``mmu_lock``
         is dropped, under ``slots_lock``; per slot-clipped range. Runs only under the
         ``rmp_update="eager-post"`` policy. SNP eager designs.
     ``set_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; Isaku Yamahata's
@@ -99,7 +100,7 @@ class PlatformOps:
         ``rmp_update="eager-locked"``; sleeping here (a directmap mutex) is a bug the model
         counts. SNP eager designs.
     ``pre_set_mem_attr(vm, slot, attrs, start, end) -> int`` — optional; the pre phase of the
-        seed thread's split design. Phase: ``KVM_SET_MEMORY_ATTRIBUTES`` after the short-circuit
+        split design of the RFC v8 debate (§7.7). Phase: ``KVM_SET_MEMORY_ATTRIBUTES`` after the short-circuit
         and before ``mmu_lock`` is taken (so before ``invalidate_begin``), under ``slots_lock``;
         per slot-clipped range; may sleep. Runs only under ``rmp_update="eager-split"``, which
         also runs ``set_mem_attr`` (under the lock) and ``update_mem_attr`` (after it). SNP.
