@@ -164,7 +164,7 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     # follows a zap is charged on its own, as remote_tlb_flush.
     {"name": "zap_spte", "value_ns": 100, "low_ns": 50, "high_ns": 500,
      "unit": "per zapped leaf SPTE", "confidence": "E",
-     "source": "pkvm estimate from docs/costs.md §0 ('the zap of KVM mappings ~row 28 per page'); "
+     "source": "pkvm estimate from costs.md §0 ('the zap of KVM mappings ~row 28 per page'); "
                "TLB flush excluded"},
     # §1.9: zeroing is bandwidth bound (~25 GiB/s aggregate in Matlack's test).
     {"name": "gmem_alloc_4k", "value_ns": 700, "low_ns": 400, "high_ns": 2_000,
