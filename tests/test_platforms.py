@@ -1,4 +1,4 @@
-"""Platform op tables: registration checks and the ops' call sites (docs/design.md §1)."""
+"""Platform op tables: registration checks and the ops' call sites (docs/design.md#layers)."""
 
 import dataclasses
 

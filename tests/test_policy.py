@@ -1,4 +1,4 @@
-"""pkvm.Policy: knobs, presets and validation (docs/design.md §2, kernel-semantics.md Appendix A)."""
+"""pkvm.Policy: knobs, presets and validation (docs/design.md#policies-and-kernel-versions, kernel-semantics.md Appendix A)."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ from pkvm.kvm.policy import resolve_policy
 
 @pytest.mark.parametrize("name", ["6.8", "6.11", "6.16", "6.19", "fault-time", "eager-post", "rfc-v8", "eager-locked"])
 def test_presets_exist(name):
-    """Every preset of docs/design.md §2 builds a valid Policy."""
+    """Every preset of docs/design.md#policies-and-kernel-versions builds a valid Policy."""
     p = pkvm.Policy.preset(name)
     assert isinstance(p, pkvm.Policy)
     assert name in pkvm.Policy.presets()

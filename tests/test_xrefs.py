@@ -32,7 +32,7 @@ _FENCE = re.compile(r"^(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _HEADING_NUMBER = re.compile(r"^§?\s*(\d+(?:\.\d+)*)\.?(?:\s|$)")
 _LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]\n]*\]\(([^)\s]+)\)")
-_REPO_PATH = re.compile(r"(?<![\w./-])((?:docs|pkvm|tests|bench)/[\w./-]*[\w])(?![\w*{])")
+_REPO_PATH = re.compile(r"(?<![\w./-])((?:docs|pkvm|tests|bench)/[\w./-]*[\w])(?![\w*{])(?:#([\w-]+))?")
 _DOC_NAME = r"(?P<doc>[\w./-]*[\w-]\.md)(?:#[\w-]*)?"
 _SECTION = r"§\s?\d+(?:\.\d+)*"
 # A document name, optionally closed by backticks or a markdown link, then a list of sections.
@@ -179,9 +179,11 @@ def link_problems(text: Text) -> list[str]:
             if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 problems.append(f"{text.where}: link to {target}: no heading has that anchor")
     for m in _REPO_PATH.finditer(body):
-        path = m.group(1).rstrip(".")
+        path, anchor = m.group(1).rstrip("."), m.group(2)
         if not (ROOT / path).exists():
             problems.append(f"{text.where}: {path} is not in the repository")
+        elif anchor and path.endswith(".md") and anchor not in anchors(ROOT / path):
+            problems.append(f"{text.where}: {path}#{anchor}: no heading has that anchor")
     for m in _OUTSIDE.finditer(body):
         line = body[max(0, m.start() - 40):m.end() + 20].replace("\n", " ")
         problems.append(f"{text.where}: points outside the repository: ...{line}...")
@@ -298,6 +300,7 @@ def _py(body: str) -> Text:
     ("See docs/no-such-file.md for more.", "docs/no-such-file.md is not in the repository"),
     ("See [it](no-such-file.md).", "link to missing no-such-file.md"),
     ("See [it](kernel-semantics.md#no-such-heading).", "no heading has that anchor"),
+    ("See docs/design.md#no-such-heading.", "docs/design.md#no-such-heading: no heading has that anchor"),
     ("Per `kernel-semantics.md` §99.1.", "§99.1 cites docs/kernel-semantics.md, which has no heading"),
     ("Per missing-doc.md §2.4.", "§2.4 cites missing-doc.md, which is not in the repository"),
     ("Per the spec §2.4.", "points outside the repository"),
@@ -326,5 +329,5 @@ def test_checker_refuses_a_bare_section_outside_markdown():
 
 def test_checker_accepts_good_references():
     body = ("See [kernel-semantics.md](kernel-semantics.md#25-the-x86-pre-hook) §2.5, §2.7 and "
-            "docs/tdx.md; `pkvm/kvm/vm.py`; ![plot](img/compare-boot.png).")
+            "docs/tdx.md; `pkvm/kvm/vm.py`; docs/design.md#layers; ![plot](img/compare-boot.png).")
     assert problems(_md(body)) == []

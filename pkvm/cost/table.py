@@ -208,8 +208,8 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "estimate; flush_tlb_kernel_range to all host CPUs with row 21's IPI model",
      "includes": ("ipi",)},
     # pkvm addition, and not a cost. ``sleep_in_atomic`` counts a design that would sleep
-    # inside the MMU-lock analogue (docs/design.md §2: impossible designs still run and count
-    # the violation). Its 0 ns entry lets it be charged like any other operation, so it
+    # inside the MMU-lock analogue (impossible designs still run and count the violation:
+    # docs/design.md#policies-and-kernel-versions). Its 0 ns entry lets it be charged like any other operation, so it
     # shows up in per-operation breakdowns without changing any modeled time.
     {"name": "sleep_in_atomic", "value_ns": 0, "low_ns": 0, "high_ns": 0,
      "unit": "per violation (a correctness counter, not a cost)", "confidence": "E",

@@ -47,7 +47,8 @@ class PageFault:
 
 
 def memory_fault_exit(f: PageFault, err: int) -> None:
-    """``kvm_mmu_prepare_memory_fault_exit`` + a negative return (spec §4.6)."""
+    """``kvm_mmu_prepare_memory_fault_exit`` + a negative return (docs/kernel-semantics.md
+    §4.6)."""
     f.ret = "exit"
     f.errno = err
     f.memory_fault = (f.gfn << PAGE_SHIFT, 1 << PAGE_SHIFT,

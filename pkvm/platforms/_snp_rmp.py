@@ -1,6 +1,6 @@
-"""The kernel's SNP RMP wrappers (§5.3, §5.4, §5.8): ``rmpupdate()`` over a range with the
-direct-map work around it, ``rmp_make_private`` / ``rmp_make_shared``, PSMASH and the return of
-a freed range to the hypervisor.
+"""The kernel's SNP RMP wrappers (docs/kernel-semantics.md §5.3, §5.4, §5.8): ``rmpupdate()``
+over a range with the direct-map work around it, ``rmp_make_private`` / ``rmp_make_shared``,
+PSMASH and the return of a freed range to the hypervisor.
 
 Split out of :mod:`pkvm.platforms.snp` so that the platform's op table (``snp``), the RMPUPDATE
 policies (``_snp_policy``) and the launch (``_snp_launch``) all import them from below, not
