@@ -319,6 +319,11 @@ class RWLock(_Lock):
         return tuple(self._readers)
 
     @property
+    def queue(self) -> tuple[tuple[str, str], ...]:
+        """``(owner, "read" | "write")`` for each queued request, head first."""
+        return tuple((w[1], w[0]) for w in self._queue)
+
+    @property
     def locked(self) -> bool:
         """Whether the lock is held in either mode."""
         return self._writer is not None or bool(self._readers)
