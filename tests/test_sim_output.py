@@ -97,6 +97,17 @@ def test_distribution_nearest_rank_examples():
     assert d.p50 == 10**9 and d.count == 10**6 + 100
 
 
+def test_numpy_scalars_come_back_as_python_numbers():
+    """numpy samples are stored as int/float, so the summary is JSON-ready."""
+    d = Distribution()
+    d.add(np.int64(7), count=np.int64(3))
+    d.add(np.float64(2.5))
+    assert d.as_dict() == {"count": 4, "p50": 7, "p99": 7, "max": 7}
+    assert {type(v) for v in d.as_dict().values()} == {int}
+    assert json.dumps(d.as_dict()) == '{"count": 4, "p50": 7, "p99": 7, "max": 7}'
+    assert d.percentile(25) == 2.5 and type(d.percentile(25)) is float
+
+
 def test_empty_distribution_reports_zero():
     """No samples: every statistic is 0."""
     d = Distribution()

@@ -64,6 +64,9 @@ class Distribution:
     def add(self, value: Real, count: int = 1) -> None:
         """Add ``count`` samples equal to ``value``.
 
+        ``value`` is kept as a Python ``int`` if it is integral (``numpy.int64`` included) and
+        as a ``float`` otherwise, so every statistic is a plain, JSON-ready number.
+
         Runtime complexity: O(1) amortized.
 
         Raises:
@@ -76,6 +79,8 @@ class Distribution:
                 raise TypeError(f"value must be a real number, got {vt.__name__}: {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"value must be finite, got {value!r}")
+            # Store plain Python numbers (numpy scalars in, JSON-ready numbers out).
+            value = int(value) if isinstance(value, Integral) else float(value)
         if type(count) is not int:
             if isinstance(count, bool) or not isinstance(count, Integral):
                 raise TypeError(f"count must be an int, got {type(count).__name__}: {count!r}")
@@ -148,7 +153,7 @@ class Distribution:
     def percentile(self, q: Real):
         """The ``q``-th percentile by nearest rank, ``0 <= q <= 100``; 0 if empty.
 
-        The value returned is one of the samples, as it was added.
+        The value returned is one of the samples (a Python int or float).
 
         Runtime complexity: O(k log k) for k distinct values on the first read after an
         ``add``, O(log k) after that.
