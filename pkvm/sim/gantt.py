@@ -88,7 +88,8 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
     height = min(max(2.0 + 0.32 * n, 3.0), 40.0)
     fig = Figure(figsize=(_WIDTH_IN, height), dpi=_DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.14, 0.9 / height + 0.02, 0.70, 1 - (0.9 + 0.55) / height))
+    bottom_in, top_in = 0.62, 0.42  # room for the time axis below, the title above
+    ax = fig.add_axes((0.14, bottom_in / height, 0.70, 1 - (bottom_in + top_in) / height))
     px_ns = span / (_WIDTH_IN * 0.70 * _DPI)  # the width of one pixel in modelled time
 
     colours: dict[str, str] = {}
@@ -113,8 +114,9 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
             colour = inst_colours.setdefault(
                 cat, _INSTANT_COLOURS[len(inst_colours) % len(_INSTANT_COLOURS)])
             xs = (np.asarray(ts, dtype=np.float64) - t0) / scale
-            ax.plot(xs, np.full(len(xs), y + 0.46), linestyle="none", marker="v",
-                    markersize=6, color=colour, clip_on=False)
+            ax.plot(xs, np.full(len(xs), y + 0.22), linestyle="none", marker="v",
+                    markersize=7, color=colour, markeredgecolor="white",
+                    markeredgewidth=0.6, zorder=5, clip_on=False)
 
     ax.set_yticks(range(len(tracks)))
     fontsize = 9 if len(tracks) <= 24 else 7 if len(tracks) <= 48 else 5
