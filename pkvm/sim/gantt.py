@@ -80,8 +80,8 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
 
     all_tracks = recorder.tracks
     tracks = all_tracks[:max_tracks]
-    t0, t1 = recorder.span()
-    span = max(t1 - t0, 1)
+    t0, t1 = (float(t) for t in recorder.span())
+    span = max(t1 - t0, 1.0)
     scale, unit = _time_unit(span)
 
     n = max(len(tracks), 1)
@@ -105,8 +105,8 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
             full = _KNOWN.get(cat, ("", "", False))[2]
             h = 0.8 if full else 0.44
             spans = _merge_spans(np.asarray(by_cat[cat], dtype=np.float64), px_ns)
-            xs = [((s - t0) / scale, (w) / scale) for s, w in spans]
-            ax.broken_barh(xs, (y - h / 2, h), facecolors=colour, edgecolors="none")
+            bars = [((s - t0) / scale, w / scale) for s, w in spans]
+            ax.broken_barh(bars, (y - h / 2, h), facecolors=colour, edgecolors="none")
         by_inst: dict[str, list] = {}
         for _, t, cat, _ in recorder.iter_instants(track):
             by_inst.setdefault(cat, []).append(t)
@@ -135,8 +135,8 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
         ax.text(0.5, 0.5, "no events recorded", transform=ax.transAxes, ha="center",
                 va="center")
 
-    handles = [Patch(facecolor=c, label=_KNOWN.get(cat, (cat,))[0])
-               for cat, c in colours.items()]
+    handles: list = [Patch(facecolor=c, label=_KNOWN.get(cat, (cat,))[0])
+                     for cat, c in colours.items()]
     handles += [Line2D([], [], linestyle="none", marker="v", color=c, label=cat)
                 for cat, c in inst_colours.items()]
     if handles:

@@ -93,10 +93,10 @@ class LockStats:
                  "acquisitions", "wait_distribution", "_rw")
 
     def __init__(self, rw: bool = False) -> None:
-        self.hold_ns = 0
-        self.hold_write_ns = 0
-        self.hold_read_ns = 0
-        self.wait_ns = 0
+        self.hold_ns: float = 0
+        self.hold_write_ns: float = 0
+        self.hold_read_ns: float = 0
+        self.wait_ns: float = 0
         self.waits = 0
         self.acquisitions = 0
         self.wait_distribution = Distribution()
@@ -144,6 +144,7 @@ class _Lock:
     """What every lock shares: the environment, the name, stats and the optional recorder."""
 
     spins = False
+    stats: LockStats
 
     def __init__(self, env: simpy.Environment, name: str, *, recorder=None) -> None:
         if not isinstance(env, simpy.Environment):
@@ -207,7 +208,7 @@ class Mutex(_Lock):
         super().__init__(env, name, recorder=recorder)
         self.stats = LockStats()
         self._holder: str | None = None
-        self._held_since = 0
+        self._held_since: float = 0
 
     @property
     def holder(self) -> str | None:
@@ -304,9 +305,9 @@ class RWLock(_Lock):
         super().__init__(env, name, recorder=recorder)
         self.stats = LockStats(rw=True)
         self._writer: str | None = None
-        self._write_since = 0
-        self._readers: dict[str, object] = {}  # owner -> time its read hold began
-        self._busy_since = 0  # when the lock last went from free to held (any mode)
+        self._write_since: float = 0
+        self._readers: dict[str, float] = {}  # owner -> time its read hold began
+        self._busy_since: float = 0  # when the lock last went from free to held (any mode)
 
     @property
     def writer(self) -> str | None:

@@ -71,7 +71,7 @@ class Recorder:
         """
         self._track(track)
 
-    def slice(self, track: str, name: str, start_ns: Real, end_ns: Real, cat: str,
+    def slice(self, track: str, name: str, start_ns: float, end_ns: float, cat: str,
               args: dict | None = None) -> None:
         """Record that ``track`` spent ``[start_ns, end_ns)`` in ``name`` (category ``cat``).
 
@@ -92,7 +92,7 @@ class Recorder:
                              f"[{start_ns}, {end_ns})")
         self._track(track)[0].append((name, start_ns, end_ns, cat, args))
 
-    def instant(self, track: str, name: str, t_ns: Real, cat: str,
+    def instant(self, track: str, name: str, t_ns: float, cat: str,
                 args: dict | None = None) -> None:
         """Record a point event ``name`` (category ``cat``) at ``t_ns`` on ``track``.
 
@@ -139,22 +139,22 @@ class Recorder:
         """The number of slices and instants on all tracks."""
         return self.n_slices() + self.n_instants()
 
-    def span(self) -> tuple[Real, Real]:
+    def span(self) -> tuple[float, float]:
         """``(first start, last end)`` over every slice and instant; ``(0, 0)`` if empty.
 
         Runtime complexity: O(n).
         """
-        lo = hi = None
+        starts: list[float] = []
+        ends: list[float] = []
         for slices, instants in self._tracks.values():
             if slices:
-                s_lo = min(s[1] for s in slices)
-                s_hi = max(s[2] for s in slices)
-                lo = s_lo if lo is None or s_lo < lo else lo
-                hi = s_hi if hi is None or s_hi > hi else hi
-            for i in instants:
-                lo = i[1] if lo is None or i[1] < lo else lo
-                hi = i[1] if hi is None or i[1] > hi else hi
-        return (0, 0) if lo is None else (lo, hi)
+                starts.append(min(s[1] for s in slices))
+                ends.append(max(s[2] for s in slices))
+            if instants:
+                times = [i[1] for i in instants]
+                starts.append(min(times))
+                ends.append(max(times))
+        return (min(starts), max(ends)) if starts else (0, 0)
 
     def __repr__(self) -> str:
         return (f"Recorder(tracks={len(self._tracks)}, slices={self.n_slices()}, "

@@ -56,12 +56,12 @@ class Distribution:
         self._count = 0
         self._total = 0
         self._max = 0
-        self._sorted: tuple[list, np.ndarray] | None = None
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
         self._compact_at = _COMPACT_AT
 
     # ---------------------------------------------------------------- updates
 
-    def add(self, value: Real, count: int = 1) -> None:
+    def add(self, value: float, count: int = 1) -> None:
         """Add ``count`` samples equal to ``value``.
 
         ``value`` is kept as a Python ``int`` if it is integral (``numpy.int64`` included) and
@@ -73,7 +73,7 @@ class Distribution:
             TypeError: ``value`` is not a real number, or ``count`` is not an int.
             ValueError: ``value`` is NaN or infinite, or ``count`` < 1. Nothing is added.
         """
-        vt = type(value)
+        vt: type = type(value)
         if vt is not int:  # the common case (int ns) skips the slower checks
             if vt is bool or not isinstance(value, Real):
                 raise TypeError(f"value must be a real number, got {vt.__name__}: {value!r}")
@@ -150,7 +150,7 @@ class Distribution:
         """The 99th percentile by nearest rank; 0 if empty."""
         return self.percentile(99)
 
-    def percentile(self, q: Real):
+    def percentile(self, q: float):
         """The ``q``-th percentile by nearest rank, ``0 <= q <= 100``; 0 if empty.
 
         The value returned is one of the samples (a Python int or float).
