@@ -27,6 +27,12 @@ def _acquire(lock, mode, owner, count=1):
     return lock.acquire(owner, count)
 
 
+def _try_acquire(lock, mode, owner):
+    if isinstance(lock, RWLock):
+        return (lock.try_acquire_read if mode == "r" else lock.try_acquire_write)(owner)
+    return lock.try_acquire(owner)
+
+
 def _release(lock, mode, owner):
     if isinstance(lock, RWLock):
         (lock.release_read if mode == "r" else lock.release_write)(owner)
@@ -310,6 +316,41 @@ def test_rwlock_misuse_is_refused(env):
     assert rw.writer == "w" and rw.readers == ()
 
 
+# ------------------------------------------------------------------ trylock
+
+
+def test_mutex_try_acquire(env):
+    """try_acquire takes a free mutex (no wait); on a held one it fails and queues nothing."""
+    m = Mutex(env, "m")
+    assert m.try_acquire("a") is True and m.holder == "a"
+    assert m.try_acquire("b") is False
+    assert m.waiting == () and m.stats.acquisitions == 1
+    with pytest.raises(RuntimeError, match=r"'a' already holds the lock"):
+        m.try_acquire("a")
+    m.acquire("b")
+    m.release("a")
+    assert m.try_acquire("c") is False  # b holds it now
+    m.release("b")
+    assert m.try_acquire("c", count=3) is True
+    assert m.stats.acquisitions == 1 + 1 + 3 and m.stats.waits == 0
+
+
+def test_rwlock_try_acquire_respects_fairness(env):
+    """read_trylock joins readers, but not past a waiting writer; write_trylock needs a free lock."""
+    rw = RWLock(env, "mmu_lock")
+    assert rw.try_acquire_read("r1") and rw.try_acquire_read("r2")
+    assert rw.try_acquire_write("w") is False and rw.queue == ()
+    rw.acquire_write("w")
+    assert rw.try_acquire_read("r3") is False  # a writer waits: r3 may not overtake it
+    assert rw.queue == (("w", "write"),) and rw.readers == ("r1", "r2")
+    rw.release_read("r1")
+    rw.release_read("r2")
+    assert rw.writer == "w"
+    rw.release_write("w")
+    assert rw.try_acquire_write("w2") is True
+    assert rw.stats.acquisitions == 4
+
+
 # ------------------------------------------------------------------ recorder
 
 
@@ -331,7 +372,8 @@ def test_lock_records_waits_and_holds_on_the_owner_track(env):
 
 # ------------------------------------------------------------------ properties
 
-OPS = st.lists(st.tuples(st.integers(0, 12), st.sampled_from("rw"), st.integers(0, 12)),
+OPS = st.lists(st.tuples(st.integers(0, 12), st.sampled_from("rw"), st.integers(0, 12),
+                         st.booleans()),
                min_size=1, max_size=4)
 SCHEDULES = st.lists(OPS, min_size=1, max_size=5)
 
@@ -362,11 +404,15 @@ def _run_schedule(lock, schedule, exclusive):
     seq = iter(range(10**6))
 
     def proc(owner, ops):
-        for delay, mode, hold in ops:
+        for delay, mode, hold, use_try in ops:
             mode = "w" if exclusive else mode
             yield env.timeout(delay)
             requested, n = env.now, next(seq)
-            wait = yield _acquire(lock, mode, owner)
+            # try-then-acquire must behave exactly as acquire alone
+            if use_try and _try_acquire(lock, mode, owner):
+                wait = 0
+            else:
+                wait = yield _acquire(lock, mode, owner)
             granted = env.now
             yield env.timeout(hold)
             _release(lock, mode, owner)

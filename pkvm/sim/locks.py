@@ -32,7 +32,10 @@ also the track a :class:`~pkvm.sim.recorder.Recorder` draws the owner's waits an
 ``rwlock_t`` waiters spin) means busy on its CPU, ``False`` (Mutex) means asleep.
 
 Acquiring returns a :class:`simpy.Event` to ``yield``; it is already triggered when the lock is
-free, and its value is the time waited (0 then). Statistics (:class:`LockStats`) count an
+free, and its value is the time waited (0 then). The ``try_acquire*`` variants (the kernel's
+``mutex_trylock``, ``read_trylock``, ``write_trylock``) take a free lock without creating an
+event and otherwise change nothing, so ``if not lock.try_acquire(o): yield lock.acquire(o)``
+behaves as ``yield lock.acquire(o)`` and costs no SimPy event when the lock is free. Statistics (:class:`LockStats`) count an
 acquisition when it is granted and a hold when it is released, so a hold still open at the end
 of a run is not in ``hold_ns``. Times are ``env.now`` differences: with integer timeouts (the
 engine's integer nanoseconds) every statistic is an exact int.
@@ -63,16 +66,21 @@ _READ = "read"
 _WRITE = "write"
 
 
-def _check_owner(owner) -> None:
-    if not isinstance(owner, str):
+def _check_args(owner, count) -> None:
+    """Validate an acquisition's arguments (cheap for the common ``str``, ``1``)."""
+    if type(owner) is not str and not isinstance(owner, str):
         raise TypeError(f"owner must be a str, got {type(owner).__name__}: {owner!r}")
-
-
-def _check_count(count) -> None:
+    if count == 1 and type(count) is int:
+        return
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"count must be an int, got {type(count).__name__}: {count!r}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+
+
+def _check_owner(owner) -> None:
+    if type(owner) is not str and not isinstance(owner, str):
+        raise TypeError(f"owner must be a str, got {type(owner).__name__}: {owner!r}")
 
 
 class LockStats:
@@ -104,7 +112,7 @@ class LockStats:
 
     def _granted(self, wait, count: int) -> None:
         self.acquisitions += count
-        if wait > 0:
+        if wait:  # never negative: a grant comes at or after its request
             self.wait_ns += wait
             self.waits += 1
             self.wait_distribution._add(wait, 1)
@@ -155,18 +163,28 @@ class _Lock:
         self.name = name
         self.recorder = recorder
         self._queue: deque = deque()  # (mode, owner, event, requested_at, count)
+        self._queued: set[str] = set()  # the owners in _queue, for an O(1) misuse check
 
     @property
     def waiting(self) -> tuple[str, ...]:
         """Owners queued for the lock, head first."""
         return tuple(w[1] for w in self._queue)
 
-    def _grant_now(self, owner: str, count: int) -> simpy.Event:
+    def _enqueue(self, mode: str, owner: str, count: int) -> simpy.Event:
+        event = self.env.event()
+        self._queue.append((mode, owner, event, self.env.now, count))
+        self._queued.add(owner)
+        return event
+
+    def _grant_now(self, count: int) -> simpy.Event:
         self.stats._granted(0, count)
         return self.env.event().succeed(0)
 
-    def _grant_waiter(self, waiter) -> None:
+    def _grant_head(self):
+        """Pop the head of the queue and grant it: stats, recording, wake its process."""
+        waiter = self._queue.popleft()
         mode, owner, event, requested_at, count = waiter
+        self._queued.discard(owner)
         now = self.env.now
         wait = now - requested_at
         self.stats._granted(wait, count)
@@ -174,17 +192,16 @@ class _Lock:
             self.recorder.slice(owner, f"wait {self.name}", requested_at, now, "lock_wait",
                                 {"lock": self.name, "mode": mode})
         event.succeed(wait)
+        return waiter
 
     def _record_hold(self, owner: str, mode: str, start) -> None:
-        if self.recorder is not None:
-            self.recorder.slice(owner, f"hold {self.name}", start, self.env.now, "lock_hold",
-                                {"lock": self.name, "mode": mode})
+        self.recorder.slice(owner, f"hold {self.name}", start, self.env.now, "lock_hold",
+                            {"lock": self.name, "mode": mode})
 
-    def _check_not_involved(self, owner: str) -> None:
-        for w in self._queue:
-            if w[1] == owner:
-                raise RuntimeError(f"{self.name}: {owner!r} is already waiting for the lock; "
-                                   "a second acquisition would deadlock")
+    def _refuse_if_queued(self, owner: str) -> None:
+        if owner in self._queued:
+            raise RuntimeError(f"{self.name}: {owner!r} is already waiting for the lock; "
+                               "a second acquisition would deadlock")
 
 
 class Mutex(_Lock):
@@ -221,7 +238,7 @@ class Mutex(_Lock):
         return self._holder is not None
 
     def acquire(self, owner: str, count: int = 1) -> simpy.Event:
-        """Request the lock for ``owner``; ``yield`` the event to wait until it is granted.
+        """Request the lock for ``owner`` (``mutex_lock``); ``yield`` the event until granted.
 
         The event is already triggered if the lock is free and nobody waits; its value is the
         time waited. ``count=n`` stands for ``n`` back-to-back acquisitions (module docstring).
@@ -230,39 +247,61 @@ class Mutex(_Lock):
             TypeError, ValueError: bad ``owner`` or ``count``.
             RuntimeError: ``owner`` already holds or waits for the lock.
         """
-        _check_owner(owner)
-        _check_count(count)
-        if self._holder == owner:
+        if self._free_for(owner, count):
+            return self._grant_now(count)
+        return self._enqueue(_WRITE, owner, count)
+
+    def try_acquire(self, owner: str, count: int = 1) -> bool:
+        """Take the lock at once if it is free and nobody waits (``mutex_trylock``).
+
+        Returns True if ``owner`` now holds it (an acquisition with no wait); False, with
+        nothing changed and nothing queued, otherwise. ``if not m.try_acquire(o): yield
+        m.acquire(o)`` is equivalent to ``yield m.acquire(o)``, without an event when the lock
+        is free.
+
+        Raises:
+            as :meth:`acquire`.
+        """
+        if self._free_for(owner, count):
+            self.stats._granted(0, count)
+            return True
+        return False
+
+    def _free_for(self, owner: str, count: int) -> bool:
+        """Validate; if the lock is free and nobody waits, make ``owner`` the holder."""
+        _check_args(owner, count)
+        holder = self._holder
+        if holder is None:
+            if not self._queue:
+                self._holder = owner
+                self._held_since = self.env.now
+                return True
+            self._refuse_if_queued(owner)
+            return False
+        if holder == owner:
             raise RuntimeError(f"{self.name}: {owner!r} already holds the lock; "
                                "a recursive acquisition would deadlock")
-        self._check_not_involved(owner)
-        if self._holder is None and not self._queue:
-            self._holder = owner
-            self._held_since = self.env.now
-            return self._grant_now(owner, count)
-        event = self.env.event()
-        self._queue.append((_WRITE, owner, event, self.env.now, count))
-        return event
+        self._refuse_if_queued(owner)
+        return False
 
     def release(self, owner: str) -> None:
-        """Release the lock held by ``owner``; the first waiter, if any, gets it now.
+        """Release the lock held by ``owner`` (``mutex_unlock``); the first waiter gets it now.
 
         Raises:
             TypeError: ``owner`` is not a str.
             RuntimeError: ``owner`` does not hold the lock.
         """
-        _check_owner(owner)
         if self._holder != owner:
+            _check_owner(owner)
             raise RuntimeError(f"{self.name}: {owner!r} releases a lock it does not hold "
                                f"(holder: {self._holder!r})")
         now = self.env.now
         self.stats.hold_ns += now - self._held_since
-        self._record_hold(owner, _WRITE, self._held_since)
+        if self.recorder is not None:
+            self._record_hold(owner, _WRITE, self._held_since)
         if self._queue:
-            waiter = self._queue.popleft()
-            self._holder = waiter[1]
+            self._holder = self._grant_head()[1]
             self._held_since = now
-            self._grant_waiter(waiter)
         else:
             self._holder = None
 
@@ -339,15 +378,9 @@ class RWLock(_Lock):
             TypeError, ValueError: bad ``owner`` or ``count``.
             RuntimeError: ``owner`` already holds or waits for the lock.
         """
-        self._check_acquire(owner, count)
-        if self._writer is None and not self._queue:
-            if not self._readers:
-                self._busy_since = self.env.now
-            self._readers[owner] = self.env.now
-            return self._grant_now(owner, count)
-        event = self.env.event()
-        self._queue.append((_READ, owner, event, self.env.now, count))
-        return event
+        if self._read_free_for(owner, count):
+            return self._grant_now(count)
+        return self._enqueue(_READ, owner, count)
 
     def acquire_write(self, owner: str, count: int = 1) -> simpy.Event:
         """Request the lock for write (``write_lock``); ``yield`` the event.
@@ -359,14 +392,38 @@ class RWLock(_Lock):
             TypeError, ValueError: bad ``owner`` or ``count``.
             RuntimeError: ``owner`` already holds or waits for the lock.
         """
-        self._check_acquire(owner, count)
-        if not self.locked and not self._queue:
-            self._writer = owner
-            self._write_since = self._busy_since = self.env.now
-            return self._grant_now(owner, count)
-        event = self.env.event()
-        self._queue.append((_WRITE, owner, event, self.env.now, count))
-        return event
+        if self._write_free_for(owner, count):
+            return self._grant_now(count)
+        return self._enqueue(_WRITE, owner, count)
+
+    def try_acquire_read(self, owner: str, count: int = 1) -> bool:
+        """Take the lock for read at once if no writer holds or waits (``read_trylock``).
+
+        Returns True if ``owner`` now holds it for read; False, with nothing changed and
+        nothing queued, otherwise. ``if not rw.try_acquire_read(o): yield
+        rw.acquire_read(o)`` is equivalent to ``yield rw.acquire_read(o)``.
+
+        Raises:
+            as :meth:`acquire_read`.
+        """
+        if self._read_free_for(owner, count):
+            self.stats._granted(0, count)
+            return True
+        return False
+
+    def try_acquire_write(self, owner: str, count: int = 1) -> bool:
+        """Take the lock for write at once if it is free (``write_trylock``).
+
+        Returns True if ``owner`` now holds it for write; False, with nothing changed and
+        nothing queued, otherwise.
+
+        Raises:
+            as :meth:`acquire_write`.
+        """
+        if self._write_free_for(owner, count):
+            self.stats._granted(0, count)
+            return True
+        return False
 
     def release_read(self, owner: str) -> None:
         """Release ``owner``'s read hold; if it was the last reader, the queue's head enters.
@@ -375,14 +432,16 @@ class RWLock(_Lock):
             TypeError: ``owner`` is not a str.
             RuntimeError: ``owner`` does not hold the lock for read.
         """
-        _check_owner(owner)
-        if owner not in self._readers:
+        readers = self._readers
+        if owner not in readers:
+            _check_owner(owner)
             raise RuntimeError(f"{self.name}: {owner!r} releases a read hold it does not have "
-                               f"(readers: {list(self._readers)!r}, writer: {self._writer!r})")
-        start = self._readers.pop(owner)
+                               f"(readers: {list(readers)!r}, writer: {self._writer!r})")
+        start = readers.pop(owner)
         self.stats.hold_read_ns += self.env.now - start
-        self._record_hold(owner, _READ, start)
-        if not self._readers:
+        if self.recorder is not None:
+            self._record_hold(owner, _READ, start)
+        if not readers:
             self._freed()
 
     def release_write(self, owner: str) -> None:
@@ -392,40 +451,63 @@ class RWLock(_Lock):
             TypeError: ``owner`` is not a str.
             RuntimeError: ``owner`` does not hold the lock for write.
         """
-        _check_owner(owner)
         if self._writer != owner:
+            _check_owner(owner)
             raise RuntimeError(f"{self.name}: {owner!r} releases a write hold it does not have "
                                f"(writer: {self._writer!r}, readers: {list(self._readers)!r})")
         self.stats.hold_write_ns += self.env.now - self._write_since
-        self._record_hold(owner, _WRITE, self._write_since)
+        if self.recorder is not None:
+            self._record_hold(owner, _WRITE, self._write_since)
         self._writer = None
         self._freed()
 
     # ------------------------------------------------------------ internals
 
     def _check_acquire(self, owner: str, count: int) -> None:
-        _check_owner(owner)
-        _check_count(count)
+        _check_args(owner, count)
         if owner == self._writer or owner in self._readers:
             raise RuntimeError(f"{self.name}: {owner!r} already holds the lock; "
                                "a recursive acquisition would deadlock")
-        self._check_not_involved(owner)
+        self._refuse_if_queued(owner)
+
+    def _read_free_for(self, owner: str, count: int) -> bool:
+        """Validate; if a reader may enter now, make ``owner`` one."""
+        readers = self._readers
+        if (type(owner) is not str or type(count) is not int or count != 1
+                or owner in readers or owner == self._writer or owner in self._queued):
+            self._check_acquire(owner, count)  # raises, unless only the count is unusual
+        if self._writer is None and not self._queue:
+            now = self.env.now
+            if not readers:
+                self._busy_since = now
+            readers[owner] = now
+            return True
+        return False
+
+    def _write_free_for(self, owner: str, count: int) -> bool:
+        """Validate; if the lock is free and nobody waits, make ``owner`` the writer."""
+        if (type(owner) is not str or type(count) is not int or count != 1
+                or owner in self._readers or owner == self._writer or owner in self._queued):
+            self._check_acquire(owner, count)  # raises, unless only the count is unusual
+        if self._writer is None and not self._readers and not self._queue:
+            self._writer = owner
+            self._write_since = self._busy_since = self.env.now
+            return True
+        return False
 
     def _freed(self) -> None:
         """The lock just became free: hand it to the head of the queue, as the kernel does."""
-        now = self.env.now
         queue = self._queue
         if not queue:
-            self.stats.hold_ns += now - self._busy_since
+            self.stats.hold_ns += self.env.now - self._busy_since
             return
         # Held without a gap: the busy interval (for hold_ns) continues.
+        now = self.env.now
         if queue[0][0] == _WRITE:
-            waiter = queue.popleft()
-            self._writer = waiter[1]
+            self._writer = self._grant_head()[1]
             self._write_since = now
-            self._grant_waiter(waiter)
             return
         while queue and queue[0][0] == _READ:
-            waiter = queue.popleft()
-            self._readers[waiter[1]] = now
-            self._grant_waiter(waiter)
+            # Enter before waking, so the readers dict is complete when the first one runs.
+            self._readers[queue[0][1]] = now
+            self._grant_head()
