@@ -316,6 +316,48 @@ def test_rwlock_misuse_is_refused(env):
     assert rw.writer == "w" and rw.readers == ()
 
 
+def test_interrupted_waiter_keeps_its_place(env):
+    """A waiter interrupted (an IPI) stays queued; re-yielding the event gets the lock in turn."""
+    m = SpinLock(env, "kvm->mmu_lock")
+    got = {}
+
+    def holder():
+        yield m.acquire("vcpu0")
+        yield env.timeout(10)
+        m.release("vcpu0")
+
+    def waiter():
+        yield env.timeout(1)
+        ev = m.acquire("vcpu1")
+        try:
+            yield ev
+        except simpy.Interrupt:
+            yield env.timeout(20)  # the IPI handler runs past the hand-off at t=10
+            got["resumed"] = env.now
+            got["wait"] = yield ev  # already processed: resumes at once
+        got["at"] = env.now
+        m.release("vcpu1")
+
+    def late():
+        yield env.timeout(2)
+        yield m.acquire("vcpu2")
+        got["vcpu2"] = env.now
+        m.release("vcpu2")
+
+    env.process(holder())
+    w = env.process(waiter())
+    env.process(late())
+
+    def ipi():
+        yield env.timeout(5)
+        w.interrupt("tlb shootdown")
+
+    env.process(ipi())
+    env.run()
+    assert got == {"resumed": 25, "wait": 9, "at": 25, "vcpu2": 25}
+    assert m.stats.wait_ns == 9 + 23 and m.stats.hold_ns == 10 + 15
+
+
 # ------------------------------------------------------------------ trylock
 
 

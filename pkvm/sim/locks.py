@@ -40,6 +40,12 @@ acquisition when it is granted and a hold when it is released, so a hold still o
 of a run is not in ``hold_ns``. Times are ``env.now`` differences: with integer timeouts (the
 engine's integer nanoseconds) every statistic is an exact int.
 
+A waiter keeps its place in the queue whatever happens to its process, as a spinning waiter
+that takes an IPI stays queued in the kernel: if the engine interrupts a process while it
+waits (``simpy.Interrupt``), the process must ``yield`` the same event again; if the lock was
+granted meanwhile, the event is already processed and the process resumes at once. The grant
+time, and so the wait, is when the lock was handed over, not when the process resumed.
+
 Misuse is a programming error and raises ``RuntimeError`` without changing the lock: releasing
 a lock the owner does not hold (in that mode), or acquiring a lock the owner already holds or
 waits for (the kernel would deadlock). ``owner`` must be a ``str`` (``TypeError``) and
@@ -164,6 +170,8 @@ class _Lock:
         self.recorder = recorder
         self._queue: deque = deque()  # (mode, owner, event, requested_at, count)
         self._queued: set[str] = set()  # the owners in _queue, for an O(1) misuse check
+        # Recorded slices share one args dict per mode (a recorder keeps args by reference).
+        self._rec_args = {m: {"lock": name, "mode": m} for m in (_READ, _WRITE)}
 
     @property
     def waiting(self) -> tuple[str, ...]:
@@ -190,13 +198,13 @@ class _Lock:
         self.stats._granted(wait, count)
         if wait > 0 and self.recorder is not None:
             self.recorder.slice(owner, f"wait {self.name}", requested_at, now, "lock_wait",
-                                {"lock": self.name, "mode": mode})
+                                self._rec_args[mode])
         event.succeed(wait)
         return waiter
 
     def _record_hold(self, owner: str, mode: str, start) -> None:
         self.recorder.slice(owner, f"hold {self.name}", start, self.env.now, "lock_hold",
-                            {"lock": self.name, "mode": mode})
+                            self._rec_args[mode])
 
     def _refuse_if_queued(self, owner: str) -> None:
         if owner in self._queued:
