@@ -412,6 +412,21 @@ def test_lock_records_waits_and_holds_on_the_owner_track(env):
         ("hold mmu_lock", 10, 13, CAT_LOCK_HOLD, {"lock": "mmu_lock", "mode": "read"})]
 
 
+def test_mutex_records_without_a_mode(env):
+    """A mutex records waits and holds too; its slices carry only the lock's name."""
+    rec = Recorder()
+    m = Mutex(env, "slots_lock", recorder=rec)
+    log = []
+    env.process(actor(env, m, log, "vmm", 0, "w", 10))
+    env.process(actor(env, m, log, "vcpu0", 4, "w", 3))
+    env.run()
+    assert list(rec.iter_slices("vcpu0")) == [
+        ("wait slots_lock", 4, 10, CAT_LOCK_WAIT, {"lock": "slots_lock"}),
+        ("hold slots_lock", 10, 13, CAT_LOCK_HOLD, {"lock": "slots_lock"})]
+    with pytest.raises(TypeError, match=r"recorder must be a pkvm.sim.recorder.Recorder or None, got list"):
+        Mutex(env, "m", recorder=[])
+
+
 # ------------------------------------------------------------------ properties
 
 OPS = st.lists(st.tuples(st.integers(0, 12), st.sampled_from("rw"), st.integers(0, 12),

@@ -35,16 +35,22 @@ Acquiring returns a :class:`simpy.Event` to ``yield``; it is already triggered w
 free, and its value is the time waited (0 then). The ``try_acquire*`` variants (the kernel's
 ``mutex_trylock``, ``read_trylock``, ``write_trylock``) take a free lock without creating an
 event and otherwise change nothing, so ``if not lock.try_acquire(o): yield lock.acquire(o)``
-behaves as ``yield lock.acquire(o)`` and costs no SimPy event when the lock is free. Statistics (:class:`LockStats`) count an
-acquisition when it is granted and a hold when it is released, so a hold still open at the end
-of a run is not in ``hold_ns``. Times are ``env.now`` differences: with integer timeouts (the
-engine's integer nanoseconds) every statistic is an exact int.
+behaves as ``yield lock.acquire(o)`` and costs no SimPy event when the lock is free.
+
+Statistics (:class:`LockStats`) count an acquisition when it is granted and a hold when it is
+released, so a hold still open at the end of a run is not in ``hold_ns``. Times are
+``env.now`` differences: with integer timeouts (the engine's integer nanoseconds) every
+statistic is an exact int.
 
 A waiter keeps its place in the queue whatever happens to its process, as a spinning waiter
 that takes an IPI stays queued in the kernel: if the engine interrupts a process while it
 waits (``simpy.Interrupt``), the process must ``yield`` the same event again; if the lock was
 granted meanwhile, the event is already processed and the process resumes at once. The grant
 time, and so the wait, is when the lock was handed over, not when the process resumed.
+
+Recording: given ``recorder=``, a lock records on the owner's track each wait longer than 0
+(``"wait <name>"``, category ``lock_wait``) and each hold (``"hold <name>"``, ``lock_hold``),
+with ``{"lock": name}`` as arguments (and ``"mode": "read" | "write"`` for an RWLock).
 
 Misuse is a programming error and raises ``RuntimeError`` without changing the lock: releasing
 a lock the owner does not hold (in that mode), or acquiring a lock the owner already holds or
@@ -64,6 +70,7 @@ from collections import deque
 
 import simpy
 
+from .recorder import CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from .stats import Distribution
 
 __all__ = ["LockStats", "Mutex", "RWLock", "SpinLock"]
@@ -165,13 +172,16 @@ class _Lock:
             raise TypeError(f"env must be a simpy.Environment, got {type(env).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
+        if recorder is not None and not isinstance(recorder, Recorder):
+            raise TypeError(f"recorder must be a pkvm.sim.recorder.Recorder or None, "
+                            f"got {type(recorder).__name__}")
         self.env = env
         self.name = name
         self.recorder = recorder
         self._queue: deque = deque()  # (mode, owner, event, requested_at, count)
         self._queued: set[str] = set()  # the owners in _queue, for an O(1) misuse check
         # Recorded slices share one args dict per mode (a recorder keeps args by reference).
-        self._rec_args = {m: {"lock": name, "mode": m} for m in (_READ, _WRITE)}
+        self._rec_args: dict[str, dict] = {_WRITE: {"lock": name}}
 
     @property
     def waiting(self) -> tuple[str, ...]:
@@ -197,13 +207,15 @@ class _Lock:
         wait = now - requested_at
         self.stats._granted(wait, count)
         if wait > 0 and self.recorder is not None:
-            self.recorder.slice(owner, f"wait {self.name}", requested_at, now, "lock_wait",
+            self.recorder.slice(owner, f"wait {self.name}", requested_at, now, CAT_LOCK_WAIT,
                                 self._rec_args[mode])
         event.succeed(wait)
         return waiter
 
     def _record_hold(self, owner: str, mode: str, start) -> None:
-        self.recorder.slice(owner, f"hold {self.name}", start, self.env.now, "lock_hold",
+        """Record a hold; callers check ``self.recorder is not None`` first (hot path)."""
+        assert self.recorder is not None
+        self.recorder.slice(owner, f"hold {self.name}", start, self.env.now, CAT_LOCK_HOLD,
                             self._rec_args[mode])
 
     def _refuse_if_queued(self, owner: str) -> None:
@@ -351,6 +363,7 @@ class RWLock(_Lock):
     def __init__(self, env: simpy.Environment, name: str, *, recorder=None) -> None:
         super().__init__(env, name, recorder=recorder)
         self.stats = LockStats(rw=True)
+        self._rec_args = {m: {"lock": name, "mode": m} for m in (_READ, _WRITE)}
         self._writer: str | None = None
         self._write_since: float = 0
         self._readers: dict[str, float] = {}  # owner -> time its read hold began
