@@ -5,7 +5,11 @@ categories (lock holds, lock waits, IPI stalls, anything else) are drawn as narr
 top, so a lock wait nested in a busy slice stays visible. Instants are markers above the
 row. Colours are fixed for the known categories (``busy``, ``lock_wait``, ``lock_hold``,
 ``ipi_stall``) and taken in order from a qualitative palette for the others; a legend names
-them. The time axis is in µs, ms or s, whichever suits the span.
+them. The time axis is in µs, ms or s, whichever suits the span, and starts at 0 (or at the
+first event, if the events start late in the run).
+
+Below one pixel nothing can be told apart: a row of short slices with short gaps between them
+draws as one bar. Zoom in on the Chrome trace to see them.
 
 Speed: before drawing, each (track, category)'s slices are merged wherever the gap between
 them is under one pixel, and every bar is at least one pixel wide, so a chart of a million
@@ -80,7 +84,9 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
 
     all_tracks = recorder.tracks
     tracks = all_tracks[:max_tracks]
-    t0, t1 = (float(t) for t in recorder.span())
+    first, t1 = (float(t) for t in recorder.span())
+    # The axis starts at time 0 unless the events start late in the run (then at the first).
+    t0 = 0.0 if 0 <= first <= 0.1 * (t1 - first) else first
     span = max(t1 - t0, 1.0)
     scale, unit = _time_unit(span)
 
@@ -123,7 +129,7 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
     ax.set_yticklabels(list(reversed(tracks)), fontsize=fontsize)
     ax.set_ylim(-0.7, max(len(tracks), 1) - 0.2)
     ax.set_xlim(0, span / scale * 1.01)
-    ax.set_xlabel(f"time since {_fmt_start(t0)} ({unit})")
+    ax.set_xlabel(f"time ({unit})" if t0 == 0 else f"time since {_fmt_start(t0)} ({unit})")
     ax.grid(axis="x", linewidth=0.4, alpha=0.5)
     ax.set_axisbelow(True)
     if len(all_tracks) > len(tracks):
@@ -193,7 +199,5 @@ def _time_unit(span_ns: float) -> tuple[float, str]:
 
 
 def _fmt_start(t0_ns: float) -> str:
-    if t0_ns == 0:
-        return "0"
     scale, unit = _time_unit(abs(t0_ns))
     return f"{t0_ns / scale:g} {unit}"
