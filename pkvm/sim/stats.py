@@ -1,0 +1,192 @@
+"""Weighted samples with exact nearest-rank percentiles.
+
+:class:`Distribution` keeps latencies (or any real values) as ``(value, count)`` pairs, so a
+batch of ``n`` identical samples costs O(1) to add: the timeline compresses a run of identical
+faults into one event and must not expand it again to report a p99.
+
+Percentiles use the **nearest-rank** method on the weighted samples: with ``N`` samples in all,
+the ``q``-th percentile is the smallest sample value ``v`` such that at least
+``ceil(q / 100 * N)`` samples are ``<= v`` (and the smallest sample for a rank of 0). The result
+is always one of the sample values, never an interpolation between two, and it is exact: the
+rank is computed in rational arithmetic, so ``p50`` of ``[1, 2]`` is ``1`` and ``p99`` of 100
+samples is the 99th smallest. An empty distribution reports 0 for every statistic.
+
+Invariants: ``count`` is the sum of the counts added; ``total`` the sum of ``value * count``
+(exact for integer values); every statistic is a pure function of the multiset of samples, so
+the order of ``add`` calls never changes a result.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from numbers import Integral, Real
+
+import numpy as np
+
+__all__ = ["Distribution"]
+
+# Consecutive adds of distinct values accumulate in two parallel lists; past this many pairs
+# they are folded into one pair per distinct value, so memory follows the number of distinct
+# values, not the number of adds. The next fold waits until the lists have doubled, which
+# keeps ``add`` O(1) amortized even when most values are distinct.
+_COMPACT_AT = 1 << 16
+
+
+class Distribution:
+    """A multiset of real values with weights, and its count, total, mean, max and percentiles.
+
+    ``add(value, count)`` is O(1) amortized; reading a percentile sorts the distinct values
+    once (O(k log k) for k distinct values, with numpy) and caches the result until the next
+    ``add``.
+
+    >>> d = Distribution()
+    >>> d.add(10, count=98); d.add(500); d.add(7000)
+    >>> d.count, d.total, d.p50, d.p99, d.max
+    (100, 8480, 10, 500, 7000)
+    >>> d.as_dict()
+    {'count': 100, 'p50': 10, 'p99': 500, 'max': 7000}
+    """
+
+    __slots__ = ("_values", "_counts", "_count", "_total", "_max", "_sorted", "_compact_at")
+
+    def __init__(self) -> None:
+        self._values: list = []
+        self._counts: list[int] = []
+        self._count = 0
+        self._total = 0
+        self._max = 0
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self._compact_at = _COMPACT_AT
+
+    # ---------------------------------------------------------------- updates
+
+    def add(self, value: float, count: int = 1) -> None:
+        """Add ``count`` samples equal to ``value``.
+
+        ``value`` is kept as a Python ``int`` if it is integral (``numpy.int64`` included) and
+        as a ``float`` otherwise, so every statistic is a plain, JSON-ready number.
+
+        Runtime complexity: O(1) amortized.
+
+        Raises:
+            TypeError: ``value`` is not a real number, or ``count`` is not an int.
+            ValueError: ``value`` is NaN or infinite, or ``count`` < 1. Nothing is added.
+        """
+        vt: type = type(value)
+        if vt is not int:  # the common case (int ns) skips the slower checks
+            if vt is bool or not isinstance(value, Real):
+                raise TypeError(f"value must be a real number, got {vt.__name__}: {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"value must be finite, got {value!r}")
+            # Store plain Python numbers (numpy scalars in, JSON-ready numbers out).
+            value = int(value) if isinstance(value, Integral) else float(value)
+        if type(count) is not int:
+            if isinstance(count, bool) or not isinstance(count, Integral):
+                raise TypeError(f"count must be an int, got {type(count).__name__}: {count!r}")
+            count = int(count)
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self._add(value, count)
+
+    def _add(self, value, count: int) -> None:
+        """Add without validation, for callers inside pkvm that pass checked values."""
+        values = self._values
+        if values and values[-1] == value:
+            self._counts[-1] += count
+        else:
+            values.append(value)
+            self._counts.append(count)
+            if len(values) >= self._compact_at:
+                self._compact()
+        if self._count == 0 or value > self._max:
+            self._max = value
+        self._count += count
+        self._total += value * count
+        self._sorted = None
+
+    def _compact(self) -> None:
+        """Fold the samples into one (value, count) pair per distinct value, in sorted order."""
+        order, cum = self._sorted_view()
+        ordered = np.asarray(self._values)[order]
+        last_of_run = np.ones(len(ordered), dtype=bool)
+        last_of_run[:-1] = ordered[1:] != ordered[:-1]
+        ends = np.flatnonzero(last_of_run)
+        values = self._values
+        self._values = [values[int(order[i])] for i in ends]
+        self._counts = np.diff(cum[ends], prepend=0).tolist()
+        self._sorted = None
+        self._compact_at = max(_COMPACT_AT, 2 * len(self._values))
+
+    # ---------------------------------------------------------------- reads
+
+    @property
+    def count(self) -> int:
+        """The number of samples (the sum of the counts added)."""
+        return self._count
+
+    @property
+    def total(self):
+        """The sum of all samples, ``sum(value * count)``; 0 if empty."""
+        return self._total
+
+    @property
+    def mean(self) -> float:
+        """``total / count`` as a float; 0.0 if empty."""
+        return self._total / self._count if self._count else 0.0
+
+    @property
+    def max(self):
+        """The largest sample; 0 if empty."""
+        return self._max
+
+    @property
+    def p50(self):
+        """The median by nearest rank (the lower middle for an even count); 0 if empty."""
+        return self.percentile(50)
+
+    @property
+    def p99(self):
+        """The 99th percentile by nearest rank; 0 if empty."""
+        return self.percentile(99)
+
+    def percentile(self, q: float):
+        """The ``q``-th percentile by nearest rank, ``0 <= q <= 100``; 0 if empty.
+
+        The value returned is one of the samples (a Python int or float).
+
+        Runtime complexity: O(k log k) for k distinct values on the first read after an
+        ``add``, O(log k) after that.
+
+        Raises:
+            TypeError: ``q`` is not a real number.
+            ValueError: ``q`` is outside ``[0, 100]``.
+        """
+        if isinstance(q, bool) or not isinstance(q, Real):
+            raise TypeError(f"q must be a real number, got {type(q).__name__}: {q!r}")
+        if not 0 <= q <= 100:
+            raise ValueError(f"q must be in [0, 100], got {q!r}")
+        if self._count == 0:
+            return 0
+        # str() of a float is the shortest decimal that round-trips: 99.9 means 999/10 exactly.
+        exact_q = Fraction(str(q)) if isinstance(q, float) else Fraction(q)
+        rank = max(math.ceil(exact_q * self._count / 100), 1)
+        order, cum = self._sorted_view()
+        i = int(np.searchsorted(cum, rank, side="left"))
+        return self._values[int(order[i])]
+
+    def _sorted_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, cumulative counts): ``order`` sorts the values ascending (stable)."""
+        if self._sorted is None:
+            order = np.argsort(np.asarray(self._values), kind="stable")
+            cum = np.cumsum(np.asarray(self._counts, dtype=np.int64)[order])
+            self._sorted = (order, cum)
+        return self._sorted
+
+    def as_dict(self) -> dict:
+        """``{"count", "p50", "p99", "max"}``, the summary a result table shows."""
+        return {"count": self._count, "p50": self.p50, "p99": self.p99, "max": self._max}
+
+    def __repr__(self) -> str:
+        return (f"Distribution(count={self._count}, p50={self.p50!r}, p99={self.p99!r}, "
+                f"max={self._max!r})")
