@@ -1,0 +1,563 @@
+"""The concurrent timeline: pkvm's actors on one SimPy clock, with the kernel's locks.
+
+Every actor — each vCPU thread (guest code, and the VMM's handling of that vCPU's exits, as
+QEMU does it on the vCPU thread) and the VMM's main-loop thread (``vmm``: memory setup,
+launch, discards) — is a SimPy process. The KVM model stays synchronous; an actor runs the
+model's code as a *steppable coroutine* (a greenlet) that yields to its SimPy process at the
+kernel's synchronisation points: a lock acquired or released (``slots_lock``, ``mmu_lock``,
+guest_memfd's invalidate lock, the direct map's ``cpa_lock``, the TDX S-EPT), a retry that
+waits for another thread, and a request for the next task. At each yield the actor's clock
+advances by the modeled time charged since its last yield (the cost model's prices), so a run
+of N pages handled as one batch is one event with the summed duration, split only where a lock
+or another actor's event intervenes. Without a timeline the same code runs to completion and
+the clock is the sum of work (``vm.modeled_ns``), exactly as before.
+
+Time-ordering rule (determinism): SimPy processes events that fall at the same time in the
+order they were scheduled; actors are created in the order ``vmm``, ``vcpu0``, ``vcpu1``...,
+and a lock's waiters are served FIFO (readers behind a waiting writer wait: the qrwlock rule).
+Same configuration and seed, same timeline, byte for byte.
+
+See ``docs/timeline.md`` for the model, what is approximated and the results it reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import greenlet
+import simpy
+
+from pkvm.sim.locks import Mutex, RWLock, SpinLock
+from pkvm.sim.stats import Distribution
+
+__all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS"]
+
+READ, WRITE = 0, 1
+
+#: The locks the model takes, with the kernel object each stands for.
+LOCKS: Mapping[str, str] = {
+    "slots_lock": "kvm->slots_lock (mutex): the whole KVM_SET_MEMORY_ATTRIBUTES ioctl, memslot updates",
+    "mmu_lock": "kvm->mmu_lock (rwlock_t, a qrwlock on x86): TDP MMU faults read, invalidations write",
+    "gmem_invalidate": "the guest_memfd mapping's invalidate_lock, taken exclusive to punch a hole "
+                       "(faults' pfn lookup takes only the folio lock, 6.8-6.18)",
+    "cpa_lock": "the host kernel's direct-map change (set_memory_*): one per host, serialises splits",
+    "tdx_sept": "the TDX module's per-TD S-EPT lock: concurrent SEAMCALLs get TDX_OPERAND_BUSY and retry",
+}
+LATENCY_KINDS = ("fault", "attr_ioctl", "conversion", "exit")
+RACE_KINDS = ("rmp_npf_loop", "rmp_npf_loop_ns", "pf_retry", "pf_retry_ns", "tdx_busy_retry", "rmp_inuse_retry")
+
+# requests an actor's coroutine sends to its SimPy process
+_ACQ, _REL, _WAIT, _SYNC = 0, 1, 2, 3
+
+
+class _Actor:
+    __slots__ = ("name", "glet", "busy", "wait", "task", "work", "idle", "stall_debt", "in_task",
+                 "held", "vcpu", "charge_to", "lock_wait", "ipi", "spin", "fast", "grants")
+
+    def __init__(self, name: str, vcpu: bool) -> None:
+        self.name = name
+        self.glet: greenlet.greenlet | None = None
+        self.busy = 0
+        self.wait = 0  # lock_wait + ipi + spin
+        self.lock_wait = 0
+        self.ipi = 0
+        self.spin = 0
+        self.task: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+        self.work: simpy.Event | None = None
+        self.idle: simpy.Event | None = None
+        self.stall_debt = 0
+        self.in_task = False
+        self.held: list[tuple[str, int, int]] = []  # (lock, mode, grant time if uncontended, else -1)
+        self.fast = 0  # entries of ``held`` taken uncontended (not yet known to the SimPy lock)
+        self.grants: dict[tuple[str, int], float] = {}  # SimPy grant times, for the recorder
+        self.vcpu = vcpu
+        #: The VM's cost centre (``vm.cost_by_actor()``) while this actor's code runs.
+        self.charge_to = name if vcpu else "vmm"
+
+
+class TimelineResult:
+    """What a timeline run reports (see ``docs/timeline.md``)."""
+
+    __slots__ = ("critical_path_ns", "actors", "locks", "latency_ns", "races")
+
+    def __init__(self, critical_path_ns: int, actors: dict[str, dict[str, int]], locks: dict[str, dict[str, int]],
+                 latency_ns: dict[str, dict[str, int]], races: dict[str, int]) -> None:
+        self.critical_path_ns = critical_path_ns
+        self.actors = actors
+        self.locks = locks
+        self.latency_ns = latency_ns
+        self.races = races
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"critical_path_ns": self.critical_path_ns, "actors": self.actors, "locks": self.locks,
+                "latency_ns": self.latency_ns, "races": self.races}
+
+
+class Timeline:
+    """Runs a VM's actors concurrently on a SimPy clock (``docs/timeline.md``).
+
+    ``env``: a ``simpy.Environment`` to share with the caller's own processes (default: a new
+    one). ``host_cpus``: host CPUs interrupted by a kernel-range TLB flush. ``recorder``: a
+    :class:`pkvm.sim.recorder.Recorder` to collect slices for a Chrome trace or a Gantt chart.
+
+    Attach it, create actors with :meth:`spawn` (a function run on an actor) or
+    :meth:`start_vcpu` (a vCPU thread that takes tasks from :meth:`dispatch`), then run the
+    environment. A VM has at most one timeline.
+    """
+
+    def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
+                 recorder: Any = None) -> None:
+        if getattr(vm, "_sched", None) is not None:
+            raise ValueError("the VM already has a timeline attached")
+        if type(host_cpus) is not int or host_cpus < 1:
+            raise ValueError(f"host_cpus={host_cpus!r} must be a positive int")
+        self.env = env if env is not None else simpy.Environment()
+        self.vm = vm
+        self.host_cpus = host_cpus
+        self.recorder = recorder
+        self._t0 = self.env.now
+        env_ = self.env
+        self.locks: dict[str, Any] = {
+            "slots_lock": Mutex(env_, "slots_lock"),
+            "mmu_lock": RWLock(env_, "mmu_lock"),
+            "gmem_invalidate": Mutex(env_, "gmem_invalidate"),
+            "cpa_lock": SpinLock(env_, "cpa_lock"),
+            "tdx_sept": SpinLock(env_, "tdx_sept"),
+        }
+        self._actors: dict[str, _Actor] = {}
+        self._active = 0  # actors in a task
+        self._current: _Actor | None = None
+        self._mark = vm._modeled_ns
+        self._main = greenlet.getcurrent()
+        self._changed: simpy.Event | None = None
+        self.latency: dict[str, Distribution] = {k: Distribution() for k in LATENCY_KINDS}
+        self.races: dict[str, int] = dict.fromkeys(RACE_KINDS, 0)
+        self._end: int | None = None
+        costs = vm.costs
+        self._npf_ns = max(1, costs.ns("npf_fault"))
+        self._ipi_ns = max(1, costs.ns("ipi"))  # the interrupted CPU's side of one IPI
+        self._seamcall_retry_ns = max(1, costs.ns("vmexit"))
+        vm._sched = self
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def now_ns(self) -> int:
+        """The running actor's clock: the SimPy time plus the work it has not yielded yet."""
+        if self._current is None:
+            return int(self.env.now - self._t0)
+        return int(self.env.now - self._t0) + self.vm._modeled_ns - self._mark
+
+    @property
+    def current(self) -> str | None:
+        """The name of the actor whose code runs now (None outside any actor)."""
+        return self._current.name if self._current is not None else None
+
+    def spawn(self, name: str, fn: Callable[..., Any], *args: Any) -> simpy.Process:
+        """Run ``fn(*args)`` on a new actor ``name``; returns its SimPy process."""
+        actor = self._new_actor(name, name.startswith("vcpu"))
+        self._set_in_task(actor, True)  # runnable from now on: no one takes a lock uncontended
+        return self.env.process(self._drive(actor, self._call_once, (actor, fn, args)))
+
+    def start_vcpu(self, name: str) -> simpy.Process:
+        """Start vCPU thread ``name``: it runs the tasks given to :meth:`dispatch`, in order.
+
+        With two vCPU threads or more, each allocates host pages from a region of its own (the
+        page allocator's per-CPU lists), so concurrent faults do not interleave their pfns."""
+        actor = self._new_actor(name, True)
+        vcpus = [a.name for a in self._actors.values() if a.vcpu]
+        if len(vcpus) >= 2:
+            mem = self.vm._hostmem
+            stride = max(1 << 18, ((mem.end_pfn - mem.start_pfn) // (len(vcpus) + 1)) & ~((1 << 18) - 1))
+            mem.per_cpu({n: mem.start_pfn + (i + 1) * stride for i, n in enumerate(vcpus)})
+        actor.idle = self.env.event()
+        actor.idle.succeed()
+        return self.env.process(self._drive(actor, self._task_loop, (actor,)))
+
+    def dispatch(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
+        target = self._actors[name]
+        self._sync()  # the task starts at the caller's clock
+        while target.task is not None or not target.idle.triggered:  # type: ignore[union-attr]
+            self._wait(target.idle, idle=True)  # type: ignore[arg-type]
+        target.task = (fn, args)
+        self._set_in_task(target, True)  # it has work from now on
+        target.idle = self.env.event()
+        if target.work is not None and not target.work.triggered:
+            target.work.succeed()
+
+    def sleep(self, ns: int) -> None:
+        """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall)."""
+        if type(ns) is not int or ns < 0:
+            raise ValueError(f"ns={ns!r} must be a non-negative int")
+        if self._current is None:
+            raise RuntimeError("Timeline.sleep is for code running on a timeline actor")
+        self._wait(self.env.timeout(ns), idle=True, keep_task=True)
+
+    def barrier(self) -> None:
+        """From an actor: wait until every vCPU thread has finished its task."""
+        self._sync()
+        for a in list(self._actors.values()):
+            while a.idle is not None and (a.task is not None or not a.idle.triggered):
+                self._wait(a.idle, idle=True)
+
+    def stop(self) -> None:
+        """From an actor: finish every vCPU thread (after its task) and record the end."""
+        self.barrier()
+        self._sync()
+        self._end = int(self.env.now - self._t0)
+        for a in self._actors.values():
+            if a.idle is not None:
+                a.task = None
+                if a.work is not None and not a.work.triggered:
+                    a.work.succeed("stop")
+
+    def run(self) -> None:
+        """Run the environment until every actor finished; raise what an actor raised, or
+        :class:`pkvm.InternalInvariantError` if actors are left waiting on each other."""
+        self.env.run()
+        stuck = [a.name for a in self._actors.values() if a.glet is not None and not a.glet.dead]
+        if stuck:
+            from pkvm.errors import InternalInvariantError
+
+            held = {a.name: list(a.held) for a in self._actors.values() if a.held}
+            raise InternalInvariantError(f"timeline deadlock: actors {', '.join(stuck)} wait forever "
+                                         f"(locks held: {held or 'none'})")
+
+    def result(self) -> TimelineResult:
+        """The timeline's figures (call after the environment ran)."""
+        end = self._end if self._end is not None else int(self.env.now - self._t0)
+        actors = {}
+        for name in sorted(self._actors, key=_actor_order):
+            a = self._actors[name]
+            idle = end - a.busy - a.wait
+            actors[name] = {"busy_ns": a.busy, "wait_ns": a.wait, "idle_ns": idle, "lock_wait_ns": a.lock_wait,
+                            "ipi_ns": a.ipi, "spin_ns": a.spin}
+        locks = {n: lk.stats.as_dict() for n, lk in self.locks.items()}
+        return TimelineResult(end, actors, locks, {k: d.as_dict() for k, d in self.latency.items()},
+                              dict(self.races))
+
+    # -- hooks the model calls (cheap when not attached: the model tests vm._sched) ---------------
+
+    def acquire(self, lock: str, mode: int = WRITE) -> None:
+        """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
+        first-come first-served. Uncontended — no other actor in a task and the lock free — it
+        is taken on the actor's own clock, without a round trip through SimPy (same result)."""
+        a = self._current
+        if a is None:
+            return
+        lk = self.locks[lock]
+        if self._active <= a.in_task and not lk.locked:
+            a.held.append((lock, mode, self.now_ns))
+            a.fast += 1
+            lk.stats.acquisitions += 1
+            return
+        a.held.append((lock, mode, -1))
+        self._switch(a, (_ACQ, self._take(a), lock, mode))
+
+    def release(self, lock: str, mode: int = WRITE) -> None:
+        a = self._current
+        if a is None:
+            return
+        held = a.held
+        for i in range(len(held) - 1, -1, -1):
+            if held[i][0] == lock and held[i][1] == mode:
+                t = held.pop(i)[2]
+                break
+        else:
+            raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
+        if t < 0:
+            self._switch(a, (_REL, self._take(a), lock, mode))
+            return
+        a.fast -= 1
+        now = self.now_ns
+        lk = self.locks[lock]
+        st = lk.stats
+        st.hold_ns += now - t
+        if isinstance(lk, RWLock):
+            if mode == READ:
+                st.hold_read_ns += now - t
+            else:
+                st.hold_write_ns += now - t
+        if self.recorder is not None:
+            self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
+                                t, now, "lock hold")
+
+    def work_ns(self) -> int:
+        """The running actor's own work so far (its busy time plus what it has not yielded)."""
+        a = self._current
+        if a is None:
+            return self.vm._modeled_ns
+        return a.busy + self.vm._modeled_ns - self._mark
+
+    def sync(self) -> None:
+        """A visibility point: advance the running actor's clock to its pending work."""
+        if self._current is not None:
+            self._sync()
+
+    def holds(self, lock: str, mode: int = WRITE) -> bool:
+        """Whether the running actor holds ``lock`` in ``mode``."""
+        a = self._current
+        return a is not None and any(h[0] == lock and h[1] == mode for h in a.held)
+
+    def contended(self) -> bool:
+        """True if another actor is in a task now (worth splitting long work for)."""
+        a = self._current
+        return self._active > (a.in_task if a is not None else 0)
+
+    def _set_in_task(self, a: _Actor, value: bool) -> None:
+        if a.in_task != value:
+            self._active += 1 if value else -1
+            a.in_task = value
+            if not value:
+                self.changed()  # a spinning vCPU re-checks whether anyone could still help it
+
+    def changed(self) -> None:
+        """The model changed state others may wait on (an RMP entry, an invalidation ended)."""
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.succeed()
+
+    def wait_changed(self, race: str, first: bool = True) -> bool:
+        """A vCPU spins (re-faulting) until some other actor changes state; False (and no wait)
+        if no other actor is running a task, i.e. nothing could ever end the spin. ``first``:
+        this is the spin's first wait (the race is counted once, its time every time)."""
+        a = self._current
+        if a is None or not self.contended():
+            return False
+        if self._changed is None:
+            self._changed = self.env.event()
+        t0 = self.env.now
+        self._wait(self._changed)
+        waited = int(self.env.now - t0)
+        if first:
+            self.races[race] += 1
+            if self.recorder is not None:
+                self.recorder.instant(a.name, race, int(t0 - self._t0), "race")
+        self.races[race + "_ns"] = self.races.get(race + "_ns", 0) + waited
+        return True
+
+    def retry_fault(self, gfn: int) -> None:
+        """RET_PF_RETRY on ``gfn``: the vCPU re-enters the guest and faults again, spinning
+        while an invalidation covering ``gfn`` is in progress (``mmu_invalidate_retry_gfn``);
+        the spin's re-faults are counted, its time is a stall."""
+        a = self._current
+        vm = self.vm
+        self.races["pf_retry"] += 1
+        if a is None or not self.contended():
+            return
+        t0 = self.env.now
+        while vm.mmu_invalidate_in_progress and vm._range_start <= gfn < vm._range_end:
+            if self._changed is None:
+                self._changed = self.env.event()
+            self._wait(self._changed)
+        waited = int(self.env.now - t0)
+        if self.recorder is not None and waited:
+            self.recorder.instant(a.name, "pf_retry", int(t0 - self._t0), "race")
+        spins = waited // self._npf_ns
+        self.races["pf_retry"] += spins
+        self.races["pf_retry_ns"] += waited
+        st = vm._stats
+        st["pf_retry"] += spins
+        st["pf_taken"] += spins
+
+    def ipi(self, scope: str, n: int = 1) -> None:
+        """An IPI from the running actor: ``"vm"`` (remote TLB flush: every other vCPU of the VM
+        in a task stalls), ``"host"`` (kernel-range flush: every other actor in a task stalls)."""
+        cur = self._current
+        if cur is None:
+            return
+        ns = self._ipi_ns * n
+        for a in self._actors.values():
+            if a is not cur and a.in_task and (a.vcpu or scope == "host"):
+                a.stall_debt += ns
+
+    def latency_begin(self) -> tuple[int, int]:
+        a = self._current
+        return (self.now_ns, a.wait if a is not None else 0)
+
+    def latency_end(self, kind: str, begin: tuple[int, int], n: int = 1) -> None:
+        a = self._current
+        if a is None:
+            return
+        total = self.now_ns - begin[0]
+        w = a.wait - begin[1]
+        d = self.latency[kind]
+        if n <= 1:
+            d.add(total)
+        else:
+            each = (total - w) // n
+            d.add(each + w)
+            d.add(each, n - 1)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _new_actor(self, name: str, vcpu: bool) -> _Actor:
+        if name in self._actors:
+            raise ValueError(f"actor {name!r} exists")
+        a = self._actors[name] = _Actor(name, vcpu)
+        return a
+
+    def _take(self, a: _Actor) -> int:
+        vm = self.vm
+        dt = vm._modeled_ns - self._mark
+        self._mark = vm._modeled_ns
+        return dt
+
+    def _sync(self) -> None:
+        a = self._current
+        if a is None or (self.vm._modeled_ns == self._mark and not a.stall_debt):
+            return
+        self._switch(a, (_SYNC, self._take(a)))
+
+    def _switch(self, a: _Actor, req: tuple[Any, ...]) -> Any:
+        """Yield to the actor's SimPy process; locks taken uncontended become real holds first
+        (granted at their own time), so whoever runs meanwhile sees them held."""
+        if a.fast:
+            now = self.env.now - self._t0
+            for i, (lock, mode, t) in enumerate(a.held):
+                if t < 0:
+                    continue
+                lk = self.locks[lock]
+                ev = (lk.acquire_read(a.name) if mode == READ else lk.acquire_write(a.name)) \
+                    if isinstance(lk, RWLock) else lk.acquire(a.name)
+                if not ev.triggered:
+                    from pkvm.errors import InternalInvariantError
+
+                    raise InternalInvariantError(f"{lock} taken uncontended by {a.name} is held by another actor")
+                st = lk.stats
+                st.acquisitions -= 1  # counted when it was taken
+                early = t - now  # SimPy counts the hold from now; it began at t
+                st.hold_ns -= early
+                if isinstance(lk, RWLock):
+                    if mode == READ:
+                        st.hold_read_ns -= early
+                    else:
+                        st.hold_write_ns -= early
+                a.grants[(lock, mode)] = t + self._t0
+                a.held[i] = (lock, mode, -1)
+            a.fast = 0
+        return self._main.switch(req)
+
+    def _wait(self, ev: simpy.Event, idle: bool = False, keep_task: bool = False) -> Any:
+        a = self._current
+        if not idle or keep_task:
+            return self._switch(a, (_WAIT, self._take(a), ev, idle))  # type: ignore[arg-type]
+        busy = a.in_task  # type: ignore[union-attr]
+        self._set_in_task(a, False)  # type: ignore[arg-type]
+        try:
+            return self._switch(a, (_WAIT, self._take(a), ev, idle))  # type: ignore[arg-type]
+        finally:
+            self._set_in_task(a, busy)  # type: ignore[arg-type]
+
+    def _call_once(self, a: _Actor, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._set_in_task(a, True)
+        try:
+            fn(*args)
+            self._sync()
+        finally:
+            self._set_in_task(a, False)
+
+    def _task_loop(self, a: _Actor) -> None:
+        while True:
+            if a.task is None:
+                a.work = self.env.event()
+                if self._wait(a.work, idle=True) == "stop" and a.task is None:
+                    return
+                continue
+            fn, args = a.task
+            self._set_in_task(a, True)
+            try:
+                fn(*args)
+            finally:
+                self._set_in_task(a, False)
+            self._sync()
+            a.task = None
+            a.idle.succeed()  # type: ignore[union-attr]
+
+    def _drive(self, a: _Actor, body: Callable[..., None], args: tuple[Any, ...]):  # type: ignore[no-untyped-def]
+        env = self.env
+        rec = self.recorder
+        vm = self.vm
+        g = a.glet = greenlet.greenlet(body, parent=self._main)
+        mem = vm._hostmem
+        self._current = a
+        self._mark = vm._modeled_ns
+        mem.cpu = a.name
+        vm._set_actor(a.charge_to)
+        req = g.switch(*args)
+        locks = self.locks
+        grants = a.grants
+        while not g.dead:
+            self._current = None
+            a.charge_to = vm._actor
+            op, dt = req[0], req[1]
+            if dt:
+                a.busy += dt
+                if rec is not None:
+                    rec.slice(a.name, "work", env.now - self._t0, env.now - self._t0 + dt, "busy")
+                yield env.timeout(dt)
+            debt = a.stall_debt
+            if debt:
+                a.stall_debt = 0
+                a.wait += debt
+                a.ipi += debt
+                if rec is not None:
+                    rec.slice(a.name, "IPI", env.now - self._t0, env.now - self._t0 + debt, "ipi")
+                yield env.timeout(debt)
+            value = None
+            if op == _ACQ:
+                lk = locks[req[2]]
+                ev = (lk.acquire_read(a.name) if req[3] == READ else lk.acquire_write(a.name)) \
+                    if isinstance(lk, RWLock) else lk.acquire(a.name)
+                if rec is not None:
+                    grants[(req[2], req[3])] = env.now
+                if not ev.triggered:
+                    t0 = env.now
+                    yield ev
+                    if rec is not None:
+                        grants[(req[2], req[3])] = env.now
+                    waited = env.now - t0
+                    a.wait += waited
+                    a.lock_wait += waited
+                    if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
+                        self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
+                    if rec is not None:
+                        rec.slice(a.name, f"wait {req[2]}", t0 - self._t0, env.now - self._t0, "lock wait")
+            elif op == _REL:
+                lk = locks[req[2]]
+                if rec is not None:
+                    t_grant = grants.pop((req[2], req[3]))
+                    rec.slice(a.name, f"hold {req[2]}" + (" (read)" if req[3] == READ and isinstance(lk, RWLock)
+                                                           else ""), t_grant - self._t0, env.now - self._t0,
+                              "lock hold")
+                if isinstance(lk, RWLock):
+                    (lk.release_read if req[3] == READ else lk.release_write)(a.name)
+                else:
+                    lk.release(a.name)
+            elif op == _WAIT:
+                ev = req[2]
+                if not ev.processed:
+                    t0 = env.now
+                    value = yield ev
+                    if not req[3]:
+                        a.wait += env.now - t0
+                        a.spin += env.now - t0
+                        if rec is not None:
+                            rec.slice(a.name, "spin", t0 - self._t0, env.now - self._t0, "retry")
+                else:
+                    value = ev.value
+            self._current = a
+            self._mark = vm._modeled_ns
+            mem.cpu = a.name
+            vm._set_actor(a.charge_to)
+            req = g.switch(value)
+        self._current = None
+
+
+def _actor_order(name: str) -> tuple[int, int, str]:
+    if name.startswith("vcpu") and name[4:].isdigit():
+        return (1, int(name[4:]), name)
+    return (0, 0, name)
