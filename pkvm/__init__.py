@@ -39,7 +39,7 @@ from pkvm.kvm.exits import GuestOpResult, Hypercall
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.mmu import AccessResult, FaultResult
 from pkvm.kvm.policy import Policy
-from pkvm.kvm.vm import VM, Memslot, Vcpu
+from pkvm.kvm.vm import ATTR_PHASES, VM, AttrIoctl, Memslot, Vcpu
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,
@@ -65,7 +65,9 @@ _aliases.install()
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTR_PHASES",
     "AccessResult",
+    "AttrIoctl",
     "CostModel",
     "DirectMap",
     "DIRECTMAP_POLICIES",

@@ -16,7 +16,7 @@ import pytest
 import pkvm
 
 PUBLIC_NAMES = {
-    "AccessResult", "CostModel", "DirectMap", "DIRECTMAP_POLICIES", "FALLOC_FL_KEEP_SIZE",
+    "ATTR_PHASES", "AccessResult", "AttrIoctl", "CostModel", "DirectMap", "DIRECTMAP_POLICIES", "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE", "FaultResult", "Guest", "GuestMemfd", "GuestOpResult", "Hypercall",
     "InternalInvariantError", "KVM_CAP_EXIT_HYPERCALL", "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_MEMORY_ATTRIBUTES", "KVM_EXIT_HYPERCALL", "KVM_EXIT_MEMORY_FAULT",

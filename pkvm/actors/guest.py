@@ -131,11 +131,16 @@ class Guest:
             TypeError / ValueError: a bad range.
         """
         self._range(gpa, size)
-        prev = self.vm._set_actor(self.actor)
+        vm = self.vm
+        prev = vm._set_actor(self.actor)
+        sched = vm._sched
+        lat = sched.latency_begin() if sched is not None else None
         try:
             return self.flows.convert(gpa, size, bool(private))
         finally:
-            self.vm._set_actor(prev)
+            vm._set_actor(prev)
+            if sched is not None:
+                sched.latency_end("conversion", lat)
 
     def accept(self, gpa: int, size: int, *, huge: bool = True) -> bool:
         """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). True on

@@ -212,11 +212,16 @@ class Vmm:
         :class:`pkvm.FaultResult` with ``ret == "exit"``. After a True return the caller
         resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
         """
-        prev = self.vm._set_actor("vmm")
+        vm = self.vm
+        prev = vm._set_actor("vmm")
+        sched = vm._sched
+        lat = sched.latency_begin() if sched is not None else None
         try:
             return self._handle_exit(result)
         finally:
-            self.vm._set_actor(prev)
+            vm._set_actor(prev)
+            if sched is not None:
+                sched.latency_end("exit", lat)
 
     def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> bool:
         reason = result.exit_reason

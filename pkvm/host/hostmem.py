@@ -53,7 +53,7 @@ class HostMemory:
     [(1024, 3)]
     """
 
-    __slots__ = ("_used", "start_pfn", "end_pfn", "_cursor", "nr_allocated")
+    __slots__ = ("_used", "start_pfn", "end_pfn", "_cursor", "nr_allocated", "_cpu_cursors", "cpu")
 
     def __init__(self, start_pfn: int = DEFAULT_START_PFN, nr_pages: int = DEFAULT_NR_PAGES) -> None:
         if start_pfn < 0 or nr_pages <= 0:
@@ -63,6 +63,17 @@ class HostMemory:
         self.end_pfn = start_pfn + nr_pages
         self._cursor = start_pfn
         self.nr_allocated = 0
+        #: Per-CPU next-fit cursors (None: one cursor for everyone); ``cpu`` names the CPU that
+        #: allocates now. See :meth:`per_cpu`.
+        self._cpu_cursors: dict[str, int] | None = None
+        self.cpu: str | None = None
+
+    def per_cpu(self, cursors: dict[str, int]) -> None:
+        """Give each named CPU a next-fit cursor of its own, starting where ``cursors`` says
+        (the page allocator's per-CPU lists: pages a CPU allocates in a row stay together even
+        while other CPUs allocate). Used by the concurrent timeline with several vCPU threads;
+        a CPU not named uses the shared cursor."""
+        self._cpu_cursors = dict(cursors)
 
     def _plan(self, n_units: int, order: int) -> list[tuple[int, int]] | None:
         """Where ``n_units`` blocks of ``2**order`` pages would go, next-fit, or None."""
@@ -117,13 +128,24 @@ class HostMemory:
         """
         if n_units == 0:
             return []
-        plan = self._plan(n_units, order)
+        cursors, cpu = self._cpu_cursors, self.cpu
+        if cursors is not None and cpu in cursors:
+            shared, self._cursor = self._cursor, cursors[cpu]  # type: ignore[index]
+            try:
+                plan = self._plan(n_units, order)
+            finally:
+                mine, self._cursor = self._cursor, shared
+        else:
+            plan = self._plan(n_units, order)
         if plan is None:
             raise KvmError(errno.ENOMEM, f"host memory exhausted allocating {n_units} x order-{order} blocks")
         for pfn, n in plan:
             self._used.assign(pfn, pfn + n, 1)
             self.nr_allocated += n
-        self._cursor = plan[-1][0] + plan[-1][1]
+        if cursors is not None and cpu in cursors:
+            cursors[cpu] = plan[-1][0] + plan[-1][1]  # type: ignore[index]
+        else:
+            self._cursor = plan[-1][0] + plan[-1][1]
         return plan
 
     def free(self, pfn: int, npages: int) -> None:

@@ -216,20 +216,34 @@ class GuestMemfd:
         if start >= end:
             return
         vm = self._vm
+        sched = vm._sched
+        if sched is not None:
+            sched.acquire("gmem_invalidate")  # filemap_invalidate_lock: exclusive
         ranges = self._bound_gfn_ranges(start, end)
         if ranges:
+            if sched is not None:
+                sched.acquire("mmu_lock")
             vm._invalidate_begin()
             flush = False
-            t0 = vm._modeled_ns  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
+            clock = sched.work_ns if sched is not None else (lambda: vm._modeled_ns)
+            t0 = clock()  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
             for s, e in ranges:
                 vm._invalidate_range_add(s, e)
                 flush |= vm._zap(s, e, KVM_FILTER_PRIVATE) > 0  # only private mappings (§4.7)
             if flush:
                 vm._flush_remote_tlbs()
-            vm.mmu_lock_ns += vm._modeled_ns - t0
+            vm.mmu_lock_ns += clock() - t0
+            if sched is not None:
+                sched.release("mmu_lock")
         self._truncate(start, end)
         if ranges:
+            if sched is not None:
+                sched.acquire("mmu_lock")
             vm._invalidate_end()
+            if sched is not None:
+                sched.release("mmu_lock")
+        if sched is not None:
+            sched.release("gmem_invalidate")
 
     def _truncate(self, start: int, end: int) -> None:
         """Free the folios wholly inside ``[start, end)``; a large folio only partly inside

@@ -626,7 +626,12 @@ def _set_external(vm: VM, f: PageFault, start: int, end: int, level: int) -> boo
     """``set_external_spte_present`` for new mirror-root leaves on ``[start, end)``: the
     platform links missing tables and installs the leaves while the mirror SPTEs are frozen.
     On failure nothing is installed: ``-EBUSY`` retries the fault, anything else is fatal."""
+    sched = vm._sched
+    if sched is not None:
+        sched.acquire("tdx_sept")  # TDH.MEM.PAGE.AUG / SEPT.ADD: TDX_OPERAND_BUSY retries meanwhile
     r = vm._platform.set_external_spte(vm, start, end, level, f.delta)
+    if sched is not None:
+        sched.release("tdx_sept")
     if not r:
         return True
     f.end = f.gfn + 1
@@ -680,6 +685,28 @@ def fault_install(vm: VM, f: PageFault) -> None:
         f.ret = "fixed"
 
 
+def _raced_install(f: PageFault, sptes: RangeMap, before: int) -> None:
+    """Another vCPU installed leaves while this fault ran (possible only on the concurrent
+    timeline): the TDP MMU's atomic SPTE update finds the leaf there. On the faulting gfn the
+    fault is spurious (the guest re-executes and the access succeeds: ``tdp_mmu_map_handle_
+    target_level``); a batch stops before the first page another vCPU mapped (those pages
+    never faulted)."""
+    gfn = f.gfn
+    now = sptes.get(gfn)
+    if now != before:
+        f.ret = "spurious" if now else "retry"
+        f.end = gfn + 1
+        f.nfaults = 1
+        if now:
+            f.level = spte_level(now)
+            f.delta = decode_delta(now)
+        return
+    if f.end > gfn + 1:
+        k = sptes.find_ne(gfn + 1, f.end, 0)
+        if k != -1:
+            f.end = k
+
+
 def fault_finish(vm: VM, f: PageFault) -> FaultResult:
     """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
     st = vm._stats
@@ -710,21 +737,51 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
     return FaultResult(ret)
 
 
+_CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
+
+
 def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> tuple[PageFault, FaultResult]:
-    """Run every phase of one (batched) fault to completion: the synchronous driver."""
+    """Run every phase of one (batched) fault to completion: the synchronous driver.
+
+    With a timeline attached (:mod:`pkvm.sim`) the staleness check and the install run under
+    ``mmu_lock`` for read (the TDP MMU), after the pfn lookup's time has passed."""
     vm = vcpu.vm
     tracer = vm._tracer
     if tracer is not None:
         t0 = vm._modeled_ns
+    sched = vm._sched
+    if sched is not None and private and limit - gfn > _CONTENDED_BATCH and sched.contended():
+        # While others run, a batch of private faults ends at a 64M boundary (2M and 4K leaves
+        # only: the counters are those of the whole batch), so locks interleave between vCPUs.
+        limit = (gfn + _CONTENDED_BATCH) & ~(_CONTENDED_BATCH - 1)
     f = PageFault(gfn, limit, private, write)
-    fault_begin(vm, f)
-    if not f.ret:
-        faultin_pfn(vm, f)
-    if not f.ret:
-        fault_is_stale(vm, f)
-    if not f.ret:
-        fault_install(vm, f)
+    if sched is None:
+        fault_begin(vm, f)
+        if not f.ret:
+            faultin_pfn(vm, f)
+        if not f.ret:
+            fault_is_stale(vm, f)
+        if not f.ret:
+            fault_install(vm, f)
+    else:
+        lat = sched.latency_begin()
+        sptes = vm._mmu.sptes
+        before = sptes.get(gfn)
+        fault_begin(vm, f)
+        if not f.ret:
+            faultin_pfn(vm, f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
+            sched.sync()
+        if not f.ret:
+            sched.acquire("mmu_lock", 0)
+            fault_is_stale(vm, f)
+            if not f.ret:
+                _raced_install(f, sptes, before)
+            if not f.ret:
+                fault_install(vm, f)
+            sched.release("mmu_lock", 0)
     r = fault_finish(vm, f)
+    if sched is not None:
+        sched.latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
     if tracer is not None:
         n = f.nfaults if r.ret == "fixed" else 1
         step = max(1, (f.end - gfn) // n) if n > 1 else 1

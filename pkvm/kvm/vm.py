@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from pkvm._core import RangeMap
 from pkvm.constants import (
@@ -168,6 +169,11 @@ class VM:
         #: The attached :class:`pkvm.kvm.tracepoints.Tracepoints` (such as a
         #: :class:`pkvm.experiments.trace.Tracer`), or None (every emission point tests this).
         self._tracer: Tracepoints | None = None
+        #: The attached :class:`pkvm.sim.Timeline`, or None: the model calls it at the kernel's
+        #: lock and retry points (every call site tests this, like the tracer).
+        self._sched: Any = None
+        #: The unfinished :class:`AttrIoctl` of :meth:`begin_set_memory_attributes`, or None.
+        self._attr_op: AttrIoctl | None = None
         self.seed = seed
         self.nr_vcpus = nr_vcpus
         self.shared_backing = shared_backing
@@ -339,6 +345,8 @@ class VM:
             ns = self._flush_ns[n] = self._cost_model.ns("remote_tlb_flush", nr_vcpus=n)
         self._cost_ns["remote_tlb_flush"] = self._cost_ns.get("remote_tlb_flush", 0) + ns
         self._modeled_ns += ns
+        if self._sched is not None:
+            self._sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
 
     def _zap(self, start: int, end: int, attr_filter: int = KVM_FILTER_ALL) -> int:
         """``kvm_unmap_gfn_range`` on ``[start, end)``; return the number of leaves zapped.
@@ -408,6 +416,8 @@ class VM:
         self.mmu_invalidate_in_progress -= 1
         if self.mmu_invalidate_in_progress < 0:
             raise InternalInvariantError("mmu_invalidate_in_progress went negative")
+        if self._sched is not None:
+            self._sched.changed()
 
     def _retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since."""
@@ -450,31 +460,19 @@ class VM:
 
         Raises:
             KvmError: EINVAL, in the kernel's order (§2.2): ``flags != 0``, unsupported
-                attribute bits, ``size == 0``, wrap-around past 2**64, unaligned address or size.
+                attribute bits, ``size == 0``, wrap-around past 2**64, unaligned address or size;
+                EDEADLK while a :meth:`begin_set_memory_attributes` ioctl is unfinished.
             TypeError / ValueError: an argument is not an int or does not fit a u64.
         """
-        if self.vm_dead:
-            self._check_alive()
-        if not type(address) is type(size) is type(attributes) is type(flags) is int or (
-                (address | size | attributes | flags) >> 64):  # also true for negative values
-            address, size = _u64("address", address), _u64("size", size)
-            attributes, flags = _u64("attributes", attributes), _u64("flags", flags)
-        if flags:
-            raise KvmError(errno.EINVAL, f"flags {flags:#x} must be 0")
-        if attributes & ~self._supported_attrs:
-            raise KvmError(errno.EINVAL, f"attributes {attributes:#x} not supported by a {self._platform.name} VM "
-                           f"(supported: {self._supported_attrs:#x})")
-        if not size:
-            raise KvmError(errno.EINVAL, f"size 0x0 is empty: [{address:#x}, {address:#x})")
-        end_addr = address + size
-        if end_addr > U64_MAX:
-            raise KvmError(errno.EINVAL, f"[{address:#x}, {address:#x} + {size:#x}) wraps around 2**64")
-        if (address | size) & (PAGE_SIZE - 1):
-            raise KvmError(errno.EINVAL, f"[{address:#x}, {end_addr:#x}) is not 4 KiB aligned")
-        start, end = address >> PAGE_SHIFT, end_addr >> PAGE_SHIFT
+        start, end, attributes = self._attr_check(address, size, attributes, flags)
+        if self._attr_op is not None:
+            self._attr_free()
         self.attr_ioctls += 1
         if self._tracer is not None:  # traced on entry, before the short-circuit (6.17+)
             self._tracer.set_mem_attributes(start, end, attributes)
+        if self._sched is not None:
+            self._attr_timeline(self._sched, start, end, attributes)
+            return
         if self._legacy:
             self._attr_legacy(start, end, attributes)
             return
@@ -493,6 +491,84 @@ class VM:
         self.mmu_lock_ns += t1 - t0 + self._modeled_ns - t2
         if ranges and self._eager_post:
             self._attr_post_unlock(ranges, attributes)
+
+    def _attr_check(self, address: int, size: int, attributes: int, flags: int) -> tuple[int, int, int]:
+        """The ioctl's checks, in the kernel's order; the gfn range and the attributes."""
+        if self.vm_dead:
+            self._check_alive()
+        if not type(address) is type(size) is type(attributes) is type(flags) is int or (
+                (address | size | attributes | flags) >> 64):  # also true for negative values
+            address, size = _u64("address", address), _u64("size", size)
+            attributes, flags = _u64("attributes", attributes), _u64("flags", flags)
+        if flags:
+            raise KvmError(errno.EINVAL, f"flags {flags:#x} must be 0")
+        if attributes & ~self._supported_attrs:
+            raise KvmError(errno.EINVAL, f"attributes {attributes:#x} not supported by a {self._platform.name} VM "
+                           f"(supported: {self._supported_attrs:#x})")
+        if not size:
+            raise KvmError(errno.EINVAL, f"size 0x0 is empty: [{address:#x}, {address:#x})")
+        end_addr = address + size
+        if end_addr > U64_MAX:
+            raise KvmError(errno.EINVAL, f"[{address:#x}, {address:#x} + {size:#x}) wraps around 2**64")
+        if (address | size) & (PAGE_SIZE - 1):
+            raise KvmError(errno.EINVAL, f"[{address:#x}, {end_addr:#x}) is not 4 KiB aligned")
+        return address >> PAGE_SHIFT, end_addr >> PAGE_SHIFT, attributes
+
+    def begin_set_memory_attributes(self, address: int, size: int, attributes: int,
+                                    flags: int = 0) -> AttrIoctl:
+        """``KVM_SET_MEMORY_ATTRIBUTES``, stopped after its first phase: returns an
+        :class:`AttrIoctl` to run the rest phase by phase (``begin``, ``pre``, ``commit``,
+        ``post``, ``end``; ``docs/kvm-model.md``). Between two phases a test or an embedder can
+        run another vCPU's fault, as the kernel allows (``slots_lock`` is held, ``mmu_lock`` is
+        not): that is the window the 6.16 head/tail-chunk guard protects. Until the returned
+        ioctl has finished, calls that need ``slots_lock`` (another attribute ioctl, a memslot
+        change) raise ``KvmError(EDEADLK)``: in one thread they would wait forever.
+
+        >>> vm = VM("sw_protected")
+        >>> op = vm.begin_set_memory_attributes(0x200000, 0x1000, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        >>> op.phase, op.step(), op.step(), vm.get_memory_attributes(0x200)
+        ('begin', 'pre', 'commit', 8)
+        >>> op.finish(), op.done
+        ('end', True)
+
+        Raises:
+            As :meth:`set_memory_attributes` (nothing has changed then), and ``KvmError(EDEADLK)``.
+        """
+        start, end, attributes = self._attr_check(address, size, attributes, flags)
+        self._attr_free()
+        self.attr_ioctls += 1
+        if self._tracer is not None:
+            self._tracer.set_mem_attributes(start, end, attributes)
+        op = AttrIoctl(self, start, end, attributes)
+        if not op.done:
+            self._attr_op = op
+        return op
+
+    def _attr_free(self) -> None:
+        if self._attr_op is not None:
+            raise KvmError(errno.EDEADLK, "an unfinished KVM_SET_MEMORY_ATTRIBUTES holds slots_lock "
+                           f"(phase {self._attr_op.phase!r}); finish it first (op.finish())")
+
+    def _attr_timeline(self, sched: Any, start: int, end: int, attrs: int) -> None:
+        """The ioctl's phases at the kernel's lock points, for the concurrent timeline: the whole
+        ioctl under ``slots_lock``; PRE and POST each under ``mmu_lock`` for write, dropped in
+        between (the store runs with only ``slots_lock``, while the invalidation is in
+        progress); the RFC v8 post-unlock op after the lock is dropped, still under
+        ``slots_lock`` (docs/timeline.md). The phases are :class:`AttrIoctl`'s."""
+        lat = sched.latency_begin()
+        sched.acquire("slots_lock")
+        op = AttrIoctl(self, start, end, attrs)
+        locked = bool(op._ranges)
+        op._before_lock()
+        while not op.done:
+            take = locked and op.next in (("post",) if self._legacy else ("pre", "post"))
+            if take:
+                sched.acquire("mmu_lock")
+            op.step()
+            if take:
+                sched.release("mmu_lock")
+        sched.release("slots_lock")
+        sched.latency_end("attr_ioctl", lat)
 
     def _attr_legacy(self, start: int, end: int, attrs: int) -> None:
         """The UPM-era ioctl of the RFC v8 series (docs/kernel-semantics.md §2.6, "historical").
@@ -614,6 +690,8 @@ class VM:
         self.mmu_invalidate_in_progress -= 1
         if self.mmu_invalidate_in_progress < 0:
             raise InternalInvariantError("mmu_invalidate_in_progress went negative")
+        if self._sched is not None:
+            self._sched.changed()  # spinning faults go on, to wait for mmu_lock
         locked_op = self._eager_locked
         slots = self._slots
         for s, e, key in ranges:
@@ -658,6 +736,7 @@ class VM:
                 slot; EBADF for a closed guest_memfd.
         """
         self._check_alive()
+        self._attr_free()  # the memslot update takes slots_lock
         set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                 guest_memfd, guest_memfd_offset)
 
@@ -860,9 +939,12 @@ class Vcpu:
                 retries = 0
                 continue
             if r.ret == "retry":
+                if self.vm._sched is not None:  # re-fault while the invalidation lasts
+                    self.vm._sched.retry_fault(gfn)
+                    continue
                 retries += 1
-                if retries > 64:  # nothing in the synchronous driver keeps an invalidation open
-                    raise InternalInvariantError(f"gfn {gfn:#x}: fault keeps retrying")
+                if retries > _MAX_RETRIES:  # an invalidation stays open (a phased ioctl, mid-way)
+                    return AccessResult("retry", done, faults)
                 continue
             return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno)
         return AccessResult("done", done, faults)
@@ -924,6 +1006,148 @@ class Vcpu:
 
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses
+#: Re-faults an access makes while an invalidation keeps its gfn stale, in the synchronous driver
+#: (nothing there ends an invalidation but the caller); then it returns ``ret="retry"``.
+_MAX_RETRIES = 64
+
+#: The phases of ``KVM_SET_MEMORY_ATTRIBUTES`` (docs/kvm-model.md).
+ATTR_PHASES = ("begin", "pre", "commit", "post", "end")
+
+
+class AttrIoctl:
+    """``KVM_SET_MEMORY_ATTRIBUTES`` run phase by phase (:meth:`VM.begin_set_memory_attributes`).
+
+    ``begin`` has run when it is created: the checks, ``slots_lock`` taken, the call counted and
+    traced, the no-op check (``noop``: every gfn already has the attributes, and nothing else
+    happens). Then :meth:`step` runs, in order:
+
+    - ``pre``: the eager-split policy's direct-map work, then, under ``mmu_lock``,
+      ``invalidate_begin``, the zap of every slot-clipped piece and one TLB flush
+      (``kvm_pre_set_memory_attributes``); the legacy ioctl only begins the invalidation;
+    - ``commit``: the store of every gfn's attributes (``xa_store``), without ``mmu_lock``: a
+      fault on a covered gfn now retries (the invalidation is in progress);
+    - ``post``: under ``mmu_lock``, ``invalidate_end`` and the MIXED recomputation, and the
+      eager-locked op (``kvm_arch_post_set_memory_attributes``); the legacy ioctl zaps here;
+    - ``end``: after ``mmu_lock`` is dropped, the eager-post op (RFC v8 ``update_mem_attr``);
+      ``slots_lock`` is released.
+
+    Every phase does exactly what the one-call ioctl does in it: the same counters and modeled
+    time. ``phase`` is the last phase that ran, ``next`` the one :meth:`step` runs next.
+    """
+
+    __slots__ = ("vm", "start", "end", "attributes", "phase", "noop", "_ranges", "_pre_locked")
+
+    def __init__(self, vm: VM, start: int, end: int, attributes: int) -> None:
+        self.vm = vm
+        self.start, self.end, self.attributes = start, end, attributes
+        self.phase = "begin"
+        self._pre_locked = False
+        legacy = vm._legacy
+        self.noop = not legacy and vm._attrs.find_ne(start, end, attributes) == -1
+        if self.noop:
+            self._ranges: list[tuple[int, int, int]] = []
+            self.phase = "end"  # the short-circuit returns at once
+        elif legacy:
+            self._ranges = vm._slot_ranges(start, end)
+        else:
+            maps = vm._slot_maps
+            self._ranges = maps[0].ranges(start, end) if len(maps) == 1 else vm._slot_ranges(start, end)
+
+    def __repr__(self) -> str:
+        return (f"<pkvm.AttrIoctl [{self.start:#x}, {self.end:#x}) attributes {self.attributes:#x}, "
+                f"after {self.phase!r}>")
+
+    @property
+    def done(self) -> bool:
+        """Whether the ioctl has returned (``end`` ran, or it was a no-op)."""
+        return self.phase == "end"
+
+    @property
+    def next(self) -> str | None:
+        """The phase :meth:`step` runs next (None when done)."""
+        i = ATTR_PHASES.index(self.phase)
+        return ATTR_PHASES[i + 1] if i + 1 < len(ATTR_PHASES) else None
+
+    def _before_lock(self) -> None:
+        """The eager-split direct-map work that runs before ``mmu_lock`` is taken (once)."""
+        vm = self.vm
+        if not self._pre_locked and self._ranges and vm._eager_split:
+            vm._attr_pre_lock(self._ranges, self.attributes)
+        self._pre_locked = True
+
+    def step(self) -> str:
+        """Run the next phase; return its name.
+
+        Raises:
+            ValueError: the ioctl has finished.
+        """
+        nxt = self.next
+        if nxt is None:
+            raise ValueError(f"{self!r} has finished: no phase after 'end'")
+        vm, ranges, attrs = self.vm, self._ranges, self.attributes
+        sched = vm._sched
+        clock = sched.work_ns if sched is not None else (lambda: vm._modeled_ns)
+        if vm._legacy:
+            if nxt == "pre":
+                self._before_lock()
+                vm._invalidate_begin()
+                vm._invalidate_range_add(self.start, self.end)
+            elif nxt == "commit":
+                vm._attr_commit(self.start, self.end, attrs)
+            elif nxt == "post":
+                t0 = clock()
+                zapped = 0
+                for s, e, key in ranges:
+                    slot = vm._slots[key - 1]
+                    zapped += vm._zap(s, e)
+                    post_set_mixed(vm, slot, s, e, attrs)
+                    if vm._eager_locked:
+                        r = vm._platform.set_mem_attr(vm, slot, attrs, s, e)
+                        if r:
+                            vm._op_failed("set_mem_attr", slot, attrs, s, e, r)
+                if zapped:
+                    vm._flush_remote_tlbs()
+                vm.mmu_lock_ns += clock() - t0
+                vm._invalidate_end()
+            elif ranges and vm._eager_post:
+                vm._attr_post_unlock(ranges, attrs)
+        elif nxt == "pre":
+            self._before_lock()
+            t0 = clock()
+            vm._attr_pre(ranges, attrs)
+            vm.mmu_lock_ns += clock() - t0
+        elif nxt == "commit":
+            vm._attr_commit(self.start, self.end, attrs)  # under slots_lock only
+        elif nxt == "post":
+            t0 = clock()
+            vm._attr_post(ranges, attrs)
+            vm.mmu_lock_ns += clock() - t0
+        elif ranges and vm._eager_post:
+            vm._attr_post_unlock(ranges, attrs)
+        self.phase = nxt
+        if nxt == "end" and vm._attr_op is self:
+            vm._attr_op = None
+        return nxt
+
+    def run_to(self, phase: str) -> str:
+        """Run phases until ``phase`` has run; return it.
+
+        Raises:
+            ValueError: ``phase`` is not a phase, or it has already run.
+        """
+        if phase not in ATTR_PHASES:
+            raise ValueError(f"phase {phase!r} is not one of {', '.join(ATTR_PHASES)}")
+        if ATTR_PHASES.index(phase) <= ATTR_PHASES.index(self.phase) and not (phase == "end" and self.done):
+            raise ValueError(f"phase {phase!r} has already run ({self!r})")
+        while self.phase != phase:
+            self.step()
+        return phase
+
+    def finish(self) -> str:
+        """Run the remaining phases (the ioctl returns); return ``"end"``."""
+        while not self.done:
+            self.step()
+        return "end"
 
 
 def _gpa_to_gfn(gpa: object) -> int:

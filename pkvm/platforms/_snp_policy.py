@@ -94,7 +94,14 @@ def run_plan(vm: VM, steps: list[Step], directmap: str) -> int:
     """Execute ``steps``; ``directmap`` as :func:`pkvm.platforms._snp_rmp.rmpupdate_range`
     (``"before"`` / ``"after"`` run only that direct-map half and no instruction)."""
     ret = 0
+    sched = vm._sched
+    if sched is not None and directmap == "both" and not vm.snp.atomic and sched.contended():  # type: ignore[attr-defined]
+        # On the timeline, while another actor runs, the post-unlock op lands 2M at a time:
+        # each chunk's RMPUPDATEs become visible when the chunk starts (docs/timeline.md).
+        steps = [c for st in steps for c in _chunks_2m(st)]
     for kind, pfn, n, lvl, gfn in steps:
+        if sched is not None and directmap == "both":
+            sched.sync()
         if directmap in ("before", "after"):
             if kind != "psmash":
                 method = "before_rmpupdate" if directmap == "before" else "after_rmpupdate"
@@ -109,6 +116,21 @@ def run_plan(vm: VM, steps: list[Step], directmap: str) -> int:
             r = rmp_make_shared(vm, pfn, n, lvl, directmap=directmap)
         ret = ret or r
     return ret
+
+
+def _chunks_2m(step: Step) -> list[Step]:
+    """A 4K-level RMPUPDATE step cut at 2M pfn boundaries (other steps stay whole)."""
+    kind, pfn, n, lvl, gfn = step
+    if kind == "psmash" or lvl != PG_LEVEL_4K or n <= RMP_PAGES_2M:
+        return [step]
+    out: list[Step] = []
+    end = pfn + n
+    while pfn < end:
+        nxt = min(end, (pfn | (RMP_PAGES_2M - 1)) + 1)
+        out.append((kind, pfn, nxt - pfn, lvl, gfn))
+        gfn += (nxt - pfn) if kind == "private" else 0
+        pfn = nxt
+    return out
 
 
 def snp_pre_set_mem_attr(vm: VM, slot: Memslot, attrs: int, s: int, e: int) -> int:

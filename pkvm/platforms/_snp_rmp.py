@@ -45,9 +45,14 @@ def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned:
     """Run one direct-map dispatcher and account its counters; returns its CPA calls."""
     snp = vm.snp  # type: ignore[attr-defined]
     dm = snp.directmap
+    sched = vm._sched
+    if sched is not None:
+        sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
     before = dict(dm.counters)
     calls = getattr(dm, method)(pfn, npages, level, assigned=assigned)
     if not calls:
+        if sched is not None:
+            sched.release("cpa_lock")
         return 0
     after = dm.counters
     st = vm._stats
@@ -69,11 +74,15 @@ def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned:
     if flushes:
         st["directmap_tlb_flushes"] += flushes
         vm._charge("directmap_tlb_flush", flushes)
-    if snp.atomic:
+    if snp.atomic and (sched is None or sched.holds("mmu_lock")):
         st["sleep_in_atomic"] += calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
         vm._charge("sleep_in_atomic", calls)
         vm.events.append(("sleep_in_atomic", (f"BUG: scheduling while atomic: {calls} direct-map "
                           f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
+    if sched is not None:
+        if flushes:
+            sched.ipi("host", flushes)  # flush_tlb_kernel_range: an IPI to every host CPU
+        sched.release("cpa_lock")
     return calls
 
 
@@ -96,6 +105,8 @@ def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, g
     else:
         done, fail, code = snp.rmp.rmpupdate_range(pfn, npages, level, assigned=False)
     st = vm._stats
+    if done and vm._sched is not None:
+        vm._sched.changed()  # a vCPU looping on RMP #NPF may now go on
     if done:
         st["rmpupdate"] += done
         if level == PG_LEVEL_2M:

@@ -201,7 +201,26 @@ class SnpVcpu(Vcpu):
 
     def _rmp_npf(self, gfn: int, private: bool, write: bool) -> tuple[int, FaultResult]:
         """An #NPF with the RMP bit on ``gfn``: the MMU fault path, then the RMP handler. A
-        fault that left the leaf and the RMP entry as they were is reported as ``rmp_loop``."""
+        fault that left the leaf and the RMP entry as they were is reported as ``rmp_loop``;
+        on the concurrent timeline the vCPU instead keeps faulting until another thread changes
+        the RMP (or nothing else runs that could), counted as a race (``rmp_npf_loop``)."""
+        faults = loops = 0
+        while True:
+            n, r = self._rmp_npf_once(gfn, private, write)
+            faults += n
+            if r.ret != "rmp_loop":
+                return faults, r
+            sched = self.vm._sched
+            if sched is None or not sched.wait_changed("rmp_npf_loop", loops == 0):
+                return faults, r
+            loops += 1
+            # The hardware re-checks the access first: if another thread fixed the RMP entry
+            # meanwhile, it completes without another #NPF.
+            v = self.vm._mmu.sptes.get(gfn)
+            if v and not self._rmp_verdict(gfn, 1, v, private)[1]:
+                return faults, FaultResult("spurious", spte_level(v), gfn + decode_delta(v))
+
+    def _rmp_npf_once(self, gfn: int, private: bool, write: bool) -> tuple[int, FaultResult]:
         vm = self.vm
         rmp = vm.snp.rmp  # type: ignore[attr-defined]
         v = vm._mmu.sptes.get(gfn)

@@ -286,6 +286,9 @@ class TdxVcpu(Vcpu):
                 retries = 0
                 continue
             if r.ret == "retry":
+                if vm._sched is not None:  # another thread's invalidation: fault again after it
+                    vm._sched.retry_fault(gfn)
+                    continue
                 retries += 1
                 if retries > _MAX_LOCAL_RETRIES:
                     raise InternalInvariantError(f"gfn {gfn:#x}: the EPT violation keeps retrying")
@@ -340,6 +343,9 @@ class TdxVcpu(Vcpu):
             if e == gfn:
                 return 0  # the fault may exit: take the instruction path, which stops there
             f, r = run_fault(self, gfn, e, True, True)
+            if r.ret == "retry" and vm._sched is not None:
+                vm._sched.retry_fault(gfn)  # raced with another thread: take the instruction path
+                return 0
             if r.ret != "fixed":
                 raise InternalInvariantError(f"gfn {gfn:#x}: a private fault that had to be fixed returned {r}")
             return self._accept_run(gfn, f.end, end)
