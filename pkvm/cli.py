@@ -155,8 +155,11 @@ def _experiment_options(single_policy: bool) -> _Parser:
                    help="cost model file (.toml, or .json) to start from instead of the platform's defaults; "
                         "'pkvm costs --toml' writes one")
     g.add_argument("--vcpus", type=_positive_int, default=None, metavar="N",
-                   help="guest vCPUs; they share the guest's work round-robin "
-                        f"(default: {_VM_DEFAULTS['vcpus']})")
+                   help="guest vCPUs; they run concurrently on the timeline, each taking the guest's work "
+                        f"in turn (default: {_VM_DEFAULTS['vcpus']})")
+    g.add_argument("--host-cpus", type=_positive_int, default=64, metavar="N",
+                   help="host CPUs: every one is interrupted by a kernel TLB flush, which also prices SNP's "
+                        "direct-map flush; at least --vcpus (default: %(default)s)")
     g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
                    help="host memory backing shared guest pages (default: %(default)s)")
     g.add_argument("--image", type=_size, default=None, metavar="SIZE",
@@ -175,6 +178,13 @@ def _experiment_options(single_policy: bool) -> _Parser:
                    "as large as the kernel's would be (a 64G boot: ~16.8 M lines, ~2.3 GB, ~20 s)" + (
                        "" if single_policy else "; with several policies one file per policy, "
                        "OUT.<policy>.txt (with --sweep-memory, OUT.<size>.<policy>.txt)"))
+    o.add_argument("--timeline", metavar="OUT.json", default=None,
+                   help="write the concurrent timeline as Chrome trace-event JSON (open it in Perfetto UI or "
+                        "chrome://tracing): a track per actor, lock waits and holds, races" + (
+                       "" if single_policy else "; with several policies OUT.<policy>.json"))
+    o.add_argument("--gantt", metavar="OUT.png", default=None,
+                   help="draw the timeline as a per-actor Gantt chart" + (
+                       "" if single_policy else "; with several policies OUT.<policy>.png"))
     o.add_argument("--layout", choices=_LAYOUTS, default="auto",
                    help="table shape: one row per policy, one column per policy, or rows when they fit "
                         "the terminal (default: %(default)s)")
@@ -277,7 +287,8 @@ def _config(args: argparse.Namespace) -> Config:
     try:
         config = experiments.Config(
             **shape, workload=workload, options=options, policy=policy, costs=dict(args.cost),
-            cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace)
+            cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace,
+            host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt)
     except (ValueError, OSError) as exc:
         raise UsageError(_message(exc)) from None
     # An option without a default (replay's file) is required; Config does not check that.
@@ -336,7 +347,7 @@ def _memories(text: list[str] | None, base: Config) -> list[int]:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before a long run, not after it, when an output cannot be created."""
-    paths = (args.json, args.plot, args.trace)
+    paths = (args.json, args.plot, args.trace, args.timeline, args.gantt)
     for path in paths:
         if path is None:
             continue
@@ -345,6 +356,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"cannot write {path}: directory {parent} does not exist")
         if os.path.isdir(path):
             raise UsageError(f"cannot write {path}: it is a directory")
+    if args.gantt is not None and os.path.splitext(args.gantt)[1].lower() not in (".png", ""):
+        raise UsageError(f"--gantt {args.gantt}: the Gantt chart is a PNG (name it OUT.png)")
     if args.plot is not None:
         from matplotlib.backend_bases import FigureCanvasBase
 

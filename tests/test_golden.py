@@ -39,3 +39,8 @@ def test_golden(path):
         assert r.modeled_ns == w["modeled_ns"], policy
         assert r.by_actor == w["by_actor"], policy
         assert {p.name: p.modeled_ns for p in r.phases} == w["phases"], policy
+        assert r.critical_path_ns == w["critical_path_ns"], policy
+        assert r.races == w["races"], policy
+        assert {p.name: p.elapsed_ns for p in r.phases} == w["elapsed"], policy
+        if r.config.vcpus == 1:  # one vCPU: the timeline is the sum of work
+            assert r.critical_path_ns == r.modeled_ns, policy

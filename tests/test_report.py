@@ -60,17 +60,21 @@ def test_columns_follow_the_platform(platform, present, absent, request):
     results = request.getfixturevalue({"snp": "snp_results", "tdx": "tdx_results",
                                        "sw_protected": "sw_results"}[platform])
     head = header_line(report.text_table(results))
-    for word in ["policy", "conversions", "faults", "zaps", "modeled", "wall", "GFNs/s", *present]:
+    for word in ["policy", "critical", "stall", "p99", "conversions", "faults", "zaps", "CPU time", "wall", "GFNs/s",
+                 *present]:
         assert word in head
     for word in absent:
         assert word not in head
 
 
 def test_modeled_time_per_actor(snp_results):
-    """Modeled time has a total column and one per actor, in human units."""
+    """CPU time has a total column and one per actor, in human units; the timeline's critical
+    path leads the row."""
     text = report.text_table(snp_results)
     assert "vmm" in header_line(text) and "vcpu0" in header_line(text)
-    assert format_ns(snp_results[0].modeled_ns) in text.splitlines()[3]
+    row = text.splitlines()[3]
+    assert format_ns(snp_results[0].modeled_ns) in row
+    assert row.split()[1:3] == format_ns(snp_results[0].critical_path_ns).split()
 
 
 def test_mixed_platforms_get_a_platform_column(snp_results, tdx_results):

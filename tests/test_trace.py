@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import pkvm
@@ -167,13 +167,26 @@ def test_compare_writes_one_trace_per_policy(tmp_path):
 @given(platform=st.sampled_from(["snp", "tdx", "sw_protected"]), seed=st.integers(0, 2**32),
        ops=st.integers(1, 60), vcpus=st.integers(1, 3), prealloc=st.booleans(), data=st.data())
 def test_round_trip_property(tmp_path, platform, seed, ops, vcpus, prealloc, data):
+    # A TD's ACCEPTs are not traced; with concurrent vCPUs the replay cannot tell which vCPU's
+    # accept a fault served (docs/timeline.md, "What is approximated").
+    assume(platform != "tdx" or vcpus == 1)
     policy = data.draw(st.sampled_from(E.PLATFORM_POLICIES[platform]))
     path = tmp_path / f"p{seed}.txt"
     cfg = E.Config(platform=platform, memory="32M", workload="mixed", policy=policy, vcpus=vcpus,
                    options={"ops": str(ops), "prealloc": str(prealloc)}, trace=str(path))
     a = E.run(cfg, seed)
     b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), seed)
-    assert _kvm_side(b.counters) == _kvm_side(a.counters)
+    want, got = _kvm_side(a.counters), _kvm_side(b.counters)
+    if vcpus > 1:  # concurrent vCPUs: the replay says what it cannot reproduce (one thread, trace order)
+        assert any("concurrent vCPUs" in n for n in b.notes)
+        want, got = _sequential(want), _sequential(got)
+    assert got == want
+
+
+def _sequential(counters):
+    """What a replay on one thread reproduces of a run on several concurrent vCPUs."""
+    return {k: v for k, v in counters.items()
+            if k not in ("pf_retry", "pf_spurious", "pf_taken", "mmu_lock_held_ns") and not k.startswith("directmap_")}
 
 
 _ADDR = st.one_of(st.integers(0, (64 << 20) - 1).map(lambda a: a & ~0xFFF), st.integers(0, 2**64 - 1),

@@ -35,6 +35,10 @@ from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.trace import Tracer
 from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.vm import VM
+from pkvm.sim import Timeline
+from pkvm.sim.chrome import write_chrome_trace
+from pkvm.sim.gantt import plot_gantt
+from pkvm.sim.recorder import Recorder
 
 __all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
            "PLATFORMS", "SHARED_BACKINGS"]
@@ -69,9 +73,12 @@ class Config:
     ``memory`` accepts a size string (``"64G"``) and is stored in bytes. ``options`` are the
     workload's (``{"accept": "4K"}``); ``costs`` single-operation overrides (``{"rmpupdate":
     "800ns"}``), applied over ``cost_file`` (a TOML or JSON cost model) or the platform's
-    default model. ``vcpus`` guest vCPUs share the work round-robin. ``discard=False`` makes the
-    VMM keep both backings on conversion (see :class:`pkvm.Vmm`). ``trace`` is a path to write
-    the kernel-format trace to (see :mod:`pkvm.experiments.trace`), or None.
+    default model. ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
+    on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
+    direct-map flush). ``discard=False`` makes the VMM keep both backings on conversion (see
+    :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see
+    :mod:`pkvm.experiments.trace`), or None; ``timeline`` a path for the Chrome trace-event JSON of the
+    timeline and ``gantt`` one for its per-actor Gantt chart (PNG), or None.
 
     Raises (on construction):
         ValueError: any field out of range, with the field's name in the message.
@@ -89,6 +96,9 @@ class Config:
     discard: bool = True
     image: int | str = 2 << 20
     trace: str | None = None
+    host_cpus: int = 64
+    timeline: str | None = None
+    gantt: str | None = None
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
@@ -114,6 +124,11 @@ class Config:
         object.__setattr__(self, "costs", dict(self.costs))
         if type(self.vcpus) is not int or not 1 <= self.vcpus <= 1024:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
+        if type(self.host_cpus) is not int or not 1 <= self.host_cpus <= 8192:
+            raise ValueError(f"host_cpus {self.host_cpus!r} must be an int in [1, 8192]")
+        if self.vcpus > self.host_cpus:
+            raise ValueError(f"vcpus {self.vcpus} exceed host_cpus {self.host_cpus}: the timeline runs each "
+                             "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
         try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
@@ -155,6 +170,15 @@ class Result:
     ``directmap`` (SNP: ``fragmented_fraction`` and ``fragmented_pages``); ``phases``;
     ``wall_s`` (the simulator's own time); ``cost_model`` (the full model, as a dict) and its
     ``cost_fingerprint``; ``notes`` (e.g. what a replay could not reproduce).
+
+    The concurrent timeline's figures (``docs/timeline.md``): ``critical_path_ns`` (when the
+    workload's last actor finished: the guest's boot time); ``actors`` (per thread ``busy_ns``,
+    ``wait_ns``, ``idle_ns``, adding up to the critical path; the busy times add up to
+    ``modeled_ns``, the CPU time); ``locks`` (per lock ``hold_ns``, ``wait_ns``, ``waits``,
+    ``wait_p50_ns``, ``wait_p99_ns``, ``wait_max_ns``); ``latency_ns`` (per kind ``fault``,
+    ``attr_ioctl``, ``conversion``, ``exit``: ``count``, ``p50``, ``p99``, ``max``); ``races``
+    (``rmp_npf_loop`` faults that hit the eager-post window and ``rmp_npf_loop_ns`` they looped,
+    ``pf_retry`` / ``pf_retry_ns``, ``tdx_busy_retry``, ``rmp_inuse_retry``).
     """
 
     config: Config
@@ -171,6 +195,11 @@ class Result:
     cost_model: dict[str, Any]
     cost_fingerprint: str
     notes: tuple[str, ...] = ()
+    critical_path_ns: int = 0
+    actors: dict[str, dict[str, int]] = field(default_factory=dict)
+    locks: dict[str, dict[str, int]] = field(default_factory=dict)
+    latency_ns: dict[str, dict[str, int]] = field(default_factory=dict)
+    races: dict[str, int] = field(default_factory=dict)
 
     @property
     def policy(self) -> str:
@@ -182,12 +211,20 @@ class Result:
         n = self.counters.get("gfns_converted", 0) + self.counters.get("gfns_accessed", 0)
         return n / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def vcpu_stall_ns(self) -> int:
+        """The vCPUs' summed stall on the timeline: time blocked on a lock, an IPI or a retry."""
+        return sum(v["wait_ns"] for a, v in self.actors.items() if a.startswith("vcpu"))
+
     def row(self) -> dict[str, Any]:
         """The comparison-table row: the headline counters, in table order."""
         c = self.counters
         seamcalls = sum(v for k, v in c.items() if k.startswith("seamcall_") and k != "seamcall_busy")
         row: dict[str, Any] = {
             "policy": self.config.policy,
+            "critical_path_ns": self.critical_path_ns,
+            "vcpu_stall_ns": self.vcpu_stall_ns,
+            "fault_p99_ns": self.latency_ns.get("fault", {}).get("p99", 0),
             "conversions": c.get("conversions", 0),
             "gfns_converted": c.get("gfns_converted", 0),
             "faults": c.get("pf_taken", 0),
@@ -234,12 +271,18 @@ class Result:
             "wall_s": self.wall_s,
             "gfns_per_s": self.gfns_per_s,
             "notes": list(self.notes),
+            "critical_path_ns": self.critical_path_ns,
+            "actors": {a: dict(v) for a, v in self.actors.items()},
+            "locks": {n: dict(v) for n, v in self.locks.items()},
+            "latency_ns": {k: dict(v) for k, v in self.latency_ns.items()},
+            "races": dict(self.races),
         }
 
 
 def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
+    options = {"host_cpus": config.host_cpus} if config.platform == "snp" else None
     vm = VM(config.platform, policy=config.policy, costs=config.cost_model(), seed=seed,
-            shared_backing=config.shared_backing, nr_vcpus=config.vcpus)
+            shared_backing=config.shared_backing, nr_vcpus=config.vcpus, options=options)
     vmm = Vmm(vm, discard=config.discard)
     vcpus = [vm.create_vcpu() for _ in range(config.vcpus)]
     guests = [Guest(vm, vmm, v) for v in vcpus]
@@ -272,12 +315,15 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
             sink.write(f"cpus={config.vcpus + 1}\n")
             tracer = Tracer(sink, header=[_trace_header(config, opts)])
             vm.trace(tracer)
-        wl.run(ctx, **opts)
+        tl = _run_timeline(config, vm, ctx, wl, opts)
     finally:
         if sink is not None:
             vm.trace(None)
             sink.close()
     wall = time.perf_counter() - t0
+    tres = tl.result()
+    if tl.recorder is not None:
+        _write_timeline_outputs(config, tl)
     model = vm.costs
     dm: dict[str, float] = {}
     directmap = getattr(vm, "directmap", None)
@@ -290,7 +336,38 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
         by_actor={a: sum(c.values()) for a, c in by_actor_op.items()},
         by_op=dict(sorted(vm.cost_breakdown().items())), by_actor_op=by_actor_op, directmap=dm,
         phases=tuple(ctx.phases), wall_s=wall, cost_model=model.to_dict(),
-        cost_fingerprint=model.fingerprint(), notes=tuple(ctx.notes))
+        cost_fingerprint=model.fingerprint(), notes=tuple(ctx.notes), critical_path_ns=tres.critical_path_ns,
+        actors=tres.actors, locks=tres.locks, latency_ns=tres.latency_ns, races=tres.races)
+
+
+def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str, Any]) -> Any:
+    """Run the workload on the concurrent timeline: the VMM's main loop drives it (the
+    workload's code), one thread per vCPU takes its tasks (``docs/timeline.md``)."""
+
+    rec = Recorder() if (config.timeline or config.gantt) else None
+    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec)
+    ctx.timeline = tl
+    for g in ctx.guests:
+        tl.start_vcpu(g.actor)
+
+    def main_loop() -> None:
+        wl.run(ctx, **opts)
+        tl.stop()
+
+    tl.spawn("vmm", main_loop)
+    tl.run()
+    return tl
+
+
+def _write_timeline_outputs(config: Config, tl: Any) -> None:
+    meta = {"pkvm_version": version(), "platform": config.platform, "policy": config.policy,
+            "memory": format_size(config.memory), "workload": config.workload, "vcpus": config.vcpus,
+            "host_cpus": config.host_cpus}
+    if config.timeline:
+        write_chrome_trace(tl.recorder, config.timeline, metadata=meta)
+    if config.gantt:
+        plot_gantt(tl.recorder, config.gantt, title=f"{config.policy}: {config.workload} "
+                   f"{format_size(config.memory)}, {config.vcpus} vCPU(s)")
 
 
 def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
@@ -307,7 +384,9 @@ def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0
     policy writes ``<stem>.<policy><suffix>``. ``jobs > 1`` runs the policies in that many
     worker processes (``progress`` then reports each run only when it finishes)."""
     pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
-    cfgs = [config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols))) for pol in pols]
+    cfgs = [config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols)),
+                         timeline=_trace_path(config.timeline, pol, len(pols)),
+                         gantt=_trace_path(config.gantt, pol, len(pols))) for pol in pols]
     return _run_all(cfgs, seed, progress, jobs)
 
 
@@ -346,7 +425,9 @@ def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str]
     cfgs = []
     for mem in memories:
         base = config.with_(memory=mem)
-        cfgs += [base.with_(policy=pol, trace=_trace_path(base.trace, f"{format_size(base.memory)}.{pol}",  # type: ignore[arg-type]
-                                                           2)) for pol in pols]
+        tag = f"{format_size(base.memory)}.{{}}"  # type: ignore[arg-type]
+        cfgs += [base.with_(policy=pol, trace=_trace_path(base.trace, tag.format(pol), 2),
+                            timeline=_trace_path(base.timeline, tag.format(pol), 2),
+                            gantt=_trace_path(base.gantt, tag.format(pol), 2)) for pol in pols]
     return _run_all(cfgs, seed, progress, jobs)
 

@@ -281,6 +281,10 @@ def replay_file(ctx: Context, path: str) -> None:
         ctx.notes.append(f"the trace has {_n(rp.trace_exits, 'exit')} to userspace; the replay took "
                          f"{rp.own_exits} (page-state-change and MapGPA exits are not replayed: no tracepoint "
                          "carries them)")
+    if len(ctx.guests) > 1:
+        ctx.notes.append(f"the trace comes from {len(ctx.guests)} concurrent vCPUs; the replay runs its events in "
+                         "trace order on one thread, so what depends on their interleaving (pf_retry, pf_spurious, "
+                         "pf_taken) or on each vCPU's host pages (the directmap_* counters) may differ")
     for name, n in sorted(rp.skipped.items()):
         ctx.notes.append(f"{_n(n, name + ' event')} named no guest_memfd of this VM and "
                          f"{'was' if n == 1 else 'were'} skipped")

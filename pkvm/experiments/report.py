@@ -94,6 +94,9 @@ def _number(v: Any) -> str:
 # (row key, header, formatter), in :meth:`Result.row` order. Headers break onto two lines
 # where that keeps the 20-odd columns of an SNP table narrow.
 _COUNTERS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("critical_path_ns", "critical\npath", format_ns),
+    ("vcpu_stall_ns", "vCPU\nstall", format_ns),
+    ("fault_p99_ns", "fault\np99", format_ns),
     ("conversions", "conversions", _count),
     ("gfns_converted", "GFNs\nconverted", _count),
     ("faults", "faults", _count),
@@ -148,18 +151,20 @@ def _columns(results: Sequence[Result], rows: list[dict[str, Any]]) -> list[_Col
     """The metric columns (everything but the row label), for the keys the rows have."""
     present = {k for row in rows for k in row}
     cols = [_Col(k, h, _field(k, f)) for k, h, f in _COUNTERS if k in present]
+    if len(cols) >= 3 and cols[2].key == "fault_p99_ns":
+        cols[2].section_end = True  # the timeline's figures lead, then the work counters
     # A counter Result.row() gains later still shows, before the modeled times.
     extra = [k for row in rows for k in row if k not in _KNOWN and not k.startswith("modeled_ns_")]
     cols += [_Col(k, k.replace("_", " "), _field(k, _number)) for k in dict.fromkeys(extra)]
     if cols:
         cols[-1].section_end = True
-    cols.append(_Col("modeled_ns", "modeled\ntotal", _field("modeled_ns", format_ns)))
+    cols.append(_Col("modeled_ns", "CPU time\ntotal", _field("modeled_ns", format_ns)))
     actors = _actors(results)
     vcpus = [a for a in actors if _VCPU.match(a)]
     for a in actors:
         if a in vcpus and len(vcpus) > MAX_VCPU_COLUMNS:
             continue
-        cols.append(_Col(f"modeled_ns_{a}", f"modeled\n{a}", _field(f"modeled_ns_{a}", format_ns)))
+        cols.append(_Col(f"modeled_ns_{a}", f"CPU time\n{a}", _field(f"modeled_ns_{a}", format_ns)))
     if len(vcpus) > MAX_VCPU_COLUMNS:
         def vcpu_sum(r: Result, _row: dict[str, Any]) -> str:
             return format_ns(sum(ns for a, ns in r.by_actor.items() if _VCPU.match(a)))
@@ -167,8 +172,8 @@ def _columns(results: Sequence[Result], rows: list[dict[str, Any]]) -> list[_Col
         def vcpu_max(r: Result, _row: dict[str, Any]) -> str:
             return format_ns(max((ns for a, ns in r.by_actor.items() if _VCPU.match(a)), default=0))
 
-        cols.append(_Col("modeled_ns_vcpus", f"modeled\n{len(vcpus)} vCPUs", vcpu_sum))
-        cols.append(_Col("modeled_ns_vcpu_max", "modeled\nbusiest vCPU", vcpu_max))
+        cols.append(_Col("modeled_ns_vcpus", f"CPU time\n{len(vcpus)} vCPUs", vcpu_sum))
+        cols.append(_Col("modeled_ns_vcpu_max", "CPU time\nbusiest vCPU", vcpu_max))
     cols[-1].section_end = True
     cols.append(_Col("wall_s", "wall", _field("wall_s", _seconds)))
     cols.append(_Col("gfns_per_s", "GFNs/s", _field("gfns_per_s", _rate)))
@@ -245,7 +250,7 @@ def table(results: Sequence[Result], *, console: Console | None = None, layout: 
 
 
 def phase_table(result: Result) -> Table:
-    """One result's phases: modeled time in total and per actor, and wall time."""
+    """One result's phases: time on the timeline, CPU time in total and per actor, wall time."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -253,12 +258,13 @@ def phase_table(result: Result) -> Table:
     actors = sorted({a for p in result.phases for a in p.by_actor}, key=_actor_order)
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, title="phases", title_justify="left")
     t.add_column("phase", no_wrap=True)
-    t.add_column("modeled", justify="right", no_wrap=True)
+    t.add_column("elapsed", justify="right", no_wrap=True)
+    t.add_column("CPU time", justify="right", no_wrap=True)
     for a in actors:
         t.add_column(a, justify="right", no_wrap=True)
     t.add_column("wall", justify="right", no_wrap=True)
     for p in result.phases:
-        t.add_row(Text(p.name), Text(format_ns(p.modeled_ns)),
+        t.add_row(Text(p.name), Text(format_ns(p.elapsed_ns)), Text(format_ns(p.modeled_ns)),
                   *(Text(format_ns(p.by_actor[a]) if a in p.by_actor else _MISSING) for a in actors),
                   Text(_seconds(p.wall_s)))
     return t
@@ -398,9 +404,15 @@ def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
     for i, r in enumerate(results):
         ax.annotate(format_ns(r.modeled_ns), (i, r.modeled_ns / scale), xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    crit = [r.critical_path_ns / scale for r in results]
+    if any(crit):
+        ax.scatter(list(x), crit, marker="D", s=36, color="black", zorder=3, label="critical path")
+        for i, r in enumerate(results):
+            ax.annotate(format_ns(r.critical_path_ns), (i, r.critical_path_ns / scale), xytext=(8, -3),
+                        textcoords="offset points", ha="left", va="top", fontsize=7)
     ax.set_xticks(list(x), labels)
-    ax.set_ylabel(f"modeled time ({unit})")
-    ax.set_ylim(0, max(1e-9, max(bottoms)) * 1.12)
+    ax.set_ylabel(f"CPU time by operation, and critical path ({unit})")
+    ax.set_ylim(0, max(1e-9, max(bottoms), max(crit)) * 1.12)
     ax.set_title(_title(results, memory=True))
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)

@@ -168,11 +168,13 @@ def parse_options(workload: Workload, given: Mapping[str, object]) -> dict[str, 
 
 @dataclass
 class PhaseRecord:
-    """What one phase of a run did: modeled ns (total and per actor), wall seconds, and the
-    counters it changed (deltas)."""
+    """What one phase of a run did: modeled ns (total and per actor), the time it took on the
+    timeline, wall seconds, and the counters it changed (deltas)."""
 
     name: str
     modeled_ns: int = 0
+    #: Time the phase took on the timeline (without one: its modeled work, the same thing).
+    elapsed_ns: int = 0
     by_actor: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
@@ -202,6 +204,11 @@ class Context:
         #: The guest's own view of which pages it made shared (1) — Linux never hands a shared
         #: page to the page allocator, so random picks avoid them.
         self.shared = RangeMap(0)
+        #: Pages picked for a task that has not finished yet (1): a vCPU still works on them, so
+        #: random picks avoid them too (nothing is ever reserved across a pick without a timeline).
+        self.reserved = RangeMap(0)
+        #: The :class:`pkvm.sim.Timeline` the run is on, or None (every call runs at once).
+        self.timeline: Any = None
         self._turn = 0
         self._progress = progress
 
@@ -218,17 +225,45 @@ class Context:
         if self._progress is not None:
             self._progress(min(1.0, max(0.0, fraction)))
 
+    def run_on(self, guest: Guest, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on ``guest``'s vCPU: at once without a timeline (or when already
+        on that vCPU); on the timeline, as the vCPU thread's next task (the caller goes on as
+        soon as the vCPU took it)."""
+        tl = self.timeline
+        if tl is None or tl.current == guest.actor:
+            fn(*args)
+        else:
+            tl.dispatch(guest.actor, fn, *args)
+
+    def reserve(self, gpa: int, size: int) -> None:
+        """Keep ``[gpa, gpa + size)`` out of random picks until :meth:`release`."""
+        self.reserved.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 1)
+
+    def release(self, gpa: int, size: int) -> None:
+        self.reserved.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0)
+
+    def barrier(self) -> None:
+        """Wait until every vCPU finished its task (a no-op without a timeline)."""
+        if self.timeline is not None:
+            self.timeline.barrier()
+
     @contextmanager
     def phase(self, name: str) -> Iterator[PhaseRecord]:
-        """Attribute the work done inside the ``with`` block to phase ``name``."""
+        """Attribute the work done inside the ``with`` block to phase ``name``; on the timeline
+        the phase starts and ends with every vCPU idle (``PhaseRecord.elapsed_ns``)."""
         vm = self.vm
         rec = PhaseRecord(name)
+        self.barrier()
+        tl = self.timeline
+        e0 = tl.now_ns if tl is not None else vm.modeled_ns
         before = self.counters()
         ns0, actors0 = vm.modeled_ns, {a: sum(c.values()) for a, c in vm.cost_by_actor().items()}
         t0 = time.perf_counter()
         try:
             yield rec
         finally:
+            self.barrier()
+            rec.elapsed_ns = (tl.now_ns if tl is not None else vm.modeled_ns) - e0
             rec.wall_s = time.perf_counter() - t0
             rec.modeled_ns = vm.modeled_ns - ns0
             after = self.counters()
@@ -285,19 +320,27 @@ class Context:
         self.setup_done = True
 
     def accept(self, guest: Guest, gpa: int, size: int, huge: bool = True) -> None:
-        """The guest accepts ``[gpa, gpa + size)`` (``huge=False``: 4K units only)."""
-        if size <= 0:
-            return
+        """The guest accepts ``[gpa, gpa + size)`` (``huge=False``: 4K units only), on its vCPU."""
+        if size > 0:
+            self.run_on(guest, self._accept, guest, gpa, size, huge)
+
+    def _accept(self, guest: Guest, gpa: int, size: int, huge: bool) -> None:
         ok = guest.accept(gpa, size, huge=huge)
         self._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
         self.gfns_accessed += size >> PAGE_SHIFT
 
     def convert(self, guest: Guest, gpa: int, size: int, private: bool) -> None:
+        self.run_on(guest, self._convert, guest, gpa, size, private)
+
+    def _convert(self, guest: Guest, gpa: int, size: int, private: bool) -> None:
         self._require(guest.convert(gpa, size, private=private),
                       f"converting [{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}")
         self.shared.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0 if private else 1)
 
     def touch(self, guest: Guest, gpa: int, size: int, private: bool, write: bool = True) -> None:
+        self.run_on(guest, self._touch, guest, gpa, size, private, write)
+
+    def _touch(self, guest: Guest, gpa: int, size: int, private: bool, write: bool) -> None:
         r = guest.touch(gpa, size, private=private, write=write)
         self._require(r.ret == "done", f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
         self.gfns_accessed += size >> PAGE_SHIFT
@@ -332,7 +375,8 @@ class Context:
             raise ValueError(f"{format_size(size)} does not fit in {format_size(self.memory)} of RAM")
         for _ in range(1000):
             gpa = self.rng.randint(lo, hi) * align
-            if self.shared.find_ne(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0) == -1:
+            s, e = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+            if self.shared.find_ne(s, e, 0) == -1 and self.reserved.find_ne(s, e, 0) == -1:
                 return gpa
         raise ValueError(f"no private {format_size(size)} region left in {format_size(self.memory)} of RAM")
 
@@ -374,9 +418,13 @@ def _accept_all(ctx: Context, accept: int = P2M) -> None:
         s = start + i * span
         e = min(end, s + span)
         if s < e:
-            ctx.accept(g, s, e - s, huge=accept == P2M)
-            ctx.touch(g, s, e - s, True)  # and uses it (the only faults on SW_PROTECTED)
+            ctx.run_on(g, _accept_touch, ctx, g, s, e - s, accept == P2M)
         ctx.progress((i + 1) / n)
+
+
+def _accept_touch(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
+    ctx.accept(g, gpa, size, huge=huge)
+    ctx.touch(g, gpa, size, True)  # and uses it (the only faults on SW_PROTECTED)
 
 
 def boot(ctx: Context, *, accept: int, prealloc: bool) -> None:
@@ -386,11 +434,17 @@ def boot(ctx: Context, *, accept: int, prealloc: bool) -> None:
 def _churn_one(ctx: Context, touches: int) -> None:
     g = ctx.guest()
     gpa = ctx.random_page()
+    ctx.reserve(gpa, PAGE_SIZE)
+    ctx.run_on(g, _churn_page, ctx, g, gpa, touches)
+
+
+def _churn_page(ctx: Context, g: Guest, gpa: int, touches: int) -> None:
     ctx.convert(g, gpa, PAGE_SIZE, False)
     for _ in range(touches):
         ctx.touch(g, gpa, PAGE_SIZE, False)
     ctx.convert(g, gpa, PAGE_SIZE, True)
     ctx.touch(g, gpa, PAGE_SIZE, True)
+    ctx.release(gpa, PAGE_SIZE)
 
 
 def swiotlb(ctx: Context, *, ops: int, touches: int, prealloc: bool) -> None:
@@ -409,9 +463,22 @@ def _device_regions(ctx: Context, g: Guest, queues: int, ring: int, buffers: int
     for _ in range(queues):
         for size in (ring, buffers):
             gpa = ctx.random_region(size)
+            ctx.reserve(gpa, size)
             ctx.convert(g, gpa, size, False)
             out.append((gpa, size))
     return out
+
+
+def _device_io(ctx: Context, g: Guest, regions: list[tuple[int, int]]) -> None:
+    for gpa, size in regions:
+        ctx.touch(g, gpa, size, False)      # the driver and the device use them
+
+
+def _device_teardown(ctx: Context, g: Guest, regions: list[tuple[int, int]]) -> None:
+    for gpa, size in regions:
+        ctx.convert(g, gpa, size, True)     # teardown: set_memory_encrypted
+        ctx.touch(g, gpa, size, True)
+        ctx.release(gpa, size)
 
 
 def _virtio_cycle(ctx: Context, devices: int, queues: int, ring: int, buffers: int, io: int) -> None:
@@ -421,12 +488,9 @@ def _virtio_cycle(ctx: Context, devices: int, queues: int, ring: int, buffers: i
         live.append((g, _device_regions(ctx, g, queues, ring, buffers)))
     for _ in range(io):
         for g, regions in live:
-            for gpa, size in regions:
-                ctx.touch(g, gpa, size, False)      # the driver and the device use them
+            ctx.run_on(g, _device_io, ctx, g, regions)
     for g, regions in live:
-        for gpa, size in regions:
-            ctx.convert(g, gpa, size, True)         # teardown: set_memory_encrypted
-            ctx.touch(g, gpa, size, True)
+        ctx.run_on(g, _device_teardown, ctx, g, regions)
 
 
 def virtio(ctx: Context, *, cycles: int, devices: int, queues: int, ring: int, buffers: int, io: int,
@@ -461,8 +525,7 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
     with ctx.phase("deflate"):
         for s, e in runs:
             g = ctx.guest()
-            ctx.accept(g, s * chunk, (e - s) * chunk, huge=chunk == P2M)
-            ctx.touch(g, s * chunk, (e - s) * chunk, True)
+            ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, chunk == P2M)
 
 
 def balloon(ctx: Context, *, cycles: int, fraction: float, chunk: int, prealloc: bool) -> None:
@@ -503,8 +566,7 @@ def mixed(ctx: Context, *, ops: int, prealloc: bool) -> None:
     with ctx.phase("swiotlb-pool"):
         if ctx.memory - ctx.image > pool:
             g = ctx.guest()
-            ctx.convert(g, ctx.image, pool, False)
-            ctx.touch(g, ctx.image, pool, False)
+            ctx.run_on(g, _share_pool, ctx, g, ctx.image, pool)
     implicit = ctx.vm.platform.name in ("snp", "tdx")  # SW_PROTECTED derives the type from the attribute
     with ctx.phase("steady"):
         for i in range(ops):
@@ -523,6 +585,11 @@ def mixed(ctx: Context, *, ops: int, prealloc: bool) -> None:
                 ctx.progress(i / max(ops, 1))
 
 
+def _share_pool(ctx: Context, g: Guest, gpa: int, size: int) -> None:
+    ctx.convert(g, gpa, size, False)
+    ctx.touch(g, gpa, size, False)
+
+
 def _implicit_round_trip(ctx: Context, gpa: int) -> None:
     """The guest uses a private page as shared without a page-state change / MapGPA
     (docs/kernel-semantics.md §7.6):
@@ -532,12 +599,18 @@ def _implicit_round_trip(ctx: Context, gpa: int) -> None:
     a validated page for PVALIDATE to refuse (``FAIL_NOUPDATE``, a terminated guest). Then the
     guest converts the page back to private properly and uses it."""
     g = ctx.guest()
+    ctx.reserve(gpa, PAGE_SIZE)
+    ctx.run_on(g, _implicit_page, ctx, g, gpa)
+
+
+def _implicit_page(ctx: Context, g: Guest, gpa: int) -> None:
     if ctx.vm.platform.name == "snp":
         ctx._require(g.flows.pvalidate(gpa, PAGE_SIZE, False), f"rescinding [{gpa:#x}, +0x1000)")  # type: ignore[attr-defined]
     ctx.touch(g, gpa, PAGE_SIZE, False)
     ctx.shared.assign(gpa >> PAGE_SHIFT, (gpa >> PAGE_SHIFT) + 1, 1)
     ctx.convert(g, gpa, PAGE_SIZE, True)
     ctx.touch(g, gpa, PAGE_SIZE, True)
+    ctx.release(gpa, PAGE_SIZE)
 
 
 def replay(ctx: Context, *, file: str) -> None:

@@ -28,7 +28,9 @@ from typing import Any
 import greenlet
 import simpy
 
+from pkvm.errors import InternalInvariantError
 from pkvm.sim.locks import Mutex, RWLock, SpinLock
+from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT
 from pkvm.sim.stats import Distribution
 
 __all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS"]
@@ -219,8 +221,6 @@ class Timeline:
         self.env.run()
         stuck = [a.name for a in self._actors.values() if a.glet is not None and not a.glet.dead]
         if stuck:
-            from pkvm.errors import InternalInvariantError
-
             held = {a.name: list(a.held) for a in self._actors.values() if a.held}
             raise InternalInvariantError(f"timeline deadlock: actors {', '.join(stuck)} wait forever "
                                          f"(locks held: {held or 'none'})")
@@ -282,7 +282,7 @@ class Timeline:
                 st.hold_write_ns += now - t
         if self.recorder is not None:
             self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
-                                t, now, "lock hold")
+                                t, now, CAT_LOCK_HOLD)
 
     def work_ns(self) -> int:
         """The running actor's own work so far (its busy time plus what it has not yielded)."""
@@ -424,9 +424,7 @@ class Timeline:
                 ev = (lk.acquire_read(a.name) if mode == READ else lk.acquire_write(a.name)) \
                     if isinstance(lk, RWLock) else lk.acquire(a.name)
                 if not ev.triggered:
-                    from pkvm.errors import InternalInvariantError
-
-                    raise InternalInvariantError(f"{lock} taken uncontended by {a.name} is held by another actor")
+                            raise InternalInvariantError(f"{lock} taken uncontended by {a.name} is held by another actor")
                 st = lk.stats
                 st.acquisitions -= 1  # counted when it was taken
                 early = t - now  # SimPy counts the hold from now; it began at t
@@ -497,7 +495,7 @@ class Timeline:
             if dt:
                 a.busy += dt
                 if rec is not None:
-                    rec.slice(a.name, "work", env.now - self._t0, env.now - self._t0 + dt, "busy")
+                    rec.slice(a.name, "work", env.now - self._t0, env.now - self._t0 + dt, CAT_BUSY)
                 yield env.timeout(dt)
             debt = a.stall_debt
             if debt:
@@ -505,7 +503,7 @@ class Timeline:
                 a.wait += debt
                 a.ipi += debt
                 if rec is not None:
-                    rec.slice(a.name, "IPI", env.now - self._t0, env.now - self._t0 + debt, "ipi")
+                    rec.slice(a.name, "IPI", env.now - self._t0, env.now - self._t0 + debt, CAT_IPI_STALL)
                 yield env.timeout(debt)
             value = None
             if op == _ACQ:
@@ -525,14 +523,14 @@ class Timeline:
                     if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
                         self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
                     if rec is not None:
-                        rec.slice(a.name, f"wait {req[2]}", t0 - self._t0, env.now - self._t0, "lock wait")
+                        rec.slice(a.name, f"wait {req[2]}", t0 - self._t0, env.now - self._t0, CAT_LOCK_WAIT)
             elif op == _REL:
                 lk = locks[req[2]]
                 if rec is not None:
                     t_grant = grants.pop((req[2], req[3]))
                     rec.slice(a.name, f"hold {req[2]}" + (" (read)" if req[3] == READ and isinstance(lk, RWLock)
                                                            else ""), t_grant - self._t0, env.now - self._t0,
-                              "lock hold")
+                              CAT_LOCK_HOLD)
                 if isinstance(lk, RWLock):
                     (lk.release_read if req[3] == READ else lk.release_write)(a.name)
                 else:
@@ -546,7 +544,7 @@ class Timeline:
                         a.wait += env.now - t0
                         a.spin += env.now - t0
                         if rec is not None:
-                            rec.slice(a.name, "spin", t0 - self._t0, env.now - self._t0, "retry")
+                            rec.slice(a.name, "spin", t0 - self._t0, env.now - self._t0, "spin")
                 else:
                     value = ev.value
             self._current = a

@@ -36,7 +36,9 @@ def snapshot(kwargs: dict, seed: int) -> dict:
     out = {}
     for r in E.compare(cfg, seed=seed):
         out[r.policy] = {"counters": r.counters, "modeled_ns": r.modeled_ns, "by_actor": r.by_actor,
-                         "phases": {p.name: p.modeled_ns for p in r.phases}}
+                         "phases": {p.name: p.modeled_ns for p in r.phases},
+                         "critical_path_ns": r.critical_path_ns, "races": r.races,
+                         "elapsed": {p.name: p.elapsed_ns for p in r.phases}}
     return out
 
 
