@@ -693,6 +693,8 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
         st["pf_spurious"] += 1
     elif ret == "retry":
         st["pf_retry"] += 1
+        if vm._subs is not None:
+            vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
     elif ret == "emulate":
         st["pf_emulate"] += 1
         if f.is_private:  # KVM cannot emulate private accesses
@@ -713,9 +715,7 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
 def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> tuple[PageFault, FaultResult]:
     """Run every phase of one (batched) fault to completion: the synchronous driver."""
     vm = vcpu.vm
-    tracer = vm._tracer
-    if tracer is not None:
-        t0 = vm._modeled_ns
+    t0 = vm._modeled_ns
     f = PageFault(gfn, limit, private, write)
     fault_begin(vm, f)
     if not f.ret:
@@ -725,13 +725,14 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
     if not f.ret:
         fault_install(vm, f)
     r = fault_finish(vm, f)
-    if tracer is not None:
+    if vm._subs is not None:
         n = f.nfaults if r.ret == "fixed" else 1
         step = max(1, (f.end - gfn) // n) if n > 1 else 1
-        tracer.page_faults(vcpu.id, gfn, gfn + n * step, step, private, write,
-                           bool(getattr(vcpu, "rmp_npf", False)), t0, vm._modeled_ns)
+        vm._emit("fault", gfn, gfn + n * step, None, n, 0, r.ret,
+                 (vcpu.id, step, private, write, bool(getattr(vcpu, "rmp_npf", False)), vm._modeled_ns - t0))
         if r.ret == "exit":
-            tracer.userspace_exit(r.exit_reason or 0, r.errno or 0)
+            vm._emit("userspace_exit", gfn, gfn + 1, None, 1, 0, r.exit_reason or 0,
+                     (r.exit_reason or 0, r.errno or 0))
     if r.ret in ("fixed", "spurious", "retry"):
         # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
         vm._platform.handle_rmp_fault(vcpu, gfn << PAGE_SHIFT, f.is_private, write, r)
