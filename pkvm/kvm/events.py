@@ -13,7 +13,8 @@ stream: :meth:`pkvm.VM.trace` subscribes it to the kinds of :data:`TRACEPOINT_KI
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from types import TracebackType
@@ -51,8 +52,10 @@ TRACEPOINT_KINDS: dict[str, str] = {
 }
 
 
-class Event(NamedTuple):
-    """One event (immutable). ``docs/events.md`` gives each kind's fields.
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event (immutable: a frozen dataclass with slots). ``docs/events.md`` gives each
+    kind's fields.
 
     ``t_ns``: the acting actor's clock when the event was emitted (:meth:`pkvm.VM.clock`; the
     timeline's time when one drives the VM); for a charge, the end of the charged work.
