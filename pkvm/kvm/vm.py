@@ -18,8 +18,8 @@ Invariants: see :meth:`VM.check`.
 from __future__ import annotations
 
 import errno
-from functools import partial
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from types import MappingProxyType, TracebackType
 
 from pkvm._core import RangeMap
@@ -44,6 +44,7 @@ from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
 from pkvm.kvm import check as _vm_check
+from pkvm.kvm.events import EVENT_KINDS, Event, Subscription, check_kinds
 from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.memslots import Memslot, set_user_memory_region2
@@ -64,7 +65,6 @@ from pkvm.kvm.mmu import (
     run_fault,
     spte_level,
 )
-from pkvm.kvm.events import EVENT_KINDS, Event, Subscription, check_kinds
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
 from pkvm.kvm.tracepoints import Tracepoints, deliver
