@@ -305,6 +305,24 @@ def test_filtered_trace_is_the_full_trace_without_the_other_lines(platform):
         assert some
 
 
+def test_a_tracer_with_bad_kinds_is_refused_and_the_old_one_stays():
+    vm = pkvm.VM("sw_protected")
+    good = Tracer()
+    vm.trace(good)
+
+    class Bad(Tracer):
+        def trace_kinds(self):
+            return frozenset({"kvm_page_fault"})  # a tracepoint name, not an event kind
+
+    with pytest.raises(ValueError, match=r"unknown event kind 'kvm_page_fault' in tracer.trace_kinds\(\)"):
+        vm.trace(Bad())
+    assert vm._tracer is good
+    vm.set_memory_attributes(0, 4096, PRIVATE)
+    assert len(good.lines) == 1 and " kvm_vm_set_mem_attributes: " in good.lines[0]
+    vm.trace(None)
+    assert vm._subs is None
+
+
 def test_tracer_event_names_are_checked():
     assert TRACE_EVENTS == tuple(TRACEPOINT_KINDS)
     with pytest.raises(ValueError, match=r"events: unknown tracepoint 'kvm_page_faults'; the tracepoints are: "

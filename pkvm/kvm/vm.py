@@ -403,12 +403,15 @@ class VM:
         if tracer is not None and not isinstance(tracer, Tracepoints):
             raise TypeError(f"tracer must be a pkvm.kvm.tracepoints.Tracepoints (such as "
                             f"pkvm.experiments.trace.Tracer) or None, not {type(tracer).__name__}")
+        kinds = None
+        if tracer is not None:
+            kinds = check_kinds(tracer.trace_kinds(), "tracer.trace_kinds()")
+            tracer.attach(self)
         if self._trace_sub is not None:
             self._trace_sub.close()
             self._trace_sub = None
         if tracer is not None:
-            tracer.attach(self)
-            self._trace_sub = self.subscribe(partial(deliver, tracer, self), tracer.trace_kinds())
+            self._trace_sub = self.subscribe(partial(deliver, tracer, self), kinds)
         self._tracer = tracer
 
     @property
