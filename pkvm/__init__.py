@@ -35,6 +35,7 @@ from pkvm.constants import (
 from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
 from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
+from pkvm.kvm.events import EVENT_KINDS, Event, Subscription
 from pkvm.kvm.exits import GuestOpResult, Hypercall
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.mmu import AccessResult, FaultResult
@@ -71,6 +72,8 @@ __all__ = [
     "CostModel",
     "DirectMap",
     "DIRECTMAP_POLICIES",
+    "Event",
+    "EVENT_KINDS",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "FaultResult",
@@ -123,6 +126,7 @@ __all__ = [
     "RMPUPDATE_FAIL_OVERLAP",
     "RMPUPDATE_FAIL_PERMISSION",
     "RMPUPDATE_SUCCESS",
+    "Subscription",
     "Vcpu",
     "VM",
     "Vmm",

@@ -36,7 +36,7 @@ from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_table
 from pkvm.errors import PkvmError
 from pkvm.experiments import report, workloads
-from pkvm.experiments.trace import header_fields
+from pkvm.experiments.trace import TRACE_EVENTS, check_trace_events, header_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -185,6 +185,9 @@ def _experiment_options(single_policy: bool) -> _Parser:
     o.add_argument("--gantt", metavar="OUT.png", default=None,
                    help="draw the timeline as a per-actor Gantt chart" + (
                        "" if single_policy else "; with several policies OUT.<policy>.png"))
+    o.add_argument("--trace-events", metavar="EVENT,...", default=None,
+                   help="with --trace, write only these tracepoints (comma-separated; default: all): "
+                        + ", ".join(TRACE_EVENTS))
     o.add_argument("--layout", choices=_LAYOUTS, default="auto",
                    help="table shape: one row per policy, one column per policy, or rows when they fit "
                         "the terminal (default: %(default)s)")
@@ -284,11 +287,20 @@ def _config(args: argparse.Namespace) -> Config:
         policy = (args.policies or experiments.PLATFORM_POLICIES[shape["platform"]])[0]
     else:
         policy = args.policy or _default_policy(shape["platform"])
+    trace_events = None
+    if args.trace_events is not None:
+        if args.trace is None:
+            raise UsageError(f"--trace-events {args.trace_events} needs --trace OUT.txt (the trace it filters)")
+        try:
+            trace_events = check_trace_events(args.trace_events, "--trace-events")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     try:
         config = experiments.Config(
             **shape, workload=workload, options=options, policy=policy, costs=dict(args.cost),
             cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace,
-            host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt)
+            host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt,
+            trace_events=trace_events)
     except (ValueError, OSError) as exc:
         raise UsageError(_message(exc)) from None
     # An option without a default (replay's file) is required; Config does not check that.

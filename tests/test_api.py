@@ -31,6 +31,8 @@ PUBLIC_NAMES = {
     "RangeMap", "RmpEntry", "RmpTable", "RMPUPDATE_FAIL_INPUT", "RMPUPDATE_FAIL_INUSE",
     "RMPUPDATE_FAIL_OVERLAP", "RMPUPDATE_FAIL_PERMISSION", "RMPUPDATE_SUCCESS", "Vcpu", "VM",
     "Vmm", "__version__",
+    # structured events (docs/events.md)
+    "Event", "EVENT_KINDS", "Subscription",
 }
 
 #: Pre-layout public module name -> the module it is now.

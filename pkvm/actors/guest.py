@@ -132,15 +132,14 @@ class Guest:
         """
         self._range(gpa, size)
         vm = self.vm
-        prev = vm._set_actor(self.actor)
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
-        try:
-            return self.flows.convert(gpa, size, bool(private))
-        finally:
-            vm._set_actor(prev)
-            if sched is not None:
-                sched.latency_end("conversion", lat)
+        with vm.acting(self.actor):
+            try:
+                return self.flows.convert(gpa, size, bool(private))
+            finally:
+                if sched is not None:
+                    sched.latency_end("conversion", lat)
 
     def accept(self, gpa: int, size: int, *, huge: bool = True) -> bool:
         """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). True on
@@ -153,22 +152,16 @@ class Guest:
             TypeError / ValueError: a bad range.
         """
         self._range(gpa, size)
-        prev = self.vm._set_actor(self.actor)
-        try:
+        with self.vm.acting(self.actor):
             return self.flows.accept(gpa, size, bool(huge))
-        finally:
-            self.vm._set_actor(prev)
 
     def touch(self, gpa: int, size: int = PAGE_SIZE, *, private: bool, write: bool = False) -> AccessResult:
         """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and
         the access goes on. Returns the totals, or the exit the VMM could not answer (and a
         dead VM's ``-EIO``)."""
         self._range(gpa, size)
-        prev = self.vm._set_actor(self.actor)
-        try:
+        with self.vm.acting(self.actor):
             return self._touch(gpa, size, private, write)
-        finally:
-            self.vm._set_actor(prev)
 
     def _touch(self, gpa: int, size: int, private: bool, write: bool) -> AccessResult:
         vcpu = self.vcpu

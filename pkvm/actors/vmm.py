@@ -152,11 +152,8 @@ class Vmm:
             KvmError: as ``create_guest_memfd`` / ``set_user_memory_region2`` /
                 ``set_memory_attributes``.
         """
-        prev = self.vm._set_actor("vmm")
-        try:
+        with self.vm.acting("vmm"):
             return self._add_ram(gpa, size, slot, mark_private, prealloc)
-        finally:
-            self.vm._set_actor(prev)
 
     def _add_ram(self, gpa: int, size: int, slot: int | None, mark_private: bool,
                  prealloc: bool) -> GuestMemfd | None:
@@ -187,11 +184,8 @@ class Vmm:
         vm = self.vm
         if not vm.vcpus:
             vm.create_vcpu()
-        prev = vm._set_actor("vmm")
-        try:
+        with vm.acting("vmm"):
             self._launch(image)
-        finally:
-            vm._set_actor(prev)
 
     def _launch(self, image: Iterable[tuple[int, int, bool]]) -> None:
         regions = []
@@ -213,15 +207,14 @@ class Vmm:
         resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
         """
         vm = self.vm
-        prev = vm._set_actor("vmm")
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
-        try:
-            return self._handle_exit(result)
-        finally:
-            vm._set_actor(prev)
-            if sched is not None:
-                sched.latency_end("exit", lat)
+        with vm.acting("vmm"):
+            try:
+                return self._handle_exit(result)
+            finally:
+                if sched is not None:
+                    sched.latency_end("exit", lat)
 
     def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> bool:
         reason = result.exit_reason
@@ -244,11 +237,8 @@ class Vmm:
     def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
         errno (see the module docstring for the steps and QEMU's special cases)."""
-        prev = self.vm._set_actor("vmm")
-        try:
+        with self.vm.acting("vmm"):
             return self._convert_memory(gpa, size, to_private)
-        finally:
-            self.vm._set_actor(prev)
 
     def _convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         vm = self.vm
@@ -281,8 +271,9 @@ class Vmm:
         if vm.shared_backing in _NO_DISCARD:
             return
         vm._shared.discard(piece.hva_page(s), piece.hva_page(e))
-        if vm._tracer is not None:
-            vm._tracer.madvise(piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED)
+        if vm._subs is not None:
+            vm._emit("madvise", s, e, None, e - s, 0, None,
+                     (piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED))
 
     def _punch(self, piece: Memslot, s: int, e: int) -> None:
         """``ram_block_discard_guest_memfd_range``: punch the guest_memfd hole."""
@@ -304,15 +295,12 @@ class Vmm:
         if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
             raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range")
         vm = self.vm
-        prev = vm._set_actor("vmm")
-        try:
+        with vm.acting("vmm"):
             start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
             for s, e, key in vm._slot_maps[0].ranges(start, end):
                 piece = vm._slots[key - 1]
                 self._punch(piece, s, e)
                 self._discard_shared(piece, s, e)
-        finally:
-            vm._set_actor(prev)
 
     def _failed(self, ret: int) -> int:
         self.failed_conversions += 1

@@ -32,7 +32,7 @@ from pkvm.actors.vmm import Vmm
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.experiments import workloads as _workloads
-from pkvm.experiments.trace import Tracer
+from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
@@ -78,7 +78,9 @@ class Config:
     direct-map flush). ``discard=False`` makes the VMM keep both backings on conversion (see
     :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see
     :mod:`pkvm.experiments.trace`), or None; ``timeline`` a path for the Chrome trace-event JSON of the
-    timeline and ``gantt`` one for its per-actor Gantt chart (PNG), or None.
+    timeline and ``gantt`` one for its per-actor Gantt chart (PNG), or None; ``trace_events``
+    the tracepoints the trace writes (names of :data:`pkvm.experiments.trace.TRACE_EVENTS`, or a
+    comma-separated str of them; None: all).
 
     Raises (on construction):
         ValueError: any field out of range, with the field's name in the message.
@@ -99,6 +101,7 @@ class Config:
     host_cpus: int = 64
     timeline: str | None = None
     gantt: str | None = None
+    trace_events: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
@@ -122,6 +125,7 @@ class Config:
                              f"({wl.options[missing[0]].help})")
         object.__setattr__(self, "options", opts)
         object.__setattr__(self, "costs", dict(self.costs))
+        object.__setattr__(self, "trace_events", check_trace_events(self.trace_events, "trace_events"))
         if type(self.vcpus) is not int or not 1 <= self.vcpus <= 1024:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if type(self.host_cpus) is not int or not 1 <= self.host_cpus <= 8192:
@@ -313,7 +317,7 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
         if config.trace is not None:
             sink = open(config.trace, "w", encoding="utf-8")  # noqa: SIM115 - closed below
             sink.write(f"cpus={config.vcpus + 1}\n")
-            tracer = Tracer(sink, header=[_trace_header(config, opts)])
+            tracer = Tracer(sink, header=[_trace_header(config, opts)], events=config.trace_events)
             vm.trace(tracer)
         tl = _run_timeline(config, vm, ctx, wl, opts)
     finally:
@@ -374,7 +378,8 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
     return (f"pkvm version={version()} platform={config.platform} memory={config.memory} "
             f"image={config.image} vcpus={config.vcpus} policy={config.policy} workload={config.workload} "
             f"prealloc={int(bool(opts.get('prealloc', False)))} shared_backing={config.shared_backing} "
-            f"discard={int(config.discard)} setup=untraced")
+            f"discard={int(config.discard)} setup=untraced"
+            + ("" if config.trace_events is None else f" events={','.join(config.trace_events)}"))
 
 
 def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0, *,

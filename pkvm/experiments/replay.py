@@ -95,11 +95,8 @@ class _Replayer:
         v = guests[vid].vcpu
         if vid in self.pending:  # KVM_RUN: complete the hypercall the VMM has answered
             del self.pending[vid]
-            prev = self.vm._set_actor(f"vcpu{vid}")
-            try:
+            with self.vm.acting(f"vcpu{vid}"):
                 v.run()
-            finally:
-                self.vm._set_actor(prev)
         return v
 
     # -- faults (batched) -------------------------------------------------------------------
@@ -132,8 +129,7 @@ class _Replayer:
         vcpu = self.vcpu(vid)
         vm = self.vm
         snp = self.platform == "snp"
-        prev = vm._set_actor(f"vcpu{vid}")
-        try:
+        with vm.acting(f"vcpu{vid}"):
             while gfn < end:
                 if rmp:
                     n, res = vcpu._rmp_npf(gfn, private, write)  # type: ignore[attr-defined]
@@ -149,19 +145,14 @@ class _Replayer:
                     gfn += n
                 else:
                     gfn += 1
-        finally:
-            vm._set_actor(prev)
         self.err_line = 0
 
     # -- the other events ---------------------------------------------------------------------
 
     def set_attributes(self, start: int, end: int, attrs: int) -> None:
         self.flush()
-        prev = self.vm._set_actor("vmm")
-        try:
+        with self.vm.acting("vmm"):
             self.vm.set_memory_attributes(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, attrs)
-        finally:
-            self.vm._set_actor(prev)
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self.flush()
@@ -172,11 +163,8 @@ class _Replayer:
         if target is None:
             self.skipped["sys_enter_fallocate"] = self.skipped.get("sys_enter_fallocate", 0) + 1
             return
-        prev = self.vm._set_actor("vmm")
-        try:
+        with self.vm.acting("vmm"):
             target.fallocate(mode, offset, length)
-        finally:
-            self.vm._set_actor(prev)
 
     def madvise(self, start: int, length: int, behavior: int) -> None:
         self.flush()
@@ -193,11 +181,8 @@ class _Replayer:
     def hypercall(self, vid: int, nr: int, a0: int, a1: int, a2: int) -> None:
         self.flush()
         vcpu = self.vcpu(vid)
-        prev = self.vm._set_actor(f"vcpu{vid}")
-        try:
+        with self.vm.acting(f"vcpu{vid}"):
             r = vcpu.hypercall(nr, a0, a1, a2)
-        finally:
-            self.vm._set_actor(prev)
         if r.ret == "exit":
             self.own_exits += 1
             self.pending[vid] = r

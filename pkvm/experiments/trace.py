@@ -53,12 +53,13 @@ from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 from pkvm.constants import PAGE_SHIFT
+from pkvm.kvm.events import TRACEPOINT_KINDS
 from pkvm.kvm.tracepoints import Tracepoints
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM
 
-__all__ = ["Tracer", "TraceEvent", "parse_line", "parse", "PFERR_WRITE", "PFERR_PRIVATE_ACCESS",
+__all__ = ["Tracer", "TraceEvent", "TRACE_EVENTS", "check_trace_events", "parse_line", "parse", "PFERR_WRITE", "PFERR_PRIVATE_ACCESS",
            "PFERR_GUEST_ENC", "PFERR_GUEST_RMP", "PFERR_GUEST_FINAL", "PFERR_PRESENT"]
 
 PFERR_PRESENT = 1 << 0
@@ -74,6 +75,37 @@ KVM_EXIT_NAMES = {3: "KVM_EXIT_HYPERCALL", 39: "KVM_EXIT_MEMORY_FAULT"}
 VMM_COMM = "qemu-system-x86"
 VMM_PID = 4096
 _FALLOC_FD_WIDTH = 8
+
+
+#: The tracepoints a :class:`Tracer` writes (the names ``events=`` / ``--trace-events`` take).
+TRACE_EVENTS: tuple[str, ...] = tuple(TRACEPOINT_KINDS)
+
+
+def check_trace_events(events: object, what: str = "events") -> tuple[str, ...] | None:
+    """Validate a tracepoint filter: None (every tracepoint) or an iterable of names of
+    :data:`TRACE_EVENTS` (a str is one comma-separated list); returns them in that order.
+
+    Raises:
+        TypeError: not None, a str or an iterable of str.
+        ValueError: an unknown name (the message lists the known ones), or none at all.
+    """
+    if events is None:
+        return None
+    if isinstance(events, str):
+        names = [n.strip() for n in events.split(",")]
+    elif isinstance(events, Iterable):
+        names = list(events)
+        for n in names:
+            if not isinstance(n, str):
+                raise TypeError(f"{what} must hold tracepoint names (str), not {type(n).__name__}")
+    else:
+        raise TypeError(f"{what} must be None or tracepoint names, not {type(events).__name__}")
+    for n in names:
+        if n not in TRACEPOINT_KINDS:
+            raise ValueError(f"{what}: unknown tracepoint {n!r}; the tracepoints are: {', '.join(TRACE_EVENTS)}")
+    if not names:
+        raise ValueError(f"{what} names no tracepoint; the tracepoints are: {', '.join(TRACE_EVENTS)}")
+    return tuple(n for n in TRACE_EVENTS if n in names)
 
 
 def _comm(actor: str) -> tuple[str, int, int]:
@@ -101,11 +133,21 @@ class Tracer(Tracepoints):
     The events are the tracepoints of :class:`pkvm.kvm.tracepoints.Tracepoints`.
 
     ``sink`` is a text file (anything with ``write``) or None to keep the lines in
-    :attr:`lines`. ``header`` lines (without the leading ``#``) are written first.
-    A tracer serves one VM at a time; attach it with :meth:`pkvm.VM.trace`.
+    :attr:`lines`. ``header`` lines (without the leading ``#``) are written first. ``events``
+    (None: all of :data:`TRACE_EVENTS`) names the tracepoints to write; the tracer subscribes
+    to those events only (see ``docs/events.md``). A tracer serves one VM at a time; attach it
+    with :meth:`pkvm.VM.trace`.
+
+    Raises:
+        TypeError / ValueError: ``events`` is not None or names of :data:`TRACE_EVENTS`.
     """
 
-    def __init__(self, sink: IO[str] | None = None, header: Iterable[str] = ()) -> None:
+    def __init__(self, sink: IO[str] | None = None, header: Iterable[str] = (),
+                 events: Iterable[str] | None = None) -> None:
+        chosen = check_trace_events(events)
+        #: The tracepoints written (all of :data:`TRACE_EVENTS` when not filtered).
+        self.trace_events: tuple[str, ...] = TRACE_EVENTS if chosen is None else chosen
+        self._kinds = frozenset(TRACEPOINT_KINDS[n] for n in self.trace_events)
         self.sink = sink
         self.lines: list[str] = []
         self.events = 0
@@ -114,6 +156,10 @@ class Tracer(Tracepoints):
         self._platform = ""
         for h in header:
             self._emit_raw(f"# {h}")
+
+    def trace_kinds(self) -> frozenset[str]:
+        """The event kinds of the tracepoints this tracer writes."""
+        return self._kinds
 
     def attach(self, vm: VM) -> None:
         """Called by :meth:`pkvm.VM.trace`."""

@@ -301,11 +301,8 @@ class Context:
                 # under the eager designs); then mark RAM private, as add_ram would have.
                 gmem.fallocate(FALLOC_FL_KEEP_SIZE, self.image, self.memory - self.image)
                 if mark_private:
-                    prev = vm._set_actor("vmm")
-                    try:
+                    with vm.acting("vmm"):
                         vm.set_memory_attributes(0, self.memory, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-                    finally:
-                        vm._set_actor(prev)
             image = [(0, self.image, True)] if self.image and private else []
             try:
                 self.vmm.launch(image)

@@ -102,8 +102,8 @@ def hypercall_exit(vcpu: Vcpu, hc: Hypercall, complete: Callable[[], GuestOpResu
     of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``)."""
     vm = vcpu.vm
     vm._stats["hypercall_exits"] += 1
-    if vm._tracer is not None:
-        vm._tracer.userspace_exit(KVM_EXIT_HYPERCALL)
+    if vm._subs is not None:
+        vm._emit("userspace_exit", None, None, None, 1, 0, KVM_EXIT_HYPERCALL, (KVM_EXIT_HYPERCALL, 0))
     vcpu._resume = complete
     return GuestOpResult("exit", exit_reason=KVM_EXIT_HYPERCALL, hypercall=hc, faults=faults)
 
@@ -119,8 +119,8 @@ def kvm_emulate_hypercall(vcpu: Vcpu, nr: int, a0: int, a1: int, a2: int, long_m
     vm = vcpu.vm
     vm._stats["hypercalls"] += 1
     vm._charge("vmexit", 1)
-    if vm._tracer is not None:
-        vm._tracer.hypercall(nr, a0, a1, a2)
+    if vm._subs is not None:
+        vm._emit("hypercall", None, None, None, 1, 0, None, (nr, a0, a1, a2))
     if nr != KVM_HC_MAP_GPA_RANGE or not vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE):
         return GuestOpResult("done", status=-KVM_ENOSYS & U64_MAX)
     gfn = a0 >> PAGE_SHIFT

@@ -141,9 +141,9 @@ class GuestMemfd:
                 raise KvmError(errno.EINVAL,
                                f"allocating [{offset:#x}, {offset + length:#x}) past the size {self.size:#x}")
             self._allocate(start, end)
-        tracer = self._vm._tracer
-        if tracer is not None:
-            tracer.fallocate(self.fd, mode, offset, length)
+        vm = self._vm
+        if vm._subs is not None:
+            vm._emit("fallocate", None, None, None, length >> PAGE_SHIFT, 0, None, (self.fd, mode, offset, length))
 
     def _allocate(self, start: int, end: int) -> None:
         """``kvm_gmem_allocate``: create the missing folios in ``[start, end)``."""

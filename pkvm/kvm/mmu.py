@@ -720,6 +720,8 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
         st["pf_spurious"] += 1
     elif ret == "retry":
         st["pf_retry"] += 1
+        if vm._subs is not None:
+            vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
     elif ret == "emulate":
         st["pf_emulate"] += 1
         if f.is_private:  # KVM cannot emulate private accesses
@@ -746,10 +748,8 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
     With a timeline attached (:mod:`pkvm.sim`) the staleness check and the install run under
     ``mmu_lock`` for read (the TDP MMU), after the pfn lookup's time has passed."""
     vm = vcpu.vm
-    tracer = vm._tracer
-    if tracer is not None:
-        t0 = vm._modeled_ns
     sched = vm._sched
+    t0 = vm._modeled_ns if sched is None else sched.work_ns()  # this thread's own work
     if sched is not None and private and limit - gfn > _CONTENDED_BATCH and sched.contended():
         # While others run, a batch of private faults ends at a 64M boundary (2M and 4K leaves
         # only: the counters are those of the whole batch), so locks interleave between vCPUs.
@@ -782,13 +782,15 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
     r = fault_finish(vm, f)
     if sched is not None:
         sched.latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
-    if tracer is not None:
+    if vm._subs is not None:
         n = f.nfaults if r.ret == "fixed" else 1
         step = max(1, (f.end - gfn) // n) if n > 1 else 1
-        tracer.page_faults(vcpu.id, gfn, gfn + n * step, step, private, write,
-                           bool(getattr(vcpu, "rmp_npf", False)), t0, vm._modeled_ns)
+        took = (vm._modeled_ns if sched is None else sched.work_ns()) - t0
+        vm._emit("fault", gfn, gfn + n * step, None, n, 0, r.ret,
+                 (vcpu.id, step, private, write, bool(getattr(vcpu, "rmp_npf", False)), took))
         if r.ret == "exit":
-            tracer.userspace_exit(r.exit_reason or 0, r.errno or 0)
+            vm._emit("userspace_exit", gfn, gfn + 1, None, 1, 0, r.exit_reason or 0,
+                     (r.exit_reason or 0, r.errno or 0))
     if r.ret in ("fixed", "spurious", "retry"):
         # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
         vm._platform.handle_rmp_fault(vcpu, gfn << PAGE_SHIFT, f.is_private, write, r)

@@ -1,12 +1,14 @@
 """The tracepoints the model emits: the interface a tracer implements.
 
-The KVM model, the platforms and the actors call one method of the attached tracer per event
-(``vm._tracer``, None when tracing is off); what a tracer does with an event is its own affair.
-This base class is the lower layer's side of that contract, as the kernel's tracepoint
-declarations (``include/trace/events/kvm.h``, ``arch/x86/kvm/trace.h``) are separate from the
-tools that format them: :class:`pkvm.experiments.trace.Tracer` (the ``trace-cmd report`` text
-formats) subclasses it, and :meth:`pkvm.VM.trace` accepts any subclass. The KVM layer never
-imports the experiments layer (see the "Layers" section of ``docs/design.md``).
+A tracer is one subscriber of the VM's structured events (:meth:`pkvm.VM.subscribe`,
+``docs/events.md``): :meth:`pkvm.VM.trace` subscribes :func:`deliver`, which calls one method
+of the tracer per traced event (the kinds of :data:`pkvm.kvm.events.TRACEPOINT_KINDS`, or
+those :meth:`Tracepoints.trace_kinds` narrows them to); what a tracer does with an event is its
+own affair. This base class is the lower layer's side of that contract, as the kernel's
+tracepoint declarations (``include/trace/events/kvm.h``, ``arch/x86/kvm/trace.h``) are separate
+from the tools that format them: :class:`pkvm.experiments.trace.Tracer` (the ``trace-cmd
+report`` text formats) subclasses it, and :meth:`pkvm.VM.trace` accepts any subclass. The KVM
+layer never imports the experiments layer (see the "Layers" section of ``docs/design.md``).
 
 Arguments are the model's own numbers (gfns, pfns, vCPU ids, errnos); formatting, error codes
 and timestamps are the tracer's choice (``vm._modeled_ns`` is the modeled time of the event).
@@ -15,12 +17,17 @@ and timestamps are the tracer's choice (``vm._modeled_ns`` is the modeled time o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pkvm.kvm.events import TRACEPOINT_KINDS, Event
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM
 
-__all__ = ["Tracepoints"]
+__all__ = ["Tracepoints", "deliver"]
+
+_TRACED_KINDS = frozenset(TRACEPOINT_KINDS.values())
 
 
 class Tracepoints(ABC):
@@ -31,6 +38,11 @@ class Tracepoints(ABC):
     @abstractmethod
     def attach(self, vm: VM) -> None:
         """Called by :meth:`pkvm.VM.trace` before the first event of ``vm``."""
+
+    def trace_kinds(self) -> frozenset[str]:
+        """The event kinds to receive (default: every traced kind); a tracer that writes only
+        some tracepoints narrows it, and is then not even called for the others."""
+        return _TRACED_KINDS
 
     # -- KVM ioctls and exits (pkvm.kvm) ----------------------------------------------------------
 
@@ -83,3 +95,32 @@ class Tracepoints(ABC):
     @abstractmethod
     def vmgexit_msr_exit(self, vcpu_id: int, ghcb_gpa: int, result: int) -> None:
         """``kvm_vmgexit_msr_protocol_exit``."""
+
+
+def _fault(tp: Tracepoints, vm: VM, ev: Event) -> None:
+    vcpu_id, step, private, write, rmp, elapsed = ev.args
+    t1 = vm._modeled_ns
+    tp.page_faults(vcpu_id, ev.gfn_start, ev.gfn_end, step, private, write, rmp, t1 - elapsed, t1)  # type: ignore[arg-type]
+
+
+_DISPATCH: dict[str, Callable[[Tracepoints, VM, Event], Any]] = {
+    "fault": _fault,
+    "set_memory_attributes": lambda tp, vm, ev: tp.set_mem_attributes(ev.gfn_start, ev.gfn_end, ev.args[0]),  # type: ignore[arg-type]
+    "userspace_exit": lambda tp, vm, ev: tp.userspace_exit(*ev.args),
+    "hypercall": lambda tp, vm, ev: tp.hypercall(*ev.args),
+    "fallocate": lambda tp, vm, ev: tp.fallocate(*ev.args),
+    "madvise": lambda tp, vm, ev: tp.madvise(*ev.args),
+    "rmp_fault": lambda tp, vm, ev: tp.rmp_fault(*ev.args),
+    "vmgexit_enter": lambda tp, vm, ev: tp.vmgexit_enter(*ev.args),
+    "vmgexit_exit": lambda tp, vm, ev: tp.vmgexit_exit(*ev.args),
+    "vmgexit_msr_enter": lambda tp, vm, ev: tp.vmgexit_msr_enter(*ev.args),
+    "vmgexit_msr_exit": lambda tp, vm, ev: tp.vmgexit_msr_exit(*ev.args),
+}
+
+
+def deliver(tp: Tracepoints, vm: VM, ev: Event) -> None:
+    """The subscriber :meth:`pkvm.VM.trace` registers: call ``tp``'s method for ``ev``
+    (events of kinds that have no tracepoint are ignored)."""
+    f = _DISPATCH.get(ev.kind)
+    if f is not None:
+        f(tp, vm, ev)

@@ -18,8 +18,9 @@ Invariants: see :meth:`VM.check`.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 from pkvm._core import RangeMap
@@ -44,6 +45,7 @@ from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
 from pkvm.kvm import check as _vm_check
+from pkvm.kvm.events import EVENT_KINDS, Event, Subscription, check_kinds
 from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.memslots import Memslot, set_user_memory_region2
@@ -66,7 +68,7 @@ from pkvm.kvm.mmu import (
 )
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
-from pkvm.kvm.tracepoints import Tracepoints
+from pkvm.kvm.tracepoints import Tracepoints, deliver
 
 U64_MAX = (1 << 64) - 1
 INVALID_GFN = U64_MAX  # the kernel's INVALID_GPA sentinel of mmu_invalidate_range_*
@@ -160,6 +162,15 @@ class VM:
         self._cost_ns: dict[str, int] = {}
         self._actor_ns: dict[str, dict[str, int]] = {"vmm": self._cost_ns}
         self._modeled_ns = 0
+        # Per-actor clocks (vm.clock): _actor_tot[a] is a's modeled ns up to its last switch
+        # away; the acting actor's clock adds what was charged since _actor_mark. O(1) to read,
+        # nothing to do per charge.
+        self._actor_tot: dict[str, int] = {"vmm": 0}
+        self._actor_mark = 0
+        #: Event subscribers (:meth:`subscribe`): a tuple, or None when there are none (every
+        #: emission point tests this).
+        self._subs: tuple[Subscription, ...] | None = None
+        self._trace_sub: Subscription | None = None
         #: ``KVM_SET_MEMORY_ATTRIBUTES`` calls that passed validation (short-circuited ones too).
         self.attr_ioctls = 0
         #: Modeled ns of work done while holding ``mmu_lock`` for write: the attribute ioctl's
@@ -167,7 +178,7 @@ class VM:
         #: invalidations. vCPU faults wait for the lock meanwhile (they take it for read).
         self.mmu_lock_ns = 0
         #: The attached :class:`pkvm.kvm.tracepoints.Tracepoints` (such as a
-        #: :class:`pkvm.experiments.trace.Tracer`), or None (every emission point tests this).
+        #: :class:`pkvm.experiments.trace.Tracer`), or None; it is one subscriber of the events.
         self._tracer: Tracepoints | None = None
         #: The attached :class:`pkvm.sim.Timeline`, or None: the model calls it at the kernel's
         #: lock and retry points (every call site tests this, like the tracer).
@@ -261,15 +272,135 @@ class VM:
         return {a: dict(c) for a, c in sorted(self._actor_ns.items()) if c}
 
     def _set_actor(self, actor: str) -> str:
-        """Charge from now on to ``actor``; returns the previous actor (to restore it)."""
+        """Charge from now on to ``actor`` (unchecked: :meth:`acting` is the public way);
+        returns the previous actor (to restore it)."""
         prev = self._actor
         if actor != prev:
             cells = self._actor_ns.get(actor)
             if cells is None:
                 cells = self._actor_ns[actor] = {}
+                self._actor_tot[actor] = 0
+            m = self._modeled_ns
+            self._actor_tot[prev] += m - self._actor_mark
+            self._actor_mark = m
             self._actor = actor
             self._cost_ns = cells
         return prev
+
+    # -- the public actor and clock ------------------------------------------------------------
+
+    @property
+    def actor(self) -> str:
+        """Who is acting: ``"vmm"`` or ``"vcpuN"`` (see :meth:`acting`)."""
+        return self._actor
+
+    def _check_actor(self, actor: object) -> str:
+        if type(actor) is not str:
+            raise TypeError(f"actor must be a str ('vmm' or 'vcpuN'), not {type(actor).__name__}")
+        if actor in self._actor_ns or actor == "vmm":
+            return actor  # has acted before: valid (vCPUs are never destroyed)
+        n = actor[4:]
+        if actor.startswith("vcpu") and n.isdecimal() and n.isascii() and str(int(n)) == n \
+                and int(n) < len(self._vcpus):
+            return actor
+        have = f"vcpu0 to vcpu{len(self._vcpus) - 1}" if self._vcpus else "no vCPU yet"
+        raise ValueError(f"actor {actor!r} is not 'vmm' or 'vcpuN' of an existing vCPU (this VM has {have})")
+
+    def acting(self, actor: str) -> _Acting:
+        """A context manager: inside ``with vm.acting("vcpu1"):`` the VM's work is charged to
+        ``actor`` (``"vmm"``, or ``"vcpuN"`` for an existing vCPU N); the previous actor is
+        restored on leaving, also on an exception. Blocks nest.
+
+        >>> vm = VM("sw_protected"); _ = vm.create_vcpu()
+        >>> with vm.acting("vcpu0"):
+        ...     vm.actor
+        'vcpu0'
+        >>> vm.actor
+        'vmm'
+
+        Raises:
+            TypeError: ``actor`` is not a str.
+            ValueError: any other name (nothing changes).
+        """
+        return _Acting(self, self._check_actor(actor))
+
+    def clock(self, actor: str | None = None) -> int:
+        """``actor``'s modeled ns so far (default: the acting actor); O(1). Equals the sum of
+        ``cost_by_actor()[actor]``; 0 for an existing vCPU that has not acted.
+
+        Raises:
+            TypeError / ValueError: as :meth:`acting`.
+        """
+        cur = self._actor
+        if actor is None or actor == cur:
+            return self._actor_tot[cur] + self._modeled_ns - self._actor_mark
+        tot = self._actor_tot.get(actor)  # type: ignore[arg-type]
+        if tot is None:
+            self._check_actor(actor)
+            return 0
+        return tot
+
+    def actor_totals(self) -> Mapping[str, int]:
+        """A live read-only view ``{actor: clock(actor)}`` of every actor that has acted
+        (``"vmm"`` always): nothing is copied, each read is O(1)."""
+        return _ActorClocks(self)
+
+    # -- structured events (docs/events.md) -----------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], object], kinds: str | Iterable[str] | None = None) -> Subscription:
+        """Call ``callback(event)`` with each :class:`pkvm.Event` of the ``kinds`` given (one
+        name, an iterable of names, or None for all of :data:`pkvm.EVENT_KINDS`), from now
+        until the returned :class:`pkvm.Subscription` is closed (``sub.close()``, leaving its
+        ``with`` block, or :meth:`unsubscribe`). ``docs/events.md`` describes every kind.
+
+        Callbacks run synchronously, in subscription order, after the state change they report;
+        they may subscribe and unsubscribe (effective from the next event). A callback must not
+        raise: its exception propagates out of the VM call that emitted the event.
+
+        Raises:
+            TypeError: ``callback`` is not callable, or ``kinds`` is not a str / iterable of str.
+            ValueError: an unknown kind (the message lists the known ones) or an empty ``kinds``.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        sub = Subscription(self, callback, check_kinds(kinds))
+        self._subs = (*(self._subs or ()), sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop delivering events to ``sub`` (nothing happens if it is already closed).
+
+        Raises:
+            TypeError: ``sub`` is not a :class:`pkvm.Subscription`.
+            ValueError: ``sub`` belongs to another VM.
+        """
+        if not isinstance(sub, Subscription):
+            raise TypeError(f"sub must be a pkvm.Subscription, not {type(sub).__name__}")
+        if sub.vm is not self:
+            raise ValueError("sub is a subscription of another VM")
+        subs = self._subs
+        if subs is not None and sub in subs:
+            rest = tuple(s for s in subs if s is not sub)
+            self._subs = rest or None
+
+    def _emit(self, kind: str, gfn_start: int | None = None, gfn_end: int | None = None, op: str | None = None,
+              count: int = 0, ns: int = 0, result: object = None, args: tuple[object, ...] = ()) -> None:
+        """Deliver one event to the subscribers that want ``kind``. Emission points test
+        ``vm._subs is not None`` first; other layers (the timeline) call this directly."""
+        subs = self._subs
+        if subs is None:
+            return
+        if kind not in _EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; the kinds are: {', '.join(EVENT_KINDS)}")
+        ev = None
+        for sub in subs:
+            if sub.kinds is None or kind in sub.kinds:
+                if ev is None:
+                    sched = getattr(self, "_sched", None)
+                    t = sched.now_ns if sched is not None else (
+                        self._actor_tot[self._actor] + self._modeled_ns - self._actor_mark)
+                    ev = Event(t, self._actor, kind, gfn_start, gfn_end, op, count, ns, result, args)
+                sub.callback(ev)
 
     def trace(self, tracer: Tracepoints | None) -> None:
         """Attach a tracer (or detach with None): from now on every traced event goes to it. Off,
@@ -278,8 +409,15 @@ class VM:
         if tracer is not None and not isinstance(tracer, Tracepoints):
             raise TypeError(f"tracer must be a pkvm.kvm.tracepoints.Tracepoints (such as "
                             f"pkvm.experiments.trace.Tracer) or None, not {type(tracer).__name__}")
+        kinds = None
         if tracer is not None:
+            kinds = check_kinds(tracer.trace_kinds(), "tracer.trace_kinds()")
             tracer.attach(self)
+        if self._trace_sub is not None:
+            self._trace_sub.close()
+            self._trace_sub = None
+        if tracer is not None:
+            self._trace_sub = self.subscribe(partial(deliver, tracer, self), kinds)
         self._tracer = tracer
 
     @property
@@ -321,6 +459,8 @@ class VM:
         ns = self._costs[op] * n
         self._cost_ns[op] = self._cost_ns.get(op, 0) + ns
         self._modeled_ns += ns
+        if self._subs is not None:
+            self._emit("charge", None, None, op, n, ns)
 
     def _charge_alloc(self, npages: int, order: int) -> None:
         """Charge the allocation of ``npages`` pages in host pages / folios of ``order``."""
@@ -333,6 +473,8 @@ class VM:
         if not self._cost_ns[op]:
             del self._cost_ns[op]
         self._modeled_ns -= ns
+        if self._subs is not None:
+            self._emit("uncharge", None, None, op, npages >> order, -ns)
 
     def _flush_remote_tlbs(self) -> None:
         """``kvm_flush_remote_tlbs``: every request is modelled as sent (vCPUs in guest mode)."""
@@ -345,6 +487,8 @@ class VM:
             ns = self._flush_ns[n] = self._cost_model.ns("remote_tlb_flush", nr_vcpus=n)
         self._cost_ns["remote_tlb_flush"] = self._cost_ns.get("remote_tlb_flush", 0) + ns
         self._modeled_ns += ns
+        if self._subs is not None:
+            self._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
         if self._sched is not None:
             self._sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
 
@@ -376,6 +520,8 @@ class VM:
                 platform.remove_external_spte(self, s, e, spte_level(v), decode_delta(v))
         if n:
             self._charge("zap_spte", n)
+        if self._subs is not None:
+            self._emit("zap", start, end, None, n, 0, None, (attr_filter,))
         return n
 
     # -- kvm_vm_dead / KVM_BUG_ON --------------------------------------------------------------
@@ -390,12 +536,16 @@ class VM:
         """``kvm_vm_dead``: later VM and vCPU ioctls fail with EIO; ``reason`` goes to ``events``."""
         self.vm_dead = True
         self.events.append(("kvm_vm_dead", reason))
+        if self._subs is not None:
+            self._emit("vm_dead", op="kvm_vm_dead", result=reason)
 
     def _bug(self, reason: str) -> None:
         """``KVM_BUG_ON`` / ``kvm_vm_bugged``: the VM is marked bugged and dead."""
         self.vm_bugged = True
         self.vm_dead = True
         self.events.append(("kvm_vm_bugged", reason))
+        if self._subs is not None:
+            self._emit("vm_dead", op="kvm_vm_bugged", result=reason)
 
     # -- the invalidation protocol (§2.8) -----------------------------------------------------
 
@@ -468,8 +618,8 @@ class VM:
         if self._attr_op is not None:
             self._attr_free()
         self.attr_ioctls += 1
-        if self._tracer is not None:  # traced on entry, before the short-circuit (6.17+)
-            self._tracer.set_mem_attributes(start, end, attributes)
+        if self._subs is not None:  # traced on entry, before the short-circuit (6.17+)
+            self._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attributes,))
         if self._sched is not None:
             self._attr_timeline(self._sched, start, end, attributes)
             return
@@ -537,8 +687,8 @@ class VM:
         start, end, attributes = self._attr_check(address, size, attributes, flags)
         self._attr_free()
         self.attr_ioctls += 1
-        if self._tracer is not None:
-            self._tracer.set_mem_attributes(start, end, attributes)
+        if self._subs is not None:  # traced on entry, before the short-circuit (6.17+)
+            self._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attributes,))
         op = AttrIoctl(self, start, end, attributes)
         if not op.done:
             self._attr_op = op
@@ -681,6 +831,9 @@ class VM:
         cost = self._cost_ns
         cost["attr_store"] = cost.get("attr_store", 0) + ns
         self._modeled_ns += ns
+        if self._subs is not None:
+            self._emit("charge", start, end, "attr_store", n, ns)
+            self._emit("attr_change", start, end, None, n, 0, None, (attrs,))
 
     def _attr_post(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
         """POST phase: ``invalidate_end`` at lock time, then MIXED recomputation (§3.3)."""
@@ -714,6 +867,8 @@ class VM:
         # The kernel only pr_warn_ratelimited()s; pkvm records and counts it, so it shows.
         self._stats["mem_attr_op_failures"] += 1
         self.events.append((op, f"failed to update gfns [{s:#x}, {e:#x}) with attributes {attrs:#x}: {r}"))
+        if self._subs is not None:
+            self._emit("op_failed", s, e, op, e - s, 0, r, (attrs,))
 
     def get_memory_attributes(self, gfn: int) -> int:
         """The attribute bitmask of ``gfn`` (introspection; KVM has no GET ioctl)."""
@@ -822,6 +977,51 @@ class VM:
         """
         _vm_check.check_vm(self)
         self._platform.check_vm(self)
+
+
+_EVENT_KINDS = frozenset(EVENT_KINDS)
+
+
+class _Acting:
+    """The context manager of :meth:`VM.acting`."""
+
+    __slots__ = ("_vm", "_actor", "_prev")
+
+    def __init__(self, vm: VM, actor: str) -> None:
+        self._vm = vm
+        self._actor = actor
+        self._prev: list[str] = []
+
+    def __enter__(self) -> str:
+        self._prev.append(self._vm._set_actor(self._actor))
+        return self._actor
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._vm._set_actor(self._prev.pop())
+
+
+class _ActorClocks(Mapping[str, int]):
+    """The live view of :meth:`VM.actor_totals`."""
+
+    __slots__ = ("_vm",)
+
+    def __init__(self, vm: VM) -> None:
+        self._vm = vm
+
+    def __getitem__(self, actor: str) -> int:
+        if actor not in self._vm._actor_tot:
+            raise KeyError(actor)
+        return self._vm.clock(actor)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._vm._actor_tot))
+
+    def __len__(self) -> int:
+        return len(self._vm._actor_tot)
+
+    def __repr__(self) -> str:
+        return f"actor_totals({dict(self)!r})"
 
 
 def _resolve_platform(vm_type: int | str) -> PlatformOps:

@@ -112,6 +112,10 @@ def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, g
         if level == PG_LEVEL_2M:
             st["rmpupdate_2m"] += done
         vm._charge("rmpupdate", done)
+    if vm._subs is not None:
+        span = done << (9 if level == PG_LEVEL_2M else 0)
+        vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None, "rmpupdate", done, 0,
+                 code, (pfn, pfn + span, level, assigned))
     if code:
         st["rmpupdate_failures"] += 1
         how = " (Linux retries FAIL_OVERLAP forever)" if code == RMPUPDATE_FAIL_OVERLAP else ""
@@ -149,6 +153,9 @@ def psmash(vm: VM, pfn: int) -> int:
         st["psmash_failures"] += 1
         why = " (KVM retries FAIL_INUSE)" if code == PSMASH_FAIL_INUSE else ""
         vm.events.append(("psmash", f"PSMASH failed for pfn {base:#x}: code {code}{why}"))
+    if vm._subs is not None:
+        vm._emit("rmp_change", None, None, "psmash", 1 if code == PSMASH_SUCCESS else 0, 0, code,
+                 (base, base + RMP_PAGES_2M, PG_LEVEL_2M, True))
     return code
 
 

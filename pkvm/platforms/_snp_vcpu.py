@@ -495,9 +495,9 @@ class SnpVcpu(Vcpu):
         vm._stats["psc_requests"] += 1
         vm._charge("psc_request", 1)
         gpa &= ~0xFFF & ((1 << 52) - 1)
-        tracer = vm._tracer
-        if tracer is not None:  # the GHCB MSR value: gfn, operation, GHCB_MSR_PSC_REQ
-            tracer.vmgexit_msr_enter(self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ)
+        if vm._subs is not None:  # the GHCB MSR value: gfn, operation, GHCB_MSR_PSC_REQ
+            vm._emit("vmgexit_msr_enter", gpa >> 12, (gpa >> 12) + 1, None, 1, 0, None,
+                     (self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ))
         if op not in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED) or not self._psc_enabled():
             return self._msr_done(gpa, op, GHCB_MSR_PSC_RESP_ERROR)
         vm._stats["psc_entries"] += 1
@@ -511,9 +511,10 @@ class SnpVcpu(Vcpu):
         return hypercall_exit(self, hc, complete)
 
     def _msr_done(self, gpa: int, op: int, status: int) -> GuestOpResult:
-        tracer = self.vm._tracer
-        if tracer is not None:
-            tracer.vmgexit_msr_exit(self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ, 1)
+        vm = self.vm
+        if vm._subs is not None:
+            vm._emit("vmgexit_msr_exit", gpa >> 12, (gpa >> 12) + 1, None, 1, 0, status,
+                     (self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ, 1))
         return GuestOpResult("done", status=status)
 
     def psc(self, desc: PscDesc) -> GuestOpResult:
@@ -533,8 +534,8 @@ class SnpVcpu(Vcpu):
         vm = self.vm
         vm._stats["psc_requests"] += 1
         vm._charge("psc_request", 1)
-        if vm._tracer is not None:
-            vm._tracer.vmgexit_enter(self.id, SVM_VMGEXIT_PSC, 0, 0)
+        if vm._subs is not None:
+            vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (self.id, SVM_VMGEXIT_PSC, 0, 0))
         if not self._psc_enabled():
             return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
         if desc.end_entry >= VMGEXIT_PSC_MAX_COUNT or desc.end_entry >= len(desc.entries):
@@ -543,9 +544,9 @@ class SnpVcpu(Vcpu):
 
     def _psc_done(self, r: GuestOpResult) -> GuestOpResult:
         """The VMGEXIT is complete (``sw_exit_info_2`` = ``r.status``): trace its exit."""
-        tracer = self.vm._tracer
-        if tracer is not None and r.ret == "done":
-            tracer.vmgexit_exit(self.id, SVM_VMGEXIT_PSC, 0, r.status or 0)
+        vm = self.vm
+        if vm._subs is not None and r.ret == "done":
+            vm._emit("vmgexit_exit", None, None, None, 1, 0, r.status or 0, (self.id, SVM_VMGEXIT_PSC, 0, r.status or 0))
         return r
 
     def _psc_next(self, desc: PscDesc) -> GuestOpResult:

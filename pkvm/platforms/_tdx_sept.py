@@ -243,6 +243,9 @@ class Seamcalls:
             vm._stats["seamcall_busy"] += 1
             if op:
                 vm._charge(op, 1)
+            if vm._subs is not None:
+                unit = (end - start) // n if n else 0
+                vm._emit("sept_change", start, start + unit, leaf, 1, 0, TDX_OPERAND_BUSY, (level,))
             if self.trace is not None:
                 unit = (end - start) // n if n else 0
                 self.trace.append(TraceEvent(leaf, start, start + unit, level, TDX_OPERAND_BUSY))
@@ -250,6 +253,8 @@ class Seamcalls:
         vm._stats[counter] += n
         if op:
             vm._charge(op, n)
+        if vm._subs is not None:
+            vm._emit("sept_change", start, end, leaf, n, 0, status, (level,))
         if self.trace is not None:
             self.trace.append(TraceEvent(leaf, start, end, level, status))
         return status

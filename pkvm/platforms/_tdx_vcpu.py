@@ -309,6 +309,8 @@ class TdxVcpu(Vcpu):
         st["pf_taken"] += 1
         st["pf_retry"] += 1
         vm._charge("npf_fault", 1)
+        if vm._subs is not None:
+            vm._emit("retry", gfn, gfn + 1, "tdx_accept_size", 1, 0, None, (self.id, mapped_level))
         td.sept.guest_inhibit.assign(gfn >> 9, (gfn >> 9) + 1, 1)
         if vm._platform.split_external_spte(vm, gfn, mapped_level):  # tdx_split_external_spte
             return False

@@ -258,11 +258,10 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
     if not ent.assigned:
         vm.events.append(("rmp_fault", f"RMP fault on gfn {gfn:#x}: pfn {pfn:#x} not assigned"))
         return 0
-    tracer = vm._tracer
     if ent.level == PG_LEVEL_4K:
         st["rmp_fault_spurious"] += 1
-        if tracer is not None:
-            tracer.rmp_fault(vcpu.id, gpa, pfn, private, write, PG_LEVEL_4K, 0)
+        if vm._subs is not None:
+            vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, 0, (vcpu.id, gpa, pfn, private, write, PG_LEVEL_4K, 0))
         return 0
     ret = psmash(vm, pfn)
     if ret != PSMASH_SUCCESS:
@@ -272,8 +271,8 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
     base = gfn & ~(RMP_PAGES_2M - 1)
     if vm._zap(base, base + RMP_PAGES_2M):
         vm._flush_remote_tlbs()
-    if tracer is not None:  # traced on the way out, unless the entry was not assigned (§5.6)
-        tracer.rmp_fault(vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret)
+    if vm._subs is not None:  # traced on the way out, unless the entry was not assigned (§5.6)
+        vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, ret, (vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret))
     return 0
 
 

@@ -55,7 +55,7 @@ _ACQ, _REL, _WAIT, _SYNC = 0, 1, 2, 3
 
 class _Actor:
     __slots__ = ("name", "glet", "busy", "wait", "task", "work", "idle", "stall_debt", "in_task",
-                 "held", "vcpu", "charge_to", "lock_wait", "ipi", "spin", "fast", "grants")
+                 "held", "vcpu", "charge_to", "lock_wait", "ipi", "spin", "fast", "grants", "grant_t")
 
     def __init__(self, name: str, vcpu: bool) -> None:
         self.name = name
@@ -73,6 +73,7 @@ class _Actor:
         self.held: list[tuple[str, int, int]] = []  # (lock, mode, grant time if uncontended, else -1)
         self.fast = 0  # entries of ``held`` taken uncontended (not yet known to the SimPy lock)
         self.grants: dict[tuple[str, int], float] = {}  # SimPy grant times, for the recorder
+        self.grant_t: dict[tuple[str, int], int] = {}  # the actor's clock at each contended grant
         self.vcpu = vcpu
         #: The VM's cost centre (``vm.cost_by_actor()``) while this actor's code runs.
         self.charge_to = name if vcpu else "vmm"
@@ -254,7 +255,12 @@ class Timeline:
             lk.stats.acquisitions += 1
             return
         a.held.append((lock, mode, -1))
+        w0 = a.lock_wait
         self._switch(a, (_ACQ, self._take(a), lock, mode))
+        a.grant_t[(lock, mode)] = self.now_ns
+        if self.vm._subs is not None and a.lock_wait != w0:
+            self.vm._emit("lock_wait", None, None, lock, 1, 0, "read" if mode == READ else "write",
+                          (a.lock_wait - w0,))
 
     def release(self, lock: str, mode: int = WRITE) -> None:
         a = self._current
@@ -269,9 +275,15 @@ class Timeline:
             raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
         if t < 0:
             self._switch(a, (_REL, self._take(a), lock, mode))
+            t0 = a.grant_t.pop((lock, mode), None)
+            if self.vm._subs is not None and t0 is not None:
+                self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write",
+                              (self.now_ns - t0,))
             return
         a.fast -= 1
         now = self.now_ns
+        if self.vm._subs is not None:
+            self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write", (now - t,))
         lk = self.locks[lock]
         st = lk.stats
         st.hold_ns += now - t
@@ -435,6 +447,7 @@ class Timeline:
                     else:
                         st.hold_write_ns -= early
                 a.grants[(lock, mode)] = t + self._t0
+                a.grant_t[(lock, mode)] = t
                 a.held[i] = (lock, mode, -1)
             a.fast = 0
         return self._main.switch(req)
