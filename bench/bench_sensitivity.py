@@ -22,7 +22,7 @@ import time
 import pytest
 
 from pkvm import experiments as E
-from pkvm import uncertainty as U
+from pkvm.experiments import uncertainty as U
 
 SAMPLES = 10_000
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pkvm import experiments as E
-from pkvm.execution import RunError, Runner, SchedulerUnreachableError
+from pkvm.experiments.execution import RunError, Runner, SchedulerUnreachableError
 
 SMALL = E.Config(memory="32M", workload="swiotlb", options={"ops": "30"})
 POLICIES = ["fault-time", "eager-post"]

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm import experiments as E
-from pkvm import uncertainty as U
-from pkvm.costs import CostModel
-from pkvm.frames import write_frame
+from pkvm.experiments import uncertainty as U
+from pkvm.cost.model import CostModel
+from pkvm.experiments.frames import write_frame
 
 CONFIGS = {
     "snp": [E.Config(platform="snp", memory="32M", policy=p) for p in E.PLATFORM_POLICIES["snp"]],

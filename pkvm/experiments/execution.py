@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -120,9 +121,11 @@ class Runner:
                     f"--scheduler {self.scheduler}: no Dask scheduler answered within "
                     f"{self.connect_timeout:g} s ({detail})") from None
             return
-        self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
-                                     dashboard_address=None, silence_logs=logging.ERROR)
-        self._client = Client(self._cluster, set_as_default=False)
+        with warnings.catch_warnings():  # start-up notices (slow scratch disk ...) are not results
+            warnings.simplefilter("ignore", UserWarning)
+            self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
+                                         dashboard_address=None, silence_logs=logging.ERROR)
+            self._client = Client(self._cluster, set_as_default=False)
 
     def close(self) -> None:
         """Disconnect; shut the local cluster down (an external cluster keeps running)."""
