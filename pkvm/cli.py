@@ -711,28 +711,25 @@ def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Se
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
-def _study_progress(args: argparse.Namespace, labels: Sequence[str], total: dict[str, int]) -> Any:
-    """A progress bar with one task per label, each of ``total[label]`` runs."""
+@contextlib.contextmanager
+def _runs_progress(args: argparse.Namespace, runs: int) -> Iterator[Callable[[str, float], None] | None]:
+    """One ``rich`` progress bar on stderr counting finished runs (when stderr is a terminal)."""
     if not _show_progress(args):
-        return contextlib.nullcontext(None)
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    @contextlib.contextmanager
-    def bar() -> Iterator[Callable[[str, float], None]]:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    prog = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+    with prog:
+        task = prog.add_task("runs", total=runs)
 
-        prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True)
-        with prog:
-            tasks = {label: prog.add_task(label, total=total[label]) for label in labels}
+        def update(label: str, fraction: float) -> None:
+            if fraction >= 1.0:
+                prog.advance(task)
 
-            def update(label: str, fraction: float) -> None:
-                if fraction >= 1.0 and label in tasks:
-                    prog.advance(tasks[label])
-
-            yield update
-
-    return bar()
+        yield update
 
 
 # ---- pkvm sweep ------------------------------------------------------------------------------
@@ -790,13 +787,9 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         _policies(args, pt)
     _check_outputs(args)
     _check_frame_out(args)
-    labels = [experiments.describe(pt) for pt in points]
-    total = {label: len(args.policies or experiments.PLATFORM_POLICIES[pt.platform])
-             for label, pt in zip(labels, points)}
-    with _runner(args) as runner, _study_progress(args, labels, total) as cb:
-        results = experiments.sweep_grid(
-            base, grid, args.policies, args.seed, runner=runner,
-            progress=None if cb is None else (lambda label, f: cb(_point_label(label), f)))
+    runs = sum(len(args.policies or experiments.PLATFORM_POLICIES[pt.platform]) for pt in points)
+    with _runner(args) as runner, _runs_progress(args, runs) as cb:
+        results = experiments.sweep_grid(base, grid, args.policies, args.seed, runner=runner, progress=cb)
     frame = experiments.to_frame(results)
     metric = args.metric or ("critical_path_ns" if "critical_path_ns" in frame.columns else "modeled_ns")
     if metric not in frame.columns:
@@ -821,11 +814,6 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         _atomic(args.plot, lambda tmp: plot_grid(frame, keys, metric, tmp))
         _info(args, f"wrote {args.plot}")
     return 0
-
-
-def _point_label(run_label: str) -> str:
-    """The grid point a run's label (``experiments.describe``) belongs to: without its policy."""
-    return run_label
 
 
 # ---- pkvm sensitivity ------------------------------------------------------------------------
@@ -882,11 +870,11 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
     _check_outputs(args)
     _check_frame_out(args)
     try:
-        with _runner(args) as runner, _study_progress(args, policies, dict.fromkeys(policies, 1)) as cb:
+        with _runner(args) as runner, _progress(_show_progress(args), policies) as cb:
             res = experiments.sensitivity(
                 base, policies, metric=args.metric, method=args.method, samples=args.samples, seed=args.seed,
                 ranges=ranges, vary=args.vary, dist=args.dist, evaluation=args.evaluation, runner=runner,
-                progress=None if cb is None else (lambda label, f: cb(label, f) if f >= 1.0 else None),
+                progress=cb,
                 keep_metrics=args.out is not None)
             where = runner.describe()
     except UnknownMetricError as exc:

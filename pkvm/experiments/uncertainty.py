@@ -610,17 +610,24 @@ def _analyse(runner: Runner, cfgs: list[Config], pols: list[str], model: CostMod
     else:
         if reason:
             notes.append(reason)
-        tasks, labels = [], []
+        tasks, labels, owner = [], [], {}
         for pol, cfg in zip(pols, cfgs):
             for i, row in enumerate(values):
                 tasks.append((cfg, seed, overrides(prices, row)))
-                labels.append(f"{pol} sample {i} ({describe(cfg, seed)})")
+                labels.append(f"sample {i} of {describe(cfg, seed)}")
+                owner[labels[-1]] = pol
+        n = len(values)
+        done = dict.fromkeys(pols, 0)
+
+        def report(label: str, fraction: float) -> None:  # per policy: the fraction of its samples run
+            if progress is not None and fraction >= 1.0:
+                pol = owner[label]
+                done[pol] += 1
+                progress(pol, done[pol] / n)
+
         workers = max(1, runner.jobs) if runner.scheduler is None else 8
         chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        outs = runner.map(_sample_metrics, tasks, labels,
-                          None if progress is None else (lambda label, f: progress(label.split(" ")[0], f)),
-                          chunksize=chunk)
-        n = len(values)
+        outs = runner.map(_sample_metrics, tasks, labels, report, chunksize=chunk)
         for k, pol in enumerate(pols):
             rows = outs[k * n:(k + 1) * n]
             y[pol] = np.array([r.get(metric, 0.0) for r in rows])
