@@ -60,6 +60,15 @@ def test_a_failing_task_is_retried_then_named(cluster):
         cluster.map(E.run, [(SMALL, 0), (SMALL, -1)], ["first run", "second run"])
 
 
+def test_a_failing_run_is_named_with_its_configuration(cluster):
+    """compare labels its runs by policy for the progress bar; an error names the whole config."""
+    bad = SMALL.with_(workload="replay", options={"file": "/nonexistent/boom"})
+    with pytest.raises(RunError, match=r"^snp 32M replay (fault-time|eager-post) file=/nonexistent/boom seed 0 "
+                                       r"failed on the cluster \(tried twice\): ValueError: replay file "
+                                       r"'/nonexistent/boom' does not exist$"):
+        E.compare(bad, POLICIES, runner=cluster)
+
+
 def test_a_failing_task_in_a_chunk_is_named(cluster):
     with pytest.raises(RunError, match=r"^c failed on the cluster"):
         cluster.map(E.run, [(SMALL, 0), (SMALL, 1), (SMALL, -1)], ["a", "b", "c"], chunksize=3)

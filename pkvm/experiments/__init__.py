@@ -386,7 +386,8 @@ def run_many(configs: Sequence[Config], seed: int | Sequence[int] = 0, *,
              jobs: int = 1, scheduler: str | None = None, runner: Runner | None = None) -> list[Result]:
     """:func:`run` on every config (one seed for all, or one per config), in order, on
     ``runner`` (or a :class:`pkvm.experiments.execution.Runner` made from ``jobs`` and ``scheduler``).
-    ``labels`` name the runs for ``progress`` and errors (default: a description of each).
+    ``labels`` name the runs for ``progress`` (default: :func:`describe`); errors always name
+    the run's configuration with :func:`describe`.
 
     Raises:
         ValueError: a bad ``jobs`` or seed.
@@ -399,12 +400,13 @@ def run_many(configs: Sequence[Config], seed: int | Sequence[int] = 0, *,
     for s in seeds:
         if type(s) is not int or s < 0:
             raise ValueError(f"seed {s!r} must be a non-negative int")
-    names = list(labels) if labels is not None else [describe(c, s) for c, s in zip(configs, seeds)]
+    names = [describe(c, s) for c, s in zip(configs, seeds)]
+    shown = list(labels) if labels is not None else names
     tasks = list(zip(configs, seeds))
     if runner is not None:
-        return runner.map(run, tasks, names, progress, pass_progress=True)
+        return runner.map(run, tasks, shown, progress, pass_progress=True, names=names)
     with Runner(jobs, scheduler) as own:
-        return own.map(run, tasks, names, progress, pass_progress=True)
+        return own.map(run, tasks, shown, progress, pass_progress=True, names=names)
 
 
 def describe(config: Config, seed: int | None = None) -> str:

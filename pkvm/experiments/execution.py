@@ -140,25 +140,26 @@ class Runner:
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
             progress: Callable[[str, float], None] | None = None, *, pass_progress: bool = False,
-            chunksize: int = 1) -> list[Any]:
+            chunksize: int = 1, names: Sequence[str] | None = None) -> list[Any]:
         """``[fn(*args) for args in tasks]``, in order, wherever this runner runs them.
 
-        ``labels[i]`` names task ``i`` in progress reports and errors (say which
-        configuration it is). ``progress(label, fraction)``: serially, ``fn`` is called with
+        ``labels[i]`` names task ``i`` in progress reports, and ``names[i]`` (default: the label)
+        in errors: say which configuration it is. ``progress(label, fraction)``: serially, ``fn`` is called with
         ``progress=`` a per-task callback when ``pass_progress``; every task reports 1.0 when it
         is done. ``chunksize`` tasks travel to a worker together (for many short tasks).
 
         Raises:
             RunError: a task failed (retried once on a cluster); names its label.
         """
-        if len(labels) != len(tasks):
-            raise ValueError(f"{len(tasks)} tasks but {len(labels)} labels")
+        if len(labels) != len(tasks) or (names is not None and len(names) != len(tasks)):
+            raise ValueError(f"{len(tasks)} tasks but {len(labels)} labels"
+                             + ("" if names is None else f" and {len(names)} names"))
         if type(chunksize) is not int or chunksize < 1:
             raise ValueError(f"chunksize {chunksize!r} must be a positive int")
         if not self.distributed:
             return self._map_serial(fn, tasks, labels, progress, pass_progress)
         self.start()
-        return self._map_dask(fn, tasks, labels, progress, chunksize)
+        return self._map_dask(fn, tasks, labels, progress, chunksize, list(names or labels))
 
     @staticmethod
     def _map_serial(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
@@ -174,7 +175,8 @@ class Runner:
         return out
 
     def _map_dask(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
-                  progress: Callable[[str, float], None] | None, chunksize: int) -> list[Any]:
+                  progress: Callable[[str, float], None] | None, chunksize: int,
+                  names: Sequence[str]) -> list[Any]:
         from distributed import as_completed
 
         client = self._client
@@ -190,11 +192,11 @@ class Runner:
                 lo, hi = futures[fut]
                 if fut.status != "finished":
                     exc = fut.exception()
-                    label = labels[lo]
+                    label = names[lo]
                     if hi - lo > 1:
                         bad = _first_failing(fn, tasks[lo:hi])
-                        label = (labels[lo + bad] if bad is not None else
-                                 f"{labels[lo]} (or one of the {hi - lo - 1} runs sent with it)")
+                        label = (names[lo + bad] if bad is not None else
+                                 f"{names[lo]} (or one of the {hi - lo - 1} runs sent with it)")
                     raise RunError(f"{label} failed on the cluster (tried twice): "
                                    f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
                 results[lo:hi] = fut.result()

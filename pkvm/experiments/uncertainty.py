@@ -104,10 +104,10 @@ def _parse_range(name: str, text: object) -> tuple[float, float]:
             raise ValueError(f"range {name}={text!r} is not LOW..HIGH (e.g. rmpupdate=200ns..2us)")
         lo, hi = parse_ns(lo_s, item=f"range {name}"), parse_ns(hi_s, item=f"range {name}")
     else:
-        try:
-            lo_v, hi_v = text  # type: ignore[misc]
-        except (TypeError, ValueError):
-            raise ValueError(f"range {name}={text!r} is not (low, high)") from None
+        pair = tuple(text) if isinstance(text, (tuple, list)) else ()
+        if len(pair) != 2:
+            raise ValueError(f"range {name}={text!r} is not LOW..HIGH or (low, high)")
+        lo_v, hi_v = pair
         lo, hi = parse_ns(lo_v, item=f"range {name}"), parse_ns(hi_v, item=f"range {name}")
     if lo > hi:
         raise ValueError(f"range {name}={format_ns(lo)}..{format_ns(hi)}: low is above high")
@@ -159,13 +159,16 @@ def price_space(model: CostModel, ops: Iterable[str], *, ranges: Mapping[str, ob
     for op, cost in model.items():
         if op not in charged:
             continue
-        parts = [("value", op, cost.low_ns, cost.high_ns, cost.value_ns)]
+        parts: list[tuple[str, str, float, float, float]] = [
+            ("value", op, float(cost.low_ns), float(cost.high_ns), float(cost.value_ns))]
         if cost.is_formula:
-            parts.append(("slope", f"{op}.slope", cost.slope_low_ns, cost.slope_high_ns, cost.slope_ns))
+            assert cost.slope_low_ns is not None and cost.slope_high_ns is not None and cost.slope_ns is not None
+            parts.append(("slope", f"{op}.slope", float(cost.slope_low_ns), float(cost.slope_high_ns),
+                          float(cost.slope_ns)))
         for part, name, low, high, nominal in parts:
             if wanted is not None and name not in wanted and name not in parsed:
                 continue
-            low, high = parsed.get(name, (float(low), float(high)))  # type: ignore[arg-type]
+            low, high = parsed.get(name, (low, high))
             if low == high:
                 continue
             d = dist
@@ -175,7 +178,7 @@ def price_space(model: CostModel, ops: Iterable[str], *, ranges: Mapping[str, ob
                 raise ValueError(f"price {name}: a log-uniform range cannot start at {format_ns(low)}")
             members = [o for o in by_row.get(cost.row, [op]) if o in charged] if cost.row is not None else [op]
             group = "+".join(members)
-            out.append(Price(name, op, part, low, high, float(nominal), d, group, cost.confidence))  # type: ignore[arg-type]
+            out.append(Price(name, op, part, low, high, nominal, d, group, cost.confidence))
     return out
 
 
@@ -281,7 +284,8 @@ def unit_prices(model: CostModel, prices: Sequence[Price], values: np.ndarray, o
         cost = model[op]
         v = values[:, col[op]] if op in col else np.full(nsamp, float(cost.value_ns))
         if cost.is_formula:
-            s = values[:, col[f"{op}.slope"]] if f"{op}.slope" in col else np.full(nsamp, float(cost.slope_ns))
+            slope = float(cost.slope_ns or 0)
+            s = values[:, col[f"{op}.slope"]] if f"{op}.slope" in col else np.full(nsamp, slope)
             v = v + s * float(n.get(op, 0))
         out[:, k] = np.rint(v)
     return out
