@@ -586,7 +586,7 @@ def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
 
 
 def _add_execution_options(g: argparse._ArgumentGroup) -> None:
-    """``--jobs`` and ``--scheduler``: where the runs execute (:mod:`pkvm.execution`)."""
+    """``--jobs`` and ``--scheduler``: where the runs execute (:mod:`pkvm.experiments.execution`)."""
     g.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
                    help="run on a local Dask cluster of N worker processes (1: serially in this "
                         "process); the results are identical (default: %(default)s)")

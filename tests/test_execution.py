@@ -1,4 +1,4 @@
-"""The execution layer (pkvm.execution): a Dask LocalCluster gives exactly what a serial run
+"""The execution layer (pkvm.experiments.execution): a Dask LocalCluster gives exactly what a serial run
 gives, a failing task is named with its configuration, an unreachable scheduler is one error."""
 
 import time

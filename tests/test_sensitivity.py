@@ -1,4 +1,4 @@
-"""Global sensitivity analysis (pkvm.uncertainty): re-pricing equals re-simulation, the Sobol'
+"""Global sensitivity analysis (pkvm.experiments.uncertainty): re-pricing equals re-simulation, the Sobol'
 machinery recovers known indices, sampling follows the stated rules, bad input is refused."""
 
 import functools
