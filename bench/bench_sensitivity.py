@@ -45,7 +45,7 @@ def _phases() -> list[tuple[str, float]]:
     pols = list(E.PLATFORM_POLICIES["snp"])
     out = []
     t = _now()
-    ledgers = [U.count_run(cfg.with_(policy=p), 0) for p in pols]
+    ledgers = [E.count_run(cfg.with_(policy=p), 0) for p in pols]
     runs = [E.run(cfg.with_(policy=p), 0) for p in pols]
     out.append(("8 simulations (nominal + counting, 4 policies)", _since(t)))
     model = cfg.cost_model()

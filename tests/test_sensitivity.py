@@ -28,7 +28,7 @@ def _case(platform, which, vcpus, seed):
     """The config and its counting run (cached: Hypothesis draws the same cases often)."""
     cfgs = CONFIGS[platform]
     cfg = cfgs[which % len(cfgs)].with_(vcpus=vcpus)
-    return cfg, U.count_run(cfg, seed)
+    return cfg, E.count_run(cfg, seed)
 
 
 @settings(max_examples=25)
@@ -51,7 +51,7 @@ def test_repricing_equals_resimulation(platform, which, vcpus, seed, data):
 
 def test_count_run_counts_events():
     cfg = CONFIGS["snp"][0]
-    ledger = U.count_run(cfg, 0)
+    ledger = E.count_run(cfg, 0)
     r = E.run(cfg, 0)
     rmp = sum(c for (_, op), c in ledger.counts.items() if op == "rmpupdate")
     assert rmp == r.counters["rmpupdate"] > 0
@@ -79,7 +79,7 @@ def test_sensitivity_of_the_summed_model_matches_its_analytic_indices():
     cfg = CONFIGS["snp"][0]
     res = E.sensitivity(cfg, ["fault-time"], samples=2048, seed=5, dist="uniform")
     assert res.evaluation == "re-priced"
-    ledger = U.count_run(cfg, 5)
+    ledger = E.count_run(cfg, 5)
     counts: dict = {}
     for (_, op), c in ledger.counts.items():
         counts[op] = counts.get(op, 0) + c

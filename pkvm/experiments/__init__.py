@@ -39,13 +39,14 @@ from pkvm.errors import KvmError
 from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import results_frame
+from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse
 from pkvm.experiments.trace import Tracer
 from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.vm import VM
 
 __all__ = ["Config", "Result", "run", "run_many", "compare", "sweep", "sweep_grid", "grid_configs",
-           "grid_fields", "to_frame", "sensitivity", "describe", "version", "DEFAULT_POLICIES",
-           "PLATFORM_POLICIES", "PLATFORMS", "SHARED_BACKINGS"]
+           "grid_fields", "to_frame", "sensitivity", "count_run", "run_metrics", "describe", "version",
+           "DEFAULT_POLICIES", "PLATFORM_POLICIES", "PLATFORMS", "SHARED_BACKINGS"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -515,5 +516,60 @@ def to_frame(results: Sequence[Result]) -> Any:
     return results_frame(results)
 
 
-# The analyses built on run(): imported last, because they use the names defined above.
-from pkvm.experiments.uncertainty import sensitivity  # noqa: E402
+def _counting_costs(config: Config) -> dict[str, object]:
+    costs: dict[str, object] = dict(config.costs)
+    for op, cost in config.cost_model().items():
+        costs[op] = 1
+        if cost.is_formula:
+            costs[f"{op}.slope"] = 0
+    return costs
+
+
+def count_run(config: Config, seed: int = 0) -> Ledger:
+    """Run ``config`` with every price at 1 ns (and every slope at 0), so that each
+    ``(actor, op)`` cell of modeled time is its count of events, and note the ``n`` (target
+    vCPUs, host CPUs) each formula cost was charged with: the operation counts that
+    :func:`pkvm.experiments.uncertainty.reprice` prices. ``exact`` is False if one formula
+    cost was charged with several ``n``."""
+    cfg = config.with_(costs=_counting_costs(config), trace=None)
+    wl = _workloads.get(cfg.workload)
+    opts = _workloads.parse_options(wl, cfg.options)
+    vm, ctx = _build(cfg, seed, None)
+    wl.run(ctx, **opts)
+    counts = {(a, op): ns for a, cells in vm.cost_by_actor().items() for op, ns in cells.items()}
+    n: dict[str, int] = {}
+    flush_n = sorted(vm._flush_ns)  # the target-vCPU counts remote flushes were priced at
+    exact = len(flush_n) <= 1
+    n["remote_tlb_flush"] = flush_n[0] if flush_n else max(vm.nr_vcpus, len(vm.vcpus))
+    snp = getattr(vm, "snp", None)
+    if snp is not None:
+        n["directmap_tlb_flush"] = snp.host_cpus
+    elif any(op == "directmap_tlb_flush" for _, op in counts):
+        exact = False
+    return Ledger(counts, n, exact)
+
+
+def run_metrics(config: Config, seed: int, costs: Mapping[str, Any]) -> dict[str, float]:
+    """:meth:`Result.metrics` (without wall time) of ``config`` run with ``costs`` overrides
+    added: one simulated sample of a sensitivity analysis."""
+    return run(config.with_(costs={**config.costs, **costs}, trace=None), seed).metrics(wall=False)
+
+
+_SIMULATION = Simulation(run=run, count=count_run, sample=run_metrics, describe=describe)
+
+
+def sensitivity(config: Config, policies: Sequence[str] | None = None, **kwargs: Any) -> SensitivityResult:
+    """Global sensitivity analysis: sample ``config``'s cost model over its price ranges, run
+    every policy (default: the platform's :data:`PLATFORM_POLICIES`) on each sample, and
+    return the distributions, the ranking's stability and the Sobol' indices (or a Morris
+    screen). Keyword arguments (``metric``, ``method``, ``samples``, ``seed``, ``ranges``,
+    ``vary``, ``dist``, ``evaluation``, ``jobs``, ``scheduler``, ``runner``, ``progress``,
+    ``keep_metrics``) are those of :func:`pkvm.experiments.uncertainty.analyse`; see
+    ``docs/sensitivity.md``.
+
+    Raises:
+        ValueError: bad arguments (named), an unknown metric or price, or a metric that
+            ``evaluation="reprice"`` cannot re-price.
+    """
+    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    return analyse(config, pols, _SIMULATION, **kwargs)

@@ -1,7 +1,7 @@
 """Which conclusions survive what we do not know: global sensitivity analysis of the cost model.
 
 Most prices in the cost model are estimates with a documented range (``low_ns``..``high_ns``,
-and a slope range for the formula costs; see ``docs/costs.md``). :func:`sensitivity` samples
+and a slope range for the formula costs; see ``docs/costs.md``). :func:`pkvm.experiments.sensitivity` samples
 the model over those ranges with SALib, runs every policy on every sample, and reports how
 the chosen metric is distributed per policy, how often each policy beats each other one, and
 the Sobol' indices (or Morris elementary effects) of each price.
@@ -41,8 +41,6 @@ import numpy as np
 
 from pkvm._units import format_size
 from pkvm.cost.model import CostModel, format_ns, parse_ns
-from pkvm.experiments import PLATFORM_POLICIES, _build, describe, run
-from pkvm.experiments import workloads as W
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import config_columns
 
@@ -51,10 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pkvm.experiments import Config, Result
 
-__all__ = ["METHODS", "DISTRIBUTIONS", "Price", "Ledger", "SensitivityResult", "UnknownMetricError", "count_run",
-           "is_repriceable", "plot", "price_space", "reprice", "sensitivity"]
+__all__ = ["METHODS", "DISTRIBUTIONS", "Price", "Ledger", "SensitivityResult", "Simulation", "UnknownMetricError",
+           "analyse", "is_repriceable", "plot", "price_space", "reprice"]
 
-#: Analyses :func:`sensitivity` runs: Sobol' indices, or a cheaper Morris screen.
+#: Analyses :func:`pkvm.experiments.sensitivity` runs: Sobol' indices, or a cheaper Morris screen.
 METHODS = ("sobol", "morris")
 #: How a price is sampled on its range (``auto``: log-uniform when high/low > 10).
 DISTRIBUTIONS = ("auto", "uniform", "log-uniform")
@@ -210,6 +208,23 @@ def overrides(prices: Sequence[Price], row: np.ndarray) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class Simulation:
+    """What the analysis runs, given by :mod:`pkvm.experiments` (which this module does not
+    import: it sits below the package's run functions). Each is a module-level function, so
+    that it runs on a Dask worker.
+
+    ``run(config, seed) -> Result``; ``count(config, seed) -> Ledger`` (the counting run:
+    every price 1 ns); ``sample(config, seed, costs) -> metrics`` (one simulated sample:
+    ``Result.metrics(wall=False)`` with these price overrides); ``describe(config, seed) -> str``.
+    """
+
+    run: Callable[..., Any]
+    count: Callable[..., Ledger]
+    sample: Callable[..., dict[str, float]]
+    describe: Callable[..., str]
+
+
+@dataclass(frozen=True)
 class Ledger:
     """The operations one run performed: ``counts[(actor, op)]`` events, and for a formula cost
     the ``n`` (target vCPUs or host CPUs) each event was priced with. ``exact`` is False when
@@ -221,40 +236,6 @@ class Ledger:
 
     def ops(self) -> set[str]:
         return {op for (_, op), c in self.counts.items() if c}
-
-
-def _counting_costs(config: Config) -> dict[str, object]:
-    model = config.cost_model()
-    costs: dict[str, object] = dict(config.costs)
-    for op, cost in model.items():
-        costs[op] = 1
-        if cost.is_formula:
-            costs[f"{op}.slope"] = 0
-    return costs
-
-
-def count_run(config: Config, seed: int) -> Ledger:
-    """Run ``config`` with every price at 1 ns (and every slope at 0), so that each
-    ``(actor, op)`` cell of modeled time is its count of events; also note the ``n`` every
-    formula cost was charged with. A module-level function, so that it runs on a worker."""
-    cfg = config.with_(costs=_counting_costs(config), trace=None)
-    wl = W.get(cfg.workload)
-    opts = W.parse_options(wl, cfg.options)
-    vm, ctx = _build(cfg, seed, None)
-    wl.run(ctx, **opts)
-    counts = {(a, op): ns for a, cells in vm.cost_by_actor().items() for op, ns in cells.items()}
-    n: dict[str, int] = {}
-    exact = True
-    flush_ns = sorted(getattr(vm, "_flush_ns", {}))  # the target-vCPU counts flushes were priced at
-    if len(flush_ns) > 1:
-        exact = False
-    n["remote_tlb_flush"] = flush_ns[0] if flush_ns else max(vm.nr_vcpus, len(vm.vcpus))
-    snp = getattr(vm, "snp", None)
-    if snp is not None:
-        n["directmap_tlb_flush"] = snp.host_cpus
-    elif any(op == "directmap_tlb_flush" for _, op in counts):
-        exact = False
-    return Ledger(counts, n, exact)
 
 
 def linear_metrics(ledger: Ledger) -> dict[str, dict[str, int]]:
@@ -323,7 +304,7 @@ class UnknownMetricError(ValueError):
 
 @dataclass
 class SensitivityResult:
-    """What :func:`sensitivity` found.
+    """What :func:`pkvm.experiments.sensitivity` found.
 
     Attributes:
         config: the analysed configuration (its ``policy`` is the first policy's).
@@ -492,24 +473,20 @@ def _indices(method: str, groups: Sequence[str], unit: np.ndarray, outputs: Mapp
     return pd.DataFrame(rows)
 
 
-def _sample_metrics(config: Config, seed: int, costs: Mapping[str, float]) -> dict[str, float]:
-    """Worker side of a simulated sample: run with these price overrides; every metric but
-    the simulator's own wall time."""
-    return run(config.with_(costs={**config.costs, **costs}, trace=None), seed).metrics(wall=False)
-
-
-def sensitivity(config: Config, policies: Sequence[str] | None = None, *, metric: str | None = None,
+def analyse(config: Config, policies: Sequence[str], sim: Simulation, *, metric: str | None = None,
                 method: str = "sobol", samples: int = 1024, seed: int = 0,
                 ranges: Mapping[str, object] | None = None, vary: Iterable[str] | None = None,
                 dist: str = "auto", evaluation: str = "auto", conf_level: float = 0.95,
                 jobs: int = 1, scheduler: str | None = None, runner: Runner | None = None,
                 progress: Callable[[str, float], None] | None = None, keep_metrics: bool = False,
                 ) -> SensitivityResult:
-    """Sample ``config``'s cost model over its price ranges and run every policy on each sample.
+    """Sample ``config``'s cost model over its price ranges and run every policy on each sample
+    (called as :func:`pkvm.experiments.sensitivity`, which fills in ``sim``).
 
     Args:
         config: the configuration (its cost model is the nominal one; its policy is ignored).
-        policies: default: the platform's (:data:`pkvm.experiments.PLATFORM_POLICIES`).
+        policies: the policies to compare.
+        sim: how to run, count and sample (:class:`Simulation`).
         metric: a dotted name of :meth:`pkvm.experiments.Result.metrics` (default:
             ``critical_path_ns`` when results have it, else ``modeled_ns``).
         method: ``"sobol"`` (first-order and total indices, with confidence intervals;
@@ -539,9 +516,9 @@ def sensitivity(config: Config, policies: Sequence[str] | None = None, *, metric
         raise ValueError(f"seed {seed!r} must be a non-negative int")
     if not 0 < conf_level < 1:
         raise ValueError(f"conf_level {conf_level!r} must be in (0, 1)")
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
-    if len(set(pols)) != len(pols):
-        raise ValueError(f"policies {', '.join(pols)} repeat a policy")
+    pols = list(policies)
+    if not pols or len(set(pols)) != len(pols):
+        raise ValueError(f"policies {', '.join(pols) or '(none)'} must be distinct, and at least one")
     cfgs = [config.with_(policy=p, trace=None) for p in pols]
     model = config.cost_model()
     if ranges or vary is not None:  # bad price names fail before anything runs
@@ -550,26 +527,26 @@ def sensitivity(config: Config, policies: Sequence[str] | None = None, *, metric
     runner = runner if runner is not None else Runner(jobs, scheduler)
     try:
         runner.start()
-        return _analyse(runner, cfgs, pols, model, metric, method, samples, seed, ranges, vary, dist,
+        return _analyse(runner, sim, cfgs, pols, model, metric, method, samples, seed, ranges, vary, dist,
                         evaluation, conf_level, progress, keep_metrics)
     finally:
         if own:
             runner.close()
 
 
-def _analyse(runner: Runner, cfgs: list[Config], pols: list[str], model: CostModel, metric: str | None,
+def _analyse(runner: Runner, sim: Simulation, cfgs: list[Config], pols: list[str], model: CostModel, metric: str | None,
              method: str, samples: int, seed: int, ranges: Mapping[str, object] | None,
              vary: Iterable[str] | None, dist: str, evaluation: str, conf_level: float,
              progress: Callable[[str, float], None] | None, keep_metrics: bool) -> SensitivityResult:
     notes: list[str] = []
-    nominal_runs: list[Result] = runner.map(run, [(c, seed) for c in cfgs], [f"{p} nominal" for p in pols],
+    nominal_runs: list[Result] = runner.map(sim.run, [(c, seed) for c in cfgs], [f"{p} nominal" for p in pols],
                                             None)
     metrics0 = {p: r.metrics(wall=False) for p, r in zip(pols, nominal_runs)}
     available: dict[str, float] = {}
     for m in metrics0.values():
         available.update(m)
     metric = _resolve_metric(metric, available)
-    ledgers: list[Ledger] = runner.map(count_run, [(c, seed) for c in cfgs], [f"{p} counting" for p in pols],
+    ledgers: list[Ledger] = runner.map(sim.count, [(c, seed) for c in cfgs], [f"{p} counting" for p in pols],
                                        None)
     charged = set().union(*(lg.ops() for lg in ledgers))
     prices = price_space(model, charged, ranges=ranges, vary=vary, dist=dist)
@@ -618,7 +595,7 @@ def _analyse(runner: Runner, cfgs: list[Config], pols: list[str], model: CostMod
         for pol, cfg in zip(pols, cfgs):
             for i, row in enumerate(values):
                 tasks.append((cfg, seed, overrides(prices, row)))
-                labels.append(f"sample {i} of {describe(cfg, seed)}")
+                labels.append(f"sample {i} of {sim.describe(cfg, seed)}")
                 owner[labels[-1]] = pol
         n = len(values)
         done = dict.fromkeys(pols, 0)
@@ -631,7 +608,7 @@ def _analyse(runner: Runner, cfgs: list[Config], pols: list[str], model: CostMod
 
         workers = max(1, runner.jobs) if runner.scheduler is None else 8
         chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        outs = runner.map(_sample_metrics, tasks, labels, report, chunksize=chunk)
+        outs = runner.map(sim.sample, tasks, labels, report, chunksize=chunk)
         for k, pol in enumerate(pols):
             rows = outs[k * n:(k + 1) * n]
             y[pol] = np.array([r.get(metric, 0.0) for r in rows])
