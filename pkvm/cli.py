@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -599,6 +600,10 @@ def _add_execution_options(g: argparse._ArgumentGroup) -> None:
 def _runner(args: argparse.Namespace) -> Iterator[Any]:
     if args.scheduler is not None and not args.scheduler.strip():
         raise UsageError("--scheduler needs an address like tcp://host:8786")
+    if args.jobs > 1 or args.scheduler is not None:
+        # The cluster's own log lines (heartbeats, shutdown) are not pkvm's output: a run that
+        # fails reaches the user as one error line (RunError), the rest is noise on stderr.
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
     with Runner(args.jobs, args.scheduler) as runner:
         yield runner
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import pkvm as _pkvm
+from pkvm.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +26,7 @@ def pkvm(*args, cwd=None):
 def ok(*args):
     p = pkvm(*args)
     assert p.returncode == 0, p.stderr
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
     return p.stdout
 
 
@@ -63,12 +64,13 @@ def test_sensitivity_of_a_simulated_metric_says_so(tmp_path):
     (["--out", "OUT.txt"], 2, "--out OUT.txt: write .parquet or .csv, not .txt"),
     (["--scheduler", "tcp://127.0.0.1:9"], 1, "--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 5 s"),
 ])
-def test_sensitivity_bad_input_is_one_line_and_writes_nothing(tmp_path, args, status, message):
+def test_sensitivity_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, status, message):
+    monkeypatch.chdir(tmp_path)
     outs = ["--json", "s.json", "--plot", "s.png"] + ([] if "--out" in args else ["--out", "s.parquet"])
-    p = pkvm("sensitivity", "--memory", "16M", "--samples", "8", *args, *outs, cwd=tmp_path)
-    assert p.returncode == status, p.stderr
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith("pkvm: error: ")
-    assert message in p.stderr
+    assert main(["sensitivity", "--memory", "16M", "--samples", "8", *args, *outs]) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pkvm: error: ")
+    assert message in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -92,10 +94,11 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     (["--grid", "vcpus=1", "vcpus=2"], "--grid gives vcpus twice"),
     (["--grid", "vcpus=1", "--metric", "nope"], "--metric nope: not measured by these runs"),
 ])
-def test_sweep_bad_grid(tmp_path, args, message):
-    p = pkvm("sweep", "--memory", "16M", *args, "--out", "g.csv", cwd=tmp_path)
-    assert p.returncode == 2, p.stderr
-    assert p.stderr.count("\n") == 1 and message in p.stderr
+def test_sweep_bad_grid(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--memory", "16M", *args, "--out", "g.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -124,7 +124,7 @@ class Runner:
         with warnings.catch_warnings():  # start-up notices (slow scratch disk ...) are not results
             warnings.simplefilter("ignore", UserWarning)
             self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
-                                         dashboard_address=None, silence_logs=logging.ERROR)
+                                         dashboard_address=None, silence_logs=logging.CRITICAL)
             self._client = Client(self._cluster, set_as_default=False)
 
     def close(self) -> None:
