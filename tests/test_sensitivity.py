@@ -154,6 +154,9 @@ def test_price_space_rules():
     assert vals.tolist() == [[100.0, 500.0], [550.0, 1750.0], [1000.0, 3000.0]]
     logp = ps["directmap_tlb_flush"]
     assert logp.at(np.array([0.5]))[0] == pytest.approx(math.sqrt(5_000 * 100_000))
+    pinned = U.price_space(model, ["rmpupdate"], ranges={"rmpupdate": "800ns..800ns"}, dist="log-uniform")
+    assert [(p.name, p.low, p.high, p.dist) for p in pinned] == [("rmpupdate", 800.0, 800.0, "uniform")]
+    assert U.expand(pinned, np.array([[0.0], [0.7]])).tolist() == [[800.0], [800.0]]
     narrowed = U.price_space(model, ["rmpupdate"], ranges={"rmpupdate": "300ns..3us"}, dist="log-uniform")
     assert (narrowed[0].low, narrowed[0].high, narrowed[0].dist) == (300.0, 3000.0, "log-uniform")
 

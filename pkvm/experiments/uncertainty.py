@@ -167,10 +167,12 @@ def price_space(model: CostModel, ops: Iterable[str], *, ranges: Mapping[str, ob
             if wanted is not None and name not in wanted and name not in parsed:
                 continue
             low, high = parsed.get(name, (low, high))
-            if low == high:
-                continue
+            if low == high and name not in parsed:
+                continue  # a single value: nothing to vary (a one-point --range pins the price there)
             d = dist
-            if d == "auto":
+            if low == high:
+                d = "uniform"
+            elif d == "auto":
                 d = "log-uniform" if low > 0 and high / low > _LOG_RATIO else "uniform"
             if d == "log-uniform" and low <= 0:
                 raise ValueError(f"price {name}: a log-uniform range cannot start at {format_ns(low)}")
