@@ -4,6 +4,8 @@ Subcommands (``pkvm SUBCOMMAND --help`` for every option)::
 
     pkvm compare [--platform snp] [--memory 64G] [--workload boot] [--policies a,b] ...
     pkvm run     [--policy fault-time] ...          one policy, with phase and operation breakdowns
+    pkvm sweep   --grid memory=16G,64G vcpus=1,8    every policy at every grid point (tidy table)
+    pkvm sensitivity [--samples 1024] ...           which conclusions survive the price ranges
     pkvm workloads                                  the workloads and their options
     pkvm costs   [--platform snp] [--cost K=V] ...  the cost model with its sources
 
@@ -24,18 +26,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import difflib
 import json
+import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
 from pkvm._units import format_size, parse_size
-from pkvm.cost.model import format_table
+from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import PkvmError
 from pkvm.experiments import report, workloads
+from pkvm.experiments.execution import Runner
+from pkvm.experiments.frames import check_frame_path, plot_grid
+from pkvm.experiments.uncertainty import DISTRIBUTIONS, METHODS, UnknownMetricError, plot, price_space
 from pkvm.experiments.trace import TRACE_EVENTS, check_trace_events, header_fields
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,9 +152,7 @@ def _experiment_options(single_policy: bool) -> _Parser:
         g.add_argument("--sweep-memory", type=_name_list, default=None, metavar="SIZE,SIZE,...",
                        help="repeat the comparison at each guest memory size (e.g. 1G,16G,256G,1T), "
                             "one table per size; --plot then draws modeled time against memory")
-        g.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
-                       help="run the policies in N worker processes; the results are identical "
-                            "(default: %(default)s)")
+        _add_execution_options(g)
     g.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="random seed; the same seed gives the same counters and modeled times "
                         "(default: %(default)s)")
@@ -188,6 +195,10 @@ def _experiment_options(single_policy: bool) -> _Parser:
     o.add_argument("--trace-events", metavar="EVENT,...", default=None,
                    help="with --trace, write only these tracepoints (comma-separated; default: all): "
                         + ", ".join(TRACE_EVENTS))
+    if not single_policy:
+        o.add_argument("--out", metavar="OUT.parquet", default=None,
+                       help="write the tidy table, one row per run (configuration, seed and every "
+                            "metric as columns), as .parquet or .csv")
     o.add_argument("--layout", choices=_LAYOUTS, default="auto",
                    help="table shape: one row per policy, one column per policy, or rows when they fit "
                         "the terminal (default: %(default)s)")
@@ -218,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  pkvm compare --platform tdx --workload swiotlb --option ops=5000 --json out.json\n"
                "  pkvm compare --sweep-memory 1G,16G,256G --plot sweep.png\n"
                "  pkvm run --policy eager-post --cost rmpupdate=800ns\n"
+               "  pkvm sweep --grid memory=16G,64G vcpus=1,8 --plot grid.png --out grid.parquet\n"
+               "  pkvm sensitivity --memory 64G --samples 1024 --plot gsa.png\n"
                "  pkvm costs --platform snp --toml > snp.toml")
     parser.add_argument("--version", action="version", version=f"{_PROG} {experiments.version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -238,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one workload under one policy and print its table row, the modeled and wall "
                     "time of each phase, and the modeled time by operation and actor.")
     r.set_defaults(handler=_cmd_run)
+
+    _add_sweep_parser(sub)
+    _add_sensitivity_parser(sub)
 
     w = sub.add_parser("workloads", formatter_class=fmt, help="list the workloads and their options",
                        description="List the workloads with their descriptions and options "
@@ -459,9 +475,9 @@ def _notes(out: _Output, results: Sequence[Result]) -> None:
 def _progress(enabled: bool, labels: Sequence[str],
               prefix: str = "") -> Iterator[Callable[[str, float], None] | None]:
     """A ``rich`` progress bar on stderr with one task per label (a policy), fed by
-    :func:`pkvm.experiments.compare`'s ``progress(policy, fraction)``. Runs are sequential,
-    so news of one policy means every policy before it has finished. Yields None (no
-    callback) when disabled."""
+    :func:`pkvm.experiments.compare`'s ``progress(policy, fraction)``; every run reports 1.0
+    when it is done (on a Dask cluster, runs finish in any order). Yields None (no callback)
+    when disabled."""
     if not enabled:
         yield None
         return
@@ -475,9 +491,6 @@ def _progress(enabled: bool, labels: Sequence[str],
         tasks = {label: bar.add_task(prefix + label, total=1.0) for label in order}
 
         def update(label: str, fraction: float) -> None:
-            i = order.index(label)
-            for done in order[:i]:
-                bar.update(tasks[done], completed=1.0)
             bar.update(tasks[label], completed=fraction)
 
         yield update
@@ -515,23 +528,33 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
     policies = _policies(args, base)
     memories = _memories(args.sweep_memory, base)
     _check_outputs(args)
+    _check_frame_out(args)
     results: list[Result] = []
-    for i, mem in enumerate(memories or [int(base.memory)]):
-        config, prefix = base, ""
-        if memories:
-            config = base.with_(memory=mem, trace=_sweep_trace(base.trace, mem, policies))
-            prefix = f"{format_size(mem)} "
-        with _progress(_show_progress(args), policies, prefix) as cb:
-            batch = experiments.compare(config, policies, args.seed, progress=cb, jobs=args.jobs)
-        results.extend(batch)
-        if i:
-            out.print()
-        n = len(policies)
-        out.print(_header(config, args.seed, f"{n} policies" if n > 1 else f"policy {policies[0]}"))
-        out.print(out.table(batch, args.layout))
-        _notes(out, batch)
+    with _runner(args) as runner:
+        for i, mem in enumerate(memories or [int(base.memory)]):
+            config, prefix = base, ""
+            if memories:
+                config = base.with_(memory=mem, trace=_sweep_trace(base.trace, mem, policies))
+                prefix = f"{format_size(mem)} "
+            with _progress(_show_progress(args), policies, prefix) as cb:
+                batch = experiments.compare(config, policies, args.seed, progress=cb, runner=runner)
+            results.extend(batch)
+            _print_batch(out, args, config, policies, batch, i)
     _write_outputs(args, argv, base, results, policies, memories)
+    if args.out is not None:
+        _atomic(args.out, lambda tmp: _write_table(experiments.to_frame(results), tmp, args.out))
+        _info(args, f"wrote {args.out}")
     return 0
+
+
+def _print_batch(out: _Output, args: argparse.Namespace, config: Config, policies: Sequence[str],
+                 batch: Sequence[Result], i: int) -> None:
+    if i:
+        out.print()
+    n = len(policies)
+    out.print(_header(config, args.seed, f"{n} policies" if n > 1 else f"policy {policies[0]}"))
+    out.print(out.table(batch, args.layout))
+    _notes(out, batch)
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
@@ -585,6 +608,378 @@ def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     return 0
 
 
+# ---- execution and tidy output (compare, sweep, sensitivity) ----------------------------------
+
+
+def _add_execution_options(g: argparse._ArgumentGroup) -> None:
+    """``--jobs`` and ``--scheduler``: where the runs execute (:mod:`pkvm.experiments.execution`)."""
+    g.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
+                   help="run on a local Dask cluster of N worker processes (1: serially in this "
+                        "process); the results are identical (default: %(default)s)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on an existing Dask cluster, e.g. tcp://host:8786 (its workers need "
+                        "the same pkvm installed); overrides --jobs")
+
+
+@contextlib.contextmanager
+def _runner(args: argparse.Namespace) -> Iterator[Any]:
+    if args.scheduler is not None and not args.scheduler.strip():
+        raise UsageError("--scheduler needs an address like tcp://host:8786")
+    if args.jobs > 1 or args.scheduler is not None:
+        # The cluster's own log lines (heartbeats, shutdown) are not pkvm's output: a run that
+        # fails reaches the user as one error line (RunError), the rest is noise on stderr.
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    with Runner(args.jobs, args.scheduler) as runner:
+        yield runner
+
+
+def _check_frame_out(args: argparse.Namespace) -> None:
+    if getattr(args, "out", None) is not None:
+        try:
+            check_frame_path(args.out)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in its directory, renamed over it when complete:
+    a failure leaves no partial file (and any previous one as it was)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=os.path.splitext(path)[1], dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_table(frame: Any, tmp: str, path: str) -> None:
+    """``frame`` to ``tmp`` in the format ``path``'s extension names."""
+    if path.lower().endswith(".parquet"):
+        frame.to_parquet(tmp, engine="pyarrow", index=False)
+    else:
+        frame.to_csv(tmp, index=False)
+
+
+def _write_json(path: str, data: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    _atomic(path, write)
+
+
+def _study_options() -> _Parser:
+    """The experiment options ``sweep`` and ``sensitivity`` share (a parent parser)."""
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--platform", choices=experiments.PLATFORMS, default=None,
+                   help=f"confidential-VM platform to simulate (default: {_VM_DEFAULTS['platform']})")
+    g.add_argument("--memory", type=_size, default=None, metavar="SIZE",
+                   help=f"guest RAM, a multiple of 2M (default: {_VM_DEFAULTS['memory']})")
+    g.add_argument("--workload", default="boot", metavar="NAME",
+                   help=f"what the guest and VMM do: {', '.join(workloads.WORKLOADS)} (default: %(default)s)")
+    g.add_argument("-o", "--option", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
+                   help="a workload option, e.g. ops=5000 (repeatable)")
+    g.add_argument("--policies", type=_name_list, default=None, metavar="A,B,...",
+                   help="policies to run, comma-separated (default: the platform's, as for compare)")
+    g.add_argument("--seed", type=_seed, default=0, metavar="N",
+                   help="random seed of every run (default: %(default)s)")
+    g.add_argument("--cost", action="append", type=_key_value, default=[], metavar="OP=TIME",
+                   help="override one operation's cost, e.g. rmpupdate=800ns (repeatable)")
+    g.add_argument("--costs", default=None, metavar="FILE", help="cost model file (.toml or .json)")
+    g.add_argument("--vcpus", type=_positive_int, default=None, metavar="N",
+                   help=f"guest vCPUs, running concurrently (default: {_VM_DEFAULTS['vcpus']})")
+    g.add_argument("--host-cpus", type=_positive_int, default=64, metavar="N",
+                   help="host CPUs, at least --vcpus (default: %(default)s)")
+    g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
+                   help="host memory backing shared guest pages (default: %(default)s)")
+    g.add_argument("--image", type=_size, default=None, metavar="SIZE",
+                   help=f"firmware image at guest address 0 (default: {_VM_DEFAULTS['image']})")
+    g.add_argument("--no-discard", dest="discard", action="store_false",
+                   help="the VMM keeps both backings on conversion")
+    g.add_argument("--metric", default=None, metavar="NAME",
+                   help="the result to study, any dotted metric name: modeled_ns, by_actor.vcpu0, "
+                        "counters.rmpupdate, ... (default: critical_path_ns when runs measure it, "
+                        "else modeled_ns)")
+    _add_execution_options(g)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="OUT.json", default=None, help="write the results as JSON")
+    o.add_argument("--out", metavar="OUT.parquet", default=None,
+                   help="write the tidy table (one row per configuration, policy and sample) as "
+                        ".parquet or .csv")
+    o.add_argument("--plot", metavar="OUT.png", default=None, help="draw the results to a PNG")
+    o.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no list of the files written")
+    p.set_defaults(trace=None, layout="auto", timeline=None, gantt=None, trace_events=None)
+    return p
+
+
+def _study_config(args: argparse.Namespace) -> Config:
+    for key in _VM_DEFAULTS:  # options the study parsers may not define
+        if not hasattr(args, key):
+            setattr(args, key, None)
+    return _config(args)
+
+
+def _fmt_value(metric: str, v: float) -> str:
+    if metric.endswith("_ns") or metric.startswith(("by_actor.", "by_op.", "by_actor_op.")):
+        return format_ns(float(v)) if v >= 0 else "-" + format_ns(-float(v))
+    return f"{v:.4g}"
+
+
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    right = right or [False] * len(headers)
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if rt else str(c).ljust(w)
+                         for c, w, rt in zip(r, widths, right)).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+@contextlib.contextmanager
+def _runs_progress(args: argparse.Namespace, runs: int) -> Iterator[Callable[[str, float], None] | None]:
+    """One ``rich`` progress bar on stderr counting finished runs (when stderr is a terminal)."""
+    if not _show_progress(args):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+    with prog:
+        task = prog.add_task("runs", total=runs)
+
+        def update(label: str, fraction: float) -> None:
+            if fraction >= 1.0:
+                prog.advance(task)
+
+        yield update
+
+
+# ---- pkvm sweep ------------------------------------------------------------------------------
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "sweep", parents=[_study_options()], formatter_class=argparse.HelpFormatter,
+        help="run every policy at every point of a grid of configurations (tidy table, small multiples)",
+        description="Run every policy at every point of a grid (the product of the --grid values), "
+                    "print the metric per point and policy, and write the tidy table (--out) and "
+                    "small multiples (--plot: the metric against the first varying key, one panel "
+                    "per combination of the others).")
+    s.add_argument("--grid", nargs="+", required=True, type=_key_value, metavar="KEY=V1,V2",
+                   help="grid axes, e.g. memory=16G,64G,256G vcpus=1,8,32 workload=boot,swiotlb; keys: "
+                        + ", ".join(experiments.grid_fields()))
+    s.set_defaults(handler=_cmd_sweep)
+
+
+def _grid_values(key: str, text: str) -> list[Any]:
+    values = [v.strip() for v in text.split(",")]
+    if not all(values):
+        raise UsageError(f"--grid {key}={text}: not a comma-separated list like a,b,c")
+    default = {f.name: f.default for f in dataclasses.fields(experiments.Config)}.get(key)
+    out: list[Any] = []
+    for v in values:
+        if isinstance(default, bool):
+            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise UsageError(f"--grid {key}={text}: {v!r} is not true or false")
+            out.append(v.lower() in ("true", "1", "yes"))
+        elif isinstance(default, int) and key not in ("memory", "image"):
+            try:
+                out.append(int(v))
+            except ValueError:
+                raise UsageError(f"--grid {key}={text}: {v!r} is not an integer") from None
+        else:
+            out.append(v)
+    return out
+
+
+def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    base = _study_config(args)
+    grid: dict[str, list[Any]] = {}
+    for key, text in args.grid:
+        if key in grid:
+            raise UsageError(f"--grid gives {key} twice")
+        if key not in experiments.grid_fields():
+            raise UsageError(f"--grid {key}={text}: {key!r} is not one of {', '.join(experiments.grid_fields())}")
+        grid[key] = _grid_values(key, text)
+    try:
+        points = experiments.grid_configs(base, grid)
+    except ValueError as exc:
+        raise UsageError(f"--grid: {_message(exc)}") from None
+    for pt in points:
+        _policies(args, pt)
+    _check_outputs(args)
+    _check_frame_out(args)
+    runs = sum(len(args.policies or experiments.PLATFORM_POLICIES[pt.platform]) for pt in points)
+    with _runner(args) as runner, _runs_progress(args, runs) as cb:
+        results = experiments.sweep_grid(base, grid, args.policies, args.seed, runner=runner, progress=cb)
+    frame = experiments.to_frame(results)
+    metric = args.metric or ("critical_path_ns" if "critical_path_ns" in frame.columns else "modeled_ns")
+    if metric not in frame.columns:
+        close = difflib.get_close_matches(metric, list(frame.columns), n=3, cutoff=0.6)
+        raise UsageError(f"--metric {metric}: not measured by these runs"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    keys = list(grid)
+    rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
+            + [r["policy"], _fmt_value(metric, r[metric])] for r in frame.to_dict(orient="records")]
+    out.print(f"pkvm {experiments.version()} · sweep of {len(points)} grid points × policies · "
+              f"{base.workload if 'workload' not in grid else 'workloads'} · seed {args.seed} · "
+              f"metric {metric} · runs {runner.describe()}")
+    out.write(_text_table([*keys, "policy", metric], rows, [False] * (len(keys) + 1) + [True]))
+    if args.json is not None:
+        _write_json(args.json, report.to_json(results, {"command": [_PROG, *argv], "grid": {
+            k: [str(v) for v in vs] for k, vs in grid.items()}, "metric": metric}))
+        _info(args, f"wrote {args.json}")
+    if args.out is not None:
+        _atomic(args.out, lambda tmp: _write_table(frame, tmp, args.out))
+        _info(args, f"wrote {args.out}")
+    if args.plot is not None:
+        _atomic(args.plot, lambda tmp: plot_grid(frame, keys, metric, tmp))
+        _info(args, f"wrote {args.plot}")
+    return 0
+
+
+# ---- pkvm sensitivity ------------------------------------------------------------------------
+
+
+def _add_sensitivity_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "sensitivity", parents=[_study_options()], formatter_class=argparse.HelpFormatter,
+        help="which conclusions survive the cost model's price ranges (Sobol'/Morris with SALib)",
+        description="Sample the cost model over each price's documented range, run every policy on "
+                    "each sample and report the metric's distribution per policy, how often each "
+                    "policy beats each other one, and Sobol' indices (or Morris effects) of each "
+                    "price. Summed metrics (modeled_ns, by_actor.*, by_op.*) are re-priced exactly "
+                    "from operation counts; any other metric is simulated per sample. See "
+                    "docs/sensitivity.md.")
+    a = s.add_argument_group("analysis")
+    a.add_argument("--method", choices=METHODS, default="sobol",
+                   help="sobol: first-order and total indices with confidence intervals, "
+                        "N x (groups + 2) evaluations; morris: a cheap screen, N x (groups + 1) "
+                        "(default: %(default)s)")
+    a.add_argument("--samples", type=_positive_int, default=1024, metavar="N",
+                   help="SALib's N: base samples (sobol; best a power of 2) or trajectories (morris) "
+                        "(default: %(default)s)")
+    a.add_argument("--range", dest="ranges", action="append", type=_key_value, default=[],
+                   metavar="PRICE=LOW..HIGH",
+                   help="replace a price's range, e.g. rmpupdate=200ns..5us or "
+                        "directmap_tlb_flush.slope=100ns..2us (repeatable)")
+    a.add_argument("--vary", type=_name_list, default=None, metavar="PRICE,...",
+                   help="vary only these prices (default: every price the runs charge that has a range)")
+    a.add_argument("--dist", choices=DISTRIBUTIONS, default="auto",
+                   help="how prices are sampled on their range; auto: log-uniform when high/low > 10, "
+                        "else uniform (default: %(default)s)")
+    a.add_argument("--evaluation", choices=("auto", "reprice", "simulate"), default="auto",
+                   help="auto: re-price exactly when the metric is a sum of counts times prices, else "
+                        "simulate every sample; reprice: refuse otherwise (default: %(default)s)")
+    s.set_defaults(handler=_cmd_sensitivity)
+
+
+def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    base = _study_config(args)
+    policies = _policies(args, base)
+    ranges: dict[str, str] = {}
+    for name, text in args.ranges:
+        if name in ranges:
+            raise UsageError(f"--range gives {name} twice")
+        ranges[name] = text
+    try:
+        price_space(base.cost_model(), (), ranges=ranges, vary=args.vary, dist=args.dist)
+    except ValueError as exc:
+        flag = "--range" if any(n in str(exc) for n in ranges) or "range" in str(exc) else "--vary"
+        raise UsageError(f"{flag}: {_message(exc)}") from None
+    if args.method == "morris" and args.samples < 2:
+        raise UsageError(f"--samples {args.samples}: morris needs at least 2 trajectories")
+    _check_outputs(args)
+    _check_frame_out(args)
+    try:
+        with _runner(args) as runner, _progress(_show_progress(args), policies) as cb:
+            res = experiments.sensitivity(
+                base, policies, metric=args.metric, method=args.method, samples=args.samples, seed=args.seed,
+                ranges=ranges, vary=args.vary, dist=args.dist, evaluation=args.evaluation, runner=runner,
+                progress=cb,
+                keep_metrics=args.out is not None)
+            where = runner.describe()
+    except UnknownMetricError as exc:
+        raise UsageError(f"--metric: {_message(exc)}") from None
+    except ValueError as exc:
+        if args.evaluation == "reprice" and "cannot be re-priced" in str(exc):
+            raise UsageError(f"--evaluation reprice: {_message(exc)}") from None
+        raise
+    _print_sensitivity(out, res, base, where)
+    if args.json is not None:
+        _write_json(args.json, {"pkvm_version": experiments.version(), "command": [_PROG, *argv], **res.to_dict()})
+        _info(args, f"wrote {args.json}")
+    if args.out is not None:
+        _atomic(args.out, lambda tmp: _write_table(res.to_frame(), tmp, args.out))
+        _info(args, f"wrote {args.out}")
+    if args.plot is not None:
+        _atomic(args.plot, lambda tmp: plot(res, tmp))
+        _info(args, f"wrote {args.plot}")
+    return 0
+
+
+def _all_zero(idx: Any, output: str) -> bool:
+    sub = idx[idx["output"] == output].drop(columns=["output", "price"])
+    return bool((sub.to_numpy(dtype=float) == 0).all())
+
+
+def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None:
+    m = res.metric
+    n_eval = len(res.values)
+    out.print(_header(base, res.seed, f"{len(res.policies)} policies"))
+    how = ("re-priced (exact: a sum of operation counts times prices)" if res.evaluation == "re-priced"
+           else "simulated per sample")
+    out.print(f"metric {m} · {res.method}, N={res.base_samples} ({n_eval:,} cost samples per policy) · "
+              f"{how} · runs {where}")
+    out.print()
+    rows = [[p.name, p.group, f"{format_ns(p.low)}..{format_ns(p.high)}", p.dist, p.confidence,
+             format_ns(p.nominal)] for p in res.prices]
+    out.write("prices sampled\n" + _text_table(["price", "moves with", "range", "distribution", "conf", "model"],
+                                               rows))
+    out.print()
+    summ = res.summary()
+    rows = [[r["policy"]] + [_fmt_value(m, r[k]) for k in ("nominal", "mean", "p5", "p50", "p95")]
+            for r in summ.to_dict(orient="records")]
+    out.write(f"{m} per policy\n" + _text_table(["policy", "model's prices", "mean", "p5", "p50", "p95"], rows,
+                                                [False] + [True] * 5))
+    if len(res.policies) > 1:
+        out.print()
+        rk = res.ranking()
+        cells = {(r["a"], r["b"]): r for r in rk.to_dict(orient="records")}
+        rows = [[a] + ["—" if a == b else f"{cells[(a, b)]['a_beats_b']:.1%}" for b in res.policies]
+                for a in res.policies]
+        out.write(f"ranking: fraction of samples in which the row's {m} is lower than the column's\n"
+                  + _text_table(["", *res.policies], rows, [False] + [True] * len(res.policies)))
+    out.print()
+    idx = res.indices
+    if res.method == "sobol":
+        head = "Sobol' indices: total ST (first-order S1), ± half the 95% confidence interval"
+        fmt = (lambda r: f"{r['ST']:.2f}±{r['ST_conf']:.2f} ({r['S1']:.2f})")
+    else:
+        head = f"Morris: mean absolute elementary effect mu* on {m} ± 95% confidence"
+        fmt = (lambda r: f"{_fmt_value(m, r['mu_star'])}±{_fmt_value(m, r['mu_star_conf'])}")
+    outputs = [o for o in dict.fromkeys(idx["output"]) if o in res.policies or not _all_zero(idx, o)]
+    by = {(r["output"], r["price"]): r for r in idx.to_dict(orient="records")}
+    for chunk_start in range(0, len(outputs), 4):
+        chunk = outputs[chunk_start:chunk_start + 4]
+        rows = [[g] + [fmt(by[(o, g)]) for o in chunk] for g in res.groups]
+        out.write((head + "\n" if chunk_start == 0 else "") + _text_table(["price", *chunk], rows,
+                                                                          [False] + [True] * len(chunk)))
+    if res.notes:
+        out.print()
+        out.print("\n".join(f"note: {n}" for n in res.notes))
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 
@@ -609,7 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
-            raise UsageError("no command given; commands: compare, run, workloads, costs (see 'pkvm --help')")
+            raise UsageError("no command given; commands: compare, run, sweep, sensitivity, workloads, costs "
+                             "(see 'pkvm --help')")
         return int(args.handler(args, argv, _Output(sys.stdout)))
     except UsageError as exc:
         _fail(str(exc))

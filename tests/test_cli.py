@@ -100,7 +100,7 @@ def test_json_matches_the_api(tmp_path):
 
 
 def test_jobs_give_the_same_results(tmp_path):
-    """--jobs 2 runs the policies in worker processes with the same counters and times."""
+    """--jobs 2 runs the policies on a local Dask cluster with the same counters and times."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     ok("compare", *SMALL, "--policies", "fault-time,eager-post", "--json", str(one))
     ok("compare", *SMALL, "--policies", "fault-time,eager-post", "--jobs", "2", "--json", str(two))

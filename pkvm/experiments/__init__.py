@@ -12,16 +12,21 @@ state, and both the config and the result pickle, so sweeps can farm runs out to
     >>> [p.name for p in r.phases]
     ['launch', 'accept']
 
-:func:`compare` runs one config under several policies; :func:`sweep` over memory sizes.
+:func:`compare` runs one config under several policies; :func:`sweep` over memory sizes;
+:func:`sweep_grid` over any grid of configuration fields; :func:`sensitivity` over the cost
+model's price ranges. They all hand their runs to :mod:`pkvm.experiments.execution` (serial, or a Dask
+cluster, with identical results). :meth:`Result.metrics` names every number a run measured,
+and :func:`to_frame` tabulates results one row per run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as _metadata
 from typing import Any
@@ -32,6 +37,9 @@ from pkvm.actors.vmm import Vmm
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.experiments import workloads as _workloads
+from pkvm.experiments.execution import Runner
+from pkvm.experiments.frames import results_frame
+from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.vm import VM
@@ -40,8 +48,9 @@ from pkvm.sim.chrome import write_chrome_trace
 from pkvm.sim.gantt import plot_gantt
 from pkvm.sim.recorder import Recorder
 
-__all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
-           "PLATFORMS", "SHARED_BACKINGS"]
+__all__ = ["Config", "Result", "run", "run_many", "compare", "sweep", "sweep_grid", "grid_configs",
+           "grid_fields", "to_frame", "sensitivity", "count_run", "run_metrics", "describe", "version",
+           "DEFAULT_POLICIES", "PLATFORM_POLICIES", "PLATFORMS", "SHARED_BACKINGS"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -255,6 +264,30 @@ class Result:
         row["gfns_per_s"] = self.gfns_per_s
         return row
 
+    def metrics(self, *, wall: bool = True) -> dict[str, float]:
+        """Every number this run measured, flattened to dotted names: ``modeled_ns``,
+        ``counters.rmpupdate``, ``by_actor.vcpu0``, ``by_op.attr_store``,
+        ``by_actor_op.vcpu0.npf_fault``, ``directmap.fragmented_fraction``,
+        ``phases.accept.modeled_ns``, ``wall_s``, ``gfns_per_s`` ... Any numeric field of the
+        result (and any numeric value nested in its dicts and records) is included, so fields
+        added later are addressable the same way. Booleans and text are left out.
+        ``wall=False`` leaves out the simulator's own time (``wall_s``, ``phases.*.wall_s``,
+        ``gfns_per_s``), which is all that differs between two runs of the same config and seed.
+
+        >>> r = run(Config(memory="64M"), seed=1)
+        >>> m = r.metrics()
+        >>> m["modeled_ns"] == r.modeled_ns, m["counters.rmpupdate"] == r.counters["rmpupdate"]
+        (True, True)
+        """
+        out: dict[str, float] = {}
+        for f in dataclasses.fields(self):
+            if f.name not in _NOT_METRICS:
+                _flatten(f.name, getattr(self, f.name), out)
+        out["gfns_per_s"] = self.gfns_per_s
+        if not wall:
+            out = {k: v for k, v in out.items() if not is_wall_metric(k)}
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: configuration, seed, pkvm version, cost model, every counter, the
         modeled-time breakdowns, phases, wall time and the table row."""
@@ -281,6 +314,38 @@ class Result:
             "latency_ns": {k: dict(v) for k, v in self.latency_ns.items()},
             "races": dict(self.races),
         }
+
+
+def is_wall_metric(name: str) -> bool:
+    """True for a metric of the simulator's own speed (``wall_s``, ``phases.X.wall_s``,
+    ``gfns_per_s``): the only metrics that vary between runs of the same config and seed."""
+    return name == "gfns_per_s" or name == "wall_s" or name.endswith(".wall_s")
+
+
+#: Result fields that describe the run rather than measure it.
+_NOT_METRICS = frozenset({"config", "seed", "version", "cost_model", "cost_fingerprint", "notes"})
+
+
+def _flatten(name: str, value: Any, out: dict[str, float]) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        out[name] = value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{name}.{k}", v, out)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _flatten(f"{name}.{f.name}", getattr(value, f.name), out)
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            key = getattr(v, "name", None)
+            _flatten(f"{name}.{key if isinstance(key, str) else i}", v, out)
+    else:
+        try:  # numpy scalars and other numbers
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            return
 
 
 def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
@@ -383,36 +448,65 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
 
 
 def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0, *,
-            progress: Callable[[str, float], None] | None = None, jobs: int = 1) -> list[Result]:
+            progress: Callable[[str, float], None] | None = None, jobs: int = 1,
+            scheduler: str | None = None, runner: Runner | None = None) -> list[Result]:
     """Run ``config`` once per policy (default: the platform's :data:`PLATFORM_POLICIES`),
     same seed; results in policy order. With ``config.trace`` set and several policies, each
-    policy writes ``<stem>.<policy><suffix>``. ``jobs > 1`` runs the policies in that many
-    worker processes (``progress`` then reports each run only when it finishes)."""
+    policy writes ``<stem>.<policy><suffix>``.
+
+    Where the runs execute (:mod:`pkvm.experiments.execution`): ``runner`` if given; else ``jobs > 1``
+    starts a local Dask cluster of that many worker processes and ``scheduler`` connects to
+    an existing one; else they run serially here. The results are identical either way.
+    ``progress(policy, fraction)`` reports each run (on a cluster, only when it finishes).
+    """
     pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
     cfgs = [config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols)),
                          timeline=_trace_path(config.timeline, pol, len(pols)),
                          gantt=_trace_path(config.gantt, pol, len(pols))) for pol in pols]
-    return _run_all(cfgs, seed, progress, jobs)
+    return run_many(cfgs, seed, progress=progress, labels=pols, jobs=jobs, scheduler=scheduler, runner=runner)
 
 
-def _run_all(cfgs: list[Config], seed: int, progress: Callable[[str, float], None] | None,
-             jobs: int) -> list[Result]:
-    if type(jobs) is not int or jobs < 1:
-        raise ValueError(f"jobs {jobs!r} must be a positive int")
-    if jobs == 1 or len(cfgs) == 1:
-        out = []
-        for cfg in cfgs:
-            cb = None if progress is None else (lambda f, _p=cfg.policy: progress(_p, f))
-            out.append(run(cfg, seed, progress=cb))
-        return out
-    with ProcessPoolExecutor(max_workers=min(jobs, len(cfgs))) as pool:
-        futures = [pool.submit(run, cfg, seed) for cfg in cfgs]
-        results = []
-        for cfg, fut in zip(cfgs, futures):
-            results.append(fut.result())
-            if progress is not None:
-                progress(cfg.policy, 1.0)
-    return results
+def run_many(configs: Sequence[Config], seed: int | Sequence[int] = 0, *,
+             progress: Callable[[str, float], None] | None = None, labels: Sequence[str] | None = None,
+             jobs: int = 1, scheduler: str | None = None, runner: Runner | None = None) -> list[Result]:
+    """:func:`run` on every config (one seed for all, or one per config), in order, on
+    ``runner`` (or a :class:`pkvm.experiments.execution.Runner` made from ``jobs`` and ``scheduler``).
+    ``labels`` name the runs for ``progress`` (default: :func:`describe`); errors always name
+    the run's configuration with :func:`describe`.
+
+    Raises:
+        ValueError: a bad ``jobs`` or seed.
+        pkvm.experiments.execution.RunError: a run failed on a cluster (after a retry).
+        pkvm.experiments.execution.SchedulerUnreachableError: ``scheduler`` did not answer.
+    """
+    seeds = [seed] * len(configs) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(configs):
+        raise ValueError(f"{len(configs)} configs but {len(seeds)} seeds")
+    for s in seeds:
+        if type(s) is not int or s < 0:
+            raise ValueError(f"seed {s!r} must be a non-negative int")
+    names = [describe(c, s) for c, s in zip(configs, seeds)]
+    shown = list(labels) if labels is not None else names
+    tasks = list(zip(configs, seeds))
+    if runner is not None:
+        return runner.map(run, tasks, shown, progress, pass_progress=True, names=names)
+    with Runner(jobs, scheduler) as own:
+        return own.map(run, tasks, shown, progress, pass_progress=True, names=names)
+
+
+def describe(config: Config, seed: int | None = None) -> str:
+    """One configuration in a few words, e.g. ``"snp 64G boot fault-time seed 0"``
+    (names a run in progress bars and errors)."""
+    parts = [config.platform, format_size(int(config.memory)), config.workload, config.policy]  # type: ignore[arg-type]
+    if config.options:
+        parts.append(",".join(f"{k}={v}" for k, v in config.options.items()))
+    if config.vcpus != 1:
+        parts.append(f"{config.vcpus} vCPUs")
+    if config.costs:
+        parts.append(f"{len(config.costs)} cost overrides")
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return " ".join(parts)
 
 
 def _trace_path(path: str | None, policy: str, n: int) -> str | None:
@@ -423,9 +517,11 @@ def _trace_path(path: str | None, policy: str, n: int) -> str | None:
 
 
 def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str] | None = None, seed: int = 0, *,
-          progress: Callable[[str, float], None] | None = None, jobs: int = 1) -> list[Result]:
+          progress: Callable[[str, float], None] | None = None, jobs: int = 1, scheduler: str | None = None,
+          runner: Runner | None = None) -> list[Result]:
     """:func:`compare` at each guest memory size, in order (results flattened: by memory,
-    then policy). ``jobs`` as in :func:`compare`, over all the runs of the sweep."""
+    then policy). ``jobs``, ``scheduler`` and ``runner`` as in :func:`compare`, over all the
+    runs of the sweep."""
     pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
     cfgs = []
     for mem in memories:
@@ -434,5 +530,132 @@ def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str]
         cfgs += [base.with_(policy=pol, trace=_trace_path(base.trace, tag.format(pol), 2),
                             timeline=_trace_path(base.timeline, tag.format(pol), 2),
                             gantt=_trace_path(base.gantt, tag.format(pol), 2)) for pol in pols]
-    return _run_all(cfgs, seed, progress, jobs)
+    return run_many(cfgs, seed, progress=progress, labels=[f"{format_size(c.memory)} {c.policy}" for c in cfgs],  # type: ignore[arg-type]
+                    jobs=jobs, scheduler=scheduler, runner=runner)
 
+
+#: Config fields a grid may not vary (each run's own; set them on the base config).
+_NOT_GRID = frozenset({"options", "costs", "cost_file", "trace", "policy", "timeline", "gantt", "trace_events"})
+
+
+def grid_fields() -> tuple[str, ...]:
+    """The :class:`Config` fields :func:`sweep_grid` can vary (``policy`` is given separately)."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.name not in _NOT_GRID)
+
+
+def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Config]:
+    """Every combination of ``grid``'s values applied to ``config`` (the last key varies
+    fastest), each validated.
+
+    Raises:
+        ValueError: an unknown field (the message lists :func:`grid_fields`), an empty list
+            or a repeated value, or a combination :class:`Config` rejects (named).
+    """
+    fields = grid_fields()
+    for key, values in grid.items():
+        if key not in fields:
+            raise ValueError(f"grid key {key!r} is not one of {', '.join(fields)}")
+        if not values:
+            raise ValueError(f"grid key {key!r} has no values")
+        if len(set(map(str, values))) != len(values):
+            raise ValueError(f"grid key {key!r} repeats a value: {', '.join(map(str, values))}")
+    out = []
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        changes = dict(zip(keys, combo))
+        try:
+            out.append(config.with_(**changes))
+        except (ValueError, TypeError) as exc:
+            where = " ".join(f"{k}={v}" for k, v in changes.items())
+            raise ValueError(f"grid point {where}: {exc}") from None
+    return out
+
+
+def sweep_grid(config: Config, grid: Mapping[str, Sequence[Any]], policies: Sequence[str] | None = None,
+               seed: int = 0, *, progress: Callable[[str, float], None] | None = None, jobs: int = 1,
+               scheduler: str | None = None, runner: Runner | None = None) -> list[Result]:
+    """Every policy at every point of ``grid`` (``{"memory": ["16G", "64G"], "vcpus": [1, 8]}``;
+    keys from :func:`grid_fields`), same seed; results by grid point, then policy.
+    ``policies`` default to the platform's (at each point). :func:`to_frame` tabulates them.
+    ``jobs``, ``scheduler`` and ``runner`` as in :func:`compare`.
+
+    Raises:
+        ValueError: as :func:`grid_configs`, or a policy a grid point's platform refuses.
+    """
+    cfgs = []
+    for point in grid_configs(config, grid):
+        pols = list(policies) if policies else list(PLATFORM_POLICIES[point.platform])
+        for pol in pols:
+            try:
+                cfgs.append(point.with_(policy=pol, trace=None))
+            except ValueError as exc:
+                raise ValueError(f"grid point {describe(point)}: {exc}") from None
+    return run_many(cfgs, seed, progress=progress, labels=[describe(c) for c in cfgs], jobs=jobs,
+                    scheduler=scheduler, runner=runner)
+
+
+def to_frame(results: Sequence[Result]) -> Any:
+    """The tidy table of ``results``: one ``pandas.DataFrame`` row per result, with the
+    configuration (``platform``, ``memory``, ``workload``, ``options``, ``policy``, ``vcpus``,
+    ...), ``seed``, ``cost_fingerprint`` and every metric of :meth:`Result.metrics` as
+    columns. Write it with :func:`pkvm.experiments.frames.write_frame`."""
+    return results_frame(results)
+
+
+def _counting_costs(config: Config) -> dict[str, object]:
+    costs: dict[str, object] = dict(config.costs)
+    for op, cost in config.cost_model().items():
+        costs[op] = 1
+        if cost.is_formula:
+            costs[f"{op}.slope"] = 0
+    return costs
+
+
+def count_run(config: Config, seed: int = 0) -> Ledger:
+    """Run ``config`` with every price at 1 ns (and every slope at 0), so that each
+    ``(actor, op)`` cell of modeled time is its count of events, and note the ``n`` (target
+    vCPUs, host CPUs) each formula cost was charged with: the operation counts that
+    :func:`pkvm.experiments.uncertainty.reprice` prices. ``exact`` is False if one formula
+    cost was charged with several ``n``."""
+    cfg = config.with_(costs=_counting_costs(config), trace=None)
+    wl = _workloads.get(cfg.workload)
+    opts = _workloads.parse_options(wl, cfg.options)
+    vm, ctx = _build(cfg, seed, None)
+    wl.run(ctx, **opts)
+    counts = {(a, op): ns for a, cells in vm.cost_by_actor().items() for op, ns in cells.items()}
+    n: dict[str, int] = {}
+    flush_n = sorted(vm._flush_ns)  # the target-vCPU counts remote flushes were priced at
+    exact = len(flush_n) <= 1
+    n["remote_tlb_flush"] = flush_n[0] if flush_n else max(vm.nr_vcpus, len(vm.vcpus))
+    snp = getattr(vm, "snp", None)
+    if snp is not None:
+        n["directmap_tlb_flush"] = snp.host_cpus
+    elif any(op == "directmap_tlb_flush" for _, op in counts):
+        exact = False
+    return Ledger(counts, n, exact)
+
+
+def run_metrics(config: Config, seed: int, costs: Mapping[str, Any]) -> dict[str, float]:
+    """:meth:`Result.metrics` (without wall time) of ``config`` run with ``costs`` overrides
+    added: one simulated sample of a sensitivity analysis."""
+    return run(config.with_(costs={**config.costs, **costs}, trace=None), seed).metrics(wall=False)
+
+
+_SIMULATION = Simulation(run=run, count=count_run, sample=run_metrics, describe=describe)
+
+
+def sensitivity(config: Config, policies: Sequence[str] | None = None, **kwargs: Any) -> SensitivityResult:
+    """Global sensitivity analysis: sample ``config``'s cost model over its price ranges, run
+    every policy (default: the platform's :data:`PLATFORM_POLICIES`) on each sample, and
+    return the distributions, the ranking's stability and the Sobol' indices (or a Morris
+    screen). Keyword arguments (``metric``, ``method``, ``samples``, ``seed``, ``ranges``,
+    ``vary``, ``dist``, ``evaluation``, ``jobs``, ``scheduler``, ``runner``, ``progress``,
+    ``keep_metrics``) are those of :func:`pkvm.experiments.uncertainty.analyse`; see
+    ``docs/sensitivity.md``.
+
+    Raises:
+        ValueError: bad arguments (named), an unknown metric or price, or a metric that
+            ``evaluation="reprice"`` cannot re-price.
+    """
+    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    return analyse(config, pols, _SIMULATION, **kwargs)

@@ -1,0 +1,219 @@
+"""One execution layer for every batch of runs: serial in-process, or on ``dask.distributed``.
+
+:func:`pkvm.experiments.compare`, :func:`~pkvm.experiments.sweep`,
+:func:`~pkvm.experiments.sweep_grid` and :func:`~pkvm.experiments.sensitivity` hand their
+runs to a :class:`Runner`. A run is a pure function of its arguments (a
+:class:`~pkvm.experiments.Config` and a seed), so where it runs cannot change what it returns:
+
+- ``Runner(jobs=1)`` with no scheduler runs the tasks one after another in this process (no
+  cluster to start; the progress callback sees each run's fraction done);
+- ``Runner(jobs=N)`` (N > 1) starts a ``distributed.LocalCluster`` of N worker processes
+  with one thread each, and closes it on exit;
+- ``Runner(scheduler="tcp://host:8786")`` connects to an existing cluster (the workers must
+  be able to import the same pkvm) and leaves it running on exit.
+
+On a cluster every task is submitted with one retry (a worker that dies or a task that fails
+is tried once more), and results come back in submission order. A task that fails twice
+stops the batch with :class:`RunError`, which names the task's configuration.
+
+>>> with Runner(jobs=1) as runner:
+...     runner.map(pow, [(2, 10), (3, 3)], ["a", "b"])
+[1024, 27]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+from pkvm.errors import PkvmError
+
+__all__ = ["CONNECT_TIMEOUT_S", "RunError", "Runner", "SchedulerUnreachableError"]
+
+#: Seconds to wait for an existing Dask scheduler to answer before giving up.
+CONNECT_TIMEOUT_S = 5.0
+
+
+class RunError(PkvmError):
+    """A task failed (on a cluster: twice, the retry included); the message names its
+    configuration and the original error, which is also the ``__cause__``."""
+
+
+class SchedulerUnreachableError(PkvmError, OSError):
+    """``--scheduler ADDRESS`` did not answer within :data:`CONNECT_TIMEOUT_S` seconds."""
+
+
+def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Worker side: run one chunk of tasks (module level, so that it pickles)."""
+    return [fn(*args) for args in batch]
+
+
+class Runner:
+    """Where a batch of runs executes: in this process, on a local cluster, or on a remote one.
+
+    Use it as a context manager; one runner can serve several batches (the CLI keeps one
+    cluster for every memory size of a sweep).
+
+    Args:
+        jobs: worker processes of the local cluster; 1 (and no ``scheduler``) runs serially
+            in this process.
+        scheduler: the address of an existing ``dask.distributed`` scheduler
+            (``tcp://host:8786``); ``jobs`` is then ignored.
+        connect_timeout: seconds to wait for ``scheduler``.
+
+    Raises:
+        ValueError: ``jobs`` is not a positive int, or ``scheduler`` is an empty string.
+        SchedulerUnreachableError: (on entry) the scheduler did not answer in time.
+    """
+
+    def __init__(self, jobs: int = 1, scheduler: str | None = None, *,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        if type(jobs) is not int or jobs < 1:
+            raise ValueError(f"jobs {jobs!r} must be a positive int")
+        if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
+            raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
+        self.jobs = jobs
+        self.scheduler = scheduler.strip() if scheduler is not None else None
+        self.connect_timeout = connect_timeout
+        self._client: Any = None
+        self._cluster: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        """True if tasks go to a ``dask.distributed`` cluster (not run in this process)."""
+        return self.scheduler is not None or self.jobs > 1
+
+    def describe(self) -> str:
+        """Where the tasks run, in a few words (for headers and docs)."""
+        if self.scheduler is not None:
+            return f"Dask cluster at {self.scheduler}"
+        if self.jobs > 1:
+            return f"local Dask cluster of {self.jobs} worker processes"
+        return "serially in-process"
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Runner:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Connect to the scheduler or start the local cluster (no-op when serial or started)."""
+        if not self.distributed or self._client is not None:
+            return
+        from distributed import Client, LocalCluster
+
+        if self.scheduler is not None:
+            try:
+                self._client = Client(self.scheduler, timeout=self.connect_timeout,
+                                      set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as exc:
+                detail = " ".join(str(exc).split()) or type(exc).__name__
+                raise SchedulerUnreachableError(
+                    f"--scheduler {self.scheduler}: no Dask scheduler answered within "
+                    f"{self.connect_timeout:g} s ({detail})") from None
+            return
+        with warnings.catch_warnings():  # start-up notices (slow scratch disk ...) are not results
+            warnings.simplefilter("ignore", UserWarning)
+            self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
+                                         dashboard_address=None, silence_logs=logging.CRITICAL)
+            self._client = Client(self._cluster, set_as_default=False)
+
+    def close(self) -> None:
+        """Disconnect; shut the local cluster down (an external cluster keeps running)."""
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+    # -- running ----------------------------------------------------------------------------
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
+            progress: Callable[[str, float], None] | None = None, *, pass_progress: bool = False,
+            chunksize: int = 1, names: Sequence[str] | None = None) -> list[Any]:
+        """``[fn(*args) for args in tasks]``, in order, wherever this runner runs them.
+
+        ``labels[i]`` names task ``i`` in progress reports, and ``names[i]`` (default: the label)
+        in errors: say which configuration it is. ``progress(label, fraction)``: serially, ``fn`` is called with
+        ``progress=`` a per-task callback when ``pass_progress``; every task reports 1.0 when it
+        is done. ``chunksize`` tasks travel to a worker together (for many short tasks).
+
+        Raises:
+            RunError: a task failed (retried once on a cluster); names its label.
+        """
+        if len(labels) != len(tasks) or (names is not None and len(names) != len(tasks)):
+            raise ValueError(f"{len(tasks)} tasks but {len(labels)} labels"
+                             + ("" if names is None else f" and {len(names)} names"))
+        if type(chunksize) is not int or chunksize < 1:
+            raise ValueError(f"chunksize {chunksize!r} must be a positive int")
+        if not self.distributed:
+            return self._map_serial(fn, tasks, labels, progress, pass_progress)
+        self.start()
+        return self._map_dask(fn, tasks, labels, progress, chunksize, list(names or labels))
+
+    @staticmethod
+    def _map_serial(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
+                    progress: Callable[[str, float], None] | None, pass_progress: bool) -> list[Any]:
+        out = []
+        for args, label in zip(tasks, labels):
+            if pass_progress and progress is not None:
+                out.append(fn(*args, progress=lambda f, _l=label: progress(_l, f)))
+            else:
+                out.append(fn(*args))
+            if progress is not None:
+                progress(label, 1.0)
+        return out
+
+    def _map_dask(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
+                  progress: Callable[[str, float], None] | None, chunksize: int,
+                  names: Sequence[str]) -> list[Any]:
+        from distributed import as_completed
+
+        client = self._client
+        nchunks = math.ceil(len(tasks) / chunksize)
+        chunks = [(i * chunksize, min(len(tasks), (i + 1) * chunksize)) for i in range(nchunks)]
+        futures = {}
+        for lo, hi in chunks:
+            fut = client.submit(_call_batch, fn, list(tasks[lo:hi]), retries=1, pure=False)
+            futures[fut] = (lo, hi)
+        results: list[Any] = [None] * len(tasks)
+        try:
+            for fut in as_completed(list(futures), loop=client.loop):
+                lo, hi = futures[fut]
+                if fut.status != "finished":
+                    exc = fut.exception()
+                    label = names[lo]
+                    if hi - lo > 1:
+                        bad = _first_failing(fn, tasks[lo:hi])
+                        label = (names[lo + bad] if bad is not None else
+                                 f"{names[lo]} (or one of the {hi - lo - 1} runs sent with it)")
+                    raise RunError(f"{label} failed on the cluster (tried twice): "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+                results[lo:hi] = fut.result()
+                if progress is not None:
+                    for label in labels[lo:hi]:
+                        progress(label, 1.0)
+        finally:
+            client.cancel(list(futures))
+        return results
+
+
+def _first_failing(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> int | None:
+    """Which task of a failed chunk fails (re-run locally, in order, to name it); None when
+    none does here (the worker itself died)."""
+    for i, args in enumerate(batch):
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - looking for the one that raised on the worker
+            return i
+    return None

@@ -1,0 +1,162 @@
+"""Tidy results: one ``pandas.DataFrame`` row per (configuration, policy, sample), and writing
+it to ``.parquet`` (pyarrow) or ``.csv`` without ever leaving a half-written file.
+
+Columns of :func:`results_frame`: the configuration (``platform``, ``memory`` in bytes,
+``memory_text``, ``workload``, ``options`` as ``k=v,...`` text, ``policy``, ``vcpus``,
+``shared_backing``, ``discard``, ``image``, ``cost_file``, ``costs`` as text, and any field
+:class:`pkvm.experiments.Config` gains later), ``seed``, ``cost_fingerprint``, ``pkvm_version``,
+then every metric of :meth:`pkvm.experiments.Result.metrics` under its dotted name
+(``modeled_ns``, ``counters.rmpupdate``, ``by_actor.vcpu0`` ...). A metric a run lacks (an
+actor that did nothing) is 0 there, since nothing was measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pkvm._units import format_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from pkvm.experiments import Config, Result
+
+__all__ = ["FRAME_FORMATS", "config_columns", "results_frame", "write_frame"]
+
+#: File extensions :func:`write_frame` writes.
+FRAME_FORMATS = (".parquet", ".csv")
+
+
+def _text(value: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in value.items())
+
+
+def config_columns(config: Config) -> dict[str, Any]:
+    """The configuration of one run as flat columns (mappings as ``k=v,...`` text; the
+    trace path is left out: it names a file, not a configuration)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name == "trace":
+            continue
+        v = getattr(config, f.name)
+        if isinstance(v, Mapping):
+            v = _text(v)
+        out[f.name] = v
+        if f.name == "memory":
+            out["memory_text"] = format_size(int(v))
+    return out
+
+
+def results_frame(results: Sequence[Result]) -> pd.DataFrame:
+    """One row per result (see the module docstring for the columns)."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        row = config_columns(r.config)
+        row.update(seed=r.seed, cost_fingerprint=r.cost_fingerprint, pkvm_version=r.version)
+        row.update(r.metrics())
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    metric_cols = [c for c in frame.columns if "." in c or c.endswith(("_ns", "_s"))]
+    frame[metric_cols] = frame[metric_cols].fillna(0)
+    return frame
+
+
+def check_frame_path(path: str) -> None:
+    """Refuse, before anything runs, a path :func:`write_frame` could not write.
+
+    Raises:
+        ValueError: the extension is not one of :data:`FRAME_FORMATS`, the directory does not
+            exist, or the path is a directory.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FRAME_FORMATS:
+        raise ValueError(f"--out {path}: write .parquet or .csv, not {ext or 'a file without an extension'}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path}: it is a directory")
+
+
+def write_frame(frame: pd.DataFrame, path: str) -> None:
+    """Write ``frame`` to ``path`` (``.parquet`` with pyarrow, or ``.csv``) atomically: into a
+    temporary file in the same directory, renamed over ``path`` only once it is complete, so
+    a failure leaves any previous file as it was and no partial one.
+
+    Raises:
+        ValueError: as :func:`check_frame_path`.
+        OSError: the file cannot be written.
+    """
+    check_frame_path(path)
+    ext = os.path.splitext(path)[1].lower()
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext, dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if ext == ".parquet":
+                frame.to_parquet(f, engine="pyarrow", index=False)
+            else:
+                f.write(frame.to_csv(index=False).encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) -> None:
+    """Small multiples of a grid sweep: ``metric`` against the first grid key with several
+    values (x axis; log scale for memory), one line per policy, one panel per combination of
+    the other keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varying = [k for k in keys if frame[k].nunique() > 1] or list(keys[:1])
+    xkey, facets = varying[0], varying[1:]
+    combos = list(itertools.product(*(list(dict.fromkeys(frame[k])) for k in facets))) or [()]
+    ncols = min(4, len(combos))
+    nrows = (len(combos) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.5, 2.9 * nrows + 0.6), squeeze=False,
+                             sharey=True, constrained_layout=True)
+    xs = list(dict.fromkeys(frame[xkey]))
+    numeric = all(isinstance(x, (int, float)) for x in xs)
+    markers = "os^Dv<>P"
+    for ax, combo in zip(axes.flat, combos):
+        sub = frame
+        for k, v in zip(facets, combo):
+            sub = sub[sub[k] == v]
+        for i, (pol, rows) in enumerate(sub.groupby("policy", sort=False)):
+            rows = rows.set_index(xkey).reindex(xs)
+            xvals = xs if numeric else list(range(len(xs)))
+            ax.plot(xvals, rows[metric].to_numpy(dtype=float), marker=markers[i % len(markers)], label=pol)
+        if numeric:
+            if xkey == "memory":
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [format_size(int(x)) for x in xs])
+            elif len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) > 10:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(x) for x in xs])
+        else:
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_title(", ".join(f"{k}={format_size(int(v)) if k == 'memory' else v}"
+                               for k, v in zip(facets, combo)) or metric, fontsize=9)
+        ax.set_xlabel(xkey)
+        ax.grid(alpha=0.3)
+        if sub[metric].min() > 0:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(combos):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=7, title="policy", title_fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""``pkvm sweep``, ``pkvm sensitivity`` and the execution options of ``pkvm compare``, run as
+``python -m pkvm`` through pipes: outputs, and one-line errors that leave nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import pkvm as _pkvm
+from pkvm.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def pkvm(*args, cwd=None):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_pkvm.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, COLUMNS="80", PYTHONPATH=path)  # this pkvm, from any directory
+    return subprocess.run([sys.executable, "-m", "pkvm", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=180, check=False)
+
+
+def ok(*args):
+    p = pkvm(*args)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    return p.stdout
+
+
+def test_sensitivity_writes_json_table_and_plot(tmp_path):
+    js, pq, png = tmp_path / "s.json", tmp_path / "s.parquet", tmp_path / "s.png"
+    out = ok("sensitivity", "--memory", "32M", "--samples", "64", "--policies", "fault-time,eager-post",
+             "--metric", "modeled_ns", "--json", str(js), "--out", str(pq), "--plot", str(png))
+    assert "metric modeled_ns · sobol, N=64" in out and "re-priced (exact" in out
+    assert "ranking: fraction of samples" in out and "Sobol' indices" in out
+    assert "directmap_tlb_flush" in out and "log-uniform" in out
+    d = json.loads(js.read_text())
+    assert d["evaluation"] == "re-priced" and d["metric"] == "modeled_ns"
+    assert {r["policy"] for r in d["summary"]} == {"fault-time", "eager-post"}
+    frame = pd.read_parquet(pq)
+    assert len(frame) == 2 * d["evaluations"]
+    assert {"policy", "sample", "seed", "price.rmpupdate", "modeled_ns", "by_actor.vcpu0", "memory"} <= set(frame.columns)
+    assert png.read_bytes().startswith(PNG)
+
+
+def test_sensitivity_of_a_simulated_metric_says_so(tmp_path):
+    out = ok("sensitivity", "--memory", "16M", "--policies", "eager-locked", "--samples", "2",
+             "--metric", "counters.mmu_lock_held_ns", "--vary", "rmpupdate", "--out", str(tmp_path / "s.csv"))
+    assert "simulated per sample" in out
+    assert "note: counters.mmu_lock_held_ns is not a sum of counts times prices" in out
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 2 * (1 + 2)
+
+
+@pytest.mark.parametrize(("args", "status", "message"), [
+    (["--samples", "0"], 2, "argument --samples: '0' is not a positive integer"),
+    (["--range", "rmpupdate=2us..200ns"], 2, "--range: range rmpupdate=2 µs..200 ns: low is above high"),
+    (["--range", "bogus=1..2"], 2, "--range: unknown cost operation 'bogus'"),
+    (["--vary", "rmpupdat"], 2, "--vary: unknown cost operation 'rmpupdat'; did you mean rmpupdate?"),
+    (["--metric", "modeled"], 2, "--metric: metric 'modeled' is not measured by these runs; did you mean modeled_ns"),
+    (["--method", "morris", "--samples", "1"], 2, "--samples 1: morris needs at least 2 trajectories"),
+    (["--out", "OUT.txt"], 2, "--out OUT.txt: write .parquet or .csv, not .txt"),
+    (["--scheduler", "tcp://127.0.0.1:9"], 1, "--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 5 s"),
+])
+def test_sensitivity_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, status, message):
+    monkeypatch.chdir(tmp_path)
+    outs = ["--json", "s.json", "--plot", "s.png"] + ([] if "--out" in args else ["--out", "s.parquet"])
+    assert main(["sensitivity", "--memory", "16M", "--samples", "8", *args, *outs]) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pkvm: error: ")
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
+    pq, png = tmp_path / "g.parquet", tmp_path / "g.png"
+    out = ok("sweep", "--grid", "memory=16M,32M", "vcpus=1,2", "--policies", "fault-time,eager-post",
+             "--out", str(pq), "--plot", str(png))
+    lines = out.splitlines()
+    assert lines[1].split() == ["memory", "vcpus", "policy", "critical_path_ns"]  # the default metric
+    assert [ln.split()[:3] for ln in lines[2:4]] == [["16M", "1", "fault-time"], ["16M", "1", "eager-post"]]
+    frame = pd.read_parquet(pq)
+    assert len(frame) == 8 and frame["vcpus"].tolist()[:4] == [1, 1, 2, 2]
+    assert png.read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--grid", "colour=red"], "--grid colour=red: 'colour' is not one of"),
+    (["--grid", "memory=16M,16M"], "--grid: grid key 'memory' repeats a value"),
+    (["--grid", "vcpus=1,x"], "--grid vcpus=1,x: 'x' is not an integer"),
+    (["--grid", "memory=3M"], "--grid: grid point memory=3M: memory '3M' must be a multiple of 2M"),
+    (["--grid", "vcpus=1", "vcpus=2"], "--grid gives vcpus twice"),
+    (["--grid", "vcpus=1", "--metric", "nope"], "--metric nope: not measured by these runs"),
+])
+def test_sweep_bad_grid(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--memory", "16M", *args, "--out", "g.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_out_and_local_cluster(tmp_path):
+    """compare --jobs 2 (a local Dask cluster) gives the serial JSON, and --out the tidy rows."""
+    one, two, csv = tmp_path / "1.json", tmp_path / "2.json", tmp_path / "c.csv"
+    ok("compare", "--memory", "32M", "--policies", "fault-time,eager-post", "--json", str(one), "--out", str(csv))
+    ok("compare", "--memory", "32M", "--policies", "fault-time,eager-post", "--jobs", "2", "--json", str(two))
+    a, b = (json.loads(p.read_text())["results"] for p in (one, two))
+    assert [(r["counters"], r["by_actor_op"], r["modeled_ns"]) for r in a] == [
+        (r["counters"], r["by_actor_op"], r["modeled_ns"]) for r in b]
+    frame = pd.read_csv(csv)
+    assert frame["policy"].tolist() == ["fault-time", "eager-post"]
+    assert frame["modeled_ns"].tolist() == [r["modeled_ns"] for r in a]
+
+
+def test_compare_unreachable_scheduler_exits_1(tmp_path):
+    p = pkvm("compare", "--memory", "16M", "--scheduler", "tcp://127.0.0.1:9", "--json", "x.json", cwd=tmp_path)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "no Dask scheduler answered within 5 s" in p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sensitivity_defaults_to_the_critical_path_and_simulates_it():
+    """With the timeline, runs measure critical_path_ns: the default metric, which is not a sum of
+    counts times prices, so every sample is simulated and the output says so."""
+    out = ok("sensitivity", "--memory", "16M", "--samples", "8", "--policies", "fault-time,eager-post")
+    assert "metric critical_path_ns" in out
+    assert "critical_path_ns is not a sum of counts times prices, so every sample was simulated" in out

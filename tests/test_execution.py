@@ -1,0 +1,105 @@
+"""The execution layer (pkvm.experiments.execution): a Dask LocalCluster gives exactly what a serial run
+gives, a failing task is named with its configuration, an unreachable scheduler is one error."""
+
+import time
+
+import pytest
+
+from pkvm import experiments as E
+from pkvm.experiments.execution import RunError, Runner, SchedulerUnreachableError
+
+SMALL = E.Config(memory="32M", workload="swiotlb", options={"ops": "30"})
+POLICIES = ["fault-time", "eager-post"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One 2-worker LocalCluster for the module (starting one costs a few seconds)."""
+    with Runner(jobs=2) as runner:
+        yield runner
+
+
+def _same(a, b):
+    """Everything a run measured but the simulator's own wall time, and its full record."""
+    def strip(d):
+        d = dict(d)
+        for k in ("wall_s", "gfns_per_s", "row"):
+            d.pop(k, None)
+        d["phases"] = [{k: v for k, v in p.items() if k != "wall_s"} for p in d["phases"]]
+        return d
+
+    return a.metrics(wall=False) == b.metrics(wall=False) and strip(a.to_dict()) == strip(b.to_dict())
+
+
+def test_local_cluster_equals_serial_bit_for_bit(cluster):
+    serial = E.sweep(SMALL, ["32M", "64M"], POLICIES, seed=4)
+    seen = []
+    farmed = E.sweep(SMALL, ["32M", "64M"], POLICIES, seed=4, runner=cluster,
+                     progress=lambda label, f: seen.append((label, f)))
+    assert [(r.config, r.seed) for r in farmed] == [(r.config, r.seed) for r in serial]
+    assert all(_same(a, b) for a, b in zip(serial, farmed))
+    assert sorted(seen) == sorted((f"{m} {p}", 1.0) for m in ("32M", "64M") for p in POLICIES)
+
+
+def test_grid_on_the_cluster_equals_serial_and_tabulates(cluster):
+    grid = {"memory": ["32M", "64M"], "vcpus": [1, 2]}
+    serial = E.sweep_grid(SMALL, grid, POLICIES, seed=2)
+    farmed = E.sweep_grid(SMALL, grid, POLICIES, seed=2, runner=cluster)
+    assert all(_same(a, b) for a, b in zip(serial, farmed))
+    frame = E.to_frame(farmed)
+    assert len(frame) == 8
+    assert list(frame[["memory", "vcpus", "policy"]].itertuples(index=False, name=None))[:3] == [
+        (32 << 20, 1, "fault-time"), (32 << 20, 1, "eager-post"), (32 << 20, 2, "fault-time")]
+    assert (frame["modeled_ns"] == [r.modeled_ns for r in serial]).all()
+
+
+def test_a_failing_task_is_retried_then_named(cluster):
+    """A run that raises on the worker (twice: it is deterministic) stops the batch with an
+    error that names the run."""
+    with pytest.raises(RunError, match=r"second run failed on the cluster \(tried twice\): ValueError: seed -1"):
+        cluster.map(E.run, [(SMALL, 0), (SMALL, -1)], ["first run", "second run"])
+
+
+def test_a_failing_run_is_named_with_its_configuration(cluster):
+    """compare labels its runs by policy for the progress bar; an error names the whole config."""
+    bad = SMALL.with_(workload="replay", options={"file": "/nonexistent/boom"})
+    with pytest.raises(RunError, match=r"^snp 32M replay (fault-time|eager-post) file=/nonexistent/boom seed 0 "
+                                       r"failed on the cluster \(tried twice\): ValueError: replay file "
+                                       r"'/nonexistent/boom' does not exist$"):
+        E.compare(bad, POLICIES, runner=cluster)
+
+
+def test_a_failing_task_in_a_chunk_is_named(cluster):
+    with pytest.raises(RunError, match=r"^c failed on the cluster"):
+        cluster.map(E.run, [(SMALL, 0), (SMALL, 1), (SMALL, -1)], ["a", "b", "c"], chunksize=3)
+
+
+def test_serial_runner_reports_fractions_and_keeps_order():
+    seen = []
+    with Runner() as runner:
+        assert not runner.distributed and runner.describe() == "serially in-process"
+        out = runner.map(pow, [(2, 5), (3, 2)], ["x", "y"], lambda label, f: seen.append((label, f)))
+    assert out == [32, 9]
+    assert seen == [("x", 1.0), ("y", 1.0)]
+
+
+def test_unreachable_scheduler_is_one_error_within_the_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnreachableError, match=r"--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 1 s"):
+        Runner(scheduler="tcp://127.0.0.1:9", connect_timeout=1).start()
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"jobs": 0}, "jobs 0 must be a positive int"),
+    ({"jobs": 2.0}, "jobs 2.0 must be a positive int"),
+    ({"scheduler": " "}, "scheduler ' ' must be an address"),
+])
+def test_bad_runner_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Runner(**kwargs)
+
+
+def test_compare_refuses_bad_jobs_before_running():
+    with pytest.raises(ValueError, match="jobs 0 must be a positive int"):
+        E.compare(SMALL, jobs=0)
