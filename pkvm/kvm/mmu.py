@@ -48,7 +48,8 @@ from pkvm.constants import (
 from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import decode_delta, encode_delta
-from pkvm.kvm.fault import PageFault, memory_fault_exit
+from pkvm.kvm.fault import PageFault as PageFault  # re-exported: the fault-phase API
+from pkvm.kvm.fault import memory_fault_exit
 from pkvm.kvm.gmem import kvm_gmem_get_pfn
 
 if TYPE_CHECKING:  # pragma: no cover
