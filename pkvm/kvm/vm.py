@@ -335,7 +335,7 @@ class VM:
         cur = self._actor
         if actor is None or actor == cur:
             return self._actor_tot[cur] + self._modeled_ns - self._actor_mark
-        tot = self._actor_tot.get(actor)  # type: ignore[arg-type]
+        tot = self._actor_tot.get(actor)
         if tot is None:
             self._check_actor(actor)
             return 0
