@@ -36,11 +36,13 @@ from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
 from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription
-from pkvm.kvm.exits import GuestOpResult, Hypercall
+from pkvm.kvm.exits import ConversionResult, ExitResult, GuestOpResult, Hypercall
+from pkvm.kvm.fault import PageFault
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.mmu import AccessResult, FaultResult
 from pkvm.kvm.policy import Policy
 from pkvm.kvm.vm import ATTR_PHASES, VM, AttrIoctl, Memslot, Vcpu
+from pkvm.platforms._snp_vcpu import PscDesc, PscEntry
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INPUT,
     PSMASH_FAIL_INUSE,
@@ -69,11 +71,13 @@ __all__ = [
     "ATTR_PHASES",
     "AccessResult",
     "AttrIoctl",
+    "ConversionResult",
     "CostModel",
     "DirectMap",
     "DIRECTMAP_POLICIES",
     "Event",
     "EVENT_KINDS",
+    "ExitResult",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "FaultResult",
@@ -102,12 +106,15 @@ __all__ = [
     "KVM_X86_TDX_VM",
     "KvmError",
     "Memslot",
+    "PageFault",
     "PG_LEVEL_1G",
     "PG_LEVEL_2M",
     "PG_LEVEL_4K",
     "PkvmError",
     "PlatformRegistrationError",
     "Policy",
+    "PscDesc",
+    "PscEntry",
     "PSMASH_FAIL_INPUT",
     "PSMASH_FAIL_INUSE",
     "PSMASH_FAIL_PERMISSION",

@@ -1,5 +1,8 @@
 # cython: language_level=3
-"""C-level declarations of pkvm's typed core, for other Cython code to ``cimport``.
+"""C-level declarations of pkvm's typed core (private: the layout may change in any release).
+
+Other Cython code should ``cimport`` the stable public API from ``pkvm.core`` instead (see
+``pkvm/core.pxd`` and ``docs/embedding.md``); this file is what ``_core.pyx`` itself needs.
 
 ``RangeMap`` is a B+tree of coalesced half-open runs ``[start, end)`` of ``uint64`` keys with
 ``uint64`` values. Only runs whose value differs from the map's default are stored. Every leaf
@@ -55,6 +58,19 @@ cdef struct Run:
     uint64_t value              # the run's value (may equal the default for gaps)
 
 
+cdef struct RunCursor:
+    # A walk over the stored runs of a window, leaf to leaf (public: ``pkvm.core``).
+    uint64_t start              # the current run, clipped to the window (valid after a 1)
+    uint64_t end
+    uint64_t value
+    # private to pkvm: where the walk is and what it walks
+    void *leaf                  # Leaf* of the current run; NULL once the walk is over
+    int index                   # the run's index in that leaf
+    uint64_t stop               # end of the window (exclusive)
+    uint64_t version            # the map's version when ``leaf`` was read
+    void *owner                 # the map walked (borrowed)
+
+
 cdef struct Builder:
     # Streams sorted runs into new, full leaves (RangeMap's merge and bulk-load paths).
     void **leaves               # leaves built so far, in key order (grown by doubling)
@@ -81,6 +97,7 @@ cdef class RangeMap:
     cdef int inner_cap              # children per inner node (INNER_CAP, smaller only for tests)
     cdef int bulk_readers           # get_many calls running without the GIL
     cdef bint bulk_writer           # an assign_many running without the GIL
+    cdef uint64_t version           # bumped by every change of the tree (cursors re-descend)
     # free pools of spare nodes: reserve-then-commit keeps MemoryError from half-applying
     cdef Leaf *pool_leaves          # linked through Leaf.next
     cdef Inner *pool_inner          # linked through Inner.children[0]
@@ -131,5 +148,23 @@ cdef class RangeMap:
     cdef int _bulk_load(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
                         Py_ssize_t n) except -1 nogil
     cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1
+
+
+# -- the public C API (re-exported by pkvm/core.pxd; documented in docs/embedding.md) ---------
+cdef int rangemap_assign(RangeMap m, uint64_t start, uint64_t end,
+                         uint64_t value) except -1 nogil
+cdef uint64_t rangemap_get(RangeMap m, uint64_t key) noexcept nogil
+cdef int rangemap_find_ne(RangeMap m, uint64_t start, uint64_t end, uint64_t value,
+                          uint64_t *found) except -1 nogil
+cdef int rangemap_run_at(RangeMap m, uint64_t key, Run *out) except -1 nogil
+cdef uint64_t rangemap_default(RangeMap m) noexcept nogil
+cdef Py_ssize_t rangemap_count(RangeMap m) noexcept nogil
+cdef int rangemap_cursor_init(RangeMap m, RunCursor *cur, uint64_t start,
+                              uint64_t end) except -1 nogil
+cdef int rangemap_cursor_next(RangeMap m, RunCursor *cur) except -1 nogil
+cdef int rangemap_assign_array(RangeMap m, const uint64_t *starts, const uint64_t *ends,
+                               const uint64_t *values, Py_ssize_t n) except -1
+cdef int rangemap_get_array(RangeMap m, const uint64_t *keys, uint64_t *out,
+                            Py_ssize_t n) except -1
 
 include "_rmp_decl.pxi"

@@ -12,6 +12,7 @@ from typing_extensions import disjoint_base
 
 UINT64_MAX: int
 __test__: dict[str, str]
+__pyx_capi__: dict[str, object]  # capsules of the C API (pkvm/core.pxd, docs/embedding.md)
 
 @disjoint_base
 class RangeMap:

@@ -589,6 +589,7 @@ cdef class RangeMap:
 
     cdef void _reset(self) noexcept nogil:
         """Free every node and leave one empty root leaf (the pool must hold a leaf)."""
+        self.version += 1
         self._free_subtree(self.root, self.height)
         self.root = self._take_leaf()
         self.first_leaf = <Leaf*>self.root
@@ -977,6 +978,7 @@ cdef class RangeMap:
         cdef int a, b, k, m, n, j, delta
         cdef Run f, g
         cdef Run rep[3]
+        self.version += 1
         if s >= e:
             return 0
         self._reserve()
@@ -1188,6 +1190,7 @@ cdef class RangeMap:
         cdef Py_ssize_t made_inner = 0
         cdef Inner *nd
         cdef int height = 0, icap = self.inner_cap
+        self.version += 1
         while nlevel > 1:
             nnext = (nlevel + icap - 1) // icap
             per = nlevel // nnext
@@ -1416,8 +1419,6 @@ cdef class RangeMap:
             ValueError also for arrays that are not 1-D or differ in length.
         """
         cdef uint64_t sv
-        cdef Py_ssize_t *P
-        cdef bint ordered
         cdef const uint64_t[::1] S
         cdef const uint64_t[::1] E
         cdef const uint64_t[::1] V
@@ -1433,53 +1434,17 @@ cdef class RangeMap:
         if e_arr.shape[0] != n or v_arr.shape[0] != n:
             raise ValueError("starts, ends and values must have the same length "
                              f"({n}, {e_arr.shape[0]}, {v_arr.shape[0]})")
-        bad = np.flatnonzero(s_arr > e_arr)
-        if bad.size:
-            i = bad[0]
-            raise ValueError(f"starts[{i}] {int(s_arr[i]):#x} > ends[{i}] {int(e_arr[i]):#x}")
-        S = s_arr
-        E = e_arr
-        V = v_arr
-        _enter_write(self)
-        self.bulk_writer = True
-        try:
-            if n >= 64:
-                P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
-                if P == NULL:
-                    raise MemoryError("RangeMap.assign_many: out of memory")
-                try:
-                    with nogil:
-                        _radix_argsort(&S[0], n, P, NULL)
-                        ordered = _disjoint_in_order(&S[0], &E[0], P, n)
-                    if ordered and 4 * n >= self.count:
-                        # Many ranges: one merge pass with the stored runs, then a fresh tree.
-                        with nogil:
-                            self._assign_merged(&S[0], &E[0], &V[0], P, n)
-                    elif ordered:
-                        # Few ranges into a big map: same result as array order (no partial
-                        # overlaps), and consecutive descents share their cache-hot path.
-                        with nogil:
-                            for i in range(n):
-                                self._assign_c(S[P[i]], E[P[i]], V[P[i]])
-                    else:
-                        with nogil:
-                            for i in range(n):
-                                self._assign_c(S[i], E[i], V[i])
-                finally:
-                    free(P)
-            else:
-                with nogil:
-                    for i in range(n):
-                        self._assign_c(S[i], E[i], V[i])
-        finally:
-            self.bulk_writer = False
+        if n:
+            S = s_arr
+            E = e_arr
+            V = v_arr
+            rangemap_assign_array(self, &S[0], &E[0], &V[0], n)
 
     def get_many(self, keys):
         """The values of ``keys`` as a numpy ``uint64`` array (runs without the GIL).
 
-        Sorted keys are answered in one pass over the leaves. Unsorted keys are looked up in
-        groups whose descents advance level by level together, so the cache misses of a
-        group overlap instead of queueing behind each other.
+        Sorted keys are answered in one pass over the leaves. Unsorted keys are sorted once
+        (radix, O(n)), answered in key order and scattered back.
         """
         cdef const uint64_t[::1] K
         cdef uint64_t[::1] O
@@ -1491,38 +1456,7 @@ cdef class RangeMap:
             return out
         K = k_arr
         O = out
-        cdef bint sorted_keys = n < 2 or bool(np.all(k_arr[1:] >= k_arr[:n - 1]))
-        cdef Py_ssize_t i
-        cdef Py_ssize_t *P
-        cdef uint64_t *SK
-        cdef uint64_t *SO
-        _enter_read(self)
-        if sorted_keys or n < 64:
-            self.bulk_readers += 1
-            try:
-                with nogil:
-                    self._get_sorted(&K[0], &O[0], n)
-            finally:
-                self.bulk_readers -= 1
-            return out
-        # Random order: sort once (radix, O(n)), answer in key order, scatter back.
-        P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
-        SK = <uint64_t*>malloc(n * sizeof(uint64_t))
-        SO = <uint64_t*>malloc(n * sizeof(uint64_t))
-        self.bulk_readers += 1
-        try:
-            if P == NULL or SK == NULL or SO == NULL:
-                raise MemoryError("RangeMap.get_many: out of memory")
-            with nogil:
-                _radix_argsort(&K[0], n, P, SK)
-                self._get_sorted(SK, SO, n)
-                for i in range(n):
-                    O[P[i]] = SO[i]
-        finally:
-            self.bulk_readers -= 1
-            free(P)
-            free(SK)
-            free(SO)
+        rangemap_get_array(self, &K[0], &O[0], n)
         return out
 
     def clear(self):
@@ -1697,6 +1631,222 @@ cdef inline int _enter_write(RangeMap m) except -1:
     """Refuse to change a map that another thread is using in a GIL-free bulk call."""
     if m.bulk_writer or m.bulk_readers:
         raise RuntimeError("RangeMap is in use by a bulk call in another thread")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The public C API (declared in _core.pxd, re-exported by core.pxd; docs/embedding.md)
+# ---------------------------------------------------------------------------------------------
+
+cdef int _busy(RangeMap m, bint write) except -1 nogil:
+    with gil:
+        if write:
+            return _enter_write(m)
+        return _enter_read(m)
+
+
+cdef int _bad_range(uint64_t s, uint64_t e) except -1 nogil:
+    with gil:
+        raise ValueError(f"start {s:#x} > end {e:#x}")
+
+
+cdef int rangemap_assign(RangeMap m, uint64_t start, uint64_t end,
+                         uint64_t value) except -1 nogil:
+    """``m.assign(start, end, value)``: ValueError if ``start > end``, MemoryError; else 0."""
+    if start > end:
+        return _bad_range(start, end)
+    if m.bulk_writer or m.bulk_readers:
+        return _busy(m, True)
+    return m._assign_c(start, end, value)
+
+
+cdef uint64_t rangemap_get(RangeMap m, uint64_t key) noexcept nogil:
+    """``m.get(key)``."""
+    return m._get_c(key)
+
+
+cdef int rangemap_find_ne(RangeMap m, uint64_t start, uint64_t end, uint64_t value,
+                          uint64_t *found) except -1 nogil:
+    """1 and ``*found`` = the first key of ``[start, end)`` not ``value``; 0 if none."""
+    if start > end:
+        return _bad_range(start, end)
+    return m._find_ne_c(start, end, value, found)
+
+
+cdef int rangemap_run_at(RangeMap m, uint64_t key, Run *out) except -1 nogil:
+    """``*out`` = ``m.run_at(key)`` (gaps are runs of the default); OverflowError at 2**64-1."""
+    if key == U64_MAX:
+        with gil:
+            raise OverflowError(f"key out of range for run_at: {key:#x} (must be < 2**64 - 1)")
+    out[0] = m._run_at_c(key)
+    return 0
+
+
+cdef uint64_t rangemap_default(RangeMap m) noexcept nogil:
+    return m.dflt
+
+
+cdef Py_ssize_t rangemap_count(RangeMap m) noexcept nogil:
+    return m.count
+
+
+cdef inline int _cursor_load(RangeMap m, RunCursor *c, uint64_t lo) noexcept nogil:
+    """Point ``c`` at (leaf, index) or past it; 1 if a run of the window is there."""
+    cdef Leaf *lf = <Leaf*>c.leaf
+    cdef int i = c.index
+    while lf != NULL and i >= lf.n:
+        lf = lf.next
+        i = 0
+    if lf == NULL or lf.starts[i] >= c.stop:
+        c.leaf = NULL
+        return 0
+    c.leaf = lf
+    c.index = i
+    c.start = lf.starts[i] if lf.starts[i] > lo else lo
+    c.end = lf.ends[i] if lf.ends[i] < c.stop else c.stop
+    c.value = _val(lf, i)
+    return 1
+
+
+cdef int _cursor_seek(RangeMap m, RunCursor *c, uint64_t lo) noexcept nogil:
+    cdef Path path
+    cdef Leaf *lf = m._descend(lo, &path)
+    c.version = m.version
+    c.leaf = lf
+    c.index = _ub(lf.ends, lf.n, lo)
+    return _cursor_load(m, c, lo)
+
+
+cdef int rangemap_cursor_init(RangeMap m, RunCursor *cur, uint64_t start,
+                              uint64_t end) except -1 nogil:
+    """Start a walk over the stored runs meeting ``[start, end)``; 1 if ``cur`` holds one."""
+    if start > end:
+        return _bad_range(start, end)
+    cur.owner = <void*>m
+    cur.stop = end
+    cur.start = cur.end = start
+    cur.value = m.dflt
+    if start == end:
+        cur.leaf = NULL
+        cur.version = m.version
+        return 0
+    return _cursor_seek(m, cur, start)
+
+
+cdef int rangemap_cursor_next(RangeMap m, RunCursor *cur) except -1 nogil:
+    """Step to the next stored run; 1 if ``cur`` holds one, 0 once the walk is over.
+
+    A step reads the next slot of the current leaf (or the next leaf), without a descent. If
+    the map changed since the last step, the walk re-descends and continues after ``cur.end``
+    in the live map.
+    """
+    if cur.owner != <void*>m:
+        with gil:
+            raise ValueError("rangemap_cursor_next: the cursor walks another RangeMap")
+    if cur.leaf == NULL:
+        return 0
+    if cur.version != m.version:
+        return _cursor_seek(m, cur, cur.end) if cur.end < cur.stop else _cursor_end(cur)
+    cur.index += 1
+    return _cursor_load(m, cur, 0)
+
+
+cdef inline int _cursor_end(RunCursor *cur) noexcept nogil:
+    cur.leaf = NULL
+    return 0
+
+
+cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
+                               const uint64_t *V, Py_ssize_t n) except -1:
+    """``assign(S[i], E[i], V[i])`` for every ``i`` in order; validated before any change."""
+    cdef Py_ssize_t *P
+    cdef bint ordered
+    cdef Py_ssize_t i
+    for i in range(n):
+        if S[i] > E[i]:
+            raise ValueError(f"starts[{i}] {S[i]:#x} > ends[{i}] {E[i]:#x}")
+    _enter_write(m)
+    if n == 0:
+        return 0
+    m.bulk_writer = True
+    try:
+        if n >= 64:
+            P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+            if P == NULL:
+                raise MemoryError("RangeMap.assign_many: out of memory")
+            try:
+                with nogil:
+                    _radix_argsort(S, n, P, NULL)
+                    ordered = _disjoint_in_order(S, E, P, n)
+                if ordered and 4 * n >= m.count:
+                    # Many ranges: one merge pass with the stored runs, then a fresh tree.
+                    with nogil:
+                        m._assign_merged(S, E, V, P, n)
+                elif ordered:
+                    # Few ranges into a big map: same result as array order (no partial
+                    # overlaps), and consecutive descents share their cache-hot path.
+                    with nogil:
+                        for i in range(n):
+                            m._assign_c(S[P[i]], E[P[i]], V[P[i]])
+                else:
+                    with nogil:
+                        for i in range(n):
+                            m._assign_c(S[i], E[i], V[i])
+            finally:
+                free(P)
+        else:
+            with nogil:
+                for i in range(n):
+                    m._assign_c(S[i], E[i], V[i])
+    finally:
+        m.bulk_writer = False
+    return 0
+
+
+cdef int rangemap_get_array(RangeMap m, const uint64_t *K, uint64_t *O,
+                            Py_ssize_t n) except -1:
+    """``O[i] = get(K[i])`` for every ``i`` (runs without the GIL).
+
+    Sorted keys are answered in one pass over the leaves. Unsorted keys are sorted once
+    (radix, O(n)), answered in key order and scattered back.
+    """
+    cdef bint sorted_keys = True
+    cdef Py_ssize_t i
+    cdef Py_ssize_t *P
+    cdef uint64_t *SK
+    cdef uint64_t *SO
+    _enter_read(m)
+    if n == 0:
+        return 0
+    for i in range(1, n):
+        if K[i] < K[i - 1]:
+            sorted_keys = False
+            break
+    if sorted_keys or n < 64:
+        m.bulk_readers += 1
+        try:
+            with nogil:
+                m._get_sorted(K, O, n)
+        finally:
+            m.bulk_readers -= 1
+        return 0
+    P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+    SK = <uint64_t*>malloc(n * sizeof(uint64_t))
+    SO = <uint64_t*>malloc(n * sizeof(uint64_t))
+    m.bulk_readers += 1
+    try:
+        if P == NULL or SK == NULL or SO == NULL:
+            raise MemoryError("RangeMap.get_many: out of memory")
+        with nogil:
+            _radix_argsort(K, n, P, SK)
+            m._get_sorted(SK, SO, n)
+            for i in range(n):
+                O[P[i]] = SO[i]
+    finally:
+        m.bulk_readers -= 1
+        free(P)
+        free(SK)
+        free(SO)
     return 0
 
 

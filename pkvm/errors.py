@@ -23,6 +23,8 @@ class KvmError(PkvmError, OSError):
     (22, 'flags 0x1 are not 0')
     """
 
+    errno: int  # always set (OSError's may be None)
+
     def __init__(self, errno: int, message: str) -> None:
         super().__init__(errno, message)
 

@@ -33,6 +33,8 @@ PUBLIC_NAMES = {
     "Vmm", "__version__",
     # structured events (docs/events.md)
     "Event", "EVENT_KINDS", "Subscription",
+    # pkvm as a component (docs/embedding.md): results that say why, the fault and PSC objects
+    "ConversionResult", "ExitResult", "PageFault", "PscDesc", "PscEntry",
 }
 
 #: Pre-layout public module name -> the module it is now.

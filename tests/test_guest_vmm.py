@@ -190,11 +190,86 @@ def test_handle_exit_refuses_what_qemu_refuses():
     """Unknown hypercalls, memory faults with another errno or unknown flags stop the vCPU."""
     vm, vmm, gmem, guest = _sw()
     r = pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_HYPERCALL, hypercall=pkvm.Hypercall(9, (0, 0, 0)))
-    assert not vmm.handle_exit(guest.vcpu, r)
-    for err, flags in ((133, 0), (errno.EFAULT, 1)):  # 133: Linux EHWPOISON
+    a = vmm.handle_exit(guest.vcpu, r)
+    assert not a and (a.step, a.errno) == ("KVM_EXIT_HYPERCALL", errno.EINVAL) and "hypercall 9" in a.detail
+    for err, flags, why in ((133, 0, "errno 133"), (errno.EFAULT, 1, "unknown flags 0x1")):  # 133: EHWPOISON
         r = pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_MEMORY_FAULT, memory_fault=(0, 4096, flags), errno=err)
-        assert not vmm.handle_exit(guest.vcpu, r)
-    assert not vmm.handle_exit(guest.vcpu, pkvm.GuestOpResult("done"))
+        a = vmm.handle_exit(guest.vcpu, r)
+        assert not a and a.step == "KVM_EXIT_MEMORY_FAULT" and why in a.detail
+    a = vmm.handle_exit(guest.vcpu, pkvm.GuestOpResult("done"))
+    assert not a and a.step == "exit" and "not one the VMM answers" in a.detail
+    assert vm.get_memory_attributes(0) == PRIVATE and vmm.failed_conversions == 0  # nothing changed
+
+
+# -- results that say why ------------------------------------------------------------------------
+
+
+def test_conversion_results_name_the_failing_step():
+    """Guest.convert/accept return a ConversionResult: truthy on success; on failure the step,
+    the status the guest read, where, and the VMM's answer when the VMM failed a conversion."""
+    vm = pkvm.VM("snp", policy="6.19")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 8 * MiB)
+    vmm.launch()
+    guest = pkvm.Guest(vm, vmm)
+    ok = guest.accept(0, 2 * MiB)
+    assert ok and ok.ok and ok.step is None
+    # PVALIDATE of pages already validated: FAIL_NOUPDATE, with no kernel event to explain it.
+    r = guest.convert(0x1000, 0x3000, private=True)
+    assert not r and (r.step, r.status, r.gpa, r.errno, r.exit) == (
+        "PVALIDATE", pkvm.PVALIDATE_FAIL_NOUPDATE, 0x1000, 0, None)
+    assert "FAIL_NOUPDATE" in r.detail and vm.events == []
+    # A page-state change the VMM cannot carry out (no memslot): the guest reads the PSC error,
+    # and the result carries the VMM's errno and reason.
+    r = guest.convert(16 * MiB, 0x1000, private=True)
+    assert (r.ok, r.step, r.status, r.gpa, r.errno) == (False, "PSC", 0x100 << 32, 16 * MiB, errno.EINVAL)
+    assert r.exit.handled and r.exit.errno == errno.EINVAL and "in no memslot" in r.exit.detail
+    assert "VMGEXIT_PSC_ERROR_GENERIC" in r.detail and "in no memslot" in vmm.last_failure
+
+    vm, vmm, gmem, vcpu = td()
+    r = pkvm.Guest(vm, vmm).convert(16 * MiB, 0x1000, private=True)
+    assert (r.ok, r.step, r.status, r.errno) == (False, "MapGPA", 0x8000000000000000, errno.EINVAL)
+    assert "TDVMCALL_STATUS_INVALID_OPERAND" in r.detail
+
+    vm, vmm, gmem, guest = _sw()
+    r = guest.convert(16 * MiB, 0x1000, private=True)
+    assert (r.ok, r.step, r.status, r.errno) == (False, "KVM_HC_MAP_GPA_RANGE", -KVM_EINVAL & U64, errno.EINVAL)
+    assert "-EINVAL" in r.detail
+    assert guest.convert(0, 0x1000, private=False) and vm.get_memory_attributes(0) == 0
+
+
+def test_conversion_result_of_a_refused_exit():
+    """An exit the VMM refuses stops the guest: the result carries the VMM's answer."""
+
+    class Refusing(pkvm.Vmm):
+        def handle_exit(self, vcpu, result):
+            return pkvm.ExitResult(False, "KVM_HC_MAP_GPA_RANGE", result.exit_reason, errno.EPERM, "test VMM")
+
+    vm = pkvm.VM("sw_protected")
+    vmm = Refusing(vm)
+    vmm.add_ram(0, 2 * MiB)
+    guest = pkvm.Guest(vm, vmm)
+    r = guest.convert(0, 0x1000, private=False)
+    assert (r.ok, r.step, r.status, r.gpa, r.errno) == (False, "KVM_HC_MAP_GPA_RANGE", None, 0, errno.EPERM)
+    assert r.exit is guest.last_exit and r.exit.detail == "test VMM" and "refused: test VMM" in r.detail
+    assert vm.get_memory_attributes(0) == PRIVATE
+
+
+def test_flows_that_return_a_bool_still_say_it_failed():
+    """Third-party flows returning a bare bool: False becomes a failed result of step "flows"."""
+    vm, vmm, gmem, guest = _sw()
+
+    class Flows:
+        def convert(self, gpa, size, private):
+            return False
+
+        def accept(self, gpa, size, huge=True):
+            return True
+
+    guest.flows = Flows()
+    r = guest.convert(0, 0x1000, private=False)
+    assert (r.ok, r.step) == (False, "flows") and "without saying which step" in r.detail
+    assert guest.accept(0, 0x1000).ok
 
 
 def test_actor_argument_checks():

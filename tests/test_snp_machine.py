@@ -125,13 +125,13 @@ class SnpMachine(RuleBasedStateMachine):
     def convert(self, data, private):
         s, e = self._range(data)
         def model(vm, vmm, guest, ref):
-            return guest.convert(s << 12, (e - s) << 12, private=private)
+            return bool(guest.convert(s << 12, (e - s) << 12, private=private))
 
         def refside(vm, vmm, guest, ref):
             f = guest.flows
             if private:
-                return f.page_state_change(s << 12, (e - s) << 12, True) and self._pval_ref(guest, s, e, True)
-            return self._pval_ref(guest, s, e, False) and f.page_state_change(s << 12, (e - s) << 12, False)
+                return bool(f.page_state_change(s << 12, (e - s) << 12, True)) and self._pval_ref(guest, s, e, True)
+            return self._pval_ref(guest, s, e, False) and bool(f.page_state_change(s << 12, (e - s) << 12, False))
 
         self._each(model, refside)
 
@@ -140,10 +140,10 @@ class SnpMachine(RuleBasedStateMachine):
         s, e = self._range(data)
 
         def model(vm, vmm, guest, ref):
-            return guest.accept(s << 12, (e - s) << 12)
+            return bool(guest.accept(s << 12, (e - s) << 12))
 
         def refside(vm, vmm, guest, ref):
-            return guest.flows.page_state_change(s << 12, (e - s) << 12, True) and self._pval_ref(guest, s, e, True)
+            return bool(guest.flows.page_state_change(s << 12, (e - s) << 12, True)) and self._pval_ref(guest, s, e, True)
 
         self._each(model, refside)
 

@@ -202,7 +202,7 @@ def test_lazy_accept_bulk_matches_instruction_by_instruction(start, npages):
     vcpu.page_fault(0x11000, private=True)
     ref.page_fault(0x11, True, True)
     got = pkvm.Guest(vm, vmm).accept(start << 12, npages << 12)
-    assert got == ref.accept_memory(start << 12, (start + npages) << 12)
+    assert bool(got) == ref.accept_memory(start << 12, (start + npages) << 12)
     assert vm.stats == ref.stats and vm.cost_breakdown() == ref.cost
     assert {g: (s, lvl) for a, b, s, lvl in vm.sept.runs() for g in range(a, b)} == ref.sept
 

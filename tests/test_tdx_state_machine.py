@@ -256,7 +256,7 @@ class TdxMachine(RuleBasedStateMachine):
     def lazy_accept(self, data):
         """The Linux guest's tdx_accept_memory over a range (bulk vs TDCALL by TDCALL)."""
         start, n = self._range(data)
-        res = both(lambda: self.guest.accept(start << 12, n << 12),
+        res = both(lambda: bool(self.guest.accept(start << 12, n << 12)),
                    lambda: self.ref.accept_memory(start << 12, (start + n) << 12))
         self.vcpu._resume = None  # a TDCALL stuck in an exit the VMM refused is dropped
         if res:
@@ -268,7 +268,7 @@ class TdxMachine(RuleBasedStateMachine):
         """set_memory_encrypted/decrypted: MapGPA (answered by the VMM), then accept."""
         start, n = self._range(data, 1500)
         self.vcpu.pending_interrupts = self.ref.pending_interrupts = interrupts
-        res = both(lambda: self.guest.convert(start << 12, n << 12, private=private),
+        res = both(lambda: bool(self.guest.convert(start << 12, n << 12, private=private)),
                    lambda: self.ref.guest_convert(start << 12, n << 12, private))
         self.vcpu._resume = None
         if res:

@@ -27,6 +27,7 @@ handled in O(1)); TDX's ``_accept_bulk`` is the example.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Protocol
 
 from pkvm.actors.vmm import Vmm
@@ -38,6 +39,7 @@ from pkvm.constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
+from pkvm.kvm.exits import CONVERTED, ConversionResult, ExitResult, step_failed
 from pkvm.kvm.mmu import AccessResult
 from pkvm.kvm.vm import VM, Vcpu
 
@@ -46,13 +48,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class GuestFlows(Protocol):
-    """The per-platform part of a Linux guest (``PlatformOps.guest_flows(guest)``)."""
+    """The per-platform part of a Linux guest (``PlatformOps.guest_flows(guest)``).
 
-    def convert(self, gpa: int, size: int, private: bool) -> bool:
-        """Convert ``[gpa, gpa + size)`` (alias-free) to private or shared; True on success."""
+    Both methods return a :class:`pkvm.ConversionResult` naming the step that failed (a plain
+    bool is accepted too, and reported as a failure of step ``"flows"``)."""
 
-    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
-        """Accept the unaccepted private memory ``[gpa, gpa + size)``; True on success.
+    def convert(self, gpa: int, size: int, private: bool) -> ConversionResult | bool:
+        """Convert ``[gpa, gpa + size)`` (alias-free) to private or shared."""
+
+    def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult | bool:
+        """Accept the unaccepted private memory ``[gpa, gpa + size)``.
         ``huge=False``: 4K units only (where the platform's guest has such a mode)."""
 
 
@@ -62,14 +67,18 @@ class HypercallGuestFlows:
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
 
-    def convert(self, gpa: int, size: int, private: bool) -> bool:
+    def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
         g = self.guest
         r = g.execute(g.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, size >> PAGE_SHIFT, attrs))
-        return r.ret == "done" and r.status == 0
+        if r.ret == "done" and r.status == 0:
+            return CONVERTED
+        status = r.status or 0
+        why = f"-{errno.errorcode.get((1 << 64) - status, '?')}" if status >> 63 else ""
+        return step_failed("KVM_HC_MAP_GPA_RANGE", r, gpa, g.last_exit, why)
 
-    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
-        return True  # nothing to accept: no hardware validation state
+    def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
+        return CONVERTED  # nothing to accept: no hardware validation state
 
 
 class Guest:
@@ -81,7 +90,7 @@ class Guest:
     >>> vmm = pkvm.Vmm(vm)
     >>> _ = vmm.add_ram(0, 1 << 21)
     >>> guest = pkvm.Guest(vm, vmm)
-    >>> guest.convert(0x10000, 0x4000, private=False), vm.get_memory_attributes(0x10)
+    >>> bool(guest.convert(0x10000, 0x4000, private=False)), vm.get_memory_attributes(0x10)
     (True, 0)
     >>> guest.touch(0x10000, 0x4000, private=False).ret
     'done'
@@ -101,6 +110,9 @@ class Guest:
         self.actor = f"vcpu{self.vcpu.id}"
         flows = vm.platform.guest_flows(self)
         self.flows: GuestFlows = flows if flows else HypercallGuestFlows(self)
+        #: The VMM's answer, in the last :meth:`execute`, to the last exit that it refused or
+        #: that carried an errno (a conversion that failed); None if every exit went cleanly.
+        self.last_exit: ExitResult | None = None
 
     def __repr__(self) -> str:
         return f"<pkvm.Guest on vCPU {self.vcpu.id} of {self.vm!r}>"
@@ -109,11 +121,24 @@ class Guest:
         """Finish a guest instruction: while it exits, let the VMM answer and ``KVM_RUN``
         again. Returns the completion, or the exit the VMM could not answer."""
         r = result
+        self.last_exit = None
         while r.ret == "exit":
-            if not self.vmm.handle_exit(self.vcpu, r):
+            answer = self.vmm.handle_exit(self.vcpu, r)
+            if not answer or answer.errno:
+                self.last_exit = answer
+            if not answer:
                 return r
             r = self.vcpu.run()
         return r
+
+    @staticmethod
+    def _result(res: ConversionResult | bool) -> ConversionResult:
+        if isinstance(res, ConversionResult):
+            return res
+        if res:
+            return CONVERTED
+        return ConversionResult(False, "flows", detail="the platform's guest flows reported a failure "
+                                "without saying which step failed")
 
     @staticmethod
     def _range(gpa: int, size: int) -> None:
@@ -122,9 +147,10 @@ class Guest:
         if gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
             raise ValueError(f"[{gpa:#x}, +{size:#x}) must be a non-empty, 4 KiB aligned range")
 
-    def convert(self, gpa: int, size: int, *, private: bool) -> bool:
+    def convert(self, gpa: int, size: int, *, private: bool) -> ConversionResult:
         """Convert the alias-free range ``[gpa, gpa + size)`` to private or shared, as the
-        Linux guest does (the platform's flows). True on success.
+        Linux guest does (the platform's flows). The result is truthy on success; on failure
+        it names the step that failed, its status and where (:class:`pkvm.ConversionResult`).
 
         Raises:
             KvmError: EIO if the VM is (or becomes) dead.
@@ -136,14 +162,15 @@ class Guest:
         lat = sched.latency_begin() if sched is not None else None
         with vm.acting(self.actor):
             try:
-                return self.flows.convert(gpa, size, bool(private))
+                return self._result(self.flows.convert(gpa, size, bool(private)))
             finally:
                 if sched is not None:
                     sched.latency_end("conversion", lat)
 
-    def accept(self, gpa: int, size: int, *, huge: bool = True) -> bool:
-        """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). True on
-        success; a platform without acceptance has nothing to do. ``huge=False`` accepts in
+    def accept(self, gpa: int, size: int, *, huge: bool = True) -> ConversionResult:
+        """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). The result
+        is truthy on success, as for :meth:`convert`; a platform without acceptance has nothing
+        to do. ``huge=False`` accepts in
         4K units only (SNP: 4K page-state entries and PVALIDATEs; TDX has no such mode and
         raises ValueError).
 
@@ -153,7 +180,7 @@ class Guest:
         """
         self._range(gpa, size)
         with self.vm.acting(self.actor):
-            return self.flows.accept(gpa, size, bool(huge))
+            return self._result(self.flows.accept(gpa, size, bool(huge)))
 
     def touch(self, gpa: int, size: int = PAGE_SIZE, *, private: bool, write: bool = False) -> AccessResult:
         """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and

@@ -59,6 +59,7 @@ from pkvm.constants import (
     PAGE_SIZE,
 )
 from pkvm.errors import KvmError
+from pkvm.kvm.exits import ExitResult
 from pkvm.kvm.vm import VM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,6 +129,8 @@ class Vmm:
         self._next_hva = HVA_BASE
         self.conversions = 0
         self.failed_conversions = 0
+        #: Why the last failed :meth:`convert_memory` failed (one line; "" before any failure).
+        self.last_failure = ""
         flows = vm.platform.vmm_flows(self)
         self.flows: VmmFlows = flows if flows else _PlainLaunch(self)
 
@@ -199,11 +202,12 @@ class Vmm:
 
     # -- exits -----------------------------------------------------------------------------------
 
-    def handle_exit(self, vcpu: Vcpu, result: GuestOpResult | AccessResult | FaultResult) -> bool:
-        """Answer one exit to userspace (``kvm_cpu_exec``); return whether the vCPU may run on.
+    def handle_exit(self, vcpu: Vcpu, result: GuestOpResult | AccessResult | FaultResult) -> ExitResult:
+        """Answer one exit to userspace (``kvm_cpu_exec``); the :class:`pkvm.ExitResult` is
+        truthy iff the vCPU may run on, and says what was done or why it was refused.
 
         ``result`` is a :class:`pkvm.kvm.exits.GuestOpResult` or a :class:`pkvm.AccessResult` /
-        :class:`pkvm.FaultResult` with ``ret == "exit"``. After a True return the caller
+        :class:`pkvm.FaultResult` with ``ret == "exit"``. After a truthy return the caller
         resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
         """
         vm = self.vm
@@ -216,23 +220,42 @@ class Vmm:
                 if sched is not None:
                     sched.latency_end("exit", lat)
 
-    def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> bool:
+    def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> ExitResult:
         reason = result.exit_reason
         hc = getattr(result, "hypercall", None)
         if reason == KVM_EXIT_HYPERCALL and hc is not None:
             if hc.nr != KVM_HC_MAP_GPA_RANGE:
-                return False  # kvm_handle_hypercall: -EINVAL stops the vCPU
-            ret = self.convert_memory(hc.gpa, hc.size, bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED))
+                # kvm_handle_hypercall: -EINVAL stops the vCPU
+                return ExitResult(False, "KVM_EXIT_HYPERCALL", reason, errno.EINVAL,
+                                  f"hypercall {hc.nr} is not KVM_HC_MAP_GPA_RANGE: the vCPU stops")
+            private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
+            ret = self.convert_memory(hc.gpa, hc.size, private)
             hc.ret = ret & ((1 << 64) - 1)
-            return True
+            return ExitResult(True, "KVM_HC_MAP_GPA_RANGE", reason, -ret,
+                              self._converted(ret, hc.gpa, hc.size, private, " (the guest reads it)"))
         if reason == KVM_EXIT_MEMORY_FAULT and result.memory_fault is not None:
-            if result.errno != errno.EFAULT:
-                return False
             gpa, size, flags = result.memory_fault
+            if result.errno != errno.EFAULT:
+                err = result.errno or 0
+                return ExitResult(False, "KVM_EXIT_MEMORY_FAULT", reason, err,
+                                  f"memory fault at gpa {gpa:#x} with errno "
+                                  f"{errno.errorcode.get(err, err)}: fatal for the vCPU")
             if flags & ~KVM_MEMORY_EXIT_FLAG_PRIVATE:
-                return False
-            return self.convert_memory(gpa, size, bool(flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)) == 0
-        return False
+                return ExitResult(False, "KVM_EXIT_MEMORY_FAULT", reason, 0,
+                                  f"memory fault at gpa {gpa:#x} with unknown flags {flags:#x}")
+            private = bool(flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
+            ret = self.convert_memory(gpa, size, private)
+            return ExitResult(ret == 0, "KVM_EXIT_MEMORY_FAULT", reason, -ret,
+                              self._converted(ret, gpa, size, private, ": the vCPU stops"))
+        return ExitResult(False, "exit", reason, 0,
+                          f"exit reason {reason} ({result.ret}) is not one the VMM answers")
+
+    def _converted(self, ret: int, gpa: int, size: int, private: bool, fail: str) -> str:
+        where = f"[{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}"
+        if not ret:
+            return f"converted {where}"
+        return (f"converting {where} failed with {errno.errorcode.get(-ret, -ret)}: "
+                f"{self.last_failure}{fail}")
 
     def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
@@ -244,17 +267,19 @@ class Vmm:
         vm = self.vm
         self.conversions += 1
         if type(gpa) is not int or type(size) is not int or not size or (gpa | size) & (PAGE_SIZE - 1):
-            return self._failed(-errno.EINVAL)
+            return self._failed(-errno.EINVAL, "the range is not page-aligned and non-empty")
         start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
         slot = vm._slot_at(start)
         if slot is None:
-            return 0 if not to_private else self._failed(-errno.EINVAL)
+            if not to_private:
+                return 0
+            return self._failed(-errno.EINVAL, f"gpa {gpa:#x} is in no memslot")
         if slot.gmem is None:
-            return self._failed(-errno.EINVAL)
+            return self._failed(-errno.EINVAL, f"memslot {slot.id} has no guest_memfd")
         try:
             vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
         except KvmError as exc:
-            return self._failed(-(exc.errno or errno.EIO))
+            return self._failed(-exc.errno, f"KVM_SET_MEMORY_ATTRIBUTES: {exc}")
         self.gfns_converted += end - start
         if self.discard:
             for s, e, key in vm._slot_maps[0].ranges(start, end):
@@ -302,6 +327,7 @@ class Vmm:
                 self._punch(piece, s, e)
                 self._discard_shared(piece, s, e)
 
-    def _failed(self, ret: int) -> int:
+    def _failed(self, ret: int, why: str) -> int:
         self.failed_conversions += 1
+        self.last_failure = why
         return ret

@@ -819,7 +819,7 @@ class CostModel(Mapping[str, Cost]):
 def _check_profile(profile: object, host: object) -> None:
     if not isinstance(profile, str) or profile not in _table.PROFILE_HOSTS:
         raise ValueError(f"unknown cost profile {profile!r}; profiles are {', '.join(PROFILES)}")
-    hosts = _table.PROFILE_HOSTS[profile][0]  # type: ignore[index]
+    hosts = _table.PROFILE_HOSTS[profile][0]
     if host not in hosts:
         raise ValueError(f"profile {profile!r} runs on host {' or '.join(map(repr, hosts))}, "
                          f"not {host!r}")

@@ -430,13 +430,14 @@ def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str,
 
 def _write_timeline_outputs(config: Config, tl: Any) -> None:
     meta = {"pkvm_version": version(), "platform": config.platform, "policy": config.policy,
-            "memory": format_size(config.memory), "workload": config.workload, "vcpus": config.vcpus,
+            "memory": format_size(config.memory),  # type: ignore[arg-type]  # an int after __post_init__
+            "workload": config.workload, "vcpus": config.vcpus,
             "host_cpus": config.host_cpus}
     if config.timeline:
         write_chrome_trace(tl.recorder, config.timeline, metadata=meta)
     if config.gantt:
         plot_gantt(tl.recorder, config.gantt, title=f"{config.policy}: {config.workload} "
-                   f"{format_size(config.memory)}, {config.vcpus} vCPU(s)")
+                   f"{format_size(config.memory)}, {config.vcpus} vCPU(s)")  # type: ignore[arg-type]
 
 
 def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:

@@ -52,6 +52,7 @@ from pkvm._core import RangeMap
 from pkvm._units import format_size, parse_size
 from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
 from pkvm.errors import KvmError
+from pkvm.kvm.exits import ConversionResult
 from pkvm.experiments.replay import replay_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -342,10 +343,12 @@ class Context:
         self._require(r.ret == "done", f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
         self.gfns_accessed += size >> PAGE_SHIFT
 
-    def _require(self, ok: bool, what: str) -> None:
+    def _require(self, ok: bool | ConversionResult, what: str) -> None:
         if not ok:
             vm = self.vm
-            if vm.events:
+            if isinstance(ok, ConversionResult) and ok.detail:
+                why = ok.detail
+            elif vm.events:
                 why = f"{vm.events[-1][0]}: {vm.events[-1][1]}"
             else:
                 why = (f"the {vm.platform.name} guest's flow got a failure status from KVM or the VMM "

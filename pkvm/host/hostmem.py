@@ -130,7 +130,7 @@ class HostMemory:
             return []
         cursors, cpu = self._cpu_cursors, self.cpu
         if cursors is not None and cpu in cursors:
-            shared, self._cursor = self._cursor, cursors[cpu]  # type: ignore[index]
+            shared, self._cursor = self._cursor, cursors[cpu]
             try:
                 plan = self._plan(n_units, order)
             finally:
@@ -143,7 +143,7 @@ class HostMemory:
             self._used.assign(pfn, pfn + n, 1)
             self.nr_allocated += n
         if cursors is not None and cpu in cursors:
-            cursors[cpu] = plan[-1][0] + plan[-1][1]  # type: ignore[index]
+            cursors[cpu] = plan[-1][0] + plan[-1][1]
         else:
             self._cursor = plan[-1][0] + plan[-1][1]
         return plan

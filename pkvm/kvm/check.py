@@ -16,6 +16,7 @@ from pkvm.kvm.memslots import expected_mixed
 from pkvm.kvm.mmu import KVM_LPAGE_MIXED_FLAG, LEVEL_SHIFT, SPTE_PRIVATE, SPTE_WRITABLE, LpageInfo, spte_level
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pkvm._core import RangeMap
     from pkvm.kvm.vm import VM, Memslot
 
 
@@ -31,7 +32,7 @@ def _check_rangemaps(vm: VM) -> None:
             m._check()
         for slot in vm._slots.values():
             for m in slot.lpage.maps[PG_LEVEL_2M:]:
-                m._check()  # type: ignore[union-attr]
+                m._check()
         for g in vm._gmems:
             g.folios._check()
             g.bindings._check()
@@ -39,7 +40,7 @@ def _check_rangemaps(vm: VM) -> None:
         raise InternalInvariantError(f"RangeMap structure: {exc}") from exc
 
 
-def _count_runs(m) -> list[tuple[int, int, int]]:
+def _count_runs(m: RangeMap) -> list[tuple[int, int, int]]:
     """Coalesced ``(start, end, count)`` runs of an lpage map, MIXED bit stripped, zeros dropped."""
     out: list[tuple[int, int, int]] = []
     for s, e, v in m.iter_ranges():
@@ -60,7 +61,7 @@ def _check_lpage(vm: VM, slot: Memslot) -> None:
         shift = LEVEL_SHIFT[level]
         m = slot.lpage.maps[level]
         first, last = slot.base_gfn >> shift, (slot.end_gfn - 1) >> shift
-        for s, e, _v in m.iter_ranges():  # type: ignore[union-attr]
+        for s, e, _v in m.iter_ranges():
             if s < first or e > last + 1:
                 _fail(f"slot {slot.key:#x}: level-{level} lpage run [{s:#x}, {e:#x}) outside the slot")
         # Counts: exactly what slot creation set (§3.1), compared run by run with MIXED stripped.
@@ -73,14 +74,14 @@ def _check_lpage(vm: VM, slot: Memslot) -> None:
         full_a = (slot.base_gfn + (1 << shift) - 1) >> shift
         full_b = slot.end_gfn >> shift
         want = expected_mixed(vm, slot, level)
-        for s, e, v in (m.iter_ranges(full_a, full_b) if full_a < full_b else ()):  # type: ignore[union-attr]
+        for s, e, v in (m.iter_ranges(full_a, full_b) if full_a < full_b else ()):
             n_expected = bisect_left(want, e) - bisect_left(want, s)
             if v & KVM_LPAGE_MIXED_FLAG and n_expected != e - s:
                 _fail(f"slot {slot.key:#x}: level-{level} chunks [{s:#x}, {e:#x}) are MIXED but uniform")
             if not v & KVM_LPAGE_MIXED_FLAG and n_expected:
                 _fail(f"slot {slot.key:#x}: level-{level} chunks in [{s:#x}, {e:#x}) are mixed but not MIXED")
         for c in want:
-            if not m.get(c) & KVM_LPAGE_MIXED_FLAG:  # type: ignore[union-attr]
+            if not m.get(c) & KVM_LPAGE_MIXED_FLAG:
                 _fail(f"slot {slot.key:#x}: level-{level} chunk {c:#x} has mixed attributes but no MIXED flag")
 
 

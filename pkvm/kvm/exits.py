@@ -88,6 +88,83 @@ class GuestOpResult:
     faults: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ExitResult:
+    """How the VMM answered one exit (:meth:`pkvm.Vmm.handle_exit`); truthy iff the vCPU may
+    run on.
+
+    ``step`` names the exit handled (``"KVM_HC_MAP_GPA_RANGE"``, ``"KVM_EXIT_MEMORY_FAULT"``,
+    ``"KVM_EXIT_HYPERCALL"`` for another hypercall, ``"exit"`` for anything else). ``errno``
+    is 0, or the positive errno of what failed: the conversion (``kvm_convert_memory``), or the
+    exit's own errno for a memory fault the VMM cannot handle. A failed conversion for a
+    ``KVM_HC_MAP_GPA_RANGE`` exit still resumes the vCPU (``handled``): the guest reads
+    ``-errno`` in ``hypercall.ret``. ``detail`` says what happened in one line.
+    """
+
+    handled: bool
+    step: str
+    exit_reason: int | None = None
+    errno: int = 0
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return self.handled
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionResult:
+    """Outcome of :meth:`pkvm.Guest.convert` / :meth:`pkvm.Guest.accept`; truthy iff every
+    page changed.
+
+    On failure, ``step`` is the guest step that failed: ``"PSC"`` (SNP page-state change),
+    ``"PVALIDATE"``, ``"MapGPA"`` (TDX ``TDG.VP.VMCALL<MapGPA>``), ``"TDG.MEM.PAGE.ACCEPT"``,
+    ``"KVM_HC_MAP_GPA_RANGE"``, or ``"flows"`` for a platform flow that reports only a bool.
+    ``status`` is what the guest read from that step (the PVALIDATE return code, the PSC's
+    ``VMGEXIT_PSC_ERROR_*`` code, the TDVMCALL status in r10, the TDCALL status in rax, the
+    hypercall's return value), ``None`` if the step never completed. ``gpa`` is where the step
+    stopped. If an exit the VMM refused stopped the guest, ``exit`` is the VMM's answer and
+    ``errno`` its errno (or that of a failed ``KVM_RUN``). ``detail`` says it in one line.
+    """
+
+    ok: bool
+    step: str | None = None
+    status: int | None = None
+    gpa: int | None = None
+    errno: int = 0
+    exit: ExitResult | None = None
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+#: The successful :class:`ConversionResult` (every success is alike).
+CONVERTED = ConversionResult(True)
+
+
+def step_failed(step: str, r: GuestOpResult, gpa: int, answer: ExitResult | None,
+                why: str = "") -> ConversionResult:
+    """The :class:`ConversionResult` of a guest ``step`` at ``gpa`` that ended in ``r``: an
+    exit the VMM refused, or a completion with a failure status (``why`` names it).
+    ``answer`` is the VMM's answer that refused the exit or carried an errno
+    (:attr:`pkvm.Guest.last_exit`), if any."""
+    if r.ret != "done":
+        err = r.errno or (answer.errno if answer is not None else 0)
+        if answer is not None and not answer:
+            what = f"stopped in an exit the VMM refused: {answer.detail}"
+        elif r.ret != "exit":
+            what = f"ended with {r.ret!r}"
+        else:
+            what = f"stopped in exit {r.exit_reason} (errno {err})"
+        return ConversionResult(False, step, None, gpa, err, answer, f"{step} at gpa {gpa:#x} {what}")
+    status = r.status if r.status is not None else 0
+    text = f"{step} at gpa {gpa:#x} failed with status {status:#x}" + (f" ({why})" if why else "")
+    if answer is not None:
+        text += f"; the VMM: {answer.detail}"
+    return ConversionResult(False, step, status, gpa, answer.errno if answer is not None else 0,
+                            answer, text)
+
+
 def begin_insn(vcpu: Vcpu) -> None:
     """Entry of a guest instruction: the VM must be alive and no exit may be pending."""
     vcpu.vm._check_alive()

@@ -14,6 +14,7 @@ and no bindings.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pkvm._core import RangeMap
@@ -328,7 +329,7 @@ class GuestMemfd:
                 raise InternalInvariantError(f"fd {self.fd}: binding [{s:#x}, {e:#x}) does not match a memslot")
 
 
-def _gaps(m: RangeMap, start: int, end: int):
+def _gaps(m: RangeMap, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """Runs of absent keys in ``[start, end)`` as ``(s, e, 0)``."""
     k = start
     while k < end:
@@ -449,7 +450,8 @@ def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[i
     return index + decode_delta(v), order, bool(v & FOLIO_PREPARED), end
 
 
-def _undo_alloc(vm: VM, gmem: GuestMemfd, undo: tuple) -> None:
+def _undo_alloc(vm: VM, gmem: GuestMemfd,
+                undo: tuple[int, list[tuple[int, int]], int, int]) -> None:
     """Give back the folios a failed batch allocated, restoring the allocator's cursor."""
     first, plan, cursor, order = undo
     idx = first

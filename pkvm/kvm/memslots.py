@@ -183,10 +183,10 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
     if change in ("create", "move") and vm._gfn_limit is not None and base_gfn + npages > vm._gfn_limit:
         raise _einval(f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) reach past the largest gfn of this VM "
                       f"({vm._gfn_limit - 1:#x}; a TD's gfns stay below its shared bit)")
-    if change == "flags":
+    if change == "flags" and old is not None:
         old.flags = flags  # lpage_info is kept (KVM_MR_FLAGS_ONLY copies the metadata)
         return
-    if change == "move":
+    if change == "move" and old is not None:
         _delete(vm, old)
     new = Memslot(slot, base_gfn, npages, uaddr, flags, gmem, gmem_off >> PAGE_SHIFT)
     if platform.has_private_mem:
@@ -210,7 +210,7 @@ def _delete(vm: VM, old: Memslot) -> None:
 
 def attr_edges(vm: VM, start: int, end: int) -> list[int]:
     """Gfns in ``(start, end)`` where the attribute value changes, sorted."""
-    edges = []
+    edges: list[int] = []
     for s, e, _v in vm._attrs.iter_ranges(start, end):
         if s > start and (not edges or edges[-1] != s):
             edges.append(s)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from pkvm._core import RangeMap
 from pkvm.constants import (
@@ -48,7 +48,8 @@ from pkvm.constants import (
 from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import decode_delta, encode_delta
-from pkvm.kvm.fault import PageFault, memory_fault_exit
+from pkvm.kvm.fault import PageFault as PageFault  # re-exported: the fault-phase API
+from pkvm.kvm.fault import memory_fault_exit
 from pkvm.kvm.gmem import kvm_gmem_get_pfn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,11 +297,12 @@ class LpageInfo:
                 if end & mask:
                     m.assign(last, last + 1, 1)
             maps.append(m)
-        self.maps = maps
+        # Indexed by level; the 4K slots (0 and 1) hold None and are never read.
+        self.maps = cast("list[RangeMap]", maps)
 
     def word(self, gfn: int, level: int) -> int:
         """The whole ``disallow_lpage`` word of the chunk containing ``gfn``."""
-        return self.maps[level].get(gfn >> LEVEL_SHIFT[level])  # type: ignore[union-attr]
+        return self.maps[level].get(gfn >> LEVEL_SHIFT[level])
 
     def disallow_count(self, gfn: int, level: int) -> int:
         """The reference-count part of the word (reasons other than mixed attributes)."""
@@ -314,24 +316,24 @@ class LpageInfo:
         """``hugepage_set_mixed`` / ``hugepage_clear_mixed`` on one chunk."""
         m = self.maps[level]
         idx = gfn >> LEVEL_SHIFT[level]
-        v = m.get(idx)  # type: ignore[union-attr]
+        v = m.get(idx)
         nv = (v | KVM_LPAGE_MIXED_FLAG) if mixed else (v & ~KVM_LPAGE_MIXED_FLAG)
         if nv != v:
-            m.assign(idx, idx + 1, nv)  # type: ignore[union-attr]
+            m.assign(idx, idx + 1, nv)
 
     def clear_mixed(self, first: int, last: int, level: int) -> None:
         """Clear MIXED on chunks ``[first, last)`` (chunk numbers, half-open)."""
         m = self.maps[level]
-        for s, e, v in m.ranges(first, last):  # type: ignore[union-attr]
+        for s, e, v in m.ranges(first, last):
             if v & KVM_LPAGE_MIXED_FLAG:
-                m.assign(s, e, v & ~KVM_LPAGE_MIXED_FLAG)  # type: ignore[union-attr]
+                m.assign(s, e, v & ~KVM_LPAGE_MIXED_FLAG)
 
     def any_mixed(self, first: int, last: int, level: int) -> bool:
         """Whether any chunk in ``[first, last)`` is MIXED."""
         m = self.maps[level]
-        if m.find_ne(first, last, 0) == -1:  # type: ignore[union-attr]
+        if m.find_ne(first, last, 0) == -1:
             return False
-        for _s, _e, v in m.ranges(first, last):  # type: ignore[union-attr]
+        for _s, _e, v in m.ranges(first, last):
             if v & KVM_LPAGE_MIXED_FLAG:
                 return True
         return False
@@ -417,7 +419,7 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
             if nv != v:
                 m.assign(idx, idx + 1, nv)
         return
-    mixed_2m = []  # 2M chunks found MIXED here: their 1G chunk cannot be uniform
+    mixed_2m: list[int] = []  # 2M chunks found MIXED here: their 1G chunk cannot be uniform
     for level, shift in ((PG_LEVEL_2M, 9), (PG_LEVEL_1G, 18)):
         n = 1 << shift
         m = maps[level]
@@ -435,7 +437,7 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
             _post_partial_chunk(amap, lp, g, level, attrs, mixed_2m)
 
 
-def _post_partial_chunk(amap, lp: LpageInfo, g: int, level: int, attrs: int,
+def _post_partial_chunk(amap: RangeMap, lp: LpageInfo, g: int, level: int, attrs: int,
                         mixed_2m: list[int]) -> None:
     """§3.3 steps 2 and 4: recompute MIXED for one chunk the range covers only partly.
 
@@ -583,7 +585,7 @@ def _clip_to_lpage_runs(slot: Memslot, gfn: int, end: int) -> int:
     lp = slot.lpage
     for level in (PG_LEVEL_2M, PG_LEVEL_1G):
         shift = LEVEL_SHIFT[level]
-        s, e, v = lp.maps[level].run_at(gfn >> shift)  # type: ignore[union-attr]
+        s, e, v = lp.maps[level].run_at(gfn >> shift)
         end = min(end, e << shift)
     return end
 

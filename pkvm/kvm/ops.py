@@ -1,9 +1,9 @@
 """Platform op tables, modelled on ``kvm_x86_ops`` / ``kvm-x86-ops.h``.
 
 A platform is a frozen :class:`PlatformOps`: a few facts about the VM type and one field per
-kernel hook. Mandatory ops must be callables; optional ops may be ``None`` and are swapped for
-the shared :func:`_return0` by :func:`register_platform`, like ``KVM_X86_OP_OPTIONAL_RET0``, so
-call sites never test for ``None``. Tables are checked once, at registration.
+kernel hook. Mandatory ops must be callables; optional ops default to the shared
+:func:`_return0` (one given as ``None`` is swapped for it by :func:`register_platform`), like
+``KVM_X86_OP_OPTIONAL_RET0``, so call sites never test for ``None``. Tables are checked once, at registration.
 
 This module is the KVM layer's side of the op-table pattern: the KVM model (:mod:`pkvm.kvm`)
 calls a platform only through the table it finds in :data:`PLATFORMS`, never by importing a
@@ -142,22 +142,22 @@ class PlatformOps:
     has_protected_state: bool = False
     has_mirror_root: bool = False
     options: tuple[str, ...] = ()
-    init_vm: InitVm | None = None
-    gmem_prepare: GmemPrepare | None = None
-    gmem_invalidate: GmemInvalidate | None = None
-    gmem_max_mapping_level: GmemMaxMappingLevel | None = None
-    update_mem_attr: MemAttrOp | None = None
-    set_mem_attr: MemAttrOp | None = None
-    pre_set_mem_attr: MemAttrOp | None = None
-    handle_rmp_fault: RmpFaultOp | None = None
-    max_mapping_level: MaxMappingLevel | None = None
-    set_external_spte: ExternalSpteOp | None = None
-    remove_external_spte: ExternalSpteOp | None = None
-    split_external_spte: SplitExternalOp | None = None
-    create_vcpu: CreateVcpu | None = None
-    check_vm: CheckVm | None = None
-    guest_flows: FlowsFactory | None = None
-    vmm_flows: FlowsFactory | None = None
+    init_vm: InitVm = _return0
+    gmem_prepare: GmemPrepare = _return0
+    gmem_invalidate: GmemInvalidate = _return0
+    gmem_max_mapping_level: GmemMaxMappingLevel = _return0
+    update_mem_attr: MemAttrOp = _return0
+    set_mem_attr: MemAttrOp = _return0
+    pre_set_mem_attr: MemAttrOp = _return0
+    handle_rmp_fault: RmpFaultOp = _return0
+    max_mapping_level: MaxMappingLevel = _return0
+    set_external_spte: ExternalSpteOp = _return0
+    remove_external_spte: ExternalSpteOp = _return0
+    split_external_spte: SplitExternalOp = _return0
+    create_vcpu: CreateVcpu = _return0
+    check_vm: CheckVm = _return0
+    guest_flows: FlowsFactory = _return0
+    vmm_flows: FlowsFactory = _return0
 
 
 _MANDATORY = ("fault_is_private",)
@@ -184,7 +184,7 @@ def register_platform(ops: PlatformOps) -> PlatformOps:
             raise PlatformRegistrationError(f"platform {ops.name!r}: mandatory op {name} is missing")
         if not callable(op):
             raise PlatformRegistrationError(f"platform {ops.name!r}: op {name} is not callable: {op!r}")
-    fill = {}
+    fill: dict[str, Any] = {}
     for name in _OPTIONAL_RET0:
         op = getattr(ops, name)
         if op is None:

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
     {
@@ -147,7 +148,7 @@ class Policy:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _build_presets() -> Mapping[str, Mapping[str, object]]:
+def _build_presets() -> Mapping[str, Mapping[str, Any]]:
     """Knob values of every preset, as read-only mappings (no module-level mutable state)."""
     v6_8 = dict(
         rmp_update="fault-time", directmap="split-4k", prepare="none", zap_filter="all",

@@ -26,6 +26,9 @@ from typing import Any
 from pkvm._core import RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
+    KVM_FILTER_ALL,
+    KVM_FILTER_PRIVATE,
+    KVM_FILTER_SHARED,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_MEMORY_FAULT_INFO,
@@ -48,11 +51,9 @@ from pkvm.kvm import check as _vm_check
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription, check_kinds
 from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
-from pkvm.kvm.memslots import Memslot, set_user_memory_region2
+from pkvm.kvm.memslots import Memslot as Memslot  # re-exported: pkvm.kvm.vm.Memslot
+from pkvm.kvm.memslots import set_user_memory_region2
 from pkvm.kvm.mmu import (
-    KVM_FILTER_ALL,
-    KVM_FILTER_PRIVATE,
-    KVM_FILTER_SHARED,
     KVM_LPAGE_MIXED_FLAG,
     KVM_MIRROR_ROOTS,
     LEVEL_SHIFT,
@@ -334,7 +335,7 @@ class VM:
         cur = self._actor
         if actor is None or actor == cur:
             return self._actor_tot[cur] + self._modeled_ns - self._actor_mark
-        tot = self._actor_tot.get(actor)  # type: ignore[arg-type]
+        tot = self._actor_tot.get(actor)
         if tot is None:
             self._check_actor(actor)
             return 0

@@ -12,7 +12,8 @@ Plugged into :class:`pkvm.Guest` through ``PlatformOps.guest_flows``
 * page-state changes use the GHCB protocol: a 2M entry for every 2M-aligned 2M block, 4K
   entries elsewhere, at most ``VMGEXIT_PSC_MAX_ENTRY`` (64) entries per request; on return the
   guest requires ``cur_entry > end_entry`` and ``sw_exit_info_2 == 0`` (``vmgexit_psc``), else it
-  would terminate (``GHCB_TERM_PSC``: the flow returns False);
+  would terminate (``GHCB_TERM_PSC``: the flow returns a failed :class:`pkvm.ConversionResult`
+  of step ``"PSC"`` with that status);
 * PVALIDATE at 2M for those 2M blocks, redone as 512 x 4K on ``FAIL_SIZEMISMATCH``.
 
 Entries are generated lazily one request at a time, so memory does not grow with the range.
@@ -24,9 +25,18 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pkvm.constants import PAGE_SHIFT
+from pkvm.kvm.exits import CONVERTED, ConversionResult, step_failed
+from pkvm.platforms.snp_constants import (
+    PVALIDATE_FAIL_INPUT,
+    PVALIDATE_FAIL_NOUPDATE,
+    PVALIDATE_FAIL_SIZEMISMATCH,
+)
 from pkvm.platforms._snp_vcpu import (
     SNP_PAGE_STATE_PRIVATE,
     SNP_PAGE_STATE_SHARED,
+    VMGEXIT_PSC_ERROR_GENERIC,
+    VMGEXIT_PSC_ERROR_INVALID_ENTRY,
+    VMGEXIT_PSC_ERROR_INVALID_HDR,
     VMGEXIT_PSC_MAX_ENTRY,
     PscDesc,
     PscEntry,
@@ -47,6 +57,18 @@ def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscE
             gfn += 1
 
 
+_PVALIDATE_NAMES = {
+    PVALIDATE_FAIL_INPUT: "FAIL_INPUT",
+    PVALIDATE_FAIL_SIZEMISMATCH: "FAIL_SIZEMISMATCH",
+    PVALIDATE_FAIL_NOUPDATE: "FAIL_NOUPDATE: the page was already in the requested state",
+}
+_PSC_NAMES = {
+    VMGEXIT_PSC_ERROR_GENERIC: "VMGEXIT_PSC_ERROR_GENERIC",
+    VMGEXIT_PSC_ERROR_INVALID_HDR: "VMGEXIT_PSC_ERROR_INVALID_HDR",
+    VMGEXIT_PSC_ERROR_INVALID_ENTRY: "VMGEXIT_PSC_ERROR_INVALID_ENTRY",
+}
+
+
 class SnpGuestFlows:
     """``convert`` / ``accept`` of an SNP Linux guest (module docstring)."""
 
@@ -55,15 +77,16 @@ class SnpGuestFlows:
         #: GHCB requests issued and 2M PVALIDATE fallbacks, for tests and benchmarks.
         self.requests = 0
 
-    def convert(self, gpa: int, size: int, private: bool) -> bool:
+    def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
         if private:
             return self.page_state_change(gpa, size, True) and self.pvalidate(gpa, size, True)
         return self.pvalidate(gpa, size, False) and self.page_state_change(gpa, size, False)
 
-    def accept(self, gpa: int, size: int, huge: bool = True) -> bool:
+    def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
         return self.page_state_change(gpa, size, True, huge) and self.pvalidate(gpa, size, True, huge)
 
-    def page_state_change(self, gpa: int, size: int, private: bool, huge: bool = True) -> bool:
+    def page_state_change(self, gpa: int, size: int, private: bool,
+                          huge: bool = True) -> ConversionResult:
         """``set_pages_state`` via the GHCB protocol, 64 entries per request."""
         g = self.guest
         op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
@@ -71,20 +94,32 @@ class SnpGuestFlows:
         for ent in psc_entries(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op, huge):
             batch.append(ent)
             if len(batch) == VMGEXIT_PSC_MAX_ENTRY:
-                if not self._request(g, batch):
-                    return False
+                res = self._request(g, batch)
+                if not res:
+                    return res
                 batch = []
-        return not batch or self._request(g, batch)
+        return self._request(g, batch) if batch else CONVERTED
 
-    def _request(self, g: Guest, batch: list[PscEntry]) -> bool:
+    def _request(self, g: Guest, batch: list[PscEntry]) -> ConversionResult:
         desc = PscDesc.of(batch)
         self.requests += 1
         r = g.execute(g.vcpu.psc(desc))  # type: ignore[attr-defined]
-        return r.ret == "done" and r.status == 0 and desc.cur_entry > desc.end_entry
+        if r.ret == "done" and r.status == 0 and desc.cur_entry > desc.end_entry:
+            return CONVERTED
+        i = min(max(desc.cur_entry, 0), len(batch) - 1)
+        gpa = (batch[i].gfn + batch[i].cur_page) << PAGE_SHIFT
+        if r.status:
+            why = _PSC_NAMES.get(r.status, "")
+        else:
+            why = f"the hypervisor stopped at entry {desc.cur_entry} of {desc.end_entry + 1}: GHCB_TERM_PSC"
+        return step_failed("PSC", r, gpa, g.last_exit, why)
 
-    def pvalidate(self, gpa: int, size: int, validate: bool, huge: bool = True) -> bool:
-        """``pvalidate_pages``: 2M where aligned (if ``huge``), 4K fallback; True if every
-        page changed."""
+    def pvalidate(self, gpa: int, size: int, validate: bool, huge: bool = True) -> ConversionResult:
+        """``pvalidate_pages``: 2M where aligned (if ``huge``), 4K fallback; fails at the first
+        PVALIDATE that does not change its page."""
         g = self.guest
         r = g.execute(g.vcpu.pvalidate_range(gpa, size, validate, huge=huge))  # type: ignore[attr-defined]
-        return r.ret == "done" and r.status == 0
+        if r.ret == "done" and r.status == 0:
+            return CONVERTED
+        at = r.value if r.value is not None else gpa
+        return step_failed("PVALIDATE", r, at, g.last_exit, _PVALIDATE_NAMES.get(r.status or 0, ""))

@@ -49,7 +49,7 @@ def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned:
     if sched is not None:
         sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
     before = dict(dm.counters)
-    calls = getattr(dm, method)(pfn, npages, level, assigned=assigned)
+    calls: int = getattr(dm, method)(pfn, npages, level, assigned=assigned)
     if not calls:
         if sched is not None:
             sched.release("cpa_lock")
@@ -144,7 +144,7 @@ def psmash(vm: VM, pfn: int) -> int:
     (pkvm: a locked entry stays locked in a synchronous run, so it is counted and returned)."""
     snp = vm.snp  # type: ignore[attr-defined]
     base = pfn & ~(RMP_PAGES_2M - 1)
-    code = snp.rmp.psmash(base)
+    code: int = snp.rmp.psmash(base)
     st = vm._stats
     if code == PSMASH_SUCCESS:
         st["psmash"] += 1

@@ -406,9 +406,9 @@ class SnpVcpu(Vcpu):
                     self._pval_done(PG_LEVEL_2M, PVALIDATE_SUCCESS, 0, done)
                     gfn += done << 9
                 if code:
-                    r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, 0)
-                    if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
-                        return self._stopped(r, gfn)
+                    op = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, 0)
+                    if op.ret != "done" or op.status != PVALIDATE_SUCCESS:
+                        return self._stopped(op, gfn)
                     gfn += 512
                 continue
             if (v and v & SPTE_PRIVATE and e - gfn >= 512 and spte_level(v) == PG_LEVEL_4K
@@ -425,11 +425,11 @@ class SnpVcpu(Vcpu):
                 gfn += k << 9
                 continue
             # Anything else (no leaf, a shared leaf, mixed sizes): one 2M PVALIDATE at a time.
-            r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, faults)
+            op = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, faults)
             faults = 0
-            if r.ret != "done" or r.status not in (PVALIDATE_SUCCESS, PVALIDATE_FAIL_SIZEMISMATCH):
-                return self._stopped(r, gfn)
-            if r.status == PVALIDATE_FAIL_SIZEMISMATCH:
+            if op.ret != "done" or op.status not in (PVALIDATE_SUCCESS, PVALIDATE_FAIL_SIZEMISMATCH):
+                return self._stopped(op, gfn)
+            if op.status == PVALIDATE_FAIL_SIZEMISMATCH:
                 r2 = self._pvalidate_range(gfn, gfn + 512, validate, False)
                 if r2.ret != "done" or r2.status != PVALIDATE_SUCCESS:
                     return r2

@@ -73,6 +73,8 @@ from pkvm.platforms.snp_constants import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pkvm.actors.guest import Guest
+    from pkvm.actors.vmm import Vmm
     from pkvm.kvm.vm import VM, Vcpu
 
 #: Counters an SNP VM adds to ``vm.stats`` (instructions, not pages, unless named ``_pages``).
@@ -281,13 +283,13 @@ def snp_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
     return SnpVcpu(vm, vcpu_id)
 
 
-def snp_guest_flows(guest: object) -> object:
-
+def snp_guest_flows(guest: Guest) -> SnpGuestFlows:
+    """The SNP guest's conversion protocol (page-state change + PVALIDATE)."""
     return SnpGuestFlows(guest)
 
 
-def snp_vmm_flows(vmm: object) -> object:
-
+def snp_vmm_flows(vmm: Vmm) -> SnpVmmFlows:
+    """The VMM's side of the SNP protocol."""
     return SnpVmmFlows(vmm)
 
 

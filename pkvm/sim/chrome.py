@@ -33,7 +33,7 @@ import io
 import json
 import os
 import tempfile
-from typing import IO
+from typing import IO, Any, cast
 
 from .recorder import Recorder
 
@@ -46,8 +46,8 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=F
                            check_circular=True).encode
 
 
-def write_chrome_trace(recorder: Recorder, path_or_file: str | os.PathLike | IO, *,
-                       metadata: dict | None = None, process_name: str = "pkvm") -> None:
+def write_chrome_trace(recorder: Recorder, path_or_file: str | os.PathLike[str] | IO[Any], *,
+                       metadata: dict[str, Any] | None = None, process_name: str = "pkvm") -> None:
     """Write ``recorder`` as Chrome trace-event JSON to a path or an open file.
 
     ``metadata`` becomes the trace's ``otherData`` (``{}`` if None); ``process_name`` names
@@ -83,7 +83,8 @@ def write_chrome_trace(recorder: Recorder, path_or_file: str | os.PathLike | IO,
         _write(recorder, path_or_file, other, process_name)
         path_or_file.flush()
         return
-    text = io.TextIOWrapper(path_or_file, encoding="utf-8", newline="\n")
+    # A binary file object: written through a text wrapper, detached afterwards.
+    text = io.TextIOWrapper(cast(Any, path_or_file), encoding="utf-8", newline="\n")
     try:
         _write(recorder, text, other, process_name)
         text.flush()

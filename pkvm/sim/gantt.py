@@ -22,6 +22,7 @@ canvas, so importing this module costs nothing and no global pyplot state is tou
 from __future__ import annotations
 
 import os
+from typing import Any
 import tempfile
 
 import numpy as np
@@ -43,7 +44,7 @@ _WIDTH_IN = 12.0
 _DPI = 100
 
 
-def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
+def plot_gantt(recorder: Recorder, path: str | os.PathLike[str], *, title: str = "",
                max_tracks: int = 64) -> None:
     """Draw ``recorder`` as a Gantt chart and save it as a PNG at ``path``.
 
@@ -102,7 +103,7 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
     inst_colours: dict[str, str] = {}
     for row, track in enumerate(tracks):
         y = len(tracks) - 1 - row  # first track on top
-        by_cat: dict[str, list] = {}
+        by_cat: dict[str, list[Any]] = {}
         for _, start, end, cat, _ in recorder.iter_slices(track):
             by_cat.setdefault(cat, []).append((start, end))
         # Full-height categories first, the nested ones on top of them.
@@ -113,7 +114,7 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
             spans = _merge_spans(np.asarray(by_cat[cat], dtype=np.float64), px_ns)
             bars = [((s - t0) / scale, w / scale) for s, w in spans]
             ax.broken_barh(bars, (y - h / 2, h), facecolors=colour, edgecolors="none")
-        by_inst: dict[str, list] = {}
+        by_inst: dict[str, list[Any]] = {}
         for _, t, cat, _ in recorder.iter_instants(track):
             by_inst.setdefault(cat, []).append(t)
         for cat, ts in by_inst.items():
@@ -141,7 +142,7 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike, *, title: str = "",
         ax.text(0.5, 0.5, "no events recorded", transform=ax.transAxes, ha="center",
                 va="center")
 
-    handles: list = [Patch(facecolor=c, label=_KNOWN.get(cat, (cat,))[0])
+    handles: list[Any] = [Patch(facecolor=c, label=_KNOWN.get(cat, (cat,))[0])
                      for cat, c in colours.items()]
     handles += [Line2D([], [], linestyle="none", marker="v", color=c, label=cat)
                 for cat, c in inst_colours.items()]

@@ -67,6 +67,7 @@ the batch's one interval, the sum of the ``n`` holds.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import simpy
 
@@ -79,7 +80,7 @@ _READ = "read"
 _WRITE = "write"
 
 
-def _check_args(owner, count) -> None:
+def _check_args(owner: object, count: object) -> None:
     """Validate an acquisition's arguments (cheap for the common ``str``, ``1``)."""
     if type(owner) is not str and not isinstance(owner, str):
         raise TypeError(f"owner must be a str, got {type(owner).__name__}: {owner!r}")
@@ -91,7 +92,7 @@ def _check_args(owner, count) -> None:
         raise ValueError(f"count must be >= 1, got {count}")
 
 
-def _check_owner(owner) -> None:
+def _check_owner(owner: object) -> None:
     if type(owner) is not str and not isinstance(owner, str):
         raise TypeError(f"owner must be a str, got {type(owner).__name__}: {owner!r}")
 
@@ -123,7 +124,7 @@ class LockStats:
         self.wait_distribution = Distribution()
         self._rw = rw
 
-    def _granted(self, wait, count: int) -> None:
+    def _granted(self, wait: Any, count: int) -> None:
         self.acquisitions += count
         if wait:  # never negative: a grant comes at or after its request
             self.wait_ns += wait
@@ -131,21 +132,21 @@ class LockStats:
             self.wait_distribution._add(wait, 1)
 
     @property
-    def wait_p50_ns(self):
+    def wait_p50_ns(self) -> Any:
         """Median wait of the acquisitions that waited; 0 if none did."""
         return self.wait_distribution.p50
 
     @property
-    def wait_p99_ns(self):
+    def wait_p99_ns(self) -> Any:
         """99th-percentile wait of the acquisitions that waited; 0 if none did."""
         return self.wait_distribution.p99
 
     @property
-    def wait_max_ns(self):
+    def wait_max_ns(self) -> Any:
         """Longest wait; 0 if none."""
         return self.wait_distribution.max
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The statistics as a dict: the keys listed in the class docstring, in that order
         (``hold_write_ns``/``hold_read_ns`` only for an RWLock)."""
         d = {"hold_ns": self.hold_ns}
@@ -167,7 +168,7 @@ class _Lock:
     spins = False
     stats: LockStats
 
-    def __init__(self, env: simpy.Environment, name: str, *, recorder=None) -> None:
+    def __init__(self, env: simpy.Environment, name: str, *, recorder: Recorder | None = None) -> None:
         if not isinstance(env, simpy.Environment):
             raise TypeError(f"env must be a simpy.Environment, got {type(env).__name__}")
         if not isinstance(name, str):
@@ -178,10 +179,10 @@ class _Lock:
         self.env = env
         self.name = name
         self.recorder = recorder
-        self._queue: deque = deque()  # (mode, owner, event, requested_at, count)
+        self._queue: deque[tuple[str, str, Any, Any, int]] = deque()  # (mode, owner, event, requested_at, count)
         self._queued: set[str] = set()  # the owners in _queue, for an O(1) misuse check
         # Recorded slices share one args dict per mode (a recorder keeps args by reference).
-        self._rec_args: dict[str, dict] = {_WRITE: {"lock": name}}
+        self._rec_args: dict[str, dict[str, Any]] = {_WRITE: {"lock": name}}
 
     @property
     def waiting(self) -> tuple[str, ...]:
@@ -198,7 +199,7 @@ class _Lock:
         self.stats._granted(0, count)
         return self.env.event().succeed(0)
 
-    def _grant_head(self):
+    def _grant_head(self) -> tuple[str, str, Any, Any, int]:
         """Pop the head of the queue and grant it: stats, recording, wake its process."""
         waiter = self._queue.popleft()
         mode, owner, event, requested_at, count = waiter
@@ -212,7 +213,7 @@ class _Lock:
         event.succeed(wait)
         return waiter
 
-    def _record_hold(self, owner: str, mode: str, start) -> None:
+    def _record_hold(self, owner: str, mode: str, start: Any) -> None:
         """Record a hold; callers check ``self.recorder is not None`` first (hot path)."""
         assert self.recorder is not None
         self.recorder.slice(owner, f"hold {self.name}", start, self.env.now, CAT_LOCK_HOLD,
@@ -241,7 +242,7 @@ class Mutex(_Lock):
 
     spins = False
 
-    def __init__(self, env: simpy.Environment, name: str, *, recorder=None) -> None:
+    def __init__(self, env: simpy.Environment, name: str, *, recorder: Recorder | None = None) -> None:
         super().__init__(env, name, recorder=recorder)
         self.stats = LockStats()
         self._holder: str | None = None
@@ -360,7 +361,7 @@ class RWLock(_Lock):
 
     spins = True
 
-    def __init__(self, env: simpy.Environment, name: str, *, recorder=None) -> None:
+    def __init__(self, env: simpy.Environment, name: str, *, recorder: Recorder | None = None) -> None:
         super().__init__(env, name, recorder=recorder)
         self.stats = LockStats(rw=True)
         self._rec_args = {m: {"lock": name, "mode": m} for m in (_READ, _WRITE)}

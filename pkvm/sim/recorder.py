@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 from numbers import Real
 
 __all__ = ["CAT_BUSY", "CAT_IPI_STALL", "CAT_LOCK_HOLD", "CAT_LOCK_WAIT", "Recorder"]
@@ -53,9 +54,9 @@ class Recorder:
 
     def __init__(self) -> None:
         # track name -> (slices, instants); a dict keeps the insertion order of the tracks.
-        self._tracks: dict[str, tuple[list, list]] = {}
+        self._tracks: dict[str, tuple[list[Any], list[Any]]] = {}
 
-    def _track(self, track: str) -> tuple[list, list]:
+    def _track(self, track: str) -> tuple[list[Any], list[Any]]:
         lists = self._tracks.get(track)
         if lists is None:
             if not isinstance(track, str):
@@ -72,7 +73,7 @@ class Recorder:
         self._track(track)
 
     def slice(self, track: str, name: str, start_ns: float, end_ns: float, cat: str,
-              args: dict | None = None) -> None:
+              args: dict[str, Any] | None = None) -> None:
         """Record that ``track`` spent ``[start_ns, end_ns)`` in ``name`` (category ``cat``).
 
         ``args`` (a dict of JSON-serializable values) is kept by reference and written to the
@@ -93,7 +94,7 @@ class Recorder:
         self._track(track)[0].append((name, start_ns, end_ns, cat, args))
 
     def instant(self, track: str, name: str, t_ns: float, cat: str,
-                args: dict | None = None) -> None:
+                args: dict[str, Any] | None = None) -> None:
         """Record a point event ``name`` (category ``cat``) at ``t_ns`` on ``track``.
 
         Runtime complexity: O(1).
@@ -110,13 +111,13 @@ class Recorder:
         """Track names, in the order of their first use."""
         return tuple(self._tracks)
 
-    def iter_slices(self, track: str) -> Iterator[tuple]:
+    def iter_slices(self, track: str) -> Iterator[tuple[Any, ...]]:
         """The slices of ``track`` as ``(name, start_ns, end_ns, cat, args)``, in recording
         order (nothing if the track does not exist)."""
         lists = self._tracks.get(track)
         return iter(lists[0]) if lists is not None else iter(())
 
-    def iter_instants(self, track: str) -> Iterator[tuple]:
+    def iter_instants(self, track: str) -> Iterator[tuple[Any, ...]]:
         """The instants of ``track`` as ``(name, t_ns, cat, args)``, in recording order."""
         lists = self._tracks.get(track)
         return iter(lists[1]) if lists is not None else iter(())
@@ -161,7 +162,7 @@ class Recorder:
                 f"instants={self.n_instants()})")
 
 
-def _check_event(name, cat, args) -> None:
+def _check_event(name: object, cat: object, args: object) -> None:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
     if not isinstance(cat, str):
@@ -170,7 +171,7 @@ def _check_event(name, cat, args) -> None:
         raise TypeError(f"args must be a dict or None, got {type(args).__name__}")
 
 
-def _check_time(what: str, t) -> None:
+def _check_time(what: str, t: object) -> None:
     if isinstance(t, bool) or not isinstance(t, Real):
         raise TypeError(f"{what} must be a real number of ns, got {type(t).__name__}: {t!r}")
     if not math.isfinite(t):

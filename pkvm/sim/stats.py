@@ -19,6 +19,7 @@ the order of ``add`` calls never changes a result.
 from __future__ import annotations
 
 import math
+from typing import Any
 from fractions import Fraction
 from numbers import Integral, Real
 
@@ -51,7 +52,7 @@ class Distribution:
     __slots__ = ("_values", "_counts", "_count", "_total", "_max", "_sorted", "_compact_at")
 
     def __init__(self) -> None:
-        self._values: list = []
+        self._values: list[Any] = []
         self._counts: list[int] = []
         self._count = 0
         self._total = 0
@@ -89,7 +90,7 @@ class Distribution:
             raise ValueError(f"count must be >= 1, got {count}")
         self._add(value, count)
 
-    def _add(self, value, count: int) -> None:
+    def _add(self, value: Any, count: int) -> None:
         """Add without validation, for callers inside pkvm that pass checked values."""
         values = self._values
         if values and values[-1] == value:
@@ -126,7 +127,7 @@ class Distribution:
         return self._count
 
     @property
-    def total(self):
+    def total(self) -> Any:
         """The sum of all samples, ``sum(value * count)``; 0 if empty."""
         return self._total
 
@@ -136,21 +137,21 @@ class Distribution:
         return self._total / self._count if self._count else 0.0
 
     @property
-    def max(self):
+    def max(self) -> Any:
         """The largest sample; 0 if empty."""
         return self._max
 
     @property
-    def p50(self):
+    def p50(self) -> Any:
         """The median by nearest rank (the lower middle for an even count); 0 if empty."""
         return self.percentile(50)
 
     @property
-    def p99(self):
+    def p99(self) -> Any:
         """The 99th percentile by nearest rank; 0 if empty."""
         return self.percentile(99)
 
-    def percentile(self, q: float):
+    def percentile(self, q: float) -> Any:
         """The ``q``-th percentile by nearest rank, ``0 <= q <= 100``; 0 if empty.
 
         The value returned is one of the samples (a Python int or float).
@@ -183,7 +184,7 @@ class Distribution:
             self._sorted = (order, cum)
         return self._sorted
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """``{"count", "p50", "p99", "max"}``, the summary a result table shows."""
         return {"count": self._count, "p50": self.p50, "p99": self.p99, "max": self._max}
 

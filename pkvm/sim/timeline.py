@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import greenlet
+import greenlet  # type: ignore[import-untyped,unused-ignore]  # no stubs unless types-greenlet
 import simpy
 
 from pkvm.errors import InternalInvariantError
@@ -131,7 +131,7 @@ class Timeline:
         self._actors: dict[str, _Actor] = {}
         self._active = 0  # actors in a task
         self._current: _Actor | None = None
-        self._mark = vm._modeled_ns
+        self._mark: int = vm._modeled_ns
         self._main = greenlet.getcurrent()
         self._changed: simpy.Event | None = None
         self.latency: dict[str, Distribution] = {k: Distribution() for k in LATENCY_KINDS}
@@ -150,7 +150,7 @@ class Timeline:
         """The running actor's clock: the SimPy time plus the work it has not yielded yet."""
         if self._current is None:
             return int(self.env.now - self._t0)
-        return int(self.env.now - self._t0) + self.vm._modeled_ns - self._mark
+        return int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark
 
     @property
     def current(self) -> str | None:
@@ -300,8 +300,8 @@ class Timeline:
         """The running actor's own work so far (its busy time plus what it has not yielded)."""
         a = self._current
         if a is None:
-            return self.vm._modeled_ns
-        return a.busy + self.vm._modeled_ns - self._mark
+            return int(self.vm._modeled_ns)
+        return a.busy + int(self.vm._modeled_ns) - self._mark
 
     def sync(self) -> None:
         """A visibility point: advance the running actor's clock to its pending work."""
@@ -414,7 +414,7 @@ class Timeline:
 
     def _take(self, a: _Actor) -> int:
         vm = self.vm
-        dt = vm._modeled_ns - self._mark
+        dt: int = vm._modeled_ns - self._mark
         self._mark = vm._modeled_ns
         return dt
 
@@ -530,7 +530,7 @@ class Timeline:
                     yield ev
                     if rec is not None:
                         grants[(req[2], req[3])] = env.now
-                    waited = env.now - t0
+                    waited: int = env.now - t0  # type: ignore[assignment]  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
                     if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
@@ -554,8 +554,9 @@ class Timeline:
                     t0 = env.now
                     value = yield ev
                     if not req[3]:
-                        a.wait += env.now - t0
-                        a.spin += env.now - t0
+                        spun: int = env.now - t0  # type: ignore[assignment]  # int ns, as above
+                        a.wait += spun
+                        a.spin += spun
                         if rec is not None:
                             rec.slice(a.name, "spin", t0 - self._t0, env.now - self._t0, "spin")
                 else:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedDict  # type: ignore[import-untyped]  # no stubs
 
 # The per-gfn reference VM (the KVM model's oracle) lives in its own module for size; it is
 # re-exported here so that every slow, obviously-correct twin is found in one place.
@@ -80,13 +80,13 @@ def _as_range(start: Any, end: Any) -> tuple[int, int]:
 
 def _as_run_key(key: Any) -> int:
     """Validate a key for :meth:`run_at`, which has no run to return for ``2**64 - 1``."""
-    key = _as_uint64(key, "key")
-    if key == UINT64_MAX:
+    k = _as_uint64(key, "key")
+    if k == UINT64_MAX:
         raise OverflowError(
-            f"key {key:#x} is outside every run: run_at needs key < 2**64 - 1 "
+            f"key {k:#x} is outside every run: run_at needs key < 2**64 - 1 "
             "(use get(key), which always returns default there)"
         )
-    return key
+    return k
 
 
 def _as_uint64_array(obj: Any, name: str) -> np.ndarray:
@@ -487,7 +487,7 @@ class SortedRangeMap(_RangeMapBase):
         if i:
             _, (end, value) = self._runs.peekitem(i - 1)
             if key < end:
-                return value
+                return int(value)
         return self._default
 
     def _find_ne(self, start: int, end: int, value: int) -> int:
@@ -510,7 +510,7 @@ class SortedRangeMap(_RangeMapBase):
                 return pos
             run_end, run_value = runs[run_start]
             if run_value != value:
-                return run_start
+                return int(run_start)
             pos = run_end
         if pos < end and default_differs:
             return pos

@@ -25,6 +25,7 @@ table. Use it only at small sizes.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
@@ -49,7 +50,16 @@ from pkvm.constants import (
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.platforms._tdx_sept import TDX_STAT_KEYS
-from pkvm.testing.reference_vm import FILTER_ALL, FILTER_PRIVATE, FILTER_SHARED, PAGES, ReferenceVM
+from pkvm.testing.reference_vm import (
+    FILTER_ALL,
+    FILTER_PRIVATE,
+    FILTER_SHARED,
+    PAGES,
+    Outcome,
+    RefGmem,
+    RefSlot,
+    ReferenceVM,
+)
 
 _COST = {"sept_add": "seamcall_sept_add", "aug": "seamcall_aug", "add": "seamcall_add", "block": "seamcall_block",
          "track": "seamcall_track", "remove": "seamcall_remove", "wbinvd": "seamcall_wbinvd"}
@@ -60,7 +70,7 @@ _CHUNK = 2 << 20
 class ReferenceTdx(ReferenceVM):
     """Per-gfn twin of ``pkvm.VM("tdx", ...)``."""
 
-    def __init__(self, policy="6.19", shared_backing="thp", nr_vcpus=1, gpaw=48):
+    def __init__(self, policy: Any = "6.19", shared_backing: str = "thp", nr_vcpus: int = 1, gpaw: int = 48) -> None:
         super().__init__("tdx", policy, shared_backing, nr_vcpus)
         self.costs = CostModel.default("tdx")
         self.backing = shared_backing
@@ -68,15 +78,15 @@ class ReferenceTdx(ReferenceVM):
         self.gpaw = gpaw
         self.shared_bit = 51 if gpaw == 52 else 47
         self.levels = 5 if gpaw == 52 else 4
-        self.sept = {}          # gfn -> (state, level)
-        self.tables = set()     # (table level, index)
-        self.inhibit = set()    # 2M chunk numbers
+        self.sept: dict[int, tuple[str, int]] = {}          # gfn -> (state, level)
+        self.tables: set[tuple[int, int]] = set()     # (table level, index)
+        self.inhibit: set[int] = set()    # 2M chunk numbers
         self.runnable = False
         self.nr_premapped = 0
         self.premap = self.policy.tdx_initial_image == "premap-then-add"
         self.huge = self.policy.tdx_huge_pages
         self.dead = self.bugged = False
-        self.busy = {}
+        self.busy: dict[str, int] = {}
         self.vcpus = 0
         self.populating = False
         self.accept_level = 0
@@ -86,7 +96,7 @@ class ReferenceTdx(ReferenceVM):
 
     # -- SEAMCALLs --------------------------------------------------------------------------
 
-    def sc(self, name, n=1):
+    def sc(self, name: str, n: int = 1) -> str:
         """``n`` calls of a SEAMCALL: "busy" (only the first is made) or "ok"."""
         counter = "seamcall_" + name
         if self.busy.get(name):
@@ -101,45 +111,45 @@ class ReferenceTdx(ReferenceVM):
             self.charge(_COST[name], n)
         return "ok"
 
-    def kick(self):
+    def kick(self) -> None:
         n = max(self.nr_vcpus, self.vcpus)
         self.stats["vcpu_kicks"] += n
         self.charge("vcpu_kick", n)
 
-    def no_vcpus(self, name):
+    def no_vcpus(self, name: str) -> str:
         st = self.sc(name)
         if st == "busy":
             self.kick()
             st = self.sc(name)
         return st
 
-    def bug(self):
+    def bug(self) -> None:
         self.bugged = self.dead = True
 
-    def check_alive(self):
+    def check_alive(self) -> None:
         if self.dead:
             raise KvmError(errno.EIO, "dead")
 
-    def check_runnable(self):
+    def check_runnable(self) -> None:
         self.check_alive()
         if not self.runnable:
             raise KvmError(errno.EINVAL, "not finalized")
 
-    def create_vcpu(self):
+    def create_vcpu(self) -> None:
         self.check_alive()
         self.vcpus += 1
 
-    def set_memory_attributes(self, address, size, attributes, flags=0):
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         self.check_alive()
         super().set_memory_attributes(address, size, attributes, flags)
 
-    def set_user_memory_region2(self, slot, flags, gpa, size, uaddr=0, gmem=None, gmem_off=0):
+    def set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, uaddr: int = 0, gmem: RefGmem | None = None, gmem_off: int = 0) -> None:
         self.check_alive()
         super().set_user_memory_region2(slot, flags, gpa, size, uaddr, gmem, gmem_off)
 
     # -- the mirror root ----------------------------------------------------------------------
 
-    def link_and_set(self, gfn, level):
+    def link_and_set(self, gfn: int, level: int) -> str:
         """SEPT.ADD for the missing tables (top-down), then the leaf SEAMCALL; a status."""
         for t in range(self.levels - 1, level - 1, -1):
             key = (t, gfn >> _SHIFT[t])
@@ -165,7 +175,7 @@ class ReferenceTdx(ReferenceVM):
                 self.sept[g] = ("mapped", level)
         return "ok"
 
-    def _install(self, gfn, pfn, level, private, writable):
+    def _install(self, gfn: int, pfn: int, level: int, private: bool, writable: bool) -> Outcome:
         if private and self.sptes.get(gfn) != (pfn, level, private, writable):
             st = self.link_and_set(gfn, level)
             if st == "busy":
@@ -174,7 +184,7 @@ class ReferenceTdx(ReferenceVM):
                 return ("exit", errno.EIO, None)
         return super()._install(gfn, pfn, level, private, writable)
 
-    def _level_cap(self, gfn, pfn, is_private, max_level):
+    def _level_cap(self, gfn: int, pfn: int, is_private: bool, max_level: int) -> int:
         if not is_private:
             return super()._level_cap(gfn, pfn, is_private, max_level)
         # Private: 4K, unless the huge-page series allows this 2M chunk.
@@ -183,7 +193,7 @@ class ReferenceTdx(ReferenceVM):
             return PG_LEVEL_4K
         return min(max_level, PG_LEVEL_2M)
 
-    def zap(self, s, e, filt=FILTER_ALL):
+    def zap(self, s: int, e: int, filt: int = FILTER_ALL) -> int:
         take = {True: bool(filt & FILTER_PRIVATE), False: bool(filt & FILTER_SHARED)}
         if filt & FILTER_PRIVATE:
             for g in (s, e - 1):
@@ -209,7 +219,7 @@ class ReferenceTdx(ReferenceVM):
             self.charge("zap_spte", n)
         return n
 
-    def remove_private(self, base, level):
+    def remove_private(self, base: int, level: int) -> None:
         """``tdx_sept_remove_private_spte`` for the leaf at ``base``."""
         n = PAGES[level]
         ent = self.sept.get(base)
@@ -243,7 +253,7 @@ class ReferenceTdx(ReferenceVM):
             return
         self.stats["tdx_page_clears"] += n
 
-    def demote(self, base):
+    def demote(self, base: int) -> bool:
         """Beyond upstream: BLOCK (2M), TRACK + kick, DEMOTE of the S-EPT leaf; True if it worked."""
         state, level = self.sept.get(base, ("free", 0))
         if level != PG_LEVEL_2M or state not in ("pending", "mapped"):
@@ -265,7 +275,7 @@ class ReferenceTdx(ReferenceVM):
         self.tables.add((1, base >> 9))
         return True
 
-    def split_mirror(self, base):
+    def split_mirror(self, base: int) -> None:
         """``tdp_mmu_split_huge_page`` of the 2M mirror leaf at ``base``."""
         for g in range(base, base + 512):
             p, _, pr, w = self.sptes[g]
@@ -277,7 +287,7 @@ class ReferenceTdx(ReferenceVM):
 
     # -- faults and accesses (tdx_handle_ept_violation) ----------------------------------------
 
-    def page_fault(self, gfn, private, write):
+    def page_fault(self, gfn: int, private: bool, write: bool) -> Outcome:
         self.check_runnable()
         if private:
             if self.sept.get(gfn, ("free",))[0] == "pending":
@@ -288,15 +298,15 @@ class ReferenceTdx(ReferenceVM):
             write = True
         return super().page_fault(gfn, private, write)
 
-    def usable(self, g, private, write):
+    def usable(self, g: int, private: bool, write: bool) -> bool:
         spte = self.sptes.get(g)
         if not spte or spte[2] != private:
             return False
         if private:
-            return self.sept.get(g, ("free",))[0] == "mapped"
+            return self.sept.get(g, ("free", 0))[0] == "mapped"
         return not write or spte[3]
 
-    def access(self, gfn, npages, private, write):
+    def access(self, gfn: int, npages: int, private: bool, write: bool) -> Outcome:
         self.check_runnable()
         done = faults = 0
         for g in range(gfn, gfn + npages):
@@ -310,12 +320,12 @@ class ReferenceTdx(ReferenceVM):
 
     # -- TDG.MEM.PAGE.ACCEPT -------------------------------------------------------------------
 
-    def _status(self, status, faults):
+    def _status(self, status: int, faults: int) -> Outcome:
         self.stats["tdcall_accept"] += 1
         self.charge("vmexit")
         return ("done", status, faults, None)
 
-    def accept(self, gpa, level):
+    def accept(self, gpa: int, level: int) -> Outcome:
         """Returns ``("done", status, faults, None)`` or ``("exit", None, faults, errno)``."""
         self.check_runnable()
         n = PAGES[level]
@@ -362,7 +372,7 @@ class ReferenceTdx(ReferenceVM):
                 continue
             return ("exit", None, faults, err)
 
-    def accept_memory(self, start, end):
+    def accept_memory(self, start: int, end: int) -> bool:
         """Linux ``tdx_accept_memory(start, end)``, TDCALL by TDCALL; memory-fault exits are
         answered with :meth:`convert_memory`. Returns True on success."""
         pos = start
@@ -387,12 +397,12 @@ class ReferenceTdx(ReferenceVM):
             pos += size
         return True
 
-    def _answer_fault(self, gpa):
+    def _answer_fault(self, gpa: int) -> bool:
         return self.convert_memory(gpa & ~0xFFF, 4096, True) == 0
 
     # -- TDG.VP.VMCALL<MapGPA> -----------------------------------------------------------------
 
-    def map_gpa(self, gpa, size):
+    def map_gpa(self, gpa: int, size: int) -> Outcome:
         """Returns ``("done", r10, r11)`` or ``("exit", (gpa, npages, attrs))``."""
         self.check_runnable()
         self.stats["tdvmcall_map_gpa"] += 1
@@ -412,7 +422,7 @@ class ReferenceTdx(ReferenceVM):
         self.charge("map_gpa")
         return self._mg_exit()
 
-    def _mg_exit(self):
+    def _mg_exit(self) -> Outcome:
         gpa = self.mg_next
         size = min(self.mg_end - gpa, _CHUNK)
         self.stats["hypercall_exits"] += 1
@@ -420,7 +430,7 @@ class ReferenceTdx(ReferenceVM):
         attrs = KVM_MAP_GPA_RANGE_DECRYPTED if gpa & shared else KVM_MAP_GPA_RANGE_ENCRYPTED
         return ("exit", (gpa & ~shared, size >> PAGE_SHIFT, attrs))
 
-    def map_gpa_complete(self, ret):
+    def map_gpa_complete(self, ret: int) -> Outcome:
         self.check_alive()
         if ret:
             return ("done", TDVMCALL_STATUS_INVALID_OPERAND, self.mg_next)
@@ -433,7 +443,7 @@ class ReferenceTdx(ReferenceVM):
         self.charge("userspace_exit")
         return self._mg_exit()
 
-    def map_gpa_answered(self, gpa, size):
+    def map_gpa_answered(self, gpa: int, size: int) -> tuple[Any, Any]:
         """MapGPA with every chunk answered by :meth:`convert_memory`; the final ``(r10, r11)``."""
         r = self.map_gpa(gpa, size)
         while r[0] == "exit":
@@ -442,7 +452,7 @@ class ReferenceTdx(ReferenceVM):
             r = self.map_gpa_complete(ret)
         return r[1], r[2]
 
-    def guest_map_gpa(self, start, end, enc):
+    def guest_map_gpa(self, start: int, end: int, enc: bool) -> bool:
         """Linux ``tdx_map_gpa``: RETRY resumes at r11, 3 retries without progress at most."""
         if not enc:
             start |= 1 << self.shared_bit
@@ -451,7 +461,7 @@ class ReferenceTdx(ReferenceVM):
         while retries < 3:
             status, r11 = self.map_gpa_answered(start, end - start)
             if status != TDVMCALL_STATUS_RETRY:
-                return status == 0
+                return bool(status == 0)
             if r11 is None or r11 < start or r11 >= end:
                 return False
             if r11 == start:
@@ -460,7 +470,7 @@ class ReferenceTdx(ReferenceVM):
             start, retries = r11, 0
         return False
 
-    def guest_convert(self, gpa, size, private):
+    def guest_convert(self, gpa: int, size: int, private: bool) -> bool:
         """Linux ``tdx_enc_status_changed``."""
         if not self.guest_map_gpa(gpa, gpa + size, private):
             return False
@@ -468,7 +478,7 @@ class ReferenceTdx(ReferenceVM):
 
     # -- QEMU's kvm_convert_memory --------------------------------------------------------------
 
-    def convert_memory(self, gpa, size, to_private):
+    def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         if gpa % 4096 or size % 4096 or not size:
             return -errno.EINVAL
         start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
@@ -490,7 +500,7 @@ class ReferenceTdx(ReferenceVM):
                                (e - s) << PAGE_SHIFT)
         return 0
 
-    def discard(self, slot, s, e):
+    def discard(self, slot: RefSlot, s: int, e: int) -> None:
         """``MADV_DONTNEED`` of the whole host pages of the slot's HVA range (not hugetlb)."""
         if self.backing in ("hugetlb-2m", "hugetlb-1g"):
             return
@@ -505,7 +515,7 @@ class ReferenceTdx(ReferenceVM):
 
     # -- the TD build ----------------------------------------------------------------------------
 
-    def init_mem_region(self, gfn, npages, measure):
+    def init_mem_region(self, gfn: int, npages: int, measure: bool) -> tuple[int, int]:
         """Returns ``(pages done, errno or 0)``."""
         self.check_alive()
         if self.runnable:
@@ -516,7 +526,7 @@ class ReferenceTdx(ReferenceVM):
                 return i, err
         return npages, 0
 
-    def populate_one(self, gfn, measure):
+    def populate_one(self, gfn: int, measure: bool) -> int:
         slot = self.slot_of(gfn)
         if slot is None or slot.gmem is None:
             return errno.EINVAL
@@ -561,7 +571,7 @@ class ReferenceTdx(ReferenceVM):
         gmem.prepared[fstart] = True
         return 0
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.check_alive()
         if self.runnable or (self.premap and self.nr_premapped):
             raise KvmError(errno.EINVAL, "finalize")

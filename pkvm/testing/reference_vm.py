@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 from types import MappingProxyType
+from typing import Any
 
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
@@ -39,6 +40,8 @@ PAGES = MappingProxyType({PG_LEVEL_4K: 1, PG_LEVEL_2M: 512, PG_LEVEL_1G: 512 * 5
 FILTER_SHARED, FILTER_PRIVATE = 1, 2
 FILTER_ALL = FILTER_SHARED | FILTER_PRIVATE
 MIXED = 1 << 31
+#: What the fault and access methods return: plain tuples, compared field by field in the tests.
+Outcome = tuple[Any, ...]
 _ORDER = MappingProxyType({"4k": 0, "thp": 9, "hugetlb-2m": 9, "hugetlb-1g": 18})
 
 
@@ -47,11 +50,11 @@ def _level_for_order(order: int) -> int:
 
 
 class RefSlot:
-    def __init__(self, key, base, npages, uaddr, flags, gmem, pgoff):
+    def __init__(self, key: int, base: int, npages: int, uaddr: int, flags: int, gmem: RefGmem | None, pgoff: int) -> None:
         self.key, self.base, self.npages, self.uaddr = key, base, npages, uaddr
         self.end = base + npages
         self.flags, self.gmem, self.file, self.pgoff = flags, gmem, gmem, pgoff
-        self.lpage = {PG_LEVEL_2M: {}, PG_LEVEL_1G: {}}  # level -> {chunk start gfn: word}
+        self.lpage: dict[int, dict[int, int]] = {PG_LEVEL_2M: {}, PG_LEVEL_1G: {}}  # level -> {chunk start gfn: word}
         for level, words in self.lpage.items():
             n = PAGES[level]
             first = base - base % n
@@ -67,46 +70,52 @@ class RefSlot:
 
 
 class RefGmem:
-    def __init__(self, vm, fd, size):
+    def __init__(self, vm: ReferenceVM, fd: int, size: int) -> None:
         self.vm, self.fd, self.size, self.npages = vm, fd, size, size >> PAGE_SHIFT
-        self.folios = {}    # index -> [pfn of this page, folio order, folio start index]
-        self.prepared = {}  # folio start index -> bool
-        self.bindings = {}  # index -> slot key
+        self.folios: dict[int, list[int]] = {}    # index -> [pfn of this page, folio order, folio start index]
+        self.prepared: dict[int, bool] = {}  # folio start index -> bool
+        self.bindings: dict[int, int] = {}  # index -> slot key
         self.closed = False
 
 
 class ReferenceVM:
     """Per-gfn twin of :class:`pkvm.VM` (same constructor and methods, reference semantics)."""
 
-    def __init__(self, vm_type="default", policy="fault-time", shared_backing="thp", nr_vcpus=1):
+    def __init__(self, vm_type: str | int = "default", policy: Any = "fault-time", shared_backing: str = "thp", nr_vcpus: int = 1) -> None:
         self.platform = PLATFORMS[VM_TYPE_NAMES[vm_type] if isinstance(vm_type, str) else vm_type]
         self.costs = CostModel.default(self.platform.name)
         self._platform = self.platform  # the op tables call vm.get_memory_attributes only
         self.policy = resolve_policy(policy)
         self.stats = dict.fromkeys(STAT_KEYS, 0)
-        self.cost = {}
+        self.cost: dict[str, int] = {}
         self.modeled_ns = 0
         self.nr_vcpus = nr_vcpus
-        self.attrs = {}
-        self.slots = {}
-        self.sptes = {}       # gfn -> (pfn, level, private, writable)
-        self.used = set()     # allocated host pfns
+        self.attrs: dict[int, int] = {}
+        self.slots: dict[int, RefSlot] = {}
+        self.sptes: dict[int, tuple[int, int, bool, bool]] = {}       # gfn -> (pfn, level, private, writable)
+        self.used: set[int] = set()     # allocated host pfns
         self.cursor = DEFAULT_START_PFN
-        self.hva = {}         # hva page -> pfn
+        self.hva: dict[int, int] = {}         # hva page -> pfn
         self.hva_order = _ORDER[shared_backing]
-        self.gmems = []
+        self.gmems: list[RefGmem] = []
         self.in_progress = 0
-        self.range = None
+        self.range: tuple[int, int] | None = None
         self.supported = KVM_MEMORY_ATTRIBUTE_PRIVATE if self.platform.has_private_mem else 0
 
     # -- helpers ------------------------------------------------------------------------
 
-    def charge(self, op, n=1):
+    @property
+    def _vm(self) -> Any:
+        """This twin where a platform op expects a :class:`pkvm.VM` (the ops read only
+        ``vm.get_memory_attributes``, which the twin has)."""
+        return self
+
+    def charge(self, op: str, n: int = 1) -> None:
         ns = self.costs.ns(op, n, nr_vcpus=self.nr_vcpus)
         self.cost[op] = self.cost.get(op, 0) + ns
         self.modeled_ns += ns
 
-    def alloc_block(self, order):
+    def alloc_block(self, order: int) -> int:
         size = 1 << order
         a = -(-self.cursor // size) * size
         while any(p in self.used for p in range(a, a + size)):
@@ -117,44 +126,44 @@ class ReferenceVM:
         self.charge("gmem_alloc_1g" if order >= 18 else "gmem_alloc_2m" if order >= 9 else "gmem_alloc_4k")
         return a
 
-    def get_memory_attributes(self, gfn):
+    def get_memory_attributes(self, gfn: int) -> int:
         return self.attrs.get(gfn, 0)
 
-    def slot_of(self, gfn):
+    def slot_of(self, gfn: int) -> RefSlot | None:
         for slot in self.slots.values():
             if slot.key >> 16 == 0 and slot.base <= gfn < slot.end:
                 return slot
         return None
 
-    def flush(self):
+    def flush(self) -> None:
         self.stats["remote_tlb_flush_requests"] += 1
         self.stats["remote_tlb_flush"] += 1
         self.charge("remote_tlb_flush")
 
-    def begin(self):
+    def begin(self) -> None:
         self.in_progress += 1
         if self.in_progress == 1:
             self.range = None
 
-    def range_add(self, s, e):
+    def range_add(self, s: int, e: int) -> None:
         self.range = (s, e) if self.range is None else (min(self.range[0], s), max(self.range[1], e))
 
-    def end(self):
+    def end(self) -> None:
         self.stats["mmu_invalidate_seq"] += 1
         self.in_progress -= 1
 
-    def leaf_gfns(self, gfn):
+    def leaf_gfns(self, gfn: int) -> range:
         pfn, level, _, _ = self.sptes[gfn]
         n = PAGES[level]
         return range(gfn - gfn % n, gfn - gfn % n + n)
 
-    def drop_leaf(self, gfn):
+    def drop_leaf(self, gfn: int) -> None:
         level = self.sptes[gfn][1]
         for g in self.leaf_gfns(gfn):
             del self.sptes[g]
         self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] -= 1
 
-    def zap(self, s, e, filt=FILTER_ALL):
+    def zap(self, s: int, e: int, filt: int = FILTER_ALL) -> int:
         """Zap the leaves on ``[s, e)``; one root holds both kinds here, so ``filt`` is moot."""
         n = 0
         for g in range(s, e):
@@ -168,7 +177,7 @@ class ReferenceVM:
 
     # -- KVM_SET_MEMORY_ATTRIBUTES --------------------------------------------------------
 
-    def set_memory_attributes(self, address, size, attributes, flags=0):
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         if flags:
             raise KvmError(errno.EINVAL, "flags")
         if attributes & ~self.supported:
@@ -215,7 +224,7 @@ class ReferenceVM:
             for s, e, slot in pieces:
                 self.post(slot, s, e, attributes)
 
-    def pieces(self, start, end):
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, RefSlot]]:
         out = []
         for slot in sorted(self.slots.values(), key=lambda s: s.key):
             s, e = max(start, slot.base), min(end, slot.end)
@@ -223,7 +232,7 @@ class ReferenceVM:
                 out.append((s, e, slot))
         return out
 
-    def store(self, start, end, attributes):
+    def store(self, start: int, end: int, attributes: int) -> None:
         for g in range(start, end):
             if attributes:
                 self.attrs[g] = attributes
@@ -232,7 +241,7 @@ class ReferenceVM:
         self.stats["attr_stores"] += end - start
         self.charge("attr_store", end - start)
 
-    def guard(self, slot, start, end):
+    def guard(self, slot: RefSlot, start: int, end: int) -> None:
         for level in (PG_LEVEL_2M, PG_LEVEL_1G):
             n = PAGES[level]
             hs, he = start - start % n, (end - 1) - (end - 1) % n
@@ -242,7 +251,7 @@ class ReferenceVM:
             if he != hs and he + n > end and he + n <= slot.end and not slot.lpage[level][he] & MIXED:
                 self.range_add(he, he + n)
 
-    def has_attrs(self, slot, g, level, attrs):
+    def has_attrs(self, slot: RefSlot, g: int, level: int, attrs: int) -> bool:
         if level == PG_LEVEL_2M:
             return all(self.attrs.get(x, 0) == attrs for x in range(g, g + 512))
         for sub in range(g, g + PAGES[PG_LEVEL_1G], 512):
@@ -250,11 +259,11 @@ class ReferenceVM:
                 return False
         return True
 
-    def set_mixed(self, slot, g, level, mixed):
+    def set_mixed(self, slot: RefSlot, g: int, level: int, mixed: bool) -> None:
         w = slot.lpage[level][g]
         slot.lpage[level][g] = (w | MIXED) if mixed else (w & ~MIXED)
 
-    def post(self, slot, start, end, attrs):
+    def post(self, slot: RefSlot, start: int, end: int, attrs: int) -> None:
         whole = self.policy.mixed_head_in_slot == "whole-chunk"
         for level in (PG_LEVEL_2M, PG_LEVEL_1G):
             n = PAGES[level]
@@ -271,10 +280,11 @@ class ReferenceVM:
 
     # -- memslots -------------------------------------------------------------------------
 
-    def set_user_memory_region2(self, slot, flags, gpa, size, uaddr=0, gmem=None, gmem_off=0):
+    def set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, uaddr: int = 0, gmem: RefGmem | None = None, gmem_off: int = 0) -> None:
         """Valid calls only (validation is tested against the kernel table separately)."""
         old = self.slots.get(slot)
         if size == 0:
+            assert old is not None, "valid calls only"
             self.delete(old)
             return
         if old is not None:
@@ -294,7 +304,7 @@ class ReferenceVM:
                 gmem.bindings[new.pgoff + i] = slot
         self.slots[slot] = new
 
-    def delete(self, old):
+    def delete(self, old: RefSlot) -> None:
         if old.key >> 16 == 0 and self.zap(old.base, old.end):
             self.flush()
         del self.slots[old.key]
@@ -304,12 +314,12 @@ class ReferenceVM:
 
     # -- guest_memfd ------------------------------------------------------------------------
 
-    def create_guest_memfd(self, size):
+    def create_guest_memfd(self, size: int) -> RefGmem:
         g = RefGmem(self, len(self.gmems) + 3, size)
         self.gmems.append(g)
         return g
 
-    def folio_at(self, gmem, index):
+    def folio_at(self, gmem: RefGmem, index: int) -> list[int]:
         """The folio at file ``index``, allocating it as a lookup would (order-9 blocks when the
         policy allows and the aligned block is inside the file and empty): ``(pfn, order, start)``."""
         if index not in gmem.folios:
@@ -322,7 +332,7 @@ class ReferenceVM:
             self.new_folio(gmem, index, order)
         return gmem.folios[index]
 
-    def new_folio(self, gmem, index, order):
+    def new_folio(self, gmem: RefGmem, index: int, order: int) -> None:
         start = index - index % (1 << order)
         pfn = self.alloc_block(order)
         for i in range(1 << order):
@@ -330,7 +340,7 @@ class ReferenceVM:
         gmem.prepared[start] = self.policy.prepare == "none"
         self.stats["gmem_pages_allocated"] += 1 << order
 
-    def fallocate(self, gmem, mode, offset, length):
+    def fallocate(self, gmem: RefGmem, mode: int, offset: int, length: int) -> None:
         start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
         if mode & FALLOC_FL_PUNCH_HOLE:
             self.punch(gmem, start, min(end, gmem.npages))
@@ -351,7 +361,7 @@ class ReferenceVM:
                 self.new_folio(gmem, i, 0)
                 i += 1
 
-    def bound_ranges(self, gmem, start, end):
+    def bound_ranges(self, gmem: RefGmem, start: int, end: int) -> list[int]:
         out = []
         for i in range(start, end):
             key = gmem.bindings.get(i)
@@ -360,7 +370,7 @@ class ReferenceVM:
                 out.append(slot.base + i - slot.pgoff)
         return out
 
-    def punch(self, gmem, start, end):
+    def punch(self, gmem: RefGmem, start: int, end: int) -> None:
         if start >= end:
             return
         gfns = self.bound_ranges(gmem, start, end)
@@ -370,12 +380,12 @@ class ReferenceVM:
         if gfns:
             self.end()
 
-    def invalidate_gfns(self, gfns):
+    def invalidate_gfns(self, gfns: list[int]) -> None:
         """Invalidate the bound gfns (in file order), zapping only private mappings (§4.7):
         consecutive gfns of one memslot are zapped as one range, as per binding."""
         self.begin()
         flush = False
-        runs = []
+        runs: list[list[int]] = []
         for g in gfns:
             if runs and runs[-1][1] == g and self.slot_of(g) is self.slot_of(g - 1):
                 runs[-1][1] = g + 1
@@ -387,7 +397,7 @@ class ReferenceVM:
         if flush:
             self.flush()
 
-    def truncate(self, gmem, start, end):
+    def truncate(self, gmem: RefGmem, start: int, end: int) -> None:
         freed = 0
         for i in sorted(gmem.folios):
             if not start <= i < end:
@@ -405,7 +415,7 @@ class ReferenceVM:
             self.stats["gmem_pages_freed"] += freed
             self.charge("gmem_punch_4k", freed)
 
-    def close(self, gmem):
+    def close(self, gmem: RefGmem) -> None:
         gfns = self.bound_ranges(gmem, 0, gmem.npages)
         for key in set(gmem.bindings.values()):
             self.slots[key].file = None
@@ -418,7 +428,7 @@ class ReferenceVM:
 
     # -- faults -------------------------------------------------------------------------------
 
-    def page_fault(self, gfn, private, write):
+    def page_fault(self, gfn: int, private: bool, write: bool) -> Outcome:
         """One fault; returns ``(ret, errno, memory_fault_flags_or_None)``."""
         r = self._fault(gfn, private, write)
         st = self.stats
@@ -433,15 +443,15 @@ class ReferenceVM:
             self.charge("userspace_exit")
         return r
 
-    def _exit(self, is_private, err):
+    def _exit(self, is_private: bool, err: int) -> Outcome:
         return ("exit", err, KVM_MEMORY_EXIT_FLAG_PRIVATE if is_private else 0)
 
-    def _fault(self, gfn, private, write):
+    def _fault(self, gfn: int, private: bool, write: bool) -> Outcome:
         attr_private = bool(self.attrs.get(gfn, 0) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
         if self.policy.private_fault_source == "attributes":
             is_private = attr_private
         else:
-            is_private = bool(self.platform.fault_is_private(self, gfn, private))
+            is_private = bool(self.platform.fault_is_private(self._vm, gfn, private))
         spte = self.sptes.get(gfn)
         if spte and not (self.platform.has_private_mem and is_private != attr_private) and write and spte[3]:
             return ("spurious", 0, None)
@@ -469,13 +479,13 @@ class ReferenceVM:
                 self.stats["shared_pages_populated"] += size
             pfn = self.hva[h]
             max_level = PG_LEVEL_1G
-        if self.in_progress and self.range[0] <= gfn < self.range[1] or self.stats["mmu_invalidate_seq"] != seq:
+        if self.in_progress and self.range is not None and self.range[0] <= gfn < self.range[1] or self.stats["mmu_invalidate_seq"] != seq:
             return ("retry", 0, None)
         level = self._level(slot, gfn, pfn, is_private, max_level)
         writable = not slot.flags & KVM_MEM_READONLY
         return self._install(gfn, pfn, level, is_private, writable)
 
-    def _gmem_pfn(self, slot, gfn):
+    def _gmem_pfn(self, slot: RefSlot, gfn: int) -> int | tuple[int, int]:
         if slot.gmem is None or slot.file is None:
             return errno.EFAULT
         gmem = slot.gmem
@@ -487,7 +497,7 @@ class ReferenceVM:
         op = self.platform.gmem_prepare
         if mode == "once-per-folio" and not gmem.prepared[fstart] or mode == "every-lookup":
             if is_implemented(op):
-                r = op(self, gfn - (index - fstart), pfn - (index - fstart), order, 1)
+                r = op(self._vm, gfn - (index - fstart), pfn - (index - fstart), order, 1)
                 if r:
                     if mode == "every-lookup":
                         gmem.prepared[fstart] = True
@@ -498,7 +508,7 @@ class ReferenceVM:
             order = 0
         return pfn, order
 
-    def _level(self, slot, gfn, pfn, is_private, max_level):
+    def _level(self, slot: RefSlot, gfn: int, pfn: int, is_private: bool, max_level: int) -> int:
         """§3.5: the largest level lpage_info allows, capped by the backing's level."""
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES or max_level == PG_LEVEL_4K:
             return PG_LEVEL_4K
@@ -509,17 +519,17 @@ class ReferenceVM:
             return level
         return min(level, self._level_cap(gfn, pfn, is_private, max_level))
 
-    def _level_cap(self, gfn, pfn, is_private, max_level):
+    def _level_cap(self, gfn: int, pfn: int, is_private: bool, max_level: int) -> int:
         """The backing's limit: gmem order and the platform cap if private, else the host page."""
         if is_private:
             cap = max_level
-            limit = self.platform.gmem_max_mapping_level(self, pfn, True)
+            limit = self.platform.gmem_max_mapping_level(self._vm, pfn, True)
             if limit:
                 cap = min(cap, limit)
             return cap
         return _level_for_order(self.hva_order)
 
-    def _install(self, gfn, pfn, level, private, writable):
+    def _install(self, gfn: int, pfn: int, level: int, private: bool, writable: bool) -> Outcome:
         # Split larger leaves on the way down.
         while gfn in self.sptes and self.sptes[gfn][1] > level:
             old_level = self.sptes[gfn][1]
@@ -551,7 +561,7 @@ class ReferenceVM:
         self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] += 1
         return ("fixed", 0, None)
 
-    def access(self, gfn, npages, private, write):
+    def access(self, gfn: int, npages: int, private: bool, write: bool) -> Outcome:
         """Per-page walk; returns ``(ret, pages_done, faults, errno)``."""
         done = faults = 0
         for g in range(gfn, gfn + npages):
@@ -566,7 +576,7 @@ class ReferenceVM:
                     return (ret, done, faults, err)
         return ("done", done, faults, 0)
 
-    def mixed(self, slot_key, gfn, level):
+    def mixed(self, slot_key: int, gfn: int, level: int) -> int:
         slot = self.slots[slot_key]
         return slot.lpage[level][gfn - gfn % PAGES[level]]
 
