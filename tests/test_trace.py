@@ -228,7 +228,10 @@ def test_replay_of_arbitrary_host_traces_never_corrupts(tmp_path, platform, line
         assert "line" in str(exc) or vm.vm_dead
         return
     except ValueError as exc:
-        assert "vCPU" in str(exc) or "line" in str(exc)
+        # A file with no event pkvm knows is refused as not a trace, before the VM is touched.
+        assert "vCPU" in str(exc) or "line" in str(exc) or (
+            "is not a trace pkvm can replay: it has none of the events" in str(exc)
+            and vm.stats["gmem_pages_allocated"] == 0)
         return
     vm.check()  # the run finished: every structure agrees with every other
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +42,7 @@ from pkvm.sim.gantt import plot_gantt
 from pkvm.sim.recorder import Recorder
 
 __all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
-           "PLATFORMS", "SHARED_BACKINGS"]
+           "PLATFORMS", "SHARED_BACKINGS", "platform_policies"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -123,6 +124,7 @@ class Config:
         if missing:
             raise ValueError(f"workload {self.workload!r} needs option {missing[0]!r} "
                              f"({wl.options[missing[0]].help})")
+        _workloads.check_platform(self.workload, self.platform, parsed)
         object.__setattr__(self, "options", opts)
         object.__setattr__(self, "costs", dict(self.costs))
         object.__setattr__(self, "trace_events", check_trace_events(self.trace_events, "trace_events"))
@@ -135,21 +137,23 @@ class Config:
                              "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
-        try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
-            VM(self.platform, policy=self.policy)
-        except KvmError as exc:
-            raise ValueError(f"policy {self.policy!r} cannot run on a {self.platform} VM: {exc.strerror}") from None
+        _check_policy(self.platform, self.policy)
         self.cost_model()  # validates overrides and the file
 
     def cost_model(self) -> CostModel:
-        """The cost model this config runs with."""
+        """The cost model this config runs with.
+
+        Raises:
+            ValueError: the cost file is not a cost model (its messages name the file).
+            OSError: the cost file cannot be read.
+        """
         model = CostModel.default(self.platform)
         if self.cost_file is not None:
-            if str(self.cost_file).endswith(".json"):
-                with open(self.cost_file, encoding="utf-8") as f:
-                    model = CostModel.from_dict(json.load(f), base=model)
+            path = os.fspath(self.cost_file)
+            if path.endswith(".json"):
+                model = _json_cost_model(path, model)
             else:
-                model = CostModel.from_toml(self.cost_file, base=model)
+                model = CostModel.from_toml(Path(path), base=model)
         if self.costs:
             model = model.with_overrides(self.costs)
         return model
@@ -162,6 +166,67 @@ class Config:
         d = asdict(self)
         d["memory_text"] = format_size(self.memory)  # type: ignore[arg-type]
         return d
+
+
+def _json_cost_model(path: str, base: CostModel) -> CostModel:
+    """The cost model of the JSON file at ``path`` over ``base``; every error names the file."""
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"cost model JSON {path}: the file is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"bad cost model JSON in {path}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"bad cost model JSON in {path}: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"cost model JSON {path} holds a {type(data).__name__}, not an object "
+                         "like {\"overrides\": {\"rmpupdate\": \"800ns\"}}")
+    try:
+        return CostModel.from_dict(data, base=base)
+    except ValueError as exc:
+        raise ValueError(f"cost model JSON {path}: {exc}") from None
+
+
+def _check_policy(platform: str, policy: object) -> None:
+    """ValueError unless ``policy`` (a spec string) names a policy that ``platform`` runs and
+    distinguishes from 6.19; the message lists the presets that platform runs."""
+    from pkvm.errors import KvmError
+    from pkvm.kvm.policy import platform_mismatch
+    from pkvm.kvm.vm import VM
+
+    if not isinstance(policy, str):
+        raise ValueError(f"policy {policy!r} must be a preset name or spec string like '6.19+gmem_max_order=9'")
+    try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
+        VM(platform, policy=policy)
+        why = platform_mismatch(policy, platform)
+    except KvmError as exc:
+        why = exc.strerror.split("; use ")[0]
+    if why is not None:
+        article = "an" if platform == "snp" else "a"
+        raise ValueError(f"policy {policy!r} cannot run on {article} {platform} VM ({why}); {platform} policies: "
+                         f"{', '.join(platform_policies(platform))}")
+
+
+def platform_policies(platform: str) -> tuple[str, ...]:
+    """The policy presets ``platform`` runs and tells apart from 6.19 by name, in preset order."""
+    from pkvm.errors import KvmError
+    from pkvm.kvm.policy import Policy, platform_mismatch
+    from pkvm.kvm.vm import VM
+
+    out = []
+    for name in Policy.presets():
+        if platform_mismatch(name, platform) is not None:
+            continue
+        try:
+            VM(platform, policy=name)
+        except KvmError:
+            continue
+        out.append(name)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -320,6 +385,8 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
             tracer = Tracer(sink, header=[_trace_header(config, opts)], events=config.trace_events)
             vm.trace(tracer)
         tl = _run_timeline(config, vm, ctx, wl, opts)
+        if sink is not None:
+            sink.write(_trace_trailer(vm))
     finally:
         if sink is not None:
             vm.trace(None)
@@ -380,6 +447,18 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
             f"prealloc={int(bool(opts.get('prealloc', False)))} shared_backing={config.shared_backing} "
             f"discard={int(config.discard)} setup=untraced"
             + ("" if config.trace_events is None else f" events={','.join(config.trace_events)}"))
+
+
+def _trace_trailer(vm: Any) -> str:
+    """The ``# pkvm end`` line a replay reads to say what it could not reproduce: the run's
+    modeled total, its modeled ns by operation and the counters of guest-only work."""
+    from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
+
+    stats = vm.stats
+    parts = [f"modeled_ns={vm.modeled_ns}"]
+    parts += [f"op.{op}={ns}" for op, ns in sorted(vm.cost_breakdown().items()) if ns]
+    parts += [f"stat.{k}={stats[k]}" for k in sorted(GUEST_ONLY_COUNTERS) if stats.get(k)]
+    return "# pkvm end " + " ".join(parts) + "\n"
 
 
 def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0, *,

@@ -81,14 +81,22 @@ def _bool(text: object) -> bool:
 
 
 def _nonneg_int(text: object) -> int:
-    v = int(str(text), 0) if not isinstance(text, int) or isinstance(text, bool) else text
-    if isinstance(text, bool) or v < 0:
+    if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a non-negative integer")
+    try:
+        v = text if isinstance(text, int) else int(str(text).strip().replace("_", ""), 0)
+    except ValueError:
+        raise ValueError("expected a non-negative integer such as 5000 or 0x1000") from None
+    if v < 0:
+        raise ValueError(f"{v} is negative; expected a non-negative integer")
     return v
 
 
 def _fraction(text: object) -> float:
-    v = float(text)  # type: ignore[arg-type]
+    try:
+        v = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError("expected a fraction in [0, 1] such as 0.25") from None
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{text!r} is not a fraction in [0, 1]")
     return v
@@ -649,6 +657,27 @@ WORKLOADS: Mapping[str, Workload] = MappingProxyType({w.name: w for w in (
     Workload("replay", "replay a kernel trace (trace-cmd report text), e.g. one written by --trace",
              MappingProxyType({"file": Option(None, _text, "the trace file")}), replay),
 )})
+
+
+#: Options whose 4K value asks the guest to accept in 4K units only, which a TDX guest cannot:
+#: it always tries 1G, then 2M, then 4K (``try_accept_one``).
+_ACCEPT_UNIT_OPTIONS = (("boot", "accept"), ("balloon", "chunk"))
+
+
+def check_platform(workload: str, platform: str, options: Mapping[str, Any]) -> None:
+    """Refuse parsed ``options`` of ``workload`` that the ``platform``'s guest cannot follow,
+    before anything runs.
+
+    Raises:
+        ValueError: names the option, its value and what the platform accepts.
+    """
+    if platform != "tdx":
+        return
+    for wl, name in _ACCEPT_UNIT_OPTIONS:
+        if workload == wl and options.get(name) == PAGE_SIZE:
+            raise ValueError(f"workload {wl!r} option {name}=4K: a TDX guest accepts 1G, then 2M, then "
+                             f"4K (try_accept_one) and has no 4K-only mode; on tdx use {name}=2M "
+                             "(4K is for snp)")
 
 
 def get(name: str) -> Workload:
