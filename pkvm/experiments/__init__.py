@@ -74,7 +74,8 @@ class Config:
     ``memory`` accepts a size string (``"64G"``) and is stored in bytes. ``options`` are the
     workload's (``{"accept": "4K"}``); ``costs`` single-operation overrides (``{"rmpupdate":
     "800ns"}``), applied over ``cost_file`` (a TOML or JSON cost model) or the platform's
-    default model. ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
+    default model. ``policy`` is a preset or spec string (default: the current upstream kernel,
+    ``fault-time`` on snp and ``6.19`` elsewhere). ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
     on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
     direct-map flush). ``discard=False`` makes the VMM keep both backings on conversion (see
     :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see
@@ -91,7 +92,7 @@ class Config:
     memory: int | str = 64 << 30
     workload: str = "boot"
     options: Mapping[str, Any] = field(default_factory=dict)
-    policy: str = "fault-time"
+    policy: str | None = None
     costs: Mapping[str, Any] = field(default_factory=dict)
     cost_file: str | None = None
     vcpus: int = 1
@@ -137,6 +138,8 @@ class Config:
                              "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
+        if self.policy is None:  # the current upstream kernel, under the name SNP users know
+            object.__setattr__(self, "policy", "fault-time" if self.platform == "snp" else "6.19")
         _check_policy(self.platform, self.policy)
         self.cost_model()  # validates overrides and the file
 
@@ -272,7 +275,7 @@ class Result:
 
     @property
     def policy(self) -> str:
-        return self.config.policy
+        return str(self.config.policy)
 
     @property
     def gfns_per_s(self) -> float:
