@@ -42,7 +42,7 @@ from pkvm.sim.gantt import plot_gantt
 from pkvm.sim.recorder import Recorder
 
 __all__ = ["Config", "Result", "run", "compare", "sweep", "version", "DEFAULT_POLICIES", "PLATFORM_POLICIES",
-           "PLATFORMS", "SHARED_BACKINGS", "platform_policies"]
+           "PLATFORMS", "SHARED_BACKINGS", "platform_policies", "trace_size"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -518,3 +518,59 @@ def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str]
                             gantt=_trace_path(base.gantt, tag.format(pol), 2)) for pol in pols]
     return _run_all(cfgs, seed, progress, jobs)
 
+
+
+class _CountingSink:
+    """A text sink that only counts what a :class:`pkvm.trace.Tracer` would write."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.lines = 0
+
+    def write(self, text: str) -> int:
+        self.chars += len(text)  # trace lines are ASCII: characters are bytes
+        self.lines += text.count("\n")
+        return len(text)
+
+
+def _traced_size(config: Config, seed: int) -> tuple[int, int]:
+    """``(lines, bytes)`` the trace of ``config`` has, by running it with a counting sink."""
+    from .trace import Tracer
+
+    wl = _workloads.get(config.workload)
+    opts = _workloads.parse_options(wl, config.options)
+    vm, ctx = _build(config.with_(trace=None), seed, None)
+    sink = _CountingSink()
+    sink.write(f"cpus={config.vcpus + 1}\n")
+    vm.trace(Tracer(sink, header=[_trace_header(config, opts)]))
+    wl.run(ctx, **opts)
+    sink.write(_trace_trailer(vm))
+    return sink.lines, sink.chars
+
+
+def trace_size(config: Config, seed: int = 0) -> tuple[int, int]:
+    """About how many ``(lines, bytes)`` the trace of ``run(config, seed)`` has, before writing it.
+
+    A replay's trace is about as large as the file it replays. Otherwise the workload runs
+    untraced-to-disk (its events only counted) at the config's memory when that is at most
+    512M, else at two small sizes (128M and 256M, or more for a large image), and the counts
+    are extrapolated linearly in memory: every workload's event count is a fixed part plus
+    a part proportional to guest RAM (checked within 2 % for boot, swiotlb, balloon, mixed).
+
+    Raises:
+        ValueError: as :func:`run`.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a pkvm.experiments.Config, not {type(config).__name__}")
+    if config.workload == "replay":
+        size = os.path.getsize(config.options["file"])
+        return size // 110, size  # ~110 bytes per trace-cmd line
+    mem = int(config.memory)  # type: ignore[arg-type]
+    m1 = max(128 << 20, (2 * int(config.image) + (2 << 20) - 1) & ~((2 << 20) - 1))  # type: ignore[arg-type]
+    m2 = 2 * m1
+    if mem <= 2 * m2:
+        return _traced_size(config, seed)
+    l1, b1 = _traced_size(config.with_(memory=m1), seed)
+    l2, b2 = _traced_size(config.with_(memory=m2), seed)
+    k = (mem - m1) / (m2 - m1)
+    return max(l1, round(l1 + (l2 - l1) * k)), max(b1, round(b1 + (b2 - b1) * k))
