@@ -677,16 +677,10 @@ def _message(exc: BaseException) -> str:
 
 
 def _escape(text: str) -> str:
-    """``text`` with control characters (and lone surrogates) shown as escapes, so that a
-    message is one line of printable text whatever the user typed."""
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if o < 0x20 or 0x7F <= o < 0xA0 or 0xD800 <= o < 0xE000 or ch in "\u2028\u2029":
-            out.append(repr(ch)[1:-1] if o < 0x100 or ch in "\u2028\u2029" else f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """``text`` with every character that is not printable (control characters, line and
+    paragraph separators, lone surrogates, unassigned code points) shown as its Python
+    escape, so that a message is one line of printable text whatever the user typed."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _fail(message: str) -> None:
