@@ -535,7 +535,7 @@ class _CountingSink:
 
 def _traced_size(config: Config, seed: int) -> tuple[int, int]:
     """``(lines, bytes)`` the trace of ``config`` has, by running it with a counting sink."""
-    from .trace import Tracer
+    from pkvm.experiments.trace import Tracer
 
     wl = _workloads.get(config.workload)
     opts = _workloads.parse_options(wl, config.options)
