@@ -247,3 +247,16 @@ def test_unexpected_errors_are_one_line_unless_pkvm_debug(capsys, monkeypatch):
     monkeypatch.setenv("PKVM_DEBUG", "1")
     with pytest.raises(RuntimeError, match="simulated bug"):
         main(["workloads"])
+
+
+def test_costs_help_toml_and_vm_docstring_cite_docs_costs_md(capsys):
+    """``costs --help``, the TOML header and the ``VM`` docstring cite docs/costs.md, a file in
+    the repository, not the house spec."""
+    import pkvm
+
+    assert main(["costs", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert main(["costs", "--toml"]) == 0
+    toml_head = capsys.readouterr().out.split("\nformat")[0]
+    for text in (help_text, toml_head, pkvm.VM.__doc__):
+        assert "docs/costs.md" in text and "spec/" not in text
