@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as _metadata
-from typing import Any
+from typing import IO, Any, cast
 
 from pkvm._units import format_size, parse_size
 from pkvm.actors.guest import Guest
@@ -207,7 +207,7 @@ def _check_policy(platform: str, policy: object) -> None:
         VM(platform, policy=policy)
         why = platform_mismatch(policy, platform)
     except KvmError as exc:
-        why = exc.strerror.split("; use ")[0]
+        why = (exc.strerror or str(exc)).split("; use ")[0]
     if why is not None:
         article = "an" if platform == "snp" else "a"
         raise ValueError(f"policy {policy!r} cannot run on {article} {platform} VM ({why}); {platform} policies: "
@@ -353,7 +353,7 @@ class Result:
 
 def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
     options = {"host_cpus": config.host_cpus} if config.platform == "snp" else None
-    vm = VM(config.platform, policy=config.policy, costs=config.cost_model(), seed=seed,
+    vm = VM(config.platform, policy=str(config.policy), costs=config.cost_model(), seed=seed,
             shared_backing=config.shared_backing, nr_vcpus=config.vcpus, options=options)
     vmm = Vmm(vm, discard=config.discard)
     vcpus = [vm.create_vcpu() for _ in range(config.vcpus)]
@@ -493,7 +493,7 @@ def _run_all(cfgs: list[Config], seed: int, progress: Callable[[str, float], Non
         for cfg, fut in zip(cfgs, futures):
             results.append(fut.result())
             if progress is not None:
-                progress(cfg.policy, 1.0)
+                progress(str(cfg.policy), 1.0)
     return results
 
 
@@ -542,7 +542,7 @@ def _traced_size(config: Config, seed: int) -> tuple[int, int]:
     vm, ctx = _build(config.with_(trace=None), seed, None)
     sink = _CountingSink()
     sink.write(f"cpus={config.vcpus + 1}\n")
-    vm.trace(Tracer(sink, header=[_trace_header(config, opts)]))
+    vm.trace(Tracer(cast(IO[str], sink), header=[_trace_header(config, opts)]))
     wl.run(ctx, **opts)
     sink.write(_trace_trailer(vm))
     return sink.lines, sink.chars

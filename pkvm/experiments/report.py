@@ -194,7 +194,7 @@ def _labels(results: Sequence[Result]) -> tuple[list[str], list[str]]:
 
 def _label_parts(r: Result, heads: Sequence[str]) -> list[str]:
     values = {"platform": r.config.platform, "memory": format_size(r.config.memory),  # type: ignore[arg-type]
-              "policy": r.config.policy}
+              "policy": r.policy}
     return [values[h] for h in heads]
 
 
@@ -477,7 +477,7 @@ def _plot_sweep(ax: Any, results: Sequence[Result]) -> None:
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         if r.modeled_ns > 0:  # a log axis cannot show 0
-            lines.setdefault(r.config.policy, []).append((int(r.config.memory), r.modeled_ns / 1e9))
+            lines.setdefault(r.policy, []).append((int(r.config.memory), r.modeled_ns / 1e9))
     memories = sorted({int(r.config.memory) for r in results})
     # Distinct markers and dashes too: policies with equal times draw on top of each other.
     markers, dashes = "os^Dv<>P", ("-", "--", "-.", ":")
