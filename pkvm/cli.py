@@ -40,7 +40,7 @@ from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_table
 from pkvm.errors import PkvmError
 from pkvm.experiments import report, workloads
-from pkvm.experiments.trace import TRACE_EVENTS, check_trace_events, header_fields
+from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -346,8 +346,6 @@ def _check_cost_file(option: str, path: str | None) -> None:
 
 def _check_replay_file(path: str) -> None:
     """``--workload replay:PATH``: a readable file that is a trace (:func:`pkvm.trace.check_file`)."""
-    from pkvm.experiments.trace import check_file
-
     _check_input_file(f"--workload replay:{path}", path)
     try:
         check_file(path)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as _metadata
+from pathlib import Path
 from typing import IO, Any, cast
 
 from pkvm._units import format_size, parse_size
@@ -33,8 +33,10 @@ from pkvm.actors.vmm import Vmm
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.experiments import workloads as _workloads
+from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
+from pkvm.kvm.policy import Policy, platform_mismatch
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
 from pkvm.sim.chrome import write_chrome_trace
@@ -173,8 +175,6 @@ class Config:
 
 def _json_cost_model(path: str, base: CostModel) -> CostModel:
     """The cost model of the JSON file at ``path`` over ``base``; every error names the file."""
-    import json
-
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -197,10 +197,6 @@ def _json_cost_model(path: str, base: CostModel) -> CostModel:
 def _check_policy(platform: str, policy: object) -> None:
     """ValueError unless ``policy`` (a spec string) names a policy that ``platform`` runs and
     distinguishes from 6.19; the message lists the presets that platform runs."""
-    from pkvm.errors import KvmError
-    from pkvm.kvm.policy import platform_mismatch
-    from pkvm.kvm.vm import VM
-
     if not isinstance(policy, str):
         raise ValueError(f"policy {policy!r} must be a preset name or spec string like '6.19+gmem_max_order=9'")
     try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
@@ -216,10 +212,6 @@ def _check_policy(platform: str, policy: object) -> None:
 
 def platform_policies(platform: str) -> tuple[str, ...]:
     """The policy presets ``platform`` runs and tells apart from 6.19 by name, in preset order."""
-    from pkvm.errors import KvmError
-    from pkvm.kvm.policy import Policy, platform_mismatch
-    from pkvm.kvm.vm import VM
-
     out = []
     for name in Policy.presets():
         if platform_mismatch(name, platform) is not None:
@@ -455,8 +447,6 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
 def _trace_trailer(vm: Any) -> str:
     """The ``# pkvm end`` line a replay reads to say what it could not reproduce: the run's
     modeled total, its modeled ns by operation and the counters of guest-only work."""
-    from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
-
     stats = vm.stats
     parts = [f"modeled_ns={vm.modeled_ns}"]
     parts += [f"op.{op}={ns}" for op, ns in sorted(vm.cost_breakdown().items()) if ns]
@@ -535,8 +525,6 @@ class _CountingSink:
 
 def _traced_size(config: Config, seed: int) -> tuple[int, int]:
     """``(lines, bytes)`` the trace of ``config`` has, by running it with a counting sink."""
-    from pkvm.experiments.trace import Tracer
-
     wl = _workloads.get(config.workload)
     opts = _workloads.parse_options(wl, config.options)
     vm, ctx = _build(config.with_(trace=None), seed, None)
