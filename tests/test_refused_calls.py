@@ -15,6 +15,7 @@ import errno
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tdxhelpers import td, tdx_snapshot
 from vmhelpers import GMEM, PRIVATE, UADDR, snapshot
 
 import pkvm
@@ -37,10 +38,15 @@ def full_snapshot(vm):
     rmp = getattr(vm, "rmp", None)
     if rmp is not None:
         extra.append(rmp.ranges())
+    if vm.platform.name == "tdx":
+        extra.append(tdx_snapshot(vm)[1:])
     return snapshot(vm), extra
 
 
 def _vm(platform):
+    if platform == "tdx":  # a finalized TD: RAM private, as QEMU builds it
+        vm, _vmm, gmem, vcpu = td(SIZE)
+        return vm, gmem, vcpu
     vm = pkvm.VM(platform, policy="6.19")
     gmem = vm.create_guest_memfd(SIZE)
     vm.set_user_memory_region2(0, GMEM, 0, SIZE, UADDR, gmem, 0)
@@ -63,6 +69,11 @@ def _calls(vm, gmem, vcpu):
         ("enable_cap", lambda a, b: vm.enable_cap(a, b), 2),
         ("check_extension", lambda a: vm.check_extension(a), 1),
     ]
+    if vm.platform.name == "tdx":
+        calls += [
+            ("map_gpa", lambda a, b: vcpu.map_gpa(a, b), 2),
+            ("accept", lambda a, b: vcpu.accept(a, b), 2),
+        ]
     if vm.platform.name == "snp":
         calls += [
             ("launch_update", lambda a, b, c, d: vm.snp.launch_update(a, b, c if type(c) is not int else c & 7, d), 4),
@@ -72,7 +83,7 @@ def _calls(vm, gmem, vcpu):
 
 
 @settings(deadline=None)
-@given(platform=st.sampled_from(["sw_protected", "snp"]), steps=st.lists(
+@given(platform=st.sampled_from(["sw_protected", "snp", "tdx"]), steps=st.lists(
     st.tuples(st.integers(0, 11), st.lists(_ARG, min_size=4, max_size=4)), min_size=1, max_size=25))
 def test_refused_calls_change_nothing(platform, steps):
     """Across the API: success, or a documented exception and an unchanged VM."""
