@@ -654,3 +654,29 @@ def test_cost_model_strategy_docstring():
 
     result = doctest.testmod(pkvm.testing.strategies)
     assert result.failed == 0 and result.attempted > 0
+
+
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**400), st.floats(), st.text(max_size=8),
+              st.sampled_from(["800ns", "1e30s", "rmpupdate", "snp", "amd", "intel", "tdx"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["format", "profile", "host", "costs", "overrides",
+                                                             "rmpupdate", "value_ns", "slope_ns", "unit", "row",
+                                                             "includes", "confidence", "x"]), inner, max_size=4)),
+    max_leaves=12)
+
+
+@given(data=st.dictionaries(st.sampled_from(["format", "profile", "host", "costs", "overrides", "fingerprint"]),
+                            _JSON, max_size=4),
+       with_base=st.booleans())
+def test_from_dict_of_any_json_shape_is_a_model_or_a_value_error(data, with_base):
+    """Whatever a cost file holds under the known keys, from_dict returns a model or raises
+    ValueError: never KeyError, TypeError or OverflowError."""
+    base = CostModel.default("snp") if with_base else None
+    try:
+        model = CostModel.from_dict(data, base=base)
+    except ValueError:
+        return
+    assert isinstance(model, CostModel)
+    for cost in model.values():
+        assert 0 <= cost.value_ns <= MAX_NS

@@ -480,7 +480,7 @@ def check_file(path: str) -> dict[str, str]:
     for key in _HEADER_NUMBERS:
         if key in fields and not fields[key].isdigit():
             raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not a whole number")
-    if "pkvm" in fields or any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
+    if any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
         return fields
     with open(path, encoding="utf-8", errors="replace") as f:
         for no, line in enumerate(f, 1):
