@@ -291,6 +291,7 @@ def _config(args: argparse.Namespace) -> Config:
     if workload == "replay" and "file" in options:
         _check_replay_file(options["file"])
     recorded = _recorded_shape(options["file"]) if workload == "replay" and "file" in options else {}
+    _check_replay_shape(args, recorded, options.get("file", ""))
     shape: dict[str, Any] = {}
     for key, default in _VM_DEFAULTS.items():
         given = getattr(args, key)
@@ -351,6 +352,25 @@ def _check_replay_file(path: str) -> None:
         check_file(path)
     except (ValueError, OSError) as exc:
         raise UsageError(f"--workload replay:{path}: {_message(exc)}") from None
+
+
+def _check_replay_shape(args: argparse.Namespace, recorded: dict[str, Any], path: str) -> None:
+    """A replay runs the VM its trace's ``# pkvm`` header recorded: an option that says
+    otherwise (or ``--sweep-memory``) is refused here, before anything runs."""
+    if not recorded:
+        return
+    if getattr(args, "sweep_memory", None):
+        raise UsageError(f"--sweep-memory {','.join(args.sweep_memory)}: a replay runs at the memory its trace "
+                         f"{path} was recorded with ({format_size(recorded.get('memory', 0))}); drop --sweep-memory")
+    for key in ("platform", "memory", "image", "vcpus"):
+        given = getattr(args, key)
+        if given is None or key not in recorded:
+            continue
+        value = parse_size(given) if key in ("memory", "image") else given
+        if value != recorded[key]:
+            shown = format_size(recorded[key]) if key in ("memory", "image") else recorded[key]
+            raise UsageError(f"--{key} {given}: the trace {path} was recorded with {key} {shown}; a replay "
+                             f"runs the VM its trace recorded (drop --{key})")
 
 
 def _check_memory_options(args: argparse.Namespace) -> None:

@@ -140,7 +140,7 @@ def test_garbage_traces(capsys, monkeypatch, lines, platform):
                                        f"replay:{path}", "-q"], tmp)
         if not any(": kvm_" in ln or ": sys_enter_" in ln for ln in lines) and not any(
                 ln.startswith("# pkvm ") for ln in lines):
-            assert code == 2 and "not a trace" in err or "empty" in err or "binary" in err, (lines, err)
+            assert code == 2 and ("not a trace" in err or "empty" in err or "binary" in err), (lines, err)
 
 
 @_FUZZ
@@ -181,15 +181,23 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
     (["costs", "--cost", "rmpupdate=1e400"], "bad duration '1e400'"),
     (["run", "--policy", "a\nb"], "unknown policy preset 'a\\nb'"),
     (["run", "--bogus\x1b[31m"], "unrecognized arguments: --bogus\\x1b[31m"),
+    (["run", "--memory", "64M", "--workload", "replay:@TMP/rec.txt", "--platform", "tdx"],
+     "--platform tdx: the trace @TMP/rec.txt was recorded with platform snp; a replay runs the VM its trace"),
+    (["run", "--memory", "128M", "--workload", "replay:@TMP/rec.txt"],
+     "--memory 128M: the trace @TMP/rec.txt was recorded with memory 64M"),
+    (["compare", "--sweep-memory", "64M,128M", "--workload", "replay:@TMP/rec.txt"],
+     "--sweep-memory 64M,128M: a replay runs at the memory its trace @TMP/rec.txt was recorded with (64M)"),
     (["run", "--memory", "64M", "--trace", "@TMP/t.txt", "--trace-max-size", "1K"],
      "more than --trace-max-size 1K; pass --trace-max-size 1G to write it"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, monkeypatch, tmp_path, argv, message):
     """The issue's cases: each is a usage error (exit 2), one line naming the argument."""
     monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    (tmp_path / "rec.txt").write_text("cpus=2\n# pkvm version=0 platform=snp memory=67108864 image=2097152 "
+                                      "vcpus=1 policy=fault-time workload=boot\n")
     code, out, err = _run(capsys, argv, str(tmp_path))
     assert code == 2
-    assert message in err
+    assert message.replace("@TMP", str(tmp_path)) in err
     assert err.count("\n") == 1
 
 
