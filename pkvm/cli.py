@@ -346,7 +346,7 @@ def _check_cost_file(option: str, path: str | None) -> None:
 
 
 def _check_replay_file(path: str) -> None:
-    """``--workload replay:PATH``: a readable file that is a trace (:func:`pkvm.trace.check_file`)."""
+    """``--workload replay:PATH``: a readable file that is a trace (:func:`pkvm.experiments.trace.check_file`)."""
     _check_input_file(f"--workload replay:{path}", path)
     try:
         check_file(path)
