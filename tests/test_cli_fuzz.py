@@ -187,6 +187,8 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
      "--memory 128M: the trace @TMP/rec.txt was recorded with memory 64M"),
     (["compare", "--sweep-memory", "64M,128M", "--workload", "replay:@TMP/rec.txt"],
      "--sweep-memory 64M,128M: a replay runs at the memory its trace @TMP/rec.txt was recorded with (64M)"),
+    (["run", "--memory", "64M", "--image", "12K", "--policy", "6.19+gmem_max_order=9"],
+     "image 12K must be a multiple of 2M under policy '6.19+gmem_max_order=9'"),
     (["run", "--memory", "64M", "--trace", "@TMP/t.txt", "--trace-max-size", "1K"],
      "more than --trace-max-size 1K; pass --trace-max-size 1G to write it"),
 ])

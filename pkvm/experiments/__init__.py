@@ -36,7 +36,7 @@ from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
-from pkvm.kvm.policy import Policy, platform_mismatch
+from pkvm.kvm.policy import Policy, platform_mismatch, resolve_policy
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
 from pkvm.sim.chrome import write_chrome_trace
@@ -143,6 +143,10 @@ class Config:
         if self.policy is None:  # the current upstream kernel, under the name SNP users know
             object.__setattr__(self, "policy", "fault-time" if self.platform == "snp" else "6.19")
         _check_policy(self.platform, self.policy)
+        if self.platform == "snp" and resolve_policy(self.policy).gmem_max_order and image % (2 << 20):
+            # LAUNCH_UPDATE populates whole folios: a 2M folio only partly in the image is refused.
+            raise ValueError(f"image {format_size(image)} must be a multiple of 2M under policy {self.policy!r}: its "
+                             "2M guest_memfd folios are launched whole")
         self.cost_model()  # validates overrides and the file
 
     def cost_model(self) -> CostModel:

@@ -374,10 +374,14 @@ class Context:
         Raises:
             ValueError: no such region after 1000 draws.
         """
-        lo = -(-(self.image if lo is None else lo) // align)
-        hi = ((self.memory if hi is None else hi) - size) // align
+        lo_gpa = self.image if lo is None else lo
+        hi_gpa = self.memory if hi is None else hi
+        lo = -(-lo_gpa // align)
+        hi = (hi_gpa - size) // align
         if hi < lo:
-            raise ValueError(f"{format_size(size)} does not fit in {format_size(self.memory)} of RAM")
+            raise ValueError(f"the workload needs a {format_size(size)} private region between gpa "
+                             f"{lo_gpa:#x} and {hi_gpa:#x}, which {format_size(self.memory)} of RAM with a "
+                             f"{format_size(self.image)} image does not leave: give more --memory or a smaller --image")
         for _ in range(1000):
             gpa = self.rng.randint(lo, hi) * align
             s, e = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
@@ -558,6 +562,8 @@ def migration(ctx: Context, *, resident: float, devices: int, buffers: int, prea
         for i, g in enumerate(ctx.guests):
             s = start + i * per * P2M
             e = min(start + k * P2M, s + per * P2M)
+            if s >= e:  # more vCPUs than 2M chunks to re-accept: this one has none
+                continue
             for gpa, size in ctx.private_runs(s, e):
                 ctx.accept(g, gpa, size)
     with ctx.phase("resume"):
