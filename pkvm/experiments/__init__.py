@@ -531,12 +531,14 @@ def _traced_size(config: Config, seed: int) -> tuple[int, int]:
     """``(lines, bytes)`` the trace of ``config`` has, by running it with a counting sink."""
     wl = _workloads.get(config.workload)
     opts = _workloads.parse_options(wl, config.options)
-    vm, ctx = _build(config.with_(trace=None), seed, None)
+    quiet = config.with_(trace=None, timeline=None, gantt=None)
+    vm, ctx = _build(quiet, seed, None)
     sink = _CountingSink()
     sink.write(f"cpus={config.vcpus + 1}\n")
-    vm.trace(Tracer(cast(IO[str], sink), header=[_trace_header(config, opts)]))
-    wl.run(ctx, **opts)
+    vm.trace(Tracer(cast(IO[str], sink), header=[_trace_header(config, opts)], events=config.trace_events))
+    _run_timeline(quiet, vm, ctx, wl, opts)
     sink.write(_trace_trailer(vm))
+    vm.trace(None)
     return sink.lines, sink.chars
 
 
