@@ -143,7 +143,7 @@ class Config:
         if self.policy is None:  # the current upstream kernel, under the name SNP users know
             object.__setattr__(self, "policy", "fault-time" if self.platform == "snp" else "6.19")
         _check_policy(self.platform, self.policy)
-        if self.platform == "snp" and resolve_policy(self.policy).gmem_max_order and image % (2 << 20):
+        if self.platform == "snp" and resolve_policy(str(self.policy)).gmem_max_order and image % (2 << 20):
             # LAUNCH_UPDATE populates whole folios: a 2M folio only partly in the image is refused.
             raise ValueError(f"image {format_size(image)} must be a multiple of 2M under policy {self.policy!r}: its "
                              "2M guest_memfd folios are launched whole")
