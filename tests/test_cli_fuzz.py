@@ -54,7 +54,8 @@ def _argv(draw):
         opt = draw(st.sampled_from(["--platform", "--policy", "--policies", "--option", "--cost", "--seed",
                                     "--vcpus", "--image", "--sweep-memory", "--shared-backing", "--layout",
                                     "--json", "--trace", "--trace-max-size", "--costs", "--no-discard", "-q",
-                                    "--toml", "--markdown", "--bogus", "-j"]))
+                                    "--toml", "--markdown", "--bogus", "-j", "--host-cpus", "--timeline",
+                                    "--gantt", "--trace-events"]))
         value = {
             "--platform": st.sampled_from(["snp", "tdx", "sw_protected", "sev", "SNP"]),
             "--policy": _POLICIES, "--policies": st.lists(_POLICIES, min_size=1, max_size=2).map(",".join),
@@ -69,6 +70,10 @@ def _argv(draw):
             "--trace-max-size": st.sampled_from(["1G", "1K", "x", "-1"]),
             "--costs": st.sampled_from(["@TMP/garbage", "@TMP", "/nonexistent.toml"]),
             "-j": st.sampled_from(["1", "0", "x"]),
+            "--host-cpus": st.sampled_from(["1", "2", "64", "0", "x"]),
+            "--timeline": st.sampled_from(["@TMP/tl.json", "/nonexistent/tl.json"]),
+            "--gantt": st.sampled_from(["@TMP/g.png", "@TMP/g.bogus"]),
+            "--trace-events": st.sampled_from(["kvm_page_fault", "kvm_page_fault,nope", "", "x\ny"]),
         }.get(opt)
         argv.append(opt)
         if value is not None:
