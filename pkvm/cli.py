@@ -13,10 +13,14 @@ Output: tables go to stdout (``rich`` on a terminal; plain text through a pipe, 
 output of a script is the same everywhere); the progress bar, the names of the files written
 and errors go to stderr. The progress bar is shown only when stderr is a terminal.
 
-Exit status: 0 on success; 2 for a usage error (a bad option, or a configuration that
-:class:`pkvm.experiments.Config` rejects before anything runs); 1 when a run or a file
-operation fails; 130 on Ctrl-C. Every error is one line, ``pkvm: error: <message>``; an
-unexpected exception (a bug in pkvm) keeps its traceback, for the bug report.
+Exit status: 0 on success; 2 for a usage error (a bad option or file, or a configuration that
+:class:`pkvm.experiments.Config` rejects: every input is checked before anything runs); 1 when
+a run or a file operation fails; 130 on Ctrl-C. Every error is one line, ``pkvm: error:
+<message>``, with control characters escaped. An unexpected exception (a bug in pkvm) is one
+line too; set ``PKVM_DEBUG=1`` in the environment to get its traceback, for the bug report.
+
+``--trace`` says how large the trace will be before writing it, and refuses a trace larger
+than ``--trace-max-size`` (default 1G) unless that is raised.
 
 A replay (``--workload replay:PATH``) of a trace that pkvm wrote takes the platform, memory,
 image and vCPU count from the trace's ``# pkvm`` header unless they are given.
@@ -45,7 +49,7 @@ from pkvm.experiments import report, workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import check_frame_path, plot_grid
 from pkvm.experiments.uncertainty import DISTRIBUTIONS, METHODS, UnknownMetricError, plot, price_space
-from pkvm.experiments.trace import TRACE_EVENTS, check_trace_events, header_fields
+from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -58,6 +62,8 @@ _PROG = "pkvm"
 _REPLAY_EPILOG = ("With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
                   "memory, image and vCPUs it was recorded with (options given override them).")
 _LAYOUTS = ("auto", "rows", "columns")
+#: The trace size ``--trace`` writes without being told more (``--trace-max-size``).
+_TRACE_MAX_DEFAULT = "1G"
 #: Defaults of the options that shape the VM. A replay takes what its trace's ``# pkvm``
 #: header recorded instead (the replay refuses a VM of another shape), unless they are given.
 _VM_DEFAULTS: dict[str, Any] = {"platform": "snp", "memory": "64G", "image": "2M", "vcpus": 1}
@@ -178,11 +184,12 @@ def _experiment_options(single_policy: bool) -> _Parser:
     o.add_argument("--json", metavar="OUT.json", default=None,
                    help="write every result (config, seed, cost model, counters, breakdowns) as JSON")
     o.add_argument("--plot", metavar="OUT.png", default=None,
-                   help="draw modeled time by operation per policy (with --sweep-memory: modeled time "
-                        "against memory) to a PNG")
+                   help="draw modeled time per policy, split by actor (VMM, vCPUs) and by operation, to a PNG"
+                        + ("" if single_policy else " (with --sweep-memory: modeled time against memory)"))
     o.add_argument("--trace", metavar="OUT.txt", default=None,
                    help="write a kernel-format trace ('trace-cmd report' text), one line per event, "
-                   "as large as the kernel's would be (a 64G boot: ~16.8 M lines, ~2.3 GB, ~20 s)" + (
+                   "as large as the kernel's would be (a 64G boot: ~16.8 M lines, ~2.3 GB, ~20 s); the "
+                   "size is estimated and printed first" + (
                        "" if single_policy else "; with several policies one file per policy, "
                        "OUT.<policy>.txt (with --sweep-memory, OUT.<size>.<policy>.txt)"))
     o.add_argument("--timeline", metavar="OUT.json", default=None,
@@ -199,6 +206,9 @@ def _experiment_options(single_policy: bool) -> _Parser:
         o.add_argument("--out", metavar="OUT.parquet", default=None,
                        help="write the tidy table, one row per run (configuration, seed and every "
                             "metric as columns), as .parquet or .csv")
+    o.add_argument("--trace-max-size", type=_size, default=_TRACE_MAX_DEFAULT, metavar="SIZE",
+                   help="refuse to start when --trace would write more than SIZE in all "
+                        "(default: %(default)s)")
     o.add_argument("--layout", choices=_LAYOUTS, default="auto",
                    help="table shape: one row per policy, one column per policy, or rows when they fit "
                         "the terminal (default: %(default)s)")
@@ -294,11 +304,15 @@ def _config(args: argparse.Namespace) -> Config:
         if "file" in options and options["file"] != path:
             raise UsageError("--workload replay:PATH and --option file=... name different files")
         options["file"] = path
+    if workload == "replay" and "file" in options:
+        _check_replay_file(options["file"])
     recorded = _recorded_shape(options["file"]) if workload == "replay" and "file" in options else {}
+    _check_replay_shape(args, recorded, options.get("file", ""))
     shape: dict[str, Any] = {}
     for key, default in _VM_DEFAULTS.items():
         given = getattr(args, key)
         shape[key] = given if given is not None else recorded.get(key, default)
+    _check_cost_file("--costs", args.costs)
     if hasattr(args, "policies"):
         policy = (args.policies or experiments.PLATFORM_POLICIES[shape["platform"]])[0]
     else:
@@ -326,6 +340,86 @@ def _config(args: argparse.Namespace) -> Config:
             hint = " (or --workload replay:PATH)" if config.workload == "replay" else ""
             raise UsageError(f"workload {config.workload!r} needs --option {name}=...{hint}")
     return config
+
+
+def _check_input_file(given: str, path: str) -> None:
+    """The input file ``path`` (``given`` is the argument as typed) exists, is a regular file
+    and can be read."""
+    if not os.path.exists(path):
+        raise UsageError(f"{given}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{given}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{given}: is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{given}: permission denied")
+
+
+def _check_cost_file(option: str, path: str | None) -> None:
+    """``--costs FILE``: a readable regular file (its contents are checked by :class:`Config`)."""
+    if path is not None:
+        _check_input_file(f"{option} {path}", path)
+
+
+def _check_replay_file(path: str) -> None:
+    """``--workload replay:PATH``: a readable file that is a trace (:func:`pkvm.experiments.trace.check_file`)."""
+    _check_input_file(f"--workload replay:{path}", path)
+    try:
+        check_file(path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--workload replay:{path}: {_message(exc)}") from None
+
+
+def _check_replay_shape(args: argparse.Namespace, recorded: dict[str, Any], path: str) -> None:
+    """A replay runs the VM its trace's ``# pkvm`` header recorded: an option that says
+    otherwise (or ``--sweep-memory``) is refused here, before anything runs."""
+    if not recorded:
+        return
+    if getattr(args, "sweep_memory", None):
+        raise UsageError(f"--sweep-memory {','.join(args.sweep_memory)}: a replay runs at the memory its trace "
+                         f"{path} was recorded with ({format_size(recorded.get('memory', 0))}); drop --sweep-memory")
+    for key in ("platform", "memory", "image", "vcpus"):
+        given = getattr(args, key)
+        if given is None or key not in recorded:
+            continue
+        value = parse_size(given) if key in ("memory", "image") else given
+        if value != recorded[key]:
+            shown = format_size(recorded[key]) if key in ("memory", "image") else recorded[key]
+            raise UsageError(f"--{key} {given}: the trace {path} was recorded with {key} {shown}; a replay "
+                             f"runs the VM its trace recorded (drop --{key})")
+
+
+def _check_memory_options(args: argparse.Namespace) -> None:
+    """``--sweep-memory`` sets the memory of every run: with ``--memory`` it is ambiguous."""
+    if getattr(args, "sweep_memory", None) and args.memory is not None:
+        raise UsageError(f"--memory {args.memory} and --sweep-memory {','.join(args.sweep_memory)} both set the "
+                         "guest memory; give one of them")
+
+
+def _check_trace_size(args: argparse.Namespace, configs: Sequence[Config]) -> None:
+    """``--trace``: say how much it will write, and refuse more than ``--trace-max-size``."""
+    if args.trace is None:
+        return
+    cap = parse_size(args.trace_max_size)
+    lines = size = 0
+    for config in configs:
+        n, b = experiments.trace_size(config, args.seed)
+        lines, size = lines + n, size + b
+    files = f"{len(configs)} files" if len(configs) > 1 else args.trace
+    what = f"about {_human_bytes(size)} ({lines / 1e6:,.1f} M lines) of trace to {files}"
+    if size > cap:
+        need = format_size(-(-size // (1 << 30)) << 30)
+        raise UsageError(f"--trace {args.trace}: the run would write {what}, more than --trace-max-size "
+                         f"{args.trace_max_size}; pass --trace-max-size {need} to write it, or trace a "
+                         "smaller --memory")
+    _info(args, f"writing {what}")
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _recorded_shape(path: str) -> dict[str, Any]:
@@ -524,11 +618,15 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
 
 
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    _check_memory_options(args)
     base = _config(args)
     policies = _policies(args, base)
     memories = _memories(args.sweep_memory, base)
     _check_outputs(args)
     _check_frame_out(args)
+    if args.trace is not None:
+        sizes = memories or [int(base.memory)]  # type: ignore[list-item]
+        _check_trace_size(args, [base.with_(memory=m, policy=p) for m in sizes for p in policies])
     results: list[Result] = []
     with _runner(args) as runner:
         for i, mem in enumerate(memories or [int(base.memory)]):
@@ -559,8 +657,9 @@ def _print_batch(out: _Output, args: argparse.Namespace, config: Config, policie
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
     config = _config(args)
-    policy = config.policy
+    policy = str(config.policy)
     _check_outputs(args)
+    _check_trace_size(args, [config])
     with _progress(_show_progress(args), [policy]) as cb:
         result = experiments.run(config, args.seed,
                                  progress=None if cb is None else (lambda f: cb(policy, f)))
@@ -593,6 +692,7 @@ def _cmd_workloads(args: argparse.Namespace, argv: Sequence[str], out: _Output) 
 
 
 def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    _check_cost_file("--costs", args.costs)
     try:
         config = experiments.Config(platform=args.platform, costs=dict(args.cost), cost_file=args.costs)
     except (ValueError, OSError) as exc:
@@ -989,18 +1089,64 @@ def _message(exc: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+def _escape(text: str) -> str:
+    """``text`` with every character that is not printable (control characters, line and
+    paragraph separators, lone surrogates, unassigned code points) shown as its Python
+    escape, so that a message is one line of printable text whatever the user typed."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _fail(message: str) -> None:
-    print(f"{_PROG}: error: {message}", file=sys.stderr, flush=True)
+    print(f"{_PROG}: error: {_escape(message)}", file=sys.stderr, flush=True)
+
+
+def _value_options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """(option strings that take a value, every option string) of ``parser`` and its subcommands."""
+    takes: set[str] = set()
+    known: set[str] = set()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            known.update(action.option_strings)
+            if action.option_strings and action.nargs is None and action.const is None \
+                    and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                takes.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return takes, known
+
+
+def _join_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--memory -4G`` as ``--memory=-4G``: argparse takes a value that starts with ``-`` for
+    an option and reports "expected one argument"; joined, the option's own check names it."""
+    takes, known = _value_options(parser)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a in takes and nxt is not None and nxt.startswith("-") and nxt.split("=")[0] not in known:
+            out.append(f"{a}={nxt}" if a.startswith("--") else a + nxt)
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pkvm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit
     status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("PKVM_DEBUG", "") not in ("", "0")
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args = parser.parse_args(_join_dash_values(parser, argv))
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
@@ -1018,8 +1164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (ValueError, OSError, PkvmError) as exc:
+        if debug:
+            raise
         _fail(_message(exc))
         return 1
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception as exc:  # a bug in pkvm: one line, the traceback with PKVM_DEBUG=1
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {_message(exc)} (a bug in pkvm; run with PKVM_DEBUG=1 "
+              "for the traceback and report it)")
+        return 1

@@ -232,7 +232,7 @@ BAD = {
     "unknown-cost": (["costs", "--cost", "rmpupdatee=1ns"], 2),
     "missing-cost-file": (["compare", "--costs", "no-such-costs.toml"], 2),
     "replay-without-file": (["run", "--workload", "replay"], 2),
-    "missing-replay-file": (["compare", *SMALL, "--workload", "replay:no-such-trace.txt"], 1),
+    "missing-replay-file": (["compare", *SMALL, "--workload", "replay:no-such-trace.txt"], 2),
     "bad-seed": (["compare", "--seed", "-1"], 2),
     "bad-jobs": (["compare", "--jobs", "0"], 2),
     "bad-sweep": (["compare", "--sweep-memory", "64M,5M"], 2),

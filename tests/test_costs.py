@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pkvm.cost.ledger import Ledger
 from pkvm.cost.model import (
+    MAX_NS,
     OPERATIONS,
     PROFILES,
     REFERENCE_FIGURES,
@@ -315,11 +316,16 @@ def test_later_override_wins():
     ("rmpupdate.slope=1ns", r"rmpupdate has no slope; formula costs are remote_tlb_flush, directmap_tlb_flush"),
     ("rmpupdate.low=1ns", r"unknown part 'low'; use rmpupdate=VALUE or rmpupdate.slope=VALUE"),
     ({"rmpupdate": True}, r"bad duration True for 'rmpupdate=True'"),
-    ({"rmpupdate": float("nan")}, r"must be finite and >= 0"),
-    ({"rmpupdate": -1}, r"must be finite and >= 0"),
+    ({"rmpupdate": float("nan")}, r"must be between 0 ns and 60 s"),
+    ({"rmpupdate": -1}, r"must be between 0 ns and 60 s"),
     ({"rmpupdate": None}, r"bad duration None .*not NoneType"),
+    ("rmpupdate=1e30s", r"bad duration '1e30s' for 'rmpupdate=1e30s': must be between 0 ns and 60 s"),
+    ("rmpupdate=1e400", r"bad duration '1e400' .*must be between 0 ns and 60 s"),
+    ({"rmpupdate": 10**400}, r"bad duration 1000000000000000000000000000000000000\.\.\. .*between 0 ns and 60 s"),
+    ("rmpupdate=61s", r"bad duration '61s'"),
 ], ids=["typo", "unknown", "no-equals", "bad-unit", "empty", "negative", "nan", "inf",
-        "two-dots", "slope-on-flat", "unknown-part", "bool", "float-nan", "negative-int", "none"])
+        "two-dots", "slope-on-flat", "unknown-part", "bool", "float-nan", "negative-int", "none",
+        "1e30s", "1e400", "huge-int", "61s"])
 def test_override_errors(arg, match):
     """A bad override is a ValueError that quotes the item (and suggests close names)."""
     with pytest.raises(ValueError, match=match):
@@ -336,8 +342,13 @@ def test_override_type_errors():
 
 @given(n=st.integers(0, 10**9), unit=st.sampled_from(["ns", "us", "µs", "ms", "s", ""]))
 def test_parse_ns_is_exact(n, unit):
-    """An integer with any unit parses to exactly n times the unit, as an int."""
+    """An integer with any unit parses to exactly n times the unit, as an int, up to 60 s;
+    above that it is refused with the range."""
     scale = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 10**6, "s": 10**9, "": 1}[unit]
+    if n * scale > MAX_NS:
+        with pytest.raises(ValueError, match="must be between 0 ns and 60 s"):
+            parse_ns(f"{n}{unit}")
+        return
     assert parse_ns(f"{n}{unit}") == n * scale and type(parse_ns(f"{n}{unit}")) is int
 
 
@@ -387,15 +398,43 @@ def test_toml_file_and_partial_forms(tmp_path):
         assert m["remote_tlb_flush"].slope_ns == 1_500
         assert (m["rmpupdate"].value_ns, m["rmpupdate"].confidence) == (900, "H")
         assert set(m.changed()) == {"seamcall_aug", "remote_tlb_flush", "rmpupdate"}
-    assert CostModel.from_toml("") == CostModel.default()
+    with pytest.raises(ValueError, match="cost model data is empty; give at least one of profile"):
+        CostModel.from_toml("")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match=r"cost model TOML in .*empty\.toml: cost model data is empty"):
+        CostModel.from_toml(empty)
 
 
 def test_toml_base_model():
     """base= applies a file to a chosen model; a file for another profile is refused."""
     base = CostModel.default("tdx")
     assert CostModel.from_toml("[overrides]\npsmash = 2000", base=base).profile == "tdx"
-    with pytest.raises(ValueError, match="cost model data is for snp/intel, but the base model is tdx/intel"):
+    with pytest.raises(ValueError, match="cost model data is for profile 'snp' on host 'intel', but this "
+                                         "model is 'tdx' on host 'intel'; remove its profile/host keys"):
         CostModel.from_toml('profile = "snp"', base=base)
+
+
+@pytest.mark.parametrize("text, exc, match", [
+    ('host = "arm"', ValueError, "profile 'snp' runs on host 'amd', not 'arm'"),
+    ("host = []", ValueError, r"profile 'snp' runs on host 'amd', not \[\]"),
+    ('profile = "arm"', ValueError, "unknown cost profile 'arm'; profiles are"),
+    ("profile = 3", ValueError, "unknown cost profile 3; profiles are"),
+    ('[overrides]\nrmpupdate = 1e400', ValueError, "bad duration inf|must be between 0 ns and 60 s"),
+    ('[costs.rmpupdate]\nvalue_ns = 100000000000000000000000', ValueError, "between 0 ns and 60 s"),
+    ("[costs.rmpupdate]\nincludes = [1]", ValueError, "costs.rmpupdate"),
+])
+def test_from_toml_bad_shapes_are_value_errors(text, exc, match):
+    """Whatever a TOML file holds, a bad one is a ValueError (never KeyError, TypeError or
+    OverflowError), with and without a base model."""
+    for base in (None, CostModel.default("snp")):
+        with pytest.raises(exc, match=match):
+            CostModel.from_toml(text, base=base)
+
+
+def test_from_toml_source_type():
+    with pytest.raises(TypeError, match="source must be TOML text or a path, not int"):
+        CostModel.from_toml(5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("text, match", [
@@ -615,3 +654,29 @@ def test_cost_model_strategy_docstring():
 
     result = doctest.testmod(pkvm.testing.strategies)
     assert result.failed == 0 and result.attempted > 0
+
+
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**400), st.floats(), st.text(max_size=8),
+              st.sampled_from(["800ns", "1e30s", "rmpupdate", "snp", "amd", "intel", "tdx"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["format", "profile", "host", "costs", "overrides",
+                                                             "rmpupdate", "value_ns", "slope_ns", "unit", "row",
+                                                             "includes", "confidence", "x"]), inner, max_size=4)),
+    max_leaves=12)
+
+
+@given(data=st.dictionaries(st.sampled_from(["format", "profile", "host", "costs", "overrides", "fingerprint"]),
+                            _JSON, max_size=4),
+       with_base=st.booleans())
+def test_from_dict_of_any_json_shape_is_a_model_or_a_value_error(data, with_base):
+    """Whatever a cost file holds under the known keys, from_dict returns a model or raises
+    ValueError: never KeyError, TypeError or OverflowError."""
+    base = CostModel.default("snp") if with_base else None
+    try:
+        model = CostModel.from_dict(data, base=base)
+    except ValueError:
+        return
+    assert isinstance(model, CostModel)
+    for cost in model.values():
+        assert 0 <= cost.value_ns <= MAX_NS

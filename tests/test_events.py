@@ -356,7 +356,8 @@ def test_config_trace_events_filters_and_records_the_filter(tmp_path):
     E.run(E.Config(memory="64M", trace=str(some), trace_events=("kvm_page_fault",)), 0)
     fl, sl = full.read_text().splitlines(), some.read_text().splitlines()
     assert sl[1] == fl[1] + " events=kvm_page_fault"  # the # pkvm header records the filter
-    assert sl[2:] == [ln for ln in fl[2:] if " kvm_page_fault: " in ln]
+    assert sl[2:-1] == [ln for ln in fl[2:-1] if " kvm_page_fault: " in ln]
+    assert sl[-1] == fl[-1] and sl[-1].startswith("# pkvm end modeled_ns=")  # the run's trailer, whole
 
 
 def _cli(*args, cwd):

@@ -197,7 +197,7 @@ def test_bad_seed():
 
 def test_workload_failure_is_a_kvm_error():
     # A region that cannot fit is a ValueError before anything runs.
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="the workload needs a 128M private region between gpa 0x200000 and 0x4000000"):
         run(workload="virtio", options={"buffers": "128M"})
 
 
@@ -287,5 +287,18 @@ def test_cost_overrides_reject_garbage_cleanly(op, value):
 
 
 def test_a_policy_the_platform_refuses_is_a_config_error():
-    with pytest.raises(ValueError, match="cannot run on a snp VM: KVM_CREATE_VM: an SNP VM needs"):
+    with pytest.raises(ValueError, match=r"cannot run on an snp VM \(KVM_CREATE_VM: an SNP VM needs.*snp policies: 6.11"):
         E.Config(policy="rfc-v8")
+
+
+def test_migration_with_more_vcpus_than_chunks_runs():
+    """16 vCPUs re-accepting 3 chunks of 2M: the vCPUs past the last chunk have nothing to do
+    (once a RangeMap "start > end" error on an empty share)."""
+    r = E.run(E.Config(memory="8M", vcpus=16, workload="migration", options={"buffers": "4K"}), 0)
+    assert r.counters["gfns_accessed"] > 0
+
+
+def test_a_workload_that_does_not_fit_says_what_to_change():
+    with pytest.raises(ValueError, match=r"needs a 4K private region .* of RAM with a 6M image does not leave: "
+                                         r"give more --memory or a smaller --image"):
+        E.run(E.Config(memory="8M", image="6M", workload="mixed"), 0)

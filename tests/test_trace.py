@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import pkvm
 from pkvm import experiments as E
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
-from pkvm.experiments.trace import Tracer, TraceEvent, header_fields, parse, parse_line
+from pkvm._units import format_ns
+from pkvm.experiments.trace import Tracer, TraceEvent, check_file, header_fields, parse, parse_line
 
 ROUND_TRIP = [
     ("snp", "boot", {}), ("snp", "boot", {"prealloc": "1"}), ("snp", "swiotlb", {"ops": "60"}),
@@ -228,7 +229,10 @@ def test_replay_of_arbitrary_host_traces_never_corrupts(tmp_path, platform, line
         assert "line" in str(exc) or vm.vm_dead
         return
     except ValueError as exc:
-        assert "vCPU" in str(exc) or "line" in str(exc)
+        # A file with no event pkvm knows is refused as not a trace, before the VM is touched.
+        assert "vCPU" in str(exc) or "line" in str(exc) or (
+            "is not a trace pkvm can replay: it has none of the events" in str(exc)
+            and vm.stats["gmem_pages_allocated"] == 0)
         return
     vm.check()  # the run finished: every structure agrees with every other
 
@@ -301,3 +305,81 @@ def test_vm_trace_accepts_tracepoints_and_refuses_other_objects():
     vm.trace(counting)
     vm.set_memory_attributes(0, 4096, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     assert counting.attrs == [(0, 1, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)]
+
+
+@pytest.mark.parametrize("platform", ["snp", "tdx"])
+def test_replay_states_the_time_and_counters_it_cannot_reproduce(tmp_path, platform):
+    """The replay of a pkvm trace says how much modeled time it lost, exactly (the original's
+    total minus its own), by operation, and which guest-only counters of the original it did
+    not repeat, with their values."""
+    path = tmp_path / "t.txt"
+    cfg = E.Config(platform=platform, memory="64M", trace=str(path))
+    a = E.run(cfg, 3)
+    b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), 3)
+    gap = a.modeled_ns - b.modeled_ns
+    assert gap > 0
+    time_note = next(n for n in b.notes if n.startswith("modeled time not reproduced"))
+    assert f"the traced run modeled {format_ns(a.modeled_ns)}, the replay {format_ns(b.modeled_ns)}; " \
+           f"{format_ns(gap)} ({100 * gap / a.modeled_ns:.1f} %)" in time_note
+    lost_ops = {op: ns - b.by_op.get(op, 0) for op, ns in a.by_op.items() if ns > b.by_op.get(op, 0)}
+    assert sum(lost_ops.values()) == gap
+    for op, ns in lost_ops.items():
+        assert f"{op} {format_ns(ns)}" in time_note
+    guest_op = "pvalidate_4k" if platform == "snp" else "tdx_accept_4k"
+    assert guest_op in lost_ops
+    count_note = next(n for n in b.notes if n.startswith("counters of the traced run not reproduced"))
+    counter = "pvalidate" if platform == "snp" else "tdcall_accept"
+    assert f"{counter} {a.counters[counter]:,}" in count_note
+
+
+def test_replay_of_a_host_trace_names_the_untraced_work(tmp_path):
+    """Without pkvm's trailer the replay cannot measure the loss, and says what it is."""
+    path = tmp_path / "t.txt"
+    E.run(E.Config(memory="64M", trace=str(path)), 0)
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# pkvm end")]
+    path.write_text("\n".join(lines) + "\n")
+    b = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    assert any(n.startswith("modeled time not reproduced: PVALIDATE") and "no pkvm total" in n for n in b.notes)
+    assert any(n.startswith("counters not reproduced") and "pvalidate" in n for n in b.notes)
+
+
+@pytest.mark.parametrize("address", ["-1", "0x10000000000000000", "0x20000000000000"])
+def test_replay_refuses_addresses_no_kernel_traces(tmp_path, address):
+    """A fault at -1, at 2**64 or beyond the 52-bit guest physical space is refused with its
+    line (ValueError, not an OverflowError from the range maps), before it touches the VM."""
+    path = tmp_path / "t.txt"
+    path.write_text("cpus=2\n  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x1000 "
+                    "error_code 0x100000002\n"
+                    f"  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address {address} "
+                    "error_code 0x2000500000000\n")
+    for platform in ("snp", "sw_protected"):
+        cfg = E.Config(platform=platform, memory="64M", workload="replay", options={"file": str(path)})
+        with pytest.raises(ValueError, match=rf"t\.txt line 3: kvm_page_fault: address .* (is not a u64|is beyond "
+                                             r"the 52-bit guest physical address space)"):
+            E.run(cfg, 0)
+
+
+@pytest.mark.parametrize("body, match", [
+    ("", "is empty, not a trace"),
+    ("hello\nworld\n", r"is not a trace: line 1 'hello' is neither"),
+    ('[overrides]\nrmpupdate = "800ns"\n', r"is not a trace: line 1 '\[overrides\]'"),
+    ("cpus=2\nfoo-1 [000] 1.0: sched_switch: whatever\n", "is not a trace pkvm can replay: it has none of the events"),
+    ("# pkvm version=0 platform=snp memory=x\n", r"the '# pkvm' header's memory='x' is not a whole number"),
+    ("cpus=2\n  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address zz error_code 0x2\n",
+     r"line 2: kvm_page_fault: cannot parse"),
+])
+def test_check_file_says_why_a_file_is_not_a_trace(tmp_path, body, match):
+    path = tmp_path / "t.txt"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=match):
+        check_file(str(path))
+
+
+def test_check_file_binary(tmp_path):
+    path = tmp_path / "t.bin"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="is a binary file, not a trace"):
+        check_file(str(path))
+    path.write_bytes(b"cpus=2\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"is not UTF-8 text \(byte 7\)"):
+        check_file(str(path))

@@ -111,6 +111,7 @@ __all__ = [
     "format_ns",
     "format_table",
     "parse_ns",
+    "MAX_NS",
 ]
 
 Number = int | float
@@ -157,6 +158,11 @@ def _norm(x: Number) -> Number:
     return x
 
 
+#: The largest duration one event may cost: 60 s. Any operation pkvm prices takes micro- to
+#: milliseconds; a larger value is a typo (``1e30s``) and would print as a 39-digit number.
+MAX_NS = 60 * 1_000_000_000
+
+
 def parse_ns(value: object, *, item: str = "value") -> Number:
     """A duration in nanoseconds from a number (ns) or a string such as ``"0.8us"``.
 
@@ -169,7 +175,8 @@ def parse_ns(value: object, *, item: str = "value") -> Number:
     (800, 1500000, 250, 0.5)
 
     Raises:
-        ValueError: negative, not finite, or not a duration; the message names ``item``.
+        ValueError: negative, not finite, above :data:`MAX_NS` (60 s), or not a duration;
+        the message names ``item``.
     """
     # A wrong type is still a malformed *value* here (it came from a file or a command line),
     # so every failure is a ValueError.
@@ -190,9 +197,15 @@ def parse_ns(value: object, *, item: str = "value") -> Number:
     else:
         raise ValueError(f"bad duration {value!r} for {item}: expected a number of ns or a "  # noqa: TRY004
                          f"string like '800ns', not {type(value).__name__}")
-    if not dec.is_finite() or dec < 0:
-        raise ValueError(f"bad duration {value!r} for {item}: must be finite and >= 0")
+    if not dec.is_finite() or dec < 0 or dec > MAX_NS:
+        raise ValueError(f"bad duration {_short(value)} for {item}: must be between 0 ns and 60 s")
     return int(dec) if dec == dec.to_integral_value() else float(dec)
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a 400-digit number stays readable)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _fmt_num(x: float) -> str:
@@ -226,8 +239,8 @@ def _format_range(low: Number, high: Number) -> str:
 def _ns_field(cost: str, field: str, value: object) -> Number:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"cost {cost!r}: {field} must be a number of ns, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"cost {cost!r}: {field}={value!r} must be finite and >= 0")
+    if isinstance(value, float) and not math.isfinite(value) or not 0 <= value <= MAX_NS:
+        raise ValueError(f"cost {cost!r}: {field}={_short(value)} must be between 0 ns and 60 s")
     return _norm(value)
 
 
@@ -566,24 +579,34 @@ class CostModel(Mapping[str, Cost]):
         cost's shape is fixed: ``slope_*`` fields only apply to costs that have a slope.
 
         Raises:
-            ValueError: unknown keys, operations or fields, malformed values, or a
-            ``profile``/``host`` that contradicts ``base``.
+            TypeError: ``data`` is not a mapping.
+            ValueError: empty ``data`` (it would change nothing: a mistake, not a model),
+            unknown keys, operations or fields, malformed values, an unknown ``profile`` or
+            ``host``, or a ``profile``/``host`` that contradicts ``base``.
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"cost model data must be a mapping, not {type(data).__name__}")
+        if not data:
+            raise ValueError("cost model data is empty; give at least one of profile, host, costs, "
+                             "overrides (e.g. [overrides] rmpupdate = \"800ns\")")
         extra = set(data) - {"format", "profile", "host", "fingerprint", "costs", "overrides"}
         if extra:
-            raise ValueError(f"unknown cost model keys {sorted(extra)}; keys are format, "
+            raise ValueError(f"unknown cost model keys {sorted(map(str, extra))}; keys are format, "
                              f"profile, host, costs, overrides, fingerprint")
         if data.get("format", FORMAT) != FORMAT:
-            raise ValueError(f"cost model format {data['format']!r} is not {FORMAT}")
+            raise ValueError(f"cost model format {_short(data['format'])} is not {FORMAT}")
         profile, host = data.get("profile"), data.get("host")
+        if profile is not None or host is not None:
+            prof = profile if profile is not None else (base.profile if base is not None else "snp")
+            _check_profile(prof, None, check_host=False)
+            _check_profile(prof, host if host is not None else _table.PROFILE_HOSTS[prof][1])
         if base is None:
             base = cls.default("snp" if profile is None else profile, host=host)
         elif (profile is not None and profile != base.profile
               or host is not None and host != base.host):
-            raise ValueError(f"cost model data is for {profile or base.profile}/{host or base.host}"
-                             f", but the base model is {base.profile}/{base.host}")
+            raise ValueError(f"cost model data is for profile {profile or base.profile!r} on host "
+                             f"{host or base.host!r}, but this model is {base.profile!r} on host "
+                             f"{base.host!r}; remove its profile/host keys or make them match")
         costs = data.get("costs", {})
         if not isinstance(costs, Mapping):
             raise ValueError("'costs' must map operation names to tables of fields")  # noqa: TRY004
@@ -636,7 +659,9 @@ class CostModel(Mapping[str, Cost]):
         800
 
         Raises:
-            ValueError: invalid TOML, or anything :meth:`from_dict` rejects.
+            TypeError: ``source`` is neither a str nor a path.
+            ValueError: invalid TOML, a file that is not UTF-8 text, or anything
+            :meth:`from_dict` rejects (an empty file among them); a file's errors name it.
             OSError: the file cannot be read.
         """
         try:
@@ -644,15 +669,26 @@ class CostModel(Mapping[str, Cost]):
         except ModuleNotFoundError:  # Python 3.10
             raise RuntimeError("CostModel.from_toml needs Python 3.11+ (tomllib); "
                                "use CostModel.from_dict with JSON instead") from None
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"source must be TOML text or a path, not {type(source).__name__}")
         if isinstance(source, str) and _looks_like_toml(source):
             text, where = source, ""
         else:
-            text, where = Path(source).read_text(encoding="utf-8"), f" in {os.fspath(source)}"
+            where = f" in {os.fspath(source)}"
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"bad cost model TOML{where}: the file is not UTF-8 text") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"bad cost model TOML{where}: {e}") from None
-        return cls.from_dict(data, base=base)
+        try:
+            return cls.from_dict(data, base=base)
+        except ValueError as e:
+            if not where:
+                raise
+            raise ValueError(f"cost model TOML{where}: {e}") from None
 
     # -- the mapping and its identity ------------------------------------------------------
 
@@ -816,13 +852,16 @@ class CostModel(Mapping[str, Cost]):
         return rows
 
 
-def _check_profile(profile: object, host: object) -> None:
+def _check_profile(profile: object, host: object, *, check_host: bool = True) -> None:
+    """ValueError unless ``profile`` is known and (``check_host``) runs on ``host``."""
     if not isinstance(profile, str) or profile not in _table.PROFILE_HOSTS:
-        raise ValueError(f"unknown cost profile {profile!r}; profiles are {', '.join(PROFILES)}")
-    hosts = _table.PROFILE_HOSTS[profile][0]
+        raise ValueError(f"unknown cost profile {_short(profile)}; profiles are {', '.join(PROFILES)}")
+    if not check_host:
+        return
+    hosts = _table.PROFILE_HOSTS[profile][0]  # type: ignore[index]
     if host not in hosts:
         raise ValueError(f"profile {profile!r} runs on host {' or '.join(map(repr, hosts))}, "
-                         f"not {host!r}")
+                         f"not {_short(host)}")
 
 
 _TABLE_HEADER = ("operation", "value", "range", "unit", "conf", "row", "source")

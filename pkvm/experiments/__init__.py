@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as _metadata
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, cast
 
 from pkvm._units import format_size, parse_size
 from pkvm.actors.guest import Guest
@@ -40,8 +41,10 @@ from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import results_frame
 from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse
+from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
+from pkvm.kvm.policy import Policy, platform_mismatch, resolve_policy
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
 from pkvm.sim.chrome import write_chrome_trace
@@ -50,7 +53,8 @@ from pkvm.sim.recorder import Recorder
 
 __all__ = ["Config", "Result", "run", "run_many", "compare", "sweep", "sweep_grid", "grid_configs",
            "grid_fields", "to_frame", "sensitivity", "count_run", "run_metrics", "describe", "version",
-           "DEFAULT_POLICIES", "PLATFORM_POLICIES", "PLATFORMS", "SHARED_BACKINGS"]
+           "DEFAULT_POLICIES", "PLATFORM_POLICIES", "PLATFORMS", "SHARED_BACKINGS", "platform_policies",
+           "trace_size"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -82,7 +86,8 @@ class Config:
     ``memory`` accepts a size string (``"64G"``) and is stored in bytes. ``options`` are the
     workload's (``{"accept": "4K"}``); ``costs`` single-operation overrides (``{"rmpupdate":
     "800ns"}``), applied over ``cost_file`` (a TOML or JSON cost model) or the platform's
-    default model. ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
+    default model. ``policy`` is a preset or spec string (default: the current upstream kernel,
+    ``fault-time`` on snp and ``6.19`` elsewhere). ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
     on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
     direct-map flush). ``discard=False`` makes the VMM keep both backings on conversion (see
     :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see
@@ -99,7 +104,7 @@ class Config:
     memory: int | str = 64 << 30
     workload: str = "boot"
     options: Mapping[str, Any] = field(default_factory=dict)
-    policy: str = "fault-time"
+    policy: str | None = None
     costs: Mapping[str, Any] = field(default_factory=dict)
     cost_file: str | None = None
     vcpus: int = 1
@@ -132,6 +137,7 @@ class Config:
         if missing:
             raise ValueError(f"workload {self.workload!r} needs option {missing[0]!r} "
                              f"({wl.options[missing[0]].help})")
+        _workloads.check_platform(self.workload, self.platform, parsed)
         object.__setattr__(self, "options", opts)
         object.__setattr__(self, "costs", dict(self.costs))
         object.__setattr__(self, "trace_events", check_trace_events(self.trace_events, "trace_events"))
@@ -144,21 +150,29 @@ class Config:
                              "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
-        try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
-            VM(self.platform, policy=self.policy)
-        except KvmError as exc:
-            raise ValueError(f"policy {self.policy!r} cannot run on a {self.platform} VM: {exc.strerror}") from None
+        if self.policy is None:  # the current upstream kernel, under the name SNP users know
+            object.__setattr__(self, "policy", "fault-time" if self.platform == "snp" else "6.19")
+        _check_policy(self.platform, self.policy)
+        if self.platform == "snp" and resolve_policy(str(self.policy)).gmem_max_order and image % (2 << 20):
+            # LAUNCH_UPDATE populates whole folios: a 2M folio only partly in the image is refused.
+            raise ValueError(f"image {format_size(image)} must be a multiple of 2M under policy {self.policy!r}: its "
+                             "2M guest_memfd folios are launched whole")
         self.cost_model()  # validates overrides and the file
 
     def cost_model(self) -> CostModel:
-        """The cost model this config runs with."""
+        """The cost model this config runs with.
+
+        Raises:
+            ValueError: the cost file is not a cost model (its messages name the file).
+            OSError: the cost file cannot be read.
+        """
         model = CostModel.default(self.platform)
         if self.cost_file is not None:
-            if str(self.cost_file).endswith(".json"):
-                with open(self.cost_file, encoding="utf-8") as f:
-                    model = CostModel.from_dict(json.load(f), base=model)
+            path = os.fspath(self.cost_file)
+            if path.endswith(".json"):
+                model = _json_cost_model(path, model)
             else:
-                model = CostModel.from_toml(self.cost_file, base=model)
+                model = CostModel.from_toml(Path(path), base=model)
         if self.costs:
             model = model.with_overrides(self.costs)
         return model
@@ -171,6 +185,57 @@ class Config:
         d = asdict(self)
         d["memory_text"] = format_size(self.memory)  # type: ignore[arg-type]
         return d
+
+
+def _json_cost_model(path: str, base: CostModel) -> CostModel:
+    """The cost model of the JSON file at ``path`` over ``base``; every error names the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"cost model JSON {path}: the file is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"bad cost model JSON in {path}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"bad cost model JSON in {path}: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"cost model JSON {path} holds a {type(data).__name__}, not an object "
+                         "like {\"overrides\": {\"rmpupdate\": \"800ns\"}}")
+    try:
+        return CostModel.from_dict(data, base=base)
+    except ValueError as exc:
+        raise ValueError(f"cost model JSON {path}: {exc}") from None
+
+
+def _check_policy(platform: str, policy: object) -> None:
+    """ValueError unless ``policy`` (a spec string) names a policy that ``platform`` runs and
+    distinguishes from 6.19; the message lists the presets that platform runs."""
+    if not isinstance(policy, str):
+        raise ValueError(f"policy {policy!r} must be a preset name or spec string like '6.19+gmem_max_order=9'")
+    try:  # KVM_CREATE_VM: an unknown preset is a ValueError; a platform refusing it, EINVAL
+        VM(platform, policy=policy)
+        why = platform_mismatch(policy, platform)
+    except KvmError as exc:
+        why = (exc.strerror or str(exc)).split("; use ")[0]
+    if why is not None:
+        article = "an" if platform == "snp" else "a"
+        raise ValueError(f"policy {policy!r} cannot run on {article} {platform} VM ({why}); {platform} policies: "
+                         f"{', '.join(platform_policies(platform))}")
+
+
+def platform_policies(platform: str) -> tuple[str, ...]:
+    """The policy presets ``platform`` runs and tells apart from 6.19 by name, in preset order."""
+    out = []
+    for name in Policy.presets():
+        if platform_mismatch(name, platform) is not None:
+            continue
+        try:
+            VM(platform, policy=name)
+        except KvmError:
+            continue
+        out.append(name)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -216,7 +281,7 @@ class Result:
 
     @property
     def policy(self) -> str:
-        return self.config.policy
+        return str(self.config.policy)
 
     @property
     def gfns_per_s(self) -> float:
@@ -350,7 +415,7 @@ def _flatten(name: str, value: Any, out: dict[str, float]) -> None:
 
 def _build(config: Config, seed: int, progress: Callable[[float], None] | None) -> tuple[Any, Any]:
     options = {"host_cpus": config.host_cpus} if config.platform == "snp" else None
-    vm = VM(config.platform, policy=config.policy, costs=config.cost_model(), seed=seed,
+    vm = VM(config.platform, policy=str(config.policy), costs=config.cost_model(), seed=seed,
             shared_backing=config.shared_backing, nr_vcpus=config.vcpus, options=options)
     vmm = Vmm(vm, discard=config.discard)
     vcpus = [vm.create_vcpu() for _ in range(config.vcpus)]
@@ -385,6 +450,8 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
             tracer = Tracer(sink, header=[_trace_header(config, opts)], events=config.trace_events)
             vm.trace(tracer)
         tl = _run_timeline(config, vm, ctx, wl, opts)
+        if sink is not None:
+            sink.write(_trace_trailer(vm))
     finally:
         if sink is not None:
             vm.trace(None)
@@ -446,6 +513,16 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
             f"prealloc={int(bool(opts.get('prealloc', False)))} shared_backing={config.shared_backing} "
             f"discard={int(config.discard)} setup=untraced"
             + ("" if config.trace_events is None else f" events={','.join(config.trace_events)}"))
+
+
+def _trace_trailer(vm: Any) -> str:
+    """The ``# pkvm end`` line a replay reads to say what it could not reproduce: the run's
+    modeled total, its modeled ns by operation and the counters of guest-only work."""
+    stats = vm.stats
+    parts = [f"modeled_ns={vm.modeled_ns}"]
+    parts += [f"op.{op}={ns}" for op, ns in sorted(vm.cost_breakdown().items()) if ns]
+    parts += [f"stat.{k}={stats[k]}" for k in sorted(GUEST_ONLY_COUNTERS) if stats.get(k)]
+    return "# pkvm end " + " ".join(parts) + "\n"
 
 
 def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0, *,
@@ -660,3 +737,59 @@ def sensitivity(config: Config, policies: Sequence[str] | None = None, **kwargs:
     """
     pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
     return analyse(config, pols, _SIMULATION, **kwargs)
+
+
+class _CountingSink:
+    """A text sink that only counts what a :class:`pkvm.trace.Tracer` would write."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.lines = 0
+
+    def write(self, text: str) -> int:
+        self.chars += len(text)  # trace lines are ASCII: characters are bytes
+        self.lines += text.count("\n")
+        return len(text)
+
+
+def _traced_size(config: Config, seed: int) -> tuple[int, int]:
+    """``(lines, bytes)`` the trace of ``config`` has, by running it with a counting sink."""
+    wl = _workloads.get(config.workload)
+    opts = _workloads.parse_options(wl, config.options)
+    quiet = config.with_(trace=None, timeline=None, gantt=None)
+    vm, ctx = _build(quiet, seed, None)
+    sink = _CountingSink()
+    sink.write(f"cpus={config.vcpus + 1}\n")
+    vm.trace(Tracer(cast(IO[str], sink), header=[_trace_header(config, opts)], events=config.trace_events))
+    _run_timeline(quiet, vm, ctx, wl, opts)
+    sink.write(_trace_trailer(vm))
+    vm.trace(None)
+    return sink.lines, sink.chars
+
+
+def trace_size(config: Config, seed: int = 0) -> tuple[int, int]:
+    """About how many ``(lines, bytes)`` the trace of ``run(config, seed)`` has, before writing it.
+
+    A replay's trace is about as large as the file it replays. Otherwise the workload runs
+    untraced-to-disk (its events only counted) at the config's memory when that is at most
+    512M, else at two small sizes (128M and 256M, or more for a large image), and the counts
+    are extrapolated linearly in memory: every workload's event count is a fixed part plus
+    a part proportional to guest RAM (checked within 2 % for boot, swiotlb, balloon, mixed).
+
+    Raises:
+        ValueError: as :func:`run`.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a pkvm.experiments.Config, not {type(config).__name__}")
+    if config.workload == "replay":
+        size = os.path.getsize(config.options["file"])
+        return size // 110, size  # ~110 bytes per trace-cmd line
+    mem = int(config.memory)  # type: ignore[arg-type]
+    m1 = max(128 << 20, (2 * int(config.image) + (2 << 20) - 1) & ~((2 << 20) - 1))  # type: ignore[arg-type]
+    m2 = 2 * m1
+    if mem <= 2 * m2:
+        return _traced_size(config, seed)
+    l1, b1 = _traced_size(config.with_(memory=m1), seed)
+    l2, b2 = _traced_size(config.with_(memory=m2), seed)
+    k = (mem - m1) / (m2 - m1)
+    return max(l1, round(l1 + (l2 - l1) * k)), max(b1, round(b1 + (b2 - b1) * k))

@@ -34,18 +34,21 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pkvm.constants import PAGE_SHIFT
 from pkvm.errors import KvmError
+from pkvm._units import format_ns
 from pkvm.experiments.trace import (
     EPT_ACC_WRITE,
     PFERR_GUEST_ENC,
     PFERR_GUEST_RMP,
     PFERR_PRIVATE_ACCESS,
     PFERR_WRITE,
-    header_fields,
+    check_file,
     parse_line,
+    trailer_fields,
 )
 
 from pkvm.kvm.vm import Vcpu
@@ -73,6 +76,15 @@ def _check_header(ctx: Context, hdr: dict[str, str], path: str) -> None:
             raise ValueError(f"{path}: the trace was recorded with {key}={hdr[key]}, this run has {key}={have}")
 
 
+#: What each platform's guest does that no tracepoint in a replayable trace carries.
+_UNTRACED_WORK = {
+    "snp": "PVALIDATE, the page-state-change (PSC) requests with their #VC and exits to userspace",
+    "tdx": "TDG.MEM.PAGE.ACCEPT and the MapGPA TDVMCALLs with their exits to userspace",
+}
+#: The largest guest physical address width (MAXPHYADDR) a VM has.
+_GPA_BITS = 52
+
+
 class _Replayer:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -80,6 +92,7 @@ class _Replayer:
         self.pending: dict[int, object] = {}
         self.trace_exits = 0
         self.own_exits = 0
+        self.psc_events = 0
         self.skipped: dict[str, int] = {}
         td = getattr(self.vm, "tdx", None)
         self.shared_mask = (1 << td.shared_bit) if td is not None else 0
@@ -102,6 +115,11 @@ class _Replayer:
     # -- faults (batched) -------------------------------------------------------------------
 
     def fault(self, vid: int, address: int, code: int, line: int = 0) -> None:
+        if not 0 <= address < 1 << 64 or not 0 <= code < 1 << 64:
+            raise ValueError(f"kvm_page_fault: address {address:#x} / error_code {code:#x} is not a u64")
+        if (address & ~self.shared_mask) >> _GPA_BITS:
+            raise ValueError(f"kvm_page_fault: address {address:#x} is beyond the {_GPA_BITS}-bit guest "
+                             "physical address space")
         if self.platform == "tdx":
             private = not address & self.shared_mask
             gfn = (address & ~self.shared_mask) >> PAGE_SHIFT
@@ -150,11 +168,17 @@ class _Replayer:
     # -- the other events ---------------------------------------------------------------------
 
     def set_attributes(self, start: int, end: int, attrs: int) -> None:
+        if not 0 <= start <= end <= 1 << (_GPA_BITS - PAGE_SHIFT) or not 0 <= attrs < 1 << 64:
+            raise ValueError(f"kvm_vm_set_mem_attributes: gfns [{start:#x}, {end:#x}) attributes {attrs:#x} "
+                             f"are not a range of the {_GPA_BITS}-bit guest physical address space")
         self.flush()
         with self.vm.acting("vmm"):
             self.vm.set_memory_attributes(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, attrs)
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        if not (0 <= fd < 1 << 32 and 0 <= mode < 1 << 32 and 0 <= offset < 1 << 63 and 0 <= length < 1 << 63):
+            raise ValueError(f"sys_enter_fallocate: fd {fd:#x} mode {mode:#x} offset {offset:#x} len {length:#x} "
+                             "do not fit the syscall's int, int, loff_t, loff_t")
         self.flush()
         gmems = [g for g in self.vm._gmems if not g.closed]
         target = next((g for g in gmems if g.fd == fd), None)
@@ -167,6 +191,8 @@ class _Replayer:
             target.fallocate(mode, offset, length)
 
     def madvise(self, start: int, length: int, behavior: int) -> None:
+        if not (0 <= start < 1 << 64 and 0 <= length < 1 << 64):
+            raise ValueError(f"sys_enter_madvise: start {start:#x} len {length:#x} do not fit a u64")
         self.flush()
         if behavior != _MADV_DONTNEED:
             return
@@ -179,6 +205,8 @@ class _Replayer:
                 vm._shared.discard(a, b)
 
     def hypercall(self, vid: int, nr: int, a0: int, a1: int, a2: int) -> None:
+        if not all(0 <= v < 1 << 64 for v in (nr, a0, a1, a2)):
+            raise ValueError(f"kvm_hypercall: nr {nr:#x} a0 {a0:#x} a1 {a1:#x} a2 {a2:#x} do not fit a u64")
         self.flush()
         vcpu = self.vcpu(vid)
         with self.vm.acting(f"vcpu{vid}"):
@@ -197,16 +225,17 @@ def replay_file(ctx: Context, path: str) -> None:
     """Replay the trace at ``path`` into ``ctx`` (module docstring).
 
     Raises:
-        ValueError: the file does not parse, or its header disagrees with the run.
+        ValueError: the file is not a trace (:func:`pkvm.trace.check_file` says why), a line
+            does not parse or holds values no kernel traces (named by its number), or the
+            header disagrees with the run.
         OSError: the file cannot be read.
+        KvmError: a replayed event failed as the kernel would fail it (names the line).
     """
     if not os.path.exists(path):
         raise ValueError(f"replay file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ValueError(f"replay file {path!r} is not a regular file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        head = [next(f, "") for _ in range(8)]
-    hdr = header_fields(head)
+    hdr = check_file(path)
     _check_header(ctx, hdr, path)
     with ctx.phase("setup"):
         ctx.setup(prealloc=hdr.get("prealloc") == "1")
@@ -221,12 +250,11 @@ def replay_file(ctx: Context, path: str) -> None:
                 toks = line[i + 17:].split()
                 if len(toks) >= 8 and toks[0] == "vcpu" and toks[4] == "address" and toks[6] == "error_code":
                     try:
-                        rp.fault(int(toks[1]), int(toks[5], 16), int(toks[7], 16), no)
-                    except KvmError as exc:
-                        _reraise(exc, ctx, path, rp.err_line or no, "kvm_page_fault")
+                        vid, address, code = int(toks[1]), int(toks[5], 16), int(toks[7], 16)
                     except ValueError:
                         pass  # not numbers: the full parser below names the problem
                     else:
+                        _step(rp.fault, (vid, address, code, no), ctx, path, rp, no, "kvm_page_fault")
                         done += 1
                         if not done & 0xFFFF:
                             ctx.progress(no * 110 / size)  # ~110 bytes per trace-cmd line
@@ -238,30 +266,44 @@ def replay_file(ctx: Context, path: str) -> None:
             if ev is None:
                 continue
             x = ev.fields
-            try:
-                name = ev.event
-                if name == "kvm_page_fault":
-                    rp.fault(x["vcpu"], x["address"], x["error_code"], no)
-                elif name == "kvm_vm_set_mem_attributes":
-                    rp.set_attributes(x["start"], x["end"], x["attributes"])
-                elif name == "sys_enter_fallocate":
-                    rp.fallocate(x["fd"], x["mode"], x["offset"], x["len"])
-                elif name == "sys_enter_madvise":
-                    rp.madvise(x["start"], x["len_in"], x["behavior"])
-                elif name == "kvm_hypercall":
-                    vid = int(ev.comm.split()[1].split("/")[0]) if ev.comm.startswith("CPU ") else 0
-                    rp.hypercall(vid, x["nr"], x["a0"], x["a1"], x["a2"])
-                elif name == "kvm_userspace_exit":
-                    rp.trace_exits += 1
-            except KvmError as exc:
-                _reraise(exc, ctx, path, rp.err_line or no, ev.event)
+            name = ev.event
+            if name == "kvm_page_fault":
+                _step(rp.fault, (x["vcpu"], x["address"], x["error_code"], no), ctx, path, rp, no, name)
+            elif name == "kvm_vm_set_mem_attributes":
+                _step(rp.set_attributes, (x["start"], x["end"], x["attributes"]), ctx, path, rp, no, name)
+            elif name == "sys_enter_fallocate":
+                _step(rp.fallocate, (x["fd"], x["mode"], x["offset"], x["len"]), ctx, path, rp, no, name)
+            elif name == "sys_enter_madvise":
+                _step(rp.madvise, (x["start"], x["len_in"], x["behavior"]), ctx, path, rp, no, name)
+            elif name == "kvm_hypercall":
+                vid = int(ev.comm.split()[1].split("/")[0]) if ev.comm.startswith("CPU ") else 0
+                _step(rp.hypercall, (vid, x["nr"], x["a0"], x["a1"], x["a2"]), ctx, path, rp, no, name)
+            elif name == "kvm_userspace_exit":
+                rp.trace_exits += 1
+            elif name in ("kvm_vmgexit_enter", "kvm_vmgexit_msr_protocol_enter"):
+                rp.psc_events += 1
             done += 1
             if not done & 0xFFFF:
                 ctx.progress(no * 110 / size)  # ~110 bytes per trace-cmd line
-        try:
-            rp.finish()
-        except KvmError as exc:
-            _reraise(exc, ctx, path, rp.err_line, "kvm_page_fault")
+        _step(rp.finish, (), ctx, path, rp, 0, "kvm_page_fault")
+    _notes(ctx, rp, hdr, path)
+
+
+def _step(call: Callable[..., None], args: tuple[int, ...], ctx: Context, path: str, rp: _Replayer,
+          no: int, event: str) -> None:
+    """``call(*args)`` for trace line ``no``; a failure names the line (for a batch of faults,
+    the line of the batch's first fault)."""
+    try:
+        call(*args)
+    except KvmError as exc:
+        _reraise(exc, ctx, path, rp.err_line or no, event)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{path} line {rp.err_line or no}: {exc}") from None
+
+
+def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
+    """What the replay could not reproduce: exits, counters and modeled time (module docstring)."""
+    platform = rp.platform
     if rp.trace_exits != rp.own_exits:
         ctx.notes.append(f"the trace has {_n(rp.trace_exits, 'exit')} to userspace; the replay took "
                          f"{rp.own_exits} (page-state-change and MapGPA exits are not replayed: no tracepoint "
@@ -270,9 +312,37 @@ def replay_file(ctx: Context, path: str) -> None:
         ctx.notes.append(f"the trace comes from {len(ctx.guests)} concurrent vCPUs; the replay runs its events in "
                          "trace order on one thread, so what depends on their interleaving (pf_retry, pf_spurious, "
                          "pf_taken) or on each vCPU's host pages (the directmap_* counters) may differ")
+    if rp.psc_events:
+        ctx.notes.append(f"the trace has {_n(rp.psc_events, 'page-state-change request')} (kvm_vmgexit_*); "
+                         "the replay does not repeat them (the guest's PVALIDATE around them is not traced)")
     for name, n in sorted(rp.skipped.items()):
         ctx.notes.append(f"{_n(n, name + ' event')} named no guest_memfd of this VM and "
                          f"{'was' if n == 1 else 'were'} skipped")
+    untraced = _UNTRACED_WORK.get(platform, "guest work no tracepoint carries")
+    end = trailer_fields(path) if hdr else {}
+    stats = ctx.vm.stats
+    lost = sorted(k for k in GUEST_ONLY_COUNTERS if k in stats)
+    if lost and platform in _UNTRACED_WORK and not end:
+        ctx.notes.append(f"counters not reproduced ({untraced}: no tracepoint carries them): {', '.join(lost)}")
+    if end.get("modeled_ns", "").isdigit():
+        orig, mine = int(end["modeled_ns"]), ctx.vm.modeled_ns
+        mine_by_op = ctx.vm.cost_breakdown()
+        missing = sorted(((int(v) - mine_by_op.get(k[3:], 0), k[3:]) for k, v in end.items()
+                          if k.startswith("op.") and v.isdigit()), reverse=True)
+        parts = [f"{op} {format_ns(ns)}" for ns, op in missing if ns > 0]
+        gap = orig - mine
+        pct = f" ({100 * gap / orig:.1f} %)" if orig > 0 else ""
+        what = f": {', '.join(parts)}" if parts else ""
+        if gap:
+            ctx.notes.append(f"modeled time not reproduced: the traced run modeled {format_ns(orig)}, the replay "
+                             f"{format_ns(mine)}; {format_ns(gap)}{pct} is {untraced}{what}")
+        counts = [f"{k[5:]} {int(v):,}" for k, v in sorted(end.items())
+                  if k.startswith("stat.") and v.isdigit() and int(v) != stats.get(k[5:], 0)]
+        if counts:
+            ctx.notes.append(f"counters of the traced run not reproduced: {', '.join(counts)}")
+    elif platform in _UNTRACED_WORK:
+        ctx.notes.append(f"modeled time not reproduced: {untraced} (the trace carries no pkvm total to "
+                         "measure the difference against)")
 
 
 def _reraise(exc: KvmError, ctx: Context, path: str, line: int, event: str) -> None:

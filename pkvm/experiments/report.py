@@ -194,7 +194,7 @@ def _labels(results: Sequence[Result]) -> tuple[list[str], list[str]]:
 
 def _label_parts(r: Result, heads: Sequence[str]) -> list[str]:
     values = {"platform": r.config.platform, "memory": format_size(r.config.memory),  # type: ignore[arg-type]
-              "policy": r.config.policy}
+              "policy": r.policy}
     return [values[h] for h in heads]
 
 
@@ -353,9 +353,11 @@ def _title(results: Sequence[Result], *, memory: bool) -> str:
 def plot(results: Sequence[Result], path: str, *, sweep: bool = False) -> None:
     """Draw ``results`` to ``path`` (PNG, or another format matplotlib knows by the suffix).
 
-    Without ``sweep``: one stacked bar per result of modeled time by operation (the
-    :data:`PLOT_TOP_OPS` largest operations overall, the rest as "other"), total on top.
-    With ``sweep`` (the results of :func:`pkvm.experiments.sweep`): modeled time against
+    Without ``sweep``: two panels with one bar per result. Left, modeled time stacked by
+    actor (the VMM's ioctls against the vCPUs: where the time is spent); right, stacked by
+    operation (the :data:`PLOT_TOP_OPS` largest operations overall, the rest as "other"),
+    total on top. Long policy specs are wrapped at each ``+`` so that the labels stay
+    readable. With ``sweep`` (the results of :func:`pkvm.experiments.sweep`): modeled time against
     guest memory on log-log axes, one line per policy.
 
     Uses matplotlib's object API on the Agg canvas: no display is needed, and neither
@@ -369,13 +371,61 @@ def plot(results: Sequence[Result], path: str, *, sweep: bool = False) -> None:
 
     if not results:
         raise ValueError("no results to plot")
-    fig = Figure(figsize=(8.0, 4.8), layout="constrained")
-    ax = fig.add_subplot()
     if sweep:
-        _plot_sweep(ax, results)
+        fig = Figure(figsize=(8.0, 4.8), layout="constrained")
+        _plot_sweep(fig.add_subplot(), results)
     else:
-        _plot_ops(ax, results)
+        fig = Figure(figsize=(12.0, 5.2), layout="constrained")
+        actors, ops = fig.subplots(1, 2, width_ratios=(1, 1.3))
+        _plot_actors(actors, results)
+        _plot_ops(ops, results)
+        fig.suptitle(_title(results, memory=True), fontsize=10)
     fig.savefig(path, dpi=150)
+
+
+def _tick_labels(results: Sequence[Result]) -> list[str]:
+    """One x label per result, wrapped at each ``+`` of a policy spec and at spaces, so that
+    ``eager-post+directmap=split-4k`` takes two short lines instead of one long one."""
+    _heads, labels = _labels(results)
+    return [label.replace(" ", "\n").replace("+", "\n+") for label in labels]
+
+
+def _set_ticks(ax: Any, results: Sequence[Result]) -> None:
+    """The wrapped labels; slanted when their lines are long for the bar width."""
+    labels = _tick_labels(results)
+    widest = max(len(line) for label in labels for line in label.split("\n"))
+    if len(results) > 1 and widest * len(results) > 48:
+        ax.set_xticks(range(len(results)), labels, fontsize=8, rotation=25, ha="right",
+                      rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(results)), labels, fontsize=8)
+
+
+def _plot_actors(ax: Any, results: Sequence[Result]) -> None:
+    """Modeled time per result, stacked by actor (VMM first, then the vCPUs)."""
+    actors = sorted({a for r in results for a in r.by_actor}, key=lambda a: (a != "vmm", len(a), a))
+    unit, scale = _time_unit(max(r.modeled_ns for r in results))
+    x = range(len(results))
+    palette = {"vmm": "#3f3f3f"}
+    bottoms = [0.0] * len(results)
+    for i, actor in enumerate(actors):
+        heights = [r.by_actor.get(actor, 0) / scale for r in results]
+        color = palette.get(actor, ("#6baed6", "#2171b5", "#9ecae1", "#08519c")[i % 4])
+        ax.bar(x, heights, bottom=bottoms, color=color, label="VMM (ioctls)" if actor == "vmm" else actor,
+               width=0.6)
+        for j, (b, h) in enumerate(zip(bottoms, heights)):
+            if h > 0.06 * max(1e-9, max(r.modeled_ns for r in results) / scale):
+                ax.annotate(format_ns(h * scale), (j, b + h / 2), ha="center", va="center", fontsize=7,
+                            color="white")
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    _set_ticks(ax, results)
+    ax.set_ylabel(f"CPU time by actor ({unit})")
+    ax.set_ylim(0, max(1e-9, max(bottoms)) * 1.12)
+    ax.set_title("by actor", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], names[::-1], loc="upper left", frameon=False, fontsize=8)
 
 
 def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
@@ -388,7 +438,6 @@ def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
     ranked = [op for op, ns in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])) if ns > 0]
     top = ranked[:PLOT_TOP_OPS]
     unit, scale = _time_unit(max(r.modeled_ns for r in results))
-    _heads, labels = _labels(results)
     x = range(len(results))
     colors = matplotlib.colormaps["tab10"]
     bottoms = [0.0] * len(results)
@@ -410,10 +459,10 @@ def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
         for i, r in enumerate(results):
             ax.annotate(format_ns(r.critical_path_ns), (i, r.critical_path_ns / scale), xytext=(8, -3),
                         textcoords="offset points", ha="left", va="top", fontsize=7)
-    ax.set_xticks(list(x), labels)
+    _set_ticks(ax, results)
     ax.set_ylabel(f"CPU time by operation, and critical path ({unit})")
     ax.set_ylim(0, max(1e-9, max(bottoms), max(crit)) * 1.12)
-    ax.set_title(_title(results, memory=True))
+    ax.set_title("by operation", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     handles, names = ax.get_legend_handles_labels()
@@ -428,7 +477,7 @@ def _plot_sweep(ax: Any, results: Sequence[Result]) -> None:
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         if r.modeled_ns > 0:  # a log axis cannot show 0
-            lines.setdefault(r.config.policy, []).append((int(r.config.memory), r.modeled_ns / 1e9))
+            lines.setdefault(r.policy, []).append((int(r.config.memory), r.modeled_ns / 1e9))
     memories = sorted({int(r.config.memory) for r in results})
     # Distinct markers and dashes too: policies with equal times draw on top of each other.
     markers, dashes = "os^Dv<>P", ("-", "--", "-.", ":")

@@ -49,6 +49,8 @@ the latency-flags column newer versions print, and returns None for events it do
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, NamedTuple
 
@@ -59,7 +61,8 @@ from pkvm.kvm.tracepoints import Tracepoints
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM
 
-__all__ = ["Tracer", "TraceEvent", "TRACE_EVENTS", "check_trace_events", "parse_line", "parse", "PFERR_WRITE", "PFERR_PRIVATE_ACCESS",
+__all__ = ["Tracer", "TraceEvent", "TRACE_EVENTS", "check_trace_events", "parse_line", "parse", "check_file",
+           "trailer_fields", "PFERR_WRITE", "PFERR_PRIVATE_ACCESS",
            "PFERR_GUEST_ENC", "PFERR_GUEST_RMP", "PFERR_GUEST_FINAL", "PFERR_PRESENT"]
 
 PFERR_PRESENT = 1 << 0
@@ -405,4 +408,104 @@ def header_fields(lines: Iterable[str]) -> dict[str, str]:
                 if "=" in tok:
                     k, v = tok.split("=", 1)
                     out[k] = v
+    return out
+
+
+#: ``# pkvm`` header fields that hold a whole number.
+_HEADER_NUMBERS = ("memory", "image", "vcpus", "prealloc", "discard")
+_HEAD_BYTES = 1 << 16
+
+
+def _clip(text: str, n: int = 40) -> str:
+    text = text.strip()
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def _is_event_line(line: str) -> bool:
+    """Whether ``line`` has the shape of a ``trace-cmd report`` event line,
+    ``COMM-PID [CPU] [FLAGS] SECS.FRAC: EVENT: BODY``, whatever the event."""
+    rb = line.find("] ")
+    lb = line.rfind("[", 0, rb) if rb > 0 else -1
+    if lb <= 0:
+        return False
+    c1 = line.find(": ", rb)
+    if c1 < 0 or line.find(":", c1 + 2) < 0:
+        return False
+    comm, dash, pid = line[:lb].strip().rpartition("-")
+    stamp = line[rb + 1:c1].split()
+    return bool(dash and pid.isdigit() and line[lb + 1:rb].isdigit() and stamp
+                and stamp[-1].replace(".", "", 1).isdigit())
+
+
+def check_file(path: str) -> dict[str, str]:
+    """Check that the file at ``path`` is a trace pkvm can replay; return its ``# pkvm`` header
+    fields (empty for a trace from a real host).
+
+    A trace is ``trace-cmd report`` text (or pkvm's ``--trace`` output): UTF-8 text whose first
+    line is ``cpus=N``, a ``#`` comment (pkvm's ``# pkvm ...`` header among them) or an event
+    line, and which holds at least one event :func:`parse_line` knows (a pkvm trace may hold
+    none: its header says what it is). The scan stops at the first known event.
+
+    Raises:
+        ValueError: one line saying why the file is not such a trace (empty, binary, not
+            UTF-8, a first line that is no trace header, a header value that is not a number,
+            a known event that does not parse, or no known event at all); names the file.
+        OSError: the file cannot be read (a missing file, a directory).
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a trace file", path)
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if not head.strip():
+        raise ValueError(f"{path} is empty, not a trace (expected 'trace-cmd report' text or a "
+                         "pkvm --trace file)")
+    if b"\0" in head:
+        raise ValueError(f"{path} is a binary file, not a trace: pkvm replays 'trace-cmd report' text "
+                         "(run 'trace-cmd report' on a trace.dat first)")
+    try:
+        head[:-4].decode("utf-8") if len(head) == _HEAD_BYTES else head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}), not a trace: pkvm replays "
+                         "'trace-cmd report' text") from None
+    lines = head.decode("utf-8", errors="replace").splitlines()
+    first = next(((no, ln) for no, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")),
+                 None)
+    fields = header_fields(lines)
+    if first is not None:
+        no, ln = first
+        s = ln.strip()
+        if not (s.startswith("cpus=") and s[5:].isdigit()) and not _is_event_line(ln):
+            raise ValueError(f"{path} is not a trace: line {no} {_clip(ln)} is neither a '# pkvm' header, "
+                             "trace-cmd's 'cpus=N' nor an event line 'COMM-PID [CPU] SECS: EVENT: ...'")
+    for key in _HEADER_NUMBERS:
+        if key in fields and not fields[key].isdigit():
+            raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not a whole number")
+    if any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
+        return fields
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for no, line in enumerate(f, 1):
+            if ": kvm_" not in line and ": sys_enter_" not in line:
+                continue
+            try:
+                if parse_line(line) is not None:
+                    return fields
+            except ValueError as exc:
+                raise ValueError(f"{path} line {no}: {exc}") from None
+    raise ValueError(f"{path} is not a trace pkvm can replay: it has none of the events "
+                     f"{', '.join(sorted(_NAMES))}")
+
+
+def trailer_fields(path: str) -> dict[str, str]:
+    """``key=value`` pairs of the ``# pkvm end ...`` trailer line that pkvm writes at the end of
+    a ``--trace`` file (the run's modeled total, its time by operation and the counters of guest
+    work no tracepoint carries); empty when the file has none (a trace from a host)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - _HEAD_BYTES))
+        tail = f.read().decode("utf-8", errors="replace")
+    out: dict[str, str] = {}
+    for line in tail.splitlines():
+        s = line.strip()
+        if s.startswith("# pkvm end "):
+            out = dict(tok.split("=", 1) for tok in s[len("# pkvm end "):].split() if "=" in tok)
     return out

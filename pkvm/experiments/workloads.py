@@ -82,14 +82,22 @@ def _bool(text: object) -> bool:
 
 
 def _nonneg_int(text: object) -> int:
-    v = int(str(text), 0) if not isinstance(text, int) or isinstance(text, bool) else text
-    if isinstance(text, bool) or v < 0:
+    if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a non-negative integer")
+    try:
+        v = text if isinstance(text, int) else int(str(text).strip().replace("_", ""), 0)
+    except ValueError:
+        raise ValueError("expected a non-negative integer such as 5000 or 0x1000") from None
+    if v < 0:
+        raise ValueError(f"{v} is negative; expected a non-negative integer")
     return v
 
 
 def _fraction(text: object) -> float:
-    v = float(text)  # type: ignore[arg-type]
+    try:
+        v = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError("expected a fraction in [0, 1] such as 0.25") from None
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{text!r} is not a fraction in [0, 1]")
     return v
@@ -369,10 +377,14 @@ class Context:
         Raises:
             ValueError: no such region after 1000 draws.
         """
-        lo = -(-(self.image if lo is None else lo) // align)
-        hi = ((self.memory if hi is None else hi) - size) // align
+        lo_gpa = self.image if lo is None else lo
+        hi_gpa = self.memory if hi is None else hi
+        lo = -(-lo_gpa // align)
+        hi = (hi_gpa - size) // align
         if hi < lo:
-            raise ValueError(f"{format_size(size)} does not fit in {format_size(self.memory)} of RAM")
+            raise ValueError(f"the workload needs a {format_size(size)} private region between gpa "
+                             f"{lo_gpa:#x} and {hi_gpa:#x}, which {format_size(self.memory)} of RAM with a "
+                             f"{format_size(self.image)} image does not leave: give more --memory or a smaller --image")
         for _ in range(1000):
             gpa = self.rng.randint(lo, hi) * align
             s, e = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
@@ -553,6 +565,8 @@ def migration(ctx: Context, *, resident: float, devices: int, buffers: int, prea
         for i, g in enumerate(ctx.guests):
             s = start + i * per * P2M
             e = min(start + k * P2M, s + per * P2M)
+            if s >= e:  # more vCPUs than 2M chunks to re-accept: this one has none
+                continue
             for gpa, size in ctx.private_runs(s, e):
                 ctx.accept(g, gpa, size)
     with ctx.phase("resume"):
@@ -652,6 +666,27 @@ WORKLOADS: Mapping[str, Workload] = MappingProxyType({w.name: w for w in (
     Workload("replay", "replay a kernel trace (trace-cmd report text), e.g. one written by --trace",
              MappingProxyType({"file": Option(None, _text, "the trace file")}), replay),
 )})
+
+
+#: Options whose 4K value asks the guest to accept in 4K units only, which a TDX guest cannot:
+#: it always tries 1G, then 2M, then 4K (``try_accept_one``).
+_ACCEPT_UNIT_OPTIONS = (("boot", "accept"), ("balloon", "chunk"))
+
+
+def check_platform(workload: str, platform: str, options: Mapping[str, Any]) -> None:
+    """Refuse parsed ``options`` of ``workload`` that the ``platform``'s guest cannot follow,
+    before anything runs.
+
+    Raises:
+        ValueError: names the option, its value and what the platform accepts.
+    """
+    if platform != "tdx":
+        return
+    for wl, name in _ACCEPT_UNIT_OPTIONS:
+        if workload == wl and options.get(name) == PAGE_SIZE:
+            raise ValueError(f"workload {wl!r} option {name}=4K: a TDX guest accepts 1G, then 2M, then "
+                             f"4K (try_accept_one) and has no 4K-only mode; on tdx use {name}=2M "
+                             "(4K is for snp)")
 
 
 def get(name: str) -> Workload:

@@ -185,6 +185,40 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
 _PRESETS = _build_presets()
 
 
+#: Presets that name one platform's design, with that platform. On another platform the knobs
+#: that make them differ are not read, so they would run 6.19 under another name.
+_PRESET_PLATFORM = MappingProxyType({
+    "fault-time": "snp", "eager-post": "snp", "eager-locked": "snp", "eager-split": "snp",
+    "tdx-huge-pages": "tdx",
+})
+#: Knobs only one platform reads.
+_KNOB_PLATFORM = MappingProxyType({
+    "rmp_update": "snp", "directmap": "snp", "tdx_huge_pages": "tdx", "tdx_initial_image": "tdx",
+})
+
+
+def platform_mismatch(spec: str, platform: str) -> str | None:
+    """Why the policy spec ``spec`` (``"PRESET+knob=value..."``, already valid) means nothing
+    on ``platform`` (``"snp"``, ``"tdx"``, ``"sw_protected"``, ...), or None if it does: a
+    preset named for another platform's design, or a knob only another platform reads."""
+    name, *changes = spec.split("+")
+    owner = _PRESET_PLATFORM.get(name.strip())
+    if owner is not None and owner != platform:
+        return (f"{name.strip()!r} is {_a(owner)} {owner} design, and {_a(platform)} {platform} VM does not read "
+                "the knobs that make it one")
+    for ch in changes:
+        knob = ch.partition("=")[0].strip()
+        owner = _KNOB_PLATFORM.get(knob)
+        if owner is not None and owner != platform:
+            return f"knob {knob} is read only by {_a(owner)} {owner} VM"
+    return None
+
+
+def _a(platform: str) -> str:
+    """The article before a platform name as it is read aloud (an S-N-P, a T-D-X)."""
+    return "an" if platform in ("snp", "sev", "sev_es") else "a"
+
+
 def resolve_policy(policy: Policy | str) -> Policy:
     """``policy`` itself if it is a :class:`Policy`, else the policy a spec string names: a
     preset, optionally with knobs changed, ``"PRESET+knob=value+knob=value"``.

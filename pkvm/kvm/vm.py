@@ -872,8 +872,13 @@ class VM:
             self._emit("op_failed", s, e, op, e - s, 0, r, (attrs,))
 
     def get_memory_attributes(self, gfn: int) -> int:
-        """The attribute bitmask of ``gfn`` (introspection; KVM has no GET ioctl)."""
-        return self._attrs.get(gfn)
+        """The attribute bitmask of ``gfn`` (introspection; KVM has no GET ioctl).
+
+        Raises:
+            TypeError: ``gfn`` is not an int.
+            ValueError: ``gfn`` is negative or does not fit a u64.
+        """
+        return self._attrs.get(_u64("gfn", gfn))
 
     # -- memslots (§2.9) ------------------------------------------------------------------------
 

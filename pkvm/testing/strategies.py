@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from pkvm.cost.model import OPERATIONS, PROFILES, CostModel
+from pkvm.cost.model import MAX_NS, OPERATIONS, PROFILES, CostModel
 
 __all__ = ["cost_models", "nanoseconds"]
 
 
 def nanoseconds() -> st.SearchStrategy[int | float]:
-    """A latency a cost override accepts: whole or fractional ns in ``[0, 1e12]``."""
-    return st.one_of(st.integers(0, 10**12), st.floats(0, 1e12, allow_nan=False, allow_infinity=False))
+    """A latency a cost override accepts: whole or fractional ns in ``[0, MAX_NS]`` (60 s)."""
+    return st.one_of(st.integers(0, MAX_NS), st.floats(0, MAX_NS, allow_nan=False, allow_infinity=False))
 
 
 @st.composite

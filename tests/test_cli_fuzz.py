@@ -1,0 +1,277 @@
+"""The command line under arbitrary input: argument vectors and garbage trace and cost files
+run through :func:`pkvm.cli.main` in-process.
+
+Whatever the input, ``main()`` returns 0, 1 or 2; an error is exactly one line on stderr,
+``pkvm: error: ...``, of printable text; no traceback ever reaches the user (``PKVM_DEBUG``
+unset). Runs are kept small (64M guests, few operations) and the example counts are capped, so
+the file runs in well under a minute under the ``ci`` profile too.
+"""
+
+import os
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pkvm.cli import main
+
+_CI = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+_FUZZ = settings(max_examples=60 if _CI else 25, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# Values a user might type, right or wrong; all small enough to run in a fraction of a second.
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+_SIZES = st.one_of(st.sampled_from(["64M", "32M", "16M", "-4G", "0", "3M", "1P", "64Q", "x", "", "2M", "1e3"]), _TEXT)
+_POLICIES = st.sampled_from(["fault-time", "eager-post", "6.8", "6.11", "6.19", "tdx-huge-pages", "rfc-v8",
+                             "6.19+gmem_max_order=9", "6.19+bogus=1", "eager-locked", "nope"])
+_OPTIONS = st.sampled_from(["ops=10", "ops=abc", "ops=-1", "ops=0x8", "accept=4K", "accept=2M", "accept=3K",
+                            "touches=0", "prealloc=yes", "prealloc=maybe", "file=nonexistent.txt", "=1", "x",
+                            "cycles=1", "fraction=0.1", "fraction=2", "chunk=4K"])
+_COSTS = st.sampled_from(["rmpupdate=800ns", "rmpupdate=1e30s", "rmpupdate=1e400", "rmpupdate=-1",
+                          "rmpupdat=1", "npf_fault=2us", "remote_tlb_flush.slope=1us", "x", "rmpupdate=nan"])
+
+
+_WORKLOAD_OPTIONS = {"boot": ["accept=4K", "prealloc=1"], "swiotlb": ["ops=8", "touches=0"],
+                     "balloon": ["cycles=1", "fraction=0.1"], "virtio": ["cycles=1", "devices=1"]}
+
+
+@st.composite
+def _argv(draw):
+    """Mostly well-formed command lines with one or two things wrong (or none), so that the
+    checks after parsing and the runs themselves are reached too."""
+    cmd = draw(st.sampled_from(["compare", "run", "run", "costs", "workloads", "bogus", ""]))
+    argv = [cmd] if cmd else []
+    if cmd in ("compare", "run"):
+        argv += ["--memory", draw(st.one_of(st.sampled_from(["64M", "32M"]), _SIZES))]
+        wl = draw(st.sampled_from(["boot", "swiotlb", "balloon", "virtio", "replay:nope.txt", "replay:", "nope"]))
+        argv += ["--workload", wl]
+        if wl in _WORKLOAD_OPTIONS:
+            argv += ["-o", draw(st.sampled_from(_WORKLOAD_OPTIONS[wl]))]
+        if cmd == "compare" and draw(st.booleans()):
+            argv += ["--policies", draw(st.sampled_from(["fault-time", "6.19", "6.16,6.19"]))]
+    for _ in range(draw(st.integers(0, 3))):
+        opt = draw(st.sampled_from(["--platform", "--policy", "--policies", "--option", "--cost", "--seed",
+                                    "--vcpus", "--image", "--sweep-memory", "--shared-backing", "--layout",
+                                    "--json", "--trace", "--trace-max-size", "--costs", "--no-discard", "-q",
+                                    "--toml", "--markdown", "--bogus", "-j", "--host-cpus", "--timeline",
+                                    "--gantt", "--trace-events"]))
+        value = {
+            "--platform": st.sampled_from(["snp", "tdx", "sw_protected", "sev", "SNP"]),
+            "--policy": _POLICIES, "--policies": st.lists(_POLICIES, min_size=1, max_size=2).map(",".join),
+            "--option": _OPTIONS, "--cost": _COSTS,
+            "--seed": st.sampled_from(["0", "1", "-1", "x", "99999999999999999999"]),
+            "--vcpus": st.sampled_from(["1", "2", "0", "-2", "4096", "x"]),
+            "--image": _SIZES, "--sweep-memory": st.sampled_from(["32M,64M", "64M,64M", "x", "32M,", "-1G"]),
+            "--shared-backing": st.sampled_from(["thp", "4k", "hugetlb-1g", "huge"]),
+            "--layout": st.sampled_from(["rows", "auto", "diagonal"]),
+            "--json": st.sampled_from(["@TMP/out.json", "/nonexistent/dir/out.json", "@TMP"]),
+            "--trace": st.sampled_from(["@TMP/t.txt", "/nonexistent/t.txt"]),
+            "--trace-max-size": st.sampled_from(["1G", "1K", "x", "-1"]),
+            "--costs": st.sampled_from(["@TMP/garbage", "@TMP", "/nonexistent.toml"]),
+            "-j": st.sampled_from(["1", "0", "x"]),
+            "--host-cpus": st.sampled_from(["1", "2", "64", "0", "x"]),
+            "--timeline": st.sampled_from(["@TMP/tl.json", "/nonexistent/tl.json"]),
+            "--gantt": st.sampled_from(["@TMP/g.png", "@TMP/g.bogus"]),
+            "--trace-events": st.sampled_from(["kvm_page_fault", "kvm_page_fault,nope", "", "x\ny"]),
+        }.get(opt)
+        argv.append(opt)
+        if value is not None:
+            argv.append(draw(value))
+    if draw(st.integers(0, 4)) == 0:
+        argv.append(draw(_TEXT))  # a stray word, maybe with control characters
+    return argv
+
+
+def _run(capsys, argv, tmp):
+    argv = [a.replace("@TMP", tmp) for a in argv]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code in (0, 1, 2), (argv, code, err)
+    assert "Traceback" not in err and "Traceback" not in out, (argv, err)
+    if code:
+        lines = err.splitlines()
+        errors = [ln for ln in lines if ln.startswith("pkvm: error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], (argv, err)
+        assert errors[0].isprintable(), (argv, err)
+        assert "internal error" not in errors[0] and "[Errno" not in errors[0], (argv, err)
+    return code, out, err
+
+
+@_FUZZ
+@given(argv=_argv(), garbage=st.binary(max_size=200))
+def test_argument_vectors(capsys, monkeypatch, argv, garbage):
+    """Any argument vector: exit 0/1/2, one printable error line, never a traceback."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "garbage"), "wb") as f:
+            f.write(garbage)
+        _run(capsys, argv, tmp)
+
+
+_TRACE_LINES = st.one_of(
+    st.sampled_from([
+        "cpus=2", "# pkvm version=0 platform=snp memory=67108864 image=2097152 vcpus=1",
+        "# pkvm memory=x", "# pkvm platform=tdx",
+        "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x1000 error_code 0x2000500000000",
+        "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address -1 error_code 0x2",
+        "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x10000000000000000 error_code 0x2",
+        "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 9 rip 0x0 address 0x1000 error_code 0x2",
+        "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address zz error_code 0x2",
+        "qemu-system-x86-6 [000] 1.0: kvm_vm_set_mem_attributes: 0x0000000000000000 -- 0x0000000000000010 [0x8]",
+        "qemu-system-x86-6 [000] 1.0: kvm_vm_set_mem_attributes: 0x0000000000000010 -- 0x0000000000000000 [0x8]",
+        "qemu-system-x86-6 [000] 1.0: kvm_vm_set_mem_attributes: 0xffffffffffffffff -- 0x0 [0x8]",
+        "qemu-system-x86-6 [000] 1.0: sys_enter_fallocate: fd: 0x00000005, mode: 0x00000003, "
+        "offset: 0x0000000000000000, len: 0x0000000000001000",
+        "qemu-system-x86-6 [000] 1.0: kvm_userspace_exit: reason KVM_EXIT_HYPERCALL (3)",
+        "qemu-system-x86-6 [000] 1.0: some_other_event: whatever",
+        "hello", "", "# a comment", "\x00\x01",
+    ]),
+    _TEXT,
+)
+
+
+@_FUZZ
+@given(lines=st.lists(_TRACE_LINES, max_size=8), platform=st.sampled_from(["snp", "tdx", "sw_protected"]))
+def test_garbage_traces(capsys, monkeypatch, lines, platform):
+    """A replay of any text: it runs (0), stops at a named line (1) or is refused as not a trace
+    or a bad header (2); one line either way."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.txt")
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+            f.write("\n".join(lines))
+        code, out, err = _run(capsys, ["run", "--memory", "64M", "--platform", platform, "--workload",
+                                       f"replay:{path}", "-q"], tmp)
+        if not any(": kvm_" in ln or ": sys_enter_" in ln for ln in lines) and not any(
+                ln.startswith("# pkvm ") for ln in lines):
+            assert code == 2 and ("not a trace" in err or "empty" in err or "binary" in err), (lines, err)
+
+
+@_FUZZ
+@given(body=st.one_of(st.binary(max_size=200), st.sampled_from([
+    b"", b"1", b"[]", b"{}", b"null", b'{"profile": "arm"}', b'{"host": []}', b'{"overrides": {"rmpupdate": 1e400}}',
+    b'{"overrides": {"rmpupdate": "1e30s"}}', b'{"costs": {"rmpupdate": {"value_ns": -1}}}', b'{"costs": 5}',
+    b'{"format": 2}', b'{"overrides": {"rmpupdate": "800ns"}}', b"[[[[[[[[[[[[[[[[[[[[", b"\xff\xfe",
+    b'host = "arm"', b"host = []", b"[overrides]\nrmpupdate = 1e400", b"[overrides]\nrmpupdate = \"800ns\"",
+    b"# only a comment\n", b"profile = 3"])), ext=st.sampled_from([".json", ".toml", ""]))
+def test_garbage_cost_files(capsys, monkeypatch, body, ext):
+    """``pkvm costs --costs FILE`` with any file content: 0 for a model, else exit 2 with one
+    line that names the file."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "c" + ext)
+        with open(path, "wb") as f:
+            f.write(body)
+        code, out, err = _run(capsys, ["costs", "--costs", path], tmp)
+        assert code in (0, 2), err
+        if code:
+            assert path in err or "cost model data" in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--memory", "64M", "--workload", "replay:nonexistent.txt"],
+     "--workload replay:nonexistent.txt: no such file"),
+    (["run", "--memory", "64M", "--platform", "tdx", "--option", "accept=4K"],
+     "option accept=4K: a TDX guest accepts 1G, then 2M, then 4K"),
+    (["run", "--memory", "64M", "--workload", "swiotlb", "-o", "ops=abc"],
+     "option ops='abc': expected a non-negative integer such as 5000"),
+    (["run", "--memory", "-4G"], "argument --memory: '-4G' is not a size like 4K"),
+    (["compare", "--memory", "2G", "--sweep-memory", "1G"], "--memory 2G and --sweep-memory 1G both set"),
+    (["compare", "--memory", "64M", "--platform", "tdx", "--policies", "fault-time,eager-locked"],
+     "policy 'fault-time' cannot run on a tdx VM ('fault-time' is an snp design"),
+    (["run", "--memory", "64M", "--policy", "tdx-huge-pages"], "policy 'tdx-huge-pages' cannot run on an snp VM"),
+    (["run", "--memory", "64M", "--policy", "6.8"], r"policy '6.8' cannot run on an snp VM"),
+    (["costs", "--cost", "rmpupdate=1e30s"], "bad duration '1e30s' for 'rmpupdate=1e30s': must be between 0 ns"),
+    (["costs", "--cost", "rmpupdate=1e400"], "bad duration '1e400'"),
+    (["run", "--policy", "a\nb"], "unknown policy preset 'a\\nb'"),
+    (["run", "--bogus\x1b[31m"], "unrecognized arguments: --bogus\\x1b[31m"),
+    (["run", "--memory", "64M", "--workload", "replay:@TMP/rec.txt", "--platform", "tdx"],
+     "--platform tdx: the trace @TMP/rec.txt was recorded with platform snp; a replay runs the VM its trace"),
+    (["run", "--memory", "128M", "--workload", "replay:@TMP/rec.txt"],
+     "--memory 128M: the trace @TMP/rec.txt was recorded with memory 64M"),
+    (["compare", "--sweep-memory", "64M,128M", "--workload", "replay:@TMP/rec.txt"],
+     "--sweep-memory 64M,128M: a replay runs at the memory its trace @TMP/rec.txt was recorded with (64M)"),
+    (["run", "--memory", "64M", "--image", "12K", "--policy", "6.19+gmem_max_order=9"],
+     "image 12K must be a multiple of 2M under policy '6.19+gmem_max_order=9'"),
+    (["run", "--memory", "64M", "--trace", "@TMP/t.txt", "--trace-max-size", "1K"],
+     "more than --trace-max-size 1K; pass --trace-max-size 1G to write it"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, monkeypatch, tmp_path, argv, message):
+    """The issue's cases: each is a usage error (exit 2), one line naming the argument."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    (tmp_path / "rec.txt").write_text("cpus=2\n# pkvm version=0 platform=snp memory=67108864 image=2097152 "
+                                      "vcpus=1 policy=fault-time workload=boot\n")
+    code, out, err = _run(capsys, argv, str(tmp_path))
+    assert code == 2
+    assert message.replace("@TMP", str(tmp_path)) in err
+    assert err.count("\n") == 1
+
+
+def test_policy_6_8_message_has_no_python_hint(capsys):
+    """The command line speaks in options, not in Python calls."""
+    assert main(["run", "--memory", "64M", "--policy", "6.8"]) == 2
+    err = capsys.readouterr().err
+    assert "Policy.preset" not in err and "snp policies: 6.11, 6.16, 6.19" in err
+
+
+def test_run_help_mentions_only_its_own_flags(capsys):
+    """``run --help`` does not mention --sweep-memory or --policies, which run rejects."""
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--sweep-memory" not in out and "--policies" not in out and "--trace-max-size" in out
+
+
+def test_replay_of_garbage_is_refused_not_run(capsys, tmp_path):
+    """A two-line text file, random bytes, an empty file and a TOML file are refused (exit 2),
+    not replayed as an empty trace into a normal-looking table."""
+    for name, body in (("two.txt", b"hello\nworld\n"), ("rand.bin", bytes(range(256))), ("empty.txt", b""),
+                       ("c.toml", b'[overrides]\nrmpupdate = "800ns"\n')):
+        path = tmp_path / name
+        path.write_bytes(body)
+        assert main(["run", "--memory", "64M", "--workload", f"replay:{path}"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and f"--workload replay:{path}: {path}" in err
+
+
+def test_trace_size_is_stated_before_writing(capsys, tmp_path):
+    """--trace prints the size it will write; the estimate is within 5 % of what it wrote."""
+    path = tmp_path / "t.txt"
+    assert main(["run", "--memory", "64M", "--trace", str(path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("writing about ") and err[0].endswith(f"of trace to {path}")
+    assert err[-1] == f"wrote trace {path}"
+    mb = float(err[0].split()[2])
+    assert abs(mb * 1e6 - path.stat().st_size) <= 0.05 * path.stat().st_size + 1e5
+
+
+def test_unexpected_errors_are_one_line_unless_pkvm_debug(capsys, monkeypatch):
+    """A bug in pkvm is one line that says so; PKVM_DEBUG=1 lets the traceback through."""
+    import pkvm.cli as cli
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli, "_cmd_workloads", boom)
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    # The handler was bound when the parser was built: rebuild it with the patched one.
+    assert main(["workloads"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("pkvm: error: internal error: RuntimeError: simulated bug (a bug in pkvm; run with "
+                   "PKVM_DEBUG=1 for the traceback and report it)\n")
+    monkeypatch.setenv("PKVM_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="simulated bug"):
+        main(["workloads"])
+
+
+def test_costs_help_toml_and_vm_docstring_cite_docs_costs_md(capsys):
+    """``costs --help``, the TOML header and the ``VM`` docstring cite docs/costs.md, a file in
+    the repository, not the house spec."""
+    import pkvm
+
+    assert main(["costs", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert main(["costs", "--toml"]) == 0
+    toml_head = capsys.readouterr().out.split("\nformat")[0]
+    for text in (help_text, toml_head, pkvm.VM.__doc__):
+        assert "docs/costs.md" in text and "spec/" not in text
