@@ -42,6 +42,7 @@ from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
+from pkvm._files import publish
 from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import PkvmError
@@ -599,6 +600,10 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
     for r in results:
         if r.config.trace is not None:
             _info(args, f"wrote trace {r.config.trace}")
+        if r.config.timeline is not None:
+            _info(args, f"wrote timeline {r.config.timeline} (Chrome trace-event JSON: Perfetto UI, chrome://tracing)")
+        if r.config.gantt is not None:
+            _info(args, f"wrote Gantt chart {r.config.gantt}")
     if args.json is not None:
         extra: dict[str, Any] = {
             "command": [_PROG, *argv], "config": base.to_dict(), "seed": args.seed,
@@ -749,7 +754,7 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

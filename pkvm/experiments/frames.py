@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pkvm._files import publish
 from pkvm._units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,7 +106,7 @@ def write_frame(frame: pd.DataFrame, path: str) -> None:
                 frame.to_parquet(f, engine="pyarrow", index=False)
             else:
                 f.write(frame.to_csv(index=False).encode("utf-8"))
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

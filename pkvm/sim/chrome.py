@@ -35,6 +35,7 @@ import os
 import tempfile
 from typing import IO, Any, cast
 
+from pkvm._files import publish
 from .recorder import Recorder
 
 __all__ = ["write_chrome_trace"]
@@ -101,7 +102,7 @@ def _write_atomically(recorder: Recorder, path: str, other: str, process_name: s
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             _write(recorder, f, other, process_name)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -27,6 +27,7 @@ import tempfile
 
 import numpy as np
 
+from pkvm._files import publish
 from .recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 
 __all__ = ["plot_gantt"]
@@ -154,7 +155,7 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike[str], *, title: str =
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

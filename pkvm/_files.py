@@ -1,0 +1,16 @@
+"""Writing output files whole: a temporary file in the target's directory, renamed over it."""
+
+from __future__ import annotations
+
+import os
+
+
+def publish(tmp: str, path: str) -> None:
+    """Give ``tmp`` (from ``tempfile.mkstemp``, created 0600) the mode a plainly created file
+    would have (0666 less the umask), then rename it over ``path`` in one step: a reader sees
+    the old file or the new one, never a part, and the new one is as readable as ``open(path,
+    "w")`` would have made it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
