@@ -630,7 +630,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
     _check_outputs(args)
     _check_frame_out(args)
     if args.trace is not None:
-        sizes = memories or [int(base.memory)]  # type: ignore[list-item]
+        sizes = memories or [int(base.memory)]
         _check_trace_size(args, [base.with_(memory=m, policy=p) for m in sizes for p in policies])
     results: list[Result] = []
     with _runner(args) as runner:
@@ -1067,6 +1067,7 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
                   + _text_table(["", *res.policies], rows, [False] + [True] * len(res.policies)))
     out.print()
     idx = res.indices
+    fmt: Callable[[dict[str, Any]], str]
     if res.method == "sobol":
         head = "Sobol' indices: total ST (first-order S1), ± half the 95% confidence interval"
         fmt = (lambda r: f"{r['ST']:.2f}±{r['ST_conf']:.2f} ({r['S1']:.2f})")

@@ -858,7 +858,7 @@ def _check_profile(profile: object, host: object, *, check_host: bool = True) ->
         raise ValueError(f"unknown cost profile {_short(profile)}; profiles are {', '.join(PROFILES)}")
     if not check_host:
         return
-    hosts = _table.PROFILE_HOSTS[profile][0]  # type: ignore[index]
+    hosts = _table.PROFILE_HOSTS[profile][0]
     if host not in hosts:
         raise ValueError(f"profile {profile!r} runs on host {' or '.join(map(repr, hosts))}, "
                          f"not {_short(host)}")

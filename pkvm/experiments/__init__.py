@@ -575,7 +575,7 @@ def run_many(configs: Sequence[Config], seed: int | Sequence[int] = 0, *,
 def describe(config: Config, seed: int | None = None) -> str:
     """One configuration in a few words, e.g. ``"snp 64G boot fault-time seed 0"``
     (names a run in progress bars and errors)."""
-    parts = [config.platform, format_size(int(config.memory)), config.workload, config.policy]  # type: ignore[arg-type]
+    parts = [config.platform, format_size(int(config.memory)), config.workload, str(config.policy)]
     if config.options:
         parts.append(",".join(f"{k}={v}" for k, v in config.options.items()))
     if config.vcpus != 1:
@@ -784,8 +784,8 @@ def trace_size(config: Config, seed: int = 0) -> tuple[int, int]:
     if config.workload == "replay":
         size = os.path.getsize(config.options["file"])
         return size // 110, size  # ~110 bytes per trace-cmd line
-    mem = int(config.memory)  # type: ignore[arg-type]
-    m1 = max(128 << 20, (2 * int(config.image) + (2 << 20) - 1) & ~((2 << 20) - 1))  # type: ignore[arg-type]
+    mem = int(config.memory)
+    m1 = max(128 << 20, (2 * int(config.image) + (2 << 20) - 1) & ~((2 << 20) - 1))
     m2 = 2 * m1
     if mem <= 2 * m2:
         return _traced_size(config, seed)

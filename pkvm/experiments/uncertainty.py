@@ -423,10 +423,12 @@ def _sample(method: str, groups: Sequence[str], n: int, seed: int) -> np.ndarray
 
         with warnings.catch_warnings():  # N not a power of 2 (said in the result's notes)
             warnings.simplefilter("ignore", UserWarning)
-            return sobol.sample(problem, n, calc_second_order=False, seed=seed)
+            sample: np.ndarray = sobol.sample(problem, n, calc_second_order=False, seed=seed)
+            return sample
     from SALib.sample import morris
 
-    return morris.sample(problem, n, num_levels=4, seed=seed)
+    sample = morris.sample(problem, n, num_levels=4, seed=seed)
+    return sample
 
 
 def _indices(method: str, groups: Sequence[str], unit: np.ndarray, outputs: Mapping[str, np.ndarray],
