@@ -33,7 +33,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -392,7 +392,7 @@ class SensitivityResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: everything but the samples (those go to :meth:`to_frame`)."""
-        def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+        def records(df: pd.DataFrame) -> list[dict[Hashable, Any]]:
             return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                     for r in df.to_dict(orient="records")]
 
