@@ -139,3 +139,12 @@ U64_LIMIT = 1 << 64
 KVM_FILTER_SHARED = 1 << 0
 KVM_FILTER_PRIVATE = 1 << 1
 KVM_FILTER_ALL = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+
+#: The bound on every loop the kernel retries until another thread acts: an RMP #NPF that
+#: resolves nothing, ``PSMASH`` ``FAIL_INUSE`` (``snp_rmptable_psmash``), ``RMPUPDATE``
+#: ``FAIL_OVERLAP`` (``rmpupdate``), ``TDX_OPERAND_BUSY`` and ``RET_PF_RETRY`` (the fault
+#: path, ``kvm_tdp_mmu_map_private_pfn``). In the synchronous API no other thread can release
+#: the holder, so after this many attempts the operation stops and says where
+#: (``ret == "rmp_loop"`` or ``"retry_loop"``, ``retries``, ``loop``; docs/kvm-model.md). A
+#: driver with other threads waits for the holder between attempts and uses the same bound.
+RETRY_LIMIT = 64

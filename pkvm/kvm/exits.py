@@ -74,7 +74,9 @@ class GuestOpResult:
     to userspace: ``exit_reason`` with ``hypercall`` or ``memory_fault`` set, or a negative
     return with ``errno`` and no exit reason). ``value`` is a second output register (TDX r11:
     the gpa to resume or that failed). ``faults`` counts the EPT violations / NPFs the
-    instruction took before this result. Treat it as read-only (it is not frozen only
+    instruction took before this result. ``"rmp_loop"`` / ``"retry_loop"``: a step the kernel
+    retries gave up after ``retries`` attempts (``pkvm.constants.RETRY_LIMIT``), ``loop`` names
+    it and ``value`` holds the gpa it stopped at. Treat it as read-only (it is not frozen only
     because a result is built for every MapGPA chunk).
     """
 
@@ -86,6 +88,8 @@ class GuestOpResult:
     memory_fault: tuple[int, int, int] | None = None
     errno: int | None = None
     faults: int = 0
+    retries: int = 0
+    loop: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -466,7 +466,9 @@ class FaultResult:
     ``ret`` is ``"fixed"``, ``"retry"``, ``"spurious"``, ``"emulate"`` or ``"exit"`` (a
     negative return from ``KVM_RUN``: ``errno`` says which; ``exit_reason`` is
     ``KVM_EXIT_MEMORY_FAULT`` when ``memory_fault = (gpa, size, flags)`` was filled in).
-    ``level``/``pfn`` describe the installed (or already present) leaf.
+    ``level``/``pfn`` describe the installed (or already present) leaf. ``"rmp_loop"`` /
+    ``"retry_loop"``: a step the kernel retries until another thread acts gave up after
+    ``retries`` attempts (``pkvm.constants.RETRY_LIMIT``); ``loop`` names the step.
     """
 
     ret: str
@@ -475,6 +477,8 @@ class FaultResult:
     exit_reason: int | None = None
     memory_fault: tuple[int, int, int] | None = None
     errno: int | None = None
+    retries: int = 0
+    loop: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +486,10 @@ class AccessResult:
     """Outcome of ``Vcpu.access``: ``pages_done`` pages completed, ``faults`` faults taken.
 
     ``ret`` is ``"done"`` when every page was accessed, else the ``ret`` of the fault that
-    stopped the walk (``"exit"`` or ``"emulate"``), whose exit fields are copied here.
+    stopped the walk (``"exit"`` or ``"emulate"``), whose exit fields are copied here, or
+    ``"rmp_loop"`` / ``"retry_loop"`` when the page at ``gpa + pages_done * 4K`` kept faulting
+    without progress: ``retries`` attempts (at most ``pkvm.constants.RETRY_LIMIT``), ``loop``
+    naming the step the kernel would keep retrying.
     """
 
     ret: str
@@ -493,6 +500,8 @@ class AccessResult:
     exit_reason: int | None = None
     memory_fault: tuple[int, int, int] | None = None
     errno: int | None = None
+    retries: int = 0
+    loop: str | None = None
 
 
 def fault_begin(vm: VM, f: PageFault) -> None:

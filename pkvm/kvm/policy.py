@@ -28,6 +28,7 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
         "private_fault_source": ("attributes", "access"),
         "tdx_initial_image": ("premap-then-add", "add-in-sept-hook"),
         "tdx_huge_pages": (False, True),
+        "rmp_fault_zap": ("from-gfn", "2m-aligned"),
     }
 )
 
@@ -82,6 +83,10 @@ class Policy:
         2026, unmerged as of 6.19): 2M ``PAGE.AUG``, ``DEMOTE`` before a partial conversion, the
         per-2M guest-inhibit bit and accept-size mismatch faults. Needs ``gmem_max_order=9``
         (2M guest_memfd folios) to map anything at 2M. TDX only.
+    ``rmp_fault_zap``
+        The gfns ``sev_handle_rmp_fault`` zaps after a PSMASH: ``"from-gfn"`` (6.11+:
+        ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself) or ``"2m-aligned"``
+        (``rfc-v8``: the 2M-aligned range holding the gfn). SNP only.
 
     >>> Policy.preset("6.8").hugepage_guard
     False
@@ -103,6 +108,7 @@ class Policy:
     private_fault_source: str = "access"
     tdx_initial_image: str = "add-in-sept-hook"
     tdx_huge_pages: bool = False
+    rmp_fault_zap: str = "from-gfn"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -154,7 +160,7 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
         rmp_update="fault-time", directmap="split-4k", prepare="none", zap_filter="all",
         hugepage_guard=False, attr_ioctl="all-or-nothing", gmem_max_order=0,
         mixed_head_in_slot="start-only", private_fault_source="attributes",
-        tdx_initial_image="premap-then-add", tdx_huge_pages=False,
+        tdx_initial_image="premap-then-add", tdx_huge_pages=False, rmp_fault_zap="from-gfn",
     )
     v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access")
     v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
@@ -163,7 +169,7 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
     # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
     # hook and none of the later MMU fixes.
     rfc_v8 = dict(v6_8, rmp_update="eager-post", directmap="unmap-restore", attr_ioctl="legacy-progress",
-                  private_fault_source="access")
+                  private_fault_source="access", rmp_fault_zap="2m-aligned")
     # The design presets compare *where the RMPUPDATE happens* and nothing else: the 6.19 kernel
     # with the RMPUPDATE moved out of gmem_prepare, and the RFC-era direct map that the eager
     # designs were written for (unmap before making private, restore after making shared). So

@@ -43,6 +43,7 @@ from pkvm.constants import (
     PAGE_SIZE,
     PG_LEVEL_1G,
     PG_LEVEL_2M,
+    RETRY_LIMIT,
 )
 from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError
@@ -1130,7 +1131,7 @@ class Vcpu:
             self.vm._check_alive()
         sptes = self.vm._mmu.sptes
         done = faults = 0
-        retries = 0
+        stuck, stuck_gfn = 0, -1  # faults in a row on one gfn with no page done
         while gfn < end:
             s, e, v = sptes.run_at(gfn)
             if v:
@@ -1141,19 +1142,27 @@ class Vcpu:
                     continue
             n, r = self._fault(gfn, gfn + 1 if v else min(e, end), private, write)
             faults += n
-            if r.ret in ("fixed", "spurious"):
-                retries = 0
+            if r.ret == "retry" and self.vm._sched is not None:  # re-fault while the invalidation lasts
+                self.vm._sched.retry_fault(gfn)
                 continue
-            if r.ret == "retry":
-                if self.vm._sched is not None:  # re-fault while the invalidation lasts
-                    self.vm._sched.retry_fault(gfn)
-                    continue
-                retries += 1
-                if retries > _MAX_RETRIES:  # an invalidation stays open (a phased ioctl, mid-way)
-                    return AccessResult("retry", done, faults)
+            if r.ret in ("fixed", "spurious", "retry"):
+                # The hardware re-executes the access; in the synchronous API nothing else can
+                # change what it meets, so a gfn that keeps faulting is a loop (RETRY_LIMIT).
+                stuck, stuck_gfn = (stuck + 1, gfn) if gfn == stuck_gfn else (1, gfn)
+                if stuck >= RETRY_LIMIT:
+                    if r.ret == "retry":  # an invalidation stays open (a phased ioctl, mid-way)
+                        return AccessResult("retry", done, faults, retries=stuck, loop="RET_PF_RETRY")
+                    ret, loop = self._loop_kind(gfn, r.ret)
+                    return AccessResult(ret, done, faults, r.level, r.pfn, retries=stuck, loop=loop)
                 continue
-            return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno)
+            return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno,
+                                r.retries, r.loop)
         return AccessResult("done", done, faults)
+
+    def _loop_kind(self, gfn: int, last: str) -> tuple[str, str]:
+        """``(ret, loop)`` of an access stopped because ``gfn`` kept faulting (``last``: the
+        last fault's ``ret``). Platform vCPUs name their own loops (SNP: ``rmp_loop``)."""
+        return "retry_loop", "RET_PF_RETRY" if last == "retry" else "#NPF refault"
 
     # -- guest instructions and KVM_RUN -----------------------------------------------------
 
@@ -1214,7 +1223,7 @@ class Vcpu:
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses
 #: Re-faults an access makes while an invalidation keeps its gfn stale, in the synchronous driver
 #: (nothing there ends an invalidation but the caller); then it returns ``ret="retry"``.
-_MAX_RETRIES = 64
+_MAX_RETRIES = RETRY_LIMIT  # pkvm.constants: the one bound on retried loops
 
 #: The phases of ``KVM_SET_MEMORY_ATTRIBUTES`` (docs/kvm-model.md).
 ATTR_PHASES = ("begin", "pre", "commit", "post", "end")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from pkvm.constants import PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K
+from pkvm.constants import PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K, RETRY_LIMIT
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INUSE,
     PSMASH_SUCCESS,
@@ -118,7 +118,8 @@ def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, g
                  code, (pfn, pfn + span, level, assigned))
     if code:
         st["rmpupdate_failures"] += 1
-        how = " (Linux retries FAIL_OVERLAP forever)" if code == RMPUPDATE_FAIL_OVERLAP else ""
+        how = (f" (still FAIL_OVERLAP after {RETRY_LIMIT} attempts; rmpupdate() retries it until "
+               "another CPU releases the entry)" if code == RMPUPDATE_FAIL_OVERLAP else "")
         vm.events.append(("rmpupdate", f"RMPUPDATE failed for pfn {fail:#x} level {level}: code {code}{how}"))
         if directmap in ("both", "after") and done:
             _directmap(vm, "after_rmpupdate", pfn, done << (9 if level == PG_LEVEL_2M else 0), level, assigned)
@@ -140,8 +141,9 @@ def rmp_make_shared(vm: VM, pfn: int, npages: int, level: int, directmap: str = 
 
 
 def psmash(vm: VM, pfn: int) -> int:
-    """``snp_rmptable_psmash``: PSMASH the 2M entry holding ``pfn``, retrying FAIL_INUSE
-    (pkvm: a locked entry stays locked in a synchronous run, so it is counted and returned)."""
+    """``snp_rmptable_psmash``: PSMASH the 2M entry holding ``pfn``, retrying FAIL_INUSE.
+    In the synchronous API nothing releases an entry in use, so after ``RETRY_LIMIT``
+    attempts the failure is counted once and returned (the caller reports where it stopped)."""
     snp = vm.snp  # type: ignore[attr-defined]
     base = pfn & ~(RMP_PAGES_2M - 1)
     code: int = snp.rmp.psmash(base)
@@ -151,7 +153,8 @@ def psmash(vm: VM, pfn: int) -> int:
         vm._charge("psmash", 1)
     else:
         st["psmash_failures"] += 1
-        why = " (KVM retries FAIL_INUSE)" if code == PSMASH_FAIL_INUSE else ""
+        why = (f" (still FAIL_INUSE after {RETRY_LIMIT} attempts; KVM retries it until the entry is "
+               "released)" if code == PSMASH_FAIL_INUSE else "")
         vm.events.append(("psmash", f"PSMASH failed for pfn {base:#x}: code {code}{why}"))
     if vm._subs is not None:
         vm._emit("rmp_change", None, None, "psmash", 1 if code == PSMASH_SUCCESS else 0, 0, code,

@@ -40,6 +40,7 @@ from pkvm.constants import (
     PAGE_SHIFT,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
+    RETRY_LIMIT,
 )
 from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.exits import GuestOpResult, Hypercall, begin_insn, hypercall_exit
@@ -75,7 +76,6 @@ VMGEXIT_PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
 VMGEXIT_PSC_MAX_COUNT = 253
 VMGEXIT_PSC_MAX_ENTRY = 64
 
-_MAX_REFAULTS = 64
 
 
 @dataclass(slots=True)
@@ -110,12 +110,15 @@ class SnpVcpu(Vcpu):
     """An SNP guest's vCPU (module docstring). ``rmp_npf`` is set while KVM handles an #NPF whose
     error code has the RMP bit (read by ``sev_handle_rmp_fault``)."""
 
-    __slots__ = ("_rmp_stop", "rmp_npf")
+    __slots__ = ("_rmp_gfn", "_rmp_stop", "rmp_npf", "rmp_stuck")
 
     def __init__(self, vm, vcpu_id: int) -> None:  # type: ignore[no-untyped-def]
         super().__init__(vm, vcpu_id)
         self.rmp_npf = False
+        #: Set by ``sev_handle_rmp_fault`` when a step it retries gave up: ``(loop, attempts)``.
+        self.rmp_stuck: tuple[str, int] | None = None
         self._rmp_stop: tuple[int, str] | None = None
+        self._rmp_gfn = -1  # the gfn of the last RMP #NPF
 
     # -- the hardware RMP check ---------------------------------------------------------------
 
@@ -199,9 +202,16 @@ class SnpVcpu(Vcpu):
             return 0, FaultResult("vc")
         return self._rmp_npf(gfn, private, write)
 
+    def _loop_kind(self, gfn: int, last: str) -> tuple[str, str]:
+        if gfn == self._rmp_gfn:
+            return "rmp_loop", "RMP #NPF (sev_handle_rmp_fault)"
+        return super()._loop_kind(gfn, last)
+
     def _rmp_npf(self, gfn: int, private: bool, write: bool) -> tuple[int, FaultResult]:
         """An #NPF with the RMP bit on ``gfn``: the MMU fault path, then the RMP handler. A
-        fault that left the leaf and the RMP entry as they were is reported as ``rmp_loop``;
+        fault that left the leaf and the RMP entry as they were, or whose handler gave up on a
+        step it retries (PSMASH ``FAIL_INUSE``, after ``RETRY_LIMIT`` attempts), is reported as
+        ``rmp_loop``;
         on the concurrent timeline the vCPU instead keeps faulting until another thread changes
         the RMP (or nothing else runs that could), counted as a race (``rmp_npf_loop``)."""
         faults = loops = 0
@@ -226,16 +236,23 @@ class SnpVcpu(Vcpu):
         v = vm._mmu.sptes.get(gfn)
         pfn = gfn + decode_delta(v) if v else -1
         before = (v, rmp.lookup(pfn) if v else None)
+        self._rmp_gfn = gfn
         self.rmp_npf = True
+        self.rmp_stuck = None
         try:
             n, r = super()._fault(gfn, gfn + 1, private, write)
         finally:
             self.rmp_npf = False
+        stuck, self.rmp_stuck = self.rmp_stuck, None
+        if stuck is not None:
+            return n, FaultResult("rmp_loop", spte_level(v) if v else None, pfn, retries=stuck[1], loop=stuck[0])
         if r.ret in ("fixed", "spurious", "retry"):
             v2 = vm._mmu.sptes.get(gfn)
-            # Nothing changed: the same leaf (or still none) over the same RMP entry.
+            # Nothing changed: the same leaf (or still none) over the same RMP entry. The
+            # hardware would fault the same way on every retry: one attempt proves the loop.
             if v2 == v and (not v or rmp.lookup(pfn) == before[1]):
-                return n, FaultResult("rmp_loop", spte_level(v) if v else None, pfn)
+                return n, FaultResult("rmp_loop", spte_level(v) if v else None, pfn, retries=1,
+                                      loop="RMP #NPF (sev_handle_rmp_fault)")
         return n, r
 
     # -- PVALIDATE (§5.6, §7.5) -------------------------------------------------------------------
@@ -273,7 +290,7 @@ class SnpVcpu(Vcpu):
         if level == PG_LEVEL_2M and gfn & (RMP_PAGES_2M - 1):
             return self._pval_done(level, PVALIDATE_FAIL_INPUT, faults)
         sptes = vm._mmu.sptes
-        for _ in range(_MAX_REFAULTS):
+        for _ in range(RETRY_LIMIT):
             v = sptes.get(gfn)
             if not v or not v & SPTE_PRIVATE:
                 n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
@@ -283,7 +300,8 @@ class SnpVcpu(Vcpu):
                     return GuestOpResult("exit", exit_reason=r.exit_reason, memory_fault=r.memory_fault,
                                          errno=r.errno, faults=faults)
                 if r.ret not in ("fixed", "spurious", "retry"):
-                    return GuestOpResult(r.ret, faults=faults, errno=r.errno)
+                    return GuestOpResult(r.ret, value=gpa, faults=faults, errno=r.errno, retries=r.retries,
+                                         loop=r.loop)
                 continue
             pfn = gfn + decode_delta(v)
             ent = snp.rmp.lookup(pfn)
@@ -305,10 +323,11 @@ class SnpVcpu(Vcpu):
                     return GuestOpResult("exit", exit_reason=r.exit_reason, memory_fault=r.memory_fault,
                                          errno=r.errno, faults=faults)
                 if r.ret == "rmp_loop":
-                    return GuestOpResult("rmp_loop", faults=faults)
+                    return GuestOpResult("rmp_loop", value=gpa, faults=faults, retries=r.retries, loop=r.loop)
                 continue
             return self._pval_done(level, code, faults)
-        return GuestOpResult("rmp_loop", faults=faults)
+        return GuestOpResult("rmp_loop", value=gpa, faults=faults, retries=RETRY_LIMIT,
+                             loop="PVALIDATE #NPF refault")
 
     def _pval_done(self, level: int, code: int, faults: int, count: int = 1) -> GuestOpResult:
         vm = self.vm
@@ -442,7 +461,7 @@ class SnpVcpu(Vcpu):
         if r.ret == "done" and r.status == PVALIDATE_SUCCESS:
             return GuestOpResult("done", status=PVALIDATE_SUCCESS, value=(gfn + 1) << PAGE_SHIFT, faults=r.faults)
         return GuestOpResult(r.ret, r.status, gfn << PAGE_SHIFT, r.exit_reason, None, r.memory_fault,
-                             r.errno, r.faults)
+                             r.errno, r.faults, r.retries, r.loop)
 
     def _pvalidate_4k_run(self, gfn: int, end: int, validate: bool) -> GuestOpResult | None:
         """4K PVALIDATEs over ``[gfn, end)`` inside one private leaf run; None on success."""
@@ -471,7 +490,7 @@ class SnpVcpu(Vcpu):
             r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, 0)
             if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
                 return GuestOpResult(r.ret, r.status, gfn << PAGE_SHIFT, r.exit_reason, None,
-                                     r.memory_fault, r.errno, r.faults)
+                                     r.memory_fault, r.errno, r.faults, r.retries, r.loop)
             gfn += 1
         return None
 

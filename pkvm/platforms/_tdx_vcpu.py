@@ -30,6 +30,7 @@ from pkvm.constants import (
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     PAGE_SHIFT,
+    RETRY_LIMIT,
     PG_LEVEL_1G,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``TDX_MAP_GPA_MAX_LEN``: KVM forwards a MapGPA to userspace in chunks of at most 2 MiB.
 TDX_MAP_GPA_MAX_LEN = 2 << 20
 _LEVEL_SHIFT = (0, 0, 9, 18)
-_MAX_LOCAL_RETRIES = 64
 
 
 class TdxVcpu(Vcpu):
@@ -250,8 +250,11 @@ class TdxVcpu(Vcpu):
         if gpa & ((npages << PAGE_SHIFT) - 1) or not td.is_private_gpa(gpa) or gpa >> td.gpaw:
             return self._accept_status(TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX, 0)
         gfn = gpa >> PAGE_SHIFT
-        faults = retries = 0
-        while True:
+        faults = 0
+        loop = "EPT violation refault"
+        attempts = 0
+        while attempts < RETRY_LIMIT:  # the TDCALL re-executes after each EPT violation
+            attempts += 1
             v = sept.leaves.get(gfn)
             if v:
                 lvl, st = leaf_level(v), v & STATE_MASK
@@ -282,21 +285,20 @@ class TdxVcpu(Vcpu):
             finally:
                 td._accept_level = 0
             faults += n
-            if r.ret in ("fixed", "spurious"):
-                retries = 0
+            if r.ret == "retry" and vm._sched is not None:
+                # another thread's invalidation: fault again after it, not counted
+                vm._sched.retry_fault(gfn)
+                attempts -= 1
                 continue
-            if r.ret == "retry":
-                if vm._sched is not None:  # another thread's invalidation: fault again after it
-                    vm._sched.retry_fault(gfn)
-                    continue
-                retries += 1
-                if retries > _MAX_LOCAL_RETRIES:
-                    raise InternalInvariantError(f"gfn {gfn:#x}: the EPT violation keeps retrying")
+            if r.ret in ("fixed", "spurious", "retry"):
+                # RET_PF_RETRY: e.g. a SEAMCALL that stays TDX_OPERAND_BUSY.
+                loop = "RET_PF_RETRY (EPT violation of TDG.MEM.PAGE.ACCEPT)" if r.ret == "retry" else loop
                 continue
             if not vm.vm_dead:
                 self._resume = lambda: self._accept(gpa, level)  # the TDCALL re-executes
             return GuestOpResult("exit", exit_reason=r.exit_reason, memory_fault=r.memory_fault,
                                  errno=r.errno, faults=faults)
+        return GuestOpResult("retry_loop", value=gpa, faults=faults, retries=RETRY_LIMIT, loop=loop)
 
     def _accept_size_fault(self, gfn: int, mapped_level: int) -> bool:
         """Beyond upstream (huge pages): the guest accepts at 4K inside a PENDING 2M leaf. The

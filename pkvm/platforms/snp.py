@@ -19,7 +19,8 @@ What this platform adds (the RMP table and the direct map themselves are
   for a whole aligned 2M entry, else PSMASH then 4K, then a cache flush of every page made
   shared), ``gmem_max_mapping_level`` (the RMP level of the pfn, §3.5).
 * **Faults**: ``fault_is_private`` is the C-bit of the access (§4.1); the RMP #NPF handler
-  (§5.6) PSMASHes a 2M entry and zaps the 2M gfn range, or does nothing (spurious). The
+  (§5.6) PSMASHes a 2M entry and zaps 512 gfns from the faulting one (``rfc-v8``: the
+  2M-aligned range; ``Policy.rmp_fault_zap``), or does nothing (spurious). The
   access-time RMP check lives in :class:`pkvm.platforms._snp_vcpu.SnpVcpu`.
 * **RMPUPDATE policies** (``Policy.rmp_update``, §7.7: the RFC v8 debate), in :mod:`._snp_policy`.
 * **Launch** (§5.9): ``vm.snp.launch_update`` and ``vm.snp.launch_finish``.
@@ -43,6 +44,7 @@ from pkvm.constants import (
     PAGE_SHIFT,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
+    RETRY_LIMIT,
 )
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.directmap import DirectMap
@@ -68,6 +70,7 @@ from pkvm.platforms._snp_policy import (
 from pkvm.platforms._snp_rmp import make_shared_range, psmash, rmp_make_private, rmp_make_shared
 from pkvm.platforms._snp_vcpu import SnpVcpu
 from pkvm.platforms.snp_constants import (
+    PSMASH_FAIL_INUSE,
     PSMASH_SUCCESS,
     RMP_PAGES_2M,
 )
@@ -266,11 +269,18 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
             vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, 0, (vcpu.id, gpa, pfn, private, write, PG_LEVEL_4K, 0))
         return 0
     ret = psmash(vm, pfn)
+    if ret == PSMASH_FAIL_INUSE:
+        # snp_rmptable_psmash spins until the entry is released: the vCPU never gets to the
+        # zap. The synchronous API stops here (SnpVcpu reports rmp_loop with the count).
+        vcpu.rmp_stuck = ("PSMASH FAIL_INUSE (snp_rmptable_psmash)", RETRY_LIMIT)  # type: ignore[attr-defined]
+        return 0
     if ret != PSMASH_SUCCESS:
         ent = snp.rmp.lookup(pfn)
         if not (ent.assigned and ent.level == PG_LEVEL_4K):
             vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
-    base = gfn & ~(RMP_PAGES_2M - 1)
+    # 6.11+: kvm_zap_gfn_range(kvm, gfn, gfn + PTRS_PER_PMD) from the faulting gfn itself;
+    # rfc-v8 (Policy.rmp_fault_zap="2m-aligned"): the 2M-aligned range holding it.
+    base = gfn & ~(RMP_PAGES_2M - 1) if vm.policy.rmp_fault_zap == "2m-aligned" else gfn
     if vm._zap(base, base + RMP_PAGES_2M):
         vm._flush_remote_tlbs()
     if vm._subs is not None:  # traced on the way out, unless the entry was not assigned (§5.6)

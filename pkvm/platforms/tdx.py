@@ -49,6 +49,7 @@ from pkvm.constants import (
     PAGE_SHIFT,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
+    RETRY_LIMIT,
     TDX_EPT_ENTRY_STATE_INCORRECT,
     TDX_OPERAND_BUSY,
     TDX_SHARED_BIT_PWL_4,
@@ -176,7 +177,8 @@ class TdxVm:
                 an unaligned ``gpa`` / ``source_addr``, ``nr_pages == 0``, a wrapping range
                 or one that is not private, a page outside guest_memfd memslots or not
                 PRIVATE; EFAULT if the guest_memfd was closed; EEXIST for a page already
-                populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; ENOMEM.
+                populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; EINTR if
+                the S-EPT walk stayed busy for ``RETRY_LIMIT`` attempts; ENOMEM.
             TypeError / ValueError: bad argument types, or a vCPU of another VM.
         """
         vm = self._vm
@@ -251,12 +253,16 @@ class TdxVm:
         n = end - gfn
         # The mirror mapping: kvm_tdp_mmu_map_private_pfn (6.19) or kvm_tdp_map_page (6.16) loop
         # while the walk returns RET_PF_RETRY (a busy SEPT.ADD / AUG / ADD).
+        # The kernel loop ends only on a signal (-EINTR); the synchronous API plays that signal
+        # after RETRY_LIMIT busy attempts (nothing else could release the holder).
         self._populating = not self.premap
         try:
-            while True:
+            for _attempt in range(RETRY_LIMIT):
                 r = tdx_set_external_spte(vm, gfn, end, PG_LEVEL_4K, delta)
                 if r != -errno.EBUSY:
                     break
+            else:
+                r = -errno.EINTR
         finally:
             self._populating = False
         if r:
@@ -311,6 +317,8 @@ _POPULATE_ERRORS = {
     errno.EFAULT: "the guest_memfd is closed",
     errno.EEXIST: "the page was already populated or faulted in (its folio is prepared)",
     errno.EBUSY: "TDH.MEM.PAGE.ADD returned TDX_OPERAND_BUSY",
+    errno.EINTR: f"the S-EPT walk stayed TDX_OPERAND_BUSY for {RETRY_LIMIT} attempts (the kernel retries "
+                 "until a signal: -EINTR)",
     errno.ENOMEM: "host memory is exhausted",
     errno.EIO: "a SEAMCALL failed and the VM is bugged",
 }

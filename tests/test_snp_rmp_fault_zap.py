@@ -1,0 +1,59 @@
+"""The zap range of ``sev_handle_rmp_fault`` (arch/x86/kvm/svm/sev.c): after a PSMASH, 6.11+
+zaps ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself; the rfc-v8 design zapped the
+2M-aligned range holding it (``Policy.rmp_fault_zap``; docs/snp.md)."""
+
+import pytest
+from vmhelpers import UADDR
+
+import pkvm
+from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
+
+MiB = 1 << 20
+
+
+def _mixed_2m_chunk(policy):
+    """A 2M folio under one 2M RMP entry; the chunk made mixed, then gfns 2..9 faulted in at 4K
+    and the next chunk (one 2M leaf at gfn 512). Returns (vm, vcpu, pfn of gfn 0)."""
+    vm = pkvm.VM("snp", policy=policy)
+    gm = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 4 * MiB, userspace_addr=UADDR, guest_memfd=gm)
+    vm.set_memory_attributes(0, 4 * MiB, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    v = vm.create_vcpu()
+    f = v.page_fault(0, private=True)
+    assert f.level == PG_LEVEL_2M and vm.rmp.lookup(f.pfn).level == PG_LEVEL_2M
+    vm.set_memory_attributes(0x1000, 0x1000, 0)  # gfn 1 shared: the first chunk is mixed
+    for g in range(2, 10):
+        assert v.page_fault(g << 12, private=True).ret == "fixed"
+    assert v.page_fault(512 << 12, private=True).level == PG_LEVEL_2M  # the next chunk: one 2M leaf
+    assert vm.mmu.lookup(2).level == PG_LEVEL_4K
+    return vm, v, f.pfn
+
+
+def _mapped(vm, gfns):
+    return [g for g in gfns if vm.mmu.lookup(g) is not None]
+
+
+@pytest.mark.parametrize("policy", ["6.19+gmem_max_order=9", "6.11+gmem_max_order=9",
+                                    "6.16+gmem_max_order=9"])
+def test_rmp_fault_zaps_from_the_faulting_gfn(policy):
+    """4K NPT leaf over the 2M RMP entry: the access at gfn 5 takes an RMP #NPF; PSMASH, then
+    kvm_zap_gfn_range(gfn 5, gfn 5 + 512): gfns 2..4 keep their leaves, 5..9 and the next
+    chunk's 512..515 (inside [5, 517)) lose them."""
+    vm, v, pfn = _mixed_2m_chunk(policy)
+    assert pkvm.Policy.preset(policy.split("+")[0]).rmp_fault_zap == "from-gfn"
+    r = v.access(5 << 12, private=True)
+    assert r.ret == "vc"  # after PSMASH + zap + refault: a 4K entry, not validated
+    assert vm.stats["psmash"] == 1 and vm.rmp.lookup(pfn).level == PG_LEVEL_4K
+    assert _mapped(vm, range(2, 10)) == [2, 3, 4, 5]  # 5 was faulted in again by the refault
+    assert _mapped(vm, range(512, 516)) == []
+    vm.check()
+
+
+def test_rfc_v8_zap_is_2m_aligned():
+    """rfc-v8's handler rounds the gfn down to 2M: [0, 512) is zapped, the next chunk is not."""
+    assert pkvm.Policy.preset("rfc-v8").rmp_fault_zap == "2m-aligned"
+    vm, v, pfn = _mixed_2m_chunk("6.19+gmem_max_order=9+rmp_fault_zap=2m-aligned")
+    assert v.access(5 << 12, private=True).ret == "vc"
+    assert _mapped(vm, range(2, 10)) == [5]
+    assert _mapped(vm, range(512, 516)) == [512, 513, 514, 515]
+    vm.check()
