@@ -422,9 +422,11 @@ def test_launch_update_immutable_validated_then_finish():
     pfn = gpfn(gmem, 0x10)
     assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, True, True, False)
     assert gmem.folio(0x10)[2]  # prepared
-    with pytest.raises(pkvm.KvmError) as e:
+    # An already-prepared first page: kvm_gmem_populate fails (-EEXIST); the ioctl says -EIO
+    # with the firmware error field 0 (snp_launch_update).
+    with pytest.raises(pkvm.KvmError, match="EEXIST; firmware error 0") as e:
         vm.snp.launch_update(0x10000, 0x1000)
-    assert e.value.errno == errno.EEXIST
+    assert (e.value.errno, e.value.error, e.value.populate_errno) == (errno.EIO, 0, errno.EEXIST)
     vm.snp.launch_finish()
     assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, False, True, False)
     assert vcpu.access(0x10000, private=True, size=0x4000).ret == "done"  # no PVALIDATE needed
@@ -439,14 +441,21 @@ def test_launch_update_partial_progress_and_errors():
     vm, _gmem, _vcpu = snp_vm()
     vm.set_memory_attributes(0x3000, 0x1000, 0)
     assert vm.snp.launch_update(0, 0x8000) == 0x3000  # stops at the shared gfn
-    with pytest.raises(pkvm.KvmError) as e:
-        vm.snp.launch_update(0x3000, 0x1000)
-    assert e.value.errno == errno.EINVAL
+    # A non-PRIVATE first gfn: kvm_gmem_populate's -EINVAL becomes -EIO, firmware error 0.
     before = snapshot(vm)
-    for args in [(0, 0), (0x100, 0x1000), (0x8000, 0x1000, 2), (0x8000, 0x1000, 1, 1),
-                 (64 * MiB, 0x1000)]:
-        with pytest.raises(pkvm.KvmError):
+    with pytest.raises(pkvm.KvmError, match="EINVAL; firmware error 0") as e:
+        vm.snp.launch_update(0x3000, 0x1000)
+    assert (e.value.errno, e.value.error, e.value.populate_errno) == (errno.EIO, 0, errno.EINVAL)
+    assert snapshot(vm) == before  # its folio was allocated by the call above, before the check
+    # len 0 passes snp_launch_update's checks; kvm_gmem_populate refuses it: -EIO as well.
+    with pytest.raises(pkvm.KvmError, match="len is 0") as e:
+        vm.snp.launch_update(0x8000, 0)
+    assert (e.value.errno, e.value.error) == (errno.EIO, 0)
+    before = snapshot(vm)
+    for args in [(0x100, 0x1000), (0x8000, 0x1000, 2), (0x8000, 0x1000, 1, 1), (64 * MiB, 0x1000)]:
+        with pytest.raises(pkvm.KvmError, match="bad parameters|not in a guest_memfd memslot") as e:
             vm.snp.launch_update(*args)
+        assert e.value.errno == errno.EINVAL  # snp_launch_update's own checks, before populating
     assert snapshot(vm) == before
     with pytest.raises(ValueError):
         vm.snp.launch_update(-1, 0x1000)
@@ -489,3 +498,14 @@ def test_docs_example():
     text = (Path(__file__).resolve().parents[1] / "docs" / "snp.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/snp.md", "exec"), {})  # noqa: S102 -- our own doc example
+
+
+def test_launch_update_closed_guest_memfd_is_eio():
+    """kvm_gmem_populate finds no file (-EFAULT); snp_launch_update reports -EIO, error 0."""
+    vm, gmem, _vcpu = snp_vm()
+    gmem.close()
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="guest_memfd was closed") as e:
+        vm.snp.launch_update(0, 0x1000)
+    assert (e.value.errno, e.value.error, e.value.populate_errno) == (errno.EIO, 0, errno.EFAULT)
+    assert snapshot(vm) == before

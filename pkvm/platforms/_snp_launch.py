@@ -13,8 +13,14 @@
    firmware's LAUNCH_UPDATE, which leaves the pages validated (pkvm models the firmware as
    never failing). The folio is marked prepared. A 2M folio is populated whole: one that is
    only partly inside the range stops the call (``-EINVAL``, pkvm's choice).
-4. Partial progress: the call returns the bytes done when a later folio fails; if the first
-   one fails it raises the error.
+4. Partial progress: the call returns the bytes done when a later folio fails
+   (``kvm_gmem_populate`` returns the count). If the first page fails, ``kvm_gmem_populate``
+   returns its internal errno and ``snp_launch_update`` (arch/x86/kvm/svm/sev.c) reports
+   ``-EIO`` to userspace with the firmware's error in ``struct kvm_sev_cmd.error`` (0 here:
+   the firmware was never reached). pkvm raises ``KvmError(EIO)`` with ``.error`` (that field)
+   and ``.populate_errno`` (the internal errno, for diagnostics). A zero ``len`` passes the
+   ioctl's checks and makes ``kvm_gmem_populate`` return ``-EINVAL`` (with a host WARN):
+   ``-EIO`` too.
 
 :func:`launch_finish` turns every Pre-Guest page (assigned + immutable) of the guest into a
 Guest-Valid one (immutable cleared, validated kept) and sets ``launched`` (KVM's
@@ -50,7 +56,9 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
     """Populate ``[gpa, gpa + size)``; returns the bytes done (module docstring).
 
     Raises:
-        KvmError: EINVAL / EEXIST as listed when nothing could be done; EIO if the VM is dead.
+        KvmError: EINVAL for bad parameters, after LAUNCH_FINISH, or a first gfn outside a
+            guest_memfd memslot; EIO (``.error == 0``, ``.populate_errno`` the cause) when the
+            first page cannot be populated or ``size`` is 0; EIO if the VM is dead.
         TypeError / ValueError: an argument is not a u64 int.
     """
     vm = snp.vm
@@ -59,13 +67,17 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
     page_type, flags = _u64("page_type", page_type), _u64("flags", flags)
     if snp.launched:
         raise KvmError(errno.EINVAL, "SNP_LAUNCH_UPDATE after SNP_LAUNCH_FINISH")
-    if not size or (gpa | size) & 0xFFF or flags or page_type not in _PAGE_TYPES:
+    if (gpa | size) & 0xFFF or flags or page_type not in _PAGE_TYPES:
         raise KvmError(errno.EINVAL, f"SNP_LAUNCH_UPDATE: bad parameters gpa={gpa:#x} len={size:#x} "
                        f"type={page_type} flags={flags:#x}")
     gfn = gpa >> PAGE_SHIFT
     slot = vm._slot_at(gfn)
-    if slot is None or slot.gmem is None or slot.gmem_file is None:
+    if slot is None or slot.gmem is None:
         raise KvmError(errno.EINVAL, f"SNP_LAUNCH_UPDATE: gfn {gfn:#x} is not in a guest_memfd memslot")
+    if slot.gmem_file is None:  # kvm_gmem_populate: kvm_gmem_get_file failed, -EFAULT
+        raise _populate_failed(errno.EFAULT, gfn, "the guest_memfd was closed")
+    if not size:  # kvm_gmem_populate: WARN_ON_ONCE(npages <= 0), -EINVAL
+        raise _populate_failed(errno.EINVAL, gfn, "len is 0 (kvm_gmem_populate warns)")
     end = min((gpa + size) >> PAGE_SHIFT, slot.end_gfn)
     gmem = slot.gmem
     off = slot.gmem_pgoff - slot.base_gfn
@@ -113,8 +125,18 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
         if err:
             break
     if err and not done:
-        raise KvmError(err, f"SNP_LAUNCH_UPDATE at gfn {g:#x}: {errno.errorcode.get(err, err)}")
+        raise _populate_failed(err, g, "the first page could not be populated")
     return done << PAGE_SHIFT
+
+
+def _populate_failed(err: int, gfn: int, why: str) -> KvmError:
+    """``snp_launch_update`` when ``kvm_gmem_populate`` returned ``-err``: ``-EIO`` for
+    userspace, ``argp->error`` = the firmware error (0: the firmware was not reached)."""
+    exc = KvmError(errno.EIO, f"SNP_LAUNCH_UPDATE at gfn {gfn:#x}: {why} (kvm_gmem_populate: "
+                   f"-{errno.errorcode.get(err, err)}; firmware error 0)")
+    exc.error = 0  # type: ignore[attr-defined]
+    exc.populate_errno = err  # type: ignore[attr-defined]
+    return exc
 
 
 def launch_finish(snp: SnpVm) -> None:
