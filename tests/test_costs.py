@@ -39,7 +39,7 @@ COST_ROWS = [
     (9, "tdx_private_fault", None, 8_000, 6_000, 15_000, "M"),
     (10, "tdx_private_fault_storm", None, 150_000, 8_000, 153_000, "M"),
     (13, "tdx_accept_4k", None, 1_500, 1_000, 3_000, "E"),
-    (14, "seamcall_aug", None, 2_000, 1_000, 4_000, "E"),
+    (14, "seamcall_aug", None, 4_300, 2_300, 11_300, "E"),
     (15, "seamcall_add", None, 3_000, 2_000, 6_000, "E"),
     (16, "seamcall_mr_extend", None, 10_000, 5_000, 30_000, "E"),
     (17, "seamcall_block", None, 1_000, 500, 3_000, "E"),

@@ -376,3 +376,20 @@ def test_check_detects_sept_mirror_disagreement():
     vm.sept.leaves.assign(0, 1, 0)  # corrupt: the S-EPT forgets the page
     with pytest.raises(pkvm.InternalInvariantError, match="have no S-EPT leaf"):
         vm.check()
+
+
+def test_private_fault_on_a_fresh_page_costs_the_measured_row_9():
+    """docs/costs.md: a TDX private 4K fault on an unaccepted page is priced at the measured
+    tdx_private_fault (row 9, 8 µs): its parts (the EPT violation, PAGE.AUG, the accept and the
+    guest_memfd page) add up to it, whether the page is accepted alone or by the Linux loop."""
+    vm, vmm, gmem, vcpu = td()
+    row9 = vm.costs.ns("tdx_private_fault")
+    assert row9 == 8_000
+    vcpu.accept(0x4000, pkvm.PG_LEVEL_4K)  # the S-EPT tables exist from here on
+    before, ns0 = vm.cost_breakdown(), vm.modeled_ns
+    assert vcpu.accept(0x5000, pkvm.PG_LEVEL_4K).status == pkvm.constants.TDX_SUCCESS
+    after = vm.cost_breakdown()
+    assert vm.modeled_ns - ns0 == row9
+    assert {k for k in after if after[k] != before.get(k, 0)} == {"npf_fault", "seamcall_aug", "tdx_accept_4k",
+                                                                   "gmem_alloc_4k"}
+    vm.check()
