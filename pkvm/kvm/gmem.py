@@ -189,8 +189,19 @@ class GuestMemfd:
         return out
 
     def _alloc_folios(self, index: int, count: int, order: int, prepared: bool) -> list[tuple[int, int]]:
-        """Allocate ``count`` folios of ``order`` at ``index``; return the host pfn runs."""
+        """Allocate ``count`` folios of ``order`` at ``index``; return the host pfn runs.
+
+        Raises:
+            KvmError: ENOMEM from an injected ``gmem_folio_alloc`` failure; the folios before
+                the failing one are allocated, as ``kvm_gmem_get_folio`` calls one at a time.
+        """
         vm = self._vm
+        hit = vm._inject.take("gmem_folio_alloc", count) if vm._inject.armed("gmem_folio_alloc") else None
+        if hit is not None:
+            if hit[0]:
+                self._alloc_folios(index, hit[0], order, prepared)
+            raise KvmError(hit[1], f"guest_memfd folio allocation failed at index "
+                           f"{index + (hit[0] << order):#x} (injected)")
         plan = vm._hostmem.alloc(count, order)
         i = index
         for pfn, n in plan:
@@ -364,7 +375,8 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     policy = vm._policy
     folios = gmem.folios
     s, e, v = folios.run_at(index)
-    if f.single or (v and folio_order(v)) or (not v and policy.gmem_max_order):
+    if (f.single or (v and folio_order(v)) or (not v and policy.gmem_max_order)
+            or vm._inject.armed_any("gmem_folio_alloc", "set_memory")):  # one fault at a time
         end = gfn + 1
         f.single = True
     else:
@@ -442,7 +454,8 @@ def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[i
             if a + size <= gmem.npages and folios.find_ne(a, a + size, 0) == -1:
                 order = max_order
         first = index & ~((1 << order) - 1)
-        count = 1 if order else min(limit, e) - index
+        # kvm_gmem_populate allocates page by page: with a failure armed, one folio at a time.
+        count = 1 if order or vm._inject.armed("gmem_folio_alloc") else min(limit, e) - index
         gmem._alloc_folios(first, count, order, vm._policy.prepare == "none")
         s, e, v = folios.run_at(index)
     order = folio_order(v)

@@ -753,6 +753,16 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
 _CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
 
 
+def _topup(vm: VM, f: PageFault, gfn: int) -> None:
+    """``mmu_topup_memory_caches`` with a failure armed (``vm.inject_failure("mmu_topup")``): it
+    runs per fault before ``kvm_mmu_faultin_pfn``, so the batch is one fault, and a failed
+    top-up returns -ENOMEM having done nothing."""
+    f.limit, f.single = gfn + 1, True
+    hit = vm._inject.take("mmu_topup")
+    if hit is not None:
+        f.ret, f.errno, f.end = "exit", hit[1], gfn + 1
+
+
 def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> tuple[PageFault, FaultResult]:
     """Run every phase of one (batched) fault to completion: the synchronous driver.
 
@@ -768,6 +778,8 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
     f = PageFault(gfn, limit, private, write)
     if sched is None:
         fault_begin(vm, f)
+        if not f.ret and vm._inject.armed("mmu_topup"):
+            _topup(vm, f, gfn)
         if not f.ret:
             faultin_pfn(vm, f)
         if not f.ret:
@@ -779,6 +791,8 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
         sptes = vm._mmu.sptes
         before = sptes.get(gfn)
         fault_begin(vm, f)
+        if not f.ret and vm._inject.armed("mmu_topup"):
+            _topup(vm, f, gfn)
         if not f.ret:
             faultin_pfn(vm, f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
             sched.sync()

@@ -52,6 +52,7 @@ from pkvm.kvm import check as _vm_check
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription, check_kinds
 from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
+from pkvm.kvm.inject import FailureInjector
 from pkvm.kvm.memslots import Memslot as Memslot  # re-exported: pkvm.kvm.vm.Memslot
 from pkvm.kvm.memslots import set_user_memory_region2
 from pkvm.kvm.mmu import (
@@ -187,6 +188,8 @@ class VM:
         self._sched: Any = None
         #: The unfinished :class:`AttrIoctl` of :meth:`begin_set_memory_attributes`, or None.
         self._attr_op: AttrIoctl | None = None
+        #: Failures armed with :meth:`inject_failure` (pkvm.kvm.inject).
+        self._inject = FailureInjector()
         self.seed = seed
         self.nr_vcpus = nr_vcpus
         self.shared_backing = shared_backing
@@ -630,6 +633,11 @@ class VM:
             return
         if self._attrs.find_ne(start, end, attributes) == -1:
             return  # §2.7 short-circuit
+        hit = self._inject.take("xa_reserve", end - start) if self._inject.armed("xa_reserve") else None
+        if hit is not None:
+            # kvm_vm_set_mem_attributes reserves every gfn's xarray slot before the PRE zap: a
+            # failed xa_reserve returns before anything changed (reserved slots are invisible).
+            raise KvmError(hit[1], f"xa_reserve failed at gfn {start + hit[0]:#x} (injected): nothing changed")
         maps = self._slot_maps
         ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
         if ranges and self._eager_split:
@@ -968,6 +976,34 @@ class VM:
         vcpu = self._platform.create_vcpu(self, len(self._vcpus)) or Vcpu(self, len(self._vcpus))
         self._vcpus.append(vcpu)
         return vcpu
+
+    # -- failure injection ---------------------------------------------------------------------
+
+    def inject_failure(self, site: str, err: int, *, times: int = 1, after: int = 0) -> None:
+        """Make the kernel's allocation at ``site`` fail with ``err``: calls ``after + 1`` to
+        ``after + times`` from now fail, the others succeed; ``times=0`` disarms the site.
+
+        Sites (docs/kvm-model.md, "Failure injection"; a call is counted in the kernel's unit):
+        ``"xa_reserve"`` (one gfn of ``KVM_SET_MEMORY_ATTRIBUTES``: ``ENOMEM``, nothing
+        changed), ``"mmu_topup"`` (one fault: ``KVM_RUN`` returns ``-ENOMEM``, nothing mapped),
+        ``"gmem_folio_alloc"`` (one guest_memfd folio allocated: a fault exits with
+        ``-ENOMEM``; fallocate and populate keep what they did before it) and ``"set_memory"``
+        (one direct-map CPA call before an SNP RMPUPDATE: that RMPUPDATE is not done). Only
+        ``errno.ENOMEM`` is accepted: it is what these allocations return.
+
+        >>> import errno
+        >>> vm = VM("sw_protected")
+        >>> vm.inject_failure("xa_reserve", errno.ENOMEM)
+        >>> vm.set_memory_attributes(0, 0x1000, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        Traceback (most recent call last):
+        ...
+        pkvm.errors.KvmError: [ENOMEM] xa_reserve failed at gfn 0x0 (injected): nothing changed (Cannot allocate memory)
+
+        Raises:
+            ValueError: an unknown site, an errno the site cannot return, a negative count.
+            TypeError: ``err``, ``times`` or ``after`` not an int.
+        """
+        self._inject.arm(site, err, times, after)
 
     # -- invariants ---------------------------------------------------------------------------
 

@@ -96,6 +96,42 @@ def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, g
     before it stay updated (the caller loops page by page, as the kernel does) and the failure
     is counted in ``rmpupdate_failures`` and logged in ``vm.events``.
     """
+    if directmap in ("both", "before") and vm._inject.armed("set_memory"):
+        return _rmpupdate_injected(vm, pfn, npages, level, assigned, gfn, immutable, directmap)
+    return _rmpupdate_body(vm, pfn, npages, level, assigned, gfn, immutable, directmap)
+
+
+def _cpa_calls_before(vm: VM, pfn: int, npages: int, level: int, assigned: bool) -> int:
+    """The direct-map CPA calls ``rmpupdate()`` makes before one RMPUPDATE (no change made):
+    split-4k: ``set_memory_4k`` when a 4K update meets a 2M/1G mapping (``adjust_direct_map``);
+    unmap-restore: one invalidation per page being assigned."""
+    dm = vm.snp.directmap  # type: ignore[attr-defined]
+    if dm.policy == "split-4k":
+        return 1 if level == PG_LEVEL_4K and dm.level(pfn) > PG_LEVEL_4K else 0
+    return npages if assigned else 0
+
+
+def _rmpupdate_injected(vm: VM, pfn: int, npages: int, level: int, assigned: bool, gfn: int,
+                        immutable: bool, directmap: str) -> int:
+    """:func:`rmpupdate_range` entry by entry while a ``set_memory`` failure is armed: the
+    entry whose direct-map call fails gets no RMPUPDATE (``rmpupdate()`` returns -EFAULT before
+    the instruction); the entries before it are done."""
+    step = RMP_PAGES_2M if level == PG_LEVEL_2M else 1
+    for i in range(0, npages, step):
+        calls = _cpa_calls_before(vm, pfn + i, step, level, assigned)
+        hit = vm._inject.take("set_memory", calls) if calls else None
+        if hit is not None:
+            vm.events.append(("rmpupdate", f"direct-map change before the RMPUPDATE of pfn {pfn + i:#x} "
+                              f"failed ({errno.errorcode[hit[1]]}, injected): -EFAULT, entry unchanged"))
+            return -errno.EFAULT
+        r = _rmpupdate_body(vm, pfn + i, step, level, assigned, gfn + i, immutable, directmap)
+        if r:
+            return r
+    return 0
+
+
+def _rmpupdate_body(vm: VM, pfn: int, npages: int, level: int, assigned: bool, gfn: int,
+                    immutable: bool, directmap: str) -> int:
     snp = vm.snp  # type: ignore[attr-defined]
     if directmap in ("both", "before"):
         _directmap(vm, "before_rmpupdate", pfn, npages, level, assigned)
