@@ -8,6 +8,7 @@ Subcommands (``pkvm SUBCOMMAND --help`` for every option)::
     pkvm sensitivity [--samples 1024] ...           which conclusions survive the price ranges
     pkvm workloads                                  the workloads and their options
     pkvm costs   [--platform snp] [--cost K=V] ...  the cost model with its sources
+    pkvm policies                                   every preset's knobs, and where each matters
 
 Output: tables go to stdout (``rich`` on a terminal; plain text through a pipe, so that the
 output of a script is the same everywhere); the progress bar, the names of the files written
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the workloads with their descriptions and options "
                                    "(default value and meaning). Set options with --option NAME=VALUE.")
     w.set_defaults(handler=_cmd_workloads)
+    pp = sub.add_parser("policies", formatter_class=fmt, help="list the policy presets and their knobs",
+                        description="List every policy preset's knobs, with where each knob can change "
+                                    "the counts (docs/workloads.md).")
+    pp.set_defaults(handler=_cmd_policies)
 
     k = sub.add_parser("costs", formatter_class=fmt, help="print the cost model with its sources",
                        description="Print the cost model a run would use: each operation's value, "
@@ -692,6 +697,18 @@ def _cmd_workloads(args: argparse.Namespace, argv: Sequence[str], out: _Output) 
     lines.append("")
     lines.append("Set options with --option NAME=VALUE, e.g. "
                  "pkvm compare --workload swiotlb --option ops=5000.")
+    out.write("\n".join(lines))
+    return 0
+
+
+def _cmd_policies(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
+    from pkvm.kvm.policy import preset_table
+
+    names, table = preset_table()
+    rows = [("knob", *names, "matters on")] + [(k, *vals, scope) for k, scope, vals in table]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    lines += ["", "A spec string changes knobs of a preset: PRESET+knob=value, e.g. 6.19+gmem_max_order=9."]
     out.write("\n".join(lines))
     return 0
 

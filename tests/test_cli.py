@@ -173,7 +173,7 @@ def test_workloads_lists_all():
     out = ok("workloads")
     names = [ln.split()[0] for ln in out.splitlines() if ln and not ln.startswith(" ")]
     assert names[:len(WORKLOADS)] == list(WORKLOADS)
-    assert len(WORKLOADS) == 7
+    assert len(WORKLOADS) == 8
     assert "accept=2M" in out and "file=(required)" in out
 
 

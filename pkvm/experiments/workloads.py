@@ -627,6 +627,34 @@ def _implicit_page(ctx: Context, g: Guest, gpa: int) -> None:
     ctx.release(gpa, PAGE_SIZE)
 
 
+def implicit(ctx: Context, *, ops: int, prealloc: bool) -> None:
+    """Implicit conversions, the KVM selftests' way (``private_mem_conversions_test``): the
+    guest touches a page with the access type its attribute does not have, without a
+    page-state change or MapGPA first. SNP and TDX: a private page used as shared
+    (:func:`_implicit_round_trip`). SW_PROTECTED reports an access as private when the gfn's
+    attribute is (docs/kvm-model.md), so only the other direction can mismatch: a page made
+    shared is touched as private. From 6.11 that exits (``KVM_EXIT_MEMORY_FAULT``) and the VMM
+    converts it; 6.8 takes the type from the attribute (``private_fault_source``), maps the
+    page shared and nothing exits. The guest then converts the page back properly."""
+    _boot_all(ctx, P2M, prealloc)
+    sw = ctx.vm.platform.name == "sw_protected"
+    with ctx.phase("implicit"):
+        for i in range(ops):
+            if not sw:
+                _implicit_round_trip(ctx, ctx.random_page())
+            else:
+                g = ctx.guest()
+                gpa = ctx.random_page()
+                ctx.convert(g, gpa, PAGE_SIZE, False)  # zaps the private mapping
+                # Implicit: no conversion asked for. (A shared leaf would satisfy the access
+                # without a fault: SW_PROTECTED has no hardware check of the access type.)
+                ctx.touch(g, gpa, PAGE_SIZE, True)
+                ctx.convert(g, gpa, PAGE_SIZE, True)
+                ctx.touch(g, gpa, PAGE_SIZE, True)
+            if not i & 255:
+                ctx.progress(i / max(ops, 1))
+
+
 def replay(ctx: Context, *, file: str) -> None:
     replay_file(ctx, file)
 
@@ -663,6 +691,10 @@ WORKLOADS: Mapping[str, Workload] = MappingProxyType({w.name: w for w in (
     Workload("mixed", "boot with a shared SWIOTLB pool, then random churn, virtio, balloon and implicit "
              "conversions", MappingProxyType({"ops": Option(2000, _nonneg_int, "random actions"),
                                               "prealloc": _PREALLOC}), mixed),
+    Workload("implicit", "boot, then implicit conversions (a page touched with the other access type, no "
+             "conversion asked for); separates SW_PROTECTED 6.8 from 6.11+",
+             MappingProxyType({"ops": Option(500, _nonneg_int, "implicit conversions"),
+                               "prealloc": _PREALLOC}), implicit),
     Workload("replay", "replay a kernel trace (trace-cmd report text), e.g. one written by --trace",
              MappingProxyType({"file": Option(None, _text, "the trace file")}), replay),
 )})

@@ -154,6 +154,37 @@ class Policy:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+#: Where each knob can change what pkvm counts (``pkvm policies``; docs/workloads.md).
+KNOB_SCOPE: Mapping[str, str] = MappingProxyType({
+    "rmp_update": "SNP",
+    "directmap": "SNP",
+    "prepare": "all (when pages are zeroed / prepared)",
+    "zap_filter": "TDX (mirror root only)",
+    "hugepage_guard": "all, only while an invalidation races a fault",
+    "attr_ioctl": "all",
+    "gmem_max_order": "all",
+    "mixed_head_in_slot": "all, memslot edges not 2M-aligned",
+    "private_fault_source": "SW_PROTECTED (workload implicit)",
+    "tdx_initial_image": "TDX build (pf_fixed, a busy PAGE.ADD)",
+    "tdx_huge_pages": "TDX",
+    "rmp_fault_zap": "SNP (RMP #NPF after a PSMASH)",
+})
+
+
+def preset_table() -> tuple[tuple[str, ...], list[tuple[str, str, tuple[str, ...]]]]:
+    """The preset names (kernel versions in version order, then the designs) and, for every
+    knob, ``(knob, where it matters, value per preset)``: what ``pkvm policies`` prints."""
+    def key(name: str) -> tuple[int, tuple[int, ...], str]:
+        parts = name.split(".")
+        if all(p.isdigit() for p in parts):
+            return (0, tuple(int(p) for p in parts), name)
+        return (1, (), name)
+
+    names = tuple(sorted(Policy.presets(), key=key))
+    pols = [Policy.preset(n) for n in names]
+    return names, [(k, KNOB_SCOPE[k], tuple(str(getattr(p, k)) for p in pols)) for k in _CHOICES]
+
+
 def _build_presets() -> Mapping[str, Mapping[str, Any]]:
     """Knob values of every preset, as read-only mappings (no module-level mutable state)."""
     v6_8 = dict(
