@@ -78,7 +78,8 @@ REFERENCE_ROWS = [
 ]
 
 # pkvm's additions (no §0 row): each must be an estimate with its derivation in the source.
-ADDED = ["seamcall_sept_add", "zap_spte", "cache_flush_4k", "huge_page_split", "sleep_in_atomic"]
+ADDED = ["seamcall_sept_add", "zap_spte", "cache_flush_4k", "huge_page_split", "sleep_in_atomic",
+         "psp_launch_update", "pre_fault_page"]
 
 ALL_MODELS = [CostModel.default(p) for p in PROFILES] + [
     CostModel.default("sw_protected", host="intel"), CostModel.default("default", host="intel")]
@@ -680,3 +681,16 @@ def test_from_dict_of_any_json_shape_is_a_model_or_a_value_error(data, with_base
     assert isinstance(model, CostModel)
     for cost in model.values():
         assert 0 <= cost.value_ns <= MAX_NS
+
+
+def test_every_price_says_measured_or_estimated_and_how():
+    """pkvm costs: every row is 'measured' (confidence H/M/L, with its source) or
+    'estimated' (E, with how); an estimate's source says how it was derived, not just that
+    no figure exists."""
+    rows = CostModel.default("snp").describe()
+    assert {r.basis for r in rows} == {"measured", "estimated"}
+    for r in rows:
+        assert r.basis == ("estimated" if r.confidence == "E" else "measured"), r.name
+        assert r.source.strip() not in ("no figure", "no measurement found", "no measurement"), r.name
+    text = format_table(rows)
+    assert text.splitlines()[0].split()[:6] == ["operation", "value", "range", "unit", "basis", "conf"]

@@ -63,6 +63,8 @@ operation                  row   counter (count unit)
 ``directmap_split``        31    ``directmap_splits``
 ``huge_page_split``        —     ``huge_page_splits``
 ``directmap_tlb_flush``    32    *(proposed)* ``directmap_tlb_flushes``; ``nr_cpus=`` host CPUs
+``psp_launch_update``      —     ``launch_update_pages`` (SNP_LAUNCH_UPDATE, per 4K page)
+``pre_fault_page``         —     pages mapped by ``KVM_PRE_FAULT_MEMORY`` (``pf_fixed``)
 ``sleep_in_atomic``        —     ``sleep_in_atomic`` (0 ns: a correctness counter)
 =========================  ====  =========================================================
 
@@ -377,6 +379,7 @@ class CostRow(NamedTuple):
     row: str          # the docs/costs.md §0 row, or "—" for a pkvm estimate
     source: str
     note: str         # "" or "override (profile: 500 ns)"
+    basis: str = ""   # "measured" (confidence H, M or L) or "estimated" (E): how the source reads
 
 
 def _unknown(op: object, item: str | None = None) -> UnknownOperationError:
@@ -848,7 +851,8 @@ class CostModel(Mapping[str, Cost]):
                 note = f"override ({self._profile}: {format_ns(ref.value_ns)}"
                 note += f" + {format_ns(ref.slope_ns)})" if ref.is_formula else ")"  # type: ignore[arg-type]
             rows.append(CostRow(op, value, rng, c.unit, c.confidence,
-                                "—" if c.row is None else str(c.row), c.source, note))
+                                "—" if c.row is None else str(c.row), c.source, note,
+                                "estimated" if c.confidence == "E" else "measured"))
         return rows
 
 
@@ -864,7 +868,7 @@ def _check_profile(profile: object, host: object, *, check_host: bool = True) ->
                          f"not {_short(host)}")
 
 
-_TABLE_HEADER = ("operation", "value", "range", "unit", "conf", "row", "source")
+_TABLE_HEADER = ("operation", "value", "range", "unit", "basis", "conf", "row", "source")
 
 
 def format_table(rows: Iterable[CostRow], *, style: str = "text") -> str:
@@ -873,7 +877,7 @@ def format_table(rows: Iterable[CostRow], *, style: str = "text") -> str:
     ``style="text"`` aligns columns with spaces; ``"markdown"`` gives a pipe table (the one in
     ``docs/costs.md``). An override note is appended to the value.
     """
-    body = [(r.name, f"{r.value} [{r.note}]" if r.note else r.value, r.range, r.unit,
+    body = [(r.name, f"{r.value} [{r.note}]" if r.note else r.value, r.range, r.unit, r.basis,
              r.confidence, r.row, r.source) for r in rows]
     if style == "markdown":
         def cell(s: str) -> str:

@@ -36,7 +36,8 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     # §1.2, §1.3: SEV-ES/SNP exit through the GHCB (#VC, VMGEXIT, back).
     {"name": "ghcb_exit", "value_ns": 2_000, "low_ns": 1_000, "high_ns": 4_000,
      "unit": "per GHCB exit round trip", "confidence": "E", "row": 4,
-     "source": "no measurement found; TUM-DSE CVM_eval can measure it but ships no results"},
+     "source": "no measurement found (TUM-DSE CVM_eval can measure it but ships no results); "
+               "estimated as row 1's world switch plus the guest's #VC handler and GHCB copies"},
     # §1.3: CVM_eval's two-tier example output; the attribution to #VE + TDVMCALL is an
     # inference from the two tiers.
     {"name": "td_vmm_exit", "value_ns": 3_900, "low_ns": 3_000, "high_ns": 6_000,
@@ -93,10 +94,12 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "no figure; the vCPU kick that must follow is charged as remote_tlb_flush"},
     {"name": "seamcall_remove", "value_ns": 1_500, "low_ns": 500, "high_ns": 3_000,
      "unit": "per TDH.MEM.PAGE.REMOVE (4K)", "confidence": "E", "row": 17,
-     "source": "no figure"},
+     "source": "no figure; estimated as one SEAMCALL round trip (row 17's BLOCK) plus the "
+               "PAMT update of the freed page"},
     {"name": "seamcall_wbinvd", "value_ns": 1_500, "low_ns": 1_000, "high_ns": 4_000,
      "unit": "per TDH.PHYMEM.PAGE.WBINVD (4K)", "confidence": "E", "row": 18,
-     "source": "no figure"},
+     "source": "no figure; estimated as a SEAMCALL round trip plus the write-back of one "
+               "4 KiB page (cache_flush_4k's 0.2-0.4 µs)"},
     # pkvm addition. TDH.MEM.SEPT.ADD has the same shape as TDH.MEM.PAGE.AUG (row 14): one
     # SEAMCALL that takes a host 4K page, initialises it under the TD's key and links it into
     # the secure EPT (PAMT update included), with no data copy. So the value and range of
@@ -138,14 +141,16 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "no measurement; writes 512 RMP entries (8 KiB)"},
     {"name": "pvalidate_4k", "value_ns": 300, "low_ns": 100, "high_ns": 1_000,
      "unit": "per 4K PVALIDATE", "confidence": "E", "row": 24,
-     "source": "no measurement found"},
+     "source": "no measurement found; estimated as one RMP entry read-modify-write in the CPU "
+               "(no exit, no broadcast): below rmpupdate"},
     {"name": "pvalidate_2m", "value_ns": 1_000, "low_ns": 500, "high_ns": 3_000,
      "unit": "per 2M PVALIDATE", "confidence": "E", "row": 24,
      "source": "no measurement; on a 4K RMP entry it fails with a size mismatch and becomes "
                "512 x pvalidate_4k (edk2 PR #12774)"},
     {"name": "rmpadjust", "value_ns": 300, "low_ns": 100, "high_ns": 1_000,
      "unit": "per 4K RMPADJUST", "confidence": "E", "row": 25,
-     "source": "no measurement found"},
+     "source": "no measurement found; estimated like pvalidate_4k: one RMP entry "
+               "read-modify-write in the CPU"},
     # §1.2: at least two privilege transitions and one userspace round trip per request.
     {"name": "psc_request", "value_ns": 10_000, "low_ns": 5_000, "high_ns": 50_000,
      "unit": "per GHCB page-state-change request (fixed part)", "confidence": "E", "row": 26,
@@ -211,6 +216,24 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "unit": "per kernel-range flush, plus slope per host CPU", "confidence": "E", "row": 32,
      "source": "estimate; flush_tlb_kernel_range to all host CPUs with row 21's IPI model",
      "includes": ("ipi",)},
+    # pkvm addition (issue 12). SNP_LAUNCH_UPDATE hands every page to the AMD security
+    # processor (sev_gmem_post_populate issues SEV_CMD_SNP_LAUNCH_UPDATE per 4K page), which
+    # hashes it into the launch digest and encrypts it in place. No public per-page figure was
+    # found; the value is set so that a launch image of a few GiB takes tens of seconds, the
+    # order reported for launch measurement of all guest memory. The RMPUPDATE that precedes
+    # it is charged separately (rmpupdate).
+    {"name": "psp_launch_update", "value_ns": 10_000, "low_ns": 3_000, "high_ns": 50_000,
+     "unit": "per 4K page of SNP_LAUNCH_UPDATE (the PSP command)", "confidence": "E",
+     "source": "pkvm estimate: no public per-page figure found (AMDESE/AMDSEV issues, the SNP host "
+               "series searched); one PSP command per page (SHA-384 of 4 KiB into the launch "
+               "digest, in-place encryption), set so a few GiB of image take tens of seconds"},
+    # pkvm addition (issue 12). KVM_PRE_FAULT_MEMORY maps each page through kvm_tdp_map_page, a
+    # prefetch fault: the TDP MMU walk of row 7 without the world switch of row 1 (the guest
+    # never exits). Folio allocation and preparation are charged on their own rows.
+    {"name": "pre_fault_page", "value_ns": 1_000, "low_ns": 500, "high_ns": 2_500,
+     "unit": "per page mapped by KVM_PRE_FAULT_MEMORY", "confidence": "E",
+     "source": "pkvm estimate: row 7 (npf_fault, 1.5 µs) minus row 1 (vmexit, 0.5 µs): the same "
+               "fault path entered from an ioctl, without an exit"},
     # pkvm addition, and not a cost. ``sleep_in_atomic`` counts a design that would sleep
     # inside the MMU-lock analogue (impossible designs still run and count the violation:
     # docs/design.md#policies-and-kernel-versions). Its 0 ns entry lets it be charged like any other operation, so it

@@ -22,10 +22,11 @@ class PageFault:
 
     __slots__ = ("gfn", "limit", "end", "private_access", "is_private", "write", "mmu_seq",
                  "slot", "delta", "max_level", "map_writable", "level", "ret", "errno",
-                 "memory_fault", "nfaults", "host_level", "single", "order")
+                 "memory_fault", "nfaults", "host_level", "single", "order", "prefetch")
 
-    def __init__(self, gfn: int, limit: int, private: bool, write: bool) -> None:
+    def __init__(self, gfn: int, limit: int, private: bool, write: bool, prefetch: bool = False) -> None:
         self.gfn = gfn
+        self.prefetch = prefetch    # kvm_tdp_map_page (KVM_PRE_FAULT_MEMORY): no exit, no pf_taken
         self.limit = limit          # batch may cover faults on gfns [gfn, limit)
         self.end = gfn + 1          # gfns whose faults this object accounts for
         self.private_access = private

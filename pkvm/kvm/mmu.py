@@ -722,9 +722,19 @@ def fault_finish(vm: VM, f: PageFault) -> FaultResult:
     """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
     st = vm._stats
     n = f.nfaults if f.ret == "fixed" else 1
+    ret = f.ret
+    if f.prefetch:
+        # kvm_mmu_do_page_fault(prefetch=true): pf_fixed only; nothing exits to userspace.
+        if ret == "fixed":
+            st["pf_fixed"] += n
+            vm._charge("pre_fault_page", n)
+            return FaultResult(ret, f.level, f.gfn + f.delta)
+        vm._charge("pre_fault_page", 1)
+        if ret == "spurious":
+            return FaultResult(ret, f.level, f.gfn + f.delta)
+        return FaultResult(ret, errno=f.errno or (errno.ENOENT if ret == "emulate" else None))
     st["pf_taken"] += n
     vm._charge("npf_fault", n)
-    ret = f.ret
     if ret == "fixed":
         st["pf_fixed"] += n
     elif ret == "spurious":
@@ -763,8 +773,10 @@ def _topup(vm: VM, f: PageFault, gfn: int) -> None:
         f.ret, f.errno, f.end = "exit", hit[1], gfn + 1
 
 
-def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> tuple[PageFault, FaultResult]:
+def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
+              prefetch: bool = False) -> tuple[PageFault, FaultResult]:
     """Run every phase of one (batched) fault to completion: the synchronous driver.
+    ``prefetch``: ``kvm_tdp_map_page`` from ``KVM_PRE_FAULT_MEMORY`` (no exit, no fault event).
 
     With a timeline attached (:mod:`pkvm.sim`) the staleness check and the install run under
     ``mmu_lock`` for read (the TDP MMU), after the pfn lookup's time has passed."""
@@ -775,7 +787,7 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
         # While others run, a batch of private faults ends at a 64M boundary (2M and 4K leaves
         # only: the counters are those of the whole batch), so locks interleave between vCPUs.
         limit = (gfn + _CONTENDED_BATCH) & ~(_CONTENDED_BATCH - 1)
-    f = PageFault(gfn, limit, private, write)
+    f = PageFault(gfn, limit, private, write, prefetch)
     if sched is None:
         fault_begin(vm, f)
         if not f.ret and vm._inject.armed("mmu_topup"):
@@ -807,7 +819,7 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
     r = fault_finish(vm, f)
     if sched is not None:
         sched.latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
-    if vm._subs is not None:
+    if vm._subs is not None and not prefetch:
         n = f.nfaults if r.ret == "fixed" else 1
         step = max(1, (f.end - gfn) // n) if n > 1 else 1
         took = (vm._modeled_ns if sched is None else sched.work_ns()) - t0
@@ -816,7 +828,7 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool) -> t
         if r.ret == "exit":
             vm._emit("userspace_exit", gfn, gfn + 1, None, 1, 0, r.exit_reason or 0,
                      (r.exit_reason or 0, r.errno or 0))
-    if r.ret in ("fixed", "spurious", "retry"):
+    if r.ret in ("fixed", "spurious", "retry") and not prefetch:
         # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
         vm._platform.handle_rmp_fault(vcpu, gfn << PAGE_SHIFT, f.is_private, write, r)
     return f, r

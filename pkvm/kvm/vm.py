@@ -89,7 +89,7 @@ STAT_KEYS = (
 #: values are :mod:`pkvm.cost.model`', from ``docs/costs.md`` §0).
 CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "zap_spte", "remote_tlb_flush",
                "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split",
-               "vmexit")
+               "vmexit", "pre_fault_page")
 _ALLOC_OP = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
 
 _SHARED_BACKING_ORDER = MappingProxyType({"4k": 0, "thp": 9, "hugetlb-2m": 9, "hugetlb-1g": 18})
@@ -1199,6 +1199,23 @@ class Vcpu:
         """``(ret, loop)`` of an access stopped because ``gfn`` kept faulting (``last``: the
         last fault's ``ret``). Platform vCPUs name their own loops (SNP: ``rmp_loop``)."""
         return "retry_loop", "RET_PF_RETRY" if last == "retry" else "#NPF refault"
+
+    def pre_fault_memory(self, gpa: int, size: int) -> int:
+        """``KVM_PRE_FAULT_MEMORY`` on ``[gpa, gpa + size)``; returns the bytes mapped.
+
+        See :func:`pkvm.kvm.prefault.pre_fault_memory` (virt/kvm/kvm_main.c
+        ``kvm_vcpu_pre_fault_memory``, arch/x86/kvm/mmu/mmu.c
+        ``kvm_arch_vcpu_pre_fault_memory``).
+
+        Raises:
+            KvmError: EINVAL (unaligned, empty or wrapping range), EOPNOTSUPP (not yet allowed:
+                an SNP guest before LAUNCH_FINISH, a TD before finalization), EIO (dead VM),
+                or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
+            TypeError / ValueError: an argument is not a u64 int.
+        """
+        from pkvm.kvm.prefault import pre_fault_memory
+
+        return pre_fault_memory(self, gpa, size)
 
     # -- guest instructions and KVM_RUN -----------------------------------------------------
 

@@ -117,6 +117,7 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
                 err = errno.EIO
                 break
             rmp.firmware_update(pfn, n, validated=True)
+            vm._charge("psp_launch_update", n)  # SEV_CMD_SNP_LAUNCH_UPDATE, one per 4K page
             v = gmem.folios.get(idx)
             gmem.folios.assign(idx, idx + n, v | FOLIO_PREPARED)
             vm._stats["launch_update_pages"] += n

@@ -91,7 +91,7 @@ SNP_STAT_KEYS = (
 #: Cost operations an SNP VM charges besides the generic ones (``directmap_tlb_flush`` is
 #: priced with ``nr_cpus=host_cpus``).
 SNP_CHARGED_OPS = ("rmpupdate", "psmash", "pvalidate_4k", "pvalidate_2m", "psc_request",
-                   "cache_flush_4k", "directmap_split", "sleep_in_atomic")
+                   "cache_flush_4k", "directmap_split", "sleep_in_atomic", "psp_launch_update")
 
 class SnpVm:
     """The SNP state of one VM (``vm.snp``): the host RMP and direct map, the ASID, launch state.

@@ -1,0 +1,91 @@
+"""KVM_PRE_FAULT_MEMORY (``vcpu.pre_fault_memory``), written from kvm_vcpu_pre_fault_memory
+(virt/kvm/kvm_main.c) and kvm_arch_vcpu_pre_fault_memory (arch/x86/kvm/mmu/mmu.c), and the
+SNP launch price (docs/costs.md)."""
+
+import errno
+
+import pytest
+from tdxhelpers import td
+from vmhelpers import GMEM, PRIVATE, UADDR, MiB, gmem_vm, snapshot
+
+import pkvm
+
+
+def _snp(launched=True, private=True):
+    vm = pkvm.VM("snp", policy="6.19")
+    gmem = vm.create_guest_memfd(8 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 8 * MiB, UADDR, gmem, 0)
+    if private:
+        vm.set_memory_attributes(0, 8 * MiB, PRIVATE)
+    if launched:
+        vm.snp.launch_finish()
+    return vm, vm.create_vcpu()
+
+
+@pytest.mark.parametrize("gpa, size", [(0x800, 0x1000), (0, 0x800), (0, 0), ((1 << 64) - 0x1000, 0x2000)])
+def test_bad_ranges_are_einval_and_change_nothing(gpa, size):
+    vm, vcpu = _snp()
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="non-empty, 4 KiB aligned range") as e:
+        vcpu.pre_fault_memory(gpa, size)
+    assert e.value.errno == errno.EINVAL and snapshot(vm) == before
+
+
+def test_snp_before_launch_finish_is_eopnotsupp():
+    """pre_fault_allowed is set by snp_launch_finish: before it the ioctl refuses."""
+    vm, vcpu = _snp(launched=False)
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="before the guest is launched") as e:
+        vcpu.pre_fault_memory(0, 0x1000)
+    assert e.value.errno == errno.EOPNOTSUPP and snapshot(vm) == before
+
+
+def test_tdx_before_finalize_is_eopnotsupp_after_it_maps_pending_pages():
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    with pytest.raises(pkvm.KvmError, match="before the guest is launched"):
+        vcpu.pre_fault_memory(0x100000, 0x1000)
+    vm.tdx.finalize_vm()
+    assert vcpu.pre_fault_memory(0x100000, 0x2000) == 0x2000
+    assert vm.sept.state(0x100) == "pending" and vm.stats["pf_taken"] == 0
+    vm.check()
+
+
+def test_snp_prefault_spares_the_accept_its_npf_exits():
+    """Lazy acceptance of a 4M chunk: without pre-faulting, each of the 1,024 4K PVALIDATEs
+    (order-0 guest_memfd) takes an #NPF; after KVM_PRE_FAULT_MEMORY none does. The prefetch
+    counts pf_fixed, never pf_taken, and each page costs pre_fault_page, not npf_fault."""
+    vm, vcpu = _snp()
+    assert vcpu.pre_fault_memory(0, 4 * MiB) == 4 * MiB
+    assert (vm.stats["pf_fixed"], vm.stats["pf_taken"], vm.stats["memory_fault_exits"]) == (1024, 0, 0)
+    cb = vm.cost_breakdown()
+    assert cb["pre_fault_page"] == 1024 * vm.costs.ns("pre_fault_page") and "npf_fault" not in cb
+    r = vcpu.pvalidate_range(0, 4 * MiB, True)
+    assert (r.ret, r.status, r.faults) == ("done", 0, 0) and vm.stats["pf_taken"] == 0
+    vm.check()
+    vm2, vcpu2 = _snp()
+    assert vcpu2.pvalidate_range(0, 4 * MiB, True).faults == 1024 == vm2.stats["pf_taken"]
+
+
+def test_partial_progress_and_first_page_errors():
+    """A failure after some pages returns what was done; on the first page it is the error
+    (-ENOENT outside memslots, from RET_PF_EMULATE)."""
+    vm, vcpu = _snp()
+    assert vcpu.pre_fault_memory(8 * MiB - 0x2000, 0x4000) == 0x2000  # runs off the memslot
+    with pytest.raises(pkvm.KvmError, match="ENOENT") as e:
+        vcpu.pre_fault_memory(8 * MiB, 0x1000)
+    assert e.value.errno == errno.ENOENT
+    vm.check()
+
+
+def test_shared_pages_of_a_plain_vm_are_allowed_at_once():
+    vm, _gmem, vcpu = gmem_vm()
+    assert vcpu.pre_fault_memory(0, 0x3000) == 0x3000  # a 2M THP mapping may cover more
+    assert vm.mmu.lookup(2) is not None and vm.stats["pf_taken"] == 0
+    vm.check()
+
+
+def test_snp_launch_update_charges_the_psp_per_page():
+    """sev_gmem_post_populate issues one SEV_CMD_SNP_LAUNCH_UPDATE per 4K page."""
+    vm, vcpu = _snp(launched=False)
+    assert vm.snp.launch_update(0, 0x4000) == 0x4000
+    assert vm.cost_breakdown()["psp_launch_update"] == 4 * vm.costs.ns("psp_launch_update") == 40_000
