@@ -53,6 +53,7 @@ from pkvm.constants import (
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_MAX_NR_PAGES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     PAGE_SHIFT,
@@ -74,6 +75,75 @@ HVA_BASE = 1 << 40
 #: Host page sizes whose memory ``ram_block_discard_range`` leaves alone (preallocated hugetlb).
 _NO_DISCARD = ("hugetlb-2m", "hugetlb-1g")
 MADV_DONTNEED = 4
+
+
+#: QEMU q35 (hw/i386/pc_q35.c, ``pc_q35_init``): RAM that does not fit below 0xb0000000 is
+#: split at 2 GiB (the rest goes above 4 GiB, leaving the PCI hole); smaller RAM stays whole.
+Q35_LOWMEM_SPLIT = 0xB0000000
+Q35_LOWMEM = 0x80000000
+FOUR_GIB = 1 << 32
+#: The largest memslot QEMU's ``kvm_set_phys_mem`` creates when a RAM section is split
+#: (``kvm_max_slot_size``): KVM_MEM_MAX_NR_PAGES pages rounded down to 1 GiB, so that every
+#: slot stays 1G-aligned for huge mappings (docs/kvm-model.md).
+MAX_SLOT_BYTES = ((KVM_MEM_MAX_NR_PAGES << 12) // GiB) * GiB
+#: ``TASK_SIZE_MAX`` with 4-level host paging: memslot HVAs must lie below it.
+_TASK_SIZE_MAX = (1 << 47) - 4096
+
+
+def q35_ram_layout(memory: int) -> list[tuple[int, int, int]]:
+    """The memslots QEMU's q35 machine gives ``memory`` bytes of RAM, as ``(gpa, size, offset
+    into the RAM block)``: ``below_4g = memory`` if ``memory < 0xb0000000`` else 2 GiB
+    (``pc_q35_init``, hw/i386/pc_q35.c), the rest at 4 GiB; each piece split into memslots of
+    at most :data:`MAX_SLOT_BYTES` (``kvm_set_phys_mem``, accel/kvm/kvm-all.c).
+
+    >>> [(hex(g), s >> 30) for g, s, _ in q35_ram_layout(8 << 30)]
+    [('0x0', 2), ('0x100000000', 6)]
+    """
+    below = memory if memory < Q35_LOWMEM_SPLIT else Q35_LOWMEM
+    pieces = [(0, below, 0)]
+    if memory > below:
+        pieces.append((FOUR_GIB, memory - below, below))
+    out: list[tuple[int, int, int]] = []
+    for gpa, size, off in pieces:
+        while size:
+            n = min(size, MAX_SLOT_BYTES)
+            out.append((gpa, n, off))
+            gpa, size, off = gpa + n, size - n, off + n
+    return out
+
+
+def ram_limit(platform: str, gpaw: int = 48) -> tuple[int, str]:
+    """``(bound, what)``: guest RAM must end at a gpa below ``bound`` on ``platform``. The
+    guest physical address width: SNP 51 bits (the C-bit is bit 51, QEMU's ``cbitpos=51``);
+    TDX private memory lies below the shared bit (47 with GPAW 48, the default; 51 with GPAW
+    52); other VMs 52 bits (x86 MAXPHYADDR)."""
+    if platform == "snp":
+        return 1 << 51, "SNP guest physical address space (51 bits, below the C-bit at bit 51)"
+    if platform == "tdx":
+        bit = 51 if gpaw == 52 else 47
+        return 1 << bit, f"TDX private address space (GPAW {gpaw}: below the shared bit {bit})"
+    return 1 << 52, "52-bit guest physical address space"
+
+
+def check_ram_fits(platform: str, memory: int, gpaw: int = 48) -> None:
+    """Refuse ``memory`` bytes of RAM that the q35 layout cannot place: past the guest
+    physical address width, or past the VMM's address space (HVAs below ``TASK_SIZE_MAX``).
+
+    Raises:
+        ValueError: one line naming the limit and the largest RAM that fits.
+    """
+    bound, what = ram_limit(platform, gpaw)
+    layout = q35_ram_layout(memory)
+    end = layout[-1][0] + layout[-1][1]
+    most = bound - (FOUR_GIB - Q35_LOWMEM) if bound > FOUR_GIB else bound
+    if end > bound:
+        raise ValueError(f"on QEMU's q35 layout RAM would end at gpa {end:#x}, past the {what}; "
+                         f"at most {most >> 30} GiB of RAM fits")
+    hva_room = _TASK_SIZE_MAX - HVA_BASE - GiB * len(layout)
+    if memory > hva_room:
+        raise ValueError(f"RAM does not fit in the VMM's address space (memslot HVAs "
+                         f"below TASK_SIZE_MAX {_TASK_SIZE_MAX + 4096:#x}, 4-level host paging); at most "
+                         f"{hva_room >> 30} GiB of RAM fits")
 
 
 class VmmFlows(Protocol):
@@ -177,6 +247,40 @@ class Vmm:
             vm.set_user_memory_region2(slot, 0, gpa, size, hva)
         self._next_hva = hva + size
         return gmem
+
+    def add_ram_layout(self, memory: int, *, mark_private: bool = True, prealloc_from: int | None = None
+                       ) -> GuestMemfd | None:
+        """Add ``memory`` bytes of RAM as QEMU's q35 machine does (:func:`q35_ram_layout`):
+        one RAM block (one guest_memfd for a VM with private memory) mapped by one memslot per
+        piece, at its offset in the block. ``prealloc_from`` fallocates the block from that
+        offset on before anything is marked private. Returns the guest_memfd (or None).
+
+        Raises:
+            KvmError: as :meth:`add_ram`.
+        """
+        layout = q35_ram_layout(memory)
+        vm = self.vm
+        prev = vm._set_actor("vmm")
+        try:
+            gmem = None
+            if vm.platform.has_private_mem:
+                gmem = vm.create_guest_memfd(memory)
+                if prealloc_from is not None:
+                    gmem.fallocate(FALLOC_FL_KEEP_SIZE, prealloc_from, memory - prealloc_from)
+            for gpa, size, off in layout:
+                slot = self._next_slot
+                self._next_slot += 1
+                hva = ((self._next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
+                if gmem is not None:
+                    vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, off)
+                    if mark_private:
+                        vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                else:
+                    vm.set_user_memory_region2(slot, 0, gpa, size, hva)
+                self._next_hva = hva + size
+            return gmem
+        finally:
+            vm._set_actor(prev)
 
     def launch(self, image: Iterable[tuple[int, int, bool]] = (), vcpu: Vcpu | None = None) -> None:
         """Build the guest's initial image and start it, through the platform's VMM flows.

@@ -123,8 +123,12 @@ class Config:
         mem = parse_size(self.memory)
         if mem < _MIN_MEMORY or mem & ((2 << 20) - 1):
             raise ValueError(f"memory {self.memory!r} must be a multiple of 2M, at least {format_size(_MIN_MEMORY)}")
-        if mem > 1 << 52:
-            raise ValueError(f"memory {self.memory!r} is larger than the 52-bit guest physical address space")
+        from pkvm.actors.vmm import check_ram_fits
+
+        try:
+            check_ram_fits(self.platform, mem)  # the q35 layout's end vs the guest physical address width
+        except ValueError as exc:
+            raise ValueError(f"memory {self.memory!r}: {exc}") from None
         object.__setattr__(self, "memory", mem)
         image = parse_size(self.image)
         if image & 0xFFF or image >= mem:

@@ -7,9 +7,11 @@ options (name -> :class:`Option`). :class:`Context` gives it the VM, the VMM, on
 vCPU, a seeded ``random.Random`` and :meth:`Context.phase` to split the run into phases the
 result reports separately.
 
-Memory layout: one RAM slot ``[0, memory)``; the firmware image (``image`` bytes, default 2 MiB)
+Memory layout: RAM as QEMU's q35 machine lays it out (``Context.ram``): one slot ``[0, memory)``
+up to 2.75 GiB, else ``[0, 2G)`` and ``[4G, 4G + memory - 2G)`` in memslots of at most
+``pkvm.actors.vmm.MAX_SLOT_BYTES``; the firmware image (``image`` bytes, default 2 MiB)
 sits at its start and is built by the platform's launch flow (SNP ``LAUNCH_UPDATE``, TDX
-``INIT_MEM_REGION``). A real guest has a PCI hole below 4 GiB; it changes nothing here.
+``INIT_MEM_REGION``). Workloads pick pages in RAM order and map them to gpas around the hole.
 
 =============  =================================================================================
 ``boot``       The VMM marks all RAM private (QEMU's ``kvm_set_phys_mem``), launches, and the
@@ -206,6 +208,18 @@ class Context:
         self.rng = random.Random(seed)
         self.memory = memory
         self.image = image
+        from pkvm.actors.vmm import q35_ram_layout
+
+        #: Guest RAM as gpa ranges ``[start, end)``, laid out as on QEMU's q35 machine (one
+        #: range up to 2.75 GiB; else below 2 GiB and from 4 GiB); ``ram_end`` is the last end.
+        ram: list[tuple[int, int]] = []
+        for gpa, size, _off in q35_ram_layout(memory):
+            if ram and ram[-1][1] == gpa:
+                ram[-1] = (ram[-1][0], gpa + size)
+            else:
+                ram.append((gpa, gpa + size))
+        self.ram = ram
+        self.ram_end = ram[-1][1]
         self.gfns_accessed = 0
         self.notes: list[str] = []
         self.phases: list[PhaseRecord] = []
@@ -303,7 +317,12 @@ class Context:
         vm.trace(None)
         try:
             private = vm.platform.has_private_mem
-            gmem = self.vmm.add_ram(0, self.memory, mark_private=mark_private and not prealloc)
+            if len(self.ram) > 1:  # QEMU q35: RAM split around the PCI hole / into memslots
+                self.vmm.add_ram_layout(self.memory, mark_private=mark_private,
+                                        prealloc_from=self.image if prealloc and private else None)
+                gmem = None
+            else:
+                gmem = self.vmm.add_ram(0, self.memory, mark_private=mark_private and not prealloc)
             if prealloc and gmem is not None:
                 # Everything but the image, which the launch populates itself (an allocated
                 # folio there would be an error for SNP_LAUNCH_UPDATE / INIT_MEM_REGION
@@ -367,7 +386,7 @@ class Context:
     def random_page(self, lo: int | None = None, hi: int | None = None) -> int:
         """A uniformly random private 4K page in ``[lo, hi)`` (default: RAM above the image)."""
         lo = self.image if lo is None else lo
-        hi = self.memory if hi is None else hi
+        hi = self.ram_end if hi is None else hi
         return self.random_region(PAGE_SIZE, PAGE_SIZE, lo, hi)
 
     def random_region(self, size: int, align: int = PAGE_SIZE, lo: int | None = None, hi: int | None = None) -> int:
@@ -378,19 +397,42 @@ class Context:
             ValueError: no such region after 1000 draws.
         """
         lo_gpa = self.image if lo is None else lo
-        hi_gpa = self.memory if hi is None else hi
+        hi_gpa = self.ram_end if hi is None else hi
         lo = -(-lo_gpa // align)
         hi = (hi_gpa - size) // align
         if hi < lo:
             raise ValueError(f"the workload needs a {format_size(size)} private region between gpa "
                              f"{lo_gpa:#x} and {hi_gpa:#x}, which {format_size(self.memory)} of RAM with a "
                              f"{format_size(self.image)} image does not leave: give more --memory or a smaller --image")
+        ram = self.ram
         for _ in range(1000):
             gpa = self.rng.randint(lo, hi) * align
+            if len(ram) > 1 and not any(a <= gpa and gpa + size <= b for a, b in ram):
+                continue  # in the PCI hole (q35 layout): draw again
             s, e = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
             if self.shared.find_ne(s, e, 0) == -1 and self.reserved.find_ne(s, e, 0) == -1:
                 return gpa
         raise ValueError(f"no private {format_size(size)} region left in {format_size(self.memory)} of RAM")
+
+    def ram_pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The gpa ranges ``[a, b)`` holding RAM bytes ``[start, end)`` counted in RAM order
+        (offsets into the RAM block; equal to gpas when RAM is one range at 0)."""
+        out = []
+        off = 0
+        for a, b in self.ram:
+            lo, hi = max(start, off), min(end, off + (b - a))
+            if lo < hi:
+                out.append((a + lo - off, a + hi - off))
+            off += b - a
+        return out
+
+    def ram_gpa(self, offset: int) -> int:
+        """The gpa of RAM byte ``offset`` (RAM order)."""
+        for a, b in self.ram:
+            if offset < b - a:
+                return a + offset
+            offset -= b - a
+        raise ValueError(f"RAM offset {offset:#x} is past the end of RAM")
 
     def private_runs(self, gpa: int, end: int) -> Iterator[tuple[int, int]]:
         """The ``(gpa, size)`` runs of ``[gpa, end)`` the guest has not made shared."""
@@ -429,14 +471,20 @@ def _accept_all(ctx: Context, accept: int = P2M) -> None:
     for i, g in enumerate(ctx.guests):
         s = start + i * span
         e = min(end, s + span)
-        if s < e:
-            ctx.run_on(g, _accept_touch, ctx, g, s, e - s, accept == P2M)
+        pieces = ctx.ram_pieces(s, e)  # RAM offsets -> gpas (q35: around the PCI hole)
+        if pieces:
+            ctx.run_on(g, _accept_touch_pieces, ctx, g, pieces, accept == P2M)
         ctx.progress((i + 1) / n)
 
 
 def _accept_touch(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
     ctx.accept(g, gpa, size, huge=huge)
     ctx.touch(g, gpa, size, True)  # and uses it (the only faults on SW_PROTECTED)
+
+
+def _accept_touch_pieces(ctx: Context, g: Guest, pieces: list[tuple[int, int]], huge: bool) -> None:
+    for a, b in pieces:
+        _accept_touch(ctx, g, a, b - a, huge)
 
 
 def boot(ctx: Context, *, accept: int, prealloc: bool) -> None:
@@ -523,8 +571,9 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
     if not k:
         return
     shift = (chunk >> PAGE_SHIFT).bit_length() - 1
-    picked = sorted(c for c in ctx.rng.sample(range(lo, hi), k)
-                    if ctx.shared.find_ne(c << shift, (c + 1) << shift, 0) == -1)  # private chunks only
+    # Chunks are numbered in RAM order; a chunk's gpa follows the q35 layout (identity for one range).
+    gpas = sorted(ctx.ram_gpa(c * chunk) // chunk for c in ctx.rng.sample(range(lo, hi), k))
+    picked = [c for c in gpas if ctx.shared.find_ne(c << shift, (c + 1) << shift, 0) == -1]  # private only
     runs: list[tuple[int, int]] = []
     for c in picked:  # coalesce adjacent chunks: the balloon hands back runs of pages
         if runs and runs[-1][1] == c:
@@ -567,8 +616,9 @@ def migration(ctx: Context, *, resident: float, devices: int, buffers: int, prea
             e = min(start + k * P2M, s + per * P2M)
             if s >= e:  # more vCPUs than 2M chunks to re-accept: this one has none
                 continue
-            for gpa, size in ctx.private_runs(s, e):
-                ctx.accept(g, gpa, size)
+            for a, b in ctx.ram_pieces(s, e):
+                for gpa, size in ctx.private_runs(a, b):
+                    ctx.accept(g, gpa, size)
     with ctx.phase("resume"):
         for gpa, size in shared:
             ctx.touch(ctx.guest(), gpa, size, False)
