@@ -52,6 +52,7 @@ from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import check_frame_path, plot_grid
 from pkvm.experiments.uncertainty import DISTRIBUTIONS, METHODS, UnknownMetricError, plot, price_space
 from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
+from pkvm.kvm.policy import preset_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -702,8 +703,6 @@ def _cmd_workloads(args: argparse.Namespace, argv: Sequence[str], out: _Output) 
 
 
 def _cmd_policies(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
-    from pkvm.kvm.policy import preset_table
-
     names, table = preset_table()
     rows = [("knob", *names, "matters on")] + [(k, *vals, scope) for k, scope, vals in table]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

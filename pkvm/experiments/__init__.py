@@ -34,7 +34,7 @@ from typing import IO, Any, cast
 
 from pkvm._units import format_size, parse_size
 from pkvm.actors.guest import Guest
-from pkvm.actors.vmm import Vmm
+from pkvm.actors.vmm import Vmm, check_ram_fits
 from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError
 from pkvm.experiments import workloads as _workloads
@@ -123,8 +123,6 @@ class Config:
         mem = parse_size(self.memory)
         if mem < _MIN_MEMORY or mem & ((2 << 20) - 1):
             raise ValueError(f"memory {self.memory!r} must be a multiple of 2M, at least {format_size(_MIN_MEMORY)}")
-        from pkvm.actors.vmm import check_ram_fits
-
         try:
             check_ram_fits(self.platform, mem)  # the q35 layout's end vs the guest physical address width
         except ValueError as exc:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from pkvm._core import RangeMap
 from pkvm._units import format_size, parse_size
+from pkvm.actors.vmm import q35_ram_layout
 from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
 from pkvm.errors import KvmError
 from pkvm.kvm.exits import ConversionResult
@@ -208,8 +209,6 @@ class Context:
         self.rng = random.Random(seed)
         self.memory = memory
         self.image = image
-        from pkvm.actors.vmm import q35_ram_layout
-
         #: Guest RAM as gpa ranges ``[start, end)``, laid out as on QEMU's q35 machine (one
         #: range up to 2.75 GiB; else below 2 GiB and from 4 GiB); ``ram_end`` is the last end.
         ram: list[tuple[int, int]] = []

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, RETRY_LIMIT
 from pkvm.errors import KvmError
+from pkvm.kvm.mmu import run_fault
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import Vcpu
@@ -46,11 +47,12 @@ def pre_fault_allowed(vcpu: Vcpu) -> bool:
 
 def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
     """``KVM_PRE_FAULT_MEMORY`` on ``[gpa, gpa + size)`` (module docstring); bytes mapped."""
-    from pkvm.kvm.mmu import run_fault
-    from pkvm.kvm.vm import _u64
-
     vm = vcpu.vm
-    gpa, size = _u64("gpa", gpa), _u64("size", size)
+    for name, value in (("gpa", gpa), ("size", size)):
+        if type(value) is not int:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not 0 <= value <= _U64_MAX:
+            raise ValueError(f"{name}={value:#x} does not fit a u64")
     vm._check_alive()
     if (gpa | size) & ((1 << PAGE_SHIFT) - 1) or not size or gpa + size > _U64_MAX:
         raise KvmError(errno.EINVAL, f"KVM_PRE_FAULT_MEMORY: [{gpa:#x}, +{size:#x}) must be a non-empty, "

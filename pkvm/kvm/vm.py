@@ -71,6 +71,7 @@ from pkvm.kvm.mmu import (
 )
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
 from pkvm.kvm.policy import Policy, resolve_policy
+from pkvm.kvm.prefault import pre_fault_memory as _pre_fault_memory
 from pkvm.kvm.tracepoints import Tracepoints, deliver
 
 U64_MAX = (1 << 64) - 1
@@ -1213,9 +1214,7 @@ class Vcpu:
                 or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
             TypeError / ValueError: an argument is not a u64 int.
         """
-        from pkvm.kvm.prefault import pre_fault_memory
-
-        return pre_fault_memory(self, gpa, size)
+        return _pre_fault_memory(self, gpa, size)
 
     # -- guest instructions and KVM_RUN -----------------------------------------------------
 
