@@ -85,6 +85,16 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     {"name": "seamcall_mr_extend", "value_ns": 10_000, "low_ns": 5_000, "high_ns": 30_000,
      "unit": "per 4K page measured (16 TDH.MR.EXTEND of 256 B)", "confidence": "E", "row": 16,
      "source": "no figure; SHA-384 over 4 KiB plus 16 SEAMCALLs"},
+    # pkvm's, for the concurrent timeline (docs/timeline.md): the part of each AUG during which
+    # the TD's secure EPT is held exclusively, so that other vCPUs' private faults wait
+    # (TDX_OPERAND_BUSY, then RET_PF_RETRY). Never charged by itself: it is inside
+    # seamcall_aug (capped at it); the timeline serializes this much of every AUG.
+    {"name": "seamcall_aug_sept", "value_ns": 1_800, "low_ns": 500, "high_ns": 4_300,
+     "unit": "per TDH.MEM.PAGE.AUG: the share under the TD's S-EPT, serialized across vCPUs",
+     "confidence": "E",
+     "source": "pkvm estimate, calibrated, not measured: the 1 -> 32 vCPU speedups of accepting "
+               "TD memory in Intel's lkvs tdx_mem_test baselines (1.7x-12x) bound the serialized "
+               "share of a private fault (docs/calibration.md)"},
     # Row 17 gives three values in one row.
     {"name": "seamcall_block", "value_ns": 1_000, "low_ns": 500, "high_ns": 3_000,
      "unit": "per TDH.MEM.RANGE.BLOCK (4K)", "confidence": "E", "row": 17,

@@ -638,11 +638,18 @@ def _set_external(vm: VM, f: PageFault, start: int, end: int, level: int) -> boo
     platform links missing tables and installs the leaves while the mirror SPTEs are frozen.
     On failure nothing is installed: ``-EBUSY`` retries the fault, anything else is fatal."""
     sched = vm._sched
-    if sched is not None:
-        sched.acquire("tdx_sept")  # TDH.MEM.PAGE.AUG / SEPT.ADD: TDX_OPERAND_BUSY retries meanwhile
-    r = vm._platform.set_external_spte(vm, start, end, level, f.delta)
-    if sched is not None:
-        sched.release("tdx_sept")
+    if sched is None:
+        r = vm._platform.set_external_spte(vm, start, end, level, f.delta)
+    else:
+        # TDH.MEM.PAGE.AUG / SEPT.ADD: each AUG holds the TD's S-EPT for its seamcall_aug_sept
+        # share, while other vCPUs' AUGs get TDX_OPERAND_BUSY and retry (docs/timeline.md).
+        sched.sync()
+        aug0 = vm._stats.get("seamcall_aug", 0)
+        r = vm._platform.set_external_spte(vm, start, end, level, f.delta)
+        augs = vm._stats.get("seamcall_aug", 0) - aug0
+        if augs:
+            sched.serialize("tdx_sept", augs * sched.sept_ns)
+            sched.release("tdx_sept")
     if not r:
         return True
     f.end = f.gfn + 1

@@ -141,6 +141,8 @@ class Timeline:
         self._npf_ns = max(1, costs.ns("npf_fault"))
         self._ipi_ns = max(1, costs.ns("ipi"))  # the interrupted CPU's side of one IPI
         self._seamcall_retry_ns = max(1, costs.ns("vmexit"))
+        #: ns of each TDX AUG that holds the TD's S-EPT exclusively (docs/timeline.md).
+        self.sept_ns = costs.ns("seamcall_aug_sept") if "seamcall_aug_sept" in costs else 0
         vm._sched = self
 
     # -- public ---------------------------------------------------------------------------------
@@ -261,6 +263,31 @@ class Timeline:
         if self.vm._subs is not None and a.lock_wait != w0:
             self.vm._emit("lock_wait", None, None, lock, 1, 0, "read" if mode == READ else "write",
                           (a.lock_wait - w0,))
+
+    def serialize(self, lock: str, ns: int) -> None:
+        """The last ``ns`` of the running actor's pending work ran under ``lock``: the rest of
+        it runs first, unlocked, then the lock is taken for those ``ns`` (released by
+        :meth:`release`). For an operation priced as a whole of which only a part holds a lock
+        (a TDX AUG and the TD's S-EPT)."""
+        a = self._current
+        if a is None:
+            return
+        vm = self.vm
+        ns = max(0, min(ns, vm._modeled_ns - self._mark))
+        lk = self.locks[lock]
+        if self._active <= a.in_task and not lk.locked:
+            a.held.append((lock, WRITE, self.now_ns - ns))
+            a.fast += 1
+            lk.stats.acquisitions += 1
+            return
+        a.held.append((lock, WRITE, -1))
+        w0 = a.lock_wait
+        self._mark += ns  # the unlocked part goes first
+        self._switch(a, (_ACQ, self._take(a), lock, WRITE))
+        self._mark -= ns  # the locked part is still to run: it is advanced at the release
+        a.grant_t[(lock, WRITE)] = self.now_ns - ns
+        if vm._subs is not None and a.lock_wait != w0:
+            vm._emit("lock_wait", None, None, lock, 1, 0, "write", (a.lock_wait - w0,))
 
     def release(self, lock: str, mode: int = WRITE) -> None:
         a = self._current
