@@ -746,8 +746,17 @@ class VM:
         self._invalidate_begin()
         self._invalidate_range_add(start, end)
         self._attr_commit(start, end, attrs)
-        zapped = 0
         t0 = self._modeled_ns
+        self._attr_legacy_locked(ranges, attrs)
+        self.mmu_lock_ns += self._modeled_ns - t0
+        self._invalidate_end()
+        if ranges and self._eager_post:
+            self._attr_post_unlock(ranges, attrs)
+
+    def _attr_legacy_locked(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
+        """The legacy ioctl's part under ``mmu_lock``: per memslot piece the zap, the MIXED update
+        and the eager-locked op (``kvm_mem_attrs_changed``), then one flush."""
+        zapped = 0
         for s, e, key in ranges:
             slot = self._slots[key - 1]
             zapped += self._zap(s, e)
@@ -758,10 +767,6 @@ class VM:
                     self._op_failed("set_mem_attr", slot, attrs, s, e, r)
         if zapped:
             self._flush_remote_tlbs()
-        self.mmu_lock_ns += self._modeled_ns - t0
-        self._invalidate_end()
-        if ranges and self._eager_post:
-            self._attr_post_unlock(ranges, attrs)
 
     def _attr_pre_lock(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
         """Before ``mmu_lock`` is taken: the ``pre_set_mem_attr`` op per slot-clipped piece
@@ -1363,17 +1368,7 @@ class AttrIoctl:
                 vm._attr_commit(self.start, self.end, attrs)
             elif nxt == "post":
                 t0 = clock()
-                zapped = 0
-                for s, e, key in ranges:
-                    slot = vm._slots[key - 1]
-                    zapped += vm._zap(s, e)
-                    post_set_mixed(vm, slot, s, e, attrs)
-                    if vm._eager_locked:
-                        r = vm._platform.set_mem_attr(vm, slot, attrs, s, e)
-                        if r:
-                            vm._op_failed("set_mem_attr", slot, attrs, s, e, r)
-                if zapped:
-                    vm._flush_remote_tlbs()
+                vm._attr_legacy_locked(ranges, attrs)
                 vm.mmu_lock_ns += clock() - t0
                 vm._invalidate_end()
             elif ranges and vm._eager_post:
