@@ -31,6 +31,7 @@ from pkvm.platforms.snp_constants import (
     PVALIDATE_FAIL_NOUPDATE,
     PVALIDATE_FAIL_SIZEMISMATCH,
 )
+from pkvm.platforms.snp_constants import RMP_PAGES_2M
 from pkvm.platforms._snp_vcpu import (
     SNP_PAGE_STATE_PRIVATE,
     SNP_PAGE_STATE_SHARED,
@@ -44,6 +45,42 @@ from pkvm.platforms._snp_vcpu import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.actors.guest import Guest
+
+
+def psc_segments(gfn: int, end: int, huge: bool = True) -> list[tuple[int, int, bool]]:
+    """The entries :func:`psc_entries` yields for ``[gfn, end)``, as at most three runs
+    ``(gfn, entries, huge)``: 4K entries up to the first 2M boundary, 2M entries, 4K entries."""
+    a = (gfn + 511) & ~511
+    if not huge or a + 512 > end:
+        return [(gfn, end - gfn, False)] if end > gfn else []
+    m = (end - a) >> 9
+    tail = a + (m << 9)
+    segs = [(gfn, a - gfn, False)] if a > gfn else []
+    segs.append((a, m, True))
+    if end > tail:
+        segs.append((tail, end - tail, False))
+    return segs
+
+
+def psc_requests(gfn: int, end: int, huge: bool = True) -> Iterator[list[tuple[int, int, bool]]]:
+    """The guest's PSC requests for ``[gfn, end)`` (``VMGEXIT_PSC_MAX_ENTRY`` entries each, the
+    entries of :func:`psc_entries`), each as its runs ``(gfn, entries, huge)``. O(1) per
+    request."""
+    runs: list[tuple[int, int, bool]] = []
+    room = VMGEXIT_PSC_MAX_ENTRY
+    for g, n, big in psc_segments(gfn, end, huge):
+        step = RMP_PAGES_2M if big else 1
+        while n:
+            k = min(n, room)
+            runs.append((g, k, big))
+            g += k * step
+            n -= k
+            room -= k
+            if not room:
+                yield runs
+                runs, room = [], VMGEXIT_PSC_MAX_ENTRY
+    if runs:
+        yield runs
 
 
 def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscEntry]:
@@ -76,6 +113,10 @@ class SnpGuestFlows:
         self.guest = guest
         #: GHCB requests issued and 2M PVALIDATE fallbacks, for tests and benchmarks.
         self.requests = 0
+        #: Issue each request as its runs of entries (``SnpVcpu._psc_runs``, the default) or,
+        #: if False, entry by entry (``SnpVcpu.psc``; the reference the tests compare against).
+        #: Both give the same requests, exits, counters and modeled time.
+        self.compress = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
         if private:
@@ -90,6 +131,9 @@ class SnpGuestFlows:
         """``set_pages_state`` via the GHCB protocol, 64 entries per request."""
         g = self.guest
         op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
+        vm = g.vm
+        if self.compress and vm._subs is None:
+            return self._page_state_change_runs(g, gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op, huge)
         batch: list[PscEntry] = []
         for ent in psc_entries(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op, huge):
             batch.append(ent)
@@ -99,6 +143,32 @@ class SnpGuestFlows:
                     return res
                 batch = []
         return self._request(g, batch) if batch else CONVERTED
+
+    def _page_state_change_runs(self, g: Guest, gfn: int, end: int, op: int,
+                                huge: bool) -> ConversionResult:
+        """:meth:`page_state_change` with each request as its runs of entries (``psc_requests``,
+        ``SnpVcpu._psc_runs``): the same requests, exits and counters, O(1) per request
+        instead of per entry (docs/performance.md). Taken while nothing traces the VM; a
+        tracer attached meanwhile, or another actor running on the timeline, sends the
+        remaining requests through the entry-by-entry path."""
+        vm = g.vm
+        sched = vm._sched
+        at = [0]
+        for runs in psc_requests(gfn, end, huge):
+            if vm._subs is not None or (sched is not None and sched.contended()):
+                res = self._request(g, [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big)
+                                        for rg, n, big in runs for i in range(n)])
+                if not res:
+                    return res
+                continue
+            self.requests += 1
+            r = g.execute(g.vcpu._psc_runs(runs, op, at))  # type: ignore[attr-defined]
+            if r.ret == "done" and r.status == 0:
+                continue
+            # The descriptor's cur_entry is the first entry of the run at[0] (cur_page 0).
+            fail_gpa = runs[min(at[0], len(runs) - 1)][0] << PAGE_SHIFT
+            return step_failed("PSC", r, fail_gpa, g.last_exit, _PSC_NAMES.get(r.status or 0, ""))
+        return CONVERTED
 
     def _request(self, g: Guest, batch: list[PscEntry]) -> ConversionResult:
         desc = PscDesc.of(batch)
