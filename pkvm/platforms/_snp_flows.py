@@ -17,6 +17,11 @@ Plugged into :class:`pkvm.Guest` through ``PlatformOps.guest_flows``
 * PVALIDATE at 2M for those 2M blocks, redone as 512 x 4K on ``FAIL_SIZEMISMATCH``.
 
 Entries are generated lazily one request at a time, so memory does not grow with the range.
+Each request is built as its runs of entries (at most three: 4K, 2M, 4K; :func:`psc_requests`)
+and ``SnpVcpu._psc_runs`` walks them run by run, with the exits, counters, charges and events
+``SnpVcpu.psc`` gives for the same entries (``snp_begin_psc`` makes one exit per run of
+contiguous same-size entries either way); while a tracer is attached or another actor runs on
+the timeline, the requests go entry by entry (docs/performance.md).
 """
 
 from __future__ import annotations
