@@ -35,8 +35,8 @@ from pkvm.platforms.snp_constants import (
     PVALIDATE_FAIL_INPUT,
     PVALIDATE_FAIL_NOUPDATE,
     PVALIDATE_FAIL_SIZEMISMATCH,
+    RMP_PAGES_2M,
 )
-from pkvm.platforms.snp_constants import RMP_PAGES_2M
 from pkvm.platforms._snp_vcpu import (
     SNP_PAGE_STATE_PRIVATE,
     SNP_PAGE_STATE_SHARED,
