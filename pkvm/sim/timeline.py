@@ -55,7 +55,7 @@ _ACQ, _REL, _WAIT, _SYNC = 0, 1, 2, 3
 
 class _Actor:
     __slots__ = ("name", "glet", "busy", "wait", "task", "work", "idle", "stall_debt", "in_task",
-                 "held", "vcpu", "charge_to", "lock_wait", "ipi", "spin", "fast", "grants", "grant_t")
+                 "held", "vcpu", "charge_to", "lock_wait", "ipi", "spin", "fast", "grant_t")
 
     def __init__(self, name: str, vcpu: bool) -> None:
         self.name = name
@@ -72,8 +72,7 @@ class _Actor:
         self.in_task = False
         self.held: list[tuple[str, int, int]] = []  # (lock, mode, grant time if uncontended, else -1)
         self.fast = 0  # entries of ``held`` taken uncontended (not yet known to the SimPy lock)
-        self.grants: dict[tuple[str, int], float] = {}  # SimPy grant times, for the recorder
-        self.grant_t: dict[tuple[str, int], int] = {}  # the actor's clock at each contended grant
+        self.grant_t: dict[tuple[str, int], int] = {}  # when each lock it holds was granted
         self.vcpu = vcpu
         #: The VM's cost centre (``vm.cost_by_actor()``) while this actor's code runs.
         self.charge_to = name if vcpu else "vmm"
@@ -259,7 +258,6 @@ class Timeline:
         a.held.append((lock, mode, -1))
         w0 = a.lock_wait
         self._switch(a, (_ACQ, self._take(a), lock, mode))
-        a.grant_t[(lock, mode)] = self.now_ns
         if self.vm._subs is not None and a.lock_wait != w0:
             self.vm._emit("lock_wait", None, None, lock, 1, 0, "read" if mode == READ else "write",
                           (a.lock_wait - w0,))
@@ -285,7 +283,6 @@ class Timeline:
         self._mark += ns  # the unlocked part goes first
         self._switch(a, (_ACQ, self._take(a), lock, WRITE))
         self._mark -= ns  # the locked part is still to run: it is advanced at the release
-        a.grant_t[(lock, WRITE)] = self.now_ns - ns
         if vm._subs is not None and a.lock_wait != w0:
             vm._emit("lock_wait", None, None, lock, 1, 0, "write", (a.lock_wait - w0,))
 
@@ -473,7 +470,6 @@ class Timeline:
                         st.hold_read_ns -= early
                     else:
                         st.hold_write_ns -= early
-                a.grants[(lock, mode)] = t + self._t0
                 a.grant_t[(lock, mode)] = t
                 a.held[i] = (lock, mode, -1)
             a.fast = 0
@@ -527,7 +523,7 @@ class Timeline:
         vm._set_actor(a.charge_to)
         req = g.switch(*args)
         locks = self.locks
-        grants = a.grants
+        grants = a.grant_t
         while not g.dead:
             self._current = None
             a.charge_to = vm._actor
@@ -550,13 +546,9 @@ class Timeline:
                 lk = locks[req[2]]
                 ev = (lk.acquire_read(a.name) if req[3] == READ else lk.acquire_write(a.name)) \
                     if isinstance(lk, RWLock) else lk.acquire(a.name)
-                if rec is not None:
-                    grants[(req[2], req[3])] = env.now
                 if not ev.triggered:
                     t0 = env.now
                     yield ev
-                    if rec is not None:
-                        grants[(req[2], req[3])] = env.now
                     waited: int = env.now - t0  # type: ignore[assignment]  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
@@ -564,12 +556,12 @@ class Timeline:
                         self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
                     if rec is not None:
                         rec.slice(a.name, f"wait {req[2]}", t0 - self._t0, env.now - self._t0, CAT_LOCK_WAIT)
+                grants[(req[2], req[3])] = int(env.now - self._t0)
             elif op == _REL:
                 lk = locks[req[2]]
                 if rec is not None:
-                    t_grant = grants.pop((req[2], req[3]))
                     rec.slice(a.name, f"hold {req[2]}" + (" (read)" if req[3] == READ and isinstance(lk, RWLock)
-                                                           else ""), t_grant - self._t0, env.now - self._t0,
+                                                           else ""), grants[(req[2], req[3])], env.now - self._t0,
                               CAT_LOCK_HOLD)
                 if isinstance(lk, RWLock):
                     (lk.release_read if req[3] == READ else lk.release_write)(a.name)
