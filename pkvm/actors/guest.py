@@ -28,6 +28,7 @@ handled in O(1)); TDX's ``_accept_bulk`` is the example.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pkvm.actors.vmm import Vmm
@@ -117,12 +118,19 @@ class Guest:
     def __repr__(self) -> str:
         return f"<pkvm.Guest on vCPU {self.vcpu.id} of {self.vm!r}>"
 
-    def execute(self, result: GuestOpResult) -> GuestOpResult:
+    def execute(self, result: GuestOpResult,
+                replay: Callable[[GuestOpResult], GuestOpResult] | None = None) -> GuestOpResult:
         """Finish a guest instruction: while it exits, let the VMM answer and ``KVM_RUN``
-        again. Returns the completion, or the exit the VMM could not answer."""
+        again. Returns the completion, or the exit the VMM could not answer.
+
+        ``replay`` (the platform flows' range form, ``pkvm.actors._steps``) sees each exit
+        before it is answered and may return a later exit of the same instruction instead,
+        having answered the ones between as one range operation."""
         r = result
         self.last_exit = None
         while r.ret == "exit":
+            if replay is not None:
+                r = replay(r)
             answer = self.vmm.handle_exit(self.vcpu, r)
             if not answer or answer.errno:
                 self.last_exit = answer

@@ -27,8 +27,10 @@ the timeline, the requests go entry by entry (docs/performance.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
+from pkvm.actors._steps import MIN_STEPS, StepReplay, convert_silently, replayable, uniform_end
 from pkvm.constants import PAGE_SHIFT
 from pkvm.kvm.exits import CONVERTED, ConversionResult, step_failed
 from pkvm.platforms.snp_constants import (
@@ -71,10 +73,24 @@ def psc_requests(gfn: int, end: int, huge: bool = True) -> Iterator[list[tuple[i
     """The guest's PSC requests for ``[gfn, end)`` (``VMGEXIT_PSC_MAX_ENTRY`` entries each, the
     entries of :func:`psc_entries`), each as its runs ``(gfn, entries, huge)``. O(1) per
     request."""
+    for runs, _same in psc_request_runs(gfn, end, huge):
+        yield runs
+
+
+def psc_request_runs(gfn: int, end: int, huge: bool = True) -> Iterator[tuple[list[tuple[int, int, bool]], int]]:
+    """:func:`psc_requests`, each with the number of requests from it on (itself included)
+    that are one full run of ``VMGEXIT_PSC_MAX_ENTRY`` contiguous entries of its size (1 for
+    any other request): the requests the flows may answer as one range operation."""
     runs: list[tuple[int, int, bool]] = []
     room = VMGEXIT_PSC_MAX_ENTRY
     for g, n, big in psc_segments(gfn, end, huge):
         step = RMP_PAGES_2M if big else 1
+        if room == VMGEXIT_PSC_MAX_ENTRY and n >= VMGEXIT_PSC_MAX_ENTRY:
+            full = n // VMGEXIT_PSC_MAX_ENTRY
+            for j in range(full):
+                yield [(g, VMGEXIT_PSC_MAX_ENTRY, big)], full - j
+                g += VMGEXIT_PSC_MAX_ENTRY * step
+            n -= full * VMGEXIT_PSC_MAX_ENTRY
         while n:
             k = min(n, room)
             runs.append((g, k, big))
@@ -82,10 +98,10 @@ def psc_requests(gfn: int, end: int, huge: bool = True) -> Iterator[list[tuple[i
             n -= k
             room -= k
             if not room:
-                yield runs
+                yield runs, 1
                 runs, room = [], VMGEXIT_PSC_MAX_ENTRY
     if runs:
-        yield runs
+        yield runs, 1
 
 
 def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscEntry]:
@@ -122,6 +138,10 @@ class SnpGuestFlows:
         #: if False, entry by entry (``SnpVcpu.psc``; the reference the tests compare against).
         #: Both give the same requests, exits, counters and modeled time.
         self.compress = True
+        #: Answer a stretch of requests that repeat one step as one range operation
+        #: (``pkvm.actors._steps``); False answers every request's exit on its own (the
+        #: reference the tests compare against). Same exits, counters and modeled time.
+        self.compress_exits = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
         if private:
@@ -155,25 +175,65 @@ class SnpGuestFlows:
         ``SnpVcpu._psc_runs``): the same requests, exits and counters, O(1) per request
         instead of per entry (docs/performance.md). Taken while nothing traces the VM; a
         tracer attached meanwhile, or another actor running on the timeline, sends the
-        remaining requests through the entry-by-entry path."""
+        remaining requests through the entry-by-entry path. A stretch of full one-run
+        requests whose conversions are the same step repeated is answered as one range
+        operation with the requests' accounting (:class:`pkvm.actors._steps.StepReplay`)."""
         vm = g.vm
         sched = vm._sched
         at = [0]
-        for runs in psc_requests(gfn, end, huge):
-            if vm._subs is not None or (sched is not None and sched.contended()):
-                res = self._request(g, [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big)
-                                        for rg, n, big in runs for i in range(n)])
-                if not res:
-                    return res
-                continue
-            self.requests += 1
-            r = g.execute(g.vcpu._psc_runs(runs, op, at))  # type: ignore[attr-defined]
-            if r.ret == "done" and r.status == 0:
-                continue
-            # The descriptor's cur_entry is the first entry of the run at[0] (cur_page 0).
-            fail_gpa = runs[min(at[0], len(runs) - 1)][0] << PAGE_SHIFT
-            return step_failed("PSC", r, fail_gpa, g.last_exit, _PSC_NAMES.get(r.status or 0, ""))
-        return CONVERTED
+        reqs = psc_request_runs(gfn, end, huge)
+        replay = StepReplay(vm, g.vmm)
+        plan = 0  # requests in the stretch being recorded (0: none)
+        tried = gfn  # no stretch is looked for below this gfn again
+        try:
+            for runs, same in reqs:
+                if vm._subs is not None or (sched is not None and sched.contended()):
+                    if plan:
+                        replay.end()
+                        plan = 0
+                    res = self._request(g, [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big)
+                                            for rg, n, big in runs for i in range(n)])
+                    if not res:
+                        return res
+                    continue
+                if self.compress_exits:
+                    rg, n, big = runs[0]
+                    if not plan and same >= MIN_STEPS and rg >= tried and replayable(vm):
+                        npages = n * (RMP_PAGES_2M if big else 1)
+                        ue = uniform_end(vm, g.vmm, rg, rg + same * npages, op == SNP_PAGE_STATE_PRIVATE)
+                        plan = (ue - rg) // npages
+                        tried = max(ue, rg + npages)
+                        if plan >= MIN_STEPS:
+                            replay.begin()
+                            plan_gfn = rg
+                        else:
+                            plan = 0
+                    if plan:
+                        if replay.mark() == 3:
+                            if replay.ready():
+                                k = plan - 3  # requests 2 .. plan - 2; the last one runs as usual
+                                replay.skip(k, partial(convert_silently, g.vmm, rg, k * npages,
+                                                       op == SNP_PAGE_STATE_PRIVATE))
+                                self.requests += k
+                                for _ in range(k - 1):
+                                    next(reqs)
+                                tried = plan_gfn + plan * npages
+                                plan = 0
+                                continue
+                            replay.end()
+                            tried = plan_gfn + plan * npages
+                            plan = 0
+                self.requests += 1
+                r = g.execute(g.vcpu._psc_runs(runs, op, at))  # type: ignore[attr-defined]
+                if r.ret == "done" and r.status == 0:
+                    continue
+                # The descriptor's cur_entry is the first entry of the run at[0] (cur_page 0).
+                fail_gpa = runs[min(at[0], len(runs) - 1)][0] << PAGE_SHIFT
+                return step_failed("PSC", r, fail_gpa, g.last_exit, _PSC_NAMES.get(r.status or 0, ""))
+            return CONVERTED
+        finally:
+            if plan:
+                replay.end()
 
     def _request(self, g: Guest, batch: list[PscEntry]) -> ConversionResult:
         desc = PscDesc.of(batch)

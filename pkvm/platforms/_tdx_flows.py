@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pkvm.actors._steps import MIN_STEPS, StepReplay, convert_silently, replayable, uniform_end
 from pkvm.kvm.exits import CONVERTED, ConversionResult, GuestOpResult, step_failed
+from pkvm.platforms._tdx_vcpu import TDX_MAP_GPA_MAX_LEN
 from pkvm.constants import (
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_TDX_MEASURE_MEMORY_REGION,
     PAGE_SHIFT,
     PG_LEVEL_1G,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``tdx_map_gpa``'s ``max_retries_per_page``.
 MAP_GPA_MAX_RETRIES = 3
 _LEVEL_SHIFT = (0, 0, 9, 18)
+_CHUNK_PAGES = TDX_MAP_GPA_MAX_LEN >> PAGE_SHIFT
 _TDVMCALL_NAMES = {
     TDVMCALL_STATUS_INVALID_OPERAND: "TDVMCALL_STATUS_INVALID_OPERAND",
     TDVMCALL_STATUS_ALIGN_ERROR: "TDVMCALL_STATUS_ALIGN_ERROR",
@@ -53,6 +57,10 @@ class TdxGuestFlows:
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
         self.td = guest.vm.tdx  # type: ignore[attr-defined]
+        #: Answer a stretch of MapGPA chunks that repeat one step as one range operation
+        #: (:class:`_MapGpaReplay`); False answers every chunk's exit on its own (the
+        #: reference the tests compare against). Same exits, counters and modeled time.
+        self.compress_exits = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
         """``tdx_enc_status_changed``."""
@@ -79,7 +87,12 @@ class TdxGuestFlows:
         retries = 0
         r = GuestOpResult("done", TDVMCALL_STATUS_RETRY)
         while retries < MAP_GPA_MAX_RETRIES:
-            r = g.execute(g.vcpu.map_gpa(start, end - start))
+            replay = _MapGpaReplay(g) if self.compress_exits else None
+            try:
+                r = g.execute(g.vcpu.map_gpa(start, end - start), replay)
+            finally:
+                if replay is not None:
+                    replay.replay.end()
             if r.ret != "done":
                 return step_failed("MapGPA", r, start, g.last_exit)  # the vCPU is stopped
             if r.status != TDVMCALL_STATUS_RETRY:
@@ -137,6 +150,76 @@ class TdxGuestFlows:
         if r.ret != "done":
             return 0, r
         return (size if r.status == TDX_SUCCESS else 0), r
+
+
+class _MapGpaReplay:
+    """The ``replay`` hook of one MapGPA's :meth:`pkvm.Guest.execute` (``pkvm.actors._steps``).
+
+    KVM forwards a MapGPA in ``TDX_MAP_GPA_MAX_LEN`` chunks, one ``KVM_HC_MAP_GPA_RANGE`` exit
+    each (``tdx_map_gpa``; ``tdx_complete_vmcall_map_gpa`` sends the next). On a stretch of
+    whole chunks whose conversions are the same step (``uniform_end``), the first two are
+    answered as usual and recorded; if they agree, the chunks after them up to the stretch's
+    last are converted as one range with their accounting, and the vCPU is left in the exit
+    of the last chunk, which is answered as usual."""
+
+    __slots__ = ("guest", "replay", "plan", "plan_gpa", "tried")
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.replay = StepReplay(guest.vm, guest.vmm)
+        self.plan = 0  # chunks in the stretch being recorded (0: none)
+        self.plan_gpa = 0
+        self.tried = 0  # no stretch is looked for below this gpa again
+
+    def _eligible(self) -> bool:
+        vcpu = self.guest.vcpu
+        td = self.guest.vm.tdx  # type: ignore[attr-defined]
+        return (not vcpu.pending_interrupts and td.seamcalls.trace is None  # type: ignore[attr-defined]
+                and not td.seamcalls._busy and replayable(self.guest.vm))
+
+    def _sept_end(self, start: int, end: int) -> int:
+        x = self.guest.vm.tdx.sept.leaves.find_ne(start, end, 0)  # type: ignore[attr-defined]
+        return end if x == -1 else x
+
+    def __call__(self, r: GuestOpResult) -> GuestOpResult:
+        hc = r.hypercall
+        vcpu = self.guest.vcpu
+        if hc is None:
+            return r
+        gpa = vcpu.map_gpa_next  # type: ignore[attr-defined]
+        if not self.plan:
+            left = (vcpu.map_gpa_end - gpa) // TDX_MAP_GPA_MAX_LEN  # type: ignore[attr-defined]
+            if left < MIN_STEPS or gpa < self.tried or not self._eligible():
+                return r
+            g = self.guest
+            gfn = hc.gpa >> PAGE_SHIFT
+            private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
+            ue = uniform_end(g.vm, g.vmm, gfn, gfn + left * _CHUNK_PAGES, private, self._sept_end)
+            n = (ue - gfn) // _CHUNK_PAGES
+            self.tried = gpa + max(n, 1) * TDX_MAP_GPA_MAX_LEN
+            if n < MIN_STEPS:
+                return r
+            self.plan, self.plan_gpa = n, gpa
+            self.replay.begin()
+        if self.replay.mark() < 3:
+            return r
+        n = self.plan
+        self.plan = 0
+        if not self.replay.ready() or not self._eligible():
+            self.replay.end()
+            return r
+        k = n - 3  # chunks 2 .. n - 2; the last one is answered as usual
+        gfn = hc.gpa >> PAGE_SHIFT
+        private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        last = self.plan_gpa + (n - 1) * TDX_MAP_GPA_MAX_LEN
+
+        def silent() -> GuestOpResult:
+            convert_silently(self.guest.vmm, gfn, k * _CHUNK_PAGES, private)
+            vcpu.map_gpa_next = last  # type: ignore[attr-defined]
+            vcpu._resume = None  # the completions of chunks 2 .. n - 2 ran
+            return vcpu._map_gpa_exit(first=False)  # type: ignore[attr-defined,no-any-return]
+
+        return self.replay.skip(k, silent)  # type: ignore[no-any-return]
 
 
 class TdxVmmFlows:

@@ -135,6 +135,9 @@ class Timeline:
         self._changed: simpy.Event | None = None
         self.latency: dict[str, Distribution] = {k: Distribution() for k in LATENCY_KINDS}
         self.races: dict[str, int] = dict.fromkeys(RACE_KINDS, 0)
+        #: While a list: every latency sample added, as ``(kind, value, count)`` (the VMM's
+        #: exit replay reads the samples of one exit to add them again; docs/performance.md).
+        self.latency_log: list[tuple[str, int, int]] | None = None
         self._end: int | None = None
         costs = vm.costs
         self._npf_ns = max(1, costs.ns("npf_fault"))
@@ -421,12 +424,18 @@ class Timeline:
         total = self.now_ns - begin[0]
         w = a.wait - begin[1]
         d = self.latency[kind]
+        log = self.latency_log
         if n <= 1:
             d.add(total)
+            if log is not None:
+                log.append((kind, total, 1))
         else:
             each = (total - w) // n
             d.add(each + w)
             d.add(each, n - 1)
+            if log is not None:
+                log.append((kind, each + w, 1))
+                log.append((kind, each, n - 1))
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -1,0 +1,260 @@
+"""Exits that repeat one step, answered as one range operation (docs/performance.md, "Page-state
+changes and MapGPA").
+
+A Linux guest converts a range in many exits that are the same step repeated: TDX MapGPA stops
+in one ``KVM_HC_MAP_GPA_RANGE`` exit per 2 MiB chunk (``arch/x86/kvm/vmx/tdx.c``,
+``tdx_map_gpa`` / ``tdx_complete_vmcall_map_gpa``), an SEV-SNP guest sends one page-state
+change request per 64 entries and KVM exits once per run of them (``arch/x86/kvm/svm/sev.c``,
+``snp_begin_psc`` / ``snp_complete_psc``). Each exit is answered by the VMM
+(``kvm_convert_memory``: ``KVM_SET_MEMORY_ATTRIBUTES``, then the discard or the hole punch).
+
+Where every chunk of a stretch starts from the same state and the conversion touches no
+mapping and no memory (:func:`uniform_end`), every exit does exactly the same work: the same
+counters, charges, lock acquisitions and hold times, latency samples. :class:`StepReplay` then
+runs the first two exits of the stretch on the ordinary path and records what each added
+(:meth:`StepReplay.mark`); if the two agree, the next ``k`` exits are answered as one
+conversion of their union (the same final state: attributes, MIXED flags) with the accounting
+of ``k`` times the recorded step added instead of what the union cost, and the stretch's last
+exit runs on the ordinary path again (it leaves the invalidation range as the per-exit path
+does). Nothing is replayed while anyone subscribes to the VM's events (a tracer included),
+while a failure is armed, while another actor runs on the timeline, while the timeline records
+slices, or on the legacy attribute ioctl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT
+from pkvm.errors import InternalInvariantError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pkvm.actors.vmm import Vmm
+    from pkvm.kvm.vm import VM
+
+#: Fewest exits a stretch must have to be replayed (two recorded, at least one replayed, the
+#: last on the ordinary path; shorter ones are not worth the bookkeeping).
+MIN_STEPS = 6
+
+
+def replayable(vm: VM) -> bool:
+    """Whether exits may be replayed now: nothing observes them one by one (subscribers,
+    the timeline's recorder), nothing makes one of them different (an armed failure, a
+    pending attribute ioctl, the legacy ioctl), no other actor runs on the timeline."""
+    if (vm._subs is not None or vm.vm_dead or vm._attr_op is not None or vm._legacy
+            or vm._inject.pending()):
+        return False
+    sched = vm._sched
+    return sched is None or (sched.recorder is None and not sched.contended())
+
+
+def uniform_end(vm: VM, vmm: Vmm, start: int, end: int, private: bool,
+                extra: Callable[[int, int], int] | None = None) -> int:
+    """The end of the longest stretch ``[start, e)`` of ``[start, end)`` (gfns) whose
+    conversion to ``private`` is the same work at every gfn and touches no mapping and no
+    memory: inside one memslot with a guest_memfd and one binding of it, one attribute value
+    (if it changes, only under a policy without attribute-time RMP work), no SPTE, no
+    guest_memfd folio, no populated shared backing. ``extra(s, e)`` cuts it further for a
+    platform's own state. Returns ``start`` when there is no such stretch. O(log n)."""
+    slot = vm._slot_at(start)
+    if slot is None or slot.gmem is None or slot.gmem_file is None or slot.invalid or not vmm.discard:
+        return start
+    _s, e, _v = vm._slot_maps[0].run_at(start)
+    e = min(e, end, slot.end_gfn)
+    _s, ae, attrs = vm._attrs.run_at(start)
+    e = min(e, ae)
+    target = KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+    if attrs != target and (vm._eager_split or vm._eager_post or vm._eager_locked):
+        return start
+    x = vm._sptes.find_ne(start, e, 0)
+    if x != -1:
+        e = x
+    off = slot.gmem_pgoff - slot.base_gfn
+    gmem = slot.gmem
+    _s, be, key = gmem.bindings.run_at(start + off)
+    if key != slot.key + 1:
+        return start
+    e = min(e, be - off)
+    if e <= start:
+        return start
+    x = gmem.folios.find_ne(start + off, e + off, 0)
+    if x != -1:
+        e = x - off
+    if e <= start:
+        return start
+    hs = slot.hva_page(start)
+    x = vm._shared._map.find_ne(hs, hs + (e - start), 0)
+    if x != -1:
+        e = start + (x - hs)
+    if extra is not None and e > start:
+        e = extra(start, e)
+    return max(e, start)
+
+
+class _Snap:
+    """What one exit adds to: the VM's counters and clocks, the VMM's, the timeline's."""
+
+    __slots__ = ("stats", "cells", "clk", "actor", "modeled", "vm_counts", "vmm_counts", "locks", "log",
+                 "races", "events")
+
+    def __init__(self, vm: VM, vmm: Vmm) -> None:
+        self.stats = dict(vm._stats)
+        self.cells = {a: dict(c) for a, c in vm._actor_ns.items()}
+        self.actor = vm._actor
+        self.clk = dict(vm._actor_tot)  # every actor's clock (vm.clock)
+        self.clk[vm._actor] += vm._modeled_ns - vm._actor_mark
+        self.modeled = vm._modeled_ns
+        self.vm_counts = (vm.attr_ioctls, vm.mmu_lock_ns)
+        self.vmm_counts = (vmm.conversions, vmm.failed_conversions, vmm.gfns_converted)
+        self.events = len(vm.events)
+        sched = vm._sched
+        if sched is None:
+            self.locks: dict[str, tuple[Any, ...]] = {}
+            self.log = 0
+            self.races: dict[str, int] = {}
+        else:
+            self.locks = {n: (lk.stats.acquisitions, lk.stats.hold_ns, lk.stats.hold_write_ns, lk.stats.hold_read_ns,
+                              lk.stats.wait_ns, lk.stats.waits) for n, lk in sched.locks.items()}
+            self.log = len(sched.latency_log) if sched.latency_log is not None else 0
+            self.races = dict(sched.races)
+
+
+def _diff(a: dict[Any, Any], b: dict[Any, Any]) -> dict[Any, Any]:
+    return {k: v - a.get(k, 0) for k, v in b.items() if v != a.get(k, 0)}
+
+
+class _Step:
+    """What one exit added (``b - a``); equal steps compare equal."""
+
+    __slots__ = ("stats", "cells", "clk", "actor", "modeled", "vm_counts", "vmm_counts", "locks", "samples",
+                 "races", "events", "_key")
+
+    def __init__(self, a: _Snap, b: _Snap, log: list[tuple[str, int, int]] | None) -> None:
+        self.stats = _diff(a.stats, b.stats)
+        self.cells = {x: d for x, c in b.cells.items() if (d := _diff(a.cells.get(x, {}), c))}
+        self.clk = _diff(a.clk, b.clk)
+        self.actor = b.actor if a.actor == b.actor else None
+        self.modeled = b.modeled - a.modeled
+        self.vm_counts = tuple(y - x for x, y in zip(a.vm_counts, b.vm_counts, strict=True))
+        self.vmm_counts = tuple(y - x for x, y in zip(a.vmm_counts, b.vmm_counts, strict=True))
+        self.locks = {n: tuple(y - x for x, y in zip(a.locks[n], v, strict=True))
+                      for n, v in b.locks.items() if v != a.locks[n]}
+        self.samples = tuple(log[a.log:b.log]) if log is not None else ()
+        self.races = _diff(a.races, b.races)
+        self.events = b.events - a.events
+        self._key = (sorted(self.stats.items()), sorted((x, sorted(d.items())) for x, d in self.cells.items()),
+                     sorted(self.clk.items()), self.actor, self.modeled, self.vm_counts, self.vmm_counts,
+                     sorted(self.locks.items()), self.samples, sorted(self.races.items()), self.events)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Step) and self._key == other._key
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def clean(self) -> bool:
+        """A step that may be repeated by arithmetic: no failed conversion, no warning, no
+        race, no lock wait (each of those depends on more than the step's own state)."""
+        return (self.actor is not None and not self.vmm_counts[1] and not self.events and not self.races
+                and all(not d[4] and not d[5] for d in self.locks.values()))
+
+
+class StepReplay:
+    """Records the first exits of a uniform stretch and answers the next ones as one range
+    operation with the recorded accounting repeated (module docstring).
+
+    Use: :meth:`begin`, then :meth:`mark` before each exit of the stretch is answered; after
+    the third mark, :meth:`ready` says whether the two recorded steps agree; :meth:`skip`
+    then answers ``k`` exits through ``silent`` (which changes the state as those ``k`` exits
+    would, at any cost) and sets every counter and clock to the third mark plus ``k`` steps.
+    :meth:`end` (also done by :meth:`skip`) stops recording."""
+
+    __slots__ = ("vm", "vmm", "snaps")
+
+    def __init__(self, vm: VM, vmm: Vmm) -> None:
+        self.vm = vm
+        self.vmm = vmm
+        self.snaps: list[_Snap] = []
+
+    def begin(self) -> None:
+        self.snaps = []
+        sched = self.vm._sched
+        if sched is not None:
+            sched.latency_log = []
+
+    def end(self) -> None:
+        self.snaps = []
+        sched = self.vm._sched
+        if sched is not None:
+            sched.latency_log = None
+
+    def mark(self) -> int:
+        """Record the accounting now (before an exit is answered); returns the marks so far."""
+        self.snaps.append(_Snap(self.vm, self.vmm))
+        return len(self.snaps)
+
+    def ready(self) -> bool:
+        """Three marks, and the two steps between them are equal and clean."""
+        if len(self.snaps) != 3 or not replayable(self.vm):
+            return False
+        log = self.vm._sched.latency_log if self.vm._sched is not None else None
+        a, b, c = self.snaps
+        d1, d2 = _Step(a, b, log), _Step(b, c, log)
+        return d1 == d2 and d2.clean()
+
+    def skip(self, k: int, silent: Callable[[], Any]) -> Any:
+        """Run ``silent()`` (the state change of ``k`` exits; its return value is returned)
+        unobserved, then set the accounting to the last mark plus ``k`` recorded steps."""
+        vm, vmm = self.vm, self.vmm
+        sched = vm._sched
+        log = sched.latency_log if sched is not None else None
+        b, c = self.snaps[1], self.snaps[2]
+        step = _Step(b, c, log)
+        self.end()
+        vm._sched = None  # the union is one ioctl: neither its locks nor its latency count
+        try:
+            out = silent()
+        finally:
+            vm._sched = sched
+        st = vm._stats
+        for key, v in c.stats.items():
+            st[key] = v + k * step.stats.get(key, 0)
+        for x, cell in vm._actor_ns.items():
+            base = c.cells.get(x)
+            if base is None:
+                raise InternalInvariantError(f"actor {x!r} first acted in a replayed exit")
+            d = step.cells.get(x, {})
+            for op in [op for op in cell if op not in base]:
+                del cell[op]
+            for op, v in base.items():
+                cell[op] = v + k * d.get(op, 0)
+        if vm._actor != c.actor:
+            raise InternalInvariantError(f"a replayed exit left {vm._actor!r} acting, not {c.actor!r}")
+        tot = vm._actor_tot
+        for x, v in c.clk.items():
+            tot[x] = v + k * step.clk.get(x, 0)
+        vm._modeled_ns = c.modeled + k * step.modeled
+        vm._actor_mark = vm._modeled_ns  # the acting actor's clock is all in _actor_tot
+        vm.attr_ioctls = c.vm_counts[0] + k * step.vm_counts[0]
+        vm.mmu_lock_ns = c.vm_counts[1] + k * step.vm_counts[1]
+        vmm.conversions, vmm.failed_conversions, vmm.gfns_converted = (
+            v + k * dv for v, dv in zip(c.vmm_counts, step.vmm_counts, strict=True))
+        if sched is not None:
+            for n, d in step.locks.items():
+                s = sched.locks[n].stats
+                s.acquisitions += k * d[0]
+                s.hold_ns += k * d[1]
+                s.hold_write_ns += k * d[2]
+                s.hold_read_ns += k * d[3]
+            for kind, value, count in step.samples:
+                sched.latency[kind]._add(value, count * k)
+        return out
+
+
+def convert_silently(vmm: Vmm, gfn: int, npages: int, private: bool) -> None:
+    """The state change of ``kvm_convert_memory`` on ``[gfn, gfn + npages)`` for
+    :meth:`StepReplay.skip` (its accounting is replaced there)."""
+    ret = vmm.convert_memory(gfn << PAGE_SHIFT, npages << PAGE_SHIFT, private)
+    if ret:
+        raise InternalInvariantError(f"a replayed conversion of [{gfn:#x}, +{npages:#x}) failed "
+                                     f"({ret}): {vmm.last_failure}")

@@ -1,0 +1,210 @@
+"""Exits that repeat one step, answered as one range operation (``pkvm.actors._steps``), against
+the per-exit path (``flows.compress_exits = False``): SEV-SNP page-state-change requests and TDX
+MapGPA chunks on random ranges over random prior states (mapped, allocated, shared, half
+converted, ranges that leave the memslots so that requests fail), without a timeline, on one
+(uncontended) and with a second actor running (contended), and with an event subscriber. The
+results, counters, modeled time and its breakdown, per-actor clocks, every map of the VM
+(attributes, SPTEs, MIXED flags, folios, shared backing, RMP, S-EPT) and the timeline's
+figures (critical path, actors, locks, latencies, races) must be identical
+(docs/performance.md)."""
+
+from __future__ import annotations
+
+import pytest
+import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pkvm
+from pkvm.platforms import PLATFORMS
+from pkvm.sim import Timeline
+from vmhelpers import snapshot
+
+if pkvm.KVM_X86_SNP_VM not in PLATFORMS or pkvm.KVM_X86_TDX_VM not in PLATFORMS:  # pragma: no cover
+    pytest.skip("the snp / tdx VM types are not registered", allow_module_level=True)
+
+# Two memslots with a hole between them (requests that reach the hole fail when converting to
+# private: QEMU finds no memslot). SNP: big enough for stretches of 2M-entry requests (32,768
+# pages each); TDX: 2M MapGPA chunks.
+SNP_SLOT = 6 * 32768 + 4099
+SNP_HOLE_END = SNP_SLOT + 3 * 512 + 7
+SNP_END = SNP_HOLE_END + SNP_SLOT
+TDX_SLOT = 40 * 512 + 3
+TDX_HOLE_END = 48 * 512
+TDX_END = TDX_HOLE_END + TDX_SLOT
+
+
+def _snp_side(policy: str, order: int, backing: str, replay: bool) -> tuple[pkvm.VM, pkvm.Vmm, pkvm.Guest]:
+    pol = pkvm.Policy.preset("6.19").replace(rmp_update=policy, gmem_max_order=order)
+    vm = pkvm.VM("snp", policy=pol, shared_backing=backing)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, SNP_SLOT << 12)
+    vmm.add_ram(SNP_HOLE_END << 12, SNP_SLOT << 12)
+    vm.create_vcpu()
+    vm.create_vcpu()
+    guest = pkvm.Guest(vm, vmm)
+    guest.flows.compress_exits = replay
+    return vm, vmm, guest
+
+
+def _tdx_side(policy: str, backing: str, replay: bool) -> tuple[pkvm.VM, pkvm.Vmm, pkvm.Guest]:
+    vm = pkvm.VM("tdx", policy=policy, shared_backing=backing)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, TDX_SLOT << 12)
+    vmm.add_ram(TDX_HOLE_END << 12, TDX_SLOT << 12)
+    vm.create_vcpu()
+    vm.create_vcpu()
+    vmm.launch([(0, 1 << 20, True)])
+    guest = pkvm.Guest(vm, vmm)
+    guest.flows.compress_exits = replay
+    return vm, vmm, guest
+
+
+def _state(vm: pkvm.VM, vmm: pkvm.Vmm, guest: pkvm.Guest) -> tuple[object, ...]:
+    out = [snapshot(vm), vm.cost_by_actor(), dict(vm.actor_totals()), vm.attr_ioctls, vm.mmu_lock_ns,
+           vm.mmu_invalidate_in_progress, vm._shared.iter_runs(), list(vm.events), vm.vm_dead,
+           vmm.conversions, vmm.failed_conversions, vmm.gfns_converted, vmm.last_failure,
+           vm.hostmem.nr_allocated]
+    if vm.platform.name == "snp":
+        rmp = vm.snp.rmp
+        out += [rmp.ranges(), dict(rmp.counters), guest.flows.requests]
+    else:
+        sept = vm.tdx.sept
+        out += [sept.leaves.ranges(), [t.ranges() for t in sept.tables[1:]], sept.guest_inhibit.ranges(),
+                guest.vcpu.map_gpa_next, guest.vcpu.map_gpa_end]
+    return tuple(out)
+
+
+def _do(guest: pkvm.Guest, op: tuple[object, ...]) -> object:
+    kind, gfn, n, private, huge = op
+    gpa, size = gfn << 12, n << 12
+    try:
+        if kind == "convert":
+            return guest.convert(gpa, size, private=private)
+        if kind == "accept":
+            return guest.accept(gpa, size, huge=huge or guest.vm.platform.name == "tdx")
+        if kind == "touch":
+            return guest.touch(gpa, size, private=private, write=True)
+        guest.vmm.discard_ram(gpa, size)
+        return None
+    except (pkvm.KvmError, ValueError) as exc:  # e.g. EBUSY: an earlier failure left the vCPU in an exit
+        return repr(exc)
+
+
+def _run(side: tuple[pkvm.VM, pkvm.Vmm, pkvm.Guest], ops: list, mode: str) -> tuple[object, ...]:
+    vm, vmm, guest = side
+    results: list[object] = []
+    if mode == "none":
+        for op in ops:
+            results.append((_do(guest, op), _state(vm, vmm, guest)))
+        return (results,)
+    tl = Timeline(vm, simpy.Environment())
+    other = pkvm.Guest(vm, vmm, vm.vcpus[1])
+
+    def main() -> None:
+        for op in ops:
+            results.append((_do(guest, op), _state(vm, vmm, guest)))
+
+    def noise() -> None:  # a second vCPU touching shared memory at the far end meanwhile
+        for i in range(40):
+            other.touch(((TDX_END if vm.platform.name == "tdx" else SNP_END) - 64 + i) << 12, 4096,
+                        private=False)
+            tl.sleep(5_000)
+
+    tl.spawn("vcpu0", main)
+    if mode == "contended":
+        tl.spawn("vcpu1", noise)
+    tl.run()
+    return results, tl.result().to_dict()
+
+
+def _ops(end: int, big: int) -> st.SearchStrategy[list[tuple[object, ...]]]:
+    op = st.tuples(st.sampled_from(["convert", "convert", "accept", "touch", "discard"]),
+                   st.integers(0, end + 64), st.integers(1, big), st.booleans(), st.booleans())
+    return st.lists(op, min_size=1, max_size=6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(policy=st.sampled_from(["fault-time", "eager-post", "eager-locked", "eager-split"]),
+       order=st.sampled_from([0, 9]), backing=st.sampled_from(["4k", "thp"]),
+       mode=st.sampled_from(["none", "timeline", "contended"]), ops=_ops(SNP_END, 3 * 32768))
+def test_snp_replay_equals_per_exit(policy: str, order: int, backing: str, mode: str, ops: list) -> None:
+    sides = [_run(_snp_side(policy, order, backing, replay), ops, mode) for replay in (True, False)]
+    assert sides[0] == sides[1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(policy=st.sampled_from(["6.16", "6.19"]), backing=st.sampled_from(["4k", "thp"]),
+       mode=st.sampled_from(["none", "timeline", "contended"]), ops=_ops(TDX_END, 30 * 512))
+def test_tdx_replay_equals_per_exit(policy: str, backing: str, mode: str, ops: list) -> None:
+    sides = [_run(_tdx_side(policy, backing, replay), ops, mode) for replay in (True, False)]
+    assert sides[0] == sides[1]
+
+
+def _exits(vm: pkvm.VM) -> int:
+    return vm.stats["hypercall_exits"]
+
+
+def test_a_whole_snp_stretch_is_replayed_with_its_exits() -> None:
+    """Accepting a fresh 1 GiB slot piece with 2M entries: eight requests of 64 entries, one exit
+    each; the replay answers requests 2..6 at once and every figure matches."""
+    out = []
+    for replay in (True, False):
+        vm, vmm, guest = _snp_side("fault-time", 0, "thp", replay)
+        calls = []
+        orig = vmm.convert_memory
+        vmm.convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
+        r = guest.accept(0, 6 * 32768 << 12)
+        out.append((bool(r), _exits(vm), guest.flows.requests, _state(vm, vmm, guest), len(calls)))
+    assert out[0][:4] == out[1][:4]
+    assert out[0][1] == 6 and out[0][2] == 6
+    assert out[1][4] == 6 and out[0][4] == 4  # two recorded, three replayed as one, the last
+
+
+def test_a_whole_mapgpa_is_replayed_with_its_exits() -> None:
+    """A 38-chunk MapGPA to shared on fresh memory: 38 exits counted, 4 answered one by one."""
+    out = []
+    for replay in (True, False):
+        vm, vmm, guest = _tdx_side("6.19", "thp", replay)
+        calls = []
+        orig = vmm.convert_memory
+        vmm.convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
+        r = guest.convert(512 << 12, 38 * 512 << 12, private=False)
+        out.append((bool(r), _exits(vm), _state(vm, vmm, guest), len(calls)))
+    assert out[0][:3] == out[1][:3]
+    assert out[0][0] and out[0][1] == 38
+    assert out[1][3] == 38 and out[0][3] == 4
+
+
+@pytest.mark.parametrize("platform", ["snp", "tdx"])
+def test_subscribers_see_every_exit(platform: str) -> None:
+    """With a subscriber attached nothing is replayed: the event streams are identical."""
+    streams = []
+    for replay in (True, False):
+        vm, vmm, guest = (_snp_side("fault-time", 0, "thp", replay) if platform == "snp"
+                          else _tdx_side("6.19", "thp", replay))
+        events: list[tuple[object, ...]] = []
+        vm.subscribe(lambda ev: events.append((ev.t_ns, ev.actor, ev.kind, ev.gfn_start, ev.gfn_end,
+                                               ev.op, ev.count, ev.ns, ev.result, ev.args)))
+        if platform == "snp":
+            r = guest.accept(0, 6 * 32768 << 12)
+        else:
+            r = guest.convert(0, 30 * 512 << 12, private=False)
+        streams.append((bool(r), events, _state(vm, vmm, guest)))
+    assert streams[0] == streams[1]
+    assert [e[2] for e in streams[0][1]].count("userspace_exit") >= 6
+
+
+def test_an_armed_failure_stops_the_replay() -> None:
+    """An xa_reserve failure armed for the 5th ioctl: the replay stays off, the 5th chunk's
+    conversion fails (ENOMEM at gfn 0x800), MapGPA ends with INVALID_OPERAND, both paths alike."""
+    out = []
+    for replay in (True, False):
+        vm, vmm, guest = _tdx_side("6.19", "thp", replay)
+        vm.inject_failure("xa_reserve", 12, after=4 * 512)
+        r = guest.convert(0, 20 * 512 << 12, private=False)
+        out.append((r, _state(vm, vmm, guest)))
+    assert out[0] == out[1]
+    r = out[0][0]
+    assert not r and r.step == "MapGPA" and r.errno == 12, r
+    assert "xa_reserve failed at gfn 0x800" in r.detail
