@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Fewest exits a stretch must have to be replayed (two recorded, at least one replayed, the
 #: last on the ordinary path; shorter ones are not worth the bookkeeping).
 MIN_STEPS = 6
+#: After a stretch was looked for in vain, the flows look again only after 1, 2, 4, ... exits,
+#: at most this many: on memory where no stretch is uniform the search costs little.
+MAX_BACKOFF = 64
 
 
 def replayable(vm: VM) -> bool:
@@ -240,12 +243,12 @@ class StepReplay:
         vmm.conversions, vmm.failed_conversions, vmm.gfns_converted = (
             v + k * dv for v, dv in zip(c.vmm_counts, step.vmm_counts, strict=True))
         if sched is not None:
-            for n, d in step.locks.items():
-                s = sched.locks[n].stats
-                s.acquisitions += k * d[0]
-                s.hold_ns += k * d[1]
-                s.hold_write_ns += k * d[2]
-                s.hold_read_ns += k * d[3]
+            for n, dl in step.locks.items():
+                ls = sched.locks[n].stats
+                ls.acquisitions += k * dl[0]
+                ls.hold_ns += k * dl[1]
+                ls.hold_write_ns += k * dl[2]
+                ls.hold_read_ns += k * dl[3]
             for kind, value, count in step.samples:
                 sched.latency[kind]._add(value, count * k)
         return out

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-from pkvm.actors._steps import MIN_STEPS, StepReplay, convert_silently, replayable, uniform_end
+from pkvm.actors._steps import MAX_BACKOFF, MIN_STEPS, StepReplay, convert_silently, replayable, uniform_end
 from pkvm.constants import PAGE_SHIFT
 from pkvm.kvm.exits import CONVERTED, ConversionResult, step_failed
 from pkvm.platforms.snp_constants import (
@@ -185,6 +185,7 @@ class SnpGuestFlows:
         replay = StepReplay(vm, g.vmm)
         plan = 0  # requests in the stretch being recorded (0: none)
         tried = gfn  # no stretch is looked for below this gfn again
+        misses = 0  # stretches looked for in vain in a row
         try:
             for runs, same in reqs:
                 if vm._subs is not None or (sched is not None and sched.contended()):
@@ -202,11 +203,15 @@ class SnpGuestFlows:
                         npages = n * (RMP_PAGES_2M if big else 1)
                         ue = uniform_end(vm, g.vmm, rg, rg + same * npages, op == SNP_PAGE_STATE_PRIVATE)
                         plan = (ue - rg) // npages
-                        tried = max(ue, rg + npages)
                         if plan >= MIN_STEPS:
                             replay.begin()
                             plan_gfn = rg
+                            misses = 0
                         else:
+                            # Look again past this stretch, and after ever more requests (at
+                            # most MAX_BACKOFF) while none is found.
+                            tried = rg + max(plan, min(1 << misses, MAX_BACKOFF)) * npages
+                            misses += 1
                             plan = 0
                     if plan:
                         if replay.mark() == 3:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pkvm.actors._steps import MIN_STEPS, StepReplay, convert_silently, replayable, uniform_end
+from pkvm.actors._steps import MAX_BACKOFF, MIN_STEPS, StepReplay, convert_silently, replayable, uniform_end
 from pkvm.kvm.exits import CONVERTED, ConversionResult, GuestOpResult, step_failed
 from pkvm.platforms._tdx_vcpu import TDX_MAP_GPA_MAX_LEN
 from pkvm.constants import (
@@ -162,7 +162,7 @@ class _MapGpaReplay:
     last are converted as one range with their accounting, and the vCPU is left in the exit
     of the last chunk, which is answered as usual."""
 
-    __slots__ = ("guest", "replay", "plan", "plan_gpa", "tried")
+    __slots__ = ("guest", "replay", "plan", "plan_gpa", "tried", "misses")
 
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
@@ -170,6 +170,7 @@ class _MapGpaReplay:
         self.plan = 0  # chunks in the stretch being recorded (0: none)
         self.plan_gpa = 0
         self.tried = 0  # no stretch is looked for below this gpa again
+        self.misses = 0  # stretches looked for in vain in a row
 
     def _eligible(self) -> bool:
         vcpu = self.guest.vcpu
@@ -196,9 +197,14 @@ class _MapGpaReplay:
             private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
             ue = uniform_end(g.vm, g.vmm, gfn, gfn + left * _CHUNK_PAGES, private, self._sept_end)
             n = (ue - gfn) // _CHUNK_PAGES
-            self.tried = gpa + max(n, 1) * TDX_MAP_GPA_MAX_LEN
             if n < MIN_STEPS:
+                # Not here: look again past this stretch, and after ever more chunks (at most
+                # MAX_BACKOFF) while none is found, so non-uniform memory pays little for it.
+                self.tried = gpa + max(n, min(1 << self.misses, MAX_BACKOFF)) * TDX_MAP_GPA_MAX_LEN
+                self.misses += 1
                 return r
+            self.misses = 0
+            self.tried = gpa + n * TDX_MAP_GPA_MAX_LEN
             self.plan, self.plan_gpa = n, gpa
             self.replay.begin()
         if self.replay.mark() < 3:
