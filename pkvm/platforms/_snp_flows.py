@@ -21,7 +21,9 @@ Each request is built as its runs of entries (at most three: 4K, 2M, 4K; :func:`
 and ``SnpVcpu._psc_runs`` walks them run by run, with the exits, counters, charges and events
 ``SnpVcpu.psc`` gives for the same entries (``snp_begin_psc`` makes one exit per run of
 contiguous same-size entries either way); while a tracer is attached or another actor runs on
-the timeline, the requests go entry by entry (docs/performance.md).
+the timeline, the requests go entry by entry (docs/performance.md). A stretch of whole one-run
+requests that repeat one step on fresh memory is answered as one range operation with every
+request's exit and accounting (``pkvm.actors._steps``).
 """
 
 from __future__ import annotations
