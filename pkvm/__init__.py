@@ -35,6 +35,7 @@ from pkvm.constants import (
 from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
 from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
+from pkvm.kvm.batch import FaultBatch, FaultBatchError
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription
 from pkvm.kvm.exits import ConversionResult, ExitResult, GuestOpResult, Hypercall
 from pkvm.kvm.fault import PageFault
@@ -80,6 +81,8 @@ __all__ = [
     "ExitResult",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
+    "FaultBatch",
+    "FaultBatchError",
     "FaultResult",
     "Guest",
     "GuestMemfd",

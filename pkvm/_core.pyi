@@ -4,7 +4,7 @@ Keys are ``uint64``; ranges are half-open ``[start, end)`` with ``0 <= start <= 
 (so the key ``2**64 - 1`` itself can never be assigned and always reads as ``default``).
 """
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -141,3 +141,18 @@ class RmpTable:
     def reset_counters(self) -> None: ...
     def _check(self) -> None:
         """Assert every RMP invariant; raises ``AssertionError`` naming the bad run."""
+
+# -- batched calls (pkvm/_batch.pxi; the public methods are pkvm.kvm.batch's) ------------------------
+
+def _attr_calls(
+    gpas: npt.NDArray[np.uint64], sizes: npt.NDArray[np.uint64], attrs: npt.NDArray[np.uint64],
+    flags: int, supported: int, vm: object, body: Callable[[int, int, int], object],
+    error: type[BaseException], out: npt.NDArray[np.int32],
+) -> None:
+    """One ``KVM_SET_MEMORY_ATTRIBUTES`` per element; ``out[i]`` gets call ``i``'s errno."""
+def _fault_calls(
+    gpas: npt.NDArray[np.uint64], private: npt.NDArray[np.uint8], write: npt.NDArray[np.uint8],
+    vm: object, check: Callable[[], object] | None,
+    fault: Callable[[int, int, bool, bool], tuple[int, Any]], out: list[Any],
+) -> None:
+    """One nested page fault per element; appends each result to ``out``."""

@@ -1864,3 +1864,4 @@ def _rangemap_from_runs(default, starts, ends, values):
     return m
 
 include "_rmp.pxi"
+include "_batch.pxi"

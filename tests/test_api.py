@@ -17,7 +17,7 @@ import pkvm
 
 PUBLIC_NAMES = {
     "ATTR_PHASES", "AccessResult", "AttrIoctl", "CostModel", "DirectMap", "DIRECTMAP_POLICIES", "FALLOC_FL_KEEP_SIZE",
-    "FALLOC_FL_PUNCH_HOLE", "FaultResult", "Guest", "GuestMemfd", "GuestOpResult", "Hypercall",
+    "FALLOC_FL_PUNCH_HOLE", "FaultBatch", "FaultBatchError", "FaultResult", "Guest", "GuestMemfd", "GuestOpResult", "Hypercall",
     "InternalInvariantError", "KVM_CAP_EXIT_HYPERCALL", "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_MEMORY_ATTRIBUTES", "KVM_EXIT_HYPERCALL", "KVM_EXIT_MEMORY_FAULT",
     "KVM_HC_MAP_GPA_RANGE", "KVM_MAP_GPA_RANGE_DECRYPTED", "KVM_MAP_GPA_RANGE_ENCRYPTED",

@@ -23,6 +23,9 @@ from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from pkvm._core import RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
@@ -48,7 +51,9 @@ from pkvm.constants import (
 from pkvm.cost.model import CostModel
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta
+from pkvm.kvm import batch as _batch
 from pkvm.kvm import check as _vm_check
+from pkvm.kvm.batch import FaultBatch
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription, check_kinds
 from pkvm.kvm.exits import GuestOpResult, begin_insn, kvm_emulate_hypercall
 from pkvm.kvm.gmem import GuestMemfd
@@ -1027,6 +1032,76 @@ class VM:
         _vm_check.check_vm(self)
         self._platform.check_vm(self)
 
+    # -- batched calls (docs/embedding.md, "Batched calls") ---------------------------------------
+
+    def set_memory_attributes_many(self, gpas: object, sizes: object, attributes: object,
+                                   flags: int = 0) -> npt.NDArray[np.int32]:
+        """Many ``KVM_SET_MEMORY_ATTRIBUTES`` calls from arrays: element ``i`` is exactly
+        ``set_memory_attributes(gpas[i], sizes[i], attributes[i], flags)``, in order, and the
+        result's ``i``-th int32 is its errno (0: it succeeded). A call that would raise
+        :class:`pkvm.KvmError` records its errno and changes nothing, and the batch goes on,
+        as a loop with ``try/except KvmError`` would: EINVAL for a bad range or attribute or
+        ``flags != 0``, EDEADLK while a :meth:`begin_set_memory_attributes` ioctl is unfinished,
+        an injected ENOMEM, and EIO for every call once the VM is dead (also if it dies
+        mid-batch). State, counters, modeled time, actor clocks and events are the loop's.
+
+        ``gpas`` and ``sizes`` are 1-D integer arrays (or sequences) of equal length;
+        ``attributes`` is one such array or an int for every call. The arrays are checked once,
+        before any call runs; then the calls run in the typed core without checking the
+        arguments again. Under a timeline or with a tracer attached the batch is the loop.
+
+        >>> import numpy as np
+        >>> vm = VM("sw_protected")
+        >>> gpas = np.array([0x200000, 0x201001, 0x400000], dtype=np.uint64)
+        >>> vm.set_memory_attributes_many(gpas, [0x1000] * 3, KVM_MEMORY_ATTRIBUTE_PRIVATE).tolist()
+        [0, 22, 0]
+
+        Raises:
+            TypeError: an array is not of an integer dtype, or ``attributes`` / ``flags`` is
+                not an int (nothing has run).
+            ValueError: an array is not 1-D, the lengths differ, or a value is negative or does
+                not fit a u64 (nothing has run).
+            Any exception other than ``KvmError`` that a call raises (an event callback's, say)
+                propagates, as from the loop: the calls before it have run.
+        """
+        return _batch.set_memory_attributes_many(self, gpas, sizes, attributes, flags)
+
+    def _attr_batch_call(self, start: int, end: int, attributes: int) -> None:
+        """One ``KVM_SET_MEMORY_ATTRIBUTES`` on the gfns ``[start, end)`` whose arguments
+        passed the checks of :meth:`_attr_check` (the VM is alive, the range is aligned,
+        non-empty, does not wrap, and the attributes are supported): the rest of
+        :meth:`set_memory_attributes`, statement for statement, for the batched loop
+        (``tests/test_batch.py`` holds the two to the same results)."""
+        if self._attr_op is not None:
+            self._attr_free()
+        self.attr_ioctls += 1
+        if self._subs is not None:  # traced on entry, before the short-circuit (6.17+)
+            self._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attributes,))
+        if self._sched is not None:
+            self._attr_timeline(self._sched, start, end, attributes)
+            return
+        if self._legacy:
+            self._attr_legacy(start, end, attributes)
+            return
+        if self._attrs.find_ne(start, end, attributes) == -1:
+            return  # §2.7 short-circuit
+        hit = self._inject.take("xa_reserve", end - start) if self._inject.armed("xa_reserve") else None
+        if hit is not None:
+            raise KvmError(hit[1], f"xa_reserve failed at gfn {start + hit[0]:#x} (injected): nothing changed")
+        maps = self._slot_maps
+        ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
+        if ranges and self._eager_split:
+            self._attr_pre_lock(ranges, attributes)
+        t0 = self._modeled_ns
+        self._attr_pre(ranges, attributes)
+        t1 = self._modeled_ns
+        self._attr_commit(start, end, attributes)  # under slots_lock only
+        t2 = self._modeled_ns
+        self._attr_post(ranges, attributes)
+        self.mmu_lock_ns += t1 - t0 + self._modeled_ns - t2
+        if ranges and self._eager_post:
+            self._attr_post_unlock(ranges, attributes)
+
 
 _EVENT_KINDS = frozenset(EVENT_KINDS)
 
@@ -1275,6 +1350,49 @@ class Vcpu:
             TypeError: the VM type has no ACCEPT (only TDX does).
         """
         raise TypeError(f"accept is a TDX guest operation (TDG.MEM.PAGE.ACCEPT); a {self.vm.platform.name} VM has none")
+
+    # -- batched calls (docs/embedding.md, "Batched calls") ---------------------------------------
+
+    def page_fault_many(self, gpas: object, *, private: object, write: object = False) -> FaultBatch:
+        """Many nested page faults from an array: element ``i`` is exactly
+        ``page_fault(gpas[i], private=..., write=...)``, in order; returns a
+        :class:`pkvm.FaultBatch` whose ``batch[i]`` is the :class:`FaultResult` that call
+        returned, with the fields also as numpy arrays (``batch.ret``, ``level``, ``pfn``,
+        ``errno``, ``retries``). State, counters, modeled time, actor clocks and events are the
+        loop's.
+
+        ``gpas`` is a 1-D integer array (or sequence) of addresses in the 52-bit guest physical
+        address space; ``private`` and ``write`` are each a bool for every call or a 1-D bool
+        array of the same length. The arrays are checked once, before any fault runs; then the
+        faults run in the typed core without checking the arguments again. Under a timeline or
+        with a tracer attached the batch is the loop.
+
+        Where the loop would raise (a dead VM: EIO; a TD not yet finalized: EINVAL), the batch
+        stops there too and raises :class:`pkvm.FaultBatchError`, a ``KvmError`` with the same
+        errno and message, whose ``batch`` holds the results of the calls before it (``index``
+        of them): a fault that kills the VM returns its result, and the call after it raises.
+
+        >>> vm = VM("sw_protected")
+        >>> vm.set_user_memory_region2(0, 0, 0, 1 << 21, 1 << 30)
+        >>> batch = vm.create_vcpu().page_fault_many([0x1000, 0x2000, 0x3000], private=[False, False, True])
+        >>> [r.ret for r in batch], batch.level.tolist(), batch.errno.tolist()
+        (['fixed', 'spurious', 'exit'], [2, 2, 0], [0, 0, 14])
+
+        Raises:
+            FaultBatchError: as described above.
+            TypeError: ``gpas`` is not of an integer dtype; ``private`` / ``write`` are not a
+                bool or a bool array (nothing has run).
+            ValueError: an array is not 1-D, the lengths differ, or an address is negative or
+                outside the 52-bit space (nothing has run).
+        """
+        return _batch.page_fault_many(self, gpas, private, write)
+
+    def _fault_entry_check(self) -> None:
+        """What :meth:`page_fault` checks before the fault, besides its arguments: that the
+        VM is alive. A vCPU class that overrides ``page_fault`` overrides this with its own
+        checks, or the batched call falls back to calling ``page_fault`` per element."""
+        if self.vm.vm_dead:
+            self.vm._check_alive()
 
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses

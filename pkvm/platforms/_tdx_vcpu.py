@@ -90,6 +90,11 @@ class TdxVcpu(Vcpu):
         self._check_runnable()
         return super().page_fault(gpa, private=private, write=write)
 
+    def _fault_entry_check(self) -> None:
+        """What :meth:`page_fault` checks before the fault: a live VM, then a finalized TD."""
+        self.vm._check_alive()
+        self._check_runnable()
+
     def access(self, gpa: int, *, private: bool, write: bool = False, size: int = 4096):  # type: ignore[no-untyped-def]
         """A guest access through the root of its type; see :meth:`pkvm.Vcpu.access`."""
         self.vm._check_alive()

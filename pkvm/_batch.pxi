@@ -1,0 +1,76 @@
+# ---------------------------------------------------------------------------------------------
+# Batched calls: the per-element loops of VM.set_memory_attributes_many and Vcpu.page_fault_many
+# (included at the end of _core.pyx; the public methods and their validation are pkvm.kvm.batch)
+# ---------------------------------------------------------------------------------------------
+#
+# The arrays arrive validated and converted once (contiguous uint64 / uint8). Each loop reads
+# them as typed memoryviews, so an element costs no Python object until the call that needs one:
+# the attribute loop makes the ioctl's argument checks in C (a refused call boxes nothing), and
+# only the calls that pass them box their gfn range to call the model's per-call entry point.
+# The core knows nothing of the KVM model: the VM, the entry points and the error class come in
+# as arguments.
+
+from libc.errno cimport EINVAL, EIO
+from libc.stdint cimport int32_t, uint8_t
+
+
+@cython.boundscheck(False)
+def _attr_calls(const uint64_t[::1] gpas, const uint64_t[::1] sizes, const uint64_t[::1] attrs,
+                uint64_t flags, uint64_t supported, object vm, object body, object error,
+                int32_t[::1] out):
+    """Run ``KVM_SET_MEMORY_ATTRIBUTES`` once per element, in order; ``out[i]`` gets the errno
+    of call ``i`` (0: it succeeded). ``attrs`` holds one value per call, or one value for all.
+
+    Per call, in the ioctl's order: ``vm.vm_dead`` gives EIO (and every later call too: a dead
+    VM stays dead); ``flags``, attribute bits outside ``supported``, an empty range, a range
+    that wraps past 2**64 and an unaligned address or size give EINVAL; otherwise
+    ``body(start_gfn, end_gfn, attributes)`` runs the ioctl, and an ``error`` it raises gives
+    that error's ``errno``. Any other exception propagates (the calls before it have run)."""
+    cdef Py_ssize_t i, n = gpas.shape[0]
+    cdef Py_ssize_t step = 0 if attrs.shape[0] == 1 and n != 1 else 1
+    cdef uint64_t a, s, at
+    cdef uint64_t bad_attrs = ~supported
+    if sizes.shape[0] != n or out.shape[0] != n or (step and attrs.shape[0] != n):
+        raise ValueError("_attr_calls: the arrays' lengths differ")
+    for i in range(n):
+        if vm.vm_dead:
+            out[i:] = EIO
+            return
+        a = gpas[i]
+        s = sizes[i]
+        at = attrs[i * step]
+        if flags or at & bad_attrs or s == 0 or s > U64_MAX - a or (a | s) & 0xFFF:
+            out[i] = EINVAL
+            continue
+        try:
+            body(a >> 12, (a + s) >> 12, at)
+        except error as e:
+            out[i] = e.errno
+        else:
+            out[i] = 0
+
+
+@cython.boundscheck(False)
+def _fault_calls(const uint64_t[::1] gpas, const uint8_t[::1] private, const uint8_t[::1] write,
+                 object vm, object check, object fault, list out):
+    """Run one nested page fault per element, in order, appending each result to ``out``.
+
+    Before each fault, ``check()`` (or, when it is None, the dead-VM check: ``vm._check_alive()``
+    once ``vm.vm_dead`` is set) raises what the one-call entry point would; the exception
+    propagates with ``out`` holding the results of the calls before it. The fault is
+    ``fault(gfn, gfn + 1, private, write)[1]``. ``private`` / ``write`` hold one flag per
+    call, or one flag for all."""
+    cdef Py_ssize_t i, n = gpas.shape[0]
+    cdef Py_ssize_t sp = 0 if private.shape[0] == 1 and n != 1 else 1
+    cdef Py_ssize_t sw = 0 if write.shape[0] == 1 and n != 1 else 1
+    cdef uint64_t gfn
+    if (sp and private.shape[0] != n) or (sw and write.shape[0] != n):
+        raise ValueError("_fault_calls: the arrays' lengths differ")
+    for i in range(n):
+        if check is None:
+            if vm.vm_dead:
+                vm._check_alive()
+        else:
+            check()
+        gfn = gpas[i] >> 12
+        out.append(fault(gfn, gfn + 1, private[i * sp] != 0, write[i * sw] != 0)[1])

@@ -1,0 +1,256 @@
+"""Batched calls: many ``KVM_SET_MEMORY_ATTRIBUTES`` ioctls or nested page faults from numpy
+arrays, with the semantics of the same calls made one by one in a loop (docs/embedding.md,
+"Batched calls").
+
+:meth:`pkvm.VM.set_memory_attributes_many` and :meth:`pkvm.Vcpu.page_fault_many` are the public
+entry points; this module validates their arrays once, then hands them to the typed loops of
+the core (``pkvm/_batch.pxi``), which call the model's per-call entry points without checking
+the arguments again. Under a timeline (:mod:`pkvm.sim`) or with a tracer attached, the batch is
+the loop itself: the public call once per element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from pkvm._core import _attr_calls, _fault_calls
+from pkvm.errors import InternalInvariantError, KvmError
+from pkvm.kvm.mmu import FaultResult
+
+if TYPE_CHECKING:
+    from pkvm.kvm.vm import VM, Vcpu
+
+U64_MAX = (1 << 64) - 1
+_MAX_GPA = 1 << 52  # page_fault's bound: a 52-bit guest physical address space
+
+#: The ``ret`` values of :class:`pkvm.FaultResult`, in the order of :attr:`FaultBatch.ret`'s codes.
+RET_NAMES = ("fixed", "spurious", "retry", "emulate", "exit", "vc", "rmp_loop", "retry_loop")
+_RET_CODE = {name: i for i, name in enumerate(RET_NAMES)}
+
+
+# -- array validation (the batch's boundary) ------------------------------------------------------
+
+def _u64_array(name: str, value: object, n: int | None) -> npt.NDArray[np.uint64]:
+    """``value`` as a contiguous uint64 array of ``n`` elements (any length if None)."""
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array, not {arr.ndim}-D (shape {arr.shape})")
+    if arr.dtype.kind not in "ui":
+        if arr.size == 0 and not isinstance(value, np.ndarray):
+            arr = arr.astype(np.uint64)  # an empty list or tuple
+        else:
+            raise TypeError(f"{name} must be an array of integers, not of dtype {arr.dtype}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} elements, gpas has {n}: the lengths must be equal")
+    if arr.dtype.kind == "i" and arr.size:
+        i = int(arr.argmin())
+        if arr[i] < 0:
+            raise ValueError(f"{name}[{i}] = {int(arr[i])} is negative (values must fit a u64)")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+def _u64_scalar(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or a 1-D integer array, not {type(value).__name__}")
+    v = int(value)
+    if v < 0 or v > U64_MAX:
+        raise ValueError(f"{name}={v:#x} does not fit a u64")
+    return v
+
+
+def _flag_array(name: str, value: object, n: int) -> npt.NDArray[np.uint8]:
+    """A bool or a 1-D bool array of ``n`` elements, as uint8 (length 1 for a bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return np.array([bool(value)], dtype=np.uint8)
+    if not isinstance(value, (np.ndarray, list, tuple)):
+        raise TypeError(f"{name} must be a bool or a 1-D bool array, not {type(value).__name__}")
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a bool or a 1-D bool array, not {arr.ndim}-D (shape {arr.shape})")
+    if arr.dtype != np.bool_ and not (arr.size == 0 and not isinstance(value, np.ndarray)):
+        raise TypeError(f"{name} must be a bool or an array of dtype bool, not of dtype {arr.dtype}")
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} elements, gpas has {n}: the lengths must be equal")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+# -- KVM_SET_MEMORY_ATTRIBUTES, many times -----------------------------------------------------------
+
+def set_memory_attributes_many(vm: VM, gpas: object, sizes: object, attributes: object,
+                               flags: object = 0) -> npt.NDArray[np.int32]:
+    """The body of :meth:`pkvm.VM.set_memory_attributes_many` (see there)."""
+    g = _u64_array("gpas", gpas, None)
+    n = g.shape[0]
+    s = _u64_array("sizes", sizes, n)
+    if isinstance(attributes, (np.ndarray, list, tuple)):
+        a = _u64_array("attributes", attributes, n)
+    else:
+        a = np.array([_u64_scalar("attributes", attributes)], dtype=np.uint64)
+    f = _u64_scalar("flags", flags)
+    out = np.zeros(n, dtype=np.int32)
+    if vm._sched is not None or vm._tracer is not None:
+        call = vm.set_memory_attributes
+        al = a.tolist() * n if a.shape[0] == 1 and n != 1 else a.tolist()
+        for i, (x, y, z) in enumerate(zip(g.tolist(), s.tolist(), al)):
+            try:
+                call(x, y, z, f)
+            except KvmError as e:
+                out[i] = e.errno
+        return out
+    _attr_calls(g, s, a, f, vm._supported_attrs, vm, vm._attr_batch_call, KvmError, out)
+    return out
+
+
+# -- nested page faults, many times ---------------------------------------------------------------
+
+class FaultBatch(Sequence[FaultResult]):
+    """The results of :meth:`pkvm.Vcpu.page_fault_many`: ``batch[i]`` is the
+    :class:`pkvm.FaultResult` call ``i`` returned (equal to what ``vcpu.page_fault`` returns in
+    a loop), ``len(batch)`` the number of calls; a slice is a ``FaultBatch`` too.
+
+    The fields as numpy arrays, one element per call (built on first use):
+
+    - ``ret``: int8 codes, ``RET_NAMES[code]`` is the ``ret`` string (``"fixed"``, ...);
+    - ``level``: int8, the leaf's level (1 = 4K, 2 = 2M, 3 = 1G), 0 where ``level`` is None;
+    - ``pfn``: int64, -1 where ``pfn`` is None;
+    - ``errno``: int32, 0 where ``errno`` is None;
+    - ``retries``: int32.
+    """
+
+    __slots__ = ("_results", "_arrays")
+
+    #: The ``ret`` strings, indexed by the codes of :attr:`ret`.
+    RET_NAMES = RET_NAMES
+
+    def __init__(self, results: Sequence[FaultResult]) -> None:
+        self._results: tuple[FaultResult, ...] = tuple(results)
+        self._arrays: dict[str, npt.NDArray[Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    @overload
+    def __getitem__(self, i: int) -> FaultResult: ...
+    @overload
+    def __getitem__(self, i: slice) -> FaultBatch: ...
+    def __getitem__(self, i: int | slice) -> FaultResult | FaultBatch:
+        if isinstance(i, slice):
+            return FaultBatch(self._results[i])
+        return self._results[i]
+
+    def __iter__(self) -> Iterator[FaultResult]:
+        return iter(self._results)
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for r in self._results:
+            counts[r.ret] = counts.get(r.ret, 0) + 1
+        inner = ", ".join(f"{k}={v}" for k, v in counts.items())
+        return f"<pkvm.FaultBatch of {len(self)} faults: {inner or 'none'}>"
+
+    def _array(self, name: str) -> npt.NDArray[Any]:
+        arrays = self._arrays
+        if arrays is None:
+            rs = self._results
+            n = len(rs)
+            ret = np.empty(n, dtype=np.int8)
+            level = np.zeros(n, dtype=np.int8)
+            pfn = np.full(n, -1, dtype=np.int64)
+            err = np.zeros(n, dtype=np.int32)
+            retries = np.zeros(n, dtype=np.int32)
+            codes = _RET_CODE
+            for i, r in enumerate(rs):
+                code = codes.get(r.ret)
+                if code is None:
+                    raise InternalInvariantError(f"fault result {r!r} has a ret outside FaultBatch.RET_NAMES")
+                ret[i] = code
+                if r.level is not None:
+                    level[i] = r.level
+                if r.pfn is not None:
+                    pfn[i] = r.pfn
+                if r.errno is not None:
+                    err[i] = r.errno
+                retries[i] = r.retries
+            arrays = self._arrays = {"ret": ret, "level": level, "pfn": pfn, "errno": err, "retries": retries}
+        return arrays[name]
+
+    @property
+    def ret(self) -> npt.NDArray[np.int8]:
+        """Each call's ``ret`` as a code into :attr:`RET_NAMES`."""
+        return self._array("ret")
+
+    @property
+    def level(self) -> npt.NDArray[np.int8]:
+        """Each call's leaf level (0: None)."""
+        return self._array("level")
+
+    @property
+    def pfn(self) -> npt.NDArray[np.int64]:
+        """Each call's pfn (-1: None)."""
+        return self._array("pfn")
+
+    @property
+    def errno(self) -> npt.NDArray[np.int32]:
+        """Each call's errno (0: None)."""
+        return self._array("errno")
+
+    @property
+    def retries(self) -> npt.NDArray[np.int32]:
+        """Each call's ``retries``."""
+        return self._array("retries")
+
+
+class FaultBatchError(KvmError):
+    """:meth:`pkvm.Vcpu.page_fault_many` stopped where the loop would have raised: call
+    ``index`` raised this ``KvmError`` (same ``errno`` and message as the loop's), after the
+    calls before it ran; ``batch`` is their :class:`FaultBatch` (``len(batch) == index``)."""
+
+    def __init__(self, err: KvmError, batch: FaultBatch) -> None:
+        super().__init__(err.errno, err.strerror or "")
+        self.batch = batch
+        self.index = len(batch)
+
+
+def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object = False) -> FaultBatch:
+    """The body of :meth:`pkvm.Vcpu.page_fault_many` (see there)."""
+    g = _u64_array("gpas", gpas, None)
+    n = g.shape[0]
+    if n and int(g.max()) >= _MAX_GPA:
+        i = int(g.argmax())
+        raise ValueError(f"gpas[{i}] = {int(g[i]):#x} is outside the 52-bit guest physical address space")
+    p = _flag_array("private", private, n)
+    w = _flag_array("write", write, n)
+    vm = vcpu.vm
+    out: list[FaultResult] = []
+    try:
+        if vm._sched is not None or vm._tracer is not None or not _fast_faults(type(vcpu)):
+            call = vcpu.page_fault
+            pl = [bool(x) for x in p.tolist()]
+            wl = [bool(x) for x in w.tolist()]
+            for i, x in enumerate(g.tolist()):
+                out.append(call(x, private=pl[i if len(pl) > 1 else 0], write=wl[i if len(wl) > 1 else 0]))
+        else:
+            check = None if type(vcpu)._fault_entry_check is _base_entry_check() else vcpu._fault_entry_check
+            _fault_calls(g, p, w, vm, check, vcpu._fault, out)
+    except KvmError as e:
+        raise FaultBatchError(e, FaultBatch(out)) from e
+    return FaultBatch(out)
+
+
+def _fast_faults(cls: type) -> bool:
+    """Whether the class that defines ``cls``'s ``page_fault`` also says which checks it makes
+    before the fault (``_fault_entry_check``): then the typed loop can skip ``page_fault``.
+    Otherwise the batch calls ``page_fault`` itself."""
+    for k in cls.__mro__:
+        if "page_fault" in k.__dict__:
+            return "_fault_entry_check" in k.__dict__
+    return False
+
+
+def _base_entry_check() -> object:
+    from pkvm.kvm.vm import Vcpu
+    return Vcpu._fault_entry_check
