@@ -36,20 +36,29 @@ _RET_CODE = {name: i for i, name in enumerate(RET_NAMES)}
 
 def _u64_array(name: str, value: object, n: int | None) -> npt.NDArray[np.uint64]:
     """``value`` as a contiguous uint64 array of ``n`` elements (any length if None)."""
+    if isinstance(value, (list, tuple)):
+        # Element by element: numpy would turn [0, 2**64 - 1] into float64.
+        seq = list(value)
+        for i, x in enumerate(seq):
+            if type(x) is not int:
+                if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+                    raise TypeError(f"{name}[{i}] must be an int, not {type(x).__name__}")
+                x = seq[i] = int(x)
+            if x < 0:
+                raise ValueError(f"{name}[{i}] = {x} is negative (values must fit a u64)")
+            if x > U64_MAX:
+                raise ValueError(f"{name}[{i}] = {x:#x} does not fit a u64")
+        value = np.array(seq, dtype=np.uint64)
     arr = np.asarray(value)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, not {arr.ndim}-D (shape {arr.shape})")
     if arr.dtype.kind not in "ui":
-        if arr.size == 0 and not isinstance(value, np.ndarray):
-            arr = arr.astype(np.uint64)  # an empty list or tuple
-        else:
-            raise TypeError(f"{name} must be an array of integers, not of dtype {arr.dtype}")
+        raise TypeError(f"{name} must be an array of integers, not of dtype {arr.dtype}")
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} elements, gpas has {n}: the lengths must be equal")
-    if arr.dtype.kind == "i" and arr.size:
-        i = int(arr.argmin())
-        if arr[i] < 0:
-            raise ValueError(f"{name}[{i}] = {int(arr[i])} is negative (values must fit a u64)")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        i = int(np.flatnonzero(arr < 0)[0])  # the first one, where the loop would stop
+        raise ValueError(f"{name}[{i}] = {int(arr[i])} is negative (values must fit a u64)")
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
@@ -220,7 +229,7 @@ def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object = F
     g = _u64_array("gpas", gpas, None)
     n = g.shape[0]
     if n and int(g.max()) >= _MAX_GPA:
-        i = int(g.argmax())
+        i = int(np.flatnonzero(g >= _MAX_GPA)[0])
         raise ValueError(f"gpas[{i}] = {int(g[i]):#x} is outside the 52-bit guest physical address space")
     p = _flag_array("private", private, n)
     w = _flag_array("write", write, n)
