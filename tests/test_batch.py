@@ -14,7 +14,7 @@ import errno
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tdxhelpers import td, tdx_snapshot
 from vmhelpers import GMEM, PRIVATE, UADDR, snapshot
@@ -136,7 +136,6 @@ def _attr_case(calls, broadcast):
     return gpas, sizes, attrs
 
 
-@settings(max_examples=60)
 @given(pp=PLATFORM_POLICY, calls=_ATTR_CALLS, broadcast=st.booleans(), flags=st.sampled_from([0, 0, 0, 1]),
        inject=st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(0, 600))))
 def test_set_memory_attributes_many_is_the_loop(pp, calls, broadcast, flags, inject):
@@ -163,7 +162,6 @@ _FAULT_GPA = st.one_of(st.integers(0, (SIZE >> 12) + 256).map(lambda p: p << 12)
 _FLAGS = st.one_of(st.booleans(), st.lists(st.booleans(), min_size=30, max_size=30))
 
 
-@settings(max_examples=60)
 @given(pp=PLATFORM_POLICY, before=_ATTR_CALLS, gpas=st.lists(_FAULT_GPA, max_size=30), private=_FLAGS,
        write=_FLAGS, acting=st.booleans())
 def test_page_fault_many_is_the_loop(pp, before, gpas, private, write, acting):
