@@ -333,3 +333,56 @@ def test_array_errors_raise_before_anything_runs(call, exc, match):
     with pytest.raises(exc, match=match):
         call(vm, vcpu)
     assert state(vm) == before and ev == []
+
+
+def test_timeline_batches_are_the_loop():
+    """On the concurrent timeline (a vCPU faulting while the VMM converts), the batch is the loop
+    of public calls: the same results, events, state and timeline result."""
+    import simpy
+
+    from pkvm.sim import Timeline
+    gpas = [0x200000, 0x201000, 0x3FF000, 0x200000, 0x600001, SIZE]
+    private = [True, False, True, False, True, False]
+    outs = []
+    for batched in (False, True):
+        vm, vcpu = build("sw_protected", "6.19")
+        env = simpy.Environment()
+        tl = Timeline(vm, env)
+        ev = record(vm)
+        res = {}
+
+        def vmm(vm=vm, res=res, batched=batched):
+            if batched:
+                res["attrs"] = vm.set_memory_attributes_many(gpas, [0x1000] * 6, PRIVATE).tolist()
+            else:
+                res["attrs"] = loop_attrs(vm, gpas, [0x1000] * 6, PRIVATE)
+
+        def vcpu0(vcpu=vcpu, res=res, batched=batched):
+            res["faults"] = batch_faults(vcpu, gpas, private, False) if batched else loop_faults(vcpu, gpas, private, False)
+
+        tl.spawn("vmm", vmm)
+        tl.spawn("vcpu0", vcpu0)
+        env.run()
+        r = tl.result()
+        outs.append((res, ev, state(vm), r.critical_path_ns, r.actors))
+    assert outs[0] == outs[1]
+    assert outs[0][0]["attrs"] == [0, 0, 0, 0, errno.EINVAL, 0] and len(outs[0][0]["faults"][0]) == 6
+
+
+def test_a_vcpu_class_without_entry_checks_gets_page_fault_per_call():
+    """A vCPU subclass that overrides page_fault but does not say what it checks before the
+    fault (``_fault_entry_check``) gets its own page_fault called once per element."""
+    calls = []
+
+    class Counting(pkvm.Vcpu):
+        __slots__ = ()
+
+        def page_fault(self, gpa, *, private, write=False):
+            calls.append((gpa, private, write))
+            return super().page_fault(gpa, private=private, write=write)
+
+    vm, _ = build("sw_protected", "6.19")
+    b = Counting(vm, 0).page_fault_many([0x1000, 0x2000], private=[True, False], write=True)
+    assert calls == [(0x1000, True, True), (0x2000, False, True)] and len(b) == 2
+    td_vcpu = td(SIZE)[3]
+    assert "_fault_entry_check" in type(td_vcpu).__dict__ and "page_fault" in type(td_vcpu).__dict__

@@ -224,8 +224,11 @@ class FaultBatchError(KvmError):
         self.index = len(batch)
 
 
-def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object = False) -> FaultBatch:
-    """The body of :meth:`pkvm.Vcpu.page_fault_many` (see there)."""
+def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object,
+                    base_check: object) -> FaultBatch:
+    """The body of :meth:`pkvm.Vcpu.page_fault_many` (see there). ``base_check`` is
+    ``Vcpu._fault_entry_check``: a vCPU class that keeps it has the dead-VM check only, which
+    the typed loop makes itself."""
     g = _u64_array("gpas", gpas, None)
     n = g.shape[0]
     if n and int(g.max()) >= _MAX_GPA:
@@ -243,7 +246,7 @@ def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object = F
             for i, x in enumerate(g.tolist()):
                 out.append(call(x, private=pl[i if len(pl) > 1 else 0], write=wl[i if len(wl) > 1 else 0]))
         else:
-            check = None if type(vcpu)._fault_entry_check is _base_entry_check() else vcpu._fault_entry_check
+            check = None if type(vcpu)._fault_entry_check is base_check else vcpu._fault_entry_check
             _fault_calls(g, p, w, vm, check, vcpu._fault, out)
     except KvmError as e:
         raise FaultBatchError(e, FaultBatch(out)) from e
@@ -259,7 +262,3 @@ def _fast_faults(cls: type) -> bool:
             return "_fault_entry_check" in k.__dict__
     return False
 
-
-def _base_entry_check() -> object:
-    from pkvm.kvm.vm import Vcpu
-    return Vcpu._fault_entry_check

@@ -1385,7 +1385,7 @@ class Vcpu:
             ValueError: an array is not 1-D, the lengths differ, or an address is negative or
                 outside the 52-bit space (nothing has run).
         """
-        return _batch.page_fault_many(self, gpas, private, write)
+        return _batch.page_fault_many(self, gpas, private, write, Vcpu._fault_entry_check)
 
     def _fault_entry_check(self) -> None:
         """What :meth:`page_fault` checks before the fault, besides its arguments: that the
