@@ -113,19 +113,15 @@ def check_batch_arrays(b):
 
 
 # Addresses and sizes a workload generator or a fuzzer produces: mostly valid pages and runs
-# inside and around the slot, and every invalid kind the ioctl checks.
-_GPA = st.one_of(
-    st.integers(0, (SIZE >> 12) + 512).map(lambda p: p << 12),
-    st.integers(0, (SIZE >> 12) + 512).map(lambda p: p << 12),
-    st.integers(0, SIZE + 0x3000),
-    st.sampled_from([U64_MAX & ~0xFFF, U64_MAX, 1 << 52, 1 << 63, (1 << 40) << 12]),
-)
-_SIZE = st.one_of(
-    st.integers(1, 16).map(lambda p: p << 12),
-    st.sampled_from([0x200000, 0x400000, 0x1000]),
-    st.sampled_from([0, 0x800, 0x1001, U64_MAX & ~0xFFF, 1 << 63]),
-)
-_ATTR = st.sampled_from([0, PRIVATE, PRIVATE, 1, 0x10, PRIVATE | 1, 1 << 63])
+# inside and around the slot (often the same few pages, so that calls overlap), and every
+# invalid kind the ioctl checks.
+_PAGE = st.one_of(st.integers(0, 63), st.integers(0, (SIZE >> 12) + 512)).map(lambda p: p << 12)
+_GPA = st.one_of(_PAGE, _PAGE, _PAGE, _PAGE, st.integers(0, SIZE + 0x3000),
+                 st.sampled_from([U64_MAX & ~0xFFF, U64_MAX, 1 << 52, 1 << 63, (1 << 40) << 12]))
+_SIZE = st.one_of(st.integers(1, 16).map(lambda p: p << 12), st.integers(1, 16).map(lambda p: p << 12),
+                  st.sampled_from([0x200000, 0x400000, 0x1000]),
+                  st.sampled_from([0, 0x800, 0x1001, U64_MAX & ~0xFFF, 1 << 63]))
+_ATTR = st.sampled_from([0, 0, PRIVATE, PRIVATE, PRIVATE, 1, 0x10, PRIVATE | 1, 1 << 63])
 _ATTR_CALLS = st.lists(st.tuples(_GPA, _SIZE, _ATTR), max_size=25)
 
 
@@ -157,7 +153,8 @@ def test_set_memory_attributes_many_is_the_loop(pp, calls, broadcast, flags, inj
     vb.check()
 
 
-_FAULT_GPA = st.one_of(st.integers(0, (SIZE >> 12) + 256).map(lambda p: p << 12), st.integers(0, SIZE + 0x100000),
+_FAULT_GPA = st.one_of(st.integers(0, 15).map(lambda p: p << 12), st.integers(0, (SIZE >> 12) + 256).map(lambda p: p << 12),
+                       st.integers(0, SIZE + 0x100000),
                        st.sampled_from([(1 << 52) - 0x1000, 1 << 40]))
 _FLAGS = st.one_of(st.booleans(), st.lists(st.booleans(), min_size=30, max_size=30))
 
