@@ -80,7 +80,7 @@ def _sdist_names(sdist):
 def test_sdist_carries_cython_sources(sdist):
     """The sdist has the .pyx/.pxd sources and no generated .c, so it builds anywhere."""
     names = _sdist_names(sdist)
-    for name in ("pkvm/_core.pyx", "pkvm/_core.pxd", "pkvm/core.pxd", "pkvm/_rmp.pxi",
+    for name in ("pkvm/_core.pyx", "pkvm/_core.pxd", "pkvm/core.pxd", "pkvm/_rmp.pxi", "pkvm/_batch.pxi",
                  "pkvm/_rmp_decl.pxi", "pkvm/_core.pyi", "pkvm/py.typed", "setup.py",
                  "pyproject.toml", "README.md"):
         assert name in names
