@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     assert (vm.set_memory_attributes_many(gpas, sizes + 1, PRIVATE) == errno.EINVAL).all()
     assert not vm.set_memory_attributes_many(gpas, sizes, 0).any()
     rows = [
-        ("refused (EINVAL)", best(refused_loop, n), best(lambda: vm.set_memory_attributes_many(gpas, sizes + 1, PRIVATE), n)),
+        ("refused (EINVAL)", best(refused_loop, n),
+         best(lambda: vm.set_memory_attributes_many(gpas, sizes + 1, PRIVATE), n)),
         ("no-op (short-circuit)", best(noop_loop, n), best(lambda: vm.set_memory_attributes_many(gpas, sizes, 0), n)),
     ]
     assert vm.stats["attr_stores"] == 0

@@ -26,7 +26,8 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 U64_MAX = (1 << 64) - 1
 
-POLICIES = {"sw_protected": ["6.19", "6.8", "rfc-v8"], "snp": ["6.19", "eager-split", "eager-locked", "6.19+attr_ioctl=legacy-progress+rmp_update=eager-post"],
+POLICIES = {"sw_protected": ["6.19", "6.8", "rfc-v8"],
+            "snp": ["6.19", "eager-split", "eager-locked", "6.19+attr_ioctl=legacy-progress+rmp_update=eager-post"],
             "tdx": ["6.19", "tdx-huge-pages"]}
 PLATFORM_POLICY = st.sampled_from([(p, pol) for p, pols in POLICIES.items() for pol in pols])
 
@@ -153,7 +154,8 @@ def test_set_memory_attributes_many_is_the_loop(pp, calls, broadcast, flags, inj
     vb.check()
 
 
-_FAULT_GPA = st.one_of(st.integers(0, 15).map(lambda p: p << 12), st.integers(0, (SIZE >> 12) + 256).map(lambda p: p << 12),
+_FAULT_GPA = st.one_of(st.integers(0, 15).map(lambda p: p << 12),
+                       st.integers(0, (SIZE >> 12) + 256).map(lambda p: p << 12),
                        st.integers(0, SIZE + 0x100000),
                        st.sampled_from([(1 << 52) - 0x1000, 1 << 40]))
 _FLAGS = st.one_of(st.booleans(), st.lists(st.booleans(), min_size=30, max_size=30))
@@ -295,8 +297,10 @@ _S = np.array([0x1000, 0x1000], dtype=np.uint64)
      r"gpas\[1\] = 0x10000000000000000 does not fit a u64"),
     (lambda vm, v: vm.set_memory_attributes_many(np.array([0x1000, 1 << 64], dtype=object), _S, 0), TypeError,
      r"gpas must be an array of integers, not of dtype object"),
-    (lambda vm, v: vm.set_memory_attributes_many([0x1000, True], _S, 0), TypeError, r"gpas\[1\] must be an int, not bool"),
-    (lambda vm, v: vm.set_memory_attributes_many(_G, (0x1000, -0x1000), 0), ValueError, r"sizes\[1\] = -4096 is negative"),
+    (lambda vm, v: vm.set_memory_attributes_many([0x1000, True], _S, 0), TypeError,
+     r"gpas\[1\] must be an int, not bool"),
+    (lambda vm, v: vm.set_memory_attributes_many(_G, (0x1000, -0x1000), 0), ValueError,
+     r"sizes\[1\] = -4096 is negative"),
     (lambda vm, v: vm.set_memory_attributes_many(_G, _S[:1], 0), ValueError,
      r"sizes has 1 elements, gpas has 2: the lengths must be equal"),
     (lambda vm, v: vm.set_memory_attributes_many(_G, _S, np.array([8], dtype=np.uint64)), ValueError,
@@ -355,7 +359,8 @@ def test_timeline_batches_are_the_loop():
                 res["attrs"] = loop_attrs(vm, gpas, [0x1000] * 6, PRIVATE)
 
         def vcpu0(vcpu=vcpu, res=res, batched=batched):
-            res["faults"] = batch_faults(vcpu, gpas, private, False) if batched else loop_faults(vcpu, gpas, private, False)
+            run = batch_faults if batched else loop_faults
+            res["faults"] = run(vcpu, gpas, private, False)
 
         tl.spawn("vmm", vmm)
         tl.spawn("vcpu0", vcpu0)
