@@ -11,6 +11,7 @@ before anything runs.
 """
 
 import errno
+import pickle
 
 import numpy as np
 import pytest
@@ -202,6 +203,8 @@ def test_dead_vm_batches_record_and_raise_eio():
     with pytest.raises(pkvm.FaultBatchError, match="the VM is dead") as e:
         vcpu.page_fault_many([0, 0x1000], private=False)
     assert e.value.errno == errno.EIO and e.value.index == 0 and len(e.value.batch) == 0
+    back = pickle.loads(pickle.dumps(e.value))  # exceptions travel pickled (dask workers)
+    assert (type(back), back.errno, str(back), back.index) == (pkvm.FaultBatchError, errno.EIO, str(e.value), 0)
     assert state(vm) == before
 
 

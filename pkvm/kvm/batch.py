@@ -223,6 +223,14 @@ class FaultBatchError(KvmError):
         self.batch = batch
         self.index = len(batch)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its parts (a dask worker's exception travels pickled).
+        return (_fault_batch_error, (self.errno, self.strerror or "", tuple(self.batch)))
+
+
+def _fault_batch_error(err: int, message: str, results: tuple[FaultResult, ...]) -> FaultBatchError:
+    return FaultBatchError(KvmError(err, message), FaultBatch(results))
+
 
 def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object,
                     base_check: object) -> FaultBatch:
