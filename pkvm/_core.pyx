@@ -33,8 +33,36 @@ cdef extern from *:
         for (size_t off = 0; off < nbytes; off += 64)
             __builtin_prefetch(c + off);
     }
+    /* Rank of key in the ascending a[0:n] (how many elements are <= key, or < key), for
+       n <= 64, in two rounds of independent loads instead of a chain of six dependent ones:
+       the last key of each full block of 8 says which block holds the boundary (every block
+       before it is entirely below the key), then that block's <= 8 keys are counted. */
+    static inline int pkvm_count_le(const uint64_t *a, int n, uint64_t key) {
+        int nb = n >> 3, b = 0, i, lo, hi, c;
+        for (i = 0; i < nb; i++)
+            b += a[8 * i + 7] <= key;
+        lo = 8 * b;
+        hi = lo + 8 < n ? lo + 8 : n;
+        c = lo;
+        for (i = lo; i < hi; i++)
+            c += a[i] <= key;
+        return c;
+    }
+    static inline int pkvm_count_lt(const uint64_t *a, int n, uint64_t key) {
+        int nb = n >> 3, b = 0, i, lo, hi, c;
+        for (i = 0; i < nb; i++)
+            b += a[8 * i + 7] < key;
+        lo = 8 * b;
+        hi = lo + 8 < n ? lo + 8 : n;
+        c = lo;
+        for (i = lo; i < hi; i++)
+            c += a[i] < key;
+        return c;
+    }
     """
     void pkvm_prefetch_span(const void *p, size_t nbytes) noexcept nogil
+    int pkvm_count_le(const uint64_t *a, int n, uint64_t key) noexcept nogil
+    int pkvm_count_lt(const uint64_t *a, int n, uint64_t key) noexcept nogil
 
 cdef extern from "Python.h":
     # The raw C-API call: it returns (unsigned long long)-1 and sets OverflowError for negative
@@ -107,32 +135,14 @@ cdef object _u64_array(object obj, str name):
 # Small inline helpers (searches and value access)
 # ---------------------------------------------------------------------------------------------
 
-@cython.boundscheck(False)
 cdef inline int _ub(const uint64_t *a, int n, uint64_t key) noexcept nogil:
-    """Number of elements of the ascending ``a[0:n]`` that are ``<= key`` (branch-free)."""
-    cdef int base = 0
-    cdef int half
-    if n == 0:
-        return 0
-    while n > 1:
-        half = n >> 1
-        base = base + half if a[base + half] <= key else base
-        n -= half
-    return base + (a[base] <= key)
+    """Number of elements of the ascending ``a[0:n]`` that are ``<= key``."""
+    return pkvm_count_le(a, n, key)
 
 
-@cython.boundscheck(False)
 cdef inline int _lb(const uint64_t *a, int n, uint64_t key) noexcept nogil:
-    """Number of elements of the ascending ``a[0:n]`` that are ``< key`` (branch-free)."""
-    cdef int base = 0
-    cdef int half
-    if n == 0:
-        return 0
-    while n > 1:
-        half = n >> 1
-        base = base + half if a[base + half] < key else base
-        n -= half
-    return base + (a[base] < key)
+    """Number of elements of the ascending ``a[0:n]`` that are ``< key``."""
+    return pkvm_count_lt(a, n, key)
 
 
 cdef inline uint64_t _val(const Leaf *leaf, int i) noexcept nogil:
