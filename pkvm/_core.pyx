@@ -615,14 +615,12 @@ cdef class RangeMap:
         cdef int lvl, i
         for lvl in range(self.height):
             nd = <Inner*>node
-            pkvm_prefetch_span(nd.keys, nd.n * sizeof(uint64_t))
             i = _ub(nd.keys, nd.n, key) - 1
             if i < 0:
                 i = 0
             path.node[lvl] = nd
             path.idx[lvl] = i
             node = nd.children[i]
-        pkvm_prefetch_span((<Leaf*>node).starts, (<Leaf*>node).n * sizeof(uint64_t))
         pkvm_prefetch_span((<Leaf*>node).ends, (<Leaf*>node).n * sizeof(uint64_t))
         return <Leaf*>node
 
