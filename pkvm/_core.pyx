@@ -1293,6 +1293,8 @@ cdef class RangeMap:
         """Test hook: the tree's height counting the leaf level (1 = a single leaf)."""
         return self.height + 1
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def assign(self, start, end, value):
         """Set every key in the half-open ``[start, end)`` to ``value``.
 
@@ -1315,6 +1317,8 @@ cdef class RangeMap:
             raise ValueError(f"start {s:#x} > end {e:#x}")
         self._assign_c(s, e, v)
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def get(self, key):
         """The value of ``key``. Runtime complexity: O(log n)."""
         _enter_read(self)
@@ -1322,6 +1326,8 @@ cdef class RangeMap:
         _u64(key, "key", &k)
         return self._get_c(k)
 
+    @cython.binding(False)
+    @cython.embedsignature.format("clinic")
     def find_ne(self, start, end, value):
         """The first key in the half-open ``[start, end)`` whose value is not ``value``, or -1.
 
