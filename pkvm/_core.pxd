@@ -141,10 +141,10 @@ cdef class RangeMap:
     cdef void _free_subtree(self, void *node, int height) noexcept nogil
     cdef void _reset(self) noexcept nogil
     cdef int _merge_runs(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
-                         const Py_ssize_t *P, Py_ssize_t m, Builder *out) noexcept nogil
+                         Py_ssize_t m, Builder *out) noexcept nogil
     cdef int _adopt(self, Builder *b) except -1 nogil
     cdef int _assign_merged(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
-                            const Py_ssize_t *P, Py_ssize_t m) except -1 nogil
+                            Py_ssize_t m) except -1 nogil
     cdef int _bulk_load(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
                         Py_ssize_t n) except -1 nogil
     cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1

@@ -61,6 +61,7 @@ cdef extern from *:
     }
     """
     void pkvm_prefetch_span(const void *p, size_t nbytes) noexcept nogil
+    void __builtin_prefetch(const void *p) noexcept nogil
     int pkvm_count_le(const uint64_t *a, int n, uint64_t key) noexcept nogil
     int pkvm_count_lt(const uint64_t *a, int n, uint64_t key) noexcept nogil
 
@@ -189,6 +190,61 @@ cdef inline int _make_reps(bint have, Run f, Run g, uint64_t s, uint64_t e, uint
     return m
 
 
+cdef int _radix_argsort_packed(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
+                               uint64_t *sorted_keys, int kbits, int ibits) except -1 nogil:
+    """``_radix_argsort`` when a key and its index fit in one word together.
+
+    Each element is ``key << ibits | index``, so a pass moves one word instead of a key and an
+    index (half the scatter traffic, half the scratch memory); only the key's digits are
+    sorted on, and ties keep index order because LSD passes are stable.
+    """
+    cdef uint64_t *a = <uint64_t*>malloc(n * sizeof(uint64_t))
+    cdef uint64_t *b = <uint64_t*>malloc(n * sizeof(uint64_t))
+    cdef Py_ssize_t *cnt = <Py_ssize_t*>malloc(8 * 256 * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *c
+    cdef uint64_t *t
+    cdef uint64_t w, mask = ((<uint64_t>1) << ibits) - 1      # ibits <= 63
+    cdef Py_ssize_t i, tot, x
+    cdef int shift, d, p, npass = (kbits + 7) // 8
+    if a == NULL or b == NULL or cnt == NULL:
+        free(a)
+        free(b)
+        free(cnt)
+        with gil:
+            raise MemoryError("RangeMap: out of memory sorting keys")
+    memset(cnt, 0, 8 * 256 * sizeof(Py_ssize_t))
+    for i in range(n):
+        w = (keys[i] << ibits) | <uint64_t>i
+        a[i] = w
+        for p in range(npass):
+            cnt[p * 256 + <int>((w >> (ibits + 8 * p)) & 255)] += 1
+    for p in range(npass):
+        shift = ibits + 8 * p
+        c = &cnt[p * 256]
+        tot = 0
+        for d in range(256):
+            x = c[d]
+            c[d] = tot
+            tot += x
+        for i in range(n):
+            w = a[i]
+            d = <int>((w >> shift) & 255)
+            b[c[d]] = w
+            c[d] += 1
+        t = a
+        a = b
+        b = t
+    for i in range(n):
+        perm[i] = <Py_ssize_t>(a[i] & mask)
+    if sorted_keys != NULL:
+        for i in range(n):
+            sorted_keys[i] = a[i] >> ibits
+    free(a)
+    free(b)
+    free(cnt)
+    return 0
+
+
 cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
                         uint64_t *sorted_keys) except -1 nogil:
     """Write to ``perm`` the stable ascending order of ``keys`` (LSD radix sort, 8-bit digits).
@@ -199,6 +255,17 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
     keys (< 2**40) take at most five scatter passes; 256 buckets keep the
     scatter's write cursors within the TLB's reach. O(n) time, 4n words of scratch memory.
     """
+    cdef uint64_t bits = 0, k
+    cdef Py_ssize_t i
+    cdef int kbits = 0, ibits = 0
+    for i in range(n):
+        bits |= keys[i]
+    while kbits < 64 and (bits >> kbits) != 0:
+        kbits += 1
+    while ibits < 63 and (<uint64_t>(n - 1) >> ibits) != 0:
+        ibits += 1
+    if kbits + ibits <= 64:
+        return _radix_argsort_packed(keys, n, perm, sorted_keys, kbits, ibits)
     cdef uint64_t *k1 = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef uint64_t *k2 = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef Py_ssize_t *i2 = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
@@ -207,8 +274,7 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
     cdef Py_ssize_t *ti
     cdef Py_ssize_t *c
     cdef uint64_t *tk
-    cdef Py_ssize_t i, tot, x
-    cdef uint64_t bits = 0, k
+    cdef Py_ssize_t tot, x
     cdef int shift, d, p, npass = 0
     if k1 == NULL or k2 == NULL or i2 == NULL or cnt == NULL:
         free(k1)
@@ -217,8 +283,6 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
         free(cnt)
         with gil:
             raise MemoryError("RangeMap: out of memory sorting keys")
-    for i in range(n):
-        bits |= keys[i]
     while npass < 8 and (bits >> (8 * npass)) != 0:
         npass += 1
     memset(cnt, 0, 8 * 256 * sizeof(Py_ssize_t))
@@ -259,20 +323,27 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
     return 0
 
 
-cdef bint _disjoint_in_order(const uint64_t *S, const uint64_t *E, const Py_ssize_t *P,
-                             Py_ssize_t n) noexcept nogil:
-    """True if applying the ranges in the stable start order ``P`` equals array order.
+cdef bint _disjoint_in_order(const uint64_t *S, const uint64_t *E, Py_ssize_t n) noexcept nogil:
+    """True if applying the ranges ``S/E`` (sorted stably by start) equals array order.
 
-    That holds when, in start order, each range ends at or before the next one starts or is
-    exactly the same range (equal ranges keep their array order: later still wins).
+    That holds when each range ends at or before the next one starts or is exactly the same
+    range (equal ranges keep their array order: later still wins).
     """
-    cdef Py_ssize_t i, p, q
+    cdef Py_ssize_t i
     for i in range(n - 1):
-        p = P[i]
-        q = P[i + 1]
-        if E[p] > S[q] and not (S[p] == S[q] and E[p] == E[q]):
+        if E[i] > S[i + 1] and not (S[i] == S[i + 1] and E[i] == E[i + 1]):
             return False
     return True
+
+
+cdef void _gather(const uint64_t *src, const Py_ssize_t *P, uint64_t *dst,
+                  Py_ssize_t n) noexcept nogil:
+    """``dst[j] = src[P[j]]``: independent loads, prefetched a few iterations ahead."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        if j + 16 < n:
+            __builtin_prefetch(&src[P[j + 16]])
+        dst[j] = src[P[j]]
 
 
 cdef struct Cursor:
@@ -1141,30 +1212,27 @@ cdef class RangeMap:
     # -- bulk merge and bulk load ----------------------------------------------------------
 
     cdef int _merge_runs(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
-                         const Py_ssize_t *P, Py_ssize_t m, Builder *out) noexcept nogil:
-        """Stream the stored runs merged with ranges given in start order ``P`` into ``out``.
+                         Py_ssize_t m, Builder *out) noexcept nogil:
+        """Stream the stored runs merged with ranges sorted stably by start into ``out``.
 
         The ranges must be pairwise disjoint or identical (``_disjoint_in_order``); of identical
-        ranges the last in ``P`` wins, as in array order. Input overrides stored runs where
+        ranges the last wins, as in array order. Input overrides stored runs where
         they overlap; ``out`` coalesces and drops the default. O(len(self) + m); -1 on ENOMEM.
         """
         cdef Cursor c
         cdef uint64_t s, e, v
-        cdef Py_ssize_t j, p, q
+        cdef Py_ssize_t j
         c.lf = self.first_leaf
         c.i = 0
         _cur_load(&c)
         for j in range(m):
-            p = P[j]
-            s = S[p]
-            e = E[p]
-            v = V[p]
+            s = S[j]
+            e = E[j]
+            v = V[j]
             if s >= e:
                 continue
-            if j + 1 < m:
-                q = P[j + 1]
-                if S[q] == s and E[q] == e:
-                    continue        # an identical later range overrides this one
+            if j + 1 < m and S[j + 1] == s and E[j + 1] == e:
+                continue            # an identical later range overrides this one
             # stored runs before s, and the head of one that reaches into [s, e)
             while c.have and c.r.start < s:
                 if _b_emit(out, c.r.start, c.r.end if c.r.end < s else s, c.r.value) < 0:
@@ -1259,11 +1327,11 @@ cdef class RangeMap:
             raise MemoryError("RangeMap: out of memory building the tree")
 
     cdef int _assign_merged(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
-                            const Py_ssize_t *P, Py_ssize_t m) except -1 nogil:
+                            Py_ssize_t m) except -1 nogil:
         """assign_many's merge path: one pass over stored runs and ranges into a fresh tree."""
         cdef Builder b
         _b_init(&b, self.leaf_cap, self.dflt)
-        if self._merge_runs(S, E, V, P, m, &b) == 0 and _b_finish(&b) == 0:
+        if self._merge_runs(S, E, V, m, &b) == 0 and _b_finish(&b) == 0:
             return self._adopt(&b)
         _b_free(&b)
         with gil:
@@ -1773,7 +1841,10 @@ cdef inline int _cursor_end(RunCursor *cur) noexcept nogil:
 cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
                                const uint64_t *V, Py_ssize_t n) except -1:
     """``assign(S[i], E[i], V[i])`` for every ``i`` in order; validated before any change."""
-    cdef Py_ssize_t *P
+    cdef Py_ssize_t *P = NULL
+    cdef uint64_t *SS = NULL
+    cdef uint64_t *ES = NULL
+    cdef uint64_t *VS = NULL
     cdef bint ordered
     cdef Py_ssize_t i
     for i in range(n):
@@ -1785,35 +1856,43 @@ cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
     m.bulk_writer = True
     try:
         if n >= 64:
+            # Sort the ranges by start (stably) and gather them into sorted arrays once, so
+            # that the checks and the merge below read memory in order.
             P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
-            if P == NULL:
+            SS = <uint64_t*>malloc(n * sizeof(uint64_t))
+            ES = <uint64_t*>malloc(n * sizeof(uint64_t))
+            VS = <uint64_t*>malloc(n * sizeof(uint64_t))
+            if P == NULL or SS == NULL or ES == NULL or VS == NULL:
                 raise MemoryError("RangeMap.assign_many: out of memory")
-            try:
+            with nogil:
+                _radix_argsort(S, n, P, SS)
+                _gather(E, P, ES, n)
+                _gather(V, P, VS, n)
+                ordered = _disjoint_in_order(SS, ES, n)
+            if ordered and 4 * n >= m.count:
+                # Many ranges: one merge pass with the stored runs, then a fresh tree.
                 with nogil:
-                    _radix_argsort(S, n, P, NULL)
-                    ordered = _disjoint_in_order(S, E, P, n)
-                if ordered and 4 * n >= m.count:
-                    # Many ranges: one merge pass with the stored runs, then a fresh tree.
-                    with nogil:
-                        m._assign_merged(S, E, V, P, n)
-                elif ordered:
-                    # Few ranges into a big map: same result as array order (no partial
-                    # overlaps), and consecutive descents share their cache-hot path.
-                    with nogil:
-                        for i in range(n):
-                            m._assign_c(S[P[i]], E[P[i]], V[P[i]])
-                else:
-                    with nogil:
-                        for i in range(n):
-                            m._assign_c(S[i], E[i], V[i])
-            finally:
-                free(P)
+                    m._assign_merged(SS, ES, VS, n)
+            elif ordered:
+                # Few ranges into a big map: same result as array order (no partial
+                # overlaps), and consecutive descents share their cache-hot path.
+                with nogil:
+                    for i in range(n):
+                        m._assign_c(SS[i], ES[i], VS[i])
+            else:
+                with nogil:
+                    for i in range(n):
+                        m._assign_c(S[i], E[i], V[i])
         else:
             with nogil:
                 for i in range(n):
                     m._assign_c(S[i], E[i], V[i])
     finally:
         m.bulk_writer = False
+        free(P)
+        free(SS)
+        free(ES)
+        free(VS)
     return 0
 
 
