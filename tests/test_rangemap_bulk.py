@@ -91,3 +91,46 @@ def test_merge_into_empty_map_packs_leaves(n):
     assert len(m) == n
     if n >= 70_000:
         assert m.nbytes < 18 * n + 256 * 1024
+
+
+@st.composite
+def keys_at_the_packing_boundary(draw):
+    """Unsorted keys (with repeats) whose width puts key + index just inside or outside one word.
+
+    The bulk calls radix-sort ``key << index_bits | index`` in one word when the key's
+    significant bits plus the index's fit in 64, and keys and indices separately otherwise.
+    """
+    n = draw(st.integers(64, 300))
+    index_bits = (n - 1).bit_length()
+    key_bits = draw(st.sampled_from([64 - index_bits, 65 - index_bits, 28, 64]))
+    top = 1 << (key_bits - 1)       # the highest bit is set on one key, so the width is exact
+    keys = draw(st.lists(st.integers(0, (1 << key_bits) - 1), min_size=n - 1, max_size=n - 1))
+    keys.append(top | draw(st.integers(0, top - 1)))
+    keys += draw(st.lists(st.sampled_from(keys), max_size=n // 4))   # repeated keys
+    return draw(st.permutations(keys))
+
+
+@given(keys_at_the_packing_boundary(), st.data())
+def test_get_many_unsorted_keys_either_sort(keys, data):
+    """get_many of unsorted keys equals get() per key, on both sides of the packing limit."""
+    m = pkvm.RangeMap(_fanout=8)
+    for k in data.draw(st.lists(st.sampled_from(keys), max_size=60)):
+        end = min(k + data.draw(st.integers(1, 3)), 2**64 - 1)
+        m.assign(k, end, data.draw(st.sampled_from(VALUES)))
+    got = m.get_many(np.array(keys, dtype=np.uint64))
+    assert got.tolist() == [m.get(k) for k in keys]
+
+
+@given(keys_at_the_packing_boundary(), st.data())
+def test_assign_many_one_key_ranges_either_sort(keys, data):
+    """One-key toggles (repeats: the last wins) equal sequential assigns, both sort paths."""
+    keys = [k for k in keys if k < 2**64 - 1]
+    values = data.draw(st.lists(st.sampled_from(VALUES), min_size=len(keys), max_size=len(keys)))
+    got = pkvm.RangeMap(_fanout=8)
+    want = DictRangeMap()
+    arr = np.array(keys, dtype=np.uint64)
+    got.assign_many(arr, arr + np.uint64(1), np.array(values, dtype=np.uint64))
+    for k, v in zip(keys, values, strict=True):
+        want.assign(k, k + 1, v)
+    got._check()
+    assert got.ranges() == want.ranges()
