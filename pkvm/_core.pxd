@@ -114,6 +114,8 @@ cdef class RangeMap:
     cdef Run _run_at_c(self, uint64_t key) noexcept nogil
     cdef Run _next_run_c(self, uint64_t key) noexcept nogil
     cdef void _get_sorted(self, const uint64_t *keys, uint64_t *out, Py_ssize_t n) noexcept nogil
+    cdef void _get_walk(self, const uint64_t *keys, int shift, uint64_t mask, uint64_t *out,
+                        Py_ssize_t n) noexcept nogil
 
     # -- internals ---------------------------------------------------------------------------
     cdef Leaf *_descend(self, uint64_t key, Path *path) noexcept nogil

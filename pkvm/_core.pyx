@@ -190,20 +190,38 @@ cdef inline int _make_reps(bint have, Run f, Run g, uint64_t s, uint64_t e, uint
     return m
 
 
-cdef int _radix_argsort_packed(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
-                               uint64_t *sorted_keys, int kbits, int ibits) except -1 nogil:
-    """``_radix_argsort`` when a key and its index fit in one word together.
+cdef int _pack_widths(const uint64_t *keys, Py_ssize_t n, int *kbits, int *ibits) noexcept nogil:
+    """The significant bits of the largest key and of the largest index; 1 if they fit in a
+    64-bit word together (then ``_radix_sort_packed`` applies)."""
+    cdef uint64_t bits = 0
+    cdef Py_ssize_t i
+    cdef int kb = 0, ib = 0
+    for i in range(n):
+        bits |= keys[i]
+    while kb < 64 and (bits >> kb) != 0:
+        kb += 1
+    while ib < 63 and (<uint64_t>(n - 1) >> ib) != 0:
+        ib += 1
+    kbits[0] = kb
+    ibits[0] = ib
+    return kb + ib <= 64
 
-    Each element is ``key << ibits | index``, so a pass moves one word instead of a key and an
-    index (half the scatter traffic, half the scratch memory); only the key's digits are
-    sorted on, and ties keep index order because LSD passes are stable.
+
+cdef uint64_t *_radix_sort_packed(const uint64_t *keys, Py_ssize_t n, int kbits,
+                                  int ibits) except NULL nogil:
+    """The words ``key << ibits | index`` of ``keys``, sorted by key (ties in index order).
+
+    A radix pass moves one word instead of a key and an index (half the scatter traffic and
+    scratch memory of ``_radix_argsort``); only the key's digits are sorted on, and ties keep
+    index order because LSD passes are stable. ``kbits + ibits <= 64`` (``_pack_widths``).
+    The caller frees the result.
     """
     cdef uint64_t *a = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef uint64_t *b = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef Py_ssize_t *cnt = <Py_ssize_t*>malloc(8 * 256 * sizeof(Py_ssize_t))
     cdef Py_ssize_t *c
     cdef uint64_t *t
-    cdef uint64_t w, mask = ((<uint64_t>1) << ibits) - 1      # ibits <= 63
+    cdef uint64_t w
     cdef Py_ssize_t i, tot, x
     cdef int shift, d, p, npass = (kbits + 7) // 8
     if a == NULL or b == NULL or cnt == NULL:
@@ -234,15 +252,9 @@ cdef int _radix_argsort_packed(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *p
         t = a
         a = b
         b = t
-    for i in range(n):
-        perm[i] = <Py_ssize_t>(a[i] & mask)
-    if sorted_keys != NULL:
-        for i in range(n):
-            sorted_keys[i] = a[i] >> ibits
-    free(a)
     free(b)
     free(cnt)
-    return 0
+    return a
 
 
 cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
@@ -251,21 +263,16 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
 
     ``sorted_keys`` (optional, may be NULL) receives ``keys`` in that order.
 
-    One read pass builds every digit's histogram; digits no key uses are skipped, so GFN-sized
+    The general case; keys and indices that fit in one word together take
+    ``_radix_sort_packed``. One read pass builds every digit's histogram; digits no key uses
+    are skipped, so GFN-sized
     keys (< 2**40) take at most five scatter passes; 256 buckets keep the
     scatter's write cursors within the TLB's reach. O(n) time, 4n words of scratch memory.
     """
     cdef uint64_t bits = 0, k
     cdef Py_ssize_t i
-    cdef int kbits = 0, ibits = 0
     for i in range(n):
         bits |= keys[i]
-    while kbits < 64 and (bits >> kbits) != 0:
-        kbits += 1
-    while ibits < 63 and (<uint64_t>(n - 1) >> ibits) != 0:
-        ibits += 1
-    if kbits + ibits <= 64:
-        return _radix_argsort_packed(keys, n, perm, sorted_keys, kbits, ibits)
     cdef uint64_t *k1 = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef uint64_t *k2 = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef Py_ssize_t *i2 = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
@@ -344,6 +351,16 @@ cdef void _gather(const uint64_t *src, const Py_ssize_t *P, uint64_t *dst,
         if j + 16 < n:
             __builtin_prefetch(&src[P[j + 16]])
         dst[j] = src[P[j]]
+
+
+cdef void _gather_packed(const uint64_t *src, const uint64_t *W, uint64_t mask, uint64_t *dst,
+                         Py_ssize_t n) noexcept nogil:
+    """``dst[j] = src[W[j] & mask]`` (``W`` from ``_radix_sort_packed``), prefetched ahead."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        if j + 16 < n:
+            __builtin_prefetch(&src[W[j + 16] & mask])
+        dst[j] = src[W[j] & mask]
 
 
 cdef struct Cursor:
@@ -1185,10 +1202,17 @@ cdef class RangeMap:
         return 1
 
     cdef void _get_sorted(self, const uint64_t *K, uint64_t *O, Py_ssize_t n) noexcept nogil:
-        """Keys mostly ascending: stay in a leaf while the keys belong to it (a finger).
+        """Keys mostly ascending: ``O[i] = get(K[i])`` (see ``_get_walk``)."""
+        self._get_walk(K, 0, 0, O, n)
 
-        Within a leaf the run index only moves forward for ascending keys, so it is advanced
-        by a short scan instead of a fresh binary search.
+    cdef void _get_walk(self, const uint64_t *K, int shift, uint64_t mask, uint64_t *O,
+                        Py_ssize_t n) noexcept nogil:
+        """Answer the keys ``K[i] >> shift``, mostly ascending, in one walk over the leaves.
+
+        Stay in a leaf while the keys belong to it (a finger); within a leaf the run index only
+        moves forward for ascending keys, so it is advanced by a short scan instead of a fresh
+        search. The answer goes to ``O[K[i] & mask]`` if ``mask`` (packed words from
+        ``_radix_sort_packed``) and to ``O[i]`` otherwise.
         """
         cdef Path path
         cdef Leaf *lf = NULL
@@ -1196,7 +1220,7 @@ cdef class RangeMap:
         cdef Py_ssize_t i
         cdef int j = -1
         for i in range(n):
-            k = K[i]
+            k = K[i] >> shift
             if lf == NULL or k >= hi or k < lo:
                 lf = self._descend(k, &path)
                 lo = lf.starts[0] if lf.prev != NULL and lf.n > 0 else 0
@@ -1207,7 +1231,7 @@ cdef class RangeMap:
             else:
                 while j + 1 < lf.n and lf.starts[j + 1] <= k:
                     j += 1
-            O[i] = _val(lf, j) if j >= 0 and k < lf.ends[j] else self.dflt
+            O[K[i] & mask if mask else i] = _val(lf, j) if j >= 0 and k < lf.ends[j] else self.dflt
 
     # -- bulk merge and bulk load ----------------------------------------------------------
 
@@ -1845,7 +1869,9 @@ cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
     cdef uint64_t *SS = NULL
     cdef uint64_t *ES = NULL
     cdef uint64_t *VS = NULL
-    cdef bint ordered
+    cdef bint ordered, packed
+    cdef int kbits, ibits
+    cdef uint64_t mask
     cdef Py_ssize_t i
     for i in range(n):
         if S[i] > E[i]:
@@ -1858,16 +1884,26 @@ cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
         if n >= 64:
             # Sort the ranges by start (stably) and gather them into sorted arrays once, so
             # that the checks and the merge below read memory in order.
-            P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
-            SS = <uint64_t*>malloc(n * sizeof(uint64_t))
+            packed = _pack_widths(S, n, &kbits, &ibits)
+            if not packed:
+                P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+                SS = <uint64_t*>malloc(n * sizeof(uint64_t))
             ES = <uint64_t*>malloc(n * sizeof(uint64_t))
             VS = <uint64_t*>malloc(n * sizeof(uint64_t))
-            if P == NULL or SS == NULL or ES == NULL or VS == NULL:
+            if (not packed and (P == NULL or SS == NULL)) or ES == NULL or VS == NULL:
                 raise MemoryError("RangeMap.assign_many: out of memory")
             with nogil:
-                _radix_argsort(S, n, P, SS)
-                _gather(E, P, ES, n)
-                _gather(V, P, VS, n)
+                if packed:
+                    SS = _radix_sort_packed(S, n, kbits, ibits)
+                    mask = ((<uint64_t>1) << ibits) - 1
+                    _gather_packed(E, SS, mask, ES, n)
+                    _gather_packed(V, SS, mask, VS, n)
+                    for i in range(n):
+                        SS[i] >>= ibits
+                else:
+                    _radix_argsort(S, n, P, SS)
+                    _gather(E, P, ES, n)
+                    _gather(V, P, VS, n)
                 ordered = _disjoint_in_order(SS, ES, n)
             if ordered and 4 * n >= m.count:
                 # Many ranges: one merge pass with the stored runs, then a fresh tree.
@@ -1908,6 +1944,8 @@ cdef int rangemap_get_array(RangeMap m, const uint64_t *K, uint64_t *O,
     cdef Py_ssize_t *P
     cdef uint64_t *SK
     cdef uint64_t *SO
+    cdef uint64_t *W = NULL
+    cdef int kbits, ibits
     _enter_read(m)
     if n == 0:
         return 0
@@ -1922,6 +1960,16 @@ cdef int rangemap_get_array(RangeMap m, const uint64_t *K, uint64_t *O,
                 m._get_sorted(K, O, n)
         finally:
             m.bulk_readers -= 1
+        return 0
+    if _pack_widths(K, n, &kbits, &ibits):
+        m.bulk_readers += 1
+        try:
+            with nogil:
+                W = _radix_sort_packed(K, n, kbits, ibits)
+                m._get_walk(W, ibits, ((<uint64_t>1) << ibits) - 1, O, n)
+        finally:
+            m.bulk_readers -= 1
+            free(W)
         return 0
     P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
     SK = <uint64_t*>malloc(n * sizeof(uint64_t))
