@@ -353,14 +353,37 @@ cdef void _gather(const uint64_t *src, const Py_ssize_t *P, uint64_t *dst,
         dst[j] = src[P[j]]
 
 
-cdef void _gather_packed(const uint64_t *src, const uint64_t *W, uint64_t mask, uint64_t *dst,
-                         Py_ssize_t n) noexcept nogil:
-    """``dst[j] = src[W[j] & mask]`` (``W`` from ``_radix_sort_packed``), prefetched ahead."""
-    cdef Py_ssize_t j
+cdef void _gather_runs(const uint64_t *S, const uint64_t *E, const uint64_t *V, uint64_t *W,
+                       int ibits, uint64_t *ES, uint64_t *VS, Py_ssize_t n) noexcept nogil:
+    """Unpack ``W`` (from ``_radix_sort_packed`` on ``S``) in place into the sorted starts and
+    gather the matching ends and values into ``ES`` and ``VS``.
+
+    The gathers are random reads; when every range has the same length, or every value is the
+    same, the sorted ends or values are computed instead of read (one-key toggles, pages of one
+    size, a scalar value).
+    """
+    cdef uint64_t mask = ((<uint64_t>1) << ibits) - 1
+    cdef uint64_t length = E[0] - S[0], w
+    cdef bint same_length = True, same_value = True
+    cdef Py_ssize_t i, j
+    for i in range(1, n):
+        if E[i] - S[i] != length:
+            same_length = False
+            break
+    for i in range(1, n):
+        if V[i] != V[0]:
+            same_value = False
+            break
     for j in range(n):
         if j + 16 < n:
-            __builtin_prefetch(&src[W[j + 16] & mask])
-        dst[j] = src[W[j] & mask]
+            if not same_length:
+                __builtin_prefetch(&E[W[j + 16] & mask])
+            if not same_value:
+                __builtin_prefetch(&V[W[j + 16] & mask])
+        w = W[j]
+        W[j] = w >> ibits
+        ES[j] = W[j] + length if same_length else E[w & mask]
+        VS[j] = V[0] if same_value else V[w & mask]
 
 
 cdef struct Cursor:
@@ -1895,11 +1918,7 @@ cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
             with nogil:
                 if packed:
                     SS = _radix_sort_packed(S, n, kbits, ibits)
-                    mask = ((<uint64_t>1) << ibits) - 1
-                    _gather_packed(E, SS, mask, ES, n)
-                    _gather_packed(V, SS, mask, VS, n)
-                    for i in range(n):
-                        SS[i] >>= ibits
+                    _gather_runs(S, E, V, SS, ibits, ES, VS, n)
                 else:
                     _radix_argsort(S, n, P, SS)
                     _gather(E, P, ES, n)

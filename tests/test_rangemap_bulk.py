@@ -134,3 +134,33 @@ def test_assign_many_one_key_ranges_either_sort(keys, data):
         want.assign(k, k + 1, v)
     got._check()
     assert got.ranges() == want.ranges()
+
+
+@given(st.data(), st.booleans(), st.booleans())
+def test_assign_many_uniform_lengths_or_values(data, same_length, same_value):
+    """Batches whose lengths or values are all equal (computed, not gathered, once sorted)
+    equal sequential assigns, with or without partial overlaps."""
+    n = data.draw(st.integers(64, 200))
+    starts = data.draw(st.lists(st.integers(0, 4096), min_size=n, max_size=n))
+    if same_length:
+        lengths = [data.draw(st.integers(0, 5))] * n
+    else:
+        lengths = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
+    if same_value:
+        values = [data.draw(st.sampled_from(VALUES))] * n
+    else:
+        values = data.draw(st.lists(st.sampled_from(VALUES), min_size=n, max_size=n))
+    got = pkvm.RangeMap(_fanout=8)
+    want = DictRangeMap()
+    for s, ln, v in data.draw(st.lists(st.tuples(st.integers(0, 4096), st.integers(1, 9),
+                                                 st.sampled_from(VALUES)), max_size=30)):
+        got.assign(s, s + ln, v)
+        want.assign(s, s + ln, v)
+    got.assign_many(np.array(starts, dtype=np.uint64),
+                    np.array([s + ln for s, ln in zip(starts, lengths, strict=True)],
+                             dtype=np.uint64),
+                    np.array(values, dtype=np.uint64))
+    for s, ln, v in zip(starts, lengths, values, strict=True):
+        want.assign(s, s + ln, v)
+    got._check()
+    assert got.ranges() == want.ranges()
