@@ -2,8 +2,11 @@
 
 Usage::
 
-    python3 bench/native_report.py            # full workloads (a few minutes)
-    python3 bench/native_report.py --quick    # a tenth of the operations, for a smoke check
+    PYTHONPATH=$PWD python3 bench/native_report.py          # full workloads (about a minute)
+    PYTHONPATH=$PWD python3 bench/native_report.py --quick  # a tenth of the operations
+
+(from a checkout: ``PYTHONPATH=$PWD`` makes the script import the checkout's build of pkvm, not
+an installed one; the method section prints which one it measured).
 
 Builds ``bench/native/absl_btree.cc`` with ``g++ -O2`` (Abseil's headers: ``apt-get install
 libabsl-dev``), writes the W2/W3 operation sequences of ``rangemap_workloads.py`` (the same
@@ -24,8 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -34,6 +37,8 @@ import time
 
 import numpy as np
 import rangemap_workloads as wl
+
+import pkvm
 from report import method
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "finger walk of the sorted keys; sort time included); every time is the thread's CPU "
         "time (CLOCK_THREAD_CPUTIME_ID, time.thread_time)"
     )
+    print(f"- pkvm imported from {os.path.dirname(os.path.abspath(pkvm.__file__))}")
     print("\n### RangeMap against absl::btree_map, same run\n")
     print(table(ours, native, rss))
     return 0
