@@ -65,6 +65,35 @@ cdef extern from *:
     int pkvm_count_le(const uint64_t *a, int n, uint64_t key) noexcept nogil
     int pkvm_count_lt(const uint64_t *a, int n, uint64_t key) noexcept nogil
 
+cdef extern from *:
+    """
+    /* An exact int's value when it is small and non-negative, without a call: one or two
+       30-bit digits (CPython < 3.12) or a compact int (3.12+, the unstable API made for it).
+       0 means "not that simple": the caller falls back to PyLong_AsUnsignedLongLong. */
+    static inline int pkvm_small_u64(PyObject *o, uint64_t *out) {
+    #if PY_VERSION_HEX < 0x030C0000 && !defined(PYPY_VERSION)
+        PyLongObject *l = (PyLongObject *)o;
+        switch (Py_SIZE(o)) {
+        case 0: *out = 0; return 1;
+        case 1: *out = (uint64_t)l->ob_digit[0]; return 1;
+        case 2: *out = ((uint64_t)l->ob_digit[1] << PyLong_SHIFT) | (uint64_t)l->ob_digit[0];
+                return 1;
+        }
+        return 0;
+    #elif PY_VERSION_HEX >= 0x030C0000 && !defined(PYPY_VERSION)
+        if (PyUnstable_Long_IsCompact((PyLongObject *)o)) {
+            Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject *)o);
+            if (v >= 0) { *out = (uint64_t)v; return 1; }
+        }
+        return 0;
+    #else
+        (void)o; (void)out;
+        return 0;
+    #endif
+    }
+    """
+    bint pkvm_small_u64(object o, uint64_t *out) noexcept
+
 cdef extern from "Python.h":
     # The raw C-API call: it returns (unsigned long long)-1 and sets OverflowError for negative
     # or too-large ints; we turn that into a message that names the argument.
@@ -92,6 +121,8 @@ cdef inline int _u64(object o, str name, uint64_t *out) except -1:
     """Convert ``o`` to a uint64 into ``out``; TypeError/OverflowError name the argument."""
     cdef unsigned long long v
     if _is_exact_int(o):
+        if pkvm_small_u64(o, out):
+            return 0
         v = _as_ull(o)
         if v == <unsigned long long>-1 and PyErr_Occurred() != NULL:
             PyErr_Clear()
