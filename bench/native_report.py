@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import rangemap_workloads as wl
@@ -83,6 +84,53 @@ def build(out_dir: str) -> str:
             )
         raise NativeUnavailable(f"{cxx} failed:\n{done.stderr.strip()}")
     return exe
+
+
+def build_capi(out_dir: str) -> Any:
+    """Compile ``native/w3_capi.pyx`` against this checkout's ``pkvm/*.pxd``; the module, or
+    :class:`NativeUnavailable` (no Cython or no compiler)."""
+    try:
+        from Cython.Build import cythonize
+        from setuptools import Distribution, Extension
+    except ImportError as exc:
+        raise NativeUnavailable(f"Cython is not installed: {exc}") from exc
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pkvm.__file__)))
+    src = os.path.join(out_dir, "w3_capi.pyx")
+    shutil.copy(os.path.join(HERE, "native", "w3_capi.pyx"), src)
+    ext = Extension("w3_capi", [src], extra_compile_args=["-O2"])
+    dist = Distribution(
+        {"ext_modules": cythonize([ext], include_path=[root], quiet=True, build_dir=out_dir)}
+    )
+    cmd = dist.get_command_obj("build_ext")
+    cmd.build_lib = out_dir
+    cmd.build_temp = out_dir
+    try:
+        dist.run_command("build_ext")
+    except Exception as exc:  # a compiler error surfaces as one of several distutils errors
+        raise NativeUnavailable(f"building w3_capi failed: {exc}") from exc
+    sys.path.insert(0, out_dir)
+    try:
+        import w3_capi
+    finally:
+        sys.path.remove(out_dir)
+    return w3_capi
+
+
+def capi_w3_ns(module: Any, data: wl.WorkloadData, rounds: int) -> float:
+    """W3 through the C API: median thread CPU ns per step; checked against the model."""
+    arrays = [np.asarray(x, dtype=np.uint64) for x in data.w3_lists]
+    times = []
+    uniform = -1
+    for _ in range(rounds):
+        m = pkvm.RangeMap()
+        gc.collect()
+        start = time.thread_time()
+        uniform = module.w3(m, *arrays)
+        times.append(time.thread_time() - start)
+    want = data.w3_model[arrays[0].size][0]
+    if uniform != want:
+        raise AssertionError(f"W3 through the C API: {uniform} uniform answers, expected {want}")
+    return statistics.median(times) / arrays[0].size * 1e9
 
 
 def write_inputs(data: wl.WorkloadData, path: str) -> None:
@@ -184,10 +232,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"native_report: skipped, the absl reference is unavailable: {exc}")
             return 0
         native = run_native(exe, data, args.rounds, tmp)
-    ours = rangemap_ns(data, args.rounds)
+        try:
+            capi = capi_w3_ns(build_capi(tmp), data, args.rounds)
+        except NativeUnavailable as exc:
+            print(f"native_report: no C-API row: {exc}", file=sys.stderr)
+            capi = None
+        ours = rangemap_ns(data, args.rounds)
+        floor = thread_time_case(wl.make_case(data, "W3", "floor"), args.rounds)
+        floor_ns = floor / data.ops("W3", "floor") * 1e9
     rss = wl.measure_w2_memory("core", scale)
     print("### Method\n")
-    print(method(args.rounds, scale))
+    for line in method(args.rounds, scale).splitlines():
+        if "SortedRangeMap" in line:
+            line = line.split("; SortedRangeMap")[0]
+        print(line.replace("(time.perf_counter)", "(thread CPU time)"))
     print(
         "- absl::btree_map<uint64_t, {end, value}> (Abseil "
         f"{_absl_version()}), g++ -O2, as a coalesced run map with RangeMap's semantics; "
@@ -200,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- pkvm imported from {os.path.dirname(os.path.abspath(pkvm.__file__))}")
     print("\n### RangeMap against absl::btree_map, same run\n")
     print(table(ours, native, rss))
+    print("\n### W3 split: the core and the Python calls\n")
+    print("| W3, per step | ns | x absl native |\n|---|---:|---:|")
+    absl = native["ns"]["W3"]
+    rows = [("RangeMap from Python (the table above)", ours["W3"])]
+    if capi is not None:
+        rows.append(("RangeMap through the C API (`pkvm.core`), no Python", capi))
+    rows.append(("call floor: the same Python loop, O(1) calls", floor_ns))
+    rows.append(("absl::btree_map, native", absl))
+    for label, ns in rows:
+        print(f"| {label} | {ns:,.1f} | {ns / absl:.2f}× |")
     return 0
 
 
