@@ -33,8 +33,9 @@ cdef extern from *:
         for (size_t off = 0; off < nbytes; off += 64)
             __builtin_prefetch(c + off);
     }
-    /* Rank of key in the ascending a[0:n] (how many elements are <= key, or < key), for
-       n <= 64, in two rounds of independent loads instead of a chain of six dependent ones:
+    /* Rank of key in the ascending a[0:n] (how many elements are <= key, or < key) for a
+       node's n <= 64 keys, in two rounds of independent loads instead of a chain of six
+       dependent ones (correct for any n, linear in n / 8):
        the last key of each full block of 8 says which block holds the boundary (every block
        before it is entirely below the key), then that block's <= 8 keys are counted. */
     static inline int pkvm_count_le(const uint64_t *a, int n, uint64_t key) {
@@ -70,6 +71,9 @@ cdef extern from *:
     /* An exact int's value when it is small and non-negative, without a call: one or two
        30-bit digits (CPython < 3.12) or a compact int (3.12+, the unstable API made for it).
        0 means "not that simple": the caller falls back to PyLong_AsUnsignedLongLong. */
+    #if PY_VERSION_HEX < 0x030B0000 && !defined(PYPY_VERSION)
+    #include "longintrepr.h"    /* PyLongObject's digits (Python.h includes it from 3.11) */
+    #endif
     static inline int pkvm_small_u64(PyObject *o, uint64_t *out) {
     #if PY_VERSION_HEX < 0x030C0000 && !defined(PYPY_VERSION)
         PyLongObject *l = (PyLongObject *)o;
