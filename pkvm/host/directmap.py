@@ -72,6 +72,8 @@ def _up(x: int, size: int) -> int:
 
 
 def _as_int(obj: Any, name: str) -> int:
+    if type(obj) is int:  # the common case, first
+        return obj
     if isinstance(obj, (float, complex, str, bytes)):
         raise TypeError(f"{name} must be an integer, not {type(obj).__name__}")
     try:
@@ -323,7 +325,10 @@ class DirectMap:
             4K/2M or an unaligned 2M range (the kernel's -EINVAL). Nothing changes.
         """
         p, n = self._check_range(pfn, npages)
-        lvl = self._check_level(level, p, n)
+        return self._adjust(p, n, self._check_level(level, p, n))
+
+    def _adjust(self, p: int, n: int, lvl: int) -> int:
+        """:meth:`adjust` of a range and level already checked."""
         if lvl == PG_LEVEL_2M or n == 0:
             return 0
         calls = self._split(p, p + n)
@@ -340,6 +345,10 @@ class DirectMap:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
         """
         p, n = self._check_range(pfn, npages)
+        return self._invalidate(p, n)
+
+    def _invalidate(self, p: int, n: int) -> int:
+        """:meth:`invalidate` of a range already checked."""
         if n == 0:
             return 0
         self._split(p, p + n)
@@ -360,6 +369,10 @@ class DirectMap:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
         """
         p, n = self._check_range(pfn, npages)
+        return self._restore(p, n)
+
+    def _restore(self, p: int, n: int) -> int:
+        """:meth:`restore` of a range already checked."""
         if n == 0:
             return 0
         absent = [(a, b) for a, b, v in self._map.ranges(p, p + n) if v & _ABSENT]
@@ -380,10 +393,10 @@ class DirectMap:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
         p, n = self._check_range(pfn, npages)
-        self._check_level(level, p, n)
+        lvl = self._check_level(level, p, n)
         if self._policy == "split-4k":
-            return self.adjust(p, n, level)
-        return self.invalidate(p, n) if assigned else 0
+            return self._adjust(p, n, lvl)
+        return self._invalidate(p, n) if assigned else 0
 
     def after_rmpupdate(self, pfn: int, npages: int, level: int, *, assigned: bool) -> int:
         """What ``rmpupdate()`` does after RMPUPDATEs that succeeded on ``[pfn, pfn + npages)``.
@@ -398,7 +411,7 @@ class DirectMap:
         self._check_level(level, p, n)
         if self._policy == "split-4k" or assigned:
             return 0
-        return self.restore(p, n)
+        return self._restore(p, n)
 
     # -- invariants ---------------------------------------------------------------------------
 

@@ -254,7 +254,8 @@ class Timeline:
             return
         lk = self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
-            a.held.append((lock, mode, self.now_ns))
+            # self.now_ns, inlined (the hot path: one call per lock taken)
+            a.held.append((lock, mode, int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark))
             a.fast += 1
             lk.stats.acquisitions += 1
             return
@@ -294,12 +295,16 @@ class Timeline:
         if a is None:
             return
         held = a.held
-        for i in range(len(held) - 1, -1, -1):
-            if held[i][0] == lock and held[i][1] == mode:
-                t = held.pop(i)[2]
-                break
+        last = held[-1] if held else None
+        if last is not None and last[0] == lock and last[1] == mode:  # the usual case: LIFO
+            t = held.pop()[2]
         else:
-            raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
+            for i in range(len(held) - 1, -1, -1):
+                if held[i][0] == lock and held[i][1] == mode:
+                    t = held.pop(i)[2]
+                    break
+            else:
+                raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
         if t < 0:
             self._switch(a, (_REL, self._take(a), lock, mode))
             t0 = a.grant_t.pop((lock, mode), None)
@@ -308,7 +313,7 @@ class Timeline:
                               (self.now_ns - t0,))
             return
         a.fast -= 1
-        now = self.now_ns
+        now = int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark  # self.now_ns
         if self.vm._subs is not None:
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write", (now - t,))
         lk = self.locks[lock]
@@ -415,13 +420,15 @@ class Timeline:
 
     def latency_begin(self) -> tuple[int, int]:
         a = self._current
-        return (self.now_ns, a.wait if a is not None else 0)
+        if a is None:
+            return (int(self.env.now - self._t0), 0)
+        return (int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark, a.wait)  # now_ns
 
     def latency_end(self, kind: str, begin: tuple[int, int], n: int = 1) -> None:
         a = self._current
         if a is None:
             return
-        total = self.now_ns - begin[0]
+        total = int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark - begin[0]  # now_ns
         w = a.wait - begin[1]
         d = self.latency[kind]
         log = self.latency_log
