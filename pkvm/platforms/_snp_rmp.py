@@ -48,17 +48,17 @@ def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned:
     sched = vm._sched
     if sched is not None:
         sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
-    cnt = dm._cnt  # the live counters (``dm.counters`` is a copy)
-    splits, unmaps, restores = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
+    before = dict(dm.counters)
     calls: int = getattr(dm, method)(pfn, npages, level, assigned=assigned)
     if not calls:
         if sched is not None:
             sched.release("cpa_lock")
         return 0
+    after = dm.counters
     st = vm._stats
-    splits = cnt["directmap_splits"] - splits
-    unmaps = cnt["directmap_unmaps"] - unmaps
-    restores = cnt["directmap_restores"] - restores
+    splits = after["directmap_splits"] - before["directmap_splits"]
+    unmaps = after["directmap_unmaps"] - before["directmap_unmaps"]
+    restores = after["directmap_restores"] - before["directmap_restores"]
     st["directmap_splits"] += splits
     st["directmap_unmaps"] += unmaps
     st["directmap_restores"] += restores
