@@ -12,6 +12,7 @@ the result's notes. ``replay`` replays a trace the same configuration wrote of a
     python3 bench/workload_results_hash.py                  # print one line per run + the total
     python3 bench/workload_results_hash.py --out before.txt # also write the lines to a file
     python3 bench/workload_results_hash.py --quick          # 1 GiB only (no 64 GiB runs)
+    python3 bench/workload_results_hash.py --workloads balloon,mixed
 
 Compare two trees' outputs with ``diff``: identical files mean identical results. Not part of
 the test run (several minutes); ``tests/test_workload_results.py`` is its fast sibling.
@@ -41,8 +42,8 @@ def result_digest(r: E.Result) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cases(quick: bool) -> list[tuple[str, str, str, int, str]]:
-    """``(workload, platform, policy, vcpus, memory)`` of every run."""
+def cases(quick: bool, only: list[str] | None = None) -> list[tuple[str, str, str, int, str]]:
+    """``(workload, platform, policy, vcpus, memory)`` of every run (of the ``only`` workloads)."""
     out = []
     for wl in E._workloads.WORKLOADS:
         for plat in PLATFORMS:
@@ -55,7 +56,7 @@ def cases(quick: bool) -> list[tuple[str, str, str, int, str]]:
                 for pol in E.PLATFORM_POLICIES[plat]:
                     for n in VCPUS:
                         out.append((wl, plat, pol, n, "64G"))
-    return out
+    return [c for c in out if only is None or c[0] in only]
 
 
 def run_case(wl: str, plat: str, pol: str, n: int, mem: str, tmp: str) -> E.Result:
@@ -75,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the lines to this file")
     ap.add_argument("--quick", action="store_true", help="1 GiB only")
+    ap.add_argument("--workloads", help="comma-separated workloads to run (default: all)")
     args = ap.parse_args(argv)
+    only = args.workloads.split(",") if args.workloads else None
+    unknown = sorted(set(only or ()) - set(E._workloads.WORKLOADS))
+    if unknown:
+        ap.error(f"--workloads: unknown workload {unknown[0]!r} (known: {', '.join(E._workloads.WORKLOADS)})")
     lines: list[str] = []
     total = hashlib.sha256()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for wl, plat, pol, n, mem in cases(args.quick):
+        for wl, plat, pol, n, mem in cases(args.quick, only):
             t = time.perf_counter()
             try:
                 digest = result_digest(run_case(wl, plat, pol, n, mem, tmp))
