@@ -156,3 +156,60 @@ def _fault_calls(
     fault: Callable[[int, int, bool, bool], tuple[int, Any]], out: list[Any],
 ) -> None:
     """One nested page fault per element; appends each result to ``out``."""
+
+# -- the nested page fault's objects (pkvm/_fault.pxi) --------------------------------------------
+
+from typing import Any, ClassVar
+
+@disjoint_base
+class PageFault:
+    """``struct kvm_page_fault``, widened to a batch of identical faults ``[gfn, end)``."""
+
+    gfn: int
+    limit: int
+    end: int
+    private_access: bool
+    is_private: bool
+    write: bool
+    mmu_seq: int
+    slot: Any
+    delta: int
+    max_level: int
+    map_writable: bool
+    level: int
+    ret: str
+    errno: int
+    memory_fault: tuple[int, int, int] | None
+    nfaults: int
+    host_level: int
+    single: bool
+    order: int
+    prefetch: bool
+    attr: int
+    def __init__(self, gfn: int, limit: int, private: bool, write: bool, prefetch: bool = False) -> None: ...
+
+@disjoint_base
+class FaultResult:
+    """Outcome of ``Vcpu.page_fault`` (immutable, hashable, compared by value)."""
+
+    __match_args__: ClassVar[tuple[str, ...]]
+    @property
+    def ret(self) -> str: ...
+    @property
+    def level(self) -> int | None: ...
+    @property
+    def pfn(self) -> int | None: ...
+    @property
+    def exit_reason(self) -> int | None: ...
+    @property
+    def memory_fault(self) -> tuple[int, int, int] | None: ...
+    @property
+    def errno(self) -> int | None: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def loop(self) -> str | None: ...
+    def __init__(self, ret: str, level: int | None = None, pfn: int | None = None,
+                 exit_reason: int | None = None, memory_fault: tuple[int, int, int] | None = None,
+                 errno: int | None = None, retries: int = 0, loop: str | None = None) -> None: ...
+    def __hash__(self) -> int: ...

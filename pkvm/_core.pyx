@@ -2059,4 +2059,5 @@ def _rangemap_from_runs(default, starts, ends, values):
     return m
 
 include "_rmp.pxi"
+include "_fault.pxi"
 include "_batch.pxi"

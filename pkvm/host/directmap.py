@@ -393,7 +393,11 @@ class DirectMap:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
         p, n = self._check_range(pfn, npages)
-        lvl = self._check_level(level, p, n)
+        return self._before_rmpupdate(p, n, self._check_level(level, p, n), assigned)
+
+    def _before_rmpupdate(self, p: int, n: int, lvl: int, assigned: bool) -> int:
+        """:meth:`before_rmpupdate` on checked arguments (the SNP wrappers' internal entry:
+        their pfns come from the host allocator, which hands out RAM only)."""
         if self._policy == "split-4k":
             return self._adjust(p, n, lvl)
         return self._invalidate(p, n) if assigned else 0
@@ -408,7 +412,10 @@ class DirectMap:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
         p, n = self._check_range(pfn, npages)
-        self._check_level(level, p, n)
+        return self._after_rmpupdate(p, n, self._check_level(level, p, n), assigned)
+
+    def _after_rmpupdate(self, p: int, n: int, lvl: int, assigned: bool) -> int:
+        """:meth:`after_rmpupdate` on checked arguments."""
         if self._policy == "split-4k" or assigned:
             return 0
         return self._restore(p, n)

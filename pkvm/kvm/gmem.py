@@ -361,15 +361,15 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
 
     slot = f.slot
     gfn = f.gfn
-    gmem = slot.gmem  # type: ignore[union-attr]
+    gmem = slot.gmem
     if gmem is None:
         memory_fault_exit(f, errno.EFAULT)  # private access to a slot without guest_memfd
         return gfn + 1
-    if slot.gmem_file is None:  # type: ignore[union-attr]
+    if slot.gmem_file is None:
         memory_fault_exit(f, errno.EFAULT)  # the file was closed
         return gfn + 1
-    index = gfn - slot.base_gfn + slot.gmem_pgoff  # type: ignore[union-attr]
-    if gmem.bindings.get(index) != slot.key + 1:  # type: ignore[union-attr]
+    index = gfn - slot.base_gfn + slot.gmem_pgoff
+    if gmem.bindings.get(index) != slot.key + 1:
         memory_fault_exit(f, errno.EIO)
         return gfn + 1
     policy = vm._policy

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, cast
 
+from pkvm._core import FaultResult as FaultResult  # the typed core's light result object
 from pkvm._core import RangeMap
 from pkvm.constants import (
     KVM_EXIT_MEMORY_FAULT,
@@ -460,28 +461,6 @@ def _post_partial_chunk(amap: RangeMap, lp: LpageInfo, g: int, level: int, attrs
 
 
 @dataclass(frozen=True, slots=True)
-class FaultResult:
-    """Outcome of ``Vcpu.page_fault``.
-
-    ``ret`` is ``"fixed"``, ``"retry"``, ``"spurious"``, ``"emulate"`` or ``"exit"`` (a
-    negative return from ``KVM_RUN``: ``errno`` says which; ``exit_reason`` is
-    ``KVM_EXIT_MEMORY_FAULT`` when ``memory_fault = (gpa, size, flags)`` was filled in).
-    ``level``/``pfn`` describe the installed (or already present) leaf. ``"rmp_loop"`` /
-    ``"retry_loop"``: a step the kernel retries until another thread acts gave up after
-    ``retries`` attempts (``pkvm.constants.RETRY_LIMIT``); ``loop`` names the step.
-    """
-
-    ret: str
-    level: int | None = None
-    pfn: int | None = None
-    exit_reason: int | None = None
-    memory_fault: tuple[int, int, int] | None = None
-    errno: int | None = None
-    retries: int = 0
-    loop: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class AccessResult:
     """Outcome of ``Vcpu.access``: ``pages_done`` pages completed, ``faults`` faults taken.
 
@@ -602,12 +581,12 @@ def _clip_to_lpage_runs(slot: Memslot, gfn: int, end: int) -> int:
 def max_mapping_level(vm: VM, f: PageFault) -> int:
     """``kvm_mmu_max_mapping_level`` + the skips of ``kvm_mmu_hugepage_adjust`` (§3.5)."""
     slot = f.slot
-    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:  # type: ignore[union-attr]
+    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         return PG_LEVEL_4K
     top = f.max_level if f.is_private else PG_LEVEL_1G
     if top == PG_LEVEL_4K:
         return PG_LEVEL_4K
-    lp = slot.lpage  # type: ignore[union-attr]
+    lp = slot.lpage
     level = top
     while level > PG_LEVEL_4K and lp.word(f.gfn, level):
         level -= 1

@@ -42,23 +42,29 @@ def _split_2m_runs(start: int, end: int) -> list[tuple[int, int, int]]:
 
 
 def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned: bool) -> int:
-    """Run one direct-map dispatcher and account its counters; returns its CPA calls."""
+    """Run one direct-map dispatcher (``"before_rmpupdate"`` or ``"after_rmpupdate"``) and
+    account its counters; returns its CPA calls. The pfns come from the host allocator (RAM)
+    and the level from the RMP wrappers, so the dispatcher's own argument checks are skipped."""
     snp = vm.snp  # type: ignore[attr-defined]
     dm = snp.directmap
     sched = vm._sched
     if sched is not None:
         sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
-    before = dict(dm.counters)
-    calls: int = getattr(dm, method)(pfn, npages, level, assigned=assigned)
+    cnt = dm._cnt
+    s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
+    calls: int
+    if method == "before_rmpupdate":
+        calls = dm._before_rmpupdate(pfn, npages, level, assigned)
+    else:
+        calls = dm._after_rmpupdate(pfn, npages, level, assigned)
     if not calls:
         if sched is not None:
             sched.release("cpa_lock")
         return 0
-    after = dm.counters
     st = vm._stats
-    splits = after["directmap_splits"] - before["directmap_splits"]
-    unmaps = after["directmap_unmaps"] - before["directmap_unmaps"]
-    restores = after["directmap_restores"] - before["directmap_restores"]
+    splits = cnt["directmap_splits"] - s0
+    unmaps = cnt["directmap_unmaps"] - u0
+    restores = cnt["directmap_restores"] - r0
     st["directmap_splits"] += splits
     st["directmap_unmaps"] += unmaps
     st["directmap_restores"] += restores
@@ -67,7 +73,7 @@ def _directmap(vm: VM, method: str, pfn: int, npages: int, level: int, assigned:
         vm._charge("directmap_split", splits)
     # A kernel-range TLB flush per set_memory_4k call (split-4k), per RMPUPDATE wrapper call
     # that unmapped or restored pages (unmap-restore: the _noflush helpers, one flush after).
-    if dm.policy == "split-4k":
+    if dm._policy == "split-4k":
         flushes = calls
     else:
         flushes = (npages >> 9 if level == PG_LEVEL_2M else npages) if unmaps or restores else 0
