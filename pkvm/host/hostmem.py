@@ -238,15 +238,22 @@ class SharedBacking:
         a = start >> order
         b = (end + (1 << order) - 1) >> order
         todo = self._unpopulated_blocks(a, b)
-        units = sum(y - x for x, y in todo)
-        if not units:
+        if not todo:
             return 0
-        if not self._mem.can_alloc(units, order):
+        units = todo[0][1] - todo[0][0] if len(todo) == 1 else sum(y - x for x, y in todo)
+        # One run of blocks is one alloc call, which allocates all or nothing: no need to plan
+        # it twice. Several runs are checked first, so that ENOMEM populates nothing.
+        if len(todo) > 1 and not self._mem.can_alloc(units, order):
             raise KvmError(errno.ENOMEM, f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})")
         m = self._map
         for x, y in todo:
             blk = x
-            for pfn, n in self._mem.alloc(y - x, order):
+            try:
+                plan = self._mem.alloc(y - x, order)
+            except KvmError:
+                raise KvmError(errno.ENOMEM,
+                               f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})") from None
+            for pfn, n in plan:
                 hva = blk << order
                 m.assign(hva, hva + n, 1 | encode_delta(pfn - hva))
                 blk += n >> order

@@ -196,7 +196,8 @@ class GuestMemfd:
                 the failing one are allocated, as ``kvm_gmem_get_folio`` calls one at a time.
         """
         vm = self._vm
-        hit = vm._inject.take("gmem_folio_alloc", count) if vm._inject.armed("gmem_folio_alloc") else None
+        inject = vm._inject
+        hit = inject.take("gmem_folio_alloc", count) if inject._armed and inject.armed("gmem_folio_alloc") else None
         if hit is not None:
             if hit[0]:
                 self._alloc_folios(index, hit[0], order, prepared)
@@ -376,7 +377,7 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     folios = gmem.folios
     s, e, v = folios.run_at(index)
     if (f.single or (v and folio_order(v)) or (not v and policy.gmem_max_order)
-            or vm._inject.armed_any("gmem_folio_alloc", "set_memory")):  # one fault at a time
+            or (vm._inject._armed and vm._inject.armed_any("gmem_folio_alloc", "set_memory"))):  # one fault at a time
         end = gfn + 1
         f.single = True
     else:

@@ -219,15 +219,17 @@ class Mmu:
         new leaf's block (a page table the huge leaf replaces) are dropped, which needs a TLB
         flush, as does overwriting a present leaf (``tdp_mmu_map_handle_target_level``).
         """
-        self.split_to(gfn, level)
         m = self.sptes
-        n = 1 << LEVEL_SHIFT[level]
-        base = gfn & ~(n - 1)
         old = m.get(gfn)
+        if old and spte_level(old) > level:
+            self.split_to(gfn, level)
+            old = m.get(gfn)
         if old == value:
             return True, False
+        n = 1 << LEVEL_SHIFT[level]
+        base = gfn & ~(n - 1)
         flush = False
-        if m.find_ne(base, base + n, 0) != -1:
+        if old or (n > 1 and m.find_ne(base, base + n, 0) != -1):
             flush = True
             dropped = self._drop_leaves(base, base + n)
             # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
@@ -484,13 +486,20 @@ class AccessResult:
 
 
 def fault_begin(vm: VM, f: PageFault) -> None:
-    """Entry (§4.2 steps 1-2): compute ``is_private`` and try the fast path."""
-    attr_private = bool(vm._attrs.get(f.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    """Entry (§4.2 steps 1-2): compute ``is_private`` and try the fast path.
+
+    The gfn's attribute word is read once, here, into ``f.attr``: :func:`faultin_pfn` runs
+    right after this phase in both drivers (nothing can change the attributes in between:
+    the timeline only yields inside the pfn lookup), so its mismatch check reads the same
+    value the kernel's second ``kvm_mem_is_private`` would."""
+    gfn = f.gfn
+    f.attr = attr = vm._attrs.get(gfn)
+    attr_private = bool(attr & KVM_MEMORY_ATTRIBUTE_PRIVATE)
     if vm._policy.private_fault_source == "attributes":
         f.is_private = attr_private
     else:
-        f.is_private = bool(vm._platform.fault_is_private(vm, f.gfn, f.private_access))
-    v = vm._mmu.sptes.get(f.gfn)
+        f.is_private = bool(vm._platform.fault_is_private(vm, gfn, f.private_access))
+    v = vm._mmu.sptes.get(gfn)
     if v:
         f.single = True
         # page_fault_can_be_fast: never on a private/shared mismatch of a private-mem VM; for
@@ -509,8 +518,7 @@ def faultin_pfn(vm: VM, f: PageFault) -> None:
     """
     gfn = f.gfn
     f.mmu_seq = vm._stats["mmu_invalidate_seq"]
-    attrs_map = vm._attrs
-    attr_private = bool(attrs_map.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    attr_private = bool(f.attr & KVM_MEMORY_ATTRIBUTE_PRIVATE)  # read by fault_begin
     if f.is_private != attr_private:
         memory_fault_exit(f, errno.EFAULT)
         return
@@ -533,7 +541,7 @@ def faultin_pfn(vm: VM, f: PageFault) -> None:
             return
     end = gfn + 1
     if not f.single:
-        s, e, v = attrs_map.run_at(gfn)
+        s, e, v = vm._attrs.run_at(gfn)
         end = min(f.limit, slot.end_gfn, e, vm._mmu.sptes.run_at(gfn)[1])
     if f.is_private:
 
@@ -586,9 +594,10 @@ def max_mapping_level(vm: VM, f: PageFault) -> int:
     top = f.max_level if f.is_private else PG_LEVEL_1G
     if top == PG_LEVEL_4K:
         return PG_LEVEL_4K
-    lp = slot.lpage
+    maps = slot.lpage.maps  # LpageInfo.word, inlined: one RangeMap.get per level
+    gfn = f.gfn
     level = top
-    while level > PG_LEVEL_4K and lp.word(f.gfn, level):
+    while level > PG_LEVEL_4K and maps[level].get(gfn >> LEVEL_SHIFT[level]):
         level -= 1
     if level == PG_LEVEL_4K:
         return PG_LEVEL_4K
@@ -776,7 +785,7 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
     f = PageFault(gfn, limit, private, write, prefetch)
     if sched is None:
         fault_begin(vm, f)
-        if not f.ret and vm._inject.armed("mmu_topup"):
+        if not f.ret and vm._inject._armed and vm._inject.armed("mmu_topup"):
             _topup(vm, f, gfn)
         if not f.ret:
             faultin_pfn(vm, f)

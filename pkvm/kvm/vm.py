@@ -1215,7 +1215,10 @@ class Vcpu:
             TypeError / ValueError: ``gpa`` is not an int in [0, 2**52 pages), or ``private``
                 / ``write`` are not bools.
         """
-        gfn = _gpa_to_gfn(gpa)
+        if type(gpa) is int and 0 <= gpa < _MAX_GPA:
+            gfn = gpa >> PAGE_SHIFT
+        else:
+            gfn = _gpa_to_gfn(gpa)  # converts an int-like, or raises
         if type(private) is not bool or type(write) is not bool:
             raise TypeError("private and write must be bools")
         if self.vm.vm_dead:
@@ -1396,6 +1399,7 @@ class Vcpu:
 
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses
+_MAX_GPA = _MAX_GFN << PAGE_SHIFT
 #: Re-faults an access makes while an invalidation keeps its gfn stale, in the synchronous driver
 #: (nothing there ends an invalidation but the caller); then it returns ``ret="retry"``.
 _MAX_RETRIES = RETRY_LIMIT  # pkvm.constants: the one bound on retried loops

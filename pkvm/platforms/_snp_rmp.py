@@ -102,7 +102,7 @@ def rmpupdate_range(vm: VM, pfn: int, npages: int, level: int, assigned: bool, g
     before it stay updated (the caller loops page by page, as the kernel does) and the failure
     is counted in ``rmpupdate_failures`` and logged in ``vm.events``.
     """
-    if directmap in ("both", "before") and vm._inject.armed("set_memory"):
+    if vm._inject._armed and directmap in ("both", "before") and vm._inject.armed("set_memory"):
         return _rmpupdate_injected(vm, pfn, npages, level, assigned, gfn, immutable, directmap)
     return _rmpupdate_body(vm, pfn, npages, level, assigned, gfn, immutable, directmap)
 
