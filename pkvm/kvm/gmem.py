@@ -393,15 +393,18 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
         mem = vm._hostmem
         cursor = mem._cursor
         first = index if not order else index & ~((1 << order) - 1)
+        prepared = policy.prepare == "none"
         try:
-            plan = gmem._alloc_folios(first, 1 if order else end - gfn, order, policy.prepare == "none")
+            plan = gmem._alloc_folios(first, 1 if order else end - gfn, order, prepared)
         except KvmError as exc:
             memory_fault_exit(f, exc.errno)
             return gfn + 1
         if not order:
             end = gfn + plan[0][1]
         undo = (first, plan, cursor, order)
-        s, e, v = folios.run_at(index)
+        # The folio now at index: the first pfn run of the plan starts at ``first`` (order 0:
+        # first == index; a large folio: the one block) -- what _alloc_folios just stored.
+        v = _folio_value(plan[0][0] - first, order, prepared)
     order = folio_order(v)
     size = 1 << order
     fi = index & ~(size - 1)

@@ -789,7 +789,9 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
             _topup(vm, f, gfn)
         if not f.ret:
             faultin_pfn(vm, f)
-        if not f.ret:
+        # is_page_fault_stale can only be true with an invalidation open or finished since
+        # the snapshot: skip the call otherwise (most faults).
+        if not f.ret and (vm.mmu_invalidate_in_progress or vm._stats["mmu_invalidate_seq"] != f.mmu_seq):
             fault_is_stale(vm, f)
         if not f.ret:
             fault_install(vm, f)

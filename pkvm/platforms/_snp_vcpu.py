@@ -195,7 +195,7 @@ class SnpVcpu(Vcpu):
         if stop is None or stop[0] != gfn:
             if private and limit > gfn + 1:
                 limit = self._batch_end(gfn, limit, True)
-            return super()._fault(gfn, limit, private, write)
+            return Vcpu._fault(self, gfn, limit, private, write)
         vm = self.vm
         if stop[1] == "vc":
             vm._stats["snp_vc"] += 1

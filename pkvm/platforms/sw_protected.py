@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def sw_protected_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:
     """The reported bit OR the gfn's PRIVATE attribute (the kernel sets the bit from it)."""
-    return private or bool(vm._attrs.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)  # gfn: checked by the caller
+    return private or bool(vm.get_memory_attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
 
 
 OPS = PlatformOps(

@@ -344,6 +344,22 @@ class RefDirectMap:
             return 0
         return self.restore(pfn, npages)
 
+    # The entry points the SNP RMP wrappers call (pkvm.platforms._snp_rmp._directmap): the
+    # checked-argument internals of pkvm.host.directmap.DirectMap and its counters dict.
+    def _before_rmpupdate(self, pfn: int, npages: int, level: int, assigned: bool) -> int:
+        return self.before_rmpupdate(pfn, npages, level, assigned=assigned)
+
+    def _after_rmpupdate(self, pfn: int, npages: int, level: int, assigned: bool) -> int:
+        return self.after_rmpupdate(pfn, npages, level, assigned=assigned)
+
+    @property
+    def _cnt(self) -> dict[str, int]:
+        return self.counters
+
+    @property
+    def _policy(self) -> str:
+        return self.policy
+
     def fragmented_pages(self) -> int:
         return sum(self._PAGES[self.boot[b]] for b in self.fragmented)
 
