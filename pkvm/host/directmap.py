@@ -331,6 +331,8 @@ class DirectMap:
         """:meth:`adjust` of a range and level already checked."""
         if lvl == PG_LEVEL_2M or n == 0:
             return 0
+        if n == 1 and self._map.get(p) & _LEVEL_MASK < PG_LEVEL_2M:
+            return 0  # already mapped at 4K (or unmapped): nothing to split, no CPA call
         calls = self._split(p, p + n)
         self._cnt["directmap_cpa_calls"] += calls
         return calls

@@ -394,6 +394,10 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
         cursor = mem._cursor
         first = index if not order else index & ~((1 << order) - 1)
         prepared = policy.prepare == "none"
+        if not prepared and (order or end == gfn + 1) and not is_implemented(vm._platform.gmem_prepare):
+            # One folio, and no prepare op that could fail: the lookup below would only mark
+            # it prepared (kvm_gmem_mark_prepared), so store it so at once.
+            prepared = True
         try:
             plan = gmem._alloc_folios(first, 1 if order else end - gfn, order, prepared)
         except KvmError as exc:
