@@ -159,9 +159,9 @@ def _fault_calls(
 
 # -- the nested page fault's objects (pkvm/_fault.pxi) --------------------------------------------
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
-@disjoint_base
+@final
 class PageFault:
     """``struct kvm_page_fault``, widened to a batch of identical faults ``[gfn, end)``."""
 
@@ -188,7 +188,7 @@ class PageFault:
     attr: int
     def __init__(self, gfn: int, limit: int, private: bool, write: bool, prefetch: bool = False) -> None: ...
 
-@disjoint_base
+@final
 class FaultResult:
     """Outcome of ``Vcpu.page_fault`` (immutable, hashable, compared by value)."""
 
@@ -213,3 +213,5 @@ class FaultResult:
                  exit_reason: int | None = None, memory_fault: tuple[int, int, int] | None = None,
                  errno: int | None = None, retries: int = 0, loop: str | None = None) -> None: ...
     def __hash__(self) -> int: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...

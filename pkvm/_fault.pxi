@@ -7,6 +7,7 @@
 
 @cython.final
 @cython.freelist(8)
+@cython.auto_pickle(False)
 cdef class PageFault:
     """``struct kvm_page_fault``, widened to a batch of identical faults ``[gfn, end)``.
 

@@ -302,3 +302,31 @@ def test_1tib_convert_and_touch_is_range_compressed():
     assert st["gmem_pages_allocated"] == 1 << 28
     assert len(vm.mmu.sptes) == 1 and len(gmem.folios) == 1
     vm.check()
+
+
+# -- the result object --------------------------------------------------------------------------
+
+
+def test_fault_result_is_an_immutable_value():
+    """FaultResult (a typed-core object since issue 16) keeps the frozen dataclass's contract:
+    keyword and positional construction with the documented defaults, equality and hash by
+    value, read-only fields, pickling, a repr naming every field, and class patterns."""
+    import pickle
+
+    vm, vcpu = shared_vm(4 * MiB)
+    r = vcpu.page_fault(0x5000, private=False)
+    same = pkvm.FaultResult("fixed", r.level, r.pfn)
+    assert r == same and hash(r) == hash(same) and r != pkvm.FaultResult("spurious", r.level, r.pfn)
+    assert r != ("fixed", r.level, r.pfn)  # only another FaultResult compares equal
+    assert (r.exit_reason, r.memory_fault, r.errno, r.retries, r.loop) == (None, None, None, 0, None)
+    assert pickle.loads(pickle.dumps(r)) == r
+    assert repr(pkvm.FaultResult("exit", errno=14)) == (
+        "FaultResult(ret='exit', level=None, pfn=None, exit_reason=None, memory_fault=None, errno=14, "
+        "retries=0, loop=None)")
+    with pytest.raises(AttributeError, match="not writable"):
+        r.ret = "retry"
+    match r:
+        case pkvm.FaultResult("fixed", level, pfn):
+            assert (level, pfn) == (r.level, r.pfn)
+        case _:
+            pytest.fail("a fixed fault must match FaultResult('fixed', level, pfn)")
