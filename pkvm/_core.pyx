@@ -2061,3 +2061,4 @@ def _rangemap_from_runs(default, starts, ends, values):
 include "_rmp.pxi"
 include "_fault.pxi"
 include "_batch.pxi"
+include "_attr.pxi"

@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from pkvm._core import FaultResult as FaultResult  # the typed core's light result object
-from pkvm._core import RangeMap
+from pkvm._core import (
+    RangeMap,
+    _hugepage_has_attrs,
+    _lpage_any_mixed,
+    _lpage_clear_mixed,
+    _mmu_drop_leaves,
+    _mmu_zap_range,
+)
 from pkvm.constants import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -147,14 +154,7 @@ class Mmu:
 
     def _drop_leaves(self, start: int, end: int) -> int:
         """Count and unaccount the leaves inside ``[start, end)`` (which must not cut one)."""
-        st = self._stats
-        n = 0
-        for s, e, v in self.sptes.iter_ranges(start, end):
-            level = spte_level(v)
-            k = (e - s) >> LEVEL_SHIFT[level]
-            st[_STAT_OF_LEVEL[level]] -= k  # type: ignore[index]
-            n += k
-        return n
+        return _mmu_drop_leaves(self.sptes, self._stats, start, end)
 
     def zap_range(self, start: int, end: int, types: int = KVM_VALID_ROOTS,
                   removed: list[tuple[int, int, int]] | None = None) -> int:
@@ -167,31 +167,7 @@ class Mmu:
         also passes ``removed`` to collect the zapped mirror runs ``(start, end, value)``.
         Runtime complexity: O(log n + k) for k runs.
         """
-        m = self.sptes
-        if m.find_ne(start, end, 0) == -1:
-            return 0
-        v = m.get(start)
-        if v and spte_level(v) > PG_LEVEL_4K:
-            start &= ~((1 << LEVEL_SHIFT[spte_level(v)]) - 1)
-        v = m.get(end - 1)
-        if v and spte_level(v) > PG_LEVEL_4K:
-            n = 1 << LEVEL_SHIFT[spte_level(v)]
-            end = (end + n - 1) & ~(n - 1)
-        if removed is None and types & KVM_VALID_ROOTS == KVM_VALID_ROOTS:
-            zapped = self._drop_leaves(start, end)
-            m.assign(start, end, 0)
-        else:
-            zapped = 0
-            for s, e, v in m.ranges(start, end):
-                root = KVM_MIRROR_ROOTS if v & SPTE_PRIVATE else KVM_DIRECT_ROOTS
-                if not types & root:
-                    continue
-                zapped += self._drop_leaves(s, e)
-                m.assign(s, e, 0)
-                if removed is not None and root == KVM_MIRROR_ROOTS:
-                    removed.append((s, e, v))
-        self._stats["zapped_sptes"] += zapped
-        return zapped
+        return _mmu_zap_range(self.sptes, self._stats, start, end, types, removed)
 
     def split_to(self, gfn: int, level: int) -> None:
         """Split the huge leaf containing ``gfn`` until the leaf there is at most ``level``.
@@ -326,20 +302,11 @@ class LpageInfo:
 
     def clear_mixed(self, first: int, last: int, level: int) -> None:
         """Clear MIXED on chunks ``[first, last)`` (chunk numbers, half-open)."""
-        m = self.maps[level]
-        for s, e, v in m.ranges(first, last):
-            if v & KVM_LPAGE_MIXED_FLAG:
-                m.assign(s, e, v & ~KVM_LPAGE_MIXED_FLAG)
+        _lpage_clear_mixed(self.maps[level], first, last)
 
     def any_mixed(self, first: int, last: int, level: int) -> bool:
         """Whether any chunk in ``[first, last)`` is MIXED."""
-        m = self.maps[level]
-        if m.find_ne(first, last, 0) == -1:
-            return False
-        for _s, _e, v in m.ranges(first, last):
-            if v & KVM_LPAGE_MIXED_FLAG:
-                return True
-        return False
+        return _lpage_any_mixed(self.maps[level], first, last)
 
 
 def hugepage_has_attrs(attrs_map: RangeMap, lpage: LpageInfo, gfn: int, level: int, attrs: int) -> bool:
@@ -348,20 +315,7 @@ def hugepage_has_attrs(attrs_map: RangeMap, lpage: LpageInfo, gfn: int, level: i
     2M: every gfn has exactly ``attrs``. 1G: no 2M sub-chunk is MIXED and the *first* gfn of
     every sub-chunk has ``attrs`` (checked per attribute run, so O(log n + k)).
     """
-    if level == PG_LEVEL_2M:
-        return attrs_map.find_ne(gfn, gfn + 512, attrs) == -1
-    first = gfn >> 9
-    if lpage.any_mixed(first, first + 512, PG_LEVEL_2M):
-        return False
-    end = gfn + (1 << 18)
-    k = attrs_map.find_ne(gfn, end, attrs)
-    while k != -1:
-        s, e, v = attrs_map.run_at(k)
-        e = min(e, end)
-        if ((k + 511) & ~511) < e:  # a sub-chunk starts inside this mismatching run
-            return False
-        k = attrs_map.find_ne(e, end, attrs) if e < end else -1
-    return True
+    return _hugepage_has_attrs(attrs_map, lpage.maps[PG_LEVEL_2M], gfn, level, attrs)
 
 
 def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> None:
@@ -369,94 +323,12 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
 
     Per level, 2M first (1G consumes its results): the partially covered head chunk gets
     MIXED := !hugepage_has_attrs(new value), body chunks are cleared, the tail chunk is
-    recomputed. ``set_mixed`` / ``hugepage_has_attrs`` are inlined for speed, and a 1G
-    chunk known to hold a just-MIXED 2M sub-chunk skips its scan (the answer is "not
-    uniform" either way, §3.2).
+    recomputed. A 1G chunk known to hold a just-MIXED 2M sub-chunk skips its scan (the
+    answer is "not uniform" either way, §3.2). The step runs in the typed core
+    (``pkvm/_attr.pxi``). Runtime complexity: O(log n) for a range inside one 2M chunk.
     """
-    lp = slot.lpage
-    maps = lp.maps
-    amap = vm._attrs
-    base, slot_end = slot.base_gfn, slot.end_gfn
-    whole_chunk = vm._whole_chunk
-    MIXED = KVM_LPAGE_MIXED_FLAG
-    g = start & -512
-    if end - g <= 512:
-        # Fast path, same result: the range lies in one 2M chunk, which is therefore the
-        # only 2M chunk touched (head, or body if fully covered), and its 1G chunk is the
-        # only 1G chunk touched (a partially covered head).
-        m = maps[PG_LEVEL_2M]
-        uniform = True
-        if end - start < 512:
-            if g >= base and (not whole_chunk or g + 512 <= slot_end):
-                uniform = amap.find_ne(g, g + 512, attrs) == -1
-                idx = g >> 9
-                v = m.get(idx)
-                nv = (v & ~MIXED) if uniform else (v | MIXED)
-                if nv != v:
-                    m.assign(idx, idx + 1, nv)
-        else:
-            idx = g >> 9
-            v = m.get(idx)
-            if v & MIXED:
-                m.assign(idx, idx + 1, v & ~MIXED)
-        g = start & -(1 << 18)
-        # A 1G head inside the slot implies the 2M head was inside it too, so a MIXED 2M
-        # result above already answers hugepage_has_attrs at 1G.
-        if g >= base and (not whole_chunk or g + (1 << 18) <= slot_end):
-            if uniform:
-                # Shortcuts of the exact §3.2 test: with every sub-chunk word 0, the chunk
-                # is uniform if no gfn differs, and not if a sub-chunk starts differing.
-                k = -2
-                if maps[PG_LEVEL_2M].find_ne(g >> 9, (g >> 9) + 512, 0) == -1:
-                    k = amap.find_ne(g, g + (1 << 18), attrs)
-                if k == -1:
-                    uniform = True
-                elif k >= 0 and not k & 511:
-                    uniform = False
-                else:
-                    uniform = hugepage_has_attrs(amap, lp, g, PG_LEVEL_1G, attrs)
-            m = maps[PG_LEVEL_1G]
-            idx = g >> 18
-            v = m.get(idx)
-            nv = (v & ~MIXED) if uniform else (v | MIXED)
-            if nv != v:
-                m.assign(idx, idx + 1, nv)
-        return
-    mixed_2m: list[int] = []  # 2M chunks found MIXED here: their 1G chunk cannot be uniform
-    for level, shift in ((PG_LEVEL_2M, 9), (PG_LEVEL_1G, 18)):
-        n = 1 << shift
-        m = maps[level]
-        g = start & -n
-        if g != start or g + n > end:  # head chunk, partially covered
-            if g >= base and (not whole_chunk or g + n <= slot_end):
-                _post_partial_chunk(amap, lp, g, level, attrs, mixed_2m)
-            g += n
-        if g + n <= end:  # body: uniform now
-            last = end >> shift
-            if m.find_ne(g >> shift, last, 0) != -1:
-                lp.clear_mixed(g >> shift, last, level)
-            g = last << shift
-        if g < end and g + n <= slot_end:  # tail chunk
-            _post_partial_chunk(amap, lp, g, level, attrs, mixed_2m)
+    vm._attr_path.post_set_mixed(slot, start, end, attrs)
 
-
-def _post_partial_chunk(amap: RangeMap, lp: LpageInfo, g: int, level: int, attrs: int,
-                        mixed_2m: list[int]) -> None:
-    """§3.3 steps 2 and 4: recompute MIXED for one chunk the range covers only partly.
-
-    ``mixed_2m`` collects the 2M chunks found MIXED here (2M runs before 1G): a 1G chunk
-    holding one of them cannot be uniform, which answers §3.2 without reading its sub-chunks.
-    """
-    n = 1 << LEVEL_SHIFT[level]
-    if level == PG_LEVEL_2M:
-        uniform = amap.find_ne(g, g + n, attrs) == -1
-        if not uniform:
-            mixed_2m.append(g)
-    elif any(g <= c < g + n for c in mixed_2m):
-        uniform = False
-    else:
-        uniform = hugepage_has_attrs(amap, lp, g, level, attrs)
-    lp.set_mixed(g, level, not uniform)
 
 # ---------------------------------------------------------------------------------------------
 # The fault path

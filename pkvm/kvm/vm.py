@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import RangeMap
+from pkvm._core import AttrPath, RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -233,6 +233,9 @@ class VM:
         self._mirror = self._platform.has_mirror_root
         self._gfn_limit: int | None = None  # kvm_mmu_max_gfn() + 1 when the platform narrows it
         self._platform.init_vm(self)
+        #: The attribute ioctl's kernel steps over this VM's typed state (pkvm/_attr.pxi); built
+        #: last, once the platform's init has set its costs.
+        self._attr_path = AttrPath(self)
 
     def __repr__(self) -> str:
         return f"<pkvm.VM {self._platform.name} policy={self._policy} slots={len(self._slots)}>"
@@ -489,19 +492,7 @@ class VM:
 
     def _flush_remote_tlbs(self) -> None:
         """``kvm_flush_remote_tlbs``: every request is modelled as sent (vCPUs in guest mode)."""
-        st = self._stats
-        st["remote_tlb_flush_requests"] += 1
-        st["remote_tlb_flush"] += 1
-        n = max(self.nr_vcpus, len(self._vcpus))
-        ns = self._flush_ns.get(n)
-        if ns is None:
-            ns = self._flush_ns[n] = self._cost_model.ns("remote_tlb_flush", nr_vcpus=n)
-        self._cost_ns["remote_tlb_flush"] = self._cost_ns.get("remote_tlb_flush", 0) + ns
-        self._modeled_ns += ns
-        if self._subs is not None:
-            self._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
-        if self._sched is not None:
-            self._sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
+        self._attr_path.flush_remote_tlbs()  # pkvm/_attr.pxi
 
     def _zap(self, start: int, end: int, attr_filter: int = KVM_FILTER_ALL) -> int:
         """``kvm_unmap_gfn_range`` on ``[start, end)``; return the number of leaves zapped.
@@ -511,28 +502,25 @@ class VM:
         through the platform: huge leaves only partly inside the range are split first
         (``split_external_spte``), then every zapped run is removed (``remove_external_spte``).
         """
-        if not self._mirror:
-            n = self._mmu.zap_range(start, end)
-        else:
-            mmu, platform = self._mmu, self._platform
-            types = filter_to_root_types(True, attr_filter)
-            if types & KVM_MIRROR_ROOTS:
-                for g in (start, end - 1):
-                    v = mmu.sptes.get(g)
-                    if v & SPTE_PRIVATE and spte_level(v) > 1:
-                        size = 1 << LEVEL_SHIFT[spte_level(v)]
-                        base = g & -size
-                        if base < start or base + size > end:
-                            platform.split_external_spte(self, g, spte_level(v))
-                            mmu.split_to(g, spte_level(v) - 1)
-            removed: list[tuple[int, int, int]] = []
-            n = mmu.zap_range(start, end, types, removed)
-            for s, e, v in removed:
-                platform.remove_external_spte(self, s, e, spte_level(v), decode_delta(v))
-        if n:
-            self._charge("zap_spte", n)
-        if self._subs is not None:
-            self._emit("zap", start, end, None, n, 0, None, (attr_filter,))
+        return self._attr_path.zap(start, end, attr_filter)
+
+    def _zap_mirror(self, start: int, end: int, attr_filter: int) -> int:
+        """The zap of :meth:`_zap` in a VM with a mirror root, without its accounting."""
+        mmu, platform = self._mmu, self._platform
+        types = filter_to_root_types(True, attr_filter)
+        if types & KVM_MIRROR_ROOTS:
+            for g in (start, end - 1):
+                v = mmu.sptes.get(g)
+                if v & SPTE_PRIVATE and spte_level(v) > 1:
+                    size = 1 << LEVEL_SHIFT[spte_level(v)]
+                    base = g & -size
+                    if base < start or base + size > end:
+                        platform.split_external_spte(self, g, spte_level(v))
+                        mmu.split_to(g, spte_level(v) - 1)
+        removed: list[tuple[int, int, int]] = []
+        n = mmu.zap_range(start, end, types, removed)
+        for s, e, v in removed:
+            platform.remove_external_spte(self, s, e, spte_level(v), decode_delta(v))
         return n
 
     # -- kvm_vm_dead / KVM_BUG_ON --------------------------------------------------------------
@@ -625,38 +613,26 @@ class VM:
                 EDEADLK while a :meth:`begin_set_memory_attributes` ioctl is unfinished.
             TypeError / ValueError: an argument is not an int or does not fit a u64.
         """
-        start, end, attributes = self._attr_check(address, size, attributes, flags)
-        if self._attr_op is not None:
-            self._attr_free()
-        self.attr_ioctls += 1
-        if self._subs is not None:  # traced on entry, before the short-circuit (6.17+)
-            self._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attributes,))
-        if self._sched is not None:
-            self._attr_timeline(self._sched, start, end, attributes)
-            return
-        if self._legacy:
-            self._attr_legacy(start, end, attributes)
-            return
-        if self._attrs.find_ne(start, end, attributes) == -1:
-            return  # §2.7 short-circuit
-        hit = self._inject.take("xa_reserve", end - start) if self._inject.armed("xa_reserve") else None
+        self._attr_path.ioctl(address, size, attributes, flags)
+
+    def _set_attrs_checked(self, start: int, end: int, attributes: int) -> None:
+        """:meth:`set_memory_attributes` after its argument checks, on the gfns ``[start, end)``.
+
+        For callers that validated once at their own boundary (the batched calls): the VM is
+        alive, ``start < end <= 2**52`` and ``attributes`` are supported ones (what
+        :meth:`_attr_check` returns for accepted arguments). Everything else is the ioctl's:
+        EDEADLK while a :meth:`begin_set_memory_attributes` ioctl is unfinished, the call
+        counted and traced, the short-circuit, injected failures, the phases, the timeline.
+        """
+        self._attr_path.checked(start, end, attributes)
+
+    def _attr_xa_reserve(self, start: int, end: int) -> None:
+        """An armed ``xa_reserve`` failure (pkvm.kvm.inject), checked before the PRE zap."""
+        hit = self._inject.take("xa_reserve", end - start)
         if hit is not None:
             # kvm_vm_set_mem_attributes reserves every gfn's xarray slot before the PRE zap: a
             # failed xa_reserve returns before anything changed (reserved slots are invisible).
             raise KvmError(hit[1], f"xa_reserve failed at gfn {start + hit[0]:#x} (injected): nothing changed")
-        maps = self._slot_maps
-        ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
-        if ranges and self._eager_split:
-            self._attr_pre_lock(ranges, attributes)
-        t0 = self._modeled_ns
-        self._attr_pre(ranges, attributes)
-        t1 = self._modeled_ns
-        self._attr_commit(start, end, attributes)  # under slots_lock only
-        t2 = self._modeled_ns
-        self._attr_post(ranges, attributes)
-        self.mmu_lock_ns += t1 - t0 + self._modeled_ns - t2
-        if ranges and self._eager_post:
-            self._attr_post_unlock(ranges, attributes)
 
     def _attr_check(self, address: int, size: int, attributes: int, flags: int) -> tuple[int, int, int]:
         """The ioctl's checks, in the kernel's order; the gfn range and the attributes."""
@@ -790,91 +766,15 @@ class VM:
         partially covered head/tail hugepages that are not MIXED) and zapped. One TLB flush
         covers the phase. Helpers are inlined: this is the ioctl's hot path.
         """
-        if not ranges:
-            return  # no memslot: no lock, no invalidate_begin
-        self.mmu_invalidate_in_progress += 1
-        if self.mmu_invalidate_in_progress == 1:
-            rs = re_ = INVALID_GFN
-        else:
-            rs, re_ = self._range_start, self._range_end
-        guard = self._guard
-        sptes = self._sptes
-        slots = self._slots
-        zapped = 0
-        # §2.5 step 3 (6.14+): zap only the old attribute's mappings; a VM without a mirror root
-        # has one root that holds both kinds, so the filter narrows nothing there.
-        if self._policy.zap_filter == "all":
-            attr_filter = KVM_FILTER_ALL
-        else:
-            attr_filter = KVM_FILTER_SHARED if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE else KVM_FILTER_PRIVATE
-        for s, e, key in ranges:
-            if rs == INVALID_GFN:
-                rs, re_ = s, e
-            else:
-                rs = s if s < rs else rs
-                re_ = e if e > re_ else re_
-            if guard:  # unrolled over 2M (shift 9) and 1G (shift 18)
-                slot = slots[key - 1]
-                maps, base, send = slot.lpage.maps, slot.base_gfn, slot.end_gfn
-                m = maps[PG_LEVEL_2M]
-                hs = s & -512
-                he = (e - 1) & -512
-                if ((hs != s or hs + 512 > e) and hs >= base and hs + 512 <= send
-                        and not m.get(hs >> 9) & KVM_LPAGE_MIXED_FLAG):
-                    rs = hs if hs < rs else rs
-                    re_ = hs + 512 if hs + 512 > re_ else re_
-                if he != hs and he + 512 > e and he + 512 <= send and not m.get(he >> 9) & KVM_LPAGE_MIXED_FLAG:
-                    rs = he if he < rs else rs
-                    re_ = he + 512 if he + 512 > re_ else re_
-                m = maps[PG_LEVEL_1G]
-                hs = s & -262144
-                he = (e - 1) & -262144
-                if ((hs != s or hs + 262144 > e) and hs >= base and hs + 262144 <= send
-                        and not m.get(hs >> 18) & KVM_LPAGE_MIXED_FLAG):
-                    rs = hs if hs < rs else rs
-                    re_ = hs + 262144 if hs + 262144 > re_ else re_
-                if (he != hs and he + 262144 > e and he + 262144 <= send
-                        and not m.get(he >> 18) & KVM_LPAGE_MIXED_FLAG):
-                    rs = he if he < rs else rs
-                    re_ = he + 262144 if he + 262144 > re_ else re_
-            if sptes.find_ne(s, e, 0) != -1:
-                zapped += self._zap(s, e, attr_filter)
-        self._range_start, self._range_end = rs, re_
-        if zapped:
-            self._flush_remote_tlbs()  # flush_on_ret, before the lock is dropped
+        self._attr_path.pre(ranges, attrs)
 
     def _attr_commit(self, start: int, end: int, attrs: int) -> None:
         """The store: one ``xa_store`` per gfn in the kernel, one range assignment here."""
-        n = end - start
-        self._attrs.assign(start, end, attrs)
-        self._stats["attr_stores"] += n
-        ns = self._attr_store_ns * n
-        cost = self._cost_ns
-        cost["attr_store"] = cost.get("attr_store", 0) + ns
-        self._modeled_ns += ns
-        if self._subs is not None:
-            self._emit("charge", start, end, "attr_store", n, ns)
-            self._emit("attr_change", start, end, None, n, 0, None, (attrs,))
+        self._attr_path.commit(start, end, attrs)
 
     def _attr_post(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
         """POST phase: ``invalidate_end`` at lock time, then MIXED recomputation (§3.3)."""
-        if not ranges:
-            return
-        self._stats["mmu_invalidate_seq"] += 1  # kvm_mmu_invalidate_end, the on_lock callback
-        self.mmu_invalidate_in_progress -= 1
-        if self.mmu_invalidate_in_progress < 0:
-            raise InternalInvariantError("mmu_invalidate_in_progress went negative")
-        if self._sched is not None:
-            self._sched.changed()  # spinning faults go on, to wait for mmu_lock
-        locked_op = self._eager_locked
-        slots = self._slots
-        for s, e, key in ranges:
-            slot = slots[key - 1]
-            post_set_mixed(self, slot, s, e, attrs)
-            if locked_op:
-                r = self._platform.set_mem_attr(self, slot, attrs, s, e)
-                if r:
-                    self._op_failed("set_mem_attr", slot, attrs, s, e, r)
+        self._attr_path.post(ranges, attrs)
 
     def _attr_post_unlock(self, ranges: list[tuple[int, int, int]], attrs: int) -> None:
         """After ``mmu_lock`` is dropped: the RFC v8 ``update_mem_attr`` op (§7.7)."""
@@ -1072,35 +972,7 @@ class VM:
         non-empty, does not wrap, and the attributes are supported): the rest of
         :meth:`set_memory_attributes`, statement for statement, for the batched loop
         (``tests/test_batch.py`` holds the two to the same results)."""
-        if self._attr_op is not None:
-            self._attr_free()
-        self.attr_ioctls += 1
-        if self._subs is not None:  # traced on entry, before the short-circuit (6.17+)
-            self._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attributes,))
-        if self._sched is not None:
-            self._attr_timeline(self._sched, start, end, attributes)
-            return
-        if self._legacy:
-            self._attr_legacy(start, end, attributes)
-            return
-        if self._attrs.find_ne(start, end, attributes) == -1:
-            return  # §2.7 short-circuit
-        hit = self._inject.take("xa_reserve", end - start) if self._inject.armed("xa_reserve") else None
-        if hit is not None:
-            raise KvmError(hit[1], f"xa_reserve failed at gfn {start + hit[0]:#x} (injected): nothing changed")
-        maps = self._slot_maps
-        ranges = maps[0].ranges(start, end) if len(maps) == 1 else self._slot_ranges(start, end)
-        if ranges and self._eager_split:
-            self._attr_pre_lock(ranges, attributes)
-        t0 = self._modeled_ns
-        self._attr_pre(ranges, attributes)
-        t1 = self._modeled_ns
-        self._attr_commit(start, end, attributes)  # under slots_lock only
-        t2 = self._modeled_ns
-        self._attr_post(ranges, attributes)
-        self.mmu_lock_ns += t1 - t0 + self._modeled_ns - t2
-        if ranges and self._eager_post:
-            self._attr_post_unlock(ranges, attributes)
+        self._attr_path.checked(start, end, attributes)  # = _set_attrs_checked
 
 
 _EVENT_KINDS = frozenset(EVENT_KINDS)

@@ -1,0 +1,613 @@
+# ---------------------------------------------------------------------------------------------
+# The KVM_SET_MEMORY_ATTRIBUTES path in the typed core (included at the end of _core.pyx)
+# ---------------------------------------------------------------------------------------------
+#
+# The kernel steps of the attribute ioctl (docs/kernel-semantics.md §2.4-§2.8, §3.2-§3.3) over
+# the VM's typed state: the attribute map, the leaf SPTEs and the memslots' lpage_info maps are
+# RangeMaps read and written through the C API, so a 4K conversion makes no Python call and
+# builds no list or tuple on its way. ``pkvm.kvm.vm.VM`` stays the API and keeps the rare
+# paths (the concurrent timeline, the legacy ioctl, injected failures, the platforms' eager
+# hooks, a TDX mirror root's zaps), which call back into it; the phase methods that
+# ``AttrIoctl`` and the timeline drive (``VM._attr_pre`` / ``_attr_commit`` / ``_attr_post``)
+# and ``pkvm.kvm.mmu``'s ``post_set_mixed`` / ``hugepage_has_attrs`` / ``Mmu.zap_range`` are
+# thin wrappers of the functions here: each step has one implementation.
+#
+# The VM's mutable scalars (modeled time, counters, the invalidation range, the subscriber and
+# timeline hooks) stay attributes of the Python VM object: they are read and written here in
+# its instance dict, so the rest of the model sees no difference.
+
+# Kernel and pkvm constants this file needs (pkvm.constants / pkvm.kvm.mmu hold the originals;
+# tests/test_attr_core.py asserts they agree).
+cdef uint64_t _ATTR_PRIVATE = 1ULL << 3        # KVM_MEMORY_ATTRIBUTE_PRIVATE
+cdef uint64_t _LPAGE_MIXED = 1ULL << 31        # KVM_LPAGE_MIXED_FLAG
+cdef uint64_t _SPTE_PRIVATE = 1ULL << 3        # pkvm.kvm.mmu.SPTE_PRIVATE
+cdef int _FILTER_SHARED = 1                    # KVM_FILTER_SHARED
+cdef int _FILTER_PRIVATE = 2                   # KVM_FILTER_PRIVATE
+cdef int _FILTER_ALL = 3                       # KVM_FILTER_ALL
+cdef int _DIRECT_ROOTS = 2                     # KVM_DIRECT_ROOTS
+cdef int _MIRROR_ROOTS = 4                     # KVM_MIRROR_ROOTS
+cdef int _VALID_ROOTS = 6                      # KVM_VALID_ROOTS
+cdef uint64_t _PAGE_MASK = 0xFFF
+cdef uint64_t _INVALID_GFN = 0xFFFFFFFFFFFFFFFFULL
+
+_LEVEL_STAT = (None, "pages_4k", "pages_2m", "pages_1g")
+
+
+cdef inline int _spte_level(uint64_t v) noexcept nogil:
+    return <int>((v >> 1) & 3)
+
+
+cdef inline int _level_shift(int level) noexcept nogil:
+    return 18 if level == 3 else 9 if level == 2 else 0
+
+
+# -- lpage_info (§3.1-§3.3) -----------------------------------------------------------------------
+
+cdef int _any_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
+    """Whether a chunk of ``[first, last)`` has the MIXED bit: the walk stops at the first
+    stored word that has it, so it reads the words before that one only (coalesced runs of
+    plain disallow counts; none in the common case)."""
+    cdef RunCursor cur
+    cdef int ok = rangemap_cursor_init(m, &cur, first, last)
+    while ok == 1:
+        if cur.value & _LPAGE_MIXED:
+            return 1
+        ok = rangemap_cursor_next(m, &cur)
+    return 0
+
+
+cdef int _clear_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
+    """Clear MIXED on the chunks ``[first, last)``."""
+    cdef RunCursor cur
+    cdef int ok = rangemap_cursor_init(m, &cur, first, last)
+    while ok == 1:
+        if cur.value & _LPAGE_MIXED:
+            rangemap_assign(m, cur.start, cur.end, cur.value & ~_LPAGE_MIXED)
+        ok = rangemap_cursor_next(m, &cur)
+    return 0
+
+
+cdef inline int _set_mixed(RangeMap m, uint64_t idx, bint mixed) except -1:
+    cdef uint64_t v = rangemap_get(m, idx)
+    cdef uint64_t nv = (v | _LPAGE_MIXED) if mixed else (v & ~_LPAGE_MIXED)
+    if nv != v:
+        rangemap_assign(m, idx, idx + 1, nv)
+    return 0
+
+
+cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs) except -1:
+    """``hugepage_has_attrs`` for the ``level`` chunk starting at ``gfn`` (§3.2): 2M, every gfn
+    has ``attrs``; 1G, no 2M sub-chunk is MIXED and the first gfn of every sub-chunk has
+    ``attrs`` (read per mismatching attribute run)."""
+    cdef uint64_t k, e, end
+    cdef Run r
+    if level == 2:
+        return not rangemap_find_ne(amap, gfn, gfn + 512, attrs, &k)
+    if _any_mixed(m2, gfn >> 9, (gfn >> 9) + 512):
+        return 0
+    end = gfn + (1ULL << 18)
+    if not rangemap_find_ne(amap, gfn, end, attrs, &k):
+        return 1
+    while True:
+        rangemap_run_at(amap, k, &r)
+        e = r.end if r.end < end else end
+        if ((k + 511) & ~(<uint64_t>511)) < e:  # a sub-chunk starts inside this mismatching run
+            return 0
+        if e >= end or not rangemap_find_ne(amap, e, end, attrs, &k):
+            return 1
+
+
+cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
+                         uint64_t slot_end, bint whole_chunk, uint64_t start, uint64_t end,
+                         uint64_t attrs) except -1:
+    """``kvm_arch_post_set_memory_attributes`` on the slot-clipped ``[start, end)`` (§3.3).
+
+    Per level, 2M first (1G reuses its results): the partially covered head chunk gets
+    MIXED := !hugepage_has_attrs(new value), body chunks are cleared, the tail chunk is
+    recomputed. A 1G chunk known to hold a 2M sub-chunk found MIXED here is not uniform
+    without a read of its sub-chunks (§3.2).
+    """
+    cdef uint64_t g, idx, v, nv, k, n, last, dummy
+    cdef uint64_t mixed_2m[2]
+    cdef int n_mixed = 0, level, shift, i
+    cdef bint uniform
+    cdef RangeMap m
+    g = start & ~(<uint64_t>511)
+    if end - g <= 512:
+        # One 2M chunk (head, or body if fully covered) and its 1G chunk (a partial head).
+        uniform = True
+        if end - start < 512:
+            if g >= base and (not whole_chunk or g + 512 <= slot_end):
+                uniform = not rangemap_find_ne(amap, g, g + 512, attrs, &k)
+                _set_mixed(m2, g >> 9, not uniform)
+        else:
+            idx = g >> 9
+            v = rangemap_get(m2, idx)
+            if v & _LPAGE_MIXED:
+                rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
+        g = start & ~((1ULL << 18) - 1)
+        # A 1G head inside the slot implies the 2M head was inside it too, so a MIXED 2M
+        # result above already answers hugepage_has_attrs at 1G.
+        if g >= base and (not whole_chunk or g + (1ULL << 18) <= slot_end):
+            if uniform:
+                # §3.2 at 1G: no 2M sub-chunk MIXED (the one just computed is not; its right
+                # neighbours are read first, from the leaf just written) and the first gfn of
+                # every sub-chunk has ``attrs``: true if no gfn differs, false if a sub-chunk
+                # starts differing, else read per mismatching run.
+                idx = (start & ~(<uint64_t>511)) >> 9
+                if _any_mixed(m2, idx + 1, (g >> 9) + 512) or _any_mixed(m2, g >> 9, idx):
+                    uniform = False
+                elif not rangemap_find_ne(amap, g, g + (1ULL << 18), attrs, &k):
+                    uniform = True
+                elif not k & 511:
+                    uniform = False
+                else:
+                    uniform = _has_attrs(amap, m2, g, 3, attrs)
+            _set_mixed(m1, g >> 18, not uniform)
+        return 0
+    for level in range(2, 4):
+        shift = _level_shift(level)
+        n = 1ULL << shift
+        m = m2 if level == 2 else m1
+        g = start & ~(n - 1)
+        for i in range(2):  # i == 0: the head chunk, i == 1: the tail chunk
+            if i == 0:
+                if g == start and g + n <= end:
+                    continue
+                if not (g >= base and (not whole_chunk or g + n <= slot_end)):
+                    g += n
+                    continue
+            else:
+                if g + n <= end:  # body: uniform now
+                    last = end >> shift
+                    if rangemap_find_ne(m, g >> shift, last, 0, &dummy):
+                        _clear_mixed(m, g >> shift, last)
+                    g = last << shift
+                if not (g < end and g + n <= slot_end):
+                    continue
+            if level == 2:
+                uniform = not rangemap_find_ne(amap, g, g + n, attrs, &k)
+                if not uniform:
+                    mixed_2m[n_mixed] = g
+                    n_mixed += 1
+            elif (n_mixed > 0 and g <= mixed_2m[0] < g + n) or (n_mixed > 1 and g <= mixed_2m[1] < g + n):
+                uniform = False
+            else:
+                uniform = _has_attrs(amap, m2, g, level, attrs)
+            _set_mixed(m, g >> shift, not uniform)
+            if i == 0:
+                g += n
+    return 0
+
+
+# -- leaf SPTEs (§2.5) ----------------------------------------------------------------------------
+
+cdef object _drop_leaves(RangeMap m, dict st, uint64_t start, uint64_t end):
+    """Count and unaccount the leaves inside ``[start, end)`` (which must not cut one)."""
+    cdef RunCursor cur
+    cdef uint64_t counts[4]
+    cdef int level
+    counts[0] = counts[1] = counts[2] = counts[3] = 0
+    cdef int ok = rangemap_cursor_init(m, &cur, start, end)
+    while ok == 1:
+        level = _spte_level(cur.value)
+        counts[level] += (cur.end - cur.start) >> _level_shift(level)
+        ok = rangemap_cursor_next(m, &cur)
+    for level in range(1, 4):
+        if counts[level]:
+            key = _LEVEL_STAT[level]
+            st[key] = st[key] - counts[level]
+    return counts[0] + counts[1] + counts[2] + counts[3]
+
+
+cdef object _zap_range(RangeMap m, dict st, uint64_t start, uint64_t end, int types, object removed):
+    """``Mmu.zap_range``: zap every leaf of the roots in ``types`` meeting ``[start, end)`` (a
+    huge leaf straddling it whole); ``removed`` collects zapped mirror runs."""
+    cdef uint64_t k, v, n, s, e
+    cdef int root, ok
+    cdef RunCursor cur
+    if end - start == 1 and removed is None and types & _VALID_ROOTS == _VALID_ROOTS:
+        # One gfn (the fragmented case): one read; a 4K leaf is dropped at once.
+        v = rangemap_get(m, start)
+        if not v:
+            return 0
+        if _spte_level(v) == 1:
+            st["pages_4k"] = st["pages_4k"] - 1
+            rangemap_assign(m, start, end, 0)
+            st["zapped_sptes"] = st["zapped_sptes"] + 1
+            return 1
+    if not rangemap_find_ne(m, start, end, 0, &k):
+        return 0
+    v = rangemap_get(m, start)
+    if v and _spte_level(v) > 1:
+        start &= ~((1ULL << _level_shift(_spte_level(v))) - 1)
+    v = rangemap_get(m, end - 1)
+    if v and _spte_level(v) > 1:
+        n = 1ULL << _level_shift(_spte_level(v))
+        end = (end + n - 1) & ~(n - 1)
+    if removed is None and types & _VALID_ROOTS == _VALID_ROOTS:
+        zapped = _drop_leaves(m, st, start, end)
+        rangemap_assign(m, start, end, 0)
+    else:
+        zapped = 0
+        ok = rangemap_cursor_init(m, &cur, start, end)
+        while ok == 1:
+            s, e, v = cur.start, cur.end, cur.value
+            root = _MIRROR_ROOTS if v & _SPTE_PRIVATE else _DIRECT_ROOTS
+            if types & root:
+                zapped += _drop_leaves(m, st, s, e)
+                rangemap_assign(m, s, e, 0)
+                if removed is not None and root == _MIRROR_ROOTS:
+                    removed.append((s, e, v))
+            ok = rangemap_cursor_next(m, &cur)
+    st["zapped_sptes"] = st["zapped_sptes"] + zapped
+    return zapped
+
+
+def _mmu_zap_range(RangeMap sptes, dict stats, uint64_t start, uint64_t end, int types, removed):
+    """``pkvm.kvm.mmu.Mmu.zap_range`` (its arguments are trusted)."""
+    return _zap_range(sptes, stats, start, end, types, removed)
+
+
+def _mmu_drop_leaves(RangeMap sptes, dict stats, uint64_t start, uint64_t end):
+    """``pkvm.kvm.mmu.Mmu._drop_leaves`` (its arguments are trusted)."""
+    return _drop_leaves(sptes, stats, start, end)
+
+
+def _lpage_any_mixed(RangeMap m, uint64_t first, uint64_t last):
+    """``pkvm.kvm.mmu.LpageInfo.any_mixed`` on one level's map."""
+    return bool(_any_mixed(m, first, last))
+
+
+def _lpage_clear_mixed(RangeMap m, uint64_t first, uint64_t last):
+    """``pkvm.kvm.mmu.LpageInfo.clear_mixed`` on one level's map."""
+    _clear_mixed(m, first, last)
+
+
+def _hugepage_has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs):
+    """``pkvm.kvm.mmu.hugepage_has_attrs`` (``m2`` is the memslot's 2M lpage map)."""
+    return bool(_has_attrs(amap, m2, gfn, level, attrs))
+
+
+# -- the ioctl -------------------------------------------------------------------------------------
+
+cdef struct _PreState:
+    uint64_t rs             # the invalidation range being built
+    uint64_t re
+    uint64_t zapped         # leaves zapped by the phase
+    int attr_filter
+
+
+@cython.auto_pickle(False)  # a VM's live state: never pickled on its own
+cdef class AttrPath:
+    """The typed state of one VM's ``KVM_SET_MEMORY_ATTRIBUTES`` path (``VM._attr_path``).
+
+    Built once per VM, after the platform's init: it holds the VM's maps, its counter and
+    cost dicts and its policy knobs (all fixed for the VM's life), and the VM's instance dict
+    for the scalars that change. The methods trust their arguments: ``ioctl`` validates
+    (refusals go to ``VM._attr_check``, which raises in the kernel's order), ``checked``
+    assumes a validated, non-empty gfn range of supported attributes on a live VM.
+    """
+
+    cdef object vm
+    cdef dict d
+    cdef RangeMap attrs, sptes, slot0
+    cdef dict slots, stats, costs, armed
+    cdef object store_ns
+    cdef uint64_t supported
+    cdef bint one_as, guard, whole_chunk, eager_split, eager_post, eager_locked, legacy, mirror
+    cdef bint filter_all
+    # the typed fields of the memslot read last (memslots never change these fields)
+    cdef object c_slot
+    cdef RangeMap c_m2, c_m1
+    cdef uint64_t c_base, c_end
+
+    def __init__(self, vm):
+        d = vm.__dict__
+        self.vm = vm
+        self.d = d
+        self.attrs = d["_attrs"]
+        self.sptes = d["_sptes"]
+        maps = d["_slot_maps"]
+        self.one_as = len(maps) == 1
+        self.slot0 = maps[0]
+        self.slots = d["_slots"]
+        self.stats = d["_stats"]
+        self.costs = d["_costs"]
+        self.armed = d["_inject"]._armed
+        self.store_ns = d["_attr_store_ns"]
+        self.supported = d["_supported_attrs"]
+        self.guard = d["_guard"]
+        self.whole_chunk = d["_whole_chunk"]
+        self.eager_split = d["_eager_split"]
+        self.eager_post = d["_eager_post"]
+        self.eager_locked = d["_eager_locked"]
+        self.legacy = d["_legacy"]
+        self.mirror = d["_mirror"]
+        self.filter_all = d["_policy"].zap_filter == "all"
+        self.c_slot = None
+
+    cdef inline int _slot(self, object key) except -1:
+        slot = self.slots[key - 1]
+        if slot is not self.c_slot:
+            maps = slot.lpage.maps
+            self.c_m2 = maps[2]
+            self.c_m1 = maps[3]
+            self.c_base = slot.base_gfn
+            self.c_end = slot.end_gfn
+            self.c_slot = slot
+        return 0
+
+    cdef inline int _add_ns(self, str op, object ns) except -1:
+        d = self.d
+        cost = <dict>d["_cost_ns"]
+        cost[op] = cost.get(op, 0) + ns
+        d["_modeled_ns"] = d["_modeled_ns"] + ns
+        return 0
+
+    # -- the phases ---------------------------------------------------------------------------
+
+    cdef object _zap(self, uint64_t start, uint64_t end, int attr_filter):
+        """``VM._zap`` (``kvm_unmap_gfn_range``) and its accounting; a mirror root's zap is the
+        VM's ``_zap_mirror`` (the platform's external-SPTE ops)."""
+        if self.mirror:
+            n = self.vm._zap_mirror(start, end, attr_filter)
+        else:
+            n = _zap_range(self.sptes, self.stats, start, end, _VALID_ROOTS, None)
+        if n:
+            ns = self.costs["zap_spte"] * n
+            self._add_ns("zap_spte", ns)
+            if self.d["_subs"] is not None:
+                self.vm._emit("charge", None, None, "zap_spte", n, ns)
+        if self.d["_subs"] is not None:
+            self.vm._emit("zap", start, end, None, n, 0, None, (attr_filter,))
+        return n
+
+    cdef int _flush(self) except -1:
+        """``kvm_flush_remote_tlbs``: every request is modelled as sent (vCPUs in guest mode)."""
+        d = self.d
+        st = self.stats
+        st["remote_tlb_flush_requests"] = st["remote_tlb_flush_requests"] + 1
+        st["remote_tlb_flush"] = st["remote_tlb_flush"] + 1
+        n = d["nr_vcpus"]
+        nv = len(<list>d["_vcpus"])
+        if nv > n:
+            n = nv
+        cache = <dict>d["_flush_ns"]
+        ns = cache.get(n)
+        if ns is None:
+            ns = cache[n] = d["_cost_model"].ns("remote_tlb_flush", nr_vcpus=n)
+        self._add_ns("remote_tlb_flush", ns)
+        if d["_subs"] is not None:
+            self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
+        sched = d["_sched"]
+        if sched is not None:
+            sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
+        return 0
+
+    def flush_remote_tlbs(self):
+        """``VM._flush_remote_tlbs``."""
+        self._flush()
+
+    cdef int _pre_begin(self, _PreState *ps, uint64_t attrs) except -1:
+        d = self.d
+        inprog = d["mmu_invalidate_in_progress"] + 1
+        d["mmu_invalidate_in_progress"] = inprog
+        if inprog == 1:
+            ps.rs = ps.re = _INVALID_GFN
+        else:
+            ps.rs = d["_range_start"]
+            ps.re = d["_range_end"]
+        ps.zapped = 0
+        # §2.5 step 3 (6.14+): zap only the old attribute's mappings (a VM without a mirror
+        # root has one root that holds both kinds, so the filter narrows nothing there).
+        if self.filter_all:
+            ps.attr_filter = _FILTER_ALL
+        else:
+            ps.attr_filter = _FILTER_SHARED if attrs & _ATTR_PRIVATE else _FILTER_PRIVATE
+        return 0
+
+    cdef int _pre_piece(self, _PreState *ps, uint64_t s, uint64_t e, object key) except -1:
+        """One slot-clipped piece of ``kvm_pre_set_memory_attributes``: the range added to the
+        invalidation (with the 6.16 guard, also its partially covered head/tail hugepages that
+        are not MIXED), then the zap."""
+        cdef uint64_t hs, he, base, send, n, dummy
+        cdef RangeMap m
+        cdef int level
+        if ps.rs == _INVALID_GFN:
+            ps.rs, ps.re = s, e
+        else:
+            if s < ps.rs:
+                ps.rs = s
+            if e > ps.re:
+                ps.re = e
+        if self.guard:
+            self._slot(key)
+            base, send = self.c_base, self.c_end
+            for level in range(2, 4):
+                n = 1ULL << _level_shift(level)
+                m = self.c_m2 if level == 2 else self.c_m1
+                hs = s & ~(n - 1)
+                he = (e - 1) & ~(n - 1)
+                if ((hs != s or hs + n > e) and hs >= base and hs + n <= send
+                        and not rangemap_get(m, hs >> _level_shift(level)) & _LPAGE_MIXED):
+                    if hs < ps.rs:
+                        ps.rs = hs
+                    if hs + n > ps.re:
+                        ps.re = hs + n
+                if (he != hs and he + n > e and he + n <= send
+                        and not rangemap_get(m, he >> _level_shift(level)) & _LPAGE_MIXED):
+                    if he < ps.rs:
+                        ps.rs = he
+                    if he + n > ps.re:
+                        ps.re = he + n
+        if rangemap_find_ne(self.sptes, s, e, 0, &dummy):
+            ps.zapped += self._zap(s, e, ps.attr_filter)
+        return 0
+
+    cdef int _pre_end(self, _PreState *ps) except -1:
+        d = self.d
+        d["_range_start"] = ps.rs
+        d["_range_end"] = ps.re
+        if ps.zapped:
+            self._flush()  # flush_on_ret, before the lock is dropped
+        return 0
+
+    cdef int _commit(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
+        """The store: one ``xa_store`` per gfn in the kernel, one range assignment here."""
+        rangemap_assign(self.attrs, start, end, attrs)
+        n = end - start
+        st = self.stats
+        st["attr_stores"] = st["attr_stores"] + n
+        ns = self.store_ns * n
+        self._add_ns("attr_store", ns)
+        if self.d["_subs"] is not None:
+            self.vm._emit("charge", start, end, "attr_store", n, ns)
+            self.vm._emit("attr_change", start, end, None, n, 0, None, (attrs,))
+        return 0
+
+    cdef int _post_begin(self) except -1:
+        d = self.d
+        st = self.stats
+        st["mmu_invalidate_seq"] = st["mmu_invalidate_seq"] + 1  # kvm_mmu_invalidate_end
+        inprog = d["mmu_invalidate_in_progress"] - 1
+        d["mmu_invalidate_in_progress"] = inprog
+        if inprog < 0:
+            from pkvm.errors import InternalInvariantError
+            raise InternalInvariantError("mmu_invalidate_in_progress went negative")
+        sched = d["_sched"]
+        if sched is not None:
+            sched.changed()  # spinning faults go on, to wait for mmu_lock
+        return 0
+
+    cdef int _post_piece(self, uint64_t s, uint64_t e, object key, uint64_t attrs) except -1:
+        self._slot(key)
+        _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
+                        self.whole_chunk, s, e, attrs)
+        if self.eager_locked:
+            vm = self.vm
+            slot = self.c_slot
+            r = vm._platform.set_mem_attr(vm, slot, attrs, s, e)
+            if r:
+                vm._op_failed("set_mem_attr", slot, attrs, s, e, r)
+        return 0
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def pre(self, list ranges, uint64_t attrs):
+        """``VM._attr_pre``: PRE over the slot-clipped pieces ``(s, e, slot key + 1)``."""
+        cdef _PreState ps
+        if not ranges:
+            return  # no memslot: no lock, no invalidate_begin
+        self._pre_begin(&ps, attrs)
+        for s, e, key in ranges:
+            self._pre_piece(&ps, s, e, key)
+        self._pre_end(&ps)
+
+    def commit(self, uint64_t start, uint64_t end, uint64_t attrs):
+        """``VM._attr_commit``."""
+        self._commit(start, end, attrs)
+
+    def post(self, list ranges, uint64_t attrs):
+        """``VM._attr_post``: ``invalidate_end``, then MIXED per piece (and the eager-locked op)."""
+        if not ranges:
+            return
+        self._post_begin()
+        for s, e, key in ranges:
+            self._post_piece(s, e, key, attrs)
+
+    def post_set_mixed(self, slot, uint64_t start, uint64_t end, uint64_t attrs):
+        """``pkvm.kvm.mmu.post_set_mixed`` on one slot-clipped piece."""
+        lp = slot.lpage.maps
+        _post_set_mixed(self.attrs, lp[2], lp[3], slot.base_gfn, slot.end_gfn, self.whole_chunk,
+                        start, end, attrs)
+
+    def zap(self, uint64_t start, uint64_t end, int attr_filter):
+        """``VM._zap``."""
+        return self._zap(start, end, attr_filter)
+
+    def ioctl(self, address, size, attributes, flags):
+        """``VM.set_memory_attributes``: the checks, then :meth:`checked`.
+
+        Arguments that pass every check in the fast test below go on; anything else goes to
+        ``VM._attr_check``, the one implementation of the refusals (in the kernel's order).
+        """
+        cdef uint64_t a, sz, at, fl
+        cdef bint ok = False
+        if self.d["vm_dead"]:
+            self.vm._check_alive()
+        if _is_exact_int(address) and _is_exact_int(size) and _is_exact_int(attributes) and _is_exact_int(flags):
+            a = _as_ull(address)
+            sz = _as_ull(size)
+            at = _as_ull(attributes)
+            fl = _as_ull(flags)
+            if PyErr_Occurred():
+                PyErr_Clear()
+            else:
+                ok = (not fl and not at & ~self.supported and sz != 0 and sz <= U64_MAX - a
+                      and not (a | sz) & _PAGE_MASK)
+        if ok:
+            self.checked(a >> 12, (a + sz) >> 12, at)
+        else:
+            start, end, attrs = self.vm._attr_check(address, size, attributes, flags)
+            self.checked(start, end, attrs)
+
+    cpdef checked(self, uint64_t start, uint64_t end, uint64_t attrs):
+        """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
+        cdef uint64_t dummy
+        cdef RunCursor cur
+        cdef _PreState ps
+        cdef int ok
+        d = self.d
+        vm = self.vm
+        if d["_attr_op"] is not None:
+            vm._attr_free()  # EDEADLK
+        d["attr_ioctls"] = d["attr_ioctls"] + 1
+        if d["_subs"] is not None:  # traced on entry, before the short-circuit (6.17+)
+            vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
+        sched = d["_sched"]
+        if sched is not None:
+            vm._attr_timeline(sched, start, end, attrs)
+            return
+        if self.legacy:
+            vm._attr_legacy(start, end, attrs)
+            return
+        if not rangemap_find_ne(self.attrs, start, end, attrs, &dummy):
+            return  # §2.7 short-circuit
+        if self.armed and "xa_reserve" in self.armed:
+            vm._attr_xa_reserve(start, end)
+        if not self.one_as or self.eager_split or self.eager_post:
+            ranges = vm._slot_ranges(start, end)
+            if ranges and self.eager_split:
+                vm._attr_pre_lock(ranges, attrs)
+            t0 = d["_modeled_ns"]
+            self.pre(ranges, attrs)
+            t1 = d["_modeled_ns"]
+            self._commit(start, end, attrs)  # under slots_lock only
+            t2 = d["_modeled_ns"]
+            self.post(ranges, attrs)
+            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (d["_modeled_ns"] - t2)
+            if ranges and self.eager_post:
+                vm._attr_post_unlock(ranges, attrs)
+            return
+        # One address space and no hook outside the lock: the pieces are read from the slot map
+        # twice (it cannot change under slots_lock) instead of being built into a list.
+        t0 = d["_modeled_ns"]
+        ok = rangemap_cursor_init(self.slot0, &cur, start, end)
+        if ok == 1:
+            self._pre_begin(&ps, attrs)
+            while ok == 1:
+                self._pre_piece(&ps, cur.start, cur.end, cur.value)
+                ok = rangemap_cursor_next(self.slot0, &cur)
+            self._pre_end(&ps)
+        t1 = d["_modeled_ns"]
+        self._commit(start, end, attrs)  # under slots_lock only
+        t2 = d["_modeled_ns"]
+        ok = rangemap_cursor_init(self.slot0, &cur, start, end)
+        if ok == 1:
+            self._post_begin()
+            while ok == 1:
+                self._post_piece(cur.start, cur.end, cur.value, attrs)
+                ok = rangemap_cursor_next(self.slot0, &cur)
+        if t1 != t0 or d["_modeled_ns"] != t2:
+            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (d["_modeled_ns"] - t2)
