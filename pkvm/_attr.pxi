@@ -297,6 +297,9 @@ cdef class AttrPath:
     cdef uint64_t supported
     cdef bint one_as, guard, whole_chunk, eager_split, eager_post, eager_locked, legacy, mirror
     cdef bint filter_all
+    # True while a fast-path ioctl that began with no subscriber runs and nothing it called back
+    # into has run: no event can have been emitted, so no callback can have subscribed
+    cdef bint quiet
     # the typed fields of the memslot read last (memslots never change these fields)
     cdef object c_slot
     cdef RangeMap c_m2, c_m1
@@ -338,6 +341,10 @@ cdef class AttrPath:
             self.c_slot = slot
         return 0
 
+    cdef inline bint _traced(self) except -1:
+        """Whether the VM has event subscribers (``VM._subs``)."""
+        return not self.quiet and self.d["_subs"] is not None
+
     cdef inline int _add_ns(self, str op, object ns) except -1:
         d = self.d
         cost = <dict>d["_cost_ns"]
@@ -357,9 +364,9 @@ cdef class AttrPath:
         if n:
             ns = self.costs["zap_spte"] * n
             self._add_ns("zap_spte", ns)
-            if self.d["_subs"] is not None:
+            if self._traced():
                 self.vm._emit("charge", None, None, "zap_spte", n, ns)
-        if self.d["_subs"] is not None:
+        if self._traced():
             self.vm._emit("zap", start, end, None, n, 0, None, (attr_filter,))
         return n
 
@@ -378,7 +385,7 @@ cdef class AttrPath:
         if ns is None:
             ns = cache[n] = d["_cost_model"].ns("remote_tlb_flush", nr_vcpus=n)
         self._add_ns("remote_tlb_flush", ns)
-        if d["_subs"] is not None:
+        if self._traced():
             self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
         sched = d["_sched"]
         if sched is not None:
@@ -387,6 +394,7 @@ cdef class AttrPath:
 
     def flush_remote_tlbs(self):
         """``VM._flush_remote_tlbs``."""
+        self.quiet = False
         self._flush()
 
     cdef int _pre_begin(self, _PreState *ps, uint64_t attrs) except -1:
@@ -441,7 +449,7 @@ cdef class AttrPath:
                         ps.rs = he
                     if he + n > ps.re:
                         ps.re = he + n
-        if rangemap_find_ne(self.sptes, s, e, 0, &dummy):
+        if (rangemap_get(self.sptes, s) != 0 if e - s == 1 else rangemap_find_ne(self.sptes, s, e, 0, &dummy)):
             ps.zapped += self._zap(s, e, ps.attr_filter)
         return 0
 
@@ -461,7 +469,7 @@ cdef class AttrPath:
         st["attr_stores"] = st["attr_stores"] + n
         ns = self.store_ns * n
         self._add_ns("attr_store", ns)
-        if self.d["_subs"] is not None:
+        if self._traced():
             self.vm._emit("charge", start, end, "attr_store", n, ns)
             self.vm._emit("attr_change", start, end, None, n, 0, None, (attrs,))
         return 0
@@ -496,6 +504,7 @@ cdef class AttrPath:
 
     def pre(self, list ranges, uint64_t attrs):
         """``VM._attr_pre``: PRE over the slot-clipped pieces ``(s, e, slot key + 1)``."""
+        self.quiet = False
         cdef _PreState ps
         if not ranges:
             return  # no memslot: no lock, no invalidate_begin
@@ -506,10 +515,12 @@ cdef class AttrPath:
 
     def commit(self, uint64_t start, uint64_t end, uint64_t attrs):
         """``VM._attr_commit``."""
+        self.quiet = False
         self._commit(start, end, attrs)
 
     def post(self, list ranges, uint64_t attrs):
         """``VM._attr_post``: ``invalidate_end``, then MIXED per piece (and the eager-locked op)."""
+        self.quiet = False
         if not ranges:
             return
         self._post_begin()
@@ -524,6 +535,7 @@ cdef class AttrPath:
 
     def zap(self, uint64_t start, uint64_t end, int attr_filter):
         """``VM._zap``."""
+        self.quiet = False
         return self._zap(start, end, attr_filter)
 
     def ioctl(self, address, size, attributes, flags):
@@ -563,6 +575,7 @@ cdef class AttrPath:
         if d["_attr_op"] is not None:
             vm._attr_free()  # EDEADLK
         d["attr_ioctls"] = d["attr_ioctls"] + 1
+        self.quiet = False
         if d["_subs"] is not None:  # traced on entry, before the short-circuit (6.17+)
             vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
         sched = d["_sched"]
@@ -572,7 +585,8 @@ cdef class AttrPath:
         if self.legacy:
             vm._attr_legacy(start, end, attrs)
             return
-        if not rangemap_find_ne(self.attrs, start, end, attrs, &dummy):
+        if (rangemap_get(self.attrs, start) == attrs if end - start == 1
+                else not rangemap_find_ne(self.attrs, start, end, attrs, &dummy)):
             return  # §2.7 short-circuit
         if self.armed and "xa_reserve" in self.armed:
             vm._attr_xa_reserve(start, end)
@@ -592,6 +606,7 @@ cdef class AttrPath:
             return
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
+        self.quiet = d["_subs"] is None
         t0 = d["_modeled_ns"]
         ok = rangemap_cursor_init(self.slot0, &cur, start, end)
         if ok == 1:
@@ -611,3 +626,4 @@ cdef class AttrPath:
                 ok = rangemap_cursor_next(self.slot0, &cur)
         if t1 != t0 or d["_modeled_ns"] != t2:
             d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (d["_modeled_ns"] - t2)
+        self.quiet = False
