@@ -19,41 +19,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_fragmented as bf  # noqa: E402
-from dict_baseline import DictVM  # noqa: E402
 
 
 def pkvm_round(platform: str, gpas: list[int]) -> tuple[float, float]:
+    """CPU seconds of the "to private" and "to shared" phases (faults in between untimed)."""
     vm, vcpu = bf.pkvm_vm(platform)
-    sma, pf = vm.set_memory_attributes, vcpu.page_fault
-    t = time.process_time()
-    for a in gpas:
-        sma(a, 4096, bf.PRIVATE)
-    t1 = time.process_time()
-    for a in gpas:
-        pf(a, private=True)
-    t2 = time.process_time()
-    for a in gpas:
-        sma(a, 4096, 0)
-    t3 = time.process_time()
+    t = bf.time_phases(vm.set_memory_attributes, vcpu.page_fault, gpas, time.process_time, phases=3)
     assert vm.stats["attr_stores"] == 2 * len(gpas)
-    return t1 - t, t3 - t2
+    return t[0], t[2]
 
 
 def dict_round(platform: str, gpas: list[int]) -> tuple[float, float]:
-    vm = DictVM(bf.TiB, snp=platform == "snp")
-    sma, pf = vm.set_memory_attributes, vm.page_fault
-    t = time.process_time()
-    for a in gpas:
-        sma(a, 4096, bf.PRIVATE)
-    t1 = time.process_time()
-    for a in gpas:
-        pf(a, True)
-    t2 = time.process_time()
-    for a in gpas:
-        sma(a, 4096, 0)
-    t3 = time.process_time()
-    assert vm.stats["attr_stores"] == 2 * len(gpas)
-    return t1 - t, t3 - t2
+    t = bf.run_dict(platform, gpas, time.process_time)
+    return t[0], t[2]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,22 +13,31 @@ the result's notes. ``replay`` replays a trace the same configuration wrote of a
     python3 bench/workload_results_hash.py --out before.txt # also write the lines to a file
     python3 bench/workload_results_hash.py --quick          # 1 GiB only (no 64 GiB runs)
     python3 bench/workload_results_hash.py --workloads balloon,mixed
+    python3 bench/workload_results_hash.py --quick --memory 16G   # another size
+    python3 bench/workload_results_hash.py --quick --presets all  # every policy preset; the
+                                                                  # refused ones hash their error
+    python3 bench/workload_results_hash.py --no-exit-replay       # PSC / MapGPA exits one by one
 
-Compare two trees' outputs with ``diff``: identical files mean identical results. Not part of
-the test run (several minutes); ``tests/test_workload_results.py`` is its fast sibling.
+Compare two trees' outputs with ``diff`` (``PYTHONPATH=<tree>`` selects the tree): identical files
+mean identical results. ``--no-exit-replay`` compares within one tree: the exit replay of
+``pkvm/actors/_steps.py`` against the per-exit path it stands for. Not part of the test run
+(several minutes); ``tests/test_workload_results.py`` is its fast sibling.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pkvm
 from pkvm import experiments as E
 from pkvm.errors import KvmError
 
@@ -42,21 +51,40 @@ def result_digest(r: E.Result) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cases(quick: bool, only: list[str] | None = None) -> list[tuple[str, str, str, int, str]]:
+def policies(plat: str, presets: str) -> tuple[str, ...]:
+    """The policies a run matrix uses: the platform's defaults, or every preset."""
+    return tuple(pkvm.Policy.presets()) if presets == "all" else tuple(E.PLATFORM_POLICIES[plat])
+
+
+def cases(quick: bool, only: list[str] | None = None, memory: str = "1G",
+          presets: str = "defaults") -> list[tuple[str, str, str, int, str]]:
     """``(workload, platform, policy, vcpus, memory)`` of every run (of the ``only`` workloads)."""
     out = []
     for wl in E._workloads.WORKLOADS:
         for plat in PLATFORMS:
-            for pol in E.PLATFORM_POLICIES[plat]:
+            for pol in policies(plat, presets):
                 for n in VCPUS:
-                    out.append((wl, plat, pol, n, "1G"))
+                    out.append((wl, plat, pol, n, memory))
     if not quick:
         for wl in ("balloon", "mixed"):
             for plat in PLATFORMS:
-                for pol in E.PLATFORM_POLICIES[plat]:
+                for pol in policies(plat, presets):
                     for n in VCPUS:
                         out.append((wl, plat, pol, n, "64G"))
     return [c for c in out if only is None or c[0] in only]
+
+
+@contextlib.contextmanager
+def no_exit_replay() -> Iterator[None]:
+    """Every SNP page-state-change request and TDX MapGPA chunk answered on its own."""
+    import pkvm.platforms._snp_flows as snp
+    import pkvm.platforms._tdx_flows as tdx
+    saved = snp.replayable, tdx.replayable
+    snp.replayable = tdx.replayable = lambda vm: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        snp.replayable, tdx.replayable = saved
 
 
 def run_case(wl: str, plat: str, pol: str, n: int, mem: str, tmp: str) -> E.Result:
@@ -77,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the lines to this file")
     ap.add_argument("--quick", action="store_true", help="1 GiB only")
     ap.add_argument("--workloads", help="comma-separated workloads to run (default: all)")
+    ap.add_argument("--memory", default="1G", help="guest memory of the main matrix (default 1G)")
+    ap.add_argument("--presets", choices=("defaults", "all"), default="defaults",
+                    help="each platform's default policies, or every policy preset")
+    ap.add_argument("--no-exit-replay", action="store_true",
+                    help="answer PSC requests and MapGPA chunks one exit at a time")
     args = ap.parse_args(argv)
     only = args.workloads.split(",") if args.workloads else None
     unknown = sorted(set(only or ()) - set(E._workloads.WORKLOADS))
@@ -85,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     total = hashlib.sha256()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for wl, plat, pol, n, mem in cases(args.quick, only):
+    ctx = no_exit_replay() if args.no_exit_replay else contextlib.nullcontext()
+    with ctx, tempfile.TemporaryDirectory() as tmp:
+        for wl, plat, pol, n, mem in cases(args.quick, only, args.memory, args.presets):
             t = time.perf_counter()
             try:
                 digest = result_digest(run_case(wl, plat, pol, n, mem, tmp))
