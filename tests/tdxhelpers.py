@@ -42,6 +42,19 @@ def tdx_snapshot(vm):
             vm.tdx.state, vm.tdx.nr_premapped, vm.vm_dead)
 
 
+def full_snapshot(vm, *extra):
+    """Everything a refused call must leave as it was (and a batch and its loop alike): the
+    VM's snapshot, its cost by actor, whether it is dead, the RMP (SNP), the TD's state (TDX),
+    and ``extra``."""
+    more = [vm.cost_by_actor(), vm.vm_dead, *extra]
+    rmp = getattr(vm, "rmp", None)
+    if rmp is not None:
+        more.append(rmp.ranges())
+    if vm.platform.name == "tdx":
+        more.append(tdx_snapshot(vm)[1:])
+    return snapshot(vm), more
+
+
 def seamcalls(vm):
     """The nonzero TDX counters."""
     return {k: v for k, v in vm.stats.items() if v and (k.startswith(("seamcall", "tdx_", "tdcall", "tdvmcall"))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tdxhelpers import td, tdx_snapshot
-from vmhelpers import GMEM, PRIVATE, UADDR, snapshot
+from tdxhelpers import full_snapshot, td
+from vmhelpers import GMEM, PRIVATE, UADDR
 
 import pkvm
 from pkvm.experiments.trace import Tracer
@@ -54,14 +54,8 @@ def record(vm):
 
 def state(vm):
     """Everything the batch and the loop must leave alike."""
-    extra = [vm.cost_by_actor(), dict(vm.actor_totals()), vm.vm_dead, vm.attr_ioctls, vm.mmu_lock_ns,
-             list(vm.events), vm.mmu_invalidate_in_progress]
-    rmp = getattr(vm, "rmp", None)
-    if rmp is not None:
-        extra.append(rmp.ranges())
-    if vm.platform.name == "tdx":
-        extra.append(tdx_snapshot(vm)[1:])
-    return snapshot(vm), extra
+    return full_snapshot(vm, dict(vm.actor_totals()), vm.attr_ioctls, vm.mmu_lock_ns, list(vm.events),
+                         vm.mmu_invalidate_in_progress)
 
 
 def loop_attrs(vm, gpas, sizes, attrs, flags=0):

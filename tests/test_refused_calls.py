@@ -15,8 +15,8 @@ import errno
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tdxhelpers import td, tdx_snapshot
-from vmhelpers import GMEM, PRIVATE, UADDR, snapshot
+from tdxhelpers import full_snapshot, td
+from vmhelpers import GMEM, PRIVATE, UADDR
 
 import pkvm
 
@@ -30,17 +30,6 @@ _INT = st.one_of(
     st.sampled_from([-1, -0x1000, 1 << 64, (1 << 64) - 1, (1 << 64) - 0x1000, 1 << 52, 1 << 63]),
 )
 _ARG = st.one_of(_INT, _INT, _INT, st.sampled_from([None, "0x1000", 1.5, True]))
-
-
-def full_snapshot(vm):
-    """Everything a refused call must leave as it was."""
-    extra = [vm.cost_by_actor(), vm.vm_dead]
-    rmp = getattr(vm, "rmp", None)
-    if rmp is not None:
-        extra.append(rmp.ranges())
-    if vm.platform.name == "tdx":
-        extra.append(tdx_snapshot(vm)[1:])
-    return snapshot(vm), extra
 
 
 def _vm(platform):
