@@ -24,7 +24,6 @@ a C++ compiler or its headers the script says so and exits 0 without a table.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -40,7 +39,7 @@ import numpy as np
 import rangemap_workloads as wl
 
 import pkvm
-from report import method
+from report import method, parse_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "native", "absl_btree.cc")
@@ -217,12 +216,7 @@ def table(ours: dict[str, float], native: dict, rss: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="run a tenth of the operations")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case (at least 5)")
-    args = parser.parse_args(argv)
-    if args.rounds < 5:
-        parser.error("--rounds must be at least 5")
+    args = parse_args(__doc__, argv)
     scale = 0.1 if args.quick else 1.0
     data = wl.WorkloadData(scale=scale)
     with tempfile.TemporaryDirectory(prefix="pkvm-absl-") as tmp:

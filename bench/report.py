@@ -130,13 +130,19 @@ def memory_table(scale: float) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of the RangeMap reports (this one and ``native_report.py``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="run a tenth of the operations")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case (at least 5)")
     args = parser.parse_args(argv)
     if args.rounds < 5:
         parser.error("--rounds must be at least 5")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv)
     scale = 0.1 if args.quick else 1.0
     data = wl.WorkloadData(scale=scale)
 
