@@ -149,6 +149,19 @@ def test_set_memory_attributes_many_is_the_loop(pp, calls, broadcast, flags, inj
     vb.check()
 
 
+@given(pp=PLATFORM_POLICY, calls=_ATTR_CALLS, size=st.sampled_from([0, 0x1000, 0x1800, 0x200000, 1 << 63]))
+def test_a_scalar_size_is_every_calls_size(pp, calls, size):
+    a, b = build(*pp), build(*pp)
+    (va, _), (vb, _) = a, b
+    ea, eb = record(va), record(vb)
+    gpas, _, attrs = _attr_case(calls, True)
+    want = loop_attrs(va, gpas, [size] * len(gpas), attrs, 0)
+    got = vb.set_memory_attributes_many(np.array(gpas, dtype=np.uint64), size, attrs)
+    assert got.tolist() == want
+    assert eb == ea and state(vb) == state(va)
+    vb.check()
+
+
 _FAULT_GPA = st.one_of(st.integers(0, 15).map(lambda p: p << 12),
                        st.integers(0, (SIZE >> 12) + 256).map(lambda p: p << 12),
                        st.integers(0, SIZE + 0x100000),
@@ -305,6 +318,9 @@ _S = np.array([0x1000, 0x1000], dtype=np.uint64)
     (lambda vm, v: vm.set_memory_attributes_many(np.array([0x1000, -0x2000, -1]), _S[[0, 1, 1]], 0), ValueError,
      r"gpas\[1\] = -8192 is negative"),
     (lambda vm, v: vm.set_memory_attributes_many(_G, _S, -1), ValueError, r"attributes=-0x1 does not fit a u64"),
+    (lambda vm, v: vm.set_memory_attributes_many(_G, -1, 0), ValueError, r"sizes=-0x1 does not fit a u64"),
+    (lambda vm, v: vm.set_memory_attributes_many(_G, 4096.0, 0), TypeError,
+     r"sizes must be an int or a 1-D integer array, not float"),
     (lambda vm, v: vm.set_memory_attributes_many(_G, _S, True), TypeError,
      r"attributes must be an int or a 1-D integer array, not bool"),
     (lambda vm, v: vm.set_memory_attributes_many(_G, _S, 8.0), TypeError, r"attributes must be an int .* not float"),

@@ -94,7 +94,10 @@ def set_memory_attributes_many(vm: VM, gpas: object, sizes: object, attributes: 
     """The body of :meth:`pkvm.VM.set_memory_attributes_many` (see there)."""
     g = _u64_array("gpas", gpas, None)
     n = g.shape[0]
-    s = _u64_array("sizes", sizes, n)
+    if isinstance(sizes, (np.ndarray, list, tuple)):
+        s = _u64_array("sizes", sizes, n)
+    else:
+        s = np.full(n, _u64_scalar("sizes", sizes), dtype=np.uint64)
     if isinstance(attributes, (np.ndarray, list, tuple)):
         a = _u64_array("attributes", attributes, n)
     else:

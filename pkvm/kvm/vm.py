@@ -945,8 +945,8 @@ class VM:
         an injected ENOMEM, and EIO for every call once the VM is dead (also if it dies
         mid-batch). State, counters, modeled time, actor clocks and events are the loop's.
 
-        ``gpas`` and ``sizes`` are 1-D integer arrays (or sequences) of equal length;
-        ``attributes`` is one such array or an int for every call. The arrays are checked once,
+        ``gpas`` is a 1-D integer array (or sequence); ``sizes`` and ``attributes`` are each
+        such an array of the same length, or an int for every call. The arrays are checked once,
         before any call runs; then the calls run in the typed core without checking the
         arguments again. Under a timeline or with a tracer attached the batch is the loop.
 
@@ -957,8 +957,8 @@ class VM:
         [0, 22, 0]
 
         Raises:
-            TypeError: an array is not of an integer dtype, or ``attributes`` / ``flags`` is
-                not an int (nothing has run).
+            TypeError: an array is not of an integer dtype, or a scalar ``sizes`` /
+                ``attributes`` / ``flags`` is not an int (nothing has run).
             ValueError: an array is not 1-D, the lengths differ, or a value is negative or does
                 not fit a u64 (nothing has run).
             Any exception other than ``KvmError`` that a call raises (an event callback's, say)
@@ -970,8 +970,9 @@ class VM:
         """One ``KVM_SET_MEMORY_ATTRIBUTES`` on the gfns ``[start, end)`` whose arguments
         passed the checks of :meth:`_attr_check` (the VM is alive, the range is aligned,
         non-empty, does not wrap, and the attributes are supported): the rest of
-        :meth:`set_memory_attributes`, statement for statement, for the batched loop
-        (``tests/test_batch.py`` holds the two to the same results)."""
+        :meth:`set_memory_attributes`, through the same core entry point
+        (:meth:`_set_attrs_checked`), for the batched loop (``tests/test_batch.py`` holds the two
+        to the same results)."""
         self._attr_path.checked(start, end, attributes)  # = _set_attrs_checked
 
 
