@@ -242,6 +242,16 @@ cdef int _pack_widths(const uint64_t *keys, Py_ssize_t n, int *kbits, int *ibits
     return kb + ib <= 64
 
 
+cdef inline void _digit_starts(Py_ssize_t *c) noexcept nogil:
+    """Turn one radix pass's 256 digit counts into each digit's first output slot."""
+    cdef Py_ssize_t tot = 0, x
+    cdef int d
+    for d in range(256):
+        x = c[d]
+        c[d] = tot
+        tot += x
+
+
 cdef uint64_t *_radix_sort_packed(const uint64_t *keys, Py_ssize_t n, int kbits,
                                   int ibits) except NULL nogil:
     """The words ``key << ibits | index`` of ``keys``, sorted by key (ties in index order).
@@ -257,7 +267,7 @@ cdef uint64_t *_radix_sort_packed(const uint64_t *keys, Py_ssize_t n, int kbits,
     cdef Py_ssize_t *c
     cdef uint64_t *t
     cdef uint64_t w
-    cdef Py_ssize_t i, tot, x
+    cdef Py_ssize_t i
     cdef int shift, d, p, npass = (kbits + 7) // 8
     if a == NULL or b == NULL or cnt == NULL:
         free(a)
@@ -274,11 +284,7 @@ cdef uint64_t *_radix_sort_packed(const uint64_t *keys, Py_ssize_t n, int kbits,
     for p in range(npass):
         shift = ibits + 8 * p
         c = &cnt[p * 256]
-        tot = 0
-        for d in range(256):
-            x = c[d]
-            c[d] = tot
-            tot += x
+        _digit_starts(c)
         for i in range(n):
             w = a[i]
             d = <int>((w >> shift) & 255)
@@ -316,7 +322,6 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
     cdef Py_ssize_t *ti
     cdef Py_ssize_t *c
     cdef uint64_t *tk
-    cdef Py_ssize_t tot, x
     cdef int shift, d, p, npass = 0
     if k1 == NULL or k2 == NULL or i2 == NULL or cnt == NULL:
         free(k1)
@@ -337,11 +342,7 @@ cdef int _radix_argsort(const uint64_t *keys, Py_ssize_t n, Py_ssize_t *perm,
     for p in range(npass):
         shift = 8 * p
         c = &cnt[p * 256]
-        tot = 0
-        for d in range(256):
-            x = c[d]
-            c[d] = tot
-            tot += x
+        _digit_starts(c)
         for i in range(n):
             d = <int>((k1[i] >> shift) & 255)
             k2[c[d]] = k1[i]
