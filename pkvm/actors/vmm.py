@@ -234,19 +234,27 @@ class Vmm:
         if slot is None:
             slot = self._next_slot
         self._next_slot = max(self._next_slot, slot + 1)
-        hva = ((self._next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
         gmem = None
         if vm.platform.has_private_mem:
             gmem = vm.create_guest_memfd(size)
             if prealloc:
                 gmem.fallocate(FALLOC_FL_KEEP_SIZE, 0, size)
-            vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, 0)
+        self._map_ram(slot, gpa, size, gmem, 0, mark_private)
+        return gmem
+
+    def _map_ram(self, slot: int, gpa: int, size: int, gmem: GuestMemfd | None, offset: int,
+                 mark_private: bool) -> None:
+        """One RAM memslot at the next free host address (aligned as ``gpa`` is within 1 GiB):
+        bound to ``gmem`` at ``offset`` and marked PRIVATE if asked, or a plain memslot."""
+        vm = self.vm
+        hva = ((self._next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
+        if gmem is not None:
+            vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, offset)
             if mark_private:
                 vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         else:
             vm.set_user_memory_region2(slot, 0, gpa, size, hva)
         self._next_hva = hva + size
-        return gmem
 
     def add_ram_layout(self, memory: int, *, mark_private: bool = True, prealloc_from: int | None = None
                        ) -> GuestMemfd | None:
@@ -270,14 +278,7 @@ class Vmm:
             for gpa, size, off in layout:
                 slot = self._next_slot
                 self._next_slot += 1
-                hva = ((self._next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
-                if gmem is not None:
-                    vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, off)
-                    if mark_private:
-                        vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-                else:
-                    vm.set_user_memory_region2(slot, 0, gpa, size, hva)
-                self._next_hva = hva + size
+                self._map_ram(slot, gpa, size, gmem, off, mark_private)
             return gmem
         finally:
             vm._set_actor(prev)

@@ -30,7 +30,6 @@ from pkvm._core import AttrPath, RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
-    KVM_FILTER_PRIVATE,
     KVM_FILTER_SHARED,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES,
@@ -44,8 +43,6 @@ from pkvm.constants import (
     MAX_LFS_FILESIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
-    PG_LEVEL_1G,
-    PG_LEVEL_2M,
     RETRY_LIMIT,
 )
 from pkvm.cost.model import CostModel
@@ -61,7 +58,6 @@ from pkvm.kvm.inject import FailureInjector
 from pkvm.kvm.memslots import Memslot as Memslot  # re-exported: pkvm.kvm.vm.Memslot
 from pkvm.kvm.memslots import set_user_memory_region2
 from pkvm.kvm.mmu import (
-    KVM_LPAGE_MIXED_FLAG,
     KVM_MIRROR_ROOTS,
     LEVEL_SHIFT,
     SPTE_PRIVATE,
@@ -965,15 +961,6 @@ class VM:
                 propagates, as from the loop: the calls before it have run.
         """
         return _batch.set_memory_attributes_many(self, gpas, sizes, attributes, flags)
-
-    def _attr_batch_call(self, start: int, end: int, attributes: int) -> None:
-        """One ``KVM_SET_MEMORY_ATTRIBUTES`` on the gfns ``[start, end)`` whose arguments
-        passed the checks of :meth:`_attr_check` (the VM is alive, the range is aligned,
-        non-empty, does not wrap, and the attributes are supported): the rest of
-        :meth:`set_memory_attributes`, through the same core entry point
-        (:meth:`_set_attrs_checked`), for the batched loop (``tests/test_batch.py`` holds the two
-        to the same results)."""
-        self._attr_path.checked(start, end, attributes)  # = _set_attrs_checked
 
 
 _EVENT_KINDS = frozenset(EVENT_KINDS)

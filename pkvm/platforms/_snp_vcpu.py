@@ -549,13 +549,7 @@ class SnpVcpu(Vcpu):
         """
         if not isinstance(desc, PscDesc):
             raise TypeError(f"desc must be a PscDesc, not {type(desc).__name__}")
-        begin_insn(self)
-        vm = self.vm
-        vm._stats["psc_requests"] += 1
-        vm._charge("psc_request", 1)
-        if vm._subs is not None:
-            vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (self.id, SVM_VMGEXIT_PSC, 0, 0))
-        if not self._psc_enabled():
+        if not self._psc_begin():
             return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
         if desc.end_entry >= VMGEXIT_PSC_MAX_COUNT or desc.end_entry >= len(desc.entries):
             return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_INVALID_HDR))
@@ -575,16 +569,23 @@ class SnpVcpu(Vcpu):
         Raises:
             KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
         """
-        begin_insn(self)
+        enabled = self._psc_begin()
         at[0] = 0
+        if not enabled:
+            return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
+        return self._psc_done(self._psc_run(runs, op, at))
+
+    def _psc_begin(self) -> bool:
+        """The VMGEXIT of a page-state-change request: the instruction begins, the request is
+        counted, charged and announced; returns whether the guest may use the protocol
+        (``snp_begin_psc`` fails the request with ``VMGEXIT_PSC_ERROR_GENERIC`` otherwise)."""
+        begin_insn(self)
         vm = self.vm
         vm._stats["psc_requests"] += 1
         vm._charge("psc_request", 1)
         if vm._subs is not None:
             vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (self.id, SVM_VMGEXIT_PSC, 0, 0))
-        if not self._psc_enabled():
-            return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
-        return self._psc_done(self._psc_run(runs, op, at))
+        return self._psc_enabled()
 
     def _psc_run(self, runs: list[tuple[int, int, bool]], op: int, at: list[int]) -> GuestOpResult:
         k = at[0]
