@@ -27,6 +27,7 @@ from typing import Any
 
 import greenlet  # type: ignore[import-untyped,unused-ignore]  # no stubs unless types-greenlet
 import simpy
+from simpy.core import Infinity
 
 from pkvm.errors import InternalInvariantError
 from pkvm.sim.locks import Mutex, RWLock, SpinLock
@@ -50,7 +51,7 @@ LATENCY_KINDS = ("fault", "attr_ioctl", "conversion", "exit")
 RACE_KINDS = ("rmp_npf_loop", "rmp_npf_loop_ns", "pf_retry", "pf_retry_ns", "tdx_busy_retry", "rmp_inuse_retry")
 
 # requests an actor's coroutine sends to its SimPy process
-_ACQ, _REL, _WAIT, _SYNC = 0, 1, 2, 3
+_ACQ, _REL, _WAIT, _SYNC, _DONE = 0, 1, 2, 3, 4
 
 
 class _Actor:
@@ -131,6 +132,9 @@ class Timeline:
         self._active = 0  # actors in a task
         self._current: _Actor | None = None
         self._mark: int = vm._modeled_ns
+        #: ``int(env.now - t0)`` while an actor runs (SimPy's clock stands still meanwhile), so
+        #: its clock is ``_now0 + vm._modeled_ns - _mark`` without asking SimPy (the hot hooks).
+        self._now0 = 0
         self._main = greenlet.getcurrent()
         self._changed: simpy.Event | None = None
         self.latency: dict[str, Distribution] = {k: Distribution() for k in LATENCY_KINDS}
@@ -154,7 +158,7 @@ class Timeline:
         """The running actor's clock: the SimPy time plus the work it has not yielded yet."""
         if self._current is None:
             return int(self.env.now - self._t0)
-        return int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark
+        return self._now0 + self.vm._modeled_ns - self._mark
 
     @property
     def current(self) -> str | None:
@@ -255,7 +259,7 @@ class Timeline:
         lk = self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
             # self.now_ns, inlined (the hot path: one call per lock taken)
-            a.held.append((lock, mode, int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark))
+            a.held.append((lock, mode, self._now0 + self.vm._modeled_ns - self._mark))
             a.fast += 1
             lk.stats.acquisitions += 1
             return
@@ -313,7 +317,7 @@ class Timeline:
                               (self.now_ns - t0,))
             return
         a.fast -= 1
-        now = int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark  # self.now_ns
+        now = self._now0 + self.vm._modeled_ns - self._mark  # self.now_ns
         if self.vm._subs is not None:
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write", (now - t,))
         lk = self.locks[lock]
@@ -333,12 +337,22 @@ class Timeline:
         a = self._current
         if a is None:
             return int(self.vm._modeled_ns)
-        return a.busy + int(self.vm._modeled_ns) - self._mark
+        return a.busy + self.vm._modeled_ns - self._mark
 
     def sync(self) -> None:
-        """A visibility point: advance the running actor's clock to its pending work."""
-        if self._current is not None:
-            self._sync()
+        """A visibility point: advance the running actor's clock to its pending work.
+
+        Skipped while nothing could run or look before the actor's next yield, which then
+        advances its clock by the same total: no other actor in a task, no event scheduled in
+        the environment, no lock taken uncontended still open, no IPI stall owed, no recorder
+        (whose slices would show the split)."""
+        a = self._current
+        if a is None:
+            return
+        if (self._active <= a.in_task and not a.fast and not a.stall_debt and self.recorder is None
+                and self.env.peek() == Infinity):
+            return
+        self._sync()
 
     def holds(self, lock: str, mode: int = WRITE) -> bool:
         """Whether the running actor holds ``lock`` in ``mode``."""
@@ -422,13 +436,13 @@ class Timeline:
         a = self._current
         if a is None:
             return (int(self.env.now - self._t0), 0)
-        return (int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark, a.wait)  # now_ns
+        return (self._now0 + self.vm._modeled_ns - self._mark, a.wait)  # now_ns
 
     def latency_end(self, kind: str, begin: tuple[int, int], n: int = 1) -> None:
         a = self._current
         if a is None:
             return
-        total = int(self.env.now - self._t0) + int(self.vm._modeled_ns) - self._mark - begin[0]  # now_ns
+        total = self._now0 + self.vm._modeled_ns - self._mark - begin[0]  # now_ns
         w = a.wait - begin[1]
         d = self.latency[kind]
         log = self.latency_log
@@ -523,9 +537,10 @@ class Timeline:
                 fn(*args)
             finally:
                 self._set_in_task(a, False)
-            self._sync()
-            a.task = None
-            a.idle.succeed()  # type: ignore[union-attr]
+            # One round trip: the pending work passes, the thread goes idle (a.task = None,
+            # a.idle succeeds) and waits for its next task (a.work), in _drive (_DONE).
+            if self._switch(a, (_DONE, self._take(a))) == "stop" and a.task is None:
+                return
 
     def _drive(self, a: _Actor, body: Callable[..., None], args: tuple[Any, ...]):  # type: ignore[no-untyped-def]
         env = self.env
@@ -534,6 +549,7 @@ class Timeline:
         g = a.glet = greenlet.greenlet(body, parent=self._main)
         mem = vm._hostmem
         self._current = a
+        self._now0 = int(env.now - self._t0)
         self._mark = vm._modeled_ns
         mem.cpu = a.name
         vm._set_actor(a.charge_to)
@@ -596,7 +612,13 @@ class Timeline:
                             rec.slice(a.name, "spin", t0 - self._t0, env.now - self._t0, "spin")
                 else:
                     value = ev.value
+            elif op == _DONE:  # _task_loop: the task is done, the thread idles until the next
+                a.task = None
+                a.idle.succeed()  # type: ignore[union-attr]
+                ev = a.work = env.event()
+                value = yield ev
             self._current = a
+            self._now0 = int(env.now - self._t0)
             self._mark = vm._modeled_ns
             mem.cpu = a.name
             vm._set_actor(a.charge_to)
