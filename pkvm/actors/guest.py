@@ -168,12 +168,13 @@ class Guest:
         vm = self.vm
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
-        with vm.acting(self.actor):
-            try:
-                return self._result(self.flows.convert(gpa, size, bool(private)))
-            finally:
-                if sched is not None:
-                    sched.latency_end("conversion", lat)
+        prev = vm._set_actor(self.actor)  # vm.acting(self.actor): a valid actor (this vCPU's)
+        try:
+            return self._result(self.flows.convert(gpa, size, bool(private)))
+        finally:
+            if sched is not None:
+                sched.latency_end("conversion", lat)
+            vm._set_actor(prev)
 
     def accept(self, gpa: int, size: int, *, huge: bool = True) -> ConversionResult:
         """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). The result
@@ -187,16 +188,25 @@ class Guest:
             TypeError / ValueError: a bad range.
         """
         self._range(gpa, size)
-        with self.vm.acting(self.actor):
-            return self._result(self.flows.accept(gpa, size, bool(huge)))
+        vm = self.vm
+        prev = vm._set_actor(self.actor)  # vm.acting(self.actor), as in convert
+        try:
+            res = self.flows.accept(gpa, size, bool(huge))
+        finally:
+            vm._set_actor(prev)
+        return res if type(res) is ConversionResult else self._result(res)
 
     def touch(self, gpa: int, size: int = PAGE_SIZE, *, private: bool, write: bool = False) -> AccessResult:
         """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and
         the access goes on. Returns the totals, or the exit the VMM could not answer (and a
         dead VM's ``-EIO``)."""
         self._range(gpa, size)
-        with self.vm.acting(self.actor):
+        vm = self.vm
+        prev = vm._set_actor(self.actor)  # vm.acting(self.actor), as in convert
+        try:
             return self._touch(gpa, size, private, write)
+        finally:
+            vm._set_actor(prev)
 
     def _touch(self, gpa: int, size: int, private: bool, write: bool) -> AccessResult:
         vcpu = self.vcpu

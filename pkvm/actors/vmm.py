@@ -318,12 +318,13 @@ class Vmm:
         vm = self.vm
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
-        with vm.acting("vmm"):
-            try:
-                return self._handle_exit(result)
-            finally:
-                if sched is not None:
-                    sched.latency_end("exit", lat)
+        prev = vm._set_actor("vmm")  # vm.acting("vmm")
+        try:
+            return self._handle_exit(result)
+        finally:
+            if sched is not None:
+                sched.latency_end("exit", lat)
+            vm._set_actor(prev)
 
     def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> ExitResult:
         reason = result.exit_reason
@@ -365,8 +366,12 @@ class Vmm:
     def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
         errno (see the module docstring for the steps and QEMU's special cases)."""
-        with self.vm.acting("vmm"):
+        vm = self.vm
+        prev = vm._set_actor("vmm")  # vm.acting("vmm")
+        try:
             return self._convert_memory(gpa, size, to_private)
+        finally:
+            vm._set_actor(prev)
 
     def _convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         vm = self.vm

@@ -299,8 +299,7 @@ class Timeline:
         if a is None:
             return
         held = a.held
-        last = held[-1] if held else None
-        if last is not None and last[0] == lock and last[1] == mode:  # the usual case: LIFO
+        if held and held[-1][0] == lock and held[-1][1] == mode:  # the usual case: LIFO
             t = held.pop()[2]
         else:
             for i in range(len(held) - 1, -1, -1):
@@ -317,18 +316,20 @@ class Timeline:
                               (self.now_ns - t0,))
             return
         a.fast -= 1
-        now = self._now0 + self.vm._modeled_ns - self._mark  # self.now_ns
-        if self.vm._subs is not None:
-            self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write", (now - t,))
+        vm = self.vm
+        held_ns = self._now0 + vm._modeled_ns - self._mark - t  # self.now_ns - t
+        if vm._subs is not None:
+            vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write", (held_ns,))
         lk = self.locks[lock]
         st = lk.stats
-        st.hold_ns += now - t
+        st.hold_ns += held_ns
         if isinstance(lk, RWLock):
             if mode == READ:
-                st.hold_read_ns += now - t
+                st.hold_read_ns += held_ns
             else:
-                st.hold_write_ns += now - t
+                st.hold_write_ns += held_ns
         if self.recorder is not None:
+            now = t + held_ns
             self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
                                 t, now, CAT_LOCK_HOLD)
 
@@ -446,14 +447,15 @@ class Timeline:
         w = a.wait - begin[1]
         d = self.latency[kind]
         log = self.latency_log
+        # Distribution._add: the samples are int ns and the counts ints >= 1 (add's checks).
         if n <= 1:
-            d.add(total)
+            d._add(total, 1)
             if log is not None:
                 log.append((kind, total, 1))
         else:
             each = (total - w) // n
-            d.add(each + w)
-            d.add(each, n - 1)
+            d._add(each + w, 1)
+            d._add(each, n - 1)
             if log is not None:
                 log.append((kind, each + w, 1))
                 log.append((kind, each, n - 1))
