@@ -350,15 +350,17 @@ class Context:
 
     def _accept(self, guest: Guest, gpa: int, size: int, huge: bool) -> None:
         ok = guest.accept(gpa, size, huge=huge)
-        self._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
+        if not ok:  # the message only for a failure (this runs once per accepted run)
+            self._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
         self.gfns_accessed += size >> PAGE_SHIFT
 
     def convert(self, guest: Guest, gpa: int, size: int, private: bool) -> None:
         self.run_on(guest, self._convert, guest, gpa, size, private)
 
     def _convert(self, guest: Guest, gpa: int, size: int, private: bool) -> None:
-        self._require(guest.convert(gpa, size, private=private),
-                      f"converting [{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}")
+        ok = guest.convert(gpa, size, private=private)
+        if not ok:
+            self._require(ok, f"converting [{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}")
         self.shared.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0 if private else 1)
 
     def touch(self, guest: Guest, gpa: int, size: int, private: bool, write: bool = True) -> None:
@@ -366,7 +368,8 @@ class Context:
 
     def _touch(self, guest: Guest, gpa: int, size: int, private: bool, write: bool) -> None:
         r = guest.touch(gpa, size, private=private, write=write)
-        self._require(r.ret == "done", f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
+        if r.ret != "done":
+            self._require(False, f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
         self.gfns_accessed += size >> PAGE_SHIFT
 
     def _require(self, ok: bool | ConversionResult, what: str) -> None:
