@@ -240,3 +240,50 @@ class AttrPath:
     def post_set_mixed(self, slot: object, start: int, end: int, attrs: int) -> None: ...
     def zap(self, start: int, end: int, attr_filter: int) -> int: ...
     def flush_remote_tlbs(self) -> None: ...
+
+# -- the concurrent timeline's hooks (pkvm/_sched.pxi); private to pkvm.sim ------------------------
+
+@final
+class SchedActor:
+    """One actor of a timeline (``pkvm.sim.timeline``): a vCPU thread or the VMM's main loop."""
+
+    name: Any
+    glet: Any
+    task: Any
+    work: Any
+    idle: Any
+    grant_t: Any
+    charge_to: Any
+    busy: Any
+    wait: Any
+    lock_wait: Any
+    ipi: Any
+    spin: Any
+    stall_debt: Any
+    held: list[Any]
+    in_task: bool
+    vcpu: bool
+    fast: int
+    def __init__(self, name: Any, vcpu: Any) -> None: ...
+
+@disjoint_base
+class SchedHooks:
+    """The hot hooks of :class:`pkvm.sim.Timeline` (its base class)."""
+
+    vm: Any
+    recorder: Any
+    latency_log: Any
+    _rwlock: Any
+    locks: dict[Any, Any]
+    latency: dict[Any, Any]
+    _current: SchedActor | None
+    _active: int
+    _now0: int
+    _mark: int
+    def acquire(self, lock: Any, mode: Any = 1) -> None: ...
+    def release(self, lock: Any, mode: Any = 1) -> None: ...
+    def latency_begin(self) -> tuple[int, Any]: ...
+    def latency_end(self, kind: Any, begin: Any, n: Any = 1) -> None: ...
+    def work_ns(self) -> int: ...
+    def contended(self) -> bool: ...
+    def sync(self) -> None: ...

@@ -29,6 +29,7 @@ import greenlet  # type: ignore[import-untyped,unused-ignore]  # no stubs unless
 import simpy
 from simpy.core import Infinity
 
+from pkvm._core import SchedActor, SchedHooks
 from pkvm.errors import InternalInvariantError
 from pkvm.sim.locks import Mutex, RWLock, SpinLock
 from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT
@@ -54,29 +55,8 @@ RACE_KINDS = ("rmp_npf_loop", "rmp_npf_loop_ns", "pf_retry", "pf_retry_ns", "tdx
 _ACQ, _REL, _WAIT, _SYNC, _DONE = 0, 1, 2, 3, 4
 
 
-class _Actor:
-    __slots__ = ("name", "glet", "busy", "wait", "task", "work", "idle", "stall_debt", "in_task",
-                 "held", "vcpu", "charge_to", "lock_wait", "ipi", "spin", "fast", "grant_t")
-
-    def __init__(self, name: str, vcpu: bool) -> None:
-        self.name = name
-        self.glet: greenlet.greenlet | None = None
-        self.busy = 0
-        self.wait = 0  # lock_wait + ipi + spin
-        self.lock_wait = 0
-        self.ipi = 0
-        self.spin = 0
-        self.task: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
-        self.work: simpy.Event | None = None
-        self.idle: simpy.Event | None = None
-        self.stall_debt = 0
-        self.in_task = False
-        self.held: list[tuple[str, int, int]] = []  # (lock, mode, grant time if uncontended, else -1)
-        self.fast = 0  # entries of ``held`` taken uncontended (not yet known to the SimPy lock)
-        self.grant_t: dict[tuple[str, int], int] = {}  # when each lock it holds was granted
-        self.vcpu = vcpu
-        #: The VM's cost centre (``vm.cost_by_actor()``) while this actor's code runs.
-        self.charge_to = name if vcpu else "vmm"
+#: One actor's state and accounting (the typed core's class: the hooks read it on every call).
+_Actor = SchedActor
 
 
 class TimelineResult:
@@ -97,7 +77,7 @@ class TimelineResult:
                 "latency_ns": self.latency_ns, "races": self.races}
 
 
-class Timeline:
+class Timeline(SchedHooks):
     """Runs a VM's actors concurrently on a SimPy clock (``docs/timeline.md``).
 
     ``env``: a ``simpy.Environment`` to share with the caller's own processes (default: a new
@@ -107,6 +87,10 @@ class Timeline:
     Attach it, create actors with :meth:`spawn` (a function run on an actor) or
     :meth:`start_vcpu` (a vCPU thread that takes tasks from :meth:`dispatch`), then run the
     environment. A VM has at most one timeline.
+
+    The hooks the model calls on every lock and latency sample (``acquire``, ``release``,
+    ``latency_begin``, ``latency_end``, ``work_ns``, ``contended``, ``sync``) are the typed
+    core's (``pkvm/_sched.pxi``); they call back into this class for what needs SimPy.
     """
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
@@ -119,6 +103,7 @@ class Timeline:
         self.vm = vm
         self.host_cpus = host_cpus
         self.recorder = recorder
+        self._rwlock = RWLock  # for the typed hooks (the core imports nothing from pkvm.sim)
         self._t0 = self.env.now
         env_ = self.env
         self.locks: dict[str, Any] = {
@@ -249,20 +234,9 @@ class Timeline:
 
     # -- hooks the model calls (cheap when not attached: the model tests vm._sched) ---------------
 
-    def acquire(self, lock: str, mode: int = WRITE) -> None:
-        """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
-        first-come first-served. Uncontended — no other actor in a task and the lock free — it
-        is taken on the actor's own clock, without a round trip through SimPy (same result)."""
-        a = self._current
-        if a is None:
-            return
-        lk = self.locks[lock]
-        if self._active <= a.in_task and not lk.locked:
-            # self.now_ns, inlined (the hot path: one call per lock taken)
-            a.held.append((lock, mode, self._now0 + self.vm._modeled_ns - self._mark))
-            a.fast += 1
-            lk.stats.acquisitions += 1
-            return
+    def _acquire_slow(self, a: _Actor, lock: str, mode: int) -> None:
+        """:meth:`acquire` when another actor is in a task or the lock is held: through the
+        actor's SimPy process, first-come first-served."""
         a.held.append((lock, mode, -1))
         w0 = a.lock_wait
         self._switch(a, (_ACQ, self._take(a), lock, mode))
@@ -294,76 +268,31 @@ class Timeline:
         if vm._subs is not None and a.lock_wait != w0:
             vm._emit("lock_wait", None, None, lock, 1, 0, "write", (a.lock_wait - w0,))
 
-    def release(self, lock: str, mode: int = WRITE) -> None:
-        a = self._current
-        if a is None:
-            return
-        held = a.held
-        if held and held[-1][0] == lock and held[-1][1] == mode:  # the usual case: LIFO
-            t = held.pop()[2]
-        else:
-            for i in range(len(held) - 1, -1, -1):
-                if held[i][0] == lock and held[i][1] == mode:
-                    t = held.pop(i)[2]
-                    break
-            else:
-                raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
-        if t < 0:
-            self._switch(a, (_REL, self._take(a), lock, mode))
-            t0 = a.grant_t.pop((lock, mode), None)
-            if self.vm._subs is not None and t0 is not None:
-                self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write",
-                              (self.now_ns - t0,))
-            return
-        a.fast -= 1
-        vm = self.vm
-        held_ns = self._now0 + vm._modeled_ns - self._mark - t  # self.now_ns - t
-        if vm._subs is not None:
-            vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write", (held_ns,))
-        lk = self.locks[lock]
-        st = lk.stats
-        st.hold_ns += held_ns
-        if isinstance(lk, RWLock):
-            if mode == READ:
-                st.hold_read_ns += held_ns
-            else:
-                st.hold_write_ns += held_ns
-        if self.recorder is not None:
-            now = t + held_ns
-            self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
-                                t, now, CAT_LOCK_HOLD)
+    def _release_slow(self, a: _Actor, lock: str, mode: int) -> None:
+        """:meth:`release` of a lock its SimPy lock knows (taken contended, or made a real
+        hold when the actor yielded while holding it)."""
+        self._switch(a, (_REL, self._take(a), lock, mode))
+        t0 = a.grant_t.pop((lock, mode), None)
+        if self.vm._subs is not None and t0 is not None:
+            self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write",
+                          (self.now_ns - t0,))
 
-    def work_ns(self) -> int:
-        """The running actor's own work so far (its busy time plus what it has not yielded)."""
-        a = self._current
-        if a is None:
-            return int(self.vm._modeled_ns)
-        return a.busy + self.vm._modeled_ns - self._mark
+    def _record_hold(self, a: _Actor, lock: str, mode: int, lk: Any, t: int, now: int) -> None:
+        """The recorder's slice of a hold taken and released uncontended."""
+        self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
+                            t, now, CAT_LOCK_HOLD)
 
-    def sync(self) -> None:
-        """A visibility point: advance the running actor's clock to its pending work.
+    def _idle_now_ns(self) -> int:
+        return int(self.env.now - self._t0)
 
-        Skipped while nothing could run or look before the actor's next yield, which then
-        advances its clock by the same total: no other actor in a task, no event scheduled in
-        the environment, no lock taken uncontended still open, no IPI stall owed, no recorder
-        (whose slices would show the split)."""
-        a = self._current
-        if a is None:
-            return
-        if (self._active <= a.in_task and not a.fast and not a.stall_debt and self.recorder is None
-                and self.env.peek() == Infinity):
-            return
-        self._sync()
+    def _queue_empty(self) -> bool:
+        """No event is scheduled in the environment (:meth:`sync`)."""
+        return bool(self.env.peek() == Infinity)
 
     def holds(self, lock: str, mode: int = WRITE) -> bool:
         """Whether the running actor holds ``lock`` in ``mode``."""
         a = self._current
         return a is not None and any(h[0] == lock and h[1] == mode for h in a.held)
-
-    def contended(self) -> bool:
-        """True if another actor is in a task now (worth splitting long work for)."""
-        a = self._current
-        return self._active > (a.in_task if a is not None else 0)
 
     def _set_in_task(self, a: _Actor, value: bool) -> None:
         if a.in_task != value:
@@ -432,33 +361,6 @@ class Timeline:
         for a in self._actors.values():
             if a is not cur and a.in_task and (a.vcpu or scope == "host"):
                 a.stall_debt += ns
-
-    def latency_begin(self) -> tuple[int, int]:
-        a = self._current
-        if a is None:
-            return (int(self.env.now - self._t0), 0)
-        return (self._now0 + self.vm._modeled_ns - self._mark, a.wait)  # now_ns
-
-    def latency_end(self, kind: str, begin: tuple[int, int], n: int = 1) -> None:
-        a = self._current
-        if a is None:
-            return
-        total = self._now0 + self.vm._modeled_ns - self._mark - begin[0]  # now_ns
-        w = a.wait - begin[1]
-        d = self.latency[kind]
-        log = self.latency_log
-        # Distribution._add: the samples are int ns and the counts ints >= 1 (add's checks).
-        if n <= 1:
-            d._add(total, 1)
-            if log is not None:
-                log.append((kind, total, 1))
-        else:
-            each = (total - w) // n
-            d._add(each + w, 1)
-            d._add(each, n - 1)
-            if log is not None:
-                log.append((kind, each + w, 1))
-                log.append((kind, each, n - 1))
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -1,0 +1,181 @@
+# The concurrent timeline's per-call hooks, typed (included from _core.pyx).
+#
+# pkvm/sim/timeline.py's Timeline derives from SchedHooks and its actors are SchedActor
+# objects. The model calls these hooks at every lock it takes and releases and around every
+# fault, attribute ioctl, exit and conversion (about forty calls per balloon run): here they
+# read typed state instead of instance dictionaries. Everything that involves SimPy (a lock
+# taken or released under contention, a clock that must advance, the recorder) stays in the
+# Python subclass, which these hooks call: _acquire_slow, _release_slow, _record_hold, _sync,
+# _idle_now_ns, _queue_empty. The rules are docs/timeline.md's; the behaviour is exactly
+# that of the Python hooks they replace (same values, same order of effects).
+
+
+@cython.final
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class SchedActor:
+    """One actor of a timeline: a vCPU thread or the VMM's main loop (pkvm/sim/timeline.py).
+
+    ``held`` lists the locks it holds as ``(lock, mode, grant time if taken uncontended, else
+    -1)``; ``fast`` counts the entries taken uncontended (not yet known to the SimPy lock);
+    ``grant_t`` maps ``(lock, mode)`` to the grant time of each lock the SimPy lock knows.
+    ``busy``, ``wait`` (``lock_wait + ipi + spin``), ``lock_wait``, ``ipi``, ``spin`` are its
+    accounting in ns; ``stall_debt`` the IPI stall it still owes; ``in_task`` whether it runs a
+    task; ``charge_to`` the VM's cost centre while its code runs."""
+
+    cdef public object name, glet, task, work, idle, grant_t, charge_to
+    cdef public object busy, wait, lock_wait, ipi, spin, stall_debt
+    cdef public list held
+    cdef public bint in_task, vcpu
+    cdef public Py_ssize_t fast
+
+    def __init__(self, name, vcpu):
+        self.name = name
+        self.glet = None
+        self.busy = 0
+        self.wait = 0
+        self.lock_wait = 0
+        self.ipi = 0
+        self.spin = 0
+        self.task = None
+        self.work = None
+        self.idle = None
+        self.stall_debt = 0
+        self.in_task = False
+        self.held = []
+        self.fast = 0
+        self.grant_t = {}
+        self.vcpu = vcpu
+        self.charge_to = name if vcpu else "vmm"
+
+
+@cython.auto_pickle(False)
+cdef class SchedHooks:
+    """The hot hooks of :class:`pkvm.sim.Timeline` (its base class; see that class).
+
+    ``_current``: the actor whose code runs (None outside every actor); ``_active``: actors in
+    a task; while an actor runs, its clock is ``_now0 + vm._modeled_ns - _mark`` (``_now0`` is
+    the SimPy time when it resumed, which stands still while it runs)."""
+
+    cdef public object vm, recorder, latency_log, _rwlock
+    cdef public dict locks, latency
+    cdef public SchedActor _current
+    cdef public Py_ssize_t _active
+    cdef public long long _now0, _mark
+
+    def acquire(self, lock, mode=1):
+        """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
+        first-come first-served. Uncontended -- no other actor in a task and the lock free --
+        it is taken on the actor's own clock, without a round trip through SimPy (same
+        result)."""
+        cdef SchedActor a = self._current
+        if a is None:
+            return
+        lk = self.locks[lock]
+        if self._active <= a.in_task and not lk.locked:
+            a.held.append((lock, mode, self._now0 + <long long>self.vm._modeled_ns - self._mark))
+            a.fast += 1
+            lk.stats.acquisitions += 1
+            return
+        self._acquire_slow(a, lock, mode)
+
+    def release(self, lock, mode=1):
+        """The running actor releases ``lock`` taken in ``mode``.
+
+        Raises:
+            RuntimeError: it does not hold it."""
+        cdef SchedActor a = self._current
+        cdef list held
+        cdef tuple h
+        cdef Py_ssize_t i
+        cdef long long held_ns
+        if a is None:
+            return
+        held = a.held
+        t = None
+        if held:  # (the core is built with wraparound=False: no negative indices)
+            h = <tuple>held[len(held) - 1]
+            if h[0] == lock and h[1] == mode:  # the usual case: LIFO
+                t = (<tuple>held.pop())[2]
+        if t is None:
+            for i in range(len(held) - 1, -1, -1):
+                h = <tuple>held[i]
+                if h[0] == lock and h[1] == mode:
+                    t = (<tuple>held.pop(i))[2]
+                    break
+            else:
+                raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
+        if t < 0:
+            self._release_slow(a, lock, mode)
+            return
+        a.fast -= 1
+        vm = self.vm
+        held_ns = self._now0 + <long long>vm._modeled_ns - self._mark - <long long>t  # now_ns - t
+        if vm._subs is not None:
+            vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
+        lk = self.locks[lock]
+        st = lk.stats
+        st.hold_ns += held_ns
+        if isinstance(lk, self._rwlock):
+            if mode == 0:
+                st.hold_read_ns += held_ns
+            else:
+                st.hold_write_ns += held_ns
+        if self.recorder is not None:
+            self._record_hold(a, lock, mode, lk, t, t + held_ns)
+
+    def latency_begin(self):
+        """The start of a latency sample: ``(clock, the running actor's wait so far)``."""
+        cdef SchedActor a = self._current
+        if a is None:
+            return (self._idle_now_ns(), 0)
+        return (self._now0 + <long long>self.vm._modeled_ns - self._mark, a.wait)  # now_ns
+
+    def latency_end(self, kind, begin, n=1):
+        """Add the sample begun at ``begin`` to distribution ``kind``; ``n`` > 1: it stands
+        for ``n`` operations (the first carries the wait, the rest share the work)."""
+        cdef SchedActor a = self._current
+        if a is None:
+            return
+        total = self._now0 + <long long>self.vm._modeled_ns - self._mark - begin[0]  # now_ns
+        w = a.wait - begin[1]
+        d = self.latency[kind]
+        log = self.latency_log
+        # Distribution._add: the samples are int ns and the counts ints >= 1 (add's checks).
+        if n <= 1:
+            d._add(total, 1)
+            if log is not None:
+                log.append((kind, total, 1))
+        else:
+            each = (total - w) // n
+            d._add(each + w, 1)
+            d._add(each, n - 1)
+            if log is not None:
+                log.append((kind, each + w, 1))
+                log.append((kind, each, n - 1))
+
+    def work_ns(self):
+        """The running actor's own work so far (its busy time plus what it has not yielded)."""
+        cdef SchedActor a = self._current
+        if a is None:
+            return int(self.vm._modeled_ns)
+        return a.busy + self.vm._modeled_ns - self._mark
+
+    def contended(self):
+        """True if another actor is in a task now (worth splitting long work for)."""
+        cdef SchedActor a = self._current
+        return self._active > (a.in_task if a is not None else 0)
+
+    def sync(self):
+        """A visibility point: advance the running actor's clock to its pending work.
+
+        Skipped while nothing could run or look before the actor's next yield, which then
+        advances its clock by the same total: no other actor in a task, no event scheduled in
+        the environment, no lock taken uncontended still open, no IPI stall owed, no recorder
+        (whose slices would show the split)."""
+        cdef SchedActor a = self._current
+        if a is None:
+            return
+        if (self._active <= a.in_task and not a.fast and not a.stall_debt and self.recorder is None
+                and self._queue_empty()):
+            return
+        self._sync()
