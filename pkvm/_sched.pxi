@@ -54,13 +54,15 @@ cdef class SchedHooks:
 
     ``_current``: the actor whose code runs (None outside every actor); ``_active``: actors in
     a task; while an actor runs, its clock is ``_now0 + vm._modeled_ns - _mark`` (``_now0`` is
-    the SimPy time when it resumed, which stands still while it runs)."""
+    the SimPy time when it resumed, which stands still while it runs); ``_skipped``: a
+    :meth:`sync` was skipped since it resumed, the last one at ``vm._modeled_ns == _vis``."""
 
     cdef public object vm, recorder, latency_log, _rwlock
     cdef public dict locks, latency
     cdef public SchedActor _current
     cdef public Py_ssize_t _active
-    cdef public long long _now0, _mark
+    cdef public long long _now0, _mark, _vis
+    cdef public bint _skipped
 
     def acquire(self, lock, mode=1):
         """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
@@ -170,12 +172,16 @@ cdef class SchedHooks:
 
         Skipped while nothing could run or look before the actor's next yield, which then
         advances its clock by the same total: no other actor in a task, no event scheduled in
-        the environment, no lock taken uncontended still open, no IPI stall owed, no recorder
-        (whose slices would show the split)."""
+        the environment, no IPI stall owed, no recorder (whose slices would show the split).
+        Locks the actor took uncontended stay so: a hold's statistics are its release time
+        minus its grant time either way (``Timeline._switch`` makes them real holds, granted
+        at their own time, whenever the actor yields)."""
         cdef SchedActor a = self._current
         if a is None:
             return
-        if (self._active <= a.in_task and not a.fast and not a.stall_debt and self.recorder is None
+        if (self._active <= a.in_task and not a.stall_debt and self.recorder is None
                 and self._queue_empty()):
+            self._skipped = True  # Timeline.serialize: the work pending since this point
+            self._vis = <long long>self.vm._modeled_ns
             return
         self._sync()

@@ -143,7 +143,7 @@ class Timeline(SchedHooks):
         """The running actor's clock: the SimPy time plus the work it has not yielded yet."""
         if self._current is None:
             return int(self.env.now - self._t0)
-        return self._now0 + self.vm._modeled_ns - self._mark
+        return int(self._now0 + self.vm._modeled_ns - self._mark)
 
     @property
     def current(self) -> str | None:
@@ -175,8 +175,8 @@ class Timeline(SchedHooks):
         """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
         target = self._actors[name]
         self._sync()  # the task starts at the caller's clock
-        while target.task is not None or not target.idle.triggered:  # type: ignore[union-attr]
-            self._wait(target.idle, idle=True)  # type: ignore[arg-type]
+        while target.task is not None or not target.idle.triggered:
+            self._wait(target.idle, idle=True)
         target.task = (fn, args)
         self._set_in_task(target, True)  # it has work from now on
         target.idle = self.env.event()
@@ -253,10 +253,11 @@ class Timeline(SchedHooks):
         if a is None:
             return
         vm = self.vm
-        ns = max(0, min(ns, vm._modeled_ns - self._mark))
+        # At most the work pending since the last visibility point (sync), skipped or not.
+        ns = max(0, min(ns, vm._modeled_ns - (self._vis if self._skipped else self._mark)))
         lk = self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
-            a.held.append((lock, WRITE, self.now_ns - ns))
+            a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
             a.fast += 1
             lk.stats.acquisitions += 1
             return
@@ -455,6 +456,7 @@ class Timeline(SchedHooks):
         self._current = a
         self._now0 = int(env.now - self._t0)
         self._mark = vm._modeled_ns
+        self._skipped = False
         mem.cpu = a.name
         vm._set_actor(a.charge_to)
         req = g.switch(*args)
@@ -518,12 +520,13 @@ class Timeline(SchedHooks):
                     value = ev.value
             elif op == _DONE:  # _task_loop: the task is done, the thread idles until the next
                 a.task = None
-                a.idle.succeed()  # type: ignore[union-attr]
+                a.idle.succeed()
                 ev = a.work = env.event()
                 value = yield ev
             self._current = a
             self._now0 = int(env.now - self._t0)
             self._mark = vm._modeled_ns
+            self._skipped = False
             mem.cpu = a.name
             vm._set_actor(a.charge_to)
             req = g.switch(value)
