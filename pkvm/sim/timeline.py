@@ -452,13 +452,12 @@ class Timeline(SchedHooks):
         rec = self.recorder
         vm = self.vm
         g = a.glet = greenlet.greenlet(body, parent=self._main)
-        mem = vm._hostmem
-        self._current = a
-        self._now0 = int(env.now - self._t0)
-        self._mark = vm._modeled_ns
-        self._skipped = False
-        mem.cpu = a.name
-        vm._set_actor(a.charge_to)
+
+        def free(_ev: simpy.Event) -> None:  # the end of a task's pending work (_DONE)
+            a.task = None
+            a.idle.succeed()
+
+        self._resume(a)
         req = g.switch(*args)
         locks = self.locks
         grants = a.grant_t
@@ -466,6 +465,20 @@ class Timeline(SchedHooks):
             self._current = None
             a.charge_to = vm._actor
             op, dt = req[0], req[1]
+            if op == _DONE and dt and not a.stall_debt:
+                # The task is done: its pending work passes, then the thread goes idle. The
+                # timeout's callback frees the thread (the same events in the same order as
+                # resuming this process for it: no IPI can reach a thread outside a task, so
+                # no stall follows); the process waits for its next task meanwhile.
+                a.busy += dt
+                if rec is not None:
+                    rec.slice(a.name, "work", env.now - self._t0, env.now - self._t0 + dt, CAT_BUSY)
+                env.timeout(dt).callbacks.append(free)
+                ev = a.work = env.event()
+                value = yield ev
+                self._resume(a)
+                req = g.switch(value)
+                continue
             if dt:
                 a.busy += dt
                 if rec is not None:
@@ -523,14 +536,18 @@ class Timeline(SchedHooks):
                 a.idle.succeed()
                 ev = a.work = env.event()
                 value = yield ev
-            self._current = a
-            self._now0 = int(env.now - self._t0)
-            self._mark = vm._modeled_ns
-            self._skipped = False
-            mem.cpu = a.name
-            vm._set_actor(a.charge_to)
+            self._resume(a)
             req = g.switch(value)
         self._current = None
+
+    def _resume(self, a: _Actor) -> None:
+        """``a``'s code runs again (SimPy's clock stands still until it yields)."""
+        self._current = a
+        self._now0 = int(self.env.now - self._t0)
+        self._mark = self.vm._modeled_ns
+        self._skipped = False
+        self.vm._hostmem.cpu = a.name
+        self.vm._set_actor(a.charge_to)
 
 
 def _actor_order(name: str) -> tuple[int, int, str]:
