@@ -430,12 +430,15 @@ class Vmm:
         if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
             raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range")
         vm = self.vm
-        with vm.acting("vmm"):
+        prev = vm._set_actor("vmm")  # vm.acting("vmm")
+        try:
             start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
             for s, e, key in vm._slot_maps[0].ranges(start, end):
                 piece = vm._slots[key - 1]
                 self._punch(piece, s, e)
                 self._discard_shared(piece, s, e)
+        finally:
+            vm._set_actor(prev)
 
     def _failed(self, ret: int, why: str) -> int:
         self.failed_conversions += 1
