@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 
-from pkvm._core import RangeMap
+from pkvm._core import RangeMap, hostmem_alloc, hostmem_free, hostmem_plan
 from pkvm.errors import InternalInvariantError, KvmError
 
 #: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
@@ -76,42 +76,12 @@ class HostMemory:
         self._cpu_cursors = dict(cursors)
 
     def _plan(self, n_units: int, order: int) -> list[tuple[int, int]] | None:
-        """Where ``n_units`` blocks of ``2**order`` pages would go, next-fit, or None."""
-        size = 1 << order
-        start, end, used = self.start_pfn, self.end_pfn, self._used
-        out: list[tuple[int, int]] = []
-        remaining = n_units
-        pos = origin = self._cursor
-        wrapped = False
-        while remaining:
-            if wrapped and pos >= origin:
-                return None
-            a = (pos + size - 1) & ~(size - 1)
-            if a + size > end:
-                if wrapped:
-                    return None
-                wrapped, pos = True, start
-                continue
-            s, e, v = used.run_at(a)
-            if v:
-                pos = e
-                continue
-            if e > end:
-                e = end
-            if wrapped and e > origin:
-                e = origin
-            units = (e - a) >> order
-            if units == 0:
-                pos = e if e > a else a + size
-                continue
-            take = units if units < remaining else remaining
-            if out and out[-1][0] + out[-1][1] == a:
-                out[-1] = (out[-1][0], out[-1][1] + (take << order))
-            else:
-                out.append((a, take << order))
-            remaining -= take
-            pos = a + (take << order)
-        return out
+        """Where ``n_units`` blocks of ``2**order`` pages would go, next-fit, or None.
+
+        The typed core's ``hostmem_plan`` (pkvm/_gmem.pxi): from the cursor, take every free
+        aligned block in pfn order up to the end of memory, then wrap around once to the
+        start, stopping where the walk began."""
+        return hostmem_plan(self._used, self.start_pfn, self.end_pfn, self._cursor, n_units, order)
 
     def can_alloc(self, n_units: int, order: int = 0) -> bool:
         """Whether :meth:`alloc` of the same arguments would succeed."""
@@ -126,27 +96,7 @@ class HostMemory:
         Raises:
             KvmError: ENOMEM when the memory is exhausted (nothing is allocated then).
         """
-        if n_units == 0:
-            return []
-        cursors, cpu = self._cpu_cursors, self.cpu
-        if cursors is not None and cpu in cursors:
-            shared, self._cursor = self._cursor, cursors[cpu]
-            try:
-                plan = self._plan(n_units, order)
-            finally:
-                mine, self._cursor = self._cursor, shared
-        else:
-            plan = self._plan(n_units, order)
-        if plan is None:
-            raise KvmError(errno.ENOMEM, f"host memory exhausted allocating {n_units} x order-{order} blocks")
-        for pfn, n in plan:
-            self._used.assign(pfn, pfn + n, 1)
-            self.nr_allocated += n
-        if cursors is not None and cpu in cursors:
-            cursors[cpu] = plan[-1][0] + plan[-1][1]
-        else:
-            self._cursor = plan[-1][0] + plan[-1][1]
-        return plan
+        return hostmem_alloc(self, n_units, order)  # pkvm/_gmem.pxi (the fault path's allocator)
 
     def free(self, pfn: int, npages: int) -> None:
         """Return ``[pfn, pfn + npages)`` to the allocator.
@@ -154,12 +104,7 @@ class HostMemory:
         Raises:
             InternalInvariantError: part of the range was not allocated (a double free).
         """
-        if npages <= 0:
-            return
-        if self._used.find_ne(pfn, pfn + npages, 1) != -1:
-            raise InternalInvariantError(f"freeing unallocated host pfns in [{pfn:#x}, {pfn + npages:#x})")
-        self._used.assign(pfn, pfn + npages, 0)
-        self.nr_allocated -= npages
+        hostmem_free(self, pfn, npages)  # pkvm/_gmem.pxi
 
     def is_allocated(self, pfn: int) -> bool:
         """Whether host pfn ``pfn`` is currently allocated."""

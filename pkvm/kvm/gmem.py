@@ -17,7 +17,7 @@ import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pkvm._core import RangeMap
+from pkvm._core import GmemPath, RangeMap
 from pkvm.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -27,7 +27,7 @@ from pkvm.constants import (
     PAGE_SIZE,
 )
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm.host.hostmem import decode_delta, encode_delta
+from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.fault import PageFault, memory_fault_exit
 from pkvm.kvm.ops import is_implemented
 
@@ -38,11 +38,6 @@ FOLIO_PRESENT = 1 << 0
 FOLIO_PREPARED = 1 << 1
 _FOLIO_ORDER_SHIFT = 2  # bits 2-6
 _FOLIO_ORDER_MASK = 0x1F
-
-
-def _folio_value(pfn_delta: int, order: int, prepared: bool) -> int:
-    return (encode_delta(pfn_delta) | FOLIO_PRESENT | (order << _FOLIO_ORDER_SHIFT)
-            | (FOLIO_PREPARED if prepared else 0))
 
 
 def folio_order(value: int) -> int:
@@ -195,22 +190,7 @@ class GuestMemfd:
             KvmError: ENOMEM from an injected ``gmem_folio_alloc`` failure; the folios before
                 the failing one are allocated, as ``kvm_gmem_get_folio`` calls one at a time.
         """
-        vm = self._vm
-        inject = vm._inject
-        hit = inject.take("gmem_folio_alloc", count) if inject._armed and inject.armed("gmem_folio_alloc") else None
-        if hit is not None:
-            if hit[0]:
-                self._alloc_folios(index, hit[0], order, prepared)
-            raise KvmError(hit[1], f"guest_memfd folio allocation failed at index "
-                           f"{index + (hit[0] << order):#x} (injected)")
-        plan = vm._hostmem.alloc(count, order)
-        i = index
-        for pfn, n in plan:
-            self.folios.assign(i, i + n, _folio_value(pfn - i, order, prepared))
-            i += n
-        vm._stats["gmem_pages_allocated"] += count << order
-        vm._charge_alloc(count << order, order)
-        return plan
+        return _gmem_path(self._vm).alloc_folios(self, index, count, order, prepared)  # pkvm/_gmem.pxi
 
     # -- hole punch and release -------------------------------------------------------------
 
@@ -261,28 +241,7 @@ class GuestMemfd:
     def _truncate(self, start: int, end: int) -> None:
         """Free the folios wholly inside ``[start, end)``; a large folio only partly inside
         stays (its partial range would just be zeroed)."""
-        vm = self._vm
-        op = vm._platform.gmem_invalidate
-        real_op = is_implemented(op)
-        freed = 0
-        for s, e, v in self.folios.ranges(start, end):
-            order = folio_order(v)
-            size = 1 << order
-            # Runs are clipped to [start, end) and folios are aligned: keep whole folios only.
-            a = (s + size - 1) & ~(size - 1)
-            b = e & ~(size - 1)
-            if a >= b:
-                continue
-            pfn = a + decode_delta(v)
-            if real_op:
-                op(vm, pfn, pfn + (b - a))
-                vm._stats["gmem_invalidate"] += (b - a) >> order
-            vm._hostmem.free(pfn, b - a)
-            self.folios.assign(a, b, 0)
-            freed += b - a
-        if freed:
-            vm._stats["gmem_pages_freed"] += freed
-            vm._charge("gmem_punch_4k", freed)
+        _gmem_path(self._vm).truncate(self, start, end)  # pkvm/_gmem.pxi
 
     def close(self) -> None:
         """Close the last fd (``kvm_gmem_release``, §4.7), then free the inode's folios.
@@ -358,85 +317,30 @@ def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     Resolves (allocating and preparing per ``Policy.prepare``, §4.3) the folios, sets
     ``f.delta`` and ``f.order`` and returns the end of the batch it could serve; on failure
     it fills a memory-fault exit in ``f``.
-    """
 
-    slot = f.slot
-    gfn = f.gfn
-    gmem = slot.gmem
-    if gmem is None:
-        memory_fault_exit(f, errno.EFAULT)  # private access to a slot without guest_memfd
-        return gfn + 1
-    if slot.gmem_file is None:
-        memory_fault_exit(f, errno.EFAULT)  # the file was closed
-        return gfn + 1
-    index = gfn - slot.base_gfn + slot.gmem_pgoff
-    if gmem.bindings.get(index) != slot.key + 1:
-        memory_fault_exit(f, errno.EIO)
-        return gfn + 1
-    policy = vm._policy
-    folios = gmem.folios
-    s, e, v = folios.run_at(index)
-    if (f.single or (v and folio_order(v)) or (not v and policy.gmem_max_order)
-            or (vm._inject._armed and vm._inject.armed_any("gmem_folio_alloc", "set_memory"))):  # one fault at a time
-        end = gfn + 1
-        f.single = True
-    else:
-        end = min(end, gfn + (e - index))
-    undo = None
-    if not v:
-        order = 0
-        if policy.gmem_max_order:
-            size = 1 << policy.gmem_max_order
-            a = index & ~(size - 1)
-            if a + size <= gmem.npages and folios.find_ne(a, a + size, 0) == -1:
-                order = policy.gmem_max_order
-        mem = vm._hostmem
-        cursor = mem._cursor
-        first = index if not order else index & ~((1 << order) - 1)
-        prepared = policy.prepare == "none"
-        if not prepared and (order or end == gfn + 1) and not is_implemented(vm._platform.gmem_prepare):
-            # One folio, and no prepare op that could fail: the lookup below would only mark
-            # it prepared (kvm_gmem_mark_prepared), so store it so at once.
-            prepared = True
-        try:
-            plan = gmem._alloc_folios(first, 1 if order else end - gfn, order, prepared)
-        except KvmError as exc:
-            memory_fault_exit(f, exc.errno)
-            return gfn + 1
-        if not order:
-            end = gfn + plan[0][1]
-        undo = (first, plan, cursor, order)
-        # The folio now at index: the first pfn run of the plan starts at ``first`` (order 0:
-        # first == index; a large folio: the one block) -- what _alloc_folios just stored.
-        v = _folio_value(plan[0][0] - first, order, prepared)
-    order = folio_order(v)
-    size = 1 << order
-    fi = index & ~(size - 1)
-    gfn_f = gfn - (index - fi)
-    delta = decode_delta(v)
-    nf = 1 if order else end - gfn
-    mode = policy.prepare
-    if mode != "none" and (mode == "every-lookup" or not v & FOLIO_PREPARED):
-        op = vm._platform.gmem_prepare
-        r = op(vm, gfn_f, fi + delta, order, nf) if is_implemented(op) else 0
-        if r:
-            if nf > 1:
-                # The op prepared nothing; retry folio by folio like per-page faults would.
-                if undo is not None:
-                    _undo_alloc(vm, gmem, undo)
-                f.single = True
-                return kvm_gmem_get_pfn(vm, f, gfn + 1)
-            if mode == "every-lookup":
-                folios.assign(fi, fi + size, v | FOLIO_PREPARED)
-            memory_fault_exit(f, -r)
-            return gfn + 1
-        if is_implemented(op):
-            vm._stats["gmem_prepare"] += nf
-        if not v & FOLIO_PREPARED:
-            folios.assign(fi, fi + (nf << order), v | FOLIO_PREPARED)
-    f.delta = index + delta - gfn
-    f.order = order if not (gfn - index) & (size - 1) else 0
-    return end
+    The steps run in the typed core (``GmemPath.get_pfn``, pkvm/_gmem.pxi): a private access
+    to a slot without guest_memfd, or whose file was closed, exits with EFAULT, an index the
+    file does not bind to this slot with EIO. A batch of faults is served one folio run at a
+    time (one fault at a time on a large folio, with a large ``gmem_max_order``, or while a
+    failure is armed). A missing folio is allocated: an order-``gmem_max_order`` folio when
+    its aligned block is in the file and empty, else order-0 folios for the batch. A folio
+    not yet prepared (every lookup under ``prepare="every-lookup"``) goes through the
+    platform's ``gmem_prepare`` op; if the op fails on a batch, the batch's new folios are
+    given back and the fault is retried for one page.
+    """
+    try:
+        path = vm._gmem_path  # type: ignore[attr-defined]
+    except AttributeError:
+        path = _gmem_path(vm)
+    return path.get_pfn(f, end)  # type: ignore[no-any-return]
+
+
+def _gmem_path(vm: VM) -> GmemPath:
+    """The VM's typed guest_memfd steps, built on first use (after the platform's init)."""
+    path = vm.__dict__.get("_gmem_path")
+    if path is None:
+        path = vm.__dict__["_gmem_path"] = GmemPath(vm, is_implemented, memory_fault_exit)
+    return path
 
 
 def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[int, int, bool, int]:
@@ -469,18 +373,3 @@ def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[i
     order = folio_order(v)
     end = index + 1 if order else min(limit, e)
     return index + decode_delta(v), order, bool(v & FOLIO_PREPARED), end
-
-
-def _undo_alloc(vm: VM, gmem: GuestMemfd,
-                undo: tuple[int, list[tuple[int, int]], int, int]) -> None:
-    """Give back the folios a failed batch allocated, restoring the allocator's cursor."""
-    first, plan, cursor, order = undo
-    idx = first
-    for pfn, n in plan:
-        vm._hostmem.free(pfn, n)
-        gmem.folios.assign(idx, idx + n, 0)
-        idx += n
-    vm._hostmem._cursor = cursor
-    total = sum(n for _, n in plan)
-    vm._stats["gmem_pages_allocated"] -= total
-    vm._uncharge_alloc(total, order)

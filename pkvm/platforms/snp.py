@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from pkvm._core import RangeMap, RmpTable
+from pkvm._core import RangeMap, RmpTable, SnpPath
 from pkvm.constants import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_X86_SNP_VM,
@@ -67,7 +67,7 @@ from pkvm.platforms._snp_policy import (
     snp_set_mem_attr,
     snp_update_mem_attr,
 )
-from pkvm.platforms._snp_rmp import make_shared_range, psmash, rmp_make_private, rmp_make_shared
+from pkvm.platforms._snp_rmp import _rmpupdate_injected, psmash, rmp_make_private, rmp_make_shared
 from pkvm.platforms._snp_vcpu import SnpVcpu
 from pkvm.platforms.snp_constants import (
     PSMASH_FAIL_INUSE,
@@ -115,6 +115,30 @@ class SnpVm:
         self.launched = False
         #: eager-split: the plans the pre phase computed, consumed under the lock / after it.
         self._split_plans: dict[tuple[int, int, int], list[tuple[str, int, int, int, int]]] = {}
+
+    # The RMP and the direct map may be swapped for reference twins (tests): the typed wrappers
+    # (``_path``, pkvm/_gmem.pxi) then go through the twins' methods.
+    @property
+    def rmp(self) -> RmpTable:
+        """The host's RMP."""
+        return self._rmp  # type: ignore[no-any-return]
+
+    @rmp.setter
+    def rmp(self, value: RmpTable) -> None:
+        self._rmp = value
+        if "_path" in self.__dict__:
+            self._path.rebind()
+
+    @property
+    def directmap(self) -> DirectMap:
+        """The host kernel's direct map."""
+        return self._directmap  # type: ignore[no-any-return]
+
+    @directmap.setter
+    def directmap(self, value: DirectMap) -> None:
+        self._directmap = value
+        if "_path" in self.__dict__:
+            self._path.rebind()
 
     def __repr__(self) -> str:
         return f"<SnpVm asid={self.asid} rmp runs={self.rmp.nruns} directmap={self.directmap.policy}>"
@@ -172,6 +196,8 @@ def snp_init_vm(vm: VM) -> int:
     for op in SNP_CHARGED_OPS:
         vm._costs[op] = vm._cost_model.ns(op)
     vm._costs["directmap_tlb_flush"] = vm._cost_model.ns("directmap_tlb_flush", nr_cpus=host_cpus)
+    # The RMP wrappers' typed state (pkvm/_gmem.pxi), with the Python steps of the rare paths.
+    snp._path = SnpPath(vm, snp, snp_gmem_prepare, snp_gmem_invalidate, _rmpupdate_injected, psmash)
     return 0
 
 
@@ -184,48 +210,14 @@ def snp_gmem_prepare(vm: VM, gfn: int, pfn: int, order: int, nr: int) -> int:
     changed nothing for a batch (``nr > 1``: the pages done are made shared again, and the
     caller retries folio by folio).
     """
-    snp = vm.snp  # type: ignore[attr-defined]
-    rmp = snp.rmp
-    if order:
-        base = pfn & ~(RMP_PAGES_2M - 1)
-        if rmp.lookup(pfn).assigned:
-            return 0
-        if order >= 9 and rmp.find_ne(base, RMP_PAGES_2M, assigned=False) == -1:
-            r = rmp_make_private(vm, base, gfn & ~(RMP_PAGES_2M - 1), RMP_PAGES_2M, PG_LEVEL_2M)
-        else:
-            r = rmp_make_private(vm, pfn, gfn, 1, PG_LEVEL_4K)
-        return -errno.EINVAL if r else 0
-    done: list[tuple[int, int]] = []
-    for s, e, ent in rmp.ranges(pfn, nr):
-        if ent.assigned:
-            continue
-        r = rmp_make_private(vm, s, gfn + (s - pfn), e - s, PG_LEVEL_4K)
-        if r:
-            if nr > 1:
-                # Undo the batch: the entries after the failing one are unchanged; those before
-                # it (this run's prefix included) go back to hypervisor-owned at 4K.
-                for a, b in done:
-                    rmp_make_shared(vm, a, b - a, PG_LEVEL_4K)
-                undo = rmp.find_ne(s, e - s, assigned=True)
-                if undo > s:
-                    rmp_make_shared(vm, s, undo - s, PG_LEVEL_4K)
-            return -errno.EINVAL
-        done.append((s, e))
-    return 0
+    return vm.snp._path.gmem_prepare(gfn, pfn, order, nr)  # type: ignore[attr-defined, no-any-return]
 
 
 def snp_gmem_invalidate(vm: VM, pfn_start: int, pfn_end: int) -> int:
     """``sev_gmem_invalidate`` on freed folios ``[pfn_start, pfn_end)`` (§5.7). A page that
     cannot be made shared (immutable, in use) is leaked: it stays assigned and is recorded in
     ``vm.snp.leaked`` / ``snp_leaked_pages``."""
-    r = make_shared_range(vm, pfn_start, pfn_end, flush=True)
-    if r:
-        snp = vm.snp  # type: ignore[attr-defined]
-        for s, e, ent in snp.rmp.ranges(pfn_start, pfn_end - pfn_start):
-            if ent.assigned:
-                snp.leaked.assign(s, e, 1)
-                vm._stats["snp_leaked_pages"] += e - s
-    return 0
+    return vm.snp._path.gmem_invalidate(pfn_start, pfn_end)  # type: ignore[attr-defined, no-any-return]
 
 
 def snp_gmem_max_mapping_level(vm: VM, pfn: int, private: bool) -> int:

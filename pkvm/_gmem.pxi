@@ -1,0 +1,900 @@
+# ---------------------------------------------------------------------------------------------
+# guest_memfd's pfn lookup and hole punch, the host allocator and SNP's RMP wrappers, typed
+# (included at the end of _core.pyx)
+# ---------------------------------------------------------------------------------------------
+#
+# The kernel steps of a private fault's pfn lookup (docs/kernel-semantics.md §4.3: folio
+# lookup, allocation of a missing folio, the "prepared" check and the platform's prepare op),
+# the host page allocator they allocate from, SEV-SNP's prepare (``sev_gmem_prepare`` ->
+# ``rmp_make_private`` -> ``rmpupdate()`` with the direct-map work around it, §5.5, §5.8) and
+# the hole punch's release of folios (``kvm_gmem_punch_hole`` -> ``sev_gmem_invalidate`` ->
+# ``rmp_make_shared``, §4.7, §5.7), over typed state: the folio, allocator, RMP and direct-map
+# maps are RangeMaps read and written through the C API, so a 4K private fault's lookup makes
+# no Python call on its way.
+#
+# ``pkvm.kvm.gmem`` (``kvm_gmem_get_pfn``, ``GuestMemfd._alloc_folios`` / ``_truncate``),
+# ``pkvm.host.hostmem.HostMemory`` (``_plan`` / ``alloc`` / ``free``) and
+# ``pkvm.platforms._snp_rmp`` / ``pkvm.platforms.snp`` (``rmpupdate_range``, ``_directmap``,
+# ``make_shared_range``, ``snp_gmem_prepare``, ``snp_gmem_invalidate``) are thin entries to
+# the code here: each kernel step has one implementation. What stays in Python is called
+# back: failure injection (``vm._inject``), the unmap-restore direct map and the split of a
+# large direct mapping (``DirectMap``), PSMASH, the memory-fault exit, and the event and
+# timeline hooks (``vm._emit``, ``vm._sched``).
+#
+# The VM's mutable scalars (modeled time, the subscriber and timeline hooks) stay attributes of
+# the Python VM object and are read and written in its instance dict, as in pkvm/_attr.pxi.
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport int64_t
+
+# pkvm.kvm.gmem's folio value bits and pkvm.host.hostmem's delta encoding (tests/test_gmem_core.py
+# asserts they agree with the Python constants).
+cdef uint64_t _FOLIO_PRESENT = 1
+cdef uint64_t _FOLIO_PREPARED = 2
+cdef int _FOLIO_ORDER_SHIFT = 2
+cdef uint64_t _FOLIO_ORDER_MASK = 0x1F
+cdef int _DELTA_SHIFT = 8
+cdef uint64_t _DELTA_MASK = (1ULL << 56) - 1
+
+# Policy.prepare
+cdef enum:
+    _PREP_NONE = 0
+    _PREP_ONCE = 1
+    _PREP_EVERY = 2
+
+# The ``directmap`` argument of the RMP wrappers ("both", "before", "after", "none").
+cdef enum:
+    _DM_BOTH = 0
+    _DM_BEFORE = 1
+    _DM_AFTER = 2
+    _DM_NONE = 3
+
+_DM_NAMES = ("both", "before", "after", "none")
+#: ``directmap`` argument name -> the code the typed wrappers take (an unknown name does no
+#: direct-map work, as the string tests of the Python wrappers did).
+DIRECTMAP_MODES = {"both": _DM_BOTH, "before": _DM_BEFORE, "after": _DM_AFTER, "none": _DM_NONE}
+
+cdef int _EFAULT = 14
+cdef int _EINVAL = 22
+cdef int _ENOMEM = 12
+
+
+cdef inline uint64_t _folio_value(int64_t delta, int order, bint prepared) noexcept nogil:
+    return ((<uint64_t>delta & _DELTA_MASK) << _DELTA_SHIFT | _FOLIO_PRESENT
+            | (<uint64_t>order << _FOLIO_ORDER_SHIFT) | (_FOLIO_PREPARED if prepared else 0))
+
+
+cdef inline int _folio_order(uint64_t v) noexcept nogil:
+    return <int>((v >> _FOLIO_ORDER_SHIFT) & _FOLIO_ORDER_MASK)
+
+
+cdef inline int64_t _decode_delta(uint64_t v) noexcept nogil:
+    # bits 8..63 hold a 56-bit two's-complement delta: an arithmetic shift sign-extends it
+    return (<int64_t>v) >> _DELTA_SHIFT
+
+
+# -- a small growable vector of (a, b, c) triples (plans and snapshots) --------------------------
+
+cdef struct _Runs:
+    Py_ssize_t n
+    Py_ssize_t cap
+    int64_t *a
+    int64_t *b
+    int64_t *c
+    int64_t buf[12]
+
+
+cdef inline void _runs_init(_Runs *r) noexcept:
+    r.n = 0
+    r.cap = 4
+    r.a = &r.buf[0]
+    r.b = &r.buf[4]
+    r.c = &r.buf[8]
+
+
+cdef inline void _runs_free(_Runs *r) noexcept:
+    if r.a != &r.buf[0]:
+        PyMem_Free(r.a)
+    r.a = &r.buf[0]
+    r.b = &r.buf[4]
+    r.c = &r.buf[8]
+    r.cap = 4
+    r.n = 0
+
+
+cdef int _runs_push(_Runs *r, int64_t a, int64_t b, int64_t c) except -1:
+    cdef int64_t *p
+    cdef Py_ssize_t cap
+    if r.n == r.cap:
+        cap = r.cap * 2
+        p = <int64_t *>PyMem_Malloc(3 * cap * sizeof(int64_t))
+        if p == NULL:
+            raise MemoryError()
+        memcpy(p, r.a, r.n * sizeof(int64_t))
+        memcpy(p + cap, r.b, r.n * sizeof(int64_t))
+        memcpy(p + 2 * cap, r.c, r.n * sizeof(int64_t))
+        if r.a != &r.buf[0]:
+            PyMem_Free(r.a)
+        r.a = p
+        r.b = p + cap
+        r.c = p + 2 * cap
+        r.cap = cap
+    r.a[r.n] = a
+    r.b[r.n] = b
+    r.c[r.n] = c
+    r.n += 1
+    return 0
+
+
+cdef list _runs_list(_Runs *r):
+    """The runs ``(a, b)`` as a list of tuples (the Python-facing plan)."""
+    cdef Py_ssize_t i
+    return [(r.a[i], r.b[i]) for i in range(r.n)]
+
+
+# -- the host page allocator (pkvm.host.hostmem.HostMemory) ---------------------------------------
+
+cdef int _hm_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int64_t n_units,
+                  int order, _Runs *out) except -1:
+    """``HostMemory._plan``: where ``n_units`` blocks of ``2**order`` pages would go, next-fit
+    from ``cursor``, as pfn runs ``(pfn, npages)`` in ``out``; 1, or 0 if they do not fit.
+
+    Signed arithmetic throughout, as the Python original's (pfns stay far below 2**62)."""
+    cdef int64_t size = 1LL << order, remaining = n_units, pos = cursor, origin = cursor
+    cdef int64_t a, e, units, take
+    cdef bint wrapped = False
+    cdef Run r
+    out.n = 0
+    while remaining:
+        if wrapped and pos >= origin:
+            return 0
+        a = (pos + size - 1) & ~(size - 1)
+        if a + size > end:
+            if wrapped:
+                return 0
+            wrapped = True
+            pos = start
+            continue
+        r = used._run_at_c(<uint64_t>a)
+        # (the last gap's run ends at 2**64 - 1: compared unsigned first)
+        e = end if r.end > <uint64_t>end else <int64_t>r.end
+        if r.value:
+            pos = e
+            continue
+        if wrapped and e > origin:
+            e = origin
+        units = (e - a) >> order
+        if units == 0:
+            pos = e if e > a else a + size
+            continue
+        take = units if units < remaining else remaining
+        if out.n and out.a[out.n - 1] + out.b[out.n - 1] == a:
+            out.b[out.n - 1] += take << order
+        else:
+            _runs_push(out, a, take << order, 0)
+        remaining -= take
+        pos = a + (take << order)
+    return 1
+
+
+cdef int _hm_alloc(object hm, RangeMap used, int64_t start, int64_t end, int64_t n_units,
+                   int order, _Runs *out) except -1:
+    """``HostMemory.alloc`` into ``out``: 0, or ENOMEM (nothing allocated then)."""
+    cdef Py_ssize_t i
+    cdef int64_t total = 0
+    cdef bint percpu = False
+    out.n = 0
+    if n_units == 0:
+        return 0
+    cursors = hm._cpu_cursors
+    if cursors is not None:
+        cpu = hm.cpu
+        percpu = cpu in cursors
+    cursor = cursors[cpu] if percpu else hm._cursor
+    if not _hm_plan(used, start, end, cursor, n_units, order, out):
+        return _ENOMEM
+    for i in range(out.n):
+        rangemap_assign(used, <uint64_t>out.a[i], <uint64_t>(out.a[i] + out.b[i]), 1)
+        total += out.b[i]
+    hm.nr_allocated = hm.nr_allocated + total
+    last = out.a[out.n - 1] + out.b[out.n - 1]
+    if percpu:
+        cursors[cpu] = last
+    else:
+        hm._cursor = last
+    return 0
+
+
+cdef int _hm_free(object hm, RangeMap used, uint64_t pfn, int64_t npages) except -1:
+    """``HostMemory.free``."""
+    cdef uint64_t x
+    if npages <= 0:
+        return 0
+    if rangemap_find_ne(used, pfn, pfn + <uint64_t>npages, 1, &x):
+        from pkvm.errors import InternalInvariantError
+        raise InternalInvariantError(f"freeing unallocated host pfns in [{pfn:#x}, {pfn + npages:#x})")
+    rangemap_assign(used, pfn, pfn + <uint64_t>npages, 0)
+    hm.nr_allocated = hm.nr_allocated - npages
+    return 0
+
+
+def hostmem_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int64_t n_units,
+                 int order):
+    """``pkvm.host.hostmem.HostMemory._plan``: a list of ``(pfn, npages)`` runs, or None."""
+    cdef _Runs r
+    _runs_init(&r)
+    try:
+        if not _hm_plan(used, start, end, cursor, n_units, order, &r):
+            return None
+        return _runs_list(&r)
+    finally:
+        _runs_free(&r)
+
+
+def hostmem_alloc(hm, int64_t n_units, int order):
+    """``pkvm.host.hostmem.HostMemory.alloc``."""
+    cdef _Runs r
+    _runs_init(&r)
+    try:
+        if _hm_alloc(hm, hm._used, hm.start_pfn, hm.end_pfn, n_units, order, &r):
+            from pkvm.errors import KvmError
+            raise KvmError(_ENOMEM, f"host memory exhausted allocating {n_units} x order-{order} blocks")
+        return _runs_list(&r)
+    finally:
+        _runs_free(&r)
+
+
+def hostmem_free(hm, uint64_t pfn, int64_t npages):
+    """``pkvm.host.hostmem.HostMemory.free``."""
+    _hm_free(hm, hm._used, pfn, npages)
+
+
+cdef int _vm_charge(object vm, dict d, dict costs, str op, object n) except -1:
+    """``VM._charge``: ``n`` times the cost of ``op`` added to the modeled time (and traced)."""
+    ns = costs[op] * n
+    cost = <dict>d["_cost_ns"]
+    cost[op] = cost.get(op, 0) + ns
+    d["_modeled_ns"] = d["_modeled_ns"] + ns
+    if d["_subs"] is not None:
+        vm._emit("charge", None, None, op, n, ns)
+    return 0
+
+
+# -- SEV-SNP: the kernel's RMP wrappers (pkvm.platforms._snp_rmp) ---------------------------------
+
+cdef int _split_2m(uint64_t start, uint64_t end, uint64_t *pa, uint64_t *pb, int *pl) noexcept nogil:
+    """``[start, end)`` cut at 2M boundaries into at most 3 pieces ``(pa, pb, pl)``: the whole
+    aligned 2M blocks as one 2M piece (level 2), each partial 2M block as its own 4K piece
+    (level 1); returns the number of pieces."""
+    cdef uint64_t up = (start + RMP_PAGES_2M - 1) & ~(<uint64_t>_MASK_2M)
+    cdef uint64_t down = end & ~(<uint64_t>_MASK_2M)
+    cdef int n = 0
+    if up > start:
+        pa[n] = start
+        pb[n] = up if up < end else end
+        pl[n] = 1
+        n += 1
+    if down > up:
+        pa[n] = up
+        pb[n] = down
+        pl[n] = 2
+        n += 1
+    if end > down >= up:
+        pa[n] = down if down > start else start
+        pb[n] = end
+        pl[n] = 1
+        n += 1
+    return n
+
+
+def split_2m_runs(uint64_t start, uint64_t end):
+    """``pkvm.platforms._snp_rmp._split_2m_runs``: ``[start, end)`` cut at 2M boundaries
+    into ``(s, e, level)`` pieces (whole aligned 2M blocks as one 2M piece, each partial 2M
+    block a 4K piece)."""
+    cdef uint64_t pa[3]
+    cdef uint64_t pb[3]
+    cdef int pl[3]
+    cdef int i, n = _split_2m(start, end, pa, pb, pl)
+    return [(pa[i], pb[i], pl[i]) for i in range(n)]
+
+
+@cython.final
+@cython.auto_pickle(False)  # a VM's live state: never pickled on its own
+cdef class SnpPath:
+    """The typed state of one SNP VM's RMP wrappers (``vm.snp._path``), built by the
+    platform's init: the RMP, the direct map's maps and counters, the ASID, the VM's counter and
+    cost dicts, and the Python functions of the rare paths (an armed ``set_memory`` failure,
+    PSMASH) and the op-table entries it stands for (``prepare`` / ``invalidate``)."""
+
+    cdef object vm, snp, dm, rmp_obj, injected, psmash_fn
+    cdef readonly object prepare_op, invalidate_op
+    cdef dict d, stats, costs, armed, dm_cnt
+    cdef RmpTable rmp           # None while ``snp.rmp`` is not an RmpTable (a reference twin)
+    cdef RangeMap dm_map        # None while ``snp.directmap`` is not a DirectMap
+    cdef RangeMap leaked
+    cdef uint64_t asid
+    cdef bint split4k
+
+    def __init__(self, vm, snp, prepare, invalidate, injected, psmash):
+        d = vm.__dict__
+        self.vm = vm
+        self.d = d
+        self.snp = snp
+        self.stats = d["_stats"]
+        self.costs = d["_costs"]
+        self.armed = d["_inject"]._armed
+        self.asid = snp.asid
+        self.leaked = snp.leaked
+        self.prepare_op = prepare
+        self.invalidate_op = invalidate
+        self.injected = injected
+        self.psmash_fn = psmash
+        self.rebind()
+
+    def rebind(self):
+        """Read ``snp.rmp`` and ``snp.directmap`` again (``SnpVm`` calls this when one is
+        replaced). Objects of other types than RmpTable / DirectMap (the reference twins of
+        the tests) are used through their Python methods."""
+        from pkvm.host.directmap import DirectMap
+        snp = self.snp
+        self.rmp_obj = snp.rmp
+        self.rmp = snp.rmp if type(snp.rmp) is RmpTable else None
+        dm = snp.directmap
+        self.dm = dm
+        self.dm_map = dm._map if type(dm) is DirectMap else None
+        self.dm_cnt = dm._cnt
+        self.split4k = dm._policy == "split-4k"
+
+    # -- RMP reads, typed or through a twin's methods --------------------------------------------
+
+    cdef int _segments(self, uint64_t pfn, uint64_t n, int want, _Runs *out) except -1:
+        """The segments of ``[pfn, pfn + n)`` as ``RmpTable.ranges`` cuts them, before any
+        change: ``(s, e, 2M?)`` into ``out`` for the assigned ones (``want`` 1) or the
+        unassigned ones (``want`` 0)."""
+        cdef RmpTable rmp = self.rmp
+        cdef uint64_t cur, end
+        cdef RmpSeg g
+        out.n = 0
+        if rmp is None:
+            for s, e, ent in self.rmp_obj.ranges(pfn, n):
+                if (1 if ent.assigned else 0) == want:
+                    _runs_push(out, s, e, 1 if ent.level == 2 else 0)
+            return 0
+        if pfn >= rmp.max_pfn_ or n > rmp.max_pfn_ - pfn:
+            rmp.ranges(pfn, n)  # raises the named error
+        cur = pfn
+        end = pfn + n
+        while cur < end:
+            g = rmp._seg_c(cur, end)
+            if (1 if g.own else 0) == want:
+                _runs_push(out, cur, g.end, g.size)
+            cur = g.end
+        return 0
+
+    cdef int _assigned(self, uint64_t pfn) except -1:
+        """``rmp.lookup(pfn).assigned``."""
+        if self.rmp is None or pfn >= self.rmp.max_pfn_:
+            return 1 if self.rmp_obj.lookup(pfn).assigned else 0
+        return rangemap_get(self.rmp.own, pfn) != 0
+
+    cdef int64_t _find_assigned(self, uint64_t pfn, uint64_t n, bint assigned) except -2:
+        """``rmp.find_ne(pfn, n, assigned=not assigned)``: the first pfn of the range that is
+        (``assigned``) or is not assigned, or -1."""
+        cdef uint64_t x
+        cdef RmpMatch want
+        if self.rmp is None or pfn >= self.rmp.max_pfn_ or n > self.rmp.max_pfn_ - pfn:
+            return self.rmp_obj.find_ne(pfn, n, assigned=not assigned)
+        memset(&want, 0, sizeof(want))
+        want.fields = RMP_F_ASSIGNED
+        want.assigned = 0 if assigned else 1
+        if self.rmp._find_c(pfn, pfn + n, &want, False, &x):
+            return <int64_t>x
+        return -1
+
+    cdef inline int _charge(self, str op, object n) except -1:
+        return _vm_charge(self.vm, self.d, self.costs, op, n)
+
+    cdef object _directmap(self, bint before, uint64_t pfn, uint64_t npages, int level,
+                           bint assigned):
+        """``_snp_rmp._directmap``: one direct-map dispatcher (before or after the
+        RMPUPDATEs) and its counters; returns its CPA calls."""
+        d = self.d
+        sched = d["_sched"]
+        if sched is None and self.split4k and self.dm_map is not None:
+            # adjust_direct_map with nothing to split (a 2M update, or one page already mapped
+            # at 4K), and nothing after the instruction: DirectMap._adjust's early returns.
+            if not before or level == 2 or npages == 0:
+                return 0
+            if npages == 1 and rangemap_get(self.dm_map, pfn) & 3 < 2:
+                return 0
+        if sched is not None:
+            sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
+        cnt = self.dm_cnt
+        s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
+        if before:
+            calls = self.dm._before_rmpupdate(pfn, npages, level, assigned)
+        else:
+            calls = self.dm._after_rmpupdate(pfn, npages, level, assigned)
+        if not calls:
+            if sched is not None:
+                sched.release("cpa_lock")
+            return 0
+        st = self.stats
+        splits = cnt["directmap_splits"] - s0
+        unmaps = cnt["directmap_unmaps"] - u0
+        restores = cnt["directmap_restores"] - r0
+        st["directmap_splits"] += splits
+        st["directmap_unmaps"] += unmaps
+        st["directmap_restores"] += restores
+        st["directmap_cpa_calls"] += calls
+        if splits:
+            self._charge("directmap_split", splits)
+        # A kernel-range TLB flush per set_memory_4k call (split-4k), per RMPUPDATE wrapper
+        # call that unmapped or restored pages (unmap-restore: the _noflush helpers, one flush
+        # after).
+        if self.split4k:
+            flushes = calls
+        else:
+            flushes = ((npages >> 9 if level == 2 else npages) if unmaps or restores else 0)
+        if flushes:
+            st["directmap_tlb_flushes"] += flushes
+            self._charge("directmap_tlb_flush", flushes)
+        if self.snp.atomic and (sched is None or sched.holds("mmu_lock")):
+            st["sleep_in_atomic"] += calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
+            self._charge("sleep_in_atomic", calls)
+            self.vm.events.append(("sleep_in_atomic", (f"BUG: scheduling while atomic: {calls} direct-map "
+                                   f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
+        if sched is not None:
+            if flushes:
+                sched.ipi("host", flushes)  # flush_tlb_kernel_range: an IPI to every host CPU
+            sched.release("cpa_lock")
+        return calls
+
+    def directmap(self, bint before, uint64_t pfn, uint64_t npages, int level, bint assigned):
+        """``pkvm.platforms._snp_rmp._directmap``."""
+        return self._directmap(before, pfn, npages, level, assigned)
+
+    cpdef int rmpupdate_range(self, uint64_t pfn, uint64_t npages, int level, bint assigned,
+                              uint64_t gfn=0, bint immutable=False, int dm=_DM_BOTH) except? -1000:
+        """``pkvm.platforms._snp_rmp.rmpupdate_range`` (``dm`` is a :data:`DIRECTMAP_MODES`
+        code): an armed ``set_memory`` failure goes entry by entry through the Python
+        ``_rmpupdate_injected``."""
+        if self.armed and (dm == _DM_BOTH or dm == _DM_BEFORE) and "set_memory" in self.armed:
+            return self.injected(self.vm, pfn, npages, level, assigned, gfn, immutable, _DM_NAMES[dm])
+        return self.body(pfn, npages, level, assigned, gfn, immutable, dm)
+
+    cpdef int body(self, uint64_t pfn, uint64_t npages, int level, bint assigned, uint64_t gfn,
+                   bint immutable, int dm) except? -1000:
+        """``pkvm.platforms._snp_rmp._rmpupdate_body``: the direct-map work before, the
+        RMPUPDATEs, their accounting, the direct-map work after; 0 or ``-EFAULT``."""
+        cdef RmpResult res
+        cdef RmpTable rmp = self.rmp
+        cdef uint64_t span
+        if dm == _DM_BOTH or dm == _DM_BEFORE:
+            self._directmap(True, pfn, npages, level, assigned)
+        if rmp is None or (level != 1 and level != 2) or pfn >= rmp.max_pfn_ or npages > rmp.max_pfn_ - pfn or (
+                level == 2 and npages & _MASK_2M) or (assigned and (gfn >= _RMP_MAX_PFN or gfn + npages > _RMP_MAX_PFN)):
+            # A twin, or out of the table: RmpTable.rmpupdate_range raises the named error.
+            if assigned:
+                done, fail, code = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=True, asid=self.asid,
+                                                       gpa=gfn << 12, immutable=immutable)
+            else:
+                done, fail, code = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=False)
+        else:
+            if assigned:
+                rmp._rmpupdate_c(pfn, npages, level == 2, True, self.asid, gfn, immutable, &res)
+            else:
+                rmp._rmpupdate_c(pfn, npages, level == 2, False, 0, 0, False, &res)
+            done = res.done
+            code = res.code
+            fail = res.fail_pfn if res.code else -1
+        d = self.d
+        st = self.stats
+        if done:
+            sched = d["_sched"]
+            if sched is not None:
+                sched.changed()  # a vCPU looping on RMP #NPF may now go on
+            st["rmpupdate"] += done
+            if level == 2:
+                st["rmpupdate_2m"] += done
+            self._charge("rmpupdate", done)
+        if d["_subs"] is not None:
+            span = done << (9 if level == 2 else 0)
+            self.vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None,
+                          "rmpupdate", done, 0, code, (pfn, pfn + span, level, assigned))
+        if code:
+            st["rmpupdate_failures"] += 1
+            if code == _RMP_FAIL_OVERLAP:
+                from pkvm.constants import RETRY_LIMIT
+                how = (f" (still FAIL_OVERLAP after {RETRY_LIMIT} attempts; rmpupdate() retries it until "
+                       "another CPU releases the entry)")
+            else:
+                how = ""
+            self.vm.events.append(("rmpupdate", f"RMPUPDATE failed for pfn {fail:#x} level {level}: code {code}{how}"))
+            if (dm == _DM_BOTH or dm == _DM_AFTER) and done:
+                self._directmap(False, pfn, done << (9 if level == 2 else 0), level, assigned)
+            return -_EFAULT
+        if dm == _DM_BOTH or dm == _DM_AFTER:
+            self._directmap(False, pfn, npages, level, assigned)
+        return 0
+
+    cdef int _check_range(self, uint64_t pfn, uint64_t npages) except -1:
+        """Raise RmpTable's named ValueError for a range outside the table."""
+        if pfn >= self.rmp.max_pfn_ or npages > self.rmp.max_pfn_ - pfn:
+            self.rmp.ranges(pfn, npages)
+        return 0
+
+    cpdef int gmem_prepare(self, uint64_t gfn, uint64_t pfn, int order, uint64_t nr) except? -1000:
+        """``pkvm.platforms.snp.snp_gmem_prepare`` (``sev_gmem_prepare``, §5.5)."""
+        cdef uint64_t base
+        cdef int64_t x
+        cdef Py_ssize_t i, j
+        cdef _Runs todo
+        cdef int r
+        if order:
+            base = pfn & ~(<uint64_t>_MASK_2M)
+            if self._assigned(pfn):
+                return 0
+            if order >= 9 and self._find_assigned(base, RMP_PAGES_2M, True) == -1:
+                r = self.rmpupdate_range(base, RMP_PAGES_2M, 2, True, gfn & ~(<uint64_t>_MASK_2M))
+            else:
+                r = self.rmpupdate_range(pfn, 1, 1, True, gfn)
+            return -_EINVAL if r else 0
+        _runs_init(&todo)
+        try:
+            self._segments(pfn, nr, 0, &todo)
+            for i in range(todo.n):
+                r = self.rmpupdate_range(todo.a[i], todo.b[i] - todo.a[i], 1, True, gfn + (todo.a[i] - pfn))
+                if r:
+                    if nr > 1:
+                        # Undo the batch: the entries after the failing one are unchanged;
+                        # those before it (this run's prefix included) go back to
+                        # hypervisor-owned at 4K.
+                        for j in range(i):
+                            self.rmpupdate_range(todo.a[j], todo.b[j] - todo.a[j], 1, False)
+                        x = self._find_assigned(todo.a[i], todo.b[i] - todo.a[i], False)
+                        if x > todo.a[i]:
+                            self.rmpupdate_range(todo.a[i], x - todo.a[i], 1, False)
+                    return -_EINVAL
+            return 0
+        finally:
+            _runs_free(&todo)
+
+    cpdef int make_shared_range(self, uint64_t pfn_start, uint64_t pfn_end, bint flush,
+                                int dm=_DM_BOTH) except? -1000:
+        """``pkvm.platforms._snp_rmp.make_shared_range`` (§5.7)."""
+        cdef uint64_t s, e
+        cdef _Runs segs
+        cdef Py_ssize_t i, k, npieces
+        cdef uint64_t pa[3]
+        cdef uint64_t pb[3]
+        cdef int pl[3]
+        cdef int r, ret = 0
+        if pfn_end < pfn_start:
+            self.rmp_obj.ranges(pfn_start, <object>pfn_end - <object>pfn_start)  # the named error
+        _runs_init(&segs)
+        try:
+            self._segments(pfn_start, pfn_end - pfn_start, 1, &segs)
+            for i in range(segs.n):
+                s = segs.a[i]
+                e = segs.b[i]
+                if segs.c[i]:
+                    # A run of 2M entries: its ends may cut an entry that continues outside the
+                    # range.
+                    npieces = _split_2m(s, e, pa, pb, pl)
+                    for k in range(npieces):
+                        if pl[k] == 1:
+                            self.psmash_fn(self.vm, pa[k])
+                else:
+                    pa[0] = s
+                    pb[0] = e
+                    pl[0] = 1
+                    npieces = 1
+                for k in range(npieces):
+                    r = self.rmpupdate_range(pa[k], pb[k] - pa[k], pl[k], False, 0, False, dm)
+                    if r:
+                        ret = ret or r
+                        continue
+                    if flush:
+                        self.stats["cache_flush_pages"] += pb[k] - pa[k]
+                        self._charge("cache_flush_4k", pb[k] - pa[k])
+            return ret
+        finally:
+            _runs_free(&segs)
+
+    cpdef int gmem_invalidate(self, uint64_t pfn_start, uint64_t pfn_end) except? -1000:
+        """``pkvm.platforms.snp.snp_gmem_invalidate`` (``sev_gmem_invalidate``, §5.7): a page
+        that cannot be made shared is leaked (stays assigned, recorded in ``snp.leaked``)."""
+        cdef _Runs segs
+        cdef Py_ssize_t i
+        if self.make_shared_range(pfn_start, pfn_end, True, _DM_BOTH):
+            _runs_init(&segs)
+            try:
+                self._segments(pfn_start, pfn_end - pfn_start, 1, &segs)
+                for i in range(segs.n):
+                    rangemap_assign(self.leaked, segs.a[i], segs.b[i], 1)
+                    self.stats["snp_leaked_pages"] += segs.b[i] - segs.a[i]
+            finally:
+                _runs_free(&segs)
+        return 0
+
+
+# -- guest_memfd (pkvm.kvm.gmem) ------------------------------------------------------------------
+
+_ALLOC_OPS = {0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"}
+
+
+@cython.final
+@cython.auto_pickle(False)  # a VM's live state: never pickled on its own
+cdef class GmemPath:
+    """The typed state of one VM's guest_memfd steps (``vm._gmem_path``, built on first use by
+    ``pkvm.kvm.gmem``): the host allocator's map, the VM's counter and cost dicts, the policy's
+    guest_memfd knobs, the platform's prepare / invalidate ops (SNP's as a :class:`SnpPath`)
+    and the Python functions of the rare paths. The methods trust their arguments."""
+
+    cdef object vm, hm, platform, prepare_op, invalidate_op, is_implemented, mfe
+    cdef dict d, stats, costs, armed
+    cdef RangeMap used
+    cdef int64_t hm_start, hm_end
+    cdef int max_order, mode
+    cdef bint has_prepare, has_invalidate
+    cdef SnpPath snp_prep, snp_inval
+    # the memslot read last (memslots never change these fields) and its guest_memfd's maps
+    cdef object c_slot, c_gmem
+    cdef RangeMap c_folios, c_bindings
+    cdef int64_t c_base, c_pgoff, c_key, c_npages
+    cdef str err_msg
+
+    def __init__(self, vm, is_implemented, memory_fault_exit):
+        d = vm.__dict__
+        self.vm = vm
+        self.d = d
+        self.stats = d["_stats"]
+        self.costs = d["_costs"]
+        self.armed = d["_inject"]._armed
+        hm = d["_hostmem"]
+        self.hm = hm
+        self.used = hm._used
+        self.hm_start = hm.start_pfn
+        self.hm_end = hm.end_pfn
+        policy = d["_policy"]
+        self.max_order = policy.gmem_max_order
+        self.mode = {"none": _PREP_NONE, "once-per-folio": _PREP_ONCE,
+                     "every-lookup": _PREP_EVERY}[policy.prepare]
+        self.is_implemented = is_implemented
+        self.mfe = memory_fault_exit
+        self.c_slot = None
+        self._ops(d["_platform"])
+
+    cdef int _ops(self, platform) except -1:
+        """Read the platform's guest_memfd ops (again after a test swapped the op table)."""
+        self.platform = platform
+        self.prepare_op = platform.gmem_prepare
+        self.invalidate_op = platform.gmem_invalidate
+        self.has_prepare = self.is_implemented(self.prepare_op)
+        self.has_invalidate = self.is_implemented(self.invalidate_op)
+        snp = self.d.get("snp")
+        path = getattr(snp, "_path", None) if snp is not None else None
+        self.snp_prep = path if path is not None and path.prepare_op is self.prepare_op else None
+        self.snp_inval = path if path is not None and path.invalidate_op is self.invalidate_op else None
+        return 0
+
+    cdef inline int _sync(self) except -1:
+        platform = self.d["_platform"]
+        if platform is not self.platform:
+            self._ops(platform)
+        return 0
+
+    cdef int _slot(self, slot) except -1:
+        if slot is not self.c_slot:
+            gmem = slot.gmem
+            self.c_gmem = gmem
+            if gmem is not None:
+                self.c_folios = gmem.folios
+                self.c_bindings = gmem.bindings
+                self.c_npages = gmem.npages
+            self.c_base = slot.base_gfn
+            self.c_pgoff = slot.gmem_pgoff
+            self.c_key = slot.key
+            self.c_slot = slot
+        return 0
+
+    cdef inline int _charge(self, str op, object n) except -1:
+        return _vm_charge(self.vm, self.d, self.costs, op, n)
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    cdef int _alloc(self, RangeMap folios, int64_t index, int64_t count, int order, bint prepared,
+                    _Runs *plan) except -1:
+        """``GuestMemfd._alloc_folios`` into ``plan``: 0, or the errno of a failure (its message
+        in ``err_msg``; the folios before an injected failure are allocated)."""
+        cdef Py_ssize_t k
+        cdef int64_t i
+        cdef int r
+        if self.armed and "gmem_folio_alloc" in self.armed:
+            hit = self.d["_inject"].take("gmem_folio_alloc", count)
+            if hit is not None:
+                if hit[0]:
+                    r = self._alloc(folios, index, hit[0], order, prepared, plan)
+                    if r:
+                        return r
+                self.err_msg = (f"guest_memfd folio allocation failed at index "
+                                f"{index + (hit[0] << order):#x} (injected)")
+                return hit[1]
+        if _hm_alloc(self.hm, self.used, self.hm_start, self.hm_end, count, order, plan):
+            self.err_msg = f"host memory exhausted allocating {count} x order-{order} blocks"
+            return _ENOMEM
+        i = index
+        for k in range(plan.n):
+            rangemap_assign(folios, <uint64_t>i, <uint64_t>(i + plan.b[k]),
+                            _folio_value(plan.a[k] - i, order, prepared))
+            i += plan.b[k]
+        st = self.stats
+        st["gmem_pages_allocated"] += count << order
+        op = _ALLOC_OPS.get(order)
+        if op is None:
+            self.vm._charge_alloc(count << order, order)
+        else:
+            self._charge(op, count)
+        return 0
+
+    def alloc_folios(self, gmem, int64_t index, int64_t count, int order, bint prepared):
+        """``pkvm.kvm.gmem.GuestMemfd._alloc_folios``: the host pfn runs, or KvmError."""
+        cdef _Runs plan
+        cdef int r
+        _runs_init(&plan)
+        try:
+            r = self._alloc(gmem.folios, index, count, order, prepared, &plan)
+            if r:
+                from pkvm.errors import KvmError
+                raise KvmError(r, self.err_msg)
+            return _runs_list(&plan)
+        finally:
+            _runs_free(&plan)
+
+    cdef int _undo(self, RangeMap folios, int64_t first, _Runs *plan, object cursor,
+                   int order) except -1:
+        """``pkvm.kvm.gmem._undo_alloc``: give back the folios a failed batch allocated,
+        restoring the allocator's cursor."""
+        cdef Py_ssize_t k
+        cdef int64_t idx = first, total = 0
+        for k in range(plan.n):
+            _hm_free(self.hm, self.used, plan.a[k], plan.b[k])
+            rangemap_assign(folios, idx, idx + plan.b[k], 0)
+            idx += plan.b[k]
+            total += plan.b[k]
+        self.hm._cursor = cursor
+        self.stats["gmem_pages_allocated"] -= total
+        self.vm._uncharge_alloc(total, order)
+        return 0
+
+    # -- the fault's pfn lookup ---------------------------------------------------------------
+
+    cpdef object get_pfn(self, PageFault f, object end_obj):
+        """``pkvm.kvm.gmem.kvm_gmem_get_pfn`` (``kvm_mmu_faultin_pfn_gmem`` +
+        ``kvm_gmem_get_pfn``, §4.3) for the gfns ``[f.gfn, end)``."""
+        cdef int64_t gfn, end, index, first, fi, gfn_f, delta, nf, size, a
+        cdef uint64_t v, x
+        cdef int order, r, err
+        cdef bint prepared, allocated = False
+        cdef Run run
+        cdef RangeMap folios
+        cdef _Runs plan
+        self._sync()
+        slot = f.slot
+        gfn = f.gfn
+        end = end_obj
+        self._slot(slot)
+        if self.c_gmem is None or slot.gmem_file is None:
+            # a private access to a slot without guest_memfd, or the file was closed
+            self.mfe(f, _EFAULT)
+            return gfn + 1
+        index = gfn - self.c_base + self.c_pgoff
+        if rangemap_get(self.c_bindings, index) != <uint64_t>(self.c_key + 1):
+            self.mfe(f, 5)  # EIO
+            return gfn + 1
+        folios = self.c_folios
+        run = folios._run_at_c(index)
+        v = run.value
+        if (f.single or (v and _folio_order(v)) or (not v and self.max_order)
+                or (self.armed and ("gmem_folio_alloc" in self.armed or "set_memory" in self.armed))):
+            end = gfn + 1  # one fault at a time
+            f.single = True
+        else:
+            x = run.end - <uint64_t>index  # (unsigned: the last gap's run ends at 2**64 - 1)
+            if x < <uint64_t>(end - gfn):
+                end = gfn + <int64_t>x
+        _runs_init(&plan)
+        try:
+            if not v:
+                order = 0
+                if self.max_order:
+                    size = 1LL << self.max_order
+                    a = index & ~(size - 1)
+                    if a + size <= self.c_npages and not rangemap_find_ne(folios, a, a + size, 0, &x):
+                        order = self.max_order
+                cursor = self.hm._cursor
+                first = index if not order else index & ~((1LL << order) - 1)
+                prepared = self.mode == _PREP_NONE
+                if not prepared and (order or end == gfn + 1) and not self.has_prepare:
+                    # One folio, and no prepare op that could fail: the lookup below would only
+                    # mark it prepared (kvm_gmem_mark_prepared), so store it so at once.
+                    prepared = True
+                err = self._alloc(folios, first, 1 if order else end - gfn, order, prepared, &plan)
+                if err:
+                    self.mfe(f, err)
+                    return gfn + 1
+                if not order:
+                    end = gfn + plan.b[0]
+                allocated = True
+                # The folio now at index: the first pfn run of the plan starts at ``first``.
+                v = _folio_value(plan.a[0] - first, order, prepared)
+            order = _folio_order(v)
+            size = 1LL << order
+            fi = index & ~(size - 1)
+            gfn_f = gfn - (index - fi)
+            delta = _decode_delta(v)
+            nf = 1 if order else end - gfn
+            if self.mode != _PREP_NONE and (self.mode == _PREP_EVERY or not v & _FOLIO_PREPARED):
+                if not self.has_prepare:
+                    r = 0
+                elif self.snp_prep is not None:
+                    r = self.snp_prep.gmem_prepare(gfn_f, fi + delta, order, nf)
+                else:
+                    r = self.prepare_op(self.vm, gfn_f, fi + delta, order, nf)
+                if r:
+                    if nf > 1:
+                        # The op prepared nothing; retry folio by folio like per-page faults.
+                        if allocated:
+                            self._undo(folios, first, &plan, cursor, order)
+                        f.single = True
+                        return self.get_pfn(f, gfn + 1)
+                    if self.mode == _PREP_EVERY:
+                        rangemap_assign(folios, fi, fi + size, v | _FOLIO_PREPARED)
+                    self.mfe(f, -r)
+                    return gfn + 1
+                if self.has_prepare:
+                    self.stats["gmem_prepare"] += nf
+                if not v & _FOLIO_PREPARED:
+                    rangemap_assign(folios, fi, fi + (nf << order), v | _FOLIO_PREPARED)
+            f.delta = index + delta - gfn
+            f.order = order if not (gfn - index) & (size - 1) else 0
+            return end
+        finally:
+            _runs_free(&plan)
+
+    # -- the hole punch's release of folios ---------------------------------------------------
+
+    def truncate(self, gmem, int64_t start, int64_t end):
+        """``pkvm.kvm.gmem.GuestMemfd._truncate``: free the folios wholly inside
+        ``[start, end)``; a large folio only partly inside stays (its partial range would just
+        be zeroed)."""
+        cdef RangeMap folios = gmem.folios
+        cdef RunCursor cur
+        cdef int ok, order
+        cdef int64_t size, a, b, pfn, freed = 0
+        self._sync()
+        if start >= end:
+            return
+        ok = rangemap_cursor_init(folios, &cur, start, end)
+        while ok == 1:
+            order = _folio_order(cur.value)
+            size = 1LL << order
+            # Runs are clipped to [start, end) and folios are aligned: keep whole folios only.
+            a = (<int64_t>cur.start + size - 1) & ~(size - 1)
+            b = <int64_t>cur.end & ~(size - 1)
+            if a < b:
+                pfn = a + _decode_delta(cur.value)
+                if self.has_invalidate:
+                    if self.snp_inval is not None:
+                        self.snp_inval.gmem_invalidate(pfn, pfn + (b - a))
+                    else:
+                        self.invalidate_op(self.vm, pfn, pfn + (b - a))
+                    self.stats["gmem_invalidate"] += (b - a) >> order
+                _hm_free(self.hm, self.used, pfn, b - a)
+                rangemap_assign(folios, a, b, 0)
+                freed += b - a
+            ok = rangemap_cursor_next(folios, &cur)
+        if freed:
+            self.stats["gmem_pages_freed"] += freed
+            self._charge("gmem_punch_4k", freed)
