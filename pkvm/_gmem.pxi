@@ -400,15 +400,19 @@ cdef class SnpPath:
         RMPUPDATEs) and its counters; returns its CPA calls."""
         d = self.d
         sched = d["_sched"]
-        if sched is None and self.split4k and self.dm_map is not None:
-            # adjust_direct_map with nothing to split (a 2M update, or one page already mapped
-            # at 4K), and nothing after the instruction: DirectMap._adjust's early returns.
-            if not before or level == 2 or npages == 0:
-                return 0
-            if npages == 1 and rangemap_get(self.dm_map, pfn) & 3 < 2:
-                return 0
+        # split-4k's dispatchers with nothing to do (DirectMap._adjust's early returns: a 2M
+        # update, or one page already mapped at 4K; nothing after the instruction) need no
+        # call into the direct map.
+        cdef bint quick = self.split4k and self.dm_map is not None and (
+            not before or level == 2 or npages == 0
+            or (npages == 1 and rangemap_get(self.dm_map, pfn) & 3 < 2))
+        if quick and sched is None:
+            return 0
         if sched is not None:
             sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
+        if quick:
+            sched.release("cpa_lock")
+            return 0
         cnt = self.dm_cnt
         s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
         if before:
