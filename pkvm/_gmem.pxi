@@ -398,14 +398,27 @@ cdef class SnpPath:
                            bint assigned):
         """``_snp_rmp._directmap``: one direct-map dispatcher (before or after the
         RMPUPDATEs) and its counters; returns its CPA calls."""
+        cdef bint quick = False
+        cdef RunCursor cur
+        cdef int ok
         d = self.d
         sched = d["_sched"]
-        # split-4k's dispatchers with nothing to do (DirectMap._adjust's early returns: a 2M
-        # update, or one page already mapped at 4K; nothing after the instruction) need no
-        # call into the direct map.
-        cdef bint quick = self.split4k and self.dm_map is not None and (
-            not before or level == 2 or npages == 0
-            or (npages == 1 and rangemap_get(self.dm_map, pfn) & 3 < 2))
+        # split-4k's dispatchers with nothing to do need no call into the direct map: nothing
+        # after the instruction, nothing before a 2M one, and nothing before 4K ones over
+        # pages all mapped at 4K already (DirectMap._adjust / _split change nothing then).
+        if self.split4k and self.dm_map is not None:
+            if not before or level == 2 or npages == 0:
+                quick = True
+            elif npages == 1:
+                quick = rangemap_get(self.dm_map, pfn) & 3 < 2
+            else:
+                quick = True
+                ok = rangemap_cursor_init(self.dm_map, &cur, pfn, pfn + npages)
+                while ok == 1:
+                    if cur.value & 3 >= 2:
+                        quick = False
+                        break
+                    ok = rangemap_cursor_next(self.dm_map, &cur)
         if quick and sched is None:
             return 0
         if sched is not None:
