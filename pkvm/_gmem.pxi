@@ -915,3 +915,63 @@ cdef class GmemPath:
         if freed:
             self.stats["gmem_pages_freed"] += freed
             self._charge("gmem_punch_4k", freed)
+
+    cdef list _bound_ranges(self, gmem, int64_t start, int64_t end):
+        """The slot-clipped gfn ranges ``(s, e)`` of the bindings that meet file indices
+        ``[start, end)``."""
+        cdef RangeMap bindings = gmem.bindings
+        cdef RunCursor cur
+        cdef int64_t base
+        cdef int ok
+        ranges = []
+        slots = self.d["_slots"]
+        ok = rangemap_cursor_init(bindings, &cur, start, end)
+        while ok == 1:
+            slot = slots[cur.value - 1]
+            base = slot.base_gfn - slot.gmem_pgoff
+            ranges.append((base + <int64_t>cur.start, base + <int64_t>cur.end))
+            ok = rangemap_cursor_next(bindings, &cur)
+        return ranges
+
+    def bound_gfn_ranges(self, gmem, int64_t start, int64_t end):
+        """``pkvm.kvm.gmem.GuestMemfd._bound_gfn_ranges``."""
+        return self._bound_ranges(gmem, start, end)
+
+    def punch_hole(self, gmem, int64_t start, int64_t end):
+        """``pkvm.kvm.gmem.GuestMemfd._punch_hole`` (``kvm_gmem_punch_hole``, §4.7) on file
+        indices ``[start, end)`` (already clipped): under the file's invalidate lock, an MMU
+        invalidation around the zap of the bound gfns' private mappings, then the release of
+        the folios (:meth:`truncate`)."""
+        cdef bint flush = False
+        if start >= end:
+            return
+        d = self.d
+        vm = self.vm
+        sched = d["_sched"]
+        if sched is not None:
+            sched.acquire("gmem_invalidate")  # filemap_invalidate_lock: exclusive
+        ranges = self._bound_ranges(gmem, start, end)
+        if ranges:
+            if sched is not None:
+                sched.acquire("mmu_lock")
+            vm._invalidate_begin()
+            t0 = sched.work_ns() if sched is not None else d["_modeled_ns"]
+            for s, e in ranges:  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
+                vm._invalidate_range_add(s, e)
+                if vm._zap(s, e, _FILTER_PRIVATE) > 0:  # only private mappings (§4.7)
+                    flush = True
+            if flush:
+                vm._flush_remote_tlbs()
+            d["mmu_lock_ns"] = d["mmu_lock_ns"] + ((sched.work_ns() if sched is not None else d["_modeled_ns"]) - t0)
+            if sched is not None:
+                sched.release("mmu_lock")
+        self.truncate(gmem, start, end)
+        if ranges:
+            if sched is not None:
+                sched.acquire("mmu_lock")
+            vm._invalidate_end()
+            if sched is not None:
+                sched.release("mmu_lock")
+        if sched is not None:
+            sched.release("gmem_invalidate")
+

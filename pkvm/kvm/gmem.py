@@ -196,47 +196,11 @@ class GuestMemfd:
 
     def _bound_gfn_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """Slot-clipped gfn ranges of the bindings that intersect file indices ``[start, end)``."""
-        out = []
-        slots = self._vm._slots
-        for s, e, key in self.bindings.iter_ranges(start, end):
-            slot = slots[key - 1]
-            base = slot.base_gfn - slot.gmem_pgoff
-            out.append((base + s, base + e))
-        return out
+        return _gmem_path(self._vm).bound_gfn_ranges(self, start, end)  # type: ignore[no-any-return]
 
     def _punch_hole(self, start: int, end: int) -> None:
         """``kvm_gmem_punch_hole`` on file indices ``[start, end)`` (already clipped)."""
-        if start >= end:
-            return
-        vm = self._vm
-        sched = vm._sched
-        if sched is not None:
-            sched.acquire("gmem_invalidate")  # filemap_invalidate_lock: exclusive
-        ranges = self._bound_gfn_ranges(start, end)
-        if ranges:
-            if sched is not None:
-                sched.acquire("mmu_lock")
-            vm._invalidate_begin()
-            flush = False
-            clock = sched.work_ns if sched is not None else (lambda: vm._modeled_ns)
-            t0 = clock()  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
-            for s, e in ranges:
-                vm._invalidate_range_add(s, e)
-                flush |= vm._zap(s, e, KVM_FILTER_PRIVATE) > 0  # only private mappings (§4.7)
-            if flush:
-                vm._flush_remote_tlbs()
-            vm.mmu_lock_ns += clock() - t0
-            if sched is not None:
-                sched.release("mmu_lock")
-        self._truncate(start, end)
-        if ranges:
-            if sched is not None:
-                sched.acquire("mmu_lock")
-            vm._invalidate_end()
-            if sched is not None:
-                sched.release("mmu_lock")
-        if sched is not None:
-            sched.release("gmem_invalidate")
+        _gmem_path(self._vm).punch_hole(self, start, end)  # pkvm/_gmem.pxi
 
     def _truncate(self, start: int, end: int) -> None:
         """Free the folios wholly inside ``[start, end)``; a large folio only partly inside
