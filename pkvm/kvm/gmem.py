@@ -196,7 +196,7 @@ class GuestMemfd:
 
     def _bound_gfn_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """Slot-clipped gfn ranges of the bindings that intersect file indices ``[start, end)``."""
-        return _gmem_path(self._vm).bound_gfn_ranges(self, start, end)  # type: ignore[no-any-return]
+        return _gmem_path(self._vm).bound_gfn_ranges(self, start, end)  # pkvm/_gmem.pxi
 
     def _punch_hole(self, start: int, end: int) -> None:
         """``kvm_gmem_punch_hole`` on file indices ``[start, end)`` (already clipped)."""

@@ -102,6 +102,11 @@ class SnpVm:
     assigned in the RMP.
     """
 
+    _rmp: RmpTable
+    _directmap: DirectMap
+    #: The RMP wrappers' typed state (pkvm/_gmem.pxi), set by the platform's init.
+    _path: SnpPath
+
     def __init__(self, vm: VM, asid: int, host_cpus: int) -> None:
         self.vm = vm
         self.asid = asid
@@ -121,7 +126,7 @@ class SnpVm:
     @property
     def rmp(self) -> RmpTable:
         """The host's RMP."""
-        return self._rmp  # type: ignore[no-any-return]
+        return self._rmp
 
     @rmp.setter
     def rmp(self, value: RmpTable) -> None:
@@ -132,7 +137,7 @@ class SnpVm:
     @property
     def directmap(self) -> DirectMap:
         """The host kernel's direct map."""
-        return self._directmap  # type: ignore[no-any-return]
+        return self._directmap
 
     @directmap.setter
     def directmap(self, value: DirectMap) -> None:
