@@ -303,7 +303,6 @@ def hostmem_free(hm: object, pfn: int, npages: int) -> None: ...
 def split_2m_runs(start: int, end: int) -> list[tuple[int, int, int]]: ...
 
 @final
-@disjoint_base
 class SnpPath:
     """The typed state of one SNP VM's RMP wrappers (``vm.snp._path``)."""
 
@@ -333,7 +332,6 @@ class SnpPath:
     def gmem_invalidate(self, pfn_start: int, pfn_end: int) -> int: ...
 
 @final
-@disjoint_base
 class GmemPath:
     """The typed state of one VM's guest_memfd steps (``vm._gmem_path``)."""
 
