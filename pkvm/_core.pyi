@@ -292,8 +292,10 @@ class SchedHooks:
 
 # -- guest_memfd, the host allocator and SNP's RMP wrappers (pkvm/_gmem.pxi) ----------------------
 
+from typing import Mapping
+
 #: ``directmap`` argument name of the RMP wrappers -> the code :class:`SnpPath` takes.
-DIRECTMAP_MODES: dict[str, int]
+DIRECTMAP_MODES: Mapping[str, int]
 
 def hostmem_plan(
     used: RangeMap, start: int, end: int, cursor: int, n_units: int, order: int

@@ -24,7 +24,9 @@
 # The VM's mutable scalars (modeled time, the subscriber and timeline hooks) stay attributes of
 # the Python VM object and are read and written in its instance dict, as in pkvm/_attr.pxi.
 
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from types import MappingProxyType
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t
 
 # pkvm.kvm.gmem's folio value bits and pkvm.host.hostmem's delta encoding (tests/test_gmem_core.py
@@ -52,7 +54,8 @@ cdef enum:
 _DM_NAMES = ("both", "before", "after", "none")
 #: ``directmap`` argument name -> the code the typed wrappers take (an unknown name does no
 #: direct-map work, as the string tests of the Python wrappers did).
-DIRECTMAP_MODES = {"both": _DM_BOTH, "before": _DM_BEFORE, "after": _DM_AFTER, "none": _DM_NONE}
+DIRECTMAP_MODES = MappingProxyType({"both": _DM_BOTH, "before": _DM_BEFORE, "after": _DM_AFTER,
+                                    "none": _DM_NONE})
 
 cdef int _EFAULT = 14
 cdef int _EINVAL = 22
@@ -638,7 +641,7 @@ cdef class SnpPath:
 
 # -- guest_memfd (pkvm.kvm.gmem) ------------------------------------------------------------------
 
-_ALLOC_OPS = {0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"}
+_ALLOC_OPS = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
 
 
 @cython.final
