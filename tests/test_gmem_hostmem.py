@@ -72,3 +72,39 @@ def test_shared_backing_populates_whole_host_pages():
     assert thp.blocks_to_populate(0, 2048) == 1536
     assert thp.discard(0, 512) == 512 and thp.lookup(5) is None
     mem._check()
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((-1,), ValueError, r"n_units=-1 must be in \[0, "),
+    ((1 << 52,), ValueError, r"n_units=4503599627370496 must be in"),
+    ((1, -1), ValueError, r"order=-1 must be in \[0, 18\]"),
+    ((1, 19), ValueError, r"order=19 must be in \[0, 18\]"),
+    (("1",), TypeError, r"n_units must be an int, not str"),
+    ((1.0,), TypeError, r"n_units must be an int, not float"),
+    ((True,), TypeError, r"n_units must be an int, not bool"),
+    ((1, None), TypeError, r"order must be an int, not NoneType"),
+])
+def test_hostmem_alloc_refuses_bad_arguments_and_changes_nothing(args, exc, match):
+    mem = HostMemory(0x100000, 1 << 20)
+    mem.alloc(3)
+    before = (mem.nr_allocated, list(mem._used.iter_ranges()), mem._cursor)
+    with pytest.raises(exc, match=match):
+        mem.alloc(*args)
+    with pytest.raises(exc, match=match):
+        mem.can_alloc(*args)
+    assert (mem.nr_allocated, list(mem._used.iter_ranges()), mem._cursor) == before
+    assert mem.alloc(1) == [(0x100003, 1)]
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((-5, 2), ValueError, r"pfn=-5 must be in \[0, 2\*\*52\)"),
+    ((0x100000, -1), ValueError, r"npages=-1 must be in"),
+    ((0x100000, 1 << 70), ValueError, r"npages=\d+ must be in"),
+    (("x", 1), TypeError, r"pfn must be an int, not str"),
+])
+def test_hostmem_free_refuses_bad_arguments_and_changes_nothing(args, exc, match):
+    mem = HostMemory(0x100000, 1 << 20)
+    mem.alloc(2)
+    with pytest.raises(exc, match=match):
+        mem.free(*args)
+    assert mem.nr_allocated == 2 and mem.is_allocated(0x100001)

@@ -30,6 +30,15 @@ _DELTA_MASK = (1 << 56) - 1
 _DELTA_SIGN = 1 << 55
 
 
+def _check_units(n_units: object, order: object) -> None:
+    """The argument checks of :meth:`HostMemory.alloc` (the typed allocator trusts them)."""
+    for name, v, hi in (("n_units", n_units, 1 << 52), ("order", order, 19)):
+        if type(v) is not int:
+            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        if not 0 <= v < hi:
+            raise ValueError(f"{name}={v!r} must be in [0, {hi - 1}]")
+
+
 def encode_delta(delta: int) -> int:
     """Pack a signed pfn delta into the high bits of a RangeMap value."""
     return (delta & _DELTA_MASK) << _DELTA_SHIFT
@@ -84,7 +93,9 @@ class HostMemory:
         return hostmem_plan(self._used, self.start_pfn, self.end_pfn, self._cursor, n_units, order)
 
     def can_alloc(self, n_units: int, order: int = 0) -> bool:
-        """Whether :meth:`alloc` of the same arguments would succeed."""
+        """Whether :meth:`alloc` of the same arguments would succeed (the same argument
+        errors)."""
+        _check_units(n_units, order)
         return n_units == 0 or self._plan(n_units, order) is not None
 
     def alloc(self, n_units: int, order: int = 0) -> list[tuple[int, int]]:
@@ -95,7 +106,10 @@ class HostMemory:
 
         Raises:
             KvmError: ENOMEM when the memory is exhausted (nothing is allocated then).
+            TypeError / ValueError: ``n_units`` is not an int >= 0 below 2**52, or ``order``
+                is not an int in [0, 18] (4K, 2M and 1G blocks are orders 0, 9 and 18).
         """
+        _check_units(n_units, order)
         return hostmem_alloc(self, n_units, order)  # pkvm/_gmem.pxi (the fault path's allocator)
 
     def free(self, pfn: int, npages: int) -> None:
@@ -103,7 +117,13 @@ class HostMemory:
 
         Raises:
             InternalInvariantError: part of the range was not allocated (a double free).
+            TypeError / ValueError: ``pfn`` or ``npages`` is not an int in [0, 2**52).
         """
+        for name, v in (("pfn", pfn), ("npages", npages)):
+            if type(v) is not int:
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+            if not 0 <= v < 1 << 52:
+                raise ValueError(f"{name}={v!r} must be in [0, 2**52)")
         hostmem_free(self, pfn, npages)  # pkvm/_gmem.pxi
 
     def is_allocated(self, pfn: int) -> bool:
