@@ -1,5 +1,6 @@
 # ---------------------------------------------------------------------------------------------
-# Batched calls: the per-element loops of VM.set_memory_attributes_many and Vcpu.page_fault_many
+# Batched calls: the per-element loop of VM.set_memory_attributes_many (Vcpu.page_fault_many's is
+# FaultPath.calls, pkvm/_fault.pxi)
 # (included at the end of _core.pyx; the public methods and their validation are pkvm.kvm.batch)
 # ---------------------------------------------------------------------------------------------
 #
@@ -48,29 +49,3 @@ def _attr_calls(const uint64_t[::1] gpas, const uint64_t[::1] sizes, const uint6
             out[i] = e.errno
         else:
             out[i] = 0
-
-
-@cython.boundscheck(False)
-def _fault_calls(const uint64_t[::1] gpas, const uint8_t[::1] private, const uint8_t[::1] write,
-                 object vm, object check, object fault, list out):
-    """Run one nested page fault per element, in order, appending each result to ``out``.
-
-    Before each fault, ``check()`` (or, when it is None, the dead-VM check: ``vm._check_alive()``
-    once ``vm.vm_dead`` is set) raises what the one-call entry point would; the exception
-    propagates with ``out`` holding the results of the calls before it. The fault is
-    ``fault(gfn, gfn + 1, private, write)[1]``. ``private`` / ``write`` hold one flag per
-    call, or one flag for all."""
-    cdef Py_ssize_t i, n = gpas.shape[0]
-    cdef Py_ssize_t sp = 0 if private.shape[0] == 1 and n != 1 else 1
-    cdef Py_ssize_t sw = 0 if write.shape[0] == 1 and n != 1 else 1
-    cdef uint64_t gfn
-    if (sp and private.shape[0] != n) or (sw and write.shape[0] != n):
-        raise ValueError("_fault_calls: the arrays' lengths differ")
-    for i in range(n):
-        if check is None:
-            if vm.vm_dead:
-                vm._check_alive()
-        else:
-            check()
-        gfn = gpas[i] >> 12
-        out.append(fault(gfn, gfn + 1, private[i * sp] != 0, write[i * sw] != 0)[1])

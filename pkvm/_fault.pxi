@@ -5,6 +5,8 @@
 # ``object.__setattr__`` call per field: it was the most expensive single step of a 4K
 # fault). The fault path's phases live in pkvm/kvm/mmu.py and fill these in.
 
+from libc.stdint cimport int64_t, uint8_t
+
 @cython.final
 @cython.freelist(8)
 @cython.auto_pickle(False)
@@ -19,14 +21,23 @@ cdef class PageFault:
     ``map_writable``, ``level``; ``ret`` ("" while running), ``errno``, ``memory_fault``;
     ``nfaults`` (faults this object stands for); ``host_level``; ``single`` (a batch of one);
     ``order`` (the guest_memfd folio order usable at ``gfn``).
+
+    The numeric and flag fields are C-typed (read and written by name from Python as ints
+    and bools); ``slot``, ``ret`` and ``memory_fault`` are objects.
     """
 
-    cdef public object gfn, limit, end, private_access, is_private, write, mmu_seq, slot, delta
-    cdef public object errno "pkvm_errno"
-    cdef public object max_level, map_writable, level, ret, memory_fault, nfaults
-    cdef public object host_level, single, order, prefetch, attr
+    cdef public uint64_t gfn, limit, end, attr, nfaults
+    cdef public int64_t delta, mmu_seq
+    cdef public bint private_access, is_private, write, prefetch, map_writable, single
+    cdef public int errno "pkvm_errno"
+    cdef public int max_level, level, host_level, order
+    cdef public object slot, ret, memory_fault
 
-    def __init__(self, gfn, limit, private, write, prefetch=False):
+    def __init__(self, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch=False):
+        self._init(gfn, limit, private, write, prefetch)
+
+    cdef inline int _init(self, uint64_t gfn, uint64_t limit, bint private, bint write,
+                          bint prefetch) except -1:
         self.gfn = gfn
         self.prefetch = prefetch
         self.limit = limit
@@ -48,6 +59,29 @@ cdef class PageFault:
         self.single = limit <= gfn + 1
         self.order = 0
         self.attr = 0
+        return 0
+
+
+cdef inline PageFault _new_fault(uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
+    cdef PageFault f = PageFault.__new__(PageFault)
+    f._init(gfn, limit, private, write, prefetch)
+    return f
+
+
+cdef int _memory_fault_exit(PageFault f, int err) except -1:
+    """``kvm_mmu_prepare_memory_fault_exit`` + a negative return (docs/kernel-semantics.md
+    §4.6): ``ret = "exit"``, ``errno``, the ``(gpa, size, flags)`` of the exit; the fault is
+    one gfn."""
+    f.ret = "exit"
+    f.errno = err
+    f.memory_fault = (f.gfn << 12, 4096, 8 if f.is_private else 0)  # KVM_MEMORY_EXIT_FLAG_PRIVATE
+    f.end = f.gfn + 1
+    return 0
+
+
+def memory_fault_exit(PageFault f, int err):
+    """``pkvm.kvm.fault.memory_fault_exit``: fill a memory-fault exit into ``f``."""
+    _memory_fault_exit(f, err)
 
 
 @cython.final
@@ -102,3 +136,607 @@ cdef class FaultResult:
 
     def __reduce__(self):
         return (FaultResult, self._fields())
+
+
+cdef inline FaultResult _result(object ret, object level=None, object pfn=None, object exit_reason=None,
+                                object memory_fault=None, object err=None):
+    cdef FaultResult r = FaultResult.__new__(FaultResult)
+    r.ret = ret
+    r.level = level
+    r.pfn = pfn
+    r.exit_reason = exit_reason
+    r.memory_fault = memory_fault
+    r.errno = err
+    r.retries = 0
+    r.loop = None
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaf SPTEs: the one implementation of pkvm.kvm.mmu's make_spte / Mmu.split_to / map_leaf / map_run
+# ---------------------------------------------------------------------------------------------
+#
+# A leaf's RangeMap value (pkvm.kvm.mmu): bit 0 present, bits 1-2 the level, bit 3 private,
+# bit 4 writable, bits 8-63 the signed ``pfn - gfn`` delta (pkvm.host.hostmem.encode_delta).
+
+cdef uint64_t _F_SPTE_PRESENT = 1
+cdef uint64_t _F_SPTE_PRIVATE = 1ULL << 3
+cdef uint64_t _F_SPTE_WRITABLE = 1ULL << 4
+cdef uint64_t _F_ATTR_PRIVATE = 1ULL << 3       # KVM_MEMORY_ATTRIBUTE_PRIVATE
+cdef uint64_t _F_MEM_LOG_DIRTY = 1              # KVM_MEM_LOG_DIRTY_PAGES
+cdef uint64_t _F_MEM_READONLY = 2               # KVM_MEM_READONLY
+cdef int _F_EXIT_MEMORY_FAULT = 39              # KVM_EXIT_MEMORY_FAULT
+cdef int _F_EFAULT = 14
+cdef int _F_ENOENT = 2
+_F_LEVEL_STAT = (None, "pages_4k", "pages_2m", "pages_1g")
+
+
+cdef inline int _f_level(uint64_t v) noexcept nogil:
+    return <int>((v >> 1) & 3)
+
+
+cdef inline int _f_shift(int level) noexcept nogil:
+    return 18 if level == 3 else 9 if level == 2 else 0
+
+
+cdef inline int64_t _decode_delta(uint64_t v) noexcept nogil:
+    return (<int64_t>v) >> 8  # the delta's sign bit is bit 63
+
+
+cdef inline uint64_t _make_spte(int64_t delta, int level, bint private, bint writable) noexcept nogil:
+    return ((<uint64_t>delta) << 8) | _F_SPTE_PRESENT | (<uint64_t>level << 1) \
+        | (_F_SPTE_PRIVATE if private else 0) | (_F_SPTE_WRITABLE if writable else 0)
+
+
+cdef inline int _level_for_order(int order) noexcept nogil:
+    """``kvm_max_level_for_order``: >= 18 -> 1G, >= 9 -> 2M, else 4K."""
+    return 3 if order >= 18 else 2 if order >= 9 else 1
+
+
+cdef int _split_to(RangeMap m, dict st, uint64_t gfn, int level, object charge) except -1:
+    """``Mmu.split_to``: split the huge leaf holding ``gfn`` down to at most ``level``
+    (``tdp_mmu_split_huge_page``; the children map the same pfns: no flush)."""
+    cdef uint64_t v = rangemap_get(m, gfn), n, base
+    cdef int old
+    while v and _f_level(v) > level:
+        old = _f_level(v)
+        n = 1ULL << _f_shift(old)
+        base = gfn & ~(n - 1)
+        rangemap_assign(m, base, base + n, (v & ~(3ULL << 1)) | (<uint64_t>(old - 1) << 1))
+        k = _F_LEVEL_STAT[old]
+        st[k] = st[k] - 1
+        k = _F_LEVEL_STAT[old - 1]
+        st[k] = st[k] + 512
+        st["huge_page_splits"] = st["huge_page_splits"] + 1
+        charge("huge_page_split", 1)
+        v = rangemap_get(m, gfn)
+    return 0
+
+
+cdef int _map_leaf(RangeMap m, dict st, uint64_t gfn, int level, uint64_t value, object charge) except -1:
+    """``Mmu.map_leaf``: install one leaf at ``level`` covering ``gfn``. Returns 1 if the
+    identical leaf was there (spurious), 2 if a TLB flush is needed, else 0."""
+    cdef uint64_t old = rangemap_get(m, gfn), n, base, k
+    cdef int flush = 0
+    if old and _f_level(old) > level:
+        _split_to(m, st, gfn, level, charge)
+        old = rangemap_get(m, gfn)
+    if old == value:
+        return 1
+    n = 1ULL << _f_shift(level)
+    base = gfn & ~(n - 1)
+    if old or (n > 1 and rangemap_find_ne(m, base, base + n, 0, &k)):
+        flush = 2
+        dropped = _drop_leaves(m, st, base, base + n)
+        # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
+        if not (old and _f_level(old) == level):
+            st["zapped_sptes"] = st["zapped_sptes"] + dropped
+    rangemap_assign(m, base, base + n, value)
+    key = _F_LEVEL_STAT[level]
+    st[key] = st[key] + 1
+    return flush
+
+
+cdef int _map_run(RangeMap m, dict st, uint64_t start, uint64_t end, int level, uint64_t value) except -1:
+    """``Mmu.map_run``: leaves at ``level`` over the unmapped, ``level``-aligned ``[start, end)``."""
+    rangemap_assign(m, start, end, value)
+    key = _F_LEVEL_STAT[level]
+    st[key] = st[key] + ((end - start) >> _f_shift(level))
+    return 0
+
+
+def _mmu_make_spte(int64_t delta, int level, bint private, bint writable):
+    """``pkvm.kvm.mmu.make_spte``."""
+    return _make_spte(delta, level, private, writable)
+
+
+def _mmu_split_to(RangeMap sptes, dict stats, uint64_t gfn, int level, charge):
+    """``pkvm.kvm.mmu.Mmu.split_to`` (its arguments are trusted)."""
+    _split_to(sptes, stats, gfn, level, charge)
+
+
+def _mmu_map_leaf(RangeMap sptes, dict stats, uint64_t gfn, int level, uint64_t value, charge):
+    """``pkvm.kvm.mmu.Mmu.map_leaf``: ``(spurious, flush)``."""
+    cdef int r = _map_leaf(sptes, stats, gfn, level, value, charge)
+    return r == 1, r == 2
+
+
+def _mmu_map_run(RangeMap sptes, dict stats, uint64_t start, uint64_t end, int level, uint64_t value):
+    """``pkvm.kvm.mmu.Mmu.map_run`` (its arguments are trusted)."""
+    _map_run(sptes, stats, start, end, level, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The nested page fault's phases (docs/kernel-semantics.md §4.2)
+# ---------------------------------------------------------------------------------------------
+
+cdef int _FP_GENERIC = 0      # the vCPU class's _fault is Vcpu._fault
+cdef int _FP_DETOUR = 1       # ... is Vcpu._fault while the class's _fault_detour slot is None
+cdef int _FP_PYTHON = 2       # ... is the class's own: call it
+
+
+@cython.auto_pickle(False)  # a VM's live state: never pickled on its own
+cdef class FaultPath:
+    """The typed state of one VM's nested page-fault path (``VM._fault_path``).
+
+    Built once per VM after the platform's init, like :class:`AttrPath`: it holds the VM's
+    maps, counter and cost dicts, the shared backing, the platform's fault hooks and the
+    policy knobs (all fixed for the VM's life), and reads the scalars that change from the
+    VM's instance dict. ``pkvm.kvm.mmu``'s phase functions (``fault_begin``, ``faultin_pfn``,
+    ``max_mapping_level``, ``fault_is_stale``, ``fault_install``, ``fault_finish``) are
+    wrappers of the methods here, which both drivers run: the synchronous one here
+    (:meth:`run`) and the timeline's in ``pkvm.kvm.mmu.run_fault``.
+
+    Constructed with the Python functions it calls out to (the core imports nothing of the
+    KVM model): ``gmem_get_pfn`` (``pkvm.kvm.gmem.kvm_gmem_get_pfn``), ``set_external``
+    (a mirror root's ``set_external_spte``), ``topup`` (an armed ``mmu_topup`` failure),
+    ``timeline_run`` (the driver under a timeline), ``emit_fault`` (the ``fault`` event),
+    ``base_fault`` (``Vcpu._fault``), ``gpa_to_gfn`` (``page_fault``'s slow argument check)
+    and ``is_implemented`` (``pkvm.kvm.ops``: whether an optional platform op is real).
+    """
+
+    cdef object vm, platform, shared, gmem_get_pfn, set_external, topup, timeline_run, emit_fault
+    cdef object base_fault, gpa_to_gfn, kvm_error
+    cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
+    cdef dict d, stats, costs, slots, armed
+    cdef RangeMap attrs, sptes, slot0, shared_map
+    cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp
+    cdef int host_level
+    cdef object alloc_op
+    # the typed fields of the memslot read last (memslots never change these fields)
+    cdef object c_slot
+    cdef RangeMap c_m2, c_m1
+    cdef uint64_t c_base, c_end, c_ugfn
+    # the vCPU class seen last and how its _fault runs one page (_FP_*)
+    cdef object c_cls, c_detour
+    cdef int c_mode
+
+    def __init__(self, vm, gmem_get_pfn, set_external, topup, timeline_run, emit_fault, base_fault,
+                 gpa_to_gfn, is_implemented, kvm_error, str alloc_op):
+        d = vm.__dict__
+        self.vm = vm
+        self.d = d
+        plat = d["_platform"]
+        self.platform = plat
+        self.attrs = d["_attrs"]
+        self.sptes = d["_sptes"]
+        self.slot0 = d["_slot_maps"][0]
+        self.slots = d["_slots"]
+        self.stats = d["_stats"]
+        self.costs = d["_costs"]
+        self.armed = d["_inject"]._armed
+        shared = d["_shared"]
+        self.shared = shared
+        self.shared_map = shared._map
+        self.host_level = _level_for_order(shared.order)
+        self.alloc_op = alloc_op
+        self.attr_source = d["_policy"].private_fault_source == "attributes"
+        self.has_private_mem = plat.has_private_mem
+        self.mirror = d["_mirror"]
+        self.fault_is_private = plat.fault_is_private
+        self.gmem_max_level = plat.gmem_max_mapping_level
+        self.plat_max_level = plat.max_mapping_level
+        self.handle_rmp = plat.handle_rmp_fault
+        self.has_gmem_max = is_implemented(plat.gmem_max_mapping_level)
+        self.has_plat_max = is_implemented(plat.max_mapping_level)
+        self.has_rmp = is_implemented(plat.handle_rmp_fault)
+        self.gmem_get_pfn = gmem_get_pfn
+        self.set_external = set_external
+        self.topup = topup
+        self.timeline_run = timeline_run
+        self.emit_fault = emit_fault
+        self.base_fault = base_fault
+        self.gpa_to_gfn = gpa_to_gfn
+        self.kvm_error = kvm_error
+        self.c_slot = None
+        self.c_cls = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    cdef inline int _slot(self, object slot) except -1:
+        if slot is not self.c_slot:
+            maps = slot.lpage.maps
+            self.c_m2 = maps[2]
+            self.c_m1 = maps[3]
+            self.c_base = slot.base_gfn
+            self.c_end = slot.end_gfn
+            self.c_ugfn = slot._ugfn
+            self.c_slot = slot
+        return 0
+
+    cdef int _charge(self, str op, uint64_t n) except -1:
+        """``VM._charge``: ``n`` events of ``op`` at the VM's cost, on the acting actor."""
+        d = self.d
+        ns = self.costs[op] * n
+        cost = <dict>d["_cost_ns"]
+        cost[op] = cost.get(op, 0) + ns
+        d["_modeled_ns"] = d["_modeled_ns"] + ns
+        if d["_subs"] is not None:
+            self.vm._emit("charge", None, None, op, n, ns)
+        return 0
+
+    cdef bint _retry_gfn(self, int64_t mmu_seq, uint64_t gfn) except -1:
+        """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since."""
+        d = self.d
+        if d["mmu_invalidate_in_progress"] and d["_range_start"] <= gfn < d["_range_end"]:
+            return True
+        return self.stats["mmu_invalidate_seq"] != mmu_seq
+
+    # -- the phases ------------------------------------------------------------------------------
+
+    cdef int _begin(self, PageFault f) except -1:
+        """Entry (§4.2 steps 1-2): ``is_private`` and the fast path. The gfn's attribute word is
+        read once, here, into ``f.attr``: the pfn lookup runs right after this phase in both
+        drivers (the timeline only yields inside it), so its mismatch check reads the value the
+        kernel's second ``kvm_mem_is_private`` would."""
+        cdef uint64_t gfn = f.gfn, v
+        cdef uint64_t attr = rangemap_get(self.attrs, gfn)
+        cdef bint attr_private = (attr & _F_ATTR_PRIVATE) != 0
+        f.attr = attr
+        if self.attr_source:
+            f.is_private = attr_private
+        else:
+            f.is_private = bool(self.fault_is_private(self.vm, gfn, f.private_access))
+        v = rangemap_get(self.sptes, gfn)
+        if v:
+            f.single = True
+            # page_fault_can_be_fast: never on a private/shared mismatch of a private-mem VM;
+            # for a present SPTE only write faults. An SPTE that already allows the write is
+            # spurious.
+            if (not (self.has_private_mem and f.is_private != attr_private)
+                    and f.write and v & _F_SPTE_WRITABLE):
+                f.ret = "spurious"
+                f.level = _f_level(v)
+                f.delta = _decode_delta(v)
+        return 0
+
+    cdef int _faultin(self, PageFault f) except -1:
+        """``kvm_mmu_faultin_pfn`` (§4.2 step 4): snapshot, mismatch, slot checks, pfn lookup.
+        For a batch it also shrinks ``f.end`` to the gfns that take exactly this path."""
+        cdef uint64_t gfn = f.gfn, end, hva, key, flags, k, v, npages
+        cdef Run r
+        cdef int level, shift
+        f.mmu_seq = self.stats["mmu_invalidate_seq"]
+        if f.is_private != ((f.attr & _F_ATTR_PRIVATE) != 0):  # the attribute fault_begin read
+            _memory_fault_exit(f, _F_EFAULT)
+            return 0
+        key = rangemap_get(self.slot0, gfn)
+        if not key:
+            if f.is_private:
+                _memory_fault_exit(f, _F_EFAULT)
+            else:
+                f.ret = "emulate"  # MMIO (kvm_handle_noslot_fault); MMIO SPTEs are not cached
+                f.end = gfn + 1
+            return 0
+        slot = self.slots[key - 1]
+        f.slot = slot
+        self._slot(slot)
+        if slot.invalid:
+            f.ret = "retry"
+            return 0
+        if self.d["mmu_invalidate_in_progress"]:
+            f.single = True
+            if self._retry_gfn(f.mmu_seq, gfn):  # mmu_invalidate_retry_gfn_unsafe
+                f.ret = "retry"
+                return 0
+        end = gfn + 1
+        if not f.single:
+            rangemap_run_at(self.attrs, gfn, &r)
+            end = min(f.limit, self.c_end, r.end)
+            rangemap_run_at(self.sptes, gfn, &r)
+            end = min(end, r.end)
+        flags = slot.flags
+        if f.is_private:
+            end = self.gmem_get_pfn(self.vm, f, end)
+            if f.ret:
+                return 0
+            f.max_level = _level_for_order(f.order)
+            f.map_writable = not (flags & _F_MEM_READONLY)
+        else:
+            if f.write and flags & _F_MEM_READONLY:
+                f.ret = "emulate"  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+                f.end = gfn + 1
+                return 0
+            hva = self.c_ugfn + (gfn - self.c_base)
+            smap = self.shared_map
+            if not f.single:
+                rangemap_run_at(smap, hva, &r)
+                if r.end - hva < end - gfn:
+                    end = gfn + (r.end - hva)
+            f.host_level = self.host_level
+            if self.host_level > 1 and not f.single:
+                # disallow_lpage uniform over the batch at 2M and 1G
+                for level in range(2, 4):
+                    shift = _f_shift(level)
+                    rangemap_run_at(self.c_m2 if level == 2 else self.c_m1, gfn >> shift, &r)
+                    if r.end <= (end >> shift):  # (r.end << shift) < end, without overflow
+                        end = r.end << shift
+            npages = end - gfn
+            # SharedBacking.populate allocates whole host blocks: a populated page at hva and
+            # at hva + npages - 1 with one run between them means nothing to allocate.
+            rangemap_run_at(smap, hva, &r)
+            if not (r.value and r.end >= hva + npages):
+                try:
+                    n = self.shared.populate(hva, hva + npages)
+                except self.kvm_error:
+                    f.ret = "exit"  # GUP failed: -EFAULT
+                    f.errno = _F_EFAULT
+                    f.end = gfn + 1
+                    return 0
+                if n:
+                    st = self.stats
+                    st["shared_pages_populated"] = st["shared_pages_populated"] + n
+                    self._charge(self.alloc_op, n >> self.shared.order)  # VM._charge_alloc
+            v = rangemap_get(smap, hva)
+            f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
+            f.map_writable = not (flags & _F_MEM_READONLY)
+        f.end = end
+        return 0
+
+    cdef int _max_level(self, PageFault f) except -1:
+        """``kvm_mmu_max_mapping_level`` + the skips of ``kvm_mmu_hugepage_adjust`` (§3.5)."""
+        cdef int top, level, cap
+        slot = f.slot
+        if slot.flags & _F_MEM_LOG_DIRTY:
+            return 1
+        top = f.max_level if f.is_private else 3
+        if top == 1:
+            return 1
+        self._slot(slot)
+        level = top
+        while level > 1 and rangemap_get(self.c_m2 if level == 2 else self.c_m1, f.gfn >> _f_shift(level)):
+            level -= 1
+        if level == 1:
+            return 1
+        if f.is_private:
+            cap = f.max_level
+            if self.has_gmem_max:
+                limit = self.gmem_max_level(self.vm, <int64_t>f.gfn + f.delta, True)
+                if limit:
+                    cap = min(cap, limit)
+            if self.has_plat_max:
+                limit = self.plat_max_level(self.vm, f.gfn, True)
+                if limit:
+                    cap = min(cap, limit)
+        else:
+            cap = f.host_level
+        return min(level, cap)
+
+    cdef int _stale(self, PageFault f) except -1:
+        """``is_page_fault_stale`` under ``mmu_lock`` (§4.2 step 6): a racing invalidation."""
+        if self._retry_gfn(f.mmu_seq, f.gfn):
+            f.ret = "retry"
+            f.end = f.gfn + 1
+        return 0
+
+    cdef int _install(self, PageFault f) except -1:
+        """``kvm_tdp_mmu_map`` (§4.2 step 7): hugepage adjust, then the leaf or leaves. New
+        private leaves of a VM with a mirror root first go to the external page table
+        (``set_external_spte``, in Python); if that fails the mirror SPTEs keep their value."""
+        cdef int level = self._max_level(f), shift, r
+        cdef uint64_t gfn = f.gfn, n, whole, base
+        cdef uint64_t value = _make_spte(f.delta, level, f.is_private, f.map_writable)
+        cdef bint external = f.is_private and self.mirror
+        if level == 1 and f.end - gfn > 1:
+            if external and not self.set_external(self.vm, f, gfn, f.end, level):
+                return 0
+            _map_run(self.sptes, self.stats, gfn, f.end, level, value)
+            f.nfaults = f.end - gfn
+        else:
+            shift = _f_shift(level)
+            n = 1ULL << shift
+            whole = (f.end - gfn) >> shift if not gfn & (n - 1) else 0
+            if whole > 1:
+                if external and not self.set_external(self.vm, f, gfn, gfn + (whole << shift), level):
+                    return 0
+                _map_run(self.sptes, self.stats, gfn, gfn + (whole << shift), level, value)
+                f.nfaults = whole
+                f.end = gfn + (whole << shift)
+            else:
+                base = gfn & ~(n - 1)
+                if (external and rangemap_get(self.sptes, gfn) != value
+                        and not self.set_external(self.vm, f, base, base + n, level)):
+                    return 0
+                f.end = gfn + 1
+                f.nfaults = 1
+                r = _map_leaf(self.sptes, self.stats, gfn, level, value, self.vm._charge)
+                if r == 2:
+                    self.vm._flush_remote_tlbs()
+                elif r == 1:
+                    f.ret = "spurious"
+        f.level = level
+        if not f.ret:
+            f.ret = "fixed"
+        return 0
+
+    cdef FaultResult _finish(self, PageFault f):
+        """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
+        st = self.stats
+        ret = f.ret
+        cdef bint fixed = ret == "fixed"
+        cdef uint64_t n = f.nfaults if fixed else 1
+        if f.prefetch:
+            # kvm_mmu_do_page_fault(prefetch=true): pf_fixed only; nothing exits to userspace.
+            if fixed:
+                st["pf_fixed"] = st["pf_fixed"] + n
+                self._charge("pre_fault_page", n)
+                return _result(ret, f.level, <int64_t>f.gfn + f.delta)
+            self._charge("pre_fault_page", 1)
+            if ret == "spurious":
+                return _result(ret, f.level, <int64_t>f.gfn + f.delta)
+            return _result(ret, None, None, None, None, f.errno if f.errno else (_F_ENOENT if ret == "emulate" else None))
+        st["pf_taken"] = st["pf_taken"] + n
+        self._charge("npf_fault", n)
+        if fixed:
+            st["pf_fixed"] = st["pf_fixed"] + n
+            return _result(ret, f.level, <int64_t>f.gfn + f.delta)
+        if ret == "spurious":
+            st["pf_spurious"] = st["pf_spurious"] + 1
+            return _result(ret, f.level, <int64_t>f.gfn + f.delta)
+        if ret == "retry":
+            st["pf_retry"] = st["pf_retry"] + 1
+            if self.d["_subs"] is not None:
+                self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
+            return _result(ret)
+        if ret == "emulate":
+            st["pf_emulate"] = st["pf_emulate"] + 1
+            if not f.is_private:
+                return _result(ret)
+            _memory_fault_exit(f, _F_EFAULT)  # KVM cannot emulate private accesses
+            ret = "exit"
+        if ret == "exit":
+            exit_reason = None
+            if f.memory_fault is not None:
+                exit_reason = _F_EXIT_MEMORY_FAULT
+                st["memory_fault_exits"] = st["memory_fault_exits"] + 1
+            self._charge("userspace_exit", 1)
+            return _result("exit", None, None, exit_reason, f.memory_fault, f.errno)
+        return _result(ret)
+
+    cdef int _after(self, vcpu, PageFault f, FaultResult r, uint64_t gfn, bint private, bint write,
+                    object took) except -1:
+        """What ``npf_interception`` does after the MMU: the ``fault`` event (``took``: the
+        fault's modeled ns) and, when the MMU returned > 0, the platform's RMP-fault handler."""
+        if self.d["_subs"] is not None and not f.prefetch:
+            self.emit_fault(vcpu, f, r, gfn, private, write, took)
+        if self.has_rmp and not f.prefetch and (r.ret == "fixed" or r.ret == "spurious" or r.ret == "retry"):
+            # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
+            self.handle_rmp(vcpu, gfn << 12, f.is_private, write, r)
+        return 0
+
+    # -- the synchronous driver ------------------------------------------------------------------
+
+    cdef tuple _run(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
+        """Every phase of one (batched) fault to completion: ``(f, result)``."""
+        d = self.d
+        if d["_sched"] is not None:
+            return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
+        t0 = d["_modeled_ns"]
+        cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
+        self._begin(f)
+        if not f.ret and self.armed and "mmu_topup" in self.armed:
+            self.topup(self.vm, f, gfn)
+        if not f.ret:
+            self._faultin(f)
+        # is_page_fault_stale can only be true with an invalidation open or finished since the
+        # snapshot: skip the call otherwise (most faults).
+        if not f.ret and (d["mmu_invalidate_in_progress"] or self.stats["mmu_invalidate_seq"] != f.mmu_seq):
+            self._stale(f)
+        if not f.ret:
+            self._install(f)
+        cdef FaultResult r = self._finish(f)
+        self._after(vcpu, f, r, gfn, private, write, d["_modeled_ns"] - t0)
+        return f, r
+
+    cdef inline int _mode(self, object cls) except -1:
+        """How ``cls._fault`` runs one page (``_FP_*``): the class that defines ``_fault`` says,
+        with ``_fault_detour``, which of its slots makes it leave the base fault."""
+        cdef int mode = _FP_PYTHON
+        if cls is not self.c_cls:
+            detour = None
+            for k in cls.__mro__:
+                kd = k.__dict__
+                if "_fault" in kd:
+                    if kd["_fault"] is self.base_fault:
+                        mode = _FP_GENERIC
+                    elif kd.get("_fault_detour") is not None:
+                        mode = _FP_DETOUR
+                        detour = kd["_fault_detour"]
+                    break
+            self.c_cls = cls
+            self.c_mode = mode
+            self.c_detour = detour
+        return self.c_mode
+
+    cdef FaultResult _one(self, vcpu, uint64_t gfn, bint private, bint write):
+        """``Vcpu.page_fault`` after its checks: ``vcpu._fault(gfn, gfn + 1, ...)[1]``."""
+        cdef int mode = self._mode(type(vcpu))
+        if mode == _FP_GENERIC or (mode == _FP_DETOUR and getattr(vcpu, self.c_detour) is None):
+            return <FaultResult>(self._run(vcpu, gfn, gfn + 1, private, write, False)[1])
+        return vcpu._fault(gfn, gfn + 1, private, write)[1]
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    def page_fault(self, vcpu, gpa, private, write):
+        """``Vcpu.page_fault``: the argument checks, the dead-VM check, then the fault."""
+        cdef uint64_t gfn
+        if _is_exact_int(gpa) and gpa >= 0 and gpa < (1 << 52):
+            gfn = (<uint64_t>gpa) >> 12
+        else:
+            gfn = self.gpa_to_gfn(gpa)  # converts an int-like, or raises
+        if type(private) is not bool or type(write) is not bool:
+            raise TypeError("private and write must be bools")
+        if self.d["vm_dead"]:
+            self.vm._check_alive()
+        return self._one(vcpu, gfn, private is True, write is True)
+
+    def fault(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write):
+        """``Vcpu._fault``: ``(faults taken, result)``."""
+        f, r = self._run(vcpu, gfn, limit, private, write, False)
+        return ((<PageFault>f).nfaults if (<FaultResult>r).ret == "fixed" else 1), r
+
+    def run(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch=False):
+        """``pkvm.kvm.mmu.run_fault``: ``(f, result)``."""
+        return self._run(vcpu, gfn, limit, private, write, prefetch)
+
+    def calls(self, vcpu, const uint64_t[::1] gpas, const uint8_t[::1] private, const uint8_t[::1] write,
+              object check, list out):
+        """``Vcpu.page_fault_many``'s loop: ``check()`` (or, when None, the dead-VM check), then
+        ``page_fault`` after its argument checks, per element; each result appended to ``out``.
+        ``private`` / ``write`` hold one flag per call, or one flag for all."""
+        cdef Py_ssize_t i, n = gpas.shape[0]
+        cdef Py_ssize_t sp = 0 if private.shape[0] == 1 and n != 1 else 1
+        cdef Py_ssize_t sw = 0 if write.shape[0] == 1 and n != 1 else 1
+        if (sp and private.shape[0] != n) or (sw and write.shape[0] != n):
+            raise ValueError("FaultPath.calls: the arrays' lengths differ")
+        d = self.d
+        for i in range(n):
+            if check is None:
+                if d["vm_dead"]:
+                    self.vm._check_alive()
+            else:
+                check()
+            out.append(self._one(vcpu, gpas[i] >> 12, private[i * sp] != 0, write[i * sw] != 0))
+
+    def after(self, vcpu, PageFault f, FaultResult r, uint64_t gfn, bint private, bint write, took):
+        """The tail of ``run_fault`` (the event, the RMP-fault handler) for the timeline's driver."""
+        self._after(vcpu, f, r, gfn, private, write, took)
+
+    # the phases, for pkvm.kvm.mmu's functions of the same names (the timeline's driver, tests)
+    def begin(self, PageFault f):
+        self._begin(f)
+
+    def faultin(self, PageFault f):
+        self._faultin(f)
+
+    def max_level(self, PageFault f):
+        return self._max_level(f)
+
+    def stale(self, PageFault f):
+        self._stale(f)
+
+    def install(self, PageFault f):
+        self._install(f)
+
+    def finish(self, PageFault f):
+        return self._finish(f)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import _attr_calls, _fault_calls
+from pkvm._core import _attr_calls
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.kvm.mmu import FaultResult
 
@@ -258,7 +258,7 @@ def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object,
                 out.append(call(x, private=pl[i if len(pl) > 1 else 0], write=wl[i if len(wl) > 1 else 0]))
         else:
             check = None if type(vcpu)._fault_entry_check is base_check else vcpu._fault_entry_check
-            _fault_calls(g, p, w, vm, check, vcpu._fault, out)
+            vm._fault_path.calls(vcpu, g, p, w, check, out)
     except KvmError as e:
         raise FaultBatchError(e, FaultBatch(out)) from e
     return FaultBatch(out)

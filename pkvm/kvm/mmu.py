@@ -36,29 +36,25 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 from pkvm._core import FaultResult as FaultResult  # the typed core's light result object
 from pkvm._core import (
+    FaultPath,
     RangeMap,
     _hugepage_has_attrs,
     _lpage_any_mixed,
     _lpage_clear_mixed,
     _mmu_drop_leaves,
+    _mmu_make_spte,
+    _mmu_map_leaf,
+    _mmu_map_run,
+    _mmu_split_to,
     _mmu_zap_range,
 )
-from pkvm.constants import (
-    KVM_EXIT_MEMORY_FAULT,
-    KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_READONLY,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    PAGE_SHIFT,
-    PG_LEVEL_1G,
-    PG_LEVEL_2M,
-    PG_LEVEL_4K,
-)
+from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm.host.hostmem import decode_delta, encode_delta
+from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.fault import PageFault as PageFault  # re-exported: the fault-phase API
-from pkvm.kvm.fault import memory_fault_exit
 from pkvm.kvm.gmem import kvm_gmem_get_pfn
+from pkvm.kvm.ops import is_implemented
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM, Memslot, Vcpu
@@ -67,7 +63,6 @@ if TYPE_CHECKING:  # pragma: no cover
 LEVEL_SHIFT = (0, 0, 9, 18)
 #: ``KVM_LPAGE_MIXED_FLAG``: bit 31 of ``disallow_lpage``.
 KVM_LPAGE_MIXED_FLAG = 1 << 31
-_STAT_OF_LEVEL = (None, "pages_4k", "pages_2m", "pages_1g")
 
 SPTE_PRESENT = 1 << 0
 SPTE_LEVEL_SHIFT = 1  # bits 1-2: PG_LEVEL_*
@@ -103,19 +98,14 @@ def filter_to_root_types(has_mirror_root: bool, attr_filter: int) -> int:
 
 
 def make_spte(delta: int, level: int, private: bool, writable: bool) -> int:
-    """The RangeMap value of a present leaf mapping ``gfn -> gfn + delta`` at ``level``."""
-    return (encode_delta(delta) | SPTE_PRESENT | (level << SPTE_LEVEL_SHIFT)
-            | (SPTE_PRIVATE if private else 0) | (SPTE_WRITABLE if writable else 0))
+    """The RangeMap value of a present leaf mapping ``gfn -> gfn + delta`` at ``level``
+    (``encode_delta(delta)`` and the flag bits; the typed core's, pkvm/_fault.pxi)."""
+    return _mmu_make_spte(delta, level, bool(private), bool(writable))
 
 
 def spte_level(value: int) -> int:
     """Level of an encoded present SPTE."""
     return (value >> SPTE_LEVEL_SHIFT) & 3
-
-
-def level_for_order(order: int) -> int:
-    """``kvm_max_level_for_order``: >= 18 -> 1G, >= 9 -> 2M, else 4K (docs/kernel-semantics.md §3.5)."""
-    return PG_LEVEL_1G if order >= 18 else PG_LEVEL_2M if order >= 9 else PG_LEVEL_4K
 
 
 class Spte(NamedTuple):
@@ -173,20 +163,9 @@ class Mmu:
         """Split the huge leaf containing ``gfn`` until the leaf there is at most ``level``.
 
         Models ``tdp_mmu_split_huge_page`` on the fault's walk down: the children map the same
-        pfns, so no TLB flush is needed.
+        pfns, so no TLB flush is needed. (The typed core's, pkvm/_fault.pxi.)
         """
-        m, st = self.sptes, self._stats
-        v = m.get(gfn)
-        while v and spte_level(v) > level:
-            old = spte_level(v)
-            n = 1 << LEVEL_SHIFT[old]
-            base = gfn & ~(n - 1)
-            m.assign(base, base + n, (v & ~(3 << SPTE_LEVEL_SHIFT)) | ((old - 1) << SPTE_LEVEL_SHIFT))
-            st[_STAT_OF_LEVEL[old]] -= 1  # type: ignore[index]
-            st[_STAT_OF_LEVEL[old - 1]] += 512  # type: ignore[index]
-            st["huge_page_splits"] += 1
-            self._charge("huge_page_split", 1)
-            v = m.get(gfn)
+        _mmu_split_to(self.sptes, self._stats, gfn, level, self._charge)
 
     def map_leaf(self, gfn: int, level: int, value: int) -> tuple[bool, bool]:
         """Install one leaf at ``level`` covering ``gfn``; return ``(spurious, flush)``.
@@ -194,31 +173,13 @@ class Mmu:
         An identical leaf already there makes the fault spurious. Smaller leaves inside the
         new leaf's block (a page table the huge leaf replaces) are dropped, which needs a TLB
         flush, as does overwriting a present leaf (``tdp_mmu_map_handle_target_level``).
+        (The typed core's, pkvm/_fault.pxi.)
         """
-        m = self.sptes
-        old = m.get(gfn)
-        if old and spte_level(old) > level:
-            self.split_to(gfn, level)
-            old = m.get(gfn)
-        if old == value:
-            return True, False
-        n = 1 << LEVEL_SHIFT[level]
-        base = gfn & ~(n - 1)
-        flush = False
-        if old or (n > 1 and m.find_ne(base, base + n, 0) != -1):
-            flush = True
-            dropped = self._drop_leaves(base, base + n)
-            # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
-            if not (old and spte_level(old) == level):
-                self._stats["zapped_sptes"] += dropped
-        m.assign(base, base + n, value)
-        self._stats[_STAT_OF_LEVEL[level]] += 1  # type: ignore[index]
-        return False, flush
+        return _mmu_map_leaf(self.sptes, self._stats, gfn, level, value, self._charge)
 
     def map_run(self, start: int, end: int, level: int, value: int) -> None:
         """Install leaves at ``level`` over the unmapped, ``level``-aligned ``[start, end)``."""
-        self.sptes.assign(start, end, value)
-        self._stats[_STAT_OF_LEVEL[level]] += (end - start) >> LEVEL_SHIFT[level]  # type: ignore[index]
+        _mmu_map_run(self.sptes, self._stats, start, end, level, value)
 
     def leaf_counts(self) -> tuple[int, int, int]:
         """Number of leaves at 4K, 2M and 1G."""
@@ -357,6 +318,11 @@ class AccessResult:
     loop: str | None = None
 
 
+# The fault's phases are the typed core's (pkvm/_fault.pxi, ``FaultPath``, one per VM as
+# ``vm._fault_path``); the functions below are their names in the model, which the timeline's
+# driver (:func:`run_fault`) and the tests call.
+
+
 def fault_begin(vm: VM, f: PageFault) -> None:
     """Entry (§4.2 steps 1-2): compute ``is_private`` and try the fast path.
 
@@ -364,133 +330,27 @@ def fault_begin(vm: VM, f: PageFault) -> None:
     right after this phase in both drivers (nothing can change the attributes in between:
     the timeline only yields inside the pfn lookup), so its mismatch check reads the same
     value the kernel's second ``kvm_mem_is_private`` would."""
-    gfn = f.gfn
-    f.attr = attr = vm._attrs.get(gfn)
-    attr_private = bool(attr & KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    if vm._policy.private_fault_source == "attributes":
-        f.is_private = attr_private
-    else:
-        f.is_private = bool(vm._platform.fault_is_private(vm, gfn, f.private_access))
-    v = vm._mmu.sptes.get(gfn)
-    if v:
-        f.single = True
-        # page_fault_can_be_fast: never on a private/shared mismatch of a private-mem VM; for
-        # a present SPTE only write faults. An SPTE that already allows the write is spurious.
-        mismatch = vm._platform.has_private_mem and f.is_private != attr_private
-        if not mismatch and f.write and v & SPTE_WRITABLE:
-            f.ret = "spurious"
-            f.level = spte_level(v)
-            f.delta = decode_delta(v)
+    vm._fault_path.begin(f)
 
 
 def faultin_pfn(vm: VM, f: PageFault) -> None:
-    """``kvm_mmu_faultin_pfn`` (§4.2 step 4): snapshot, mismatch, slot checks, pfn lookup.
+    """``kvm_mmu_faultin_pfn`` (§4.2 step 4): snapshot, mismatch, slot checks, pfn lookup
+    (private: :func:`pkvm.kvm.gmem.kvm_gmem_get_pfn`; shared: the VMM's backing, populated
+    on first touch, a batch clipped to uniform ``disallow_lpage`` runs at 2M and 1G).
 
     For a batch it also shrinks ``f.end`` to the gfns that take exactly this path.
     """
-    gfn = f.gfn
-    f.mmu_seq = vm._stats["mmu_invalidate_seq"]
-    attr_private = bool(f.attr & KVM_MEMORY_ATTRIBUTE_PRIVATE)  # read by fault_begin
-    if f.is_private != attr_private:
-        memory_fault_exit(f, errno.EFAULT)
-        return
-    slot = vm._slot_at(gfn)
-    if slot is None:
-        if f.is_private:
-            memory_fault_exit(f, errno.EFAULT)
-        else:
-            f.ret = "emulate"  # MMIO (kvm_handle_noslot_fault); MMIO SPTEs are not cached
-            f.end = gfn + 1
-        return
-    f.slot = slot
-    if slot.invalid:
-        f.ret = "retry"
-        return
-    if vm.mmu_invalidate_in_progress:
-        f.single = True
-        if vm._retry_gfn(f.mmu_seq, gfn):  # mmu_invalidate_retry_gfn_unsafe
-            f.ret = "retry"
-            return
-    end = gfn + 1
-    if not f.single:
-        s, e, v = vm._attrs.run_at(gfn)
-        end = min(f.limit, slot.end_gfn, e, vm._mmu.sptes.run_at(gfn)[1])
-    if f.is_private:
-
-        end = kvm_gmem_get_pfn(vm, f, end)
-        if f.ret:
-            return
-        f.max_level = level_for_order(f.order)
-        f.map_writable = not (slot.flags & KVM_MEM_READONLY)
-    else:
-        if f.write and slot.flags & KVM_MEM_READONLY:
-            f.ret = "emulate"  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
-            f.end = gfn + 1
-            return
-        hva = slot.hva_page(gfn)
-        shared = vm._shared
-        if not f.single:
-            s, e, d = shared.run_at(hva)
-            end = min(end, gfn + (e - hva))
-        f.host_level = level_for_order(shared.order)
-        if f.host_level > PG_LEVEL_4K and not f.single:
-            end = _clip_to_lpage_runs(slot, gfn, end)
-        try:
-            n = shared.populate(hva, hva + (end - gfn))
-        except KvmError:
-            f.ret, f.errno, f.end = "exit", errno.EFAULT, gfn + 1  # GUP failed: -EFAULT
-            return
-        if n:
-            vm._stats["shared_pages_populated"] += n
-            vm._charge_alloc(n, shared.order)
-        f.delta = shared.lookup(hva) - gfn  # type: ignore[operator]
-        f.map_writable = not (slot.flags & KVM_MEM_READONLY)
-    f.end = end
-
-
-def _clip_to_lpage_runs(slot: Memslot, gfn: int, end: int) -> int:
-    """Shrink a batch so that ``disallow_lpage`` is uniform over it at 2M and 1G."""
-    lp = slot.lpage
-    for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-        shift = LEVEL_SHIFT[level]
-        s, e, v = lp.maps[level].run_at(gfn >> shift)
-        end = min(end, e << shift)
-    return end
+    vm._fault_path.faultin(f)
 
 
 def max_mapping_level(vm: VM, f: PageFault) -> int:
     """``kvm_mmu_max_mapping_level`` + the skips of ``kvm_mmu_hugepage_adjust`` (§3.5)."""
-    slot = f.slot
-    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-        return PG_LEVEL_4K
-    top = f.max_level if f.is_private else PG_LEVEL_1G
-    if top == PG_LEVEL_4K:
-        return PG_LEVEL_4K
-    maps = slot.lpage.maps  # LpageInfo.word, inlined: one RangeMap.get per level
-    gfn = f.gfn
-    level = top
-    while level > PG_LEVEL_4K and maps[level].get(gfn >> LEVEL_SHIFT[level]):
-        level -= 1
-    if level == PG_LEVEL_4K:
-        return PG_LEVEL_4K
-    if f.is_private:
-        cap = f.max_level
-        limit = vm._platform.gmem_max_mapping_level(vm, f.gfn + f.delta, True)
-        if limit:
-            cap = min(cap, limit)
-        limit = vm._platform.max_mapping_level(vm, f.gfn, True)
-        if limit:
-            cap = min(cap, limit)
-    else:
-        cap = f.host_level
-    return min(level, cap)
+    return vm._fault_path.max_level(f)
 
 
 def fault_is_stale(vm: VM, f: PageFault) -> None:
     """``is_page_fault_stale`` under ``mmu_lock`` (§4.2 step 6): a racing invalidation."""
-    if vm._retry_gfn(f.mmu_seq, f.gfn):
-        f.ret = "retry"
-        f.end = f.gfn + 1
+    vm._fault_path.stale(f)
 
 
 def _set_external(vm: VM, f: PageFault, start: int, end: int, level: int) -> bool:
@@ -525,42 +385,9 @@ def fault_install(vm: VM, f: PageFault) -> None:
     """``kvm_tdp_mmu_map`` (§4.2 step 7): hugepage adjust, then install the leaf or leaves.
 
     New private leaves of a VM with a mirror root are first propagated to the external page
-    table (``set_external_spte``); if that fails the mirror SPTEs keep their old value.
+    table (:func:`_set_external`); if that fails the mirror SPTEs keep their old value.
     """
-    level = max_mapping_level(vm, f)
-    gfn = f.gfn
-    value = make_spte(f.delta, level, f.is_private, f.map_writable)
-    mmu = vm._mmu
-    external = f.is_private and vm._platform.has_mirror_root
-    if level == PG_LEVEL_4K and f.end - gfn > 1:
-        if external and not _set_external(vm, f, gfn, f.end, level):
-            return
-        mmu.map_run(gfn, f.end, level, value)
-        f.nfaults = f.end - gfn
-    else:
-        shift = LEVEL_SHIFT[level]
-        n = 1 << shift
-        whole = (f.end - gfn) >> shift if not gfn & (n - 1) else 0
-        if whole > 1:
-            if external and not _set_external(vm, f, gfn, gfn + (whole << shift), level):
-                return
-            mmu.map_run(gfn, gfn + (whole << shift), level, value)
-            f.nfaults = whole
-            f.end = gfn + (whole << shift)
-        else:
-            base = gfn & ~(n - 1)
-            if external and mmu.sptes.get(gfn) != value and not _set_external(vm, f, base, base + n, level):
-                return
-            f.end = gfn + 1
-            f.nfaults = 1
-            spurious, flush = mmu.map_leaf(gfn, level, value)
-            if flush:
-                vm._flush_remote_tlbs()
-            if spurious:
-                f.ret = "spurious"
-    f.level = level
-    if not f.ret:
-        f.ret = "fixed"
+    vm._fault_path.install(f)
 
 
 def _raced_install(f: PageFault, sptes: RangeMap, before: int) -> None:
@@ -587,44 +414,7 @@ def _raced_install(f: PageFault, sptes: RangeMap, before: int) -> None:
 
 def fault_finish(vm: VM, f: PageFault) -> FaultResult:
     """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
-    st = vm._stats
-    n = f.nfaults if f.ret == "fixed" else 1
-    ret = f.ret
-    if f.prefetch:
-        # kvm_mmu_do_page_fault(prefetch=true): pf_fixed only; nothing exits to userspace.
-        if ret == "fixed":
-            st["pf_fixed"] += n
-            vm._charge("pre_fault_page", n)
-            return FaultResult(ret, f.level, f.gfn + f.delta)
-        vm._charge("pre_fault_page", 1)
-        if ret == "spurious":
-            return FaultResult(ret, f.level, f.gfn + f.delta)
-        return FaultResult(ret, errno=f.errno or (errno.ENOENT if ret == "emulate" else None))
-    st["pf_taken"] += n
-    vm._charge("npf_fault", n)
-    if ret == "fixed":
-        st["pf_fixed"] += n
-    elif ret == "spurious":
-        st["pf_spurious"] += 1
-    elif ret == "retry":
-        st["pf_retry"] += 1
-        if vm._subs is not None:
-            vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
-    elif ret == "emulate":
-        st["pf_emulate"] += 1
-        if f.is_private:  # KVM cannot emulate private accesses
-            memory_fault_exit(f, errno.EFAULT)
-            ret = "exit"
-    if ret == "exit":
-        exit_reason = None
-        if f.memory_fault is not None:
-            exit_reason = KVM_EXIT_MEMORY_FAULT
-            st["memory_fault_exits"] += 1
-        vm._charge("userspace_exit", 1)
-        return FaultResult("exit", None, None, exit_reason, f.memory_fault, f.errno)
-    if ret in ("fixed", "spurious"):
-        return FaultResult(ret, f.level, f.gfn + f.delta)
-    return FaultResult(ret)
+    return vm._fault_path.finish(f)
 
 
 _CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
@@ -642,62 +432,69 @@ def _topup(vm: VM, f: PageFault, gfn: int) -> None:
 
 def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
               prefetch: bool = False) -> tuple[PageFault, FaultResult]:
-    """Run every phase of one (batched) fault to completion: the synchronous driver.
+    """Run every phase of one (batched) fault to completion.
     ``prefetch``: ``kvm_tdp_map_page`` from ``KVM_PRE_FAULT_MEMORY`` (no exit, no fault event).
 
-    With a timeline attached (:mod:`pkvm.sim`) the staleness check and the install run under
-    ``mmu_lock`` for read (the TDP MMU), after the pfn lookup's time has passed."""
+    Without a timeline the driver is the typed core's (``FaultPath.run``); with one attached
+    (:mod:`pkvm.sim`) it is :func:`_run_fault_timeline`, over the same phases."""
+    return vcpu.vm._fault_path.run(vcpu, gfn, limit, private, write, prefetch)
+
+
+def _run_fault_timeline(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
+                        prefetch: bool) -> tuple[PageFault, FaultResult]:
+    """The driver of :func:`run_fault` under a timeline: the staleness check and the install
+    run under ``mmu_lock`` for read (the TDP MMU), after the pfn lookup's time has passed."""
     vm = vcpu.vm
     sched = vm._sched
-    t0 = vm._modeled_ns if sched is None else sched.work_ns()  # this thread's own work
-    if sched is not None and private and limit - gfn > _CONTENDED_BATCH and sched.contended():
+    t0 = sched.work_ns()  # this thread's own work
+    if private and limit - gfn > _CONTENDED_BATCH and sched.contended():
         # While others run, a batch of private faults ends at a 64M boundary (2M and 4K leaves
         # only: the counters are those of the whole batch), so locks interleave between vCPUs.
         limit = (gfn + _CONTENDED_BATCH) & ~(_CONTENDED_BATCH - 1)
     f = PageFault(gfn, limit, private, write, prefetch)
-    if sched is None:
-        fault_begin(vm, f)
-        if not f.ret and vm._inject._armed and vm._inject.armed("mmu_topup"):
-            _topup(vm, f, gfn)
+    fp = vm._fault_path
+    lat = sched.latency_begin()
+    sptes = vm._mmu.sptes
+    before = sptes.get(gfn)
+    fp.begin(f)
+    if not f.ret and vm._inject.armed("mmu_topup"):
+        _topup(vm, f, gfn)
+    if not f.ret:
+        fp.faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
+        sched.sync()
+    if not f.ret:
+        sched.acquire("mmu_lock", 0)
+        fp.stale(f)
         if not f.ret:
-            faultin_pfn(vm, f)
-        # is_page_fault_stale can only be true with an invalidation open or finished since
-        # the snapshot: skip the call otherwise (most faults).
-        if not f.ret and (vm.mmu_invalidate_in_progress or vm._stats["mmu_invalidate_seq"] != f.mmu_seq):
-            fault_is_stale(vm, f)
+            _raced_install(f, sptes, before)
         if not f.ret:
-            fault_install(vm, f)
-    else:
-        lat = sched.latency_begin()
-        sptes = vm._mmu.sptes
-        before = sptes.get(gfn)
-        fault_begin(vm, f)
-        if not f.ret and vm._inject.armed("mmu_topup"):
-            _topup(vm, f, gfn)
-        if not f.ret:
-            faultin_pfn(vm, f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
-            sched.sync()
-        if not f.ret:
-            sched.acquire("mmu_lock", 0)
-            fault_is_stale(vm, f)
-            if not f.ret:
-                _raced_install(f, sptes, before)
-            if not f.ret:
-                fault_install(vm, f)
-            sched.release("mmu_lock", 0)
-    r = fault_finish(vm, f)
-    if sched is not None:
-        sched.latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
-    if vm._subs is not None and not prefetch:
-        n = f.nfaults if r.ret == "fixed" else 1
-        step = max(1, (f.end - gfn) // n) if n > 1 else 1
-        took = (vm._modeled_ns if sched is None else sched.work_ns()) - t0
-        vm._emit("fault", gfn, gfn + n * step, None, n, 0, r.ret,
-                 (vcpu.id, step, private, write, bool(getattr(vcpu, "rmp_npf", False)), took))
-        if r.ret == "exit":
-            vm._emit("userspace_exit", gfn, gfn + 1, None, 1, 0, r.exit_reason or 0,
-                     (r.exit_reason or 0, r.errno or 0))
-    if r.ret in ("fixed", "spurious", "retry") and not prefetch:
-        # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
-        vm._platform.handle_rmp_fault(vcpu, gfn << PAGE_SHIFT, f.is_private, write, r)
+            fp.install(f)
+        sched.release("mmu_lock", 0)
+    r = fp.finish(f)
+    sched.latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
+    fp.after(vcpu, f, r, gfn, private, write, sched.work_ns() - t0)
     return f, r
+
+
+def _emit_fault(vcpu: Vcpu, f: PageFault, r: FaultResult, gfn: int, private: bool, write: bool,
+                took: int) -> None:
+    """The ``fault`` event of a fault that ran (and ``userspace_exit`` after an exit); ``took``
+    is its modeled ns. Called by the drivers while the VM has subscribers."""
+    vm = vcpu.vm
+    n = f.nfaults if r.ret == "fixed" else 1
+    step = max(1, (f.end - gfn) // n) if n > 1 else 1
+    vm._emit("fault", gfn, gfn + n * step, None, n, 0, r.ret,
+             (vcpu.id, step, private, write, bool(getattr(vcpu, "rmp_npf", False)), took))
+    if r.ret == "exit":
+        vm._emit("userspace_exit", gfn, gfn + 1, None, 1, 0, r.exit_reason or 0,
+                 (r.exit_reason or 0, r.errno or 0))
+
+
+def fault_path(vm: VM, base_fault: Callable[..., object], gpa_to_gfn: Callable[[object], int],
+               alloc_op: str) -> FaultPath:
+    """The typed fault path of ``vm`` (``vm._fault_path``), built once, after the platform's
+    init: the core calls back into the functions of this module and of guest_memfd.
+    ``base_fault`` is ``Vcpu._fault``; ``gpa_to_gfn`` ``page_fault``'s slow argument check;
+    ``alloc_op`` the cost op of one host block of the VM's shared backing."""
+    return FaultPath(vm, kvm_gmem_get_pfn, _set_external, _topup, _run_fault_timeline, _emit_fault, base_fault,
+                     gpa_to_gfn, is_implemented, KvmError, alloc_op)

@@ -66,8 +66,8 @@ from pkvm.kvm.mmu import (
     FaultResult,
     Mmu,
     filter_to_root_types,
+    fault_path,
     post_set_mixed,
-    run_fault,
     spte_level,
 )
 from pkvm.kvm.ops import PLATFORMS, VM_TYPE_NAMES, PlatformOps
@@ -232,6 +232,8 @@ class VM:
         #: The attribute ioctl's kernel steps over this VM's typed state (pkvm/_attr.pxi); built
         #: last, once the platform's init has set its costs.
         self._attr_path = AttrPath(self)
+        #: The nested page fault's phases over this VM's typed state (pkvm/_fault.pxi).
+        self._fault_path = fault_path(self, Vcpu._fault, _gpa_to_gfn, _ALLOC_OP[self._shared.order])
 
     def __repr__(self) -> str:
         return f"<pkvm.VM {self._platform.name} policy={self._policy} slots={len(self._slots)}>"
@@ -1046,11 +1048,15 @@ class Vcpu:
 
     # -- hooks for platform vCPUs ---------------------------------------------------------
 
+    #: A subclass whose :meth:`_fault` runs one page (``limit == gfn + 1``) exactly as this
+    #: class's does while one of its slots is None names that slot here, in the class that
+    #: defines ``_fault``: ``page_fault`` then runs the typed fault without calling it.
+    _fault_detour: str | None = None
+
     def _fault(self, gfn: int, limit: int, private: bool, write: bool) -> tuple[int, FaultResult]:
         """The exit handler of a nested page fault on ``gfn`` (a batch up to ``limit``);
         returns ``(faults taken, result)``."""
-        f, r = run_fault(self, gfn, limit, private, write)
-        return (f.nfaults if r.ret == "fixed" else 1), r
+        return self.vm._fault_path.fault(self, gfn, limit, private, write)
 
     def _usable_end(self, gfn: int, stop: int, spte: int, private: bool, write: bool) -> int:
         """The end of the prefix of ``[gfn, stop)`` (one present SPTE run of value ``spte``)
@@ -1075,15 +1081,9 @@ class Vcpu:
             TypeError / ValueError: ``gpa`` is not an int in [0, 2**52 pages), or ``private``
                 / ``write`` are not bools.
         """
-        if type(gpa) is int and 0 <= gpa < _MAX_GPA:
-            gfn = gpa >> PAGE_SHIFT
-        else:
-            gfn = _gpa_to_gfn(gpa)  # converts an int-like, or raises
-        if type(private) is not bool or type(write) is not bool:
-            raise TypeError("private and write must be bools")
-        if self.vm.vm_dead:
-            self.vm._check_alive()
-        return self._fault(gfn, gfn + 1, private, write)[1]
+        # The checks (as _gpa_to_gfn's, then the bools, then the dead VM) and the fault
+        # (self._fault(gfn, gfn + 1, private, write)[1]) are the typed core's.
+        return self.vm._fault_path.page_fault(self, gpa, private, write)
 
     def access(self, gpa: int, *, private: bool, write: bool = False, size: int = PAGE_SIZE) -> AccessResult:
         """A guest access to the bytes ``[gpa, gpa + size)``: faults only where no usable

@@ -190,6 +190,8 @@ class SnpVcpu(Vcpu):
             g = e
         return max(g, gfn + 1)
 
+    _fault_detour = "_rmp_stop"  # one page with no RMP stop pending: the base fault
+
     def _fault(self, gfn: int, limit: int, private: bool, write: bool) -> tuple[int, FaultResult]:
         stop, self._rmp_stop = self._rmp_stop, None
         if stop is None or stop[0] != gfn:
