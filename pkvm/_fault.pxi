@@ -296,7 +296,7 @@ cdef class FaultPath:
     """
 
     cdef object vm, platform, shared, gmem_get_pfn, set_external, topup, timeline_run, emit_fault
-    cdef object base_fault, gpa_to_gfn, kvm_error
+    cdef object base_fault, gpa_to_gfn, kvm_error, is_implemented
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
     cdef dict d, stats, costs, slots, armed
     cdef RangeMap attrs, sptes, slot0, shared_map
@@ -317,7 +317,6 @@ cdef class FaultPath:
         self.vm = vm
         self.d = d
         plat = d["_platform"]
-        self.platform = plat
         self.attrs = d["_attrs"]
         self.sptes = d["_sptes"]
         self.slot0 = d["_slot_maps"][0]
@@ -331,15 +330,9 @@ cdef class FaultPath:
         self.host_level = _level_for_order(shared.order)
         self.alloc_op = alloc_op
         self.attr_source = d["_policy"].private_fault_source == "attributes"
-        self.has_private_mem = plat.has_private_mem
         self.mirror = d["_mirror"]
-        self.fault_is_private = plat.fault_is_private
-        self.gmem_max_level = plat.gmem_max_mapping_level
-        self.plat_max_level = plat.max_mapping_level
-        self.handle_rmp = plat.handle_rmp_fault
-        self.has_gmem_max = is_implemented(plat.gmem_max_mapping_level)
-        self.has_plat_max = is_implemented(plat.max_mapping_level)
-        self.has_rmp = is_implemented(plat.handle_rmp_fault)
+        self.is_implemented = is_implemented
+        self._load_platform(plat)
         self.gmem_get_pfn = gmem_get_pfn
         self.set_external = set_external
         self.topup = topup
@@ -352,6 +345,25 @@ cdef class FaultPath:
         self.c_cls = None
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    cdef int _load_platform(self, object plat) except -1:
+        """Read the platform's fault ops (again if ``vm._platform`` was swapped since)."""
+        self.platform = plat
+        self.has_private_mem = plat.has_private_mem
+        self.fault_is_private = plat.fault_is_private
+        self.gmem_max_level = plat.gmem_max_mapping_level
+        self.plat_max_level = plat.max_mapping_level
+        self.handle_rmp = plat.handle_rmp_fault
+        self.has_gmem_max = self.is_implemented(plat.gmem_max_mapping_level)
+        self.has_plat_max = self.is_implemented(plat.max_mapping_level)
+        self.has_rmp = self.is_implemented(plat.handle_rmp_fault)
+        return 0
+
+    cdef inline int _ops(self) except -1:
+        plat = self.d["_platform"]
+        if plat is not self.platform:
+            self._load_platform(plat)
+        return 0
 
     cdef inline int _slot(self, object slot) except -1:
         if slot is not self.c_slot:
@@ -629,6 +641,7 @@ cdef class FaultPath:
     cdef tuple _run(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
         """Every phase of one (batched) fault to completion: ``(f, result)``."""
         d = self.d
+        self._ops()
         if d["_sched"] is not None:
             return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
         t0 = d["_modeled_ns"]
@@ -668,11 +681,11 @@ cdef class FaultPath:
             self.c_detour = detour
         return self.c_mode
 
-    cdef FaultResult _one(self, vcpu, uint64_t gfn, bint private, bint write):
+    cdef object _one(self, vcpu, uint64_t gfn, bint private, bint write):
         """``Vcpu.page_fault`` after its checks: ``vcpu._fault(gfn, gfn + 1, ...)[1]``."""
         cdef int mode = self._mode(type(vcpu))
         if mode == _FP_GENERIC or (mode == _FP_DETOUR and getattr(vcpu, self.c_detour) is None):
-            return <FaultResult>(self._run(vcpu, gfn, gfn + 1, private, write, False)[1])
+            return self._run(vcpu, gfn, gfn + 1, private, write, False)[1]
         return vcpu._fault(gfn, gfn + 1, private, write)[1]
 
     # -- entry points ----------------------------------------------------------------------------
@@ -720,23 +733,30 @@ cdef class FaultPath:
 
     def after(self, vcpu, PageFault f, FaultResult r, uint64_t gfn, bint private, bint write, took):
         """The tail of ``run_fault`` (the event, the RMP-fault handler) for the timeline's driver."""
+        self._ops()
         self._after(vcpu, f, r, gfn, private, write, took)
 
     # the phases, for pkvm.kvm.mmu's functions of the same names (the timeline's driver, tests)
     def begin(self, PageFault f):
+        self._ops()
         self._begin(f)
 
     def faultin(self, PageFault f):
+        self._ops()
         self._faultin(f)
 
     def max_level(self, PageFault f):
+        self._ops()
         return self._max_level(f)
 
     def stale(self, PageFault f):
+        self._ops()
         self._stale(f)
 
     def install(self, PageFault f):
+        self._ops()
         self._install(f)
 
     def finish(self, PageFault f):
+        self._ops()
         return self._finish(f)

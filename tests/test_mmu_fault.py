@@ -3,6 +3,8 @@
 import errno
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vmhelpers import GMEM, PRIVATE, UADDR, GiB, MiB, gmem_vm, shared_vm
 
 import pkvm
@@ -330,3 +332,99 @@ def test_fault_result_is_an_immutable_value():
             assert (level, pfn) == (r.level, r.pfn)
         case _:
             pytest.fail("a fixed fault must match FaultResult('fixed', level, pfn)")
+
+
+# -- the typed fault path (pkvm/_fault.pxi) -----------------------------------------------------
+
+
+def test_the_fault_core_constants_are_the_kernel_ones():
+    """pkvm/_fault.pxi repeats these values (C code cannot import them): they must agree."""
+    import pathlib
+
+    from pkvm import constants as c
+    from pkvm.kvm import mmu
+
+    text = (pathlib.Path(pkvm.__file__).parent / "_fault.pxi").read_text()
+    expect = {
+        "_F_SPTE_PRESENT = 1\n": mmu.SPTE_PRESENT == 1,
+        "_F_SPTE_PRIVATE = 1ULL << 3\n": mmu.SPTE_PRIVATE == 1 << 3,
+        "_F_SPTE_WRITABLE = 1ULL << 4\n": mmu.SPTE_WRITABLE == 1 << 4,
+        "_F_ATTR_PRIVATE = 1ULL << 3 ": c.KVM_MEMORY_ATTRIBUTE_PRIVATE == 1 << 3,
+        "_F_MEM_LOG_DIRTY = 1 ": c.KVM_MEM_LOG_DIRTY_PAGES == 1,
+        "_F_MEM_READONLY = 2 ": c.KVM_MEM_READONLY == 2,
+        "_F_EXIT_MEMORY_FAULT = 39 ": c.KVM_EXIT_MEMORY_FAULT == 39,
+        "_F_EFAULT = 14\n": errno.EFAULT == 14,
+        "_F_ENOENT = 2\n": errno.ENOENT == 2,
+        "8 if f.is_private else 0)  # KVM_MEMORY_EXIT_FLAG_PRIVATE": c.KVM_MEMORY_EXIT_FLAG_PRIVATE == 8,
+    }
+    for line, agrees in expect.items():
+        assert line in text and agrees, line
+
+
+@settings(max_examples=200, deadline=None)
+@given(delta=st.integers(-(1 << 55), (1 << 55) - 1), level=st.sampled_from([1, 2, 3]),
+       private=st.booleans(), writable=st.booleans())
+def test_make_spte_is_the_documented_encoding(delta, level, private, writable):
+    """The core's leaf encoding against its definition (pkvm.kvm.mmu's module docstring):
+    ``encode_delta(delta)`` | present | level << 1 | private << 3 | writable << 4."""
+    from pkvm.host.hostmem import decode_delta, encode_delta
+    from pkvm.kvm import mmu
+
+    v = mmu.make_spte(delta, level, private, writable)
+    assert v == (encode_delta(delta) | 1 | level << 1 | (8 if private else 0) | (16 if writable else 0))
+    assert decode_delta(v) == delta and mmu.spte_level(v) == level
+    if v:  # what Mmu.lookup decodes is what was encoded
+        m = mmu.Mmu(dict.fromkeys(("pages_4k", "pages_2m", "pages_1g"), 0), lambda op, n: None)
+        m.map_run(0, 1 << 18, level, v)
+        assert m.lookup(5) == mmu.Spte(5 + delta, level, private, writable)
+
+
+def test_page_fault_fields_are_typed_but_named():
+    """PageFault's fields are C-typed: read and written by name (guest_memfd's pfn lookup does),
+    and a value of the wrong type or range is refused."""
+    f = PageFault(7, 9, True, False)
+    assert (f.gfn, f.limit, f.end, f.private_access, f.write, f.single, f.ret, f.slot) == (
+        7, 9, 8, True, False, False, "", None)
+    f.delta, f.order, f.errno, f.single = -5, 9, errno.EIO, True
+    assert (f.delta, f.order, f.errno, f.single) == (-5, 9, errno.EIO, True)
+    with pytest.raises(OverflowError, match="negative|convert"):
+        f.gfn = -1
+    with pytest.raises(TypeError, match="integer"):
+        f.level = "2M"
+
+
+def test_a_vcpu_class_with_its_own_fault_handler_is_called():
+    """page_fault and page_fault_many run the typed fault only for a vCPU class whose ``_fault``
+    is the base one (or that names a ``_fault_detour`` slot that is None); any other
+    ``_fault`` is called, per call."""
+    calls = []
+
+    class Counting(pkvm.Vcpu):
+        __slots__ = ()
+
+        def _fault(self, gfn, limit, private, write):
+            calls.append((gfn, limit, private, write))
+            return pkvm.Vcpu._fault(self, gfn, limit, private, write)
+
+    vm, _ = shared_vm(4 * MiB)
+    twin, vcpu = shared_vm(4 * MiB)
+    mine = Counting(vm, 7)
+    assert mine.page_fault(0x3000, private=False) == vcpu.page_fault(0x3000, private=False)
+    assert calls == [(3, 4, False, False)]
+    batch = mine.page_fault_many([0x5000, 0x203000], private=False, write=True)
+    assert calls[1:] == [(5, 6, False, True), (0x203, 0x204, False, True)]
+    assert list(batch) == [vcpu.page_fault(g, private=False, write=True) for g in (0x5000, 0x203000)]
+    assert vm.stats == twin.stats and vm.modeled_ns == twin.modeled_ns
+
+
+def test_snp_rmp_stop_takes_the_platform_detour():
+    """SnpVcpu names ``_rmp_stop`` as its detour: while it is set, page_fault runs SnpVcpu._fault
+    (here: the RMP check's #VC), not the base fault."""
+    vm = pkvm.VM("snp", policy="6.19")
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MiB, UADDR, gmem, 0)
+    vcpu = vm.create_vcpu()
+    vcpu._rmp_stop = (5, "vc")
+    assert vcpu.page_fault(0x5000, private=True) == pkvm.FaultResult("vc")
+    assert vcpu._rmp_stop is None and vm.stats["snp_vc"] == 1 and vm.stats["pf_taken"] == 0
+    assert vcpu.page_fault(0x5000, private=False).ret == "fixed"  # the base fault again
