@@ -487,7 +487,8 @@ cdef class FaultPath:
             # SharedBacking.populate allocates whole host blocks: a populated page at hva and
             # at hva + npages - 1 with one run between them means nothing to allocate.
             rangemap_run_at(smap, hva, &r)
-            if not (r.value and r.end >= hva + npages):
+            v = r.value
+            if not (v and r.end >= hva + npages):
                 try:
                     n = self.shared.populate(hva, hva + npages)
                 except self.kvm_error:
@@ -499,7 +500,7 @@ cdef class FaultPath:
                     st = self.stats
                     st["shared_pages_populated"] = st["shared_pages_populated"] + n
                     self._charge(self.alloc_op, n >> self.shared.order)  # VM._charge_alloc
-            v = rangemap_get(smap, hva)
+                v = rangemap_get(smap, hva)
             f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
             f.map_writable = not (flags & _F_MEM_READONLY)
         f.end = end
@@ -512,7 +513,8 @@ cdef class FaultPath:
         if slot.flags & _F_MEM_LOG_DIRTY:
             return 1
         top = f.max_level if f.is_private else 3
-        if top == 1:
+        # (a shared fault's cap is the host level: at 4K the words below need not be read)
+        if top == 1 or (not f.is_private and f.host_level == 1):
             return 1
         self._slot(slot)
         level = top
