@@ -4,9 +4,10 @@ arrays, with the semantics of the same calls made one by one in a loop (docs/emb
 
 :meth:`pkvm.VM.set_memory_attributes_many` and :meth:`pkvm.Vcpu.page_fault_many` are the public
 entry points; this module validates their arrays once, then hands them to the typed loops of
-the core (``pkvm/_batch.pxi``), which call the model's per-call entry points without checking
-the arguments again. Under a timeline (:mod:`pkvm.sim`) or with a tracer attached, the batch is
-the loop itself: the public call once per element.
+the core (``pkvm/_batch.pxi``; the faults' is ``FaultPath.calls``, ``pkvm/_fault.pxi``), which
+call the model's per-call entry points without checking the arguments again. Under a timeline
+(:mod:`pkvm.sim`) or with a tracer attached, the batch is the loop itself: the public call once
+per element.
 """
 
 from __future__ import annotations
