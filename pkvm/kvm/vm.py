@@ -1259,7 +1259,6 @@ class Vcpu:
 
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses
-_MAX_GPA = _MAX_GFN << PAGE_SHIFT
 #: Re-faults an access makes while an invalidation keeps its gfn stale, in the synchronous driver
 #: (nothing there ends an invalidation but the caller); then it returns ``ret="retry"``.
 _MAX_RETRIES = RETRY_LIMIT  # pkvm.constants: the one bound on retried loops
