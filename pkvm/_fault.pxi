@@ -179,7 +179,7 @@ cdef inline int _f_shift(int level) noexcept nogil:
     return 18 if level == 3 else 9 if level == 2 else 0
 
 
-cdef inline int64_t _decode_delta(uint64_t v) noexcept nogil:
+cdef inline int64_t _f_delta(uint64_t v) noexcept nogil:
     return (<int64_t>v) >> 8  # the delta's sign bit is bit 63
 
 
@@ -419,7 +419,7 @@ cdef class FaultPath:
                     and f.write and v & _F_SPTE_WRITABLE):
                 f.ret = "spurious"
                 f.level = _f_level(v)
-                f.delta = _decode_delta(v)
+                f.delta = _f_delta(v)
         return 0
 
     cdef int _faultin(self, PageFault f) except -1:
@@ -459,7 +459,13 @@ cdef class FaultPath:
             end = min(end, r.end)
         flags = slot.flags
         if f.is_private:
-            end = self.gmem_get_pfn(self.vm, f, end)
+            # kvm_gmem_get_pfn: its typed steps (GmemPath.get_pfn, pkvm/_gmem.pxi) called
+            # directly once the VM has them; the Python entry builds them on first use.
+            gp = self.d.get("_gmem_path")
+            if type(gp) is GmemPath:
+                end = (<GmemPath>gp).get_pfn(f, end)
+            else:
+                end = self.gmem_get_pfn(self.vm, f, end)
             if f.ret:
                 return 0
             f.max_level = _level_for_order(f.order)
@@ -501,7 +507,7 @@ cdef class FaultPath:
                     st["shared_pages_populated"] = st["shared_pages_populated"] + n
                     self._charge(self.alloc_op, n >> self.shared.order)  # VM._charge_alloc
                 v = rangemap_get(smap, hva)
-            f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
+            f.delta = <int64_t>hva + _f_delta(v) - <int64_t>gfn
             f.map_writable = not (flags & _F_MEM_READONLY)
         f.end = end
         return 0
