@@ -214,7 +214,7 @@ class SharedBacking:
         for x, y in todo:
             blk = x
             try:
-                plan = self._mem.alloc(y - x, order)
+                plan = hostmem_alloc(self._mem, y - x, order)  # arguments valid by construction
             except KvmError:
                 raise KvmError(errno.ENOMEM,
                                f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})") from None
@@ -235,7 +235,7 @@ class SharedBacking:
         freed = 0
         for s, e, v in self._map.ranges(a, b):
             delta = decode_delta(v)
-            self._mem.free(s + delta, e - s)
+            hostmem_free(self._mem, s + delta, e - s)  # populated runs: valid by construction
             freed += e - s
         self._map.assign(a, max(a, b), 0)
         self.nr_populated -= freed
