@@ -152,6 +152,10 @@ cdef int _hm_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int
         if wrapped and pos >= origin:
             return 0
         a = (pos + size - 1) & ~(size - 1)
+        if wrapped and a + size > origin:
+            # after the wrap a block must end by the walk's origin: none is left (without
+            # this check an unaligned origin gave a negative unit count and never ended)
+            return 0
         if a + size > end:
             if wrapped:
                 return 0
@@ -978,3 +982,68 @@ cdef class GmemPath:
         if sched is not None:
             sched.release("gmem_invalidate")
 
+
+
+# -- the VMM's shared backing --------------------------------------------------------------------
+
+cdef inline uint64_t _sb_value(int64_t delta) noexcept:
+    """A populated SharedBacking value: bit 0 set, the pfn delta as 56-bit two's complement
+    from bit 8 (``pkvm.host.hostmem.encode_delta``)."""
+    return 1 | (((<uint64_t>delta) & ((1ULL << 56) - 1)) << 8)
+
+
+def shared_populate(sb, uint64_t start, uint64_t end):
+    """``pkvm.host.hostmem.SharedBacking.populate``: allocate every unpopulated host block of
+    the HVA pages ``[start, end)`` in address order; the number of pages allocated.
+
+    All or nothing: several unpopulated runs are planned together first, so ENOMEM
+    (``KvmError``) populates nothing; one run is one allocation, itself all or nothing."""
+    cdef int order = sb.order
+    cdef uint64_t mask = (1ULL << order) - 1
+    cdef uint64_t a = start >> order
+    cdef uint64_t b = (end >> order) + ((end & mask) != 0)
+    cdef uint64_t blk, ea, hva, units = 0
+    cdef RangeMap m = sb._map
+    cdef RangeMap used
+    cdef Run r
+    cdef _Runs todo, plan
+    cdef Py_ssize_t i, j
+    _runs_init(&todo)
+    _runs_init(&plan)
+    try:
+        blk = a
+        while blk < b:
+            rangemap_run_at(m, blk << order, &r)
+            # blocks are populated whole, so run edges fall on block boundaries
+            ea = (r.end >> order) + ((r.end & mask) != 0)
+            if ea > b:
+                ea = b
+            if not r.value:
+                _runs_push(&todo, <int64_t>blk, <int64_t>ea, 0)
+                units += ea - blk
+            blk = ea
+        if todo.n == 0:
+            return 0
+        mem = sb._mem
+        used = mem._used
+        if todo.n > 1 and not _hm_plan(used, mem.start_pfn, mem.end_pfn, mem._cursor,
+                                       <int64_t>units, order, &plan):
+            _populate_enomem(start, end)
+        for i in range(todo.n):
+            if _hm_alloc(mem, used, mem.start_pfn, mem.end_pfn, todo.b[i] - todo.a[i], order, &plan):
+                _populate_enomem(start, end)
+            blk = <uint64_t>todo.a[i]
+            for j in range(plan.n):
+                hva = blk << order
+                rangemap_assign(m, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
+                blk += <uint64_t>plan.b[j] >> order
+        sb.nr_populated = sb.nr_populated + (units << order)
+        return units << order
+    finally:
+        _runs_free(&todo)
+        _runs_free(&plan)
+
+
+cdef int _populate_enomem(uint64_t start, uint64_t end) except -1:
+    from pkvm.errors import KvmError
+    raise KvmError(_ENOMEM, f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})")

@@ -169,3 +169,18 @@ def test_injected_folio_failure_exits_the_fault_with_its_errno():
     r = vm.create_vcpu().page_fault(0, private=True)
     assert (r.ret, r.errno) == ("exit", errno.ENOMEM)
     assert gmem.folio(0) is None and vm.stats["gmem_pages_allocated"] == 0
+
+
+def test_allocator_wrap_stops_at_an_unaligned_origin():
+    """Regression (found by the property above): after the wrap, the next-fit walk reached its
+    unaligned origin (67) inside an order-3 block and computed a negative unit count, looping
+    forever (MemoryError in the core). The walk ends there: ENOMEM, nothing allocated."""
+    mem = HostMemory(start_pfn=8, nr_pages=248)
+    assert mem.alloc(5, 3) == [(8, 40)]
+    assert mem.alloc(19) == [(48, 19)]
+    mem.free(64, 1)
+    before = (mem.nr_allocated, mem._cursor, mem._used.ranges())
+    with pytest.raises(pkvm.KvmError, match="host memory exhausted allocating 37 x order-3 blocks"):
+        mem.alloc(37, 3)
+    assert (mem.nr_allocated, mem._cursor, mem._used.ranges()) == before
+    assert mem.alloc(23, 3) == [(72, 184)]

@@ -1,6 +1,8 @@
 """The simulated host memory behind guest_memfd folios and the VMM's shared backing."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pkvm
 from pkvm.host.hostmem import HostMemory, SharedBacking, decode_delta, encode_delta
@@ -108,3 +110,61 @@ def test_hostmem_free_refuses_bad_arguments_and_changes_nothing(args, exc, match
     with pytest.raises(exc, match=match):
         mem.free(*args)
     assert mem.nr_allocated == 2 and mem.is_allocated(0x100001)
+
+
+def _populate_reference(sb: SharedBacking, start: int, end: int) -> int | None:
+    """The obviously correct populate: every unpopulated block of ``[start, end)``, in address
+    order, one single-block allocation each; None (and nothing changed) if one would fail."""
+    order = sb.order
+    blocks = [blk for blk in range(start >> order, (end + (1 << order) - 1) >> order)
+              if sb._map.get(blk << order) == 0]
+    mem = sb._mem
+    if not blocks:
+        return 0
+    if not mem.can_alloc(len(blocks), order):
+        return None
+    for blk in blocks:
+        (pfn, n), = mem.alloc(1, order)
+        sb._map.assign(blk << order, (blk + 1) << order, 1 | encode_delta(pfn - (blk << order)))
+    sb.nr_populated += len(blocks) << order
+    return len(blocks) << order
+
+
+def _backing_state(sb: SharedBacking) -> tuple:
+    mem = sb._mem
+    return (list(sb._map.iter_ranges()), sb.nr_populated, list(mem._used.iter_ranges()),
+            mem.nr_allocated, mem._cursor)
+
+
+@settings(max_examples=150, deadline=None)
+@given(order=st.sampled_from([0, 1, 2]), pages=st.integers(8, 64),
+       ops=st.lists(st.tuples(st.sampled_from(["populate", "discard", "alloc"]),
+                              st.integers(0, 80), st.integers(1, 40)), max_size=12))
+def test_populate_matches_block_by_block_first_touches(order, pages, ops):
+    """SharedBacking.populate (the typed core's shared_populate) against one single-block
+    allocation per unpopulated block, in address order, through random populates, discards
+    and unrelated allocations; on ENOMEM nothing changes (state, counters, cursor)."""
+    pair = []
+    for _ in range(2):
+        mem = HostMemory(0x100, pages)
+        pair.append(SharedBacking(mem, order))
+    real, ref = pair
+    for op, a, n in ops:
+        if op == "populate":
+            want = _populate_reference(ref, a, a + n)
+            before = _backing_state(real)
+            if want is None:
+                with pytest.raises(pkvm.KvmError, match="host memory exhausted populating HVA pages"):
+                    real.populate(a, a + n)
+                assert _backing_state(real) == before
+            else:
+                assert real.populate(a, a + n) == want
+        elif op == "discard":
+            assert real.discard(a, a + n) == ref.discard(a, a + n)
+        else:
+            units = n % 4
+            for sb in pair:
+                if sb._mem.can_alloc(units, 0):
+                    sb._mem.alloc(units, 0)
+        assert _backing_state(real) == _backing_state(ref)
+        real._mem._check()

@@ -14,10 +14,8 @@ the number of allocated pfns; every populated HVA page maps to an allocated pfn.
 
 from __future__ import annotations
 
-import errno
-
-from pkvm._core import RangeMap, hostmem_alloc, hostmem_free, hostmem_plan
-from pkvm.errors import InternalInvariantError, KvmError
+from pkvm._core import RangeMap, hostmem_alloc, hostmem_free, hostmem_plan, shared_populate
+from pkvm.errors import InternalInvariantError
 
 #: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
 DEFAULT_START_PFN = 1 << 20
@@ -194,36 +192,14 @@ class SharedBacking:
     def populate(self, start: int, end: int) -> int:
         """Touch every HVA page in ``[start, end)``; return the number of pages allocated.
 
-        Blocks are allocated in address order, as successive first touches would.
+        Blocks are allocated in address order, as successive first touches would. The typed
+        core's ``shared_populate`` (pkvm/_gmem.pxi): one run of unpopulated blocks is one
+        allocation (all or nothing); several runs are planned together first.
 
         Raises:
             KvmError: ENOMEM if host memory runs out (nothing is populated then).
         """
-        order = self.order
-        a = start >> order
-        b = (end + (1 << order) - 1) >> order
-        todo = self._unpopulated_blocks(a, b)
-        if not todo:
-            return 0
-        units = todo[0][1] - todo[0][0] if len(todo) == 1 else sum(y - x for x, y in todo)
-        # One run of blocks is one alloc call, which allocates all or nothing: no need to plan
-        # it twice. Several runs are checked first, so that ENOMEM populates nothing.
-        if len(todo) > 1 and not self._mem.can_alloc(units, order):
-            raise KvmError(errno.ENOMEM, f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})")
-        m = self._map
-        for x, y in todo:
-            blk = x
-            try:
-                plan = hostmem_alloc(self._mem, y - x, order)  # arguments valid by construction
-            except KvmError:
-                raise KvmError(errno.ENOMEM,
-                               f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})") from None
-            for pfn, n in plan:
-                hva = blk << order
-                m.assign(hva, hva + n, 1 | encode_delta(pfn - hva))
-                blk += n >> order
-        self.nr_populated += units << order
-        return units << order
+        return shared_populate(self, start, end)
 
     def discard(self, start: int, end: int) -> int:
         """``MADV_DONTNEED`` on whole host pages inside ``[start, end)``; return pages freed."""
