@@ -378,3 +378,56 @@ class GmemPath:
     def truncate(self, gmem: object, start: int, end: int) -> None: ...
     def bound_gfn_ranges(self, gmem: object, start: int, end: int) -> list[tuple[int, int]]: ...
     def punch_hole(self, gmem: object, start: int, end: int) -> None: ...
+
+# -- the guest's and the VMM's per-run results (pkvm/_results.pxi); public via pkvm.kvm.exits ----
+
+from pkvm.kvm.exits import Hypercall
+
+@final
+class GuestOpResult:
+    """Outcome of a guest instruction run through KVM (compared by value, unhashable)."""
+
+    __match_args__: ClassVar[tuple[str, ...]]
+    ret: str
+    status: int | None
+    value: int | None
+    exit_reason: int | None
+    hypercall: Hypercall | None
+    memory_fault: tuple[int, int, int] | None
+    errno: int | None
+    faults: int
+    retries: int
+    loop: str | None
+    def __init__(self, ret: str, status: int | None = None, value: int | None = None,
+                 exit_reason: int | None = None, hypercall: Hypercall | None = None,
+                 memory_fault: tuple[int, int, int] | None = None, errno: int | None = None,
+                 faults: int = 0, retries: int = 0, loop: str | None = None) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class ExitResult:
+    """How the VMM answered one exit (immutable, hashable, compared by value); truthy iff the
+    vCPU may run on."""
+
+    __match_args__: ClassVar[tuple[str, ...]]
+    @property
+    def handled(self) -> bool: ...
+    @property
+    def step(self) -> str: ...
+    @property
+    def exit_reason(self) -> int | None: ...
+    @property
+    def errno(self) -> int: ...
+    @property
+    def detail(self) -> str: ...
+    def __init__(self, handled: bool, step: str, exit_reason: int | None = None, errno: int = 0,
+                 detail: str = "") -> None: ...
+    @staticmethod
+    def _lazy(handled: bool, step: str, exit_reason: int | None, errno: int,
+              why: Callable[..., str], args: tuple[Any, ...]) -> ExitResult: ...
+    def __bool__(self) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...

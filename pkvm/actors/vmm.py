@@ -77,6 +77,15 @@ _NO_DISCARD = ("hugetlb-2m", "hugetlb-1g")
 MADV_DONTNEED = 4
 
 
+def _converted(ret: int, gpa: int, size: int, private: bool, fail: str, last_failure: str) -> str:
+    """The ``detail`` of the VMM's answer to an exit that asked for a conversion (built only
+    when read: ``ExitResult._lazy``); ``last_failure`` is :attr:`Vmm.last_failure` then."""
+    where = f"[{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}"
+    if not ret:
+        return f"converted {where}"
+    return f"converting {where} failed with {errno.errorcode.get(-ret, -ret)}: {last_failure}{fail}"
+
+
 #: QEMU q35 (hw/i386/pc_q35.c, ``pc_q35_init``): RAM that does not fit below 0xb0000000 is
 #: split at 2 GiB (the rest goes above 4 GiB, leaving the PCI hole); smaller RAM stays whole.
 Q35_LOWMEM_SPLIT = 0xB0000000
@@ -335,10 +344,11 @@ class Vmm:
                 return ExitResult(False, "KVM_EXIT_HYPERCALL", reason, errno.EINVAL,
                                   f"hypercall {hc.nr} is not KVM_HC_MAP_GPA_RANGE: the vCPU stops")
             private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
-            ret = self.convert_memory(hc.gpa, hc.size, private)
+            gpa, size = hc.gpa, hc.size
+            ret = self.convert_memory(gpa, size, private)
             hc.ret = ret & ((1 << 64) - 1)
-            return ExitResult(True, "KVM_HC_MAP_GPA_RANGE", reason, -ret,
-                              self._converted(ret, hc.gpa, hc.size, private, " (the guest reads it)"))
+            return ExitResult._lazy(True, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
+                                    (ret, gpa, size, private, " (the guest reads it)", self.last_failure))
         if reason == KVM_EXIT_MEMORY_FAULT and result.memory_fault is not None:
             gpa, size, flags = result.memory_fault
             if result.errno != errno.EFAULT:
@@ -351,17 +361,10 @@ class Vmm:
                                   f"memory fault at gpa {gpa:#x} with unknown flags {flags:#x}")
             private = bool(flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
             ret = self.convert_memory(gpa, size, private)
-            return ExitResult(ret == 0, "KVM_EXIT_MEMORY_FAULT", reason, -ret,
-                              self._converted(ret, gpa, size, private, ": the vCPU stops"))
+            return ExitResult._lazy(ret == 0, "KVM_EXIT_MEMORY_FAULT", reason, -ret, _converted,
+                                    (ret, gpa, size, private, ": the vCPU stops", self.last_failure))
         return ExitResult(False, "exit", reason, 0,
                           f"exit reason {reason} ({result.ret}) is not one the VMM answers")
-
-    def _converted(self, ret: int, gpa: int, size: int, private: bool, fail: str) -> str:
-        where = f"[{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}"
-        if not ret:
-            return f"converted {where}"
-        return (f"converting {where} failed with {errno.errorcode.get(-ret, -ret)}: "
-                f"{self.last_failure}{fail}")
 
     def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative

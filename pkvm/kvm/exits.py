@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pkvm._core import ExitResult as ExitResult  # the typed core's light result objects
+from pkvm._core import GuestOpResult as GuestOpResult
 from pkvm.constants import (
     KVM_EINVAL,
     KVM_ENOSYS,
@@ -63,56 +65,6 @@ class Hypercall:
     def size(self) -> int:
         """``args[1]`` pages, in bytes."""
         return self.args[1] << PAGE_SHIFT
-
-
-@dataclass(slots=True)
-class GuestOpResult:
-    """Outcome of a guest instruction run through KVM.
-
-    ``ret`` is ``"done"`` (the instruction completed; ``status`` is what the guest reads:
-    TDVMCALL r10, TDCALL rax, hypercall rax, all as u64) or ``"exit"`` (``KVM_RUN`` returned
-    to userspace: ``exit_reason`` with ``hypercall`` or ``memory_fault`` set, or a negative
-    return with ``errno`` and no exit reason). ``value`` is a second output register (TDX r11:
-    the gpa to resume or that failed). ``faults`` counts the EPT violations / NPFs the
-    instruction took before this result. ``"rmp_loop"`` / ``"retry_loop"``: a step the kernel
-    retries gave up after ``retries`` attempts (``pkvm.constants.RETRY_LIMIT``), ``loop`` names
-    it and ``value`` holds the gpa it stopped at. Treat it as read-only (it is not frozen only
-    because a result is built for every MapGPA chunk).
-    """
-
-    ret: str
-    status: int | None = None
-    value: int | None = None
-    exit_reason: int | None = None
-    hypercall: Hypercall | None = None
-    memory_fault: tuple[int, int, int] | None = None
-    errno: int | None = None
-    faults: int = 0
-    retries: int = 0
-    loop: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ExitResult:
-    """How the VMM answered one exit (:meth:`pkvm.Vmm.handle_exit`); truthy iff the vCPU may
-    run on.
-
-    ``step`` names the exit handled (``"KVM_HC_MAP_GPA_RANGE"``, ``"KVM_EXIT_MEMORY_FAULT"``,
-    ``"KVM_EXIT_HYPERCALL"`` for another hypercall, ``"exit"`` for anything else). ``errno``
-    is 0, or the positive errno of what failed: the conversion (``kvm_convert_memory``), or the
-    exit's own errno for a memory fault the VMM cannot handle. A failed conversion for a
-    ``KVM_HC_MAP_GPA_RANGE`` exit still resumes the vCPU (``handled``): the guest reads
-    ``-errno`` in ``hypercall.ret``. ``detail`` says what happened in one line.
-    """
-
-    handled: bool
-    step: str
-    exit_reason: int | None = None
-    errno: int = 0
-    detail: str = ""
-
-    def __bool__(self) -> bool:
-        return self.handled
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,143 @@
+# The per-run result objects of the guest and the VMM in the typed core (issue 16):
+# ``GuestOpResult`` (what a guest instruction run through KVM returns) and ``ExitResult`` (how
+# the VMM answered an exit). Included from _core.pyx; pkvm.kvm.exits re-exports both. Built as
+# extension types so that creating one costs one C allocation instead of a dataclass
+# ``__init__`` (a frozen dataclass pays an ``object.__setattr__`` call per field). They keep
+# the dataclasses' fields, order, defaults, equality, hashing, repr, pattern matching and
+# pickling; ``ExitResult.detail`` may be built only when it is first read.
+
+@cython.final
+@cython.freelist(8)
+cdef class GuestOpResult:
+    """Outcome of a guest instruction run through KVM.
+
+    ``ret`` is ``"done"`` (the instruction completed; ``status`` is what the guest reads:
+    TDVMCALL r10, TDCALL rax, hypercall rax, all as u64) or ``"exit"`` (``KVM_RUN`` returned
+    to userspace: ``exit_reason`` with ``hypercall`` or ``memory_fault`` set, or a negative
+    return with ``errno`` and no exit reason). ``value`` is a second output register (TDX r11:
+    the gpa to resume or that failed). ``faults`` counts the EPT violations / NPFs the
+    instruction took before this result. ``"rmp_loop"`` / ``"retry_loop"``: a step the kernel
+    retries gave up after ``retries`` attempts (``pkvm.constants.RETRY_LIMIT``), ``loop`` names
+    it and ``value`` holds the gpa it stopped at. Compared by value and unhashable; treat it as
+    read-only (it is not frozen only because a result is built for every MapGPA chunk).
+    """
+
+    cdef public object errno "pkvm_errno"
+    cdef public object ret, status, value, exit_reason, hypercall, memory_fault, faults
+    cdef public object retries, loop
+
+    __match_args__ = ("ret", "status", "value", "exit_reason", "hypercall", "memory_fault",
+                      "errno", "faults", "retries", "loop")
+
+    def __init__(self, ret, status=None, value=None, exit_reason=None, hypercall=None,
+                 memory_fault=None, errno=None, faults=0, retries=0, loop=None):
+        self.ret = ret
+        self.status = status
+        self.value = value
+        self.exit_reason = exit_reason
+        self.hypercall = hypercall
+        self.memory_fault = memory_fault
+        self.errno = errno
+        self.faults = faults
+        self.retries = retries
+        self.loop = loop
+
+    cdef tuple _fields(self):
+        return (self.ret, self.status, self.value, self.exit_reason, self.hypercall,
+                self.memory_fault, self.errno, self.faults, self.retries, self.loop)
+
+    def __eq__(self, other):
+        if type(other) is not GuestOpResult:
+            return NotImplemented
+        return self._fields() == (<GuestOpResult>other)._fields()
+
+    def __ne__(self, other):
+        if type(other) is not GuestOpResult:
+            return NotImplemented
+        return self._fields() != (<GuestOpResult>other)._fields()
+
+    __hash__ = None  # mutable, as the dataclass (eq=True, frozen=False) was
+
+    def __repr__(self):
+        return ("GuestOpResult(ret=%r, status=%r, value=%r, exit_reason=%r, hypercall=%r, "
+                "memory_fault=%r, errno=%r, faults=%r, retries=%r, loop=%r)" % self._fields())
+
+    def __reduce__(self):
+        return (GuestOpResult, self._fields())
+
+
+@cython.final
+@cython.freelist(8)
+cdef class ExitResult:
+    """How the VMM answered one exit (:meth:`pkvm.Vmm.handle_exit`); truthy iff the vCPU may
+    run on.
+
+    ``step`` names the exit handled (``"KVM_HC_MAP_GPA_RANGE"``, ``"KVM_EXIT_MEMORY_FAULT"``,
+    ``"KVM_EXIT_HYPERCALL"`` for another hypercall, ``"exit"`` for anything else). ``errno``
+    is 0, or the positive errno of what failed: the conversion (``kvm_convert_memory``), or the
+    exit's own errno for a memory fault the VMM cannot handle. A failed conversion for a
+    ``KVM_HC_MAP_GPA_RANGE`` exit still resumes the vCPU (``handled``): the guest reads
+    ``-errno`` in ``hypercall.ret``. ``detail`` says what happened in one line. Immutable,
+    hashable, compared by value.
+    """
+
+    cdef readonly object errno "pkvm_errno"
+    cdef readonly object handled, step, exit_reason
+    cdef object _detail   # the line, once built
+    cdef object _why      # None, or a callable building the line from _args (the VMM's answers)
+    cdef tuple _args
+
+    __match_args__ = ("handled", "step", "exit_reason", "errno", "detail")
+
+    def __init__(self, handled, step, exit_reason=None, errno=0, detail=""):
+        self.handled = handled
+        self.step = step
+        self.exit_reason = exit_reason
+        self.errno = errno
+        self._detail = detail
+
+    @staticmethod
+    def _lazy(handled, step, exit_reason, errno, why, tuple args):
+        """The answer whose ``detail`` is ``why(*args)``, built when first read (``why``
+        must be a pure function of ``args``)."""
+        cdef ExitResult r = ExitResult.__new__(ExitResult)
+        r.handled = handled
+        r.step = step
+        r.exit_reason = exit_reason
+        r.errno = errno
+        r._why = why
+        r._args = args
+        return r
+
+    @property
+    def detail(self):
+        if self._why is not None:
+            self._detail = self._why(*self._args)
+            self._why = None
+            self._args = None
+        return self._detail
+
+    cdef tuple _fields(self):
+        return (self.handled, self.step, self.exit_reason, self.errno, self.detail)
+
+    def __bool__(self):
+        return bool(self.handled)
+
+    def __eq__(self, other):
+        if type(other) is not ExitResult:
+            return NotImplemented
+        return self._fields() == (<ExitResult>other)._fields()
+
+    def __ne__(self, other):
+        if type(other) is not ExitResult:
+            return NotImplemented
+        return self._fields() != (<ExitResult>other)._fields()
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        return "ExitResult(handled=%r, step=%r, exit_reason=%r, errno=%r, detail=%r)" % self._fields()
+
+    def __reduce__(self):
+        return (ExitResult, self._fields())
