@@ -412,7 +412,7 @@ class SnpVcpu(Vcpu):
                 v1 = sptes.get(gfn)
                 p1 = gfn + decode_delta(v1) if v1 else -1
                 if (v1 and v1 & SPTE_PRIVATE and not p1 & 511 and e > gfn + 1
-                        and rmp.lookup(p1).validated != validate):  # its 4K retry succeeds
+                        and rmp.find_ne(p1, 1, validated=validate) != -1):  # its 4K retry succeeds
                     n, r = Vcpu._fault(self, gfn + 1, self._batch_end(gfn + 1, e, not validate), True, False)
                     faults += n
                 continue
