@@ -381,7 +381,24 @@ class GmemPath:
 
 # -- the guest's and the VMM's per-run results (pkvm/_results.pxi); public via pkvm.kvm.exits ----
 
-from pkvm.kvm.exits import Hypercall
+@final
+class Hypercall:
+    """``run->hypercall``: what KVM forwards to userspace on ``KVM_EXIT_HYPERCALL`` (compared
+    by value, unhashable)."""
+
+    __match_args__: ClassVar[tuple[str, ...]]
+    nr: int
+    args: tuple[int, int, int]
+    ret: int
+    flags: int
+    def __init__(self, nr: int, args: tuple[int, int, int], ret: int = 0, flags: int = 0) -> None: ...
+    @property
+    def gpa(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
 
 @final
 class GuestOpResult:

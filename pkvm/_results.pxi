@@ -1,10 +1,65 @@
-# The per-run result objects of the guest and the VMM in the typed core (issue 16):
-# ``GuestOpResult`` (what a guest instruction run through KVM returns) and ``ExitResult`` (how
-# the VMM answered an exit). Included from _core.pyx; pkvm.kvm.exits re-exports both. Built as
+# The per-run objects of the guest's exits in the typed core (issue 16): ``Hypercall`` (the
+# exit's ``run->hypercall``), ``GuestOpResult`` (what a guest instruction run through KVM
+# returns) and ``ExitResult`` (how the VMM answered an exit). Included from _core.pyx;
+# pkvm.kvm.exits re-exports them. Built as
 # extension types so that creating one costs one C allocation instead of a dataclass
 # ``__init__`` (a frozen dataclass pays an ``object.__setattr__`` call per field). They keep
 # the dataclasses' fields, order, defaults, equality, hashing, repr, pattern matching and
 # pickling; ``ExitResult.detail`` may be built only when it is first read.
+
+@cython.final
+@cython.freelist(8)
+cdef class Hypercall:
+    """``run->hypercall``: what KVM forwards to userspace on ``KVM_EXIT_HYPERCALL``.
+
+    ``args`` are ``args[0..2]`` (for ``KVM_HC_MAP_GPA_RANGE``: gpa without any shared bit,
+    number of 4K pages, ``KVM_MAP_GPA_RANGE_*`` attributes). KVM pre-zeroes ``ret``;
+    userspace writes its result there before the next ``KVM_RUN`` (0 = success). Compared by
+    value and unhashable (it is written to).
+    """
+
+    cdef public object nr, args, ret, flags
+
+    __match_args__ = ("nr", "args", "ret", "flags")
+
+    def __init__(self, nr, args, ret=0, flags=0):
+        self.nr = nr
+        self.args = args
+        self.ret = ret
+        self.flags = flags
+
+    @property
+    def gpa(self):
+        """``args[0]``."""
+        return self.args[0]
+
+    @property
+    def size(self):
+        """``args[1]`` pages, in bytes."""
+        return self.args[1] << 12
+
+    cdef tuple _fields(self):
+        return (self.nr, self.args, self.ret, self.flags)
+
+    def __eq__(self, other):
+        if type(other) is not Hypercall:
+            return NotImplemented
+        return self._fields() == (<Hypercall>other)._fields()
+
+    def __ne__(self, other):
+        if type(other) is not Hypercall:
+            return NotImplemented
+        return self._fields() != (<Hypercall>other)._fields()
+
+    __hash__ = None  # mutable, as the dataclass (eq=True, frozen=False) was
+
+    def __repr__(self):
+        return "Hypercall(nr=%r, args=%r, ret=%r, flags=%r)" % self._fields()
+
+    def __reduce__(self):
+        return (Hypercall, self._fields())
+
+
 
 @cython.final
 @cython.freelist(8)

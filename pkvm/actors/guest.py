@@ -217,7 +217,9 @@ class Guest:
             done += r.pages_done
             faults += r.faults
             if r.ret == "done":
-                return AccessResult("done", done, faults)
+                # The first access's result is already the totals (a finished access has no
+                # other fields set): no new object.
+                return r if pos == gpa else AccessResult("done", done, faults)
             pos += r.pages_done << PAGE_SHIFT
             if r.exit_reason != KVM_EXIT_MEMORY_FAULT or not self.vmm.handle_exit(vcpu, r):
                 return AccessResult(r.ret, done, faults, r.level, r.pfn, r.exit_reason, r.memory_fault, r.errno)

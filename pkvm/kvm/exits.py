@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from pkvm._core import ExitResult as ExitResult  # the typed core's light result objects
 from pkvm._core import GuestOpResult as GuestOpResult
+from pkvm._core import Hypercall as Hypercall
 from pkvm.constants import (
     KVM_EINVAL,
     KVM_ENOSYS,
@@ -40,31 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import Vcpu
 
 U64_MAX = (1 << 64) - 1
-
-
-@dataclass(slots=True)
-class Hypercall:
-    """``run->hypercall``: what KVM forwards to userspace on ``KVM_EXIT_HYPERCALL``.
-
-    ``args`` are ``args[0..2]`` (for ``KVM_HC_MAP_GPA_RANGE``: gpa without any shared bit,
-    number of 4K pages, ``KVM_MAP_GPA_RANGE_*`` attributes). KVM pre-zeroes ``ret``;
-    userspace writes its result there before the next ``KVM_RUN`` (0 = success).
-    """
-
-    nr: int
-    args: tuple[int, int, int]
-    ret: int = 0
-    flags: int = 0
-
-    @property
-    def gpa(self) -> int:
-        """``args[0]``."""
-        return self.args[0]
-
-    @property
-    def size(self) -> int:
-        """``args[1]`` pages, in bytes."""
-        return self.args[1] << PAGE_SHIFT
 
 
 @dataclass(frozen=True, slots=True)
