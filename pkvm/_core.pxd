@@ -98,6 +98,10 @@ cdef class RangeMap:
     cdef int bulk_readers           # get_many calls running without the GIL
     cdef bint bulk_writer           # an assign_many running without the GIL
     cdef uint64_t version           # bumped by every change of the tree (cursors re-descend)
+    # The descent finger: the leaf the last single-key lookup or assign landed in, reused while
+    # later keys fall inside it; NULL after any change of the tree's shape. Read and written
+    # only through pkvm_load_ptr / pkvm_store_ptr (concurrent readers; see _leaf_at).
+    cdef void *finger
     # free pools of spare nodes: reserve-then-commit keeps MemoryError from half-applying
     cdef Leaf *pool_leaves          # linked through Leaf.next
     cdef Inner *pool_inner          # linked through Inner.children[0]

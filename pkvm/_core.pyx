@@ -60,8 +60,18 @@ cdef extern from *:
             c += a[i] < key;
         return c;
     }
+    /* The descent finger's one word (RangeMap.finger), loaded and stored whole: concurrent
+       readers may race on it, and relaxed atomics make that race defined (no torn pointer). */
+    static inline void *pkvm_load_ptr(void *const *p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+    static inline void pkvm_store_ptr(void **p, void *v) {
+        __atomic_store_n(p, v, __ATOMIC_RELAXED);
+    }
     """
     void pkvm_prefetch_span(const void *p, size_t nbytes) noexcept nogil
+    void *pkvm_load_ptr(void *const *p) noexcept nogil
+    void pkvm_store_ptr(void **p, void *v) noexcept nogil
     void __builtin_prefetch(const void *p) noexcept nogil
     int pkvm_count_le(const uint64_t *a, int n, uint64_t key) noexcept nogil
     int pkvm_count_lt(const uint64_t *a, int n, uint64_t key) noexcept nogil
@@ -565,6 +575,65 @@ cdef void _free_node(void *node, int height) noexcept nogil:
 # RangeMap
 # ---------------------------------------------------------------------------------------------
 
+# The descent finger. The typed kernel paths look the same few maps up several times at one
+# key (get then assign at a GFN; find_ne then assign), and at 10**6 runs each descent from the
+# root is a chain of cache misses. ``RangeMap.finger`` remembers the leaf the last single-key
+# call landed in; the next call whose key falls inside that leaf starts there.
+#
+# Correctness: a leaf L is the one a descent by ``key`` returns iff
+#   (L.prev == NULL or L.starts[0] <= key) and (L.next == NULL or key < L.next.starts[0])
+# (inner keys are exact subtree minima, so a descent lands in the last leaf whose first start
+# is <= key, or in the first leaf). The check reads only L and its right neighbour, so it holds
+# for any leaf of the live tree whatever changed inside leaves since the finger was stored.
+# Every change of the tree's shape (a leaf or inner node taken or given, the root replaced,
+# clear, bulk rebuild) first sets the finger to NULL, so a non-NULL finger is always a leaf of
+# the live tree: a stale one never points at freed or pooled memory.
+#
+# Threads: concurrent readers are allowed (the public C API's nogil lookups) but changes are
+# exclusive, so while any reader runs the shape cannot change, and every pointer a reader may
+# store is a leaf of the live tree. The finger is one word loaded and stored with relaxed
+# atomics (no torn value); no Path is ever stored, so a writer never depends on a reader's
+# state: a writer that needs the path to its leaf (a split, a merge, a new first start)
+# descends for it, which is the rare case. The GIL-free bulk readers (``_get_walk``) keep
+# their own finger on the stack and neither read nor store this one.
+
+cdef inline Leaf *_descend_leaf(RangeMap m, uint64_t key) noexcept nogil:
+    """``_descend`` without recording the path (a reader's descent)."""
+    cdef void *node = m.root
+    cdef Inner *nd
+    cdef int lvl, i
+    for lvl in range(m.height):
+        nd = <Inner*>node
+        i = _ub(nd.keys, nd.n, key) - 1
+        node = nd.children[i if i > 0 else 0]
+    pkvm_prefetch_span((<Leaf*>node).ends, (<Leaf*>node).n * sizeof(uint64_t))
+    return <Leaf*>node
+
+
+cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
+    """The finger's leaf if ``key`` falls inside it (see above), else NULL."""
+    cdef Leaf *lf = <Leaf*>pkvm_load_ptr(&m.finger)
+    if (lf != NULL and (lf.prev == NULL or lf.starts[0] <= key)
+            and (lf.next == NULL or key < lf.next.starts[0])):
+        return lf
+    return NULL
+
+
+cdef inline Leaf *_leaf_at(RangeMap m, uint64_t key) noexcept nogil:
+    """The leaf a descent by ``key`` returns, through the finger when it holds ``key``."""
+    cdef Leaf *lf = _finger_leaf(m, key)
+    if lf != NULL:
+        return lf
+    lf = _descend_leaf(m, key)
+    pkvm_store_ptr(&m.finger, <void*>lf)
+    return lf
+
+
+cdef inline void _drop_finger(RangeMap m) noexcept nogil:
+    """The tree's shape is about to change (callers hold the map exclusively)."""
+    pkvm_store_ptr(&m.finger, NULL)
+
+
 cdef class RangeMap:
     """A coalescing map from half-open ``uint64`` key ranges ``[start, end)`` to ``uint64`` values.
 
@@ -671,6 +740,7 @@ cdef class RangeMap:
 
     cdef Leaf *_take_leaf(self) noexcept nogil:
         cdef Leaf *lf = self.pool_leaves
+        _drop_finger(self)
         self.pool_leaves = lf.next
         self.n_pool_leaves -= 1
         lf.n = 0
@@ -683,6 +753,7 @@ cdef class RangeMap:
 
     cdef Inner *_take_inner(self) noexcept nogil:
         cdef Inner *nd = self.pool_inner
+        _drop_finger(self)
         self.pool_inner = <Inner*>nd.children[0]
         self.n_pool_inner -= 1
         nd.n = 0
@@ -706,6 +777,7 @@ cdef class RangeMap:
         self.n_pool_vals += 1
 
     cdef void _give_leaf(self, Leaf *lf) noexcept nogil:
+        _drop_finger(self)
         if lf.vals != NULL:
             self._give_vals(lf.vals)
             lf.vals = NULL
@@ -718,6 +790,7 @@ cdef class RangeMap:
         self.n_pool_leaves += 1
 
     cdef void _give_inner(self, Inner *nd) noexcept nogil:
+        _drop_finger(self)
         self.n_inner -= 1
         if self.n_pool_inner >= POOL_MAX:
             free(nd)
@@ -747,6 +820,7 @@ cdef class RangeMap:
     cdef void _reset(self) noexcept nogil:
         """Free every node and leave one empty root leaf (the pool must hold a leaf)."""
         self.version += 1
+        _drop_finger(self)
         self._free_subtree(self.root, self.height)
         self.root = self._take_leaf()
         self.first_leaf = <Leaf*>self.root
@@ -981,16 +1055,25 @@ cdef class RangeMap:
                 self._remove_leaf(lf, path)
 
     cdef void _insert_run(self, uint64_t s, uint64_t e, uint64_t v) noexcept nogil:
-        """Insert a run that overlaps and touches no stored run (nodes were reserved)."""
+        """Insert a run that overlaps and touches no stored run (nodes were reserved).
+
+        The leaf comes through the finger; the path to it only where the inner keys change
+        (a new first start, a split), by a descent that lands in the same leaf because no inner
+        key has changed yet.
+        """
         cdef Path path
-        cdef Leaf *lf = self._descend(s, &path)
+        cdef Leaf *lf = _finger_leaf(self, s)
+        cdef bint pathed = lf == NULL
         cdef Leaf *r
         cdef Leaf *t
         cdef Inner *nr
-        cdef int i = _lb(lf.starts, lf.n, s)
-        cdef int at, j, n
+        cdef int i, at, j, n
         cdef uint64_t u0
         cdef bint uniform
+        if pathed:
+            lf = self._descend(s, &path)
+            pkvm_store_ptr(&self.finger, <void*>lf)
+        i = _lb(lf.starts, lf.n, s)
         if lf.n < self.leaf_cap:
             memmove(&lf.starts[i + 1], &lf.starts[i], (lf.n - i) * sizeof(uint64_t))
             memmove(&lf.ends[i + 1], &lf.ends[i], (lf.n - i) * sizeof(uint64_t))
@@ -1000,9 +1083,13 @@ cdef class RangeMap:
             self._leaf_write(lf, i, s, e, v)
             self.count += 1
             if i == 0 and self.height > 0:
+                if not pathed:
+                    self._descend(s, &path)
                 self._fix_min(&path, self.height - 1, s)
             return
         # Split a full leaf; an append at the right edge keeps the left leaf full.
+        if not pathed:
+            self._descend(s, &path)
         n = lf.n
         at = n if (i == n and lf.next == NULL) else n // 2
         r = self._take_leaf()
@@ -1092,14 +1179,13 @@ cdef class RangeMap:
 
     cdef int _assign_slow(self, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
         """General assign: the affected runs span leaves, or the result does not fit."""
-        cdef Path path
         cdef Leaf *lf
         cdef int a, b, m, j
         cdef bint have = False
         cdef Run f, g
         cdef Run rep[3]
         # f: the first run with end >= s (it may be the last run of the previous leaf)
-        lf = self._descend(s, &path)
+        lf = _leaf_at(self, s)
         a = _lb(lf.ends, lf.n, s)
         if a == 0 and lf.prev != NULL and lf.prev.ends[lf.prev.n - 1] >= s:
             f = _mkrun(lf.prev.starts[lf.prev.n - 1], lf.prev.ends[lf.prev.n - 1],
@@ -1115,7 +1201,7 @@ cdef class RangeMap:
             have = False
         if have:
             # g: the last run with start <= e (exists, since f.start <= e)
-            lf = self._descend(e, &path)
+            lf = _leaf_at(self, e)
             b = _ub(lf.starts, lf.n, e) - 1
             g = _mkrun(lf.starts[b], lf.ends[b], _val(lf, b))
         m = _make_reps(have, f, g, s, e, v, self.dflt, rep)
@@ -1126,19 +1212,31 @@ cdef class RangeMap:
         return 0
 
     cdef int _assign_c(self, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
-        """Set every key of ``[s, e)`` to ``v``; trusts ``s <= e``."""
+        """Set every key of ``[s, e)`` to ``v``; trusts ``s <= e``.
+
+        The leaf comes through the finger. The path to it is needed only where inner nodes
+        change (a new first start, a leaf emptied or underfull); then a descent by ``s`` lands
+        in the same leaf, because no inner key has changed yet.
+        """
         cdef Path path
         cdef Leaf *lf
         cdef Leaf *nb
         cdef int a, b, k, m, n, j, delta
+        cdef uint64_t first
+        cdef bint pathed
         cdef Run f, g
         cdef Run rep[3]
         self.version += 1
         if s >= e:
             return 0
         self._reserve()
-        lf = self._descend(s, &path)
+        lf = _finger_leaf(self, s)
+        pathed = lf == NULL
+        if pathed:
+            lf = self._descend(s, &path)
+            pkvm_store_ptr(&self.finger, <void*>lf)
         n = lf.n
+        first = lf.starts[0] if n > 0 else 0
         a = _lb(lf.ends, n, s)            # first run with end >= s
         b = _ub(lf.starts, n, e)          # runs with start <= e
         # A touching or overlapping neighbour in another leaf sends us to the general path
@@ -1173,7 +1271,9 @@ cdef class RangeMap:
                 memmove(&lf.vals[a], &lf.vals[b], (n - b) * sizeof(uint64_t))
             lf.n = n - k
             self.count -= k
-            if a == 0 and self.height > 0:
+            if a == 0 and self.height > 0 and lf.starts[0] != first:
+                if not pathed:
+                    self._descend(s, &path)
                 self._fix_min(&path, self.height - 1, lf.starts[0])
             for j in range(m):
                 self._insert_run(rep[j].start, rep[j].end, rep[j].value)
@@ -1187,21 +1287,28 @@ cdef class RangeMap:
             self.count += delta
         for j in range(m):
             self._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
-        if lf.n == 0:
-            if self.height > 0:
-                self._remove_leaf(lf, &path)
+        if self.height == 0:
             return 0
-        if a == 0 and self.height > 0:
+        if lf.n == 0:
+            if not pathed:
+                self._descend(s, &path)
+            self._remove_leaf(lf, &path)
+            return 0
+        if a == 0 and lf.starts[0] != first:
+            if not pathed:
+                self._descend(s, &path)
+                pathed = True
             self._fix_min(&path, self.height - 1, lf.starts[0])
-        if delta < 0:
+        if delta < 0 and lf.n < (self.leaf_cap >> 2):
+            if not pathed:
+                self._descend(s, &path)
             self._rebalance_leaf(lf, &path)
         return 0
 
     # -- queries -------------------------------------------------------------------------------
 
     cdef uint64_t _get_c(self, uint64_t key) noexcept nogil:
-        cdef Path path
-        cdef Leaf *lf = self._descend(key, &path)
+        cdef Leaf *lf = _leaf_at(self, key)
         cdef int i = _ub(lf.starts, lf.n, key) - 1
         if i >= 0 and key < lf.ends[i]:
             return _val(lf, i)
@@ -1209,8 +1316,7 @@ cdef class RangeMap:
 
     cdef Run _run_at_c(self, uint64_t key) noexcept nogil:
         """The maximal run containing ``key`` (gaps are runs of the default); key < U64_MAX."""
-        cdef Path path
-        cdef Leaf *lf = self._descend(key, &path)
+        cdef Leaf *lf = _leaf_at(self, key)
         cdef int i = _ub(lf.starts, lf.n, key) - 1
         cdef uint64_t gs, ge
         if i >= 0 and key < lf.ends[i]:
@@ -1226,8 +1332,7 @@ cdef class RangeMap:
 
     cdef Run _next_run_c(self, uint64_t key) noexcept nogil:
         """The first stored run with ``end > key``; ``start == end == U64_MAX`` if none."""
-        cdef Path path
-        cdef Leaf *lf = self._descend(key, &path)
+        cdef Leaf *lf = _leaf_at(self, key)
         cdef int i = _ub(lf.ends, lf.n, key)
         if i < lf.n:
             return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
@@ -1350,6 +1455,7 @@ cdef class RangeMap:
         cdef Inner *nd
         cdef int height = 0, icap = self.inner_cap
         self.version += 1
+        _drop_finger(self)
         while nlevel > 1:
             nnext = (nlevel + icap - 1) // icap
             per = nlevel // nnext
@@ -1730,7 +1836,7 @@ cdef class RangeMap:
         cdef Leaf *lf = self.first_leaf
         cdef Leaf *prev = NULL
         cdef int i
-        cdef bint have_last = False
+        cdef bint have_last = False, finger_seen = self.finger == NULL
         cdef uint64_t last_end = 0, last_val = 0, v
         if self.height == 0:
             assert self.root == <void*>self.first_leaf, "root leaf is not the first leaf"
@@ -1739,6 +1845,7 @@ cdef class RangeMap:
             assert lf.prev == prev, f"leaf {leaves}: broken prev link"
             assert lf.n > 0 or (self.height == 0 and leaves == 0), f"leaf {leaves} is empty"
             assert lf.n <= self.leaf_cap, f"leaf {leaves} overfull ({lf.n})"
+            finger_seen = finger_seen or self.finger == <void*>lf
             if lf.vals != NULL:
                 nvals += 1
             for i in range(lf.n):
@@ -1761,6 +1868,7 @@ cdef class RangeMap:
             leaves += 1
             prev = lf
             lf = lf.next
+        assert finger_seen, "the descent finger is not a leaf of the tree"
         assert runs == self.count, f"count {self.count} != {runs} runs in the leaves"
         assert leaves == self.n_leaves, f"n_leaves {self.n_leaves} != {leaves} linked leaves"
         assert inner == self.n_inner, f"n_inner {self.n_inner} != {inner} inner nodes"
@@ -1874,8 +1982,7 @@ cdef inline int _cursor_load(RangeMap m, RunCursor *c, uint64_t lo) noexcept nog
 
 
 cdef int _cursor_seek(RangeMap m, RunCursor *c, uint64_t lo) noexcept nogil:
-    cdef Path path
-    cdef Leaf *lf = m._descend(lo, &path)
+    cdef Leaf *lf = _leaf_at(m, lo)
     c.version = m.version
     c.leaf = lf
     c.index = _ub(lf.ends, lf.n, lo)
