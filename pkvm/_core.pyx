@@ -1550,6 +1550,15 @@ cdef class RangeMap:
         """Test hook: the tree's height counting the leaf level (1 = a single leaf)."""
         return self.height + 1
 
+    def _finger(self):
+        """Test hook: the keys ``[lo, hi)`` the descent finger answers without a descent, or
+        None when the finger is dropped (``hi`` is ``2**64 - 1`` for the last leaf)."""
+        cdef Leaf *lf = <Leaf*>pkvm_load_ptr(&self.finger)
+        if lf == NULL:
+            return None
+        return (lf.starts[0] if lf.prev != NULL else 0,
+                lf.next.starts[0] if lf.next != NULL else U64_MAX)
+
     @cython.binding(False)
     @cython.embedsignature.format("clinic")
     def assign(self, start, end, value):
