@@ -583,8 +583,11 @@ cdef void _free_node(void *node, int height) noexcept nogil:
 # Correctness: a leaf L is the one a descent by ``key`` returns iff
 #   (L.prev == NULL or L.starts[0] <= key) and (L.next == NULL or key < L.next.starts[0])
 # (inner keys are exact subtree minima, so a descent lands in the last leaf whose first start
-# is <= key, or in the first leaf). The check reads only L and its right neighbour, so it holds
-# for any leaf of the live tree whatever changed inside leaves since the finger was stored.
+# is <= key, or in the first leaf). The finger tests the stronger right bound
+# ``key < L.ends[L.n - 1]`` (runs do not overlap, so L.next.starts[0] >= that end): it reads
+# only L's own lines, which the previous call left in cache, instead of the neighbour's, and it
+# only loses the keys in the gap after L's last run (they descend). The check reads the live
+# contents of L, so it holds whatever changed inside leaves since the finger was stored.
 # Every change of the tree's shape (a leaf or inner node taken or given, the root replaced,
 # clear, bulk rebuild) first sets the finger to NULL, so a non-NULL finger is always a leaf of
 # the live tree: a stale one never points at freed or pooled memory.
@@ -614,7 +617,7 @@ cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
     """The finger's leaf if ``key`` falls inside it (see above), else NULL."""
     cdef Leaf *lf = <Leaf*>pkvm_load_ptr(&m.finger)
     if (lf != NULL and (lf.prev == NULL or lf.starts[0] <= key)
-            and (lf.next == NULL or key < lf.next.starts[0])):
+            and (lf.next == NULL or (lf.n > 0 and key < lf.ends[lf.n - 1]))):
         return lf
     return NULL
 
