@@ -1554,8 +1554,9 @@ cdef class RangeMap:
         return self.height + 1
 
     def _finger(self):
-        """Test hook: the keys ``[lo, hi)`` the descent finger answers without a descent, or
-        None when the finger is dropped (``hi`` is ``2**64 - 1`` for the last leaf)."""
+        """Test hook: the keys ``[lo, hi)`` whose descent lands in the finger's leaf, or None
+        when the finger is dropped (``hi`` is ``2**64 - 1`` for the last leaf). The finger
+        answers those up to the leaf's last run end without a descent."""
         cdef Leaf *lf = <Leaf*>pkvm_load_ptr(&self.finger)
         if lf == NULL:
             return None
