@@ -102,6 +102,7 @@ cdef class RangeMap:
     # later keys fall inside it; NULL after any change of the tree's shape. Read and written
     # only through pkvm_load_ptr / pkvm_store_ptr (concurrent readers; see _leaf_at).
     cdef void *finger
+    cdef bint fingered              # this map keeps a finger (RangeMap(_finger=True))
     # free pools of spare nodes: reserve-then-commit keeps MemoryError from half-applying
     cdef Leaf *pool_leaves          # linked through Leaf.next
     cdef Inner *pool_inner          # linked through Inner.children[0]

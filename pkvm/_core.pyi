@@ -22,8 +22,11 @@ class RangeMap:
     runs whose value equals ``default`` are not stored.
     """
 
-    def __new__(cls, default: int = 0, *, _fanout: int | None = None) -> RangeMap:
-        """``_fanout`` (4..64) shrinks the nodes so that tests reach deep trees with few runs."""
+    def __new__(
+        cls, default: int = 0, *, _fanout: int | None = None, _finger: bool = False
+    ) -> RangeMap:
+        """``_fanout`` (4..64) shrinks the nodes so that tests reach deep trees with few runs;
+        ``_finger`` keeps a descent finger (the kernel's per-GFN maps, docs/performance.md)."""
     @property
     def default(self) -> int: ...
     @property
@@ -66,6 +69,8 @@ class RangeMap:
         """Assert every structural invariant; raises ``AssertionError`` naming the bad run."""
     def _depth(self) -> int:
         """Test hook: height of the tree (1 = a single leaf)."""
+    def _finger_window(self) -> tuple[int, int] | None:
+        """Test hook: the keys whose descent lands in the finger's leaf, or None."""
 
 # -- SEV-SNP RMP table (pkvm/_rmp.pxi) ------------------------------------------------------------
 

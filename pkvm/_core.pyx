@@ -577,8 +577,15 @@ cdef void _free_node(void *node, int height) noexcept nogil:
 
 # The descent finger. The typed kernel paths look the same few maps up several times at one
 # key (get then assign at a GFN; find_ne then assign), and at 10**6 runs each descent from the
-# root is a chain of cache misses. ``RangeMap.finger`` remembers the leaf the last single-key
-# call landed in; the next call whose key falls inside that leaf starts there.
+# root is a chain of cache misses. ``RangeMap.finger`` remembers the leaf the last lookup or
+# assign landed in; the next one whose key falls inside that leaf starts there.
+#
+# Opt-in (``RangeMap(..., _finger=True)``, kept by copy and pickle): on random keys the finger
+# rarely hits and its unpredictable check costs more than the descents it saves (W3 through
+# the C API measured 7 ns per step slower), so only the maps of the kernel's per-GFN paths use
+# it. On every other map the only cost is a predictable test of ``fingered``.
+# Users: _get_c, _run_at_c, _next_run_c (so find_ne), the C API cursor's seek, and _assign_c's
+# entry; the range paths (_assign_slow, _insert_run, _erase_starts) descend as before.
 #
 # Correctness: a leaf L is the one a descent by ``key`` returns iff
 #   (L.prev == NULL or L.starts[0] <= key) and (L.next == NULL or key < L.next.starts[0])
@@ -624,7 +631,10 @@ cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
 
 cdef inline Leaf *_leaf_at(RangeMap m, uint64_t key) noexcept nogil:
     """The leaf a descent by ``key`` returns, through the finger when it holds ``key``."""
-    cdef Leaf *lf = _finger_leaf(m, key)
+    cdef Leaf *lf
+    if not m.fingered:
+        return _descend_leaf(m, key)
+    lf = _finger_leaf(m, key)
     if lf != NULL:
         return lf
     lf = _descend_leaf(m, key)
@@ -659,7 +669,7 @@ cdef class RangeMap:
     512
     """
 
-    def __cinit__(self, default=0, *, _fanout=None):
+    def __cinit__(self, default=0, *, _fanout=None, _finger=False):
         cdef uint64_t d
         cdef int cap = LEAF_CAP
         _u64(default, "default", &d)
@@ -668,6 +678,7 @@ cdef class RangeMap:
                 raise ValueError(f"_fanout must be an int in [4, {LEAF_CAP}], not {_fanout!r}")
             cap = _fanout
         self.dflt = d
+        self.fingered = bool(_finger)
         self.leaf_cap = cap
         self.inner_cap = cap if cap <= INNER_CAP else INNER_CAP
         self.pool_leaves = NULL
@@ -1065,17 +1076,13 @@ cdef class RangeMap:
         key has changed yet.
         """
         cdef Path path
-        cdef Leaf *lf = _finger_leaf(self, s)
-        cdef bint pathed = lf == NULL
+        cdef Leaf *lf = self._descend(s, &path)
         cdef Leaf *r
         cdef Leaf *t
         cdef Inner *nr
         cdef int i, at, j, n
         cdef uint64_t u0
         cdef bint uniform
-        if pathed:
-            lf = self._descend(s, &path)
-            pkvm_store_ptr(&self.finger, <void*>lf)
         i = _lb(lf.starts, lf.n, s)
         if lf.n < self.leaf_cap:
             memmove(&lf.starts[i + 1], &lf.starts[i], (lf.n - i) * sizeof(uint64_t))
@@ -1086,13 +1093,9 @@ cdef class RangeMap:
             self._leaf_write(lf, i, s, e, v)
             self.count += 1
             if i == 0 and self.height > 0:
-                if not pathed:
-                    self._descend(s, &path)
                 self._fix_min(&path, self.height - 1, s)
             return
         # Split a full leaf; an append at the right edge keeps the left leaf full.
-        if not pathed:
-            self._descend(s, &path)
         n = lf.n
         at = n if (i == n and lf.next == NULL) else n // 2
         r = self._take_leaf()
@@ -1188,7 +1191,7 @@ cdef class RangeMap:
         cdef Run f, g
         cdef Run rep[3]
         # f: the first run with end >= s (it may be the last run of the previous leaf)
-        lf = _leaf_at(self, s)
+        lf = _descend_leaf(self, s)
         a = _lb(lf.ends, lf.n, s)
         if a == 0 and lf.prev != NULL and lf.prev.ends[lf.prev.n - 1] >= s:
             f = _mkrun(lf.prev.starts[lf.prev.n - 1], lf.prev.ends[lf.prev.n - 1],
@@ -1204,7 +1207,7 @@ cdef class RangeMap:
             have = False
         if have:
             # g: the last run with start <= e (exists, since f.start <= e)
-            lf = _leaf_at(self, e)
+            lf = _descend_leaf(self, e)
             b = _ub(lf.starts, lf.n, e) - 1
             g = _mkrun(lf.starts[b], lf.ends[b], _val(lf, b))
         m = _make_reps(have, f, g, s, e, v, self.dflt, rep)
@@ -1233,11 +1236,12 @@ cdef class RangeMap:
         if s >= e:
             return 0
         self._reserve()
-        lf = _finger_leaf(self, s)
+        lf = _finger_leaf(self, s) if self.fingered else NULL
         pathed = lf == NULL
         if pathed:
             lf = self._descend(s, &path)
-            pkvm_store_ptr(&self.finger, <void*>lf)
+            if self.fingered:
+                pkvm_store_ptr(&self.finger, <void*>lf)
         n = lf.n
         first = lf.starts[0] if n > 0 else 0
         a = _lb(lf.ends, n, s)            # first run with end >= s
@@ -1553,7 +1557,7 @@ cdef class RangeMap:
         """Test hook: the tree's height counting the leaf level (1 = a single leaf)."""
         return self.height + 1
 
-    def _finger(self):
+    def _finger_window(self):
         """Test hook: the keys ``[lo, hi)`` whose descent lands in the finger's leaf, or None
         when the finger is dropped (``hi`` is ``2**64 - 1`` for the last leaf). The finger
         answers those up to the leaf's last run end without a descent."""
@@ -1773,7 +1777,8 @@ cdef class RangeMap:
     def copy(self):
         """An independent map with the same default and runs, densely packed. O(n)."""
         _enter_read(self)
-        cdef RangeMap other = RangeMap.__new__(RangeMap, self.dflt, _fanout=self.leaf_cap)
+        cdef RangeMap other = RangeMap.__new__(RangeMap, self.dflt, _fanout=self.leaf_cap,
+                                                    _finger=self.fingered)
         cdef const uint64_t[::1] S
         cdef const uint64_t[::1] E
         cdef const uint64_t[::1] V
@@ -1809,7 +1814,7 @@ cdef class RangeMap:
 
     def __reduce__(self):
         s, e, v = self._runs_arrays()
-        return (_rangemap_from_runs, (self.dflt, s, e, v))
+        return (_rangemap_from_runs, (self.dflt, s, e, v, self.fingered))
 
     def __eq__(self, other):
         cdef RangeMap o
@@ -2173,9 +2178,9 @@ cdef uint64_t _subtree_min(void *node, int height) noexcept nogil:
     return (<Leaf*>node).starts[0] if (<Leaf*>node).n > 0 else 0
 
 
-def _rangemap_from_runs(default, starts, ends, values):
+def _rangemap_from_runs(default, starts, ends, values, finger=False):
     """Unpickling helper: rebuild a map from its sorted, coalesced runs."""
-    m = RangeMap(default)
+    m = RangeMap(default, _finger=finger)
     m.assign_many(starts, ends, values)
     return m
 

@@ -131,7 +131,7 @@ class Mmu:
     __slots__ = ("sptes", "_stats", "_charge")
 
     def __init__(self, stats: dict[str, int], charge: Callable[[str, int], None]) -> None:
-        self.sptes = RangeMap(0)
+        self.sptes = RangeMap(0, _finger=True)
         self._stats = stats
         self._charge = charge  # charge(op, count): modeled time of the work done here
 
@@ -227,7 +227,7 @@ class LpageInfo:
         for level in (PG_LEVEL_2M, PG_LEVEL_1G):
             shift = LEVEL_SHIFT[level]
             mask = (1 << shift) - 1
-            m = RangeMap(0)
+            m = RangeMap(0, _finger=True)
             first, last = base_gfn >> shift, (end - 1) >> shift
             if (base_gfn ^ ugfn) & mask:
                 m.assign(first, last + 1, 1)

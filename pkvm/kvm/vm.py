@@ -196,7 +196,7 @@ class VM:
         self.nr_vcpus = nr_vcpus
         self.shared_backing = shared_backing
         self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
-        self._attrs = RangeMap(0)
+        self._attrs = RangeMap(0, _finger=True)
         self._mmu = Mmu(self._stats, self._charge)
         self._hostmem = HostMemory()
         self._shared = SharedBacking(self._hostmem, _SHARED_BACKING_ORDER[shared_backing])
