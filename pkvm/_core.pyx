@@ -1069,21 +1069,16 @@ cdef class RangeMap:
                 self._remove_leaf(lf, path)
 
     cdef void _insert_run(self, uint64_t s, uint64_t e, uint64_t v) noexcept nogil:
-        """Insert a run that overlaps and touches no stored run (nodes were reserved).
-
-        The leaf comes through the finger; the path to it only where the inner keys change
-        (a new first start, a split), by a descent that lands in the same leaf because no inner
-        key has changed yet.
-        """
+        """Insert a run that overlaps and touches no stored run (nodes were reserved)."""
         cdef Path path
         cdef Leaf *lf = self._descend(s, &path)
         cdef Leaf *r
         cdef Leaf *t
         cdef Inner *nr
-        cdef int i, at, j, n
+        cdef int i = _lb(lf.starts, lf.n, s)
+        cdef int at, j, n
         cdef uint64_t u0
         cdef bint uniform
-        i = _lb(lf.starts, lf.n, s)
         if lf.n < self.leaf_cap:
             memmove(&lf.starts[i + 1], &lf.starts[i], (lf.n - i) * sizeof(uint64_t))
             memmove(&lf.ends[i + 1], &lf.ends[i], (lf.n - i) * sizeof(uint64_t))
@@ -1185,13 +1180,14 @@ cdef class RangeMap:
 
     cdef int _assign_slow(self, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
         """General assign: the affected runs span leaves, or the result does not fit."""
+        cdef Path path
         cdef Leaf *lf
         cdef int a, b, m, j
         cdef bint have = False
         cdef Run f, g
         cdef Run rep[3]
         # f: the first run with end >= s (it may be the last run of the previous leaf)
-        lf = _descend_leaf(self, s)
+        lf = self._descend(s, &path)
         a = _lb(lf.ends, lf.n, s)
         if a == 0 and lf.prev != NULL and lf.prev.ends[lf.prev.n - 1] >= s:
             f = _mkrun(lf.prev.starts[lf.prev.n - 1], lf.prev.ends[lf.prev.n - 1],
@@ -1207,7 +1203,7 @@ cdef class RangeMap:
             have = False
         if have:
             # g: the last run with start <= e (exists, since f.start <= e)
-            lf = _descend_leaf(self, e)
+            lf = self._descend(e, &path)
             b = _ub(lf.starts, lf.n, e) - 1
             g = _mkrun(lf.starts[b], lf.ends[b], _val(lf, b))
         m = _make_reps(have, f, g, s, e, v, self.dflt, rep)
