@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tdxhelpers import SHARED47, td
-from vmhelpers import GMEM, MiB, UADDR, snapshot
+from vmhelpers import GMEM, MiB, UADDR, assert_core_constants, snapshot
 
 import pkvm
 from pkvm import constants as c
@@ -21,9 +21,7 @@ PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 def test_the_core_constants_are_the_kernel_ones() -> None:
     """pkvm/_attr.pxi repeats these values (C code cannot import them): they must agree."""
-    import pathlib
-    text = (pathlib.Path(pkvm.__file__).parent / "_attr.pxi").read_text()
-    expect = {
+    assert_core_constants("_attr.pxi", {
         "_ATTR_PRIVATE = 1ULL << 3": c.KVM_MEMORY_ATTRIBUTE_PRIVATE == 1 << 3,
         "_LPAGE_MIXED = 1ULL << 31": mmu.KVM_LPAGE_MIXED_FLAG == 1 << 31,
         "_SPTE_PRIVATE = 1ULL << 3": mmu.SPTE_PRIVATE == 1 << 3,
@@ -33,9 +31,7 @@ def test_the_core_constants_are_the_kernel_ones() -> None:
         "_DIRECT_ROOTS = 2": mmu.KVM_DIRECT_ROOTS == 2,
         "_MIRROR_ROOTS = 4": mmu.KVM_MIRROR_ROOTS == 4,
         "_VALID_ROOTS = 6": mmu.KVM_VALID_ROOTS == 6,
-    }
-    for line, agrees in expect.items():
-        assert line in text and agrees, line
+    })
     assert mmu.spte_level(mmu.make_spte(0, 3, True, False)) == 3 and mmu.SPTE_LEVEL_SHIFT == 1
 
 

@@ -1,5 +1,7 @@
 """Builders shared by the KVM-model tests (not collected: no ``test_`` prefix)."""
 
+import pathlib
+
 import pkvm
 
 PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -40,3 +42,12 @@ def snapshot(vm):
         vm.mmu_invalidate_range,
         vm.hostmem.nr_allocated,
     )
+
+
+def assert_core_constants(pxi: str, expect: dict[str, bool]) -> None:
+    """The typed core repeats some kernel constants in ``pkvm/<pxi>`` (C code cannot import
+    them): every line of ``expect`` is in the file and its value agrees (the dict's value)."""
+    text = (pathlib.Path(pkvm.__file__).parent / pxi).read_text()
+    for line, agrees in expect.items():
+        assert line in text, f"{pxi} lacks {line!r}"
+        assert agrees, f"{pxi}: {line!r} disagrees with the kernel's constant"
