@@ -179,8 +179,11 @@ cdef inline int _f_shift(int level) noexcept nogil:
     return 18 if level == 3 else 9 if level == 2 else 0
 
 
-cdef inline int64_t _f_delta(uint64_t v) noexcept nogil:
-    return (<int64_t>v) >> 8  # the delta's sign bit is bit 63
+cdef inline int64_t _decode_delta(uint64_t v) noexcept nogil:
+    """The pfn delta of an SPTE, a folio word or a shared-backing word (one encoding, also
+    pkvm/_gmem.pxi's): bits 8..63 hold it as 56-bit two's complement, so an arithmetic shift
+    sign-extends it."""
+    return (<int64_t>v) >> 8
 
 
 cdef inline uint64_t _make_spte(int64_t delta, int level, bint private, bint writable) noexcept nogil:
@@ -419,7 +422,7 @@ cdef class FaultPath:
                     and f.write and v & _F_SPTE_WRITABLE):
                 f.ret = "spurious"
                 f.level = _f_level(v)
-                f.delta = _f_delta(v)
+                f.delta = _decode_delta(v)
         return 0
 
     cdef int _faultin(self, PageFault f) except -1:
@@ -507,7 +510,7 @@ cdef class FaultPath:
                     st["shared_pages_populated"] = st["shared_pages_populated"] + n
                     self._charge(self.alloc_op, n >> self.shared.order)  # VM._charge_alloc
                 v = rangemap_get(smap, hva)
-            f.delta = <int64_t>hva + _f_delta(v) - <int64_t>gfn
+            f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
             f.map_writable = not (flags & _F_MEM_READONLY)
         f.end = end
         return 0

@@ -71,11 +71,6 @@ cdef inline int _folio_order(uint64_t v) noexcept nogil:
     return <int>((v >> _FOLIO_ORDER_SHIFT) & _FOLIO_ORDER_MASK)
 
 
-cdef inline int64_t _decode_delta(uint64_t v) noexcept nogil:
-    # bits 8..63 hold a 56-bit two's-complement delta: an arithmetic shift sign-extends it
-    return (<int64_t>v) >> _DELTA_SHIFT
-
-
 # -- a small growable vector of (a, b, c) triples (plans and snapshots) --------------------------
 
 cdef struct _Runs:
@@ -989,7 +984,7 @@ cdef class GmemPath:
 cdef inline uint64_t _sb_value(int64_t delta) noexcept:
     """A populated SharedBacking value: bit 0 set, the pfn delta as 56-bit two's complement
     from bit 8 (``pkvm.host.hostmem.encode_delta``)."""
-    return 1 | (((<uint64_t>delta) & ((1ULL << 56) - 1)) << 8)
+    return 1 | (((<uint64_t>delta) & _DELTA_MASK) << _DELTA_SHIFT)
 
 
 def shared_populate(sb, uint64_t start, uint64_t end):

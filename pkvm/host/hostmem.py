@@ -28,13 +28,20 @@ _DELTA_MASK = (1 << 56) - 1
 _DELTA_SIGN = 1 << 55
 
 
-def _check_units(n_units: object, order: object) -> None:
-    """The argument checks of :meth:`HostMemory.alloc` (the typed allocator trusts them)."""
-    for name, v, hi in (("n_units", n_units, 1 << 52), ("order", order, 19)):
+def _check_ints(*args: tuple[str, object, int, str]) -> None:
+    """Argument checks of the public allocator calls (the typed allocator trusts them): each
+    ``(name, value, bound, shown)`` must be an int in ``[0, bound)``; ``shown`` is that range
+    as the message names it."""
+    for name, v, hi, shown in args:
         if type(v) is not int:
             raise TypeError(f"{name} must be an int, not {type(v).__name__}")
         if not 0 <= v < hi:
-            raise ValueError(f"{name}={v!r} must be in [0, {hi - 1}]")
+            raise ValueError(f"{name}={v!r} must be in {shown}")
+
+
+def _check_units(n_units: object, order: object) -> None:
+    """The argument checks of :meth:`HostMemory.alloc` and :meth:`HostMemory.can_alloc`."""
+    _check_ints(("n_units", n_units, 1 << 52, f"[0, {(1 << 52) - 1}]"), ("order", order, 19, "[0, 18]"))
 
 
 def encode_delta(delta: int) -> int:
@@ -117,11 +124,7 @@ class HostMemory:
             InternalInvariantError: part of the range was not allocated (a double free).
             TypeError / ValueError: ``pfn`` or ``npages`` is not an int in [0, 2**52).
         """
-        for name, v in (("pfn", pfn), ("npages", npages)):
-            if type(v) is not int:
-                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-            if not 0 <= v < 1 << 52:
-                raise ValueError(f"{name}={v!r} must be in [0, 2**52)")
+        _check_ints(("pfn", pfn, 1 << 52, "[0, 2**52)"), ("npages", npages, 1 << 52, "[0, 2**52)"))
         hostmem_free(self, pfn, npages)  # pkvm/_gmem.pxi
 
     def is_allocated(self, pfn: int) -> bool:
