@@ -303,7 +303,7 @@ cdef class FaultPath:
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
     cdef dict d, stats, costs, slots, armed
     cdef RangeMap attrs, sptes, slot0, shared_map
-    cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp
+    cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef int host_level
     cdef object alloc_op
     # the typed fields of the memslot read last (memslots never change these fields)
@@ -354,6 +354,8 @@ cdef class FaultPath:
         self.platform = plat
         self.has_private_mem = plat.has_private_mem
         self.fault_is_private = plat.fault_is_private
+        # an op marked by pkvm.kvm.ops.access_decides returns the reported bit: read it here
+        self.access_decides = getattr(plat.fault_is_private, "access_decides", False) is True
         self.gmem_max_level = plat.gmem_max_mapping_level
         self.plat_max_level = plat.max_mapping_level
         self.handle_rmp = plat.handle_rmp_fault
@@ -410,6 +412,8 @@ cdef class FaultPath:
         f.attr = attr
         if self.attr_source:
             f.is_private = attr_private
+        elif self.access_decides:
+            f.is_private = f.private_access
         else:
             f.is_private = bool(self.fault_is_private(self.vm, gfn, f.private_access))
         v = rangemap_get(self.sptes, gfn)
@@ -642,8 +646,11 @@ cdef class FaultPath:
         fault's modeled ns) and, when the MMU returned > 0, the platform's RMP-fault handler."""
         if self.d["_subs"] is not None and not f.prefetch:
             self.emit_fault(vcpu, f, r, gfn, private, write, took)
-        if self.has_rmp and not f.prefetch and (r.ret == "fixed" or r.ret == "spurious" or r.ret == "retry"):
-            # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0.
+        if (self.has_rmp and not f.prefetch and (r.ret == "fixed" or r.ret == "spurious" or r.ret == "retry")
+                and getattr(vcpu, "rmp_npf", True)):
+            # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0 and
+            # the #NPF error code has the RMP bit, which a vCPU that tracks it records as
+            # rmp_npf (one without the attribute gets the handler on every positive return).
             self.handle_rmp(vcpu, gfn << 12, f.is_private, write, r)
         return 0
 

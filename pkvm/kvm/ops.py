@@ -52,6 +52,15 @@ if TYPE_CHECKING:  # pragma: no cover
     FlowsFactory = Callable[[Any], Any]
 
 
+def access_decides(fn: FaultIsPrivate) -> FaultIsPrivate:
+    """Mark a ``fault_is_private`` op that returns the reported ``private`` bit unchanged (the
+    access decides, as on SNP, TDX and the default VM type: docs/kernel-semantics.md §4.1).
+    The typed fault path (``FaultPath`` in ``pkvm/_fault.pxi``) then reads the bit itself
+    instead of calling the op on every fault; the op stays callable and must agree."""
+    fn.access_decides = True  # type: ignore[attr-defined]
+    return fn
+
+
 def _return0(*args: Any, **kwargs: Any) -> int:
     """The shared body of every absent optional op: do nothing, return 0."""
     return 0
@@ -107,7 +116,9 @@ class PlatformOps:
     ``handle_rmp_fault(vcpu, gpa, private, write, result) -> int`` — optional
         (``sev_handle_rmp_fault``, called from ``npf_interception``). Phase: after the MMU
         fault handler returned > 0, when the #NPF error code has the RMP bit (§4.2 step 10);
-        no MMU lock. SNP.
+        no MMU lock. A vCPU that tracks the bit has an ``rmp_npf`` attribute and gets the op
+        only while it is true, as ``npf_interception`` tests ``PFERR_GUEST_RMP_MASK`` before
+        calling; a vCPU without the attribute gets it after every positive return. SNP.
     ``max_mapping_level(vm, gfn, private) -> int`` — optional; a gfn-based cap next to
         ``gmem_max_mapping_level``. Phase: the fault's hugepage adjust, under ``mmu_lock``
         (read); consulted only when the folio order allows more than 4K. 0 means no cap.

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pkvm.constants import KVM_X86_DEFAULT_VM
-from pkvm.kvm.ops import PlatformOps
+from pkvm.kvm.ops import PlatformOps, access_decides
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM
 
 
+@access_decides
 def default_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:
     """``fault.is_private`` is the error code's private bit, as reported (§4.1)."""
     return private

@@ -50,7 +50,7 @@ from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.host.directmap import DirectMap
 from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.mmu import SPTE_PRIVATE, spte_level
-from pkvm.kvm.ops import PlatformOps
+from pkvm.kvm.ops import PlatformOps, access_decides
 from pkvm.platforms._snp_flows import SnpGuestFlows
 from pkvm.platforms._snp_launch import (
     SNP_PAGE_TYPE_CPUID,
@@ -166,6 +166,7 @@ class SnpVm:
 # -- platform ops ---------------------------------------------------------------------------------
 
 
+@access_decides
 def snp_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:
     """The #NPF error code's ``PFERR_GUEST_ENC_MASK``: the access used C=1 (§4.1)."""
     return private

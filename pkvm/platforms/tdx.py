@@ -59,7 +59,7 @@ from pkvm.constants import (
 from pkvm.errors import InternalInvariantError, KvmError
 from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
 from pkvm.kvm.mmu import SPTE_PRIVATE, make_spte, spte_level
-from pkvm.kvm.ops import PlatformOps
+from pkvm.kvm.ops import PlatformOps, access_decides
 from pkvm.kvm.vm import Vcpu, _u64
 from pkvm.platforms._tdx_flows import TdxGuestFlows, TdxVmmFlows
 from pkvm.platforms._tdx_sept import (
@@ -328,6 +328,7 @@ _POPULATE_ERRORS = {
 # Platform ops
 
 
+@access_decides
 def tdx_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:
     """``vt_is_tdx_private_gpa`` on the faulting GPA: private iff the shared bit is clear,
     which the public API expresses as ``private=`` on an alias-free gpa (§4.1)."""
