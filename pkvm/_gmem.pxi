@@ -559,6 +559,11 @@ cdef class SnpPath:
             else:
                 r = self.rmpupdate_range(pfn, 1, 1, True, gfn)
             return -_EINVAL if r else 0
+        if nr == 1 and self.rmp is not None and pfn < self.rmp.max_pfn_:
+            # one 4K folio (a fragmented fault): what _segments would find, from one lookup
+            if self._assigned(pfn):
+                return 0
+            return -_EINVAL if self.rmpupdate_range(pfn, 1, 1, True, gfn) else 0
         _runs_init(&todo)
         try:
             self._segments(pfn, nr, 0, &todo)
@@ -795,7 +800,7 @@ cdef class GmemPath:
         cdef int64_t gfn, end, index, first, fi, gfn_f, delta, nf, size, a
         cdef uint64_t v, x
         cdef int order, r, err
-        cdef bint prepared, allocated = False
+        cdef bint prepared, allocated = False, pre_marked = False
         cdef Run run
         cdef RangeMap folios
         cdef _Runs plan
@@ -835,9 +840,11 @@ cdef class GmemPath:
                 cursor = self.hm._cursor
                 first = index if not order else index & ~((1LL << order) - 1)
                 prepared = self.mode == _PREP_NONE
-                if not prepared and (order or end == gfn + 1) and not self.has_prepare:
-                    # One folio, and no prepare op that could fail: the lookup below would only
-                    # mark it prepared (kvm_gmem_mark_prepared), so store it so at once.
+                if not prepared and (order or end == gfn + 1):
+                    # One folio: the lookup below marks it prepared (kvm_gmem_mark_prepared)
+                    # once the prepare op succeeds, so store it marked at once; a failing op
+                    # takes the mark back below (pre_marked), so the map ends as before.
+                    pre_marked = self.has_prepare
                     prepared = True
                 err = self._alloc(folios, first, 1 if order else end - gfn, order, prepared, &plan)
                 if err:
@@ -854,7 +861,7 @@ cdef class GmemPath:
             gfn_f = gfn - (index - fi)
             delta = _decode_delta(v)
             nf = 1 if order else end - gfn
-            if self.mode != _PREP_NONE and (self.mode == _PREP_EVERY or not v & _FOLIO_PREPARED):
+            if self.mode != _PREP_NONE and (self.mode == _PREP_EVERY or not v & _FOLIO_PREPARED or pre_marked):
                 if not self.has_prepare:
                     r = 0
                 elif self.snp_prep is not None:
@@ -869,7 +876,10 @@ cdef class GmemPath:
                         f.single = True
                         return self.get_pfn(f, gfn + 1)
                     if self.mode == _PREP_EVERY:
-                        rangemap_assign(folios, fi, fi + size, v | _FOLIO_PREPARED)
+                        if not pre_marked:
+                            rangemap_assign(folios, fi, fi + size, v | _FOLIO_PREPARED)
+                    elif pre_marked:
+                        rangemap_assign(folios, fi, fi + size, v & ~_FOLIO_PREPARED)
                     self.mfe(f, -r)
                     return gfn + 1
                 if self.has_prepare:
