@@ -5,7 +5,7 @@
 # ``object.__setattr__`` call per field: it was the most expensive single step of a 4K
 # fault). The fault path's phases live in pkvm/kvm/mmu.py and fill these in.
 
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 
 @cython.final
 @cython.freelist(8)
@@ -272,6 +272,34 @@ def _mmu_map_run(RangeMap sptes, dict stats, uint64_t start, uint64_t end, int l
 # ---------------------------------------------------------------------------------------------
 # The nested page fault's phases (docs/kernel-semantics.md §4.2)
 # ---------------------------------------------------------------------------------------------
+
+cdef int _store_result(FaultResult r, Py_ssize_t i, dict codes, int8_t[::1] ret, int8_t[::1] level,
+                       int64_t[::1] pfn, int32_t[::1] err, int32_t[::1] retries,
+                       dict extras) except -1:
+    """One result of ``FaultPath.calls`` into its arrays (see there). A result they cannot
+    give back exactly gets the rows' defaults and goes to ``extras`` (``FaultBatch`` fills its
+    rows from the object)."""
+    code = codes.get(r.ret)
+    lv, pf, er, rt = r.level, r.pfn, r.errno, r.retries
+    if (code is not None and r.exit_reason is None and r.memory_fault is None and r.loop is None
+            and (lv is None or (type(lv) is int and 1 <= lv <= 3))
+            and (pf is None or (type(pf) is int and 0 <= pf < (1 << 62)))
+            and (er is None or (type(er) is int and 0 < er < (1 << 31)))
+            and type(rt) is int and 0 <= rt < (1 << 31)):
+        ret[i] = code
+        level[i] = 0 if lv is None else lv
+        pfn[i] = -1 if pf is None else pf
+        err[i] = 0 if er is None else er
+        retries[i] = rt
+        return 0
+    ret[i] = -1
+    level[i] = 0
+    pfn[i] = -1
+    err[i] = 0
+    retries[i] = 0
+    extras[i] = r
+    return 0
+
 
 cdef int _FP_GENERIC = 0      # the vCPU class's _fault is Vcpu._fault
 cdef int _FP_DETOUR = 1       # ... is Vcpu._fault while the class's _fault_detour slot is None
@@ -731,23 +759,39 @@ cdef class FaultPath:
         return self._run(vcpu, gfn, limit, private, write, prefetch)
 
     def calls(self, vcpu, const uint64_t[::1] gpas, const uint8_t[::1] private, const uint8_t[::1] write,
-              object check, list out):
+              object check, dict codes, int8_t[::1] ret, int8_t[::1] level, int64_t[::1] pfn,
+              int32_t[::1] err, int32_t[::1] retries, dict extras, int64_t[::1] done):
         """``Vcpu.page_fault_many``'s loop: ``check()`` (or, when None, the dead-VM check), then
-        ``page_fault`` after its argument checks, per element; each result appended to ``out``.
-        ``private`` / ``write`` hold one flag per call, or one flag for all."""
-        cdef Py_ssize_t i, n = gpas.shape[0]
+        ``page_fault`` after its argument checks, per element. ``private`` / ``write`` hold
+        one flag per call, or one flag for all.
+
+        Call ``i``'s result goes into the arrays (``ret[i]`` its code in ``codes``, ``level``
+        0 for None, ``pfn`` -1 for None, ``err`` 0 for None, ``retries``) and is dropped, so a
+        batch keeps no object per call; a result the arrays cannot give back exactly (an exit
+        reason, a memory-fault triple, a loop name) is kept as ``extras[i]`` too. ``done[0]``
+        counts the calls that returned, also when one raises."""
+        cdef Py_ssize_t i = 0, n = gpas.shape[0]
         cdef Py_ssize_t sp = 0 if private.shape[0] == 1 and n != 1 else 1
         cdef Py_ssize_t sw = 0 if write.shape[0] == 1 and n != 1 else 1
+        cdef FaultResult r
         if (sp and private.shape[0] != n) or (sw and write.shape[0] != n):
             raise ValueError("FaultPath.calls: the arrays' lengths differ")
+        if ret.shape[0] < n or level.shape[0] < n or pfn.shape[0] < n or err.shape[0] < n \
+                or retries.shape[0] < n or done.shape[0] < 1:
+            raise ValueError("FaultPath.calls: an output array is shorter than the calls")
         d = self.d
-        for i in range(n):
-            if check is None:
-                if d["vm_dead"]:
-                    self.vm._check_alive()
-            else:
-                check()
-            out.append(self._one(vcpu, gpas[i] >> 12, private[i * sp] != 0, write[i * sw] != 0))
+        try:
+            while i < n:
+                if check is None:
+                    if d["vm_dead"]:
+                        self.vm._check_alive()
+                else:
+                    check()
+                r = self._one(vcpu, gpas[i] >> 12, private[i * sp] != 0, write[i * sw] != 0)
+                _store_result(r, i, codes, ret, level, pfn, err, retries, extras)
+                i += 1
+        finally:
+            done[0] = i
 
     def after(self, vcpu, PageFault f, FaultResult r, uint64_t gfn, bint private, bint write, took):
         """The tail of ``run_fault`` (the event, the RMP-fault handler) for the timeline's driver."""

@@ -12,6 +12,7 @@ per element.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -120,6 +121,27 @@ def set_memory_attributes_many(vm: VM, gpas: object, sizes: object, attributes: 
 
 # -- nested page faults, many times ---------------------------------------------------------------
 
+def _empty_rows(n: int) -> dict[str, npt.NDArray[Any]]:
+    """The row arrays of ``n`` fault results (:class:`FaultBatch`'s fields), at their defaults."""
+    return {"ret": np.empty(n, dtype=np.int8), "level": np.zeros(n, dtype=np.int8),
+            "pfn": np.full(n, -1, dtype=np.int64), "errno": np.zeros(n, dtype=np.int32),
+            "retries": np.zeros(n, dtype=np.int32)}
+
+
+def _fill_row(arrays: dict[str, npt.NDArray[Any]], i: int, r: FaultResult) -> None:
+    code = _RET_CODE.get(r.ret)
+    if code is None:
+        raise InternalInvariantError(f"fault result {r!r} has a ret outside FaultBatch.RET_NAMES")
+    arrays["ret"][i] = code
+    if r.level is not None:
+        arrays["level"][i] = r.level
+    if r.pfn is not None:
+        arrays["pfn"][i] = r.pfn
+    if r.errno is not None:
+        arrays["errno"][i] = r.errno
+    arrays["retries"][i] = r.retries
+
+
 class FaultBatch(Sequence[FaultResult]):
     """The results of :meth:`pkvm.Vcpu.page_fault_many`: ``batch[i]`` is the
     :class:`pkvm.FaultResult` call ``i`` returned (equal to what ``vcpu.page_fault`` returns in
@@ -134,17 +156,44 @@ class FaultBatch(Sequence[FaultResult]):
     - ``retries``: int32.
     """
 
-    __slots__ = ("_results", "_arrays")
+    __slots__ = ("_results", "_arrays", "_extras", "_n")
 
     #: The ``ret`` strings, indexed by the codes of :attr:`ret`.
     RET_NAMES = RET_NAMES
 
     def __init__(self, results: Sequence[FaultResult]) -> None:
-        self._results: tuple[FaultResult, ...] = tuple(results)
+        self._results: tuple[FaultResult, ...] | None = tuple(results)
         self._arrays: dict[str, npt.NDArray[Any]] | None = None
+        self._extras: dict[int, FaultResult] = {}
+        self._n = len(self._results)
+
+    @classmethod
+    def _of_arrays(cls, arrays: dict[str, npt.NDArray[Any]], extras: dict[int, FaultResult],
+                   n: int) -> FaultBatch:
+        """The batch of ``n`` calls the typed loop stored as rows (``FaultPath.calls``): the
+        results are built from them on demand, ``extras`` holds the ones rows cannot give."""
+        b = cls.__new__(cls)
+        b._results = None
+        b._extras = extras
+        b._n = n
+        if extras:
+            for i, r in extras.items():
+                _fill_row(arrays, i, r)
+        b._arrays = {k: v[:n] for k, v in arrays.items()}
+        return b
 
     def __len__(self) -> int:
-        return len(self._results)
+        return self._n
+
+    def _at(self, i: int) -> FaultResult:
+        r = self._extras.get(i)
+        if r is not None:
+            return r
+        a = self._arrays
+        assert a is not None
+        lv, pfn, err = int(a["level"][i]), int(a["pfn"][i]), int(a["errno"][i])
+        return FaultResult(RET_NAMES[a["ret"][i]], lv or None, None if pfn < 0 else pfn, None, None,
+                           err or None, int(a["retries"][i]))
 
     @overload
     def __getitem__(self, i: int) -> FaultResult: ...
@@ -152,15 +201,24 @@ class FaultBatch(Sequence[FaultResult]):
     def __getitem__(self, i: slice) -> FaultBatch: ...
     def __getitem__(self, i: int | slice) -> FaultResult | FaultBatch:
         if isinstance(i, slice):
-            return FaultBatch(self._results[i])
-        return self._results[i]
+            return FaultBatch([self[j] for j in range(*i.indices(self._n))])
+        if self._results is not None:
+            return self._results[i]
+        j = operator.index(i)
+        if j < 0:
+            j += self._n
+        if not 0 <= j < self._n:
+            raise IndexError("FaultBatch index out of range")
+        return self._at(j)
 
     def __iter__(self) -> Iterator[FaultResult]:
-        return iter(self._results)
+        if self._results is not None:
+            return iter(self._results)
+        return (self._at(j) for j in range(self._n))
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
-        for r in self._results:
+        for r in self:
             counts[r.ret] = counts.get(r.ret, 0) + 1
         inner = ", ".join(f"{k}={v}" for k, v in counts.items())
         return f"<pkvm.FaultBatch of {len(self)} faults: {inner or 'none'}>"
@@ -169,26 +227,11 @@ class FaultBatch(Sequence[FaultResult]):
         arrays = self._arrays
         if arrays is None:
             rs = self._results
-            n = len(rs)
-            ret = np.empty(n, dtype=np.int8)
-            level = np.zeros(n, dtype=np.int8)
-            pfn = np.full(n, -1, dtype=np.int64)
-            err = np.zeros(n, dtype=np.int32)
-            retries = np.zeros(n, dtype=np.int32)
-            codes = _RET_CODE
+            assert rs is not None
+            arrays = _empty_rows(len(rs))
             for i, r in enumerate(rs):
-                code = codes.get(r.ret)
-                if code is None:
-                    raise InternalInvariantError(f"fault result {r!r} has a ret outside FaultBatch.RET_NAMES")
-                ret[i] = code
-                if r.level is not None:
-                    level[i] = r.level
-                if r.pfn is not None:
-                    pfn[i] = r.pfn
-                if r.errno is not None:
-                    err[i] = r.errno
-                retries[i] = r.retries
-            arrays = self._arrays = {"ret": ret, "level": level, "pfn": pfn, "errno": err, "retries": retries}
+                _fill_row(arrays, i, r)
+            self._arrays = arrays
         return arrays[name]
 
     @property
@@ -249,20 +292,27 @@ def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object,
     p = _flag_array("private", private, n)
     w = _flag_array("write", write, n)
     vm = vcpu.vm
-    out: list[FaultResult] = []
-    try:
-        if vm._sched is not None or vm._tracer is not None or not _fast_faults(type(vcpu)):
+    if vm._sched is not None or vm._tracer is not None or not _fast_faults(type(vcpu)):
+        out: list[FaultResult] = []
+        try:
             call = vcpu.page_fault
             pl = [bool(x) for x in p.tolist()]
             wl = [bool(x) for x in w.tolist()]
             for i, x in enumerate(g.tolist()):
                 out.append(call(x, private=pl[i if len(pl) > 1 else 0], write=wl[i if len(wl) > 1 else 0]))
-        else:
-            check = None if type(vcpu)._fault_entry_check is base_check else vcpu._fault_entry_check
-            vm._fault_path.calls(vcpu, g, p, w, check, out)
+        except KvmError as e:
+            raise FaultBatchError(e, FaultBatch(out)) from e
+        return FaultBatch(out)
+    check = None if type(vcpu)._fault_entry_check is base_check else vcpu._fault_entry_check
+    rows = _empty_rows(n)
+    extras: dict[int, FaultResult] = {}
+    done = np.zeros(1, dtype=np.int64)
+    try:
+        vm._fault_path.calls(vcpu, g, p, w, check, _RET_CODE, rows["ret"], rows["level"], rows["pfn"],
+                             rows["errno"], rows["retries"], extras, done)
     except KvmError as e:
-        raise FaultBatchError(e, FaultBatch(out)) from e
-    return FaultBatch(out)
+        raise FaultBatchError(e, FaultBatch._of_arrays(rows, extras, int(done[0]))) from e
+    return FaultBatch._of_arrays(rows, extras, n)
 
 
 def _fast_faults(cls: type) -> bool:
