@@ -338,6 +338,8 @@ cdef class FaultPath:
     cdef object c_slot
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end, c_ugfn
+    # the VM's GmemPath once built (pkvm.kvm.gmem builds it on first use and keeps it)
+    cdef object gpath
     # the vCPU class seen last and how its _fault runs one page (_FP_*)
     cdef object c_cls, c_detour
     cdef int c_mode
@@ -374,6 +376,7 @@ cdef class FaultPath:
         self.kvm_error = kvm_error
         self.c_slot = None
         self.c_cls = None
+        self.gpath = None
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -496,7 +499,11 @@ cdef class FaultPath:
         if f.is_private:
             # kvm_gmem_get_pfn: its typed steps (GmemPath.get_pfn, pkvm/_gmem.pxi) called
             # directly once the VM has them; the Python entry builds them on first use.
-            gp = self.d.get("_gmem_path")
+            gp = self.gpath
+            if gp is None:
+                gp = self.d.get("_gmem_path")
+                if type(gp) is GmemPath:
+                    self.gpath = gp
             if type(gp) is GmemPath:
                 end = (<GmemPath>gp).get_pfn(f, end)
             else:
@@ -531,7 +538,7 @@ cdef class FaultPath:
             v = r.value
             if not (v and r.end >= hva + npages):
                 try:
-                    n = self.shared.populate(hva, hva + npages)
+                    n = shared_populate(self.shared, hva, hva + npages)  # SharedBacking.populate
                 except self.kvm_error:
                     f.ret = "exit"  # GUP failed: -EFAULT
                     f.errno = _F_EFAULT
