@@ -118,6 +118,38 @@ def test_rmp_fault_hook_runs_after_a_positive_return():
     assert seen == [(0x1000, "fixed")]
 
 
+def test_rmp_fault_hook_waits_for_the_rmp_bit_on_a_vcpu_that_tracks_it():
+    """npf_interception calls sev_handle_rmp_fault only when the #NPF's error code has the RMP
+    bit: an SNP vCPU records it as rmp_npf, and a positive return without it calls nothing."""
+    seen = []
+    vm = pkvm.VM("snp")
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 4 * MiB, 1 << 40, gmem, 0)
+    vcpu = vm.create_vcpu()
+    _with_ops(vm, handle_rmp_fault=lambda vcpu, gpa, private, write, r: seen.append((gpa, r.ret)) or 0)
+    assert vcpu.page_fault(0x1000, private=False).ret == "fixed" and seen == []
+    vcpu.rmp_npf = True
+    r = vcpu.page_fault(0x400000 - 0x1000, private=False)
+    assert r.ret in ("fixed", "spurious") and seen == [(0x3FF000, r.ret)]
+
+
+@pytest.mark.parametrize("name", ["default", "snp", "tdx", "sw_protected"])
+def test_access_decides_marks_exactly_the_ops_that_return_the_reported_bit(name):
+    """The typed fault path reads the reported bit itself for an op marked access_decides, so
+    a marked op must return it unchanged; SW_PROTECTED's also reads the attributes: unmarked."""
+    op = next(p for p in PLATFORMS.values() if p.name == name).fault_is_private
+    marked = getattr(op, "access_decides", False) is True
+    assert marked == (name != "sw_protected")
+    vm = pkvm.VM("sw_protected")
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 4 * MiB, 1 << 40, gmem, 0)
+    vm.set_memory_attributes(0, 4096, PRIVATE)
+    for gfn in (0, 1):
+        for private in (False, True):
+            got = op(vm, gfn, private)
+            assert got == private if marked else got == (private or gfn == 0)
+
+
 def test_init_vm_runs_at_creation():
     """init_vm is the last step of KVM_CREATE_VM."""
     seen = []
