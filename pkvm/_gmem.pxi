@@ -645,7 +645,16 @@ cdef class SnpPath:
 
 # -- guest_memfd (pkvm.kvm.gmem) ------------------------------------------------------------------
 
-_ALLOC_OPS = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
+cdef inline str _alloc_op(int order):
+    """The cost op of allocating one guest_memfd folio of ``2**order`` pages, or None (the VM
+    charges other orders itself)."""
+    if order == 0:
+        return "gmem_alloc_4k"
+    if order == 9:
+        return "gmem_alloc_2m"
+    if order == 18:
+        return "gmem_alloc_1g"
+    return None
 
 
 @cython.final
@@ -755,7 +764,7 @@ cdef class GmemPath:
             i += plan.b[k]
         st = self.stats
         st["gmem_pages_allocated"] += count << order
-        op = _ALLOC_OPS.get(order)
+        op = _alloc_op(order)
         if op is None:
             self.vm._charge_alloc(count << order, order)
         else:
