@@ -158,8 +158,8 @@ def test_a_whole_snp_stretch_is_replayed_with_its_exits() -> None:
     for replay in (True, False):
         vm, vmm, guest = _snp_side("fault-time", 0, "thp", replay)
         calls = []
-        orig = vmm.convert_memory
-        vmm.convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
+        orig = vmm._convert_memory  # what the exits and the replay's union run
+        vmm._convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
         r = guest.accept(0, 6 * 32768 << 12)
         out.append((bool(r), _exits(vm), guest.flows.requests, _state(vm, vmm, guest), len(calls)))
     assert out[0][:4] == out[1][:4]
@@ -173,8 +173,8 @@ def test_a_whole_mapgpa_is_replayed_with_its_exits() -> None:
     for replay in (True, False):
         vm, vmm, guest = _tdx_side("6.19", "thp", replay)
         calls = []
-        orig = vmm.convert_memory
-        vmm.convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
+        orig = vmm._convert_memory  # what the exits and the replay's union run
+        vmm._convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
         r = guest.convert(512 << 12, 38 * 512 << 12, private=False)
         out.append((bool(r), _exits(vm), _state(vm, vmm, guest), len(calls)))
     assert out[0][:3] == out[1][:3]

@@ -168,13 +168,17 @@ class Guest:
         vm = self.vm
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
-        prev = vm._set_actor(self.actor)  # vm.acting(self.actor): a valid actor (this vCPU's)
+        # vm.acting(self.actor): a valid actor (this vCPU's); no call when it acts already
+        prev = vm._actor
+        if prev != self.actor:
+            vm._set_actor(self.actor)
         try:
             return self._result(self.flows.convert(gpa, size, bool(private)))
         finally:
             if sched is not None:
                 sched.latency_end("conversion", lat)
-            vm._set_actor(prev)
+            if vm._actor != prev:
+                vm._set_actor(prev)
 
     def accept(self, gpa: int, size: int, *, huge: bool = True) -> ConversionResult:
         """Accept unaccepted private memory ``[gpa, gpa + size)`` (lazy acceptance). The result
@@ -189,11 +193,14 @@ class Guest:
         """
         self._range(gpa, size)
         vm = self.vm
-        prev = vm._set_actor(self.actor)  # vm.acting(self.actor), as in convert
+        prev = vm._actor  # vm.acting(self.actor), as in convert
+        if prev != self.actor:
+            vm._set_actor(self.actor)
         try:
             res = self.flows.accept(gpa, size, bool(huge))
         finally:
-            vm._set_actor(prev)
+            if vm._actor != prev:
+                vm._set_actor(prev)
         return res if type(res) is ConversionResult else self._result(res)
 
     def touch(self, gpa: int, size: int = PAGE_SIZE, *, private: bool, write: bool = False) -> AccessResult:
@@ -202,11 +209,14 @@ class Guest:
         dead VM's ``-EIO``)."""
         self._range(gpa, size)
         vm = self.vm
-        prev = vm._set_actor(self.actor)  # vm.acting(self.actor), as in convert
+        prev = vm._actor  # vm.acting(self.actor), as in convert
+        if prev != self.actor:
+            vm._set_actor(self.actor)
         try:
             return self._touch(gpa, size, private, write)
         finally:
-            vm._set_actor(prev)
+            if vm._actor != prev:
+                vm._set_actor(prev)
 
     def _touch(self, gpa: int, size: int, private: bool, write: bool) -> AccessResult:
         vcpu = self.vcpu

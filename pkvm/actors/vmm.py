@@ -345,7 +345,7 @@ class Vmm:
                                   f"hypercall {hc.nr} is not KVM_HC_MAP_GPA_RANGE: the vCPU stops")
             private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
             gpa, size = hc.gpa, hc.size
-            ret = self.convert_memory(gpa, size, private)
+            ret = self._convert_memory(gpa, size, private)  # convert_memory: "vmm" acts already
             hc.ret = ret & ((1 << 64) - 1)
             return ExitResult._lazy(True, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
                                     (ret, gpa, size, private, " (the guest reads it)", self.last_failure))
@@ -360,7 +360,7 @@ class Vmm:
                 return ExitResult(False, "KVM_EXIT_MEMORY_FAULT", reason, 0,
                                   f"memory fault at gpa {gpa:#x} with unknown flags {flags:#x}")
             private = bool(flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
-            ret = self.convert_memory(gpa, size, private)
+            ret = self._convert_memory(gpa, size, private)  # as above
             return ExitResult._lazy(ret == 0, "KVM_EXIT_MEMORY_FAULT", reason, -ret, _converted,
                                     (ret, gpa, size, private, ": the vCPU stops", self.last_failure))
         return ExitResult(False, "exit", reason, 0,
@@ -370,11 +370,14 @@ class Vmm:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
         errno (see the module docstring for the steps and QEMU's special cases)."""
         vm = self.vm
-        prev = vm._set_actor("vmm")  # vm.acting("vmm")
+        prev = vm._actor  # vm.acting("vmm"); no call when the VMM acts already
+        if prev != "vmm":
+            vm._set_actor("vmm")
         try:
             return self._convert_memory(gpa, size, to_private)
         finally:
-            vm._set_actor(prev)
+            if vm._actor != prev:
+                vm._set_actor(prev)
 
     def _convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         vm = self.vm
@@ -408,7 +411,8 @@ class Vmm:
         vm = self.vm
         if vm.shared_backing in _NO_DISCARD:
             return
-        vm._shared.discard(piece.hva_page(s), piece.hva_page(e))
+        hs = piece._ugfn - piece.base_gfn  # piece.hva_page(gfn) is gfn + hs
+        vm._shared.discard(s + hs, e + hs)
         if vm._subs is not None:
             vm._emit("madvise", s, e, None, e - s, 0, None,
                      (piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED))
@@ -433,7 +437,9 @@ class Vmm:
         if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
             raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range")
         vm = self.vm
-        prev = vm._set_actor("vmm")  # vm.acting("vmm")
+        prev = vm._actor  # vm.acting("vmm"), as in convert_memory
+        if prev != "vmm":
+            vm._set_actor("vmm")
         try:
             start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
             for s, e, key in vm._slot_maps[0].ranges(start, end):
@@ -441,7 +447,8 @@ class Vmm:
                 self._punch(piece, s, e)
                 self._discard_shared(piece, s, e)
         finally:
-            vm._set_actor(prev)
+            if vm._actor != prev:
+                vm._set_actor(prev)
 
     def _failed(self, ret: int, why: str) -> int:
         self.failed_conversions += 1

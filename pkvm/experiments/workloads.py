@@ -55,7 +55,7 @@ from pkvm._units import format_size, parse_size
 from pkvm.actors.vmm import q35_ram_layout
 from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
 from pkvm.errors import KvmError
-from pkvm.kvm.exits import ConversionResult
+from pkvm.kvm.exits import CONVERTED, ConversionResult
 from pkvm.experiments.replay import replay_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -252,7 +252,11 @@ class Context:
         on that vCPU); on the timeline, as the vCPU thread's next task (the caller goes on as
         soon as the vCPU took it)."""
         tl = self.timeline
-        if tl is None or tl.current == guest.actor:
+        if tl is None:
+            fn(*args)
+            return
+        cur = tl._current  # tl.current, without the property
+        if cur is not None and cur.name == guest.actor:
             fn(*args)
         else:
             tl.dispatch(guest.actor, fn, *args)
@@ -350,7 +354,7 @@ class Context:
 
     def _accept(self, guest: Guest, gpa: int, size: int, huge: bool) -> None:
         ok = guest.accept(gpa, size, huge=huge)
-        if not ok:  # the message only for a failure (this runs once per accepted run)
+        if ok is not CONVERTED and not ok:  # the message only for a failure (once per accepted run)
             self._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
         self.gfns_accessed += size >> PAGE_SHIFT
 
@@ -359,7 +363,7 @@ class Context:
 
     def _convert(self, guest: Guest, gpa: int, size: int, private: bool) -> None:
         ok = guest.convert(gpa, size, private=private)
-        if not ok:
+        if ok is not CONVERTED and not ok:
             self._require(ok, f"converting [{gpa:#x}, +{size:#x}) to {'private' if private else 'shared'}")
         self.shared.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0 if private else 1)
 
@@ -480,8 +484,10 @@ def _accept_all(ctx: Context, accept: int = P2M) -> None:
 
 
 def _accept_touch(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
-    ctx.accept(g, gpa, size, huge=huge)
-    ctx.touch(g, gpa, size, True)  # and uses it (the only faults on SW_PROTECTED)
+    # A task of g's vCPU (ctx.run_on): ctx.accept / ctx.touch would run these at once.
+    if size > 0:
+        ctx._accept(g, gpa, size, huge)
+    ctx._touch(g, gpa, size, True, True)  # and uses it (the only faults on SW_PROTECTED)
 
 
 def _accept_touch_pieces(ctx: Context, g: Guest, pieces: list[tuple[int, int]], huge: bool) -> None:

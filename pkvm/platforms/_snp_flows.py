@@ -117,6 +117,10 @@ def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscE
             gfn += 1
 
 
+#: Pages of the largest range that may be one request of 2M entries (head and tail 4K
+#: entries aside): ranges up to this size are checked for the single-request path.
+_ONE_REQUEST_2M = VMGEXIT_PSC_MAX_ENTRY * RMP_PAGES_2M + 2 * RMP_PAGES_2M
+
 _PVALIDATE_NAMES = {
     PVALIDATE_FAIL_INPUT: "FAIL_INPUT",
     PVALIDATE_FAIL_SIZEMISMATCH: "FAIL_SIZEMISMATCH",
@@ -146,12 +150,16 @@ class SnpGuestFlows:
         self.compress_exits = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
+        # ``a and b`` on results, testing the shared success first (no __bool__ call then).
         if private:
-            return self.page_state_change(gpa, size, True) and self.pvalidate(gpa, size, True)
-        return self.pvalidate(gpa, size, False) and self.page_state_change(gpa, size, False)
+            r = self.page_state_change(gpa, size, True)
+            return self.pvalidate(gpa, size, True) if r is CONVERTED or r else r
+        r = self.pvalidate(gpa, size, False)
+        return self.page_state_change(gpa, size, False) if r is CONVERTED or r else r
 
     def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
-        return self.page_state_change(gpa, size, True, huge) and self.pvalidate(gpa, size, True, huge)
+        r = self.page_state_change(gpa, size, True, huge)  # then PVALIDATE, as in convert
+        return self.pvalidate(gpa, size, True, huge) if r is CONVERTED or r else r
 
     def page_state_change(self, gpa: int, size: int, private: bool,
                           huge: bool = True) -> ConversionResult:
@@ -160,7 +168,14 @@ class SnpGuestFlows:
         op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
         vm = g.vm
         if self.compress and vm._subs is None:
-            return self._page_state_change_runs(g, gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op, huge)
+            gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+            if 0 < end - gfn <= VMGEXIT_PSC_MAX_ENTRY or (huge and 0 < end - gfn <= _ONE_REQUEST_2M):
+                runs = psc_segments(gfn, end, huge)
+                if sum(n for _g, n, _b in runs) <= VMGEXIT_PSC_MAX_ENTRY:
+                    sched = vm._sched
+                    if sched is None or not sched.contended():
+                        return self._one_request(g, runs, op)
+            return self._page_state_change_runs(g, gfn, end, op, huge)
         batch: list[PscEntry] = []
         for ent in psc_entries(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, op, huge):
             batch.append(ent)
@@ -242,6 +257,19 @@ class SnpGuestFlows:
             if plan:
                 replay.end()
 
+    def _one_request(self, g: Guest, runs: list[tuple[int, int, bool]], op: int) -> ConversionResult:
+        """:meth:`_page_state_change_runs` of a range that is one request (``runs``, at most
+        ``VMGEXIT_PSC_MAX_ENTRY`` entries), taken while nothing traces the VM and no other
+        actor runs on the timeline: the request goes as its runs, as there (a single request
+        is never a stretch to replay), without the stretch bookkeeping."""
+        at = [0]
+        self.requests += 1
+        r = g.execute(g.vcpu._psc_runs(runs, op, at))  # type: ignore[attr-defined]
+        if r.ret == "done" and r.status == 0:
+            return CONVERTED
+        fail_gpa = runs[min(at[0], len(runs) - 1)][0] << PAGE_SHIFT
+        return step_failed("PSC", r, fail_gpa, g.last_exit, _PSC_NAMES.get(r.status or 0, ""))
+
     def _request(self, g: Guest, batch: list[PscEntry]) -> ConversionResult:
         desc = PscDesc.of(batch)
         self.requests += 1
@@ -260,7 +288,14 @@ class SnpGuestFlows:
         """``pvalidate_pages``: 2M where aligned (if ``huge``), 4K fallback; fails at the first
         PVALIDATE that does not change its page."""
         g = self.guest
-        r = g.execute(g.vcpu.pvalidate_range(gpa, size, validate, huge=huge))  # type: ignore[attr-defined]
+        vcpu = g.vcpu
+        if (type(gpa) is int and type(size) is int and gpa >= 0 and size > 0 and not (gpa | size) >> 64
+                and not (gpa | size) & 0xFFF and type(validate) is bool and type(huge) is bool):
+            # What pvalidate_range would accept (Guest checked the range): without its checks.
+            r = g.execute(vcpu._pvalidate_insn(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT,  # type: ignore[attr-defined]
+                                               validate, huge))
+        else:
+            r = g.execute(vcpu.pvalidate_range(gpa, size, validate, huge=huge))  # type: ignore[attr-defined]
         if r.ret == "done" and r.status == 0:
             return CONVERTED
         at = r.value if r.value is not None else gpa

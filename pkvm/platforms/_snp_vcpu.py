@@ -126,14 +126,19 @@ class SnpVcpu(Vcpu):
         """The first gfn of ``[gfn, gfn + n)`` (one leaf run ``spte``) the RMP check stops at and
         why (``"npf"`` or ``"vc"``), or ``(gfn + n, "")``. O(log n)."""
         snp = self.vm.snp  # type: ignore[attr-defined]
-        rmp = snp.rmp
+        rmp = snp._rmp  # snp.rmp, without the property
         d = decode_delta(spte)
         pfn = gfn + d
         if not private:
             bad = rmp.find_eq(pfn, n, assigned=True)
             return (gfn + n, "") if bad == -1 else (bad - d, "npf")
-        npf = rmp.find_ne(pfn, n, assigned=True, asid=snp.asid, gpa=gfn << PAGE_SHIFT)
-        lvl = rmp.find_ne(pfn, n if npf == -1 else npf - pfn, level=spte_level(spte))
+        level = spte_level(spte)
+        asid = snp.asid
+        if rmp.find_ne(pfn, n, assigned=True, asid=asid, gpa=gfn << PAGE_SHIFT, level=level,
+                       validated=True) == -1:
+            return gfn + n, ""  # the usual case: every entry passes all three checks below
+        npf = rmp.find_ne(pfn, n, assigned=True, asid=asid, gpa=gfn << PAGE_SHIFT)
+        lvl = rmp.find_ne(pfn, n if npf == -1 else npf - pfn, level=level)
         if lvl != -1:
             npf = lvl
         vc = rmp.find_ne(pfn, n if npf == -1 else npf - pfn, validated=True)
@@ -166,7 +171,7 @@ class SnpVcpu(Vcpu):
         if slot is None or slot.gmem is None or end <= gfn + 1:
             return gfn + 1
         snp = vm.snp  # type: ignore[attr-defined]
-        rmp = snp.rmp
+        rmp = snp._rmp  # snp.rmp, without the property
         folios = slot.gmem.folios
         off = slot.gmem_pgoff - slot.base_gfn
         end = min(end, slot.end_gfn)
@@ -332,6 +337,11 @@ class SnpVcpu(Vcpu):
                              loop="PVALIDATE #NPF refault")
 
     def _pval_done(self, level: int, code: int, faults: int, count: int = 1) -> GuestOpResult:
+        self._pval_count(level, code, count)
+        return GuestOpResult("done", status=code, faults=faults)
+
+    def _pval_count(self, level: int, code: int, count: int) -> None:
+        """Count and charge ``count`` PVALIDATEs at ``level`` that ended with ``code``."""
         vm = self.vm
         st = vm._stats
         vm._charge("pvalidate_2m" if level == PG_LEVEL_2M else "pvalidate_4k", count)
@@ -341,7 +351,6 @@ class SnpVcpu(Vcpu):
                 st["pvalidate_2m"] += count
         else:
             st["pvalidate_failures"] += count
-        return GuestOpResult("done", status=code, faults=faults)
 
     def pvalidate_range(self, gpa: int, size: int, validate: bool, *, huge: bool = True) -> GuestOpResult:
         """``pvalidate_pages`` over ``[gpa, gpa + size)``: 2M PVALIDATEs for the 2M-aligned
@@ -361,6 +370,12 @@ class SnpVcpu(Vcpu):
         begin_insn(self)
         return self._pvalidate_range(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, validate, huge)
 
+    def _pvalidate_insn(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
+        """:meth:`pvalidate_range` over ``[gfn, end)`` for a caller that checked the range
+        (u64, 4 KiB aligned, non-empty) and passes bools: the guest flows."""
+        begin_insn(self)
+        return self._pvalidate_range(gfn, end, validate, huge)
+
     def _pvalidate_range(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
         """The range form; after an exit, ``KVM_RUN`` re-executes the faulting PVALIDATE and
         the guest's loop goes on from there (``vcpu._resume``)."""
@@ -373,7 +388,7 @@ class SnpVcpu(Vcpu):
     def _pvalidate_range_body(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
         vm = self.vm
         snp = vm.snp  # type: ignore[attr-defined]
-        rmp = snp.rmp
+        rmp = snp._rmp  # snp.rmp, without the property
         sptes = vm._mmu.sptes
         faults = 0
         while gfn < end:
@@ -399,7 +414,7 @@ class SnpVcpu(Vcpu):
                     return r2
                 gfn = min(e, stop)
                 continue
-            if not v and not vm.policy.gmem_max_order:
+            if not v and not vm._policy.gmem_max_order:
                 # Order-0 folios only: the 2M PVALIDATE of a fresh block faults its first page
                 # (one 4K RMP entry). If that pfn is 2M-aligned and the entry is this guest's,
                 # the instruction fails with SIZEMISMATCH and the 4K retries fault the other
@@ -424,7 +439,7 @@ class SnpVcpu(Vcpu):
                 done, _fail, code = rmp.pvalidate_range(pfn, n2 << 9, PG_LEVEL_2M, asid=snp.asid,
                                                        gpa=gfn << PAGE_SHIFT, validate=validate)
                 if done:
-                    self._pval_done(PG_LEVEL_2M, PVALIDATE_SUCCESS, 0, done)
+                    self._pval_count(PG_LEVEL_2M, PVALIDATE_SUCCESS, done)
                     gfn += done << 9
                 if code:
                     op = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, 0)
@@ -440,7 +455,7 @@ class SnpVcpu(Vcpu):
                 k = (e - gfn) >> 9
                 r2 = self._pvalidate_4k_run(gfn, gfn + (k << 9), validate)
                 failed_blocks = k if r2 is None else (((r2.value or 0) >> PAGE_SHIFT) - gfn >> 9) + 1
-                self._pval_done(PG_LEVEL_2M, PVALIDATE_FAIL_SIZEMISMATCH, 0, failed_blocks)
+                self._pval_count(PG_LEVEL_2M, PVALIDATE_FAIL_SIZEMISMATCH, failed_blocks)
                 if r2 is not None:
                     return r2
                 gfn += k << 9
@@ -482,10 +497,10 @@ class SnpVcpu(Vcpu):
             pfn = gfn + decode_delta(v)
             # A 4K PVALIDATE on a 2M RMP entry stops the range with NPF_SIZEM; the single
             # path below then takes the #NPF (PSMASH + zap) and re-executes.
-            done, _fail, code = snp.rmp.pvalidate_range(pfn, e - gfn, PG_LEVEL_4K, asid=snp.asid,
+            done, _fail, code = snp._rmp.pvalidate_range(pfn, e - gfn, PG_LEVEL_4K, asid=snp.asid,
                                                        gpa=gfn << PAGE_SHIFT, validate=validate)
             if done:
-                self._pval_done(PG_LEVEL_4K, PVALIDATE_SUCCESS, 0, done)
+                self._pval_count(PG_LEVEL_4K, PVALIDATE_SUCCESS, done)
                 gfn += done
             if code == 0 and gfn == e:
                 continue
@@ -575,7 +590,8 @@ class SnpVcpu(Vcpu):
         at[0] = 0
         if not enabled:
             return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
-        return self._psc_done(self._psc_run(runs, op, at))
+        r = self._psc_run(runs, op, at)
+        return r if self.vm._subs is None else self._psc_done(r)
 
     def _psc_begin(self) -> bool:
         """The VMGEXIT of a page-state-change request: the instruction begins, the request is
@@ -587,7 +603,7 @@ class SnpVcpu(Vcpu):
         vm._charge("psc_request", 1)
         if vm._subs is not None:
             vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (self.id, SVM_VMGEXIT_PSC, 0, 0))
-        return self._psc_enabled()
+        return bool(vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE))  # _psc_enabled()
 
     def _psc_run(self, runs: list[tuple[int, int, bool]], op: int, at: list[int]) -> GuestOpResult:
         k = at[0]
@@ -604,7 +620,8 @@ class SnpVcpu(Vcpu):
             if hc.ret:  # __snp_complete_one_psc: userspace failed the range (as psc: untraced)
                 return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC)
             at[0] = k + 1
-            return self._psc_done(self._psc_run(runs, op, at))
+            r = self._psc_run(runs, op, at)
+            return r if self.vm._subs is None else self._psc_done(r)
 
         return hypercall_exit(self, hc, complete)
 

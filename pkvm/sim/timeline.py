@@ -174,14 +174,19 @@ class Timeline(SchedHooks):
     def dispatch(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
         """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
         target = self._actors[name]
-        self._sync()  # the task starts at the caller's clock
+        a = self._current
+        if a is not None and (self.vm._modeled_ns != self._mark or a.stall_debt):
+            self._sync()  # the task starts at the caller's clock
         while target.task is not None or not target.idle.triggered:
             self._wait(target.idle, idle=True)
         target.task = (fn, args)
-        self._set_in_task(target, True)  # it has work from now on
+        if not target.in_task:  # _set_in_task(target, True): it has work from now on
+            self._active += 1
+            target.in_task = True
         target.idle = self.env.event()
-        if target.work is not None and not target.work.triggered:
-            target.work.succeed()
+        work = target.work
+        if work is not None and not work.triggered:
+            work.succeed()
 
     def sleep(self, ns: int) -> None:
         """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall)."""
@@ -437,7 +442,9 @@ class Timeline(SchedHooks):
                     return
                 continue
             fn, args = a.task
-            self._set_in_task(a, True)
+            if not a.in_task:  # _set_in_task(a, True)
+                self._active += 1
+                a.in_task = True
             try:
                 fn(*args)
             finally:
@@ -546,8 +553,10 @@ class Timeline(SchedHooks):
         self._now0 = int(self.env.now - self._t0)
         self._mark = self.vm._modeled_ns
         self._skipped = False
-        self.vm._hostmem.cpu = a.name
-        self.vm._set_actor(a.charge_to)
+        vm = self.vm
+        vm._hostmem.cpu = a.name
+        if vm._actor != a.charge_to:
+            vm._set_actor(a.charge_to)
 
 
 def _actor_order(name: str) -> tuple[int, int, str]:
