@@ -191,7 +191,8 @@ class Guest:
             KvmError: EIO if the VM is (or becomes) dead.
             TypeError / ValueError: a bad range.
         """
-        self._range(gpa, size)
+        if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+            self._range(gpa, size)  # raises (the check inline: this runs once per accepted run)
         vm = self.vm
         prev = vm._actor  # vm.acting(self.actor), as in convert
         if prev != self.actor:
@@ -207,7 +208,8 @@ class Guest:
         """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and
         the access goes on. Returns the totals, or the exit the VMM could not answer (and a
         dead VM's ``-EIO``)."""
-        self._range(gpa, size)
+        if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+            self._range(gpa, size)  # raises (inline, as in accept)
         vm = self.vm
         prev = vm._actor  # vm.acting(self.actor), as in convert
         if prev != self.actor:

@@ -171,7 +171,7 @@ class SnpGuestFlows:
             gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
             if 0 < end - gfn <= VMGEXIT_PSC_MAX_ENTRY or (huge and 0 < end - gfn <= _ONE_REQUEST_2M):
                 runs = psc_segments(gfn, end, huge)
-                if sum(n for _g, n, _b in runs) <= VMGEXIT_PSC_MAX_ENTRY:
+                if (runs[0][1] if len(runs) == 1 else sum([n for _g, n, _b in runs])) <= VMGEXIT_PSC_MAX_ENTRY:
                     sched = vm._sched
                     if sched is None or not sched.contended():
                         return self._one_request(g, runs, op)

@@ -150,7 +150,7 @@ class SnpVcpu(Vcpu):
 
     def _usable_end(self, gfn: int, stop: int, spte: int, private: bool, write: bool) -> int:
         self._rmp_stop = None
-        u = super()._usable_end(gfn, stop, spte, private, write)
+        u = Vcpu._usable_end(self, gfn, stop, spte, private, write)  # super(), without its lookup
         if u <= gfn or (private and not spte & SPTE_PRIVATE):
             return gfn if private and not spte & SPTE_PRIVATE else u
         end, why = self._rmp_verdict(gfn, u - gfn, spte, private)

@@ -259,7 +259,11 @@ class Timeline(SchedHooks):
             return
         vm = self.vm
         # At most the work pending since the last visibility point (sync), skipped or not.
-        ns = max(0, min(ns, vm._modeled_ns - (self._vis if self._skipped else self._mark)))
+        pending = vm._modeled_ns - (self._vis if self._skipped else self._mark)
+        if ns > pending:  # ns = max(0, min(ns, pending)), without the two calls
+            ns = pending
+        if ns < 0:
+            ns = 0
         lk = self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
             a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
@@ -424,7 +428,11 @@ class Timeline(SchedHooks):
         try:
             return self._switch(a, (_WAIT, self._take(a), ev, idle))  # type: ignore[arg-type]
         finally:
-            self._set_in_task(a, busy)  # type: ignore[arg-type]
+            if not busy:
+                self._set_in_task(a, False)  # type: ignore[arg-type]
+            elif not a.in_task:  # type: ignore[union-attr]  # _set_in_task(a, True), inline
+                self._active += 1
+                a.in_task = True  # type: ignore[union-attr]
 
     def _call_once(self, a: _Actor, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self._set_in_task(a, True)
@@ -451,7 +459,10 @@ class Timeline(SchedHooks):
                 self._set_in_task(a, False)
             # One round trip: the pending work passes, the thread goes idle (a.task = None,
             # a.idle succeeds) and waits for its next task (a.work), in _drive (_DONE).
-            if self._switch(a, (_DONE, self._take(a))) == "stop" and a.task is None:
+            m = self.vm._modeled_ns  # _take(a)
+            dt = m - self._mark
+            self._mark = m
+            if self._switch(a, (_DONE, dt)) == "stop" and a.task is None:
                 return
 
     def _drive(self, a: _Actor, body: Callable[..., None], args: tuple[Any, ...]):  # type: ignore[no-untyped-def]
