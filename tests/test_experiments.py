@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm import experiments as E
+from pkvm.actors.vmm import q35_ram_layout
 from pkvm.errors import KvmError
 from pkvm.experiments import workloads as W
 
@@ -302,3 +303,48 @@ def test_a_workload_that_does_not_fit_says_what_to_change():
     with pytest.raises(ValueError, match=r"needs a 4K private region .* of RAM with a 6M image does not leave: "
                                          r"give more --memory or a smaller --image"):
         E.run(E.Config(memory="8M", image="6M", workload="mixed"), 0)
+
+
+class _RamOnly:
+    """The part of a workload Context that maps RAM offsets to gpas."""
+
+    ram_gpa = W.Context.ram_gpa
+
+    def __init__(self, ram: list[tuple[int, int]]) -> None:
+        self.ram = ram
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 64)), min_size=1, max_size=4),
+       st.sampled_from([1, 2, 512]), st.integers(1, 4), st.data())
+def test_balloon_chunk_gpas_follow_the_ram_layout(pieces, chunk_pages, unit, data):
+    """_balloon_round's chunk numbering equals ram_gpa's, chunk by chunk, for RAM ranges on
+    chunk boundaries (the q35 layouts) and off them (the per-chunk fallback)."""
+    chunk = chunk_pages << 12
+    ram, pos = [], 0
+    for gap, size in pieces:  # ranges in gpa order with holes between them
+        start = pos + gap * unit * 4096
+        ram.append((start, start + size * unit * 4096))
+        pos = ram[-1][1]
+    ctx = _RamOnly(ram)
+    total = sum(b - a for a, b in ram) // chunk
+    if not total:
+        return
+    chunks = data.draw(st.lists(st.integers(0, total - 1), max_size=50))
+    want = [ctx.ram_gpa(c * chunk) // chunk for c in chunks]
+    assert W._chunk_gpas(ctx, chunks, chunk) == want  # type: ignore[arg-type]
+
+
+def test_balloon_chunk_gpas_of_the_q35_layouts():
+    """The 1 TiB and 3 GiB guests' RAM (split around the PCI hole): 2M chunks all over it."""
+    for memory in (3 << 30, 1 << 40):
+        ram: list[tuple[int, int]] = []
+        for gpa, size, _off in q35_ram_layout(memory):
+            if ram and ram[-1][1] == gpa:
+                ram[-1] = (ram[-1][0], gpa + size)
+            else:
+                ram.append((gpa, gpa + size))
+        ctx = _RamOnly(ram)  # the ranges Context builds from the layout
+        assert len(ram) == 2
+        chunks = list(range(0, memory >> 21, 7)) + [(memory >> 21) - 1]
+        assert W._chunk_gpas(ctx, chunks, 1 << 21) == [ctx.ram_gpa(c << 21) >> 21 for c in chunks]  # type: ignore[arg-type]

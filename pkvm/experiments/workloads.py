@@ -580,8 +580,12 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         return
     shift = (chunk >> PAGE_SHIFT).bit_length() - 1
     # Chunks are numbered in RAM order; a chunk's gpa follows the q35 layout (identity for one range).
-    gpas = sorted(ctx.ram_gpa(c * chunk) // chunk for c in ctx.rng.sample(range(lo, hi), k))
-    picked = [c for c in gpas if ctx.shared.find_ne(c << shift, (c + 1) << shift, 0) == -1]  # private only
+    gpas = sorted(_chunk_gpas(ctx, ctx.rng.sample(range(lo, hi), k), chunk))
+    shared = ctx.shared
+    if gpas and shared.find_ne(gpas[0] << shift, (gpas[-1] + 1) << shift, 0) == -1:
+        picked = gpas  # no shared page anywhere among them (the filter below keeps every chunk)
+    else:
+        picked = [c for c in gpas if shared.find_ne(c << shift, (c + 1) << shift, 0) == -1]  # private only
     runs: list[tuple[int, int]] = []
     for c in picked:  # coalesce adjacent chunks: the balloon hands back runs of pages
         if runs and runs[-1][1] == c:
@@ -595,6 +599,31 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         for s, e in runs:
             g = ctx.guest()
             ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, chunk == P2M)
+
+
+def _chunk_gpas(ctx: Context, chunks: list[int], chunk: int) -> list[int]:
+    """``[ctx.ram_gpa(c * chunk) // chunk for c in chunks]``: with every RAM range starting and
+    ending on a ``chunk`` boundary, a chunk's gpa is its RAM offset plus the holes before it."""
+    ram = ctx.ram
+    if any((a | b) % chunk for a, b in ram):
+        return [ctx.ram_gpa(c * chunk) // chunk for c in chunks]
+    if len(ram) == 1:
+        base = ram[0][0] // chunk
+        return [c + base for c in chunks] if base else chunks
+    # (first chunk of the range in RAM order, the shift to its gpa) per range, last first
+    bounds = []
+    off = 0
+    for a, b in ram:
+        bounds.append((off, a // chunk - off))
+        off += (b - a) // chunk
+    bounds.reverse()
+    out = []
+    for c in chunks:
+        for first, d in bounds:
+            if c >= first:
+                out.append(c + d)
+                break
+    return out
 
 
 def balloon(ctx: Context, *, cycles: int, fraction: float, chunk: int, prealloc: bool) -> None:

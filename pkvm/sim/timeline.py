@@ -365,8 +365,8 @@ class Timeline(SchedHooks):
         """An IPI from the running actor: ``"vm"`` (remote TLB flush: every other vCPU of the VM
         in a task stalls), ``"host"`` (kernel-range flush: every other actor in a task stalls)."""
         cur = self._current
-        if cur is None:
-            return
+        if cur is None or self._active <= cur.in_task:
+            return  # no other actor is in a task: none to stall
         ns = self._ipi_ns * n
         for a in self._actors.values():
             if a is not cur and a.in_task and (a.vcpu or scope == "host"):
