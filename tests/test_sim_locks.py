@@ -454,6 +454,13 @@ def _nearest_rank(values, q):
     return ordered[max(math.ceil(q * len(ordered) / 100), 1) - 1]
 
 
+def _held(lock):
+    """Whether ``lock`` is held, from its holders (what ``locked`` must say)."""
+    if isinstance(lock, RWLock):
+        return lock.writer is not None or bool(lock.readers)
+    return lock.holder is not None
+
+
 def _run_schedule(lock, schedule, exclusive):
     """Run one actor per op list; return per-acquisition records measured by the actors."""
     env = lock.env
@@ -471,8 +478,10 @@ def _run_schedule(lock, schedule, exclusive):
             else:
                 wait = yield _acquire(lock, mode, owner)
             granted = env.now
+            assert lock.locked is _held(lock)
             yield env.timeout(hold)
             _release(lock, mode, owner)
+            assert lock.locked is _held(lock)  # the attribute follows the holders
             # Work conservation: a lock with waiters is never left free, and a reader heads
             # the rwlock's queue only while a writer holds the lock.
             assert lock.locked or not lock.waiting

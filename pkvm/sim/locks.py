@@ -247,16 +247,14 @@ class Mutex(_Lock):
         self.stats = LockStats()
         self._holder: str | None = None
         self._held_since: float = 0
+        #: Whether the lock is held (kept with the holder: the timeline reads it on every
+        #: acquisition, and an attribute costs less than a property).
+        self.locked = False
 
     @property
     def holder(self) -> str | None:
         """The owner holding the lock, or None."""
         return self._holder
-
-    @property
-    def locked(self) -> bool:
-        """Whether the lock is held."""
-        return self._holder is not None
 
     def acquire(self, owner: str, count: int = 1) -> simpy.Event:
         """Request the lock for ``owner`` (``mutex_lock``); ``yield`` the event until granted.
@@ -295,6 +293,7 @@ class Mutex(_Lock):
         if holder is None:
             if not self._queue:
                 self._holder = owner
+                self.locked = True
                 self._held_since = self.env.now
                 return True
             self._refuse_if_queued(owner)
@@ -325,6 +324,7 @@ class Mutex(_Lock):
             self._held_since = now
         else:
             self._holder = None
+            self.locked = False
 
 
 class SpinLock(Mutex):
@@ -369,6 +369,8 @@ class RWLock(_Lock):
         self._write_since: float = 0
         self._readers: dict[str, float] = {}  # owner -> time its read hold began
         self._busy_since: float = 0  # when the lock last went from free to held (any mode)
+        #: Whether the lock is held in either mode (kept with the holders, as Mutex.locked).
+        self.locked = False
 
     @property
     def writer(self) -> str | None:
@@ -384,11 +386,6 @@ class RWLock(_Lock):
     def queue(self) -> tuple[tuple[str, str], ...]:
         """``(owner, "read" | "write")`` for each queued request, head first."""
         return tuple((w[1], w[0]) for w in self._queue)
-
-    @property
-    def locked(self) -> bool:
-        """Whether the lock is held in either mode."""
-        return self._writer is not None or bool(self._readers)
 
     def acquire_read(self, owner: str, count: int = 1) -> simpy.Event:
         """Request the lock for read (``read_lock``); ``yield`` the event.
@@ -465,6 +462,7 @@ class RWLock(_Lock):
             self._record_hold(owner, _READ, start)
         if not readers:
             self._freed()
+            self.locked = self._writer is not None or bool(readers)
 
     def release_write(self, owner: str) -> None:
         """Release ``owner``'s write hold; the queue's head (and the readers behind it) enter.
@@ -482,6 +480,7 @@ class RWLock(_Lock):
             self._record_hold(owner, _WRITE, self._write_since)
         self._writer = None
         self._freed()
+        self.locked = self._writer is not None or bool(self._readers)
 
     # ------------------------------------------------------------ internals
 
@@ -503,6 +502,7 @@ class RWLock(_Lock):
             if not readers:
                 self._busy_since = now
             readers[owner] = now
+            self.locked = True
             return True
         return False
 
@@ -513,6 +513,7 @@ class RWLock(_Lock):
             self._check_acquire(owner, count)  # raises, unless only the count is unusual
         if self._writer is None and not self._readers and not self._queue:
             self._writer = owner
+            self.locked = True
             self._write_since = self._busy_since = self.env.now
             return True
         return False
