@@ -464,7 +464,13 @@ class Timeline(SchedHooks):
             try:
                 fn(*args)
             finally:
-                self._set_in_task(a, False)
+                if a.in_task:  # _set_in_task(a, False), inline
+                    self._active -= 1
+                    a.in_task = False
+                    ev = self._changed  # changed(): a spinning vCPU re-checks
+                    if ev is not None:
+                        self._changed = None
+                        ev.succeed()
             # One round trip: the pending work passes, the thread goes idle (a.task = None,
             # a.idle succeeds) and waits for its next task (a.work), in _drive (_DONE).
             m = self.vm._modeled_ns  # _take(a)
