@@ -22,6 +22,7 @@ from pkvm.platforms._snp_vcpu import (
     VMGEXIT_PSC_MAX_ENTRY,
     PscDesc,
     PscEntry,
+    SnpVcpu,
 )
 
 SLOT_PAGES = 3 * 512 + 77  # two memslots with a hole between them: [0, SLOT) and [HOLE_END, ...)
@@ -145,3 +146,43 @@ def test_a_tracer_sees_the_same_events_either_way() -> None:
     kinds = [ev[2] for ev in streams[0][0]]
     assert kinds.count("vmgexit_enter") >= 2 and kinds.count("userspace_exit") >= 3
     assert streams[0] == streams[1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(policy=st.sampled_from(["fault-time", "eager-post"]), order=st.sampled_from([0, 9]),
+       ops=st.lists(st.tuples(_range, st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=5))
+def test_flows_pvalidate_equals_the_checked_instruction(policy: str, order: int, ops: list) -> None:
+    """The flows' PVALIDATE enters the instruction without re-checking the range Guest checked
+    (``SnpVcpu._pvalidate_insn``); the other side goes through ``pvalidate_range`` and its
+    checks: the same results and state, page-state changes in between included."""
+    def checked(vcpu: SnpVcpu, gfn: int, end: int, validate: bool, huge: bool) -> object:
+        return vcpu.pvalidate_range(gfn << 12, (end - gfn) << 12, validate, huge=huge)
+
+    sides = [_side(policy, order, True) for _ in range(2)]
+    for (gfn, n), validate, huge, psc_first in ops:
+        out = []
+        for i, (vm, vmm, guest) in enumerate(sides):
+            with pytest.MonkeyPatch.context() as mp:
+                if i:
+                    mp.setattr(SnpVcpu, "_pvalidate_insn", checked)
+                try:
+                    with vm.acting(guest.actor):
+                        if psc_first:
+                            guest.flows.page_state_change(gfn << 12, n << 12, validate, huge)
+                        r = guest.flows.pvalidate(gfn << 12, n << 12, validate, huge)
+                except pkvm.KvmError as exc:
+                    r = repr(exc)
+            out.append((r, _state(vm, vmm, guest), _check(vm)))
+        assert out[0] == out[1]
+
+
+def test_flows_pvalidate_checks_what_guest_did_not() -> None:
+    """Arguments Guest would have refused still meet pvalidate_range's checks."""
+    _vm, _vmm, guest = _side("fault-time", 0, True)
+    flows = guest.flows
+    with pytest.raises(ValueError, match="does not fit a u64"):
+        flows.pvalidate(-4096, 4096, True)
+    with pytest.raises(ValueError, match="4 KiB aligned range"):
+        flows.pvalidate(0, 100, True)
+    with pytest.raises(TypeError, match="validate and huge must be bools"):
+        flows.pvalidate(0, 4096, 1)
