@@ -11,7 +11,6 @@ import simpy
 from hypothesis import given
 from hypothesis import strategies as st
 
-import pkvm.sim.stats as stats_mod
 from pkvm.sim.chrome import write_chrome_trace
 from pkvm.sim.gantt import _merge_spans, plot_gantt
 from pkvm.sim.locks import RWLock
@@ -68,19 +67,28 @@ def test_distribution_ignores_add_order(samples, rnd):
     assert a.as_dict() == b.as_dict() and a.total == b.total
 
 
-def test_distribution_compaction_keeps_every_sample(monkeypatch):
-    """Past the compaction threshold the samples fold per distinct value, losing nothing."""
-    monkeypatch.setattr(stats_mod, "_COMPACT_AT", 16)
+def test_distribution_memory_follows_distinct_values():
+    """1000 adds of 10 distinct values keep 10 counts, losing no sample."""
     rng = np.random.default_rng(7)
     values = rng.integers(0, 10, size=1000).tolist()
     d = Distribution()
     for v in values:
         d.add(v)
-    assert len(d._values) < 16 + 10  # folded, not one pair per add
+    assert len(d._hist) == len(set(values)) == 10  # one count per distinct value, not per add
     expanded = sorted(values)
     assert d.count == 1000 and d.total == sum(values)
     for q in (1, 50, 99, 100):
         assert d.percentile(q) == _nearest_rank(expanded, q)
+
+
+def test_equal_int_and_float_samples_are_one_value():
+    """Values that compare equal count together, reported as the first one added."""
+    d = Distribution()
+    d.add(7, count=2)
+    d.add(7.0)
+    d.add(2.5)
+    assert d.count == 4 and len(d._hist) == 2
+    assert d.p50 == 7 and type(d.p50) is int and d.percentile(25) == 2.5
 
 
 def test_distribution_nearest_rank_examples():

@@ -1,8 +1,9 @@
 """Weighted samples with exact nearest-rank percentiles.
 
-:class:`Distribution` keeps latencies (or any real values) as ``(value, count)`` pairs, so a
+:class:`Distribution` keeps latencies (or any real values) as a count per distinct value, so a
 batch of ``n`` identical samples costs O(1) to add: the timeline compresses a run of identical
-faults into one event and must not expand it again to report a p99.
+faults into one event and must not expand it again to report a p99. Memory follows the number
+of distinct values, not the number of adds.
 
 Percentiles use the **nearest-rank** method on the weighted samples: with ``N`` samples in all,
 the ``q``-th percentile is the smallest sample value ``v`` such that at least
@@ -13,7 +14,8 @@ samples is the 99th smallest. An empty distribution reports 0 for every statisti
 
 Invariants: ``count`` is the sum of the counts added; ``total`` the sum of ``value * count``
 (exact for integer values); every statistic is a pure function of the multiset of samples, so
-the order of ``add`` calls never changes a result.
+the order of ``add`` calls never changes a result. Values that compare equal are one value (an
+``int`` and an equal ``float`` count together, reported as the first one added).
 """
 
 from __future__ import annotations
@@ -27,19 +29,11 @@ import numpy as np
 
 __all__ = ["Distribution"]
 
-# Consecutive adds of distinct values accumulate in two parallel lists; past this many pairs
-# they are folded into one pair per distinct value, so memory follows the number of distinct
-# values, not the number of adds. The next fold waits until the lists have doubled, which
-# keeps ``add`` O(1) amortized even when most values are distinct.
-_COMPACT_AT = 1 << 16
-
-
 class Distribution:
     """A multiset of real values with weights, and its count, total, mean, max and percentiles.
 
-    ``add(value, count)`` is O(1) amortized; reading a percentile sorts the distinct values
-    once (O(k log k) for k distinct values, with numpy) and caches the result until the next
-    ``add``.
+    ``add(value, count)`` is O(1) (one dict update); reading a percentile sorts the distinct
+    values once (O(k log k) for k distinct values) and caches the result until the next ``add``.
 
     >>> d = Distribution()
     >>> d.add(10, count=98); d.add(500); d.add(7000)
@@ -49,16 +43,14 @@ class Distribution:
     {'count': 100, 'p50': 10, 'p99': 500, 'max': 7000}
     """
 
-    __slots__ = ("_values", "_counts", "_count", "_total", "_max", "_sorted", "_compact_at")
+    __slots__ = ("_hist", "_count", "_total", "_max", "_sorted")
 
     def __init__(self) -> None:
-        self._values: list[Any] = []
-        self._counts: list[int] = []
+        self._hist: dict[Any, int] = {}  # value -> how many samples have it
         self._count = 0
         self._total = 0
         self._max = 0
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
-        self._compact_at = _COMPACT_AT
+        self._sorted: tuple[list[Any], np.ndarray] | None = None
 
     # ---------------------------------------------------------------- updates
 
@@ -68,7 +60,7 @@ class Distribution:
         ``value`` is kept as a Python ``int`` if it is integral (``numpy.int64`` included) and
         as a ``float`` otherwise, so every statistic is a plain, JSON-ready number.
 
-        Runtime complexity: O(1) amortized.
+        Runtime complexity: O(1).
 
         Raises:
             TypeError: ``value`` is not a real number, or ``count`` is not an int.
@@ -91,33 +83,15 @@ class Distribution:
         self._add(value, count)
 
     def _add(self, value: Any, count: int) -> None:
-        """Add without validation, for callers inside pkvm that pass checked values."""
-        values = self._values
-        if values and values[-1] == value:
-            self._counts[-1] += count
-        else:
-            values.append(value)
-            self._counts.append(count)
-            if len(values) >= self._compact_at:
-                self._compact()
-        if self._count == 0 or value > self._max:
+        """Add without validation, for callers inside pkvm that pass checked values (the
+        timeline's hooks, on every latency sample: kept to one dict update and four fields)."""
+        hist = self._hist
+        hist[value] = hist.get(value, 0) + count
+        if value > self._max or not self._count:
             self._max = value
         self._count += count
         self._total += value * count
         self._sorted = None
-
-    def _compact(self) -> None:
-        """Fold the samples into one (value, count) pair per distinct value, in sorted order."""
-        order, cum = self._sorted_view()
-        ordered = np.asarray(self._values)[order]
-        last_of_run = np.ones(len(ordered), dtype=bool)
-        last_of_run[:-1] = ordered[1:] != ordered[:-1]
-        ends = np.flatnonzero(last_of_run)
-        values = self._values
-        self._values = [values[int(order[i])] for i in ends]
-        self._counts = np.diff(cum[ends], prepend=0).tolist()
-        self._sorted = None
-        self._compact_at = max(_COMPACT_AT, 2 * len(self._values))
 
     # ---------------------------------------------------------------- reads
 
@@ -172,16 +146,16 @@ class Distribution:
         # str() of a float is the shortest decimal that round-trips: 99.9 means 999/10 exactly.
         exact_q = Fraction(str(q)) if isinstance(q, float) else Fraction(q)
         rank = max(math.ceil(exact_q * self._count / 100), 1)
-        order, cum = self._sorted_view()
-        i = int(np.searchsorted(cum, rank, side="left"))
-        return self._values[int(order[i])]
+        values, cum = self._sorted_view()
+        return values[int(np.searchsorted(cum, rank, side="left"))]
 
-    def _sorted_view(self) -> tuple[np.ndarray, np.ndarray]:
-        """(order, cumulative counts): ``order`` sorts the values ascending (stable)."""
+    def _sorted_view(self) -> tuple[list[Any], np.ndarray]:
+        """(the distinct values ascending, the cumulative counts in that order)."""
         if self._sorted is None:
-            order = np.argsort(np.asarray(self._values), kind="stable")
-            cum = np.cumsum(np.asarray(self._counts, dtype=np.int64)[order])
-            self._sorted = (order, cum)
+            hist = self._hist
+            values = sorted(hist)
+            cum = np.cumsum(np.fromiter((hist[v] for v in values), dtype=np.int64, count=len(values)))
+            self._sorted = (values, cum)
         return self._sorted
 
     def as_dict(self) -> dict[str, Any]:
