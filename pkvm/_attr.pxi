@@ -292,11 +292,15 @@ cdef class AttrPath:
     cdef object vm
     cdef dict d
     cdef RangeMap attrs, sptes, slot0
-    cdef dict slots, stats, costs, armed
-    cdef object store_ns
+    cdef dict slots, stats, costs, armed, flush_cache
+    cdef list vcpus
+    cdef object store_ns, zap_ns
     cdef uint64_t supported
     cdef bint one_as, guard, whole_chunk, eager_split, eager_post, eager_locked, legacy, mirror
     cdef bint filter_all
+    # no platform hook inside the phases (no mirror root's zaps, no eager-locked op): with no
+    # subscriber and no timeline, nothing outside the core runs during a call (see _quiet)
+    cdef bint hookless
     # True while a fast-path ioctl that began with no subscriber runs and nothing it called back
     # into has run: no event can have been emitted, so no callback can have subscribed
     cdef bint quiet
@@ -319,6 +323,9 @@ cdef class AttrPath:
         self.costs = d["_costs"]
         self.armed = d["_inject"]._armed
         self.store_ns = d["_attr_store_ns"]
+        self.zap_ns = self.costs["zap_spte"]
+        self.vcpus = d["_vcpus"]
+        self.flush_cache = d["_flush_ns"]
         self.supported = d["_supported_attrs"]
         self.guard = d["_guard"]
         self.whole_chunk = d["_whole_chunk"]
@@ -328,6 +335,7 @@ cdef class AttrPath:
         self.legacy = d["_legacy"]
         self.mirror = d["_mirror"]
         self.filter_all = d["_policy"].zap_filter == "all"
+        self.hookless = not self.mirror and not self.eager_locked
         self.c_slot = None
 
     cdef inline int _slot(self, object key) except -1:
@@ -362,7 +370,7 @@ cdef class AttrPath:
         else:
             n = _zap_range(self.sptes, self.stats, start, end, _VALID_ROOTS, None)
         if n:
-            ns = self.costs["zap_spte"] * n
+            ns = self.zap_ns * n
             self._add_ns("zap_spte", ns)
             if self._traced():
                 self.vm._emit("charge", None, None, "zap_spte", n, ns)
@@ -370,20 +378,30 @@ cdef class AttrPath:
             self.vm._emit("zap", start, end, None, n, 0, None, (attr_filter,))
         return n
 
-    cdef int _flush(self) except -1:
-        """``kvm_flush_remote_tlbs``: every request is modelled as sent (vCPUs in guest mode)."""
-        d = self.d
+    cdef object _flush_counted(self):
+        """``kvm_flush_remote_tlbs`` counted (every request is modelled as sent: vCPUs in guest
+        mode); returns the number of vCPUs it is priced by."""
         st = self.stats
         st["remote_tlb_flush_requests"] = st["remote_tlb_flush_requests"] + 1
         st["remote_tlb_flush"] = st["remote_tlb_flush"] + 1
-        n = d["nr_vcpus"]
-        nv = len(<list>d["_vcpus"])
+        n = self.d["nr_vcpus"]
+        nv = len(self.vcpus)
         if nv > n:
             n = nv
-        cache = <dict>d["_flush_ns"]
-        ns = cache.get(n)
+        return n
+
+    cdef object _flush_price(self, object n):
+        """The modeled ns of a remote TLB flush to ``n`` vCPUs (cached per ``n``)."""
+        ns = self.flush_cache.get(n)
         if ns is None:
-            ns = cache[n] = d["_cost_model"].ns("remote_tlb_flush", nr_vcpus=n)
+            ns = self.flush_cache[n] = self.d["_cost_model"].ns("remote_tlb_flush", nr_vcpus=n)
+        return ns
+
+    cdef int _flush(self) except -1:
+        """``kvm_flush_remote_tlbs`` and its accounting."""
+        d = self.d
+        n = self._flush_counted()
+        ns = self._flush_price(n)
         self._add_ns("remote_tlb_flush", ns)
         if self._traced():
             self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
@@ -417,9 +435,17 @@ cdef class AttrPath:
 
     cdef int _pre_piece(self, _PreState *ps, uint64_t s, uint64_t e, object key) except -1:
         """One slot-clipped piece of ``kvm_pre_set_memory_attributes``: the range added to the
-        invalidation (with the 6.16 guard, also its partially covered head/tail hugepages that
-        are not MIXED), then the zap."""
-        cdef uint64_t hs, he, base, send, n, dummy
+        invalidation (:meth:`_pre_range`), then the zap."""
+        cdef uint64_t dummy
+        self._pre_range(ps, s, e, key)
+        if (rangemap_get(self.sptes, s) != 0 if e - s == 1 else rangemap_find_ne(self.sptes, s, e, 0, &dummy)):
+            ps.zapped += self._zap(s, e, ps.attr_filter)
+        return 0
+
+    cdef int _pre_range(self, _PreState *ps, uint64_t s, uint64_t e, object key) except -1:
+        """The piece's range added to the invalidation (with the 6.16 guard, also its partially
+        covered head/tail hugepages that are not MIXED)."""
+        cdef uint64_t hs, he, base, send, n
         cdef RangeMap m
         cdef int level
         if ps.rs == _INVALID_GFN:
@@ -449,8 +475,6 @@ cdef class AttrPath:
                         ps.rs = he
                     if he + n > ps.re:
                         ps.re = he + n
-        if (rangemap_get(self.sptes, s) != 0 if e - s == 1 else rangemap_find_ne(self.sptes, s, e, 0, &dummy)):
-            ps.zapped += self._zap(s, e, ps.attr_filter)
         return 0
 
     cdef int _pre_end(self, _PreState *ps) except -1:
@@ -498,6 +522,75 @@ cdef class AttrPath:
             r = vm._platform.set_mem_attr(vm, slot, attrs, s, e)
             if r:
                 vm._op_failed("set_mem_attr", slot, attrs, s, e, r)
+        return 0
+
+    cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
+        """:meth:`checked`'s phases where nothing outside the core runs between them (one
+        address space, no subscriber, no timeline, no platform hook in the phases, no
+        invalidation in progress): the same steps, with the VM's scalars read and written
+        once per call instead of once per step.
+
+        ``mmu_invalidate_in_progress`` goes 0 -> 1 -> 0 with nobody to read it in between, so
+        it is not written; the charges are summed and added to the cost dict and the clocks
+        at the end, in the order the phases make them (zap, flush, store), so the dict's
+        keys, its values and the modeled time are those of the step-by-step path.
+        """
+        cdef RunCursor cur
+        cdef _PreState ps
+        cdef uint64_t s, e, n, dummy
+        cdef int ok
+        d = self.d
+        st = self.stats
+        sptes = self.sptes
+        zap_ns = flush_ns = None
+        ok = rangemap_cursor_init(self.slot0, &cur, start, end)
+        slotted = ok == 1
+        if slotted:
+            # PRE (kvm_pre_set_memory_attributes per piece, inside one invalidation)
+            ps.rs = ps.re = _INVALID_GFN
+            ps.zapped = 0
+            while ok == 1:
+                s, e = cur.start, cur.end
+                self._pre_range(&ps, s, e, cur.value)
+                if (rangemap_get(sptes, s) != 0 if e - s == 1 else rangemap_find_ne(sptes, s, e, 0, &dummy)):
+                    n = _zap_range(sptes, st, s, e, _VALID_ROOTS, None)
+                    if n:
+                        ps.zapped += n
+                        ns = self.zap_ns * n
+                        zap_ns = ns if zap_ns is None else zap_ns + ns
+                ok = rangemap_cursor_next(self.slot0, &cur)
+            d["_range_start"] = ps.rs
+            d["_range_end"] = ps.re
+            if ps.zapped:
+                flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
+        # the store, under slots_lock only
+        rangemap_assign(self.attrs, start, end, attrs)
+        n = end - start
+        st["attr_stores"] = st["attr_stores"] + n
+        store_ns = self.store_ns * n
+        if slotted:
+            # POST: invalidate_end, then MIXED per piece
+            st["mmu_invalidate_seq"] = st["mmu_invalidate_seq"] + 1
+            ok = rangemap_cursor_init(self.slot0, &cur, start, end)
+            while ok == 1:
+                self._slot(cur.value)
+                _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
+                                self.whole_chunk, cur.start, cur.end, attrs)
+                ok = rangemap_cursor_next(self.slot0, &cur)
+        cost = <dict>d["_cost_ns"]
+        t = d["_modeled_ns"]
+        if zap_ns is not None:
+            cost["zap_spte"] = cost.get("zap_spte", 0) + zap_ns
+            t = t + zap_ns
+        if flush_ns is not None:
+            cost["remote_tlb_flush"] = cost.get("remote_tlb_flush", 0) + flush_ns
+            t = t + flush_ns
+        cost["attr_store"] = cost.get("attr_store", 0) + store_ns
+        d["_modeled_ns"] = t + store_ns
+        if zap_ns is not None:  # the PRE phase's zap and flush ran under mmu_lock
+            lock = zap_ns if flush_ns is None else zap_ns + flush_ns
+            if lock:
+                d["mmu_lock_ns"] = d["mmu_lock_ns"] + lock
         return 0
 
     # -- entry points -------------------------------------------------------------------------
@@ -606,6 +699,9 @@ cdef class AttrPath:
             return
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
+        if self.hookless and d["_subs"] is None and d["mmu_invalidate_in_progress"] == 0:
+            self._quiet(start, end, attrs)
+            return
         self.quiet = d["_subs"] is None
         t0 = d["_modeled_ns"]
         ok = rangemap_cursor_init(self.slot0, &cur, start, end)

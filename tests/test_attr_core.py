@@ -82,6 +82,48 @@ def test_set_attrs_checked_is_the_ioctl_after_its_checks(platform_policy: tuple,
         b.check()
 
 
+@settings(max_examples=30, deadline=None)
+@given(platform_policy=st.sampled_from([
+    ("sw_protected", "6.8"), ("sw_protected", "6.16"), ("sw_protected", "6.19"), ("snp", "fault-time"),
+    ("snp", "eager-locked"), ("tdx", "6.19")]), vcpus=st.integers(1, 3), ops=_OPS)
+def test_the_unobserved_ioctl_leaves_what_the_observed_one_does(platform_policy: tuple, vcpus: int,
+                                                                 ops: list) -> None:
+    """With no subscriber the ioctl writes the VM's scalars once per call (AttrPath._quiet); a
+    subscriber makes it charge step by step. Both leave the same state: counters, modeled time
+    (per op, with the ops in the same order), mmu_lock_ns, the invalidation range."""
+    platform, policy = platform_policy
+    a, b = _vm(platform, policy), _vm(platform, policy)
+    for vm in (a, b):
+        for _ in range(vcpus - 1):
+            vm.create_vcpu()
+    seen: list = []
+    b.subscribe(seen.append, kinds="set_memory_attributes")
+    before = b.attr_ioctls  # a TD's setup made some
+
+    def fault(vm: pkvm.VM, gpa: int, private: bool) -> object:
+        try:
+            return vm.vcpus[0].page_fault(gpa, private=private)
+        except pkvm.KvmError as e:
+            return e.errno, str(e)
+
+    for gfn, n, private, fault_gfn, fault_private in ops:
+        if a.vm_dead:
+            break
+        attrs = PRIVATE if private else 0
+        a.set_memory_attributes(gfn << 12, n << 12, attrs)
+        b.set_memory_attributes(gfn << 12, n << 12, attrs)
+        gpa = fault_gfn << 12 | (SHARED47 if platform == "tdx" and not fault_private else 0)
+        assert fault(a, gpa, fault_private) == fault(b, gpa, fault_private)
+        assert snapshot(a) == snapshot(b)
+        assert list(a.cost_breakdown().items()) == list(b.cost_breakdown().items())
+        assert (a.attr_ioctls, a.mmu_lock_ns, a.mmu_invalidate_in_progress, a.events) == (
+            b.attr_ioctls, b.mmu_lock_ns, b.mmu_invalidate_in_progress, b.events)
+    assert len(seen) == b.attr_ioctls - before > 0  # b ran observed
+    if not a.vm_dead:
+        a.check()
+        b.check()
+
+
 def test_set_attrs_checked_keeps_the_ioctls_own_refusal() -> None:
     """Still EDEADLK while a phase-by-phase ioctl holds slots_lock, and nothing changes."""
     vm = _vm("sw_protected", "6.19")
