@@ -275,6 +275,8 @@ cdef struct _PreState:
     uint64_t rs             # the invalidation range being built
     uint64_t re
     uint64_t zapped         # leaves zapped by the phase
+    uint64_t head2          # the 2M lpage word of the next piece's head chunk if read already,
+                            # else _INVALID_GFN (no word has every bit set)
     int attr_filter
 
 
@@ -425,6 +427,7 @@ cdef class AttrPath:
             ps.rs = d["_range_start"]
             ps.re = d["_range_end"]
         ps.zapped = 0
+        ps.head2 = _INVALID_GFN
         # §2.5 step 3 (6.14+): zap only the old attribute's mappings (a VM without a mirror
         # root has one root that holds both kinds, so the filter narrows nothing there).
         if self.filter_all:
@@ -445,7 +448,7 @@ cdef class AttrPath:
     cdef int _pre_range(self, _PreState *ps, uint64_t s, uint64_t e, object key) except -1:
         """The piece's range added to the invalidation (with the 6.16 guard, also its partially
         covered head/tail hugepages that are not MIXED)."""
-        cdef uint64_t hs, he, base, send, n
+        cdef uint64_t hs, he, base, send, n, w
         cdef RangeMap m
         cdef int level
         if ps.rs == _INVALID_GFN:
@@ -463,18 +466,23 @@ cdef class AttrPath:
                 m = self.c_m2 if level == 2 else self.c_m1
                 hs = s & ~(n - 1)
                 he = (e - 1) & ~(n - 1)
-                if ((hs != s or hs + n > e) and hs >= base and hs + n <= send
-                        and not rangemap_get(m, hs >> _level_shift(level)) & _LPAGE_MIXED):
-                    if hs < ps.rs:
-                        ps.rs = hs
-                    if hs + n > ps.re:
-                        ps.re = hs + n
+                if (hs != s or hs + n > e) and hs >= base and hs + n <= send:
+                    if level == 2 and ps.head2 != _INVALID_GFN:
+                        w = ps.head2
+                    else:
+                        w = rangemap_get(m, hs >> _level_shift(level))
+                    if not w & _LPAGE_MIXED:
+                        if hs < ps.rs:
+                            ps.rs = hs
+                        if hs + n > ps.re:
+                            ps.re = hs + n
                 if (he != hs and he + n > e and he + n <= send
                         and not rangemap_get(m, he >> _level_shift(level)) & _LPAGE_MIXED):
                     if he < ps.rs:
                         ps.rs = he
                     if he + n > ps.re:
                         ps.re = he + n
+        ps.head2 = _INVALID_GFN
         return 0
 
     cdef int _pre_end(self, _PreState *ps) except -1:
@@ -524,7 +532,8 @@ cdef class AttrPath:
                 vm._op_failed("set_mem_attr", slot, attrs, s, e, r)
         return 0
 
-    cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
+    cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs, bint read, uint64_t spte,
+                    uint64_t head2) except -1:
         """:meth:`checked`'s phases where nothing outside the core runs between them (one
         address space, no subscriber, no timeline, no platform hook in the phases, no
         invalidation in progress): the same steps, with the VM's scalars read and written
@@ -534,6 +543,9 @@ cdef class AttrPath:
         it is not written; the charges are summed and added to the cost dict and the clocks
         at the end, in the order the phases make them (zap, flush, store), so the dict's
         keys, its values and the modeled time are those of the step-by-step path.
+
+        ``read``: :meth:`checked` read the one gfn's SPTE (``spte``) and the 2M lpage word of
+        its chunk (``head2``) already.
         """
         cdef RunCursor cur
         cdef _PreState ps
@@ -549,10 +561,17 @@ cdef class AttrPath:
             # PRE (kvm_pre_set_memory_attributes per piece, inside one invalidation)
             ps.rs = ps.re = _INVALID_GFN
             ps.zapped = 0
+            ps.head2 = head2 if read else _INVALID_GFN
             while ok == 1:
                 s, e = cur.start, cur.end
                 self._pre_range(&ps, s, e, cur.value)
-                if (rangemap_get(sptes, s) != 0 if e - s == 1 else rangemap_find_ne(sptes, s, e, 0, &dummy)):
+                if read:
+                    pass
+                elif e - s == 1:
+                    spte = rangemap_get(sptes, s)
+                else:
+                    spte = rangemap_find_ne(sptes, s, e, 0, &dummy)
+                if spte:
                     n = _zap_range(sptes, st, s, e, _VALID_ROOTS, None)
                     if n:
                         ps.zapped += n
@@ -659,10 +678,20 @@ cdef class AttrPath:
 
     cpdef checked(self, uint64_t start, uint64_t end, uint64_t attrs):
         """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
-        cdef uint64_t dummy
+        cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key
         cdef RunCursor cur
         cdef _PreState ps
         cdef int ok
+        cdef bint read = end - start == 1 and self.one_as
+        if read:
+            # The words of the one gfn the call reads, read together: the descents (of large
+            # maps, in fragmented memory) overlap instead of running one after the other.
+            key = rangemap_get(self.slot0, start)
+            if key:
+                self._slot(key)
+                head2 = rangemap_get(self.c_m2, start >> 9)
+            cur_attrs = rangemap_get(self.attrs, start)
+            spte = rangemap_get(self.sptes, start)
         d = self.d
         vm = self.vm
         if d["_attr_op"] is not None:
@@ -678,11 +707,15 @@ cdef class AttrPath:
         if self.legacy:
             vm._attr_legacy(start, end, attrs)
             return
-        if (rangemap_get(self.attrs, start) == attrs if end - start == 1
+        if read:
+            if cur_attrs == attrs:
+                return  # §2.7 short-circuit
+        elif (rangemap_get(self.attrs, start) == attrs if end - start == 1
                 else not rangemap_find_ne(self.attrs, start, end, attrs, &dummy)):
             return  # §2.7 short-circuit
         if self.armed and "xa_reserve" in self.armed:
             vm._attr_xa_reserve(start, end)
+            read = False  # Python ran: read again
         if not self.one_as or self.eager_split or self.eager_post:
             ranges = vm._slot_ranges(start, end)
             if ranges and self.eager_split:
@@ -700,7 +733,7 @@ cdef class AttrPath:
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and d["_subs"] is None and d["mmu_invalidate_in_progress"] == 0:
-            self._quiet(start, end, attrs)
+            self._quiet(start, end, attrs, read, spte, head2)
             return
         self.quiet = d["_subs"] is None
         t0 = d["_modeled_ns"]
