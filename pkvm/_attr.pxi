@@ -698,8 +698,10 @@ cdef class AttrPath:
             vm._attr_free()  # EDEADLK
         d["attr_ioctls"] = d["attr_ioctls"] + 1
         self.quiet = False
-        if d["_subs"] is not None:  # traced on entry, before the short-circuit (6.17+)
+        subs = d["_subs"]
+        if subs is not None:  # traced on entry, before the short-circuit (6.17+)
             vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
+            read = False  # a callback ran (it may have changed the VM): read again
         sched = d["_sched"]
         if sched is not None:
             vm._attr_timeline(sched, start, end, attrs)
@@ -716,6 +718,7 @@ cdef class AttrPath:
         if self.armed and "xa_reserve" in self.armed:
             vm._attr_xa_reserve(start, end)
             read = False  # Python ran: read again
+            subs = d["_subs"]
         if not self.one_as or self.eager_split or self.eager_post:
             ranges = vm._slot_ranges(start, end)
             if ranges and self.eager_split:
@@ -732,7 +735,7 @@ cdef class AttrPath:
             return
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
-        if self.hookless and d["_subs"] is None and d["mmu_invalidate_in_progress"] == 0:
+        if self.hookless and subs is None and d["mmu_invalidate_in_progress"] == 0:
             self._quiet(start, end, attrs, read, spte, head2)
             return
         self.quiet = d["_subs"] is None

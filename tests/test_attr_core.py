@@ -239,3 +239,21 @@ def test_zap_range_zaps_every_leaf_it_meets(leaves: list, start: int, n: int) ->
     assert leaves_of(m.sptes.ranges()) == before - hit
     assert stats["zapped_sptes"] == len(hit)
     m._check()
+
+
+def test_a_callback_that_changes_the_vm_on_entry_is_seen_by_the_rest_of_the_ioctl() -> None:
+    """The one-gfn ioctl reads its gfn's words before it emits its entry event; a subscriber that
+    converts the gfn from that event makes the ioctl read them again: it short-circuits."""
+    vm = _vm("snp", "fault-time")
+    nested: list = []
+
+    def convert_once(ev: pkvm.Event) -> None:
+        if not nested:
+            nested.append(ev)
+            vm.set_memory_attributes(0x5000, 0x1000, PRIVATE)
+
+    with vm.subscribe(convert_once, kinds="set_memory_attributes"):
+        vm.set_memory_attributes(0x5000, 0x1000, PRIVATE)
+    assert len(nested) == 1 and vm.attr_ioctls == 2
+    assert vm.get_memory_attributes(5) == PRIVATE and vm.stats["attr_stores"] == 1
+    vm.check()
