@@ -459,7 +459,8 @@ cdef class AttrPath:
             if e > ps.re:
                 ps.re = e
         if self.guard:
-            self._slot(key)
+            if key is not None:  # None: the caller resolved the slot
+                self._slot(key)
             base, send = self.c_base, self.c_end
             for level in range(2, 4):
                 n = 1ULL << _level_shift(level)
@@ -532,8 +533,18 @@ cdef class AttrPath:
                 vm._op_failed("set_mem_attr", slot, attrs, s, e, r)
         return 0
 
-    cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs, bint read, uint64_t spte,
-                    uint64_t head2) except -1:
+    cdef object _quiet_zap(self, _PreState *ps, uint64_t s, uint64_t e, object zap_ns):
+        """:meth:`_quiet`'s zap of one piece: its leaves dropped and counted; returns the
+        phase's zap ns so far (None while nothing was zapped)."""
+        n = _zap_range(self.sptes, self.stats, s, e, _VALID_ROOTS, None)
+        if not n:
+            return zap_ns
+        ps.zapped += n
+        ns = self.zap_ns * n
+        return ns if zap_ns is None else zap_ns + ns
+
+    cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs, bint read, uint64_t key,
+                    uint64_t spte, uint64_t head2) except -1:
         """:meth:`checked`'s phases where nothing outside the core runs between them (one
         address space, no subscriber, no timeline, no platform hook in the phases, no
         invalidation in progress): the same steps, with the VM's scalars read and written
@@ -544,39 +555,39 @@ cdef class AttrPath:
         at the end, in the order the phases make them (zap, flush, store), so the dict's
         keys, its values and the modeled time are those of the step-by-step path.
 
-        ``read``: :meth:`checked` read the one gfn's SPTE (``spte``) and the 2M lpage word of
-        its chunk (``head2``) already.
+        ``read``: :meth:`checked` read the one gfn's slot key + 1 (``key``, 0 outside every
+        memslot; the slot resolved), SPTE (``spte``) and the 2M lpage word of its chunk
+        (``head2``) already: the one piece needs no cursor.
         """
         cdef RunCursor cur
         cdef _PreState ps
         cdef uint64_t s, e, n, dummy
-        cdef int ok
+        cdef int ok = 0
         d = self.d
         st = self.stats
         sptes = self.sptes
         zap_ns = flush_ns = None
-        ok = rangemap_cursor_init(self.slot0, &cur, start, end)
-        slotted = ok == 1
+        if read:
+            slotted = key != 0
+        else:
+            ok = rangemap_cursor_init(self.slot0, &cur, start, end)
+            slotted = ok == 1
         if slotted:
             # PRE (kvm_pre_set_memory_attributes per piece, inside one invalidation)
             ps.rs = ps.re = _INVALID_GFN
             ps.zapped = 0
-            ps.head2 = head2 if read else _INVALID_GFN
-            while ok == 1:
+            if read:
+                ps.head2 = head2
+                self._pre_range(&ps, start, end, None)
+                if spte:
+                    zap_ns = self._quiet_zap(&ps, start, end, zap_ns)
+            else:
+                ps.head2 = _INVALID_GFN
+            while not read and ok == 1:
                 s, e = cur.start, cur.end
                 self._pre_range(&ps, s, e, cur.value)
-                if read:
-                    pass
-                elif e - s == 1:
-                    spte = rangemap_get(sptes, s)
-                else:
-                    spte = rangemap_find_ne(sptes, s, e, 0, &dummy)
-                if spte:
-                    n = _zap_range(sptes, st, s, e, _VALID_ROOTS, None)
-                    if n:
-                        ps.zapped += n
-                        ns = self.zap_ns * n
-                        zap_ns = ns if zap_ns is None else zap_ns + ns
+                if (rangemap_get(sptes, s) != 0 if e - s == 1 else rangemap_find_ne(sptes, s, e, 0, &dummy)):
+                    zap_ns = self._quiet_zap(&ps, s, e, zap_ns)
                 ok = rangemap_cursor_next(self.slot0, &cur)
             d["_range_start"] = ps.rs
             d["_range_end"] = ps.re
@@ -590,8 +601,12 @@ cdef class AttrPath:
         if slotted:
             # POST: invalidate_end, then MIXED per piece
             st["mmu_invalidate_seq"] = st["mmu_invalidate_seq"] + 1
-            ok = rangemap_cursor_init(self.slot0, &cur, start, end)
-            while ok == 1:
+            if read:
+                _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
+                                self.whole_chunk, start, end, attrs)
+            else:
+                ok = rangemap_cursor_init(self.slot0, &cur, start, end)
+            while not read and ok == 1:
                 self._slot(cur.value)
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
                                 self.whole_chunk, cur.start, cur.end, attrs)
@@ -678,7 +693,7 @@ cdef class AttrPath:
 
     cpdef checked(self, uint64_t start, uint64_t end, uint64_t attrs):
         """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
-        cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key
+        cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0
         cdef RunCursor cur
         cdef _PreState ps
         cdef int ok
@@ -736,7 +751,7 @@ cdef class AttrPath:
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and subs is None and d["mmu_invalidate_in_progress"] == 0:
-            self._quiet(start, end, attrs, read, spte, head2)
+            self._quiet(start, end, attrs, read, key, spte, head2)
             return
         self.quiet = d["_subs"] is None
         t0 = d["_modeled_ns"]
