@@ -540,7 +540,7 @@ cdef class AttrPath:
         if not n:
             return zap_ns
         ps.zapped += n
-        ns = self.zap_ns * n
+        ns = self.zap_ns if n == 1 else self.zap_ns * n  # no int object made for the count 1
         return ns if zap_ns is None else zap_ns + ns
 
     cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs, bint read, uint64_t key,
@@ -596,8 +596,12 @@ cdef class AttrPath:
         # the store, under slots_lock only
         rangemap_assign(self.attrs, start, end, attrs)
         n = end - start
-        st["attr_stores"] = st["attr_stores"] + n
-        store_ns = self.store_ns * n
+        if n == 1:  # no int object made for the count
+            st["attr_stores"] = st["attr_stores"] + 1
+            store_ns = self.store_ns
+        else:
+            st["attr_stores"] = st["attr_stores"] + n
+            store_ns = self.store_ns * n
         if slotted:
             # POST: invalidate_end, then MIXED per piece
             st["mmu_invalidate_seq"] = st["mmu_invalidate_seq"] + 1
