@@ -12,6 +12,7 @@ nothing can fail, so a ``MemoryError`` never leaves a half-applied update behind
 """
 
 cimport cython
+from cpython.object cimport PyObject
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
@@ -105,8 +106,52 @@ cdef extern from *:
         return 0;
     #endif
     }
+    static inline int pkvm_small_u64p(PyObject *o, uint64_t *out) {
+        return PyLong_CheckExact(o) && pkvm_small_u64(o, out);
+    }
     """
     bint pkvm_small_u64(object o, uint64_t *out) noexcept
+    bint pkvm_small_u64p(PyObject *o, uint64_t *out) noexcept
+
+cdef extern from *:
+    """
+    /* RangeMap.assign and RangeMap.find_ne as METH_FASTCALL | METH_KEYWORDS methods whose C
+       function is the core's own entry (_assign_fast, _find_ne_fast in _core.pyx) instead of
+       Cython's generated argument parser: a call with three positional arguments goes straight
+       to the conversion and the core. pkvm_fastcall_override replaces the type's method
+       descriptor `name` by one for `fn`, reusing the generated method's name and docstring
+       (text signature included), and returns the generated descriptor (a new reference),
+       which serves every other form of call (keywords, a wrong count). The method tables are
+       written once, at import, and never change. */
+    static PyMethodDef pkvm_fast_defs[2];
+    static PyObject *pkvm_fastcall_override(PyObject *type, int slot, const char *name,
+                                            void *fn) {
+        PyTypeObject *tp = (PyTypeObject *)type;
+        PyObject *orig = PyDict_GetItemString(tp->tp_dict, name);   /* borrowed */
+        PyObject *descr;
+        if (orig == NULL || !PyObject_TypeCheck(orig, &PyMethodDescr_Type)) {
+            PyErr_Format(PyExc_RuntimeError, "%s.%s is not a method descriptor",
+                         tp->tp_name, name);
+            return NULL;
+        }
+        pkvm_fast_defs[slot] = *((PyMethodDescrObject *)orig)->d_method;
+        pkvm_fast_defs[slot].ml_meth = (PyCFunction)(void (*)(void))fn;
+        pkvm_fast_defs[slot].ml_flags = METH_FASTCALL | METH_KEYWORDS;
+        descr = PyDescr_NewMethod(tp, &pkvm_fast_defs[slot]);
+        if (descr == NULL)
+            return NULL;
+        Py_INCREF(orig);
+        if (PyDict_SetItemString(tp->tp_dict, name, descr) < 0) {
+            Py_DECREF(descr);
+            Py_DECREF(orig);
+            return NULL;
+        }
+        Py_DECREF(descr);
+        PyType_Modified(tp);
+        return orig;
+    }
+    """
+    object pkvm_fastcall_override(object type, int slot, const char *name, void *fn)
 
 cdef extern from "Python.h":
     # The raw C-API call: it returns (unsigned long long)-1 and sets OverflowError for negative
@@ -126,6 +171,15 @@ cdef int POOL_MAX = 96          # spare nodes of each kind kept for reuse
 # ---------------------------------------------------------------------------------------------
 
 cdef int _u64_slow(object o, str name, uint64_t *out) except -1:
+    """``_u64`` for everything but a small exact int (out of line: the callers stay small)."""
+    cdef unsigned long long v
+    if _is_exact_int(o):
+        v = _as_ull(o)
+        if v == <unsigned long long>-1 and PyErr_Occurred() != NULL:
+            PyErr_Clear()
+            raise OverflowError(f"{name} out of range for uint64: {o}")
+        out[0] = v
+        return 0
     if isinstance(o, (float, complex, str, bytes)) or not hasattr(type(o), "__index__"):
         raise TypeError(f"{name} must be an integer, not {type(o).__name__}")
     return _u64(operator.index(o), name, out)
@@ -133,15 +187,7 @@ cdef int _u64_slow(object o, str name, uint64_t *out) except -1:
 
 cdef inline int _u64(object o, str name, uint64_t *out) except -1:
     """Convert ``o`` to a uint64 into ``out``; TypeError/OverflowError name the argument."""
-    cdef unsigned long long v
-    if _is_exact_int(o):
-        if pkvm_small_u64(o, out):
-            return 0
-        v = _as_ull(o)
-        if v == <unsigned long long>-1 and PyErr_Occurred() != NULL:
-            PyErr_Clear()
-            raise OverflowError(f"{name} out of range for uint64: {o}")
-        out[0] = v
+    if _is_exact_int(o) and pkvm_small_u64(o, out):
         return 0
     return _u64_slow(o, name, out)
 
@@ -1905,6 +1951,68 @@ cdef class RangeMap:
                 assert nd.keys[i - 1] < nd.keys[i], "inner keys not ascending"
             inner += self._check_node(nd.children[i], height - 1, False)
         return inner
+
+
+# The per-op entries of assign and find_ne (see pkvm_fastcall_override): a W3 step is two of
+# these calls, and Cython's generated parser (keywords, argument references) cost about 6 ns a
+# call over a plain METH_FASTCALL function. The checks and their order are the generated
+# methods': the map's bulk-call guard, then start, end, value, then start <= end.
+
+cdef object _call_general(object method, object self, PyObject **args, Py_ssize_t nargs,
+                          PyObject *kwnames):
+    """Call the generated method (``method``, a descriptor) with the vectorcall arguments."""
+    cdef Py_ssize_t i
+    pos = [self]
+    for i in range(nargs):
+        pos.append(<object>args[i])
+    kw = {}
+    if kwnames != NULL:
+        names = <tuple><object>kwnames
+        for i in range(len(names)):
+            kw[names[i]] = <object>args[nargs + i]
+    return method(*pos, **kw)
+
+
+cdef object _assign_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    """``RangeMap.assign(start, end, value)``."""
+    cdef uint64_t s, e, v
+    if kwnames != NULL or nargs != 3:
+        return _call_general(_assign_general, self, args, nargs, kwnames)
+    _enter_write(self)
+    if not pkvm_small_u64p(args[0], &s):
+        _u64(<object>args[0], "start", &s)
+    if not pkvm_small_u64p(args[1], &e):
+        _u64(<object>args[1], "end", &e)
+    if not pkvm_small_u64p(args[2], &v):
+        _u64(<object>args[2], "value", &v)
+    if s > e:
+        raise ValueError(f"start {s:#x} > end {e:#x}")
+    self._assign_c(s, e, v)
+    return None
+
+
+cdef object _find_ne_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    """``RangeMap.find_ne(start, end, value)``."""
+    cdef uint64_t s, e, v, found
+    if kwnames != NULL or nargs != 3:
+        return _call_general(_find_ne_general, self, args, nargs, kwnames)
+    _enter_read(self)
+    if not pkvm_small_u64p(args[0], &s):
+        _u64(<object>args[0], "start", &s)
+    if not pkvm_small_u64p(args[1], &e):
+        _u64(<object>args[1], "end", &e)
+    if not pkvm_small_u64p(args[2], &v):
+        _u64(<object>args[2], "value", &v)
+    if s > e:
+        raise ValueError(f"start {s:#x} > end {e:#x}")
+    if self._find_ne_c(s, e, v, &found):
+        return found
+    return -1
+
+
+cdef object _assign_general = pkvm_fastcall_override(RangeMap, 0, "assign", <void*>_assign_fast)
+cdef object _find_ne_general = pkvm_fastcall_override(RangeMap, 1, "find_ne",
+                                                      <void*>_find_ne_fast)
 
 
 cdef inline int _enter_read(RangeMap m) except -1:

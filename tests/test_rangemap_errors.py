@@ -101,6 +101,98 @@ def test_bad_scalar_input_raises_and_changes_nothing(rangemap_cls, call, exc, ma
     _raises_and_changes_nothing(populated(), call, exc, match)
 
 
+# ---------------------------------------------------------------------------------------------
+# Call forms: assign and find_ne take their arguments positionally or by keyword
+# ---------------------------------------------------------------------------------------------
+# RangeMap's assign and find_ne have a C entry for three positional arguments (pkvm/_core.pyx,
+# pkvm_fastcall_override) and hand every other form to the generated method; both must agree.
+
+
+class _Int(int):
+    """An int subclass: not an exact int, so it takes the general conversion."""
+
+
+CALL_FORMS = [
+    pytest.param(lambda m, s, e, v: m.assign(s, e, v), id="positional"),
+    pytest.param(lambda m, s, e, v: m.assign(start=s, end=e, value=v), id="keywords"),
+    pytest.param(lambda m, s, e, v: m.assign(s, value=v, end=e), id="mixed"),
+    pytest.param(lambda m, s, e, v: type(m).assign(m, s, e, v), id="unbound"),
+    pytest.param(lambda m, s, e, v: m.assign(_Int(s), np.uint64(e), _Int(v)), id="int-like"),
+]
+FIND_FORMS = [
+    pytest.param(lambda m, s, e, v: m.find_ne(s, e, v), id="positional"),
+    pytest.param(lambda m, s, e, v: m.find_ne(start=s, end=e, value=v), id="keywords"),
+    pytest.param(lambda m, s, e, v: m.find_ne(s, e, value=v), id="mixed"),
+    pytest.param(lambda m, s, e, v: type(m).find_ne(m, s, e, v), id="unbound"),
+    pytest.param(lambda m, s, e, v: m.find_ne(np.uint64(s), _Int(e), _Int(v)), id="int-like"),
+]
+# (start, end, value) steps; keys near 2**64 are not small ints (the general conversion)
+STEPS = [(0x10, 0x18, 0), (0x14, 0x34, 8), (0x2, 0x3, 1), (2**64 - 9, 2**64 - 3, 1), (0, 0, 8)]
+
+
+@pytest.mark.parametrize("assign", CALL_FORMS)
+@pytest.mark.parametrize("find_ne", FIND_FORMS)
+def test_call_forms_agree(rangemap_cls, populated, assign, find_ne):
+    """Every call form of assign / find_ne gives what the positional call gives."""
+    m, want = populated(), populated()
+    for s, e, v in STEPS:
+        assign(m, s, e, v)
+        want.assign(s, e, v)
+        assert m.ranges() == want.ranges()
+        for q in [(0, 0x40, 0), (0x10, 0x20, 8), (0x14, 0x18, 8), (2**62, 2**64 - 1, 8)]:
+            assert find_ne(m, *q) == want.find_ne(*q)
+    m._check()
+
+
+BAD_CALL_FORMS = [
+    pytest.param(lambda m: m.assign(1, 2), r"assign\(\)", id="assign-two-args"),
+    pytest.param(lambda m: m.assign(1, 2, 8, 9), r"assign\(\)", id="assign-four-args"),
+    pytest.param(lambda m: m.assign(1, 2, val=8), r"\bval\b", id="assign-unknown-keyword"),
+    pytest.param(lambda m: m.assign(1, 2, 8, start=1), r"\bstart\b", id="assign-start-twice"),
+    pytest.param(lambda m: m.find_ne(1, 2), r"find_ne\(\)", id="find_ne-two-args"),
+    pytest.param(lambda m: m.find_ne(0, 1, 2, 3), r"find_ne\(\)", id="find_ne-four-args"),
+    pytest.param(lambda m: m.find_ne(0, 1, v=2), r"\bv\b", id="find_ne-unknown-keyword"),
+]
+
+
+@pytest.mark.parametrize(("call", "match"), BAD_CALL_FORMS)
+def test_bad_call_forms_raise_and_change_nothing(rangemap_cls, populated, call, match):
+    """A wrong argument count or keyword raises TypeError naming it; the map is unchanged."""
+    _raises_and_changes_nothing(populated(), call, TypeError, match)
+
+
+def test_call_form_signatures():
+    """The C entries keep the methods' names, docstrings and signatures."""
+    import inspect
+
+    import pkvm
+
+    for name in ("assign", "find_ne"):
+        method = getattr(pkvm.RangeMap, name)
+        assert method.__name__ == name
+        assert list(inspect.signature(method).parameters) == ["self", "start", "end", "value"]
+        assert "half-open ``[start, end)``" in method.__doc__
+        with pytest.raises(TypeError, match=rf"descriptor '{name}' .* doesn't apply to a 'int'"):
+            method(5, 1, 2, 8)
+
+
+def test_call_forms_in_a_subclass():
+    """A Python subclass inherits the C entries and may override them."""
+    import pkvm
+
+    class Logged(pkvm.RangeMap):
+        def assign(self, start, end, value):
+            self.calls = getattr(self, "calls", 0) + 1
+            super().assign(start, end, value)
+
+    m = Logged()
+    m.assign(0x10, 0x20, 8)
+    assert m.calls == 1
+    assert m.ranges() == [(0x10, 0x20, 8)]
+    assert m.find_ne(0x10, 0x20, 8) == -1
+    assert m.find_ne(start=0x10, end=0x21, value=8) == 0x20
+
+
 @pytest.mark.parametrize(
     ("default", "exc"),
     [
