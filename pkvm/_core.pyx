@@ -1994,10 +1994,12 @@ cdef object _assign_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObj
 cdef object _find_ne_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
     """``RangeMap.find_ne(start, end, value)``."""
     cdef uint64_t s, e, v, found
+    cdef bint start_is_int
     if kwnames != NULL or nargs != 3:
         return _call_general(_find_ne_general, self, args, nargs, kwnames)
     _enter_read(self)
-    if not pkvm_small_u64p(args[0], &s):
+    start_is_int = pkvm_small_u64p(args[0], &s)
+    if not start_is_int:
         _u64(<object>args[0], "start", &s)
     if not pkvm_small_u64p(args[1], &e):
         _u64(<object>args[1], "end", &e)
@@ -2006,6 +2008,10 @@ cdef object _find_ne_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyOb
     if s > e:
         raise ValueError(f"start {s:#x} > end {e:#x}")
     if self._find_ne_c(s, e, v, &found):
+        if found == s and start_is_int:
+            # The answer is often the range's first key: the caller's own int (exact, equal)
+            # serves as the result without allocating a new one.
+            return <object>args[0]
         return found
     return -1
 
