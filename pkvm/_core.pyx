@@ -115,15 +115,15 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    /* RangeMap.assign and RangeMap.find_ne as METH_FASTCALL | METH_KEYWORDS methods whose C
-       function is the core's own entry (_assign_fast, _find_ne_fast in _core.pyx) instead of
-       Cython's generated argument parser: a call with three positional arguments goes straight
-       to the conversion and the core. pkvm_fastcall_override replaces the type's method
+    /* RangeMap.assign, find_ne and get as METH_FASTCALL | METH_KEYWORDS methods whose C
+       function is the core's own entry (_assign_fast, _find_ne_fast, _get_fast in _core.pyx)
+       instead of Cython's generated argument parser: a call with its arguments all positional
+       goes straight to the conversion and the core. pkvm_fastcall_override replaces the type's method
        descriptor `name` by one for `fn`, reusing the generated method's name and docstring
        (text signature included), and returns the generated descriptor (a new reference),
        which serves every other form of call (keywords, a wrong count). The method tables are
        written once, at import, and never change. */
-    static PyMethodDef pkvm_fast_defs[2];
+    static PyMethodDef pkvm_fast_defs[3];
     static PyObject *pkvm_fastcall_override(PyObject *type, int slot, const char *name,
                                             void *fn) {
         PyTypeObject *tp = (PyTypeObject *)type;
@@ -1953,10 +1953,11 @@ cdef class RangeMap:
         return inner
 
 
-# The per-op entries of assign and find_ne (see pkvm_fastcall_override): a W3 step is two of
-# these calls, and Cython's generated parser (keywords, argument references) cost about 6 ns a
-# call over a plain METH_FASTCALL function. The checks and their order are the generated
-# methods': the map's bulk-call guard, then start, end, value, then start <= end.
+# The per-op entries of assign, find_ne and get (see pkvm_fastcall_override): a W3 step is two
+# of these calls, and Cython's generated parser (keywords, argument references) cost about
+# 6 ns a call over a plain METH_FASTCALL function. The checks and their order are the
+# generated methods': the map's bulk-call guard, then start, end, value (or key), then
+# start <= end.
 
 cdef object _call_general(object method, object self, PyObject **args, Py_ssize_t nargs,
                           PyObject *kwnames):
@@ -2016,9 +2017,21 @@ cdef object _find_ne_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyOb
     return -1
 
 
+cdef object _get_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    """``RangeMap.get(key)``."""
+    cdef uint64_t k
+    if kwnames != NULL or nargs != 1:
+        return _call_general(_get_general, self, args, nargs, kwnames)
+    _enter_read(self)
+    if not pkvm_small_u64p(args[0], &k):
+        _u64(<object>args[0], "key", &k)
+    return self._get_c(k)
+
+
 cdef object _assign_general = pkvm_fastcall_override(RangeMap, 0, "assign", <void*>_assign_fast)
 cdef object _find_ne_general = pkvm_fastcall_override(RangeMap, 1, "find_ne",
                                                       <void*>_find_ne_fast)
+cdef object _get_general = pkvm_fastcall_override(RangeMap, 2, "get", <void*>_get_fast)
 
 
 cdef inline int _enter_read(RangeMap m) except -1:

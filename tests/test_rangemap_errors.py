@@ -102,9 +102,9 @@ def test_bad_scalar_input_raises_and_changes_nothing(rangemap_cls, call, exc, ma
 
 
 # ---------------------------------------------------------------------------------------------
-# Call forms: assign and find_ne take their arguments positionally or by keyword
+# Call forms: assign, find_ne and get take their arguments positionally or by keyword
 # ---------------------------------------------------------------------------------------------
-# RangeMap's assign and find_ne have a C entry for three positional arguments (pkvm/_core.pyx,
+# RangeMap's assign, find_ne and get have a C entry for positional arguments (pkvm/_core.pyx,
 # pkvm_fastcall_override) and hand every other form to the generated method; both must agree.
 
 
@@ -133,7 +133,7 @@ STEPS = [(0x10, 0x18, 0), (0x14, 0x34, 8), (0x2, 0x3, 1), (2**64 - 9, 2**64 - 3,
 @pytest.mark.parametrize("assign", CALL_FORMS)
 @pytest.mark.parametrize("find_ne", FIND_FORMS)
 def test_call_forms_agree(rangemap_cls, populated, assign, find_ne):
-    """Every call form of assign / find_ne gives what the positional call gives."""
+    """Every call form of assign, find_ne and get gives what the positional call gives."""
     m, want = populated(), populated()
     for s, e, v in STEPS:
         assign(m, s, e, v)
@@ -141,6 +141,9 @@ def test_call_forms_agree(rangemap_cls, populated, assign, find_ne):
         assert m.ranges() == want.ranges()
         for q in [(0, 0x40, 0), (0x10, 0x20, 8), (0x14, 0x18, 8), (2**62, 2**64 - 1, 8)]:
             assert find_ne(m, *q) == want.find_ne(*q)
+        for k in [0, 0x14, 0x33, 2**64 - 4, 2**64 - 1]:
+            got = {m.get(k), m.get(key=k), type(m).get(m, k), m.get(_Int(k)), m.get(np.uint64(k))}
+            assert got == {want.get(k)}
     m._check()
 
 
@@ -152,6 +155,9 @@ BAD_CALL_FORMS = [
     pytest.param(lambda m: m.find_ne(1, 2), r"find_ne\(\)", id="find_ne-two-args"),
     pytest.param(lambda m: m.find_ne(0, 1, 2, 3), r"find_ne\(\)", id="find_ne-four-args"),
     pytest.param(lambda m: m.find_ne(0, 1, v=2), r"\bv\b", id="find_ne-unknown-keyword"),
+    pytest.param(lambda m: m.get(), r"get\(\)", id="get-no-args"),
+    pytest.param(lambda m: m.get(1, 2), r"get\(\)", id="get-two-args"),
+    pytest.param(lambda m: m.get(k=1), r"\bk\b", id="get-unknown-keyword"),
 ]
 
 
@@ -167,13 +173,17 @@ def test_call_form_signatures():
 
     import pkvm
 
-    for name in ("assign", "find_ne"):
+    for name, params, doc in [
+        ("assign", ["start", "end", "value"], "half-open ``[start, end)``"),
+        ("find_ne", ["start", "end", "value"], "half-open ``[start, end)``"),
+        ("get", ["key"], "The value of ``key``"),
+    ]:
         method = getattr(pkvm.RangeMap, name)
         assert method.__name__ == name
-        assert list(inspect.signature(method).parameters) == ["self", "start", "end", "value"]
-        assert "half-open ``[start, end)``" in method.__doc__
+        assert list(inspect.signature(method).parameters) == ["self", *params]
+        assert doc in method.__doc__
         with pytest.raises(TypeError, match=rf"descriptor '{name}' .* doesn't apply to a 'int'"):
-            method(5, 1, 2, 8)
+            method(5, *range(len(params)))
 
 
 def test_call_forms_in_a_subclass():
