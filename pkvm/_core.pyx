@@ -118,11 +118,11 @@ cdef extern from *:
     /* RangeMap.assign, find_ne and get as METH_FASTCALL | METH_KEYWORDS methods whose C
        function is the core's own entry (_assign_fast, _find_ne_fast, _get_fast in _core.pyx)
        instead of Cython's generated argument parser: a call with its arguments all positional
-       goes straight to the conversion and the core. pkvm_fastcall_override replaces the type's method
-       descriptor `name` by one for `fn`, reusing the generated method's name and docstring
-       (text signature included), and returns the generated descriptor (a new reference),
-       which serves every other form of call (keywords, a wrong count). The method tables are
-       written once, at import, and never change. */
+       goes straight to the conversion and the core. pkvm_fastcall_override replaces the
+       type's method descriptor `name` by one for `fn`, reusing the generated method's name
+       and docstring (text signature included), and returns the generated descriptor (a new
+       reference), which serves every other form of call (keywords, a wrong count). The
+       method tables are written once, at import, and never change. */
     static PyMethodDef pkvm_fast_defs[3];
     static PyObject *pkvm_fastcall_override(PyObject *type, int slot, const char *name,
                                             void *fn) {
