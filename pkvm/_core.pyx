@@ -309,13 +309,14 @@ cdef inline void _digit_starts(Py_ssize_t *c) noexcept nogil:
 
 
 cdef uint64_t *_radix_sort_packed(const uint64_t *keys, Py_ssize_t n, int kbits,
-                                  int ibits) except NULL nogil:
+                                  int ibits, const uint64_t *low=NULL) except NULL nogil:
     """The words ``key << ibits | index`` of ``keys``, sorted by key (ties in index order).
 
     A radix pass moves one word instead of a key and an index (half the scatter traffic and
     scratch memory of ``_radix_argsort``); only the key's digits are sorted on, and ties keep
-    index order because LSD passes are stable. ``kbits + ibits <= 64`` (``_pack_widths``).
-    The caller frees the result.
+    index order because LSD passes are stable. ``kbits + ibits <= 64`` (``_pack_widths``),
+    ``ibits < 64``. With ``low``, the low field of word ``i`` is ``low[i]`` (which must fit
+    in ``ibits`` bits) instead of ``i``. The caller frees the result.
     """
     cdef uint64_t *a = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef uint64_t *b = <uint64_t*>malloc(n * sizeof(uint64_t))
@@ -333,7 +334,7 @@ cdef uint64_t *_radix_sort_packed(const uint64_t *keys, Py_ssize_t n, int kbits,
             raise MemoryError("RangeMap: out of memory sorting keys")
     memset(cnt, 0, 8 * 256 * sizeof(Py_ssize_t))
     for i in range(n):
-        w = (keys[i] << ibits) | <uint64_t>i
+        w = (keys[i] << ibits) | (low[i] if low != NULL else <uint64_t>i)
         a[i] = w
         for p in range(npass):
             cnt[p * 256 + <int>((w >> (ibits + 8 * p)) & 255)] += 1
@@ -443,6 +444,37 @@ cdef void _gather(const uint64_t *src, const Py_ssize_t *P, uint64_t *dst,
         if j + 16 < n:
             __builtin_prefetch(&src[P[j + 16]])
         dst[j] = src[P[j]]
+
+
+cdef bint _by_value(const uint64_t *S, const uint64_t *E, const uint64_t *V, Py_ssize_t n,
+                    int kbits, int *vbits) noexcept nogil:
+    """1 if every range has the first one's length and every value fits beside a key of
+    ``kbits`` bits in one word (``*vbits``: the values' significant bits, below 64): then the
+    sort can carry each range's value in place of its index and nothing is gathered."""
+    cdef uint64_t length = E[0] - S[0], bits = 0
+    cdef Py_ssize_t i
+    cdef int vb = 0
+    for i in range(n):
+        if E[i] - S[i] != length:
+            return False
+        bits |= V[i]
+    while vb < 64 and (bits >> vb) != 0:
+        vb += 1
+    vbits[0] = vb
+    return vb < 64 and kbits + vb <= 64
+
+
+cdef void _unpack_by_value(uint64_t *W, int vbits, uint64_t length, uint64_t *ES,
+                           uint64_t *VS, Py_ssize_t n) noexcept nogil:
+    """Unpack ``W`` (``key << vbits | value``, sorted) in place into the sorted starts, and
+    write the matching ends (start + the common length) and values."""
+    cdef uint64_t mask = ((<uint64_t>1) << vbits) - 1, w
+    cdef Py_ssize_t j
+    for j in range(n):
+        w = W[j]
+        W[j] = w >> vbits
+        ES[j] = W[j] + length
+        VS[j] = w & mask
 
 
 cdef void _gather_runs(const uint64_t *S, const uint64_t *E, const uint64_t *V, uint64_t *W,
@@ -2176,8 +2208,8 @@ cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
     cdef uint64_t *SS = NULL
     cdef uint64_t *ES = NULL
     cdef uint64_t *VS = NULL
-    cdef bint ordered, packed
-    cdef int kbits, ibits
+    cdef bint ordered, packed, by_value
+    cdef int kbits, ibits, vbits
     cdef uint64_t mask
     cdef Py_ssize_t i
     for i in range(n):
@@ -2191,16 +2223,23 @@ cdef int rangemap_assign_array(RangeMap m, const uint64_t *S, const uint64_t *E,
         if n >= 64:
             # Sort the ranges by start (stably) and gather them into sorted arrays once, so
             # that the checks and the merge below read memory in order.
+            # Ranges of one length with small values (one-page toggles) carry their value in
+            # the sorted word in place of their index: nothing is gathered afterwards.
             packed = _pack_widths(S, n, &kbits, &ibits)
-            if not packed:
+            by_value = _by_value(S, E, V, n, kbits, &vbits)
+            if not packed and not by_value:
                 P = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
                 SS = <uint64_t*>malloc(n * sizeof(uint64_t))
             ES = <uint64_t*>malloc(n * sizeof(uint64_t))
             VS = <uint64_t*>malloc(n * sizeof(uint64_t))
-            if (not packed and (P == NULL or SS == NULL)) or ES == NULL or VS == NULL:
+            if ((not packed and not by_value and (P == NULL or SS == NULL))
+                    or ES == NULL or VS == NULL):
                 raise MemoryError("RangeMap.assign_many: out of memory")
             with nogil:
-                if packed:
+                if by_value:
+                    SS = _radix_sort_packed(S, n, kbits, vbits, V)
+                    _unpack_by_value(SS, vbits, E[0] - S[0], ES, VS, n)
+                elif packed:
                     SS = _radix_sort_packed(S, n, kbits, ibits)
                     _gather_runs(S, E, V, SS, ibits, ES, VS, n)
                 else:

@@ -164,3 +164,46 @@ def test_assign_many_uniform_lengths_or_values(data, same_length, same_value):
         want.assign(s, s + ln, v)
     got._check()
     assert got.ranges() == want.ranges()
+
+
+@st.composite
+def values_at_the_packing_boundary(draw):
+    """Equal-length ranges (repeated starts) whose values are just inside or outside the bits
+    left beside the largest start in one word.
+
+    With one length, assign_many sorts ``start << value_bits | value`` when the starts' and the
+    values' significant bits fit in 64 (no gather afterwards), and by index otherwise.
+    """
+    n = draw(st.integers(64, 200))
+    key_bits = draw(st.sampled_from([0, 1, 12, 40, 63]))
+    room = 64 - key_bits
+    value_bits = draw(st.sampled_from([0, 1, 4, room - 1, room, room + 1, 64]))
+    value_bits = max(0, min(64, value_bits))
+    key_top = (1 << key_bits) - 1
+    length = draw(st.integers(0, 3))
+    starts = draw(st.lists(st.integers(0, max(0, key_top - 3)), min_size=n, max_size=n))
+    if key_bits:
+        starts[0] = key_top - 3 if key_top >= 3 else key_top   # near the top: the width is exact
+        length = min(length, key_top - starts[0])
+    starts += draw(st.lists(st.sampled_from(starts), max_size=n // 4))    # repeats: last wins
+    value_top = (1 << value_bits) - 1
+    values = draw(st.lists(st.integers(0, value_top), min_size=len(starts),
+                           max_size=len(starts)))
+    if value_bits:
+        values[draw(st.integers(0, len(values) - 1))] = value_top    # the width is exact
+    order = draw(st.permutations(range(len(starts))))
+    return [starts[i] for i in order], length, [values[i] for i in order]
+
+
+@given(values_at_the_packing_boundary(), st.sampled_from([0, 9]))
+def test_assign_many_one_length_values_either_sort(case, default):
+    """Equal-length batches equal sequential assigns on both sides of the value-packing limit."""
+    starts, length, values = case
+    got = pkvm.RangeMap(default, _fanout=8)
+    want = DictRangeMap(default)
+    arr = np.array(starts, dtype=np.uint64)
+    got.assign_many(arr, arr + np.uint64(length), np.array(values, dtype=np.uint64))
+    for s, v in zip(starts, values, strict=True):
+        want.assign(s, s + length, v)
+    got._check()
+    assert got.ranges() == want.ranges()
