@@ -2006,20 +2006,29 @@ cdef object _call_general(object method, object self, PyObject **args, Py_ssize_
     return method(*pos, **kw)
 
 
+cdef inline int _range_args(PyObject **args, uint64_t *s, uint64_t *e, uint64_t *v) except -1:
+    """The three positional ints of ``assign`` / ``find_ne`` read into ``s, e, v`` (the small
+    exact ints without a C-API call, the rest through ``_u64``'s checks and messages), ``s <= e``
+    checked; returns 1 when ``start`` was a small exact int (its object can serve as a result)."""
+    cdef bint start_is_int = pkvm_small_u64p(args[0], s)
+    if not start_is_int:
+        _u64(<object>args[0], "start", s)
+    if not pkvm_small_u64p(args[1], e):
+        _u64(<object>args[1], "end", e)
+    if not pkvm_small_u64p(args[2], v):
+        _u64(<object>args[2], "value", v)
+    if s[0] > e[0]:
+        raise ValueError(f"start {s[0]:#x} > end {e[0]:#x}")
+    return start_is_int
+
+
 cdef object _assign_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
     """``RangeMap.assign(start, end, value)``."""
     cdef uint64_t s, e, v
     if kwnames != NULL or nargs != 3:
         return _call_general(_assign_general, self, args, nargs, kwnames)
     _enter_write(self)
-    if not pkvm_small_u64p(args[0], &s):
-        _u64(<object>args[0], "start", &s)
-    if not pkvm_small_u64p(args[1], &e):
-        _u64(<object>args[1], "end", &e)
-    if not pkvm_small_u64p(args[2], &v):
-        _u64(<object>args[2], "value", &v)
-    if s > e:
-        raise ValueError(f"start {s:#x} > end {e:#x}")
+    _range_args(args, &s, &e, &v)
     self._assign_c(s, e, v)
     return None
 
@@ -2031,15 +2040,7 @@ cdef object _find_ne_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyOb
     if kwnames != NULL or nargs != 3:
         return _call_general(_find_ne_general, self, args, nargs, kwnames)
     _enter_read(self)
-    start_is_int = pkvm_small_u64p(args[0], &s)
-    if not start_is_int:
-        _u64(<object>args[0], "start", &s)
-    if not pkvm_small_u64p(args[1], &e):
-        _u64(<object>args[1], "end", &e)
-    if not pkvm_small_u64p(args[2], &v):
-        _u64(<object>args[2], "value", &v)
-    if s > e:
-        raise ValueError(f"start {s:#x} > end {e:#x}")
+    start_is_int = _range_args(args, &s, &e, &v)
     if self._find_ne_c(s, e, v, &found):
         if found == s and start_is_int:
             # The answer is often the range's first key: the caller's own int (exact, equal)

@@ -35,6 +35,15 @@ def test_the_core_constants_are_the_kernel_ones() -> None:
     assert mmu.spte_level(mmu.make_spte(0, 3, True, False)) == 3 and mmu.SPTE_LEVEL_SHIFT == 1
 
 
+def _fault(vm: pkvm.VM, gpa: int, private: bool) -> object:
+    """vCPU 0's fault at ``gpa``: its result, or the refusal's errno and message (a TD touching a
+    page it has not accepted dies: two VMs compared must die alike)."""
+    try:
+        return vm.vcpus[0].page_fault(gpa, private=private)
+    except pkvm.KvmError as e:
+        return e.errno, str(e)
+
+
 def _vm(platform: str, policy: str) -> pkvm.VM:
     if platform == "tdx":
         return td(6 * MiB, policy=policy)[0]
@@ -61,12 +70,6 @@ def test_set_attrs_checked_is_the_ioctl_after_its_checks(platform_policy: tuple,
     what ``set_memory_attributes`` does with the same range, faults in between included."""
     platform, policy = platform_policy
     a, b = _vm(platform, policy), _vm(platform, policy)
-    def fault(vm: pkvm.VM, gpa: int, private: bool) -> object:
-        try:
-            return vm.vcpus[0].page_fault(gpa, private=private)
-        except pkvm.KvmError as e:  # a TD touching a page it has not accepted dies: both must
-            return e.errno, str(e)
-
     for gfn, n, private, fault_gfn, fault_private in ops:
         if a.vm_dead:
             break
@@ -74,7 +77,7 @@ def test_set_attrs_checked_is_the_ioctl_after_its_checks(platform_policy: tuple,
         a.set_memory_attributes(gfn << 12, n << 12, attrs)
         b._set_attrs_checked(gfn, gfn + n, attrs)
         gpa = fault_gfn << 12 | (SHARED47 if platform == "tdx" and not fault_private else 0)
-        assert fault(a, gpa, fault_private) == fault(b, gpa, fault_private)
+        assert _fault(a, gpa, fault_private) == _fault(b, gpa, fault_private)
         assert snapshot(a) == snapshot(b)
         assert (a.attr_ioctls, a.mmu_lock_ns, a.events) == (b.attr_ioctls, b.mmu_lock_ns, b.events)
     if not a.vm_dead:
@@ -100,12 +103,6 @@ def test_the_unobserved_ioctl_leaves_what_the_observed_one_does(platform_policy:
     b.subscribe(seen.append, kinds="set_memory_attributes")
     before = b.attr_ioctls  # a TD's setup made some
 
-    def fault(vm: pkvm.VM, gpa: int, private: bool) -> object:
-        try:
-            return vm.vcpus[0].page_fault(gpa, private=private)
-        except pkvm.KvmError as e:
-            return e.errno, str(e)
-
     for gfn, n, private, fault_gfn, fault_private in ops:
         if a.vm_dead:
             break
@@ -113,7 +110,7 @@ def test_the_unobserved_ioctl_leaves_what_the_observed_one_does(platform_policy:
         a.set_memory_attributes(gfn << 12, n << 12, attrs)
         b.set_memory_attributes(gfn << 12, n << 12, attrs)
         gpa = fault_gfn << 12 | (SHARED47 if platform == "tdx" and not fault_private else 0)
-        assert fault(a, gpa, fault_private) == fault(b, gpa, fault_private)
+        assert _fault(a, gpa, fault_private) == _fault(b, gpa, fault_private)
         assert snapshot(a) == snapshot(b)
         assert list(a.cost_breakdown().items()) == list(b.cost_breakdown().items())
         assert (a.attr_ioctls, a.mmu_lock_ns, a.mmu_invalidate_in_progress, a.events) == (

@@ -338,13 +338,10 @@ def test_balloon_chunk_gpas_follow_the_ram_layout(pieces, chunk_pages, unit, dat
 def test_balloon_chunk_gpas_of_the_q35_layouts():
     """The 1 TiB and 3 GiB guests' RAM (split around the PCI hole): 2M chunks all over it."""
     for memory in (3 << 30, 1 << 40):
-        ram: list[tuple[int, int]] = []
-        for gpa, size, _off in q35_ram_layout(memory):
-            if ram and ram[-1][1] == gpa:
-                ram[-1] = (ram[-1][0], gpa + size)
-            else:
-                ram.append((gpa, gpa + size))
+        ram = W.ram_ranges(memory)
+        # q35: RAM below 2 GiB and from 4 GiB, the memslots' pieces joined.
+        assert ram == [(0, 2 << 30), (4 << 30, memory + (2 << 30))]
+        assert sum(size for _gpa, size, _off in q35_ram_layout(memory)) == memory
         ctx = _RamOnly(ram)  # the ranges Context builds from the layout
-        assert len(ram) == 2
         chunks = list(range(0, memory >> 21, 7)) + [(memory >> 21) - 1]
         assert W._chunk_gpas(ctx, chunks, 1 << 21) == [ctx.ram_gpa(c << 21) >> 21 for c in chunks]  # type: ignore[arg-type]

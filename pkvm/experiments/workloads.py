@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pkvm.actors.vmm import Vmm
     from pkvm.kvm.vm import VM
 
-__all__ = ["WORKLOADS", "Context", "Option", "Workload", "get", "parse_options"]
+__all__ = ["WORKLOADS", "Context", "Option", "Workload", "get", "parse_options", "ram_ranges"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -192,6 +192,19 @@ class PhaseRecord:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+def ram_ranges(memory: int) -> list[tuple[int, int]]:
+    """A guest's RAM as gpa ranges ``[start, end)``, laid out as on QEMU's q35 machine (one range
+    up to 2.75 GiB; else below 2 GiB and from 4 GiB): ``q35_ram_layout``'s memslots with touching
+    ones joined."""
+    ram: list[tuple[int, int]] = []
+    for gpa, size, _off in q35_ram_layout(memory):
+        if ram and ram[-1][1] == gpa:
+            ram[-1] = (ram[-1][0], gpa + size)
+        else:
+            ram.append((gpa, gpa + size))
+    return ram
+
+
 class Context:
     """What a workload runs against (built by :func:`pkvm.experiments.run`).
 
@@ -209,14 +222,8 @@ class Context:
         self.rng = random.Random(seed)
         self.memory = memory
         self.image = image
-        #: Guest RAM as gpa ranges ``[start, end)``, laid out as on QEMU's q35 machine (one
-        #: range up to 2.75 GiB; else below 2 GiB and from 4 GiB); ``ram_end`` is the last end.
-        ram: list[tuple[int, int]] = []
-        for gpa, size, _off in q35_ram_layout(memory):
-            if ram and ram[-1][1] == gpa:
-                ram[-1] = (ram[-1][0], gpa + size)
-            else:
-                ram.append((gpa, gpa + size))
+        #: Guest RAM as gpa ranges ``[start, end)`` (``ram_ranges``); ``ram_end`` is the last end.
+        ram = ram_ranges(memory)
         self.ram = ram
         self.ram_end = ram[-1][1]
         self.gfns_accessed = 0
