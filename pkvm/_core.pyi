@@ -328,6 +328,10 @@ class SchedHooks:
     def contended(self) -> bool: ...
     def sync(self) -> None: ...
 
+def fault_timeline(
+    vcpu: Any, gfn: int, limit: int, private: bool, write: bool, prefetch: bool
+) -> tuple[PageFault, FaultResult]: ...
+
 # -- guest_memfd, the host allocator and SNP's RMP wrappers (pkvm/_gmem.pxi) ----------------------
 
 from typing import Mapping

@@ -69,29 +69,36 @@ cdef class SchedHooks:
         first-come first-served. Uncontended -- no other actor in a task and the lock free --
         it is taken on the actor's own clock, without a round trip through SimPy (same
         result)."""
+        self._acquire(lock, mode)
+
+    cdef int _acquire(self, lock, mode) except -1:
         cdef SchedActor a = self._current
         if a is None:
-            return
+            return 0
         lk = self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
             a.held.append((lock, mode, self._now0 + <long long>self.vm._modeled_ns - self._mark))
             a.fast += 1
             lk.stats.acquisitions += 1
-            return
+            return 0
         self._acquire_slow(a, lock, mode)
+        return 0
 
     def release(self, lock, mode=1):
         """The running actor releases ``lock`` taken in ``mode``.
 
         Raises:
             RuntimeError: it does not hold it."""
+        self._release(lock, mode)
+
+    cdef int _release(self, lock, mode) except -1:
         cdef SchedActor a = self._current
         cdef list held
         cdef tuple h
         cdef Py_ssize_t i
         cdef long long held_ns
         if a is None:
-            return
+            return 0
         held = a.held
         t = None
         if held:  # (the core is built with wraparound=False: no negative indices)
@@ -108,7 +115,7 @@ cdef class SchedHooks:
                 raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
         if t < 0:
             self._release_slow(a, lock, mode)
-            return
+            return 0
         a.fast -= 1
         vm = self.vm
         held_ns = self._now0 + <long long>vm._modeled_ns - self._mark - <long long>t  # now_ns - t
@@ -124,9 +131,13 @@ cdef class SchedHooks:
                 st.hold_write_ns += held_ns
         if self.recorder is not None:
             self._record_hold(a, lock, mode, lk, t, t + held_ns)
+        return 0
 
     def latency_begin(self):
         """The start of a latency sample: ``(clock, the running actor's wait so far)``."""
+        return self._latency_begin()
+
+    cdef tuple _latency_begin(self):
         cdef SchedActor a = self._current
         if a is None:
             return (self._idle_now_ns(), 0)
@@ -135,9 +146,12 @@ cdef class SchedHooks:
     def latency_end(self, kind, begin, n=1):
         """Add the sample begun at ``begin`` to distribution ``kind``; ``n`` > 1: it stands
         for ``n`` operations (the first carries the wait, the rest share the work)."""
+        self._latency_end(kind, begin, n)
+
+    cdef int _latency_end(self, kind, begin, n) except -1:
         cdef SchedActor a = self._current
         if a is None:
-            return
+            return 0
         total = self._now0 + <long long>self.vm._modeled_ns - self._mark - begin[0]  # now_ns
         w = a.wait - begin[1]
         d = self.latency[kind]
@@ -154,9 +168,13 @@ cdef class SchedHooks:
             if log is not None:
                 log.append((kind, each + w, 1))
                 log.append((kind, each, n - 1))
+        return 0
 
     def work_ns(self):
         """The running actor's own work so far (its busy time plus what it has not yielded)."""
+        return self._work_ns()
+
+    cdef object _work_ns(self):
         cdef SchedActor a = self._current
         if a is None:
             return int(self.vm._modeled_ns)
@@ -164,6 +182,9 @@ cdef class SchedHooks:
 
     def contended(self):
         """True if another actor is in a task now (worth splitting long work for)."""
+        return self._contended()
+
+    cdef bint _contended(self):
         cdef SchedActor a = self._current
         return self._active > (a.in_task if a is not None else 0)
 
@@ -176,12 +197,83 @@ cdef class SchedHooks:
         Locks the actor took uncontended stay so: a hold's statistics are its release time
         minus its grant time either way (``Timeline._switch`` makes them real holds, granted
         at their own time, whenever the actor yields)."""
+        self._sync_point()
+
+    cdef int _sync_point(self) except -1:
         cdef SchedActor a = self._current
         if a is None:
-            return
+            return 0
         if (self._active <= a.in_task and not a.stall_debt and self.recorder is None
                 and self._queue_empty()):
             self._skipped = True  # Timeline.serialize: the work pending since this point
             self._vis = <long long>self.vm._modeled_ns
-            return
+            return 0
         self._sync()
+        return 0
+
+
+# -- the fault driver under a timeline ----------------------------------------------------------
+#
+# pkvm.kvm.mmu.run_fault with a timeline attached (FaultPath's timeline_run): the typed fault
+# path's phases with the timeline's hooks between them, all called at C level. The staleness
+# check and the install run under mmu_lock for read (the TDP MMU), after the pfn lookup's time
+# has passed (a visibility point); the pfn lookup takes only the folio lock (docs/timeline.md).
+
+cdef uint64_t _CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
+
+
+cdef int _raced_install(PageFault f, RangeMap sptes, uint64_t before) except -1:
+    """Another vCPU installed leaves while this fault ran (possible only on the concurrent
+    timeline): the TDP MMU's atomic SPTE update finds the leaf there. On the faulting gfn the
+    fault is spurious (the guest re-executes and the access succeeds: ``tdp_mmu_map_handle_
+    target_level``); a batch stops before the first page another vCPU mapped (those pages
+    never faulted)."""
+    cdef uint64_t gfn = f.gfn, k
+    cdef uint64_t now = rangemap_get(sptes, gfn)
+    if now != before:
+        f.ret = "spurious" if now else "retry"
+        f.end = gfn + 1
+        f.nfaults = 1
+        if now:
+            f.level = _f_level(now)
+            f.delta = _decode_delta(now)
+        return 0
+    if f.end > gfn + 1:
+        if rangemap_find_ne(sptes, gfn + 1, f.end, 0, &k):
+            f.end = k
+    return 0
+
+
+def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
+    """The driver of ``pkvm.kvm.mmu.run_fault`` under a timeline (``vm._sched``): every phase
+    of one (batched) fault, ``(f, result)``. While other actors run, a batch of private faults
+    ends at a 64M boundary (2M and 4K leaves only: the counters are those of the whole batch),
+    so locks interleave between vCPUs."""
+    vm = vcpu.vm
+    cdef SchedHooks sched = <SchedHooks?>vm._sched
+    cdef FaultPath fp = <FaultPath?>vm._fault_path
+    cdef RangeMap sptes = fp.sptes
+    t0 = sched._work_ns()  # this thread's own work
+    if private and limit > gfn + _CONTENDED_BATCH and sched._contended():
+        limit = (gfn + _CONTENDED_BATCH) & ~(_CONTENDED_BATCH - 1)
+    cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
+    lat = sched._latency_begin()
+    cdef uint64_t before = rangemap_get(sptes, gfn)
+    fp._begin(f)
+    if not f.ret and fp.armed and "mmu_topup" in fp.armed:
+        fp.topup(vm, f, gfn)
+    if not f.ret:
+        fp._faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
+        sched._sync_point()
+    if not f.ret:
+        sched._acquire("mmu_lock", 0)
+        fp._stale(f)
+        if not f.ret:
+            _raced_install(f, sptes, before)
+        if not f.ret:
+            fp._install(f)
+        sched._release("mmu_lock", 0)
+    cdef FaultResult r = fp._finish(f)
+    sched._latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
+    fp._after(vcpu, f, r, gfn, private, write, sched._work_ns() - t0)
+    return f, r

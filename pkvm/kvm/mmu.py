@@ -47,6 +47,7 @@ from pkvm._core import (
     _mmu_map_run,
     _mmu_split_to,
     _mmu_zap_range,
+    fault_timeline,
 )
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
@@ -390,34 +391,9 @@ def fault_install(vm: VM, f: PageFault) -> None:
     vm._fault_path.install(f)
 
 
-def _raced_install(f: PageFault, sptes: RangeMap, before: int) -> None:
-    """Another vCPU installed leaves while this fault ran (possible only on the concurrent
-    timeline): the TDP MMU's atomic SPTE update finds the leaf there. On the faulting gfn the
-    fault is spurious (the guest re-executes and the access succeeds: ``tdp_mmu_map_handle_
-    target_level``); a batch stops before the first page another vCPU mapped (those pages
-    never faulted)."""
-    gfn = f.gfn
-    now = sptes.get(gfn)
-    if now != before:
-        f.ret = "spurious" if now else "retry"
-        f.end = gfn + 1
-        f.nfaults = 1
-        if now:
-            f.level = spte_level(now)
-            f.delta = decode_delta(now)
-        return
-    if f.end > gfn + 1:
-        k = sptes.find_ne(gfn + 1, f.end, 0)
-        if k != -1:
-            f.end = k
-
-
 def fault_finish(vm: VM, f: PageFault) -> FaultResult:
     """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
     return vm._fault_path.finish(f)
-
-
-_CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
 
 
 def _topup(vm: VM, f: PageFault, gfn: int) -> None:
@@ -436,44 +412,9 @@ def run_fault(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
     ``prefetch``: ``kvm_tdp_map_page`` from ``KVM_PRE_FAULT_MEMORY`` (no exit, no fault event).
 
     Without a timeline the driver is the typed core's (``FaultPath.run``); with one attached
-    (:mod:`pkvm.sim`) it is :func:`_run_fault_timeline`, over the same phases."""
+    (:mod:`pkvm.sim`) it is the core's ``fault_timeline`` (pkvm/_sched.pxi), over the same
+    phases with the timeline's hooks between them."""
     return vcpu.vm._fault_path.run(vcpu, gfn, limit, private, write, prefetch)
-
-
-def _run_fault_timeline(vcpu: Vcpu, gfn: int, limit: int, private: bool, write: bool,
-                        prefetch: bool) -> tuple[PageFault, FaultResult]:
-    """The driver of :func:`run_fault` under a timeline: the staleness check and the install
-    run under ``mmu_lock`` for read (the TDP MMU), after the pfn lookup's time has passed."""
-    vm = vcpu.vm
-    sched = vm._sched
-    t0 = sched.work_ns()  # this thread's own work
-    if private and limit - gfn > _CONTENDED_BATCH and sched.contended():
-        # While others run, a batch of private faults ends at a 64M boundary (2M and 4K leaves
-        # only: the counters are those of the whole batch), so locks interleave between vCPUs.
-        limit = (gfn + _CONTENDED_BATCH) & ~(_CONTENDED_BATCH - 1)
-    f = PageFault(gfn, limit, private, write, prefetch)
-    fp = vm._fault_path
-    lat = sched.latency_begin()
-    sptes = vm._mmu.sptes
-    before = sptes.get(gfn)
-    fp.begin(f)
-    if not f.ret and vm._inject.armed("mmu_topup"):
-        _topup(vm, f, gfn)
-    if not f.ret:
-        fp.faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
-        sched.sync()
-    if not f.ret:
-        sched.acquire("mmu_lock", 0)
-        fp.stale(f)
-        if not f.ret:
-            _raced_install(f, sptes, before)
-        if not f.ret:
-            fp.install(f)
-        sched.release("mmu_lock", 0)
-    r = fp.finish(f)
-    sched.latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
-    fp.after(vcpu, f, r, gfn, private, write, sched.work_ns() - t0)
-    return f, r
 
 
 def _emit_fault(vcpu: Vcpu, f: PageFault, r: FaultResult, gfn: int, private: bool, write: bool,
@@ -496,5 +437,5 @@ def fault_path(vm: VM, base_fault: Callable[..., object], gpa_to_gfn: Callable[[
     init: the core calls back into the functions of this module and of guest_memfd.
     ``base_fault`` is ``Vcpu._fault``; ``gpa_to_gfn`` ``page_fault``'s slow argument check;
     ``alloc_op`` the cost op of one host block of the VM's shared backing."""
-    return FaultPath(vm, kvm_gmem_get_pfn, _set_external, _topup, _run_fault_timeline, _emit_fault, base_fault,
+    return FaultPath(vm, kvm_gmem_get_pfn, _set_external, _topup, fault_timeline, _emit_fault, base_fault,
                      gpa_to_gfn, is_implemented, KvmError, alloc_op)
