@@ -196,3 +196,60 @@ cdef class ExitResult:
 
     def __reduce__(self):
         return (ExitResult, self._fields())
+
+
+@cython.final
+@cython.freelist(8)
+cdef class AccessResult:
+    """Outcome of ``Vcpu.access``: ``pages_done`` pages completed, ``faults`` faults taken.
+
+    ``ret`` is ``"done"`` when every page was accessed, else the ``ret`` of the fault that
+    stopped the walk (``"exit"`` or ``"emulate"``), whose exit fields are copied here, or
+    ``"rmp_loop"`` / ``"retry_loop"`` when the page at ``gpa + pages_done * 4K`` kept faulting
+    without progress: ``retries`` attempts (at most ``pkvm.constants.RETRY_LIMIT``), ``loop``
+    naming the step the kernel would keep retrying. Immutable, hashable, compared by value
+    (``pkvm.kvm.mmu`` re-exports it; it replaced a frozen dataclass with these fields).
+    """
+
+    cdef readonly object errno "pkvm_errno"
+    cdef readonly object ret, pages_done, faults, level, pfn, exit_reason, memory_fault, retries, loop
+
+    __match_args__ = ("ret", "pages_done", "faults", "level", "pfn", "exit_reason", "memory_fault",
+                      "errno", "retries", "loop")
+
+    def __init__(self, ret, pages_done, faults, level=None, pfn=None, exit_reason=None,
+                 memory_fault=None, errno=None, retries=0, loop=None):
+        self.ret = ret
+        self.pages_done = pages_done
+        self.faults = faults
+        self.level = level
+        self.pfn = pfn
+        self.exit_reason = exit_reason
+        self.memory_fault = memory_fault
+        self.errno = errno
+        self.retries = retries
+        self.loop = loop
+
+    cdef tuple _fields(self):
+        return (self.ret, self.pages_done, self.faults, self.level, self.pfn, self.exit_reason,
+                self.memory_fault, self.errno, self.retries, self.loop)
+
+    def __eq__(self, other):
+        if type(other) is not AccessResult:
+            return NotImplemented
+        return self._fields() == (<AccessResult>other)._fields()
+
+    def __ne__(self, other):
+        if type(other) is not AccessResult:
+            return NotImplemented
+        return self._fields() != (<AccessResult>other)._fields()
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        return ("AccessResult(ret=%r, pages_done=%r, faults=%r, level=%r, pfn=%r, exit_reason=%r, "
+                "memory_fault=%r, errno=%r, retries=%r, loop=%r)" % self._fields())
+
+    def __reduce__(self):
+        return (AccessResult, self._fields())

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, cast
 
+from pkvm._core import AccessResult as AccessResult  # Vcpu.access's result: the typed core's light object
 from pkvm._core import FaultResult as FaultResult  # the typed core's light result object
 from pkvm._core import (
     FaultPath,
@@ -294,29 +294,6 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
 
 # ---------------------------------------------------------------------------------------------
 # The fault path
-
-
-@dataclass(frozen=True, slots=True)
-class AccessResult:
-    """Outcome of ``Vcpu.access``: ``pages_done`` pages completed, ``faults`` faults taken.
-
-    ``ret`` is ``"done"`` when every page was accessed, else the ``ret`` of the fault that
-    stopped the walk (``"exit"`` or ``"emulate"``), whose exit fields are copied here, or
-    ``"rmp_loop"`` / ``"retry_loop"`` when the page at ``gpa + pages_done * 4K`` kept faulting
-    without progress: ``retries`` attempts (at most ``pkvm.constants.RETRY_LIMIT``), ``loop``
-    naming the step the kernel would keep retrying.
-    """
-
-    ret: str
-    pages_done: int
-    faults: int
-    level: int | None = None
-    pfn: int | None = None
-    exit_reason: int | None = None
-    memory_fault: tuple[int, int, int] | None = None
-    errno: int | None = None
-    retries: int = 0
-    loop: str | None = None
 
 
 # The fault's phases are the typed core's (pkvm/_fault.pxi, ``FaultPath``, one per VM as
