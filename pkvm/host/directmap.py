@@ -41,7 +41,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-from pkvm._core import RangeMap
+from pkvm._core import RangeMap, directmap_split
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
@@ -283,35 +283,10 @@ class DirectMap:
         512 4K pages. Returns the number of 2M blocks split (one CPA call each for
         ``set_memory_4k``); adds every split to the counters. The range is RAM.
         """
-        plan: list[tuple[int, int, int]] = []
-        n1g = n2m = frag = 0
-        cur = s
-        while cur < e:
-            a, b, v = self._map.run_at(cur)
-            stop = min(b, e)
-            level = v & _LEVEL_MASK
-            if level >= PG_LEVEL_2M:
-                m0, m1 = _down(cur, _P2M), _up(stop, _P2M)
-                n2m += (m1 - m0) // _P2M
-                if level == PG_LEVEL_1G:
-                    g0, g1 = _down(cur, _P1G), _up(stop, _P1G)
-                    n1g += (g1 - g0) // _P1G
-                    frag += g1 - g0
-                    plan += [(g0, m0, PG_LEVEL_2M), (m1, g1, PG_LEVEL_2M)]
-                else:
-                    # Each 2M page that was 2M at boot becomes fragmented now; a 2M page that
-                    # came from a split 1G page was counted when that 1G page was split.
-                    frag += self._boot_2m_pages(m0, m1)
-                plan.append((m0, m1, PG_LEVEL_4K))
-            cur = stop
-        for a, b, value in plan:
-            self._map.assign(a, b, value)
+        n1g, n2m, frag = directmap_split(self._map, self._orig, s, e)  # the typed core's walk
         self._fragmented += frag
         self._cnt["directmap_splits"] += n1g + n2m
         return n2m
-
-    def _boot_2m_pages(self, s: int, e: int) -> int:
-        return sum(b - a for a, b, v in self._orig.ranges(s, e) if v == PG_LEVEL_2M)
 
     def adjust(self, pfn: int, npages: int = 1, level: int = PG_LEVEL_4K) -> int:
         """``adjust_direct_map`` for each RMPUPDATE of ``[pfn, pfn + npages)`` at ``level``.
