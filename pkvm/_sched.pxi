@@ -10,6 +10,10 @@
 # that of the Python hooks they replace (same values, same order of effects).
 
 
+# the requests an actor's coroutine sends to its SimPy process (pkvm/sim/timeline.py's _ACQ ...)
+cdef int _SCHED_ACQ = 0, _SCHED_REL = 1, _SCHED_WAIT = 2, _SCHED_SYNC = 3, _SCHED_DONE = 4
+
+
 @cython.final
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class SchedActor:
@@ -63,6 +67,11 @@ cdef class SchedHooks:
     cdef public Py_ssize_t _active
     cdef public long long _now0, _mark, _vis
     cdef public bint _skipped
+    # the per-task machinery's state (set by Timeline.__init__): the SimPy environment, its time
+    # when the timeline was attached, the main greenlet, the greenlet class, the event a
+    # spinning vCPU waits on (None while none waits), the actors by name
+    cdef public object env, _t0, _main, _greenlet, _changed
+    cdef public dict _actors
 
     def acquire(self, lock, mode=1):
         """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
@@ -208,8 +217,251 @@ cdef class SchedHooks:
             self._skipped = True  # Timeline.serialize: the work pending since this point
             self._vis = <long long>self.vm._modeled_ns
             return 0
-        self._sync()
+        self._sync_c()
         return 0
+
+    # -- the per-task machinery: an actor's coroutine (a greenlet) and its SimPy process -------
+    #
+    # Timeline's (pkvm/sim/timeline.py): the requests an actor's coroutine sends to its SimPy
+    # process at a lock, a wait or a task boundary, the process that serves them (_drive), the
+    # vCPU thread's task loop and dispatch. What needs pkvm.sim (the recorder's slices, making
+    # locks taken uncontended real holds) is Timeline's, called from here.
+
+    def changed(self):
+        """The model changed state others may wait on (an RMP entry, an invalidation ended)."""
+        self._changed_c()
+
+    cdef inline int _changed_c(self) except -1:
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.succeed()
+        return 0
+
+    def _set_in_task(self, SchedActor a, value):
+        self._set_in_task_c(a, value)
+
+    cdef int _set_in_task_c(self, SchedActor a, bint value) except -1:
+        if a.in_task != value:
+            self._active += 1 if value else -1
+            a.in_task = value
+            if not value:
+                self._changed_c()  # a spinning vCPU re-checks whether anyone could still help it
+        return 0
+
+    def _take(self, a):
+        return self._take_c()
+
+    cdef object _take_c(self):
+        """The running actor's work since its last yield (and the mark moves to now)."""
+        m = self.vm._modeled_ns
+        dt = m - self._mark
+        self._mark = m
+        return dt
+
+    def _sync(self):
+        self._sync_c()
+
+    cdef int _sync_c(self) except -1:
+        """Advance the running actor's clock to its pending work (a round trip to SimPy)."""
+        cdef SchedActor a = self._current
+        if a is None or (self.vm._modeled_ns == self._mark and not a.stall_debt):
+            return 0
+        self._switch_c(a, (_SCHED_SYNC, self._take_c()))
+        return 0
+
+    def _switch(self, SchedActor a, tuple req):
+        """Yield to the actor's SimPy process; locks taken uncontended become real holds first
+        (granted at their own time, Timeline._make_holds), so whoever runs meanwhile sees them
+        held."""
+        return self._switch_c(a, req)
+
+    cdef object _switch_c(self, SchedActor a, tuple req):
+        if a.fast:
+            self._make_holds(a)
+        return self._main.switch(req)
+
+    def _wait(self, ev, idle=False, keep_task=False):
+        return self._wait_c(ev, idle, keep_task)
+
+    cdef object _wait_c(self, ev, bint idle, bint keep_task):
+        """The running actor waits for ``ev``; ``idle``: as a thread without work (not in a
+        task meanwhile, its time not counted as a wait), unless ``keep_task``."""
+        cdef SchedActor a = self._current
+        if a is None:
+            raise RuntimeError("Timeline: only code running on a timeline actor can wait")
+        if not idle or keep_task:
+            return self._switch_c(a, (_SCHED_WAIT, self._take_c(), ev, idle))
+        busy = a.in_task
+        self._set_in_task_c(a, False)
+        try:
+            return self._switch_c(a, (_SCHED_WAIT, self._take_c(), ev, idle))
+        finally:
+            if not busy:
+                self._set_in_task_c(a, False)
+            elif not a.in_task:  # _set_in_task(a, True), inline
+                self._active += 1
+                a.in_task = True
+
+    def dispatch(self, name, fn, *args):
+        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
+        cdef SchedActor target = self._actors[name]
+        cdef SchedActor a = self._current
+        if a is not None and (self.vm._modeled_ns != self._mark or a.stall_debt):
+            self._sync_c()  # the task starts at the caller's clock
+        while target.task is not None or not target.idle.triggered:
+            self._wait_c(target.idle, True, False)
+        target.task = (fn, args)
+        if not target.in_task:  # _set_in_task(target, True): it has work from now on
+            self._active += 1
+            target.in_task = True
+        target.idle = self.env.event()
+        work = target.work
+        if work is not None and not work.triggered:
+            work.succeed()
+
+    def _call_once(self, SchedActor a, fn, tuple args):
+        self._set_in_task_c(a, True)
+        try:
+            fn(*args)
+            self._sync_c()
+        finally:
+            self._set_in_task_c(a, False)
+
+    def _task_loop(self, SchedActor a):
+        while True:
+            if a.task is None:
+                a.work = self.env.event()
+                if self._wait_c(a.work, True, False) == "stop" and a.task is None:
+                    return
+                continue
+            fn, args = a.task
+            if not a.in_task:  # _set_in_task(a, True)
+                self._active += 1
+                a.in_task = True
+            try:
+                fn(*args)
+            finally:
+                if a.in_task:  # _set_in_task(a, False), inline
+                    self._active -= 1
+                    a.in_task = False
+                    self._changed_c()  # a spinning vCPU re-checks
+            # One round trip: the pending work passes, the thread goes idle (a.task = None,
+            # a.idle succeeds) and waits for its next task (a.work), in _drive (_DONE).
+            if self._switch_c(a, (_SCHED_DONE, self._take_c())) == "stop" and a.task is None:
+                return
+
+    def _resume(self, SchedActor a):
+        self._resume_c(a)
+
+    cdef int _resume_c(self, SchedActor a) except -1:
+        """``a``'s code runs again (SimPy's clock stands still until it yields)."""
+        self._current = a
+        self._now0 = int(self.env.now - self._t0)
+        vm = self.vm
+        self._mark = vm._modeled_ns
+        self._skipped = False
+        vm._hostmem.cpu = a.name
+        if vm._actor != a.charge_to:
+            vm._set_actor(a.charge_to)
+        return 0
+
+    def _drive(self, SchedActor a, body, tuple args):
+        """The SimPy process of actor ``a``: runs ``body(*args)`` in a greenlet and serves its
+        requests (work passing as one timeout, an IPI stall owed, a lock, a wait, a task's end)."""
+        env = self.env
+        rec = self.recorder
+        vm = self.vm
+        g = self._greenlet(body, parent=self._main)
+        a.glet = g
+
+        def free(_ev):  # the end of a task's pending work (_DONE)
+            a.task = None
+            a.idle.succeed()
+
+        self._resume_c(a)
+        req = g.switch(*args)
+        locks = self.locks
+        grants = a.grant_t
+        rwlock = self._rwlock
+        while not g.dead:
+            self._current = None
+            a.charge_to = vm._actor
+            op, dt = req[0], req[1]
+            if op == _SCHED_DONE and dt and not a.stall_debt:
+                # The task is done: its pending work passes, then the thread goes idle. The
+                # timeout's callback frees the thread (the same events in the same order as
+                # resuming this process for it: no IPI can reach a thread outside a task, so
+                # no stall follows); the process waits for its next task meanwhile.
+                a.busy += dt
+                if rec is not None:
+                    self._rec_work(a, dt)
+                env.timeout(dt).callbacks.append(free)
+                ev = env.event()
+                a.work = ev
+                value = yield ev
+                self._resume_c(a)
+                req = g.switch(value)
+                continue
+            if dt:
+                a.busy += dt
+                if rec is not None:
+                    self._rec_work(a, dt)
+                yield env.timeout(dt)
+            debt = a.stall_debt
+            if debt:
+                a.stall_debt = 0
+                a.wait += debt
+                a.ipi += debt
+                if rec is not None:
+                    self._rec_ipi(a, debt)
+                yield env.timeout(debt)
+            value = None
+            if op == _SCHED_ACQ:
+                lk = locks[req[2]]
+                ev = (lk.acquire_read(a.name) if req[3] == 0 else lk.acquire_write(a.name)) \
+                    if isinstance(lk, rwlock) else lk.acquire(a.name)
+                if not ev.triggered:
+                    t0 = env.now
+                    yield ev
+                    waited = env.now - t0  # int ns: every delay is an int
+                    a.wait += waited
+                    a.lock_wait += waited
+                    if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
+                        self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
+                    if rec is not None:
+                        self._rec_lock_wait(a, req[2], t0)
+                grants[(req[2], req[3])] = int(env.now - self._t0)
+            elif op == _SCHED_REL:
+                lk = locks[req[2]]
+                if rec is not None:
+                    self._rec_hold(a, req[2], req[3], lk, grants[(req[2], req[3])])
+                if isinstance(lk, rwlock):
+                    (lk.release_read if req[3] == 0 else lk.release_write)(a.name)
+                else:
+                    lk.release(a.name)
+            elif op == _SCHED_WAIT:
+                ev = req[2]
+                if not ev.processed:
+                    t0 = env.now
+                    value = yield ev
+                    if not req[3]:
+                        spun = env.now - t0  # int ns, as above
+                        a.wait += spun
+                        a.spin += spun
+                        if rec is not None:
+                            self._rec_spin(a, t0)
+                else:
+                    value = ev.value
+            elif op == _SCHED_DONE:  # _task_loop: the task is done, the thread idles until the next
+                a.task = None
+                a.idle.succeed()
+                ev = env.event()
+                a.work = ev
+                value = yield ev
+            self._resume_c(a)
+            req = g.switch(value)
+        self._current = None
 
 
 # -- the fault driver under a timeline ----------------------------------------------------------

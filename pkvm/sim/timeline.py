@@ -51,7 +51,7 @@ LOCKS: Mapping[str, str] = {
 LATENCY_KINDS = ("fault", "attr_ioctl", "conversion", "exit")
 RACE_KINDS = ("rmp_npf_loop", "rmp_npf_loop_ns", "pf_retry", "pf_retry_ns", "tdx_busy_retry", "rmp_inuse_retry")
 
-# requests an actor's coroutine sends to its SimPy process
+# requests an actor's coroutine sends to its SimPy process (the core's _SCHED_ACQ ...)
 _ACQ, _REL, _WAIT, _SYNC, _DONE = 0, 1, 2, 3, 4
 
 
@@ -90,7 +90,10 @@ class Timeline(SchedHooks):
 
     The hooks the model calls on every lock and latency sample (``acquire``, ``release``,
     ``latency_begin``, ``latency_end``, ``work_ns``, ``contended``, ``sync``) are the typed
-    core's (``pkvm/_sched.pxi``); they call back into this class for what needs SimPy.
+    core's (``pkvm/_sched.pxi``); they call back into this class for what needs SimPy. So is
+    the per-task machinery (``dispatch``, the actors' SimPy processes ``_drive``, the vCPU
+    thread's task loop, ``_wait``, ``_switch``, ``_sync``, ``changed``); the recorder's slices
+    and making uncontended locks real holds (``_make_holds``) stay here.
     """
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
@@ -124,6 +127,7 @@ class Timeline(SchedHooks):
         #: its clock is ``_now0 + vm._modeled_ns - _mark`` without asking SimPy (the hot hooks).
         self._now0 = 0
         self._main = greenlet.getcurrent()
+        self._greenlet = greenlet.greenlet  # the actors' coroutines (the core's _drive makes them)
         self._changed: simpy.Event | None = None
         self.latency: dict[str, Distribution] = {k: Distribution() for k in LATENCY_KINDS}
         self.races: dict[str, int] = dict.fromkeys(RACE_KINDS, 0)
@@ -173,23 +177,6 @@ class Timeline(SchedHooks):
         actor.idle = self.env.event()
         actor.idle.succeed()
         return self.env.process(self._drive(actor, self._task_loop, (actor,)))
-
-    def dispatch(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
-        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
-        target = self._actors[name]
-        a = self._current
-        if a is not None and (self.vm._modeled_ns != self._mark or a.stall_debt):
-            self._sync()  # the task starts at the caller's clock
-        while target.task is not None or not target.idle.triggered:
-            self._wait(target.idle, idle=True)
-        target.task = (fn, args)
-        if not target.in_task:  # _set_in_task(target, True): it has work from now on
-            self._active += 1
-            target.in_task = True
-        target.idle = self.env.event()
-        work = target.work
-        if work is not None and not work.triggered:
-            work.succeed()
 
     def sleep(self, ns: int) -> None:
         """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall)."""
@@ -312,20 +299,6 @@ class Timeline(SchedHooks):
         a = self._current
         return a is not None and any(h[0] == lock and h[1] == mode for h in a.held)
 
-    def _set_in_task(self, a: _Actor, value: bool) -> None:
-        if a.in_task != value:
-            self._active += 1 if value else -1
-            a.in_task = value
-            if not value:
-                self.changed()  # a spinning vCPU re-checks whether anyone could still help it
-
-    def changed(self) -> None:
-        """The model changed state others may wait on (an RMP entry, an invalidation ended)."""
-        ev = self._changed
-        if ev is not None:
-            self._changed = None
-            ev.succeed()
-
     def wait_changed(self, race: str, first: bool = True) -> bool:
         """A vCPU spins (re-faulting) until some other actor changes state; False (and no wait)
         if no other actor is running a task, i.e. nothing could ever end the spin. ``first``:
@@ -388,200 +361,51 @@ class Timeline(SchedHooks):
         a = self._actors[name] = _Actor(name, vcpu)
         return a
 
-    def _take(self, a: _Actor) -> int:
-        vm = self.vm
-        dt: int = vm._modeled_ns - self._mark
-        self._mark = vm._modeled_ns
-        return dt
-
-    def _sync(self) -> None:
-        a = self._current
-        if a is None or (self.vm._modeled_ns == self._mark and not a.stall_debt):
-            return
-        self._switch(a, (_SYNC, self._take(a)))
-
-    def _switch(self, a: _Actor, req: tuple[Any, ...]) -> Any:
-        """Yield to the actor's SimPy process; locks taken uncontended become real holds first
-        (granted at their own time), so whoever runs meanwhile sees them held."""
-        if a.fast:
-            now = self.env.now - self._t0
-            for i, (lock, mode, t) in enumerate(a.held):
-                if t < 0:
-                    continue
-                lk = self.locks[lock]
-                ev = (lk.acquire_read(a.name) if mode == READ else lk.acquire_write(a.name)) \
-                    if isinstance(lk, RWLock) else lk.acquire(a.name)
-                if not ev.triggered:
-                            raise InternalInvariantError(f"{lock} taken uncontended by {a.name} is held by another actor")
-                st = lk.stats
-                st.acquisitions -= 1  # counted when it was taken
-                early = t - now  # SimPy counts the hold from now; it began at t
-                st.hold_ns -= early
-                if isinstance(lk, RWLock):
-                    if mode == READ:
-                        st.hold_read_ns -= early
-                    else:
-                        st.hold_write_ns -= early
-                a.grant_t[(lock, mode)] = t
-                a.held[i] = (lock, mode, -1)
-            a.fast = 0
-        return self._main.switch(req)
-
-    def _wait(self, ev: simpy.Event, idle: bool = False, keep_task: bool = False) -> Any:
-        a = self._current
-        if not idle or keep_task:
-            return self._switch(a, (_WAIT, self._take(a), ev, idle))  # type: ignore[arg-type]
-        busy = a.in_task  # type: ignore[union-attr]
-        self._set_in_task(a, False)  # type: ignore[arg-type]
-        try:
-            return self._switch(a, (_WAIT, self._take(a), ev, idle))  # type: ignore[arg-type]
-        finally:
-            if not busy:
-                self._set_in_task(a, False)  # type: ignore[arg-type]
-            elif not a.in_task:  # type: ignore[union-attr]  # _set_in_task(a, True), inline
-                self._active += 1
-                a.in_task = True  # type: ignore[union-attr]
-
-    def _call_once(self, a: _Actor, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self._set_in_task(a, True)
-        try:
-            fn(*args)
-            self._sync()
-        finally:
-            self._set_in_task(a, False)
-
-    def _task_loop(self, a: _Actor) -> None:
-        while True:
-            if a.task is None:
-                a.work = self.env.event()
-                if self._wait(a.work, idle=True) == "stop" and a.task is None:
-                    return
+    def _make_holds(self, a: _Actor) -> None:
+        """Before ``a`` yields (``_switch``): the locks it took uncontended become real holds
+        of their SimPy locks, granted at their own time, so whoever runs meanwhile sees them
+        held."""
+        now = self.env.now - self._t0
+        for i, (lock, mode, t) in enumerate(a.held):
+            if t < 0:
                 continue
-            fn, args = a.task
-            if not a.in_task:  # _set_in_task(a, True)
-                self._active += 1
-                a.in_task = True
-            try:
-                fn(*args)
-            finally:
-                if a.in_task:  # _set_in_task(a, False), inline
-                    self._active -= 1
-                    a.in_task = False
-                    ev = self._changed  # changed(): a spinning vCPU re-checks
-                    if ev is not None:
-                        self._changed = None
-                        ev.succeed()
-            # One round trip: the pending work passes, the thread goes idle (a.task = None,
-            # a.idle succeeds) and waits for its next task (a.work), in _drive (_DONE).
-            m = self.vm._modeled_ns  # _take(a)
-            dt = m - self._mark
-            self._mark = m
-            if self._switch(a, (_DONE, dt)) == "stop" and a.task is None:
-                return
-
-    def _drive(self, a: _Actor, body: Callable[..., None], args: tuple[Any, ...]):  # type: ignore[no-untyped-def]
-        env = self.env
-        rec = self.recorder
-        vm = self.vm
-        g = a.glet = greenlet.greenlet(body, parent=self._main)
-
-        def free(_ev: simpy.Event) -> None:  # the end of a task's pending work (_DONE)
-            a.task = None
-            a.idle.succeed()
-
-        self._resume(a)
-        req = g.switch(*args)
-        locks = self.locks
-        grants = a.grant_t
-        while not g.dead:
-            self._current = None
-            a.charge_to = vm._actor
-            op, dt = req[0], req[1]
-            if op == _DONE and dt and not a.stall_debt:
-                # The task is done: its pending work passes, then the thread goes idle. The
-                # timeout's callback frees the thread (the same events in the same order as
-                # resuming this process for it: no IPI can reach a thread outside a task, so
-                # no stall follows); the process waits for its next task meanwhile.
-                a.busy += dt
-                if rec is not None:
-                    rec.slice(a.name, "work", env.now - self._t0, env.now - self._t0 + dt, CAT_BUSY)
-                env.timeout(dt).callbacks.append(free)
-                ev = a.work = env.event()
-                value = yield ev
-                self._resume(a)
-                req = g.switch(value)
-                continue
-            if dt:
-                a.busy += dt
-                if rec is not None:
-                    rec.slice(a.name, "work", env.now - self._t0, env.now - self._t0 + dt, CAT_BUSY)
-                yield env.timeout(dt)
-            debt = a.stall_debt
-            if debt:
-                a.stall_debt = 0
-                a.wait += debt
-                a.ipi += debt
-                if rec is not None:
-                    rec.slice(a.name, "IPI", env.now - self._t0, env.now - self._t0 + debt, CAT_IPI_STALL)
-                yield env.timeout(debt)
-            value = None
-            if op == _ACQ:
-                lk = locks[req[2]]
-                ev = (lk.acquire_read(a.name) if req[3] == READ else lk.acquire_write(a.name)) \
-                    if isinstance(lk, RWLock) else lk.acquire(a.name)
-                if not ev.triggered:
-                    t0 = env.now
-                    yield ev
-                    waited: int = env.now - t0  # type: ignore[assignment]  # int ns: every delay is an int
-                    a.wait += waited
-                    a.lock_wait += waited
-                    if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
-                        self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
-                    if rec is not None:
-                        rec.slice(a.name, f"wait {req[2]}", t0 - self._t0, env.now - self._t0, CAT_LOCK_WAIT)
-                grants[(req[2], req[3])] = int(env.now - self._t0)
-            elif op == _REL:
-                lk = locks[req[2]]
-                if rec is not None:
-                    rec.slice(a.name, f"hold {req[2]}" + (" (read)" if req[3] == READ and isinstance(lk, RWLock)
-                                                           else ""), grants[(req[2], req[3])], env.now - self._t0,
-                              CAT_LOCK_HOLD)
-                if isinstance(lk, RWLock):
-                    (lk.release_read if req[3] == READ else lk.release_write)(a.name)
+            lk = self.locks[lock]
+            ev = (lk.acquire_read(a.name) if mode == READ else lk.acquire_write(a.name)) \
+                if isinstance(lk, RWLock) else lk.acquire(a.name)
+            if not ev.triggered:
+                raise InternalInvariantError(f"{lock} taken uncontended by {a.name} is held by another actor")
+            st = lk.stats
+            st.acquisitions -= 1  # counted when it was taken
+            early = t - now  # SimPy counts the hold from now; it began at t
+            st.hold_ns -= early
+            if isinstance(lk, RWLock):
+                if mode == READ:
+                    st.hold_read_ns -= early
                 else:
-                    lk.release(a.name)
-            elif op == _WAIT:
-                ev = req[2]
-                if not ev.processed:
-                    t0 = env.now
-                    value = yield ev
-                    if not req[3]:
-                        spun: int = env.now - t0  # type: ignore[assignment]  # int ns, as above
-                        a.wait += spun
-                        a.spin += spun
-                        if rec is not None:
-                            rec.slice(a.name, "spin", t0 - self._t0, env.now - self._t0, "spin")
-                else:
-                    value = ev.value
-            elif op == _DONE:  # _task_loop: the task is done, the thread idles until the next
-                a.task = None
-                a.idle.succeed()
-                ev = a.work = env.event()
-                value = yield ev
-            self._resume(a)
-            req = g.switch(value)
-        self._current = None
+                    st.hold_write_ns -= early
+            a.grant_t[(lock, mode)] = t
+            a.held[i] = (lock, mode, -1)
+        a.fast = 0
 
-    def _resume(self, a: _Actor) -> None:
-        """``a``'s code runs again (SimPy's clock stands still until it yields)."""
-        self._current = a
-        self._now0 = int(self.env.now - self._t0)
-        self._mark = self.vm._modeled_ns
-        self._skipped = False
-        vm = self.vm
-        vm._hostmem.cpu = a.name
-        if vm._actor != a.charge_to:
-            vm._set_actor(a.charge_to)
+    # the recorder's slices of _drive (the typed core's: pkvm/_sched.pxi)
+
+    def _rec_work(self, a: _Actor, dt: int) -> None:
+        t = self.env.now - self._t0
+        self.recorder.slice(a.name, "work", t, t + dt, CAT_BUSY)
+
+    def _rec_ipi(self, a: _Actor, debt: int) -> None:
+        t = self.env.now - self._t0
+        self.recorder.slice(a.name, "IPI", t, t + debt, CAT_IPI_STALL)
+
+    def _rec_lock_wait(self, a: _Actor, lock: str, t0: int) -> None:
+        self.recorder.slice(a.name, f"wait {lock}", t0 - self._t0, self.env.now - self._t0, CAT_LOCK_WAIT)
+
+    def _rec_hold(self, a: _Actor, lock: str, mode: int, lk: Any, granted: int) -> None:
+        self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
+                            granted, self.env.now - self._t0, CAT_LOCK_HOLD)
+
+    def _rec_spin(self, a: _Actor, t0: int) -> None:
+        self.recorder.slice(a.name, "spin", t0 - self._t0, self.env.now - self._t0, "spin")
 
 
 def _actor_order(name: str) -> tuple[int, int, str]:
