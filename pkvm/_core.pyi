@@ -305,6 +305,19 @@ class SchedActor:
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base
+class DistState:
+    """The state of :class:`pkvm.sim.stats.Distribution` (its base class)."""
+
+    _hist: dict[Any, int]
+    _count: int
+    _total: Any
+    _max: Any
+    _sorted: Any
+    def __getstate__(self) -> tuple[dict[Any, int], int, Any, Any]: ...
+    def __setstate__(self, state: tuple[dict[Any, int], int, Any, Any]) -> None: ...
+    def _add(self, value: Any, count: int) -> None: ...
+
+@disjoint_base
 class SchedHooks:
     """The hot hooks of :class:`pkvm.sim.Timeline` (its base class)."""
 

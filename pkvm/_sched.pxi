@@ -10,6 +10,46 @@
 # that of the Python hooks they replace (same values, same order of effects).
 
 
+@cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
+cdef class DistState:
+    """The state of :class:`pkvm.sim.stats.Distribution` (its base class): a count per
+    distinct value (``_hist``), the number of samples, their sum and maximum, and the sorted
+    view a percentile read caches (None after an add). The timeline's latency hook adds a
+    sample at C level (about five per balloon run)."""
+
+    cdef public dict _hist
+    cdef public object _count, _total, _max, _sorted
+
+    def __cinit__(self):
+        self._hist = {}  # value -> how many samples have it
+        self._count = 0
+        self._total = 0
+        self._max = 0
+        self._sorted = None
+
+    def __getstate__(self):
+        return (self._hist, self._count, self._total, self._max)
+
+    def __setstate__(self, state):
+        self._hist, self._count, self._total, self._max = state
+        self._sorted = None
+
+    def _add(self, value, count):
+        """Add without validation, for callers inside pkvm that pass checked values (the
+        timeline's hooks, on every latency sample: one dict update and four fields)."""
+        self._add_c(value, count)
+
+    cdef int _add_c(self, value, count) except -1:
+        hist = self._hist
+        hist[value] = hist.get(value, 0) + count
+        if value > self._max or not self._count:
+            self._max = value
+        self._count += count
+        self._total += value * count
+        self._sorted = None
+        return 0
+
+
 # the requests an actor's coroutine sends to its SimPy process (pkvm/sim/timeline.py's _ACQ ...)
 cdef int _SCHED_ACQ = 0, _SCHED_REL = 1, _SCHED_WAIT = 2, _SCHED_SYNC = 3, _SCHED_DONE = 4
 
@@ -163,17 +203,17 @@ cdef class SchedHooks:
             return 0
         total = self._now0 + <long long>self.vm._modeled_ns - self._mark - begin[0]  # now_ns
         w = a.wait - begin[1]
-        d = self.latency[kind]
+        cdef DistState d = <DistState?>self.latency[kind]
         log = self.latency_log
         # Distribution._add: the samples are int ns and the counts ints >= 1 (add's checks).
         if n <= 1:
-            d._add(total, 1)
+            d._add_c(total, 1)
             if log is not None:
                 log.append((kind, total, 1))
         else:
             each = (total - w) // n
-            d._add(each + w, 1)
-            d._add(each, n - 1)
+            d._add_c(each + w, 1)
+            d._add_c(each, n - 1)
             if log is not None:
                 log.append((kind, each + w, 1))
                 log.append((kind, each, n - 1))

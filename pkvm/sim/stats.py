@@ -27,9 +27,11 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from pkvm._core import DistState
+
 __all__ = ["Distribution"]
 
-class Distribution:
+class Distribution(DistState):
     """A multiset of real values with weights, and its count, total, mean, max and percentiles.
 
     ``add(value, count)`` is O(1) (one dict update); reading a percentile sorts the distinct
@@ -43,14 +45,7 @@ class Distribution:
     {'count': 100, 'p50': 10, 'p99': 500, 'max': 7000}
     """
 
-    __slots__ = ("_hist", "_count", "_total", "_max", "_sorted")
-
-    def __init__(self) -> None:
-        self._hist: dict[Any, int] = {}  # value -> how many samples have it
-        self._count = 0
-        self._total = 0
-        self._max = 0
-        self._sorted: tuple[list[Any], np.ndarray] | None = None
+    __slots__ = ()  # the state is the typed core's DistState: _hist, _count, _total, _max, _sorted
 
     # ---------------------------------------------------------------- updates
 
@@ -81,17 +76,6 @@ class Distribution:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         self._add(value, count)
-
-    def _add(self, value: Any, count: int) -> None:
-        """Add without validation, for callers inside pkvm that pass checked values (the
-        timeline's hooks, on every latency sample: kept to one dict update and four fields)."""
-        hist = self._hist
-        hist[value] = hist.get(value, 0) + count
-        if value > self._max or not self._count:
-            self._max = value
-        self._count += count
-        self._total += value * count
-        self._sorted = None
 
     # ---------------------------------------------------------------- reads
 
