@@ -211,12 +211,15 @@ class SharedBacking:
         b = end >> order << order
         if a >= b:
             return 0  # no whole host page inside the range
+        m = self._map
+        if m.find_ne(a, b, 0) == -1:
+            return 0  # nothing populated there (the usual case of private memory): nothing changes
         freed = 0
-        for s, e, v in self._map.ranges(a, b):
+        for s, e, v in m.ranges(a, b):
             delta = decode_delta(v)
             hostmem_free(self._mem, s + delta, e - s)  # populated runs: valid by construction
             freed += e - s
-        self._map.assign(a, max(a, b), 0)
+        m.assign(a, max(a, b), 0)
         self.nr_populated -= freed
         return freed
 

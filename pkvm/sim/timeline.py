@@ -90,10 +90,10 @@ class Timeline(SchedHooks):
 
     The hooks the model calls on every lock and latency sample (``acquire``, ``release``,
     ``latency_begin``, ``latency_end``, ``work_ns``, ``contended``, ``sync``) are the typed
-    core's (``pkvm/_sched.pxi``); they call back into this class for what needs SimPy. So is
-    the per-task machinery (``dispatch``, the actors' SimPy processes ``_drive``, the vCPU
-    thread's task loop, ``_wait``, ``_switch``, ``_sync``, ``changed``); the recorder's slices
-    and making uncontended locks real holds (``_make_holds``) stay here.
+    core's (``pkvm/_sched.pxi``); they call back into this class for what needs SimPy. So are
+    ``ipi`` and the per-task machinery (``dispatch``, the actors' SimPy processes ``_drive``,
+    the vCPU thread's task loop, ``_wait``, ``_switch``, ``_sync``, ``changed``); the
+    recorder's slices and making uncontended locks real holds (``_make_holds``) stay here.
     """
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
@@ -341,17 +341,6 @@ class Timeline(SchedHooks):
         st = vm._stats
         st["pf_retry"] += spins
         st["pf_taken"] += spins
-
-    def ipi(self, scope: str, n: int = 1) -> None:
-        """An IPI from the running actor: ``"vm"`` (remote TLB flush: every other vCPU of the VM
-        in a task stalls), ``"host"`` (kernel-range flush: every other actor in a task stalls)."""
-        cur = self._current
-        if cur is None or self._active <= cur.in_task:
-            return  # no other actor is in a task: none to stall
-        ns = self._ipi_ns * n
-        for a in self._actors.values():
-            if a is not cur and a.in_task and (a.vcpu or scope == "host"):
-                a.stall_debt += ns
 
     # -- internals -----------------------------------------------------------------------------
 
