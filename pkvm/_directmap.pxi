@@ -15,13 +15,9 @@ cdef inline uint64_t _dm_up(uint64_t x, uint64_t size) noexcept nogil:
     return (x + size - 1) // size * size
 
 
-def directmap_split(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
-    """Split the mappings of ``m`` (pfn -> level, bit 2 not present) covering ``[s, e)`` down
-    to 4K: a 1G mapping becomes 2M mappings around the 2M blocks the range touches, those
-    become 4K. ``orig`` is the boot layout (pfn -> level). Returns ``(1G splits, 2M splits,
-    pages newly fragmented)``: a 1G split fragments its whole 1G block, a 2M split of a block
-    that was 2M at boot its 2M block (one split from a 1G page was counted with that page).
-    The changes are made after the walk, in the walk's order."""
+cdef int _dm_split(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, uint64_t *n1g_out,
+                   uint64_t *n2m_out, uint64_t *frag_out) except -1:
+    """:func:`directmap_split`'s walk and changes; adds its counts to the outputs."""
     cdef uint64_t cur = s, stop, m0, m1, g0, g1, n1g = 0, n2m = 0, frag = 0
     cdef uint64_t level
     cdef Run r
@@ -54,4 +50,56 @@ def directmap_split(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
         cur = stop
     for a, b, value in plan:
         rangemap_assign(m, a, b, value)
+    n1g_out[0] += n1g
+    n2m_out[0] += n2m
+    frag_out[0] += frag
+    return 0
+
+
+def directmap_split(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
+    """Split the mappings of ``m`` (pfn -> level, bit 2 not present) covering ``[s, e)`` down
+    to 4K: a 1G mapping becomes 2M mappings around the 2M blocks the range touches, those
+    become 4K. ``orig`` is the boot layout (pfn -> level). Returns ``(1G splits, 2M splits,
+    pages newly fragmented)``: a 1G split fragments its whole 1G block, a 2M split of a block
+    that was 2M at boot its 2M block (one split from a 1G page was counted with that page).
+    The changes are made after the walk, in the walk's order."""
+    cdef uint64_t n1g = 0, n2m = 0, frag = 0
+    _dm_split(m, orig, s, e, &n1g, &n2m, &frag)
     return n1g, n2m, frag
+
+
+def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
+    """``invalidate_direct_map`` of ``[s, e)`` (``DirectMap._invalidate``): split the large
+    mappings in the way (:func:`directmap_split`), then make every page not present (4K,
+    bit 2). Returns ``(1G splits, 2M splits, pages newly fragmented, pages that were
+    present)``."""
+    cdef uint64_t n1g = 0, n2m = 0, frag = 0, present = 0
+    cdef RunCursor c
+    cdef int ok
+    _dm_split(m, orig, s, e, &n1g, &n2m, &frag)
+    ok = rangemap_cursor_init(m, &c, s, e)
+    while ok == 1:
+        if not c.value & 4:
+            present += c.end - c.start
+        ok = rangemap_cursor_next(m, &c)
+    rangemap_assign(m, s, e, 1 | 4)
+    return n1g, n2m, frag, present
+
+
+def directmap_restore(RangeMap m, uint64_t s, uint64_t e):
+    """``restore_direct_map`` of ``[s, e)`` (``DirectMap._restore``): every page not present
+    there becomes present at 4K (present pages keep their mapping). Returns the pages
+    restored."""
+    cdef uint64_t restored = 0
+    cdef RunCursor c
+    cdef int ok
+    cdef list absent = []
+    ok = rangemap_cursor_init(m, &c, s, e)
+    while ok == 1:
+        if c.value & 4:
+            absent.append((c.start, c.end))
+        ok = rangemap_cursor_next(m, &c)
+    for a, b in absent:
+        rangemap_assign(m, a, b, 1)
+        restored += b - a
+    return restored

@@ -1,5 +1,5 @@
-"""The direct map's split in the typed core (``pkvm._core.directmap_split``, called by
-``DirectMap._split``): random sequences of RMPUPDATE wrapper calls give the per-mapping
+"""The direct map's walks in the typed core (``pkvm._core.directmap_split`` / ``_invalidate`` /
+``_restore``, called by ``DirectMap._split`` / ``_invalidate`` / ``_restore``): random sequences of RMPUPDATE wrapper calls give the per-mapping
 reference's mappings, counters and fragmentation, on RAM whose boot layout mixes 4K, 2M and 1G
 mappings."""
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
-from pkvm._core import RangeMap, directmap_split
+from pkvm._core import RangeMap, directmap_invalidate, directmap_restore, directmap_split
 from pkvm.host.directmap import DirectMap
 from pkvm.testing.reference_snp import RefDirectMap
 
@@ -69,3 +69,18 @@ def test_split_counts_and_changes():
     m2.assign(0, 4 * M, 2)
     assert directmap_split(m2, orig2, M - 1, M + 1) == (0, 2, 2 * M)
     assert directmap_split(m, orig, 3 * M, 3 * M + 1) == (0, 1, 0)
+
+
+def test_invalidate_and_restore_counts_and_changes():
+    """Unmapping splits first and counts only pages that were present; restoring makes the
+    absent pages present at 4K and counts them; present pages keep their mapping."""
+    m = RangeMap(0)
+    m.assign(0, 2 * M, 2)
+    orig = RangeMap(0)
+    orig.assign(0, 2 * M, 2)
+    assert directmap_invalidate(m, orig, 10, 20) == (0, 1, M, 10)
+    assert m.ranges() == [(0, 10, 1), (10, 20, 5), (20, M, 1), (M, 2 * M, 2)]
+    assert directmap_invalidate(m, orig, 15, 25) == (0, 0, 0, 5)  # 15..20 were absent already
+    assert directmap_restore(m, 0, 2 * M) == 15
+    assert m.ranges() == [(0, M, 1), (M, 2 * M, 2)]
+    assert directmap_restore(m, 0, 2 * M) == 0

@@ -41,7 +41,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-from pkvm._core import RangeMap, directmap_split
+from pkvm._core import RangeMap, directmap_invalidate, directmap_restore, directmap_split
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
@@ -328,9 +328,9 @@ class DirectMap:
         """:meth:`invalidate` of a range already checked."""
         if n == 0:
             return 0
-        self._split(p, p + n)
-        present = sum(b - a for a, b, v in self._map.ranges(p, p + n) if not v & _ABSENT)
-        self._map.assign(p, p + n, PG_LEVEL_4K | _ABSENT)
+        n1g, n2m, frag, present = directmap_invalidate(self._map, self._orig, p, p + n)  # split, unmap
+        self._fragmented += frag
+        self._cnt["directmap_splits"] += n1g + n2m
         self._cnt["directmap_unmaps"] += present
         self._cnt["directmap_cpa_calls"] += n
         return n
@@ -352,10 +352,7 @@ class DirectMap:
         """:meth:`restore` of a range already checked."""
         if n == 0:
             return 0
-        absent = [(a, b) for a, b, v in self._map.ranges(p, p + n) if v & _ABSENT]
-        for a, b in absent:
-            self._map.assign(a, b, PG_LEVEL_4K)
-        self._cnt["directmap_restores"] += sum(b - a for a, b in absent)
+        self._cnt["directmap_restores"] += directmap_restore(self._map, p, p + n)  # absent -> 4K
         self._cnt["directmap_cpa_calls"] += n
         return n
 
