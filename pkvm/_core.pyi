@@ -305,6 +305,26 @@ class SchedActor:
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base
+class LockStatsState:
+    """The fields of :class:`pkvm.sim.locks.LockStats` (its base class)."""
+
+    hold_ns: Any
+    hold_write_ns: Any
+    hold_read_ns: Any
+    wait_ns: Any
+    waits: Any
+    acquisitions: Any
+    wait_distribution: Any
+    _rw: bool
+
+@disjoint_base
+class LockState:
+    """What the timeline's hooks read of a lock (the base class of ``pkvm.sim.locks``' locks)."""
+
+    locked: bool
+    stats: LockStatsState
+
+@disjoint_base
 class DistState:
     """The state of :class:`pkvm.sim.stats.Distribution` (its base class)."""
 

@@ -10,6 +10,25 @@
 # that of the Python hooks they replace (same values, same order of effects).
 
 
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class LockStatsState:
+    """The fields of :class:`pkvm.sim.locks.LockStats` (its base class), which the timeline's
+    hooks update on every acquisition and release."""
+
+    cdef public object hold_ns, hold_write_ns, hold_read_ns, wait_ns, waits, acquisitions
+    cdef public object wait_distribution
+    cdef public bint _rw
+
+
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class LockState:
+    """What the timeline's hooks read of a lock on every acquisition (the base class of
+    ``pkvm.sim.locks``' locks): whether it is held, and its statistics."""
+
+    cdef public bint locked
+    cdef public LockStatsState stats
+
+
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
 cdef class DistState:
     """The state of :class:`pkvm.sim.stats.Distribution` (its base class): a count per
@@ -122,9 +141,10 @@ cdef class SchedHooks:
 
     cdef int _acquire(self, lock, mode) except -1:
         cdef SchedActor a = self._current
+        cdef LockState lk
         if a is None:
             return 0
-        lk = self.locks[lock]
+        lk = <LockState?>self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
             a.held.append((lock, mode, self._now0 + <long long>self.vm._modeled_ns - self._mark))
             a.fast += 1
@@ -171,7 +191,7 @@ cdef class SchedHooks:
         if vm._subs is not None:
             vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
         lk = self.locks[lock]
-        st = lk.stats
+        cdef LockStatsState st = (<LockState?>lk).stats
         st.hold_ns += held_ns
         if isinstance(lk, self._rwlock):
             if mode == 0:

@@ -71,6 +71,8 @@ from typing import Any
 
 import simpy
 
+from pkvm._core import LockState, LockStatsState
+
 from .recorder import CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from .stats import Distribution
 
@@ -97,7 +99,7 @@ def _check_owner(owner: object) -> None:
         raise TypeError(f"owner must be a str, got {type(owner).__name__}: {owner!r}")
 
 
-class LockStats:
+class LockStats(LockStatsState):
     """Hold and wait statistics of one lock.
 
     - ``hold_ns``: time the lock was held (for an RWLock, in any mode: the length of the union
@@ -111,8 +113,7 @@ class LockStats:
       the acquisitions that waited (nearest rank, see :mod:`pkvm.sim.stats`); 0 if none did.
     """
 
-    __slots__ = ("hold_ns", "hold_write_ns", "hold_read_ns", "wait_ns", "waits",
-                 "acquisitions", "wait_distribution", "_rw")
+    __slots__ = ()  # the fields are the typed core's LockStatsState (the timeline's hooks update them)
 
     def __init__(self, rw: bool = False) -> None:
         self.hold_ns: float = 0
@@ -162,7 +163,7 @@ class LockStats:
         return f"LockStats({self.as_dict()!r})"
 
 
-class _Lock:
+class _Lock(LockState):
     """What every lock shares: the environment, the name, stats and the optional recorder."""
 
     spins = False
