@@ -161,7 +161,8 @@ class Timeline(SchedHooks):
         """Run ``fn(*args)`` on a new actor ``name``; returns its SimPy process."""
         actor = self._new_actor(name, name.startswith("vcpu"))
         self._set_in_task(actor, True)  # runnable from now on: no one takes a lock uncontended
-        return self.env.process(self._drive(actor, self._call_once, (actor, fn, args)))
+        proc: simpy.Process = self.env.process(self._drive(actor, self._call_once, (actor, fn, args)))
+        return proc
 
     def start_vcpu(self, name: str) -> simpy.Process:
         """Start vCPU thread ``name``: it runs the tasks given to :meth:`dispatch`, in order.
@@ -176,7 +177,8 @@ class Timeline(SchedHooks):
             mem.per_cpu({n: mem.start_pfn + (i + 1) * stride for i, n in enumerate(vcpus)})
         actor.idle = self.env.event()
         actor.idle.succeed()
-        return self.env.process(self._drive(actor, self._task_loop, (actor,)))
+        proc: simpy.Process = self.env.process(self._drive(actor, self._task_loop, (actor,)))
+        return proc
 
     def sleep(self, ns: int) -> None:
         """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall)."""
