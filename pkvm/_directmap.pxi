@@ -68,11 +68,12 @@ def directmap_split(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
     return n1g, n2m, frag
 
 
-def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
+def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, dict cnt):
     """``invalidate_direct_map`` of ``[s, e)`` (``DirectMap._invalidate``): split the large
     mappings in the way (:func:`directmap_split`), then make every page not present (4K,
-    bit 2). Returns ``(1G splits, 2M splits, pages newly fragmented, pages that were
-    present)``."""
+    bit 2). Adds the splits (1G and 2M), the pages that were present and one CPA call per
+    page to ``cnt``'s ``directmap_splits``, ``directmap_unmaps``, ``directmap_cpa_calls``;
+    returns the pages newly fragmented."""
     cdef uint64_t n1g = 0, n2m = 0, frag = 0, present = 0
     cdef RunCursor c
     cdef int ok
@@ -83,13 +84,16 @@ def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
             present += c.end - c.start
         ok = rangemap_cursor_next(m, &c)
     rangemap_assign(m, s, e, 1 | 4)
-    return n1g, n2m, frag, present
+    cnt["directmap_splits"] += n1g + n2m
+    cnt["directmap_unmaps"] += present
+    cnt["directmap_cpa_calls"] += e - s
+    return frag
 
 
-def directmap_restore(RangeMap m, uint64_t s, uint64_t e):
+def directmap_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt):
     """``restore_direct_map`` of ``[s, e)`` (``DirectMap._restore``): every page not present
-    there becomes present at 4K (present pages keep their mapping). Returns the pages
-    restored."""
+    there becomes present at 4K (present pages keep their mapping). Adds the pages restored
+    and one CPA call per page to ``cnt``'s ``directmap_restores``, ``directmap_cpa_calls``."""
     cdef uint64_t restored = 0
     cdef RunCursor c
     cdef int ok
@@ -102,4 +106,5 @@ def directmap_restore(RangeMap m, uint64_t s, uint64_t e):
     for a, b in absent:
         rangemap_assign(m, a, b, 1)
         restored += b - a
-    return restored
+    cnt["directmap_restores"] += restored
+    cnt["directmap_cpa_calls"] += e - s

@@ -73,14 +73,20 @@ def test_split_counts_and_changes():
 
 def test_invalidate_and_restore_counts_and_changes():
     """Unmapping splits first and counts only pages that were present; restoring makes the
-    absent pages present at 4K and counts them; present pages keep their mapping."""
+    absent pages present at 4K and counts them; present pages keep their mapping; each page
+    is one CPA call."""
     m = RangeMap(0)
     m.assign(0, 2 * M, 2)
     orig = RangeMap(0)
     orig.assign(0, 2 * M, 2)
-    assert directmap_invalidate(m, orig, 10, 20) == (0, 1, M, 10)
+    cnt = dict.fromkeys(("directmap_splits", "directmap_unmaps", "directmap_restores", "directmap_cpa_calls"), 0)
+    assert directmap_invalidate(m, orig, 10, 20, cnt) == M
     assert m.ranges() == [(0, 10, 1), (10, 20, 5), (20, M, 1), (M, 2 * M, 2)]
-    assert directmap_invalidate(m, orig, 15, 25) == (0, 0, 0, 5)  # 15..20 were absent already
-    assert directmap_restore(m, 0, 2 * M) == 15
+    assert cnt == {"directmap_splits": 1, "directmap_unmaps": 10, "directmap_restores": 0, "directmap_cpa_calls": 10}
+    assert directmap_invalidate(m, orig, 15, 25, cnt) == 0  # 15..20 were absent already
+    assert cnt["directmap_unmaps"] == 15 and cnt["directmap_cpa_calls"] == 20
+    directmap_restore(m, 0, 2 * M, cnt)
     assert m.ranges() == [(0, M, 1), (M, 2 * M, 2)]
-    assert directmap_restore(m, 0, 2 * M) == 0
+    assert cnt["directmap_restores"] == 15 and cnt["directmap_cpa_calls"] == 20 + 2 * M
+    directmap_restore(m, 0, 2 * M, cnt)
+    assert cnt["directmap_restores"] == 15

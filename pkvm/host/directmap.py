@@ -328,11 +328,8 @@ class DirectMap:
         """:meth:`invalidate` of a range already checked."""
         if n == 0:
             return 0
-        n1g, n2m, frag, present = directmap_invalidate(self._map, self._orig, p, p + n)  # split, unmap
-        self._fragmented += frag
-        self._cnt["directmap_splits"] += n1g + n2m
-        self._cnt["directmap_unmaps"] += present
-        self._cnt["directmap_cpa_calls"] += n
+        # split, unmap, and the counters: the typed core's walk
+        self._fragmented += directmap_invalidate(self._map, self._orig, p, p + n, self._cnt)
         return n
 
     def restore(self, pfn: int, npages: int = 1) -> int:
@@ -352,8 +349,7 @@ class DirectMap:
         """:meth:`restore` of a range already checked."""
         if n == 0:
             return 0
-        self._cnt["directmap_restores"] += directmap_restore(self._map, p, p + n)  # absent -> 4K
-        self._cnt["directmap_cpa_calls"] += n
+        directmap_restore(self._map, p, p + n, self._cnt)  # absent -> 4K, and the counters
         return n
 
     def before_rmpupdate(self, pfn: int, npages: int, level: int, *, assigned: bool) -> int:
