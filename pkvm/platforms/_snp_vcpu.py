@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pkvm._core import snp_batch_end
 from pkvm.constants import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
@@ -175,25 +176,10 @@ class SnpVcpu(Vcpu):
         folios = slot.gmem.folios
         off = slot.gmem_pgoff - slot.base_gfn
         end = min(end, slot.end_gfn)
-        g = gfn
-        while g < end:
-            _s, e, v = folios.run_at(g + off)
-            e = min(e - off, end)
-            if not v:
-                if validated:
-                    break
-            else:
-                d = decode_delta(v) + off
-                if validated:
-                    bad = rmp.find_ne(g + d, e - g, assigned=True, asid=snp.asid, gpa=g << PAGE_SHIFT,
-                                      validated=True)
-                else:
-                    bad = rmp.find_eq(g + d, e - g, validated=True)
-                if bad != -1:
-                    g = bad - d
-                    break
-            g = e
-        return max(g, gfn + 1)
+        if end <= gfn + 1:
+            return gfn + 1
+        # the walk over the folios' runs and their RMP entries: the typed core's
+        return snp_batch_end(folios, rmp, off, gfn, end, validated, snp.asid)
 
     _fault_detour = "_rmp_stop"  # one page with no RMP stop pending: the base fault
 
