@@ -30,8 +30,6 @@ cdef int _VALID_ROOTS = 6                      # KVM_VALID_ROOTS
 cdef uint64_t _PAGE_MASK = 0xFFF
 cdef uint64_t _INVALID_GFN = 0xFFFFFFFFFFFFFFFFULL
 
-_LEVEL_STAT = (None, "pages_4k", "pages_2m", "pages_1g")
-
 
 cdef inline int _spte_level(uint64_t v) noexcept nogil:
     return <int>((v >> 1) & 3)
@@ -182,7 +180,7 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
 
 # -- leaf SPTEs (§2.5) ----------------------------------------------------------------------------
 
-cdef object _drop_leaves(RangeMap m, dict st, uint64_t start, uint64_t end):
+cdef object _drop_leaves(RangeMap m, Counters st, uint64_t start, uint64_t end):
     """Count and unaccount the leaves inside ``[start, end)`` (which must not cut one)."""
     cdef RunCursor cur
     cdef uint64_t counts[4]
@@ -195,12 +193,11 @@ cdef object _drop_leaves(RangeMap m, dict st, uint64_t start, uint64_t end):
         ok = rangemap_cursor_next(m, &cur)
     for level in range(1, 4):
         if counts[level]:
-            key = _LEVEL_STAT[level]
-            st[key] = st[key] - counts[level]
+            st.v[S_PAGES_4K + level - 1] -= <int64_t>counts[level]
     return counts[0] + counts[1] + counts[2] + counts[3]
 
 
-cdef object _zap_range(RangeMap m, dict st, uint64_t start, uint64_t end, int types, object removed):
+cdef object _zap_range(RangeMap m, Counters st, uint64_t start, uint64_t end, int types, object removed):
     """``Mmu.zap_range``: zap every leaf of the roots in ``types`` meeting ``[start, end)`` (a
     huge leaf straddling it whole); ``removed`` collects zapped mirror runs."""
     cdef uint64_t k, v, n, s, e
@@ -212,9 +209,9 @@ cdef object _zap_range(RangeMap m, dict st, uint64_t start, uint64_t end, int ty
         if not v:
             return 0
         if _spte_level(v) == 1:
-            st["pages_4k"] = st["pages_4k"] - 1
+            st.v[S_PAGES_4K] -= 1
             rangemap_assign(m, start, end, 0)
-            st["zapped_sptes"] = st["zapped_sptes"] + 1
+            st.v[S_ZAPPED_SPTES] += 1
             return 1
     if not rangemap_find_ne(m, start, end, 0, &k):
         return 0
@@ -240,18 +237,24 @@ cdef object _zap_range(RangeMap m, dict st, uint64_t start, uint64_t end, int ty
                 if removed is not None and root == _MIRROR_ROOTS:
                     removed.append((s, e, v))
             ok = rangemap_cursor_next(m, &cur)
-    st["zapped_sptes"] = st["zapped_sptes"] + zapped
+    st.v[S_ZAPPED_SPTES] += <int64_t>zapped
     return zapped
 
 
-def _mmu_zap_range(RangeMap sptes, dict stats, uint64_t start, uint64_t end, int types, removed):
+def _mmu_zap_range(RangeMap sptes, stats, uint64_t start, uint64_t end, int types, removed):
     """``pkvm.kvm.mmu.Mmu.zap_range`` (its arguments are trusted)."""
-    return _zap_range(sptes, stats, start, end, types, removed)
+    cdef Counters c = _scratch_counters(stats)
+    n = _zap_range(sptes, c, start, end, types, removed)
+    _settle_counters(c, stats)
+    return n
 
 
-def _mmu_drop_leaves(RangeMap sptes, dict stats, uint64_t start, uint64_t end):
+def _mmu_drop_leaves(RangeMap sptes, stats, uint64_t start, uint64_t end):
     """``pkvm.kvm.mmu.Mmu._drop_leaves`` (its arguments are trusted)."""
-    return _drop_leaves(sptes, stats, start, end)
+    cdef Counters c = _scratch_counters(stats)
+    n = _drop_leaves(sptes, c, start, end)
+    _settle_counters(c, stats)
+    return n
 
 
 def _lpage_any_mixed(RangeMap m, uint64_t first, uint64_t last):
@@ -294,7 +297,8 @@ cdef class AttrPath:
     cdef object vm
     cdef dict d
     cdef RangeMap attrs, sptes, slot0
-    cdef dict slots, stats, costs, armed, flush_cache
+    cdef dict slots, costs, armed, flush_cache
+    cdef Counters stats
     cdef list vcpus
     cdef object store_ns, zap_ns
     cdef uint64_t supported
@@ -321,7 +325,7 @@ cdef class AttrPath:
         self.one_as = len(maps) == 1
         self.slot0 = maps[0]
         self.slots = d["_slots"]
-        self.stats = d["_stats"]
+        self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
         self.armed = d["_inject"]._armed
         self.store_ns = d["_attr_store_ns"]
@@ -383,9 +387,9 @@ cdef class AttrPath:
     cdef object _flush_counted(self):
         """``kvm_flush_remote_tlbs`` counted (every request is modelled as sent: vCPUs in guest
         mode); returns the number of vCPUs it is priced by."""
-        st = self.stats
-        st["remote_tlb_flush_requests"] = st["remote_tlb_flush_requests"] + 1
-        st["remote_tlb_flush"] = st["remote_tlb_flush"] + 1
+        cdef Counters st = self.stats
+        st.v[S_REMOTE_TLB_FLUSH_REQUESTS] += 1
+        st.v[S_REMOTE_TLB_FLUSH] += 1
         n = self.d["nr_vcpus"]
         nv = len(self.vcpus)
         if nv > n:
@@ -498,8 +502,7 @@ cdef class AttrPath:
         """The store: one ``xa_store`` per gfn in the kernel, one range assignment here."""
         rangemap_assign(self.attrs, start, end, attrs)
         n = end - start
-        st = self.stats
-        st["attr_stores"] = st["attr_stores"] + n
+        self.stats.v[S_ATTR_STORES] += <int64_t>n
         ns = self.store_ns * n
         self._add_ns("attr_store", ns)
         if self._traced():
@@ -509,8 +512,7 @@ cdef class AttrPath:
 
     cdef int _post_begin(self) except -1:
         d = self.d
-        st = self.stats
-        st["mmu_invalidate_seq"] = st["mmu_invalidate_seq"] + 1  # kvm_mmu_invalidate_end
+        self.stats.v[S_MMU_INVALIDATE_SEQ] += 1  # kvm_mmu_invalidate_end
         inprog = d["mmu_invalidate_in_progress"] - 1
         d["mmu_invalidate_in_progress"] = inprog
         if inprog < 0:
@@ -564,7 +566,7 @@ cdef class AttrPath:
         cdef uint64_t s, e, n, dummy
         cdef int ok = 0
         d = self.d
-        st = self.stats
+        cdef Counters st = self.stats
         sptes = self.sptes
         zap_ns = flush_ns = None
         if read:
@@ -597,14 +599,14 @@ cdef class AttrPath:
         rangemap_assign(self.attrs, start, end, attrs)
         n = end - start
         if n == 1:  # no int object made for the count
-            st["attr_stores"] = st["attr_stores"] + 1
+            st.v[S_ATTR_STORES] += 1
             store_ns = self.store_ns
         else:
-            st["attr_stores"] = st["attr_stores"] + n
+            st.v[S_ATTR_STORES] += <int64_t>n
             store_ns = self.store_ns * n
         if slotted:
             # POST: invalidate_end, then MIXED per piece
-            st["mmu_invalidate_seq"] = st["mmu_invalidate_seq"] + 1
+            st.v[S_MMU_INVALIDATE_SEQ] += 1
             if read:
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
                                 self.whole_chunk, start, end, attrs)

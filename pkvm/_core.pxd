@@ -23,7 +23,7 @@ validated by the Python-level wrappers). ``except -1`` methods can fail only wit
 ``MemoryError``, which is raised before anything changes; the ``noexcept`` ones cannot fail.
 """
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 
 cdef enum:
     LEAF_CAP = 64       # runs per leaf (1 KiB of keys)
@@ -175,3 +175,23 @@ cdef int rangemap_get_array(RangeMap m, const uint64_t *keys, uint64_t *out,
                             Py_ssize_t n) except -1
 
 include "_rmp_decl.pxi"
+
+
+# -- the VM's counters (pkvm/_ledger.pxi) ------------------------------------------------------
+cdef enum:
+    # pkvm.kvm.vm.STAT_KEYS, in order: a Counters built from them has these indices
+    S_PF_TAKEN, S_PF_FIXED, S_PF_EMULATE, S_PF_SPURIOUS, S_REMOTE_TLB_FLUSH,
+    S_REMOTE_TLB_FLUSH_REQUESTS, S_PAGES_4K, S_PAGES_2M, S_PAGES_1G, S_MMU_INVALIDATE_SEQ,
+    S_PF_RETRY, S_MEMORY_FAULT_EXITS, S_ATTR_STORES, S_ZAPPED_SPTES, S_HUGE_PAGE_SPLITS,
+    S_GMEM_PAGES_ALLOCATED, S_GMEM_PAGES_FREED, S_GMEM_PREPARE, S_GMEM_INVALIDATE,
+    S_SHARED_PAGES_POPULATED, S_MEM_ATTR_OP_FAILURES, S_HYPERCALLS, S_HYPERCALL_EXITS,
+    S_NBASE
+
+
+cdef class Counters:
+    cdef int64_t *v                 # the values, by index
+    cdef Py_ssize_t n               # keys registered
+    cdef Py_ssize_t cap             # values allocated
+    cdef list names                 # the keys, by index (registration order)
+    cdef dict index                 # key -> index
+    cdef Py_ssize_t slot(self, str key) except -1

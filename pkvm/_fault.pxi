@@ -168,7 +168,6 @@ cdef uint64_t _F_MEM_READONLY = 2               # KVM_MEM_READONLY
 cdef int _F_EXIT_MEMORY_FAULT = 39              # KVM_EXIT_MEMORY_FAULT
 cdef int _F_EFAULT = 14
 cdef int _F_ENOENT = 2
-_F_LEVEL_STAT = (None, "pages_4k", "pages_2m", "pages_1g")
 
 
 cdef inline int _f_level(uint64_t v) noexcept nogil:
@@ -196,7 +195,7 @@ cdef inline int _level_for_order(int order) noexcept nogil:
     return 3 if order >= 18 else 2 if order >= 9 else 1
 
 
-cdef int _split_to(RangeMap m, dict st, uint64_t gfn, int level, object charge) except -1:
+cdef int _split_to(RangeMap m, Counters st, uint64_t gfn, int level, object charge) except -1:
     """``Mmu.split_to``: split the huge leaf holding ``gfn`` down to at most ``level``
     (``tdp_mmu_split_huge_page``; the children map the same pfns: no flush)."""
     cdef uint64_t v = rangemap_get(m, gfn), n, base
@@ -206,17 +205,15 @@ cdef int _split_to(RangeMap m, dict st, uint64_t gfn, int level, object charge) 
         n = 1ULL << _f_shift(old)
         base = gfn & ~(n - 1)
         rangemap_assign(m, base, base + n, (v & ~(3ULL << 1)) | (<uint64_t>(old - 1) << 1))
-        k = _F_LEVEL_STAT[old]
-        st[k] = st[k] - 1
-        k = _F_LEVEL_STAT[old - 1]
-        st[k] = st[k] + 512
-        st["huge_page_splits"] = st["huge_page_splits"] + 1
+        st.v[S_PAGES_4K + old - 1] -= 1
+        st.v[S_PAGES_4K + old - 2] += 512
+        st.v[S_HUGE_PAGE_SPLITS] += 1
         charge("huge_page_split", 1)
         v = rangemap_get(m, gfn)
     return 0
 
 
-cdef int _map_leaf(RangeMap m, dict st, uint64_t gfn, int level, uint64_t value, object charge) except -1:
+cdef int _map_leaf(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge) except -1:
     """``Mmu.map_leaf``: install one leaf at ``level`` covering ``gfn``. Returns 1 if the
     identical leaf was there (spurious), 2 if a TLB flush is needed, else 0."""
     cdef uint64_t old = rangemap_get(m, gfn), n, base, k
@@ -233,18 +230,16 @@ cdef int _map_leaf(RangeMap m, dict st, uint64_t gfn, int level, uint64_t value,
         dropped = _drop_leaves(m, st, base, base + n)
         # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
         if not (old and _f_level(old) == level):
-            st["zapped_sptes"] = st["zapped_sptes"] + dropped
+            st.v[S_ZAPPED_SPTES] += dropped
     rangemap_assign(m, base, base + n, value)
-    key = _F_LEVEL_STAT[level]
-    st[key] = st[key] + 1
+    st.v[S_PAGES_4K + level - 1] += 1
     return flush
 
 
-cdef int _map_run(RangeMap m, dict st, uint64_t start, uint64_t end, int level, uint64_t value) except -1:
+cdef int _map_run(RangeMap m, Counters st, uint64_t start, uint64_t end, int level, uint64_t value) except -1:
     """``Mmu.map_run``: leaves at ``level`` over the unmapped, ``level``-aligned ``[start, end)``."""
     rangemap_assign(m, start, end, value)
-    key = _F_LEVEL_STAT[level]
-    st[key] = st[key] + ((end - start) >> _f_shift(level))
+    st.v[S_PAGES_4K + level - 1] += <int64_t>((end - start) >> _f_shift(level))
     return 0
 
 
@@ -253,20 +248,31 @@ def _mmu_make_spte(int64_t delta, int level, bint private, bint writable):
     return _make_spte(delta, level, private, writable)
 
 
-def _mmu_split_to(RangeMap sptes, dict stats, uint64_t gfn, int level, charge):
+def _mmu_split_to(RangeMap sptes, stats, uint64_t gfn, int level, charge):
     """``pkvm.kvm.mmu.Mmu.split_to`` (its arguments are trusted)."""
-    _split_to(sptes, stats, gfn, level, charge)
+    cdef Counters c = _scratch_counters(stats)
+    try:
+        _split_to(sptes, c, gfn, level, charge)
+    finally:
+        _settle_counters(c, stats)
 
 
-def _mmu_map_leaf(RangeMap sptes, dict stats, uint64_t gfn, int level, uint64_t value, charge):
+def _mmu_map_leaf(RangeMap sptes, stats, uint64_t gfn, int level, uint64_t value, charge):
     """``pkvm.kvm.mmu.Mmu.map_leaf``: ``(spurious, flush)``."""
-    cdef int r = _map_leaf(sptes, stats, gfn, level, value, charge)
+    cdef Counters c = _scratch_counters(stats)
+    cdef int r
+    try:
+        r = _map_leaf(sptes, c, gfn, level, value, charge)
+    finally:
+        _settle_counters(c, stats)
     return r == 1, r == 2
 
 
-def _mmu_map_run(RangeMap sptes, dict stats, uint64_t start, uint64_t end, int level, uint64_t value):
+def _mmu_map_run(RangeMap sptes, stats, uint64_t start, uint64_t end, int level, uint64_t value):
     """``pkvm.kvm.mmu.Mmu.map_run`` (its arguments are trusted)."""
-    _map_run(sptes, stats, start, end, level, value)
+    cdef Counters c = _scratch_counters(stats)
+    _map_run(sptes, c, start, end, level, value)
+    _settle_counters(c, stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +335,8 @@ cdef class FaultPath:
     cdef object vm, platform, shared, gmem_get_pfn, set_external, topup, timeline_run, emit_fault
     cdef object base_fault, gpa_to_gfn, kvm_error, is_implemented
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
-    cdef dict d, stats, costs, slots, armed
+    cdef dict d, costs, slots, armed
+    cdef Counters stats
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef int host_level
@@ -354,7 +361,7 @@ cdef class FaultPath:
         self.sptes = d["_sptes"]
         self.slot0 = d["_slot_maps"][0]
         self.slots = d["_slots"]
-        self.stats = d["_stats"]
+        self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
         self.armed = d["_inject"]._armed
         shared = d["_shared"]
@@ -428,7 +435,7 @@ cdef class FaultPath:
         d = self.d
         if d["mmu_invalidate_in_progress"] and d["_range_start"] <= gfn < d["_range_end"]:
             return True
-        return self.stats["mmu_invalidate_seq"] != mmu_seq
+        return self.stats.v[S_MMU_INVALIDATE_SEQ] != mmu_seq
 
     # -- the phases ------------------------------------------------------------------------------
 
@@ -466,7 +473,7 @@ cdef class FaultPath:
         cdef uint64_t gfn = f.gfn, end, hva, key, flags, k, v, npages
         cdef Run r
         cdef int level, shift
-        f.mmu_seq = self.stats["mmu_invalidate_seq"]
+        f.mmu_seq = self.stats.v[S_MMU_INVALIDATE_SEQ]
         if f.is_private != ((f.attr & _F_ATTR_PRIVATE) != 0):  # the attribute fault_begin read
             _memory_fault_exit(f, _F_EFAULT)
             return 0
@@ -545,8 +552,7 @@ cdef class FaultPath:
                     f.end = gfn + 1
                     return 0
                 if n:
-                    st = self.stats
-                    st["shared_pages_populated"] = st["shared_pages_populated"] + n
+                    self.stats.v[S_SHARED_PAGES_POPULATED] += <int64_t>n
                     self._charge(self.alloc_op, n >> self.shared.order)  # VM._charge_alloc
                 v = rangemap_get(smap, hva)
             f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
@@ -633,35 +639,35 @@ cdef class FaultPath:
 
     cdef FaultResult _finish(self, PageFault f):
         """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
-        st = self.stats
+        cdef Counters st = self.stats
         ret = f.ret
         cdef bint fixed = ret == "fixed"
         cdef uint64_t n = f.nfaults if fixed else 1
         if f.prefetch:
             # kvm_mmu_do_page_fault(prefetch=true): pf_fixed only; nothing exits to userspace.
             if fixed:
-                st["pf_fixed"] = st["pf_fixed"] + n
+                st.v[S_PF_FIXED] += n
                 self._charge("pre_fault_page", n)
                 return _result(ret, f.level, <int64_t>f.gfn + f.delta)
             self._charge("pre_fault_page", 1)
             if ret == "spurious":
                 return _result(ret, f.level, <int64_t>f.gfn + f.delta)
             return _result(ret, None, None, None, None, f.errno if f.errno else (_F_ENOENT if ret == "emulate" else None))
-        st["pf_taken"] = st["pf_taken"] + n
+        st.v[S_PF_TAKEN] += n
         self._charge("npf_fault", n)
         if fixed:
-            st["pf_fixed"] = st["pf_fixed"] + n
+            st.v[S_PF_FIXED] += n
             return _result(ret, f.level, <int64_t>f.gfn + f.delta)
         if ret == "spurious":
-            st["pf_spurious"] = st["pf_spurious"] + 1
+            st.v[S_PF_SPURIOUS] += 1
             return _result(ret, f.level, <int64_t>f.gfn + f.delta)
         if ret == "retry":
-            st["pf_retry"] = st["pf_retry"] + 1
+            st.v[S_PF_RETRY] += 1
             if self.d["_subs"] is not None:
                 self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
             return _result(ret)
         if ret == "emulate":
-            st["pf_emulate"] = st["pf_emulate"] + 1
+            st.v[S_PF_EMULATE] += 1
             if not f.is_private:
                 return _result(ret)
             _memory_fault_exit(f, _F_EFAULT)  # KVM cannot emulate private accesses
@@ -670,7 +676,7 @@ cdef class FaultPath:
             exit_reason = None
             if f.memory_fault is not None:
                 exit_reason = _F_EXIT_MEMORY_FAULT
-                st["memory_fault_exits"] = st["memory_fault_exits"] + 1
+                st.v[S_MEMORY_FAULT_EXITS] += 1
             self._charge("userspace_exit", 1)
             return _result("exit", None, None, exit_reason, f.memory_fault, f.errno)
         return _result(ret)
@@ -706,7 +712,7 @@ cdef class FaultPath:
             self._faultin(f)
         # is_page_fault_stale can only be true with an invalidation open or finished since the
         # snapshot: skip the call otherwise (most faults).
-        if not f.ret and (d["mmu_invalidate_in_progress"] or self.stats["mmu_invalidate_seq"] != f.mmu_seq):
+        if not f.ret and (d["mmu_invalidate_in_progress"] or self.stats.v[S_MMU_INVALIDATE_SEQ] != f.mmu_seq):
             self._stale(f)
         if not f.ret:
             self._install(f)

@@ -310,7 +310,12 @@ cdef class SnpPath:
 
     cdef object vm, snp, dm, rmp_obj, injected, psmash_fn
     cdef readonly object prepare_op, invalidate_op
-    cdef dict d, stats, costs, armed, dm_cnt
+    cdef dict d, costs, armed, dm_cnt
+    cdef Counters stats
+    # the indices of SNP_STAT_KEYS' counters this path adds to (registered by snp_init_vm)
+    cdef Py_ssize_t i_dm_splits, i_dm_unmaps, i_dm_restores, i_dm_cpa_calls, i_dm_tlb_flushes
+    cdef Py_ssize_t i_sleep_atomic, i_rmpupdate, i_rmpupdate_2m, i_rmpupdate_failures
+    cdef Py_ssize_t i_cache_flush_pages, i_leaked_pages
     cdef RmpTable rmp           # None while ``snp.rmp`` is not an RmpTable (a reference twin)
     cdef RangeMap dm_map        # None while ``snp.directmap`` is not a DirectMap
     cdef RangeMap leaked
@@ -322,7 +327,20 @@ cdef class SnpPath:
         self.vm = vm
         self.d = d
         self.snp = snp
-        self.stats = d["_stats"]
+        cdef Counters st = _vm_counters(d["_stats"])
+        self.stats = st
+        ix = st.index
+        self.i_dm_splits = ix["directmap_splits"]
+        self.i_dm_unmaps = ix["directmap_unmaps"]
+        self.i_dm_restores = ix["directmap_restores"]
+        self.i_dm_cpa_calls = ix["directmap_cpa_calls"]
+        self.i_dm_tlb_flushes = ix["directmap_tlb_flushes"]
+        self.i_sleep_atomic = ix["sleep_in_atomic"]
+        self.i_rmpupdate = ix["rmpupdate"]
+        self.i_rmpupdate_2m = ix["rmpupdate_2m"]
+        self.i_rmpupdate_failures = ix["rmpupdate_failures"]
+        self.i_cache_flush_pages = ix["cache_flush_pages"]
+        self.i_leaked_pages = ix["snp_leaked_pages"]
         self.costs = d["_costs"]
         self.armed = d["_inject"]._armed
         self.asid = snp.asid
@@ -438,14 +456,14 @@ cdef class SnpPath:
             if sched is not None:
                 sched.release("cpa_lock")
             return 0
-        st = self.stats
+        cdef Counters st = self.stats
         splits = cnt["directmap_splits"] - s0
         unmaps = cnt["directmap_unmaps"] - u0
         restores = cnt["directmap_restores"] - r0
-        st["directmap_splits"] += splits
-        st["directmap_unmaps"] += unmaps
-        st["directmap_restores"] += restores
-        st["directmap_cpa_calls"] += calls
+        st.v[self.i_dm_splits] += <int64_t>splits
+        st.v[self.i_dm_unmaps] += <int64_t>unmaps
+        st.v[self.i_dm_restores] += <int64_t>restores
+        st.v[self.i_dm_cpa_calls] += <int64_t>calls
         if splits:
             self._charge("directmap_split", splits)
         # A kernel-range TLB flush per set_memory_4k call (split-4k), per RMPUPDATE wrapper
@@ -456,10 +474,10 @@ cdef class SnpPath:
         else:
             flushes = ((npages >> 9 if level == 2 else npages) if unmaps or restores else 0)
         if flushes:
-            st["directmap_tlb_flushes"] += flushes
+            st.v[self.i_dm_tlb_flushes] += <int64_t>flushes
             self._charge("directmap_tlb_flush", flushes)
         if self.snp.atomic and (sched is None or sched.holds("mmu_lock")):
-            st["sleep_in_atomic"] += calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
+            st.v[self.i_sleep_atomic] += <int64_t>calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
             self._charge("sleep_in_atomic", calls)
             self.vm.events.append(("sleep_in_atomic", (f"BUG: scheduling while atomic: {calls} direct-map "
                                    f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
@@ -508,21 +526,21 @@ cdef class SnpPath:
             code = res.code
             fail = res.fail_pfn if res.code else -1
         d = self.d
-        st = self.stats
+        cdef Counters st = self.stats
         if done:
             sched = d["_sched"]
             if sched is not None:
                 sched.changed()  # a vCPU looping on RMP #NPF may now go on
-            st["rmpupdate"] += done
+            st.v[self.i_rmpupdate] += <int64_t>done
             if level == 2:
-                st["rmpupdate_2m"] += done
+                st.v[self.i_rmpupdate_2m] += <int64_t>done
             self._charge("rmpupdate", done)
         if d["_subs"] is not None:
             span = done << (9 if level == 2 else 0)
             self.vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None,
                           "rmpupdate", done, 0, code, (pfn, pfn + span, level, assigned))
         if code:
-            st["rmpupdate_failures"] += 1
+            st.v[self.i_rmpupdate_failures] += 1
             if code == _RMP_FAIL_OVERLAP:
                 from pkvm.constants import RETRY_LIMIT
                 how = (f" (still FAIL_OVERLAP after {RETRY_LIMIT} attempts; rmpupdate() retries it until "
@@ -620,7 +638,7 @@ cdef class SnpPath:
                         ret = ret or r
                         continue
                     if flush:
-                        self.stats["cache_flush_pages"] += pb[k] - pa[k]
+                        self.stats.v[self.i_cache_flush_pages] += <int64_t>(pb[k] - pa[k])
                         self._charge("cache_flush_4k", pb[k] - pa[k])
             return ret
         finally:
@@ -637,7 +655,7 @@ cdef class SnpPath:
                 self._segments(pfn_start, pfn_end - pfn_start, 1, &segs)
                 for i in range(segs.n):
                     rangemap_assign(self.leaked, segs.a[i], segs.b[i], 1)
-                    self.stats["snp_leaked_pages"] += segs.b[i] - segs.a[i]
+                    self.stats.v[self.i_leaked_pages] += <int64_t>(segs.b[i] - segs.a[i])
             finally:
                 _runs_free(&segs)
         return 0
@@ -666,7 +684,8 @@ cdef class GmemPath:
     and the Python functions of the rare paths. The methods trust their arguments."""
 
     cdef object vm, hm, platform, prepare_op, invalidate_op, is_implemented, mfe
-    cdef dict d, stats, costs, armed
+    cdef dict d, costs, armed
+    cdef Counters stats
     cdef RangeMap used
     cdef int64_t hm_start, hm_end
     cdef int max_order, mode
@@ -682,7 +701,7 @@ cdef class GmemPath:
         d = vm.__dict__
         self.vm = vm
         self.d = d
-        self.stats = d["_stats"]
+        self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
         self.armed = d["_inject"]._armed
         hm = d["_hostmem"]
@@ -762,8 +781,7 @@ cdef class GmemPath:
             rangemap_assign(folios, <uint64_t>i, <uint64_t>(i + plan.b[k]),
                             _folio_value(plan.a[k] - i, order, prepared))
             i += plan.b[k]
-        st = self.stats
-        st["gmem_pages_allocated"] += count << order
+        self.stats.v[S_GMEM_PAGES_ALLOCATED] += count << order
         op = _alloc_op(order)
         if op is None:
             self.vm._charge_alloc(count << order, order)
@@ -797,7 +815,7 @@ cdef class GmemPath:
             idx += plan.b[k]
             total += plan.b[k]
         self.hm._cursor = cursor
-        self.stats["gmem_pages_allocated"] -= total
+        self.stats.v[S_GMEM_PAGES_ALLOCATED] -= total
         self.vm._uncharge_alloc(total, order)
         return 0
 
@@ -892,7 +910,7 @@ cdef class GmemPath:
                     self.mfe(f, -r)
                     return gfn + 1
                 if self.has_prepare:
-                    self.stats["gmem_prepare"] += nf
+                    self.stats.v[S_GMEM_PREPARE] += <int64_t>nf
                 if not v & _FOLIO_PREPARED:
                     rangemap_assign(folios, fi, fi + (nf << order), v | _FOLIO_PREPARED)
             f.delta = index + delta - gfn

@@ -30,7 +30,7 @@ Invariants (checked by :meth:`Mmu._check`): leaf runs are aligned to their level
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from pkvm._core import AccessResult as AccessResult  # Vcpu.access's result: the typed core's light object
@@ -131,7 +131,7 @@ class Mmu:
 
     __slots__ = ("sptes", "_stats", "_charge")
 
-    def __init__(self, stats: dict[str, int], charge: Callable[[str, int], None]) -> None:
+    def __init__(self, stats: MutableMapping[str, int], charge: Callable[[str, int], None]) -> None:
         self.sptes = RangeMap(0, _finger=True)
         self._stats = stats
         self._charge = charge  # charge(op, count): modeled time of the work done here

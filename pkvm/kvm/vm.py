@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrPath, RangeMap
+from pkvm._core import AttrPath, Counters, RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -195,7 +195,8 @@ class VM:
         self.seed = seed
         self.nr_vcpus = nr_vcpus
         self.shared_backing = shared_backing
-        self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        #: The counters, typed (pkvm/_ledger.pxi): the core adds to them at fixed indices.
+        self._stats = Counters(STAT_KEYS)
         self._attrs = RangeMap(0, _finger=True)
         self._mmu = Mmu(self._stats, self._charge)
         self._hostmem = HostMemory()
@@ -258,7 +259,7 @@ class VM:
     @property
     def stats(self) -> Mapping[str, int]:
         """A snapshot of every counter (KVM's names first, then pkvm's)."""
-        return dict(self._stats)
+        return self._stats.copy()
 
     @property
     def modeled_ns(self) -> int:

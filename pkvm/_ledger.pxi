@@ -1,0 +1,239 @@
+# The VM's counters as typed state (``VM._stats``; ``vm.stats`` is a dict copy of them).
+#
+# The kernel paths of this core (pkvm/_fault.pxi, _attr.pxi, _gmem.pxi) add to a counter with
+# one C add at an index fixed when the key was registered: the keys of pkvm.kvm.vm.STAT_KEYS
+# have the indices S_* of pkvm/_core.pxd, a platform's own keys (SNP, TDX) the index that their
+# registration gave them, resolved once when a path object is built. Python code sees a mutable
+# mapping that behaves as the dict it replaces, with three refusals (each changes nothing): a
+# key that is not a str, a value that is not an integer (a bool, a float) or does not fit an int64,
+# and removing a counter (del, pop, popitem, clear).
+
+from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
+
+
+cdef int64_t _counter_value(object key, object value) except? -1:
+    """``value`` as an int64 counter value, or TypeError / ValueError naming ``key``."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"counter {key!r} must be an int, not {type(value).__name__}")
+        value = operator.index(value)  # an int subclass or a numpy integer: stored as an int
+    if not -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
+        raise ValueError(f"counter {key!r} = {value} does not fit an int64")
+    return <int64_t>value
+
+
+_NO_DEFAULT = object()
+
+#: The keys of the indices ``S_*`` (pkvm/_core.pxd), in order: ``pkvm.kvm.vm.STAT_KEYS``.
+_COUNTER_KEYS = (
+    "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "remote_tlb_flush",
+    "remote_tlb_flush_requests", "pages_4k", "pages_2m", "pages_1g", "mmu_invalidate_seq",
+    "pf_retry", "memory_fault_exits", "attr_stores", "zapped_sptes", "huge_page_splits",
+    "gmem_pages_allocated", "gmem_pages_freed", "gmem_prepare", "gmem_invalidate",
+    "shared_pages_populated", "mem_attr_op_failures", "hypercalls", "hypercall_exits",
+)
+
+
+cdef Counters _vm_counters(object stats):
+    """``stats`` (a VM's ``_stats``) if it is a :class:`Counters` whose first keys are
+    :data:`_COUNTER_KEYS` (the paths add at the indices ``S_*``); TypeError otherwise."""
+    if type(stats) is not Counters or (<Counters>stats).n < S_NBASE \
+            or tuple((<Counters>stats).names[:S_NBASE]) != _COUNTER_KEYS:
+        raise TypeError("a VM's _stats must be a pkvm._core.Counters built from STAT_KEYS")
+    return <Counters>stats
+
+
+cdef Counters _scratch_counters(object stats):
+    """The :class:`Counters` an ``Mmu`` helper adds to: ``stats`` itself, or for another
+    mapping (an ``Mmu`` built over a plain dict) a scratch copy of its values at the indices
+    ``S_*``, which :func:`_settle_counters` adds back."""
+    if type(stats) is Counters and (<Counters>stats).n >= S_NBASE:
+        return _vm_counters(stats)
+    cdef Counters c = Counters(_COUNTER_KEYS)
+    cdef Py_ssize_t i
+    for i in range(S_NBASE):
+        c.v[i] = _counter_value(_COUNTER_KEYS[i], stats.get(_COUNTER_KEYS[i], 0))
+    return c
+
+
+cdef int _settle_counters(Counters c, object stats) except -1:
+    """Add what the helper added to the scratch ``c`` back to the mapping ``stats`` (a
+    counter it does not have is a KeyError, as the dict's own ``+=`` was)."""
+    if c is stats:
+        return 0
+    cdef Py_ssize_t i
+    for i in range(S_NBASE):
+        key = _COUNTER_KEYS[i]
+        d = c.v[i] - _counter_value(key, stats.get(key, 0))
+        if d:
+            stats[key] = stats[key] + d
+    return 0
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class Counters:
+    """A VM's counters: a mutable mapping of str keys to int values, kept in a C array.
+
+    ``Counters(keys)`` starts every key of ``keys`` at 0 (in that order, like
+    ``dict.fromkeys(keys, 0)``). Assigning to a new key registers it at the end; a counter
+    cannot be removed.
+
+    >>> c = Counters(("pf_taken", "pf_fixed"))
+    >>> c["pf_taken"] += 2; c["rmpupdate"] = 0
+    >>> dict(c)
+    {'pf_taken': 2, 'pf_fixed': 0, 'rmpupdate': 0}
+
+    Raises (each refusal changes nothing):
+        KeyError: reading a key that was never registered.
+        TypeError: a key that is not a str, a value that is not an int (or is a bool),
+            removing a counter.
+        ValueError: a value that does not fit an int64.
+    """
+
+    def __cinit__(self):
+        self.v = NULL
+        self.n = self.cap = 0
+        self.names = []
+        self.index = {}
+
+    def __init__(self, keys=()):
+        for key in keys:
+            if type(key) is not str:
+                raise TypeError(f"counter names must be str, not {type(key).__name__}")
+            if key not in self.index:
+                self.slot(key)
+
+    def __dealloc__(self):
+        free(self.v)
+
+    cdef Py_ssize_t slot(self, str key) except -1:
+        """The index of ``key``, registered at the end (value 0) if it is new."""
+        cdef object i = self.index.get(key)
+        cdef int64_t *nv
+        cdef Py_ssize_t cap
+        if i is not None:
+            return <Py_ssize_t>i
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 32
+            nv = <int64_t *>realloc(self.v, cap * sizeof(int64_t))
+            if nv == NULL:
+                raise MemoryError()
+            self.v = nv
+            self.cap = cap
+        self.v[self.n] = 0
+        self.names.append(key)
+        self.index[key] = self.n
+        self.n += 1
+        return self.n - 1
+
+    # -- the mapping ---------------------------------------------------------------------------
+
+    def __getitem__(self, key):
+        i = self.index.get(key)
+        if i is None:
+            raise KeyError(key)
+        return self.v[<Py_ssize_t>i]
+
+    def __setitem__(self, key, value):
+        if type(key) is not str:
+            raise TypeError(f"counter names must be str, not {type(key).__name__}")
+        cdef int64_t x = _counter_value(key, value)
+        self.v[self.slot(key)] = x
+
+    def __delitem__(self, key):
+        raise TypeError(f"a VM's counters cannot be removed (tried to remove {key!r})")
+
+    def __contains__(self, key):
+        return key in self.index
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(tuple(self.names))
+
+    def get(self, key, default=None):
+        i = self.index.get(key)
+        if i is None:
+            return default
+        return self.v[<Py_ssize_t>i]
+
+    def keys(self):
+        return KeysView(self)
+
+    def values(self):
+        return ValuesView(self)
+
+    def items(self):
+        return ItemsView(self)
+
+    def copy(self):
+        """A plain dict of the counters (what ``vm.stats`` returns)."""
+        cdef Py_ssize_t i
+        return {self.names[i]: self.v[i] for i in range(self.n)}
+
+    def setdefault(self, key, default=0):
+        i = self.index.get(key)
+        if i is not None:
+            return self.v[<Py_ssize_t>i]
+        self[key] = default
+        return self.v[self.n - 1]
+
+    def update(self, other=(), **kwargs):
+        """``dict.update``; every value is checked first, so a refused update changes nothing."""
+        if isinstance(other, Mapping):
+            pairs = list(other.items())
+        elif hasattr(other, "keys"):
+            pairs = [(k, other[k]) for k in other.keys()]
+        else:
+            pairs = [tuple(p) for p in other]
+        pairs.extend(kwargs.items())
+        for pair in pairs:
+            if len(pair) != 2:
+                raise ValueError(f"update needs (key, value) pairs, got {pair!r}")
+            key, value = pair
+            if type(key) is not str:
+                raise TypeError(f"counter names must be str, not {type(key).__name__}")
+            _counter_value(key, value)
+        for key, value in pairs:
+            self[key] = value
+
+    def pop(self, key, default=_NO_DEFAULT):
+        raise TypeError(f"a VM's counters cannot be removed (tried to pop {key!r})")
+
+    def popitem(self):
+        raise TypeError("a VM's counters cannot be removed (tried popitem)")
+
+    def clear(self):
+        raise TypeError("a VM's counters cannot be removed (tried clear)")
+
+    def __eq__(self, other):
+        if isinstance(other, Counters):
+            return self.copy() == (<Counters>other).copy()
+        if isinstance(other, Mapping):
+            return self.copy() == dict(other)
+        return NotImplemented
+
+    def __ne__(self, other):
+        r = self.__eq__(other)
+        return r if r is NotImplemented else not r
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Counters({self.copy()!r})"
+
+    def __reduce__(self):
+        return (_counters_from_items, (tuple(self.copy().items()),))
+
+
+def _counters_from_items(items):
+    """Unpickle a :class:`Counters`."""
+    c = Counters()
+    for key, value in items:
+        c[key] = value
+    return c
+
+
+MutableMapping.register(Counters)

@@ -1,0 +1,192 @@
+"""The VM's typed counters (pkvm/_ledger.pxi) behave as the dict they replace: every mapping
+operation against a plain dict driven by the same calls, unknown keys, and refusals (a key that
+is not a str, a value that is not an int or does not fit an int64, removing a counter) that
+change nothing."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Mapping, MutableMapping
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import pkvm
+from pkvm._core import _COUNTER_KEYS, Counters
+from pkvm.kvm.vm import STAT_KEYS
+
+KEYS = st.sampled_from(("pf_taken", "pf_fixed", "rmpupdate", "x", "psc_entries", "é"))
+I64 = st.integers(-(1 << 63), (1 << 63) - 1)
+SMALL = st.integers(-(1 << 40), 1 << 40)
+
+
+def test_the_core_indices_are_stat_keys() -> None:
+    """The core adds at fixed indices: the first keys of every VM's counters are STAT_KEYS."""
+    assert _COUNTER_KEYS == STAT_KEYS
+    for platform in ("sw_protected", "snp", "tdx"):
+        vm = pkvm.VM(platform)
+        assert type(vm._stats) is Counters
+        assert tuple(vm._stats)[:len(STAT_KEYS)] == STAT_KEYS
+        assert type(vm.stats) is dict and vm.stats == dict(vm._stats)
+
+
+def test_counters_are_a_mutable_mapping() -> None:
+    c = Counters(("a", "b"))
+    assert isinstance(c, MutableMapping) and isinstance(c, Mapping)
+    c["a"] += 5
+    c["new"] = -3
+    assert dict(c) == {"a": 5, "b": 0, "new": -3} and list(c) == ["a", "b", "new"]
+    assert c == {"a": 5, "b": 0, "new": -3} and c != {"a": 5} and {"a": 5, "b": 0, "new": -3} == c
+    assert (c == 3) is False and c != [1]
+    assert list(c.keys()) == ["a", "b", "new"] and list(c.values()) == [5, 0, -3]
+    assert list(c.items()) == [("a", 5), ("b", 0), ("new", -3)] and ("a", 5) in c.items()
+    assert c.keys() & {"a", "zz"} == {"a"}
+    assert c.get("zz") is None and c.get("zz", 7) == 7 and c.get("a", 7) == 5
+    assert "a" in c and "zz" not in c
+    for m in (c, {"a": 1}):  # as a dict: an unhashable key is a TypeError
+        with pytest.raises(TypeError, match="unhashable"):
+            [] in m  # noqa: B015
+    assert repr(c) == "Counters({'a': 5, 'b': 0, 'new': -3})"
+    assert type(c["a"]) is int and all(type(v) is int for v in c.values())
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(c)
+    for other in (copy.copy(c), copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
+        assert type(other) is Counters and other == c and list(other) == list(c)
+        other["a"] = 0
+        assert c["a"] == 5
+
+
+def test_unknown_keys() -> None:
+    c = Counters(("a",))
+    with pytest.raises(KeyError, match="'zz'"):
+        c["zz"]
+    with pytest.raises(KeyError, match="'zz'"):
+        c["zz"] += 1
+    with pytest.raises(TypeError, match="unhashable"):
+        c[[]]  # type: ignore[index]
+    assert dict(c) == {"a": 0}
+    assert c.setdefault("zz", 4) == 4 and c.setdefault("zz", 9) == 4 and list(c) == ["a", "zz"]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda c: c.__setitem__(1, 0), "counter names must be str, not int"),
+    (lambda c: c.__setitem__("a", 1.0), "counter 'a' must be an int, not float"),
+    (lambda c: c.__setitem__("new", True), "counter 'new' must be an int, not bool"),
+    (lambda c: c.__setitem__("a", "3"), "counter 'a' must be an int, not str"),
+    (lambda c: c.__setitem__("a", 1 << 63), "does not fit an int64"),
+    (lambda c: c.__setitem__("new", -(1 << 63) - 1), "does not fit an int64"),
+    (lambda c: c.__delitem__("a"), "cannot be removed"),
+    (lambda c: c.pop("a"), "cannot be removed"),
+    (lambda c: c.pop("zz", 0), "cannot be removed"),
+    (lambda c: c.popitem(), "cannot be removed"),
+    (lambda c: c.clear(), "cannot be removed"),
+    (lambda c: c.update({"b": 1, "a": 0.5}), "counter 'a' must be an int, not float"),
+    (lambda c: c.update([("b", 1), ("c", 2, 3)]), "needs \\(key, value\\) pairs"),
+    (lambda c: c.update(b=1, x=None), "counter 'x' must be an int, not NoneType"),
+    (lambda c: c.setdefault("new", 0.0), "counter 'new' must be an int, not float"),
+    (lambda c: Counters(("a", 3)), "counter names must be str, not int"),
+])
+def test_refusals_change_nothing(call, match) -> None:
+    c = Counters(("a", "b"))
+    c["a"] = 7
+    before = list(c.items())
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(c)
+    assert list(c.items()) == before and len(c) == 2
+
+
+def test_int_like_values_are_stored_as_int() -> None:
+    import numpy as np
+
+    c = Counters(("a",))
+    c["a"] = np.int64(5)
+    c["b"] = (1 << 63) - 1
+    assert type(c["a"]) is int and c["a"] == 5 and c["b"] == (1 << 63) - 1
+    c.update({"a": 1}, b=2)
+    c.update([("c", 3)])
+    assert dict(c) == {"a": 1, "b": 2, "c": 3}
+
+
+class CountersVsDict(RuleBasedStateMachine):
+    """Counters and a dict driven by the same calls stay equal (order included); a call the
+    Counters refuses is one the dict would have taken a non-int value or removal for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = Counters(("pf_taken", "pf_fixed"))
+        self.d: dict[str, int] = dict.fromkeys(("pf_taken", "pf_fixed"), 0)
+
+    @rule(key=KEYS, value=I64)
+    def set(self, key: str, value: int) -> None:
+        self.c[key] = value
+        self.d[key] = value
+
+    @rule(key=KEYS, n=SMALL)
+    def add(self, key: str, n: int) -> None:
+        if key in self.d and -(1 << 63) <= self.d[key] + n < (1 << 63):
+            self.c[key] += n
+            self.d[key] += n
+        elif key not in self.d:
+            with pytest.raises(KeyError, match=repr(key)):
+                self.c[key] += n
+
+    @rule(key=KEYS, default=st.none() | SMALL)
+    def get(self, key: str, default: int | None) -> None:
+        assert self.c.get(key, default) == self.d.get(key, default)
+        assert (key in self.c) == (key in self.d)
+
+    @rule(key=KEYS, default=SMALL)
+    def setdefault(self, key: str, default: int) -> None:
+        assert self.c.setdefault(key, default) == self.d.setdefault(key, default)
+
+    @rule(pairs=st.lists(st.tuples(KEYS, I64), max_size=4))
+    def update(self, pairs: list[tuple[str, int]]) -> None:
+        self.c.update(pairs)
+        self.d.update(pairs)
+
+    @rule(key=KEYS, bad=st.sampled_from([1.5, None, "1", True, 1 << 64]))
+    def refused(self, key: str, bad: object) -> None:
+        with pytest.raises((TypeError, ValueError), match="counter"):
+            self.c[key] = bad  # type: ignore[assignment]
+
+    @rule(key=KEYS)
+    def remove_refused(self, key: str) -> None:
+        with pytest.raises(TypeError, match="cannot be removed"):
+            del self.c[key]
+
+    @invariant()
+    def same(self) -> None:
+        assert list(self.c.items()) == list(self.d.items())
+        assert self.c == self.d and len(self.c) == len(self.d) and self.c.copy() == self.d
+        assert list(self.c.keys()) == list(self.d.keys()) and list(self.c.values()) == list(self.d.values())
+
+
+TestCountersVsDict = CountersVsDict.TestCase
+TestCountersVsDict.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["map", "zap", "split"]), st.integers(0, 7),
+                              st.sampled_from([1, 2])), max_size=12))
+def test_mmu_over_a_dict_counts_as_over_counters(ops: list[tuple[str, int, int]]) -> None:
+    """An ``Mmu`` built over a plain dict (the tests' and an embedder's way) counts exactly
+    what the same calls count in a VM's Counters."""
+    from pkvm.kvm import mmu
+
+    keys = ("pages_4k", "pages_2m", "pages_1g", "zapped_sptes", "huge_page_splits")
+    a = mmu.Mmu(dict.fromkeys(keys, 0), lambda op, n: None)
+    b = mmu.Mmu(Counters(STAT_KEYS), lambda op, n: None)
+    for m in (a, b):
+        for op, chunk, level in ops:
+            base = chunk * 512
+            if op == "map":
+                m.map_leaf(base + (0 if level == 2 else 3), level, mmu.make_spte(0, level, False, True))
+            elif op == "zap":
+                m.zap_range(base, base + 1)
+            elif m.sptes.get(base):
+                m.split_to(base, 1)
+    assert {k: b._stats[k] for k in keys} == a._stats
+    assert a.sptes.ranges() == b.sptes.ranges()
