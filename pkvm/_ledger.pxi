@@ -173,7 +173,7 @@ cdef class Counters:
         cdef Py_ssize_t i
         return {self.names[i]: self.v[i] for i in range(self.n)}
 
-    def setdefault(self, key, default=0):
+    def setdefault(self, key, default=None):
         i = self.index.get(key)
         if i is not None:
             return self.v[<Py_ssize_t>i]
