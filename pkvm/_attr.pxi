@@ -12,9 +12,10 @@
 # and ``pkvm.kvm.mmu``'s ``post_set_mixed`` / ``hugepage_has_attrs`` / ``Mmu.zap_range`` are
 # thin wrappers of the functions here: each step has one implementation.
 #
-# The VM's mutable scalars (modeled time, counters, the invalidation range, the subscriber and
-# timeline hooks) stay attributes of the Python VM object: they are read and written here in
-# its instance dict, so the rest of the model sees no difference.
+# The VM's counters and modeled time are typed state (pkvm/_ledger.pxi: ``VM._stats`` is a
+# Counters, ``VM._ledger`` the modeled-time Ledger) that this file adds to in C; the VM's other
+# mutable scalars (the invalidation range, the timeline hook) stay attributes of the Python VM
+# object, read and written here in its instance dict, so the rest of the model sees no difference.
 
 # Kernel and pkvm constants this file needs (pkvm.constants / pkvm.kvm.mmu hold the originals;
 # tests/test_attr_core.py asserts they agree).
@@ -299,6 +300,7 @@ cdef class AttrPath:
     cdef RangeMap attrs, sptes, slot0
     cdef dict slots, costs, armed, flush_cache
     cdef Counters stats
+    cdef Ledger ledger
     cdef list vcpus
     cdef object store_ns, zap_ns
     cdef uint64_t supported
@@ -327,6 +329,7 @@ cdef class AttrPath:
         self.slots = d["_slots"]
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
+        self.ledger = d["_ledger"]
         self.armed = d["_inject"]._armed
         self.store_ns = d["_attr_store_ns"]
         self.zap_ns = self.costs["zap_spte"]
@@ -357,14 +360,10 @@ cdef class AttrPath:
 
     cdef inline bint _traced(self) except -1:
         """Whether the VM has event subscribers (``VM._subs``)."""
-        return not self.quiet and self.d["_subs"] is not None
+        return not self.quiet and self.ledger.traced
 
     cdef inline int _add_ns(self, str op, object ns) except -1:
-        d = self.d
-        cost = <dict>d["_cost_ns"]
-        cost[op] = cost.get(op, 0) + ns
-        d["_modeled_ns"] = d["_modeled_ns"] + ns
-        return 0
+        return self.ledger.add(op, ns)
 
     # -- the phases ---------------------------------------------------------------------------
 
@@ -617,16 +616,12 @@ cdef class AttrPath:
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
                                 self.whole_chunk, cur.start, cur.end, attrs)
                 ok = rangemap_cursor_next(self.slot0, &cur)
-        cost = <dict>d["_cost_ns"]
-        t = d["_modeled_ns"]
+        L = self.ledger
         if zap_ns is not None:
-            cost["zap_spte"] = cost.get("zap_spte", 0) + zap_ns
-            t = t + zap_ns
+            L.add("zap_spte", zap_ns)
         if flush_ns is not None:
-            cost["remote_tlb_flush"] = cost.get("remote_tlb_flush", 0) + flush_ns
-            t = t + flush_ns
-        cost["attr_store"] = cost.get("attr_store", 0) + store_ns
-        d["_modeled_ns"] = t + store_ns
+            L.add("remote_tlb_flush", flush_ns)
+        L.add("attr_store", store_ns)
         if zap_ns is not None:  # the PRE phase's zap and flush ran under mmu_lock
             lock = zap_ns if flush_ns is None else zap_ns + flush_ns
             if lock:
@@ -719,8 +714,8 @@ cdef class AttrPath:
             vm._attr_free()  # EDEADLK
         d["attr_ioctls"] = d["attr_ioctls"] + 1
         self.quiet = False
-        subs = d["_subs"]
-        if subs is not None:  # traced on entry, before the short-circuit (6.17+)
+        subs = self.ledger.traced
+        if subs:  # traced on entry, before the short-circuit (6.17+)
             vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
             read = False  # a callback ran (it may have changed the VM): read again
         sched = d["_sched"]
@@ -739,28 +734,28 @@ cdef class AttrPath:
         if self.armed and "xa_reserve" in self.armed:
             vm._attr_xa_reserve(start, end)
             read = False  # Python ran: read again
-            subs = d["_subs"]
+            subs = self.ledger.traced
         if not self.one_as or self.eager_split or self.eager_post:
             ranges = vm._slot_ranges(start, end)
             if ranges and self.eager_split:
                 vm._attr_pre_lock(ranges, attrs)
-            t0 = d["_modeled_ns"]
+            t0 = self.ledger.now()
             self.pre(ranges, attrs)
-            t1 = d["_modeled_ns"]
+            t1 = self.ledger.now()
             self._commit(start, end, attrs)  # under slots_lock only
-            t2 = d["_modeled_ns"]
+            t2 = self.ledger.now()
             self.post(ranges, attrs)
-            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (d["_modeled_ns"] - t2)
+            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (self.ledger.now() - t2)
             if ranges and self.eager_post:
                 vm._attr_post_unlock(ranges, attrs)
             return
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
-        if self.hookless and subs is None and d["mmu_invalidate_in_progress"] == 0:
+        if self.hookless and not subs and d["mmu_invalidate_in_progress"] == 0:
             self._quiet(start, end, attrs, read, key, spte, head2)
             return
-        self.quiet = d["_subs"] is None
-        t0 = d["_modeled_ns"]
+        self.quiet = not self.ledger.traced
+        t0 = self.ledger.now()
         ok = rangemap_cursor_init(self.slot0, &cur, start, end)
         if ok == 1:
             self._pre_begin(&ps, attrs)
@@ -768,15 +763,15 @@ cdef class AttrPath:
                 self._pre_piece(&ps, cur.start, cur.end, cur.value)
                 ok = rangemap_cursor_next(self.slot0, &cur)
             self._pre_end(&ps)
-        t1 = d["_modeled_ns"]
+        t1 = self.ledger.now()
         self._commit(start, end, attrs)  # under slots_lock only
-        t2 = d["_modeled_ns"]
+        t2 = self.ledger.now()
         ok = rangemap_cursor_init(self.slot0, &cur, start, end)
         if ok == 1:
             self._post_begin()
             while ok == 1:
                 self._post_piece(cur.start, cur.end, cur.value, attrs)
                 ok = rangemap_cursor_next(self.slot0, &cur)
-        if t1 != t0 or d["_modeled_ns"] != t2:
-            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (d["_modeled_ns"] - t2)
+        if t1 != t0 or self.ledger.now() != t2:
+            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (self.ledger.now() - t2)
         self.quiet = False

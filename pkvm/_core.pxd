@@ -195,3 +195,19 @@ cdef class Counters:
     cdef list names                 # the keys, by index (registration order)
     cdef dict index                 # key -> index
     cdef Py_ssize_t slot(self, str key) except -1
+
+
+# -- the VM's modeled-time ledger (pkvm/_ledger.pxi) -------------------------------------------
+cdef class Ledger:
+    cdef int64_t ns                 # the modeled ns, while ``big`` is None
+    cdef object big                 # the modeled ns as a Python int once it left int64, else None
+    cdef dict cost                  # the acting actor's op -> ns (VM._cost_ns)
+    cdef dict prices                # op -> ns of one event (VM._costs)
+    cdef object vm                  # for the ``charge`` event
+    cdef public bint traced         # VM._subs is not None
+    cdef object now(self)
+    cdef int add(self, str op, object ns) except -1
+    cdef int add_c(self, str op, int64_t ns) except -1
+    cdef int _add_big(self, object ns) except -1
+    cdef int charge_c(self, str op, uint64_t n) except -1
+    cdef int charge_obj(self, str op, object n) except -1

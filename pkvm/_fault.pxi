@@ -337,6 +337,7 @@ cdef class FaultPath:
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
     cdef dict d, costs, slots, armed
     cdef Counters stats
+    cdef Ledger ledger
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef int host_level
@@ -363,6 +364,7 @@ cdef class FaultPath:
         self.slots = d["_slots"]
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
+        self.ledger = d["_ledger"]
         self.armed = d["_inject"]._armed
         shared = d["_shared"]
         self.shared = shared
@@ -421,14 +423,7 @@ cdef class FaultPath:
 
     cdef int _charge(self, str op, uint64_t n) except -1:
         """``VM._charge``: ``n`` events of ``op`` at the VM's cost, on the acting actor."""
-        d = self.d
-        ns = self.costs[op] * n
-        cost = <dict>d["_cost_ns"]
-        cost[op] = cost.get(op, 0) + ns
-        d["_modeled_ns"] = d["_modeled_ns"] + ns
-        if d["_subs"] is not None:
-            self.vm._emit("charge", None, None, op, n, ns)
-        return 0
+        return self.ledger.charge_c(op, n)
 
     cdef bint _retry_gfn(self, int64_t mmu_seq, uint64_t gfn) except -1:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since."""
@@ -663,7 +658,7 @@ cdef class FaultPath:
             return _result(ret, f.level, <int64_t>f.gfn + f.delta)
         if ret == "retry":
             st.v[S_PF_RETRY] += 1
-            if self.d["_subs"] is not None:
+            if self.ledger.traced:
                 self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
             return _result(ret)
         if ret == "emulate":
@@ -685,7 +680,7 @@ cdef class FaultPath:
                     object took) except -1:
         """What ``npf_interception`` does after the MMU: the ``fault`` event (``took``: the
         fault's modeled ns) and, when the MMU returned > 0, the platform's RMP-fault handler."""
-        if self.d["_subs"] is not None and not f.prefetch:
+        if self.ledger.traced and not f.prefetch:
             self.emit_fault(vcpu, f, r, gfn, private, write, took)
         if (self.has_rmp and not f.prefetch and (r.ret == "fixed" or r.ret == "spurious" or r.ret == "retry")
                 and getattr(vcpu, "rmp_npf", True)):
@@ -703,7 +698,7 @@ cdef class FaultPath:
         self._ops()
         if d["_sched"] is not None:
             return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
-        t0 = d["_modeled_ns"]
+        t0 = self.ledger.now()
         cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
         self._begin(f)
         if not f.ret and self.armed and "mmu_topup" in self.armed:
@@ -717,7 +712,7 @@ cdef class FaultPath:
         if not f.ret:
             self._install(f)
         cdef FaultResult r = self._finish(f)
-        self._after(vcpu, f, r, gfn, private, write, d["_modeled_ns"] - t0)
+        self._after(vcpu, f, r, gfn, private, write, self.ledger.now() - t0)
         return f, r
 
     cdef inline int _mode(self, object cls) except -1:

@@ -21,8 +21,9 @@
 # large direct mapping (``DirectMap``), PSMASH, the memory-fault exit, and the event and
 # timeline hooks (``vm._emit``, ``vm._sched``).
 #
-# The VM's mutable scalars (modeled time, the subscriber and timeline hooks) stay attributes of
-# the Python VM object and are read and written in its instance dict, as in pkvm/_attr.pxi.
+# The VM's counters and modeled time are typed state (pkvm/_ledger.pxi), added to in C; its other
+# mutable scalars (the timeline hook) stay attributes of the Python VM object, read in its
+# instance dict, as in pkvm/_attr.pxi.
 
 from types import MappingProxyType
 
@@ -251,17 +252,6 @@ def hostmem_free(hm, uint64_t pfn, int64_t npages):
     _hm_free(hm, hm._used, pfn, npages)
 
 
-cdef int _vm_charge(object vm, dict d, dict costs, str op, object n) except -1:
-    """``VM._charge``: ``n`` times the cost of ``op`` added to the modeled time (and traced)."""
-    ns = costs[op] * n
-    cost = <dict>d["_cost_ns"]
-    cost[op] = cost.get(op, 0) + ns
-    d["_modeled_ns"] = d["_modeled_ns"] + ns
-    if d["_subs"] is not None:
-        vm._emit("charge", None, None, op, n, ns)
-    return 0
-
-
 # -- SEV-SNP: the kernel's RMP wrappers (pkvm.platforms._snp_rmp) ---------------------------------
 
 cdef int _split_2m(uint64_t start, uint64_t end, uint64_t *pa, uint64_t *pb, int *pl) noexcept nogil:
@@ -312,6 +302,7 @@ cdef class SnpPath:
     cdef readonly object prepare_op, invalidate_op
     cdef dict d, costs, armed, dm_cnt
     cdef Counters stats
+    cdef Ledger ledger
     # the indices of SNP_STAT_KEYS' counters this path adds to (registered by snp_init_vm)
     cdef Py_ssize_t i_dm_splits, i_dm_unmaps, i_dm_restores, i_dm_cpa_calls, i_dm_tlb_flushes
     cdef Py_ssize_t i_sleep_atomic, i_rmpupdate, i_rmpupdate_2m, i_rmpupdate_failures
@@ -342,6 +333,7 @@ cdef class SnpPath:
         self.i_cache_flush_pages = ix["cache_flush_pages"]
         self.i_leaked_pages = ix["snp_leaked_pages"]
         self.costs = d["_costs"]
+        self.ledger = d["_ledger"]
         self.armed = d["_inject"]._armed
         self.asid = snp.asid
         self.leaked = snp.leaked
@@ -412,7 +404,7 @@ cdef class SnpPath:
         return -1
 
     cdef inline int _charge(self, str op, object n) except -1:
-        return _vm_charge(self.vm, self.d, self.costs, op, n)
+        return self.ledger.charge_obj(op, n)  # VM._charge
 
     cdef object _directmap(self, bint before, uint64_t pfn, uint64_t npages, int level,
                            bint assigned):
@@ -535,7 +527,7 @@ cdef class SnpPath:
             if level == 2:
                 st.v[self.i_rmpupdate_2m] += <int64_t>done
             self._charge("rmpupdate", done)
-        if d["_subs"] is not None:
+        if self.ledger.traced:
             span = done << (9 if level == 2 else 0)
             self.vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None,
                           "rmpupdate", done, 0, code, (pfn, pfn + span, level, assigned))
@@ -686,6 +678,7 @@ cdef class GmemPath:
     cdef object vm, hm, platform, prepare_op, invalidate_op, is_implemented, mfe
     cdef dict d, costs, armed
     cdef Counters stats
+    cdef Ledger ledger
     cdef RangeMap used
     cdef int64_t hm_start, hm_end
     cdef int max_order, mode
@@ -703,6 +696,7 @@ cdef class GmemPath:
         self.d = d
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
+        self.ledger = d["_ledger"]
         self.armed = d["_inject"]._armed
         hm = d["_hostmem"]
         self.hm = hm
@@ -752,7 +746,7 @@ cdef class GmemPath:
         return 0
 
     cdef inline int _charge(self, str op, object n) except -1:
-        return _vm_charge(self.vm, self.d, self.costs, op, n)
+        return self.ledger.charge_obj(op, n)  # VM._charge
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -994,14 +988,14 @@ cdef class GmemPath:
             if sched is not None:
                 sched.acquire("mmu_lock")
             vm._invalidate_begin()
-            t0 = sched.work_ns() if sched is not None else d["_modeled_ns"]
+            t0 = sched.work_ns() if sched is not None else self.ledger.now()
             for s, e in ranges:  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
                 vm._invalidate_range_add(s, e)
                 if vm._zap(s, e, _FILTER_PRIVATE) > 0:  # only private mappings (§4.7)
                     flush = True
             if flush:
                 vm._flush_remote_tlbs()
-            d["mmu_lock_ns"] = d["mmu_lock_ns"] + ((sched.work_ns() if sched is not None else d["_modeled_ns"]) - t0)
+            d["mmu_lock_ns"] = d["mmu_lock_ns"] + ((sched.work_ns() if sched is not None else self.ledger.now()) - t0)
             if sched is not None:
                 sched.release("mmu_lock")
         self.truncate(gmem, start, end)

@@ -237,3 +237,136 @@ def _counters_from_items(items):
 
 
 MutableMapping.register(Counters)
+
+
+# -- the modeled-time ledger ------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    static inline int pkvm_add_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_add_overflow(a, b, r); }
+    static inline int pkvm_mul_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_mul_overflow(a, b, r); }
+    """
+    bint pkvm_add_ovf(int64_t a, int64_t b, int64_t *r) noexcept nogil
+    bint pkvm_mul_ovf(int64_t a, int64_t b, int64_t *r) noexcept nogil
+
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+
+
+cdef inline bint _as_i64(object x, int64_t *out) except -1:
+    """Whether the int ``x`` fits an int64 (its value in ``out``)."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(x, &overflow)
+    if overflow:
+        return False
+    out[0] = v
+    return True
+
+
+@cython.final
+@cython.auto_pickle(False)  # a VM's live state: never pickled on its own
+cdef class Ledger:
+    """A VM's modeled time (``VM._ledger``): the total modeled ns (``VM._modeled_ns``, an
+    int64 slot that becomes a Python int only if it ever leaves int64, so the value and its
+    ``int`` type are those of the Python arithmetic it replaces), the acting actor's ns per
+    operation (``VM._cost_ns``; :meth:`VM._set_actor` swaps it), the price of one event of each
+    operation (``VM._costs``) and whether the VM has event subscribers (each charge is then the
+    ``charge`` event). The core's paths charge through its C methods; ``VM._charge`` is
+    :meth:`charge`."""
+
+    def __init__(self, vm, dict prices, dict cost):
+        self.vm = vm
+        self.prices = prices
+        self.cost = cost
+        self.ns = 0
+        self.big = None
+        self.traced = False
+
+    cdef object now(self):
+        """The modeled ns (a Python int)."""
+        return self.ns if self.big is None else self.big
+
+    @property
+    def modeled_ns(self):
+        return self.ns if self.big is None else self.big
+
+    @modeled_ns.setter
+    def modeled_ns(self, value):
+        if type(value) is not int:
+            raise TypeError(f"modeled ns must be an int, not {type(value).__name__}")
+        cdef int64_t v
+        if _as_i64(value, &v):
+            self.ns = v
+            self.big = None
+        else:
+            self.big = value
+
+    def set_cost(self, dict cost):
+        """The acting actor's op -> ns dict from now on (``VM._set_actor``)."""
+        self.cost = cost
+
+    cdef int add_c(self, str op, int64_t ns) except -1:
+        """Add ``ns`` to ``op``'s cell of the acting actor and to the modeled ns."""
+        cdef int64_t t, c
+        cost = self.cost
+        old = cost.get(op)
+        if old is None:
+            cost[op] = ns
+        elif type(old) is int and _as_i64(old, &c) and not pkvm_add_ovf(c, ns, &c):
+            cost[op] = c
+        else:
+            cost[op] = old + ns
+        if self.big is None and not pkvm_add_ovf(self.ns, ns, &t):
+            self.ns = t
+        else:
+            self._add_big(ns)
+        return 0
+
+    cdef int _add_big(self, object ns) except -1:
+        t = (self.ns if self.big is None else self.big) + ns
+        self.modeled_ns = t  # back to the int64 slot if it fits again
+        return 0
+
+    cdef int add(self, str op, object ns) except -1:
+        """:meth:`add_c` for an int object ``ns`` of any size."""
+        cdef int64_t v
+        if type(ns) is int and _as_i64(ns, &v):
+            return self.add_c(op, v)
+        cost = self.cost
+        cost[op] = cost.get(op, 0) + ns
+        self._add_big(ns)
+        return 0
+
+    cdef int charge_c(self, str op, uint64_t n) except -1:
+        """``VM._charge``: ``n`` events of ``op`` at its price, on the acting actor (and the
+        ``charge`` event if traced)."""
+        cdef int64_t price, ns
+        p = self.prices[op]
+        if n <= <uint64_t>0x7FFFFFFFFFFFFFFF and type(p) is int and _as_i64(p, &price) \
+                and not pkvm_mul_ovf(price, <int64_t>n, &ns):
+            self.add_c(op, ns)
+            if self.traced:
+                self.vm._emit("charge", None, None, op, n, ns)
+            return 0
+        nso = p * n
+        self.add(op, nso)
+        if self.traced:
+            self.vm._emit("charge", None, None, op, n, nso)
+        return 0
+
+    cdef int charge_obj(self, str op, object n) except -1:
+        """:meth:`charge_c` for an int object ``n``."""
+        cdef int64_t v
+        if type(n) is int and _as_i64(n, &v) and v >= 0:
+            return self.charge_c(op, <uint64_t>v)
+        nso = self.prices[op] * n
+        self.add(op, nso)
+        if self.traced:
+            self.vm._emit("charge", None, None, op, n, nso)
+        return 0
+
+    def charge(self, str op, n):
+        """``VM._charge(op, n)``."""
+        self.charge_obj(op, n)
+
+    def __repr__(self):
+        return f"<pkvm Ledger modeled_ns={self.modeled_ns}>"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrPath, Counters, RangeMap
+from pkvm._core import AttrPath, Counters, Ledger, RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -166,7 +166,9 @@ class VM:
         self._actor = "vmm"
         self._cost_ns: dict[str, int] = {}
         self._actor_ns: dict[str, dict[str, int]] = {"vmm": self._cost_ns}
-        self._modeled_ns = 0
+        #: The modeled time, typed (pkvm/_ledger.pxi): ``_modeled_ns`` (a property) is its
+        #: total; it holds ``_costs`` and the acting actor's ``_cost_ns``; the core charges in C.
+        self._ledger = Ledger(self, self._costs, self._cost_ns)
         # Per-actor clocks (vm.clock): _actor_tot[a] is a's modeled ns up to its last switch
         # away; the acting actor's clock adds what was charged since _actor_mark. O(1) to read,
         # nothing to do per charge.
@@ -264,7 +266,16 @@ class VM:
     @property
     def modeled_ns(self) -> int:
         """Total modeled time of every completed operation, in ns."""
-        return self._modeled_ns
+        return self._ledger.modeled_ns
+
+    @property
+    def _modeled_ns(self) -> int:
+        """The modeled ns so far (the ledger's total; other layers read and set it)."""
+        return self._ledger.modeled_ns
+
+    @_modeled_ns.setter
+    def _modeled_ns(self, value: int) -> None:
+        self._ledger.modeled_ns = value
 
     def cost_breakdown(self) -> dict[str, int]:
         """Modeled ns per :mod:`pkvm.cost.model` operation (``npf_fault``, ``attr_store``, ...)."""
@@ -298,6 +309,7 @@ class VM:
             self._actor_mark = m
             self._actor = actor
             self._cost_ns = cells
+            self._ledger.set_cost(cells)
         return prev
 
     # -- the public actor and clock ------------------------------------------------------------
@@ -378,6 +390,7 @@ class VM:
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         sub = Subscription(self, callback, check_kinds(kinds))
         self._subs = (*(self._subs or ()), sub)
+        self._ledger.traced = True
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -395,6 +408,7 @@ class VM:
         if subs is not None and sub in subs:
             rest = tuple(s for s in subs if s is not sub)
             self._subs = rest or None
+            self._ledger.traced = self._subs is not None
 
     def _emit(self, kind: str, gfn_start: int | None = None, gfn_end: int | None = None, op: str | None = None,
               count: int = 0, ns: int = 0, result: object = None, args: tuple[object, ...] = ()) -> None:
@@ -469,11 +483,8 @@ class VM:
     # -- accounting ---------------------------------------------------------------------------
 
     def _charge(self, op: str, n: int) -> None:
-        ns = self._costs[op] * n
-        self._cost_ns[op] = self._cost_ns.get(op, 0) + ns
-        self._modeled_ns += ns
-        if self._subs is not None:
-            self._emit("charge", None, None, op, n, ns)
+        """``n`` events of ``op`` at their price, on the acting actor (the ``charge`` event)."""
+        self._ledger.charge(op, n)
 
     def _charge_alloc(self, npages: int, order: int) -> None:
         """Charge the allocation of ``npages`` pages in host pages / folios of ``order``."""
