@@ -190,3 +190,82 @@ def test_mmu_over_a_dict_counts_as_over_counters(ops: list[tuple[str, int, int]]
                 m.split_to(base, 1)
     assert {k: b._stats[k] for k in keys} == a._stats
     assert a.sptes.ranges() == b.sptes.ranges()
+
+
+# -- the modeled-time ledger ---------------------------------------------------------------------
+
+OPS = ("npf_fault", "attr_store", "rmpupdate")
+PRICES = st.integers(0, 60 * 10**9)  # whole ns of one event, up to the cost model's MAX_NS (60 s)
+COUNTS = st.integers(0, 1 << 40) | st.integers(0, (1 << 64) - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prices=st.tuples(PRICES, PRICES, PRICES),
+       calls=st.lists(st.tuples(st.sampled_from(OPS), COUNTS), max_size=30),
+       start=st.integers(-(1 << 70), 1 << 70))
+def test_ledger_adds_as_python_ints(prices, calls, start) -> None:
+    """Every charge adds price x n to the op's cell and to the total exactly as Python ints
+    would, past int64 included (the total is an int, never a float), in first-charge order."""
+    from pkvm._core import Ledger
+
+    table = dict(zip(OPS, prices))
+    cost: dict[str, int] = {}
+    led = Ledger(None, table, cost)
+    led.modeled_ns = start
+    want_cost: dict[str, int] = {}
+    want = start
+    for op, n in calls:
+        led.charge(op, n)
+        want_cost[op] = want_cost.get(op, 0) + table[op] * n
+        want += table[op] * n
+        assert type(led.modeled_ns) is int and led.modeled_ns == want
+    assert list(cost.items()) == list(want_cost.items())
+    assert all(type(v) is int for v in cost.values())
+
+
+def test_ledger_refusals_change_nothing() -> None:
+    from pkvm._core import Ledger
+
+    cost: dict[str, int] = {}
+    led = Ledger(None, {"npf_fault": 7}, cost)
+    led.charge("npf_fault", 3)
+    for bad in (1.0, "5", None):
+        with pytest.raises(TypeError, match="modeled ns must be an int"):
+            led.modeled_ns = bad  # type: ignore[assignment]
+    with pytest.raises(KeyError, match="vmexit"):
+        led.charge("vmexit", 1)
+    assert led.modeled_ns == 21 and cost == {"npf_fault": 21}
+
+
+def test_vm_modeled_time_past_int64_is_exact() -> None:
+    """A 60 s attr_store over 1 TiB three times: 4.8e19 ns, past int64, still an exact int
+    equal to the sum of the per-op cells."""
+    vm = pkvm.VM("sw_protected", costs={"attr_store": "60s"})
+    for i in range(3):
+        vm.set_memory_attributes(0, 1 << 40, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE if i % 2 == 0 else 0)
+    want = 3 * (1 << 28) * 60 * 10**9
+    assert vm.modeled_ns == want and type(vm.modeled_ns) is int and want > (1 << 63)
+    assert vm.cost_breakdown() == {"attr_store": want} and vm.clock() == want
+    vm._modeled_ns = 5  # other layers set it (the exit replay): back in the int64 slot
+    assert vm.modeled_ns == 5 and type(vm._modeled_ns) is int
+
+
+def test_charge_events_carry_the_same_numbers() -> None:
+    """With a subscriber, each C-path charge is the ``charge`` event (op, count, ns), and the
+    events' ns sum to the modeled time; after unsubscribing nothing is delivered."""
+    vm = pkvm.VM("sw_protected")
+    gmem = vm.create_guest_memfd(1 << 30)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 1 << 30, 1 << 40, gmem, 0)
+    vcpu = vm.create_vcpu()
+    seen: list = []
+    sub = vm.subscribe(seen.append, "charge")
+    t0 = vm.modeled_ns
+    vm.set_memory_attributes(0x5000, 4096, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vcpu.page_fault(0x5000, private=True)
+    assert {e.op for e in seen} >= {"attr_store", "npf_fault"}
+    assert sum(e.ns for e in seen) == vm.modeled_ns - t0
+    assert all(type(e.ns) is int and e.ns == vm.costs.ns(e.op, e.count) for e in seen if e.op != "remote_tlb_flush")
+    sub.close()
+    n = len(seen)
+    vcpu.page_fault(0x9000, private=False)
+    assert len(seen) == n and vm.modeled_ns > t0
