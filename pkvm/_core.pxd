@@ -210,4 +210,6 @@ cdef class Ledger:
     cdef int add_c(self, str op, int64_t ns) except -1
     cdef int _add_big(self, object ns) except -1
     cdef int charge_c(self, str op, uint64_t n) except -1
+    cdef int charge_p(self, str op, int64_t price, uint64_t n) except -1
+    cdef int _charge_slow(self, str op, object price, object n) except -1
     cdef int charge_obj(self, str op, object n) except -1

@@ -338,6 +338,7 @@ cdef class FaultPath:
     cdef dict d, costs, slots, armed
     cdef Counters stats
     cdef Ledger ledger
+    cdef int64_t p_npf          # the price of one npf_fault (-1: look it up per charge)
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef int host_level
@@ -365,6 +366,7 @@ cdef class FaultPath:
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
+        self.p_npf = _price(self.costs, "npf_fault")
         self.armed = d["_inject"]._armed
         shared = d["_shared"]
         self.shared = shared
@@ -649,7 +651,10 @@ cdef class FaultPath:
                 return _result(ret, f.level, <int64_t>f.gfn + f.delta)
             return _result(ret, None, None, None, None, f.errno if f.errno else (_F_ENOENT if ret == "emulate" else None))
         st.v[S_PF_TAKEN] += n
-        self._charge("npf_fault", n)
+        if self.p_npf >= 0:
+            self.ledger.charge_p("npf_fault", self.p_npf, n)
+        else:
+            self._charge("npf_fault", n)
         if fixed:
             st.v[S_PF_FIXED] += n
             return _result(ret, f.level, <int64_t>f.gfn + f.delta)

@@ -303,6 +303,7 @@ cdef class SnpPath:
     cdef dict d, costs, armed, dm_cnt
     cdef Counters stats
     cdef Ledger ledger
+    cdef int64_t p_rmpupdate    # the price of one rmpupdate (-1: look it up per charge)
     # the indices of SNP_STAT_KEYS' counters this path adds to (registered by snp_init_vm)
     cdef Py_ssize_t i_dm_splits, i_dm_unmaps, i_dm_restores, i_dm_cpa_calls, i_dm_tlb_flushes
     cdef Py_ssize_t i_sleep_atomic, i_rmpupdate, i_rmpupdate_2m, i_rmpupdate_failures
@@ -334,6 +335,7 @@ cdef class SnpPath:
         self.i_leaked_pages = ix["snp_leaked_pages"]
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
+        self.p_rmpupdate = _price(self.costs, "rmpupdate")
         self.armed = d["_inject"]._armed
         self.asid = snp.asid
         self.leaked = snp.leaked
@@ -526,7 +528,10 @@ cdef class SnpPath:
             st.v[self.i_rmpupdate] += <int64_t>done
             if level == 2:
                 st.v[self.i_rmpupdate_2m] += <int64_t>done
-            self._charge("rmpupdate", done)
+            if self.p_rmpupdate >= 0 and done >= 0:
+                self.ledger.charge_p("rmpupdate", self.p_rmpupdate, <uint64_t>done)
+            else:
+                self._charge("rmpupdate", done)
         if self.ledger.traced:
             span = done << (9 if level == 2 else 0)
             self.vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None,
@@ -679,6 +684,7 @@ cdef class GmemPath:
     cdef dict d, costs, armed
     cdef Counters stats
     cdef Ledger ledger
+    cdef int64_t p_alloc[3]     # the prices of gmem_alloc_4k / _2m / _1g (-1: look up per charge)
     cdef RangeMap used
     cdef int64_t hm_start, hm_end
     cdef int max_order, mode
@@ -697,6 +703,8 @@ cdef class GmemPath:
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
+        for k in range(3):
+            self.p_alloc[k] = _price(self.costs, _alloc_op(9 * k))
         self.armed = d["_inject"]._armed
         hm = d["_hostmem"]
         self.hm = hm
@@ -779,6 +787,8 @@ cdef class GmemPath:
         op = _alloc_op(order)
         if op is None:
             self.vm._charge_alloc(count << order, order)
+        elif self.p_alloc[order // 9] >= 0 and count >= 0:
+            self.ledger.charge_p(op, self.p_alloc[order // 9], <uint64_t>count)
         else:
             self._charge(op, count)
         return 0

@@ -339,18 +339,29 @@ cdef class Ledger:
     cdef int charge_c(self, str op, uint64_t n) except -1:
         """``VM._charge``: ``n`` events of ``op`` at its price, on the acting actor (and the
         ``charge`` event if traced)."""
-        cdef int64_t price, ns
+        cdef int64_t price
         p = self.prices[op]
-        if n <= <uint64_t>0x7FFFFFFFFFFFFFFF and type(p) is int and _as_i64(p, &price) \
-                and not pkvm_mul_ovf(price, <int64_t>n, &ns):
+        if type(p) is int and _as_i64(p, &price):
+            return self.charge_p(op, price, n)
+        return self._charge_slow(op, p, n)
+
+    cdef int charge_p(self, str op, int64_t price, uint64_t n) except -1:
+        """:meth:`charge_c` with the price of one event already known (a path reads the
+        prices it charges once, when it is built: the VM's prices are fixed by then)."""
+        cdef int64_t ns
+        if n <= <uint64_t>0x7FFFFFFFFFFFFFFF and not pkvm_mul_ovf(price, <int64_t>n, &ns):
             self.add_c(op, ns)
             if self.traced:
                 self.vm._emit("charge", None, None, op, n, ns)
             return 0
-        nso = p * n
-        self.add(op, nso)
+        return self._charge_slow(op, price, n)
+
+    cdef int _charge_slow(self, str op, object price, object n) except -1:
+        """A charge in Python ints (a product past int64)."""
+        ns = price * n
+        self.add(op, ns)
         if self.traced:
-            self.vm._emit("charge", None, None, op, n, nso)
+            self.vm._emit("charge", None, None, op, n, ns)
         return 0
 
     cdef int charge_obj(self, str op, object n) except -1:
@@ -358,11 +369,7 @@ cdef class Ledger:
         cdef int64_t v
         if type(n) is int and _as_i64(n, &v) and v >= 0:
             return self.charge_c(op, <uint64_t>v)
-        nso = self.prices[op] * n
-        self.add(op, nso)
-        if self.traced:
-            self.vm._emit("charge", None, None, op, n, nso)
-        return 0
+        return self._charge_slow(op, self.prices[op], n)
 
     def charge(self, str op, n):
         """``VM._charge(op, n)``."""
@@ -370,3 +377,13 @@ cdef class Ledger:
 
     def __repr__(self):
         return f"<pkvm Ledger modeled_ns={self.modeled_ns}>"
+
+
+cdef int64_t _price(dict prices, str op) except -2:
+    """The price of one event of ``op`` as an int64 for :meth:`Ledger.charge_p`, or -1 when
+    ``op`` has none or it does not fit (the caller then charges through ``charge_c``)."""
+    cdef int64_t v
+    p = prices.get(op)
+    if type(p) is int and _as_i64(p, &v) and v >= 0:
+        return v
+    return -1
