@@ -198,18 +198,37 @@ cdef class Counters:
 
 
 # -- the VM's modeled-time ledger (pkvm/_ledger.pxi) -------------------------------------------
+cdef class Cells
+
+
 cdef class Ledger:
     cdef int64_t ns                 # the modeled ns, while ``big`` is None
     cdef object big                 # the modeled ns as a Python int once it left int64, else None
-    cdef dict cost                  # the acting actor's op -> ns (VM._cost_ns)
+    cdef Cells cost                 # the acting actor's op -> ns (VM._cost_ns)
     cdef dict prices                # op -> ns of one event (VM._costs)
     cdef object vm                  # for the ``charge`` event
     cdef public bint traced         # VM._subs is not None
+    cdef dict opindex               # op -> its index in every Cells of this VM
+    cdef list opnames               # the ops, by index
+    cdef Py_ssize_t op_slot(self, str op) except -1
     cdef object now(self)
     cdef int add(self, str op, object ns) except -1
     cdef int add_c(self, str op, int64_t ns) except -1
+    cdef int add_i(self, Py_ssize_t i, int64_t ns) except -1
     cdef int _add_big(self, object ns) except -1
     cdef int charge_c(self, str op, uint64_t n) except -1
-    cdef int charge_p(self, str op, int64_t price, uint64_t n) except -1
+    cdef int charge_p(self, Py_ssize_t i, int64_t price, uint64_t n) except -1
     cdef int _charge_slow(self, str op, object price, object n) except -1
     cdef int charge_obj(self, str op, object n) except -1
+
+
+cdef class Cells:
+    cdef Ledger ledger              # the op index space
+    cdef int64_t *v                 # the values, by op index
+    cdef unsigned char *st          # 0: no cell, 1: in v, 2: in big (past int64)
+    cdef Py_ssize_t cap             # ops allocated
+    cdef list order                 # the ops that have a cell, in insertion order
+    cdef dict big                   # op -> Python int, for a cell past int64
+    cdef int grow(self, Py_ssize_t n) except -1
+    cdef Py_ssize_t _at(self, object op) except -2
+    cdef object _value(self, Py_ssize_t i, object op)

@@ -339,6 +339,7 @@ cdef class FaultPath:
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_npf          # the price of one npf_fault (-1: look it up per charge)
+    cdef Py_ssize_t i_npf       # its op index in the ledger
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef int host_level
@@ -367,6 +368,7 @@ cdef class FaultPath:
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
         self.p_npf = _price(self.costs, "npf_fault")
+        self.i_npf = self.ledger.op_slot("npf_fault")
         self.armed = d["_inject"]._armed
         shared = d["_shared"]
         self.shared = shared
@@ -652,7 +654,7 @@ cdef class FaultPath:
             return _result(ret, None, None, None, None, f.errno if f.errno else (_F_ENOENT if ret == "emulate" else None))
         st.v[S_PF_TAKEN] += n
         if self.p_npf >= 0:
-            self.ledger.charge_p("npf_fault", self.p_npf, n)
+            self.ledger.charge_p(self.i_npf, self.p_npf, n)
         else:
             self._charge("npf_fault", n)
         if fixed:

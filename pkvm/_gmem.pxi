@@ -304,6 +304,7 @@ cdef class SnpPath:
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_rmpupdate    # the price of one rmpupdate (-1: look it up per charge)
+    cdef Py_ssize_t i_rmpupdate_op  # its op index in the ledger
     # the indices of SNP_STAT_KEYS' counters this path adds to (registered by snp_init_vm)
     cdef Py_ssize_t i_dm_splits, i_dm_unmaps, i_dm_restores, i_dm_cpa_calls, i_dm_tlb_flushes
     cdef Py_ssize_t i_sleep_atomic, i_rmpupdate, i_rmpupdate_2m, i_rmpupdate_failures
@@ -336,6 +337,7 @@ cdef class SnpPath:
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
         self.p_rmpupdate = _price(self.costs, "rmpupdate")
+        self.i_rmpupdate_op = self.ledger.op_slot("rmpupdate")
         self.armed = d["_inject"]._armed
         self.asid = snp.asid
         self.leaked = snp.leaked
@@ -529,7 +531,7 @@ cdef class SnpPath:
             if level == 2:
                 st.v[self.i_rmpupdate_2m] += <int64_t>done
             if self.p_rmpupdate >= 0 and done >= 0:
-                self.ledger.charge_p("rmpupdate", self.p_rmpupdate, <uint64_t>done)
+                self.ledger.charge_p(self.i_rmpupdate_op, self.p_rmpupdate, <uint64_t>done)
             else:
                 self._charge("rmpupdate", done)
         if self.ledger.traced:
@@ -685,6 +687,7 @@ cdef class GmemPath:
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_alloc[3]     # the prices of gmem_alloc_4k / _2m / _1g (-1: look up per charge)
+    cdef Py_ssize_t i_alloc[3]  # their op indices in the ledger
     cdef RangeMap used
     cdef int64_t hm_start, hm_end
     cdef int max_order, mode
@@ -705,6 +708,7 @@ cdef class GmemPath:
         self.ledger = d["_ledger"]
         for k in range(3):
             self.p_alloc[k] = _price(self.costs, _alloc_op(9 * k))
+            self.i_alloc[k] = self.ledger.op_slot(_alloc_op(9 * k))
         self.armed = d["_inject"]._armed
         hm = d["_hostmem"]
         self.hm = hm
@@ -788,7 +792,7 @@ cdef class GmemPath:
         if op is None:
             self.vm._charge_alloc(count << order, order)
         elif self.p_alloc[order // 9] >= 0 and count >= 0:
-            self.ledger.charge_p(op, self.p_alloc[order // 9], <uint64_t>count)
+            self.ledger.charge_p(self.i_alloc[order // 9], self.p_alloc[order // 9], <uint64_t>count)
         else:
             self._charge(op, count)
         return 0

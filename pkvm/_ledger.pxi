@@ -267,19 +267,34 @@ cdef inline bint _as_i64(object x, int64_t *out) except -1:
 cdef class Ledger:
     """A VM's modeled time (``VM._ledger``): the total modeled ns (``VM._modeled_ns``, an
     int64 slot that becomes a Python int only if it ever leaves int64, so the value and its
-    ``int`` type are those of the Python arithmetic it replaces), the acting actor's ns per
-    operation (``VM._cost_ns``; :meth:`VM._set_actor` swaps it), the price of one event of each
-    operation (``VM._costs``) and whether the VM has event subscribers (each charge is then the
-    ``charge`` event). The core's paths charge through its C methods; ``VM._charge`` is
-    :meth:`charge`."""
+    ``int`` type are those of the Python arithmetic it replaces), the acting actor's
+    :class:`Cells` of ns per operation (``VM._cost_ns``; :meth:`VM._set_actor` swaps them), the
+    price of one event of each operation (``VM._costs``) and whether the VM has event
+    subscribers (each charge is then the ``charge`` event). The core's paths charge through its
+    C methods; ``VM._charge`` is :meth:`charge`."""
 
-    def __init__(self, vm, dict prices, dict cost):
-        self.vm = vm
-        self.prices = prices
-        self.cost = cost
+    def __cinit__(self, *args):
+        self.opindex = {}
+        self.opnames = []
+        self.cost = Cells(self)
+        self.prices = {}
         self.ns = 0
         self.big = None
         self.traced = False
+
+    def __init__(self, vm, dict prices not None):
+        self.vm = vm
+        self.prices = prices
+
+    cdef Py_ssize_t op_slot(self, str op) except -1:
+        """The index of ``op`` in every :class:`Cells` of this VM (registered if new)."""
+        i = self.opindex.get(op)
+        if i is not None:
+            return <Py_ssize_t>i
+        n = len(self.opnames)
+        self.opnames.append(op)
+        self.opindex[op] = n
+        return n
 
     cdef object now(self):
         """The modeled ns (a Python int)."""
@@ -300,21 +315,40 @@ cdef class Ledger:
         else:
             self.big = value
 
-    def set_cost(self, dict cost):
-        """The acting actor's op -> ns dict from now on (``VM._set_actor``)."""
+    @property
+    def cells(self):
+        """The acting actor's :class:`Cells` (``VM._cost_ns``)."""
+        return self.cost
+
+    def new_cells(self):
+        """An empty :class:`Cells` of this VM (a new actor's)."""
+        return Cells(self)
+
+    def set_cost(self, Cells cost not None):
+        """The acting actor's cells from now on (``VM._set_actor``)."""
+        if cost.ledger is not self:
+            raise ValueError("the cells belong to another VM's ledger")
         self.cost = cost
 
     cdef int add_c(self, str op, int64_t ns) except -1:
         """Add ``ns`` to ``op``'s cell of the acting actor and to the modeled ns."""
-        cdef int64_t t, c
-        cost = self.cost
-        old = cost.get(op)
-        if old is None:
-            cost[op] = ns
-        elif type(old) is int and _as_i64(old, &c) and not pkvm_add_ovf(c, ns, &c):
-            cost[op] = c
+        return self.add_i(self.op_slot(op), ns)
+
+    cdef int add_i(self, Py_ssize_t i, int64_t ns) except -1:
+        """:meth:`add_c` for the op of index ``i``."""
+        cdef Cells c = self.cost
+        cdef int64_t t
+        if i >= c.cap:
+            c.grow(i + 1)
+        if c.st[i] == 1 and not pkvm_add_ovf(c.v[i], ns, &t):
+            c.v[i] = t
+        elif c.st[i] == 0:
+            c.order.append(self.opnames[i])
+            c.v[i] = ns
+            c.st[i] = 1
         else:
-            cost[op] = old + ns
+            op = self.opnames[i]
+            c[op] = c[op] + ns
         if self.big is None and not pkvm_add_ovf(self.ns, ns, &t):
             self.ns = t
         else:
@@ -342,19 +376,20 @@ cdef class Ledger:
         cdef int64_t price
         p = self.prices[op]
         if type(p) is int and _as_i64(p, &price):
-            return self.charge_p(op, price, n)
+            return self.charge_p(self.op_slot(op), price, n)
         return self._charge_slow(op, p, n)
 
-    cdef int charge_p(self, str op, int64_t price, uint64_t n) except -1:
-        """:meth:`charge_c` with the price of one event already known (a path reads the
-        prices it charges once, when it is built: the VM's prices are fixed by then)."""
+    cdef int charge_p(self, Py_ssize_t i, int64_t price, uint64_t n) except -1:
+        """:meth:`charge_c` for the op of index ``i`` (:meth:`op_slot`) with the price of one
+        event already known (a path resolves the ops it charges once, when it is built: the
+        VM's prices are fixed by then)."""
         cdef int64_t ns
         if n <= <uint64_t>0x7FFFFFFFFFFFFFFF and not pkvm_mul_ovf(price, <int64_t>n, &ns):
-            self.add_c(op, ns)
+            self.add_i(i, ns)
             if self.traced:
-                self.vm._emit("charge", None, None, op, n, ns)
+                self.vm._emit("charge", None, None, self.opnames[i], n, ns)
             return 0
-        return self._charge_slow(op, price, n)
+        return self._charge_slow(self.opnames[i], price, n)
 
     cdef int _charge_slow(self, str op, object price, object n) except -1:
         """A charge in Python ints (a product past int64)."""
@@ -387,3 +422,183 @@ cdef int64_t _price(dict prices, str op) except -2:
     if type(p) is int and _as_i64(p, &v) and v >= 0:
         return v
     return -1
+
+
+@cython.final
+@cython.auto_pickle(False)  # a VM's live state: never pickled on its own
+cdef class Cells:
+    """One actor's modeled ns per operation (``VM._actor_ns[actor]``; the acting actor's is
+    ``VM._cost_ns``): a mutable mapping of op names to ints that behaves as the dict it
+    replaces (insertion order, a removed op re-inserted at the end, any int: a cell past int64
+    is kept as a Python int), with the values in a C array at the op indices of the VM's
+    :class:`Ledger`, which adds to them in C.
+
+    Raises (each refusal changes nothing): KeyError for an op without a cell; TypeError for
+    an op that is not a str or a value that is not an int (a bool, a float).
+    """
+
+    def __cinit__(self, *args):
+        self.v = NULL
+        self.st = NULL
+        self.cap = 0
+        self.order = []
+        self.big = {}
+
+    def __init__(self, Ledger ledger not None):
+        self.ledger = ledger
+
+    def __dealloc__(self):
+        free(self.v)
+        free(self.st)
+
+    cdef int grow(self, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap = max(n, 2 * self.cap, 16)
+        cdef int64_t *nv = <int64_t *>realloc(self.v, cap * sizeof(int64_t))
+        if nv == NULL:
+            raise MemoryError()
+        self.v = nv
+        cdef unsigned char *ns = <unsigned char *>realloc(self.st, cap)
+        if ns == NULL:
+            raise MemoryError()
+        self.st = ns
+        memset(ns + self.cap, 0, cap - self.cap)
+        self.cap = cap
+        return 0
+
+    cdef Py_ssize_t _at(self, object op) except -2:
+        """The index of ``op``'s cell, or -1 if it has none."""
+        if self.ledger is None:
+            raise TypeError("Cells(ledger) was not initialised")
+        i = self.ledger.opindex.get(op)
+        if i is None or <Py_ssize_t>i >= self.cap or not self.st[<Py_ssize_t>i]:
+            return -1
+        return <Py_ssize_t>i
+
+    cdef object _value(self, Py_ssize_t i, object op):
+        return self.v[i] if self.st[i] == 1 else self.big[op]
+
+    def __getitem__(self, op):
+        cdef Py_ssize_t i = self._at(op)
+        if i < 0:
+            raise KeyError(op)
+        return self._value(i, op)
+
+    def __setitem__(self, op, value):
+        if type(op) is not str:
+            raise TypeError(f"operation names must be str, not {type(op).__name__}")
+        if type(value) is not int:
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+                raise TypeError(f"modeled ns of {op!r} must be an int, not {type(value).__name__}")
+            value = operator.index(value)
+        cdef int64_t x
+        if self.ledger is None:
+            raise TypeError("Cells(ledger) was not initialised")
+        cdef Py_ssize_t i = self.ledger.op_slot(op)
+        if i >= self.cap:
+            self.grow(i + 1)
+        if not self.st[i]:
+            self.order.append(op)
+        if _as_i64(value, &x):
+            self.v[i] = x
+            self.st[i] = 1
+            self.big.pop(op, None)
+        else:
+            self.big[op] = value
+            self.st[i] = 2
+
+    def __delitem__(self, op):
+        cdef Py_ssize_t i = self._at(op)
+        if i < 0:
+            raise KeyError(op)
+        self.st[i] = 0
+        self.order.remove(op)
+        self.big.pop(op, None)
+
+    def __contains__(self, op):
+        return self._at(op) >= 0
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(tuple(self.order))
+
+    def get(self, op, default=None):
+        cdef Py_ssize_t i = self._at(op)
+        return default if i < 0 else self._value(i, op)
+
+    def keys(self):
+        return KeysView(self)
+
+    def values(self):
+        return ValuesView(self)
+
+    def items(self):
+        return ItemsView(self)
+
+    def copy(self):
+        """A plain dict of the cells."""
+        return {op: self[op] for op in self.order}
+
+    def pop(self, op, default=_NO_DEFAULT):
+        cdef Py_ssize_t i = self._at(op)
+        if i < 0:
+            if default is _NO_DEFAULT:
+                raise KeyError(op)
+            return default
+        value = self._value(i, op)
+        del self[op]
+        return value
+
+    def popitem(self):
+        if not self.order:
+            raise KeyError("popitem(): dictionary is empty")
+        op = self.order[len(self.order) - 1]
+        return op, self.pop(op)
+
+    def clear(self):
+        for op in tuple(self.order):
+            del self[op]
+
+    def setdefault(self, op, default=None):
+        if op in self:
+            return self[op]
+        self[op] = default
+        return self[op]
+
+    def update(self, other=(), **kwargs):
+        """``dict.update``; every pair is checked first, so a refused update changes nothing."""
+        if isinstance(other, Mapping):
+            pairs = list(other.items())
+        elif hasattr(other, "keys"):
+            pairs = [(k, other[k]) for k in other.keys()]
+        else:
+            pairs = [tuple(p) for p in other]
+        pairs.extend(kwargs.items())
+        for pair in pairs:
+            if len(pair) != 2:
+                raise ValueError(f"update needs (key, value) pairs, got {pair!r}")
+            op, value = pair
+            if type(op) is not str:
+                raise TypeError(f"operation names must be str, not {type(op).__name__}")
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+                raise TypeError(f"modeled ns of {op!r} must be an int, not {type(value).__name__}")
+        for op, value in pairs:
+            self[op] = value
+
+    def __eq__(self, other):
+        if isinstance(other, Mapping):
+            return self.copy() == dict(other)
+        return NotImplemented
+
+    def __ne__(self, other):
+        r = self.__eq__(other)
+        return r if r is NotImplemented else not r
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Cells({self.copy()!r})"
+
+
+MutableMapping.register(Cells)

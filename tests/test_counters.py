@@ -209,8 +209,8 @@ def test_ledger_adds_as_python_ints(prices, calls, start) -> None:
     from pkvm._core import Ledger
 
     table = dict(zip(OPS, prices))
-    cost: dict[str, int] = {}
-    led = Ledger(None, table, cost)
+    led = Ledger(None, table)
+    cost = led.cells
     led.modeled_ns = start
     want_cost: dict[str, int] = {}
     want = start
@@ -226,8 +226,8 @@ def test_ledger_adds_as_python_ints(prices, calls, start) -> None:
 def test_ledger_refusals_change_nothing() -> None:
     from pkvm._core import Ledger
 
-    cost: dict[str, int] = {}
-    led = Ledger(None, {"npf_fault": 7}, cost)
+    led = Ledger(None, {"npf_fault": 7})
+    cost = led.cells
     led.charge("npf_fault", 3)
     for bad in (1.0, "5", None):
         with pytest.raises(TypeError, match="modeled ns must be an int"):
@@ -269,3 +269,89 @@ def test_charge_events_carry_the_same_numbers() -> None:
     n = len(seen)
     vcpu.page_fault(0x9000, private=False)
     assert len(seen) == n and vm.modeled_ns > t0
+
+
+PRICE = {"npf_fault": 3, "attr_store": 100, "zap_spte": 7, "vmexit": 1}
+CELL_OPS = st.sampled_from(tuple(PRICE))
+BIG = st.integers(-(1 << 70), 1 << 70)
+
+
+class CellsVsDict(RuleBasedStateMachine):
+    """An actor's Cells and a dict driven by the same calls, the ledger's C adds among them,
+    stay equal, insertion order included (a removed op comes back at the end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pkvm._core import Ledger
+
+        self.led = Ledger(None, dict(PRICE))
+        self.c = self.led.cells
+        self.d: dict[str, int] = {}
+
+    @rule(op=CELL_OPS, n=COUNTS)
+    def charge(self, op: str, n: int) -> None:
+        self.led.charge(op, n)
+        self.d[op] = self.d.get(op, 0) + PRICE[op] * n
+
+    @rule(op=CELL_OPS, value=BIG)
+    def set(self, op: str, value: int) -> None:
+        self.c[op] = value
+        self.d[op] = value
+
+    @rule(op=CELL_OPS)
+    def delete(self, op: str) -> None:
+        if op in self.d:
+            del self.c[op]
+            del self.d[op]
+        else:
+            with pytest.raises(KeyError, match=op):
+                del self.c[op]
+
+    @rule(op=CELL_OPS, default=st.none() | SMALL)
+    def pop_get(self, op: str, default: int | None) -> None:
+        assert self.c.get(op, default) == self.d.get(op, default)
+        assert self.c.pop(op, default) == self.d.pop(op, default)
+
+    @rule()
+    def popitem(self) -> None:
+        if self.d:
+            assert self.c.popitem() == self.d.popitem()
+        else:
+            with pytest.raises(KeyError, match="empty"):
+                self.c.popitem()
+
+    @rule(op=CELL_OPS, bad=st.sampled_from([1.5, None, "1", True]))
+    def refused(self, op: str, bad: object) -> None:
+        with pytest.raises(TypeError, match="must be an int"):
+            self.c[op] = bad  # type: ignore[assignment]
+
+    @invariant()
+    def same(self) -> None:
+        assert list(self.c.items()) == list(self.d.items()) and self.c == self.d
+        assert len(self.c) == len(self.d) and bool(self.c) == bool(self.d)
+        assert all(type(v) is int for v in self.c.values())
+
+
+TestCellsVsDict = CellsVsDict.TestCase
+TestCellsVsDict.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def test_actor_cells_are_per_actor_and_typed() -> None:
+    """Each actor's cells are a Cells of the VM's ledger; cost_by_actor and cost_breakdown read
+    them as the dicts they were."""
+    from pkvm._core import Cells
+
+    vm = pkvm.VM("sw_protected")
+    vm.create_vcpu()
+    with vm.acting("vcpu0"):
+        vm._charge("vmexit", 2)
+    vm._charge("vmexit", 1)
+    vm._charge("npf_fault", 1)
+    assert all(type(c) is Cells for c in vm._actor_ns.values())
+    vmexit, npf = vm.costs.ns("vmexit"), vm.costs.ns("npf_fault")
+    assert vm.cost_by_actor() == {"vcpu0": {"vmexit": 2 * vmexit}, "vmm": {"vmexit": vmexit, "npf_fault": npf}}
+    assert vm.cost_breakdown() == {"vmexit": 3 * vmexit, "npf_fault": npf}
+    assert vm.clock("vcpu0") == 2 * vmexit and vm.modeled_ns == 3 * vmexit + npf
+    other = pkvm.VM("sw_protected")
+    with pytest.raises(ValueError, match="another VM's ledger"):
+        vm._ledger.set_cost(other._ledger.cells)

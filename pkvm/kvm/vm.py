@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrPath, Counters, Ledger, RangeMap
+from pkvm._core import AttrPath, Cells, Counters, Ledger, RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -162,13 +162,14 @@ class VM:
         self._costs = {op: model.ns(op) for op in CHARGED_OPS if op != "remote_tlb_flush"}
         self._flush_ns: dict[int, int] = {}
         self._attr_store_ns = self._costs["attr_store"]
-        # Modeled ns per actor and op: _cost_ns is the current actor's dict (see _set_actor).
-        self._actor = "vmm"
-        self._cost_ns: dict[str, int] = {}
-        self._actor_ns: dict[str, dict[str, int]] = {"vmm": self._cost_ns}
         #: The modeled time, typed (pkvm/_ledger.pxi): ``_modeled_ns`` (a property) is its
         #: total; it holds ``_costs`` and the acting actor's ``_cost_ns``; the core charges in C.
-        self._ledger = Ledger(self, self._costs, self._cost_ns)
+        self._ledger = Ledger(self, self._costs)
+        # Modeled ns per actor and op (Cells: mappings op -> ns, typed); _cost_ns is the current
+        # actor's (see _set_actor).
+        self._actor = "vmm"
+        self._cost_ns: Cells = self._ledger.cells
+        self._actor_ns: dict[str, Cells] = {"vmm": self._cost_ns}
         # Per-actor clocks (vm.clock): _actor_tot[a] is a's modeled ns up to its last switch
         # away; the acting actor's clock adds what was charged since _actor_mark. O(1) to read,
         # nothing to do per charge.
@@ -302,7 +303,7 @@ class VM:
         if actor != prev:
             cells = self._actor_ns.get(actor)
             if cells is None:
-                cells = self._actor_ns[actor] = {}
+                cells = self._actor_ns[actor] = self._ledger.new_cells()
                 self._actor_tot[actor] = 0
             m = self._modeled_ns
             self._actor_tot[prev] += m - self._actor_mark
