@@ -705,7 +705,9 @@ cdef class FaultPath:
         self._ops()
         if d["_sched"] is not None:
             return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
-        t0 = self.ledger.now()
+        cdef Ledger L = self.ledger
+        cdef int64_t t0 = L.ns  # the modeled ns at entry (t0big when past int64)
+        t0big = L.big
         cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
         self._begin(f)
         if not f.ret and self.armed and "mmu_topup" in self.armed:
@@ -719,7 +721,10 @@ cdef class FaultPath:
         if not f.ret:
             self._install(f)
         cdef FaultResult r = self._finish(f)
-        self._after(vcpu, f, r, gfn, private, write, self.ledger.now() - t0)
+        took = None  # the fault's modeled ns, made only for the fault event
+        if L.traced and not f.prefetch:
+            took = L.now() - (t0 if t0big is None else t0big)
+        self._after(vcpu, f, r, gfn, private, write, took)
         return f, r
 
     cdef inline int _mode(self, object cls) except -1:
