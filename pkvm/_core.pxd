@@ -204,6 +204,8 @@ cdef class Cells
 cdef class Ledger:
     cdef int64_t ns                 # the modeled ns, while ``big`` is None
     cdef object big                 # the modeled ns as a Python int once it left int64, else None
+    cdef object boxed               # the last int object now() made, for ``boxed_ns``
+    cdef int64_t boxed_ns
     cdef Cells cost                 # the acting actor's op -> ns (VM._cost_ns)
     cdef dict prices                # op -> ns of one event (VM._costs)
     cdef object vm                  # for the ``charge`` event

@@ -553,7 +553,7 @@ class ExitResult:
 # -- the VM's counters (pkvm/_ledger.pxi) ---------------------------------------------------------
 
 from collections.abc import ItemsView, Iterable, KeysView, MutableMapping, ValuesView
-from typing import NoReturn
+from typing import NoReturn, overload
 
 @final
 class Counters(MutableMapping[str, int]):
@@ -628,3 +628,13 @@ class Cells(MutableMapping[str, int]):
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
     __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class LedgerTotal:
+    """``VM._modeled_ns``: the total of the instance's ``_ledger``, read and set in C."""
+
+    @overload
+    def __get__(self, instance: None, owner: Any = None, /) -> LedgerTotal: ...
+    @overload
+    def __get__(self, instance: object, owner: Any = None, /) -> int: ...
+    def __set__(self, instance: object, value: int, /) -> None: ...

@@ -355,3 +355,21 @@ def test_actor_cells_are_per_actor_and_typed() -> None:
     other = pkvm.VM("sw_protected")
     with pytest.raises(ValueError, match="another VM's ledger"):
         vm._ledger.set_cost(other._ledger.cells)
+
+
+def test_vm_modeled_ns_is_the_ledger_total() -> None:
+    """``VM._modeled_ns`` reads and sets the ledger's total (the same int while nothing was
+    charged); a non-int is refused and changes nothing."""
+    from pkvm._core import LedgerTotal
+    from pkvm.kvm.vm import VM
+
+    assert isinstance(VM._modeled_ns, LedgerTotal)
+    vm = pkvm.VM("sw_protected")
+    vm._charge("vmexit", 3)
+    t = vm._modeled_ns
+    assert t == vm.modeled_ns == vm._ledger.modeled_ns == 3 * vm.costs.ns("vmexit") and type(t) is int
+    with pytest.raises(TypeError, match="modeled ns must be an int"):
+        vm._modeled_ns = 1.5  # type: ignore[assignment]
+    assert vm._modeled_ns == t
+    vm._modeled_ns = t + 10
+    assert vm.modeled_ns == t + 10 and vm.clock() == t + 10

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrPath, Cells, Counters, Ledger, RangeMap
+from pkvm._core import AttrPath, Cells, Counters, Ledger, LedgerTotal, RangeMap
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -269,14 +269,8 @@ class VM:
         """Total modeled time of every completed operation, in ns."""
         return self._ledger.modeled_ns
 
-    @property
-    def _modeled_ns(self) -> int:
-        """The modeled ns so far (the ledger's total; other layers read and set it)."""
-        return self._ledger.modeled_ns
-
-    @_modeled_ns.setter
-    def _modeled_ns(self, value: int) -> None:
-        self._ledger.modeled_ns = value
+    #: The modeled ns so far: the ledger's total, read and set in C (other layers use it).
+    _modeled_ns = LedgerTotal()
 
     def cost_breakdown(self) -> dict[str, int]:
         """Modeled ns per :mod:`pkvm.cost.model` operation (``npf_fault``, ``attr_store``, ...)."""
