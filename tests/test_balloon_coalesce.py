@@ -1,6 +1,8 @@
 """``balloon``'s coalescing of its chunks into runs (``pkvm.experiments.workloads._coalesce``,
 numpy for large rounds) gives the runs of the obvious loop, on both sides of its size cut."""
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -8,12 +10,11 @@ from pkvm.experiments.workloads import _coalesce
 
 
 def _reference(chunks):
+    """Consecutive numbers share ``c - position``: one group per run."""
     runs = []
-    for c in chunks:
-        if runs and runs[-1][1] == c:
-            runs[-1] = (runs[-1][0], c + 1)
-        else:
-            runs.append((c, c + 1))
+    for _key, group in itertools.groupby(enumerate(chunks), key=lambda ic: ic[1] - ic[0]):
+        members = [c for _i, c in group]
+        runs.append((members[0], members[-1] + 1))
     return runs
 
 
