@@ -111,6 +111,35 @@ cdef class SchedActor:
         self.charge_to = name if vcpu else "vmm"
 
 
+cdef inline Ledger _hook_ledger(SchedHooks h):
+    """``h.vm``'s :class:`Ledger` while its total is an int64 (None: read ``vm._modeled_ns``)."""
+    cdef Ledger led = h._led
+    if led is None or led.vm is not h.vm:
+        v = getattr(h.vm, "_ledger", None)
+        led = h._led = v if type(v) is Ledger else None
+        if led is not None and led.vm is not h.vm:
+            led = h._led = None
+    if led is not None and led.big is None:
+        return led
+    return None
+
+
+cdef inline long long _vm_ns(SchedHooks h) except? -1:
+    """``<long long>h.vm._modeled_ns``, read from the VM's ledger in C."""
+    cdef Ledger led = _hook_ledger(h)
+    if led is not None:
+        return led.ns
+    return <long long>h.vm._modeled_ns
+
+
+cdef inline int _vm_ns_is(SchedHooks h, long long mark) except -1:
+    """``h.vm._modeled_ns == mark``, read from the VM's ledger in C."""
+    cdef Ledger led = _hook_ledger(h)
+    if led is not None:
+        return led.ns == mark
+    return h.vm._modeled_ns == mark
+
+
 @cython.auto_pickle(False)
 cdef class SchedHooks:
     """The hot hooks of :class:`pkvm.sim.Timeline` (its base class; see that class).
@@ -131,6 +160,8 @@ cdef class SchedHooks:
     # spinning vCPU waits on (None while none waits), the actors by name
     cdef public object env, _t0, _main, _greenlet, _changed
     cdef public dict _actors
+    # vm's Ledger, read in C by _vm_ns / _vm_ns_is (taken again whenever vm is another object)
+    cdef Ledger _led
 
     def acquire(self, lock, mode=1):
         """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
@@ -146,7 +177,7 @@ cdef class SchedHooks:
             return 0
         lk = <LockState?>self.locks[lock]
         if self._active <= a.in_task and not lk.locked:
-            a.held.append((lock, mode, self._now0 + <long long>self.vm._modeled_ns - self._mark))
+            a.held.append((lock, mode, self._now0 + _vm_ns(self) - self._mark))
             a.fast += 1
             lk.stats.acquisitions += 1
             return 0
@@ -187,7 +218,7 @@ cdef class SchedHooks:
             return 0
         a.fast -= 1
         vm = self.vm
-        held_ns = self._now0 + <long long>vm._modeled_ns - self._mark - <long long>t  # now_ns - t
+        held_ns = self._now0 + _vm_ns(self) - self._mark - <long long>t  # now_ns - t
         if vm._subs is not None:
             vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
         lk = self.locks[lock]
@@ -210,7 +241,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         if a is None:
             return (self._idle_now_ns(), 0)
-        return (self._now0 + <long long>self.vm._modeled_ns - self._mark, a.wait)  # now_ns
+        return (self._now0 + _vm_ns(self) - self._mark, a.wait)  # now_ns
 
     def latency_end(self, kind, begin, n=1):
         """Add the sample begun at ``begin`` to distribution ``kind``; ``n`` > 1: it stands
@@ -221,7 +252,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         if a is None:
             return 0
-        total = self._now0 + <long long>self.vm._modeled_ns - self._mark - begin[0]  # now_ns
+        total = self._now0 + _vm_ns(self) - self._mark - begin[0]  # now_ns
         w = a.wait - begin[1]
         cdef DistState d = <DistState?>self.latency[kind]
         log = self.latency_log
@@ -275,7 +306,7 @@ cdef class SchedHooks:
         if (self._active <= a.in_task and not a.stall_debt and self.recorder is None
                 and self._queue_empty()):
             self._skipped = True  # Timeline.serialize: the work pending since this point
-            self._vis = <long long>self.vm._modeled_ns
+            self._vis = _vm_ns(self)
             return 0
         self._sync_c()
         return 0
@@ -336,7 +367,7 @@ cdef class SchedHooks:
     cdef int _sync_c(self) except -1:
         """Advance the running actor's clock to its pending work (a round trip to SimPy)."""
         cdef SchedActor a = self._current
-        if a is None or (self.vm._modeled_ns == self._mark and not a.stall_debt):
+        if a is None or (_vm_ns_is(self, self._mark) and not a.stall_debt):
             return 0
         self._switch_c(a, (_SCHED_SYNC, self._take_c()))
         return 0
@@ -378,7 +409,7 @@ cdef class SchedHooks:
         """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
         cdef SchedActor target = self._actors[name]
         cdef SchedActor a = self._current
-        if a is not None and (self.vm._modeled_ns != self._mark or a.stall_debt):
+        if a is not None and (not _vm_ns_is(self, self._mark) or a.stall_debt):
             self._sync_c()  # the task starts at the caller's clock
         while target.task is not None or not target.idle.triggered:
             self._wait_c(target.idle, True, False)
