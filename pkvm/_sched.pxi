@@ -116,12 +116,8 @@ cdef inline Ledger _hook_ledger(SchedHooks h):
     cdef Ledger led = h._led
     if led is None or led.vm is not h.vm:
         v = getattr(h.vm, "_ledger", None)
-        led = h._led = v if type(v) is Ledger else None
-        if led is not None and led.vm is not h.vm:
-            led = h._led = None
-    if led is not None and led.big is None:
-        return led
-    return None
+        led = h._led = v if type(v) is Ledger and (<Ledger>v).vm is h.vm else None
+    return led if led is not None and led.big is None else None
 
 
 cdef inline long long _vm_ns(SchedHooks h) except? -1:
