@@ -125,6 +125,7 @@ cdef class RangeMap:
     # -- internals ---------------------------------------------------------------------------
     cdef Leaf *_descend(self, uint64_t key, Path *path) noexcept nogil
     cdef int _reserve(self) except -1 nogil
+    cdef int _reserve_n(self, int n) except -1 nogil
     cdef int _refill(self) except -1 nogil
     cdef int _assign_slow(self, uint64_t start, uint64_t end, uint64_t value) except -1 nogil
     cdef void _remove_leaf(self, Leaf *leaf, Path *path) noexcept nogil

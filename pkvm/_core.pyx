@@ -799,6 +799,42 @@ cdef class RangeMap:
             return 0
         return self._refill()
 
+    cdef int _reserve_n(self, int n) except -1 nogil:
+        """Top the pools up for ``n`` assigns in a row (n >= 1): each assign's own ``_reserve``
+        then finds enough spare nodes and allocates nothing, so ``n`` assigns after this one
+        call cannot fail (a caller that must write the map several times for one change)."""
+        cdef Leaf *lf
+        cdef Inner *nd
+        cdef uint64_t *v
+        # Each assign may add an inner level: size the inner pool for the height n assigns
+        # could reach.
+        while self.n_pool_leaves < 4 * n:
+            lf = <Leaf*>malloc(sizeof(Leaf))
+            if lf == NULL:
+                with gil:
+                    raise MemoryError("RangeMap: out of memory allocating a leaf")
+            lf.vals = NULL
+            lf.next = self.pool_leaves
+            self.pool_leaves = lf
+            self.n_pool_leaves += 1
+        while self.n_pool_inner < n * (3 * (self.height + n) + 8):
+            nd = <Inner*>malloc(sizeof(Inner))
+            if nd == NULL:
+                with gil:
+                    raise MemoryError("RangeMap: out of memory allocating an inner node")
+            nd.children[0] = <void*>self.pool_inner
+            self.pool_inner = nd
+            self.n_pool_inner += 1
+        while self.n_pool_vals < 16 * n:
+            v = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
+            if v == NULL:
+                with gil:
+                    raise MemoryError("RangeMap: out of memory allocating a value array")
+            v[0] = <uint64_t><size_t>self.pool_vals
+            self.pool_vals = v
+            self.n_pool_vals += 1
+        return 0
+
     cdef int _refill(self) except -1 nogil:
         cdef Leaf *lf
         cdef Inner *nd

@@ -391,7 +391,7 @@ cdef class SnpPath:
         """``rmp.lookup(pfn).assigned``."""
         if self.rmp is None or pfn >= self.rmp.max_pfn_:
             return 1 if self.rmp_obj.lookup(pfn).assigned else 0
-        return rangemap_get(self.rmp.own, pfn) != 0
+        return rangemap_get(self.rmp.ent, pfn) & 1
 
     cdef int64_t _find_assigned(self, uint64_t pfn, uint64_t n, bint assigned) except -2:
         """``rmp.find_ne(pfn, n, assigned=not assigned)``: the first pfn of the range that is

@@ -3,39 +3,49 @@
 # ---------------------------------------------------------------------------------------------
 #
 # One logical RMP entry per 4K host page (docs/kernel-semantics.md §5.1): assigned, page size
-# (4K/2M), ASID, GPA, immutable, validated, VMSA. Nothing is stored per page. Each field lives on
-# its own RangeMap keyed by pfn, so a run of pages whose field values are equal is one run:
+# (4K/2M), ASID, GPA, immutable, validated, VMSA. Nothing is stored per page. The whole entry is
+# packed into one 64-bit word on one RangeMap keyed by pfn (``ent``), so a run of pages whose
+# entries are equal is one run, and an instruction that changes entries writes one map:
 #
-#   own    ownership word, default 0 = hypervisor-owned:
-#            bit  0      assigned (always 1 in a stored run)
+#   ent    entry word, default 0 = hypervisor-owned 4K entry:
+#            bit  0      assigned
 #            bits 1..16  ASID (< 2**16)
-#            bits 17..20 zero
+#            bit  17     page size 2M (the pagesize bit)
+#            bit  18     immutable
+#            bit  19     validated
+#            bit  20     VMSA
 #            bits 21..63 gfn - pfn as a 43-bit two's-complement delta
+#          Bits 0..16 and 21..63 are the ownership word (``own``: what ``_own_word`` builds).
 #          Storing the delta instead of the GPA makes linearly mapped pages (gfn = pfn + c)
 #          share one word, so a guest whose memory is physically contiguous is one run however
-#          large it is. Unassigned entries have GPA 0 and ASID 0 (RMPUPDATE rejects anything
-#          else, see docs/snp-rmp.md), hence the single default word 0.
-#   size   1 where the entry is 2M (pagesize bit), else 0
-#   imm    1 where immutable
-#   valid  1 where validated
-#   vmsa   1 where the VMSA bit is set
+#          large it is. Unassigned entries have GPA 0, ASID 0 (RMPUPDATE rejects anything
+#          else, see docs/snp-rmp.md) and no immutable / validated / VMSA bit, so their word is
+#          0, or just the pagesize bit for an unassigned 2M entry.
 #   lock   1 while the entry is "in use" by another CPU: not RMP state, the hook that makes
-#          FAIL_INUSE reachable (the later timeline mode sets it between interleaved steps)
+#          FAIL_INUSE reachable (the later timeline mode sets it between interleaved steps);
+#          a map of its own so that the entry words stay one run where nothing is locked,
+#          and an empty lock map is skipped with one test.
 #
-# A 2M RMP entry is 512 consecutive 4K entries with size = 1 starting at a 2M-aligned pfn, equal
-# in every field (their GPAs advance page by page, which the delta encoding stores as one word).
-# The authoritative page size of a pfn is that of the 2M-aligned entry (§5.1,
+# A 2M RMP entry is 512 consecutive 4K entries with the pagesize bit starting at a 2M-aligned
+# pfn, equal in every field (their GPAs advance page by page, which the delta encoding stores as
+# one word). The authoritative page size of a pfn is that of the 2M-aligned entry (§5.1,
 # __snp_lookup_rmpentry); the invariant below makes it equal to the pfn's own.
 #
-# Every instruction writes each field map at most once, over one half-open range, after all the
-# maps it writes were reserved: a MemoryError can only happen before anything changed.
+# Every instruction checks the unchanged table first, then writes ``ent``: once over one
+# half-open range for RMPUPDATE (twice where a 4K update cuts an unassigned 2M entry: the rest
+# of that entry is demoted to 4K), once per stored run it changes for PSMASH, PVALIDATE and the
+# firmware updates (they change some bits of each run and keep the others). The pools are
+# reserved for all of an instruction's writes before the first (``RangeMap._reserve_n``), so a
+# MemoryError can only happen before anything changed; an update of more than _RMW_UNITS runs
+# is written _RMW_UNITS runs at a time, each group reserved before it is written.
 #
 # Invariants (RmpTable._check):
-# - every map is a valid RangeMap and covers only pfns below max_pfn;
-# - own: every stored word has the assigned bit, bits 17..20 clear and a gfn below 2**40;
-# - size runs start and end on 2M boundaries; inside them every other field map changes value
-#   only on 2M boundaries (a 2M entry is uniform except for its per-page GPA);
-# - imm, valid and vmsa are set only on assigned entries; vmsa only on 4K entries;
+# - both maps are valid RangeMaps and cover only pfns below max_pfn;
+# - ent: every stored word either has the assigned bit, with a gfn below 2**40 at both ends of
+#   its run, or is exactly the pagesize bit (an unassigned 2M entry);
+# - a run with the pagesize bit starts and ends on 2M boundaries (so a 2M entry is uniform
+#   except for its per-page GPA, and 2M entries are whole aligned 512-page groups);
+# - no run has both the pagesize and the VMSA bit (VMSA pages are 4K);
 # - lock stores only the value 1.
 
 from collections import namedtuple
@@ -46,6 +56,15 @@ cdef enum:
     _OWN_ASID_SHIFT = 1
     _OWN_DELTA_SHIFT = 21
     _MASK_2M = 511
+    _RMW_UNITS = 8               # runs an RMW writes per pool reservation (see the header)
+
+# The flag bits of an entry word (the header above); _E_FLAGS covers them all.
+cdef enum:
+    _E_SIZE = 0x20000            # 1 << 17
+    _E_IMM = 0x40000             # 1 << 18
+    _E_VALID = 0x80000           # 1 << 19
+    _E_VMSA = 0x100000           # 1 << 20
+    _E_FLAGS = 0x1E0000          # bits 17..20
 
 # Hardware return codes (AMD APM vol. 3 / kernel-semantics.md §5.3, §5.4, §5.6) and pkvm's fault outcomes;
 # pkvm/platforms/snp_constants.py exports the same numbers to Python.
@@ -84,6 +103,14 @@ _RMP_COUNTER_NAMES = (
     "pvalidate_fail_input", "pvalidate_fail_sizemismatch", "pvalidate_fail_noupdate",
     "pvalidate_npf_rmp", "pvalidate_npf_sizem",
 )
+
+# RmpTable._scan kinds (what makes an entry word "bad")
+cdef enum:
+    _K_UPD4K = 0
+    _K_UPD2M = 1
+    _K_SMASH = 2
+    _K_IMM = 3
+    _K_NE = 4
 
 # RmpMatch.fields bits
 cdef enum:
@@ -212,80 +239,98 @@ cdef class RmpTable:
         if m & _MASK_2M:
             raise ValueError(f"max_pfn {m:#x} is not a multiple of 512 (whole 2M entries)")
         self.max_pfn_ = m
-        self.own = RangeMap(0, _fanout=_fanout)
-        self.size = RangeMap(0, _fanout=_fanout)
-        self.imm = RangeMap(0, _fanout=_fanout)
-        self.valid = RangeMap(0, _fanout=_fanout)
-        self.vmsa = RangeMap(0, _fanout=_fanout)
+        self.ent = RangeMap(0, _fanout=_fanout)
         self.lock = RangeMap(0, _fanout=_fanout)
         memset(self.cnt, 0, sizeof(self.cnt))
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    cdef int _reserve_all(self) except -1 nogil:
-        """Top up every field map's node pool: after this, one assign per map cannot fail."""
-        self.own._reserve()
-        self.size._reserve()
-        self.imm._reserve()
-        self.valid._reserve()
-        self.vmsa._reserve()
-        return 0
-
     cdef bint _is_2m_c(self, uint64_t pfn) noexcept nogil:
         """The authoritative page size of ``pfn``: that of its 2M-aligned entry (§5.1)."""
-        return self.size._get_c(pfn & ~(<uint64_t>_MASK_2M)) != 0
+        return self.ent._get_c(pfn & ~(<uint64_t>_MASK_2M)) & _E_SIZE != 0
 
     cdef RmpSeg _seg_c(self, uint64_t pfn, uint64_t limit) noexcept nogil:
         """The fields at ``pfn`` and how far (up to ``limit``) they all stay the same."""
         cdef RmpSeg s
-        cdef Run r
-        cdef uint64_t e = limit
-        r = self.own._run_at_c(pfn)
-        s.own = r.value
-        e = _umin(e, r.end)
-        r = self.size._run_at_c(pfn)
-        s.size = r.value
-        e = _umin(e, r.end)
-        r = self.imm._run_at_c(pfn)
-        s.imm = r.value
-        e = _umin(e, r.end)
-        r = self.valid._run_at_c(pfn)
-        s.valid = r.value
-        e = _umin(e, r.end)
-        r = self.vmsa._run_at_c(pfn)
-        s.vmsa = r.value
+        cdef Run r = self.ent._run_at_c(pfn)
+        cdef uint64_t w = r.value
+        s.own = w & ~(<uint64_t>_E_FLAGS)
+        s.size = (w >> 17) & 1
+        s.imm = (w >> 18) & 1
+        s.valid = (w >> 19) & 1
+        s.vmsa = (w >> 20) & 1
         s.start = pfn
-        s.end = _umin(e, r.end)
+        s.end = _umin(limit, r.end)
         return s
 
-    cdef int _first_owned_4k(self, uint64_t s, uint64_t e, uint64_t *found) noexcept nogil:
-        """First pfn of ``[s, e)`` assigned with page size 4K; 1 if any. O((k + 1) log n)."""
+    cdef bint _locked(self, uint64_t s, uint64_t e, uint64_t *found) noexcept nogil:
+        """First locked pfn of ``[s, e)``; 1 if any (one test while nothing is locked)."""
+        return self.lock.count != 0 and self.lock._find_ne_c(s, e, 0, found)
+
+    cdef int _scan(self, uint64_t s, uint64_t e, int kind, uint64_t want,
+                   uint64_t *found) noexcept nogil:
+        """First pfn of ``[s, e)`` whose entry word ``w`` is "bad" for ``kind``; 1 if any.
+
+        ``_K_UPD4K``: immutable, or assigned 2M (a 4K RMPUPDATE fails there);
+        ``_K_UPD2M``: immutable, or assigned 4K (a 2M RMPUPDATE fails there);
+        ``_K_SMASH``: not 2M, or immutable (PSMASH fails there);
+        ``_K_IMM``: immutable; ``_K_NE``: ``w & ~VMSA != want``.
+        One run descent per stored run (and gap) crossed: O((k + 1) log n).
+        """
         cdef Run r
-        cdef uint64_t cur = s, a, b
+        cdef uint64_t cur = s, w
+        cdef bint bad
         while cur < e:
-            r = self.own._next_run_c(cur)
-            if r.start >= e:
-                return 0
-            a = _umax(r.start, cur)
-            b = _umin(r.end, e)
-            if self.size._find_ne_c(a, b, 1, found):
+            r = self.ent._run_at_c(cur)
+            w = r.value
+            if kind == _K_UPD4K:
+                bad = (w & _E_IMM) != 0 or (w & (1 | _E_SIZE)) == (1 | _E_SIZE)
+            elif kind == _K_UPD2M:
+                bad = (w & _E_IMM) != 0 or (w & (1 | _E_SIZE)) == 1
+            elif kind == _K_SMASH:
+                bad = (w & _E_IMM) != 0 or (w & _E_SIZE) == 0
+            elif kind == _K_IMM:
+                bad = (w & _E_IMM) != 0
+            else:
+                bad = (w & ~(<uint64_t>_E_VMSA)) != want
+            if bad:
+                found[0] = cur
                 return 1
-            cur = b
+            cur = r.end
         return 0
 
-    cdef int _first_owned_2m(self, uint64_t s, uint64_t e, uint64_t *found) noexcept nogil:
-        """First pfn of ``[s, e)`` assigned with page size 2M; 1 if any. O((k + 1) log n)."""
+    cdef int _rmw(self, uint64_t s, uint64_t e, uint64_t clear, uint64_t set_) except -1 nogil:
+        """``w := (w & ~clear) | set_`` on every stored run of ``[s, e)`` (gaps, words 0,
+        are left alone: callers only set bits on assigned entries or clear them).
+
+        The pools are reserved for the writes before the first (``_RMW_UNITS`` at a time)."""
         cdef Run r
-        cdef uint64_t cur = s, a, b
+        cdef uint64_t cur = s, nw, a, b
+        cdef int k = 0, j
+        # How many runs change: that many assigns to reserve for.
         while cur < e:
-            r = self.size._next_run_c(cur)
+            r = self.ent._next_run_c(cur)
             if r.start >= e:
-                return 0
-            a = _umax(r.start, cur)
-            b = _umin(r.end, e)
-            if self.own._find_ne_c(a, b, 0, found):
-                return 1
-            cur = b
+                break
+            if (r.value & ~clear) | set_ != r.value:
+                k += 1
+            cur = r.end
+        cur = s
+        while k > 0 and cur < e:
+            self.ent._reserve_n(_RMW_UNITS if k > _RMW_UNITS else k)
+            k -= _RMW_UNITS
+            for j in range(_RMW_UNITS):
+                r = self.ent._next_run_c(cur)
+                while r.start < e and (r.value & ~clear) | set_ == r.value:
+                    r = self.ent._next_run_c(r.end)
+                if r.start >= e:
+                    cur = e
+                    break
+                a = _umax(r.start, cur)
+                b = _umin(r.end, e)
+                nw = (r.value & ~clear) | set_
+                self.ent._assign_c(a, b, nw)
+                cur = b
         return 0
 
     # -- instructions (C level) ------------------------------------------------------------------
@@ -309,7 +354,7 @@ cdef class RmpTable:
         A 4K update inside an unassigned 2M entry succeeds and demotes the rest of that entry to
         unassigned 4K entries. Every instruction writes only its own page(s), so the first
         failure is found on the unchanged table and the successful prefix is written with one
-        assign per field map.
+        assign of the entry map (two when it demotes an unassigned 2M entry).
         """
         cdef uint64_t e = pfn + npages, m = e, f, x, lo, hi, r, word
         cdef int code = 0
@@ -328,53 +373,55 @@ cdef class RmpTable:
             # Instructions run in pfn order and only the demotion of an unassigned 2M entry
             # touches other pfns (and cannot create a failure), so the first failing pfn is
             # the first pfn that fails on the current table. Shrinking the search keeps the
-            # priority order for a pfn that fails several checks.
-            if self.lock._find_ne_c(pfn, m, 0, &x):
+            # priority order for a pfn that fails several checks (the lock first, then an
+            # immutable entry, then an assigned 2M one).
+            if self._locked(pfn, m, &x):
                 m = x
                 code = _RMP_FAIL_INUSE
-            if self.imm._find_ne_c(pfn, m, 0, &x):
+            if self._scan(pfn, m, _K_UPD4K, 0, &x):
                 m = x
-                code = _RMP_FAIL_PERMISSION
-            if self._first_owned_2m(pfn, m, &x):
-                m = x
-                code = _RMP_FAIL_OVERLAP
+                code = (_RMP_FAIL_PERMISSION if self.ent._get_c(x) & _E_IMM
+                        else _RMP_FAIL_OVERLAP)
             f = m
         else:
             # A 2M instruction fails if any pfn of its region does; the first region holding
             # a failing pfn is the first failing instruction; its code is the highest-priority
             # check that fails anywhere in it.
-            if self.lock._find_ne_c(pfn, m, 0, &x):
+            if self._locked(pfn, m, &x):
                 m = x
-            if self.imm._find_ne_c(pfn, m, 0, &x):
-                m = x
-            if self._first_owned_4k(pfn, m, &x):
+            if self._scan(pfn, m, _K_UPD2M, 0, &x):
                 m = x
             f = e
             if m < e:
                 f = r = m & ~(<uint64_t>_MASK_2M)
-                if self.lock._find_ne_c(r, r + RMP_PAGES_2M, 0, &x):
+                if self._locked(r, r + RMP_PAGES_2M, &x):
                     code = _RMP_FAIL_INUSE
-                elif self.imm._find_ne_c(r, r + RMP_PAGES_2M, 0, &x):
+                elif self._scan(r, r + RMP_PAGES_2M, _K_IMM, 0, &x):
                     code = _RMP_FAIL_PERMISSION
                 else:
                     code = _RMP_FAIL_OVERLAP
         if f > pfn:
             word = _own_word(pfn, asid, gfn) if assigned else 0
+            if big:
+                word |= _E_SIZE
+            if immutable:
+                word |= _E_IMM
             lo = pfn
             hi = f
             if not big:
                 # Unassigned 2M entries cut by the written pages become 4K entries (§5.3 is
-                # silent; see docs/snp-rmp.md). Assigned ones failed with FAIL_OVERLAP above.
-                if self.size._get_c(pfn):
+                # silent; see docs/snp-rmp.md). Assigned ones failed with FAIL_OVERLAP above,
+                # so the cut entries' words are exactly the pagesize bit.
+                if self.ent._get_c(pfn) & _E_SIZE:
                     lo = pfn & ~(<uint64_t>_MASK_2M)
-                if self.size._get_c(f - 1):
+                if self.ent._get_c(f - 1) & _E_SIZE:
                     hi = ((f - 1) | _MASK_2M) + 1
-            self._reserve_all()
-            self.own._assign_c(pfn, f, word)
-            self.size._assign_c(lo, hi, 1 if big else 0)
-            self.imm._assign_c(pfn, f, 1 if immutable else 0)
-            self.valid._assign_c(pfn, f, 0)
-            self.vmsa._assign_c(pfn, f, 0)
+            if word == 0 or (lo == pfn and hi == f):
+                self.ent._assign_c(lo, hi, word)
+            else:
+                self.ent._reserve_n(2)
+                self.ent._assign_c(lo, hi, 0)
+                self.ent._assign_c(pfn, f, word)
             res.done = (f - pfn) >> 9 if big else f - pfn
             self.cnt[_C_RMPUPDATE] += res.done
             if big:
@@ -404,23 +451,20 @@ cdef class RmpTable:
             res.code = _RMP_FAIL_INPUT
             self.cnt[_C_PSMASH_FAIL + _RMP_FAIL_INPUT - 1] += 1
             return 0
-        if self.size._find_ne_c(pfn, m, 1, &x):
+        if self._scan(pfn, m, _K_SMASH, 0, &x):
             m = x
-        if self.lock._find_ne_c(pfn, m, 0, &x):
-            m = x
-        if self.imm._find_ne_c(pfn, m, 0, &x):
+        if self._locked(pfn, m, &x):
             m = x
         if m < e:
             f = r = m & ~(<uint64_t>_MASK_2M)
-            if not self.size._get_c(r):
+            if not self.ent._get_c(r) & _E_SIZE:
                 code = _RMP_FAIL_INPUT
-            elif self.lock._find_ne_c(r, r + RMP_PAGES_2M, 0, &x):
+            elif self._locked(r, r + RMP_PAGES_2M, &x):
                 code = _RMP_FAIL_INUSE
             else:
                 code = _RMP_FAIL_PERMISSION
         if f > pfn:
-            self.size._reserve()
-            self.size._assign_c(pfn, f, 0)
+            self._rmw(pfn, f, _E_SIZE, 0)
             res.done = (f - pfn) >> 9
             self.cnt[_C_PSMASH] += res.done
         if code:
@@ -446,7 +490,7 @@ cdef class RmpTable:
         For 2M the hardware checks the 2M-aligned entry; a 2M entry is uniform, so the region
         of the first pfn failing any check is the first failing instruction.
         """
-        cdef uint64_t e = pfn + npages, m = e, f = e, x, r
+        cdef uint64_t e = pfn + npages, m = e, f = e, x, r, w
         cdef uint64_t word = _own_word(pfn, asid, gfn)
         cdef int code = 0
         res.done = 0
@@ -460,28 +504,27 @@ cdef class RmpTable:
             self.cnt[_C_PVALIDATE_FAIL_INPUT] += 1
             return 0
         # Linear pages of one guest share one ownership word, so "owned by asid at the right
-        # GPA" is "own == word" for every pfn of the range.
-        if self.own._find_ne_c(pfn, m, word, &x):
-            m = x
-        if self.imm._find_ne_c(pfn, m, 0, &x):
-            m = x
-        if self.size._find_ne_c(pfn, m, 1 if big else 0, &x):
-            m = x
-        if self.valid._find_ne_c(pfn, m, 0 if validate else 1, &x):
+        # GPA, not immutable, of the right size and not yet in the requested state" is one
+        # word (the VMSA bit aside) for every pfn of the range.
+        if self._scan(pfn, m, _K_NE, word | (_E_SIZE if big else 0) | (0 if validate else _E_VALID),
+                      &x):
             m = x
         if m < e:
             f = r = m & ~(<uint64_t>_MASK_2M) if big else m
-            if self.own._get_c(r) != word or self.imm._get_c(r):
+            w = self.ent._get_c(r)
+            if w & ~(<uint64_t>_E_FLAGS) != word or w & _E_IMM:
                 code = _PVAL_NPF_RMP
-            elif big and not self.size._get_c(r):
+            elif big and not w & _E_SIZE:
                 code = _PVAL_FAIL_SIZEMISMATCH
-            elif not big and self.size._get_c(r):
+            elif not big and w & _E_SIZE:
                 code = _PVAL_NPF_SIZEM
             else:
                 code = _PVAL_FAIL_NOUPDATE
         if f > pfn:
-            self.valid._reserve()
-            self.valid._assign_c(pfn, f, 1 if validate else 0)
+            if validate:
+                self._rmw(pfn, f, 0, _E_VALID)
+            else:
+                self._rmw(pfn, f, _E_VALID, 0)
             res.done = (f - pfn) >> 9 if big else f - pfn
             self.cnt[_C_PVALIDATE] += res.done
             if big:
@@ -690,7 +733,7 @@ cdef class RmpTable:
             TypeError, ValueError: bad arguments; a page in the range is not assigned; the range
             cuts a 2M entry; ``vmsa=True`` on a 2M entry. Nothing changes.
         """
-        cdef uint64_t p, n, e, cur
+        cdef uint64_t p, n, e, cur, clear, set_
         cdef Run r
         cdef int im = -1, va = -1, vm = -1
         _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
@@ -705,23 +748,32 @@ cdef class RmpTable:
         e = p + n
         cur = p
         while cur < e:
-            r = self.own._run_at_c(cur)
-            if r.value == 0:
+            r = self.ent._run_at_c(cur)
+            if r.value & 1 == 0:
                 raise ValueError(f"pfn {cur:#x} is not assigned: firmware only updates "
                                  f"guest-owned entries in [{p:#x}, {e:#x})")
             cur = r.end
-        if (self.size._get_c(p) and p & _MASK_2M) or (self.size._get_c(e - 1) and e & _MASK_2M):
+        if ((self.ent._get_c(p) & _E_SIZE and p & _MASK_2M)
+                or (self.ent._get_c(e - 1) & _E_SIZE and e & _MASK_2M)):
             raise ValueError(f"[{p:#x}, {e:#x}) cuts a 2M RMP entry; cover whole 2M entries "
                              "or PSMASH first")
-        if vm == 1 and self.size._find_ne_c(p, e, 0, &cur):
-            raise ValueError(f"pfn {cur:#x} is a 2M entry: VMSA pages are 4K")
-        self._reserve_all()
+        cur = p
+        while vm == 1 and cur < e:
+            r = self.ent._run_at_c(cur)
+            if r.value & _E_SIZE:
+                raise ValueError(f"pfn {cur:#x} is a 2M entry: VMSA pages are 4K")
+            cur = r.end
+        clear = set_ = 0
         if im >= 0:
-            self.imm._assign_c(p, e, im)
+            clear |= _E_IMM
+            set_ |= _E_IMM if im else 0
         if va >= 0:
-            self.valid._assign_c(p, e, va)
+            clear |= _E_VALID
+            set_ |= _E_VALID if va else 0
         if vm >= 0:
-            self.vmsa._assign_c(p, e, vm)
+            clear |= _E_VMSA
+            set_ |= _E_VMSA if vm else 0
+        self._rmw(p, e, clear, set_)
 
     # -- Python API: the in-use lock (test hook for FAIL_INUSE) --------------------------------
 
@@ -755,12 +807,12 @@ cdef class RmpTable:
         ``level`` comes from the 2M-aligned entry (kernel-semantics.md §5.1). Runtime complexity: O(log n).
         """
         cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
-        cdef uint64_t own = self.own._get_c(p)
+        cdef uint64_t w = self.ent._get_c(p)
+        cdef uint64_t own = w & ~(<uint64_t>_E_FLAGS)
         return RmpEntry(own != 0, 2 if self._is_2m_c(p) else 1,
                         _own_asid(own) if own else 0,
                         _own_gfn(own, p) << 12 if own else 0,
-                        self.imm._get_c(p) != 0, self.valid._get_c(p) != 0,
-                        self.vmsa._get_c(p) != 0)
+                        w & _E_IMM != 0, w & _E_VALID != 0, w & _E_VMSA != 0)
 
     def ranges(self, pfn=0, npages=None):
         """Maximal runs ``(start, end, entry)`` of ``[pfn, pfn + npages)`` (whole table default).
@@ -823,14 +875,12 @@ cdef class RmpTable:
     @property
     def nbytes(self):
         """Bytes of C memory owned by the table's maps (independent of the pages covered)."""
-        return (self.own.nbytes + self.size.nbytes + self.imm.nbytes + self.valid.nbytes
-                + self.vmsa.nbytes + self.lock.nbytes)
+        return self.ent.nbytes + self.lock.nbytes
 
     @property
     def nruns(self):
-        """Stored runs over all field maps (what memory grows with)."""
-        return (len(self.own) + len(self.size) + len(self.imm) + len(self.valid)
-                + len(self.vmsa) + len(self.lock))
+        """Stored runs of the entry map and the in-use lock map (what memory grows with)."""
+        return len(self.ent) + len(self.lock)
 
     def __repr__(self):
         return f"RmpTable(max_pfn={self.max_pfn_:#x}, runs={self.nruns})"
@@ -840,41 +890,27 @@ cdef class RmpTable:
 
     def _check(self):
         """Assert every invariant in the ``_rmp.pxi`` header; raise ``AssertionError``."""
-        cdef uint64_t a, b, x, lim = self.max_pfn_
-        maps = {"own": self.own, "size": self.size, "imm": self.imm, "valid": self.valid,
-                "vmsa": self.vmsa, "lock": self.lock}
-        for name, m in maps.items():
+        cdef uint64_t lim = self.max_pfn_
+        for name, m in (("ent", self.ent), ("lock", self.lock)):
             m._check()
             runs = m.ranges()
             if runs:
                 last = runs[len(runs) - 1]
                 assert last[1] <= lim, f"{name} run {last[:2]} passes max_pfn {lim:#x}"
-        for a, b, w in self.own.ranges():
-            assert w & 1, f"own run [{a:#x}, {b:#x}) stores {w:#x} without the assigned bit"
-            assert (w >> 17) & 0xF == 0, f"own run [{a:#x}, {b:#x}) has reserved bits set"
-            assert _own_gfn(w, a) < _RMP_MAX_PFN and _own_gfn(w, b - 1) < _RMP_MAX_PFN, (
-                f"own run [{a:#x}, {b:#x}) maps a gfn outside 2**40")
-        for name in ("lock", "size", "imm", "valid", "vmsa"):
-            for a, b, v in maps[name].ranges():
-                assert v == 1, f"{name} run [{a:#x}, {b:#x}) stores {v}, not 1"
-        for a, b, _ in self.size.ranges():
-            assert a & _MASK_2M == 0 and b & _MASK_2M == 0, (
-                f"2M entries [{a:#x}, {b:#x}) are not whole aligned 512-page groups")
-            for name in ("own", "imm", "valid", "vmsa"):
-                for s, e, _ in maps[name].ranges(a, b):
-                    for edge in (s, e):
-                        assert edge in (a, b) or edge & _MASK_2M == 0, (
-                            f"{name} changes at pfn {edge:#x} inside the 2M entry at "
-                            f"{edge & ~_MASK_2M:#x}")
-        for name in ("imm", "valid", "vmsa"):
-            for a, b, _ in maps[name].ranges():
-                x = a
-                while x < b:
-                    s, e, w = self.own.run_at(x)
-                    assert w != 0, f"{name} set on unassigned pfn {x:#x}"
-                    x = e
-        for a, b, _ in self.vmsa.ranges():
-            assert self.size.find_ne(a, b, 0) == -1, f"VMSA bit on a 2M entry in [{a:#x}, {b:#x})"
+        for a, b, w in self.ent.ranges():
+            if w & 1:
+                own = w & ~_E_FLAGS
+                assert _own_gfn(own, a) < _RMP_MAX_PFN and _own_gfn(own, b - 1) < _RMP_MAX_PFN, (
+                    f"ent run [{a:#x}, {b:#x}) maps a gfn outside 2**40")
+            else:
+                assert w == _E_SIZE, (f"ent run [{a:#x}, {b:#x}) stores {w:#x}: unassigned "
+                                      "entries have no field but the page size")
+            if w & _E_SIZE:
+                assert a & _MASK_2M == 0 and b & _MASK_2M == 0, (
+                    f"2M entries [{a:#x}, {b:#x}) are not whole aligned 512-page groups")
+                assert not w & _E_VMSA, f"VMSA bit on a 2M entry in [{a:#x}, {b:#x})"
+        for a, b, v in self.lock.ranges():
+            assert v == 1, f"lock run [{a:#x}, {b:#x}) stores {v}, not 1"
 
 
 # -- Python-boundary helpers of RmpTable (validate everything, then one C call) ---------------

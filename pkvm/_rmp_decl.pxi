@@ -1,13 +1,14 @@
 # C-level declaration of the SEV-SNP RMP table (included at the end of ``_core.pxd``).
 #
-# ``RmpTable`` keeps one logical RMP entry per host pfn (docs/kernel-semantics.md §5.1), stored
-# field by field on ``RangeMap``s so that a TiB of identically-owned pages is a handful of runs.
-# The value encodings and the invariants are documented at the top of ``_rmp.pxi``.
+# ``RmpTable`` keeps one logical RMP entry per host pfn (docs/kernel-semantics.md §5.1), packed
+# into one word on one ``RangeMap`` so that a TiB of identically-owned pages is one run and an
+# instruction writes one map. The encoding and the invariants are documented at the top of
+# ``_rmp.pxi``.
 #
 # Contract of the ``cdef`` methods (as for ``RangeMap``): they trust their arguments (pfns below
 # ``max_pfn``, ``npages`` a multiple of 512 for 2M operations, GPAs passed as gfns below 2**40,
 # ASIDs below 2**16). ``except -1`` methods can fail only with ``MemoryError``, raised before
-# anything changes (every map an operation writes is reserved first and written exactly once);
+# anything changes (the pools are reserved for all of an instruction's writes first);
 # the hardware outcome of an instruction is reported in ``RmpResult``, never raised.
 
 cdef enum:
@@ -43,11 +44,7 @@ cdef struct RmpMatch:
 
 
 cdef class RmpTable:
-    cdef RangeMap own           # pfn -> ownership word (see _rmp.pxi); default 0 = hypervisor
-    cdef RangeMap size          # pfn -> 1 where the entry's page size is 2M
-    cdef RangeMap imm           # pfn -> 1 where the entry is immutable
-    cdef RangeMap valid         # pfn -> 1 where the entry is validated
-    cdef RangeMap vmsa          # pfn -> 1 where the entry's VMSA bit is set
+    cdef RangeMap ent           # pfn -> entry word (see _rmp.pxi); default 0 = hypervisor 4K
     cdef RangeMap lock          # pfn -> 1 while the entry is "in use" (not RMP state; test hook)
     cdef uint64_t max_pfn_      # the table covers pfns [0, max_pfn_); a multiple of 512
     cdef uint64_t cnt[RMP_NR_COUNTERS]  # instruction counters by outcome (instructions, not pages)
@@ -65,6 +62,7 @@ cdef class RmpTable:
     cdef bint _is_2m_c(self, uint64_t pfn) noexcept nogil
 
     # -- internals -------------------------------------------------------------------------------
-    cdef int _first_owned_4k(self, uint64_t start, uint64_t end, uint64_t *found) noexcept nogil
-    cdef int _first_owned_2m(self, uint64_t start, uint64_t end, uint64_t *found) noexcept nogil
-    cdef int _reserve_all(self) except -1 nogil
+    cdef bint _locked(self, uint64_t start, uint64_t end, uint64_t *found) noexcept nogil
+    cdef int _scan(self, uint64_t start, uint64_t end, int kind, uint64_t want,
+                   uint64_t *found) noexcept nogil
+    cdef int _rmw(self, uint64_t start, uint64_t end, uint64_t clear, uint64_t set_) except -1 nogil
