@@ -502,17 +502,20 @@ cdef class SnpPath:
         RMPUPDATEs, their accounting, the direct-map work after; 0 or ``-EFAULT``."""
         cdef RmpResult res
         cdef RmpTable rmp = self.rmp
-        cdef uint64_t span
+        cdef uint64_t span, done
+        cdef int code
+        cdef int64_t fail
         if dm == _DM_BOTH or dm == _DM_BEFORE:
             self._directmap(True, pfn, npages, level, assigned)
         if rmp is None or (level != 1 and level != 2) or pfn >= rmp.max_pfn_ or npages > rmp.max_pfn_ - pfn or (
                 level == 2 and npages & _MASK_2M) or (assigned and (gfn >= _RMP_MAX_PFN or gfn + npages > _RMP_MAX_PFN)):
             # A twin, or out of the table: RmpTable.rmpupdate_range raises the named error.
             if assigned:
-                done, fail, code = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=True, asid=self.asid,
-                                                       gpa=gfn << 12, immutable=immutable)
+                t = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=True, asid=self.asid,
+                                                 gpa=gfn << 12, immutable=immutable)
             else:
-                done, fail, code = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=False)
+                t = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=False)
+            done, fail, code = t
         else:
             if assigned:
                 rmp._rmpupdate_c(pfn, npages, level == 2, True, self.asid, gfn, immutable, &res)
@@ -520,7 +523,7 @@ cdef class SnpPath:
                 rmp._rmpupdate_c(pfn, npages, level == 2, False, 0, 0, False, &res)
             done = res.done
             code = res.code
-            fail = res.fail_pfn if res.code else -1
+            fail = <int64_t>res.fail_pfn if res.code else -1
         d = self.d
         cdef Counters st = self.stats
         if done:
@@ -530,8 +533,8 @@ cdef class SnpPath:
             st.v[self.i_rmpupdate] += <int64_t>done
             if level == 2:
                 st.v[self.i_rmpupdate_2m] += <int64_t>done
-            if self.p_rmpupdate >= 0 and done >= 0:
-                self.ledger.charge_p(self.i_rmpupdate_op, self.p_rmpupdate, <uint64_t>done)
+            if self.p_rmpupdate >= 0:
+                self.ledger.charge_p(self.i_rmpupdate_op, self.p_rmpupdate, done)
             else:
                 self._charge("rmpupdate", done)
         if self.ledger.traced:

@@ -157,6 +157,11 @@ cdef inline uint64_t _umax(uint64_t a, uint64_t b) noexcept nogil:
     return a if a > b else b
 
 
+cdef inline bint _bad_4k(uint64_t w) noexcept nogil:
+    """A 4K RMPUPDATE fails on this entry word: immutable, or an assigned 2M entry."""
+    return (w & _E_IMM) != 0 or (w & (1 | _E_SIZE)) == (1 | _E_SIZE)
+
+
 # -- argument validation (Python boundary) --------------------------------------------------------
 
 cdef object _rmp_int(object o, str name, object lo, object hi):
@@ -239,7 +244,9 @@ cdef class RmpTable:
         if m & _MASK_2M:
             raise ValueError(f"max_pfn {m:#x} is not a multiple of 512 (whole 2M entries)")
         self.max_pfn_ = m
-        self.ent = RangeMap(0, _fanout=_fanout)
+        # The finger: an instruction reads and writes the entry map at the same pfn a few
+        # times (the checks, the demotion test, the write); only the first read descends.
+        self.ent = RangeMap(0, _fanout=_fanout, _finger=True)
         self.lock = RangeMap(0, _fanout=_fanout)
         memset(self.cnt, 0, sizeof(self.cnt))
 
@@ -284,7 +291,7 @@ cdef class RmpTable:
             r = self.ent._run_at_c(cur)
             w = r.value
             if kind == _K_UPD4K:
-                bad = (w & _E_IMM) != 0 or (w & (1 | _E_SIZE)) == (1 | _E_SIZE)
+                bad = _bad_4k(w)
             elif kind == _K_UPD2M:
                 bad = (w & _E_IMM) != 0 or (w & (1 | _E_SIZE)) == 1
             elif kind == _K_SMASH:
@@ -357,6 +364,7 @@ cdef class RmpTable:
         assign of the entry map (two when it demotes an unassigned 2M entry).
         """
         cdef uint64_t e = pfn + npages, m = e, f, x, lo, hi, r, word
+        cdef Run r0
         cdef int code = 0
         res.done = 0
         res.fail_pfn = 0
@@ -378,10 +386,14 @@ cdef class RmpTable:
             if self._locked(pfn, m, &x):
                 m = x
                 code = _RMP_FAIL_INUSE
-            if self._scan(pfn, m, _K_UPD4K, 0, &x):
-                m = x
-                code = (_RMP_FAIL_PERMISSION if self.ent._get_c(x) & _E_IMM
-                        else _RMP_FAIL_OVERLAP)
+            # The run at pfn is read once: the first check, and below the demotion test.
+            r0 = self.ent._run_at_c(pfn)
+            x = pfn
+            if _bad_4k(r0.value) or self._scan(r0.end, m, _K_UPD4K, 0, &x):
+                if x < m:
+                    m = x
+                    code = (_RMP_FAIL_PERMISSION if self.ent._get_c(x) & _E_IMM
+                            else _RMP_FAIL_OVERLAP)
             f = m
         else:
             # A 2M instruction fails if any pfn of its region does; the first region holding
@@ -412,9 +424,9 @@ cdef class RmpTable:
                 # Unassigned 2M entries cut by the written pages become 4K entries (§5.3 is
                 # silent; see docs/snp-rmp.md). Assigned ones failed with FAIL_OVERLAP above,
                 # so the cut entries' words are exactly the pagesize bit.
-                if self.ent._get_c(pfn) & _E_SIZE:
+                if r0.value & _E_SIZE:
                     lo = pfn & ~(<uint64_t>_MASK_2M)
-                if self.ent._get_c(f - 1) & _E_SIZE:
+                if (r0.value if f <= r0.end else self.ent._get_c(f - 1)) & _E_SIZE:
                     hi = ((f - 1) | _MASK_2M) + 1
             if word == 0 or (lo == pfn and hi == f):
                 self.ent._assign_c(lo, hi, word)
