@@ -806,8 +806,9 @@ cdef class RangeMap:
         cdef Leaf *lf
         cdef Inner *nd
         cdef uint64_t *v
-        # Each assign may add an inner level: size the inner pool for the height n assigns
-        # could reach.
+        # The j-th assign (from 0) needs what one ``_reserve`` keeps at a height that the
+        # assigns before it may have raised by j levels: 4 leaves, 3 * (height + j) + 8 inner
+        # nodes and 16 value arrays; the sum over the n assigns.
         while self.n_pool_leaves < 4 * n:
             lf = <Leaf*>malloc(sizeof(Leaf))
             if lf == NULL:
@@ -817,7 +818,7 @@ cdef class RangeMap:
             lf.next = self.pool_leaves
             self.pool_leaves = lf
             self.n_pool_leaves += 1
-        while self.n_pool_inner < n * (3 * (self.height + n) + 8):
+        while self.n_pool_inner < n * (3 * self.height + 8) + 3 * n * (n - 1) // 2:
             nd = <Inner*>malloc(sizeof(Inner))
             if nd == NULL:
                 with gil:

@@ -36,8 +36,12 @@
 # of that entry is demoted to 4K), once per stored run it changes for PSMASH, PVALIDATE and the
 # firmware updates (they change some bits of each run and keep the others). The pools are
 # reserved for all of an instruction's writes before the first (``RangeMap._reserve_n``), so a
-# MemoryError can only happen before anything changed; an update of more than _RMW_UNITS runs
-# is written _RMW_UNITS runs at a time, each group reserved before it is written.
+# MemoryError can only happen before anything changed. An update of more than _RMW_UNITS runs
+# is written _RMW_UNITS runs at a time, each group reserved before it is written (a reservation
+# keeps spare nodes for the worst case of every write, and the pool keeps them afterwards): a
+# MemoryError there leaves the groups before it written, which are whole instructions (runs of
+# whole 2M entries for PSMASH, of whole pages for the others), the table consistent and the
+# counters not yet updated.
 #
 # Invariants (RmpTable._check):
 # - both maps are valid RangeMaps and cover only pfns below max_pfn;
@@ -56,7 +60,7 @@ cdef enum:
     _OWN_ASID_SHIFT = 1
     _OWN_DELTA_SHIFT = 21
     _MASK_2M = 511
-    _RMW_UNITS = 8               # runs an RMW writes per pool reservation (see the header)
+    _RMW_UNITS = 2               # runs an RMW writes per pool reservation (see the header)
 
 # The flag bits of an entry word (the header above); _E_FLAGS covers them all.
 cdef enum:
