@@ -404,13 +404,12 @@ cdef class AttrPath:
 
     cdef int _flush(self) except -1:
         """``kvm_flush_remote_tlbs`` and its accounting."""
-        d = self.d
         n = self._flush_counted()
         ns = self._flush_price(n)
         self._add_ns("remote_tlb_flush", ns)
         if self._traced():
             self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
-        sched = d["_sched"]
+        sched = (<VmState?>self.vm)._sched
         if sched is not None:
             sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
         return 0
@@ -421,14 +420,13 @@ cdef class AttrPath:
         self._flush()
 
     cdef int _pre_begin(self, _PreState *ps, uint64_t attrs) except -1:
-        d = self.d
-        inprog = d["mmu_invalidate_in_progress"] + 1
-        d["mmu_invalidate_in_progress"] = inprog
-        if inprog == 1:
+        cdef VmState vs = <VmState?>self.vm
+        vs.mmu_invalidate_in_progress += 1
+        if vs.mmu_invalidate_in_progress == 1:
             ps.rs = ps.re = _INVALID_GFN
         else:
-            ps.rs = d["_range_start"]
-            ps.re = d["_range_end"]
+            ps.rs = vs._range_start
+            ps.re = vs._range_end
         ps.zapped = 0
         ps.head2 = _INVALID_GFN
         # §2.5 step 3 (6.14+): zap only the old attribute's mappings (a VM without a mirror
@@ -490,9 +488,9 @@ cdef class AttrPath:
         return 0
 
     cdef int _pre_end(self, _PreState *ps) except -1:
-        d = self.d
-        d["_range_start"] = ps.rs
-        d["_range_end"] = ps.re
+        cdef VmState vs = <VmState?>self.vm
+        vs._range_start = ps.rs
+        vs._range_end = ps.re
         if ps.zapped:
             self._flush()  # flush_on_ret, before the lock is dropped
         return 0
@@ -510,14 +508,13 @@ cdef class AttrPath:
         return 0
 
     cdef int _post_begin(self) except -1:
-        d = self.d
+        cdef VmState vs = <VmState?>self.vm
         self.stats.v[S_MMU_INVALIDATE_SEQ] += 1  # kvm_mmu_invalidate_end
-        inprog = d["mmu_invalidate_in_progress"] - 1
-        d["mmu_invalidate_in_progress"] = inprog
-        if inprog < 0:
+        vs.mmu_invalidate_in_progress -= 1
+        if vs.mmu_invalidate_in_progress < 0:
             from pkvm.errors import InternalInvariantError
             raise InternalInvariantError("mmu_invalidate_in_progress went negative")
-        sched = d["_sched"]
+        sched = vs._sched
         if sched is not None:
             sched.changed()  # spinning faults go on, to wait for mmu_lock
         return 0
@@ -590,8 +587,8 @@ cdef class AttrPath:
                 if (rangemap_get(sptes, s) != 0 if e - s == 1 else rangemap_find_ne(sptes, s, e, 0, &dummy)):
                     zap_ns = self._quiet_zap(&ps, s, e, zap_ns)
                 ok = rangemap_cursor_next(self.slot0, &cur)
-            d["_range_start"] = ps.rs
-            d["_range_end"] = ps.re
+            (<VmState?>self.vm)._range_start = ps.rs
+            (<VmState?>self.vm)._range_end = ps.re
             if ps.zapped:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
@@ -674,7 +671,7 @@ cdef class AttrPath:
         """
         cdef uint64_t a, sz, at, fl
         cdef bint ok = False
-        if self.d["vm_dead"]:
+        if (<VmState?>self.vm).vm_dead:
             self.vm._check_alive()
         if _is_exact_int(address) and _is_exact_int(size) and _is_exact_int(attributes) and _is_exact_int(flags):
             a = _as_ull(address)
@@ -718,7 +715,7 @@ cdef class AttrPath:
         if subs:  # traced on entry, before the short-circuit (6.17+)
             vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
             read = False  # a callback ran (it may have changed the VM): read again
-        sched = d["_sched"]
+        sched = (<VmState?>vm)._sched
         if sched is not None:
             vm._attr_timeline(sched, start, end, attrs)
             return
@@ -751,7 +748,7 @@ cdef class AttrPath:
             return
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
-        if self.hookless and not subs and d["mmu_invalidate_in_progress"] == 0:
+        if self.hookless and not subs and (<VmState?>vm).mmu_invalidate_in_progress == 0:
             self._quiet(start, end, attrs, read, key, spte, head2)
             return
         self.quiet = not self.ledger.traced

@@ -235,3 +235,30 @@ cdef class Cells:
     cdef int grow(self, Py_ssize_t n) except -1
     cdef Py_ssize_t _at(self, object op) except -2
     cdef object _value(self, Py_ssize_t i, object op)
+
+
+# -- the typed hot state of pkvm.kvm.vm.VM, pkvm.kvm.memslots.Memslot and pkvm.host.hostmem.HostMemory
+# (pkvm/_state.pxi): the Python classes derive from these, so the fault path, the attribute ioctl
+# and the allocator read and write these fields in C; Python reads and writes them by name.
+
+cdef class VmState:
+    cdef public object _sched               # the attached pkvm.sim.Timeline, or None
+    cdef public object _platform            # the VM type's op table
+    cdef public bint vm_dead                # kvm->vm_dead
+    cdef public int64_t mmu_invalidate_in_progress
+    cdef public uint64_t _range_start, _range_end   # mmu_invalidate_range_start / _end
+
+
+cdef class MemslotState:
+    cdef public uint64_t flags              # KVM_MEM_* (u32)
+    cdef public bint invalid                # KVM_MEMSLOT_INVALID (being deleted)
+    cdef public object gmem_file            # the bound guest_memfd while its file is open, else None
+
+
+cdef class HostMemoryState:
+    cdef public RangeMap _used              # allocated pfn runs (value 1)
+    cdef public int64_t start_pfn, end_pfn
+    cdef public int64_t _cursor             # the next-fit cursor
+    cdef public int64_t nr_allocated
+    cdef public object _cpu_cursors         # per-CPU cursors (a dict), or None
+    cdef public object cpu                  # the CPU that allocates now (a key of _cpu_cursors)

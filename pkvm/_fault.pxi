@@ -208,7 +208,10 @@ cdef int _split_to(RangeMap m, Counters st, uint64_t gfn, int level, object char
         st.v[S_PAGES_4K + old - 1] -= 1
         st.v[S_PAGES_4K + old - 2] += 512
         st.v[S_HUGE_PAGE_SPLITS] += 1
-        charge("huge_page_split", 1)
+        if type(charge) is Ledger:  # VM._charge, in C (the fault path passes the VM's ledger)
+            (<Ledger>charge).charge_c("huge_page_split", 1)
+        else:
+            charge("huge_page_split", 1)
         v = rangemap_get(m, gfn)
     return 0
 
@@ -336,6 +339,7 @@ cdef class FaultPath:
     cdef object base_fault, gpa_to_gfn, kvm_error, is_implemented
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
     cdef dict d, costs, slots, armed
+    cdef VmState vs             # the VM itself, typed: its hot fields are C members
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_npf          # the price of one npf_fault (-1: look it up per charge)
@@ -346,6 +350,7 @@ cdef class FaultPath:
     cdef object alloc_op
     # the typed fields of the memslot read last (memslots never change these fields)
     cdef object c_slot
+    cdef MemslotState c_ms      # the same memslot, typed (its flags, invalid flag and file)
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end, c_ugfn
     # the VM's GmemPath once built (pkvm.kvm.gmem builds it on first use and keeps it)
@@ -358,8 +363,9 @@ cdef class FaultPath:
                  gpa_to_gfn, is_implemented, kvm_error, str alloc_op):
         d = vm.__dict__
         self.vm = vm
+        self.vs = <VmState?>vm
         self.d = d
-        plat = d["_platform"]
+        plat = self.vs._platform
         self.attrs = d["_attrs"]
         self.sptes = d["_sptes"]
         self.slot0 = d["_slot_maps"][0]
@@ -409,7 +415,7 @@ cdef class FaultPath:
         return 0
 
     cdef inline int _ops(self) except -1:
-        plat = self.d["_platform"]
+        plat = self.vs._platform
         if plat is not self.platform:
             self._load_platform(plat)
         return 0
@@ -422,6 +428,7 @@ cdef class FaultPath:
             self.c_base = slot.base_gfn
             self.c_end = slot.end_gfn
             self.c_ugfn = slot._ugfn
+            self.c_ms = <MemslotState?>slot
             self.c_slot = slot
         return 0
 
@@ -431,8 +438,8 @@ cdef class FaultPath:
 
     cdef bint _retry_gfn(self, int64_t mmu_seq, uint64_t gfn) except -1:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since."""
-        d = self.d
-        if d["mmu_invalidate_in_progress"] and d["_range_start"] <= gfn < d["_range_end"]:
+        cdef VmState vs = self.vs
+        if vs.mmu_invalidate_in_progress and vs._range_start <= gfn < vs._range_end:
             return True
         return self.stats.v[S_MMU_INVALIDATE_SEQ] != mmu_seq
 
@@ -487,10 +494,10 @@ cdef class FaultPath:
         slot = self.slots[key - 1]
         f.slot = slot
         self._slot(slot)
-        if slot.invalid:
+        if self.c_ms.invalid:
             f.ret = "retry"
             return 0
-        if self.d["mmu_invalidate_in_progress"]:
+        if self.vs.mmu_invalidate_in_progress:
             f.single = True
             if self._retry_gfn(f.mmu_seq, gfn):  # mmu_invalidate_retry_gfn_unsafe
                 f.ret = "retry"
@@ -501,7 +508,7 @@ cdef class FaultPath:
             end = min(f.limit, self.c_end, r.end)
             rangemap_run_at(self.sptes, gfn, &r)
             end = min(end, r.end)
-        flags = slot.flags
+        flags = self.c_ms.flags
         if f.is_private:
             # kvm_gmem_get_pfn: its typed steps (GmemPath.get_pfn, pkvm/_gmem.pxi) called
             # directly once the VM has them; the Python entry builds them on first use.
@@ -511,7 +518,7 @@ cdef class FaultPath:
                 if type(gp) is GmemPath:
                     self.gpath = gp
             if type(gp) is GmemPath:
-                end = (<GmemPath>gp).get_pfn(f, end)
+                end = <uint64_t>(<GmemPath>gp)._get_pfn(f, <int64_t>end)
             else:
                 end = self.gmem_get_pfn(self.vm, f, end)
             if f.ret:
@@ -562,14 +569,13 @@ cdef class FaultPath:
     cdef int _max_level(self, PageFault f) except -1:
         """``kvm_mmu_max_mapping_level`` + the skips of ``kvm_mmu_hugepage_adjust`` (§3.5)."""
         cdef int top, level, cap
-        slot = f.slot
-        if slot.flags & _F_MEM_LOG_DIRTY:
+        self._slot(f.slot)
+        if self.c_ms.flags & _F_MEM_LOG_DIRTY:
             return 1
         top = f.max_level if f.is_private else 3
         # (a shared fault's cap is the host level: at 4K the words below need not be read)
         if top == 1 or (not f.is_private and f.host_level == 1):
             return 1
-        self._slot(slot)
         level = top
         while level > 1 and rangemap_get(self.c_m2 if level == 2 else self.c_m1, f.gfn >> _f_shift(level)):
             level -= 1
@@ -626,7 +632,7 @@ cdef class FaultPath:
                     return 0
                 f.end = gfn + 1
                 f.nfaults = 1
-                r = _map_leaf(self.sptes, self.stats, gfn, level, value, self.vm._charge)
+                r = _map_leaf(self.sptes, self.stats, gfn, level, value, self.ledger)  # VM._charge
                 if r == 2:
                     self.vm._flush_remote_tlbs()
                 elif r == 1:
@@ -701,9 +707,9 @@ cdef class FaultPath:
 
     cdef tuple _run(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
         """Every phase of one (batched) fault to completion: ``(f, result)``."""
-        d = self.d
+        cdef VmState vs = self.vs
         self._ops()
-        if d["_sched"] is not None:
+        if vs._sched is not None:
             return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
         cdef Ledger L = self.ledger
         cdef int64_t t0 = L.ns  # the modeled ns at entry (t0big when past int64)
@@ -716,7 +722,7 @@ cdef class FaultPath:
             self._faultin(f)
         # is_page_fault_stale can only be true with an invalidation open or finished since the
         # snapshot: skip the call otherwise (most faults).
-        if not f.ret and (d["mmu_invalidate_in_progress"] or self.stats.v[S_MMU_INVALIDATE_SEQ] != f.mmu_seq):
+        if not f.ret and (vs.mmu_invalidate_in_progress or self.stats.v[S_MMU_INVALIDATE_SEQ] != f.mmu_seq):
             self._stale(f)
         if not f.ret:
             self._install(f)
@@ -765,7 +771,7 @@ cdef class FaultPath:
             gfn = self.gpa_to_gfn(gpa)  # converts an int-like, or raises
         if type(private) is not bool or type(write) is not bool:
             raise TypeError("private and write must be bools")
-        if self.d["vm_dead"]:
+        if self.vs.vm_dead:
             self.vm._check_alive()
         return self._one(vcpu, gfn, private is True, write is True)
 
@@ -799,11 +805,11 @@ cdef class FaultPath:
         if ret.shape[0] < n or level.shape[0] < n or pfn.shape[0] < n or err.shape[0] < n \
                 or retries.shape[0] < n or done.shape[0] < 1:
             raise ValueError("FaultPath.calls: an output array is shorter than the calls")
-        d = self.d
+        cdef VmState vs = self.vs
         try:
             while i < n:
                 if check is None:
-                    if d["vm_dead"]:
+                    if vs.vm_dead:
                         self.vm._check_alive()
                 else:
                     check()

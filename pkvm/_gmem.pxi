@@ -180,12 +180,14 @@ cdef int _hm_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int
     return 1
 
 
-cdef int _hm_alloc(object hm, RangeMap used, int64_t start, int64_t end, int64_t n_units,
-                   int order, _Runs *out) except -1:
-    """``HostMemory.alloc`` into ``out``: 0, or ENOMEM (nothing allocated then)."""
+cdef int _hm_alloc(HostMemoryState hm, int64_t n_units, int order, _Runs *out) except -1:
+    """``HostMemory.alloc`` into ``out``: 0, or ENOMEM (nothing allocated then). The
+    allocator's fields are C members of ``hm`` (pkvm/_state.pxi); only a per-CPU cursor is
+    read from its dict."""
     cdef Py_ssize_t i
-    cdef int64_t total = 0
+    cdef int64_t total = 0, cursor, last
     cdef bint percpu = False
+    cdef RangeMap used = hm._used
     out.n = 0
     if n_units == 0:
         return 0
@@ -194,12 +196,12 @@ cdef int _hm_alloc(object hm, RangeMap used, int64_t start, int64_t end, int64_t
         cpu = hm.cpu
         percpu = cpu in cursors
     cursor = cursors[cpu] if percpu else hm._cursor
-    if not _hm_plan(used, start, end, cursor, n_units, order, out):
+    if not _hm_plan(used, hm.start_pfn, hm.end_pfn, cursor, n_units, order, out):
         return _ENOMEM
     for i in range(out.n):
         rangemap_assign(used, <uint64_t>out.a[i], <uint64_t>(out.a[i] + out.b[i]), 1)
         total += out.b[i]
-    hm.nr_allocated = hm.nr_allocated + total
+    hm.nr_allocated += total
     last = out.a[out.n - 1] + out.b[out.n - 1]
     if percpu:
         cursors[cpu] = last
@@ -208,16 +210,17 @@ cdef int _hm_alloc(object hm, RangeMap used, int64_t start, int64_t end, int64_t
     return 0
 
 
-cdef int _hm_free(object hm, RangeMap used, uint64_t pfn, int64_t npages) except -1:
+cdef int _hm_free(HostMemoryState hm, uint64_t pfn, int64_t npages) except -1:
     """``HostMemory.free``."""
     cdef uint64_t x
+    cdef RangeMap used = hm._used
     if npages <= 0:
         return 0
     if rangemap_find_ne(used, pfn, pfn + <uint64_t>npages, 1, &x):
         from pkvm.errors import InternalInvariantError
         raise InternalInvariantError(f"freeing unallocated host pfns in [{pfn:#x}, {pfn + npages:#x})")
     rangemap_assign(used, pfn, pfn + <uint64_t>npages, 0)
-    hm.nr_allocated = hm.nr_allocated - npages
+    hm.nr_allocated -= npages
     return 0
 
 
@@ -234,12 +237,12 @@ def hostmem_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int6
         _runs_free(&r)
 
 
-def hostmem_alloc(hm, int64_t n_units, int order):
+def hostmem_alloc(HostMemoryState hm, int64_t n_units, int order):
     """``pkvm.host.hostmem.HostMemory.alloc``."""
     cdef _Runs r
     _runs_init(&r)
     try:
-        if _hm_alloc(hm, hm._used, hm.start_pfn, hm.end_pfn, n_units, order, &r):
+        if _hm_alloc(hm, n_units, order, &r):
             from pkvm.errors import KvmError
             raise KvmError(_ENOMEM, f"host memory exhausted allocating {n_units} x order-{order} blocks")
         return _runs_list(&r)
@@ -247,9 +250,9 @@ def hostmem_alloc(hm, int64_t n_units, int order):
         _runs_free(&r)
 
 
-def hostmem_free(hm, uint64_t pfn, int64_t npages):
+def hostmem_free(HostMemoryState hm, uint64_t pfn, int64_t npages):
     """``pkvm.host.hostmem.HostMemory.free``."""
-    _hm_free(hm, hm._used, pfn, npages)
+    _hm_free(hm, pfn, npages)
 
 
 # -- SEV-SNP: the kernel's RMP wrappers (pkvm.platforms._snp_rmp) ---------------------------------
@@ -417,8 +420,7 @@ cdef class SnpPath:
         cdef bint quick = False
         cdef RunCursor cur
         cdef int ok
-        d = self.d
-        sched = d["_sched"]
+        sched = (<VmState?>self.vm)._sched
         # split-4k's dispatchers with nothing to do need no call into the direct map: nothing
         # after the instruction, nothing before a 2M one, and nothing before 4K ones over
         # pages all mapped at 4K already (DirectMap._adjust / _split change nothing then).
@@ -524,10 +526,9 @@ cdef class SnpPath:
             done = res.done
             code = res.code
             fail = <int64_t>res.fail_pfn if res.code else -1
-        d = self.d
         cdef Counters st = self.stats
         if done:
-            sched = d["_sched"]
+            sched = (<VmState?>self.vm)._sched
             if sched is not None:
                 sched.changed()  # a vCPU looping on RMP #NPF may now go on
             st.v[self.i_rmpupdate] += <int64_t>done
@@ -685,19 +686,20 @@ cdef class GmemPath:
     guest_memfd knobs, the platform's prepare / invalidate ops (SNP's as a :class:`SnpPath`)
     and the Python functions of the rare paths. The methods trust their arguments."""
 
-    cdef object vm, hm, platform, prepare_op, invalidate_op, is_implemented, mfe
+    cdef object vm, platform, prepare_op, invalidate_op, is_implemented, mfe
+    cdef VmState vs             # the VM itself, typed: its hot fields are C members
+    cdef HostMemoryState hm     # the host allocator (its fields are C members)
     cdef dict d, costs, armed
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_alloc[3]     # the prices of gmem_alloc_4k / _2m / _1g (-1: look up per charge)
     cdef Py_ssize_t i_alloc[3]  # their op indices in the ledger
-    cdef RangeMap used
-    cdef int64_t hm_start, hm_end
     cdef int max_order, mode
     cdef bint has_prepare, has_invalidate
     cdef SnpPath snp_prep, snp_inval
     # the memslot read last (memslots never change these fields) and its guest_memfd's maps
     cdef object c_slot, c_gmem
+    cdef MemslotState c_ms      # the same memslot, typed (its file pointer)
     cdef RangeMap c_folios, c_bindings
     cdef int64_t c_base, c_pgoff, c_key, c_npages
     cdef str err_msg
@@ -705,6 +707,7 @@ cdef class GmemPath:
     def __init__(self, vm, is_implemented, memory_fault_exit):
         d = vm.__dict__
         self.vm = vm
+        self.vs = <VmState?>vm
         self.d = d
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
@@ -713,11 +716,7 @@ cdef class GmemPath:
             self.p_alloc[k] = _price(self.costs, _alloc_op(9 * k))
             self.i_alloc[k] = self.ledger.op_slot(_alloc_op(9 * k))
         self.armed = d["_inject"]._armed
-        hm = d["_hostmem"]
-        self.hm = hm
-        self.used = hm._used
-        self.hm_start = hm.start_pfn
-        self.hm_end = hm.end_pfn
+        self.hm = <HostMemoryState?>d["_hostmem"]
         policy = d["_policy"]
         self.max_order = policy.gmem_max_order
         self.mode = {"none": _PREP_NONE, "once-per-folio": _PREP_ONCE,
@@ -725,7 +724,7 @@ cdef class GmemPath:
         self.is_implemented = is_implemented
         self.mfe = memory_fault_exit
         self.c_slot = None
-        self._ops(d["_platform"])
+        self._ops(self.vs._platform)
 
     cdef int _ops(self, platform) except -1:
         """Read the platform's guest_memfd ops (again after a test swapped the op table)."""
@@ -741,7 +740,7 @@ cdef class GmemPath:
         return 0
 
     cdef inline int _sync(self) except -1:
-        platform = self.d["_platform"]
+        platform = self.vs._platform
         if platform is not self.platform:
             self._ops(platform)
         return 0
@@ -757,6 +756,7 @@ cdef class GmemPath:
             self.c_base = slot.base_gfn
             self.c_pgoff = slot.gmem_pgoff
             self.c_key = slot.key
+            self.c_ms = <MemslotState?>slot
             self.c_slot = slot
         return 0
 
@@ -782,7 +782,7 @@ cdef class GmemPath:
                 self.err_msg = (f"guest_memfd folio allocation failed at index "
                                 f"{index + (hit[0] << order):#x} (injected)")
                 return hit[1]
-        if _hm_alloc(self.hm, self.used, self.hm_start, self.hm_end, count, order, plan):
+        if _hm_alloc(self.hm, count, order, plan):
             self.err_msg = f"host memory exhausted allocating {count} x order-{order} blocks"
             return _ENOMEM
         i = index
@@ -814,14 +814,14 @@ cdef class GmemPath:
         finally:
             _runs_free(&plan)
 
-    cdef int _undo(self, RangeMap folios, int64_t first, _Runs *plan, object cursor,
+    cdef int _undo(self, RangeMap folios, int64_t first, _Runs *plan, int64_t cursor,
                    int order) except -1:
         """``pkvm.kvm.gmem._undo_alloc``: give back the folios a failed batch allocated,
         restoring the allocator's cursor."""
         cdef Py_ssize_t k
         cdef int64_t idx = first, total = 0
         for k in range(plan.n):
-            _hm_free(self.hm, self.used, plan.a[k], plan.b[k])
+            _hm_free(self.hm, plan.a[k], plan.b[k])
             rangemap_assign(folios, idx, idx + plan.b[k], 0)
             idx += plan.b[k]
             total += plan.b[k]
@@ -832,10 +832,15 @@ cdef class GmemPath:
 
     # -- the fault's pfn lookup ---------------------------------------------------------------
 
-    cpdef object get_pfn(self, PageFault f, object end_obj):
+    def get_pfn(self, PageFault f, int64_t end):
         """``pkvm.kvm.gmem.kvm_gmem_get_pfn`` (``kvm_mmu_faultin_pfn_gmem`` +
-        ``kvm_gmem_get_pfn``, §4.3) for the gfns ``[f.gfn, end)``."""
-        cdef int64_t gfn, end, index, first, fi, gfn_f, delta, nf, size, a
+        ``kvm_gmem_get_pfn``, §4.3) for the gfns ``[f.gfn, end)``: the end of the gfns
+        ``f`` now accounts for."""
+        return self._get_pfn(f, end)
+
+    cdef int64_t _get_pfn(self, PageFault f, int64_t end) except -1:
+        """:meth:`get_pfn` (the fault path calls it directly)."""
+        cdef int64_t gfn, index, first, fi, gfn_f, delta, nf, size, a, cursor = 0
         cdef uint64_t v, x
         cdef int order, r, err
         cdef bint prepared, allocated = False, pre_marked = False
@@ -845,9 +850,8 @@ cdef class GmemPath:
         self._sync()
         slot = f.slot
         gfn = f.gfn
-        end = end_obj
         self._slot(slot)
-        if self.c_gmem is None or slot.gmem_file is None:
+        if self.c_gmem is None or self.c_ms.gmem_file is None:
             # a private access to a slot without guest_memfd, or the file was closed
             self.mfe(f, _EFAULT)
             return gfn + 1
@@ -912,7 +916,7 @@ cdef class GmemPath:
                         if allocated:
                             self._undo(folios, first, &plan, cursor, order)
                         f.single = True
-                        return self.get_pfn(f, gfn + 1)
+                        return self._get_pfn(f, gfn + 1)
                     if self.mode == _PREP_EVERY:
                         if not pre_marked:
                             rangemap_assign(folios, fi, fi + size, v | _FOLIO_PREPARED)
@@ -958,7 +962,7 @@ cdef class GmemPath:
                     else:
                         self.invalidate_op(self.vm, pfn, pfn + (b - a))
                     self.stats["gmem_invalidate"] += (b - a) >> order
-                _hm_free(self.hm, self.used, pfn, b - a)
+                _hm_free(self.hm, pfn, b - a)
                 rangemap_assign(folios, a, b, 0)
                 freed += b - a
             ok = rangemap_cursor_next(folios, &cur)
@@ -997,7 +1001,7 @@ cdef class GmemPath:
             return
         d = self.d
         vm = self.vm
-        sched = d["_sched"]
+        sched = self.vs._sched
         if sched is not None:
             sched.acquire("gmem_invalidate")  # filemap_invalidate_lock: exclusive
         ranges = self._bound_ranges(gmem, start, end)
@@ -1047,7 +1051,7 @@ def shared_populate(sb, uint64_t start, uint64_t end):
     cdef uint64_t b = (end >> order) + ((end & mask) != 0)
     cdef uint64_t blk, ea, hva, units = 0
     cdef RangeMap m = sb._map
-    cdef RangeMap used
+    cdef HostMemoryState mem
     cdef Run r
     cdef _Runs todo, plan
     cdef Py_ssize_t i, j
@@ -1068,12 +1072,11 @@ def shared_populate(sb, uint64_t start, uint64_t end):
         if todo.n == 0:
             return 0
         mem = sb._mem
-        used = mem._used
-        if todo.n > 1 and not _hm_plan(used, mem.start_pfn, mem.end_pfn, mem._cursor,
+        if todo.n > 1 and not _hm_plan(mem._used, mem.start_pfn, mem.end_pfn, mem._cursor,
                                        <int64_t>units, order, &plan):
             _populate_enomem(start, end)
         for i in range(todo.n):
-            if _hm_alloc(mem, used, mem.start_pfn, mem.end_pfn, todo.b[i] - todo.a[i], order, &plan):
+            if _hm_alloc(mem, todo.b[i] - todo.a[i], order, &plan):
                 _populate_enomem(start, end)
             blk = <uint64_t>todo.a[i]
             for j in range(plan.n):

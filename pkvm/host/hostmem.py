@@ -14,7 +14,7 @@ the number of allocated pfns; every populated HVA page maps to an allocated pfn.
 
 from __future__ import annotations
 
-from pkvm._core import RangeMap, hostmem_alloc, hostmem_free, hostmem_plan, shared_populate
+from pkvm._core import HostMemoryState, RangeMap, hostmem_alloc, hostmem_free, hostmem_plan, shared_populate
 from pkvm.errors import InternalInvariantError
 
 #: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
@@ -55,7 +55,7 @@ def decode_delta(value: int) -> int:
     return d - (1 << 56) if d & _DELTA_SIGN else d
 
 
-class HostMemory:
+class HostMemory(HostMemoryState):
     """A next-fit allocator of host pfns in aligned power-of-two blocks.
 
     Runtime complexity: O(log n + k) per call for n allocated runs and k free runs visited.
@@ -67,10 +67,13 @@ class HostMemory:
     [(1024, 3)]
     """
 
-    __slots__ = ("_used", "start_pfn", "end_pfn", "_cursor", "nr_allocated", "_cpu_cursors", "cpu")
+    # Every field is a C member of HostMemoryState (pkvm/_state.pxi), which the typed
+    # allocator (pkvm/_gmem.pxi) reads and writes directly.
+    __slots__ = ()
 
     def __init__(self, start_pfn: int = DEFAULT_START_PFN, nr_pages: int = DEFAULT_NR_PAGES) -> None:
-        if start_pfn < 0 or nr_pages <= 0:
+        if start_pfn < 0 or nr_pages <= 0 or start_pfn + nr_pages >= 1 << 63:
+            # (the allocator's bounds are signed 64-bit C fields)
             raise ValueError(f"bad host memory [{start_pfn:#x}, +{nr_pages:#x})")
         self._used = RangeMap(0)
         self.start_pfn = start_pfn

@@ -23,6 +23,7 @@ from pkvm.constants import (
     PG_LEVEL_2M,
     TASK_SIZE_MAX,
 )
+from pkvm._core import MemslotState
 from pkvm.errors import KvmError
 from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.mmu import LEVEL_SHIFT, LpageInfo
@@ -43,15 +44,17 @@ def _u64(name: str, value: object) -> int:
     return value
 
 
-class Memslot:
+class Memslot(MemslotState):
     """One memslot (``struct kvm_memory_slot``): gfns ``[base_gfn, base_gfn + npages)``.
 
     ``gmem`` is the bound guest_memfd (or None) and ``gmem_file`` the slot's file pointer,
     which becomes None when the file is closed. ``lpage`` is its :class:`LpageInfo`.
     """
 
-    __slots__ = ("key", "as_id", "id", "base_gfn", "npages", "end_gfn", "userspace_addr", "flags",
-                 "gmem", "gmem_file", "gmem_pgoff", "lpage", "invalid", "_ugfn")
+    # ``flags``, ``invalid`` and ``gmem_file`` are C members of MemslotState (pkvm/_state.pxi),
+    # read by the fault path in C.
+    __slots__ = ("key", "as_id", "id", "base_gfn", "npages", "end_gfn", "userspace_addr",
+                 "gmem", "gmem_pgoff", "lpage", "_ugfn")
 
     def __init__(self, key: int, base_gfn: int, npages: int, userspace_addr: int, flags: int,
                  gmem: GuestMemfd | None, gmem_pgoff: int) -> None:

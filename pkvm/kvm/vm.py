@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrPath, Cells, Counters, Ledger, LedgerTotal, RangeMap
+from pkvm._core import AttrPath, Cells, Counters, Ledger, LedgerTotal, RangeMap, VmState
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -107,7 +107,7 @@ def _u64(name: str, value: object) -> int:
     return value
 
 
-class VM:
+class VM(VmState):
     """A KVM virtual machine (``KVM_CREATE_VM``).
 
     ``vm_type`` is a ``KVM_X86_*_VM`` value or its name; ``policy`` a :class:`Policy` or a

@@ -1,0 +1,85 @@
+# The typed hot state of three Python classes (issue 16), declared in _core.pxd. Included from
+# _core.pyx. ``pkvm.kvm.vm.VM`` derives from :class:`VmState`, ``pkvm.kvm.memslots.Memslot``
+# from :class:`MemslotState` and ``pkvm.host.hostmem.HostMemory`` from :class:`HostMemoryState`:
+# the fields a nested page fault reads (the VM's timeline, op table, dead flag and invalidation
+# state; a memslot's flags, invalid flag and file; the allocator's map, bounds, cursor and
+# count) are C members, read and written in C by the fault path (pkvm/_fault.pxi), the
+# guest_memfd steps and the allocator (pkvm/_gmem.pxi) and the attribute ioctl
+# (pkvm/_attr.pxi) instead of through the instance dict or a slot descriptor. Python code
+# reads and writes them by the same names, as ints, bools and objects, as before.
+#
+# Copying and pickling keep working as for the plain classes: ``__reduce_ex__`` gives the
+# object's class and every attribute (the C members, the instance dict, the subclasses'
+# ``__slots__``), and ``__setstate__`` sets them back by name.
+
+import copyreg as _copyreg
+
+
+cdef object _collect_state(object obj, tuple names):
+    """Every attribute of ``obj``: ``names`` (its C members), its instance dict and the
+    ``__slots__`` of its classes that are set."""
+    state = {}
+    for name in names:
+        state[name] = getattr(obj, name)
+    for k in type(obj).__mro__:
+        slots = k.__dict__.get("__slots__", ())
+        if isinstance(slots, str):
+            slots = (slots,)
+        for name in slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                state[name] = getattr(obj, name)
+    d = getattr(obj, "__dict__", None)
+    if d:
+        state.update(d)
+    return state
+
+
+cdef int _restore_state(object obj, object state) except -1:
+    if type(state) is not dict:
+        raise TypeError(f"{type(obj).__name__}.__setstate__ takes a dict, not {type(state).__name__}")
+    for name, value in (<dict>state).items():
+        setattr(obj, name, value)
+    return 0
+
+
+@cython.auto_pickle(False)
+cdef class VmState:
+    """The typed hot state of a :class:`pkvm.kvm.vm.VM` (its base class): ``_sched`` (the
+    attached timeline or None), ``_platform`` (the op table), ``vm_dead``,
+    ``mmu_invalidate_in_progress`` and ``_range_start`` / ``_range_end`` (the invalidation
+    range, 2**64 - 1 when none)."""
+
+    def __reduce_ex__(self, protocol):
+        return (_copyreg.__newobj__, (type(self),),
+                _collect_state(self, ("_sched", "_platform", "vm_dead", "mmu_invalidate_in_progress",
+                                      "_range_start", "_range_end")))
+
+    def __setstate__(self, state):
+        _restore_state(self, state)
+
+
+@cython.auto_pickle(False)
+cdef class MemslotState:
+    """The typed hot state of a :class:`pkvm.kvm.memslots.Memslot` (its base class):
+    ``flags``, ``invalid`` and ``gmem_file``."""
+
+    def __reduce_ex__(self, protocol):
+        return (_copyreg.__newobj__, (type(self),), _collect_state(self, ("flags", "invalid", "gmem_file")))
+
+    def __setstate__(self, state):
+        _restore_state(self, state)
+
+
+@cython.auto_pickle(False)
+cdef class HostMemoryState:
+    """The state of a :class:`pkvm.host.hostmem.HostMemory` (its base class): ``_used`` (the
+    allocated pfn runs), ``start_pfn`` / ``end_pfn``, ``_cursor``, ``nr_allocated``,
+    ``_cpu_cursors`` and ``cpu``."""
+
+    def __reduce_ex__(self, protocol):
+        return (_copyreg.__newobj__, (type(self),),
+                _collect_state(self, ("_used", "start_pfn", "end_pfn", "_cursor", "nr_allocated",
+                                      "_cpu_cursors", "cpu")))
+
+    def __setstate__(self, state):
+        _restore_state(self, state)
