@@ -310,6 +310,45 @@ cdef int _store_result(FaultResult r, Py_ssize_t i, dict codes, int8_t[::1] ret,
     return 0
 
 
+# A vCPU's ``__slots__`` member read in C: the member descriptor (``PyMemberDescr_Type``) of a
+# ``__slots__`` name holds the member's byte offset in the instance (``T_OBJECT_EX``: NULL while
+# unset, when Python's getattr raises AttributeError).
+cdef extern from *:
+    """
+    #include "structmember.h"
+    /* the offset of a __slots__ member (a T_OBJECT_EX member descriptor), else -1 */
+    static Py_ssize_t pkvm_member_offset(PyObject *descr) {
+        PyMemberDef *m;
+        if (Py_TYPE(descr) != &PyMemberDescr_Type) return -1;
+        m = ((PyMemberDescrObject *)descr)->d_member;
+        return m->type == T_OBJECT_EX ? m->offset : -1;
+    }
+    static int pkvm_generic_getattr(PyObject *cls) {
+        return ((PyTypeObject *)cls)->tp_getattro == PyObject_GenericGetAttr;
+    }
+    """
+    Py_ssize_t pkvm_member_offset(object descr)
+    bint pkvm_generic_getattr(object cls)
+
+
+cdef Py_ssize_t _member_offset(type cls, str name) except -2:
+    """Where ``getattr(obj, name)`` reads for an instance of ``cls``: the byte offset of a
+    ``__slots__`` member, or -1 when it takes Python's getattr (another kind of attribute, a
+    class without the generic ``__getattribute__``)."""
+    if not pkvm_generic_getattr(cls):
+        return -1
+    for k in cls.__mro__:
+        kd = k.__dict__
+        if name in kd:
+            return pkvm_member_offset(kd[name])
+    return -1
+
+
+cdef inline PyObject *_member_at(object obj, Py_ssize_t off) noexcept:
+    """The member at ``off`` (:func:`_member_offset`) of ``obj``, borrowed; NULL while unset."""
+    return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
+
+
 cdef int _FP_GENERIC = 0      # the vCPU class's _fault is Vcpu._fault
 cdef int _FP_DETOUR = 1       # ... is Vcpu._fault while the class's _fault_detour slot is None
 cdef int _FP_PYTHON = 2       # ... is the class's own: call it
@@ -352,12 +391,14 @@ cdef class FaultPath:
     cdef object c_slot
     cdef MemslotState c_ms      # the same memslot, typed (its flags, invalid flag and file)
     cdef RangeMap c_m2, c_m1
-    cdef uint64_t c_base, c_end, c_ugfn
+    cdef uint64_t c_base, c_end, c_ugfn, c_key
     # the VM's GmemPath once built (pkvm.kvm.gmem builds it on first use and keeps it)
     cdef object gpath
     # the vCPU class seen last and how its _fault runs one page (_FP_*)
     cdef object c_cls, c_detour
     cdef int c_mode
+    # where its detour slot and its ``rmp_npf`` are (_member_offset; -1: Python's getattr)
+    cdef Py_ssize_t c_doff, c_roff
 
     def __init__(self, vm, gmem_get_pfn, set_external, topup, timeline_run, emit_fault, base_fault,
                  gpa_to_gfn, is_implemented, kvm_error, str alloc_op):
@@ -429,6 +470,7 @@ cdef class FaultPath:
             self.c_end = slot.end_gfn
             self.c_ugfn = slot._ugfn
             self.c_ms = <MemslotState?>slot
+            self.c_key = slot.key
             self.c_slot = slot
         return 0
 
@@ -491,9 +533,14 @@ cdef class FaultPath:
                 f.ret = "emulate"  # MMIO (kvm_handle_noslot_fault); MMIO SPTEs are not cached
                 f.end = gfn + 1
             return 0
-        slot = self.slots[key - 1]
+        if key == self.c_key + 1 and self.c_ms is not None and not self.c_ms.invalid:
+            # The memslot read last: a memslot leaves vm._slots only invalid (memslots._delete
+            # marks it first), so a valid one of this key is still the one the dict holds.
+            slot = self.c_slot
+        else:
+            slot = self.slots[key - 1]
+            self._slot(slot)
         f.slot = slot
-        self._slot(slot)
         if self.c_ms.invalid:
             f.ret = "retry"
             return 0
@@ -696,12 +743,26 @@ cdef class FaultPath:
         if self.ledger.traced and not f.prefetch:
             self.emit_fault(vcpu, f, r, gfn, private, write, took)
         if (self.has_rmp and not f.prefetch and (r.ret == "fixed" or r.ret == "spurious" or r.ret == "retry")
-                and getattr(vcpu, "rmp_npf", True)):
+                and self._rmp_npf(vcpu)):
             # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0 and
             # the #NPF error code has the RMP bit, which a vCPU that tracks it records as
             # rmp_npf (one without the attribute gets the handler on every positive return).
             self.handle_rmp(vcpu, gfn << 12, f.is_private, write, r)
         return 0
+
+    cdef inline bint _rmp_npf(self, vcpu) except -1:
+        """``getattr(vcpu, "rmp_npf", True)``'s truth, the slot read in C for the class seen last."""
+        cdef PyObject *p
+        if type(vcpu) is self.c_cls and self.c_roff >= 0:
+            p = _member_at(vcpu, self.c_roff)
+            if p == NULL:
+                return True  # unset: getattr's default
+            if p == <PyObject*>True:
+                return True
+            if p == <PyObject*>False:
+                return False
+            return bool(<object>p)
+        return bool(getattr(vcpu, "rmp_npf", True))
 
     # -- the synchronous driver ------------------------------------------------------------------
 
@@ -748,6 +809,8 @@ cdef class FaultPath:
                         mode = _FP_DETOUR
                         detour = kd["_fault_detour"]
                     break
+            self.c_doff = _member_offset(cls, detour) if detour is not None else -1
+            self.c_roff = _member_offset(cls, "rmp_npf")
             self.c_cls = cls
             self.c_mode = mode
             self.c_detour = detour
@@ -756,7 +819,15 @@ cdef class FaultPath:
     cdef object _one(self, vcpu, uint64_t gfn, bint private, bint write):
         """``Vcpu.page_fault`` after its checks: ``vcpu._fault(gfn, gfn + 1, ...)[1]``."""
         cdef int mode = self._mode(type(vcpu))
-        if mode == _FP_GENERIC or (mode == _FP_DETOUR and getattr(vcpu, self.c_detour) is None):
+        cdef PyObject *p
+        if mode == _FP_DETOUR:
+            p = _member_at(vcpu, self.c_doff) if self.c_doff >= 0 else NULL
+            if p != NULL:
+                if p == <PyObject*>None:
+                    mode = _FP_GENERIC
+            elif getattr(vcpu, self.c_detour) is None:  # (an unset slot raises AttributeError)
+                mode = _FP_GENERIC
+        if mode == _FP_GENERIC:
             return self._run(vcpu, gfn, gfn + 1, private, write, False)[1]
         return vcpu._fault(gfn, gfn + 1, private, write)[1]
 
