@@ -262,3 +262,10 @@ cdef class HostMemoryState:
     cdef public int64_t nr_allocated
     cdef public object _cpu_cursors         # per-CPU cursors (a dict), or None
     cdef public object cpu                  # the CPU that allocates now (a key of _cpu_cursors)
+
+
+cdef class SharedBackingState:
+    cdef public RangeMap _map               # HVA page -> populated word (bit 0, pfn delta from bit 8)
+    cdef public HostMemoryState _mem        # the allocator it populates from
+    cdef public int order                   # the host page order (0, 9 or 18)
+    cdef public int64_t nr_populated

@@ -374,17 +374,21 @@ cdef class FaultPath:
     and ``is_implemented`` (``pkvm.kvm.ops``: whether an optional platform op is real).
     """
 
-    cdef object vm, platform, shared, gmem_get_pfn, set_external, topup, timeline_run, emit_fault
+    cdef object vm, platform, gmem_get_pfn, set_external, topup, timeline_run, emit_fault
     cdef object base_fault, gpa_to_gfn, kvm_error, is_implemented
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
     cdef dict d, costs, slots, armed
     cdef VmState vs             # the VM itself, typed: its hot fields are C members
+    cdef SharedBackingState shared  # the VMM's shared backing (its fields are C members)
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_npf          # the price of one npf_fault (-1: look it up per charge)
+    cdef int64_t p_salloc       # the price of one shared host page (alloc_op; -1: look it up)
+    cdef Py_ssize_t i_salloc    # its op index in the ledger
     cdef Py_ssize_t i_npf       # its op index in the ledger
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
+    cdef bint access_or_attr
     cdef int host_level
     cdef object alloc_op
     # the typed fields of the memslot read last (memslots never change these fields)
@@ -418,10 +422,12 @@ cdef class FaultPath:
         self.i_npf = self.ledger.op_slot("npf_fault")
         self.armed = d["_inject"]._armed
         shared = d["_shared"]
-        self.shared = shared
+        self.shared = <SharedBackingState?>shared
         self.shared_map = shared._map
         self.host_level = _level_for_order(shared.order)
         self.alloc_op = alloc_op
+        self.p_salloc = _price(self.costs, alloc_op)
+        self.i_salloc = self.ledger.op_slot(alloc_op)
         self.attr_source = d["_policy"].private_fault_source == "attributes"
         self.mirror = d["_mirror"]
         self.is_implemented = is_implemented
@@ -447,6 +453,8 @@ cdef class FaultPath:
         self.fault_is_private = plat.fault_is_private
         # an op marked by pkvm.kvm.ops.access_decides returns the reported bit: read it here
         self.access_decides = getattr(plat.fault_is_private, "access_decides", False) is True
+        # ... and one marked by pkvm.kvm.ops.access_or_attribute ORs in the gfn's attribute
+        self.access_or_attr = getattr(plat.fault_is_private, "access_or_attribute", False) is True
         self.gmem_max_level = plat.gmem_max_mapping_level
         self.plat_max_level = plat.max_mapping_level
         self.handle_rmp = plat.handle_rmp_fault
@@ -500,6 +508,8 @@ cdef class FaultPath:
             f.is_private = attr_private
         elif self.access_decides:
             f.is_private = f.private_access
+        elif self.access_or_attr:
+            f.is_private = f.private_access or attr_private
         else:
             f.is_private = bool(self.fault_is_private(self.vm, gfn, f.private_access))
         v = rangemap_get(self.sptes, gfn)
@@ -519,6 +529,7 @@ cdef class FaultPath:
         """``kvm_mmu_faultin_pfn`` (§4.2 step 4): snapshot, mismatch, slot checks, pfn lookup.
         For a batch it also shrinks ``f.end`` to the gfns that take exactly this path."""
         cdef uint64_t gfn = f.gfn, end, hva, key, flags, k, v, npages
+        cdef int64_t npop
         cdef Run r
         cdef int level, shift
         f.mmu_seq = self.stats.v[S_MMU_INVALIDATE_SEQ]
@@ -598,15 +609,19 @@ cdef class FaultPath:
             v = r.value
             if not (v and r.end >= hva + npages):
                 try:
-                    n = shared_populate(self.shared, hva, hva + npages)  # SharedBacking.populate
+                    npop = _shared_populate(self.shared, hva, hva + npages)  # SharedBacking.populate
                 except self.kvm_error:
                     f.ret = "exit"  # GUP failed: -EFAULT
                     f.errno = _F_EFAULT
                     f.end = gfn + 1
                     return 0
-                if n:
-                    self.stats.v[S_SHARED_PAGES_POPULATED] += <int64_t>n
-                    self._charge(self.alloc_op, n >> self.shared.order)  # VM._charge_alloc
+                if npop:
+                    self.stats.v[S_SHARED_PAGES_POPULATED] += npop
+                    # VM._charge_alloc
+                    if self.p_salloc >= 0:
+                        self.ledger.charge_p(self.i_salloc, self.p_salloc, <uint64_t>npop >> self.shared.order)
+                    else:
+                        self._charge(self.alloc_op, <uint64_t>npop >> self.shared.order)
                 v = rangemap_get(smap, hva)
             f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
             f.map_writable = not (flags & _F_MEM_READONLY)

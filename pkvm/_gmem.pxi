@@ -1039,12 +1039,17 @@ cdef inline uint64_t _sb_value(int64_t delta) noexcept:
     return 1 | (((<uint64_t>delta) & _DELTA_MASK) << _DELTA_SHIFT)
 
 
-def shared_populate(sb, uint64_t start, uint64_t end):
+def shared_populate(SharedBackingState sb, uint64_t start, uint64_t end):
     """``pkvm.host.hostmem.SharedBacking.populate``: allocate every unpopulated host block of
     the HVA pages ``[start, end)`` in address order; the number of pages allocated.
 
     All or nothing: several unpopulated runs are planned together first, so ENOMEM
     (``KvmError``) populates nothing; one run is one allocation, itself all or nothing."""
+    return _shared_populate(sb, start, end)
+
+
+cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t end) except -1:
+    """:func:`shared_populate` (the fault path calls it directly)."""
     cdef int order = sb.order
     cdef uint64_t mask = (1ULL << order) - 1
     cdef uint64_t a = start >> order
@@ -1055,6 +1060,8 @@ def shared_populate(sb, uint64_t start, uint64_t end):
     cdef Run r
     cdef _Runs todo, plan
     cdef Py_ssize_t i, j
+    if m is None:
+        raise TypeError("SharedBacking._map must be a RangeMap")
     _runs_init(&todo)
     _runs_init(&plan)
     try:
@@ -1072,6 +1079,8 @@ def shared_populate(sb, uint64_t start, uint64_t end):
         if todo.n == 0:
             return 0
         mem = sb._mem
+        if mem is None:
+            raise TypeError("SharedBacking._mem must be a HostMemory")
         if todo.n > 1 and not _hm_plan(mem._used, mem.start_pfn, mem.end_pfn, mem._cursor,
                                        <int64_t>units, order, &plan):
             _populate_enomem(start, end)
@@ -1083,8 +1092,8 @@ def shared_populate(sb, uint64_t start, uint64_t end):
                 hva = blk << order
                 rangemap_assign(m, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
                 blk += <uint64_t>plan.b[j] >> order
-        sb.nr_populated = sb.nr_populated + (units << order)
-        return units << order
+        sb.nr_populated += <int64_t>(units << order)
+        return <int64_t>(units << order)
     finally:
         _runs_free(&todo)
         _runs_free(&plan)

@@ -1,6 +1,7 @@
 # The typed hot state of three Python classes (issue 16), declared in _core.pxd. Included from
 # _core.pyx. ``pkvm.kvm.vm.VM`` derives from :class:`VmState`, ``pkvm.kvm.memslots.Memslot``
-# from :class:`MemslotState` and ``pkvm.host.hostmem.HostMemory`` from :class:`HostMemoryState`:
+# from :class:`MemslotState`, ``pkvm.host.hostmem.HostMemory`` from :class:`HostMemoryState` and
+# ``pkvm.host.hostmem.SharedBacking`` from :class:`SharedBackingState`:
 # the fields a nested page fault reads (the VM's timeline, op table, dead flag and invalidation
 # state; a memslot's flags, invalid flag and file; the allocator's map, bounds, cursor and
 # count) are C members, read and written in C by the fault path (pkvm/_fault.pxi), the
@@ -80,6 +81,19 @@ cdef class HostMemoryState:
         return (_copyreg.__newobj__, (type(self),),
                 _collect_state(self, ("_used", "start_pfn", "end_pfn", "_cursor", "nr_allocated",
                                       "_cpu_cursors", "cpu")))
+
+    def __setstate__(self, state):
+        _restore_state(self, state)
+
+
+@cython.auto_pickle(False)
+cdef class SharedBackingState:
+    """The state of a :class:`pkvm.host.hostmem.SharedBacking` (its base class): ``_map``
+    (HVA page -> populated word), ``_mem`` (the allocator), ``order`` and ``nr_populated``."""
+
+    def __reduce_ex__(self, protocol):
+        return (_copyreg.__newobj__, (type(self),),
+                _collect_state(self, ("_map", "_mem", "order", "nr_populated")))
 
     def __setstate__(self, state):
         _restore_state(self, state)

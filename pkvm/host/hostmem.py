@@ -14,7 +14,7 @@ the number of allocated pfns; every populated HVA page maps to an allocated pfn.
 
 from __future__ import annotations
 
-from pkvm._core import HostMemoryState, RangeMap, hostmem_alloc, hostmem_free, hostmem_plan, shared_populate
+from pkvm._core import HostMemoryState, RangeMap, SharedBackingState, hostmem_alloc, hostmem_free, hostmem_plan, shared_populate
 from pkvm.errors import InternalInvariantError
 
 #: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
@@ -144,7 +144,7 @@ class HostMemory(HostMemoryState):
             raise InternalInvariantError(f"host memory counts {self.nr_allocated} pages, runs hold {total}")
 
 
-class SharedBacking:
+class SharedBacking(SharedBackingState):
     """The VMM's shared memory: HVA page -> host pfn, populated one host page at a time.
 
     ``order`` is the host page order of the backing (0 for 4K, 9 for THP / hugetlb-2M, 18
@@ -152,7 +152,9 @@ class SharedBacking:
     block of ``2**order`` pages around it, with a single aligned pfn block.
     """
 
-    __slots__ = ("_map", "_mem", "order", "nr_populated")
+    # Every field is a C member of SharedBackingState (pkvm/_state.pxi), which the fault path
+    # and the typed populate (pkvm/_gmem.pxi) read and write directly.
+    __slots__ = ()
 
     def __init__(self, mem: HostMemory, order: int) -> None:
         self._map = RangeMap(0)

@@ -61,6 +61,15 @@ def access_decides(fn: FaultIsPrivate) -> FaultIsPrivate:
     return fn
 
 
+def access_or_attribute(fn: FaultIsPrivate) -> FaultIsPrivate:
+    """Mark a ``fault_is_private`` op that returns the reported ``private`` bit OR the gfn's
+    ``KVM_MEMORY_ATTRIBUTE_PRIVATE`` (``KVM_X86_SW_PROTECTED_VM``: docs/kernel-semantics.md
+    §4.1). The typed fault path then computes it from the attribute word it reads on entry
+    instead of calling the op on every fault; the op stays callable and must agree."""
+    fn.access_or_attribute = True  # type: ignore[attr-defined]
+    return fn
+
+
 def _return0(*args: Any, **kwargs: Any) -> int:
     """The shared body of every absent optional op: do nothing, return 0."""
     return 0

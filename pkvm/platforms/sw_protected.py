@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pkvm.constants import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM
-from pkvm.kvm.ops import PlatformOps
+from pkvm.kvm.ops import PlatformOps, access_or_attribute
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import VM
 
 
+@access_or_attribute
 def sw_protected_fault_is_private(vm: VM, gfn: int, private: bool) -> bool:
     """The reported bit OR the gfn's PRIVATE attribute (the kernel sets the bit from it)."""
     return private or bool(vm.get_memory_attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
