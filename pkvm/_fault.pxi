@@ -5,6 +5,7 @@
 # ``object.__setattr__`` call per field: it was the most expensive single step of a 4K
 # fault). The fault path's phases live in pkvm/kvm/mmu.py and fill these in.
 
+from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 
 @cython.final
@@ -66,6 +67,14 @@ cdef inline PageFault _new_fault(uint64_t gfn, uint64_t limit, bint private, bin
     cdef PageFault f = PageFault.__new__(PageFault)
     f._init(gfn, limit, private, write, prefetch)
     return f
+
+
+cdef inline bint _f_running(PageFault f) except -1:
+    """``not f.ret``: the phases go on (an empty string, tested without Python's truth protocol)."""
+    ret = f.ret
+    if type(ret) is str:
+        return PyUnicode_GET_LENGTH(ret) == 0
+    return not ret
 
 
 cdef int _memory_fault_exit(PageFault f, int err) except -1:
@@ -579,7 +588,7 @@ cdef class FaultPath:
                 end = <uint64_t>(<GmemPath>gp)._get_pfn(f, <int64_t>end)
             else:
                 end = self.gmem_get_pfn(self.vm, f, end)
-            if f.ret:
+            if not _f_running(f):
                 return 0
             f.max_level = _level_for_order(f.order)
             f.map_writable = not (flags & _F_MEM_READONLY)
@@ -700,7 +709,7 @@ cdef class FaultPath:
                 elif r == 1:
                     f.ret = "spurious"
         f.level = level
-        if not f.ret:
+        if _f_running(f):
             f.ret = "fixed"
         return 0
 
@@ -783,31 +792,47 @@ cdef class FaultPath:
 
     cdef tuple _run(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
         """Every phase of one (batched) fault to completion: ``(f, result)``."""
+        cdef PageFault f
         cdef VmState vs = self.vs
         self._ops()
         if vs._sched is not None:
             return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
+        f = _new_fault(gfn, limit, private, write, prefetch)
+        return f, self._phases(vcpu, f, gfn, private, write)
+
+    cdef FaultResult _run1(self, vcpu, uint64_t gfn, bint private, bint write):
+        """:meth:`_run` of one page, not prefetched: the result alone (no tuple made)."""
+        cdef PageFault f
+        cdef VmState vs = self.vs
+        self._ops()
+        if vs._sched is not None:
+            return self.timeline_run(vcpu, gfn, gfn + 1, private, write, False)[1]
+        f = _new_fault(gfn, gfn + 1, private, write, False)
+        return self._phases(vcpu, f, gfn, private, write)
+
+    cdef FaultResult _phases(self, vcpu, PageFault f, uint64_t gfn, bint private, bint write):
+        """The synchronous driver's phases over the new ``f`` (no timeline attached)."""
+        cdef VmState vs = self.vs
         cdef Ledger L = self.ledger
         cdef int64_t t0 = L.ns  # the modeled ns at entry (t0big when past int64)
         t0big = L.big
-        cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
         self._begin(f)
-        if not f.ret and self.armed and "mmu_topup" in self.armed:
+        if _f_running(f) and self.armed and "mmu_topup" in self.armed:
             self.topup(self.vm, f, gfn)
-        if not f.ret:
+        if _f_running(f):
             self._faultin(f)
         # is_page_fault_stale can only be true with an invalidation open or finished since the
         # snapshot: skip the call otherwise (most faults).
-        if not f.ret and (vs.mmu_invalidate_in_progress or self.stats.v[S_MMU_INVALIDATE_SEQ] != f.mmu_seq):
+        if _f_running(f) and (vs.mmu_invalidate_in_progress or self.stats.v[S_MMU_INVALIDATE_SEQ] != f.mmu_seq):
             self._stale(f)
-        if not f.ret:
+        if _f_running(f):
             self._install(f)
         cdef FaultResult r = self._finish(f)
         took = None  # the fault's modeled ns, made only for the fault event
         if L.traced and not f.prefetch:
             took = L.now() - (t0 if t0big is None else t0big)
         self._after(vcpu, f, r, gfn, private, write, took)
-        return f, r
+        return r
 
     cdef inline int _mode(self, object cls) except -1:
         """How ``cls._fault`` runs one page (``_FP_*``): the class that defines ``_fault`` says,
@@ -843,7 +868,7 @@ cdef class FaultPath:
             elif getattr(vcpu, self.c_detour) is None:  # (an unset slot raises AttributeError)
                 mode = _FP_GENERIC
         if mode == _FP_GENERIC:
-            return self._run(vcpu, gfn, gfn + 1, private, write, False)[1]
+            return self._run1(vcpu, gfn, private, write)
         return vcpu._fault(gfn, gfn + 1, private, write)[1]
 
     # -- entry points ----------------------------------------------------------------------------
