@@ -13,9 +13,10 @@
 # thin wrappers of the functions here: each step has one implementation.
 #
 # The VM's counters and modeled time are typed state (pkvm/_ledger.pxi: ``VM._stats`` is a
-# Counters, ``VM._ledger`` the modeled-time Ledger) that this file adds to in C; the VM's other
-# mutable scalars (the invalidation range, the timeline hook) stay attributes of the Python VM
-# object, read and written here in its instance dict, so the rest of the model sees no difference.
+# Counters, ``VM._ledger`` the modeled-time Ledger) that this file adds to in C; the invalidation
+# count and range, the timeline hook and the dead flag are C members of the VM's base class
+# ``VmState`` (pkvm/_state.pxi), read and written here in C; the VM's other mutable scalars stay
+# attributes of the Python VM object, read and written here in its instance dict.
 
 # Kernel and pkvm constants this file needs (pkvm.constants / pkvm.kvm.mmu hold the originals;
 # tests/test_attr_core.py asserts they agree).

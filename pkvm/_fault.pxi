@@ -369,8 +369,9 @@ cdef class FaultPath:
 
     Built once per VM after the platform's init, like :class:`AttrPath`: it holds the VM's
     maps, counter and cost dicts, the shared backing, the platform's fault hooks and the
-    policy knobs (all fixed for the VM's life), and reads the scalars that change from the
-    VM's instance dict. ``pkvm.kvm.mmu``'s phase functions (``fault_begin``, ``faultin_pfn``,
+    policy knobs (all fixed for the VM's life), and reads the scalars that change (the
+    timeline, the op table, the dead flag, the invalidation state) in the C members of the VM's
+    base class :class:`VmState` (pkvm/_state.pxi). ``pkvm.kvm.mmu``'s phase functions (``fault_begin``, ``faultin_pfn``,
     ``max_mapping_level``, ``fault_is_stale``, ``fault_install``, ``fault_finish``) are
     wrappers of the methods here, which both drivers run: the synchronous one here
     (:meth:`run`) and the timeline's in ``pkvm.kvm.mmu.run_fault``.

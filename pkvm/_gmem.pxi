@@ -21,9 +21,9 @@
 # large direct mapping (``DirectMap``), PSMASH, the memory-fault exit, and the event and
 # timeline hooks (``vm._emit``, ``vm._sched``).
 #
-# The VM's counters and modeled time are typed state (pkvm/_ledger.pxi), added to in C; its other
-# mutable scalars (the timeline hook) stay attributes of the Python VM object, read in its
-# instance dict, as in pkvm/_attr.pxi.
+# The VM's counters and modeled time are typed state (pkvm/_ledger.pxi), added to in C; its
+# timeline hook and op table, the memslots' flags and files, the host allocator and the shared
+# backing are C members of their classes' typed bases (pkvm/_state.pxi).
 
 from types import MappingProxyType
 

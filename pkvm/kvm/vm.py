@@ -134,6 +134,11 @@ class VM(VmState):
             ``shared_backing``, ``nr_vcpus``; ``options`` the VM type does not take (TypeError).
     """
 
+    # The hot state every fault reads (``_sched``, ``_platform``, ``vm_dead``,
+    # ``mmu_invalidate_in_progress``, ``_range_start`` / ``_range_end``) lives in C members of
+    # the base class pkvm._core.VmState (pkvm/_state.pxi), not in the instance dict: the core
+    # reads and writes them in C, Python by name as before.
+
     def __init__(self, vm_type: int | str = KVM_X86_DEFAULT_VM, policy: Policy | str = "fault-time",
                  costs: CostModel | Mapping[str, object] | None = None, seed: int = 0, shared_backing: str = "thp",
                  nr_vcpus: int = 1, options: Mapping[str, object] | None = None) -> None:
