@@ -291,13 +291,12 @@ def _mmu_map_run(RangeMap sptes, stats, uint64_t start, uint64_t end, int level,
 # The nested page fault's phases (docs/kernel-semantics.md §4.2)
 # ---------------------------------------------------------------------------------------------
 
-cdef int _store_result(FaultResult r, Py_ssize_t i, dict codes, int8_t[::1] ret, int8_t[::1] level,
+cdef int _store_result(FaultResult r, Py_ssize_t i, object code, int8_t[::1] ret, int8_t[::1] level,
                        int64_t[::1] pfn, int32_t[::1] err, int32_t[::1] retries,
                        dict extras) except -1:
-    """One result of ``FaultPath.calls`` into its arrays (see there). A result they cannot
-    give back exactly gets the rows' defaults and goes to ``extras`` (``FaultBatch`` fills its
-    rows from the object)."""
-    code = codes.get(r.ret)
+    """One result of ``FaultPath.calls`` into its arrays (see there); ``code`` is its ``ret``'s
+    code, or None. A result they cannot give back exactly gets the rows' defaults and goes to
+    ``extras`` (``FaultBatch`` fills its rows from the object)."""
     lv, pf, er, rt = r.level, r.pfn, r.errno, r.retries
     if (code is not None and r.exit_reason is None and r.memory_fault is None and r.loop is None
             and (lv is None or (type(lv) is int and 1 <= lv <= 3))
@@ -912,6 +911,7 @@ cdef class FaultPath:
         cdef Py_ssize_t sp = 0 if private.shape[0] == 1 and n != 1 else 1
         cdef Py_ssize_t sw = 0 if write.shape[0] == 1 and n != 1 else 1
         cdef FaultResult r
+        last_ret = last_code = None  # the ret string of the call before and its code
         if (sp and private.shape[0] != n) or (sw and write.shape[0] != n):
             raise ValueError("FaultPath.calls: the arrays' lengths differ")
         if ret.shape[0] < n or level.shape[0] < n or pfn.shape[0] < n or err.shape[0] < n \
@@ -926,7 +926,11 @@ cdef class FaultPath:
                 else:
                     check()
                 r = self._one(vcpu, gpas[i] >> 12, private[i * sp] != 0, write[i * sw] != 0)
-                _store_result(r, i, codes, ret, level, pfn, err, retries, extras)
+                rs = r.ret
+                if rs is not last_ret:  # (most calls return the string the one before did)
+                    last_code = codes.get(rs)
+                    last_ret = rs
+                _store_result(r, i, last_code, ret, level, pfn, err, retries, extras)
                 i += 1
         finally:
             done[0] = i
