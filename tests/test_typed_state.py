@@ -192,3 +192,39 @@ def test_sw_protected_marked_op_equals_calling_it(steps):
                 res.append(vcpu.page_fault(gfn << 12, private=flag))
         out.append((res, dict(vm.stats), vm._modeled_ns))
     assert out[0] == out[1]
+
+
+def test_a_detour_that_is_not_a_plain_slot_is_read_through_getattr():
+    """A vCPU class's ``_fault_detour`` names the attribute that sends a fault to its own
+    ``_fault`` while not None: a set slot is read in C, a property or an unset slot through
+    Python's getattr (an unset slot raises AttributeError, as getattr does)."""
+    calls = []
+
+    class Slotted(pkvm.Vcpu):
+        __slots__ = ("stop",)
+        _fault_detour = "stop"
+
+        def _fault(self, gfn, limit, private, write):
+            calls.append(gfn)
+            return pkvm.Vcpu._fault(self, gfn, limit, private, write)
+
+    class Prop(Slotted):
+        __slots__ = ()
+        flag = None
+
+        @property
+        def stop(self):
+            return type(self).flag
+
+    vm, _ = shared_vm(4 * MiB)
+    s = Slotted(vm, 5)
+    with pytest.raises(AttributeError, match="stop"):
+        s.page_fault(0x1000, private=False)
+    s.stop = None
+    assert s.page_fault(0x1000, private=False).ret == "fixed" and calls == []
+    s.stop = "pending"
+    assert s.page_fault(0x2000, private=False).ret in ("fixed", "spurious") and calls == [2]
+    p = Prop(vm, 6)
+    assert p.page_fault(0x3000, private=False).ret in ("fixed", "spurious") and calls == [2]
+    Prop.flag = "pending"
+    assert p.page_fault(0x4000, private=False).ret in ("fixed", "spurious") and calls == [2, 4]
