@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pkvm._core import snp_batch_end
+from pkvm._core import snp_pv_batch_end, snp_pval_count, snp_pvalidate_4k_run, snp_pvalidate_range
 from pkvm.constants import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
@@ -167,19 +167,7 @@ class SnpVcpu(Vcpu):
         assigned to this guest at its GPA and validated. ``validated=False`` (a validation):
         no page may be validated yet (pages without a folio or RMP entry qualify: their fault
         creates an unvalidated entry). At least one page. O(k log n) for k folio runs."""
-        vm = self.vm
-        slot = vm._slot_at(gfn)
-        if slot is None or slot.gmem is None or end <= gfn + 1:
-            return gfn + 1
-        snp = vm.snp  # type: ignore[attr-defined]
-        rmp = snp._rmp  # snp.rmp, without the property
-        folios = slot.gmem.folios
-        off = slot.gmem_pgoff - slot.base_gfn
-        end = min(end, slot.end_gfn)
-        if end <= gfn + 1:
-            return gfn + 1
-        # the walk over the folios' runs and their RMP entries: the typed core's
-        return snp_batch_end(folios, rmp, off, gfn, end, validated, snp.asid)
+        return snp_pv_batch_end(self.vm, gfn, end, validated)  # the typed core's (pkvm/_snp_guest.pxi)
 
     _fault_detour = "_rmp_stop"  # one page with no RMP stop pending: the base fault
 
@@ -328,15 +316,7 @@ class SnpVcpu(Vcpu):
 
     def _pval_count(self, level: int, code: int, count: int) -> None:
         """Count and charge ``count`` PVALIDATEs at ``level`` that ended with ``code``."""
-        vm = self.vm
-        st = vm._stats
-        vm._charge("pvalidate_2m" if level == PG_LEVEL_2M else "pvalidate_4k", count)
-        if code == PVALIDATE_SUCCESS:
-            st["pvalidate"] += count
-            if level == PG_LEVEL_2M:
-                st["pvalidate_2m"] += count
-        else:
-            st["pvalidate_failures"] += count
+        snp_pval_count(self.vm, level, code, count)  # the typed core's (pkvm/_snp_guest.pxi)
 
     def pvalidate_range(self, gpa: int, size: int, validate: bool, *, huge: bool = True) -> GuestOpResult:
         """``pvalidate_pages`` over ``[gpa, gpa + size)``: 2M PVALIDATEs for the 2M-aligned
@@ -372,91 +352,12 @@ class SnpVcpu(Vcpu):
         return r
 
     def _pvalidate_range_body(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
-        vm = self.vm
-        snp = vm.snp  # type: ignore[attr-defined]
-        rmp = snp._rmp  # snp.rmp, without the property
-        sptes = vm._mmu.sptes
-        faults = 0
-        while gfn < end:
-            _s, e, v = sptes.run_at(gfn)
-            e = min(e, end)
-            big = huge and not gfn & 511 and gfn + 512 <= end  # the guest's choice of size
-            if not big:
-                # 4K PVALIDATEs up to the next 2M block the guest would do at 2M.
-                nxt = (gfn + 511) & ~511
-                stop = nxt if huge and nxt > gfn and nxt + 512 <= end else end
-                if not v:
-                    # Each PVALIDATE takes its own #NPF; a batch of them is faulted in at once
-                    # where that cannot change the outcome (_batch_end).
-                    n, r = Vcpu._fault(self, gfn, self._batch_end(gfn, min(e, stop), not validate), True, False)
-                    faults += n
-                    if r.ret in ("fixed", "spurious", "retry"):
-                        continue
-                    return self._stopped(self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, faults), gfn)
-                if not v & SPTE_PRIVATE:
-                    return self._stopped(self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, faults), gfn)
-                r2 = self._pvalidate_4k_run(gfn, min(e, stop), validate)
-                if r2 is not None:
-                    return r2
-                gfn = min(e, stop)
-                continue
-            if not v and not vm._policy.gmem_max_order:
-                # Order-0 folios only: the 2M PVALIDATE of a fresh block faults its first page
-                # (one 4K RMP entry). If that pfn is 2M-aligned and the entry is this guest's,
-                # the instruction fails with SIZEMISMATCH and the 4K retries fault the other
-                # pages in order, as do the next blocks (consecutive allocations): fault the
-                # batch at once and let the 4K-leaf range form below replay the instructions.
-                n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
-                faults += n
-                if r.ret not in ("fixed", "spurious", "retry"):
-                    return self._stopped(self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, faults), gfn)
-                v1 = sptes.get(gfn)
-                p1 = gfn + decode_delta(v1) if v1 else -1
-                if (v1 and v1 & SPTE_PRIVATE and not p1 & 511 and e > gfn + 1
-                        and rmp.find_ne(p1, 1, validated=validate) != -1):  # its 4K retry succeeds
-                    n, r = Vcpu._fault(self, gfn + 1, self._batch_end(gfn + 1, e, not validate), True, False)
-                    faults += n
-                continue
-            pfn = gfn + decode_delta(v) if v else -1
-            if (v and v & SPTE_PRIVATE and e - gfn >= 512 and spte_level(v) == PG_LEVEL_2M
-                    and rmp.lookup(pfn).level == PG_LEVEL_2M):
-                # A run of 2M leaves over 2M RMP entries: one range operation.
-                n2 = (e - gfn) >> 9
-                done, _fail, code = rmp.pvalidate_range(pfn, n2 << 9, PG_LEVEL_2M, asid=snp.asid,
-                                                       gpa=gfn << PAGE_SHIFT, validate=validate)
-                if done:
-                    self._pval_count(PG_LEVEL_2M, PVALIDATE_SUCCESS, done)
-                    gfn += done << 9
-                if code:
-                    op = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, 0)
-                    if op.ret != "done" or op.status != PVALIDATE_SUCCESS:
-                        return self._stopped(op, gfn)
-                    gfn += 512
-                continue
-            if (v and v & SPTE_PRIVATE and e - gfn >= 512 and spte_level(v) == PG_LEVEL_4K
-                    and not pfn & 511 and rmp.find_ne(pfn, e - gfn, level=PG_LEVEL_4K, assigned=True, asid=snp.asid,
-                                    gpa=gfn << PAGE_SHIFT) == -1):
-                # 4K leaves over 4K RMP entries: every 2M PVALIDATE fails with SIZEMISMATCH and
-                # is redone as 512 x 4K; the blocks up to the first 4K failure are counted.
-                k = (e - gfn) >> 9
-                r2 = self._pvalidate_4k_run(gfn, gfn + (k << 9), validate)
-                failed_blocks = k if r2 is None else (((r2.value or 0) >> PAGE_SHIFT) - gfn >> 9) + 1
-                self._pval_count(PG_LEVEL_2M, PVALIDATE_FAIL_SIZEMISMATCH, failed_blocks)
-                if r2 is not None:
-                    return r2
-                gfn += k << 9
-                continue
-            # Anything else (no leaf, a shared leaf, mixed sizes): one 2M PVALIDATE at a time.
-            op = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_2M, validate, faults)
-            faults = 0
-            if op.ret != "done" or op.status not in (PVALIDATE_SUCCESS, PVALIDATE_FAIL_SIZEMISMATCH):
-                return self._stopped(op, gfn)
-            if op.status == PVALIDATE_FAIL_SIZEMISMATCH:
-                r2 = self._pvalidate_range(gfn, gfn + 512, validate, False)
-                if r2.ret != "done" or r2.status != PVALIDATE_SUCCESS:
-                    return r2
-            gfn += 512
-        return GuestOpResult("done", status=PVALIDATE_SUCCESS, value=end << PAGE_SHIFT, faults=faults)
+        """The walk (the typed core's, pkvm/_snp_guest.pxi): run by run of nested mappings, 2M
+        PVALIDATEs over 2M leaves on 2M RMP entries as one range operation, 2M PVALIDATEs that
+        fail with ``FAIL_SIZEMISMATCH`` over 4K leaves redone as 4K ones, fresh blocks faulted
+        in as batches (:meth:`_batch_end`); single instructions (:meth:`_pvalidate`) where a
+        run cannot be taken as one."""
+        return snp_pvalidate_range(self, gfn, end, validate, huge)
 
     @staticmethod
     def _stopped(r: GuestOpResult, gfn: int) -> GuestOpResult:
@@ -468,34 +369,7 @@ class SnpVcpu(Vcpu):
 
     def _pvalidate_4k_run(self, gfn: int, end: int, validate: bool) -> GuestOpResult | None:
         """4K PVALIDATEs over ``[gfn, end)`` inside one private leaf run; None on success."""
-        vm = self.vm
-        snp = vm.snp  # type: ignore[attr-defined]
-        sptes = vm._mmu.sptes
-        while gfn < end:
-            _s, e, v = sptes.run_at(gfn)
-            e = min(e, end)
-            if not v or not v & SPTE_PRIVATE:
-                r = self._pvalidate_range(gfn, e, validate, False)
-                if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
-                    return r
-                gfn = e
-                continue
-            pfn = gfn + decode_delta(v)
-            # A 4K PVALIDATE on a 2M RMP entry stops the range with NPF_SIZEM; the single
-            # path below then takes the #NPF (PSMASH + zap) and re-executes.
-            done, _fail, code = snp._rmp.pvalidate_range(pfn, e - gfn, PG_LEVEL_4K, asid=snp.asid,
-                                                       gpa=gfn << PAGE_SHIFT, validate=validate)
-            if done:
-                self._pval_count(PG_LEVEL_4K, PVALIDATE_SUCCESS, done)
-                gfn += done
-            if code == 0 and gfn == e:
-                continue
-            r = self._pvalidate(gfn << PAGE_SHIFT, PG_LEVEL_4K, validate, 0)
-            if r.ret != "done" or r.status != PVALIDATE_SUCCESS:
-                return GuestOpResult(r.ret, r.status, gfn << PAGE_SHIFT, r.exit_reason, None,
-                                     r.memory_fault, r.errno, r.faults, r.retries, r.loop)
-            gfn += 1
-        return None
+        return snp_pvalidate_4k_run(self, gfn, end, validate)  # the typed core's (pkvm/_snp_guest.pxi)
 
     # -- page-state changes (§7.1) ----------------------------------------------------------------
 
