@@ -199,3 +199,112 @@ def snp_pvalidate_range(vcpu, uint64_t gfn, uint64_t end, bint validate, bint hu
                 return r2
         gfn += 512
     return GuestOpResult("done", _PV_SUCCESS, end << 12, None, None, None, None, faults)
+
+
+# -- the GHCB page-state change in run form (SnpVcpu._psc_runs, _psc_begin) ----------------------
+#
+# A request given as its runs of contiguous same-size entries: the VMGEXIT is counted, charged
+# and announced, then each run is one KVM_HC_MAP_GPA_RANGE exit whose completion (at the next
+# KVM_RUN) starts the next run. The exit itself is pkvm.kvm.exits.hypercall_exit, passed in by
+# the caller with the instruction's entry check (begin_insn): the core does not import the
+# KVM layer.
+
+cdef int _PSC_PRIVATE = 1                        # SNP_PAGE_STATE_PRIVATE
+cdef int _HC_MAP_GPA_RANGE = 12                  # KVM_HC_MAP_GPA_RANGE
+cdef int _MAP_GPA_ENCRYPTED = 1 << 4             # KVM_MAP_GPA_RANGE_ENCRYPTED (DECRYPTED: 0)
+cdef int _MAP_GPA_SZ_2M = 1                      # KVM_MAP_GPA_RANGE_PAGE_SZ_2M (4K: 0)
+cdef int _HC_LONG_MODE = 1                       # KVM_EXIT_HYPERCALL_LONG_MODE
+_VMGEXIT_PSC = 0x80000010                        # SVM_VMGEXIT_PSC
+_PSC_ERROR_GENERIC = 0x100 << 32                 # VMGEXIT_PSC_ERROR_GENERIC
+
+
+cdef bint _psc_begin(vcpu, begin) except -1:
+    """``SnpVcpu._psc_begin``: the instruction begins (``begin(vcpu)``), the request is
+    counted, charged and announced; whether the guest may use the protocol."""
+    begin(vcpu)
+    vm = vcpu.vm
+    vm._stats["psc_requests"] += 1
+    vm._charge("psc_request", 1)
+    if vm._subs is not None:
+        vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (vcpu.id, _VMGEXIT_PSC, 0, 0))
+    return bool(vm.hypercall_exit_mask & (1 << _HC_MAP_GPA_RANGE))
+
+
+def snp_psc_begin(vcpu, begin):
+    """``SnpVcpu._psc_begin`` (see :func:`_psc_begin`)."""
+    return _psc_begin(vcpu, begin)
+
+
+@cython.final
+@cython.auto_pickle(False)  # a pending continuation of live simulation state
+cdef class _PscRunDone:
+    """The completion of run ``k``'s exit (``__snp_complete_one_psc``): a range userspace
+    failed ends the request with ``VMGEXIT_PSC_ERROR_GENERIC`` (untraced, as ``psc``);
+    otherwise the next run goes."""
+
+    cdef object vcpu, hc, exit_fn, k
+    cdef list runs, at
+    cdef int op
+
+    def __call__(self):
+        if self.hc.ret:
+            return GuestOpResult("done", _PSC_ERROR_GENERIC)
+        self.at[0] = self.k + 1
+        r = _psc_run(self.vcpu, self.runs, self.op, self.at, self.exit_fn)
+        return r if self.vcpu.vm._subs is None else self.vcpu._psc_done(r)
+
+
+cdef object _psc_run(vcpu, list runs, int op, list at, exit_fn):
+    """Run ``at[0]`` of ``runs``: its ``KVM_HC_MAP_GPA_RANGE`` exit, or ``done`` after the last."""
+    k = at[0]
+    if k == len(runs):
+        return GuestOpResult("done", 0)
+    gfn, n, huge = runs[k]
+    vcpu.vm._stats["psc_entries"] += n
+    attrs = (_MAP_GPA_ENCRYPTED if op == _PSC_PRIVATE else 0) | (_MAP_GPA_SZ_2M if huge else 0)
+    hc = Hypercall(_HC_MAP_GPA_RANGE, (gfn << 12, n * 512 if huge else n, attrs), 0, _HC_LONG_MODE)
+    cdef _PscRunDone done = _PscRunDone.__new__(_PscRunDone)
+    done.vcpu = vcpu
+    done.hc = hc
+    done.exit_fn = exit_fn
+    done.k = k
+    done.runs = runs
+    done.at = at
+    done.op = op
+    return exit_fn(vcpu, hc, done)
+
+
+def snp_psc_runs(vcpu, list runs not None, int op, list at not None, begin, exit_fn):
+    """``SnpVcpu._psc_runs``: the request's VMGEXIT (``begin`` is the instruction's entry
+    check), then its runs' exits (``exit_fn`` is ``hypercall_exit``)."""
+    enabled = _psc_begin(vcpu, begin)
+    at[0] = 0
+    if not enabled:
+        return vcpu._psc_done(GuestOpResult("done", _PSC_ERROR_GENERIC))
+    r = _psc_run(vcpu, runs, op, at, exit_fn)
+    return r if vcpu.vm._subs is None else vcpu._psc_done(r)
+
+
+# -- the hardware RMP check on a guest access (SnpVcpu._usable_end) ------------------------------
+
+def snp_usable_end(vcpu, uint64_t gfn, uint64_t stop, uint64_t spte, bint private, bint write):
+    """``SnpVcpu._usable_end``: the end of the prefix of ``[gfn, stop)`` (one present leaf run
+    ``spte``) an access completes without a fault -- ``Vcpu._usable_end``'s writable test,
+    then the RMP check. The usual case of a private access (every entry assigned to this
+    guest at its GPA, at the leaf's size, validated) is one query of the core's RMP; anything
+    else is ``SnpVcpu._rmp_verdict``'s, which records where and why the access stops."""
+    vcpu._rmp_stop = None
+    cdef uint64_t u = stop if not write or spte & _F_SPTE_WRITABLE else gfn  # Vcpu._usable_end
+    if u <= gfn or (private and not spte & _F_SPTE_PRIVATE):
+        return gfn if private and not spte & _F_SPTE_PRIVATE else u
+    if private:
+        snp = vcpu.vm.snp
+        rmp = snp._rmp  # snp.rmp, without the property
+        if type(rmp) is RmpTable and _rmp_find(
+                <RmpTable>rmp, <int64_t>gfn + _decode_delta(spte), u - gfn, False, True, _f_level(spte),
+                snp.asid, gfn << 12, None, True, None) == -1:
+            return u
+    end, why = vcpu._rmp_verdict(gfn, u - gfn, spte, private)
+    if why:
+        vcpu._rmp_stop = (end, why)
+    return end

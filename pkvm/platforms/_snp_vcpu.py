@@ -30,7 +30,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pkvm._core import snp_pv_batch_end, snp_pval_count, snp_pvalidate_4k_run, snp_pvalidate_range
+from pkvm._core import (
+    snp_psc_begin,
+    snp_psc_runs,
+    snp_pv_batch_end,
+    snp_pval_count,
+    snp_pvalidate_4k_run,
+    snp_pvalidate_range,
+    snp_usable_end,
+)
 from pkvm.constants import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
@@ -150,14 +158,9 @@ class SnpVcpu(Vcpu):
         return gfn + n, ""
 
     def _usable_end(self, gfn: int, stop: int, spte: int, private: bool, write: bool) -> int:
-        self._rmp_stop = None
-        u = Vcpu._usable_end(self, gfn, stop, spte, private, write)  # super(), without its lookup
-        if u <= gfn or (private and not spte & SPTE_PRIVATE):
-            return gfn if private and not spte & SPTE_PRIVATE else u
-        end, why = self._rmp_verdict(gfn, u - gfn, spte, private)
-        if why:
-            self._rmp_stop = (end, why)
-        return end
+        # The writable test, then the RMP check (_rmp_verdict; the usual case in the typed
+        # core, pkvm/_snp_guest.pxi); an RMP stop is left in _rmp_stop for _fault.
+        return snp_usable_end(self, gfn, stop, spte, private, write)
 
     def _batch_end(self, gfn: int, end: int, validated: bool) -> int:
         """The end of the prefix of ``[gfn, end)`` whose private faults can be taken as one
@@ -446,44 +449,13 @@ class SnpVcpu(Vcpu):
         Raises:
             KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
         """
-        enabled = self._psc_begin()
-        at[0] = 0
-        if not enabled:
-            return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
-        r = self._psc_run(runs, op, at)
-        return r if self.vm._subs is None else self._psc_done(r)
+        return snp_psc_runs(self, runs, op, at, begin_insn, hypercall_exit)  # pkvm/_snp_guest.pxi
 
     def _psc_begin(self) -> bool:
         """The VMGEXIT of a page-state-change request: the instruction begins, the request is
         counted, charged and announced; returns whether the guest may use the protocol
         (``snp_begin_psc`` fails the request with ``VMGEXIT_PSC_ERROR_GENERIC`` otherwise)."""
-        begin_insn(self)
-        vm = self.vm
-        vm._stats["psc_requests"] += 1
-        vm._charge("psc_request", 1)
-        if vm._subs is not None:
-            vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (self.id, SVM_VMGEXIT_PSC, 0, 0))
-        return bool(vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE))  # _psc_enabled()
-
-    def _psc_run(self, runs: list[tuple[int, int, bool]], op: int, at: list[int]) -> GuestOpResult:
-        k = at[0]
-        if k == len(runs):
-            return GuestOpResult("done", status=0)
-        gfn, n, huge = runs[k]
-        self.vm._stats["psc_entries"] += n
-        attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if op == SNP_PAGE_STATE_PRIVATE else KVM_MAP_GPA_RANGE_DECRYPTED
-        attrs |= KVM_MAP_GPA_RANGE_PAGE_SZ_2M if huge else KVM_MAP_GPA_RANGE_PAGE_SZ_4K
-        hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gfn << PAGE_SHIFT, n * RMP_PAGES_2M if huge else n, attrs), 0,
-                       KVM_EXIT_HYPERCALL_LONG_MODE)
-
-        def complete() -> GuestOpResult:
-            if hc.ret:  # __snp_complete_one_psc: userspace failed the range (as psc: untraced)
-                return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC)
-            at[0] = k + 1
-            r = self._psc_run(runs, op, at)
-            return r if self.vm._subs is None else self._psc_done(r)
-
-        return hypercall_exit(self, hc, complete)
+        return snp_psc_begin(self, begin_insn)  # pkvm/_snp_guest.pxi
 
     def _psc_done(self, r: GuestOpResult) -> GuestOpResult:
         """The VMGEXIT is complete (``sw_exit_info_2`` = ``r.status``): trace its exit."""
