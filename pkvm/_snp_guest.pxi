@@ -97,10 +97,39 @@ def snp_pvalidate_4k_run(vcpu, uint64_t gfn, uint64_t end, bint validate):
     return _pv_4k_run(vcpu, vm, vm.snp, <RangeMap?>vm._mmu.sptes, gfn, end, validate)
 
 
+@cython.final
+@cython.auto_pickle(False)  # a pending continuation of live simulation state
+cdef class _PvRangeResume:
+    """``KVM_RUN`` after a PVALIDATE range exited: the faulting PVALIDATE is re-executed and
+    the guest's loop goes on from there (``vcpu._pvalidate_range(at, end, ...)``)."""
+
+    cdef object vcpu, at, end, validate, huge
+
+    def __call__(self):
+        return self.vcpu._pvalidate_range(self.at, self.end, self.validate, self.huge)
+
+
 def snp_pvalidate_range(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
-    """``SnpVcpu._pvalidate_range_body``: the guest's PVALIDATE loop over ``[gfn, end)``
-    (2M where the guest would use 2M, 4K elsewhere); ``done`` with status 0 and ``value`` the
-    end, or the first failing or exiting instruction's result."""
+    """``SnpVcpu._pvalidate_range``: the walk (:func:`_pv_range_body`); after an exit, the
+    vCPU's continuation resumes it at the gpa the exit reports."""
+    cdef _PvRangeResume resume
+    r = _pv_range_body(vcpu, gfn, end, validate, huge)
+    if (<GuestOpResult?>r).ret == "exit":
+        value = (<GuestOpResult>r).value
+        resume = _PvRangeResume.__new__(_PvRangeResume)
+        resume.vcpu = vcpu
+        resume.at = (value if value is not None else gfn << 12) >> 12
+        resume.end = end
+        resume.validate = validate
+        resume.huge = huge
+        vcpu._resume = resume
+    return r
+
+
+cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
+    """The guest's PVALIDATE loop over ``[gfn, end)`` (2M where the guest would use 2M, 4K
+    elsewhere); ``done`` with status 0 and ``value`` the end, or the first failing or exiting
+    instruction's result."""
     vm = vcpu.vm
     snp = vm.snp
     rmp = snp._rmp  # snp.rmp, without the property

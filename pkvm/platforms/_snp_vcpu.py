@@ -157,10 +157,9 @@ class SnpVcpu(Vcpu):
             return npf - d, "npf"
         return gfn + n, ""
 
-    def _usable_end(self, gfn: int, stop: int, spte: int, private: bool, write: bool) -> int:
-        # The writable test, then the RMP check (_rmp_verdict; the usual case in the typed
-        # core, pkvm/_snp_guest.pxi); an RMP stop is left in _rmp_stop for _fault.
-        return snp_usable_end(self, gfn, stop, spte, private, write)
+    #: The writable test, then the RMP check (:meth:`_rmp_verdict`; its usual case in the typed
+    #: core, pkvm/_snp_guest.pxi); an RMP stop is left in ``_rmp_stop`` for :meth:`_fault`.
+    _usable_end = snp_usable_end
 
     def _batch_end(self, gfn: int, end: int, validated: bool) -> int:
         """The end of the prefix of ``[gfn, end)`` whose private faults can be taken as one
@@ -343,24 +342,15 @@ class SnpVcpu(Vcpu):
         """:meth:`pvalidate_range` over ``[gfn, end)`` for a caller that checked the range
         (u64, 4 KiB aligned, non-empty) and passes bools: the guest flows."""
         begin_insn(self)
-        return self._pvalidate_range(gfn, end, validate, huge)
+        return snp_pvalidate_range(self, gfn, end, validate, huge)  # self._pvalidate_range
 
-    def _pvalidate_range(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
-        """The range form; after an exit, ``KVM_RUN`` re-executes the faulting PVALIDATE and
-        the guest's loop goes on from there (``vcpu._resume``)."""
-        r = self._pvalidate_range_body(gfn, end, validate, huge)
-        if r.ret == "exit":
-            at = (r.value if r.value is not None else gfn << PAGE_SHIFT) >> PAGE_SHIFT
-            self._resume = lambda: self._pvalidate_range(at, end, validate, huge)
-        return r
-
-    def _pvalidate_range_body(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
-        """The walk (the typed core's, pkvm/_snp_guest.pxi): run by run of nested mappings, 2M
-        PVALIDATEs over 2M leaves on 2M RMP entries as one range operation, 2M PVALIDATEs that
-        fail with ``FAIL_SIZEMISMATCH`` over 4K leaves redone as 4K ones, fresh blocks faulted
-        in as batches (:meth:`_batch_end`); single instructions (:meth:`_pvalidate`) where a
-        run cannot be taken as one."""
-        return snp_pvalidate_range(self, gfn, end, validate, huge)
+    #: The range form (pkvm/_snp_guest.pxi): run by run of nested mappings, 2M PVALIDATEs over
+    #: 2M leaves on 2M RMP entries as one range operation, 2M PVALIDATEs that fail with
+    #: ``FAIL_SIZEMISMATCH`` over 4K leaves redone as 4K ones, fresh blocks faulted in as
+    #: batches (:meth:`_batch_end`), single instructions (:meth:`_pvalidate`) where a run cannot
+    #: be taken as one; after an exit, ``KVM_RUN`` re-executes the faulting PVALIDATE and the
+    #: guest's loop goes on from there (``vcpu._resume``).
+    _pvalidate_range = snp_pvalidate_range
 
     @staticmethod
     def _stopped(r: GuestOpResult, gfn: int) -> GuestOpResult:
@@ -370,9 +360,8 @@ class SnpVcpu(Vcpu):
         return GuestOpResult(r.ret, r.status, gfn << PAGE_SHIFT, r.exit_reason, None, r.memory_fault,
                              r.errno, r.faults, r.retries, r.loop)
 
-    def _pvalidate_4k_run(self, gfn: int, end: int, validate: bool) -> GuestOpResult | None:
-        """4K PVALIDATEs over ``[gfn, end)`` inside one private leaf run; None on success."""
-        return snp_pvalidate_4k_run(self, gfn, end, validate)  # the typed core's (pkvm/_snp_guest.pxi)
+    #: 4K PVALIDATEs over ``[gfn, end)`` inside one private leaf run; None on success.
+    _pvalidate_4k_run = snp_pvalidate_4k_run  # pkvm/_snp_guest.pxi
 
     # -- page-state changes (§7.1) ----------------------------------------------------------------
 
