@@ -6,7 +6,7 @@
 # read typed state instead of instance dictionaries. Everything that involves SimPy (a lock
 # taken or released under contention, a clock that must advance, the recorder) stays in the
 # Python subclass, which these hooks call: _acquire_slow, _release_slow, _record_hold, _sync,
-# _idle_now_ns, _queue_empty. The rules are docs/timeline.md's; the behaviour is exactly
+# _idle_now_ns. The rules are docs/timeline.md's; the behaviour is exactly
 # that of the Python hooks they replace (same values, same order of effects).
 
 
@@ -71,6 +71,7 @@ cdef class DistState:
 
 # the requests an actor's coroutine sends to its SimPy process (pkvm/sim/timeline.py's _ACQ ...)
 cdef int _SCHED_ACQ = 0, _SCHED_REL = 1, _SCHED_WAIT = 2, _SCHED_SYNC = 3, _SCHED_DONE = 4
+_SCHED_INFINITY = float("inf")  # simpy.core.Infinity: the time of an empty event queue
 
 
 @cython.final
@@ -156,6 +157,8 @@ cdef class SchedHooks:
     # spinning vCPU waits on (None while none waits), the actors by name
     cdef public object env, _t0, _main, _greenlet, _changed
     cdef public dict _actors
+    # SimPy's event heap (``Environment._queue``) when it is a list, else None (_queue_empty_c)
+    cdef public list _heap
     # vm's Ledger, read in C by _vm_ns / _vm_ns_is (taken again whenever vm is another object)
     cdef Ledger _led
 
@@ -274,7 +277,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         if a is None:
             return int(self.vm._modeled_ns)
-        return a.busy + self.vm._modeled_ns - self._mark
+        return a.busy + _vm_ns(self) - self._mark
 
     def contended(self):
         """True if another actor is in a task now (worth splitting long work for)."""
@@ -300,12 +303,24 @@ cdef class SchedHooks:
         if a is None:
             return 0
         if (self._active <= a.in_task and not a.stall_debt and self.recorder is None
-                and self._queue_empty()):
+                and self._queue_empty_c()):
             self._skipped = True  # Timeline.serialize: the work pending since this point
             self._vis = _vm_ns(self)
             return 0
         self._sync_c()
         return 0
+
+    def _queue_empty(self):
+        """No event is scheduled in the environment (:meth:`sync`)."""
+        return self._queue_empty_c()
+
+    cdef bint _queue_empty_c(self) except -1:
+        """``env.peek() == Infinity``, read from SimPy's event heap when the environment has one
+        (a list of ``(time, ...)`` entries, SimPy 4), without the call."""
+        q = self._heap
+        if q is None:
+            return self.env.peek() == _SCHED_INFINITY
+        return not q or (<tuple?>q[0])[0] == _SCHED_INFINITY
 
     def ipi(self, scope, n=1):
         """An IPI from the running actor: ``"vm"`` (remote TLB flush: every other vCPU of the VM
@@ -352,7 +367,7 @@ cdef class SchedHooks:
 
     cdef object _take_c(self):
         """The running actor's work since its last yield (and the mark moves to now)."""
-        m = self.vm._modeled_ns
+        cdef long long m = _vm_ns(self)
         dt = m - self._mark
         self._mark = m
         return dt
@@ -457,7 +472,7 @@ cdef class SchedHooks:
         self._current = a
         self._now0 = int(self.env.now - self._t0)
         vm = self.vm
-        self._mark = vm._modeled_ns
+        self._mark = _vm_ns(self)
         self._skipped = False
         vm._hostmem.cpu = a.name
         if vm._actor != a.charge_to:

@@ -27,7 +27,6 @@ from typing import Any
 
 import greenlet  # type: ignore[import-untyped,unused-ignore]  # no stubs unless types-greenlet
 import simpy
-from simpy.core import Infinity
 
 from pkvm._core import SchedActor, SchedHooks
 from pkvm.errors import InternalInvariantError
@@ -110,8 +109,8 @@ class Timeline(SchedHooks):
         self._t0 = self.env.now
         env_ = self.env
         heap = getattr(env_, "_queue", None)
-        #: SimPy's event heap (``Environment._queue``) for :meth:`_queue_empty`, if it is one.
-        self._heap: list[Any] | None = heap if type(heap) is list else None
+        #: SimPy's event heap (``Environment._queue``) for ``_queue_empty``, if it is one.
+        self._heap = heap if type(heap) is list else None
         self.locks: dict[str, Any] = {
             "slots_lock": Mutex(env_, "slots_lock"),
             "mmu_lock": RWLock(env_, "mmu_lock"),
@@ -286,15 +285,6 @@ class Timeline(SchedHooks):
 
     def _idle_now_ns(self) -> int:
         return int(self.env.now - self._t0)
-
-    def _queue_empty(self) -> bool:
-        """No event is scheduled in the environment (:meth:`sync`): ``env.peek() == Infinity``,
-        read from SimPy's event heap when the environment has one (a list of ``(time, ...)``
-        entries, SimPy 4), without the call."""
-        q = self._heap
-        if q is None:
-            return bool(self.env.peek() == Infinity)
-        return not q or q[0][0] == Infinity
 
     def holds(self, lock: str, mode: int = WRITE) -> bool:
         """Whether the running actor holds ``lock`` in ``mode``."""
