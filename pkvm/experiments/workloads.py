@@ -641,8 +641,8 @@ def _chunk_gpas(ctx: Context, chunks: list[int], chunk: int) -> list[int]:
     if len(chunks) >= 64:  # numpy: the range of each chunk is the last one starting at or before it
         firsts = np.array([f for f, _ in bounds], dtype=np.int64)
         shifts = np.array([d for _, d in bounds], dtype=np.int64)
-        c = np.array(chunks, dtype=np.int64)
-        return (c + shifts[np.searchsorted(firsts, c, side="right") - 1]).tolist()  # type: ignore[no-any-return]
+        arr = np.array(chunks, dtype=np.int64)
+        return (arr + shifts[np.searchsorted(firsts, arr, side="right") - 1]).tolist()  # type: ignore[no-any-return]
     bounds.reverse()
     out = []
     for c in chunks:
