@@ -25,12 +25,15 @@ def _attr_calls(const uint64_t[::1] gpas, const uint64_t[::1] sizes, const uint6
     Per call, in the ioctl's order: ``vm.vm_dead`` gives EIO (and every later call too: a dead
     VM stays dead); ``flags``, attribute bits outside ``supported``, an empty range, a range
     that wraps past 2**64 and an unaligned address or size give EINVAL; otherwise
-    ``body(start_gfn, end_gfn, attributes)`` runs the ioctl, and an ``error`` it raises gives
-    that error's ``errno``. Any other exception propagates (the calls before it have run)."""
+    ``body(start_gfn, end_gfn, attributes)`` runs the ioctl (the VM's :class:`AttrPath` is
+    called as ``checked`` in C, with no Python call per element), and an ``error`` it raises
+    gives that error's ``errno``. Any other exception propagates (the calls before it have
+    run)."""
     cdef Py_ssize_t i, n = gpas.shape[0]
     cdef Py_ssize_t step = 0 if attrs.shape[0] == 1 and n != 1 else 1
     cdef uint64_t a, s, at
     cdef uint64_t bad_attrs = ~supported
+    cdef AttrPath path = body if type(body) is AttrPath else None
     if sizes.shape[0] != n or out.shape[0] != n or (step and attrs.shape[0] != n):
         raise ValueError("_attr_calls: the arrays' lengths differ")
     for i in range(n):
@@ -44,7 +47,10 @@ def _attr_calls(const uint64_t[::1] gpas, const uint64_t[::1] sizes, const uint6
             out[i] = EINVAL
             continue
         try:
-            body(a >> 12, (a + s) >> 12, at)
+            if path is not None:
+                path.checked(a >> 12, (a + s) >> 12, at)
+            else:
+                body(a >> 12, (a + s) >> 12, at)
         except error as e:
             out[i] = e.errno
         else:

@@ -151,7 +151,7 @@ class RmpTable:
 
 def _attr_calls(
     gpas: npt.NDArray[np.uint64], sizes: npt.NDArray[np.uint64], attrs: npt.NDArray[np.uint64],
-    flags: int, supported: int, vm: object, body: Callable[[int, int, int], object],
+    flags: int, supported: int, vm: object, body: AttrPath | Callable[[int, int, int], object],
     error: type[BaseException], out: npt.NDArray[np.int32],
 ) -> None:
     """One ``KVM_SET_MEMORY_ATTRIBUTES`` per element; ``out[i]`` gets call ``i``'s errno."""

@@ -115,7 +115,7 @@ def set_memory_attributes_many(vm: VM, gpas: object, sizes: object, attributes: 
             except KvmError as e:
                 out[i] = e.errno
         return out
-    _attr_calls(g, s, a, f, vm._supported_attrs, vm, vm._set_attrs_checked, KvmError, out)
+    _attr_calls(g, s, a, f, vm._supported_attrs, vm, vm._attr_path, KvmError, out)  # VM._set_attrs_checked's body
     return out
 
 
