@@ -68,7 +68,12 @@ cdef int _clear_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
 
 
 cdef inline int _set_mixed(RangeMap m, uint64_t idx, bint mixed) except -1:
-    cdef uint64_t v = rangemap_get(m, idx)
+    return _set_mixed_w(m, idx, mixed, _INVALID_GFN)
+
+
+cdef inline int _set_mixed_w(RangeMap m, uint64_t idx, bint mixed, uint64_t w) except -1:
+    """:func:`_set_mixed` with the word at ``idx`` if known (else ``_INVALID_GFN``)."""
+    cdef uint64_t v = rangemap_get(m, idx) if w == _INVALID_GFN else w
     cdef uint64_t nv = (v | _LPAGE_MIXED) if mixed else (v & ~_LPAGE_MIXED)
     if nv != v:
         rangemap_assign(m, idx, idx + 1, nv)
@@ -99,13 +104,17 @@ cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_
 
 cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                          uint64_t slot_end, bint whole_chunk, uint64_t start, uint64_t end,
-                         uint64_t attrs) except -1:
+                         uint64_t attrs, uint64_t w2, uint64_t w1) except -1:
     """``kvm_arch_post_set_memory_attributes`` on the slot-clipped ``[start, end)`` (§3.3).
 
     Per level, 2M first (1G reuses its results): the partially covered head chunk gets
     MIXED := !hugepage_has_attrs(new value), body chunks are cleared, the tail chunk is
     recomputed. A 1G chunk known to hold a 2M sub-chunk found MIXED here is not uniform
     without a read of its sub-chunks (§3.2).
+
+    ``w2`` / ``w1``: the 2M / 1G lpage word of ``start``'s chunks if the caller read them
+    already (they are what the maps hold), else ``_INVALID_GFN`` (no word has every bit set);
+    a range inside one 2M chunk then reads neither map before writing it.
     """
     cdef uint64_t g, idx, v, nv, k, n, last, dummy
     cdef uint64_t mixed_2m[2]
@@ -119,10 +128,10 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
         if end - start < 512:
             if g >= base and (not whole_chunk or g + 512 <= slot_end):
                 uniform = not rangemap_find_ne(amap, g, g + 512, attrs, &k)
-                _set_mixed(m2, g >> 9, not uniform)
+                _set_mixed_w(m2, g >> 9, not uniform, w2)
         else:
             idx = g >> 9
-            v = rangemap_get(m2, idx)
+            v = rangemap_get(m2, idx) if w2 == _INVALID_GFN else w2
             if v & _LPAGE_MIXED:
                 rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
         g = start & ~((1ULL << 18) - 1)
@@ -143,7 +152,7 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                     uniform = False
                 else:
                     uniform = _has_attrs(amap, m2, g, 3, attrs)
-            _set_mixed(m1, g >> 18, not uniform)
+            _set_mixed_w(m1, g >> 18, not uniform, w1)
         return 0
     for level in range(2, 4):
         shift = _level_shift(level)
@@ -276,12 +285,24 @@ def _hugepage_has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uin
 
 # -- the ioctl -------------------------------------------------------------------------------------
 
+cdef inline uint64_t _ull(object o) noexcept:
+    """``_as_ull`` of an exact int: read from its digits when it has at most two (below 2**60;
+    every 4K page of a 52-bit address space), else the C API's conversion (which sets
+    OverflowError for a negative or too large value, as ``_as_ull`` does)."""
+    cdef uint64_t v
+    if pkvm_small_u64(o, &v):
+        return v
+    return _as_ull(o)
+
+
 cdef struct _PreState:
     uint64_t rs             # the invalidation range being built
     uint64_t re
     uint64_t zapped         # leaves zapped by the phase
     uint64_t head2          # the 2M lpage word of the next piece's head chunk if read already,
                             # else _INVALID_GFN (no word has every bit set)
+    uint64_t head1          # the 1G lpage word of the last piece's head chunk if read, else
+                            # _INVALID_GFN
     int attr_filter
 
 
@@ -317,6 +338,10 @@ cdef class AttrPath:
     cdef object c_slot
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end
+    # the ledger's indices of the ops the phases charge (Ledger.op_slot, resolved once)
+    cdef Py_ssize_t i_store, i_zap, i_flush
+    # the last remote TLB flush priced (its vCPU count and ns; flush_cache holds them all)
+    cdef object fl_n, fl_ns
 
     def __init__(self, vm):
         d = vm.__dict__
@@ -347,6 +372,10 @@ cdef class AttrPath:
         self.filter_all = d["_policy"].zap_filter == "all"
         self.hookless = not self.mirror and not self.eager_locked
         self.c_slot = None
+        self.i_store = self.ledger.op_slot("attr_store")
+        self.i_zap = self.ledger.op_slot("zap_spte")
+        self.i_flush = self.ledger.op_slot("remote_tlb_flush")
+        self.fl_n = self.fl_ns = None
 
     cdef inline int _slot(self, object key) except -1:
         slot = self.slots[key - 1]
@@ -366,6 +395,13 @@ cdef class AttrPath:
     cdef inline int _add_ns(self, str op, object ns) except -1:
         return self.ledger.add(op, ns)
 
+    cdef inline int _add_at(self, Py_ssize_t i, str op, object ns) except -1:
+        """:meth:`_add_ns` for the op of ledger index ``i`` (no lookup of its name)."""
+        cdef int64_t v
+        if type(ns) is int and _as_i64(ns, &v):
+            return self.ledger.add_i(i, v)
+        return self.ledger.add(op, ns)
+
     # -- the phases ---------------------------------------------------------------------------
 
     cdef object _zap(self, uint64_t start, uint64_t end, int attr_filter):
@@ -377,7 +413,7 @@ cdef class AttrPath:
             n = _zap_range(self.sptes, self.stats, start, end, _VALID_ROOTS, None)
         if n:
             ns = self.zap_ns * n
-            self._add_ns("zap_spte", ns)
+            self._add_at(self.i_zap, "zap_spte", ns)
             if self._traced():
                 self.vm._emit("charge", None, None, "zap_spte", n, ns)
         if self._traced():
@@ -398,16 +434,19 @@ cdef class AttrPath:
 
     cdef object _flush_price(self, object n):
         """The modeled ns of a remote TLB flush to ``n`` vCPUs (cached per ``n``)."""
+        if self.fl_n is not None and self.fl_n == n:
+            return self.fl_ns
         ns = self.flush_cache.get(n)
         if ns is None:
             ns = self.flush_cache[n] = self.d["_cost_model"].ns("remote_tlb_flush", nr_vcpus=n)
+        self.fl_n, self.fl_ns = n, ns
         return ns
 
     cdef int _flush(self) except -1:
         """``kvm_flush_remote_tlbs`` and its accounting."""
         n = self._flush_counted()
         ns = self._flush_price(n)
-        self._add_ns("remote_tlb_flush", ns)
+        self._add_at(self.i_flush, "remote_tlb_flush", ns)
         if self._traced():
             self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
         sched = (<VmState?>self.vm)._sched
@@ -429,7 +468,7 @@ cdef class AttrPath:
             ps.rs = vs._range_start
             ps.re = vs._range_end
         ps.zapped = 0
-        ps.head2 = _INVALID_GFN
+        ps.head2 = ps.head1 = _INVALID_GFN
         # §2.5 step 3 (6.14+): zap only the old attribute's mappings (a VM without a mirror
         # root has one root that holds both kinds, so the filter narrows nothing there).
         if self.filter_all:
@@ -460,6 +499,7 @@ cdef class AttrPath:
                 ps.rs = s
             if e > ps.re:
                 ps.re = e
+        ps.head1 = _INVALID_GFN
         if self.guard:
             if key is not None:  # None: the caller resolved the slot
                 self._slot(key)
@@ -474,6 +514,8 @@ cdef class AttrPath:
                         w = ps.head2
                     else:
                         w = rangemap_get(m, hs >> _level_shift(level))
+                        if level == 3:
+                            ps.head1 = w
                     if not w & _LPAGE_MIXED:
                         if hs < ps.rs:
                             ps.rs = hs
@@ -502,7 +544,7 @@ cdef class AttrPath:
         n = end - start
         self.stats.v[S_ATTR_STORES] += <int64_t>n
         ns = self.store_ns * n
-        self._add_ns("attr_store", ns)
+        self._add_at(self.i_store, "attr_store", ns)
         if self._traced():
             self.vm._emit("charge", start, end, "attr_store", n, ns)
             self.vm._emit("attr_change", start, end, None, n, 0, None, (attrs,))
@@ -523,7 +565,7 @@ cdef class AttrPath:
     cdef int _post_piece(self, uint64_t s, uint64_t e, object key, uint64_t attrs) except -1:
         self._slot(key)
         _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                        self.whole_chunk, s, e, attrs)
+                        self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN)
         if self.eager_locked:
             vm = self.vm
             slot = self.c_slot
@@ -556,7 +598,9 @@ cdef class AttrPath:
 
         ``read``: :meth:`checked` read the one gfn's slot key + 1 (``key``, 0 outside every
         memslot; the slot resolved), SPTE (``spte``) and the 2M lpage word of its chunk
-        (``head2``) already: the one piece needs no cursor.
+        (``head2``) already: the one piece needs no cursor, a 4K leaf is zapped without a
+        read, and POST writes the lpage words PRE read without reading them again (nothing
+        between PRE and POST writes an lpage map).
         """
         cdef RunCursor cur
         cdef _PreState ps
@@ -575,10 +619,18 @@ cdef class AttrPath:
             # PRE (kvm_pre_set_memory_attributes per piece, inside one invalidation)
             ps.rs = ps.re = _INVALID_GFN
             ps.zapped = 0
+            ps.head1 = _INVALID_GFN
             if read:
                 ps.head2 = head2
                 self._pre_range(&ps, start, end, None)
-                if spte:
+                if spte and _spte_level(spte) == 1:
+                    # _zap_range's one-gfn 4K case, with the leaf read already
+                    st.v[S_PAGES_4K] -= 1
+                    rangemap_assign(sptes, start, end, 0)
+                    st.v[S_ZAPPED_SPTES] += 1
+                    ps.zapped = 1
+                    zap_ns = self.zap_ns
+                elif spte:
                     zap_ns = self._quiet_zap(&ps, start, end, zap_ns)
             else:
                 ps.head2 = _INVALID_GFN
@@ -606,20 +658,19 @@ cdef class AttrPath:
             st.v[S_MMU_INVALIDATE_SEQ] += 1
             if read:
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, start, end, attrs)
+                                self.whole_chunk, start, end, attrs, head2, ps.head1)
             else:
                 ok = rangemap_cursor_init(self.slot0, &cur, start, end)
             while not read and ok == 1:
                 self._slot(cur.value)
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, cur.start, cur.end, attrs)
+                                self.whole_chunk, cur.start, cur.end, attrs, _INVALID_GFN, _INVALID_GFN)
                 ok = rangemap_cursor_next(self.slot0, &cur)
-        L = self.ledger
         if zap_ns is not None:
-            L.add("zap_spte", zap_ns)
+            self._add_at(self.i_zap, "zap_spte", zap_ns)
         if flush_ns is not None:
-            L.add("remote_tlb_flush", flush_ns)
-        L.add("attr_store", store_ns)
+            self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
+        self._add_at(self.i_store, "attr_store", store_ns)
         if zap_ns is not None:  # the PRE phase's zap and flush ran under mmu_lock
             lock = zap_ns if flush_ns is None else zap_ns + flush_ns
             if lock:
@@ -657,7 +708,7 @@ cdef class AttrPath:
         """``pkvm.kvm.mmu.post_set_mixed`` on one slot-clipped piece."""
         lp = slot.lpage.maps
         _post_set_mixed(self.attrs, lp[2], lp[3], slot.base_gfn, slot.end_gfn, self.whole_chunk,
-                        start, end, attrs)
+                        start, end, attrs, _INVALID_GFN, _INVALID_GFN)
 
     def zap(self, uint64_t start, uint64_t end, int attr_filter):
         """``VM._zap``."""
@@ -675,10 +726,10 @@ cdef class AttrPath:
         if (<VmState?>self.vm).vm_dead:
             self.vm._check_alive()
         if _is_exact_int(address) and _is_exact_int(size) and _is_exact_int(attributes) and _is_exact_int(flags):
-            a = _as_ull(address)
-            sz = _as_ull(size)
-            at = _as_ull(attributes)
-            fl = _as_ull(flags)
+            a = _ull(address)
+            sz = _ull(size)
+            at = _ull(attributes)
+            fl = _ull(flags)
             if PyErr_Occurred():
                 PyErr_Clear()
             else:
