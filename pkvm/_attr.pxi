@@ -672,9 +672,28 @@ cdef class AttrPath:
             self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
         self._add_at(self.i_store, "attr_store", store_ns)
         if zap_ns is not None:  # the PRE phase's zap and flush ran under mmu_lock
-            lock = zap_ns if flush_ns is None else zap_ns + flush_ns
-            if lock:
-                d["mmu_lock_ns"] = d["mmu_lock_ns"] + lock
+            self._add_lock_ns(zap_ns, flush_ns)
+        return 0
+
+    cdef int _add_lock_ns(self, object zap_ns, object flush_ns) except -1:
+        """``mmu_lock_ns += zap_ns + flush_ns`` (``flush_ns`` None: no flush) if the sum is
+        not 0; summed in int64 when every term is an int that fits (the result an int, as
+        Python's sum), else in Python arithmetic."""
+        cdef int64_t z, f = 0, old, t, r
+        d = self.d
+        cur = d["mmu_lock_ns"]
+        if (type(zap_ns) is int and _as_i64(zap_ns, &z)
+                and (flush_ns is None or (type(flush_ns) is int and _as_i64(flush_ns, &f)))
+                and type(cur) is int and _as_i64(cur, &old)
+                and not pkvm_add_ovf(z, f, &t)):
+            if not t:
+                return 0
+            if not pkvm_add_ovf(old, t, &r):
+                d["mmu_lock_ns"] = r
+                return 0
+        lock = zap_ns if flush_ns is None else zap_ns + flush_ns
+        if lock:
+            d["mmu_lock_ns"] = cur + lock
         return 0
 
     # -- entry points -------------------------------------------------------------------------
@@ -715,7 +734,7 @@ cdef class AttrPath:
         self.quiet = False
         return self._zap(start, end, attr_filter)
 
-    def ioctl(self, address, size, attributes, flags):
+    def ioctl(self, address, size, attributes, flags=0):
         """``VM.set_memory_attributes``: the checks, then :meth:`checked`.
 
         Arguments that pass every check in the fast test below go on; anything else goes to
@@ -824,3 +843,27 @@ cdef class AttrPath:
         if t1 != t0 or self.ledger.now() != t2:
             d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (self.ledger.now() - t2)
         self.quiet = False
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class AttrIoctlMethod:
+    """``VM.set_memory_attributes`` as a method descriptor: read on a VM whose
+    :class:`AttrPath` is built, it is that path's bound :meth:`AttrPath.ioctl` (the ioctl
+    called with no Python frame of its own); read on the class, or on a VM still being built,
+    it is the Python method ``func`` (its docstring and signature, and the same call)."""
+
+    cdef readonly object __func__
+
+    def __init__(self, func):
+        if not callable(func):
+            raise TypeError(f"AttrIoctlMethod needs a function, not {type(func).__name__}")
+        self.__func__ = func
+
+    def __get__(self, obj, objtype):
+        if obj is None:
+            return self.__func__
+        path = getattr(obj, "_attr_path", None)
+        if type(path) is AttrPath and (<AttrPath>path).vm is obj:
+            return path.ioctl
+        return self.__func__.__get__(obj, objtype)

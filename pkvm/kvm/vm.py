@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrPath, Cells, Counters, Ledger, LedgerTotal, RangeMap, VmState
+from pkvm._core import AttrIoctlMethod, AttrPath, Cells, Counters, Ledger, LedgerTotal, RangeMap, VmState
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -976,6 +976,10 @@ class VM(VmState):
         """
         return _batch.set_memory_attributes_many(self, gpas, sizes, attributes, flags)
 
+
+# On a VM, ``set_memory_attributes`` is its AttrPath's C entry, called with no Python frame of its
+# own (pkvm/_attr.pxi); on the class it is still the method defined above (docstring, signature).
+setattr(VM, "set_memory_attributes", AttrIoctlMethod(VM.set_memory_attributes))
 
 _EVENT_KINDS = frozenset(EVENT_KINDS)
 
