@@ -1,0 +1,106 @@
+"""The attribute ioctl's one-gfn fast path (pkvm/_attr.pxi, ``AttrPath._quiet`` with the words
+``checked`` read: the 4K leaf zapped with the SPTE read, POST writing the 2M / 1G lpage words PRE
+read without reading them again) against the step-by-step path, and ``VM.set_memory_attributes``
+as the AttrPath's C entry (``AttrIoctlMethod``)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vmhelpers import GMEM, UADDR, snapshot
+
+import pkvm
+from pkvm._core import AttrIoctlMethod
+
+PRIVATE = pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+GiB = 1 << 30
+
+
+def _vm(platform: str, policy: str) -> pkvm.VM:
+    vm = pkvm.VM(platform, policy=policy)
+    gmem = vm.create_guest_memfd(4 * GiB)
+    # a slot of two whole 1G chunks, then one whose base and end cut a 2M and a 1G chunk
+    vm.set_user_memory_region2(0, GMEM, 0, 2 * GiB, UADDR, gmem, 0)
+    vm.set_user_memory_region2(1, GMEM, 2 * GiB + 0x203000, GiB, UADDR + 2 * GiB + 0x203000, gmem, 2 * GiB)
+    vm.create_vcpu()
+    return vm
+
+
+# gfns clustered on a few 2M chunks of a few 1G chunks (both slots, their edges and the hole
+# below the second one), so that chunks turn MIXED and uniform again
+_GFN = st.builds(lambda g1, g2, off: (g1 << 18) + (g2 << 9) + off,
+                 st.sampled_from([0, 1, 2, 3]), st.sampled_from([0, 1, 2, 511]),
+                 st.sampled_from([0, 1, 3, 4, 255, 510, 511]))
+_OPS = st.lists(st.tuples(_GFN, st.booleans(), st.booleans()), min_size=1, max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(platform_policy=st.sampled_from([("sw_protected", "6.16"), ("sw_protected", "6.8"), ("snp", "fault-time")]),
+       ops=_OPS)
+def test_one_gfn_calls_are_the_step_by_step_path(platform_policy: tuple, ops: list) -> None:
+    """One-gfn calls on a quiet VM (the fast path) leave every map, counter, clock and lock
+    total exactly as on a VM with a subscriber (no fast path: each step reads its own words)."""
+    a, b = _vm(*platform_policy), _vm(*platform_policy)
+    b.subscribe(lambda ev: None)
+    for gfn, private, fault in ops:
+        gpa = gfn << 12
+        attrs = PRIVATE if private else 0
+        a.set_memory_attributes(gpa, 0x1000, attrs)
+        b.set_memory_attributes(gpa, 0x1000, attrs)
+        if fault:
+            ra = _fault(a, gpa, private)
+            rb = _fault(b, gpa, private)
+            assert ra == rb
+        assert snapshot(a) == snapshot(b)
+        assert (a.mmu_lock_ns, a.attr_ioctls) == (b.mmu_lock_ns, b.attr_ioctls)
+    a.check()
+
+
+def _fault(vm: pkvm.VM, gpa: int, private: bool) -> object:
+    try:
+        return vm.vcpus[0].page_fault(gpa, private=private)
+    except pkvm.KvmError as e:
+        return e.errno, str(e)
+
+
+def test_set_memory_attributes_is_the_paths_c_entry_on_a_vm() -> None:
+    """On a VM the method is its AttrPath's ``ioctl`` (keywords and the default ``flags``
+    accepted, refusals as documented); on the class it is the documented Python method."""
+    vm = pkvm.VM("sw_protected")
+    assert isinstance(pkvm.VM.__dict__["set_memory_attributes"], AttrIoctlMethod)
+    assert pkvm.VM.set_memory_attributes.__doc__.startswith("``KVM_SET_MEMORY_ATTRIBUTES``")
+    m = vm.set_memory_attributes
+    assert m.__self__ is vm._attr_path and m.__name__ == "ioctl"
+    vm.set_memory_attributes(address=0x200000, size=0x1000, attributes=PRIVATE)
+    assert vm.get_memory_attributes(0x200) == PRIVATE
+    pkvm.VM.set_memory_attributes(vm, 0x200000, 0x1000, 0)  # the class's function: same ioctl
+    assert vm.get_memory_attributes(0x200) == 0 and vm.attr_ioctls == 2
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="flags 0x1 must be 0") as e:
+        vm.set_memory_attributes(0x200000, 0x1000, PRIVATE, 1)
+    assert e.value.errno == errno.EINVAL and snapshot(vm) == before
+    with pytest.raises(pkvm.KvmError, match="is not 4 KiB aligned"):
+        vm.set_memory_attributes(0x200001, 0x1000, PRIVATE)
+    with pytest.raises(TypeError, match="address"):
+        vm.set_memory_attributes("0x200000", 0x1000, PRIVATE)
+    assert snapshot(vm) == before and vm.attr_ioctls == 2
+
+
+def test_the_descriptor_falls_back_to_the_method_without_a_path() -> None:
+    """Read on an object that has no AttrPath of its own (a VM still being built), the
+    descriptor binds the Python method; it refuses a non-callable."""
+
+    class Half:
+        pass
+
+    h = Half()
+    m = AttrIoctlMethod(pkvm.VM.set_memory_attributes).__get__(h, Half)
+    assert m.__func__ is pkvm.VM.set_memory_attributes and m.__self__ is h
+    other = pkvm.VM("sw_protected")
+    h._attr_path = other._attr_path  # another VM's path: not this object's
+    assert AttrIoctlMethod(pkvm.VM.set_memory_attributes).__get__(h, Half).__self__ is h
+    with pytest.raises(TypeError, match="needs a function, not int"):
+        AttrIoctlMethod(3)
