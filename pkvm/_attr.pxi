@@ -342,6 +342,11 @@ cdef class AttrPath:
     cdef Py_ssize_t i_store, i_zap, i_flush
     # the last remote TLB flush priced (its vCPU count and ns; flush_cache holds them all)
     cdef object fl_n, fl_ns
+    # ``VM.attr_ioctls`` and ``VM._attr_op`` (the VM's properties of those names read and
+    # write them here): the calls that passed validation, and the unfinished phase-by-phase
+    # ioctl (pkvm.kvm.vm.AttrIoctl) or None
+    cdef int64_t n_ioctls
+    cdef object op
 
     def __init__(self, vm):
         d = vm.__dict__
@@ -376,6 +381,31 @@ cdef class AttrPath:
         self.i_zap = self.ledger.op_slot("zap_spte")
         self.i_flush = self.ledger.op_slot("remote_tlb_flush")
         self.fl_n = self.fl_ns = None
+        self.n_ioctls = 0
+        self.op = None
+
+    @property
+    def ioctls(self):
+        """``VM.attr_ioctls``."""
+        return self.n_ioctls
+
+    @ioctls.setter
+    def ioctls(self, value):
+        cdef int64_t v
+        if type(value) is not int:
+            raise TypeError(f"attr_ioctls must be an int, not {type(value).__name__}")
+        if not _as_i64(value, &v) or v < 0:
+            raise ValueError(f"attr_ioctls must be a count in [0, 2**63), not {value}")
+        self.n_ioctls = v
+
+    @property
+    def attr_op(self):
+        """``VM._attr_op``."""
+        return self.op
+
+    @attr_op.setter
+    def attr_op(self, value):
+        self.op = value
 
     cdef inline int _slot(self, object key) except -1:
         slot = self.slots[key - 1]
@@ -778,9 +808,9 @@ cdef class AttrPath:
             spte = rangemap_get(self.sptes, start)
         d = self.d
         vm = self.vm
-        if d["_attr_op"] is not None:
+        if self.op is not None:
             vm._attr_free()  # EDEADLK
-        d["attr_ioctls"] = d["attr_ioctls"] + 1
+        self.n_ioctls += 1
         self.quiet = False
         subs = self.ledger.traced
         if subs:  # traced on entry, before the short-circuit (6.17+)

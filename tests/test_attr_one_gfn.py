@@ -104,3 +104,33 @@ def test_the_descriptor_falls_back_to_the_method_without_a_path() -> None:
     assert AttrIoctlMethod(pkvm.VM.set_memory_attributes).__get__(h, Half).__self__ is h
     with pytest.raises(TypeError, match="needs a function, not int"):
         AttrIoctlMethod(3)
+
+
+def test_attr_ioctls_and_the_unfinished_op_live_in_the_path() -> None:
+    """``VM.attr_ioctls`` and ``VM._attr_op`` are the AttrPath's typed fields: the count goes
+    up per validated call, takes an int count and refuses anything else unchanged; an
+    unfinished phase-by-phase ioctl makes the next one EDEADLK until it finishes."""
+    vm = pkvm.VM("sw_protected")
+    assert vm.attr_ioctls == 0 and vm._attr_op is None
+    vm.set_memory_attributes(0x200000, 0x1000, PRIVATE)
+    vm.set_memory_attributes(0x200000, 0x1000, PRIVATE)  # short-circuited: counted too
+    assert vm.attr_ioctls == 2 and type(vm.attr_ioctls) is int
+    vm.attr_ioctls = 40
+    assert vm.attr_ioctls == 40
+    with pytest.raises(TypeError, match="attr_ioctls must be an int, not float"):
+        vm.attr_ioctls = 1.0
+    with pytest.raises(ValueError, match=r"attr_ioctls must be a count in \[0, 2\*\*63\), not -1"):
+        vm.attr_ioctls = -1
+    with pytest.raises(ValueError, match="not 9223372036854775808"):
+        vm.attr_ioctls = 1 << 63
+    assert vm.attr_ioctls == 40
+    op = vm.begin_set_memory_attributes(0x400000, 0x1000, PRIVATE)
+    assert vm._attr_op is op and vm.attr_ioctls == 41
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="unfinished") as e:
+        vm.set_memory_attributes(0x600000, 0x1000, PRIVATE)
+    assert e.value.errno == errno.EDEADLK and snapshot(vm) == before and vm.attr_ioctls == 41
+    op.finish()
+    assert vm._attr_op is None
+    vm.set_memory_attributes(0x600000, 0x1000, PRIVATE)
+    assert vm.attr_ioctls == 42 and vm.get_memory_attributes(0x600) == PRIVATE

@@ -184,8 +184,6 @@ class VM(VmState):
         #: emission point tests this).
         self._subs: tuple[Subscription, ...] | None = None
         self._trace_sub: Subscription | None = None
-        #: ``KVM_SET_MEMORY_ATTRIBUTES`` calls that passed validation (short-circuited ones too).
-        self.attr_ioctls = 0
         #: Modeled ns of work done while holding ``mmu_lock`` for write: the attribute ioctl's
         #: PRE (zap) and POST (MIXED update, and the eager-locked op) phases and guest_memfd
         #: invalidations. vCPU faults wait for the lock meanwhile (they take it for read).
@@ -196,8 +194,6 @@ class VM(VmState):
         #: The attached :class:`pkvm.sim.Timeline`, or None: the model calls it at the kernel's
         #: lock and retry points (every call site tests this, like the tracer).
         self._sched: Any = None
-        #: The unfinished :class:`AttrIoctl` of :meth:`begin_set_memory_attributes`, or None.
-        self._attr_op: AttrIoctl | None = None
         #: Failures armed with :meth:`inject_failure` (pkvm.kvm.inject).
         self._inject = FailureInjector()
         self.seed = seed
@@ -599,6 +595,28 @@ class VM(VmState):
         return [r for m in maps for r in m.ranges(start, end)]
 
     # -- KVM_SET_MEMORY_ATTRIBUTES (§2) ---------------------------------------------------------
+
+    @property
+    def attr_ioctls(self) -> int:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` calls that passed validation (short-circuited ones too).
+        Kept in the attribute path's typed state (pkvm/_attr.pxi); set only to an int in
+        [0, 2**63) (TypeError / ValueError otherwise, the count unchanged)."""
+        return self._attr_path.ioctls
+
+    @attr_ioctls.setter
+    def attr_ioctls(self, value: int) -> None:
+        self._attr_path.ioctls = value
+
+    @property
+    def _attr_op(self) -> AttrIoctl | None:
+        """The unfinished :class:`AttrIoctl` of :meth:`begin_set_memory_attributes`, or None
+        (kept in the attribute path's typed state, which tests it on every ioctl)."""
+        op: AttrIoctl | None = self._attr_path.attr_op
+        return op
+
+    @_attr_op.setter
+    def _attr_op(self, op: AttrIoctl | None) -> None:
+        self._attr_path.attr_op = op
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES`` on the gpas ``[address, address + size)``.
