@@ -347,6 +347,10 @@ cdef class AttrPath:
     # ioctl (pkvm.kvm.vm.AttrIoctl) or None
     cdef int64_t n_ioctls
     cdef object op
+    # ``VM.mmu_lock_ns`` (its property reads and writes it here): ``lock_ns`` while it is an
+    # int that fits int64 (``lock_big`` None), else ``lock_big`` (any other number)
+    cdef int64_t lock_ns
+    cdef object lock_big
 
     def __init__(self, vm):
         d = vm.__dict__
@@ -383,6 +387,8 @@ cdef class AttrPath:
         self.fl_n = self.fl_ns = None
         self.n_ioctls = 0
         self.op = None
+        self.lock_ns = 0
+        self.lock_big = None
 
     @property
     def ioctls(self):
@@ -397,6 +403,31 @@ cdef class AttrPath:
         if not _as_i64(value, &v) or v < 0:
             raise ValueError(f"attr_ioctls must be a count in [0, 2**63), not {value}")
         self.n_ioctls = v
+
+    @property
+    def mmu_lock_ns(self):
+        """``VM.mmu_lock_ns``."""
+        return self.lock_ns if self.lock_big is None else self.lock_big
+
+    @mmu_lock_ns.setter
+    def mmu_lock_ns(self, value):
+        cdef int64_t v
+        if type(value) is int and _as_i64(value, &v):
+            self.lock_ns = v
+            self.lock_big = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.lock_big = value
+        else:
+            raise TypeError(f"mmu_lock_ns must be an int or a float, not {type(value).__name__}")
+
+    cdef int _add_lock(self, object ns) except -1:
+        """``mmu_lock_ns += ns``: in int64 while both are ints that fit, else as Python adds."""
+        cdef int64_t v, t
+        if self.lock_big is None and type(ns) is int and _as_i64(ns, &v) and not pkvm_add_ovf(self.lock_ns, v, &t):
+            self.lock_ns = t
+            return 0
+        self.mmu_lock_ns = (self.lock_ns if self.lock_big is None else self.lock_big) + ns
+        return 0
 
     @property
     def attr_op(self):
@@ -709,21 +740,18 @@ cdef class AttrPath:
         """``mmu_lock_ns += zap_ns + flush_ns`` (``flush_ns`` None: no flush) if the sum is
         not 0; summed in int64 when every term is an int that fits (the result an int, as
         Python's sum), else in Python arithmetic."""
-        cdef int64_t z, f = 0, old, t, r
-        d = self.d
-        cur = d["mmu_lock_ns"]
-        if (type(zap_ns) is int and _as_i64(zap_ns, &z)
+        cdef int64_t z, f = 0, t, r
+        if (self.lock_big is None and type(zap_ns) is int and _as_i64(zap_ns, &z)
                 and (flush_ns is None or (type(flush_ns) is int and _as_i64(flush_ns, &f)))
-                and type(cur) is int and _as_i64(cur, &old)
                 and not pkvm_add_ovf(z, f, &t)):
             if not t:
                 return 0
-            if not pkvm_add_ovf(old, t, &r):
-                d["mmu_lock_ns"] = r
+            if not pkvm_add_ovf(self.lock_ns, t, &r):
+                self.lock_ns = r
                 return 0
         lock = zap_ns if flush_ns is None else zap_ns + flush_ns
         if lock:
-            d["mmu_lock_ns"] = cur + lock
+            self._add_lock(lock)
         return 0
 
     # -- entry points -------------------------------------------------------------------------
@@ -843,7 +871,8 @@ cdef class AttrPath:
             self._commit(start, end, attrs)  # under slots_lock only
             t2 = self.ledger.now()
             self.post(ranges, attrs)
-            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (self.ledger.now() - t2)
+            self._add_lock(t1 - t0)  # (old + pre) + post, as the Python sum it replaces
+            self._add_lock(self.ledger.now() - t2)
             if ranges and self.eager_post:
                 vm._attr_post_unlock(ranges, attrs)
             return
@@ -871,7 +900,8 @@ cdef class AttrPath:
                 self._post_piece(cur.start, cur.end, cur.value, attrs)
                 ok = rangemap_cursor_next(self.slot0, &cur)
         if t1 != t0 or self.ledger.now() != t2:
-            d["mmu_lock_ns"] = d["mmu_lock_ns"] + (t1 - t0) + (self.ledger.now() - t2)
+            self._add_lock(t1 - t0)  # (old + pre) + post, as the Python sum it replaces
+            self._add_lock(self.ledger.now() - t2)
         self.quiet = False
 
 

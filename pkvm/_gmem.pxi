@@ -1016,7 +1016,7 @@ cdef class GmemPath:
                     flush = True
             if flush:
                 vm._flush_remote_tlbs()
-            d["mmu_lock_ns"] = d["mmu_lock_ns"] + ((sched.work_ns() if sched is not None else self.ledger.now()) - t0)
+            (<AttrPath?>vm._attr_path)._add_lock((sched.work_ns() if sched is not None else self.ledger.now()) - t0)
             if sched is not None:
                 sched.release("mmu_lock")
         self.truncate(gmem, start, end)

@@ -134,3 +134,34 @@ def test_attr_ioctls_and_the_unfinished_op_live_in_the_path() -> None:
     assert vm._attr_op is None
     vm.set_memory_attributes(0x600000, 0x1000, PRIVATE)
     assert vm.attr_ioctls == 42 and vm.get_memory_attributes(0x600) == PRIVATE
+
+
+def test_mmu_lock_ns_lives_in_the_path_with_python_arithmetic() -> None:
+    """``VM.mmu_lock_ns`` is the AttrPath's typed total: the PRE zap and flush add to it as
+    Python ints would (past int64 and as a float too), and it refuses a non-number unchanged."""
+    vm = pkvm.VM("sw_protected")
+    gmem = vm.create_guest_memfd(4 << 20)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 << 20, UADDR, gmem, 0)
+    vcpu = vm.create_vcpu()
+
+    def convert_faulted(gpa: int) -> int:
+        """mmu_lock_ns added by converting a faulted shared page to private."""
+        vcpu.page_fault(gpa, private=False)
+        before = vm.mmu_lock_ns
+        vm.set_memory_attributes(gpa, 0x1000, PRIVATE)
+        return vm.mmu_lock_ns - before
+
+    step = convert_faulted(0x1000)
+    assert step > 0 and type(vm.mmu_lock_ns) is int
+    vm.mmu_lock_ns = (1 << 63) - 1  # the next add leaves int64: a Python int, exact
+    convert_faulted(0x201000)
+    assert vm.mmu_lock_ns == (1 << 63) - 1 + step and type(vm.mmu_lock_ns) is int
+    vm.mmu_lock_ns = 5  # back inside int64
+    vm.mmu_lock_ns = 0.5
+    convert_faulted(0x3000)
+    assert vm.mmu_lock_ns == 0.5 + step and type(vm.mmu_lock_ns) is float
+    with pytest.raises(TypeError, match="mmu_lock_ns must be an int or a float, not str"):
+        vm.mmu_lock_ns = "1"
+    with pytest.raises(TypeError, match="not bool"):
+        vm.mmu_lock_ns = True
+    assert vm.mmu_lock_ns == 0.5 + step

@@ -184,10 +184,6 @@ class VM(VmState):
         #: emission point tests this).
         self._subs: tuple[Subscription, ...] | None = None
         self._trace_sub: Subscription | None = None
-        #: Modeled ns of work done while holding ``mmu_lock`` for write: the attribute ioctl's
-        #: PRE (zap) and POST (MIXED update, and the eager-locked op) phases and guest_memfd
-        #: invalidations. vCPU faults wait for the lock meanwhile (they take it for read).
-        self.mmu_lock_ns = 0
         #: The attached :class:`pkvm.kvm.tracepoints.Tracepoints` (such as a
         #: :class:`pkvm.experiments.trace.Tracer`), or None; it is one subscriber of the events.
         self._tracer: Tracepoints | None = None
@@ -606,6 +602,20 @@ class VM(VmState):
     @attr_ioctls.setter
     def attr_ioctls(self, value: int) -> None:
         self._attr_path.ioctls = value
+
+    @property
+    def mmu_lock_ns(self) -> int:
+        """Modeled ns of work done while holding ``mmu_lock`` for write: the attribute ioctl's
+        PRE (zap) and POST (MIXED update, and the eager-locked op) phases and guest_memfd
+        invalidations. vCPU faults wait for the lock meanwhile (they take it for read). Kept
+        in the attribute path's typed state (pkvm/_attr.pxi); set only to an int or a float
+        (TypeError otherwise, the total unchanged)."""
+        ns: int = self._attr_path.mmu_lock_ns
+        return ns
+
+    @mmu_lock_ns.setter
+    def mmu_lock_ns(self, value: int) -> None:
+        self._attr_path.mmu_lock_ns = value
 
     @property
     def _attr_op(self) -> AttrIoctl | None:
