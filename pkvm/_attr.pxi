@@ -104,7 +104,7 @@ cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_
 
 cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                          uint64_t slot_end, bint whole_chunk, uint64_t start, uint64_t end,
-                         uint64_t attrs, uint64_t w2, uint64_t w1) except -1:
+                         uint64_t attrs, uint64_t w2, uint64_t w1, bint mixed2) except -1:
     """``kvm_arch_post_set_memory_attributes`` on the slot-clipped ``[start, end)`` (§3.3).
 
     Per level, 2M first (1G reuses its results): the partially covered head chunk gets
@@ -114,7 +114,9 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
 
     ``w2`` / ``w1``: the 2M / 1G lpage word of ``start``'s chunks if the caller read them
     already (they are what the maps hold), else ``_INVALID_GFN`` (no word has every bit set);
-    a range inside one 2M chunk then reads neither map before writing it.
+    a range inside one 2M chunk then reads neither map before writing it. ``mixed2``: the
+    caller knows that a gfn of ``start``'s 2M chunk outside ``[start, end)`` has attributes
+    other than ``attrs`` (that chunk is not uniform: no read of the attribute map).
     """
     cdef uint64_t g, idx, v, nv, k, n, last, dummy
     cdef uint64_t mixed_2m[2]
@@ -127,7 +129,7 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
         uniform = True
         if end - start < 512:
             if g >= base and (not whole_chunk or g + 512 <= slot_end):
-                uniform = not rangemap_find_ne(amap, g, g + 512, attrs, &k)
+                uniform = not mixed2 and not rangemap_find_ne(amap, g, g + 512, attrs, &k)
                 _set_mixed_w(m2, g >> 9, not uniform, w2)
         else:
             idx = g >> 9
@@ -626,7 +628,7 @@ cdef class AttrPath:
     cdef int _post_piece(self, uint64_t s, uint64_t e, object key, uint64_t attrs) except -1:
         self._slot(key)
         _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                        self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN)
+                        self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN, False)
         if self.eager_locked:
             vm = self.vm
             slot = self.c_slot
@@ -646,7 +648,7 @@ cdef class AttrPath:
         return ns if zap_ns is None else zap_ns + ns
 
     cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs, bint read, uint64_t key,
-                    uint64_t spte, uint64_t head2) except -1:
+                    uint64_t spte, uint64_t head2, bint mixed2) except -1:
         """:meth:`checked`'s phases where nothing outside the core runs between them (one
         address space, no subscriber, no timeline, no platform hook in the phases, no
         invalidation in progress): the same steps, with the VM's scalars read and written
@@ -661,7 +663,9 @@ cdef class AttrPath:
         memslot; the slot resolved), SPTE (``spte``) and the 2M lpage word of its chunk
         (``head2``) already: the one piece needs no cursor, a 4K leaf is zapped without a
         read, and POST writes the lpage words PRE read without reading them again (nothing
-        between PRE and POST writes an lpage map).
+        between PRE and POST writes an lpage map); ``mixed2``: the gfn's old attribute run
+        covers another gfn of its 2M chunk (which then stays not uniform: POST reads no
+        attribute for it).
         """
         cdef RunCursor cur
         cdef _PreState ps
@@ -719,13 +723,13 @@ cdef class AttrPath:
             st.v[S_MMU_INVALIDATE_SEQ] += 1
             if read:
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, start, end, attrs, head2, ps.head1)
+                                self.whole_chunk, start, end, attrs, head2, ps.head1, mixed2)
             else:
                 ok = rangemap_cursor_init(self.slot0, &cur, start, end)
             while not read and ok == 1:
                 self._slot(cur.value)
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, cur.start, cur.end, attrs, _INVALID_GFN, _INVALID_GFN)
+                                self.whole_chunk, cur.start, cur.end, attrs, _INVALID_GFN, _INVALID_GFN, False)
                 ok = rangemap_cursor_next(self.slot0, &cur)
         if zap_ns is not None:
             self._add_at(self.i_zap, "zap_spte", zap_ns)
@@ -785,7 +789,7 @@ cdef class AttrPath:
         """``pkvm.kvm.mmu.post_set_mixed`` on one slot-clipped piece."""
         lp = slot.lpage.maps
         _post_set_mixed(self.attrs, lp[2], lp[3], slot.base_gfn, slot.end_gfn, self.whole_chunk,
-                        start, end, attrs, _INVALID_GFN, _INVALID_GFN)
+                        start, end, attrs, _INVALID_GFN, _INVALID_GFN, False)
 
     def zap(self, uint64_t start, uint64_t end, int attr_filter):
         """``VM._zap``."""
@@ -820,7 +824,9 @@ cdef class AttrPath:
 
     cpdef checked(self, uint64_t start, uint64_t end, uint64_t attrs):
         """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
-        cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0
+        cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g
+        cdef bint mixed2 = False
+        cdef Run ar
         cdef RunCursor cur
         cdef _PreState ps
         cdef int ok
@@ -832,7 +838,12 @@ cdef class AttrPath:
             if key:
                 self._slot(key)
                 head2 = rangemap_get(self.c_m2, start >> 9)
-            cur_attrs = rangemap_get(self.attrs, start)
+            rangemap_run_at(self.attrs, start, &ar)  # the value and the run around it
+            cur_attrs = ar.value
+            # another gfn of the 2M chunk [g, g + 512) in the run: max(run start, g) < start or
+            # min(run end, g + 512) > start + 1
+            g = start & ~(<uint64_t>511)
+            mixed2 = (ar.start < start and g < start) or (ar.end > start + 1 and g + 512 > start + 1)
             spte = rangemap_get(self.sptes, start)
         d = self.d
         vm = self.vm
@@ -879,7 +890,7 @@ cdef class AttrPath:
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and not subs and (<VmState?>vm).mmu_invalidate_in_progress == 0:
-            self._quiet(start, end, attrs, read, key, spte, head2)
+            self._quiet(start, end, attrs, read, key, spte, head2, mixed2)
             return
         self.quiet = not self.ledger.traced
         t0 = self.ledger.now()

@@ -165,3 +165,21 @@ def test_mmu_lock_ns_lives_in_the_path_with_python_arithmetic() -> None:
     with pytest.raises(TypeError, match="not bool"):
         vm.mmu_lock_ns = True
     assert vm.mmu_lock_ns == 0.5 + step
+
+
+@pytest.mark.parametrize(("fill", "last"), [
+    ((0x200, 0x3FF), 0x3FF),  # the gfn's old run starts at it and runs past the chunk's end
+    ((0x201, 0x400), 0x200),  # the gfn's old run ends at it and starts before the chunk
+    ((0x200, 0x300), 0x300),  # the old run covers more gfns of the chunk: it stays MIXED
+])
+def test_one_gfn_call_that_completes_or_not_a_2m_chunk(fill: tuple, last: int) -> None:
+    """A one-gfn call whose old attribute run reaches past its 2M chunk on one side only: the
+    chunk turns uniform (MIXED cleared) exactly when every other gfn of it has the new value."""
+    a, b = _vm("sw_protected", "6.16"), _vm("sw_protected", "6.16")
+    b.subscribe(lambda ev: None)
+    for vm in (a, b):
+        vm.set_memory_attributes(fill[0] << 12, (fill[1] - fill[0]) << 12, PRIVATE)
+        vm.set_memory_attributes(last << 12, 0x1000, PRIVATE)
+    assert snapshot(a) == snapshot(b)
+    mixed = a.memslots[0].lpage.maps[2].get(1) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
+    assert bool(mixed) == (fill[1] - fill[0] != 511)
