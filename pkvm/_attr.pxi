@@ -338,8 +338,9 @@ cdef class AttrPath:
     cdef bint quiet
     # the typed fields of the memslot read last (memslots never change these fields)
     cdef object c_slot
+    cdef MemslotState c_ms          # the same memslot, typed (its invalid flag)
     cdef RangeMap c_m2, c_m1
-    cdef uint64_t c_base, c_end
+    cdef uint64_t c_base, c_end, c_key
     # the ledger's indices of the ops the phases charge (Ledger.op_slot, resolved once)
     cdef Py_ssize_t i_store, i_zap, i_flush
     # the last remote TLB flush priced (its vCPU count and ns; flush_cache holds them all)
@@ -440,8 +441,16 @@ cdef class AttrPath:
     def attr_op(self, value):
         self.op = value
 
-    cdef inline int _slot(self, object key) except -1:
+    cdef inline int _slot(self, uint64_t key) except -1:
+        """The memslot of slot-map value ``key`` (its key + 1) in the ``c_*`` fields. The one
+        read last is kept while it is valid: a memslot leaves ``VM._slots`` only invalid
+        (``memslots._delete`` marks it first), so a valid one of this key is still the one the
+        dict holds (a flags change keeps the object and its maps)."""
+        if key == self.c_key and self.c_ms is not None and not self.c_ms.invalid:
+            return 0
         slot = self.slots[key - 1]
+        self.c_key = key
+        self.c_ms = <MemslotState?>slot
         if slot is not self.c_slot:
             maps = slot.lpage.maps
             self.c_m2 = maps[2]
@@ -540,7 +549,7 @@ cdef class AttrPath:
             ps.attr_filter = _FILTER_SHARED if attrs & _ATTR_PRIVATE else _FILTER_PRIVATE
         return 0
 
-    cdef int _pre_piece(self, _PreState *ps, uint64_t s, uint64_t e, object key) except -1:
+    cdef int _pre_piece(self, _PreState *ps, uint64_t s, uint64_t e, uint64_t key) except -1:
         """One slot-clipped piece of ``kvm_pre_set_memory_attributes``: the range added to the
         invalidation (:meth:`_pre_range`), then the zap."""
         cdef uint64_t dummy
@@ -549,7 +558,7 @@ cdef class AttrPath:
             ps.zapped += self._zap(s, e, ps.attr_filter)
         return 0
 
-    cdef int _pre_range(self, _PreState *ps, uint64_t s, uint64_t e, object key) except -1:
+    cdef int _pre_range(self, _PreState *ps, uint64_t s, uint64_t e, uint64_t key) except -1:
         """The piece's range added to the invalidation (with the 6.16 guard, also its partially
         covered head/tail hugepages that are not MIXED)."""
         cdef uint64_t hs, he, base, send, n, w
@@ -564,7 +573,7 @@ cdef class AttrPath:
                 ps.re = e
         ps.head1 = _INVALID_GFN
         if self.guard:
-            if key is not None:  # None: the caller resolved the slot
+            if key:  # 0: the caller resolved the slot
                 self._slot(key)
             base, send = self.c_base, self.c_end
             for level in range(2, 4):
@@ -625,7 +634,7 @@ cdef class AttrPath:
             sched.changed()  # spinning faults go on, to wait for mmu_lock
         return 0
 
-    cdef int _post_piece(self, uint64_t s, uint64_t e, object key, uint64_t attrs) except -1:
+    cdef int _post_piece(self, uint64_t s, uint64_t e, uint64_t key, uint64_t attrs) except -1:
         self._slot(key)
         _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
                         self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN, False)
@@ -687,7 +696,7 @@ cdef class AttrPath:
             ps.head1 = _INVALID_GFN
             if read:
                 ps.head2 = head2
-                self._pre_range(&ps, start, end, None)
+                self._pre_range(&ps, start, end, 0)
                 if spte and _spte_level(spte) == 1:
                     # _zap_range's one-gfn 4K case, with the leaf read already
                     st.v[S_PAGES_4K] -= 1
