@@ -183,3 +183,23 @@ def test_one_gfn_call_that_completes_or_not_a_2m_chunk(fill: tuple, last: int) -
     assert snapshot(a) == snapshot(b)
     mixed = a.memslots[0].lpage.maps[2].get(1) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
     assert bool(mixed) == (fill[1] - fill[0] != 511)
+
+
+def test_a_memslot_deleted_and_made_again_is_the_one_the_ioctl_updates() -> None:
+    """The path keeps the memslot it read last only while it is valid: after the slot is
+    deleted and created again under the same id (a new memslot, new lpage maps), a one-gfn
+    call marks the new memslot's 2M chunk MIXED, not the old one's."""
+    vm = pkvm.VM("sw_protected")
+    gmem = vm.create_guest_memfd(4 << 20)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 << 20, UADDR, gmem, 0)
+    vm.set_memory_attributes(0x1000, 0x1000, PRIVATE)  # the path now holds memslot 0
+    old = vm.memslots[0]
+    assert old.lpage.maps[2].get(0) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
+    vm.set_user_memory_region2(0, GMEM, 0, 0, UADDR, gmem, 0)  # delete
+    vm.set_user_memory_region2(0, GMEM, 0, 4 << 20, UADDR, gmem, 0)  # the same id again
+    new = vm.memslots[0]
+    assert new is not old and old.invalid
+    vm.set_memory_attributes(0x201000, 0x1000, PRIVATE)
+    assert new.lpage.maps[2].get(1) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
+    assert not old.lpage.maps[2].get(1) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
+    vm.check()
