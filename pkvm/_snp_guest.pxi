@@ -19,6 +19,16 @@ cdef inline bint _pv_fault_ok(r) except -1:
     return ret == "fixed" or ret == "spurious" or ret == "retry"
 
 
+cdef object _pv_fault_stop(r, uint64_t gfn, faults):
+    """The result of the PVALIDATE at ``gfn`` whose #NPF is the fault ``r`` (neither fixed,
+    spurious nor retried), as ``SnpVcpu._pvalidate`` gives it: the walk faulted the page in
+    for the instruction, so that fault is the instruction's and is not taken again."""
+    cdef FaultResult f = <FaultResult?>r
+    if f.ret == "exit":
+        return GuestOpResult("exit", None, None, f.exit_reason, None, f.memory_fault, f.errno, faults)
+    return GuestOpResult(f.ret, None, gfn << 12, None, None, None, f.errno, faults, f.retries, f.loop)
+
+
 cdef int _pv_count(vm, int level, int code, count) except -1:
     """``SnpVcpu._pval_count``: count and charge ``count`` PVALIDATEs at ``level`` that ended
     with ``code`` (``vm._charge``, then the counters)."""
@@ -156,7 +166,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 faults += n
                 if _pv_fault_ok(r):
                     continue
-                return vcpu._stopped(vcpu._pvalidate(gfn << 12, _PV_4K, validate, faults), gfn)
+                return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
             if not v & _F_SPTE_PRIVATE:
                 return vcpu._stopped(vcpu._pvalidate(gfn << 12, _PV_4K, validate, faults), gfn)
             r2 = _pv_4k_run(vcpu, vm, snp, sptes, gfn, stop, validate)
@@ -173,7 +183,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             n, r = vm._fault_path.fault(vcpu, gfn, gfn + 1, True, False)
             faults += n
             if not _pv_fault_ok(r):
-                return vcpu._stopped(vcpu._pvalidate(gfn << 12, _PV_2M, validate, faults), gfn)
+                return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
             v1 = rangemap_get(sptes, gfn)
             if v1:
                 p1 = <uint64_t>(<int64_t>gfn + _decode_delta(v1))
