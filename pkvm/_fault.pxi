@@ -5,6 +5,7 @@
 # ``object.__setattr__`` call per field: it was the most expensive single step of a 4K
 # fault). The fault path's phases live in pkvm/kvm/mmu.py and fill these in.
 
+from cpython.ref cimport Py_REFCNT
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 
@@ -75,6 +76,16 @@ cdef inline bint _f_running(PageFault f) except -1:
     if type(ret) is str:
         return PyUnicode_GET_LENGTH(ret) == 0
     return not ret
+
+
+cdef inline bint _ret_is(object ret, str name) except -1:
+    """``ret == name`` for a fault's ``ret``: the literal itself, or (a str of another length)
+    not it, without a string comparison; anything else compared as Python does."""
+    if ret is name:
+        return True
+    if type(ret) is str and PyUnicode_GET_LENGTH(ret) != PyUnicode_GET_LENGTH(name):
+        return False
+    return ret == name
 
 
 cdef int _memory_fault_exit(PageFault f, int err) except -1:
@@ -159,6 +170,29 @@ cdef inline FaultResult _result(object ret, object level=None, object pfn=None, 
     r.retries = 0
     r.loop = None
     return r
+
+
+cdef struct _FaultOut:
+    # A fault result's fields but ``ret`` (FaultPath._settle): each ``has_*`` False means None;
+    # ``has_mf``: ``memory_fault`` is the PageFault's; ``retries`` is 0 and ``loop`` None.
+    bint has_level, has_pfn, has_err, has_exit, has_mf
+    int level, err, exit_reason
+    int64_t pfn
+
+
+cdef inline void _out_leaf(PageFault f, _FaultOut *o) noexcept:
+    """The installed (or present) leaf's ``level`` and ``pfn`` into ``o``."""
+    o.has_level = True
+    o.level = f.level
+    o.has_pfn = True
+    o.pfn = <int64_t>f.gfn + f.delta
+
+
+cdef FaultResult _result_of(object ret, PageFault f, _FaultOut *o):
+    """The :class:`FaultResult` of ``ret`` and ``o`` (FaultPath._settle)."""
+    return _result(ret, o.level if o.has_level else None, o.pfn if o.has_pfn else None,
+                   o.exit_reason if o.has_exit else None, f.memory_fault if o.has_mf else None,
+                   o.err if o.has_err else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +350,24 @@ cdef int _store_result(FaultResult r, Py_ssize_t i, object code, int8_t[::1] ret
     retries[i] = 0
     extras[i] = r
     return 0
+
+
+cdef int _store_fields(object ret, PageFault f, _FaultOut *o, Py_ssize_t i, object code, int8_t[::1] rets,
+                       int8_t[::1] level, int64_t[::1] pfn, int32_t[::1] err, int32_t[::1] retries,
+                       dict extras) except -1:
+    """:func:`_store_result` of the result ``ret`` and ``o`` make (:func:`_result_of`) without
+    building it, unless it goes to ``extras``: the same test on the typed fields."""
+    if (code is not None and not o.has_exit and not (o.has_mf and f.memory_fault is not None)
+            and (not o.has_level or 1 <= o.level <= 3)
+            and (not o.has_pfn or 0 <= o.pfn < (1LL << 62))
+            and (not o.has_err or o.err > 0)):
+        rets[i] = code
+        level[i] = o.level if o.has_level else 0
+        pfn[i] = o.pfn if o.has_pfn else -1
+        err[i] = o.err if o.has_err else 0
+        retries[i] = 0
+        return 0
+    return _store_result(_result_of(ret, f, o), i, code, rets, level, pfn, err, retries, extras)
 
 
 # A vCPU's ``__slots__`` member read in C: the member descriptor (``PyMemberDescr_Type``) of a
@@ -715,20 +767,37 @@ cdef class FaultPath:
 
     cdef FaultResult _finish(self, PageFault f):
         """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
+        cdef _FaultOut o
+        ret = self._settle(f, &o)
+        return _result_of(ret, f, &o)
+
+    cdef object _settle(self, PageFault f, _FaultOut *o):
+        """:meth:`_finish`'s counters and charges: returns the result's ``ret`` and fills in
+        ``o`` its other fields (read with ``f``: :func:`_result_of`), so that a caller that
+        stores them elsewhere (``FaultPath.calls``) need not build the result."""
         cdef Counters st = self.stats
         ret = f.ret
-        cdef bint fixed = ret == "fixed"
+        cdef bint fixed = _ret_is(ret, "fixed")
         cdef uint64_t n = f.nfaults if fixed else 1
+        o.has_level = o.has_pfn = o.has_err = o.has_exit = o.has_mf = False
         if f.prefetch:
             # kvm_mmu_do_page_fault(prefetch=true): pf_fixed only; nothing exits to userspace.
             if fixed:
                 st.v[S_PF_FIXED] += n
                 self._charge("pre_fault_page", n)
-                return _result(ret, f.level, <int64_t>f.gfn + f.delta)
+                _out_leaf(f, o)
+                return ret
             self._charge("pre_fault_page", 1)
-            if ret == "spurious":
-                return _result(ret, f.level, <int64_t>f.gfn + f.delta)
-            return _result(ret, None, None, None, None, f.errno if f.errno else (_F_ENOENT if ret == "emulate" else None))
+            if _ret_is(ret, "spurious"):
+                _out_leaf(f, o)
+                return ret
+            if f.errno:
+                o.has_err = True
+                o.err = f.errno
+            elif _ret_is(ret, "emulate"):
+                o.has_err = True
+                o.err = _F_ENOENT
+            return ret
         st.v[S_PF_TAKEN] += n
         if self.p_npf >= 0:
             self.ledger.charge_p(self.i_npf, self.p_npf, n)
@@ -736,29 +805,34 @@ cdef class FaultPath:
             self._charge("npf_fault", n)
         if fixed:
             st.v[S_PF_FIXED] += n
-            return _result(ret, f.level, <int64_t>f.gfn + f.delta)
-        if ret == "spurious":
+            _out_leaf(f, o)
+            return ret
+        if _ret_is(ret, "spurious"):
             st.v[S_PF_SPURIOUS] += 1
-            return _result(ret, f.level, <int64_t>f.gfn + f.delta)
-        if ret == "retry":
+            _out_leaf(f, o)
+            return ret
+        if _ret_is(ret, "retry"):
             st.v[S_PF_RETRY] += 1
             if self.ledger.traced:
                 self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
-            return _result(ret)
-        if ret == "emulate":
+            return ret
+        if _ret_is(ret, "emulate"):
             st.v[S_PF_EMULATE] += 1
             if not f.is_private:
-                return _result(ret)
+                return ret
             _memory_fault_exit(f, _F_EFAULT)  # KVM cannot emulate private accesses
             ret = "exit"
-        if ret == "exit":
-            exit_reason = None
+        if _ret_is(ret, "exit"):
             if f.memory_fault is not None:
-                exit_reason = _F_EXIT_MEMORY_FAULT
+                o.has_exit = True
+                o.exit_reason = _F_EXIT_MEMORY_FAULT
                 st.v[S_MEMORY_FAULT_EXITS] += 1
             self._charge("userspace_exit", 1)
-            return _result("exit", None, None, exit_reason, f.memory_fault, f.errno)
-        return _result(ret)
+            o.has_mf = True
+            o.has_err = True
+            o.err = f.errno
+            return "exit"
+        return ret
 
     cdef int _after(self, vcpu, PageFault f, FaultResult r, uint64_t gfn, bint private, bint write,
                     object took) except -1:
@@ -766,7 +840,8 @@ cdef class FaultPath:
         fault's modeled ns) and, when the MMU returned > 0, the platform's RMP-fault handler."""
         if self.ledger.traced and not f.prefetch:
             self.emit_fault(vcpu, f, r, gfn, private, write, took)
-        if (self.has_rmp and not f.prefetch and (r.ret == "fixed" or r.ret == "spurious" or r.ret == "retry")
+        if (self.has_rmp and not f.prefetch
+                and (_ret_is(r.ret, "fixed") or _ret_is(r.ret, "spurious") or _ret_is(r.ret, "retry"))
                 and self._rmp_npf(vcpu)):
             # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0 and
             # the #NPF error code has the RMP bit, which a vCPU that tracks it records as
@@ -810,12 +885,9 @@ cdef class FaultPath:
         f = _new_fault(gfn, gfn + 1, private, write, False)
         return self._phases(vcpu, f, gfn, private, write)
 
-    cdef FaultResult _phases(self, vcpu, PageFault f, uint64_t gfn, bint private, bint write):
-        """The synchronous driver's phases over the new ``f`` (no timeline attached)."""
+    cdef int _mmu(self, PageFault f, uint64_t gfn) except -1:
+        """The synchronous driver's MMU phases over the new ``f`` (entry to install)."""
         cdef VmState vs = self.vs
-        cdef Ledger L = self.ledger
-        cdef int64_t t0 = L.ns  # the modeled ns at entry (t0big when past int64)
-        t0big = L.big
         self._begin(f)
         if _f_running(f) and self.armed and "mmu_topup" in self.armed:
             self.topup(self.vm, f, gfn)
@@ -827,12 +899,42 @@ cdef class FaultPath:
             self._stale(f)
         if _f_running(f):
             self._install(f)
+        return 0
+
+    cdef FaultResult _phases(self, vcpu, PageFault f, uint64_t gfn, bint private, bint write):
+        """The synchronous driver's phases over the new ``f`` (no timeline attached)."""
+        cdef Ledger L = self.ledger
+        cdef int64_t t0 = L.ns  # the modeled ns at entry (t0big when past int64)
+        t0big = L.big
+        self._mmu(f, gfn)
         cdef FaultResult r = self._finish(f)
         took = None  # the fault's modeled ns, made only for the fault event
         if L.traced and not f.prefetch:
             took = L.now() - (t0 if t0big is None else t0big)
         self._after(vcpu, f, r, gfn, private, write, took)
         return r
+
+    cdef object _phases_into(self, vcpu, PageFault f, uint64_t gfn, bint private, bint write,
+                             _FaultOut *o):
+        """:meth:`_phases` of a fault that is not prefetched, for ``FaultPath.calls``: returns
+        the result's ``ret`` and fills in ``o`` (:meth:`_settle`), or returns the result
+        itself where the fault event or the RMP-fault handler took one (then ``o`` is unset)."""
+        cdef Ledger L = self.ledger
+        cdef int64_t t0 = L.ns
+        cdef FaultResult r = None
+        t0big = L.big
+        self._mmu(f, gfn)
+        ret = self._settle(f, o)
+        # _after, with the result built only for the hooks that take it
+        if L.traced:
+            r = _result_of(ret, f, o)
+            self.emit_fault(vcpu, f, r, gfn, private, write, L.now() - (t0 if t0big is None else t0big))
+        if (self.has_rmp and (_ret_is(ret, "fixed") or _ret_is(ret, "spurious") or _ret_is(ret, "retry"))
+                and self._rmp_npf(vcpu)):
+            if r is None:
+                r = _result_of(ret, f, o)
+            self.handle_rmp(vcpu, gfn << 12, f.is_private, write, r)
+        return ret if r is None else r
 
     cdef inline int _mode(self, object cls) except -1:
         """How ``cls._fault`` runs one page (``_FP_*``): the class that defines ``_fault`` says,
@@ -856,8 +958,8 @@ cdef class FaultPath:
             self.c_detour = detour
         return self.c_mode
 
-    cdef object _one(self, vcpu, uint64_t gfn, bint private, bint write):
-        """``Vcpu.page_fault`` after its checks: ``vcpu._fault(gfn, gfn + 1, ...)[1]``."""
+    cdef bint _generic(self, vcpu) except -1:
+        """Whether ``vcpu._fault`` is the base fault (:meth:`_run1` runs it) for this call."""
         cdef int mode = self._mode(type(vcpu))
         cdef PyObject *p
         if mode == _FP_DETOUR:
@@ -867,7 +969,11 @@ cdef class FaultPath:
                     mode = _FP_GENERIC
             elif getattr(vcpu, self.c_detour) is None:  # (an unset slot raises AttributeError)
                 mode = _FP_GENERIC
-        if mode == _FP_GENERIC:
+        return mode == _FP_GENERIC
+
+    cdef object _one(self, vcpu, uint64_t gfn, bint private, bint write):
+        """``Vcpu.page_fault`` after its checks: ``vcpu._fault(gfn, gfn + 1, ...)[1]``."""
+        if self._generic(vcpu):
             return self._run1(vcpu, gfn, private, write)
         return vcpu._fault(gfn, gfn + 1, private, write)[1]
 
@@ -918,6 +1024,10 @@ cdef class FaultPath:
                 or retries.shape[0] < n or done.shape[0] < 1:
             raise ValueError("FaultPath.calls: an output array is shorter than the calls")
         cdef VmState vs = self.vs
+        cdef uint64_t gfn
+        cdef bint p, w
+        cdef _FaultOut o
+        cdef PageFault f, spare = None  # a PageFault no one else holds, for the next call
         try:
             while i < n:
                 if check is None:
@@ -925,12 +1035,41 @@ cdef class FaultPath:
                         self.vm._check_alive()
                 else:
                     check()
-                r = self._one(vcpu, gpas[i] >> 12, private[i * sp] != 0, write[i * sw] != 0)
-                rs = r.ret
-                if rs is not last_ret:  # (most calls return the string the one before did)
-                    last_code = codes.get(rs)
-                    last_ret = rs
-                _store_result(r, i, last_code, ret, level, pfn, err, retries, extras)
+                gfn = gpas[i] >> 12
+                p = private[i * sp] != 0
+                w = write[i * sw] != 0
+                if self._generic(vcpu):
+                    self._ops()  # (_run1, inline: the same phases without a FaultResult per call)
+                    if vs._sched is None:
+                        if spare is not None:
+                            f = spare
+                            spare = None
+                            f._init(gfn, gfn + 1, p, w, False)
+                        else:
+                            f = _new_fault(gfn, gfn + 1, p, w, False)
+                        x = self._phases_into(vcpu, f, gfn, p, w, &o)
+                        if type(x) is FaultResult:
+                            r = <FaultResult>x
+                        else:
+                            if x is not last_ret:  # (most calls return the string the one before did)
+                                last_code = codes.get(x)
+                                last_ret = x
+                            _store_fields(x, f, &o, i, last_code, ret, level, pfn, err, retries, extras)
+                            r = None
+                        x = None
+                        if Py_REFCNT(f) == 1:  # nothing kept it: reuse it
+                            spare = f
+                        f = None
+                    else:
+                        r = self.timeline_run(vcpu, gfn, gfn + 1, p, w, False)[1]
+                else:
+                    r = vcpu._fault(gfn, gfn + 1, p, w)[1]
+                if r is not None:
+                    rs = r.ret
+                    if rs is not last_ret:
+                        last_code = codes.get(rs)
+                        last_ret = rs
+                    _store_result(r, i, last_code, ret, level, pfn, err, retries, extras)
                 i += 1
         finally:
             done[0] = i
