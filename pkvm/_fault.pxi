@@ -78,6 +78,10 @@ cdef inline bint _f_running(PageFault f) except -1:
     return not ret
 
 
+cdef bint _ret_eq(object ret, str name) except -1:
+    return ret == name
+
+
 cdef inline bint _ret_is(object ret, str name) except -1:
     """``ret == name`` for a fault's ``ret``: the literal itself, or (a str of another length)
     not it, without a string comparison; anything else compared as Python does."""
@@ -85,7 +89,7 @@ cdef inline bint _ret_is(object ret, str name) except -1:
         return True
     if type(ret) is str and PyUnicode_GET_LENGTH(ret) != PyUnicode_GET_LENGTH(name):
         return False
-    return ret == name
+    return _ret_eq(ret, name)
 
 
 cdef int _memory_fault_exit(PageFault f, int err) except -1:
