@@ -1015,8 +1015,11 @@ cdef class FaultPath:
         Call ``i``'s result goes into the arrays (``ret[i]`` its code in ``codes``, ``level``
         0 for None, ``pfn`` -1 for None, ``err`` 0 for None, ``retries``) and is dropped, so a
         batch keeps no object per call; a result the arrays cannot give back exactly (an exit
-        reason, a memory-fault triple, a loop name) is kept as ``extras[i]`` too. ``done[0]``
-        counts the calls that returned, also when one raises."""
+        reason, a memory-fault triple, a loop name) is kept as ``extras[i]`` too. A call that
+        runs the base fault without a timeline writes its row from the finish's fields
+        (:meth:`_phases_into`) and builds a ``FaultResult`` only for ``extras``, the fault
+        event or the RMP-fault handler. ``done[0]`` counts the calls that returned, also when
+        one raises."""
         cdef Py_ssize_t i = 0, n = gpas.shape[0]
         cdef Py_ssize_t sp = 0 if private.shape[0] == 1 and n != 1 else 1
         cdef Py_ssize_t sw = 0 if write.shape[0] == 1 and n != 1 else 1
