@@ -127,6 +127,7 @@ cdef class RangeMap:
     cdef int _reserve(self) except -1 nogil
     cdef int _reserve_n(self, int n) except -1 nogil
     cdef int _refill(self) except -1 nogil
+    cdef int _fill_pools(self, int64_t leaves, int64_t inner, int64_t vals) except -1 nogil
     cdef int _assign_slow(self, uint64_t start, uint64_t end, uint64_t value) except -1 nogil
     cdef void _remove_leaf(self, Leaf *leaf, Path *path) noexcept nogil
     cdef void _leaf_append(self, Leaf *dst, Leaf *src) noexcept nogil

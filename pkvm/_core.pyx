@@ -803,44 +803,21 @@ cdef class RangeMap:
         """Top the pools up for ``n`` assigns in a row (n >= 1): each assign's own ``_reserve``
         then finds enough spare nodes and allocates nothing, so ``n`` assigns after this one
         call cannot fail (a caller that must write the map several times for one change)."""
-        cdef Leaf *lf
-        cdef Inner *nd
-        cdef uint64_t *v
         # The j-th assign (from 0) needs what one ``_reserve`` keeps at a height that the
         # assigns before it may have raised by j levels: 4 leaves, 3 * (height + j) + 8 inner
         # nodes and 16 value arrays; the sum over the n assigns.
-        while self.n_pool_leaves < 4 * n:
-            lf = <Leaf*>malloc(sizeof(Leaf))
-            if lf == NULL:
-                with gil:
-                    raise MemoryError("RangeMap: out of memory allocating a leaf")
-            lf.vals = NULL
-            lf.next = self.pool_leaves
-            self.pool_leaves = lf
-            self.n_pool_leaves += 1
-        while self.n_pool_inner < n * (3 * self.height + 8) + 3 * n * (n - 1) // 2:
-            nd = <Inner*>malloc(sizeof(Inner))
-            if nd == NULL:
-                with gil:
-                    raise MemoryError("RangeMap: out of memory allocating an inner node")
-            nd.children[0] = <void*>self.pool_inner
-            self.pool_inner = nd
-            self.n_pool_inner += 1
-        while self.n_pool_vals < 16 * n:
-            v = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
-            if v == NULL:
-                with gil:
-                    raise MemoryError("RangeMap: out of memory allocating a value array")
-            v[0] = <uint64_t><size_t>self.pool_vals
-            self.pool_vals = v
-            self.n_pool_vals += 1
-        return 0
+        return self._fill_pools(4 * n, n * (3 * self.height + 8) + 3 * n * (n - 1) // 2, 16 * n)
 
     cdef int _refill(self) except -1 nogil:
+        return self._fill_pools(4, 3 * self.height + 8, 16)
+
+    cdef int _fill_pools(self, int64_t leaves, int64_t inner, int64_t vals) except -1 nogil:
+        """Allocate spare nodes until the pools hold ``leaves`` leaves, ``inner`` inner nodes
+        and ``vals`` value arrays (MemoryError, the pools keep what was allocated)."""
         cdef Leaf *lf
         cdef Inner *nd
         cdef uint64_t *v
-        while self.n_pool_leaves < 4:
+        while self.n_pool_leaves < leaves:
             lf = <Leaf*>malloc(sizeof(Leaf))
             if lf == NULL:
                 with gil:
@@ -849,7 +826,7 @@ cdef class RangeMap:
             lf.next = self.pool_leaves
             self.pool_leaves = lf
             self.n_pool_leaves += 1
-        while self.n_pool_inner < 3 * self.height + 8:
+        while self.n_pool_inner < inner:
             nd = <Inner*>malloc(sizeof(Inner))
             if nd == NULL:
                 with gil:
@@ -857,7 +834,7 @@ cdef class RangeMap:
             nd.children[0] = <void*>self.pool_inner
             self.pool_inner = nd
             self.n_pool_inner += 1
-        while self.n_pool_vals < 16:
+        while self.n_pool_vals < vals:
             v = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
             if v == NULL:
                 with gil:
