@@ -844,14 +844,16 @@ cdef class FaultPath:
         fault's modeled ns) and, when the MMU returned > 0, the platform's RMP-fault handler."""
         if self.ledger.traced and not f.prefetch:
             self.emit_fault(vcpu, f, r, gfn, private, write, took)
-        if (self.has_rmp and not f.prefetch
-                and (_ret_is(r.ret, "fixed") or _ret_is(r.ret, "spurious") or _ret_is(r.ret, "retry"))
-                and self._rmp_npf(vcpu)):
-            # svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0 and
-            # the #NPF error code has the RMP bit, which a vCPU that tracks it records as
-            # rmp_npf (one without the attribute gets the handler on every positive return).
+        if not f.prefetch and self._takes_rmp(vcpu, r.ret):
             self.handle_rmp(vcpu, gfn << 12, f.is_private, write, r)
         return 0
+
+    cdef inline bint _takes_rmp(self, vcpu, ret) except -1:
+        """svm's npf_interception: the RMP-fault handler runs when the MMU returned > 0 and
+        the #NPF error code has the RMP bit, which a vCPU that tracks it records as
+        rmp_npf (one without the attribute gets the handler on every positive return)."""
+        return (self.has_rmp and (_ret_is(ret, "fixed") or _ret_is(ret, "spurious") or _ret_is(ret, "retry"))
+                and self._rmp_npf(vcpu))
 
     cdef inline bint _rmp_npf(self, vcpu) except -1:
         """``getattr(vcpu, "rmp_npf", True)``'s truth, the slot read in C for the class seen last."""
@@ -933,8 +935,7 @@ cdef class FaultPath:
         if L.traced:
             r = _result_of(ret, f, o)
             self.emit_fault(vcpu, f, r, gfn, private, write, L.now() - (t0 if t0big is None else t0big))
-        if (self.has_rmp and (_ret_is(ret, "fixed") or _ret_is(ret, "spurious") or _ret_is(ret, "retry"))
-                and self._rmp_npf(vcpu)):
+        if self._takes_rmp(vcpu, ret):
             if r is None:
                 r = _result_of(ret, f, o)
             self.handle_rmp(vcpu, gfn << 12, f.is_private, write, r)

@@ -29,6 +29,12 @@ cdef object _pv_fault_stop(r, uint64_t gfn, faults):
     return GuestOpResult(f.ret, None, gfn << 12, None, None, None, f.errno, faults, f.retries, f.loop)
 
 
+def snp_pv_fault_stop(r, uint64_t gfn, faults):
+    """``SnpVcpu._pvalidate``'s result for an #NPF that did not map the page (see
+    :func:`_pv_fault_stop`)."""
+    return _pv_fault_stop(r, gfn, faults)
+
+
 cdef int _pv_count(vm, int level, int code, count) except -1:
     """``SnpVcpu._pval_count``: count and charge ``count`` PVALIDATEs at ``level`` that ended
     with ``code`` (``vm._charge``, then the counters)."""

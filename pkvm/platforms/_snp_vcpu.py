@@ -34,6 +34,7 @@ from pkvm._core import (
     snp_psc_begin,
     snp_psc_runs,
     snp_pv_batch_end,
+    snp_pv_fault_stop,
     snp_pval_count,
     snp_pvalidate_4k_run,
     snp_pvalidate_range,
@@ -278,14 +279,11 @@ class SnpVcpu(Vcpu):
             if not v or not v & SPTE_PRIVATE:
                 n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
                 faults += n
+                if r.ret in ("fixed", "spurious", "retry"):
+                    continue
                 if r.ret == "exit":
                     self._resume = lambda: self._pvalidate(gpa, level, validate, 0)
-                    return GuestOpResult("exit", exit_reason=r.exit_reason, memory_fault=r.memory_fault,
-                                         errno=r.errno, faults=faults)
-                if r.ret not in ("fixed", "spurious", "retry"):
-                    return GuestOpResult(r.ret, value=gpa, faults=faults, errno=r.errno, retries=r.retries,
-                                         loop=r.loop)
-                continue
+                return snp_pv_fault_stop(r, gfn, faults)  # the typed core's (pkvm/_snp_guest.pxi)
             pfn = gfn + decode_delta(v)
             ent = snp.rmp.lookup(pfn)
             if (ent.assigned and ent.asid == snp.asid and ent.gpa == gfn << PAGE_SHIFT
