@@ -3,13 +3,19 @@ faulted private, converted back to shared and faulted shared, through the public
 timed phases; the same script against the naive dict-per-GFN model in ``bench/dict_baseline.py``
 in the same process, so the ratio is what to read (the machine is shared and noisy).
 
-Run: ``python3 bench/bench_fragmented.py [N] [--platforms snp,sw_protected]`` (N defaults to
-10**6; about a minute per platform at that size). Prints a table of ns per operation, the
+Run: ``python3 bench/bench_fragmented.py [N] [--platforms snp,sw_protected] [--order same]``
+(N defaults to 10**6; about a minute per platform at that size). Prints a table of ns per operation, the
 ratio pkvm / baseline per phase (lower is better; the issue's target is ≤ 0.5), the batched
 calls where the VM offers them, and the process's RSS growth per fragmented page.
 
 Each phase checks what it computed (every fault fixed, counters equal to N), so a fast wrong
 answer fails.
+
+``--order same`` (the default, the issue's script) visits the pages in one random order in every
+phase. A dict stores its entries in insertion order, so there the later phases walk the dicts'
+entry arrays front to back, which the baseline gains from and a key-ordered tree cannot.
+``--order shuffled`` gives each phase its own random order (seeded), so neither model gains
+from the order the phase before stored the pages in.
 """
 
 from __future__ import annotations
@@ -62,24 +68,38 @@ def rss_per_page(platform: str, n: int) -> float:
     return int(out.stdout.split()[-1]) / n
 
 
-def time_phases(sma, pf, gpas: list[int], clock=time.perf_counter, phases: int = 4,
+def phase_orders(gpas: list[int], order: str = "same", seed: int = 21) -> list[list[int]]:
+    """The pages each of the four phases visits, in visiting order: ``gpas`` for every phase
+    (``"same"``), or ``gpas`` for the first and a seeded shuffle of it for each other phase
+    (``"shuffled"``)."""
+    if order == "same":
+        return [gpas] * len(PHASES)
+    if order != "shuffled":
+        raise ValueError(f"order must be 'same' or 'shuffled', not {order!r}")
+    rng = np.random.default_rng(seed)
+    return [gpas] + [[gpas[j] for j in rng.permutation(len(gpas))] for _ in PHASES[1:]]
+
+
+def time_phases(sma, pf, gpas: list[int] | list[list[int]], clock=time.perf_counter, phases: int = 4,
                 after_private=None) -> list[float]:
     """Run the first ``phases`` of the four phases over ``gpas`` through ``sma``
     (``set_memory_attributes``) and ``pf`` (``page_fault``), one call per page; returns the
-    ``clock`` seconds of each and checks each fault phase's last result. ``after_private`` is
-    called, untimed, after the private faults."""
+    ``clock`` seconds of each and checks each fault phase's last result. ``gpas`` is one list
+    of addresses for every phase or, from :func:`phase_orders`, one list per phase.
+    ``after_private`` is called, untimed, after the private faults."""
+    orders = gpas if gpas and isinstance(gpas[0], list) else [gpas] * len(PHASES)
     times = []
     for i, (attrs, private) in enumerate(((PRIVATE, True), (0, False))):
         if 2 * i >= phases:
             break
         t = clock()
-        for a in gpas:
+        for a in orders[2 * i]:
             sma(a, 4096, attrs)
         times.append(clock() - t)
         if 2 * i + 1 >= phases:
             break
         t = clock()
-        for a in gpas:
+        for a in orders[2 * i + 1]:
             r = pf(a, private=private)
         times.append(clock() - t)
         ret = r.ret if hasattr(r, "ret") else r[0]
@@ -90,9 +110,10 @@ def time_phases(sma, pf, gpas: list[int], clock=time.perf_counter, phases: int =
     return times
 
 
-def run_pkvm(platform: str, gpas: list[int], stop_after_private: bool = False) -> tuple[list[float], int]:
-    """The four phases one call at a time; returns (seconds per phase, RSS growth in bytes of
-    the state after the private faults)."""
+def run_pkvm(platform: str, gpas: list[int] | list[list[int]],
+             stop_after_private: bool = False) -> tuple[list[float], int]:
+    """The four phases one call at a time (``gpas`` as :func:`time_phases` takes it); returns
+    (seconds per phase, RSS growth in bytes of the state after the private faults)."""
     gc.collect()
     rss0 = rss_bytes()
     vm, vcpu = pkvm_vm(platform)
@@ -101,40 +122,42 @@ def run_pkvm(platform: str, gpas: list[int], stop_after_private: bool = False) -
                         after_private=lambda: grown.append(rss_bytes() - rss0))
     if stop_after_private:
         return times, grown[0]
-    n = len(gpas)
+    n = len(gpas[0]) if isinstance(gpas[0], list) else len(gpas)
     st = vm.stats
     assert st["attr_stores"] == 2 * n and st["pf_fixed"] + st["pf_spurious"] == 2 * n, dict(st)
     vm.check()
     return times, grown[0]
 
 
-def run_pkvm_batched(platform: str, gpas: list[int]) -> list[float] | None:
+def run_pkvm_batched(platform: str, orders: list[list[int]]) -> list[float] | None:
     """The same four phases as four batched calls (``set_memory_attributes_many`` and
-    ``page_fault_many``), or None where the VM has no batched calls."""
+    ``page_fault_many``; ``orders`` from :func:`phase_orders`), or None where the VM has no
+    batched calls."""
     vm, vcpu = pkvm_vm(platform)
     if not hasattr(vm, "set_memory_attributes_many") or not hasattr(vcpu, "page_fault_many"):
         return None
-    a = np.asarray(gpas, dtype=np.uint64)
-    sizes = np.full(len(gpas), 4096, dtype=np.uint64)
+    n = len(orders[0])
+    a = [np.asarray(o, dtype=np.uint64) for o in orders]
+    sizes = np.full(n, 4096, dtype=np.uint64)
     times = []
-    for attrs, private in ((PRIVATE, True), (0, False)):
+    for i, (attrs, private) in enumerate(((PRIVATE, True), (0, False))):
         t = time.perf_counter()
-        vm.set_memory_attributes_many(a, sizes, np.full(len(gpas), attrs, dtype=np.uint64))
+        vm.set_memory_attributes_many(a[2 * i], sizes, np.full(n, attrs, dtype=np.uint64))
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        vcpu.page_fault_many(a, private=private)
+        vcpu.page_fault_many(a[2 * i + 1], private=private)
         times.append(time.perf_counter() - t)
-    n = len(gpas)
     st = vm.stats
     assert st["attr_stores"] == 2 * n and st["pf_fixed"] + st["pf_spurious"] == 2 * n, dict(st)
     vm.check()
     return times
 
 
-def run_dict(platform: str, gpas: list[int], clock=time.perf_counter) -> list[float]:
+def run_dict(platform: str, gpas: list[int] | list[list[int]], clock=time.perf_counter) -> list[float]:
     vm = DictVM(TiB, snp=platform == "snp")
     times = time_phases(vm.set_memory_attributes, vm.page_fault, gpas, clock)
-    assert vm.stats["attr_stores"] == 2 * len(gpas) and vm.stats["pf_fixed"] == 2 * len(gpas)
+    n = len(gpas[0]) if isinstance(gpas[0], list) else len(gpas)
+    assert vm.stats["attr_stores"] == 2 * n and vm.stats["pf_fixed"] == 2 * n
     return times
 
 
@@ -142,17 +165,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("n", nargs="?", type=int, default=10**6, help="pages (default 10**6)")
     ap.add_argument("--platforms", default="snp,sw_protected")
+    ap.add_argument("--order", choices=("same", "shuffled"), default="same",
+                    help="the pages' order in each phase: one random order for all (default) "
+                         "or each phase its own")
     args = ap.parse_args(argv)
     gpas = gpas_for(args.n)
     n = len(gpas)
-    print(f"N = {n:,} random 4K pages of a 1 TiB guest; ns per operation (ratio to the dict "
-          "baseline in this run)\n")
+    orders = phase_orders(gpas, args.order)
+    print(f"N = {n:,} random 4K pages of a 1 TiB guest, phases in {args.order} order; ns per "
+          "operation (ratio to the dict baseline in this run)\n")
     print("| platform | model | " + " | ".join(PHASES) + " |")
     print("|---|---|" + "---:|" * len(PHASES))
     for platform in args.platforms.split(","):
-        base = run_dict(platform, gpas)
-        one, _ = run_pkvm(platform, gpas)
-        batched = run_pkvm_batched(platform, gpas)
+        base = run_dict(platform, orders)
+        one, _ = run_pkvm(platform, orders)
+        batched = run_pkvm_batched(platform, orders)
         rows = [("dict-per-GFN baseline", base), ("pkvm, one call each", one)]
         if batched is not None:
             rows.append(("pkvm, batched calls", batched))
