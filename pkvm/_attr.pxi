@@ -41,6 +41,21 @@ cdef inline int _level_shift(int level) noexcept nogil:
     return 18 if level == 3 else 9 if level == 2 else 0
 
 
+cdef inline int _assign1(RangeMap m, uint64_t key, uint64_t value) except -1:
+    """``rangemap_assign(m, key, key + 1, value)`` for ``key < 2**64 - 1`` through
+    ``RangeMap._assign1_c`` (one scan of the leaf; the same tree as ``_assign_c``)."""
+    if m.bulk_writer or m.bulk_readers:
+        return rangemap_assign(m, key, key + 1, value)  # the busy map's RuntimeError
+    return m._assign1_c(key, value)
+
+
+def _rangemap_assign1(RangeMap m not None, uint64_t key, uint64_t value):
+    """``m.assign(key, key + 1, value)`` through the core's one-key assign (for its tests)."""
+    if key == U64_MAX:
+        raise OverflowError("key out of range for a one-key assign: 2**64 - 1")
+    _assign1(m, key, value)
+
+
 # -- lpage_info (§3.1-§3.3) -----------------------------------------------------------------------
 
 cdef int _any_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
@@ -76,7 +91,7 @@ cdef inline int _set_mixed_w(RangeMap m, uint64_t idx, bint mixed, uint64_t w) e
     cdef uint64_t v = rangemap_get(m, idx) if w == _INVALID_GFN else w
     cdef uint64_t nv = (v | _LPAGE_MIXED) if mixed else (v & ~_LPAGE_MIXED)
     if nv != v:
-        rangemap_assign(m, idx, idx + 1, nv)
+        _assign1(m, idx, nv)
     return 0
 
 
@@ -223,7 +238,7 @@ cdef object _zap_range(RangeMap m, Counters st, uint64_t start, uint64_t end, in
             return 0
         if _spte_level(v) == 1:
             st.v[S_PAGES_4K] -= 1
-            rangemap_assign(m, start, end, 0)
+            _assign1(m, start, 0)
             st.v[S_ZAPPED_SPTES] += 1
             return 1
     if not rangemap_find_ne(m, start, end, 0, &k):
@@ -320,6 +335,7 @@ cdef class AttrPath:
     """
 
     cdef object vm
+    cdef VmState vs                 # the same VM, typed (its C members)
     cdef dict d
     cdef RangeMap attrs, sptes, slot0
     cdef dict slots, costs, armed, flush_cache
@@ -327,6 +343,9 @@ cdef class AttrPath:
     cdef Ledger ledger
     cdef list vcpus
     cdef object store_ns, zap_ns
+    # the same prices in int64 when both are ints that fit (``prices_i64``; see _quiet1)
+    cdef int64_t store_i, zap_i
+    cdef bint prices_i64
     cdef uint64_t supported
     cdef bint one_as, guard, whole_chunk, eager_split, eager_post, eager_locked, legacy, mirror
     cdef bint filter_all
@@ -358,6 +377,7 @@ cdef class AttrPath:
     def __init__(self, vm):
         d = vm.__dict__
         self.vm = vm
+        self.vs = <VmState?>vm
         self.d = d
         self.attrs = d["_attrs"]
         self.sptes = d["_sptes"]
@@ -371,6 +391,8 @@ cdef class AttrPath:
         self.armed = d["_inject"]._armed
         self.store_ns = d["_attr_store_ns"]
         self.zap_ns = self.costs["zap_spte"]
+        self.prices_i64 = (type(self.store_ns) is int and _as_i64(self.store_ns, &self.store_i)
+                           and type(self.zap_ns) is int and _as_i64(self.zap_ns, &self.zap_i))
         self.vcpus = d["_vcpus"]
         self.flush_cache = d["_flush_ns"]
         self.supported = d["_supported_attrs"]
@@ -521,7 +543,7 @@ cdef class AttrPath:
         self._add_at(self.i_flush, "remote_tlb_flush", ns)
         if self._traced():
             self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
-        sched = (<VmState?>self.vm)._sched
+        sched = self.vs._sched
         if sched is not None:
             sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
         return 0
@@ -532,7 +554,7 @@ cdef class AttrPath:
         self._flush()
 
     cdef int _pre_begin(self, _PreState *ps, uint64_t attrs) except -1:
-        cdef VmState vs = <VmState?>self.vm
+        cdef VmState vs = self.vs
         vs.mmu_invalidate_in_progress += 1
         if vs.mmu_invalidate_in_progress == 1:
             ps.rs = ps.re = _INVALID_GFN
@@ -603,7 +625,7 @@ cdef class AttrPath:
         return 0
 
     cdef int _pre_end(self, _PreState *ps) except -1:
-        cdef VmState vs = <VmState?>self.vm
+        cdef VmState vs = self.vs
         vs._range_start = ps.rs
         vs._range_end = ps.re
         if ps.zapped:
@@ -623,7 +645,7 @@ cdef class AttrPath:
         return 0
 
     cdef int _post_begin(self) except -1:
-        cdef VmState vs = <VmState?>self.vm
+        cdef VmState vs = self.vs
         self.stats.v[S_MMU_INVALIDATE_SEQ] += 1  # kvm_mmu_invalidate_end
         vs.mmu_invalidate_in_progress -= 1
         if vs.mmu_invalidate_in_progress < 0:
@@ -700,7 +722,7 @@ cdef class AttrPath:
                 if spte and _spte_level(spte) == 1:
                     # _zap_range's one-gfn 4K case, with the leaf read already
                     st.v[S_PAGES_4K] -= 1
-                    rangemap_assign(sptes, start, end, 0)
+                    _assign1(sptes, start, 0)
                     st.v[S_ZAPPED_SPTES] += 1
                     ps.zapped = 1
                     zap_ns = self.zap_ns
@@ -714,8 +736,8 @@ cdef class AttrPath:
                 if (rangemap_get(sptes, s) != 0 if e - s == 1 else rangemap_find_ne(sptes, s, e, 0, &dummy)):
                     zap_ns = self._quiet_zap(&ps, s, e, zap_ns)
                 ok = rangemap_cursor_next(self.slot0, &cur)
-            (<VmState?>self.vm)._range_start = ps.rs
-            (<VmState?>self.vm)._range_end = ps.re
+            self.vs._range_start = ps.rs
+            self.vs._range_end = ps.re
             if ps.zapped:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
@@ -747,6 +769,59 @@ cdef class AttrPath:
         self._add_at(self.i_store, "attr_store", store_ns)
         if zap_ns is not None:  # the PRE phase's zap and flush ran under mmu_lock
             self._add_lock_ns(zap_ns, flush_ns)
+        return 0
+
+    cdef int _quiet1(self, uint64_t gfn, uint64_t attrs, uint64_t key, uint64_t spte,
+                     uint64_t head2, bint mixed2) except -1:
+        """:meth:`_quiet` with ``read`` (one gfn, its slot key, SPTE, 2M lpage word and
+        ``mixed2`` read by :meth:`checked`) where the gfn's leaf, if any, is a 4K one and the
+        store and zap prices are int64 (``prices_i64``): the same steps, reads, writes and
+        charges in the same order, with the phase's ns in C integers and PRE's guard on the
+        one gfn's two head chunks written out (its tail chunks are its head chunks)."""
+        cdef Counters st = self.stats
+        cdef VmState vs = self.vs
+        cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN
+        cdef bint zapped = False
+        if key:
+            # PRE: the invalidation range (_pre_range), then the zap of a 4K leaf
+            rs = gfn
+            re = gfn + 1
+            if self.guard:
+                hs = gfn & ~(<uint64_t>511)
+                if hs >= self.c_base and hs + 512 <= self.c_end:
+                    w = head2 if head2 != _INVALID_GFN else rangemap_get(self.c_m2, gfn >> 9)
+                    if not w & _LPAGE_MIXED:
+                        rs = hs
+                        re = hs + 512
+                hs = gfn & ~((1ULL << 18) - 1)
+                if hs >= self.c_base and hs + (1ULL << 18) <= self.c_end:
+                    head1 = rangemap_get(self.c_m1, gfn >> 18)
+                    if not head1 & _LPAGE_MIXED:
+                        rs = hs  # the 1G chunk holds the 2M one
+                        re = hs + (1ULL << 18)
+            if spte:
+                st.v[S_PAGES_4K] -= 1
+                _assign1(self.sptes, gfn, 0)
+                st.v[S_ZAPPED_SPTES] += 1
+                zapped = True
+            vs._range_start = rs
+            vs._range_end = re
+            if zapped:
+                flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
+        # the store, under slots_lock only
+        _assign1(self.attrs, gfn, attrs)
+        st.v[S_ATTR_STORES] += 1
+        if key:
+            # POST: invalidate_end, then MIXED
+            st.v[S_MMU_INVALIDATE_SEQ] += 1
+            _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
+                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2)
+        if zapped:
+            self.ledger.add_i(self.i_zap, self.zap_i)
+            self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
+        self.ledger.add_i(self.i_store, self.store_i)
+        if zapped:  # the PRE phase's zap and flush ran under mmu_lock
+            self._add_lock_ns(self.zap_ns, flush_ns)
         return 0
 
     cdef int _add_lock_ns(self, object zap_ns, object flush_ns) except -1:
@@ -813,7 +888,7 @@ cdef class AttrPath:
         """
         cdef uint64_t a, sz, at, fl
         cdef bint ok = False
-        if (<VmState?>self.vm).vm_dead:
+        if self.vs.vm_dead:
             self.vm._check_alive()
         if _is_exact_int(address) and _is_exact_int(size) and _is_exact_int(attributes) and _is_exact_int(flags):
             a = _ull(address)
@@ -854,7 +929,6 @@ cdef class AttrPath:
             g = start & ~(<uint64_t>511)
             mixed2 = (ar.start < start and g < start) or (ar.end > start + 1 and g + 512 > start + 1)
             spte = rangemap_get(self.sptes, start)
-        d = self.d
         vm = self.vm
         if self.op is not None:
             vm._attr_free()  # EDEADLK
@@ -864,7 +938,7 @@ cdef class AttrPath:
         if subs:  # traced on entry, before the short-circuit (6.17+)
             vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
             read = False  # a callback ran (it may have changed the VM): read again
-        sched = (<VmState?>vm)._sched
+        sched = self.vs._sched
         if sched is not None:
             vm._attr_timeline(sched, start, end, attrs)
             return
@@ -898,8 +972,11 @@ cdef class AttrPath:
             return
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
-        if self.hookless and not subs and (<VmState?>vm).mmu_invalidate_in_progress == 0:
-            self._quiet(start, end, attrs, read, key, spte, head2, mixed2)
+        if self.hookless and not subs and self.vs.mmu_invalidate_in_progress == 0:
+            if read and self.prices_i64 and (not spte or _spte_level(spte) == 1):
+                self._quiet1(start, attrs, key, spte, head2, mixed2)
+            else:
+                self._quiet(start, end, attrs, read, key, spte, head2, mixed2)
             return
         self.quiet = not self.ledger.traced
         t0 = self.ledger.now()

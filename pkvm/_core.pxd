@@ -157,6 +157,8 @@ cdef class RangeMap:
     cdef int _bulk_load(self, const uint64_t *S, const uint64_t *E, const uint64_t *V,
                         Py_ssize_t n) except -1 nogil
     cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1
+    # one key's assign with one scan of its leaf (the attribute ioctl's per-gfn writes)
+    cdef int _assign1_c(self, uint64_t key, uint64_t value) except -1 nogil
 
 
 # -- the public C API (re-exported by pkvm/core.pxd; documented in docs/embedding.md) ---------

@@ -1998,6 +1998,80 @@ cdef class RangeMap:
             inner += self._check_node(nd.children[i], height - 1, False)
         return inner
 
+    cdef int _assign1_c(self, uint64_t s, uint64_t v) except -1 nogil:
+        """``_assign_c(s, s + 1, v)`` for one key ``s < 2**64 - 1``, with one scan of the leaf.
+
+        The leaf and the runs the write replaces are those ``_assign_c`` finds (the runs
+        touching ``[s, s + 1)`` follow from the last run starting at or before ``s``), and the
+        cases ``_assign_c`` finishes inside that leaf are finished here with its steps (the
+        same replacement runs written at the same slots in the same order), so the tree, its
+        value arrays and its pools end as ``_assign_c`` leaves them. Every other case (a
+        touching neighbour in another leaf, a leaf that would overflow, a new first start, an
+        emptied or underfull leaf) is ``_assign_c`` itself.
+        """
+        cdef Leaf *lf
+        cdef Leaf *nb
+        cdef int n, i, a, b, k, m, j, delta
+        cdef uint64_t e = s + 1, first
+        cdef Run f, g
+        cdef Run rep[3]
+        self._reserve()
+        lf = _leaf_at(self, s)
+        n = lf.n
+        first = lf.starts[0] if n > 0 else 0
+        i = _ub(lf.starts, n, s) - 1      # the last run starting at or before s
+        # a: the runs ending before s (ends ascend; run i - 1 ends at or before starts[i] <= s)
+        if i < 0:
+            a = 0
+        elif lf.ends[i] < s:
+            a = i + 1
+        elif i > 0 and lf.ends[i - 1] == s:
+            a = i - 1
+        else:
+            a = i
+        # b: the runs starting at or before e (run i + 1 starts after s)
+        b = i + 2 if i + 1 < n and lf.starts[i + 1] == e else i + 1
+        if a == 0 and lf.prev != NULL:
+            nb = lf.prev
+            if nb.ends[nb.n - 1] > s or (nb.ends[nb.n - 1] == s and _val(nb, nb.n - 1) == v):
+                return self._assign_c(s, e, v)
+        if b == n and lf.next != NULL:
+            nb = lf.next
+            if nb.starts[0] < e or (nb.starts[0] == e and _val(nb, 0) == v):
+                return self._assign_c(s, e, v)
+        k = b - a
+        if k > 0:
+            f = _mkrun(lf.starts[a], lf.ends[a], _val(lf, a))
+            g = _mkrun(lf.starts[b - 1], lf.ends[b - 1], _val(lf, b - 1))
+        m = _make_reps(k > 0, f, g, s, e, v, self.dflt, rep)
+        if m == k:
+            for j in range(m):
+                if (rep[j].start != lf.starts[a + j] or rep[j].end != lf.ends[a + j]
+                        or rep[j].value != _val(lf, a + j)):
+                    break
+            else:
+                self.version += 1
+                return 0
+        delta = m - k
+        if n + delta > self.leaf_cap:
+            return self._assign_c(s, e, v)
+        if self.height > 0:
+            if n + delta == 0 or (delta < 0 and n + delta < (self.leaf_cap >> 2)):
+                return self._assign_c(s, e, v)
+            if a == 0 and (rep[0].start if m > 0 else lf.starts[b]) != first:
+                return self._assign_c(s, e, v)
+        self.version += 1
+        if delta != 0:
+            memmove(&lf.starts[a + m], &lf.starts[b], (n - b) * sizeof(uint64_t))
+            memmove(&lf.ends[a + m], &lf.ends[b], (n - b) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[a + m], &lf.vals[b], (n - b) * sizeof(uint64_t))
+            lf.n = n + delta
+            self.count += delta
+        for j in range(m):
+            self._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
+        return 0
+
 
 # The per-op entries of assign, find_ne and get (see pkvm_fastcall_override): a W3 step is two
 # of these calls, and Cython's generated parser (keywords, argument references) cost about
