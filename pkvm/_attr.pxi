@@ -364,6 +364,8 @@ cdef class AttrPath:
     cdef Py_ssize_t i_store, i_zap, i_flush
     # the last remote TLB flush priced (its vCPU count and ns; flush_cache holds them all)
     cdef object fl_n, fl_ns
+    cdef int64_t fl_i               # fl_ns in int64 when ``fl_i64`` (an int that fits)
+    cdef bint fl_i64
     # ``VM.attr_ioctls`` and ``VM._attr_op`` (the VM's properties of those names read and
     # write them here): the calls that passed validation, and the unfinished phase-by-phase
     # ioctl (pkvm.kvm.vm.AttrIoctl) or None
@@ -528,12 +530,13 @@ cdef class AttrPath:
 
     cdef object _flush_price(self, object n):
         """The modeled ns of a remote TLB flush to ``n`` vCPUs (cached per ``n``)."""
-        if self.fl_n is not None and self.fl_n == n:
+        if self.fl_n is n or (self.fl_n is not None and self.fl_n == n):
             return self.fl_ns
         ns = self.flush_cache.get(n)
         if ns is None:
             ns = self.flush_cache[n] = self.d["_cost_model"].ns("remote_tlb_flush", nr_vcpus=n)
         self.fl_n, self.fl_ns = n, ns
+        self.fl_i64 = type(ns) is int and _as_i64(ns, &self.fl_i)
         return ns
 
     cdef int _flush(self) except -1:
@@ -781,6 +784,7 @@ cdef class AttrPath:
         cdef Counters st = self.stats
         cdef VmState vs = self.vs
         cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN
+        cdef int64_t t, lock
         cdef bint zapped = False
         if key:
             # PRE: the invalidation range (_pre_range), then the zap of a 4K leaf
@@ -818,10 +822,18 @@ cdef class AttrPath:
                             self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2)
         if zapped:
             self.ledger.add_i(self.i_zap, self.zap_i)
-            self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
+            if self.fl_i64:  # flush_ns is fl_ns (_flush_price just returned it)
+                self.ledger.add_i(self.i_flush, self.fl_i)
+            else:
+                self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
         self.ledger.add_i(self.i_store, self.store_i)
         if zapped:  # the PRE phase's zap and flush ran under mmu_lock
-            self._add_lock_ns(self.zap_ns, flush_ns)
+            # _add_lock_ns(zap_ns, flush_ns) with both in int64
+            if (self.fl_i64 and self.lock_big is None and not pkvm_add_ovf(self.zap_i, self.fl_i, &t)
+                    and not pkvm_add_ovf(self.lock_ns, t, &lock)):
+                self.lock_ns = lock
+            else:
+                self._add_lock_ns(self.zap_ns, flush_ns)
         return 0
 
     cdef int _add_lock_ns(self, object zap_ns, object flush_ns) except -1:
@@ -880,6 +892,7 @@ cdef class AttrPath:
         self.quiet = False
         return self._zap(start, end, attr_filter)
 
+    @cython.binding(False)  # a builtin method: called without the CyFunction layer
     def ioctl(self, address, size, attributes, flags=0):
         """``VM.set_memory_attributes``: the checks, then :meth:`checked`.
 
@@ -901,13 +914,17 @@ cdef class AttrPath:
                 ok = (not fl and not at & ~self.supported and sz != 0 and sz <= U64_MAX - a
                       and not (a | sz) & _PAGE_MASK)
         if ok:
-            self.checked(a >> 12, (a + sz) >> 12, at)
+            self._checked(a >> 12, (a + sz) >> 12, at)
         else:
             start, end, attrs = self.vm._attr_check(address, size, attributes, flags)
-            self.checked(start, end, attrs)
+            self._checked(start, end, attrs)
 
-    cpdef checked(self, uint64_t start, uint64_t end, uint64_t attrs):
+    def checked(self, uint64_t start, uint64_t end, uint64_t attrs):
         """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
+        self._checked(start, end, attrs)
+
+    cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
+        """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
         cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g
         cdef bint mixed2 = False
         cdef Run ar
@@ -941,16 +958,16 @@ cdef class AttrPath:
         sched = self.vs._sched
         if sched is not None:
             vm._attr_timeline(sched, start, end, attrs)
-            return
+            return 0
         if self.legacy:
             vm._attr_legacy(start, end, attrs)
-            return
+            return 0
         if read:
             if cur_attrs == attrs:
-                return  # §2.7 short-circuit
+                return 0  # §2.7 short-circuit
         elif (rangemap_get(self.attrs, start) == attrs if end - start == 1
                 else not rangemap_find_ne(self.attrs, start, end, attrs, &dummy)):
-            return  # §2.7 short-circuit
+            return 0  # §2.7 short-circuit
         if self.armed and "xa_reserve" in self.armed:
             vm._attr_xa_reserve(start, end)
             read = False  # Python ran: read again
@@ -969,7 +986,7 @@ cdef class AttrPath:
             self._add_lock(self.ledger.now() - t2)
             if ranges and self.eager_post:
                 vm._attr_post_unlock(ranges, attrs)
-            return
+            return 0
         # One address space and no hook outside the lock: the pieces are read from the slot map
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and not subs and self.vs.mmu_invalidate_in_progress == 0:
@@ -977,7 +994,7 @@ cdef class AttrPath:
                 self._quiet1(start, attrs, key, spte, head2, mixed2)
             else:
                 self._quiet(start, end, attrs, read, key, spte, head2, mixed2)
-            return
+            return 0
         self.quiet = not self.ledger.traced
         t0 = self.ledger.now()
         ok = rangemap_cursor_init(self.slot0, &cur, start, end)
@@ -1000,6 +1017,7 @@ cdef class AttrPath:
             self._add_lock(t1 - t0)  # (old + pre) + post, as the Python sum it replaces
             self._add_lock(self.ledger.now() - t2)
         self.quiet = False
+        return 0
 
 
 @cython.final

@@ -34,10 +34,11 @@ def _attr_calls(const uint64_t[::1] gpas, const uint64_t[::1] sizes, const uint6
     cdef uint64_t a, s, at
     cdef uint64_t bad_attrs = ~supported
     cdef AttrPath path = body if type(body) is AttrPath else None
+    cdef VmState vs = path.vs if path is not None and path.vm is vm else None  # vm_dead in C
     if sizes.shape[0] != n or out.shape[0] != n or (step and attrs.shape[0] != n):
         raise ValueError("_attr_calls: the arrays' lengths differ")
     for i in range(n):
-        if vm.vm_dead:
+        if (vs.vm_dead if vs is not None else vm.vm_dead):
             out[i:] = EIO
             return
         a = gpas[i]
@@ -48,7 +49,7 @@ def _attr_calls(const uint64_t[::1] gpas, const uint64_t[::1] sizes, const uint6
             continue
         try:
             if path is not None:
-                path.checked(a >> 12, (a + s) >> 12, at)
+                path._checked(a >> 12, (a + s) >> 12, at)
             else:
                 body(a >> 12, (a + s) >> 12, at)
         except error as e:
