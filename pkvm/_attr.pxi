@@ -71,6 +71,20 @@ cdef int _any_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
     return 0
 
 
+cdef int _any_mixed_near(RangeMap m, uint64_t first, uint64_t last) except -1:
+    """:func:`_any_mixed`, answered by one lookup when the first stored word of the window
+    has the MIXED bit (in fragmented memory, a neighbour chunk's word); else the walk."""
+    cdef Run r
+    if first >= last:
+        return 0
+    r = m._next_run_c(first)  # the first stored run ending after ``first``
+    if r.start >= last:
+        return 0  # no stored word in the window
+    if r.value & _LPAGE_MIXED:
+        return 1
+    return _any_mixed(m, first, last)
+
+
 cdef int _clear_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
     """Clear MIXED on the chunks ``[first, last)``."""
     cdef RunCursor cur
@@ -161,7 +175,7 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                 # every sub-chunk has ``attrs``: true if no gfn differs, false if a sub-chunk
                 # starts differing, else read per mismatching run.
                 idx = (start & ~(<uint64_t>511)) >> 9
-                if _any_mixed(m2, idx + 1, (g >> 9) + 512) or _any_mixed(m2, g >> 9, idx):
+                if _any_mixed_near(m2, idx + 1, (g >> 9) + 512) or _any_mixed_near(m2, g >> 9, idx):
                     uniform = False
                 elif not rangemap_find_ne(amap, g, g + (1ULL << 18), attrs, &k):
                     uniform = True
