@@ -389,6 +389,9 @@ cdef class AttrPath:
     # int that fits int64 (``lock_big`` None), else ``lock_big`` (any other number)
     cdef int64_t lock_ns
     cdef object lock_big
+    # ``VM.set_memory_attributes`` on the VM: :meth:`ioctl` bound to this path as a
+    # METH_FASTCALL builtin whose C function is :func:`_ioctl_fast` (built once)
+    cdef object bound_ioctl
 
     def __init__(self, vm):
         d = vm.__dict__
@@ -430,6 +433,7 @@ cdef class AttrPath:
         self.op = None
         self.lock_ns = 0
         self.lock_big = None
+        self.bound_ioctl = pkvm_attr_ioctl_bind(self)
 
     @property
     def ioctls(self):
@@ -906,13 +910,17 @@ cdef class AttrPath:
         self.quiet = False
         return self._zap(start, end, attr_filter)
 
-    @cython.binding(False)  # a builtin method: called without the CyFunction layer
+    @cython.binding(False)  # a method descriptor (see _ioctl_fast)
     def ioctl(self, address, size, attributes, flags=0):
         """``VM.set_memory_attributes``: the checks, then :meth:`checked`.
 
         Arguments that pass every check in the fast test below go on; anything else goes to
         ``VM._attr_check``, the one implementation of the refusals (in the kernel's order).
         """
+        self._ioctl(address, size, attributes, flags)
+
+    cdef int _ioctl(self, object address, object size, object attributes, object flags) except -1:
+        """:meth:`ioctl`'s body (also the bound fast entry's, :func:`_ioctl_fast`)."""
         cdef uint64_t a, sz, at, fl
         cdef bint ok = False
         if self.vs.vm_dead:
@@ -928,10 +936,9 @@ cdef class AttrPath:
                 ok = (not fl and not at & ~self.supported and sz != 0 and sz <= U64_MAX - a
                       and not (a | sz) & _PAGE_MASK)
         if ok:
-            self._checked(a >> 12, (a + sz) >> 12, at)
-        else:
-            start, end, attrs = self.vm._attr_check(address, size, attributes, flags)
-            self._checked(start, end, attrs)
+            return self._checked(a >> 12, (a + sz) >> 12, at)
+        start, end, attrs = self.vm._attr_check(address, size, attributes, flags)
+        return self._checked(start, end, attrs)
 
     def checked(self, uint64_t start, uint64_t end, uint64_t attrs):
         """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
@@ -1034,6 +1041,46 @@ cdef class AttrPath:
         return 0
 
 
+# ``AttrPath.ioctl`` bound to a path as a builtin method whose C function is _ioctl_fast: a call
+# with its three or four arguments positional goes straight to the checks and the core (no
+# generated argument parser); any other form of call goes through the generated method. The
+# method table entry is AttrPath.ioctl's own (name, docstring, text signature) with the C
+# function and flags replaced, written once at import.
+cdef extern from *:
+    """
+    static PyMethodDef pkvm_attr_ioctl_def;
+    static PyObject *pkvm_attr_ioctl_init(PyObject *type, void *fn) {
+        PyTypeObject *tp = (PyTypeObject *)type;
+        PyObject *orig = PyDict_GetItemString(tp->tp_dict, "ioctl");   /* borrowed */
+        if (orig == NULL || !PyObject_TypeCheck(orig, &PyMethodDescr_Type)) {
+            PyErr_Format(PyExc_RuntimeError, "%s.ioctl is not a method descriptor", tp->tp_name);
+            return NULL;
+        }
+        pkvm_attr_ioctl_def = *((PyMethodDescrObject *)orig)->d_method;
+        pkvm_attr_ioctl_def.ml_meth = (PyCFunction)(void (*)(void))fn;
+        pkvm_attr_ioctl_def.ml_flags = METH_FASTCALL | METH_KEYWORDS;
+        Py_INCREF(orig);
+        return orig;
+    }
+    static PyObject *pkvm_attr_ioctl_bind(PyObject *self) {
+        return PyCFunction_New(&pkvm_attr_ioctl_def, self);
+    }
+    """
+    object pkvm_attr_ioctl_init(object type, void *fn)
+    object pkvm_attr_ioctl_bind(object self)
+
+
+cdef object _ioctl_fast(AttrPath self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    """``AttrPath.ioctl(address, size, attributes, flags=0)`` (``VM.set_memory_attributes``)."""
+    if kwnames != NULL or nargs < 3 or nargs > 4:
+        return _call_general(_ioctl_general, self, args, nargs, kwnames)
+    self._ioctl(<object>args[0], <object>args[1], <object>args[2], <object>args[3] if nargs == 4 else 0)
+    return None
+
+
+cdef object _ioctl_general = pkvm_attr_ioctl_init(AttrPath, <void*>_ioctl_fast)
+
+
 @cython.final
 @cython.auto_pickle(False)
 cdef class AttrIoctlMethod:
@@ -1054,5 +1101,5 @@ cdef class AttrIoctlMethod:
             return self.__func__
         path = getattr(obj, "_attr_path", None)
         if type(path) is AttrPath and (<AttrPath>path).vm is obj:
-            return path.ioctl
+            return (<AttrPath>path).bound_ioctl
         return self.__func__.__get__(obj, objtype)
