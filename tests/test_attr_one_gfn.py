@@ -203,3 +203,23 @@ def test_a_memslot_deleted_and_made_again_is_the_one_the_ioctl_updates() -> None
     assert new.lpage.maps[2].get(1) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
     assert not old.lpage.maps[2].get(1) & pkvm.kvm.mmu.KVM_LPAGE_MIXED_FLAG
     vm.check()
+
+
+def test_the_bound_fast_entry_takes_every_form_of_call() -> None:
+    """``vm.set_memory_attributes`` is built once per VM; three or four positional arguments
+    go straight to the checks, keywords and wrong counts through the generated method, with
+    the same refusals and nothing changed by a refused call."""
+    vm = pkvm.VM("sw_protected")
+    assert vm.set_memory_attributes is vm.set_memory_attributes
+    vm.set_memory_attributes(0x200000, 0x1000, PRIVATE, 0)
+    vm.set_memory_attributes(0x201000, 0x1000, attributes=PRIVATE, flags=0)
+    assert vm.get_memory_attributes(0x200) == vm.get_memory_attributes(0x201) == PRIVATE
+    assert vm.attr_ioctls == 2
+    before = snapshot(vm)
+    with pytest.raises(TypeError, match=r"at least 3 positional arguments \(2 given\)"):
+        vm.set_memory_attributes(0x200000, 0x1000)
+    with pytest.raises(TypeError, match=r"at most 4 positional arguments \(5 given\)"):
+        vm.set_memory_attributes(0x200000, 0x1000, 0, 0, 0)
+    with pytest.raises(pkvm.KvmError, match="flags 0x2 must be 0"):
+        vm.set_memory_attributes(0x200000, 0x1000, 0, 2)
+    assert snapshot(vm) == before and vm.attr_ioctls == 2
