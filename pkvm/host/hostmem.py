@@ -75,7 +75,7 @@ class HostMemory(HostMemoryState):
         if start_pfn < 0 or nr_pages <= 0 or start_pfn + nr_pages >= 1 << 63:
             # (the allocator's bounds are signed 64-bit C fields)
             raise ValueError(f"bad host memory [{start_pfn:#x}, +{nr_pages:#x})")
-        self._used = RangeMap(0)
+        self._used = RangeMap(0, _finger=True)
         self.start_pfn = start_pfn
         self.end_pfn = start_pfn + nr_pages
         self._cursor = start_pfn
@@ -157,7 +157,7 @@ class SharedBacking(SharedBackingState):
     __slots__ = ()
 
     def __init__(self, mem: HostMemory, order: int) -> None:
-        self._map = RangeMap(0)
+        self._map = RangeMap(0, _finger=True)
         self._mem = mem
         self.order = order
         self.nr_populated = 0

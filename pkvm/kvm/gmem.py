@@ -68,7 +68,7 @@ class GuestMemfd:
         self.npages = size >> PAGE_SHIFT
         self.flags = flags
         self.closed = False
-        self.folios = RangeMap(0)
+        self.folios = RangeMap(0, _finger=True)
         #: file index -> memslot key + 1 (``gmem->bindings``)
         self.bindings = RangeMap(0)
 
