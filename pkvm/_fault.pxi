@@ -34,6 +34,11 @@ cdef class PageFault:
     cdef public int errno "pkvm_errno"
     cdef public int max_level, level, host_level, order
     cdef public object slot, ret, memory_fault
+    # the gfn's SPTE word as fault_begin read it, from which map (borrowed, compared only) and
+    # that map's version then: the install reuses the word while the same map has not changed
+    # since (no second descent); spte_map is NULL until fault_begin ran
+    cdef uint64_t spte, spte_ver
+    cdef void *spte_map
 
     def __init__(self, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch=False):
         self._init(gfn, limit, private, write, prefetch)
@@ -61,6 +66,7 @@ cdef class PageFault:
         self.single = limit <= gfn + 1
         self.order = 0
         self.attr = 0
+        self.spte_map = NULL
         return 0
 
 
@@ -266,7 +272,13 @@ cdef int _split_to(RangeMap m, Counters st, uint64_t gfn, int level, object char
 cdef int _map_leaf(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge) except -1:
     """``Mmu.map_leaf``: install one leaf at ``level`` covering ``gfn``. Returns 1 if the
     identical leaf was there (spurious), 2 if a TLB flush is needed, else 0."""
-    cdef uint64_t old = rangemap_get(m, gfn), n, base, k
+    return _map_leaf_at(m, st, gfn, level, value, charge, rangemap_get(m, gfn))
+
+
+cdef int _map_leaf_at(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge,
+                      uint64_t old) except -1:
+    """:func:`_map_leaf` given ``old``, the SPTE word at ``gfn`` now."""
+    cdef uint64_t n, base, k
     cdef int flush = 0
     if old and _f_level(old) > level:
         _split_to(m, st, gfn, level, charge)
@@ -578,6 +590,9 @@ cdef class FaultPath:
         else:
             f.is_private = bool(self.fault_is_private(self.vm, gfn, f.private_access))
         v = rangemap_get(self.sptes, gfn)
+        f.spte = v
+        f.spte_ver = self.sptes.version
+        f.spte_map = <void*>self.sptes
         if v:
             f.single = True
             # page_fault_can_be_fast: never on a private/shared mismatch of a private-mem VM;
@@ -734,7 +749,7 @@ cdef class FaultPath:
         private leaves of a VM with a mirror root first go to the external page table
         (``set_external_spte``, in Python); if that fails the mirror SPTEs keep their value."""
         cdef int level = self._max_level(f), shift, r
-        cdef uint64_t gfn = f.gfn, n, whole, base
+        cdef uint64_t gfn = f.gfn, n, whole, base, old
         cdef uint64_t value = _make_spte(f.delta, level, f.is_private, f.map_writable)
         cdef bint external = f.is_private and self.mirror
         if level == 1 and f.end - gfn > 1:
@@ -754,12 +769,19 @@ cdef class FaultPath:
                 f.end = gfn + (whole << shift)
             else:
                 base = gfn & ~(n - 1)
-                if (external and rangemap_get(self.sptes, gfn) != value
+                # the SPTE word fault_begin read, while the map is unchanged since
+                if f.spte_map == <void*>self.sptes and f.spte_ver == self.sptes.version:
+                    old = f.spte
+                else:
+                    old = rangemap_get(self.sptes, gfn)
+                if (external and old != value
                         and not self.set_external(self.vm, f, base, base + n, level)):
                     return 0
+                if external:
+                    old = rangemap_get(self.sptes, gfn)  # (set_external_spte ran Python)
                 f.end = gfn + 1
                 f.nfaults = 1
-                r = _map_leaf(self.sptes, self.stats, gfn, level, value, self.ledger)  # VM._charge
+                r = _map_leaf_at(self.sptes, self.stats, gfn, level, value, self.ledger, old)  # VM._charge
                 if r == 2:
                     self.vm._flush_remote_tlbs()
                 elif r == 1:

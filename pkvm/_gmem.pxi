@@ -302,6 +302,7 @@ cdef class SnpPath:
     PSMASH) and the op-table entries it stands for (``prepare`` / ``invalidate``)."""
 
     cdef object vm, snp, dm, rmp_obj, injected, psmash_fn
+    cdef VmState vs             # the VM itself, typed (its timeline hook)
     cdef readonly object prepare_op, invalidate_op
     cdef dict d, costs, armed, dm_cnt
     cdef Counters stats
@@ -321,6 +322,7 @@ cdef class SnpPath:
     def __init__(self, vm, snp, prepare, invalidate, injected, psmash):
         d = vm.__dict__
         self.vm = vm
+        self.vs = <VmState?>vm
         self.d = d
         self.snp = snp
         cdef Counters st = _vm_counters(d["_stats"])
@@ -420,7 +422,7 @@ cdef class SnpPath:
         cdef bint quick = False
         cdef RunCursor cur
         cdef int ok
-        sched = (<VmState?>self.vm)._sched
+        sched = self.vs._sched
         # split-4k's dispatchers with nothing to do need no call into the direct map: nothing
         # after the instruction, nothing before a 2M one, and nothing before 4K ones over
         # pages all mapped at 4K already (DirectMap._adjust / _split change nothing then).
@@ -485,6 +487,15 @@ cdef class SnpPath:
             sched.release("cpa_lock")
         return calls
 
+    cdef inline bint _dm_idle(self, bint before, uint64_t pfn, uint64_t npages, int level) noexcept:
+        """Whether :meth:`_directmap` would do nothing and return 0 without a timeline: its
+        quick case (split-4k) tested before the call."""
+        if self.vs._sched is not None or not self.split4k or self.dm_map is None:
+            return False
+        if not before or level == 2 or npages == 0:
+            return True
+        return npages == 1 and rangemap_get(self.dm_map, pfn) & 3 < 2
+
     def directmap(self, bint before, uint64_t pfn, uint64_t npages, int level, bint assigned):
         """``pkvm.platforms._snp_rmp._directmap``."""
         return self._directmap(before, pfn, npages, level, assigned)
@@ -507,7 +518,7 @@ cdef class SnpPath:
         cdef uint64_t span, done
         cdef int code
         cdef int64_t fail
-        if dm == _DM_BOTH or dm == _DM_BEFORE:
+        if (dm == _DM_BOTH or dm == _DM_BEFORE) and not self._dm_idle(True, pfn, npages, level):
             self._directmap(True, pfn, npages, level, assigned)
         if rmp is None or (level != 1 and level != 2) or pfn >= rmp.max_pfn_ or npages > rmp.max_pfn_ - pfn or (
                 level == 2 and npages & _MASK_2M) or (assigned and (gfn >= _RMP_MAX_PFN or gfn + npages > _RMP_MAX_PFN)):
@@ -528,7 +539,7 @@ cdef class SnpPath:
             fail = <int64_t>res.fail_pfn if res.code else -1
         cdef Counters st = self.stats
         if done:
-            sched = (<VmState?>self.vm)._sched
+            sched = self.vs._sched
             if sched is not None:
                 sched.changed()  # a vCPU looping on RMP #NPF may now go on
             st.v[self.i_rmpupdate] += <int64_t>done
@@ -554,7 +565,7 @@ cdef class SnpPath:
             if (dm == _DM_BOTH or dm == _DM_AFTER) and done:
                 self._directmap(False, pfn, done << (9 if level == 2 else 0), level, assigned)
             return -_EFAULT
-        if dm == _DM_BOTH or dm == _DM_AFTER:
+        if (dm == _DM_BOTH or dm == _DM_AFTER) and not self._dm_idle(False, pfn, npages, level):
             self._directmap(False, pfn, npages, level, assigned)
         return 0
 
