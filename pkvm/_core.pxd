@@ -71,6 +71,13 @@ cdef struct RunCursor:
     void *owner                 # the map walked (borrowed)
 
 
+cdef struct RunPos:
+    # Where a lookup landed (RangeMap._run_pos_c), for a write right after it (_put_c)
+    void *leaf                  # Leaf* the key fell in
+    int index                   # its last run with start <= key, or -1
+    uint64_t version            # the map's version then (the position is void once it moves)
+
+
 cdef struct Builder:
     # Streams sorted runs into new, full leaves (RangeMap's merge and bulk-load paths).
     void **leaves               # leaves built so far, in key order (grown by doubling)
@@ -159,6 +166,10 @@ cdef class RangeMap:
     cdef Py_ssize_t _check_node(self, void *node, int height, bint is_root) except -1
     # one key's assign with one scan of its leaf (the attribute ioctl's per-gfn writes)
     cdef int _assign1_c(self, uint64_t key, uint64_t value) except -1 nogil
+    # one descent for a lookup and the write after it (the fault path's single-key writes)
+    cdef Run _run_pos_c(self, uint64_t key, RunPos *pos) noexcept nogil
+    cdef int _put_c(self, const RunPos *pos, uint64_t start, uint64_t end,
+                    uint64_t value) except -1 nogil
 
 
 # -- the public C API (re-exported by pkvm/core.pxd; documented in docs/embedding.md) ---------

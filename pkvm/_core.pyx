@@ -2072,6 +2072,80 @@ cdef class RangeMap:
             self._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
         return 0
 
+    cdef Run _run_pos_c(self, uint64_t key, RunPos *pos) noexcept nogil:
+        """``_run_at_c(key)``, and in ``pos`` where the lookup landed, so that a write of a
+        range in that run right after it (:meth:`_put_c`) needs no second descent."""
+        cdef Leaf *lf = _leaf_at(self, key)
+        cdef int i = _ub(lf.starts, lf.n, key) - 1
+        cdef uint64_t gs, ge
+        pos.leaf = <void*>lf
+        pos.index = i
+        pos.version = self.version
+        if i >= 0 and key < lf.ends[i]:
+            return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
+        gs = lf.ends[i] if i >= 0 else 0
+        if i + 1 < lf.n:
+            ge = lf.starts[i + 1]
+        elif lf.next != NULL:
+            ge = lf.next.starts[0]
+        else:
+            ge = U64_MAX
+        return _mkrun(gs, ge, self.dflt)
+
+    cdef int _put_c(self, const RunPos *pos, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
+        """``_assign_c(s, e, v)`` after :meth:`_run_pos_c` filled ``pos``; trusts ``s <= e``.
+
+        While the map is unchanged since and ``[s, e)`` lies in a gap of ``pos``'s leaf after
+        its first run (the fault path's case: a page written where nothing was stored), the
+        run is written there at once: inserted, or merged into an equal neighbour that
+        touches it. The result is the one ``_assign_c`` gives (the same runs, value arrays
+        and spare-node pools); every other case (a stored run there, a full leaf, a neighbour
+        in another leaf, a leaf that would be rebalanced) is ``_assign_c``'s."""
+        cdef Leaf *lf = <Leaf*>pos.leaf
+        cdef int i = pos.index, j = pos.index + 1, n
+        cdef bint left, right
+        if lf == NULL or pos.version != self.version or i < 0 or s >= e:
+            return self._assign_c(s, e, v)
+        n = lf.n
+        # [s, e) in the gap between run i and run j (the next leaf's first run when j == n)
+        if i >= n or lf.starts[i] > s or lf.ends[i] > s:
+            return self._assign_c(s, e, v)
+        if j < n:
+            if lf.starts[j] < e:
+                return self._assign_c(s, e, v)
+        elif lf.next != NULL and lf.next.starts[0] <= e:
+            return self._assign_c(s, e, v)
+        left = v != self.dflt and lf.ends[i] == s and _val(lf, i) == v
+        right = v != self.dflt and j < n and lf.starts[j] == e and _val(lf, j) == v
+        if ((left and right and n - 1 < (self.leaf_cap >> 2) and self.height > 0)
+                or (not left and not right and v != self.dflt and n >= self.leaf_cap)):
+            return self._assign_c(s, e, v)  # (the leaf is rebalanced, or split)
+        self.version += 1
+        self._reserve()
+        if v == self.dflt:
+            return 0  # the gap already holds the default
+        if left and right:
+            lf.ends[i] = lf.ends[j]
+            memmove(&lf.starts[j], &lf.starts[j + 1], (n - j - 1) * sizeof(uint64_t))
+            memmove(&lf.ends[j], &lf.ends[j + 1], (n - j - 1) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[j], &lf.vals[j + 1], (n - j - 1) * sizeof(uint64_t))
+            lf.n = n - 1
+            self.count -= 1
+        elif left:
+            lf.ends[i] = e
+        elif right:
+            lf.starts[j] = s
+        else:
+            memmove(&lf.starts[j + 1], &lf.starts[j], (n - j) * sizeof(uint64_t))
+            memmove(&lf.ends[j + 1], &lf.ends[j], (n - j) * sizeof(uint64_t))
+            if lf.vals != NULL:
+                memmove(&lf.vals[j + 1], &lf.vals[j], (n - j) * sizeof(uint64_t))
+            lf.n = n + 1
+            self._leaf_write(lf, j, s, e, v)
+            self.count += 1
+        return 0
+
 
 # The per-op entries of assign, find_ne and get (see pkvm_fastcall_override): a W3 step is two
 # of these calls, and Cython's generated parser (keywords, argument references) cost about

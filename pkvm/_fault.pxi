@@ -35,9 +35,11 @@ cdef class PageFault:
     cdef public int max_level, level, host_level, order
     cdef public object slot, ret, memory_fault
     # the gfn's SPTE word as fault_begin read it, from which map (borrowed, compared only) and
-    # that map's version then: the install reuses the word while the same map has not changed
-    # since (no second descent); spte_map is NULL until fault_begin ran
-    cdef uint64_t spte, spte_ver
+    # where that lookup landed (with the map's version then): the install reuses the word and
+    # writes at that position while the same map has not changed since (no second descent);
+    # spte_map is NULL until fault_begin ran
+    cdef uint64_t spte
+    cdef RunPos spte_pos
     cdef void *spte_map
 
     def __init__(self, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch=False):
@@ -269,15 +271,45 @@ cdef int _split_to(RangeMap m, Counters st, uint64_t gfn, int level, object char
     return 0
 
 
+cdef inline int _rm_put(RangeMap m, const RunPos *pos, uint64_t start, uint64_t end,
+                        uint64_t value) except -1:
+    """``rangemap_assign(m, start, end, value)`` (``start <= end``) at the position a lookup
+    just filled in (``RangeMap._run_pos_c``): no second descent while the map is unchanged."""
+    if m.bulk_writer or m.bulk_readers:
+        return _busy(m, True)
+    return m._put_c(pos, start, end, value)
+
+
+def _rangemap_lookup_put(RangeMap m, uint64_t key, uint64_t start, uint64_t end, uint64_t value,
+                         between=None):
+    """Test hook of the fault path's single-descent write: ``m.run_at(key)`` through
+    ``RangeMap._run_pos_c``, then ``m.assign(start, end, value)`` through ``_put_c`` at that
+    position; ``between`` (an ``(s, e, v)`` assign, or None) runs in between, which voids the
+    position. Returns the run looked up as ``(start, end, value)``."""
+    cdef RunPos pos
+    cdef Run r
+    if start > end:
+        raise ValueError(f"start {start:#x} > end {end:#x}")
+    if key == U64_MAX:
+        raise OverflowError(f"key out of range for run_at: {key:#x} (must be < 2**64 - 1)")
+    _enter_write(m)
+    r = m._run_pos_c(key, &pos)
+    if between is not None:
+        m.assign(*between)
+    _rm_put(m, &pos, start, end, value)
+    return (r.start, r.end, r.value)
+
+
 cdef int _map_leaf(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge) except -1:
     """``Mmu.map_leaf``: install one leaf at ``level`` covering ``gfn``. Returns 1 if the
     identical leaf was there (spurious), 2 if a TLB flush is needed, else 0."""
-    return _map_leaf_at(m, st, gfn, level, value, charge, rangemap_get(m, gfn))
+    return _map_leaf_at(m, st, gfn, level, value, charge, rangemap_get(m, gfn), NULL)
 
 
 cdef int _map_leaf_at(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge,
-                      uint64_t old) except -1:
-    """:func:`_map_leaf` given ``old``, the SPTE word at ``gfn`` now."""
+                      uint64_t old, const RunPos *pos) except -1:
+    """:func:`_map_leaf` given ``old``, the SPTE word at ``gfn`` now, and where its lookup
+    landed (``pos``, or NULL)."""
     cdef uint64_t n, base, k
     cdef int flush = 0
     if old and _f_level(old) > level:
@@ -293,7 +325,10 @@ cdef int _map_leaf_at(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t
         # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
         if not (old and _f_level(old) == level):
             st.v[S_ZAPPED_SPTES] += dropped
-    rangemap_assign(m, base, base + n, value)
+    if pos != NULL:
+        _rm_put(m, pos, base, base + n, value)
+    else:
+        rangemap_assign(m, base, base + n, value)
     st.v[S_PAGES_4K + level - 1] += 1
     return flush
 
@@ -589,9 +624,8 @@ cdef class FaultPath:
             f.is_private = f.private_access or attr_private
         else:
             f.is_private = bool(self.fault_is_private(self.vm, gfn, f.private_access))
-        v = rangemap_get(self.sptes, gfn)
+        v = self.sptes._run_pos_c(gfn, &f.spte_pos).value
         f.spte = v
-        f.spte_ver = self.sptes.version
         f.spte_map = <void*>self.sptes
         if v:
             f.single = True
@@ -750,6 +784,7 @@ cdef class FaultPath:
         (``set_external_spte``, in Python); if that fails the mirror SPTEs keep their value."""
         cdef int level = self._max_level(f), shift, r
         cdef uint64_t gfn = f.gfn, n, whole, base, old
+        cdef const RunPos *pos
         cdef uint64_t value = _make_spte(f.delta, level, f.is_private, f.map_writable)
         cdef bint external = f.is_private and self.mirror
         if level == 1 and f.end - gfn > 1:
@@ -770,8 +805,10 @@ cdef class FaultPath:
             else:
                 base = gfn & ~(n - 1)
                 # the SPTE word fault_begin read, while the map is unchanged since
-                if f.spte_map == <void*>self.sptes and f.spte_ver == self.sptes.version:
+                pos = NULL
+                if f.spte_map == <void*>self.sptes and f.spte_pos.version == self.sptes.version:
                     old = f.spte
+                    pos = &f.spte_pos
                 else:
                     old = rangemap_get(self.sptes, gfn)
                 if (external and old != value
@@ -779,9 +816,10 @@ cdef class FaultPath:
                     return 0
                 if external:
                     old = rangemap_get(self.sptes, gfn)  # (set_external_spte ran Python)
+                    pos = NULL
                 f.end = gfn + 1
                 f.nfaults = 1
-                r = _map_leaf_at(self.sptes, self.stats, gfn, level, value, self.ledger, old)  # VM._charge
+                r = _map_leaf_at(self.sptes, self.stats, gfn, level, value, self.ledger, old, pos)  # VM._charge
                 if r == 2:
                     self.vm._flush_remote_tlbs()
                 elif r == 1:

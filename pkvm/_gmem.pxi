@@ -134,11 +134,12 @@ cdef list _runs_list(_Runs *r):
 # -- the host page allocator (pkvm.host.hostmem.HostMemory) ---------------------------------------
 
 cdef int _hm_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int64_t n_units,
-                  int order, _Runs *out) except -1:
+                  int order, _Runs *out, RunPos *at=NULL) except -1:
     """``HostMemory._plan``: where ``n_units`` blocks of ``2**order`` pages would go, next-fit
     from ``cursor``, as pfn runs ``(pfn, npages)`` in ``out``; 1, or 0 if they do not fit.
 
-    Signed arithmetic throughout, as the Python original's (pfns stay far below 2**62)."""
+    Signed arithmetic throughout, as the Python original's (pfns stay far below 2**62).
+    ``at`` (or NULL): where the last lookup landed, for :func:`_hm_alloc`'s write."""
     cdef int64_t size = 1LL << order, remaining = n_units, pos = cursor, origin = cursor
     cdef int64_t a, e, units, take
     cdef bint wrapped = False
@@ -158,7 +159,7 @@ cdef int _hm_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int
             wrapped = True
             pos = start
             continue
-        r = used._run_at_c(<uint64_t>a)
+        r = used._run_pos_c(<uint64_t>a, at) if at != NULL else used._run_at_c(<uint64_t>a)
         # (the last gap's run ends at 2**64 - 1: compared unsigned first)
         e = end if r.end > <uint64_t>end else <int64_t>r.end
         if r.value:
@@ -188,6 +189,7 @@ cdef int _hm_alloc(HostMemoryState hm, int64_t n_units, int order, _Runs *out) e
     cdef int64_t total = 0, cursor, last
     cdef bint percpu = False
     cdef RangeMap used = hm._used
+    cdef RunPos pos
     out.n = 0
     if n_units == 0:
         return 0
@@ -196,11 +198,15 @@ cdef int _hm_alloc(HostMemoryState hm, int64_t n_units, int order, _Runs *out) e
         cpu = hm.cpu
         percpu = cpu in cursors
     cursor = cursors[cpu] if percpu else hm._cursor
-    if not _hm_plan(used, hm.start_pfn, hm.end_pfn, cursor, n_units, order, out):
+    if not _hm_plan(used, hm.start_pfn, hm.end_pfn, cursor, n_units, order, out, &pos):
         return _ENOMEM
-    for i in range(out.n):
-        rangemap_assign(used, <uint64_t>out.a[i], <uint64_t>(out.a[i] + out.b[i]), 1)
-        total += out.b[i]
+    if out.n == 1:  # (one run: it lies in the gap the plan's last lookup found)
+        _rm_put(used, &pos, <uint64_t>out.a[0], <uint64_t>(out.a[0] + out.b[0]), 1)
+        total = out.b[0]
+    else:
+        for i in range(out.n):
+            rangemap_assign(used, <uint64_t>out.a[i], <uint64_t>(out.a[i] + out.b[i]), 1)
+            total += out.b[i]
     hm.nr_allocated += total
     last = out.a[out.n - 1] + out.b[out.n - 1]
     if percpu:
@@ -777,7 +783,7 @@ cdef class GmemPath:
     # -- allocation ---------------------------------------------------------------------------
 
     cdef int _alloc(self, RangeMap folios, int64_t index, int64_t count, int order, bint prepared,
-                    _Runs *plan) except -1:
+                    _Runs *plan, const RunPos *pos=NULL) except -1:
         """``GuestMemfd._alloc_folios`` into ``plan``: 0, or the errno of a failure (its message
         in ``err_msg``; the folios before an injected failure are allocated)."""
         cdef Py_ssize_t k
@@ -787,7 +793,7 @@ cdef class GmemPath:
             hit = self.d["_inject"].take("gmem_folio_alloc", count)
             if hit is not None:
                 if hit[0]:
-                    r = self._alloc(folios, index, hit[0], order, prepared, plan)
+                    r = self._alloc(folios, index, hit[0], order, prepared, plan, pos)
                     if r:
                         return r
                 self.err_msg = (f"guest_memfd folio allocation failed at index "
@@ -798,8 +804,12 @@ cdef class GmemPath:
             return _ENOMEM
         i = index
         for k in range(plan.n):
-            rangemap_assign(folios, <uint64_t>i, <uint64_t>(i + plan.b[k]),
-                            _folio_value(plan.a[k] - i, order, prepared))
+            if k == 0 and pos != NULL:  # (where the caller's lookup of index landed)
+                _rm_put(folios, pos, <uint64_t>i, <uint64_t>(i + plan.b[k]),
+                        _folio_value(plan.a[k] - i, order, prepared))
+            else:
+                rangemap_assign(folios, <uint64_t>i, <uint64_t>(i + plan.b[k]),
+                                _folio_value(plan.a[k] - i, order, prepared))
             i += plan.b[k]
         self.stats.v[S_GMEM_PAGES_ALLOCATED] += count << order
         op = _alloc_op(order)
@@ -856,6 +866,7 @@ cdef class GmemPath:
         cdef int order, r, err
         cdef bint prepared, allocated = False, pre_marked = False
         cdef Run run
+        cdef RunPos fpos            # where the folio lookup landed, for the allocation's write
         cdef RangeMap folios
         cdef _Runs plan
         self._sync()
@@ -871,7 +882,7 @@ cdef class GmemPath:
             self.mfe(f, 5)  # EIO
             return gfn + 1
         folios = self.c_folios
-        run = folios._run_at_c(index)
+        run = folios._run_pos_c(index, &fpos)
         v = run.value
         if (f.single or (v and _folio_order(v)) or (not v and self.max_order)
                 or (self.armed and ("gmem_folio_alloc" in self.armed or "set_memory" in self.armed))):
@@ -899,7 +910,7 @@ cdef class GmemPath:
                     # takes the mark back below (pre_marked), so the map ends as before.
                     pre_marked = self.has_prepare
                     prepared = True
-                err = self._alloc(folios, first, 1 if order else end - gfn, order, prepared, &plan)
+                err = self._alloc(folios, first, 1 if order else end - gfn, order, prepared, &plan, &fpos)
                 if err:
                     self.mfe(f, err)
                     return gfn + 1

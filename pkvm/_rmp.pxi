@@ -369,7 +369,9 @@ cdef class RmpTable:
         """
         cdef uint64_t e = pfn + npages, m = e, f, x, lo, hi, r, word
         cdef Run r0
+        cdef RunPos pos             # where r0's lookup landed (4K updates), for the write
         cdef int code = 0
+        pos.leaf = NULL
         res.done = 0
         res.fail_pfn = 0
         res.code = 0
@@ -390,8 +392,9 @@ cdef class RmpTable:
             if self._locked(pfn, m, &x):
                 m = x
                 code = _RMP_FAIL_INUSE
-            # The run at pfn is read once: the first check, and below the demotion test.
-            r0 = self.ent._run_at_c(pfn)
+            # The run at pfn is read once: the first check, below the demotion test, and its
+            # position for the write.
+            r0 = self.ent._run_pos_c(pfn, &pos)
             x = pfn
             if _bad_4k(r0.value) or self._scan(r0.end, m, _K_UPD4K, 0, &x):
                 if x < m:
@@ -433,7 +436,7 @@ cdef class RmpTable:
                 if (r0.value if f <= r0.end else self.ent._get_c(f - 1)) & _E_SIZE:
                     hi = ((f - 1) | _MASK_2M) + 1
             if word == 0 or (lo == pfn and hi == f):
-                self.ent._assign_c(lo, hi, word)
+                self.ent._put_c(&pos, lo, hi, word)
             else:
                 self.ent._reserve_n(2)
                 self.ent._assign_c(lo, hi, 0)
