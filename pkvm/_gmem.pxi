@@ -1080,6 +1080,7 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
     cdef RangeMap m = sb._map
     cdef HostMemoryState mem
     cdef Run r
+    cdef RunPos pos             # where the last lookup landed, for the first write
     cdef _Runs todo, plan
     cdef Py_ssize_t i, j
     if m is None:
@@ -1089,7 +1090,9 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
     try:
         blk = a
         while blk < b:
-            rangemap_run_at(m, blk << order, &r)
+            if (blk << order) == U64_MAX:
+                rangemap_run_at(m, blk << order, &r)  # (raises the named OverflowError)
+            r = m._run_pos_c(blk << order, &pos)
             # blocks are populated whole, so run edges fall on block boundaries
             ea = (r.end >> order) + ((r.end & mask) != 0)
             if ea > b:
@@ -1112,7 +1115,10 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
             blk = <uint64_t>todo.a[i]
             for j in range(plan.n):
                 hva = blk << order
-                rangemap_assign(m, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
+                if i == 0 and j == 0:  # (one block to populate: it lies in the last gap looked up)
+                    _rm_put(m, &pos, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
+                else:
+                    rangemap_assign(m, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
                 blk += <uint64_t>plan.b[j] >> order
         sb.nr_populated += <int64_t>(units << order)
         return <int64_t>(units << order)
