@@ -510,6 +510,8 @@ cdef class FaultPath:
     cdef uint64_t c_base, c_end, c_ugfn, c_key
     # the VM's GmemPath once built (pkvm.kvm.gmem builds it on first use and keeps it)
     cdef object gpath
+    # a PageFault no one else holds, for the next one-page fault (see _run1)
+    cdef PageFault spare
     # the vCPU class seen last and how its _fault runs one page (_FP_*)
     cdef object c_cls, c_detour
     cdef int c_mode
@@ -942,14 +944,26 @@ cdef class FaultPath:
         return f, self._phases(vcpu, f, gfn, private, write)
 
     cdef FaultResult _run1(self, vcpu, uint64_t gfn, bint private, bint write):
-        """:meth:`_run` of one page, not prefetched: the result alone (no tuple made)."""
-        cdef PageFault f
+        """:meth:`_run` of one page, not prefetched: the result alone (no tuple made). The
+        PageFault is reused for the next call when nothing else kept a reference to it (as
+        ``calls`` does), its object fields dropped meanwhile."""
+        cdef PageFault f = self.spare
+        cdef FaultResult r
         cdef VmState vs = self.vs
         self._ops()
         if vs._sched is not None:
             return self.timeline_run(vcpu, gfn, gfn + 1, private, write, False)[1]
-        f = _new_fault(gfn, gfn + 1, private, write, False)
-        return self._phases(vcpu, f, gfn, private, write)
+        if f is not None:
+            self.spare = None
+            f._init(gfn, gfn + 1, private, write, False)
+        else:
+            f = _new_fault(gfn, gfn + 1, private, write, False)
+        r = self._phases(vcpu, f, gfn, private, write)
+        if Py_REFCNT(f) == 1:
+            f.slot = None
+            f.memory_fault = None
+            self.spare = f
+        return r
 
     cdef int _mmu(self, PageFault f, uint64_t gfn) except -1:
         """The synchronous driver's MMU phases over the new ``f`` (entry to install)."""
