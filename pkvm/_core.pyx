@@ -2126,10 +2126,11 @@ cdef class RangeMap:
             return 0  # the gap already holds the default
         if left and right:
             lf.ends[i] = lf.ends[j]
-            memmove(&lf.starts[j], &lf.starts[j + 1], (n - j - 1) * sizeof(uint64_t))
-            memmove(&lf.ends[j], &lf.ends[j + 1], (n - j - 1) * sizeof(uint64_t))
-            if lf.vals != NULL:
-                memmove(&lf.vals[j], &lf.vals[j + 1], (n - j - 1) * sizeof(uint64_t))
+            if n - j - 1 > 0:
+                memmove(&lf.starts[j], &lf.starts[j + 1], (n - j - 1) * sizeof(uint64_t))
+                memmove(&lf.ends[j], &lf.ends[j + 1], (n - j - 1) * sizeof(uint64_t))
+                if lf.vals != NULL:
+                    memmove(&lf.vals[j], &lf.vals[j + 1], (n - j - 1) * sizeof(uint64_t))
             lf.n = n - 1
             self.count -= 1
         elif left:
@@ -2137,10 +2138,11 @@ cdef class RangeMap:
         elif right:
             lf.starts[j] = s
         else:
-            memmove(&lf.starts[j + 1], &lf.starts[j], (n - j) * sizeof(uint64_t))
-            memmove(&lf.ends[j + 1], &lf.ends[j], (n - j) * sizeof(uint64_t))
-            if lf.vals != NULL:
-                memmove(&lf.vals[j + 1], &lf.vals[j], (n - j) * sizeof(uint64_t))
+            if n > j:  # (an append at the leaf's end moves nothing)
+                memmove(&lf.starts[j + 1], &lf.starts[j], (n - j) * sizeof(uint64_t))
+                memmove(&lf.ends[j + 1], &lf.ends[j], (n - j) * sizeof(uint64_t))
+                if lf.vals != NULL:
+                    memmove(&lf.vals[j + 1], &lf.vals[j], (n - j) * sizeof(uint64_t))
             lf.n = n + 1
             self._leaf_write(lf, j, s, e, v)
             self.count += 1

@@ -508,6 +508,8 @@ cdef class FaultPath:
     cdef MemslotState c_ms      # the same memslot, typed (its flags, invalid flag and file)
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end, c_ugfn, c_key
+    # the slot0 run read last (gfns [s0_lo, s0_hi) -> s0_val) and slot0's version then
+    cdef uint64_t s0_lo, s0_hi, s0_val, s0_ver
     # the VM's GmemPath once built (pkvm.kvm.gmem builds it on first use and keeps it)
     cdef object gpath
     # a PageFault no one else holds, for the next one-page fault (see _run1)
@@ -557,6 +559,7 @@ cdef class FaultPath:
         self.c_slot = None
         self.c_cls = None
         self.gpath = None
+        self.s0_lo = self.s0_hi = 0  # (an empty run: the first fault reads slot0)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -652,7 +655,16 @@ cdef class FaultPath:
         if f.is_private != ((f.attr & _F_ATTR_PRIVATE) != 0):  # the attribute fault_begin read
             _memory_fault_exit(f, _F_EFAULT)
             return 0
-        key = rangemap_get(self.slot0, gfn)
+        # the gfn's memslot key: the slot0 run read last while slot0 is unchanged (memslots
+        # are few and large, so consecutive faults mostly fall in the same run)
+        if self.s0_lo <= gfn < self.s0_hi and self.s0_ver == self.slot0.version:
+            key = self.s0_val
+        else:
+            rangemap_run_at(self.slot0, gfn, &r)
+            self.s0_lo = r.start
+            self.s0_hi = r.end
+            self.s0_val = key = r.value
+            self.s0_ver = self.slot0.version
         if not key:
             if f.is_private:
                 _memory_fault_exit(f, _F_EFAULT)

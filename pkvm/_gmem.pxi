@@ -719,6 +719,11 @@ cdef class GmemPath:
     cdef MemslotState c_ms      # the same memslot, typed (its file pointer)
     cdef RangeMap c_folios, c_bindings
     cdef int64_t c_base, c_pgoff, c_key, c_npages
+    # file indices [b_lo, b_hi) bound to the memslot b_key, read last from the map b_map (NULL:
+    # none) at its version b_ver
+    cdef uint64_t b_lo, b_hi, b_ver
+    cdef int64_t b_key
+    cdef void *b_map
     cdef str err_msg
 
     def __init__(self, vm, is_implemented, memory_fault_exit):
@@ -741,6 +746,7 @@ cdef class GmemPath:
         self.is_implemented = is_implemented
         self.mfe = memory_fault_exit
         self.c_slot = None
+        self.b_map = NULL
         self._ops(self.vs._platform)
 
     cdef int _ops(self, platform) except -1:
@@ -878,9 +884,18 @@ cdef class GmemPath:
             self.mfe(f, _EFAULT)
             return gfn + 1
         index = gfn - self.c_base + self.c_pgoff
-        if rangemap_get(self.c_bindings, index) != <uint64_t>(self.c_key + 1):
-            self.mfe(f, 5)  # EIO
-            return gfn + 1
+        if not (self.b_map == <void*>self.c_bindings and self.b_ver == self.c_bindings.version
+                and self.b_key == self.c_key and self.b_lo <= <uint64_t>index < self.b_hi):
+            # (the binding run read last, while the map is unchanged, else a lookup)
+            rangemap_run_at(self.c_bindings, <uint64_t>index, &run)
+            if run.value != <uint64_t>(self.c_key + 1):
+                self.mfe(f, 5)  # EIO
+                return gfn + 1
+            self.b_lo = run.start
+            self.b_hi = run.end
+            self.b_ver = self.c_bindings.version
+            self.b_key = self.c_key
+            self.b_map = <void*>self.c_bindings
         folios = self.c_folios
         run = folios._run_pos_c(index, &fpos)
         v = run.value
