@@ -38,7 +38,7 @@ cdef class PageFault:
     # where that lookup landed (with the map's version then): the install reuses the word and
     # writes at that position while the same map has not changed since (no second descent);
     # spte_map is NULL until fault_begin ran
-    cdef uint64_t spte
+    cdef uint64_t spte, spte_lo, spte_hi     # the word and its run [spte_lo, spte_hi)
     cdef RunPos spte_pos
     cdef void *spte_map
 
@@ -303,13 +303,13 @@ def _rangemap_lookup_put(RangeMap m, uint64_t key, uint64_t start, uint64_t end,
 cdef int _map_leaf(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge) except -1:
     """``Mmu.map_leaf``: install one leaf at ``level`` covering ``gfn``. Returns 1 if the
     identical leaf was there (spurious), 2 if a TLB flush is needed, else 0."""
-    return _map_leaf_at(m, st, gfn, level, value, charge, rangemap_get(m, gfn), NULL)
+    return _map_leaf_at(m, st, gfn, level, value, charge, rangemap_get(m, gfn), NULL, 0, 0)
 
 
 cdef int _map_leaf_at(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t value, object charge,
-                      uint64_t old, const RunPos *pos) except -1:
-    """:func:`_map_leaf` given ``old``, the SPTE word at ``gfn`` now, and where its lookup
-    landed (``pos``, or NULL)."""
+                      uint64_t old, const RunPos *pos, uint64_t lo, uint64_t hi) except -1:
+    """:func:`_map_leaf` given ``old``, the SPTE word at ``gfn`` now, where its lookup landed
+    (``pos``, or NULL) and the run ``[lo, hi)`` of that word it found."""
     cdef uint64_t n, base, k
     cdef int flush = 0
     if old and _f_level(old) > level:
@@ -319,7 +319,9 @@ cdef int _map_leaf_at(RangeMap m, Counters st, uint64_t gfn, int level, uint64_t
         return 1
     n = 1ULL << _f_shift(level)
     base = gfn & ~(n - 1)
-    if old or (n > 1 and rangemap_find_ne(m, base, base + n, 0, &k)):
+    # (a huge leaf over a range the lookup found empty drops nothing: no search for leaves)
+    if old or (n > 1 and not (pos != NULL and pos.version == m.version and lo <= base and base + n <= hi)
+               and rangemap_find_ne(m, base, base + n, 0, &k)):
         flush = 2
         dropped = _drop_leaves(m, st, base, base + n)
         # Overwriting the leaf itself is not a zap; dropping a page table's leaves is.
@@ -618,6 +620,7 @@ cdef class FaultPath:
         drivers (the timeline only yields inside it), so its mismatch check reads the value the
         kernel's second ``kvm_mem_is_private`` would."""
         cdef uint64_t gfn = f.gfn, v
+        cdef Run r
         cdef uint64_t attr = rangemap_get(self.attrs, gfn)
         cdef bint attr_private = (attr & _F_ATTR_PRIVATE) != 0
         f.attr = attr
@@ -629,8 +632,11 @@ cdef class FaultPath:
             f.is_private = f.private_access or attr_private
         else:
             f.is_private = bool(self.fault_is_private(self.vm, gfn, f.private_access))
-        v = self.sptes._run_pos_c(gfn, &f.spte_pos).value
+        r = self.sptes._run_pos_c(gfn, &f.spte_pos)
+        v = r.value
         f.spte = v
+        f.spte_lo = r.start
+        f.spte_hi = r.end
         f.spte_map = <void*>self.sptes
         if v:
             f.single = True
@@ -833,7 +839,8 @@ cdef class FaultPath:
                     pos = NULL
                 f.end = gfn + 1
                 f.nfaults = 1
-                r = _map_leaf_at(self.sptes, self.stats, gfn, level, value, self.ledger, old, pos)  # VM._charge
+                r = _map_leaf_at(self.sptes, self.stats, gfn, level, value, self.ledger, old, pos,
+                                 f.spte_lo, f.spte_hi)  # VM._charge
                 if r == 2:
                     self.vm._flush_remote_tlbs()
                 elif r == 1:

@@ -92,3 +92,36 @@ def test_a_kept_page_fault_is_not_reused(monkeypatch):
     assert [gfn for _, gfn in kept] == [1, 2, 3]
     assert [f.gfn for f, _ in kept] == [1, 2, 3]
     assert len({id(f) for f, _ in kept}) == 3
+
+
+@pytest.mark.parametrize("leaf, fault", [(0x1000, 0x9000), (0x9000, 0x1000), (0x1FF000, 0)])
+def test_huge_leaf_over_a_block_with_a_4k_leaf_drops_it(leaf, fault):
+    """A 2M leaf installed where the fault's lookup found no SPTE still drops the 4K leaves
+    elsewhere in the block (before or after the faulting gfn): the lookup's empty run covers
+    only part of the block, so the install searches it."""
+    vm = pkvm.VM("sw_protected")
+    g = vm.create_guest_memfd(1 << 30)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 1 << 30, 1 << 40, g, 0)
+    vcpu = vm.create_vcpu()
+    base = MiB2
+    vm.set_memory_attributes(base + 0x5000, 4096, P)  # a mixed block: shared faults map 4K
+    assert vcpu.page_fault(base + leaf, private=False).level == 1
+    before = dict(vm.stats)
+    vm.set_memory_attributes(base + 0x5000, 4096, 0)  # uniform again
+    r = vcpu.page_fault(base + fault, private=False)
+    assert (r.ret, r.level) == ("fixed", 2)
+    after = vm.stats
+    assert after["zapped_sptes"] - before["zapped_sptes"] == 1
+    assert after["pages_4k"] - before["pages_4k"] == -1
+    assert after["pages_2m"] - before["pages_2m"] == 1
+    assert after["remote_tlb_flush"] - before["remote_tlb_flush"] == 1
+
+
+def test_huge_leaf_over_an_empty_block_searches_nothing_and_drops_nothing():
+    vm = pkvm.VM("sw_protected")
+    g = vm.create_guest_memfd(1 << 30)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 1 << 30, 1 << 40, g, 0)
+    vcpu = vm.create_vcpu()
+    r = vcpu.page_fault(MiB2 + 0x3000, private=False)
+    assert (r.ret, r.level) == ("fixed", 2)
+    assert vm.stats["zapped_sptes"] == 0 and vm.stats["remote_tlb_flush"] == 0
