@@ -281,6 +281,48 @@ cdef inline int _make_reps(bint have, Run f, Run g, uint64_t s, uint64_t e, uint
     return m
 
 
+cdef inline bint _crosses_leaf(const Leaf *lf, int a, int b, uint64_t s, uint64_t e,
+                               uint64_t v) noexcept nogil:
+    """Whether assigning ``v`` over ``[s, e)``, which replaces runs ``a:b`` of ``lf``, reaches
+    a neighbour leaf: a run there overlaps the range, or touches it with the same value (and
+    would merge). A touching neighbour of another value is left as it is."""
+    cdef const Leaf *nb
+    if a == 0 and lf.prev != NULL:
+        nb = lf.prev
+        if nb.ends[nb.n - 1] > s or (nb.ends[nb.n - 1] == s and _val(nb, nb.n - 1) == v):
+            return True
+    if b == lf.n and lf.next != NULL:
+        nb = lf.next
+        if nb.starts[0] < e or (nb.starts[0] == e and _val(nb, 0) == v):
+            return True
+    return False
+
+
+cdef inline int _leaf_reps(const Leaf *lf, int a, int b, uint64_t s, uint64_t e, uint64_t v,
+                           uint64_t dflt, Run *rep) noexcept nogil:
+    """``_make_reps`` for assigning ``v`` over ``[s, e)`` where the runs touching it are
+    ``a:b`` of ``lf`` (none if ``a == b``)."""
+    cdef Run f, g
+    if b > a:
+        f = _mkrun(lf.starts[a], lf.ends[a], _val(lf, a))
+        g = _mkrun(lf.starts[b - 1], lf.ends[b - 1], _val(lf, b - 1))
+    return _make_reps(b > a, f, g, s, e, v, dflt, rep)
+
+
+cdef inline bint _reps_stored(const Leaf *lf, int a, int b, const Run *rep,
+                              int m) noexcept nogil:
+    """Whether the ``m`` replacement runs ``rep`` for runs ``a:b`` of ``lf`` are exactly the
+    runs stored there (then the assign changes nothing)."""
+    cdef int j
+    if m != b - a:
+        return False
+    for j in range(m):
+        if (rep[j].start != lf.starts[a + j] or rep[j].end != lf.ends[a + j]
+                or rep[j].value != _val(lf, a + j)):
+            return False
+    return True
+
+
 cdef int _pack_widths(const uint64_t *keys, Py_ssize_t n, int *kbits, int *ibits) noexcept nogil:
     """The significant bits of the largest key and of the largest index; 1 if they fit in a
     64-bit word together (then ``_radix_sort_packed`` applies)."""
@@ -705,6 +747,38 @@ cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
             and (lf.next == NULL or (lf.n > 0 and key < lf.ends[lf.n - 1]))):
         return lf
     return NULL
+
+
+cdef inline Run _leaf_run(RangeMap m, const Leaf *lf, int i, uint64_t key) noexcept nogil:
+    """The maximal run containing ``key`` in ``lf``, whose last run starting at or before
+    ``key`` is ``i`` (-1 if none): that run, or the gap of the default after it."""
+    cdef uint64_t gs, ge
+    if i >= 0 and key < lf.ends[i]:
+        return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
+    gs = lf.ends[i] if i >= 0 else 0
+    if i + 1 < lf.n:
+        ge = lf.starts[i + 1]
+    elif lf.next != NULL:
+        ge = lf.next.starts[0]
+    else:
+        ge = U64_MAX
+    return _mkrun(gs, ge, m.dflt)
+
+
+cdef inline void _leaf_replace(RangeMap m, Leaf *lf, int a, int b, const Run *rep,
+                               int cnt) noexcept nogil:
+    """Replace runs ``a:b`` of ``lf`` by the ``cnt`` runs ``rep`` (the leaf has room), moving
+    the runs after them once; the map's run count follows."""
+    cdef int n = lf.n, delta = cnt - (b - a), j
+    if delta != 0:
+        memmove(&lf.starts[a + cnt], &lf.starts[b], (n - b) * sizeof(uint64_t))
+        memmove(&lf.ends[a + cnt], &lf.ends[b], (n - b) * sizeof(uint64_t))
+        if lf.vals != NULL:
+            memmove(&lf.vals[a + cnt], &lf.vals[b], (n - b) * sizeof(uint64_t))
+        lf.n = n + delta
+        m.count += delta
+    for j in range(cnt):
+        m._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
 
 
 cdef inline Leaf *_leaf_at(RangeMap m, uint64_t key) noexcept nogil:
@@ -1314,11 +1388,9 @@ cdef class RangeMap:
         """
         cdef Path path
         cdef Leaf *lf
-        cdef Leaf *nb
         cdef int a, b, k, m, n, j, delta
         cdef uint64_t first
         cdef bint pathed
-        cdef Run f, g
         cdef Run rep[3]
         self.version += 1
         if s >= e:
@@ -1334,29 +1406,13 @@ cdef class RangeMap:
         first = lf.starts[0] if n > 0 else 0
         a = _lb(lf.ends, n, s)            # first run with end >= s
         b = _ub(lf.starts, n, e)          # runs with start <= e
-        # A touching or overlapping neighbour in another leaf sends us to the general path
-        # (a touching neighbour with a different value is left as it is).
-        if a == 0 and lf.prev != NULL:
-            nb = lf.prev
-            if nb.ends[nb.n - 1] > s or (nb.ends[nb.n - 1] == s and _val(nb, nb.n - 1) == v):
-                return self._assign_slow(s, e, v)
-        if b == n and lf.next != NULL:
-            nb = lf.next
-            if nb.starts[0] < e or (nb.starts[0] == e and _val(nb, 0) == v):
-                return self._assign_slow(s, e, v)
+        # A touching or overlapping neighbour in another leaf sends us to the general path.
+        if _crosses_leaf(lf, a, b, s, e, v):
+            return self._assign_slow(s, e, v)
         k = b - a
-        if k > 0:
-            f = _mkrun(lf.starts[a], lf.ends[a], _val(lf, a))
-            g = _mkrun(lf.starts[b - 1], lf.ends[b - 1], _val(lf, b - 1))
-        m = _make_reps(k > 0, f, g, s, e, v, self.dflt, rep)
-        if m == k:
-            # Nothing changes when the replacement is what is already stored.
-            for j in range(m):
-                if (rep[j].start != lf.starts[a + j] or rep[j].end != lf.ends[a + j]
-                        or rep[j].value != _val(lf, a + j)):
-                    break
-            else:
-                return 0
+        m = _leaf_reps(lf, a, b, s, e, v, self.dflt, rep)
+        if _reps_stored(lf, a, b, rep, m):
+            return 0  # nothing changes when the replacement is what is already stored
         delta = m - k
         if n + delta > self.leaf_cap:
             # Drop the replaced runs here (the leaf stays well filled), then insert with splits.
@@ -1373,15 +1429,7 @@ cdef class RangeMap:
             for j in range(m):
                 self._insert_run(rep[j].start, rep[j].end, rep[j].value)
             return 0
-        if delta != 0:
-            memmove(&lf.starts[a + m], &lf.starts[b], (n - b) * sizeof(uint64_t))
-            memmove(&lf.ends[a + m], &lf.ends[b], (n - b) * sizeof(uint64_t))
-            if lf.vals != NULL:
-                memmove(&lf.vals[a + m], &lf.vals[b], (n - b) * sizeof(uint64_t))
-            lf.n = n + delta
-            self.count += delta
-        for j in range(m):
-            self._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
+        _leaf_replace(self, lf, a, b, rep, m)
         if self.height == 0:
             return 0
         if lf.n == 0:
@@ -1412,18 +1460,7 @@ cdef class RangeMap:
     cdef Run _run_at_c(self, uint64_t key) noexcept nogil:
         """The maximal run containing ``key`` (gaps are runs of the default); key < U64_MAX."""
         cdef Leaf *lf = _leaf_at(self, key)
-        cdef int i = _ub(lf.starts, lf.n, key) - 1
-        cdef uint64_t gs, ge
-        if i >= 0 and key < lf.ends[i]:
-            return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
-        gs = lf.ends[i] if i >= 0 else 0
-        if i + 1 < lf.n:
-            ge = lf.starts[i + 1]
-        elif lf.next != NULL:
-            ge = lf.next.starts[0]
-        else:
-            ge = U64_MAX
-        return _mkrun(gs, ge, self.dflt)
+        return _leaf_run(self, lf, _ub(lf.starts, lf.n, key) - 1, key)
 
     cdef Run _next_run_c(self, uint64_t key) noexcept nogil:
         """The first stored run with ``end > key``; ``start == end == U64_MAX`` if none."""
@@ -2010,10 +2047,8 @@ cdef class RangeMap:
         emptied or underfull leaf) is ``_assign_c`` itself.
         """
         cdef Leaf *lf
-        cdef Leaf *nb
         cdef int n, i, a, b, k, m, j, delta
         cdef uint64_t e = s + 1, first
-        cdef Run f, g
         cdef Run rep[3]
         self._reserve()
         lf = _leaf_at(self, s)
@@ -2031,27 +2066,13 @@ cdef class RangeMap:
             a = i
         # b: the runs starting at or before e (run i + 1 starts after s)
         b = i + 2 if i + 1 < n and lf.starts[i + 1] == e else i + 1
-        if a == 0 and lf.prev != NULL:
-            nb = lf.prev
-            if nb.ends[nb.n - 1] > s or (nb.ends[nb.n - 1] == s and _val(nb, nb.n - 1) == v):
-                return self._assign_c(s, e, v)
-        if b == n and lf.next != NULL:
-            nb = lf.next
-            if nb.starts[0] < e or (nb.starts[0] == e and _val(nb, 0) == v):
-                return self._assign_c(s, e, v)
+        if _crosses_leaf(lf, a, b, s, e, v):
+            return self._assign_c(s, e, v)
         k = b - a
-        if k > 0:
-            f = _mkrun(lf.starts[a], lf.ends[a], _val(lf, a))
-            g = _mkrun(lf.starts[b - 1], lf.ends[b - 1], _val(lf, b - 1))
-        m = _make_reps(k > 0, f, g, s, e, v, self.dflt, rep)
-        if m == k:
-            for j in range(m):
-                if (rep[j].start != lf.starts[a + j] or rep[j].end != lf.ends[a + j]
-                        or rep[j].value != _val(lf, a + j)):
-                    break
-            else:
-                self.version += 1
-                return 0
+        m = _leaf_reps(lf, a, b, s, e, v, self.dflt, rep)
+        if _reps_stored(lf, a, b, rep, m):
+            self.version += 1
+            return 0
         delta = m - k
         if n + delta > self.leaf_cap:
             return self._assign_c(s, e, v)
@@ -2061,15 +2082,7 @@ cdef class RangeMap:
             if a == 0 and (rep[0].start if m > 0 else lf.starts[b]) != first:
                 return self._assign_c(s, e, v)
         self.version += 1
-        if delta != 0:
-            memmove(&lf.starts[a + m], &lf.starts[b], (n - b) * sizeof(uint64_t))
-            memmove(&lf.ends[a + m], &lf.ends[b], (n - b) * sizeof(uint64_t))
-            if lf.vals != NULL:
-                memmove(&lf.vals[a + m], &lf.vals[b], (n - b) * sizeof(uint64_t))
-            lf.n = n + delta
-            self.count += delta
-        for j in range(m):
-            self._leaf_write(lf, a + j, rep[j].start, rep[j].end, rep[j].value)
+        _leaf_replace(self, lf, a, b, rep, m)
         return 0
 
     cdef Run _run_pos_c(self, uint64_t key, RunPos *pos) noexcept nogil:
@@ -2077,20 +2090,10 @@ cdef class RangeMap:
         range in that run right after it (:meth:`_put_c`) needs no second descent."""
         cdef Leaf *lf = _leaf_at(self, key)
         cdef int i = _ub(lf.starts, lf.n, key) - 1
-        cdef uint64_t gs, ge
         pos.leaf = <void*>lf
         pos.index = i
         pos.version = self.version
-        if i >= 0 and key < lf.ends[i]:
-            return _mkrun(lf.starts[i], lf.ends[i], _val(lf, i))
-        gs = lf.ends[i] if i >= 0 else 0
-        if i + 1 < lf.n:
-            ge = lf.starts[i + 1]
-        elif lf.next != NULL:
-            ge = lf.next.starts[0]
-        else:
-            ge = U64_MAX
-        return _mkrun(gs, ge, self.dflt)
+        return _leaf_run(self, lf, i, key)
 
     cdef int _put_c(self, const RunPos *pos, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
         """``_assign_c(s, e, v)`` after :meth:`_run_pos_c` filled ``pos``; trusts ``s <= e``.
