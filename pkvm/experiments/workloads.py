@@ -632,25 +632,17 @@ def _chunk_gpas(ctx: Context, chunks: list[int], chunk: int) -> list[int]:
     if len(ram) == 1:
         base = ram[0][0] // chunk
         return [c + base for c in chunks] if base else chunks
-    # (first chunk of the range in RAM order, the shift to its gpa) per range, last first
+    # (first chunk of the range in RAM order, the shift to its gpa) per range
     bounds = []
     off = 0
     for a, b in ram:
         bounds.append((off, a // chunk - off))
         off += (b - a) // chunk
-    if len(chunks) >= 64:  # numpy: the range of each chunk is the last one starting at or before it
-        firsts = np.array([f for f, _ in bounds], dtype=np.int64)
-        shifts = np.array([d for _, d in bounds], dtype=np.int64)
-        arr = np.array(chunks, dtype=np.int64)
-        return (arr + shifts[np.searchsorted(firsts, arr, side="right") - 1]).tolist()  # type: ignore[no-any-return]
-    bounds.reverse()
-    out = []
-    for c in chunks:
-        for first, d in bounds:
-            if c >= first:
-                out.append(c + d)
-                break
-    return out
+    # the range of each chunk is the last one starting at or before it
+    firsts = np.array([f for f, _ in bounds], dtype=np.int64)
+    shifts = np.array([d for _, d in bounds], dtype=np.int64)
+    arr = np.array(chunks, dtype=np.int64)
+    return (arr + shifts[np.searchsorted(firsts, arr, side="right") - 1]).tolist()  # type: ignore[no-any-return]
 
 
 def balloon(ctx: Context, *, cycles: int, fraction: float, chunk: int, prealloc: bool) -> None:
