@@ -239,6 +239,15 @@ cdef object _drop_leaves(RangeMap m, Counters st, uint64_t start, uint64_t end):
     return counts[0] + counts[1] + counts[2] + counts[3]
 
 
+cdef inline int _zap_4k(RangeMap m, Counters st, uint64_t gfn) except -1:
+    """The one 4K leaf at ``gfn`` dropped and counted (a zap of one gfn whose leaf is 4K);
+    returns 1, the leaves zapped."""
+    st.v[S_PAGES_4K] -= 1
+    _assign1(m, gfn, 0)
+    st.v[S_ZAPPED_SPTES] += 1
+    return 1
+
+
 cdef object _zap_range(RangeMap m, Counters st, uint64_t start, uint64_t end, int types, object removed):
     """``Mmu.zap_range``: zap every leaf of the roots in ``types`` meeting ``[start, end)`` (a
     huge leaf straddling it whole); ``removed`` collects zapped mirror runs."""
@@ -251,10 +260,7 @@ cdef object _zap_range(RangeMap m, Counters st, uint64_t start, uint64_t end, in
         if not v:
             return 0
         if _spte_level(v) == 1:
-            st.v[S_PAGES_4K] -= 1
-            _assign1(m, start, 0)
-            st.v[S_ZAPPED_SPTES] += 1
-            return 1
+            return _zap_4k(m, st, start)
     if not rangemap_find_ne(m, start, end, 0, &k):
         return 0
     v = rangemap_get(m, start)
@@ -465,11 +471,19 @@ cdef class AttrPath:
         else:
             raise TypeError(f"mmu_lock_ns must be an int or a float, not {type(value).__name__}")
 
+    cdef inline bint _add_lock_i(self, int64_t ns) noexcept:
+        """``mmu_lock_ns += ns`` in int64 if the total is an int64 and the sum fits; False
+        (nothing added) otherwise."""
+        cdef int64_t t
+        if self.lock_big is None and not pkvm_add_ovf(self.lock_ns, ns, &t):
+            self.lock_ns = t
+            return True
+        return False
+
     cdef int _add_lock(self, object ns) except -1:
         """``mmu_lock_ns += ns``: in int64 while both are ints that fit, else as Python adds."""
-        cdef int64_t v, t
-        if self.lock_big is None and type(ns) is int and _as_i64(ns, &v) and not pkvm_add_ovf(self.lock_ns, v, &t):
-            self.lock_ns = t
+        cdef int64_t v
+        if type(ns) is int and _as_i64(ns, &v) and self._add_lock_i(v):
             return 0
         self.mmu_lock_ns = (self.lock_ns if self.lock_big is None else self.lock_big) + ns
         return 0
@@ -742,10 +756,7 @@ cdef class AttrPath:
                 self._pre_range(&ps, start, end, 0)
                 if spte and _spte_level(spte) == 1:
                     # _zap_range's one-gfn 4K case, with the leaf read already
-                    st.v[S_PAGES_4K] -= 1
-                    _assign1(sptes, start, 0)
-                    st.v[S_ZAPPED_SPTES] += 1
-                    ps.zapped = 1
+                    ps.zapped = _zap_4k(sptes, st, start)
                     zap_ns = self.zap_ns
                 elif spte:
                     zap_ns = self._quiet_zap(&ps, start, end, zap_ns)
@@ -802,10 +813,11 @@ cdef class AttrPath:
         cdef Counters st = self.stats
         cdef VmState vs = self.vs
         cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN
-        cdef int64_t t, lock
+        cdef int64_t t
         cdef bint zapped = False
         if key:
-            # PRE: the invalidation range (_pre_range), then the zap of a 4K leaf
+            # PRE: the invalidation range (_pre_range's guard on the one gfn's two head chunks,
+            # written out: its tail chunks are its head chunks), then the zap of a 4K leaf
             rs = gfn
             re = gfn + 1
             if self.guard:
@@ -822,10 +834,7 @@ cdef class AttrPath:
                         rs = hs  # the 1G chunk holds the 2M one
                         re = hs + (1ULL << 18)
             if spte:
-                st.v[S_PAGES_4K] -= 1
-                _assign1(self.sptes, gfn, 0)
-                st.v[S_ZAPPED_SPTES] += 1
-                zapped = True
+                zapped = _zap_4k(self.sptes, st, gfn)
             vs._range_start = rs
             vs._range_end = re
             if zapped:
@@ -847,10 +856,7 @@ cdef class AttrPath:
         self.ledger.add_i(self.i_store, self.store_i)
         if zapped:  # the PRE phase's zap and flush ran under mmu_lock
             # _add_lock_ns(zap_ns, flush_ns) with both in int64
-            if (self.fl_i64 and self.lock_big is None and not pkvm_add_ovf(self.zap_i, self.fl_i, &t)
-                    and not pkvm_add_ovf(self.lock_ns, t, &lock)):
-                self.lock_ns = lock
-            else:
+            if not (self.fl_i64 and not pkvm_add_ovf(self.zap_i, self.fl_i, &t) and self._add_lock_i(t)):
                 self._add_lock_ns(self.zap_ns, flush_ns)
         return 0
 
@@ -858,14 +864,13 @@ cdef class AttrPath:
         """``mmu_lock_ns += zap_ns + flush_ns`` (``flush_ns`` None: no flush) if the sum is
         not 0; summed in int64 when every term is an int that fits (the result an int, as
         Python's sum), else in Python arithmetic."""
-        cdef int64_t z, f = 0, t, r
-        if (self.lock_big is None and type(zap_ns) is int and _as_i64(zap_ns, &z)
+        cdef int64_t z, f = 0, t
+        if (type(zap_ns) is int and _as_i64(zap_ns, &z)
                 and (flush_ns is None or (type(flush_ns) is int and _as_i64(flush_ns, &f)))
                 and not pkvm_add_ovf(z, f, &t)):
             if not t:
                 return 0
-            if not pkvm_add_ovf(self.lock_ns, t, &r):
-                self.lock_ns = r
+            if self._add_lock_i(t):
                 return 0
         lock = zap_ns if flush_ns is None else zap_ns + flush_ns
         if lock:

@@ -2296,6 +2296,29 @@ cdef int rangemap_run_at(RangeMap m, uint64_t key, Run *out) except -1 nogil:
     return 0
 
 
+cdef struct RunMemo:
+    # The run a lookup read last ([lo, hi) -> value) from the map ``map`` (NULL: none yet) at
+    # its ``version``: a later lookup of a key in it needs no descent while the map is unchanged.
+    void *map
+    uint64_t version, lo, hi, value
+
+
+cdef inline int _memo_get(RunMemo *c, RangeMap m, uint64_t key, uint64_t *out) except -1:
+    """``*out = m.get(key)``, from the run ``c`` remembers while ``m`` is unchanged since it
+    was read, else through a lookup of the run (remembered); OverflowError at 2**64 - 1."""
+    cdef Run r
+    if c.map == <void*>m and c.version == m.version and c.lo <= key < c.hi:
+        out[0] = c.value
+        return 0
+    rangemap_run_at(m, key, &r)
+    c.map = <void*>m
+    c.version = m.version
+    c.lo = r.start
+    c.hi = r.end
+    c.value = out[0] = r.value
+    return 0
+
+
 cdef uint64_t rangemap_default(RangeMap m) noexcept nogil:
     return m.dflt
 

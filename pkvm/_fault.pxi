@@ -510,11 +510,11 @@ cdef class FaultPath:
     cdef MemslotState c_ms      # the same memslot, typed (its flags, invalid flag and file)
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end, c_ugfn, c_key
-    # the slot0 run read last (gfns [s0_lo, s0_hi) -> s0_val) and slot0's version then
-    cdef uint64_t s0_lo, s0_hi, s0_val, s0_ver
+    # the slot0 run read last
+    cdef RunMemo s0
     # the VM's GmemPath once built (pkvm.kvm.gmem builds it on first use and keeps it)
     cdef object gpath
-    # a PageFault no one else holds, for the next one-page fault (see _run1)
+    # a PageFault no one else holds, for the next one-page fault (_take_spare / _keep_spare)
     cdef PageFault spare
     # the vCPU class seen last and how its _fault runs one page (_FP_*)
     cdef object c_cls, c_detour
@@ -561,7 +561,7 @@ cdef class FaultPath:
         self.c_slot = None
         self.c_cls = None
         self.gpath = None
-        self.s0_lo = self.s0_hi = 0  # (an empty run: the first fault reads slot0)
+        self.s0.map = NULL  # (none yet: the first fault reads slot0)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -663,14 +663,7 @@ cdef class FaultPath:
             return 0
         # the gfn's memslot key: the slot0 run read last while slot0 is unchanged (memslots
         # are few and large, so consecutive faults mostly fall in the same run)
-        if self.s0_lo <= gfn < self.s0_hi and self.s0_ver == self.slot0.version:
-            key = self.s0_val
-        else:
-            rangemap_run_at(self.slot0, gfn, &r)
-            self.s0_lo = r.start
-            self.s0_hi = r.end
-            self.s0_val = key = r.value
-            self.s0_ver = self.slot0.version
+        _memo_get(&self.s0, self.slot0, gfn, &key)
         if not key:
             if f.is_private:
                 _memory_fault_exit(f, _F_EFAULT)
@@ -966,23 +959,33 @@ cdef class FaultPath:
         """:meth:`_run` of one page, not prefetched: the result alone (no tuple made). The
         PageFault is reused for the next call when nothing else kept a reference to it (as
         ``calls`` does), its object fields dropped meanwhile."""
-        cdef PageFault f = self.spare
+        cdef PageFault f
         cdef FaultResult r
         cdef VmState vs = self.vs
         self._ops()
         if vs._sched is not None:
             return self.timeline_run(vcpu, gfn, gfn + 1, private, write, False)[1]
-        if f is not None:
-            self.spare = None
-            f._init(gfn, gfn + 1, private, write, False)
-        else:
-            f = _new_fault(gfn, gfn + 1, private, write, False)
+        f = self._take_spare(gfn, private, write)
         r = self._phases(vcpu, f, gfn, private, write)
-        if Py_REFCNT(f) == 1:
-            f.slot = None
-            f.memory_fault = None
-            self.spare = f
+        if Py_REFCNT(f) == 1:  # nothing kept it: reuse it
+            self._keep_spare(f)
         return r
+
+    cdef inline PageFault _take_spare(self, uint64_t gfn, bint private, bint write):
+        """A new one-page fault that is not prefetched: the spare one, initialized, if any."""
+        cdef PageFault f = self.spare
+        if f is None:
+            return _new_fault(gfn, gfn + 1, private, write, False)
+        self.spare = None
+        f._init(gfn, gfn + 1, private, write, False)
+        return f
+
+    cdef inline void _keep_spare(self, PageFault f) noexcept:
+        """Keep ``f``, which nothing else holds, for the next one-page fault (its object fields
+        dropped meanwhile)."""
+        f.slot = None
+        f.memory_fault = None
+        self.spare = f
 
     cdef int _mmu(self, PageFault f, uint64_t gfn) except -1:
         """The synchronous driver's MMU phases over the new ``f`` (entry to install)."""
@@ -1128,7 +1131,7 @@ cdef class FaultPath:
         cdef uint64_t gfn
         cdef bint p, w
         cdef _FaultOut o
-        cdef PageFault f, spare = None  # a PageFault no one else holds, for the next call
+        cdef PageFault f
         try:
             while i < n:
                 if check is None:
@@ -1142,12 +1145,7 @@ cdef class FaultPath:
                 if self._generic(vcpu):
                     self._ops()  # (_run1, inline: the same phases without a FaultResult per call)
                     if vs._sched is None:
-                        if spare is not None:
-                            f = spare
-                            spare = None
-                            f._init(gfn, gfn + 1, p, w, False)
-                        else:
-                            f = _new_fault(gfn, gfn + 1, p, w, False)
+                        f = self._take_spare(gfn, p, w)
                         x = self._phases_into(vcpu, f, gfn, p, w, &o)
                         if type(x) is FaultResult:
                             r = <FaultResult>x
@@ -1159,7 +1157,7 @@ cdef class FaultPath:
                             r = None
                         x = None
                         if Py_REFCNT(f) == 1:  # nothing kept it: reuse it
-                            spare = f
+                            self._keep_spare(f)
                         f = None
                     else:
                         r = self.timeline_run(vcpu, gfn, gfn + 1, p, w, False)[1]

@@ -425,26 +425,9 @@ cdef class SnpPath:
                            bint assigned):
         """``_snp_rmp._directmap``: one direct-map dispatcher (before or after the
         RMPUPDATEs) and its counters; returns its CPA calls."""
-        cdef bint quick = False
-        cdef RunCursor cur
-        cdef int ok
+        cdef int easy = self._dm_easy(before, npages, level)
+        cdef bint quick = easy == 1 or (easy == 2 and self._dm_all_4k(pfn, npages))
         sched = self.vs._sched
-        # split-4k's dispatchers with nothing to do need no call into the direct map: nothing
-        # after the instruction, nothing before a 2M one, and nothing before 4K ones over
-        # pages all mapped at 4K already (DirectMap._adjust / _split change nothing then).
-        if self.split4k and self.dm_map is not None:
-            if not before or level == 2 or npages == 0:
-                quick = True
-            elif npages == 1:
-                quick = rangemap_get(self.dm_map, pfn) & 3 < 2
-            else:
-                quick = True
-                ok = rangemap_cursor_init(self.dm_map, &cur, pfn, pfn + npages)
-                while ok == 1:
-                    if cur.value & 3 >= 2:
-                        quick = False
-                        break
-                    ok = rangemap_cursor_next(self.dm_map, &cur)
         if quick and sched is None:
             return 0
         if sched is not None:
@@ -493,14 +476,38 @@ cdef class SnpPath:
             sched.release("cpa_lock")
         return calls
 
-    cdef inline bint _dm_idle(self, bint before, uint64_t pfn, uint64_t npages, int level) noexcept:
-        """Whether :meth:`_directmap` would do nothing and return 0 without a timeline: its
-        quick case (split-4k) tested before the call."""
-        if self.vs._sched is not None or not self.split4k or self.dm_map is None:
-            return False
+    cdef inline int _dm_easy(self, bint before, uint64_t npages, int level) noexcept:
+        """Whether the dispatcher has nothing to do, as far as its arguments say: split-4k's
+        need no call into the direct map after the instruction or before a 2M one (1), nor
+        before 4K ones over pages all mapped at 4K already (2: look at the pages;
+        DirectMap._adjust / _split change nothing then); 0 otherwise."""
+        if not self.split4k or self.dm_map is None:
+            return 0
         if not before or level == 2 or npages == 0:
-            return True
-        return npages == 1 and rangemap_get(self.dm_map, pfn) & 3 < 2
+            return 1
+        return 2
+
+    cdef inline bint _dm_all_4k(self, uint64_t pfn, uint64_t npages) except -1:
+        """Whether the direct map maps every page of ``[pfn, pfn + npages)`` at 4K already."""
+        cdef RunCursor cur
+        cdef int ok
+        if npages == 1:
+            return rangemap_get(self.dm_map, pfn) & 3 < 2
+        ok = rangemap_cursor_init(self.dm_map, &cur, pfn, pfn + npages)
+        while ok == 1:
+            if cur.value & 3 >= 2:
+                return False
+            ok = rangemap_cursor_next(self.dm_map, &cur)
+        return True
+
+    cdef inline bint _dm_idle(self, bint before, uint64_t pfn, uint64_t npages, int level) except -1:
+        """Whether :meth:`_directmap` would do nothing and return 0 without a timeline: its
+        quick case tested before the call (one page looked at, no walk of runs)."""
+        cdef int easy
+        if self.vs._sched is not None:
+            return False
+        easy = self._dm_easy(before, npages, level)
+        return easy == 1 or (easy == 2 and npages == 1 and self._dm_all_4k(pfn, 1))
 
     def directmap(self, bint before, uint64_t pfn, uint64_t npages, int level, bint assigned):
         """``pkvm.platforms._snp_rmp._directmap``."""
@@ -719,11 +726,8 @@ cdef class GmemPath:
     cdef MemslotState c_ms      # the same memslot, typed (its file pointer)
     cdef RangeMap c_folios, c_bindings
     cdef int64_t c_base, c_pgoff, c_key, c_npages
-    # file indices [b_lo, b_hi) bound to the memslot b_key, read last from the map b_map (NULL:
-    # none) at its version b_ver
-    cdef uint64_t b_lo, b_hi, b_ver
-    cdef int64_t b_key
-    cdef void *b_map
+    # the binding run (file indices -> memslot key + 1) read last
+    cdef RunMemo bind
     cdef str err_msg
 
     def __init__(self, vm, is_implemented, memory_fault_exit):
@@ -746,7 +750,7 @@ cdef class GmemPath:
         self.is_implemented = is_implemented
         self.mfe = memory_fault_exit
         self.c_slot = None
-        self.b_map = NULL
+        self.bind.map = NULL
         self._ops(self.vs._platform)
 
     cdef int _ops(self, platform) except -1:
@@ -884,18 +888,10 @@ cdef class GmemPath:
             self.mfe(f, _EFAULT)
             return gfn + 1
         index = gfn - self.c_base + self.c_pgoff
-        if not (self.b_map == <void*>self.c_bindings and self.b_ver == self.c_bindings.version
-                and self.b_key == self.c_key and self.b_lo <= <uint64_t>index < self.b_hi):
-            # (the binding run read last, while the map is unchanged, else a lookup)
-            rangemap_run_at(self.c_bindings, <uint64_t>index, &run)
-            if run.value != <uint64_t>(self.c_key + 1):
-                self.mfe(f, 5)  # EIO
-                return gfn + 1
-            self.b_lo = run.start
-            self.b_hi = run.end
-            self.b_ver = self.c_bindings.version
-            self.b_key = self.c_key
-            self.b_map = <void*>self.c_bindings
+        _memo_get(&self.bind, self.c_bindings, <uint64_t>index, &v)
+        if v != <uint64_t>(self.c_key + 1):
+            self.mfe(f, 5)  # EIO
+            return gfn + 1
         folios = self.c_folios
         run = folios._run_pos_c(index, &fpos)
         v = run.value
