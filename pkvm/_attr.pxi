@@ -382,8 +382,10 @@ cdef class AttrPath:
     cdef uint64_t c_base, c_end, c_key
     # the ledger's indices of the ops the phases charge (Ledger.op_slot, resolved once)
     cdef Py_ssize_t i_store, i_zap, i_flush
-    # the last remote TLB flush priced (its vCPU count and ns; flush_cache holds them all)
-    cdef object fl_n, fl_ns
+    # the last remote TLB flush priced (its vCPU count, -1 before the first, and ns;
+    # flush_cache holds them all)
+    cdef int64_t fl_n
+    cdef object fl_ns
     cdef int64_t fl_i               # fl_ns in int64 when ``fl_i64`` (an int that fits)
     cdef bint fl_i64
     # ``VM.attr_ioctls`` and ``VM._attr_op`` (the VM's properties of those names read and
@@ -434,7 +436,8 @@ cdef class AttrPath:
         self.i_store = self.ledger.op_slot("attr_store")
         self.i_zap = self.ledger.op_slot("zap_spte")
         self.i_flush = self.ledger.op_slot("remote_tlb_flush")
-        self.fl_n = self.fl_ns = None
+        self.fl_n = -1
+        self.fl_ns = None
         self.n_ioctls = 0
         self.op = None
         self.lock_ns = 0
@@ -548,21 +551,20 @@ cdef class AttrPath:
             self.vm._emit("zap", start, end, None, n, 0, None, (attr_filter,))
         return n
 
-    cdef object _flush_counted(self):
+    cdef int64_t _flush_counted(self) except -1:
         """``kvm_flush_remote_tlbs`` counted (every request is modelled as sent: vCPUs in guest
-        mode); returns the number of vCPUs it is priced by."""
+        mode); returns the number of vCPUs it is priced by, ``max(VM.nr_vcpus, vCPUs
+        created)`` (both read at each flush: a vCPU created since the last one counts)."""
         cdef Counters st = self.stats
+        cdef int64_t n = self.vs.nr_vcpus
+        cdef int64_t nv = len(self.vcpus)
         st.v[S_REMOTE_TLB_FLUSH_REQUESTS] += 1
         st.v[S_REMOTE_TLB_FLUSH] += 1
-        n = self.d["nr_vcpus"]
-        nv = len(self.vcpus)
-        if nv > n:
-            n = nv
-        return n
+        return nv if nv > n else n
 
-    cdef object _flush_price(self, object n):
+    cdef object _flush_price(self, int64_t n):
         """The modeled ns of a remote TLB flush to ``n`` vCPUs (cached per ``n``)."""
-        if self.fl_n is n or (self.fl_n is not None and self.fl_n == n):
+        if n == self.fl_n:
             return self.fl_ns
         ns = self.flush_cache.get(n)
         if ns is None:
@@ -573,7 +575,7 @@ cdef class AttrPath:
 
     cdef int _flush(self) except -1:
         """``kvm_flush_remote_tlbs`` and its accounting."""
-        n = self._flush_counted()
+        cdef int64_t n = self._flush_counted()
         ns = self._flush_price(n)
         self._add_at(self.i_flush, "remote_tlb_flush", ns)
         if self._traced():

@@ -677,6 +677,7 @@ class VmState:
     mmu_invalidate_in_progress: int
     _range_start: int
     _range_end: int
+    nr_vcpus: int
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]: ...
     def __setstate__(self, state: dict[str, Any]) -> None: ...
 

@@ -47,13 +47,14 @@ cdef int _restore_state(object obj, object state) except -1:
 cdef class VmState:
     """The typed hot state of a :class:`pkvm.kvm.vm.VM` (its base class): ``_sched`` (the
     attached timeline or None), ``_platform`` (the op table), ``vm_dead``,
-    ``mmu_invalidate_in_progress`` and ``_range_start`` / ``_range_end`` (the invalidation
-    range, 2**64 - 1 when none)."""
+    ``mmu_invalidate_in_progress``, ``_range_start`` / ``_range_end`` (the invalidation
+    range, 2**64 - 1 when none) and ``nr_vcpus`` (the vCPU count the VM was created for, which
+    a remote TLB flush targets at least)."""
 
     def __reduce_ex__(self, protocol):
         return (_copyreg.__newobj__, (type(self),),
                 _collect_state(self, ("_sched", "_platform", "vm_dead", "mmu_invalidate_in_progress",
-                                      "_range_start", "_range_end")))
+                                      "_range_start", "_range_end", "nr_vcpus")))
 
     def __setstate__(self, state):
         _restore_state(self, state)

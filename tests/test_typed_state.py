@@ -47,7 +47,8 @@ def test_fields_keep_their_python_types():
     assert hm._cpu_cursors is None and hm.cpu is None and type(hm._used) is pkvm.RangeMap
     sb = vm._shared
     assert sb._mem is hm and type(sb.order) is int and type(sb.nr_populated) is int
-    assert "vm_dead" not in vars(vm) and "_sched" not in vars(vm)
+    assert type(vm.nr_vcpus) is int and vm.nr_vcpus == 1
+    assert "vm_dead" not in vars(vm) and "_sched" not in vars(vm) and "nr_vcpus" not in vars(vm)
 
 
 def test_python_writes_reach_the_fault_path():
@@ -79,6 +80,32 @@ def test_attribute_ioctl_writes_reach_python():
     assert vm.mmu_invalidate_in_progress == 0 and type(vm.mmu_invalidate_in_progress) is int
     start, end = vm.mmu_invalidate_range
     assert start <= 1 and end >= 3 and (start, end) != (INVALID_GFN, INVALID_GFN)
+
+
+def test_a_remote_flush_reads_the_vcpu_counts_at_each_flush():
+    """An ioctl's remote TLB flush targets max(VM.nr_vcpus, vCPUs created), both read when it
+    flushes: a vCPU created, or ``nr_vcpus`` written from Python, between two ioctls prices the
+    next flush by the new count."""
+    vm, gmem, vcpu = gmem_vm(vm_type="snp", policy="fault-time")
+    model = vm.costs
+
+    def flush_ns(gfn: int) -> int:
+        """The remote-flush ns the ioctl that zaps ``gfn``'s private leaf charges."""
+        vm.set_memory_attributes(gfn << 12, 0x1000, PRIVATE)
+        assert vcpu.page_fault(gfn << 12, private=True).ret == "fixed"
+        before = vm.cost_breakdown().get("remote_tlb_flush", 0)
+        vm.set_memory_attributes(gfn << 12, 0x1000, 0)  # zaps the leaf: flush_on_ret
+        return vm.cost_breakdown()["remote_tlb_flush"] - before
+
+    assert flush_ns(1) == model.ns("remote_tlb_flush", nr_vcpus=1)
+    vm.create_vcpu()
+    vm.create_vcpu()
+    assert flush_ns(2) == model.ns("remote_tlb_flush", nr_vcpus=3)
+    vm.nr_vcpus = 5
+    assert flush_ns(3) == model.ns("remote_tlb_flush", nr_vcpus=5)
+    vm.nr_vcpus = 2
+    assert flush_ns(4) == model.ns("remote_tlb_flush", nr_vcpus=3)
+    assert sorted(vm._flush_ns) == [1, 3, 5]
 
 
 def test_a_recreated_memslot_replaces_the_one_the_fault_path_read_last():
@@ -127,6 +154,7 @@ def test_memslot_and_vm_copy_keep_every_field():
     v2 = copy.copy(vm)
     assert type(v2) is VM and v2._platform is vm._platform and v2._attrs is vm._attrs
     assert (v2.mmu_invalidate_in_progress, v2.mmu_invalidate_range, v2.vm_dead) == (1, (3, 9), False)
+    assert v2.nr_vcpus == vm.nr_vcpus == 1
     vm._invalidate_end()
 
 

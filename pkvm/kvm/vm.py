@@ -135,9 +135,10 @@ class VM(VmState):
     """
 
     # The hot state every fault reads (``_sched``, ``_platform``, ``vm_dead``,
-    # ``mmu_invalidate_in_progress``, ``_range_start`` / ``_range_end``) lives in C members of
-    # the base class pkvm._core.VmState (pkvm/_state.pxi), not in the instance dict: the core
-    # reads and writes them in C, Python by name as before.
+    # ``mmu_invalidate_in_progress``, ``_range_start`` / ``_range_end``) and ``nr_vcpus`` (which
+    # every remote TLB flush reads) live in C members of the base class pkvm._core.VmState
+    # (pkvm/_state.pxi), not in the instance dict: the core reads and writes them in C, Python
+    # by name as before.
 
     def __init__(self, vm_type: int | str = KVM_X86_DEFAULT_VM, policy: Policy | str = "fault-time",
                  costs: CostModel | Mapping[str, object] | None = None, seed: int = 0, shared_backing: str = "thp",
