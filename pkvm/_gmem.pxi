@@ -399,10 +399,11 @@ cdef class SnpPath:
         return 0
 
     cdef int _assigned(self, uint64_t pfn) except -1:
-        """``rmp.lookup(pfn).assigned``."""
+        """``rmp.lookup(pfn).assigned`` (read through ``RmpTable._word_c``: an RMPUPDATE of
+        ``pfn`` right after it needs no second lookup)."""
         if self.rmp is None or pfn >= self.rmp.max_pfn_:
             return 1 if self.rmp_obj.lookup(pfn).assigned else 0
-        return rangemap_get(self.rmp.ent, pfn) & 1
+        return self.rmp._word_c(pfn) & 1
 
     cdef int64_t _find_assigned(self, uint64_t pfn, uint64_t n, bint assigned) except -2:
         """``rmp.find_ne(pfn, n, assigned=not assigned)``: the first pfn of the range that is

@@ -253,12 +253,20 @@ cdef class RmpTable:
         self.ent = RangeMap(0, _fanout=_fanout, _finger=True)
         self.lock = RangeMap(0, _fanout=_fanout)
         memset(self.cnt, 0, sizeof(self.cnt))
+        self.look_pos.leaf = NULL
 
     # -- helpers ---------------------------------------------------------------------------------
 
     cdef bint _is_2m_c(self, uint64_t pfn) noexcept nogil:
         """The authoritative page size of ``pfn``: that of its 2M-aligned entry (§5.1)."""
         return self.ent._get_c(pfn & ~(<uint64_t>_MASK_2M)) & _E_SIZE != 0
+
+    cdef uint64_t _word_c(self, uint64_t pfn) noexcept nogil:
+        """The entry word of ``pfn``; its run and position are kept for an RMPUPDATE of
+        ``pfn`` that follows while the table is unchanged (``look_*``)."""
+        self.look_run = self.ent._run_pos_c(pfn, &self.look_pos)
+        self.look_pfn = pfn
+        return self.look_run.value
 
     cdef RmpSeg _seg_c(self, uint64_t pfn, uint64_t limit) noexcept nogil:
         """The fields at ``pfn`` and how far (up to ``limit``) they all stay the same."""
@@ -393,8 +401,14 @@ cdef class RmpTable:
                 m = x
                 code = _RMP_FAIL_INUSE
             # The run at pfn is read once: the first check, below the demotion test, and its
-            # position for the write.
-            r0 = self.ent._run_pos_c(pfn, &pos)
+            # position for the write (read already if _word_c read pfn last and the table is
+            # unchanged since: the same run at the same position).
+            if (pfn == self.look_pfn and self.look_pos.leaf != NULL
+                    and self.look_pos.version == self.ent.version):
+                r0 = self.look_run
+                pos = self.look_pos
+            else:
+                r0 = self.ent._run_pos_c(pfn, &pos)
             x = pfn
             if _bad_4k(r0.value) or self._scan(r0.end, m, _K_UPD4K, 0, &x):
                 if x < m:
@@ -826,7 +840,7 @@ cdef class RmpTable:
         ``level`` comes from the 2M-aligned entry (kernel-semantics.md §5.1). Runtime complexity: O(log n).
         """
         cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
-        cdef uint64_t w = self.ent._get_c(p)
+        cdef uint64_t w = self._word_c(p)
         cdef uint64_t own = w & ~(<uint64_t>_E_FLAGS)
         return RmpEntry(own != 0, 2 if self._is_2m_c(p) else 1,
                         _own_asid(own) if own else 0,
@@ -890,6 +904,7 @@ cdef class RmpTable:
     def reset_counters(self):
         """Set every counter to 0."""
         memset(self.cnt, 0, sizeof(self.cnt))
+        self.look_pos.leaf = NULL
 
     @property
     def nbytes(self):

@@ -48,6 +48,12 @@ cdef class RmpTable:
     cdef RangeMap lock          # pfn -> 1 while the entry is "in use" (not RMP state; test hook)
     cdef uint64_t max_pfn_      # the table covers pfns [0, max_pfn_); a multiple of 512
     cdef uint64_t cnt[RMP_NR_COUNTERS]  # instruction counters by outcome (instructions, not pages)
+    # The entry run the last _word_c read (at pfn ``look_pfn``) and where in ``ent`` it landed:
+    # a 4K RMPUPDATE of that pfn while ``ent`` is unchanged (``look_pos.version``) starts from
+    # it instead of a second lookup (the fault's "assigned?" test, then its RMPUPDATE)
+    cdef uint64_t look_pfn
+    cdef Run look_run
+    cdef RunPos look_pos
 
     # -- C-level API (trusting; see above) ----------------------------------------------------
     cdef int _rmpupdate_c(self, uint64_t pfn, uint64_t npages, bint big, bint assigned,
@@ -60,6 +66,7 @@ cdef class RmpTable:
     cdef int _find_c(self, uint64_t start, uint64_t end, const RmpMatch *want, bint equal,
                      uint64_t *found) noexcept nogil
     cdef bint _is_2m_c(self, uint64_t pfn) noexcept nogil
+    cdef uint64_t _word_c(self, uint64_t pfn) noexcept nogil
 
     # -- internals -------------------------------------------------------------------------------
     cdef bint _locked(self, uint64_t start, uint64_t end, uint64_t *found) noexcept nogil

@@ -225,6 +225,48 @@ def test_rmpupdate_4k_inside_unassigned_2m_demotes_it(rmp, pfn):
             assert rmp.lookup(other) == FREE
 
 
+BEFORE = {
+    "free": lambda t, p: None,
+    "immutable": lambda t, p: private(t, p, immutable=True),
+    "in-assigned-2m": lambda t, p: private(t, R, PG_LEVEL_2M),
+}
+BETWEEN = {
+    "nothing": lambda t, p: None,
+    "neighbour-updated": lambda t, p: private(t, p + 1 if p < R + 511 else p - 1),
+    "self-updated": lambda t, p: private(t, p, asid=3),
+    "in-use": lambda t, p: t.set_in_use(p),
+    "made-immutable": lambda t, p: private(t, p, immutable=True),
+    "2m-entry": lambda t, p: private(t, R, PG_LEVEL_2M),
+    "unassigned-2m": lambda t, p: t.rmpupdate(R, PG_LEVEL_2M, assigned=False),
+    "psmashed": lambda t, p: t.psmash(R),
+    "made-shared": lambda t, p: t.rmpupdate(p, PG_LEVEL_4K, assigned=False),
+}
+
+
+@pytest.mark.parametrize("pfn", [R, R + 17, R + 511], ids=["aligned", "inside", "last"])
+@pytest.mark.parametrize("between", list(BETWEEN))
+@pytest.mark.parametrize("before", list(BEFORE))
+def test_rmpupdate_after_a_lookup_sees_every_change_since(pfn, before, between):
+    """A 4K RMPUPDATE of the pfn looked up last starts from that lookup's entry while the table
+    is unchanged: whatever changed in between (the pfn, a neighbour, the lock map, the 2M
+    entry around it) or not, the outcome and the entries are the reference table's, and a
+    refused update changes nothing."""
+    core, ref = RmpTable(max_pfn=1 << 20), RefRmpTable(max_pfn=1 << 20)
+    for t in (core, ref):
+        private(t, R + 700)  # a stored run after the region, in the same leaf
+        BEFORE[before](t, pfn)
+        t.lookup(pfn)
+        BETWEEN[between](t, pfn)
+    runs, counters = core.ranges(0, core.max_pfn), core.counters
+    code = private(core, pfn)
+    assert code == private(ref, pfn)
+    assert [core.lookup(p) for p in range(R - 8, R + 720)] == [ref.lookup(p) for p in range(R - 8, R + 720)]
+    if code != RMPUPDATE_SUCCESS:
+        assert core.ranges(0, core.max_pfn) == runs
+    assert core.counters["rmpupdate"] == counters["rmpupdate"] + (code == RMPUPDATE_SUCCESS)
+    core._check()
+
+
 # ---------------------------------------------------------------------------------------------
 # PSMASH
 # ---------------------------------------------------------------------------------------------
