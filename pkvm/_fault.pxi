@@ -1082,9 +1082,9 @@ cdef class FaultPath:
 
     def page_fault(self, vcpu, gpa, private, write):
         """``Vcpu.page_fault``: the argument checks, the dead-VM check, then the fault."""
-        cdef uint64_t gfn
-        if _is_exact_int(gpa) and gpa >= 0 and gpa < (1 << 52):
-            gfn = (<uint64_t>gpa) >> 12
+        cdef uint64_t gfn, v
+        if _is_exact_int(gpa) and pkvm_small_u64(gpa, &v) and v < (1ULL << 52):
+            gfn = v >> 12  # an int in [0, 2**52), read from its digits
         else:
             gfn = self.gpa_to_gfn(gpa)  # converts an int-like, or raises
         if type(private) is not bool or type(write) is not bool:

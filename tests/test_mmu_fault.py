@@ -292,6 +292,25 @@ def test_access_validation():
         vcpu.page_fault(1 << 52, private=False)
 
 
+@pytest.mark.parametrize("gpa", [0, 0xFFF, (1 << 30) + 5, (1 << 52) - 1, 1 << 52, (1 << 60) - 1, 1 << 60,
+                                 1 << 64, -1, -(1 << 40), True, 2.0, "0"])
+def test_page_fault_takes_the_gpas_gpa_to_gfn_does(gpa):
+    """page_fault reads a small exact int from its digits; every gpa gets the gfn, or the
+    error, that the full check (vm._gpa_to_gfn) gives."""
+    from pkvm.kvm.vm import _gpa_to_gfn
+    a, va = shared_vm(vm_type="default")
+    b, vb = shared_vm(vm_type="default")
+    try:
+        want = ("ok", vb.page_fault(_gpa_to_gfn(gpa) << 12, private=False))
+    except (TypeError, ValueError) as e:
+        want = (type(e), str(e))
+    try:
+        got = ("ok", va.page_fault(gpa, private=False))
+    except (TypeError, ValueError) as e:
+        got = (type(e), str(e))
+    assert got == want
+
+
 def test_1tib_convert_and_touch_is_range_compressed():
     """1 TiB: set PRIVATE then touch it all counts 2**28 faults and 4K leaves in O(log n) memory."""
     vm = pkvm.VM(1)
