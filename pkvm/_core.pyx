@@ -13,6 +13,7 @@ nothing can fail, so a ``MemoryError`` never leaves a half-applied update behind
 
 cimport cython
 from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
@@ -115,15 +116,16 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    /* RangeMap.assign, find_ne and get as METH_FASTCALL | METH_KEYWORDS methods whose C
-       function is the core's own entry (_assign_fast, _find_ne_fast, _get_fast in _core.pyx)
-       instead of Cython's generated argument parser: a call with its arguments all positional
-       goes straight to the conversion and the core. pkvm_fastcall_override replaces the
+    /* RangeMap.assign, find_ne and get (and VcpuFault.page_fault, pkvm/_fault.pxi) as
+       METH_FASTCALL | METH_KEYWORDS methods whose C function is the core's own entry
+       (_assign_fast, _find_ne_fast, _get_fast in _core.pyx, _vcpu_fault_fast) instead of
+       Cython's generated argument parser: a call of the usual form goes straight to the
+       conversion and the core. pkvm_fastcall_override replaces the
        type's method descriptor `name` by one for `fn`, reusing the generated method's name
        and docstring (text signature included), and returns the generated descriptor (a new
        reference), which serves every other form of call (keywords, a wrong count). The
        method tables are written once, at import, and never change. */
-    static PyMethodDef pkvm_fast_defs[3];
+    static PyMethodDef pkvm_fast_defs[4];
     static PyObject *pkvm_fastcall_override(PyObject *type, int slot, const char *name,
                                             void *fn) {
         PyTypeObject *tp = (PyTypeObject *)type;

@@ -1082,6 +1082,10 @@ cdef class FaultPath:
 
     def page_fault(self, vcpu, gpa, private, write):
         """``Vcpu.page_fault``: the argument checks, the dead-VM check, then the fault."""
+        return self._page_fault(vcpu, gpa, private, write)
+
+    cdef object _page_fault(self, vcpu, object gpa, object private, object write):
+        """:meth:`page_fault`'s body (also the vCPU entry's, :func:`_vcpu_fault_fast`)."""
         cdef uint64_t gfn, v
         if _is_exact_int(gpa) and pkvm_small_u64(gpa, &v) and v < (1ULL << 52):
             gfn = v >> 12  # an int in [0, 2**52), read from its digits
@@ -1202,3 +1206,103 @@ cdef class FaultPath:
     def finish(self, PageFault f):
         self._ops()
         return self._finish(f)
+
+
+# ``Vcpu.page_fault`` on a vCPU: its :class:`VcpuFault` entry's ``page_fault``, a METH_FASTCALL
+# builtin whose C function is :func:`_vcpu_fault_fast` (the table entry is VcpuFault.page_fault's
+# own with the C function replaced, written once at import): a call with ``gpa`` positional and
+# ``private`` (and ``write``) by keyword goes to FaultPath's checks and the fault with no Python
+# frame; any other form of call goes to the Python method, whose errors it keeps.
+
+@cython.final
+@cython.auto_pickle(False)  # a vCPU's live state: never pickled on its own
+cdef class VcpuFault:
+    """The page-fault entry of one vCPU (kept in its ``_page_fault`` slot by
+    :class:`PageFaultMethod`): its VM's :class:`FaultPath`, the vCPU and the Python method
+    ``func`` (``Vcpu.page_fault``); ``bound`` is :meth:`page_fault` bound to it, built once."""
+
+    cdef FaultPath path
+    cdef object vcpu, func
+    cdef readonly object bound
+
+    def __init__(self, FaultPath path not None, vcpu, func):
+        self.path = path
+        self.vcpu = vcpu
+        self.func = func
+        self.bound = self.page_fault
+
+    @cython.binding(False)  # a method descriptor (see _vcpu_fault_fast)
+    def page_fault(self, *args, **kwargs):
+        """``Vcpu.page_fault(gpa, *, private, write=False)`` of this vCPU."""
+        return self.func(self.vcpu, *args, **kwargs)
+
+
+cdef object _vcpu_fault_fast(VcpuFault self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    """``VcpuFault.page_fault``: ``gpa`` and the keywords ``private`` and ``write`` (their names
+    the interned strings a call site passes) read here; every other call goes to ``func``."""
+    cdef Py_ssize_t nk = PyTuple_GET_SIZE(<object>kwnames) if kwnames != NULL else 0
+    cdef Py_ssize_t i
+    cdef PyObject *k
+    cdef PyObject *priv = NULL
+    cdef PyObject *wr = NULL
+    if nargs == 1 and nk >= 1 and nk <= 2:
+        for i in range(nk):
+            k = PyTuple_GET_ITEM(<object>kwnames, i)
+            if k == <PyObject*>_KW_PRIVATE and priv == NULL:
+                priv = args[1 + i]
+            elif k == <PyObject*>_KW_WRITE and wr == NULL:
+                wr = args[1 + i]
+            else:
+                priv = NULL
+                break
+        if priv != NULL:
+            return self.path._page_fault(self.vcpu, <object>args[0], <object>priv,
+                                         <object>wr if wr != NULL else False)
+    return _call_general(_vcpu_fault_general, self, args, nargs, kwnames)
+
+
+cdef str _KW_PRIVATE = "private"
+cdef str _KW_WRITE = "write"
+cdef object _vcpu_fault_general = pkvm_fastcall_override(VcpuFault, 3, "page_fault",
+                                                         <void*>_vcpu_fault_fast)
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class PageFaultMethod:
+    """``Vcpu.page_fault`` as a descriptor: read on a vCPU whose VM has its
+    :class:`FaultPath`, it is the vCPU's :class:`VcpuFault` entry's bound ``page_fault`` (the
+    fault called with no Python frame of its own; the entry is built on the first read and
+    kept in the vCPU's ``_page_fault`` slot); read on the class, or on a vCPU without a path
+    or that slot, it is the Python method ``func`` (its docstring and signature, and the same
+    call)."""
+
+    cdef readonly object __func__
+    cdef object c_cls           # the vCPU class read last, and where its _page_fault slot is
+    cdef Py_ssize_t c_off       # (_member_offset; -1: no such slot)
+
+    def __init__(self, func):
+        if not callable(func):
+            raise TypeError(f"PageFaultMethod needs a function, not {type(func).__name__}")
+        self.__func__ = func
+        self.c_off = -1
+
+    def __get__(self, obj, objtype):
+        cdef PyObject *p
+        if obj is None:
+            return self.__func__
+        cls = type(obj)
+        if cls is not self.c_cls:
+            self.c_off = _member_offset(cls, "_page_fault")
+            self.c_cls = cls
+        if self.c_off >= 0:
+            p = _member_at(obj, self.c_off)
+            if p != NULL and type(<object>p) is VcpuFault and (<VcpuFault>p).vcpu is obj:
+                return (<VcpuFault>p).bound  # (a copied vCPU's entry is its original's: rebuilt)
+            vm = getattr(obj, "vm", None)
+            path = getattr(vm, "_fault_path", None)
+            if type(path) is FaultPath and (<FaultPath>path).vm is vm:
+                e = VcpuFault(path, obj, self.__func__)
+                setattr(obj, "_page_fault", e)
+                return e.bound
+        return self.__func__.__get__(obj, objtype)

@@ -442,3 +442,86 @@ def test_snp_rmp_stop_takes_the_platform_detour():
     assert vcpu.page_fault(0x5000, private=True) == pkvm.FaultResult("vc")
     assert vcpu._rmp_stop is None and vm.stats["snp_vc"] == 1 and vm.stats["pf_taken"] == 0
     assert vcpu.page_fault(0x5000, private=False).ret == "fixed"  # the base fault again
+
+
+def _call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``: its result, or its exception's type and message."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError, pkvm.KvmError) as e:
+        return type(e), str(e)
+
+
+def test_page_fault_on_a_vcpu_is_its_entrys_c_function():
+    """On a vCPU, ``page_fault`` is its VcpuFault entry's builtin (built on the first read, kept
+    in the vCPU's slot); on the class it is the documented Python method. Every form of call
+    gives what the Python method gives on a twin VM: the usual ones in C, any other (all
+    keywords, a keyword dict, a wrong call) through the method, with its errors."""
+    from pkvm._core import PageFaultMethod, VcpuFault
+
+    assert isinstance(pkvm.Vcpu.__dict__["page_fault"], PageFaultMethod)
+    assert pkvm.Vcpu.page_fault.__doc__.startswith("One nested page fault on ``gpa``")
+    (a, va), (b, vb) = shared_vm(), shared_vm()
+    m = va.page_fault
+    assert type(m.__self__) is VcpuFault and va.page_fault is m and m.__name__ == "page_fault"
+    calls = [
+        ((0x1000,), {"private": False}),
+        ((0x2000,), {"private": False, "write": True}),
+        ((0x3000,), {"write": True, "private": False}),
+        ((), {"gpa": 0x4000, "private": False}),
+        ((0x5000,), dict([("private", False)])),
+        ((0x6000,), {}),
+        ((0x6000, False), {}),
+        ((0x6000,), {"private": False, "size": 1}),
+        ((0x6000,), {"private": 0}),
+        ((0x6000,), {"private": False, "write": None}),
+        (("0x6000",), {"private": False}),
+        ((-4096,), {"private": False}),
+    ]
+    for args, kwargs in calls:
+        assert _call(va.page_fault, *args, **kwargs) == _call(pkvm.Vcpu.page_fault, vb, *args, **kwargs)
+    assert a.stats == b.stats and a.modeled_ns == b.modeled_ns
+    a._kill("test")
+    b._kill("test")
+    assert _call(va.page_fault, 0x1000, private=False) == _call(pkvm.Vcpu.page_fault, vb, 0x1000, private=False)
+
+
+def test_a_copied_vcpu_gets_an_entry_of_its_own():
+    """A copy of a vCPU copies its slots, the entry too; the copy's ``page_fault`` is a new
+    entry for the copy (the fault runs for the vCPU it is read on)."""
+    import copy
+
+    seen = []
+
+    class Mine(pkvm.Vcpu):
+        __slots__ = ()
+
+        def _fault(self, gfn, limit, private, write):
+            seen.append(self)
+            return pkvm.Vcpu._fault(self, gfn, limit, private, write)
+
+    vm, _ = shared_vm()
+    v = Mine(vm, 3)
+    v.page_fault(0x1000, private=False)
+    c = copy.copy(v)
+    assert c.page_fault.__self__ is not v.page_fault.__self__
+    c.page_fault(0x2000, private=False)
+    assert seen == [v, c]
+
+
+def test_the_descriptor_falls_back_to_the_method_without_a_path():
+    """Read on an object with no FaultPath of its VM (or no ``_page_fault`` slot), the
+    descriptor binds the Python method; it refuses a non-callable."""
+    from pkvm._core import PageFaultMethod
+
+    class Half:
+        vm = None
+
+    h = Half()
+    m = PageFaultMethod(pkvm.Vcpu.page_fault).__get__(h, Half)
+    assert m.__func__ is pkvm.Vcpu.page_fault and m.__self__ is h
+    vm, vcpu = shared_vm()
+    h.vm = vm  # a VM with a path, on an object without the slot
+    assert PageFaultMethod(pkvm.Vcpu.page_fault).__get__(h, Half).__self__ is h
+    with pytest.raises(TypeError, match="needs a function, not int"):
+        PageFaultMethod(3)

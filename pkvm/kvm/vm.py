@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pkvm._core import AttrIoctlMethod, AttrPath, Cells, Counters, Ledger, LedgerTotal, RangeMap, VmState
+from pkvm._core import (AttrIoctlMethod, AttrPath, Cells, Counters, Ledger, LedgerTotal, PageFaultMethod, RangeMap,
+                        VmState)
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_FILTER_ALL,
@@ -1080,7 +1081,9 @@ class Vcpu:
     :meth:`_usable_end` (whether an existing mapping lets a guest access complete).
     """
 
-    __slots__ = ("vm", "id", "_resume")
+    # _page_fault: this vCPU's typed page-fault entry (pkvm._core.VcpuFault), set on the first
+    # read of ``page_fault``
+    __slots__ = ("vm", "id", "_resume", "_page_fault")
 
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
@@ -1302,6 +1305,10 @@ class Vcpu:
         if self.vm.vm_dead:
             self.vm._check_alive()
 
+
+# On a vCPU, ``page_fault`` is its typed entry's C function, called with no Python frame of its
+# own (pkvm/_fault.pxi); on the class it is still the method defined above (docstring, signature).
+setattr(Vcpu, "page_fault", PageFaultMethod(Vcpu.page_fault))
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses
 #: Re-faults an access makes while an invalidation keeps its gfn stale, in the synchronous driver
