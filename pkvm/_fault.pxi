@@ -730,26 +730,22 @@ cdef class FaultPath:
                     if r.end <= (end >> shift):  # (r.end << shift) < end, without overflow
                         end = r.end << shift
             npages = end - gfn
-            # SharedBacking.populate allocates whole host blocks: a populated page at hva and
-            # at hva + npages - 1 with one run between them means nothing to allocate.
-            rangemap_run_at(smap, hva, &r)
-            v = r.value
-            if not (v and r.end >= hva + npages):
-                try:
-                    npop = _shared_populate(self.shared, hva, hva + npages)  # SharedBacking.populate
-                except self.kvm_error:
-                    f.ret = "exit"  # GUP failed: -EFAULT
-                    f.errno = _F_EFAULT
-                    f.end = gfn + 1
-                    return 0
-                if npop:
-                    self.stats.v[S_SHARED_PAGES_POPULATED] += npop
-                    # VM._charge_alloc
-                    if self.p_salloc >= 0:
-                        self.ledger.charge_p(self.i_salloc, self.p_salloc, <uint64_t>npop >> self.shared.order)
-                    else:
-                        self._charge(self.alloc_op, <uint64_t>npop >> self.shared.order)
-                v = rangemap_get(smap, hva)
+            # SharedBacking.populate (its lookup of the first block also gives the word at hva,
+            # populated now or already)
+            try:
+                npop = _shared_populate(self.shared, hva, hva + npages, &v)
+            except self.kvm_error:
+                f.ret = "exit"  # GUP failed: -EFAULT
+                f.errno = _F_EFAULT
+                f.end = gfn + 1
+                return 0
+            if npop:
+                self.stats.v[S_SHARED_PAGES_POPULATED] += npop
+                # VM._charge_alloc
+                if self.p_salloc >= 0:
+                    self.ledger.charge_p(self.i_salloc, self.p_salloc, <uint64_t>npop >> self.shared.order)
+                else:
+                    self._charge(self.alloc_op, <uint64_t>npop >> self.shared.order)
             f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
             f.map_writable = not (flags & _F_MEM_READONLY)
         f.end = end

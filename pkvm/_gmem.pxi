@@ -1079,16 +1079,18 @@ def shared_populate(SharedBackingState sb, uint64_t start, uint64_t end):
 
     All or nothing: several unpopulated runs are planned together first, so ENOMEM
     (``KvmError``) populates nothing; one run is one allocation, itself all or nothing."""
-    return _shared_populate(sb, start, end)
+    return _shared_populate(sb, start, end, NULL)
 
 
-cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t end) except -1:
-    """:func:`shared_populate` (the fault path calls it directly)."""
+cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t end,
+                              uint64_t *word) except -1:
+    """:func:`shared_populate` (the fault path calls it directly); ``word``, if not NULL,
+    gets the map's word at ``start`` afterwards (the fault maps that page)."""
     cdef int order = sb.order
     cdef uint64_t mask = (1ULL << order) - 1
     cdef uint64_t a = start >> order
     cdef uint64_t b = (end >> order) + ((end & mask) != 0)
-    cdef uint64_t blk, ea, hva, units = 0
+    cdef uint64_t blk, ea, hva, v, units = 0, w = 0
     cdef RangeMap m = sb._map
     cdef HostMemoryState mem
     cdef Run r
@@ -1105,6 +1107,8 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
             if (blk << order) == U64_MAX:
                 rangemap_run_at(m, blk << order, &r)  # (raises the named OverflowError)
             r = m._run_pos_c(blk << order, &pos)
+            if blk == a:
+                w = r.value  # (start's block: run edges fall on block boundaries, see below)
             # blocks are populated whole, so run edges fall on block boundaries
             ea = (r.end >> order) + ((r.end & mask) != 0)
             if ea > b:
@@ -1114,6 +1118,8 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
                 units += ea - blk
             blk = ea
         if todo.n == 0:
+            if word != NULL:
+                word[0] = w
             return 0
         mem = sb._mem
         if mem is None:
@@ -1127,12 +1133,17 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
             blk = <uint64_t>todo.a[i]
             for j in range(plan.n):
                 hva = blk << order
+                v = _sb_value(plan.a[j] - <int64_t>hva)
+                if blk == a:
+                    w = v  # start's block, populated here (a run holds one word)
                 if i == 0 and j == 0:  # (one block to populate: it lies in the last gap looked up)
-                    _rm_put(m, &pos, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
+                    _rm_put(m, &pos, hva, hva + <uint64_t>plan.b[j], v)
                 else:
-                    rangemap_assign(m, hva, hva + <uint64_t>plan.b[j], _sb_value(plan.a[j] - <int64_t>hva))
+                    rangemap_assign(m, hva, hva + <uint64_t>plan.b[j], v)
                 blk += <uint64_t>plan.b[j] >> order
         sb.nr_populated += <int64_t>(units << order)
+        if word != NULL:
+            word[0] = w
         return <int64_t>(units << order)
     finally:
         _runs_free(&todo)

@@ -525,3 +525,21 @@ def test_the_descriptor_falls_back_to_the_method_without_a_path():
     assert PageFaultMethod(pkvm.Vcpu.page_fault).__get__(h, Half).__self__ is h
     with pytest.raises(TypeError, match="needs a function, not int"):
         PageFaultMethod(3)
+
+
+@pytest.mark.parametrize("backing", ["4k", "thp"])
+@pytest.mark.parametrize("size", [1, 3, 700], ids=["page", "pages", "blocks"])
+def test_a_shared_fault_maps_the_page_the_backing_holds(backing, size):
+    """A shared fault populates the page's host block if it has none and maps the pfn the
+    shared backing holds for the page, whether the block was populated before (by an earlier
+    fault or a touch), now, or by the same access as its neighbours."""
+    vm, vcpu = shared_vm(8 * MiB, shared_backing=backing)
+    sb = vm._shared
+    hva0 = UADDR >> 12
+    sb.populate(hva0 + 600, hva0 + 601)  # a block touched before any fault
+    for gfn in (600, 601, 5, 1023, 1300):
+        vcpu.access(gfn << 12, private=False, size=size << 12)
+        for g in (gfn, gfn + size - 1):
+            r = vcpu.page_fault(g << 12, private=False)
+            assert r.pfn == sb.lookup(hva0 + g) is not None
+    vm.check()
