@@ -6,8 +6,9 @@ every round's numbers.
 
 Run: ``python3 bench/ab_builds.py CHECKOUT[,CHECKOUT...] [N] [--rounds R]
 [--platform snp|sw_protected] [--batched]``, where each CHECKOUT is a source tree with its
-extension built in place (``python3 setup.py build_ext --inplace``). Alternating fresh processes
-spread the machine's drift over the builds alike; thread CPU time leaves out time spent
+extension built in place (``python3 setup.py build_ext --inplace``); every build is timed by
+this script's own ``bench_fragmented.py``, so builds older than the harness compare too.
+Alternating fresh processes spread the machine's drift over the builds alike; thread CPU time leaves out time spent
 descheduled; the spread of one build's rounds says how large a difference has to be to count.
 """
 
@@ -19,36 +20,35 @@ import os
 import subprocess
 import sys
 
+# One build's run, in a fresh process: the timing harness is this script's own
+# bench_fragmented.py (the same for every build), the pkvm the checkout's (checked). The process
+# starts in the checkout, so that the directory ``-c`` puts first on sys.path is the checkout too.
 _ONE_RUN = r'''
-import json, sys, time
-import numpy as np
-sys.path.insert(0, sys.argv[1] + "/bench")
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
 import bench_fragmented as b
-gpas = b.gpas_for(int(sys.argv[2]))
-vm, vcpu = b.pkvm_vm(sys.argv[3])
-if sys.argv[4] == "one":
+import pkvm
+checkout = os.path.realpath(sys.argv[2])
+if not os.path.realpath(pkvm.__file__).startswith(checkout + os.sep):
+    sys.exit(f"imported {pkvm.__file__}, not the build in {checkout}")
+gpas = b.gpas_for(int(sys.argv[3]))
+if sys.argv[5] == "one":
+    vm, vcpu = b.pkvm_vm(sys.argv[4])
     t = b.time_phases(vm.set_memory_attributes, vcpu.page_fault, gpas, clock=time.thread_time)
 else:
-    a = np.asarray(gpas, dtype=np.uint64)
-    n = len(gpas)
-    sizes = np.full(n, 4096, dtype=np.uint64)
-    t = []
-    for attrs, private in ((b.PRIVATE, True), (0, False)):
-        c = time.thread_time()
-        vm.set_memory_attributes_many(a, sizes, np.full(n, attrs, dtype=np.uint64))
-        t.append(time.thread_time() - c)
-        c = time.thread_time()
-        vcpu.page_fault_many(a, private=private)
-        t.append(time.thread_time() - c)
+    t = b.run_pkvm_batched(sys.argv[4], [gpas] * 4, clock=time.thread_time)
 print(json.dumps([x * 1e9 / len(gpas) for x in t]))
 '''
 
 
 def run_once(checkout: str, n: int, platform: str, mode: str) -> list[float]:
     """ns per op of the four phases, one fresh process on ``checkout``'s build."""
-    env = dict(os.environ, PYTHONPATH=checkout)
-    out = subprocess.run([sys.executable, "-c", _ONE_RUN, checkout, str(n), platform, mode],
-                         env=env, capture_output=True, text=True, check=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
+    out = subprocess.run([sys.executable, "-c", _ONE_RUN, here, checkout, str(n), platform, mode],
+                         env=env, cwd=checkout, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"ab_builds.py: the run on {checkout} failed: {out.stderr.strip()[-500:]}")
     return json.loads(out.stdout)
 
 
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     builds = [c for c in args.checkouts.split(",") if c]
     for c in builds:
-        if not os.path.isfile(os.path.join(c, "bench", "bench_fragmented.py")):
-            ap.error(f"checkouts: {c!r} is not a pkvm source tree (no bench/bench_fragmented.py)")
+        if not os.path.isfile(os.path.join(c, "pkvm", "__init__.py")):
+            ap.error(f"checkouts: {c!r} is not a pkvm source tree (no pkvm/__init__.py)")
     if args.n < 1 or args.rounds < 1:
         ap.error("n and --rounds must be at least 1")
     mode = "many" if args.batched else "one"
