@@ -69,11 +69,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("n and --rounds must be at least 1")
     mode = "many" if args.batched else "one"
     runs: dict[str, list[list[float]]] = {c: [] for c in builds}
-    for _ in range(args.rounds):
-        for c in builds:
+    for k in range(args.rounds):
+        # every other round in reverse order, so that no build always runs first (a process
+        # that follows another runs on a machine that state left warm or cold)
+        for c in (builds if k % 2 == 0 else builds[::-1]):
             runs[c].append(run_once(c, args.n, args.platform, mode))
     print(f"{args.platform}, N = {args.n:,}, {'batched calls' if args.batched else 'one call each'}; "
-          f"thread CPU ns per op, minimum of {args.rounds} alternating rounds\n")
+          f"thread CPU ns per op, minimum of {args.rounds} alternating rounds (every other one in reverse order)\n")
     print("| build | to private | private fault | to shared | shared fault | every round |")
     print("|---|---:|---:|---:|---:|---|")
     for c in builds:
