@@ -966,6 +966,14 @@ cdef class AttrPath:
             key = rangemap_get(self.slot0, start)
             if key:
                 self._slot(key)
+            if self.vs._prefetch:
+                # the three leaves asked for at once, before the first is read (see
+                # FaultPath._prefetch_leaves)
+                if key:
+                    _prefetch_leaf(self.c_m2, start >> 9)
+                _prefetch_leaf(self.attrs, start)
+                _prefetch_leaf(self.sptes, start)
+            if key:
                 head2 = rangemap_get(self.c_m2, start >> 9)
             rangemap_run_at(self.attrs, start, &ar)  # the value and the run around it
             cur_attrs = ar.value

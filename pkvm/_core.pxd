@@ -262,6 +262,7 @@ cdef class VmState:
     cdef public int64_t mmu_invalidate_in_progress
     cdef public uint64_t _range_start, _range_end   # mmu_invalidate_range_start / _end
     cdef public int64_t nr_vcpus            # VM(nr_vcpus=): a remote TLB flush targets at least these
+    cdef public bint _prefetch              # software prefetch hints on the per-page paths (True)
 
 
 cdef class MemslotState:

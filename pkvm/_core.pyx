@@ -35,6 +35,13 @@ cdef extern from *:
         for (size_t off = 0; off < nbytes; off += 64)
             __builtin_prefetch(c + off);
     }
+    /* Issue loads for every cache line that [p, p + nbytes) touches (from p's own line to the
+       line of its last byte, whatever p's alignment). */
+    static inline void pkvm_prefetch_lines(const void *p, size_t nbytes) {
+        uintptr_t a = (uintptr_t)p & ~(uintptr_t)63, e = (uintptr_t)p + nbytes;
+        for (; a < e; a += 64)
+            __builtin_prefetch((const void *)a);
+    }
     /* Rank of key in the ascending a[0:n] (how many elements are <= key, or < key) for a
        node's n <= 64 keys, in two rounds of independent loads instead of a chain of six
        dependent ones (correct for any n, linear in n / 8):
@@ -72,6 +79,7 @@ cdef extern from *:
     }
     """
     void pkvm_prefetch_span(const void *p, size_t nbytes) noexcept nogil
+    void pkvm_prefetch_lines(const void *p, size_t nbytes) noexcept nogil
     void *pkvm_load_ptr(void *const *p) noexcept nogil
     void pkvm_store_ptr(void **p, void *v) noexcept nogil
     void __builtin_prefetch(const void *p) noexcept nogil
@@ -740,6 +748,22 @@ cdef inline Leaf *_descend_leaf(RangeMap m, uint64_t key) noexcept nogil:
         node = nd.children[i if i > 0 else 0]
     pkvm_prefetch_span((<Leaf*>node).ends, (<Leaf*>node).n * sizeof(uint64_t))
     return <Leaf*>node
+
+
+cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
+    """Ask for the lines a lookup of ``key`` reads first in its leaf (its count and its
+    ``starts``) without waiting for them: the inner nodes are descended (they stay warm in a
+    large map; its leaves do not), the leaf itself is not read. A lookup issued a little later
+    finds its lines arriving instead of starting the wait then."""
+    cdef void *node = m.root
+    cdef Inner *nd
+    cdef int lvl, i
+    for lvl in range(m.height):
+        nd = <Inner*>node
+        i = _ub(nd.keys, nd.n, key) - 1
+        node = nd.children[i if i > 0 else 0]
+    pkvm_prefetch_lines(&(<Leaf*>node).n, sizeof(int))
+    pkvm_prefetch_span((<Leaf*>node).starts, LEAF_CAP * sizeof(uint64_t))
 
 
 cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
@@ -2092,9 +2116,15 @@ cdef class RangeMap:
         range in that run right after it (:meth:`_put_c`) needs no second descent."""
         cdef Leaf *lf = _leaf_at(self, key)
         cdef int i = _ub(lf.starts, lf.n, key) - 1
+        cdef int j = i if i > 0 else 0
         pos.leaf = <void*>lf
         pos.index = i
         pos.version = self.version
+        if lf.vals != NULL and j < lf.n:
+            # A write of a new run after run i (_put_c) shifts the values after it: ask for
+            # their lines now, so that they arrive while the caller works (the search has
+            # read the starts' lines and the descent asked for the ends').
+            pkvm_prefetch_lines(&lf.vals[j], (lf.n - j) * sizeof(uint64_t))
         return _leaf_run(self, lf, i, key)
 
     cdef int _put_c(self, const RunPos *pos, uint64_t s, uint64_t e, uint64_t v) except -1 nogil:
@@ -2551,3 +2581,4 @@ include "_snp_walk.pxi"
 include "_ledger.pxi"
 include "_state.pxi"
 include "_snp_guest.pxi"
+

@@ -614,6 +614,23 @@ cdef class FaultPath:
 
     # -- the phases ------------------------------------------------------------------------------
 
+    cdef inline void _prefetch_leaves(self, PageFault f, uint64_t gfn) noexcept:
+        """Ask, at the fault's entry, for the leaves its later lookups read: the SPTE's and,
+        for a private access, the guest_memfd folio's (in the memslot seen last), for a shared
+        one the shared backing block's and the 2M word's. In fragmented memory each is a
+        cold leaf of a large map; asked for together with the attribute lookup that follows,
+        their waits overlap instead of running one after the other. Only hints: nothing is
+        read from the leaves, and a guess in the wrong memslot only fetches lines unused."""
+        cdef SharedBackingState sb = self.shared
+        _prefetch_leaf(self.sptes, gfn)
+        if f.private_access:
+            if type(self.gpath) is GmemPath:
+                (<GmemPath>self.gpath)._prefetch_folio(gfn)
+        elif (self.c_m2 is not None and sb is not None and sb._map is not None
+                and self.c_base <= gfn < self.c_end):
+            _prefetch_leaf(sb._map, (self.c_ugfn + (gfn - self.c_base)) & ~((1ULL << sb.order) - 1))
+            _prefetch_leaf(self.c_m2, gfn >> 9)
+
     cdef int _begin(self, PageFault f) except -1:
         """Entry (§4.2 steps 1-2): ``is_private`` and the fast path. The gfn's attribute word is
         read once, here, into ``f.attr``: the pfn lookup runs right after this phase in both
@@ -621,6 +638,8 @@ cdef class FaultPath:
         kernel's second ``kvm_mem_is_private`` would."""
         cdef uint64_t gfn = f.gfn, v
         cdef Run r
+        if self.vs._prefetch:
+            self._prefetch_leaves(f, gfn)
         cdef uint64_t attr = rangemap_get(self.attrs, gfn)
         cdef bint attr_private = (attr & _F_ATTR_PRIVATE) != 0
         f.attr = attr

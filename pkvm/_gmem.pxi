@@ -870,6 +870,13 @@ cdef class GmemPath:
         ``f`` now accounts for."""
         return self._get_pfn(f, end)
 
+    cdef inline void _prefetch_folio(self, uint64_t gfn) noexcept:
+        """Start the wait for the folio lookup of a private fault at ``gfn`` in the memslot
+        seen last (:meth:`_get_pfn` reads that leaf after the fault's own lookups): a fault in
+        another memslot only asks for lines it does not use."""
+        if self.c_folios is not None and <int64_t>gfn >= self.c_base:
+            _prefetch_leaf(self.c_folios, <uint64_t>(<int64_t>gfn - self.c_base + self.c_pgoff))
+
     cdef int64_t _get_pfn(self, PageFault f, int64_t end) except -1:
         """:meth:`get_pfn` (the fault path calls it directly)."""
         cdef int64_t gfn, index, first, fi, gfn_f, delta, nf, size, a, cursor = 0

@@ -48,13 +48,19 @@ cdef class VmState:
     """The typed hot state of a :class:`pkvm.kvm.vm.VM` (its base class): ``_sched`` (the
     attached timeline or None), ``_platform`` (the op table), ``vm_dead``,
     ``mmu_invalidate_in_progress``, ``_range_start`` / ``_range_end`` (the invalidation
-    range, 2**64 - 1 when none) and ``nr_vcpus`` (the vCPU count the VM was created for, which
-    a remote TLB flush targets at least)."""
+    range, 2**64 - 1 when none), ``nr_vcpus`` (the vCPU count the VM was created for, which
+    a remote TLB flush targets at least) and ``_prefetch``: whether the typed per-page paths
+    issue software prefetches for the leaves a call is about to read (True; False only to
+    measure what the hints save, ``bench/prefetch_ab.py``: every result is the same either
+    way)."""
+
+    def __cinit__(self, *args, **kwargs):
+        self._prefetch = True
 
     def __reduce_ex__(self, protocol):
         return (_copyreg.__newobj__, (type(self),),
                 _collect_state(self, ("_sched", "_platform", "vm_dead", "mmu_invalidate_in_progress",
-                                      "_range_start", "_range_end", "nr_vcpus")))
+                                      "_range_start", "_range_end", "nr_vcpus", "_prefetch")))
 
     def __setstate__(self, state):
         _restore_state(self, state)
