@@ -9,7 +9,10 @@ of one block to its neighbour is a paired measurement: on a machine whose timing
 moves by about 1 % between runs. Results never depend on the setting (tests/test_prefetch.py);
 only the time does.
 
-Run: ``python3 bench/prefetch_ab.py [N] [--platform snp|sw_protected] [--block B]``.
+With ``--batched`` each block is one batched call (``set_memory_attributes_many`` /
+``page_fault_many``), where the hints also reach one call ahead.
+
+Run: ``python3 bench/prefetch_ab.py [N] [--platform snp|sw_protected] [--block B] [--batched]``.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_fragmented as b  # noqa: E402
+import numpy as np  # noqa: E402
 
 PHASE_NAMES = ("to private", "private fault", "to shared", "shared fault")
 
 
-def measure(platform: str, n: int, block: int) -> list[tuple[float, float, list[float]]]:
+def measure(platform: str, n: int, block: int, batched: bool = False) -> list[tuple[float, float, list[float]]]:
     """Per phase: (ns per op with hints, ns per op without, the per-pair ratios on / off)."""
     gpas = b.gpas_for(n)
+    arr = np.asarray(gpas, dtype=np.uint64)
     vm, vcpu = b.pkvm_vm(platform)
     sma, pf = vm.set_memory_attributes, vcpu.page_fault
     clock = time.thread_time
@@ -44,9 +49,17 @@ def measure(platform: str, n: int, block: int) -> list[tuple[float, float, list[
             t = {}
             for setting in ((True, False) if k % 2 == 0 else (False, True)):
                 blk = gpas[i:i + block]
-                i += len(blk)
                 vm._prefetch = setting
-                if phase % 2 == 0:
+                if batched:
+                    ba = arr[i:i + block]
+                    if phase % 2 == 0:
+                        sizes = np.full(len(ba), 4096, dtype=np.uint64)
+                        t0 = clock()
+                        vm.set_memory_attributes_many(ba, sizes, np.full(len(ba), attrs, dtype=np.uint64))
+                    else:
+                        t0 = clock()
+                        vcpu.page_fault_many(ba, private=private)
+                elif phase % 2 == 0:
                     t0 = clock()
                     for a in blk:
                         sma(a, 4096, attrs)
@@ -55,6 +68,7 @@ def measure(platform: str, n: int, block: int) -> list[tuple[float, float, list[
                     for a in blk:
                         pf(a, private=private)
                 t[setting] = (clock() - t0, len(blk))
+                i += len(blk)
                 tot[setting] += t[setting][0]
                 ops[setting] += len(blk)
             if t[True][1] == t[False][1] == block:
@@ -70,11 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("n", nargs="?", type=int, default=1_000_000, help="pages (default 10**6)")
     ap.add_argument("--platform", choices=("snp", "sw_protected"), default="snp")
     ap.add_argument("--block", type=int, default=500, help="pages per block (default 500)")
+    ap.add_argument("--batched", action="store_true", help="one batched call per block")
     args = ap.parse_args(argv)
     if args.n < 4 * args.block or args.block < 1:
         ap.error("n must be at least 4 blocks and --block at least 1")
-    rows = measure(args.platform, args.n, args.block)
-    print(f"{args.platform}, N = {args.n:,}, blocks of {args.block}; thread CPU ns per op\n")
+    rows = measure(args.platform, args.n, args.block, args.batched)
+    print(f"{args.platform}, N = {args.n:,}, blocks of {args.block}"
+          f"{' (one batched call each)' if args.batched else ''}; thread CPU ns per op\n")
     print("| phase | hints on | hints off | on / off, median of pairs | quartiles |")
     print("|---|---:|---:|---:|---|")
     for name, (on, off, r) in zip(PHASE_NAMES, rows):

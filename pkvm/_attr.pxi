@@ -951,6 +951,15 @@ cdef class AttrPath:
         """``VM._set_attrs_checked``: everything the ioctl does after its argument checks."""
         self._checked(start, end, attrs)
 
+    cdef inline void _hint(self, uint64_t gfn) noexcept:
+        """Ask for the leaves a one-page call at ``gfn`` reads (its attribute run, its SPTE,
+        the 2M word in the memslot seen last) before reading any (see
+        ``FaultPath._prefetch_leaves``): their waits overlap."""
+        if self.c_m2 is not None:
+            _prefetch_leaf(self.c_m2, gfn >> 9)
+        _prefetch_leaf(self.attrs, gfn)
+        _prefetch_leaf(self.sptes, gfn)
+
     cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
         cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g
@@ -967,12 +976,7 @@ cdef class AttrPath:
             if key:
                 self._slot(key)
             if self.vs._prefetch:
-                # the three leaves asked for at once, before the first is read (see
-                # FaultPath._prefetch_leaves)
-                if key:
-                    _prefetch_leaf(self.c_m2, start >> 9)
-                _prefetch_leaf(self.attrs, start)
-                _prefetch_leaf(self.sptes, start)
+                self._hint(start)
             if key:
                 head2 = rangemap_get(self.c_m2, start >> 9)
             rangemap_run_at(self.attrs, start, &ar)  # the value and the run around it

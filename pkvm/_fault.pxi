@@ -621,9 +621,13 @@ cdef class FaultPath:
         cold leaf of a large map; asked for together with the attribute lookup that follows,
         their waits overlap instead of running one after the other. Only hints: nothing is
         read from the leaves, and a guess in the wrong memslot only fetches lines unused."""
+        self._hint(gfn, f.private_access)
+
+    cdef inline void _hint(self, uint64_t gfn, bint private_access) noexcept:
+        """:meth:`_prefetch_leaves` for a fault at ``gfn`` with this access."""
         cdef SharedBackingState sb = self.shared
         _prefetch_leaf(self.sptes, gfn)
-        if f.private_access:
+        if private_access:
             if type(self.gpath) is GmemPath:
                 (<GmemPath>self.gpath)._prefetch_folio(gfn)
         elif (self.c_m2 is not None and sb is not None and sb._map is not None
@@ -1161,6 +1165,9 @@ cdef class FaultPath:
                 gfn = gpas[i] >> 12
                 p = private[i * sp] != 0
                 w = write[i * sw] != 0
+                if vs._prefetch and i + 1 < n:
+                    # the next call's attribute leaf, the one its entry cannot ask for early
+                    _prefetch_leaf(self.attrs, gpas[i + 1] >> 12)
                 if self._generic(vcpu):
                     self._ops()  # (_run1, inline: the same phases without a FaultResult per call)
                     if vs._sched is None:
