@@ -428,14 +428,13 @@ cdef class SnpPath:
         RMPUPDATEs) and its counters; returns its CPA calls."""
         cdef int easy = self._dm_easy(before, npages, level)
         cdef bint quick = easy == 1 or (easy == 2 and self._dm_all_4k(pfn, npages))
-        sched = self.vs._sched
-        if quick and sched is None:
+        cdef SchedHooks sched = <SchedHooks?>self.vs._sched if self.vs._sched is not None else None
+        if quick:
+            if sched is not None:
+                sched._hold_idle("cpa_lock", 1)  # set_memory_*: cpa_lock taken, nothing to change
             return 0
         if sched is not None:
-            sched.acquire("cpa_lock")  # set_memory_*: one direct-map change at a time per host
-        if quick:
-            sched.release("cpa_lock")
-            return 0
+            sched._acquire("cpa_lock", 1)  # set_memory_*: one direct-map change at a time per host
         cnt = self.dm_cnt
         s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
         if before:
@@ -444,7 +443,7 @@ cdef class SnpPath:
             calls = self.dm._after_rmpupdate(pfn, npages, level, assigned)
         if not calls:
             if sched is not None:
-                sched.release("cpa_lock")
+                sched._release("cpa_lock", 1)
             return 0
         cdef Counters st = self.stats
         splits = cnt["directmap_splits"] - s0
@@ -474,7 +473,7 @@ cdef class SnpPath:
         if sched is not None:
             if flushes:
                 sched.ipi("host", flushes)  # flush_tlb_kernel_range: an IPI to every host CPU
-            sched.release("cpa_lock")
+            sched._release("cpa_lock", 1)
         return calls
 
     cdef inline int _dm_easy(self, bint before, uint64_t npages, int level) noexcept:
@@ -553,9 +552,8 @@ cdef class SnpPath:
             fail = <int64_t>res.fail_pfn if res.code else -1
         cdef Counters st = self.stats
         if done:
-            sched = self.vs._sched
-            if sched is not None:
-                sched.changed()  # a vCPU looping on RMP #NPF may now go on
+            if self.vs._sched is not None:
+                (<SchedHooks?>self.vs._sched)._changed_c()  # a vCPU looping on RMP #NPF may now go on
             st.v[self.i_rmpupdate] += <int64_t>done
             if level == 2:
                 st.v[self.i_rmpupdate_2m] += <int64_t>done
@@ -981,13 +979,17 @@ cdef class GmemPath:
         """``pkvm.kvm.gmem.GuestMemfd._truncate``: free the folios wholly inside
         ``[start, end)``; a large folio only partly inside stays (its partial range would just
         be zeroed)."""
+        self._truncate(gmem, start, end)
+
+    cdef int _truncate(self, gmem, int64_t start, int64_t end) except -1:
+        """:meth:`truncate`."""
         cdef RangeMap folios = gmem.folios
         cdef RunCursor cur
         cdef int ok, order
         cdef int64_t size, a, b, pfn, freed = 0
         self._sync()
         if start >= end:
-            return
+            return 0
         ok = rangemap_cursor_init(folios, &cur, start, end)
         while ok == 1:
             order = _folio_order(cur.value)
@@ -1010,6 +1012,7 @@ cdef class GmemPath:
         if freed:
             self.stats["gmem_pages_freed"] += freed
             self._charge("gmem_punch_4k", freed)
+        return 0
 
     cdef list _bound_ranges(self, gmem, int64_t start, int64_t end):
         """The slot-clipped gfn ranges ``(s, e)`` of the bindings that meet file indices
@@ -1036,40 +1039,51 @@ cdef class GmemPath:
         """``pkvm.kvm.gmem.GuestMemfd._punch_hole`` (``kvm_gmem_punch_hole``, §4.7) on file
         indices ``[start, end)`` (already clipped): under the file's invalidate lock, an MMU
         invalidation around the zap of the bound gfns' private mappings, then the release of
-        the folios (:meth:`truncate`)."""
+        the folios (:meth:`truncate`). The VM's invalidation steps (``VM._invalidate_begin``,
+        ``_invalidate_range_add``, ``_invalidate_end``), zap and flush run here in C."""
         cdef bint flush = False
+        cdef VmState vs = self.vs
+        cdef SchedHooks sched
+        cdef AttrPath ap
+        cdef int64_t s, e
         if start >= end:
             return
-        d = self.d
-        vm = self.vm
-        sched = self.vs._sched
+        sched = <SchedHooks?>vs._sched if vs._sched is not None else None
         if sched is not None:
-            sched.acquire("gmem_invalidate")  # filemap_invalidate_lock: exclusive
+            sched._acquire("gmem_invalidate", 1)  # filemap_invalidate_lock: exclusive
         ranges = self._bound_ranges(gmem, start, end)
         if ranges:
+            ap = <AttrPath?>self.vm._attr_path
             if sched is not None:
-                sched.acquire("mmu_lock")
-            vm._invalidate_begin()
-            t0 = sched.work_ns() if sched is not None else self.ledger.now()
+                sched._acquire("mmu_lock", 1)
+            vs.mmu_invalidate_in_progress += 1  # kvm_mmu_invalidate_begin
+            if vs.mmu_invalidate_in_progress == 1:
+                vs._range_start = vs._range_end = _INVALID_GFN
+            t0 = sched._work_ns() if sched is not None else self.ledger.now()
             for s, e in ranges:  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
-                vm._invalidate_range_add(s, e)
-                if vm._zap(s, e, _FILTER_PRIVATE) > 0:  # only private mappings (§4.7)
+                if vs._range_start == _INVALID_GFN:  # kvm_mmu_invalidate_range_add
+                    vs._range_start, vs._range_end = s, e
+                else:
+                    vs._range_start = min(vs._range_start, <uint64_t>s)
+                    vs._range_end = max(vs._range_end, <uint64_t>e)
+                ap.quiet = False
+                if ap._zap(s, e, _FILTER_PRIVATE) > 0:  # only private mappings (§4.7)
                     flush = True
             if flush:
-                vm._flush_remote_tlbs()
-            (<AttrPath?>vm._attr_path)._add_lock((sched.work_ns() if sched is not None else self.ledger.now()) - t0)
+                ap.quiet = False
+                ap._flush()
+            ap._add_lock((sched._work_ns() if sched is not None else self.ledger.now()) - t0)
             if sched is not None:
-                sched.release("mmu_lock")
-        self.truncate(gmem, start, end)
+                sched._release("mmu_lock", 1)
+        self._truncate(gmem, start, end)
         if ranges:
             if sched is not None:
-                sched.acquire("mmu_lock")
-            vm._invalidate_end()
+                sched._acquire("mmu_lock", 1)
+            ap._post_begin()  # kvm_mmu_invalidate_end
             if sched is not None:
-                sched.release("mmu_lock")
+                sched._release("mmu_lock", 1)
         if sched is not None:
-            sched.release("gmem_invalidate")
-
+            sched._release("gmem_invalidate", 1)
 
 
 # -- the VMM's shared backing --------------------------------------------------------------------
