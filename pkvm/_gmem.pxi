@@ -321,6 +321,7 @@ cdef class SnpPath:
     cdef Py_ssize_t i_cache_flush_pages, i_leaked_pages
     cdef RmpTable rmp           # None while ``snp.rmp`` is not an RmpTable (a reference twin)
     cdef RangeMap dm_map        # None while ``snp.directmap`` is not a DirectMap
+    cdef RangeMap dm_orig       # its boot layout (None likewise)
     cdef RangeMap leaked
     cdef uint64_t asid
     cdef bint split4k
@@ -369,6 +370,7 @@ cdef class SnpPath:
         dm = snp.directmap
         self.dm = dm
         self.dm_map = dm._map if type(dm) is DirectMap else None
+        self.dm_orig = dm._orig if type(dm) is DirectMap else None
         self.dm_cnt = dm._cnt
         self.split4k = dm._policy == "split-4k"
 
@@ -435,20 +437,33 @@ cdef class SnpPath:
             return 0
         if sched is not None:
             sched._acquire("cpa_lock", 1)  # set_memory_*: one direct-map change at a time per host
+        cdef uint64_t n1g = 0, n2m = 0, frag = 0
         cnt = self.dm_cnt
-        s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
-        if before:
-            calls = self.dm._before_rmpupdate(pfn, npages, level, assigned)
+        if easy == 2:
+            # split-4k before 4K RMPUPDATEs over pages not all at 4K, on a DirectMap:
+            # DirectMap._before_rmpupdate -> _adjust -> _split (set_memory_4k per 2M block).
+            _dm_split(self.dm_map, self.dm_orig, pfn, pfn + npages, &n1g, &n2m, &frag)
+            if frag:
+                self.dm._fragmented += frag
+            cnt["directmap_splits"] += n1g + n2m
+            cnt["directmap_cpa_calls"] += n2m
+            calls = n2m
+            splits = n1g + n2m
+            unmaps = restores = 0
         else:
-            calls = self.dm._after_rmpupdate(pfn, npages, level, assigned)
+            s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
+            if before:
+                calls = self.dm._before_rmpupdate(pfn, npages, level, assigned)
+            else:
+                calls = self.dm._after_rmpupdate(pfn, npages, level, assigned)
+            splits = cnt["directmap_splits"] - s0
+            unmaps = cnt["directmap_unmaps"] - u0
+            restores = cnt["directmap_restores"] - r0
         if not calls:
             if sched is not None:
                 sched._release("cpa_lock", 1)
             return 0
         cdef Counters st = self.stats
-        splits = cnt["directmap_splits"] - s0
-        unmaps = cnt["directmap_unmaps"] - u0
-        restores = cnt["directmap_restores"] - r0
         st.v[self.i_dm_splits] += <int64_t>splits
         st.v[self.i_dm_unmaps] += <int64_t>unmaps
         st.v[self.i_dm_restores] += <int64_t>restores
@@ -472,7 +487,7 @@ cdef class SnpPath:
                                    f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
         if sched is not None:
             if flushes:
-                sched.ipi("host", flushes)  # flush_tlb_kernel_range: an IPI to every host CPU
+                sched._ipi("host", flushes)  # flush_tlb_kernel_range: an IPI to every host CPU
             sched._release("cpa_lock", 1)
         return calls
 

@@ -343,13 +343,17 @@ cdef class SchedHooks:
     def ipi(self, scope, n=1):
         """An IPI from the running actor: ``"vm"`` (remote TLB flush: every other vCPU of the VM
         in a task stalls), ``"host"`` (kernel-range flush: every other actor in a task stalls)."""
+        self._ipi(scope, n)
+
+    cdef int _ipi(self, scope, n) except -1:
         cdef SchedActor cur = self._current, a
         if cur is None or self._active <= cur.in_task:
-            return  # no other actor is in a task: none to stall
+            return 0  # no other actor is in a task: none to stall
         ns = self._ipi_ns * n
         for a in self._actors.values():
             if a is not cur and a.in_task and (a.vcpu or scope == "host"):
                 a.stall_debt += ns
+        return 0
 
     # -- the per-task machinery: an actor's coroutine (a greenlet) and its SimPy process -------
     #

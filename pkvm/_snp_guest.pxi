@@ -38,7 +38,7 @@ def snp_pv_fault_stop(r, uint64_t gfn, faults):
 cdef int _pv_count(vm, int level, int code, count) except -1:
     """``SnpVcpu._pval_count``: count and charge ``count`` PVALIDATEs at ``level`` that ended
     with ``code`` (``vm._charge``, then the counters)."""
-    vm._charge("pvalidate_2m" if level == _PV_2M else "pvalidate_4k", count)
+    (<Ledger?>vm._ledger).charge_obj("pvalidate_2m" if level == _PV_2M else "pvalidate_4k", count)  # VM._charge
     st = vm._stats
     if code == _PV_SUCCESS:
         st["pvalidate"] += count
@@ -269,7 +269,7 @@ cdef bint _psc_begin(vcpu, begin) except -1:
     begin(vcpu)
     vm = vcpu.vm
     vm._stats["psc_requests"] += 1
-    vm._charge("psc_request", 1)
+    (<Ledger?>vm._ledger).charge_obj("psc_request", 1)  # VM._charge
     if vm._subs is not None:
         vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (vcpu.id, _VMGEXIT_PSC, 0, 0))
     return bool(vm.hypercall_exit_mask & (1 << _HC_MAP_GPA_RANGE))
