@@ -74,6 +74,19 @@ def snp_pv_batch_end(vm, uint64_t gfn, uint64_t end, bint validated):
     return _pv_batch_end(vm, gfn, end, validated)
 
 
+cdef object _pv_rmp_pvalidate(rmp, uint64_t pfn, uint64_t n, int level, asid, uint64_t gpa,
+                              bint validate):
+    """``rmp.pvalidate_range(pfn, n, level, asid=asid, gpa=gpa, validate=validate)``: the
+    core's :class:`RmpTable` answers in C for a range inside the table (a 2M one in whole 2M
+    entries); a reference twin, or a range the method refuses, goes through the method."""
+    cdef RmpTable t
+    if type(rmp) is RmpTable:
+        t = <RmpTable>rmp
+        if pfn < t.max_pfn_ and n <= t.max_pfn_ - pfn and not (level == _PV_2M and n & _MASK_2M):
+            return _rmp_pvalidate(t, pfn, n, level, asid, gpa, validate)
+    return rmp.pvalidate_range(pfn, n, level, asid=asid, gpa=gpa, validate=validate)
+
+
 cdef object _pv_4k_run(vcpu, vm, snp, RangeMap sptes, uint64_t gfn, uint64_t end, bint validate):
     """``SnpVcpu._pvalidate_4k_run``: 4K PVALIDATEs over ``[gfn, end)`` inside one private
     leaf run; None on success."""
@@ -92,8 +105,7 @@ cdef object _pv_4k_run(vcpu, vm, snp, RangeMap sptes, uint64_t gfn, uint64_t end
         pfn = <uint64_t>(<int64_t>gfn + _decode_delta(v))
         # A 4K PVALIDATE on a 2M RMP entry stops the range with NPF_SIZEM; the single path
         # below then takes the #NPF (PSMASH + zap) and re-executes.
-        done, _fail, code = snp._rmp.pvalidate_range(pfn, e - gfn, _PV_4K, asid=snp.asid,
-                                                     gpa=gfn << 12, validate=validate)
+        done, _fail, code = _pv_rmp_pvalidate(snp._rmp, pfn, e - gfn, _PV_4K, snp.asid, gfn << 12, validate)
         if done:
             _pv_count(vm, _PV_4K, _PV_SUCCESS, done)
             gfn += <uint64_t>done
@@ -140,6 +152,14 @@ def snp_pvalidate_range(vcpu, uint64_t gfn, uint64_t end, bint validate, bint hu
         resume.huge = huge
         vcpu._resume = resume
     return r
+
+
+cdef object _pv_find_ne(rmp, uint64_t pfn, uint64_t n, assigned, level, asid, gpa, validated):
+    """``rmp.find_ne(pfn, n, ...)`` with the fields that are not None: the core's
+    :class:`RmpTable` answers in C, a reference twin through its method."""
+    if type(rmp) is RmpTable:
+        return _rmp_find(<RmpTable>rmp, pfn, n, False, assigned, level, asid, gpa, None, validated, None)
+    return rmp.find_ne(pfn, n, assigned=assigned, level=level, asid=asid, gpa=gpa, validated=validated)
 
 
 cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
@@ -194,7 +214,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             if v1:
                 p1 = <uint64_t>(<int64_t>gfn + _decode_delta(v1))
                 if (v1 & _F_SPTE_PRIVATE and not p1 & 511 and e > gfn + 1
-                        and rmp.find_ne(p1, 1, validated=validate) != -1):  # its 4K retry succeeds
+                        and _pv_find_ne(rmp, p1, 1, None, None, None, None, validate) != -1):  # its 4K retry succeeds
                     n, r = vm._fault_path.fault(vcpu, gfn + 1, _pv_batch_end(vm, gfn + 1, e, not validate),
                                                 True, False)
                     faults += n
@@ -205,8 +225,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 and rmp.lookup(pfn).level == _PV_2M):
             # A run of 2M leaves over 2M RMP entries: one range operation.
             n2 = (e - gfn) >> 9
-            done, _fail, code = rmp.pvalidate_range(pfn, n2 << 9, _PV_2M, asid=snp.asid,
-                                                    gpa=gfn << 12, validate=validate)
+            done, _fail, code = _pv_rmp_pvalidate(rmp, pfn, n2 << 9, _PV_2M, snp.asid, gfn << 12, validate)
             if done:
                 _pv_count(vm, _PV_2M, _PV_SUCCESS, done)
                 gfn += (<uint64_t>done) << 9
@@ -217,8 +236,8 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 gfn += 512
             continue
         if (v and v & _F_SPTE_PRIVATE and e - gfn >= 512 and _f_level(v) == _PV_4K
-                and not pfn & 511 and rmp.find_ne(pfn, e - gfn, level=_PV_4K, assigned=True,
-                                                  asid=snp.asid, gpa=gfn << 12) == -1):
+                and not pfn & 511 and _pv_find_ne(rmp, pfn, e - gfn, True, _PV_4K, snp.asid,
+                                                  gfn << 12, None) == -1):
             # 4K leaves over 4K RMP entries: every 2M PVALIDATE fails with SIZEMISMATCH and
             # is redone as 512 x 4K; the blocks up to the first 4K failure are counted.
             k = (e - gfn) >> 9
