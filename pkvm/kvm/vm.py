@@ -739,6 +739,11 @@ class VM(VmState):
         ``slots_lock`` (docs/timeline.md). The phases are :class:`AttrIoctl`'s."""
         lat = sched.latency_begin()
         sched.acquire("slots_lock")
+        if not self._legacy and self._attrs.find_ne(start, end, attrs) == -1:
+            # The §2.7 short-circuit (AttrIoctl's no-op): nothing runs under slots_lock.
+            sched.release("slots_lock")
+            sched.latency_end("attr_ioctl", lat)
+            return
         op = AttrIoctl(self, start, end, attrs)
         locked = bool(op._ranges)
         op._before_lock()
