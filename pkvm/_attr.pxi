@@ -33,6 +33,27 @@ cdef uint64_t _PAGE_MASK = 0xFFF
 cdef uint64_t _INVALID_GFN = 0xFFFFFFFFFFFFFFFFULL
 
 
+cdef inline int _mmu_invalidate_begin(VmState vs) except -1:
+    """``kvm_mmu_invalidate_begin``: one more invalidation in progress; the first one starts
+    with an empty range. (``VM._invalidate_begin``; the attribute ioctl's own begin,
+    ``AttrPath._pre_begin``, keeps the range it reads in its ``_PreState``.)"""
+    vs.mmu_invalidate_in_progress += 1
+    if vs.mmu_invalidate_in_progress == 1:
+        vs._range_start = vs._range_end = _INVALID_GFN
+    return 0
+
+
+cdef inline int _mmu_invalidate_range_add(VmState vs, uint64_t start, uint64_t end) except -1:
+    """``kvm_mmu_invalidate_range_add``: the invalidation range grows to cover ``[start, end)``
+    (``VM._invalidate_range_add``)."""
+    if vs._range_start == _INVALID_GFN:
+        vs._range_start, vs._range_end = start, end
+    else:
+        vs._range_start = min(vs._range_start, start)
+        vs._range_end = max(vs._range_end, end)
+    return 0
+
+
 cdef inline int _spte_level(uint64_t v) noexcept nogil:
     return <int>((v >> 1) & 3)
 

@@ -1055,7 +1055,8 @@ cdef class GmemPath:
         indices ``[start, end)`` (already clipped): under the file's invalidate lock, an MMU
         invalidation around the zap of the bound gfns' private mappings, then the release of
         the folios (:meth:`truncate`). The VM's invalidation steps (``VM._invalidate_begin``,
-        ``_invalidate_range_add``, ``_invalidate_end``), zap and flush run here in C."""
+        ``_invalidate_range_add``: the same C functions; ``_invalidate_end``: the attribute
+        path's ``_post_begin``), zap and flush run here in C."""
         cdef bint flush = False
         cdef VmState vs = self.vs
         cdef SchedHooks sched
@@ -1071,16 +1072,10 @@ cdef class GmemPath:
             ap = <AttrPath?>self.vm._attr_path
             if sched is not None:
                 sched._acquire("mmu_lock", 1)
-            vs.mmu_invalidate_in_progress += 1  # kvm_mmu_invalidate_begin
-            if vs.mmu_invalidate_in_progress == 1:
-                vs._range_start = vs._range_end = _INVALID_GFN
+            _mmu_invalidate_begin(vs)
             t0 = sched._work_ns() if sched is not None else self.ledger.now()
             for s, e in ranges:  # kvm_gmem_invalidate_begin zaps under mmu_lock (write)
-                if vs._range_start == _INVALID_GFN:  # kvm_mmu_invalidate_range_add
-                    vs._range_start, vs._range_end = s, e
-                else:
-                    vs._range_start = min(vs._range_start, <uint64_t>s)
-                    vs._range_end = max(vs._range_end, <uint64_t>e)
+                _mmu_invalidate_range_add(vs, s, e)
                 ap.quiet = False
                 if ap._zap(s, e, _FILTER_PRIVATE) > 0:  # only private mappings (§4.7)
                     flush = True

@@ -57,6 +57,14 @@ cdef class VmState:
     def __cinit__(self, *args, **kwargs):
         self._prefetch = True
 
+    def _invalidate_begin(self):
+        """``kvm_mmu_invalidate_begin`` (:func:`_mmu_invalidate_begin`)."""
+        _mmu_invalidate_begin(self)
+
+    def _invalidate_range_add(self, uint64_t start, uint64_t end):
+        """``kvm_mmu_invalidate_range_add`` of ``[start, end)`` (:func:`_mmu_invalidate_range_add`)."""
+        _mmu_invalidate_range_add(self, start, end)
+
     def __reduce_ex__(self, protocol):
         return (_copyreg.__newobj__, (type(self),),
                 _collect_state(self, ("_sched", "_platform", "vm_dead", "mmu_invalidate_in_progress",

@@ -552,17 +552,8 @@ class VM(VmState):
 
     # -- the invalidation protocol (§2.8) -----------------------------------------------------
 
-    def _invalidate_begin(self) -> None:
-        self.mmu_invalidate_in_progress += 1
-        if self.mmu_invalidate_in_progress == 1:
-            self._range_start = self._range_end = INVALID_GFN
-
-    def _invalidate_range_add(self, start: int, end: int) -> None:
-        if self._range_start == INVALID_GFN:
-            self._range_start, self._range_end = start, end
-        else:
-            self._range_start = min(self._range_start, start)
-            self._range_end = max(self._range_end, end)
+    # _invalidate_begin / _invalidate_range_add (kvm_mmu_invalidate_begin / _range_add): the
+    # VmState methods, whose C functions the hole punch also calls (pkvm/_attr.pxi)
 
     def _invalidate_end(self) -> None:
         self._stats["mmu_invalidate_seq"] += 1
