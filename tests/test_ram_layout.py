@@ -73,3 +73,21 @@ def test_tdx_guests_past_one_memslot_boot_range_compressed(memory):
     size = pkvm._units.parse_size(memory)
     assert r.counters["gfns_accessed"] == 2 * ((size - (2 << 20)) >> 12)
     assert r.wall_s < 30
+
+
+@pytest.mark.parametrize("memory", [10**40, 1 << 64, "1000000000000P"])
+def test_absurd_ram_is_refused_without_laying_it_out(monkeypatch, memory):
+    """The q35 layout of 1e40 bytes would be ~1e27 memslots (the process hangs, then runs out of
+    memory): the size is refused from the layout's end, computed before the layout."""
+    from pkvm.actors import vmm
+
+    real = vmm.q35_ram_layout
+
+    def bounded(size):
+        assert size < 1 << 52, "laid out RAM past every guest physical address space"
+        return real(size)
+
+    monkeypatch.setattr(vmm, "q35_ram_layout", bounded)
+    for platform in ("snp", "tdx", "sw_protected"):
+        with pytest.raises(ValueError, match="at most \\d+ GiB of RAM fits"):
+            E.Config(platform=platform, memory=memory, workload="boot")

@@ -142,13 +142,14 @@ def check_ram_fits(platform: str, memory: int, gpaw: int = 48) -> None:
         ValueError: one line naming the limit and the largest RAM that fits.
     """
     bound, what = ram_limit(platform, gpaw)
-    layout = q35_ram_layout(memory)
-    end = layout[-1][0] + layout[-1][1]
+    # The layout's end, computed before the layout: an absurd size (1e40 bytes) would make it a
+    # list of more memslots than memory holds.
+    end = memory if memory < Q35_LOWMEM_SPLIT else memory + FOUR_GIB - Q35_LOWMEM
     most = bound - (FOUR_GIB - Q35_LOWMEM) if bound > FOUR_GIB else bound
     if end > bound:
         raise ValueError(f"on QEMU's q35 layout RAM would end at gpa {end:#x}, past the {what}; "
                          f"at most {most >> 30} GiB of RAM fits")
-    hva_room = _TASK_SIZE_MAX - HVA_BASE - GiB * len(layout)
+    hva_room = _TASK_SIZE_MAX - HVA_BASE - GiB * len(q35_ram_layout(memory))
     if memory > hva_room:
         raise ValueError(f"RAM does not fit in the VMM's address space (memslot HVAs "
                          f"below TASK_SIZE_MAX {_TASK_SIZE_MAX + 4096:#x}, 4-level host paging); at most "
