@@ -198,10 +198,12 @@ def _experiment_options(single_policy: bool) -> _Parser:
     o.add_argument("--timeline", metavar="OUT.json", default=None,
                    help="write the concurrent timeline as Chrome trace-event JSON (open it in Perfetto UI or "
                         "chrome://tracing): a track per actor, lock waits and holds, races" + (
-                       "" if single_policy else "; with several policies OUT.<policy>.json"))
+                       "" if single_policy else "; with several policies OUT.<policy>.json (with "
+                       "--sweep-memory, OUT.<size>.<policy>.json)"))
     o.add_argument("--gantt", metavar="OUT.png", default=None,
                    help="draw the timeline as a per-actor Gantt chart" + (
-                       "" if single_policy else "; with several policies OUT.<policy>.png"))
+                       "" if single_policy else "; with several policies OUT.<policy>.png (with "
+                       "--sweep-memory, OUT.<size>.<policy>.png)"))
     o.add_argument("--trace-events", metavar="EVENT,...", default=None,
                    help="with --trace, write only these tracepoints (comma-separated; default: all): "
                         + ", ".join(TRACE_EVENTS))
@@ -498,9 +500,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _sweep_trace(path: str | None, memory: int, policies: Sequence[str]) -> str | None:
-    """The trace path to give :func:`pkvm.experiments.compare` at one sweep size, so that the
-    files are named as :func:`pkvm.experiments.sweep` names them: ``out.<size>.<policy>.txt``
-    (compare adds the policy itself when there are several)."""
+    """The trace (timeline, Gantt chart) path to give :func:`pkvm.experiments.compare` at one
+    sweep size, so that the files are named as :func:`pkvm.experiments.sweep` names them:
+    ``out.<size>.<policy>.txt`` (compare adds the policy itself when there are several)."""
     if path is None:
         return None
     stem, ext = os.path.splitext(path)
@@ -643,7 +645,9 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
         for i, mem in enumerate(memories or [int(base.memory)]):
             config, prefix = base, ""
             if memories:
-                config = base.with_(memory=mem, trace=_sweep_trace(base.trace, mem, policies))
+                config = base.with_(memory=mem, trace=_sweep_trace(base.trace, mem, policies),
+                                    timeline=_sweep_trace(base.timeline, mem, policies),
+                                    gantt=_sweep_trace(base.gantt, mem, policies))
                 prefix = f"{format_size(mem)} "
             with _progress(_show_progress(args), policies, prefix) as cb:
                 batch = experiments.compare(config, policies, args.seed, progress=cb, runner=runner)

@@ -162,6 +162,18 @@ def test_sweep_traces_are_named_by_size_and_policy(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["t.16M.6.19.txt", "t.32M.6.19.txt"]
 
 
+@pytest.mark.parametrize("policies", ["6.19", "6.16,6.19"])
+def test_sweep_timelines_and_gantt_charts_are_named_by_size(tmp_path, policies):
+    """--timeline and --gantt with --sweep-memory write one file per size and policy, as the
+    trace does (one name per policy alone had the second size overwrite the first's)."""
+    p = pkvm("compare", "--platform", "sw_protected", "--sweep-memory", "16M,32M", "--policies", policies,
+             "--timeline", "tl.json", "--gantt", "g.png", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    want = [f"{stem}.{size}.{pol}.{ext}" for stem, ext in (("g", "png"), ("tl", "json"))
+            for size in ("16M", "32M") for pol in policies.split(",")]
+    assert sorted(os.listdir(tmp_path)) == sorted(want)
+
+
 def test_quiet_lists_no_files(tmp_path):
     """--quiet keeps stderr empty."""
     p = pkvm("compare", *SMALL, "--policies", "6.19", "--json", str(tmp_path / "o.json"), "--quiet")
