@@ -8,6 +8,7 @@ the file runs in well under a minute under the ``ci`` profile too.
 """
 
 import os
+import stat
 import tempfile
 
 import pytest
@@ -275,3 +276,56 @@ def test_costs_help_toml_and_vm_docstring_cite_docs_costs_md(capsys):
     toml_head = capsys.readouterr().out.split("\nformat")[0]
     for text in (help_text, toml_head, pkvm.VM.__doc__):
         assert "docs/costs.md" in text and "spec/" not in text
+
+
+def _null_device(path):
+    """A character device like /dev/null at ``path`` (mknod needs root: skip without it)."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("mknod needs root")
+    return str(path)
+
+
+def test_outputs_may_share_a_device(capsys, monkeypatch, tmp_path):
+    """A device is no file to protect: any number of outputs may name it."""
+    monkeypatch.chdir(tmp_path)
+    null = _null_device(tmp_path / "null")
+    code, out, err = _run(capsys, ["run", "--memory", "64M", "--json", null, "--timeline", null], str(tmp_path))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "--json", "@DEV"],
+    ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "--out", "@DEV.csv"],
+    ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "--plot", "@DEV.png"],
+    ["run", "--memory", "64M", "--timeline", "@DEV"],
+    ["run", "--memory", "64M", "--gantt", "@DEV.png"],
+])
+def test_outputs_write_through_a_device_and_a_pipe(capsys, monkeypatch, tmp_path, argv):
+    """An output written whole (a temporary file renamed over the target) replaced a device
+    node named as the output with a regular file: as root, ``pkvm sweep --json /dev/null``
+    turned /dev/null into a file. A device or a pipe is written through, as open() would."""
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    dev = [a for a in argv if a.startswith("@DEV")][0].replace("@DEV", str(tmp_path / "null"))
+    _null_device(dev)
+    code, out, err = _run(capsys, [a.replace("@DEV", str(tmp_path / "null")) for a in argv], str(tmp_path))
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat(dev).st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    fifo = str(tmp_path / "pipe") + os.path.splitext(dev)[1]
+    os.mkfifo(fifo)
+    got = []
+
+    def read():
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    code, out, err = _run(capsys, [a.replace("@DEV", str(tmp_path / "pipe")) for a in argv], str(tmp_path))
+    reader.join(60)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and got and got[0]
