@@ -36,6 +36,7 @@ import difflib
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -476,11 +477,24 @@ def _memories(text: list[str] | None, base: Config) -> list[int]:
     return out
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Fail before a long run, not after it, when an output cannot be created."""
-    paths = (args.json, args.plot, args.trace, args.timeline, args.gantt)
-    for path in paths:
-        if path is None:
+#: The options that name a file to write, with their attribute in the parsed arguments.
+_OUTPUTS = (("--json", "json"), ("--plot", "plot"), ("--trace", "trace"), ("--timeline", "timeline"),
+            ("--gantt", "gantt"), ("--out", "out"))
+
+
+def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[str] = (),
+                   memories: Sequence[int] = ()) -> None:
+    """Fail before a long run, not after it, when an output cannot be created, or would
+    overwrite an input of the run or another output (``config``, ``policies`` and
+    ``memories`` say which files the run reads and writes)."""
+    given = [(flag, getattr(args, name, None)) for flag, name in _OUTPUTS]
+    given = [(flag, path) for flag, path in given if path is not None]
+    for flag, path in given:
+        if not path.strip():
+            raise UsageError(f"{flag} needs a file name, e.g. {flag} OUT{_OUTPUT_EXAMPLE[flag]}")
+    _check_distinct(args, config, given, policies, memories)
+    for flag, path in given:
+        if flag == "--out":  # _check_frame_out
             continue
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
@@ -497,6 +511,51 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if ext and ext not in known:
             raise UsageError(f"--plot {args.plot}: cannot draw .{ext} files (use .png, or one of "
                              f"{', '.join(sorted(known))})")
+
+
+_OUTPUT_EXAMPLE = {"--json": ".json", "--plot": ".png", "--trace": ".txt", "--timeline": ".json",
+                   "--gantt": ".png", "--out": ".parquet"}
+
+
+def _file_key(path: str) -> Any:
+    """What identifies the file ``path`` names: its device and inode when it exists, else its
+    resolved path; None for an existing file that is not regular (``/dev/null``, a pipe), which
+    any number of outputs may share."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _check_distinct(args: argparse.Namespace, config: Config, given: Sequence[tuple[str, str]],
+                    policies: Sequence[str], memories: Sequence[int]) -> None:
+    """No two outputs write the same file, and none writes a file the run reads (the
+    ``--costs`` file, the trace a replay replays): the run would destroy its own input."""
+    inputs = [("--costs", args.costs)]
+    if config.workload == "replay":
+        inputs.append(("--workload replay:", config.options.get("file")))
+    seen: dict[Any, tuple[str, str]] = {}
+    for flag, path in inputs:
+        if path:
+            seen.setdefault(_file_key(path), (flag, path))
+    for flag, path in given:
+        names = [path]
+        if flag in ("--trace", "--timeline", "--gantt"):  # one file per size and policy
+            names = [_sweep_trace(path, m, policies) or path for m in memories] or [path]
+            if len(policies) > 1:
+                names = [experiments._trace_path(n, p, len(policies)) or n for n in names for p in policies]
+        for name in names:
+            key = _file_key(name)
+            if key is None:
+                continue
+            if key in seen:
+                other_flag, other = seen[key]
+                if (other_flag, other) in inputs:
+                    shown = f"{other_flag}{other}" if other_flag.endswith(":") else f"{other_flag} {other}"
+                    raise UsageError(f"{flag} {path}: would overwrite {name}, which the run reads ({shown})")
+                raise UsageError(f"{flag} {path} and {other_flag} {other} would both write {name}")
+            seen[key] = (flag, path)
 
 
 def _sweep_trace(path: str | None, memory: int, policies: Sequence[str]) -> str | None:
@@ -635,7 +694,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
     base = _config(args)
     policies = _policies(args, base)
     memories = _memories(args.sweep_memory, base)
-    _check_outputs(args)
+    _check_outputs(args, base, policies, memories)
     _check_frame_out(args)
     if args.trace is not None:
         sizes = memories or [int(base.memory)]
@@ -673,7 +732,7 @@ def _print_batch(out: _Output, args: argparse.Namespace, config: Config, policie
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
     config = _config(args)
     policy = str(config.policy)
-    _check_outputs(args)
+    _check_outputs(args, config, [policy])
     _check_trace_size(args, [config])
     with _progress(_show_progress(args), [policy]) as cb:
         result = experiments.run(config, args.seed,
@@ -942,7 +1001,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         raise UsageError(f"--grid: {_message(exc)}") from None
     for pt in points:
         _policies(args, pt)
-    _check_outputs(args)
+    _check_outputs(args, base)
     _check_frame_out(args)
     runs = sum(len(args.policies or experiments.PLATFORM_POLICIES[pt.platform]) for pt in points)
     with _runner(args) as runner, _runs_progress(args, runs) as cb:
@@ -1024,7 +1083,7 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
         raise UsageError(f"{flag}: {_message(exc)}") from None
     if args.method == "morris" and args.samples < 2:
         raise UsageError(f"--samples {args.samples}: morris needs at least 2 trajectories")
-    _check_outputs(args)
+    _check_outputs(args, base)
     _check_frame_out(args)
     try:
         with _runner(args) as runner, _progress(_show_progress(args), policies) as cb:

@@ -278,6 +278,46 @@ def test_costs_help_toml_and_vm_docstring_cite_docs_costs_md(capsys):
         assert "docs/costs.md" in text and "spec/" not in text
 
 
+_REC = ("cpus=2\n# pkvm version=0 platform=snp memory=67108864 image=2097152 vcpus=1 policy=fault-time "
+        "workload=boot\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--workload", "replay:rec.txt", "--trace", "rec.txt"],
+     "--trace rec.txt: would overwrite rec.txt, which the run reads (--workload replay:rec.txt)"),
+    (["run", "--workload", "replay:rec.txt", "--json", "./rec.txt"],
+     "--json ./rec.txt: would overwrite ./rec.txt, which the run reads (--workload replay:rec.txt)"),
+    (["compare", "--workload", "replay:rec.txt", "--policies", "fault-time", "--timeline", "rec.txt"],
+     "--timeline rec.txt: would overwrite rec.txt"),
+    (["compare", "--workload", "replay:rec.fault-time.txt", "--policies", "fault-time,eager-post",
+      "--trace", "rec.txt"], "--trace rec.txt: would overwrite rec.fault-time.txt"),
+    (["run", "--memory", "64M", "--costs", "c.toml", "--json", "c.toml"],
+     "--json c.toml: would overwrite c.toml, which the run reads (--costs c.toml)"),
+    (["sensitivity", "--memory", "64M", "--policies", "fault-time", "--costs", "c.toml", "--plot", "c.toml"],
+     "--plot c.toml: would overwrite c.toml"),
+    (["run", "--memory", "64M", "--json", "x.json", "--timeline", "x.json"],
+     "--timeline x.json and --json x.json would both write x.json"),
+    (["compare", "--memory", "64M", "--policies", "fault-time,eager-post", "--trace", "t.txt", "--json",
+      "t.eager-post.txt"], "--trace t.txt and --json t.eager-post.txt would both write t.eager-post.txt"),
+    (["sweep", "--memory", "64M", "--grid", "vcpus=1", "--out", "o.csv", "--json", "o.csv"],
+     "--out o.csv and --json o.csv would both write o.csv"),
+])
+def test_outputs_never_overwrite_an_input_or_each_other(capsys, monkeypatch, tmp_path, argv, message):
+    """Writing the trace being replayed (or the cost file read) truncated it before the replay
+    read it: the input was lost and the run failed; two outputs naming one file kept only the
+    last written. Both are refused before anything runs, and the files are left as they were."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for name in ("rec.txt", "rec.fault-time.txt"):
+        (tmp_path / name).write_text(_REC)
+    (tmp_path / "c.toml").write_text('[overrides]\nrmpupdate = "800ns"\n')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, out, err = _run(capsys, argv, str(tmp_path))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert message in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def _null_device(path):
     """A character device like /dev/null at ``path`` (mknod needs root: skip without it)."""
     try:
@@ -329,3 +369,22 @@ def test_outputs_write_through_a_device_and_a_pipe(capsys, monkeypatch, tmp_path
     reader.join(60)
     assert code == 0, err
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and got and got[0]
+
+
+_RUN, _COMPARE = ["run", "--memory", "64M"], ["compare", "--memory", "64M", "--policies", "6.19"]
+_SWEEP = ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1"]
+
+
+@pytest.mark.parametrize("command, flag", [(c, f) for c in (_RUN, _COMPARE) for f in
+                                           ("--json", "--plot", "--trace", "--timeline", "--gantt")]
+                         + [(_COMPARE, "--out"), (_SWEEP, "--json"), (_SWEEP, "--plot"), (_SWEEP, "--out")])
+def test_an_empty_output_name_is_a_usage_error(capsys, monkeypatch, tmp_path, command, flag):
+    """``--json ''`` ran and then failed (exit 1, "No such file or directory: ''"); ``--plot ''``
+    wrote a file called ``.png``; ``--timeline ''`` and ``--gantt ''`` wrote nothing and said
+    nothing. Each is refused before anything runs."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, [*command, flag, ""], str(tmp_path))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert f"pkvm: error: {flag} needs a file name" in err
+    assert list(tmp_path.iterdir()) == []
