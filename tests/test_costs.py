@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -351,6 +352,17 @@ def test_parse_ns_is_exact(n, unit):
             parse_ns(f"{n}{unit}")
         return
     assert parse_ns(f"{n}{unit}") == n * scale and type(parse_ns(f"{n}{unit}")) is int
+
+
+@pytest.mark.parametrize("nested", ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000],
+                         ids=["arrays", "inline-tables"])
+def test_deeply_nested_toml_is_a_value_error(tmp_path, nested):
+    """tomllib recurses on nested arrays and inline tables: a deep enough file raised
+    RecursionError (the CLI's 'internal error'), where a bad file is a ValueError naming it."""
+    path = tmp_path / "deep.toml"
+    path.write_text(f"x = {nested}\n")
+    with pytest.raises(ValueError, match=f"bad cost model TOML in {path}: nested too deeply"):
+        CostModel.from_toml(path)
 
 
 # ---- serialisation -----------------------------------------------------------------------

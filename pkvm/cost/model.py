@@ -686,6 +686,8 @@ class CostModel(Mapping[str, Cost]):
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"bad cost model TOML{where}: {e}") from None
+        except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+            raise ValueError(f"bad cost model TOML{where}: nested too deeply") from None
         try:
             return cls.from_dict(data, base=base)
         except ValueError as e:
