@@ -354,6 +354,15 @@ def test_parse_ns_is_exact(n, unit):
     assert parse_ns(f"{n}{unit}") == n * scale and type(parse_ns(f"{n}{unit}")) is int
 
 
+@pytest.mark.parametrize("value, ns", [(np.float64(800.0), 800), (np.float64(0.5), 0.5), (800.0, 800)])
+def test_parse_ns_takes_a_numpy_float(value, ns):
+    """A numpy float64 is a float: its repr ('np.float64(800.0)') made Decimal raise
+    decimal.InvalidOperation, an exception parse_ns does not document, from
+    ``Config(costs={"rmpupdate": np.float64(800)})``."""
+    assert parse_ns(value) == ns
+    assert CostModel.default().with_overrides({"rmpupdate": value})["rmpupdate"].value_ns == ns
+
+
 @pytest.mark.parametrize("nested", ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000],
                          ids=["arrays", "inline-tables"])
 def test_deeply_nested_toml_is_a_value_error(tmp_path, nested):

@@ -185,7 +185,8 @@ def parse_ns(value: object, *, item: str = "value") -> Number:
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r} for {item}: expected ns or a string like '800ns'")  # noqa: TRY004
     if isinstance(value, (int, float, Decimal)):
-        dec = Decimal(value) if not isinstance(value, float) else Decimal(repr(value))
+        # repr of the float itself: a numpy float64 (a float subclass) spells 'np.float64(5.0)'
+        dec = Decimal(value) if not isinstance(value, float) else Decimal(repr(float(value)))
     elif isinstance(value, str):
         m = _TIME_RE.match(value)
         scale = _UNIT_NS.get(m.group("unit").lower() or "ns") if m else None
