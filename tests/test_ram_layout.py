@@ -91,3 +91,15 @@ def test_absurd_ram_is_refused_without_laying_it_out(monkeypatch, memory):
     for platform in ("snp", "tdx", "sw_protected"):
         with pytest.raises(ValueError, match="at most \\d+ GiB of RAM fits"):
             E.Config(platform=platform, memory=memory, workload="boot")
+
+
+@pytest.mark.parametrize("platform, memory, image", [("snp", "4G", "3G"), ("tdx", "4G", "2050M"),
+                                                     ("sw_protected", "64G", "2G+4K"), ("snp", "2816M", "2052M")])
+def test_an_image_past_the_low_ram_is_refused_by_config(platform, memory, image):
+    """The image is gpa [0, image): with 2.75 GiB of RAM or more, RAM below the PCI hole ends at
+    2 GiB, and an image past it reached the launch flow, which failed with EINVAL (exit 1, "gfn
+    0x80000 is not in a guest_memfd memslot") after the VM was built. Config refuses it."""
+    image = (2 << 30) + 4096 if image == "2G+4K" else image
+    with pytest.raises(ValueError, match="must fit in the RAM below the PCI hole: .* has 2G there"):
+        E.Config(platform=platform, memory=memory, image=image)
+    E.Config(platform=platform, memory=memory, image="2G")  # the whole low RAM is fine

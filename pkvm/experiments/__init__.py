@@ -131,6 +131,10 @@ class Config:
         image = parse_size(self.image)
         if image & 0xFFF or image >= mem:
             raise ValueError(f"image {self.image!r} must be 4K aligned and smaller than memory")
+        low_end = _workloads.ram_ranges(mem)[0][1]
+        if image > low_end:  # the image is gpa [0, image): past low_end it would lie in the PCI hole
+            raise ValueError(f"image {self.image!r} must fit in the RAM below the PCI hole: {format_size(mem)} of RAM "
+                             f"has {format_size(low_end)} there on QEMU's q35 layout")
         object.__setattr__(self, "image", image)
         wl = _workloads.get(self.workload)
         opts = dict(self.options)
