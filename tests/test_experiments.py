@@ -183,6 +183,15 @@ def test_sweep_orders_by_memory_then_policy():
     ({"vcpus": 0}, "vcpus"),
     ({"shared_backing": "1g"}, "shared_backing"),
     ({"image": "1G", "memory": "64M"}, "image"),
+    # discard="no" is truthy: taken for True, the run failed later in Vmm with a TypeError
+    ({"discard": "no"}, "discard 'no' must be a bool"),
+    ({"discard": 0}, "discard 0 must be a bool"),
+    ({"discard": None}, "discard None must be a bool"),
+    # an int path is a file descriptor to open(): trace=5 wrote the trace to fd 5 and closed it
+    ({"trace": 5}, "trace 5 must be None or a file name"),
+    ({"timeline": ""}, "timeline '' must be None or a file name"),  # wrote no timeline, silently
+    ({"gantt": b"g.png"}, "gantt b'g.png' must be None or a file name"),
+    ({"cost_file": 3}, "cost_file 3 must be None or a file name"),
 ])
 def test_bad_config_is_a_value_error(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -154,6 +154,13 @@ class Config:
         if self.vcpus > self.host_cpus:
             raise ValueError(f"vcpus {self.vcpus} exceed host_cpus {self.host_cpus}: the timeline runs each "
                              "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
+        if type(self.discard) is not bool:
+            raise ValueError(f"discard {self.discard!r} must be a bool")
+        for name in ("cost_file", "trace", "timeline", "gantt"):
+            path = getattr(self, name)
+            if path is not None and (not isinstance(path, (str, os.PathLike)) or not os.fspath(path)):
+                # an int would be taken for a file descriptor by open(), a bytes path by nothing
+                raise ValueError(f"{name} {path!r} must be None or a file name (a non-empty str or path)")
         if self.shared_backing not in SHARED_BACKINGS:
             raise ValueError(f"shared_backing {self.shared_backing!r} is not one of {', '.join(SHARED_BACKINGS)}")
         if self.policy is None:  # the current upstream kernel, under the name SNP users know
