@@ -98,6 +98,7 @@ class Config:
 
     Raises (on construction):
         ValueError: any field out of range, with the field's name in the message.
+        OSError: ``cost_file`` cannot be read (missing, a directory, no permission).
     """
 
     platform: str = "snp"
