@@ -1007,11 +1007,15 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     with _runner(args) as runner, _runs_progress(args, runs) as cb:
         results = experiments.sweep_grid(base, grid, args.policies, args.seed, runner=runner, progress=cb)
     frame = experiments.to_frame(results)
-    metric = args.metric or ("critical_path_ns" if "critical_path_ns" in frame.columns else "modeled_ns")
+    metric = args.metric if args.metric is not None else (
+        "critical_path_ns" if "critical_path_ns" in frame.columns else "modeled_ns")
     if metric not in frame.columns:
         close = difflib.get_close_matches(metric, list(frame.columns), n=3, cutoff=0.6)
         raise UsageError(f"--metric {metric}: not measured by these runs"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if frame[metric].dtype.kind not in "iuf":
+        raise UsageError(f"--metric {metric}: a column of the configuration, not a number the runs "
+                         "measured (e.g. modeled_ns, by_actor.vcpu0, counters.rmpupdate)")
     keys = list(grid)
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
             + [r["policy"], _fmt_value(metric, r[metric])] for r in frame.to_dict(orient="records")]

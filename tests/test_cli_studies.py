@@ -93,6 +93,10 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     (["--grid", "memory=3M"], "--grid: grid point memory=3M: memory '3M' must be a multiple of 2M"),
     (["--grid", "vcpus=1", "vcpus=2"], "--grid gives vcpus twice"),
     (["--grid", "vcpus=1", "--metric", "nope"], "--metric nope: not measured by these runs"),
+    # a text column of the table: formatting it as a number failed after the runs (exit 1)
+    (["--grid", "vcpus=1", "--metric", "policy"], "--metric policy: a column of the configuration, not a number"),
+    (["--grid", "vcpus=1", "--metric", "platform"], "--metric platform: a column of the configuration"),
+    (["--grid", "vcpus=1", "--metric", ""], "--metric : not measured by these runs"),  # was the default metric
 ])
 def test_sweep_bad_grid(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
