@@ -326,7 +326,7 @@ def _config(args: argparse.Namespace) -> Config:
     if hasattr(args, "policies"):
         policy = (args.policies or experiments.PLATFORM_POLICIES[shape["platform"]])[0]
     else:
-        policy = args.policy or _default_policy(shape["platform"])
+        policy = args.policy if args.policy is not None else _default_policy(shape["platform"])
     trace_events = None
     if args.trace_events is not None:
         if args.trace is None:

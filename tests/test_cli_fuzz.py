@@ -186,6 +186,7 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
     (["costs", "--cost", "rmpupdate=1e30s"], "bad duration '1e30s' for 'rmpupdate=1e30s': must be between 0 ns"),
     (["costs", "--cost", "rmpupdate=1e400"], "bad duration '1e400'"),
     (["run", "--policy", "a\nb"], "unknown policy preset 'a\\nb'"),
+    (["run", "--memory", "64M", "--policy", ""], "unknown policy preset ''"),  # ran the default policy
     (["run", "--bogus\x1b[31m"], "unrecognized arguments: --bogus\\x1b[31m"),
     (["run", "--memory", "64M", "--workload", "replay:@TMP/rec.txt", "--platform", "tdx"],
      "--platform tdx: the trace @TMP/rec.txt was recorded with platform snp; a replay runs the VM its trace"),
