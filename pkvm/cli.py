@@ -51,7 +51,8 @@ from pkvm.errors import PkvmError
 from pkvm.experiments import report, workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import check_frame_path, plot_grid
-from pkvm.experiments.uncertainty import DISTRIBUTIONS, METHODS, UnknownMetricError, plot, price_space
+from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, UnknownMetricError, plot,
+                                         price_space)
 from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
 from pkvm.kvm.policy import preset_table
 
@@ -1055,8 +1056,8 @@ def _add_sensitivity_parser(sub: Any) -> None:
                         "N x (groups + 2) evaluations; morris: a cheap screen, N x (groups + 1) "
                         "(default: %(default)s)")
     a.add_argument("--samples", type=_positive_int, default=1024, metavar="N",
-                   help="SALib's N: base samples (sobol; best a power of 2) or trajectories (morris) "
-                        "(default: %(default)s)")
+                   help="SALib's N: base samples (sobol; best a power of 2) or trajectories (morris), "
+                        "at most 2**20 (default: %(default)s)")
     a.add_argument("--range", dest="ranges", action="append", type=_key_value, default=[],
                    metavar="PRICE=LOW..HIGH",
                    help="replace a price's range, e.g. rmpupdate=200ns..5us or "
@@ -1087,6 +1088,9 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
         raise UsageError(f"{flag}: {_message(exc)}") from None
     if args.method == "morris" and args.samples < 2:
         raise UsageError(f"--samples {args.samples}: morris needs at least 2 trajectories")
+    if args.samples > MAX_SAMPLES:
+        raise UsageError(f"--samples {args.samples}: at most {MAX_SAMPLES} (2**20); the sample matrices "
+                         "of more would not fit in memory")
     _check_outputs(args, base)
     _check_frame_out(args)
     try:

@@ -56,6 +56,9 @@ def test_sensitivity_of_a_simulated_metric_says_so(tmp_path):
 
 @pytest.mark.parametrize(("args", "status", "message"), [
     (["--samples", "0"], 2, "argument --samples: '0' is not a positive integer"),
+    # ran the nominal and counting runs, then failed allocating 12.8 PiB (internal error, exit 1)
+    (["--samples", "99999999999999"], 2, "--samples 99999999999999: at most 1048576 (2**20)"),
+    (["--samples", "1048577", "--method", "morris"], 2, "--samples 1048577: at most 1048576"),
     (["--range", "rmpupdate=2us..200ns"], 2, "--range: range rmpupdate=2 µs..200 ns: low is above high"),
     (["--range", "bogus=1..2"], 2, "--range: unknown cost operation 'bogus'"),
     (["--vary", "rmpupdat"], 2, "--vary: unknown cost operation 'rmpupdat'; did you mean rmpupdate?"),

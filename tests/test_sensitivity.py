@@ -183,6 +183,7 @@ def test_price_space_refuses_bad_input(kwargs, match):
     ({"samples": 0}, "samples 0 must be a positive int"),
     ({"method": "fast"}, "method 'fast' is not one of sobol, morris"),
     ({"method": "morris", "samples": 1}, "samples 1 must be a positive int >= 2 for morris"),
+    ({"samples": 10**14}, "samples 100000000000000 is more than 1,048,576"),  # MemoryError after the runs
     ({"metric": "modeled_nss"}, "metric 'modeled_nss' is not measured by these runs; did you mean modeled_ns"),
     ({"evaluation": "guess"}, "evaluation 'guess' is not auto, reprice or simulate"),
     ({"ranges": {"psmash": "5..1"}}, "low is above high"),

@@ -49,13 +49,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pkvm.experiments import Config, Result
 
-__all__ = ["METHODS", "DISTRIBUTIONS", "Price", "Ledger", "SensitivityResult", "Simulation", "UnknownMetricError",
+__all__ = ["METHODS", "DISTRIBUTIONS", "MAX_SAMPLES", "Price", "Ledger", "SensitivityResult", "Simulation", "UnknownMetricError",
            "analyse", "is_repriceable", "plot", "price_space", "reprice"]
 
 #: Analyses :func:`pkvm.experiments.sensitivity` runs: Sobol' indices, or a cheaper Morris screen.
 METHODS = ("sobol", "morris")
 #: How a price is sampled on its range (``auto``: log-uniform when high/low > 10).
 DISTRIBUTIONS = ("auto", "uniform", "log-uniform")
+#: The largest N :func:`pkvm.experiments.sensitivity` takes: its unit sample alone is N x (groups
+#: + 2) x groups floats, 3 GB for 18 price groups at this N.
+MAX_SAMPLES = 1 << 20
 _LOG_RATIO = 10.0
 #: Metrics that are sums of counts times prices (re-priceable exactly).
 _LINEAR_PREFIXES = ("by_actor.", "by_op.", "by_actor_op.")
@@ -496,8 +499,8 @@ def analyse(config: Config, policies: Sequence[str], sim: Simulation, *, metric:
         method: ``"sobol"`` (first-order and total indices, with confidence intervals;
             ``samples * (groups + 2)`` evaluations) or ``"morris"`` (a screen: mean absolute
             elementary effect; ``samples * (groups + 1)`` evaluations).
-        samples: SALib's N (base samples, or Morris trajectories). Sobol' sequences balance
-            best when it is a power of 2.
+        samples: SALib's N (base samples, or Morris trajectories), at most
+            :data:`MAX_SAMPLES`. Sobol' sequences balance best when it is a power of 2.
         seed: the simulation seed of every run, and the seed of SALib's sampling and bootstrap.
         ranges, vary, dist: see :func:`price_space`.
         evaluation: ``"auto"`` (re-price when exact, else simulate), ``"reprice"`` (refuse a
@@ -514,6 +517,9 @@ def analyse(config: Config, policies: Sequence[str], sim: Simulation, *, metric:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if type(samples) is not int or samples < 1 or (method == "morris" and samples < 2):
         raise ValueError(f"samples {samples!r} must be a positive int" + (" >= 2 for morris" if method == "morris" else ""))
+    if samples > MAX_SAMPLES:
+        raise ValueError(f"samples {samples} is more than {MAX_SAMPLES:,} (2**20): the sample matrices would not "
+                         "fit in memory")
     if evaluation not in ("auto", "reprice", "simulate"):
         raise ValueError(f"evaluation {evaluation!r} is not auto, reprice or simulate")
     if type(seed) is not int or seed < 0:
