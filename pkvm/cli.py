@@ -306,6 +306,10 @@ def _config(args: argparse.Namespace) -> Config:
     """The :class:`Config` the options describe (raises :class:`UsageError` when it is bad).
 
     Its policy is the first to compare (``compare``) or the one to run (``run``)."""
+    for flag, name in _OUTPUTS:
+        path = getattr(args, name, None)
+        if path is not None and not path.strip():
+            raise UsageError(f"{flag} needs a file name, e.g. {flag} OUT{_OUTPUT_EXAMPLE[flag]}")
     workload = args.workload
     options = dict(args.option)
     if workload.startswith("replay:"):
@@ -490,9 +494,6 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
     ``memories`` say which files the run reads and writes)."""
     given = [(flag, getattr(args, name, None)) for flag, name in _OUTPUTS]
     given = [(flag, path) for flag, path in given if path is not None]
-    for flag, path in given:
-        if not path.strip():
-            raise UsageError(f"{flag} needs a file name, e.g. {flag} OUT{_OUTPUT_EXAMPLE[flag]}")
     _check_distinct(args, config, given, policies, memories)
     for flag, path in given:
         if flag == "--out":  # _check_frame_out
