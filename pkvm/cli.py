@@ -510,7 +510,9 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
 
         ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
         known = FigureCanvasBase.get_supported_filetypes()
-        if ext and ext not in known:
+        if not ext:  # matplotlib would pick PNG and write OUT.png, not OUT
+            raise UsageError(f"--plot {args.plot}: name the format with an extension, e.g. {args.plot}.png")
+        if ext not in known:
             raise UsageError(f"--plot {args.plot}: cannot draw .{ext} files (use .png, or one of "
                              f"{', '.join(sorted(known))})")
 

@@ -376,6 +376,21 @@ _RUN, _COMPARE = ["run", "--memory", "64M"], ["compare", "--memory", "64M", "--p
 _SWEEP = ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1"]
 
 
+@pytest.mark.parametrize("command", ["run", "compare", "sweep", "sensitivity"])
+def test_a_plot_without_an_extension_is_a_usage_error(capsys, monkeypatch, tmp_path, command):
+    """``--plot p``: matplotlib drew a PNG to ``p.png`` while pkvm said it wrote ``p`` (run,
+    compare), or, through the temporary file, left ``p`` empty and the PNG in a hidden
+    ``.pkvm-*.png`` (sweep, sensitivity). Refused before anything runs."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    argv = {"run": _RUN, "compare": _COMPARE, "sweep": _SWEEP,
+            "sensitivity": ["sensitivity", "--memory", "64M", "--policies", "6.19", "--samples", "2"]}[command]
+    code, out, err = _run(capsys, [*argv, "--plot", "p"], str(tmp_path))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert "--plot p: name the format with an extension, e.g. p.png" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command, flag", [(c, f) for c in (_RUN, _COMPARE) for f in
                                            ("--json", "--plot", "--trace", "--timeline", "--gantt")]
                          + [(_COMPARE, "--out"), (_SWEEP, "--json"), (_SWEEP, "--plot"), (_SWEEP, "--out")])
