@@ -49,7 +49,7 @@ from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import PkvmError
 from pkvm.experiments import report, workloads
-from pkvm.experiments.execution import Runner
+from pkvm.experiments.execution import Runner, max_jobs
 from pkvm.experiments.frames import check_frame_path, plot_grid
 from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, UnknownMetricError, plot,
                                          price_space)
@@ -813,6 +813,8 @@ def _add_execution_options(g: argparse._ArgumentGroup) -> None:
 def _runner(args: argparse.Namespace) -> Iterator[Any]:
     if args.scheduler is not None and not args.scheduler.strip():
         raise UsageError("--scheduler needs an address like tcp://host:8786")
+    if args.scheduler is None and args.jobs > max_jobs():
+        raise UsageError(f"-j/--jobs {args.jobs}: at most {max_jobs()} (4 worker processes per CPU)")
     if args.jobs > 1 or args.scheduler is not None:
         # The cluster's own log lines (heartbeats, shutdown) are not pkvm's output: a run that
         # fails reaches the user as one error line (RunError), the rest is noise on stderr.

@@ -94,6 +94,8 @@ def test_unreachable_scheduler_is_one_error_within_the_timeout():
     ({"jobs": 0}, "jobs 0 must be a positive int"),
     ({"jobs": 2.0}, "jobs 2.0 must be a positive int"),
     ({"scheduler": " "}, "scheduler ' ' must be an address"),
+    # each job is a worker process: jobs=99999 started (or tried to start) that many
+    ({"jobs": 99999}, "jobs 99999 is more than .* worker processes \\(4 per CPU"),
 ])
 def test_bad_runner_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -103,3 +105,14 @@ def test_bad_runner_arguments(kwargs, match):
 def test_compare_refuses_bad_jobs_before_running():
     with pytest.raises(ValueError, match="jobs 0 must be a positive int"):
         E.compare(SMALL, jobs=0)
+
+
+def test_cli_refuses_more_jobs_than_max_jobs(capsys):
+    """``pkvm compare -j 99999`` is a usage error, one line, before any worker starts."""
+    from pkvm.cli import main
+    from pkvm.experiments.execution import max_jobs
+
+    assert main(["compare", "--memory", "16M", "-j", str(max_jobs() + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pkvm: error: -j/--jobs {max_jobs() + 1}: at most {max_jobs()} (4 worker processes per CPU)\n"
+    Runner(jobs=max_jobs(), scheduler="tcp://127.0.0.1:9")  # a remote cluster's size is its own

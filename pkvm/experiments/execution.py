@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -32,7 +33,7 @@ from typing import Any
 
 from pkvm.errors import PkvmError
 
-__all__ = ["CONNECT_TIMEOUT_S", "RunError", "Runner", "SchedulerUnreachableError"]
+__all__ = ["CONNECT_TIMEOUT_S", "RunError", "Runner", "SchedulerUnreachableError", "max_jobs"]
 
 #: Seconds to wait for an existing Dask scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 5.0
@@ -52,6 +53,13 @@ def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> lis
     return [fn(*args) for args in batch]
 
 
+def max_jobs() -> int:
+    """The most local worker processes a :class:`Runner` starts: 4 per CPU. The runs are
+    CPU-bound, so more buy nothing, and each worker is a process of its own (``-j 99999``
+    would try to start 99999 of them)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 class Runner:
     """Where a batch of runs executes: in this process, on a local cluster, or on a remote one.
 
@@ -59,14 +67,15 @@ class Runner:
     cluster for every memory size of a sweep).
 
     Args:
-        jobs: worker processes of the local cluster; 1 (and no ``scheduler``) runs serially
-            in this process.
+        jobs: worker processes of the local cluster, at most :func:`max_jobs`; 1 (and no
+            ``scheduler``) runs serially in this process.
         scheduler: the address of an existing ``dask.distributed`` scheduler
             (``tcp://host:8786``); ``jobs`` is then ignored.
         connect_timeout: seconds to wait for ``scheduler``.
 
     Raises:
-        ValueError: ``jobs`` is not a positive int, or ``scheduler`` is an empty string.
+        ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
+            :func:`max_jobs`, or ``scheduler`` is an empty string.
         SchedulerUnreachableError: (on entry) the scheduler did not answer in time.
     """
 
@@ -74,6 +83,9 @@ class Runner:
                  connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         if type(jobs) is not int or jobs < 1:
             raise ValueError(f"jobs {jobs!r} must be a positive int")
+        if scheduler is None and jobs > max_jobs():
+            raise ValueError(f"jobs {jobs} is more than {max_jobs()} worker processes (4 per CPU of this "
+                             "machine): each is a Python process with its own pkvm")
         if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
             raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
         self.jobs = jobs
