@@ -473,13 +473,15 @@ def test_from_toml_source_type():
     ("costs = 3", r"'costs' must map operation names"),
     ("overrides = 3", r"'overrides' must map"),
     ("format = 2", r"cost model format 2 is not 1"),
+    ("format = true", r"cost model format True is not 1"),  # True == 1 was taken for format 1
+    ("format = 1.0", r"cost model format 1.0 is not 1"),
     ("profile = \"sev\"", r"unknown cost profile 'sev'"),
     ("colour = \"blue\"", r"unknown cost model keys \['colour'\]"),
     ("[overrides]\nrmpupdate = \"fast\"", r"bad duration 'fast' for 'rmpupdate=fast'"),
     ("this is = not toml =", r"bad cost model TOML"),
 ], ids=["op-typo", "field-typo", "bad-duration", "low-above-high", "bad-confidence",
         "slope-on-flat", "slope-per", "bad-type", "bad-include", "bad-name", "costs-not-table",
-        "overrides-not-table", "format", "profile", "top-key", "bad-override", "syntax"])
+        "overrides-not-table", "format", "format-bool", "format-float", "profile", "top-key", "bad-override", "syntax"])
 def test_toml_errors(text, match):
     """Malformed TOML or content is a ValueError that names the key at fault."""
     with pytest.raises(ValueError, match=match):

@@ -597,7 +597,7 @@ class CostModel(Mapping[str, Cost]):
         if extra:
             raise ValueError(f"unknown cost model keys {sorted(map(str, extra))}; keys are format, "
                              f"profile, host, costs, overrides, fingerprint")
-        if data.get("format", FORMAT) != FORMAT:
+        if type(data.get("format", FORMAT)) is not int or data.get("format", FORMAT) != FORMAT:  # not true, 1.0
             raise ValueError(f"cost model format {_short(data['format'])} is not {FORMAT}")
         profile, host = data.get("profile"), data.get("host")
         if profile is not None or host is not None:
