@@ -192,6 +192,9 @@ def test_sweep_orders_by_memory_then_policy():
     ({"timeline": ""}, "timeline '' must be None or a file name"),  # wrote no timeline, silently
     ({"gantt": b"g.png"}, "gantt b'g.png' must be None or a file name"),
     ({"cost_file": 3}, "cost_file 3 must be None or a file name"),
+    # float(True) is 1.0: the balloon took all of RAM per round
+    ({"workload": "balloon", "options": {"fraction": True}}, "option fraction=True: True is not a fraction"),
+    ({"workload": "migration", "options": {"resident": False}}, "option resident=False: False is not a fraction"),
 ])
 def test_bad_config_is_a_value_error(kw, match):
     with pytest.raises(ValueError, match=match):

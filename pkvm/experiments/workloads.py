@@ -99,6 +99,8 @@ def _nonneg_int(text: object) -> int:
 
 
 def _fraction(text: object) -> float:
+    if isinstance(text, bool):  # float(True) is 1.0: all of RAM
+        raise ValueError(f"{text!r} is not a fraction in [0, 1]")
     try:
         v = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
