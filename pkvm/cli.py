@@ -96,6 +96,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _once(flag: str, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """``NAME=VALUE`` options as a dict; a name given twice is refused (which would count?)."""
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"{flag} gives {key} twice ({key}={out[key]} and {key}={value})")
+        out[key] = value
+    return out
+
+
 def _seed(text: str) -> int:
     try:
         v = int(text)
@@ -311,7 +321,7 @@ def _config(args: argparse.Namespace) -> Config:
         if path is not None and not path.strip():
             raise UsageError(f"{flag} needs a file name, e.g. {flag} OUT{_OUTPUT_EXAMPLE[flag]}")
     workload = args.workload
-    options = dict(args.option)
+    options = _once("--option", args.option)
     if workload.startswith("replay:"):
         workload, path = "replay", workload[len("replay:"):]
         if not path:
@@ -342,7 +352,7 @@ def _config(args: argparse.Namespace) -> Config:
             raise UsageError(str(exc)) from None
     try:
         config = experiments.Config(
-            **shape, workload=workload, options=options, policy=policy, costs=dict(args.cost),
+            **shape, workload=workload, options=options, policy=policy, costs=_once("--cost", args.cost),
             cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace,
             host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt,
             trace_events=trace_events)
@@ -782,7 +792,7 @@ def _cmd_policies(args: argparse.Namespace, argv: Sequence[str], out: _Output) -
 def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int:
     _check_cost_file("--costs", args.costs)
     try:
-        config = experiments.Config(platform=args.platform, costs=dict(args.cost), cost_file=args.costs)
+        config = experiments.Config(platform=args.platform, costs=_once("--cost", args.cost), cost_file=args.costs)
     except (ValueError, OSError) as exc:
         raise UsageError(_message(exc)) from None
     model = config.cost_model()

@@ -187,6 +187,12 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
     (["costs", "--cost", "rmpupdate=1e400"], "bad duration '1e400'"),
     (["run", "--policy", "a\nb"], "unknown policy preset 'a\\nb'"),
     (["run", "--memory", "64M", "--policy", ""], "unknown policy preset ''"),  # ran the default policy
+    # the last one silently won, where --range and --grid refuse a name given twice
+    (["run", "--memory", "64M", "--workload", "swiotlb", "-o", "ops=10", "--option", "ops=20"],
+     "--option gives ops twice (ops=10 and ops=20)"),
+    (["run", "--memory", "64M", "--cost", "rmpupdate=1us", "--cost", "rmpupdate=2us"],
+     "--cost gives rmpupdate twice (rmpupdate=1us and rmpupdate=2us)"),
+    (["costs", "--cost", "npf_fault=1us", "--cost", "npf_fault=1us"], "--cost gives npf_fault twice"),
     (["run", "--bogus\x1b[31m"], "unrecognized arguments: --bogus\\x1b[31m"),
     (["run", "--memory", "64M", "--workload", "replay:@TMP/rec.txt", "--platform", "tdx"],
      "--platform tdx: the trace @TMP/rec.txt was recorded with platform snp; a replay runs the VM its trace"),
