@@ -49,7 +49,7 @@ from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import PkvmError
 from pkvm.experiments import report, workloads
-from pkvm.experiments.execution import Runner, max_jobs
+from pkvm.experiments.execution import Runner, check_address, max_jobs
 from pkvm.experiments.frames import check_frame_path, plot_grid
 from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, UnknownMetricError, plot,
                                          price_space)
@@ -829,6 +829,11 @@ def _runner(args: argparse.Namespace) -> Iterator[Any]:
         # The cluster's own log lines (heartbeats, shutdown) are not pkvm's output: a run that
         # fails reaches the user as one error line (RunError), the rest is noise on stderr.
         logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    if args.scheduler is not None:
+        try:
+            check_address(args.scheduler.strip())
+        except ValueError as exc:
+            raise UsageError(f"--scheduler {args.scheduler}: {_message(exc)}") from None
     with Runner(args.jobs, args.scheduler) as runner:
         yield runner
 

@@ -96,6 +96,12 @@ def test_unreachable_scheduler_is_one_error_within_the_timeout():
     ({"scheduler": " "}, "scheduler ' ' must be an address"),
     # each job is a worker process: jobs=99999 started (or tried to start) that many
     ({"jobs": 99999}, "jobs 99999 is more than .* worker processes \\(4 per CPU"),
+    # malformed addresses failed on start() as "no Dask scheduler answered within 5 s" (exit 1)
+    ({"scheduler": "nonsense"}, "scheduler 'nonsense' is not an address like tcp://host:8786 \\(missing port"),
+    ({"scheduler": "http://127.0.0.1:1"}, "is not an address .*unknown address scheme 'http'"),
+    ({"scheduler": "tcp://[::1]:99999"}, "is not an address .*port 99999 is not in 1..65535"),
+    ({"scheduler": "tcp://h:0"}, "port 0 is not in 1..65535"),
+    ({"scheduler": "tcp://127.0.0.1:x"}, "is not an address like tcp://host:8786"),
 ])
 def test_bad_runner_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -116,3 +122,16 @@ def test_cli_refuses_more_jobs_than_max_jobs(capsys):
     err = capsys.readouterr().err
     assert err == f"pkvm: error: -j/--jobs {max_jobs() + 1}: at most {max_jobs()} (4 worker processes per CPU)\n"
     Runner(jobs=max_jobs(), scheduler="tcp://127.0.0.1:9")  # a remote cluster's size is its own
+
+
+@pytest.mark.parametrize("address", ["nonsense", "http://127.0.0.1:1", "tcp://[::1]:99999"])
+def test_cli_refuses_a_malformed_scheduler_address(capsys, address):
+    """A malformed --scheduler is a usage error (exit 2) saying what is wrong with it, at once;
+    it was exit 1 with "no Dask scheduler answered within 5 s", a wait that never happened."""
+    from pkvm.cli import main
+
+    t0 = time.monotonic()
+    assert main(["compare", "--memory", "16M", "--scheduler", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pkvm: error: --scheduler {address}: not an address like tcp://host:8786 (")
+    assert err.count("\n") == 1 and "answered" not in err and time.monotonic() - t0 < 4

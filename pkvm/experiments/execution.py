@@ -33,7 +33,8 @@ from typing import Any
 
 from pkvm.errors import PkvmError
 
-__all__ = ["CONNECT_TIMEOUT_S", "RunError", "Runner", "SchedulerUnreachableError", "max_jobs"]
+__all__ = ["CONNECT_TIMEOUT_S", "RunError", "Runner", "SchedulerUnreachableError", "check_address",
+           "max_jobs"]
 
 #: Seconds to wait for an existing Dask scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 5.0
@@ -51,6 +52,23 @@ class SchedulerUnreachableError(PkvmError, OSError):
 def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Worker side: run one chunk of tasks (module level, so that it pickles)."""
     return [fn(*args) for args in batch]
+
+
+def check_address(address: str) -> None:
+    """ValueError (``not an address like ... (why)``) unless ``address`` is one a
+    ``dask.distributed`` client can dial: a known scheme and, for the socket ones, a host and a
+    port in 1..65535 (a malformed address is an error in the address, not a scheduler that did
+    not answer)."""
+    from distributed.comm import get_address_host_port, parse_address
+
+    try:
+        scheme, _ = parse_address(address)
+        if scheme not in ("inproc", "ucx"):  # no host:port to read in those
+            _, port = get_address_host_port(address)
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is not in 1..65535")
+    except ValueError as exc:
+        raise ValueError(f"not an address like tcp://host:8786 ({' '.join(str(exc).split())})") from None
 
 
 def max_jobs() -> int:
@@ -75,7 +93,8 @@ class Runner:
 
     Raises:
         ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
-            :func:`max_jobs`, or ``scheduler`` is an empty string.
+            :func:`max_jobs`, or ``scheduler`` is empty or not an address (an unknown scheme,
+            no port, a port outside 1..65535).
         SchedulerUnreachableError: (on entry) the scheduler did not answer in time.
     """
 
@@ -88,6 +107,11 @@ class Runner:
                              "machine): each is a Python process with its own pkvm")
         if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
             raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
+        if scheduler is not None:
+            try:
+                check_address(scheduler.strip())
+            except ValueError as exc:
+                raise ValueError(f"scheduler {scheduler!r} is {exc}") from None
         self.jobs = jobs
         self.scheduler = scheduler.strip() if scheduler is not None else None
         self.connect_timeout = connect_timeout
