@@ -502,8 +502,8 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
     """Fail before a long run, not after it, when an output cannot be created, or would
     overwrite an input of the run or another output (``config``, ``policies`` and
     ``memories`` say which files the run reads and writes)."""
-    given = [(flag, getattr(args, name, None)) for flag, name in _OUTPUTS]
-    given = [(flag, path) for flag, path in given if path is not None]
+    given: list[tuple[str, str]] = [(flag, getattr(args, name)) for flag, name in _OUTPUTS
+                                    if getattr(args, name, None) is not None]
     _check_distinct(args, config, given, policies, memories)
     for flag, path in given:
         if flag == "--out":  # _check_frame_out

@@ -59,7 +59,7 @@ def check_address(address: str) -> None:
     ``dask.distributed`` client can dial: a known scheme and, for the socket ones, a host and a
     port in 1..65535 (a malformed address is an error in the address, not a scheduler that did
     not answer)."""
-    from distributed.comm import get_address_host_port, parse_address
+    from distributed.comm.addressing import get_address_host_port, parse_address
 
     try:
         scheme, _ = parse_address(address)
