@@ -691,12 +691,10 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
             "policies": list(policies), "cost_model": base.cost_model().to_dict()}
         if memories:
             extra["sweep_memory"] = [format_size(m) for m in memories]
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.to_json(results, extra), f, indent=2)
-            f.write("\n")
+        _write_json(args.json, report.to_json(results, extra))
         _info(args, f"wrote {args.json}")
     if args.plot is not None:
-        report.plot(results, args.plot, sweep=bool(memories))
+        _atomic(args.plot, lambda tmp: report.plot(results, tmp, sweep=bool(memories)))
         _info(args, f"wrote {args.plot}")
 
 
@@ -855,9 +853,11 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         publish(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # ENOSPC, EIO: say which file
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 

@@ -410,3 +410,29 @@ def test_an_empty_output_name_is_a_usage_error(capsys, monkeypatch, tmp_path, co
     assert (code, err.count("\n")) == (2, 1), err
     assert f"pkvm: error: {flag} needs a file name" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [_RUN, _COMPARE])
+def test_a_failed_json_write_keeps_the_old_file_and_names_the_new(capsys, monkeypatch, tmp_path, command):
+    """run and compare wrote --json with open(path, "w"): a write that failed (ENOSPC) left the
+    previous file truncated to a part, and the error ("[Errno 28] No space left on device")
+    did not say which file. Written whole now, as sweep writes it: the old file survives."""
+    import errno
+    import json as _json
+
+    import pkvm.cli as cli
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o.json").write_text('{"old": 1}\n')
+
+    def full(obj, f, **kw):
+        f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli.json, "dump", full)
+    code = main([*command, "--json", "o.json"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == "pkvm: error: [Errno 28] cannot write o.json: No space left on device\n"
+    assert _json.loads((tmp_path / "o.json").read_text()) == {"old": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json"]
