@@ -387,12 +387,16 @@ def _check_cost_file(option: str, path: str | None) -> None:
 
 
 def _check_replay_file(path: str) -> None:
-    """``--workload replay:PATH``: a readable file that is a trace (:func:`pkvm.experiments.trace.check_file`)."""
+    """``--workload replay:PATH``: a readable file that is a trace (:func:`pkvm.experiments.trace.check_file`)
+    of a VM pkvm runs."""
     _check_input_file(f"--workload replay:{path}", path)
     try:
-        check_file(path)
+        fields = check_file(path)
     except (ValueError, OSError) as exc:
         raise UsageError(f"--workload replay:{path}: {_message(exc)}") from None
+    if fields.get("platform", "snp") not in experiments.PLATFORMS:
+        raise UsageError(f"--workload replay:{path}: its '# pkvm' header's platform={fields['platform']!r} is "
+                         f"not one of {', '.join(experiments.PLATFORMS)}")
 
 
 def _check_replay_shape(args: argparse.Namespace, recorded: dict[str, Any], path: str) -> None:

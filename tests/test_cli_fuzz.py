@@ -193,6 +193,9 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
     (["run", "--memory", "64M", "--cost", "rmpupdate=1us", "--cost", "rmpupdate=2us"],
      "--cost gives rmpupdate twice (rmpupdate=1us and rmpupdate=2us)"),
     (["costs", "--cost", "npf_fault=1us", "--cost", "npf_fault=1us"], "--cost gives npf_fault twice"),
+    # was replayed, then failed with exit 1 advising '--platform xyz', an option value that does not exist
+    (["run", "--workload", "replay:@TMP/xyz.txt"],
+     "--workload replay:@TMP/xyz.txt: its '# pkvm' header's platform='xyz' is not one of snp, tdx, sw_protected"),
     (["run", "--bogus\x1b[31m"], "unrecognized arguments: --bogus\\x1b[31m"),
     (["run", "--memory", "64M", "--workload", "replay:@TMP/rec.txt", "--platform", "tdx"],
      "--platform tdx: the trace @TMP/rec.txt was recorded with platform snp; a replay runs the VM its trace"),
@@ -210,6 +213,7 @@ def test_user_errors_exit_2_with_one_line(capsys, monkeypatch, tmp_path, argv, m
     monkeypatch.delenv("PKVM_DEBUG", raising=False)
     (tmp_path / "rec.txt").write_text("cpus=2\n# pkvm version=0 platform=snp memory=67108864 image=2097152 "
                                       "vcpus=1 policy=fault-time workload=boot\n")
+    (tmp_path / "xyz.txt").write_text("cpus=2\n# pkvm version=0 platform=xyz memory=67108864\n")
     code, out, err = _run(capsys, argv, str(tmp_path))
     assert code == 2
     assert message.replace("@TMP", str(tmp_path)) in err

@@ -448,8 +448,7 @@ def check_file(path: str) -> dict[str, str]:
 
     Raises:
         ValueError: one line saying why the file is not such a trace (empty, binary, not
-            UTF-8, a first line that is no trace header, a header value that is not a number or
-            a platform pkvm runs,
+            UTF-8, a first line that is no trace header, a header value that is not a number,
             a known event that does not parse, or no known event at all); names the file.
         OSError: the file cannot be read (a missing file, a directory).
     """
@@ -481,11 +480,6 @@ def check_file(path: str) -> dict[str, str]:
     for key in _HEADER_NUMBERS:
         if key in fields and not fields[key].isdigit():
             raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not a whole number")
-    from pkvm.experiments import PLATFORMS  # imported here: pkvm.experiments imports this module
-
-    if "platform" in fields and fields["platform"] not in PLATFORMS:
-        raise ValueError(f"{path}: the '# pkvm' header's platform={_clip(fields['platform'])} is not one of "
-                         f"{', '.join(PLATFORMS)}")
     if any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
         return fields
     with open(path, encoding="utf-8", errors="replace") as f:
