@@ -737,8 +737,8 @@ cdef void _free_node(void *node, int height) noexcept nogil:
 # descends for it, which is the rare case. The GIL-free bulk readers (``_get_walk``) keep
 # their own finger on the stack and neither read nor store this one.
 
-cdef inline Leaf *_leaf_below(RangeMap m, uint64_t key) noexcept nogil:
-    """The leaf a descent by ``key`` reaches, reading inner nodes only."""
+cdef inline Leaf *_descend_leaf(RangeMap m, uint64_t key) noexcept nogil:
+    """``_descend`` without recording the path (a reader's descent)."""
     cdef void *node = m.root
     cdef Inner *nd
     cdef int lvl, i
@@ -746,14 +746,8 @@ cdef inline Leaf *_leaf_below(RangeMap m, uint64_t key) noexcept nogil:
         nd = <Inner*>node
         i = _ub(nd.keys, nd.n, key) - 1
         node = nd.children[i if i > 0 else 0]
+    pkvm_prefetch_span((<Leaf*>node).ends, (<Leaf*>node).n * sizeof(uint64_t))
     return <Leaf*>node
-
-
-cdef inline Leaf *_descend_leaf(RangeMap m, uint64_t key) noexcept nogil:
-    """``_descend`` without recording the path (a reader's descent)."""
-    cdef Leaf *lf = _leaf_below(m, key)
-    pkvm_prefetch_span(lf.ends, lf.n * sizeof(uint64_t))
-    return lf
 
 
 cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
@@ -761,9 +755,15 @@ cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
     ``starts``) without waiting for them: the inner nodes are descended (they stay warm in a
     large map; its leaves do not), the leaf itself is not read. A lookup issued a little later
     finds its lines arriving instead of starting the wait then."""
-    cdef Leaf *lf = _leaf_below(m, key)
-    pkvm_prefetch_lines(&lf.n, sizeof(int))
-    pkvm_prefetch_span(lf.starts, LEAF_CAP * sizeof(uint64_t))
+    cdef void *node = m.root
+    cdef Inner *nd
+    cdef int lvl, i
+    for lvl in range(m.height):
+        nd = <Inner*>node
+        i = _ub(nd.keys, nd.n, key) - 1
+        node = nd.children[i if i > 0 else 0]
+    pkvm_prefetch_lines(&(<Leaf*>node).n, sizeof(int))
+    pkvm_prefetch_span((<Leaf*>node).starts, LEAF_CAP * sizeof(uint64_t))
 
 
 cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
