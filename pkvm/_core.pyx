@@ -754,7 +754,9 @@ cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
     """Ask for the lines a lookup of ``key`` reads first in its leaf (its count and its
     ``starts``) without waiting for them: the inner nodes are descended (they stay warm in a
     large map; its leaves do not), the leaf itself is not read. A lookup issued a little later
-    finds its lines arriving instead of starting the wait then."""
+    finds its lines arriving instead of starting the wait then. (Its loop is
+    :func:`_descend_leaf`'s; one inline function for both cost the one-page ioctl 53 and the
+    private fault 27 more instructions a call under callgrind: gcc inlined them differently.)"""
     cdef void *node = m.root
     cdef Inner *nd
     cdef int lvl, i
