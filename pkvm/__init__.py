@@ -33,7 +33,7 @@ from pkvm.constants import (
     PG_LEVEL_4K,
 )
 from pkvm.cost.model import CostModel
-from pkvm.errors import InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
+from pkvm.errors import ConfigError, InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
 from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.kvm.batch import FaultBatch, FaultBatchError
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription
@@ -107,6 +107,7 @@ __all__ = [
     "KVM_X86_SNP_VM",
     "KVM_X86_SW_PROTECTED_VM",
     "KVM_X86_TDX_VM",
+    "ConfigError",
     "KvmError",
     "Memslot",
     "PageFault",

@@ -14,8 +14,10 @@ Output: tables go to stdout (``rich`` on a terminal; plain text through a pipe, 
 output of a script is the same everywhere); the progress bar, the names of the files written
 and errors go to stderr. The progress bar is shown only when stderr is a terminal.
 
-Exit status: 0 on success; 2 for a usage error (a bad option or file, or a configuration that
-:class:`pkvm.experiments.Config` rejects: every input is checked before anything runs); 1 when
+Exit status: 0 on success; 2 for a usage error (a bad option or file, a configuration that
+:class:`pkvm.experiments.Config` rejects: every input is checked before anything runs, or one
+the run finds it cannot build, :class:`pkvm.ConfigError`: a workload that needs more memory
+than the guest has above its image); 1 when
 a run or a file operation fails; 130 on Ctrl-C. Every error is one line, ``pkvm: error:
 <message>``, with control characters escaped. An unexpected exception (a bug in pkvm) is one
 line too; set ``PKVM_DEBUG=1`` in the environment to get its traceback, for the bug report.
@@ -47,7 +49,7 @@ from pkvm import experiments
 from pkvm._files import publish
 from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
-from pkvm.errors import PkvmError
+from pkvm.errors import ConfigError, PkvmError
 from pkvm.experiments import report, workloads
 from pkvm.experiments.execution import Runner, check_address, max_jobs
 from pkvm.experiments.frames import check_frame_path, plot_grid
@@ -1284,7 +1286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         _fail(_message(exc))
-        return 1
+        # a configuration the run found it cannot build is the user's (also from a cluster,
+        # where RunError carries it as the cause)
+        return 2 if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError) else 1
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -39,3 +39,10 @@ class InternalInvariantError(PkvmError, AssertionError):
 
 class PlatformRegistrationError(PkvmError, TypeError):
     """A platform op table is missing a mandatory op or has a non-callable one."""
+
+
+class ConfigError(PkvmError, ValueError):
+    """A configuration that cannot run as given, found only once the run builds it: the
+    workload's options ask for more of the guest's memory than ``memory`` less the image
+    leaves. A user error, like a value a :class:`pkvm.experiments.Config` refuses (the
+    command line exits with status 2 for it)."""

@@ -207,6 +207,13 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
      "image 12K must be a multiple of 2M under policy '6.19+gmem_max_order=9'"),
     (["run", "--memory", "64M", "--trace", "@TMP/t.txt", "--trace-max-size", "1K"],
      "more than --trace-max-size 1K; pass --trace-max-size 1G to write it"),
+    # a workload that does not fit was a run failure (exit 1), found only once the run built it
+    (["run", "--memory", "64M", "--image", "62M", "--workload", "mixed"],
+     "which 64M of RAM with a 62M image does not leave: give more --memory, a smaller --image"),
+    (["run", "--memory", "64M", "--workload", "virtio", "-o", "ring=1T"],
+     "the workload needs a 1T private region"),
+    (["run", "--memory", "64M", "--workload", "virtio", "-o", "devices=100000"],
+     "no private 256K region left in 64M of RAM: give more --memory"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, monkeypatch, tmp_path, argv, message):
     """The issue's cases: each is a usage error (exit 2), one line naming the argument."""

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pkvm
 from pkvm import experiments as E
 from pkvm.actors.vmm import q35_ram_layout
 from pkvm.errors import KvmError
@@ -312,9 +313,12 @@ def test_migration_with_more_vcpus_than_chunks_runs():
 
 
 def test_a_workload_that_does_not_fit_says_what_to_change():
-    with pytest.raises(ValueError, match=r"needs a 4K private region .* of RAM with a 6M image does not leave: "
-                                         r"give more --memory or a smaller --image"):
+    with pytest.raises(pkvm.ConfigError, match=r"needs a 4K private region .* of RAM with a 6M image does not "
+                                               r"leave: give more --memory, a smaller --image or smaller workload"):
         E.run(E.Config(memory="8M", image="6M", workload="mixed"), 0)
+    with pytest.raises(pkvm.ConfigError, match=r"no private 256K region left in 64M of RAM: give more --memory"):
+        E.run(E.Config(memory="64M", workload="virtio", options={"devices": 100000}), 0)
+    assert issubclass(pkvm.ConfigError, ValueError)  # what the run raised before (a ValueError)
 
 
 class _RamOnly:

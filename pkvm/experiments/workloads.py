@@ -56,7 +56,7 @@ from pkvm._core import RangeMap
 from pkvm._units import format_size, parse_size
 from pkvm.actors.vmm import q35_ram_layout
 from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
-from pkvm.errors import KvmError
+from pkvm.errors import ConfigError, KvmError
 from pkvm.kvm.exits import CONVERTED, ConversionResult
 from pkvm.experiments.replay import replay_file
 
@@ -411,16 +411,18 @@ class Context:
         ``[lo, hi)`` (default: above the image); drawn again while it overlaps shared pages.
 
         Raises:
-            ValueError: no such region after 1000 draws.
+            ConfigError: (a ValueError) the RAM above the image is too small for ``size``, or
+                no such region after 1000 draws.
         """
         lo_gpa = self.image if lo is None else lo
         hi_gpa = self.ram_end if hi is None else hi
         lo = -(-lo_gpa // align)
         hi = (hi_gpa - size) // align
         if hi < lo:
-            raise ValueError(f"the workload needs a {format_size(size)} private region between gpa "
+            raise ConfigError(f"the workload needs a {format_size(size)} private region between gpa "
                              f"{lo_gpa:#x} and {hi_gpa:#x}, which {format_size(self.memory)} of RAM with a "
-                             f"{format_size(self.image)} image does not leave: give more --memory or a smaller --image")
+                             f"{format_size(self.image)} image does not leave: give more --memory, a smaller --image "
+                              "or smaller workload options")
         ram = self.ram
         for _ in range(1000):
             gpa = self.rng.randint(lo, hi) * align
@@ -429,7 +431,8 @@ class Context:
             s, e = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
             if self.shared.find_ne(s, e, 0) == -1 and self.reserved.find_ne(s, e, 0) == -1:
                 return gpa
-        raise ValueError(f"no private {format_size(size)} region left in {format_size(self.memory)} of RAM")
+        raise ConfigError(f"no private {format_size(size)} region left in {format_size(self.memory)} of RAM: "
+                          "give more --memory, a smaller --image or smaller workload options")
 
     def ram_pieces(self, start: int, end: int) -> list[tuple[int, int]]:
         """The gpa ranges ``[a, b)`` holding RAM bytes ``[start, end)`` counted in RAM order
