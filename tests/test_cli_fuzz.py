@@ -447,3 +447,20 @@ def test_a_failed_json_write_keeps_the_old_file_and_names_the_new(capsys, monkey
     assert code == 1 and err == "pkvm: error: [Errno 28] cannot write o.json: No space left on device\n"
     assert _json.loads((tmp_path / "o.json").read_text()) == {"old": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json"]
+
+
+def test_a_config_error_from_a_cluster_run_is_a_usage_error(capsys, monkeypatch):
+    """On a cluster the failing run arrives as a RunError whose cause is the worker's error: a
+    ConfigError there is still the user's (exit 2), any other cause a failed run (exit 1)."""
+    import pkvm
+    from pkvm import experiments
+    from pkvm.experiments.execution import RunError
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    for cause, want in ((pkvm.ConfigError("the workload needs a 1T private region"), 2),
+                        (ValueError("something else broke"), 1)):
+        def fail(*args, cause=cause, **kwargs):
+            raise RunError("snp fault-time failed on the cluster (tried twice)") from cause
+        monkeypatch.setattr(experiments, "run", fail)
+        code, _, err = _run(capsys, ["run", "--memory", "64M"], "")
+        assert code == want, err
