@@ -68,6 +68,30 @@ def directmap_split(RangeMap m, RangeMap orig, uint64_t s, uint64_t e):
     return n1g, n2m, frag
 
 
+cdef uint64_t _dm_split_4k(RangeMap m, RangeMap orig, dict cnt, dm, uint64_t s, uint64_t e,
+                           uint64_t *splits) except? 0xFFFFFFFFFFFFFFFF:
+    """``set_memory_4k`` on every 2M block ``[s, e)`` touches (``DirectMap._adjust`` of 4K
+    RMPUPDATEs): the split walk (:func:`_dm_split`), its splits added to ``cnt``'s
+    ``directmap_splits``, one CPA call per 2M block split to ``directmap_cpa_calls``, the pages
+    newly fragmented to ``dm._fragmented``. Sets ``splits`` (1G and 2M) and returns the CPA
+    calls."""
+    cdef uint64_t n1g = 0, n2m = 0, frag = 0
+    _dm_split(m, orig, s, e, &n1g, &n2m, &frag)
+    if frag:
+        dm._fragmented += frag
+    cnt["directmap_splits"] += n1g + n2m
+    cnt["directmap_cpa_calls"] += n2m
+    splits[0] = n1g + n2m
+    return n2m
+
+
+def directmap_split_4k(dm, uint64_t s, uint64_t e):
+    """:func:`_dm_split_4k` on ``dm``'s maps and counters (``DirectMap._adjust``); returns the
+    CPA calls."""
+    cdef uint64_t splits
+    return _dm_split_4k(<RangeMap?>dm._map, <RangeMap?>dm._orig, <dict?>dm._cnt, dm, s, e, &splits)
+
+
 def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, dict cnt):
     """``invalidate_direct_map`` of ``[s, e)`` (``DirectMap._invalidate``): split the large
     mappings in the way (:func:`directmap_split`), then make every page not present (4K,

@@ -437,18 +437,13 @@ cdef class SnpPath:
             return 0
         if sched is not None:
             sched._acquire("cpa_lock", 1)  # set_memory_*: one direct-map change at a time per host
-        cdef uint64_t n1g = 0, n2m = 0, frag = 0
+        cdef uint64_t n_splits = 0
         cnt = self.dm_cnt
         if easy == 2:
             # split-4k before 4K RMPUPDATEs over pages not all at 4K, on a DirectMap:
-            # DirectMap._before_rmpupdate -> _adjust -> _split (set_memory_4k per 2M block).
-            _dm_split(self.dm_map, self.dm_orig, pfn, pfn + npages, &n1g, &n2m, &frag)
-            if frag:
-                self.dm._fragmented += frag
-            cnt["directmap_splits"] += n1g + n2m
-            cnt["directmap_cpa_calls"] += n2m
-            calls = n2m
-            splits = n1g + n2m
+            # DirectMap._before_rmpupdate -> _adjust, the same C function
+            calls = _dm_split_4k(self.dm_map, self.dm_orig, cnt, self.dm, pfn, pfn + npages, &n_splits)
+            splits = n_splits
             unmaps = restores = 0
         else:
             s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]

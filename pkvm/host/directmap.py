@@ -41,7 +41,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-from pkvm._core import RangeMap, directmap_invalidate, directmap_restore, directmap_split
+from pkvm._core import RangeMap, directmap_invalidate, directmap_restore, directmap_split_4k
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
@@ -275,19 +275,6 @@ class DirectMap:
 
     # -- changes ------------------------------------------------------------------------------
 
-    def _split(self, s: int, e: int) -> int:
-        """Split every large mapping over ``[s, e)`` down to 4K in the 2M blocks it touches.
-
-        This is what CPA does when one 4K page of each touched 2M block gets its own
-        attributes: a 1G page first becomes 512 2M pages, then each touched 2M page becomes
-        512 4K pages. Returns the number of 2M blocks split (one CPA call each for
-        ``set_memory_4k``); adds every split to the counters. The range is RAM.
-        """
-        n1g, n2m, frag = directmap_split(self._map, self._orig, s, e)  # the typed core's walk
-        self._fragmented += frag
-        self._cnt["directmap_splits"] += n1g + n2m
-        return n2m
-
     def adjust(self, pfn: int, npages: int = 1, level: int = PG_LEVEL_4K) -> int:
         """``adjust_direct_map`` for each RMPUPDATE of ``[pfn, pfn + npages)`` at ``level``.
 
@@ -308,9 +295,12 @@ class DirectMap:
             return 0
         if n == 1 and self._map.get(p) & _LEVEL_MASK < PG_LEVEL_2M:
             return 0  # already mapped at 4K (or unmapped): nothing to split, no CPA call
-        calls = self._split(p, p + n)
-        self._cnt["directmap_cpa_calls"] += calls
-        return calls
+        # Split every large mapping over the range down to 4K in the 2M blocks it touches, as
+        # CPA does when one 4K page of each touched 2M block gets its own attributes (a 1G
+        # page first becomes 512 2M pages, then each touched 2M page 512 4K pages): one CPA
+        # call per 2M block split, every split counted (the typed core's walk, which the SNP
+        # RMPUPDATE wrappers also call).
+        return directmap_split_4k(self, p, p + n)
 
     def invalidate(self, pfn: int, npages: int = 1) -> int:
         """RFC ``invalidate_direct_map``: make ``[pfn, pfn + npages)`` not present, page by page.
