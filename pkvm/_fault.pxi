@@ -614,17 +614,13 @@ cdef class FaultPath:
 
     # -- the phases ------------------------------------------------------------------------------
 
-    cdef inline void _prefetch_leaves(self, PageFault f, uint64_t gfn) noexcept:
+    cdef inline void _prefetch_leaves(self, uint64_t gfn, bint private_access) noexcept:
         """Ask, at the fault's entry, for the leaves its later lookups read: the SPTE's and,
         for a private access, the guest_memfd folio's (in the memslot seen last), for a shared
         one the shared backing block's and the 2M word's. In fragmented memory each is a
         cold leaf of a large map; asked for together with the attribute lookup that follows,
         their waits overlap instead of running one after the other. Only hints: nothing is
         read from the leaves, and a guess in the wrong memslot only fetches lines unused."""
-        self._hint(gfn, f.private_access)
-
-    cdef inline void _hint(self, uint64_t gfn, bint private_access) noexcept:
-        """:meth:`_prefetch_leaves` for a fault at ``gfn`` with this access."""
         cdef SharedBackingState sb = self.shared
         _prefetch_leaf(self.sptes, gfn)
         if private_access:
@@ -643,7 +639,7 @@ cdef class FaultPath:
         cdef uint64_t gfn = f.gfn, v
         cdef Run r
         if self.vs._prefetch:
-            self._prefetch_leaves(f, gfn)
+            self._prefetch_leaves(gfn, f.private_access)
         cdef uint64_t attr = rangemap_get(self.attrs, gfn)
         cdef bint attr_private = (attr & _F_ATTR_PRIVATE) != 0
         f.attr = attr
