@@ -2,7 +2,8 @@
 build once, in turn, in a fresh process (``PYTHONPATH`` set to the build's checkout), and
 prints each build's minimum over the rounds of the thread CPU ns per operation of the four
 phases of ``bench_fragmented.py`` (to private, private fault, to shared, shared fault), then
-every round's numbers.
+every round's numbers, then each build's time over the first build's paired by round (median
+and quartiles).
 
 Run: ``python3 bench/ab_builds.py CHECKOUT[,CHECKOUT...] [N] [--rounds R]
 [--platform snp|sw_protected] [--batched]``, where each CHECKOUT is a source tree with its
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -82,6 +84,20 @@ def main(argv: list[str] | None = None) -> None:
         best = [min(r[i] for r in runs[c]) for i in range(4)]
         every = " / ".join(" ".join(f"{x:,.0f}" for x in r) for r in runs[c])
         print(f"| {c} | " + " | ".join(f"{x:,.0f}" for x in best) + f" | {every} |")
+    if len(builds) > 1 and args.rounds >= 2:
+        # Each round's time over the first build's in the same round: the median and the
+        # quartiles say how large a difference the machine resolves (run a build against itself
+        # through another path, e.g. a symlink, to see the spread of no difference).
+        print("\n| build / first build, paired by round | to private | private fault | to shared | shared fault |")
+        print("|---|---:|---:|---:|---:|")
+        base = runs[builds[0]]
+        for c in builds[1:]:
+            cells = []
+            for i in range(4):
+                r = [y[i] / x[i] for x, y in zip(base, runs[c])]
+                q = statistics.quantiles(r, n=4)
+                cells.append(f"{statistics.median(r):.3f} ({q[0]:.2f}-{q[2]:.2f})")
+            print(f"| {c} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
