@@ -1,31 +1,79 @@
-"""Writing output files whole: a temporary file in the target's directory, renamed over it."""
+"""Writing output files whole: a temporary file beside the target, renamed over it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
+import sys
+import tempfile
+from collections.abc import Iterator
 
 
-def publish(tmp: str, path: str) -> None:
-    """Give ``tmp`` (from ``tempfile.mkstemp``, created 0600) the mode a plainly created file
-    would have (0666 less the umask), then rename it over ``path`` in one step: a reader sees
-    the old file or the new one, never a part, and the new one is as readable as ``open(path,
-    "w")`` would have made it.
-
-    A ``path`` that exists and is not a regular file (``/dev/null``, ``/dev/stdout``, a pipe)
-    is written through instead, as ``open(path, "w")`` would: renamed over, the device node
-    itself would be replaced by a regular file."""
+def _writes_through(path: str) -> bool:
+    """Whether ``path`` must be written in place rather than replaced by a rename: it exists
+    and is not a regular file (``/dev/null``, a terminal, a pipe), or it is a regular file that
+    only a kernel link reaches (``/dev/stdout`` redirected to a file: the name it resolves to is
+    another file or none), or the file a standard stream of this process is writing to (renamed
+    over, the stream would go on writing to the unlinked old file)."""
     try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
+        st = os.stat(path)
     except FileNotFoundError:
-        special = False
-    if special:
-        with open(tmp, "rb") as src, open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.unlink(tmp)
-        return
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    try:
+        resolved = os.stat(os.path.realpath(path))
+    except OSError:
+        return True
+    if (resolved.st_dev, resolved.st_ino) != (st.st_dev, st.st_ino):
+        return True
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fst = os.fstat(stream.fileno())
+            if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[str]:
+    """Yield the name to write ``path``'s content to; once the block completes, the content is
+    ``path``'s in one step, and a block that raises leaves ``path`` as it was.
+
+    A regular file (or a new one) is written as a temporary file in its directory (``suffix``,
+    default ``path``'s extension, ends its name, for writers that pick the format by it), given
+    the mode a plainly created file would have (0666 less the umask) and renamed over it: a
+    reader sees the old file or the new one, never a part. A device, a pipe or a file reached
+    through a kernel link (see :func:`_writes_through`) is written in place once the block
+    completes, as ``open(path, "w")`` would, from a temporary file in the system's temporary
+    directory (writers that seek, a PNG's, cannot write a pipe themselves): beside it, the
+    temporary file would be in ``/dev``, which only root may write, and the rename would
+    replace the node itself.
+
+    Raises:
+        OSError: the temporary file cannot be created (the directory does not exist or is not
+            writable) or renamed.
+    """
+    name = os.fspath(path)
+    ext = os.path.splitext(name)[1] if suffix is None else suffix
+    through = _writes_through(name)
+    target = name if through else os.path.abspath(name)
+    fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext, dir=None if through else os.path.dirname(target))
+    os.close(fd)
+    try:
+        yield tmp
+        if through:
+            with open(tmp, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.unlink(tmp)
+            return
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

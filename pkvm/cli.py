@@ -40,13 +40,12 @@ import logging
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
-from pkvm._files import publish
+from pkvm._files import atomic_output
 from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError
@@ -851,18 +850,13 @@ def _check_frame_out(args: argparse.Namespace) -> None:
 
 
 def _atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temporary file in its directory, renamed over it when complete:
-    a failure leaves no partial file (and any previous one as it was)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=os.path.splitext(path)[1], dir=parent)
-    os.close(fd)
+    """Write ``path`` whole (:func:`pkvm._files.atomic_output`): a failure leaves no partial
+    file (and any previous one as it was)."""
     try:
-        write(tmp)
-        publish(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # ENOSPC, EIO: say which file
+        with atomic_output(path) as tmp:
+            write(tmp)
+    except OSError as exc:
+        if exc.filename is None:  # ENOSPC, EIO: say which file
             raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 

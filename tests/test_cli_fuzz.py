@@ -7,6 +7,7 @@ unset). Runs are kept small (64M guests, few operations) and the example counts 
 the file runs in well under a minute under the ``ci`` profile too.
 """
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -387,6 +388,110 @@ def test_outputs_write_through_a_device_and_a_pipe(capsys, monkeypatch, tmp_path
     reader.join(60)
     assert code == 0, err
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and got and got[0]
+
+
+_EVERY_OUTPUT = [
+    ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "--json", "@OUT.json"],
+    ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "--out", "@OUT.csv"],
+    ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "--plot", "@OUT.png"],
+    ["run", "--memory", "64M", "--json", "@OUT.json"],
+    ["run", "--memory", "64M", "--timeline", "@OUT.json"],
+    ["run", "--memory", "64M", "--gantt", "@OUT.png"],
+]
+
+
+def _out_name(argv):
+    return os.path.splitext([a for a in argv if a.startswith("@OUT")][0])[1]
+
+
+@pytest.mark.parametrize("argv", _EVERY_OUTPUT)
+def test_a_pipe_in_a_directory_the_user_cannot_write(capsys, monkeypatch, tmp_path, argv):
+    """Each output went through a temporary file beside the target, even a pipe or a device
+    it then wrote through: as a user other than root, ``pkvm sweep --json /dev/stdout`` failed
+    with "Permission denied: '/dev/.pkvm-...'" (exit 1) since only root may create files in
+    /dev. A pipe or a device is written in place, and nothing is created beside it. (Root may
+    create files anywhere: the test refuses them in the pipe's directory itself.)"""
+    import tempfile as _tempfile
+    import threading
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    fifo = str(locked / "pipe") + _out_name(argv)
+    os.mkfifo(fifo)
+    mkstemp = _tempfile.mkstemp
+
+    def refuse_locked(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == str(locked):
+            raise PermissionError(13, "Permission denied", os.path.join(dir, ".pkvm-xxxxxxxx"))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(_tempfile, "mkstemp", refuse_locked)
+    got = []
+
+    def read():
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code, out, err = _run(capsys, [a.replace("@OUT" + _out_name(argv), fifo) for a in argv], str(tmp_path))
+    finally:
+        if not got:  # nothing opened the pipe to write: let the reader go
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(60)
+    assert code == 0, err
+    assert got and got[0]
+    assert sorted(p.name for p in locked.iterdir()) == [os.path.basename(fifo)]
+
+
+def test_sweep_json_to_dev_stdout_as_a_user(tmp_path):
+    """The issue's command as an unprivileged user (nobody), in a child process: ``pkvm sweep
+    ... --json /dev/stdout`` with stdout a pipe writes the JSON after the table and exits 0.
+    The child cannot import what it has not imported yet (the interpreter's files may be root's
+    alone), so the same command runs once first as root, to a file."""
+    import json as _json
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    nobody = pwd.getpwnam("nobody")
+    argv = ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1", "-q"]
+    assert main([*argv, "--json", str(tmp_path / "warm.json")]) == 0
+    r, w = os.pipe()
+    os.fchown(w, nobody.pw_uid, nobody.pw_gid)  # the pipe is the user's, as a shell's would be
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            errfd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(errfd, 2)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.chdir("/")
+            import sys
+
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            code = main([*argv, "--json", "/dev/stdout"])
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    text = data.decode()
+    got, want = _json.loads(text[text.index("{"):]), _json.loads((tmp_path / "warm.json").read_text())
+    assert got["command"][-2:] == ["--json", "/dev/stdout"]
+    assert [r["modeled_ns"] for r in got["results"]] == [r["modeled_ns"] for r in want["results"]]
 
 
 _RUN, _COMPARE = ["run", "--memory", "64M"], ["compare", "--memory", "64M", "--policies", "6.19"]

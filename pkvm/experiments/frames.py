@@ -12,15 +12,13 @@ actor that did nothing) is 0 there, since nothing was measured.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pkvm._files import publish
+from pkvm._files import atomic_output
 from pkvm._units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,9 +86,10 @@ def check_frame_path(path: str) -> None:
 
 
 def write_frame(frame: pd.DataFrame, path: str) -> None:
-    """Write ``frame`` to ``path`` (``.parquet`` with pyarrow, or ``.csv``) atomically: into a
-    temporary file in the same directory, renamed over ``path`` only once it is complete, so
-    a failure leaves any previous file as it was and no partial one.
+    """Write ``frame`` to ``path`` (``.parquet`` with pyarrow, or ``.csv``) atomically
+    (:func:`pkvm._files.atomic_output`): into a temporary file in the same directory, renamed
+    over ``path`` only once it is complete, so a failure leaves any previous file as it was and
+    no partial one; a device or a pipe is written in place.
 
     Raises:
         ValueError: as :func:`check_frame_path`.
@@ -98,19 +97,11 @@ def write_frame(frame: pd.DataFrame, path: str) -> None:
     """
     check_frame_path(path)
     ext = os.path.splitext(path)[1].lower()
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext, dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if ext == ".parquet":
-                frame.to_parquet(f, engine="pyarrow", index=False)
-            else:
-                f.write(frame.to_csv(index=False).encode("utf-8"))
-        publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        if ext == ".parquet":
+            frame.to_parquet(f, engine="pyarrow", index=False)
+        else:
+            f.write(frame.to_csv(index=False).encode("utf-8"))
 
 
 def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) -> None:

@@ -20,8 +20,9 @@ a busy slice); instants follow the track's slices, by time. Ties keep the record
 The output is deterministic: the same recorder and metadata give the same bytes.
 
 Events are encoded and written one at a time, so no string of the whole trace is ever built.
-Written to a path, the file appears atomically (a temporary file in the same directory, then
-``os.replace``): a failure leaves any previous file untouched and no partial file behind.
+Written to a path, the file appears atomically (``pkvm._files.atomic_output``: a temporary file
+in the same directory, then ``os.replace``): a failure leaves any previous file
+untouched and no partial file behind. A device or a pipe is written in place.
 
 Whether Perfetto renders a given file could not be checked where this was written (no
 browser); the tests check the JSON structure and each event's required fields instead.
@@ -32,10 +33,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from typing import IO, Any, cast
 
-from pkvm._files import publish
+from pkvm._files import atomic_output
 from .recorder import Recorder
 
 __all__ = ["write_chrome_trace"]
@@ -98,14 +98,8 @@ def _write_atomically(recorder: Recorder, path: str, other: str, process_name: s
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write the trace to {path!r}: "
                                 f"directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            _write(recorder, f, other, process_name)
-        publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path, ".json.tmp") as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        _write(recorder, f, other, process_name)
 
 
 def _write(recorder: Recorder, f: IO[str], other: str, process_name: str) -> None:

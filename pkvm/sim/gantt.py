@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import os
 from typing import Any
-import tempfile
 
 import numpy as np
 
-from pkvm._files import publish
+from pkvm._files import atomic_output
 from .recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 
 __all__ = ["plot_gantt"]
@@ -50,7 +49,8 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike[str], *, title: str =
     """Draw ``recorder`` as a Gantt chart and save it as a PNG at ``path``.
 
     Only the first ``max_tracks`` tracks are drawn (the title says how many were left out).
-    The file appears atomically (temporary file, then ``os.replace``).
+    The file appears atomically (``pkvm._files.atomic_output``: a temporary file, then
+    ``os.replace``; a device or a pipe is written in place).
 
     Runtime complexity: O(n log n) for n slices, plus drawing at most a few bars per pixel
     column per row.
@@ -151,14 +151,8 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike[str], *, title: str =
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9,
                   frameon=False)
 
-    fd, tmp = tempfile.mkstemp(prefix=".gantt-", suffix=".png.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path, ".png.tmp") as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def _colour(cat: str, colours: dict[str, str]) -> str:
