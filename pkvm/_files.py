@@ -37,20 +37,28 @@ def _writes_through(path: str) -> bool:
     return False
 
 
+def output_path(path: str | os.PathLike[str]) -> str:
+    """The file writing ``path`` creates or replaces: ``path`` with every symbolic link
+    resolved, so that a link named as an output keeps pointing where it did and its target gets
+    the content (a dangling link creates its target)."""
+    return os.path.realpath(path)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[str]:
     """Yield the name to write ``path``'s content to; once the block completes, the content is
     ``path``'s in one step, and a block that raises leaves ``path`` as it was.
 
-    A regular file (or a new one) is written as a temporary file in its directory (``suffix``,
-    default ``path``'s extension, ends its name, for writers that pick the format by it), given
-    the mode a plainly created file would have (0666 less the umask) and renamed over it: a
-    reader sees the old file or the new one, never a part. A device, a pipe or a file reached
-    through a kernel link (see :func:`_writes_through`) is written in place once the block
-    completes, as ``open(path, "w")`` would, from a temporary file in the system's temporary
-    directory (writers that seek, a PNG's, cannot write a pipe themselves): beside it, the
-    temporary file would be in ``/dev``, which only root may write, and the rename would
-    replace the node itself.
+    A regular file (or a new one) is written as a temporary file in the directory of
+    :func:`output_path` (``suffix``, default ``path``'s extension, ends its name, for writers
+    that pick the format by it), given the mode a plainly created file would have (0666 less
+    the umask) and renamed over that file: a reader sees the old file or the new one, never a
+    part, and a symbolic link named as ``path`` stays a link to it. A device, a pipe or a file
+    reached through a kernel link (see :func:`_writes_through`) is written in place once the
+    block completes, as ``open(path, "w")`` would, from a temporary file in the system's
+    temporary directory (writers that seek, a PNG's, cannot write a pipe themselves): beside
+    it, the temporary file would be in ``/dev``, which only root may write, and the rename
+    would replace the node itself.
 
     Raises:
         OSError: the temporary file cannot be created (the directory does not exist or is not
@@ -59,7 +67,7 @@ def atomic_output(path: str | os.PathLike[str], suffix: str | None = None) -> It
     name = os.fspath(path)
     ext = os.path.splitext(name)[1] if suffix is None else suffix
     through = _writes_through(name)
-    target = name if through else os.path.abspath(name)
+    target = name if through else output_path(name)
     fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext, dir=None if through else os.path.dirname(target))
     os.close(fd)
     try:

@@ -45,7 +45,7 @@ from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
-from pkvm._files import atomic_output
+from pkvm._files import atomic_output, output_path
 from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError
@@ -511,13 +511,23 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
                                     if getattr(args, name, None) is not None]
     _check_distinct(args, config, given, policies, memories)
     for flag, path in given:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a loop of symbolic links, a file used as a directory
+            raise UsageError(f"{flag} {path}: cannot write it: {exc.strerror}") from None
+        target = output_path(path)  # a symbolic link's target gets the content
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent) and os.path.islink(path):
+            raise UsageError(f"{flag} {path}: a symbolic link to {target}, which cannot be created: "
+                             f"directory {parent} does not exist")
         if flag == "--out":  # _check_frame_out
             continue
-        parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise UsageError(f"cannot write {path}: directory {parent} does not exist")
+            raise UsageError(f"{flag} {path}: cannot write it: directory {parent} does not exist")
         if os.path.isdir(path):
-            raise UsageError(f"cannot write {path}: it is a directory")
+            raise UsageError(f"{flag} {path}: cannot write it: it is a directory")
     if args.gantt is not None and os.path.splitext(args.gantt)[1].lower() not in (".png", ""):
         raise UsageError(f"--gantt {args.gantt}: the Gantt chart is a PNG (name it OUT.png)")
     if args.plot is not None:

@@ -494,6 +494,78 @@ def test_sweep_json_to_dev_stdout_as_a_user(tmp_path):
     assert [r["modeled_ns"] for r in got["results"]] == [r["modeled_ns"] for r in want["results"]]
 
 
+@pytest.mark.parametrize("argv", _EVERY_OUTPUT)
+def test_an_output_named_by_a_symbolic_link_writes_its_target(capsys, monkeypatch, tmp_path, argv):
+    """The rename of the temporary file replaced a symbolic link named as an output with a
+    regular file, and the file it pointed to kept its old content. The link's target is written
+    (a dangling link's target is created) and the link stays."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ext = _out_name(argv)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ("old" + ext)).write_text("old")
+    os.symlink("data/old" + ext, "link" + ext)
+    os.symlink("data/new" + ext, "dangling" + ext)
+    for link, target in (("link" + ext, "data/old" + ext), ("dangling" + ext, "data/new" + ext)):
+        code, out, err = _run(capsys, [a.replace("@OUT" + ext, link) for a in argv], str(tmp_path))
+        assert code == 0, err
+        assert os.readlink(link) == target
+        assert os.path.getsize(target) > 100
+        assert os.stat(target).st_mode & 0o777 == 0o666 & ~_umask()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["new" + ext, "old" + ext]
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("argv", _EVERY_OUTPUT)
+def test_a_link_to_a_missing_directory_is_a_usage_error(capsys, monkeypatch, tmp_path, argv):
+    """A dangling link whose target's directory does not exist cannot be written: refused
+    before anything runs (it was replaced by a regular file), naming the option."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ext = _out_name(argv)
+    flag = argv[argv.index("@OUT" + ext) - 1]
+    os.symlink("nowhere/x" + ext, "link" + ext)
+    code, out, err = _run(capsys, [a.replace("@OUT" + ext, "link" + ext) for a in argv], str(tmp_path))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert (f"{flag} link{ext}: a symbolic link to {tmp_path}/nowhere/x{ext}, which cannot be created: "
+            f"directory {tmp_path}/nowhere does not exist") in err
+    assert os.listdir(tmp_path) == ["link" + ext] and os.path.islink("link" + ext)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--workload", "replay:rec.txt", "--json", "link.txt"],
+     "--json link.txt: would overwrite link.txt, which the run reads (--workload replay:rec.txt)"),
+    (["run", "--workload", "replay:link.txt", "--trace", "rec.txt"],
+     "--trace rec.txt: would overwrite rec.txt, which the run reads (--workload replay:link.txt)"),
+    (["run", "--memory", "64M", "--costs", "c.toml", "--timeline", "c-link.toml"],
+     "--timeline c-link.toml: would overwrite c-link.toml, which the run reads (--costs c.toml)"),
+    (["run", "--memory", "64M", "--json", "dangling.json", "--timeline", "new.json"],
+     "--timeline new.json and --json dangling.json would both write new.json"),
+])
+def test_a_link_to_an_input_or_another_output_is_refused(capsys, monkeypatch, tmp_path, argv, message):
+    """The clash checks compare the files paths resolve to: a symbolic link to the trace being
+    replayed, to the cost file, or to another output's file is refused, and nothing changes."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rec.txt").write_text(_REC)
+    (tmp_path / "c.toml").write_text('[overrides]\nrmpupdate = "800ns"\n')
+    os.symlink("rec.txt", "link.txt")
+    os.symlink("c.toml", "c-link.toml")
+    os.symlink("new.json", "dangling.json")
+    before = {p.name: (p.is_symlink(), os.readlink(p) if p.is_symlink() else p.read_bytes())
+              for p in tmp_path.iterdir()}
+    code, out, err = _run(capsys, argv, str(tmp_path))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert message in err
+    assert {p.name: (p.is_symlink(), os.readlink(p) if p.is_symlink() else p.read_bytes())
+            for p in tmp_path.iterdir()} == before
+
+
 _RUN, _COMPARE = ["run", "--memory", "64M"], ["compare", "--memory", "64M", "--policies", "6.19"]
 _SWEEP = ["sweep", "--memory", "64M", "--policies", "6.19", "--grid", "vcpus=1"]
 

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pkvm._files import atomic_output
+from pkvm._files import atomic_output, output_path
 from pkvm._units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +78,7 @@ def check_frame_path(path: str) -> None:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FRAME_FORMATS:
         raise ValueError(f"--out {path}: write .parquet or .csv, not {ext or 'a file without an extension'}")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(output_path(path))
     if not os.path.isdir(parent):
         raise ValueError(f"--out {path}: directory {parent} does not exist")
     if os.path.isdir(path):
@@ -87,9 +87,10 @@ def check_frame_path(path: str) -> None:
 
 def write_frame(frame: pd.DataFrame, path: str) -> None:
     """Write ``frame`` to ``path`` (``.parquet`` with pyarrow, or ``.csv``) atomically
-    (:func:`pkvm._files.atomic_output`): into a temporary file in the same directory, renamed
-    over ``path`` only once it is complete, so a failure leaves any previous file as it was and
-    no partial one; a device or a pipe is written in place.
+    (:func:`pkvm._files.atomic_output`): into a temporary file beside the file ``path`` names
+    once its symbolic links are resolved, renamed over it only once it is complete, so a
+    failure leaves any previous file as it was and no partial one; a device or a pipe is
+    written in place.
 
     Raises:
         ValueError: as :func:`check_frame_path`.

@@ -21,7 +21,7 @@ The output is deterministic: the same recorder and metadata give the same bytes.
 
 Events are encoded and written one at a time, so no string of the whole trace is ever built.
 Written to a path, the file appears atomically (``pkvm._files.atomic_output``: a temporary file
-in the same directory, then ``os.replace``): a failure leaves any previous file
+beside the link-resolved target, then ``os.replace``): a failure leaves any previous file
 untouched and no partial file behind. A device or a pipe is written in place.
 
 Whether Perfetto renders a given file could not be checked where this was written (no
@@ -35,7 +35,7 @@ import json
 import os
 from typing import IO, Any, cast
 
-from pkvm._files import atomic_output
+from pkvm._files import atomic_output, output_path
 from .recorder import Recorder
 
 __all__ = ["write_chrome_trace"]
@@ -94,7 +94,7 @@ def write_chrome_trace(recorder: Recorder, path_or_file: str | os.PathLike[str] 
 
 
 def _write_atomically(recorder: Recorder, path: str, other: str, process_name: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(output_path(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write the trace to {path!r}: "
                                 f"directory {directory!r} does not exist")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pkvm._files import atomic_output
+from pkvm._files import atomic_output, output_path
 from .recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 
 __all__ = ["plot_gantt"]
@@ -74,7 +74,7 @@ def plot_gantt(recorder: Recorder, path: str | os.PathLike[str], *, title: str =
     if max_tracks < 1:
         raise ValueError(f"max_tracks must be >= 1, got {max_tracks}")
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(output_path(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write the chart to {path!r}: "
                                 f"directory {directory!r} does not exist")
