@@ -48,7 +48,7 @@ from pkvm import experiments
 from pkvm._files import atomic_output, output_path
 from pkvm._units import format_size, parse_size
 from pkvm.cost.model import format_ns, format_table
-from pkvm.errors import ConfigError, PkvmError
+from pkvm.errors import ConfigError, PkvmError, TracePlatformError
 from pkvm.experiments import report, workloads
 from pkvm.experiments.execution import Runner, check_address, max_jobs
 from pkvm.experiments.frames import check_frame_path, plot_grid
@@ -417,6 +417,22 @@ def _check_replay_shape(args: argparse.Namespace, recorded: dict[str, Any], path
             shown = format_size(recorded[key]) if key in ("memory", "image") else recorded[key]
             raise UsageError(f"--{key} {given}: the trace {path} was recorded with {key} {shown}; a replay "
                              f"runs the VM its trace recorded (drop --{key})")
+
+
+def _check_replay_grid(grid: dict[str, str], points: Sequence[Config]) -> None:
+    """``--grid``: a replay runs the VM its trace's header recorded, at every grid point too
+    (a platform, memory, image or vCPU count on the grid that differs is refused before
+    anything runs)."""
+    for pt in points:
+        if pt.workload != "replay":
+            continue
+        path = pt.options.get("file", "")
+        recorded = _recorded_shape(path)
+        for key in ("platform", "memory", "image", "vcpus"):
+            if key in grid and key in recorded and getattr(pt, key) != recorded[key]:
+                shown = format_size(recorded[key]) if key in ("memory", "image") else recorded[key]
+                raise UsageError(f"--grid {key}={grid[key]}: the trace {path} was recorded with {key} {shown}; a "
+                                 f"replay runs the VM its trace recorded (leave {key} out of --grid)")
 
 
 def _check_memory_options(args: argparse.Namespace) -> None:
@@ -1032,6 +1048,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         raise UsageError(f"--grid: {_message(exc)}") from None
     for pt in points:
         _policies(args, pt)
+    _check_replay_grid(dict(args.grid), points)
     _check_outputs(args, base)
     _check_frame_out(args)
     runs = sum(len(args.policies or experiments.PLATFORM_POLICIES[pt.platform]) for pt in points)
@@ -1289,6 +1306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, PkvmError) as exc:
         if debug:
             raise
+        mismatch = exc if isinstance(exc, TracePlatformError) else exc.__cause__
+        if isinstance(mismatch, TracePlatformError):  # the command line's words, not Config's
+            known = mismatch.recorded in experiments.PLATFORMS
+            exc = TracePlatformError(
+                f"--workload replay:{mismatch.path}", mismatch.recorded, mismatch.platform,
+                f"a replay runs on the platform its trace recorded, {mismatch.recorded}" if known else
+                f"--platform is one of {', '.join(experiments.PLATFORMS)}")
         _fail(_message(exc))
         # a configuration the run found it cannot build is the user's (also from a cluster,
         # where RunError carries it as the cause)

@@ -46,3 +46,30 @@ class ConfigError(PkvmError, ValueError):
     workload's options ask for more of the guest's memory than ``memory`` less the image
     leaves. A user error, like a value a :class:`pkvm.experiments.Config` refuses (the
     command line exits with status 2 for it)."""
+
+
+class TracePlatformError(ConfigError):
+    """A replay of a trace whose ``# pkvm`` header records a VM of another platform than the
+    run's (the fault error codes mean different things per platform). ``path`` is the trace,
+    ``recorded`` the header's platform (perhaps one pkvm does not simulate), ``platform`` the
+    run's, ``advice`` what to change, worded by the caller the user called: the replay that
+    finds the mismatch cannot know how the platform was chosen, so it raises this without
+    advice; :func:`pkvm.experiments.run` adds the ``Config`` field, the command line its own
+    options.
+
+    >>> str(TracePlatformError("t.txt", "tdx", "snp", "replay it with Config(platform='tdx')"))
+    "t.txt: the trace is from a tdx VM, not snp (replay it with Config(platform='tdx'))"
+    """
+
+    def __init__(self, path: str, recorded: str, platform: str, advice: str = "") -> None:
+        # the arguments are the args: a copy (simpy's rethrow, a pickle from a cluster
+        # worker) is built from them
+        super().__init__(path, recorded, platform, advice)
+        self.path = path
+        self.recorded = recorded
+        self.platform = platform
+        self.advice = advice
+
+    def __str__(self) -> str:
+        text = f"{self.path}: the trace is from a {self.recorded} VM, not {self.platform}"
+        return f"{text} ({self.advice})" if self.advice else text

@@ -626,6 +626,49 @@ def test_a_failed_json_write_keeps_the_old_file_and_names_the_new(capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--workload", "replay:@TMP/rec.txt", "--policies", "6.19", "--grid", "platform=tdx,snp"],
+     "--grid platform=tdx,snp: the trace @TMP/rec.txt was recorded with platform snp; a replay runs the VM its "
+     "trace recorded (leave platform out of --grid)"),
+    (["sweep", "--workload", "replay:@TMP/rec.txt", "--policies", "6.19", "--grid", "memory=64M,128M"],
+     "--grid memory=64M,128M: the trace @TMP/rec.txt was recorded with memory 64M"),
+])
+def test_a_replay_grid_over_its_recorded_shape_is_a_usage_error(capsys, monkeypatch, tmp_path, argv, message):
+    """``sweep --grid platform=...`` over a replay ran, and failed (exit 1) with the replay's
+    advice "run with --platform snp"; a --grid memory failed the same way. Refused before
+    anything runs, as --platform and --memory are."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    (tmp_path / "rec.txt").write_text(_REC)
+    code, out, err = _run(capsys, argv, str(tmp_path))
+    assert (code, err.count("\n")) == (2, 1), err
+    assert message.replace("@TMP", str(tmp_path)) in err
+
+
+def test_a_trace_platform_error_reaching_the_cli_speaks_in_options(capsys, monkeypatch):
+    """The Python API words a replay's platform mismatch with Config(platform=...); should one
+    reach the command line (directly or as a cluster run's cause), it is a usage error worded
+    in its options instead."""
+    from pkvm import experiments
+    from pkvm.errors import TracePlatformError
+    from pkvm.experiments.execution import RunError
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    api = TracePlatformError("t.txt", "tdx", "snp", "replay it with Config(platform='tdx')")
+    unknown = TracePlatformError("t.txt", "xyz", "snp", "Config(platform=...)")
+    for raised, want in ((api, "--workload replay:t.txt: the trace is from a tdx VM, not snp (a replay runs on "
+                                "the platform its trace recorded, tdx)"),
+                         (unknown, "--workload replay:t.txt: the trace is from a xyz VM, not snp (--platform is "
+                                   "one of snp, tdx, sw_protected)")):
+        for cluster in (False, True):
+            def fail(*args, raised=raised, cluster=cluster, **kwargs):
+                if cluster:
+                    raise RunError("snp fault-time failed on the cluster (tried twice)") from raised
+                raise raised
+            monkeypatch.setattr(experiments, "run", fail)
+            code, _, err = _run(capsys, ["run", "--memory", "64M"], "")
+            assert (code, err) == (2, f"pkvm: error: {want}\n")
+
+
 def test_a_config_error_from_a_cluster_run_is_a_usage_error(capsys, monkeypatch):
     """On a cluster the failing run arrives as a RunError whose cause is the worker's error: a
     ConfigError there is still the user's (exit 2), any other cause a failed run (exit 1)."""

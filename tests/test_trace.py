@@ -154,6 +154,31 @@ def test_replay_refuses_a_trace_of_another_platform(tmp_path):
                        options={"file": str(path)}), 0)
 
 
+def test_replay_platform_errors_speak_the_api(tmp_path):
+    """From the Python API, a trace of another platform advised "run with --platform tdx", and
+    one whose header names a platform pkvm does not simulate "--platform xyz": options of a
+    command line the caller is not using, the second not even one that exists. The error is a
+    TracePlatformError (a ConfigError, a ValueError) carrying the platforms, and its advice
+    names Config(platform=...)."""
+    from pkvm.errors import ConfigError, TracePlatformError
+
+    path = tmp_path / "t.txt"
+    E.run(E.Config(platform="tdx", memory="64M", policy="6.19", trace=str(path)), 0)
+    with pytest.raises(TracePlatformError) as info:
+        E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    assert str(info.value) == f"{path}: the trace is from a tdx VM, not snp (replay it with Config(platform='tdx'))"
+    assert (info.value.recorded, info.value.platform) == ("tdx", "snp")
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
+    xyz = tmp_path / "xyz.txt"
+    xyz.write_text("cpus=2\n# pkvm version=0 platform=xyz memory=67108864\n")
+    for call in (E.run, E.count_run):
+        with pytest.raises(TracePlatformError) as info:
+            call(E.Config(memory="64M", workload="replay", options={"file": str(xyz)}), 0)
+        assert str(info.value) == (f"{xyz}: the trace is from a xyz VM, not snp (pkvm does not simulate 'xyz': "
+                                   "Config(platform=...) is one of snp, tdx, sw_protected)")
+        assert "--" not in str(info.value)
+
+
 def test_replay_missing_file():
     with pytest.raises(ValueError, match="does not exist"):
         E.run(E.Config(memory="64M", workload="replay", options={"file": "/nonexistent/trace.txt"}), 0)

@@ -36,7 +36,7 @@ from pkvm._units import format_size, parse_size
 from pkvm.actors.guest import Guest
 from pkvm.actors.vmm import Vmm, check_ram_fits
 from pkvm.cost.model import CostModel
-from pkvm.errors import KvmError
+from pkvm.errors import KvmError, TracePlatformError
 from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import results_frame
@@ -446,6 +446,10 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
 
     Raises:
         ValueError: a bad config or seed, or a replay file that does not parse.
+        pkvm.errors.TracePlatformError: (a :class:`pkvm.ConfigError`, a ValueError) a replay's
+            trace records a VM of another platform than ``config.platform``; the message
+            says which ``Config(platform=...)`` replays it, or that pkvm does not simulate
+            the recorded one.
         KvmError: the workload hit an error the simulated kernel or guest would report.
     """
     if not isinstance(config, Config):
@@ -501,12 +505,26 @@ def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str,
         tl.start_vcpu(g.actor)
 
     def main_loop() -> None:
-        wl.run(ctx, **opts)
+        _run_workload(wl, ctx, opts)
         tl.stop()
 
     tl.spawn("vmm", main_loop)
     tl.run()
     return tl
+
+
+def _run_workload(wl: Any, ctx: Any, opts: Mapping[str, Any]) -> None:
+    """The workload's code, with the advice of a replay's platform mismatch worded in this
+    API's terms (the replay raises it without: :class:`pkvm.errors.TracePlatformError`)."""
+    try:
+        wl.run(ctx, **opts)
+    except TracePlatformError as exc:
+        if exc.recorded in PLATFORMS:
+            advice = f"replay it with Config(platform={exc.recorded!r})"
+        else:
+            advice = (f"pkvm does not simulate {exc.recorded!r}: Config(platform=...) is one of "
+                      f"{', '.join(PLATFORMS)}")
+        raise TracePlatformError(exc.path, exc.recorded, exc.platform, advice) from None
 
 
 def _write_timeline_outputs(config: Config, tl: Any) -> None:
@@ -713,7 +731,7 @@ def count_run(config: Config, seed: int = 0) -> Ledger:
     wl = _workloads.get(cfg.workload)
     opts = _workloads.parse_options(wl, cfg.options)
     vm, ctx = _build(cfg, seed, None)
-    wl.run(ctx, **opts)
+    _run_workload(wl, ctx, opts)
     counts = {(a, op): ns for a, cells in vm.cost_by_actor().items() for op, ns in cells.items()}
     n: dict[str, int] = {}
     flush_n = sorted(vm._flush_ns)  # the target-vCPU counts remote flushes were priced at

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pkvm.constants import PAGE_SHIFT
-from pkvm.errors import KvmError
+from pkvm.errors import KvmError, TracePlatformError
 from pkvm._units import format_ns
 from pkvm.experiments.trace import (
     EPT_ACC_WRITE,
@@ -69,8 +69,7 @@ _MADV_DONTNEED = 4
 def _check_header(ctx: Context, hdr: dict[str, str], path: str) -> None:
     plat = hdr.get("platform")
     if plat is not None and plat != ctx.vm.platform.name:
-        raise ValueError(f"{path}: the trace is from a {plat} VM, not {ctx.vm.platform.name} "
-                         f"(run with --platform {plat})")
+        raise TracePlatformError(path, plat, ctx.vm.platform.name)
     for key, have in (("memory", ctx.memory), ("image", ctx.image), ("vcpus", len(ctx.guests))):
         if key in hdr and int(hdr[key]) != have:
             raise ValueError(f"{path}: the trace was recorded with {key}={hdr[key]}, this run has {key}={have}")
@@ -104,7 +103,8 @@ class _Replayer:
     def vcpu(self, vid: int) -> Vcpu:
         guests = self.ctx.guests
         if vid >= len(guests):
-            raise ValueError(f"the trace has vCPU {vid}; this run has {len(guests)} (pass --vcpus {vid + 1})")
+            raise ValueError(f"the trace has vCPU {vid}; this run has {len(guests)} vCPUs (the trace needs "
+                             f"{vid + 1})")
         v = guests[vid].vcpu
         if vid in self.pending:  # KVM_RUN: complete the hypercall the VMM has answered
             del self.pending[vid]
