@@ -213,7 +213,7 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
      "which 64M of RAM with a 62M image does not leave: give more --memory, a smaller --image"),
     (["run", "--memory", "64M", "--workload", "virtio", "-o", "ring=1T"],
      "the workload needs a 1T private region"),
-    (["run", "--memory", "64M", "--workload", "virtio", "-o", "devices=100000"],
+    (["run", "--memory", "64M", "--workload", "virtio", "-o", "devices=60000"],
      "no private 256K region left in 64M of RAM: give more --memory"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, monkeypatch, tmp_path, argv, message):
@@ -669,7 +669,35 @@ def test_a_trace_platform_error_reaching_the_cli_speaks_in_options(capsys, monke
             assert (code, err) == (2, f"pkvm: error: {want}\n")
 
 
-def test_a_config_error_from_a_cluster_run_is_a_usage_error(capsys, monkeypatch):
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--memory", "64M", "--workload", "mixed", "-o", "ops=100000000000000000000"],
+     "option ops='100000000000000000000': 100000000000000000000 is more than 10^9; expected an integer from 0 to "
+     "10^9"),
+    (["compare", "--memory", "64M", "--workload", "virtio", "-o", "queues=2000"],
+     "option queues='2000': 2000 is more than 1024; expected an integer from 0 to 1024"),
+    (["sweep", "--memory", "64M", "--workload", "balloon", "-o", "cycles=1000000", "--grid", "vcpus=1"],
+     "option cycles='1000000': 1000000 is more than 10^5"),
+    (["run", "--memory", "64M", "--workload", "swiotlb", "-o", "ops=1000000000", "-o", "touches=1000000"],
+     "options ops=1000000000 x touches=1000000: the run would repeat its innermost step 1000000000000000 times, "
+     "more than 10^9; lower one of them"),
+])
+def test_a_count_that_would_run_for_years_is_a_usage_error(capsys, monkeypatch, argv, message):
+    """``pkvm run --workload mixed -o ops=10**20`` was accepted and ran (for years): refused
+    before anything runs, exit 2, naming the option and the range."""
+    from pkvm import experiments
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    for name in ("run", "run_many", "compare", "sweep_grid"):
+        monkeypatch.setattr(experiments, name, ran)
+    code, out, err = _run(capsys, argv, "")
+    assert (code, err.count("\n")) == (2, 1), err
+    assert message in err
+
+
+
     """On a cluster the failing run arrives as a RunError whose cause is the worker's error: a
     ConfigError there is still the user's (exit 2), any other cause a failed run (exit 1)."""
     import pkvm

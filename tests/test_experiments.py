@@ -4,6 +4,7 @@ follow from the workload's definition, and the error contract of Config."""
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -202,6 +203,42 @@ def test_bad_config_is_a_value_error(kw, match):
         E.Config(**kw)
 
 
+_COUNT_CAPS = [("swiotlb", "ops", 10**9), ("swiotlb", "touches", 10**6), ("virtio", "cycles", 10**7),
+               ("virtio", "devices", 65536), ("virtio", "queues", 1024), ("virtio", "io", 10**6),
+               ("balloon", "cycles", 10**5), ("migration", "devices", 65536), ("mixed", "ops", 10**9),
+               ("implicit", "ops", 10**9)]
+
+
+@pytest.mark.parametrize("workload, option, cap", _COUNT_CAPS)
+def test_a_count_past_its_cap_is_a_value_error(workload, option, cap):
+    """``options={"ops": 10**20}`` was accepted and would have run for years. Each count option
+    has a cap (docs/workloads.md, "Caps on counts"): the cap is accepted, one more is refused
+    naming the option and the range, and ``pkvm workloads``' help text states the range."""
+    shown = f"10^{len(str(cap)) - 1}" if cap >= 10**4 and cap == 10 ** (len(str(cap)) - 1) else str(cap)
+    if workload in ("swiotlb", "virtio"):  # their nested counts' product is capped too
+        others = {k: 1 for k in W.get(workload).nested if k != option}
+    else:
+        others = {}
+    W.parse_options(W.get(workload), {**others, option: cap})
+    for value in (cap + 1, 10**20, str(10**20)):
+        with pytest.raises(ValueError, match=rf"workload '{workload}' option {option}=.*: \d+ is more than "
+                                             rf"{re.escape(shown)}; expected an integer from 0 to {re.escape(shown)}$"):
+            E.Config(workload=workload, options={**others, option: value})
+    assert W.get(workload).options[option].help.endswith(f"(0 to {shown})")
+
+
+@pytest.mark.parametrize("workload, options, steps", [
+    ("swiotlb", {"ops": 10**9, "touches": 2}, "ops=1000000000 x touches=2: the run would repeat its innermost step "
+                                              "2000000000 times, more than 10^9"),
+    ("virtio", {"cycles": 10**7, "io": 40}, "cycles=10000000 x devices=4 x queues=2 x io=40: the run would "
+                                            "repeat its innermost step 3200000000 times"),
+])
+def test_nested_counts_are_capped_together(workload, options, steps):
+    """Each count within its cap, their product not: ``ops=10**9 touches=10**6`` is 10^15 touches."""
+    with pytest.raises(ValueError, match=re.escape(f"workload '{workload}' options {steps}")):
+        E.Config(workload=workload, options=options)
+
+
 def test_bad_seed():
     with pytest.raises(ValueError, match="seed"):
         E.run(E.Config(memory=SMALL), -1)
@@ -317,7 +354,7 @@ def test_a_workload_that_does_not_fit_says_what_to_change():
                                                r"leave: give more --memory, a smaller --image or smaller workload"):
         E.run(E.Config(memory="8M", image="6M", workload="mixed"), 0)
     with pytest.raises(pkvm.ConfigError, match=r"no private 256K region left in 64M of RAM: give more --memory"):
-        E.run(E.Config(memory="64M", workload="virtio", options={"devices": 100000}), 0)
+        E.run(E.Config(memory="64M", workload="virtio", options={"devices": 60000}), 0)
     assert issubclass(pkvm.ConfigError, ValueError)  # what the run raised before (a ValueError)
 
 

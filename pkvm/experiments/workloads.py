@@ -42,6 +42,7 @@ from RAM above the image; vCPUs take turns (round-robin) in the order actions ar
 from __future__ import annotations
 
 import errno
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -96,6 +97,33 @@ def _nonneg_int(text: object) -> int:
     if v < 0:
         raise ValueError(f"{v} is negative; expected a non-negative integer")
     return v
+
+
+def _shown_count(n: int) -> str:
+    """``n`` as the option listing shows a cap: ``10^9`` for a power of ten, else digits."""
+    k = len(str(n)) - 1
+    return f"10^{k}" if n >= 10**4 and n == 10**k else str(n)
+
+
+@dataclass(frozen=True)
+class _Count:
+    """The parser of a count option: a non-negative integer of at most ``most``, a cap that
+    keeps a run finite in practice (docs/workloads.md, "Caps on counts", gives each one's
+    reason); a larger count was accepted and ran for years."""
+
+    most: int
+
+    def __call__(self, text: object) -> int:
+        v = _nonneg_int(text)
+        if v > self.most:
+            raise ValueError(f"{v} is more than {_shown_count(self.most)}; expected an integer from 0 to "
+                             f"{_shown_count(self.most)}")
+        return v
+
+
+def _count(default: int, most: int, help: str) -> Option:
+    """A count option of at most ``most``; its help text says the range."""
+    return Option(default, _Count(most), f"{help} (0 to {_shown_count(most)})")
 
 
 def _fraction(text: object) -> float:
@@ -155,6 +183,9 @@ class Workload:
     description: str
     options: Mapping[str, Option]
     run: Callable[..., None]
+    #: Count options whose loops nest: the run repeats its innermost step their product
+    #: times (each factor at least 1), which is capped as an ``ops`` count is.
+    nested: tuple[str, ...] = ()
 
 
 def parse_options(workload: Workload, given: Mapping[str, object]) -> dict[str, Any]:
@@ -176,6 +207,11 @@ def parse_options(workload: Workload, given: Mapping[str, object]) -> dict[str, 
                 raise ValueError(f"workload {workload.name!r} option {name}={given[name]!r}: {exc}") from None
         else:
             out[name] = opt.default
+    steps = math.prod(max(out[k], 1) for k in workload.nested)
+    if steps > _MAX_OPS:
+        shown = " x ".join(f"{k}={out[k]}" for k in workload.nested)
+        raise ValueError(f"workload {workload.name!r} options {shown}: the run would repeat its innermost step "
+                         f"{steps} times, more than {_shown_count(_MAX_OPS)}; lower one of them")
     return out
 
 
@@ -770,6 +806,12 @@ def replay(ctx: Context, *, file: str) -> None:
     replay_file(ctx, file)
 
 
+#: The most operations of an ``ops`` option: each takes tens of microseconds to simulate, so
+#: 10^9 of them are about a day's run.
+_MAX_OPS = 10**9
+#: The most devices: the PCI functions of one PCI segment (256 buses x 32 slots x 8 functions).
+_MAX_DEVICES = 65536
+
 _PREALLOC = Option(False, _bool, "fallocate the guest_memfd before marking RAM private (eager designs "
                    "then convert allocated pages in the ioctl)")
 
@@ -778,33 +820,33 @@ WORKLOADS: Mapping[str, Workload] = MappingProxyType({w.name: w for w in (
              MappingProxyType({"accept": Option(P2M, _granule, "acceptance unit: 2M or 4K"),
                                "prealloc": _PREALLOC}), boot),
     Workload("swiotlb", "boot, then bounce-buffer churn: random 4K private->shared->private with touches",
-             MappingProxyType({"ops": Option(2000, _nonneg_int, "conversion round trips"),
-                               "touches": Option(1, _nonneg_int, "shared accesses per round trip"),
-                               "prealloc": _PREALLOC}), swiotlb),
+             MappingProxyType({"ops": _count(2000, _MAX_OPS, "conversion round trips"),
+                               "touches": _count(1, 10**6, "shared accesses per round trip"),
+                               "prealloc": _PREALLOC}), swiotlb, ("ops", "touches")),
     Workload("virtio", "boot, then virtio devices set up and tear down shared rings and buffers",
-             MappingProxyType({"cycles": Option(20, _nonneg_int, "device reset cycles"),
-                               "devices": Option(4, _nonneg_int, "devices"),
-                               "queues": Option(2, _nonneg_int, "virtqueues per device"),
+             MappingProxyType({"cycles": _count(20, 10**7, "device reset cycles"),
+                               "devices": _count(4, _MAX_DEVICES, "devices"),
+                               "queues": _count(2, 1024, "virtqueues per device"),
                                "ring": Option(16 * 1024, _page_size, "ring size per queue"),
                                "buffers": Option(256 * 1024, _page_size, "buffer pool per queue"),
-                               "io": Option(4, _nonneg_int, "passes over the buffers per cycle"),
-                               "prealloc": _PREALLOC}), virtio),
+                               "io": _count(4, 10**6, "passes over the buffers per cycle"),
+                               "prealloc": _PREALLOC}), virtio, ("cycles", "devices", "queues", "io")),
     Workload("balloon", "boot, then balloon inflate (VMM punches holes) and deflate (guest re-faults)",
-             MappingProxyType({"cycles": Option(2, _nonneg_int, "inflate/deflate rounds"),
+             MappingProxyType({"cycles": _count(2, 10**5, "inflate/deflate rounds"),
                                "fraction": Option(0.25, _fraction, "fraction of RAM per round"),
                                "chunk": Option(P2M, _granule, "balloon unit: 2M or 4K"),
                                "prealloc": _PREALLOC}), balloon),
     Workload("migration", "migration destination: restore shared ranges, re-accept resident memory",
              MappingProxyType({"resident": Option(1.0, _fraction, "fraction of private RAM the guest re-accepts"),
-                               "devices": Option(4, _nonneg_int, "device buffer pools to restore as shared"),
+                               "devices": _count(4, _MAX_DEVICES, "device buffer pools to restore as shared"),
                                "buffers": Option(P2M, _page_size, "buffer pool size per device"),
                                "prealloc": _PREALLOC}), migration),
     Workload("mixed", "boot with a shared SWIOTLB pool, then random churn, virtio, balloon and implicit "
-             "conversions", MappingProxyType({"ops": Option(2000, _nonneg_int, "random actions"),
+             "conversions", MappingProxyType({"ops": _count(2000, _MAX_OPS, "random actions"),
                                               "prealloc": _PREALLOC}), mixed),
     Workload("implicit", "boot, then implicit conversions (a page touched with the other access type, no "
              "conversion asked for); separates SW_PROTECTED 6.8 from 6.11+",
-             MappingProxyType({"ops": Option(500, _nonneg_int, "implicit conversions"),
+             MappingProxyType({"ops": _count(500, _MAX_OPS, "implicit conversions"),
                                "prealloc": _PREALLOC}), implicit),
     Workload("replay", "replay a kernel trace (trace-cmd report text), e.g. one written by --trace",
              MappingProxyType({"file": Option(None, _text, "the trace file")}), replay),
