@@ -60,15 +60,25 @@ def atomic_output(path: str | os.PathLike[str], suffix: str | None = None) -> It
     it, the temporary file would be in ``/dev``, which only root may write, and the rename
     would replace the node itself.
 
+    An existing regular file the user may write in a directory the user may not (no temporary
+    file can go beside it) is written in place the same way.
+
     Raises:
-        OSError: the temporary file cannot be created (the directory does not exist or is not
-            writable) or renamed.
+        OSError: the temporary file cannot be created (the directory does not exist, or is not
+            writable and the file is new or not writable) or renamed.
     """
     name = os.fspath(path)
     ext = os.path.splitext(name)[1] if suffix is None else suffix
     through = _writes_through(name)
     target = name if through else output_path(name)
-    fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext, dir=None if through else os.path.dirname(target))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext, dir=None if through else os.path.dirname(target))
+    except PermissionError:
+        # a file the user may write in a directory the user may not: written in place
+        if through or not (os.path.isfile(target) and os.access(target, os.W_OK)):
+            raise
+        through = True
+        fd, tmp = tempfile.mkstemp(prefix=".pkvm-", suffix=ext)
     os.close(fd)
     try:
         yield tmp
