@@ -210,11 +210,11 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
      "more than --trace-max-size 1K; pass --trace-max-size 1G to write it"),
     # a workload that does not fit was a run failure (exit 1), found only once the run built it
     (["run", "--memory", "64M", "--image", "62M", "--workload", "mixed"],
-     "which 64M of RAM with a 62M image does not leave: give more --memory, a smaller --image"),
+     "which 64M of RAM with a 62M image does not leave: give more memory (Config(memory=...), --memory), a smaller image"),
     (["run", "--memory", "64M", "--workload", "virtio", "-o", "ring=1T"],
      "the workload needs a 1T private region"),
     (["run", "--memory", "64M", "--workload", "virtio", "-o", "devices=60000"],
-     "no private 256K region left in 64M of RAM: give more --memory"),
+     "no private 256K region left in 64M of RAM: give more memory (Config(memory=...), --memory)"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, monkeypatch, tmp_path, argv, message):
     """The issue's cases: each is a usage error (exit 2), one line naming the argument."""

@@ -351,9 +351,10 @@ def test_migration_with_more_vcpus_than_chunks_runs():
 
 def test_a_workload_that_does_not_fit_says_what_to_change():
     with pytest.raises(pkvm.ConfigError, match=r"needs a 4K private region .* of RAM with a 6M image does not "
-                                               r"leave: give more --memory, a smaller --image or smaller workload"):
+                                               r"leave: give more memory \(Config\(memory=\.\.\.\), --memory\), a smaller image "
+                                               r"\(Config\(image=\.\.\.\), --image\) or smaller workload options"):
         E.run(E.Config(memory="8M", image="6M", workload="mixed"), 0)
-    with pytest.raises(pkvm.ConfigError, match=r"no private 256K region left in 64M of RAM: give more --memory"):
+    with pytest.raises(pkvm.ConfigError, match=r"no private 256K region left in 64M of RAM: give more memory \(Config\(memory=\.\.\.\), --memory\)"):
         E.run(E.Config(memory="64M", workload="virtio", options={"devices": 60000}), 0)
     assert issubclass(pkvm.ConfigError, ValueError)  # what the run raised before (a ValueError)
 

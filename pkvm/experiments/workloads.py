@@ -245,6 +245,11 @@ def ram_ranges(memory: int) -> list[tuple[int, int]]:
     return ram
 
 
+#: The advice of a workload that does not fit, in the Python API's and the command line's terms.
+_MORE_ROOM = ("give more memory (Config(memory=...), --memory), a smaller image (Config(image=...), "
+              "--image) or smaller workload options (Config(options=...), -o)")
+
+
 class Context:
     """What a workload runs against (built by :func:`pkvm.experiments.run`).
 
@@ -457,8 +462,7 @@ class Context:
         if hi < lo:
             raise ConfigError(f"the workload needs a {format_size(size)} private region between gpa "
                              f"{lo_gpa:#x} and {hi_gpa:#x}, which {format_size(self.memory)} of RAM with a "
-                             f"{format_size(self.image)} image does not leave: give more --memory, a smaller --image "
-                              "or smaller workload options")
+                             f"{format_size(self.image)} image does not leave: {_MORE_ROOM}")
         ram = self.ram
         for _ in range(1000):
             gpa = self.rng.randint(lo, hi) * align
@@ -468,7 +472,7 @@ class Context:
             if self.shared.find_ne(s, e, 0) == -1 and self.reserved.find_ne(s, e, 0) == -1:
                 return gpa
         raise ConfigError(f"no private {format_size(size)} region left in {format_size(self.memory)} of RAM: "
-                          "give more --memory, a smaller --image or smaller workload options")
+                          f"{_MORE_ROOM}")
 
     def ram_pieces(self, start: int, end: int) -> list[tuple[int, int]]:
         """The gpa ranges ``[a, b)`` holding RAM bytes ``[start, end)`` counted in RAM order
