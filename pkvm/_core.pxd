@@ -263,6 +263,12 @@ cdef class VmState:
     cdef public uint64_t _range_start, _range_end   # mmu_invalidate_range_start / _end
     cdef public int64_t nr_vcpus            # VM(nr_vcpus=): a remote TLB flush targets at least these
     cdef public bint _prefetch              # software prefetch hints on the per-page paths (True)
+    cdef public object _actor               # who acts: "vmm" or "vcpuN" (VM._set_actor)
+    cdef public dict _actor_ns              # actor -> its Cells of ns per op
+    cdef public dict _actor_tot             # actor -> its modeled ns up to its last switch away
+    cdef public object _actor_mark          # the modeled ns when the acting actor took over
+    cdef public object _cost_ns             # the acting actor's Cells
+    cdef object _set_actor_c(self, actor)
 
 
 cdef class MemslotState:

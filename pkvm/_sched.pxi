@@ -497,7 +497,9 @@ cdef class SchedHooks:
         self._mark = _vm_ns(self)
         self._skipped = False
         vm._hostmem.cpu = a.name
-        if vm._actor != a.charge_to:
+        if isinstance(vm, VmState):
+            (<VmState>vm)._set_actor_c(a.charge_to)  # VM._set_actor, at C level
+        elif vm._actor != a.charge_to:
             vm._set_actor(a.charge_to)
         return 0
 

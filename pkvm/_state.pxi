@@ -52,10 +52,36 @@ cdef class VmState:
     a remote TLB flush targets at least) and ``_prefetch``: whether the typed per-page paths
     issue software prefetches for the leaves a call is about to read (True; False only to
     measure what the hints save, ``bench/prefetch_ab.py``: every result is the same either
-    way)."""
+    way). The actor bookkeeping of :meth:`_set_actor` (``_actor``, ``_actor_ns``,
+    ``_actor_tot``, ``_actor_mark``, ``_cost_ns``) is here too: the timeline switches the
+    acting actor at every resume of a thread and the VMM at every exit it answers."""
 
     def __cinit__(self, *args, **kwargs):
         self._prefetch = True
+
+    def _set_actor(self, actor):
+        """Charge from now on to ``actor`` (unchecked: ``VM.acting`` is the public way);
+        returns the previous actor (to restore it). The actor leaving has its clock
+        (``_actor_tot``) advanced by what was charged since it took over; a new actor gets
+        empty cells and a zero clock."""
+        return self._set_actor_c(actor)
+
+    cdef object _set_actor_c(self, actor):
+        prev = self._actor
+        if actor is prev or actor == prev:
+            return prev
+        cells = self._actor_ns.get(actor)
+        led = self._ledger
+        if cells is None:
+            cells = self._actor_ns[actor] = (<Ledger?>led).new_cells()
+            self._actor_tot[actor] = 0
+        m = (<Ledger?>led).now()
+        self._actor_tot[prev] += m - self._actor_mark
+        self._actor_mark = m
+        self._actor = actor
+        self._cost_ns = cells
+        (<Ledger>led).set_cost(cells)
+        return prev
 
     def _invalidate_begin(self):
         """``kvm_mmu_invalidate_begin`` (:func:`_mmu_invalidate_begin`)."""
@@ -68,7 +94,8 @@ cdef class VmState:
     def __reduce_ex__(self, protocol):
         return (_copyreg.__newobj__, (type(self),),
                 _collect_state(self, ("_sched", "_platform", "vm_dead", "mmu_invalidate_in_progress",
-                                      "_range_start", "_range_end", "nr_vcpus", "_prefetch")))
+                                      "_range_start", "_range_end", "nr_vcpus", "_prefetch", "_actor",
+                                      "_actor_ns", "_actor_tot", "_actor_mark", "_cost_ns")))
 
     def __setstate__(self, state):
         _restore_state(self, state)

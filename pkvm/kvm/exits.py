@@ -99,7 +99,9 @@ def step_failed(step: str, r: GuestOpResult, gpa: int, answer: ExitResult | None
 
 def begin_insn(vcpu: Vcpu) -> None:
     """Entry of a guest instruction: the VM must be alive and no exit may be pending."""
-    vcpu.vm._check_alive()
+    vm = vcpu.vm
+    if vm.vm_dead:
+        vm._check_alive()  # raises EIO
     if vcpu._resume is not None:
         raise KvmError(errno.EBUSY, f"vCPU {vcpu.id} is stopped in an exit to userspace: answer it and "
                        "call vcpu.run() before the guest can execute another instruction")

@@ -109,9 +109,8 @@ class GuestMemfd:
                 EFBIG (past ``MAX_LFS_FILESIZE``), ENOMEM (host memory exhausted; nothing is
                 allocated then).
         """
-        mode = _check_int("mode", mode)
-        offset = _check_int("offset", offset)
-        length = _check_int("length", length)
+        if type(mode) is not int or type(offset) is not int or type(length) is not int:
+            mode, offset, length = _check_int("mode", mode), _check_int("offset", offset), _check_int("length", length)
         # vfs_fallocate's generic checks come first, then kvm_gmem_fallocate's.
         if offset < 0 or length <= 0:
             raise KvmError(errno.EINVAL,

@@ -289,23 +289,6 @@ class VM(VmState):
         """
         return {a: dict(c) for a, c in sorted(self._actor_ns.items()) if c}
 
-    def _set_actor(self, actor: str) -> str:
-        """Charge from now on to ``actor`` (unchecked: :meth:`acting` is the public way);
-        returns the previous actor (to restore it)."""
-        prev = self._actor
-        if actor != prev:
-            cells = self._actor_ns.get(actor)
-            if cells is None:
-                cells = self._actor_ns[actor] = self._ledger.new_cells()
-                self._actor_tot[actor] = 0
-            m = self._modeled_ns
-            self._actor_tot[prev] += m - self._actor_mark
-            self._actor_mark = m
-            self._actor = actor
-            self._cost_ns = cells
-            self._ledger.set_cost(cells)
-        return prev
-
     # -- the public actor and clock ------------------------------------------------------------
 
     @property
@@ -1235,7 +1218,8 @@ class Vcpu:
         Raises:
             KvmError: EIO if the VM is dead.
         """
-        self.vm._check_alive()
+        if self.vm.vm_dead:
+            self.vm._check_alive()  # raises EIO
         resume, self._resume = self._resume, None
         if resume is None:
             return GuestOpResult("done")
