@@ -981,6 +981,22 @@ cdef class AttrPath:
         _prefetch_leaf(self.attrs, gfn)
         _prefetch_leaf(self.sptes, gfn)
 
+    cdef int _timeline(self, sched, uint64_t start, uint64_t end, uint64_t attrs) except -1:
+        """The ioctl on the concurrent timeline: the whole ioctl under ``slots_lock``, its
+        latency sampled. The §2.7 short-circuit (every gfn has ``attrs`` already, read once
+        the lock is held: another actor may change them while this one waits for it) runs
+        nothing else under the lock; otherwise the phases are ``VM._attr_timeline``'s."""
+        cdef SchedHooks h = <SchedHooks?>sched  # the VM's pkvm.sim.Timeline
+        cdef uint64_t dummy
+        lat = h._latency_begin()
+        h._acquire("slots_lock", 1)
+        if not self.legacy and not rangemap_find_ne(self.attrs, start, end, attrs, &dummy):
+            h._release("slots_lock", 1)
+            h._latency_end("attr_ioctl", lat, 1)
+            return 0
+        self.vm._attr_timeline(sched, start, end, attrs, lat)
+        return 0
+
     cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
         cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g
@@ -1018,7 +1034,7 @@ cdef class AttrPath:
             read = False  # a callback ran (it may have changed the VM): read again
         sched = self.vs._sched
         if sched is not None:
-            vm._attr_timeline(sched, start, end, attrs)
+            self._timeline(sched, start, end, attrs)
             return 0
         if self.legacy:
             vm._attr_legacy(start, end, attrs)

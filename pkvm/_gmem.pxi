@@ -1099,6 +1099,31 @@ cdef inline uint64_t _sb_value(int64_t delta) noexcept:
     return 1 | (((<uint64_t>delta) & _DELTA_MASK) << _DELTA_SHIFT)
 
 
+def shared_discard(SharedBackingState sb, uint64_t start, uint64_t end):
+    """``MADV_DONTNEED`` on whole host pages inside the HVA pages ``[start, end)``: each
+    populated run there goes back to the host allocator and becomes unpopulated; returns the
+    pages freed. Nothing populated there (the usual case of private memory) changes nothing.
+    (``pkvm.host.hostmem.SharedBacking.discard``.)"""
+    cdef int order = sb.order
+    cdef uint64_t a = ((start + (1ULL << order) - 1) >> order) << order
+    cdef uint64_t b = (end >> order) << order
+    cdef uint64_t x
+    cdef int64_t freed = 0
+    cdef RangeMap m = sb._map
+    cdef RunCursor cur
+    cdef int ok
+    if a >= b or not rangemap_find_ne(m, a, b, 0, &x):
+        return 0  # no whole host page inside the range, or nothing populated there
+    ok = rangemap_cursor_init(m, &cur, a, b)
+    while ok == 1:
+        _hm_free(sb._mem, <uint64_t>(<int64_t>cur.start + _decode_delta(cur.value)), <int64_t>(cur.end - cur.start))
+        freed += <int64_t>(cur.end - cur.start)
+        ok = rangemap_cursor_next(m, &cur)
+    rangemap_assign(m, a, b, 0)
+    sb.nr_populated -= freed
+    return freed
+
+
 def shared_populate(SharedBackingState sb, uint64_t start, uint64_t end):
     """``pkvm.host.hostmem.SharedBacking.populate``: allocate every unpopulated host block of
     the HVA pages ``[start, end)`` in address order; the number of pages allocated.

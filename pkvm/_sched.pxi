@@ -64,7 +64,7 @@ cdef class DistState:
         if value > self._max or not self._count:
             self._max = value
         self._count += count
-        self._total += value * count
+        self._total += value * count if count != 1 else value
         self._sorted = None
         return 0
 
@@ -195,41 +195,44 @@ cdef class SchedHooks:
         cdef list held
         cdef tuple h
         cdef Py_ssize_t i
-        cdef long long held_ns
+        cdef long long held_ns, t
+        cdef Ledger led
         if a is None:
             return 0
+        # The latest entry of (lock, mode) goes: the usual case is the last one (LIFO).
         held = a.held
-        t = None
-        if held:  # (the core is built with wraparound=False: no negative indices)
-            h = <tuple>held[len(held) - 1]
-            if h[0] == lock and h[1] == mode:  # the usual case: LIFO
-                t = (<tuple>held.pop())[2]
-        if t is None:
-            for i in range(len(held) - 1, -1, -1):
-                h = <tuple>held[i]
-                if h[0] == lock and h[1] == mode:
-                    t = (<tuple>held.pop(i))[2]
-                    break
-            else:
-                raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
+        i = len(held) - 1
+        while i >= 0:
+            h = <tuple>held[i]
+            if h[0] == lock and h[1] == mode:
+                break
+            i -= 1
+        else:
+            raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
+        t_obj = h[2]
+        if i == len(held) - 1:
+            held.pop()
+        else:
+            held.pop(i)
+        t = t_obj
         if t < 0:
             self._release_slow(a, lock, mode)
             return 0
         a.fast -= 1
-        vm = self.vm
-        held_ns = self._now0 + _vm_ns(self) - self._mark - <long long>t  # now_ns - t
-        if vm._subs is not None:
-            vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
+        held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
+        led = _hook_ledger(self)
+        if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
+            self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
         lk = self.locks[lock]
         cdef LockStatsState st = (<LockState?>lk).stats
         st.hold_ns += held_ns
-        if isinstance(lk, self._rwlock):
+        if st._rw:  # an RWLock's (LockStats(rw=True))
             if mode == 0:
                 st.hold_read_ns += held_ns
             else:
                 st.hold_write_ns += held_ns
         if self.recorder is not None:
-            self._record_hold(a, lock, mode, lk, t, t + held_ns)
+            self._record_hold(a, lock, mode, lk, t_obj, t + held_ns)
         return 0
 
     cdef int _hold_idle(self, lock, mode) except -1:
@@ -269,8 +272,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         if a is None:
             return 0
-        total = self._now0 + _vm_ns(self) - self._mark - begin[0]  # now_ns
-        w = a.wait - begin[1]
+        total = (self._now0 + _vm_ns(self) - self._mark) - begin[0]  # now_ns
         cdef DistState d = <DistState?>self.latency[kind]
         log = self.latency_log
         # Distribution._add: the samples are int ns and the counts ints >= 1 (add's checks).
@@ -279,6 +281,7 @@ cdef class SchedHooks:
             if log is not None:
                 log.append((kind, total, 1))
         else:
+            w = a.wait - begin[1]
             each = (total - w) // n
             d._add_c(each + w, 1)
             d._add_c(each, n - 1)
@@ -295,7 +298,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         if a is None:
             return int(self.vm._modeled_ns)
-        return a.busy + _vm_ns(self) - self._mark
+        return a.busy + (_vm_ns(self) - self._mark)
 
     def contended(self):
         """True if another actor is in a task now (worth splitting long work for)."""

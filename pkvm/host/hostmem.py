@@ -14,7 +14,7 @@ the number of allocated pfns; every populated HVA page maps to an allocated pfn.
 
 from __future__ import annotations
 
-from pkvm._core import HostMemoryState, RangeMap, SharedBackingState, hostmem_alloc, hostmem_free, hostmem_plan, shared_populate
+from pkvm._core import HostMemoryState, RangeMap, SharedBackingState, hostmem_alloc, hostmem_free, hostmem_plan, shared_discard, shared_populate
 from pkvm.errors import InternalInvariantError
 
 #: pkvm's simulated host memory starts above the first 4 GiB and holds 64 TiB by default.
@@ -209,24 +209,9 @@ class SharedBacking(SharedBackingState):
         """
         return shared_populate(self, start, end)
 
-    def discard(self, start: int, end: int) -> int:
-        """``MADV_DONTNEED`` on whole host pages inside ``[start, end)``; return pages freed."""
-        order = self.order
-        a = (start + (1 << order) - 1) >> order << order
-        b = end >> order << order
-        if a >= b:
-            return 0  # no whole host page inside the range
-        m = self._map
-        if m.find_ne(a, b, 0) == -1:
-            return 0  # nothing populated there (the usual case of private memory): nothing changes
-        freed = 0
-        for s, e, v in m.ranges(a, b):
-            delta = decode_delta(v)
-            hostmem_free(self._mem, s + delta, e - s)  # populated runs: valid by construction
-            freed += e - s
-        m.assign(a, max(a, b), 0)
-        self.nr_populated -= freed
-        return freed
+    #: ``MADV_DONTNEED`` on whole host pages inside ``[start, end)``; returns the pages freed
+    #: (the typed core's ``shared_discard``, pkvm/_gmem.pxi).
+    discard = shared_discard
 
     def iter_runs(self) -> list[tuple[int, int, int]]:
         """Populated runs ``(start, end, pfn_delta)`` in HVA order."""

@@ -705,19 +705,15 @@ class VM(VmState):
             raise KvmError(errno.EDEADLK, "an unfinished KVM_SET_MEMORY_ATTRIBUTES holds slots_lock "
                            f"(phase {self._attr_op.phase!r}); finish it first (op.finish())")
 
-    def _attr_timeline(self, sched: Any, start: int, end: int, attrs: int) -> None:
+    def _attr_timeline(self, sched: Any, start: int, end: int, attrs: int, lat: Any) -> None:
         """The ioctl's phases at the kernel's lock points, for the concurrent timeline: the whole
         ioctl under ``slots_lock``; PRE and POST each under ``mmu_lock`` for write, dropped in
         between (the store runs with only ``slots_lock``, while the invalidation is in
         progress); the RFC v8 post-unlock op after the lock is dropped, still under
-        ``slots_lock`` (docs/timeline.md). The phases are :class:`AttrIoctl`'s."""
-        lat = sched.latency_begin()
-        sched.acquire("slots_lock")
-        if not self._legacy and self._attrs.find_ne(start, end, attrs) == -1:
-            # The §2.7 short-circuit (AttrIoctl's no-op): nothing runs under slots_lock.
-            sched.release("slots_lock")
-            sched.latency_end("attr_ioctl", lat)
-            return
+        ``slots_lock`` (docs/timeline.md). The phases are :class:`AttrIoctl`'s. The typed
+        ioctl (``AttrPath._timeline``, pkvm/_attr.pxi) began the latency sample ``lat``, took
+        ``slots_lock`` and found the call no §2.7 short-circuit; this releases the lock and
+        ends the sample."""
         op = AttrIoctl(self, start, end, attrs)
         locked = bool(op._ranges)
         op._before_lock()
