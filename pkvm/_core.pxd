@@ -237,6 +237,7 @@ cdef class Ledger:
     cdef int charge_p(self, Py_ssize_t i, int64_t price, uint64_t n) except -1
     cdef int _charge_slow(self, str op, object price, object n) except -1
     cdef int charge_obj(self, str op, object n) except -1
+    cdef int set_cost_c(self, Cells cost) except -1
 
 
 cdef class Cells:

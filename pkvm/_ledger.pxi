@@ -43,6 +43,22 @@ cdef Counters _vm_counters(object stats):
     return <Counters>stats
 
 
+cdef int _stat_add(object stats, str key, object n) except -1:
+    """``stats[key] += n`` on a VM's ``_stats``: in C when it is a :class:`Counters` that has
+    ``key`` and the sum stays an int64 (every counter the paths add to), else through the
+    mapping."""
+    cdef int64_t x
+    cdef Counters c
+    if type(stats) is Counters and type(n) is int and _as_i64(n, &x):
+        c = <Counters>stats
+        i = c.index.get(key)
+        if i is not None and (x >= 0 and c.v[<Py_ssize_t>i] <= 0x7FFFFFFFFFFFFFFF - x):
+            c.v[<Py_ssize_t>i] += x
+            return 0
+    stats[key] += n
+    return 0
+
+
 cdef Counters _scratch_counters(object stats):
     """The :class:`Counters` an ``Mmu`` helper adds to: ``stats`` itself, or for another
     mapping (an ``Mmu`` built over a plain dict) a scratch copy of its values at the indices
@@ -337,9 +353,13 @@ cdef class Ledger:
 
     def set_cost(self, Cells cost not None):
         """The acting actor's cells from now on (``VM._set_actor``)."""
+        self.set_cost_c(cost)
+
+    cdef int set_cost_c(self, Cells cost) except -1:
         if cost.ledger is not self:
             raise ValueError("the cells belong to another VM's ledger")
         self.cost = cost
+        return 0
 
     cdef int add_c(self, str op, int64_t ns) except -1:
         """Add ``ns`` to ``op``'s cell of the acting actor and to the modeled ns."""

@@ -210,10 +210,7 @@ cdef class SchedHooks:
         else:
             raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
         t_obj = h[2]
-        if i == len(held) - 1:
-            held.pop()
-        else:
-            held.pop(i)
+        del held[i]
         t = t_obj
         if t < 0:
             self._release_slow(a, lock, mode)
@@ -245,8 +242,9 @@ cdef class SchedHooks:
         if a is None:
             return 0
         lk = <LockState?>self.locks[lock]
+        led = _hook_ledger(self)
         if (self._active <= a.in_task and not lk.locked and self.recorder is None
-                and self.vm._subs is None):
+                and not (led.traced if led is not None else self.vm._subs is not None)):  # vm._subs is None
             lk.stats.acquisitions += 1
             return 0
         self._acquire(lock, mode)

@@ -41,11 +41,11 @@ cdef int _pv_count(vm, int level, int code, count) except -1:
     (<Ledger?>vm._ledger).charge_obj("pvalidate_2m" if level == _PV_2M else "pvalidate_4k", count)  # VM._charge
     st = vm._stats
     if code == _PV_SUCCESS:
-        st["pvalidate"] += count
+        _stat_add(st, "pvalidate", count)
         if level == _PV_2M:
-            st["pvalidate_2m"] += count
+            _stat_add(st, "pvalidate_2m", count)
     else:
-        st["pvalidate_failures"] += count
+        _stat_add(st, "pvalidate_failures", count)
     return 0
 
 
@@ -287,7 +287,7 @@ cdef bint _psc_begin(vcpu, begin) except -1:
     counted, charged and announced; whether the guest may use the protocol."""
     begin(vcpu)
     vm = vcpu.vm
-    vm._stats["psc_requests"] += 1
+    _stat_add(vm._stats, "psc_requests", 1)
     (<Ledger?>vm._ledger).charge_obj("psc_request", 1)  # VM._charge
     if vm._subs is not None:
         vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (vcpu.id, _VMGEXIT_PSC, 0, 0))
@@ -324,7 +324,7 @@ cdef object _psc_run(vcpu, list runs, int op, list at, exit_fn):
     if k == len(runs):
         return GuestOpResult("done", 0)
     gfn, n, huge = runs[k]
-    vcpu.vm._stats["psc_entries"] += n
+    _stat_add(vcpu.vm._stats, "psc_entries", n)
     attrs = (_MAP_GPA_ENCRYPTED if op == _PSC_PRIVATE else 0) | (_MAP_GPA_SZ_2M if huge else 0)
     hc = Hypercall(_HC_MAP_GPA_RANGE, (gfn << 12, n * 512 if huge else n, attrs), 0, _HC_LONG_MODE)
     cdef _PscRunDone done = _PscRunDone.__new__(_PscRunDone)

@@ -80,7 +80,7 @@ cdef class VmState:
         self._actor_mark = m
         self._actor = actor
         self._cost_ns = cells
-        (<Ledger>led).set_cost(cells)
+        (<Ledger>led).set_cost_c(<Cells?>cells)
         return prev
 
     def _invalidate_begin(self):
