@@ -1114,6 +1114,10 @@ cdef class FaultPath:
 
     def fault(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write):
         """``Vcpu._fault``: ``(faults taken, result)``."""
+        return self._fault(vcpu, gfn, limit, private, write)
+
+    cdef tuple _fault(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write):
+        """:meth:`fault`, called in C by the SNP guest's PVALIDATE walk (pkvm/_snp_guest.pxi)."""
         f, r = self._run(vcpu, gfn, limit, private, write, False)
         return ((<PageFault>f).nfaults if (<FaultResult>r).ret == "fixed" else 1), r
 

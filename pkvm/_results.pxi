@@ -253,3 +253,40 @@ cdef class AccessResult:
 
     def __reduce__(self):
         return (AccessResult, self._fields())
+
+
+# -- the entry of a guest instruction and the hypercall exit (pkvm.kvm.exits) -------------------
+#
+# Every guest instruction of the platforms' vCPUs begins with begin_insn, and every hypercall
+# forwarded to userspace (KVM_HC_MAP_GPA_RANGE: SNP's page-state changes, TDX's MapGPA) stops
+# in hypercall_exit: in C, so the PVALIDATE walk and the page-state change's runs
+# (pkvm/_snp_guest.pxi) call them without a Python frame. pkvm.kvm.exits exports them.
+
+cdef int _EBUSY = 16                 # errno.EBUSY
+cdef int _KVM_EXIT_HYPERCALL = 3     # pkvm.constants.KVM_EXIT_HYPERCALL
+
+
+def begin_insn(vcpu):
+    """Entry of a guest instruction: the VM must be alive and no exit may be pending.
+
+    Raises:
+        KvmError: EIO if the VM is dead; EBUSY if ``vcpu`` is stopped in an exit."""
+    vm = vcpu.vm
+    if vm.vm_dead:
+        vm._check_alive()  # raises EIO
+    if vcpu._resume is not None:
+        from pkvm.errors import KvmError
+        raise KvmError(_EBUSY, f"vCPU {vcpu.id} is stopped in an exit to userspace: answer it and "
+                       "call vcpu.run() before the guest can execute another instruction")
+
+
+def hypercall_exit(vcpu, hc, complete, faults=0):
+    """Stop ``vcpu`` in a ``KVM_EXIT_HYPERCALL`` carrying ``hc``; ``complete`` runs at the next
+    ``KVM_RUN`` (``complete_userspace_io``). Counts the exit; the caller charges it (the cost
+    of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``)."""
+    vm = vcpu.vm
+    _stat_add(vm._stats, "hypercall_exits", 1)
+    if vm._subs is not None:
+        vm._emit("userspace_exit", None, None, None, 1, 0, _KVM_EXIT_HYPERCALL, (_KVM_EXIT_HYPERCALL, 0))
+    vcpu._resume = complete
+    return GuestOpResult("exit", None, None, _KVM_EXIT_HYPERCALL, hc, None, None, faults)

@@ -665,5 +665,7 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
         sched._release("mmu_lock", 0)
     cdef FaultResult r = fp._finish(f)
     sched._latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
-    fp._after(vcpu, f, r, gfn, private, write, sched._work_ns() - t0)
+    # the fault's own work, for the fault event (_after reads it only when it emits one)
+    took = sched._work_ns() - t0 if fp.ledger.traced and not f.prefetch else None
+    fp._after(vcpu, f, r, gfn, private, write, took)
     return f, r

@@ -74,6 +74,15 @@ def snp_pv_batch_end(vm, uint64_t gfn, uint64_t end, bint validated):
     return _pv_batch_end(vm, gfn, end, validated)
 
 
+cdef tuple _pv_fault(vm, vcpu, uint64_t gfn, uint64_t limit):
+    """``vm._fault_path.fault(vcpu, gfn, limit, True, False)`` (the private #NPF of a
+    PVALIDATE, batched over ``[gfn, limit)``): the core's :class:`FaultPath` in C."""
+    fp = vm._fault_path
+    if type(fp) is FaultPath:
+        return (<FaultPath>fp)._fault(vcpu, gfn, limit, True, False)
+    return fp.fault(vcpu, gfn, limit, True, False)
+
+
 cdef object _pv_rmp_pvalidate(rmp, uint64_t pfn, uint64_t n, int level, asid, uint64_t gpa,
                               bint validate):
     """``rmp.pvalidate_range(pfn, n, level, asid=asid, gpa=gpa, validate=validate)``: the
@@ -188,7 +197,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             if not v:
                 # Each PVALIDATE takes its own #NPF; a batch of them is faulted in at once
                 # where that cannot change the outcome (_batch_end).
-                n, r = vm._fault_path.fault(vcpu, gfn, _pv_batch_end(vm, gfn, stop, not validate), True, False)
+                n, r = _pv_fault(vm, vcpu, gfn, _pv_batch_end(vm, gfn, stop, not validate))
                 faults += n
                 if _pv_fault_ok(r):
                     continue
@@ -206,7 +215,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             # the instruction fails with SIZEMISMATCH and the 4K retries fault the other
             # pages in order, as do the next blocks (consecutive allocations): fault the
             # batch at once and let the 4K-leaf range form below replay the instructions.
-            n, r = vm._fault_path.fault(vcpu, gfn, gfn + 1, True, False)
+            n, r = _pv_fault(vm, vcpu, gfn, gfn + 1)
             faults += n
             if not _pv_fault_ok(r):
                 return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
@@ -215,8 +224,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 p1 = <uint64_t>(<int64_t>gfn + _decode_delta(v1))
                 if (v1 & _F_SPTE_PRIVATE and not p1 & 511 and e > gfn + 1
                         and _pv_find_ne(rmp, p1, 1, None, None, None, None, validate) != -1):  # its 4K retry succeeds
-                    n, r = vm._fault_path.fault(vcpu, gfn + 1, _pv_batch_end(vm, gfn + 1, e, not validate),
-                                                True, False)
+                    n, r = _pv_fault(vm, vcpu, gfn + 1, _pv_batch_end(vm, gfn + 1, e, not validate))
                     faults += n
             continue
         if v:

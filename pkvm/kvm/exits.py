@@ -19,23 +19,21 @@ issued while one is pending is refused.
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pkvm._core import ExitResult as ExitResult  # the typed core's light result objects
 from pkvm._core import GuestOpResult as GuestOpResult
 from pkvm._core import Hypercall as Hypercall
+from pkvm._core import begin_insn as begin_insn  # the entry of a guest instruction, typed
+from pkvm._core import hypercall_exit as hypercall_exit  # a KVM_EXIT_HYPERCALL stop, typed
 from pkvm.constants import (
     KVM_EINVAL,
     KVM_ENOSYS,
-    KVM_EXIT_HYPERCALL,
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
     PAGE_SHIFT,
 )
-from pkvm.errors import KvmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import Vcpu
@@ -95,28 +93,6 @@ def step_failed(step: str, r: GuestOpResult, gpa: int, answer: ExitResult | None
         text += f"; the VMM: {answer.detail}"
     return ConversionResult(False, step, status, gpa, answer.errno if answer is not None else 0,
                             answer, text)
-
-
-def begin_insn(vcpu: Vcpu) -> None:
-    """Entry of a guest instruction: the VM must be alive and no exit may be pending."""
-    vm = vcpu.vm
-    if vm.vm_dead:
-        vm._check_alive()  # raises EIO
-    if vcpu._resume is not None:
-        raise KvmError(errno.EBUSY, f"vCPU {vcpu.id} is stopped in an exit to userspace: answer it and "
-                       "call vcpu.run() before the guest can execute another instruction")
-
-
-def hypercall_exit(vcpu: Vcpu, hc: Hypercall, complete: Callable[[], GuestOpResult], faults: int = 0) -> GuestOpResult:
-    """Stop ``vcpu`` in a ``KVM_EXIT_HYPERCALL`` carrying ``hc``; ``complete`` runs at the next
-    ``KVM_RUN`` (``complete_userspace_io``). Counts the exit; the caller charges it (the cost
-    of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``)."""
-    vm = vcpu.vm
-    vm._stats["hypercall_exits"] += 1
-    if vm._subs is not None:
-        vm._emit("userspace_exit", None, None, None, 1, 0, KVM_EXIT_HYPERCALL, (KVM_EXIT_HYPERCALL, 0))
-    vcpu._resume = complete
-    return GuestOpResult("exit", exit_reason=KVM_EXIT_HYPERCALL, hypercall=hc, faults=faults)
 
 
 def kvm_emulate_hypercall(vcpu: Vcpu, nr: int, a0: int, a1: int, a2: int, long_mode: bool) -> GuestOpResult:
