@@ -271,6 +271,10 @@ def begin_insn(vcpu):
 
     Raises:
         KvmError: EIO if the VM is dead; EBUSY if ``vcpu`` is stopped in an exit."""
+    _begin_insn(vcpu)
+
+
+cdef int _begin_insn(vcpu) except -1:
     vm = vcpu.vm
     if vm.vm_dead:
         vm._check_alive()  # raises EIO
@@ -278,12 +282,17 @@ def begin_insn(vcpu):
         from pkvm.errors import KvmError
         raise KvmError(_EBUSY, f"vCPU {vcpu.id} is stopped in an exit to userspace: answer it and "
                        "call vcpu.run() before the guest can execute another instruction")
+    return 0
 
 
 def hypercall_exit(vcpu, hc, complete, faults=0):
     """Stop ``vcpu`` in a ``KVM_EXIT_HYPERCALL`` carrying ``hc``; ``complete`` runs at the next
     ``KVM_RUN`` (``complete_userspace_io``). Counts the exit; the caller charges it (the cost
     of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``)."""
+    return _hypercall_exit(vcpu, hc, complete, faults)
+
+
+cdef object _hypercall_exit(vcpu, hc, complete, faults):
     vm = vcpu.vm
     _stat_add(vm._stats, "hypercall_exits", 1)
     if vm._subs is not None:

@@ -146,9 +146,21 @@ cdef class _PvRangeResume:
         return self.vcpu._pvalidate_range(self.at, self.end, self.validate, self.huge)
 
 
+def snp_pvalidate_insn(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
+    """``SnpVcpu._pvalidate_insn``: the instruction begins (:func:`begin_insn`), then
+    :func:`snp_pvalidate_range` over ``[gfn, end)``, for a caller that checked the range."""
+    _begin_insn(vcpu)
+    return _pv_range(vcpu, gfn, end, validate, huge)
+
+
 def snp_pvalidate_range(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
     """``SnpVcpu._pvalidate_range``: the walk (:func:`_pv_range_body`); after an exit, the
     vCPU's continuation resumes it at the gpa the exit reports."""
+    return _pv_range(vcpu, gfn, end, validate, huge)
+
+
+cdef object _pv_range(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
+    """:func:`snp_pvalidate_range`."""
     cdef _PvRangeResume resume
     r = _pv_range_body(vcpu, gfn, end, validate, huge)
     if (<GuestOpResult?>r).ret == "exit":
@@ -277,9 +289,8 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
 #
 # A request given as its runs of contiguous same-size entries: the VMGEXIT is counted, charged
 # and announced, then each run is one KVM_HC_MAP_GPA_RANGE exit whose completion (at the next
-# KVM_RUN) starts the next run. The exit itself is pkvm.kvm.exits.hypercall_exit, passed in by
-# the caller with the instruction's entry check (begin_insn): the core does not import the
-# KVM layer.
+# KVM_RUN) starts the next run. The instruction's entry check and the exit are the core's
+# begin_insn and hypercall_exit (pkvm/_results.pxi, what pkvm.kvm.exits exports).
 
 cdef int _PSC_PRIVATE = 1                        # SNP_PAGE_STATE_PRIVATE
 cdef int _HC_MAP_GPA_RANGE = 12                  # KVM_HC_MAP_GPA_RANGE
@@ -290,10 +301,10 @@ _VMGEXIT_PSC = 0x80000010                        # SVM_VMGEXIT_PSC
 _PSC_ERROR_GENERIC = 0x100 << 32                 # VMGEXIT_PSC_ERROR_GENERIC
 
 
-cdef bint _psc_begin(vcpu, begin) except -1:
-    """``SnpVcpu._psc_begin``: the instruction begins (``begin(vcpu)``), the request is
+cdef bint _psc_begin(vcpu) except -1:
+    """``SnpVcpu._psc_begin``: the instruction begins (:func:`begin_insn`), the request is
     counted, charged and announced; whether the guest may use the protocol."""
-    begin(vcpu)
+    _begin_insn(vcpu)
     vm = vcpu.vm
     _stat_add(vm._stats, "psc_requests", 1)
     (<Ledger?>vm._ledger).charge_obj("psc_request", 1)  # VM._charge
@@ -302,9 +313,9 @@ cdef bint _psc_begin(vcpu, begin) except -1:
     return bool(vm.hypercall_exit_mask & (1 << _HC_MAP_GPA_RANGE))
 
 
-def snp_psc_begin(vcpu, begin):
+def snp_psc_begin(vcpu):
     """``SnpVcpu._psc_begin`` (see :func:`_psc_begin`)."""
-    return _psc_begin(vcpu, begin)
+    return _psc_begin(vcpu)
 
 
 @cython.final
@@ -314,7 +325,7 @@ cdef class _PscRunDone:
     failed ends the request with ``VMGEXIT_PSC_ERROR_GENERIC`` (untraced, as ``psc``);
     otherwise the next run goes."""
 
-    cdef object vcpu, hc, exit_fn, k
+    cdef object vcpu, hc, k
     cdef list runs, at
     cdef int op
 
@@ -322,11 +333,11 @@ cdef class _PscRunDone:
         if self.hc.ret:
             return GuestOpResult("done", _PSC_ERROR_GENERIC)
         self.at[0] = self.k + 1
-        r = _psc_run(self.vcpu, self.runs, self.op, self.at, self.exit_fn)
+        r = _psc_run(self.vcpu, self.runs, self.op, self.at)
         return r if self.vcpu.vm._subs is None else self.vcpu._psc_done(r)
 
 
-cdef object _psc_run(vcpu, list runs, int op, list at, exit_fn):
+cdef object _psc_run(vcpu, list runs, int op, list at):
     """Run ``at[0]`` of ``runs``: its ``KVM_HC_MAP_GPA_RANGE`` exit, or ``done`` after the last."""
     k = at[0]
     if k == len(runs):
@@ -338,22 +349,20 @@ cdef object _psc_run(vcpu, list runs, int op, list at, exit_fn):
     cdef _PscRunDone done = _PscRunDone.__new__(_PscRunDone)
     done.vcpu = vcpu
     done.hc = hc
-    done.exit_fn = exit_fn
     done.k = k
     done.runs = runs
     done.at = at
     done.op = op
-    return exit_fn(vcpu, hc, done)
+    return _hypercall_exit(vcpu, hc, done, 0)
 
 
-def snp_psc_runs(vcpu, list runs not None, int op, list at not None, begin, exit_fn):
-    """``SnpVcpu._psc_runs``: the request's VMGEXIT (``begin`` is the instruction's entry
-    check), then its runs' exits (``exit_fn`` is ``hypercall_exit``)."""
-    enabled = _psc_begin(vcpu, begin)
+def snp_psc_runs(vcpu, list runs not None, int op, list at not None):
+    """``SnpVcpu._psc_runs``: the request's VMGEXIT, then its runs' exits."""
+    enabled = _psc_begin(vcpu)
     at[0] = 0
     if not enabled:
         return vcpu._psc_done(GuestOpResult("done", _PSC_ERROR_GENERIC))
-    r = _psc_run(vcpu, runs, op, at, exit_fn)
+    r = _psc_run(vcpu, runs, op, at)
     return r if vcpu.vm._subs is None else vcpu._psc_done(r)
 
 

@@ -37,6 +37,7 @@ from pkvm._core import (
     snp_pv_fault_stop,
     snp_pval_count,
     snp_pvalidate_4k_run,
+    snp_pvalidate_insn,
     snp_pvalidate_range,
     snp_usable_end,
 )
@@ -339,8 +340,7 @@ class SnpVcpu(Vcpu):
     def _pvalidate_insn(self, gfn: int, end: int, validate: bool, huge: bool) -> GuestOpResult:
         """:meth:`pvalidate_range` over ``[gfn, end)`` for a caller that checked the range
         (u64, 4 KiB aligned, non-empty) and passes bools: the guest flows."""
-        begin_insn(self)
-        return snp_pvalidate_range(self, gfn, end, validate, huge)  # self._pvalidate_range
+        return snp_pvalidate_insn(self, gfn, end, validate, huge)  # begin_insn, then self._pvalidate_range
 
     #: The range form (pkvm/_snp_guest.pxi): run by run of nested mappings, 2M PVALIDATEs over
     #: 2M leaves on 2M RMP entries as one range operation, 2M PVALIDATEs that fail with
@@ -436,13 +436,13 @@ class SnpVcpu(Vcpu):
         Raises:
             KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
         """
-        return snp_psc_runs(self, runs, op, at, begin_insn, hypercall_exit)  # pkvm/_snp_guest.pxi
+        return snp_psc_runs(self, runs, op, at)  # pkvm/_snp_guest.pxi
 
     def _psc_begin(self) -> bool:
         """The VMGEXIT of a page-state-change request: the instruction begins, the request is
         counted, charged and announced; returns whether the guest may use the protocol
         (``snp_begin_psc`` fails the request with ``VMGEXIT_PSC_ERROR_GENERIC`` otherwise)."""
-        return snp_psc_begin(self, begin_insn)  # pkvm/_snp_guest.pxi
+        return snp_psc_begin(self)  # pkvm/_snp_guest.pxi
 
     def _psc_done(self, r: GuestOpResult) -> GuestOpResult:
         """The VMGEXIT is complete (``sw_exit_info_2`` = ``r.status``): trace its exit."""
