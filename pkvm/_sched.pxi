@@ -64,7 +64,7 @@ cdef class DistState:
         if value > self._max or not self._count:
             self._max = value
         self._count += count
-        self._total += value * count if count != 1 else value
+        self._total += value * count
         self._sorted = None
         return 0
 
