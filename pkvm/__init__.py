@@ -33,7 +33,14 @@ from pkvm.constants import (
     PG_LEVEL_4K,
 )
 from pkvm.cost.model import CostModel
-from pkvm.errors import ConfigError, InternalInvariantError, KvmError, PkvmError, PlatformRegistrationError
+from pkvm.errors import (
+    ConfigError,
+    InternalInvariantError,
+    KvmError,
+    PkvmError,
+    PlatformRegistrationError,
+    TracePlatformError,
+)
 from pkvm.host.directmap import DIRECTMAP_POLICIES, DirectMap
 from pkvm.kvm.batch import FaultBatch, FaultBatchError
 from pkvm.kvm.events import EVENT_KINDS, Event, Subscription
@@ -109,6 +116,7 @@ __all__ = [
     "KVM_X86_TDX_VM",
     "ConfigError",
     "KvmError",
+    "TracePlatformError",
     "Memslot",
     "PageFault",
     "PG_LEVEL_1G",

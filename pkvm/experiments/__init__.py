@@ -446,7 +446,7 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
 
     Raises:
         ValueError: a bad config or seed, or a replay file that does not parse.
-        pkvm.errors.TracePlatformError: (a :class:`pkvm.ConfigError`, a ValueError) a replay's
+        pkvm.TracePlatformError: (a :class:`pkvm.ConfigError`, a ValueError) a replay's
             trace records a VM of another platform than ``config.platform``; the message
             says which ``Config(platform=...)`` replays it, or that pkvm does not simulate
             the recorded one.
@@ -515,7 +515,7 @@ def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str,
 
 def _run_workload(wl: Any, ctx: Any, opts: Mapping[str, Any]) -> None:
     """The workload's code, with the advice of a replay's platform mismatch worded in this
-    API's terms (the replay raises it without: :class:`pkvm.errors.TracePlatformError`)."""
+    API's terms (the replay raises it without: :class:`pkvm.TracePlatformError`)."""
     try:
         wl.run(ctx, **opts)
     except TracePlatformError as exc:
