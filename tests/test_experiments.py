@@ -239,6 +239,25 @@ def test_nested_counts_are_capped_together(workload, options, steps):
         E.Config(workload=workload, options=options)
 
 
+def test_balloon_rounds_are_capped_with_the_memory():
+    """A balloon round hands back ``fraction`` of the RAM's chunks, so ``cycles`` alone does not
+    bound the run: 10^5 rounds were accepted at 1T (13.1 * 10^9 chunks, days). The chunks over
+    all rounds are capped at 10^9 like nested counts; the refusal names the options, the memory
+    and the most rounds of that size, and that many is accepted."""
+    per_round = int((2**40 // 2**21 - 1) * 0.25)  # the default 2M image takes the first chunk
+    most = 10**9 // per_round
+    E.Config(memory="1T", workload="balloon", options={"cycles": most})
+    E.Config(memory="64G", workload="balloon", options={"cycles": 10**5})  # the count's own cap fits 64G
+    with pytest.raises(ValueError, match=re.escape(
+            f"workload 'balloon' options cycles={most + 1}, fraction=0.25, chunk=2M at 1T of memory: the rounds "
+            f"would hand back {(most + 1) * per_round:,} chunks ({per_round:,} a round), more than 10^9; lower "
+            f"cycles or fraction (at most {most:,} rounds of this size)")):
+        E.Config(memory="1T", workload="balloon", options={"cycles": most + 1})
+    with pytest.raises(ValueError, match=r"a round\), more than 10\^9; lower fraction, or use a 2M chunk$"):
+        E.Config(memory="64T", workload="balloon", options={"cycles": 1, "chunk": "4K"})
+    E.Config(memory="64T", workload="balloon", options={"cycles": 0, "chunk": "4K"})  # no rounds: nothing to cap
+
+
 def test_bad_seed():
     with pytest.raises(ValueError, match="seed"):
         E.run(E.Config(memory=SMALL), -1)

@@ -145,6 +145,7 @@ class Config:
             raise ValueError(f"workload {self.workload!r} needs option {missing[0]!r} "
                              f"({wl.options[missing[0]].help})")
         _workloads.check_platform(self.workload, self.platform, parsed)
+        _workloads.check_scale(self.workload, mem, image, parsed)
         object.__setattr__(self, "options", opts)
         object.__setattr__(self, "costs", dict(self.costs))
         object.__setattr__(self, "trace_events", check_trace_events(self.trace_events, "trace_events"))

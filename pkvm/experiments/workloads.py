@@ -878,6 +878,29 @@ def check_platform(workload: str, platform: str, options: Mapping[str, Any]) -> 
                              "(4K is for snp)")
 
 
+def check_scale(workload: str, memory: int, image: int, options: Mapping[str, Any]) -> None:
+    """Refuse parsed ``options`` of ``workload`` whose work grows with the guest's RAM past the
+    cap of nested counts (10^9, docs/workloads.md, "Caps on counts"), before anything runs:
+    a ``balloon`` round hands back ``fraction`` of the RAM's ``chunk`` units (as
+    :func:`_balloon_round` counts them), so ``cycles`` rounds handle ``cycles`` times that many.
+
+    Raises:
+        ValueError: names the options, the memory and the count they would reach.
+    """
+    if workload != "balloon":
+        return
+    chunk = options["chunk"]
+    units = max(memory // chunk - -(-image // chunk), 0)
+    per_round = int(units * options["fraction"])
+    total = options["cycles"] * per_round
+    if total > _MAX_OPS:
+        raise ValueError(f"workload 'balloon' options cycles={options['cycles']}, fraction={options['fraction']}, "
+                         f"chunk={format_size(chunk)} at {format_size(memory)} of memory: the rounds would hand "
+                         f"back {total:,} chunks ({per_round:,} a round), more than {_shown_count(_MAX_OPS)}; "
+                         + (f"lower cycles or fraction (at most {_MAX_OPS // per_round:,} rounds of this size)"
+                            if per_round <= _MAX_OPS else "lower fraction, or use a 2M chunk"))
+
+
 def get(name: str) -> Workload:
     """The workload called ``name``.
 
