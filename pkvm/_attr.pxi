@@ -977,9 +977,9 @@ cdef class AttrPath:
         the 2M word in the memslot seen last) before reading any (see
         ``FaultPath._prefetch_leaves``): their waits overlap."""
         if self.c_m2 is not None:
-            _prefetch_leaf(self.c_m2, gfn >> 9)
-        _prefetch_leaf(self.attrs, gfn)
-        _prefetch_leaf(self.sptes, gfn)
+            _prefetch_finger(self.c_m2, gfn >> 9)
+        _prefetch_finger(self.attrs, gfn)
+        _prefetch_finger(self.sptes, gfn)
 
     cdef int _timeline(self, sched, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """The ioctl on the concurrent timeline: the whole ioctl under ``slots_lock``, its

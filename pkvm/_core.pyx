@@ -716,6 +716,8 @@ cdef void _free_node(void *node, int height) noexcept nogil:
 # it. On every other map the only cost is a predictable test of ``fingered``.
 # Users: _get_c, _run_at_c, _next_run_c (so find_ne), the C API cursor's seek, and _assign_c's
 # entry; the range paths (_assign_slow, _insert_run, _erase_starts) descend as before.
+# The typed paths' entry hints (_prefetch_finger) store the leaf their descent reached, so the
+# lookup that follows the hint starts there instead of descending again.
 #
 # Correctness: a leaf L is the one a descent by ``key`` returns iff
 #   (L.prev == NULL or L.starts[0] <= key) and (L.next == NULL or key < L.next.starts[0])
@@ -766,6 +768,27 @@ cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
         node = nd.children[i if i > 0 else 0]
     pkvm_prefetch_lines(&(<Leaf*>node).n, sizeof(int))
     pkvm_prefetch_span((<Leaf*>node).starts, LEAF_CAP * sizeof(uint64_t))
+
+
+cdef inline void _prefetch_finger(RangeMap m, uint64_t key) noexcept nogil:
+    """:func:`_prefetch_leaf` for a lookup of ``key`` that comes next in this map: the leaf
+    the descent reached also becomes the finger (on a fingered map), so that lookup starts
+    there instead of descending the inner nodes again. The finger's own check then reads the
+    leaf's bounds (its first start, its last end, its neighbours' pointers), so a key the
+    leaf does not hold still descends, and nothing but speed depends on the guess. (Not for
+    a hint one call ahead: the lookups of the call between would find a wrong finger.)"""
+    cdef void *node = m.root
+    cdef Inner *nd
+    cdef int lvl, i
+    for lvl in range(m.height):
+        nd = <Inner*>node
+        i = _ub(nd.keys, nd.n, key) - 1
+        node = nd.children[i if i > 0 else 0]
+    pkvm_prefetch_lines(&(<Leaf*>node).n, sizeof(int))
+    pkvm_prefetch_span((<Leaf*>node).starts, LEAF_CAP * sizeof(uint64_t))
+    if m.fingered:
+        pkvm_prefetch_span((<Leaf*>node).ends, LEAF_CAP * sizeof(uint64_t))  # the check reads its last end
+        pkvm_store_ptr(&m.finger, node)
 
 
 cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:

@@ -622,14 +622,14 @@ cdef class FaultPath:
         their waits overlap instead of running one after the other. Only hints: nothing is
         read from the leaves, and a guess in the wrong memslot only fetches lines unused."""
         cdef SharedBackingState sb = self.shared
-        _prefetch_leaf(self.sptes, gfn)
+        _prefetch_finger(self.sptes, gfn)
         if private_access:
             if type(self.gpath) is GmemPath:
                 (<GmemPath>self.gpath)._prefetch_folio(gfn)
         elif (self.c_m2 is not None and sb is not None and sb._map is not None
                 and self.c_base <= gfn < self.c_end):
-            _prefetch_leaf(sb._map, (self.c_ugfn + (gfn - self.c_base)) & ~((1ULL << sb.order) - 1))
-            _prefetch_leaf(self.c_m2, gfn >> 9)
+            _prefetch_finger(sb._map, (self.c_ugfn + (gfn - self.c_base)) & ~((1ULL << sb.order) - 1))
+            _prefetch_finger(self.c_m2, gfn >> 9)
 
     cdef int _begin(self, PageFault f) except -1:
         """Entry (§4.2 steps 1-2): ``is_private`` and the fast path. The gfn's attribute word is

@@ -883,7 +883,7 @@ cdef class GmemPath:
         seen last (:meth:`_get_pfn` reads that leaf after the fault's own lookups): a fault in
         another memslot only asks for lines it does not use."""
         if self.c_folios is not None and <int64_t>gfn >= self.c_base:
-            _prefetch_leaf(self.c_folios, <uint64_t>(<int64_t>gfn - self.c_base + self.c_pgoff))
+            _prefetch_finger(self.c_folios, <uint64_t>(<int64_t>gfn - self.c_base + self.c_pgoff))
 
     cdef int64_t _get_pfn(self, PageFault f, int64_t end) except -1:
         """:meth:`get_pfn` (the fault path calls it directly)."""
