@@ -521,6 +521,10 @@ cdef class FaultPath:
     cdef int c_mode
     # where its detour slot and its ``rmp_npf`` are (_member_offset; -1: Python's getattr)
     cdef Py_ssize_t c_doff, c_roff
+    # page_fault_many's next gfn (``ahead``: one is set): the fault before it asks for that
+    # gfn's attribute leaf right after its own attribute lookup (_begin)
+    cdef uint64_t ahead_gfn
+    cdef bint ahead
 
     def __init__(self, vm, gmem_get_pfn, set_external, topup, timeline_run, emit_fault, base_fault,
                  gpa_to_gfn, is_implemented, kvm_error, str alloc_op):
@@ -643,6 +647,11 @@ cdef class FaultPath:
         cdef uint64_t attr = rangemap_get(self.attrs, gfn)
         cdef bint attr_private = (attr & _F_ATTR_PRIVATE) != 0
         f.attr = attr
+        if self.ahead:
+            # the next call's attribute leaf, with the finger left on it: nothing between here
+            # and that call's lookup reads this map, and the rest of this fault overlaps the wait
+            self.ahead = False
+            _prefetch_finger(self.attrs, self.ahead_gfn)
         if self.attr_source:
             f.is_private = attr_private
         elif self.access_decides:
@@ -1166,8 +1175,10 @@ cdef class FaultPath:
                 p = private[i * sp] != 0
                 w = write[i * sw] != 0
                 if vs._prefetch and i + 1 < n:
-                    # the next call's attribute leaf, the one its entry cannot ask for early
-                    _prefetch_leaf(self.attrs, gpas[i + 1] >> 12)
+                    # the next call's attribute leaf, the one its entry cannot ask for early:
+                    # asked for by this call's _begin, after its own attribute lookup
+                    self.ahead_gfn = gpas[i + 1] >> 12
+                    self.ahead = True
                 if self._generic(vcpu):
                     self._ops()  # (_run1, inline: the same phases without a FaultResult per call)
                     if vs._sched is None:
@@ -1195,8 +1206,10 @@ cdef class FaultPath:
                         last_code = codes.get(rs)
                         last_ret = rs
                     _store_result(r, i, last_code, ret, level, pfn, err, retries, extras)
+                self.ahead = False  # (a call that did not reach _begin: no hint outlives it)
                 i += 1
         finally:
+            self.ahead = False
             done[0] = i
 
     def after(self, vcpu, PageFault f, FaultResult r, uint64_t gfn, bint private, bint write, took):
