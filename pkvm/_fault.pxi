@@ -619,13 +619,19 @@ cdef class FaultPath:
     # -- the phases ------------------------------------------------------------------------------
 
     cdef inline void _prefetch_leaves(self, uint64_t gfn, bint private_access) noexcept:
-        """Ask, at the fault's entry, for the leaves its later lookups read: the SPTE's and,
+        """Ask, at the fault's entry, for the leaves its lookups read: the attribute run's (read
+        first, right after these hints), the SPTE's and,
         for a private access, the guest_memfd folio's (in the memslot seen last), for a shared
         one the shared backing block's and the 2M word's. In fragmented memory each is a
         cold leaf of a large map; asked for together with the attribute lookup that follows,
         their waits overlap instead of running one after the other. Only hints: nothing is
-        read from the leaves, and a guess in the wrong memslot only fetches lines unused."""
+        read from the leaves asked for, and a guess in the wrong memslot only fetches lines
+        unused."""
         cdef SharedBackingState sb = self.shared
+        if _finger_leaf(self.attrs, gfn) == NULL:
+            # the attribute leaf first (unless page_fault_many's hint already left the finger
+            # on it): the lookup right after these hints reads it, so it waits the longest
+            _prefetch_finger(self.attrs, gfn)
         _prefetch_finger(self.sptes, gfn)
         if private_access:
             if type(self.gpath) is GmemPath:
