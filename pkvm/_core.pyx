@@ -752,13 +752,14 @@ cdef inline Leaf *_descend_leaf(RangeMap m, uint64_t key) noexcept nogil:
     return <Leaf*>node
 
 
-cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
+cdef inline Leaf *_hint_leaf(RangeMap m, uint64_t key) noexcept nogil:
     """Ask for the lines a lookup of ``key`` reads first in its leaf (its count and its
-    ``starts``) without waiting for them: the inner nodes are descended (they stay warm in a
-    large map; its leaves do not), the leaf itself is not read. A lookup issued a little later
-    finds its lines arriving instead of starting the wait then. (Its loop is
-    :func:`_descend_leaf`'s; one inline function for both cost the one-page ioctl 53 and the
-    private fault 27 more instructions a call under callgrind: gcc inlined them differently.)"""
+    ``starts``) without waiting for them, and return that leaf: the inner nodes are descended
+    (they stay warm in a large map; its leaves do not), the leaf itself is not read. A lookup
+    issued a little later finds its lines arriving instead of starting the wait then. (Its
+    loop is :func:`_descend_leaf`'s; one inline function for both cost the one-page ioctl 53
+    and the private fault 27 more instructions a call under callgrind: gcc inlined them
+    differently.)"""
     cdef void *node = m.root
     cdef Inner *nd
     cdef int lvl, i
@@ -768,27 +769,25 @@ cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
         node = nd.children[i if i > 0 else 0]
     pkvm_prefetch_lines(&(<Leaf*>node).n, sizeof(int))
     pkvm_prefetch_span((<Leaf*>node).starts, LEAF_CAP * sizeof(uint64_t))
+    return <Leaf*>node
+
+
+cdef inline void _prefetch_leaf(RangeMap m, uint64_t key) noexcept nogil:
+    """:func:`_hint_leaf` for a lookup that does not come next in this map (a hint one call
+    ahead: the lookups of the call between would find a wrong finger)."""
+    _hint_leaf(m, key)
 
 
 cdef inline void _prefetch_finger(RangeMap m, uint64_t key) noexcept nogil:
-    """:func:`_prefetch_leaf` for a lookup of ``key`` that comes next in this map: the leaf
-    the descent reached also becomes the finger (on a fingered map), so that lookup starts
-    there instead of descending the inner nodes again. The finger's own check then reads the
-    leaf's bounds (its first start, its last end, its neighbours' pointers), so a key the
-    leaf does not hold still descends, and nothing but speed depends on the guess. (Not for
-    a hint one call ahead: the lookups of the call between would find a wrong finger.)"""
-    cdef void *node = m.root
-    cdef Inner *nd
-    cdef int lvl, i
-    for lvl in range(m.height):
-        nd = <Inner*>node
-        i = _ub(nd.keys, nd.n, key) - 1
-        node = nd.children[i if i > 0 else 0]
-    pkvm_prefetch_lines(&(<Leaf*>node).n, sizeof(int))
-    pkvm_prefetch_span((<Leaf*>node).starts, LEAF_CAP * sizeof(uint64_t))
+    """:func:`_hint_leaf` for a lookup of ``key`` that comes next in this map: the leaf the
+    descent reached also becomes the finger (on a fingered map), so that lookup starts there
+    instead of descending the inner nodes again. The finger's own check then reads the leaf's
+    bounds (its first start, its last end, its neighbours' pointers), so a key the leaf does
+    not hold still descends, and nothing but speed depends on the guess."""
+    cdef Leaf *lf = _hint_leaf(m, key)
     if m.fingered:
-        pkvm_prefetch_span((<Leaf*>node).ends, LEAF_CAP * sizeof(uint64_t))  # the check reads its last end
-        pkvm_store_ptr(&m.finger, node)
+        pkvm_prefetch_span(lf.ends, LEAF_CAP * sizeof(uint64_t))  # the check reads its last end
+        pkvm_store_ptr(&m.finger, <void*>lf)
 
 
 cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
