@@ -697,7 +697,7 @@ def test_a_count_that_would_run_for_years_is_a_usage_error(capsys, monkeypatch, 
     assert message in err
 
 
-
+def test_a_config_error_from_a_cluster_run_is_a_usage_error(capsys, monkeypatch):
     """On a cluster the failing run arrives as a RunError whose cause is the worker's error: a
     ConfigError there is still the user's (exit 2), any other cause a failed run (exit 1)."""
     import pkvm
