@@ -79,7 +79,16 @@ class GuestMemfd:
     # -- folio queries --------------------------------------------------------------------
 
     def folio(self, index: int) -> tuple[int, int, bool] | None:
-        """``(pfn, order, prepared)`` of the page at file ``index``, or None if no folio."""
+        """``(pfn, order, prepared)`` of the page at file ``index``, or None if no folio.
+
+        Raises:
+            TypeError: ``index`` is not an int.
+            ValueError: ``index`` is negative or does not fit a u64.
+        """
+        if type(index) is not int or not 0 <= index < 1 << 64:
+            index = _check_int("index", index)
+            if not 0 <= index < 1 << 64:
+                raise ValueError(f"index={index:#x} does not fit a u64")
         v = self.folios.get(index)
         if not v:
             return None
