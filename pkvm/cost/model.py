@@ -501,8 +501,11 @@ class CostModel(Mapping[str, Cost]):
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"unknown cost profile {platform!r}{hint}; profiles are "
                              f"{', '.join(PROFILES)}")
-        default_host = _table.PROFILE_HOSTS[platform][1]
-        return _default_model(platform, default_host if host is None else host)
+        if host is None:
+            host = _table.PROFILE_HOSTS[platform][1]
+        elif not isinstance(host, str) or host not in _table.PROFILE_HOSTS[platform][0]:
+            _check_profile(platform, host)  # raises ValueError naming the hosts it runs on
+        return _default_model(platform, host)
 
     def with_overrides(self, *overrides: Mapping[str, object] | Iterable[str] | str,
                        **kwargs: object) -> CostModel:
