@@ -121,6 +121,13 @@ class Config:
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
             raise ValueError(f"platform {self.platform!r} is not one of {', '.join(PLATFORMS)}")
+        if not isinstance(self.workload, str):
+            raise ValueError(f"workload {self.workload!r} must be a workload name (a str such as 'boot' or "
+                             "'replay:FILE')")
+        for name in ("options", "costs"):
+            if not isinstance(getattr(self, name), Mapping):
+                example = "{'ops': '5000'}" if name == "options" else "{'rmpupdate': '800ns'}"
+                raise ValueError(f"{name} {getattr(self, name)!r} must be a mapping like {example}")
         mem = parse_size(self.memory)
         if mem < _MIN_MEMORY or mem & ((2 << 20) - 1):
             raise ValueError(f"memory {self.memory!r} must be a multiple of 2M, at least {format_size(_MIN_MEMORY)}")
@@ -148,7 +155,10 @@ class Config:
         _workloads.check_scale(self.workload, mem, image, parsed)
         object.__setattr__(self, "options", opts)
         object.__setattr__(self, "costs", dict(self.costs))
-        object.__setattr__(self, "trace_events", check_trace_events(self.trace_events, "trace_events"))
+        try:
+            object.__setattr__(self, "trace_events", check_trace_events(self.trace_events, "trace_events"))
+        except TypeError as exc:  # a bad field is a ValueError here, as the docstring says
+            raise ValueError(str(exc)) from None
         if type(self.vcpus) is not int or not 1 <= self.vcpus <= 1024:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if type(self.host_cpus) is not int or not 1 <= self.host_cpus <= 8192:
