@@ -152,8 +152,8 @@ class Guest:
     def _range(gpa: int, size: int) -> None:
         if type(gpa) is not int or type(size) is not int:
             raise TypeError("gpa and size must be ints")
-        if gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
-            raise ValueError(f"[{gpa:#x}, +{size:#x}) must be a non-empty, 4 KiB aligned range")
+        if gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1) or gpa + size > 1 << 64:
+            raise ValueError(f"[{gpa:#x}, +{size:#x}) must be a non-empty, 4 KiB aligned range below 2**64")
 
     def convert(self, gpa: int, size: int, *, private: bool) -> ConversionResult:
         """Convert the alias-free range ``[gpa, gpa + size)`` to private or shared, as the
@@ -191,7 +191,8 @@ class Guest:
             KvmError: EIO if the VM is (or becomes) dead.
             TypeError / ValueError: a bad range.
         """
-        if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+        if (type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1)
+                or gpa + size > 1 << 64):
             self._range(gpa, size)  # raises (the check inline: this runs once per accepted run)
         vm = self.vm
         prev = vm._actor  # vm.acting(self.actor), as in convert
@@ -208,7 +209,8 @@ class Guest:
         """Access ``[gpa, gpa + size)``; implicit-conversion exits are answered by the VMM and
         the access goes on. Returns the totals, or the exit the VMM could not answer (and a
         dead VM's ``-EIO``)."""
-        if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+        if (type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1)
+                or gpa + size > 1 << 64):
             self._range(gpa, size)  # raises (inline, as in accept)
         vm = self.vm
         prev = vm._actor  # vm.acting(self.actor), as in convert
