@@ -60,6 +60,7 @@ from pkvm.constants import (
     PAGE_SIZE,
 )
 from pkvm.errors import KvmError
+from pkvm.kvm import memslots as _memslots
 from pkvm.kvm.exits import ExitResult
 from pkvm.kvm.vm import VM
 
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pkvm.kvm.vm import Memslot, Vcpu
 
 GiB = 1 << 30
+_U64_LIMIT = 1 << 64  # a range [gpa, gpa + size) must end at or below it
 #: Where the VMM starts placing guest RAM in its address space (below ``TASK_SIZE_MAX``).
 HVA_BASE = 1 << 40
 #: Host page sizes whose memory ``ram_block_discard_range`` leaves alone (preallocated hugetlb).
@@ -97,6 +99,12 @@ FOUR_GIB = 1 << 32
 MAX_SLOT_BYTES = ((KVM_MEM_MAX_NR_PAGES << 12) // GiB) * GiB
 #: ``TASK_SIZE_MAX`` with 4-level host paging: memslot HVAs must lie below it.
 _TASK_SIZE_MAX = (1 << 47) - 4096
+
+
+def _hva(next_hva: int, gpa: int) -> int:
+    """The host address of a RAM memslot at ``gpa``: past ``next_hva``, aligned as ``gpa`` is
+    within 1 GiB (so that huge pages line up)."""
+    return ((next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
 
 
 def q35_ram_layout(memory: int) -> list[tuple[int, int, int]]:
@@ -243,6 +251,7 @@ class Vmm:
         vm = self.vm
         if slot is None:
             slot = self._next_slot
+        self._check_ram(size, [(slot, gpa, size)])
         self._next_slot = max(self._next_slot, slot + 1)
         gmem = None
         if vm.platform.has_private_mem:
@@ -252,12 +261,30 @@ class Vmm:
         self._map_ram(slot, gpa, size, gmem, 0, mark_private)
         return gmem
 
+    def _check_ram(self, block: int, pieces: list[tuple[int, int, int]]) -> None:
+        """The checks of creating a RAM block of ``block`` bytes (a guest_memfd on a VM with
+        private memory) and its ``(slot, gpa, size)`` memslots, made before anything is
+        created: a refused :meth:`add_ram` or :meth:`add_ram_layout` changes nothing."""
+        vm = self.vm
+        vm._check_alive()
+        private = vm.platform.has_private_mem
+        if private:
+            vm._gmem_args(block, 0)
+        vm._attr_free()  # the memslot update takes slots_lock
+        flags = KVM_MEM_GUEST_MEMFD if private else 0
+        next_hva = self._next_hva
+        for slot, gpa, size in pieces:
+            gpa = _memslots._u64("guest_phys_addr", gpa)
+            hva = _hva(next_hva, gpa)
+            _memslots.set_user_memory_region2(vm, slot, flags, gpa, size, hva, None, 0, check_only=True)
+            next_hva = hva + size
+
     def _map_ram(self, slot: int, gpa: int, size: int, gmem: GuestMemfd | None, offset: int,
                  mark_private: bool) -> None:
         """One RAM memslot at the next free host address (aligned as ``gpa`` is within 1 GiB):
         bound to ``gmem`` at ``offset`` and marked PRIVATE if asked, or a plain memslot."""
         vm = self.vm
-        hva = ((self._next_hva + GiB - 1) & ~(GiB - 1)) + (gpa & (GiB - 1))
+        hva = _hva(self._next_hva, gpa)
         if gmem is not None:
             vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gpa, size, hva, gmem, offset)
             if mark_private:
@@ -276,8 +303,20 @@ class Vmm:
         Raises:
             KvmError: as :meth:`add_ram`.
         """
-        layout = q35_ram_layout(memory)
         vm = self.vm
+        if vm.platform.has_private_mem:
+            vm._gmem_args(memory, 0)  # before the layout: a size beyond any file has none
+        elif type(memory) is not int:
+            raise TypeError(f"memory must be an int, not {type(memory).__name__}")
+        layout = q35_ram_layout(memory)
+        if prealloc_from is not None:
+            if type(prealloc_from) is not int:
+                raise TypeError(f"prealloc_from must be an int or None, not {type(prealloc_from).__name__}")
+            if not 0 <= prealloc_from < memory or prealloc_from & (PAGE_SIZE - 1):
+                # the fallocate(offset=prealloc_from, length=memory - prealloc_from) would refuse it
+                raise KvmError(errno.EINVAL, f"prealloc_from {prealloc_from:#x} must be a 4 KiB aligned offset "
+                               f"below the memory, {memory:#x}")
+        self._check_ram(memory, [(self._next_slot + i, gpa, size) for i, (gpa, size, _off) in enumerate(layout)])
         prev = vm._set_actor("vmm")
         try:
             gmem = None
@@ -337,7 +376,11 @@ class Vmm:
             vm._set_actor(prev)
 
     def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> ExitResult:
-        reason = result.exit_reason
+        try:
+            reason = result.exit_reason
+        except AttributeError:
+            raise TypeError(f"result must be a GuestOpResult, AccessResult or FaultResult, not "
+                            f"{type(result).__name__}") from None
         hc = getattr(result, "hypercall", None)
         if reason == KVM_EXIT_HYPERCALL and hc is not None:
             if hc.nr != KVM_HC_MAP_GPA_RANGE:
@@ -383,8 +426,9 @@ class Vmm:
     def _convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         vm = self.vm
         self.conversions += 1
-        if type(gpa) is not int or type(size) is not int or not size or (gpa | size) & (PAGE_SIZE - 1):
-            return self._failed(-errno.EINVAL, "the range is not page-aligned and non-empty")
+        if (type(gpa) is not int or type(size) is not int or size <= 0 or gpa < 0 or (gpa | size) & (PAGE_SIZE - 1)
+                or gpa + size > _U64_LIMIT):
+            return self._failed(-errno.EINVAL, "the range is not a page-aligned, non-empty u64 range")
         start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
         slot = vm._slot_at(start)
         if slot is None:
@@ -435,8 +479,9 @@ class Vmm:
             ValueError: not a non-empty 4 KiB aligned range.
             KvmError: as ``fallocate``.
         """
-        if type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
-            raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range")
+        if (type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1)
+                or gpa + size > _U64_LIMIT):
+            raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range below 2**64")
         vm = self.vm
         prev = vm._actor  # vm.acting("vmm"), as in convert_memory
         if prev != "vmm":

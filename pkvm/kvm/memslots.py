@@ -96,8 +96,13 @@ def _einval(msg: str) -> KvmError:
 
 def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                             userspace_addr: int, guest_memfd: GuestMemfd | None,
-                            guest_memfd_offset: int) -> None:
-    """See :meth:`pkvm.VM.set_user_memory_region2`."""
+                            guest_memfd_offset: int, *, check_only: bool = False) -> None:
+    """See :meth:`pkvm.VM.set_user_memory_region2`.
+
+    ``check_only``: run the checks of a call that binds a new guest_memfd of this VM, of
+    exactly ``guest_memfd_offset + memory_size`` bytes and not yet created (pass None), and
+    change nothing: :class:`pkvm.Vmm` checks a memslot before it creates its guest_memfd.
+    """
     slot = _u64("slot", slot)
     if slot >> 32:
         raise ValueError(f"slot={slot:#x} does not fit a u32")
@@ -144,6 +149,8 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
     if not size:
         if old is None:
             raise _einval(f"slot {slot:#x} does not exist, cannot delete it")
+        if check_only:
+            return
         _delete(vm, old)
         return
     base_gfn, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
@@ -167,7 +174,7 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
                 raise KvmError(errno.EEXIST, f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) overlap slot "
                                f"{other.key:#x} [{other.base_gfn:#x}, {other.end_gfn:#x})")
     gmem = None
-    if flags & KVM_MEM_GUEST_MEMFD:
+    if flags & KVM_MEM_GUEST_MEMFD and not check_only:
         gmem = guest_memfd
         # kvm_gmem_bind
         if gmem is not None and gmem.closed:
@@ -186,6 +193,8 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
     if change in ("create", "move") and vm._gfn_limit is not None and base_gfn + npages > vm._gfn_limit:
         raise _einval(f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) reach past the largest gfn of this VM "
                       f"({vm._gfn_limit - 1:#x}; a TD's gfns stay below its shared bit)")
+    if check_only:
+        return
     if change == "flags" and old is not None:
         old.flags = flags  # lpage_info is kept (KVM_MR_FLAGS_ONLY copies the metadata)
         return

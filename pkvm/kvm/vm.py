@@ -844,15 +844,22 @@ class VM(VmState):
                 not modelled) or a size that is not a positive multiple of 4 KiB.
         """
         self._check_alive()
+        size, flags = self._gmem_args(size, flags)
+        gmem = GuestMemfd(self, self._next_fd, size, flags)
+        self._next_fd += 1
+        self._gmems.append(gmem)
+        return gmem
+
+    @staticmethod
+    def _gmem_args(size: object, flags: object) -> tuple[int, int]:
+        """:meth:`create_guest_memfd`'s argument checks (the VMM runs them before it creates
+        anything); the size and flags."""
         size, flags = _u64("size", size), _u64("flags", flags)
         if flags:
             raise KvmError(errno.EINVAL, f"guest_memfd flags {flags:#x} are not supported (valid: 0x0)")
         if size == 0 or size > MAX_LFS_FILESIZE or size & (PAGE_SIZE - 1):
             raise KvmError(errno.EINVAL, f"guest_memfd size {size:#x} must be a positive multiple of 4 KiB")
-        gmem = GuestMemfd(self, self._next_fd, size, flags)
-        self._next_fd += 1
-        self._gmems.append(gmem)
-        return gmem
+        return size, flags
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd; unknown capabilities give 0."""
