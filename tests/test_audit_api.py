@@ -87,7 +87,9 @@ def test_config_wrong_type_is_a_value_error_naming_the_field(field, value):
     dict(gpa=1.0, size=2 * MiB),
     dict(gpa=-0x1000, size=2 * MiB),
     dict(gpa=U64 - 0x1000, size=2 * MiB),           # wraps
+    dict(gpa=1 << 52, size=2 * MiB),                # past the guest's largest gfn
     dict(gpa=0x1000, size=2 * MiB, prealloc=True),
+    dict(gpa=1 << 52, size=2 * MiB, prealloc=True),
 ])
 def test_a_refused_add_ram_changes_nothing(platform, kwargs):
     """``vmm.add_ram`` created the guest_memfd (and with ``prealloc`` allocated all of it,
@@ -197,3 +199,24 @@ def test_guest_range_past_a_u64_is_refused_before_the_guest_runs(platform, call,
         getattr(guest, call)(gpa, size, **kw)
     assert full_snapshot(vm) == before
 
+
+# -- KVM_SET_USER_MEMORY_REGION2 past the guest physical address space -----------------------------
+
+@pytest.mark.parametrize("platform", ["sw_protected", "snp", "default"])
+@pytest.mark.parametrize("gpa, size", [(1 << 52, 0x1000), ((1 << 52) - 0x1000, 0x2000), (1 << 63, 1 << 21)])
+def test_a_memslot_past_52_bits_is_einval(platform, gpa, size):
+    """A memslot at gpa 2**52 was created on every VM but a TD, though no fault can reach it
+    (``page_fault`` refuses gpas past 52 bits): ``kvm_arch_prepare_memory_region`` refuses a
+    slot that ends past ``kvm_mmu_max_gfn()`` with EINVAL, and nothing changes."""
+    vm = pkvm.VM(platform, policy="6.19")
+    vm.set_user_memory_region2(0, 0, 0, 2 * MiB, 1 << 40)
+    before = full_snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="kvm_mmu_max_gfn") as e:
+        vm.set_user_memory_region2(1, 0, gpa, size, 1 << 41)
+    assert e.value.errno == errno.EINVAL and full_snapshot(vm) == before
+    with pytest.raises(pkvm.KvmError, match="kvm_mmu_max_gfn"):  # a move there, too
+        vm.set_user_memory_region2(0, 0, (1 << 52) - 0x1000, 2 * MiB, 1 << 40)
+    assert full_snapshot(vm) == before
+    vm.set_user_memory_region2(1, 0, (1 << 52) - 2 * MiB, 2 * MiB, 1 << 41)  # the last 2M fits
+    assert vm.create_vcpu().page_fault((1 << 52) - 0x1000, private=False).ret == "fixed"
+    vm.check()

@@ -191,8 +191,9 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
 
     # kvm_arch_prepare_memory_region: no gfn past kvm_mmu_max_gfn() (TDX: below the shared bit).
     if change in ("create", "move") and vm._gfn_limit is not None and base_gfn + npages > vm._gfn_limit:
+        why = "; a TD's gfns stay below its shared bit" if platform.name == "tdx" else ""
         raise _einval(f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) reach past the largest gfn of this VM "
-                      f"({vm._gfn_limit - 1:#x}; a TD's gfns stay below its shared bit)")
+                      f"({vm._gfn_limit - 1:#x}, kvm_mmu_max_gfn(){why})")
     if check_only:
         return
     if change == "flags" and old is not None:

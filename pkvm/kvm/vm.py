@@ -230,7 +230,9 @@ class VM(VmState):
         self.hypercall_exit_mask = 0
         self.options: Mapping[str, object] = MappingProxyType(options)
         self._mirror = self._platform.has_mirror_root
-        self._gfn_limit: int | None = None  # kvm_mmu_max_gfn() + 1 when the platform narrows it
+        # kvm_mmu_max_gfn() + 1: the 52-bit guest physical address space the fault path serves
+        # (page_fault's bound), narrowed by a platform whose gfns stop lower (TDX: the shared bit)
+        self._gfn_limit: int | None = 1 << (52 - PAGE_SHIFT)
         self._platform.init_vm(self)
         #: The attribute ioctl's kernel steps over this VM's typed state (pkvm/_attr.pxi); built
         #: last, once the platform's init has set its costs.
