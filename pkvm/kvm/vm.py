@@ -359,7 +359,9 @@ class VM(VmState):
 
         Callbacks run synchronously, in subscription order, after the state change they report;
         they may subscribe and unsubscribe (effective from the next event). A callback must not
-        raise: its exception propagates out of the VM call that emitted the event.
+        raise: its exception propagates out of the VM call that emitted the event. Nor may it
+        call into this VM (an ioctl, a fault, a memslot or guest_memfd change, an actor's
+        operation): the emitting call is part way through, and the nested one is not checked.
 
         Raises:
             TypeError: ``callback`` is not callable, or ``kinds`` is not a str / iterable of str.
