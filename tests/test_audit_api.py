@@ -220,3 +220,19 @@ def test_a_memslot_past_52_bits_is_einval(platform, gpa, size):
     vm.set_user_memory_region2(1, 0, (1 << 52) - 2 * MiB, 2 * MiB, 1 << 41)  # the last 2M fits
     assert vm.create_vcpu().page_fault((1 << 52) - 0x1000, private=False).ret == "fixed"
     vm.check()
+
+
+def test_a_failed_pre_fault_keeps_one_attempt_and_nothing_else():
+    """``KVM_PRE_FAULT_MEMORY`` outside memslots fails with ENOENT after the fault path ran: as
+    docs/kvm-model.md says, the call keeps one ``pre_fault_page`` of modeled time and changes
+    nothing else (no SPTE, attribute, memslot, folio or counter)."""
+    vm, _vmm, guest = _actors()
+    before = full_snapshot(vm)
+    with pytest.raises(pkvm.KvmError) as e:
+        guest.vcpu.pre_fault_memory(1 << 40, 0x1000)
+    assert e.value.errno == errno.ENOENT
+    after = full_snapshot(vm)
+    assert after[0][:5] == before[0][:5] and after[0][7:] == before[0][7:]
+    assert after[0][5] - before[0][5] == vm.costs.ns("pre_fault_page")
+    assert {k: v for k, v in after[0][6].items() if before[0][6].get(k) != v} == {
+        "pre_fault_page": vm.costs.ns("pre_fault_page")}

@@ -15,7 +15,9 @@ failed; pkvm returns the bytes done or raises.
 Private pages come from guest_memfd and are prepared as a fault prepares them (SNP: the RMP
 entry is assigned but not validated, so the guest still PVALIDATEs, without an #NPF).
 Cost: ``pre_fault_page`` per page mapped (a fault without the world switch), plus the folio
-allocation and preparation the fault path charges anyway.
+allocation and preparation the fault path charges anyway; a fault that maps nothing (spurious,
+retried, or failed as ``-ENOENT`` / ``-EFAULT`` / ``-EINTR``) costs one ``pre_fault_page``
+too, since the kernel walked the fault path for it: a failed call keeps that time.
 """
 
 from __future__ import annotations
