@@ -236,3 +236,40 @@ def test_a_failed_pre_fault_keeps_one_attempt_and_nothing_else():
     assert after[0][5] - before[0][5] == vm.costs.ns("pre_fault_page")
     assert {k: v for k, v in after[0][6].items() if before[0][6].get(k) != v} == {
         "pre_fault_page": vm.costs.ns("pre_fault_page")}
+
+
+# -- SNP: the GHCB page-state-change descriptor --------------------------------------------------
+
+def _snp_guest():
+    vm = pkvm.VM("snp", policy="fault-time")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 4 * MiB)
+    vmm.launch([])
+    return vm, vm.vcpus[0]
+
+
+@pytest.mark.parametrize("desc, exc, match", [
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1)], cur_entry=-1, end_entry=0), ValueError, "desc.cur_entry=-1"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1)], cur_entry="0", end_entry=0), TypeError, "desc.cur_entry"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1)], cur_entry=0, end_entry=None), TypeError, "desc.end_entry"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1)], cur_entry=0, end_entry=-2), ValueError, "desc.end_entry=-2"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1, cur_page=-5)], 0, 0), ValueError, r"entries\[0\].cur_page=-5"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(-1, 1)], 0, 0), ValueError, r"entries\[0\].gfn=-1"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1 << 40, 1)], 0, 0), ValueError, r"entries\[0\].gfn"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry("1", 1)], 0, 0), TypeError, r"entries\[0\].gfn must be an int"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, True)], 0, 0), TypeError, r"entries\[0\].op must be an int, not bool"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1, huge="x")], 0, 0), TypeError, r"entries\[0\].huge must be a bool"),
+    (lambda: pkvm.PscDesc([pkvm.PscEntry(1, 1), 5], 0, 1), TypeError, r"entries\[1\] must be a PscEntry"),
+    (lambda: pkvm.PscDesc.of("1"), TypeError, r"entries\[0\] must be a PscEntry, not str"),
+])
+def test_a_malformed_psc_descriptor_is_refused_before_it_runs(desc, exc, match):
+    """``vcpu.psc`` walked a descriptor it never checked: ``cur_entry=-1`` processed the last
+    entry (Python's negative index), ``cur_page=-5`` converted gfns before the entry's, a str
+    gfn raised TypeError after the exit was charged, a non-entry AttributeError. Fields that
+    do not fit ``struct snp_psc_desc`` are refused first, and nothing changes."""
+    vm, vcpu = _snp_guest()
+    before = full_snapshot(vm)
+    with pytest.raises(exc, match=match):
+        vcpu.psc(desc())
+    assert full_snapshot(vm) == before
+    assert vcpu.psc(pkvm.PscDesc.of([pkvm.PscEntry(0x200, 2, True)])).ret == "exit"  # still usable

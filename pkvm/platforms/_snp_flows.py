@@ -273,7 +273,7 @@ class SnpGuestFlows:
     def _request(self, g: Guest, batch: list[PscEntry]) -> ConversionResult:
         desc = PscDesc.of(batch)
         self.requests += 1
-        r = g.execute(g.vcpu.psc(desc))  # type: ignore[attr-defined]
+        r = g.execute(g.vcpu._psc(desc))  # type: ignore[attr-defined]  # built here: well formed
         if r.ret == "done" and r.status == 0 and desc.cur_entry > desc.end_entry:
             return CONVERTED
         i = min(max(desc.cur_entry, 0), len(batch) - 1)

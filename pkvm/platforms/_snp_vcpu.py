@@ -117,6 +117,31 @@ class PscDesc:
         return cls(list(entries), 0, len(entries) - 1)
 
 
+def _psc_field(what: str, value: object, bits: int, low: int = 0) -> None:
+    if type(value) is not int:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not low <= value < 1 << bits:
+        raise ValueError(f"{what}={value} does not fit its {bits}-bit field of the GHCB page-state buffer")
+
+
+def _check_psc_desc(desc: PscDesc) -> None:
+    """:meth:`SnpVcpu.psc`'s boundary: the descriptor's fields hold what ``struct
+    snp_psc_desc`` can (the walk indexes ``entries`` with them: a negative ``cur_entry`` would
+    wrap around the list, a negative ``cur_page`` move the gfn back)."""
+    _psc_field("desc.cur_entry", desc.cur_entry, 16)
+    _psc_field("desc.end_entry", desc.end_entry, 16, -1)
+    if not isinstance(desc.entries, (list, tuple)):
+        raise TypeError(f"desc.entries must be a list of PscEntry, not {type(desc.entries).__name__}")
+    for i, ent in enumerate(desc.entries):
+        if not isinstance(ent, PscEntry):
+            raise TypeError(f"desc.entries[{i}] must be a PscEntry, not {type(ent).__name__}")
+        _psc_field(f"desc.entries[{i}].gfn", ent.gfn, 40)
+        _psc_field(f"desc.entries[{i}].op", ent.op, 4)
+        _psc_field(f"desc.entries[{i}].cur_page", ent.cur_page, 12)
+        if type(ent.huge) is not bool:
+            raise TypeError(f"desc.entries[{i}].huge must be a bool, not {type(ent.huge).__name__}")
+
+
 class SnpVcpu(Vcpu):
     """An SNP guest's vCPU (module docstring). ``rmp_npf`` is set while KVM handles an #NPF whose
     error code has the RMP bit (read by ``sev_handle_rmp_fault``)."""
@@ -412,10 +437,19 @@ class SnpVcpu(Vcpu):
 
         Raises:
             KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
-            TypeError: ``desc`` is not a :class:`PscDesc`.
+            TypeError: ``desc`` is not a :class:`PscDesc`, an entry not a :class:`PscEntry`, or
+                a field not an int (``huge``: a bool).
+            ValueError: a field outside its width in the GHCB buffer (``cur_entry`` and
+                ``end_entry`` 16 bits, ``end_entry`` -1 for none; an entry's ``gfn`` 40,
+                ``op`` 4, ``cur_page`` 12). Nothing has run then.
         """
         if not isinstance(desc, PscDesc):
             raise TypeError(f"desc must be a PscDesc, not {type(desc).__name__}")
+        _check_psc_desc(desc)
+        return self._psc(desc)
+
+    def _psc(self, desc: PscDesc) -> GuestOpResult:
+        """:meth:`psc` of a descriptor known to be well formed (the guest flows build theirs)."""
         if not self._psc_begin():
             return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
         if desc.end_entry >= VMGEXIT_PSC_MAX_COUNT or desc.end_entry >= len(desc.entries):
