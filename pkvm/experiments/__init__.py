@@ -21,17 +21,20 @@ and :func:`to_frame` tabulates results one row per run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as _metadata
 from pathlib import Path
 from typing import IO, Any, cast
 
+from pkvm._files import _writes_through, atomic_output
 from pkvm._units import format_size, parse_size
 from pkvm.actors.guest import Guest
 from pkvm.actors.vmm import Vmm, check_ram_fits
@@ -472,19 +475,25 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
     t0 = time.perf_counter()
     vm, ctx = _build(config, seed, progress)
     sink = None
-    try:
+    with _naming_output("trace", config.trace), contextlib.ExitStack() as files:
         if config.trace is not None:
-            sink = open(config.trace, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-            sink.write(f"cpus={config.vcpus + 1}\n")
-            tracer = Tracer(sink, header=[_trace_header(config, opts)], events=config.trace_events)
-            vm.trace(tracer)
-        tl = _run_timeline(config, vm, ctx, wl, opts)
-        if sink is not None:
-            sink.write(_trace_trailer(vm))
-    finally:
-        if sink is not None:
-            vm.trace(None)
-            sink.close()
+            # A regular file is written whole (a temporary file renamed over it once the run
+            # succeeded): a run that fails leaves the previous file as it was, no part of a
+            # trace. A pipe or a device is streamed to, as the trace is made.
+            name = os.fspath(config.trace)
+            target = name if _writes_through(name) else files.enter_context(atomic_output(name))
+            sink = files.enter_context(open(target, "w", encoding="utf-8"))
+        try:
+            if sink is not None:
+                sink.write(f"cpus={config.vcpus + 1}\n")
+                tracer = Tracer(sink, header=[_trace_header(config, opts)], events=config.trace_events)
+                vm.trace(tracer)
+            tl = _run_timeline(config, vm, ctx, wl, opts)
+            if sink is not None:
+                sink.write(_trace_trailer(vm))
+        finally:
+            if sink is not None:
+                vm.trace(None)
     wall = time.perf_counter() - t0
     tres = tl.result()
     if tl.recorder is not None:
@@ -544,10 +553,28 @@ def _write_timeline_outputs(config: Config, tl: Any) -> None:
             "workload": config.workload, "vcpus": config.vcpus,
             "host_cpus": config.host_cpus}
     if config.timeline:
-        write_chrome_trace(tl.recorder, config.timeline, metadata=meta)
+        with _naming_output("timeline", config.timeline):
+            write_chrome_trace(tl.recorder, config.timeline, metadata=meta)
     if config.gantt:
-        plot_gantt(tl.recorder, config.gantt, title=f"{config.policy}: {config.workload} "
-                   f"{format_size(config.memory)}, {config.vcpus} vCPU(s)")  # type: ignore[arg-type]
+        with _naming_output("gantt", config.gantt):
+            plot_gantt(tl.recorder, config.gantt, title=f"{config.policy}: {config.workload} "
+                       f"{format_size(config.memory)}, {config.vcpus} vCPU(s)")  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _naming_output(what: str, path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """An OSError of writing the output ``path`` that names no file (ENOSPC, EIO: the write
+    or the close failed) names it: "cannot write PATH: No space left on device"."""
+    try:
+        yield
+    except OSError as exc:
+        if path is None or exc.filename is not None or exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OSError(exc.errno, f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
+
+
+#: The errnos of a write or close that failed for want of room or a device error.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
 def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:

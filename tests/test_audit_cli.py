@@ -1,0 +1,94 @@
+"""Command-line cases the fuzz of ``test_cli_fuzz.py`` does not generate: outputs to a full
+device, a run that fails after its trace file was opened, a price chosen to vary that has no
+range. Each ends with exit 1 or 2 and one ``pkvm: error:`` line naming what failed, and leaves
+no partial output behind."""
+
+import os
+
+import pytest
+
+from pkvm.cli import main
+
+SMALL = ["--memory", "64M"]
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    errors = [ln for ln in lines if ln.startswith("pkvm: error: ")]
+    assert "Traceback" not in err
+    if code:
+        assert len(errors) == 1 and lines[-1] == errors[0], err
+    return code, out, err
+
+
+def _good_trace(capsys, tmp_path):
+    path = tmp_path / "good.txt"
+    code, _, err = _run(capsys, ["run", *SMALL, "--trace", str(path), "-q"])
+    assert code == 0, err
+    return path.read_text().splitlines()
+
+
+def test_a_failed_replay_keeps_the_old_trace_file(capsys, monkeypatch, tmp_path):
+    """``pkvm run --workload replay:bad.txt --trace out.txt`` truncated out.txt when the run
+    began and, when the replay stopped at a bad line (exit 1), left a partial trace in its
+    place: the previous content was lost. The trace is written whole now, as --json is."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    lines = _good_trace(capsys, tmp_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(lines[:50] + [
+        "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 9 rip 0x0 address 0x1000 error_code 0x2"]) + "\n")
+    out = tmp_path / "out.txt"
+    out.write_text("old content\n")
+    before = sorted(os.listdir(tmp_path))
+    code, _, err = _run(capsys, ["run", *SMALL, "--workload", "replay:bad.txt", "--trace", "out.txt"])
+    assert code == 1 and "bad.txt line 51" in err
+    assert out.read_text() == "old content\n"
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary file left either
+    # a run that succeeds replaces it whole
+    code, _, err = _run(capsys, ["run", *SMALL, "--workload", "replay:good.txt", "--trace", "out.txt", "-q"])
+    assert code == 0, err
+    assert out.read_text().startswith("cpus=2\n# pkvm ") and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("flag, name", [("--trace", "/dev/full"), ("--timeline", "/dev/full"),
+                                        ("--gantt", "/dev/full")])
+def test_a_full_device_names_the_file(capsys, monkeypatch, flag, name):
+    """``--trace /dev/full`` (or --timeline, --gantt) failed with "pkvm: error: [Errno 28] No
+    space left on device", naming neither the option nor the file (--json names it)."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    code, _, err = _run(capsys, ["run", *SMALL, flag, name])
+    assert code == 1
+    assert f"cannot write {name}: No space left on device" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", *SMALL, "--json", "ro.json"],
+    ["run", *SMALL, "--trace", "ro.json"],
+    ["run", *SMALL, "--timeline", "ro.json"],
+    ["compare", *SMALL, "--policies", "6.19", "--json", "ro.json"],
+    ["sweep", *SMALL, "--policies", "6.19", "--grid", "vcpus=1", "--json", "ro.json"],
+    ["sweep", *SMALL, "--policies", "6.19", "--grid", "vcpus=1", "--out", "ro.csv"],
+])
+def test_a_read_only_output_is_refused_not_replaced(capsys, monkeypatch, tmp_path, argv):
+    """An output is written as a temporary file renamed over the target, which a directory
+    the user may write allows even when the file is read-only: ``pkvm run --json ro.json``
+    replaced a file of mode 0444 with a new writable one, where ``open()`` (and the shell's
+    ``>``) fail with EACCES. Refused before anything runs. (Root may write any file: the test
+    stands in for a user by making ``os.access`` say what it says to one.)"""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    name = "ro.csv" if "ro.csv" in argv else "ro.json"
+    (tmp_path / name).write_text("keep\n")
+    os.chmod(tmp_path / name, 0o444)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if mode & os.W_OK and os.path.samefile(p, tmp_path / name) else real_access(p, mode, **kw)))
+    code, _, err = _run(capsys, argv)
+    flag = argv[argv.index(name) - 1]
+    assert (code, err.count("\n")) == (2, 1), err
+    assert f"pkvm: error: {flag} {name}: cannot write it: permission denied (the file is read-only)" in err
+    assert (tmp_path / name).read_text() == "keep\n" and sorted(os.listdir(tmp_path)) == [name]
