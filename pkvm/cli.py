@@ -538,6 +538,9 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
         if not os.path.isdir(parent) and os.path.islink(path):
             raise UsageError(f"{flag} {path}: a symbolic link to {target}, which cannot be created: "
                              f"directory {parent} does not exist")
+        if os.path.isfile(target) and not os.access(target, os.W_OK):
+            # the rename of the temporary file would replace a file open() may not write
+            raise UsageError(f"{flag} {path}: cannot write it: permission denied (the file is read-only)")
         if flag == "--out":  # _check_frame_out
             continue
         if not os.path.isdir(parent):
