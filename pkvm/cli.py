@@ -1132,10 +1132,13 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
             raise UsageError(f"--range gives {name} twice")
         ranges[name] = text
     try:
-        price_space(base.cost_model(), (), ranges=ranges, vary=args.vary, dist=args.dist)
+        space = price_space(base.cost_model(), (), ranges=ranges, vary=args.vary, dist=args.dist)
     except ValueError as exc:
         flag = "--range" if any(n in str(exc) for n in ranges) or "range" in str(exc) else "--vary"
         raise UsageError(f"{flag}: {_message(exc)}") from None
+    if args.vary is not None and not space:  # the runs would find nothing to sample (exit 1)
+        raise UsageError(f"--vary {','.join(args.vary)}: no price named has a range to sample (each has a "
+                         "single value); give one with --range PRICE=LOW..HIGH")
     if args.method == "morris" and args.samples < 2:
         raise UsageError(f"--samples {args.samples}: morris needs at least 2 trajectories")
     if args.samples > MAX_SAMPLES:

@@ -92,3 +92,34 @@ def test_a_read_only_output_is_refused_not_replaced(capsys, monkeypatch, tmp_pat
     assert (code, err.count("\n")) == (2, 1), err
     assert f"pkvm: error: {flag} {name}: cannot write it: permission denied (the file is read-only)" in err
     assert (tmp_path / name).read_text() == "keep\n" and sorted(os.listdir(tmp_path)) == [name]
+
+
+_SENS = ["sensitivity", *SMALL, "--policies", "fault-time,eager-post", "--workload", "swiotlb", "-o", "ops=5",
+         "--samples", "2"]
+
+
+def test_varying_only_prices_without_a_range_is_a_usage_error(capsys, monkeypatch):
+    """``--vary sleep_in_atomic`` (a price with a single value) ran the nominal and counting
+    runs and then failed as a run (exit 1) with "no price varies", naming no option."""
+    from pkvm import experiments
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.setattr(experiments, "sensitivity", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    code, _, err = _run(capsys, [*_SENS, "--vary", "sleep_in_atomic"])
+    assert (code, err.count("\n")) == (2, 1), err
+    assert "pkvm: error: --vary sleep_in_atomic: no price named has a range to sample" in err
+
+
+def test_a_reprice_refusal_does_not_claim_the_samples_ran(capsys, monkeypatch):
+    """``--evaluation reprice`` with a metric that is not a sum of prices is refused before
+    any sample runs, but the message said "..., so every sample was simulated". The note of
+    an ``auto`` study that did simulate them still says so."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    code, _, err = _run(capsys, [*_SENS, "--vary", "rmpupdate", "--evaluation", "reprice", "--metric",
+                                 "counters.rmpupdate"])
+    assert (code, err.count("\n")) == (2, 1), err
+    assert err == ("pkvm: error: --evaluation reprice: metric 'counters.rmpupdate' cannot be re-priced exactly: "
+                   "counters.rmpupdate is not a sum of counts times prices\n")
+    code, out, err = _run(capsys, [*_SENS, "--vary", "rmpupdate", "--metric", "counters.rmpupdate"])
+    assert code == 0, err
+    assert "counters.rmpupdate is not a sum of counts times prices, so every sample was simulated" in out

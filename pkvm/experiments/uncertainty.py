@@ -574,17 +574,16 @@ def _analyse(runner: Runner, sim: Simulation, cfgs: list[Config], pols: list[str
         # Concurrent vCPUs interleave by the prices: which thread allocates which host pages, and
         # so the direct-map work, can change with them (docs/timeline.md).
         reason = (f"with {cfgs[0].vcpus} concurrent vCPUs the operation counts depend on the prices (the "
-                  "interleaving), so every sample was simulated")
+                  "interleaving)")
     elif evaluation != "simulate" and is_repriceable(metric):
         bad = [p for p, lg, r in zip(pols, ledgers, nominal_runs) if not lg.exact or not _reprices_nominal(
             model, lg, r)]
         if bad:
-            reason = (f"re-pricing did not reproduce the simulated {', '.join(bad)} at the model's prices, "
-                      "so every sample was simulated")
+            reason = f"re-pricing did not reproduce the simulated {', '.join(bad)} at the model's prices"
         else:
             mode = "re-priced"
     elif evaluation != "simulate":
-        reason = f"{metric} is not a sum of counts times prices, so every sample was simulated"
+        reason = f"{metric} is not a sum of counts times prices"
     if evaluation == "reprice" and mode != "re-priced":
         raise ValueError(f"metric {metric!r} cannot be re-priced exactly: {reason or 'simulation requested'}")
     y: dict[str, np.ndarray] = {}
@@ -604,8 +603,8 @@ def _analyse(runner: Runner, sim: Simulation, cfgs: list[Config], pols: list[str
             if progress is not None:
                 progress(pol, 1.0)
     else:
-        if reason:
-            notes.append(reason)
+        if reason:  # said only once every sample was simulated (a refusal above runs none)
+            notes.append(f"{reason}, so every sample was simulated")
         tasks, labels, owner = [], [], {}
         for pol, cfg in zip(pols, cfgs):
             for i, row in enumerate(values):
