@@ -51,6 +51,7 @@ from pkvm.experiments.trace import (
     trailer_fields,
 )
 
+from pkvm.kvm.policy import Policy, resolve_policy
 from pkvm.kvm.vm import Vcpu
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -333,7 +334,13 @@ def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
         gap = orig - mine
         pct = f" ({100 * gap / orig:.1f} %)" if orig > 0 else ""
         what = f": {', '.join(parts)}" if parts else ""
-        if gap:
+        recorded = hdr.get("policy")
+        if recorded is not None and not _same_policy(recorded, ctx.vm.policy):
+            # The gap is then the policies' difference too: it says nothing of the untraced work.
+            ctx.notes.append(f"modeled time not compared: the trace was recorded under policy {recorded} (it "
+                             f"modeled {format_ns(orig)}) and this replay runs another ({format_ns(mine)}), "
+                             f"without the {untraced}; replay it under {recorded} to measure what is missing")
+        elif gap:
             ctx.notes.append(f"modeled time not reproduced: the traced run modeled {format_ns(orig)}, the replay "
                              f"{format_ns(mine)}; {format_ns(gap)}{pct} is {untraced}{what}")
         counts = [f"{k[5:]} {int(v):,}" for k, v in sorted(end.items())
@@ -343,6 +350,14 @@ def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
     elif platform in _UNTRACED_WORK:
         ctx.notes.append(f"modeled time not reproduced: {untraced} (the trace carries no pkvm total to "
                          "measure the difference against)")
+
+
+def _same_policy(recorded: str, policy: Policy) -> bool:
+    """Whether the trace header's policy spec names ``policy`` (an unknown spec does not)."""
+    try:
+        return resolve_policy(recorded) == policy
+    except ValueError:
+        return False
 
 
 def _reraise(exc: KvmError, ctx: Context, path: str, line: int, event: str) -> None:
