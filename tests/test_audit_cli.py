@@ -143,3 +143,29 @@ def test_a_replay_under_another_policy_does_not_blame_the_gap_on_pvalidate(capsy
     assert notes[1].startswith("note (eager-post): modeled time not compared: the trace was recorded under "
                                "policy fault-time")
     assert "is PVALIDATE" not in notes[1]
+
+
+def test_the_readme_command_line_examples_run(capsys, monkeypatch, tmp_path):
+    """README's "More of the command line" block, run as written (the cost file it names is
+    the reader's own, so that line is skipped): its trace example ran into --trace-max-size at
+    the default 64G (exit 2, 9.4 GB of trace), and the replay after it then found no file."""
+    import pathlib
+    import re
+    import shlex
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### More of the command line\n\n```sh\n(.*?)```", readme, re.S).group(1)
+    ran = 0
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        assert argv[:3] == ["python3", "-m", "pkvm"], line
+        if "my-host.toml" in argv:
+            continue
+        code, out, err = _run(capsys, [*argv[3:], "-q"] if argv[3] in ("compare", "run") else argv[3:])
+        assert code == 0, (line, err)
+        ran += 1
+    assert ran == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.eager-locked.txt", "out.eager-post.txt", "out.eager-split.txt", "out.fault-time.txt", "out.json"]
