@@ -273,3 +273,27 @@ def test_a_malformed_psc_descriptor_is_refused_before_it_runs(desc, exc, match):
         vcpu.psc(desc())
     assert full_snapshot(vm) == before
     assert vcpu.psc(pkvm.PscDesc.of([pkvm.PscEntry(0x200, 2, True)])).ret == "exit"  # still usable
+
+
+# -- sensitivity: the counting run splits time by actor as the run does --------------------------
+
+@pytest.mark.parametrize("platform", ["snp", "tdx"])
+@pytest.mark.parametrize("workload", ["mixed", "implicit"])
+def test_a_counting_run_charges_the_actor_the_run_charges(platform, workload):
+    """``count_run`` runs the workload without the timeline, where ``Context.run_on`` ran the
+    vCPU's task in the caller's actor: the implicit round trip's PVALIDATE (SNP) was charged to
+    the VMM, not vcpu0. Re-pricing then did not reproduce the simulated run, and every
+    ``pkvm sensitivity --workload mixed`` (or implicit) simulated every sample instead (docs/
+    sensitivity.md's 64 GiB mixed row, 61,440 samples per policy, would take days)."""
+    import numpy as np
+
+    from pkvm.experiments.uncertainty import _reprices_nominal, linear_metrics, reprice
+
+    cfg = experiments.Config(platform=platform, memory="64M", workload=workload, options={"ops": "200"})
+    result, ledger = experiments.run(cfg, 0), experiments.count_run(cfg, 0)
+    lin = sorted(linear_metrics(ledger))
+    got = dict(zip(lin, reprice(cfg.cost_model(), ledger, [], np.zeros((1, 0)), lin)[0]))
+    want = result.metrics(wall=False)
+    assert {m: int(v) for m, v in got.items() if m.startswith("by_actor")} == {
+        m: v for m, v in want.items() if m.startswith("by_actor") and m in got}
+    assert _reprices_nominal(cfg.cost_model(), ledger, result)

@@ -301,11 +301,14 @@ class Context:
 
     def run_on(self, guest: Guest, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on ``guest``'s vCPU: at once without a timeline (or when already
-        on that vCPU); on the timeline, as the vCPU thread's next task (the caller goes on as
-        soon as the vCPU took it)."""
+        on that vCPU), acting as that vCPU; on the timeline, as the vCPU thread's next task (the
+        caller goes on as soon as the vCPU took it)."""
         tl = self.timeline
         if tl is None:
-            fn(*args)
+            # Charged to the vCPU, as its thread on the timeline is: a counting run
+            # (experiments.count_run) must split the time by actor as the run it re-prices.
+            with self.vm.acting(guest.actor):
+                fn(*args)
             return
         cur = tl._current  # tl.current, without the property
         if cur is not None and cur.name == guest.actor:
