@@ -358,7 +358,7 @@ def _config(args: argparse.Namespace) -> Config:
             host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt,
             trace_events=trace_events)
     except (ValueError, OSError) as exc:
-        raise UsageError(_message(exc)) from None
+        raise UsageError(_as_option(_message(exc))) from None
     # An option without a default (replay's file) is required; Config does not check that.
     wl = workloads.WORKLOADS[config.workload]
     for name, opt in wl.options.items():
@@ -1227,6 +1227,19 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
 
 
 # ---- entry point -----------------------------------------------------------------------------
+
+
+#: Config's fields that a message may start with, and the option that sets each.
+_FIELD_OPTIONS = {"memory": "--memory", "image": "--image", "vcpus": "--vcpus", "host_cpus": "--host-cpus",
+                  "shared_backing": "--shared-backing", "platform": "--platform"}
+
+
+def _as_option(message: str) -> str:
+    """A :class:`pkvm.experiments.Config` message that starts with a field's name, worded with
+    the option's: "host_cpus 99999 must be ..." is "--host-cpus 99999 must be ..."."""
+    field, sep, rest = message.partition(" ")
+    option = _FIELD_OPTIONS.get(field)
+    return f"{option} {rest}" if option is not None and sep else message
 
 
 def _message(exc: BaseException) -> str:

@@ -169,3 +169,18 @@ def test_the_readme_command_line_examples_run(capsys, monkeypatch, tmp_path):
     assert ran == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "out.eager-locked.txt", "out.eager-post.txt", "out.eager-split.txt", "out.fault-time.txt", "out.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", *SMALL, "--host-cpus", "99999"], "pkvm: error: --host-cpus 99999 must be an int in [1, 8192]"),
+    (["run", *SMALL, "--vcpus", "1025"], "pkvm: error: --vcpus 1025 must be an int in [1, 1024]"),
+    (["run", "--memory", "1P"], "pkvm: error: --memory '1P': RAM does not fit in the VMM's address space"),
+    (["run", *SMALL, "--image", "64M"], "pkvm: error: --image '64M' must be 4K aligned and smaller than memory"),
+])
+def test_a_config_error_names_the_option(capsys, monkeypatch, argv, message):
+    """``--host-cpus 99999`` was refused as "host_cpus 99999 must be ...", the Python field's
+    name: the command line names its own option, as README's "Errors" paragraph promises."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    code, _, err = _run(capsys, argv)
+    assert (code, err.count("\n")) == (2, 1), err
+    assert err.startswith(message), err
