@@ -52,7 +52,7 @@ def test_cli_refuses_1p_with_one_line_and_exit_2():
                        capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pkvm: error: memory '1P'") and "shared bit 47" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("pkvm: error: --memory '1P'") and "shared bit 47" in lines[0]
 
 
 def test_3g_guest_boots_around_the_pci_hole():
