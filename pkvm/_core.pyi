@@ -51,7 +51,8 @@ class RangeMap:
     def ranges(self, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]]:
         """Stored runs that intersect ``[start, end)``, clipped to it, in key order."""
     def iter_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
-        """Like :meth:`ranges` but lazy; the map must not be modified while iterating."""
+        """Like :meth:`ranges` but lazy; each step looks the next run up afresh, so the map may
+        change while iterating (the iteration sees the live map)."""
     def assign_many(
         self,
         starts: npt.ArrayLike,
