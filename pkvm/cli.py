@@ -198,7 +198,8 @@ def _experiment_options(single_policy: bool) -> _Parser:
                    help="the VMM keeps both backings on conversion instead of discarding the old one")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="OUT.json", default=None,
-                   help="write every result (config, seed, cost model, counters, breakdowns) as JSON")
+                   help="write every result (config, seed, cost model, counters, breakdowns) as JSON "
+                        "(- for standard output; the tables then go to stderr)")
     o.add_argument("--plot", metavar="OUT.png", default=None,
                    help="draw modeled time per policy, split by actor (VMM, vCPUs) and by operation, to a PNG"
                         + ("" if single_policy else " (with --sweep-memory: modeled time against memory)"))
@@ -525,6 +526,11 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
     ``memories`` say which files the run reads and writes)."""
     given: list[tuple[str, str]] = [(flag, getattr(args, name)) for flag, name in _OUTPUTS
                                     if getattr(args, name, None) is not None]
+    for flag, path in given:
+        if path == "-" and flag != "--json":
+            raise UsageError(f"{flag} -: only --json writes to standard output; name a file "
+                             f"(e.g. OUT{_OUTPUT_EXAMPLE[flag]})")
+    given = [(flag, path) for flag, path in given if path != "-"]  # --json -: standard output
     _check_distinct(args, config, given, policies, memories)
     for flag, path in given:
         try:
@@ -726,7 +732,8 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
         if memories:
             extra["sweep_memory"] = [format_size(m) for m in memories]
         _write_json(args.json, report.to_json(results, extra))
-        _info(args, f"wrote {args.json}")
+        if args.json != "-":
+            _info(args, f"wrote {args.json}")
     if args.plot is not None:
         _atomic(args.plot, lambda tmp: report.plot(results, tmp, sweep=bool(memories)))
         _info(args, f"wrote {args.plot}")
@@ -899,6 +906,12 @@ def _write_table(frame: Any, tmp: str, path: str) -> None:
 
 
 def _write_json(path: str, data: Any) -> None:
+    if path == "-":  # standard output (the tables went to stderr: main)
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
@@ -942,7 +955,7 @@ def _study_options() -> _Parser:
                         "else modeled_ns)")
     _add_execution_options(g)
     o = p.add_argument_group("output")
-    o.add_argument("--json", metavar="OUT.json", default=None, help="write the results as JSON")
+    o.add_argument("--json", metavar="OUT.json", default=None, help="write the results as JSON (- for standard output; the tables then go to stderr)")
     o.add_argument("--out", metavar="OUT.parquet", default=None,
                    help="write the tidy table (one row per configuration, policy and sample) as "
                         ".parquet or .csv")
@@ -1077,7 +1090,8 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     if args.json is not None:
         _write_json(args.json, report.to_json(results, {"command": [_PROG, *argv], "grid": {
             k: [str(v) for v in vs] for k, vs in grid.items()}, "metric": metric}))
-        _info(args, f"wrote {args.json}")
+        if args.json != "-":
+            _info(args, f"wrote {args.json}")
     if args.out is not None:
         _atomic(args.out, lambda tmp: _write_table(frame, tmp, args.out))
         _info(args, f"wrote {args.out}")
@@ -1163,7 +1177,8 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
     _print_sensitivity(out, res, base, where)
     if args.json is not None:
         _write_json(args.json, {"pkvm_version": experiments.version(), "command": [_PROG, *argv], **res.to_dict()})
-        _info(args, f"wrote {args.json}")
+        if args.json != "-":
+            _info(args, f"wrote {args.json}")
     if args.out is not None:
         _atomic(args.out, lambda tmp: _write_table(res.to_frame(), tmp, args.out))
         _info(args, f"wrote {args.out}")
@@ -1311,7 +1326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("no command given; commands: compare, run, sweep, sensitivity, workloads, costs "
                              "(see 'pkvm --help')")
-        return int(args.handler(args, argv, _Output(sys.stdout)))
+        # ``--json -``: the JSON document is standard output, so the tables go to stderr
+        out = _Output(sys.stderr if getattr(args, "json", None) == "-" else sys.stdout)
+        return int(args.handler(args, argv, out))
     except UsageError as exc:
         _fail(str(exc))
         return 2

@@ -3,6 +3,7 @@ device, a run that fails after its trace file was opened, a price chosen to vary
 range. Each ends with exit 1 or 2 and one ``pkvm: error:`` line naming what failed, and leaves
 no partial output behind."""
 
+import json
 import os
 
 import pytest
@@ -184,3 +185,29 @@ def test_a_config_error_names_the_option(capsys, monkeypatch, argv, message):
     code, _, err = _run(capsys, argv)
     assert (code, err.count("\n")) == (2, 1), err
     assert err.startswith(message), err
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "--memory", "64M"],
+    ["run", "--memory", "64M"],
+    ["sweep", "--grid", "memory=64M,128M"],
+])
+def test_json_dash_is_standard_output_and_the_tables_go_to_stderr(argv, capsys, tmp_path, monkeypatch):
+    """``--json -`` wrote a file named ``-`` (and ``/dev/stdout`` mixed the JSON with the
+    table): now stdout is the JSON document alone, the tables go to stderr, no file appears."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["pkvm_version"] and doc["command"][1:] == [*argv, "--json", "-"]
+    assert "policy" in err  # the table
+    assert not os.path.exists(tmp_path / "-")
+
+
+@pytest.mark.parametrize("flag, example", [("--plot", "OUT.png"), ("--trace", "OUT.txt"), ("--timeline", "OUT.json")])
+def test_dash_for_another_output_is_a_usage_error(flag, example, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--memory", "64M", flag, "-"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pkvm: error: {flag} -: only --json writes to standard output; name a file (e.g. {example})"]
+    assert os.listdir(tmp_path) == []
