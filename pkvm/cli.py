@@ -544,9 +544,13 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
         if not os.path.isdir(parent) and os.path.islink(path):
             raise UsageError(f"{flag} {path}: a symbolic link to {target}, which cannot be created: "
                              f"directory {parent} does not exist")
-        if os.path.isfile(target) and not os.access(target, os.W_OK):
-            # the rename of the temporary file would replace a file open() may not write
-            raise UsageError(f"{flag} {path}: cannot write it: permission denied (the file is read-only)")
+        for name in dict.fromkeys([path, *_output_names(flag, path, policies, memories)]):
+            real = output_path(name)
+            if os.path.isfile(real) and not os.access(real, os.W_OK):
+                # the rename of the temporary file would replace a file open() may not write
+                shown = "" if name == path else f" (it writes {name})"
+                raise UsageError(f"{flag} {path}: cannot write it{shown}: permission denied (the file is "
+                                 "read-only)")
         if flag == "--out":  # _check_frame_out
             continue
         if not os.path.isdir(parent):
@@ -582,6 +586,17 @@ def _file_key(path: str) -> Any:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
+def _output_names(flag: str, path: str, policies: Sequence[str], memories: Sequence[int]) -> list[str]:
+    """The files output ``flag`` writes for ``path``: a trace, timeline or Gantt chart is one
+    file per size and policy (``out.<size>.<policy>.txt``), any other output the one file."""
+    names = [path]
+    if flag in ("--trace", "--timeline", "--gantt"):
+        names = [_sweep_trace(path, m, policies) or path for m in memories] or [path]
+        if len(policies) > 1:
+            names = [experiments._trace_path(n, p, len(policies)) or n for n in names for p in policies]
+    return names
+
+
 def _check_distinct(args: argparse.Namespace, config: Config, given: Sequence[tuple[str, str]],
                     policies: Sequence[str], memories: Sequence[int]) -> None:
     """No two outputs write the same file, and none writes a file the run reads (the
@@ -594,12 +609,7 @@ def _check_distinct(args: argparse.Namespace, config: Config, given: Sequence[tu
         if path:
             seen.setdefault(_file_key(path), (flag, path))
     for flag, path in given:
-        names = [path]
-        if flag in ("--trace", "--timeline", "--gantt"):  # one file per size and policy
-            names = [_sweep_trace(path, m, policies) or path for m in memories] or [path]
-            if len(policies) > 1:
-                names = [experiments._trace_path(n, p, len(policies)) or n for n in names for p in policies]
-        for name in names:
+        for name in _output_names(flag, path, policies, memories):
             key = _file_key(name)
             if key is None:
                 continue

@@ -211,3 +211,22 @@ def test_dash_for_another_output_is_a_usage_error(flag, example, capsys, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pkvm: error: {flag} -: only --json writes to standard output; name a file (e.g. {example})"]
     assert os.listdir(tmp_path) == []
+
+
+def test_a_read_only_per_policy_trace_is_refused_not_replaced(capsys, monkeypatch, tmp_path):
+    """With several policies ``--trace out.txt`` writes ``out.<policy>.txt``: a read-only one of
+    those was replaced, since only ``out.txt`` itself was checked. (``os.access`` stands in for
+    a user's, as in the test above.)"""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ro = tmp_path / "out.eager-post.txt"
+    ro.write_text("keep\n")
+    os.chmod(ro, 0o444)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if mode & os.W_OK and os.path.samefile(p, ro) else real_access(p, mode, **kw)))
+    code, _, err = _run(capsys, ["compare", *SMALL, "--policies", "fault-time,eager-post", "--trace", "out.txt"])
+    assert (code, err.count("\n")) == (2, 1), err
+    assert ("pkvm: error: --trace out.txt: cannot write it (it writes out.eager-post.txt): permission denied "
+            "(the file is read-only)") in err
+    assert ro.read_text() == "keep\n" and sorted(os.listdir(tmp_path)) == ["out.eager-post.txt"]
