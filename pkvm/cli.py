@@ -741,9 +741,7 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
             "policies": list(policies), "cost_model": base.cost_model().to_dict()}
         if memories:
             extra["sweep_memory"] = [format_size(m) for m in memories]
-        _write_json(args.json, report.to_json(results, extra))
-        if args.json != "-":
-            _info(args, f"wrote {args.json}")
+        _write_json(args, report.to_json(results, extra))
     if args.plot is not None:
         _atomic(args.plot, lambda tmp: report.plot(results, tmp, sweep=bool(memories)))
         _info(args, f"wrote {args.plot}")
@@ -915,8 +913,11 @@ def _write_table(frame: Any, tmp: str, path: str) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def _write_json(path: str, data: Any) -> None:
-    if path == "-":  # standard output (the tables went to stderr: main)
+def _write_json(args: argparse.Namespace, data: Any) -> None:
+    """Write ``data`` to ``--json``: a file (and say so), or standard output for ``-`` (the
+    tables went to stderr: :func:`main`)."""
+    path = args.json
+    if path == "-":
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -928,6 +929,7 @@ def _write_json(path: str, data: Any) -> None:
             f.write("\n")
 
     _atomic(path, write)
+    _info(args, f"wrote {path}")
 
 
 def _study_options() -> _Parser:
@@ -965,7 +967,8 @@ def _study_options() -> _Parser:
                         "else modeled_ns)")
     _add_execution_options(g)
     o = p.add_argument_group("output")
-    o.add_argument("--json", metavar="OUT.json", default=None, help="write the results as JSON (- for standard output; the tables then go to stderr)")
+    o.add_argument("--json", metavar="OUT.json", default=None,
+                   help="write the results as JSON (- for standard output; the tables then go to stderr)")
     o.add_argument("--out", metavar="OUT.parquet", default=None,
                    help="write the tidy table (one row per configuration, policy and sample) as "
                         ".parquet or .csv")
@@ -1098,10 +1101,8 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
               f"metric {metric} · runs {runner.describe()}")
     out.write(_text_table([*keys, "policy", metric], rows, [False] * (len(keys) + 1) + [True]))
     if args.json is not None:
-        _write_json(args.json, report.to_json(results, {"command": [_PROG, *argv], "grid": {
+        _write_json(args, report.to_json(results, {"command": [_PROG, *argv], "grid": {
             k: [str(v) for v in vs] for k, vs in grid.items()}, "metric": metric}))
-        if args.json != "-":
-            _info(args, f"wrote {args.json}")
     if args.out is not None:
         _atomic(args.out, lambda tmp: _write_table(frame, tmp, args.out))
         _info(args, f"wrote {args.out}")
@@ -1186,9 +1187,7 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
         raise
     _print_sensitivity(out, res, base, where)
     if args.json is not None:
-        _write_json(args.json, {"pkvm_version": experiments.version(), "command": [_PROG, *argv], **res.to_dict()})
-        if args.json != "-":
-            _info(args, f"wrote {args.json}")
+        _write_json(args, {"pkvm_version": experiments.version(), "command": [_PROG, *argv], **res.to_dict()})
     if args.out is not None:
         _atomic(args.out, lambda tmp: _write_table(res.to_frame(), tmp, args.out))
         _info(args, f"wrote {args.out}")

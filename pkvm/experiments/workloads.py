@@ -305,8 +305,8 @@ class Context:
         caller goes on as soon as the vCPU took it)."""
         tl = self.timeline
         if tl is None:
-            # Charged to the vCPU, as its thread on the timeline is: a counting run
-            # (experiments.count_run) must split the time by actor as the run it re-prices.
+            # Charged to the vCPU, as its thread on the timeline is: the time splits by actor
+            # the same way with or without a timeline.
             with self.vm.acting(guest.actor):
                 fn(*args)
             return
@@ -627,12 +627,16 @@ def virtio(ctx: Context, *, cycles: int, devices: int, queues: int, ring: int, b
             ctx.progress((c + 1) / max(cycles, 1))
 
 
+def _balloon_span(memory: int, image: int, chunk: int, fraction: float) -> tuple[int, int, int]:
+    """``(lo, hi, k)``: a balloon round picks ``k`` of the RAM's chunks ``[lo, hi)`` (those
+    after the image; RAM order)."""
+    lo = -(-image // chunk)
+    hi = memory // chunk
+    return lo, hi, int((hi - lo) * fraction) if hi > lo else 0
+
+
 def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
-    lo = -(-ctx.image // chunk)
-    hi = ctx.memory // chunk
-    if hi <= lo:
-        return
-    k = int((hi - lo) * fraction)
+    lo, hi, k = _balloon_span(ctx.memory, ctx.image, chunk, fraction)
     if not k:
         return
     shift = (chunk >> PAGE_SHIFT).bit_length() - 1
@@ -884,8 +888,8 @@ def check_platform(workload: str, platform: str, options: Mapping[str, Any]) -> 
 def check_scale(workload: str, memory: int, image: int, options: Mapping[str, Any]) -> None:
     """Refuse parsed ``options`` of ``workload`` whose work grows with the guest's RAM past the
     cap of nested counts (10^9, docs/workloads.md, "Caps on counts"), before anything runs:
-    a ``balloon`` round hands back ``fraction`` of the RAM's ``chunk`` units (as
-    :func:`_balloon_round` counts them), so ``cycles`` rounds handle ``cycles`` times that many.
+    a ``balloon`` round hands back ``fraction`` of the RAM's ``chunk`` units
+    (:func:`_balloon_span`), so ``cycles`` rounds handle ``cycles`` times that many.
 
     Raises:
         ValueError: names the options, the memory and the count they would reach.
@@ -893,8 +897,7 @@ def check_scale(workload: str, memory: int, image: int, options: Mapping[str, An
     if workload != "balloon":
         return
     chunk = options["chunk"]
-    units = max(memory // chunk - -(-image // chunk), 0)
-    per_round = int(units * options["fraction"])
+    per_round = _balloon_span(memory, image, chunk, options["fraction"])[2]
     total = options["cycles"] * per_round
     if total > _MAX_OPS:
         raise ValueError(f"workload 'balloon' options cycles={options['cycles']}, fraction={options['fraction']}, "
