@@ -285,6 +285,12 @@ cdef class HostMemoryState:
     cdef public int64_t nr_allocated
     cdef public object _cpu_cursors         # per-CPU cursors (a dict), or None
     cdef public object cpu                  # the CPU that allocates now (a key of _cpu_cursors)
+    # The bump position (pkvm/_gmem.pxi, _hm_alloc): the leaf and index of the run of _used that
+    # ends at _cursor, valid while _used is the map _bump_map at version _bump_ver (NULL: none)
+    cdef void *_bump_leaf
+    cdef int _bump_idx
+    cdef uint64_t _bump_ver
+    cdef RangeMap _bump_map                 # (a reference: the map cannot go while it is kept)
 
 
 cdef class SharedBackingState:

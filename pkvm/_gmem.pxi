@@ -194,6 +194,8 @@ cdef int _hm_alloc(HostMemoryState hm, int64_t n_units, int order, _Runs *out) e
     if n_units == 0:
         return 0
     cursors = hm._cpu_cursors
+    if cursors is None and _hm_bump(hm, used, n_units, order, out):
+        return 0
     if cursors is not None:
         cpu = hm.cpu
         percpu = cpu in cursors
@@ -211,9 +213,61 @@ cdef int _hm_alloc(HostMemoryState hm, int64_t n_units, int order, _Runs *out) e
     last = out.a[out.n - 1] + out.b[out.n - 1]
     if percpu:
         cursors[cpu] = last
+        hm._bump_leaf = NULL
     else:
         hm._cursor = last
+        # where the run that ends at the cursor now is, for the next call's _hm_bump
+        used._run_pos_c(<uint64_t>(last - 1), &pos)
+        hm._bump_leaf = pos.leaf
+        hm._bump_idx = pos.index
+        hm._bump_ver = used.version
+        hm._bump_map = used
     return 0
+
+
+cdef inline bint _hm_bump(HostMemoryState hm, RangeMap used, int64_t n_units, int order,
+                          _Runs *out) except -1:
+    """:func:`_hm_alloc`'s next-fit from one shared cursor where the free gap right after the
+    cursor takes all ``n_units`` blocks (a run of allocations with nothing freed between them:
+    a fragmented guest's faults): the run of ``used`` that ends at the cursor grows in place,
+    found where the previous allocation left it (``hm._bump_*``) instead of by a lookup and a
+    write. 1 if done; 0 if not applicable, nothing changed then (the plan decides).
+
+    What it does is what :func:`_hm_plan` and the write after it do then: the plan's walk
+    starts at the aligned cursor, finds the gap ``[cursor, next run)`` and takes the blocks from
+    its start, and the write merges them into the run on the left (``RangeMap._put_c``: the
+    version moves, the spare-node pools are topped up). A block that would reach the next run
+    (a merge on both sides) or the end of memory is left to the plan."""
+    cdef Leaf *lf = <Leaf*>hm._bump_leaf
+    cdef int i = hm._bump_idx
+    cdef int64_t cursor = hm._cursor, new_end
+    cdef uint64_t nxt
+    if (lf == NULL or hm._bump_map is not used or hm._bump_ver != used.version
+            or used.bulk_writer or used.bulk_readers
+            or n_units <= 0 or n_units > (1LL << 40) or cursor & ((1LL << order) - 1)):
+        return 0
+    if i < 0 or i >= lf.n or lf.ends[i] != <uint64_t>cursor or _val(lf, i) != 1:
+        return 0
+    new_end = cursor + (n_units << order)
+    if new_end > hm.end_pfn or cursor < hm.start_pfn:
+        return 0
+    if i + 1 < lf.n:
+        nxt = lf.starts[i + 1]
+    elif lf.next != NULL:
+        nxt = lf.next.starts[0]
+    else:
+        nxt = U64_MAX
+    if <uint64_t>new_end >= nxt:
+        return 0
+    used.version += 1
+    used._reserve()
+    lf.ends[i] = <uint64_t>new_end
+    out.n = 0
+    _runs_push(out, cursor, new_end - cursor, 0)
+    hm.nr_allocated += new_end - cursor
+    hm._cursor = new_end
+    hm._bump_ver = used.version
+    return 1
 
 
 cdef int _hm_free(HostMemoryState hm, uint64_t pfn, int64_t npages) except -1:

@@ -70,6 +70,72 @@ def test_allocator_matches_a_page_by_page_next_fit(ops):
         mem._check()
 
 
+def _copy_map(m: RangeMap, fanout: int) -> RangeMap:
+    c = RangeMap(0, _finger=True, _fanout=fanout)
+    for a, b, v in m.iter_ranges():
+        c.assign(a, b, v)
+    return c
+
+
+@settings(max_examples=300, deadline=None)
+@given(fanout=st.sampled_from([4, 5, 64]),
+       holes=st.lists(st.integers(0, 1000), max_size=60),
+       ops=st.lists(st.one_of(
+           st.tuples(st.just("alloc"), st.integers(1, 12), st.sampled_from([0, 0, 0, 1, 3])),
+           st.tuples(st.just("free"), st.integers(0, 1023), st.integers(1, 3)),
+           st.tuples(st.just("cursor"), st.integers(0, 1023), st.just(0)),
+           st.tuples(st.just("replace"), st.just(0), st.just(0))), max_size=60))
+def test_allocations_in_a_row_grow_the_run_at_the_cursor_as_the_plan_would(fanout, holes, ops):
+    """Allocations with nothing freed between them grow the run that ends at the cursor in place
+    (``_hm_bump``, pkvm/_gmem.pxi) instead of planning: on a map of many leaves (runs kept apart
+    by single allocated pages), with frees, cursor moves and a replaced map between them, each
+    allocation is what the page-by-page reference plans, and the map stays well formed."""
+    mem = HostMemory(start_pfn=0, nr_pages=1024)
+    mem._used = RangeMap(0, _finger=True, _fanout=fanout)
+    for h in sorted(set(holes)):  # isolated allocated pages: many runs, many leaves
+        mem._used.assign(h, h + 1, 1)
+        mem.nr_allocated += 1
+    for kind, a, b in ops:
+        if kind == "free":
+            for pfn in range(a, min(a + b, 1024)):
+                if mem.is_allocated(pfn):
+                    mem.free(pfn, 1)
+        elif kind == "cursor":
+            mem._cursor = a
+        elif kind == "replace":  # the same runs in a new map: the kept position is void
+            mem._used = _copy_map(mem._used, fanout)
+        else:
+            want = ref_plan(mem._used, mem.start_pfn, mem.end_pfn, mem._cursor, a, b)
+            before = (mem.nr_allocated, mem._cursor, mem._used.ranges())
+            if want is None:
+                with pytest.raises(pkvm.KvmError):
+                    mem.alloc(a, b)
+                assert (mem.nr_allocated, mem._cursor, mem._used.ranges()) == before
+            else:
+                assert mem.alloc(a, b) == want
+                assert mem._cursor == want[-1][0] + want[-1][1]
+        mem._check()
+        mem._used._check()
+        assert mem._used.ranges() == _copy_map(mem._used, 64).ranges()  # maximal runs
+
+
+def test_a_run_of_single_page_allocations_stays_one_run():
+    """4K allocations one after another (a fragmented guest's faults) grow one run, through a
+    copy of the allocator too (its kept position is not carried over)."""
+    import pickle
+
+    mem = HostMemory(start_pfn=16, nr_pages=1 << 20)
+    assert mem.alloc(1, 9) == [(512, 512)]  # (aligned: 16 to 511 stay free)
+    got = [mem.alloc(1)[0] for _ in range(1000)]
+    assert got == [(1024 + i, 1) for i in range(1000)]
+    assert mem._used.ranges() == [(512, 1024 + 1000, 1)]
+    twin = pickle.loads(pickle.dumps(mem))
+    assert twin.alloc(3) == mem.alloc(3) == [(2024, 3)]
+    assert twin._used.ranges() == mem._used.ranges() == [(512, 2027, 1)]
+    mem._check()
+    twin._check()
+
+
 def test_per_cpu_cursors_leave_the_shared_one_alone():
     """A CPU with its own cursor allocates from it and advances only it."""
     mem = HostMemory(start_pfn=0, nr_pages=1 << 12)
