@@ -92,12 +92,13 @@ def directmap_split_4k(dm, uint64_t s, uint64_t e):
     return _dm_split_4k(<RangeMap?>dm._map, <RangeMap?>dm._orig, <dict?>dm._cnt, dm, s, e, &splits)
 
 
-def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, dict cnt):
+cdef uint64_t _dm_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, dict cnt,
+                            uint64_t *splits, uint64_t *unmaps) except? 0xFFFFFFFFFFFFFFFF:
     """``invalidate_direct_map`` of ``[s, e)`` (``DirectMap._invalidate``): split the large
     mappings in the way (:func:`directmap_split`), then make every page not present (4K,
     bit 2). Adds the splits (1G and 2M), the pages that were present and one CPA call per
-    page to ``cnt``'s ``directmap_splits``, ``directmap_unmaps``, ``directmap_cpa_calls``;
-    returns the pages newly fragmented."""
+    page to ``cnt``'s ``directmap_splits``, ``directmap_unmaps``, ``directmap_cpa_calls``, and
+    sets ``splits`` and ``unmaps`` to the first two; returns the pages newly fragmented."""
     cdef uint64_t n1g = 0, n2m = 0, frag = 0, present = 0
     cdef RunCursor c
     cdef int ok
@@ -111,13 +112,22 @@ def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, dict
     cnt["directmap_splits"] += n1g + n2m
     cnt["directmap_unmaps"] += present
     cnt["directmap_cpa_calls"] += e - s
+    splits[0] = n1g + n2m
+    unmaps[0] = present
     return frag
 
 
-def directmap_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt):
+def directmap_invalidate(RangeMap m, RangeMap orig, uint64_t s, uint64_t e, dict cnt):
+    """:func:`_dm_invalidate` (``DirectMap._invalidate``): returns the pages newly fragmented."""
+    cdef uint64_t splits, unmaps
+    return _dm_invalidate(m, orig, s, e, cnt, &splits, &unmaps)
+
+
+cdef uint64_t _dm_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt) except? 0xFFFFFFFFFFFFFFFF:
     """``restore_direct_map`` of ``[s, e)`` (``DirectMap._restore``): every page not present
     there becomes present at 4K (present pages keep their mapping). Adds the pages restored
-    and one CPA call per page to ``cnt``'s ``directmap_restores``, ``directmap_cpa_calls``."""
+    and one CPA call per page to ``cnt``'s ``directmap_restores``, ``directmap_cpa_calls``;
+    returns the pages restored."""
     cdef uint64_t restored = 0
     cdef RunCursor c
     cdef int ok
@@ -132,3 +142,9 @@ def directmap_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt):
         restored += b - a
     cnt["directmap_restores"] += restored
     cnt["directmap_cpa_calls"] += e - s
+    return restored
+
+
+def directmap_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt):
+    """:func:`_dm_restore` (``DirectMap._restore``)."""
+    _dm_restore(m, s, e, cnt)
