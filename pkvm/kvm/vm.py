@@ -1153,7 +1153,7 @@ class Vcpu:
         Runtime complexity: O(log n).
 
         Raises:
-            KvmError: EIO if the VM is dead.
+            KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
             TypeError / ValueError: ``gpa`` is not an int in [0, 2**52 pages), or ``private``
                 / ``write`` are not bools.
         """
@@ -1172,7 +1172,7 @@ class Vcpu:
         faulted as one batch: counted as N faults (``pf_taken``) at O(log n) cost.
 
         Raises:
-            KvmError: EIO if the VM is dead.
+            KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
             TypeError / ValueError: as :meth:`page_fault`; ``size`` must be > 0.
         """
         gfn = _gpa_to_gfn(gpa)
@@ -1246,7 +1246,8 @@ class Vcpu:
         is ``-KVM_ENOSYS``, with bad arguments ``-KVM_EINVAL`` (both as u64), and nothing exits.
 
         Raises:
-            KvmError: EIO if the VM is dead; EBUSY if an exit is still pending.
+            KvmError: EIO if the VM is dead; EBUSY if an exit is still pending; EDEADLK from an
+                event callback of the VM.
             TypeError / ValueError: an argument is not a u64 int.
         """
         nr, a0, a1, a2 = _u64("nr", nr), _u64("a0", a0), _u64("a1", a1), _u64("a2", a2)
@@ -1265,7 +1266,7 @@ class Vcpu:
         pending: after their exits the caller simply repeats them.
 
         Raises:
-            KvmError: EIO if the VM is dead.
+            KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
         """
         if self.vm.vm_dead or self.vm._in_callback:
             self.vm._check_alive()  # raises EIO / EDEADLK
