@@ -951,7 +951,7 @@ cdef class AttrPath:
         """:meth:`ioctl`'s body (also the bound fast entry's, :func:`_ioctl_fast`)."""
         cdef uint64_t a, sz, at, fl
         cdef bint ok = False
-        if self.vs.vm_dead:
+        if self.vs.vm_dead or self.vs._in_callback:  # EIO, or EDEADLK from an event callback
             self.vm._check_alive()
         if _is_exact_int(address) and _is_exact_int(size) and _is_exact_int(attributes) and _is_exact_int(flags):
             a = _ull(address)
@@ -1031,7 +1031,7 @@ cdef class AttrPath:
         subs = self.ledger.traced
         if subs:  # traced on entry, before the short-circuit (6.17+)
             vm._emit("set_memory_attributes", start, end, None, end - start, 0, None, (attrs,))
-            read = False  # a callback ran (it may have changed the VM): read again
+            read = False  # a callback ran: read again (its calls into the VM are refused, EDEADLK; vm._kill is not)
         sched = self.vs._sched
         if sched is not None:
             self._timeline(sched, start, end, attrs)

@@ -260,6 +260,7 @@ cdef class VmState:
     cdef public object _sched               # the attached pkvm.sim.Timeline, or None
     cdef public object _platform            # the VM type's op table
     cdef public bint vm_dead                # kvm->vm_dead
+    cdef public bint _in_callback           # (in vm_dead's padding) VM._emit is running an event callback: entries refuse (EDEADLK)
     cdef public int64_t mmu_invalidate_in_progress
     cdef public uint64_t _range_start, _range_end   # mmu_invalidate_range_start / _end
     cdef public int64_t nr_vcpus            # VM(nr_vcpus=): a remote TLB flush targets at least these

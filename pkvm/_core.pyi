@@ -700,6 +700,7 @@ class VmState:
     _range_end: int
     nr_vcpus: int
     _prefetch: bool
+    _in_callback: bool
     _actor: str
     _actor_ns: dict[str, Any]
     _actor_tot: dict[str, int]

@@ -1123,7 +1123,7 @@ cdef class FaultPath:
             gfn = self.gpa_to_gfn(gpa)  # converts an int-like, or raises
         if type(private) is not bool or type(write) is not bool:
             raise TypeError("private and write must be bools")
-        if self.vs.vm_dead:
+        if self.vs.vm_dead or self.vs._in_callback:  # EIO, or EDEADLK from an event callback
             self.vm._check_alive()
         return self._one(vcpu, gfn, private is True, write is True)
 
@@ -1173,7 +1173,7 @@ cdef class FaultPath:
         try:
             while i < n:
                 if check is None:
-                    if vs.vm_dead:
+                    if vs.vm_dead or vs._in_callback:
                         self.vm._check_alive()
                 else:
                     check()

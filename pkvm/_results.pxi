@@ -276,8 +276,8 @@ def begin_insn(vcpu):
 
 cdef int _begin_insn(vcpu) except -1:
     vm = vcpu.vm
-    if vm.vm_dead:
-        vm._check_alive()  # raises EIO
+    if vm.vm_dead or vm._in_callback:
+        vm._check_alive()  # raises EIO, or EDEADLK from an event callback of the VM
     if vcpu._resume is not None:
         from pkvm.errors import KvmError
         raise KvmError(_EBUSY, f"vCPU {vcpu.id} is stopped in an exit to userspace: answer it and "

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import re
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+# re.ASCII: \d is [0-9] and \s ASCII blanks (a str pattern's \d also takes other scripts' digits)
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE | re.ASCII)
+_DECIMAL = re.compile(r"\s*([0-9]+)\s*", re.ASCII)
+
+
+def parse_decimal(text: str) -> int:
+    """A count as a user types it: ASCII decimal digits (``"5000"``), blanks around them
+    allowed. Not what ``int()`` also takes: ``"5_000"``, ``"+5"``, other scripts' digits
+    (``"\u0665"``), nor (with base 0) ``"0x10"``, ``"0b11"``, ``"0o7"``.
+
+    Raises:
+        ValueError: anything else (the message quotes it).
+    """
+    m = _DECIMAL.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"{text!r} is not a decimal integer such as 5000 (digits 0-9 only)")
+    return int(m.group(1))
 _SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
 
 

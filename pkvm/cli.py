@@ -46,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
 from pkvm._files import atomic_output, output_path
-from pkvm._units import format_size, parse_size
+from pkvm._units import format_size, parse_decimal, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError, TracePlatformError
 from pkvm.experiments import report, workloads
@@ -109,21 +109,19 @@ def _once(flag: str, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 def _seed(text: str) -> int:
     try:
-        v = int(text)
+        return parse_decimal(text)  # ASCII digits only: not 5_000, 0x10, +5 (int() takes them)
     except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
-    return v
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer in decimal digits "
+                                         "(such as 7)") from None
 
 
 def _positive_int(text: str) -> int:
     try:
-        v = int(text)
+        v = parse_decimal(text)
     except ValueError:
         v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer in decimal digits (such as 4)")
     return v
 
 
@@ -481,7 +479,7 @@ def _recorded_shape(path: str) -> dict[str, Any]:
     if fields.get("platform") in experiments.PLATFORMS:
         shape["platform"] = fields["platform"]
     for key in ("memory", "image", "vcpus"):
-        if fields.get(key, "").isdigit():
+        if fields.get(key, "").isdigit() and fields[key].isascii():  # ("²".isdigit(); int() refuses it)
             shape[key] = int(fields[key])
     return shape
 
@@ -1054,9 +1052,9 @@ def _grid_values(key: str, text: str) -> list[Any]:
             out.append(v.lower() in ("true", "1", "yes"))
         elif isinstance(default, int) and key not in ("memory", "image"):
             try:
-                out.append(int(v))
+                out.append(parse_decimal(v))
             except ValueError:
-                raise UsageError(f"--grid {key}={text}: {v!r} is not an integer") from None
+                raise UsageError(f"--grid {key}={text}: {v!r} is not an integer in decimal digits") from None
         else:
             out.append(v)
     return out

@@ -238,19 +238,22 @@ def test_zap_range_zaps_every_leaf_it_meets(leaves: list, start: int, n: int) ->
     m._check()
 
 
-def test_a_callback_that_changes_the_vm_on_entry_is_seen_by_the_rest_of_the_ioctl() -> None:
-    """The one-gfn ioctl reads its gfn's words before it emits its entry event; a subscriber that
-    converts the gfn from that event makes the ioctl read them again: it short-circuits."""
+def test_a_callback_that_calls_the_ioctl_on_entry_is_refused():
+    """The one-gfn ioctl reads its gfn's words before it emits its entry event; a subscriber
+    that tries to convert the gfn from that event gets EDEADLK (docs/events.md), and the outer
+    ioctl goes on with the words it read: it converts the gfn once."""
     vm = _vm("snp", "fault-time")
     nested: list = []
 
     def convert_once(ev: pkvm.Event) -> None:
         if not nested:
-            nested.append(ev)
-            vm.set_memory_attributes(0x5000, 0x1000, PRIVATE)
+            try:
+                vm.set_memory_attributes(0x5000, 0x1000, PRIVATE)
+            except pkvm.KvmError as e:
+                nested.append(e.errno)
 
     with vm.subscribe(convert_once, kinds="set_memory_attributes"):
         vm.set_memory_attributes(0x5000, 0x1000, PRIVATE)
-    assert len(nested) == 1 and vm.attr_ioctls == 2
+    assert nested == [errno.EDEADLK] and vm.attr_ioctls == 1
     assert vm.get_memory_attributes(5) == PRIVATE and vm.stats["attr_stores"] == 1
     vm.check()

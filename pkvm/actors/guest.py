@@ -126,6 +126,8 @@ class Guest:
         ``replay`` (the platform flows' range form, ``pkvm.actors._steps``) sees each exit
         before it is answered and may return a later exit of the same instruction instead,
         having answered the ones between as one range operation."""
+        if self.vm._in_callback:
+            self.vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         r = result
         self.last_exit = None
         while r.ret == "exit":
@@ -166,6 +168,8 @@ class Guest:
         """
         self._range(gpa, size)
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
         # vm.acting(self.actor): a valid actor (this vCPU's); no call when it acts already
@@ -195,6 +199,8 @@ class Guest:
                 or gpa + size > 1 << 64):
             self._range(gpa, size)  # raises (the check inline: this runs once per accepted run)
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         prev = vm._actor  # vm.acting(self.actor), as in convert
         if prev != self.actor:
             vm._set_actor(self.actor)
@@ -213,6 +219,8 @@ class Guest:
                 or gpa + size > 1 << 64):
             self._range(gpa, size)  # raises (inline, as in accept)
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         prev = vm._actor  # vm.acting(self.actor), as in convert
         if prev != self.actor:
             vm._set_actor(self.actor)

@@ -243,6 +243,8 @@ class Vmm:
             KvmError: as ``create_guest_memfd`` / ``set_user_memory_region2`` /
                 ``set_memory_attributes``.
         """
+        if self.vm._in_callback:
+            self.vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         with self.vm.acting("vmm"):
             return self._add_ram(gpa, size, slot, mark_private, prealloc)
 
@@ -304,6 +306,8 @@ class Vmm:
             KvmError: as :meth:`add_ram`.
         """
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         if vm.platform.has_private_mem:
             vm._gmem_args(memory, 0)  # before the layout: a size beyond any file has none
         elif type(memory) is not int:
@@ -339,6 +343,8 @@ class Vmm:
         ``KVM_TDX_INIT_MEM_REGION``, measured if ``measure``). Creates vCPU 0 if there is none.
         """
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         if not vm.vcpus:
             vm.create_vcpu()
         with vm.acting("vmm"):
@@ -365,6 +371,8 @@ class Vmm:
         resumes the guest (``vcpu.run()`` for a guest instruction, or repeats the access).
         """
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         sched = vm._sched
         lat = sched.latency_begin() if sched is not None else None
         prev = vm._set_actor("vmm")  # vm.acting("vmm")
@@ -412,8 +420,11 @@ class Vmm:
 
     def convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         """``kvm_convert_memory``: convert ``[gpa, gpa + size)``; return 0 or a negative
-        errno (see the module docstring for the steps and QEMU's special cases)."""
+        errno (see the module docstring for the steps and QEMU's special cases). From an event
+        callback of the VM it raises ``KvmError(EDEADLK)`` instead, counting nothing."""
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         prev = vm._actor  # vm.acting("vmm"); no call when the VMM acts already
         if prev != "vmm":
             vm._set_actor("vmm")
@@ -483,6 +494,8 @@ class Vmm:
                 or gpa + size > _U64_LIMIT):
             raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range below 2**64")
         vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()
         prev = vm._actor  # vm.acting("vmm"), as in convert_memory
         if prev != "vmm":
             vm._set_actor("vmm")

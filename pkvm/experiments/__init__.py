@@ -44,7 +44,7 @@ from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import results_frame
 from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse
-from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
+from pkvm.experiments.replay import GUEST_ONLY_COUNTERS, trailer_prices
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.policy import Policy, platform_mismatch, resolve_policy
@@ -587,10 +587,13 @@ def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
 
 def _trace_trailer(vm: Any) -> str:
     """The ``# pkvm end`` line a replay reads to say what it could not reproduce: the run's
-    modeled total, its modeled ns by operation and the counters of guest-only work."""
+    modeled total, its modeled ns by operation, the cost model's fingerprint and the price of
+    one event of each operation (a replay under other prices re-prices its work at these) and
+    the counters of guest-only work."""
     stats = vm.stats
     parts = [f"modeled_ns={vm.modeled_ns}"]
     parts += [f"op.{op}={ns}" for op, ns in sorted(vm.cost_breakdown().items()) if ns]
+    parts += trailer_prices(vm)
     parts += [f"stat.{k}={stats[k]}" for k in sorted(GUEST_ONLY_COUNTERS) if stats.get(k)]
     return "# pkvm end " + " ".join(parts) + "\n"
 

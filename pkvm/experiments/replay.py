@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pkvm.constants import PAGE_SHIFT
+from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError, TracePlatformError
 from pkvm._units import format_ns
 from pkvm.experiments.trace import (
@@ -52,7 +53,7 @@ from pkvm.experiments.trace import (
 )
 
 from pkvm.kvm.policy import Policy, resolve_policy
-from pkvm.kvm.vm import Vcpu
+from pkvm.kvm.vm import VM, Vcpu
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.experiments.workloads import Context
@@ -325,31 +326,101 @@ def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
     lost = sorted(k for k in GUEST_ONLY_COUNTERS if k in stats)
     if lost and platform in _UNTRACED_WORK and not end:
         ctx.notes.append(f"counters not reproduced ({untraced}: no tracepoint carries them): {', '.join(lost)}")
-    if end.get("modeled_ns", "").isdigit():
+    if _digits(end.get("modeled_ns", "")):
         orig, mine = int(end["modeled_ns"]), ctx.vm.modeled_ns
-        mine_by_op = ctx.vm.cost_breakdown()
-        missing = sorted(((int(v) - mine_by_op.get(k[3:], 0), k[3:]) for k, v in end.items()
-                          if k.startswith("op.") and v.isdigit()), reverse=True)
-        parts = [f"{op} {format_ns(ns)}" for ns, op in missing if ns > 0]
-        gap = orig - mine
-        pct = f" ({100 * gap / orig:.1f} %)" if orig > 0 else ""
-        what = f": {', '.join(parts)}" if parts else ""
+        # The replay's work re-priced at the trace's prices: what of the traced run it reproduced.
+        # The rest of the traced run is the untraced work, kept at the prices it was modeled at.
+        mine_by_op = at_trace_prices(ctx.vm, end)
         recorded = hdr.get("policy")
         if recorded is not None and not _same_policy(recorded, ctx.vm.policy):
             # The gap is then the policies' difference too: it says nothing of the untraced work.
             ctx.notes.append(f"modeled time not compared: the trace was recorded under policy {recorded} (it "
                              f"modeled {format_ns(orig)}) and this replay runs another ({format_ns(mine)}), "
                              f"without the {untraced}; replay it under {recorded} to measure what is missing")
-        elif gap:
-            ctx.notes.append(f"modeled time not reproduced: the traced run modeled {format_ns(orig)}, the replay "
-                             f"{format_ns(mine)}; {format_ns(gap)}{pct} is {untraced}{what}")
+        elif mine_by_op is None:
+            ctx.notes.append(f"modeled time not compared: the traced run modeled {format_ns(orig)} and this replay "
+                             f"runs another cost model ({format_ns(mine)}), whose work it cannot re-price at the "
+                             f"trace's prices (the trace records none, or an operation costs 0 ns here); replay "
+                             f"it without cost overrides to measure the {untraced}")
+        else:
+            traced = sum(mine_by_op.values())
+            missing = sorted(((int(v) - mine_by_op.get(k[3:], 0), k[3:]) for k, v in end.items()
+                              if k.startswith("op.") and _digits(v)), reverse=True)
+            parts = [f"{op} {format_ns(ns)}" for ns, op in missing if ns > 0]
+            gap = orig - traced
+            pct = f" ({100 * gap / orig:.1f} %)" if orig > 0 else ""
+            what = f": {', '.join(parts)}" if parts else ""
+            if gap and traced == mine:
+                ctx.notes.append(f"modeled time not reproduced: the traced run modeled {format_ns(orig)}, the "
+                                 f"replay {format_ns(mine)}; {format_ns(gap)}{pct} is {untraced}{what}")
+            elif gap:
+                ctx.notes.append(f"modeled time not reproduced: the traced run modeled {format_ns(orig)}, "
+                                 f"{format_ns(traced)} of it the traced work this replay re-runs, which its "
+                                 f"prices make {format_ns(mine)}; {format_ns(gap)}{pct} is {untraced} (at the "
+                                 f"trace's prices){what}")
         counts = [f"{k[5:]} {int(v):,}" for k, v in sorted(end.items())
-                  if k.startswith("stat.") and v.isdigit() and int(v) != stats.get(k[5:], 0)]
+                  if k.startswith("stat.") and _digits(v) and int(v) != stats.get(k[5:], 0)]
         if counts:
             ctx.notes.append(f"counters of the traced run not reproduced: {', '.join(counts)}")
     elif platform in _UNTRACED_WORK:
         ctx.notes.append(f"modeled time not reproduced: {untraced} (the trace carries no pkvm total to "
                          "measure the difference against)")
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is ASCII decimal digits (``str.isdigit`` also takes "²", which ``int``
+    refuses)."""
+    return text.isdigit() and text.isascii()
+
+
+def unit_price(vm: VM, op: str) -> int | None:
+    """The modeled ns of one event of ``op`` in ``vm`` (every charge of an op is its count
+    times this), or None when it has none: ``remote_tlb_flush`` charged with several target
+    vCPU counts, or an op not priced yet."""
+    if op == "remote_tlb_flush":
+        prices = set(vm._flush_ns.values())
+        return prices.pop() if len(prices) == 1 else None
+    p = vm._costs.get(op)
+    return p if type(p) is int else None
+
+
+def trailer_prices(vm: VM) -> list[str]:
+    """The trailer's ``cost_model=`` (the model's fingerprint) and ``price.OP=NS`` fields: the
+    price of one event of each operation ``vm`` charged, so that a replay under other prices
+    can re-price its work at these (:func:`at_trace_prices`)."""
+    out = [f"cost_model={vm.costs.fingerprint()}"]
+    for op, ns in sorted(vm.cost_breakdown().items()):
+        p = unit_price(vm, op) if ns else None
+        if p is not None:
+            out.append(f"price.{op}={p}")
+    return out
+
+
+def at_trace_prices(vm: VM, end: dict[str, str]) -> dict[str, int] | None:
+    """``vm.cost_breakdown()`` (a replay's modeled ns by op) re-priced at the prices of the
+    trace whose trailer is ``end``: each op's count of events (its ns over this VM's price)
+    times the trace's price. The same dict when the cost models are the same one (the
+    fingerprints agree, or the trace records none and this VM runs the platform's default
+    model, which a trace without prices is taken to have used). None when an op cannot be
+    re-priced exactly: the trace records no prices, or none for that op, or a price is 0."""
+    mine = vm.cost_breakdown()
+    model = vm.costs.fingerprint()
+    fp = end.get("cost_model")
+    if fp is None:
+        return mine if model == CostModel.default(vm.platform.name).fingerprint() else None
+    if fp == model:
+        return mine
+    out: dict[str, int] = {}
+    for op in sorted(set(mine) | {k[6:] for k in end if k.startswith("price.")}):
+        ns = mine.get(op, 0)
+        mp, tp_text = unit_price(vm, op), end.get(f"price.{op}", "")
+        tp = int(tp_text) if _digits(tp_text) else None
+        if mp is not None and tp is not None and (mp == tp or (mp and not ns % mp)):
+            if ns:
+                out[op] = ns if mp == tp else ns // mp * tp
+        elif ns or (mp == 0 and tp):
+            return None  # events this VM charged 0 ns for, or with no price to count them by
+    return out
 
 
 def _same_policy(recorded: str, policy: Policy) -> bool:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pkvm._core import RangeMap
-from pkvm._units import format_size, parse_size
+from pkvm._units import format_size, parse_decimal, parse_size
 from pkvm.actors.vmm import q35_ram_layout
 from pkvm.constants import FALLOC_FL_KEEP_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
 from pkvm.errors import ConfigError, KvmError
@@ -88,12 +88,14 @@ def _bool(text: object) -> bool:
 
 
 def _nonneg_int(text: object) -> int:
+    """An int, or its text in ASCII decimal digits (:func:`pkvm._units.parse_decimal`: not
+    ``5_000``, ``0x10``, ``0b11`` or other scripts' digits, which ``int(text, 0)`` took)."""
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a non-negative integer")
     try:
-        v = text if isinstance(text, int) else int(str(text).strip().replace("_", ""), 0)
+        v = text if isinstance(text, int) else parse_decimal(str(text))
     except ValueError:
-        raise ValueError("expected a non-negative integer such as 5000 or 0x1000") from None
+        raise ValueError("expected a non-negative integer such as 5000 (decimal digits 0-9 only)") from None
     if v < 0:
         raise ValueError(f"{v} is negative; expected a non-negative integer")
     return v

@@ -118,6 +118,8 @@ class GuestMemfd:
                 EFBIG (past ``MAX_LFS_FILESIZE``), ENOMEM (host memory exhausted; nothing is
                 allocated then).
         """
+        if self._vm._in_callback:
+            self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         if type(mode) is not int or type(offset) is not int or type(length) is not int:
             mode, offset, length = _check_int("mode", mode), _check_int("offset", offset), _check_int("length", length)
         # vfs_fallocate's generic checks come first, then kvm_gmem_fallocate's.
@@ -224,6 +226,8 @@ class GuestMemfd:
         Raises:
             KvmError: EBADF if the file is already closed.
         """
+        if self._vm._in_callback:
+            self._vm._nested_call()
         if self.closed:
             raise KvmError(errno.EBADF, f"guest_memfd fd {self.fd} is already closed")
         vm = self._vm

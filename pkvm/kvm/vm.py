@@ -185,6 +185,9 @@ class VM(VmState):
         #: Event subscribers (:meth:`subscribe`): a tuple, or None when there are none (every
         #: emission point tests this).
         self._subs: tuple[Subscription, ...] | None = None
+        #: The kind of the event whose callback runs (for the EDEADLK message; the flag itself,
+        #: ``_in_callback``, is VmState's typed field).
+        self._callback_kind: str | None = None
         self._trace_sub: Subscription | None = None
         #: The attached :class:`pkvm.kvm.tracepoints.Tracepoints` (such as a
         #: :class:`pkvm.experiments.trace.Tracer`), or None; it is one subscriber of the events.
@@ -326,6 +329,8 @@ class VM(VmState):
             TypeError: ``actor`` is not a str.
             ValueError: any other name (nothing changes).
         """
+        if self._in_callback:
+            self._nested_call()
         return _Acting(self, self._check_actor(actor))
 
     def clock(self, actor: str | None = None) -> int:
@@ -358,10 +363,14 @@ class VM(VmState):
         ``with`` block, or :meth:`unsubscribe`). ``docs/events.md`` describes every kind.
 
         Callbacks run synchronously, in subscription order, after the state change they report;
-        they may subscribe and unsubscribe (effective from the next event). A callback must not
-        raise: its exception propagates out of the VM call that emitted the event. Nor may it
-        call into this VM (an ioctl, a fault, a memslot or guest_memfd change, an actor's
-        operation): the emitting call is part way through, and the nested one is not checked.
+        they may read the VM and subscribe and unsubscribe (effective from the next event). A
+        callback must not raise: its exception propagates out of the VM call that emitted the
+        event. A call from a callback into this VM that would change it (an ioctl, a fault, a
+        memslot or guest_memfd change, a guest instruction, a :class:`pkvm.Vmm` or
+        :class:`pkvm.Guest` operation, :meth:`acting`, :meth:`inject_failure`, a batched call)
+        raises ``KvmError(EDEADLK)`` and changes nothing: the emitting call is part way through
+        and holds the VM's locks, on which the kernel's nested ioctl would block. A callback
+        that catches it lets the emitting call finish exactly as without the attempt.
 
         Raises:
             TypeError: ``callback`` is not callable, or ``kinds`` is not a str / iterable of str.
@@ -401,14 +410,24 @@ class VM(VmState):
         if kind not in _EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}; the kinds are: {', '.join(EVENT_KINDS)}")
         ev = None
-        for sub in subs:
-            if sub.kinds is None or kind in sub.kinds:
-                if ev is None:
-                    sched = getattr(self, "_sched", None)
-                    t = sched.now_ns if sched is not None else (
-                        self._actor_tot[self._actor] + self._modeled_ns - self._actor_mark)
-                    ev = Event(t, self._actor, kind, gfn_start, gfn_end, op, count, ns, result, args)
-                sub.callback(ev)
+        # While a callback runs, every state-changing entry point of this VM (its vCPUs,
+        # guest_memfds and actors) refuses with EDEADLK (:meth:`_nested_call`); reset in the
+        # finally, also when a callback raises. Restored, not cleared: an emission from inside
+        # a callback (none is reachable through the public API) leaves the outer one's flag.
+        outer = self._in_callback
+        self._in_callback = True
+        try:
+            for sub in subs:
+                if sub.kinds is None or kind in sub.kinds:
+                    if ev is None:
+                        sched = getattr(self, "_sched", None)
+                        t = sched.now_ns if sched is not None else (
+                            self._actor_tot[self._actor] + self._modeled_ns - self._actor_mark)
+                        ev = Event(t, self._actor, kind, gfn_start, gfn_end, op, count, ns, result, args)
+                    self._callback_kind = kind
+                    sub.callback(ev)
+        finally:
+            self._in_callback = outer
 
     def trace(self, tracer: Tracepoints | None) -> None:
         """Attach a tracer (or detach with None): from now on every traced event goes to it. Off,
@@ -517,10 +536,25 @@ class VM(VmState):
     # -- kvm_vm_dead / KVM_BUG_ON --------------------------------------------------------------
 
     def _check_alive(self) -> None:
+        """The entry check of a state-changing call: EIO if the VM is dead (the kernel tests
+        ``kvm->vm_dead`` before it takes any lock), then EDEADLK from an event callback
+        (:meth:`_nested_call`). Callers on hot paths test ``vm_dead or _in_callback`` first."""
         if self.vm_dead:
             why = "KVM_BUG_ON" if self.vm_bugged else "kvm_vm_dead"
             raise KvmError(errno.EIO, f"the VM is dead ({why}: {self.events[-1][1] if self.events else ''}); "
                            "every VM and vCPU ioctl fails with EIO")
+        if self._in_callback:
+            self._nested_call()
+
+    def _nested_call(self) -> None:
+        """Refuse a call made from an event callback of this VM (docs/events.md): the call
+        that emitted the event is part way through, holding what the kernel would hold as
+        locks; a nested ioctl would block on them (``kvm_vm_ioctl_set_mem_attributes`` on
+        ``kvm->slots_lock``, a fault on ``kvm->mmu_lock``, ...), in one thread forever.
+        Nothing has changed when this raises."""
+        raise KvmError(errno.EDEADLK, f"called from an event callback of this VM (a {self._callback_kind!r} "
+                       "event): the call that emitted it holds the VM's locks; record what you need and "
+                       "act after that call returns")
 
     def _kill(self, reason: str) -> None:
         """``kvm_vm_dead``: later VM and vCPU ioctls fail with EIO; ``reason`` goes to ``events``."""
@@ -628,7 +662,8 @@ class VM(VmState):
         Raises:
             KvmError: EINVAL, in the kernel's order (§2.2): ``flags != 0``, unsupported
                 attribute bits, ``size == 0``, wrap-around past 2**64, unaligned address or size;
-                EDEADLK while a :meth:`begin_set_memory_attributes` ioctl is unfinished.
+                EDEADLK while a :meth:`begin_set_memory_attributes` ioctl is unfinished, or
+                from an event callback of this VM (:meth:`subscribe`).
             TypeError / ValueError: an argument is not an int or does not fit a u64.
         """
         self._attr_path.ioctl(address, size, attributes, flags)
@@ -654,7 +689,7 @@ class VM(VmState):
 
     def _attr_check(self, address: int, size: int, attributes: int, flags: int) -> tuple[int, int, int]:
         """The ioctl's checks, in the kernel's order; the gfn range and the attributes."""
-        if self.vm_dead:
+        if self.vm_dead or self._in_callback:
             self._check_alive()
         if not type(address) is type(size) is type(attributes) is type(flags) is int or (
                 (address | size | attributes | flags) >> 64):  # also true for negative values
@@ -866,8 +901,10 @@ class VM(VmState):
         return size, flags
 
     def check_extension(self, cap: int) -> int:
-        """``KVM_CHECK_EXTENSION`` on the VM fd; unknown capabilities give 0."""
-        self._check_alive()
+        """``KVM_CHECK_EXTENSION`` on the VM fd; unknown capabilities give 0. A query: allowed
+        from an event callback."""
+        if self.vm_dead:
+            self._check_alive()
         cap = _u64("cap", cap)
         if cap == KVM_CAP_EXIT_HYPERCALL:
             return KVM_EXIT_HYPERCALL_VALID_MASK
@@ -940,6 +977,8 @@ class VM(VmState):
             ValueError: an unknown site, an errno the site cannot return, a negative count.
             TypeError: ``err``, ``times`` or ``after`` not an int.
         """
+        if self._in_callback:
+            self._nested_call()
         self._inject.arm(site, err, times, after)
 
     # -- invariants ---------------------------------------------------------------------------
@@ -989,7 +1028,10 @@ class VM(VmState):
                 not fit a u64 (nothing has run).
             Any exception other than ``KvmError`` that a call raises (an event callback's, say)
                 propagates, as from the loop: the calls before it have run.
+            KvmError: EDEADLK from an event callback of this VM, before any call runs.
         """
+        if self._in_callback:
+            self._nested_call()  # the whole batch, before its arrays are read
         return _batch.set_memory_attributes_many(self, gpas, sizes, attributes, flags)
 
 
@@ -1111,7 +1153,7 @@ class Vcpu:
         Runtime complexity: O(log n).
 
         Raises:
-            KvmError: EIO if the VM is dead.
+            KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
             TypeError / ValueError: ``gpa`` is not an int in [0, 2**52 pages), or ``private``
                 / ``write`` are not bools.
         """
@@ -1130,7 +1172,7 @@ class Vcpu:
         faulted as one batch: counted as N faults (``pf_taken``) at O(log n) cost.
 
         Raises:
-            KvmError: EIO if the VM is dead.
+            KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
             TypeError / ValueError: as :meth:`page_fault`; ``size`` must be > 0.
         """
         gfn = _gpa_to_gfn(gpa)
@@ -1141,7 +1183,7 @@ class Vcpu:
         end = (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
         if end > _MAX_GFN:
             raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) runs past the 52-bit guest physical address space")
-        if self.vm.vm_dead:
+        if self.vm.vm_dead or self.vm._in_callback:
             self.vm._check_alive()
         sptes = self.vm._mmu.sptes
         done = faults = 0
@@ -1204,7 +1246,8 @@ class Vcpu:
         is ``-KVM_ENOSYS``, with bad arguments ``-KVM_EINVAL`` (both as u64), and nothing exits.
 
         Raises:
-            KvmError: EIO if the VM is dead; EBUSY if an exit is still pending.
+            KvmError: EIO if the VM is dead; EBUSY if an exit is still pending; EDEADLK from an
+                event callback of the VM.
             TypeError / ValueError: an argument is not a u64 int.
         """
         nr, a0, a1, a2 = _u64("nr", nr), _u64("a0", a0), _u64("a1", a1), _u64("a2", a2)
@@ -1223,10 +1266,10 @@ class Vcpu:
         pending: after their exits the caller simply repeats them.
 
         Raises:
-            KvmError: EIO if the VM is dead.
+            KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
         """
-        if self.vm.vm_dead:
-            self.vm._check_alive()  # raises EIO
+        if self.vm.vm_dead or self.vm._in_callback:
+            self.vm._check_alive()  # raises EIO / EDEADLK
         resume, self._resume = self._resume, None
         if resume is None:
             return GuestOpResult("done")
@@ -1289,7 +1332,7 @@ class Vcpu:
         """What :meth:`page_fault` checks before the fault, besides its arguments: that the
         VM is alive. A vCPU class that overrides ``page_fault`` overrides this with its own
         checks, or the batched call falls back to calling ``page_fault`` per element."""
-        if self.vm.vm_dead:
+        if self.vm.vm_dead or self.vm._in_callback:
             self.vm._check_alive()
 
 
@@ -1376,6 +1419,8 @@ class AttrIoctl:
         nxt = self.next
         if nxt is None:
             raise ValueError(f"{self!r} has finished: no phase after 'end'")
+        if self.vm._in_callback:
+            self.vm._nested_call()
         vm, ranges, attrs = self.vm, self._ranges, self.attributes
         sched = vm._sched
         clock = sched.work_ns if sched is not None else (lambda: vm._modeled_ns)

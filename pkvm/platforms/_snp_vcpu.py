@@ -279,7 +279,8 @@ class SnpVcpu(Vcpu):
         progress; ``faults`` counts the #NPFs taken.
 
         Raises:
-            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending; EDEADLK from an event
+                callback of the VM.
             TypeError / ValueError: bad ``gpa``, ``level`` not PG_LEVEL_4K / PG_LEVEL_2M,
                 ``validate`` not a bool.
         """
@@ -397,7 +398,8 @@ class SnpVcpu(Vcpu):
         ``GHCB_MSR_PSC_RESP`` or ``GHCB_MSR_PSC_RESP_ERROR``.
 
         Raises:
-            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending; EDEADLK from an event
+                callback of the VM.
             TypeError / ValueError: ``gpa`` / ``op`` not u64 ints.
         """
         gpa, op = _u64("gpa", gpa), _u64("op", op)
@@ -436,7 +438,8 @@ class SnpVcpu(Vcpu):
         ``sw_exit_info_2``: 0 or a ``VMGEXIT_PSC_ERROR_*`` code.
 
         Raises:
-            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending; EDEADLK from an event
+                callback of the VM.
             TypeError: ``desc`` is not a :class:`PscDesc`, an entry not a :class:`PscEntry`, or
                 a field not an int (``huge``: a bool).
             ValueError: a field outside its width in the GHCB buffer (``cur_entry`` and
@@ -468,7 +471,8 @@ class SnpVcpu(Vcpu):
         ``cur_entry`` points at its first entry).
 
         Raises:
-            KvmError: EIO if the VM is dead; EBUSY if an exit is pending.
+            KvmError: EIO if the VM is dead; EBUSY if an exit is pending; EDEADLK from an event
+                callback of the VM.
         """
         return snp_psc_runs(self, runs, op, at)  # pkvm/_snp_guest.pxi
 

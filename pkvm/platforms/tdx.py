@@ -152,6 +152,8 @@ class TdxVm:
         Raises:
             ValueError: an unknown SEAMCALL name or a negative count.
         """
+        if self._vm._in_callback:
+            self._vm._nested_call()
         self.seamcalls.inject_busy(seamcall, times)
 
     # -- KVM_TDX_INIT_MEM_REGION -----------------------------------------------------------
