@@ -455,8 +455,10 @@ def _indices(method: str, groups: Sequence[str], unit: np.ndarray, outputs: Mapp
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
+                    # A Generator, not the int: SALib seeds its bootstrap only ``if seed:``, so
+                    # seed 0 (the default) drew the confidence intervals unseeded.
                     res = sobol.analyze(problem, y, calc_second_order=False, conf_level=conf_level,
-                                        seed=seed)
+                                        seed=np.random.default_rng(seed))
             done[key] = res
             for i, g in enumerate(groups):
                 rows.append({"output": out_name, "price": g, "S1": float(res["S1"][i]),
