@@ -45,3 +45,71 @@ def test_a_scheduler_address_this_installation_cannot_dial_is_a_usage_error(caps
     assert err.count("\n") == 1 and time.monotonic() - t0 < 4
     with pytest.raises(ValueError, match="not usable here|is not a scheduler of this process"):
         E.execution.Runner(scheduler=address)
+
+
+def _embedded(nr_vcpus=2):
+    import pkvm
+
+    vm = pkvm.VM("sw_protected", nr_vcpus=nr_vcpus)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 << 20)
+    return vm, vmm, [pkvm.Guest(vm, vmm, vm.create_vcpu()) for _ in range(nr_vcpus)]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"env": "env"}, TypeError, "env must be a simpy.Environment or None, got str"),
+    ({"recorder": "x"}, TypeError, "recorder must be a pkvm.sim.recorder.Recorder or None, got str"),
+    ({"vm": "vm"}, TypeError, "vm must be a pkvm.VM, got str"),
+])
+def test_timeline_refuses_wrong_types_and_attaches_nothing(kwargs, exc, match):
+    """``Timeline(vm, "env")`` and ``Timeline("vm")`` raised AttributeError (no documented
+    type); ``recorder="x"`` was accepted and failed later, inside the run. TypeError now,
+    and the VM is left without a timeline (another can be attached)."""
+    from pkvm.sim import Timeline
+
+    vm, _, _ = _embedded()
+    args = {"vm": vm, **kwargs}
+    with pytest.raises(exc, match=match):
+        Timeline(args.pop("vm"), **args)
+    assert vm._sched is None
+    Timeline(vm)
+
+
+def test_timeline_spawn_and_dispatch_refuse_bad_arguments_and_change_nothing():
+    """``tl.spawn(123, fn)`` raised AttributeError; ``tl.spawn("a", "not callable")`` was
+    accepted and failed inside ``env.run()`` with the actor left registered;
+    ``tl.dispatch("nope", fn)`` raised KeyError and ``dispatch`` to an actor made by ``spawn``
+    (not a vCPU thread) AttributeError. Each is a TypeError or ValueError now, before anything
+    is created, and the timeline runs as if it had not been called."""
+    import simpy
+
+    from pkvm.sim import Timeline
+
+    def run(bad):
+        vm, _, gs = _embedded()
+        env = simpy.Environment()
+        tl = Timeline(vm, env)
+        tl.start_vcpu("vcpu0")
+        if bad:
+            for call, exc in [(lambda: tl.spawn(123, lambda: None), TypeError),
+                              (lambda: tl.spawn("", lambda: None), TypeError),
+                              (lambda: tl.spawn("vcpu1", "not callable"), TypeError),
+                              (lambda: tl.start_vcpu(None), TypeError),
+                              (lambda: tl.dispatch("nope", lambda: None), ValueError),
+                              (lambda: tl.dispatch("vcpu0", 42), TypeError)]:
+                with pytest.raises(exc):
+                    call()
+
+        def main():
+            tl.dispatch("vcpu0", lambda: gs[0].touch(0, 8 << 20, private=True))
+            if bad:
+                with pytest.raises(ValueError, match="'helper' is not a vCPU thread of this timeline"):
+                    tl.dispatch("helper", lambda: None)
+            tl.stop()
+
+        tl.spawn("helper", lambda: None)
+        tl.spawn("vmm", main)
+        env.run()
+        return tl.result().to_dict(), vm.stats
+
+    assert run(True) == run(False)

@@ -31,7 +31,7 @@ import simpy
 from pkvm._core import SchedActor, SchedHooks
 from pkvm.errors import InternalInvariantError
 from pkvm.sim.locks import Mutex, RWLock, SpinLock
-from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT
+from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from pkvm.sim.stats import Distribution
 
 __all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS"]
@@ -97,6 +97,12 @@ class Timeline(SchedHooks):
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
                  recorder: Any = None) -> None:
+        if not all(hasattr(vm, a) for a in ("_modeled_ns", "costs", "_hostmem")):
+            raise TypeError(f"vm must be a pkvm.VM, got {type(vm).__name__}")
+        if env is not None and not isinstance(env, simpy.Environment):
+            raise TypeError(f"env must be a simpy.Environment or None, got {type(env).__name__}")
+        if recorder is not None and not isinstance(recorder, Recorder):
+            raise TypeError(f"recorder must be a pkvm.sim.recorder.Recorder or None, got {type(recorder).__name__}")
         if getattr(vm, "_sched", None) is not None:
             raise ValueError("the VM already has a timeline attached")
         if type(host_cpus) is not int or host_cpus < 1:
@@ -158,7 +164,9 @@ class Timeline(SchedHooks):
 
     def spawn(self, name: str, fn: Callable[..., Any], *args: Any) -> simpy.Process:
         """Run ``fn(*args)`` on a new actor ``name``; returns its SimPy process."""
-        actor = self._new_actor(name, name.startswith("vcpu"))
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        actor = self._new_actor(name, isinstance(name, str) and name.startswith("vcpu"))
         self._set_in_task(actor, True)  # runnable from now on: no one takes a lock uncontended
         proc: simpy.Process = self.env.process(self._drive(actor, self._call_once, (actor, fn, args)))
         return proc
@@ -337,6 +345,8 @@ class Timeline(SchedHooks):
     # -- internals -----------------------------------------------------------------------------
 
     def _new_actor(self, name: str, vcpu: bool) -> _Actor:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"an actor's name must be a non-empty str, got {name!r}")
         if name in self._actors:
             raise ValueError(f"actor {name!r} exists")
         a = self._actors[name] = _Actor(name, vcpu)
