@@ -113,3 +113,79 @@ def test_timeline_spawn_and_dispatch_refuse_bad_arguments_and_change_nothing():
         return tl.result().to_dict(), vm.stats
 
     assert run(True) == run(False)
+
+
+def _misnested(events):
+    """Slices of one thread that overlap without nesting, in exact ns (ts and dur are µs)."""
+    import collections
+
+    by_tid = collections.defaultdict(list)
+    for e in events:
+        if e["ph"] == "X":
+            start = round(e["ts"] * 1000)
+            by_tid[e["tid"]].append((start, start + round(e["dur"] * 1000), e["name"]))
+    bad = []
+    for tid, slices in by_tid.items():
+        stack = []
+        for s, e, name in sorted(slices, key=lambda x: (x[0], -x[1])):
+            while stack and stack[-1][1] <= s:
+                stack.pop()
+            if stack and e > stack[-1][1]:
+                bad.append((tid, name, s, e, stack[-1]))
+            stack.append((s, e, name))
+    return bad
+
+
+@pytest.mark.parametrize("argv", [
+    ["--vcpus", "2", "--option", "prealloc=true", "--policy", "eager-post"],
+    ["--vcpus", "2", "--workload", "swiotlb", "--policy", "eager-locked", "-o", "ops=20"],
+])
+def test_timeline_trace_slices_nest_on_every_thread(capsys, tmp_path, argv):
+    """Perfetto (and chrome://tracing) accept only slices that nest on one thread. ``pkvm run
+    --timeline`` wrote, on the vmm or a vCPU track, a ``hold slots_lock`` that began part way
+    through a ``work`` slice (the lock taken uncontended) and ended after it: a slice Perfetto
+    drops or misplaces. Such a slice now goes to an extra thread of the track, "vmm (2)";
+    every slice is still written, once."""
+    import json
+
+    from pkvm.cli import main
+
+    path = tmp_path / "tl.json"
+    assert main(["run", "--memory", "64M", *argv, "--timeline", str(path), "-q"]) == 0
+    capsys.readouterr()
+    events = json.loads(path.read_text())["traceEvents"]
+    assert _misnested(events) == []
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    extra = [n for n in names.values() if n.endswith(" (2)")]
+    assert len(extra) == 1 and extra[0][:-4] in names.values()
+    order = {e["tid"]: e["args"]["sort_index"] for e in events if e["ph"] == "M" and e["name"] == "thread_sort_index"}
+    own = {n: t for t, n in names.items()}
+    assert order[own[extra[0]]] == order[own[extra[0][:-4]]]
+    assert any(e["ph"] == "X" and e["tid"] == own[extra[0]] and e["name"] == "hold slots_lock" for e in events)
+
+
+def test_chrome_trace_moves_only_what_does_not_nest():
+    """The writer's lanes: nested and disjoint slices stay on the track's thread; a slice that
+    overlaps one without nesting goes to the track's next thread, one that fits nowhere to a
+    third."""
+    import io
+    import json
+
+    from pkvm.sim.chrome import write_chrome_trace
+    from pkvm.sim.recorder import CAT_BUSY, CAT_LOCK_HOLD, Recorder
+
+    rec = Recorder()
+    rec.slice("vmm", "work", 0, 10_000, CAT_BUSY)
+    rec.slice("vmm", "inner", 2_000, 3_000, CAT_BUSY)
+    rec.slice("vmm", "hold a", 5_000, 20_000, CAT_LOCK_HOLD)   # overlaps "work"
+    rec.slice("vmm", "hold b", 8_000, 25_000, CAT_LOCK_HOLD)   # overlaps "work" and "hold a"
+    rec.slice("vmm", "work", 10_000, 30_000, CAT_BUSY)
+    rec.slice("vcpu0", "work", 0, 1_000, CAT_BUSY)
+    out = io.StringIO()
+    write_chrome_trace(rec, out)
+    events = json.loads(out.getvalue())["traceEvents"]
+    assert _misnested(events) == []
+    names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert names == {1: "vmm", 2: "vcpu0", 3: "vmm (2)", 4: "vmm (3)"}
+    where = [(e["name"], e["tid"]) for e in events if e["ph"] == "X"]
+    assert where == [("work", 1), ("inner", 1), ("hold a", 3), ("hold b", 4), ("work", 1), ("work", 2)]
