@@ -189,3 +189,54 @@ def test_chrome_trace_moves_only_what_does_not_nest():
     assert names == {1: "vmm", 2: "vcpu0", 3: "vmm (2)", 4: "vmm (3)"}
     where = [(e["name"], e["tid"]) for e in events if e["ph"] == "X"]
     assert where == [("work", 1), ("inner", 1), ("hold a", 3), ("hold b", 4), ("work", 1), ("work", 2)]
+
+
+def test_tidy_table_of_no_results_has_the_documented_columns(tmp_path):
+    """``to_frame([])`` was a frame with no columns at all (and ``--out`` of it an empty
+    file); it has the configuration columns, seed, cost_fingerprint and pkvm_version."""
+    import pandas as pd
+
+    from pkvm.experiments.frames import write_frame
+
+    frame = E.to_frame([])
+    assert len(frame) == 0
+    assert {"platform", "memory", "memory_text", "workload", "options", "policy", "costs", "vcpus", "seed",
+            "cost_fingerprint", "pkvm_version"} <= set(frame.columns)
+    write_frame(frame, str(tmp_path / "e.parquet"))
+    assert list(pd.read_parquet(tmp_path / "e.parquet").columns) == list(frame.columns)
+
+
+def test_a_metric_some_runs_lack_stays_an_int_column(tmp_path):
+    """A grid over vcpus=1,2: the 1-vCPU rows have no ``by_actor.vcpu1``; the column was
+    filled with 0 but left float64 (nanoseconds and counts as floats, in the Parquet file
+    too). It is int64 now, as the same column is when every run has it."""
+    import pandas as pd
+
+    from pkvm.experiments.frames import write_frame
+
+    frame = E.to_frame(E.sweep_grid(E.Config(memory="32M", workload="swiotlb", options={"ops": "5"}),
+                                    {"vcpus": [1, 2]}, ["fault-time"], seed=0))
+    assert frame["by_actor.vcpu1"].dtype == "int64" and frame["by_actor.vcpu1"].iloc[0] == 0
+    assert frame["by_actor.vcpu1"].iloc[1] > 0
+    assert frame["phases.accept.by_actor.vcpu1"].dtype == "int64"
+    write_frame(frame, str(tmp_path / "g.parquet"))
+    assert pd.read_parquet(tmp_path / "g.parquet")["by_actor.vcpu1"].dtype == "int64"
+
+
+def test_tidy_table_has_no_output_file_columns(capsys, tmp_path, monkeypatch):
+    """``compare --timeline tl.json --trace-events kvm_page_fault --out x.csv`` wrote the
+    output names as configuration columns (``timeline`` = tl.fault-time.json, and
+    ``trace_events`` as the Python repr "('kvm_page_fault',)"), where the trace path was
+    already left out because it names a file, not a configuration."""
+    import pandas as pd
+
+    from pkvm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--memory", "64M", "--workload", "swiotlb", "-o", "ops=5", "--policies",
+                 "fault-time", "--trace", "t.txt", "--trace-events", "kvm_page_fault", "--timeline", "tl.json",
+                 "--out", "x.csv", "-q"]) == 0
+    capsys.readouterr()
+    cols = set(pd.read_csv("x.csv").columns)
+    assert not cols & {"trace", "timeline", "gantt", "trace_events"}
+    assert {"platform", "memory", "policy", "modeled_ns"} <= cols
