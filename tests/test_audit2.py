@@ -240,3 +240,31 @@ def test_tidy_table_has_no_output_file_columns(capsys, tmp_path, monkeypatch):
     cols = set(pd.read_csv("x.csv").columns)
     assert not cols & {"trace", "timeline", "gantt", "trace_events"}
     assert {"platform", "memory", "policy", "modeled_ns"} <= cols
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: E.compare(SMALL, "fault-time"), r"policies must be a list such as .*, not the str 'fault-time'"),
+    (lambda: E.sweep(SMALL, ["64M"], "fault-time"), "policies must be a list"),
+    (lambda: E.sweep(SMALL, "64M", ["fault-time"]), r"memories must be a list such as .*, not the str '64M'"),
+    (lambda: E.sweep_grid(SMALL, {"vcpus": [1]}, "fault-time"), "policies must be a list"),
+    (lambda: E.sweep_grid(SMALL, {"vcpus": 1}, ["fault-time"]), r"grid key 'vcpus' must be a list such as"),
+    (lambda: E.sweep_grid(SMALL, [("vcpus", [1])], ["fault-time"]), "grid must map Config fields"),
+    (lambda: E.sensitivity(SMALL, "fault-time", samples=2), "policies must be a list"),
+    (lambda: E.sensitivity(SMALL, ["fault-time"], samples=2, vary="rmpupdate"),
+     r"vary must be a list such as .*, not the str 'rmpupdate'"),
+    (lambda: E.sensitivity(SMALL, ["fault-time"], samples=2, vary=[1]), "price name 1 must be a str"),
+    (lambda: E.sensitivity(SMALL, ["fault-time"], samples=2, ranges={5: (1, 2)}), "price name 5 must be a str"),
+    (lambda: E.sensitivity(SMALL, ["fault-time"], samples=2, ranges=[1]), "ranges must map price names"),
+    (lambda: E.sensitivity(SMALL, ["fault-time"], samples=2, metric=5), "metric 5 must be a dotted name"),
+    (lambda: E.sensitivity(SMALL, ["fault-time"], samples=2, conf_level="x"), "conf_level 'x' must be a number"),
+])
+def test_experiment_functions_refuse_a_str_for_a_list_and_wrong_types_with_value_error(monkeypatch, call, match):
+    """``compare(config, "fault-time")`` split the str into characters and refused "unknown
+    policy preset 'f'" (``sweep(config, "64M")``: "memory '6' must be ..."); ``vary="rmpupdate"``:
+    "unknown cost operation 'r'". ``vary=[1]`` and ``ranges={5: ...}`` raised AttributeError,
+    ``sweep_grid(config, {"vcpus": 1})`` and ``metric=5`` TypeError after the nominal runs,
+    ``conf_level="x"`` TypeError: the documented type is ValueError, naming the argument, and
+    nothing runs."""
+    monkeypatch.setattr(E, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(ValueError, match=match):
+        call()

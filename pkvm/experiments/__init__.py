@@ -43,7 +43,7 @@ from pkvm.errors import KvmError, TracePlatformError
 from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import results_frame
-from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse
+from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse, list_arg
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
@@ -607,7 +607,7 @@ def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0
     an existing one; else they run serially here. The results are identical either way.
     ``progress(policy, fraction)`` reports each run (on a cluster, only when it finishes).
     """
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    pols = _policies(policies, config.platform)
     cfgs = [config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols)),
                          timeline=_trace_path(config.timeline, pol, len(pols)),
                          gantt=_trace_path(config.gantt, pol, len(pols))) for pol in pols]
@@ -657,6 +657,13 @@ def describe(config: Config, seed: int | None = None) -> str:
     return " ".join(parts)
 
 
+def _policies(policies: Sequence[str] | None, platform: str) -> list[str]:
+    """The policies to run: ``policies`` as a list (a str is refused, not split into
+    characters), or the platform's when None or empty."""
+    pols = list_arg(policies, "policies", "['fault-time', 'eager-post']") if policies is not None else []
+    return pols or list(PLATFORM_POLICIES[platform])
+
+
 def _trace_path(path: str | None, policy: str, n: int) -> str | None:
     if path is None or n == 1:
         return path
@@ -670,9 +677,9 @@ def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str]
     """:func:`compare` at each guest memory size, in order (results flattened: by memory,
     then policy). ``jobs``, ``scheduler`` and ``runner`` as in :func:`compare`, over all the
     runs of the sweep."""
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    pols = _policies(policies, config.platform)
     cfgs = []
-    for mem in memories:
+    for mem in list_arg(memories, "memories", "['16G', '64G']"):
         base = config.with_(memory=mem)
         tag = f"{format_size(base.memory)}.{{}}"  # type: ignore[arg-type]
         cfgs += [base.with_(policy=pol, trace=_trace_path(base.trace, tag.format(pol), 2),
@@ -700,6 +707,11 @@ def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Conf
             or a repeated value, or a combination :class:`Config` rejects (named).
     """
     fields = grid_fields()
+    if not isinstance(grid, Mapping):
+        raise ValueError(f"grid must map Config fields to lists of values, such as {{'vcpus': [1, 8]}}, "
+                         f"not {type(grid).__name__}")
+    grid = {key: list_arg(values, f"grid key {key!r}", "[1, 8]") if key in fields else values
+            for key, values in grid.items()}
     for key, values in grid.items():
         if key not in fields:
             raise ValueError(f"grid key {key!r} is not one of {', '.join(fields)}")
@@ -732,7 +744,7 @@ def sweep_grid(config: Config, grid: Mapping[str, Sequence[Any]], policies: Sequ
     """
     cfgs = []
     for point in grid_configs(config, grid):
-        pols = list(policies) if policies else list(PLATFORM_POLICIES[point.platform])
+        pols = _policies(policies, point.platform)
         for pol in pols:
             try:
                 cfgs.append(point.with_(policy=pol, trace=None))
@@ -811,7 +823,7 @@ def sensitivity(config: Config, policies: Sequence[str] | None = None, **kwargs:
         ValueError: bad arguments (named), an unknown metric or price, or a metric that
             ``evaluation="reprice"`` cannot re-price.
     """
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    pols = _policies(policies, config.platform)
     return analyse(config, pols, _SIMULATION, **kwargs)
 
 
