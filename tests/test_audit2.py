@@ -268,3 +268,47 @@ def test_experiment_functions_refuse_a_str_for_a_list_and_wrong_types_with_value
     monkeypatch.setattr(E, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_embedded_critical_path_ends_with_the_timelines_own_actors():
+    """``tl.result().critical_path_ns`` was the environment's time when ``result()`` was
+    called: on a shared environment, a device model of the embedder's that ran on after
+    pkvm's actors, or a second VM's timeline, lengthened it (a VM whose vCPU finished at
+    2.25 ms reported the 4.5 ms of the other VM, with 2.25 ms of idle). It ends when the
+    timeline's last actor finished, as ``docs/timeline.md`` defines it."""
+    import simpy
+
+    from pkvm.sim import Timeline
+
+    def alone(size):
+        vm, _, gs = _embedded(1)
+        env = simpy.Environment()
+        tl = Timeline(vm, env)
+        tl.spawn("vcpu0", lambda: gs[0].touch(0, size, private=True))
+        env.run()
+        return tl.result().to_dict()
+
+    a, b = alone(8 << 20), alone(4 << 20)
+    assert a["critical_path_ns"] > b["critical_path_ns"] > 0
+    (vma, _, ga), (vmb, _, gb) = _embedded(1), _embedded(1)
+    env = simpy.Environment()
+    ta, tb = Timeline(vma, env), Timeline(vmb, env)
+    ta.spawn("vcpu0", lambda: ga[0].touch(0, 8 << 20, private=True))
+    tb.spawn("vcpu0", lambda: gb[0].touch(0, 4 << 20, private=True))
+
+    def device():  # the embedder's own process, running on long after both
+        yield env.timeout(10**9)
+    env.process(device())
+    env.run()
+    assert env.now == 10**9
+    assert ta.result().to_dict() == a and tb.result().to_dict() == b
+    # a vCPU thread (start_vcpu) ends with its last task
+    vm, _, gs = _embedded(1)
+    env = simpy.Environment()
+    tl = Timeline(vm, env)
+    tl.start_vcpu("vcpu0")
+    tl.dispatch("vcpu0", lambda: gs[0].touch(0, 4 << 20, private=True))
+    env.process(device())
+    env.run()
+    r = tl.result()
+    assert r.critical_path_ns == b["critical_path_ns"] and r.actors["vcpu0"]["idle_ns"] == 0

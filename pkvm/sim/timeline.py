@@ -224,8 +224,11 @@ class Timeline(SchedHooks):
                                          f"(locks held: {held or 'none'})")
 
     def result(self) -> TimelineResult:
-        """The timeline's figures (call after the environment ran)."""
-        end = self._end if self._end is not None else int(self.env.now - self._t0)
+        """The timeline's figures (call after the environment ran). The critical path ends
+        when the last of this timeline's actors finished (``stop``, or its last task or
+        function), not when the environment stopped: processes of the embedder's own, or
+        another VM's timeline on the same environment, may run on after it."""
+        end = self._end if self._end is not None else self._last_done()
         actors = {}
         for name in sorted(self._actors, key=_actor_order):
             a = self._actors[name]
@@ -235,6 +238,17 @@ class Timeline(SchedHooks):
         locks = {n: lk.stats.as_dict() for n, lk in self.locks.items()}
         return TimelineResult(end, actors, locks, {k: d.as_dict() for k, d in self.latency.items()},
                               dict(self.races))
+
+    def _last_done(self) -> int:
+        """When the last actor finished; the environment's time while any is unfinished."""
+        now = int(self.env.now - self._t0)
+        for a in self._actors.values():
+            if a.idle is not None:  # a vCPU thread: unfinished while it has a task
+                if a.in_task or a.task is not None or not a.idle.triggered:
+                    return now
+            elif a.glet is None or not a.glet.dead:  # spawned: unfinished until its function returns
+                return now
+        return max((a.done for a in self._actors.values()), default=now)
 
     # -- hooks the model calls (cheap when not attached: the model tests vm._sched) ---------------
 
