@@ -312,3 +312,12 @@ def test_embedded_critical_path_ends_with_the_timelines_own_actors():
     env.run()
     r = tl.result()
     assert r.critical_path_ns == b["critical_path_ns"] and r.actors["vcpu0"]["idle_ns"] == 0
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, "x", float("nan"), float("inf"), True])
+def test_runner_refuses_a_bad_connect_timeout_before_dialing(timeout):
+    """``Runner(scheduler=..., connect_timeout=-1)`` dialled and failed with "could not convert
+    string to float: '1-1'" after the wait; ``"x"`` or NaN raised KeyError ("Invalid time
+    unit") from inside distributed. A ValueError naming it now, at construction."""
+    with pytest.raises(ValueError, match="connect_timeout .* must be a positive number of seconds"):
+        E.execution.Runner(scheduler="tcp://127.0.0.1:9", connect_timeout=timeout)

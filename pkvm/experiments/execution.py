@@ -128,7 +128,8 @@ class Runner:
 
     Raises:
         ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
-            :func:`max_jobs`, or ``scheduler`` is empty or not an address (an unknown scheme,
+            :func:`max_jobs`, ``connect_timeout`` is not a positive number, or ``scheduler`` is
+            empty or not an address (an unknown scheme,
             no port, a port outside 1..65535) or one this installation cannot dial (``tls://``
             without TLS credentials configured, ``ucx://`` without a UCX backend, ``inproc://``
             of another process).
@@ -142,6 +143,9 @@ class Runner:
         if scheduler is None and jobs > max_jobs():
             raise ValueError(f"jobs {jobs} is more than {max_jobs()} worker processes (4 per CPU of this "
                              "machine): each is a Python process with its own pkvm")
+        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
+                or not 0 < connect_timeout < math.inf:
+            raise ValueError(f"connect_timeout {connect_timeout!r} must be a positive number of seconds")
         if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
             raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
         if scheduler is not None:
