@@ -321,3 +321,24 @@ def test_runner_refuses_a_bad_connect_timeout_before_dialing(timeout):
     unit") from inside distributed. A ValueError naming it now, at construction."""
     with pytest.raises(ValueError, match="connect_timeout .* must be a positive number of seconds"):
         E.execution.Runner(scheduler="tcp://127.0.0.1:9", connect_timeout=timeout)
+
+
+def test_a_cost_file_of_another_platform_names_the_platform_option(capsys, tmp_path, monkeypatch):
+    """``pkvm costs --platform tdx --toml > tdx.toml`` then ``pkvm run --costs tdx.toml`` was
+    refused with "... but this model is 'snp' on host 'amd'; remove its profile/host keys or
+    make them match": the model came from --platform's default, which the message did not
+    name. It says which platform the file is for and the option that selects it; with that
+    option the file runs."""
+    from pkvm.cli import main
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["costs", "--platform", "tdx", "--toml"]) == 0
+    (tmp_path / "tdx.toml").write_text(capsys.readouterr().out)
+    assert main(["run", "--memory", "64M", "--costs", "tdx.toml", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(it is a tdx cost model: run it on platform tdx" in err
+    assert "--platform tdx)" in err
+    assert main(["run", "--memory", "64M", "--platform", "tdx", "--costs", "tdx.toml", "-q"]) == 0
+    with pytest.raises(ValueError, match=r"Config\(platform='tdx'\)"):
+        E.Config(memory="64M", cost_file=str(tmp_path / "tdx.toml")).cost_model()

@@ -197,10 +197,21 @@ class Config:
         model = CostModel.default(self.platform)
         if self.cost_file is not None:
             path = os.fspath(self.cost_file)
-            if path.endswith(".json"):
-                model = _json_cost_model(path, model)
-            else:
-                model = CostModel.from_toml(Path(path), base=model)
+            load = (lambda base: _json_cost_model(path, base)) if path.endswith(".json") else \
+                (lambda base: CostModel.from_toml(Path(path), base=base))
+            try:
+                model = load(model)
+            except ValueError as exc:
+                # A file written for another platform (pkvm costs --platform tdx --toml): say
+                # which platform it is for, in the options' words.
+                try:
+                    own = load(None).profile
+                except (ValueError, OSError):
+                    raise exc from None
+                if own == self.platform or own not in PLATFORMS:
+                    raise
+                raise ValueError(f"{exc} (it is a {own} cost model: run it on platform {own}, "
+                                 f"Config(platform={own!r}), --platform {own})") from None
         if self.costs:
             model = model.with_overrides(self.costs)
         return model
