@@ -342,3 +342,22 @@ def test_a_cost_file_of_another_platform_names_the_platform_option(capsys, tmp_p
     assert main(["run", "--memory", "64M", "--platform", "tdx", "--costs", "tdx.toml", "-q"]) == 0
     with pytest.raises(ValueError, match=r"Config\(platform='tdx'\)"):
         E.Config(memory="64M", cost_file=str(tmp_path / "tdx.toml")).cost_model()
+
+
+def test_a_grid_over_platform_runs_each_platforms_policies(capsys, monkeypatch):
+    """``pkvm sweep --grid platform=snp,tdx`` (and ``sweep_grid(Config(), {"platform": [...]})``)
+    was refused: "grid point platform=tdx: policy 'fault-time' cannot run on a tdx VM", the
+    default policy Config gave the snp base, although platform is a documented grid key and
+    the policies default to each point's platform's. Each point now runs its platform's
+    policies; a policy given for every point is still checked against each."""
+    from pkvm.cli import main
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    results = E.sweep_grid(E.Config(memory="64M"), {"platform": ["snp", "tdx"]})
+    assert [(r.config.platform, r.config.policy) for r in results] == [
+        ("snp", p) for p in E.PLATFORM_POLICIES["snp"]] + [("tdx", p) for p in E.PLATFORM_POLICIES["tdx"]]
+    assert main(["sweep", "--memory", "64M", "--grid", "platform=snp,tdx", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "tdx       6.19" in out and "snp       fault-time" in out
+    assert main(["sweep", "--memory", "64M", "--grid", "platform=snp,tdx", "--policies", "fault-time", "-q"]) == 2
+    assert "policy 'fault-time' cannot run on a tdx VM" in capsys.readouterr().err

@@ -734,8 +734,13 @@ def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Conf
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         changes = dict(zip(keys, combo))
+        extra = {}
+        if changes.get("platform", config.platform) != config.platform:
+            # The base's policy (Config's default for its own platform, such as fault-time) is
+            # not the point's: every run sets its policy (sweep_grid), the point gets its default.
+            extra["policy"] = None
         try:
-            out.append(config.with_(**changes))
+            out.append(config.with_(**changes, **extra))
         except (ValueError, TypeError) as exc:
             where = " ".join(f"{k}={v}" for k, v in changes.items())
             raise ValueError(f"grid point {where}: {exc}") from None
