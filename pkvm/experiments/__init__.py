@@ -197,8 +197,12 @@ class Config:
         model = CostModel.default(self.platform)
         if self.cost_file is not None:
             path = os.fspath(self.cost_file)
-            load = (lambda base: _json_cost_model(path, base)) if path.endswith(".json") else \
-                (lambda base: CostModel.from_toml(Path(path), base=base))
+
+            def load(base: CostModel | None) -> CostModel:
+                if path.endswith(".json"):
+                    return _json_cost_model(path, base)
+                return CostModel.from_toml(Path(path), base=base)
+
             try:
                 model = load(model)
             except ValueError as exc:
@@ -226,7 +230,7 @@ class Config:
         return d
 
 
-def _json_cost_model(path: str, base: CostModel) -> CostModel:
+def _json_cost_model(path: str, base: CostModel | None) -> CostModel:
     """The cost model of the JSON file at ``path`` over ``base``; every error names the file."""
     with open(path, "rb") as f:
         raw = f.read()
@@ -734,7 +738,7 @@ def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Conf
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         changes = dict(zip(keys, combo))
-        extra = {}
+        extra: dict[str, Any] = {}
         if changes.get("platform", config.platform) != config.platform:
             # The base's policy (Config's default for its own platform, such as fault-time) is
             # not the point's: every run sets its policy (sweep_grid), the point gets its default.
@@ -775,7 +779,7 @@ def to_frame(results: Sequence[Result]) -> Any:
     configuration (``platform``, ``memory``, ``workload``, ``options``, ``policy``, ``vcpus``,
     ...), ``seed``, ``cost_fingerprint`` and every metric of :meth:`Result.metrics` as
     columns. Write it with :func:`pkvm.experiments.frames.write_frame`."""
-    return results_frame(results)
+    return results_frame(results, template=Config())
 
 
 def _counting_costs(config: Config) -> dict[str, object]:

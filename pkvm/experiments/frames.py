@@ -57,8 +57,10 @@ def config_columns(config: Config) -> dict[str, Any]:
     return out
 
 
-def results_frame(results: Sequence[Result]) -> pd.DataFrame:
-    """One row per result (see the module docstring for the columns)."""
+def results_frame(results: Sequence[Result], *, template: Config | None = None) -> pd.DataFrame:
+    """One row per result (see the module docstring for the columns). With no results, the
+    columns every table has (those of ``template``'s configuration, ``seed``,
+    ``cost_fingerprint``, ``pkvm_version``) and no rows."""
     import pandas as pd
 
     rows = []
@@ -68,9 +70,8 @@ def results_frame(results: Sequence[Result]) -> pd.DataFrame:
         row.update(r.metrics())
         rows.append(row)
     if not rows:  # no results: the columns every table has, with no rows (no metrics known)
-        from pkvm.experiments import Config
-
-        columns = [*config_columns(Config()), "seed", "cost_fingerprint", "pkvm_version"]
+        columns = [*(config_columns(template) if template is not None else ()), "seed", "cost_fingerprint",
+                   "pkvm_version"]
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     frame = pd.DataFrame(rows)
     metric_cols = [c for c in frame.columns if "." in c or c.endswith(("_ns", "_s"))]
