@@ -329,6 +329,7 @@ class SchedActor:
     ipi: Any
     spin: Any
     stall_debt: Any
+    done: Any
     held: list[Any]
     in_task: bool
     vcpu: bool

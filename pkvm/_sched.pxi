@@ -84,10 +84,11 @@ cdef class SchedActor:
     ``grant_t`` maps ``(lock, mode)`` to the grant time of each lock the SimPy lock knows.
     ``busy``, ``wait`` (``lock_wait + ipi + spin``), ``lock_wait``, ``ipi``, ``spin`` are its
     accounting in ns; ``stall_debt`` the IPI stall it still owes; ``in_task`` whether it runs a
-    task; ``charge_to`` the VM's cost centre while its code runs."""
+    task; ``charge_to`` the VM's cost centre while its code runs; ``done`` when (ns since the
+    timeline's start) it last finished a task or its function."""
 
     cdef public object name, glet, task, work, idle, grant_t, charge_to
-    cdef public object busy, wait, lock_wait, ipi, spin, stall_debt
+    cdef public object busy, wait, lock_wait, ipi, spin, stall_debt, done
     cdef public list held
     cdef public bint in_task, vcpu
     cdef public Py_ssize_t fast
@@ -104,6 +105,7 @@ cdef class SchedActor:
         self.work = None
         self.idle = None
         self.stall_debt = 0
+        self.done = 0
         self.in_task = False
         self.held = []
         self.fast = 0
@@ -440,8 +442,16 @@ cdef class SchedHooks:
                 a.in_task = True
 
     def dispatch(self, name, fn, *args):
-        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free."""
-        cdef SchedActor target = self._actors[name]
+        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free.
+
+        ValueError if ``name`` is not a vCPU thread (``start_vcpu``), TypeError if ``fn`` is
+        not callable; either changes nothing."""
+        cdef SchedActor target = self._actors.get(name) if isinstance(name, str) else None
+        if target is None or target.idle is None:
+            raise ValueError(f"dispatch: {name!r} is not a vCPU thread of this timeline (start one with "
+                             f"start_vcpu; threads: {', '.join(a.name for a in self._actors.values() if a.idle is not None) or 'none'})")
+        if not callable(fn):
+            raise TypeError(f"dispatch: fn must be callable, got {type(fn).__name__}")
         cdef SchedActor a = self._current
         if a is not None and (not _vm_ns_is(self, self._mark) or a.stall_debt):
             self._sync_c()  # the task starts at the caller's clock
@@ -515,6 +525,7 @@ cdef class SchedHooks:
 
         def free(_ev):  # the end of a task's pending work (_DONE)
             a.task = None
+            a.done = int(env.now - self._t0)
             a.idle.succeed()
 
         self._resume_c(a)
@@ -593,6 +604,7 @@ cdef class SchedHooks:
                     value = ev.value
             elif op == _SCHED_DONE:  # _task_loop: the task is done, the thread idles until the next
                 a.task = None
+                a.done = int(env.now - self._t0)
                 a.idle.succeed()
                 ev = env.event()
                 a.work = ev
@@ -600,6 +612,7 @@ cdef class SchedHooks:
             self._resume_c(a)
             req = g.switch(value)
         self._current = None
+        a.done = int(env.now - self._t0)
 
 
 # -- the fault driver under a timeline ----------------------------------------------------------

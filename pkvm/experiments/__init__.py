@@ -43,7 +43,7 @@ from pkvm.errors import KvmError, TracePlatformError
 from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import results_frame
-from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse
+from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse, list_arg
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS, trailer_prices
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
@@ -197,10 +197,25 @@ class Config:
         model = CostModel.default(self.platform)
         if self.cost_file is not None:
             path = os.fspath(self.cost_file)
-            if path.endswith(".json"):
-                model = _json_cost_model(path, model)
-            else:
-                model = CostModel.from_toml(Path(path), base=model)
+
+            def load(base: CostModel | None) -> CostModel:
+                if path.endswith(".json"):
+                    return _json_cost_model(path, base)
+                return CostModel.from_toml(Path(path), base=base)
+
+            try:
+                model = load(model)
+            except ValueError as exc:
+                # A file written for another platform (pkvm costs --platform tdx --toml): say
+                # which platform it is for, in the options' words.
+                try:
+                    own = load(None).profile
+                except (ValueError, OSError):
+                    raise exc from None
+                if own == self.platform or own not in PLATFORMS:
+                    raise
+                raise ValueError(f"{exc} (it is a {own} cost model: run it on platform {own}, "
+                                 f"Config(platform={own!r}), --platform {own})") from None
         if self.costs:
             model = model.with_overrides(self.costs)
         return model
@@ -215,7 +230,7 @@ class Config:
         return d
 
 
-def _json_cost_model(path: str, base: CostModel) -> CostModel:
+def _json_cost_model(path: str, base: CostModel | None) -> CostModel:
     """The cost model of the JSON file at ``path`` over ``base``; every error names the file."""
     with open(path, "rb") as f:
         raw = f.read()
@@ -610,7 +625,7 @@ def compare(config: Config, policies: Sequence[str] | None = None, seed: int = 0
     an existing one; else they run serially here. The results are identical either way.
     ``progress(policy, fraction)`` reports each run (on a cluster, only when it finishes).
     """
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    pols = _policies(policies, config.platform)
     cfgs = [config.with_(policy=pol, trace=_trace_path(config.trace, pol, len(pols)),
                          timeline=_trace_path(config.timeline, pol, len(pols)),
                          gantt=_trace_path(config.gantt, pol, len(pols))) for pol in pols]
@@ -660,6 +675,13 @@ def describe(config: Config, seed: int | None = None) -> str:
     return " ".join(parts)
 
 
+def _policies(policies: Sequence[str] | None, platform: str) -> list[str]:
+    """The policies to run: ``policies`` as a list (a str is refused, not split into
+    characters), or the platform's when None or empty."""
+    pols = list_arg(policies, "policies", "['fault-time', 'eager-post']") if policies is not None else []
+    return pols or list(PLATFORM_POLICIES[platform])
+
+
 def _trace_path(path: str | None, policy: str, n: int) -> str | None:
     if path is None or n == 1:
         return path
@@ -673,9 +695,9 @@ def sweep(config: Config, memories: Iterable[int | str], policies: Sequence[str]
     """:func:`compare` at each guest memory size, in order (results flattened: by memory,
     then policy). ``jobs``, ``scheduler`` and ``runner`` as in :func:`compare`, over all the
     runs of the sweep."""
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    pols = _policies(policies, config.platform)
     cfgs = []
-    for mem in memories:
+    for mem in list_arg(memories, "memories", "['16G', '64G']"):
         base = config.with_(memory=mem)
         tag = f"{format_size(base.memory)}.{{}}"  # type: ignore[arg-type]
         cfgs += [base.with_(policy=pol, trace=_trace_path(base.trace, tag.format(pol), 2),
@@ -703,6 +725,11 @@ def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Conf
             or a repeated value, or a combination :class:`Config` rejects (named).
     """
     fields = grid_fields()
+    if not isinstance(grid, Mapping):
+        raise ValueError(f"grid must map Config fields to lists of values, such as {{'vcpus': [1, 8]}}, "
+                         f"not {type(grid).__name__}")
+    grid = {key: list_arg(values, f"grid key {key!r}", "[1, 8]") if key in fields else values
+            for key, values in grid.items()}
     for key, values in grid.items():
         if key not in fields:
             raise ValueError(f"grid key {key!r} is not one of {', '.join(fields)}")
@@ -714,8 +741,13 @@ def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Conf
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         changes = dict(zip(keys, combo))
+        extra: dict[str, Any] = {}
+        if changes.get("platform", config.platform) != config.platform:
+            # The base's policy (Config's default for its own platform, such as fault-time) is
+            # not the point's: every run sets its policy (sweep_grid), the point gets its default.
+            extra["policy"] = None
         try:
-            out.append(config.with_(**changes))
+            out.append(config.with_(**changes, **extra))
         except (ValueError, TypeError) as exc:
             where = " ".join(f"{k}={v}" for k, v in changes.items())
             raise ValueError(f"grid point {where}: {exc}") from None
@@ -735,7 +767,7 @@ def sweep_grid(config: Config, grid: Mapping[str, Sequence[Any]], policies: Sequ
     """
     cfgs = []
     for point in grid_configs(config, grid):
-        pols = list(policies) if policies else list(PLATFORM_POLICIES[point.platform])
+        pols = _policies(policies, point.platform)
         for pol in pols:
             try:
                 cfgs.append(point.with_(policy=pol, trace=None))
@@ -750,7 +782,7 @@ def to_frame(results: Sequence[Result]) -> Any:
     configuration (``platform``, ``memory``, ``workload``, ``options``, ``policy``, ``vcpus``,
     ...), ``seed``, ``cost_fingerprint`` and every metric of :meth:`Result.metrics` as
     columns. Write it with :func:`pkvm.experiments.frames.write_frame`."""
-    return results_frame(results)
+    return results_frame(results, template=Config())
 
 
 def _counting_costs(config: Config) -> dict[str, object]:
@@ -814,7 +846,7 @@ def sensitivity(config: Config, policies: Sequence[str] | None = None, **kwargs:
         ValueError: bad arguments (named), an unknown metric or price, or a metric that
             ``evaluation="reprice"`` cannot re-price.
     """
-    pols = list(policies) if policies else list(PLATFORM_POLICIES[config.platform])
+    pols = _policies(policies, config.platform)
     return analyse(config, pols, _SIMULATION, **kwargs)
 
 

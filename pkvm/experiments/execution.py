@@ -57,18 +57,53 @@ def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> lis
 def check_address(address: str) -> None:
     """ValueError (``not an address like ... (why)``) unless ``address`` is one a
     ``dask.distributed`` client can dial: a known scheme and, for the socket ones, a host and a
-    port in 1..65535 (a malformed address is an error in the address, not a scheduler that did
-    not answer)."""
+    port in 1..65535; an ``inproc://`` address of this process (a malformed address is an error
+    in the address, not a scheduler that did not answer). ValueError (``not usable here: ...``)
+    for ``tls://`` without TLS credentials configured, or ``ucx://`` without a UCX backend."""
     from distributed.comm.addressing import get_address_host_port, parse_address
 
     try:
-        scheme, _ = parse_address(address)
-        if scheme not in ("inproc", "ucx"):  # no host:port to read in those
+        scheme, loc = parse_address(address)
+        if scheme == "inproc":
+            _check_inproc(loc)
+        elif scheme != "ucx":  # no host:port to read in ucx
             _, port = get_address_host_port(address)
             if not 0 < port < 65536:
                 raise ValueError(f"port {port} is not in 1..65535")
     except ValueError as exc:
         raise ValueError(f"not an address like tcp://host:8786 ({' '.join(str(exc).split())})") from None
+    _check_usable(scheme)
+
+
+def _check_inproc(loc: str) -> None:
+    """An ``inproc://`` address names a scheduler in this very process (``inproc://IP/PID/N``):
+    one of another process, or a malformed one, can never answer (distributed failed on it with
+    "not enough values to unpack" after the 5 s wait)."""
+    parts = loc.split("/")
+    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) != os.getpid():
+        raise ValueError(f"inproc://{loc} is not a scheduler of this process (inproc://IP/{os.getpid()}/N); "
+                         "another process's scheduler is reached by tcp://host:port")
+
+
+def _check_usable(scheme: str) -> None:
+    """ValueError (``not usable here: ...``) for a scheme that needs what this installation
+    lacks: ``ucx`` without a UCX backend installed, ``tls`` without TLS credentials in Dask's
+    configuration. (The client failed on both with a TypeError from inside distributed, which
+    the command line reported as a bug in pkvm.)"""
+    if scheme == "ucx":
+        from distributed.comm.registry import get_backend
+
+        try:
+            get_backend(scheme).get_connector()
+        except Exception as exc:  # noqa: BLE001 - any failure means the backend is unusable here
+            raise ValueError("not usable here: this installation has no working UCX backend "
+                             f"({type(exc).__name__}); use tcp://host:port") from None
+    elif scheme == "tls":
+        from distributed.security import Security
+
+        if Security().get_connection_args("client").get("ssl_context") is None:
+            raise ValueError("not usable here: tls:// needs TLS credentials, and Dask's configuration "
+                             "has none (distributed.comm.tls.ca-file, .client.cert, .client.key)")
 
 
 def max_jobs() -> int:
@@ -93,8 +128,11 @@ class Runner:
 
     Raises:
         ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
-            :func:`max_jobs`, or ``scheduler`` is empty or not an address (an unknown scheme,
-            no port, a port outside 1..65535).
+            :func:`max_jobs`, ``connect_timeout`` is not a positive number, or ``scheduler`` is
+            empty or not an address (an unknown scheme,
+            no port, a port outside 1..65535) or one this installation cannot dial (``tls://``
+            without TLS credentials configured, ``ucx://`` without a UCX backend, ``inproc://``
+            of another process).
         SchedulerUnreachableError: (on entry) the scheduler did not answer in time.
     """
 
@@ -105,6 +143,9 @@ class Runner:
         if scheduler is None and jobs > max_jobs():
             raise ValueError(f"jobs {jobs} is more than {max_jobs()} worker processes (4 per CPU of this "
                              "machine): each is a Python process with its own pkvm")
+        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
+                or not 0 < connect_timeout < math.inf:
+            raise ValueError(f"connect_timeout {connect_timeout!r} must be a positive number of seconds")
         if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
             raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
         if scheduler is not None:

@@ -32,16 +32,21 @@ __all__ = ["FRAME_FORMATS", "config_columns", "results_frame", "write_frame"]
 FRAME_FORMATS = (".parquet", ".csv")
 
 
+#: Config fields that say what a run writes, not what it runs: no column of the tidy table.
+_OUTPUT_FIELDS = ("trace", "timeline", "gantt", "trace_events")
+
+
 def _text(value: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in value.items())
 
 
 def config_columns(config: Config) -> dict[str, Any]:
     """The configuration of one run as flat columns (mappings as ``k=v,...`` text; the
-    trace path is left out: it names a file, not a configuration)."""
+    outputs are left out: ``trace``, ``timeline`` and ``gantt`` name files and
+    ``trace_events`` what the trace file holds, not what ran)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
-        if f.name == "trace":
+        if f.name in _OUTPUT_FIELDS:
             continue
         v = getattr(config, f.name)
         if isinstance(v, Mapping):
@@ -52,8 +57,10 @@ def config_columns(config: Config) -> dict[str, Any]:
     return out
 
 
-def results_frame(results: Sequence[Result]) -> pd.DataFrame:
-    """One row per result (see the module docstring for the columns)."""
+def results_frame(results: Sequence[Result], *, template: Config | None = None) -> pd.DataFrame:
+    """One row per result (see the module docstring for the columns). With no results, the
+    columns every table has (those of ``template``'s configuration, ``seed``,
+    ``cost_fingerprint``, ``pkvm_version``) and no rows."""
     import pandas as pd
 
     rows = []
@@ -62,9 +69,19 @@ def results_frame(results: Sequence[Result]) -> pd.DataFrame:
         row.update(seed=r.seed, cost_fingerprint=r.cost_fingerprint, pkvm_version=r.version)
         row.update(r.metrics())
         rows.append(row)
+    if not rows:  # no results: the columns every table has, with no rows (no metrics known)
+        columns = [*(config_columns(template) if template is not None else ()), "seed", "cost_fingerprint",
+                   "pkvm_version"]
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     frame = pd.DataFrame(rows)
     metric_cols = [c for c in frame.columns if "." in c or c.endswith(("_ns", "_s"))]
+    # A metric some run lacks is NaN there, which made the column float64 (ns and counts as
+    # floats); it is 0, and a column of ints stays int64.
+    ints = [c for c in metric_cols if frame[c].isna().any()
+            and all(type(row[c]) is int for row in rows if c in row)]
     frame[metric_cols] = frame[metric_cols].fillna(0)
+    if ints:
+        frame[ints] = frame[ints].astype("int64")
     return frame
 
 

@@ -7,7 +7,10 @@ format ``chrome://tracing`` and the Perfetto UI open)::
 
 - one process (``pid`` 1), named by a ``process_name`` metadata event;
 - one thread per recorder track, ``tid`` 1, 2, ... in track order, each named by a ``"M"``
-  ``thread_name`` event and ordered by a ``thread_sort_index`` event;
+  ``thread_name`` event and ordered by a ``thread_sort_index`` event; a slice that overlaps
+  another of its track without nesting in it (which Perfetto does not accept on one thread)
+  goes to an extra thread of that track, named ``"<track> (2)"``, ``"<track> (3)"`` ... with
+  the track's sort index, its ``tid`` after every track's own;
 - every slice as a complete event (``"ph": "X"``) and every instant as a thread-scoped
   instant event (``"ph": "i"``, ``"s": "t"``), with the recorder's ``cat`` and, when
   given, ``args``;
@@ -102,26 +105,58 @@ def _write_atomically(recorder: Recorder, path: str, other: str, process_name: s
         _write(recorder, f, other, process_name)
 
 
+def _lanes(slices: list[Any]) -> list[int]:
+    """The lane of each slice (given sorted by start, the longer first): 0 unless it overlaps
+    a slice of lane 0 without nesting in it, then the first lane where it nests or follows.
+    Perfetto and chrome://tracing accept only slices that nest on one thread; the timeline's
+    tracks can hold one that does not (a lock taken uncontended part way through a work slice
+    and held past its end), which Perfetto drops or misplaces."""
+    stacks: list[list[Any]] = [[]]
+    out = []
+    for s in slices:
+        start, end = s[1], s[2]
+        for lane, stack in enumerate(stacks):
+            while stack and stack[-1] <= start:
+                stack.pop()
+            if not stack or end <= stack[-1]:
+                break
+        else:
+            stacks.append([])
+            lane = len(stacks) - 1
+            stack = stacks[lane]
+        stack.append(end)
+        out.append(lane)
+    return out
+
+
 def _write(recorder: Recorder, f: IO[str], other: str, process_name: str) -> None:
     write = f.write
     write('{"traceEvents":[\n')
     write(_encode({"name": "process_name", "ph": "M", "pid": _PID, "tid": 0,
                    "args": {"name": process_name}}))
-    for index, track in enumerate(recorder.tracks):
-        tid = index + 1
+    tracks = recorder.tracks
+    # Enclosing slices first: by start, then the longer one; sorted() is stable.
+    slices = {t: sorted(recorder.iter_slices(t), key=lambda s: (s[1], -s[2])) for t in tracks}
+    lanes = {t: _lanes(slices[t]) for t in tracks}
+    threads = [(index + 1, index, track) for index, track in enumerate(tracks)]
+    extra: dict[tuple[str, int], int] = {}  # (track, lane > 0) -> tid, after every track's own
+    for index, track in enumerate(tracks):
+        for lane in range(1, max(lanes[track], default=0) + 1):
+            extra[(track, lane)] = len(tracks) + len(extra) + 1
+            threads.append((extra[(track, lane)], index, f"{track} ({lane + 1})"))
+    for tid, index, name in threads:
         write(",\n")
         write(_encode({"name": "thread_name", "ph": "M", "pid": _PID, "tid": tid,
-                       "args": {"name": track}}))
+                       "args": {"name": name}}))
         write(",\n")
         write(_encode({"name": "thread_sort_index", "ph": "M", "pid": _PID, "tid": tid,
                        "args": {"sort_index": index}}))
-    for index, track in enumerate(recorder.tracks):
+    for index, track in enumerate(tracks):
         tid = index + 1
-        # Enclosing slices first: by start, then the longer one; sorted() is stable.
-        for name, start, end, cat, args in sorted(recorder.iter_slices(track),
-                                                  key=lambda s: (s[1], -s[2])):
+        for (name, start, end, cat, args), lane in zip(slices[track], lanes[track]):
             ev = {"name": name, "cat": cat, "ph": "X", "ts": start / 1000,
-                  "dur": (end - start) / 1000, "pid": _PID, "tid": tid}
+                  "dur": (end - start) / 1000, "pid": _PID,
+                  "tid": extra[(track, lane)] if lane else tid}
             if args is not None:
                 ev["args"] = args
             write(",\n")

@@ -31,7 +31,7 @@ import simpy
 from pkvm._core import SchedActor, SchedHooks
 from pkvm.errors import InternalInvariantError
 from pkvm.sim.locks import Mutex, RWLock, SpinLock
-from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT
+from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from pkvm.sim.stats import Distribution
 
 __all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS"]
@@ -97,6 +97,12 @@ class Timeline(SchedHooks):
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
                  recorder: Any = None) -> None:
+        if not all(hasattr(vm, a) for a in ("_modeled_ns", "costs", "_hostmem")):
+            raise TypeError(f"vm must be a pkvm.VM, got {type(vm).__name__}")
+        if env is not None and not isinstance(env, simpy.Environment):
+            raise TypeError(f"env must be a simpy.Environment or None, got {type(env).__name__}")
+        if recorder is not None and not isinstance(recorder, Recorder):
+            raise TypeError(f"recorder must be a pkvm.sim.recorder.Recorder or None, got {type(recorder).__name__}")
         if getattr(vm, "_sched", None) is not None:
             raise ValueError("the VM already has a timeline attached")
         if type(host_cpus) is not int or host_cpus < 1:
@@ -158,7 +164,9 @@ class Timeline(SchedHooks):
 
     def spawn(self, name: str, fn: Callable[..., Any], *args: Any) -> simpy.Process:
         """Run ``fn(*args)`` on a new actor ``name``; returns its SimPy process."""
-        actor = self._new_actor(name, name.startswith("vcpu"))
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        actor = self._new_actor(name, isinstance(name, str) and name.startswith("vcpu"))
         self._set_in_task(actor, True)  # runnable from now on: no one takes a lock uncontended
         proc: simpy.Process = self.env.process(self._drive(actor, self._call_once, (actor, fn, args)))
         return proc
@@ -216,8 +224,11 @@ class Timeline(SchedHooks):
                                          f"(locks held: {held or 'none'})")
 
     def result(self) -> TimelineResult:
-        """The timeline's figures (call after the environment ran)."""
-        end = self._end if self._end is not None else int(self.env.now - self._t0)
+        """The timeline's figures (call after the environment ran). The critical path ends
+        when the last of this timeline's actors finished (``stop``, or its last task or
+        function), not when the environment stopped: processes of the embedder's own, or
+        another VM's timeline on the same environment, may run on after it."""
+        end = self._end if self._end is not None else self._last_done()
         actors = {}
         for name in sorted(self._actors, key=_actor_order):
             a = self._actors[name]
@@ -227,6 +238,17 @@ class Timeline(SchedHooks):
         locks = {n: lk.stats.as_dict() for n, lk in self.locks.items()}
         return TimelineResult(end, actors, locks, {k: d.as_dict() for k, d in self.latency.items()},
                               dict(self.races))
+
+    def _last_done(self) -> int:
+        """When the last actor finished; the environment's time while any is unfinished."""
+        now = int(self.env.now - self._t0)
+        for a in self._actors.values():
+            if a.idle is not None:  # a vCPU thread: unfinished while it has a task
+                if a.in_task or a.task is not None or not a.idle.triggered:
+                    return now
+            elif a.glet is None or not a.glet.dead:  # spawned: unfinished until its function returns
+                return now
+        return max((a.done for a in self._actors.values()), default=now)
 
     # -- hooks the model calls (cheap when not attached: the model tests vm._sched) ---------------
 
@@ -337,6 +359,8 @@ class Timeline(SchedHooks):
     # -- internals -----------------------------------------------------------------------------
 
     def _new_actor(self, name: str, vcpu: bool) -> _Actor:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"an actor's name must be a non-empty str, got {name!r}")
         if name in self._actors:
             raise ValueError(f"actor {name!r} exists")
         a = self._actors[name] = _Actor(name, vcpu)
