@@ -319,7 +319,8 @@ class SensitivityResult:
             (evaluations x prices) the price values; ``y`` ``{policy: metric per evaluation}``.
         prices: the sampled :class:`Price` list.
         nominal: ``{policy: metric at the model's own prices}`` (simulated).
-        summary, ranking, indices: ``pandas`` tables (see :meth:`summary_frame` ...).
+        indices: a ``pandas`` table of the indices (:meth:`summary` and :meth:`ranking` give
+            the other two tables).
         notes: what the reader should know (e.g. why a metric was simulated).
     """
 
