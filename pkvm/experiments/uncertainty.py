@@ -23,8 +23,8 @@ policy (every price 1 ns) gives the operations per actor, and the metric for eve
 one matrix product of sampled per-event prices and those counts, exact to the nanosecond,
 because counts do not depend on prices in the summed model. The re-pricing is checked
 against a simulation at the model's own prices first; if it disagrees, or for any other
-metric (counters such as ``counters.mmu_lock_held_ns``, phase times, and later the
-timeline's critical path, waits and latencies), every sample is **simulated**. The result
+metric (counters such as ``counters.mmu_lock_held_ns``, phase times, and the timeline's
+critical path, waits and latencies), every sample is **simulated**. The result
 says which was used.
 """
 
