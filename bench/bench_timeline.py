@@ -1,4 +1,4 @@
-"""The concurrent timeline's cost (docs/performance.md, "The timeline").
+"""The concurrent timeline's cost (docs/performance.md, "The concurrent timeline").
 
 Run: ``python3 bench/bench_timeline.py``. Not part of the test run.
 

@@ -923,8 +923,7 @@ cdef class GmemPath:
 
     cdef int _undo(self, RangeMap folios, int64_t first, _Runs *plan, int64_t cursor,
                    int order) except -1:
-        """``pkvm.kvm.gmem._undo_alloc``: give back the folios a failed batch allocated,
-        restoring the allocator's cursor."""
+        """Give back the folios a failed batch allocated, restoring the allocator's cursor."""
         cdef Py_ssize_t k
         cdef int64_t idx = first, total = 0
         for k in range(plan.n):

@@ -814,7 +814,7 @@ cdef class RmpTable:
         """Mark ``[pfn, pfn + npages)`` as in use by another CPU (or clear it).
 
         While set, RMPUPDATE and PSMASH touching those pages fail with ``FAIL_INUSE`` (§5.3,
-        §5.4). A test hook now; the timeline mode will hold it between interleaved steps.
+        §5.4). A test hook: the timeline never has two CPUs update one entry at once.
         Runtime complexity: O(log n).
         """
         cdef uint64_t p, n

@@ -1331,7 +1331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
-            raise UsageError("no command given; commands: compare, run, sweep, sensitivity, workloads, costs "
+            raise UsageError("no command given; commands: compare, run, sweep, sensitivity, workloads, policies, costs "
                              "(see 'pkvm --help')")
         # ``--json -``: the JSON document is standard output, so the tables go to stderr
         out = _Output(sys.stderr if getattr(args, "json", None) == "-" else sys.stdout)

@@ -167,7 +167,7 @@ def test_the_readme_command_line_examples_run(capsys, monkeypatch, tmp_path):
         code, out, err = _run(capsys, [*argv[3:], "-q"] if argv[3] in ("compare", "run") else argv[3:])
         assert code == 0, (line, err)
         ran += 1
-    assert ran == 6
+    assert ran == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "out.eager-locked.txt", "out.eager-post.txt", "out.eager-split.txt", "out.fault-time.txt", "out.json"]
 

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import pkvm
 from pkvm.platforms import PLATFORMS
 
-if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # before docs/snp-integration-patches.md is applied
+if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # from before the patch of docs/snp-integration-patches.md was applied
     pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm.platforms.snp_constants import PVALIDATE_FAIL_SIZEMISMATCH, PVALIDATE_SUCCESS

@@ -7,11 +7,11 @@ platform (``PlatformOps.guest_flows(guest)``), which implements :class:`GuestFlo
 
 * ``convert(gpa, size, private)`` — ``set_memory_encrypted`` / ``set_memory_decrypted``:
   TDX issues ``TDG.VP.VMCALL<MapGPA>`` (RETRY resumes at r11, at most 3 retries without
-  progress) and, for to-private, accepts the range; SNP (issue 4) will do PVALIDATE-rescind +
-  page-state change, or page-state change + PVALIDATE;
+  progress) and, for to-private, accepts the range; SNP does PVALIDATE-rescind + page-state
+  change, or page-state change + PVALIDATE (``SnpGuestFlows``, docs/snp.md);
 * ``accept(gpa, size)`` — lazy acceptance of unaccepted (already private) memory: TDX runs
   ``tdx_accept_memory`` (``TDG.MEM.PAGE.ACCEPT`` trying 1G, then 2M, then 4K per aligned
-  chunk); SNP will run ``snp_accept_memory``.
+  chunk); SNP runs ``snp_accept_memory`` (page-state change to private, then PVALIDATE).
 
 Platforms without their own flows (SW_PROTECTED, DEFAULT) get :class:`HypercallGuestFlows`:
 the ``KVM_HC_MAP_GPA_RANGE`` hypercall of the KVM selftests (§7.3) and nothing to accept.

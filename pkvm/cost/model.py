@@ -35,34 +35,39 @@ operation                  row   counter (count unit)
 ``tdx_private_fault``      9     ``pf_taken`` for TDX private faults (composite: contains
                                  ``seamcall_aug`` and ``tdx_accept_4k``)
 ``tdx_private_fault_storm`` 10   the same, when a timeline model sees an idle-vCPU exit storm
-``tdx_accept_4k``          13    *(proposed)* ``tdx_accepts_4k``
+``tdx_accept_4k``          13    ``tdx_accepts_4k``
 ``seamcall_aug``           14    ``seamcall_aug``
-``seamcall_add``           15    *(proposed)* ``seamcall_add``
-``seamcall_mr_extend``     16    *(proposed)* ``seamcall_mr_extend`` (per 4K page measured)
+``seamcall_add``           15    ``seamcall_add``
+``seamcall_mr_extend``     16    4K pages measured (``seamcall_mr_extend`` counts the
+                                 SEAMCALLs, 16 per page)
 ``seamcall_block``         17    ``seamcall_block``
 ``seamcall_track``         17    ``seamcall_track``
 ``seamcall_remove``        17    ``seamcall_remove``
-``seamcall_wbinvd``        18    *(proposed)* ``seamcall_wbinvd``
-``seamcall_sept_add``      —     *(proposed)* ``seamcall_sept_add``
-``map_gpa``                19    *(proposed)* ``map_gpa`` (TDX MapGPA calls)
+``seamcall_wbinvd``        18    ``seamcall_wbinvd``
+``seamcall_sept_add``      —     ``seamcall_sept_add``
+``map_gpa``                19    TDX MapGPA calls accepted (``tdvmcall_map_gpa`` counts
+                                 every call, refused ones too)
 ``ipi``                    20    *(proposed)* ``ipis``
-``vcpu_kick``              20    *(proposed)* ``vcpu_kicks`` (kicks charged one at a time)
+``vcpu_kick``              20    ``vcpu_kicks`` (one per vCPU kicked)
 ``remote_tlb_flush``       21    ``remote_tlb_flush``; ``nr_vcpus=`` target vCPUs
 ``rmpupdate``              22    ``rmpupdate``
 ``psmash``                 23    ``psmash``
-``pvalidate_4k``           24    *(proposed)* ``pvalidate_4k``
-``pvalidate_2m``           24    *(proposed)* ``pvalidate_2m``
+``pvalidate_4k``           24    4K PVALIDATEs executed, failed ones too (``pvalidate``
+                                 and ``pvalidate_failures`` count both sizes)
+``pvalidate_2m``           24    2M PVALIDATEs executed, failed ones too (``pvalidate_2m``
+                                 counts the successful ones)
 ``rmpadjust``              25    *(proposed)* ``rmpadjust``
-``psc_request``            26    *(proposed)* ``psc_requests``
-``psc_entry``              27    *(proposed)* ``psc_entries`` (contains its ``rmpupdate``)
+``psc_request``            26    ``psc_requests``
+``psc_entry``              27    ``psc_entries`` (contains its ``rmpupdate``; not charged:
+                                 the parts are)
 ``attr_store``             28    ``attr_stores`` (GFNs)
 ``zap_spte``               —     ``zapped_sptes`` (leaf SPTEs, any level)
 ``gmem_alloc_4k/_2m/_1g``  29    ``gmem_pages_allocated`` in folios: pages >> order
 ``gmem_punch_4k``          30    ``gmem_pages_freed`` (4K pages)
-``cache_flush_4k``         —     *(proposed)* ``cache_flushes_4k`` (SNP gmem invalidate)
+``cache_flush_4k``         —     ``cache_flush_pages`` (SNP gmem invalidate)
 ``directmap_split``        31    ``directmap_splits``
 ``huge_page_split``        —     ``huge_page_splits``
-``directmap_tlb_flush``    32    *(proposed)* ``directmap_tlb_flushes``; ``nr_cpus=`` host CPUs
+``directmap_tlb_flush``    32    ``directmap_tlb_flushes``; ``nr_cpus=`` host CPUs
 ``psp_launch_update``      —     ``launch_update_pages`` (SNP_LAUNCH_UPDATE, per 4K page)
 ``pre_fault_page``         —     pages mapped by ``KVM_PRE_FAULT_MEMORY`` (``pf_fixed``)
 ``sleep_in_atomic``        —     ``sleep_in_atomic`` (0 ns: a correctness counter)

@@ -1,7 +1,7 @@
 """The default latency table of ``docs/costs.md`` §0, transcribed once, as plain data.
 
 :mod:`pkvm.cost.model` turns these rows into :class:`pkvm.cost.model.Cost` objects; nothing else should
-read this module. It is kept apart from ``costs.py`` so the numbers and their derivations can
+read this module. It is kept apart from :mod:`pkvm.cost.model` so the numbers and their derivations can
 be reviewed against docs/costs.md without the machinery around them.
 
 Conventions:

@@ -17,8 +17,9 @@ Each traced event becomes the call that produces it (:mod:`pkvm.experiments.trac
 
 The VM is built as the trace's ``# pkvm ...`` header says (platform, memory, image, vCPUs,
 preallocation; pkvm's own ``--trace`` files carry it, and their trace starts after the build).
-A trace without the header (e.g. from a real host) gets one RAM slot of the config's memory,
-marked private as QEMU does, and no launch image. A header that disagrees with the config's
+A trace without the header (e.g. from a real host) gets the config's memory in QEMU's q35
+layout (one RAM slot up to 2.75 GiB: ``Context.ram``), marked private as QEMU does, and no
+launch image. A header that disagrees with the config's
 platform is an error: the error codes mean different things per platform.
 
 What a replay cannot reproduce, because the kernel does not trace it: guest instructions that

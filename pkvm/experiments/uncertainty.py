@@ -23,8 +23,8 @@ policy (every price 1 ns) gives the operations per actor, and the metric for eve
 one matrix product of sampled per-event prices and those counts, exact to the nanosecond,
 because counts do not depend on prices in the summed model. The re-pricing is checked
 against a simulation at the model's own prices first; if it disagrees, or for any other
-metric (counters such as ``counters.mmu_lock_held_ns``, phase times, and later the
-timeline's critical path, waits and latencies), every sample is **simulated**. The result
+metric (counters such as ``counters.mmu_lock_held_ns``, phase times, and the timeline's
+critical path, waits and latencies), every sample is **simulated**. The result
 says which was used.
 """
 
@@ -336,7 +336,8 @@ class SensitivityResult:
             (evaluations x prices) the price values; ``y`` ``{policy: metric per evaluation}``.
         prices: the sampled :class:`Price` list.
         nominal: ``{policy: metric at the model's own prices}`` (simulated).
-        summary, ranking, indices: ``pandas`` tables (see :meth:`summary_frame` ...).
+        indices: a ``pandas`` table of the indices (:meth:`summary` and :meth:`ranking` give
+            the other two tables).
         notes: what the reader should know (e.g. why a metric was simulated).
     """
 

@@ -368,8 +368,9 @@ class Context:
         return out
 
     def setup(self, *, prealloc: bool = False, mark_private: bool = True) -> None:
-        """Build the VM: RAM ``[0, memory)`` (private, optionally preallocated) and launch it
-        with the firmware image. Runs once, untraced (a trace starts after it)."""
+        """Build the VM: RAM in the q35 layout of :attr:`ram` (private, optionally
+        preallocated) and launch it with the firmware image. Runs once, untraced (a trace
+        starts after it)."""
         if self.setup_done:
             return
         vm = self.vm

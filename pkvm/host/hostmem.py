@@ -2,7 +2,7 @@
 
 :class:`HostMemory` hands out host page frames next-fit, in naturally aligned blocks of
 ``2**order`` pages, so a later order-9 guest_memfd folio or a THP gets a 2M-aligned pfn block
-(the SNP RMP will index these pfns). State is one :class:`~pkvm._core.RangeMap` of allocated
+(the SNP RMP indexes these pfns). State is one :class:`~pkvm._core.RangeMap` of allocated
 pfn runs: memory does not grow with the number of pages allocated.
 
 :class:`SharedBacking` is the VMM's anonymous memory: HVA page -> pfn, populated a whole host

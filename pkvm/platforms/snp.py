@@ -11,9 +11,10 @@ What this platform adds (the RMP table and the direct map themselves are
   :func:`rmp_make_private` / :func:`rmp_make_shared`
   adjust the direct map first (policy ``split-4k``: split to 4K before a 4K update;
   ``unmap-restore``: unmap before assigning, restore after unassigning), execute RMPUPDATE over
-  a whole range at once, and count a failure (``rmpupdate_failures``, ``-EFAULT``) instead of
-  logging it. ``FAIL_OVERLAP``, which Linux retries forever, is reported as a failure too: in a
-  synchronous model nothing else could ever resolve it.
+  a whole range at once; a failure is counted (``rmpupdate_failures``), logged in
+  ``vm.events`` (the kernel's ``pr_err``) and returned as ``-EFAULT``. ``FAIL_OVERLAP``, which
+  Linux retries until another CPU releases the entry, is reported as a failure too (its message
+  names ``RETRY_LIMIT``, docs/kvm-model.md): in a synchronous model nothing else could resolve it.
 * **guest_memfd hooks**: ``gmem_prepare`` (§5.5: already assigned -> nothing; 2M iff the folio is
   2M and all 512 pfns are unassigned; else one 4K update), ``gmem_invalidate`` (§5.7: 2M update
   for a whole aligned 2M entry, else PSMASH then 4K, then a cache flush of every page made
