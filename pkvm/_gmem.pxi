@@ -416,15 +416,17 @@ cdef class SnpPath:
     def rebind(self):
         """Read ``snp.rmp`` and ``snp.directmap`` again (``SnpVm`` calls this when one is
         replaced). Objects of other types than RmpTable / DirectMap (the reference twins of
-        the tests) are used through their Python methods."""
-        from pkvm.host.directmap import DirectMap
+        the tests) are used through their Python methods. A DirectMap is known by the mark
+        its class carries in its own namespace (``DirectMap._core_walks``), not by importing
+        ``pkvm.host.directmap``, a layer above the core."""
         snp = self.snp
         self.rmp_obj = snp.rmp
         self.rmp = snp.rmp if type(snp.rmp) is RmpTable else None
         dm = snp.directmap
         self.dm = dm
-        self.dm_map = dm._map if type(dm) is DirectMap else None
-        self.dm_orig = dm._orig if type(dm) is DirectMap else None
+        typed = type(dm).__dict__.get("_core_walks") is True
+        self.dm_map = dm._map if typed else None
+        self.dm_orig = dm._orig if typed else None
         self.dm_cnt = dm._cnt
         self.split4k = dm._policy == "split-4k"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,30 @@ def test_no_pkvm_import_inside_a_function():
                     if name.split(".")[0] not in LAZY_OK:
                         lazy.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
     assert lazy == []
+
+
+#: What the typed core may import of pkvm (only ever inside a function, when it runs): the
+#: other modules of the bottom layer it raises with or reads a constant from.
+CORE_IMPORTS_OK = ("pkvm.errors", "pkvm.constants")
+
+
+def _core_pkvm_imports(text: str) -> list[str]:
+    """The pkvm modules a Cython source imports (``from pkvm.X import`` / ``import pkvm.X``;
+    ``cimport`` lines are declarations, not imports)."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:from\s+(pkvm(?:\.\w+)*)\s+import\s|import\s+(pkvm(?:\.\w+)*))", line)
+        if m and " cimport " not in line:
+            out.append(m.group(1) or m.group(2))
+    return out
+
+
+def test_the_core_imports_nothing_above_the_bottom_layer():
+    """grimp does not read the Cython core, so no contract covers it: its sources import only
+    ``pkvm.errors`` and ``pkvm.constants`` (``SnpPath.rebind`` imported ``pkvm.host.directmap``
+    to tell a DirectMap, a layer above; the class now carries a mark instead)."""
+    assert _core_pkvm_imports("        from pkvm.host.directmap import DirectMap\n") == ["pkvm.host.directmap"]
+    assert _core_pkvm_imports("from pkvm.core cimport RangeMap\n") == []
+    found = [f"{p.name}: {mod}" for p in sorted([*PKG.glob("*.pyx"), *PKG.glob("*.pxi")])
+             for mod in _core_pkvm_imports(p.read_text(encoding="utf-8")) if mod not in CORE_IMPORTS_OK]
+    assert found == []

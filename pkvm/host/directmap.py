@@ -138,6 +138,11 @@ class DirectMap:
     __slots__ = ("_cnt", "_fragmented", "_map", "_orig", "_policy", "_ram", "_ram_pages",
                  "_ram_starts")
 
+    #: The typed core's SNP RMPUPDATE wrappers walk this class's maps in C (``SnpPath.rebind``,
+    #: pkvm/_gmem.pxi, looks for this mark in the class's own namespace, so a subclass or a
+    #: reference twin goes through its methods; the core need not import this layer above it).
+    _core_walks = True
+
     def __init__(self, ram: Iterable[tuple[int, int]] = DEFAULT_RAM,
                  policy: str = "split-4k") -> None:
         if policy not in DIRECTMAP_POLICIES:
