@@ -432,9 +432,13 @@ def test_toml_base_model():
     """base= applies a file to a chosen model; a file for another profile is refused."""
     base = CostModel.default("tdx")
     assert CostModel.from_toml("[overrides]\npsmash = 2000", base=base).profile == "tdx"
-    with pytest.raises(ValueError, match="cost model data is for profile 'snp' on host 'intel', but this "
+    # (the file's host is its profile's default one when it names none: it named the base's)
+    with pytest.raises(ValueError, match="cost model data is for profile 'snp' on host 'amd', but this "
                                          "model is 'tdx' on host 'intel'; remove its profile/host keys"):
         CostModel.from_toml('profile = "snp"', base=base)
+    with pytest.raises(ValueError, match="cost model data is for profile 'tdx' on host 'intel', but this "
+                                         "model is 'snp' on host 'amd'"):
+        CostModel.from_dict({"profile": "tdx"}, base=CostModel.default("snp"))
 
 
 @pytest.mark.parametrize("text, exc, match", [

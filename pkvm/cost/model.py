@@ -616,8 +616,11 @@ class CostModel(Mapping[str, Cost]):
             base = cls.default("snp" if profile is None else profile, host=host)
         elif (profile is not None and profile != base.profile
               or host is not None and host != base.host):
+            # (a profile given without a host means that profile's default host)
+            data_host = host if host is not None else (
+                _table.PROFILE_HOSTS[profile][1] if profile is not None else base.host)
             raise ValueError(f"cost model data is for profile {profile or base.profile!r} on host "
-                             f"{host or base.host!r}, but this model is {base.profile!r} on host "
+                             f"{data_host!r}, but this model is {base.profile!r} on host "
                              f"{base.host!r}; remove its profile/host keys or make them match")
         costs = data.get("costs", {})
         if not isinstance(costs, Mapping):
