@@ -445,13 +445,18 @@ cdef class SchedHooks:
         """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free.
 
         ValueError if ``name`` is not a vCPU thread (``start_vcpu``), TypeError if ``fn`` is
-        not callable; either changes nothing."""
+        not callable, RuntimeError once ``stop()`` has finished the thread; each changes
+        nothing."""
         cdef SchedActor target = self._actors.get(name) if isinstance(name, str) else None
         if target is None or target.idle is None:
             raise ValueError(f"dispatch: {name!r} is not a vCPU thread of this timeline (start one with "
                              f"start_vcpu; threads: {', '.join(a.name for a in self._actors.values() if a.idle is not None) or 'none'})")
         if not callable(fn):
             raise TypeError(f"dispatch: fn must be callable, got {type(fn).__name__}")
+        if target.work is not None and target.work.triggered and target.work.value == "stop":
+            # stop() finished the thread: a task handed to it now would wait forever
+            raise RuntimeError(f"dispatch: vCPU thread {name!r} was finished by stop(); "
+                               f"dispatch before stopping the timeline")
         cdef SchedActor a = self._current
         if a is not None and (not _vm_ns_is(self, self._mark) or a.stall_debt):
             self._sync_c()  # the task starts at the caller's clock

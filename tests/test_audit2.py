@@ -361,3 +361,31 @@ def test_a_grid_over_platform_runs_each_platforms_policies(capsys, monkeypatch):
     assert "tdx       6.19" in out and "snp       fault-time" in out
     assert main(["sweep", "--memory", "64M", "--grid", "platform=snp,tdx", "--policies", "fault-time", "-q"]) == 2
     assert "policy 'fault-time' cannot run on a tdx VM" in capsys.readouterr().err
+
+
+def test_dispatch_after_stop_is_refused_at_once():
+    """``tl.dispatch`` after ``tl.stop()`` queued the task on a thread that had finished, and
+    ``env.run()`` then reported "timeline deadlock"; it is a RuntimeError now, and the run
+    ends as if it had not been called."""
+    import simpy
+
+    from pkvm.sim import Timeline
+
+    def run(late):
+        vm, _, gs = _embedded()
+        env = simpy.Environment()
+        tl = Timeline(vm, env)
+        tl.start_vcpu("vcpu0")
+
+        def main():
+            tl.dispatch("vcpu0", lambda: gs[0].touch(0, 8 << 20, private=True))
+            tl.stop()
+            if late:
+                with pytest.raises(RuntimeError, match="'vcpu0' was finished by stop"):
+                    tl.dispatch("vcpu0", lambda: gs[0].touch(8 << 20, 4096, private=True))
+
+        tl.spawn("vmm", main)
+        tl.run()
+        return tl.result().to_dict(), vm.stats
+
+    assert run(True) == run(False)
