@@ -21,6 +21,8 @@ def parse_decimal(text: str) -> int:
     if m is None:
         raise ValueError(f"{text!r} is not a decimal integer such as 5000 (digits 0-9 only)")
     return int(m.group(1))
+
+
 _SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
 
 
