@@ -29,7 +29,9 @@ class KvmError(PkvmError, OSError):
         super().__init__(errno, message)
 
     def __str__(self) -> str:
-        name = _errno.errorcode.get(self.errno, str(self.errno))
+        # (errno.errorcode gives the last alias defined: EDEADLOCK for 35, where the kernel's
+        # name, which the docs use, is EDEADLK)
+        name = "EDEADLK" if self.errno == _errno.EDEADLK else _errno.errorcode.get(self.errno, str(self.errno))
         return f"[{name}] {self.strerror} ({os.strerror(self.errno)})"
 
 
