@@ -7,10 +7,7 @@ import pytest
 from vmhelpers import GMEM, PRIVATE, PUNCH, UADDR, MiB, snapshot
 
 import pkvm
-from pkvm.platforms import PLATFORMS
 
-if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # from before the patch of docs/snp-integration-patches.md was applied
-    pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
 from pkvm import PG_LEVEL_2M, PG_LEVEL_4K
 from pkvm.constants import (
     KVM_CAP_EXIT_HYPERCALL,

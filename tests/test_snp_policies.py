@@ -6,10 +6,7 @@ import pytest
 from vmhelpers import GMEM, PRIVATE, UADDR, MiB
 
 import pkvm
-from pkvm.platforms import PLATFORMS
 
-if pkvm.KVM_X86_SNP_VM not in PLATFORMS:  # from before the patch of docs/snp-integration-patches.md was applied
-    pytest.skip("the snp VM type is not registered yet", allow_module_level=True)
 from pkvm import PG_LEVEL_4K
 from pkvm.platforms.snp_constants import PVALIDATE_SUCCESS
 
