@@ -148,3 +148,33 @@ cdef uint64_t _dm_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt) except? 
 def directmap_restore(RangeMap m, uint64_t s, uint64_t e, dict cnt):
     """:func:`_dm_restore` (``DirectMap._restore``)."""
     _dm_restore(m, s, e, cnt)
+
+
+cdef uint64_t _dm_unmap_restore(dm, RangeMap m, RangeMap orig, dict cnt, bint before, bint assigned,
+                                uint64_t s, uint64_t e, uint64_t *splits, uint64_t *unmaps,
+                                uint64_t *restores) except? 0xFFFFFFFFFFFFFFFF:
+    """The RFC direct map's part of ``rmpupdate()`` on ``[s, e)`` (``DirectMap``'s
+    ``_before_rmpupdate`` / ``_after_rmpupdate`` under ``"unmap-restore"``): before RMPUPDATEs
+    that make the pages guest-owned, :func:`_dm_invalidate` (the pages newly fragmented added
+    to ``dm._fragmented``); after ones that give them back, :func:`_dm_restore`; nothing
+    otherwise. Sets the splits, unmaps and restores; returns the CPA calls (one per page)."""
+    cdef uint64_t frag
+    splits[0] = unmaps[0] = restores[0] = 0
+    if e <= s:
+        return 0
+    if before and assigned:
+        frag = _dm_invalidate(m, orig, s, e, cnt, splits, unmaps)
+        if frag:
+            dm._fragmented += frag
+    elif not before and not assigned:
+        restores[0] = _dm_restore(m, s, e, cnt)
+    else:
+        return 0
+    return e - s
+
+
+def directmap_unmap_restore(dm, bint before, bint assigned, uint64_t s, uint64_t e):
+    """:func:`_dm_unmap_restore` on ``dm``'s maps and counters; returns the CPA calls."""
+    cdef uint64_t splits, unmaps, restores
+    return _dm_unmap_restore(dm, <RangeMap?>dm._map, <RangeMap?>dm._orig, <dict?>dm._cnt, before,
+                             assigned, s, e, &splits, &unmaps, &restores)

@@ -493,7 +493,7 @@ cdef class SnpPath:
             return 0
         if sched is not None:
             sched._acquire("cpa_lock", 1)  # set_memory_*: one direct-map change at a time per host
-        cdef uint64_t n_splits = 0, n_unmaps = 0
+        cdef uint64_t n_splits = 0, n_unmaps = 0, n_restores = 0
         cnt = self.dm_cnt
         if easy == 2:
             # split-4k before 4K RMPUPDATEs over pages not all at 4K, on a DirectMap:
@@ -502,18 +502,11 @@ cdef class SnpPath:
             splits = n_splits
             unmaps = restores = 0
         elif self.dm_map is not None:
-            # unmap-restore on a DirectMap: DirectMap._before_rmpupdate / _after_rmpupdate ->
-            # _invalidate (pages made guest-owned) / _restore (pages given back), the same C
-            # functions; one CPA call per page
-            calls = splits = unmaps = restores = 0
-            if before and assigned and npages:
-                frag = _dm_invalidate(self.dm_map, self.dm_orig, pfn, pfn + npages, cnt, &n_splits, &n_unmaps)
-                if frag:
-                    self.dm._fragmented += frag
-                calls, splits, unmaps = npages, n_splits, n_unmaps
-            elif not before and not assigned and npages:
-                restores = _dm_restore(self.dm_map, pfn, pfn + npages, cnt)
-                calls = npages
+            # unmap-restore on a DirectMap: what DirectMap._before_rmpupdate / _after_rmpupdate
+            # call, in C
+            calls = _dm_unmap_restore(self.dm, self.dm_map, self.dm_orig, cnt, before, assigned,
+                                      pfn, pfn + npages, &n_splits, &n_unmaps, &n_restores)
+            splits, unmaps, restores = n_splits, n_unmaps, n_restores
         else:
             s0, u0, r0 = cnt["directmap_splits"], cnt["directmap_unmaps"], cnt["directmap_restores"]
             if before:

@@ -275,22 +275,19 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 and _pv_find_ne(rmp, pfn, 1, True, _PV_2M, snp.asid, gfn << 12, None) != -1):
             # A 2M PVALIDATE through a private 4K leaf of a pfn that is not 2M-aligned, and no
             # 2M RMP entry of this guest there (which would be SnpVcpu._pvalidate's #NPF first):
-            # FAIL_SIZEMISMATCH, counted as the method counts it, then the guest's 4K retries
-            # below. (A 2M-aligned pfn went to the range forms above, or to the method.)
+            # FAIL_SIZEMISMATCH, counted as the method counts it, without calling it. (A
+            # 2M-aligned pfn went to the range forms above, or goes to the method.)
             _pv_count(vm, _PV_2M, _PV_FAIL_SIZEMISMATCH, 1)
-            faults = 0
-            r2 = vcpu._pvalidate_range(gfn, gfn + 512, validate, False)
-            if (<GuestOpResult?>r2).ret != "done" or (<GuestOpResult>r2).status != _PV_SUCCESS:
-                return r2
-            gfn += 512
-            continue
-        # Anything else (no leaf, a shared leaf, mixed sizes): one 2M PVALIDATE at a time.
-        op = vcpu._pvalidate(gfn << 12, _PV_2M, validate, faults)
+            status = _PV_FAIL_SIZEMISMATCH
+        else:
+            # Anything else (no leaf, a shared leaf, mixed sizes): one 2M PVALIDATE at a time.
+            op = vcpu._pvalidate(gfn << 12, _PV_2M, validate, faults)
+            if ((<GuestOpResult?>op).ret != "done"
+                    or (op.status != _PV_SUCCESS and op.status != _PV_FAIL_SIZEMISMATCH)):
+                return vcpu._stopped(op, gfn)
+            status = op.status
         faults = 0
-        if ((<GuestOpResult?>op).ret != "done"
-                or (op.status != _PV_SUCCESS and op.status != _PV_FAIL_SIZEMISMATCH)):
-            return vcpu._stopped(op, gfn)
-        if op.status == _PV_FAIL_SIZEMISMATCH:
+        if status == _PV_FAIL_SIZEMISMATCH:  # the guest redoes the block as 512 x 4K
             r2 = vcpu._pvalidate_range(gfn, gfn + 512, validate, False)
             if (<GuestOpResult?>r2).ret != "done" or (<GuestOpResult>r2).status != _PV_SUCCESS:
                 return r2

@@ -41,7 +41,8 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-from pkvm._core import RangeMap, directmap_invalidate, directmap_restore, directmap_split_4k
+from pkvm._core import (RangeMap, directmap_invalidate, directmap_restore, directmap_split_4k,
+                        directmap_unmap_restore)
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
@@ -365,7 +366,7 @@ class DirectMap:
         their pfns come from the host allocator, which hands out RAM only)."""
         if self._policy == "split-4k":
             return self._adjust(p, n, lvl)
-        return self._invalidate(p, n) if assigned else 0
+        return directmap_unmap_restore(self, True, assigned, p, p + n)  # invalidate if assigned
 
     def after_rmpupdate(self, pfn: int, npages: int, level: int, *, assigned: bool) -> int:
         """What ``rmpupdate()`` does after RMPUPDATEs that succeeded on ``[pfn, pfn + npages)``.
@@ -381,9 +382,9 @@ class DirectMap:
 
     def _after_rmpupdate(self, p: int, n: int, lvl: int, assigned: bool) -> int:
         """:meth:`after_rmpupdate` on checked arguments."""
-        if self._policy == "split-4k" or assigned:
+        if self._policy == "split-4k":
             return 0
-        return self._restore(p, n)
+        return directmap_unmap_restore(self, False, assigned, p, p + n)  # restore unless assigned
 
     # -- invariants ---------------------------------------------------------------------------
 
