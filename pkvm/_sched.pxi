@@ -74,6 +74,12 @@ cdef int _SCHED_ACQ = 0, _SCHED_REL = 1, _SCHED_WAIT = 2, _SCHED_SYNC = 3, _SCHE
 _SCHED_INFINITY = float("inf")  # simpy.core.Infinity: the time of an empty event queue
 
 
+#: Locks the kernel takes once per page (a direct-map change per ``set_memory_*`` call, an
+#: S-EPT SEAMCALL per AUG) that a batch holds for all its pages: a wait for one of them is the
+#: waits of the batch's pages, spread over its latency samples (SchedHooks.latency_end).
+_PAGEWISE_LOCKS = frozenset({"cpa_lock", "tdx_sept"})
+
+
 @cython.final
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class SchedActor:
@@ -83,12 +89,13 @@ cdef class SchedActor:
     -1)``; ``fast`` counts the entries taken uncontended (not yet known to the SimPy lock);
     ``grant_t`` maps ``(lock, mode)`` to the grant time of each lock the SimPy lock knows.
     ``busy``, ``wait`` (``lock_wait + ipi + spin``), ``lock_wait``, ``ipi``, ``spin`` are its
-    accounting in ns; ``stall_debt`` the IPI stall it still owes; ``in_task`` whether it runs a
+    accounting in ns (``page_wait``: the part of ``lock_wait`` spent on the locks the kernel
+    takes page by page and a batch holds for all its pages, ``_PAGEWISE_LOCKS``); ``stall_debt`` the IPI stall it still owes; ``in_task`` whether it runs a
     task; ``charge_to`` the VM's cost centre while its code runs; ``done`` when (ns since the
     timeline's start) it last finished a task or its function."""
 
     cdef public object name, glet, task, work, idle, grant_t, charge_to
-    cdef public object busy, wait, lock_wait, ipi, spin, stall_debt, done
+    cdef public object busy, wait, lock_wait, page_wait, ipi, spin, stall_debt, done
     cdef public list held
     cdef public bint in_task, vcpu
     cdef public Py_ssize_t fast
@@ -99,6 +106,7 @@ cdef class SchedActor:
         self.busy = 0
         self.wait = 0
         self.lock_wait = 0
+        self.page_wait = 0
         self.ipi = 0
         self.spin = 0
         self.task = None
@@ -254,18 +262,24 @@ cdef class SchedHooks:
         return 0
 
     def latency_begin(self):
-        """The start of a latency sample: ``(clock, the running actor's wait so far)``."""
+        """The start of a latency sample: ``(clock, the running actor's waits so far that a
+        batch takes once)``."""
         return self._latency_begin()
 
     cdef tuple _latency_begin(self):
         cdef SchedActor a = self._current
         if a is None:
             return (self._idle_now_ns(), 0)
-        return (self._now0 + _vm_ns(self) - self._mark, a.wait)  # now_ns
+        return (self._now0 + _vm_ns(self) - self._mark, a.lock_wait - a.page_wait + a.spin)  # now_ns
 
     def latency_end(self, kind, begin, n=1):
         """Add the sample begun at ``begin`` to distribution ``kind``; ``n`` > 1: it stands
-        for ``n`` operations (the first carries the wait, the rest share the work)."""
+        for ``n`` operations. The first carries the waits the batch's first operation would
+        have had alone: a lock held by someone else (a batch waits for it once, at its
+        start) and a retry's spin. The rest of its time splits evenly: its work, the IPI
+        stalls that came in while it ran, and its waits for the locks the kernel takes page by
+        page (``_PAGEWISE_LOCKS``), which a batch holds for all its pages, so that its wait
+        stands for the waits of each of its pages."""
         self._latency_end(kind, begin, n)
 
     cdef int _latency_end(self, kind, begin, n) except -1:
@@ -281,7 +295,7 @@ cdef class SchedHooks:
             if log is not None:
                 log.append((kind, total, 1))
         else:
-            w = a.wait - begin[1]
+            w = a.lock_wait - a.page_wait + a.spin - begin[1]
             each = (total - w) // n
             d._add_c(each + w, 1)
             d._add_c(each, n - 1)
@@ -581,6 +595,8 @@ cdef class SchedHooks:
                     waited = env.now - t0  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
+                    if req[2] in _PAGEWISE_LOCKS:
+                        a.page_wait += waited
                     if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
                         self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
                     if rec is not None:
