@@ -326,6 +326,7 @@ class SchedActor:
     busy: Any
     wait: Any
     lock_wait: Any
+    page_wait: Any
     ipi: Any
     spin: Any
     stall_debt: Any
