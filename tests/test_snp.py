@@ -208,6 +208,32 @@ def test_4k_npt_over_2m_rmp_entry_psmashes_and_zaps():
     vm.check()
 
 
+def test_rmp_fault_psmash_lost_to_another_cpu_does_not_zap(monkeypatch):
+    """sev_handle_rmp_fault (arch/x86/kvm/svm/sev.c): when its PSMASH fails but a second look
+    finds the entry already split to 4K and assigned (another CPU won the PSMASH), the fault is
+    resolved and the handler skips the zap. The model zapped 512 gfns anyway."""
+    import pkvm.platforms.snp as snp_mod
+    from pkvm.platforms.snp_constants import PSMASH_FAIL_INPUT
+
+    vm, gmem, vcpu = snp_vm(order=9)
+    assert vcpu.pvalidate(0, PG_LEVEL_2M, True).status == PVALIDATE_SUCCESS
+    vm.set_memory_attributes(511 << 12, 0x1000, 0)  # MIXED chunk: the next fault maps 4K
+    real = snp_mod.psmash
+
+    def lost_race(vm_, pfn):
+        real(vm_, pfn)  # "another CPU" splits the entry ...
+        return PSMASH_FAIL_INPUT  # ... so this CPU's PSMASH finds no 2M entry
+
+    monkeypatch.setattr(snp_mod, "psmash", lost_race)
+    zapped = vm.stats["zapped_sptes"]
+    r = vcpu.access(0, private=True, size=0x2000)
+    assert r.ret == "done"
+    assert vm.stats["rmp_fault"] == 1 and vm.rmp.lookup(gpfn(gmem, 0)).level == PG_LEVEL_4K
+    assert vm.stats["zapped_sptes"] == zapped  # resolved: nothing zapped
+    assert not [e for e in vm.events if e[0] == "rmp_fault"]  # and no warning
+    vm.check()
+
+
 def test_spurious_rmp_fault_on_4k_entry_loops():
     vm, gmem, vcpu = snp_vm()
     assert vcpu.pvalidate(0, PG_LEVEL_4K, True).status == PVALIDATE_SUCCESS
