@@ -174,11 +174,28 @@ def test_invalidate_of_part_of_a_2m_entry_psmashes_first():
     assert vm.stats["cache_flush_pages"] == 8
 
 
-def test_immutable_page_is_leaked_on_free():
+def test_launched_page_freed_before_launch_finish_is_returned_not_leaked():
+    """LAUNCH_UPDATE leaves a page Guest-Valid (not immutable): sev_gmem_post_populate
+    (arch/x86/kvm/svm/sev.c) returns launched pages with a plain rmp_make_shared. Freeing one
+    before LAUNCH_FINISH gives it back to the hypervisor; the model leaked it as immutable."""
     vm, gmem, _vcpu = snp_vm()
     assert vm.snp.launch_update(0, 0x2000) == 0x2000
-    gmem.fallocate(PUNCH, 0, 0x2000)  # before LAUNCH_FINISH: pages still immutable
-    assert vm.stats["snp_leaked_pages"] == 2 and vm.stats["rmpupdate_failures"] == 1
+    pfn = gpfn(gmem, 0)
+    assert not vm.rmp.lookup(pfn).immutable and vm.rmp.lookup(pfn).validated
+    gmem.fallocate(PUNCH, 0, 0x2000)  # before LAUNCH_FINISH
+    assert vm.stats["snp_leaked_pages"] == 0 and vm.stats["rmpupdate_failures"] == 0
+    assert vm.rmp.find_eq(pfn, 1, assigned=True) == -1
+    vm.check()
+
+
+def test_page_that_cannot_be_made_shared_is_leaked_on_free():
+    vm, gmem, vcpu = snp_vm()
+    assert vcpu.pvalidate(0, PG_LEVEL_4K, True).status == PVALIDATE_SUCCESS
+    pfn = gpfn(gmem, 0)
+    vm.rmp.set_in_use(pfn, 1, True)  # another CPU holds the entry: FAIL_INUSE, not retried
+    gmem.fallocate(PUNCH, 0, 0x1000)
+    assert vm.stats["snp_leaked_pages"] == 1 and vm.stats["rmpupdate_failures"] == 1
+    assert vm.rmp.lookup(pfn).assigned
     vm.check()
 
 
@@ -443,7 +460,8 @@ def test_launch_update_immutable_validated_then_finish():
     vm, gmem, vcpu = snp_vm()
     assert vm.snp.launch_update(0x10000, 0x4000) == 0x4000
     pfn = gpfn(gmem, 0x10)
-    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, True, True, False)
+    # Guest-Valid after LAUNCH_UPDATE: validated, no longer immutable (sev_gmem_post_populate).
+    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, False, True, False)
     assert gmem.folio(0x10)[2]  # prepared
     # An already-prepared first page: kvm_gmem_populate fails (-EEXIST); the ioctl says -EIO
     # with the firmware error field 0 (snp_launch_update).
