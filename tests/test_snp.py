@@ -365,8 +365,9 @@ def test_psc_ghcb_coalesces_and_reports_progress():
     desc = sv.PscDesc.of([E(0, huge=True, cur=100), E(512, huge=True), E(1024, huge=True),
                           E(2000), E(2001), E(5, sv.SNP_PAGE_STATE_PSMASH), E(7, shared), E(9, shared)])
     r = vcpu.psc(desc)
-    # the partly done 2M entry alone, as 4K pages (412 of them); then 512+1024 coalesced at 2M
-    assert r.hypercall.args == ((100) << 12, 412, 0x10)
+    # the partly done 2M entry alone, as 4K pages (412 of them), its size flag still the
+    # entry's 2M bit (snp_begin_psc); then 512+1024 coalesced at 2M
+    assert r.hypercall.args == ((100) << 12, 412, 0x11)
     r = vcpu.run()
     assert desc.cur_entry == 1 and desc.entries[0].cur_page == 512
     assert r.hypercall.args == (512 << 12, 1024, 0x11)
@@ -382,6 +383,27 @@ def test_psc_ghcb_coalesces_and_reports_progress():
     r = vcpu.run()
     assert r.ret == "done" and r.status == sv.VMGEXIT_PSC_ERROR_GENERIC
     assert desc.cur_entry == 7 and vm.stats["hypercall_exits"] == 5
+
+
+def test_psc_ghcb_partly_done_2m_entry_coalesces_as_the_kernel_does():
+    """snp_begin_psc (arch/x86/kvm/svm/sev.c) compares a following entry's gfn with the first
+    entry's own gfn plus the pages it has counted: after a 2M entry with cur_page 100 it
+    coalesces a 4K entry at gfn 412 (one exit of 413 pages from gfn 100), not one at gfn 512.
+    The exit's size flag is the first entry's 2M bit. The model compared against the adjusted
+    gfn and used the 4K flag."""
+    vm, _, vcpu = snp_vm(private=False)
+    desc = sv.PscDesc.of([E(0, huge=True, cur=100), E(412)])
+    r = vcpu.psc(desc)
+    assert r.hypercall.args == (100 << 12, 413, 0x11)
+    assert vcpu.run().status == 0 and desc.cur_entry == 2
+    assert [e.cur_page for e in desc.entries] == [512, 1]
+    desc = sv.PscDesc.of([E(1024, huge=True, cur=100), E(1536)])
+    r = vcpu.psc(desc)
+    assert r.hypercall.args == ((1024 + 100) << 12, 412, 0x11)  # gfn 1536 is not "contiguous"
+    r = vcpu.run()
+    assert r.hypercall.args == (1536 << 12, 1, 0x10)
+    assert vcpu.run().status == 0 and desc.cur_entry == 2
+    assert vm.stats["hypercall_exits"] == 3
 
 
 # -- §7.8 end-to-end sequences ---------------------------------------------------------------------
