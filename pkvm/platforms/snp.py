@@ -222,8 +222,9 @@ def snp_gmem_prepare(vm: VM, gfn: int, pfn: int, order: int, nr: int) -> int:
 
 def snp_gmem_invalidate(vm: VM, pfn_start: int, pfn_end: int) -> int:
     """``sev_gmem_invalidate`` on freed folios ``[pfn_start, pfn_end)`` (§5.7). A page that
-    cannot be made shared (immutable, in use) is leaked: it stays assigned and is recorded in
-    ``vm.snp.leaked`` / ``snp_leaked_pages``."""
+    cannot be made shared (immutable, in use) is leaked: it stays assigned and is freed anyway
+    (the kernel only warns); pkvm records it in ``vm.snp.leaked`` / ``snp_leaked_pages``, a
+    count the kernel does not keep on this path (no ``snp_leak_pages`` call)."""
     return vm.snp._path.gmem_invalidate(pfn_start, pfn_end)  # type: ignore[attr-defined, no-any-return]
 
 
