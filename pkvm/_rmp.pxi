@@ -756,7 +756,7 @@ cdef class RmpTable:
         """Set fields of assigned entries the way SNP firmware commands do.
 
         The x86 instructions cannot set ``immutable`` after the fact, ``validated`` for the
-        guest, or ``vmsa``; the PSP firmware can (SNP_LAUNCH_UPDATE / LAUNCH_FINISH, VMSA
+        guest, or ``vmsa``; the PSP firmware can (SNP_LAUNCH_UPDATE, VMSA
         pages, page reclaim; kernel-semantics.md §5.2, §5.9). Each field given (not ``None``) is written on
         every entry of ``[pfn, pfn + npages)``.
 

@@ -174,11 +174,28 @@ def test_invalidate_of_part_of_a_2m_entry_psmashes_first():
     assert vm.stats["cache_flush_pages"] == 8
 
 
-def test_immutable_page_is_leaked_on_free():
+def test_launched_page_freed_before_launch_finish_is_returned_not_leaked():
+    """LAUNCH_UPDATE leaves a page Guest-Valid (not immutable): sev_gmem_post_populate
+    (arch/x86/kvm/svm/sev.c) returns launched pages with a plain rmp_make_shared. Freeing one
+    before LAUNCH_FINISH gives it back to the hypervisor; the model leaked it as immutable."""
     vm, gmem, _vcpu = snp_vm()
     assert vm.snp.launch_update(0, 0x2000) == 0x2000
-    gmem.fallocate(PUNCH, 0, 0x2000)  # before LAUNCH_FINISH: pages still immutable
-    assert vm.stats["snp_leaked_pages"] == 2 and vm.stats["rmpupdate_failures"] == 1
+    pfn = gpfn(gmem, 0)
+    assert not vm.rmp.lookup(pfn).immutable and vm.rmp.lookup(pfn).validated
+    gmem.fallocate(PUNCH, 0, 0x2000)  # before LAUNCH_FINISH
+    assert vm.stats["snp_leaked_pages"] == 0 and vm.stats["rmpupdate_failures"] == 0
+    assert vm.rmp.find_eq(pfn, 1, assigned=True) == -1
+    vm.check()
+
+
+def test_page_that_cannot_be_made_shared_is_leaked_on_free():
+    vm, gmem, vcpu = snp_vm()
+    assert vcpu.pvalidate(0, PG_LEVEL_4K, True).status == PVALIDATE_SUCCESS
+    pfn = gpfn(gmem, 0)
+    vm.rmp.set_in_use(pfn, 1, True)  # another CPU holds the entry: FAIL_INUSE, not retried
+    gmem.fallocate(PUNCH, 0, 0x1000)
+    assert vm.stats["snp_leaked_pages"] == 1 and vm.stats["rmpupdate_failures"] == 1
+    assert vm.rmp.lookup(pfn).assigned
     vm.check()
 
 
@@ -205,6 +222,32 @@ def test_4k_npt_over_2m_rmp_entry_psmashes_and_zaps():
     assert vm.stats["rmp_fault"] == 1 and vm.stats["psmash"] == 1
     assert vm.rmp.lookup(gpfn(gmem, 0)).level == PG_LEVEL_4K
     assert vm.mmu.lookup(0).level == PG_LEVEL_4K
+    vm.check()
+
+
+def test_rmp_fault_psmash_lost_to_another_cpu_does_not_zap(monkeypatch):
+    """sev_handle_rmp_fault (arch/x86/kvm/svm/sev.c): when its PSMASH fails but a second look
+    finds the entry already split to 4K and assigned (another CPU won the PSMASH), the fault is
+    resolved and the handler skips the zap. The model zapped 512 gfns anyway."""
+    import pkvm.platforms.snp as snp_mod
+    from pkvm.platforms.snp_constants import PSMASH_FAIL_INPUT
+
+    vm, gmem, vcpu = snp_vm(order=9)
+    assert vcpu.pvalidate(0, PG_LEVEL_2M, True).status == PVALIDATE_SUCCESS
+    vm.set_memory_attributes(511 << 12, 0x1000, 0)  # MIXED chunk: the next fault maps 4K
+    real = snp_mod.psmash
+
+    def lost_race(vm_, pfn):
+        real(vm_, pfn)  # "another CPU" splits the entry ...
+        return PSMASH_FAIL_INPUT  # ... so this CPU's PSMASH finds no 2M entry
+
+    monkeypatch.setattr(snp_mod, "psmash", lost_race)
+    zapped = vm.stats["zapped_sptes"]
+    r = vcpu.access(0, private=True, size=0x2000)
+    assert r.ret == "done"
+    assert vm.stats["rmp_fault"] == 1 and vm.rmp.lookup(gpfn(gmem, 0)).level == PG_LEVEL_4K
+    assert vm.stats["zapped_sptes"] == zapped  # resolved: nothing zapped
+    assert not [e for e in vm.events if e[0] == "rmp_fault"]  # and no warning
     vm.check()
 
 
@@ -322,8 +365,9 @@ def test_psc_ghcb_coalesces_and_reports_progress():
     desc = sv.PscDesc.of([E(0, huge=True, cur=100), E(512, huge=True), E(1024, huge=True),
                           E(2000), E(2001), E(5, sv.SNP_PAGE_STATE_PSMASH), E(7, shared), E(9, shared)])
     r = vcpu.psc(desc)
-    # the partly done 2M entry alone, as 4K pages (412 of them); then 512+1024 coalesced at 2M
-    assert r.hypercall.args == ((100) << 12, 412, 0x10)
+    # the partly done 2M entry alone, as 4K pages (412 of them), its size flag still the
+    # entry's 2M bit (snp_begin_psc); then 512+1024 coalesced at 2M
+    assert r.hypercall.args == ((100) << 12, 412, 0x11)
     r = vcpu.run()
     assert desc.cur_entry == 1 and desc.entries[0].cur_page == 512
     assert r.hypercall.args == (512 << 12, 1024, 0x11)
@@ -339,6 +383,27 @@ def test_psc_ghcb_coalesces_and_reports_progress():
     r = vcpu.run()
     assert r.ret == "done" and r.status == sv.VMGEXIT_PSC_ERROR_GENERIC
     assert desc.cur_entry == 7 and vm.stats["hypercall_exits"] == 5
+
+
+def test_psc_ghcb_partly_done_2m_entry_coalesces_as_the_kernel_does():
+    """snp_begin_psc (arch/x86/kvm/svm/sev.c) compares a following entry's gfn with the first
+    entry's own gfn plus the pages it has counted: after a 2M entry with cur_page 100 it
+    coalesces a 4K entry at gfn 412 (one exit of 413 pages from gfn 100), not one at gfn 512.
+    The exit's size flag is the first entry's 2M bit. The model compared against the adjusted
+    gfn and used the 4K flag."""
+    vm, _, vcpu = snp_vm(private=False)
+    desc = sv.PscDesc.of([E(0, huge=True, cur=100), E(412)])
+    r = vcpu.psc(desc)
+    assert r.hypercall.args == (100 << 12, 413, 0x11)
+    assert vcpu.run().status == 0 and desc.cur_entry == 2
+    assert [e.cur_page for e in desc.entries] == [512, 1]
+    desc = sv.PscDesc.of([E(1024, huge=True, cur=100), E(1536)])
+    r = vcpu.psc(desc)
+    assert r.hypercall.args == ((1024 + 100) << 12, 412, 0x11)  # gfn 1536 is not "contiguous"
+    r = vcpu.run()
+    assert r.hypercall.args == (1536 << 12, 1, 0x10)
+    assert vcpu.run().status == 0 and desc.cur_entry == 2
+    assert vm.stats["hypercall_exits"] == 3
 
 
 # -- §7.8 end-to-end sequences ---------------------------------------------------------------------
@@ -417,7 +482,8 @@ def test_launch_update_immutable_validated_then_finish():
     vm, gmem, vcpu = snp_vm()
     assert vm.snp.launch_update(0x10000, 0x4000) == 0x4000
     pfn = gpfn(gmem, 0x10)
-    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, True, True, False)
+    # Guest-Valid after LAUNCH_UPDATE: validated, no longer immutable (sev_gmem_post_populate).
+    assert vm.rmp.lookup(pfn) == (True, PG_LEVEL_4K, ASID, 0x10000, False, True, False)
     assert gmem.folio(0x10)[2]  # prepared
     # An already-prepared first page: kvm_gmem_populate fails (-EEXIST); the ioctl says -EIO
     # with the firmware error field 0 (snp_launch_update).

@@ -11,9 +11,16 @@ Plugged into :class:`pkvm.Guest` through ``PlatformOps.guest_flows``
   to-private page-state change + PVALIDATE;
 * page-state changes use the GHCB protocol: a 2M entry for every 2M-aligned 2M block, 4K
   entries elsewhere, at most ``VMGEXIT_PSC_MAX_ENTRY`` (64) entries per request; on return the
-  guest requires ``cur_entry > end_entry`` and ``sw_exit_info_2 == 0`` (``vmgexit_psc``), else it
-  would terminate (``GHCB_TERM_PSC``: the flow returns a failed :class:`pkvm.ConversionResult`
-  of step ``"PSC"`` with that status);
+  guest requires ``sw_exit_info_2 == 0`` (``vmgexit_psc``), else it would terminate
+  (``GHCB_TERM_PSC``: the flow returns a failed :class:`pkvm.ConversionResult` of step
+  ``"PSC"`` with that status), and ``cur_entry > end_entry`` (the Linux guest issues the
+  VMGEXIT again while entries remain; KVM never answers 0 before the last one, so pkvm
+  reports that case as a failure);
+* **departure**: the PVALIDATEs of the whole range run before (to shared) or after (to
+  private) all of its requests; the Linux guest's ``__set_pages_state`` does them request by
+  request (64 entries at a time). Same PVALIDATEs, requests and exits, another order (what
+  depends on the interleaving, e.g. a later request's zap of mappings an earlier request's
+  PVALIDATEs faulted in, can differ; docs/snp.md);
 * PVALIDATE at 2M for those 2M blocks, redone as 512 x 4K on ``FAIL_SIZEMISMATCH``.
 
 Entries are generated lazily one request at a time, so memory does not grow with the range.

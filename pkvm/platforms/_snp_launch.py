@@ -9,9 +9,12 @@
    that memslot.
 3. Folio by folio (allocated if missing, never prepared): ``-EEXIST`` if already prepared;
    every gfn must have the PRIVATE attribute (``-EINVAL``); every pfn must be unassigned in the
-   RMP (``-EEXIST``); then ``rmp_make_private(4K, immutable=True)`` for each page and the
-   firmware's LAUNCH_UPDATE, which leaves the pages validated (pkvm models the firmware as
-   never failing). The folio is marked prepared. A 2M folio is populated whole: one that is
+   RMP (``-EEXIST``); then ``rmp_make_private(4K, immutable=True)`` for each page (Pre-Guest)
+   and the firmware's LAUNCH_UPDATE, which leaves the page Guest-Valid: validated and no
+   longer immutable (pkvm models the firmware as never failing). The kernel relies on that:
+   ``sev_gmem_post_populate`` returns the call's earlier, already launched pages with a plain
+   ``rmp_make_shared`` and reclaims through the firmware only the page whose LAUNCH_UPDATE
+   failed. The folio is marked prepared. A 2M folio is populated whole: one that is
    only partly inside the range stops the call (``-EINVAL``, pkvm's choice).
 4. Partial progress: the call returns the bytes done when a later folio fails
    (``kvm_gmem_populate`` returns the count). If the first page fails, ``kvm_gmem_populate``
@@ -22,9 +25,9 @@
    ioctl's checks and makes ``kvm_gmem_populate`` return ``-EINVAL`` (with a host WARN):
    ``-EIO`` too.
 
-:func:`launch_finish` turns every Pre-Guest page (assigned + immutable) of the guest into a
-Guest-Valid one (immutable cleared, validated kept) and sets ``launched`` (KVM's
-``pre_fault_allowed``).
+:func:`launch_finish` sets ``launched`` (KVM's ``pre_fault_allowed``); it changes no RMP entry
+(``snp_launch_finish`` measures the vCPUs' VMSAs, which pkvm does not model, then issues
+LAUNCH_FINISH).
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
             if rmp_make_private(vm, pfn, g, n, PG_LEVEL_4K, immutable=True):
                 err = errno.EIO
                 break
-            rmp.firmware_update(pfn, n, validated=True)
+            rmp.firmware_update(pfn, n, immutable=False, validated=True)  # Pre-Guest -> Guest-Valid
             vm._charge("psp_launch_update", n)  # SEV_CMD_SNP_LAUNCH_UPDATE, one per 4K page
             v = gmem.folios.get(idx)
             gmem.folios.assign(idx, idx + n, v | FOLIO_PREPARED)
@@ -149,10 +152,6 @@ def launch_finish(snp: SnpVm) -> None:
     snp.vm._check_alive()
     if snp.launched:
         raise KvmError(errno.EINVAL, "SNP_LAUNCH_FINISH: the guest is already launched")
-    rmp = snp.rmp
-    for s, e, ent in rmp.ranges():
-        if ent.assigned and ent.immutable:
-            rmp.firmware_update(s, e - s, immutable=False)
     snp.launched = True
 
 

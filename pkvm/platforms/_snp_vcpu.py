@@ -520,9 +520,13 @@ class SnpVcpu(Vcpu):
             huge = first.huge and not first.cur_page
             inflight = 1
             j = idx + 1
+            # snp_begin_psc tests contiguity against the first entry's own gfn plus the pages
+            # counted so far, so after a partly done 2M entry (cur_page c > 0, continued as 4K)
+            # it expects the next entry at gfn + 512 - c, not gfn + 512: a kernel quirk kept
+            # as is (Linux guests never send a partly done entry).
             while j <= desc.end_entry:
                 nxt = entries[j]
-                if (nxt.op != first.op or nxt.cur_page or nxt.huge != huge or nxt.gfn != gfn + npages
+                if (nxt.op != first.op or nxt.cur_page or nxt.huge != huge or nxt.gfn != first.gfn + npages
                         or nxt.gfn & (nxt.npages - 1)):
                     break
                 npages += nxt.npages
@@ -531,7 +535,9 @@ class SnpVcpu(Vcpu):
             vm._stats["psc_entries"] += inflight
             attrs = (KVM_MAP_GPA_RANGE_ENCRYPTED if first.op == SNP_PAGE_STATE_PRIVATE
                      else KVM_MAP_GPA_RANGE_DECRYPTED)
-            attrs |= KVM_MAP_GPA_RANGE_PAGE_SZ_2M if huge else KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+            # The size flag is the first entry's page-size bit, even for a partly done 2M entry
+            # that continues as 4K pages (snp_begin_psc).
+            attrs |= KVM_MAP_GPA_RANGE_PAGE_SZ_2M if first.huge else KVM_MAP_GPA_RANGE_PAGE_SZ_4K
             hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gfn << PAGE_SHIFT, npages, attrs), 0,
                            KVM_EXIT_HYPERCALL_LONG_MODE)
 

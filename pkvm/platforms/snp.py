@@ -222,8 +222,9 @@ def snp_gmem_prepare(vm: VM, gfn: int, pfn: int, order: int, nr: int) -> int:
 
 def snp_gmem_invalidate(vm: VM, pfn_start: int, pfn_end: int) -> int:
     """``sev_gmem_invalidate`` on freed folios ``[pfn_start, pfn_end)`` (§5.7). A page that
-    cannot be made shared (immutable, in use) is leaked: it stays assigned and is recorded in
-    ``vm.snp.leaked`` / ``snp_leaked_pages``."""
+    cannot be made shared (immutable, in use) is leaked: it stays assigned and is freed anyway
+    (the kernel only warns); pkvm records it in ``vm.snp.leaked`` / ``snp_leaked_pages``, a
+    count the kernel does not keep on this path (no ``snp_leak_pages`` call)."""
     return vm.snp._path.gmem_invalidate(pfn_start, pfn_end)  # type: ignore[attr-defined, no-any-return]
 
 
@@ -275,8 +276,14 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
         return 0
     if ret != PSMASH_SUCCESS:
         ent = snp.rmp.lookup(pfn)
-        if not (ent.assigned and ent.level == PG_LEVEL_4K):
-            vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
+        if ent.assigned and ent.level == PG_LEVEL_4K:
+            # Another CPU split the entry first: the fault is resolved, and the kernel goes
+            # straight to its trace point without zapping anything (sev_handle_rmp_fault).
+            if vm._subs is not None:
+                vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, ret,
+                         (vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret))
+            return 0
+        vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
     # 6.11+: kvm_zap_gfn_range(kvm, gfn, gfn + PTRS_PER_PMD) from the faulting gfn itself;
     # rfc-v8 (Policy.rmp_fault_zap="2m-aligned"): the 2M-aligned range holding it.
     base = gfn & ~(RMP_PAGES_2M - 1) if vm.policy.rmp_fault_zap == "2m-aligned" else gfn
