@@ -639,7 +639,7 @@ cdef class AttrPath:
         return 0
 
     cdef int _pre_range(self, _PreState *ps, uint64_t s, uint64_t e, uint64_t key) except -1:
-        """The piece's range added to the invalidation (with the 6.16 guard, also its partially
+        """The piece's range added to the invalidation (with the 6.15+ guard, also its partially
         covered head/tail hugepages that are not MIXED)."""
         cdef uint64_t hs, he, base, send, n, w
         cdef RangeMap m

@@ -113,8 +113,9 @@ class GuestMemfd:
         Runtime complexity: O(log n + k) for k folio runs.
 
         Raises:
-            KvmError: EINVAL (negative offset, ``length <= 0``, unaligned, allocating past the
-                size), EOPNOTSUPP (no ``KEEP_SIZE`` or unknown mode bits), EBADF (closed),
+            KvmError: EBADF (closed: checked before the arguments, as the syscall resolves the
+                descriptor first), EINVAL (negative offset, ``length <= 0``, unaligned,
+                allocating past the size), EOPNOTSUPP (no ``KEEP_SIZE`` or unknown mode bits),
                 EFBIG (past ``MAX_LFS_FILESIZE``), ENOMEM (host memory exhausted; nothing is
                 allocated then).
         """
@@ -122,7 +123,10 @@ class GuestMemfd:
             self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         if type(mode) is not int or type(offset) is not int or type(length) is not int:
             mode, offset, length = _check_int("mode", mode), _check_int("offset", offset), _check_int("length", length)
-        # vfs_fallocate's generic checks come first, then kvm_gmem_fallocate's.
+        # The syscall resolves the descriptor first (ksys_fallocate: EBADF before any argument
+        # is looked at), then vfs_fallocate's generic checks, then kvm_gmem_fallocate's.
+        if self.closed:
+            raise KvmError(errno.EBADF, f"guest_memfd fd {self.fd} is closed")
         if offset < 0 or length <= 0:
             raise KvmError(errno.EINVAL,
                            f"fallocate offset {offset:#x} / length {length:#x} must be >= 0 / > 0")
@@ -131,8 +135,6 @@ class GuestMemfd:
         if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
             raise KvmError(errno.EOPNOTSUPP,
                            "PUNCH_HOLE needs KEEP_SIZE: use mode=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE")
-        if self.closed:
-            raise KvmError(errno.EBADF, f"guest_memfd fd {self.fd} is closed")
         if offset + length > MAX_LFS_FILESIZE:
             raise KvmError(errno.EFBIG, f"[{offset:#x}, {offset + length:#x}) ends past MAX_LFS_FILESIZE")
         if not mode & FALLOC_FL_KEEP_SIZE:

@@ -58,7 +58,8 @@ class Policy:
         Which roots the PRE hook zaps (§2.5): ``"all"`` (6.8/6.11) or ``"old-type"``
         (6.14+, only the old attribute's root). Only VMs with a mirror root (TDX) can tell.
     ``hugepage_guard``
-        The 6.16 head/tail hugepage addition to the invalidation range (§2.5 step 2).
+        The head/tail hugepage addition to the invalidation range (§2.5 step 2; 6.15+, so the
+        "6.16" and "6.19" presets have it, "6.11" does not).
     ``attr_ioctl``
         ``"all-or-nothing"`` (6.8+: short-circuit, reserve, PRE zap, store, POST; §2.4-2.6)
         or ``"legacy-progress"`` (the UPM-era ioctl of the RFC v8 series: no short-circuit,
@@ -67,8 +68,9 @@ class Policy:
     ``gmem_max_order``
         Largest guest_memfd folio order: 0 upstream, 9 to study 2M folios (§10.3).
     ``mixed_head_in_slot``
-        POST hook head-chunk test (§3.3 step 2): ``"start-only"`` (6.8 checks only that the
-        chunk starts in the slot) or ``"whole-chunk"`` (6.11+ also requires it to end there).
+        POST hook head-chunk test (§3.3 step 2): ``"start-only"`` (v6.8.1 checks only that the
+        chunk starts in the slot) or ``"whole-chunk"`` (6.9+, and later 6.8.y stable releases,
+        also require it to end there).
     ``private_fault_source``
         Where a fault's ``is_private`` comes from (§4.1): ``"attributes"`` (6.8: the
         attribute of the gfn for every VM) or ``"access"`` (6.11+: the access type, i.e. the

@@ -715,7 +715,7 @@ class VM(VmState):
         :class:`AttrIoctl` to run the rest phase by phase (``begin``, ``pre``, ``commit``,
         ``post``, ``end``; ``docs/kvm-model.md``). Between two phases a test or an embedder can
         run another vCPU's fault, as the kernel allows (``slots_lock`` is held, ``mmu_lock`` is
-        not): that is the window the 6.16 head/tail-chunk guard protects. Until the returned
+        not): that is the window the 6.15+ head/tail-chunk guard protects. Until the returned
         ioctl has finished, calls that need ``slots_lock`` (another attribute ioctl, a memslot
         change) raise ``KvmError(EDEADLK)``: in one thread they would wait forever.
 
@@ -816,7 +816,7 @@ class VM(VmState):
         """PRE phase: ``kvm_pre_set_memory_attributes`` per slot-clipped piece (§2.4, §2.5).
 
         ``invalidate_begin`` runs once, when the lock is taken at the first intersecting
-        slot; each piece is added to the invalidation range (plus, with the 6.16 guard, its
+        slot; each piece is added to the invalidation range (plus, with the 6.15+ guard, its
         partially covered head/tail hugepages that are not MIXED) and zapped. One TLB flush
         covers the phase. Helpers are inlined: this is the ioctl's hot path.
         """
