@@ -231,3 +231,16 @@ def test_paths_in_commands_and_inline_code_exist():
             missing += [f"{path.name}:{line}: {m}" for m in _PATH.findall(text) if not (ROOT / m).exists()]
     assert not missing, "\n".join(missing)
 
+
+def test_help_sensitivity_examples_are_re_priced():
+    """A ``pkvm sensitivity`` example in --help finishes in seconds: its metric is re-priced
+    from one counting run per policy (the default metric, the critical path, is simulated per
+    sample: 1024 base samples of a 64G boot would take hours)."""
+    from pkvm.experiments.uncertainty import is_repriceable
+
+    parser, _ = _subparsers()
+    examples = [argv for _, argv in _help_commands() if argv[0] == "sensitivity"]
+    assert examples
+    for argv in examples:
+        args = parser.parse_args(cli._join_dash_values(parser, list(argv)))
+        assert args.metric is not None and is_repriceable(args.metric) and args.vcpus in (None, 1), argv
