@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  pkvm compare --sweep-memory 1G,16G,256G --plot sweep.png\n"
                "  pkvm run --policy eager-post --cost rmpupdate=800ns\n"
                "  pkvm sweep --grid memory=16G,64G vcpus=1,8 --plot grid.png --out grid.parquet\n"
-               "  pkvm sensitivity --memory 64G --samples 1024 --plot gsa.png\n"
+               "  pkvm sensitivity --memory 64G --metric modeled_ns --samples 1024 --plot gsa.png\n"
                "  pkvm costs --platform snp --toml > snp.toml")
     parser.add_argument("--version", action="version", version=f"{_PROG} {experiments.version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
