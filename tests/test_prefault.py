@@ -89,3 +89,17 @@ def test_snp_launch_update_charges_the_psp_per_page():
     vm, vcpu = _snp(launched=False)
     assert vm.snp.launch_update(0, 0x4000) == 0x4000
     assert vm.cost_breakdown()["psp_launch_update"] == 4 * vm.costs.ns("psp_launch_update") == 40_000
+
+
+
+@pytest.mark.parametrize("preset", ["6.8", "rfc-v8"])
+def test_no_pre_fault_ioctl_before_6_11(preset):
+    """KVM_PRE_FAULT_MEMORY arrived in 6.11: on an older kernel the ioctl number is unknown and
+    kvm_arch_vcpu_ioctl answers EINVAL before reading anything; nothing is mapped or counted."""
+    vm, _gmem, vcpu = gmem_vm(policy=preset)
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="does not have the ioctl") as e:
+        vcpu.pre_fault_memory(0, 2 * MiB)
+    assert e.value.errno == errno.EINVAL and snapshot(vm) == before
+    vm, _gmem, vcpu = gmem_vm(policy="6.11")
+    assert vcpu.pre_fault_memory(0, 2 * MiB) == 2 * MiB

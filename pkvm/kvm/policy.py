@@ -29,6 +29,7 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
         "tdx_initial_image": ("premap-then-add", "add-in-sept-hook"),
         "tdx_huge_pages": (False, True),
         "rmp_fault_zap": ("from-gfn", "2m-aligned"),
+        "pre_fault_memory": (False, True),
     }
 )
 
@@ -89,6 +90,11 @@ class Policy:
         The gfns ``sev_handle_rmp_fault`` zaps after a PSMASH: ``"from-gfn"`` (6.11+:
         ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself) or ``"2m-aligned"``
         (``rfc-v8``: the 2M-aligned range holding the gfn). SNP only.
+    ``pre_fault_memory``
+        Whether the kernel has the ``KVM_PRE_FAULT_MEMORY`` vCPU ioctl (6.11+: added with
+        ``kvm_vcpu_pre_fault_memory`` in virt/kvm/kvm_main.c and x86's
+        ``kvm_arch_vcpu_pre_fault_memory``). Without it the ioctl number is unknown and
+        ``kvm_arch_vcpu_ioctl`` answers ``EINVAL`` (``Vcpu.pre_fault_memory``).
 
     >>> Policy.preset("6.8").hugepage_guard
     False
@@ -111,6 +117,7 @@ class Policy:
     tdx_initial_image: str = "add-in-sept-hook"
     tdx_huge_pages: bool = False
     rmp_fault_zap: str = "from-gfn"
+    pre_fault_memory: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -170,6 +177,7 @@ KNOB_SCOPE: Mapping[str, str] = MappingProxyType({
     "tdx_initial_image": "TDX build (pf_fixed, a busy PAGE.ADD)",
     "tdx_huge_pages": "TDX",
     "rmp_fault_zap": "SNP (RMP #NPF after a PSMASH)",
+    "pre_fault_memory": "all, the KVM_PRE_FAULT_MEMORY ioctl (no workload uses it)",
 })
 
 
@@ -194,8 +202,10 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
         hugepage_guard=False, attr_ioctl="all-or-nothing", gmem_max_order=0,
         mixed_head_in_slot="start-only", private_fault_source="attributes",
         tdx_initial_image="premap-then-add", tdx_huge_pages=False, rmp_fault_zap="from-gfn",
+        pre_fault_memory=False,
     )
-    v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access")
+    v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access",
+                 pre_fault_memory=True)
     v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
     v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook")
     # RFC v8 of the SNP host series (LKML, Feb-Mar 2023; kernel-semantics.md §7.7): RMPUPDATE from the post-lock

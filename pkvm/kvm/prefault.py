@@ -56,6 +56,11 @@ def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
         if not 0 <= value <= _U64_MAX:
             raise ValueError(f"{name}={value:#x} does not fit a u64")
     vm._check_alive()
+    if not vm.policy.pre_fault_memory:
+        # Before 6.11 the ioctl number is unknown: kvm_vcpu_ioctl passes it to
+        # kvm_arch_vcpu_ioctl, whose default answer is EINVAL, before anything is read.
+        raise KvmError(errno.EINVAL, "KVM_PRE_FAULT_MEMORY: this kernel does not have the ioctl "
+                       "(Linux 6.11+; Policy.pre_fault_memory is False)")
     if (gpa | size) & ((1 << PAGE_SHIFT) - 1) or not size or gpa + size > _U64_MAX:
         raise KvmError(errno.EINVAL, f"KVM_PRE_FAULT_MEMORY: [{gpa:#x}, +{size:#x}) must be a non-empty, "
                        "4 KiB aligned range that does not wrap")

@@ -1228,8 +1228,9 @@ class Vcpu:
         ``kvm_arch_vcpu_pre_fault_memory``).
 
         Raises:
-            KvmError: EINVAL (unaligned, empty or wrapping range), EOPNOTSUPP (not yet allowed:
-                an SNP guest before LAUNCH_FINISH, a TD before finalization), EIO (dead VM),
+            KvmError: EINVAL (a kernel before 6.11, ``Policy.pre_fault_memory`` False: the
+                ioctl does not exist; an unaligned, empty or wrapping range), EOPNOTSUPP (not
+                yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EIO (dead VM),
                 or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
             TypeError / ValueError: an argument is not a u64 int.
         """
