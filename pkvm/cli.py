@@ -861,7 +861,9 @@ def _add_execution_options(g: argparse._ArgumentGroup) -> None:
                         "process); the results are identical (default: %(default)s)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://host:8786 (its workers need "
-                        "the same pkvm installed); overrides --jobs")
+                        "the same pkvm installed); overrides --jobs. A malformed address is a usage "
+                        "error (exit 2); no scheduler answering within 5 s, or a server there that is "
+                        "not one, fails the run (exit 1)")
 
 
 @contextlib.contextmanager
