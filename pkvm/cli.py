@@ -1090,7 +1090,8 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         close = difflib.get_close_matches(metric, list(frame.columns), n=3, cutoff=0.6)
         raise UsageError(f"--metric {metric}: not measured by these runs"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
-    if frame[metric].dtype.kind not in "iuf":
+    measured = {k for r in results for k in r.metrics()}
+    if frame[metric].dtype.kind not in "iuf" or metric not in measured:  # seed, vcpus: the configuration's
         raise UsageError(f"--metric {metric}: a column of the configuration, not a number the runs "
                          "measured (e.g. modeled_ns, by_actor.vcpu0, counters.rmpupdate)")
     keys = list(grid)
