@@ -634,6 +634,21 @@ def _sweep_trace(path: str | None, memory: int, policies: Sequence[str]) -> str 
 # ---- output ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _writing(stream: IO[str]) -> Iterator[None]:
+    """A failed write to a standard stream (``> /dev/full``: ENOSPC) as an OSError that says
+    which stream; a reader that went away stays a BrokenPipeError (:func:`main` ends quietly)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        name = "standard error" if stream is sys.stderr else "standard output"
+        raise OSError(exc.errno, f"cannot write to {name}: {exc.strerror or exc}") from None
+
+
 class _Output:
     """stdout: ``rich`` with colour on a terminal; otherwise plain text at the natural width."""
 
@@ -649,25 +664,28 @@ class _Output:
         return report.table(results, console=self.console, layout=layout)  # type: ignore[arg-type]
 
     def print(self, renderable: RenderableType | str = "") -> None:
-        if self.console is not None:
-            from rich.text import Text
+        with _writing(self._stream):
+            if self.console is not None:
+                from rich.text import Text
 
-            self.console.print(Text(renderable) if isinstance(renderable, str) else renderable)
-        elif isinstance(renderable, str):
-            self._stream.write(renderable + "\n")
-        else:
-            self._stream.write(report.render_text(renderable))
-        self._stream.flush()
+                self.console.print(Text(renderable) if isinstance(renderable, str) else renderable)
+            elif isinstance(renderable, str):
+                self._stream.write(renderable + "\n")
+            else:
+                self._stream.write(report.render_text(renderable))
+            self._stream.flush()
 
     def write(self, text: str) -> None:
         """Preformatted text, as is (no wrapping, which would break its columns)."""
-        self._stream.write(text if text.endswith("\n") else text + "\n")
-        self._stream.flush()
+        with _writing(self._stream):
+            self._stream.write(text if text.endswith("\n") else text + "\n")
+            self._stream.flush()
 
 
 def _info(args: argparse.Namespace, line: str) -> None:
     if not getattr(args, "quiet", False):
-        print(line, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a note on stderr; a closed stderr does not fail the run
+            print(line, file=sys.stderr, flush=True)
 
 
 def _header(config: Config, seed: int, what: str) -> str:
@@ -918,9 +936,10 @@ def _write_json(args: argparse.Namespace, data: Any) -> None:
     tables went to stderr: :func:`main`)."""
     path = args.json
     if path == "-":
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        with _writing(sys.stdout):
+            json.dump(data, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         return
 
     def write(tmp: str) -> None:
@@ -1281,7 +1300,9 @@ def _escape(text: str) -> str:
 
 
 def _fail(message: str) -> None:
-    print(f"{_PROG}: error: {_escape(message)}", file=sys.stderr, flush=True)
+    # stderr closed (2>&-) or full: the exit status is all that can say it
+    with contextlib.suppress(OSError):
+        print(f"{_PROG}: error: {_escape(message)}", file=sys.stderr, flush=True)
 
 
 def _value_options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
@@ -1327,6 +1348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PKVM_DEBUG", "") not in ("", "0")
+    if sys.stderr is None:  # started with stderr closed (2>&-): errors go nowhere, the status says it
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process's life
+    if sys.stdout is None:  # >&-: the tables (and --help) have nowhere to go
+        _fail("cannot write to standard output: it is closed")
+        return 1
     try:
         parser = build_parser()
         try:
@@ -1364,7 +1390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # where RunError carries it as the cause)
         return 2 if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError) else 1
     except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # a bug in pkvm: one line, the traceback with PKVM_DEBUG=1
         if debug:
