@@ -45,7 +45,7 @@ from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
-from pkvm._files import atomic_output, output_path
+from pkvm._files import atomic_output, check_creatable, output_path
 from pkvm._units import format_size, parse_decimal, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError, TracePlatformError
@@ -550,11 +550,14 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
                 raise UsageError(f"{flag} {path}: cannot write it{shown}: permission denied (the file is "
                                  "read-only)")
         if flag == "--out":  # _check_frame_out
+            if os.path.isdir(parent) and not os.path.isdir(path):
+                _check_creatable(flag, path, policies, memories)
             continue
         if not os.path.isdir(parent):
             raise UsageError(f"{flag} {path}: cannot write it: directory {parent} does not exist")
         if os.path.isdir(path):
             raise UsageError(f"{flag} {path}: cannot write it: it is a directory")
+        _check_creatable(flag, path, policies, memories)
     if args.gantt is not None and os.path.splitext(args.gantt)[1].lower() not in (".png", ""):
         raise UsageError(f"--gantt {args.gantt}: the Gantt chart is a PNG (name it OUT.png)")
     if args.plot is not None:
@@ -567,6 +570,19 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
         if ext not in known:
             raise UsageError(f"--plot {args.plot}: cannot draw .{ext} files (use .png, or one of "
                              f"{', '.join(sorted(known))})")
+
+
+def _check_creatable(flag: str, path: str, policies: Sequence[str], memories: Sequence[int]) -> None:
+    """Each file output ``flag`` writes can be created where it goes (a read-only file
+    system, ``/proc``: the write failed after the run, naming a temporary file)."""
+    for name in dict.fromkeys([path, *_output_names(flag, path, policies, memories)]):
+        try:
+            check_creatable(name)
+        except OSError as exc:
+            shown = "" if name == path else f" (it writes {name})"
+            raise UsageError(f"{flag} {path}: cannot write it{shown}: cannot create a file in "
+                             f"{exc.filename or os.path.dirname(output_path(name))}: "
+                             f"{exc.strerror or exc}") from None
 
 
 _OUTPUT_EXAMPLE = {"--json": ".json", "--plot": ".png", "--trace": ".txt", "--timeline": ".json",
@@ -1354,6 +1370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("cannot write to standard output: it is closed")
         return 1
     try:
+        for i, a in enumerate(argv):  # no C string holds one: open() failed on it after the run
+            if not isinstance(a, str) or "\0" in a:
+                raise UsageError(f"argument {i + 1}, {a!r}, " + ("contains a NUL byte, which no value or file name "
+                                 "can hold" if isinstance(a, str) else f"is of type {type(a).__name__}, not a str"))
         parser = build_parser()
         try:
             args = parser.parse_args(_join_dash_values(parser, argv))

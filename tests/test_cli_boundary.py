@@ -1,0 +1,52 @@
+"""Inputs found by a systematic pass over every subcommand and flag (bad values of every
+kind, files of every kind) that still failed after the run or named no argument.
+
+- An output in a directory where no file can be created (``/proc``, a read-only file system)
+  was found after the run, and the message named pkvm's temporary file
+  (``[Errno 2] No such file or directory: '/proc/123/.pkvm-x1y2z3'``, exit 1). It is a
+  usage error before anything runs, naming the option.
+- An argument with a NUL byte (``main()`` called from Python; no shell passes one) ran, then
+  failed with "embedded null byte", exit 1, naming nothing.
+"""
+
+import os
+
+import pytest
+
+from pkvm.cli import main
+
+_UNCREATABLE = "/proc/self/pkvm-test-output"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize(("command", "flag", "ext"), [
+    (c, f, e) for c in ("run", "compare") for f, e in (
+        ("--json", ".json"), ("--plot", ".png"), ("--trace", ".txt"), ("--timeline", ".json"),
+        ("--gantt", ".png"))] + [("compare", "--out", ".csv"), ("sweep", "--out", ".parquet"),
+                                 ("sweep", "--json", ".json"), ("sensitivity", "--json", ".json")])
+def test_an_output_where_no_file_can_be_created_is_refused_before_the_run(capsys, monkeypatch, command, flag, ext):
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    ran = []
+    import pkvm.experiments as E
+
+    monkeypatch.setattr(E, "_build", lambda *a, **k: ran.append(1) or (_ for _ in ()).throw(AssertionError("ran")))
+    argv = {"run": ["run", "--memory", "16M"], "compare": ["compare", "--memory", "16M"],
+            "sweep": ["sweep", "--grid", "memory=16M"],
+            "sensitivity": ["sensitivity", "--memory", "16M", "--samples", "2"]}[command]
+    path = _UNCREATABLE + ext
+    assert main([*argv, "-q", flag, path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pkvm: error: {flag} {path}: cannot write it: cannot create a file in /proc/"), err
+    assert err.count("\n") == 1 and ".pkvm-" not in err and not ran
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "--json", "out\0.json"], ["run", "--memory", "\0"], ["costs", "--costs", "a\0"],
+    ["compare", "--workload", "replay:\0"]])
+def test_an_argument_with_a_nul_byte_is_a_usage_error(capsys, monkeypatch, argv):
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    i = next(i for i, a in enumerate(argv) if "\0" in a)
+    assert err == (f"pkvm: error: argument {i + 1}, {argv[i]!r}, contains a NUL byte, which no value or file "
+                   "name can hold\n")
