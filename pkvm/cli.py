@@ -357,7 +357,11 @@ def _config(args: argparse.Namespace) -> Config:
             host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt,
             trace_events=trace_events)
     except (ValueError, OSError) as exc:
-        raise UsageError(_as_option(_message(exc))) from None
+        message = _as_option(_message(exc))
+        if not message.startswith("-"):
+            flag = _blame(args, shape, workload, options, policy)
+            message = f"{flag}: {message}" if flag else message
+        raise UsageError(message) from None
     # An option without a default (replay's file) is required; Config does not check that.
     wl = workloads.WORKLOADS[config.workload]
     for name, opt in wl.options.items():
@@ -365,6 +369,36 @@ def _config(args: argparse.Namespace) -> Config:
             hint = " (or --workload replay:PATH)" if config.workload == "replay" else ""
             raise UsageError(f"workload {config.workload!r} needs --option {name}=...{hint}")
     return config
+
+
+def _blame(args: argparse.Namespace, shape: dict[str, Any], workload: str, options: dict[str, str],
+           policy: str) -> str | None:
+    """The option whose value :class:`Config` refused, found by checking each on its own with
+    the other options at their defaults, so that the message can name it (``unknown workload
+    'x'`` is the ``--workload``'s, ``bad duration ...`` a ``--cost``'s); None when no option
+    alone is refused (a combination is: the message names its fields)."""
+    platform = shape["platform"]
+
+    def refused(**fields: Any) -> bool:
+        try:
+            experiments.Config(platform=platform, **fields)
+        except (ValueError, OSError):
+            return True
+        return False
+
+    if workload not in workloads.WORKLOADS:
+        return "--workload"
+    if workload != "replay" and refused(memory=shape["memory"], image=shape["image"], workload=workload,
+                                        options=options):
+        return "--option" if options and not refused(memory=shape["memory"], image=shape["image"],
+                                                     workload=workload) else "--workload"
+    if args.cost and refused(costs=_once("--cost", args.cost)):
+        return "--cost"
+    if args.costs is not None and refused(cost_file=args.costs):
+        return f"--costs {args.costs}"
+    if refused(policy=policy):
+        return "--policies" if hasattr(args, "policies") else "--policy"
+    return None
 
 
 def _check_input_file(given: str, path: str) -> None:
@@ -494,7 +528,7 @@ def _policies(args: argparse.Namespace, base: Config) -> list[str]:
         try:
             base.with_(policy=p, trace=None)
         except ValueError as exc:
-            raise UsageError(_message(exc)) from None
+            raise UsageError(f"--policies: {_message(exc)}") from None
     return policies
 
 
@@ -873,7 +907,13 @@ def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     try:
         config = experiments.Config(platform=args.platform, costs=_once("--cost", args.cost), cost_file=args.costs)
     except (ValueError, OSError) as exc:
-        raise UsageError(_message(exc)) from None
+        flag = "--cost"
+        if args.costs is not None:
+            try:
+                experiments.Config(platform=args.platform, cost_file=args.costs)
+            except (ValueError, OSError):
+                flag = f"--costs {args.costs}"
+        raise UsageError(f"{flag}: {_message(exc)}") from None
     model = config.cost_model()
     if args.toml:
         out.write(model.to_toml())

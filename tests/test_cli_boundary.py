@@ -7,6 +7,8 @@ kind, files of every kind) that still failed after the run or named no argument.
   usage error before anything runs, naming the option.
 - An argument with a NUL byte (``main()`` called from Python; no shell passes one) ran, then
   failed with "embedded null byte", exit 1, naming nothing.
+- A value the experiment configuration refuses (a workload, a workload option, a policy, a
+  price, a cost file) was reported in the configuration's words, naming no option.
 """
 
 import os
@@ -50,3 +52,29 @@ def test_an_argument_with_a_nul_byte_is_a_usage_error(capsys, monkeypatch, argv)
     i = next(i for i, a in enumerate(argv) if "\0" in a)
     assert err == (f"pkvm: error: argument {i + 1}, {argv[i]!r}, contains a NUL byte, which no value or file "
                    "name can hold\n")
+
+
+@pytest.mark.parametrize(("argv", "start"), [
+    (["compare", "--workload", "nope"], "--workload: unknown workload 'nope'"),
+    (["run", "--workload", "swiotlb", "--option", "ops=-1"], "--option: workload 'swiotlb' option ops='-1'"),
+    (["compare", "--option", "bogus=1"], "--option: workload 'boot' has no option 'bogus'"),
+    (["compare", "--policies", "fault-time,nope"], "--policies: unknown policy preset 'nope'"),
+    (["run", "--policy", "nope"], "--policy: unknown policy preset 'nope'"),
+    (["run", "--platform", "tdx", "--policy", "fault-time"], "--policy: policy 'fault-time' cannot run on a tdx VM"),
+    (["compare", "--cost", "rmpupdate=1X"], "--cost: bad duration '1X' for 'rmpupdate=1X'"),
+    (["sweep", "--grid", "vcpus=1", "--cost", "nope=1ns"], "--cost: unknown cost operation 'nope'"),
+    (["costs", "--cost", "rmpupdate=x"], "--cost: bad duration 'x'"),
+    (["costs", "--costs", "@BAD"], "--costs @BAD: bad cost model JSON in @BAD"),
+    (["run", "--costs", "@BAD", "--cost", "rmpupdate=1ns"], "--costs @BAD: bad cost model JSON in @BAD"),
+])
+def test_a_value_config_refuses_is_named_by_its_option(capsys, monkeypatch, tmp_path, argv, start):
+    """A value that the experiment configuration refuses is reported with the option that
+    gave it; the messages quoted the value but named no option ("unknown workload 'nope'")."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": ')
+    argv = [a.replace("@BAD", str(bad)) for a in argv]
+    assert main([*argv, "--memory", "16M"] if argv[0] in ("run", "compare") else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pkvm: error: " + start.replace("@BAD", str(bad))), err
+    assert err.count("\n") == 1
