@@ -18,7 +18,9 @@ Exit status: 0 on success; 2 for a usage error (a bad option or file, a configur
 :class:`pkvm.experiments.Config` rejects: every input is checked before anything runs, or one
 the run finds it cannot build, :class:`pkvm.ConfigError`: a workload that needs more memory
 than the guest has above its image); 1 when
-a run or a file operation fails; 130 on Ctrl-C. Every error is one line, ``pkvm: error:
+a run or a file operation fails (writing standard output too; and ``--scheduler ADDRESS`` when
+no Dask scheduler answers there within 5 s, or what answers is not one: a malformed address is
+a usage error, 2); 130 on Ctrl-C. Every error is one line, ``pkvm: error:
 <message>``, with control characters escaped. An unexpected exception (a bug in pkvm) is one
 line too; set ``PKVM_DEBUG=1`` in the environment to get its traceback, for the bug report.
 
@@ -359,8 +361,8 @@ def _config(args: argparse.Namespace) -> Config:
     except (ValueError, OSError) as exc:
         message = _as_option(_message(exc))
         if not message.startswith("-"):
-            flag = _blame(args, shape, workload, options, policy)
-            message = f"{flag}: {message}" if flag else message
+            blamed = _blame(args, shape, workload, options, policy)
+            message = f"{blamed}: {message}" if blamed else message
         raise UsageError(message) from None
     # An option without a default (replay's file) is required; Config does not check that.
     wl = workloads.WORKLOADS[config.workload]

@@ -23,9 +23,11 @@ stops the batch with :class:`RunError`, which names the task's configuration.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -124,10 +126,7 @@ def _probe_scheduler(address: str, timeout: float) -> None:
     seconds (refused, unresolvable, silent) or what answers is not a Dask scheduler (another
     protocol, a worker). The probe runs on its own event loop in a daemon thread, so that it
     works from inside a running event loop too and can never outlive its deadline."""
-    import asyncio
-    import threading
-
-    from distributed.comm import connect
+    from distributed.comm.core import connect
     from distributed.security import Security
 
     args = Security().get_connection_args("client")
