@@ -44,6 +44,32 @@ def output_path(path: str | os.PathLike[str]) -> str:
     return os.path.realpath(path)
 
 
+def check_creatable(path: str | os.PathLike[str]) -> None:
+    """A dry run of :func:`atomic_output`'s first step: create (and remove at once) the
+    temporary file it would write ``path`` through, so that a directory no file can be created
+    in (a read-only file system, ``/proc``) is found before a run, not after it. Nothing is
+    left behind.
+
+    Raises:
+        OSError: the temporary file cannot be created (``filename`` is the directory).
+    """
+    name = os.fspath(path)
+    if _writes_through(name):
+        return
+    target = output_path(name)
+    parent = os.path.dirname(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pkvm-", dir=parent)
+    except PermissionError:
+        if os.path.isfile(target) and os.access(target, os.W_OK):
+            return  # atomic_output writes it in place
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, parent) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[str]:
     """Yield the name to write ``path``'s content to; once the block completes, the content is

@@ -18,7 +18,9 @@ Exit status: 0 on success; 2 for a usage error (a bad option or file, a configur
 :class:`pkvm.experiments.Config` rejects: every input is checked before anything runs, or one
 the run finds it cannot build, :class:`pkvm.ConfigError`: a workload that needs more memory
 than the guest has above its image); 1 when
-a run or a file operation fails; 130 on Ctrl-C. Every error is one line, ``pkvm: error:
+a run or a file operation fails (writing standard output too; and ``--scheduler ADDRESS`` when
+no Dask scheduler answers there within 5 s, or what answers is not one: a malformed address is
+a usage error, 2); 130 on Ctrl-C. Every error is one line, ``pkvm: error:
 <message>``, with control characters escaped. An unexpected exception (a bug in pkvm) is one
 line too; set ``PKVM_DEBUG=1`` in the environment to get its traceback, for the bug report.
 
@@ -45,7 +47,7 @@ from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
-from pkvm._files import atomic_output, output_path
+from pkvm._files import atomic_output, check_creatable, output_path
 from pkvm._units import format_size, parse_decimal, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError, TracePlatformError
@@ -357,7 +359,11 @@ def _config(args: argparse.Namespace) -> Config:
             host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt,
             trace_events=trace_events)
     except (ValueError, OSError) as exc:
-        raise UsageError(_as_option(_message(exc))) from None
+        message = _as_option(_message(exc))
+        if not message.startswith("-"):
+            blamed = _blame(args, shape, workload, options, policy)
+            message = f"{blamed}: {message}" if blamed else message
+        raise UsageError(message) from None
     # An option without a default (replay's file) is required; Config does not check that.
     wl = workloads.WORKLOADS[config.workload]
     for name, opt in wl.options.items():
@@ -365,6 +371,36 @@ def _config(args: argparse.Namespace) -> Config:
             hint = " (or --workload replay:PATH)" if config.workload == "replay" else ""
             raise UsageError(f"workload {config.workload!r} needs --option {name}=...{hint}")
     return config
+
+
+def _blame(args: argparse.Namespace, shape: dict[str, Any], workload: str, options: dict[str, str],
+           policy: str) -> str | None:
+    """The option whose value :class:`Config` refused, found by checking each on its own with
+    the other options at their defaults, so that the message can name it (``unknown workload
+    'x'`` is the ``--workload``'s, ``bad duration ...`` a ``--cost``'s); None when no option
+    alone is refused (a combination is: the message names its fields)."""
+    platform = shape["platform"]
+
+    def refused(**fields: Any) -> bool:
+        try:
+            experiments.Config(platform=platform, **fields)
+        except (ValueError, OSError):
+            return True
+        return False
+
+    if workload not in workloads.WORKLOADS:
+        return "--workload"
+    if workload != "replay" and refused(memory=shape["memory"], image=shape["image"], workload=workload,
+                                        options=options):
+        return "--option" if options and not refused(memory=shape["memory"], image=shape["image"],
+                                                     workload=workload) else "--workload"
+    if args.cost and refused(costs=_once("--cost", args.cost)):
+        return "--cost"
+    if args.costs is not None and refused(cost_file=args.costs):
+        return f"--costs {args.costs}"
+    if refused(policy=policy):
+        return "--policies" if hasattr(args, "policies") else "--policy"
+    return None
 
 
 def _check_input_file(given: str, path: str) -> None:
@@ -494,7 +530,7 @@ def _policies(args: argparse.Namespace, base: Config) -> list[str]:
         try:
             base.with_(policy=p, trace=None)
         except ValueError as exc:
-            raise UsageError(_message(exc)) from None
+            raise UsageError(f"--policies: {_message(exc)}") from None
     return policies
 
 
@@ -550,11 +586,14 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
                 raise UsageError(f"{flag} {path}: cannot write it{shown}: permission denied (the file is "
                                  "read-only)")
         if flag == "--out":  # _check_frame_out
+            if os.path.isdir(parent) and not os.path.isdir(path):
+                _check_creatable(flag, path, policies, memories)
             continue
         if not os.path.isdir(parent):
             raise UsageError(f"{flag} {path}: cannot write it: directory {parent} does not exist")
         if os.path.isdir(path):
             raise UsageError(f"{flag} {path}: cannot write it: it is a directory")
+        _check_creatable(flag, path, policies, memories)
     if args.gantt is not None and os.path.splitext(args.gantt)[1].lower() not in (".png", ""):
         raise UsageError(f"--gantt {args.gantt}: the Gantt chart is a PNG (name it OUT.png)")
     if args.plot is not None:
@@ -567,6 +606,19 @@ def _check_outputs(args: argparse.Namespace, config: Config, policies: Sequence[
         if ext not in known:
             raise UsageError(f"--plot {args.plot}: cannot draw .{ext} files (use .png, or one of "
                              f"{', '.join(sorted(known))})")
+
+
+def _check_creatable(flag: str, path: str, policies: Sequence[str], memories: Sequence[int]) -> None:
+    """Each file output ``flag`` writes can be created where it goes (a read-only file
+    system, ``/proc``: the write failed after the run, naming a temporary file)."""
+    for name in dict.fromkeys([path, *_output_names(flag, path, policies, memories)]):
+        try:
+            check_creatable(name)
+        except OSError as exc:
+            shown = "" if name == path else f" (it writes {name})"
+            raise UsageError(f"{flag} {path}: cannot write it{shown}: cannot create a file in "
+                             f"{exc.filename or os.path.dirname(output_path(name))}: "
+                             f"{exc.strerror or exc}") from None
 
 
 _OUTPUT_EXAMPLE = {"--json": ".json", "--plot": ".png", "--trace": ".txt", "--timeline": ".json",
@@ -634,6 +686,21 @@ def _sweep_trace(path: str | None, memory: int, policies: Sequence[str]) -> str 
 # ---- output ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _writing(stream: IO[str]) -> Iterator[None]:
+    """A failed write to a standard stream (``> /dev/full``: ENOSPC) as an OSError that says
+    which stream; a reader that went away stays a BrokenPipeError (:func:`main` ends quietly)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        name = "standard error" if stream is sys.stderr else "standard output"
+        raise OSError(exc.errno, f"cannot write to {name}: {exc.strerror or exc}") from None
+
+
 class _Output:
     """stdout: ``rich`` with colour on a terminal; otherwise plain text at the natural width."""
 
@@ -649,25 +716,28 @@ class _Output:
         return report.table(results, console=self.console, layout=layout)  # type: ignore[arg-type]
 
     def print(self, renderable: RenderableType | str = "") -> None:
-        if self.console is not None:
-            from rich.text import Text
+        with _writing(self._stream):
+            if self.console is not None:
+                from rich.text import Text
 
-            self.console.print(Text(renderable) if isinstance(renderable, str) else renderable)
-        elif isinstance(renderable, str):
-            self._stream.write(renderable + "\n")
-        else:
-            self._stream.write(report.render_text(renderable))
-        self._stream.flush()
+                self.console.print(Text(renderable) if isinstance(renderable, str) else renderable)
+            elif isinstance(renderable, str):
+                self._stream.write(renderable + "\n")
+            else:
+                self._stream.write(report.render_text(renderable))
+            self._stream.flush()
 
     def write(self, text: str) -> None:
         """Preformatted text, as is (no wrapping, which would break its columns)."""
-        self._stream.write(text if text.endswith("\n") else text + "\n")
-        self._stream.flush()
+        with _writing(self._stream):
+            self._stream.write(text if text.endswith("\n") else text + "\n")
+            self._stream.flush()
 
 
 def _info(args: argparse.Namespace, line: str) -> None:
     if not getattr(args, "quiet", False):
-        print(line, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a note on stderr; a closed stderr does not fail the run
+            print(line, file=sys.stderr, flush=True)
 
 
 def _header(config: Config, seed: int, what: str) -> str:
@@ -839,7 +909,13 @@ def _cmd_costs(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     try:
         config = experiments.Config(platform=args.platform, costs=_once("--cost", args.cost), cost_file=args.costs)
     except (ValueError, OSError) as exc:
-        raise UsageError(_message(exc)) from None
+        flag = "--cost"
+        if args.costs is not None:
+            try:
+                experiments.Config(platform=args.platform, cost_file=args.costs)
+            except (ValueError, OSError):
+                flag = f"--costs {args.costs}"
+        raise UsageError(f"{flag}: {_message(exc)}") from None
     model = config.cost_model()
     if args.toml:
         out.write(model.to_toml())
@@ -861,7 +937,9 @@ def _add_execution_options(g: argparse._ArgumentGroup) -> None:
                         "process); the results are identical (default: %(default)s)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://host:8786 (its workers need "
-                        "the same pkvm installed); overrides --jobs")
+                        "the same pkvm installed); overrides --jobs. A malformed address is a usage "
+                        "error (exit 2); no scheduler answering within 5 s, or a server there that is "
+                        "not one, fails the run (exit 1)")
 
 
 @contextlib.contextmanager
@@ -916,9 +994,10 @@ def _write_json(args: argparse.Namespace, data: Any) -> None:
     tables went to stderr: :func:`main`)."""
     path = args.json
     if path == "-":
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        with _writing(sys.stdout):
+            json.dump(data, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         return
 
     def write(tmp: str) -> None:
@@ -1088,7 +1167,8 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         close = difflib.get_close_matches(metric, list(frame.columns), n=3, cutoff=0.6)
         raise UsageError(f"--metric {metric}: not measured by these runs"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
-    if frame[metric].dtype.kind not in "iuf":
+    measured = {k for r in results for k in r.metrics()}
+    if frame[metric].dtype.kind not in "iuf" or metric not in measured:  # seed, vcpus: the configuration's
         raise UsageError(f"--metric {metric}: a column of the configuration, not a number the runs "
                          "measured (e.g. modeled_ns, by_actor.vcpu0, counters.rmpupdate)")
     keys = list(grid)
@@ -1278,7 +1358,9 @@ def _escape(text: str) -> str:
 
 
 def _fail(message: str) -> None:
-    print(f"{_PROG}: error: {_escape(message)}", file=sys.stderr, flush=True)
+    # stderr closed (2>&-) or full: the exit status is all that can say it
+    with contextlib.suppress(OSError):
+        print(f"{_PROG}: error: {_escape(message)}", file=sys.stderr, flush=True)
 
 
 def _value_options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
@@ -1324,7 +1406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PKVM_DEBUG", "") not in ("", "0")
+    if sys.stderr is None:  # started with stderr closed (2>&-): errors go nowhere, the status says it
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process's life
+    if sys.stdout is None:  # >&-: the tables (and --help) have nowhere to go
+        _fail("cannot write to standard output: it is closed")
+        return 1
     try:
+        for i, a in enumerate(argv):  # no C string holds one: open() failed on it after the run
+            if not isinstance(a, str) or "\0" in a:
+                raise UsageError(f"argument {i + 1}, {a!r}, " + ("contains a NUL byte, which no value or file name "
+                                 "can hold" if isinstance(a, str) else f"is of type {type(a).__name__}, not a str"))
         parser = build_parser()
         try:
             args = parser.parse_args(_join_dash_values(parser, argv))
@@ -1361,7 +1452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # where RunError carries it as the cause)
         return 2 if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError) else 1
     except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            print(f"{_PROG}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # a bug in pkvm: one line, the traceback with PKVM_DEBUG=1
         if debug:

@@ -99,6 +99,10 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     # a text column of the table: formatting it as a number failed after the runs (exit 1)
     (["--grid", "vcpus=1", "--metric", "policy"], "--metric policy: a column of the configuration, not a number"),
     (["--grid", "vcpus=1", "--metric", "platform"], "--metric platform: a column of the configuration"),
+    # numeric columns of the configuration: a sweep "measured" the seed and the vCPU count (exit 0)
+    (["--grid", "vcpus=1", "--metric", "seed"], "--metric seed: a column of the configuration, not a number"),
+    (["--grid", "vcpus=1", "--metric", "vcpus"], "--metric vcpus: a column of the configuration, not a number"),
+    (["--grid", "vcpus=1", "--metric", "host_cpus"], "--metric host_cpus: a column of the configuration"),
     (["--grid", "vcpus=1", "--metric", ""], "--metric : not measured by these runs"),  # was the default metric
 ])
 def test_sweep_bad_grid(tmp_path, monkeypatch, capsys, args, message):

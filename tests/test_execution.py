@@ -1,6 +1,7 @@
 """The execution layer (pkvm.experiments.execution): a Dask LocalCluster gives exactly what a serial run
 gives, a failing task is named with its configuration, an unreachable scheduler is one error."""
 
+import json
 import time
 
 import pytest
@@ -135,3 +136,25 @@ def test_cli_refuses_a_malformed_scheduler_address(capsys, address):
     err = capsys.readouterr().err
     assert err.startswith(f"pkvm: error: --scheduler {address}: not an address like tcp://host:8786 (")
     assert err.count("\n") == 1 and "answered" not in err and time.monotonic() - t0 < 4
+
+
+def test_cli_runs_on_an_existing_scheduler_and_refuses_a_workers_address(cluster, capsys, tmp_path):
+    """``--scheduler`` reaches a real scheduler (pkvm asks it who it is first, within the
+    timeout) and gives the serial run's counters; a worker's address, a server that answers in
+    Dask's protocol but is not the scheduler, is a failed run in one line naming what answered."""
+    from pkvm.cli import main
+
+    cluster.start()
+    address = cluster._cluster.scheduler_address
+    argv = ["compare", "--memory", "16M", "-q", "--policies", "fault-time"]
+    assert main([*argv, "--json", str(tmp_path / "serial.json")]) == 0
+    assert main([*argv, "--scheduler", address, "--json", str(tmp_path / "farmed.json")]) == 0
+    capsys.readouterr()
+    counters = [json.loads((tmp_path / f"{n}.json").read_text())["results"][0]["counters"]
+                for n in ("serial", "farmed")]
+    assert counters[0] == counters[1]
+    worker = next(iter(cluster._client.scheduler_info()["workers"]))
+    assert main([*argv, "--scheduler", worker]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"pkvm: error: --scheduler {worker}: the server there is a Dask Worker, not a Dask scheduler "
+                   "(give the scheduler's address, e.g. tcp://host:8786)\n")

@@ -312,3 +312,54 @@ def test_signatures_of_the_table_exist():
         cls, meth = name.split(".")
         meth = meth.split("(")[0]
         assert inspect.isfunction(getattr(classes[cls], meth, None)) or callable(getattr(classes[cls], meth))
+
+
+_TIMELINE_CALLS = {
+    "sleep": lambda tl: tl.sleep(1000),
+    "barrier": lambda tl: tl.barrier(),
+    "stop": lambda tl: tl.stop(),
+    "run": lambda tl: tl.run(),
+    "dispatch": lambda tl: tl.dispatch("vcpu1", lambda: None),
+    "spawn": lambda tl: tl.spawn("extra", lambda: None),
+    "start_vcpu": lambda tl: tl.start_vcpu("vcpu9"),
+}
+
+
+def _timeline_run(call):
+    """A two-vCPU ``mixed`` run on the concurrent timeline whose event callback, every 37th
+    event that an actor emits, calls ``call(timeline)`` (None: does nothing); what the run
+    measured, and the errors the calls raised."""
+    from pkvm import experiments as E
+    from pkvm.experiments import _workloads
+
+    cfg = E.Config(memory="64M", workload="mixed", vcpus=2, options={"ops": "60"})
+    wl = _workloads.get(cfg.workload)
+    vm, ctx = E._build(cfg, 0, None)
+    seen, raised = [0], []
+
+    def callback(ev):
+        seen[0] += 1
+        tl = vm._sched
+        if call is not None and seen[0] % 37 == 0 and tl is not None and tl.current is not None:
+            try:
+                call(tl)
+            except pkvm.KvmError as exc:
+                raised.append(exc.errno)
+
+    with vm.subscribe(callback):
+        tl = E._run_timeline(cfg, vm, ctx, wl, _workloads.parse_options(wl, cfg.options))
+    vm.check()
+    return (ctx.counters(), vm.cost_by_actor(), tl.result().to_dict(), seen[0]), raised
+
+
+@pytest.mark.parametrize("method", sorted(_TIMELINE_CALLS))
+def test_timeline_scheduling_from_a_callback_is_refused(method):
+    """The timeline's scheduling calls from an event callback of its VM raise EDEADLK and
+    change nothing, as the VM's own entry points do. They switched to another actor in the
+    middle of the emitting call: that actor's next VM call failed with EDEADLK (the flag is
+    the VM's), or lock bookkeeping went wrong ("releases a lock it does not hold"), or the
+    run ended with ``mmu_invalidate_in_progress`` left at 1 (vm.check() failed)."""
+    quiet, none = _timeline_run(None)
+    tried, raised = _timeline_run(_TIMELINE_CALLS[method])
+    assert none == [] and raised and set(raised) == {errno.EDEADLK}
+    assert tried == quiet

@@ -23,9 +23,11 @@ stops the batch with :class:`RunError`, which names the task's configuration.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -46,7 +48,11 @@ class RunError(PkvmError):
 
 
 class SchedulerUnreachableError(PkvmError, OSError):
-    """``--scheduler ADDRESS`` did not answer within :data:`CONNECT_TIMEOUT_S` seconds."""
+    """``--scheduler ADDRESS`` did not answer within :data:`CONNECT_TIMEOUT_S` seconds (the
+    connection was refused, the host not found, or the server never answered), or what
+    answered is not a Dask scheduler (a server of another protocol, a worker). The address
+    itself was well-formed (:func:`check_address`): the command line reports this as a failed
+    run, exit status 1, not as a usage error."""
 
 
 def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -56,8 +62,8 @@ def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> lis
 
 def check_address(address: str) -> None:
     """ValueError (``not an address like ... (why)``) unless ``address`` is one a
-    ``dask.distributed`` client can dial: a known scheme and, for the socket ones, a host and a
-    port in 1..65535; an ``inproc://`` address of this process (a malformed address is an error
+    ``dask.distributed`` client can dial: a known scheme and, for the socket ones, a (non-empty)
+    host and a port in 1..65535; an ``inproc://`` address of this process (a malformed address is an error
     in the address, not a scheduler that did not answer). ValueError (``not usable here: ...``)
     for ``tls://`` without TLS credentials configured, or ``ucx://`` without a UCX backend."""
     from distributed.comm.addressing import get_address_host_port, parse_address
@@ -67,7 +73,9 @@ def check_address(address: str) -> None:
         if scheme == "inproc":
             _check_inproc(loc)
         elif scheme != "ucx":  # no host:port to read in ucx
-            _, port = get_address_host_port(address)
+            host, port = get_address_host_port(address)
+            if not host:  # tcp://:8786 listens on every interface, but dials nothing
+                raise ValueError(f"no host before the port in {address!r}")
             if not 0 < port < 65536:
                 raise ValueError(f"port {port} is not in 1..65535")
     except ValueError as exc:
@@ -106,6 +114,65 @@ def _check_usable(scheme: str) -> None:
                              "has none (distributed.comm.tls.ca-file, .client.cert, .client.key)")
 
 
+def _detail(exc: BaseException) -> str:
+    """``exc`` in one line: its text, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Return once the server at ``address`` has answered Dask's ``identity`` request as a
+    scheduler; :class:`SchedulerUnreachableError` when nothing answers within ``timeout``
+    seconds (refused, unresolvable, silent) or what answers is not a Dask scheduler (another
+    protocol, a worker). The probe runs on its own event loop in a daemon thread, so that it
+    works from inside a running event loop too and can never outlive its deadline."""
+    from distributed.comm.core import connect
+    from distributed.security import Security
+
+    args = Security().get_connection_args("client")
+
+    async def ask() -> Any:
+        comm = await connect(address, timeout=timeout, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    outcome: list[Any] = []
+
+    def probe() -> None:
+        try:
+            outcome.append(("answer", asyncio.run(asyncio.wait_for(ask(), timeout))))
+        except BaseException as exc:  # noqa: BLE001 - reported below, in the caller's thread
+            outcome.append(("error", exc))
+
+    thread = threading.Thread(target=probe, name="pkvm-scheduler-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 5.0)  # asyncio.wait_for ends the probe at ``timeout``; 5 s to unwind
+    unreachable = f"--scheduler {address}: no Dask scheduler answered within {timeout:g} s"
+    if not outcome:
+        raise SchedulerUnreachableError(unreachable)
+    kind, value = outcome[0]
+    if kind == "error":
+        # distributed gives up on a refused or unresolvable address with OSError("Timed out
+        # trying to connect ..."), after retrying it for the whole timeout
+        if isinstance(value, (TimeoutError, asyncio.TimeoutError)) or str(value).startswith("Timed out"):
+            raise SchedulerUnreachableError(f"{unreachable} ({_detail(value)})" if str(value) else unreachable)
+        if isinstance(value, OSError):
+            raise SchedulerUnreachableError(f"--scheduler {address}: could not connect to a Dask scheduler "
+                                            f"({_detail(value)})")
+        raise SchedulerUnreachableError(
+            f"--scheduler {address}: the server there is not a Dask scheduler (its answer is not Dask's "
+            f"protocol: {_detail(value)}); a scheduler listens on port 8786 unless told otherwise, "
+            "its dashboard (HTTP) on 8787")
+    kind_of = value.get("type") if isinstance(value, dict) else None
+    if not (isinstance(kind_of, str) and kind_of.endswith("Scheduler")):
+        what = f"a Dask {kind_of}" if isinstance(kind_of, str) and kind_of else "something else"
+        raise SchedulerUnreachableError(f"--scheduler {address}: the server there is {what}, not a Dask "
+                                        "scheduler (give the scheduler's address, e.g. tcp://host:8786)")
+
+
 def max_jobs() -> int:
     """The most local worker processes a :class:`Runner` starts: 4 per CPU. The runs are
     CPU-bound, so more buy nothing, and each worker is a process of its own (``-j 99999``
@@ -133,7 +200,8 @@ class Runner:
             no port, a port outside 1..65535) or one this installation cannot dial (``tls://``
             without TLS credentials configured, ``ucx://`` without a UCX backend, ``inproc://``
             of another process).
-        SchedulerUnreachableError: (on entry) the scheduler did not answer in time.
+        SchedulerUnreachableError: (on entry) no scheduler answered in time, or what answered
+            is not a Dask scheduler.
     """
 
     def __init__(self, jobs: int = 1, scheduler: str | None = None, *,
@@ -189,14 +257,19 @@ class Runner:
         from distributed import Client, LocalCluster
 
         if self.scheduler is not None:
+            # Ask first, within the timeout, whether a Dask scheduler is there: Client() waits
+            # for ever on a server that accepts and never answers (distributed's handshake
+            # read has no timeout), fails with MemoryError or struct.error on one that speaks
+            # another protocol (an HTTP server, the dashboard's port), and leaves a half-built
+            # client whose __del__ prints a traceback 10 s later.
+            _probe_scheduler(self.scheduler, self.connect_timeout)
             try:
                 self._client = Client(self.scheduler, timeout=self.connect_timeout,
                                       set_as_default=False)
-            except (OSError, TimeoutError, ValueError) as exc:
-                detail = " ".join(str(exc).split()) or type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - whatever the client met, the cluster failed
                 raise SchedulerUnreachableError(
-                    f"--scheduler {self.scheduler}: no Dask scheduler answered within "
-                    f"{self.connect_timeout:g} s ({detail})") from None
+                    f"--scheduler {self.scheduler}: could not connect to the Dask scheduler "
+                    f"({_detail(exc)})") from None
             return
         with warnings.catch_warnings():  # start-up notices (slow scratch disk ...) are not results
             warnings.simplefilter("ignore", UserWarning)

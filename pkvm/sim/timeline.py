@@ -150,6 +150,25 @@ class Timeline(SchedHooks):
 
     # -- public ---------------------------------------------------------------------------------
 
+    def _refuse_from_callback(self) -> None:
+        """``KvmError(EDEADLK)`` when called from an event callback of this timeline's VM
+        (docs/events.md), as the VM's own entry points refuse, changing nothing: each public
+        method here schedules, and a switch to another actor in the middle of the call that
+        emitted the event would run that actor's VM calls while this one is part way through
+        (one of them failed with EDEADLK, or the lock bookkeeping and ``mmu_invalidate``
+        counts were left wrong)."""
+        if self.vm._in_callback:
+            self.vm._nested_call()
+
+    def dispatch(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free
+        (the typed core's :meth:`pkvm._core.SchedHooks.dispatch`). ValueError if ``name`` is
+        not a vCPU thread, TypeError if ``fn`` is not callable, RuntimeError once ``stop()``
+        has finished the thread, ``KvmError(EDEADLK)`` from an event callback of the VM; each
+        changes nothing."""
+        self._refuse_from_callback()
+        super().dispatch(name, fn, *args)
+
     @property
     def now_ns(self) -> int:
         """The running actor's clock: the SimPy time plus the work it has not yielded yet."""
@@ -164,6 +183,7 @@ class Timeline(SchedHooks):
 
     def spawn(self, name: str, fn: Callable[..., Any], *args: Any) -> simpy.Process:
         """Run ``fn(*args)`` on a new actor ``name``; returns its SimPy process."""
+        self._refuse_from_callback()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         actor = self._new_actor(name, isinstance(name, str) and name.startswith("vcpu"))
@@ -176,6 +196,7 @@ class Timeline(SchedHooks):
 
         With two vCPU threads or more, each allocates host pages from a region of its own (the
         page allocator's per-CPU lists), so concurrent faults do not interleave their pfns."""
+        self._refuse_from_callback()
         actor = self._new_actor(name, True)
         vcpus = [a.name for a in self._actors.values() if a.vcpu]
         if len(vcpus) >= 2:
@@ -189,6 +210,7 @@ class Timeline(SchedHooks):
 
     def sleep(self, ns: int) -> None:
         """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall)."""
+        self._refuse_from_callback()
         if type(ns) is not int or ns < 0:
             raise ValueError(f"ns={ns!r} must be a non-negative int")
         if self._current is None:
@@ -197,6 +219,7 @@ class Timeline(SchedHooks):
 
     def barrier(self) -> None:
         """From an actor: wait until every vCPU thread has finished its task."""
+        self._refuse_from_callback()
         self._sync()
         for a in list(self._actors.values()):
             while a.idle is not None and (a.task is not None or not a.idle.triggered):
@@ -204,6 +227,7 @@ class Timeline(SchedHooks):
 
     def stop(self) -> None:
         """From an actor: finish every vCPU thread (after its task) and record the end."""
+        self._refuse_from_callback()
         self.barrier()
         self._sync()
         self._end = int(self.env.now - self._t0)
@@ -216,6 +240,7 @@ class Timeline(SchedHooks):
     def run(self) -> None:
         """Run the environment until every actor finished; raise what an actor raised, or
         :class:`pkvm.InternalInvariantError` if actors are left waiting on each other."""
+        self._refuse_from_callback()
         self.env.run()
         stuck = [a.name for a in self._actors.values() if a.glet is not None and not a.glet.dead]
         if stuck:
