@@ -459,8 +459,11 @@ cdef class SchedHooks:
         """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free.
 
         ValueError if ``name`` is not a vCPU thread (``start_vcpu``), TypeError if ``fn`` is
-        not callable, RuntimeError once ``stop()`` has finished the thread; each changes
-        nothing."""
+        not callable, RuntimeError once ``stop()`` has finished the thread, ``KvmError(EDEADLK)``
+        from an event callback of the VM (docs/events.md); each changes nothing."""
+        vm = self.vm
+        if vm._in_callback:
+            vm._nested_call()  # as Timeline's other scheduling calls (pkvm/sim/timeline.py)
         cdef SchedActor target = self._actors.get(name) if isinstance(name, str) else None
         if target is None or target.idle is None:
             raise ValueError(f"dispatch: {name!r} is not a vCPU thread of this timeline (start one with "

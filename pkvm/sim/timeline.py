@@ -160,15 +160,6 @@ class Timeline(SchedHooks):
         if self.vm._in_callback:
             self.vm._nested_call()
 
-    def dispatch(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
-        """From an actor: hand ``fn(*args)`` to vCPU thread ``name``, waiting until it is free
-        (the typed core's :meth:`pkvm._core.SchedHooks.dispatch`). ValueError if ``name`` is
-        not a vCPU thread, TypeError if ``fn`` is not callable, RuntimeError once ``stop()``
-        has finished the thread, ``KvmError(EDEADLK)`` from an event callback of the VM; each
-        changes nothing."""
-        self._refuse_from_callback()
-        super().dispatch(name, fn, *args)
-
     @property
     def now_ns(self) -> int:
         """The running actor's clock: the SimPy time plus the work it has not yielded yet."""
