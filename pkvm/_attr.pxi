@@ -975,15 +975,18 @@ cdef class AttrPath:
             if sched is not None:
                 sched._acquire("mmu_lock", 1)
             _mmu_invalidate_begin(vs)
-            t0 = sched._work_ns() if sched is not None else self.ledger.now()
+            t0 = None  # the work under the lock starts with the first zap (begin costs nothing)
             for as_id, s, e in pieces:
                 _mmu_invalidate_range_add(vs, s, e)
                 if as_id == 0 and rangemap_find_ne(self.sptes, s, e, 0, &dummy):
+                    if t0 is None:
+                        t0 = sched._work_ns() if sched is not None else self.ledger.now()
                     if self._zap(s, e, attr_filter) > 0:
                         flush = True
             if flush:
                 self._flush()
-            self._add_lock((sched._work_ns() if sched is not None else self.ledger.now()) - t0)
+            if t0 is not None:
+                self._add_lock((sched._work_ns() if sched is not None else self.ledger.now()) - t0)
             if sched is not None:
                 sched._release("mmu_lock", 1)
         freed = shared_discard(sb, start, end)
