@@ -938,6 +938,66 @@ cdef class AttrPath:
         self.quiet = False
         return self._zap(start, end, attr_filter)
 
+    def madvise_dontneed(self, SharedBackingState sb, uint64_t start, uint64_t end):
+        """``VM._madvise_dontneed``: ``MADV_DONTNEED`` on the HVA pages ``[start, end)`` of the
+        VMM's shared backing ``sb``, bracketed by the MMU notifier KVM registers on the VMM's
+        mm (docs/kernel-semantics.md §4.7); returns the pages freed.
+
+        ``kvm_mmu_notifier_invalidate_range_start`` (``virt/kvm/kvm_main.c``) walks every
+        memslot of every address space whose HVA range overlaps (``__kvm_handle_hva_range``);
+        at the first one it takes ``mmu_lock`` for write and runs ``kvm_mmu_invalidate_begin``;
+        per memslot, ``kvm_mmu_unmap_gfn_range``: the gfns join the invalidation range and
+        their leaves are zapped (``kvm_unmap_gfn_range``; the SHARED filter from ~6.14, which
+        spares only a mirror root, TDX's private one; before it, every root). One TLB flush if
+        anything was zapped (``flush_on_ret``), then the lock is dropped. The MM frees the
+        pages (:func:`shared_discard`); ``..._invalidate_range_end`` takes the lock again for
+        ``kvm_mmu_invalidate_end``, which bumps ``mmu_invalidate_seq``. A range that overlaps
+        no memslot takes no lock and changes nothing in KVM. Only address space 0 has SPTEs
+        in pkvm (SMM faults are not modelled): other address spaces' memslots join the
+        invalidation and zap nothing."""
+        cdef VmState vs = self.vs
+        cdef SchedHooks sched = <SchedHooks?>vs._sched if vs._sched is not None else None
+        cdef uint64_t u, n, a, b, s, e, dummy
+        cdef bint flush = False
+        cdef int attr_filter = _FILTER_ALL if self.filter_all else _FILTER_SHARED
+        self.quiet = False
+        pieces = []
+        if start < end:
+            for slot in self.slots.values():  # kvm_for_each_memslot_in_hva_range, per address space
+                u = slot._ugfn
+                n = slot.npages
+                a = start if start > u else u
+                b = end if end < u + n else u + n
+                if a < b:
+                    s = <uint64_t>slot.base_gfn + (a - u)
+                    pieces.append((slot.as_id, s, s + (b - a)))
+        if pieces:
+            if sched is not None:
+                sched._acquire("mmu_lock", 1)
+            _mmu_invalidate_begin(vs)
+            t0 = None  # the work under the lock starts with the first zap (begin costs nothing)
+            for as_id, s, e in pieces:
+                _mmu_invalidate_range_add(vs, s, e)
+                if as_id == 0 and rangemap_find_ne(self.sptes, s, e, 0, &dummy):
+                    if t0 is None:
+                        t0 = sched._work_ns() if sched is not None else self.ledger.now()
+                    if self._zap(s, e, attr_filter) > 0:
+                        flush = True
+            if flush:
+                self._flush()
+            if t0 is not None:
+                self._add_lock((sched._work_ns() if sched is not None else self.ledger.now()) - t0)
+            if sched is not None:
+                sched._release("mmu_lock", 1)
+        freed = shared_discard(sb, start, end)
+        if pieces:
+            if sched is not None:
+                sched._acquire("mmu_lock", 1)
+            self._post_begin()  # kvm_mmu_invalidate_end
+            if sched is not None:
+                sched._release("mmu_lock", 1)
+        return freed
+
     @cython.binding(False)  # a method descriptor (see _ioctl_fast)
     def ioctl(self, address, size, attributes, flags=0):
         """``VM.set_memory_attributes``: the checks, then :meth:`checked`.

@@ -29,20 +29,3 @@ def test_fallocate_closed_fd_is_ebadf_before_argument_checks(mode, offset, lengt
     with pytest.raises(KvmError) as exc:
         gmem.fallocate(mode, offset, length)
     assert exc.value.errno == errno.EBADF
-
-
-@pytest.mark.xfail(strict=True, reason="host MMU notifiers are not modelled (docs/kvm-model.md, "
-                   "'Choices'): modelling them would change the workloads' counters")
-def test_discard_of_mapped_shared_memory_zaps_its_sptes():
-    """virt/kvm/kvm_main.c: kvm_mmu_notifier_invalidate_range_start zaps the gfns of a
-    discarded HVA range (MADV_DONTNEED). pkvm's VMM discard frees the host pages of a DEFAULT
-    VM's shared memory but leaves the SPTEs that map them; this pins the known gap."""
-    from pkvm.actors.vmm import Vmm
-
-    vm = pkvm.VM("default", policy="6.19")
-    vmm = Vmm(vm)
-    vmm.add_ram_layout(1 << 30)
-    assert vm.create_vcpu().access(0x200000, private=False, size=0x1000).ret == "done"
-    vmm.discard_ram(0x200000, 0x200000)
-    assert vm.mmu.lookup(0x200) is None
-    vm.check()

@@ -218,7 +218,8 @@ def test_batched_fault_latency_spreads_pagewise_lock_waits() -> None:
         one, four = (experiments.run(experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=n))
                      for n in (1, 4))
         lat1, lat4 = one.latency_ns["fault"], four.latency_ns["fault"]
-        assert lat1["count"] == lat4["count"]
+        # the same faults, plus those that raced an invalidation (a discard's MMU notifier) and retried
+        assert one.counters["pf_retry"] == 0 and lat1["count"] == lat4["count"] - four.counters["pf_retry"]
         assert four.actors["vcpu0"]["lock_wait_ns"] > 0
         assert lat4["p50"] > 1.4 * lat1["p50"], (platform, lat1, lat4)  # every fault waited
         assert lat4["max"] < 200_000, (platform, lat4)  # no 4K fault carries a batch's waits

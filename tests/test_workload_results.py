@@ -26,15 +26,15 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): 'e389747d82f16488',
-    ('snp', 'fault-time', 3, 'balloon', ()): '2d65138a067088b4',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '4f1de46e40b20639',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'e7c0cc5080ed1961',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '11ab68468a503397',
-    ('tdx', '6.19', 1, 'balloon', ()): '4b2b4fb2bf8cb0bf',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'e323805811a75d1b',
-    ('sw_protected', '6.8', 3, 'balloon', ()): '8d138a6d143367fb',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '7608e9793026e4cd',
+    ('snp', 'fault-time', 1, 'balloon', ()): 'df7f716eda907a3c',
+    ('snp', 'fault-time', 3, 'balloon', ()): '38821752f405eb42',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '38821e1be66275e1',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '7f44ad4679e8d98b',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '5097bbbcedbd2ec9',
+    ('tdx', '6.19', 1, 'balloon', ()): '918f08f9cdd99e2c',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '9eb0021048226443',
+    ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '3721fa060574dbf7',
 }
 MEMORY = "512M"
 

@@ -34,8 +34,11 @@ Per-platform VMM flows plug in through ``PlatformOps.vmm_flows(vmm)``, an object
 
 Choices where QEMU is more detailed than the model: the discard works on the memslot pieces of
 the range and, like :class:`pkvm.host.hostmem.SharedBacking`, frees only whole host pages inside it
-(a THP partly covered stays); no host MMU notifier runs, because the attribute change has
-already zapped every shared mapping of the range.
+(a THP partly covered stays, where the kernel would split it). Each discard is one
+``madvise`` per memslot piece (QEMU makes one per conversion, over the RAM block; the pieces
+coincide unless a conversion crosses a memslot boundary), and runs KVM's MMU notifier
+(``VM._madvise_dontneed``): an invalidation that zaps whatever still maps the range and bumps
+``mmu_invalidate_seq``.
 """
 
 from __future__ import annotations
@@ -468,7 +471,7 @@ class Vmm:
         if vm.shared_backing in _NO_DISCARD:
             return
         hs = piece._ugfn - piece.base_gfn  # piece.hva_page(gfn) is gfn + hs
-        vm._shared.discard(s + hs, e + hs)
+        vm._madvise_dontneed(s + hs, e + hs)  # with KVM's MMU notifier (kvm_mmu_notifier_invalidate_range_start)
         if vm._subs is not None:
             vm._emit("madvise", s, e, None, e - s, 0, None,
                      (piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED))

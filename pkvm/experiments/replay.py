@@ -201,11 +201,12 @@ class _Replayer:
             return
         vm = self.vm
         s, e = start >> PAGE_SHIFT, (start + length) >> PAGE_SHIFT
-        for slot in vm.memslots:
+        for slot in vm.memslots:  # one madvise: one MMU notifier over the memslots it overlaps
             lo, hi = slot.hva_page(slot.base_gfn), slot.hva_page(slot.end_gfn)
-            a, b = max(s, lo), min(e, hi)
-            if a < b:
-                vm._shared.discard(a, b)
+            if max(s, lo) < min(e, hi):
+                with vm.acting("vmm"):
+                    vm._madvise_dontneed(s, e)
+                return
 
     def hypercall(self, vid: int, nr: int, a0: int, a1: int, a2: int) -> None:
         if not all(0 <= v < 1 << 64 for v in (nr, a0, a1, a2)):

@@ -514,6 +514,17 @@ class VM(VmState):
         """
         return self._attr_path.zap(start, end, attr_filter)
 
+    def _madvise_dontneed(self, start: int, end: int) -> int:
+        """``MADV_DONTNEED`` on the HVA pages ``[start, end)`` of the VMM's shared backing, as
+        the host MM runs it for a VM: bracketed by KVM's MMU notifier
+        (``kvm_mmu_notifier_invalidate_range_start`` / ``_end``, ``virt/kvm/kvm_main.c``),
+        which, when the range overlaps a memslot, zaps the gfns it maps under ``mmu_lock``
+        (with a TLB flush if anything was mapped) and bumps ``mmu_invalidate_seq``; returns
+        the pages freed (``AttrPath.madvise_dontneed``, pkvm/_attr.pxi; docs/kernel-semantics.md
+        §4.7). The one entry for every discard of the shared backing: ``pkvm.Vmm`` and the
+        trace replay call it."""
+        return self._attr_path.madvise_dontneed(self._shared, start, end)
+
     def _zap_mirror(self, start: int, end: int, attr_filter: int) -> int:
         """The zap of :meth:`_zap` in a VM with a mirror root, without its accounting."""
         mmu, platform = self._mmu, self._platform

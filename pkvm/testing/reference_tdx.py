@@ -501,17 +501,11 @@ class ReferenceTdx(ReferenceVM):
         return 0
 
     def discard(self, slot: RefSlot, s: int, e: int) -> None:
-        """``MADV_DONTNEED`` of the whole host pages of the slot's HVA range (not hugetlb)."""
+        """``MADV_DONTNEED`` of the slot's HVA range (not hugetlb), with the MMU notifier."""
         if self.backing in ("hugetlb-2m", "hugetlb-1g"):
             return
-        size = 1 << self.hva_order
         h0 = slot.uaddr // 4096 + s - slot.base
-        h1 = slot.uaddr // 4096 + e - slot.base
-        a = -(-h0 // size) * size
-        for blk in range(a, h1 - size + 1, size):
-            if blk in self.hva:
-                for h in range(blk, blk + size):
-                    self.used.discard(self.hva.pop(h))
+        self.madvise_dontneed(h0, h0 + (e - s))
 
     # -- the TD build ----------------------------------------------------------------------------
 

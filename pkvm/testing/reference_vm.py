@@ -175,6 +175,38 @@ class ReferenceVM:
             self.charge("zap_spte", n)
         return n
 
+    # -- the host MMU notifier --------------------------------------------------------------
+
+    def madvise_dontneed(self, h0: int, h1: int) -> None:
+        """``MADV_DONTNEED`` on the hva pages ``[h0, h1)`` (the whole host pages inside), with
+        KVM's MMU notifier around it: if a memslot overlaps, one invalidation over every
+        overlapping memslot's gfns, their leaves zapped (SHARED filter from ~6.14: on a VM
+        with one root, everything), a flush if any; then the pages freed; then
+        ``invalidate_end`` (``kvm_mmu_notifier_invalidate_range_start`` / ``_end``)."""
+        pieces = []
+        for slot in self.slots.values():
+            u = slot.uaddr >> PAGE_SHIFT
+            a, b = max(h0, u), min(h1, u + slot.npages)
+            if a < b:
+                pieces.append((slot.key >> 16, slot.base + a - u, slot.base + b - u))
+        if pieces:
+            self.begin()
+            filt = FILTER_ALL if self.policy.zap_filter == "all" else FILTER_SHARED
+            flush = False
+            for as_id, s, e in pieces:
+                self.range_add(s, e)
+                if as_id == 0:
+                    flush |= self.zap(s, e, filt) > 0
+            if flush:
+                self.flush()
+        size = 1 << self.hva_order
+        for blk in range(-(-h0 // size) * size, h1 - size + 1, size):
+            if blk in self.hva:
+                for h in range(blk, blk + size):
+                    self.used.discard(self.hva.pop(h))
+        if pieces:
+            self.end()
+
     # -- KVM_SET_MEMORY_ATTRIBUTES --------------------------------------------------------
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
