@@ -331,6 +331,8 @@ class SchedActor:
     spin: Any
     stall_debt: Any
     done: Any
+    flight: int
+    flight_t: Any
     held: list[Any]
     in_task: bool
     vcpu: bool

@@ -52,6 +52,8 @@ RACE_KINDS = ("rmp_npf_loop", "rmp_npf_loop_ns", "pf_retry", "pf_retry_ns", "tdx
 
 # requests an actor's coroutine sends to its SimPy process (the core's _SCHED_ACQ ...)
 _ACQ, _REL, _WAIT, _SYNC, _DONE = 0, 1, 2, 3, 4
+# what an actor's SimPy process is in the middle of (SchedActor.flight; the core's _FL_NONE ...)
+_FL_NONE, _FL_BUSY, _FL_IPI, _FL_LOCK, _FL_SPIN = 0, 1, 2, 3, 4
 
 
 #: One actor's state and accounting (the typed core's class: the hooks read it on every call).
@@ -249,31 +251,94 @@ class Timeline(SchedHooks):
                                          f"(locks held: {held or 'none'})")
 
     def result(self) -> TimelineResult:
-        """The timeline's figures (call after the environment ran). The critical path ends
-        when the last of this timeline's actors finished (``stop``, or its last task or
-        function), not when the environment stopped: processes of the embedder's own, or
-        another VM's timeline on the same environment, may run on after it."""
-        end = self._end if self._end is not None else self._last_done()
+        """The timeline's figures: after the run, or at any moment of it (a snapshot).
+
+        After the run, the critical path ends when the last of this timeline's actors
+        finished (``stop``, or its last task or function), not when the environment stopped:
+        processes of the embedder's own, or another VM's timeline on the same environment,
+        may run on after it. While an actor is unfinished, the figures are those up to now:
+        SimPy's clock, or, called from an actor's code, that actor's clock (:attr:`now_ns`,
+        which counts its work since it last yielded). Work, IPI stalls, lock waits, spins and
+        lock holds in progress count up to that time, so busy + wait + idle = critical path
+        for every actor at every moment. Taking a result changes nothing: the run goes on as
+        if it had not been taken (``docs/timeline.md``, "Results mid-run")."""
+        cur = self._current
+        fin = self._last_done()
+        if fin is None:
+            end = self.now_ns
+        else:
+            end = fin if self._end is None else max(self._end, fin)
+        t0 = self._t0
         actors = {}
         for name in sorted(self._actors, key=_actor_order):
             a = self._actors[name]
-            idle = end - a.busy - a.wait
-            actors[name] = {"busy_ns": a.busy, "wait_ns": a.wait, "idle_ns": idle, "lock_wait_ns": a.lock_wait,
-                            "ipi_ns": a.ipi, "spin_ns": a.spin}
-        locks = {n: lk.stats.as_dict() for n, lk in self.locks.items()}
+            busy, wait, lock_wait, ipi, spin = a.busy, a.wait, a.lock_wait, a.ipi, a.spin
+            if a is cur:  # its work since it resumed (SimPy's clock stands still meanwhile)
+                busy += self.vm._modeled_ns - self._mark
+            else:  # what its SimPy process is in the middle of, up to ``end``
+                fl = a.flight
+                if fl == _FL_BUSY or fl == _FL_IPI:
+                    ahead = int(a.flight_t - t0) - end  # counted when it started
+                    if ahead > 0:
+                        if fl == _FL_BUSY:
+                            busy -= ahead
+                        else:
+                            wait -= ahead
+                            ipi -= ahead
+                elif fl == _FL_LOCK or fl == _FL_SPIN:
+                    so_far = end - int(a.flight_t - t0)  # counted when it ends
+                    if so_far > 0:
+                        wait += so_far
+                        if fl == _FL_LOCK:
+                            lock_wait += so_far
+                        else:
+                            spin += so_far
+            actors[name] = {"busy_ns": busy, "wait_ns": wait, "idle_ns": end - busy - wait, "lock_wait_ns": lock_wait,
+                            "ipi_ns": ipi, "spin_ns": spin}
+        locks = {n: self._lock_figures(n, lk, cur, end) for n, lk in self.locks.items()}
         return TimelineResult(end, actors, locks, {k: d.as_dict() for k, d in self.latency.items()},
                               dict(self.races))
 
-    def _last_done(self) -> int:
-        """When the last actor finished; the environment's time while any is unfinished."""
-        now = int(self.env.now - self._t0)
+    def _lock_figures(self, name: str, lk: Any, cur: _Actor | None, end: int) -> dict[str, Any]:
+        """``lk``'s statistics, with the holds still open counted up to ``end`` (a lock's
+        statistics count a hold when it is released)."""
+        d: dict[str, Any] = lk.stats.as_dict()
+        now = end + self._t0  # in SimPy's time
+        hold = write = read = 0
+        if isinstance(lk, RWLock):
+            if lk.writer is not None or lk._readers:
+                hold = max(0, now - lk._busy_since)
+                if lk.writer is not None:
+                    write = max(0, now - lk._write_since)
+                read = sum(max(0, now - t) for t in lk._readers.values())
+        elif lk.holder is not None:
+            hold = max(0, now - lk._held_since)
+        if cur is not None and cur.fast:  # taken uncontended since it resumed: not in the SimPy lock
+            for lock, mode, t in cur.held:
+                if lock == name and t >= 0 and end > t:
+                    hold += end - t
+                    if mode == READ:
+                        read += end - t
+                    else:
+                        write += end - t
+        if hold:
+            d["hold_ns"] += int(hold)
+        if isinstance(lk, RWLock):
+            if write:
+                d["hold_write_ns"] += int(write)
+            if read:
+                d["hold_read_ns"] += int(read)
+        return d
+
+    def _last_done(self) -> int | None:
+        """When the last actor finished; None while any is unfinished."""
         for a in self._actors.values():
             if a.idle is not None:  # a vCPU thread: unfinished while it has a task
                 if a.in_task or a.task is not None or not a.idle.triggered:
-                    return now
+                    return None
             elif a.glet is None or not a.glet.dead:  # spawned: unfinished until its function returns
-                return now
-        return max((a.done for a in self._actors.values()), default=now)
+                return None
+        return max((a.done for a in self._actors.values()), default=int(self.env.now - self._t0))
 
     # -- hooks the model calls (cheap when not attached: the model tests vm._sched) ---------------
 
