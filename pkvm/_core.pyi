@@ -334,6 +334,7 @@ class SchedActor:
     flight: int
     flight_t: Any
     held: list[Any]
+    fast_done: list[Any]
     in_task: bool
     vcpu: bool
     fast: int

@@ -100,12 +100,15 @@ cdef class SchedActor:
     a lock wait or a spin when it ends; ``flight`` and ``flight_t`` say what the actor's SimPy
     process is in the middle of, so that a result taken mid-run (``Timeline.result``) counts
     it up to that time: ``_FL_NONE``; ``_FL_BUSY`` or ``_FL_IPI``, ending at SimPy time
-    ``flight_t``; ``_FL_LOCK`` or ``_FL_SPIN``, since SimPy time ``flight_t``."""
+    ``flight_t``; ``_FL_LOCK`` or ``_FL_SPIN``, since SimPy time ``flight_t``. ``fast_done``
+    lists the holds taken and released uncontended since it last resumed, as ``(lock, mode,
+    grant, release)`` in ns since the timeline's start: the lock statistics count them at the
+    release, which may lie ahead of SimPy's clock while the work they are part of passes."""
 
     cdef public object name, glet, task, work, idle, grant_t, charge_to
     cdef public object busy, wait, lock_wait, page_wait, ipi, spin, stall_debt, done, flight_t
     cdef public int flight
-    cdef public list held
+    cdef public list held, fast_done
     cdef public bint in_task, vcpu
     cdef public Py_ssize_t fast
 
@@ -131,6 +134,7 @@ cdef class SchedActor:
         self.charge_to = name if vcpu else "vmm"
         self.flight = _FL_NONE
         self.flight_t = 0
+        self.fast_done = []
 
 
 cdef inline Ledger _hook_ledger(SchedHooks h):
@@ -238,6 +242,7 @@ cdef class SchedHooks:
             return 0
         a.fast -= 1
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
+        a.fast_done.append((lock, mode, t, t + held_ns))  # for a result taken mid-run
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
@@ -534,6 +539,8 @@ cdef class SchedHooks:
         """``a``'s code runs again (SimPy's clock stands still until it yields)."""
         self._current = a
         self._now0 = int(self.env.now - self._t0)
+        if a.fast_done:
+            a.fast_done = []
         vm = self.vm
         self._mark = _vm_ns(self)
         self._skipped = False

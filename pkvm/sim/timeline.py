@@ -300,35 +300,64 @@ class Timeline(SchedHooks):
                               dict(self.races))
 
     def _lock_figures(self, name: str, lk: Any, cur: _Actor | None, end: int) -> dict[str, Any]:
-        """``lk``'s statistics, with the holds still open counted up to ``end`` (a lock's
-        statistics count a hold when it is released)."""
+        """``lk``'s statistics up to ``end`` (ns since the timeline's start). They count a hold
+        at its release, and an actor's work passes on SimPy's clock after its code ran: holds
+        still open count up to ``end``, and the part after ``end`` of a hold its holder took
+        and released uncontended in work still passing does not count yet."""
         d: dict[str, Any] = lk.stats.as_dict()
+        rw = isinstance(lk, RWLock)
         now = end + self._t0  # in SimPy's time
         hold = write = read = 0
-        if isinstance(lk, RWLock):
+        if rw:
             if lk.writer is not None or lk._readers:
-                hold = max(0, now - lk._busy_since)
+                hold = now - lk._busy_since
                 if lk.writer is not None:
-                    write = max(0, now - lk._write_since)
-                read = sum(max(0, now - t) for t in lk._readers.values())
+                    write = now - lk._write_since
+                read = sum(now - t for t in lk._readers.values())
         elif lk.holder is not None:
-            hold = max(0, now - lk._held_since)
-        if cur is not None and cur.fast:  # taken uncontended since it resumed: not in the SimPy lock
-            for lock, mode, t in cur.held:
-                if lock == name and t >= 0 and end > t:
-                    hold += end - t
+            hold = now - lk._held_since
+        for a in self._actors.values():
+            if a is cur:
+                if a.fast:  # taken uncontended since it resumed: not in the SimPy lock yet
+                    for lock, mode, t in a.held:
+                        if lock == name and t >= 0 and end > t:
+                            hold += end - t
+                            if mode == READ:
+                                read += end - t
+                            else:
+                                write += end - t
+                continue
+            for (lock, mode), t in a.grant_t.items():
+                # A hold taken uncontended at t, made a SimPy hold when its holder yielded
+                # (_make_holds): SimPy counts it from the yield, less the time to t.
+                if lock == name and t > end and self._holds(lk, a.name, mode):
+                    hold += t - end
                     if mode == READ:
-                        read += end - t
+                        read += t - end
                     else:
-                        write += end - t
+                        write += t - end
+            for lock, mode, t, t_rel in a.fast_done:
+                if lock == name and t_rel > end:
+                    ahead = t_rel - max(t, end)
+                    hold -= ahead
+                    if mode == READ:
+                        read -= ahead
+                    else:
+                        write -= ahead
         if hold:
             d["hold_ns"] += int(hold)
-        if isinstance(lk, RWLock):
+        if rw:
             if write:
                 d["hold_write_ns"] += int(write)
             if read:
                 d["hold_read_ns"] += int(read)
         return d
+
+    @staticmethod
+    def _holds(lk: Any, owner: str, mode: int) -> bool:
+        if isinstance(lk, RWLock):
+            return owner in lk._readers if mode == READ else lk.writer == owner
+        return bool(lk.holder == owner)
 
     def _last_done(self) -> int | None:
         """When the last actor finished; None while any is unfinished."""
