@@ -332,7 +332,10 @@ class SchedActor:
     spin: Any
     stall_debt: Any
     done: Any
+    flight: int
+    flight_t: Any
     held: list[Any]
+    fast_done: list[Any]
     in_task: bool
     vcpu: bool
     fast: int

@@ -71,6 +71,8 @@ cdef class DistState:
 
 # the requests an actor's coroutine sends to its SimPy process (pkvm/sim/timeline.py's _ACQ ...)
 cdef int _SCHED_ACQ = 0, _SCHED_REL = 1, _SCHED_WAIT = 2, _SCHED_SYNC = 3, _SCHED_DONE = 4
+# what an actor's SimPy process is in the middle of (SchedActor.flight; pkvm/sim/timeline.py's _FL_*)
+cdef int _FL_NONE = 0, _FL_BUSY = 1, _FL_IPI = 2, _FL_LOCK = 3, _FL_SPIN = 4
 _SCHED_INFINITY = float("inf")  # simpy.core.Infinity: the time of an empty event queue
 
 
@@ -92,11 +94,21 @@ cdef class SchedActor:
     accounting in ns (``page_wait``: the part of ``lock_wait`` spent on the locks the kernel
     takes page by page and a batch holds for all its pages, ``_PAGEWISE_LOCKS``); ``stall_debt`` the IPI stall it still owes; ``in_task`` whether it runs a
     task; ``charge_to`` the VM's cost centre while its code runs; ``done`` when (ns since the
-    timeline's start) it last finished a task or its function."""
+    timeline's start) it last finished a task or its function.
+
+    ``busy`` and ``wait`` (``ipi``) are counted when a stretch of work (an IPI stall) starts,
+    a lock wait or a spin when it ends; ``flight`` and ``flight_t`` say what the actor's SimPy
+    process is in the middle of, so that a result taken mid-run (``Timeline.result``) counts
+    it up to that time: ``_FL_NONE``; ``_FL_BUSY`` or ``_FL_IPI``, ending at SimPy time
+    ``flight_t``; ``_FL_LOCK`` or ``_FL_SPIN``, since SimPy time ``flight_t``. ``fast_done``
+    lists the holds taken and released uncontended since it last resumed, as ``(lock, mode,
+    grant, release)`` in ns since the timeline's start: the lock statistics count them at the
+    release, which may lie ahead of SimPy's clock while the work they are part of passes."""
 
     cdef public object name, glet, task, work, idle, grant_t, charge_to
-    cdef public object busy, wait, lock_wait, page_wait, ipi, spin, stall_debt, done
-    cdef public list held
+    cdef public object busy, wait, lock_wait, page_wait, ipi, spin, stall_debt, done, flight_t
+    cdef public int flight
+    cdef public list held, fast_done
     cdef public bint in_task, vcpu
     cdef public Py_ssize_t fast
 
@@ -120,6 +132,9 @@ cdef class SchedActor:
         self.grant_t = {}
         self.vcpu = vcpu
         self.charge_to = name if vcpu else "vmm"
+        self.flight = _FL_NONE
+        self.flight_t = 0
+        self.fast_done = []
 
 
 cdef inline Ledger _hook_ledger(SchedHooks h):
@@ -227,6 +242,7 @@ cdef class SchedHooks:
             return 0
         a.fast -= 1
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
+        a.fast_done.append((lock, mode, t, t + held_ns))  # for a result taken mid-run
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
@@ -526,6 +542,8 @@ cdef class SchedHooks:
         """``a``'s code runs again (SimPy's clock stands still until it yields)."""
         self._current = a
         self._now0 = int(self.env.now - self._t0)
+        if a.fast_done:
+            a.fast_done = []
         vm = self.vm
         self._mark = _vm_ns(self)
         self._skipped = False
@@ -565,6 +583,8 @@ cdef class SchedHooks:
                 # resuming this process for it: no IPI can reach a thread outside a task, so
                 # no stall follows); the process waits for its next task meanwhile.
                 a.busy += dt
+                a.flight = _FL_BUSY
+                a.flight_t = env.now + dt
                 if rec is not None:
                     self._rec_work(a, dt)
                 env.timeout(dt).callbacks.append(free)
@@ -576,6 +596,8 @@ cdef class SchedHooks:
                 continue
             if dt:
                 a.busy += dt
+                a.flight = _FL_BUSY
+                a.flight_t = env.now + dt
                 if rec is not None:
                     self._rec_work(a, dt)
                 yield env.timeout(dt)
@@ -584,6 +606,8 @@ cdef class SchedHooks:
                 a.stall_debt = 0
                 a.wait += debt
                 a.ipi += debt
+                a.flight = _FL_IPI
+                a.flight_t = env.now + debt
                 if rec is not None:
                     self._rec_ipi(a, debt)
                 yield env.timeout(debt)
@@ -594,7 +618,10 @@ cdef class SchedHooks:
                     if isinstance(lk, rwlock) else lk.acquire(a.name)
                 if not ev.triggered:
                     t0 = env.now
+                    a.flight = _FL_LOCK
+                    a.flight_t = t0
                     yield ev
+                    a.flight = _FL_NONE
                     waited = env.now - t0  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
@@ -617,7 +644,11 @@ cdef class SchedHooks:
                 ev = req[2]
                 if not ev.processed:
                     t0 = env.now
+                    if not req[3]:
+                        a.flight = _FL_SPIN
+                        a.flight_t = t0
                     value = yield ev
+                    a.flight = _FL_NONE
                     if not req[3]:
                         spun = env.now - t0  # int ns, as above
                         a.wait += spun

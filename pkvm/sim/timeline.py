@@ -52,6 +52,8 @@ RACE_KINDS = ("rmp_npf_loop", "rmp_npf_loop_ns", "pf_retry", "pf_retry_ns", "tdx
 
 # requests an actor's coroutine sends to its SimPy process (the core's _SCHED_ACQ ...)
 _ACQ, _REL, _WAIT, _SYNC, _DONE = 0, 1, 2, 3, 4
+# what an actor's SimPy process is in the middle of (SchedActor.flight; the core's _FL_NONE ...)
+_FL_NONE, _FL_BUSY, _FL_IPI, _FL_LOCK, _FL_SPIN = 0, 1, 2, 3, 4
 
 
 #: One actor's state and accounting (the typed core's class: the hooks read it on every call).
@@ -240,31 +242,123 @@ class Timeline(SchedHooks):
                                          f"(locks held: {held or 'none'})")
 
     def result(self) -> TimelineResult:
-        """The timeline's figures (call after the environment ran). The critical path ends
-        when the last of this timeline's actors finished (``stop``, or its last task or
-        function), not when the environment stopped: processes of the embedder's own, or
-        another VM's timeline on the same environment, may run on after it."""
-        end = self._end if self._end is not None else self._last_done()
+        """The timeline's figures: after the run, or at any moment of it (a snapshot).
+
+        After the run, the critical path ends when the last of this timeline's actors
+        finished (``stop``, or its last task or function), not when the environment stopped:
+        processes of the embedder's own, or another VM's timeline on the same environment,
+        may run on after it. While an actor is unfinished, the figures are those up to now:
+        SimPy's clock, or, called from an actor's code, that actor's clock (:attr:`now_ns`,
+        which counts its work since it last yielded). Work, IPI stalls, lock waits, spins and
+        lock holds in progress count up to that time, so busy + wait + idle = critical path
+        for every actor at every moment. Taking a result changes nothing: the run goes on as
+        if it had not been taken (``docs/timeline.md``, "Results mid-run")."""
+        cur = self._current
+        fin = self._last_done()
+        if fin is None:
+            end = self.now_ns
+        else:
+            end = fin if self._end is None else max(self._end, fin)
+        t0 = self._t0
         actors = {}
         for name in sorted(self._actors, key=_actor_order):
             a = self._actors[name]
-            idle = end - a.busy - a.wait
-            actors[name] = {"busy_ns": a.busy, "wait_ns": a.wait, "idle_ns": idle, "lock_wait_ns": a.lock_wait,
-                            "ipi_ns": a.ipi, "spin_ns": a.spin}
-        locks = {n: lk.stats.as_dict() for n, lk in self.locks.items()}
+            busy, wait, lock_wait, ipi, spin = a.busy, a.wait, a.lock_wait, a.ipi, a.spin
+            if a is cur:  # its work since it resumed (SimPy's clock stands still meanwhile)
+                busy += self.vm._modeled_ns - self._mark
+            else:  # what its SimPy process is in the middle of, up to ``end``
+                fl = a.flight
+                if fl == _FL_BUSY or fl == _FL_IPI:
+                    ahead = int(a.flight_t - t0) - end  # counted when it started
+                    if ahead > 0:
+                        if fl == _FL_BUSY:
+                            busy -= ahead
+                        else:
+                            wait -= ahead
+                            ipi -= ahead
+                elif fl == _FL_LOCK or fl == _FL_SPIN:
+                    so_far = end - int(a.flight_t - t0)  # counted when it ends
+                    if so_far > 0:
+                        wait += so_far
+                        if fl == _FL_LOCK:
+                            lock_wait += so_far
+                        else:
+                            spin += so_far
+            actors[name] = {"busy_ns": busy, "wait_ns": wait, "idle_ns": end - busy - wait, "lock_wait_ns": lock_wait,
+                            "ipi_ns": ipi, "spin_ns": spin}
+        locks = {n: self._lock_figures(n, lk, cur, end) for n, lk in self.locks.items()}
         return TimelineResult(end, actors, locks, {k: d.as_dict() for k, d in self.latency.items()},
                               dict(self.races))
 
-    def _last_done(self) -> int:
-        """When the last actor finished; the environment's time while any is unfinished."""
-        now = int(self.env.now - self._t0)
+    def _lock_figures(self, name: str, lk: Any, cur: _Actor | None, end: int) -> dict[str, Any]:
+        """``lk``'s statistics up to ``end`` (ns since the timeline's start). They count a hold
+        at its release, and an actor's work passes on SimPy's clock after its code ran: holds
+        still open count up to ``end``, and the part after ``end`` of a hold its holder took
+        and released uncontended in work still passing does not count yet."""
+        d: dict[str, Any] = lk.stats.as_dict()
+        rw = isinstance(lk, RWLock)
+        now = end + self._t0  # in SimPy's time
+        hold = write = read = 0
+        if rw:
+            if lk.writer is not None or lk._readers:
+                hold = now - lk._busy_since
+                if lk.writer is not None:
+                    write = now - lk._write_since
+                read = sum(now - t for t in lk._readers.values())
+        elif lk.holder is not None:
+            hold = now - lk._held_since
+        for a in self._actors.values():
+            if a is cur:
+                if a.fast:  # taken uncontended since it resumed: not in the SimPy lock yet
+                    for lock, mode, t in a.held:
+                        if lock == name and t >= 0 and end > t:
+                            hold += end - t
+                            if mode == READ:
+                                read += end - t
+                            else:
+                                write += end - t
+                continue
+            for (lock, mode), t in a.grant_t.items():
+                # A hold taken uncontended at t, made a SimPy hold when its holder yielded
+                # (_make_holds): SimPy counts it from the yield, less the time to t.
+                if lock == name and t > end and self._holds(lk, a.name, mode):
+                    hold += t - end
+                    if mode == READ:
+                        read += t - end
+                    else:
+                        write += t - end
+            for lock, mode, t, t_rel in a.fast_done:
+                if lock == name and t_rel > end:
+                    ahead = t_rel - max(t, end)
+                    hold -= ahead
+                    if mode == READ:
+                        read -= ahead
+                    else:
+                        write -= ahead
+        if hold:
+            d["hold_ns"] += int(hold)
+        if rw:
+            if write:
+                d["hold_write_ns"] += int(write)
+            if read:
+                d["hold_read_ns"] += int(read)
+        return d
+
+    @staticmethod
+    def _holds(lk: Any, owner: str, mode: int) -> bool:
+        if isinstance(lk, RWLock):
+            return owner in lk._readers if mode == READ else lk.writer == owner
+        return bool(lk.holder == owner)
+
+    def _last_done(self) -> int | None:
+        """When the last actor finished; None while any is unfinished."""
         for a in self._actors.values():
             if a.idle is not None:  # a vCPU thread: unfinished while it has a task
                 if a.in_task or a.task is not None or not a.idle.triggered:
-                    return now
+                    return None
             elif a.glet is None or not a.glet.dead:  # spawned: unfinished until its function returns
-                return now
-        return max((a.done for a in self._actors.values()), default=now)
+                return None
+        return max((a.done for a in self._actors.values()), default=int(self.env.now - self._t0))
 
     # -- hooks the model calls (cheap when not attached: the model tests vm._sched) ---------------
 
