@@ -27,14 +27,14 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'e389747d82f16488',
-    ('snp', 'fault-time', 3, 'balloon', ()): '2d65138a067088b4',
+    ('snp', 'fault-time', 3, 'balloon', ()): 'b92ee8b07ba91828',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '4f1de46e40b20639',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'e7c0cc5080ed1961',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '11ab68468a503397',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'c5b64d789caf1ffc',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '001c35b863c3ca13',
     ('tdx', '6.19', 1, 'balloon', ()): '4b2b4fb2bf8cb0bf',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'e323805811a75d1b',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'c7114bfdec7b697a',
     ('sw_protected', '6.8', 3, 'balloon', ()): '8d138a6d143367fb',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '7608e9793026e4cd',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '9f29187407f48333',
 }
 MEMORY = "512M"
 
