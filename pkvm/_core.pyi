@@ -360,6 +360,8 @@ class LockState:
 
     locked: bool
     stats: LockStatsState
+    held_until: int
+    written_until: int
 
 @disjoint_base
 class DistState:

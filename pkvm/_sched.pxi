@@ -23,10 +23,17 @@ cdef class LockStatsState:
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class LockState:
     """What the timeline's hooks read of a lock on every acquisition (the base class of
-    ``pkvm.sim.locks``' locks): whether it is held, and its statistics."""
+    ``pkvm.sim.locks``' locks): whether it is held, and its statistics.
+
+    ``held_until`` (``written_until``): when (ns since the timeline's start) the last hold in
+    any mode (for write) taken and released uncontended ended. Such a hold is taken and
+    released on its holder's clock, which runs ahead of SimPy's while its work passes; an
+    actor that SimPy runs meanwhile and that asks for the lock before that time waits until
+    then (``_lock_free_at``), as it would have for a hold SimPy knew of."""
 
     cdef public bint locked
     cdef public LockStatsState stats
+    cdef public long long held_until, written_until
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -80,6 +87,37 @@ _SCHED_INFINITY = float("inf")  # simpy.core.Infinity: the time of an empty even
 #: S-EPT SEAMCALL per AUG) that a batch holds for all its pages: a wait for one of them is the
 #: waits of the batch's pages, spread over its latency samples (SchedHooks.latency_end).
 _PAGEWISE_LOCKS = frozenset({"cpa_lock", "tdx_sept"})
+
+
+cdef int _lock_wait_longer(LockStatsState st, w, long long early) except -1:
+    """An acquisition waited ``early`` ns for a hold taken and released uncontended
+    (``LockState.held_until``), then ``w`` ns in the SimPy lock (None: granted at once), which
+    the lock's statistics counted as a wait of its own: they count one wait of the sum."""
+    cdef DistState d = <DistState?>st.wait_distribution
+    if w is not None and w:
+        n = d._hist[w]
+        if n == 1:
+            del d._hist[w]
+        else:
+            d._hist[w] = n - 1
+        d._count -= 1
+        d._total -= w
+        st.wait_ns -= w
+        st.waits -= 1
+    else:
+        w = 0
+    st.wait_ns += w + early
+    st.waits += 1
+    d._add_c(w + early, 1)
+    return 0
+
+
+cdef inline long long _lock_free_at(LockState lk, mode):
+    """When (ns since the timeline's start) the holds ``lk``'s holders took and released
+    uncontended let an acquisition in ``mode`` in: a reader waits only for writers."""
+    if mode == 0 and lk.stats._rw:
+        return lk.written_until
+    return lk.held_until
 
 
 @cython.final
@@ -200,11 +238,14 @@ cdef class SchedHooks:
         if a is None:
             return 0
         lk = <LockState?>self.locks[lock]
+        cdef long long now
         if self._active <= a.in_task and not lk.locked:
-            a.held.append((lock, mode, self._now0 + _vm_ns(self) - self._mark))
-            a.fast += 1
-            lk.stats.acquisitions += 1
-            return 0
+            now = self._now0 + _vm_ns(self) - self._mark
+            if now >= _lock_free_at(lk, mode):
+                a.held.append((lock, mode, now))
+                a.fast += 1
+                lk.stats.acquisitions += 1
+                return 0
         self._acquire_slow(a, lock, mode)
         return 0
 
@@ -243,6 +284,12 @@ cdef class SchedHooks:
         a.fast -= 1
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
         a.fast_done.append((lock, mode, t, t + held_ns))  # for a result taken mid-run
+        cdef LockState lks = <LockState?>self.locks[lock]
+        if held_ns > 0:  # others SimPy runs before its end wait for it (_lock_free_at)
+            if t + held_ns > lks.held_until:
+                lks.held_until = t + held_ns
+            if (mode != 0 or not lks.stats._rw) and t + held_ns > lks.written_until:
+                lks.written_until = t + held_ns
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
@@ -270,6 +317,7 @@ cdef class SchedHooks:
         lk = <LockState?>self.locks[lock]
         led = _hook_ledger(self)
         if (self._active <= a.in_task and not lk.locked and self.recorder is None
+                and self._now0 + _vm_ns(self) - self._mark >= _lock_free_at(lk, mode)
                 and not (led.traced if led is not None else self.vm._subs is not None)):  # vm._subs is None
             lk.stats.acquisitions += 1
             return 0
@@ -614,14 +662,27 @@ cdef class SchedHooks:
             value = None
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]
-                ev = (lk.acquire_read(a.name) if req[3] == 0 else lk.acquire_write(a.name)) \
-                    if isinstance(lk, rwlock) else lk.acquire(a.name)
-                if not ev.triggered:
-                    t0 = env.now
+                t0 = env.now
+                # a hold another actor took and released uncontended, on its clock ahead of
+                # SimPy's, ends after now: wait for its end (LockState.held_until)
+                early = _lock_free_at(<LockState>lk, req[3]) - int(t0 - self._t0)
+                if early > 0:
                     a.flight = _FL_LOCK
                     a.flight_t = t0
-                    yield ev
-                    a.flight = _FL_NONE
+                    yield env.timeout(early)
+                ev = (lk.acquire_read(a.name) if req[3] == 0 else lk.acquire_write(a.name)) \
+                    if isinstance(lk, rwlock) else lk.acquire(a.name)
+                blocked = not ev.triggered
+                if blocked:
+                    a.flight = _FL_LOCK
+                    a.flight_t = t0
+                    w = yield ev
+                    if early > 0:  # one wait: the lock's statistics saw only its second part
+                        _lock_wait_longer(lk.stats, w, early)
+                elif early > 0:
+                    _lock_wait_longer(lk.stats, None, early)
+                a.flight = _FL_NONE
+                if blocked or early > 0:
                     waited = env.now - t0  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited

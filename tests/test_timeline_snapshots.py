@@ -23,10 +23,8 @@ _SMALL_OPTS = {"swiotlb": {"ops": "60"}, "mixed": {"ops": "60"}, "virtio": {"cyc
                "balloon": {"cycles": "1"}, "migration": {}, "boot": {}}
 
 
-#: A hold taken and released uncontended runs on its holder's clock, ahead of SimPy's; an actor
-#: SimPy runs meanwhile can take the same lock in that span (test_a_lock_is_never_held_by_two_
-#: actors_at_once). Until that is fixed, holds of one lock may overlap.
-_OVERLAPPING_HOLDS = True
+#: The holds of one lock never overlap (test_a_lock_is_never_held_by_two_actors_at_once).
+_OVERLAPPING_HOLDS = False
 
 
 def _figures(r: TimelineResult) -> dict[str, Any]:
@@ -314,14 +312,13 @@ def test_finished_run_accounting(platform: str, workload: str, vcpus: int, seed:
         assert r.locks["mmu_lock"]["hold_write_ns"] == counters["mmu_lock_held_ns"]
 
 
-@pytest.mark.xfail(strict=True, reason="a hold taken and released uncontended on the holder's clock, ahead of "
-                   "SimPy's, is invisible to an actor SimPy runs meanwhile, which takes the lock too")
 def test_a_lock_is_never_held_by_two_actors_at_once() -> None:
     """snp migration, 3 vCPUs, seed 231: vCPU0 takes cpa_lock uncontended (no other actor in a
     task) and holds it 82 ms of its own clock before it yields; meanwhile SimPy wakes the VMM (a
-    vCPU's last work ended), which gives vCPU2 a task, and vCPU2 takes cpa_lock in the middle of
-    vCPU0's hold. The recorder's hold slices of cpa_lock overlap, and the lock's hold_ns exceeds
-    the critical path."""
+    vCPU's last work ended), which gives vCPU2 a task, and vCPU2 asks for cpa_lock in the middle
+    of vCPU0's hold. It waits for the hold's end (``LockState.held_until``); it used to take the
+    lock at once, the recorder's hold slices of cpa_lock overlapped, and the lock's hold_ns
+    exceeded the critical path."""
     cfg = experiments.Config(platform="snp", memory="128M", workload="migration", policy="eager-post", vcpus=3)
     wl = workloads.get(cfg.workload)
     vm, ctx = experiments._build(cfg, 231, None)

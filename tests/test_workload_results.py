@@ -27,14 +27,14 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'df7f716eda907a3c',
-    ('snp', 'fault-time', 3, 'balloon', ()): '38821752f405eb42',
+    ('snp', 'fault-time', 3, 'balloon', ()): '3fbc17afc42cedd0',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '38821e1be66275e1',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '7f44ad4679e8d98b',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '5097bbbcedbd2ec9',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '1ba04458035e60c2',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3a6e5226ebf7e6ad',
     ('tdx', '6.19', 1, 'balloon', ()): '918f08f9cdd99e2c',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '9eb0021048226443',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'ad1fe793945a47e2',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '3721fa060574dbf7',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '8cdab3a66705ec9c',
 }
 MEMORY = "512M"
 

@@ -388,7 +388,8 @@ class Timeline(SchedHooks):
         if ns < 0:
             ns = 0
         lk = self.locks[lock]
-        if self._active <= a.in_task and not lk.locked:
+        if (self._active <= a.in_task and not lk.locked
+                and self._now0 + vm._modeled_ns - self._mark - ns >= lk.held_until):
             a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
             a.fast += 1
             lk.stats.acquisitions += 1
