@@ -94,35 +94,34 @@ def short_timeout(monkeypatch):
     monkeypatch.setitem(Runner.__init__.__kwdefaults__, "connect_timeout", 1.0)
 
 
-def test_a_server_of_another_protocol_is_a_failed_run_in_one_line(capsys, monkeypatch, short_timeout):
-    monkeypatch.delenv("PKVM_DEBUG", raising=False)
-    with _server(_http) as address:
+def _failed_run_against(server, capsys):  # type: ignore[no-untyped-def]
+    """Run the CLI against a scheduler address served by ``server``: the run must fail (exit 1)
+    with one line on stderr; returns ``(address, seconds taken, stderr)``."""
+    with _server(server) as address:
         code, took = _main_in_thread([*ARGV, "--scheduler", address], 20)
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 1, (took, err)
     _one_line(err)
+    return address, took, err
+
+
+def test_a_server_of_another_protocol_is_a_failed_run_in_one_line(capsys, monkeypatch, short_timeout):
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    address, took, err = _failed_run_against(_http, capsys)
     assert f"--scheduler {address}: the server there is not a Dask scheduler" in err
     assert "8786" in err and took < 10
 
 
 def test_a_server_that_never_answers_is_given_up_on_at_the_timeout(capsys, monkeypatch, short_timeout):
     monkeypatch.delenv("PKVM_DEBUG", raising=False)
-    with _server(_silent) as address:
-        code, took = _main_in_thread([*ARGV, "--scheduler", address], 20)
-    err = capsys.readouterr().err
-    assert code == 1, (took, err)
-    _one_line(err)
+    address, took, err = _failed_run_against(_silent, capsys)
     assert err == f"pkvm: error: --scheduler {address}: no Dask scheduler answered within 1 s\n"
     assert took < 10
 
 
 def test_a_server_that_hangs_up_is_a_failed_run_in_one_line(capsys, monkeypatch, short_timeout):
     monkeypatch.delenv("PKVM_DEBUG", raising=False)
-    with _server(_hangs_up) as address:
-        code, took = _main_in_thread([*ARGV, "--scheduler", address], 20)
-    err = capsys.readouterr().err
-    assert code == 1, err
-    _one_line(err)
+    address, took, err = _failed_run_against(_hangs_up, capsys)
     assert "no Dask scheduler answered" in err or "could not connect to a Dask scheduler" in err
 
 

@@ -146,6 +146,17 @@ def _config(platform: str, workload: str, vcpus: int, pick: int) -> experiments.
                               vcpus=vcpus, options=_SMALL_OPTS[workload])
 
 
+def _two_guests() -> tuple[pkvm.VM, pkvm.Guest, pkvm.Guest, simpy.Environment, Timeline]:
+    """A SW_PROTECTED VM with 64M of RAM, two guests (one per vCPU) and a timeline on its own
+    SimPy environment."""
+    vm = pkvm.VM("sw_protected", nr_vcpus=2)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    g0, g1 = (pkvm.Guest(vm, vmm, vm.create_vcpu()) for _ in range(2))
+    env = simpy.Environment()
+    return vm, g0, g1, env, Timeline(vm, env)
+
+
 # -- the regression: negative idle mid-run -------------------------------------------------------
 
 
@@ -153,12 +164,7 @@ def test_result_mid_run_counts_work_in_progress_up_to_now_not_negative_idle() ->
     """The docs' embedding example, looked at 1 µs in: vCPU0 is 1 µs into an 18 ms batch of
     faults. Its busy time was counted for the whole batch when the batch started, so the old
     result reported an idle time of -18 ms; it is 1 µs of work, no idle."""
-    vm = pkvm.VM("sw_protected", nr_vcpus=2)
-    vmm = pkvm.Vmm(vm)
-    vmm.add_ram(0, 64 * M)
-    g0, g1 = (pkvm.Guest(vm, vmm, vm.create_vcpu()) for _ in range(2))
-    env = simpy.Environment()
-    tl = Timeline(vm, env)
+    vm, g0, g1, env, tl = _two_guests()
     seen: list[TimelineResult] = []
 
     def look() -> Any:
@@ -182,12 +188,7 @@ def test_result_mid_run_counts_work_in_progress_up_to_now_not_negative_idle() ->
 def test_result_mid_run_counts_a_lock_wait_in_progress() -> None:
     """vCPU1 waits for slots_lock, which vCPU0's conversion holds: half-way through the wait,
     the wait so far is a stall (it was idle time), and the open hold counts up to now."""
-    vm = pkvm.VM("sw_protected", nr_vcpus=2)
-    vmm = pkvm.Vmm(vm)
-    vmm.add_ram(0, 64 * M)
-    g0, g1 = (pkvm.Guest(vm, vmm, vm.create_vcpu()) for _ in range(2))
-    env = simpy.Environment()
-    tl = Timeline(vm, env)
+    vm, g0, g1, env, tl = _two_guests()
     tl.spawn("vcpu0", lambda: g0.convert(0, 32 * M, private=False))
     tl.spawn("vcpu1", lambda: g1.convert(32 * M, 32 * M, private=False))
     seen: list[tuple[int, TimelineResult]] = []
