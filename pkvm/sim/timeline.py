@@ -298,7 +298,16 @@ class Timeline(SchedHooks):
         d: dict[str, Any] = lk.stats.as_dict()
         rw = isinstance(lk, RWLock)
         now = end + self._t0  # in SimPy's time
-        hold = write = read = 0
+        hold = write = read = 0  # hold time to add: in all, for write, for read
+
+        def add(mode: int, t: int) -> None:
+            nonlocal hold, read, write
+            hold += t
+            if mode == READ:
+                read += t
+            else:
+                write += t
+
         if rw:
             if lk.writer is not None or lk._readers:
                 hold = now - lk._busy_since
@@ -312,29 +321,16 @@ class Timeline(SchedHooks):
                 if a.fast:  # taken uncontended since it resumed: not in the SimPy lock yet
                     for lock, mode, t in a.held:
                         if lock == name and t >= 0 and end > t:
-                            hold += end - t
-                            if mode == READ:
-                                read += end - t
-                            else:
-                                write += end - t
+                            add(mode, end - t)
                 continue
             for (lock, mode), t in a.grant_t.items():
                 # A hold taken uncontended at t, made a SimPy hold when its holder yielded
                 # (_make_holds): SimPy counts it from the yield, less the time to t.
                 if lock == name and t > end and self._holds(lk, a.name, mode):
-                    hold += t - end
-                    if mode == READ:
-                        read += t - end
-                    else:
-                        write += t - end
+                    add(mode, t - end)
             for lock, mode, t, t_rel in a.fast_done:
                 if lock == name and t_rel > end:
-                    ahead = t_rel - max(t, end)
-                    hold -= ahead
-                    if mode == READ:
-                        read -= ahead
-                    else:
-                        write -= ahead
+                    add(mode, -(t_rel - max(t, end)))
         if hold:
             d["hold_ns"] += int(hold)
         if rw:
