@@ -525,26 +525,32 @@ cdef class SnpPath:
         st.v[self.i_dm_unmaps] += <int64_t>unmaps
         st.v[self.i_dm_restores] += <int64_t>restores
         st.v[self.i_dm_cpa_calls] += <int64_t>calls
+        self._charge("directmap_cpa_call", calls)  # each under cpa_lock (held here)
         if splits:
             self._charge("directmap_split", splits)
-        # A kernel-range TLB flush per set_memory_4k call (split-4k), per RMPUPDATE wrapper
-        # call that unmapped or restored pages (unmap-restore: the _noflush helpers, one flush
-        # after).
-        if self.split4k:
-            flushes = calls
-        else:
-            flushes = ((npages >> 9 if level == 2 else npages) if unmaps or restores else 0)
+        # A global TLB flush per split, under cpa_lock (__split_large_page's flush_tlb_all): a
+        # 4K update inside a 1G mapping splits twice and flushes twice. Nothing else flushes:
+        # set_memory_4k changes no entry after its splits (no CPA_FLUSHTLB, so no cpa_flush),
+        # and the RFC's unmap / restore go through the _noflush helpers page by page
+        # (docs/kernel-semantics.md §5.8).
+        flushes = splits
         if flushes:
             st.v[self.i_dm_tlb_flushes] += <int64_t>flushes
             self._charge("directmap_tlb_flush", flushes)
-        if self.snp.atomic and (sched is None or sched.holds("mmu_lock")):
-            st.v[self.i_sleep_atomic] += <int64_t>calls  # each CPA call takes cpa_lock (a mutex) under mmu_lock
-            self._charge("sleep_in_atomic", calls)
-            self.vm.events.append(("sleep_in_atomic", (f"BUG: scheduling while atomic: {calls} direct-map "
-                                   f"change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) under mmu_lock")))
+        # The calls that may sleep: every set_memory_4k (change_page_attr_set_clr runs
+        # vm_unmap_aliases, which takes the vmap_purge_lock mutex); of the RFC's _noflush
+        # helpers only those that split (split_large_page drops cpa_lock, a spinlock, to
+        # allocate the page-table page with GFP_KERNEL).
+        sleeps = calls if self.split4k else splits
+        if sleeps and self.snp.atomic and (sched is None or sched.holds("mmu_lock")):
+            st.v[self.i_sleep_atomic] += <int64_t>sleeps
+            self._charge("sleep_in_atomic", sleeps)
+            self.vm.events.append(("sleep_in_atomic", (f"BUG: sleeping function called from invalid context: "
+                                   f"{sleeps} direct-map change(s) for pfns [{pfn:#x}, {pfn + npages:#x}) "
+                                   f"under mmu_lock")))
         if sched is not None:
             if flushes:
-                sched._ipi("host", flushes)  # flush_tlb_kernel_range: an IPI to every host CPU
+                sched._ipi("host", flushes)  # flush_tlb_all: an IPI to every host CPU
             sched._release("cpa_lock", 1)
         return calls
 

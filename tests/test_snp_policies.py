@@ -41,8 +41,9 @@ TO_SHARED = {
     ("eager-post", "split-4k"): {"rmpupdate": 4},
     ("eager-post", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_restores": 4},
     ("eager-locked", "split-4k"): {"rmpupdate": 4},
-    ("eager-locked", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_restores": 4,
-                                        "sleep_in_atomic": 4},
+    # no sleep under mmu_lock: the pages are mapped at 4K already, and RFC v8's _noflush
+    # helpers sleep only to allocate a split's page-table page (a mutex only in v7's set_memory_p)
+    ("eager-locked", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_restores": 4},
     ("eager-split", "split-4k"): {"rmpupdate": 4},
     ("eager-split", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_restores": 4},
 }
@@ -52,8 +53,7 @@ TO_PRIVATE = {
     ("eager-post", "split-4k"): {"rmpupdate": 4},
     ("eager-post", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_unmaps": 4},
     ("eager-locked", "split-4k"): {"rmpupdate": 4},
-    ("eager-locked", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_unmaps": 4,
-                                        "sleep_in_atomic": 4},
+    ("eager-locked", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_unmaps": 4},
     ("eager-split", "split-4k"): {"rmpupdate": 4},
     ("eager-split", "unmap-restore"): {"rmpupdate": 4, "directmap_cpa_calls": 4, "directmap_unmaps": 4},
 }
@@ -175,12 +175,27 @@ def test_eager_split_phases_do_directmap_outside_the_lock():
     vm.check()
 
 
-def test_eager_locked_counts_sleep_in_atomic_and_events():
-    vm, _gmem, vcpu = setup("eager-locked", "unmap-restore")
-    vcpu.pvalidate_range(GPA, SIZE, False)
+@pytest.mark.parametrize("directmap, sleeps", [("split-4k", 1), ("unmap-restore", 2)])
+def test_eager_locked_counts_sleep_in_atomic_and_events(directmap, sleeps):
+    """eager-locked makes the direct-map changes under ``mmu_lock``; the ones that may sleep
+    count ``sleep_in_atomic`` and log: every ``set_memory_4k`` (``vm_unmap_aliases`` takes a
+    mutex), and of RFC v8's ``_noflush`` calls only those that split (``split_large_page``
+    allocates with ``GFP_KERNEL``; kernel-semantics.md §5.8). Four allocated pages made private
+    in one ioctl: split-4k makes one call (1G -> 2M -> 4K), unmap-restore four, of which the
+    first splits twice. Made shared again, the pages are restored at 4K: no sleep."""
+    pol = pkvm.Policy.preset("6.19").replace(rmp_update="eager-locked", directmap=directmap)
+    vm = pkvm.VM("snp", policy=pol, shared_backing="4k")
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MiB, UADDR, gmem, 0)
+    gmem.fallocate(pkvm.FALLOC_FL_KEEP_SIZE, GPA, SIZE)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    st = vm.stats
+    assert (st["rmpupdate"], st["directmap_splits"]) == (4, 2)
+    assert st["directmap_cpa_calls"] == (1 if directmap == "split-4k" else 4)
+    assert st["sleep_in_atomic"] == sleeps
+    assert sum(kind == "sleep_in_atomic" for kind, _ in vm.events) == 1
     vm.set_memory_attributes(GPA, SIZE, 0)
-    assert vm.stats["sleep_in_atomic"] == 4
-    assert any(kind == "sleep_in_atomic" for kind, _ in vm.events)
+    assert vm.stats["sleep_in_atomic"] == sleeps
 
 
 def test_eager_failures_are_only_counted():
@@ -208,5 +223,34 @@ def test_every_policy_runs_the_guest_flows(policy):
     assert g.touch(0, 8 * MiB, private=True, write=True).ret == "done"
     st = vm.stats
     assert st["rmpupdate"] == 2048 + 512 + 512 and st["rmpupdate_failures"] == 0
-    assert st["sleep_in_atomic"] == (512 if policy == "eager-locked" else 0)
+    # eager-locked's restores and unmaps under mmu_lock find the pages mapped at 4K (the first
+    # faults split them): RFC v8's _noflush calls do not sleep then (kernel-semantics.md §5.8)
+    assert st["sleep_in_atomic"] == 0
     vm.check()
+
+
+@pytest.mark.parametrize("directmap", ["split-4k", "unmap-restore"])
+def test_direct_map_flushes_once_per_split_and_prices_each_cpa_call(directmap):
+    """The kernel flushes every CPU's TLB inside ``__split_large_page`` (``flush_tlb_all`` under
+    ``cpa_lock``), once per split; nothing else flushes. ``set_memory_4k`` changes no entry after
+    its splits (no ``CPA_FLUSHTLB``, no ``cpa_flush``), and RFC v8's unmap / restore go through
+    the ``_noflush`` helpers page by page (arch/x86/mm/pat/set_memory.c:
+    ``change_page_attr_set_clr``, ``__split_large_page``; kernel-semantics.md §5.8). The first
+    private faults of ``setup`` split the 1G boot mapping to 2M and one 2M block to 4K: two
+    splits, two flushes, under either design, and one CPA call (split-4k) or four (one per
+    page, unmap-restore), each priced ``directmap_cpa_call``. Converting the four pages to
+    shared and back under an eager design unmaps / restores them page by page: four CPA
+    calls each way and no flush (the mapping is 4K already)."""
+    vm, gmem, vcpu = setup("eager-post", directmap)
+    st, costs = vm.stats, vm.cost_breakdown()
+    calls = 1 if directmap == "split-4k" else 4
+    assert (st["directmap_splits"], st["directmap_tlb_flushes"], st["directmap_cpa_calls"]) == (2, 2, calls)
+    assert costs["directmap_tlb_flush"] == 2 * vm.costs.ns("directmap_tlb_flush", nr_cpus=vm.snp.host_cpus)
+    assert costs["directmap_cpa_call"] == calls * vm.costs.ns("directmap_cpa_call") == calls * 200
+    assert vcpu.pvalidate_range(GPA, SIZE, False).status == PVALIDATE_SUCCESS
+    before = vm.stats
+    vm.set_memory_attributes(GPA, SIZE, 0)
+    vm.set_memory_attributes(GPA, SIZE, PRIVATE)
+    after = vm.stats
+    assert after["directmap_tlb_flushes"] == before["directmap_tlb_flushes"]
+    assert after["directmap_cpa_calls"] - before["directmap_cpa_calls"] == (0 if directmap == "split-4k" else 8)

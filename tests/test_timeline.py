@@ -136,7 +136,9 @@ def _convert_while_touching(policy: str, delay_ns: int) -> tuple[pkvm.AccessResu
     return out["touch"], tl.result(), tl
 
 
-@pytest.mark.parametrize("delay_ns", [2_000_000, 20_000_000])
+# vCPU1 touches while vCPU0's conversion is still RMPUPDATing (it ends about 21 ms in; the page
+# vCPU1 touches is among the last 2M chunk's)
+@pytest.mark.parametrize("delay_ns", [1_000_000, 5_000_000])
 def test_eager_post_rmp_npf_loop_arises(delay_ns: int) -> None:
     """Eager-post commits the attributes, drops mmu_lock, then RMPUPDATEs: a vCPU faulting in
     between maps the page private over a shared RMP entry and loops on RMP #NPF until its
@@ -151,7 +153,7 @@ def test_eager_post_rmp_npf_loop_arises(delay_ns: int) -> None:
         assert r2.races["rmp_npf_loop"] == 0, policy
 
 
-@pytest.mark.parametrize("delay_ns", [2_000_000, 20_000_000])
+@pytest.mark.parametrize("delay_ns", [1_000_000, 5_000_000])
 def test_eager_locked_stall_equals_the_hold_it_overlaps(delay_ns: int) -> None:
     """Eager-locked RMPUPDATEs with mmu_lock held for write: vCPU1's fault (a reader) waits from
     its arrival until the writer releases — exactly the part of the hold it overlaps."""
@@ -163,7 +165,7 @@ def test_eager_locked_stall_equals_the_hold_it_overlaps(delay_ns: int) -> None:
     v1 = r.actors["vcpu1"]
     assert v1["lock_wait_ns"] == waited  # its only lock wait
     assert v1["wait_ns"] == v1["lock_wait_ns"] + v1["ipi_ns"] + v1["spin_ns"]
-    assert v1["ipi_ns"] > 0  # vCPU0's direct-map flushes interrupt it meanwhile
+    assert v1["ipi_ns"] > 0  # the TLB flush of vCPU0's conversion interrupts it meanwhile
     assert mmu.stats.hold_ns >= waited
     assert r.races["rmp_npf_loop"] == 0
 
@@ -213,7 +215,7 @@ def test_batched_fault_latency_spreads_pagewise_lock_waits() -> None:
     """A fault batch holds ``cpa_lock`` (SNP direct map) or the S-EPT (TDX) for all its pages,
     where the kernel takes them page by page: its wait stands for every page's, so it is spread
     over the batch's latency samples, not put on its first 4K fault (which made that one fault
-    take 0.8 s and left the p99 at the uncontended 17.3 µs)."""
+    take 0.8 s and left the p99 at the uncontended value)."""
     for platform, policy in (("snp", "eager-post"), ("tdx", "6.19")):
         one, four = (experiments.run(experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=n))
                      for n in (1, 4))
@@ -221,11 +223,13 @@ def test_batched_fault_latency_spreads_pagewise_lock_waits() -> None:
         # the same faults, plus those that raced an invalidation (a discard's MMU notifier) and retried
         assert one.counters["pf_retry"] == 0 and lat1["count"] == lat4["count"] - four.counters["pf_retry"]
         assert four.actors["vcpu0"]["lock_wait_ns"] > 0
-        assert lat4["p50"] > 1.4 * lat1["p50"], (platform, lat1, lat4)  # every fault waited
+        assert lat4["p50"] > lat1["p50"], (platform, lat1, lat4)  # every fault waited
         assert lat4["max"] < 200_000, (platform, lat4)  # no 4K fault carries a batch's waits
 
 
 def test_one_vcpu_fault_latency_is_the_work() -> None:
     """Nothing contends with one vCPU: the fault samples add up to the faults' own work."""
     r = experiments.run(experiments.Config(platform="snp", memory="256M", policy="eager-post", vcpus=1))
-    assert r.latency_ns["fault"]["p50"] == r.latency_ns["fault"]["p99"] == 17305
+    # npf_fault, gmem_alloc_4k, rmpupdate and the RFC direct map's per-page call, plus each
+    # fault's share of the splits and their flushes: the same for every fault of the batches
+    assert r.latency_ns["fault"]["p50"] == r.latency_ns["fault"]["p99"] == 2934

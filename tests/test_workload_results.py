@@ -26,15 +26,15 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): 'df7f716eda907a3c',
-    ('snp', 'fault-time', 3, 'balloon', ()): '3fbc17afc42cedd0',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '38821e1be66275e1',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '1ba04458035e60c2',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3a6e5226ebf7e6ad',
+    ('snp', 'fault-time', 1, 'balloon', ()): 'db08f2716b065056',
+    ('snp', 'fault-time', 3, 'balloon', ()): '990bd9014de26d1f',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '75a3eb0ccea63c07',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '126743b0433ad909',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'ca566a2d7438fa7d',
     ('tdx', '6.19', 1, 'balloon', ()): '918f08f9cdd99e2c',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'ad1fe793945a47e2',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '73a8ca8ae2dcf8c4',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '8cdab3a66705ec9c',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '92573fe374eaff7d',
 }
 MEMORY = "512M"
 

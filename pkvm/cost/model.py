@@ -66,6 +66,7 @@ operation                  row   counter (count unit)
 ``gmem_punch_4k``          30    ``gmem_pages_freed`` (4K pages)
 ``cache_flush_4k``         —     ``cache_flush_pages`` (SNP gmem invalidate)
 ``directmap_split``        31    ``directmap_splits``
+``directmap_cpa_call``     —     ``directmap_cpa_calls``
 ``huge_page_split``        —     ``huge_page_splits``
 ``directmap_tlb_flush``    32    ``directmap_tlb_flushes``; ``nr_cpus=`` host CPUs
 ``psp_launch_update``      —     ``launch_update_pages`` (SNP_LAUNCH_UPDATE, per 4K page)

@@ -212,6 +212,17 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
     {"name": "directmap_split", "value_ns": 3_000, "low_ns": 1_000, "high_ns": 10_000,
      "unit": "per 2M or 1G direct-map mapping split", "confidence": "E", "row": 31,
      "source": "estimate; allocate one page-table page and rewrite 512 entries"},
+    # pkvm addition. One change_page_attr call on the direct map: set_memory_4k for a 2M
+    # block still mapped large (split-4k), or one set_direct_map_{invalid,default}_noflush per
+    # page (the RFC's unmap-restore): a page-table walk, static-protection and alias checks,
+    # cpa_lock taken and dropped around the PTE write. The split (row 31) and its TLB flush
+    # (row 32) are charged on top when the call splits.
+    {"name": "directmap_cpa_call", "value_ns": 200, "low_ns": 100, "high_ns": 1_000,
+     "unit": "per change_page_attr call on the direct map (split and flush excluded)",
+     "confidence": "E",
+     "source": "pkvm estimate: a cached 4-level walk, the static-protection and alias checks "
+               "and an uncontended spinlock around one PTE write (arch/x86/mm/pat/"
+               "set_memory.c: __change_page_attr_set_clr)"},
     # pkvm addition. Splitting a huge KVM SPTE into a table of 512 smaller ones is the same
     # work as row 31 (one page-table page allocated, 512 entries written), so row 31's value
     # and range are used. The TLB flush after it is charged separately.

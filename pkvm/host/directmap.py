@@ -9,15 +9,17 @@ map around every RMPUPDATE. Two designs are modelled, selected by ``policy``:
     4K (``set_memory_4k``: a 1G page becomes 512 2M pages, then the 2M page holding the pfn
     becomes 512 4K pages). 2M RMPUPDATEs need nothing. Pages stay mapped and mappings are never
     re-coalesced.
-``"unmap-restore"`` (RFC v7-v9, 2022-2023)
+``"unmap-restore"`` (RFC v8-v11, 2023)
     Before an RMPUPDATE that assigns pages, make every page of the new entry not-present
     (``set_direct_map_invalid_noflush`` page by page, splitting large mappings on the way);
     after one that returns pages to the hypervisor, make them present again
     (``set_direct_map_default_noflush``). Restored pages stay 4K.
 
-Every such change is a CPA (``change_page_attr``) call, which takes the CPA mutex and may sleep
-(kernel-semantics.md §5.8, §7.7). The operations therefore return the number of CPA calls they made, so a
-caller that holds a spinlock (the eager-locked policy, under the MMU lock) can count each as a
+Every such change is a CPA (``change_page_attr``) call, which takes ``cpa_lock`` (a spinlock)
+around its page-table change; ``set_memory_4k`` may sleep (``vm_unmap_aliases`` takes a mutex),
+and so may a ``_noflush`` call that splits (the page-table page is allocated with ``GFP_KERNEL``)
+(kernel-semantics.md §5.8, §7.7). The operations therefore return the number of CPA calls they
+made; the SNP VM counts the ones that may sleep under the MMU lock (the eager-locked policy) as
 ``sleep_in_atomic``.
 
 State is one :class:`~pkvm._core.RangeMap` from pfn to the mapping that covers it (level, and a
@@ -125,7 +127,7 @@ class DirectMap:
     merge); ``policy`` is ``"split-4k"`` or ``"unmap-restore"``. Counters (:attr:`counters`):
     ``directmap_splits`` (large mappings split, 1G -> 2M and 2M -> 4K each count one),
     ``directmap_unmaps`` / ``directmap_restores`` (pages made not-present / present again) and
-    ``directmap_cpa_calls`` (CPA calls, each taking the CPA mutex).
+    ``directmap_cpa_calls`` (CPA calls, each taking ``cpa_lock``).
 
     >>> dm = DirectMap(ram=[(0, 1 << 18)])
     >>> dm.level(5), dm.fragmented_fraction()
@@ -286,7 +288,7 @@ class DirectMap:
 
         4K: split the 2M/1G mappings that cover the range down to 4K; 2M: nothing (kernel-semantics.md §5.8).
         Returns the number of CPA calls (``set_memory_4k``, one per 2M block split; each takes
-        the CPA mutex). Runtime complexity: O((k + 1) log n).
+        ``cpa_lock``). Runtime complexity: O((k + 1) log n).
 
         Raises:
             TypeError, ValueError: bad arguments, a pfn that is not RAM, a level other than
@@ -312,7 +314,7 @@ class DirectMap:
         """RFC ``invalidate_direct_map``: make ``[pfn, pfn + npages)`` not present, page by page.
 
         Large mappings in the way are split first. Returns the CPA calls made (one per page,
-        each taking the CPA mutex). Runtime complexity: O((k + 1) log n).
+        each taking ``cpa_lock``). Runtime complexity: O((k + 1) log n).
 
         Raises:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
@@ -332,7 +334,7 @@ class DirectMap:
         """RFC ``restore_direct_map``: make ``[pfn, pfn + npages)`` present again, at 4K.
 
         Pages already present keep their mapping (CPA preserves a large page whose attributes
-        do not change). Returns the CPA calls made (one per page, each taking the CPA mutex).
+        do not change). Returns the CPA calls made (one per page, each taking ``cpa_lock``).
         Runtime complexity: O((k + 1) log n).
 
         Raises:

@@ -92,13 +92,14 @@ SNP_STAT_KEYS = (
 #: Cost operations an SNP VM charges besides the generic ones (``directmap_tlb_flush`` is
 #: priced with ``nr_cpus=host_cpus``).
 SNP_CHARGED_OPS = ("rmpupdate", "psmash", "pvalidate_4k", "pvalidate_2m", "psc_request",
-                   "cache_flush_4k", "directmap_split", "sleep_in_atomic", "psp_launch_update")
+                   "cache_flush_4k", "directmap_split", "directmap_cpa_call", "sleep_in_atomic",
+                   "psp_launch_update")
 
 class SnpVm:
     """The SNP state of one VM (``vm.snp``): the host RMP and direct map, the ASID, launch state.
 
     ``atomic`` is True while a policy op runs under ``mmu_lock``: a direct-map change then
-    counts as ``sleep_in_atomic`` (the CPA mutex may sleep, §5.8, §7.7). ``leaked`` holds the
+    counts as ``sleep_in_atomic`` if it may sleep (§5.8, §7.7). ``leaked`` holds the
     host pfns the kernel gave up on (``snp_leak_pages``): freed by guest_memfd but still
     assigned in the RMP.
     """

@@ -429,13 +429,13 @@ class Timeline(SchedHooks):
             return False
         if self._changed is None:
             self._changed = self.env.event()
-        t0 = self.env.now
+        s0 = a.spin
         self._wait(self._changed)
-        waited = int(self.env.now - t0)
+        waited = a.spin - s0  # the spin alone: not the work still pending when it began
         if first:
             self.races[race] += 1
-            if self.recorder is not None:
-                self.recorder.instant(a.name, race, int(t0 - self._t0), "race")
+            if self.recorder is not None:  # where the spin began, after the pending work
+                self.recorder.instant(a.name, race, int(self.env.now - waited - self._t0), "race")
         self.races[race + "_ns"] = self.races.get(race + "_ns", 0) + waited
         return True
 
@@ -448,14 +448,14 @@ class Timeline(SchedHooks):
         self.races["pf_retry"] += 1
         if a is None or not self.contended():
             return
-        t0 = self.env.now
+        s0 = a.spin
         while vm.mmu_invalidate_in_progress and vm._range_start <= gfn < vm._range_end:
             if self._changed is None:
                 self._changed = self.env.event()
             self._wait(self._changed)
-        waited = int(self.env.now - t0)
-        if self.recorder is not None and waited:
-            self.recorder.instant(a.name, "pf_retry", int(t0 - self._t0), "race")
+        waited = a.spin - s0  # the spin alone: not the work still pending when it began
+        if self.recorder is not None and waited:  # where the spin began, after the pending work
+            self.recorder.instant(a.name, "pf_retry", int(self.env.now - waited - self._t0), "race")
         spins = waited // self._npf_ns
         self.races["pf_retry"] += spins
         self.races["pf_retry_ns"] += waited
