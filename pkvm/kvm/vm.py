@@ -1241,7 +1241,8 @@ class Vcpu:
         Raises:
             KvmError: EINVAL (a kernel before 6.11, ``Policy.pre_fault_memory`` False: the
                 ioctl does not exist; an unaligned, empty or wrapping range), EOPNOTSUPP (not
-                yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EIO (dead VM),
+                yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EINVAL for a
+                TD's gpa with the shared bit (kvm_is_gfn_alias), EIO (dead VM),
                 or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
             TypeError / ValueError: an argument is not a u64 int.
         """
