@@ -187,6 +187,18 @@ def test_measure_failure_on_6_16_is_eio_without_bugging_the_vm():
     vm.check()
 
 
+def test_no_vcpu_is_created_after_finalize():
+    """tdx_vcpu_create refuses a TD that is not TD_STATE_INITIALIZED: after KVM_TDX_FINALIZE_VM,
+    KVM_CREATE_VCPU fails with EIO and changes nothing; before it, vCPUs are created freely."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    assert vm.create_vcpu().id == 1
+    vm.tdx.finalize_vm()
+    before = tdx_snapshot(vm)
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.create_vcpu()
+    assert exc.value.errno == errno.EIO and len(vm.vcpus) == 2 and tdx_snapshot(vm) == before
+
+
 def test_vmm_launch_builds_and_finalizes():
     """pkvm.Vmm.launch runs INIT_MEM_REGION over the image and finalizes (QEMU's TD launch)."""
     vm, vmm, gmem, vcpu = td(finalize=False)

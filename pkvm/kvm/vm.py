@@ -953,7 +953,8 @@ class VM(VmState):
         """``KVM_CREATE_VCPU`` with the next id.
 
         Raises:
-            KvmError: EINVAL past ``KVM_MAX_VCPUS``.
+            KvmError: EINVAL past ``KVM_MAX_VCPUS``; EIO for a TD already finalized
+                (``tdx_vcpu_create``).
         """
         self._check_alive()
         if len(self._vcpus) >= KVM_MAX_VCPUS:

@@ -581,7 +581,17 @@ def tdx_split_external_spte(vm: VM, gfn: int, level: int) -> int:
 
 
 def tdx_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
-    """``KVM_CREATE_VCPU`` + ``KVM_TDX_INIT_VCPU``: a :class:`~._tdx_vcpu.TdxVcpu`."""
+    """``KVM_CREATE_VCPU`` + ``KVM_TDX_INIT_VCPU``: a :class:`~._tdx_vcpu.TdxVcpu`.
+
+    ``tdx_vcpu_create`` only accepts a TD that is initialized but not finalized (the TDX
+    module adds no vCPU to a TD after ``TDH.MR.FINALIZE``): later it fails with ``-EIO``.
+
+    Raises:
+        KvmError: EIO once the TD is finalized.
+    """
+    if vm.tdx.runnable:  # type: ignore[attr-defined]
+        raise KvmError(errno.EIO, "KVM_CREATE_VCPU: a TD gets its vCPUs before KVM_TDX_FINALIZE_VM "
+                       "(tdx_vcpu_create: the TD is not in TD_STATE_INITIALIZED)")
     return TdxVcpu(vm, vcpu_id)
 
 

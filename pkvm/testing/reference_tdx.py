@@ -137,6 +137,8 @@ class ReferenceTdx(ReferenceVM):
 
     def create_vcpu(self) -> None:
         self.check_alive()
+        if self.runnable:  # tdx_vcpu_create: only before KVM_TDX_FINALIZE_VM
+            raise KvmError(errno.EIO, "finalized")
         self.vcpus += 1
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
