@@ -44,15 +44,16 @@ def _fault(vm: pkvm.VM, gpa: int, private: bool) -> object:
         return e.errno, str(e)
 
 
-def _vm(platform: str, policy: str) -> pkvm.VM:
-    if platform == "tdx":
-        return td(6 * MiB, policy=policy)[0]
+def _vm(platform: str, policy: str, vcpus: int = 1) -> pkvm.VM:
+    if platform == "tdx":  # a TD gets its vCPUs before it is finalized (tdx_vcpu_create)
+        return td(6 * MiB, policy=policy, vcpus=vcpus)[0]
     vm = pkvm.VM(platform, policy=policy)
     gmem = vm.create_guest_memfd(6 * MiB)
     # two slots with a hole between them, the second not 2M-aligned: head and tail chunks
     vm.set_user_memory_region2(0, GMEM, 0, 2 * MiB, UADDR, gmem, 0)
     vm.set_user_memory_region2(1, GMEM, 3 * MiB + 0x3000, 3 * MiB, UADDR + 3 * MiB + 0x3000, gmem, 2 * MiB)
-    vm.create_vcpu()
+    for _ in range(vcpus):
+        vm.create_vcpu()
     return vm
 
 
@@ -95,10 +96,7 @@ def test_the_unobserved_ioctl_leaves_what_the_observed_one_does(platform_policy:
     subscriber makes it charge step by step. Both leave the same state: counters, modeled time
     (per op, with the ops in the same order), mmu_lock_ns, the invalidation range."""
     platform, policy = platform_policy
-    a, b = _vm(platform, policy), _vm(platform, policy)
-    for vm in (a, b):
-        for _ in range(vcpus - 1):
-            vm.create_vcpu()
+    a, b = _vm(platform, policy, vcpus), _vm(platform, policy, vcpus)
     seen: list = []
     b.subscribe(seen.append, kinds="set_memory_attributes")
     before = b.attr_ioctls  # a TD's setup made some

@@ -134,6 +134,24 @@ def test_hypercall_without_capability_is_enosys_and_ret_truncated_for_32_bit():
     assert vcpu.run().status == 0xFFFFFFFF
 
 
+def test_32_bit_hypercall_arguments_are_cut_to_32_bits():
+    """____kvm_emulate_hypercall masks nr and the arguments to 32 bits for a 32-bit caller:
+    the exit carries the low halves (a gfn that would overflow in 64 bits does not)."""
+    vm = pkvm.VM("sw_protected")
+    vcpu = vm.create_vcpu()
+    vm.enable_cap(pkvm.KVM_CAP_EXIT_HYPERCALL, 1 << pkvm.KVM_HC_MAP_GPA_RANGE)
+    r = vcpu.hypercall((1 << 40) | pkvm.KVM_HC_MAP_GPA_RANGE, (7 << 32) | 0x3000, (1 << 33) | 2, (1 << 35) | 0x10,
+                       long_mode=False)
+    assert r.ret == "exit" and r.hypercall.args == (0x3000, 2, 0x10) and r.hypercall.flags == 0
+    vcpu.run()
+    # The in-kernel answers are cut to 32 bits as well (complete_hypercall_exit).
+    assert vcpu.hypercall(99, long_mode=False).status == -KVM_ENOSYS & 0xFFFFFFFF
+    assert vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0x800, 1, 0, long_mode=False).status == -KVM_EINVAL & 0xFFFFFFFF
+    # In 64-bit mode the high bits count: nr is unknown, so the hypercall completes with -KVM_ENOSYS.
+    r = vcpu.hypercall((1 << 40) | pkvm.KVM_HC_MAP_GPA_RANGE, 0x3000, 2, 0)
+    assert (r.ret, r.status) == ("done", -KVM_ENOSYS & U64)
+
+
 def test_enable_cap_and_check_extension():
     """KVM_CAP_EXIT_HYPERCALL: CHECK_EXTENSION gives 1 << 12; ENABLE_CAP refuses other bits or caps (EINVAL)."""
     vm = pkvm.VM("sw_protected")

@@ -50,6 +50,28 @@ def test_tdx_before_finalize_is_eopnotsupp_after_it_maps_pending_pages():
     vm.check()
 
 
+def test_tdx_aliased_gpa_is_einval():
+    """kvm_arch_vcpu_pre_fault_memory refuses a gfn with the TD's shared bit (kvm_is_gfn_alias):
+    EINVAL, nothing mapped. A range that runs into the alias half keeps the pages before it
+    (kvm_vcpu_pre_fault_memory returns success once a page was mapped)."""
+    vm, vmm, gmem, vcpu = td()
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError) as e:
+        vcpu.pre_fault_memory(1 << 47, 0x1000)
+    assert e.value.errno == errno.EINVAL and snapshot(vm) == before
+    with pytest.raises(pkvm.KvmError) as e:
+        vcpu.pre_fault_memory((1 << 47) | 0x100000, 0x2000)
+    assert e.value.errno == errno.EINVAL and snapshot(vm) == before
+    vm2, vmm2, gmem2, vcpu2 = td(gpaw=52)
+    with pytest.raises(pkvm.KvmError) as e:
+        vcpu2.pre_fault_memory(1 << 51, 0x1000)
+    assert e.value.errno == errno.EINVAL
+    # Below the shared bit but outside the memslots: the fault finds no slot (ENOENT).
+    with pytest.raises(pkvm.KvmError) as e:
+        vcpu.pre_fault_memory((1 << 47) - 0x1000, 0x1000)
+    assert e.value.errno == errno.ENOENT
+
+
 def test_snp_prefault_spares_the_accept_its_npf_exits():
     """Lazy acceptance of a 4M chunk: without pre-faulting, each of the 1,024 4K PVALIDATEs
     (order-0 guest_memfd) takes an #NPF; after KVM_PRE_FAULT_MEMORY none does. The prefetch

@@ -164,6 +164,41 @@ def test_measure_failure_bugs_the_vm():
     vm.check()
 
 
+def test_measure_failure_on_6_16_is_eio_without_bugging_the_vm():
+    """6.16's tdx_gmem_post_populate returns -EIO when TDH.MR.EXTEND fails, after PAGE.ADD
+    succeeded and nr_premapped went down; no KVM_BUG_ON (6.19 added it). The page stays added
+    and its folio prepared (the premap fault prepared it), so a retry is EEXIST; the other
+    pages can still be added and the TD finalized."""
+    vm, vmm, gmem, vcpu = td(policy="6.16", finalize=False)
+    vm.tdx.inject_busy("mr_extend")
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0, 2, flags=MEASURE)
+    assert exc.value.errno == errno.EIO and exc.value.progress == (0, 2)
+    assert not vm.vm_bugged and not vm.vm_dead and "bugged" not in str(exc.value)
+    assert vm.sept.state(0) == "mapped" and vm.tdx.nr_premapped == 0 and gmem.folio(0)[2]
+    assert vm.stats["seamcall_add"] == 1 and vm.stats["seamcall_mr_extend"] == 1
+    vm.check()
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0, 2, flags=MEASURE)
+    assert exc.value.errno == errno.EEXIST
+    assert vm.tdx.init_mem_region(vcpu, 0x1000, 1, flags=MEASURE) == 1
+    vm.tdx.finalize_vm()
+    assert vm.tdx.runnable
+    vm.check()
+
+
+def test_no_vcpu_is_created_after_finalize():
+    """tdx_vcpu_create refuses a TD that is not TD_STATE_INITIALIZED: after KVM_TDX_FINALIZE_VM,
+    KVM_CREATE_VCPU fails with EIO and changes nothing; before it, vCPUs are created freely."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    assert vm.create_vcpu().id == 1
+    vm.tdx.finalize_vm()
+    before = tdx_snapshot(vm)
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.create_vcpu()
+    assert exc.value.errno == errno.EIO and len(vm.vcpus) == 2 and tdx_snapshot(vm) == before
+
+
 def test_vmm_launch_builds_and_finalizes():
     """pkvm.Vmm.launch runs INIT_MEM_REGION over the image and finalizes (QEMU's TD launch)."""
     vm, vmm, gmem, vcpu = td(finalize=False)

@@ -120,6 +120,20 @@ def test_guest_instruction_while_exit_pending_is_ebusy():
     assert vcpu.run().status == 0 and vcpu.run().ret == "done"  # nothing pending any more
 
 
+def test_td_hypercall_is_always_64_bit():
+    """A TD's guest state is protected, so is_64_bit_hypercall is true whatever the caller's mode
+    (arch/x86/kvm/x86.h; tdx_emulate_vmcall): long_mode=False still exits with the long-mode
+    flag, keeps the high argument bits and gets the whole 64-bit ret back."""
+    vm, vmm, gmem, vcpu = td()
+    r = vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, (1 << 32) | 0x1000, 1, 0, long_mode=False)
+    assert r.ret == "exit" and r.hypercall.flags == pkvm.constants.KVM_EXIT_HYPERCALL_LONG_MODE
+    assert r.hypercall.args == ((1 << 32) | 0x1000, 1, 0)
+    r.hypercall.ret = (1 << 64) - 1
+    assert vcpu.run().status == (1 << 64) - 1
+    with pytest.raises(TypeError):
+        vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0, 1, 0, long_mode=0)
+
+
 def test_map_gpa_argument_types():
     """Programming errors name the argument; map_gpa/accept on another VM type are TypeErrors."""
     vm, vmm, gmem, vcpu = td()

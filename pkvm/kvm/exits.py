@@ -98,21 +98,27 @@ def step_failed(step: str, r: GuestOpResult, gpa: int, answer: ExitResult | None
 def kvm_emulate_hypercall(vcpu: Vcpu, nr: int, a0: int, a1: int, a2: int, long_mode: bool) -> GuestOpResult:
     """``____kvm_emulate_hypercall`` for the hypercalls pkvm models (docs/kernel-semantics.md §7.3).
 
-    ``KVM_HC_MAP_GPA_RANGE`` exits to userspace when it enabled ``KVM_CAP_EXIT_HYPERCALL`` for
-    it and the arguments pass KVM's checks; the guest's RAX is then ``hypercall.ret`` (cut to
-    32 bits for a 32-bit caller). Otherwise RAX is ``-KVM_ENOSYS`` / ``-KVM_EINVAL``. Every
-    call counts in ``hypercalls`` and is one exit handled in the kernel (``vmexit``).
+    A 32-bit caller's nr and arguments are cut to 32 bits (after the ``hypercall`` event, as
+    the ``kvm_hypercall`` tracepoint sees them uncut), and so is its RAX. ``KVM_HC_MAP_GPA_RANGE``
+    exits to userspace when it enabled ``KVM_CAP_EXIT_HYPERCALL`` for it and the arguments pass
+    KVM's checks; the guest's RAX is then ``hypercall.ret`` (cut to 32 bits for a 32-bit
+    caller). Otherwise RAX is ``-KVM_ENOSYS`` / ``-KVM_EINVAL``. Every call counts in
+    ``hypercalls`` and is one exit handled in the kernel (``vmexit``).
     """
     vm = vcpu.vm
     vm._stats["hypercalls"] += 1
     vm._charge("vmexit", 1)
     if vm._subs is not None:
         vm._emit("hypercall", None, None, None, 1, 0, None, (nr, a0, a1, a2))
+    rax = U64_MAX
+    if not long_mode:  # after the kvm_hypercall tracepoint, as in 6.16-6.19
+        nr, a0, a1, a2 = nr & 0xFFFFFFFF, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF
+        rax = 0xFFFFFFFF
     if nr != KVM_HC_MAP_GPA_RANGE or not vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE):
-        return GuestOpResult("done", status=-KVM_ENOSYS & U64_MAX)
+        return GuestOpResult("done", status=-KVM_ENOSYS & rax)
     gfn = a0 >> PAGE_SHIFT
     if a0 & ((1 << PAGE_SHIFT) - 1) or not a1 or gfn + a1 > U64_MAX:
-        return GuestOpResult("done", status=-KVM_EINVAL & U64_MAX)
+        return GuestOpResult("done", status=-KVM_EINVAL & rax)
     hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (a0, a1, a2), 0, KVM_EXIT_HYPERCALL_LONG_MODE if long_mode else 0)
 
     def complete() -> GuestOpResult:  # complete_hypercall_exit

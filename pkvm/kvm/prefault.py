@@ -4,7 +4,9 @@
 not wrapping: else ``-EINVAL``) and calls ``kvm_arch_vcpu_pre_fault_memory``
 (arch/x86/kvm/mmu/mmu.c) until the range is done or a call fails. That refuses with
 ``-EOPNOTSUPP`` until ``kvm->arch.pre_fault_allowed`` (set at VM creation for VMs without
-protected state, by ``snp_launch_finish`` for SNP and by the TD's finalization for TDX), takes
+protected state, by ``snp_launch_finish`` for SNP and by the TD's finalization for TDX), then
+with ``-EINVAL`` for a TD's gpa that has the shared bit (``kvm_is_gfn_alias``: only the
+alias-free half can be pre-faulted; a range that runs into it keeps the pages before), takes
 the fault's type from the gfn's attribute, and maps the page with ``kvm_tdp_map_page``: a
 *prefetch* fault that retries ``RET_PF_RETRY`` until a signal (``-EINTR``), turns
 ``RET_PF_EMULATE`` (no memslot) into ``-ENOENT``, and counts ``pf_fixed`` but not
@@ -69,12 +71,20 @@ def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
                        "(SNP: SNP_LAUNCH_FINISH; TDX: KVM_TDX_FINALIZE_VM)")
     gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
     has_private = vm.platform.has_private_mem
+    # kvm_is_gfn_alias: a TD's gfns with the shared bit (kvm_gfn_direct_bits) are refused.
+    tdx = getattr(vm, "tdx", None)
+    alias = tdx.shared_mask >> PAGE_SHIFT if tdx is not None else 0
     start = gfn
     err = 0
     while gfn < end:
+        if gfn & alias:
+            err = errno.EINVAL
+            break
         _s, a_end, attr = vm._attrs.run_at(gfn)
         private = bool(has_private and attr & KVM_MEMORY_ATTRIBUTE_PRIVATE)
         limit = min(end, a_end)
+        if alias and limit > alias:
+            limit = max(gfn + 1, min(limit, (gfn | (alias - 1)) + 1))
         for _attempt in range(RETRY_LIMIT):  # kvm_tdp_map_page: RET_PF_RETRY until a signal
             f, r = run_fault(vcpu, gfn, limit, private, False, prefetch=True)
             if r.ret != "retry":

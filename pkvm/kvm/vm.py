@@ -953,7 +953,8 @@ class VM(VmState):
         """``KVM_CREATE_VCPU`` with the next id.
 
         Raises:
-            KvmError: EINVAL past ``KVM_MAX_VCPUS``.
+            KvmError: EINVAL past ``KVM_MAX_VCPUS``; EIO for a TD already finalized
+                (``tdx_vcpu_create``).
         """
         self._check_alive()
         if len(self._vcpus) >= KVM_MAX_VCPUS:
@@ -1241,7 +1242,8 @@ class Vcpu:
         Raises:
             KvmError: EINVAL (a kernel before 6.11, ``Policy.pre_fault_memory`` False: the
                 ioctl does not exist; an unaligned, empty or wrapping range), EOPNOTSUPP (not
-                yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EIO (dead VM),
+                yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EINVAL for a
+                TD's gpa with the shared bit (kvm_is_gfn_alias), EIO (dead VM),
                 or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
             TypeError / ValueError: an argument is not a u64 int.
         """

@@ -102,10 +102,16 @@ class TdxVcpu(Vcpu):
         return super().access(gpa, private=private, write=write, size=size)
 
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, *, long_mode: bool = True) -> GuestOpResult:
-        """A KVM hypercall through ``TDG.VP.VMCALL`` (``tdx_emulate_vmcall``)."""
+        """A KVM hypercall through ``TDG.VP.VMCALL`` (``tdx_emulate_vmcall``).
+
+        A TD's guest state is protected, so ``is_64_bit_hypercall`` is true whatever
+        ``long_mode`` says (arch/x86/kvm/x86.h): the arguments keep their high bits, the exit
+        has ``KVM_EXIT_HYPERCALL_LONG_MODE`` and the whole 64-bit ``ret`` reaches r10."""
+        if type(long_mode) is not bool:
+            raise TypeError("long_mode must be a bool")
         self.vm._check_alive()
         self._check_runnable()
-        return super().hypercall(nr, a0, a1, a2, long_mode=long_mode)
+        return super().hypercall(nr, a0, a1, a2, long_mode=True)
 
     def _fault(self, gfn: int, limit: int, private: bool, write: bool) -> tuple[int, FaultResult]:
         """``tdx_handle_ept_violation`` (§6.4)."""

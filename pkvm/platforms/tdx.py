@@ -179,8 +179,10 @@ class TdxVm:
                 an unaligned ``gpa`` / ``source_addr``, ``nr_pages == 0``, a wrapping range
                 or one that is not private, a page outside guest_memfd memslots or not
                 PRIVATE; EFAULT if the guest_memfd was closed; EEXIST for a page already
-                populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; EINTR if
-                the S-EPT walk stayed busy for ``RETRY_LIMIT`` attempts; ENOMEM.
+                populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; EIO if
+                ``TDH.MR.EXTEND`` failed (6.19: the VM is bugged; 6.16: it is not, and the page
+                stays added); EINTR if the S-EPT walk stayed busy for ``RETRY_LIMIT``
+                attempts; ENOMEM.
             TypeError / ValueError: bad argument types, or a vCPU of another VM.
         """
         vm = self._vm
@@ -209,8 +211,12 @@ class TdxVm:
             gfn += n
             left -= n
             if err:
+                why = _POPULATE_ERRORS.get(err, errno.errorcode.get(err))
+                if err == errno.EIO and not vm.vm_bugged:
+                    why = ("the guest_memfd binding is not this memslot's, or (6.16) TDH.MR.EXTEND failed: "
+                           "-EIO without bugging the VM, the page stays added")
                 exc = KvmError(err, f"KVM_TDX_INIT_MEM_REGION stopped at gpa {gfn << PAGE_SHIFT:#x} "
-                               f"with {left:#x} pages left: {_POPULATE_ERRORS.get(err, errno.errorcode.get(err))}")
+                               f"with {left:#x} pages left: {why}")
                 exc.progress = (gfn << PAGE_SHIFT, left)  # type: ignore[attr-defined]
                 raise exc
         return nr_pages
@@ -286,8 +292,11 @@ class TdxVm:
         if measure:
             st = sc.mr_extend(n, gfn)
             if st != TDX_SUCCESS:
-                # post_populate failed: this page is not counted and its folio not marked
-                vm._bug(f"TDH.MR.EXTEND failed on gpa {gfn << PAGE_SHIFT:#x}: {st:#x}")
+                # post_populate failed: this page is not counted (its folio is not marked by
+                # populate; 6.16's premap fault had already prepared it). 6.19 bugs the VM
+                # (TDX_BUG_ON_2); 6.16 only returns -EIO, the page staying added.
+                if not self.premap:
+                    vm._bug(f"TDH.MR.EXTEND failed on gpa {gfn << PAGE_SHIFT:#x}: {st:#x}")
                 return 0, errno.EIO
         if not self.premap:
             gmem.folios.assign(ps, pe, fv | FOLIO_PREPARED)  # kvm_gmem_mark_prepared
@@ -572,7 +581,17 @@ def tdx_split_external_spte(vm: VM, gfn: int, level: int) -> int:
 
 
 def tdx_create_vcpu(vm: VM, vcpu_id: int) -> Vcpu:
-    """``KVM_CREATE_VCPU`` + ``KVM_TDX_INIT_VCPU``: a :class:`~._tdx_vcpu.TdxVcpu`."""
+    """``KVM_CREATE_VCPU`` + ``KVM_TDX_INIT_VCPU``: a :class:`~._tdx_vcpu.TdxVcpu`.
+
+    ``tdx_vcpu_create`` only accepts a TD that is initialized but not finalized (the TDX
+    module adds no vCPU to a TD after ``TDH.MR.FINALIZE``): later it fails with ``-EIO``.
+
+    Raises:
+        KvmError: EIO once the TD is finalized.
+    """
+    if vm.tdx.runnable:  # type: ignore[attr-defined]
+        raise KvmError(errno.EIO, "KVM_CREATE_VCPU: a TD gets its vCPUs before KVM_TDX_FINALIZE_VM "
+                       "(tdx_vcpu_create: the TD is not in TD_STATE_INITIALIZED)")
     return TdxVcpu(vm, vcpu_id)
 
 

@@ -137,6 +137,8 @@ class ReferenceTdx(ReferenceVM):
 
     def create_vcpu(self) -> None:
         self.check_alive()
+        if self.runnable:  # tdx_vcpu_create: only before KVM_TDX_FINALIZE_VM
+            raise KvmError(errno.EIO, "finalized")
         self.vcpus += 1
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
@@ -558,7 +560,8 @@ class ReferenceTdx(ReferenceVM):
         if measure:
             if self.busy.get("mr_extend"):
                 self.sc("mr_extend")
-                self.bug()
+                if not self.premap:  # 6.19: TDX_BUG_ON; 6.16: -EIO only
+                    self.bug()
                 return errno.EIO
             self.stats["seamcall_mr_extend"] += 16
             self.charge("seamcall_mr_extend")
