@@ -375,3 +375,21 @@ def test_trace_of_direct_calls():
     assert len(tr.lines) == 3
     with pytest.raises(TypeError, match="Tracer"):
         vm.trace("stdout")  # type: ignore[arg-type]
+
+
+def test_snp_hypercall_is_64_bit_once_launched():
+    """SNP_LAUNCH_FINISH encrypts the vCPUs' save areas (snp_launch_update_vmsa sets
+    guest_state_protected), after which is_64_bit_hypercall is true whatever the guest's mode
+    (arch/x86/kvm/x86.h): long_mode=False no longer cuts the arguments or the answer. Before
+    the launch finishes, pkvm honours long_mode."""
+    vm = pkvm.VM("snp")
+    vcpu = vm.create_vcpu()
+    vm.enable_cap(pkvm.KVM_CAP_EXIT_HYPERCALL, 1 << pkvm.KVM_HC_MAP_GPA_RANGE)
+    assert vcpu.hypercall(99, long_mode=False).status == -KVM_ENOSYS & 0xFFFFFFFF
+    vm.snp.launch_finish()
+    assert vcpu.hypercall(99, long_mode=False).status == -KVM_ENOSYS & U64
+    r = vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, (1 << 32) | 0x1000, 1, 0, long_mode=False)
+    assert r.ret == "exit" and r.hypercall.flags == pkvm.constants.KVM_EXIT_HYPERCALL_LONG_MODE
+    assert r.hypercall.args == ((1 << 32) | 0x1000, 1, 0)
+    with pytest.raises(TypeError):
+        vcpu.hypercall(99, long_mode=0)

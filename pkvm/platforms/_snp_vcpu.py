@@ -156,6 +156,19 @@ class SnpVcpu(Vcpu):
         self._rmp_stop: tuple[int, str] | None = None
         self._rmp_gfn = -1  # the gfn of the last RMP #NPF
 
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, *, long_mode: bool = True) -> GuestOpResult:
+        """A KVM hypercall from the SNP guest (:meth:`pkvm.Vcpu.hypercall`). Once
+        ``SNP_LAUNCH_FINISH`` has encrypted the vCPUs' save areas (``snp_launch_update_vmsa``
+        sets ``guest_state_protected``), KVM cannot read the guest's mode and
+        ``is_64_bit_hypercall`` is true whatever ``long_mode`` says (arch/x86/kvm/x86.h): the
+        arguments keep their high bits and the whole 64-bit answer reaches RAX. Before the
+        launch finishes (which pkvm lets a guest run in), ``long_mode`` is honoured."""
+        if type(long_mode) is not bool:
+            raise TypeError("long_mode must be a bool")
+        if self.vm.snp.launched:  # type: ignore[attr-defined]
+            long_mode = True
+        return super().hypercall(nr, a0, a1, a2, long_mode=long_mode)
+
     # -- the hardware RMP check ---------------------------------------------------------------
 
     def _rmp_verdict(self, gfn: int, n: int, spte: int, private: bool) -> tuple[int, str]:
