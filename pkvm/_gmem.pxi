@@ -518,6 +518,7 @@ cdef class SnpPath:
             restores = cnt["directmap_restores"] - r0
         if not calls:
             if sched is not None:
+                sched._pagewise("cpa_lock", 0)
                 sched._release("cpa_lock", 1)
             return 0
         cdef Counters st = self.stats
@@ -551,6 +552,7 @@ cdef class SnpPath:
         if sched is not None:
             if flushes:
                 sched._ipi("host", flushes)  # flush_tlb_all: an IPI to every host CPU
+            sched._pagewise("cpa_lock", calls)  # the kernel takes cpa_lock once per CPA call
             sched._release("cpa_lock", 1)
         return calls
 

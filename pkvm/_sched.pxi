@@ -149,6 +149,9 @@ cdef class SchedActor:
     cdef public list held, fast_done
     cdef public bint in_task, vcpu
     cdef public Py_ssize_t fast
+    # the last grant of a lock in _PAGEWISE_LOCKS that went through SimPy: the lock's
+    # acquisition count after it, and its wait (SchedHooks.pagewise spreads it over the pages)
+    cdef public long long pw_acq, pw_wait
 
     def __init__(self, name, vcpu):
         self.name = name
@@ -173,6 +176,8 @@ cdef class SchedActor:
         self.flight = _FL_NONE
         self.flight_t = 0
         self.fast_done = []
+        self.pw_acq = -1
+        self.pw_wait = 0
 
 
 cdef inline Ledger _hook_ledger(SchedHooks h):
@@ -323,6 +328,49 @@ cdef class SchedHooks:
             return 0
         self._acquire(lock, mode)
         self._release(lock, mode)
+        return 0
+
+    def pagewise(self, lock, n):
+        """The running actor's hold of ``lock`` (one of ``_PAGEWISE_LOCKS``), about to be
+        released, stood for ``n`` acquisitions: the kernel takes the lock once per page (per
+        ``set_memory_*`` call, per AUG), where a batch holds it once for all of them. The
+        lock's statistics count ``n`` acquisitions, and the batch's wait, if it waited, as the
+        waits of its ``n`` pages: ``n`` samples that add up to it (integer parts, the remainder
+        one ns at a time), as the latency samples spread it (:meth:`latency_end`). ``wait_ns``
+        is unchanged. Call it before :meth:`release`, with ``n`` <= 1 too (it forgets the
+        grant)."""
+        self._pagewise(lock, n)
+
+    cdef int _pagewise(self, lock, long long n) except -1:
+        cdef SchedActor a = self._current
+        if a is None:
+            return 0
+        cdef LockStatsState st = (<LockState?>self.locks[lock]).stats
+        cdef long long w = a.pw_wait if a.pw_acq == st.acquisitions else 0
+        a.pw_acq = -1
+        a.pw_wait = 0
+        if n <= 1:
+            return 0
+        st.acquisitions += n - 1
+        if w <= 0:
+            return 0
+        cdef DistState d = <DistState?>st.wait_distribution
+        k = d._hist[w]
+        if k == 1:
+            del d._hist[w]
+        else:
+            d._hist[w] = k - 1
+        d._count -= 1
+        d._total -= w
+        cdef long long q = w // n, r = w % n
+        if r:
+            d._add_c(q + 1, r)
+        if q:
+            d._add_c(q, n - r)
+        if w >= d._max:  # the batch's wait was the largest: it is gone
+            d._max = max(d._hist) if d._hist else 0
+        d._sorted = None
+        st.waits += (n if q else r) - 1
         return 0
 
     def latency_begin(self):
@@ -693,6 +741,9 @@ cdef class SchedHooks:
                     if rec is not None:
                         self._rec_lock_wait(a, req[2], t0)
                 grants[(req[2], req[3])] = int(env.now - self._t0)
+                if req[2] in _PAGEWISE_LOCKS:  # for pagewise(): this grant and what it waited
+                    a.pw_acq = lk.stats.acquisitions
+                    a.pw_wait = env.now - t0 if (blocked or early > 0) else 0
             elif op == _SCHED_REL:
                 lk = locks[req[2]]
                 if rec is not None:

@@ -26,13 +26,13 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): 'db08f2716b065056',
-    ('snp', 'fault-time', 3, 'balloon', ()): '990bd9014de26d1f',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '75a3eb0ccea63c07',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '126743b0433ad909',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'ca566a2d7438fa7d',
-    ('tdx', '6.19', 1, 'balloon', ()): '918f08f9cdd99e2c',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '73a8ca8ae2dcf8c4',
+    ('snp', 'fault-time', 1, 'balloon', ()): '949195d42daac079',
+    ('snp', 'fault-time', 3, 'balloon', ()): '780a9ca96dd5e78d',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '7c419b2cf42e5721',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5758f4456f62dcaa',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'f3036e4abfe32ca2',
+    ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cbd8a1025d9f0088',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
     ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '92573fe374eaff7d',
 }

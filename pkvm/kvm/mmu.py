@@ -347,6 +347,7 @@ def _set_external(vm: VM, f: PageFault, start: int, end: int, level: int) -> boo
         augs = vm._stats.get("seamcall_aug", 0) - aug0
         if augs:
             sched.serialize("tdx_sept", augs * sched.sept_ns)
+            sched.pagewise("tdx_sept", augs)  # the S-EPT is taken once per AUG
             sched.release("tdx_sept")
     if not r:
         return True
