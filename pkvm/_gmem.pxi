@@ -487,9 +487,11 @@ cdef class SnpPath:
         cdef int easy = self._dm_easy(before, npages, level)
         cdef bint quick = easy == 1 or (easy == 2 and self._dm_all_4k(pfn, npages))
         cdef SchedHooks sched = <SchedHooks?>self.vs._sched if self.vs._sched is not None else None
-        if quick:
-            if sched is not None:
-                sched._hold_idle("cpa_lock", 1)  # set_memory_*: cpa_lock taken, nothing to change
+        if quick or (not self.split4k and self.dm_map is not None and before != assigned):
+            # No CPA call, so no cpa_lock: adjust_direct_map returns before set_memory_4k for a
+            # 2M update and for a page mapped at 4K already, and nothing runs after the
+            # RMPUPDATE; the RFC unmaps only before assigning and restores only after
+            # unassigning (kernel-semantics.md §5.8)
             return 0
         if sched is not None:
             sched._acquire("cpa_lock", 1)  # set_memory_*: one direct-map change at a time per host
