@@ -206,6 +206,11 @@ class VM(VmState):
         self._mmu = Mmu(self._stats, self._charge)
         self._hostmem = HostMemory()
         self._shared = SharedBacking(self._hostmem, _SHARED_BACKING_ORDER[shared_backing])
+        # The objects reachable from the VM whose public mutators change its state know it:
+        # they refuse from an event callback of it (KvmError(EDEADLK), docs/events.md). The
+        # platform's init, memslots and guest_memfds do the same for theirs.
+        self._mmu._owner = self._hostmem._owner = self
+        self._mmu.sptes._set_owner(self)
         self._slots: dict[int, Memslot] = {}
         nr_as = 1 if self._platform.has_private_mem else 2  # kvm_arch_nr_memslot_as_ids
         self._slot_maps = [RangeMap(0) for _ in range(nr_as)]  # gfn -> slot key + 1
