@@ -18,6 +18,7 @@ Invariants: see :meth:`VM.check`.
 from __future__ import annotations
 
 import errno
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from types import MappingProxyType, TracebackType
@@ -229,8 +230,9 @@ class VM(VmState):
         self._eager_locked = pol.rmp_update in ("eager-locked", "eager-split")
         self._legacy = pol.attr_ioctl == "legacy-progress"
         self._sptes = self._mmu.sptes
-        #: Warnings the simulated kernel would only log (e.g. a failing ``update_mem_attr``).
-        self.events: list[tuple[str, str]] = []
+        #: Warnings the simulated kernel would only log (e.g. a failing ``update_mem_attr``): a
+        #: list whose changes refuse from an event callback of this VM (docs/events.md).
+        self.events: list[tuple[str, str]] = _KernelLog(self)
         #: ``kvm->vm_dead`` / ``kvm->vm_bugged``: set by :meth:`_kill` / :meth:`_bug`.
         self.vm_dead = False
         self.vm_bugged = False
@@ -1056,6 +1058,42 @@ class VM(VmState):
 setattr(VM, "set_memory_attributes", AttrIoctlMethod(VM.set_memory_attributes))
 
 _EVENT_KINDS = frozenset(EVENT_KINDS)
+
+
+def _log_mutator(name: str) -> Any:
+    base = getattr(list, name)
+
+    def method(self: _KernelLog, *args: Any) -> Any:
+        vm = self._vm()
+        if vm is not None and vm._in_callback:
+            vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
+        return base(self, *args)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+class _KernelLog(list):  # type: ignore[type-arg]
+    """``vm.events``: a list of ``(source, message)`` pairs whose changes (``append``,
+    ``extend``, ``insert``, ``pop``, ``remove``, ``clear``, ``sort``, ``reverse``, item and
+    slice assignment and deletion, ``+=``, ``*=``) raise ``KvmError(EDEADLK)`` from an event
+    callback of its VM, as the VM's own entries do. It compares equal to a list of the same
+    items; a copy (``list(vm.events)``, ``copy.copy``, pickling) is a plain list."""
+
+    __slots__ = ("_vm",)
+
+    def __init__(self, vm: VM) -> None:
+        super().__init__()
+        self._vm = weakref.ref(vm)  # (a weakref: the log does not keep its VM alive)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (list, (list(self),))
+
+    for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+                  "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+        locals()[_name] = _log_mutator(_name)
+    del _name
 
 
 class _Acting:
