@@ -577,7 +577,9 @@ class VM(VmState):
     def _kill(self, reason: str) -> None:
         """``kvm_vm_dead``: later VM and vCPU ioctls fail with EIO; ``reason`` goes to ``events``."""
         self.vm_dead = True
-        self.events.append(("kvm_vm_dead", reason))
+        # (list.append: the kernel's own log line, also when a death is reached from an event
+        # callback, which _KernelLog refuses to a caller's append)
+        list.append(self.events, ("kvm_vm_dead", reason))
         if self._subs is not None:
             self._emit("vm_dead", op="kvm_vm_dead", result=reason)
 
@@ -585,7 +587,7 @@ class VM(VmState):
         """``KVM_BUG_ON`` / ``kvm_vm_bugged``: the VM is marked bugged and dead."""
         self.vm_bugged = True
         self.vm_dead = True
-        self.events.append(("kvm_vm_bugged", reason))
+        list.append(self.events, ("kvm_vm_bugged", reason))
         if self._subs is not None:
             self._emit("vm_dead", op="kvm_vm_bugged", result=reason)
 
