@@ -374,7 +374,10 @@ class VM(VmState):
         callback must not raise: its exception propagates out of the VM call that emitted the
         event. A call from a callback into this VM that would change it (an ioctl, a fault, a
         memslot or guest_memfd change, a guest instruction, a :class:`pkvm.Vmm` or
-        :class:`pkvm.Guest` operation, :meth:`acting`, :meth:`inject_failure`, a batched call)
+        :class:`pkvm.Guest` operation, :meth:`acting`, :meth:`inject_failure`, a batched call,
+        a mutator of an object the VM hands out as its live state: ``vm.events``, ``vm.mmu``,
+        ``vm.hostmem``, a memslot's ``lpage``, ``vm.rmp``, ``vm.directmap``, ``vm.sept``,
+        ``vm.tdx.seamcalls`` and their RangeMaps; docs/events.md lists them)
         raises ``KvmError(EDEADLK)`` and changes nothing: the emitting call is part way through
         and holds the VM's locks, on which the kernel's nested ioctl would block. A callback
         that catches it lets the emitting call finish exactly as without the attempt.
