@@ -117,6 +117,11 @@ cdef class RangeMap:
     cdef int n_pool_leaves
     cdef int n_pool_inner
     cdef int n_pool_vals
+    # A weakref to the VM whose live state this map is (set by the VM), or None: the map's
+    # public writes (assign, assign_many, clear) from an event callback of that VM raise
+    # KvmError(EDEADLK) (docs/events.md). A weakref, not the VM: RangeMap stays out of the
+    # cycle collector (@cython.no_gc) and the map cannot keep its VM alive.
+    cdef object _owner
 
     # -- C-level API (trusting; see the module docstring) ------------------------------------
     cdef int _assign_c(self, uint64_t start, uint64_t end, uint64_t value) except -1 nogil
@@ -286,6 +291,7 @@ cdef class HostMemoryState:
     cdef public int64_t nr_allocated
     cdef public object _cpu_cursors         # per-CPU cursors (a dict), or None
     cdef public object cpu                  # the CPU that allocates now (a key of _cpu_cursors)
+    cdef public object _owner               # the VM it backs (its public mutators refuse from a callback), or None
     # The bump position (pkvm/_gmem.pxi, _hm_alloc): the leaf and index of the run of _used that
     # ends at _cursor, valid while _used is the map _bump_map at version _bump_ver (NULL: none)
     cdef void *_bump_leaf

@@ -14,11 +14,13 @@ nothing can fail, so a ``MemoryError`` never leaves a half-applied update behind
 cimport cython
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.weakref cimport PyWeakref_GetObject
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
 import operator
+from weakref import ref as _weakref
 
 import numpy as np
 
@@ -849,6 +851,18 @@ cdef inline void _drop_finger(RangeMap m) noexcept nogil:
     pkvm_store_ptr(&m.finger, NULL)
 
 
+cdef int _refuse_nested(object owner) except -1:
+    """``owner`` is a weakref to the VM whose live state an object is: while an event callback
+    of that VM runs (``VmState._in_callback``), a public mutator of the object raises
+    ``KvmError(EDEADLK)`` through ``VM._nested_call`` and changes nothing (docs/events.md).
+    The caller tests ``owner is not None`` first, so an object of no VM pays one compare."""
+    cdef PyObject *p = PyWeakref_GetObject(owner)
+    if p != <PyObject*>None and (<VmState>p)._in_callback:
+        (<object>p)._nested_call()
+    return 0
+
+
+@cython.no_gc  # its one object field is a weakref (_owner), which cannot close a cycle
 cdef class RangeMap:
     """A coalescing map from half-open ``uint64`` key ranges ``[start, end)`` to ``uint64`` values.
 
@@ -892,6 +906,12 @@ cdef class RangeMap:
         self.first_leaf = <Leaf*>self.root
         self.height = 0
         self.count = 0
+
+    def _set_owner(self, vm):
+        """Make this map live state of ``vm`` (a weakref; None: of no VM): :meth:`assign`,
+        :meth:`assign_many` and :meth:`clear` then refuse from an event callback of ``vm``
+        (``KvmError(EDEADLK)``). A :meth:`copy` belongs to no VM."""
+        self._owner = None if vm is None else _weakref(vm)
 
     def __dealloc__(self):
         cdef Leaf *lf
@@ -1757,6 +1777,8 @@ cdef class RangeMap:
             OverflowError: an argument is negative or above ``2**64 - 1``.
             ValueError: ``start > end``.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of the VM it belongs to
         _enter_write(self)
         cdef uint64_t s, e, v
         _u64(start, "start", &s)
@@ -1881,6 +1903,8 @@ cdef class RangeMap:
             TypeError, OverflowError, ValueError: as :meth:`assign`, naming the array and index;
             ValueError also for arrays that are not 1-D or differ in length.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)
         cdef uint64_t sv
         cdef const uint64_t[::1] S
         cdef const uint64_t[::1] E
@@ -1924,6 +1948,8 @@ cdef class RangeMap:
 
     def clear(self):
         """Remove every run (all keys read ``default`` again) and release the nodes."""
+        if self._owner is not None:
+            _refuse_nested(self._owner)
         _enter_write(self)
         self._refill()      # _reset takes the new root leaf from the pool
         self._reset()
@@ -2250,6 +2276,8 @@ cdef object _assign_fast(RangeMap self, PyObject **args, Py_ssize_t nargs, PyObj
     cdef uint64_t s, e, v
     if kwnames != NULL or nargs != 3:
         return _call_general(_assign_general, self, args, nargs, kwnames)
+    if self._owner is not None:
+        _refuse_nested(self._owner)
     _enter_write(self)
     _range_args(args, &s, &e, &v)
     self._assign_c(s, e, v)

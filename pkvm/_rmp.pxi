@@ -243,6 +243,11 @@ cdef class RmpTable:
     (0, 0)
     """
 
+    def _set_owner(self, vm):
+        """Make this the RMP of ``vm`` (a weakref; None: of no VM): its public mutators then
+        refuse from an event callback of ``vm``."""
+        self._owner = None if vm is None else _weakref(vm)
+
     def __cinit__(self, max_pfn=RMP_MAX_PFN, *, _fanout=None):
         m = _rmp_int(max_pfn, "max_pfn", 1, RMP_MAX_PFN + 1)
         if m & _MASK_2M:
@@ -641,6 +646,8 @@ cdef class RmpTable:
         Raises:
             TypeError, ValueError: an argument of the wrong type or out of range (named).
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
         cdef int lvl = _rmp_level(level)
         # An unaligned 2M operand is the instruction's FAIL_INPUT, even at the table's end.
@@ -670,6 +677,8 @@ cdef class RmpTable:
             TypeError, ValueError: an argument of the wrong type or out of range (named), or
             ``npages`` not a multiple of 512 at 2M. Nothing changes.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p, n
         cdef int lvl = _rmp_level(level)
         _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
@@ -687,6 +696,8 @@ cdef class RmpTable:
         Raises:
             TypeError, ValueError: ``pfn`` of the wrong type or out of range.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
         cdef RmpResult res
         self._psmash_c(p, RMP_PAGES_2M, &res)
@@ -704,6 +715,8 @@ cdef class RmpTable:
         Raises:
             TypeError, ValueError: as :meth:`rmpupdate_range`. Nothing changes.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p, n
         cdef RmpResult res
         _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
@@ -725,6 +738,8 @@ cdef class RmpTable:
         Raises:
             TypeError, ValueError: an argument of the wrong type or out of range (named).
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p = _rmp_int(pfn, "pfn", 0, self.max_pfn_)
         cdef int lvl = _rmp_level(level)
         return _rmp_pvalidate(self, p, RMP_PAGES_2M if lvl == 2 else 1, lvl, asid, gpa,
@@ -745,6 +760,8 @@ cdef class RmpTable:
         Raises:
             TypeError, ValueError: as :meth:`rmpupdate_range`. Nothing changes.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p, n
         cdef int lvl = _rmp_level(level)
         _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
@@ -766,6 +783,8 @@ cdef class RmpTable:
             TypeError, ValueError: bad arguments; a page in the range is not assigned; the range
             cuts a 2M entry; ``vmsa=True`` on a 2M entry. Nothing changes.
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p, n, e, cur, clear, set_
         cdef Run r
         cdef int im = -1, va = -1, vm = -1
@@ -817,6 +836,8 @@ cdef class RmpTable:
         §5.4). A test hook: the timeline never has two CPUs update one entry at once.
         Runtime complexity: O(log n).
         """
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         cdef uint64_t p, n
         cdef bint v = _rmp_flag(in_use, "in_use")
         _rmp_range(self.max_pfn_, pfn, npages, &p, &n)
@@ -903,6 +924,8 @@ cdef class RmpTable:
 
     def reset_counters(self):
         """Set every counter to 0."""
+        if self._owner is not None:
+            _refuse_nested(self._owner)  # EDEADLK from an event callback of its VM
         memset(self.cnt, 0, sizeof(self.cnt))
         self.look_pos.leaf = NULL
 

@@ -54,6 +54,9 @@ cdef class RmpTable:
     cdef uint64_t look_pfn
     cdef Run look_run
     cdef RunPos look_pos
+    # A weakref to the VM whose RMP this is (set by SNP's init), or None: the public mutators
+    # refuse from an event callback of that VM (KvmError(EDEADLK), docs/events.md)
+    cdef object _owner
 
     # -- C-level API (trusting; see above) ----------------------------------------------------
     cdef int _rmpupdate_c(self, uint64_t pfn, uint64_t npages, bint big, bint assigned,

@@ -1,8 +1,11 @@
 """A call from an event callback into the VM that emitted the event (docs/events.md,
 "Subscribing"): every state-changing entry point of the VM, its vCPUs, guest_memfds, actors and
-batched calls raises KvmError(EDEADLK) and changes nothing, so the emitting call finishes
-exactly as it does when the callback does nothing. Reads and (un)subscribing stay allowed."""
+batched calls, and the mutators of the objects reachable from it (its RMP, direct map, host
+memory, MMU, lpage_info, S-EPT, SEAMCALL layer, the RangeMaps it hands out, its kernel log)
+raises KvmError(EDEADLK) and changes nothing, so the emitting call finishes exactly as it does
+when the callback does nothing. Reads and (un)subscribing stay allowed."""
 
+import copy
 import errno
 import inspect
 
@@ -12,10 +15,17 @@ import pytest
 import pkvm
 from pkvm.actors.guest import HypercallGuestFlows
 from pkvm.actors.vmm import _PlainLaunch
+from pkvm._core import _mmu_make_spte
+from pkvm.host.directmap import DirectMap
+from pkvm.host.hostmem import HostMemory
+from pkvm.kvm.memslots import Memslot
+from pkvm.kvm.mmu import LpageInfo, Mmu
+from pkvm.kvm.vm import _KernelLog
 from pkvm.platforms._snp_flows import SnpGuestFlows
 from pkvm.platforms._snp_launch import SnpVmmFlows
 from pkvm.platforms._snp_vcpu import SnpVcpu
 from pkvm.platforms._tdx_flows import TdxGuestFlows, TdxVmmFlows
+from pkvm.platforms._tdx_sept import Seamcalls, Sept
 from pkvm.platforms._tdx_vcpu import TdxVcpu
 from pkvm.platforms.snp import SnpVm
 from pkvm.platforms.tdx import TdxVm
@@ -58,7 +68,24 @@ class Ctx:
                 vm.attr_ioctls, vm.vm_dead, vm.hypercall_exit_mask, len(vm.vcpus), len(vm._gmems),
                 vmm.conversions, vmm.failed_conversions, vmm.gfns_converted, vmm.last_failure,
                 [v._resume is None for v in vm.vcpus], vm._inject._armed if hasattr(vm._inject, "_armed") else None,
-                self.spare.folios.ranges())
+                self.spare.folios.ranges(), self.platform_state())
+
+    def platform_state(self):
+        """What the objects reachable from the VM hold beyond ``snapshot``: the host memory,
+        the RMP and direct map (SNP), the S-EPT and SEAMCALL layer (TDX), each with its counters."""
+        vm = self.vm
+        hm = vm.hostmem
+        out = [hm._used.ranges(), hm._cursor, hm._cpu_cursors, hm.cpu, vm.clock("vmm"), vm.clock("vcpu0"),
+               vm.mmu.leaf_counts()]
+        if self.platform == "snp":
+            out += [vm.rmp.ranges(), vm.rmp.counters, vm.rmp.in_use(hm.start_pfn), vm.directmap.ranges(),
+                    vm.directmap.counters, vm.directmap.fragmented_pages(), vm.snp.leaked.ranges(),
+                    vm.snp.rmp is vm.rmp, vm.snp.directmap is vm.directmap]
+        if self.platform == "tdx":
+            sept = vm.sept
+            out += [sept.leaves.ranges(), sept.guest_inhibit.ranges(), [m.ranges() for m in sept.tables[1:]],
+                    dict(vm.tdx.seamcalls._busy)]
+        return out
 
 
 def _snp_only(ctx):
@@ -136,6 +163,77 @@ ENTRIES = [
     ("SnpGuestFlows.pvalidate", lambda c: c.guest.flows.pvalidate(7 * MiB, 4096, False), _snp_only),
     ("TdxGuestFlows.map_gpa", lambda c: c.guest.flows.map_gpa(7 * MiB, 7 * MiB + 4096, False), _tdx_only),
     ("TdxGuestFlows.accept_memory", lambda c: c.guest.flows.accept_memory(7 * MiB, 7 * MiB + 4096), _tdx_only),
+    # -- the objects reachable from the VM (vm.mmu, vm.hostmem, vm.memslots, guest_memfds,
+    # vm.rmp / vm.directmap / vm.snp, vm.sept / vm.tdx.seamcalls, vm.events)
+    # the kernel log
+    ("_KernelLog.append", lambda c: c.vm.events.append(("x", "y")), None),
+    ("_KernelLog.extend", lambda c: c.vm.events.extend([("x", "y")]), None),
+    ("_KernelLog.insert", lambda c: c.vm.events.insert(0, ("x", "y")), None),
+    ("_KernelLog.pop", lambda c: c.vm.events.pop(), None),
+    ("_KernelLog.remove", lambda c: c.vm.events.remove(("x", "y")), None),
+    ("_KernelLog.clear", lambda c: c.vm.events.clear(), None),
+    ("_KernelLog.sort", lambda c: c.vm.events.sort(), None),
+    ("_KernelLog.reverse", lambda c: c.vm.events.reverse(), None),
+    ("_KernelLog.__setitem__", lambda c: c.vm.events.__setitem__(slice(0, 0), [("x", "y")]), None),
+    ("_KernelLog.__delitem__", lambda c: c.vm.events.__delitem__(slice(0, 1)), None),
+    ("_KernelLog.__iadd__", lambda c: c.vm.events.__iadd__([("x", "y")]), None),
+    ("_KernelLog.__imul__", lambda c: c.vm.events.__imul__(2), None),
+    # the MMU and its leaf map
+    ("Mmu.zap_range", lambda c: c.vm.mmu.zap_range(0, 512), None),
+    ("Mmu.split_to", lambda c: c.vm.mmu.split_to(0, 1), None),
+    ("Mmu.map_leaf", lambda c: c.vm.mmu.map_leaf(7 * MiB >> 12, 1, _mmu_make_spte(0, 1, False, True)), None),
+    ("Mmu.map_run", lambda c: c.vm.mmu.map_run(1 << 20, (1 << 20) + 512, 1, _mmu_make_spte(0, 1, False, True)), None),
+    ("RangeMap.assign", lambda c: c.vm.mmu.sptes.assign(1 << 20, (1 << 20) + 1, 1), None),
+    ("RangeMap.assign(kw)", lambda c: c.vm.mmu.sptes.assign(1 << 20, (1 << 20) + 1, value=1), None),
+    ("RangeMap.assign_many",
+     lambda c: c.vm.mmu.sptes.assign_many(np.array([1 << 20], dtype=np.uint64), np.array([(1 << 20) + 1], dtype=np.uint64), 1),
+     None),
+    ("RangeMap.clear", lambda c: c.vm.mmu.sptes.clear(), None),
+    # the host memory
+    ("HostMemory.alloc", lambda c: c.vm.hostmem.alloc(1), None),
+    ("HostMemory.free", lambda c: c.vm.hostmem.free(next((s for s, _e, _v in c.vm.hostmem._used.ranges()),
+                                                          c.vm.hostmem.start_pfn), 1), None),
+    ("HostMemory.per_cpu", lambda c: c.vm.hostmem.per_cpu({"vcpu0": c.vm.hostmem.start_pfn}), None),
+    # a memslot's lpage_info and its maps, a guest_memfd's maps
+    ("LpageInfo.set_mixed", lambda c: c.vm.memslots[0].lpage.set_mixed(0, 2, True), None),
+    ("LpageInfo.clear_mixed", lambda c: c.vm.memslots[0].lpage.clear_mixed(0, 4, 2), None),
+    ("RangeMap.assign(lpage)", lambda c: c.vm.memslots[0].lpage.maps[3].assign(0, 1, 1), None),
+    ("RangeMap.assign(folios)", lambda c: c.spare.folios.assign(0, 1, 1), None),
+    ("RangeMap.clear(bindings)", lambda c: c.gmem.bindings.clear(), None),
+    # SNP: the RMP, the direct map, the leaked pages, the setters
+    ("RmpTable.rmpupdate", lambda c: c.vm.rmp.rmpupdate(0x10, 1, assigned=False), _snp_only),
+    ("RmpTable.rmpupdate_range", lambda c: c.vm.rmp.rmpupdate_range(0x10, 1, 1, assigned=True, asid=1), _snp_only),
+    ("RmpTable.psmash", lambda c: c.vm.rmp.psmash(0x200), _snp_only),
+    ("RmpTable.psmash_range", lambda c: c.vm.rmp.psmash_range(0x200, 512), _snp_only),
+    ("RmpTable.pvalidate",
+     lambda c: c.vm.rmp.pvalidate(c.gmem.folio(0)[0], 1, asid=1, gpa=0, validate=False), _snp_only),
+    ("RmpTable.pvalidate_range",
+     lambda c: c.vm.rmp.pvalidate_range(c.gmem.folio(0)[0], 1, 1, asid=1, gpa=0, validate=False), _snp_only),
+    ("RmpTable.firmware_update",
+     lambda c: c.vm.rmp.firmware_update(c.gmem.folio(0)[0], 1, immutable=True), _snp_only),
+    ("RmpTable.set_in_use", lambda c: c.vm.rmp.set_in_use(c.vm.hostmem.start_pfn), _snp_only),
+    ("RmpTable.reset_counters", lambda c: c.vm.rmp.reset_counters(), _snp_only),
+    ("DirectMap.adjust", lambda c: c.vm.directmap.adjust(c.vm.hostmem.start_pfn + 4096), _snp_only),
+    ("DirectMap.invalidate", lambda c: c.vm.directmap.invalidate(c.vm.hostmem.start_pfn + 4096), _snp_only),
+    ("DirectMap.restore", lambda c: c.vm.directmap.restore(c.vm.hostmem.start_pfn), _snp_only),
+    ("DirectMap.before_rmpupdate",
+     lambda c: c.vm.directmap.before_rmpupdate(c.vm.hostmem.start_pfn + 4096, 1, 1, assigned=True), _snp_only),
+    ("DirectMap.after_rmpupdate",
+     lambda c: c.vm.directmap.after_rmpupdate(c.vm.hostmem.start_pfn, 1, 1, assigned=False), _snp_only),
+    ("DirectMap.reset_counters", lambda c: c.vm.directmap.reset_counters(), _snp_only),
+    ("RangeMap.assign(leaked)", lambda c: c.vm.snp.leaked.assign(0x10, 0x11, 1), _snp_only),
+    ("SnpVm.rmp=", lambda c: setattr(c.vm.snp, "rmp", pkvm.RmpTable()), _snp_only),
+    ("SnpVm.directmap=", lambda c: setattr(c.vm.snp, "directmap", DirectMap(c.vm.directmap.ram)), _snp_only),
+    # TDX: the S-EPT and its maps, the SEAMCALL layer
+    ("Sept.add_tables", lambda c: c.vm.sept.add_tables([(1, 1 << 21, (1 << 21) + 1)]), _tdx_only),
+    ("RangeMap.assign(sept leaves)", lambda c: c.vm.sept.leaves.assign(1 << 20, (1 << 20) + 1, 1), _tdx_only),
+    ("RangeMap.assign(sept tables)", lambda c: c.vm.sept.tables[2].assign(1 << 20, (1 << 20) + 1, 1), _tdx_only),
+    ("RangeMap.assign(guest_inhibit)", lambda c: c.vm.sept.guest_inhibit.assign(0, 1, 1), _tdx_only),
+    ("Seamcalls.call", lambda c: c.vm.tdx.seamcalls.call("aug"), _tdx_only),
+    ("Seamcalls.mr_extend", lambda c: c.vm.tdx.seamcalls.mr_extend(1, 0), _tdx_only),
+    ("Seamcalls.kick_all", lambda c: c.vm.tdx.seamcalls.kick_all(), _tdx_only),
+    ("Seamcalls.clear", lambda c: c.vm.tdx.seamcalls.clear(1, 0), _tdx_only),
+    ("Seamcalls.inject_busy", lambda c: c.vm.tdx.seamcalls.inject_busy("aug"), _tdx_only),
 ]
 
 CASES = [pytest.param(p, name, call, id=f"{p}-{name}") for p in PLATFORMS for name, call, applies in ENTRIES
@@ -176,7 +274,7 @@ def test_a_nested_call_is_refused_and_changes_nothing(platform, name, call):
         call(ctx)
     except pkvm.KvmError as e:
         assert e.errno != errno.EDEADLK
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError):
         pass
 
 
@@ -191,12 +289,26 @@ ALLOWED = {
     "VM.cost_by_actor", "VM.memslot", "VM.get_memory_attributes", "VM.check_extension", "VM.check",
     "GuestMemfd.folio", "AttrIoctl.run_to", "AttrIoctl.finish",  # run step(), which refuses
     "TdxVm.is_private_gpa", "Vcpu.page_fault",  # (the C entry; listed under Vcpu above)
+    # the objects reachable from the VM: their reads
+    "Mmu.lookup", "Mmu.leaf_counts", "LpageInfo.word", "LpageInfo.disallow_count", "LpageInfo.is_mixed",
+    "LpageInfo.any_mixed", "Memslot.hva_page", "Memslot.is_mixed", "Memslot.disallow_lpage",
+    "HostMemory.can_alloc", "HostMemory.is_allocated",
+    "RangeMap.get", "RangeMap.find_ne", "RangeMap.run_at", "RangeMap.ranges", "RangeMap.iter_ranges",
+    "RangeMap.get_many", "RangeMap.copy",  # (a copy belongs to no VM)
+    "RmpTable.in_use", "RmpTable.lookup", "RmpTable.ranges", "RmpTable.find_ne", "RmpTable.find_eq",
+    "DirectMap.level", "DirectMap.is_present", "DirectMap.boot_level", "DirectMap.ranges",
+    "DirectMap.fragmented_pages", "DirectMap.fragmented_fraction",
+    "Sept.state", "Sept.level", "Sept.has_table", "Sept.nr_tables", "Sept.is_inhibited", "Sept.runs",
+    "Sept.missing_tables", "Seamcalls.armed",
+    "_KernelLog.copy", "_KernelLog.count", "_KernelLog.index",
 }
 
 
 @pytest.mark.parametrize("cls", [pkvm.VM, pkvm.Vcpu, SnpVcpu, TdxVcpu, pkvm.GuestMemfd, pkvm.Vmm, pkvm.Guest,
                                  pkvm.AttrIoctl, SnpVm, TdxVm, HypercallGuestFlows, SnpGuestFlows,
-                                 TdxGuestFlows, _PlainLaunch, SnpVmmFlows, TdxVmmFlows])
+                                 TdxGuestFlows, _PlainLaunch, SnpVmmFlows, TdxVmmFlows,
+                                 Mmu, LpageInfo, Memslot, HostMemory, pkvm.RangeMap, pkvm.RmpTable, DirectMap,
+                                 Sept, Seamcalls, _KernelLog])
 def test_every_public_method_is_an_entry_or_allowed(cls):
     """The table above is the whole public surface: a new public method must be added to it
     (refused from a callback) or to ALLOWED (a read)."""
@@ -307,10 +419,16 @@ def test_signatures_of_the_table_exist():
     classes = {"VM": pkvm.VM, "Vcpu": pkvm.Vcpu, "SnpVcpu": SnpVcpu, "GuestMemfd": pkvm.GuestMemfd,
                "SnpVm": SnpVm, "TdxVm": TdxVm, "Vmm": pkvm.Vmm, "Guest": pkvm.Guest,
                "VmmFlows": _PlainLaunch, "GuestFlows": HypercallGuestFlows, "SnpGuestFlows": SnpGuestFlows,
-               "TdxGuestFlows": TdxGuestFlows}
+               "TdxGuestFlows": TdxGuestFlows, "_KernelLog": _KernelLog, "Mmu": Mmu, "LpageInfo": LpageInfo,
+               "HostMemory": HostMemory, "RangeMap": pkvm.RangeMap, "RmpTable": pkvm.RmpTable,
+               "DirectMap": DirectMap, "Sept": Sept, "Seamcalls": Seamcalls}
     for name, _c, _a in ENTRIES:
         cls, meth = name.split(".")
         meth = meth.split("(")[0]
+        if meth.endswith("="):  # a property's setter
+            assert getattr(classes[cls], meth[:-1]).fset is not None
+            continue
+        assert meth in vars(classes[cls]) or meth in vars(classes[cls].__mro__[1]), name
         assert inspect.isfunction(getattr(classes[cls], meth, None)) or callable(getattr(classes[cls], meth))
 
 
@@ -363,3 +481,85 @@ def test_timeline_scheduling_from_a_callback_is_refused(method):
     tried, raised = _timeline_run(_TIMELINE_CALLS[method])
     assert none == [] and raised and set(raised) == {errno.EDEADLK}
     assert tried == quiet
+
+
+#: Every mutating method of list: the kernel log overrides each one.
+_LIST_MUTATORS = {"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse", "__setitem__",
+                  "__delitem__", "__iadd__", "__imul__"}
+
+
+def test_the_kernel_log_guards_every_list_mutator():
+    assert _LIST_MUTATORS <= set(vars(_KernelLog))
+    # (the other public methods of list read: copy, count, index)
+    assert {n for n in vars(list) if not n.startswith("_")} - _LIST_MUTATORS == {"copy", "count", "index"}
+    vm = pkvm.VM("sw_protected")
+    vm.events.append(("a", "b"))
+    assert vm.events == [("a", "b")] and type(list(vm.events)) is list
+    assert type(copy.copy(vm.events)) is list and copy.deepcopy(vm.events) == [("a", "b")]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_copies_and_objects_of_no_vm_may_be_changed_from_a_callback(platform):
+    """The refusal is for the VM's live state: a copy of it, an object made on its own, and
+    the objects of another VM change freely from a callback (the refusal is per VM)."""
+    ctx, other = Ctx(platform), Ctx(platform)
+    vm = ctx.vm
+    done = []
+
+    def callback(ev):
+        if done:
+            return
+        sptes = vm.mmu.sptes.copy()
+        sptes.assign(1 << 20, (1 << 20) + 1, 1)
+        sptes.clear()
+        log = list(vm.events)
+        log.append(("x", "y"))
+        lpage = copy.deepcopy(vm.memslots[0].lpage)
+        lpage.set_mixed(0, 2, True)
+        assert lpage.is_mixed(0, 2) and not vm.memslots[0].lpage.is_mixed(0, 2)
+        mem = copy.deepcopy(vm.hostmem)  # (a shallow copy would share its allocation map)
+        mem.alloc(1)
+        HostMemory().alloc(1)
+        pkvm.RangeMap().assign(0, 1, 1)
+        rmp = pkvm.RmpTable()
+        rmp.rmpupdate(0x10, 1, assigned=True, asid=1)
+        other.vm.mmu.sptes.assign(1 << 20, (1 << 20) + 1, 0)
+        other.vm.hostmem.alloc(1)
+        other.vm.events.append(("x", "y"))
+        if platform == "snp":
+            dm = copy.deepcopy(vm.directmap)
+            dm.reset_counters()
+            dm.invalidate(vm.hostmem.start_pfn + 4096)
+            other.vm.rmp.set_in_use(0x10)
+            other.vm.directmap.reset_counters()
+        if platform == "tdx":
+            sept = copy.deepcopy(vm.sept)
+            sept.add_tables([(1, 1 << 21, (1 << 21) + 1)])
+            other.vm.tdx.seamcalls.kick_all()
+        done.append(True)
+
+    ref = Ctx(platform)
+    with vm.subscribe(callback):
+        ctx.outer()
+    ref.outer()
+    assert done and ctx.state() == ref.state()
+    vm.check()
+
+
+@pytest.mark.parametrize("platform", ("snp", "tdx"))
+def test_a_pickled_or_copied_object_belongs_to_no_vm(platform):
+    import pickle
+    ctx = Ctx(platform)
+    objs = [ctx.vm.memslots[0].lpage, ctx.vm.hostmem, ctx.vm.mmu.sptes]
+    objs.append(ctx.vm.directmap if platform == "snp" else ctx.vm.sept)
+    for obj in objs:
+        assert obj._owner is ctx.vm if not isinstance(obj, pkvm.RangeMap) else True
+        for clone in (copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+            c = clone(obj)
+            if isinstance(c, pkvm.RangeMap):  # (its owner is C-only: a copy's writes are not refused)
+                with ctx.vm.subscribe(lambda ev: c.assign(0, 1, 1), "attr_change"):
+                    ctx.vm.set_memory_attributes(7 * MiB, 4096, 0)
+                assert c.get(0) == 1
+                ctx.vm.set_memory_attributes(7 * MiB, 4096, PRIVATE)
+            else:
+                assert c._owner is None

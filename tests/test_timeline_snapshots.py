@@ -342,3 +342,88 @@ def test_a_lock_is_never_held_by_two_actors_at_once() -> None:
         for (a0, a1, ta), (b0, b1, tb) in zip(holds, holds[1:]):
             assert b0 >= a1, f"{name} held by {ta} [{a0}, {a1}) and by {tb} from {b0}"
         assert r.locks[name]["hold_ns"] <= r.critical_path_ns, name
+
+
+# -- the record of uncontended holds stays short ----------------------------------------------------
+
+
+def _fast_done_watch(vm: Any) -> tuple[dict[str, int], Any]:
+    """A callback (of every lock_hold) that records the longest ``fast_done`` list of the
+    acting actor and checks the list's form: no hold of no length, no hold that starts where
+    the previous one of its lock and mode ended (they are one)."""
+    seen = {"max": 0, "holds": 0}
+
+    def callback(ev: Any) -> None:
+        tl = vm._sched
+        a = tl._current if tl is not None else None
+        if a is None:
+            return
+        seen["holds"] += 1
+        fd = a.fast_done
+        seen["max"] = max(seen["max"], len(fd))
+        for i, (lock, mode, t, t_rel) in enumerate(fd):
+            assert t_rel != t, fd[i]
+            if i:
+                p = fd[i - 1]
+                assert not (p[0] == lock and p[1] == mode and p[3] == t and t_rel > t), (p, fd[i])
+
+    return seen, callback
+
+
+def test_uncontended_holds_of_one_long_task_keep_fast_done_short() -> None:
+    """One vCPU takes mmu_lock uncontended for each of 20,000 faults in one task: the timeline
+    kept every hold since the vCPU last resumed (20,000 entries, growing with the task); the
+    holds of no length are not kept and back-to-back ones are merged, so the list stays short."""
+    vm = pkvm.VM("sw_protected")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 128 * M)
+    vcpu = vm.create_vcpu()
+    tl = Timeline(vm)
+    seen, callback = _fast_done_watch(vm)
+
+    def work() -> None:
+        for i in range(20000):
+            vcpu.page_fault(i << 12, private=False, write=True)
+
+    with vm.subscribe(callback, "lock_hold"):
+        tl.spawn("vcpu0", work)
+        tl.run()
+    r = tl.result()
+    assert r.locks["mmu_lock"]["acquisitions"] == 20000 == seen["holds"]
+    assert seen["max"] <= 2
+
+
+@pytest.mark.parametrize("platform,workload,policy,vcpus", [("snp", "balloon", "fault-time", 1),
+                                                             ("snp", "balloon", "eager-locked", 2),
+                                                             ("tdx", "balloon", "6.19", 1),
+                                                             ("snp", "mixed", "eager-split", 2)])
+def test_fast_done_has_the_folded_form_and_results_mid_run_hold(platform: str, workload: str, policy: str,
+                                                                 vcpus: int) -> None:
+    """On real runs: the list never holds a hold of no length nor two holds that are one, and
+    results taken mid-run from a process of the environment keep their identities."""
+    cfg = experiments.Config(platform=platform, memory="256M", workload=workload, policy=policy, vcpus=vcpus)
+    from pkvm.experiments import _workloads
+
+    wl = _workloads.get(cfg.workload)
+    vm, ctx = experiments._build(cfg, 0, None)
+    tl = Timeline(vm, host_cpus=cfg.host_cpus)
+    ctx.timeline = tl
+    for g in ctx.guests:
+        tl.start_vcpu(g.actor)
+    opts = _workloads.parse_options(wl, cfg.options)
+
+    def main_loop() -> None:
+        experiments._run_workload(wl, ctx, opts)
+        tl.stop()
+
+    def look() -> Any:
+        for _ in range(300):
+            yield tl.env.timeout(997_000)
+            _check(tl.result(), tl, inside=False)
+
+    seen, callback = _fast_done_watch(vm)
+    with vm.subscribe(callback, "lock_hold"):
+        tl.spawn("vmm", main_loop)
+        tl.env.process(look())
+        tl.run()
+    assert seen["holds"] > 0

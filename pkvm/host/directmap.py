@@ -45,6 +45,7 @@ from typing import Any
 
 from pkvm._core import (RangeMap, directmap_invalidate, directmap_restore, directmap_split_4k,
                         directmap_unmap_restore)
+from pkvm._owned import VmOwned
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
@@ -120,7 +121,7 @@ def boot_layout(start: int, end: int) -> list[tuple[int, int, int]]:
     return out
 
 
-class DirectMap:
+class DirectMap(VmOwned):
     """The kernel direct map of host RAM and the SNP policy that maintains it.
 
     ``ram`` is an iterable of half-open pfn ranges ``[start, end)`` of host RAM (touching ranges
@@ -150,6 +151,7 @@ class DirectMap:
                  policy: str = "split-4k") -> None:
         if policy not in DIRECTMAP_POLICIES:
             raise ValueError(f"policy must be one of {DIRECTMAP_POLICIES}, not {policy!r}")
+        super().__init__()  # _owner: the SNP VM (set by its init); the changes refuse from its callbacks
         ranges = []
         for i, r in enumerate(ram):
             try:
@@ -233,6 +235,9 @@ class DirectMap:
 
     def reset_counters(self) -> None:
         """Set every counter to 0 (the fragmentation is state, not a counter)."""
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         for k in self._cnt:
             self._cnt[k] = 0
 
@@ -294,6 +299,9 @@ class DirectMap:
             TypeError, ValueError: bad arguments, a pfn that is not RAM, a level other than
             4K/2M or an unaligned 2M range (the kernel's -EINVAL). Nothing changes.
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._adjust(p, n, self._check_level(level, p, n))
 
@@ -319,6 +327,9 @@ class DirectMap:
         Raises:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._invalidate(p, n)
 
@@ -340,6 +351,9 @@ class DirectMap:
         Raises:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._restore(p, n)
 
@@ -360,6 +374,9 @@ class DirectMap:
         Raises:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._before_rmpupdate(p, n, self._check_level(level, p, n), assigned)
 
@@ -379,6 +396,9 @@ class DirectMap:
         Raises:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._after_rmpupdate(p, n, self._check_level(level, p, n), assigned)
 

@@ -71,6 +71,9 @@ class GuestMemfd:
         self.folios = RangeMap(0, _finger=True)
         #: file index -> memslot key + 1 (``gmem->bindings``)
         self.bindings = RangeMap(0)
+        # the VM's live state: their public writes refuse from an event callback of the VM
+        self.folios._set_owner(vm)
+        self.bindings._set_owner(vm)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.folios)} folio runs"

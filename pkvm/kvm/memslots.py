@@ -202,6 +202,10 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
     if change == "move" and old is not None:
         _delete(vm, old)
     new = Memslot(slot, base_gfn, npages, uaddr, flags, gmem, gmem_off >> PAGE_SHIFT)
+    # its lpage_info's mutators and maps refuse from an event callback of the VM (docs/events.md)
+    new.lpage._owner = vm
+    for m in new.lpage.maps[PG_LEVEL_2M:]:
+        m._set_owner(vm)
     if platform.has_private_mem:
         init_memslot_mixed(vm, new)
     if gmem is not None:

@@ -52,6 +52,7 @@ from pkvm._core import (
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
 from pkvm.errors import InternalInvariantError, KvmError
+from pkvm._owned import VmOwned
 from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.fault import PageFault as PageFault  # re-exported: the fault-phase API
 from pkvm.kvm.gmem import kvm_gmem_get_pfn
@@ -122,7 +123,7 @@ class Spte(NamedTuple):
 # Leaf SPTEs
 
 
-class Mmu:
+class Mmu(VmOwned):
     """The TDP MMU's leaf SPTEs of one root, range-compressed.
 
     Only one root is modelled: SW_PROTECTED (and SNP) keep shared and private mappings in
@@ -132,6 +133,7 @@ class Mmu:
     __slots__ = ("sptes", "_stats", "_charge")
 
     def __init__(self, stats: MutableMapping[str, int], charge: Callable[[str, int], None]) -> None:
+        super().__init__()  # _owner: the VM (set by it); the mutators refuse from its callbacks
         self.sptes = RangeMap(0, _finger=True)
         self._stats = stats
         self._charge = charge  # charge(op, count): modeled time of the work done here
@@ -158,6 +160,9 @@ class Mmu:
         also passes ``removed`` to collect the zapped mirror runs ``(start, end, value)``.
         Runtime complexity: O(log n + k) for k runs.
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         return _mmu_zap_range(self.sptes, self._stats, start, end, types, removed)
 
     def split_to(self, gfn: int, level: int) -> None:
@@ -166,6 +171,9 @@ class Mmu:
         Models ``tdp_mmu_split_huge_page`` on the fault's walk down: the children map the same
         pfns, so no TLB flush is needed. (The typed core's, pkvm/_fault.pxi.)
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         _mmu_split_to(self.sptes, self._stats, gfn, level, self._charge)
 
     def map_leaf(self, gfn: int, level: int, value: int) -> tuple[bool, bool]:
@@ -176,10 +184,16 @@ class Mmu:
         flush, as does overwriting a present leaf (``tdp_mmu_map_handle_target_level``).
         (The typed core's, pkvm/_fault.pxi.)
         """
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         return _mmu_map_leaf(self.sptes, self._stats, gfn, level, value, self._charge)
 
     def map_run(self, start: int, end: int, level: int, value: int) -> None:
         """Install leaves at ``level`` over the unmapped, ``level``-aligned ``[start, end)``."""
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         _mmu_map_run(self.sptes, self._stats, start, end, level, value)
 
     def leaf_counts(self) -> tuple[int, int, int]:
@@ -210,7 +224,7 @@ class Mmu:
 # Large-page tracking
 
 
-class LpageInfo:
+class LpageInfo(VmOwned):
     """``lpage_info`` of one memslot: per level, chunk number -> ``disallow_lpage`` word.
 
     Chunks are numbered absolutely (``gfn >> shift``); the kernel's slot-relative index is a
@@ -221,6 +235,7 @@ class LpageInfo:
     __slots__ = ("maps",)
 
     def __init__(self, base_gfn: int, npages: int, ugfn: int) -> None:
+        super().__init__()  # _owner: the VM (set with the memslot); set_mixed / clear_mixed refuse from its callbacks
         # kernel-semantics.md §3.1 / kvm_alloc_memslot_metadata: head and tail chunks partially outside the
         # slot, and every chunk when GFN and HVA are incongruent, get disallow_lpage = 1.
         maps: list[RangeMap | None] = [None, None]
@@ -255,6 +270,9 @@ class LpageInfo:
 
     def set_mixed(self, gfn: int, level: int, mixed: bool) -> None:
         """``hugepage_set_mixed`` / ``hugepage_clear_mixed`` on one chunk."""
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         m = self.maps[level]
         idx = gfn >> LEVEL_SHIFT[level]
         v = m.get(idx)
@@ -264,6 +282,9 @@ class LpageInfo:
 
     def clear_mixed(self, first: int, last: int, level: int) -> None:
         """Clear MIXED on chunks ``[first, last)`` (chunk numbers, half-open)."""
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         _lpage_clear_mixed(self.maps[level], first, last)
 
     def any_mixed(self, first: int, last: int, level: int) -> bool:

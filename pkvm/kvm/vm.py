@@ -18,6 +18,7 @@ Invariants: see :meth:`VM.check`.
 from __future__ import annotations
 
 import errno
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from types import MappingProxyType, TracebackType
@@ -206,6 +207,11 @@ class VM(VmState):
         self._mmu = Mmu(self._stats, self._charge)
         self._hostmem = HostMemory()
         self._shared = SharedBacking(self._hostmem, _SHARED_BACKING_ORDER[shared_backing])
+        # The objects reachable from the VM whose public mutators change its state know it:
+        # they refuse from an event callback of it (KvmError(EDEADLK), docs/events.md). The
+        # platform's init, memslots and guest_memfds do the same for theirs.
+        self._mmu._owner = self._hostmem._owner = self
+        self._mmu.sptes._set_owner(self)
         self._slots: dict[int, Memslot] = {}
         nr_as = 1 if self._platform.has_private_mem else 2  # kvm_arch_nr_memslot_as_ids
         self._slot_maps = [RangeMap(0) for _ in range(nr_as)]  # gfn -> slot key + 1
@@ -224,8 +230,9 @@ class VM(VmState):
         self._eager_locked = pol.rmp_update in ("eager-locked", "eager-split")
         self._legacy = pol.attr_ioctl == "legacy-progress"
         self._sptes = self._mmu.sptes
-        #: Warnings the simulated kernel would only log (e.g. a failing ``update_mem_attr``).
-        self.events: list[tuple[str, str]] = []
+        #: Warnings the simulated kernel would only log (e.g. a failing ``update_mem_attr``): a
+        #: list whose changes refuse from an event callback of this VM (docs/events.md).
+        self.events: list[tuple[str, str]] = _KernelLog(self)
         #: ``kvm->vm_dead`` / ``kvm->vm_bugged``: set by :meth:`_kill` / :meth:`_bug`.
         self.vm_dead = False
         self.vm_bugged = False
@@ -367,7 +374,10 @@ class VM(VmState):
         callback must not raise: its exception propagates out of the VM call that emitted the
         event. A call from a callback into this VM that would change it (an ioctl, a fault, a
         memslot or guest_memfd change, a guest instruction, a :class:`pkvm.Vmm` or
-        :class:`pkvm.Guest` operation, :meth:`acting`, :meth:`inject_failure`, a batched call)
+        :class:`pkvm.Guest` operation, :meth:`acting`, :meth:`inject_failure`, a batched call,
+        a mutator of an object the VM hands out as its live state: ``vm.events``, ``vm.mmu``,
+        ``vm.hostmem``, a memslot's ``lpage``, ``vm.rmp``, ``vm.directmap``, ``vm.sept``,
+        ``vm.tdx.seamcalls`` and their RangeMaps; docs/events.md lists them)
         raises ``KvmError(EDEADLK)`` and changes nothing: the emitting call is part way through
         and holds the VM's locks, on which the kernel's nested ioctl would block. A callback
         that catches it lets the emitting call finish exactly as without the attempt.
@@ -570,7 +580,9 @@ class VM(VmState):
     def _kill(self, reason: str) -> None:
         """``kvm_vm_dead``: later VM and vCPU ioctls fail with EIO; ``reason`` goes to ``events``."""
         self.vm_dead = True
-        self.events.append(("kvm_vm_dead", reason))
+        # (list.append: the kernel's own log line, also when a death is reached from an event
+        # callback, which _KernelLog refuses to a caller's append)
+        list.append(self.events, ("kvm_vm_dead", reason))
         if self._subs is not None:
             self._emit("vm_dead", op="kvm_vm_dead", result=reason)
 
@@ -578,7 +590,7 @@ class VM(VmState):
         """``KVM_BUG_ON`` / ``kvm_vm_bugged``: the VM is marked bugged and dead."""
         self.vm_bugged = True
         self.vm_dead = True
-        self.events.append(("kvm_vm_bugged", reason))
+        list.append(self.events, ("kvm_vm_bugged", reason))
         if self._subs is not None:
             self._emit("vm_dead", op="kvm_vm_bugged", result=reason)
 
@@ -1052,6 +1064,42 @@ class VM(VmState):
 setattr(VM, "set_memory_attributes", AttrIoctlMethod(VM.set_memory_attributes))
 
 _EVENT_KINDS = frozenset(EVENT_KINDS)
+
+
+def _log_mutator(name: str) -> Any:
+    base = getattr(list, name)
+
+    def method(self: _KernelLog, *args: Any) -> Any:
+        vm = self._vm()
+        if vm is not None and vm._in_callback:
+            vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
+        return base(self, *args)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+class _KernelLog(list):  # type: ignore[type-arg]
+    """``vm.events``: a list of ``(source, message)`` pairs whose changes (``append``,
+    ``extend``, ``insert``, ``pop``, ``remove``, ``clear``, ``sort``, ``reverse``, item and
+    slice assignment and deletion, ``+=``, ``*=``) raise ``KvmError(EDEADLK)`` from an event
+    callback of its VM, as the VM's own entries do. It compares equal to a list of the same
+    items; a copy (``list(vm.events)``, ``copy.copy``, pickling) is a plain list."""
+
+    __slots__ = ("_vm",)
+
+    def __init__(self, vm: VM) -> None:
+        super().__init__()
+        self._vm = weakref.ref(vm)  # (a weakref: the log does not keep its VM alive)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (list, (list(self),))
+
+    for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+                  "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+        locals()[_name] = _log_mutator(_name)
+    del _name
 
 
 class _Acting:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from pkvm._core import RangeMap
+from pkvm._owned import VmOwned
 from pkvm.constants import PG_LEVEL_2M, PG_LEVEL_4K, TDX_OPERAND_BUSY, TDX_SUCCESS
 from pkvm.errors import InternalInvariantError
 
@@ -99,12 +100,15 @@ class TraceEvent(NamedTuple):
     status: int = TDX_SUCCESS
 
 
-class Sept:
+class Sept(VmOwned):
     """The S-EPT of one TD. ``levels`` is 4 (GPAW 48) or 5 (GPAW 52)."""
 
     __slots__ = ("leaves", "tables", "guest_inhibit", "levels")
 
     def __init__(self, levels: int) -> None:
+        # _owner: the TD's VM (set by its init), or None: add_tables refuses from an event
+        # callback of it (pkvm._owned)
+        super().__init__()
         self.levels = levels
         self.leaves = RangeMap(0)
         #: table level -> RangeMap(table index -> 1); level ``levels`` is the root, always there.
@@ -164,6 +168,11 @@ class Sept:
         return out
 
     def add_tables(self, runs: list[tuple[int, int, int]]) -> None:
+        """Add the table runs ``(table level, first index, end index)`` (as :meth:`missing_tables`
+        gives them)."""
+        o = self._owner
+        if o is not None and o._in_callback:
+            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
         for t, a, b in runs:
             self.tables[t].assign(a, b, 1)  # type: ignore[union-attr]
 
@@ -209,6 +218,8 @@ class Seamcalls:
         Raises:
             ValueError: an unknown SEAMCALL or a negative count.
         """
+        if self._vm._in_callback:
+            self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         if seamcall not in SEAMCALLS:
             raise ValueError(f"seamcall={seamcall!r} is not one of {', '.join(SEAMCALLS)}")
         if type(times) is not int or times < 0:
@@ -231,6 +242,8 @@ class Seamcalls:
         and the caller changes nothing. ``status`` is what the calls return otherwise (the
         caller decides it from the S-EPT state; it is recorded in the trace).
         """
+        if self._vm._in_callback:
+            self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         vm = self._vm
         counter, op, leaf = SEAMCALLS[name]
         left = self._busy.get(name)
@@ -262,6 +275,8 @@ class Seamcalls:
     def mr_extend(self, npages: int, start: int) -> int:
         """``TDH.MR.EXTEND`` over ``npages`` pages: 16 SEAMCALLs (256 B each) per page,
         charged per page (``seamcall_mr_extend`` is priced per 4K page measured)."""
+        if self._vm._in_callback:
+            self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         st = self.call("mr_extend", npages * 16, start, start + npages, PG_LEVEL_4K)
         if st == TDX_SUCCESS:
             self._vm._charge("seamcall_mr_extend", npages)
@@ -270,6 +285,8 @@ class Seamcalls:
     def kick_all(self, times: int = 1, start: int = 0, end: int = 0) -> None:
         """``kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE)`` ``times`` times: every
         vCPU (``max(VM(nr_vcpus), created vCPUs)``) is kicked, one ``vcpu_kick`` each."""
+        if self._vm._in_callback:
+            self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         vm = self._vm
         n = max(vm.nr_vcpus, len(vm._vcpus)) * times
         vm._stats["vcpu_kicks"] += n
@@ -279,6 +296,8 @@ class Seamcalls:
 
     def clear(self, npages: int, start: int) -> None:
         """``tdx_quirk_reset_page``: MOVDIR64B over the removed pages (counted, no cost row)."""
+        if self._vm._in_callback:
+            self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
         self._vm._stats["tdx_page_clears"] += npages
         if self.trace is not None:
             self.trace.append(TraceEvent("clear", start, start + npages, PG_LEVEL_4K))

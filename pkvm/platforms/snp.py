@@ -132,6 +132,10 @@ class SnpVm:
 
     @rmp.setter
     def rmp(self, value: RmpTable) -> None:
+        if self.vm._in_callback:
+            self.vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
+        if isinstance(value, RmpTable):
+            value._set_owner(self.vm)  # its mutators refuse from a callback too
         self._rmp = value
         if "_path" in self.__dict__:
             self._path.rebind()
@@ -143,6 +147,10 @@ class SnpVm:
 
     @directmap.setter
     def directmap(self, value: DirectMap) -> None:
+        if self.vm._in_callback:
+            self.vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
+        if isinstance(value, DirectMap):
+            value._owner = self.vm
         self._directmap = value
         if "_path" in self.__dict__:
             self._path.rebind()
@@ -199,6 +207,7 @@ def snp_init_vm(vm: VM) -> int:
     vm.snp = snp  # type: ignore[attr-defined]
     vm.rmp = snp.rmp  # type: ignore[attr-defined]
     vm.directmap = snp.directmap  # type: ignore[attr-defined]
+    snp.leaked._set_owner(vm)  # (the RMP and the direct map: the setters above)
     for key in SNP_STAT_KEYS:
         vm._stats[key] = 0
     for op in SNP_CHARGED_OPS:

@@ -367,6 +367,10 @@ def tdx_init_vm(vm: VM) -> int:
     td = TdxVm(vm, gpaw)
     vm.tdx = td  # type: ignore[attr-defined]
     vm.sept = td.sept  # type: ignore[attr-defined]
+    # the S-EPT's mutators and maps refuse from an event callback of the VM (docs/events.md)
+    td.sept._owner = vm
+    for m in (td.sept.leaves, td.sept.guest_inhibit, *td.sept.tables[1:]):
+        m._set_owner(vm)  # type: ignore[union-attr]
     vm._gfn_limit = 1 << (td.shared_bit - PAGE_SHIFT)
     for key in TDX_STAT_KEYS:
         vm._stats[key] = 0
