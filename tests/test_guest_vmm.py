@@ -237,21 +237,17 @@ def test_conversion_results_name_the_failing_step():
     assert not r and (r.step, r.status, r.gpa, r.errno, r.exit) == (
         "PVALIDATE", pkvm.PVALIDATE_FAIL_NOUPDATE, 0x1000, 0, None)
     assert "FAIL_NOUPDATE" in r.detail and vm.events == []
-    # A page-state change the VMM cannot carry out (no memslot): the guest reads the PSC error,
-    # and the result carries the VMM's errno and reason.
+    # A page-state change the VMM cannot carry out (no memslot): QEMU stops the VM, so the PSC
+    # never completes; the result carries the VMM's errno and reason.
     r = guest.convert(16 * MiB, 0x1000, private=True)
-    assert (r.ok, r.step, r.status, r.gpa, r.errno) == (False, "PSC", 0x100 << 32, 16 * MiB, errno.EINVAL)
-    assert r.exit.handled and r.exit.errno == errno.EINVAL and "in no memslot" in r.exit.detail
-    assert "VMGEXIT_PSC_ERROR_GENERIC" in r.detail and "in no memslot" in vmm.last_failure
-
-    vm, vmm, gmem, vcpu = td()
-    r = pkvm.Guest(vm, vmm).convert(16 * MiB, 0x1000, private=True)
-    assert (r.ok, r.step, r.status, r.errno) == (False, "MapGPA", 0x8000000000000000, errno.EINVAL)
-    assert "TDVMCALL_STATUS_INVALID_OPERAND" in r.detail
+    assert (r.ok, r.step, r.status, r.gpa, r.errno) == (False, "PSC", None, 16 * MiB, errno.EINVAL)
+    assert not r.exit and r.exit.errno == errno.EINVAL and "in no memslot" in r.exit.detail
+    assert "in no memslot" in r.detail and "in no memslot" in vmm.last_failure
 
     vm, vmm, gmem, guest = _sw()
-    r = guest.convert(16 * MiB, 0x1000, private=True)
-    assert (r.ok, r.step, r.status, r.errno) == (False, "KVM_HC_MAP_GPA_RANGE", -KVM_EINVAL & U64, errno.EINVAL)
+    # A guest hypercall KVM itself refuses (no pages) reads -KVM_EINVAL, with no VMM involved.
+    r = guest.flows.convert(0x1000, 0, True)
+    assert (r.ok, r.step, r.status, r.errno) == (False, "KVM_HC_MAP_GPA_RANGE", -KVM_EINVAL & U64, 0)
     assert "-EINVAL" in r.detail
     assert guest.convert(0, 0x1000, private=False) and vm.get_memory_attributes(0) == 0
 
@@ -393,3 +389,47 @@ def test_snp_hypercall_is_64_bit_once_launched():
     assert r.hypercall.args == ((1 << 32) | 0x1000, 1, 0)
     with pytest.raises(TypeError):
         vcpu.hypercall(99, long_mode=0)
+
+
+def _no_memslot_conversion(platform):
+    """A guest on ``platform`` converting [16 MiB, +4K), past its 8 MiB of RAM, to private."""
+    if platform == "tdx":
+        vm, vmm, gmem, vcpu = td()
+        guest = pkvm.Guest(vm, vmm)
+    elif platform == "snp":
+        vm = pkvm.VM("snp", policy="6.19")
+        vmm = pkvm.Vmm(vm)
+        vmm.add_ram(0, 8 * MiB)
+        vmm.launch()
+        guest = pkvm.Guest(vm, vmm)
+    else:
+        vm, vmm, gmem, guest = _sw()
+    return vm, vmm, guest, guest.convert(16 * MiB, 0x1000, private=True)
+
+
+@pytest.mark.parametrize("platform", ["sw_protected", "snp", "tdx"])
+def test_a_failed_map_gpa_range_conversion_stops_the_vcpu(platform):
+    """QEMU never hands a failed conversion back to the guest: kvm_handle_hc_map_gpa_range
+    returns kvm_convert_memory's error to kvm_cpu_exec, which leaves its loop and stops the VM
+    (RUN_STATE_INTERNAL_ERROR); hypercall.ret is not written (KVM presets it to 0). So the
+    guest's PSC / MapGPA / hypercall never completes: the result has no status and carries the
+    refused exit."""
+    vm, vmm, guest, r = _no_memslot_conversion(platform)
+    step = {"sw_protected": "KVM_HC_MAP_GPA_RANGE", "snp": "PSC", "tdx": "MapGPA"}[platform]
+    assert (r.ok, r.step, r.status, r.gpa, r.errno) == (False, step, None, 16 * MiB, errno.EINVAL), r
+    assert r.exit is not None and not r.exit and r.exit.step == "KVM_HC_MAP_GPA_RANGE"
+    assert r.exit.errno == errno.EINVAL and "in no memslot" in r.exit.detail and "VM stops" in r.exit.detail
+    assert "stopped in an exit the VMM refused" in r.detail
+    assert vmm.failed_conversions == 1 and "in no memslot" in vmm.last_failure
+
+
+def test_a_failed_hypercall_conversion_leaves_hypercall_ret_alone():
+    """The VMM's answer to a KVM_HC_MAP_GPA_RANGE exit whose conversion fails is falsy and does
+    not write hypercall.ret (QEMU never does; KVM's preset 0 stays)."""
+    vm, vmm, gmem, guest = _sw()
+    hc = pkvm.Hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, (16 * MiB, 1, ENC))
+    a = vmm.handle_exit(guest.vcpu, pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_HYPERCALL, hypercall=hc))
+    assert not a and a.errno == errno.EINVAL and hc.ret == 0
+    hc = pkvm.Hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, (16 * MiB, 1, DEC))  # MMIO-like: ignored, success
+    a = vmm.handle_exit(guest.vcpu, pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_HYPERCALL, hypercall=hc))
+    assert a and a.errno == 0 and hc.ret == 0

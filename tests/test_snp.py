@@ -534,6 +534,26 @@ def test_vmm_launch_flow():
     vm.check()
 
 
+def test_vmm_launch_sets_each_region_private_first():
+    """QEMU's sev_snp_launch_update sets each region's attributes PRIVATE before its
+    SNP_LAUNCH_UPDATE loop (target/i386/sev.c), even though kvm_set_phys_mem made the slot
+    private already: one KVM_SET_MEMORY_ATTRIBUTES per region, short-circuited then; and a
+    region that is not private yet is made private rather than refused."""
+    vm = pkvm.VM("snp", policy="6.19")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 4 * MiB)
+    before = vm.attr_ioctls
+    vmm.launch([(0, 0x10000, True), (0x100000, 0x2000, False)])
+    assert vm.attr_ioctls - before == 2 and vm.stats["launch_update_pages"] == 18
+    vm = pkvm.VM("snp", policy="6.19")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 4 * MiB, mark_private=False)
+    vmm.launch([(0x200000, 0x1000, True)])
+    assert vm.get_memory_attributes(0x200) == pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    assert vm.get_memory_attributes(0x201) == 0 and vm.stats["launch_update_pages"] == 1
+    vm.check()
+
+
 # -- invariants --------------------------------------------------------------------------------------
 
 

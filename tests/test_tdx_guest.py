@@ -254,12 +254,18 @@ def test_convert_round_trip_frees_and_reallocates():
 
 
 def test_guest_flows_fail_cleanly_when_vmm_refuses():
-    """MapGPA of RAM without guest_memfd: QEMU fails the conversion, the guest sees INVALID_OPERAND."""
+    """MapGPA of RAM without guest_memfd: QEMU fails the conversion and stops the VM, so MapGPA
+    never completes (kvm_convert_memory, kvm_cpu_exec)."""
     vm, vmm, gmem, vcpu = td()
     vm.set_user_memory_region2(5, 0, 16 * MiB, 2 * MiB, 1 << 41)
     g = pkvm.Guest(vm, vmm)
-    assert not g.convert(16 * MiB, 4096, private=False) and vmm.failed_conversions == 1
-    assert g.convert(64 * MiB, 4096, private=False)  # MMIO space: QEMU ignores a to-shared request
+    r = g.convert(16 * MiB, 4096, private=False)
+    assert not r and r.status is None and not r.exit and vmm.failed_conversions == 1
+    with pytest.raises(pkvm.KvmError) as exc:  # the vCPU stays stopped in the refused exit
+        g.convert(64 * MiB, 4096, private=False)
+    assert exc.value.errno == errno.EBUSY
+    vm, vmm, gmem, vcpu = td()
+    assert pkvm.Guest(vm, vmm).convert(64 * MiB, 4096, private=False)  # MMIO space: QEMU ignores a to-shared request
 
 
 def test_one_tib_accept_is_a_few_runs():

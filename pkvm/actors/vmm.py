@@ -10,12 +10,14 @@
   - ``KVM_EXIT_HYPERCALL`` with ``KVM_HC_MAP_GPA_RANGE`` (the SW_PROTECTED/KVM hypercall of
     §7.3, TDX MapGPA chunks of §7.2, SNP page-state changes of §7.1):
     ``kvm_handle_hc_map_gpa_range`` converts ``[args[0], args[0] + args[1] pages)`` to private
-    if ``args[2]`` has ``KVM_MAP_GPA_RANGE_ENCRYPTED``, else to shared, and writes the result
-    to ``hypercall.ret`` (0 on success; the guest then sees the failure in its own status);
+    if ``args[2]`` has ``KVM_MAP_GPA_RANGE_ENCRYPTED``, else to shared. It never writes
+    ``hypercall.ret`` (KVM presets it to 0): a failed conversion is returned to
+    ``kvm_cpu_exec``, which stops the VM (``RUN_STATE_INTERNAL_ERROR``), so the answer is falsy
+    and the guest never reads a failure status;
   - ``KVM_EXIT_MEMORY_FAULT`` with errno EFAULT and flags within
     ``KVM_MEMORY_EXIT_FLAG_PRIVATE`` (an implicit conversion, §7.6): convert the page to the
-    access's type; a failure stops the vCPU (``handle_exit`` returns False), as it stops
-    QEMU's vCPU thread. Other errnos (EHWPOISON, ENOMEM, EIO) are fatal too.
+    access's type; a failure stops the vCPU (``handle_exit`` returns False); QEMU stops the
+    whole VM. Other errnos (EHWPOISON, ENOMEM, EIO) are fatal too.
 
 * :meth:`Vmm.convert_memory` is ``kvm_convert_memory``: page-aligned and non-empty, else an
   error; a range outside every memslot is ignored when converting to shared (OVMF converts MMIO
@@ -401,9 +403,12 @@ class Vmm:
             private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
             gpa, size = hc.gpa, hc.size
             ret = self._convert_memory(gpa, size, private)  # convert_memory: "vmm" acts already
-            hc.ret = ret & ((1 << 64) - 1)
-            return ExitResult._lazy(True, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
-                                    (ret, gpa, size, private, " (the guest reads it)", self.last_failure))
+            # QEMU never writes hypercall.ret (KVM presets it to 0): kvm_handle_hc_map_gpa_range
+            # returns kvm_convert_memory's result, and a failure ends kvm_cpu_exec's loop, which
+            # stops the VM (RUN_STATE_INTERNAL_ERROR). The guest never reads a failure.
+            return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
+                                    (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
+                                     self.last_failure))
         if reason == KVM_EXIT_MEMORY_FAULT and result.memory_fault is not None:
             gpa, size, flags = result.memory_fault
             if result.errno != errno.EFAULT:
@@ -417,7 +422,8 @@ class Vmm:
             private = bool(flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
             ret = self._convert_memory(gpa, size, private)  # as above
             return ExitResult._lazy(ret == 0, "KVM_EXIT_MEMORY_FAULT", reason, -ret, _converted,
-                                    (ret, gpa, size, private, ": the vCPU stops", self.last_failure))
+                                    (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
+                                     self.last_failure))
         return ExitResult(False, "exit", reason, 0,
                           f"exit reason {reason} ({result.ret}) is not one the VMM answers")
 
@@ -487,7 +493,9 @@ class Vmm:
         """Give ``[gpa, gpa + size)`` back to the host (a balloon inflate): discard both
         backings — punch the guest_memfd hole (the private pages, as on a to-shared
         conversion) and drop the shared backing. The attributes stay; a later guest access
-        faults the memory in again.
+        faults the memory in again. A what-if: QEMU's virtio-balloon drops only the shared
+        backing (``balloon_inflate_page`` → ``ram_block_discard_range``) and leaves the
+        guest_memfd pages allocated (docs/kernel-semantics.md §7.4).
 
         Raises:
             ValueError: not a non-empty 4 KiB aligned range.

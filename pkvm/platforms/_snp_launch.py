@@ -156,15 +156,21 @@ def launch_finish(snp: SnpVm) -> None:
 
 
 class SnpVmmFlows:
-    """The VMM's SNP launch: LAUNCH_UPDATE every image region (looping on partial progress;
-    ``measure`` selects NORMAL vs UNMEASURED pages), then LAUNCH_FINISH."""
+    """The VMM's SNP launch (QEMU's ``sev_snp_launch_finish`` / ``sev_snp_launch_update``,
+    target/i386/sev.c): per image region, ``KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)`` first (QEMU
+    does it for every region, although ``kvm_set_phys_mem`` made the slot private already:
+    the kernel then short-circuits it), then LAUNCH_UPDATE (looping on partial progress;
+    ``measure`` selects NORMAL vs UNMEASURED pages); then LAUNCH_FINISH. A failure raises
+    (QEMU exits). OVMF's metadata pages (ZERO, SECRETS, CPUID) are not modelled."""
 
     def __init__(self, vmm: object) -> None:
         self.vmm = vmm
 
     def launch(self, image: list[tuple[int, int, bool]]) -> None:
-        snp = self.vmm.vm.snp  # type: ignore[attr-defined]
+        vm = self.vmm.vm  # type: ignore[attr-defined]
+        snp = vm.snp
         for gpa, size, measure in image:
+            vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
             while size:
                 n = snp.launch_update(gpa, size, SNP_PAGE_TYPE_NORMAL if measure else SNP_PAGE_TYPE_UNMEASURED)
                 gpa += n

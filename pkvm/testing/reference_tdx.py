@@ -446,11 +446,15 @@ class ReferenceTdx(ReferenceVM):
         return self._mg_exit()
 
     def map_gpa_answered(self, gpa: int, size: int) -> tuple[Any, Any]:
-        """MapGPA with every chunk answered by :meth:`convert_memory`; the final ``(r10, r11)``."""
+        """MapGPA with every chunk answered by :meth:`convert_memory`; the final ``(r10, r11)``,
+        or ``(None, None)`` when a conversion fails: QEMU then stops the VM instead of
+        completing the exit (``kvm_cpu_exec``), so the guest reads no status."""
         r = self.map_gpa(gpa, size)
         while r[0] == "exit":
             g, npages, attrs = r[1]
             ret = self.convert_memory(g, npages << PAGE_SHIFT, bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
+            if ret:
+                return None, None
             r = self.map_gpa_complete(ret)
         return r[1], r[2]
 
