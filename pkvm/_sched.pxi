@@ -310,26 +310,6 @@ cdef class SchedHooks:
             self._record_hold(a, lock, mode, lk, t_obj, t + held_ns)
         return 0
 
-    cdef int _hold_idle(self, lock, mode) except -1:
-        """:meth:`_acquire` then :meth:`_release` of ``lock`` with no work between (a lock taken
-        only to find there is nothing to do under it). Uncontended -- no other actor in a task,
-        the lock free -- and with no recorder and nothing subscribed to the VM's events, that
-        is one acquisition held 0 ns: only the count changes (the same statistics)."""
-        cdef SchedActor a = self._current
-        cdef LockState lk
-        if a is None:
-            return 0
-        lk = <LockState?>self.locks[lock]
-        led = _hook_ledger(self)
-        if (self._active <= a.in_task and not lk.locked and self.recorder is None
-                and self._now0 + _vm_ns(self) - self._mark >= _lock_free_at(lk, mode)
-                and not (led.traced if led is not None else self.vm._subs is not None)):  # vm._subs is None
-            lk.stats.acquisitions += 1
-            return 0
-        self._acquire(lock, mode)
-        self._release(lock, mode)
-        return 0
-
     def pagewise(self, lock, n):
         """The running actor's hold of ``lock`` (one of ``_PAGEWISE_LOCKS``), about to be
         released, stood for ``n`` acquisitions: the kernel takes the lock once per page (per
