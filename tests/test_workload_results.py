@@ -26,11 +26,11 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): '949195d42daac079',
-    ('snp', 'fault-time', 3, 'balloon', ()): '780a9ca96dd5e78d',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '7c419b2cf42e5721',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5758f4456f62dcaa',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'f3036e4abfe32ca2',
+    ('snp', 'fault-time', 1, 'balloon', ()): '1bd1270945890432',
+    ('snp', 'fault-time', 3, 'balloon', ()): '63154ca1f407bbb4',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): 'fa94a2b953114a3a',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '07d0acfe686974af',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '0a3bf1da8a519aab',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cbd8a1025d9f0088',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
