@@ -138,7 +138,7 @@ def _misnested(events):
 
 @pytest.mark.parametrize("argv", [
     ["--vcpus", "2", "--option", "prealloc=true", "--policy", "eager-post"],
-    ["--vcpus", "2", "--workload", "swiotlb", "--policy", "eager-locked", "-o", "ops=20"],
+    ["--vcpus", "2", "--workload", "mixed", "--policy", "eager-locked", "-o", "ops=20"],
 ])
 def test_timeline_trace_slices_nest_on_every_thread(capsys, tmp_path, argv):
     """Perfetto (and chrome://tracing) accept only slices that nest on one thread. ``pkvm run
