@@ -487,11 +487,11 @@ cdef class SnpPath:
         cdef int easy = self._dm_easy(before, npages, level)
         cdef bint quick = easy == 1 or (easy == 2 and self._dm_all_4k(pfn, npages))
         cdef SchedHooks sched = <SchedHooks?>self.vs._sched if self.vs._sched is not None else None
-        if quick or (not self.split4k and self.dm_map is not None and before != assigned):
-            # No CPA call, so no cpa_lock: adjust_direct_map returns before set_memory_4k for a
-            # 2M update and for a page mapped at 4K already, and nothing runs after the
-            # RMPUPDATE; the RFC unmaps only before assigning and restores only after
-            # unassigning (kernel-semantics.md §5.8)
+        # No CPA call, so no cpa_lock: adjust_direct_map returns before set_memory_4k for a 2M
+        # update or a page the direct map already maps at 4K, and nothing runs after the
+        # instruction; the RFC's rmpupdate() unmaps only before an update that assigns and
+        # restores only after one that does not (docs/kernel-semantics.md §5.8).
+        if quick or (self.dm_map is not None and not self.split4k and (before != assigned or npages == 0)):
             return 0
         if sched is not None:
             sched._acquire("cpa_lock", 1)  # set_memory_*: one direct-map change at a time per host

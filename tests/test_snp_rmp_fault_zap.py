@@ -57,3 +57,25 @@ def test_rfc_v8_zap_is_2m_aligned():
     assert _mapped(vm, range(2, 10)) == [5]
     assert _mapped(vm, range(512, 516)) == [512, 513, 514, 515]
     vm.check()
+
+
+def test_rmp_fault_zap_is_one_invalidation_under_mmu_lock():
+    """kvm_zap_gfn_range (arch/x86/kvm/mmu/mmu.c) takes mmu_lock for write and brackets the zap
+    and its flush with one invalidation: mmu_invalidate_seq moves by one, and on the timeline
+    the zap is work under mmu_lock held for write (before, it ran with no lock and no
+    invalidation, so a concurrent fault could not see it)."""
+    from pkvm.sim import Timeline
+
+    vm, v, _pfn = _mixed_2m_chunk("6.19+gmem_max_order=9")
+    seq = vm.stats["mmu_invalidate_seq"]
+    held = vm.mmu_lock_ns
+    tl = Timeline(vm)
+    out = {}
+    tl.spawn("vcpu0", lambda: out.setdefault("r", v.access(5 << 12, private=True)))
+    tl.run()
+    assert out["r"].ret == "vc"
+    assert vm.stats["mmu_invalidate_seq"] == seq + 1
+    assert vm.mmu_invalidate_in_progress == 0
+    assert tl.locks["mmu_lock"].stats.hold_write_ns > 0
+    assert vm.mmu_lock_ns > held
+    vm.check()

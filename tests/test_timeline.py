@@ -251,3 +251,44 @@ def test_pagewise_lock_statistics_count_pages() -> None:
         assert lk["wait_p99_ns"] < 50_000, (platform, lk)
         one = experiments.run(experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=1))
         assert one.locks[lock]["waits"] == 0 and one.locks[lock]["acquisitions"] >= one.counters[per_page]
+
+
+def test_cpa_lock_taken_only_by_a_direct_map_call() -> None:
+    """The kernel takes cpa_lock inside a change-page-attribute call only: adjust_direct_map
+    returns before set_memory_4k for a 2M RMPUPDATE or a page already mapped at 4K (split-4k),
+    and the RFC's rmpupdate() unmaps only before an update that assigns a page and restores only
+    after one that gives it back (arch/x86/virt/svm/sev.c: adjust_direct_map; RFC v8 15/56).
+    So the lock's acquisitions are the direct-map calls, and a vCPU whose RMPUPDATE needs no
+    direct-map change never waits for another vCPU's split (fault-time boot, 3 vCPUs: it did,
+    on every fault batch)."""
+    for policy in ("fault-time", "eager-post"):
+        for workload in ("boot", "balloon"):
+            r = experiments.run(experiments.Config(platform="snp", memory="256M", policy=policy,
+                                                   workload=workload, vcpus=3))
+            lk = r.locks["cpa_lock"]
+            assert lk["acquisitions"] == r.counters["directmap_cpa_calls"], (policy, workload, lk)
+
+
+def test_tdx_removal_kicks_interrupt_the_other_vcpus() -> None:
+    """TDX removes a private page with BLOCK, TRACK and KVM_REQ_OUTSIDE_GUEST_MODE, which
+    waits for every vCPU in guest mode to exit (arch/x86/kvm/vmx/tdx.c: tdx_track; virt/kvm/
+    kvm_main.c: kvm_make_all_cpus_request): each kick stalls the other vCPUs once, as a remote
+    TLB flush does. vCPU0 converts 8M to shared (2048 removals, 2048 kicks) while vCPU1
+    accepts other memory: vCPU1 stalls for every kick and every flush (before, only for the
+    four flushes)."""
+    from tdxhelpers import td
+
+    vm, vmm, _gmem, _v0 = td(64 * M, nr_vcpus=2, vcpus=2)
+    g0, g1 = pkvm.Guest(vm, vmm, vm.vcpus[0]), pkvm.Guest(vm, vmm, vm.vcpus[1])
+    assert g0.accept(0, 32 * M)
+    tl = Timeline(vm)
+    kicks, flushes = vm.stats["vcpu_kicks"], vm.stats["remote_tlb_flush"]
+    tl.spawn("vcpu0", lambda: g0.convert(0, 8 * M, private=False))
+    tl.spawn("vcpu1", lambda: g1.accept(32 * M, 32 * M))
+    tl.run()
+    r = tl.result()
+    requests = (vm.stats["vcpu_kicks"] - kicks) // 2  # each request kicks both vCPUs
+    assert requests == 2048
+    ipi = tl._ipi_ns
+    assert r.actors["vcpu1"]["ipi_ns"] == (requests + vm.stats["remote_tlb_flush"] - flushes) * ipi
+    vm.check()

@@ -32,7 +32,7 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '08dd472ff45eaf72',
     ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3dd41c518e1f153e',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cbd8a1025d9f0088',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '7a13d9c662bad54e',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
     ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '92573fe374eaff7d',
 }

@@ -291,6 +291,12 @@ class Seamcalls:
         n = max(vm.nr_vcpus, len(vm._vcpus)) * times
         vm._stats["vcpu_kicks"] += n
         vm._charge("vcpu_kick", n)
+        sched = vm._sched
+        if sched is not None:
+            # KVM_REQ_OUTSIDE_GUEST_MODE waits for every vCPU in guest mode to exit
+            # (virt/kvm/kvm_main.c: kvm_make_all_cpus_request): each request interrupts the
+            # other vCPUs once, as a remote TLB flush does (docs/timeline.md)
+            sched.ipi("vm", times)
         if self.trace is not None:
             self.trace.append(TraceEvent("kick", start, end, 0))
 

@@ -297,8 +297,23 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
     # 6.11+: kvm_zap_gfn_range(kvm, gfn, gfn + PTRS_PER_PMD) from the faulting gfn itself;
     # rfc-v8 (Policy.rmp_fault_zap="2m-aligned"): the 2M-aligned range holding it.
     base = gfn & ~(RMP_PAGES_2M - 1) if vm.policy.rmp_fault_zap == "2m-aligned" else gfn
+    # kvm_zap_gfn_range (arch/x86/kvm/mmu/mmu.c): mmu_lock for write around one invalidation
+    # of the range (begin, range_add, the zap, a flush if anything was zapped, end), as the
+    # other zaps of docs/timeline.md's lock table.
+    sched = vm._sched
+    if sched is not None:
+        sched.acquire("mmu_lock")
+        t0 = sched.work_ns()
+    else:
+        t0 = vm._modeled_ns
+    vm._invalidate_begin()
+    vm._invalidate_range_add(base, base + RMP_PAGES_2M)
     if vm._zap(base, base + RMP_PAGES_2M):
         vm._flush_remote_tlbs()
+    vm._invalidate_end()
+    vm.mmu_lock_ns += (sched.work_ns() if sched is not None else vm._modeled_ns) - t0
+    if sched is not None:
+        sched.release("mmu_lock")
     if vm._subs is not None:  # traced on the way out, unless the entry was not assigned (§5.6)
         vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, ret, (vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret))
     return 0
