@@ -366,6 +366,7 @@ class LockState:
     stats: LockStatsState
     held_until: int
     written_until: int
+    fast_reads: list[Any] | None
 
 @disjoint_base
 class DistState:

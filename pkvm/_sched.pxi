@@ -34,6 +34,11 @@ cdef class LockState:
     cdef public bint locked
     cdef public LockStatsState stats
     cdef public long long held_until, written_until
+    # An RWLock's read holds taken and released uncontended, as [start, end) in SimPy's time,
+    # already in stats.hold_ns: a reader SimPy lets in meanwhile (readers share) overlaps them,
+    # and the lock's busy period then leaves that overlap out of hold_ns (the union of the
+    # holds; pkvm.sim.locks.RWLock._covered). None on the other locks.
+    cdef public list fast_reads
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -109,6 +114,23 @@ cdef int _lock_wait_longer(LockStatsState st, w, long long early) except -1:
     st.wait_ns += w + early
     st.waits += 1
     d._add_c(w + early, 1)
+    return 0
+
+
+cdef int _fast_read_add(list fr, s, e) except -1:
+    """Append ``[s, e)`` to ``fr`` (``LockState.fast_reads``), merged into the last interval
+    when it touches it (one actor's back-to-back holds)."""
+    cdef Py_ssize_t n = len(fr)
+    cdef list last
+    if n:
+        last = <list>fr[n - 1]
+        if s <= last[1] and e >= last[0]:
+            if s < last[0]:
+                last[0] = s
+            if e > last[1]:
+                last[1] = e
+            return 0
+    fr.append([s, e])
     return 0
 
 
@@ -321,6 +343,8 @@ cdef class SchedHooks:
                 lks.held_until = t + held_ns
             if (mode != 0 or not lks.stats._rw) and t + held_ns > lks.written_until:
                 lks.written_until = t + held_ns
+            if mode == 0 and lks.fast_reads is not None:  # an RWLock's read: see LockState
+                _fast_read_add(lks.fast_reads, t + self._t0, t + held_ns + self._t0)
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))

@@ -370,6 +370,7 @@ class RWLock(_Lock):
         self._write_since: float = 0
         self._readers: dict[str, float] = {}  # owner -> time its read hold began
         self._busy_since: float = 0  # when the lock last went from free to held (any mode)
+        self.fast_reads = []  # read holds a timeline counted already (LockState; _covered)
         #: Whether the lock is held in either mode (kept with the holders, as Mutex.locked).
         self.locked = False
 
@@ -519,11 +520,31 @@ class RWLock(_Lock):
             return True
         return False
 
+    def _covered(self, start: float, end: float, prune: bool = False) -> float:
+        """How much of ``[start, end)`` the read holds in ``fast_reads`` cover: a timeline's
+        holds taken and released uncontended, on their holder's clock ahead of SimPy's, are in
+        ``hold_ns`` already, and a reader this lock let in meanwhile overlaps them (readers
+        share), so the busy period leaves that part out of the union. ``prune``: drop the ones
+        that end by ``end`` (no later busy period can reach back to them)."""
+        fr = self.fast_reads
+        if not fr:
+            return 0
+        cov = 0
+        for s, e in fr:
+            lo = s if s > start else start
+            hi = e if e < end else end
+            if hi > lo:
+                cov += hi - lo
+        if prune:
+            fr[:] = [iv for iv in fr if iv[1] > end]
+        return cov
+
     def _freed(self) -> None:
         """The lock just became free: hand it to the head of the queue, as the kernel does."""
         queue = self._queue
         if not queue:
-            self.stats.hold_ns += self.env.now - self._busy_since
+            now = self.env.now
+            self.stats.hold_ns += now - self._busy_since - self._covered(self._busy_since, now, prune=True)
             return
         # Held without a gap: the busy interval (for hold_ns) continues.
         now = self.env.now

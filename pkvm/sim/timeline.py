@@ -310,7 +310,7 @@ class Timeline(SchedHooks):
 
         if rw:
             if lk.writer is not None or lk._readers:
-                hold = now - lk._busy_since
+                hold = now - lk._busy_since - lk._covered(lk._busy_since, now)
                 if lk.writer is not None:
                     write = now - lk._write_since
                 read = sum(now - t for t in lk._readers.values())
