@@ -298,23 +298,11 @@ def test_pagewise_spread_keeps_the_wait_distribution_whole() -> None:
     """SchedHooks.pagewise replaces a batch's wait sample by its pages' samples: the
     distribution still adds up to wait_ns, counts the waits, and its max is its largest
     sample, for both locks it applies to."""
-    from pkvm.experiments import workloads
+    from test_timeline_snapshots import _run  # the workload on a Timeline, as experiments.run runs it
 
     for platform, policy, lock in (("snp", "eager-post", "cpa_lock"), ("tdx", "6.19", "tdx_sept")):
         cfg = experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=4)
-        wl = workloads.get(cfg.workload)
-        vm, ctx = experiments._build(cfg, 0, None)
-        tl = Timeline(vm, host_cpus=cfg.host_cpus)
-        ctx.timeline = tl
-        for g in ctx.guests:
-            tl.start_vcpu(g.actor)
-
-        def main_loop() -> None:
-            wl.run(ctx, **workloads.parse_options(wl, cfg.options))
-            tl.stop()
-
-        tl.spawn("vmm", main_loop)
-        tl.run()
+        tl = _run(cfg, 0, [], take=False)[3]
         st = tl.locks[lock].stats
         d = st.wait_distribution
         assert st.waits > 1000, (platform, st.waits)  # the spread happened

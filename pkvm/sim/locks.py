@@ -529,7 +529,7 @@ class RWLock(_Lock):
         fr = self.fast_reads
         if not fr:
             return 0
-        cov = 0
+        cov: float = 0
         for s, e in fr:
             lo = s if s > start else start
             hi = e if e < end else end
