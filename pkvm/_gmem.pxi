@@ -583,12 +583,10 @@ cdef class SnpPath:
         return True
 
     cdef inline bint _dm_idle(self, bint before, uint64_t pfn, uint64_t npages, int level) except -1:
-        """Whether :meth:`_directmap` would do nothing and return 0 without a timeline: its
-        quick case tested before the call (one page looked at, no walk of runs)."""
-        cdef int easy
-        if self.vs._sched is not None:
-            return False
-        easy = self._dm_easy(before, npages, level)
+        """Whether :meth:`_directmap` would do nothing and return 0: its quick case tested
+        before the call (one page looked at, no walk of runs). No lock is taken then either,
+        timeline or not (no CPA call, no ``cpa_lock``)."""
+        cdef int easy = self._dm_easy(before, npages, level)
         return easy == 1 or (easy == 2 and npages == 1 and self._dm_all_4k(pfn, 1))
 
     def directmap(self, bint before, uint64_t pfn, uint64_t npages, int level, bint assigned):

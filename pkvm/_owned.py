@@ -11,6 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def refuse_nested(owner: Any) -> None:
+    """``KvmError(EDEADLK)`` (through ``VM._nested_call``) if ``owner``, the VM an object
+    belongs to, is running an event callback; nothing for an object of no VM (None)."""
+    if owner is not None and owner._in_callback:
+        owner._nested_call()
+
+
 class VmOwned:
     """``_owner``: the VM, or None (an object made on its own, or a copy)."""
 

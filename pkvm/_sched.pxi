@@ -70,6 +70,20 @@ cdef class DistState:
         timeline's hooks, on every latency sample: one dict update and four fields)."""
         self._add_c(value, count)
 
+    cdef int _remove_c(self, value) except -1:
+        """Take back one sample of ``value`` (it must be there); the maximum follows."""
+        n = self._hist[value]
+        if n == 1:
+            del self._hist[value]
+        else:
+            self._hist[value] = n - 1
+        self._count -= 1
+        self._total -= value
+        if value >= self._max:  # it may have been the only one at the top
+            self._max = max(self._hist) if self._hist else 0
+        self._sorted = None
+        return 0
+
     cdef int _add_c(self, value, count) except -1:
         hist = self._hist
         hist[value] = hist.get(value, 0) + count
@@ -100,13 +114,7 @@ cdef int _lock_wait_longer(LockStatsState st, w, long long early) except -1:
     the lock's statistics counted as a wait of its own: they count one wait of the sum."""
     cdef DistState d = <DistState?>st.wait_distribution
     if w is not None and w:
-        n = d._hist[w]
-        if n == 1:
-            del d._hist[w]
-        else:
-            d._hist[w] = n - 1
-        d._count -= 1
-        d._total -= w
+        d._remove_c(w)
         st.wait_ns -= w
         st.waits -= 1
     else:
@@ -385,21 +393,12 @@ cdef class SchedHooks:
         if w <= 0:
             return 0
         cdef DistState d = <DistState?>st.wait_distribution
-        k = d._hist[w]
-        if k == 1:
-            del d._hist[w]
-        else:
-            d._hist[w] = k - 1
-        d._count -= 1
-        d._total -= w
+        d._remove_c(w)
         cdef long long q = w // n, r = w % n
         if r:
             d._add_c(q + 1, r)
         if q:
             d._add_c(q, n - r)
-        if w >= d._max:  # the batch's wait was the largest: it is gone
-            d._max = max(d._hist) if d._hist else 0
-        d._sorted = None
         st.waits += (n if q else r) - 1
         return 0
 

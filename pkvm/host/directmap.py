@@ -45,7 +45,7 @@ from typing import Any
 
 from pkvm._core import (RangeMap, directmap_invalidate, directmap_restore, directmap_split_4k,
                         directmap_unmap_restore)
-from pkvm._owned import VmOwned
+from pkvm._owned import VmOwned, refuse_nested
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 __all__ = ["DEFAULT_RAM", "DIRECTMAP_POLICIES", "DirectMap", "boot_layout"]
@@ -235,9 +235,7 @@ class DirectMap(VmOwned):
 
     def reset_counters(self) -> None:
         """Set every counter to 0 (the fragmentation is state, not a counter)."""
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         for k in self._cnt:
             self._cnt[k] = 0
 
@@ -299,9 +297,7 @@ class DirectMap(VmOwned):
             TypeError, ValueError: bad arguments, a pfn that is not RAM, a level other than
             4K/2M or an unaligned 2M range (the kernel's -EINVAL). Nothing changes.
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._adjust(p, n, self._check_level(level, p, n))
 
@@ -327,9 +323,7 @@ class DirectMap(VmOwned):
         Raises:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._invalidate(p, n)
 
@@ -351,9 +345,7 @@ class DirectMap(VmOwned):
         Raises:
             TypeError, ValueError: bad arguments or a pfn that is not RAM. Nothing changes.
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._restore(p, n)
 
@@ -374,9 +366,7 @@ class DirectMap(VmOwned):
         Raises:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._before_rmpupdate(p, n, self._check_level(level, p, n), assigned)
 
@@ -396,9 +386,7 @@ class DirectMap(VmOwned):
         Raises:
             TypeError, ValueError: as :meth:`adjust`. Nothing changes.
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         p, n = self._check_range(pfn, npages)
         return self._after_rmpupdate(p, n, self._check_level(level, p, n), assigned)
 

@@ -14,6 +14,7 @@ the number of allocated pfns; every populated HVA page maps to an allocated pfn.
 
 from __future__ import annotations
 
+from pkvm._owned import refuse_nested
 from pkvm._core import HostMemoryState, RangeMap, SharedBackingState, hostmem_alloc, hostmem_free, hostmem_plan, shared_discard, shared_populate
 from pkvm.errors import InternalInvariantError
 
@@ -90,9 +91,7 @@ class HostMemory(HostMemoryState):
         (the page allocator's per-CPU lists: pages a CPU allocates in a row stay together even
         while other CPUs allocate). Used by the concurrent timeline with several vCPU threads;
         a CPU not named uses the shared cursor."""
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         self._cpu_cursors = dict(cursors)
 
     def _plan(self, n_units: int, order: int) -> list[tuple[int, int]] | None:
@@ -120,9 +119,7 @@ class HostMemory(HostMemoryState):
             TypeError / ValueError: ``n_units`` is not an int >= 0 below 2**52, or ``order``
                 is not an int in [0, 18] (4K, 2M and 1G blocks are orders 0, 9 and 18).
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         _check_units(n_units, order)
         return hostmem_alloc(self, n_units, order)  # pkvm/_gmem.pxi (the fault path's allocator)
 
@@ -133,9 +130,7 @@ class HostMemory(HostMemoryState):
             InternalInvariantError: part of the range was not allocated (a double free).
             TypeError / ValueError: ``pfn`` or ``npages`` is not an int in [0, 2**52).
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         _check_ints(("pfn", pfn, 1 << 52, "[0, 2**52)"), ("npages", npages, 1 << 52, "[0, 2**52)"))
         hostmem_free(self, pfn, npages)  # pkvm/_gmem.pxi
 

@@ -52,7 +52,7 @@ from pkvm._core import (
 from pkvm.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from pkvm.constants import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED  # noqa: F401  (also pkvm.kvm.mmu's)
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm._owned import VmOwned
+from pkvm._owned import VmOwned, refuse_nested
 from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.fault import PageFault as PageFault  # re-exported: the fault-phase API
 from pkvm.kvm.gmem import kvm_gmem_get_pfn
@@ -160,9 +160,7 @@ class Mmu(VmOwned):
         also passes ``removed`` to collect the zapped mirror runs ``(start, end, value)``.
         Runtime complexity: O(log n + k) for k runs.
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         return _mmu_zap_range(self.sptes, self._stats, start, end, types, removed)
 
     def split_to(self, gfn: int, level: int) -> None:
@@ -171,9 +169,7 @@ class Mmu(VmOwned):
         Models ``tdp_mmu_split_huge_page`` on the fault's walk down: the children map the same
         pfns, so no TLB flush is needed. (The typed core's, pkvm/_fault.pxi.)
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         _mmu_split_to(self.sptes, self._stats, gfn, level, self._charge)
 
     def map_leaf(self, gfn: int, level: int, value: int) -> tuple[bool, bool]:
@@ -184,16 +180,12 @@ class Mmu(VmOwned):
         flush, as does overwriting a present leaf (``tdp_mmu_map_handle_target_level``).
         (The typed core's, pkvm/_fault.pxi.)
         """
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         return _mmu_map_leaf(self.sptes, self._stats, gfn, level, value, self._charge)
 
     def map_run(self, start: int, end: int, level: int, value: int) -> None:
         """Install leaves at ``level`` over the unmapped, ``level``-aligned ``[start, end)``."""
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         _mmu_map_run(self.sptes, self._stats, start, end, level, value)
 
     def leaf_counts(self) -> tuple[int, int, int]:
@@ -270,9 +262,7 @@ class LpageInfo(VmOwned):
 
     def set_mixed(self, gfn: int, level: int, mixed: bool) -> None:
         """``hugepage_set_mixed`` / ``hugepage_clear_mixed`` on one chunk."""
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         m = self.maps[level]
         idx = gfn >> LEVEL_SHIFT[level]
         v = m.get(idx)
@@ -282,9 +272,7 @@ class LpageInfo(VmOwned):
 
     def clear_mixed(self, first: int, last: int, level: int) -> None:
         """Clear MIXED on chunks ``[first, last)`` (chunk numbers, half-open)."""
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         _lpage_clear_mixed(self.maps[level], first, last)
 
     def any_mixed(self, first: int, last: int, level: int) -> bool:

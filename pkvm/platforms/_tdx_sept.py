@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from pkvm._core import RangeMap
-from pkvm._owned import VmOwned
+from pkvm._owned import VmOwned, refuse_nested
 from pkvm.constants import PG_LEVEL_2M, PG_LEVEL_4K, TDX_OPERAND_BUSY, TDX_SUCCESS
 from pkvm.errors import InternalInvariantError
 
@@ -170,9 +170,7 @@ class Sept(VmOwned):
     def add_tables(self, runs: list[tuple[int, int, int]]) -> None:
         """Add the table runs ``(table level, first index, end index)`` (as :meth:`missing_tables`
         gives them)."""
-        o = self._owner
-        if o is not None and o._in_callback:
-            o._nested_call()  # EDEADLK from an event callback of its VM (docs/events.md)
+        refuse_nested(self._owner)  # EDEADLK from an event callback of its VM (docs/events.md)
         for t, a, b in runs:
             self.tables[t].assign(a, b, 1)  # type: ignore[union-attr]
 
