@@ -3,6 +3,7 @@ follow from the workload's definition, and the error contract of Config."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 
@@ -419,3 +420,15 @@ def test_balloon_chunk_gpas_of_the_q35_layouts():
         ctx = _RamOnly(ram)  # the ranges Context builds from the layout
         chunks = list(range(0, memory >> 21, 7)) + [(memory >> 21) - 1]
         assert W._chunk_gpas(ctx, chunks, 1 << 21) == [ctx.ram_gpa(c << 21) >> 21 for c in chunks]  # type: ignore[arg-type]
+
+
+def test_directmap_pages_are_a_count():
+    """``directmap.fragmented_pages`` counts pages: an int in the result, its metrics and its
+    JSON (it was a float, ``123.0``), while ``fragmented_fraction`` stays a float."""
+    r = E.run(E.Config(platform="snp", memory="64M", policy="eager-post"), seed=1)
+    assert type(r.directmap["fragmented_pages"]) is int
+    assert r.directmap["fragmented_pages"] > 0
+    assert type(r.directmap["fragmented_fraction"]) is float
+    assert type(r.metrics()["directmap.fragmented_pages"]) is int
+    d = json.loads(json.dumps(r.to_dict()))
+    assert type(d["directmap"]["fragmented_pages"]) is int

@@ -26,11 +26,11 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): '2c88265dc53ab700',
-    ('snp', 'fault-time', 3, 'balloon', ()): '9f6333cc2d049f2c',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '8dc78ed2ec6df255',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '08dd472ff45eaf72',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3dd41c518e1f153e',
+    ('snp', 'fault-time', 1, 'balloon', ()): '4ff7390eeebcc6bd',
+    ('snp', 'fault-time', 3, 'balloon', ()): '43e1b282cc6e0312',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): 'b2006ce873d99583',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'aa0a40090b901658',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'a4d269db04cc0fc7',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '7a13d9c662bad54e',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',

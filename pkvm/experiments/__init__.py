@@ -288,7 +288,7 @@ class Result:
     ``counters``: ``vm.stats`` plus ``conversions`` (``KVM_SET_MEMORY_ATTRIBUTES`` calls),
     ``gfns_converted`` (per-gfn attribute stores), ``vmm_conversions``, ``gfns_accessed``;
     ``modeled_ns`` with ``by_actor`` / ``by_op`` / ``by_actor_op`` breakdowns (ns);
-    ``directmap`` (SNP: ``fragmented_fraction`` and ``fragmented_pages``); ``phases``;
+    ``directmap`` (SNP: ``fragmented_fraction``, a float, and ``fragmented_pages``, an int); ``phases``;
     ``wall_s`` (the simulator's own time); ``cost_model`` (the full model, as a dict) and its
     ``cost_fingerprint``; ``notes`` (e.g. what a replay could not reproduce).
 
@@ -310,7 +310,7 @@ class Result:
     by_actor: dict[str, int]
     by_op: dict[str, int]
     by_actor_op: dict[str, dict[str, int]]
-    directmap: dict[str, float]
+    directmap: dict[str, float | int]
     phases: tuple[PhaseRecord, ...]
     wall_s: float
     cost_model: dict[str, Any]
@@ -514,11 +514,11 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
     if tl.recorder is not None:
         _write_timeline_outputs(config, tl)
     model = vm.costs
-    dm: dict[str, float] = {}
+    dm: dict[str, float | int] = {}
     directmap = getattr(vm, "directmap", None)
     if directmap is not None:
         dm = {"fragmented_fraction": float(directmap.fragmented_fraction()),
-              "fragmented_pages": float(directmap.fragmented_pages())}
+              "fragmented_pages": int(directmap.fragmented_pages())}
     by_actor_op = vm.cost_by_actor()
     return Result(
         config=config, seed=seed, version=version(), counters=ctx.counters(), modeled_ns=vm.modeled_ns,
