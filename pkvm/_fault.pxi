@@ -873,6 +873,21 @@ cdef class FaultPath:
             f.ret = "fixed"
         return 0
 
+    cdef int _retried_one(self, PageFault f) except -1:
+        """One page of the batch ``f`` took ``RET_PF_RETRY`` and faults again (the timeline's
+        batch that an invalidation overlapped, ``_batch_valid_end``): a fault taken and
+        retried, as :meth:`_settle` counts and charges a retried fault."""
+        cdef Counters st = self.stats
+        st.v[S_PF_TAKEN] += 1
+        st.v[S_PF_RETRY] += 1
+        if self.p_npf >= 0:
+            self.ledger.charge_p(self.i_npf, self.p_npf, 1)
+        else:
+            self._charge("npf_fault", 1)
+        if self.ledger.traced:
+            self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
+        return 0
+
     cdef FaultResult _finish(self, PageFault f):
         """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
         cdef _FaultOut o

@@ -280,6 +280,15 @@ cdef class SchedHooks:
     # spinning vCPU waits on (None while none waits), the actors by name
     cdef public object env, _t0, _main, _greenlet, _changed
     cdef public dict _actors
+    # The invalidations that ended while this timeline ran, for a fault batch whose pfn lookup
+    # one of them overlapped (fault_timeline): entry ``q % _INV_RING`` holds the
+    # ``mmu_invalidate_seq`` value ``q`` an end produced and ``mmu_invalidate_range_start`` /
+    # ``_end`` as the end left them (the union of the nested ones still open, if any). An
+    # entry whose seq is not ``q`` means the end that produced ``q`` went unrecorded.
+    cdef int64_t _inv_seq[64]
+    cdef uint64_t _inv_lo[64]
+    cdef uint64_t _inv_hi[64]
+    cdef int64_t _inv_last
     # SimPy's event heap (``Environment._queue``) when it is a list, else None (_queue_empty_c)
     cdef public list _heap
     # vm's Ledger, read in C by _vm_ns / _vm_ns_is (taken again whenever vm is another object)
@@ -525,11 +534,47 @@ cdef class SchedHooks:
         self._changed_c()
 
     cdef inline int _changed_c(self) except -1:
+        self._note_inval()
         ev = self._changed
         if ev is not None:
             self._changed = None
             ev.succeed()
         return 0
+
+    cdef int _note_inval(self) except -1:
+        """Record the invalidation that ended, if ``mmu_invalidate_seq`` moved since the last
+        record (every ``kvm_mmu_invalidate_end`` on the timeline calls :meth:`changed`)."""
+        cdef Counters st = <Counters?>self.vm._stats
+        cdef int64_t seq = st.v[S_MMU_INVALIDATE_SEQ]
+        cdef VmState vs
+        cdef Py_ssize_t i
+        if seq != self._inv_last:
+            vs = <VmState?>self.vm
+            i = seq % _INV_RING
+            self._inv_seq[i] = seq
+            self._inv_lo[i] = vs._range_start
+            self._inv_hi[i] = vs._range_end
+            self._inv_last = seq
+        return 0
+
+    cdef uint64_t _inval_first(self, int64_t snap, int64_t now, uint64_t gfn, uint64_t end) except? 0:
+        """The first gfn of ``[gfn, end)`` covered by an invalidation that ended after
+        ``mmu_invalidate_seq`` was ``snap`` (it is ``now``): ``end`` if none did, ``gfn`` if
+        one of those ends was not recorded."""
+        cdef int64_t q
+        cdef Py_ssize_t i
+        cdef uint64_t first = end, lo, hi
+        if now - snap > _INV_RING or now < snap:
+            return gfn
+        for q in range(snap + 1, now + 1):
+            i = q % _INV_RING
+            if self._inv_seq[i] != q:
+                return gfn
+            lo = self._inv_lo[i]
+            hi = self._inv_hi[i]
+            if lo < first and gfn < hi:
+                first = lo if lo > gfn else gfn
+        return first
 
     def _set_in_task(self, SchedActor a, value):
         self._set_in_task_c(a, value)
@@ -819,6 +864,29 @@ cdef class SchedHooks:
 # has passed (a visibility point); the pfn lookup takes only the folio lock (docs/timeline.md).
 
 cdef uint64_t _CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
+cdef enum:
+    _INV_RING = 64  # the invalidations SchedHooks keeps (its _inv_* arrays)
+
+
+cdef uint64_t _batch_valid_end(SchedHooks sched, FaultPath fp, PageFault f, uint64_t gfn,
+                               uint64_t end) except? 0:
+    """For a batch ``[gfn, end)`` that ``is_page_fault_stale`` turned back (``f.ret`` is
+    ``"retry"``): the end of the pages the kernel's faults, one page at a time, would have
+    installed anyway. In the kernel each page is a fault of its own, snapshotting
+    ``mmu_invalidate_seq`` before its pfn lookup (``kvm_mmu_faultin_pfn``); an invalidation
+    that ends while the batch's pages are looked up turns back the one page whose lookup it
+    overlapped (``mmu_invalidate_retry_gfn``), not the pages before or after it. So the pages
+    before the first one an invalidation since the snapshot covered (ended, or still open)
+    are mapped; from that page on they fault again. ``gfn`` when the first page itself is
+    covered, or when an end since the snapshot is not known (the batch is turned back)."""
+    cdef VmState vs = fp.vs
+    cdef uint64_t first
+    if vs.mmu_invalidate_in_progress and vs._range_start <= gfn < vs._range_end:
+        return gfn
+    first = sched._inval_first(f.mmu_seq, fp.stats.v[S_MMU_INVALIDATE_SEQ], gfn, end)
+    if vs.mmu_invalidate_in_progress and gfn < vs._range_start < first:
+        first = vs._range_start
+    return first
 
 
 cdef int _raced_install(PageFault f, RangeMap sptes, uint64_t before) except -1:
@@ -864,16 +932,35 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
     if not f.ret:
         fp._faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
         sched._sync_point()
+    cdef uint64_t end0, keep
+    cdef VmState vs = fp.vs
+    cdef uint64_t retried = 0
     if not f.ret:
         sched._acquire("mmu_lock", 0)
+        end0 = f.end
         fp._stale(f)
+        if f.ret and end0 > gfn + 1:
+            # a batch: only the page an invalidation overlapped retries (_batch_valid_end)
+            keep = _batch_valid_end(sched, fp, f, gfn, end0)
+            if keep > gfn:
+                f.ret = ""
+                f.end = keep
+                fp._retried_one(f)
+                sched.races["pf_retry"] += 1
+                retried = 1
+        elif not f.ret and vs.mmu_invalidate_in_progress and gfn < vs._range_start < f.end:
+            # an invalidation opened since the pfn lookup covers later pages of the batch:
+            # those fault again (they would retry while it lasts)
+            f.end = vs._range_start
         if not f.ret:
             _raced_install(f, sptes, before)
         if not f.ret:
             fp._install(f)
         sched._release("mmu_lock", 0)
     cdef FaultResult r = fp._finish(f)
-    sched._latency_end("fault", lat, f.nfaults if r.ret == "fixed" else 1)
+    # (a page of the batch that retried is a sample of its own: the batch's time is spread
+    # over it too)
+    sched._latency_end("fault", lat, f.nfaults + retried if r.ret == "fixed" else 1 + retried)
     # the fault's own work, for the fault event (_after reads it only when it emits one)
     took = sched._work_ns() - t0 if fp.ledger.traced and not f.prefetch else None
     fp._after(vcpu, f, r, gfn, private, write, took)

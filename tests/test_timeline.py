@@ -309,3 +309,86 @@ def test_pagewise_spread_keeps_the_wait_distribution_whole() -> None:
         assert d._total == st.wait_ns and d._count == st.waits, platform
         assert sum(v * n for v, n in d._hist.items()) == st.wait_ns
         assert d._max == max(d._hist) == st.as_dict()["wait_max_ns"], platform
+
+
+# -- a fault batch and the invalidations its pfn lookup overlaps ------------------------------------
+
+
+def _touch_while_converting(delay_ns: int, gpa: int, size: int) -> tuple[pkvm.VM, object]:
+    """vCPU1 touches 32M of private memory as private (one batch of 8192 faults) while vCPU0,
+    ``delay_ns`` in, converts ``[gpa, gpa + size)`` to shared."""
+    vm = pkvm.VM("sw_protected", nr_vcpus=2)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    g0, g1 = pkvm.Guest(vm, vmm, vm.create_vcpu()), pkvm.Guest(vm, vmm, vm.create_vcpu())
+    assert g0.convert(0, 64 * M, private=True)
+    tl = Timeline(vm)
+
+    def vcpu0() -> None:
+        tl.sleep(delay_ns)
+        assert g0.convert(gpa, size, private=False)
+
+    tl.spawn("vcpu0", vcpu0)
+    tl.spawn("vcpu1", lambda: g1.touch(0, 32 * M, private=True))
+    tl.run()
+    vm.check()
+    return vm, tl.result()
+
+
+def test_an_invalidation_elsewhere_retries_one_page_of_a_batch() -> None:
+    """The kernel faults a batch's pages one by one, each snapshotting mmu_invalidate_seq
+    before its pfn lookup: an invalidation that ends meanwhile turns back the one page whose
+    lookup it overlapped (is_page_fault_stale -> mmu_invalidate_retry_gfn), and the others map.
+    The timeline looks the batch's 8192 pfns up at once; it used to turn the whole batch back,
+    so one fault sample held the batch's whole lookup (5.7 ms) and the batch was looked up
+    twice."""
+    vm, r = _touch_while_converting(0, 48 * M, 4096)  # converted page outside the batch
+    assert vm.stats["pf_retry"] == 1 and r.races["pf_retry"] == 1
+    assert vm.stats["pf_taken"] == 8192 + 1
+    lat = r.latency_ns["fault"]
+    assert lat["count"] == 8192 + 1
+    assert lat["max"] < 10_000  # a page's fault, not the batch's
+    late, r2 = _touch_while_converting(50_000_000, 48 * M, 4096)  # after the batch: no retry
+    assert late.stats["pf_retry"] == 0 and late.stats["pf_taken"] == 8192
+    # the retried page costs one more fault (npf_fault) and nothing else
+    npf = vm.costs.ns("npf_fault")
+    assert r.actors["vcpu1"]["busy_ns"] == r2.actors["vcpu1"]["busy_ns"] + npf
+
+
+def test_a_batch_stops_before_an_invalidation_opened_during_its_lookup() -> None:
+    """An invalidation that opened while the batch's pfns were looked up, and is still open
+    when the batch takes mmu_lock, covers later pages of the batch: the kernel's faults of
+    those pages retry until it ends (mmu_invalidate_retry_gfn: in progress and the gfn in
+    its range). The batch maps the pages before the range and stops; it used to map into the
+    range being invalidated."""
+    from pkvm.sim import WRITE
+
+    vm = pkvm.VM("sw_protected", nr_vcpus=2)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    g0, g1 = pkvm.Guest(vm, vmm, vm.create_vcpu()), pkvm.Guest(vm, vmm, vm.create_vcpu())
+    assert g0.convert(0, 64 * M, private=True)
+    tl = Timeline(vm)
+    lo, hi = (20 * M) >> 12, (28 * M) >> 12
+    seen: dict[str, object] = {}
+
+    def notifier() -> None:  # an MMU-notifier-style invalidation held open for 20 ms
+        tl.sleep(1_000_000)
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_begin()
+        vm._invalidate_range_add(lo, hi)
+        tl.release("mmu_lock", WRITE)
+        tl.sleep(20_000_000)
+        seen["mapped"] = vm.mmu.sptes.find_ne(lo, hi, 0)
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_end()
+        tl.release("mmu_lock", WRITE)
+
+    out: dict[str, pkvm.AccessResult] = {}
+    tl.spawn("vmm", notifier)
+    tl.spawn("vcpu1", lambda: out.setdefault("touch", g1.touch(0, 32 * M, private=True)))
+    tl.run()
+    vm.check()
+    assert seen["mapped"] == -1  # nothing mapped in the range while it was invalidated
+    assert out["touch"].ret == "done" and out["touch"].pages_done == 8192
+    assert tl.result().races["pf_retry"] > 1  # the page at the range's start spun meanwhile

@@ -27,14 +27,14 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): '4ff7390eeebcc6bd',
-    ('snp', 'fault-time', 3, 'balloon', ()): '43e1b282cc6e0312',
+    ('snp', 'fault-time', 3, 'balloon', ()): '3047cfdb501820a3',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): 'b2006ce873d99583',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'aa0a40090b901658',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'a4d269db04cc0fc7',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '38e84af40ecf8849',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '8854055688c3965c',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '7a13d9c662bad54e',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '9dba5710dfa46003',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '92573fe374eaff7d',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): 'd54d0c498c2172f8',
 }
 MEMORY = "512M"
 
