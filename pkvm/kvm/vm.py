@@ -1292,7 +1292,9 @@ class Vcpu:
                 ioctl does not exist; an unaligned, empty or wrapping range), EOPNOTSUPP (not
                 yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EINVAL for a
                 TD's gpa with the shared bit (kvm_is_gfn_alias), EIO (dead VM),
-                or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
+                or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM; on a
+                memslot being deleted or moved, EAGAIN from 6.18, ``Policy.pre_fault_invalid_slot``,
+                and EINTR before, as a signal would end the kernel's retry loop).
             TypeError / ValueError: an argument is not a u64 int.
         """
         return _pre_fault_memory(self, gpa, size)
