@@ -1182,6 +1182,15 @@ class Vcpu:
     def __repr__(self) -> str:
         return f"<pkvm.Vcpu {self.id} of {self.vm!r}>"
 
+    @property
+    def guest_state_protected(self) -> bool:
+        """``vcpu->arch.guest_state_protected``: KVM cannot read this vCPU's registers, so it
+        takes every hypercall as 64-bit (``is_64_bit_hypercall``, arch/x86/kvm/x86.h) whatever
+        ``long_mode`` says. False for a plain or SW_PROTECTED VM's vCPU; an SNP vCPU's once
+        ``SNP_LAUNCH_FINISH`` encrypted its save area; a TD's always (docs/kernel-semantics.md
+        §7.3). Read-only."""
+        return False
+
     # -- hooks for platform vCPUs ---------------------------------------------------------
 
     #: A subclass whose :meth:`_fault` runs one page (``limit == gfn + 1``) exactly as this
