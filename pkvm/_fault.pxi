@@ -223,6 +223,7 @@ cdef uint64_t _F_MEM_READONLY = 2               # KVM_MEM_READONLY
 cdef int _F_EXIT_MEMORY_FAULT = 39              # KVM_EXIT_MEMORY_FAULT
 cdef int _F_EFAULT = 14
 cdef int _F_ENOENT = 2
+cdef int _F_EAGAIN = 11
 
 
 cdef inline int _f_level(uint64_t v) noexcept nogil:
@@ -503,6 +504,7 @@ cdef class FaultPath:
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef bint access_or_attr
+    cdef bint prefault_eagain   # Policy.pre_fault_invalid_slot == "eagain" (6.18+)
     cdef int host_level
     cdef object alloc_op
     # the typed fields of the memslot read last (memslots never change these fields)
@@ -551,6 +553,7 @@ cdef class FaultPath:
         self.p_salloc = _price(self.costs, alloc_op)
         self.i_salloc = self.ledger.op_slot(alloc_op)
         self.attr_source = d["_policy"].private_fault_source == "attributes"
+        self.prefault_eagain = d["_policy"].pre_fault_invalid_slot == "eagain"
         self.mirror = d["_mirror"]
         self.is_implemented = is_implemented
         self._load_platform(plat)
@@ -714,6 +717,13 @@ cdef class FaultPath:
             self._slot(slot)
         f.slot = slot
         if self.c_ms.invalid:
+            # A slot being deleted or moved: RET_PF_RETRY, except that since 6.18 a prefetch
+            # fault (KVM_PRE_FAULT_MEMORY) fails with -EAGAIN instead (kvm_mmu_faultin_pfn).
+            if f.prefetch and self.prefault_eagain:
+                f.ret = "exit"
+                f.errno = _F_EAGAIN
+                f.end = gfn + 1
+                return 0
             f.ret = "retry"
             return 0
         if self.vs.mmu_invalidate_in_progress:

@@ -433,3 +433,36 @@ def test_a_failed_hypercall_conversion_leaves_hypercall_ret_alone():
     hc = pkvm.Hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, (16 * MiB, 1, DEC))  # MMIO-like: ignored, success
     a = vmm.handle_exit(guest.vcpu, pkvm.GuestOpResult("exit", exit_reason=pkvm.KVM_EXIT_HYPERCALL, hypercall=hc))
     assert a and a.errno == 0 and hc.ret == 0
+
+
+def test_snp_hypercall_width_is_per_vcpu_as_launch_finish_left_it():
+    """snp_launch_update_vmsa (arch/x86/kvm/svm/sev.c), run by SNP_LAUNCH_FINISH, encrypts the
+    save area of each vCPU that exists then and sets its guest_state_protected; a vCPU created
+    afterwards is not covered, so is_64_bit_hypercall (arch/x86/kvm/x86.h) reads its mode:
+    pkvm honours its ``long_mode``, as it does before the launch finishes."""
+    vm = pkvm.VM("snp")
+    early = vm.create_vcpu()
+    vm.enable_cap(pkvm.KVM_CAP_EXIT_HYPERCALL, 1 << pkvm.KVM_HC_MAP_GPA_RANGE)
+    assert not early.guest_state_protected
+    vm.snp.launch_finish()
+    late = vm.create_vcpu()
+    assert early.guest_state_protected and not late.guest_state_protected
+    assert early.hypercall(99, long_mode=False).status == -KVM_ENOSYS & U64
+    assert late.hypercall(99, long_mode=False).status == -KVM_ENOSYS & 0xFFFFFFFF
+    assert late.hypercall(99).status == -KVM_ENOSYS & U64
+    r = late.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, (1 << 32) | 0x1000, 1, 0, long_mode=False)
+    assert r.ret == "exit" and r.hypercall.flags == 0 and r.hypercall.args == (0x1000, 1, 0)
+    # A refused LAUNCH_FINISH (the second) protects no one.
+    with pytest.raises(pkvm.KvmError):
+        vm.snp.launch_finish()
+    assert not late.guest_state_protected
+    with pytest.raises(AttributeError):
+        late.guest_state_protected = True  # type: ignore[misc]
+
+
+def test_vcpus_of_other_types_report_their_guest_state_protection():
+    """guest_state_protected: a TD's vCPU from its creation (tdx_vcpu_create; KVM accepts no
+    TD DEBUG attribute, which would leave it readable); a plain or SW_PROTECTED VM's never."""
+    assert not pkvm.VM("sw_protected").create_vcpu().guest_state_protected
+    assert not pkvm.VM("default").create_vcpu().guest_state_protected
+    assert pkvm.VM("tdx").create_vcpu().guest_state_protected

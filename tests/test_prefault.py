@@ -125,3 +125,70 @@ def test_no_pre_fault_ioctl_before_6_11(preset):
     assert e.value.errno == errno.EINVAL and snapshot(vm) == before
     vm, _gmem, vcpu = gmem_vm(policy="6.11")
     assert vcpu.pre_fault_memory(0, 2 * MiB) == 2 * MiB
+
+
+# -- a pre-fault racing a memslot deletion (KVM_MEMSLOT_INVALID) ---------------------------------
+
+def _deleting(vm):
+    """Mark memslot 0 as the kernel does while KVM_MR_DELETE / KVM_MR_MOVE is in progress
+    (kvm_invalidate_memslot installs a copy with KVM_MEMSLOT_INVALID)."""
+    vm.memslot(0).invalid = True
+
+
+@pytest.mark.parametrize("preset, err, attempts", [
+    ("6.11", errno.EINTR, pkvm.constants.RETRY_LIMIT),
+    ("6.16", errno.EINTR, pkvm.constants.RETRY_LIMIT),
+    ("6.19", errno.EAGAIN, 1),
+])
+def test_pre_fault_on_a_memslot_being_deleted(preset, err, attempts):
+    """kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c) answers a fault on a slot being deleted or
+    moved with RET_PF_RETRY. Until 6.17 kvm_tdp_map_page retried it until a signal (EINTR: the
+    deletion waits for the SRCU read side the ioctl holds, so nothing else ends the loop); since
+    6.18 a prefetch fault fails with -EAGAIN at once. Either way nothing is mapped or counted:
+    the call keeps only the modeled time of its attempts, like any pre-fault that walked the
+    fault path and failed. Once the deletion is done the gpa has no memslot: ENOENT."""
+    vm, _gmem, vcpu = gmem_vm(policy=preset)
+    _deleting(vm)
+    before = snapshot(vm)
+    with pytest.raises(pkvm.KvmError) as e:
+        vcpu.pre_fault_memory(0, 0x1000)
+    assert e.value.errno == err
+    after = snapshot(vm)
+    assert after[:5] == before[:5] and after[7:] == before[7:]
+    price = vm.costs.ns("pre_fault_page")
+    assert after[5] - before[5] == attempts * price
+    assert {k: v - before[6].get(k, 0) for k, v in after[6].items() if before[6].get(k) != v} == {
+        "pre_fault_page": attempts * price}
+    vm.set_user_memory_region2(0, GMEM, 0, 0, UADDR)  # the deletion completes
+    with pytest.raises(pkvm.KvmError) as e:
+        vcpu.pre_fault_memory(0, 0x1000)
+    assert e.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("preset", ["6.16", "6.19"])
+def test_pre_fault_keeps_the_pages_before_a_memslot_being_deleted(preset):
+    """kvm_vcpu_pre_fault_memory (virt/kvm/kvm_main.c) reports success once a page was mapped:
+    a range that runs into a slot being deleted returns the bytes before it, with EAGAIN (6.18+)
+    or EINTR (before) swallowed."""
+    vm = pkvm.VM("sw_protected", policy=preset)
+    vm.set_user_memory_region2(0, 0, 4 * MiB, 4 * MiB, UADDR + 4 * MiB)
+    vm.set_user_memory_region2(1, 0, 0, 4 * MiB, UADDR)
+    vcpu = vm.create_vcpu()
+    _deleting(vm)  # memslot 0, the upper one
+    assert vcpu.pre_fault_memory(4 * MiB - 0x1000, 0x2000) == 0x1000
+    assert vm.mmu.lookup(1023) is not None and vm.mmu.lookup(1024) is None
+    vm.memslot(0).invalid = False  # (vm.check refuses a slot left marked between ioctls)
+    vm.check()
+
+
+def test_snp_private_pre_fault_on_a_memslot_being_deleted_is_eagain():
+    """The slot check comes before guest_memfd is asked for the page (kvm_mmu_faultin_pfn): on
+    6.19 an SNP private pre-fault gets EAGAIN with no folio allocated and no RMP entry changed."""
+    vm, vcpu = _snp()
+    _deleting(vm)
+    before, rmp = snapshot(vm), vm.rmp.ranges()
+    with pytest.raises(pkvm.KvmError, match="being deleted or moved") as e:
+        vcpu.pre_fault_memory(0, 2 * MiB)
+    assert e.value.errno == errno.EAGAIN and vm.rmp.ranges() == rmp
+    after = snapshot(vm)
+    assert after[:5] == before[:5] and after[5] - before[5] == vm.costs.ns("pre_fault_page")

@@ -30,6 +30,7 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
         "tdx_huge_pages": (False, True),
         "rmp_fault_zap": ("from-gfn", "2m-aligned"),
         "pre_fault_memory": (False, True),
+        "pre_fault_invalid_slot": ("retry", "eagain"),
     }
 )
 
@@ -95,6 +96,12 @@ class Policy:
         ``kvm_vcpu_pre_fault_memory`` in virt/kvm/kvm_main.c and x86's
         ``kvm_arch_vcpu_pre_fault_memory``). Without it the ioctl number is unknown and
         ``kvm_arch_vcpu_ioctl`` answers ``EINVAL`` (``Vcpu.pre_fault_memory``).
+    ``pre_fault_invalid_slot``
+        What ``KVM_PRE_FAULT_MEMORY`` does on a memslot that is being deleted or moved
+        (``KVM_MEMSLOT_INVALID``): ``"retry"`` (6.11-6.17: ``kvm_mmu_faultin_pfn`` returns
+        ``RET_PF_RETRY`` and ``kvm_tdp_map_page`` loops until a signal, ``EINTR``) or
+        ``"eagain"`` (6.18+: ``kvm_mmu_faultin_pfn`` fails a prefetch fault with ``-EAGAIN``).
+        Only a pre-fault racing a memslot deletion can tell.
 
     >>> Policy.preset("6.8").hugepage_guard
     False
@@ -118,6 +125,7 @@ class Policy:
     tdx_huge_pages: bool = False
     rmp_fault_zap: str = "from-gfn"
     pre_fault_memory: bool = True
+    pre_fault_invalid_slot: str = "eagain"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -178,6 +186,7 @@ KNOB_SCOPE: Mapping[str, str] = MappingProxyType({
     "tdx_huge_pages": "TDX",
     "rmp_fault_zap": "SNP (RMP #NPF after a PSMASH)",
     "pre_fault_memory": "all, the KVM_PRE_FAULT_MEMORY ioctl (no workload uses it)",
+    "pre_fault_invalid_slot": "all, KVM_PRE_FAULT_MEMORY racing a memslot deletion (no workload does)",
 })
 
 
@@ -202,12 +211,12 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
         hugepage_guard=False, attr_ioctl="all-or-nothing", gmem_max_order=0,
         mixed_head_in_slot="start-only", private_fault_source="attributes",
         tdx_initial_image="premap-then-add", tdx_huge_pages=False, rmp_fault_zap="from-gfn",
-        pre_fault_memory=False,
+        pre_fault_memory=False, pre_fault_invalid_slot="retry",
     )
     v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access",
                  pre_fault_memory=True)
     v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
-    v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook")
+    v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook", pre_fault_invalid_slot="eagain")
     # RFC v8 of the SNP host series (LKML, Feb-Mar 2023; kernel-semantics.md §7.7): RMPUPDATE from the post-lock
     # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
     # hook and none of the later MMU fixes.

@@ -10,7 +10,10 @@ alias-free half can be pre-faulted; a range that runs into it keeps the pages be
 the fault's type from the gfn's attribute, and maps the page with ``kvm_tdp_map_page``: a
 *prefetch* fault that retries ``RET_PF_RETRY`` until a signal (``-EINTR``), turns
 ``RET_PF_EMULATE`` (no memslot) into ``-ENOENT``, and counts ``pf_fixed`` but not
-``pf_taken``. Nothing exits to userspace: an error is the ioctl's return value. The ioctl
+``pf_taken``. A memslot being deleted or moved (``KVM_MEMSLOT_INVALID``) made the fault retry
+until 6.17, so the pre-fault spun until a signal (``-EINTR``: the deletion waits for the SRCU
+read side the ioctl holds); since 6.18 ``kvm_mmu_faultin_pfn`` fails a prefetch fault on such
+a slot with ``-EAGAIN`` (``Policy.pre_fault_invalid_slot``). Nothing exits to userspace: an error is the ioctl's return value. The ioctl
 returns 0 with the range advanced past the pages done, or the error when the first page
 failed; pkvm returns the bytes done or raises.
 
@@ -18,7 +21,7 @@ Private pages come from guest_memfd and are prepared as a fault prepares them (S
 entry is assigned but not validated, so the guest still PVALIDATEs, without an #NPF).
 Cost: ``pre_fault_page`` per page mapped (a fault without the world switch), plus the folio
 allocation and preparation the fault path charges anyway; a fault that maps nothing (spurious,
-retried, or failed as ``-ENOENT`` / ``-EFAULT`` / ``-EINTR``) costs one ``pre_fault_page``
+retried, or failed as ``-ENOENT`` / ``-EFAULT`` / ``-EAGAIN`` / ``-EINTR``) costs one ``pre_fault_page``
 too, since the kernel walked the fault path for it: a failed call keeps that time.
 """
 
@@ -105,6 +108,8 @@ def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
             err = errno.EIO
         break
     if err and gfn == start:
+        why = {errno.EAGAIN: " (its memslot is being deleted or moved: retry once that is done)",
+               errno.EINTR: " (the fault kept retrying until a signal)"}.get(err, "")
         raise KvmError(err, f"KVM_PRE_FAULT_MEMORY at gpa {gfn << PAGE_SHIFT:#x}: "
-                       f"{errno.errorcode.get(err, err)}")
+                       f"{errno.errorcode.get(err, err)}{why}")
     return (gfn - start) << PAGE_SHIFT

@@ -1182,6 +1182,15 @@ class Vcpu:
     def __repr__(self) -> str:
         return f"<pkvm.Vcpu {self.id} of {self.vm!r}>"
 
+    @property
+    def guest_state_protected(self) -> bool:
+        """``vcpu->arch.guest_state_protected``: KVM cannot read this vCPU's registers, so it
+        takes every hypercall as 64-bit (``is_64_bit_hypercall``, arch/x86/kvm/x86.h) whatever
+        ``long_mode`` says. False for a plain or SW_PROTECTED VM's vCPU; an SNP vCPU's once
+        ``SNP_LAUNCH_FINISH`` encrypted its save area; a TD's always (docs/kernel-semantics.md
+        §7.3). Read-only."""
+        return False
+
     # -- hooks for platform vCPUs ---------------------------------------------------------
 
     #: A subclass whose :meth:`_fault` runs one page (``limit == gfn + 1``) exactly as this
@@ -1292,7 +1301,9 @@ class Vcpu:
                 ioctl does not exist; an unaligned, empty or wrapping range), EOPNOTSUPP (not
                 yet allowed: an SNP guest before LAUNCH_FINISH, a TD before finalization), EINVAL for a
                 TD's gpa with the shared bit (kvm_is_gfn_alias), EIO (dead VM),
-                or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM, EINTR).
+                or the first page's error (ENOENT outside memslots, EFAULT, ENOMEM; on a
+                memslot being deleted or moved, EAGAIN from 6.18, ``Policy.pre_fault_invalid_slot``,
+                and EINTR before, as a signal would end the kernel's retry loop).
             TypeError / ValueError: an argument is not a u64 int.
         """
         return _pre_fault_memory(self, gpa, size)

@@ -25,9 +25,11 @@
    ioctl's checks and makes ``kvm_gmem_populate`` return ``-EINVAL`` (with a host WARN):
    ``-EIO`` too.
 
-:func:`launch_finish` sets ``launched`` (KVM's ``pre_fault_allowed``); it changes no RMP entry
-(``snp_launch_finish`` measures the vCPUs' VMSAs, which pkvm does not model, then issues
-LAUNCH_FINISH).
+:func:`launch_finish` sets ``launched`` (KVM's ``pre_fault_allowed``) and marks the vCPUs that
+exist then as having protected state (``snp_launch_update_vmsa`` encrypts each one's VMSA and
+sets its ``guest_state_protected``; KVM then takes their hypercalls as 64-bit); it changes no
+RMP entry (pkvm does not model the VMSA pages, whose encryption ``snp_launch_finish`` issues
+before the firmware's LAUNCH_FINISH).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pkvm.errors import KvmError
 from pkvm.kvm.gmem import FOLIO_PREPARED, gmem_get_folios
 from pkvm.kvm.vm import _u64
 from pkvm.platforms._snp_rmp import rmp_make_private
+from pkvm.platforms._snp_vcpu import SnpVcpu
 
 if TYPE_CHECKING:  # pragma: no cover
     from pkvm.platforms.snp import SnpVm
@@ -152,6 +155,10 @@ def launch_finish(snp: SnpVm) -> None:
     snp.vm._check_alive()
     if snp.launched:
         raise KvmError(errno.EINVAL, "SNP_LAUNCH_FINISH: the guest is already launched")
+    # snp_launch_update_vmsa: every vCPU that exists now gets guest_state_protected.
+    for vcpu in snp.vm._vcpus:
+        if isinstance(vcpu, SnpVcpu):
+            vcpu._protected = True
     snp.launched = True
 
 

@@ -146,7 +146,7 @@ class SnpVcpu(Vcpu):
     """An SNP guest's vCPU (module docstring). ``rmp_npf`` is set while KVM handles an #NPF whose
     error code has the RMP bit (read by ``sev_handle_rmp_fault``)."""
 
-    __slots__ = ("_rmp_gfn", "_rmp_stop", "rmp_npf", "rmp_stuck")
+    __slots__ = ("_protected", "_rmp_gfn", "_rmp_stop", "rmp_npf", "rmp_stuck")
 
     def __init__(self, vm, vcpu_id: int) -> None:  # type: ignore[no-untyped-def]
         super().__init__(vm, vcpu_id)
@@ -155,17 +155,26 @@ class SnpVcpu(Vcpu):
         self.rmp_stuck: tuple[str, int] | None = None
         self._rmp_stop: tuple[int, str] | None = None
         self._rmp_gfn = -1  # the gfn of the last RMP #NPF
+        self._protected = False  # set by SNP_LAUNCH_FINISH (pkvm.platforms._snp_launch)
+
+    @property
+    def guest_state_protected(self) -> bool:
+        """Whether ``SNP_LAUNCH_FINISH`` encrypted this vCPU's save area
+        (``snp_launch_update_vmsa``, arch/x86/kvm/svm/sev.c, covers the vCPUs that exist then;
+        one created later stays unprotected)."""
+        return self._protected
 
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, *, long_mode: bool = True) -> GuestOpResult:
         """A KVM hypercall from the SNP guest (:meth:`pkvm.Vcpu.hypercall`). Once
-        ``SNP_LAUNCH_FINISH`` has encrypted the vCPUs' save areas (``snp_launch_update_vmsa``
-        sets ``guest_state_protected``), KVM cannot read the guest's mode and
+        ``SNP_LAUNCH_FINISH`` has encrypted this vCPU's save area (``snp_launch_update_vmsa``
+        sets its ``guest_state_protected``), KVM cannot read the guest's mode and
         ``is_64_bit_hypercall`` is true whatever ``long_mode`` says (arch/x86/kvm/x86.h): the
         arguments keep their high bits and the whole 64-bit answer reaches RAX. Before the
-        launch finishes (which pkvm lets a guest run in), ``long_mode`` is honoured."""
+        launch finishes (which pkvm lets a guest run in), and on a vCPU created after it,
+        ``long_mode`` is honoured."""
         if type(long_mode) is not bool:
             raise TypeError("long_mode must be a bool")
-        if self.vm.snp.launched:  # type: ignore[attr-defined]
+        if self._protected:
             long_mode = True
         return super().hypercall(nr, a0, a1, a2, long_mode=long_mode)
 

@@ -101,6 +101,12 @@ class TdxVcpu(Vcpu):
         self._check_runnable()
         return super().access(gpa, private=private, write=write, size=size)
 
+    @property
+    def guest_state_protected(self) -> bool:
+        """Always True: ``tdx_vcpu_create`` (arch/x86/kvm/vmx/tdx.c) sets it for every TD vCPU
+        (only a TD with the DEBUG attribute would be readable, and KVM accepts no such TD)."""
+        return True
+
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, *, long_mode: bool = True) -> GuestOpResult:
         """A KVM hypercall through ``TDG.VP.VMCALL`` (``tdx_emulate_vmcall``).
 
