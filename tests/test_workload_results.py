@@ -29,12 +29,12 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): '2c88265dc53ab700',
     ('snp', 'fault-time', 3, 'balloon', ()): '9f6333cc2d049f2c',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '8dc78ed2ec6df255',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '08dd472ff45eaf72',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3dd41c518e1f153e',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '6936ea1ce53ed96a',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'df22b825ac9488e1',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '7a13d9c662bad54e',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '021be4b5926fc543',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '92573fe374eaff7d',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): 'dad38d06db60ff4e',
 }
 MEMORY = "512M"
 
