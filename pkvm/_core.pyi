@@ -343,6 +343,8 @@ class SchedActor:
     fast: int
     pw_acq: int
     pw_wait: int
+    absorb: int
+    ipi_in: list[Any]
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base

@@ -99,6 +99,10 @@ cdef class DistState:
 cdef int _SCHED_ACQ = 0, _SCHED_REL = 1, _SCHED_WAIT = 2, _SCHED_SYNC = 3, _SCHED_DONE = 4
 # what an actor's SimPy process is in the middle of (SchedActor.flight; pkvm/sim/timeline.py's _FL_*)
 cdef int _FL_NONE = 0, _FL_BUSY = 1, _FL_IPI = 2, _FL_LOCK = 3, _FL_SPIN = 4
+# what an actor waits as (SchedActor.absorb): not waiting; in the kernel or off its CPU (a lock
+# wait, a sleep: outside guest mode, so a KVM request sends it no IPI); re-entering the guest
+# between re-faults (a retry spin). A waiting actor's IPIs delay it only past its wake.
+cdef int _AB_NONE = 0, _AB_HOST = 1, _AB_GUEST = 2
 _SCHED_INFINITY = float("inf")  # simpy.core.Infinity: the time of an empty event queue
 
 
@@ -160,7 +164,11 @@ cdef class SchedActor:
     ``grant_t`` maps ``(lock, mode)`` to the grant time of each lock the SimPy lock knows.
     ``busy``, ``wait`` (``lock_wait + ipi + spin``), ``lock_wait``, ``ipi``, ``spin`` are its
     accounting in ns (``page_wait``: the part of ``lock_wait`` spent on the locks the kernel
-    takes page by page and a batch holds for all its pages, ``_PAGEWISE_LOCKS``); ``stall_debt`` the IPI stall it still owes; ``in_task`` whether it runs a
+    takes page by page and a batch holds for all its pages, ``_PAGEWISE_LOCKS``); ``stall_debt`` the IPI stall it still owes; ``absorb``
+    whether it is waiting (``_AB_HOST``: for a lock or in a sleep; ``_AB_GUEST``: in a retry
+    spin; ``_AB_NONE``: not), and ``ipi_in`` the IPIs that came in meanwhile, as ``(end, ns)``
+    on the senders' clocks (``SchedHooks._ipi``; at the wake, ``_ipi_wake`` makes the part of
+    each that runs past it a stall owed); ``in_task`` whether it runs a
     task; ``charge_to`` the VM's cost centre while its code runs; ``done`` when (ns since the
     timeline's start) it last finished a task or its function.
 
@@ -178,8 +186,9 @@ cdef class SchedActor:
     cdef public object name, glet, task, work, idle, grant_t, charge_to
     cdef public object busy, wait, lock_wait, page_wait, ipi, spin, stall_debt, done, flight_t
     cdef public int flight
-    cdef public list held, fast_done
+    cdef public list held, fast_done, ipi_in
     cdef public bint in_task, vcpu
+    cdef public int absorb
     cdef public Py_ssize_t fast
     # the last grant of a lock in _PAGEWISE_LOCKS that went through SimPy: the lock's
     # acquisition count after it, and its wait (SchedHooks.pagewise spreads it over the pages)
@@ -210,6 +219,8 @@ cdef class SchedActor:
         self.fast_done = []
         self.pw_acq = -1
         self.pw_wait = 0
+        self.absorb = _AB_NONE
+        self.ipi_in = []
 
 
 cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) except -1:
@@ -508,18 +519,57 @@ cdef class SchedHooks:
         return not q or (<tuple?>q[0])[0] == _SCHED_INFINITY
 
     def ipi(self, scope, n=1):
-        """An IPI from the running actor: ``"vm"`` (remote TLB flush: every other vCPU of the VM
-        in a task stalls), ``"host"`` (kernel-range flush: every other actor in a task stalls)."""
+        """An IPI from the running actor: ``"vm"`` (a KVM request that waits, as a remote TLB
+        flush: every other vCPU of the VM in a task stalls, except one waiting for a lock or
+        asleep, which is outside guest mode), ``"host"`` (kernel-range flush: every other actor
+        in a task stalls). An actor that is waiting stalls only for the part of the IPI that
+        runs past its wake (``_ipi_wake``)."""
         self._ipi(scope, n)
 
     cdef int _ipi(self, scope, n) except -1:
         cdef SchedActor cur = self._current, a
+        cdef bint host
+        cdef long long t = -1
         if cur is None or self._active <= cur.in_task:
             return 0  # no other actor is in a task: none to stall
         ns = self._ipi_ns * n
+        host = scope == "host"
         for a in self._actors.values():
-            if a is not cur and a.in_task and (a.vcpu or scope == "host"):
-                a.stall_debt += ns
+            if a is cur or not a.in_task or not (a.vcpu or host):
+                continue
+            if a.absorb == _AB_NONE:
+                a.stall_debt += ns  # paid at its next yield
+            elif host or a.absorb == _AB_GUEST:
+                # it is waiting: the IPI runs from the sender's clock on, and only its part
+                # after the wake (not known yet) delays it
+                if t < 0:
+                    t = self._now0 + _vm_ns(self) - self._mark  # now_ns
+                a.ipi_in.append((t + ns, ns))
+            # else: a KVM request to a vCPU outside guest mode (waiting for a lock in the
+            # kernel, or asleep) sends it no IPI (kvm_request_needs_ipi); it finds the request
+            # at its next entry (docs/timeline.md)
+        return 0
+
+    cdef int _ipi_wake(self, SchedActor a) except -1:
+        """``a`` stops waiting now (its SimPy process resumes at the grant, or at the end of the
+        spin or the sleep): each IPI that came in while it waited delays it by its part after
+        now, ``min(ns, max(0, end - now))`` (an IPI sent at or after now in full), owed as a
+        stall at its next yield; the rest of it the wait absorbed."""
+        cdef list q = a.ipi_in
+        cdef long long now, over, ns, extra = 0
+        cdef tuple e
+        a.absorb = _AB_NONE
+        if not q:
+            return 0
+        now = int(self.env.now - self._t0)
+        for e in q:
+            over = <long long>e[0] - now
+            if over > 0:
+                ns = e[1]
+                extra += over if over < ns else ns
+        a.ipi_in = []
+        if extra:
+            a.stall_debt += extra
         return 0
 
     # -- the per-task machinery: an actor's coroutine (a greenlet) and its SimPy process -------
@@ -791,6 +841,7 @@ cdef class SchedHooks:
                 if early > 0:
                     a.flight = _FL_LOCK
                     a.flight_t = t0
+                    a.absorb = _AB_HOST
                     yield env.timeout(early)
                 ev = (lk.acquire_read(a.name) if req[3] == 0 else lk.acquire_write(a.name)) \
                     if isinstance(lk, rwlock) else lk.acquire(a.name)
@@ -798,6 +849,7 @@ cdef class SchedHooks:
                 if blocked:
                     a.flight = _FL_LOCK
                     a.flight_t = t0
+                    a.absorb = _AB_HOST
                     w = yield ev
                     if early > 0:  # one wait: the lock's statistics saw only its second part
                         _lock_wait_longer(lk.stats, w, early)
@@ -805,6 +857,7 @@ cdef class SchedHooks:
                     _lock_wait_longer(lk.stats, None, early)
                 a.flight = _FL_NONE
                 if blocked or early > 0:
+                    self._ipi_wake(a)
                     waited = env.now - t0  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
@@ -833,8 +886,12 @@ cdef class SchedHooks:
                     if not req[3]:
                         a.flight = _FL_SPIN
                         a.flight_t = t0
+                        a.absorb = _AB_GUEST
+                    elif a.in_task:  # a sleep (Timeline.sleep: idle, in its task)
+                        a.absorb = _AB_HOST
                     value = yield ev
                     a.flight = _FL_NONE
+                    self._ipi_wake(a)
                     if not req[3]:
                         spun = env.now - t0  # int ns, as above
                         a.wait += spun

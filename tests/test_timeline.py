@@ -156,7 +156,8 @@ def test_eager_post_rmp_npf_loop_arises(delay_ns: int) -> None:
 @pytest.mark.parametrize("delay_ns", [1_000_000, 5_000_000])
 def test_eager_locked_stall_equals_the_hold_it_overlaps(delay_ns: int) -> None:
     """Eager-locked RMPUPDATEs with mmu_lock held for write: vCPU1's fault (a reader) waits from
-    its arrival until the writer releases — exactly the part of the hold it overlaps."""
+    its arrival until the writer releases — exactly the part of the hold it overlaps, and
+    nothing more: the writer's TLB flushes do not interrupt a vCPU outside guest mode."""
     _touch, r, tl = _convert_while_touching("eager-locked", delay_ns)
     mmu = tl.locks["mmu_lock"]
     assert r.locks["mmu_lock"]["waits"] == 1
@@ -165,7 +166,9 @@ def test_eager_locked_stall_equals_the_hold_it_overlaps(delay_ns: int) -> None:
     v1 = r.actors["vcpu1"]
     assert v1["lock_wait_ns"] == waited  # its only lock wait
     assert v1["wait_ns"] == v1["lock_wait_ns"] + v1["ipi_ns"] + v1["spin_ns"]
-    assert v1["ipi_ns"] > 0  # the TLB flush of vCPU0's conversion interrupts it meanwhile
+    # the TLB flushes of vCPU0's conversion find it asleep, then waiting for mmu_lock in the
+    # kernel: outside guest mode, it takes no IPI (virt/kvm/kvm_main.c: kvm_request_needs_ipi)
+    assert v1["ipi_ns"] == 0
     assert mmu.stats.hold_ns >= waited
     assert r.races["rmp_npf_loop"] == 0
 

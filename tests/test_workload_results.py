@@ -29,12 +29,12 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): '4ff7390eeebcc6bd',
     ('snp', 'fault-time', 3, 'balloon', ()): '3047cfdb501820a3',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): 'b2006ce873d99583',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '38e84af40ecf8849',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '8854055688c3965c',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '8c808f27bfe4b7f7',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'e76134d4e4e86424',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '9dba5710dfa46003',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cb40ce3a40a2470f',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): 'd54d0c498c2172f8',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '8b65458927d1903a',
 }
 MEMORY = "512M"
 
