@@ -395,3 +395,44 @@ def test_a_batch_stops_before_an_invalidation_opened_during_its_lookup() -> None
     assert seen["mapped"] == -1  # nothing mapped in the range while it was invalidated
     assert out["touch"].ret == "done" and out["touch"].pages_done == 8192
     assert tl.result().races["pf_retry"] > 1  # the page at the range's start spun meanwhile
+
+
+def _psc_pvalidate_order(contended: bool) -> list[str]:
+    """The order of vCPU0's page-state-change exits ("P") and PVALIDATE runs ("V") while it
+    converts 3 requests' worth of 4K pages (3 x 64 entries, unaligned so every entry is 4K) to
+    private, with (or without) vCPU1 busy meanwhile on other memory."""
+    vm = pkvm.VM("snp", nr_vcpus=2)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    g0, g1 = pkvm.Guest(vm, vmm, vm.create_vcpu()), pkvm.Guest(vm, vmm, vm.create_vcpu())
+    assert g0.accept(0, 64 * M)
+    base, size = 4096, 3 * 64 * 4096
+    assert g0.convert(base, size, private=False)
+    tl = Timeline(vm)
+    seen: list[str] = []
+
+    def record(ev) -> None:  # type: ignore[no-untyped-def]
+        if ev.actor != "vcpu0":
+            return
+        if ev.kind == "vmgexit_enter":
+            seen.append("P")
+        elif ev.kind == "charge" and ev.op in ("pvalidate_4k", "pvalidate_2m") and (not seen or seen[-1] != "V"):
+            seen.append("V")
+
+    tl.spawn("vcpu0", lambda: g0.convert(base, size, private=True))
+    if contended:
+        tl.spawn("vcpu1", lambda: g1.convert(32 * M, 16 * M, private=False))
+    with vm.subscribe(record, kinds=("vmgexit_enter", "charge")):
+        tl.run()
+    vm.check()
+    return seen
+
+
+def test_snp_guest_converts_request_by_request_while_others_run() -> None:
+    """The Linux guest's __set_pages_state (arch/x86/coco/sev/core.c) does each request of
+    at most 64 entries as one step: to private its PSC, then the PVALIDATEs of its pages, then
+    the next request. While another actor runs the flows keep that order (the order decides
+    what the other vCPU meets between two requests); alone they answer the whole range's
+    requests, then its PVALIDATEs, which gives the same work and results."""
+    assert _psc_pvalidate_order(True) == ["P", "V", "P", "V", "P", "V"]
+    assert _psc_pvalidate_order(False) == ["P", "P", "P", "V"]

@@ -27,10 +27,10 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): '4ff7390eeebcc6bd',
-    ('snp', 'fault-time', 3, 'balloon', ()): '3047cfdb501820a3',
+    ('snp', 'fault-time', 3, 'balloon', ()): '480cf3746a645bf4',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): 'b2006ce873d99583',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '8c808f27bfe4b7f7',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'e76134d4e4e86424',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'acbe2f5d64f80e7b',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'c929b9461784d15a',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cb40ce3a40a2470f',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',

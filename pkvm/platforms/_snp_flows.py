@@ -16,9 +16,11 @@ Plugged into :class:`pkvm.Guest` through ``PlatformOps.guest_flows``
   ``"PSC"`` with that status), and ``cur_entry > end_entry`` (the Linux guest issues the
   VMGEXIT again while entries remain; KVM never answers 0 before the last one, so pkvm
   reports that case as a failure);
-* **departure**: the PVALIDATEs of the whole range run before (to shared) or after (to
-  private) all of its requests; the Linux guest's ``__set_pages_state`` does them request by
-  request (64 entries at a time). Same PVALIDATEs, requests and exits, another order (what
+* the order of the Linux guest's ``__set_pages_state`` (request by request, 64 entries at a
+  time: to private a request's PSC then its PVALIDATEs, to shared the reverse) when the
+  conversion starts while another actor runs on the timeline (``_request_by_request``);
+  **departure** otherwise: the PVALIDATEs of the whole range run before (to shared) or after
+  (to private) all of its requests. Same PVALIDATEs, requests and exits, another order (what
   depends on the interleaving, e.g. a later request's zap of mappings an earlier request's
   PVALIDATEs faulted in, can differ; docs/snp.md);
 * PVALIDATE at 2M for those 2M blocks, redone as 512 x 4K on ``FAIL_SIZEMISMATCH``.
@@ -157,6 +159,8 @@ class SnpGuestFlows:
         self.compress_exits = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
+        if self._contended():
+            return self._request_by_request(gpa, size, private, True)
         # ``a and b`` on results, testing the shared success first (no __bool__ call then).
         if private:
             r = self.page_state_change(gpa, size, True)
@@ -165,8 +169,47 @@ class SnpGuestFlows:
         return self.page_state_change(gpa, size, False) if r is CONVERTED or r else r
 
     def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
+        if self._contended():
+            return self._request_by_request(gpa, size, True, huge)
         r = self.page_state_change(gpa, size, True, huge)  # then PVALIDATE, as in convert
         return self.pvalidate(gpa, size, True, huge) if r is CONVERTED or r else r
+
+    def _contended(self) -> bool:
+        """Another actor runs on the VM's timeline now: the conversion goes request by request
+        (:meth:`_request_by_request`), in the Linux guest's order."""
+        sched = self.guest.vm._sched
+        return sched is not None and sched.contended()
+
+    def _request_by_request(self, gpa: int, size: int, private: bool, huge: bool) -> ConversionResult:
+        """``__set_pages_state`` as the Linux guest orders it: for each request of at most
+        ``VMGEXIT_PSC_MAX_ENTRY`` entries, to private its PSC then the PVALIDATEs of its
+        pages, to shared the rescinding PVALIDATEs then its PSC, then the next request.
+
+        Taken when the conversion starts while another actor runs on the timeline, where the
+        order shows (what another vCPU meets between two requests, the locks the steps take).
+        Alone, the flows keep the range-compressed order (the whole range's PSC requests, then
+        its PVALIDATEs, or the reverse): the same instructions, requests and exits, answered
+        in O(1) per stretch of requests (docs/snp.md)."""
+        g = self.guest
+        gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+        op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
+        for runs in psc_requests(gfn, end, huge):
+            lo = runs[0][0]
+            g_last, n_last, big_last = runs[-1]
+            hi = g_last + n_last * (RMP_PAGES_2M if big_last else 1)
+            if not private:
+                r = self.pvalidate(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, False, huge)
+                if not (r is CONVERTED or r):
+                    return r
+            r = self._request(g, [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big)
+                                  for rg, n, big in runs for i in range(n)])
+            if not (r is CONVERTED or r):
+                return r
+            if private:
+                r = self.pvalidate(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, True, huge)
+                if not (r is CONVERTED or r):
+                    return r
+        return CONVERTED
 
     def page_state_change(self, gpa: int, size: int, private: bool,
                           huge: bool = True) -> ConversionResult:
