@@ -290,6 +290,9 @@ cdef class SchedHooks:
     # when the timeline was attached, the main greenlet, the greenlet class, the event a
     # spinning vCPU waits on (None while none waits), the actors by name
     cdef public object env, _t0, _main, _greenlet, _changed
+    # the most pages a private fault batch covers while another actor is in a task (a power of
+    # two; Timeline(batch_pages=), docs/timeline.md "Range compression survives")
+    cdef public uint64_t batch_pages
     cdef public dict _actors
     # The invalidations that ended while this timeline ran, for a fault batch whose pfn lookup
     # one of them overlapped (fault_timeline): entry ``q % _INV_RING`` holds the
@@ -920,7 +923,6 @@ cdef class SchedHooks:
 # check and the install run under mmu_lock for read (the TDP MMU), after the pfn lookup's time
 # has passed (a visibility point); the pfn lookup takes only the folio lock (docs/timeline.md).
 
-cdef uint64_t _CONTENDED_BATCH = 1 << 14  # pages: 64 MiB
 cdef enum:
     _INV_RING = 64  # the invalidations SchedHooks keeps (its _inv_* arrays)
 
@@ -971,15 +973,16 @@ cdef int _raced_install(PageFault f, RangeMap sptes, uint64_t before) except -1:
 def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write, bint prefetch):
     """The driver of ``pkvm.kvm.mmu.run_fault`` under a timeline (``vm._sched``): every phase
     of one (batched) fault, ``(f, result)``. While other actors run, a batch of private faults
-    ends at a 64M boundary (2M and 4K leaves only: the counters are those of the whole batch),
+    ends at a boundary of ``sched.batch_pages`` pages (64M by default) (2M and 4K leaves only: the counters are those of the whole batch),
     so locks interleave between vCPUs."""
     vm = vcpu.vm
     cdef SchedHooks sched = <SchedHooks?>vm._sched
     cdef FaultPath fp = <FaultPath?>vm._fault_path
     cdef RangeMap sptes = fp.sptes
     t0 = sched._work_ns()  # this thread's own work
-    if private and limit > gfn + _CONTENDED_BATCH and sched._contended():
-        limit = (gfn + _CONTENDED_BATCH) & ~(_CONTENDED_BATCH - 1)
+    cdef uint64_t cut = sched.batch_pages
+    if private and cut and limit > gfn + cut and sched._contended():
+        limit = (gfn + cut) & ~(cut - 1)
     cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
     lat = sched._latency_begin()
     cdef uint64_t before = rangemap_get(sptes, gfn)

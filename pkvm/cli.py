@@ -58,6 +58,7 @@ from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, U
                                          price_space)
 from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
 from pkvm.kvm.policy import preset_table
+from pkvm.sim.timeline import DEFAULT_BATCH_PAGES
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -189,6 +190,10 @@ def _experiment_options(single_policy: bool) -> _Parser:
     g.add_argument("--host-cpus", type=_positive_int, default=64, metavar="N",
                    help="host CPUs: every one is interrupted by a kernel TLB flush, which also prices SNP's "
                         "direct-map flush; at least --vcpus (default: %(default)s)")
+    g.add_argument("--batch-pages", type=_positive_int, default=DEFAULT_BATCH_PAGES, metavar="N",
+                   help="the most 4K pages a private fault batch covers while another actor runs on the "
+                        "timeline, a power of two: smaller is finer-grained and slower "
+                        "(docs/timeline.md; default: %(default)s, 64 MiB)")
     g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
                    help="host memory backing shared guest pages (default: %(default)s)")
     g.add_argument("--image", type=_size, default=None, metavar="SIZE",
@@ -356,7 +361,7 @@ def _config(args: argparse.Namespace) -> Config:
         config = experiments.Config(
             **shape, workload=workload, options=options, policy=policy, costs=_once("--cost", args.cost),
             cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace,
-            host_cpus=args.host_cpus, timeline=args.timeline, gantt=args.gantt,
+            host_cpus=args.host_cpus, batch_pages=args.batch_pages, timeline=args.timeline, gantt=args.gantt,
             trace_events=trace_events)
     except (ValueError, OSError) as exc:
         message = _as_option(_message(exc))
@@ -1032,6 +1037,9 @@ def _study_options() -> _Parser:
                    help=f"guest vCPUs, running concurrently (default: {_VM_DEFAULTS['vcpus']})")
     g.add_argument("--host-cpus", type=_positive_int, default=64, metavar="N",
                    help="host CPUs, at least --vcpus (default: %(default)s)")
+    g.add_argument("--batch-pages", type=_positive_int, default=DEFAULT_BATCH_PAGES, metavar="N",
+                   help="the most 4K pages a private fault batch covers while another actor runs, a "
+                        "power of two (default: %(default)s)")
     g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
                    help="host memory backing shared guest pages (default: %(default)s)")
     g.add_argument("--image", type=_size, default=None, metavar="SIZE",
@@ -1333,6 +1341,7 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
 
 #: Config's fields that a message may start with, and the option that sets each.
 _FIELD_OPTIONS = {"memory": "--memory", "image": "--image", "vcpus": "--vcpus", "host_cpus": "--host-cpus",
+                  "batch_pages": "--batch-pages",
                   "shared_backing": "--shared-backing", "platform": "--platform"}
 
 

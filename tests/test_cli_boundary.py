@@ -66,6 +66,8 @@ def test_an_argument_with_a_nul_byte_is_a_usage_error(capsys, monkeypatch, argv)
     (["costs", "--cost", "rmpupdate=x"], "--cost: bad duration 'x'"),
     (["costs", "--costs", "@BAD"], "--costs @BAD: bad cost model JSON in @BAD"),
     (["run", "--costs", "@BAD", "--cost", "rmpupdate=1ns"], "--costs @BAD: bad cost model JSON in @BAD"),
+    (["compare", "--batch-pages", "3"], "--batch-pages 3 must be a power of two from 1 to 1073741824"),
+    (["sweep", "--grid", "vcpus=1", "--batch-pages", "3"], "--batch-pages 3 must be a power of two"),
 ])
 def test_a_value_config_refuses_is_named_by_its_option(capsys, monkeypatch, tmp_path, argv, start):
     """A value that the experiment configuration refuses is reported with the option that

@@ -57,7 +57,7 @@ def _argv(draw):
                                     "--vcpus", "--image", "--sweep-memory", "--shared-backing", "--layout",
                                     "--json", "--trace", "--trace-max-size", "--costs", "--no-discard", "-q",
                                     "--toml", "--markdown", "--bogus", "-j", "--host-cpus", "--timeline",
-                                    "--gantt", "--trace-events"]))
+                                    "--gantt", "--trace-events", "--batch-pages"]))
         value = {
             "--platform": st.sampled_from(["snp", "tdx", "sw_protected", "sev", "SNP"]),
             "--policy": _POLICIES, "--policies": st.lists(_POLICIES, min_size=1, max_size=2).map(",".join),
@@ -73,6 +73,7 @@ def _argv(draw):
             "--costs": st.sampled_from(["@TMP/garbage", "@TMP", "/nonexistent.toml"]),
             "-j": st.sampled_from(["1", "0", "x"]),
             "--host-cpus": st.sampled_from(["1", "2", "64", "0", "x"]),
+            "--batch-pages": st.sampled_from(["512", "1", "3", "0", "x", "2147483648"]),
             "--timeline": st.sampled_from(["@TMP/tl.json", "/nonexistent/tl.json"]),
             "--gantt": st.sampled_from(["@TMP/g.png", "@TMP/g.bogus"]),
             "--trace-events": st.sampled_from(["kvm_page_fault", "kvm_page_fault,nope", "", "x\ny"]),

@@ -50,6 +50,7 @@ from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.policy import Policy, platform_mismatch, resolve_policy
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
+from pkvm.sim.timeline import DEFAULT_BATCH_PAGES, check_batch_pages
 from pkvm.sim.chrome import write_chrome_trace
 from pkvm.sim.gantt import plot_gantt
 from pkvm.sim.recorder import Recorder
@@ -92,7 +93,9 @@ class Config:
     default model. ``policy`` is a preset or spec string (default: the current upstream kernel,
     ``fault-time`` on snp and ``6.19`` elsewhere). ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
     on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
-    direct-map flush). ``discard=False`` makes the VMM keep both backings on conversion (see
+    direct-map flush); ``batch_pages`` is the most pages a private fault batch covers while
+    another actor runs (a power of two, 64 MiB by default; see :class:`pkvm.sim.Timeline`).
+    ``discard=False`` makes the VMM keep both backings on conversion (see
     :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see
     :mod:`pkvm.experiments.trace`), or None; ``timeline`` a path for the Chrome trace-event JSON of the
     timeline and ``gantt`` one for its per-actor Gantt chart (PNG), or None; ``trace_events``
@@ -117,6 +120,7 @@ class Config:
     image: int | str = 2 << 20
     trace: str | None = None
     host_cpus: int = 64
+    batch_pages: int = DEFAULT_BATCH_PAGES
     timeline: str | None = None
     gantt: str | None = None
     trace_events: tuple[str, ...] | None = None
@@ -166,6 +170,7 @@ class Config:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if type(self.host_cpus) is not int or not 1 <= self.host_cpus <= 8192:
             raise ValueError(f"host_cpus {self.host_cpus!r} must be an int in [1, 8192]")
+        check_batch_pages(self.batch_pages, "batch_pages")
         if self.vcpus > self.host_cpus:
             raise ValueError(f"vcpus {self.vcpus} exceed host_cpus {self.host_cpus}: the timeline runs each "
                              "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
@@ -534,7 +539,7 @@ def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str,
     workload's code), one thread per vCPU takes its tasks (``docs/timeline.md``)."""
 
     rec = Recorder() if (config.timeline or config.gantt) else None
-    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec)
+    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec, batch_pages=config.batch_pages)
     ctx.timeline = tl
     for g in ctx.guests:
         tl.start_vcpu(g.actor)

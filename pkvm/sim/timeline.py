@@ -38,6 +38,17 @@ __all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KIND
 
 READ, WRITE = 0, 1
 
+#: Timeline(batch_pages=): 64 MiB of 4K pages.
+DEFAULT_BATCH_PAGES = 1 << 14
+MAX_BATCH_PAGES = 1 << 30
+
+
+def check_batch_pages(value: object, name: str) -> int:
+    """``value`` if it is a power-of-two int in [1, 2**30], else ValueError naming ``name``."""
+    if type(value) is not int or not 1 <= value <= MAX_BATCH_PAGES or value & (value - 1):
+        raise ValueError(f"{name} {value!r} must be a power of two from 1 to {MAX_BATCH_PAGES} (pages)")
+    return value
+
 #: The locks the model takes, with the kernel object each stands for.
 LOCKS: Mapping[str, str] = {
     "slots_lock": "kvm->slots_lock (mutex): the whole KVM_SET_MEMORY_ATTRIBUTES ioctl, memslot updates",
@@ -84,6 +95,10 @@ class Timeline(SchedHooks):
     ``env``: a ``simpy.Environment`` to share with the caller's own processes (default: a new
     one). ``host_cpus``: host CPUs interrupted by a kernel-range TLB flush. ``recorder``: a
     :class:`pkvm.sim.recorder.Recorder` to collect slices for a Chrome trace or a Gantt chart.
+    ``batch_pages``: the most pages a private fault batch covers while another actor is in a
+    task (a power of two, default 16384: 64 MiB); smaller is finer-grained and slower, and the
+    waits behind another vCPU's batch come in smaller pieces (docs/timeline.md, "Range
+    compression survives"). ValueError for anything else.
 
     Attach it, create actors with :meth:`spawn` (a function run on an actor) or
     :meth:`start_vcpu` (a vCPU thread that takes tasks from :meth:`dispatch`), then run the
@@ -98,7 +113,7 @@ class Timeline(SchedHooks):
     """
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
-                 recorder: Any = None) -> None:
+                 recorder: Any = None, batch_pages: int = DEFAULT_BATCH_PAGES) -> None:
         if not all(hasattr(vm, a) for a in ("_modeled_ns", "costs", "_hostmem")):
             raise TypeError(f"vm must be a pkvm.VM, got {type(vm).__name__}")
         if env is not None and not isinstance(env, simpy.Environment):
@@ -109,9 +124,12 @@ class Timeline(SchedHooks):
             raise ValueError("the VM already has a timeline attached")
         if type(host_cpus) is not int or host_cpus < 1:
             raise ValueError(f"host_cpus={host_cpus!r} must be a positive int")
+        check_batch_pages(batch_pages, "batch_pages")
         self.env = env if env is not None else simpy.Environment()
         self.vm = vm
         self.host_cpus = host_cpus
+        #: The most pages a private fault batch covers while another actor is in a task.
+        self.batch_pages = batch_pages
         self.recorder = recorder
         self._rwlock = RWLock  # for the typed hooks (the core imports nothing from pkvm.sim)
         self._t0 = self.env.now
