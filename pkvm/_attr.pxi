@@ -384,6 +384,11 @@ cdef class AttrPath:
     cdef Ledger ledger
     cdef list vcpus
     cdef object store_ns, zap_ns
+    # the price of one gfn the no-op check steps to (attr_check_gfn), and in int64 when it is
+    # an int that fits (``walk_i64``)
+    cdef object walk_ns
+    cdef int64_t walk_i
+    cdef bint walk_i64
     # the same prices in int64 when both are ints that fit (``prices_i64``; see _quiet1)
     cdef int64_t store_i, zap_i
     cdef bint prices_i64
@@ -402,7 +407,7 @@ cdef class AttrPath:
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end, c_key
     # the ledger's indices of the ops the phases charge (Ledger.op_slot, resolved once)
-    cdef Py_ssize_t i_store, i_zap, i_flush
+    cdef Py_ssize_t i_store, i_zap, i_flush, i_walk
     # the last remote TLB flush priced (its vCPU count, -1 before the first, and ns;
     # flush_cache holds them all)
     cdef int64_t fl_n
@@ -439,6 +444,8 @@ cdef class AttrPath:
         self.armed = d["_inject"]._armed
         self.store_ns = d["_attr_store_ns"]
         self.zap_ns = self.costs["zap_spte"]
+        self.walk_ns = self.costs["attr_check_gfn"]
+        self.walk_i64 = type(self.walk_ns) is int and _as_i64(self.walk_ns, &self.walk_i)
         self.prices_i64 = (type(self.store_ns) is int and _as_i64(self.store_ns, &self.store_i)
                            and type(self.zap_ns) is int and _as_i64(self.zap_ns, &self.zap_i))
         self.vcpus = d["_vcpus"]
@@ -457,6 +464,7 @@ cdef class AttrPath:
         self.i_store = self.ledger.op_slot("attr_store")
         self.i_zap = self.ledger.op_slot("zap_spte")
         self.i_flush = self.ledger.op_slot("remote_tlb_flush")
+        self.i_walk = self.ledger.op_slot("attr_check_gfn")
         self.fl_n = -1
         self.fl_ns = None
         self.n_ioctls = 0
@@ -553,6 +561,53 @@ cdef class AttrPath:
         if type(ns) is int and _as_i64(ns, &v):
             return self.ledger.add_i(i, v)
         return self.ledger.add(op, ns)
+
+    # -- the no-op check (§2.7) ----------------------------------------------------------------
+
+    cdef bint _noop(self, uint64_t start, uint64_t end, uint64_t attrs, uint64_t *steps) except -1:
+        """``kvm_range_has_memory_attributes(start, end, ~0, attrs)`` (``virt/kvm/kvm_main.c``):
+        whether every gfn of ``[start, end)`` has ``attrs`` already. ``steps``: the gfns its
+        index-by-index walk steps to after the first one (whose read is the descent): for
+        ``attrs != 0`` and more than one gfn, up to the first gfn that differs, or to the last
+        one when none does; 0 for ``attrs == 0`` (one ``xas_find``) and for one gfn (one
+        ``xa_load``). O(log n + runs) on the range-compressed map, never per gfn."""
+        cdef uint64_t k
+        steps[0] = 0
+        if end - start == 1:
+            return rangemap_get(self.attrs, start) == attrs
+        if not rangemap_find_ne(self.attrs, start, end, attrs, &k):
+            if attrs:
+                steps[0] = end - start - 1
+            return True
+        if attrs:
+            steps[0] = k - start
+        return False
+
+    cdef int _charge_walk(self, uint64_t steps) except -1:
+        """Charge ``steps`` gfns of the no-op check's walk (``attr_check_gfn``; nothing for 0)."""
+        cdef int64_t ns
+        if not steps:
+            return 0
+        if (self.walk_i64 and steps <= <uint64_t>0x7FFFFFFFFFFFFFFF
+                and not pkvm_mul_ovf(self.walk_i, <int64_t>steps, &ns)):
+            self.ledger.add_i(self.i_walk, ns)
+            if self._traced():
+                self.vm._emit("charge", None, None, "attr_check_gfn", steps, ns)
+            return 0
+        big = self.walk_ns * steps
+        self._add_at(self.i_walk, "attr_check_gfn", big)
+        if self._traced():
+            self.vm._emit("charge", None, None, "attr_check_gfn", steps, big)
+        return 0
+
+    def noop_check(self, uint64_t start, uint64_t end, uint64_t attrs):
+        """The no-op check of :class:`pkvm.kvm.vm.AttrIoctl`'s ``begin``: whether the call is a
+        no-op; its walk is charged."""
+        cdef uint64_t steps
+        self.quiet = False
+        noop = self._noop(start, end, attrs, &steps)
+        self._charge_walk(steps)
+        return noop
 
     # -- the phases ---------------------------------------------------------------------------
 
@@ -1047,19 +1102,22 @@ cdef class AttrPath:
         the lock is held: another actor may change them while this one waits for it) runs
         nothing else under the lock; otherwise the phases are ``VM._attr_timeline``'s."""
         cdef SchedHooks h = <SchedHooks?>sched  # the VM's pkvm.sim.Timeline
-        cdef uint64_t dummy
+        cdef uint64_t steps = 0
         lat = h._latency_begin()
         h._acquire("slots_lock", 1)
-        if not self.legacy and not rangemap_find_ne(self.attrs, start, end, attrs, &dummy):
-            h._release("slots_lock", 1)
-            h._latency_end("attr_ioctl", lat, 1)
-            return 0
+        if not self.legacy:
+            noop = self._noop(start, end, attrs, &steps)
+            self._charge_walk(steps)  # part of the slots_lock hold
+            if noop:
+                h._release("slots_lock", 1)
+                h._latency_end("attr_ioctl", lat, 1)
+                return 0
         self.vm._attr_timeline(sched, start, end, attrs, lat)
         return 0
 
     cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
-        cdef uint64_t dummy, cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g
+        cdef uint64_t cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g, steps = 0
         cdef bint mixed2 = False
         cdef Run ar
         cdef RunCursor cur
@@ -1101,14 +1159,18 @@ cdef class AttrPath:
             return 0
         if read:
             if cur_attrs == attrs:
-                return 0  # §2.7 short-circuit
-        elif (rangemap_get(self.attrs, start) == attrs if end - start == 1
-                else not rangemap_find_ne(self.attrs, start, end, attrs, &dummy)):
+                return 0  # §2.7 short-circuit (one gfn: no walk)
+        elif self._noop(start, end, attrs, &steps):
+            self._charge_walk(steps)  # the walk ran under slots_lock
             return 0  # §2.7 short-circuit
         if self.armed and "xa_reserve" in self.armed:
             vm._attr_xa_reserve(start, end)
             read = False  # Python ran: read again
             subs = self.ledger.traced
+        if steps:
+            # the walk up to the first gfn that differs, charged once the reservation passed (a
+            # failed call changes no modeled time) and before the phases (not under mmu_lock)
+            self._charge_walk(steps)
         if not self.one_as or self.eager_split or self.eager_post:
             ranges = vm._slot_ranges(start, end)
             if ranges and self.eager_split:

@@ -157,12 +157,19 @@ def test_mixed_bit_is_bit_31():
 
 
 def test_short_circuit_changes_nothing():
-    """Repeating a conversion is free: no zap, no flush, no sequence bump, no stores (§2.7)."""
+    """Repeating a conversion changes nothing: no zap, no flush, no sequence bump, no stores
+    (§2.7); its only cost is the no-op check's walk over the range (attr_check_gfn per gfn after
+    the first), and a to-shared no-op has none."""
     vm, gmem, vcpu = gmem_vm()
     vm.set_memory_attributes(0, MiB, PRIVATE)
     vcpu.access(0, private=True, size=MiB)
     before = (vm.stats, vm.modeled_ns)
     vm.set_memory_attributes(0, MiB, PRIVATE)
+    walk = vm.costs["attr_check_gfn"].value_ns * ((MiB >> 12) - 1)
+    assert (vm.stats, vm.modeled_ns) == (before[0], before[1] + walk)
+    vm.set_memory_attributes(MiB, MiB, 0)
+    before = (vm.stats, vm.modeled_ns)
+    vm.set_memory_attributes(MiB, MiB, 0)
     assert (vm.stats, vm.modeled_ns) == before
 
 

@@ -26,11 +26,11 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): '4ff7390eeebcc6bd',
-    ('snp', 'fault-time', 3, 'balloon', ()): '480cf3746a645bf4',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): 'b2006ce873d99583',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'acbe2f5d64f80e7b',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'c929b9461784d15a',
+    ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
+    ('snp', 'fault-time', 3, 'balloon', ()): '58766c4a92366080',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'd28e368b964e4bfd',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '2af8f790f71c2a61',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cb40ce3a40a2470f',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',

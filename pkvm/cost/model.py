@@ -61,6 +61,8 @@ operation                  row   counter (count unit)
 ``psc_entry``              27    ``psc_entries`` (contains its ``rmpupdate``; not charged:
                                  the parts are)
 ``attr_store``             28    ``attr_stores`` (GFNs)
+``attr_check_gfn``         —     no counter: the gfns the ioctl's no-op check steps to past
+                                 the first, to-private calls only (its ns over the price)
 ``zap_spte``               —     ``zapped_sptes`` (leaf SPTEs, any level)
 ``gmem_alloc_4k/_2m/_1g``  29    ``gmem_pages_allocated`` in folios: pages >> order
 ``gmem_punch_4k``          30    ``gmem_pages_freed`` (4K pages)

@@ -177,6 +177,19 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "unit": "per GFN stored by KVM_SET_MEMORY_ATTRIBUTES", "confidence": "E", "row": 28,
      "source": "estimate; per-GFN xa_store loop, which 'takes a long time for a larger "
                "guest' (M. Roth, AMDSEV#225)"},
+    # pkvm addition. The ioctl's no-op test (kvm_range_has_memory_attributes, docs/costs.md
+    # "What is an estimate") reads a to-private range index by index until the first gfn that
+    # differs: the whole range when the call is a no-op. Its first read is a descent of the
+    # xarray, part of the call's fixed overhead, which pkvm does not price on its own; each
+    # further gfn is one xas_next step inside a 64-slot node plus a compare, ~5-8 cycles when
+    # cached, plus a node change every 64 gfns; a fully private 1 TiB guest's xarray (~2.4 GiB,
+    # §1.6) no longer fits in any cache and streams from DRAM at ~1-2 ns per gfn on top.
+    {"name": "attr_check_gfn", "value_ns": 3, "low_ns": 1, "high_ns": 10,
+     "unit": "per gfn the no-op check of KVM_SET_MEMORY_ATTRIBUTES steps to (to-private requests)",
+     "confidence": "E",
+     "source": "pkvm estimate: one xas_next and compare per gfn in kvm_range_has_memory_attributes "
+               "(virt/kvm/kvm_main.c), 2-3 ns cached, plus 1-2 ns per gfn streaming a 1 TiB "
+               "guest's 2.4 GiB attribute xarray from DRAM"},
     # pkvm addition. The composition rules of §0 price "the zap of KVM mappings" at about
     # row 28 per page: one atomic write of a cached SPTE plus the changed-SPTE bookkeeping
     # (accessed/dirty, rmap and stats). A 2M or 1G leaf is still one SPTE. The TLB flush that

@@ -91,7 +91,7 @@ STAT_KEYS = (
 
 #: Operations this layer charges, with the ``vm.stats`` counter each follows (names and default
 #: values are :mod:`pkvm.cost.model`', from ``docs/costs.md`` §0).
-CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "zap_spte", "remote_tlb_flush",
+CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "attr_check_gfn", "zap_spte", "remote_tlb_flush",
                "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split",
                "vmexit", "pre_fault_page")
 _ALLOC_OP = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
@@ -776,7 +776,7 @@ class VM(VmState):
         ioctl (``AttrPath._timeline``, pkvm/_attr.pxi) began the latency sample ``lat``, took
         ``slots_lock`` and found the call no §2.7 short-circuit; this releases the lock and
         ends the sample."""
-        op = AttrIoctl(self, start, end, attrs)
+        op = AttrIoctl(self, start, end, attrs, _checked=True)
         locked = bool(op._ranges)
         op._before_lock()
         while not op.done:
@@ -1427,7 +1427,8 @@ class AttrIoctl:
 
     ``begin`` has run when it is created: the checks, ``slots_lock`` taken, the call counted and
     traced, the no-op check (``noop``: every gfn already has the attributes, and nothing else
-    happens). Then :meth:`step` runs, in order:
+    happens; its walk of a to-private range is charged, ``attr_check_gfn``, §2.7). Then
+    :meth:`step` runs, in order:
 
     - ``pre``: the eager-split policy's direct-map work, then, under ``mmu_lock``,
       ``invalidate_begin``, the zap of every slot-clipped piece and one TLB flush
@@ -1445,13 +1446,15 @@ class AttrIoctl:
 
     __slots__ = ("vm", "start", "end", "attributes", "phase", "noop", "_ranges", "_pre_locked")
 
-    def __init__(self, vm: VM, start: int, end: int, attributes: int) -> None:
+    def __init__(self, vm: VM, start: int, end: int, attributes: int, _checked: bool = False) -> None:
         self.vm = vm
         self.start, self.end, self.attributes = start, end, attributes
         self.phase = "begin"
         self._pre_locked = False
         legacy = vm._legacy
-        self.noop = not legacy and vm._attrs.find_ne(start, end, attributes) == -1
+        # The no-op check and its walk's charge (§2.7); ``_checked``: the caller (the timeline's
+        # ioctl, pkvm/_attr.pxi) ran both and found the call no no-op. The legacy ioctl has none.
+        self.noop = not legacy and not _checked and bool(vm._attr_path.noop_check(start, end, attributes))
         if self.noop:
             self._ranges: list[tuple[int, int, int]] = []
             self.phase = "end"  # the short-circuit returns at once

@@ -233,7 +233,20 @@ class ReferenceVM:
                 self.flush()
             self.end()
             return
-        if all(self.attrs.get(g, 0) == attributes for g in range(start, end)):
+        # The no-op check (kvm_range_has_memory_attributes, §2.7): attributes 0 is one xas_find,
+        # one gfn one xa_load; else the walk reads gfn by gfn until the first that differs. The
+        # read of the first gfn is the descent (not priced); each later gfn the walk steps to
+        # is one attr_check_gfn.
+        noop, walked = True, 0
+        for g in range(start, end):
+            if attributes and end - start > 1 and g > start:
+                walked += 1
+            if self.attrs.get(g, 0) != attributes:
+                noop = False
+                break
+        if walked:
+            self.charge("attr_check_gfn", walked)
+        if noop:
             return
         pieces = self.pieces(start, end)
         if pieces:
