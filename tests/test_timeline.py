@@ -317,15 +317,20 @@ def test_pagewise_spread_keeps_the_wait_distribution_whole() -> None:
 # -- a fault batch and the invalidations its pfn lookup overlaps ------------------------------------
 
 
-def _touch_while_converting(delay_ns: int, gpa: int, size: int) -> tuple[pkvm.VM, object]:
-    """vCPU1 touches 32M of private memory as private (one batch of 8192 faults) while vCPU0,
-    ``delay_ns`` in, converts ``[gpa, gpa + size)`` to shared."""
+def _private_pair() -> tuple[pkvm.VM, pkvm.Guest, pkvm.Guest, Timeline]:
+    """A SW_PROTECTED VM of 64M, all private, with two vCPUs' guests and a timeline attached."""
     vm = pkvm.VM("sw_protected", nr_vcpus=2)
     vmm = pkvm.Vmm(vm)
     vmm.add_ram(0, 64 * M)
     g0, g1 = pkvm.Guest(vm, vmm, vm.create_vcpu()), pkvm.Guest(vm, vmm, vm.create_vcpu())
     assert g0.convert(0, 64 * M, private=True)
-    tl = Timeline(vm)
+    return vm, g0, g1, Timeline(vm)
+
+
+def _touch_while_converting(delay_ns: int, gpa: int, size: int) -> tuple[pkvm.VM, object]:
+    """vCPU1 touches 32M of private memory as private (one batch of 8192 faults) while vCPU0,
+    ``delay_ns`` in, converts ``[gpa, gpa + size)`` to shared."""
+    vm, g0, g1, tl = _private_pair()
 
     def vcpu0() -> None:
         tl.sleep(delay_ns)
@@ -366,12 +371,7 @@ def test_a_batch_stops_before_an_invalidation_opened_during_its_lookup() -> None
     range being invalidated."""
     from pkvm.sim import WRITE
 
-    vm = pkvm.VM("sw_protected", nr_vcpus=2)
-    vmm = pkvm.Vmm(vm)
-    vmm.add_ram(0, 64 * M)
-    g0, g1 = pkvm.Guest(vm, vmm, vm.create_vcpu()), pkvm.Guest(vm, vmm, vm.create_vcpu())
-    assert g0.convert(0, 64 * M, private=True)
-    tl = Timeline(vm)
+    vm, _g0, g1, tl = _private_pair()
     lo, hi = (20 * M) >> 12, (28 * M) >> 12
     seen: dict[str, object] = {}
 

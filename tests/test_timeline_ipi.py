@@ -32,6 +32,18 @@ def _vm() -> tuple[Any, Timeline, int, int]:
     return vm, tl, vm.costs.ns("vmexit"), tl._ipi_ns
 
 
+def _run_pair(tl: Timeline, vcpu0: Any, vcpu1: Any, *, check: bool = True) -> TimelineResult:
+    """Run ``vcpu0`` and ``vcpu1`` as the two vCPUs of ``tl`` to the end; the result (checked
+    against the snapshot invariants unless ``check`` is False)."""
+    tl.spawn("vcpu0", vcpu0)
+    tl.spawn("vcpu1", vcpu1)
+    tl.run()
+    r = tl.result()
+    if check:
+        _check(r, tl, inside=False, finished=True)
+    return r
+
+
 def _lock_scenario(scope: str, w1: int, w2: int, *, after: int | None = None,
                    snap_every: int = 0) -> tuple[TimelineResult, Timeline, int, int, list[TimelineResult]]:
     """vCPU1 waits for slots_lock while vCPU0, holding it, sends an IPI ``w1`` vmexit prices in,
@@ -69,11 +81,7 @@ def _lock_scenario(scope: str, w1: int, w2: int, *, after: int | None = None,
                     return
 
         tl.env.process(look())
-    tl.spawn("vcpu0", vcpu0)
-    tl.spawn("vcpu1", vcpu1)
-    tl.run()
-    r = tl.result()
-    _check(r, tl, inside=False, finished=True)
+    r = _run_pair(tl, vcpu0, vcpu1)
     return r, tl, ex, ipi, snaps
 
 
@@ -162,11 +170,7 @@ def test_a_retry_spin_absorbs_an_ipi(scope: str) -> None:
             assert tl.wait_changed("rmp_npf_loop")
             vm._charge("vmexit", 1)
 
-        tl.spawn("vcpu0", vcpu0)
-        tl.spawn("vcpu1", vcpu1)
-        tl.run()
-        r = tl.result()
-        _check(r, tl, inside=False, finished=True)
+        r = _run_pair(tl, vcpu0, vcpu1)
         want = max(0, ipi - w2 * ex) if extra is None else extra
         v1 = r.actors["vcpu1"]
         assert v1["spin_ns"] == (5 + w2) * ex
@@ -189,11 +193,7 @@ def test_a_sleeping_actor_takes_no_kvm_request_and_absorbs_a_host_flush() -> Non
             tl.sleep(sleep_ns)
             vm._charge("vmexit", 1)
 
-        tl.spawn("vcpu0", vcpu0)
-        tl.spawn("vcpu1", vcpu1)
-        tl.run()
-        r = tl.result()
-        _check(r, tl, inside=False, finished=True)
+        r = _run_pair(tl, vcpu0, vcpu1)
         if want is None:
             want = w1 * ex + ipi - sleep_ns
         assert want >= 0
@@ -214,9 +214,6 @@ def test_a_running_vcpu_takes_the_ipi_in_full() -> None:
             vm._charge("vmexit", 20)
             tl.sync()
 
-        tl.spawn("vcpu0", vcpu0)
-        tl.spawn("vcpu1", vcpu1)
-        tl.run()
-        r = tl.result()
+        r = _run_pair(tl, vcpu0, vcpu1, check=False)
         assert r.actors["vcpu1"]["ipi_ns"] == ipi, scope
         assert r.critical_path_ns == 20 * ex + ipi
