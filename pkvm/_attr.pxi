@@ -591,13 +591,12 @@ cdef class AttrPath:
         if (self.walk_i64 and steps <= <uint64_t>0x7FFFFFFFFFFFFFFF
                 and not pkvm_mul_ovf(self.walk_i, <int64_t>steps, &ns)):
             self.ledger.add_i(self.i_walk, ns)
-            if self._traced():
-                self.vm._emit("charge", None, None, "attr_check_gfn", steps, ns)
-            return 0
-        big = self.walk_ns * steps
-        self._add_at(self.i_walk, "attr_check_gfn", big)
+            big = None
+        else:
+            big = self.walk_ns * steps
+            self._add_at(self.i_walk, "attr_check_gfn", big)
         if self._traced():
-            self.vm._emit("charge", None, None, "attr_check_gfn", steps, big)
+            self.vm._emit("charge", None, None, "attr_check_gfn", steps, ns if big is None else big)
         return 0
 
     def noop_check(self, uint64_t start, uint64_t end, uint64_t attrs):

@@ -883,20 +883,28 @@ cdef class FaultPath:
             f.ret = "fixed"
         return 0
 
-    cdef int _retried_one(self, PageFault f) except -1:
-        """One page of the batch ``f`` took ``RET_PF_RETRY`` and faults again (the timeline's
-        batch that an invalidation overlapped, ``_batch_valid_end``): a fault taken and
-        retried, as :meth:`_settle` counts and charges a retried fault."""
-        cdef Counters st = self.stats
-        st.v[S_PF_TAKEN] += 1
-        st.v[S_PF_RETRY] += 1
+    cdef inline int _taken(self, uint64_t n) except -1:
+        """``n`` faults taken: counted and charged (``npf_fault``)."""
+        self.stats.v[S_PF_TAKEN] += n
         if self.p_npf >= 0:
-            self.ledger.charge_p(self.i_npf, self.p_npf, 1)
+            self.ledger.charge_p(self.i_npf, self.p_npf, n)
         else:
-            self._charge("npf_fault", 1)
+            self._charge("npf_fault", n)
+        return 0
+
+    cdef inline int _retry_counted(self, PageFault f) except -1:
+        """A fault at ``f.gfn`` returned ``RET_PF_RETRY``: counted, and the ``retry`` event."""
+        self.stats.v[S_PF_RETRY] += 1
         if self.ledger.traced:
             self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
         return 0
+
+    cdef int _retried_one(self, PageFault f) except -1:
+        """One page of the batch ``f`` took ``RET_PF_RETRY`` and faults again (the timeline's
+        batch that an invalidation overlapped, ``_batch_valid_end``): a fault taken and
+        retried, counted and charged as :meth:`_settle` does a retried fault."""
+        self._taken(1)
+        return self._retry_counted(f)
 
     cdef FaultResult _finish(self, PageFault f):
         """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
@@ -931,11 +939,7 @@ cdef class FaultPath:
                 o.has_err = True
                 o.err = _F_ENOENT
             return ret
-        st.v[S_PF_TAKEN] += n
-        if self.p_npf >= 0:
-            self.ledger.charge_p(self.i_npf, self.p_npf, n)
-        else:
-            self._charge("npf_fault", n)
+        self._taken(n)
         if fixed:
             st.v[S_PF_FIXED] += n
             _out_leaf(f, o)
@@ -945,9 +949,7 @@ cdef class FaultPath:
             _out_leaf(f, o)
             return ret
         if _ret_is(ret, "retry"):
-            st.v[S_PF_RETRY] += 1
-            if self.ledger.traced:
-                self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
+            self._retry_counted(f)
             return ret
         if _ret_is(ret, "emulate"):
             st.v[S_PF_EMULATE] += 1

@@ -246,6 +246,10 @@ cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) 
     return 0
 
 
+cdef enum:
+    _INV_RING = 64  # the invalidations SchedHooks keeps (its _inv_* arrays)
+
+
 cdef inline Ledger _hook_ledger(SchedHooks h):
     """``h.vm``'s :class:`Ledger` while its total is an int64 (None: read ``vm._modeled_ns``)."""
     cdef Ledger led = h._led
@@ -299,9 +303,9 @@ cdef class SchedHooks:
     # ``mmu_invalidate_seq`` value ``q`` an end produced and ``mmu_invalidate_range_start`` /
     # ``_end`` as the end left them (the union of the nested ones still open, if any). An
     # entry whose seq is not ``q`` means the end that produced ``q`` went unrecorded.
-    cdef int64_t _inv_seq[64]
-    cdef uint64_t _inv_lo[64]
-    cdef uint64_t _inv_hi[64]
+    cdef int64_t _inv_seq[_INV_RING]
+    cdef uint64_t _inv_lo[_INV_RING]
+    cdef uint64_t _inv_hi[_INV_RING]
     cdef int64_t _inv_last
     # SimPy's event heap (``Environment._queue``) when it is a list, else None (_queue_empty_c)
     cdef public list _heap
@@ -923,21 +927,18 @@ cdef class SchedHooks:
 # check and the install run under mmu_lock for read (the TDP MMU), after the pfn lookup's time
 # has passed (a visibility point); the pfn lookup takes only the folio lock (docs/timeline.md).
 
-cdef enum:
-    _INV_RING = 64  # the invalidations SchedHooks keeps (its _inv_* arrays)
-
-
 cdef uint64_t _batch_valid_end(SchedHooks sched, FaultPath fp, PageFault f, uint64_t gfn,
                                uint64_t end) except? 0:
-    """For a batch ``[gfn, end)`` that ``is_page_fault_stale`` turned back (``f.ret`` is
-    ``"retry"``): the end of the pages the kernel's faults, one page at a time, would have
-    installed anyway. In the kernel each page is a fault of its own, snapshotting
-    ``mmu_invalidate_seq`` before its pfn lookup (``kvm_mmu_faultin_pfn``); an invalidation
-    that ends while the batch's pages are looked up turns back the one page whose lookup it
-    overlapped (``mmu_invalidate_retry_gfn``), not the pages before or after it. So the pages
-    before the first one an invalidation since the snapshot covered (ended, or still open)
-    are mapped; from that page on they fault again. ``gfn`` when the first page itself is
-    covered, or when an end since the snapshot is not known (the batch is turned back)."""
+    """For a batch ``[gfn, end)`` at its staleness check: the end of the pages the kernel's
+    faults, one page at a time, would have installed. In the kernel each page is a fault of
+    its own, snapshotting ``mmu_invalidate_seq`` before its pfn lookup
+    (``kvm_mmu_faultin_pfn``); an invalidation that ends while the batch's pages are looked
+    up turns back the one page whose lookup it overlapped (``mmu_invalidate_retry_gfn``), not
+    the pages before or after it, and one still open turns back the pages in its range while
+    it lasts. So the pages before the first one an invalidation since the snapshot covered
+    (ended, or still open) are mapped; from that page on they fault again. ``end`` when none
+    covers the batch; ``gfn`` when the first page itself is covered, or when an end since the
+    snapshot is not known (the batch is turned back)."""
     cdef VmState vs = fp.vs
     cdef uint64_t first
     if vs.mmu_invalidate_in_progress and vs._range_start <= gfn < vs._range_end:
@@ -999,19 +1000,18 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
         sched._acquire("mmu_lock", 0)
         end0 = f.end
         fp._stale(f)
-        if f.ret and end0 > gfn + 1:
-            # a batch: only the page an invalidation overlapped retries (_batch_valid_end)
+        if end0 > gfn + 1 and (f.ret or vs.mmu_invalidate_in_progress):
+            # a batch that an invalidation overlapped maps the pages before the first one it
+            # covers (_batch_valid_end); if the check turned the batch back, only the page
+            # whose lookup the invalidation overlapped retried
             keep = _batch_valid_end(sched, fp, f, gfn, end0)
-            if keep > gfn:
+            if f.ret and keep > gfn:
                 f.ret = ""
-                f.end = keep
                 fp._retried_one(f)
                 sched.races["pf_retry"] += 1
                 retried = 1
-        elif not f.ret and vs.mmu_invalidate_in_progress and gfn < vs._range_start < f.end:
-            # an invalidation opened since the pfn lookup covers later pages of the batch:
-            # those fault again (they would retry while it lasts)
-            f.end = vs._range_start
+            if not f.ret:
+                f.end = keep
         if not f.ret:
             _raced_install(f, sptes, before)
         if not f.ret:

@@ -115,6 +115,11 @@ def psc_request_runs(gfn: int, end: int, huge: bool = True) -> Iterator[tuple[li
         yield runs, 1
 
 
+def _request_entries(runs: list[tuple[int, int, bool]], op: int) -> list[PscEntry]:
+    """The entries of a request given as its runs ``(gfn, entries, huge)`` (:func:`psc_requests`)."""
+    return [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big) for rg, n, big in runs for i in range(n)]
+
+
 def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscEntry]:
     """The guest's PSC entries for ``[gfn, end)``: 2M where aligned (if ``huge``), 4K elsewhere."""
     while gfn < end:
@@ -201,8 +206,7 @@ class SnpGuestFlows:
                 r = self.pvalidate(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, False, huge)
                 if not (r is CONVERTED or r):
                     return r
-            r = self._request(g, [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big)
-                                  for rg, n, big in runs for i in range(n)])
+            r = self._request(g, _request_entries(runs, op))
             if not (r is CONVERTED or r):
                 return r
             if private:
@@ -259,8 +263,7 @@ class SnpGuestFlows:
                     if plan:
                         replay.end()
                         plan = 0
-                    res = self._request(g, [PscEntry(rg + i * (RMP_PAGES_2M if big else 1), op, big)
-                                            for rg, n, big in runs for i in range(n)])
+                    res = self._request(g, _request_entries(runs, op))
                     if not res:
                         return res
                     continue
