@@ -127,8 +127,43 @@ cdef inline uint64_t _steps_2m(uint64_t g, uint64_t attrs, bint uniform, uint64_
     return 511 if uniform else k - g
 
 
+# The attribute run at the first gfn of a 1G chunk, clipped to the chunk, remembered per chunk
+# (``AttrPath.memo1g``, direct-mapped by chunk number): POST's 1G test starts there (_walk_1g),
+# far from the gfns a small call reads. Only AttrPath writes the attribute map, and each write
+# updates or forgets the entries it touches (``AttrPath._memo_write``), so a remembered run is
+# the map's; ``vm.check()`` compares every entry with the map.
+cdef enum:
+    _MEMO_1G = 2048         # entries (a power of two): every 1G chunk of a 2 TiB guest
+
+
+cdef struct _Run1G:
+    uint64_t tag            # the chunk number + 1; 0: no entry
+    uint64_t hi             # the first gfn after the chunk's first whose value differs, or the
+                            # chunk's end: every gfn of [chunk start, hi) has ``value``
+    uint64_t value
+
+
+cdef inline int _run_1g(RangeMap amap, uint64_t g, _Run1G *memo, uint64_t *hi, uint64_t *value) except -1:
+    """The run at ``g`` (a 1G chunk's first gfn) clipped to the chunk, from ``memo`` (the
+    chunk's entry, or NULL) when it holds it, else from the map (and then remembered)."""
+    cdef Run r
+    cdef uint64_t lim = g + (1ULL << 18)
+    if memo != NULL and memo.tag == (g >> 18) + 1:
+        hi[0] = memo.hi
+        value[0] = memo.value
+        return 0
+    rangemap_run_at(amap, g, &r)
+    hi[0] = r.end if r.end < lim else lim
+    value[0] = r.value
+    if memo != NULL:
+        memo.tag = (g >> 18) + 1
+        memo.hi = hi[0]
+        memo.value = r.value
+    return 0
+
+
 cdef int _walk_1g(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint inside,
-                  uint64_t *loads) except -1:
+                  uint64_t *loads, _Run1G *memo) except -1:
     """``hugepage_has_attrs`` at 1G for the chunk at ``g`` (§3.2), and what it reads: it visits
     the 512 2M sub-chunks in order, reads each one's MIXED flag and, when the flag is clear,
     the attributes of its first gfn (``kvm_get_memory_attributes``, one ``xa_load``), and stops
@@ -142,40 +177,34 @@ cdef int _walk_1g(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint i
     sub-chunks before the first gfn ``k`` that differs are uniform with ``attrs`` (clear, and
     looked up); ``k``'s sub-chunk stops the walk, at its flag when it is not uniform (``k`` is
     not its first gfn, or the run at ``k`` ends inside it: runs are coalesced), else after its
-    lookup. One search of the attribute map and no read of ``m2``. Otherwise (a 6.8.1 head
+    lookup. The run at the chunk's first gfn (``memo``: the chunk's remembered run, see
+    ``_Run1G``; NULL: none) and, only when it has ``attrs`` and ends at a sub-chunk's first gfn,
+    the run there; no read of ``m2``. Otherwise (a 6.8.1 head
     chunk sticking out of the slot, or any chunk from ``pkvm.kvm.mmu.hugepage_has_attrs``) the
     flags are read: the first stored MIXED word of ``m2``, then the first gfns of the
     sub-chunks before it, per mismatching attribute run. O(log n + runs) either way."""
-    cdef uint64_t k, c0 = g >> 9, jm = 512, ja = 512, lim, s, e, sub
+    cdef uint64_t k, c0 = g >> 9, jm = 512, ja = 512, lim, s, e, sub, hi, v
     cdef Run r
     cdef RunCursor cur
     cdef int ok
     if inside:
-        # k and the run that holds it, in one lookup where the map allows (runs are
-        # coalesced: the run after one of value ``attrs`` has another value)
-        lim = g + (1ULL << 18)
-        if attrs == rangemap_default(amap):
-            r = amap._next_run_c(g)  # the first stored run ending after g
-            if r.start >= lim:
+        # k, the first gfn that differs, is where the chunk's first run ends, or its first gfn
+        _run_1g(amap, g, memo, &hi, &v)
+        if v == attrs:
+            if hi >= g + (1ULL << 18):
                 loads[0] += 512
                 return 1
-            k = r.start if r.start > g else g
+            k = hi
+            ja = (k - g) >> 9
+            if k & 511:
+                loads[0] += ja  # k's sub-chunk is not uniform: MIXED, its flag stops the walk
+                return 0
+            rangemap_run_at(amap, k, &r)  # k starts a sub-chunk: is it uniform?
+            hi = r.end
         else:
-            rangemap_run_at(amap, g, &r)
             k = g
-            if r.value == attrs:
-                if r.end >= lim:
-                    loads[0] += 512
-                    return 1
-                k = r.end
-                r = amap._next_run_c(k)  # a stored run from k, or the gap [k, r.start)
-                if r.start > k:
-                    r.end = r.start
-        ja = (k - g) >> 9
-        if k & 511:
-            loads[0] += ja  # k's sub-chunk is not uniform: MIXED, its flag stops the walk
-            return 0
-        loads[0] += ja + (1 if r.end >= k + 512 else 0)  # uniform: clear, looked up, differs
+            ja = 0
+        loads[0] += ja + (1 if hi >= k + 512 else 0)  # uniform: clear, looked up, differs
         return 0
     ok = rangemap_cursor_init(m2, &cur, c0, c0 + 512)
     while ok == 1:
@@ -207,13 +236,13 @@ cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_
     cdef uint64_t k, loads = 0
     if level == 2:
         return not rangemap_find_ne(amap, gfn, gfn + 512, attrs, &k)
-    return _walk_1g(amap, m2, gfn, attrs, False, &loads)
+    return _walk_1g(amap, m2, gfn, attrs, False, &loads, NULL)
 
 
 cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                          uint64_t slot_end, bint whole_chunk, uint64_t start, uint64_t end,
                          uint64_t attrs, uint64_t w2, uint64_t w1, bint mixed2, uint64_t k2,
-                         uint64_t *walk) except -1:
+                         uint64_t *walk, _Run1G *memo1g) except -1:
     """``kvm_arch_post_set_memory_attributes`` on the slot-clipped ``[start, end)`` (§3.3).
 
     Per level, 2M first (1G reads its results): the partially covered head chunk gets
@@ -231,6 +260,7 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
     walk has no steps to count, ``attrs == 0``). ``k2``: the first gfn of that chunk whose
     attributes differ from ``attrs``, if the caller knows it from the runs it read (else
     ``_INVALID_GFN``): the chunk is not uniform and its walk stops there, no read.
+    ``memo1g``: the VM's remembered runs at 1G chunks' first gfns (``AttrPath.memo1g``), or NULL.
     """
     cdef uint64_t g, idx, v, k = 0, n, last, dummy
     cdef int level, shift, i
@@ -257,7 +287,8 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                 rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
         g = start & ~((1ULL << 18) - 1)
         if g >= base and (not whole_chunk or g + (1ULL << 18) <= slot_end):
-            uniform = _walk_1g(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1])
+            uniform = _walk_1g(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1],
+                               &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
             _set_mixed_w(m1, g >> 18, not uniform, w1)
         return 0
     for level in range(2, 4):
@@ -284,7 +315,8 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                 uniform = not rangemap_find_ne(amap, g, g + n, attrs, &k)
                 walk[0] += _steps_2m(g, attrs, uniform, k)
             else:
-                uniform = _walk_1g(amap, m2, g, attrs, g + n <= slot_end, &walk[1])
+                uniform = _walk_1g(amap, m2, g, attrs, g + n <= slot_end, &walk[1],
+                                   &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
             _set_mixed(m, g >> shift, not uniform)
             if i == 0:
                 g += n
@@ -479,6 +511,9 @@ cdef class AttrPath:
     # ``VM.set_memory_attributes`` on the VM: :meth:`ioctl` bound to this path as a
     # METH_FASTCALL builtin whose C function is :func:`_ioctl_fast` (built once)
     cdef object bound_ioctl
+    # the attribute runs at 1G chunks' first gfns that POST's 1G tests read (see _Run1G); last,
+    # so that the fields above share their cache lines
+    cdef _Run1G memo1g[_MEMO_1G]
 
     def __init__(self, vm):
         d = vm.__dict__
@@ -616,6 +651,54 @@ cdef class AttrPath:
         if type(ns) is int and _as_i64(ns, &v):
             return self.ledger.add_i(i, v)
         return self.ledger.add(op, ns)
+
+    # -- the remembered runs at 1G chunks' first gfns (_Run1G) -----------------------------------
+
+    cdef inline int _memo_write(self, uint64_t s, uint64_t e, uint64_t a) except -1:
+        """``[s, e)`` of the attribute map now holds ``a``: update or forget the remembered
+        runs of the 1G chunks the write touches (a chunk's run changes only if the write starts
+        at or before its end)."""
+        cdef uint64_t c, g1, lim
+        cdef _Run1G *m
+        if ((e - 1) >> 18) - (s >> 18) >= _MEMO_1G:
+            memset(self.memo1g, 0, sizeof(self.memo1g))
+            return 0
+        for c in range(s >> 18, ((e - 1) >> 18) + 1):
+            m = &self.memo1g[c & (_MEMO_1G - 1)]
+            if m.tag != c + 1 or s > m.hi:
+                continue
+            g1 = c << 18
+            lim = g1 + (1ULL << 18)
+            if s <= g1:  # the chunk's first gfn is written
+                if e >= lim:
+                    m.hi = lim
+                    m.value = a
+                else:
+                    m.tag = 0  # how far its new run reaches is not known here
+            elif a == m.value:
+                if e > m.hi:
+                    m.tag = 0  # the run grows past its end, maybe into the next one
+            elif s < m.hi:
+                m.hi = s  # cut short
+        return 0
+
+    def memo_check(self):
+        """``vm.check()``: every remembered run at a 1G chunk's first gfn is the map's."""
+        cdef int i
+        cdef Run r
+        cdef uint64_t g1, lim
+        from pkvm.errors import InternalInvariantError
+        for i in range(_MEMO_1G):
+            if not self.memo1g[i].tag:
+                continue
+            g1 = (self.memo1g[i].tag - 1) << 18
+            lim = g1 + (1ULL << 18)
+            rangemap_run_at(self.attrs, g1, &r)
+            if (self.memo1g[i].value != r.value or self.memo1g[i].hi != (r.end if r.end < lim else lim)
+                    or (self.memo1g[i].tag - 1) & (_MEMO_1G - 1) != <uint64_t>i):
+                raise InternalInvariantError(
+                    f"the run remembered at gfn {g1:#x} ([{g1:#x}, {self.memo1g[i].hi:#x}) = "
+                    f"{self.memo1g[i].value:#x}) is not the attribute map's ([{r.start:#x}, {r.end:#x}) = {r.value:#x})")
 
     # -- the no-op check (§2.7) ----------------------------------------------------------------
 
@@ -825,6 +908,7 @@ cdef class AttrPath:
     cdef int _commit(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """The store: one ``xa_store`` per gfn in the kernel, one range assignment here."""
         rangemap_assign(self.attrs, start, end, attrs)
+        self._memo_write(start, end, attrs)
         n = end - start
         self.stats.v[S_ATTR_STORES] += <int64_t>n
         ns = self.store_ns * n
@@ -852,7 +936,7 @@ cdef class AttrPath:
         self._slot(key)
         _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
                         self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN, False,
-                        _INVALID_GFN, walk)
+                        _INVALID_GFN, walk, self.memo1g)
         self._charge_post(walk[0], walk[1], False)  # under mmu_lock: the caller times the phase
         if self.eager_locked:
             vm = self.vm
@@ -938,6 +1022,7 @@ cdef class AttrPath:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
         rangemap_assign(self.attrs, start, end, attrs)
+        self._memo_write(start, end, attrs)
         n = end - start
         if n == 1:  # no int object made for the count
             st.v[S_ATTR_STORES] += 1
@@ -950,14 +1035,15 @@ cdef class AttrPath:
             st.v[S_MMU_INVALIDATE_SEQ] += 1
             if read:
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, start, end, attrs, head2, ps.head1, mixed2, k2, walk)
+                                self.whole_chunk, start, end, attrs, head2, ps.head1, mixed2, k2, walk,
+                                self.memo1g)
             else:
                 ok = rangemap_cursor_init(self.slot0, &cur, start, end)
             while not read and ok == 1:
                 self._slot(cur.value)
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
                                 self.whole_chunk, cur.start, cur.end, attrs, _INVALID_GFN, _INVALID_GFN, False,
-                                _INVALID_GFN, walk)
+                                _INVALID_GFN, walk, self.memo1g)
                 ok = rangemap_cursor_next(self.slot0, &cur)
         if zap_ns is not None:
             self._add_at(self.i_zap, "zap_spte", zap_ns)
@@ -1009,12 +1095,14 @@ cdef class AttrPath:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
         _assign1(self.attrs, gfn, attrs)
+        self._memo_write(gfn, gfn + 1, attrs)
         st.v[S_ATTR_STORES] += 1
         if key:
             # POST: invalidate_end, then MIXED
             st.v[S_MMU_INVALIDATE_SEQ] += 1
             _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2, k2, walk)
+                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2, k2, walk,
+                            self.memo1g)
         if zapped:
             self.ledger.add_i(self.i_zap, self.zap_i)
             if self.fl_i64:  # flush_ns is fl_ns (_flush_price just returned it)
@@ -1081,7 +1169,8 @@ cdef class AttrPath:
         self.quiet = False
         lp = slot.lpage.maps
         _post_set_mixed(self.attrs, lp[2], lp[3], slot.base_gfn, slot.end_gfn, self.whole_chunk,
-                        start, end, attrs, _INVALID_GFN, _INVALID_GFN, False, _INVALID_GFN, walk)
+                        start, end, attrs, _INVALID_GFN, _INVALID_GFN, False, _INVALID_GFN, walk,
+                        self.memo1g)
         self._charge_post(walk[0], walk[1], False)  # the caller times its lock hold
 
     def zap(self, uint64_t start, uint64_t end, int attr_filter):

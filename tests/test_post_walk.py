@@ -314,3 +314,25 @@ def test_reference_twin_agrees(policy: str) -> None:
             assert vm.cost_breakdown() == ref.cost, (size, g, n, a)
             assert vm.modeled_ns == ref.modeled_ns
         vm.check()
+
+
+def test_remembered_runs_follow_every_write() -> None:
+    """The core remembers the attribute run at each 1G chunk's first gfn for the 1G walk
+    (pkvm/_attr.pxi, ``_Run1G``); every kind of write updates or forgets it, and ``vm.check()``
+    compares every remembered run with the map: writes that cover a chunk's first gfn, cut its
+    run short, extend it with the same value, join the next run, span chunks, and one past the
+    table's size (outside the slot: attributes need no memslot)."""
+    vm = _vm()
+    p1 = lambda g, n, a: vm.set_memory_attributes(g * P, n * P, a)  # noqa: E731
+    ops = [(G1 + 700, 1, PRIVATE), (G1 + 100, 1, PRIVATE), (G1 + 101, 599, PRIVATE),
+           (G1 + 100, 601, 0), (G1, 1, PRIVATE), (G1 + 1, 99, PRIVATE), (G1, 100, 0),
+           (G1 - 5, 10, PRIVATE), (G1 + 5, 3, 0), (G1 + 8, 2 * G1, PRIVATE), (G1 + 4, 1, PRIVATE),
+           (2 * G1 + 511, 2, 0), (3 * G1 - 1, 1, 0), (G1 + 300, 5, 0), (G1 + 100, 200, PRIVATE)]
+    for g, n, a in ops:
+        p1(g, n, a)
+        p1(G1 + 9000, 1, PRIVATE if a == 0 else 0)  # a call whose 1G walk reads the run
+        vm.check()
+    p1(0, 2**31, PRIVATE)   # 8192 1G chunks: more than the table holds
+    vm.check()
+    p1(G1 + 77, 1, 0)
+    vm.check()
