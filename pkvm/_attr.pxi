@@ -92,20 +92,6 @@ cdef int _any_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
     return 0
 
 
-cdef int _any_mixed_near(RangeMap m, uint64_t first, uint64_t last) except -1:
-    """:func:`_any_mixed`, answered by one lookup when the first stored word of the window
-    has the MIXED bit (in fragmented memory, a neighbour chunk's word); else the walk."""
-    cdef Run r
-    if first >= last:
-        return 0
-    r = m._next_run_c(first)  # the first stored run ending after ``first``
-    if r.start >= last:
-        return 0  # no stored word in the window
-    if r.value & _LPAGE_MIXED:
-        return 1
-    return _any_mixed(m, first, last)
-
-
 cdef int _clear_mixed(RangeMap m, uint64_t first, uint64_t last) except -1:
     """Clear MIXED on the chunks ``[first, last)``."""
     cdef RunCursor cur
@@ -130,56 +116,169 @@ cdef inline int _set_mixed_w(RangeMap m, uint64_t idx, bint mixed, uint64_t w) e
     return 0
 
 
+cdef inline uint64_t _steps_2m(uint64_t g, uint64_t attrs, bint uniform, uint64_t k) noexcept nogil:
+    """What ``hugepage_has_attrs`` at 2M reads of the chunk at ``g`` (§3.2): its
+    ``kvm_range_has_memory_attributes`` over the 512 gfns (the no-op check's function, §2.7)
+    steps to the gfns after its first read (the descent) up to the first that differs from
+    ``attrs`` (``k``), or to the last one for a uniform chunk: ``k - g`` or 511 of them. For
+    ``attrs == 0`` it is one ``xas_find``: no step."""
+    if not attrs:
+        return 0
+    return 511 if uniform else k - g
+
+
+# The attribute run at the first gfn of a 1G chunk, clipped to the chunk, remembered per chunk
+# (``AttrPath.memo1g``, direct-mapped by chunk number): POST's 1G test starts there (_walk_1g),
+# far from the gfns a small call reads. Only AttrPath writes the attribute map, and each write
+# updates or forgets the entries it touches (``AttrPath._memo_write``), so a remembered run is
+# the map's; ``vm.check()`` compares every entry with the map.
+cdef enum:
+    _MEMO_1G = 2048         # entries (a power of two): every 1G chunk of a 2 TiB guest
+
+
+cdef struct _Run1G:
+    uint64_t tag            # the chunk number + 1; 0: no entry
+    uint64_t hi             # the first gfn after the chunk's first whose value differs, or the
+                            # chunk's end: every gfn of [chunk start, hi) has ``value``
+    uint64_t value
+
+
+cdef inline int _run_1g(RangeMap amap, uint64_t g, _Run1G *memo, uint64_t *hi, uint64_t *value) except -1:
+    """The run at ``g`` (a 1G chunk's first gfn) clipped to the chunk, from ``memo`` (the
+    chunk's entry, or NULL) when it holds it, else from the map (and then remembered)."""
+    cdef Run r
+    cdef uint64_t lim = g + (1ULL << 18)
+    if memo != NULL and memo.tag == (g >> 18) + 1:
+        hi[0] = memo.hi
+        value[0] = memo.value
+        return 0
+    rangemap_run_at(amap, g, &r)
+    hi[0] = r.end if r.end < lim else lim
+    value[0] = r.value
+    if memo != NULL:
+        memo.tag = (g >> 18) + 1
+        memo.hi = hi[0]
+        memo.value = r.value
+    return 0
+
+
+cdef int _walk_1g(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint inside,
+                  uint64_t *loads, _Run1G *memo) except -1:
+    """``hugepage_has_attrs`` at 1G for the chunk at ``g`` (§3.2), and what it reads: it visits
+    the 512 2M sub-chunks in order, reads each one's MIXED flag and, when the flag is clear,
+    the attributes of its first gfn (``kvm_get_memory_attributes``, one ``xa_load``), and stops
+    at the first sub-chunk that is MIXED or whose first gfn differs from ``attrs``. Returns
+    whether the chunk is uniform (no sub-chunk stopped it); adds the lookups it made to
+    ``loads[0]``: ``min(a + 1, m)`` for ``a`` the first sub-chunk whose first gfn differs and
+    ``m`` the first MIXED one (512 when there is none), 512 for a uniform chunk.
+
+    ``inside``: the 1G chunk lies inside its memslot, after the POST hook recomputed its 2M
+    sub-chunks, so every sub-chunk's MIXED flag says whether it is uniform (§3.4): the
+    sub-chunks before the first gfn ``k`` that differs are uniform with ``attrs`` (clear, and
+    looked up); ``k``'s sub-chunk stops the walk, at its flag when it is not uniform (``k`` is
+    not its first gfn, or the run at ``k`` ends inside it: runs are coalesced), else after its
+    lookup. The run at the chunk's first gfn (``memo``: the chunk's remembered run, see
+    ``_Run1G``; NULL: none) and, only when it has ``attrs`` and ends at a sub-chunk's first gfn,
+    the run there; no read of ``m2``. Otherwise (a 6.8.1 head
+    chunk sticking out of the slot, or any chunk from ``pkvm.kvm.mmu.hugepage_has_attrs``) the
+    flags are read: the first stored MIXED word of ``m2``, then the first gfns of the
+    sub-chunks before it, per mismatching attribute run. O(log n + runs) either way."""
+    cdef uint64_t k, c0 = g >> 9, jm = 512, ja = 512, lim, s, e, sub, hi, v
+    cdef Run r
+    cdef RunCursor cur
+    cdef int ok
+    if inside:
+        # k, the first gfn that differs, is where the chunk's first run ends, or its first gfn
+        _run_1g(amap, g, memo, &hi, &v)
+        if v == attrs:
+            if hi >= g + (1ULL << 18):
+                loads[0] += 512
+                return 1
+            k = hi
+            ja = (k - g) >> 9
+            if k & 511:
+                loads[0] += ja  # k's sub-chunk is not uniform: MIXED, its flag stops the walk
+                return 0
+            rangemap_run_at(amap, k, &r)  # k starts a sub-chunk: is it uniform?
+            hi = r.end
+        else:
+            k = g
+            ja = 0
+        loads[0] += ja + (1 if hi >= k + 512 else 0)  # uniform: clear, looked up, differs
+        return 0
+    ok = rangemap_cursor_init(m2, &cur, c0, c0 + 512)
+    while ok == 1:
+        if cur.value & _LPAGE_MIXED:
+            jm = cur.start - c0
+            break
+        ok = rangemap_cursor_next(m2, &cur)
+    lim = g + (jm << 9)
+    s = g
+    while s < lim and rangemap_find_ne(amap, s, lim, attrs, &k):
+        sub = (k + 511) & ~(<uint64_t>511)  # the first sub-chunk start at or after k
+        if sub == k:
+            ja = (k - g) >> 9
+            break
+        rangemap_run_at(amap, k, &r)
+        e = r.end if r.end < lim else lim
+        if sub < e:  # the mismatching run covers a sub-chunk's first gfn
+            ja = (sub - g) >> 9
+            break
+        s = e
+    loads[0] += ja + 1 if ja < jm else jm
+    return ja == 512 and jm == 512
+
+
 cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs) except -1:
     """``hugepage_has_attrs`` for the ``level`` chunk starting at ``gfn`` (§3.2): 2M, every gfn
-    has ``attrs``; 1G, no 2M sub-chunk is MIXED and the first gfn of every sub-chunk has
-    ``attrs`` (read per mismatching attribute run)."""
-    cdef uint64_t k, e, end
-    cdef Run r
+    has ``attrs``; 1G, :func:`_walk_1g` (no 2M sub-chunk is MIXED and the first gfn of every
+    sub-chunk has ``attrs``), its flags read."""
+    cdef uint64_t k, loads = 0
     if level == 2:
         return not rangemap_find_ne(amap, gfn, gfn + 512, attrs, &k)
-    if _any_mixed(m2, gfn >> 9, (gfn >> 9) + 512):
-        return 0
-    end = gfn + (1ULL << 18)
-    if not rangemap_find_ne(amap, gfn, end, attrs, &k):
-        return 1
-    while True:
-        rangemap_run_at(amap, k, &r)
-        e = r.end if r.end < end else end
-        if ((k + 511) & ~(<uint64_t>511)) < e:  # a sub-chunk starts inside this mismatching run
-            return 0
-        if e >= end or not rangemap_find_ne(amap, e, end, attrs, &k):
-            return 1
+    return _walk_1g(amap, m2, gfn, attrs, False, &loads, NULL)
 
 
 cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                          uint64_t slot_end, bint whole_chunk, uint64_t start, uint64_t end,
-                         uint64_t attrs, uint64_t w2, uint64_t w1, bint mixed2) except -1:
+                         uint64_t attrs, uint64_t w2, uint64_t w1, bint mixed2, uint64_t k2,
+                         uint64_t *walk, _Run1G *memo1g) except -1:
     """``kvm_arch_post_set_memory_attributes`` on the slot-clipped ``[start, end)`` (§3.3).
 
-    Per level, 2M first (1G reuses its results): the partially covered head chunk gets
+    Per level, 2M first (1G reads its results): the partially covered head chunk gets
     MIXED := !hugepage_has_attrs(new value), body chunks are cleared, the tail chunk is
-    recomputed. A 1G chunk known to hold a 2M sub-chunk found MIXED here is not uniform
-    without a read of its sub-chunks (§3.2).
+    recomputed. What each ``hugepage_has_attrs`` reads is added to ``walk``: ``walk[0]``, the
+    gfns the 2M walks step to after their first (:func:`_steps_2m`), ``walk[1]``, the 2M
+    sub-chunks whose first gfn the 1G tests look up (:func:`_walk_1g`); body chunks are
+    cleared without a read.
 
     ``w2`` / ``w1``: the 2M / 1G lpage word of ``start``'s chunks if the caller read them
     already (they are what the maps hold), else ``_INVALID_GFN`` (no word has every bit set);
     a range inside one 2M chunk then reads neither map before writing it. ``mixed2``: the
     caller knows that a gfn of ``start``'s 2M chunk outside ``[start, end)`` has attributes
-    other than ``attrs`` (that chunk is not uniform: no read of the attribute map).
+    other than ``attrs`` (that chunk is not uniform: no read of the attribute map when the
+    walk has no steps to count, ``attrs == 0``). ``k2``: the first gfn of that chunk whose
+    attributes differ from ``attrs``, if the caller knows it from the runs it read (else
+    ``_INVALID_GFN``): the chunk is not uniform and its walk stops there, no read.
+    ``memo1g``: the VM's remembered runs at 1G chunks' first gfns (``AttrPath.memo1g``), or NULL.
     """
-    cdef uint64_t g, idx, v, nv, k, n, last, dummy
-    cdef uint64_t mixed_2m[2]
-    cdef int n_mixed = 0, level, shift, i
+    cdef uint64_t g, idx, v, k = 0, n, last, dummy
+    cdef int level, shift, i
     cdef bint uniform
     cdef RangeMap m
     g = start & ~(<uint64_t>511)
     if end - g <= 512:
         # One 2M chunk (head, or body if fully covered) and its 1G chunk (a partial head).
-        uniform = True
         if end - start < 512:
             if g >= base and (not whole_chunk or g + 512 <= slot_end):
-                uniform = not mixed2 and not rangemap_find_ne(amap, g, g + 512, attrs, &k)
+                if k2 != _INVALID_GFN:
+                    uniform = False
+                    k = k2
+                elif mixed2 and not attrs:
+                    uniform = False
+                else:
+                    uniform = not rangemap_find_ne(amap, g, g + 512, attrs, &k)
+                walk[0] += _steps_2m(g, attrs, uniform, k)
                 _set_mixed_w(m2, g >> 9, not uniform, w2)
         else:
             idx = g >> 9
@@ -187,23 +286,9 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
             if v & _LPAGE_MIXED:
                 rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
         g = start & ~((1ULL << 18) - 1)
-        # A 1G head inside the slot implies the 2M head was inside it too, so a MIXED 2M
-        # result above already answers hugepage_has_attrs at 1G.
         if g >= base and (not whole_chunk or g + (1ULL << 18) <= slot_end):
-            if uniform:
-                # §3.2 at 1G: no 2M sub-chunk MIXED (the one just computed is not; its right
-                # neighbours are read first, from the leaf just written) and the first gfn of
-                # every sub-chunk has ``attrs``: true if no gfn differs, false if a sub-chunk
-                # starts differing, else read per mismatching run.
-                idx = (start & ~(<uint64_t>511)) >> 9
-                if _any_mixed_near(m2, idx + 1, (g >> 9) + 512) or _any_mixed_near(m2, g >> 9, idx):
-                    uniform = False
-                elif not rangemap_find_ne(amap, g, g + (1ULL << 18), attrs, &k):
-                    uniform = True
-                elif not k & 511:
-                    uniform = False
-                else:
-                    uniform = _has_attrs(amap, m2, g, 3, attrs)
+            uniform = _walk_1g(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1],
+                               &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
             _set_mixed_w(m1, g >> 18, not uniform, w1)
         return 0
     for level in range(2, 4):
@@ -228,13 +313,10 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                     continue
             if level == 2:
                 uniform = not rangemap_find_ne(amap, g, g + n, attrs, &k)
-                if not uniform:
-                    mixed_2m[n_mixed] = g
-                    n_mixed += 1
-            elif (n_mixed > 0 and g <= mixed_2m[0] < g + n) or (n_mixed > 1 and g <= mixed_2m[1] < g + n):
-                uniform = False
+                walk[0] += _steps_2m(g, attrs, uniform, k)
             else:
-                uniform = _has_attrs(amap, m2, g, level, attrs)
+                uniform = _walk_1g(amap, m2, g, attrs, g + n <= slot_end, &walk[1],
+                                   &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
             _set_mixed(m, g >> shift, not uniform)
             if i == 0:
                 g += n
@@ -389,6 +471,9 @@ cdef class AttrPath:
     cdef object walk_ns
     cdef int64_t walk_i
     cdef bint walk_i64
+    # the price of one lookup of a 2M sub-chunk's first gfn by the POST hook's 1G test
+    # (attr_check_2m) in int64, -1 when it does not fit (Ledger.charge_p / charge_c)
+    cdef int64_t load_i
     # the same prices in int64 when both are ints that fit (``prices_i64``; see _quiet1)
     cdef int64_t store_i, zap_i
     cdef bint prices_i64
@@ -407,7 +492,7 @@ cdef class AttrPath:
     cdef RangeMap c_m2, c_m1
     cdef uint64_t c_base, c_end, c_key
     # the ledger's indices of the ops the phases charge (Ledger.op_slot, resolved once)
-    cdef Py_ssize_t i_store, i_zap, i_flush, i_walk
+    cdef Py_ssize_t i_store, i_zap, i_flush, i_walk, i_load
     # the last remote TLB flush priced (its vCPU count, -1 before the first, and ns;
     # flush_cache holds them all)
     cdef int64_t fl_n
@@ -426,6 +511,9 @@ cdef class AttrPath:
     # ``VM.set_memory_attributes`` on the VM: :meth:`ioctl` bound to this path as a
     # METH_FASTCALL builtin whose C function is :func:`_ioctl_fast` (built once)
     cdef object bound_ioctl
+    # the attribute runs at 1G chunks' first gfns that POST's 1G tests read (see _Run1G); last,
+    # so that the fields above share their cache lines
+    cdef _Run1G memo1g[_MEMO_1G]
 
     def __init__(self, vm):
         d = vm.__dict__
@@ -465,6 +553,8 @@ cdef class AttrPath:
         self.i_zap = self.ledger.op_slot("zap_spte")
         self.i_flush = self.ledger.op_slot("remote_tlb_flush")
         self.i_walk = self.ledger.op_slot("attr_check_gfn")
+        self.i_load = self.ledger.op_slot("attr_check_2m")
+        self.load_i = _price(self.costs, "attr_check_2m")
         self.fl_n = -1
         self.fl_ns = None
         self.n_ioctls = 0
@@ -562,6 +652,54 @@ cdef class AttrPath:
             return self.ledger.add_i(i, v)
         return self.ledger.add(op, ns)
 
+    # -- the remembered runs at 1G chunks' first gfns (_Run1G) -----------------------------------
+
+    cdef inline int _memo_write(self, uint64_t s, uint64_t e, uint64_t a) except -1:
+        """``[s, e)`` of the attribute map now holds ``a``: update or forget the remembered
+        runs of the 1G chunks the write touches (a chunk's run changes only if the write starts
+        at or before its end)."""
+        cdef uint64_t c, g1, lim
+        cdef _Run1G *m
+        if ((e - 1) >> 18) - (s >> 18) >= _MEMO_1G:
+            memset(self.memo1g, 0, sizeof(self.memo1g))
+            return 0
+        for c in range(s >> 18, ((e - 1) >> 18) + 1):
+            m = &self.memo1g[c & (_MEMO_1G - 1)]
+            if m.tag != c + 1 or s > m.hi:
+                continue
+            g1 = c << 18
+            lim = g1 + (1ULL << 18)
+            if s <= g1:  # the chunk's first gfn is written
+                if e >= lim:
+                    m.hi = lim
+                    m.value = a
+                else:
+                    m.tag = 0  # how far its new run reaches is not known here
+            elif a == m.value:
+                if e > m.hi:
+                    m.tag = 0  # the run grows past its end, maybe into the next one
+            elif s < m.hi:
+                m.hi = s  # cut short
+        return 0
+
+    def memo_check(self):
+        """``vm.check()``: every remembered run at a 1G chunk's first gfn is the map's."""
+        cdef int i
+        cdef Run r
+        cdef uint64_t g1, lim
+        from pkvm.errors import InternalInvariantError
+        for i in range(_MEMO_1G):
+            if not self.memo1g[i].tag:
+                continue
+            g1 = (self.memo1g[i].tag - 1) << 18
+            lim = g1 + (1ULL << 18)
+            rangemap_run_at(self.attrs, g1, &r)
+            if (self.memo1g[i].value != r.value or self.memo1g[i].hi != (r.end if r.end < lim else lim)
+                    or (self.memo1g[i].tag - 1) & (_MEMO_1G - 1) != <uint64_t>i):
+                raise InternalInvariantError(
+                    f"the run remembered at gfn {g1:#x} ([{g1:#x}, {self.memo1g[i].hi:#x}) = "
+                    f"{self.memo1g[i].value:#x}) is not the attribute map's ([{r.start:#x}, {r.end:#x}) = {r.value:#x})")
+
     # -- the no-op check (§2.7) ----------------------------------------------------------------
 
     cdef bint _noop(self, uint64_t start, uint64_t end, uint64_t attrs, uint64_t *steps) except -1:
@@ -597,6 +735,29 @@ cdef class AttrPath:
             self._add_at(self.i_walk, "attr_check_gfn", big)
         if self._traced():
             self.vm._emit("charge", None, None, "attr_check_gfn", steps, ns if big is None else big)
+        return 0
+
+    cdef int _charge_post(self, uint64_t steps, uint64_t loads, bint lock) except -1:
+        """Charge what the POST hook's ``hugepage_has_attrs`` read (§3.3; ``walk`` of
+        :func:`_post_set_mixed`): ``steps`` gfns its 2M walks stepped to after their first
+        (``attr_check_gfn``, the no-op check's step) and ``loads`` 2M sub-chunk lookups of its
+        1G tests (``attr_check_2m``). ``lock``: also add them to ``mmu_lock_ns`` (the quiet
+        paths, which sum the lock's time themselves; the others time the phase)."""
+        cdef int64_t a = 0, b = 0, t
+        if steps:
+            self._charge_walk(steps)
+        if loads:
+            if self.load_i >= 0:
+                self.ledger.charge_p(self.i_load, self.load_i, loads)
+            else:
+                self.ledger.charge_c("attr_check_2m", loads)
+        if lock and (steps or loads):
+            if (self.walk_i64 and self.load_i >= 0 and steps <= <uint64_t>0x7FFFFFFFFFFFFFFF
+                    and not pkvm_mul_ovf(self.walk_i, <int64_t>steps, &a)
+                    and not pkvm_mul_ovf(self.load_i, <int64_t>loads, &b)
+                    and not pkvm_add_ovf(a, b, &t) and self._add_lock_i(t)):
+                return 0
+            self._add_lock(self.walk_ns * steps + self.costs["attr_check_2m"] * loads)
         return 0
 
     def noop_check(self, uint64_t start, uint64_t end, uint64_t attrs):
@@ -747,6 +908,7 @@ cdef class AttrPath:
     cdef int _commit(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """The store: one ``xa_store`` per gfn in the kernel, one range assignment here."""
         rangemap_assign(self.attrs, start, end, attrs)
+        self._memo_write(start, end, attrs)
         n = end - start
         self.stats.v[S_ATTR_STORES] += <int64_t>n
         ns = self.store_ns * n
@@ -769,9 +931,13 @@ cdef class AttrPath:
         return 0
 
     cdef int _post_piece(self, uint64_t s, uint64_t e, uint64_t key, uint64_t attrs) except -1:
+        cdef uint64_t walk[2]
+        walk[0] = walk[1] = 0
         self._slot(key)
         _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                        self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN, False)
+                        self.whole_chunk, s, e, attrs, _INVALID_GFN, _INVALID_GFN, False,
+                        _INVALID_GFN, walk, self.memo1g)
+        self._charge_post(walk[0], walk[1], False)  # under mmu_lock: the caller times the phase
         if self.eager_locked:
             vm = self.vm
             slot = self.c_slot
@@ -791,7 +957,7 @@ cdef class AttrPath:
         return ns if zap_ns is None else zap_ns + ns
 
     cdef int _quiet(self, uint64_t start, uint64_t end, uint64_t attrs, bint read, uint64_t key,
-                    uint64_t spte, uint64_t head2, bint mixed2) except -1:
+                    uint64_t spte, uint64_t head2, bint mixed2, uint64_t k2) except -1:
         """:meth:`checked`'s phases where nothing outside the core runs between them (one
         address space, no subscriber, no timeline, no platform hook in the phases, no
         invalidation in progress): the same steps, with the VM's scalars read and written
@@ -808,12 +974,17 @@ cdef class AttrPath:
         read, and POST writes the lpage words PRE read without reading them again (nothing
         between PRE and POST writes an lpage map); ``mixed2``: the gfn's old attribute run
         covers another gfn of its 2M chunk (which then stays not uniform: POST reads no
-        attribute for it).
+        attribute for it when the walk has no steps to count); ``k2``: the first gfn of that
+        chunk whose attributes differ after the store, if the runs read show it (else
+        ``_INVALID_GFN``). POST's walk (:meth:`_charge_post`) is charged after the store and
+        counted in the lock's time.
         """
         cdef RunCursor cur
         cdef _PreState ps
         cdef uint64_t s, e, n, dummy
+        cdef uint64_t walk[2]
         cdef int ok = 0
+        walk[0] = walk[1] = 0
         d = self.d
         cdef Counters st = self.stats
         sptes = self.sptes
@@ -851,6 +1022,7 @@ cdef class AttrPath:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
         rangemap_assign(self.attrs, start, end, attrs)
+        self._memo_write(start, end, attrs)
         n = end - start
         if n == 1:  # no int object made for the count
             st.v[S_ATTR_STORES] += 1
@@ -863,13 +1035,15 @@ cdef class AttrPath:
             st.v[S_MMU_INVALIDATE_SEQ] += 1
             if read:
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, start, end, attrs, head2, ps.head1, mixed2)
+                                self.whole_chunk, start, end, attrs, head2, ps.head1, mixed2, k2, walk,
+                                self.memo1g)
             else:
                 ok = rangemap_cursor_init(self.slot0, &cur, start, end)
             while not read and ok == 1:
                 self._slot(cur.value)
                 _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                                self.whole_chunk, cur.start, cur.end, attrs, _INVALID_GFN, _INVALID_GFN, False)
+                                self.whole_chunk, cur.start, cur.end, attrs, _INVALID_GFN, _INVALID_GFN, False,
+                                _INVALID_GFN, walk, self.memo1g)
                 ok = rangemap_cursor_next(self.slot0, &cur)
         if zap_ns is not None:
             self._add_at(self.i_zap, "zap_spte", zap_ns)
@@ -878,10 +1052,11 @@ cdef class AttrPath:
         self._add_at(self.i_store, "attr_store", store_ns)
         if zap_ns is not None:  # the PRE phase's zap and flush ran under mmu_lock
             self._add_lock_ns(zap_ns, flush_ns)
+        self._charge_post(walk[0], walk[1], True)  # POST's walk, under mmu_lock
         return 0
 
     cdef int _quiet1(self, uint64_t gfn, uint64_t attrs, uint64_t key, uint64_t spte,
-                     uint64_t head2, bint mixed2) except -1:
+                     uint64_t head2, bint mixed2, uint64_t k2) except -1:
         """:meth:`_quiet` with ``read`` (one gfn, its slot key, SPTE, 2M lpage word and
         ``mixed2`` read by :meth:`checked`) where the gfn's leaf, if any, is a 4K one and the
         store and zap prices are int64 (``prices_i64``): the same steps, reads, writes and
@@ -892,6 +1067,8 @@ cdef class AttrPath:
         cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN
         cdef int64_t t
         cdef bint zapped = False
+        cdef uint64_t walk[2]
+        walk[0] = walk[1] = 0
         if key:
             # PRE: the invalidation range (_pre_range's guard on the one gfn's two head chunks,
             # written out: its tail chunks are its head chunks), then the zap of a 4K leaf
@@ -918,12 +1095,14 @@ cdef class AttrPath:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
         _assign1(self.attrs, gfn, attrs)
+        self._memo_write(gfn, gfn + 1, attrs)
         st.v[S_ATTR_STORES] += 1
         if key:
             # POST: invalidate_end, then MIXED
             st.v[S_MMU_INVALIDATE_SEQ] += 1
             _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2)
+                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2, k2, walk,
+                            self.memo1g)
         if zapped:
             self.ledger.add_i(self.i_zap, self.zap_i)
             if self.fl_i64:  # flush_ns is fl_ns (_flush_price just returned it)
@@ -935,6 +1114,8 @@ cdef class AttrPath:
             # _add_lock_ns(zap_ns, flush_ns) with both in int64
             if not (self.fl_i64 and not pkvm_add_ovf(self.zap_i, self.fl_i, &t) and self._add_lock_i(t)):
                 self._add_lock_ns(self.zap_ns, flush_ns)
+        if walk[0] or walk[1]:
+            self._charge_post(walk[0], walk[1], True)  # POST's walk, under mmu_lock
         return 0
 
     cdef int _add_lock_ns(self, object zap_ns, object flush_ns) except -1:
@@ -983,9 +1164,14 @@ cdef class AttrPath:
 
     def post_set_mixed(self, slot, uint64_t start, uint64_t end, uint64_t attrs):
         """``pkvm.kvm.mmu.post_set_mixed`` on one slot-clipped piece."""
+        cdef uint64_t walk[2]
+        walk[0] = walk[1] = 0
+        self.quiet = False
         lp = slot.lpage.maps
         _post_set_mixed(self.attrs, lp[2], lp[3], slot.base_gfn, slot.end_gfn, self.whole_chunk,
-                        start, end, attrs, _INVALID_GFN, _INVALID_GFN, False)
+                        start, end, attrs, _INVALID_GFN, _INVALID_GFN, False, _INVALID_GFN, walk,
+                        self.memo1g)
+        self._charge_post(walk[0], walk[1], False)  # the caller times its lock hold
 
     def zap(self, uint64_t start, uint64_t end, int attr_filter):
         """``VM._zap``."""
@@ -1117,6 +1303,7 @@ cdef class AttrPath:
     cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
         cdef uint64_t cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g, steps = 0
+        cdef uint64_t k2 = _INVALID_GFN
         cdef bint mixed2 = False
         cdef Run ar
         cdef RunCursor cur
@@ -1139,6 +1326,13 @@ cdef class AttrPath:
             # min(run end, g + 512) > start + 1
             g = start & ~(<uint64_t>511)
             mixed2 = (ar.start < start and g < start) or (ar.end > start + 1 and g + 512 > start + 1)
+            # the first gfn of that chunk that differs from ``attrs`` once the store ran, where the
+            # run shows it (a call that is no no-op: the old value differs): the chunk's first gfn
+            # if the run covers it, else the gfn after ``start`` if the chunk begins at ``start``
+            if ar.start <= g < start:
+                k2 = g
+            elif g == start and ar.end > start + 1:
+                k2 = start + 1
             spte = rangemap_get(self.sptes, start)
         vm = self.vm
         if self.op is not None:
@@ -1189,9 +1383,9 @@ cdef class AttrPath:
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and not subs and self.vs.mmu_invalidate_in_progress == 0:
             if read and self.prices_i64 and (not spte or _spte_level(spte) == 1):
-                self._quiet1(start, attrs, key, spte, head2, mixed2)
+                self._quiet1(start, attrs, key, spte, head2, mixed2, k2)
             else:
-                self._quiet(start, end, attrs, read, key, spte, head2, mixed2)
+                self._quiet(start, end, attrs, read, key, spte, head2, mixed2, k2)
             return 0
         self.quiet = not self.ledger.traced
         t0 = self.ledger.now()

@@ -81,7 +81,8 @@ REFERENCE_ROWS = [
 # pkvm's additions (no §0 row): each must be an estimate with its derivation in the source.
 ADDED = ["seamcall_sept_add", "zap_spte", "cache_flush_4k", "huge_page_split", "directmap_cpa_call",
          "sleep_in_atomic",
-         "psp_launch_update", "pre_fault_page", "seamcall_aug_sept", "attr_check_gfn"]
+         "psp_launch_update", "pre_fault_page", "seamcall_aug_sept", "attr_check_gfn",
+         "attr_check_2m"]
 
 ALL_MODELS = [CostModel.default(p) for p in PROFILES] + [
     CostModel.default("sw_protected", host="intel"), CostModel.default("default", host="intel")]

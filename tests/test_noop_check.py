@@ -25,10 +25,14 @@ M = 1 << 20
 PAGES_1T = TiB >> 12
 
 
-def _vm(policy: str = "6.19", **kw: object) -> tuple[pkvm.VM, int]:
+def _vm(policy: str = "6.19", slot: bool = False, **kw: object) -> tuple[pkvm.VM, int]:
+    """A SW_PROTECTED VM and the walk's price. Without ``slot`` the VM has no memslot: the
+    attributes are set all the same (§2.2), and no POST phase runs, whose MIXED tests charge
+    ``attr_check_gfn`` too (§3.3, tests/test_post_walk.py): the walk charged is the check's."""
     vm = pkvm.VM("sw_protected", policy=policy, **kw)
-    gmem = vm.create_guest_memfd(TiB)
-    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, TiB, 1 << 44, gmem, 0)
+    if slot:
+        gmem = vm.create_guest_memfd(TiB)
+        vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, TiB, 1 << 44, gmem, 0)
     costs = vm.costs
     return vm, costs["attr_check_gfn"].value_ns if "attr_check_gfn" in costs else 3
 
@@ -50,7 +54,7 @@ def test_price_is_listed_with_a_valid_range() -> None:
 
 def test_noop_to_private_of_1tib_walks_every_gfn_after_the_first() -> None:
     """2**28 - 1 steps: repeating a 1 TiB conversion to private is not free."""
-    vm, price = _vm()
+    vm, price = _vm(slot=True)  # whole chunks: POST reads nothing
     vm.set_memory_attributes(0, TiB, PRIVATE)
     assert _walk_ns(vm) == 0  # the first gfn was shared: the walk stopped at once
     before = _state(vm)
@@ -205,11 +209,11 @@ def test_charge_event_is_emitted() -> None:
 @pytest.mark.parametrize("noop", [True, False])
 def test_timeline_holds_slots_lock_for_the_walk(noop: bool) -> None:
     """On the concurrent timeline the walk runs under slots_lock: the lock's hold is the walk
-    for a no-op, and contains it otherwise."""
-    vm, price = _vm()
+    for a no-op, and contains it otherwise (whole chunks: POST reads nothing)."""
+    vm, price = _vm(slot=True)
     vm.set_memory_attributes(0, GiB, PRIVATE)
     size = GiB if noop else 2 * GiB
-    sync, _ = _vm()
+    sync, _ = _vm(slot=True)
     sync.set_memory_attributes(0, GiB, PRIVATE)
     sync.set_memory_attributes(0, size, PRIVATE)
     tl = Timeline(vm)

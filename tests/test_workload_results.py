@@ -29,12 +29,12 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
     ('snp', 'fault-time', 3, 'balloon', ()): '58766c4a92366080',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'd28e368b964e4bfd',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '2af8f790f71c2a61',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '754ae37f2aecced8',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '7d1897b7067b2f87',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cb40ce3a40a2470f',
-    ('sw_protected', '6.8', 3, 'balloon', ()): 'ee00e47dfdc8fc99',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '8b65458927d1903a',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '36b07d673337f5b1',
+    ('sw_protected', '6.8', 3, 'balloon', ()): '3bc6cf01e2dc5af1',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '434b9758269a75ec',
 }
 MEMORY = "512M"
 

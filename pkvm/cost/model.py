@@ -62,7 +62,10 @@ operation                  row   counter (count unit)
                                  the parts are)
 ``attr_store``             28    ``attr_stores`` (GFNs)
 ``attr_check_gfn``         —     no counter: the gfns the ioctl's no-op check steps to past
-                                 the first, to-private calls only (its ns over the price)
+                                 the first, to-private calls only, and those the POST hook's
+                                 2M MIXED tests step to (its ns over the price)
+``attr_check_2m``          —     no counter: the 2M sub-chunks whose first gfn the POST
+                                 hook's 1G MIXED tests look up (its ns over the price)
 ``zap_spte``               —     ``zapped_sptes`` (leaf SPTEs, any level)
 ``gmem_alloc_4k/_2m/_1g``  29    ``gmem_pages_allocated`` in folios: pages >> order
 ``gmem_punch_4k``          30    ``gmem_pages_freed`` (4K pages)

@@ -190,6 +190,19 @@ OPERATIONS: tuple[Mapping[str, Any], ...] = (
      "source": "pkvm estimate: one xas_next and compare per gfn in kvm_range_has_memory_attributes "
                "(virt/kvm/kvm_main.c), 2-3 ns cached, plus 1-2 ns per gfn streaming a 1 TiB "
                "guest's 2.4 GiB attribute xarray from DRAM"},
+    # pkvm addition. The POST hook of KVM_SET_MEMORY_ATTRIBUTES recomputes the 1G MIXED flag
+    # of a partly covered head or tail chunk with hugepage_has_attrs (arch/x86/kvm/mmu/mmu.c),
+    # which visits the chunk's 2M sub-chunks in order and, for each whose MIXED flag is clear,
+    # looks up its first gfn (kvm_get_memory_attributes: an xa_load, a descent of the attribute
+    # xarray from its root, 4-5 levels for 2^24-2^30 gfns) until one differs. ~2-3 ns a level
+    # when the nodes are cached; each lookup lands in another leaf node (512 gfns apart), which a
+    # large private guest's xarray does not keep cached: a DRAM miss, ~80 ns, at the worst.
+    {"name": "attr_check_2m", "value_ns": 15, "low_ns": 5, "high_ns": 100,
+     "unit": "per 2M sub-chunk whose first gfn the POST hook's 1G MIXED test looks up",
+     "confidence": "E",
+     "source": "pkvm estimate: one xa_load (kvm_get_memory_attributes) per 2M sub-chunk in "
+               "hugepage_has_attrs at 1G (arch/x86/kvm/mmu/mmu.c), a 4-5 level descent, "
+               "~10-15 ns cached, up to a DRAM miss per lookup"},
     # pkvm addition. The composition rules of §0 price "the zap of KVM mappings" at about
     # row 28 per page: one atomic write of a cached SPTE plus the changed-SPTE bookkeeping
     # (accessed/dirty, rmap and stats). A 2M or 1G leaf is still one SPTE. The TLB flush that

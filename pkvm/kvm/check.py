@@ -38,6 +38,9 @@ def _check_rangemaps(vm: VM) -> None:
             g.bindings._check()
     except AssertionError as exc:
         raise InternalInvariantError(f"RangeMap structure: {exc}") from exc
+    path = getattr(vm, "_attr_path", None)
+    if path is not None:
+        path.memo_check()  # the attribute runs POST's 1G tests remember are the map's
 
 
 def _count_runs(m: RangeMap) -> list[tuple[int, int, int]]:

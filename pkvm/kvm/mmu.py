@@ -284,7 +284,8 @@ def hugepage_has_attrs(attrs_map: RangeMap, lpage: LpageInfo, gfn: int, level: i
     """``hugepage_has_attrs`` (kernel-semantics.md §3.2) for the ``level`` chunk starting at ``gfn``.
 
     2M: every gfn has exactly ``attrs``. 1G: no 2M sub-chunk is MIXED and the *first* gfn of
-    every sub-chunk has ``attrs`` (checked per attribute run, so O(log n + k)).
+    every sub-chunk has ``attrs`` (checked per attribute run, so O(log n + k)). Charges nothing
+    (the POST hook's calls are charged in :func:`post_set_mixed`).
     """
     return _hugepage_has_attrs(attrs_map, lpage.maps[PG_LEVEL_2M], gfn, level, attrs)
 
@@ -294,9 +295,10 @@ def post_set_mixed(vm: VM, slot: Memslot, start: int, end: int, attrs: int) -> N
 
     Per level, 2M first (1G consumes its results): the partially covered head chunk gets
     MIXED := !hugepage_has_attrs(new value), body chunks are cleared, the tail chunk is
-    recomputed. A 1G chunk known to hold a just-MIXED 2M sub-chunk skips its scan (the
-    answer is "not uniform" either way, §3.2). The step runs in the typed core
-    (``pkvm/_attr.pxi``). Runtime complexity: O(log n) for a range inside one 2M chunk.
+    recomputed. What the tests read is charged (§3.2-§3.3): ``attr_check_gfn`` per gfn a 2M
+    test steps to after its first (to private), ``attr_check_2m`` per 2M sub-chunk whose first
+    gfn a 1G test looks up. The step runs in the typed core (``pkvm/_attr.pxi``). Runtime
+    complexity: O(log n) for a range inside one 2M chunk.
     """
     vm._attr_path.post_set_mixed(slot, start, end, attrs)
 

@@ -91,7 +91,8 @@ STAT_KEYS = (
 
 #: Operations this layer charges, with the ``vm.stats`` counter each follows (names and default
 #: values are :mod:`pkvm.cost.model`', from ``docs/costs.md`` §0).
-CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "attr_check_gfn", "zap_spte", "remote_tlb_flush",
+CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "attr_check_gfn", "attr_check_2m", "zap_spte",
+               "remote_tlb_flush",
                "gmem_alloc_4k", "gmem_alloc_2m", "gmem_alloc_1g", "gmem_punch_4k", "huge_page_split",
                "vmexit", "pre_fault_page")
 _ALLOC_OP = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})

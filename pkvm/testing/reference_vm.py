@@ -296,13 +296,37 @@ class ReferenceVM:
             if he != hs and he + n > end and he + n <= slot.end and not slot.lpage[level][he] & MIXED:
                 self.range_add(he, he + n)
 
-    def has_attrs(self, slot: RefSlot, g: int, level: int, attrs: int) -> bool:
+    def has_attrs(self, slot: RefSlot, g: int, level: int, attrs: int, charged: bool = False) -> bool:
+        """``hugepage_has_attrs``, read as the kernel reads it; ``charged``: the POST hook's
+        call, whose reads are charged (§3.3). At 2M, ``kvm_range_has_memory_attributes`` over
+        the 512 gfns: attributes 0 is one ``xas_find`` (no step); otherwise gfn by gfn up to
+        the first that differs, each gfn after the first one ``attr_check_gfn``. At 1G, per 2M
+        sub-chunk in order its MIXED flag, then, if clear, the lookup of its first gfn (one
+        ``attr_check_2m``), up to the first sub-chunk that is MIXED or differs."""
+        ok = True
         if level == PG_LEVEL_2M:
-            return all(self.attrs.get(x, 0) == attrs for x in range(g, g + 512))
+            steps = 0
+            for x in range(g, g + 512):
+                if attrs and x > g:
+                    steps += 1
+                if self.attrs.get(x, 0) != attrs:
+                    ok = False
+                    break
+            if charged and steps:
+                self.charge("attr_check_gfn", steps)
+            return ok
+        loads = 0
         for sub in range(g, g + PAGES[PG_LEVEL_1G], 512):
-            if slot.lpage[PG_LEVEL_2M].get(sub, 0) & MIXED or self.attrs.get(sub, 0) != attrs:
-                return False
-        return True
+            if slot.lpage[PG_LEVEL_2M].get(sub, 0) & MIXED:
+                ok = False
+                break
+            loads += 1
+            if self.attrs.get(sub, 0) != attrs:
+                ok = False
+                break
+        if charged and loads:
+            self.charge("attr_check_2m", loads)
+        return ok
 
     def set_mixed(self, slot: RefSlot, g: int, level: int, mixed: bool) -> None:
         w = slot.lpage[level][g]
@@ -315,13 +339,13 @@ class ReferenceVM:
             g = start - start % n
             if g != start or g + n > end:
                 if g >= slot.base and (not whole or g + n <= slot.end):
-                    self.set_mixed(slot, g, level, not self.has_attrs(slot, g, level, attrs))
+                    self.set_mixed(slot, g, level, not self.has_attrs(slot, g, level, attrs, True))
                 g += n
             while g + n <= end:
                 self.set_mixed(slot, g, level, False)
                 g += n
             if g < end and g + n <= slot.end:
-                self.set_mixed(slot, g, level, not self.has_attrs(slot, g, level, attrs))
+                self.set_mixed(slot, g, level, not self.has_attrs(slot, g, level, attrs, True))
 
     # -- memslots -------------------------------------------------------------------------
 
