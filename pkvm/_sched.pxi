@@ -278,6 +278,44 @@ cdef int _prof_add(list pt, list pl, list pieces) except -1:
     return 0
 
 
+cdef int _spans_coarsen(list spans, Py_ssize_t keep) except -1:
+    """Merge neighbouring settled windows of the same actor, oldest first, until at most
+    ``keep`` remain (or no two neighbours share an actor): one window over both, with both
+    holds; its wait samples are no longer re-spread (:meth:`SchedHooks._pw_count`)."""
+    cdef Py_ssize_t i = 0
+    cdef list x, y
+    while len(spans) > keep and i + 1 < len(spans):
+        x = <list>spans[i]
+        y = <list>spans[i + 1]
+        if x[0] != y[0]:
+            i += 1
+            continue
+        spans[i] = [x[0], x[1] if x[1] < y[1] else y[1], x[2] if x[2] > y[2] else y[2],
+                    <long long>x[3] + <long long>y[3], <long long>x[4] + <long long>y[4],
+                    <long long>x[5] + <long long>y[5], <long long>x[6] + <long long>y[6], 0, 0]
+        del spans[i + 1]
+    return 0
+
+
+cdef int _prof_coarsen(list pt, list pl, Py_ssize_t keep) except -1:
+    """Average neighbouring segments of a load profile, oldest first, until at most ``keep``
+    breakpoints remain (the last, open-ended segment stays as it is)."""
+    cdef Py_ssize_t i = 0
+    cdef long long a, b, c
+    while len(pt) > keep and i + 2 < len(pt):
+        a = pt[i]
+        b = pt[i + 1]
+        c = pt[i + 2]
+        if c > a:
+            pl[i] = (<double>pl[i] * (b - a) + <double>pl[i + 1] * (c - b)) / (c - a)
+        del pt[i + 1]
+        del pl[i + 1]
+        i += 1
+        if i + 2 >= len(pt):
+            i = 0
+    return 0
+
+
 cdef inline long long _lock_free_at(LockState lk, mode):
     """When (ns since the timeline's start) the holds ``lk``'s holders took and released
     uncontended let an acquisition in ``mode`` in: a reader waits only for writers."""
@@ -730,7 +768,14 @@ cdef class SchedHooks:
             k = self._actors.get(sp[0])
             if k is None or not k.in_task:  # its work is done: nothing of it can wait now
                 continue
-            # ... and the other way: its acquisitions meet this window's holds
+            if n == 1:
+                # ... and the other way: its acquisitions meet this single hold where it runs,
+                # after its wait for the single holds before it (none if it is one of them)
+                if nj == 1:
+                    continue
+                ov = (e if e < t1 + ws else t1 + ws) - (s if s > t0 + ws else t0 + ws)
+                if ov <= 0:
+                    continue
             pj = <double>(e - s) / nj
             q = qq = 0.0
             if ns:
@@ -775,6 +820,16 @@ cdef class SchedHooks:
             if i > 0:
                 del lk.prof1_t[:i]
                 del lk.prof1_l[:i]
+            # An actor alone runs ahead of SimPy's clock, which then does not move: nothing
+            # is old enough to drop, and the lists would grow by a window each. The oldest
+            # entries are coarsened instead (a window's neighbours of the same actor merged,
+            # a profile's neighbouring segments averaged), which bounds them.
+            if len(lk.spans) > 8 * len(self._actors) + 64:
+                _spans_coarsen(lk.spans, 4 * len(self._actors) + 32)
+            if len(lk.prof_t) > 16 * len(self._actors) + 128:
+                _prof_coarsen(lk.prof_t, lk.prof_l, 8 * len(self._actors) + 64)
+            if len(lk.prof1_t) > 16 * len(self._actors) + 128:
+                _prof_coarsen(lk.prof1_t, lk.prof1_l, 8 * len(self._actors) + 64)
         if w > 0:
             self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
             self._now0 += w  # the running actor's clock: what follows starts after the wait
@@ -1179,6 +1234,8 @@ cdef class SchedHooks:
         try:
             fn(*args)
             self._sync_c()
+            if a.lock_debt:  # a later window's settling owed it a wait while its last work passed
+                self._sync_c()
         finally:
             self._set_in_task_c(a, False)
 
