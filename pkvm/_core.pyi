@@ -345,6 +345,15 @@ class SchedActor:
     fast: int
     pw_acq: int
     pw_wait: int
+    pw_depth: int
+    pw_t0: int
+    pw_calls: int
+    pw_long_n: int
+    pw_long_ns: int
+    lock_debt: int
+    pw_acc: dict[Any, Any]
+    debt_lock: Any
+    debts: list[Any]
     absorb: int
     ipi_in: list[Any]
     def __init__(self, name: Any, vcpu: Any) -> None: ...
@@ -371,6 +380,12 @@ class LockState:
     held_until: int
     written_until: int
     fast_reads: list[Any] | None
+    interleaved: bool
+    spans: list[Any] | None
+    prof_t: list[int] | None
+    prof_l: list[float] | None
+    prof1_t: list[int] | None
+    prof1_l: list[float] | None
 
 @disjoint_base
 class DistState:
@@ -412,6 +427,8 @@ class SchedHooks:
     def acquire(self, lock: Any, mode: Any = 1) -> None: ...
     def release(self, lock: Any, mode: Any = 1) -> None: ...
     def pagewise(self, lock: Any, n: Any) -> None: ...
+    def pw_begin(self) -> None: ...
+    def pw_end(self) -> None: ...
     def latency_begin(self) -> tuple[int, Any]: ...
     def latency_end(self, kind: Any, begin: Any, n: Any = 1) -> None: ...
     def work_ns(self) -> int: ...

@@ -529,6 +529,7 @@ cdef class SnpPath:
         st.v[self.i_dm_restores] += <int64_t>restores
         st.v[self.i_dm_cpa_calls] += <int64_t>calls
         self._charge("directmap_cpa_call", calls)  # each under cpa_lock (held here)
+        cdef long long long0 = _vm_ns(sched) if sched is not None and splits else 0
         if splits:
             self._charge("directmap_split", splits)
         # A global TLB flush per split, under cpa_lock (__split_large_page's flush_tlb_all): a
@@ -554,7 +555,10 @@ cdef class SnpPath:
         if sched is not None:
             if flushes:
                 sched._ipi("host", flushes)  # flush_tlb_all: an IPI to every host CPU
-            sched._pagewise("cpa_lock", calls)  # the kernel takes cpa_lock once per CPA call
+            # the kernel takes cpa_lock once per CPA call; the splits (each with its flush) are
+            # long single holds among them (an interleaved lock's window: SchedHooks._pw_settle)
+            sched._pagewise("cpa_lock", calls, <long long>splits if splits else -1,
+                            _vm_ns(sched) - long0 if splits else 0)
             sched._release("cpa_lock", 1)
         return calls
 
@@ -598,6 +602,18 @@ cdef class SnpPath:
         """``pkvm.platforms._snp_rmp.rmpupdate_range`` (``dm`` is a :data:`DIRECTMAP_MODES`
         code): an armed ``set_memory`` failure goes entry by entry through the Python
         ``_rmpupdate_injected``."""
+        cdef SchedHooks sched = <SchedHooks?>self.vs._sched if self.vs._sched is not None else None
+        if sched is not None:
+            # the range is a window over which the kernel's page-by-page direct-map calls (and
+            # so cpa_lock) interleave with its RMPUPDATEs (SchedHooks.pw_begin; inside a fault
+            # batch, the batch's window counts)
+            sched._pw_begin()
+            try:
+                if self.armed and (dm == _DM_BOTH or dm == _DM_BEFORE) and "set_memory" in self.armed:
+                    return self.injected(self.vm, pfn, npages, level, assigned, gfn, immutable, _DM_NAMES[dm])
+                return self.body(pfn, npages, level, assigned, gfn, immutable, dm)
+            finally:
+                sched._pw_end()
         if self.armed and (dm == _DM_BOTH or dm == _DM_BEFORE) and "set_memory" in self.armed:
             return self.injected(self.vm, pfn, npages, level, assigned, gfn, immutable, _DM_NAMES[dm])
         return self.body(pfn, npages, level, assigned, gfn, immutable, dm)

@@ -39,6 +39,22 @@ cdef class LockState:
     # and the lock's busy period then leaves that overlap out of hold_ns (the union of the
     # holds; pkvm.sim.locks.RWLock._covered). None on the other locks.
     cdef public list fast_reads
+    # A lock the kernel takes once per page (``_PAGEWISE_LOCKS``) under
+    # ``Timeline(pagewise_locks="interleaved")``: its holds never queue in SimPy; each window of
+    # work that held it (``SchedHooks.pw_begin`` / ``pw_end``) is settled against the others'
+    # (``SchedHooks._pw_settle``), and ``spans`` keeps the settled windows as ``(actor, start,
+    # end, hold ns, acquisitions)``, ns since the timeline's start, until no window can overlap
+    # them. False / None on the other locks and under ``pagewise_locks="batch"``.
+    cdef public bint interleaved
+    cdef public list spans
+    # ... and the lock's load profile, the rate at which the settled windows use it: ``prof_l[i]``
+    # on ``[prof_t[i], prof_t[i + 1])`` (the last one from ``prof_t[-1]`` on), 0 before
+    # ``prof_t[0]`` (SchedHooks._pw_settle; _prof_fit, _prof_add)
+    cdef public list prof_t, prof_l
+    # ... and the part of it that windows of one hold make (a split and its flush, placed where
+    # it is): another such hold waits for them first come, first served, where it only queues
+    # behind the spread page holds of the other windows (SchedHooks._pw_settle)
+    cdef public list prof1_t, prof1_l
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -69,6 +85,20 @@ cdef class DistState:
         """Add without validation, for callers inside pkvm that pass checked values (the
         timeline's hooks, on every latency sample: one dict update and four fields)."""
         self._add_c(value, count)
+
+    cdef int _remove_n(self, value, long long k) except -1:
+        """Take back ``k`` samples of ``value`` (they must be there); the maximum follows."""
+        n = self._hist[value]
+        if n == k:
+            del self._hist[value]
+        else:
+            self._hist[value] = n - k
+        self._count -= k
+        self._total -= value * k
+        if value >= self._max:
+            self._max = max(self._hist) if self._hist else 0
+        self._sorted = None
+        return 0
 
     cdef int _remove_c(self, value) except -1:
         """Take back one sample of ``value`` (it must be there); the maximum follows."""
@@ -129,20 +159,160 @@ cdef int _lock_wait_longer(LockStatsState st, w, long long early) except -1:
     return 0
 
 
-cdef int _fast_read_add(list fr, s, e) except -1:
-    """Append ``[s, e)`` to ``fr`` (``LockState.fast_reads``), merged into the last interval
-    when it touches it (one actor's back-to-back holds)."""
-    cdef Py_ssize_t n = len(fr)
-    cdef list last
-    if n:
-        last = <list>fr[n - 1]
-        if s <= last[1] and e >= last[0]:
-            if s < last[0]:
-                last[0] = s
-            if e > last[1]:
-                last[1] = e
-            return 0
-    fr.append([s, e])
+cdef object _fast_read_add(list fr, s, e):
+    """Add ``[s, e)`` to ``fr`` (``LockState.fast_reads``), a list of disjoint ``[start,
+    end]`` intervals in order (those it overlaps or touches merge with it); return the part
+    of it no interval covered yet, for ``hold_ns``, the union of the holds: two readers that
+    take the lock uncontended, each on its own clock ahead of SimPy's, may overlap (readers
+    share), and until 2026-12-05 such an overlap was counted twice."""
+    cdef Py_ssize_t n = len(fr), lo = 0, hi = n, mid, j
+    cdef list iv
+    if s >= e:
+        return 0
+    while lo < hi:  # the first interval that starts after s
+        mid = (lo + hi) >> 1
+        if (<list>fr[mid])[0] <= s:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo > 0 and (<list>fr[lo - 1])[1] >= s:
+        lo -= 1  # the one before reaches s
+    j = lo
+    a = s
+    b = e
+    cov = 0
+    while j < n:
+        iv = <list>fr[j]
+        if iv[0] > e:
+            break
+        lo_ = iv[0] if iv[0] > s else s
+        hi_ = iv[1] if iv[1] < e else e
+        if hi_ > lo_:
+            cov += hi_ - lo_
+        if iv[0] < a:
+            a = iv[0]
+        if iv[1] > b:
+            b = iv[1]
+        j += 1
+    if j > lo:
+        del fr[lo + 1:j]
+        fr[lo] = [a, b]
+    else:
+        fr.insert(lo, [a, b])
+    return (e - s) - cov
+
+cdef Py_ssize_t _prof_split(list pt, list pl, long long x) except -2:
+    """Make ``x`` a breakpoint of the load profile ``pt`` / ``pl`` (LockState.prof_t /
+    prof_l), the load on each side unchanged; its index."""
+    cdef Py_ssize_t lo = 0, hi = len(pt), mid
+    while lo < hi:  # the first breakpoint after x
+        mid = (lo + hi) >> 1
+        if <long long>pt[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo > 0 and <long long>pt[lo - 1] == x:
+        return lo - 1
+    pt.insert(lo, x)
+    pl.insert(lo, pl[lo - 1] if lo > 0 else 0.0)
+    return lo
+
+
+cdef long long _prof_fit(list pt, list pl, long long t0, long long dt, double d, list pieces) except -1:
+    """A window that starts at ``t0`` and alone would take ``dt`` ns using the lock at rate
+    ``d``: where the profile's load leaves it less than ``d``, it goes at the speed the
+    rest allows, ``(1 - load) / d``. Its end, and in ``pieces`` the ``(start, end, rate)``
+    at which it uses the lock on the way."""
+    cdef Py_ssize_t n = len(pt), lo = 0, hi = n, mid, i
+    cdef double need = <double>dt, l, sp, seg, r
+    cdef long long t = t0, end, take
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <long long>pt[mid] <= t0:
+            lo = mid + 1
+        else:
+            hi = mid
+    i = lo - 1  # the segment holding t0 (-1: before the first breakpoint, no load)
+    while need > 0.5:
+        l = <double>pl[i] if i >= 0 else 0.0
+        if i + 1 < n:
+            end = pt[i + 1]
+        else:
+            end = -1  # the last segment: no end
+        if l <= 1.0 - d:
+            sp = 1.0
+        elif l < 1.0:
+            sp = (1.0 - l) / d
+        else:
+            sp = 0.0
+        r = d * sp
+        if sp > 0.0:
+            seg = need / sp
+            if end < 0 or <double>(end - t) >= seg:
+                take = <long long>(seg + 0.5)
+                if take < 1:
+                    take = 1
+                pieces.append((t, t + take, r))
+                return t + take
+            pieces.append((t, end, r))
+            need -= sp * (end - t)
+        elif end < 0:  # a saturated last segment cannot happen (every window ends); guard
+            pieces.append((t, t + <long long>(need + 0.5), d))
+            return t + <long long>(need + 0.5)
+        t = end
+        i += 1
+    return t
+
+
+cdef int _prof_add(list pt, list pl, list pieces) except -1:
+    """Add each ``(start, end, rate)`` of ``pieces`` to the load profile."""
+    cdef tuple pc
+    cdef Py_ssize_t a, b, i
+    for pc in pieces:
+        if <long long>pc[1] <= <long long>pc[0] or <double>pc[2] <= 0.0:
+            continue
+        a = _prof_split(pt, pl, pc[0])
+        b = _prof_split(pt, pl, pc[1])
+        for i in range(a, b):
+            pl[i] = <double>pl[i] + <double>pc[2]
+    return 0
+
+
+cdef int _spans_coarsen(list spans, Py_ssize_t keep) except -1:
+    """Merge neighbouring settled windows of the same actor, oldest first, until at most
+    ``keep`` remain (or no two neighbours share an actor): one window over both, with both
+    holds; its wait samples are no longer re-spread (:meth:`SchedHooks._pw_count`)."""
+    cdef Py_ssize_t i = 0
+    cdef list x, y
+    while len(spans) > keep and i + 1 < len(spans):
+        x = <list>spans[i]
+        y = <list>spans[i + 1]
+        if x[0] != y[0]:
+            i += 1
+            continue
+        spans[i] = [x[0], x[1] if x[1] < y[1] else y[1], x[2] if x[2] > y[2] else y[2],
+                    <long long>x[3] + <long long>y[3], <long long>x[4] + <long long>y[4],
+                    <long long>x[5] + <long long>y[5], <long long>x[6] + <long long>y[6], 0, 0]
+        del spans[i + 1]
+    return 0
+
+
+cdef int _prof_coarsen(list pt, list pl, Py_ssize_t keep) except -1:
+    """Average neighbouring segments of a load profile, oldest first, until at most ``keep``
+    breakpoints remain (the last, open-ended segment stays as it is)."""
+    cdef Py_ssize_t i = 0
+    cdef long long a, b, c
+    while len(pt) > keep and i + 2 < len(pt):
+        a = pt[i]
+        b = pt[i + 1]
+        c = pt[i + 2]
+        if c > a:
+            pl[i] = (<double>pl[i] * (b - a) + <double>pl[i + 1] * (c - b)) / (c - a)
+        del pt[i + 1]
+        del pl[i + 1]
+        i += 1
+        if i + 2 >= len(pt):
+            i = 0
     return 0
 
 
@@ -193,6 +363,20 @@ cdef class SchedActor:
     # the last grant of a lock in _PAGEWISE_LOCKS that went through SimPy: the lock's
     # acquisition count after it, and its wait (SchedHooks.pagewise spreads it over the pages)
     cdef public long long pw_acq, pw_wait
+    # Interleaved pagewise locks (LockState.interleaved): the window over which the kernel's
+    # page-by-page acquisitions interleave with the rest of the work (SchedHooks.pw_begin /
+    # pw_end; nested windows count as the outermost): its depth and its start on the actor's
+    # clock, the holds in it per lock (lock -> [hold ns, acquisitions, first hold's start, single
+    # holds' ns, single holds]), the acquisitions the next release stands for and how many of
+    # them are long single holds, in how many ns (SchedHooks._pagewise; -1: one, and a hold of
+    # one acquisition is a single hold); the wait it owes for them (on its
+    # clock already when its own window settled it; SchedHooks._pw_settle), passed on SimPy's
+    # at its next yield, and the lock it was for.
+    cdef public int pw_depth
+    cdef public long long pw_t0, pw_calls, pw_long_n, pw_long_ns, lock_debt
+    cdef public dict pw_acc
+    cdef public object debt_lock
+    cdef public list debts
 
     def __init__(self, name, vcpu):
         self.name = name
@@ -219,6 +403,15 @@ cdef class SchedActor:
         self.fast_done = []
         self.pw_acq = -1
         self.pw_wait = 0
+        self.pw_depth = 0
+        self.pw_t0 = 0
+        self.pw_calls = -1
+        self.pw_long_n = -1
+        self.pw_long_ns = 0
+        self.lock_debt = 0
+        self.pw_acc = {}
+        self.debt_lock = None
+        self.debts = []
         self.absorb = _AB_NONE
         self.ipi_in = []
 
@@ -326,6 +519,10 @@ cdef class SchedHooks:
             return 0
         lk = <LockState?>self.locks[lock]
         cdef long long now
+        if lk.interleaved:  # never queued: its windows are settled (_pw_settle)
+            a.held.append((lock, mode, self._now0 + _vm_ns(self) - self._mark))  # now_ns
+            lk.stats.acquisitions += 1
+            return 0
         if self._active <= a.in_task and not lk.locked:
             now = self._now0 + _vm_ns(self) - self._mark
             if now >= _lock_free_at(lk, mode):
@@ -368,7 +565,11 @@ cdef class SchedHooks:
         if t < 0:
             self._release_slow(a, lock, mode)
             return 0
+        cdef LockState lki = <LockState?>self.locks[lock]
+        if lki.interleaved:
+            return self._release_il(a, lock, mode, lki, t)
         a.fast -= 1
+        union = None  # a read hold's part outside the other read holds (_fast_read_add)
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
         if held_ns:  # for a result taken mid-run (_fast_done_add: kept short, exactly)
             _fast_done_add(a, lock, mode, t, t + held_ns)
@@ -379,13 +580,13 @@ cdef class SchedHooks:
             if (mode != 0 or not lks.stats._rw) and t + held_ns > lks.written_until:
                 lks.written_until = t + held_ns
             if mode == 0 and lks.fast_reads is not None:  # an RWLock's read: see LockState
-                _fast_read_add(lks.fast_reads, t + self._t0, t + held_ns + self._t0)
+                union = _fast_read_add(lks.fast_reads, t + self._t0, t + held_ns + self._t0)
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
         lk = self.locks[lock]
         cdef LockStatsState st = (<LockState?>lk).stats
-        st.hold_ns += held_ns
+        st.hold_ns += held_ns if union is None else union
         if st._rw:  # an RWLock's (LockStats(rw=True))
             if mode == 0:
                 st.hold_read_ns += held_ns
@@ -393,6 +594,292 @@ cdef class SchedHooks:
                 st.hold_write_ns += held_ns
         if self.recorder is not None:
             self._record_hold(a, lock, mode, lk, t_obj, t + held_ns)
+        return 0
+
+    cdef int _release_il(self, SchedActor a, lock, mode, LockState lk, long long t) except -1:
+        """:meth:`release` of an interleaved pagewise lock (``LockState.interleaved``), held
+        from ``t`` on the actor's clock: the hold counts now, and its time and acquisitions go
+        to the actor's window (settled at its end), or, outside every window, are a window of
+        their own, settled now."""
+        cdef long long now = self._now0 + _vm_ns(self) - self._mark  # now_ns
+        cdef long long held_ns = now - t
+        cdef long long n = a.pw_calls if a.pw_calls >= 0 else 1
+        cdef long long nl = a.pw_long_n, hl = a.pw_long_ns
+        cdef list acc
+        cdef Ledger led
+        a.pw_calls = -1
+        a.pw_long_n = -1
+        a.pw_long_ns = 0
+        if held_ns:  # for a result taken mid-run (_fast_done_add)
+            _fast_done_add(a, lock, mode, t, now)
+        led = _hook_ledger(self)
+        if led.traced if led is not None else self.vm._subs is not None:
+            self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
+        lk.stats.hold_ns += held_ns
+        if self.recorder is not None:
+            self._record_hold(a, lock, mode, lk, t, now)
+        if held_ns <= 0 or n <= 0:
+            return 0
+        if nl < 0 or n == 1:  # the single holds among its acquisitions
+            nl = 1 if n == 1 else 0
+            hl = held_ns if n == 1 else 0
+        if nl > n:
+            nl = n
+        if hl > held_ns or (nl == n and hl < held_ns):
+            hl = held_ns
+        if a.pw_depth > 0:
+            # [hold ns, acquisitions, first hold's start, of which single holds: ns, count]
+            acc = a.pw_acc.get(lock)
+            if acc is None:
+                a.pw_acc[lock] = [held_ns, n, t, hl, nl]
+            else:
+                acc[0] += held_ns
+                acc[1] += n
+                acc[3] += hl
+                acc[4] += nl
+            return 0
+        self._pw_settle(a, lock, lk, t, now, held_ns, n, hl, nl)
+        return 0
+
+    def pw_begin(self):
+        """The running actor starts a window of work over which the kernel would take the
+        interleaved pagewise locks page by page, between the rest of each page's work (a
+        fault batch, an RMPUPDATE range with its direct-map calls). Windows nest; the
+        outermost counts. Pair each with :meth:`pw_end`."""
+        self._pw_begin()
+
+    cdef int _pw_begin(self) except -1:
+        cdef SchedActor a = self._current
+        if a is None:
+            return 0
+        if a.pw_depth == 0:
+            a.pw_t0 = self._now0 + _vm_ns(self) - self._mark  # now_ns
+        a.pw_depth += 1
+        return 0
+
+    def pw_end(self):
+        """The end of the window :meth:`pw_begin` started: at the outermost, the holds of each
+        interleaved lock in it are settled against the other actors' (:meth:`_pw_settle`)."""
+        self._pw_end()
+
+    cdef int _pw_end(self) except -1:
+        cdef SchedActor a = self._current
+        cdef dict acc
+        cdef list v
+        if a is None or a.pw_depth <= 0:
+            return 0
+        a.pw_depth -= 1
+        if a.pw_depth or not a.pw_acc:
+            return 0
+        acc = a.pw_acc
+        a.pw_acc = {}
+        cdef long long t1 = self._now0 + _vm_ns(self) - self._mark  # now_ns
+        for lock, v in acc.items():
+            if <long long>v[1] == 1:  # one hold: not spread over the window, it is where it is
+                self._pw_settle(a, lock, <LockState?>self.locks[lock], <long long>v[2],
+                                <long long>v[2] + <long long>v[0], <long long>v[0], 1, <long long>v[0], 1)
+            else:
+                self._pw_settle(a, lock, <LockState?>self.locks[lock], a.pw_t0, t1, <long long>v[0],
+                                <long long>v[1], <long long>v[3], <long long>v[4])
+        return 0
+
+    cdef int _pw_settle(self, SchedActor a, lock, LockState lk, long long t0, long long t1,
+                        long long h, long long n, long long hs, long long ns) except -1:
+        """Settle ``a``'s window ``[t0, t1)`` (its clock), in which it held ``lock`` for ``h``
+        ns over ``n`` acquisitions (of which ``ns`` were holds of one acquisition each, ``hs``
+        ns); docs/timeline.md, "Locks the kernel takes page by page".
+
+        In the kernel a window's acquisitions are spread over it, between the rest of its
+        work: it uses the lock at the rate ``d = h / (t1 - t0)``, one acquisition every ``p =
+        (t1 - t0) / n``, its holds of two kinds: its single holds (a split and its flush, one
+        CPA call), ``hs / ns`` on average, and the holds a batch takes page by page, ``(h - hs)
+        / (n - ns)``. A window of one hold is that hold, where it is, at rate 1. Two waits, the
+        larger counts:
+
+        - the lock's capacity: the windows settled before use it at the rate of the lock's
+          load profile (``lk.prof_t`` / ``prof_l``); where that leaves this window less than
+          ``d``, it goes at the speed the rest allows (``_prof_fit``), which makes it longer:
+          by its wait. Its own use then joins the profile. The lock is never used at more
+          than its capacity, whatever the order the windows settle in; a window settled
+          earlier keeps its rate (first come, first served, over a window);
+        - the queueing: one actor's acquisitions are one thread's, which stalls as a whole, so
+          it meets each hold ``c`` of another's settled window (``lk.spans``) inside its
+          window with the probability ``min(1, c / p)`` and waits half of it on average. Each
+          pair of overlapping windows is settled once, by the later of the two, so the
+          earlier window's queueing for this one's holds is settled here too: owed at its
+          actor's next yield (its span grows by it).
+
+        A wait goes on the running actor's clock (what follows starts after it) and passes on
+        SimPy's at its next yield (``lock_debt``, a lock wait). The lock's statistics count
+        the capacity wait as the waits of the window's acquisitions, the queueing as the
+        waits of as many as met a hold (at least one), spread evenly (as :meth:`pagewise`)."""
+        cdef long long dt = t1 - t0, w, ws, e, s, ov, horizon, nj, hj, nsj, hsj, tend
+        cdef double hits = 0.0, wq = 0.0, frac, pj, px, q, qq, c, mo
+        cdef list sp
+        cdef SchedActor k
+        cdef list spans = lk.spans, pieces = []
+        cdef Py_ssize_t i, nsp
+        if spans is None:
+            spans = lk.spans = []
+        if lk.prof_t is None:
+            lk.prof_t = []
+            lk.prof_l = []
+            lk.prof1_t = []
+            lk.prof1_l = []
+        if dt < h:
+            dt = h
+        if dt <= 0 or n <= 0:
+            return 0
+        name = a.name
+        # the capacity: the window against the load profile (a single hold against the other
+        # single holds: it meets the spread page holds only as the queueing below)
+        if n == 1:
+            tend = _prof_fit(lk.prof1_t, lk.prof1_l, t0, dt, <double>h / dt, pieces)
+        else:
+            tend = _prof_fit(lk.prof_t, lk.prof_l, t0, dt, <double>h / dt, pieces)
+        ws = tend - t1 if tend > t1 else 0
+        # the queueing, both ways, against the settled windows it overlaps
+        nsp = len(spans)
+        px = <double>dt / n  # this window's period
+        for i in range(nsp):
+            sp = <list>spans[i]
+            if sp[0] == name:
+                continue
+            s = sp[1]
+            e = sp[2]
+            hj = sp[3]
+            nj = sp[4]
+            ov = (e if e < t1 else t1) - (s if s > t0 else t0)
+            if ov <= 0 or e <= s or nj <= 0:
+                continue
+            hsj = sp[5]
+            nsj = sp[6]
+            frac = <double>ov / <double>(e - s)
+            if nsj:  # its single holds that this window meets, and their waits
+                c = <double>hsj / nsj
+                q = <double>nsj * frac * (c / px if c < px else 1.0)
+                hits += q
+                wq += q * c * 0.5
+            if nj > nsj:  # its page holds
+                c = <double>(hj - hsj) / (nj - nsj)
+                q = <double>(nj - nsj) * frac * (c / px if c < px else 1.0)
+                hits += q
+                wq += q * c * 0.5
+            k = self._actors.get(sp[0])
+            if k is None or not k.in_task:  # its work is done: nothing of it can wait now
+                continue
+            if n == 1:
+                # ... and the other way: its acquisitions meet this single hold where it runs,
+                # after its wait for the single holds before it (none if it is one of them)
+                if nj == 1:
+                    continue
+                ov = (e if e < t1 + ws else t1 + ws) - (s if s > t0 + ws else t0 + ws)
+                if ov <= 0:
+                    continue
+            pj = <double>(e - s) / nj
+            q = qq = 0.0
+            if ns:
+                c = <double>hs / ns
+                q = <double>ns * ov / dt * (c / pj if c < pj else 1.0)
+                qq = q * c * 0.5
+            if n > ns:
+                c = <double>(h - hs) / (n - ns)
+                mo = <double>(n - ns) * ov / dt * (c / pj if c < pj else 1.0)
+                q += mo
+                qq += mo * c * 0.5
+            w = <long long>(qq + 0.5)
+            if w > 0:
+                self._pw_wait(k, lock, lk, sp, w, <long long>(q + 0.5))
+                sp[2] = e + w
+        w = <long long>(wq + 0.5)
+        if ws >= w:
+            w = ws
+        _prof_add(lk.prof_t, lk.prof_l, pieces)
+        if n == 1:
+            _prof_add(lk.prof1_t, lk.prof1_l, pieces)
+        # [actor, start, end, hold ns, acquisitions, single holds' ns, single holds, waits' ns,
+        # wait samples]
+        if n == 1:  # one hold, first come first served: it runs after its wait
+            sp = [name, t0 + w, t1 + w, h, n, hs, ns, 0, 0]
+        else:
+            sp = [name, t0, t1 + w, h, n, hs, ns, 0, 0]
+        spans.append(sp)
+        if (len(spans) > 4 * len(self._actors) + 16 or len(lk.prof_t) > 8 * len(self._actors) + 32
+                or len(lk.prof1_t) > 8 * len(self._actors) + 32):
+            # No window to come starts before SimPy's clock or an open window's start.
+            horizon = int(self.env.now - self._t0)
+            for k in self._actors.values():
+                if k.pw_depth > 0 and k.pw_t0 < horizon:
+                    horizon = k.pw_t0
+            lk.spans = [sp for sp in spans if <long long>sp[2] > horizon]
+            i = _prof_split(lk.prof_t, lk.prof_l, horizon)
+            if i > 0:
+                del lk.prof_t[:i]
+                del lk.prof_l[:i]
+            i = _prof_split(lk.prof1_t, lk.prof1_l, horizon)
+            if i > 0:
+                del lk.prof1_t[:i]
+                del lk.prof1_l[:i]
+            # An actor alone runs ahead of SimPy's clock, which then does not move: nothing
+            # is old enough to drop, and the lists would grow by a window each. The oldest
+            # entries are coarsened instead (a window's neighbours of the same actor merged,
+            # a profile's neighbouring segments averaged), which bounds them.
+            if len(lk.spans) > 8 * len(self._actors) + 64:
+                _spans_coarsen(lk.spans, 4 * len(self._actors) + 32)
+            if len(lk.prof_t) > 16 * len(self._actors) + 128:
+                _prof_coarsen(lk.prof_t, lk.prof_l, 8 * len(self._actors) + 64)
+            if len(lk.prof1_t) > 16 * len(self._actors) + 128:
+                _prof_coarsen(lk.prof1_t, lk.prof1_l, 8 * len(self._actors) + 64)
+        if w > 0:
+            self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
+            self._now0 += w  # the running actor's clock: what follows starts after the wait
+        return 0
+
+    cdef int _pw_wait(self, SchedActor k, lock, LockState lk, list sp, long long w, long long m) except -1:
+        """Actor ``k`` owes a wait of ``w`` ns for interleaved ``lock``, for its window ``sp``
+        in ``lk.spans`` (:meth:`_pw_settle`), as the waits of ``m`` of its acquisitions:
+        passed, and counted, at its next yield (:meth:`_pw_count`)."""
+        if w <= 0:
+            return 0
+        k.lock_debt += w
+        k.debt_lock = lock
+        k.debts.append((lock, lk, sp, w, m))
+        return 0
+
+    cdef int _pw_count(self, lock, LockState lk, list sp, long long w, long long m) except -1:
+        """The lock's statistics count a wait of ``w`` ns for window ``sp``, as the waits of
+        ``m`` of its acquisitions, as it passes (:meth:`_drive`): a window's waits are samples
+        of the wait distribution, its total wait spread evenly over at most its acquisitions
+        (``sp[7]`` ns over ``sp[8]`` samples so far), so a later wait of the same window
+        re-spreads its total and the lock never counts more waits than acquisitions."""
+        cdef LockStatsState st = lk.stats
+        cdef DistState dist = <DistState?>st.wait_distribution
+        cdef long long n = sp[4], W = sp[7], M = sp[8], q, r, m2
+        m2 = M + (m if m > 1 else 1)
+        if m2 > n:
+            m2 = n
+        if M:  # take its samples out: W over M, evenly, as they went in
+            q = W // M
+            r = W % M
+            if r:
+                dist._remove_n(q + 1, r)
+            if q:
+                dist._remove_n(q, M - r)
+        W += w
+        q = W // m2
+        r = W % m2
+        if r:
+            dist._add_c(q + 1, r)
+        if q:
+            dist._add_c(q, m2 - r)
+        st.wait_ns += w
+        st.waits += m2 - M
+        sp[7] = W
+        sp[8] = m2
+        if lock == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
+            self.races["tdx_busy_retry"] += max(m if m > 1 else 1, w // self._seamcall_retry_ns)
+        if self.vm._subs is not None:
+            self.vm._emit("lock_wait", None, None, lock, 1, 0, "write", (w,))
         return 0
 
     def pagewise(self, lock, n):
@@ -406,11 +893,22 @@ cdef class SchedHooks:
         grant)."""
         self._pagewise(lock, n)
 
-    cdef int _pagewise(self, lock, long long n) except -1:
+    cdef int _pagewise(self, lock, long long n, long long nl=-1, long long hl=0) except -1:
+        """:meth:`pagewise`; ``nl`` of the ``n`` acquisitions are long single holds (a split
+        and its flush) that took ``hl`` ns of the hold together (-1: only a hold of one
+        acquisition is one), for an interleaved lock's window (:meth:`_pw_settle`)."""
         cdef SchedActor a = self._current
         if a is None:
             return 0
-        cdef LockStatsState st = (<LockState?>self.locks[lock]).stats
+        cdef LockState lk = <LockState?>self.locks[lock]
+        cdef LockStatsState st = lk.stats
+        if lk.interleaved:  # the release's hold stands for n acquisitions of its window
+            if n > 1:
+                st.acquisitions += n - 1
+            a.pw_calls = n if n > 0 else 0
+            a.pw_long_n = nl
+            a.pw_long_ns = hl
+            return 0
         cdef long long w = a.pw_wait if a.pw_acq == st.acquisitions else 0
         a.pw_acq = -1
         a.pw_wait = 0
@@ -505,7 +1003,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         if a is None:
             return 0
-        if (self._active <= a.in_task and not a.stall_debt and self.recorder is None
+        if (self._active <= a.in_task and not a.stall_debt and not a.lock_debt and self.recorder is None
                 and self._queue_empty_c()):
             self._skipped = True  # Timeline.serialize: the work pending since this point
             self._vis = _vm_ns(self)
@@ -660,7 +1158,7 @@ cdef class SchedHooks:
     cdef int _sync_c(self) except -1:
         """Advance the running actor's clock to its pending work (a round trip to SimPy)."""
         cdef SchedActor a = self._current
-        if a is None or (_vm_ns_is(self, self._mark) and not a.stall_debt):
+        if a is None or (_vm_ns_is(self, self._mark) and not a.stall_debt and not a.lock_debt):
             return 0
         self._switch_c(a, (_SCHED_SYNC, self._take_c()))
         return 0
@@ -718,7 +1216,7 @@ cdef class SchedHooks:
             raise RuntimeError(f"dispatch: vCPU thread {name!r} was finished by stop(); "
                                f"dispatch before stopping the timeline")
         cdef SchedActor a = self._current
-        if a is not None and (not _vm_ns_is(self, self._mark) or a.stall_debt):
+        if a is not None and (not _vm_ns_is(self, self._mark) or a.stall_debt or a.lock_debt):
             self._sync_c()  # the task starts at the caller's clock
         while target.task is not None or not target.idle.triggered:
             self._wait_c(target.idle, True, False)
@@ -736,6 +1234,8 @@ cdef class SchedHooks:
         try:
             fn(*args)
             self._sync_c()
+            if a.lock_debt:  # a later window's settling owed it a wait while its last work passed
+                self._sync_c()
         finally:
             self._set_in_task_c(a, False)
 
@@ -804,7 +1304,7 @@ cdef class SchedHooks:
             self._current = None
             a.charge_to = vm._actor
             op, dt = req[0], req[1]
-            if op == _SCHED_DONE and dt and not a.stall_debt:
+            if op == _SCHED_DONE and dt and not a.stall_debt and not a.lock_debt:
                 # The task is done: its pending work passes, then the thread goes idle. The
                 # timeout's callback frees the thread (the same events in the same order as
                 # resuming this process for it: no IPI can reach a thread outside a task, so
@@ -838,6 +1338,26 @@ cdef class SchedHooks:
                 if rec is not None:
                     self._rec_ipi(a, debt)
                 yield env.timeout(debt)
+            debt = a.lock_debt
+            if debt:
+                # an interleaved pagewise lock's wait (_pw_settle), on its clock already
+                a.lock_debt = 0
+                owed = a.debts  # (more may come in while it passes: the next yield's)
+                a.debts = []
+                t0 = env.now
+                a.flight = _FL_LOCK
+                a.flight_t = t0
+                a.absorb = _AB_HOST
+                yield env.timeout(debt)
+                a.flight = _FL_NONE
+                self._ipi_wake(a)
+                a.wait += debt
+                a.lock_wait += debt
+                a.page_wait += debt
+                for e in owed:  # the locks' statistics count them as they pass
+                    self._pw_count(e[0], e[1], e[2], e[3], e[4])
+                if rec is not None:
+                    self._rec_lock_wait(a, a.debt_lock, t0)
             value = None
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]
@@ -986,38 +1506,46 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
         limit = (gfn + cut) & ~(cut - 1)
     cdef PageFault f = _new_fault(gfn, limit, private, write, prefetch)
     lat = sched._latency_begin()
-    cdef uint64_t before = rangemap_get(sptes, gfn)
-    fp._begin(f)
-    if not f.ret and fp.armed and "mmu_topup" in fp.armed:
-        fp.topup(vm, f, gfn)
-    if not f.ret:
-        fp._faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
-        sched._sync_point()
-    cdef uint64_t end0, keep
-    cdef VmState vs = fp.vs
+    cdef uint64_t before, end0, keep
+    cdef VmState vs
     cdef uint64_t retried = 0
-    if not f.ret:
-        sched._acquire("mmu_lock", 0)
-        end0 = f.end
-        fp._stale(f)
-        if end0 > gfn + 1 and (f.ret or vs.mmu_invalidate_in_progress):
-            # a batch that an invalidation overlapped maps the pages before the first one it
-            # covers (_batch_valid_end); if the check turned the batch back, only the page
-            # whose lookup the invalidation overlapped retried
-            keep = _batch_valid_end(sched, fp, f, gfn, end0)
-            if f.ret and keep > gfn:
-                f.ret = ""
-                fp._retried_one(f)
-                sched.races["pf_retry"] += 1
-                retried = 1
+    cdef FaultResult r
+    # the batch is the window over which the kernel's page-by-page acquisitions of cpa_lock
+    # and the S-EPT interleave with the rest of its faults (SchedHooks.pw_begin)
+    sched._pw_begin()
+    try:
+        before = rangemap_get(sptes, gfn)
+        fp._begin(f)
+        if not f.ret and fp.armed and "mmu_topup" in fp.armed:
+            fp.topup(vm, f, gfn)
+        if not f.ret:
+            fp._faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
+            sched._sync_point()
+        vs = fp.vs
+        if not f.ret:
+            sched._acquire("mmu_lock", 0)
+            end0 = f.end
+            fp._stale(f)
+            if end0 > gfn + 1 and (f.ret or vs.mmu_invalidate_in_progress):
+                # a batch that an invalidation overlapped maps the pages before the first one it
+                # covers (_batch_valid_end); if the check turned the batch back, only the page
+                # whose lookup the invalidation overlapped retried
+                keep = _batch_valid_end(sched, fp, f, gfn, end0)
+                if f.ret and keep > gfn:
+                    f.ret = ""
+                    fp._retried_one(f)
+                    sched.races["pf_retry"] += 1
+                    retried = 1
+                if not f.ret:
+                    f.end = keep
             if not f.ret:
-                f.end = keep
-        if not f.ret:
-            _raced_install(f, sptes, before)
-        if not f.ret:
-            fp._install(f)
-        sched._release("mmu_lock", 0)
-    cdef FaultResult r = fp._finish(f)
+                _raced_install(f, sptes, before)
+            if not f.ret:
+                fp._install(f)
+            sched._release("mmu_lock", 0)
+        r = fp._finish(f)
+    finally:
+        sched._pw_end()
     # (a page of the batch that retried is a sample of its own: the batch's time is spread
     # over it too)
     sched._latency_end("fault", lat, f.nfaults + retried if r.ret == "fixed" else 1 + retried)

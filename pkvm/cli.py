@@ -58,7 +58,7 @@ from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, U
                                          price_space)
 from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
 from pkvm.kvm.policy import preset_table
-from pkvm.sim.timeline import DEFAULT_BATCH_PAGES
+from pkvm.sim.timeline import DEFAULT_BATCH_PAGES, PAGEWISE_LOCK_MODELS
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -194,6 +194,11 @@ def _experiment_options(single_policy: bool) -> _Parser:
                    help="the most 4K pages a private fault batch covers while another actor runs on the "
                         "timeline, a power of two: smaller is finer-grained and slower "
                         "(docs/timeline.md; default: %(default)s, 64 MiB)")
+    g.add_argument("--pagewise-locks", default="interleaved", choices=PAGEWISE_LOCK_MODELS,
+                   help="how the locks the kernel takes page by page (cpa_lock, the TDX S-EPT) are modelled "
+                        "on the timeline: 'interleaved', a batch's page holds interleave with the other "
+                        "vCPUs'; 'batch', a batch holds the lock once for all its pages and others queue "
+                        "behind it (with --batch-pages 1, page by page) (docs/timeline.md; default: %(default)s)")
     g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
                    help="host memory backing shared guest pages (default: %(default)s)")
     g.add_argument("--image", type=_size, default=None, metavar="SIZE",
@@ -361,7 +366,8 @@ def _config(args: argparse.Namespace) -> Config:
         config = experiments.Config(
             **shape, workload=workload, options=options, policy=policy, costs=_once("--cost", args.cost),
             cost_file=args.costs, shared_backing=args.shared_backing, discard=args.discard, trace=args.trace,
-            host_cpus=args.host_cpus, batch_pages=args.batch_pages, timeline=args.timeline, gantt=args.gantt,
+            host_cpus=args.host_cpus, batch_pages=args.batch_pages, pagewise_locks=args.pagewise_locks,
+            timeline=args.timeline, gantt=args.gantt,
             trace_events=trace_events)
     except (ValueError, OSError) as exc:
         message = _as_option(_message(exc))
@@ -1040,6 +1046,9 @@ def _study_options() -> _Parser:
     g.add_argument("--batch-pages", type=_positive_int, default=DEFAULT_BATCH_PAGES, metavar="N",
                    help="the most 4K pages a private fault batch covers while another actor runs, a "
                         "power of two (default: %(default)s)")
+    g.add_argument("--pagewise-locks", default="interleaved", choices=PAGEWISE_LOCK_MODELS,
+                   help="how the locks the kernel takes page by page are modelled: interleaved or batch "
+                        "(docs/timeline.md; default: %(default)s)")
     g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
                    help="host memory backing shared guest pages (default: %(default)s)")
     g.add_argument("--image", type=_size, default=None, metavar="SIZE",
@@ -1341,7 +1350,7 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
 
 #: Config's fields that a message may start with, and the option that sets each.
 _FIELD_OPTIONS = {"memory": "--memory", "image": "--image", "vcpus": "--vcpus", "host_cpus": "--host-cpus",
-                  "batch_pages": "--batch-pages",
+                  "batch_pages": "--batch-pages", "pagewise_locks": "--pagewise-locks",
                   "shared_backing": "--shared-backing", "platform": "--platform"}
 
 

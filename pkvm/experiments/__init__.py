@@ -50,7 +50,7 @@ from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.policy import Policy, platform_mismatch, resolve_policy
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
-from pkvm.sim.timeline import DEFAULT_BATCH_PAGES, check_batch_pages
+from pkvm.sim.timeline import DEFAULT_BATCH_PAGES, PAGEWISE_LOCK_MODELS, check_batch_pages, check_pagewise_locks
 from pkvm.sim.chrome import write_chrome_trace
 from pkvm.sim.gantt import plot_gantt
 from pkvm.sim.recorder import Recorder
@@ -94,7 +94,10 @@ class Config:
     ``fault-time`` on snp and ``6.19`` elsewhere). ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
     on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
     direct-map flush); ``batch_pages`` is the most pages a private fault batch covers while
-    another actor runs (a power of two, 64 MiB by default; see :class:`pkvm.sim.Timeline`).
+    another actor runs (a power of two, 64 MiB by default; see :class:`pkvm.sim.Timeline`);
+    ``pagewise_locks`` how the locks the kernel takes page by page (``cpa_lock``, the TDX
+    S-EPT) are modelled on the timeline, one of :data:`pkvm.sim.timeline.PAGEWISE_LOCK_MODELS`
+    (``"interleaved"`` by default, or ``"batch"``: docs/timeline.md).
     ``discard=False`` makes the VMM keep both backings on conversion (see
     :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see
     :mod:`pkvm.experiments.trace`), or None; ``timeline`` a path for the Chrome trace-event JSON of the
@@ -121,6 +124,7 @@ class Config:
     trace: str | None = None
     host_cpus: int = 64
     batch_pages: int = DEFAULT_BATCH_PAGES
+    pagewise_locks: str = "interleaved"
     timeline: str | None = None
     gantt: str | None = None
     trace_events: tuple[str, ...] | None = None
@@ -171,6 +175,7 @@ class Config:
         if type(self.host_cpus) is not int or not 1 <= self.host_cpus <= 8192:
             raise ValueError(f"host_cpus {self.host_cpus!r} must be an int in [1, 8192]")
         check_batch_pages(self.batch_pages, "batch_pages")
+        check_pagewise_locks(self.pagewise_locks, "pagewise_locks")
         if self.vcpus > self.host_cpus:
             raise ValueError(f"vcpus {self.vcpus} exceed host_cpus {self.host_cpus}: the timeline runs each "
                              "vCPU thread on a host CPU of its own (give host_cpus >= vcpus)")
@@ -539,7 +544,8 @@ def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str,
     workload's code), one thread per vCPU takes its tasks (``docs/timeline.md``)."""
 
     rec = Recorder() if (config.timeline or config.gantt) else None
-    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec, batch_pages=config.batch_pages)
+    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec, batch_pages=config.batch_pages,
+                  pagewise_locks=config.pagewise_locks)
     ctx.timeline = tl
     for g in ctx.guests:
         tl.start_vcpu(g.actor)

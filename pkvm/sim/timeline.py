@@ -34,13 +34,29 @@ from pkvm.sim.locks import Mutex, RWLock, SpinLock
 from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from pkvm.sim.stats import Distribution
 
-__all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS"]
+__all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS", "PAGEWISE_LOCK_MODELS"]
 
 READ, WRITE = 0, 1
 
 #: Timeline(batch_pages=): 64 MiB of 4K pages.
 DEFAULT_BATCH_PAGES = 1 << 14
 MAX_BATCH_PAGES = 1 << 30
+
+
+#: Timeline(pagewise_locks=): how the locks the kernel takes once per page (``cpa_lock``, the
+#: S-EPT) are modelled. "interleaved": a window of work's page holds interleave with the other
+#: actors' (their waits are the lock's excess and each acquisition's queueing,
+#: ``SchedHooks._pw_settle``); "batch": a batch holds the lock once for all its pages and others
+#: queue behind the whole hold (the model before 2026-12-05; with ``batch_pages=1`` it is a
+#: page-by-page simulation).
+PAGEWISE_LOCK_MODELS = ("interleaved", "batch")
+
+
+def check_pagewise_locks(value: object, name: str) -> str:
+    """``value`` if it is one of :data:`PAGEWISE_LOCK_MODELS`, else ValueError naming ``name``."""
+    if type(value) is not str or value not in PAGEWISE_LOCK_MODELS:
+        raise ValueError(f"{name} {value!r} must be one of {', '.join(PAGEWISE_LOCK_MODELS)}")
+    return value
 
 
 def check_batch_pages(value: object, name: str) -> int:
@@ -98,7 +114,10 @@ class Timeline(SchedHooks):
     ``batch_pages``: the most pages a private fault batch covers while another actor is in a
     task (a power of two, default 16384: 64 MiB); smaller is finer-grained and slower, and the
     waits behind another vCPU's batch come in smaller pieces (docs/timeline.md, "Range
-    compression survives"). ValueError for anything else.
+    compression survives"). ``pagewise_locks``: how the locks the kernel takes page by page
+    (``cpa_lock``, the S-EPT) are modelled, :data:`PAGEWISE_LOCK_MODELS` ("interleaved", the
+    default, or "batch"; docs/timeline.md, "Locks the kernel takes page by page"). ValueError
+    for anything else.
 
     Attach it, create actors with :meth:`spawn` (a function run on an actor) or
     :meth:`start_vcpu` (a vCPU thread that takes tasks from :meth:`dispatch`), then run the
@@ -113,7 +132,8 @@ class Timeline(SchedHooks):
     """
 
     def __init__(self, vm: Any, env: simpy.Environment | None = None, *, host_cpus: int = 64,
-                 recorder: Any = None, batch_pages: int = DEFAULT_BATCH_PAGES) -> None:
+                 recorder: Any = None, batch_pages: int = DEFAULT_BATCH_PAGES,
+                 pagewise_locks: str = "interleaved") -> None:
         if not all(hasattr(vm, a) for a in ("_modeled_ns", "costs", "_hostmem")):
             raise TypeError(f"vm must be a pkvm.VM, got {type(vm).__name__}")
         if env is not None and not isinstance(env, simpy.Environment):
@@ -125,6 +145,7 @@ class Timeline(SchedHooks):
         if type(host_cpus) is not int or host_cpus < 1:
             raise ValueError(f"host_cpus={host_cpus!r} must be a positive int")
         check_batch_pages(batch_pages, "batch_pages")
+        check_pagewise_locks(pagewise_locks, "pagewise_locks")
         self.env = env if env is not None else simpy.Environment()
         self.vm = vm
         self.host_cpus = host_cpus
@@ -144,6 +165,12 @@ class Timeline(SchedHooks):
             "cpa_lock": SpinLock(env_, "cpa_lock"),
             "tdx_sept": SpinLock(env_, "tdx_sept"),
         }
+        #: How the locks the kernel takes page by page are modelled (PAGEWISE_LOCK_MODELS).
+        self.pagewise_locks = pagewise_locks
+        if pagewise_locks == "interleaved":
+            for name in ("cpa_lock", "tdx_sept"):
+                self.locks[name].interleaved = True
+                self.locks[name].spans = []
         self._actors: dict[str, _Actor] = {}
         self._active = 0  # actors in a task
         self._current: _Actor | None = None
@@ -348,7 +375,14 @@ class Timeline(SchedHooks):
                     add(mode, t - end)
             for lock, mode, t, t_rel in a.fast_done:
                 if lock == name and t_rel > end:
-                    add(mode, -(t_rel - max(t, end)))
+                    if rw and mode == READ:  # the sum's part; the union's below
+                        read -= t_rel - max(t, end)
+                    else:
+                        add(mode, -(t_rel - max(t, end)))
+        if rw and lk.fast_reads:
+            # hold_ns counts the read holds taken uncontended as a union (the core's
+            # _fast_read_add): the part of that union after end does not count yet
+            hold -= sum(e - (s if s > now else now) for s, e in lk.fast_reads if e > now)
         if hold:
             d["hold_ns"] += int(hold)
         if rw:
@@ -402,6 +436,10 @@ class Timeline(SchedHooks):
         if ns < 0:
             ns = 0
         lk = self.locks[lock]
+        if lk.interleaved:  # never queued: its windows are settled (SchedHooks._pw_settle)
+            a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
+            lk.stats.acquisitions += 1
+            return
         if (self._active <= a.in_task and not lk.locked
                 and self._now0 + vm._modeled_ns - self._mark - ns >= lk.held_until):
             a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
@@ -500,6 +538,8 @@ class Timeline(SchedHooks):
             if t < 0:
                 continue
             lk = self.locks[lock]
+            if lk.interleaved:  # never a SimPy hold (SchedHooks._pw_settle)
+                continue
             ev = (lk.acquire_read(a.name) if mode == READ else lk.acquire_write(a.name)) \
                 if isinstance(lk, RWLock) else lk.acquire(a.name)
             if not ev.triggered:
