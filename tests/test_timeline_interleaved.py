@@ -18,6 +18,18 @@ from pkvm.sim import Timeline
 from test_timeline_snapshots import _check
 
 
+def _window(tl: Timeline, vm: Any, a: int, b: int, n: int) -> None:
+    """One window on the running actor: ``a`` vmexit prices holding cpa_lock as ``n``
+    acquisitions, then ``b`` prices of other work."""
+    tl.pw_begin()
+    tl.acquire("cpa_lock")
+    vm._charge("vmexit", a)
+    tl.pagewise("cpa_lock", n)
+    tl.release("cpa_lock")
+    vm._charge("vmexit", b)
+    tl.pw_end()
+
+
 def _pair(a: int, b: int, n: int, model: str) -> tuple[Any, Timeline, int]:
     """Two vCPUs, each a window of ``a + b`` vmexit prices in which it holds cpa_lock for the
     first ``a`` of them, standing for ``n`` acquisitions; both start at time 0."""
@@ -26,13 +38,7 @@ def _pair(a: int, b: int, n: int, model: str) -> tuple[Any, Timeline, int]:
     ex = vm.costs.ns("vmexit")
 
     def vcpu() -> None:
-        tl.pw_begin()
-        tl.acquire("cpa_lock")
-        vm._charge("vmexit", a)
-        tl.pagewise("cpa_lock", n)
-        tl.release("cpa_lock")
-        vm._charge("vmexit", b)
-        tl.pw_end()
+        _window(tl, vm, a, b, n)
 
     tl.spawn("vcpu0", vcpu)
     tl.spawn("vcpu1", vcpu)
@@ -156,13 +162,7 @@ def test_interleaved_windows_keep_the_accounting_whole(actors: list[list[tuple[i
             for gap, a, b, n in windows:
                 if gap:
                     tl.sleep(gap * ex)
-                tl.pw_begin()
-                tl.acquire("cpa_lock")
-                vm._charge("vmexit", a)
-                tl.pagewise("cpa_lock", n)
-                tl.release("cpa_lock")
-                vm._charge("vmexit", b)
-                tl.pw_end()
+                _window(tl, vm, a, b, n)
 
         for i, windows in enumerate(actors):
             tl.spawn(f"vcpu{i}", body, windows)
