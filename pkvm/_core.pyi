@@ -352,7 +352,6 @@ class SchedActor:
     pw_long_ns: int
     lock_debt: int
     pw_acc: dict[Any, Any]
-    debt_lock: Any
     debts: list[Any]
     absorb: int
     ipi_in: list[Any]

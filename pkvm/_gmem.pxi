@@ -603,17 +603,20 @@ cdef class SnpPath:
         code): an armed ``set_memory`` failure goes entry by entry through the Python
         ``_rmpupdate_injected``."""
         cdef SchedHooks sched = <SchedHooks?>self.vs._sched if self.vs._sched is not None else None
-        if sched is not None:
-            # the range is a window over which the kernel's page-by-page direct-map calls (and
-            # so cpa_lock) interleave with its RMPUPDATEs (SchedHooks.pw_begin; inside a fault
-            # batch, the batch's window counts)
-            sched._pw_begin()
-            try:
-                if self.armed and (dm == _DM_BOTH or dm == _DM_BEFORE) and "set_memory" in self.armed:
-                    return self.injected(self.vm, pfn, npages, level, assigned, gfn, immutable, _DM_NAMES[dm])
-                return self.body(pfn, npages, level, assigned, gfn, immutable, dm)
-            finally:
-                sched._pw_end()
+        if sched is None:
+            return self._update(pfn, npages, level, assigned, gfn, immutable, dm)
+        # the range is a window over which the kernel's page-by-page direct-map calls (and so
+        # cpa_lock) interleave with its RMPUPDATEs (SchedHooks.pw_begin; inside a fault batch,
+        # the batch's window counts)
+        sched._pw_begin()
+        try:
+            return self._update(pfn, npages, level, assigned, gfn, immutable, dm)
+        finally:
+            sched._pw_end()
+
+    cdef inline int _update(self, uint64_t pfn, uint64_t npages, int level, bint assigned, uint64_t gfn,
+                            bint immutable, int dm) except? -1000:
+        """:meth:`rmpupdate_range`'s work: :meth:`body`, or the injected path when armed."""
         if self.armed and (dm == _DM_BOTH or dm == _DM_BEFORE) and "set_memory" in self.armed:
             return self.injected(self.vm, pfn, npages, level, assigned, gfn, immutable, _DM_NAMES[dm])
         return self.body(pfn, npages, level, assigned, gfn, immutable, dm)

@@ -369,13 +369,12 @@ cdef class SchedActor:
     # clock, the holds in it per lock (lock -> [hold ns, acquisitions, first hold's start, single
     # holds' ns, single holds]), the acquisitions the next release stands for and how many of
     # them are long single holds, in how many ns (SchedHooks._pagewise; -1: one, and a hold of
-    # one acquisition is a single hold); the wait it owes for them (on its
-    # clock already when its own window settled it; SchedHooks._pw_settle), passed on SimPy's
-    # at its next yield, and the lock it was for.
+    # one acquisition is a single hold); the wait it owes for them (on its clock already when
+    # its own window settled it; SchedHooks._pw_settle), passed on SimPy's at its next yield,
+    # and its parts as ``(lock, lock state, window, ns, waits)`` (SchedHooks._pw_count).
     cdef public int pw_depth
     cdef public long long pw_t0, pw_calls, pw_long_n, pw_long_ns, lock_debt
     cdef public dict pw_acc
-    cdef public object debt_lock
     cdef public list debts
 
     def __init__(self, name, vcpu):
@@ -410,7 +409,6 @@ cdef class SchedActor:
         self.pw_long_ns = 0
         self.lock_debt = 0
         self.pw_acc = {}
-        self.debt_lock = None
         self.debts = []
         self.absorb = _AB_NONE
         self.ipi_in = []
@@ -565,16 +563,14 @@ cdef class SchedHooks:
         if t < 0:
             self._release_slow(a, lock, mode)
             return 0
-        cdef LockState lki = <LockState?>self.locks[lock]
-        if lki.interleaved:
-            return self._release_il(a, lock, mode, lki, t)
-        a.fast -= 1
+        cdef LockState lks = <LockState?>self.locks[lock]
         union = None  # a read hold's part outside the other read holds (_fast_read_add)
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
         if held_ns:  # for a result taken mid-run (_fast_done_add: kept short, exactly)
             _fast_done_add(a, lock, mode, t, t + held_ns)
-        cdef LockState lks = <LockState?>self.locks[lock]
-        if held_ns > 0:  # others SimPy runs before its end wait for it (_lock_free_at)
+        if lks.interleaved:  # never a SimPy hold, nor one others wait for (_pw_settle)
+            pass
+        elif held_ns > 0:  # others SimPy runs before its end wait for it (_lock_free_at)
             if t + held_ns > lks.held_until:
                 lks.held_until = t + held_ns
             if (mode != 0 or not lks.stats._rw) and t + held_ns > lks.written_until:
@@ -584,8 +580,7 @@ cdef class SchedHooks:
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
-        lk = self.locks[lock]
-        cdef LockStatsState st = (<LockState?>lk).stats
+        cdef LockStatsState st = lks.stats
         st.hold_ns += held_ns if union is None else union
         if st._rw:  # an RWLock's (LockStats(rw=True))
             if mode == 0:
@@ -593,31 +588,23 @@ cdef class SchedHooks:
             else:
                 st.hold_write_ns += held_ns
         if self.recorder is not None:
-            self._record_hold(a, lock, mode, lk, t_obj, t + held_ns)
+            self._record_hold(a, lock, mode, lks, t_obj, t + held_ns)
+        if lks.interleaved:
+            return self._pw_hold(a, lock, lks, t, held_ns)
+        a.fast -= 1
         return 0
 
-    cdef int _release_il(self, SchedActor a, lock, mode, LockState lk, long long t) except -1:
-        """:meth:`release` of an interleaved pagewise lock (``LockState.interleaved``), held
-        from ``t`` on the actor's clock: the hold counts now, and its time and acquisitions go
+    cdef int _pw_hold(self, SchedActor a, lock, LockState lk, long long t, long long held_ns) except -1:
+        """A hold of an interleaved pagewise lock (``LockState.interleaved``) from ``t`` on the
+        actor's clock, released (and counted) by :meth:`release`: its time and acquisitions go
         to the actor's window (settled at its end), or, outside every window, are a window of
         their own, settled now."""
-        cdef long long now = self._now0 + _vm_ns(self) - self._mark  # now_ns
-        cdef long long held_ns = now - t
         cdef long long n = a.pw_calls if a.pw_calls >= 0 else 1
         cdef long long nl = a.pw_long_n, hl = a.pw_long_ns
         cdef list acc
-        cdef Ledger led
         a.pw_calls = -1
         a.pw_long_n = -1
         a.pw_long_ns = 0
-        if held_ns:  # for a result taken mid-run (_fast_done_add)
-            _fast_done_add(a, lock, mode, t, now)
-        led = _hook_ledger(self)
-        if led.traced if led is not None else self.vm._subs is not None:
-            self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
-        lk.stats.hold_ns += held_ns
-        if self.recorder is not None:
-            self._record_hold(a, lock, mode, lk, t, now)
         if held_ns <= 0 or n <= 0:
             return 0
         if nl < 0 or n == 1:  # the single holds among its acquisitions
@@ -638,7 +625,7 @@ cdef class SchedHooks:
                 acc[3] += hl
                 acc[4] += nl
             return 0
-        self._pw_settle(a, lock, lk, t, now, held_ns, n, hl, nl)
+        self._pw_settle(a, lock, lk, t, t + held_ns, held_ns, n, hl, nl)
         return 0
 
     def pw_begin(self):
@@ -714,7 +701,7 @@ cdef class SchedHooks:
         the capacity wait as the waits of the window's acquisitions, the queueing as the
         waits of as many as met a hold (at least one), spread evenly (as :meth:`pagewise`)."""
         cdef long long dt = t1 - t0, w, ws, e, s, ov, horizon, nj, hj, nsj, hsj, tend
-        cdef double hits = 0.0, wq = 0.0, frac, pj, px, q, qq, c, mo
+        cdef double hits = 0.0, wq = 0.0, frac, pj, px, q, qq, c, qp
         cdef list sp
         cdef SchedActor k
         cdef list spans = lk.spans, pieces = []
@@ -784,9 +771,9 @@ cdef class SchedHooks:
                 qq = q * c * 0.5
             if n > ns:
                 c = <double>(h - hs) / (n - ns)
-                mo = <double>(n - ns) * ov / dt * (c / pj if c < pj else 1.0)
-                q += mo
-                qq += mo * c * 0.5
+                qp = <double>(n - ns) * ov / dt * (c / pj if c < pj else 1.0)
+                q += qp
+                qq += qp * c * 0.5
             w = <long long>(qq + 0.5)
             if w > 0:
                 self._pw_wait(k, lock, lk, sp, w, <long long>(q + 0.5))
@@ -842,7 +829,6 @@ cdef class SchedHooks:
         if w <= 0:
             return 0
         k.lock_debt += w
-        k.debt_lock = lock
         k.debts.append((lock, lk, sp, w, m))
         return 0
 
@@ -1357,7 +1343,7 @@ cdef class SchedHooks:
                 for e in owed:  # the locks' statistics count them as they pass
                     self._pw_count(e[0], e[1], e[2], e[3], e[4])
                 if rec is not None:
-                    self._rec_lock_wait(a, a.debt_lock, t0)
+                    self._rec_lock_wait(a, (<tuple>owed[len(owed) - 1])[0], t0)
             value = None
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]
