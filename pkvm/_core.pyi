@@ -383,8 +383,6 @@ class LockState:
     spans: list[Any] | None
     prof_t: list[int] | None
     prof_l: list[float] | None
-    prof1_t: list[int] | None
-    prof1_l: list[float] | None
 
 @disjoint_base
 class DistState:

@@ -42,19 +42,15 @@ cdef class LockState:
     # A lock the kernel takes once per page (``_PAGEWISE_LOCKS``) under
     # ``Timeline(pagewise_locks="interleaved")``: its holds never queue in SimPy; each window of
     # work that held it (``SchedHooks.pw_begin`` / ``pw_end``) is settled against the others'
-    # (``SchedHooks._pw_settle``), and ``spans`` keeps the settled windows as ``(actor, start,
-    # end, hold ns, acquisitions)``, ns since the timeline's start, until no window can overlap
-    # them. False / None on the other locks and under ``pagewise_locks="batch"``.
+    # (``SchedHooks._pw_settle``), and ``spans`` keeps the settled windows (actor, start, end,
+    # holds, where it used the lock: ``_pw_settle``'s list), ns since the timeline's start,
+    # until no window can overlap them. False / None on the other locks and under ``pagewise_locks="batch"``.
     cdef public bint interleaved
     cdef public list spans
     # ... and the lock's load profile, the rate at which the settled windows use it: ``prof_l[i]``
     # on ``[prof_t[i], prof_t[i + 1])`` (the last one from ``prof_t[-1]`` on), 0 before
     # ``prof_t[0]`` (SchedHooks._pw_settle; _prof_fit, _prof_add)
     cdef public list prof_t, prof_l
-    # ... and the part of it that windows of one hold make (a split and its flush, placed where
-    # it is): another such hold waits for them first come, first served, where it only queues
-    # behind the spread page holds of the other windows (SchedHooks._pw_settle)
-    cdef public list prof1_t, prof1_l
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -264,8 +260,9 @@ cdef long long _prof_fit(list pt, list pl, long long t0, long long dt, double d,
     return t
 
 
-cdef int _prof_add(list pt, list pl, list pieces) except -1:
-    """Add each ``(start, end, rate)`` of ``pieces`` to the load profile."""
+cdef int _prof_add(list pt, list pl, list pieces, double sign=1.0) except -1:
+    """Add each ``(start, end, rate)`` of ``pieces`` to the load profile (``sign=-1``: take
+    them out of it)."""
     cdef tuple pc
     cdef Py_ssize_t a, b, i
     for pc in pieces:
@@ -274,7 +271,7 @@ cdef int _prof_add(list pt, list pl, list pieces) except -1:
         a = _prof_split(pt, pl, pc[0])
         b = _prof_split(pt, pl, pc[1])
         for i in range(a, b):
-            pl[i] = <double>pl[i] + <double>pc[2]
+            pl[i] = <double>pl[i] + sign * <double>pc[2]
     return 0
 
 
@@ -292,9 +289,62 @@ cdef int _spans_coarsen(list spans, Py_ssize_t keep) except -1:
             continue
         spans[i] = [x[0], x[1] if x[1] < y[1] else y[1], x[2] if x[2] > y[2] else y[2],
                     <long long>x[3] + <long long>y[3], <long long>x[4] + <long long>y[4],
-                    <long long>x[5] + <long long>y[5], <long long>x[6] + <long long>y[6], 0, 0]
+                    <long long>x[5] + <long long>y[5], <long long>x[6] + <long long>y[6], 0, 0,
+                    <long long>x[9] + <long long>y[9], _pieces_merge(<list>x[10] + <list>y[10])]
         del spans[i + 1]
     return 0
+
+
+cdef list _pieces_merge(list pieces):
+    """Where two merged windows used the lock, as one piece at their average rate over the
+    stretch from the first's start to the last's end (bounded, for _spans_coarsen)."""
+    cdef long long a, b
+    cdef double u = 0.0
+    cdef tuple pc
+    if not pieces:
+        return []
+    a = pieces[0][0]
+    b = pieces[0][1]
+    for pc in pieces:
+        if <long long>pc[0] < a:
+            a = pc[0]
+        if <long long>pc[1] > b:
+            b = pc[1]
+        u += <double>(<long long>pc[1] - <long long>pc[0]) * <double>pc[2]
+    return [(a, b, u / <double>(b - a))] if b > a else []
+
+
+cdef long long _free_slot(list busy, long long x, long long dur) except -1:
+    """The earliest ``t >= x`` at which none of the ``busy`` intervals (``(start, end)``,
+    sorted by start) meets ``[t, t + dur)``."""
+    cdef tuple iv
+    cdef long long s, e
+    for iv in busy:
+        s = iv[0]
+        e = iv[1]
+        if e <= x:
+            continue
+        if s >= x + dur:
+            break
+        x = e
+    return x
+
+
+cdef double _pieces_use(list pieces, long long a, long long b):
+    """The lock time the ``(start, end, rate)`` pieces of a window use in ``[a, b)``."""
+    cdef double u = 0.0
+    cdef long long x, y
+    cdef tuple pc
+    for pc in pieces:
+        x = pc[0]
+        y = pc[1]
+        if x < a:
+            x = a
+        if y > b:
+            y = b
+        if y > x:
+            u += <double>(y - x) * <double>pc[2]
+    return u
 
 
 cdef int _prof_coarsen(list pt, list pl, Py_ssize_t keep) except -1:
@@ -314,6 +364,29 @@ cdef int _prof_coarsen(list pt, list pl, Py_ssize_t keep) except -1:
         if i + 2 >= len(pt):
             i = 0
     return 0
+
+
+cdef inline double _meet_p(double c, double p, double g) noexcept:
+    """The probability that a thread which acquires a lock every ``p`` ns and leaves it free
+    ``g`` ns of each period (its own hold is ``p - g``) meets a hold of ``c`` ns that begins at
+    a random moment of its period: certain when the hold outlasts the free gap, else ``c / p``
+    (docs/timeline.md, "Locks the kernel takes page by page")."""
+    if c >= g:
+        return 1.0
+    return c / p if p > 0.0 else 1.0
+
+
+cdef inline double _meet_w(double c, double p, double g) noexcept:
+    """The mean wait of that thread for that hold: a hold that begins in the thread's own hold
+    goes next, and the thread waits ``max(0, c - g)`` at its next acquisition; one that begins
+    ``v`` ns before that acquisition (``v`` even in ``[0, g)``) makes it wait ``max(0, c - v)``.
+    Averaged over the period: ``c - g (p - g / 2) / p`` when ``c >= g``, else ``c^2 / 2p``
+    (half a hold times the chance to meet it)."""
+    if p <= 0.0:
+        return c
+    if c >= g:
+        return c - g * (p - 0.5 * g) / p
+    return c * c / (2.0 * p)
 
 
 cdef inline long long _lock_free_at(LockState lk, mode):
@@ -678,121 +751,225 @@ cdef class SchedHooks:
 
         In the kernel a window's acquisitions are spread over it, between the rest of its
         work: it uses the lock at the rate ``d = h / (t1 - t0)``, one acquisition every ``p =
-        (t1 - t0) / n``, its holds of two kinds: its single holds (a split and its flush, one
-        CPA call), ``hs / ns`` on average, and the holds a batch takes page by page, ``(h - hs)
-        / (n - ns)``. A window of one hold is that hold, where it is, at rate 1. Two waits, the
-        larger counts:
+        (t1 - t0) / n``, leaving it free ``g = p - h / n`` of each period; its holds are of two
+        kinds: its single holds (a split and its flush, one CPA call), ``hs / ns`` on average,
+        and the holds a batch takes page by page, ``(h - hs) / (n - ns)``. Each settled window
+        (``lk.spans``) keeps where it used the lock (its pieces, ``(start, end, rate)``), which
+        make up the lock's load profile (``lk.prof_t`` / ``prof_l``).
 
-        - the lock's capacity: the windows settled before use it at the rate of the lock's
-          load profile (``lk.prof_t`` / ``prof_l``); where that leaves this window less than
-          ``d``, it goes at the speed the rest allows (``_prof_fit``), which makes it longer:
-          by its wait. Its own use then joins the profile. The lock is never used at more
-          than its capacity, whatever the order the windows settle in; a window settled
-          earlier keeps its rate (first come, first served, over a window);
-        - the queueing: one actor's acquisitions are one thread's, which stalls as a whole, so
-          it meets each hold ``c`` of another's settled window (``lk.spans``) inside its
-          window with the probability ``min(1, c / p)`` and waits half of it on average. Each
-          pair of overlapping windows is settled once, by the later of the two, so the
-          earlier window's queueing for this one's holds is settled here too: owed at its
-          actor's next yield (its span grows by it).
+        - The queueing: one actor's acquisitions are one thread's, which stalls as a whole. It
+          meets a page hold ``c`` of another window with the probability ``min(1, c / p)`` and
+          waits half of it; a single hold it meets at its first acquisition after the hold
+          began, and waits ``_meet_w`` (most of the hold when it outlasts ``g``). A window of
+          one hold meets the hold in progress when it comes.
+        - The capacity: a window of many holds goes through the load profile at the speed the
+          rest leaves it (``_prof_fit``: where the load leaves less than ``d``, at ``(1 -
+          load) / d``), so the lock is never used above its capacity; a window settled earlier
+          keeps its rate. A window of one hold, after the hold it met, takes the first stretch
+          the other single holds leave free (first come, first served), at the speed the
+          windows of actors whose work is done leave it.
+
+        The larger of the two is the window's wait. Each pair of overlapping windows is
+        settled once, by the later of the two, so the earlier window's wait for this one's
+        holds is settled here too, if its actor is still at work: owed at its next yield, and
+        its window ends later by it. A window of one hold does not go around such a window's
+        load: that window stalls at its next acquisition until the hold ends, and what it had
+        left of its use of the lock comes after the hold, around the load there. A wait owed
+        moves everything its actor did after that window (``_pw_shift``).
 
         A wait goes on the running actor's clock (what follows starts after it) and passes on
         SimPy's at its next yield (``lock_debt``, a lock wait). The lock's statistics count
         the capacity wait as the waits of the window's acquisitions, the queueing as the
         waits of as many as met a hold (at least one), spread evenly (as :meth:`pagewise`)."""
-        cdef long long dt = t1 - t0, w, ws, e, s, ov, horizon, nj, hj, nsj, hsj, tend
-        cdef double hits = 0.0, wq = 0.0, frac, pj, px, q, qq, c, qp
-        cdef list sp
+        cdef long long dt = t1 - t0, ta, a1, b1, x, w, wj, ws, e, s, ov, horizon, nj, hj, nsj, hsj, tend
+        cdef double hits = 0.0, wq = 0.0, frac, pj, px, q, qq, c, qp, gx, gj
+        cdef list sp, fp_t, fp_l, busy
+        cdef tuple pc
         cdef SchedActor k
-        cdef list spans = lk.spans, pieces = []
+        cdef list spans = lk.spans, pieces = [], before, after, rest
+        cdef double u
         cdef Py_ssize_t i, nsp
         if spans is None:
             spans = lk.spans = []
         if lk.prof_t is None:
             lk.prof_t = []
             lk.prof_l = []
-            lk.prof1_t = []
-            lk.prof1_l = []
         if dt < h:
             dt = h
         if dt <= 0 or n <= 0:
             return 0
         name = a.name
-        # the capacity: the window against the load profile (a single hold against the other
-        # single holds: it meets the spread page holds only as the queueing below)
-        if n == 1:
-            tend = _prof_fit(lk.prof1_t, lk.prof1_l, t0, dt, <double>h / dt, pieces)
-        else:
-            tend = _prof_fit(lk.prof_t, lk.prof_l, t0, dt, <double>h / dt, pieces)
-        ws = tend - t1 if tend > t1 else 0
-        # the queueing, both ways, against the settled windows it overlaps
+        # the queueing: this window meets the holds of the settled windows it overlaps
         nsp = len(spans)
         px = <double>dt / n  # this window's period
+        gx = <double>(dt - h) / n  # the lock's free time in each
         for i in range(nsp):
             sp = <list>spans[i]
-            if sp[0] == name:
-                continue
             s = sp[1]
             e = sp[2]
             hj = sp[3]
             nj = sp[4]
+            if sp[0] == name or e <= s or nj <= 0 or hj <= 0 or (n == 1 and nj == 1):
+                continue  # (a single hold meets another first come, first served: below)
             ov = (e if e < t1 else t1) - (s if s > t0 else t0)
-            if ov <= 0 or e <= s or nj <= 0:
+            if ov <= 0:
                 continue
             hsj = sp[5]
             nsj = sp[6]
-            frac = <double>ov / <double>(e - s)
+            # the share of its holds inside this window: where it used the lock
+            frac = _pieces_use(<list>sp[10], t0, t1) / hj
+            if frac > 1.0:
+                frac = 1.0
             if nsj:  # its single holds that this window meets, and their waits
                 c = <double>hsj / nsj
-                q = <double>nsj * frac * (c / px if c < px else 1.0)
-                hits += q
-                wq += q * c * 0.5
+                if n > 1:  # this thread's acquisitions meet a long hold at the first after its start
+                    hits += <double>nsj * frac * _meet_p(c, px, gx)
+                    wq += <double>nsj * frac * _meet_w(c, px, gx)
+                else:  # one acquisition: it meets the hold if it comes during it
+                    q = <double>nsj * frac * (c / px if c < px else 1.0)
+                    hits += q
+                    wq += q * c * 0.5
             if nj > nsj:  # its page holds
                 c = <double>(hj - hsj) / (nj - nsj)
                 q = <double>(nj - nsj) * frac * (c / px if c < px else 1.0)
                 hits += q
                 wq += q * c * 0.5
+        w = <long long>(wq + 0.5)
+        # the capacity: a window against the load profile, where the larger of the two waits
+        # counts. A single hold, after the page hold it met, against the other single holds
+        # (first come, first served) and the windows of actors whose work is done, which
+        # nothing can delay now; the windows of actors still at work wait for it (below).
+        ta = t0 + w
+        if n == 1:
+            fp_t = []  # the windows that are done
+            fp_l = []
+            busy = []  # the single holds
+            for sp in spans:
+                s = sp[1]
+                e = sp[2]
+                if sp[0] == name or e <= ta or e <= s:
+                    continue
+                if <long long>sp[4] == 1:
+                    for pc in <list>sp[10]:
+                        busy.append((pc[0], pc[1]))
+                    continue
+                k = self._actors.get(sp[0])
+                if k is None or not k.in_task:
+                    _prof_add(fp_t, fp_l, <list>sp[10])
+            busy.sort()
+            # A hold is one: the first stretch the single holds leave free for it, as long as
+            # the done windows' load there makes it (it goes at the speed they allow).
+            x = _free_slot(busy, ta, dt)
+            for i in range(64):
+                pieces = []
+                tend = _prof_fit(fp_t, fp_l, x, dt, <double>h / dt, pieces)
+                if tend == x + dt or _free_slot(busy, x, tend - x) == x:
+                    break
+                x = _free_slot(busy, x, tend - x)
+        else:
+            tend = _prof_fit(lk.prof_t, lk.prof_l, t0, dt, <double>h / dt, pieces)
+        ws = tend - t1 if tend > t1 else 0
+        if ws > w:
+            w = ws
+        _prof_add(lk.prof_t, lk.prof_l, pieces)
+        a1 = <long long>pieces[0][0] if pieces else t0 + w  # where this window holds the lock
+        b1 = <long long>pieces[len(pieces) - 1][1] if pieces else t1 + w
+        # ... and the other way: the windows of actors still at work meet this one's holds (its
+        # actor's wait is owed at its next yield, and its window ends later by it). Each pair
+        # of overlapping windows is settled once, here, by the later of the two.
+        for i in range(nsp):
+            sp = <list>spans[i]
+            s = sp[1]
+            e = sp[2]
+            hj = sp[3]
+            nj = sp[4]
+            if sp[0] == name or e <= s or nj <= 0:
+                continue
             k = self._actors.get(sp[0])
             if k is None or not k.in_task:  # its work is done: nothing of it can wait now
                 continue
+            pj = <double>(<long long>sp[9]) / nj  # its period, as it runs (without its waits)
+            gj = <double>(<long long>sp[9] - hj) / nj
+            if gj < 0.0:
+                gj = 0.0
             if n == 1:
-                # ... and the other way: its acquisitions meet this single hold where it runs,
-                # after its wait for the single holds before it (none if it is one of them)
-                if nj == 1:
+                # A single hold, where it runs after its wait: a window still acquiring when it
+                # begins stalls at its next acquisition until it ends (a single hold meets
+                # another single hold first come, first served, above), and what it had left
+                # of its use of the lock comes after it.
+                if e <= a1 or s >= b1:
                     continue
-                ov = (e if e < t1 + ws else t1 + ws) - (s if s > t0 + ws else t0 + ws)
+                if nj == 1:
+                    continue  # first come, first served (above)
+                x = s if s > a1 else a1
+                before = []
+                after = []
+                u = 0.0
+                for pc in <list>sp[10]:
+                    if <long long>pc[1] <= x:
+                        before.append(pc)
+                    elif <long long>pc[0] >= x:
+                        after.append(pc)
+                        u += <double>(<long long>pc[1] - <long long>pc[0]) * <double>pc[2]
+                    else:
+                        before.append((pc[0], x, pc[2]))
+                        after.append((x, pc[1], pc[2]))
+                        u += <double>(<long long>pc[1] - x) * <double>pc[2]
+                if u <= 0.0:
+                    continue  # no acquisition left
+                c = <double>(b1 - x)
+                q = _meet_p(c, pj, gj)
+                wj = <long long>(_meet_w(c, pj, gj) + 0.5)
+                # What it had left from x on, less the work it did before it stalled, after
+                # this hold and around the load there (_prof_fit: never above capacity).
+                _prof_add(lk.prof_t, lk.prof_l, after, -1.0)
+                ov = e - x - (b1 - x - wj)
+                if <double>ov < u:
+                    ov = <long long>u + (1 if u > <long long>u else 0)
+                rest = []
+                tend = _prof_fit(lk.prof_t, lk.prof_l, b1, ov, u / <double>ov, rest)
+                _prof_add(lk.prof_t, lk.prof_l, rest)
+                wj = tend - e
+                if wj <= 0:  # nothing to wait for: where it was
+                    _prof_add(lk.prof_t, lk.prof_l, rest, -1.0)
+                    _prof_add(lk.prof_t, lk.prof_l, after)
+                    continue
+                sp[10] = before + rest
+                sp[2] = e + wj
+                wj += self._pw_shift(lk, sp, e, wj)
+                self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
+                continue
+            else:
+                ov = (e if e < t1 else t1) - (s if s > t0 else t0)
                 if ov <= 0:
                     continue
-            pj = <double>(e - s) / nj
-            q = qq = 0.0
-            if ns:
-                c = <double>hs / ns
-                q = <double>ns * ov / dt * (c / pj if c < pj else 1.0)
-                qq = q * c * 0.5
-            if n > ns:
-                c = <double>(h - hs) / (n - ns)
-                qp = <double>(n - ns) * ov / dt * (c / pj if c < pj else 1.0)
-                q += qp
-                qq += qp * c * 0.5
-            w = <long long>(qq + 0.5)
-            if w > 0:
-                self._pw_wait(k, lock, lk, sp, w, <long long>(q + 0.5))
-                sp[2] = e + w
-        w = <long long>(wq + 0.5)
-        if ws >= w:
-            w = ws
-        _prof_add(lk.prof_t, lk.prof_l, pieces)
-        if n == 1:
-            _prof_add(lk.prof1_t, lk.prof1_l, pieces)
+                q = qq = 0.0
+                if ns:
+                    c = <double>hs / ns
+                    if nj > 1:
+                        q = <double>ns * ov / dt * _meet_p(c, pj, gj)
+                        qq = <double>ns * ov / dt * _meet_w(c, pj, gj)
+                    else:
+                        q = <double>ns * ov / dt * (c / pj if c < pj else 1.0)
+                        qq = q * c * 0.5
+                if n > ns:
+                    c = <double>(h - hs) / (n - ns)
+                    qp = <double>(n - ns) * ov / dt * (c / pj if c < pj else 1.0)
+                    q += qp
+                    qq += qp * c * 0.5
+            wj = <long long>(qq + 0.5)
+            if wj > 0:
+                sp[2] = e + wj
+                wj += self._pw_shift(lk, sp, e, wj)
+                self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
         # [actor, start, end, hold ns, acquisitions, single holds' ns, single holds, waits' ns,
-        # wait samples]
+        # wait samples, its length without waits, where it used the lock: (start, end, rate)]
         if n == 1:  # one hold, first come first served: it runs after its wait
-            sp = [name, t0 + w, t1 + w, h, n, hs, ns, 0, 0]
+            sp = [name, t0 + w, t1 + w, h, n, hs, ns, 0, 0, dt, pieces]
         else:
-            sp = [name, t0, t1 + w, h, n, hs, ns, 0, 0]
+            sp = [name, t0, t1 + w, h, n, hs, ns, 0, 0, dt, pieces]
         spans.append(sp)
-        if (len(spans) > 4 * len(self._actors) + 16 or len(lk.prof_t) > 8 * len(self._actors) + 32
-                or len(lk.prof1_t) > 8 * len(self._actors) + 32):
+        if len(spans) > 4 * len(self._actors) + 16 or len(lk.prof_t) > 8 * len(self._actors) + 32:
             # No window to come starts before SimPy's clock or an open window's start.
             horizon = int(self.env.now - self._t0)
             for k in self._actors.values():
@@ -803,10 +980,6 @@ cdef class SchedHooks:
             if i > 0:
                 del lk.prof_t[:i]
                 del lk.prof_l[:i]
-            i = _prof_split(lk.prof1_t, lk.prof1_l, horizon)
-            if i > 0:
-                del lk.prof1_t[:i]
-                del lk.prof1_l[:i]
             # An actor alone runs ahead of SimPy's clock, which then does not move: nothing
             # is old enough to drop, and the lists would grow by a window each. The oldest
             # entries are coarsened instead (a window's neighbours of the same actor merged,
@@ -815,12 +988,54 @@ cdef class SchedHooks:
                 _spans_coarsen(lk.spans, 4 * len(self._actors) + 32)
             if len(lk.prof_t) > 16 * len(self._actors) + 128:
                 _prof_coarsen(lk.prof_t, lk.prof_l, 8 * len(self._actors) + 64)
-            if len(lk.prof1_t) > 16 * len(self._actors) + 128:
-                _prof_coarsen(lk.prof1_t, lk.prof1_l, 8 * len(self._actors) + 64)
         if w > 0:
             self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
             self._now0 += w  # the running actor's clock: what follows starts after the wait
         return 0
+
+    cdef long long _pw_shift(self, LockState lk, list sp, long long after, long long w) except -1:
+        """The wait ``w`` owed for window ``sp`` moves everything its actor did after it: its
+        settled windows that begin at or after ``after`` (the window's end before the wait),
+        in order, start ``w`` ns later and are fitted again against the lock's load there
+        (_prof_fit), which may make them wait longer. That further wait, for the actor to owe
+        with ``w``."""
+        cdef list x, old, new, later = None, spans = lk.spans
+        cdef long long extra = 0, s0, e0, tend, dt
+        cdef Py_ssize_t i = len(spans) - 1
+        cdef tuple pc
+        name = sp[0]
+        # An actor's windows settle in the order of its clock: its later ones come after sp.
+        while i >= 0:
+            x = <list>spans[i]
+            if x is sp:
+                break
+            if x[0] == name and <long long>x[1] >= after:
+                if later is None:
+                    later = []
+                later.append(x)
+            i -= 1
+        if later is None:
+            return 0
+        later.reverse()
+        for x in later:
+            old = <list>x[10]
+            _prof_add(lk.prof_t, lk.prof_l, old, -1.0)
+            s0 = <long long>x[1] + w + extra
+            e0 = <long long>x[2] + w + extra
+            dt = x[9]
+            new = []
+            if dt > 0 and <long long>x[3] > 0:
+                tend = _prof_fit(lk.prof_t, lk.prof_l, s0, dt, <double>(<long long>x[3]) / dt, new)
+            else:
+                tend = s0
+            _prof_add(lk.prof_t, lk.prof_l, new)
+            if tend > e0:  # the load where it lands now makes it wait longer
+                extra += tend - e0
+                e0 = tend
+            x[1] = s0
+            x[2] = e0
+            x[10] = new
+        return extra
 
     cdef int _pw_wait(self, SchedActor k, lock, LockState lk, list sp, long long w, long long m) except -1:
         """Actor ``k`` owes a wait of ``w`` ns for interleaved ``lock``, for its window ``sp``

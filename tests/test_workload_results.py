@@ -27,12 +27,12 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
-    ('snp', 'fault-time', 3, 'balloon', ()): 'fdaaf6d1480b7d72',
+    ('snp', 'fault-time', 3, 'balloon', ()): 'daaedb9c4ea64e07',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '699d68ba33c15cc2',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '8eb22d791a4de985',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '249401ca18a2fdfc',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '5799e430184d8517',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '54a8791d7cdeac64',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '0cc27cbf03085ba4',
     ('sw_protected', '6.8', 3, 'balloon', ()): '3bc6cf01e2dc5af1',
     ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '434b9758269a75ec',
 }
