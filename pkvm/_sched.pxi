@@ -805,11 +805,13 @@ cdef class SchedHooks:
         gx = <double>(dt - h) / n  # the lock's free time in each
         for i in range(nsp):
             sp = <list>spans[i]
+            if sp[0] is name:
+                continue
             s = sp[1]
             e = sp[2]
             hj = sp[3]
             nj = sp[4]
-            if sp[0] == name or e <= s or nj <= 0 or hj <= 0 or (n == 1 and nj == 1):
+            if e <= s or nj <= 0 or hj <= 0 or (n == 1 and nj == 1):
                 continue  # (a single hold meets another first come, first served: below)
             ov = (e if e < t1 else t1) - (s if s > t0 else t0)
             if ov <= 0:
@@ -845,9 +847,11 @@ cdef class SchedHooks:
             fp_l = []
             busy = []  # the single holds
             for sp in spans:
+                if sp[0] is name:
+                    continue
                 s = sp[1]
                 e = sp[2]
-                if sp[0] == name or e <= ta or e <= s:
+                if e <= ta or e <= s:
                     continue
                 if <long long>sp[4] == 1:
                     for pc in <list>sp[10]:
@@ -879,11 +883,13 @@ cdef class SchedHooks:
         # of overlapping windows is settled once, here, by the later of the two.
         for i in range(nsp):
             sp = <list>spans[i]
+            if sp[0] is name:
+                continue
             s = sp[1]
             e = sp[2]
             hj = sp[3]
             nj = sp[4]
-            if sp[0] == name or e <= s or nj <= 0:
+            if e <= s or nj <= 0:
                 continue
             k = self._actors.get(sp[0])
             if k is None or not k.in_task:  # its work is done: nothing of it can wait now
@@ -1009,7 +1015,7 @@ cdef class SchedHooks:
             x = <list>spans[i]
             if x is sp:
                 break
-            if x[0] == name and <long long>x[1] >= after:
+            if x[0] is name and <long long>x[1] >= after:
                 if later is None:
                     later = []
                 later.append(x)
