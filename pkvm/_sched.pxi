@@ -1441,8 +1441,8 @@ cdef class SchedHooks:
         try:
             fn(*args)
             self._sync_c()
-            if a.lock_debt:  # a later window's settling owed it a wait while its last work passed
-                self._sync_c()
+            while a.lock_debt:  # a later window's settling owed it a wait while its last work
+                self._sync_c()  # (or the last wait) passed
         finally:
             self._set_in_task_c(a, False)
 
