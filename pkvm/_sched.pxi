@@ -1546,10 +1546,12 @@ cdef class SchedHooks:
                     self._rec_ipi(a, debt)
                 yield env.timeout(debt)
             debt = a.lock_debt
-            if debt:
-                # an interleaved pagewise lock's wait (_pw_settle), on its clock already
+            while debt:
+                # an interleaved pagewise lock's wait (_pw_settle), on its clock already when
+                # it settled its own window; owed for another's, its code goes on after it (and
+                # after any owed while this one passes)
                 a.lock_debt = 0
-                owed = a.debts  # (more may come in while it passes: the next yield's)
+                owed = a.debts
                 a.debts = []
                 t0 = env.now
                 a.flight = _FL_LOCK
@@ -1565,6 +1567,7 @@ cdef class SchedHooks:
                     self._pw_count(e[0], e[1], e[2], e[3], e[4])
                 if rec is not None:
                     self._rec_lock_wait(a, (<tuple>owed[len(owed) - 1])[0], t0)
+                debt = a.lock_debt
             value = None
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]

@@ -157,10 +157,12 @@ _WINDOW = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(0, 12), s
 @settings(max_examples=60, deadline=None)
 @given(actors=st.lists(st.lists(_WINDOW, min_size=1, max_size=3), min_size=2, max_size=4))
 # Cases it found: a single hold against a window using the lock all the time; single holds
-# around another vCPU's window; an owed wait that came in while a spawned vCPU paid its last.
+# around another vCPU's window; an owed wait that came in while a spawned vCPU paid its last;
+# one that came in while a vCPU paid another, before its next window.
 @example(actors=[[(0, 1, 0, 2)], [(0, 1, 0, 1)]])
 @example(actors=[[(0, 1, 0, 2)], [(0, 1, 0, 1), (0, 1, 0, 2)], [(0, 1, 0, 1)]])
 @example(actors=[[(0, 1, 0, 2)], [(0, 1, 0, 1), (1, 1, 0, 1), (1, 1, 0, 1)]])
+@example(actors=[[(0, 1, 0, 2), (1, 1, 0, 1)], [(0, 1, 0, 1), (1, 1, 0, 1), (1, 1, 0, 1)]])
 def test_interleaved_windows_keep_the_accounting_whole(actors: list[list[tuple[int, int, int, int]]]) -> None:
     """Any mix of windows (an idle gap, then ``a`` prices holding cpa_lock as ``n``
     acquisitions, then ``b`` prices of other work) on two to four vCPUs: the lock's hold time
