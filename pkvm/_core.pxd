@@ -232,6 +232,9 @@ cdef class Ledger:
     cdef public bint traced         # VM._subs is not None
     cdef dict opindex               # op -> its index in every Cells of this VM
     cdef list opnames               # the ops, by index
+    cdef frozenset guest_ops        # the ops a vCPU runs in guest mode (VM: GUEST_MODE_OPS)
+    cdef unsigned char gm[64]       # gm[i]: op i (below 64) is one of them
+    cdef public int64_t guest_ns    # ns charged to them, in total (the timeline's IPIs)
     cdef Py_ssize_t op_slot(self, str op) except -1
     cdef object now(self)
     cdef int add(self, str op, object ns) except -1

@@ -4,7 +4,7 @@ Keys are ``uint64``; ranges are half-open ``[start, end)`` with ``0 <= start <= 
 (so the key ``2**64 - 1`` itself can never be assigned and always reads as ``default``).
 """
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -338,6 +338,7 @@ class SchedActor:
     done: Any
     flight: int
     flight_t: Any
+    guest_share: float
     held: list[Any]
     fast_done: list[Any]
     in_task: bool
@@ -412,6 +413,7 @@ class SchedHooks:
     _now0: int
     _mark: int
     _vis: int
+    _gmark: int
     _skipped: bool
     env: Any
     _t0: Any
@@ -672,11 +674,12 @@ class Ledger:
     acting actor's ns per operation, the prices and whether the VM is traced."""
 
     traced: bool
+    guest_ns: int
     @property
     def modeled_ns(self) -> int: ...
     @modeled_ns.setter
     def modeled_ns(self, value: int) -> None: ...
-    def __init__(self, vm: Any, prices: dict[str, int]) -> None: ...
+    def __init__(self, vm: Any, prices: dict[str, int], guest_ops: Iterable[str] = ()) -> None: ...
     @property
     def cells(self) -> Cells: ...
     def new_cells(self) -> Cells: ...

@@ -302,10 +302,17 @@ cdef class Ledger:
         self.ns = 0
         self.big = None
         self.traced = False
+        self.guest_ops = frozenset()
+        self.guest_ns = 0
+        memset(self.gm, 0, sizeof(self.gm))
 
-    def __init__(self, vm, dict prices not None):
+    def __init__(self, vm, dict prices not None, guest_ops=()):
         self.vm = vm
         self.prices = prices
+        self.guest_ops = frozenset(guest_ops)
+        for op, i in self.opindex.items():
+            if i < 64:
+                self.gm[i] = op in self.guest_ops
 
     cdef Py_ssize_t op_slot(self, str op) except -1:
         """The index of ``op`` in every :class:`Cells` of this VM (registered if new)."""
@@ -315,6 +322,10 @@ cdef class Ledger:
         n = len(self.opnames)
         self.opnames.append(op)
         self.opindex[op] = n
+        if n < 64:
+            self.gm[n] = op in self.guest_ops
+        elif op in self.guest_ops:
+            raise ValueError(f"guest-mode op {op!r} registered past the first 64 ops")
         return n
 
     cdef object now(self):
@@ -384,6 +395,8 @@ cdef class Ledger:
             self.ns = t
         else:
             self._add_big(ns)
+        if i < 64 and self.gm[i]:
+            self.guest_ns += ns
         return 0
 
     cdef int _add_big(self, object ns) except -1:

@@ -429,6 +429,9 @@ cdef class SchedActor:
     cdef public object name, glet, task, work, idle, grant_t, charge_to
     cdef public object busy, wait, lock_wait, page_wait, ipi, spin, stall_debt, done, flight_t
     cdef public int flight
+    # the share of its last stretch of work (the one in flight) that ran in guest mode
+    # (Ledger.guest_ns): the chance that a KVM request's IPI finds it there (SchedHooks._ipi)
+    cdef public double guest_share
     cdef public list held, fast_done, ipi_in
     cdef public bint in_task, vcpu
     cdef public int absorb
@@ -472,6 +475,7 @@ cdef class SchedActor:
         self.charge_to = name if vcpu else "vmm"
         self.flight = _FL_NONE
         self.flight_t = 0
+        self.guest_share = 1.0
         self.fast_done = []
         self.pw_acq = -1
         self.pw_wait = 0
@@ -531,6 +535,13 @@ cdef inline long long _vm_ns(SchedHooks h) except? -1:
     return <long long>h.vm._modeled_ns
 
 
+cdef inline long long _vm_guest_ns(SchedHooks h) except? -1:
+    """The ns the VM's ledger charged to ops run in guest mode (``Ledger.guest_ns``; 0 without
+    a typed ledger)."""
+    cdef Ledger led = h._led if h._led is not None and h._led.vm is h.vm else _hook_ledger(h)
+    return led.guest_ns if led is not None else 0
+
+
 cdef inline int _vm_ns_is(SchedHooks h, long long mark) except -1:
     """``h.vm._modeled_ns == mark``, read from the VM's ledger in C."""
     cdef Ledger led = _hook_ledger(h)
@@ -552,7 +563,7 @@ cdef class SchedHooks:
     cdef public dict locks, latency
     cdef public SchedActor _current
     cdef public Py_ssize_t _active
-    cdef public long long _now0, _mark, _vis
+    cdef public long long _now0, _mark, _vis, _gmark
     cdef public bint _skipped
     # the per-task machinery's state (set by Timeline.__init__): the SimPy environment, its time
     # when the timeline was attached, the main greenlet, the greenlet class, the event a
@@ -1250,7 +1261,12 @@ cdef class SchedHooks:
             if a is cur or not a.in_task or not (a.vcpu or host):
                 continue
             if a.absorb == _AB_NONE:
-                a.stall_debt += ns  # paid at its next yield
+                if host:
+                    a.stall_debt += ns  # paid at its next yield
+                else:
+                    # A KVM request interrupts a vCPU only in guest mode (kvm_request_needs_ipi):
+                    # in its stretch of work, as often as that stretch ran guest code.
+                    a.stall_debt += <long long>(ns * a.guest_share + 0.5)
             elif host or a.absorb == _AB_GUEST:
                 # it is waiting: the IPI runs from the sender's clock on, and only its part
                 # after the wake (not known yet) delays it
@@ -1353,11 +1369,16 @@ cdef class SchedHooks:
         return self._take_c()
 
     cdef object _take_c(self):
-        """The running actor's work since its last yield (and the mark moves to now)."""
-        cdef long long m = _vm_ns(self)
-        dt = m - self._mark
+        """The running actor's work since its last yield (and the mark moves to now); the
+        share of it that ran in guest mode becomes the actor's ``guest_share``."""
+        cdef long long m = _vm_ns(self), g = _vm_guest_ns(self)
+        cdef long long d = m - self._mark
+        cdef SchedActor a = self._current
+        if d > 0 and a is not None:
+            a.guest_share = <double>(g - self._gmark) / <double>d
+        self._gmark = g
         self._mark = m
-        return dt
+        return d
 
     def _sync(self):
         self._sync_c()
@@ -1480,6 +1501,7 @@ cdef class SchedHooks:
             a.fast_done = []
         vm = self.vm
         self._mark = _vm_ns(self)
+        self._gmark = _vm_guest_ns(self)
         self._skipped = False
         vm._hostmem.cpu = a.name
         if isinstance(vm, VmState):

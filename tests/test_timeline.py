@@ -287,7 +287,8 @@ def test_tdx_removal_kicks_interrupt_the_other_vcpus() -> None:
     kvm_main.c: kvm_make_all_cpus_request): each kick stalls the other vCPUs once, as a remote
     TLB flush does. vCPU0 converts 8M to shared (2048 removals, 2048 kicks) while vCPU1
     accepts other memory: vCPU1 stalls for every kick and every flush (before, only for the
-    four flushes)."""
+    four flushes) that finds it in guest mode, its ACCEPTs (the faults and AUGs they take are
+    host code, where a request sends no IPI: kvm_request_needs_ipi)."""
     from tdxhelpers import td
 
     vm, vmm, _gmem, _v0 = td(64 * M, nr_vcpus=2, vcpus=2)
@@ -302,7 +303,12 @@ def test_tdx_removal_kicks_interrupt_the_other_vcpus() -> None:
     requests = (vm.stats["vcpu_kicks"] - kicks) // 2  # each request kicks both vCPUs
     assert requests == 2048
     ipi = tl._ipi_ns
-    assert r.actors["vcpu1"]["ipi_ns"] == (requests + vm.stats["remote_tlb_flush"] - flushes) * ipi
+    sent = requests + vm.stats["remote_tlb_flush"] - flushes
+    # vCPU1's ACCEPTs are 19 % of its work; the stretches the IPIs find it in (not waiting for
+    # a lock, which absorbs them) have 25 % of guest code.
+    share = vm._actor_ns["vcpu1"]["tdx_accept_4k"] / r.actors["vcpu1"]["busy_ns"]
+    assert 0.15 < share < 0.25
+    assert share * sent * ipi < r.actors["vcpu1"]["ipi_ns"] < 0.3 * sent * ipi
     vm.check()
 
 

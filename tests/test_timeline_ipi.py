@@ -200,20 +200,47 @@ def test_a_sleeping_actor_takes_no_kvm_request_and_absorbs_a_host_flush() -> Non
         assert r.actors["vcpu1"]["ipi_ns"] == want, (scope, sleep_ns, r.actors["vcpu1"])
 
 
-def test_a_running_vcpu_takes_the_ipi_in_full() -> None:
-    """A vCPU that is not waiting (here: working) stalls for the whole IPI, for either scope."""
-    for scope in ("vm", "host"):
-        vm, tl, ex, ipi = _vm()
+def _running(platform: str, scope: str, pvalidates: int, exits: int) -> tuple[TimelineResult, int, int, int]:
+    """vCPU1 works (``pvalidates`` PVALIDATEs, guest code, and ``exits`` vmexit prices, host
+    code, in one stretch) while vCPU0 sends an IPI of ``scope``."""
+    vm = pkvm.VM(platform, nr_vcpus=2)
+    tl = Timeline(vm)
+    ex, ipi = vm.costs.ns("vmexit"), tl._ipi_ns
 
-        def vcpu0(scope: str = scope) -> None:
-            vm._charge("vmexit", 1)
-            tl.sync()
-            tl.ipi(scope)
+    def vcpu0() -> None:
+        vm._charge("vmexit", 1)
+        tl.sync()
+        tl.ipi(scope)
 
-        def vcpu1() -> None:
-            vm._charge("vmexit", 20)
-            tl.sync()
+    def vcpu1() -> None:
+        if pvalidates:
+            vm._charge("pvalidate_4k", pvalidates)
+        vm._charge("vmexit", exits)
+        tl.sync()
 
-        r = _run_pair(tl, vcpu0, vcpu1, check=False)
-        assert r.actors["vcpu1"]["ipi_ns"] == ipi, scope
-        assert r.critical_path_ns == 20 * ex + ipi
+    r = _run_pair(tl, vcpu0, vcpu1, check=False)
+    return r, ex, ipi, pvalidates * vm.costs.ns("pvalidate_4k")
+
+
+def test_a_running_vcpu_takes_a_kernel_flush_in_full() -> None:
+    """A kernel-range flush interrupts every CPU: a vCPU that is not waiting (here: running host
+    code) stalls for the whole IPI."""
+    r, ex, ipi, _pv = _running("sw_protected", "host", 0, 20)
+    assert r.actors["vcpu1"]["ipi_ns"] == ipi
+    assert r.critical_path_ns == 20 * ex + ipi
+
+
+def test_a_kvm_request_interrupts_a_running_vcpu_as_often_as_it_is_in_guest_mode() -> None:
+    """A KVM request sends an IPI only to a vCPU in guest mode (virt/kvm/kvm_main.c:
+    kvm_request_needs_ipi): a vCPU running host code (an exit's handling) takes none and finds
+    the request at its next entry; one running guest code (PVALIDATE) takes it in full; one
+    whose stretch of work mixes the two stalls for the IPI times the stretch's share of guest
+    code. (Until 2026-12-05 every running vCPU stalled in full.)"""
+    r, ex, ipi, _pv = _running("sw_protected", "vm", 0, 20)
+    assert r.actors["vcpu1"]["ipi_ns"] == 0
+    assert r.critical_path_ns == 20 * ex
+    r, ex, ipi, pv = _running("snp", "vm", 40, 0)
+    assert r.actors["vcpu1"]["ipi_ns"] == ipi
+    r, ex, ipi, pv = _running("snp", "vm", 40, 20)
+    assert r.actors["vcpu1"]["ipi_ns"] == round(ipi * pv / (pv + 20 * ex))
+    assert 0 < r.actors["vcpu1"]["ipi_ns"] < ipi

@@ -29,12 +29,12 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
     ('snp', 'fault-time', 3, 'balloon', ()): 'daaedb9c4ea64e07',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '249401ca18a2fdfc',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '5799e430184d8517',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '9e390073fe506ce9',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'f1da8564f2466ddd',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '0cc27cbf03085ba4',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'c44b8fe7994a80bd',
     ('sw_protected', '6.8', 3, 'balloon', ()): '3bc6cf01e2dc5af1',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '434b9758269a75ec',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '6a33b5038d575b84',
 }
 MEMORY = "512M"
 

@@ -97,6 +97,13 @@ CHARGED_OPS = ("npf_fault", "userspace_exit", "attr_store", "attr_check_gfn", "a
                "vmexit", "pre_fault_page")
 _ALLOC_OP = MappingProxyType({0: "gmem_alloc_4k", 9: "gmem_alloc_2m", 18: "gmem_alloc_1g"})
 
+#: Operations a vCPU runs in guest mode (``vcpu->mode == IN_GUEST_MODE``): the guest's own
+#: instructions that take no exit (PVALIDATE, RMPADJUST; a TD's ACCEPT, a TDCALL the TDX
+#: module serves inside the TD's run). Everything else a vCPU thread is charged for is host
+#: code (an exit, a fault handler, QEMU's handling of an exit), during which a KVM request sends
+#: it no IPI (docs/timeline.md, "Interrupts and retries"; the Ledger's guest-mode ns).
+GUEST_MODE_OPS = frozenset({"pvalidate_4k", "pvalidate_2m", "rmpadjust", "tdx_accept_4k"})
+
 _SHARED_BACKING_ORDER = MappingProxyType({"4k": 0, "thp": 9, "hugetlb-2m": 9, "hugetlb-1g": 18})
 
 
@@ -173,7 +180,7 @@ class VM(VmState):
         self._attr_store_ns = self._costs["attr_store"]
         #: The modeled time, typed (pkvm/_ledger.pxi): ``_modeled_ns`` (a property) is its
         #: total; it holds ``_costs`` and the acting actor's ``_cost_ns``; the core charges in C.
-        self._ledger = Ledger(self, self._costs)
+        self._ledger = Ledger(self, self._costs, GUEST_MODE_OPS)
         # Modeled ns per actor and op (Cells: mappings op -> ns, typed); _cost_ns is the current
         # actor's (see _set_actor).
         self._actor = "vmm"
