@@ -229,6 +229,27 @@ cdef int _walk_1g(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint i
     return ja == 512 and jm == 512
 
 
+cdef inline int _walk_1g_memo(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint inside,
+                              uint64_t *loads, _Run1G *memo) except -1:
+    """:func:`_walk_1g` with its common cases in line: the chunk inside its memslot and its first
+    run remembered (``memo`` holds it), when that run answers without a read of the map (it
+    has another value than ``attrs``, covers the chunk, or ends inside a sub-chunk); any other
+    case is :func:`_walk_1g`'s. The same result and the same ``loads``."""
+    cdef uint64_t hi
+    if inside and memo != NULL and memo.tag == (g >> 18) + 1:
+        hi = memo.hi
+        if memo.value != attrs:
+            loads[0] += 1 if hi >= g + 512 else 0  # the first sub-chunk: clear, looked up, differs
+            return 0
+        if hi >= g + (1ULL << 18):
+            loads[0] += 512
+            return 1
+        if hi & 511:
+            loads[0] += (hi - g) >> 9  # the sub-chunk of hi is MIXED: its flag stops the walk
+            return 0
+    return _walk_1g(amap, m2, g, attrs, inside, loads, memo)
+
+
 cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs) except -1:
     """``hugepage_has_attrs`` for the ``level`` chunk starting at ``gfn`` (§3.2): 2M, every gfn
     has ``attrs``; 1G, :func:`_walk_1g` (no 2M sub-chunk is MIXED and the first gfn of every
@@ -262,35 +283,14 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
     ``_INVALID_GFN``): the chunk is not uniform and its walk stops there, no read.
     ``memo1g``: the VM's remembered runs at 1G chunks' first gfns (``AttrPath.memo1g``), or NULL.
     """
-    cdef uint64_t g, idx, v, k = 0, n, last, dummy
+    cdef uint64_t g, k = 0, n, last, dummy
     cdef int level, shift, i
     cdef bint uniform
     cdef RangeMap m
     g = start & ~(<uint64_t>511)
     if end - g <= 512:
-        # One 2M chunk (head, or body if fully covered) and its 1G chunk (a partial head).
-        if end - start < 512:
-            if g >= base and (not whole_chunk or g + 512 <= slot_end):
-                if k2 != _INVALID_GFN:
-                    uniform = False
-                    k = k2
-                elif mixed2 and not attrs:
-                    uniform = False
-                else:
-                    uniform = not rangemap_find_ne(amap, g, g + 512, attrs, &k)
-                walk[0] += _steps_2m(g, attrs, uniform, k)
-                _set_mixed_w(m2, g >> 9, not uniform, w2)
-        else:
-            idx = g >> 9
-            v = rangemap_get(m2, idx) if w2 == _INVALID_GFN else w2
-            if v & _LPAGE_MIXED:
-                rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
-        g = start & ~((1ULL << 18) - 1)
-        if g >= base and (not whole_chunk or g + (1ULL << 18) <= slot_end):
-            uniform = _walk_1g(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1],
-                               &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
-            _set_mixed_w(m1, g >> 18, not uniform, w1)
-        return 0
+        return _post_set_mixed_2m(amap, m2, m1, base, slot_end, whole_chunk, start, end, attrs,
+                                  w2, w1, mixed2, k2, walk, memo1g)
     for level in range(2, 4):
         shift = _level_shift(level)
         n = 1ULL << shift
@@ -320,6 +320,41 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
             _set_mixed(m, g >> shift, not uniform)
             if i == 0:
                 g += n
+    return 0
+
+
+cdef inline int _post_set_mixed_2m(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
+                                   uint64_t slot_end, bint whole_chunk, uint64_t start, uint64_t end,
+                                   uint64_t attrs, uint64_t w2, uint64_t w1, bint mixed2, uint64_t k2,
+                                   uint64_t *walk, _Run1G *memo1g) except -1:
+    """:func:`_post_set_mixed` for ``[start, end)`` inside one 2M chunk (``end - (start &
+    ~511) <= 512``): that chunk (a head, or a body if fully covered) and its 1G chunk (a partial
+    head). In line, so that the one-gfn ioctl (:meth:`AttrPath._quiet1`, ``end == start + 1``)
+    has no call and no dead branch."""
+    cdef uint64_t g, idx, v, k = 0
+    cdef bint uniform
+    g = start & ~(<uint64_t>511)
+    if end - start < 512:
+        if g >= base and (not whole_chunk or g + 512 <= slot_end):
+            if k2 != _INVALID_GFN:
+                uniform = False
+                k = k2
+            elif mixed2 and not attrs:
+                uniform = False
+            else:
+                uniform = not rangemap_find_ne(amap, g, g + 512, attrs, &k)
+            walk[0] += _steps_2m(g, attrs, uniform, k)
+            _set_mixed_w(m2, g >> 9, not uniform, w2)
+    else:
+        idx = g >> 9
+        v = rangemap_get(m2, idx) if w2 == _INVALID_GFN else w2
+        if v & _LPAGE_MIXED:
+            rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
+    g = start & ~((1ULL << 18) - 1)
+    if g >= base and (not whole_chunk or g + (1ULL << 18) <= slot_end):
+        uniform = _walk_1g_memo(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1],
+                                &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
+        _set_mixed_w(m1, g >> 18, not uniform, w1)
     return 0
 
 
@@ -760,6 +795,43 @@ cdef class AttrPath:
             self._add_lock(self.walk_ns * steps + self.costs["attr_check_2m"] * loads)
         return 0
 
+    cdef inline int _ledger_add(self, Py_ssize_t i, int64_t ns) except -1:
+        """``self.ledger.add_i(i, ns)`` with its common case in line (the acting actor's cell
+        of op ``i`` exists in int64, the modeled ns is an int64, neither sum overflows): both
+        sums are checked before either is written, and any other case is ``add_i``'s. The
+        ledger's fields are read in place (no reference taken: no Python runs here)."""
+        cdef int64_t t, u
+        if (i < self.ledger.cost.cap and self.ledger.cost.st[i] == 1 and self.ledger.big is None
+                and not pkvm_add_ovf(self.ledger.cost.v[i], ns, &t)
+                and not pkvm_add_ovf(self.ledger.ns, ns, &u)):
+            self.ledger.cost.v[i] = t
+            self.ledger.ns = u
+            return 0
+        return self.ledger.add_i(i, ns)
+
+    cdef inline int _charge_post_locked(self, uint64_t steps, uint64_t loads) except -1:
+        """``_charge_post(steps, loads, True)`` with its common case in line (no subscriber, the
+        two prices, both products and their sum in int64): the same cells, modeled ns and
+        ``mmu_lock_ns``, added in the same order; any other case is :meth:`_charge_post`'s."""
+        cdef int64_t a = 0, b = 0, t
+        if (not self.ledger.traced and self.walk_i64 and self.load_i >= 0
+                and steps <= <uint64_t>0x7FFFFFFFFFFFFFFF and loads <= <uint64_t>0x7FFFFFFFFFFFFFFF
+                and not pkvm_mul_ovf(self.walk_i, <int64_t>steps, &a)
+                and not pkvm_mul_ovf(self.load_i, <int64_t>loads, &b)
+                and not pkvm_add_ovf(a, b, &t)):
+            if steps:
+                self._ledger_add(self.i_walk, a)  # _charge_walk
+            if loads:
+                self._ledger_add(self.i_load, b)  # charge_p of attr_check_2m
+            if not self._add_lock_i(t):
+                self._add_lock_post(steps, loads)
+            return 0
+        return self._charge_post(steps, loads, True)
+
+    cdef int _add_lock_post(self, uint64_t steps, uint64_t loads) except -1:
+        """The lock's part of :meth:`_charge_post` when ``mmu_lock_ns`` is past int64."""
+        return self._add_lock(self.walk_ns * steps + self.costs["attr_check_2m"] * loads)
+
     def noop_check(self, uint64_t start, uint64_t end, uint64_t attrs):
         """The no-op check of :class:`pkvm.kvm.vm.AttrIoctl`'s ``begin``: whether the call is a
         no-op; its walk is charged."""
@@ -1100,22 +1172,22 @@ cdef class AttrPath:
         if key:
             # POST: invalidate_end, then MIXED
             st.v[S_MMU_INVALIDATE_SEQ] += 1
-            _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2, k2, walk,
-                            self.memo1g)
+            _post_set_mixed_2m(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
+                               self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2, k2, walk,
+                               self.memo1g)
         if zapped:
-            self.ledger.add_i(self.i_zap, self.zap_i)
+            self._ledger_add(self.i_zap, self.zap_i)
             if self.fl_i64:  # flush_ns is fl_ns (_flush_price just returned it)
-                self.ledger.add_i(self.i_flush, self.fl_i)
+                self._ledger_add(self.i_flush, self.fl_i)
             else:
                 self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
-        self.ledger.add_i(self.i_store, self.store_i)
+        self._ledger_add(self.i_store, self.store_i)
         if zapped:  # the PRE phase's zap and flush ran under mmu_lock
             # _add_lock_ns(zap_ns, flush_ns) with both in int64
             if not (self.fl_i64 and not pkvm_add_ovf(self.zap_i, self.fl_i, &t) and self._add_lock_i(t)):
                 self._add_lock_ns(self.zap_ns, flush_ns)
         if walk[0] or walk[1]:
-            self._charge_post(walk[0], walk[1], True)  # POST's walk, under mmu_lock
+            self._charge_post_locked(walk[0], walk[1])  # POST's walk, under mmu_lock
         return 0
 
     cdef int _add_lock_ns(self, object zap_ns, object flush_ns) except -1:
