@@ -231,21 +231,19 @@ cdef int _walk_1g(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint i
 
 cdef inline int _walk_1g_memo(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint inside,
                               uint64_t *loads, _Run1G *memo) except -1:
-    """:func:`_walk_1g` with its common cases in line: the chunk inside its memslot and its first
-    run remembered (``memo`` holds it), when that run answers without a read of the map (it
-    has another value than ``attrs``, covers the chunk, or ends inside a sub-chunk); any other
-    case is :func:`_walk_1g`'s. The same result and the same ``loads``."""
+    """:func:`_walk_1g` with its two common cases in line: the chunk inside its memslot and its
+    first run remembered (``memo`` holds it) with another value than ``attrs`` (the walk stops
+    at the first sub-chunk), or with ``attrs`` but ending inside a sub-chunk (which is MIXED:
+    the walk stops at its flag). Any other case is :func:`_walk_1g`'s. The same result and the
+    same ``loads``."""
     cdef uint64_t hi
     if inside and memo != NULL and memo.tag == (g >> 18) + 1:
         hi = memo.hi
         if memo.value != attrs:
             loads[0] += 1 if hi >= g + 512 else 0  # the first sub-chunk: clear, looked up, differs
             return 0
-        if hi >= g + (1ULL << 18):
-            loads[0] += 512
-            return 1
-        if hi & 511:
-            loads[0] += (hi - g) >> 9  # the sub-chunk of hi is MIXED: its flag stops the walk
+        if hi & 511:  # (so hi is before the chunk's end)
+            loads[0] += (hi - g) >> 9
             return 0
     return _walk_1g(amap, m2, g, attrs, inside, loads, memo)
 
