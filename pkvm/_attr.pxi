@@ -229,6 +229,25 @@ cdef int _walk_1g(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint i
     return ja == 512 and jm == 512
 
 
+cdef inline int _walk_1g_memo(RangeMap amap, RangeMap m2, uint64_t g, uint64_t attrs, bint inside,
+                              uint64_t *loads, _Run1G *memo) except -1:
+    """:func:`_walk_1g` with its two common cases in line: the chunk inside its memslot and its
+    first run remembered (``memo`` holds it) with another value than ``attrs`` (the walk stops
+    at the first sub-chunk), or with ``attrs`` but ending inside a sub-chunk (which is MIXED:
+    the walk stops at its flag). Any other case is :func:`_walk_1g`'s. The same result and the
+    same ``loads``."""
+    cdef uint64_t hi
+    if inside and memo != NULL and memo.tag == (g >> 18) + 1:
+        hi = memo.hi
+        if memo.value != attrs:
+            loads[0] += 1 if hi >= g + 512 else 0  # the first sub-chunk: clear, looked up, differs
+            return 0
+        if hi & 511:  # (so hi is before the chunk's end)
+            loads[0] += (hi - g) >> 9
+            return 0
+    return _walk_1g(amap, m2, g, attrs, inside, loads, memo)
+
+
 cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs) except -1:
     """``hugepage_has_attrs`` for the ``level`` chunk starting at ``gfn`` (§3.2): 2M, every gfn
     has ``attrs``; 1G, :func:`_walk_1g` (no 2M sub-chunk is MIXED and the first gfn of every
@@ -269,6 +288,7 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
     g = start & ~(<uint64_t>511)
     if end - g <= 512:
         # One 2M chunk (head, or body if fully covered) and its 1G chunk (a partial head).
+        # (AttrPath._quiet1 writes this branch out for one gfn.)
         if end - start < 512:
             if g >= base and (not whole_chunk or g + 512 <= slot_end):
                 if k2 != _INVALID_GFN:
@@ -287,8 +307,8 @@ cdef int _post_set_mixed(RangeMap amap, RangeMap m2, RangeMap m1, uint64_t base,
                 rangemap_assign(m2, idx, idx + 1, v & ~_LPAGE_MIXED)
         g = start & ~((1ULL << 18) - 1)
         if g >= base and (not whole_chunk or g + (1ULL << 18) <= slot_end):
-            uniform = _walk_1g(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1],
-                               &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
+            uniform = _walk_1g_memo(amap, m2, g, attrs, g + (1ULL << 18) <= slot_end, &walk[1],
+                                    &memo1g[(g >> 18) & (_MEMO_1G - 1)] if memo1g != NULL else NULL)
             _set_mixed_w(m1, g >> 18, not uniform, w1)
         return 0
     for level in range(2, 4):
@@ -474,6 +494,8 @@ cdef class AttrPath:
     # the price of one lookup of a 2M sub-chunk's first gfn by the POST hook's 1G test
     # (attr_check_2m) in int64, -1 when it does not fit (Ledger.charge_p / charge_c)
     cdef int64_t load_i
+    # the walk's price an int64 and load_i in [0, 2**31): _charge_loads_fast applies
+    cdef bint post_small
     # the same prices in int64 when both are ints that fit (``prices_i64``; see _quiet1)
     cdef int64_t store_i, zap_i
     cdef bint prices_i64
@@ -555,6 +577,7 @@ cdef class AttrPath:
         self.i_walk = self.ledger.op_slot("attr_check_gfn")
         self.i_load = self.ledger.op_slot("attr_check_2m")
         self.load_i = _price(self.costs, "attr_check_2m")
+        self.post_small = self.walk_i64 and 0 <= self.load_i < (1 << 31)
         self.fl_n = -1
         self.fl_ns = None
         self.n_ioctls = 0
@@ -682,6 +705,20 @@ cdef class AttrPath:
                 m.hi = s  # cut short
         return 0
 
+    cdef inline void _memo_write1(self, uint64_t s, uint64_t a) noexcept:
+        """:meth:`_memo_write` for ``[s, s + 1)``: one chunk, whose run changes only if ``s`` is
+        at or before its end."""
+        cdef _Run1G *m = &self.memo1g[(s >> 18) & (_MEMO_1G - 1)]
+        if m.tag != (s >> 18) + 1 or s > m.hi:
+            return
+        if not s & ((1ULL << 18) - 1):
+            m.tag = 0  # the chunk's first gfn: how far its new run reaches is not known here
+        elif a == m.value:
+            if s == m.hi:
+                m.tag = 0  # the run grows past its end, maybe into the next one
+        elif s < m.hi:
+            m.hi = s  # cut short
+
     def memo_check(self):
         """``vm.check()``: every remembered run at a 1G chunk's first gfn is the map's."""
         cdef int i
@@ -759,6 +796,43 @@ cdef class AttrPath:
                 return 0
             self._add_lock(self.walk_ns * steps + self.costs["attr_check_2m"] * loads)
         return 0
+
+    cdef inline bint _add_fast(self, Py_ssize_t i, int64_t ns) noexcept:
+        """``self.ledger.add_i(i, ns)`` in its common case (the acting actor's cell of op ``i``
+        exists in int64, the modeled ns is an int64, neither sum overflows), both sums checked
+        before either is written; False, with nothing written, in any other case (the caller
+        then calls ``add_i``). The ledger's fields are read in place (no reference taken: no
+        Python runs here)."""
+        cdef int64_t t, u
+        if (i < self.ledger.cost.cap and self.ledger.cost.st[i] == 1 and self.ledger.big is None
+                and not pkvm_add_ovf(self.ledger.cost.v[i], ns, &t)
+                and not pkvm_add_ovf(self.ledger.ns, ns, &u)):
+            self.ledger.cost.v[i] = t
+            self.ledger.ns = u
+            return True
+        return False
+
+    cdef inline bint _charge_loads_fast(self, uint64_t loads) noexcept:
+        """``_charge_post(0, loads, True)`` (the 1G test's lookups, no 2M step) in its common
+        case: no subscriber, ``post_small``, ``loads < 2**32``, the acting actor's cell of
+        ``attr_check_2m`` in int64, the modeled ns and ``mmu_lock_ns`` in int64, and no sum
+        that overflows, all checked before anything is written; then the same cell, modeled
+        ns and lock time as :meth:`_charge_post`. False, with nothing written, in any other
+        case (the caller then calls :meth:`_charge_post`). The ledger's fields are read in
+        place (no reference taken: no Python runs here)."""
+        cdef int64_t b, v, ns, lk
+        cdef Py_ssize_t i = self.i_load
+        if (self.ledger.traced or not self.post_small or loads >> 32 or i >= self.ledger.cost.cap
+                or self.ledger.cost.st[i] != 1 or self.ledger.big is not None or self.lock_big is not None):
+            return False
+        b = self.load_i * <int64_t>loads  # below 2**63: load_i < 2**31
+        if (pkvm_add_ovf(self.ledger.cost.v[i], b, &v) or pkvm_add_ovf(self.ledger.ns, b, &ns)
+                or pkvm_add_ovf(self.lock_ns, b, &lk)):
+            return False
+        self.ledger.cost.v[i] = v
+        self.ledger.ns = ns
+        self.lock_ns = lk
+        return True
 
     def noop_check(self, uint64_t start, uint64_t end, uint64_t attrs):
         """The no-op check of :class:`pkvm.kvm.vm.AttrIoctl`'s ``begin``: whether the call is a
@@ -1064,11 +1138,9 @@ cdef class AttrPath:
         one gfn's two head chunks written out (its tail chunks are its head chunks)."""
         cdef Counters st = self.stats
         cdef VmState vs = self.vs
-        cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN
+        cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN, k = 0, steps = 0, loads = 0
         cdef int64_t t
-        cdef bint zapped = False
-        cdef uint64_t walk[2]
-        walk[0] = walk[1] = 0
+        cdef bint zapped = False, uniform
         if key:
             # PRE: the invalidation range (_pre_range's guard on the one gfn's two head chunks,
             # written out: its tail chunks are its head chunks), then the zap of a 4K leaf
@@ -1095,27 +1167,44 @@ cdef class AttrPath:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
         _assign1(self.attrs, gfn, attrs)
-        self._memo_write(gfn, gfn + 1, attrs)
+        self._memo_write1(gfn, attrs)
         st.v[S_ATTR_STORES] += 1
         if key:
-            # POST: invalidate_end, then MIXED
+            # POST: invalidate_end, then MIXED: _post_set_mixed's branch for a range inside one
+            # 2M chunk, written out for [gfn, gfn + 1) (the same reads, writes and counts)
             st.v[S_MMU_INVALIDATE_SEQ] += 1
-            _post_set_mixed(self.attrs, self.c_m2, self.c_m1, self.c_base, self.c_end,
-                            self.whole_chunk, gfn, gfn + 1, attrs, head2, head1, mixed2, k2, walk,
-                            self.memo1g)
+            hs = gfn & ~(<uint64_t>511)
+            if hs >= self.c_base and (not self.whole_chunk or hs + 512 <= self.c_end):
+                if k2 != _INVALID_GFN:
+                    uniform = False
+                    k = k2
+                elif mixed2 and not attrs:
+                    uniform = False
+                else:
+                    uniform = not rangemap_find_ne(self.attrs, hs, hs + 512, attrs, &k)
+                steps = _steps_2m(hs, attrs, uniform, k)
+                _set_mixed_w(self.c_m2, hs >> 9, not uniform, head2)
+            hs = gfn & ~((1ULL << 18) - 1)
+            if hs >= self.c_base and (not self.whole_chunk or hs + (1ULL << 18) <= self.c_end):
+                uniform = _walk_1g_memo(self.attrs, self.c_m2, hs, attrs, hs + (1ULL << 18) <= self.c_end,
+                                        &loads, &self.memo1g[(hs >> 18) & (_MEMO_1G - 1)])
+                _set_mixed_w(self.c_m1, hs >> 18, not uniform, head1)
         if zapped:
-            self.ledger.add_i(self.i_zap, self.zap_i)
+            if not self._add_fast(self.i_zap, self.zap_i):
+                self.ledger.add_i(self.i_zap, self.zap_i)
             if self.fl_i64:  # flush_ns is fl_ns (_flush_price just returned it)
-                self.ledger.add_i(self.i_flush, self.fl_i)
+                if not self._add_fast(self.i_flush, self.fl_i):
+                    self.ledger.add_i(self.i_flush, self.fl_i)
             else:
                 self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
-        self.ledger.add_i(self.i_store, self.store_i)
+        if not self._add_fast(self.i_store, self.store_i):
+            self.ledger.add_i(self.i_store, self.store_i)
         if zapped:  # the PRE phase's zap and flush ran under mmu_lock
             # _add_lock_ns(zap_ns, flush_ns) with both in int64
             if not (self.fl_i64 and not pkvm_add_ovf(self.zap_i, self.fl_i, &t) and self._add_lock_i(t)):
                 self._add_lock_ns(self.zap_ns, flush_ns)
-        if walk[0] or walk[1]:
-            self._charge_post(walk[0], walk[1], True)  # POST's walk, under mmu_lock
+        if steps or (loads and not self._charge_loads_fast(loads)):
+            self._charge_post(steps, loads, True)  # POST's walk, under mmu_lock
         return 0
 
     cdef int _add_lock_ns(self, object zap_ns, object flush_ns) except -1:
