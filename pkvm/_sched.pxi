@@ -330,7 +330,7 @@ cdef long long _free_slot(list busy, long long x, long long dur) except -1:
     return x
 
 
-cdef double _pieces_use(list pieces, long long a, long long b):
+cdef double _pieces_use(list pieces, long long a, long long b) except? -1.0:
     """The lock time the ``(start, end, rate)`` pieces of a window use in ``[a, b)``."""
     cdef double u = 0.0
     cdef long long x, y

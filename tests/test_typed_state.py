@@ -256,3 +256,27 @@ def test_a_detour_that_is_not_a_plain_slot_is_read_through_getattr():
     assert p.page_fault(0x3000, private=False).ret in ("fixed", "spurious") and calls == [2]
     Prop.flag = "pending"
     assert p.page_fault(0x4000, private=False).ret in ("fixed", "spurious") and calls == [2, 4]
+
+
+def test_the_ledger_counts_the_guest_mode_ops_apart() -> None:
+    """``Ledger.guest_ns`` (the timeline's share of guest code, docs/timeline.md "Interrupts and
+    retries") adds exactly the ns charged to ``GUEST_MODE_OPS``, each of which the cost model
+    prices, on any actor; every other charge leaves it alone."""
+    from pkvm.kvm.vm import GUEST_MODE_OPS
+
+    vm = pkvm.VM("snp")
+    for op in GUEST_MODE_OPS:
+        assert vm.costs.ns(op) > 0, op
+    led = vm._ledger
+    assert led.guest_ns == 0
+    vm._charge("vmexit", 3)
+    vm._charge("rmpupdate", 2)
+    assert led.guest_ns == 0
+    vm._charge("pvalidate_4k", 5)
+    vm._charge("pvalidate_2m", 1)
+    vm._set_actor("vcpu0")
+    vm._charge("pvalidate_4k", 2)
+    vm._charge("npf_fault", 1)
+    want = 7 * vm._costs["pvalidate_4k"] + vm._costs["pvalidate_2m"]
+    assert led.guest_ns == want
+    assert vm._modeled_ns == want + 3 * vm._costs["vmexit"] + 2 * vm._costs["rmpupdate"] + vm._costs["npf_fault"]
