@@ -797,40 +797,18 @@ cdef class AttrPath:
             self._add_lock(self.walk_ns * steps + self.costs["attr_check_2m"] * loads)
         return 0
 
-    cdef inline bint _add_fast(self, Py_ssize_t i, int64_t ns) noexcept:
-        """``self.ledger.add_i(i, ns)`` in its common case (the acting actor's cell of op ``i``
-        exists in int64, the modeled ns is an int64, neither sum overflows), both sums checked
-        before either is written; False, with nothing written, in any other case (the caller
-        then calls ``add_i``). The ledger's fields are read in place (no reference taken: no
-        Python runs here)."""
-        cdef int64_t t, u
-        if (i < self.ledger.cost.cap and self.ledger.cost.st[i] == 1 and self.ledger.big is None
-                and not pkvm_add_ovf(self.ledger.cost.v[i], ns, &t)
-                and not pkvm_add_ovf(self.ledger.ns, ns, &u)):
-            self.ledger.cost.v[i] = t
-            self.ledger.ns = u
-            return True
-        return False
-
     cdef inline bint _charge_loads_fast(self, uint64_t loads) noexcept:
         """``_charge_post(0, loads, True)`` (the 1G test's lookups, no 2M step) in its common
-        case: no subscriber, ``post_small``, ``loads < 2**32``, the acting actor's cell of
-        ``attr_check_2m`` in int64, the modeled ns and ``mmu_lock_ns`` in int64, and no sum
-        that overflows, all checked before anything is written; then the same cell, modeled
-        ns and lock time as :meth:`_charge_post`. False, with nothing written, in any other
-        case (the caller then calls :meth:`_charge_post`). The ledger's fields are read in
-        place (no reference taken: no Python runs here)."""
-        cdef int64_t b, v, ns, lk
-        cdef Py_ssize_t i = self.i_load
-        if (self.ledger.traced or not self.post_small or loads >> 32 or i >= self.ledger.cost.cap
-                or self.ledger.cost.st[i] != 1 or self.ledger.big is not None or self.lock_big is not None):
+        case: no subscriber, ``post_small``, ``loads < 2**32``, ``mmu_lock_ns`` in int64 and
+        :meth:`Ledger.add_fast`'s case, no sum that overflows, all checked before anything is
+        written; then the same cell, modeled ns and lock time as :meth:`_charge_post`. False,
+        with nothing written, in any other case (the caller then calls :meth:`_charge_post`)."""
+        cdef int64_t b, lk
+        if self.ledger.traced or not self.post_small or loads >> 32 or self.lock_big is not None:
             return False
         b = self.load_i * <int64_t>loads  # below 2**63: load_i < 2**31
-        if (pkvm_add_ovf(self.ledger.cost.v[i], b, &v) or pkvm_add_ovf(self.ledger.ns, b, &ns)
-                or pkvm_add_ovf(self.lock_ns, b, &lk)):
+        if pkvm_add_ovf(self.lock_ns, b, &lk) or not self.ledger.add_fast(self.i_load, b):
             return False
-        self.ledger.cost.v[i] = v
-        self.ledger.ns = ns
         self.lock_ns = lk
         return True
 
@@ -1190,14 +1168,14 @@ cdef class AttrPath:
                                         &loads, &self.memo1g[(hs >> 18) & (_MEMO_1G - 1)])
                 _set_mixed_w(self.c_m1, hs >> 18, not uniform, head1)
         if zapped:
-            if not self._add_fast(self.i_zap, self.zap_i):
+            if not self.ledger.add_fast(self.i_zap, self.zap_i):
                 self.ledger.add_i(self.i_zap, self.zap_i)
             if self.fl_i64:  # flush_ns is fl_ns (_flush_price just returned it)
-                if not self._add_fast(self.i_flush, self.fl_i):
+                if not self.ledger.add_fast(self.i_flush, self.fl_i):
                     self.ledger.add_i(self.i_flush, self.fl_i)
             else:
                 self._add_at(self.i_flush, "remote_tlb_flush", flush_ns)
-        if not self._add_fast(self.i_store, self.store_i):
+        if not self.ledger.add_fast(self.i_store, self.store_i):
             self.ledger.add_i(self.i_store, self.store_i)
         if zapped:  # the PRE phase's zap and flush ran under mmu_lock
             # _add_lock_ns(zap_ns, flush_ns) with both in int64

@@ -399,6 +399,22 @@ cdef class Ledger:
             self.guest_ns += ns
         return 0
 
+    cdef bint add_fast(self, Py_ssize_t i, int64_t ns) noexcept:
+        """:meth:`add_i` in its common case (the acting actor's cell of op ``i`` exists in
+        int64, the modeled ns is an int64, neither sum overflows), both sums checked before
+        either is written; False, with nothing written, in any other case (the caller then
+        calls :meth:`add_i`)."""
+        cdef Cells c = self.cost
+        cdef int64_t t, u
+        if (i < c.cap and c.st[i] == 1 and self.big is None and not pkvm_add_ovf(c.v[i], ns, &t)
+                and not pkvm_add_ovf(self.ns, ns, &u)):
+            c.v[i] = t
+            self.ns = u
+            if i < 64 and self.gm[i]:
+                self.guest_ns += ns
+            return True
+        return False
+
     cdef int _add_big(self, object ns) except -1:
         t = (self.ns if self.big is None else self.big) + ns
         self.modeled_ns = t  # back to the int64 slot if it fits again

@@ -518,12 +518,18 @@ cdef enum:
     _INV_RING = 64  # the invalidations SchedHooks keeps (its _inv_* arrays)
 
 
-cdef inline Ledger _hook_ledger(SchedHooks h):
-    """``h.vm``'s :class:`Ledger` while its total is an int64 (None: read ``vm._modeled_ns``)."""
+cdef inline Ledger _hook_led(SchedHooks h):
+    """``h.vm``'s :class:`Ledger` (kept in ``h._led``), None if it has none."""
     cdef Ledger led = h._led
     if led is None or led.vm is not h.vm:
         v = getattr(h.vm, "_ledger", None)
         led = h._led = v if type(v) is Ledger and (<Ledger>v).vm is h.vm else None
+    return led
+
+
+cdef inline Ledger _hook_ledger(SchedHooks h):
+    """``h.vm``'s :class:`Ledger` while its total is an int64 (None: read ``vm._modeled_ns``)."""
+    cdef Ledger led = _hook_led(h)
     return led if led is not None and led.big is None else None
 
 
@@ -538,7 +544,7 @@ cdef inline long long _vm_ns(SchedHooks h) except? -1:
 cdef inline long long _vm_guest_ns(SchedHooks h) except? -1:
     """The ns the VM's ledger charged to ops run in guest mode (``Ledger.guest_ns``; 0 without
     a typed ledger)."""
-    cdef Ledger led = h._led if h._led is not None and h._led.vm is h.vm else _hook_ledger(h)
+    cdef Ledger led = _hook_led(h)
     return led.guest_ns if led is not None else 0
 
 
@@ -878,9 +884,10 @@ cdef class SchedHooks:
             for i in range(64):
                 pieces = []
                 tend = _prof_fit(fp_t, fp_l, x, dt, <double>h / dt, pieces)
-                if tend == x + dt or _free_slot(busy, x, tend - x) == x:
+                s = _free_slot(busy, x, tend - x)  # the stretch it took: still free?
+                if s == x:
                     break
-                x = _free_slot(busy, x, tend - x)
+                x = s
         else:
             tend = _prof_fit(lk.prof_t, lk.prof_l, t0, dt, <double>h / dt, pieces)
         ws = tend - t1 if tend > t1 else 0
@@ -914,10 +921,8 @@ cdef class SchedHooks:
                 # begins stalls at its next acquisition until it ends (a single hold meets
                 # another single hold first come, first served, above), and what it had left
                 # of its use of the lock comes after it.
-                if e <= a1 or s >= b1:
+                if e <= a1 or s >= b1 or nj == 1:  # (single holds: first come, first served)
                     continue
-                if nj == 1:
-                    continue  # first come, first served (above)
                 x = s if s > a1 else a1
                 before = []
                 after = []
@@ -940,7 +945,7 @@ cdef class SchedHooks:
                 # What it had left from x on, less the work it did before it stalled, after
                 # this hold and around the load there (_prof_fit: never above capacity).
                 _prof_add(lk.prof_t, lk.prof_l, after, -1.0)
-                ov = e - x - (b1 - x - wj)
+                ov = e - b1 + wj  # (the length of what it had left, less what it did before)
                 if <double>ov < u:
                     ov = <long long>u + (1 if u > <long long>u else 0)
                 rest = []
