@@ -240,7 +240,7 @@ cdef class Ledger:
     cdef int add(self, str op, object ns) except -1
     cdef int add_c(self, str op, int64_t ns) except -1
     cdef int add_i(self, Py_ssize_t i, int64_t ns) except -1
-    cdef bint add_fast(self, Py_ssize_t i, int64_t ns) noexcept
+    cdef inline bint add_fast(self, Py_ssize_t i, int64_t ns) noexcept
     cdef int _add_big(self, object ns) except -1
     cdef int charge_c(self, str op, uint64_t n) except -1
     cdef int charge_p(self, Py_ssize_t i, int64_t price, uint64_t n) except -1

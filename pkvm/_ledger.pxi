@@ -399,7 +399,7 @@ cdef class Ledger:
             self.guest_ns += ns
         return 0
 
-    cdef bint add_fast(self, Py_ssize_t i, int64_t ns) noexcept:
+    cdef inline bint add_fast(self, Py_ssize_t i, int64_t ns) noexcept:
         """:meth:`add_i` in its common case (the acting actor's cell of op ``i`` exists in
         int64, the modeled ns is an int64, neither sum overflows), both sums checked before
         either is written; False, with nothing written, in any other case (the caller then
@@ -445,7 +445,8 @@ cdef class Ledger:
         VM's prices are fixed by then)."""
         cdef int64_t ns
         if n <= <uint64_t>0x7FFFFFFFFFFFFFFF and not pkvm_mul_ovf(price, <int64_t>n, &ns):
-            self.add_i(i, ns)
+            if not self.add_fast(i, ns):
+                self.add_i(i, ns)
             if self.traced:
                 self.vm._emit("charge", None, None, self.opnames[i], n, ns)
             return 0
