@@ -468,6 +468,7 @@ cdef int _FP_DETOUR = 1       # ... is Vcpu._fault while the class's _fault_deto
 cdef int _FP_PYTHON = 2       # ... is the class's own: call it
 
 
+@cython.final
 @cython.auto_pickle(False)  # a VM's live state: never pickled on its own
 cdef class FaultPath:
     """The typed state of one VM's nested page-fault path (``VM._fault_path``).
