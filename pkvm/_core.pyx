@@ -725,9 +725,11 @@ cdef void _free_node(void *node, int height) noexcept nogil:
 #   (L.prev == NULL or L.starts[0] <= key) and (L.next == NULL or key < L.next.starts[0])
 # (inner keys are exact subtree minima, so a descent lands in the last leaf whose first start
 # is <= key, or in the first leaf). The finger tests the stronger right bound
-# ``key < L.ends[L.n - 1]`` (runs do not overlap, so L.next.starts[0] >= that end): it reads
-# only L's own lines, which the previous call left in cache, instead of the neighbour's, and it
-# only loses the keys in the gap after L's last run (they descend). The check reads the live
+# ``key < L.starts[L.n - 1]`` (runs do not overlap, so L.next.starts[0] >= L.ends[L.n - 1] >
+# L.starts[L.n - 1]): it reads only L's own ``starts``, which a hint has asked for or the
+# previous call left in cache, instead of the neighbour's, and it only loses the keys in L's
+# last run and the gap after it (they descend: about one lookup in 40 on a leaf about two
+# thirds full). The check reads the live
 # contents of L, so it holds whatever changed inside leaves since the finger was stored.
 # Every change of the tree's shape (a leaf or inner node taken or given, the root replaced,
 # clear, bulk rebuild) first sets the finger to NULL, so a non-NULL finger is always a leaf of
@@ -784,11 +786,13 @@ cdef inline void _prefetch_finger(RangeMap m, uint64_t key) noexcept nogil:
     """:func:`_hint_leaf` for a lookup of ``key`` that comes next in this map: the leaf the
     descent reached also becomes the finger (on a fingered map), so that lookup starts there
     instead of descending the inner nodes again. The finger's own check then reads the leaf's
-    bounds (its first start, its last end, its neighbours' pointers), so a key the leaf does
-    not hold still descends, and nothing but speed depends on the guess."""
+    bounds (its first and last starts, which the hint asked for, and its neighbours'
+    pointers), so a key the leaf does not hold still descends, and nothing but speed depends
+    on the guess. The leaf's ``ends`` are not asked for: the lookup reads one of their lines,
+    and asking for all eight (with the ``starts``, about 17 lines a map and 50 a fault) kept
+    the cache's fill buffers full for lines nobody read."""
     cdef Leaf *lf = _hint_leaf(m, key)
     if m.fingered:
-        pkvm_prefetch_span(lf.ends, LEAF_CAP * sizeof(uint64_t))  # the check reads its last end
         pkvm_store_ptr(&m.finger, <void*>lf)
 
 
@@ -796,7 +800,7 @@ cdef inline Leaf *_finger_leaf(RangeMap m, uint64_t key) noexcept nogil:
     """The finger's leaf if ``key`` falls inside it (see above), else NULL."""
     cdef Leaf *lf = <Leaf*>pkvm_load_ptr(&m.finger)
     if (lf != NULL and (lf.prev == NULL or lf.starts[0] <= key)
-            and (lf.next == NULL or (lf.n > 0 and key < lf.ends[lf.n - 1]))):
+            and (lf.next == NULL or (lf.n > 0 and key < lf.starts[lf.n - 1]))):
         return lf
     return NULL
 
