@@ -544,10 +544,17 @@ def _accept_all(ctx: Context, accept: int = P2M) -> None:
 
 
 def _accept_touch(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
-    # A task of g's vCPU (ctx.run_on): ctx.accept / ctx.touch would run these at once.
+    # A task of g's vCPU (ctx.run_on): ctx.accept / ctx.touch would run these at once. The
+    # bodies of ctx._accept and ctx._touch, in line (one task per balloon chunk).
     if size > 0:
-        ctx._accept(g, gpa, size, huge)
-    ctx._touch(g, gpa, size, True, True)  # and uses it (the only faults on SW_PROTECTED)
+        ok = g.accept(gpa, size, huge=huge)
+        if ok is not CONVERTED and not ok:
+            ctx._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
+        ctx.gfns_accessed += size >> PAGE_SHIFT
+    r = g.touch(gpa, size, private=True, write=True)  # and uses it (the only faults on SW_PROTECTED)
+    if r.ret != "done":
+        ctx._require(False, f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
+    ctx.gfns_accessed += size >> PAGE_SHIFT
 
 
 def _accept_touch_pieces(ctx: Context, g: Guest, pieces: list[tuple[int, int]], huge: bool) -> None:
