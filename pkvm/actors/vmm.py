@@ -66,12 +66,11 @@ from pkvm.constants import (
 )
 from pkvm.errors import KvmError
 from pkvm.kvm import memslots as _memslots
-from pkvm.kvm.exits import ExitResult
+from pkvm.kvm.exits import ExitResult, GuestOpResult
+from pkvm.kvm.gmem import GuestMemfd, _gmem_path
 from pkvm.kvm.vm import VM
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pkvm.kvm.exits import GuestOpResult
-    from pkvm.kvm.gmem import GuestMemfd
     from pkvm.kvm.mmu import AccessResult, FaultResult
     from pkvm.kvm.vm import Memslot, Vcpu
 
@@ -382,6 +381,16 @@ class Vmm:
         lat = sched.latency_begin() if sched is not None else None
         prev = vm._set_actor("vmm")  # vm.acting("vmm")
         try:
+            if type(result) is GuestOpResult and (reason := result.exit_reason) == KVM_EXIT_HYPERCALL:
+                # _handle_exit's KVM_HC_MAP_GPA_RANGE answer in line (every page-state change's exit)
+                hc = result.hypercall
+                if hc is not None and hc.nr == KVM_HC_MAP_GPA_RANGE:
+                    private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
+                    gpa, size = hc.gpa, hc.size
+                    ret = self._convert_memory(gpa, size, private)
+                    return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
+                                            (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
+                                             self.last_failure))
             return self._handle_exit(result)
         finally:
             if sched is not None:
@@ -450,15 +459,17 @@ class Vmm:
                 or gpa + size > _U64_LIMIT):
             return self._failed(-errno.EINVAL, "the range is not a page-aligned, non-empty u64 range")
         start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
-        slot = vm._slot_at(start)
-        if slot is None:
+        key = vm._slot_maps[0].get(start)  # vm._slot_at(start)
+        if not key:
             if not to_private:
                 return 0
             return self._failed(-errno.EINVAL, f"gpa {gpa:#x} is in no memslot")
+        slot = vm._slots[key - 1]
         if slot.gmem is None:
             return self._failed(-errno.EINVAL, f"memslot {slot.id} has no guest_memfd")
         try:
-            vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
+            # vm.set_memory_attributes, without its Python frame
+            vm._attr_path.ioctl(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0, 0)
         except KvmError as exc:
             return self._failed(-exc.errno, f"KVM_SET_MEMORY_ATTRIBUTES: {exc}")
         self.gfns_converted += end - start
@@ -477,17 +488,33 @@ class Vmm:
         if vm.shared_backing in _NO_DISCARD:
             return
         hs = piece._ugfn - piece.base_gfn  # piece.hva_page(gfn) is gfn + hs
-        vm._madvise_dontneed(s + hs, e + hs)  # with KVM's MMU notifier (kvm_mmu_notifier_invalidate_range_start)
+        # vm._madvise_dontneed(s + hs, e + hs), without its Python frame: with KVM's MMU
+        # notifier (kvm_mmu_notifier_invalidate_range_start)
+        vm._attr_path.madvise_dontneed(vm._shared, s + hs, e + hs)
         if vm._subs is not None:
             vm._emit("madvise", s, e, None, e - s, 0, None,
                      (piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED))
 
     def _punch(self, piece: Memslot, s: int, e: int) -> None:
         """``ram_block_discard_guest_memfd_range``: punch the guest_memfd hole."""
-        if piece.gmem is not None and piece.gmem_file is not None:
+        gmem = piece.gmem
+        if gmem is not None and piece.gmem_file is not None:
             off = piece.gmem_pgoff - piece.base_gfn
-            piece.gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
-                                 (e - s) << PAGE_SHIFT)
+            if type(gmem) is GuestMemfd and not gmem.closed:
+                # GuestMemfd.fallocate(PUNCH_HOLE | KEEP_SIZE, ...) on a range of the slot's
+                # binding (non-negative, 4 KiB aligned, non-empty, far below MAX_LFS_FILESIZE;
+                # the callers refused a call from an event callback): its hole punch and event
+                first = s + off
+                vm = self.vm
+                (vm.__dict__.get("_gmem_path") or _gmem_path(vm)).punch_hole(
+                    gmem, first, min(first + (e - s), gmem.npages))
+                if vm._subs is not None:
+                    vm._emit("fallocate", None, None, None, e - s, 0, None,
+                             (gmem.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first << PAGE_SHIFT,
+                              (e - s) << PAGE_SHIFT))
+            else:
+                gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
+                               (e - s) << PAGE_SHIFT)
 
     def discard_ram(self, gpa: int, size: int) -> None:
         """Give ``[gpa, gpa + size)`` back to the host (a balloon inflate): discard both

@@ -164,7 +164,8 @@ class SnpGuestFlows:
         self.compress_exits = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
-        if self._contended():
+        sched = self.guest.vm._sched
+        if sched is not None and sched.contended():  # self._contended(), in line
             return self._request_by_request(gpa, size, private, True)
         # ``a and b`` on results, testing the shared success first (no __bool__ call then).
         if private:
@@ -174,7 +175,8 @@ class SnpGuestFlows:
         return self.page_state_change(gpa, size, False) if r is CONVERTED or r else r
 
     def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
-        if self._contended():
+        sched = self.guest.vm._sched
+        if sched is not None and sched.contended():  # self._contended(), in line
             return self._request_by_request(gpa, size, True, huge)
         r = self.page_state_change(gpa, size, True, huge)  # then PVALIDATE, as in convert
         return self.pvalidate(gpa, size, True, huge) if r is CONVERTED or r else r
@@ -345,8 +347,12 @@ class SnpGuestFlows:
         if (type(gpa) is int and type(size) is int and gpa >= 0 and size > 0 and not (gpa | size) >> 64
                 and not (gpa | size) & 0xFFF and type(validate) is bool and type(huge) is bool):
             # What pvalidate_range would accept (Guest checked the range): without its checks.
-            r = g.execute(vcpu._pvalidate_insn(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT,  # type: ignore[attr-defined]
-                                               validate, huge))
+            r = vcpu._pvalidate_insn(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT,  # type: ignore[attr-defined]
+                                     validate, huge)
+            if r.ret == "exit" or g.vm._in_callback:
+                r = g.execute(r)
+            else:
+                g.last_exit = None  # g.execute(r) of a completion: nothing to answer
         else:
             r = g.execute(vcpu.pvalidate_range(gpa, size, validate, huge=huge))  # type: ignore[attr-defined]
         if r.ret == "done" and r.status == 0:
