@@ -134,6 +134,8 @@ def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscE
 #: Pages of the largest range that may be one request of 2M entries (head and tail 4K
 #: entries aside): ranges up to this size are checked for the single-request path.
 _ONE_REQUEST_2M = VMGEXIT_PSC_MAX_ENTRY * RMP_PAGES_2M + 2 * RMP_PAGES_2M
+#: Bytes of the largest run of whole 2M blocks that is one request (64 2M entries).
+_ONE_REQUEST_2M_BYTES = VMGEXIT_PSC_MAX_ENTRY << 21
 
 _PVALIDATE_NAMES = {
     PVALIDATE_FAIL_INPUT: "FAIL_INPUT",
@@ -175,9 +177,22 @@ class SnpGuestFlows:
         return self.page_state_change(gpa, size, False) if r is CONVERTED or r else r
 
     def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
-        sched = self.guest.vm._sched
+        g = self.guest
+        vm = g.vm
+        sched = vm._sched
         if sched is not None and sched.contended():  # self._contended(), in line
             return self._request_by_request(gpa, size, True, huge)
+        if huge and self.compress and vm._subs is None and not (gpa | size) & 0x1FFFFF and 0 < size <= _ONE_REQUEST_2M_BYTES:
+            # page_state_change(gpa, size, True, huge) of whole 2M blocks that make one request,
+            # in line: psc_segments is the one run of 2M entries, and _one_request's body (no
+            # other actor runs: tested just above)
+            gfn = gpa >> PAGE_SHIFT
+            at = [0]
+            self.requests += 1
+            op = g.execute(g.vcpu._psc_runs([(gfn, size >> 21, True)], SNP_PAGE_STATE_PRIVATE, at))  # type: ignore[attr-defined]
+            if op.ret == "done" and op.status == 0:
+                return self.pvalidate(gpa, size, True, huge)
+            return step_failed("PSC", op, gpa, g.last_exit, _PSC_NAMES.get(op.status or 0, ""))
         r = self.page_state_change(gpa, size, True, huge)  # then PVALIDATE, as in convert
         return self.pvalidate(gpa, size, True, huge) if r is CONVERTED or r else r
 
