@@ -662,9 +662,16 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         for s, e in runs:
             ctx.vmm.discard_ram(s * chunk, (e - s) * chunk)
     with ctx.phase("deflate"):
+        huge = chunk == P2M
+        guests = ctx.guests
+        tl = ctx.timeline
         for s, e in runs:
-            g = ctx.guest()
-            ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, chunk == P2M)
+            g = guests[ctx._turn % len(guests)]  # ctx.guest(), in line
+            ctx._turn += 1
+            if tl is not None and (tl._current is None or tl._current.name != g.actor):
+                tl.dispatch(g.actor, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, huge)  # ctx.run_on's hand-off
+            else:
+                ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, huge)
 
 
 def _coalesce(chunks: list[int]) -> list[tuple[int, int]]:
