@@ -66,8 +66,8 @@ from pkvm.constants import (
 )
 from pkvm.errors import KvmError
 from pkvm.kvm import memslots as _memslots
-from pkvm.kvm.exits import ExitResult, GuestOpResult
-from pkvm.kvm.gmem import GuestMemfd, _gmem_path
+from pkvm.kvm.exits import ExitResult, GuestOpResult, Hypercall
+from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.vm import VM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -381,21 +381,28 @@ class Vmm:
         lat = sched.latency_begin() if sched is not None else None
         prev = vm._set_actor("vmm")  # vm.acting("vmm")
         try:
-            if type(result) is GuestOpResult and (reason := result.exit_reason) == KVM_EXIT_HYPERCALL:
-                # _handle_exit's KVM_HC_MAP_GPA_RANGE answer in line (every page-state change's exit)
+            if type(result) is GuestOpResult and result.exit_reason == KVM_EXIT_HYPERCALL:
+                # every page-state change's exit: _handle_exit's answer without its dispatch
                 hc = result.hypercall
                 if hc is not None and hc.nr == KVM_HC_MAP_GPA_RANGE:
-                    private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
-                    gpa, size = hc.gpa, hc.size
-                    ret = self._convert_memory(gpa, size, private)
-                    return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
-                                            (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
-                                             self.last_failure))
+                    return self._map_gpa_range(hc)
             return self._handle_exit(result)
         finally:
             if sched is not None:
                 sched.latency_end("exit", lat)
             vm._set_actor(prev)
+
+    def _map_gpa_range(self, hc: Hypercall) -> ExitResult:
+        """The answer to a ``KVM_HC_MAP_GPA_RANGE`` exit (``kvm_handle_hc_map_gpa_range``)."""
+        private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        gpa, size = hc.gpa, hc.size
+        ret = self._convert_memory(gpa, size, private)  # convert_memory: "vmm" acts already
+        # QEMU never writes hypercall.ret (KVM presets it to 0): kvm_handle_hc_map_gpa_range
+        # returns kvm_convert_memory's result, and a failure ends kvm_cpu_exec's loop, which
+        # stops the VM (RUN_STATE_INTERNAL_ERROR). The guest never reads a failure.
+        return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", KVM_EXIT_HYPERCALL, -ret, _converted,
+                                (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
+                                 self.last_failure))
 
     def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> ExitResult:
         try:
@@ -409,15 +416,7 @@ class Vmm:
                 # kvm_handle_hypercall: -EINVAL stops the vCPU
                 return ExitResult(False, "KVM_EXIT_HYPERCALL", reason, errno.EINVAL,
                                   f"hypercall {hc.nr} is not KVM_HC_MAP_GPA_RANGE: the vCPU stops")
-            private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
-            gpa, size = hc.gpa, hc.size
-            ret = self._convert_memory(gpa, size, private)  # convert_memory: "vmm" acts already
-            # QEMU never writes hypercall.ret (KVM presets it to 0): kvm_handle_hc_map_gpa_range
-            # returns kvm_convert_memory's result, and a failure ends kvm_cpu_exec's loop, which
-            # stops the VM (RUN_STATE_INTERNAL_ERROR). The guest never reads a failure.
-            return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
-                                    (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
-                                     self.last_failure))
+            return self._map_gpa_range(hc)
         if reason == KVM_EXIT_MEMORY_FAULT and result.memory_fault is not None:
             gpa, size, flags = result.memory_fault
             if result.errno != errno.EFAULT:
@@ -505,17 +504,10 @@ class Vmm:
         if gmem is not None and piece.gmem_file is not None:
             off = piece.gmem_pgoff - piece.base_gfn
             if type(gmem) is GuestMemfd and not gmem.closed:
-                # GuestMemfd.fallocate(PUNCH_HOLE | KEEP_SIZE, ...) on a range of the slot's
-                # binding (non-negative, 4 KiB aligned, non-empty, far below MAX_LFS_FILESIZE;
-                # the callers refused a call from an event callback): its hole punch and event
-                first = s + off
-                vm = self.vm
-                (vm.__dict__.get("_gmem_path") or _gmem_path(vm)).punch_hole(
-                    gmem, first, min(first + (e - s), gmem.npages))
-                if vm._subs is not None:
-                    vm._emit("fallocate", None, None, None, e - s, 0, None,
-                             (gmem.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first << PAGE_SHIFT,
-                              (e - s) << PAGE_SHIFT))
+                # GuestMemfd.fallocate(PUNCH_HOLE | KEEP_SIZE, ...) after its checks: a range of
+                # the slot's binding is non-negative, 4 KiB aligned, non-empty and far below
+                # MAX_LFS_FILESIZE, and the callers refused a call from an event callback
+                gmem._punch_checked(s + off, e - s)
             else:
                 gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
                                (e - s) << PAGE_SHIFT)
