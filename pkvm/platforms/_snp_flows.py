@@ -183,16 +183,11 @@ class SnpGuestFlows:
         if sched is not None and sched.contended():  # self._contended(), in line
             return self._request_by_request(gpa, size, True, huge)
         if huge and self.compress and vm._subs is None and not (gpa | size) & 0x1FFFFF and 0 < size <= _ONE_REQUEST_2M_BYTES:
-            # page_state_change(gpa, size, True, huge) of whole 2M blocks that make one request,
-            # in line: psc_segments is the one run of 2M entries, and _one_request's body (no
-            # other actor runs: tested just above)
-            gfn = gpa >> PAGE_SHIFT
-            at = [0]
-            self.requests += 1
-            op = g.execute(g.vcpu._psc_runs([(gfn, size >> 21, True)], SNP_PAGE_STATE_PRIVATE, at))  # type: ignore[attr-defined]
-            if op.ret == "done" and op.status == 0:
-                return self.pvalidate(gpa, size, True, huge)
-            return step_failed("PSC", op, gpa, g.last_exit, _PSC_NAMES.get(op.status or 0, ""))
+            # page_state_change(gpa, size, True, huge) of whole 2M blocks that make one request:
+            # psc_segments gives the one run of 2M entries, which goes as _one_request (no other
+            # actor runs: tested just above)
+            r = self._one_request(g, [(gpa >> PAGE_SHIFT, size >> 21, True)], SNP_PAGE_STATE_PRIVATE)
+            return self.pvalidate(gpa, size, True, huge) if r is CONVERTED else r
         r = self.page_state_change(gpa, size, True, huge)  # then PVALIDATE, as in convert
         return self.pvalidate(gpa, size, True, huge) if r is CONVERTED or r else r
 
