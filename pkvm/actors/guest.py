@@ -225,17 +225,25 @@ class Guest:
         if prev != self.actor:
             vm._set_actor(self.actor)
         try:
-            return self._touch(gpa, size, private, write)
+            # _touch's first access in line: a finished one is the totals already
+            r = self.vcpu.access(gpa, private=private, write=write, size=size)
+            return r if r.ret == "done" else self._touch(gpa, size, private, write, r)
         finally:
             if vm._actor != prev:
                 vm._set_actor(prev)
 
-    def _touch(self, gpa: int, size: int, private: bool, write: bool) -> AccessResult:
+    def _touch(self, gpa: int, size: int, private: bool, write: bool,
+               first: AccessResult | None = None) -> AccessResult:
+        """The access loop of :meth:`touch`; ``first``: the result of its first access, made
+        already."""
         vcpu = self.vcpu
         done = faults = 0
         pos, end = gpa, gpa + size
         while True:
-            r = vcpu.access(pos, private=private, write=write, size=end - pos)
+            if first is not None:
+                r, first = first, None
+            else:
+                r = vcpu.access(pos, private=private, write=write, size=end - pos)
             done += r.pages_done
             faults += r.faults
             if r.ret == "done":

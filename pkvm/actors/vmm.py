@@ -66,12 +66,11 @@ from pkvm.constants import (
 )
 from pkvm.errors import KvmError
 from pkvm.kvm import memslots as _memslots
-from pkvm.kvm.exits import ExitResult
+from pkvm.kvm.exits import ExitResult, GuestOpResult, Hypercall
+from pkvm.kvm.gmem import GuestMemfd
 from pkvm.kvm.vm import VM
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pkvm.kvm.exits import GuestOpResult
-    from pkvm.kvm.gmem import GuestMemfd
     from pkvm.kvm.mmu import AccessResult, FaultResult
     from pkvm.kvm.vm import Memslot, Vcpu
 
@@ -382,11 +381,28 @@ class Vmm:
         lat = sched.latency_begin() if sched is not None else None
         prev = vm._set_actor("vmm")  # vm.acting("vmm")
         try:
+            if type(result) is GuestOpResult and result.exit_reason == KVM_EXIT_HYPERCALL:
+                # every page-state change's exit: _handle_exit's answer without its dispatch
+                hc = result.hypercall
+                if hc is not None and hc.nr == KVM_HC_MAP_GPA_RANGE:
+                    return self._map_gpa_range(hc)
             return self._handle_exit(result)
         finally:
             if sched is not None:
                 sched.latency_end("exit", lat)
             vm._set_actor(prev)
+
+    def _map_gpa_range(self, hc: Hypercall) -> ExitResult:
+        """The answer to a ``KVM_HC_MAP_GPA_RANGE`` exit (``kvm_handle_hc_map_gpa_range``)."""
+        private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        gpa, size = hc.gpa, hc.size
+        ret = self._convert_memory(gpa, size, private)  # convert_memory: "vmm" acts already
+        # QEMU never writes hypercall.ret (KVM presets it to 0): kvm_handle_hc_map_gpa_range
+        # returns kvm_convert_memory's result, and a failure ends kvm_cpu_exec's loop, which
+        # stops the VM (RUN_STATE_INTERNAL_ERROR). The guest never reads a failure.
+        return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", KVM_EXIT_HYPERCALL, -ret, _converted,
+                                (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
+                                 self.last_failure))
 
     def _handle_exit(self, result: GuestOpResult | AccessResult | FaultResult) -> ExitResult:
         try:
@@ -400,15 +416,7 @@ class Vmm:
                 # kvm_handle_hypercall: -EINVAL stops the vCPU
                 return ExitResult(False, "KVM_EXIT_HYPERCALL", reason, errno.EINVAL,
                                   f"hypercall {hc.nr} is not KVM_HC_MAP_GPA_RANGE: the vCPU stops")
-            private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
-            gpa, size = hc.gpa, hc.size
-            ret = self._convert_memory(gpa, size, private)  # convert_memory: "vmm" acts already
-            # QEMU never writes hypercall.ret (KVM presets it to 0): kvm_handle_hc_map_gpa_range
-            # returns kvm_convert_memory's result, and a failure ends kvm_cpu_exec's loop, which
-            # stops the VM (RUN_STATE_INTERNAL_ERROR). The guest never reads a failure.
-            return ExitResult._lazy(ret == 0, "KVM_HC_MAP_GPA_RANGE", reason, -ret, _converted,
-                                    (ret, gpa, size, private, ": the VM stops (RUN_STATE_INTERNAL_ERROR)",
-                                     self.last_failure))
+            return self._map_gpa_range(hc)
         if reason == KVM_EXIT_MEMORY_FAULT and result.memory_fault is not None:
             gpa, size, flags = result.memory_fault
             if result.errno != errno.EFAULT:
@@ -450,15 +458,17 @@ class Vmm:
                 or gpa + size > _U64_LIMIT):
             return self._failed(-errno.EINVAL, "the range is not a page-aligned, non-empty u64 range")
         start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
-        slot = vm._slot_at(start)
-        if slot is None:
+        key = vm._slot_maps[0].get(start)  # vm._slot_at(start)
+        if not key:
             if not to_private:
                 return 0
             return self._failed(-errno.EINVAL, f"gpa {gpa:#x} is in no memslot")
+        slot = vm._slots[key - 1]
         if slot.gmem is None:
             return self._failed(-errno.EINVAL, f"memslot {slot.id} has no guest_memfd")
         try:
-            vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
+            # vm.set_memory_attributes, without its Python frame
+            vm._attr_path.ioctl(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0, 0)
         except KvmError as exc:
             return self._failed(-exc.errno, f"KVM_SET_MEMORY_ATTRIBUTES: {exc}")
         self.gfns_converted += end - start
@@ -466,7 +476,11 @@ class Vmm:
             for s, e, key in vm._slot_maps[0].ranges(start, end):
                 piece = vm._slots[key - 1]
                 if to_private:
-                    self._discard_shared(piece, s, e)
+                    if vm._subs is None and vm.shared_backing not in _NO_DISCARD:
+                        hs = piece._ugfn - piece.base_gfn  # self._discard_shared(piece, s, e), in line
+                        vm._attr_path.madvise_dontneed(vm._shared, s + hs, e + hs)
+                    else:
+                        self._discard_shared(piece, s, e)
                 else:
                     self._punch(piece, s, e)
         return 0
@@ -477,17 +491,26 @@ class Vmm:
         if vm.shared_backing in _NO_DISCARD:
             return
         hs = piece._ugfn - piece.base_gfn  # piece.hva_page(gfn) is gfn + hs
-        vm._madvise_dontneed(s + hs, e + hs)  # with KVM's MMU notifier (kvm_mmu_notifier_invalidate_range_start)
+        # vm._madvise_dontneed(s + hs, e + hs), without its Python frame: with KVM's MMU
+        # notifier (kvm_mmu_notifier_invalidate_range_start)
+        vm._attr_path.madvise_dontneed(vm._shared, s + hs, e + hs)
         if vm._subs is not None:
             vm._emit("madvise", s, e, None, e - s, 0, None,
                      (piece.hva_page(s) << PAGE_SHIFT, (e - s) << PAGE_SHIFT, MADV_DONTNEED))
 
     def _punch(self, piece: Memslot, s: int, e: int) -> None:
         """``ram_block_discard_guest_memfd_range``: punch the guest_memfd hole."""
-        if piece.gmem is not None and piece.gmem_file is not None:
+        gmem = piece.gmem
+        if gmem is not None and piece.gmem_file is not None:
             off = piece.gmem_pgoff - piece.base_gfn
-            piece.gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
-                                 (e - s) << PAGE_SHIFT)
+            if type(gmem) is GuestMemfd and not gmem.closed:
+                # GuestMemfd.fallocate(PUNCH_HOLE | KEEP_SIZE, ...) after its checks: a range of
+                # the slot's binding is non-negative, 4 KiB aligned, non-empty and far below
+                # MAX_LFS_FILESIZE, and the callers refused a call from an event callback
+                gmem._punch_checked(s + off, e - s)
+            else:
+                gmem.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (s + off) << PAGE_SHIFT,
+                               (e - s) << PAGE_SHIFT)
 
     def discard_ram(self, gpa: int, size: int) -> None:
         """Give ``[gpa, gpa + size)`` back to the host (a balloon inflate): discard both
@@ -515,7 +538,11 @@ class Vmm:
             for s, e, key in vm._slot_maps[0].ranges(start, end):
                 piece = vm._slots[key - 1]
                 self._punch(piece, s, e)
-                self._discard_shared(piece, s, e)
+                if vm._subs is None and vm.shared_backing not in _NO_DISCARD:
+                    hs = piece._ugfn - piece.base_gfn  # self._discard_shared(piece, s, e), in line
+                    vm._attr_path.madvise_dontneed(vm._shared, s + hs, e + hs)
+                else:
+                    self._discard_shared(piece, s, e)
         finally:
             if vm._actor != prev:
                 vm._set_actor(prev)

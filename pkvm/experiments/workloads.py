@@ -544,10 +544,17 @@ def _accept_all(ctx: Context, accept: int = P2M) -> None:
 
 
 def _accept_touch(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
-    # A task of g's vCPU (ctx.run_on): ctx.accept / ctx.touch would run these at once.
+    # A task of g's vCPU (ctx.run_on): ctx.accept / ctx.touch would run these at once. The
+    # bodies of ctx._accept and ctx._touch, in line (one task per balloon chunk).
     if size > 0:
-        ctx._accept(g, gpa, size, huge)
-    ctx._touch(g, gpa, size, True, True)  # and uses it (the only faults on SW_PROTECTED)
+        ok = g.accept(gpa, size, huge=huge)
+        if ok is not CONVERTED and not ok:
+            ctx._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
+        ctx.gfns_accessed += size >> PAGE_SHIFT
+    r = g.touch(gpa, size, private=True, write=True)  # and uses it (the only faults on SW_PROTECTED)
+    if r.ret != "done":
+        ctx._require(False, f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
+    ctx.gfns_accessed += size >> PAGE_SHIFT
 
 
 def _accept_touch_pieces(ctx: Context, g: Guest, pieces: list[tuple[int, int]], huge: bool) -> None:
@@ -655,9 +662,16 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         for s, e in runs:
             ctx.vmm.discard_ram(s * chunk, (e - s) * chunk)
     with ctx.phase("deflate"):
+        huge = chunk == P2M
+        guests = ctx.guests
+        tl = ctx.timeline
         for s, e in runs:
-            g = ctx.guest()
-            ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, chunk == P2M)
+            g = guests[ctx._turn % len(guests)]  # ctx.guest(), in line
+            ctx._turn += 1
+            if tl is not None and (tl._current is None or tl._current.name != g.actor):
+                tl.dispatch(g.actor, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, huge)  # ctx.run_on's hand-off
+            else:
+                ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, huge)
 
 
 def _coalesce(chunks: list[int]) -> list[tuple[int, int]]:

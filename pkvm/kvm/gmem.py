@@ -146,15 +146,27 @@ class GuestMemfd:
             raise KvmError(errno.EINVAL, f"[{offset:#x}, {offset + length:#x}) is not 4 KiB aligned")
         start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
         if mode & FALLOC_FL_PUNCH_HOLE:
-            self._punch_hole(start, min(end, self.npages))
-        else:
-            if end > self.npages:
-                raise KvmError(errno.EINVAL,
-                               f"allocating [{offset:#x}, {offset + length:#x}) past the size {self.size:#x}")
-            self._allocate(start, end)
+            self._punch_checked(start, end - start)
+            return
+        if end > self.npages:
+            raise KvmError(errno.EINVAL,
+                           f"allocating [{offset:#x}, {offset + length:#x}) past the size {self.size:#x}")
+        self._allocate(start, end)
         vm = self._vm
         if vm._subs is not None:
             vm._emit("fallocate", None, None, None, length >> PAGE_SHIFT, 0, None, (self.fd, mode, offset, length))
+
+    def _punch_checked(self, start: int, count: int) -> None:
+        """``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`` of the ``count > 0`` pages
+        from index ``start`` once its checks passed (the file is open, the range is aligned,
+        non-empty and below ``MAX_LFS_FILESIZE``, no event callback is running): the hole punch
+        and its event (the VMM's discard calls it directly)."""
+        self._punch_hole(start, min(start + count, self.npages))
+        vm = self._vm
+        if vm._subs is not None:
+            vm._emit("fallocate", None, None, None, count, 0, None,
+                     (self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start << PAGE_SHIFT,
+                      count << PAGE_SHIFT))
 
     def _allocate(self, start: int, end: int) -> None:
         """``kvm_gmem_allocate``: create the missing folios in ``[start, end)``."""

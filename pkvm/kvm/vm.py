@@ -1252,7 +1252,10 @@ class Vcpu:
             KvmError: EIO if the VM is dead; EDEADLK from an event callback of the VM.
             TypeError / ValueError: as :meth:`page_fault`; ``size`` must be > 0.
         """
-        gfn = _gpa_to_gfn(gpa)
+        if type(gpa) is int and 0 <= gpa < _MAX_GPA:
+            gfn = gpa >> PAGE_SHIFT  # _gpa_to_gfn(gpa) of an int it accepts
+        else:
+            gfn = _gpa_to_gfn(gpa)
         if type(private) is not bool or type(write) is not bool:
             raise TypeError("private and write must be bools")
         if type(size) is not int or size <= 0:
@@ -1422,6 +1425,7 @@ class Vcpu:
 setattr(Vcpu, "page_fault", PageFaultMethod(Vcpu.page_fault))
 
 _MAX_GFN = 1 << 40  # 52-bit guest physical addresses
+_MAX_GPA = _MAX_GFN << PAGE_SHIFT  # the gpas _gpa_to_gfn accepts are below it
 #: Re-faults an access makes while an invalidation keeps its gfn stale, in the synchronous driver
 #: (nothing there ends an invalidation but the caller); then it returns ``ret="retry"``.
 _MAX_RETRIES = RETRY_LIMIT  # pkvm.constants: the one bound on retried loops

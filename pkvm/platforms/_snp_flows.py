@@ -134,6 +134,8 @@ def psc_entries(gfn: int, end: int, op: int, huge: bool = True) -> Iterator[PscE
 #: Pages of the largest range that may be one request of 2M entries (head and tail 4K
 #: entries aside): ranges up to this size are checked for the single-request path.
 _ONE_REQUEST_2M = VMGEXIT_PSC_MAX_ENTRY * RMP_PAGES_2M + 2 * RMP_PAGES_2M
+#: Bytes of the largest run of whole 2M blocks that is one request (64 2M entries).
+_ONE_REQUEST_2M_BYTES = VMGEXIT_PSC_MAX_ENTRY << 21
 
 _PVALIDATE_NAMES = {
     PVALIDATE_FAIL_INPUT: "FAIL_INPUT",
@@ -164,7 +166,8 @@ class SnpGuestFlows:
         self.compress_exits = True
 
     def convert(self, gpa: int, size: int, private: bool) -> ConversionResult:
-        if self._contended():
+        sched = self.guest.vm._sched
+        if sched is not None and sched.contended():  # self._contended(), in line
             return self._request_by_request(gpa, size, private, True)
         # ``a and b`` on results, testing the shared success first (no __bool__ call then).
         if private:
@@ -174,8 +177,17 @@ class SnpGuestFlows:
         return self.page_state_change(gpa, size, False) if r is CONVERTED or r else r
 
     def accept(self, gpa: int, size: int, huge: bool = True) -> ConversionResult:
-        if self._contended():
+        g = self.guest
+        vm = g.vm
+        sched = vm._sched
+        if sched is not None and sched.contended():  # self._contended(), in line
             return self._request_by_request(gpa, size, True, huge)
+        if huge and self.compress and vm._subs is None and not (gpa | size) & 0x1FFFFF and 0 < size <= _ONE_REQUEST_2M_BYTES:
+            # page_state_change(gpa, size, True, huge) of whole 2M blocks that make one request:
+            # psc_segments gives the one run of 2M entries, which goes as _one_request (no other
+            # actor runs: tested just above)
+            r = self._one_request(g, [(gpa >> PAGE_SHIFT, size >> 21, True)], SNP_PAGE_STATE_PRIVATE)
+            return self.pvalidate(gpa, size, True, huge) if r is CONVERTED else r
         r = self.page_state_change(gpa, size, True, huge)  # then PVALIDATE, as in convert
         return self.pvalidate(gpa, size, True, huge) if r is CONVERTED or r else r
 
@@ -345,8 +357,12 @@ class SnpGuestFlows:
         if (type(gpa) is int and type(size) is int and gpa >= 0 and size > 0 and not (gpa | size) >> 64
                 and not (gpa | size) & 0xFFF and type(validate) is bool and type(huge) is bool):
             # What pvalidate_range would accept (Guest checked the range): without its checks.
-            r = g.execute(vcpu._pvalidate_insn(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT,  # type: ignore[attr-defined]
-                                               validate, huge))
+            r = vcpu._pvalidate_insn(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT,  # type: ignore[attr-defined]
+                                     validate, huge)
+            if r.ret == "exit" or g.vm._in_callback:
+                r = g.execute(r)
+            else:
+                g.last_exit = None  # g.execute(r) of a completion: nothing to answer
         else:
             r = g.execute(vcpu.pvalidate_range(gpa, size, validate, huge=huge))  # type: ignore[attr-defined]
         if r.ret == "done" and r.status == 0:
