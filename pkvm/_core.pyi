@@ -230,7 +230,7 @@ def _mmu_map_leaf(sptes: RangeMap, stats: MutableMapping[str, int], gfn: int, le
                   charge: Callable[[str, int], object]) -> tuple[bool, bool]: ...
 def _mmu_map_run(sptes: RangeMap, stats: MutableMapping[str, int], start: int, end: int, level: int, value: int) -> None: ...
 
-@disjoint_base
+@final
 class FaultPath:
     """The typed state of one VM's nested page-fault path (``VM._fault_path``)."""
 
@@ -268,7 +268,7 @@ def _lpage_any_mixed(m: RangeMap, first: int, last: int) -> bool: ...
 def _lpage_clear_mixed(m: RangeMap, first: int, last: int) -> None: ...
 def _hugepage_has_attrs(amap: RangeMap, m2: RangeMap, gfn: int, level: int, attrs: int) -> bool: ...
 
-@disjoint_base
+@final
 class AttrPath:
     """The typed state of one VM's ``KVM_SET_MEMORY_ATTRIBUTES`` path (``VM._attr_path``)."""
 
