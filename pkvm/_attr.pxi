@@ -248,6 +248,27 @@ cdef inline int _walk_1g_memo(RangeMap amap, RangeMap m2, uint64_t g, uint64_t a
     return _walk_1g(amap, m2, g, attrs, inside, loads, memo)
 
 
+cdef inline Run _run_beside(RangeMap m, uint64_t key, bint beside, uint64_t *lo,
+                            uint64_t *hi) noexcept nogil:
+    """``rangemap_run_at(m, key)`` for ``key < 2**64 - 1`` (the same lookup). With ``beside``
+    and ``key`` in a stored run (not a gap), also where the stored runs next to that one are,
+    as far as its leaf shows them: ``lo`` the end of the one before (0: there is none;
+    ``U64_MAX``: it is in another leaf, not read), ``hi`` the start of the one after
+    (``U64_MAX``: none; 0: in another leaf). Otherwise ``lo`` and ``hi`` are left as they are."""
+    cdef Leaf *lf = _leaf_at(m, key)
+    cdef int i = _ub(lf.starts, lf.n, key) - 1
+    if beside and i >= 0 and key < lf.ends[i]:
+        if i > 0:
+            lo[0] = lf.ends[i - 1]
+        else:
+            lo[0] = 0 if lf.prev == NULL else U64_MAX
+        if i + 1 < lf.n:
+            hi[0] = lf.starts[i + 1]
+        else:
+            hi[0] = U64_MAX if lf.next == NULL else 0
+    return _leaf_run(m, lf, i, key)
+
+
 cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs) except -1:
     """``hugepage_has_attrs`` for the ``level`` chunk starting at ``gfn`` (§3.2): 2M, every gfn
     has ``attrs``; 1G, :func:`_walk_1g` (no 2M sub-chunk is MIXED and the first gfn of every
@@ -1108,12 +1129,15 @@ cdef class AttrPath:
         return 0
 
     cdef int _quiet1(self, uint64_t gfn, uint64_t attrs, uint64_t key, uint64_t spte,
-                     uint64_t head2, bint mixed2, uint64_t k2) except -1:
+                     uint64_t head2, bint mixed2, uint64_t k2, int u0) except -1:
         """:meth:`_quiet` with ``read`` (one gfn, its slot key, SPTE, 2M lpage word and
         ``mixed2`` read by :meth:`checked`) where the gfn's leaf, if any, is a 4K one and the
         store and zap prices are int64 (``prices_i64``): the same steps, reads, writes and
         charges in the same order, with the phase's ns in C integers and PRE's guard on the
-        one gfn's two head chunks written out (its tail chunks are its head chunks)."""
+        one gfn's two head chunks written out (its tail chunks are its head chunks).
+        ``u0``: for ``attrs == 0``, whether the gfn's 2M chunk is uniform once the store ran,
+        as :meth:`_checked` saw it from the runs beside the gfn's (1 or 0; -1: not seen, the
+        2M test looks)."""
         cdef Counters st = self.stats
         cdef VmState vs = self.vs
         cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN, k = 0, steps = 0, loads = 0
@@ -1158,6 +1182,8 @@ cdef class AttrPath:
                     k = k2
                 elif mixed2 and not attrs:
                     uniform = False
+                elif u0 >= 0:  # (attrs == 0: no step to count, k is not needed)
+                    uniform = u0
                 else:
                     uniform = not rangemap_find_ne(self.attrs, hs, hs + 512, attrs, &k)
                 steps = _steps_2m(hs, attrs, uniform, k)
@@ -1370,8 +1396,9 @@ cdef class AttrPath:
     cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
         cdef uint64_t cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g, steps = 0
-        cdef uint64_t k2 = _INVALID_GFN
+        cdef uint64_t k2 = _INVALID_GFN, nb_lo = 0, nb_hi = 0
         cdef bint mixed2 = False
+        cdef int u0 = -1
         cdef Run ar
         cdef RunCursor cur
         cdef _PreState ps
@@ -1387,7 +1414,9 @@ cdef class AttrPath:
                 self._hint(start)
             if key:
                 head2 = rangemap_get(self.c_m2, start >> 9)
-            rangemap_run_at(self.attrs, start, &ar)  # the value and the run around it
+            # the value and the run around it (and, for a conversion to shared, where the
+            # stored runs beside it end and begin, as far as its leaf shows them)
+            ar = _run_beside(self.attrs, start, not attrs, &nb_lo, &nb_hi)
             cur_attrs = ar.value
             # another gfn of the 2M chunk [g, g + 512) in the run: max(run start, g) < start or
             # min(run end, g + 512) > start + 1
@@ -1400,6 +1429,15 @@ cdef class AttrPath:
                 k2 = g
             elif g == start and ar.end > start + 1:
                 k2 = start + 1
+            if not attrs and cur_attrs:
+                # to shared (0, the map's default): once the store ran the chunk is uniform
+                # unless what is left of the run meets it (mixed2) or a stored run beside it
+                # does (runs are coalesced and gaps hold 0); a neighbour in another leaf is
+                # not read here (then POST's 2M test looks)
+                if mixed2 or (nb_lo != U64_MAX and nb_lo > g) or (nb_hi != 0 and nb_hi < g + 512):
+                    u0 = 0
+                elif nb_lo <= g and nb_hi >= g + 512:
+                    u0 = 1
             spte = rangemap_get(self.sptes, start)
         vm = self.vm
         if self.op is not None:
@@ -1450,7 +1488,7 @@ cdef class AttrPath:
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and not subs and self.vs.mmu_invalidate_in_progress == 0:
             if read and self.prices_i64 and (not spte or _spte_level(spte) == 1):
-                self._quiet1(start, attrs, key, spte, head2, mixed2, k2)
+                self._quiet1(start, attrs, key, spte, head2, mixed2, k2, u0)
             else:
                 self._quiet(start, end, attrs, read, key, spte, head2, mixed2, k2)
             return 0
