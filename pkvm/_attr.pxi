@@ -549,6 +549,7 @@ cdef struct _PreState:
     int attr_filter
 
 
+@cython.final  # (no subclass: its methods call each other directly, not through a vtable)
 @cython.auto_pickle(False)  # a VM's live state: never pickled on its own
 cdef class AttrPath:
     """The typed state of one VM's ``KVM_SET_MEMORY_ATTRIBUTES`` path (``VM._attr_path``).
