@@ -1327,7 +1327,7 @@ cdef int64_t _shared_populate1(SharedBackingState sb, uint64_t hva, uint64_t *wo
     return 1LL << order
 
 
-def shared_populate_one(SharedBackingState sb, uint64_t hva):
+def _shared_populate_one(SharedBackingState sb, uint64_t hva):
     """What a one-page shared fault does to the backing (pkvm/_fault.pxi): ``(pages
     populated, the map's word at hva)``, through :func:`_shared_populate1`, and through
     :func:`_shared_populate` where that declines (for the tests)."""

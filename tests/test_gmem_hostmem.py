@@ -179,7 +179,7 @@ def test_one_page_populate_matches_the_general_populate(order, pages, ops):
     allocated and written where the lookup landed) against the general populate of the same
     page, through random faults, discards and unrelated allocations: the same map, counters,
     allocator and cursor, the same word at the page; on ENOMEM both raise and nothing changes."""
-    from pkvm._core import shared_populate_one
+    from pkvm._core import _shared_populate_one
 
     pair = []
     for _ in range(2):
@@ -193,10 +193,10 @@ def test_one_page_populate_matches_the_general_populate(order, pages, ops):
                 want = (ref.populate(a, a + 1), ref._map.get(a))
             except pkvm.KvmError:
                 with pytest.raises(pkvm.KvmError, match="host memory exhausted populating HVA pages"):
-                    shared_populate_one(real, a)
+                    _shared_populate_one(real, a)
                 assert _backing_state(real) == before
             else:
-                assert shared_populate_one(real, a) == want
+                assert _shared_populate_one(real, a) == want
         elif op == "discard":
             assert real.discard(a, a + n) == ref.discard(a, a + n)
         else:
