@@ -70,6 +70,55 @@ cdef inline int _assign1(RangeMap m, uint64_t key, uint64_t value) except -1:
     return m._assign1_c(key, value)
 
 
+cdef inline int _assign1_p(RangeMap m, const RunPos *pos, uint64_t key, uint64_t value) except -1:
+    """:func:`_assign1` from where a lookup of ``key`` landed (``_assign1_at``)."""
+    if m.bulk_writer or m.bulk_readers:
+        return rangemap_assign(m, key, key + 1, value)  # the busy map's RuntimeError
+    return _assign1_at(m, pos, key, value)
+
+
+cdef Leaf *_attr_leaf_at(RangeMap m, uint64_t key) noexcept nogil:
+    """``_leaf_at`` (the finger, else a descent that moves it) for this file's lookups, a
+    function of its own: more callers of the inline ``_leaf_at`` made the C compiler call it
+    out of line from the fault path's lookups too (31 instructions more per private fault)."""
+    cdef Leaf *lf
+    if not m.fingered:
+        return _descend_leaf(m, key)
+    lf = _finger_leaf(m, key)
+    if lf != NULL:
+        return lf
+    lf = _descend_leaf(m, key)
+    pkvm_store_ptr(&m.finger, <void*>lf)
+    return lf
+
+
+cdef inline uint64_t _get_pos(RangeMap m, uint64_t key, RunPos *pos) noexcept nogil:
+    """``rangemap_get(m, key)`` (the same lookup), and in ``pos`` where it landed."""
+    cdef Leaf *lf = _attr_leaf_at(m, key)
+    cdef int i = _ub(lf.starts, lf.n, key) - 1
+    pos.leaf = <void*>lf
+    pos.index = i
+    pos.version = m.version
+    if i >= 0 and key < lf.ends[i]:
+        return _val(lf, i)
+    return m.dflt
+
+
+def _rangemap_assign1_at(RangeMap m not None, uint64_t look, uint64_t key, uint64_t value,
+                         list between=None):
+    """A lookup of ``look`` (``_get_pos``), the one-key writes ``between`` (``(key, value)``
+    pairs, through ``assign``), then ``m.assign(key, key + 1, value)`` through the write from
+    the lookup's position (``_assign1_p``), for its tests: a position of another key or of an
+    older version must fall back to the plain one-key assign."""
+    cdef RunPos pos
+    if key == U64_MAX or look == U64_MAX:
+        raise OverflowError("key out of range for a one-key assign: 2**64 - 1")
+    _get_pos(m, look, &pos)
+    for k, v in between or ():
+        m.assign(k, k + 1, v)
+    _assign1_p(m, &pos, key, value)
+
+
 def _rangemap_assign1(RangeMap m not None, uint64_t key, uint64_t value):
     """``m.assign(key, key + 1, value)`` through the core's one-key assign (for its tests)."""
     if key == U64_MAX:
@@ -113,6 +162,15 @@ cdef inline int _set_mixed_w(RangeMap m, uint64_t idx, bint mixed, uint64_t w) e
     cdef uint64_t nv = (v | _LPAGE_MIXED) if mixed else (v & ~_LPAGE_MIXED)
     if nv != v:
         _assign1(m, idx, nv)
+    return 0
+
+
+cdef inline int _set_mixed_p(RangeMap m, uint64_t idx, bint mixed, uint64_t w, const RunPos *pos) except -1:
+    """:func:`_set_mixed_w` with the word ``w`` known and ``pos`` where its lookup landed (the
+    write goes there: ``_assign1_at``)."""
+    cdef uint64_t nv = (w | _LPAGE_MIXED) if mixed else (w & ~_LPAGE_MIXED)
+    if nv != w:
+        _assign1_p(m, pos, idx, nv)
     return 0
 
 
@@ -246,6 +304,31 @@ cdef inline int _walk_1g_memo(RangeMap amap, RangeMap m2, uint64_t g, uint64_t a
             loads[0] += (hi - g) >> 9
             return 0
     return _walk_1g(amap, m2, g, attrs, inside, loads, memo)
+
+
+cdef inline Run _run_beside(RangeMap m, uint64_t key, bint beside, uint64_t *lo,
+                            uint64_t *hi, RunPos *pos) noexcept nogil:
+    """``rangemap_run_at(m, key)`` for ``key < 2**64 - 1`` (the same lookup). With ``beside``
+    and ``key`` in a stored run (not a gap), also where the stored runs next to that one are,
+    as far as its leaf shows them: ``lo`` the end of the one before (0: there is none;
+    ``U64_MAX``: it is in another leaf, not read), ``hi`` the start of the one after
+    (``U64_MAX``: none; 0: in another leaf). Otherwise ``lo`` and ``hi`` are left as they are.
+    ``pos``: where the lookup landed (``_assign1_at``)."""
+    cdef Leaf *lf = _attr_leaf_at(m, key)
+    cdef int i = _ub(lf.starts, lf.n, key) - 1
+    pos.leaf = <void*>lf
+    pos.index = i
+    pos.version = m.version
+    if beside and i >= 0 and key < lf.ends[i]:
+        if i > 0:
+            lo[0] = lf.ends[i - 1]
+        else:
+            lo[0] = 0 if lf.prev == NULL else U64_MAX
+        if i + 1 < lf.n:
+            hi[0] = lf.starts[i + 1]
+        else:
+            hi[0] = U64_MAX if lf.next == NULL else 0
+    return _leaf_run(m, lf, i, key)
 
 
 cdef int _has_attrs(RangeMap amap, RangeMap m2, uint64_t gfn, int level, uint64_t attrs) except -1:
@@ -466,7 +549,7 @@ cdef struct _PreState:
     int attr_filter
 
 
-@cython.final
+@cython.final  # (no subclass: its methods call each other directly, not through a vtable)
 @cython.auto_pickle(False)  # a VM's live state: never pickled on its own
 cdef class AttrPath:
     """The typed state of one VM's ``KVM_SET_MEMORY_ATTRIBUTES`` path (``VM._attr_path``).
@@ -536,6 +619,9 @@ cdef class AttrPath:
     cdef object bound_ioctl
     # the attribute runs at 1G chunks' first gfns that POST's 1G tests read (see _Run1G); last,
     # so that the fields above share their cache lines
+    # where _checked's lookups of a one-page call's gfn landed in the attribute and SPTE maps,
+    # for _quiet1's writes there (each checked against its map's version)
+    cdef RunPos a_pos, s_pos, m2_pos    # (m2_pos: in the memslot's 2M map, c_m2)
     cdef _Run1G memo1g[_MEMO_1G]
 
     def __init__(self, vm):
@@ -1109,17 +1195,21 @@ cdef class AttrPath:
         return 0
 
     cdef int _quiet1(self, uint64_t gfn, uint64_t attrs, uint64_t key, uint64_t spte,
-                     uint64_t head2, bint mixed2, uint64_t k2) except -1:
+                     uint64_t head2, bint mixed2, uint64_t k2, int u0) except -1:
         """:meth:`_quiet` with ``read`` (one gfn, its slot key, SPTE, 2M lpage word and
         ``mixed2`` read by :meth:`checked`) where the gfn's leaf, if any, is a 4K one and the
         store and zap prices are int64 (``prices_i64``): the same steps, reads, writes and
         charges in the same order, with the phase's ns in C integers and PRE's guard on the
-        one gfn's two head chunks written out (its tail chunks are its head chunks)."""
+        one gfn's two head chunks written out (its tail chunks are its head chunks).
+        ``u0``: for ``attrs == 0``, whether the gfn's 2M chunk is uniform once the store ran,
+        as :meth:`_checked` saw it from the runs beside the gfn's (1 or 0; -1: not seen, the
+        2M test looks)."""
         cdef Counters st = self.stats
         cdef VmState vs = self.vs
         cdef uint64_t rs, re, hs, w, head1 = _INVALID_GFN, k = 0, steps = 0, loads = 0
         cdef int64_t t
         cdef bint zapped = False, uniform
+        cdef RunPos m1_pos
         if key:
             # PRE: the invalidation range (_pre_range's guard on the one gfn's two head chunks,
             # written out: its tail chunks are its head chunks), then the zap of a 4K leaf
@@ -1134,18 +1224,21 @@ cdef class AttrPath:
                         re = hs + 512
                 hs = gfn & ~((1ULL << 18) - 1)
                 if hs >= self.c_base and hs + (1ULL << 18) <= self.c_end:
-                    head1 = rangemap_get(self.c_m1, gfn >> 18)
+                    head1 = _get_pos(self.c_m1, gfn >> 18, &m1_pos)
                     if not head1 & _LPAGE_MIXED:
                         rs = hs  # the 1G chunk holds the 2M one
                         re = hs + (1ULL << 18)
-            if spte:
-                zapped = _zap_4k(self.sptes, st, gfn)
+            if spte:  # _zap_4k, written where _checked's lookup landed
+                st.v[S_PAGES_4K] -= 1
+                _assign1_p(self.sptes, &self.s_pos, gfn, 0)
+                st.v[S_ZAPPED_SPTES] += 1
+                zapped = True
             vs._range_start = rs
             vs._range_end = re
             if zapped:
                 flush_ns = self._flush_price(self._flush_counted())  # flush_on_ret
         # the store, under slots_lock only
-        _assign1(self.attrs, gfn, attrs)
+        _assign1_p(self.attrs, &self.a_pos, gfn, attrs)
         self._memo_write1(gfn, attrs)
         st.v[S_ATTR_STORES] += 1
         if key:
@@ -1159,15 +1252,23 @@ cdef class AttrPath:
                     k = k2
                 elif mixed2 and not attrs:
                     uniform = False
+                elif u0 >= 0:  # (attrs == 0: no step to count, k is not needed)
+                    uniform = u0
                 else:
                     uniform = not rangemap_find_ne(self.attrs, hs, hs + 512, attrs, &k)
                 steps = _steps_2m(hs, attrs, uniform, k)
-                _set_mixed_w(self.c_m2, hs >> 9, not uniform, head2)
+                if head2 != _INVALID_GFN:  # (_checked read it: key is set)
+                    _set_mixed_p(self.c_m2, hs >> 9, not uniform, head2, &self.m2_pos)
+                else:
+                    _set_mixed_w(self.c_m2, hs >> 9, not uniform, head2)
             hs = gfn & ~((1ULL << 18) - 1)
             if hs >= self.c_base and (not self.whole_chunk or hs + (1ULL << 18) <= self.c_end):
                 uniform = _walk_1g_memo(self.attrs, self.c_m2, hs, attrs, hs + (1ULL << 18) <= self.c_end,
                                         &loads, &self.memo1g[(hs >> 18) & (_MEMO_1G - 1)])
-                _set_mixed_w(self.c_m1, hs >> 18, not uniform, head1)
+                if head1 != _INVALID_GFN:
+                    _set_mixed_p(self.c_m1, hs >> 18, not uniform, head1, &m1_pos)
+                else:
+                    _set_mixed_w(self.c_m1, hs >> 18, not uniform, head1)
         if zapped:
             if not self.ledger.add_fast(self.i_zap, self.zap_i):
                 self.ledger.add_i(self.i_zap, self.zap_i)
@@ -1371,8 +1472,9 @@ cdef class AttrPath:
     cdef int _checked(self, uint64_t start, uint64_t end, uint64_t attrs) except -1:
         """:meth:`checked` (the ioctl's and the batched loop's call, in C)."""
         cdef uint64_t cur_attrs = 0, spte = 0, head2 = _INVALID_GFN, key = 0, g, steps = 0
-        cdef uint64_t k2 = _INVALID_GFN
+        cdef uint64_t k2 = _INVALID_GFN, nb_lo = 0, nb_hi = 0
         cdef bint mixed2 = False
+        cdef int u0 = -1
         cdef Run ar
         cdef RunCursor cur
         cdef _PreState ps
@@ -1387,8 +1489,10 @@ cdef class AttrPath:
             if self.vs._prefetch:
                 self._hint(start)
             if key:
-                head2 = rangemap_get(self.c_m2, start >> 9)
-            rangemap_run_at(self.attrs, start, &ar)  # the value and the run around it
+                head2 = _get_pos(self.c_m2, start >> 9, &self.m2_pos)
+            # the value and the run around it (and, for a conversion to shared, where the
+            # stored runs beside it end and begin, as far as its leaf shows them)
+            ar = _run_beside(self.attrs, start, not attrs, &nb_lo, &nb_hi, &self.a_pos)
             cur_attrs = ar.value
             # another gfn of the 2M chunk [g, g + 512) in the run: max(run start, g) < start or
             # min(run end, g + 512) > start + 1
@@ -1401,7 +1505,16 @@ cdef class AttrPath:
                 k2 = g
             elif g == start and ar.end > start + 1:
                 k2 = start + 1
-            spte = rangemap_get(self.sptes, start)
+            if not attrs and cur_attrs:
+                # to shared (0, the map's default): once the store ran the chunk is uniform
+                # unless what is left of the run meets it (mixed2) or a stored run beside it
+                # does (runs are coalesced and gaps hold 0); a neighbour in another leaf is
+                # not read here (then POST's 2M test looks)
+                if mixed2 or (nb_lo != U64_MAX and nb_lo > g) or (nb_hi != 0 and nb_hi < g + 512):
+                    u0 = 0
+                elif nb_lo <= g and nb_hi >= g + 512:
+                    u0 = 1
+            spte = _get_pos(self.sptes, start, &self.s_pos)
         vm = self.vm
         if self.op is not None:
             vm._attr_free()  # EDEADLK
@@ -1451,7 +1564,7 @@ cdef class AttrPath:
         # twice (it cannot change under slots_lock) instead of being built into a list.
         if self.hookless and not subs and self.vs.mmu_invalidate_in_progress == 0:
             if read and self.prices_i64 and (not spte or _spte_level(spte) == 1):
-                self._quiet1(start, attrs, key, spte, head2, mixed2, k2)
+                self._quiet1(start, attrs, key, spte, head2, mixed2, k2, u0)
             else:
                 self._quiet(start, end, attrs, read, key, spte, head2, mixed2, k2)
             return 0

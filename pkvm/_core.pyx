@@ -866,6 +866,62 @@ cdef int _refuse_nested(object owner) except -1:
     return 0
 
 
+cdef int _assign1_in(RangeMap self, Leaf *lf, int i, uint64_t s, uint64_t v) except -1 nogil:
+    """``RangeMap._assign1_c`` once its spare pools are topped up and its lookup landed: ``lf``
+    the leaf a lookup of ``s`` returns, ``i`` its last run starting at or before ``s`` (-1:
+    none). Its body is ``_assign1_c``'s after the lookup, written twice so that the C compiler
+    keeps ``_assign1_c`` as it was (one function, nothing called out of line) for its other
+    callers; tests/test_rangemap_assign1.py holds both to the general assign's tree."""
+    cdef int n, a, b, k, m, j, delta
+    cdef uint64_t e = s + 1, first
+    cdef Run rep[3]
+    n = lf.n
+    first = lf.starts[0] if n > 0 else 0
+    # a: the runs ending before s (ends ascend; run i - 1 ends at or before starts[i] <= s)
+    if i < 0:
+        a = 0
+    elif lf.ends[i] < s:
+        a = i + 1
+    elif i > 0 and lf.ends[i - 1] == s:
+        a = i - 1
+    else:
+        a = i
+    # b: the runs starting at or before e (run i + 1 starts after s)
+    b = i + 2 if i + 1 < n and lf.starts[i + 1] == e else i + 1
+    if _crosses_leaf(lf, a, b, s, e, v):
+        return self._assign_c(s, e, v)
+    k = b - a
+    m = _leaf_reps(lf, a, b, s, e, v, self.dflt, rep)
+    if _reps_stored(lf, a, b, rep, m):
+        self.version += 1
+        return 0
+    delta = m - k
+    if n + delta > self.leaf_cap:
+        return self._assign_c(s, e, v)
+    if self.height > 0:
+        if n + delta == 0 or (delta < 0 and n + delta < (self.leaf_cap >> 2)):
+            return self._assign_c(s, e, v)
+        if a == 0 and (rep[0].start if m > 0 else lf.starts[b]) != first:
+            return self._assign_c(s, e, v)
+    self.version += 1
+    _leaf_replace(self, lf, a, b, rep, m)
+    return 0
+
+
+cdef inline int _assign1_at(RangeMap m, const RunPos *pos, uint64_t s, uint64_t v) except -1 nogil:
+    """``m._assign1_c(s, v)`` where ``pos`` is what a lookup of ``s`` in ``m`` filled in
+    (``_run_pos_c``, or a reader's own) while ``m`` is unchanged since (its version): the same
+    write from that leaf and index, without looking ``s`` up again. A position of another
+    version, or one whose index does not hold ``s`` in its leaf, is ``_assign1_c``'s."""
+    cdef Leaf *lf = <Leaf*>pos.leaf
+    cdef int i = pos.index
+    if (lf == NULL or pos.version != m.version or i >= lf.n
+            or (i >= 0 and lf.starts[i] > s) or (i + 1 < lf.n and lf.starts[i + 1] <= s)):
+        return m._assign1_c(s, v)
+    m._reserve()
+    return _assign1_in(m, lf, i, s, v)
+
+
 @cython.no_gc  # its one object field is a weakref (_owner), which cannot close a cycle
 cdef class RangeMap:
     """A coalescing map from half-open ``uint64`` key ranges ``[start, end)`` to ``uint64`` values.

@@ -1289,6 +1289,57 @@ cdef int64_t _shared_populate(SharedBackingState sb, uint64_t start, uint64_t en
         _runs_free(&plan)
 
 
+cdef int64_t _shared_populate1(SharedBackingState sb, uint64_t hva, uint64_t *word) except -2:
+    """:func:`_shared_populate` of the one HVA page ``hva`` (a one-page shared fault) in its
+    common cases, with the same steps: the lookup of its block, and when the block is not
+    populated one allocation of one block written where that lookup landed; ``word`` gets the
+    map's word at ``hva``. -1, with nothing changed, where the general function must run
+    (no map or allocator, a key past the map's range, an allocation that does not fit: it
+    then repeats the lookup and raises)."""
+    cdef int order = sb.order
+    cdef uint64_t blk = (hva >> order) << order, v, w = 0, b
+    cdef Py_ssize_t j
+    cdef RangeMap m = sb._map
+    cdef HostMemoryState mem = sb._mem
+    cdef RunPos pos
+    cdef Run r
+    cdef _Runs plan
+    if m is None or mem is None or blk == U64_MAX:
+        return -1
+    r = m._run_pos_c(blk, &pos)
+    if r.value:
+        word[0] = r.value
+        return 0
+    # (one block is one run: the plan stays in its own buffer, nothing to free on an error)
+    _runs_init(&plan)
+    if _hm_alloc(mem, 1, order, &plan):
+        return -1  # (ENOMEM: nothing allocated)
+    w = _sb_value(plan.a[0] - <int64_t>blk)
+    _rm_put(m, &pos, blk, blk + <uint64_t>plan.b[0], w)
+    b = blk + <uint64_t>plan.b[0]
+    for j in range(1, plan.n):  # (as the general loop writes its runs; never taken)
+        v = _sb_value(plan.a[j] - <int64_t>b)
+        rangemap_assign(m, b, b + <uint64_t>plan.b[j], v)
+        b += <uint64_t>plan.b[j]
+    _runs_free(&plan)
+    sb.nr_populated += 1LL << order
+    word[0] = w
+    return 1LL << order
+
+
+def _shared_populate_one(SharedBackingState sb, uint64_t hva):
+    """What a one-page shared fault does to the backing (pkvm/_fault.pxi): ``(pages
+    populated, the map's word at hva)``, through :func:`_shared_populate1`, and through
+    :func:`_shared_populate` where that declines (for the tests)."""
+    cdef uint64_t w = 0
+    cdef int64_t n = _shared_populate1(sb, hva, &w)
+    if n < 0:
+        if hva == U64_MAX:
+            raise OverflowError("hva out of range")
+        n = _shared_populate(sb, hva, hva + 1, &w)
+    return n, w
+
+
 cdef int _populate_enomem(uint64_t start, uint64_t end) except -1:
     from pkvm.errors import KvmError
     raise KvmError(_ENOMEM, f"host memory exhausted populating HVA pages [{start:#x}, {end:#x})")

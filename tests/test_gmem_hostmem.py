@@ -168,3 +168,41 @@ def test_populate_matches_block_by_block_first_touches(order, pages, ops):
                     sb._mem.alloc(units, 0)
         assert _backing_state(real) == _backing_state(ref)
         real._mem._check()
+
+
+@settings(max_examples=150, deadline=None)
+@given(order=st.sampled_from([0, 1, 2, 9]), pages=st.integers(8, 1100),
+       ops=st.lists(st.tuples(st.sampled_from(["one", "one", "one", "discard", "alloc"]),
+                              st.integers(0, 2100), st.integers(1, 40)), max_size=40))
+def test_one_page_populate_matches_the_general_populate(order, pages, ops):
+    """A one-page shared fault's populate (``_shared_populate1``: one lookup, one block
+    allocated and written where the lookup landed) against the general populate of the same
+    page, through random faults, discards and unrelated allocations: the same map, counters,
+    allocator and cursor, the same word at the page; on ENOMEM both raise and nothing changes."""
+    from pkvm._core import _shared_populate_one
+
+    pair = []
+    for _ in range(2):
+        mem = HostMemory(0x100, pages)
+        pair.append(SharedBacking(mem, order))
+    real, ref = pair
+    for op, a, n in ops:
+        if op == "one":
+            before = _backing_state(real)
+            try:
+                want = (ref.populate(a, a + 1), ref._map.get(a))
+            except pkvm.KvmError:
+                with pytest.raises(pkvm.KvmError, match="host memory exhausted populating HVA pages"):
+                    _shared_populate_one(real, a)
+                assert _backing_state(real) == before
+            else:
+                assert _shared_populate_one(real, a) == want
+        elif op == "discard":
+            assert real.discard(a, a + n) == ref.discard(a, a + n)
+        else:
+            units = n % 4
+            for sb in pair:
+                if sb._mem.can_alloc(units, 0):
+                    sb._mem.alloc(units, 0)
+        assert _backing_state(real) == _backing_state(ref)
+        real._mem._check()

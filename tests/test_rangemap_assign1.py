@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm import RangeMap
-from pkvm._core import _rangemap_assign1
+from pkvm._core import _rangemap_assign1, _rangemap_assign1_at
 from pkvm.testing.reference import SortedRangeMap
 
 SPAN = 300
@@ -85,3 +85,37 @@ def test_one_key_assign_refuses_the_last_key():
     with pytest.raises(OverflowError, match="one-key assign: 2\\*\\*64 - 1"):
         _rangemap_assign1(m, 2**64 - 1, 1)
     assert m.ranges() == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(fanout=st.sampled_from([4, 5, 8, 64]), finger=st.booleans(), steps=STEPS,
+       looks=st.lists(st.tuples(st.sampled_from([0, 0, 0, 0, 1, -1, 3, -40]),
+                                st.sampled_from([0, 0, 0, 1, 2, 12])), max_size=200))
+def test_one_key_assign_from_a_lookup_leaves_the_tree_of_the_general_assign(fanout, finger, steps, looks):
+    """The attribute ioctl's one-gfn writes go where its lookup of the gfn landed
+    (``_assign1_at``): the same tree as the general assign, and a position of another key or
+    one that a write in between made stale (some of them leave the version where a new lookup
+    would find another leaf or index) is not used."""
+    plain = RangeMap(0, _fanout=fanout, _finger=finger)
+    one = RangeMap(0, _fanout=fanout, _finger=finger)
+    key = SPAN // 2
+    for (op, move, width, value), (off, nbetween) in zip(steps, looks + [(0, 0)] * len(steps)):
+        key = min(max(key + move, 0), SPAN - 1)
+        look = min(max(key + off, 0), SPAN - 1)
+        between = [((key + 7 * j - 40) % SPAN, (value + j) % 3) for j in range(nbetween)]
+        if op == "one":
+            plain.get(look)
+            for k, v in between:
+                plain.assign(k, k + 1, v)
+            plain.assign(key, key + 1, value)
+            _rangemap_assign1_at(one, look, key, value, between)
+        elif op == "range":
+            end = min(key + width, SPAN)
+            for m in (plain, one):
+                m.assign(key, end, value)
+        else:
+            assert plain.get(key) == one.get(key)
+        assert plain.ranges() == one.ranges()
+        assert plain.nbytes == one.nbytes
+        assert plain._depth() == one._depth()
+        one._check()
