@@ -866,12 +866,11 @@ cdef int _refuse_nested(object owner) except -1:
     return 0
 
 
-cdef int _assign1_in(RangeMap self, Leaf *lf, int i, uint64_t s, uint64_t v) except -1 nogil:
+cdef inline int _assign1_in(RangeMap self, Leaf *lf, int i, uint64_t s, uint64_t v) except -1 nogil:
     """``RangeMap._assign1_c`` once its spare pools are topped up and its lookup landed: ``lf``
     the leaf a lookup of ``s`` returns, ``i`` its last run starting at or before ``s`` (-1:
-    none). Its body is ``_assign1_c``'s after the lookup, written twice so that the C compiler
-    keeps ``_assign1_c`` as it was (one function, nothing called out of line) for its other
-    callers; tests/test_rangemap_assign1.py holds both to the general assign's tree."""
+    none); ``_assign1_c`` and ``_assign1_at`` both end here. tests/test_rangemap_assign1.py
+    holds both to the general assign's tree."""
     cdef int n, a, b, k, m, j, delta
     cdef uint64_t e = s + 1, first
     cdef Run rep[3]
@@ -2183,43 +2182,9 @@ cdef class RangeMap:
         emptied or underfull leaf) is ``_assign_c`` itself.
         """
         cdef Leaf *lf
-        cdef int n, i, a, b, k, m, j, delta
-        cdef uint64_t e = s + 1, first
-        cdef Run rep[3]
         self._reserve()
         lf = _leaf_at(self, s)
-        n = lf.n
-        first = lf.starts[0] if n > 0 else 0
-        i = _ub(lf.starts, n, s) - 1      # the last run starting at or before s
-        # a: the runs ending before s (ends ascend; run i - 1 ends at or before starts[i] <= s)
-        if i < 0:
-            a = 0
-        elif lf.ends[i] < s:
-            a = i + 1
-        elif i > 0 and lf.ends[i - 1] == s:
-            a = i - 1
-        else:
-            a = i
-        # b: the runs starting at or before e (run i + 1 starts after s)
-        b = i + 2 if i + 1 < n and lf.starts[i + 1] == e else i + 1
-        if _crosses_leaf(lf, a, b, s, e, v):
-            return self._assign_c(s, e, v)
-        k = b - a
-        m = _leaf_reps(lf, a, b, s, e, v, self.dflt, rep)
-        if _reps_stored(lf, a, b, rep, m):
-            self.version += 1
-            return 0
-        delta = m - k
-        if n + delta > self.leaf_cap:
-            return self._assign_c(s, e, v)
-        if self.height > 0:
-            if n + delta == 0 or (delta < 0 and n + delta < (self.leaf_cap >> 2)):
-                return self._assign_c(s, e, v)
-            if a == 0 and (rep[0].start if m > 0 else lf.starts[b]) != first:
-                return self._assign_c(s, e, v)
-        self.version += 1
-        _leaf_replace(self, lf, a, b, rep, m)
-        return 0
+        return _assign1_in(self, lf, _ub(lf.starts, lf.n, s) - 1, s, v)  # (the last run starting at or before s)
 
     cdef Run _run_pos_c(self, uint64_t key, RunPos *pos) noexcept nogil:
         """``_run_at_c(key)``, and in ``pos`` where the lookup landed, so that a write of a

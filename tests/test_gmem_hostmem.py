@@ -136,6 +136,31 @@ def _backing_state(sb: SharedBacking) -> tuple:
             mem.nr_allocated, mem._cursor)
 
 
+
+def _two_backings(pages, order):
+    """Two shared backings of block order ``order``, each on a host memory of its own."""
+    return [SharedBacking(HostMemory(0x100, pages), order) for _ in range(2)]
+
+
+def _check_same(real, ref):
+    """Both backings in the same state, and the first one's allocator consistent."""
+    assert _backing_state(real) == _backing_state(ref)
+    real._mem._check()
+
+
+def _discard_or_alloc(pair, op, a, n):
+    """The steps both populate tests take between populates, on both backings alike: a discard
+    of ``[a, a + n)`` (both return the same), or an unrelated allocation of ``n % 4`` blocks
+    where it fits."""
+    real, ref = pair
+    if op == "discard":
+        assert real.discard(a, a + n) == ref.discard(a, a + n)
+        return
+    units = n % 4
+    for sb in pair:
+        if sb._mem.can_alloc(units, 0):
+            sb._mem.alloc(units, 0)
+
 @settings(max_examples=150, deadline=None)
 @given(order=st.sampled_from([0, 1, 2]), pages=st.integers(8, 64),
        ops=st.lists(st.tuples(st.sampled_from(["populate", "discard", "alloc"]),
@@ -144,10 +169,7 @@ def test_populate_matches_block_by_block_first_touches(order, pages, ops):
     """SharedBacking.populate (the typed core's shared_populate) against one single-block
     allocation per unpopulated block, in address order, through random populates, discards
     and unrelated allocations; on ENOMEM nothing changes (state, counters, cursor)."""
-    pair = []
-    for _ in range(2):
-        mem = HostMemory(0x100, pages)
-        pair.append(SharedBacking(mem, order))
+    pair = _two_backings(pages, order)
     real, ref = pair
     for op, a, n in ops:
         if op == "populate":
@@ -159,15 +181,9 @@ def test_populate_matches_block_by_block_first_touches(order, pages, ops):
                 assert _backing_state(real) == before
             else:
                 assert real.populate(a, a + n) == want
-        elif op == "discard":
-            assert real.discard(a, a + n) == ref.discard(a, a + n)
         else:
-            units = n % 4
-            for sb in pair:
-                if sb._mem.can_alloc(units, 0):
-                    sb._mem.alloc(units, 0)
-        assert _backing_state(real) == _backing_state(ref)
-        real._mem._check()
+            _discard_or_alloc(pair, op, a, n)
+        _check_same(real, ref)
 
 
 @settings(max_examples=150, deadline=None)
@@ -181,10 +197,7 @@ def test_one_page_populate_matches_the_general_populate(order, pages, ops):
     allocator and cursor, the same word at the page; on ENOMEM both raise and nothing changes."""
     from pkvm._core import _shared_populate_one
 
-    pair = []
-    for _ in range(2):
-        mem = HostMemory(0x100, pages)
-        pair.append(SharedBacking(mem, order))
+    pair = _two_backings(pages, order)
     real, ref = pair
     for op, a, n in ops:
         if op == "one":
@@ -197,12 +210,6 @@ def test_one_page_populate_matches_the_general_populate(order, pages, ops):
                 assert _backing_state(real) == before
             else:
                 assert _shared_populate_one(real, a) == want
-        elif op == "discard":
-            assert real.discard(a, a + n) == ref.discard(a, a + n)
         else:
-            units = n % 4
-            for sb in pair:
-                if sb._mem.can_alloc(units, 0):
-                    sb._mem.alloc(units, 0)
-        assert _backing_state(real) == _backing_state(ref)
-        real._mem._check()
+            _discard_or_alloc(pair, op, a, n)
+        _check_same(real, ref)
