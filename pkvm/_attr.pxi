@@ -156,21 +156,17 @@ cdef inline int _set_mixed(RangeMap m, uint64_t idx, bint mixed) except -1:
     return _set_mixed_w(m, idx, mixed, _INVALID_GFN)
 
 
-cdef inline int _set_mixed_w(RangeMap m, uint64_t idx, bint mixed, uint64_t w) except -1:
-    """:func:`_set_mixed` with the word at ``idx`` if known (else ``_INVALID_GFN``)."""
+cdef inline int _set_mixed_w(RangeMap m, uint64_t idx, bint mixed, uint64_t w,
+                             const RunPos *pos=NULL) except -1:
+    """:func:`_set_mixed` with the word at ``idx`` if known (else ``_INVALID_GFN``); ``pos``:
+    where the lookup that read the known word landed (the write goes there: ``_assign1_at``)."""
     cdef uint64_t v = rangemap_get(m, idx) if w == _INVALID_GFN else w
     cdef uint64_t nv = (v | _LPAGE_MIXED) if mixed else (v & ~_LPAGE_MIXED)
     if nv != v:
-        _assign1(m, idx, nv)
-    return 0
-
-
-cdef inline int _set_mixed_p(RangeMap m, uint64_t idx, bint mixed, uint64_t w, const RunPos *pos) except -1:
-    """:func:`_set_mixed_w` with the word ``w`` known and ``pos`` where its lookup landed (the
-    write goes there: ``_assign1_at``)."""
-    cdef uint64_t nv = (w | _LPAGE_MIXED) if mixed else (w & ~_LPAGE_MIXED)
-    if nv != w:
-        _assign1_p(m, pos, idx, nv)
+        if pos != NULL and w != _INVALID_GFN:
+            _assign1_p(m, pos, idx, nv)
+        else:
+            _assign1(m, idx, nv)
     return 0
 
 
@@ -445,11 +441,14 @@ cdef object _drop_leaves(RangeMap m, Counters st, uint64_t start, uint64_t end):
     return counts[0] + counts[1] + counts[2] + counts[3]
 
 
-cdef inline int _zap_4k(RangeMap m, Counters st, uint64_t gfn) except -1:
+cdef inline int _zap_4k(RangeMap m, Counters st, uint64_t gfn, const RunPos *pos=NULL) except -1:
     """The one 4K leaf at ``gfn`` dropped and counted (a zap of one gfn whose leaf is 4K);
-    returns 1, the leaves zapped."""
+    returns 1, the leaves zapped. ``pos``: where a lookup of ``gfn`` landed (``_assign1_at``)."""
     st.v[S_PAGES_4K] -= 1
-    _assign1(m, gfn, 0)
+    if pos != NULL:
+        _assign1_p(m, pos, gfn, 0)
+    else:
+        _assign1(m, gfn, 0)
     st.v[S_ZAPPED_SPTES] += 1
     return 1
 
@@ -1228,11 +1227,8 @@ cdef class AttrPath:
                     if not head1 & _LPAGE_MIXED:
                         rs = hs  # the 1G chunk holds the 2M one
                         re = hs + (1ULL << 18)
-            if spte:  # _zap_4k, written where _checked's lookup landed
-                st.v[S_PAGES_4K] -= 1
-                _assign1_p(self.sptes, &self.s_pos, gfn, 0)
-                st.v[S_ZAPPED_SPTES] += 1
-                zapped = True
+            if spte:  # written where _checked's lookup landed
+                zapped = _zap_4k(self.sptes, st, gfn, &self.s_pos)
             vs._range_start = rs
             vs._range_end = re
             if zapped:
@@ -1257,18 +1253,12 @@ cdef class AttrPath:
                 else:
                     uniform = not rangemap_find_ne(self.attrs, hs, hs + 512, attrs, &k)
                 steps = _steps_2m(hs, attrs, uniform, k)
-                if head2 != _INVALID_GFN:  # (_checked read it: key is set)
-                    _set_mixed_p(self.c_m2, hs >> 9, not uniform, head2, &self.m2_pos)
-                else:
-                    _set_mixed_w(self.c_m2, hs >> 9, not uniform, head2)
+                _set_mixed_w(self.c_m2, hs >> 9, not uniform, head2, &self.m2_pos)  # (_checked read head2)
             hs = gfn & ~((1ULL << 18) - 1)
             if hs >= self.c_base and (not self.whole_chunk or hs + (1ULL << 18) <= self.c_end):
                 uniform = _walk_1g_memo(self.attrs, self.c_m2, hs, attrs, hs + (1ULL << 18) <= self.c_end,
                                         &loads, &self.memo1g[(hs >> 18) & (_MEMO_1G - 1)])
-                if head1 != _INVALID_GFN:
-                    _set_mixed_p(self.c_m1, hs >> 18, not uniform, head1, &m1_pos)
-                else:
-                    _set_mixed_w(self.c_m1, hs >> 18, not uniform, head1)
+                _set_mixed_w(self.c_m1, hs >> 18, not uniform, head1, &m1_pos)  # (PRE read head1)
         if zapped:
             if not self.ledger.add_fast(self.i_zap, self.zap_i):
                 self.ledger.add_i(self.i_zap, self.zap_i)

@@ -691,7 +691,7 @@ cdef class FaultPath:
     cdef int _faultin(self, PageFault f) except -1:
         """``kvm_mmu_faultin_pfn`` (§4.2 step 4): snapshot, mismatch, slot checks, pfn lookup.
         For a batch it also shrinks ``f.end`` to the gfns that take exactly this path."""
-        cdef uint64_t gfn = f.gfn, end, hva, key, flags, k, v, npages, units
+        cdef uint64_t gfn = f.gfn, end, hva, key, flags, k, v, npages
         cdef int64_t npop
         cdef Run r
         cdef int level, shift
@@ -789,13 +789,9 @@ cdef class FaultPath:
                     return 0
             if npop:
                 self.stats.v[S_SHARED_PAGES_POPULATED] += npop
-                # VM._charge_alloc (Ledger.charge_p: with no subscriber, its add_i's common
-                # case, the product below 2**63, is Ledger.add_fast)
+                # VM._charge_alloc
                 if self.p_salloc >= 0:
-                    units = <uint64_t>npop >> self.shared.order
-                    if (self.ledger.traced or units >> 32 or self.p_salloc >> 31
-                            or not self.ledger.add_fast(self.i_salloc, self.p_salloc * <int64_t>units)):
-                        self.ledger.charge_p(self.i_salloc, self.p_salloc, units)
+                    self.ledger.charge_p(self.i_salloc, self.p_salloc, <uint64_t>npop >> self.shared.order)
                 else:
                     self._charge(self.alloc_op, <uint64_t>npop >> self.shared.order)
             f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn

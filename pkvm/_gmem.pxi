@@ -1297,8 +1297,7 @@ cdef int64_t _shared_populate1(SharedBackingState sb, uint64_t hva, uint64_t *wo
     (no map or allocator, a key past the map's range, an allocation that does not fit: it
     then repeats the lookup and raises)."""
     cdef int order = sb.order
-    cdef uint64_t blk = (hva >> order) << order, v, w = 0, b
-    cdef Py_ssize_t j
+    cdef uint64_t blk = (hva >> order) << order, w = 0
     cdef RangeMap m = sb._map
     cdef HostMemoryState mem = sb._mem
     cdef RunPos pos
@@ -1310,18 +1309,12 @@ cdef int64_t _shared_populate1(SharedBackingState sb, uint64_t hva, uint64_t *wo
     if r.value:
         word[0] = r.value
         return 0
-    # (one block is one run: the plan stays in its own buffer, nothing to free on an error)
+    # (one block is one contiguous run: the plan stays in its own buffer, nothing to free)
     _runs_init(&plan)
     if _hm_alloc(mem, 1, order, &plan):
         return -1  # (ENOMEM: nothing allocated)
     w = _sb_value(plan.a[0] - <int64_t>blk)
     _rm_put(m, &pos, blk, blk + <uint64_t>plan.b[0], w)
-    b = blk + <uint64_t>plan.b[0]
-    for j in range(1, plan.n):  # (as the general loop writes its runs; never taken)
-        v = _sb_value(plan.a[j] - <int64_t>b)
-        rangemap_assign(m, b, b + <uint64_t>plan.b[j], v)
-        b += <uint64_t>plan.b[j]
-    _runs_free(&plan)
     sb.nr_populated += 1LL << order
     word[0] = w
     return 1LL << order
