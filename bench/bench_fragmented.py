@@ -16,7 +16,10 @@ answer fails.
 phase. A dict stores its entries in insertion order, so there the later phases walk the dicts'
 entry arrays front to back, which the baseline gains from and a key-ordered tree cannot.
 ``--order shuffled`` gives each phase its own random order (seeded), so neither model gains
-from the order the phase before stored the pages in.
+from the order the phase before stored the pages in. ``--order sorted`` visits the same pages in
+address order in every phase: not the issue's script, but the bound on what locality gives a
+key-ordered model (each lookup lands next to the one before), and what a caller who does not
+need the random order gains by sorting its batch (docs/performance.md, "Visiting order").
 """
 
 from __future__ import annotations
@@ -71,12 +74,14 @@ def rss_per_page(platform: str, n: int) -> float:
 
 def phase_orders(gpas: list[int], order: str = "same", seed: int = 21) -> list[list[int]]:
     """The pages each of the four phases visits, in visiting order: ``gpas`` for every phase
-    (``"same"``), or ``gpas`` for the first and a seeded shuffle of it for each other phase
-    (``"shuffled"``)."""
+    (``"same"``), ``gpas`` for the first and a seeded shuffle of it for each other phase
+    (``"shuffled"``), or ``gpas`` sorted by address for every phase (``"sorted"``)."""
     if order == "same":
         return [gpas] * len(PHASES)
+    if order == "sorted":
+        return [sorted(gpas)] * len(PHASES)
     if order != "shuffled":
-        raise ValueError(f"order must be 'same' or 'shuffled', not {order!r}")
+        raise ValueError(f"order must be 'same', 'shuffled' or 'sorted', not {order!r}")
     rng = np.random.default_rng(seed)
     return [gpas] + [[gpas[j] for j in rng.permutation(len(gpas))] for _ in PHASES[1:]]
 
@@ -171,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("n", nargs="?", type=int, default=10**6, help="pages (default 10**6)")
     ap.add_argument("--platforms", default="snp,sw_protected")
-    ap.add_argument("--order", choices=("same", "shuffled"), default="same",
-                    help="the pages' order in each phase: one random order for all (default) "
-                         "or each phase its own")
+    ap.add_argument("--order", choices=("same", "shuffled", "sorted"), default="same",
+                    help="the pages' order in each phase: one random order for all (default), "
+                         "each phase its own, or address order for all")
     ap.add_argument("--repeat", type=int, default=1, metavar="R",
                     help="rounds of the three models, in turn; each phase's time is its minimum "
                          "over the rounds (default 1: the issue's script)")
