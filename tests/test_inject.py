@@ -152,6 +152,51 @@ def test_gmem_folio_enomem_in_fallocate_keeps_the_folios_before_it():
     vm.check()
 
 
+@pytest.mark.parametrize("policy", ["6.19", "tdx-huge-pages"])
+def test_fallocate_on_exhausted_host_memory_keeps_the_folios_before_it(policy):
+    """The same partial progress when the host itself runs out: with room for three more
+    pages, a fallocate of eight allocates the first three folios in index order and fails
+    with ENOMEM at the fourth (kvm_gmem_allocate stops at the first kvm_gmem_get_folio that
+    fails and keeps the folios before it)."""
+    vm_type = "tdx" if policy == "tdx-huge-pages" else "sw_protected"
+    vm = pkvm.VM(vm_type, policy=policy)
+    gmem = vm.create_guest_memfd(4 * MiB)
+    mem = vm._hostmem
+    filler = mem.alloc(mem.end_pfn - mem.start_pfn - 3)  # all but three pages of the host
+    assert mem.can_alloc(3) and not mem.can_alloc(4)
+    with pytest.raises(pkvm.KvmError, match="no order-0 folio for index 0x3") as e:
+        gmem.fallocate(KEEP, 0, 8 << 12)
+    assert e.value.errno == ENOMEM
+    assert [gmem.folio(i) is not None for i in range(5)] == [True, True, True, False, False]
+    assert vm.stats["gmem_pages_allocated"] == 3 and not mem.can_alloc(1)
+    # a later call finds those three and fails at once on the fourth
+    with pytest.raises(pkvm.KvmError, match="no order-0 folio for index 0x3"):
+        gmem.fallocate(KEEP, 0, 8 << 12)
+    assert vm.stats["gmem_pages_allocated"] == 3
+    for pfn, n in filler:  # (the filler is no guest's memory: vm.check counts every host page)
+        mem.free(pfn, n)
+    vm.check()
+
+
+def test_fallocate_of_huge_folios_stops_at_the_first_the_host_cannot_give():
+    """With 2M folios (tdx-huge-pages) and room for one 2M block, a 6M fallocate allocates the
+    first 2M folio and fails at the second, whose index the error names."""
+    vm = pkvm.VM("tdx", policy="tdx-huge-pages")
+    gmem = vm.create_guest_memfd(8 * MiB)
+    mem = vm._hostmem
+    assert mem.start_pfn % 512 == 0 and mem.end_pfn % 512 == 0
+    filler = mem.alloc(mem.end_pfn - mem.start_pfn - 512)  # leaves one aligned 2M block
+    assert mem.can_alloc(1, 9) and not mem.can_alloc(2, 9)
+    with pytest.raises(pkvm.KvmError, match="no order-9 folio for index 0x200") as e:
+        gmem.fallocate(KEEP, 0, 6 * MiB)
+    assert e.value.errno == ENOMEM
+    assert gmem.folio(0) is not None and gmem.folio(0x1FF) is not None and gmem.folio(0x200) is None
+    assert vm.stats["gmem_pages_allocated"] == 512
+    for pfn, n in filler:
+        mem.free(pfn, n)
+    vm.check()
+
+
 def test_gmem_folio_enomem_in_snp_launch_update_first_page_and_later():
     """kvm_gmem_populate: a failure on the first page is the ioctl's -EIO (error 0); a later
     one returns the pages done."""

@@ -27,7 +27,7 @@ from pkvm.constants import (
     PAGE_SIZE,
 )
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm.host.hostmem import decode_delta
+from pkvm.host.hostmem import HostMemory, decode_delta
 from pkvm.kvm.fault import PageFault, memory_fault_exit
 from pkvm.kvm.ops import is_implemented
 
@@ -119,8 +119,9 @@ class GuestMemfd:
             KvmError: EBADF (closed: checked before the arguments, as the syscall resolves the
                 descriptor first), EINVAL (negative offset, ``length <= 0``, unaligned,
                 allocating past the size), EOPNOTSUPP (no ``KEEP_SIZE`` or unknown mode bits),
-                EFBIG (past ``MAX_LFS_FILESIZE``), ENOMEM (host memory exhausted; nothing is
-                allocated then).
+                EFBIG (past ``MAX_LFS_FILESIZE``), ENOMEM (host memory exhausted: folios are
+                allocated one at a time in index order, and those before the first the host
+                cannot give stay allocated, as in ``kvm_gmem_allocate``).
         """
         if self._vm._in_callback:
             self._vm._nested_call()  # EDEADLK from an event callback of the VM (docs/events.md)
@@ -175,20 +176,22 @@ class GuestMemfd:
         holes = [(s, e) for s, e, _v in _gaps(self.folios, start, end)]
         if not holes:
             return
-        # Reserve first so that ENOMEM leaves the file untouched.
-        units = [self._plan_units(s, e, order) for s, e in holes]
         mem = vm._hostmem
-        need = {0: 0, order: 0}
-        for u in units:
-            for o, n in u:
-                need[o] += n
-        if not all(mem.can_alloc(n, o) for o, n in need.items() if n):
-            raise KvmError(errno.ENOMEM, f"host memory exhausted allocating guest_memfd pages [{start:#x}, {end:#x})")
         prepared = vm._policy.prepare == "none"
-        for (s, _e), plan in zip(holes, units, strict=True):
+        # Folio by folio in index order, as kvm_gmem_allocate calls kvm_gmem_get_folio: at the
+        # first folio the host cannot give, the call fails with ENOMEM and the folios before
+        # it stay in the file (the kernel's own partial progress, as for an injected failure).
+        for s, e in holes:
             idx = s
-            for o, n in plan:
-                self._alloc_folios(idx, n, o, prepared)
+            for o, n in self._plan_units(s, e, order):
+                fit = n if mem.can_alloc(n, o) else _units_that_fit(mem, n, o)
+                if fit:
+                    self._alloc_folios(idx, fit, o, prepared)
+                if fit < n:
+                    idx += fit << o
+                    raise KvmError(errno.ENOMEM, f"host memory exhausted allocating guest_memfd pages "
+                                                 f"[{start:#x}, {end:#x}): no order-{o} folio for index "
+                                                 f"{idx:#x} (the folios before it stay allocated)")
                 idx += n << o
 
     def _plan_units(self, s: int, e: int, order: int) -> list[tuple[int, int]]:
@@ -302,6 +305,20 @@ def _gaps(m: RangeMap, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         if not v:
             yield (k, e, 0)
         k = e
+
+
+def _units_that_fit(mem: HostMemory, n: int, order: int) -> int:
+    """How many of ``n`` blocks of ``2**order`` pages ``mem`` can still give, ``n`` not among
+    them: the most ``k`` with ``mem.can_alloc(k, order)``, which is what ``n`` single-block
+    allocations in a row would get before the first one failed (``HostMemory.alloc``)."""
+    lo, hi = 0, n - 1  # can_alloc(lo) holds; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mem.can_alloc(mid, order):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
