@@ -216,6 +216,31 @@ def test_gmem_folio_enomem_in_snp_launch_update_first_page_and_later():
     vm.check()
 
 
+@pytest.mark.parametrize("free", [0, 2])
+def test_snp_launch_update_on_exhausted_host_memory_populates_the_pages_it_can(free):
+    """kvm_gmem_populate takes a folio per page: with host memory for ``free`` of the four
+    pages, those are populated and the call returns them; with none, the first page fails
+    (the ioctl's -EIO, firmware error 0), as for an injected failure."""
+    vm = pkvm.VM("snp", policy="6.19")
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MiB, UADDR, gmem, 0)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    mem = vm._hostmem
+    filler = mem.alloc(mem.end_pfn - mem.start_pfn - mem.nr_allocated - free)
+    assert not mem.can_alloc(free + 1)
+    if free:
+        assert vm.snp.launch_update(0, 0x4000) == free << 12
+    else:
+        with pytest.raises(pkvm.KvmError, match="kvm_gmem_populate: -ENOMEM") as e:
+            vm.snp.launch_update(0, 0x4000)
+        assert (e.value.errno, e.value.error) == (errno.EIO, 0)
+    assert vm.stats["launch_update_pages"] == free
+    assert [gmem.folio(i) is not None for i in range(4)] == [i < free for i in range(4)]
+    for pfn, n in filler:  # (the filler is no guest's memory: vm.check counts every host page)
+        mem.free(pfn, n)
+    vm.check()
+
+
 def test_gmem_folio_enomem_in_tdx_init_mem_region():
     vm, vmm, gmem, vcpu = td(finalize=False)
     vm.inject_failure("gmem_folio_alloc", ENOMEM, after=1)

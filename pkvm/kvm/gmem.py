@@ -363,7 +363,8 @@ def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[i
     the file and empty, else order-0 folios for the whole hole up to ``limit``.
 
     Raises:
-        KvmError: ENOMEM when host memory is exhausted (nothing allocated then).
+        KvmError: ENOMEM when host memory has no page left for ``index`` (nothing allocated
+            then; with memory for only part of the hole, that part is allocated and returned).
     """
     folios = gmem.folios
     s, e, v = folios.run_at(index)
@@ -376,8 +377,12 @@ def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[i
             if a + size <= gmem.npages and folios.find_ne(a, a + size, 0) == -1:
                 order = max_order
         first = index & ~((1 << order) - 1)
-        # kvm_gmem_populate allocates page by page: with a failure armed, one folio at a time.
+        # kvm_gmem_populate allocates page by page: with a failure armed, one folio at a time,
+        # and with host memory for only some of the hole, those first (the caller's next page
+        # then finds no memory and fails alone)
         count = 1 if order or vm._inject.armed("gmem_folio_alloc") else min(limit, e) - index
+        if count > 1 and not vm._hostmem.can_alloc(count):
+            count = max(1, _units_that_fit(vm._hostmem, count, 0))
         gmem._alloc_folios(first, count, order, vm._policy.prepare == "none")
         s, e, v = folios.run_at(index)
     order = folio_order(v)
