@@ -217,6 +217,23 @@ def test_gmem_folio_enomem_in_snp_launch_update_first_page_and_later():
 
 
 @pytest.mark.parametrize("free", [0, 2])
+def test_tdx_init_mem_region_on_exhausted_host_memory_adds_the_pages_it_can(free):
+    """KVM_TDX_INIT_MEM_REGION goes through kvm_gmem_populate too: with host memory for
+    ``free`` of the four pages, those are added and the ENOMEM's progress is what remains."""
+    vm, _vmm, gmem, vcpu = td(finalize=False)
+    vm.set_memory_attributes(0, 8 * MiB, PRIVATE)
+    mem = vm._hostmem
+    filler = mem.alloc(mem.end_pfn - mem.start_pfn - mem.nr_allocated - free)
+    with pytest.raises(pkvm.KvmError, match="host memory is exhausted") as e:
+        vm.tdx.init_mem_region(vcpu, 0, 4)
+    assert e.value.errno == ENOMEM and e.value.progress == (free << 12, 4 - free)
+    assert [gmem.folio(i) is not None for i in range(4)] == [i < free for i in range(4)]
+    for pfn, n in filler:  # (the filler is no guest's memory: vm.check counts every host page)
+        mem.free(pfn, n)
+    vm.check()
+
+
+@pytest.mark.parametrize("free", [0, 2])
 def test_snp_launch_update_on_exhausted_host_memory_populates_the_pages_it_can(free):
     """kvm_gmem_populate takes a folio per page: with host memory for ``free`` of the four
     pages, those are populated and the call returns them; with none, the first page fails
