@@ -285,12 +285,14 @@ cdef int _hm_free(HostMemoryState hm, uint64_t pfn, int64_t npages) except -1:
 
 
 def hostmem_plan(RangeMap used, int64_t start, int64_t end, int64_t cursor, int64_t n_units,
-                 int order):
-    """``pkvm.host.hostmem.HostMemory._plan``: a list of ``(pfn, npages)`` runs, or None."""
+                 int order, bint partial=False):
+    """``pkvm.host.hostmem.HostMemory._plan``: a list of ``(pfn, npages)`` runs, or None when
+    they do not all fit; with ``partial``, the runs of the blocks the walk found either way
+    (those the first single-block allocations in a row would get)."""
     cdef _Runs r
     _runs_init(&r)
     try:
-        if not _hm_plan(used, start, end, cursor, n_units, order, &r):
+        if not _hm_plan(used, start, end, cursor, n_units, order, &r) and not partial:
             return None
         return _runs_list(&r)
     finally:

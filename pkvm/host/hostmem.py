@@ -102,6 +102,14 @@ class HostMemory(HostMemoryState):
         start, stopping where the walk began."""
         return hostmem_plan(self._used, self.start_pfn, self.end_pfn, self._cursor, n_units, order)
 
+    def _units_that_fit(self, n_units: int, order: int) -> int:
+        """How many of ``n_units`` blocks of ``2**order`` pages :meth:`alloc` could give: the
+        blocks the next-fit walk finds before it runs out, which is what that many
+        single-block allocations in a row would get before the first one failed. The
+        arguments are :meth:`alloc`'s, already checked."""
+        runs = hostmem_plan(self._used, self.start_pfn, self.end_pfn, self._cursor, n_units, order, True)
+        return sum(npages for _pfn, npages in runs or ()) >> order
+
     def can_alloc(self, n_units: int, order: int = 0) -> bool:
         """Whether :meth:`alloc` of the same arguments would succeed (the same argument
         errors)."""

@@ -27,7 +27,7 @@ from pkvm.constants import (
     PAGE_SIZE,
 )
 from pkvm.errors import InternalInvariantError, KvmError
-from pkvm.host.hostmem import HostMemory, decode_delta
+from pkvm.host.hostmem import decode_delta
 from pkvm.kvm.fault import PageFault, memory_fault_exit
 from pkvm.kvm.ops import is_implemented
 
@@ -184,7 +184,7 @@ class GuestMemfd:
         for s, e in holes:
             idx = s
             for o, n in self._plan_units(s, e, order):
-                fit = n if mem.can_alloc(n, o) else _units_that_fit(mem, n, o)
+                fit = mem._units_that_fit(n, o)
                 if fit:
                     self._alloc_folios(idx, fit, o, prepared)
                 if fit < n:
@@ -307,20 +307,6 @@ def _gaps(m: RangeMap, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         k = e
 
 
-def _units_that_fit(mem: HostMemory, n: int, order: int) -> int:
-    """How many of ``n`` blocks of ``2**order`` pages ``mem`` can still give, ``n`` not among
-    them: the most ``k`` with ``mem.can_alloc(k, order)``, which is what ``n`` single-block
-    allocations in a row would get before the first one failed (``HostMemory.alloc``)."""
-    lo, hi = 0, n - 1  # can_alloc(lo) holds; the answer is in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if mem.can_alloc(mid, order):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def kvm_gmem_get_pfn(vm: VM, f: PageFault, end: int) -> int:
     """``kvm_mmu_faultin_pfn_gmem`` + ``kvm_gmem_get_pfn`` for the gfns ``[f.gfn, end)``.
 
@@ -381,8 +367,8 @@ def gmem_get_folios(vm: VM, gmem: GuestMemfd, index: int, limit: int) -> tuple[i
         # and with host memory for only some of the hole, those first (the caller's next page
         # then finds no memory and fails alone)
         count = 1 if order or vm._inject.armed("gmem_folio_alloc") else min(limit, e) - index
-        if count > 1 and not vm._hostmem.can_alloc(count):
-            count = max(1, _units_that_fit(vm._hostmem, count, 0))
+        if count > 1:
+            count = max(1, vm._hostmem._units_that_fit(count, 0))
         gmem._alloc_folios(first, count, order, vm._policy.prepare == "none")
         s, e, v = folios.run_at(index)
     order = folio_order(v)
