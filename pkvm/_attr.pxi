@@ -92,13 +92,21 @@ cdef Leaf *_attr_leaf_at(RangeMap m, uint64_t key) noexcept nogil:
     return lf
 
 
+cdef inline Leaf *_lookup_pos(RangeMap m, uint64_t key, RunPos *pos) noexcept nogil:
+    """The lookup of ``key`` (the leaf it lands in, returned; its last run starting at or
+    before ``key``, -1 if none, in ``pos.index``), with ``pos`` filled in for a write there
+    (``_assign1_at``)."""
+    cdef Leaf *lf = _attr_leaf_at(m, key)
+    pos.leaf = <void*>lf
+    pos.index = _ub(lf.starts, lf.n, key) - 1
+    pos.version = m.version
+    return lf
+
+
 cdef inline uint64_t _get_pos(RangeMap m, uint64_t key, RunPos *pos) noexcept nogil:
     """``rangemap_get(m, key)`` (the same lookup), and in ``pos`` where it landed."""
-    cdef Leaf *lf = _attr_leaf_at(m, key)
-    cdef int i = _ub(lf.starts, lf.n, key) - 1
-    pos.leaf = <void*>lf
-    pos.index = i
-    pos.version = m.version
+    cdef Leaf *lf = _lookup_pos(m, key, pos)
+    cdef int i = pos.index
     if i >= 0 and key < lf.ends[i]:
         return _val(lf, i)
     return m.dflt
@@ -310,11 +318,8 @@ cdef inline Run _run_beside(RangeMap m, uint64_t key, bint beside, uint64_t *lo,
     ``U64_MAX``: it is in another leaf, not read), ``hi`` the start of the one after
     (``U64_MAX``: none; 0: in another leaf). Otherwise ``lo`` and ``hi`` are left as they are.
     ``pos``: where the lookup landed (``_assign1_at``)."""
-    cdef Leaf *lf = _attr_leaf_at(m, key)
-    cdef int i = _ub(lf.starts, lf.n, key) - 1
-    pos.leaf = <void*>lf
-    pos.index = i
-    pos.version = m.version
+    cdef Leaf *lf = _lookup_pos(m, key, pos)
+    cdef int i = pos.index
     if beside and i >= 0 and key < lf.ends[i]:
         if i > 0:
             lo[0] = lf.ends[i - 1]
