@@ -476,11 +476,7 @@ class Vmm:
             for s, e, key in vm._slot_maps[0].ranges(start, end):
                 piece = vm._slots[key - 1]
                 if to_private:
-                    if vm._subs is None and vm.shared_backing not in _NO_DISCARD:
-                        hs = piece._ugfn - piece.base_gfn  # self._discard_shared(piece, s, e), in line
-                        vm._attr_path.madvise_dontneed(vm._shared, s + hs, e + hs)
-                    else:
-                        self._discard_shared(piece, s, e)
+                    self._discard_shared(piece, s, e)
                 else:
                     self._punch(piece, s, e)
         return 0
@@ -538,11 +534,7 @@ class Vmm:
             for s, e, key in vm._slot_maps[0].ranges(start, end):
                 piece = vm._slots[key - 1]
                 self._punch(piece, s, e)
-                if vm._subs is None and vm.shared_backing not in _NO_DISCARD:
-                    hs = piece._ugfn - piece.base_gfn  # self._discard_shared(piece, s, e), in line
-                    vm._attr_path.madvise_dontneed(vm._shared, s + hs, e + hs)
-                else:
-                    self._discard_shared(piece, s, e)
+                self._discard_shared(piece, s, e)
         finally:
             if vm._actor != prev:
                 vm._set_actor(prev)
