@@ -58,7 +58,7 @@ from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, U
                                          price_space)
 from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
 from pkvm.kvm.policy import preset_table
-from pkvm.sim.timeline import DEFAULT_BATCH_PAGES, PAGEWISE_LOCK_MODELS
+from pkvm.sim.timeline import PAGEWISE_LOCK_MODELS
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -128,6 +128,20 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _batch_pages(text: str) -> int | None:
+    """``--batch-pages``: ``auto`` (None: chosen by the memory and vCPUs) or a positive decimal int (its
+    power-of-two check is Config's, whose message names the option)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        v = parse_decimal(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a power of two in decimal digits (such as 1024)")
+    return v
+
+
 def _size(text: str) -> str:
     """A size like 64G, checked here so that the error names the option; kept as typed, so
     that the messages of :class:`Config` quote it as the user wrote it."""
@@ -190,10 +204,11 @@ def _experiment_options(single_policy: bool) -> _Parser:
     g.add_argument("--host-cpus", type=_positive_int, default=64, metavar="N",
                    help="host CPUs: every one is interrupted by a kernel TLB flush, which also prices SNP's "
                         "direct-map flush; at least --vcpus (default: %(default)s)")
-    g.add_argument("--batch-pages", type=_positive_int, default=DEFAULT_BATCH_PAGES, metavar="N",
+    g.add_argument("--batch-pages", type=_batch_pages, default=None, metavar="N|auto",
                    help="the most 4K pages a private fault batch covers while another actor runs on the "
-                        "timeline, a power of two: smaller is finer-grained and slower "
-                        "(docs/timeline.md; default: %(default)s, 64 MiB)")
+                        "timeline, a power of two: smaller is finer-grained and slower; auto (the default) "
+                        "takes 1024 (4 MiB) where the simulation can afford it (up to 64G with 8 vCPUs), "
+                        "else 16384 (docs/timeline.md, \"Choosing the batch\")")
     g.add_argument("--pagewise-locks", default="interleaved", choices=PAGEWISE_LOCK_MODELS,
                    help="how the locks the kernel takes page by page (cpa_lock, the TDX S-EPT) are modelled "
                         "on the timeline: 'interleaved', a batch's page holds interleave with the other "
@@ -1043,9 +1058,9 @@ def _study_options() -> _Parser:
                    help=f"guest vCPUs, running concurrently (default: {_VM_DEFAULTS['vcpus']})")
     g.add_argument("--host-cpus", type=_positive_int, default=64, metavar="N",
                    help="host CPUs, at least --vcpus (default: %(default)s)")
-    g.add_argument("--batch-pages", type=_positive_int, default=DEFAULT_BATCH_PAGES, metavar="N",
+    g.add_argument("--batch-pages", type=_batch_pages, default=None, metavar="N|auto",
                    help="the most 4K pages a private fault batch covers while another actor runs, a "
-                        "power of two (default: %(default)s)")
+                        "power of two, or auto (the default: by the memory and vCPUs, docs/timeline.md)")
     g.add_argument("--pagewise-locks", default="interleaved", choices=PAGEWISE_LOCK_MODELS,
                    help="how the locks the kernel takes page by page are modelled: interleaved or batch "
                         "(docs/timeline.md; default: %(default)s)")
@@ -1146,6 +1161,11 @@ def _grid_values(key: str, text: str) -> list[Any]:
             if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise UsageError(f"--grid {key}={text}: {v!r} is not true or false")
             out.append(v.lower() in ("true", "1", "yes"))
+        elif key == "batch_pages":  # auto (None: by the memory and vCPUs) or an int
+            try:
+                out.append(_batch_pages(v))
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"--grid {key}={text}: {exc}") from None
         elif isinstance(default, int) and key not in ("memory", "image"):
             try:
                 out.append(parse_decimal(v))

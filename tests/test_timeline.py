@@ -238,6 +238,35 @@ def test_one_vcpu_fault_latency_is_the_work() -> None:
     assert r.latency_ns["fault"]["p50"] == r.latency_ns["fault"]["p99"] == 2934
 
 
+def test_auto_batch_pages_by_memory_and_vcpus() -> None:
+    """Config(batch_pages=None), the default: 1024 pages with two vCPUs or more while the RAM
+    holds at most 16,384 batches of it (64 GiB) and (memory / 4 MiB) * vcpus**3 is within what
+    64 GiB with 8 vCPUs makes, else 16384, as with one vCPU.
+    The size chosen is what the run uses and what its results report; a given size is kept; a
+    change of memory or vCPUs chooses again, and so does each point of a grid."""
+    from pkvm.sim.timeline import auto_batch_pages
+
+    cases = {(1 << 30, 1): 16384, (1 << 30, 2): 1024, (1 << 30, 8): 1024, (64 << 30, 8): 1024,
+             ((64 << 30) + (4 << 20), 8): 16384, (128 << 30, 8): 16384, (8 << 30, 16): 1024,
+             ((8 << 30) + (4 << 20), 16): 16384, (2 << 30, 32): 16384, (256 << 20, 32): 1024, (1 << 40, 1): 16384,
+             (64 << 30, 2): 1024, (128 << 30, 2): 16384, (1 << 40, 3): 16384}
+    assert {k: auto_batch_pages(*k) for k in cases} == cases
+    for bad in ((-1, 2), (1.5, 2), ("64G", 2), (None, 2), (1 << 30, 0), (1 << 30, 2.0), (1 << 30, True)):
+        with pytest.raises(ValueError, match="memory|vcpus"):
+            auto_batch_pages(*bad)  # type: ignore[arg-type]
+    cfg = experiments.Config(platform="snp", memory="1G", vcpus=3)
+    assert cfg.batch_pages is None and cfg.batch_pages_used == 1024
+    assert experiments.Config(memory="1G", vcpus=3, batch_pages=256).batch_pages_used == 256
+    assert cfg.with_(memory="128G").batch_pages_used == 16384  # chosen again
+    assert cfg.with_(vcpus=1).batch_pages_used == 16384
+    r = experiments.run(cfg, seed=1)
+    assert r.to_dict()["config"]["batch_pages"] == 1024 and r.to_dict()["config"]["batch_pages_auto"] is True
+    assert r.metrics(wall=False) == experiments.run(cfg.with_(batch_pages=1024), seed=1).metrics(wall=False)
+    assert r.metrics(wall=False) != experiments.run(cfg.with_(batch_pages=1 << 14), seed=1).metrics(wall=False)
+    frame = experiments.to_frame(experiments.sweep_grid(cfg.with_(memory="64M"), {"vcpus": [1, 2]}, ["fault-time"]))
+    assert frame["batch_pages"].tolist() == [16384, 1024]
+
+
 @pytest.mark.parametrize("model", ["batch", "interleaved"])
 def test_pagewise_lock_statistics_count_pages(model: str) -> None:
     """The kernel takes cpa_lock once per direct-map call and the S-EPT once per AUG; a fault
@@ -247,11 +276,12 @@ def test_pagewise_lock_statistics_count_pages(model: str) -> None:
     (it was 7.4 ms at the median for cpa_lock and 105 ms for the S-EPT, over 1,054 and 263
     acquisitions, at 16 GiB with 8 vCPUs). Under the batch model most pages wait (a batch
     waits for another's whole hold); interleaved, four vCPUs do not saturate either lock, and
-    only the pages that meet another vCPU's page hold wait."""
+    only the pages that meet another vCPU's page hold wait. (Batches of 64 MiB, a quarter of
+    each vCPU's share: the batch model's waits depend on the size, test_timeline_interleaved.)"""
     for platform, policy, lock, per_page in (("snp", "eager-post", "cpa_lock", "directmap_cpa_calls"),
                                              ("tdx", "6.19", "tdx_sept", "seamcall_aug")):
         r = experiments.run(experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=4,
-                                               pagewise_locks=model))
+                                               pagewise_locks=model, batch_pages=1 << 14))
         lk = r.locks[lock]
         assert lk["acquisitions"] >= r.counters[per_page] > 60_000, (platform, lk)
         assert lk["waits"] <= lk["acquisitions"], (platform, lk)
@@ -321,7 +351,8 @@ def test_pagewise_spread_keeps_the_wait_distribution_whole(model: str) -> None:
     from test_timeline_snapshots import _run  # the workload on a Timeline, as experiments.run runs it
 
     for platform, policy, lock in (("snp", "eager-post", "cpa_lock"), ("tdx", "6.19", "tdx_sept")):
-        cfg = experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=4, pagewise_locks=model)
+        cfg = experiments.Config(platform=platform, memory="256M", policy=policy, vcpus=4, pagewise_locks=model,
+                                 batch_pages=1 << 14)
         tl = _run(cfg, 0, [], take=False)[3]
         st = tl.locks[lock].stats
         d = st.wait_distribution

@@ -107,7 +107,7 @@ def _run(cfg: experiments.Config, seed: int, at: list[int], *, take: bool = True
     opts = workloads.parse_options(wl, cfg.options)
     vm, ctx = experiments._build(cfg, seed, None)
     tl = Timeline(vm, host_cpus=cfg.host_cpus, recorder=Recorder() if record else None,
-                  batch_pages=cfg.batch_pages, pagewise_locks=cfg.pagewise_locks)
+                  batch_pages=cfg.batch_pages_used, pagewise_locks=cfg.pagewise_locks)
     ctx.timeline = tl
     for g in ctx.guests:
         tl.start_vcpu(g.actor)

@@ -27,14 +27,14 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
-    ('snp', 'fault-time', 3, 'balloon', ()): 'daaedb9c4ea64e07',
+    ('snp', 'fault-time', 3, 'balloon', ()): '20bd69e72c7300d7',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '9e390073fe506ce9',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'f1da8564f2466ddd',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'cf799d163ed96fcd',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '648bc9a74ae4cd6f',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'c44b8fe7994a80bd',
-    ('sw_protected', '6.8', 3, 'balloon', ()): '3bc6cf01e2dc5af1',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '6a33b5038d575b84',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '1f804c49145ef46e',
+    ('sw_protected', '6.8', 3, 'balloon', ()): 'aa86053b9ca10054',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '6fc6e92f1d364df1',
 }
 MEMORY = "512M"
 

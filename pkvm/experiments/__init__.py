@@ -50,7 +50,7 @@ from pkvm.experiments.workloads import PhaseRecord
 from pkvm.kvm.policy import Policy, platform_mismatch, resolve_policy
 from pkvm.kvm.vm import VM
 from pkvm.sim import Timeline
-from pkvm.sim.timeline import DEFAULT_BATCH_PAGES, PAGEWISE_LOCK_MODELS, check_batch_pages, check_pagewise_locks
+from pkvm.sim.timeline import PAGEWISE_LOCK_MODELS, auto_batch_pages, check_batch_pages, check_pagewise_locks
 from pkvm.sim.chrome import write_chrome_trace
 from pkvm.sim.gantt import plot_gantt
 from pkvm.sim.recorder import Recorder
@@ -94,7 +94,10 @@ class Config:
     ``fault-time`` on snp and ``6.19`` elsewhere). ``vcpus`` guest vCPUs run concurrently on the timeline (``docs/timeline.md``),
     on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
     direct-map flush); ``batch_pages`` is the most pages a private fault batch covers while
-    another actor runs (a power of two, 64 MiB by default; see :class:`pkvm.sim.Timeline`);
+    another actor runs (a power of two; see :class:`pkvm.sim.Timeline`), or None (the
+    default) for :func:`pkvm.sim.timeline.auto_batch_pages` of the memory and vCPUs: 1024
+    pages where the simulation can afford it (up to 64 GiB with 8 vCPUs, 8 GiB with 16), else
+    16384 (``batch_pages_used`` is the number, and what results report);
     ``pagewise_locks`` how the locks the kernel takes page by page (``cpa_lock``, the TDX
     S-EPT) are modelled on the timeline, one of :data:`pkvm.sim.timeline.PAGEWISE_LOCK_MODELS`
     (``"interleaved"`` by default, or ``"batch"``: docs/timeline.md).
@@ -123,7 +126,7 @@ class Config:
     image: int | str = 2 << 20
     trace: str | None = None
     host_cpus: int = 64
-    batch_pages: int = DEFAULT_BATCH_PAGES
+    batch_pages: int | None = None
     pagewise_locks: str = "interleaved"
     timeline: str | None = None
     gantt: str | None = None
@@ -174,7 +177,8 @@ class Config:
             raise ValueError(f"vcpus {self.vcpus!r} must be an int in [1, 1024]")
         if type(self.host_cpus) is not int or not 1 <= self.host_cpus <= 8192:
             raise ValueError(f"host_cpus {self.host_cpus!r} must be an int in [1, 8192]")
-        check_batch_pages(self.batch_pages, "batch_pages")
+        if self.batch_pages is not None:
+            check_batch_pages(self.batch_pages, "batch_pages")
         check_pagewise_locks(self.pagewise_locks, "pagewise_locks")
         if self.vcpus > self.host_cpus:
             raise ValueError(f"vcpus {self.vcpus} exceed host_cpus {self.host_cpus}: the timeline runs each "
@@ -230,6 +234,12 @@ class Config:
             model = model.with_overrides(self.costs)
         return model
 
+    @property
+    def batch_pages_used(self) -> int:
+        """``batch_pages``, or for None the size chosen by the memory and vCPUs
+        (:func:`pkvm.sim.timeline.auto_batch_pages`)."""
+        return auto_batch_pages(int(self.memory), self.vcpus) if self.batch_pages is None else self.batch_pages
+
     def with_(self, **changes: Any) -> Config:
         """A copy with ``changes`` (validated again)."""
         return replace(self, **changes)
@@ -237,6 +247,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["memory_text"] = format_size(self.memory)  # type: ignore[arg-type]
+        d["batch_pages"] = self.batch_pages_used  # the size the run used, chosen or given
+        d["batch_pages_auto"] = self.batch_pages is None
         return d
 
 
@@ -544,7 +556,7 @@ def _run_timeline(config: Config, vm: Any, ctx: Any, wl: Any, opts: Mapping[str,
     workload's code), one thread per vCPU takes its tasks (``docs/timeline.md``)."""
 
     rec = Recorder() if (config.timeline or config.gantt) else None
-    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec, batch_pages=config.batch_pages,
+    tl = Timeline(vm, host_cpus=config.host_cpus, recorder=rec, batch_pages=config.batch_pages_used,
                   pagewise_locks=config.pagewise_locks)
     ctx.timeline = tl
     for g in ctx.guests:

@@ -48,7 +48,7 @@ def config_columns(config: Config) -> dict[str, Any]:
     for f in dataclasses.fields(config):
         if f.name in _OUTPUT_FIELDS:
             continue
-        v = getattr(config, f.name)
+        v = config.batch_pages_used if f.name == "batch_pages" else getattr(config, f.name)
         if isinstance(v, Mapping):
             v = _text(v)
         out[f.name] = v

@@ -34,13 +34,54 @@ from pkvm.sim.locks import Mutex, RWLock, SpinLock
 from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from pkvm.sim.stats import Distribution
 
-__all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS", "PAGEWISE_LOCK_MODELS"]
+__all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS", "PAGEWISE_LOCK_MODELS",
+           "auto_batch_pages"]
 
 READ, WRITE = 0, 1
 
 #: Timeline(batch_pages=): 64 MiB of 4K pages.
 DEFAULT_BATCH_PAGES = 1 << 14
 MAX_BATCH_PAGES = 1 << 30
+#: auto_batch_pages: the finer batch (4 MiB of 4K pages), the most batches of it in the RAM
+#: (64 GiB), and the most simulation work it may cost, counted as those batches times vCPUs
+#: cubed (64 GiB with 8 vCPUs).
+AUTO_BATCH_PAGES = 1 << 10
+AUTO_BATCH_COUNT = 1 << 14
+AUTO_BATCH_BUDGET = AUTO_BATCH_COUNT * 8 ** 3
+
+
+def auto_batch_pages(memory: int, vcpus: int) -> int:
+    """The fault batch ``Config(batch_pages=None)`` (the default) runs ``vcpus`` vCPUs with on
+    ``memory`` bytes of RAM: :data:`AUTO_BATCH_PAGES` (1024 pages, 4 MiB) where the
+    simulation can afford it, else :data:`DEFAULT_BATCH_PAGES` (16384, 64 MiB).
+
+    A batch is the window over which the interleaved model spreads its page-by-page
+    acquisitions of ``cpa_lock`` and the S-EPT, and windows that are long against the run are
+    settled unfairly (docs/timeline.md, "Choosing the batch"): against the page-by-page
+    reference, 1024 pages put TDX and SNP boots with 8 to 16 vCPUs within 0.1-4 % of its
+    critical path where 16384 were up to 26 % above. Sizes in between are not used: with 2048
+    to 8192 pages a window holds a few 2M splits of the direct map, and SNP ``fault-time``'s
+    waits for them came out further from the reference than with either. The cost of settling
+    a window grows with the number of vCPUs faster than their square, and each batch costs its
+    own events besides, so 1024 is taken while the RAM holds at most :data:`AUTO_BATCH_COUNT`
+    batches of it (64 GiB) and ``(memory / 4 MiB) * vcpus ** 3`` stays within
+    :data:`AUTO_BATCH_BUDGET`, what 64 GiB with 8 vCPUs makes (about 2 s of CPU for an eager
+    SNP policy against 0.3 s with 16384). One vCPU has no other vCPU's windows to share these
+    locks with, and keeps 16384.
+
+    >>> auto_batch_pages(1 << 30, 8), auto_batch_pages(64 << 30, 8), auto_batch_pages(128 << 30, 8)
+    (1024, 1024, 16384)
+    >>> auto_batch_pages(8 << 30, 16), auto_batch_pages(2 << 30, 32), auto_batch_pages(1 << 40, 1)
+    (1024, 16384, 16384)
+    """
+    if type(memory) is not int or memory < 0:
+        raise ValueError(f"memory {memory!r} must be a non-negative int (bytes)")
+    if type(vcpus) is not int or vcpus < 1:
+        raise ValueError(f"vcpus {vcpus!r} must be a positive int")
+    batches = memory >> 12 >> 10  # batches of AUTO_BATCH_PAGES in the RAM
+    if vcpus > 1 and batches <= AUTO_BATCH_COUNT and batches * vcpus ** 3 <= AUTO_BATCH_BUDGET:
+        return AUTO_BATCH_PAGES
+    return DEFAULT_BATCH_PAGES
 
 
 #: Timeline(pagewise_locks=): how the locks the kernel takes once per page (``cpa_lock``, the
@@ -114,7 +155,8 @@ class Timeline(SchedHooks):
     ``batch_pages``: the most pages a private fault batch covers while another actor is in a
     task (a power of two, default 16384: 64 MiB); smaller is finer-grained and slower, and the
     waits behind another vCPU's batch come in smaller pieces (docs/timeline.md, "Range
-    compression survives"). ``pagewise_locks``: how the locks the kernel takes page by page
+    compression survives"; :func:`auto_batch_pages` gives the size ``pkvm.experiments`` runs
+    with, closer to the page-by-page reference: "Choosing the batch" there). ``pagewise_locks``: how the locks the kernel takes page by page
     (``cpa_lock``, the S-EPT) are modelled, :data:`PAGEWISE_LOCK_MODELS` ("interleaved", the
     default, or "batch"; docs/timeline.md, "Locks the kernel takes page by page"). ValueError
     for anything else.
