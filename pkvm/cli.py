@@ -134,12 +134,9 @@ def _batch_pages(text: str) -> int | None:
     if text.strip().lower() == "auto":
         return None
     try:
-        v = parse_decimal(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a power of two in decimal digits (such as 1024)")
-    return v
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a power of two in decimal digits (such as 1024)") from None
 
 
 def _size(text: str) -> str:
