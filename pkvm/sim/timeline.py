@@ -78,7 +78,7 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
         raise ValueError(f"memory {memory!r} must be a non-negative int (bytes)")
     if type(vcpus) is not int or vcpus < 1:
         raise ValueError(f"vcpus {vcpus!r} must be a positive int")
-    batches = memory >> 12 >> 10  # batches of AUTO_BATCH_PAGES in the RAM
+    batches = (memory >> 12) // AUTO_BATCH_PAGES  # batches of AUTO_BATCH_PAGES in the RAM
     if vcpus > 1 and batches <= AUTO_BATCH_COUNT and batches * vcpus ** 3 <= AUTO_BATCH_BUDGET:
         return AUTO_BATCH_PAGES
     return DEFAULT_BATCH_PAGES
