@@ -382,8 +382,17 @@ class LockState:
     fast_reads: list[Any] | None
     interleaved: bool
     spans: list[Any] | None
-    prof_t: list[int] | None
-    prof_l: list[float] | None
+    prof: LoadProfile | None
+
+@final
+class LoadProfile:
+    """The rate at which an interleaved lock's settled windows use it, piecewise constant."""
+
+    def __len__(self) -> int: ...
+    @property
+    def times(self) -> list[int]: ...
+    @property
+    def loads(self) -> list[float]: ...
 
 @disjoint_base
 class DistState:

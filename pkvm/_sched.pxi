@@ -10,6 +10,151 @@
 # that of the Python hooks they replace (same values, same order of effects).
 
 
+@cython.final
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class LoadProfile:
+    """The rate at which an interleaved lock's settled windows use it, piecewise constant:
+    ``loads[i]`` on ``[times[i], times[i + 1])``, the last from ``times[-1]`` on, 0 before
+    ``times[0]`` (SchedHooks._pw_settle). Typed arrays: settling a window splits and adds to
+    it once per piece of the window (_prof_add), the timeline's hottest loop with many vCPUs."""
+
+    cdef long long *t
+    cdef double *l
+    cdef Py_ssize_t n, cap
+
+    def __dealloc__(self):
+        free(self.t)
+        free(self.l)
+
+    def __len__(self):
+        return self.n
+
+    @property
+    def times(self):
+        """The breakpoints, ns since the timeline's start (a copy)."""
+        return [self.t[i] for i in range(self.n)]
+
+    @property
+    def loads(self):
+        """The load from each breakpoint on, as a share of the lock's capacity (a copy)."""
+        return [self.l[i] for i in range(self.n)]
+
+    cdef int _insert(self, Py_ssize_t i, long long x, double v) except -1:
+        cdef long long *nt
+        cdef double *nl
+        cdef Py_ssize_t cap
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 64
+            nt = <long long*>realloc(self.t, cap * sizeof(long long))
+            if nt == NULL:
+                raise MemoryError()
+            self.t = nt
+            nl = <double*>realloc(self.l, cap * sizeof(double))
+            if nl == NULL:
+                raise MemoryError()
+            self.l = nl
+            self.cap = cap
+        memmove(&self.t[i + 1], &self.t[i], (self.n - i) * sizeof(long long))
+        memmove(&self.l[i + 1], &self.l[i], (self.n - i) * sizeof(double))
+        self.t[i] = x
+        self.l[i] = v
+        self.n += 1
+        return 0
+
+    cdef void _remove(self, Py_ssize_t i, Py_ssize_t k) noexcept:
+        """Drop the ``k`` breakpoints from ``i`` on."""
+        memmove(&self.t[i], &self.t[i + k], (self.n - i - k) * sizeof(long long))
+        memmove(&self.l[i], &self.l[i + k], (self.n - i - k) * sizeof(double))
+        self.n -= k
+
+
+@cython.final
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class _Pieces:
+    """Where a window uses an interleaved lock: ``(start, end, rate)`` pieces in time order
+    (SchedHooks._pw_settle; _prof_fit makes them, _prof_add adds them to a LoadProfile).
+    Typed arrays, as LoadProfile; iterating gives the pieces as tuples."""
+
+    cdef long long *s
+    cdef long long *e
+    cdef double *r
+    cdef Py_ssize_t n, cap
+
+    def __dealloc__(self):
+        free(self.s)
+        free(self.e)
+        free(self.r)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter([(self.s[i], self.e[i], self.r[i]) for i in range(self.n)])
+
+    cdef int add(self, long long s, long long e, double r) except -1:
+        cdef long long *ns
+        cdef long long *ne
+        cdef double *nr
+        cdef Py_ssize_t cap
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 8
+            ns = <long long*>realloc(self.s, cap * sizeof(long long))
+            if ns == NULL:
+                raise MemoryError()
+            self.s = ns
+            ne = <long long*>realloc(self.e, cap * sizeof(long long))
+            if ne == NULL:
+                raise MemoryError()
+            self.e = ne
+            nr = <double*>realloc(self.r, cap * sizeof(double))
+            if nr == NULL:
+                raise MemoryError()
+            self.r = nr
+            self.cap = cap
+        self.s[self.n] = s
+        self.e[self.n] = e
+        self.r[self.n] = r
+        self.n += 1
+        return 0
+
+    cdef int extend(self, _Pieces o) except -1:
+        cdef Py_ssize_t i
+        for i in range(o.n):
+            self.add(o.s[i], o.e[i], o.r[i])
+        return 0
+
+
+@cython.final
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class _Window:
+    """A settled window of an interleaved lock (``LockState.spans``; SchedHooks._pw_settle):
+    its actor's name, its ``[start, end)`` (ns since the timeline's start, its waits
+    included), its holds (``h`` ns over ``n`` acquisitions, of which ``ns`` single holds of
+    ``hs`` ns), the waits counted for it so far (``wait_ns`` over ``waits`` samples,
+    SchedHooks._pw_count), its length without waits (``dt``) and where it used the lock."""
+
+    cdef readonly object actor
+    cdef readonly long long start, end, h, n, hs, ns, wait_ns, waits, dt
+    cdef readonly _Pieces pieces
+
+
+cdef _Window _window(actor, long long start, long long end, long long h, long long n, long long hs,
+                     long long ns, long long dt, _Pieces pieces):
+    cdef _Window w = _Window.__new__(_Window)
+    w.actor = actor
+    w.start = start
+    w.end = end
+    w.h = h
+    w.n = n
+    w.hs = hs
+    w.ns = ns
+    w.wait_ns = 0
+    w.waits = 0
+    w.dt = dt
+    w.pieces = pieces
+    return w
+
+
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class LockStatsState:
     """The fields of :class:`pkvm.sim.locks.LockStats` (its base class), which the timeline's
@@ -47,10 +192,9 @@ cdef class LockState:
     # until no window can overlap them. False / None on the other locks and under ``pagewise_locks="batch"``.
     cdef public bint interleaved
     cdef public list spans
-    # ... and the lock's load profile, the rate at which the settled windows use it: ``prof_l[i]``
-    # on ``[prof_t[i], prof_t[i + 1])`` (the last one from ``prof_t[-1]`` on), 0 before
-    # ``prof_t[0]`` (SchedHooks._pw_settle; _prof_fit, _prof_add)
-    cdef public list prof_t, prof_l
+    # ... and the lock's load profile, the rate at which the settled windows use it
+    # (LoadProfile; SchedHooks._pw_settle, _prof_fit, _prof_add). None on the other locks.
+    cdef public LoadProfile prof
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -197,40 +341,51 @@ cdef object _fast_read_add(list fr, s, e):
         fr.insert(lo, [a, b])
     return (e - s) - cov
 
-cdef Py_ssize_t _prof_split(list pt, list pl, long long x) except -2:
-    """Make ``x`` a breakpoint of the load profile ``pt`` / ``pl`` (LockState.prof_t /
-    prof_l), the load on each side unchanged; its index."""
-    cdef Py_ssize_t lo = 0, hi = len(pt), mid
+cdef Py_ssize_t _prof_split(LoadProfile p, long long x, Py_ssize_t hint=0) except -2:
+    """Make ``x`` a breakpoint of the load profile ``p``, the load on each side unchanged; its
+    index. ``hint``: an index at or before it, where a few steps forward usually find it
+    (the pieces a window is added in come in order, each from the last one's end)."""
+    cdef Py_ssize_t lo = 0, hi = p.n, mid, j
+    cdef long long *pt = p.t
+    if 0 < hint < hi and pt[hint - 1] <= x:
+        j = hint
+        while j < hi and j < hint + 4 and pt[j] <= x:
+            j += 1
+        if j == hi or pt[j] > x:
+            lo = hi = j  # found: the first breakpoint after x
+        else:
+            lo = j + 1
     while lo < hi:  # the first breakpoint after x
         mid = (lo + hi) >> 1
-        if <long long>pt[mid] <= x:
+        if pt[mid] <= x:
             lo = mid + 1
         else:
             hi = mid
-    if lo > 0 and <long long>pt[lo - 1] == x:
+    if lo > 0 and pt[lo - 1] == x:
         return lo - 1
-    pt.insert(lo, x)
-    pl.insert(lo, pl[lo - 1] if lo > 0 else 0.0)
+    p._insert(lo, x, p.l[lo - 1] if lo > 0 else 0.0)
     return lo
 
 
-cdef long long _prof_fit(list pt, list pl, long long t0, long long dt, double d, list pieces) except -1:
+cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _Pieces pieces) except -1:
     """A window that starts at ``t0`` and alone would take ``dt`` ns using the lock at rate
     ``d``: where the profile's load leaves it less than ``d``, it goes at the speed the
     rest allows, ``(1 - load) / d``. Its end, and in ``pieces`` the ``(start, end, rate)``
     at which it uses the lock on the way."""
-    cdef Py_ssize_t n = len(pt), lo = 0, hi = n, mid, i
+    cdef Py_ssize_t n = p.n, lo = 0, hi = n, mid, i
+    cdef long long *pt = p.t
+    cdef double *pl = p.l
     cdef double need = <double>dt, l, sp, seg, r
     cdef long long t = t0, end, take
     while lo < hi:
         mid = (lo + hi) >> 1
-        if <long long>pt[mid] <= t0:
+        if pt[mid] <= t0:
             lo = mid + 1
         else:
             hi = mid
     i = lo - 1  # the segment holding t0 (-1: before the first breakpoint, no load)
     while need > 0.5:
-        l = <double>pl[i] if i >= 0 else 0.0
+        l = pl[i] if i >= 0 else 0.0
         if i + 1 < n:
             end = pt[i + 1]
         else:
@@ -248,30 +403,31 @@ cdef long long _prof_fit(list pt, list pl, long long t0, long long dt, double d,
                 take = <long long>(seg + 0.5)
                 if take < 1:
                     take = 1
-                pieces.append((t, t + take, r))
+                pieces.add(t, t + take, r)
                 return t + take
-            pieces.append((t, end, r))
+            pieces.add(t, end, r)
             need -= sp * (end - t)
         elif end < 0:  # a saturated last segment cannot happen (every window ends); guard
-            pieces.append((t, t + <long long>(need + 0.5), d))
+            pieces.add(t, t + <long long>(need + 0.5), d)
             return t + <long long>(need + 0.5)
         t = end
         i += 1
     return t
 
 
-cdef int _prof_add(list pt, list pl, list pieces, double sign=1.0) except -1:
+cdef int _prof_add(LoadProfile p, _Pieces pieces, double sign=1.0) except -1:
     """Add each ``(start, end, rate)`` of ``pieces`` to the load profile (``sign=-1``: take
     them out of it)."""
-    cdef tuple pc
-    cdef Py_ssize_t a, b, i
-    for pc in pieces:
-        if <long long>pc[1] <= <long long>pc[0] or <double>pc[2] <= 0.0:
+    cdef Py_ssize_t a, b = 0, i, j
+    cdef double r
+    for j in range(pieces.n):
+        if pieces.e[j] <= pieces.s[j] or pieces.r[j] <= 0.0:
             continue
-        a = _prof_split(pt, pl, pc[0])
-        b = _prof_split(pt, pl, pc[1])
+        a = _prof_split(p, pieces.s[j], b)
+        b = _prof_split(p, pieces.e[j], a + 1)
+        r = sign * pieces.r[j]
         for i in range(a, b):
-            pl[i] = <double>pl[i] + sign * <double>pc[2]
+            p.l[i] = p.l[i] + r
     return 0
 
 
@@ -280,38 +436,46 @@ cdef int _spans_coarsen(list spans, Py_ssize_t keep) except -1:
     ``keep`` remain (or no two neighbours share an actor): one window over both, with both
     holds; its wait samples are no longer re-spread (:meth:`SchedHooks._pw_count`)."""
     cdef Py_ssize_t i = 0
-    cdef list x, y
+    cdef _Window x, y
     while len(spans) > keep and i + 1 < len(spans):
-        x = <list>spans[i]
-        y = <list>spans[i + 1]
-        if x[0] != y[0]:
+        x = <_Window>spans[i]
+        y = <_Window>spans[i + 1]
+        if x.actor != y.actor:
             i += 1
             continue
-        spans[i] = [x[0], x[1] if x[1] < y[1] else y[1], x[2] if x[2] > y[2] else y[2],
-                    <long long>x[3] + <long long>y[3], <long long>x[4] + <long long>y[4],
-                    <long long>x[5] + <long long>y[5], <long long>x[6] + <long long>y[6], 0, 0,
-                    <long long>x[9] + <long long>y[9], _pieces_merge(<list>x[10] + <list>y[10])]
+        spans[i] = _window(x.actor, x.start if x.start < y.start else y.start,
+                           x.end if x.end > y.end else y.end, x.h + y.h, x.n + y.n,
+                           x.hs + y.hs, x.ns + y.ns, x.dt + y.dt, _pieces_merge(x.pieces, y.pieces))
         del spans[i + 1]
     return 0
 
 
-cdef list _pieces_merge(list pieces):
-    """Where two merged windows used the lock, as one piece at their average rate over the
-    stretch from the first's start to the last's end (bounded, for _spans_coarsen)."""
+cdef _Pieces _pieces_merge(_Pieces x, _Pieces y):
+    """Where two merged windows used the lock (``x``'s pieces, then ``y``'s), as one piece at
+    their average rate over the stretch from the first's start to the last's end (bounded,
+    for _spans_coarsen)."""
     cdef long long a, b
     cdef double u = 0.0
-    cdef tuple pc
-    if not pieces:
-        return []
-    a = pieces[0][0]
-    b = pieces[0][1]
-    for pc in pieces:
-        if <long long>pc[0] < a:
-            a = pc[0]
-        if <long long>pc[1] > b:
-            b = pc[1]
-        u += <double>(<long long>pc[1] - <long long>pc[0]) * <double>pc[2]
-    return [(a, b, u / <double>(b - a))] if b > a else []
+    cdef _Pieces m = _Pieces(), q
+    cdef Py_ssize_t i
+    if x.n:
+        a = x.s[0]
+        b = x.e[0]
+    elif y.n:
+        a = y.s[0]
+        b = y.e[0]
+    else:
+        return m
+    for q in (x, y):
+        for i in range(q.n):
+            if q.s[i] < a:
+                a = q.s[i]
+            if q.e[i] > b:
+                b = q.e[i]
+            u += <double>(q.e[i] - q.s[i]) * q.r[i]
+    if b > a:
+        m.add(a, b, u / <double>(b - a))
+    return m
 
 
 cdef long long _free_slot(list busy, long long x, long long dur) except -1:
@@ -330,38 +494,37 @@ cdef long long _free_slot(list busy, long long x, long long dur) except -1:
     return x
 
 
-cdef double _pieces_use(list pieces, long long a, long long b) except? -1.0:
+cdef double _pieces_use(_Pieces pieces, long long a, long long b) except? -1.0:
     """The lock time the ``(start, end, rate)`` pieces of a window use in ``[a, b)``."""
     cdef double u = 0.0
     cdef long long x, y
-    cdef tuple pc
-    for pc in pieces:
-        x = pc[0]
-        y = pc[1]
+    cdef Py_ssize_t i
+    for i in range(pieces.n):
+        x = pieces.s[i]
+        y = pieces.e[i]
         if x < a:
             x = a
         if y > b:
             y = b
         if y > x:
-            u += <double>(y - x) * <double>pc[2]
+            u += <double>(y - x) * pieces.r[i]
     return u
 
 
-cdef int _prof_coarsen(list pt, list pl, Py_ssize_t keep) except -1:
+cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
     """Average neighbouring segments of a load profile, oldest first, until at most ``keep``
     breakpoints remain (the last, open-ended segment stays as it is)."""
     cdef Py_ssize_t i = 0
     cdef long long a, b, c
-    while len(pt) > keep and i + 2 < len(pt):
-        a = pt[i]
-        b = pt[i + 1]
-        c = pt[i + 2]
+    while p.n > keep and i + 2 < p.n:
+        a = p.t[i]
+        b = p.t[i + 1]
+        c = p.t[i + 2]
         if c > a:
-            pl[i] = (<double>pl[i] * (b - a) + <double>pl[i + 1] * (c - b)) / (c - a)
-        del pt[i + 1]
-        del pl[i + 1]
+            p.l[i] = (p.l[i] * (b - a) + p.l[i + 1] * (c - b)) / (c - a)
+        p._remove(i + 1, 1)
         i += 1
-        if i + 2 >= len(pt):
+        if i + 2 >= p.n:
             i = 0
     return 0
 
@@ -772,7 +935,7 @@ cdef class SchedHooks:
         kinds: its single holds (a split and its flush, one CPA call), ``hs / ns`` on average,
         and the holds a batch takes page by page, ``(h - hs) / (n - ns)``. Each settled window
         (``lk.spans``) keeps where it used the lock (its pieces, ``(start, end, rate)``), which
-        make up the lock's load profile (``lk.prof_t`` / ``prof_l``).
+        make up the lock's load profile (``lk.prof``).
 
         - The queueing: one actor's acquisitions are one thread's, which stalls as a whole. It
           meets a page hold ``c`` of another window with the probability ``min(1, c / p)`` and
@@ -800,17 +963,18 @@ cdef class SchedHooks:
         waits of as many as met a hold (at least one), spread evenly (as :meth:`pagewise`)."""
         cdef long long dt = t1 - t0, ta, a1, b1, x, w, wj, ws, e, s, ov, horizon, nj, hj, nsj, hsj, tend
         cdef double hits = 0.0, wq = 0.0, frac, pj, px, q, qq, c, qp, gx, gj
-        cdef list sp, fp_t, fp_l, busy
-        cdef tuple pc
+        cdef list busy
+        cdef _Window sp
+        cdef LoadProfile fp
         cdef SchedActor k
-        cdef list spans = lk.spans, pieces = [], before, after, rest
+        cdef list spans = lk.spans
+        cdef _Pieces pieces = _Pieces(), before, after, rest, pcs
         cdef double u
-        cdef Py_ssize_t i, nsp
+        cdef Py_ssize_t i, j, nsp
         if spans is None:
             spans = lk.spans = []
-        if lk.prof_t is None:
-            lk.prof_t = []
-            lk.prof_l = []
+        if lk.prof is None:
+            lk.prof = LoadProfile()
         if dt < h:
             dt = h
         if dt <= 0 or n <= 0:
@@ -821,22 +985,22 @@ cdef class SchedHooks:
         px = <double>dt / n  # this window's period
         gx = <double>(dt - h) / n  # the lock's free time in each
         for i in range(nsp):
-            sp = <list>spans[i]
-            if sp[0] is name:
+            sp = <_Window>spans[i]
+            if sp.actor is name:
                 continue
-            s = sp[1]
-            e = sp[2]
-            hj = sp[3]
-            nj = sp[4]
+            s = sp.start
+            e = sp.end
+            hj = sp.h
+            nj = sp.n
             if e <= s or nj <= 0 or hj <= 0 or (n == 1 and nj == 1):
                 continue  # (a single hold meets another first come, first served: below)
             ov = (e if e < t1 else t1) - (s if s > t0 else t0)
             if ov <= 0:
                 continue
-            hsj = sp[5]
-            nsj = sp[6]
+            hsj = sp.hs
+            nsj = sp.ns
             # the share of its holds inside this window: where it used the lock
-            frac = _pieces_use(<list>sp[10], t0, t1) / hj
+            frac = _pieces_use(sp.pieces, t0, t1) / hj
             if frac > 1.0:
                 frac = 1.0
             if nsj:  # its single holds that this window meets, and their waits
@@ -860,60 +1024,61 @@ cdef class SchedHooks:
         # nothing can delay now; the windows of actors still at work wait for it (below).
         ta = t0 + w
         if n == 1:
-            fp_t = []  # the windows that are done
-            fp_l = []
+            fp = LoadProfile()  # the windows that are done
             busy = []  # the single holds
-            for sp in spans:
-                if sp[0] is name:
+            for i in range(nsp):
+                sp = <_Window>spans[i]
+                if sp.actor is name:
                     continue
-                s = sp[1]
-                e = sp[2]
+                s = sp.start
+                e = sp.end
                 if e <= ta or e <= s:
                     continue
-                if <long long>sp[4] == 1:
-                    for pc in <list>sp[10]:
-                        busy.append((pc[0], pc[1]))
+                if sp.n == 1:
+                    pcs = sp.pieces
+                    for j in range(pcs.n):
+                        busy.append((pcs.s[j], pcs.e[j]))
                     continue
-                k = self._actors.get(sp[0])
+                k = self._actors.get(sp.actor)
                 if k is None or not k.in_task:
-                    _prof_add(fp_t, fp_l, <list>sp[10])
+                    _prof_add(fp, sp.pieces)
             busy.sort()
             # A hold is one: the first stretch the single holds leave free for it, as long as
             # the done windows' load there makes it (it goes at the speed they allow).
             x = _free_slot(busy, ta, dt)
             for i in range(64):
-                pieces = []
-                tend = _prof_fit(fp_t, fp_l, x, dt, <double>h / dt, pieces)
+                pieces = _Pieces()
+                tend = _prof_fit(fp, x, dt, <double>h / dt, pieces)
                 s = _free_slot(busy, x, tend - x)  # the stretch it took: still free?
                 if s == x:
                     break
                 x = s
         else:
-            tend = _prof_fit(lk.prof_t, lk.prof_l, t0, dt, <double>h / dt, pieces)
+            tend = _prof_fit(lk.prof, t0, dt, <double>h / dt, pieces)
         ws = tend - t1 if tend > t1 else 0
         if ws > w:
             w = ws
-        _prof_add(lk.prof_t, lk.prof_l, pieces)
-        a1 = <long long>pieces[0][0] if pieces else t0 + w  # where this window holds the lock
-        b1 = <long long>pieces[len(pieces) - 1][1] if pieces else t1 + w
+        _prof_add(lk.prof, pieces)
+        a1 = pieces.s[0] if pieces.n else t0 + w  # where this window holds the lock
+        b1 = pieces.e[pieces.n - 1] if pieces.n else t1 + w
         # ... and the other way: the windows of actors still at work meet this one's holds (its
         # actor's wait is owed at its next yield, and its window ends later by it). Each pair
         # of overlapping windows is settled once, here, by the later of the two.
         for i in range(nsp):
-            sp = <list>spans[i]
-            if sp[0] is name:
+            sp = <_Window>spans[i]
+            if sp.actor is name:
                 continue
-            s = sp[1]
-            e = sp[2]
-            hj = sp[3]
-            nj = sp[4]
+            s = sp.start
+            e = sp.end
+            hj = sp.h
+            nj = sp.n
             if e <= s or nj <= 0:
                 continue
-            k = self._actors.get(sp[0])
+            k = self._actors.get(sp.actor)
             if k is None or not k.in_task:  # its work is done: nothing of it can wait now
                 continue
-            pj = <double>(<long long>sp[9]) / nj  # its period, as it runs (without its waits)
-            gj = <double>(<long long>sp[9] - hj) / nj
+            pj = <double>sp.dt / nj  # its period, as it runs (without its waits)
+            gj = <double>(sp.dt - hj) / nj
             if gj < 0.0:
                 gj = 0.0
             if n == 1:
@@ -924,19 +1089,20 @@ cdef class SchedHooks:
                 if e <= a1 or s >= b1 or nj == 1:  # (single holds: first come, first served)
                     continue
                 x = s if s > a1 else a1
-                before = []
-                after = []
+                before = _Pieces()
+                after = _Pieces()
                 u = 0.0
-                for pc in <list>sp[10]:
-                    if <long long>pc[1] <= x:
-                        before.append(pc)
-                    elif <long long>pc[0] >= x:
-                        after.append(pc)
-                        u += <double>(<long long>pc[1] - <long long>pc[0]) * <double>pc[2]
+                pcs = sp.pieces
+                for j in range(pcs.n):
+                    if pcs.e[j] <= x:
+                        before.add(pcs.s[j], pcs.e[j], pcs.r[j])
+                    elif pcs.s[j] >= x:
+                        after.add(pcs.s[j], pcs.e[j], pcs.r[j])
+                        u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
                     else:
-                        before.append((pc[0], x, pc[2]))
-                        after.append((x, pc[1], pc[2]))
-                        u += <double>(<long long>pc[1] - x) * <double>pc[2]
+                        before.add(pcs.s[j], x, pcs.r[j])
+                        after.add(x, pcs.e[j], pcs.r[j])
+                        u += <double>(pcs.e[j] - x) * pcs.r[j]
                 if u <= 0.0:
                     continue  # no acquisition left
                 c = <double>(b1 - x)
@@ -944,20 +1110,21 @@ cdef class SchedHooks:
                 wj = <long long>(_meet_w(c, pj, gj) + 0.5)
                 # What it had left from x on, less the work it did before it stalled, after
                 # this hold and around the load there (_prof_fit: never above capacity).
-                _prof_add(lk.prof_t, lk.prof_l, after, -1.0)
+                _prof_add(lk.prof, after, -1.0)
                 ov = e - b1 + wj  # (the length of what it had left, less what it did before)
                 if <double>ov < u:
                     ov = <long long>u + (1 if u > <long long>u else 0)
-                rest = []
-                tend = _prof_fit(lk.prof_t, lk.prof_l, b1, ov, u / <double>ov, rest)
-                _prof_add(lk.prof_t, lk.prof_l, rest)
+                rest = _Pieces()
+                tend = _prof_fit(lk.prof, b1, ov, u / <double>ov, rest)
+                _prof_add(lk.prof, rest)
                 wj = tend - e
                 if wj <= 0:  # nothing to wait for: where it was
-                    _prof_add(lk.prof_t, lk.prof_l, rest, -1.0)
-                    _prof_add(lk.prof_t, lk.prof_l, after)
+                    _prof_add(lk.prof, rest, -1.0)
+                    _prof_add(lk.prof, after)
                     continue
-                sp[10] = before + rest
-                sp[2] = e + wj
+                before.extend(rest)
+                sp.pieces = before
+                sp.end = e + wj
                 wj += self._pw_shift(lk, sp, e, wj)
                 self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
                 continue
@@ -981,57 +1148,55 @@ cdef class SchedHooks:
                     qq += qp * c * 0.5
             wj = <long long>(qq + 0.5)
             if wj > 0:
-                sp[2] = e + wj
+                sp.end = e + wj
                 wj += self._pw_shift(lk, sp, e, wj)
                 self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
-        # [actor, start, end, hold ns, acquisitions, single holds' ns, single holds, waits' ns,
-        # wait samples, its length without waits, where it used the lock: (start, end, rate)]
         if n == 1:  # one hold, first come first served: it runs after its wait
-            sp = [name, t0 + w, t1 + w, h, n, hs, ns, 0, 0, dt, pieces]
+            sp = _window(name, t0 + w, t1 + w, h, n, hs, ns, dt, pieces)
         else:
-            sp = [name, t0, t1 + w, h, n, hs, ns, 0, 0, dt, pieces]
+            sp = _window(name, t0, t1 + w, h, n, hs, ns, dt, pieces)
         spans.append(sp)
-        if len(spans) > 4 * len(self._actors) + 16 or len(lk.prof_t) > 8 * len(self._actors) + 32:
+        if len(spans) > 4 * len(self._actors) + 16 or lk.prof.n > 8 * len(self._actors) + 32:
             # No window to come starts before SimPy's clock or an open window's start.
             horizon = int(self.env.now - self._t0)
             for k in self._actors.values():
                 if k.pw_depth > 0 and k.pw_t0 < horizon:
                     horizon = k.pw_t0
-            lk.spans = [sp for sp in spans if <long long>sp[2] > horizon]
-            i = _prof_split(lk.prof_t, lk.prof_l, horizon)
+            lk.spans = [wd for wd in spans if (<_Window>wd).end > horizon]
+            i = _prof_split(lk.prof, horizon)
             if i > 0:
-                del lk.prof_t[:i]
-                del lk.prof_l[:i]
+                lk.prof._remove(0, i)
             # An actor alone runs ahead of SimPy's clock, which then does not move: nothing
             # is old enough to drop, and the lists would grow by a window each. The oldest
             # entries are coarsened instead (a window's neighbours of the same actor merged,
             # a profile's neighbouring segments averaged), which bounds them.
             if len(lk.spans) > 8 * len(self._actors) + 64:
                 _spans_coarsen(lk.spans, 4 * len(self._actors) + 32)
-            if len(lk.prof_t) > 16 * len(self._actors) + 128:
-                _prof_coarsen(lk.prof_t, lk.prof_l, 8 * len(self._actors) + 64)
+            if lk.prof.n > 16 * len(self._actors) + 128:
+                _prof_coarsen(lk.prof, 8 * len(self._actors) + 64)
         if w > 0:
             self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
             self._now0 += w  # the running actor's clock: what follows starts after the wait
         return 0
 
-    cdef long long _pw_shift(self, LockState lk, list sp, long long after, long long w) except -1:
+    cdef long long _pw_shift(self, LockState lk, _Window sp, long long after, long long w) except -1:
         """The wait ``w`` owed for window ``sp`` moves everything its actor did after it: its
         settled windows that begin at or after ``after`` (the window's end before the wait),
         in order, start ``w`` ns later and are fitted again against the lock's load there
         (_prof_fit), which may make them wait longer. That further wait, for the actor to owe
         with ``w``."""
-        cdef list x, old, new, later = None, spans = lk.spans
+        cdef list later = None, spans = lk.spans
+        cdef _Window x
+        cdef _Pieces new
         cdef long long extra = 0, s0, e0, tend, dt
         cdef Py_ssize_t i = len(spans) - 1
-        cdef tuple pc
-        name = sp[0]
+        name = sp.actor
         # An actor's windows settle in the order of its clock: its later ones come after sp.
         while i >= 0:
-            x = <list>spans[i]
+            x = <_Window>spans[i]
             if x is sp:
                 break
-            if x[0] is name and <long long>x[1] >= after:
+            if x.actor is name and x.start >= after:
                 if later is None:
                     later = []
                 later.append(x)
@@ -1040,26 +1205,25 @@ cdef class SchedHooks:
             return 0
         later.reverse()
         for x in later:
-            old = <list>x[10]
-            _prof_add(lk.prof_t, lk.prof_l, old, -1.0)
-            s0 = <long long>x[1] + w + extra
-            e0 = <long long>x[2] + w + extra
-            dt = x[9]
-            new = []
-            if dt > 0 and <long long>x[3] > 0:
-                tend = _prof_fit(lk.prof_t, lk.prof_l, s0, dt, <double>(<long long>x[3]) / dt, new)
+            _prof_add(lk.prof, x.pieces, -1.0)
+            s0 = x.start + w + extra
+            e0 = x.end + w + extra
+            dt = x.dt
+            new = _Pieces()
+            if dt > 0 and x.h > 0:
+                tend = _prof_fit(lk.prof, s0, dt, <double>x.h / dt, new)
             else:
                 tend = s0
-            _prof_add(lk.prof_t, lk.prof_l, new)
+            _prof_add(lk.prof, new)
             if tend > e0:  # the load where it lands now makes it wait longer
                 extra += tend - e0
                 e0 = tend
-            x[1] = s0
-            x[2] = e0
-            x[10] = new
+            x.start = s0
+            x.end = e0
+            x.pieces = new
         return extra
 
-    cdef int _pw_wait(self, SchedActor k, lock, LockState lk, list sp, long long w, long long m) except -1:
+    cdef int _pw_wait(self, SchedActor k, lock, LockState lk, _Window sp, long long w, long long m) except -1:
         """Actor ``k`` owes a wait of ``w`` ns for interleaved ``lock``, for its window ``sp``
         in ``lk.spans`` (:meth:`_pw_settle`), as the waits of ``m`` of its acquisitions:
         passed, and counted, at its next yield (:meth:`_pw_count`)."""
@@ -1069,15 +1233,15 @@ cdef class SchedHooks:
         k.debts.append((lock, lk, sp, w, m))
         return 0
 
-    cdef int _pw_count(self, lock, LockState lk, list sp, long long w, long long m) except -1:
+    cdef int _pw_count(self, lock, LockState lk, _Window sp, long long w, long long m) except -1:
         """The lock's statistics count a wait of ``w`` ns for window ``sp``, as the waits of
         ``m`` of its acquisitions, as it passes (:meth:`_drive`): a window's waits are samples
         of the wait distribution, its total wait spread evenly over at most its acquisitions
-        (``sp[7]`` ns over ``sp[8]`` samples so far), so a later wait of the same window
+        (``sp.wait_ns`` ns over ``sp.waits`` samples so far), so a later wait of the same window
         re-spreads its total and the lock never counts more waits than acquisitions."""
         cdef LockStatsState st = lk.stats
         cdef DistState dist = <DistState?>st.wait_distribution
-        cdef long long n = sp[4], W = sp[7], M = sp[8], q, r, m2
+        cdef long long n = sp.n, W = sp.wait_ns, M = sp.waits, q, r, m2
         m2 = M + (m if m > 1 else 1)
         if m2 > n:
             m2 = n
@@ -1097,8 +1261,8 @@ cdef class SchedHooks:
             dist._add_c(q, m2 - r)
         st.wait_ns += w
         st.waits += m2 - M
-        sp[7] = W
-        sp[8] = m2
+        sp.wait_ns = W
+        sp.waits = m2
         if lock == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
             self.races["tdx_busy_retry"] += max(m if m > 1 else 1, w // self._seamcall_retry_ns)
         if self.vm._subs is not None:

@@ -178,6 +178,24 @@ def test_one_vcpu_is_the_sum_model_under_either() -> None:
         assert r.critical_path_ns == r.modeled_ns and r.locks["cpa_lock"]["waits"] == 0
 
 
+def _assert_profile_is_the_windows_sum(lock: Any, actors: int) -> None:
+    """The lock's load profile (``LockState.prof``, typed arrays) is the sum of the rates at
+    which its settled windows (``LockState.spans``) use it, segment by segment: what settling,
+    re-fitting a shifted window and taking a window's rest out and back in added and removed
+    adds up. Checked when nothing was trimmed or coarsened yet (both only ever grow until
+    then: the bounds of ``SchedHooks._pw_settle``)."""
+    times, loads = lock.prof.times, lock.prof.loads
+    assert times == sorted(set(times)), times
+    if len(times) > 8 * actors + 32 or len(lock.spans) > 4 * actors + 16:
+        return
+    pieces = [pc for w in lock.spans for pc in w.pieces]
+    for s, e, rate in pieces:
+        assert s < e and rate > 0 and s in times and e in times, (s, e, rate, times)
+    for i, t in enumerate(times):
+        want = sum(rate for s, e, rate in pieces if s <= t < e)
+        assert abs(loads[i] - want) <= 1e-9 * max(1.0, want), (i, t, loads[i], want)
+
+
 _WINDOW = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(0, 12), st.integers(1, 16))
 
 
@@ -216,7 +234,8 @@ def test_interleaved_windows_keep_the_accounting_whole(actors: list[list[tuple[i
         _check(r, tl, inside=False, finished=True)
         return r, tl, ex
 
-    r, _tl, ex = run()
+    r, tl, ex = run()
+    _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"], len(actors))
     lk = r.locks["cpa_lock"]
     assert lk["hold_ns"] == ex * sum(a for w in actors for _g, a, _b, _n in w)
     assert lk["acquisitions"] == sum(n for w in actors for _g, _a, _b, n in w)

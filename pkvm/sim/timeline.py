@@ -65,8 +65,8 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
     a window grows with the number of vCPUs faster than their square, and each batch costs its
     own events besides, so 1024 is taken while the RAM holds at most :data:`AUTO_BATCH_COUNT`
     batches of it (64 GiB) and ``(memory / 4 MiB) * vcpus ** 3`` stays within
-    :data:`AUTO_BATCH_BUDGET`, what 64 GiB with 8 vCPUs makes (about 2 s of CPU for an eager
-    SNP policy against 0.3 s with 16384). One vCPU has no other vCPU's windows to share these
+    :data:`AUTO_BATCH_BUDGET`, what 64 GiB with 8 vCPUs makes (about 1.1 s of CPU for an eager
+    SNP policy against 0.17 s with 16384). One vCPU has no other vCPU's windows to share these
     locks with, and keeps 16384.
 
     >>> auto_batch_pages(1 << 30, 8), auto_batch_pages(64 << 30, 8), auto_batch_pages(128 << 30, 8)
