@@ -22,10 +22,31 @@ def _run(args, cwd, env=None):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
+def sdist(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdist")
+    _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], cwd=ROOT)
+    (path,) = out.glob("pkvm-*.tar.gz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def unpacked(sdist, tmp_path_factory):
+    """The sdist, unpacked: the source tree an install from the sdist builds."""
+    out = tmp_path_factory.mktemp("unpacked")
+    with tarfile.open(sdist) as t:
+        t.extractall(out, filter="data")
+    (src,) = out.glob("pkvm-*")
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(unpacked, tmp_path_factory):
+    """The wheel pip builds from the unpacked sdist, as an install from the sdist would: the
+    one compile of the core in this module (test_sdist_ships_the_whole_test_suite runs the
+    suite's file-reading tests on this build)."""
     out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
-          "-q", "-w", str(out)], cwd=ROOT)
+    _run([sys.executable, "-m", "pip", "wheel", str(unpacked), "--no-deps", "--no-build-isolation",
+          "-q", "-w", str(out)], cwd=out)
     (whl,) = out.glob("pkvm-*.whl")
     return whl
 
@@ -64,14 +85,6 @@ def test_wheel_has_no_generated_c(wheel_names):
     assert not [n for n in wheel_names if n.endswith((".c", ".html"))]
 
 
-@pytest.fixture(scope="module")
-def sdist(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdist")
-    _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], cwd=ROOT)
-    (path,) = out.glob("pkvm-*.tar.gz")
-    return path
-
-
 def _sdist_names(sdist):
     with tarfile.open(sdist) as t:
         return {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
@@ -106,17 +119,18 @@ def _project_files(prefixes):
     return files
 
 
-def test_sdist_ships_the_whole_test_suite(sdist, tmp_path):
+def test_sdist_ships_the_whole_test_suite(sdist, unpacked, wheel):
     """The sdist carries every file of tests/, docs/ and bench/ (conftest, helpers, golden
-    files, the docs whose examples run), and the suite runs from the unpacked sdist."""
+    files, the docs whose examples run), and the suite runs from the unpacked sdist (with the
+    core the sdist built: the ``wheel`` fixture's, not compiled a second time)."""
     names = _sdist_names(sdist)
     wanted = _project_files(["tests", "docs", "bench"])
     assert "tests/conftest.py" in wanted and "tests/golden/snp-boot.json" in wanted
     assert not sorted(wanted - names)
-    with tarfile.open(sdist) as t:
-        t.extractall(tmp_path, filter="data")
-    (src,) = tmp_path.glob("pkvm-*")
-    _run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src)
+    src = unpacked
+    with zipfile.ZipFile(wheel) as z:
+        (core,) = [n for n in z.namelist() if re.fullmatch(r"pkvm/_core\.[^/]*\.so", n)]
+        (src / core).write_bytes(z.read(core))
     env = {**os.environ, "PYTHONPATH": str(src)}
     where = _run([sys.executable, "-c", "import pkvm; print(pkvm.__file__)"], cwd=src, env=env)
     assert where.stdout.strip() == str(src / "pkvm" / "__init__.py")
