@@ -241,14 +241,16 @@ def test_one_vcpu_fault_latency_is_the_work() -> None:
 def test_auto_batch_pages_by_memory_and_vcpus() -> None:
     """Config(batch_pages=None), the default: 1024 pages with two vCPUs or more while the RAM
     holds at most 16,384 batches of it (64 GiB) and (memory / 4 MiB) * vcpus**3 is within what
-    64 GiB with 8 vCPUs makes, else 16384, as with one vCPU.
+    64 GiB with 16 vCPUs makes, for up to 32 vCPUs; else 16384, as with one vCPU.
     The size chosen is what the run uses and what its results report; a given size is kept; a
     change of memory or vCPUs chooses again, and so does each point of a grid."""
     from pkvm.sim.timeline import auto_batch_pages
 
     cases = {(1 << 30, 1): 16384, (1 << 30, 2): 1024, (1 << 30, 8): 1024, (64 << 30, 8): 1024,
-             ((64 << 30) + (4 << 20), 8): 16384, (128 << 30, 8): 16384, (8 << 30, 16): 1024,
-             ((8 << 30) + (4 << 20), 16): 16384, (2 << 30, 32): 16384, (256 << 20, 32): 1024, (1 << 40, 1): 16384,
+             ((64 << 30) + (4 << 20), 8): 16384, (128 << 30, 8): 16384, (64 << 30, 16): 1024,
+             ((64 << 30) + (4 << 20), 16): 16384, (64 << 30, 17): 16384, (8 << 30, 32): 1024,
+             ((8 << 30) + (4 << 20), 32): 16384, (16 << 30, 32): 16384, (1 << 30, 33): 16384,
+             (256 << 20, 64): 16384, (1 << 40, 1): 16384,
              (64 << 30, 2): 1024, (128 << 30, 2): 16384, (1 << 40, 3): 16384}
     assert {k: auto_batch_pages(*k) for k in cases} == cases
     for bad in ((-1, 2), (1.5, 2), ("64G", 2), (None, 2), (1 << 30, 0), (1 << 30, 2.0), (1 << 30, True)):
