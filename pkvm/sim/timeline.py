@@ -61,9 +61,10 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
     settled unfairly (docs/timeline.md, "Choosing the batch"): against the page-by-page
     reference, 1024 pages put TDX and SNP ``fault-time`` boots with 8 to 32 vCPUs within
     0.1-4 % of its critical path where 16384 were up to 26 % above (SNP ``eager-post``: 0.4-4 %
-    up to 16 vCPUs; with 32, 12-14 % above it, where 16384 were 15 % above). Sizes in between
-    are not used: with 2048 to 8192 pages a window holds a few 2M splits of the direct map, and SNP ``fault-time``'s
-    waits for them came out further from the reference than with either. The cost of settling
+    up to 16 vCPUs; with 32, 12-26 % above it either way, where the lock bounds the boot).
+    Sizes in between are not used: with 2048 to 8192 pages a window holds a few 2M splits of
+    the direct map, and SNP ``fault-time``'s waits for them came out further from the
+    reference than with either. The cost of settling
     a window grows with the number of vCPUs faster than their square, and each batch costs its
     own events besides, so 1024 is taken while the RAM holds at most :data:`AUTO_BATCH_COUNT`
     batches of it (64 GiB) and ``(memory / 4 MiB) * vcpus ** 3`` stays within
