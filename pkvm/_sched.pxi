@@ -415,6 +415,100 @@ cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _P
     return t
 
 
+cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dts, double *ds,
+                        list rests, list ends) except -1:
+    """``m`` windows that start at ``t0``, window ``i`` alone taking ``dts[i]`` ns using the lock
+    at rate ``ds[i]``, fitted together: in each stretch the capacity the profile's load leaves
+    is shared max-min fair (each gets its rate, or an equal share of what is left when that is
+    less), and a window goes at the speed its share allows. Window ``i``'s pieces go to
+    ``rests[i]`` and its end to ``ends[i]``."""
+    cdef Py_ssize_t n = p.n, lo = 0, hi = n, mid, i, j, left, active
+    cdef long long *pt = p.t
+    cdef double *pl = p.l
+    cdef long long t = t0, end, tau, take
+    cdef double avail, l, share, give
+    cdef double *need = <double*>malloc(m * sizeof(double))
+    cdef double *alloc = <double*>malloc(m * sizeof(double))
+    cdef char *done = <char*>malloc(m)
+    if need == NULL or alloc == NULL or done == NULL:
+        free(need)
+        free(alloc)
+        free(done)
+        raise MemoryError()
+    try:
+        for i in range(m):
+            need[i] = <double>dts[i]
+            done[i] = need[i] <= 0.5
+            if done[i]:
+                ends[i] = t0
+        active = 0
+        for i in range(m):
+            if not done[i]:
+                active += 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if pt[mid] <= t0:
+                lo = mid + 1
+            else:
+                hi = mid
+        j = lo - 1  # the segment holding t0
+        while active > 0:
+            l = pl[j] if j >= 0 else 0.0
+            end = pt[j + 1] if j + 1 < n else -1
+            avail = 1.0 - l
+            if avail < 0.0:
+                avail = 0.0
+            if end < 0 and avail <= 0.0:
+                avail = 1.0  # a saturated last segment cannot happen (every window ends); guard
+            # max-min fair shares: the smallest rates are met first
+            for i in range(m):
+                alloc[i] = 0.0
+            left = active
+            while left > 0 and avail > 1e-12:
+                share = avail / left
+                give = 0.0
+                for i in range(m):
+                    if not done[i] and alloc[i] == 0.0 and ds[i] <= share:
+                        alloc[i] = ds[i]
+                        give += ds[i]
+                        left -= 1
+                if give == 0.0:  # nobody is satisfied by an equal share: all take it
+                    for i in range(m):
+                        if not done[i] and alloc[i] == 0.0:
+                            alloc[i] = share
+                    left = 0
+                    break
+                avail -= give
+            # the stretch: to the segment's end or the first window that finishes
+            tau = end - t if end >= 0 else -1
+            for i in range(m):
+                if not done[i] and alloc[i] > 0.0:
+                    take = <long long>(need[i] * ds[i] / alloc[i] + 0.5)
+                    if take < 1:
+                        take = 1
+                    if tau < 0 or take < tau:
+                        tau = take
+            if tau < 0:  # nobody progresses in an open segment: guarded above
+                tau = 1
+            for i in range(m):
+                if done[i] or alloc[i] <= 0.0:
+                    continue
+                (<_Pieces>rests[i]).add(t, t + tau, alloc[i])
+                need[i] -= <double>tau * alloc[i] / ds[i]
+                if need[i] <= 0.5:
+                    done[i] = 1
+                    ends[i] = t + tau
+                    active -= 1
+            t += tau
+            if end >= 0 and t >= end:
+                j += 1
+    finally:
+        free(need)
+        free(alloc)
+        free(done)
+    return 0
+
+
 cdef int _prof_add(LoadProfile p, _Pieces pieces, double sign=1.0) except -1:
     """Add each ``(start, end, rate)`` of ``pieces`` to the load profile (``sign=-1``: take
     them out of it)."""
@@ -971,6 +1065,8 @@ cdef class SchedHooks:
         cdef _Pieces pieces = _Pieces(), before, after, rest, pcs
         cdef double u
         cdef Py_ssize_t i, j, nsp
+        cdef list stalled = None
+        cdef set stalled_by = None
         if spans is None:
             spans = lk.spans = []
         if lk.prof is None:
@@ -1111,22 +1207,14 @@ cdef class SchedHooks:
                 # What it had left from x on, less the work it did before it stalled, after
                 # this hold and around the load there (_prof_fit: never above capacity).
                 _prof_add(lk.prof, after, -1.0)
-                ov = e - b1 + wj  # (the length of what it had left, less what it did before)
-                if <double>ov < u:
-                    ov = <long long>u + (1 if u > <long long>u else 0)
-                rest = _Pieces()
-                tend = _prof_fit(lk.prof, b1, ov, u / <double>ov, rest)
-                _prof_add(lk.prof, rest)
-                wj = tend - e
-                if wj <= 0:  # nothing to wait for: where it was
-                    _prof_add(lk.prof, rest, -1.0)
-                    _prof_add(lk.prof, after)
-                    continue
-                before.extend(rest)
-                sp.pieces = before
-                sp.end = e + wj
-                wj += self._pw_shift(lk, sp, e, wj)
-                self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
+                if stalled is None:
+                    stalled = []
+                    stalled_by = set()
+                if sp.actor in stalled_by:
+                    self._pw_rest(k, lock, lk, sp, before, after, u, q, wj, b1, None, -1)
+                else:
+                    stalled_by.add(sp.actor)
+                    stalled.append((sp, k, before, after, u, q, wj))
                 continue
             else:
                 ov = (e if e < t1 else t1) - (s if s > t0 else t0)
@@ -1151,6 +1239,8 @@ cdef class SchedHooks:
                 sp.end = e + wj
                 wj += self._pw_shift(lk, sp, e, wj)
                 self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
+        if stalled is not None:
+            self._pw_rests(lock, lk, stalled, b1)
         if n == 1:  # one hold, first come first served: it runs after its wait
             sp = _window(name, t0 + w, t1 + w, h, n, hs, ns, dt, pieces)
         else:
@@ -1177,6 +1267,79 @@ cdef class SchedHooks:
         if w > 0:
             self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
             self._now0 += w  # the running actor's clock: what follows starts after the wait
+        return 0
+
+    cdef int _pw_rests(self, lock, LockState lk, list stalled, long long b1) except -1:
+        """The running windows one single hold (ending at ``b1``) stalled, one per actor, their
+        rests already out of the profile: one is fitted again alone (_pw_rest); several share
+        the capacity the load leaves them from ``b1`` on, max-min fair (_prof_fit_fair), as
+        the kernel's queued lock serves their acquisitions in turn."""
+        cdef Py_ssize_t m = len(stalled), i
+        cdef tuple st
+        cdef _Window sp
+        cdef list rests, ends
+        cdef long long *dts
+        cdef double *ds
+        cdef long long ov, wj
+        cdef double u
+        if m == 1:
+            st = <tuple>stalled[0]
+            return self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
+                                 <double>st[4], <double>st[5], <long long>st[6], b1, None, -1)
+        dts = <long long*>malloc(m * sizeof(long long))
+        ds = <double*>malloc(m * sizeof(double))
+        if dts == NULL or ds == NULL:
+            free(dts)
+            free(ds)
+            raise MemoryError()
+        rests = [_Pieces() for i in range(m)]
+        ends = [0] * m
+        try:
+            for i in range(m):
+                st = <tuple>stalled[i]
+                sp = <_Window>st[0]
+                u = <double>st[4]
+                ov = sp.end - b1 + <long long>st[6]
+                if <double>ov < u:
+                    ov = <long long>u + (1 if u > <long long>u else 0)
+                dts[i] = ov
+                ds[i] = u / <double>ov
+            _prof_fit_fair(lk.prof, b1, m, dts, ds, rests, ends)
+        finally:
+            free(dts)
+            free(ds)
+        for i in range(m):
+            _prof_add(lk.prof, <_Pieces>rests[i])
+        for i in range(m):
+            st = <tuple>stalled[i]
+            self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
+                          <double>st[4], <double>st[5], <long long>st[6], b1, <_Pieces>rests[i], <long long>ends[i])
+        return 0
+
+    cdef int _pw_rest(self, SchedActor k, lock, LockState lk, _Window sp, _Pieces before, _Pieces after,
+                      double u, double q, long long wj, long long b1, _Pieces rest, long long tend) except -1:
+        """A running window ``sp`` of actor ``k`` stalled by a single hold that ends at ``b1``:
+        what it had left (``after``, ``u`` ns of lock use, already out of the profile) is fitted
+        again from ``b1`` around the load there (or was, into ``rest`` ending at ``tend``, and
+        added); its wait, and its later windows moved."""
+        cdef long long e = sp.end, ov
+        if rest is None:
+            ov = e - b1 + wj  # (the length of what it had left, less what it did before)
+            if <double>ov < u:
+                ov = <long long>u + (1 if u > <long long>u else 0)
+            rest = _Pieces()
+            tend = _prof_fit(lk.prof, b1, ov, u / <double>ov, rest)
+            _prof_add(lk.prof, rest)
+        wj = tend - e
+        if wj <= 0:  # nothing to wait for: where it was
+            _prof_add(lk.prof, rest, -1.0)
+            _prof_add(lk.prof, after)
+            return 0
+        before.extend(rest)
+        sp.pieces = before
+        sp.end = e + wj
+        wj += self._pw_shift(lk, sp, e, wj)
+        self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))
         return 0
 
     cdef long long _pw_shift(self, LockState lk, _Window sp, long long after, long long w) except -1:

@@ -103,6 +103,37 @@ def test_a_single_hold_stalls_a_saturating_window() -> None:
     assert r.critical_path_ns == r.locks["cpa_lock"]["hold_ns"] == 2 * ex
 
 
+def test_a_single_hold_stalls_two_windows_alike() -> None:
+    """vCPUs 0 and 1 run the same windows (six prices holding the lock as twelve page holds,
+    six of other work, then a short window, so both are still at work); vCPU 2 takes one long
+    hold (a split, three prices) two prices in. It stalls both running windows, and what they
+    had left is fitted again together after it, sharing the lock's capacity fairly: both wait
+    alike, as two vCPUs queued on the kernel's lock would. (Until 2026-12-06 each was fitted in
+    turn behind the other's load: 6.376 and 4.376 prices of wait for the same work.) The holds
+    fit in the critical path, and the lock's load profile is the sum of its windows'."""
+    vm = pkvm.VM("sw_protected", nr_vcpus=3)
+    tl = Timeline(vm)
+    ex = vm.costs.ns("vmexit")
+
+    def body(windows: list[tuple[int, int, int, int]]) -> None:
+        for gap, a, b, n in windows:
+            if gap:
+                tl.sleep(gap * ex)
+            _window(tl, vm, a, b, n)
+
+    long_then_short = [(0, 6, 6, 12), (0, 1, 1, 2)]
+    tl.spawn("vcpu0", body, long_then_short)
+    tl.spawn("vcpu1", body, long_then_short)
+    tl.spawn("vcpu2", body, [(2, 3, 0, 1)])
+    tl.run()
+    r = tl.result()
+    _check(r, tl, inside=False, finished=True)
+    w0, w1 = r.actors["vcpu0"]["lock_wait_ns"], r.actors["vcpu1"]["lock_wait_ns"]
+    assert w0 == w1 > 3 * ex, (w0, w1, ex)
+    assert r.locks["cpa_lock"]["hold_ns"] == 17 * ex <= r.critical_path_ns
+    _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"], 3)
+
+
 def test_the_batch_size_barely_moves_the_waits() -> None:
     """SNP boot, eager-post, 1 GiB, 8 vCPUs: each vCPU's faults take the RFC direct map's
     cpa_lock once per page. The batch model's waits were 104.6 ms with batches of 64 MiB and

@@ -59,19 +59,18 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
     A batch is the window over which the interleaved model spreads its page-by-page
     acquisitions of ``cpa_lock`` and the S-EPT, and windows that are long against the run are
     settled unfairly (docs/timeline.md, "Choosing the batch"): against the page-by-page
-    reference, 1024 pages put TDX and SNP ``fault-time`` boots with 8 to 32 vCPUs within
-    0.1-4 % of its critical path where 16384 were up to 26 % above (SNP ``eager-post``: 0.4-4 %
-    up to 16 vCPUs; with 32, 12-26 % above it either way, where the lock bounds the boot).
+    reference, 1024 pages put TDX and SNP boots with 8 to 32 vCPUs within 0.1-8 % of its
+    critical path where 16384 were up to 26 % above.
     Sizes in between are not used: with 2048 to 8192 pages a window holds a few 2M splits of
     the direct map, and SNP ``fault-time``'s waits for them came out further from the
     reference than with either. The cost of settling
     a window grows with the number of vCPUs faster than their square, and each batch costs its
     own events besides, so 1024 is taken while the RAM holds at most :data:`AUTO_BATCH_COUNT`
     batches of it (64 GiB) and ``(memory / 4 MiB) * vcpus ** 3`` stays within
-    :data:`AUTO_BATCH_BUDGET`, what 64 GiB with 16 vCPUs makes (8 GiB with 32: about 2.5 s of
+    :data:`AUTO_BATCH_BUDGET`, what 64 GiB with 16 vCPUs makes (8 GiB with 32: about 3 s of
     CPU for an eager SNP policy against 0.4 s or less with 16384). One vCPU has no other vCPU's
     windows to share these locks with, and keeps 16384; nor do more than
-    :data:`AUTO_BATCH_VCPUS`, where 1024 pages put the eager SNP boot's critical path 39 %
+    :data:`AUTO_BATCH_VCPUS`, where 1024 pages put the eager SNP boot's critical path 96 %
     above the reference (1 GiB with 64 vCPUs; 2 % with 16384).
 
     >>> auto_batch_pages(1 << 30, 8), auto_batch_pages(64 << 30, 8), auto_batch_pages(128 << 30, 8)
