@@ -1048,7 +1048,8 @@ cdef class SchedHooks:
         holds is settled here too, if its actor is still at work: owed at its next yield, and
         its window ends later by it. A window of one hold does not go around such a window's
         load: that window stalls at its next acquisition until the hold ends, and what it had
-        left of its use of the lock comes after the hold, around the load there. A wait owed
+        left of its use of the lock comes after the hold, around the load there (the windows of
+        several vCPUs the hold stalls together, sharing the capacity fairly: _pw_rests). A wait owed
         moves everything its actor did after that window (``_pw_shift``).
 
         A wait goes on the running actor's clock (what follows starts after it) and passes on
