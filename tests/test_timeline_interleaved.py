@@ -30,6 +30,27 @@ def _window(tl: Timeline, vm: Any, a: int, b: int, n: int) -> None:
     tl.pw_end()
 
 
+def _run_windows(actors: list[list[tuple[int, int, int, int]]]) -> tuple[Any, Timeline, int]:
+    """vCPU ``i`` runs ``actors[i]``'s windows in turn, each an idle gap of ``gap`` prices, then
+    :func:`_window` ``(a, b, n)``: the run's result (checked), its timeline, and the price."""
+    vm = pkvm.VM("sw_protected", nr_vcpus=len(actors))
+    tl = Timeline(vm)
+    ex = vm.costs.ns("vmexit")
+
+    def body(windows: list[tuple[int, int, int, int]]) -> None:
+        for gap, a, b, n in windows:
+            if gap:
+                tl.sleep(gap * ex)
+            _window(tl, vm, a, b, n)
+
+    for i, windows in enumerate(actors):
+        tl.spawn(f"vcpu{i}", body, windows)
+    tl.run()
+    r = tl.result()
+    _check(r, tl, inside=False, finished=True)
+    return r, tl, ex
+
+
 def _pair(a: int, b: int, n: int, model: str, *, single: bool = False) -> tuple[Any, Timeline, int]:
     """Two vCPUs, each a window of ``a + b`` vmexit prices in which it holds cpa_lock for the
     first ``a`` of them, standing for ``n`` acquisitions (``single``: the second vCPU's as
@@ -111,23 +132,8 @@ def test_a_single_hold_stalls_two_windows_alike() -> None:
     alike, as two vCPUs queued on the kernel's lock would. (Until 2026-12-06 each was fitted in
     turn behind the other's load: 6.376 and 4.376 prices of wait for the same work.) The holds
     fit in the critical path, and the lock's load profile is the sum of its windows'."""
-    vm = pkvm.VM("sw_protected", nr_vcpus=3)
-    tl = Timeline(vm)
-    ex = vm.costs.ns("vmexit")
-
-    def body(windows: list[tuple[int, int, int, int]]) -> None:
-        for gap, a, b, n in windows:
-            if gap:
-                tl.sleep(gap * ex)
-            _window(tl, vm, a, b, n)
-
     long_then_short = [(0, 6, 6, 12), (0, 1, 1, 2)]
-    tl.spawn("vcpu0", body, long_then_short)
-    tl.spawn("vcpu1", body, long_then_short)
-    tl.spawn("vcpu2", body, [(2, 3, 0, 1)])
-    tl.run()
-    r = tl.result()
-    _check(r, tl, inside=False, finished=True)
+    r, tl, ex = _run_windows([long_then_short, long_then_short, [(2, 3, 0, 1)]])
     w0, w1 = r.actors["vcpu0"]["lock_wait_ns"], r.actors["vcpu1"]["lock_wait_ns"]
     assert w0 == w1 > 3 * ex, (w0, w1, ex)
     assert r.locks["cpa_lock"]["hold_ns"] == 17 * ex <= r.critical_path_ns
@@ -247,25 +253,7 @@ def test_interleaved_windows_keep_the_accounting_whole(actors: list[list[tuple[i
     waits, every vCPU's busy time is its own work, and the run is deterministic. (Until
     2026-12-05 a single hold against a window that used the lock at its full rate broke the
     capacity: this test found 1,000 ns of holds in a 750 ns run.)"""
-    def run() -> tuple[Any, Any, int]:
-        vm = pkvm.VM("sw_protected", nr_vcpus=len(actors))
-        tl = Timeline(vm)
-        ex = vm.costs.ns("vmexit")
-
-        def body(windows: list[tuple[int, int, int, int]]) -> None:
-            for gap, a, b, n in windows:
-                if gap:
-                    tl.sleep(gap * ex)
-                _window(tl, vm, a, b, n)
-
-        for i, windows in enumerate(actors):
-            tl.spawn(f"vcpu{i}", body, windows)
-        tl.run()
-        r = tl.result()
-        _check(r, tl, inside=False, finished=True)
-        return r, tl, ex
-
-    r, tl, ex = run()
+    r, tl, ex = _run_windows(actors)
     _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"], len(actors))
     lk = r.locks["cpa_lock"]
     assert lk["hold_ns"] == ex * sum(a for w in actors for _g, a, _b, _n in w)
@@ -274,4 +262,4 @@ def test_interleaved_windows_keep_the_accounting_whole(actors: list[list[tuple[i
     assert lk["wait_ns"] == sum(a["lock_wait_ns"] for a in r.actors.values())
     for i, windows in enumerate(actors):
         assert r.actors[f"vcpu{i}"]["busy_ns"] == ex * sum(a + b for _g, a, b, _n in windows)
-    assert run()[0].to_dict() == r.to_dict()
+    assert _run_windows(actors)[0].to_dict() == r.to_dict()
