@@ -21,6 +21,7 @@ cdef class LoadProfile:
     cdef long long *t
     cdef double *l
     cdef Py_ssize_t n, cap
+    cdef readonly Py_ssize_t dropped  # breakpoints taken out (the past trimmed, segments averaged)
 
     def __dealloc__(self):
         free(self.t)
@@ -66,6 +67,7 @@ cdef class LoadProfile:
         memmove(&self.t[i], &self.t[i + k], (self.n - i - k) * sizeof(long long))
         memmove(&self.l[i], &self.l[i + k], (self.n - i - k) * sizeof(double))
         self.n -= k
+        self.dropped += k
 
 
 @cython.final

@@ -137,7 +137,7 @@ def test_a_single_hold_stalls_two_windows_alike() -> None:
     w0, w1 = r.actors["vcpu0"]["lock_wait_ns"], r.actors["vcpu1"]["lock_wait_ns"]
     assert w0 == w1 > 3 * ex, (w0, w1, ex)
     assert r.locks["cpa_lock"]["hold_ns"] == 17 * ex <= r.critical_path_ns
-    _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"], 3)
+    _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"])
 
 
 def test_the_batch_size_barely_moves_the_waits() -> None:
@@ -215,15 +215,15 @@ def test_one_vcpu_is_the_sum_model_under_either() -> None:
         assert r.critical_path_ns == r.modeled_ns and r.locks["cpa_lock"]["waits"] == 0
 
 
-def _assert_profile_is_the_windows_sum(lock: Any, actors: int) -> None:
+def _assert_profile_is_the_windows_sum(lock: Any) -> None:
     """The lock's load profile (``LockState.prof``, typed arrays) is the sum of the rates at
     which its settled windows (``LockState.spans``) use it, segment by segment: what settling,
     re-fitting a shifted window and taking a window's rest out and back in added and removed
-    adds up. Checked when nothing was trimmed or coarsened yet (both only ever grow until
-    then: the bounds of ``SchedHooks._pw_settle``)."""
+    adds up. Checked while no breakpoint was taken out of it (``LoadProfile.dropped``: the past
+    trimmed or old segments averaged, beyond the bounds of ``SchedHooks._pw_settle``)."""
     times, loads = lock.prof.times, lock.prof.loads
     assert times == sorted(set(times)), times
-    if len(times) > 8 * actors + 32 or len(lock.spans) > 4 * actors + 16:
+    if lock.prof.dropped:
         return
     pieces = [pc for w in lock.spans for pc in w.pieces]
     for s, e, rate in pieces:
@@ -237,7 +237,7 @@ _WINDOW = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(0, 12), s
 
 
 @settings(max_examples=60, deadline=None)
-@given(actors=st.lists(st.lists(_WINDOW, min_size=1, max_size=3), min_size=2, max_size=4))
+@given(actors=st.lists(st.lists(_WINDOW, min_size=1, max_size=3), min_size=2, max_size=6))
 # Cases it found: a single hold against a window using the lock all the time; single holds
 # around another vCPU's window; an owed wait that came in while a spawned vCPU paid its last;
 # one that came in while a vCPU paid another, before its next window.
@@ -247,14 +247,15 @@ _WINDOW = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(0, 12), s
 @example(actors=[[(0, 1, 0, 2), (1, 1, 0, 1)], [(0, 1, 0, 1), (1, 1, 0, 1), (1, 1, 0, 1)]])
 def test_interleaved_windows_keep_the_accounting_whole(actors: list[list[tuple[int, int, int, int]]]) -> None:
     """Any mix of windows (an idle gap, then ``a`` prices holding cpa_lock as ``n``
-    acquisitions, then ``b`` prices of other work) on two to four vCPUs: the lock's hold time
+    acquisitions, then ``b`` prices of other work) on two to six vCPUs (three or more: one
+    single hold can stall several windows, fitted again together): the lock's hold time
     is the holds' sum and fits in the critical path (the lock is never used above its
     capacity), it never counts more waits than acquisitions, its waits are the vCPUs' lock
     waits, every vCPU's busy time is its own work, and the run is deterministic. (Until
     2026-12-05 a single hold against a window that used the lock at its full rate broke the
     capacity: this test found 1,000 ns of holds in a 750 ns run.)"""
     r, tl, ex = _run_windows(actors)
-    _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"], len(actors))
+    _assert_profile_is_the_windows_sum(tl.locks["cpa_lock"])
     lk = r.locks["cpa_lock"]
     assert lk["hold_ns"] == ex * sum(a for w in actors for _g, a, _b, _n in w)
     assert lk["acquisitions"] == sum(n for w in actors for _g, _a, _b, n in w)
