@@ -343,26 +343,36 @@ cdef object _fast_read_add(list fr, s, e):
         fr.insert(lo, [a, b])
     return (e - s) - cov
 
+cdef inline Py_ssize_t _prof_after(LoadProfile p, long long x, Py_ssize_t lo) noexcept:
+    """The index of the profile's first breakpoint after ``x``, searched from ``lo`` on
+    (``p.n``: none; the segment holding ``x`` is the one before it, -1 before the first)."""
+    cdef Py_ssize_t hi = p.n, mid
+    cdef long long *pt = p.t
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if pt[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef Py_ssize_t _prof_split(LoadProfile p, long long x, Py_ssize_t hint=0) except -2:
     """Make ``x`` a breakpoint of the load profile ``p``, the load on each side unchanged; its
     index. ``hint``: an index at or before it, where a few steps forward usually find it
     (the pieces a window is added in come in order, each from the last one's end)."""
-    cdef Py_ssize_t lo = 0, hi = p.n, mid, j
+    cdef Py_ssize_t lo = 0, hi = p.n, j
     cdef long long *pt = p.t
     if 0 < hint < hi and pt[hint - 1] <= x:
         j = hint
         while j < hi and j < hint + 4 and pt[j] <= x:
             j += 1
         if j == hi or pt[j] > x:
-            lo = hi = j  # found: the first breakpoint after x
+            lo = j  # found: the first breakpoint after x
         else:
-            lo = j + 1
-    while lo < hi:  # the first breakpoint after x
-        mid = (lo + hi) >> 1
-        if pt[mid] <= x:
-            lo = mid + 1
-        else:
-            hi = mid
+            lo = _prof_after(p, x, j + 1)
+    else:
+        lo = _prof_after(p, x, 0)
     if lo > 0 and pt[lo - 1] == x:
         return lo - 1
     p._insert(lo, x, p.l[lo - 1] if lo > 0 else 0.0)
@@ -374,18 +384,11 @@ cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _P
     ``d``: where the profile's load leaves it less than ``d``, it goes at the speed the
     rest allows, ``(1 - load) / d``. Its end, and in ``pieces`` the ``(start, end, rate)``
     at which it uses the lock on the way."""
-    cdef Py_ssize_t n = p.n, lo = 0, hi = n, mid, i
+    cdef Py_ssize_t n = p.n, i = _prof_after(p, t0, 0) - 1  # the segment holding t0 (-1: none)
     cdef long long *pt = p.t
     cdef double *pl = p.l
     cdef double need = <double>dt, l, sp, seg, r
     cdef long long t = t0, end, take
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if pt[mid] <= t0:
-            lo = mid + 1
-        else:
-            hi = mid
-    i = lo - 1  # the segment holding t0 (-1: before the first breakpoint, no load)
     while need > 0.5:
         l = pl[i] if i >= 0 else 0.0
         if i + 1 < n:
@@ -424,7 +427,7 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
     is shared max-min fair (each gets its rate, or an equal share of what is left when that is
     less), and a window goes at the speed its share allows. Window ``i``'s pieces go to
     ``rests[i]`` and its end to ``ends[i]``."""
-    cdef Py_ssize_t n = p.n, lo = 0, hi = n, mid, i, j, left, active
+    cdef Py_ssize_t n = p.n, i, j = _prof_after(p, t0, 0) - 1, left, active = 0  # j: t0's segment
     cdef long long *pt = p.t
     cdef double *pl = p.l
     cdef long long t = t0, end, tau, take
@@ -443,17 +446,8 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
             done[i] = need[i] <= 0.5
             if done[i]:
                 ends[i] = t0
-        active = 0
-        for i in range(m):
-            if not done[i]:
-                active += 1
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if pt[mid] <= t0:
-                lo = mid + 1
             else:
-                hi = mid
-        j = lo - 1  # the segment holding t0
+                active += 1
         while active > 0:
             l = pl[j] if j >= 0 else 0.0
             end = pt[j + 1] if j + 1 < n else -1
@@ -623,6 +617,15 @@ cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
         if i + 2 >= p.n:
             i = 0
     return 0
+
+
+cdef inline long long _rest_len(long long e, long long b1, long long wj, double u) noexcept:
+    """The stretch a stalled window's rest (``u`` ns of lock use) is spread over from ``b1``:
+    what it had left until its end ``e`` after the wait ``wj`` it met, and at least ``u``."""
+    cdef long long ov = e - b1 + wj
+    if <double>ov < u:
+        ov = <long long>u + (1 if u > <long long>u else 0)
+    return ov
 
 
 cdef inline double _meet_p(double c, double p, double g) noexcept:
@@ -1302,9 +1305,7 @@ cdef class SchedHooks:
                 st = <tuple>stalled[i]
                 sp = <_Window>st[0]
                 u = <double>st[4]
-                ov = sp.end - b1 + <long long>st[6]
-                if <double>ov < u:
-                    ov = <long long>u + (1 if u > <long long>u else 0)
+                ov = _rest_len(sp.end, b1, <long long>st[6], u)
                 dts[i] = ov
                 ds[i] = u / <double>ov
             _prof_fit_fair(lk.prof, b1, m, dts, ds, rests, ends)
@@ -1327,9 +1328,7 @@ cdef class SchedHooks:
         added); its wait, and its later windows moved."""
         cdef long long e = sp.end, ov
         if rest is None:
-            ov = e - b1 + wj  # (the length of what it had left, less what it did before)
-            if <double>ov < u:
-                ov = <long long>u + (1 if u > <long long>u else 0)
+            ov = _rest_len(e, b1, wj, u)
             rest = _Pieces()
             tend = _prof_fit(lk.prof, b1, ov, u / <double>ov, rest)
             _prof_add(lk.prof, rest)
