@@ -19,6 +19,18 @@ cdef inline bint _pv_fault_ok(r) except -1:
     return ret == "fixed" or ret == "spurious" or ret == "retry"
 
 
+cdef bint _pv_retried(vm, r, uint64_t gfn) except -1:
+    """After a PVALIDATE's #NPF ``r`` at ``gfn``: if it returned ``RET_PF_RETRY`` on a
+    timeline, the vCPU spins, re-faulting while another thread's invalidation covers ``gfn``
+    (``Timeline.retry_fault``, as every other guest access does), and True; else False."""
+    if (<FaultResult?>r).ret != "retry":
+        return False
+    sched = vm._sched
+    if sched is not None:
+        sched.retry_fault(gfn)
+    return True
+
+
 cdef object _pv_fault_stop(r, uint64_t gfn, faults):
     """The result of the PVALIDATE at ``gfn`` whose #NPF is the fault ``r`` (neither fixed,
     spurious nor retried), as ``SnpVcpu._pvalidate`` gives it: the walk faulted the page in
@@ -212,6 +224,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 n, r = _pv_fault(vm, vcpu, gfn, _pv_batch_end(vm, gfn, stop, not validate))
                 faults += n
                 if _pv_fault_ok(r):
+                    _pv_retried(vm, r, gfn)
                     continue
                 return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
             if not v & _F_SPTE_PRIVATE:
@@ -231,6 +244,8 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             faults += n
             if not _pv_fault_ok(r):
                 return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
+            if _pv_retried(vm, r, gfn):
+                continue
             v1 = rangemap_get(sptes, gfn)
             if v1:
                 p1 = <uint64_t>(<int64_t>gfn + _decode_delta(v1))
@@ -238,6 +253,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                         and _pv_find_ne(rmp, p1, 1, None, None, None, None, validate) != -1):  # its 4K retry succeeds
                     n, r = _pv_fault(vm, vcpu, gfn + 1, _pv_batch_end(vm, gfn + 1, e, not validate))
                     faults += n
+                    _pv_retried(vm, r, gfn + 1)
             continue
         if v:
             pfn = <uint64_t>(<int64_t>gfn + _decode_delta(v))

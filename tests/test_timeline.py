@@ -447,6 +447,63 @@ def test_a_batch_stops_before_an_invalidation_opened_during_its_lookup() -> None
     assert tl.result().races["pf_retry"] > 1  # the page at the range's start spun meanwhile
 
 
+@pytest.mark.parametrize("form", ["accept", "one"])
+def test_a_pvalidate_that_meets_an_invalidation_spins_until_it_ends(form: str) -> None:
+    """An SNP guest's PVALIDATE takes a private #NPF inside a range another thread's
+    invalidation keeps open for 20 ms: the fault returns RET_PF_RETRY and the vCPU spins,
+    re-faulting, until the invalidation ends (Timeline.retry_fault, as every other guest access
+    does). The PVALIDATE walk used to re-fault one npf_fault at a time as busy work: 20 ms of
+    13,000 re-faults, each a SimPy event, and no race counted (64 vCPUs of eager SNP boot at
+    12G took 4.9 million of them). ``form``: the guest's accept of a 2M block (the core's
+    PVALIDATE walk) or one 4K PVALIDATE of a page already private (``SnpVcpu.pvalidate``)."""
+    from pkvm.sim import WRITE
+
+    vm = pkvm.VM("snp", nr_vcpus=1)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    g = pkvm.Guest(vm, vmm, vm.create_vcpu())
+    if form == "one":
+        vm.set_memory_attributes(20 * M, 4096, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    tl = Timeline(vm)
+    lo, hi = (20 * M) >> 12, (28 * M) >> 12
+    hold = 20_000_000
+    out: dict[str, object] = {}
+
+    def notifier() -> None:  # an MMU-notifier-style invalidation held open for 20 ms
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_begin()
+        vm._invalidate_range_add(lo, hi)
+        tl.release("mmu_lock", WRITE)
+        tl.sleep(hold)
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_end()
+        tl.release("mmu_lock", WRITE)
+        out["end"] = tl.now_ns
+
+    def vcpu0() -> None:
+        tl.sleep(1_000_000)
+        if form == "accept":
+            out["accept"] = g.accept(20 * M, 2 * M)
+        else:
+            op = g.vcpu.pvalidate(20 * M, 1, True)
+            out["accept"] = op.ret == "done" and op.status == 0
+        out["done"] = tl.now_ns
+
+    tl.spawn("vmm", notifier)
+    tl.spawn("vcpu0", vcpu0)
+    tl.run()
+    vm.check()
+    r = tl.result()
+    assert out["accept"] and out["done"] > out["end"]
+    npf = vm.costs.ns("npf_fault")
+    spun = r.races["pf_retry_ns"]
+    assert hold - 2_000_000 < spun <= hold
+    assert r.actors["vcpu0"]["spin_ns"] >= spun
+    assert r.actors["vcpu0"]["busy_ns"] < hold // 4  # not 13,000 re-faults of busy work
+    # the spin's re-faults are still counted, one per npf_fault of its length, after the first
+    assert vm.stats["pf_retry"] == r.races["pf_retry"] == 1 + spun // npf
+
+
 def _psc_pvalidate_order(contended: bool) -> list[str]:
     """The order of vCPU0's page-state-change exits ("P") and PVALIDATE runs ("V") while it
     converts 3 requests' worth of 4K pages (3 x 64 entries, unaligned so every entry is 4K) to

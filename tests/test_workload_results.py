@@ -27,10 +27,10 @@ from pkvm import experiments as E
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
-    ('snp', 'fault-time', 3, 'balloon', ()): '20bd69e72c7300d7',
+    ('snp', 'fault-time', 3, 'balloon', ()): 'da6f6f8349ee91be',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'cf799d163ed96fcd',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '648bc9a74ae4cd6f',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '9730c537b6bb120a',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '2b19e466df45f0fc',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '1f804c49145ef46e',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'aa86053b9ca10054',

@@ -323,11 +323,18 @@ class SnpVcpu(Vcpu):
         if level == PG_LEVEL_2M and gfn & (RMP_PAGES_2M - 1):
             return self._pval_done(level, PVALIDATE_FAIL_INPUT, faults)
         sptes = vm._mmu.sptes
-        for _ in range(RETRY_LIMIT):
+        attempts = 0
+        while attempts < RETRY_LIMIT:
+            attempts += 1
             v = sptes.get(gfn)
             if not v or not v & SPTE_PRIVATE:
                 n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
                 faults += n
+                if r.ret == "retry" and vm._sched is not None:
+                    # another thread's invalidation: re-fault after it (a spin), not counted
+                    vm._sched.retry_fault(gfn)
+                    attempts -= 1
+                    continue
                 if r.ret in ("fixed", "spurious", "retry"):
                     continue
                 if r.ret == "exit":
