@@ -192,3 +192,46 @@ def test_snp_private_pre_fault_on_a_memslot_being_deleted_is_eagain():
     assert e.value.errno == errno.EAGAIN and vm.rmp.ranges() == rmp
     after = snapshot(vm)
     assert after[:5] == before[:5] and after[5] - before[5] == vm.costs.ns("pre_fault_page")
+
+
+def test_pre_fault_on_the_timeline_waits_out_another_threads_invalidation():
+    """kvm_tdp_map_page (arch/x86/kvm/mmu/mmu.c) retries RET_PF_RETRY until the fault goes
+    through or a signal comes: while another thread's invalidation covers the page the
+    ioctl loops, and it maps the page once that ends. On the timeline the loop is a spin
+    (Timeline.retry_fault): the call succeeds after the invalidation, and its retries count
+    no pf_taken or pf_retry (prefetch faults are not counted, kvm_mmu_do_page_fault). It
+    used to give up after RETRY_LIMIT attempts within a few µs and fail with EINTR, though no
+    signal ever came."""
+    from pkvm.sim import WRITE, Timeline
+
+    vm, _gmem, vcpu = gmem_vm(policy="6.19")
+    vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
+    tl = Timeline(vm)
+    hold = 5_000_000
+    out = {}
+
+    def notifier():  # an MMU-notifier-style invalidation of the first 2M, held open for 5 ms
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_begin()
+        vm._invalidate_range_add(0, 512)
+        tl.release("mmu_lock", WRITE)
+        tl.sleep(hold)
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_end()
+        tl.release("mmu_lock", WRITE)
+        out["end"] = tl.now_ns
+
+    def prefault():
+        tl.sleep(1_000)
+        out["mapped"] = vcpu.pre_fault_memory(0, 0x1000)
+        out["done"] = tl.now_ns
+
+    tl.spawn("vmm", notifier)
+    tl.spawn("vcpu0", prefault)
+    tl.run()
+    vm.check()
+    r = tl.result()
+    assert out["mapped"] == 0x1000 and out["done"] >= out["end"]
+    assert vm.mmu.sptes.get(0)
+    assert vm.stats["pf_taken"] == 0 and vm.stats["pf_retry"] == 0
+    assert hold - 10_000 < r.races["pf_retry_ns"] <= hold

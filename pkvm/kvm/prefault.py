@@ -88,10 +88,14 @@ def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
         limit = min(end, a_end)
         if alias and limit > alias:
             limit = max(gfn + 1, min(limit, (gfn | (alias - 1)) + 1))
-        for _attempt in range(RETRY_LIMIT):  # kvm_tdp_map_page: RET_PF_RETRY until a signal
+        attempts = 0
+        while attempts < RETRY_LIMIT:  # kvm_tdp_map_page: RET_PF_RETRY until a signal
+            attempts += 1
             f, r = run_fault(vcpu, gfn, limit, private, False, prefetch=True)
             if r.ret != "retry":
                 break
+            if vm._sched is not None and vm._sched.retry_fault(gfn, prefetch=True):
+                attempts -= 1  # another thread's invalidation, waited out on the timeline
         else:
             err = errno.EINTR
             break

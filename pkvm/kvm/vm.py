@@ -1278,9 +1278,8 @@ class Vcpu:
                     continue
             n, r = self._fault(gfn, gfn + 1 if v else min(e, end), private, write)
             faults += n
-            if r.ret == "retry" and self.vm._sched is not None:  # re-fault while the invalidation lasts
-                self.vm._sched.retry_fault(gfn)
-                continue
+            if r.ret == "retry" and self.vm._sched is not None and self.vm._sched.retry_fault(gfn):
+                continue  # re-faulted once the invalidation ended
             if r.ret in ("fixed", "spurious", "retry"):
                 # The hardware re-executes the access; in the synchronous API nothing else can
                 # change what it meets, so a gfn that keeps faulting is a loop (RETRY_LIMIT).

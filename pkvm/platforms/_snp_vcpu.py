@@ -330,9 +330,8 @@ class SnpVcpu(Vcpu):
             if not v or not v & SPTE_PRIVATE:
                 n, r = Vcpu._fault(self, gfn, gfn + 1, True, False)
                 faults += n
-                if r.ret == "retry" and vm._sched is not None:
-                    # another thread's invalidation: re-fault after it (a spin), not counted
-                    vm._sched.retry_fault(gfn)
+                if r.ret == "retry" and vm._sched is not None and vm._sched.retry_fault(gfn):
+                    # another thread's invalidation: re-faulted after it (a spin), not counted
                     attempts -= 1
                     continue
                 if r.ret in ("fixed", "spurious", "retry"):

@@ -302,9 +302,8 @@ class TdxVcpu(Vcpu):
             finally:
                 td._accept_level = 0
             faults += n
-            if r.ret == "retry" and vm._sched is not None:
-                # another thread's invalidation: fault again after it, not counted
-                vm._sched.retry_fault(gfn)
+            if r.ret == "retry" and vm._sched is not None and vm._sched.retry_fault(gfn):
+                # another thread's invalidation: faulted again after it, not counted
                 attempts -= 1
                 continue
             if r.ret in ("fixed", "spurious", "retry"):

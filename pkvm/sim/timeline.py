@@ -543,15 +543,18 @@ class Timeline(SchedHooks):
         self.races[race + "_ns"] = self.races.get(race + "_ns", 0) + waited
         return True
 
-    def retry_fault(self, gfn: int) -> None:
+    def retry_fault(self, gfn: int, prefetch: bool = False) -> bool:
         """RET_PF_RETRY on ``gfn``: the vCPU re-enters the guest and faults again, spinning
         while an invalidation covering ``gfn`` is in progress (``mmu_invalidate_retry_gfn``);
-        the spin's re-faults are counted, its time is a stall."""
+        the spin's re-faults are counted, its time is a stall. ``prefetch``: the retry loop of
+        ``KVM_PRE_FAULT_MEMORY`` (``kvm_tdp_map_page``), whose faults count no ``pf_taken``
+        or ``pf_retry``. True if it spun: the caller's next attempt is not one of a loop that
+        cannot end (a retry no invalidation explains, as on a memslot being deleted, is)."""
         a = self._current
         vm = self.vm
         self.races["pf_retry"] += 1
         if a is None or not self.contended():
-            return
+            return False
         s0 = a.spin
         while vm.mmu_invalidate_in_progress and vm._range_start <= gfn < vm._range_end:
             if self._changed is None:
@@ -563,9 +566,11 @@ class Timeline(SchedHooks):
         spins = waited // self._npf_ns
         self.races["pf_retry"] += spins
         self.races["pf_retry_ns"] += waited
-        st = vm._stats
-        st["pf_retry"] += spins
-        st["pf_taken"] += spins
+        if not prefetch:
+            st = vm._stats
+            st["pf_retry"] += spins
+            st["pf_taken"] += spins
+        return bool(waited > 0)
 
     # -- internals -----------------------------------------------------------------------------
 
