@@ -504,6 +504,30 @@ def test_a_pvalidate_that_meets_an_invalidation_spins_until_it_ends(form: str) -
     assert vm.stats["pf_retry"] == r.races["pf_retry"] == 1 + spun // npf
 
 
+def test_a_retry_nobody_can_end_stops_at_the_retry_limit_on_the_timeline() -> None:
+    """An actor alone on the timeline touches a page of an invalidation it left open itself
+    (a phased ioctl stopped mid-way): no other thread can end it, so the fault's retries are
+    a loop, and the access stops after RETRY_LIMIT of them as it does without a timeline.
+    It used to re-fault without end (the retry spin returned at once, and its retry was not
+    counted)."""
+    vm = pkvm.VM("sw_protected", nr_vcpus=1)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    g = pkvm.Guest(vm, vmm, vm.create_vcpu())
+    tl = Timeline(vm)
+    out: dict[str, pkvm.AccessResult] = {}
+
+    def alone() -> None:
+        vm._invalidate_begin()
+        vm._invalidate_range_add(0, 512)
+        out["r"] = g.vcpu.access(0, private=False, write=True)
+
+    tl.spawn("vcpu0", alone)
+    tl.run()
+    r = out["r"]
+    assert (r.ret, r.pages_done, r.retries, r.loop) == ("retry", 0, pkvm.constants.RETRY_LIMIT, "RET_PF_RETRY")
+
+
 def _psc_pvalidate_order(contended: bool) -> list[str]:
     """The order of vCPU0's page-state-change exits ("P") and PVALIDATE runs ("V") while it
     converts 3 requests' worth of 4K pages (3 x 64 entries, unaligned so every entry is 4K) to
