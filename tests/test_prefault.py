@@ -6,7 +6,7 @@ import errno
 
 import pytest
 from tdxhelpers import td
-from vmhelpers import GMEM, PRIVATE, UADDR, MiB, gmem_vm, snapshot
+from vmhelpers import GMEM, PRIVATE, UADDR, MiB, beside_invalidation, gmem_vm, snapshot
 
 import pkvm
 
@@ -202,36 +202,12 @@ def test_pre_fault_on_the_timeline_waits_out_another_threads_invalidation():
     no pf_taken or pf_retry (prefetch faults are not counted, kvm_mmu_do_page_fault). It
     used to give up after RETRY_LIMIT attempts within a few µs and fail with EINTR, though no
     signal ever came."""
-    from pkvm.sim import WRITE, Timeline
-
     vm, _gmem, vcpu = gmem_vm(policy="6.19")
     vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
-    tl = Timeline(vm)
     hold = 5_000_000
-    out = {}
-
-    def notifier():  # an MMU-notifier-style invalidation of the first 2M, held open for 5 ms
-        tl.acquire("mmu_lock", WRITE)
-        vm._invalidate_begin()
-        vm._invalidate_range_add(0, 512)
-        tl.release("mmu_lock", WRITE)
-        tl.sleep(hold)
-        tl.acquire("mmu_lock", WRITE)
-        vm._invalidate_end()
-        tl.release("mmu_lock", WRITE)
-        out["end"] = tl.now_ns
-
-    def prefault():
-        tl.sleep(1_000)
-        out["mapped"] = vcpu.pre_fault_memory(0, 0x1000)
-        out["done"] = tl.now_ns
-
-    tl.spawn("vmm", notifier)
-    tl.spawn("vcpu0", prefault)
-    tl.run()
-    vm.check()
-    r = tl.result()
-    assert out["mapped"] == 0x1000 and out["done"] >= out["end"]
+    mapped, done, end, r = beside_invalidation(vm, 0, 512, hold, 1_000,
+                                               lambda: vcpu.pre_fault_memory(0, 0x1000))
+    assert mapped == 0x1000 and done >= end
     assert vm.mmu.sptes.get(0)
     assert vm.stats["pf_taken"] == 0 and vm.stats["pf_retry"] == 0
     assert hold - 10_000 < r.races["pf_retry_ns"] <= hold

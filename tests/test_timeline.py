@@ -13,6 +13,7 @@ import pkvm
 from pkvm import experiments
 from pkvm.experiments import workloads
 from pkvm.sim import Timeline
+from vmhelpers import beside_invalidation
 
 M = 1 << 20
 
@@ -456,45 +457,22 @@ def test_a_pvalidate_that_meets_an_invalidation_spins_until_it_ends(form: str) -
     13,000 re-faults, each a SimPy event, and no race counted (64 vCPUs of eager SNP boot at
     12G took 4.9 million of them). ``form``: the guest's accept of a 2M block (the core's
     PVALIDATE walk) or one 4K PVALIDATE of a page already private (``SnpVcpu.pvalidate``)."""
-    from pkvm.sim import WRITE
-
     vm = pkvm.VM("snp", nr_vcpus=1)
     vmm = pkvm.Vmm(vm)
     vmm.add_ram(0, 64 * M)
     g = pkvm.Guest(vm, vmm, vm.create_vcpu())
     if form == "one":
         vm.set_memory_attributes(20 * M, 4096, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    tl = Timeline(vm)
-    lo, hi = (20 * M) >> 12, (28 * M) >> 12
     hold = 20_000_000
-    out: dict[str, object] = {}
 
-    def notifier() -> None:  # an MMU-notifier-style invalidation held open for 20 ms
-        tl.acquire("mmu_lock", WRITE)
-        vm._invalidate_begin()
-        vm._invalidate_range_add(lo, hi)
-        tl.release("mmu_lock", WRITE)
-        tl.sleep(hold)
-        tl.acquire("mmu_lock", WRITE)
-        vm._invalidate_end()
-        tl.release("mmu_lock", WRITE)
-        out["end"] = tl.now_ns
-
-    def vcpu0() -> None:
-        tl.sleep(1_000_000)
+    def pvalidate() -> bool:
         if form == "accept":
-            out["accept"] = g.accept(20 * M, 2 * M)
-        else:
-            op = g.vcpu.pvalidate(20 * M, 1, True)
-            out["accept"] = op.ret == "done" and op.status == 0
-        out["done"] = tl.now_ns
+            return bool(g.accept(20 * M, 2 * M))
+        op = g.vcpu.pvalidate(20 * M, 1, True)
+        return op.ret == "done" and op.status == 0
 
-    tl.spawn("vmm", notifier)
-    tl.spawn("vcpu0", vcpu0)
-    tl.run()
-    vm.check()
-    r = tl.result()
-    assert out["accept"] and out["done"] > out["end"]
+    ok, done, end, r = beside_invalidation(vm, (20 * M) >> 12, (28 * M) >> 12, hold, 1_000_000, pvalidate)
+    assert ok and done > end
     npf = vm.costs.ns("npf_fault")
     spun = r.races["pf_retry_ns"]
     assert hold - 2_000_000 < spun <= hold

@@ -51,3 +51,37 @@ def assert_core_constants(pxi: str, expect: dict[str, bool]) -> None:
     for line, agrees in expect.items():
         assert line in text, f"{pxi} lacks {line!r}"
         assert agrees, f"{pxi}: {line!r} disagrees with the kernel's constant"
+
+
+def beside_invalidation(vm, lo, hi, hold_ns, delay_ns, body):
+    """Run ``body()`` as the timeline's ``vcpu0``, ``delay_ns`` in, while its ``vmm`` holds an
+    MMU-notifier-style invalidation of gfns ``[lo, hi)`` open for ``hold_ns`` (begun and ended
+    under ``mmu_lock`` for write, as kvm_mmu_notifier_invalidate_range_start / _end do).
+    Returns ``(body's value, when it returned, when the invalidation ended, the result)``, times
+    in ns since the timeline's start; checks the VM's invariants after the run."""
+    from pkvm.sim import WRITE, Timeline
+
+    tl = Timeline(vm)
+    out = {}
+
+    def notifier():
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_begin()
+        vm._invalidate_range_add(lo, hi)
+        tl.release("mmu_lock", WRITE)
+        tl.sleep(hold_ns)
+        tl.acquire("mmu_lock", WRITE)
+        vm._invalidate_end()
+        tl.release("mmu_lock", WRITE)
+        out["end"] = tl.now_ns
+
+    def vcpu():
+        tl.sleep(delay_ns)
+        out["value"] = body()
+        out["done"] = tl.now_ns
+
+    tl.spawn("vmm", notifier)
+    tl.spawn("vcpu0", vcpu)
+    tl.run()
+    vm.check()
+    return out["value"], out["done"], out["end"], tl.result()
