@@ -19,16 +19,35 @@ cdef inline bint _pv_fault_ok(r) except -1:
     return ret == "fixed" or ret == "spurious" or ret == "retry"
 
 
-cdef bint _pv_retried(vm, r, uint64_t gfn) except -1:
-    """After a PVALIDATE's #NPF ``r`` at ``gfn``: if it returned ``RET_PF_RETRY`` on a
-    timeline, the vCPU spins, re-faulting while another thread's invalidation covers ``gfn``
-    (``Timeline.retry_fault``, as every other guest access does), and True; else False."""
+cdef int _PV_RETRY_LIMIT = 64  # pkvm.constants.RETRY_LIMIT (tests/test_retry_bounds.py)
+
+
+cdef int _pv_retried(vm, r, uint64_t gfn) except -1:
+    """After a PVALIDATE's #NPF ``r`` at ``gfn``: 0 if it did not return ``RET_PF_RETRY``; 1 if
+    it did and, on a timeline, the vCPU spun until another thread's invalidation covering
+    ``gfn`` ended (``Timeline.retry_fault``, as every other guest access does); 2 if nothing
+    it could wait for explains the retry (no timeline, or no other thread to end it), so
+    that re-faulting may never end (:func:`_pv_stuck`)."""
     if (<FaultResult?>r).ret != "retry":
-        return False
+        return 0
     sched = vm._sched
-    if sched is not None:
-        sched.retry_fault(gfn)
-    return True
+    if sched is not None and sched.retry_fault(gfn):
+        return 1
+    return 2
+
+
+cdef object _pv_stuck(vcpu, uint64_t gfn, int *stuck, uint64_t *stuck_gfn, faults):
+    """A retry at ``gfn`` that nothing it could wait for explains (:func:`_pv_retried` 2):
+    counted with the ones before it at the same gfn; after ``RETRY_LIMIT`` of them in a row
+    the walk stops as one PVALIDATE would (``SnpVcpu._pvalidate``: ``rmp_loop``), else None."""
+    if gfn != stuck_gfn[0]:
+        stuck_gfn[0] = gfn
+        stuck[0] = 0
+    stuck[0] += 1
+    if stuck[0] < _PV_RETRY_LIMIT:
+        return None
+    return vcpu._stopped(GuestOpResult("rmp_loop", None, gfn << 12, None, None, None, None, faults,
+                                       _PV_RETRY_LIMIT, "PVALIDATE #NPF refault"), gfn)
 
 
 cdef object _pv_fault_stop(r, uint64_t gfn, faults):
@@ -206,6 +225,8 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
     cdef Run run
     cdef uint64_t e, v, pfn = 0, p1, v1, nxt, stop, k, n2
     cdef bint big
+    cdef int stuck = 0, retried
+    cdef uint64_t stuck_gfn = <uint64_t>-1
     faults = 0
     while gfn < end:
         rangemap_run_at(sptes, gfn, &run)
@@ -224,7 +245,10 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 n, r = _pv_fault(vm, vcpu, gfn, _pv_batch_end(vm, gfn, stop, not validate))
                 faults += n
                 if _pv_fault_ok(r):
-                    _pv_retried(vm, r, gfn)
+                    if _pv_retried(vm, r, gfn) == 2:
+                        halt = _pv_stuck(vcpu, gfn, &stuck, &stuck_gfn, faults)
+                        if halt is not None:
+                            return halt
                     continue
                 return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
             if not v & _F_SPTE_PRIVATE:
@@ -244,7 +268,12 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             faults += n
             if not _pv_fault_ok(r):
                 return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
-            if _pv_retried(vm, r, gfn):
+            retried = _pv_retried(vm, r, gfn)
+            if retried:
+                if retried == 2:
+                    halt = _pv_stuck(vcpu, gfn, &stuck, &stuck_gfn, faults)
+                    if halt is not None:
+                        return halt
                 continue
             v1 = rangemap_get(sptes, gfn)
             if v1:
@@ -253,7 +282,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                         and _pv_find_ne(rmp, p1, 1, None, None, None, None, validate) != -1):  # its 4K retry succeeds
                     n, r = _pv_fault(vm, vcpu, gfn + 1, _pv_batch_end(vm, gfn + 1, e, not validate))
                     faults += n
-                    _pv_retried(vm, r, gfn + 1)
+                    _pv_retried(vm, r, gfn + 1)  # (the next pass faults gfn + 1 again, counted there)
             continue
         if v:
             pfn = <uint64_t>(<int64_t>gfn + _decode_delta(v))

@@ -99,3 +99,33 @@ def test_tdx_init_mem_region_busy_walk_is_bounded():
     # Only the counters of the busy SEAMCALLs moved; the S-EPT, the MMU and the folios did not.
     assert after[1:] == before[1:] and after[0][:2] == before[0][:2]
     vm.check()
+
+
+def test_the_core_pvalidate_walk_has_the_same_bound():
+    """pkvm/_snp_guest.pxi repeats RETRY_LIMIT for the PVALIDATE walk (C code cannot import it)."""
+    from vmhelpers import assert_core_constants
+
+    assert_core_constants("_snp_guest.pxi", {"_PV_RETRY_LIMIT = 64  # pkvm.constants.RETRY_LIMIT": RETRY_LIMIT == 64})
+
+
+@pytest.mark.parametrize("form", ["range", "one"])
+def test_pvalidate_under_an_invalidation_left_open_stops_with_rmp_loop(form):
+    """A PVALIDATE whose #NPF meets an invalidation nobody will end (one begun and left open,
+    as a phased ioctl stopped mid-way leaves it) retries (RET_PF_RETRY) without end in the
+    kernel; in the synchronous API it stops after RETRY_LIMIT attempts, the range walk of the
+    core as the single instruction does. The range walk used to re-fault forever."""
+    vm = pkvm.VM("snp", nr_vcpus=1)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 << 20)
+    vcpu = vm.create_vcpu()
+    gpa = 20 << 20
+    vm.set_memory_attributes(gpa, 2 << 20, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm._invalidate_begin()
+    vm._invalidate_range_add(gpa >> 12, (gpa >> 12) + 512)
+    if form == "range":
+        r = vcpu.pvalidate_range(gpa, 2 << 20, True)
+    else:
+        r = vcpu.pvalidate(gpa, PG_LEVEL_4K, True)
+    assert (r.ret, r.value, r.retries, r.loop) == ("rmp_loop", gpa, RETRY_LIMIT, "PVALIDATE #NPF refault")
+    assert r.faults == RETRY_LIMIT
+    assert vm.stats["pf_retry"] == RETRY_LIMIT and vm.stats["pvalidate"] == 0
