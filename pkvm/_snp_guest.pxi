@@ -269,11 +269,11 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             if not _pv_fault_ok(r):
                 return vcpu._stopped(_pv_fault_stop(r, gfn, faults), gfn)
             retried = _pv_retried(vm, r, gfn)
+            if retried == 2:
+                halt = _pv_stuck(vcpu, gfn, &stuck, &stuck_gfn, faults)
+                if halt is not None:
+                    return halt
             if retried:
-                if retried == 2:
-                    halt = _pv_stuck(vcpu, gfn, &stuck, &stuck_gfn, faults)
-                    if halt is not None:
-                        return halt
                 continue
             v1 = rangemap_get(sptes, gfn)
             if v1:
