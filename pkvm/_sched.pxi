@@ -603,19 +603,39 @@ cdef double _pieces_use(_Pieces pieces, long long a, long long b) except? -1.0:
 
 cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
     """Average neighbouring segments of a load profile, oldest first, until at most ``keep``
-    breakpoints remain (the last, open-ended segment stays as it is)."""
-    cdef Py_ssize_t i = 0
+    breakpoints remain (the last, open-ended segment stays as it is).
+
+    A pass merges the segments in pairs, ``[t0, t2)`` from ``[t0, t1)`` and ``[t1, t2)``, then
+    ``[t2, t4)``, ..., each at their time-weighted average load, and stops when ``keep`` is
+    reached; while too many remain, the next pass starts again from the oldest. Each pass
+    compacts the arrays in place (one read and one write index), so it costs its length, not
+    a move of the whole profile per breakpoint dropped."""
+    cdef Py_ssize_t r, w, n0, m
     cdef long long a, b, c
-    while p.n > keep and i + 2 < p.n:
-        a = p.t[i]
-        b = p.t[i + 1]
-        c = p.t[i + 2]
-        if c > a:
-            p.l[i] = (p.l[i] * (b - a) + p.l[i + 1] * (c - b)) / (c - a)
-        p._remove(i + 1, 1)
-        i += 1
-        if i + 2 >= p.n:
-            i = 0
+    cdef double v
+    cdef long long *pt = p.t
+    cdef double *pl = p.l
+    while p.n > keep and 2 < p.n:
+        n0 = p.n
+        r = 0
+        w = 0
+        # the profile is out[0:w] then in[r:n0]; its length is w + n0 - r
+        while w + n0 - r > keep and r + 2 < n0:
+            a = pt[r]
+            b = pt[r + 1]
+            c = pt[r + 2]
+            v = pl[r]
+            if c > a:
+                v = (pl[r] * (b - a) + pl[r + 1] * (c - b)) / (c - a)
+            pt[w] = a
+            pl[w] = v
+            w += 1
+            r += 2
+        m = n0 - r
+        memmove(&pt[w], &pt[r], m * sizeof(long long))
+        memmove(&pl[w], &pl[r], m * sizeof(double))
+        p.n = w + m
+        p.dropped += r - w
     return 0
 
 
