@@ -383,6 +383,8 @@ class LockState:
     interleaved: bool
     spans: list[Any] | None
     prof: LoadProfile | None
+    trim_spans: int
+    trim_prof: int
 
 @final
 class LoadProfile:
@@ -390,6 +392,11 @@ class LoadProfile:
 
     @property
     def dropped(self) -> int: ...
+    @property
+    def averaged(self) -> int: ...
+    @staticmethod
+    def from_segments(times: Iterable[int], loads: Iterable[float]) -> LoadProfile: ...
+    def coarsen(self, keep: int) -> None: ...
     def __len__(self) -> int: ...
     @property
     def times(self) -> list[int]: ...

@@ -22,6 +22,7 @@ cdef class LoadProfile:
     cdef double *l
     cdef Py_ssize_t n, cap
     cdef readonly Py_ssize_t dropped  # breakpoints taken out (the past trimmed, segments averaged)
+    cdef readonly Py_ssize_t averaged  # of those, the ones averaged away (_prof_coarsen: lossy)
 
     def __dealloc__(self):
         free(self.t)
@@ -39,6 +40,29 @@ cdef class LoadProfile:
     def loads(self):
         """The load from each breakpoint on, as a share of the lock's capacity (a copy)."""
         return [self.l[i] for i in range(self.n)]
+
+    @staticmethod
+    def from_segments(times, loads):
+        """A profile with ``loads[i]`` from ``times[i]`` on (strictly increasing ints; for
+        tests and inspection: the timeline builds its own)."""
+        cdef LoadProfile p = LoadProfile()
+        cdef Py_ssize_t i
+        times = list(times)
+        loads = [float(v) for v in loads]
+        if len(times) != len(loads):
+            raise ValueError(f"times and loads differ in length: {len(times)} and {len(loads)}")
+        for i in range(len(times)):
+            if i and times[i] <= times[i - 1]:
+                raise ValueError(f"times must increase strictly; {times[i]} follows {times[i - 1]}")
+            p._insert(i, times[i], loads[i])
+        return p
+
+    def coarsen(self, Py_ssize_t keep):
+        """Average neighbouring segments, oldest first, until at most ``keep`` breakpoints
+        remain (what the timeline does past its bound; ``_prof_coarsen``)."""
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        _prof_coarsen(self, keep)
 
     cdef int _insert(self, Py_ssize_t i, long long x, double v) except -1:
         cdef long long *nt
@@ -94,10 +118,17 @@ cdef class _Pieces:
         return iter([(self.s[i], self.e[i], self.r[i]) for i in range(self.n)])
 
     cdef int add(self, long long s, long long e, double r) except -1:
+        """Append the piece ``[s, e)`` at rate ``r``; one that continues the last piece at the
+        same rate (``s`` its end, ``r`` its rate) extends it instead: the same use of the lock,
+        in one piece (a window fitted across many stretches of the load profile at the rate it
+        wants would otherwise keep a piece per stretch)."""
         cdef long long *ns
         cdef long long *ne
         cdef double *nr
         cdef Py_ssize_t cap
+        if self.n and self.e[self.n - 1] == s and self.r[self.n - 1] == r and e >= s:
+            self.e[self.n - 1] = e
+            return 0
         if self.n == self.cap:
             cap = self.cap * 2 if self.cap else 8
             ns = <long long*>realloc(self.s, cap * sizeof(long long))
@@ -197,6 +228,10 @@ cdef class LockState:
     # ... and the lock's load profile, the rate at which the settled windows use it
     # (LoadProfile; SchedHooks._pw_settle, _prof_fit, _prof_add). None on the other locks.
     cdef public LoadProfile prof
+    # When to try trimming them again (SchedHooks._pw_settle): the windows kept, the profile's
+    # breakpoints; raised to twice what a trim left, so a trim that finds nothing to drop is
+    # not repeated at every window.
+    cdef public Py_ssize_t trim_spans, trim_prof
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -342,6 +377,13 @@ cdef object _fast_read_add(list fr, s, e):
     else:
         fr.insert(lo, [a, b])
     return (e - s) - cov
+
+# How many settled windows (breakpoints of the load profile) an interleaved lock keeps, plus
+# 64 (256) per actor, before its oldest are coarsened (SchedHooks._pw_settle; "Bookkeeping" in
+# docs/timeline.md). Trimming the past is exact and comes first; coarsening is lossy.
+cdef Py_ssize_t _SPANS_MAX = 64
+cdef Py_ssize_t _PROF_MAX = 1 << 18
+
 
 cdef inline Py_ssize_t _prof_after(LoadProfile p, long long x, Py_ssize_t lo) noexcept:
     """The index of the profile's first breakpoint after ``x``, searched from ``lo`` on
@@ -636,6 +678,7 @@ cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
         memmove(&pl[w], &pl[r], m * sizeof(double))
         p.n = w + m
         p.dropped += r - w
+        p.averaged += r - w
     return 0
 
 
@@ -1272,7 +1315,8 @@ cdef class SchedHooks:
         else:
             sp = _window(name, t0, t1 + w, h, n, hs, ns, dt, pieces)
         spans.append(sp)
-        if len(spans) > 4 * len(self._actors) + 16 or lk.prof.n > 8 * len(self._actors) + 32:
+        nsp = len(self._actors)
+        if len(spans) > max(lk.trim_spans, 4 * nsp + 16) or lk.prof.n > max(lk.trim_prof, 8 * nsp + 32):
             # No window to come starts before SimPy's clock or an open window's start.
             horizon = int(self.env.now - self._t0)
             for k in self._actors.values():
@@ -1282,14 +1326,22 @@ cdef class SchedHooks:
             i = _prof_split(lk.prof, horizon)
             if i > 0:
                 lk.prof._remove(0, i)
-            # An actor alone runs ahead of SimPy's clock, which then does not move: nothing
-            # is old enough to drop, and the lists would grow by a window each. The oldest
-            # entries are coarsened instead (a window's neighbours of the same actor merged,
-            # a profile's neighbouring segments averaged), which bounds them.
-            if len(lk.spans) > 8 * len(self._actors) + 64:
-                _spans_coarsen(lk.spans, 4 * len(self._actors) + 32)
-            if lk.prof.n > 16 * len(self._actors) + 128:
-                _prof_coarsen(lk.prof, 8 * len(self._actors) + 64)
+            # Next time when the lists have doubled (or passed the per-actor floor): while
+            # nothing is old enough to drop (a window held open, an actor alone ahead of
+            # SimPy's clock) trimming at every window would cost the lists' length each.
+            lk.trim_spans = 2 * len(lk.spans)
+            lk.trim_prof = 2 * lk.prof.n
+        # An actor alone runs ahead of SimPy's clock, which then does not move: nothing is
+        # old enough to drop, and the lists would grow by a window each. Past these bounds the
+        # oldest entries are coarsened instead (a window's neighbours of the same actor
+        # merged, a profile's neighbouring segments averaged). Coarsening is lossy (an average
+        # hides where the lock was saturated), so the bounds are far above what a many-vCPU
+        # run keeps while a window stays open (64 vCPUs, 256 GiB: 1,143 windows and 139,425
+        # breakpoints at most; docs/timeline.md, "Bookkeeping").
+        if len(lk.spans) > _SPANS_MAX + 64 * nsp:
+            _spans_coarsen(lk.spans, (_SPANS_MAX + 64 * nsp) // 2)
+        if lk.prof.n > _PROF_MAX + 256 * nsp:
+            _prof_coarsen(lk.prof, (_PROF_MAX + 256 * nsp) // 2)
         if w > 0:
             self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
             self._now0 += w  # the running actor's clock: what follows starts after the wait
