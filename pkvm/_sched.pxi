@@ -1899,6 +1899,55 @@ cdef class SchedHooks:
     def _resume(self, SchedActor a):
         self._resume_c(a)
 
+    def _pay_lock_debt(self, SchedActor a, rec):
+        """``a`` waits out what it owes for interleaved pagewise locks (_pw_settle): on its
+        clock already when it settled its own window; owed for another's, its code goes on
+        after it (and after any owed while this one passes). A SimPy generator (_drive)."""
+        cdef long long debt = a.lock_debt
+        cdef list owed
+        env = self.env
+        while debt:
+            a.lock_debt = 0
+            owed = a.debts
+            a.debts = []
+            t0 = env.now
+            a.flight = _FL_LOCK
+            a.flight_t = t0
+            a.absorb = _AB_HOST
+            yield env.timeout(debt)
+            a.flight = _FL_NONE
+            self._ipi_wake(a)
+            a.wait += debt
+            a.lock_wait += debt
+            a.page_wait += debt
+            for e in owed:  # the locks' statistics count them as they pass
+                self._pw_count(e[0], e[1], e[2], e[3], e[4])
+            if rec is not None:
+                self._rec_lock_wait(a, (<tuple>owed[len(owed) - 1])[0], t0)
+            debt = a.lock_debt
+
+    cdef list _debts_before(self, SchedActor a, long long grant):
+        """Take out of ``a``'s lock debt the waits owed for windows that began before
+        ``grant`` (when it took the lock it is releasing; ns since the timeline's start) and
+        return them (None: there are none). In the kernel such a wait delayed the thread before
+        it came to the lock, not inside its hold: a wait settled after the thread took the lock
+        (another vCPU's window, settled later, that overlapped one of its earlier windows)
+        passes after the release, so it does not lengthen a critical section others queue
+        behind (docs/timeline.md, "Locks the kernel takes page by page")."""
+        cdef list keep = [], later = None
+        cdef tuple e
+        for e in a.debts:
+            if (<_Window>e[2]).start < grant:
+                if later is None:
+                    later = []
+                later.append(e)
+                a.lock_debt -= <long long>e[3]
+            else:
+                keep.append(e)
+        if later is not None:
+            a.debts = keep
+        return later
+
     cdef int _resume_c(self, SchedActor a) except -1:
         """``a``'s code runs again (SimPy's clock stands still until it yields)."""
         self._current = a
@@ -1973,29 +2022,12 @@ cdef class SchedHooks:
                 if rec is not None:
                     self._rec_ipi(a, debt)
                 yield env.timeout(debt)
-            debt = a.lock_debt
-            while debt:
-                # an interleaved pagewise lock's wait (_pw_settle), on its clock already when
-                # it settled its own window; owed for another's, its code goes on after it (and
-                # after any owed while this one passes)
-                a.lock_debt = 0
-                owed = a.debts
-                a.debts = []
-                t0 = env.now
-                a.flight = _FL_LOCK
-                a.flight_t = t0
-                a.absorb = _AB_HOST
-                yield env.timeout(debt)
-                a.flight = _FL_NONE
-                self._ipi_wake(a)
-                a.wait += debt
-                a.lock_wait += debt
-                a.page_wait += debt
-                for e in owed:  # the locks' statistics count them as they pass
-                    self._pw_count(e[0], e[1], e[2], e[3], e[4])
-                if rec is not None:
-                    self._rec_lock_wait(a, (<tuple>owed[len(owed) - 1])[0], t0)
-                debt = a.lock_debt
+            later = None
+            if a.lock_debt:
+                if op == _SCHED_REL:  # the waits owed for windows before this hold: after it
+                    later = self._debts_before(a, <long long>grants[(req[2], req[3])])
+                if a.lock_debt:
+                    yield from self._pay_lock_debt(a, rec)
             value = None
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]
@@ -2044,6 +2076,11 @@ cdef class SchedHooks:
                     (lk.release_read if req[3] == 0 else lk.release_write)(a.name)
                 else:
                     lk.release(a.name)
+                if later is not None:
+                    for e in later:
+                        a.lock_debt += <long long>(<tuple>e)[3]
+                    a.debts[:0] = later
+                    yield from self._pay_lock_debt(a, rec)
             elif op == _SCHED_WAIT:
                 ev = req[2]
                 if not ev.processed:

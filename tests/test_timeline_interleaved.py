@@ -355,3 +355,40 @@ def test_many_vcpus_keep_their_load_profile_whole(monkeypatch: pytest.MonkeyPatc
         pcs = list(w.pieces)
         for (s0, e0, r0), (s1, e1, r1) in zip(pcs, pcs[1:]):
             assert not (e0 == s1 and r0 == r1), (w.actor, pcs)
+
+
+def test_a_wait_owed_for_an_earlier_window_does_not_lengthen_a_later_hold() -> None:
+    """vcpu0 runs a window that holds cpa_lock all the time, then takes ``slots_lock`` (queued
+    through SimPy: vcpu1 is at work) and holds it 20 prices. vcpu1's window overlaps vcpu0's
+    but is settled later, while vcpu0 holds ``slots_lock``: vcpu0 owes a wait for its earlier
+    window. In the kernel that wait delayed vcpu0 before it came to ``slots_lock``; it passes
+    after the release, and the hold stays 20 prices. (Until 2026-12-06 it passed at vcpu0's
+    next yield, the release, inside the hold: with 64 vCPUs such waits lengthened
+    ``slots_lock`` and ``mmu_lock`` holds by seconds, docs/performance.md, "64 vCPUs as the
+    memory grows".)"""
+    vm = pkvm.VM("sw_protected", nr_vcpus=2)
+    tl = Timeline(vm)
+    ex = vm.costs.ns("vmexit")
+
+    def vcpu0() -> None:
+        _window(tl, vm, 10, 0, 10)
+        tl.acquire("slots_lock")
+        vm._charge("vmexit", 20)
+        tl.release("slots_lock")
+
+    def vcpu1() -> None:
+        tl.pw_begin()
+        tl.acquire("cpa_lock")
+        vm._charge("vmexit", 10)
+        tl.pagewise("cpa_lock", 10)
+        tl.release("cpa_lock")
+        tl.sleep(15 * ex)
+        tl.pw_end()
+
+    tl.spawn("vcpu0", vcpu0)
+    tl.spawn("vcpu1", vcpu1)
+    tl.run()
+    r = tl.result()
+    _check(r, tl, inside=False, finished=True)
+    assert r.actors["vcpu0"]["lock_wait_ns"] > 0  # it owed a wait for its window ...
+    assert r.locks["slots_lock"]["hold_ns"] == 20 * ex  # ... and its hold did not grow by it
