@@ -1133,7 +1133,7 @@ cdef class SchedHooks:
         cdef list spans = lk.spans
         cdef _Pieces pieces = _Pieces(), before, after, rest, pcs
         cdef double u
-        cdef Py_ssize_t i, j, nsp
+        cdef Py_ssize_t i, j, nsp, na
         cdef list stalled = None
         cdef set stalled_by = None
         if spans is None:
@@ -1315,8 +1315,8 @@ cdef class SchedHooks:
         else:
             sp = _window(name, t0, t1 + w, h, n, hs, ns, dt, pieces)
         spans.append(sp)
-        nsp = len(self._actors)
-        if len(spans) > max(lk.trim_spans, 4 * nsp + 16) or lk.prof.n > max(lk.trim_prof, 8 * nsp + 32):
+        na = len(self._actors)
+        if len(spans) > max(lk.trim_spans, 4 * na + 16) or lk.prof.n > max(lk.trim_prof, 8 * na + 32):
             # No window to come starts before SimPy's clock or an open window's start.
             horizon = int(self.env.now - self._t0)
             for k in self._actors.values():
@@ -1335,13 +1335,12 @@ cdef class SchedHooks:
         # old enough to drop, and the lists would grow by a window each. Past these bounds the
         # oldest entries are coarsened instead (a window's neighbours of the same actor
         # merged, a profile's neighbouring segments averaged). Coarsening is lossy (an average
-        # hides where the lock was saturated), so the bounds are far above what a many-vCPU
-        # run keeps while a window stays open (64 vCPUs, 256 GiB: 1,143 windows and 139,425
-        # breakpoints at most; docs/timeline.md, "Bookkeeping").
-        if len(lk.spans) > _SPANS_MAX + 64 * nsp:
-            _spans_coarsen(lk.spans, (_SPANS_MAX + 64 * nsp) // 2)
-        if lk.prof.n > _PROF_MAX + 256 * nsp:
-            _prof_coarsen(lk.prof, (_PROF_MAX + 256 * nsp) // 2)
+        # hides where the lock was saturated), so the bounds are high; a 64-vCPU SNP boot of
+        # 64 GiB or more still passes the profile's (docs/timeline.md, "Bookkeeping").
+        if len(lk.spans) > _SPANS_MAX + 64 * na:
+            _spans_coarsen(lk.spans, (_SPANS_MAX + 64 * na) // 2)
+        if lk.prof.n > _PROF_MAX + 256 * na:
+            _prof_coarsen(lk.prof, (_PROF_MAX + 256 * na) // 2)
         if w > 0:
             self._pw_wait(a, lock, lk, sp, w, n if ws >= w else <long long>(hits + 0.5))
             self._now0 += w  # the running actor's clock: what follows starts after the wait
