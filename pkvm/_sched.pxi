@@ -10,23 +10,55 @@
 # that of the Python hooks they replace (same values, same order of effects).
 
 
+# A load is kept in fixed point, in units of 2^-48 of the lock's capacity (_LOAD_ONE), so that
+# a window's rate taken out of the profile again (a window shifted or stalled and fitted anew)
+# restores exactly the loads that were there (in floating point ``l + r - r`` drifts from
+# ``l``), and neighbouring segments of the same load are merged into one (_prof_add). The
+# largest load it holds is 2^15 (32,768 windows using the lock at once, each at most 1).
+cdef double _LOAD_ONE = 281474976710656.0  # 2 ** 48
+cdef double _LOAD_MAX = 32768.0
+
+
+cdef inline long long _load_q(double v) noexcept:
+    """The rate ``v`` (a share of the lock's capacity, |v| <= _LOAD_MAX) in fixed point."""
+    return <long long>floor(v * _LOAD_ONE + 0.5)
+
+
+# The profile is kept in blocks of at most _PB breakpoints, in time order (a block that fills
+# is split in two; an emptied one is freed), so that a breakpoint inserted or removed moves at
+# most a block, not the whole profile: with 64 vCPUs a settled window is taken out and fitted
+# again many times (SchedHooks._pw_shift) while the profile holds thousands of breakpoints.
+cdef enum:
+    _PB = 256
+
+ctypedef struct _PBlock:
+    Py_ssize_t n
+    long long t[_PB]
+    long long l[_PB]
+
+
 @cython.final
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class LoadProfile:
     """The rate at which an interleaved lock's settled windows use it, piecewise constant:
     ``loads[i]`` on ``[times[i], times[i + 1])``, the last from ``times[-1]`` on, 0 before
-    ``times[0]`` (SchedHooks._pw_settle). Typed arrays: settling a window splits and adds to
-    it once per piece of the window (_prof_add), the timeline's hottest loop with many vCPUs."""
+    ``times[0]`` (SchedHooks._pw_settle). The loads are kept in fixed point (2^-48 of the
+    capacity); no two neighbouring segments have the same load (_prof_add merges them), so a
+    profile holds a breakpoint only where the load changes. Typed blocks of breakpoints:
+    settling a window splits and adds to it once per piece of the window (_prof_add), the
+    timeline's hottest loop with many vCPUs. A position in it is a block and an index in that
+    block, ``(0, -1)`` before the first breakpoint."""
 
-    cdef long long *t
-    cdef double *l
-    cdef Py_ssize_t n, cap
+    cdef _PBlock **b
+    cdef long long *first  # each block's first breakpoint (contiguous, for the search)
+    cdef Py_ssize_t nb, bcap
+    cdef Py_ssize_t n  # breakpoints in all
     cdef readonly Py_ssize_t dropped  # breakpoints taken out (the past trimmed, segments averaged)
     cdef readonly Py_ssize_t averaged  # of those, the ones averaged away (_prof_coarsen: lossy)
+    cdef readonly Py_ssize_t merged  # breakpoints between two segments of the same load, dropped (exact)
 
     def __dealloc__(self):
-        free(self.t)
-        free(self.l)
+        self._clear()
 
     def __len__(self):
         return self.n
@@ -34,27 +66,51 @@ cdef class LoadProfile:
     @property
     def times(self):
         """The breakpoints, ns since the timeline's start (a copy)."""
-        return [self.t[i] for i in range(self.n)]
+        return [self.b[k].t[i] for k in range(self.nb) for i in range(self.b[k].n)]
 
     @property
     def loads(self):
-        """The load from each breakpoint on, as a share of the lock's capacity (a copy)."""
-        return [self.l[i] for i in range(self.n)]
+        """The load from each breakpoint on, as a share of the lock's capacity (a copy; exact
+        multiples of 2^-48)."""
+        return [self.b[k].l[i] / _LOAD_ONE for k in range(self.nb) for i in range(self.b[k].n)]
+
+    @property
+    def blocks(self):
+        """How many breakpoints each of its blocks holds (for tests and inspection)."""
+        return [self.b[k].n for k in range(self.nb)]
 
     @staticmethod
     def from_segments(times, loads):
-        """A profile with ``loads[i]`` from ``times[i]`` on (strictly increasing ints; for
-        tests and inspection: the timeline builds its own)."""
+        """A profile with ``loads[i]`` from ``times[i]`` on (strictly increasing ints; finite
+        loads of at most 32,768 in magnitude, each rounded to the nearest multiple of 2^-48;
+        for tests and inspection: the timeline builds its own). Neighbours of the same load
+        are kept as given."""
         cdef LoadProfile p = LoadProfile()
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, m
+        cdef long long *t
+        cdef long long *l
         times = list(times)
         loads = [float(v) for v in loads]
-        if len(times) != len(loads):
-            raise ValueError(f"times and loads differ in length: {len(times)} and {len(loads)}")
-        for i in range(len(times)):
+        m = len(times)
+        if m != len(loads):
+            raise ValueError(f"times and loads differ in length: {m} and {len(loads)}")
+        for i in range(m):
             if i and times[i] <= times[i - 1]:
                 raise ValueError(f"times must increase strictly; {times[i]} follows {times[i - 1]}")
-            p._insert(i, times[i], loads[i])
+            if not -_LOAD_MAX <= loads[i] <= _LOAD_MAX:  # (NaN fails too)
+                raise ValueError(f"loads must be finite and at most {_LOAD_MAX:g} in magnitude, got {loads[i]}")
+        t = <long long*>malloc((m + 1) * sizeof(long long))
+        l = <long long*>malloc((m + 1) * sizeof(long long))
+        try:
+            if t == NULL or l == NULL:
+                raise MemoryError()
+            for i in range(m):
+                t[i] = times[i]
+                l[i] = _load_q(loads[i])
+            p._rebuild(t, l, m)
+        finally:
+            free(t)
+            free(l)
         return p
 
     def coarsen(self, Py_ssize_t keep):
@@ -64,34 +120,170 @@ cdef class LoadProfile:
             raise ValueError(f"keep must be >= 0, got {keep}")
         _prof_coarsen(self, keep)
 
-    cdef int _insert(self, Py_ssize_t i, long long x, double v) except -1:
-        cdef long long *nt
-        cdef double *nl
-        cdef Py_ssize_t cap
-        if self.n == self.cap:
-            cap = self.cap * 2 if self.cap else 64
-            nt = <long long*>realloc(self.t, cap * sizeof(long long))
-            if nt == NULL:
-                raise MemoryError()
-            self.t = nt
-            nl = <double*>realloc(self.l, cap * sizeof(double))
-            if nl == NULL:
-                raise MemoryError()
-            self.l = nl
-            self.cap = cap
-        memmove(&self.t[i + 1], &self.t[i], (self.n - i) * sizeof(long long))
-        memmove(&self.l[i + 1], &self.l[i], (self.n - i) * sizeof(double))
-        self.t[i] = x
-        self.l[i] = v
-        self.n += 1
+    def add(self, pieces, sign=1):
+        """Add the ``(start, end, rate)`` pieces (ints ``0 <= start < end < 2**63``, ``0 < rate <=
+        32768``)
+        to the profile, each rate rounded to the nearest multiple of 2^-48; ``sign=-1`` takes
+        them out (what settling a window does, ``_prof_add``; for tests and inspection).
+        Every piece is checked before any is added: a refused call changes nothing."""
+        cdef _Pieces q = _Pieces()
+        cdef double r
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be 1 or -1, got {sign!r}")
+        for pc in pieces:
+            start, end, rate = pc
+            if type(start) is not int or type(end) is not int or not 0 <= start < end < 2**63:
+                raise ValueError(f"a piece needs ints 0 <= start < end < 2**63, got {pc!r}")
+            r = float(rate)
+            if not 0.0 < r <= _LOAD_MAX:  # (NaN fails too)
+                raise ValueError(f"a piece's rate must be in (0, {_LOAD_MAX:g}], got {rate!r}")
+            q.add(start, end, r)
+        _prof_add(self, q, <double>sign)
+
+    def drop_before(self, x):
+        """Take out every breakpoint before ``x`` (an int, ``0 <= x < 2**63``), which becomes
+        one (the load from it on is unchanged): what the timeline does with the past no window
+        can reach. How many were taken out (also added to ``dropped``)."""
+        if type(x) is not int or not 0 <= x < 2**63:
+            raise ValueError(f"x must be an int in [0, 2**63), got {x!r}")
+        cdef Py_ssize_t m = self._drop_before(x)
+        self.dropped += m
+        return m
+
+    cdef void _clear(self) noexcept:
+        cdef Py_ssize_t k
+        for k in range(self.nb):
+            free(self.b[k])
+        free(self.b)
+        free(self.first)
+        self.b = NULL
+        self.first = NULL
+        self.nb = self.bcap = self.n = 0
+
+    cdef int _rebuild(self, long long *t, long long *l, Py_ssize_t m) except -1:
+        """Replace the breakpoints with the ``m`` of ``t`` / ``l`` (in order), blocks three
+        quarters full."""
+        cdef Py_ssize_t k, i, j = 0, per = (3 * _PB) // 4
+        self._clear()
+        while j < m:
+            k = self._new_block(self.nb)
+            i = 0
+            while i < per and j < m:
+                self.b[k].t[i] = t[j]
+                self.b[k].l[i] = l[j]
+                i += 1
+                j += 1
+            self.b[k].n = i
+            self.first[k] = self.b[k].t[0]
+            self.n += i
         return 0
 
-    cdef void _remove(self, Py_ssize_t i, Py_ssize_t k) noexcept:
-        """Drop the ``k`` breakpoints from ``i`` on."""
-        memmove(&self.t[i], &self.t[i + k], (self.n - i - k) * sizeof(long long))
-        memmove(&self.l[i], &self.l[i + k], (self.n - i - k) * sizeof(double))
-        self.n -= k
-        self.dropped += k
+    cdef Py_ssize_t _new_block(self, Py_ssize_t k) except -1:
+        """An empty block at index ``k`` (the later ones move up one)."""
+        cdef _PBlock **nb
+        cdef long long *nf
+        cdef _PBlock *blk
+        cdef Py_ssize_t cap
+        if self.nb == self.bcap:
+            cap = self.bcap * 2 if self.bcap else 8
+            nb = <_PBlock**>realloc(self.b, cap * sizeof(_PBlock*))
+            if nb == NULL:
+                raise MemoryError()
+            self.b = nb
+            nf = <long long*>realloc(self.first, cap * sizeof(long long))
+            if nf == NULL:
+                raise MemoryError()
+            self.first = nf
+            self.bcap = cap
+        blk = <_PBlock*>malloc(sizeof(_PBlock))
+        if blk == NULL:
+            raise MemoryError()
+        blk.n = 0
+        memmove(&self.b[k + 1], &self.b[k], (self.nb - k) * sizeof(_PBlock*))
+        memmove(&self.first[k + 1], &self.first[k], (self.nb - k) * sizeof(long long))
+        self.b[k] = blk
+        self.nb += 1
+        return k
+
+    cdef Py_ssize_t _insert(self, Py_ssize_t *pk, Py_ssize_t *pi, long long x, long long v) except -2:
+        """Insert the breakpoint ``(x, v)`` at position ``(*pk, *pi)`` (where the breakpoint
+        now there, if any, was; ``(k, n)`` of block ``k`` is its end), which is updated to
+        where it landed. A full block is split in two first, its upper half (from ``_PB //
+        2`` on) to a new block after it: the index of the block split, -1 if none."""
+        cdef Py_ssize_t k = pk[0], i = pi[0], h, split = -1
+        cdef _PBlock *blk
+        cdef _PBlock *nx
+        if self.nb == 0:
+            self._new_block(0)
+            k = i = 0
+        elif k == self.nb:  # (after the last block: at its end)
+            k -= 1
+            i = self.b[k].n
+        blk = self.b[k]
+        if blk.n == _PB:  # split: the upper half to a new block after it
+            h = _PB // 2
+            self._new_block(k + 1)
+            blk = self.b[k]
+            nx = self.b[k + 1]
+            memcpy(nx.t, &blk.t[h], (_PB - h) * sizeof(long long))
+            memcpy(nx.l, &blk.l[h], (_PB - h) * sizeof(long long))
+            nx.n = _PB - h
+            blk.n = h
+            self.first[k + 1] = nx.t[0]
+            split = k
+            if i > h:
+                k += 1
+                i -= h
+                blk = nx
+        memmove(&blk.t[i + 1], &blk.t[i], (blk.n - i) * sizeof(long long))
+        memmove(&blk.l[i + 1], &blk.l[i], (blk.n - i) * sizeof(long long))
+        blk.t[i] = x
+        blk.l[i] = v
+        blk.n += 1
+        if i == 0:
+            self.first[k] = x
+        self.n += 1
+        pk[0] = k
+        pi[0] = i
+        return split
+
+    cdef void _remove_at(self, Py_ssize_t k, Py_ssize_t i) noexcept:
+        """Take out the breakpoint at ``(k, i)`` (an emptied block is freed; the caller counts
+        it)."""
+        cdef _PBlock *blk = self.b[k]
+        memmove(&blk.t[i], &blk.t[i + 1], (blk.n - i - 1) * sizeof(long long))
+        memmove(&blk.l[i], &blk.l[i + 1], (blk.n - i - 1) * sizeof(long long))
+        blk.n -= 1
+        self.n -= 1
+        if blk.n == 0:
+            free(blk)
+            memmove(&self.b[k], &self.b[k + 1], (self.nb - k - 1) * sizeof(_PBlock*))
+            memmove(&self.first[k], &self.first[k + 1], (self.nb - k - 1) * sizeof(long long))
+            self.nb -= 1
+        elif i == 0:
+            self.first[k] = blk.t[0]
+
+    cdef Py_ssize_t _drop_before(self, long long x) except -1:
+        """Take out every breakpoint before ``x``, which becomes one (the load from it on
+        unchanged); how many were taken out."""
+        cdef Py_ssize_t k, i, j, m = 0
+        cdef _PBlock *blk
+        _prof_split(self, x, &k, &i)
+        for j in range(k):
+            m += self.b[j].n
+            free(self.b[j])
+        memmove(&self.b[0], &self.b[k], (self.nb - k) * sizeof(_PBlock*))
+        memmove(&self.first[0], &self.first[k], (self.nb - k) * sizeof(long long))
+        self.nb -= k
+        if i > 0:
+            blk = self.b[0]
+            memmove(&blk.t[0], &blk.t[i], (blk.n - i) * sizeof(long long))
+            memmove(&blk.l[0], &blk.l[i], (blk.n - i) * sizeof(long long))
+            blk.n -= i
+            self.first[0] = blk.t[0]
+            m += i
+        self.n -= m
+        return m
 
 
 @cython.final
@@ -105,6 +297,9 @@ cdef class _Pieces:
     cdef long long *e
     cdef double *r
     cdef Py_ssize_t n, cap
+    # a piece was added that starts before the last one's end (never by the timeline, whose
+    # pieces come in time order): the searches by time (_pieces_from) do not apply
+    cdef bint unordered
 
     def __dealloc__(self):
         free(self.s)
@@ -122,32 +317,57 @@ cdef class _Pieces:
         same rate (``s`` its end, ``r`` its rate) extends it instead: the same use of the lock,
         in one piece (a window fitted across many stretches of the load profile at the rate it
         wants would otherwise keep a piece per stretch)."""
-        cdef long long *ns
-        cdef long long *ne
-        cdef double *nr
-        cdef Py_ssize_t cap
         if self.n and self.e[self.n - 1] == s and self.r[self.n - 1] == r and e >= s:
             self.e[self.n - 1] = e
             return 0
+        if e < s or (self.n and s < self.e[self.n - 1]):
+            self.unordered = True
         if self.n == self.cap:
-            cap = self.cap * 2 if self.cap else 8
-            ns = <long long*>realloc(self.s, cap * sizeof(long long))
-            if ns == NULL:
-                raise MemoryError()
-            self.s = ns
-            ne = <long long*>realloc(self.e, cap * sizeof(long long))
-            if ne == NULL:
-                raise MemoryError()
-            self.e = ne
-            nr = <double*>realloc(self.r, cap * sizeof(double))
-            if nr == NULL:
-                raise MemoryError()
-            self.r = nr
-            self.cap = cap
+            self._reserve(self.n + 1)
         self.s[self.n] = s
         self.e[self.n] = e
         self.r[self.n] = r
         self.n += 1
+        return 0
+
+    cdef int _reserve(self, Py_ssize_t need) except -1:
+        """Room for ``need`` pieces."""
+        cdef long long *ns
+        cdef long long *ne
+        cdef double *nr
+        cdef Py_ssize_t cap = self.cap
+        if need <= cap:
+            return 0
+        while cap < need:
+            cap = cap * 2 if cap else 8
+        ns = <long long*>realloc(self.s, cap * sizeof(long long))
+        if ns == NULL:
+            raise MemoryError()
+        self.s = ns
+        ne = <long long*>realloc(self.e, cap * sizeof(long long))
+        if ne == NULL:
+            raise MemoryError()
+        self.e = ne
+        nr = <double*>realloc(self.r, cap * sizeof(double))
+        if nr == NULL:
+            raise MemoryError()
+        self.r = nr
+        self.cap = cap
+        return 0
+
+    cdef int append_range(self, _Pieces o, Py_ssize_t i0, Py_ssize_t i1) except -1:
+        """Append ``o``'s pieces ``i0`` to ``i1`` as they are (for pieces in time order that
+        continue none of this one's: what :meth:`add` would do with each)."""
+        cdef Py_ssize_t m = i1 - i0
+        if m <= 0:
+            return 0
+        if o.unordered or (self.n and o.s[i0] < self.e[self.n - 1]):
+            self.unordered = True
+        self._reserve(self.n + m)
+        memcpy(&self.s[self.n], &o.s[i0], m * sizeof(long long))
+        memcpy(&self.e[self.n], &o.e[i0], m * sizeof(long long))
+        memcpy(&self.r[self.n], &o.r[i0], m * sizeof(double))
+        self.n += m
         return 0
 
     cdef int extend(self, _Pieces o) except -1:
@@ -385,40 +605,98 @@ cdef Py_ssize_t _SPANS_MAX = 64
 cdef Py_ssize_t _PROF_MAX = 1 << 18
 
 
-cdef inline Py_ssize_t _prof_after(LoadProfile p, long long x, Py_ssize_t lo) noexcept:
-    """The index of the profile's first breakpoint after ``x``, searched from ``lo`` on
-    (``p.n``: none; the segment holding ``x`` is the one before it, -1 before the first)."""
-    cdef Py_ssize_t hi = p.n, mid
-    cdef long long *pt = p.t
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if pt[mid] <= x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+cdef inline Py_ssize_t _blk_last_le(long long *bt, Py_ssize_t n, long long x, Py_ssize_t i) noexcept:
+    """The last index of the block's breakpoints ``bt[:n]`` at or before ``x``, given that
+    ``bt[i] <= x``: a few steps forward first (the pieces of a window come in time order,
+    each from the last one's end), then a search without branches on the comparisons."""
+    cdef Py_ssize_t j = i + 1, m, half
+    while j < n and j <= i + 4 and bt[j] <= x:
+        j += 1
+    if j == n or bt[j] > x:
+        return j - 1
+    m = n - j  # bt[j] <= x: the answer is in [j, n)
+    while m > 1:
+        half = m >> 1
+        j = j + half if bt[j + half] <= x else j
+        m -= half
+    return j
 
 
-cdef Py_ssize_t _prof_split(LoadProfile p, long long x, Py_ssize_t hint=0) except -2:
-    """Make ``x`` a breakpoint of the load profile ``p``, the load on each side unchanged; its
-    index. ``hint``: an index at or before it, where a few steps forward usually find it
-    (the pieces a window is added in come in order, each from the last one's end)."""
-    cdef Py_ssize_t lo = 0, hi = p.n, j
-    cdef long long *pt = p.t
-    if 0 < hint < hi and pt[hint - 1] <= x:
-        j = hint
-        while j < hi and j < hint + 4 and pt[j] <= x:
-            j += 1
-        if j == hi or pt[j] > x:
-            lo = j  # found: the first breakpoint after x
-        else:
-            lo = _prof_after(p, x, j + 1)
+cdef inline void _prof_seek(LoadProfile p, long long x, Py_ssize_t *pk, Py_ssize_t *pi,
+                            Py_ssize_t hk=-1, Py_ssize_t hi=0) noexcept:
+    """The position of the profile's last breakpoint at or before ``x`` (the start of the
+    segment holding it): ``(0, -1)`` if none. ``(hk, hi)``: a position at or before it where
+    it may be near (the pieces of a window come in time order)."""
+    cdef Py_ssize_t lo = 0, top = p.nb, mid, k
+    cdef long long *first = p.first
+    if 0 <= hk < top and first[hk] <= x and (hk + 1 == top or first[hk + 1] > x):
+        k = hk
+        if not (0 <= hi < p.b[k].n and p.b[k].t[hi] <= x):
+            hi = 0
     else:
-        lo = _prof_after(p, x, 0)
-    if lo > 0 and pt[lo - 1] == x:
-        return lo - 1
-    p._insert(lo, x, p.l[lo - 1] if lo > 0 else 0.0)
-    return lo
+        while lo < top:  # the last block whose first breakpoint is at or before x
+            mid = (lo + top) >> 1
+            if first[mid] <= x:
+                lo = mid + 1
+            else:
+                top = mid
+        k = lo - 1
+        if k < 0:
+            pk[0] = 0
+            pi[0] = -1
+            return
+        hi = 0
+    pk[0] = k
+    pi[0] = _blk_last_le(p.b[k].t, p.b[k].n, x, hi)
+
+
+cdef inline bint _prof_next(LoadProfile p, Py_ssize_t *pk, Py_ssize_t *pi) noexcept:
+    """Step a position to the next breakpoint; False (and the position past the end) if
+    there is none."""
+    cdef Py_ssize_t k = pk[0], i = pi[0] + 1
+    if k < p.nb and i < p.b[k].n:
+        pi[0] = i
+        return True
+    if k + 1 < p.nb:
+        pk[0] = k + 1
+        pi[0] = 0
+        return True
+    pk[0] = p.nb
+    pi[0] = 0
+    return False
+
+
+cdef inline long long _prof_load_at(LoadProfile p, Py_ssize_t k, Py_ssize_t i) noexcept:
+    """The load from the breakpoint at ``(k, i)`` on (0 before the first)."""
+    return p.b[k].l[i] if i >= 0 else 0
+
+
+cdef inline long long _prof_load_before(LoadProfile p, Py_ssize_t k, Py_ssize_t i) noexcept:
+    """The load just before the breakpoint at ``(k, i)`` (0 before the first)."""
+    if i > 0:
+        return p.b[k].l[i - 1]
+    if k > 0:
+        return p.b[k - 1].l[p.b[k - 1].n - 1]
+    return 0
+
+
+cdef Py_ssize_t _prof_split(LoadProfile p, long long x, Py_ssize_t *pk, Py_ssize_t *pi,
+                            Py_ssize_t hk=-1, Py_ssize_t hi=0) except -2:
+    """Make ``x`` a breakpoint of the load profile ``p``, the load on each side unchanged; its
+    position in ``(*pk, *pi)`` (``(hk, hi)``: a position at or before it, _prof_seek). The
+    index of the block split to make room (LoadProfile._insert), -1 if none."""
+    cdef Py_ssize_t k, i
+    _prof_seek(p, x, &k, &i, hk, hi)
+    if i >= 0 and p.b[k].t[i] == x:
+        pk[0] = k
+        pi[0] = i
+        return -1
+    cdef long long v = _prof_load_at(p, k, i)
+    i += 1
+    cdef Py_ssize_t split = p._insert(&k, &i, x, v)
+    pk[0] = k
+    pi[0] = i
+    return split
 
 
 cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _Pieces pieces) except -1:
@@ -426,15 +704,16 @@ cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _P
     ``d``: where the profile's load leaves it less than ``d``, it goes at the speed the
     rest allows, ``(1 - load) / d``. Its end, and in ``pieces`` the ``(start, end, rate)``
     at which it uses the lock on the way."""
-    cdef Py_ssize_t n = p.n, i = _prof_after(p, t0, 0) - 1  # the segment holding t0 (-1: none)
-    cdef long long *pt = p.t
-    cdef double *pl = p.l
+    cdef Py_ssize_t k, i, nk, ni
     cdef double need = <double>dt, l, sp, seg, r
     cdef long long t = t0, end, take
+    _prof_seek(p, t0, &k, &i)  # the segment holding t0
     while need > 0.5:
-        l = pl[i] if i >= 0 else 0.0
-        if i + 1 < n:
-            end = pt[i + 1]
+        l = _prof_load_at(p, k, i) / _LOAD_ONE
+        nk = k
+        ni = i
+        if _prof_next(p, &nk, &ni):
+            end = p.b[nk].t[ni]
         else:
             end = -1  # the last segment: no end
         if l <= 1.0 - d:
@@ -458,7 +737,8 @@ cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _P
             pieces.add(t, t + <long long>(need + 0.5), d)
             return t + <long long>(need + 0.5)
         t = end
-        i += 1
+        k = nk
+        i = ni
     return t
 
 
@@ -469,9 +749,7 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
     is shared max-min fair (each gets its rate, or an equal share of what is left when that is
     less), and a window goes at the speed its share allows. Window ``i``'s pieces go to
     ``rests[i]`` and its end to ``ends[i]``."""
-    cdef Py_ssize_t n = p.n, i, j = _prof_after(p, t0, 0) - 1, left, active = 0  # j: t0's segment
-    cdef long long *pt = p.t
-    cdef double *pl = p.l
+    cdef Py_ssize_t i, left, active = 0, k, j, nk, nj
     cdef long long t = t0, end, tau, take
     cdef double avail, l, share, give
     cdef double *need = <double*>malloc(m * sizeof(double))
@@ -482,6 +760,7 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
         free(alloc)
         free(done)
         raise MemoryError()
+    _prof_seek(p, t0, &k, &j)  # t0's segment
     try:
         for i in range(m):
             need[i] = <double>dts[i]
@@ -491,8 +770,10 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
             else:
                 active += 1
         while active > 0:
-            l = pl[j] if j >= 0 else 0.0
-            end = pt[j + 1] if j + 1 < n else -1
+            l = _prof_load_at(p, k, j) / _LOAD_ONE
+            nk = k
+            nj = j
+            end = p.b[nk].t[nj] if _prof_next(p, &nk, &nj) else -1
             avail = 1.0 - l
             if avail < 0.0:
                 avail = 0.0
@@ -539,7 +820,8 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
                     active -= 1
             t += tau
             if end >= 0 and t >= end:
-                j += 1
+                k = nk
+                j = nj
     finally:
         free(need)
         free(alloc)
@@ -547,38 +829,77 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
     return 0
 
 
-cdef int _prof_add(LoadProfile p, _Pieces pieces, double sign=1.0) except -1:
-    """Add each ``(start, end, rate)`` of ``pieces`` to the load profile (``sign=-1``: take
-    them out of it)."""
-    cdef Py_ssize_t a, b = 0, i, j
-    cdef double r
-    for j in range(pieces.n):
+cdef int _prof_add(LoadProfile p, _Pieces pieces, double sign=1.0, Py_ssize_t j0=0) except -1:
+    """Add each ``(start, end, rate)`` of ``pieces`` (from the ``j0``-th on) to the load
+    profile (``sign=-1``: take them out of it; the same pieces taken out restore the loads
+    exactly). A breakpoint at
+    which the load no longer changes is dropped, so the profile stays as short as the load
+    it describes (windows taken out and fitted again elsewhere would otherwise leave one at
+    each end they had)."""
+    cdef Py_ssize_t j, ka, ia, kb = -1, ib = 0, k, i, e
+    cdef long long r
+    cdef _PBlock *blk
+    for j in range(j0, pieces.n):
         if pieces.e[j] <= pieces.s[j] or pieces.r[j] <= 0.0:
             continue
-        a = _prof_split(p, pieces.s[j], b)
-        b = _prof_split(p, pieces.e[j], a + 1)
-        r = sign * pieces.r[j]
-        for i in range(a, b):
-            p.l[i] = p.l[i] + r
+        r = _load_q(pieces.r[j])
+        if r == 0:
+            continue
+        if sign < 0.0:
+            r = -r
+        _prof_split(p, pieces.s[j], &ka, &ia, kb, ib)
+        if _prof_split(p, pieces.e[j], &kb, &ib, ka, ia) == ka and ia >= _PB // 2:
+            ka += 1  # the start's block was split: it went to the upper half
+            ia -= _PB // 2
+        k = ka
+        i = ia
+        while k < kb or (k == kb and i < ib):
+            blk = p.b[k]
+            e = blk.n if k < kb else ib
+            while i < e:
+                blk.l[i] += r
+                i += 1
+            k += 1
+            i = 0
+        # only the two ends can have become equal to their neighbours: inside, every segment
+        # moved by the same amount (0 before the first breakpoint)
+        if p.b[kb].l[ib] == _prof_load_before(p, kb, ib):
+            p._remove_at(kb, ib)
+            p.merged += 1
+        if p.b[ka].l[ia] == _prof_load_before(p, ka, ia):
+            p._remove_at(ka, ia)
+            p.merged += 1
+        # (kb, ib): where the next piece may start; if a breakpoint was taken out it may no
+        # longer be a position at or before it: _prof_seek checks its hint
     return 0
 
 
 cdef int _spans_coarsen(list spans, Py_ssize_t keep) except -1:
     """Merge neighbouring settled windows of the same actor, oldest first, until at most
     ``keep`` remain (or no two neighbours share an actor): one window over both, with both
-    holds; its wait samples are no longer re-spread (:meth:`SchedHooks._pw_count`)."""
-    cdef Py_ssize_t i = 0
+    holds; its wait samples are no longer re-spread (:meth:`SchedHooks._pw_count`). One pass
+    that builds the list anew (the same merges in the same order as merging in place, which
+    moved the list's tail for each window merged away)."""
+    cdef Py_ssize_t n = len(spans), left = n, j
     cdef _Window x, y
-    while len(spans) > keep and i + 1 < len(spans):
-        x = <_Window>spans[i]
-        y = <_Window>spans[i + 1]
-        if x.actor != y.actor:
-            i += 1
-            continue
-        spans[i] = _window(x.actor, x.start if x.start < y.start else y.start,
-                           x.end if x.end > y.end else y.end, x.h + y.h, x.n + y.n,
-                           x.hs + y.hs, x.ns + y.ns, x.dt + y.dt, _pieces_merge(x.pieces, y.pieces))
-        del spans[i + 1]
+    cdef list out
+    if n <= keep or n < 2:
+        return 0
+    out = []
+    x = <_Window>spans[0]
+    for j in range(1, n):
+        y = <_Window>spans[j]
+        if left > keep and not (x.actor != y.actor):
+            x = _window(x.actor, x.start if x.start < y.start else y.start,
+                        x.end if x.end > y.end else y.end, x.h + y.h, x.n + y.n,
+                        x.hs + y.hs, x.ns + y.ns, x.dt + y.dt, _pieces_merge(x.pieces, y.pieces))
+            left -= 1
+        else:
+            out.append(x)
+            x = y
+    out.append(x)
+    if left < n:
+        spans[:] = out
     return 0
 
 
@@ -626,13 +947,31 @@ cdef long long _free_slot(list busy, long long x, long long dur) except -1:
     return x
 
 
+cdef inline Py_ssize_t _pieces_from(_Pieces pieces, long long a) noexcept:
+    """The first of a window's pieces that ends after ``a`` (``pieces.n``: none), found by
+    bisection when they are in time order (their ends then increase), else 0."""
+    cdef Py_ssize_t lo = 0, hi = pieces.n, mid
+    if pieces.unordered:
+        return 0
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if pieces.e[mid] <= a:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef double _pieces_use(_Pieces pieces, long long a, long long b) except? -1.0:
-    """The lock time the ``(start, end, rate)`` pieces of a window use in ``[a, b)``."""
+    """The lock time the ``(start, end, rate)`` pieces of a window use in ``[a, b)`` (only
+    the pieces that meet it are visited: a window of 64 vCPUs' boot keeps tens of thousands)."""
     cdef double u = 0.0
     cdef long long x, y
     cdef Py_ssize_t i
-    for i in range(pieces.n):
+    for i in range(_pieces_from(pieces, a), pieces.n):
         x = pieces.s[i]
+        if x >= b and not pieces.unordered:
+            break
         y = pieces.e[i]
         if x < a:
             x = a
@@ -652,13 +991,24 @@ cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
     reached; while too many remain, the next pass starts again from the oldest. Each pass
     compacts the arrays in place (one read and one write index), so it costs its length, not
     a move of the whole profile per breakpoint dropped."""
-    cdef Py_ssize_t r, w, n0, m
-    cdef long long a, b, c
-    cdef double v
-    cdef long long *pt = p.t
-    cdef double *pl = p.l
-    while p.n > keep and 2 < p.n:
-        n0 = p.n
+    cdef Py_ssize_t r, w, n0, m, k, i, n = p.n, dropped = 0
+    cdef long long a, b, c, v
+    if not (n > keep and 2 < n):
+        return 0
+    cdef long long *pt = <long long*>malloc(n * sizeof(long long))
+    cdef long long *pl = <long long*>malloc(n * sizeof(long long))
+    if pt == NULL or pl == NULL:
+        free(pt)
+        free(pl)
+        raise MemoryError()
+    w = 0
+    for k in range(p.nb):
+        for i in range(p.b[k].n):
+            pt[w] = p.b[k].t[i]
+            pl[w] = p.b[k].l[i]
+            w += 1
+    while n > keep and 2 < n:
+        n0 = n
         r = 0
         w = 0
         # the profile is out[0:w] then in[r:n0]; its length is w + n0 - r
@@ -667,18 +1017,24 @@ cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
             b = pt[r + 1]
             c = pt[r + 2]
             v = pl[r]
-            if c > a:
-                v = (pl[r] * (b - a) + pl[r + 1] * (c - b)) / (c - a)
+            if c > a:  # (in floating point, rounded back to the fixed point)
+                v = <long long>floor((<double>pl[r] * (b - a) + <double>pl[r + 1] * (c - b)) / (c - a) + 0.5)
             pt[w] = a
             pl[w] = v
             w += 1
             r += 2
         m = n0 - r
         memmove(&pt[w], &pt[r], m * sizeof(long long))
-        memmove(&pl[w], &pl[r], m * sizeof(double))
-        p.n = w + m
-        p.dropped += r - w
-        p.averaged += r - w
+        memmove(&pl[w], &pl[r], m * sizeof(long long))
+        n = w + m
+        dropped += r - w
+    try:
+        p._rebuild(pt, pl, n)
+    finally:
+        free(pt)
+        free(pl)
+    p.dropped += dropped
+    p.averaged += dropped
     return 0
 
 
@@ -1205,8 +1561,8 @@ cdef class SchedHooks:
                         busy.append((pcs.s[j], pcs.e[j]))
                     continue
                 k = self._actors.get(sp.actor)
-                if k is None or not k.in_task:
-                    _prof_add(fp, sp.pieces)
+                if k is None or not k.in_task:  # (its pieces that end by ta never meet it)
+                    _prof_add(fp, sp.pieces, 1.0, _pieces_from(sp.pieces, ta))
             busy.sort()
             # A hold is one: the first stretch the single holds leave free for it, as long as
             # the done windows' load there makes it (it goes at the speed they allow).
@@ -1258,16 +1614,29 @@ cdef class SchedHooks:
                 after = _Pieces()
                 u = 0.0
                 pcs = sp.pieces
-                for j in range(pcs.n):
-                    if pcs.e[j] <= x:
-                        before.add(pcs.s[j], pcs.e[j], pcs.r[j])
-                    elif pcs.s[j] >= x:
-                        after.add(pcs.s[j], pcs.e[j], pcs.r[j])
-                        u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
-                    else:
+                if pcs.unordered:
+                    for j in range(pcs.n):
+                        if pcs.e[j] <= x:
+                            before.add(pcs.s[j], pcs.e[j], pcs.r[j])
+                        elif pcs.s[j] >= x:
+                            after.add(pcs.s[j], pcs.e[j], pcs.r[j])
+                            u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
+                        else:
+                            before.add(pcs.s[j], x, pcs.r[j])
+                            after.add(x, pcs.e[j], pcs.r[j])
+                            u += <double>(pcs.e[j] - x) * pcs.r[j]
+                else:  # the same, by ranges: the pieces that end by x, the one across it, the rest
+                    j = _pieces_from(pcs, x)
+                    before.append_range(pcs, 0, j)
+                    if j < pcs.n and pcs.s[j] < x:
                         before.add(pcs.s[j], x, pcs.r[j])
                         after.add(x, pcs.e[j], pcs.r[j])
                         u += <double>(pcs.e[j] - x) * pcs.r[j]
+                        j += 1
+                    after.append_range(pcs, j, pcs.n)
+                    while j < pcs.n:
+                        u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
+                        j += 1
                 if u <= 0.0:
                     continue  # no acquisition left
                 c = <double>(b1 - x)
@@ -1323,9 +1692,7 @@ cdef class SchedHooks:
                 if k.pw_depth > 0 and k.pw_t0 < horizon:
                     horizon = k.pw_t0
             lk.spans = [wd for wd in spans if (<_Window>wd).end > horizon]
-            i = _prof_split(lk.prof, horizon)
-            if i > 0:
-                lk.prof._remove(0, i)
+            lk.prof.dropped += lk.prof._drop_before(horizon)
             # Next time when the lists have doubled (or passed the per-actor floor): while
             # nothing is old enough to drop (a window held open, an actor alone ahead of
             # SimPy's clock) trimming at every window would cost the lists' length each.

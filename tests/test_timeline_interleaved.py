@@ -5,6 +5,9 @@ actor's whole batch (``pagewise_locks="batch"``, the model before 2026-12-05).""
 
 from __future__ import annotations
 
+import bisect
+import math
+
 from typing import Any
 
 import pytest
@@ -218,20 +221,28 @@ def test_one_vcpu_is_the_sum_model_under_either() -> None:
 
 def _assert_profile_is_the_windows_sum(lock: Any) -> None:
     """The lock's load profile (``LockState.prof``, typed arrays) is the sum of the rates at
-    which its settled windows (``LockState.spans``) use it, segment by segment: what settling,
-    re-fitting a shifted window and taking a window's rest out and back in added and removed
-    adds up. Checked while no breakpoint was taken out of it (``LoadProfile.dropped``: the past
-    trimmed or old segments averaged, beyond the bounds of ``SchedHooks._pw_settle``)."""
+    which its settled windows (``LockState.spans``) use it, at every breakpoint and every
+    piece's ends: what settling, re-fitting a shifted window and taking a window's rest out
+    and back in added and removed adds up. It keeps a breakpoint only where the load changes
+    (``LoadProfile.merged`` counts the ones dropped). Checked while no breakpoint was taken out
+    of it (``LoadProfile.dropped``: the past trimmed or old segments averaged, beyond the
+    bounds of ``SchedHooks._pw_settle``)."""
     times, loads = lock.prof.times, lock.prof.loads
     assert times == sorted(set(times)), times
+    assert all(a != b for a, b in zip(loads, loads[1:])), loads
     if lock.prof.dropped:
         return
     pieces = [pc for w in lock.spans for pc in w.pieces]
     for s, e, rate in pieces:
-        assert s < e and rate > 0 and s in times and e in times, (s, e, rate, times)
-    for i, t in enumerate(times):
+        assert s < e and rate > 0, (s, e, rate)
+
+    def load_at(t: int) -> float:
+        i = bisect.bisect_right(times, t) - 1
+        return loads[i] if i >= 0 else 0.0
+
+    for t in sorted(set(times) | {x for s, e, _r in pieces for x in (s, e)}):
         want = sum(rate for s, e, rate in pieces if s <= t < e)
-        assert abs(loads[i] - want) <= 1e-9 * max(1.0, want), (i, t, loads[i], want)
+        assert abs(load_at(t) - want) <= 1e-9 * max(1.0, want), (t, load_at(t), want)
 
 
 _WINDOW = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(0, 12), st.integers(1, 16))
@@ -271,18 +282,20 @@ def _coarsen_reference(times: list[int], loads: list[float], keep: int) -> tuple
     """The load profile's coarsening, one breakpoint at a time as first written (before
     2026-12-06 it moved the whole profile for each one dropped): merge the segment at ``i``
     with the next at their time-weighted average, step on, and start again from the oldest
-    when the end is reached."""
-    t, v = list(times), list(loads)
+    when the end is reached. Loads in the profile's fixed point (2^-48), each average rounded
+    back to it."""
+    one = 2.0**48
+    t, v = list(times), [math.floor(x * one + 0.5) for x in loads]
     i = 0
     while len(t) > keep and i + 2 < len(t):
         a, b, c = t[i], t[i + 1], t[i + 2]
         if c > a:
-            v[i] = (v[i] * (b - a) + v[i + 1] * (c - b)) / (c - a)
+            v[i] = math.floor((float(v[i]) * (b - a) + float(v[i + 1]) * (c - b)) / (c - a) + 0.5)
         del t[i + 1], v[i + 1]
         i += 1
         if i + 2 >= len(t):
             i = 0
-    return t, v
+    return t, [x / one for x in v]
 
 
 @settings(max_examples=300, deadline=None)
@@ -301,6 +314,21 @@ def test_profile_coarsening_matches_the_one_at_a_time_reference(gaps: list[int],
     assert p.dropped == p.averaged == len(times) - len(want_t)
 
 
+def test_profile_coarsening_across_blocks_matches_the_reference() -> None:
+    """Coarsening a profile of several blocks (3,000 breakpoints, blocks of at most 256):
+    exactly the reference's breakpoints and loads, down to a bound inside the first block and
+    to one past the last."""
+    times = [7 * i + (i % 3) for i in range(3000)]
+    loads = [((i * 37) % 101) / 64.0 for i in range(3000)]
+    for keep in (0, 5, 100, 1499, 2999, 3001):
+        p = LoadProfile.from_segments(times, loads)
+        assert len(p.blocks) > 10
+        p.coarsen(keep)
+        want_t, want_l = _coarsen_reference(times, loads, keep)
+        assert (p.times, p.loads) == (want_t, want_l)
+        assert all(1 <= b <= 256 for b in p.blocks) and sum(p.blocks) == len(p)
+
+
 def test_load_profile_from_segments_refuses_bad_input() -> None:
     with pytest.raises(ValueError, match="increase strictly"):
         LoadProfile.from_segments([0, 5, 5], [0.1, 0.2, 0.3])
@@ -308,6 +336,83 @@ def test_load_profile_from_segments_refuses_bad_input() -> None:
         LoadProfile.from_segments([0, 5], [0.1])
     with pytest.raises(ValueError, match="keep must be"):
         LoadProfile.from_segments([0], [0.1]).coarsen(-1)
+
+
+def _canonical_reference(live: list[tuple[int, int, float]]) -> tuple[list[int], list[int]]:
+    """The load profile of the ``live`` pieces, as a slow, obvious sweep: each piece's rate in
+    the profile's fixed point (2^-48), a breakpoint wherever the summed load changes (none
+    where it stays, and none for a load of 0 before the first). Loads as fixed-point ints."""
+    delta: dict[int, int] = {}
+    for s, e, r in live:
+        q = math.floor(r * 2.0**48 + 0.5)
+        delta[s] = delta.get(s, 0) + q
+        delta[e] = delta.get(e, 0) - q
+    times, loads, cur = [], [], 0
+    for t in sorted(delta):
+        cur += delta[t]
+        if cur != (loads[-1] if loads else 0):
+            times.append(t)
+            loads.append(cur)
+    return times, loads
+
+
+_RATES = st.sampled_from([0.5, 0.25, 0.125, 1.0 / 3.0, 0.1, 0.7]) | st.floats(1e-6, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(1, 1500), horizon=st.none() | st.integers(0, 6000))
+def test_load_profile_blocks_match_a_sweep_of_the_live_pieces(data: Any, n: int, horizon: int | None) -> None:
+    """Pieces added to and taken out of a ``LoadProfile`` in any order (what settling,
+    shifting and re-fitting windows do), enough of them to fill, split and empty its blocks
+    of 256 breakpoints: the profile is exactly the sweep of the pieces still in it, with a
+    breakpoint only where the load changes; every block holds 1 to 256 breakpoints; and
+    dropping the past keeps the load from the horizon on."""
+    p = LoadProfile()
+    live: list[tuple[int, int, float]] = []
+    rng = data.draw(st.randoms(use_true_random=False))
+    rates = [data.draw(_RATES) for _ in range(8)]
+    for _ in range(n):
+        if live and rng.random() < 0.35:
+            pc = live.pop(rng.randrange(len(live)))
+            p.add([pc], -1)
+        else:
+            s = rng.randrange(0, 5000)
+            pc = (s, s + rng.randrange(1, 500), rng.choice(rates))
+            live.append(pc)
+            p.add([pc])
+    times, loads = _canonical_reference(live)
+    assert p.times == times
+    assert [round(x * 2.0**48) for x in p.loads] == loads
+    assert len(p) == len(times)
+    if n >= 200:  # a piece taken out restores loads: its ends no longer change the load
+        assert p.merged > 0
+    assert all(1 <= b <= 256 for b in p.blocks) and sum(p.blocks) == len(p)
+    if horizon is not None:
+        before = sum(1 for t in times if t < horizon)
+        at = loads[bisect.bisect_right(times, horizon) - 1] if before or horizon in times else 0
+        assert p.drop_before(horizon) == before and p.dropped == before
+        keep = [(t, v) for t, v in zip(times, loads) if t > horizon]
+        assert list(zip(p.times, [round(x * 2.0**48) for x in p.loads])) == [(horizon, at)] + keep
+
+
+def test_load_profile_add_refuses_bad_pieces_and_changes_nothing() -> None:
+    p = LoadProfile()
+    p.add([(0, 10, 0.5)])
+    before = (p.times, p.loads)
+    for bad in ([(5, 5, 0.5)], [(10, 5, 0.5)], [(0, 10, 0.0)], [(0, 10, float("nan"))], [(0, 10, 40000.0)],
+                [(-1, 10, 0.5)], [(0, 2**63, 0.5)], [(0.0, 10, 0.5)], [(0, 10, 0.5), (3, 1, 0.5)]):
+        with pytest.raises(ValueError):
+            p.add(bad)
+        assert (p.times, p.loads) == before
+    with pytest.raises(ValueError, match="sign"):
+        p.add([(0, 10, 0.5)], 2)
+    with pytest.raises(ValueError, match="x must be"):
+        p.drop_before(-1)
+    with pytest.raises(ValueError, match="x must be"):
+        p.drop_before(2**63)
+    assert (p.times, p.loads) == before and p.dropped == 0
+    with pytest.raises(ValueError, match="loads must be finite"):
+        LoadProfile.from_segments([0], [float("inf")])
 
 
 class _Sampled(Timeline):
@@ -337,19 +442,25 @@ class _Sampled(Timeline):
 def test_many_vcpus_keep_their_load_profile_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """64 vCPUs, an 8 GiB SNP ``eager-post`` boot: while a vCPU's window stays open (it waits
     for ``mmu_lock`` behind an attribute ioctl), no window to come can start before it, so
-    ``cpa_lock``'s load profile keeps every breakpoint from there on (thousands). None is
-    averaged away: until 2026-12-06 the profile was coarsened past 16 breakpoints per actor
-    plus 128 (1,168 here), which hid where the lock was saturated and moved the 64-vCPU
-    critical path by tens of percent (32 GiB: 6,603.5 ms against 4,634.8 ms unbounded;
-    docs/performance.md, "64 vCPUs as the memory grows"). And each settled window keeps one
-    piece where its rate does not change, not one per stretch of the profile it crossed."""
+    ``cpa_lock``'s load profile keeps every change of load from there on. None is averaged
+    away: until 2026-12-06 the profile was coarsened past 16 breakpoints per actor plus 128
+    (1,168 here), which hid where the lock was saturated and moved the 64-vCPU critical path
+    by tens of percent (32 GiB: 6,603.5 ms against 4,634.8 ms unbounded; docs/performance.md,
+    "64 vCPUs as the memory grows"). The profile keeps a breakpoint only where the load
+    changes: windows taken out and fitted again elsewhere left most of its breakpoints between
+    two segments of the same load (here more than 13,000 against a peak of fewer than 500
+    kept; before 2026-12-06 the peak was over 1,168, and at 16 GiB 93,016 of 104,197 were
+    such). And each settled window keeps one piece where its rate does not
+    change, not one per stretch of the profile it crossed."""
     monkeypatch.setattr(experiments, "Timeline", _Sampled)
     r = experiments.run(experiments.Config(platform="snp", policy="eager-post", memory="8G", vcpus=64))
     tl = _Sampled.last
     assert tl is not None
     lk = tl.locks["cpa_lock"]
-    assert tl.peak > 16 * (64 + 1) + 128, tl.peak
     assert lk.prof.averaged == 0 and lk.prof.dropped > 0  # the past was trimmed, nothing averaged
+    assert lk.prof.merged > 10 * tl.peak, (lk.prof.merged, tl.peak)
+    loads = lk.prof.loads
+    assert all(x != y for x, y in zip(loads, loads[1:]))
     assert r.critical_path_ns > 0 and lk.spans
     for w in lk.spans:
         pcs = list(w.pieces)
