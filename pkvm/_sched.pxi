@@ -1702,8 +1702,9 @@ cdef class SchedHooks:
         # old enough to drop, and the lists would grow by a window each. Past these bounds the
         # oldest entries are coarsened instead (a window's neighbours of the same actor
         # merged, a profile's neighbouring segments averaged). Coarsening is lossy (an average
-        # hides where the lock was saturated), so the bounds are high; a 64-vCPU SNP boot of
-        # 64 GiB or more still passes the profile's (docs/timeline.md, "Bookkeeping").
+        # hides where the lock was saturated), so the bounds are high; since the profile keeps
+        # a breakpoint only where the load changes, a 64-vCPU SNP boot of 512 GiB stays under
+        # the profile's (docs/timeline.md, "Bookkeeping").
         if len(lk.spans) > _SPANS_MAX + 64 * na:
             _spans_coarsen(lk.spans, (_SPANS_MAX + 64 * na) // 2)
         if lk.prof.n > _PROF_MAX + 256 * na:
