@@ -146,9 +146,7 @@ cdef class LoadProfile:
         can reach. How many were taken out (also added to ``dropped``)."""
         if type(x) is not int or not 0 <= x < 2**63:
             raise ValueError(f"x must be an int in [0, 2**63), got {x!r}")
-        cdef Py_ssize_t m = self._drop_before(x)
-        self.dropped += m
-        return m
+        return self._drop_before(x)
 
     cdef void _clear(self) noexcept:
         cdef Py_ssize_t k
@@ -207,7 +205,8 @@ cdef class LoadProfile:
 
     cdef Py_ssize_t _insert(self, Py_ssize_t *pk, Py_ssize_t *pi, long long x, long long v) except -2:
         """Insert the breakpoint ``(x, v)`` at position ``(*pk, *pi)`` (where the breakpoint
-        now there, if any, was; ``(k, n)`` of block ``k`` is its end), which is updated to
+        now there, if any, was; ``(k, n)`` of block ``k`` is its end; ``(0, 0)`` in an empty
+        profile), which is updated to
         where it landed. A full block is split in two first, its upper half (from ``_PB //
         2`` on) to a new block after it: the index of the block split, -1 if none."""
         cdef Py_ssize_t k = pk[0], i = pi[0], h, split = -1
@@ -215,10 +214,6 @@ cdef class LoadProfile:
         cdef _PBlock *nx
         if self.nb == 0:
             self._new_block(0)
-            k = i = 0
-        elif k == self.nb:  # (after the last block: at its end)
-            k -= 1
-            i = self.b[k].n
         blk = self.b[k]
         if blk.n == _PB:  # split: the upper half to a new block after it
             h = _PB // 2
@@ -265,7 +260,7 @@ cdef class LoadProfile:
 
     cdef Py_ssize_t _drop_before(self, long long x) except -1:
         """Take out every breakpoint before ``x``, which becomes one (the load from it on
-        unchanged); how many were taken out."""
+        unchanged); how many were taken out (counted in ``dropped``)."""
         cdef Py_ssize_t k, i, j, m = 0
         cdef _PBlock *blk
         _prof_split(self, x, &k, &i)
@@ -283,6 +278,7 @@ cdef class LoadProfile:
             self.first[0] = blk.t[0]
             m += i
         self.n -= m
+        self.dropped += m
         return m
 
 
@@ -889,7 +885,7 @@ cdef int _spans_coarsen(list spans, Py_ssize_t keep) except -1:
     x = <_Window>spans[0]
     for j in range(1, n):
         y = <_Window>spans[j]
-        if left > keep and not (x.actor != y.actor):
+        if left > keep and x.actor == y.actor:
             x = _window(x.actor, x.start if x.start < y.start else y.start,
                         x.end if x.end > y.end else y.end, x.h + y.h, x.n + y.n,
                         x.hs + y.hs, x.ns + y.ns, x.dt + y.dt, _pieces_merge(x.pieces, y.pieces))
@@ -1692,7 +1688,7 @@ cdef class SchedHooks:
                 if k.pw_depth > 0 and k.pw_t0 < horizon:
                     horizon = k.pw_t0
             lk.spans = [wd for wd in spans if (<_Window>wd).end > horizon]
-            lk.prof.dropped += lk.prof._drop_before(horizon)
+            lk.prof._drop_before(horizon)
             # Next time when the lists have doubled (or passed the per-actor floor): while
             # nothing is old enough to drop (a window held open, an actor alone ahead of
             # SimPy's clock) trimming at every window would cost the lists' length each.
