@@ -695,6 +695,8 @@ cdef class FaultPath:
         cdef int64_t npop
         cdef Run r
         cdef int level, shift
+        cdef uint64_t cap = <uint64_t>-1
+        cdef VmState vs = self.vs
         f.mmu_seq = self.stats.v[S_MMU_INVALIDATE_SEQ]
         if f.is_private != ((f.attr & _F_ATTR_PRIVATE) != 0):  # the attribute fault_begin read
             _memory_fault_exit(f, _F_EFAULT)
@@ -727,15 +729,22 @@ cdef class FaultPath:
                 return 0
             f.ret = "retry"
             return 0
-        if self.vs.mmu_invalidate_in_progress:
-            f.single = True
+        if vs.mmu_invalidate_in_progress:
             if self._retry_gfn(f.mmu_seq, gfn):  # mmu_invalidate_retry_gfn_unsafe
                 f.ret = "retry"
                 return 0
+            # An open invalidation turns back only the gfns of its range (the check looks at
+            # the faulting gfn): the per-page faults of a batch below the range take this same
+            # path up to its start, and above it all the way (docs/kvm-model.md, "Batched
+            # faults"). With many vCPUs converting at once one is nearly always open.
+            if gfn < vs._range_start:
+                cap = vs._range_start
+                if cap <= gfn + 1:
+                    f.single = True
         end = gfn + 1
         if not f.single:
             rangemap_run_at(self.attrs, gfn, &r)
-            end = min(f.limit, self.c_end, r.end)
+            end = min(f.limit, self.c_end, r.end, cap)
             rangemap_run_at(self.sptes, gfn, &r)
             end = min(end, r.end)
         flags = self.c_ms.flags

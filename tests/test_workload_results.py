@@ -34,7 +34,7 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '3dc3559d468407d6',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'aa86053b9ca10054',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '6fc6e92f1d364df1',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): 'c7955cbcb4d13035',
 }
 MEMORY = "512M"
 
