@@ -11,7 +11,8 @@ windows of the locks the kernel takes page by page grows with the memory
 
 Run: ``python3 bench/vcpu_scale.py`` (SNP ``eager-post`` and ``fault-time``, 64 vCPUs, 16G,
 32G and 64G, seed 0). Options: ``--memory 16G,64G``, ``--vcpus 64``, ``--policies
-eager-post``, ``--platform tdx --policies 6.19``, ``--seed N``. Not part of the test run; the
+eager-post``, ``--platform tdx --policies 6.19``, ``--seed N``, ``--host-cpus N`` (default 64, or the vCPUs
+when more). Not part of the test run; the
 larger sizes take minutes.
 """
 
@@ -40,6 +41,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory", default="16G,32G,64G", help="guest memory sizes, comma-separated")
     ap.add_argument("--vcpus", type=int, default=64)
+    ap.add_argument("--host-cpus", type=int, default=None,
+                    help="host CPUs (default: 64, or the vCPUs when more; each vCPU thread needs one)")
     ap.add_argument("--platform", default="snp")
     ap.add_argument("--policies", default="eager-post,fault-time")
     ap.add_argument("--seed", type=int, default=0)
@@ -50,7 +53,8 @@ def main() -> int:
         print(f"{'memory':>7} {'vCPUs':>5} {'policy':>12} {'CPU s':>9} {'SimPy events':>13} {'critical ms':>12}")
         for memory in a.memory.split(","):
             for policy in a.policies.split(","):
-                cfg = E.Config(platform=a.platform, policy=policy, memory=memory, vcpus=a.vcpus)
+                cfg = E.Config(platform=a.platform, policy=policy, memory=memory, vcpus=a.vcpus,
+                               host_cpus=a.host_cpus or max(64, a.vcpus))
                 _CountingEnvironment.steps = 0
                 t = time.process_time()
                 r = E.run(cfg, seed=a.seed)
