@@ -356,6 +356,7 @@ class SchedActor:
     debts: list[Any]
     absorb: int
     ipi_in: list[Any]
+    fault_seq: int
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base

@@ -1129,6 +1129,10 @@ cdef class SchedActor:
     cdef public long long pw_t0, pw_calls, pw_long_n, pw_long_ns, lock_debt
     cdef public dict pw_acc
     cdef public list debts
+    # ``mmu_invalidate_seq`` as this actor's last fault snapshotted it before its pfn lookup
+    # (fault_timeline): a RET_PF_RETRY with the seq moved since was turned back by an
+    # invalidation another thread ended meanwhile (Timeline.retry_fault)
+    cdef public int64_t fault_seq
 
     def __init__(self, name, vcpu):
         self.name = name
@@ -2558,6 +2562,8 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
             fp.topup(vm, f, gfn)
         if not f.ret:
             fp._faultin(f)  # kvm_gmem_get_pfn: only the folio lock (docs/timeline.md)
+            if sched._current is not None:
+                sched._current.fault_seq = f.mmu_seq
             sched._sync_point()
         vs = fp.vs
         if not f.ret:

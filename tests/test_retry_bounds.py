@@ -129,3 +129,20 @@ def test_pvalidate_under_an_invalidation_left_open_stops_with_rmp_loop(form):
     assert (r.ret, r.value, r.retries, r.loop) == ("rmp_loop", gpa, RETRY_LIMIT, "PVALIDATE #NPF refault")
     assert r.faults == RETRY_LIMIT
     assert vm.stats["pf_retry"] == RETRY_LIMIT and vm.stats["pvalidate"] == 0
+
+
+@pytest.mark.parametrize("platform,policy,workload,vcpus", [("snp", "fault-time", "swiotlb", 32),
+                                                             ("snp", "eager-post", "implicit", 64),
+                                                             ("tdx", "6.19", "swiotlb", 64),
+                                                             ("sw_protected", "6.19", "swiotlb", 32)])
+def test_faults_turned_back_by_other_threads_invalidations_are_not_a_loop(platform, policy, workload, vcpus):
+    """On the timeline a fault whose pfn lookup another thread's invalidation ended during is
+    turned back (``mmu_invalidate_seq`` moved: RET_PF_RETRY) and re-faults at once, as the
+    kernel's does; it is not a loop that cannot end. With 32 vCPUs converting bounce buffers at
+    once one gfn was turned back that way 64 times in a row, and the run ended with EIO as if
+    the guest had hung (``Timeline.retry_fault`` counted only the retries it spun out). Each
+    case failed so before 2026-12-06 (evening), at 1 GiB with these vCPUs."""
+    from pkvm import experiments as E
+
+    r = E.run(E.Config(platform=platform, policy=policy, memory="1G", vcpus=vcpus, workload=workload))
+    assert r.critical_path_ns > 0 and r.races["pf_retry"] > 0

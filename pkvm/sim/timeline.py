@@ -548,8 +548,12 @@ class Timeline(SchedHooks):
         while an invalidation covering ``gfn`` is in progress (``mmu_invalidate_retry_gfn``);
         the spin's re-faults are counted, its time is a stall. ``prefetch``: the retry loop of
         ``KVM_PRE_FAULT_MEMORY`` (``kvm_tdp_map_page``), whose faults count no ``pf_taken``
-        or ``pf_retry``. True if it spun: the caller's next attempt is not one of a loop that
-        cannot end (a retry no invalidation explains, as on a memslot being deleted, is)."""
+        or ``pf_retry``. True if it spun, or if an invalidation another thread ended during the
+        fault turned it back (``mmu_invalidate_seq`` moved since the fault's snapshot): the
+        caller's next attempt is not one of a loop that cannot end (a retry no invalidation
+        explains, as on a memslot being deleted, is). With many vCPUs converting, one gfn can
+        be turned back that way many times in a row; the kernel re-enters the guest each time
+        and gets through, so those do not count towards ``RETRY_LIMIT``."""
         a = self._current
         vm = self.vm
         self.races["pf_retry"] += 1
@@ -570,7 +574,7 @@ class Timeline(SchedHooks):
             st = vm._stats
             st["pf_retry"] += spins
             st["pf_taken"] += spins
-        return bool(waited > 0)
+        return bool(waited > 0) or vm._stats["mmu_invalidate_seq"] != a.fault_seq
 
     # -- internals -----------------------------------------------------------------------------
 
