@@ -271,3 +271,41 @@ def test_a_batch_stops_at_an_open_invalidation_and_runs_whole_beside_it():
     vm._invalidate_end()
     assert vcpu.access(100 << 12, private=True, size=100 << 12).ret == "done"
     vm.check()
+
+
+@settings(deadline=None)
+@given(lo=st.integers(0, _PAGES), n=st.integers(1, 600), start=st.integers(_PAGES // 2, _PAGES - 1),
+       npages=st.integers(1, 600))
+def test_a_td_shared_batch_beside_an_open_invalidation_matches_its_pages_one_by_one(lo, n, start, npages):
+    """The same on a TD, over its shared half (4K shared backing, so a batch maps many 4K
+    leaves through the shared root; a TD's private faults come one page per TDCALL): the batch
+    and the pages one per call leave the same S-EPT, SPTEs, counters and modeled time."""
+    from tdxhelpers import td, tdx_snapshot
+
+    hi = min(lo + n, _PAGES)
+    end = min(start + npages, _PAGES)
+    vms = []
+    for _ in range(2):
+        vm, _vmm, _gmem, vcpu = td(_PAGES << 12, shared_backing="4k")
+        vm.set_memory_attributes(_PAGES << 11, _PAGES << 11, 0)
+        vm._invalidate_begin()
+        vm._invalidate_range_add(lo, hi)
+        vms.append((vm, vcpu))
+    (batch_vm, batch_vcpu), (loop_vm, loop_vcpu) = vms
+    r = batch_vcpu.access(start << 12, private=False, size=(end - start) << 12)
+    done = faults = 0
+    ret = "done"
+    for g in range(start, end):
+        one = loop_vcpu.access(g << 12, private=False, size=1 << 12)
+        faults += one.faults
+        done += one.pages_done
+        if one.ret != "done":
+            ret = one.ret
+            break
+    assert (r.pages_done, r.faults) == (done, faults)
+    assert (r.ret == "done") == (ret == "done")
+    assert tdx_snapshot(batch_vm) == tdx_snapshot(loop_vm)
+    assert batch_vm.cost_by_actor() == loop_vm.cost_by_actor()
+    for v in (batch_vm, loop_vm):
+        v._invalidate_end()
+        v.check()
