@@ -216,6 +216,30 @@ def _vm_with_open_invalidation(platform, lo, hi):
     return vm, vm.create_vcpu()
 
 
+def _batch_against_pages(batch_vcpu, loop_vcpu, start, end, private, state):
+    """One access over gfns ``[start, end)`` on ``batch_vcpu``'s VM, and the same pages one per
+    call (never a batch) on ``loop_vcpu``'s twin: the same result, faults, ``state(vm)`` and
+    cost by actor; then each VM's invalidation ends and its invariants hold."""
+    r = batch_vcpu.access(start << 12, private=private, size=(end - start) << 12)
+    done = faults = 0
+    ret = "done"
+    for g in range(start, end):
+        one = loop_vcpu.access(g << 12, private=private, size=1 << 12)
+        faults += one.faults
+        done += one.pages_done
+        if one.ret != "done":
+            ret = one.ret
+            break
+    assert (r.pages_done, r.faults) == (done, faults)
+    assert (r.ret == "done") == (ret == "done")
+    batch_vm, loop_vm = batch_vcpu.vm, loop_vcpu.vm
+    assert state(batch_vm) == state(loop_vm)
+    assert batch_vm.cost_by_actor() == loop_vm.cost_by_actor()
+    for v in (batch_vm, loop_vm):
+        v._invalidate_end()
+        v.check()
+
+
 @settings(max_examples=60, deadline=None)
 @given(platform=st.sampled_from(["sw_protected", "snp"]), lo=st.integers(0, _PAGES), n=st.integers(1, 600),
        start=st.integers(0, _PAGES - 1), npages=st.integers(1, 700), private=st.booleans())
@@ -233,25 +257,9 @@ def test_a_batch_beside_an_open_invalidation_matches_its_pages_one_by_one(platfo
     end = min(start + npages, _PAGES // 2 if private else _PAGES)
     batch_vm, batch_vcpu = _vm_with_open_invalidation(platform, lo, hi)
     loop_vm, loop_vcpu = _vm_with_open_invalidation(platform, lo, hi)
-    r = batch_vcpu.access(start << 12, private=private, size=(end - start) << 12)
-    done = faults = 0
-    ret = "done"
-    for g in range(start, end):  # one page per call: never a batch
-        one = loop_vcpu.access(g << 12, private=private, size=1 << 12)
-        faults += one.faults
-        done += one.pages_done
-        if one.ret != "done":
-            ret = one.ret
-            break
-    assert (r.pages_done, r.faults) == (done, faults)
-    assert (r.ret == "done") == (ret == "done")
-    assert snapshot(batch_vm) == snapshot(loop_vm)
-    assert batch_vm.cost_by_actor() == loop_vm.cost_by_actor()
+    _batch_against_pages(batch_vcpu, loop_vcpu, start, end, private, snapshot)
     if platform == "snp":
         assert batch_vm.rmp.ranges() == loop_vm.rmp.ranges()
-    for v in (batch_vm, loop_vm):
-        v._invalidate_end()
-        v.check()
 
 
 def test_a_batch_stops_at_an_open_invalidation_and_runs_whole_beside_it():
@@ -292,20 +300,4 @@ def test_a_td_shared_batch_beside_an_open_invalidation_matches_its_pages_one_by_
         vm._invalidate_range_add(lo, hi)
         vms.append((vm, vcpu))
     (batch_vm, batch_vcpu), (loop_vm, loop_vcpu) = vms
-    r = batch_vcpu.access(start << 12, private=False, size=(end - start) << 12)
-    done = faults = 0
-    ret = "done"
-    for g in range(start, end):
-        one = loop_vcpu.access(g << 12, private=False, size=1 << 12)
-        faults += one.faults
-        done += one.pages_done
-        if one.ret != "done":
-            ret = one.ret
-            break
-    assert (r.pages_done, r.faults) == (done, faults)
-    assert (r.ret == "done") == (ret == "done")
-    assert tdx_snapshot(batch_vm) == tdx_snapshot(loop_vm)
-    assert batch_vm.cost_by_actor() == loop_vm.cost_by_actor()
-    for v in (batch_vm, loop_vm):
-        v._invalidate_end()
-        v.check()
+    _batch_against_pages(batch_vcpu, loop_vcpu, start, end, False, tdx_snapshot)
