@@ -293,9 +293,6 @@ cdef class _Pieces:
     cdef long long *e
     cdef double *r
     cdef Py_ssize_t n, cap
-    # a piece was added that starts before the last one's end (never by the timeline, whose
-    # pieces come in time order): the searches by time (_pieces_from) do not apply
-    cdef bint unordered
 
     def __dealloc__(self):
         free(self.s)
@@ -316,8 +313,6 @@ cdef class _Pieces:
         if self.n and self.e[self.n - 1] == s and self.r[self.n - 1] == r and e >= s:
             self.e[self.n - 1] = e
             return 0
-        if e < s or (self.n and s < self.e[self.n - 1]):
-            self.unordered = True
         if self.n == self.cap:
             self._reserve(self.n + 1)
         self.s[self.n] = s
@@ -357,8 +352,6 @@ cdef class _Pieces:
         cdef Py_ssize_t m = i1 - i0
         if m <= 0:
             return 0
-        if o.unordered or (self.n and o.s[i0] < self.e[self.n - 1]):
-            self.unordered = True
         self._reserve(self.n + m)
         memcpy(&self.s[self.n], &o.s[i0], m * sizeof(long long))
         memcpy(&self.e[self.n], &o.e[i0], m * sizeof(long long))
@@ -944,11 +937,11 @@ cdef long long _free_slot(list busy, long long x, long long dur) except -1:
 
 
 cdef inline Py_ssize_t _pieces_from(_Pieces pieces, long long a) noexcept:
-    """The first of a window's pieces that ends after ``a`` (``pieces.n``: none), found by
-    bisection when they are in time order (their ends then increase), else 0."""
+    """The first of a window's pieces that ends after ``a`` (``pieces.n``: none), by
+    bisection. A window's pieces are in time order, each from the last one's end on: every
+    maker appends them so (_prof_fit, _prof_fit_fair, the split of a stalled window,
+    _pieces_merge)."""
     cdef Py_ssize_t lo = 0, hi = pieces.n, mid
-    if pieces.unordered:
-        return 0
     while lo < hi:
         mid = (lo + hi) >> 1
         if pieces.e[mid] <= a:
@@ -966,7 +959,7 @@ cdef double _pieces_use(_Pieces pieces, long long a, long long b) except? -1.0:
     cdef Py_ssize_t i
     for i in range(_pieces_from(pieces, a), pieces.n):
         x = pieces.s[i]
-        if x >= b and not pieces.unordered:
+        if x >= b:
             break
         y = pieces.e[i]
         if x < a:
@@ -1614,29 +1607,18 @@ cdef class SchedHooks:
                 after = _Pieces()
                 u = 0.0
                 pcs = sp.pieces
-                if pcs.unordered:
-                    for j in range(pcs.n):
-                        if pcs.e[j] <= x:
-                            before.add(pcs.s[j], pcs.e[j], pcs.r[j])
-                        elif pcs.s[j] >= x:
-                            after.add(pcs.s[j], pcs.e[j], pcs.r[j])
-                            u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
-                        else:
-                            before.add(pcs.s[j], x, pcs.r[j])
-                            after.add(x, pcs.e[j], pcs.r[j])
-                            u += <double>(pcs.e[j] - x) * pcs.r[j]
-                else:  # the same, by ranges: the pieces that end by x, the one across it, the rest
-                    j = _pieces_from(pcs, x)
-                    before.append_range(pcs, 0, j)
-                    if j < pcs.n and pcs.s[j] < x:
-                        before.add(pcs.s[j], x, pcs.r[j])
-                        after.add(x, pcs.e[j], pcs.r[j])
-                        u += <double>(pcs.e[j] - x) * pcs.r[j]
-                        j += 1
-                    after.append_range(pcs, j, pcs.n)
-                    while j < pcs.n:
-                        u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
-                        j += 1
+                # the pieces that end by x, the one across it, the rest
+                j = _pieces_from(pcs, x)
+                before.append_range(pcs, 0, j)
+                if j < pcs.n and pcs.s[j] < x:
+                    before.add(pcs.s[j], x, pcs.r[j])
+                    after.add(x, pcs.e[j], pcs.r[j])
+                    u += <double>(pcs.e[j] - x) * pcs.r[j]
+                    j += 1
+                after.append_range(pcs, j, pcs.n)
+                while j < pcs.n:
+                    u += <double>(pcs.e[j] - pcs.s[j]) * pcs.r[j]
+                    j += 1
                 if u <= 0.0:
                     continue  # no acquisition left
                 c = <double>(b1 - x)
