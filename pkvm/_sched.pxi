@@ -1027,13 +1027,20 @@ cdef int _prof_coarsen(LoadProfile p, Py_ssize_t keep) except -1:
     return 0
 
 
-cdef inline long long _rest_len(long long e, long long b1, long long wj, double u) noexcept:
-    """The stretch a stalled window's rest (``u`` ns of lock use) is spread over from ``b1``:
-    what it had left until its end ``e`` after the wait ``wj`` it met, and at least ``u``."""
-    cdef long long ov = e - b1 + wj
-    if <double>ov < u:
-        ov = <long long>u + (1 if u > <long long>u else 0)
-    return ov
+cdef inline long long _rest_len(_Window sp, double u) noexcept:
+    """The time a stalled window's rest (``u`` ns of lock use) takes with the lock to itself:
+    the work it has left, at the rate the window uses the lock while it works (``h / dt``), and
+    at least ``u``. (Until 2026-12-06 it was spread over what the window had left until its
+    end, the waits already owed included, so a window that had waited went on at that diluted
+    rate after the hold even where the lock was free: docs/timeline.md, "A window of a single
+    hold".)"""
+    cdef double x = u
+    if sp.h > 0 and sp.dt > sp.h:
+        x = u * <double>sp.dt / <double>sp.h
+    cdef long long ov = <long long>x
+    if <double>ov < x:
+        ov += 1
+    return ov if ov > 0 else 1
 
 
 cdef inline double _meet_p(double c, double p, double g) noexcept:
@@ -1726,7 +1733,7 @@ cdef class SchedHooks:
                 st = <tuple>stalled[i]
                 sp = <_Window>st[0]
                 u = <double>st[4]
-                ov = _rest_len(sp.end, b1, <long long>st[6], u)
+                ov = _rest_len(sp, u)
                 dts[i] = ov
                 ds[i] = u / <double>ov
             _prof_fit_fair(lk.prof, b1, m, dts, ds, rests, ends)
@@ -1749,7 +1756,7 @@ cdef class SchedHooks:
         added); its wait, and its later windows moved."""
         cdef long long e = sp.end, ov
         if rest is None:
-            ov = _rest_len(e, b1, wj, u)
+            ov = _rest_len(sp, u)
             rest = _Pieces()
             tend = _prof_fit(lk.prof, b1, ov, u / <double>ov, rest)
             _prof_add(lk.prof, rest)
