@@ -1630,18 +1630,18 @@ cdef class SchedHooks:
                     continue  # no acquisition left
                 c = <double>(b1 - x)
                 q = _meet_p(c, pj, gj)
-                wj = <long long>(_meet_w(c, pj, gj) + 0.5)
                 # What it had left from x on, less the work it did before it stalled, after
-                # this hold and around the load there (_prof_fit: never above capacity).
+                # this hold and around the load there at its own rate (_rest_len; _prof_fit:
+                # never above capacity); its wait is where that ends.
                 _prof_add(lk.prof, after, -1.0)
                 if stalled is None:
                     stalled = []
                     stalled_by = set()
                 if sp.actor in stalled_by:
-                    self._pw_rest(k, lock, lk, sp, before, after, u, q, wj, b1, None, -1)
+                    self._pw_rest(k, lock, lk, sp, before, after, u, q, b1, None, -1)
                 else:
                     stalled_by.add(sp.actor)
-                    stalled.append((sp, k, before, after, u, q, wj))
+                    stalled.append((sp, k, before, after, u, q))
                 continue
             else:
                 ov = (e if e < t1 else t1) - (s if s > t0 else t0)
@@ -1714,12 +1714,12 @@ cdef class SchedHooks:
         cdef list rests, ends
         cdef long long *dts
         cdef double *ds
-        cdef long long ov, wj
+        cdef long long ov
         cdef double u
         if m == 1:
             st = <tuple>stalled[0]
             return self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
-                                 <double>st[4], <double>st[5], <long long>st[6], b1, None, -1)
+                                 <double>st[4], <double>st[5], b1, None, -1)
         dts = <long long*>malloc(m * sizeof(long long))
         ds = <double*>malloc(m * sizeof(double))
         if dts == NULL or ds == NULL:
@@ -1745,16 +1745,16 @@ cdef class SchedHooks:
         for i in range(m):
             st = <tuple>stalled[i]
             self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
-                          <double>st[4], <double>st[5], <long long>st[6], b1, <_Pieces>rests[i], <long long>ends[i])
+                          <double>st[4], <double>st[5], b1, <_Pieces>rests[i], <long long>ends[i])
         return 0
 
     cdef int _pw_rest(self, SchedActor k, lock, LockState lk, _Window sp, _Pieces before, _Pieces after,
-                      double u, double q, long long wj, long long b1, _Pieces rest, long long tend) except -1:
+                      double u, double q, long long b1, _Pieces rest, long long tend) except -1:
         """A running window ``sp`` of actor ``k`` stalled by a single hold that ends at ``b1``:
         what it had left (``after``, ``u`` ns of lock use, already out of the profile) is fitted
         again from ``b1`` around the load there (or was, into ``rest`` ending at ``tend``, and
         added); its wait, and its later windows moved."""
-        cdef long long e = sp.end, ov
+        cdef long long e = sp.end, ov, wj
         if rest is None:
             ov = _rest_len(sp, u)
             rest = _Pieces()
