@@ -1752,8 +1752,9 @@ cdef class SchedHooks:
                       double u, double q, long long b1, _Pieces rest, long long tend) except -1:
         """A running window ``sp`` of actor ``k`` stalled by a single hold that ends at ``b1``:
         what it had left (``after``, ``u`` ns of lock use, already out of the profile) is fitted
-        again from ``b1`` around the load there (or was, into ``rest`` ending at ``tend``, and
-        added); its wait, and its later windows moved."""
+        again from ``b1`` around the load there, at the window's own rate (_rest_len), or was,
+        into ``rest`` ending at ``tend``, and added; its wait is where that ends past the
+        window's end, and its later windows move by it."""
         cdef long long e = sp.end, ov, wj
         if rest is None:
             ov = _rest_len(sp, u)
