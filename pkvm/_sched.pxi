@@ -24,12 +24,21 @@ cdef inline long long _load_q(double v) noexcept:
     return <long long>floor(v * _LOAD_ONE + 0.5)
 
 
+cdef inline long long _load_qp(double v) noexcept:
+    """_load_q of a rate ``v > 0`` (a piece's): the conversion truncates, which for a
+    positive value is the floor."""
+    return <long long>(v * _LOAD_ONE + 0.5)
+
+
 # The profile is kept in blocks of at most _PB breakpoints, in time order (a block that fills
 # is split in two; an emptied one is freed), so that a breakpoint inserted or removed moves at
 # most a block, not the whole profile: with 64 vCPUs a settled window is taken out and fitted
 # again many times (SchedHooks._pw_shift) while the profile holds thousands of breakpoints.
 cdef enum:
     _PB = 256
+    # From this many pieces on, _prof_add merges a window's pieces into the profile in one
+    # pass (_prof_add_merged) instead of a search, a split and a pass per piece.
+    _MERGE_MIN = 16
 
 ctypedef struct _PBlock:
     Py_ssize_t n
@@ -202,6 +211,63 @@ cdef class LoadProfile:
         self.b[k] = blk
         self.nb += 1
         return k
+
+    cdef int _replace_blocks(self, Py_ssize_t k0, Py_ssize_t k1, long long *t, long long *l,
+                             Py_ssize_t m) except -1:
+        """Replace blocks ``k0`` to ``k1`` (none if ``k1 < k0``) with the ``m`` breakpoints
+        of ``t`` / ``l`` (in order, between the blocks around), in blocks three quarters full
+        (one if they fit in it); the caller keeps ``n``."""
+        cdef Py_ssize_t old = k1 - k0 + 1 if k1 >= k0 else 0, nbl, k, i, j = 0, per, cap
+        cdef _PBlock **nb
+        cdef long long *nf
+        cdef _PBlock *blk
+        cdef _PBlock **fresh
+        if m == 0:
+            nbl = 0
+        elif m <= _PB:
+            nbl = 1
+        else:
+            nbl = (m + (3 * _PB) // 4 - 1) // ((3 * _PB) // 4)
+        if self.nb - old + nbl > self.bcap:
+            cap = self.bcap * 2 if self.bcap else 8
+            while cap < self.nb - old + nbl:
+                cap *= 2
+            nb = <_PBlock**>realloc(self.b, cap * sizeof(_PBlock*))
+            if nb == NULL:
+                raise MemoryError()
+            self.b = nb
+            nf = <long long*>realloc(self.first, cap * sizeof(long long))
+            if nf == NULL:
+                raise MemoryError()
+            self.first = nf
+            self.bcap = cap
+        # the new blocks first, so that running out of memory leaves the profile as it was
+        fresh = <_PBlock**>malloc((nbl if nbl else 1) * sizeof(_PBlock*))
+        if fresh == NULL:
+            raise MemoryError()
+        for k in range(nbl):
+            fresh[k] = <_PBlock*>malloc(sizeof(_PBlock))
+            if fresh[k] == NULL:
+                for i in range(k):
+                    free(fresh[i])
+                free(fresh)
+                raise MemoryError()
+        for k in range(k0, k0 + old):
+            free(self.b[k])
+        memmove(&self.b[k0 + nbl], &self.b[k0 + old], (self.nb - k0 - old) * sizeof(_PBlock*))
+        memmove(&self.first[k0 + nbl], &self.first[k0 + old], (self.nb - k0 - old) * sizeof(long long))
+        self.nb += nbl - old
+        for k in range(nbl):
+            blk = fresh[k]
+            per = m // nbl + (1 if k < m % nbl else 0)
+            memcpy(blk.t, &t[j], per * sizeof(long long))
+            memcpy(blk.l, &l[j], per * sizeof(long long))
+            blk.n = per
+            j += per
+            self.b[k0 + k] = blk
+            self.first[k0 + k] = blk.t[0]
+        free(fresh)
+        return 0
 
     cdef Py_ssize_t _insert(self, Py_ssize_t *pk, Py_ssize_t *pi, long long x, long long v) except -2:
         """Insert the breakpoint ``(x, v)`` at position ``(*pk, *pi)`` (where the breakpoint
@@ -732,13 +798,16 @@ cdef long long _prof_fit(LoadProfile p, long long t0, long long dt, double d, _P
 
 
 cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dts, double *ds,
-                        list rests, list ends) except -1:
+                        list rests, list ends, _Pieces total) except -1:
     """``m`` windows that start at ``t0``, window ``i`` alone taking ``dts[i]`` ns using the lock
     at rate ``ds[i]``, fitted together: in each stretch the capacity the profile's load leaves
     is shared max-min fair (each gets its rate, or an equal share of what is left when that is
     less), and a window goes at the speed its share allows. Window ``i``'s pieces go to
-    ``rests[i]`` and its end to ``ends[i]``."""
+    ``rests[i]`` and its end to ``ends[i]``; to ``total``, their sum, as the profile takes it
+    (each stretch at the sum of the windows' rates in fixed point, which a double holds
+    exactly: adding it adds the rests, in one pass)."""
     cdef Py_ssize_t i, left, active = 0, k, j, nk, nj
+    cdef long long qsum
     cdef long long t = t0, end, tau, take
     cdef double avail, l, share, give
     cdef double *need = <double*>malloc(m * sizeof(double))
@@ -798,15 +867,19 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
                         tau = take
             if tau < 0:  # nobody progresses in an open segment: guarded above
                 tau = 1
+            qsum = 0
             for i in range(m):
                 if done[i] or alloc[i] <= 0.0:
                     continue
+                qsum += _load_qp(alloc[i])
                 (<_Pieces>rests[i]).add(t, t + tau, alloc[i])
                 need[i] -= <double>tau * alloc[i] / ds[i]
                 if need[i] <= 0.5:
                     done[i] = 1
                     ends[i] = t + tau
                     active -= 1
+            if qsum > 0:
+                total.add(t, t + tau, <double>qsum / _LOAD_ONE)
             t += tau
             if end >= 0 and t >= end:
                 k = nk
@@ -818,20 +891,191 @@ cdef int _prof_fit_fair(LoadProfile p, long long t0, Py_ssize_t m, long long *dt
     return 0
 
 
+ctypedef struct _Ev:
+    long long t  # a time
+    long long d  # the load's change there (fixed point)
+
+
+cdef int _prof_merge(LoadProfile p, _Ev *ev, Py_ssize_t ne) except -1:
+    """Add the changes of load ``ev[:ne]`` (in time order, one per time, none zero, summing
+    to zero) to the load profile in one pass over the stretch they cover: the blocks that
+    hold it are written anew (_replace_blocks), a breakpoint kept only where the load
+    changes. The same profile as adding the pieces they come from one by one (the loads are
+    fixed point, so the sums are exact, and the profile has one form for a given load)."""
+    cdef Py_ssize_t k, i, ka, ia, kb, ib, k0, k1, nold = 0, nnew = 0, cap, oi, ei, L
+    cdef long long tmin, tmax, prev, ocur, dcur, t, v
+    cdef long long *ct = NULL
+    cdef long long *cl = NULL
+    cdef _PBlock *blk
+    cdef bint more
+    if ne == 0:
+        return 0
+    try:
+        tmin = ev[0].t
+        tmax = ev[ne - 1].t
+        # the first breakpoint at or after tmin, and the load before it
+        _prof_seek(p, tmin, &k, &i)
+        if i >= 0 and p.b[k].t[i] == tmin:
+            prev = _prof_load_before(p, k, i)
+            ka = k
+            ia = i
+        elif i >= 0:
+            prev = p.b[k].l[i]
+            ka = k
+            ia = i
+            if not _prof_next(p, &ka, &ia):
+                ka = p.nb
+                ia = 0
+        else:
+            prev = 0
+            ka = 0
+            ia = 0
+        # the blocks rewritten: from the one holding (ka, ia) (or the last) to the one holding
+        # the first breakpoint after tmax (or the last)
+        k0 = ka if ka < p.nb else p.nb - 1
+        kb = ka
+        ib = ia
+        more = kb < p.nb
+        while more and p.b[kb].t[ib] <= tmax:
+            nold += 1
+            more = _prof_next(p, &kb, &ib)
+        if not more:
+            kb = p.nb
+            ib = 0
+        k1 = kb if kb < p.nb else p.nb - 1
+        cap = ne + nold + 1
+        if k0 >= 0:
+            for k in range(k0, k1 + 1):
+                cap += p.b[k].n
+        ct = <long long*>malloc(cap * sizeof(long long))
+        cl = <long long*>malloc(cap * sizeof(long long))
+        if ct == NULL or cl == NULL:
+            raise MemoryError()
+        L = 0
+        # the blocks' breakpoints before (ka, ia)
+        if k0 >= 0:
+            k = k0
+            while k <= k1 and (k < ka or ka >= p.nb):
+                blk = p.b[k]
+                memcpy(&ct[L], blk.t, blk.n * sizeof(long long))
+                memcpy(&cl[L], blk.l, blk.n * sizeof(long long))
+                L += blk.n
+                k += 1
+            if ka < p.nb and k == ka:
+                memcpy(&ct[L], p.b[ka].t, ia * sizeof(long long))
+                memcpy(&cl[L], p.b[ka].l, ia * sizeof(long long))
+                L += ia
+        # the old breakpoints in [tmin, tmax] merged with the changes
+        ocur = prev
+        dcur = 0
+        ei = 0
+        k = ka
+        i = ia
+        oi = 0
+        while oi < nold or ei < ne:
+            if oi < nold and (ei >= ne or p.b[k].t[i] <= ev[ei].t):
+                t = p.b[k].t[i]
+            else:
+                t = ev[ei].t
+            if oi < nold and p.b[k].t[i] == t:
+                ocur = p.b[k].l[i]
+                oi += 1
+                _prof_next(p, &k, &i)
+            if ei < ne and ev[ei].t == t:
+                dcur += ev[ei].d
+                ei += 1
+            v = ocur + dcur
+            if v != prev:
+                ct[L] = t
+                cl[L] = v
+                L += 1
+                nnew += 1
+                prev = v
+            else:
+                p.merged += 1
+        # the rest of the last block rewritten, from the first breakpoint after tmax
+        if kb < p.nb:
+            blk = p.b[kb]
+            memcpy(&ct[L], &blk.t[ib], (blk.n - ib) * sizeof(long long))
+            memcpy(&cl[L], &blk.l[ib], (blk.n - ib) * sizeof(long long))
+            L += blk.n - ib
+        p._replace_blocks(k0 if k0 >= 0 else 0, k1 if k0 >= 0 else -1, ct, cl, L)
+        p.n += nnew - nold
+    finally:
+        free(ct)
+        free(cl)
+    return 0
+
+
+cdef Py_ssize_t _ev_from(_Pieces pieces, bint neg, Py_ssize_t j0, _Ev *ev) noexcept:
+    """Into ``ev`` (room for two per piece), the changes of load that adding (``neg``: taking
+    out) ``pieces`` from the ``j0``-th on makes, in time order, one per time, none zero (each
+    piece's rate in fixed point, as _prof_add takes it): how many, or -1 if the pieces are
+    not in time order."""
+    cdef Py_ssize_t j, w = 0
+    cdef long long q, s, e, last = LLONG_MIN
+    for j in range(j0, pieces.n):
+        s = pieces.s[j]
+        e = pieces.e[j]
+        if e <= s or pieces.r[j] <= 0.0:
+            continue
+        q = _load_qp(pieces.r[j])
+        if q == 0:
+            continue
+        if s < last:
+            return -1
+        last = e
+        if neg:
+            q = -q
+        if w and ev[w - 1].t == s:
+            ev[w - 1].d += q
+            if ev[w - 1].d == 0:
+                w -= 1
+        else:
+            ev[w].t = s
+            ev[w].d = q
+            w += 1
+        ev[w].t = e
+        ev[w].d = -q
+        w += 1
+    return w
+
+
+cdef int _prof_add_merged(LoadProfile p, _Pieces pieces, double sign, Py_ssize_t j0) except -1:
+    """_prof_add for a window's many pieces, in one pass (_prof_merge): 1 if added, 0 if they
+    are not in time order (then the caller adds them one by one)."""
+    cdef Py_ssize_t w
+    cdef _Ev *ev = <_Ev*>malloc(2 * (pieces.n - j0) * sizeof(_Ev))
+    if ev == NULL:
+        raise MemoryError()
+    try:
+        w = _ev_from(pieces, sign < 0.0, j0, ev)
+        if w < 0:
+            return 0
+        if w:
+            _prof_merge(p, ev, w)
+    finally:
+        free(ev)
+    return 1
+
+
 cdef int _prof_add(LoadProfile p, _Pieces pieces, double sign=1.0, Py_ssize_t j0=0) except -1:
     """Add each ``(start, end, rate)`` of ``pieces`` (from the ``j0``-th on) to the load
     profile (``sign=-1``: take them out of it; the same pieces taken out restore the loads
     exactly). A breakpoint at
     which the load no longer changes is dropped, so the profile stays as short as the load
     it describes (windows taken out and fitted again elsewhere would otherwise leave one at
-    each end they had)."""
+    each end they had). From _MERGE_MIN pieces on, in time order (a window's always are), in
+    one pass (_prof_add_merged): the same profile."""
     cdef Py_ssize_t j, ka, ia, kb = -1, ib = 0, k, i, e
     cdef long long r
     cdef _PBlock *blk
+    if pieces.n - j0 >= _MERGE_MIN and _prof_add_merged(p, pieces, sign, j0):
+        return 0
     for j in range(j0, pieces.n):
         if pieces.e[j] <= pieces.s[j] or pieces.r[j] <= 0.0:
             continue
-        r = _load_q(pieces.r[j])
+        r = _load_qp(pieces.r[j])
         if r == 0:
             continue
         if sign < 0.0:
@@ -1707,7 +1951,8 @@ cdef class SchedHooks:
         """The running windows one single hold (ending at ``b1``) stalled, one per actor, their
         rests already out of the profile: one is fitted again alone (_pw_rest); several share
         the capacity the load leaves them from ``b1`` on, max-min fair (_prof_fit_fair), as
-        the kernel's queued lock serves their acquisitions in turn."""
+        the kernel's queued lock serves their acquisitions in turn; their rests go into the
+        profile as their sum, in one pass."""
         cdef Py_ssize_t m = len(stalled), i
         cdef tuple st
         cdef _Window sp
@@ -1716,6 +1961,7 @@ cdef class SchedHooks:
         cdef double *ds
         cdef long long ov
         cdef double u
+        cdef _Pieces total = _Pieces()
         if m == 1:
             st = <tuple>stalled[0]
             return self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
@@ -1736,12 +1982,11 @@ cdef class SchedHooks:
                 ov = _rest_len(sp, u)
                 dts[i] = ov
                 ds[i] = u / <double>ov
-            _prof_fit_fair(lk.prof, b1, m, dts, ds, rests, ends)
+            _prof_fit_fair(lk.prof, b1, m, dts, ds, rests, ends, total)
         finally:
             free(dts)
             free(ds)
-        for i in range(m):
-            _prof_add(lk.prof, <_Pieces>rests[i])
+        _prof_add(lk.prof, total)  # every rest, in one pass
         for i in range(m):
             st = <tuple>stalled[i]
             self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],

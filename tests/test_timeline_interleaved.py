@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 
 from typing import Any
 
@@ -411,6 +412,41 @@ def test_load_profile_blocks_match_a_sweep_of_the_live_pieces(data: Any, n: int,
         assert p.drop_before(horizon) == before and p.dropped == before
         keep = [(t, v) for t, v in zip(times, loads) if t > horizon]
         assert list(zip(p.times, [round(x * 2.0**48) for x in p.loads])) == [(horizon, at)] + keep
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(1, 60), seed=st.integers(0, 2**32))
+def test_load_profile_takes_a_windows_many_pieces_in_one_pass(data: Any, n: int, seed: int) -> None:
+    """A settled window's many pieces added and taken out whole (from 16 pieces on,
+    ``_prof_add`` merges them into the profile in one pass, writing the blocks they cover
+    anew: ``_prof_add_merged``), among single pieces and short windows, with gaps between
+    pieces and pieces of the same rate end to end; a list out of time order is added piece
+    by piece. The profile is always exactly the sweep of the pieces still in it, with a
+    breakpoint only where the load changes, and every block holds 1 to 256 breakpoints."""
+    p = LoadProfile()
+    windows: list[list[tuple[int, int, float]]] = []
+    rng = random.Random(seed)
+    rates = [data.draw(_RATES) for _ in range(4)]
+    for step in range(n):
+        if windows and rng.random() < 0.35:
+            p.add(windows.pop(rng.randrange(len(windows))), -1)
+        else:
+            t = rng.randrange(0, 20000)
+            w = []
+            for _ in range(rng.choice([1, 15, 16, 17, 40, 300])):
+                t += rng.choice([0, 0, 0, rng.randrange(1, 50)])  # end to end, or after a gap
+                d = rng.randrange(1, 40)
+                w.append((t, t + d, rng.choice(rates)))
+                t += d
+            if rng.random() < 0.15:
+                rng.shuffle(w)
+            windows.append(w)
+            p.add(w)
+        if step % 8 == 7 or step == n - 1:
+            times, loads = _canonical_reference([pc for w in windows for pc in w])
+            assert p.times == times
+            assert [round(x * 2.0**48) for x in p.loads] == loads
+            assert all(1 <= b <= 256 for b in p.blocks) and sum(p.blocks) == len(p)
 
 
 def test_load_profile_add_refuses_bad_pieces_and_changes_nothing() -> None:
