@@ -2007,12 +2007,10 @@ cdef class SchedHooks:
             tend = _prof_fit(lk.prof, b1, ov, u / <double>ov, rest)
             _prof_add(lk.prof, rest)
         wj = tend - e
-        if wj <= 0:  # nothing to wait for: where it was
-            _prof_add(lk.prof, rest, -1.0)
-            _prof_add(lk.prof, after)
-            return 0
         before.extend(rest)
         sp.pieces = before
+        if wj <= 0:  # nothing to wait for; its rest stays after the hold (its old pieces were under it)
+            return 0
         sp.end = e + wj
         wj += self._pw_shift(lk, sp, e, wj)
         self._pw_wait(k, lock, lk, sp, wj, <long long>(q + 0.5))

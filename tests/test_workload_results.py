@@ -29,7 +29,7 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
     ('snp', 'fault-time', 3, 'balloon', ()): 'da6f6f8349ee91be',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '606ff490e0516ae7',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5d86080acd81149e',
     ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '2b19e466df45f0fc',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '3deacc5d4db53269',
