@@ -1882,10 +1882,10 @@ cdef class SchedHooks:
                     stalled = []
                     stalled_by = set()
                 if sp.actor in stalled_by:
-                    self._pw_rest(k, lock, lk, sp, before, after, u, q, b1, None, -1)
+                    self._pw_rest(k, lock, lk, sp, before, u, q, b1, None, -1)
                 else:
                     stalled_by.add(sp.actor)
-                    stalled.append((sp, k, before, after, u, q))
+                    stalled.append((sp, k, before, u, q))
                 continue
             else:
                 ov = (e if e < t1 else t1) - (s if s > t0 else t0)
@@ -1964,8 +1964,8 @@ cdef class SchedHooks:
         cdef _Pieces total = _Pieces()
         if m == 1:
             st = <tuple>stalled[0]
-            return self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
-                                 <double>st[4], <double>st[5], b1, None, -1)
+            return self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2],
+                                 <double>st[3], <double>st[4], b1, None, -1)
         dts = <long long*>malloc(m * sizeof(long long))
         ds = <double*>malloc(m * sizeof(double))
         if dts == NULL or ds == NULL:
@@ -1978,7 +1978,7 @@ cdef class SchedHooks:
             for i in range(m):
                 st = <tuple>stalled[i]
                 sp = <_Window>st[0]
-                u = <double>st[4]
+                u = <double>st[3]
                 ov = _rest_len(sp, u)
                 dts[i] = ov
                 ds[i] = u / <double>ov
@@ -1989,17 +1989,18 @@ cdef class SchedHooks:
         _prof_add(lk.prof, total)  # every rest, in one pass
         for i in range(m):
             st = <tuple>stalled[i]
-            self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2], <_Pieces>st[3],
-                          <double>st[4], <double>st[5], b1, <_Pieces>rests[i], <long long>ends[i])
+            self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2],
+                          <double>st[3], <double>st[4], b1, <_Pieces>rests[i], <long long>ends[i])
         return 0
 
-    cdef int _pw_rest(self, SchedActor k, lock, LockState lk, _Window sp, _Pieces before, _Pieces after,
+    cdef int _pw_rest(self, SchedActor k, lock, LockState lk, _Window sp, _Pieces before,
                       double u, double q, long long b1, _Pieces rest, long long tend) except -1:
         """A running window ``sp`` of actor ``k`` stalled by a single hold that ends at ``b1``:
-        what it had left (``after``, ``u`` ns of lock use, already out of the profile) is fitted
-        again from ``b1`` around the load there, at the window's own rate (_rest_len), or was,
-        into ``rest`` ending at ``tend``, and added; its wait is where that ends past the
-        window's end, and its later windows move by it."""
+        what it had left after its pieces ``before`` (``u`` ns of lock use, already out of the
+        profile) is fitted again from ``b1`` around the load there, at the window's own rate
+        (_rest_len), or was, into ``rest`` ending at ``tend``, and added. The window's pieces
+        become ``before`` and the rest; its wait is where the rest ends past the window's end,
+        and its later windows move by it."""
         cdef long long e = sp.end, ov, wj
         if rest is None:
             ov = _rest_len(sp, u)
