@@ -9,7 +9,7 @@ much, as the holds' share of the accept phase, with the critical path beside it.
 
 Run: ``python3 bench/lock_utilization.py`` (SNP ``eager-post`` boot, 512M with 32 vCPUs and
 256M with 64, seed 1; under a minute). Options: ``--configs 1G:64`` (memory:vCPUs),
-``--batch-pages 16384,1024,256``, ``--platform tdx --policy 6.19 --lock tdx_sept``. Not part
+``--batch-pages 16384,1024,512,256``, ``--platform tdx --policy 6.19 --lock tdx_sept``. Not part
 of the test run.
 """
 
@@ -24,7 +24,7 @@ from pkvm import experiments as E
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="512M:32,256M:64", help="memory:vCPUs, comma-separated")
-    ap.add_argument("--batch-pages", default="16384,1024,256")
+    ap.add_argument("--batch-pages", default="16384,1024,512,256")
     ap.add_argument("--platform", default="snp")
     ap.add_argument("--policy", default="eager-post")
     ap.add_argument("--lock", default="cpa_lock")

@@ -3,14 +3,14 @@
 The interleaved model of the locks the kernel takes page by page settles every window of a
 vCPU's work against the other vCPUs' (docs/timeline.md, "Locks the kernel takes page by
 page"); the number of windows grows as the batch shrinks, and settling one grows with the
-number of vCPUs. ``auto_batch_pages`` (docs/timeline.md, "Choosing the batch") takes 1024
+number of vCPUs. ``auto_batch_pages`` (docs/timeline.md, "Choosing the batch") takes 512
 pages where this cost stays within its budget. This prints, per configuration, the process
 CPU seconds of one ``pkvm.experiments.run`` at each batch size and its critical path (which
 a change that only speeds the settling up must leave exactly as it was).
 
 Run: ``python3 bench/settle_cost.py`` (SNP ``boot`` under ``eager-post``, seed 1, the
 configurations of docs/timeline.md's table). To compare two builds, run it with each on
-``PYTHONPATH``. Options: ``--configs 8G:8,2G:32`` (memory:vCPUs), ``--batch-pages 1024,16384``,
+``PYTHONPATH``. Options: ``--configs 8G:8,2G:32`` (memory:vCPUs), ``--batch-pages 512,16384``,
 ``--platform tdx --policy 6.19``. Not part of the test run.
 """
 
@@ -28,7 +28,7 @@ DEFAULT_CONFIGS = "8G:8,64G:8,8G:16,64G:16,2G:32,8G:32,1G:64"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="memory:vCPUs, comma-separated")
-    ap.add_argument("--batch-pages", default="1024,16384")
+    ap.add_argument("--batch-pages", default="512,1024,16384")
     ap.add_argument("--platform", default="snp")
     ap.add_argument("--policy", default="eager-post")
     ap.add_argument("--seed", type=int, default=1)

@@ -204,8 +204,8 @@ def _experiment_options(single_policy: bool) -> _Parser:
     g.add_argument("--batch-pages", type=_batch_pages, default=None, metavar="N|auto",
                    help="the most 4K pages a private fault batch covers while another actor runs on the "
                         "timeline, a power of two: smaller is finer-grained and slower; auto (the default) "
-                        "takes 1024 (4 MiB) where the simulation can afford it (up to 64G with 16 vCPUs, "
-                        "8G with 32), else 16384 (docs/timeline.md, \"Choosing the batch\")")
+                        "takes 512 (2 MiB) where the simulation can afford it (up to 64G with 32 vCPUs, "
+                        "16G with 64), else 16384 (docs/timeline.md, \"Choosing the batch\")")
     g.add_argument("--pagewise-locks", default="interleaved", choices=PAGEWISE_LOCK_MODELS,
                    help="how the locks the kernel takes page by page (cpa_lock, the TDX S-EPT) are modelled "
                         "on the timeline: 'interleaved', a batch's page holds interleave with the other "

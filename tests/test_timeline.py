@@ -240,34 +240,34 @@ def test_one_vcpu_fault_latency_is_the_work() -> None:
 
 
 def test_auto_batch_pages_by_memory_and_vcpus() -> None:
-    """Config(batch_pages=None), the default: 1024 pages with two vCPUs or more while the RAM
-    holds at most 16,384 batches of it (64 GiB) and (memory / 4 MiB) * vcpus**3 is within what
-    64 GiB with 16 vCPUs makes, for up to 32 vCPUs; else 16384, as with one vCPU.
+    """Config(batch_pages=None), the default: 512 pages with two to 64 vCPUs while the RAM
+    holds at most 32,768 batches of it (64 GiB) and (memory / 2 MiB) * vcpus**2 is within what
+    16 GiB with 64 vCPUs makes; else 16384, as with one vCPU.
     The size chosen is what the run uses and what its results report; a given size is kept; a
     change of memory or vCPUs chooses again, and so does each point of a grid."""
     from pkvm.sim.timeline import auto_batch_pages
 
-    cases = {(1 << 30, 1): 16384, (1 << 30, 2): 1024, (1 << 30, 8): 1024, (64 << 30, 8): 1024,
-             ((64 << 30) + (4 << 20), 8): 16384, (128 << 30, 8): 16384, (64 << 30, 16): 1024,
-             ((64 << 30) + (4 << 20), 16): 16384, (64 << 30, 17): 16384, (8 << 30, 32): 1024,
-             ((8 << 30) + (4 << 20), 32): 16384, (16 << 30, 32): 16384, (1 << 30, 33): 16384,
-             (256 << 20, 64): 16384, (1 << 40, 1): 16384,
-             (64 << 30, 2): 1024, (128 << 30, 2): 16384, (1 << 40, 3): 16384}
+    cases = {(1 << 30, 1): 16384, (1 << 30, 2): 512, (1 << 30, 8): 512, (64 << 30, 8): 512,
+             ((64 << 30) + (2 << 20), 8): 16384, (128 << 30, 8): 16384, (64 << 30, 16): 512,
+             ((64 << 30) + (2 << 20), 16): 16384, (64 << 30, 32): 512, ((64 << 30) + (2 << 20), 32): 16384,
+             (64 << 30, 33): 16384, (16 << 30, 64): 512, ((16 << 30) + (2 << 20), 64): 16384,
+             (32 << 30, 64): 16384, (1 << 30, 65): 16384, (256 << 20, 64): 512, (1 << 40, 1): 16384,
+             (64 << 30, 2): 512, (128 << 30, 2): 16384, (1 << 40, 3): 16384}
     assert {k: auto_batch_pages(*k) for k in cases} == cases
     for bad in ((-1, 2), (1.5, 2), ("64G", 2), (None, 2), (1 << 30, 0), (1 << 30, 2.0), (1 << 30, True)):
         with pytest.raises(ValueError, match="memory|vcpus"):
             auto_batch_pages(*bad)  # type: ignore[arg-type]
     cfg = experiments.Config(platform="snp", memory="1G", vcpus=3)
-    assert cfg.batch_pages is None and cfg.batch_pages_used == 1024
+    assert cfg.batch_pages is None and cfg.batch_pages_used == 512
     assert experiments.Config(memory="1G", vcpus=3, batch_pages=256).batch_pages_used == 256
     assert cfg.with_(memory="128G").batch_pages_used == 16384  # chosen again
     assert cfg.with_(vcpus=1).batch_pages_used == 16384
     r = experiments.run(cfg, seed=1)
-    assert r.to_dict()["config"]["batch_pages"] == 1024 and r.to_dict()["config"]["batch_pages_auto"] is True
-    assert r.metrics(wall=False) == experiments.run(cfg.with_(batch_pages=1024), seed=1).metrics(wall=False)
+    assert r.to_dict()["config"]["batch_pages"] == 512 and r.to_dict()["config"]["batch_pages_auto"] is True
+    assert r.metrics(wall=False) == experiments.run(cfg.with_(batch_pages=512), seed=1).metrics(wall=False)
     assert r.metrics(wall=False) != experiments.run(cfg.with_(batch_pages=1 << 14), seed=1).metrics(wall=False)
     frame = experiments.to_frame(experiments.sweep_grid(cfg.with_(memory="64M"), {"vcpus": [1, 2]}, ["fault-time"]))
-    assert frame["batch_pages"].tolist() == [16384, 1024]
+    assert frame["batch_pages"].tolist() == [16384, 512]
 
 
 @pytest.mark.parametrize("model", ["batch", "interleaved"])

@@ -95,8 +95,8 @@ class Config:
     on a host of ``host_cpus`` CPUs (interrupted by kernel TLB flushes; it also prices SNP's
     direct-map flush); ``batch_pages`` is the most pages a private fault batch covers while
     another actor runs (a power of two; see :class:`pkvm.sim.Timeline`), or None (the
-    default) for :func:`pkvm.sim.timeline.auto_batch_pages` of the memory and vCPUs: 1024
-    pages where the simulation can afford it (up to 64 GiB with 16 vCPUs, 8 GiB with 32), else
+    default) for :func:`pkvm.sim.timeline.auto_batch_pages` of the memory and vCPUs: 512
+    pages where the simulation can afford it (up to 64 GiB with 32 vCPUs, 16 GiB with 64), else
     16384 (``batch_pages_used`` is the number, and what results report);
     ``pagewise_locks`` how the locks the kernel takes page by page (``cpa_lock``, the TDX
     S-EPT) are modelled on the timeline, one of :data:`pkvm.sim.timeline.PAGEWISE_LOCK_MODELS`

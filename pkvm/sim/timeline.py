@@ -42,42 +42,41 @@ READ, WRITE = 0, 1
 #: Timeline(batch_pages=): 64 MiB of 4K pages.
 DEFAULT_BATCH_PAGES = 1 << 14
 MAX_BATCH_PAGES = 1 << 30
-#: auto_batch_pages: the finer batch (4 MiB of 4K pages), the most batches of it in the RAM
+#: auto_batch_pages: the finer batch (2 MiB of 4K pages), the most batches of it in the RAM
 #: (64 GiB), the most simulation work it may cost, counted as those batches times vCPUs
-#: cubed (64 GiB with 16 vCPUs), and the most vCPUs it was checked for.
-AUTO_BATCH_PAGES = 1 << 10
-AUTO_BATCH_COUNT = 1 << 14
-AUTO_BATCH_BUDGET = AUTO_BATCH_COUNT * 16 ** 3
-AUTO_BATCH_VCPUS = 32
+#: squared (16 GiB with 64 vCPUs, 64 GiB with 32), and the most vCPUs it was checked for.
+AUTO_BATCH_PAGES = 1 << 9
+AUTO_BATCH_COUNT = 1 << 15
+AUTO_BATCH_BUDGET = (1 << 13) * 64 ** 2
+AUTO_BATCH_VCPUS = 64
 
 
 def auto_batch_pages(memory: int, vcpus: int) -> int:
     """The fault batch ``Config(batch_pages=None)`` (the default) runs ``vcpus`` vCPUs with on
-    ``memory`` bytes of RAM: :data:`AUTO_BATCH_PAGES` (1024 pages, 4 MiB) where the
+    ``memory`` bytes of RAM: :data:`AUTO_BATCH_PAGES` (512 pages, 2 MiB) where the
     simulation can afford it, else :data:`DEFAULT_BATCH_PAGES` (16384, 64 MiB).
 
     A batch is the window over which the interleaved model spreads its page-by-page
     acquisitions of ``cpa_lock`` and the S-EPT, and windows that are long against the run are
     settled unfairly (docs/timeline.md, "Choosing the batch"): against the page-by-page
-    reference, 1024 pages put TDX and SNP boots with 8 to 32 vCPUs within 0.1-8 % of its
-    critical path where 16384 were up to 26 % above.
-    Sizes in between are not used: with 2048 to 8192 pages a window holds a few 2M splits of
-    the direct map, and SNP ``fault-time``'s waits for them came out further from the
-    reference than with either. The cost of settling
-    a window grows with the number of vCPUs faster than their square, and each batch costs its
-    own events besides, so 1024 is taken while the RAM holds at most :data:`AUTO_BATCH_COUNT`
-    batches of it (64 GiB) and ``(memory / 4 MiB) * vcpus ** 3`` stays within
-    :data:`AUTO_BATCH_BUDGET`, what 64 GiB with 16 vCPUs makes (8 GiB with 32: about 3 s of
-    CPU for an eager SNP policy against 0.4 s or less with 16384). One vCPU has no other vCPU's
-    windows to share these locks with, and keeps 16384; nor do more than
-    :data:`AUTO_BATCH_VCPUS`, where 1024 pages put the eager SNP boot's critical path 96 %
-    above the reference (1 GiB with 64 vCPUs; 2 % with 16384).
+    reference, 512 pages put SNP boots with 3 to 64 vCPUs and TDX boots with 8 to 64 within 3 %
+    of its critical path but one (the eager SNP boot at 512 MiB with 64 vCPUs, 7 %), where 1024
+    pages were up to 13 % above it (16 and 64 vCPUs) and 16384 up to 26 %. Sizes from 2048 to 8192 pages are not used: such a
+    window holds a few 2M splits of the direct map, and SNP ``fault-time``'s waits for them
+    came out further from the reference than with either end. Settling a window costs about
+    the square of the number of vCPUs, and each batch costs its own events besides, so 512 is
+    taken while the RAM holds at most :data:`AUTO_BATCH_COUNT` batches of it (64 GiB) and
+    ``(memory / 2 MiB) * vcpus ** 2`` stays within :data:`AUTO_BATCH_BUDGET`, what 16 GiB
+    with 64 vCPUs makes (64 GiB with 32; about 6 s of CPU for an eager SNP boot at 16 GiB with
+    64 vCPUs, against 0.2 s with 16384 pages). One vCPU has no other vCPU's windows to share
+    these locks with, and keeps 16384; so do more than :data:`AUTO_BATCH_VCPUS`, the most the
+    finer batch was checked for.
 
     >>> auto_batch_pages(1 << 30, 8), auto_batch_pages(64 << 30, 8), auto_batch_pages(128 << 30, 8)
-    (1024, 1024, 16384)
-    >>> auto_batch_pages(64 << 30, 16), auto_batch_pages(8 << 30, 32), auto_batch_pages(16 << 30, 32)
-    (1024, 1024, 16384)
-    >>> auto_batch_pages(1 << 30, 64), auto_batch_pages(1 << 40, 1)
+    (512, 512, 16384)
+    >>> auto_batch_pages(64 << 30, 32), auto_batch_pages(16 << 30, 64), auto_batch_pages(32 << 30, 64)
+    (512, 512, 16384)
+    >>> auto_batch_pages(1 << 30, 65), auto_batch_pages(1 << 40, 1)
     (16384, 16384)
     """
     if type(memory) is not int or memory < 0:
@@ -85,7 +84,7 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
     if type(vcpus) is not int or vcpus < 1:
         raise ValueError(f"vcpus {vcpus!r} must be a positive int")
     batches = (memory >> 12) // AUTO_BATCH_PAGES  # batches of AUTO_BATCH_PAGES in the RAM
-    if 1 < vcpus <= AUTO_BATCH_VCPUS and batches <= AUTO_BATCH_COUNT and batches * vcpus ** 3 <= AUTO_BATCH_BUDGET:
+    if 1 < vcpus <= AUTO_BATCH_VCPUS and batches <= AUTO_BATCH_COUNT and batches * vcpus ** 2 <= AUTO_BATCH_BUDGET:
         return AUTO_BATCH_PAGES
     return DEFAULT_BATCH_PAGES
 
