@@ -350,6 +350,7 @@ cdef class LoadProfile:
 
 @cython.final
 @cython.auto_pickle(False)  # live simulation state: never pickled
+@cython.final  # (no subclass: add is called directly, not through a vtable, and inlined)
 cdef class _Pieces:
     """Where a window uses an interleaved lock: ``(start, end, rate)`` pieces in time order
     (SchedHooks._pw_settle; _prof_fit makes them, _prof_add adds them to a LoadProfile).
@@ -361,9 +362,7 @@ cdef class _Pieces:
     cdef Py_ssize_t n, cap
 
     def __dealloc__(self):
-        free(self.s)
-        free(self.e)
-        free(self.r)
+        free(self.s)  # (one block: e and r point into it)
 
     def __len__(self):
         return self.n
@@ -371,7 +370,7 @@ cdef class _Pieces:
     def __iter__(self):
         return iter([(self.s[i], self.e[i], self.r[i]) for i in range(self.n)])
 
-    cdef int add(self, long long s, long long e, double r) except -1:
+    cdef inline int add(self, long long s, long long e, double r) except -1:
         """Append the piece ``[s, e)`` at rate ``r``; one that continues the last piece at the
         same rate (``s`` its end, ``r`` its rate) extends it instead: the same use of the lock,
         in one piece (a window fitted across many stretches of the load profile at the rate it
@@ -388,27 +387,26 @@ cdef class _Pieces:
         return 0
 
     cdef int _reserve(self, Py_ssize_t need) except -1:
-        """Room for ``need`` pieces."""
-        cdef long long *ns
-        cdef long long *ne
-        cdef double *nr
-        cdef Py_ssize_t cap = self.cap
+        """Room for ``need`` pieces: ``s``, ``e`` and ``r`` are three stretches of one block,
+        so a new window's first piece costs one allocation, not three (and a growth one copy
+        into a new block, not three reallocations)."""
+        cdef char *blk
+        cdef Py_ssize_t cap = self.cap, n = self.n
         if need <= cap:
             return 0
         while cap < need:
-            cap = cap * 2 if cap else 8
-        ns = <long long*>realloc(self.s, cap * sizeof(long long))
-        if ns == NULL:
+            cap = cap * 2 if cap else 16
+        blk = <char*>malloc(cap * (2 * sizeof(long long) + sizeof(double)))
+        if blk == NULL:
             raise MemoryError()
-        self.s = ns
-        ne = <long long*>realloc(self.e, cap * sizeof(long long))
-        if ne == NULL:
-            raise MemoryError()
-        self.e = ne
-        nr = <double*>realloc(self.r, cap * sizeof(double))
-        if nr == NULL:
-            raise MemoryError()
-        self.r = nr
+        if n:
+            memcpy(blk, self.s, n * sizeof(long long))
+            memcpy(blk + cap * sizeof(long long), self.e, n * sizeof(long long))
+            memcpy(blk + 2 * cap * sizeof(long long), self.r, n * sizeof(double))
+        free(self.s)
+        self.s = <long long*>blk
+        self.e = <long long*>(blk + cap * sizeof(long long))
+        self.r = <double*>(blk + 2 * cap * sizeof(long long))
         self.cap = cap
         return 0
 
