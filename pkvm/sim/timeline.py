@@ -61,9 +61,9 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
     settled unfairly (docs/timeline.md, "Choosing the batch"): against the page-by-page
     reference, 512 pages put SNP boots with 3 to 64 vCPUs and TDX boots with 8 to 64 within 3 %
     of its critical path but one (the eager SNP boot at 512 MiB with 64 vCPUs, 7 %), where 1024
-    pages were up to 13 % above it (16 and 64 vCPUs) and 16384 up to 26 %. Sizes from 2048 to 8192 pages are not used: such a
-    window holds a few 2M splits of the direct map, and SNP ``fault-time``'s waits for them
-    came out further from the reference than with either end. Settling a window costs about
+    pages were up to 13 % above it (16 and 64 vCPUs) and 16384 up to 26 %. Sizes from 2048 to
+    8192 pages are not used: such a window holds a few 2M splits of the direct map, and SNP
+    ``fault-time``'s waits for them came out further from the reference than with either end. Settling a window costs about
     the square of the number of vCPUs, and each batch costs its own events besides, so 512 is
     taken while the RAM holds at most :data:`AUTO_BATCH_COUNT` batches of it (64 GiB) and
     ``(memory / 2 MiB) * vcpus ** 2`` stays within :data:`AUTO_BATCH_BUDGET`, what 16 GiB
