@@ -348,9 +348,8 @@ cdef class LoadProfile:
         return m
 
 
-@cython.final
-@cython.auto_pickle(False)  # live simulation state: never pickled
 @cython.final  # (no subclass: add is called directly, not through a vtable, and inlined)
+@cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class _Pieces:
     """Where a window uses an interleaved lock: ``(start, end, rate)`` pieces in time order
     (SchedHooks._pw_settle; _prof_fit makes them, _prof_add adds them to a LoadProfile).
@@ -1959,7 +1958,7 @@ cdef class SchedHooks:
         cdef double *ds
         cdef long long ov
         cdef double u
-        cdef _Pieces total = _Pieces()
+        cdef _Pieces total
         if m == 1:
             st = <tuple>stalled[0]
             return self._pw_rest(<SchedActor>st[1], lock, lk, <_Window>st[0], <_Pieces>st[2],
@@ -1972,6 +1971,7 @@ cdef class SchedHooks:
             raise MemoryError()
         rests = [_Pieces() for i in range(m)]
         ends = [0] * m
+        total = _Pieces()  # their sum
         try:
             for i in range(m):
                 st = <tuple>stalled[i]
