@@ -348,7 +348,7 @@ cdef class LoadProfile:
         return m
 
 
-@cython.final  # (no subclass: add is called directly, not through a vtable, and inlined)
+@cython.final  # (no subclass: add, declared inline, is called directly and inlined)
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class _Pieces:
     """Where a window uses an interleaved lock: ``(start, end, rate)`` pieces in time order
