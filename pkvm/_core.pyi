@@ -357,6 +357,9 @@ class SchedActor:
     absorb: int
     ipi_in: list[Any]
     fault_seq: int
+    rd: Any
+    rd_req: int
+    rd_grant: int
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base
@@ -386,6 +389,8 @@ class LockState:
     prof: LoadProfile | None
     trim_spans: int
     trim_prof: int
+    wholds: list[Any] | None
+    trim_w: int
 
 @final
 class LoadProfile:

@@ -497,6 +497,12 @@ cdef class LockState:
     # until no window can overlap them. False / None on the other locks and under ``pagewise_locks="batch"``.
     cdef public bint interleaved
     cdef public list spans
+    # ``mmu_lock`` under ``pagewise_locks="interleaved"``: the write holds the timeline has
+    # seen, ``(start, end, actor)`` in ns since its start, for the fault batches whose reads
+    # interleave with them (SchedHooks._rd_round), kept until no batch can overlap them
+    # (``trim_w``: the length at which to trim next). None on the other locks and otherwise.
+    cdef public list wholds
+    cdef public Py_ssize_t trim_w
     # ... and the lock's load profile, the rate at which the settled windows use it
     # (LoadProfile; SchedHooks._pw_settle, _prof_fit, _prof_add). None on the other locks.
     cdef public LoadProfile prof
@@ -504,6 +510,44 @@ cdef class LockState:
     # breakpoints; raised to twice what a trim left, so a trim that finds nothing to drop is
     # not repeated at every window.
     cdef public Py_ssize_t trim_spans, trim_prof
+
+
+@cython.final
+@cython.auto_pickle(False)  # live simulation state: never pickled
+cdef class _RdWin:
+    """A fault batch whose reads of ``mmu_lock`` interleave with other actors' write holds
+    (SchedHooks._release_rd), with rounds still to settle: ``stage`` 1, the part ``[lo, hi)``
+    in which its install ran after its release in SimPy (due once SimPy's clock passes
+    ``hi``); 2, the stretches in which its actor pays what it owes (SchedHooks._pay_lock_debt).
+    ``g`` and ``p``: the batch's free time between its acquisitions and its period, ns per
+    page; ``sp``: the window its waits count for (the lock's statistics); ``owed``: the stall
+    of the holds before its release, still to go on its actor's clock (SchedHooks._pw_end)."""
+
+    cdef long long lo, hi, owed
+    cdef int stage
+    cdef double g, p
+    cdef _Window sp
+
+
+cdef int _rd_clip(list iv, long long s, long long e, long long lo, long long hi, long long xs,
+                  long long xe) except -1:
+    """Append to ``iv`` the part of the write hold ``[s, e)`` in ``[lo, hi)`` outside
+    ``[xs, xe)``, as ``(start, end, began before lo)``."""
+    cdef bint before = s < lo
+    if s < lo:
+        s = lo
+    if e > hi:
+        e = hi
+    if e <= s:
+        return 0
+    if xe > xs and s < xe and e > xs:
+        if s < xs:
+            iv.append((s, xs, before))
+        if e > xe:
+            iv.append((xe, e, False))
+        return 0
+    iv.append((s, e, before))
+    return 0
 
 
 @cython.auto_pickle(False)  # pickled by __getstate__ / __setstate__ (a subclass keeps its type)
@@ -1374,6 +1418,12 @@ cdef class SchedActor:
     # (fault_timeline): a RET_PF_RETRY with the seq moved since was turned back by an
     # invalidation another thread ended meanwhile (Timeline.retry_fault)
     cdef public int64_t fault_seq
+    # A fault batch's reads of mmu_lock, interleaved with other actors' write holds
+    # (SchedHooks._release_rd): its rounds still to settle (an _RdWin, or None), and when its
+    # last acquisition of mmu_lock for read was asked for and granted through SimPy (ns since
+    # the timeline's start; _drive)
+    cdef public object rd
+    cdef public long long rd_req, rd_grant
 
     def __init__(self, name, vcpu):
         self.name = name
@@ -1411,6 +1461,9 @@ cdef class SchedActor:
         self.debts = []
         self.absorb = _AB_NONE
         self.ipi_in = []
+        self.rd = None
+        self.rd_req = 0
+        self.rd_grant = 0
 
 
 cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) except -1:
@@ -1589,6 +1642,8 @@ cdef class SchedHooks:
                 lks.written_until = t + held_ns
             if mode == 0 and lks.fast_reads is not None:  # an RWLock's read: see LockState
                 union = _fast_read_add(lks.fast_reads, t + self._t0, t + held_ns + self._t0)
+            elif mode != 0 and lks.wholds is not None:  # for the batches' reads (_rd_round)
+                self._rd_write_hold(a, lks, t, t + held_ns)
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
@@ -1667,19 +1722,26 @@ cdef class SchedHooks:
         cdef list v
         if a is None or a.pw_depth <= 0:
             return 0
+        cdef _RdWin rd
         a.pw_depth -= 1
-        if a.pw_depth or not a.pw_acc:
+        if a.pw_depth:
             return 0
-        acc = a.pw_acc
-        a.pw_acc = {}
         cdef long long t1 = self._now0 + _vm_ns(self) - self._mark  # now_ns
-        for lock, v in acc.items():
-            if <long long>v[1] == 1:  # one hold: not spread over the window, it is where it is
-                self._pw_settle(a, lock, <LockState?>self.locks[lock], <long long>v[2],
-                                <long long>v[2] + <long long>v[0], <long long>v[0], 1, <long long>v[0], 1)
-            else:
-                self._pw_settle(a, lock, <LockState?>self.locks[lock], a.pw_t0, t1, <long long>v[0],
-                                <long long>v[1], <long long>v[3], <long long>v[4])
+        if a.pw_acc:
+            acc = a.pw_acc
+            a.pw_acc = {}
+            for lock, v in acc.items():
+                if <long long>v[1] == 1:  # one hold: not spread over the window, it is where it is
+                    self._pw_settle(a, lock, <LockState?>self.locks[lock], <long long>v[2],
+                                    <long long>v[2] + <long long>v[0], <long long>v[0], 1, <long long>v[0], 1)
+                else:
+                    self._pw_settle(a, lock, <LockState?>self.locks[lock], a.pw_t0, t1, <long long>v[0],
+                                    <long long>v[1], <long long>v[3], <long long>v[4])
+        if a.rd is not None:
+            rd = <_RdWin>a.rd
+            if rd.owed:  # the stall of its fault batch's reads of mmu_lock (_release_rd)
+                self._now0 += rd.owed  # on its clock: what follows starts after the wait
+                rd.owed = 0
         return 0
 
     cdef int _pw_settle(self, SchedActor a, lock, LockState lk, long long t0, long long t1,
@@ -2102,7 +2164,241 @@ cdef class SchedHooks:
         if lock == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally
             self.races["tdx_busy_retry"] += max(m if m > 1 else 1, w // self._seamcall_retry_ns)
         if self.vm._subs is not None:
-            self.vm._emit("lock_wait", None, None, lock, 1, 0, "write", (w,))
+            self.vm._emit("lock_wait", None, None, lock, 1, 0, "read" if lock == "mmu_lock" else "write", (w,))
+        return 0
+
+    cdef long long _rd_round(self, SchedActor a, LockState lk, long long lo, long long hi,
+                             long long xs, long long xe, double g, double p, bint stalled,
+                             long long *m) except -1:
+        """What the write holds of ``mmu_lock`` by other actors in ``[lo, hi)`` (outside
+        ``[xs, xe)``, where ``a`` waited for the lock through SimPy) cost a fault batch of
+        ``a`` whose reads interleave with them: one read acquisition every ``p`` ns, the lock
+        not held ``g`` ns of each (docs/timeline.md, "Interleaved reads of mmu_lock"). The
+        holds are merged where they overlap or touch (a thread stalled by one stays stalled
+        through the next). A hold that began before ``lo`` stalls the batch from ``lo`` on:
+        for all of its part here if the batch was stalled already (``stalled``), else for
+        what is left after its first acquisition, ``g`` after ``lo``; one that begins within
+        costs the queueing's mean wait for a hold of its length (``_meet_w``: most of it when
+        it outlasts ``g``). Returns the wait; ``m[0]``: the holds that made it wait."""
+        cdef list iv = []
+        cdef tuple h
+        cdef long long s, e, cs, ce
+        cdef bint cf
+        cdef double w = 0.0, c, wi
+        cdef Py_ssize_t i, n
+        m[0] = 0
+        if hi <= lo:
+            return 0
+        for h in lk.wholds:
+            if h[2] is a:
+                continue
+            s = h[0]
+            e = h[1]
+            if e > lo and s < hi:
+                _rd_clip(iv, s, e, lo, hi, xs, xe)
+        o = <object>lk
+        wr = o._writer
+        if wr is not None and wr != a.name:  # a write hold in progress in SimPy
+            s = int(o._write_since - self._t0)
+            if s < hi:
+                _rd_clip(iv, s, hi, lo, hi, xs, xe)
+        n = len(iv)
+        if n == 0:
+            return 0
+        if n > 1:
+            iv.sort()
+        h = <tuple>iv[0]
+        cs = h[0]
+        ce = h[1]
+        cf = h[2]
+        for i in range(1, n + 1):
+            if i < n:
+                h = <tuple>iv[i]
+                s = h[0]
+                e = h[1]
+                if s <= ce:
+                    if e > ce:
+                        ce = e
+                    continue
+            c = <double>(ce - cs)
+            if cf:
+                wi = c if stalled else (c - g if c > g else 0.0)
+            else:
+                wi = _meet_w(c, p, g)
+            if wi >= 0.5:
+                w += wi
+                m[0] += 1
+            if i < n:
+                cs = s
+                ce = e
+                cf = h[2]
+        return <long long>(w + 0.5)
+
+    cdef int _rd_trim(self, LockState lk) except -1:
+        """Drop the write holds no fault batch to come, nor one still settling, can
+        overlap: those that ended before SimPy's clock and before every open window's start
+        and every batch's round still due."""
+        cdef long long horizon = int(self.env.now - self._t0)
+        cdef SchedActor k
+        cdef _RdWin rd
+        for k in self._actors.values():
+            if k.pw_depth > 0 and k.pw_t0 < horizon:
+                horizon = k.pw_t0
+            if k.rd is not None:
+                rd = <_RdWin>k.rd
+                if rd.lo < horizon:
+                    horizon = rd.lo
+        lk.wholds = [h for h in lk.wholds if <long long>(<tuple>h)[1] > horizon]
+        lk.trim_w = 2 * len(lk.wholds)
+        if lk.trim_w < 64:
+            lk.trim_w = 64
+        return 0
+
+    cdef int _rd_write_hold(self, SchedActor a, LockState lk, long long s, long long e) except -1:
+        """Record a write hold ``[s, e)`` of ``mmu_lock`` by ``a`` (``LockState.wholds``)."""
+        if e <= s:
+            return 0
+        lk.wholds.append((s, e, a))
+        if len(lk.wholds) > lk.trim_w:
+            self._rd_trim(lk)
+        return 0
+
+    cdef bint _rd_on(self) except -1:
+        """Whether the running actor's fault batch releases ``mmu_lock`` by
+        :meth:`_release_rd`: its reads interleave with writers (``pagewise_locks=
+        "interleaved"``) and another actor is in a task."""
+        cdef SchedActor a = self._current
+        if a is None or a.pw_depth <= 0:
+            return False
+        return (<LockState?>self.locks["mmu_lock"]).wholds is not None and self._active > a.in_task
+
+    cdef int _release_rd(self, long long n) except -1:
+        """The running actor's fault batch of ``n`` pages releases ``mmu_lock`` (read), taken
+        for its staleness check and install (``fault_timeline``). In the kernel each page is
+        a fault that takes the lock for read around its own check and install, between the
+        rest of its work; a writer waits for the page hold in progress, and every vCPU whose
+        next fault comes while the writer waits or holds it stalls until it is done. So the
+        batch's hold is not one that writers queue behind: in SimPy it ends when its state
+        changes are made (the install's time passes after the release, as the batch's work),
+        and the write holds of other actors within the batch's window stall the batch
+        (:meth:`_rd_round`): those before its release now, owed and put on its clock when its
+        window ends (:meth:`_pw_end`, after its interleaved locks are settled, so their windows
+        keep the length of its work); those while its install passes and while it pays what it
+        owes at its next yields (``_RdWin``, :meth:`_drive`, :meth:`_pay_lock_debt`). The lock
+        counts an acquisition per page (docs/timeline.md, "Interleaved reads of mmu_lock")."""
+        cdef SchedActor a = self._current
+        cdef LockState lk = <LockState?>self.locks["mmu_lock"]
+        cdef LockStatsState st = lk.stats
+        cdef list held = a.held
+        cdef tuple h
+        cdef Py_ssize_t i = len(held) - 1
+        cdef long long t, now, pend, rel, req, grant, end, ns, work, wa, m = 0
+        cdef double p, g
+        cdef _RdWin rd
+        cdef _Window sp
+        cdef Ledger led
+        while i >= 0:
+            h = <tuple>held[i]
+            if h[0] == "mmu_lock" and h[1] == 0:
+                break
+            i -= 1
+        else:
+            raise RuntimeError(f"{a.name} releases mmu_lock, which it does not hold")
+        t = h[2]
+        del held[i]
+        t0w = a.pw_t0
+        now = self._now0 + _vm_ns(self) - self._mark
+        if t >= 0:  # taken uncontended on its clock: no writer waits for its install
+            rel = req = grant = t
+            end = now
+            a.fast -= 1
+        else:
+            # released in SimPy before the install's time passes (that time stays pending)
+            pend = _vm_ns(self) - self._mark
+            if pend < 0:
+                pend = 0
+            self._mark += pend
+            self._switch_c(a, (_SCHED_REL, self._take_c(), "mmu_lock", 0))
+            self._mark -= pend
+            grant = a.grant_t.pop(("mmu_lock", 0), a.rd_grant)
+            req = a.rd_req
+            if req > grant:
+                req = grant
+            rel = self._now0
+            end = rel + pend
+        ns = end - grant  # the hold as the batch ran it
+        # the lock's statistics: the part of the hold after its release in SimPy (a read
+        # hold's union with the others', as for one taken uncontended: _fast_read_add)
+        if end > rel:
+            _fast_done_add(a, "mmu_lock", 0, rel, end)
+            union = _fast_read_add(lk.fast_reads, rel + self._t0, end + self._t0)
+            st.hold_ns += union
+            st.hold_read_ns += end - rel
+            if self.recorder is not None:
+                self._record_hold(a, "mmu_lock", 0, lk, rel, end)
+        st.acquisitions += n - 1
+        led = _hook_ledger(self)
+        if led.traced if led is not None else self.vm._subs is not None:
+            self.vm._emit("lock_hold", None, None, "mmu_lock", 1, 0, "read", (ns,))
+        work = end - t0w - (grant - req)
+        if work < n:
+            work = n
+        p = <double>work / n
+        g = <double>(work - ns) / n
+        if g < 0.0:
+            g = 0.0
+        sp = _window(a.name, t0w, end, ns, n, 0, 0, work, None)
+        wa = self._rd_round(a, lk, t0w, rel, req, grant, g, p, False, &m)
+        if wa > 0:
+            self._pw_wait(a, "mmu_lock", lk, sp, wa, m)
+        rd = _RdWin.__new__(_RdWin)
+        rd.owed = wa  # on its clock once its window's interleaved locks are settled (_pw_end)
+        rd.lo = rel
+        rd.hi = end
+        rd.stage = 1
+        rd.g = g
+        rd.p = p
+        rd.sp = sp
+        a.rd = rd
+        return 0
+
+    cdef int _rd_after_work(self, SchedActor a) except -1:
+        """At a yield of ``a`` (:meth:`_drive`), once its pending work has passed: the write
+        holds within the install of its last fault batch (``_RdWin`` stage 1) stall it, owed
+        now."""
+        cdef _RdWin rd = <_RdWin>a.rd
+        cdef LockState lk
+        cdef long long w, m = 0
+        if rd.stage == 1:
+            if int(self.env.now - self._t0) < rd.hi:
+                return 0
+            lk = <LockState?>self.locks["mmu_lock"]
+            w = self._rd_round(a, lk, rd.lo, rd.hi, 0, 0, rd.g, rd.p, True, &m)
+            if w > 0:
+                self._pw_wait(a, "mmu_lock", lk, rd.sp, w, m)
+            rd.stage = 2
+        if not a.lock_debt:
+            a.rd = None
+        return 0
+
+    cdef int _rd_after_pay(self, SchedActor a, long long lo, long long hi) except -1:
+        """``a`` paid what it owed over ``[lo, hi)`` (:meth:`_pay_lock_debt`); its last fault
+        batch was still stalled meanwhile, so the write holds in that stretch stall it further
+        (in the kernel the writers that queued meanwhile go after the page that waited, and
+        the batch's next acquisition meets them). The rounds stop once one adds less than
+        the batch's period: with writers holding the lock a share ``u`` of the time they shrink
+        by about ``u`` each, and what the rest would add is below one page's time."""
+        cdef _RdWin rd = <_RdWin>a.rd
+        cdef LockState lk
+        cdef long long w, m = 0
+        if rd.stage != 2:
+            return 0
+        lk = <LockState?>self.locks["mmu_lock"]
+        w = self._rd_round(a, lk, lo, hi, 0, 0, rd.g, rd.p, True, &m)
+        if w > 0:
+            self._pw_wait(a, "mmu_lock", lk, rd.sp, w, m)
+        if w < rd.p:  # the stall has run out, to within one page of the batch: no more rounds
+            a.rd = None
         return 0
 
     def pagewise(self, lock, n):
@@ -2519,6 +2815,8 @@ cdef class SchedHooks:
             a.wait += debt
             a.lock_wait += debt
             a.page_wait += debt
+            if a.rd is not None:  # its last fault batch stalled meanwhile (_release_rd)
+                self._rd_after_pay(a, int(t0 - self._t0), int(env.now - self._t0))
             for e in owed:  # the locks' statistics count them as they pass
                 self._pw_count(e[0], e[1], e[2], e[3], e[4])
             if rec is not None:
@@ -2621,6 +2919,8 @@ cdef class SchedHooks:
                 if rec is not None:
                     self._rec_ipi(a, debt)
                 yield env.timeout(debt)
+            if a.rd is not None:  # a fault batch's reads of mmu_lock (_release_rd)
+                self._rd_after_work(a)
             later = None
             if a.lock_debt:
                 if op == _SCHED_REL:  # the waits owed for windows before this hold: after it
@@ -2631,6 +2931,8 @@ cdef class SchedHooks:
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]
                 t0 = env.now
+                if req[3] == 0 and (<LockState>lk).wholds is not None:  # (_release_rd)
+                    a.rd_req = int(t0 - self._t0)
                 # a hold another actor took and released uncontended, on its clock ahead of
                 # SimPy's, ends after now: wait for its end (LockState.held_until)
                 early = _lock_free_at(<LockState>lk, req[3]) - int(t0 - self._t0)
@@ -2664,6 +2966,8 @@ cdef class SchedHooks:
                     if rec is not None:
                         self._rec_lock_wait(a, req[2], t0)
                 grants[(req[2], req[3])] = int(env.now - self._t0)
+                if req[3] == 0 and (<LockState>lk).wholds is not None:
+                    a.rd_grant = int(env.now - self._t0)
                 if req[2] in _PAGEWISE_LOCKS:  # for pagewise(): this grant and what it waited
                     a.pw_acq = lk.stats.acquisitions
                     a.pw_wait = env.now - t0 if (blocked or early > 0) else 0
@@ -2671,6 +2975,9 @@ cdef class SchedHooks:
                 lk = locks[req[2]]
                 if rec is not None:
                     self._rec_hold(a, req[2], req[3], lk, grants[(req[2], req[3])])
+                if req[3] != 0 and (<LockState>lk).wholds is not None:  # (_rd_round)
+                    self._rd_write_hold(a, <LockState>lk, <long long>grants[(req[2], req[3])],
+                                        int(env.now - self._t0))
                 if isinstance(lk, rwlock):
                     (lk.release_read if req[3] == 0 else lk.release_write)(a.name)
                 else:
@@ -2818,7 +3125,10 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
                 _raced_install(f, sptes, before)
             if not f.ret:
                 fp._install(f)
-            sched._release("mmu_lock", 0)
+            if end0 > gfn + 1 and sched._rd_on():  # its reads interleave with writers
+                sched._release_rd(<long long>(end0 - gfn))
+            else:
+                sched._release("mmu_lock", 0)
         r = fp._finish(f)
     finally:
         sched._pw_end()

@@ -207,10 +207,11 @@ def _experiment_options(single_policy: bool) -> _Parser:
                         "takes 512 (2 MiB) where the simulation can afford it (up to 64G with 32 vCPUs, "
                         "16G with 64), else 16384 (docs/timeline.md, \"Choosing the batch\")")
     g.add_argument("--pagewise-locks", default="interleaved", choices=PAGEWISE_LOCK_MODELS,
-                   help="how the locks the kernel takes page by page (cpa_lock, the TDX S-EPT) are modelled "
-                        "on the timeline: 'interleaved', a batch's page holds interleave with the other "
-                        "vCPUs'; 'batch', a batch holds the lock once for all its pages and others queue "
-                        "behind it (with --batch-pages 1, page by page) (docs/timeline.md; default: %(default)s)")
+                   help="how the locks the kernel takes page by page (cpa_lock, the TDX S-EPT, mmu_lock for "
+                        "read in each fault) are modelled on the timeline: 'interleaved', a batch's page holds "
+                        "interleave with the other vCPUs' (a fault batch's reads with the writers); 'batch', a "
+                        "batch holds the lock once for all its pages and others queue behind it (with "
+                        "--batch-pages 1, page by page) (docs/timeline.md; default: %(default)s)")
     g.add_argument("--shared-backing", default="thp", choices=experiments.SHARED_BACKINGS,
                    help="host memory backing shared guest pages (default: %(default)s)")
     g.add_argument("--image", type=_size, default=None, metavar="SIZE",

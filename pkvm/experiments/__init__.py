@@ -99,7 +99,7 @@ class Config:
     pages where the simulation can afford it (up to 64 GiB with 32 vCPUs, 16 GiB with 64), else
     16384 (``batch_pages_used`` is the number, and what results report);
     ``pagewise_locks`` how the locks the kernel takes page by page (``cpa_lock``, the TDX
-    S-EPT) are modelled on the timeline, one of :data:`pkvm.sim.timeline.PAGEWISE_LOCK_MODELS`
+    S-EPT, ``mmu_lock`` for read in each fault) are modelled on the timeline, one of :data:`pkvm.sim.timeline.PAGEWISE_LOCK_MODELS`
     (``"interleaved"`` by default, or ``"batch"``: docs/timeline.md).
     ``discard=False`` makes the VMM keep both backings on conversion (see
     :class:`pkvm.Vmm`). ``trace`` is a path to write the kernel-format trace to (see

@@ -90,9 +90,10 @@ def auto_batch_pages(memory: int, vcpus: int) -> int:
 
 
 #: Timeline(pagewise_locks=): how the locks the kernel takes once per page (``cpa_lock``, the
-#: S-EPT) are modelled. "interleaved": a window of work's page holds interleave with the other
-#: actors' (their waits are the lock's excess and each acquisition's queueing,
-#: ``SchedHooks._pw_settle``); "batch": a batch holds the lock once for all its pages and others
+#: S-EPT, ``mmu_lock`` for read in each fault) are modelled. "interleaved": a window of work's
+#: page holds interleave with the other actors' (their waits are the lock's excess and each
+#: acquisition's queueing, ``SchedHooks._pw_settle``; a fault batch's reads of ``mmu_lock``
+#: with the write holds, ``SchedHooks._release_rd``); "batch": a batch holds the lock once for all its pages and others
 #: queue behind the whole hold (the model before 2026-12-05; with ``batch_pages=1`` it is a
 #: page-by-page simulation).
 PAGEWISE_LOCK_MODELS = ("interleaved", "batch")
@@ -218,6 +219,9 @@ class Timeline(SchedHooks):
             for name in ("cpa_lock", "tdx_sept"):
                 self.locks[name].interleaved = True
                 self.locks[name].spans = []
+            # a fault batch's reads of mmu_lock interleave with the write holds (SchedHooks._release_rd)
+            self.locks["mmu_lock"].wholds = []
+            self.locks["mmu_lock"].trim_w = 64
         self._actors: dict[str, _Actor] = {}
         self._active = 0  # actors in a task
         self._current: _Actor | None = None
