@@ -2273,10 +2273,11 @@ cdef class SchedHooks:
         return (<LockState?>self.locks["mmu_lock"]).wholds is not None and self._active > a.in_task
 
     cdef int _release_rd(self, long long n) except -1:
-        """The running actor's fault batch of ``n`` pages releases ``mmu_lock`` (read), taken
-        for its staleness check and install (``fault_timeline``). In the kernel each page is
-        a fault that takes the lock for read around its own check and install, between the
-        rest of its work; a writer waits for the page hold in progress, and every vCPU whose
+        """The running actor's fault batch of ``n`` faults (4K pages, or 2M / 1G leaves)
+        releases ``mmu_lock`` (read), taken for its staleness check and install
+        (``fault_timeline``). In the kernel each of them is a fault that takes the lock for
+        read around its own check and install, between the rest of its work; a writer waits
+        for the hold in progress, and every vCPU whose
         next fault comes while the writer waits or holds it stalls until it is done. So the
         batch's hold is not one that writers queue behind: in SimPy it ends when its state
         changes are made (the install's time passes after the release, as the batch's work),
@@ -2285,7 +2286,7 @@ cdef class SchedHooks:
         window ends (:meth:`_pw_end`, after its interleaved locks are settled, so their windows
         keep the length of its work); those while its install passes and while it pays what it
         owes at its next yields (``_RdWin``, :meth:`_drive`, :meth:`_pay_lock_debt`). The lock
-        counts an acquisition per page (docs/timeline.md, "Interleaved reads of mmu_lock")."""
+        counts an acquisition per fault (docs/timeline.md, "Interleaved reads of mmu_lock")."""
         cdef SchedActor a = self._current
         cdef LockState lk = <LockState?>self.locks["mmu_lock"]
         cdef LockStatsState st = lk.stats
@@ -3125,8 +3126,10 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
                 _raced_install(f, sptes, before)
             if not f.ret:
                 fp._install(f)
-            if end0 > gfn + 1 and sched._rd_on():  # its reads interleave with writers
-                sched._release_rd(<long long>(end0 - gfn))
+            # a batch of several faults (4K pages, or 2M leaves: f.nfaults) reads the lock
+            # once per fault, interleaved with the writers
+            if f.nfaults > 1 and f.ret == "fixed" and sched._rd_on():
+                sched._release_rd(<long long>f.nfaults)
             else:
                 sched._release("mmu_lock", 0)
         r = fp._finish(f)

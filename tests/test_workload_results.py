@@ -29,12 +29,12 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
     ('snp', 'fault-time', 3, 'balloon', ()): 'efe0a305a2032e94',
     ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): 'b2f1d923422eb847',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '257efab24d4abdb9',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5a4177315a6b2972',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3cf7ea7bbce2f132',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '40de26f99a40e6f5',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'aa1ffc3f96ed4e79',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): 'dd5ffd601d878be3',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '55d9e2826b018d3a',
 }
 MEMORY = "512M"
 
