@@ -2293,7 +2293,7 @@ cdef class SchedHooks:
         cdef list held = a.held
         cdef tuple h
         cdef Py_ssize_t i = len(held) - 1
-        cdef long long t, now, pend, rel, req, grant, end, ns, work, wa, m = 0
+        cdef long long t, now, pend, rel, req, grant, end, ns, hw, work, wa, m = 0
         cdef double p, g
         cdef _RdWin rd
         cdef _Window sp
@@ -2312,6 +2312,7 @@ cdef class SchedHooks:
         if t >= 0:  # taken uncontended on its clock: no writer waits for its install
             rel = req = grant = t
             end = now
+            hw = now - t
             a.fast -= 1
         else:
             # released in SimPy before the install's time passes (that time stays pending)
@@ -2327,7 +2328,9 @@ cdef class SchedHooks:
                 req = grant
             rel = self._now0
             end = rel + pend
-        ns = end - grant  # the hold as the batch ran it
+            hw = pend
+        ns = end - grant  # the hold as the batch ran it (with what it paid on the way)
+        # hw: its work under the lock (the check and the installs), without waits
         # the lock's statistics: the part of the hold after its release in SimPy (a read
         # hold's union with the others', as for one taken uncontended: _fast_read_add)
         if end > rel:
@@ -2345,7 +2348,7 @@ cdef class SchedHooks:
         if work < n:
             work = n
         p = <double>work / n
-        g = <double>(work - ns) / n
+        g = <double>(work - hw) / n
         if g < 0.0:
             g = 0.0
         sp = _window(a.name, t0w, end, ns, n, 0, 0, work, None)

@@ -32,7 +32,7 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5a4177315a6b2972',
     ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3cf7ea7bbce2f132',
     ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '40de26f99a40e6f5',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cee5e6b0303a27d2',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'aa1ffc3f96ed4e79',
     ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '55d9e2826b018d3a',
 }
