@@ -520,7 +520,7 @@ cdef class _RdWin:
     in which its install ran after its release in SimPy (due once SimPy's clock passes
     ``hi``); 2, the stretches in which its actor pays what it owes (SchedHooks._pay_lock_debt).
     ``g`` and ``p``: the batch's free time between its acquisitions and its period, ns per
-    page; ``sp``: the window its waits count for (the lock's statistics); ``owed``: the stall
+    fault; ``sp``: the window its waits count for (the lock's statistics); ``owed``: the stall
     of the holds before its release, still to go on its actor's clock (SchedHooks._pw_end)."""
 
     cdef long long lo, hi, owed
@@ -1466,6 +1466,24 @@ cdef class SchedActor:
         self.rd_grant = 0
 
 
+cdef object _held_take(SchedActor a, lock, mode):
+    """Take ``a``'s latest entry of ``(lock, mode)`` out of ``a.held`` and return its grant
+    time (-1: a hold its SimPy lock knows); the usual case is the last one (LIFO).
+
+    Raises:
+        RuntimeError: ``a`` does not hold ``lock`` in ``mode``."""
+    cdef list held = a.held
+    cdef Py_ssize_t i = len(held) - 1
+    cdef tuple h
+    while i >= 0:
+        h = <tuple>held[i]
+        if h[0] == lock and h[1] == mode:
+            del held[i]
+            return h[2]
+        i -= 1
+    raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
+
+
 cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) except -1:
     """Record in ``a.fast_done`` the uncontended hold ``[t, t_rel)`` of ``lock`` in ``mode``.
 
@@ -1605,25 +1623,11 @@ cdef class SchedHooks:
 
     cdef int _release(self, lock, mode) except -1:
         cdef SchedActor a = self._current
-        cdef list held
-        cdef tuple h
-        cdef Py_ssize_t i
         cdef long long held_ns, t
         cdef Ledger led
         if a is None:
             return 0
-        # The latest entry of (lock, mode) goes: the usual case is the last one (LIFO).
-        held = a.held
-        i = len(held) - 1
-        while i >= 0:
-            h = <tuple>held[i]
-            if h[0] == lock and h[1] == mode:
-                break
-            i -= 1
-        else:
-            raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
-        t_obj = h[2]
-        del held[i]
+        t_obj = _held_take(a, lock, mode)
         t = t_obj
         if t < 0:
             self._release_slow(a, lock, mode)
@@ -2277,8 +2281,8 @@ cdef class SchedHooks:
         releases ``mmu_lock`` (read), taken for its staleness check and install
         (``fault_timeline``). In the kernel each of them is a fault that takes the lock for
         read around its own check and install, between the rest of its work; a writer waits
-        for the hold in progress, and every vCPU whose
-        next fault comes while the writer waits or holds it stalls until it is done. So the
+        for the hold in progress, and every vCPU whose next fault comes while the writer waits
+        or holds it stalls until it is done. So the
         batch's hold is not one that writers queue behind: in SimPy it ends when its state
         changes are made (the install's time passes after the release, as the batch's work),
         and the write holds of other actors within the batch's window stall the batch
@@ -2290,23 +2294,12 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         cdef LockState lk = <LockState?>self.locks["mmu_lock"]
         cdef LockStatsState st = lk.stats
-        cdef list held = a.held
-        cdef tuple h
-        cdef Py_ssize_t i = len(held) - 1
         cdef long long t, now, pend, rel, req, grant, end, ns, hw, work, wa, m = 0
         cdef double p, g
         cdef _RdWin rd
         cdef _Window sp
         cdef Ledger led
-        while i >= 0:
-            h = <tuple>held[i]
-            if h[0] == "mmu_lock" and h[1] == 0:
-                break
-            i -= 1
-        else:
-            raise RuntimeError(f"{a.name} releases mmu_lock, which it does not hold")
-        t = h[2]
-        del held[i]
+        t = _held_take(a, "mmu_lock", 0)
         t0w = a.pw_t0
         now = self._now0 + _vm_ns(self) - self._mark
         if t >= 0:  # taken uncontended on its clock: no writer waits for its install
@@ -2391,7 +2384,7 @@ cdef class SchedHooks:
         (in the kernel the writers that queued meanwhile go after the page that waited, and
         the batch's next acquisition meets them). The rounds stop once one adds less than
         the batch's period: with writers holding the lock a share ``u`` of the time they shrink
-        by about ``u`` each, and what the rest would add is below one page's time."""
+        by about ``u`` each, and what the rest would add is below one fault's time."""
         cdef _RdWin rd = <_RdWin>a.rd
         cdef LockState lk
         cdef long long w, m = 0
@@ -2401,7 +2394,7 @@ cdef class SchedHooks:
         w = self._rd_round(a, lk, lo, hi, 0, 0, rd.g, rd.p, True, &m)
         if w > 0:
             self._pw_wait(a, "mmu_lock", lk, rd.sp, w, m)
-        if w < rd.p:  # the stall has run out, to within one page of the batch: no more rounds
+        if w < rd.p:  # the stall has run out, to within one fault of the batch: no more rounds
             a.rd = None
         return 0
 
