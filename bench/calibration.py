@@ -1,6 +1,6 @@
 """pkvm's critical path beside public multi-vCPU measurements (docs/calibration.md).
 
-Run: ``python3 bench/calibration.py`` (about a second). Prints, for each published figure,
+Run: ``python3 bench/calibration.py`` (about 5 s). Prints, for each published figure,
 the configuration pkvm ran, pkvm's number and the published one, and their ratio.
 """
 
