@@ -360,6 +360,7 @@ class SchedActor:
     rd: Any
     rd_req: int
     rd_grant: int
+    acq_wait: int
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base

@@ -1424,6 +1424,9 @@ cdef class SchedActor:
     # the timeline's start; _drive)
     cdef public object rd
     cdef public long long rd_req, rd_grant
+    # what its last acquisition through SimPy waited for that lock alone (_drive), without
+    # the waits it paid on the way for earlier windows (lock_debt): its lock_wait event
+    cdef public long long acq_wait
 
     def __init__(self, name, vcpu):
         self.name = name
@@ -1464,6 +1467,7 @@ cdef class SchedActor:
         self.rd = None
         self.rd_req = 0
         self.rd_grant = 0
+        self.acq_wait = 0
 
 
 cdef object _held_take(SchedActor a, lock, mode):
@@ -2956,6 +2960,7 @@ cdef class SchedHooks:
                     waited = env.now - t0  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
+                    a.acq_wait = waited
                     if req[2] in _PAGEWISE_LOCKS:
                         a.page_wait += waited
                     if req[2] == "tdx_sept":  # TDX_OPERAND_BUSY -> RET_PF_RETRY, re-tried locally

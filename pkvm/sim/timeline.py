@@ -465,11 +465,13 @@ class Timeline(SchedHooks):
         """:meth:`acquire` when another actor is in a task or the lock is held: through the
         actor's SimPy process, first-come first-served."""
         a.held.append((lock, mode, -1))
-        w0 = a.lock_wait
+        a.acq_wait = 0
         self._switch(a, (_ACQ, self._take(a), lock, mode))
-        if self.vm._subs is not None and a.lock_wait != w0:
+        # (the wait for this lock alone: waits owed for earlier windows and paid on the way,
+        # lock_debt, are events of their own, SchedHooks._pw_wait)
+        if self.vm._subs is not None and a.acq_wait:
             self.vm._emit("lock_wait", None, None, lock, 1, 0, "read" if mode == READ else "write",
-                          (a.lock_wait - w0,))
+                          (a.acq_wait,))
 
     def serialize(self, lock: str, ns: int) -> None:
         """The last ``ns`` of the running actor's pending work ran under ``lock``: the rest of
@@ -498,12 +500,12 @@ class Timeline(SchedHooks):
             lk.stats.acquisitions += 1
             return
         a.held.append((lock, WRITE, -1))
-        w0 = a.lock_wait
+        a.acq_wait = 0
         self._mark += ns  # the unlocked part goes first
         self._switch(a, (_ACQ, self._take(a), lock, WRITE))
         self._mark -= ns  # the locked part is still to run: it is advanced at the release
-        if vm._subs is not None and a.lock_wait != w0:
-            vm._emit("lock_wait", None, None, lock, 1, 0, "write", (a.lock_wait - w0,))
+        if vm._subs is not None and a.acq_wait:  # (this lock's wait alone, as _acquire_slow)
+            vm._emit("lock_wait", None, None, lock, 1, 0, "write", (a.acq_wait,))
 
     def _release_slow(self, a: _Actor, lock: str, mode: int) -> None:
         """:meth:`release` of a lock its SimPy lock knows (taken contended, or made a real
