@@ -361,6 +361,7 @@ class SchedActor:
     rd_req: int
     rd_grant: int
     acq_wait: int
+    rel_t: int
     def __init__(self, name: Any, vcpu: Any) -> None: ...
 
 @disjoint_base

@@ -1425,8 +1425,10 @@ cdef class SchedActor:
     cdef public object rd
     cdef public long long rd_req, rd_grant
     # what its last acquisition through SimPy waited for that lock alone (_drive), without
-    # the waits it paid on the way for earlier windows (lock_debt): its lock_wait event
-    cdef public long long acq_wait
+    # the waits it paid on the way for earlier windows (lock_debt): its lock_wait event; and
+    # when (ns since the timeline's start) its last release through SimPy let the lock go,
+    # before any wait it owed for earlier windows passed after it: its lock_hold event's end
+    cdef public long long acq_wait, rel_t
 
     def __init__(self, name, vcpu):
         self.name = name
@@ -1468,6 +1470,7 @@ cdef class SchedActor:
         self.rd_req = 0
         self.rd_grant = 0
         self.acq_wait = 0
+        self.rel_t = 0
 
 
 cdef object _held_take(SchedActor a, lock, mode):
@@ -2298,7 +2301,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         cdef LockState lk = <LockState?>self.locks["mmu_lock"]
         cdef LockStatsState st = lk.stats
-        cdef long long t, now, pend, rel, req, grant, end, ns, hw, work, wa, m = 0
+        cdef long long t, now, pend, rel, req, grant, end, ns, hw, work, wa, m = 0, ev_ns
         cdef double p, g
         cdef _RdWin rd
         cdef _Window sp
@@ -2311,6 +2314,7 @@ cdef class SchedHooks:
             end = now
             hw = now - t
             a.fast -= 1
+            ev_ns = end - grant
         else:
             # released in SimPy before the install's time passes (that time stays pending)
             pend = _vm_ns(self) - self._mark
@@ -2326,6 +2330,9 @@ cdef class SchedHooks:
             rel = self._now0
             end = rel + pend
             hw = pend
+            # (its event: the hold to its release in SimPy and its install, without waits
+            # owed for earlier windows that passed after the release: SchedActor.rel_t)
+            ev_ns = a.rel_t - grant + pend
         ns = end - grant  # the hold as the batch ran it (with what it paid on the way)
         # hw: its work under the lock (the check and the installs), without waits
         # the lock's statistics: the part of the hold after its release in SimPy (a read
@@ -2340,7 +2347,7 @@ cdef class SchedHooks:
         st.acquisitions += n - 1
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:
-            self.vm._emit("lock_hold", None, None, "mmu_lock", 1, 0, "read", (ns,))
+            self.vm._emit("lock_hold", None, None, "mmu_lock", 1, 0, "read", (ev_ns,))
         work = end - t0w - (grant - req)
         if work < n:
             work = n
@@ -2980,6 +2987,7 @@ cdef class SchedHooks:
                 if req[3] != 0 and (<LockState>lk).wholds is not None:  # (_rd_round)
                     self._rd_write_hold(a, <LockState>lk, <long long>grants[(req[2], req[3])],
                                         int(env.now - self._t0))
+                a.rel_t = int(env.now - self._t0)
                 if isinstance(lk, rwlock):
                     (lk.release_read if req[3] == 0 else lk.release_write)(a.name)
                 else:

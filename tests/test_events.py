@@ -285,28 +285,40 @@ def test_lock_kinds_and_the_timeline_clock():
     ("snp", "fault-time", "virtio", {}),
     ("tdx", "6.19", "mixed", {"batch_pages": 1, "pagewise_locks": "batch"}),
 ])
-def test_lock_wait_events_add_up_to_the_locks_waits(monkeypatch, platform, policy, workload, extra):
-    """Every wait is one lock's, emitted once: per lock, the ``lock_wait`` events' waits add up
-    to the lock's ``wait_ns``, and all of them to the actors' ``lock_wait_ns``. (A vCPU that
-    paid waits it owed for earlier windows of ``cpa_lock``, the S-EPT or ``mmu_lock`` on its way
-    to a lock it queued for had them counted again in that lock's event: in TDX ``mixed``, 1 GiB
-    with 8 vCPUs, ``slots_lock``'s events said 690.9 ms where it waited 389.0 ms.)"""
+def test_lock_events_add_up_to_the_locks_statistics(monkeypatch, platform, policy, workload, extra):
+    """Every wait and hold is one lock's, emitted once: per lock, the ``lock_wait`` events'
+    waits add up to the lock's ``wait_ns``, and all of them to the actors' ``lock_wait_ns``;
+    the ``lock_hold`` events' holds to its ``hold_ns`` (``mmu_lock``: the read ones to
+    ``hold_read_ns``, the write ones to ``hold_write_ns``). (A vCPU that paid waits it owed for
+    earlier windows of ``cpa_lock``, the S-EPT or ``mmu_lock`` on its way to a lock it queued
+    for had them counted again in that lock's event: in TDX ``mixed``, 1 GiB with 8 vCPUs,
+    ``slots_lock``'s events said 690.9 ms where it waited 389.0 ms; and a hold's event ran to
+    the end of the waits that passed after its release.)"""
     got: list[pkvm.Event] = []
     init = Timeline.__init__
 
     def subscribed(self, vm, *a, **k):
         init(self, vm, *a, **k)
-        vm.subscribe(got.append, ("lock_wait",))
+        vm.subscribe(got.append, ("lock_wait", "lock_hold"))
 
     monkeypatch.setattr(Timeline, "__init__", subscribed)
     r = E.run(E.Config(platform=platform, policy=policy, memory="256M", vcpus=3, workload=workload, **extra), seed=1)
-    per: dict[str, int] = {}
+    waits: dict[str, int] = {}
+    holds: dict[tuple[str, str], int] = {}
     for e in got:
-        per[e.op] = per.get(e.op, 0) + e.args[0]
-    assert per, "no lock waited"
+        if e.kind == "lock_wait":
+            waits[e.op] = waits.get(e.op, 0) + e.args[0]
+        else:
+            holds[e.op, e.result] = holds.get((e.op, e.result), 0) + e.args[0]
+    assert waits, "no lock waited"
     for lock, d in r.locks.items():
-        assert per.get(lock, 0) == d.get("wait_ns", 0), (lock, per.get(lock, 0), d.get("wait_ns", 0))
-    assert sum(per.values()) == sum(a["lock_wait_ns"] for a in r.actors.values())
+        assert waits.get(lock, 0) == d.get("wait_ns", 0), (lock, waits.get(lock, 0), d.get("wait_ns", 0))
+        if lock == "mmu_lock":
+            assert holds.get((lock, "read"), 0) == d["hold_read_ns"], lock
+            assert holds.get((lock, "write"), 0) == d["hold_write_ns"], lock
+        else:
+            assert holds.get((lock, "write"), 0) == d.get("hold_ns", 0), (lock, holds.get((lock, "write"), 0), d)
+    assert sum(waits.values()) == sum(a["lock_wait_ns"] for a in r.actors.values())
 
 
 def test_event_is_immutable():

@@ -512,9 +512,9 @@ class Timeline(SchedHooks):
         hold when the actor yielded while holding it)."""
         self._switch(a, (_REL, self._take(a), lock, mode))
         t0 = a.grant_t.pop((lock, mode), None)
-        if self.vm._subs is not None and t0 is not None:
+        if self.vm._subs is not None and t0 is not None:  # to the release (SchedActor.rel_t)
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == READ else "write",
-                          (self.now_ns - t0,))
+                          (a.rel_t - t0,))
 
     def _record_hold(self, a: _Actor, lock: str, mode: int, lk: Any, t: int, now: int) -> None:
         """The recorder's slice of a hold taken and released uncontended."""
