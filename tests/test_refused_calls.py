@@ -139,3 +139,96 @@ def test_refused_launch_update_keeps_only_the_populated_folio():
             vm.snp.launch_update(*args)
         assert full_snapshot(vm) == again, args
     vm.check()
+
+
+# -- ranges that end at 2**64, a bad launch image, a sleep past the clock (found by fuzzing) ------
+
+
+def _guest(platform):
+    if platform == "tdx":
+        vm, vmm, _gmem, _vcpu = td(SIZE)
+    else:
+        vm = pkvm.VM(platform, policy="6.19")
+        vmm = pkvm.Vmm(vm)
+        vmm.add_ram(0, SIZE)
+        vmm.launch([])
+    return vm, vmm, pkvm.Guest(vm, vmm)
+
+
+@pytest.mark.parametrize("platform", ["sw_protected", "snp", "tdx"])
+def test_a_conversion_of_2_64_bytes_is_refused_before_anything_runs(platform):
+    """``[0, 2**64)`` ends at 2**64 but its size fits no u64 (a PSC entry, MapGPA, QEMU's hwaddr,
+    the ioctl's size): the guest refuses it up front on every platform. On SW_PROTECTED the
+    hypercall used to run first, its exit left vCPU 0 stopped (every later guest call EBUSY)
+    and the ioctl's ValueError came out of the VMM's answer."""
+    vm, vmm, g = _guest(platform)
+    assert g.accept(0x200000, 0x1000)  # (a page the guest owns, to convert afterwards)
+    before = full_snapshot(vm, vmm.conversions)
+    with pytest.raises(ValueError, match="below 2"):
+        g.convert(0, 1 << 64, private=False)
+    assert full_snapshot(vm, vmm.conversions) == before
+    assert g.convert(0x200000, 0x1000, private=False)  # vCPU 0 is not left in an exit
+
+
+def test_the_vmm_answers_a_conversion_of_2_64_bytes_with_einval():
+    """``Vmm.convert_memory`` returns 0 or a negative errno: a size of 2**64 is -EINVAL (it
+    raised the attribute ioctl's ValueError), and so is a memory-fault exit that asks for it."""
+    vm, vmm, _g = _guest("sw_protected")
+    attrs = vm.get_memory_attributes(0)
+    assert vmm.convert_memory(0, 1 << 64, False) == -errno.EINVAL
+    assert vmm.last_failure and vm.get_memory_attributes(0) == attrs
+    exit_ = pkvm.FaultResult("exit", exit_reason=pkvm.KVM_EXIT_MEMORY_FAULT, memory_fault=(0, 1 << 64, 8),
+                             errno=errno.EFAULT)
+    assert not vmm.handle_exit(vm.vcpus[0], exit_)
+
+
+@pytest.mark.parametrize("platform", ["sw_protected", "snp", "tdx"])
+@pytest.mark.parametrize("image", [[(1, 0x1000, True)], [(0, 0, True)], [(-0x1000, 0x1000, True)], [(0, 0x1000)],
+                                   [5], 7, [("0", 0x1000, True)]])
+def test_a_refused_launch_image_creates_no_vcpu(platform, image):
+    """``Vmm.launch`` checks its image before it creates vCPU 0 (it created it first)."""
+    vm = pkvm.VM(platform, policy="6.19", options={"gpaw": 48} if platform == "tdx" else None)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, SIZE)
+    before = full_snapshot(vm)
+    with pytest.raises((TypeError, ValueError)):
+        vmm.launch(image)
+    assert not vm.vcpus and full_snapshot(vm) == before
+    vmm.launch([[0, 0x1000, True]])  # a region as any 3-item sequence, as before
+    assert len(vm.vcpus) == 1
+
+
+def test_a_sleep_past_the_timelines_clock_is_a_value_error():
+    """``Timeline.sleep`` bounds the clock it would reach (the core keeps it in C long longs):
+    ValueError from the call, where ``2**64`` raised OverflowError later, out of ``run``."""
+    from pkvm.sim import Timeline
+    from pkvm.sim.timeline import MAX_CLOCK_NS
+
+    tl = Timeline(pkvm.VM("sw_protected"))
+    got = []
+
+    def body():
+        for ns in (1 << 64, MAX_CLOCK_NS, -1, 1.0):
+            with pytest.raises(ValueError):
+                tl.sleep(ns)
+        tl.sleep(MAX_CLOCK_NS - 1)
+        got.append(tl.now_ns)
+        with pytest.raises(ValueError):
+            tl.sleep(1)
+
+    tl.spawn("a", body)
+    tl.run()
+    assert got == [MAX_CLOCK_NS - 1]
+
+
+def test_tdx_is_private_gpa_checks_its_argument():
+    """``vm.tdx.is_private_gpa`` takes a u64 int: numpy's int32 overflowed inside, and -1 or
+    2**64 were answered."""
+    import numpy as np
+
+    td_ = pkvm.VM("tdx", options={"gpaw": 48}).tdx
+    for bad, exc in ((np.int32(4096), TypeError), ("4096", TypeError), (True, TypeError), (1.0, TypeError),
+                     (-1, ValueError), (1 << 64, ValueError)):
+        with pytest.raises(exc):
+            td_.is_private_gpa(bad)
+    assert td_.is_private_gpa(0x1000) and not td_.is_private_gpa(0x1000 | 1 << 47)

@@ -154,7 +154,8 @@ class Guest:
     def _range(gpa: int, size: int) -> None:
         if type(gpa) is not int or type(size) is not int:
             raise TypeError("gpa and size must be ints")
-        if gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1) or gpa + size > 1 << 64:
+        # (a size of 2**64 fits none of the guest's requests: PSC entries, MapGPA, ACCEPT)
+        if gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1) or size >= 1 << 64 or gpa + size > 1 << 64:
             raise ValueError(f"[{gpa:#x}, +{size:#x}) must be a non-empty, 4 KiB aligned range below 2**64")
 
     def convert(self, gpa: int, size: int, *, private: bool) -> ConversionResult:

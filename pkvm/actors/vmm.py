@@ -345,24 +345,36 @@ class Vmm:
 
         ``image`` lists ``(gpa, size, measure)`` regions of private RAM (TDX: added with
         ``KVM_TDX_INIT_MEM_REGION``, measured if ``measure``). Creates vCPU 0 if there is none.
+
+        Raises:
+            TypeError / ValueError: ``image`` is not an iterable of ``(gpa, size, measure)``
+                with 4 KiB aligned gpa and size > 0, checked before anything is done (no vCPU is
+                created for a refused image).
         """
         vm = self.vm
         if vm._in_callback:
             vm._nested_call()
+        regions = self._image_regions(image)
         if not vm.vcpus:
             vm.create_vcpu()
         with vm.acting("vmm"):
-            self._launch(image)
+            self.flows.launch(regions)
 
-    def _launch(self, image: Iterable[tuple[int, int, bool]]) -> None:
+    @staticmethod
+    def _image_regions(image: Iterable[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
+        """``image`` checked, as a list of ``(gpa, size, measure)`` (TypeError / ValueError)."""
         regions = []
         for item in image:
-            gpa, size, measure = item
-            if type(gpa) is not int or type(size) is not int or size <= 0 or (gpa | size) & (PAGE_SIZE - 1):
+            try:
+                gpa, size, measure = item
+            except (TypeError, ValueError):
+                raise TypeError(f"image region {item!r} must be a (gpa, size, measure) tuple") from None
+            if (type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1)
+                    or gpa + size > _U64_LIMIT):
                 raise ValueError(f"image region {item!r} must be (gpa, size, measure) with 4 KiB aligned "
-                                 "gpa and size > 0")
+                                 "gpa and size > 0, below 2**64")
             regions.append((gpa, size, bool(measure)))
-        self.flows.launch(regions)
+        return regions
 
     # -- exits -----------------------------------------------------------------------------------
 
@@ -454,8 +466,9 @@ class Vmm:
     def _convert_memory(self, gpa: int, size: int, to_private: bool) -> int:
         vm = self.vm
         self.conversions += 1
+        # (a size of 2**64 fits no u64: hwaddr in QEMU, the ioctl's size in KVM)
         if (type(gpa) is not int or type(size) is not int or size <= 0 or gpa < 0 or (gpa | size) & (PAGE_SIZE - 1)
-                or gpa + size > _U64_LIMIT):
+                or size >= _U64_LIMIT or gpa + size > _U64_LIMIT):
             return self._failed(-errno.EINVAL, "the range is not a page-aligned, non-empty u64 range")
         start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
         key = vm._slot_maps[0].get(start)  # vm._slot_at(start)
@@ -521,7 +534,7 @@ class Vmm:
             KvmError: as ``fallocate``.
         """
         if (type(gpa) is not int or type(size) is not int or gpa < 0 or size <= 0 or (gpa | size) & (PAGE_SIZE - 1)
-                or gpa + size > _U64_LIMIT):
+                or size >= _U64_LIMIT or gpa + size > _U64_LIMIT):
             raise ValueError(f"[{gpa!r}, +{size!r}) must be a non-empty, 4 KiB aligned range below 2**64")
         vm = self.vm
         if vm._in_callback:

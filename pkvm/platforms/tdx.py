@@ -127,7 +127,12 @@ class TdxVm:
         return 1 << self.shared_bit
 
     def is_private_gpa(self, gpa: int) -> bool:
-        """``vt_is_tdx_private_gpa``: the shared bit is clear."""
+        """``vt_is_tdx_private_gpa``: the shared bit is clear.
+
+        Raises:
+            TypeError / ValueError: ``gpa`` is not an int in ``[0, 2**64)``."""
+        if type(gpa) is not int or not 0 <= gpa < 1 << 64:
+            gpa = _u64("gpa", gpa)
         return not gpa & (1 << self.shared_bit)
 
     @property

@@ -35,9 +35,13 @@ from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_W
 from pkvm.sim.stats import Distribution
 
 __all__ = ["Timeline", "TimelineResult", "READ", "WRITE", "LOCKS", "LATENCY_KINDS", "RACE_KINDS", "PAGEWISE_LOCK_MODELS",
-           "auto_batch_pages"]
+           "MAX_CLOCK_NS", "auto_batch_pages"]
 
 READ, WRITE = 0, 1
+
+#: The most a timeline's clock may reach, in ns since it was attached (Timeline.sleep): the
+#: typed core keeps times in C long longs, with room for sums of them.
+MAX_CLOCK_NS = 1 << 62
 
 #: Timeline(batch_pages=): 64 MiB of 4K pages.
 DEFAULT_BATCH_PAGES = 1 << 14
@@ -298,12 +302,19 @@ class Timeline(SchedHooks):
         return proc
 
     def sleep(self, ns: int) -> None:
-        """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall)."""
+        """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall).
+
+        Raises:
+            ValueError: ``ns`` is not a non-negative int, or would take the timeline's clock
+                (ns since it was attached) to :data:`MAX_CLOCK_NS` or beyond.
+            RuntimeError: not called from code running on a timeline actor."""
         self._refuse_from_callback()
         if type(ns) is not int or ns < 0:
             raise ValueError(f"ns={ns!r} must be a non-negative int")
         if self._current is None:
             raise RuntimeError("Timeline.sleep is for code running on a timeline actor")
+        if self.now_ns + ns >= MAX_CLOCK_NS:  # the clocks are C long longs (SchedHooks)
+            raise ValueError(f"ns={ns!r} would take the timeline's clock past 2**62 ns (about 146 years)")
         self._wait(self.env.timeout(ns), idle=True, keep_task=True)
 
     def barrier(self) -> None:
