@@ -1,0 +1,76 @@
+"""The outputs the README and docs/ show are what the commands print today.
+
+The README's comparison tables and docs/workloads.md's trace excerpt are a reader's first
+figures; the model's changes move them, and nothing else re-runs them (an audit on
+2026-12-06 found figures in docs/ a day stale). Each shown line must be a line of the live
+output, but for the simulator's own speed (``wall``, ``GFNs/s``), which varies by run, and the
+``...`` that marks rows left out.
+"""
+
+import pathlib
+import re
+import shlex
+
+import pytest
+
+from pkvm import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_VARIES = ("wall", "GFNs/s")
+
+
+def _blocks(path: pathlib.Path) -> list[list[str]]:
+    return [b.splitlines() for b in re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(encoding="utf-8"), re.S | re.M)]
+
+
+def _compare_blocks() -> list[tuple[str, list[str]]]:
+    """(command line, shown lines) of the README's ``pkvm compare`` output blocks: the default
+    comparison's (the block after the set-up commands, no ``$`` line) and those that start
+    with ``$ python3 -m pkvm compare``."""
+    out = []
+    for lines in _blocks(ROOT / "README.md"):
+        if lines and lines[0].startswith("pkvm ") and " · " in lines[0]:
+            out.append(("python3 -m pkvm compare", lines))
+        elif lines and lines[0].startswith("$ python3 -m pkvm compare"):
+            out.append((lines[0][2:], lines[1:]))
+    return out
+
+
+def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[str]:
+    assert cli.main(argv) == 0
+    return [ln.rstrip() for ln in capsys.readouterr().out.splitlines()]
+
+
+def _check(shown: list[str], live: list[str], where: str) -> None:
+    have = set(live)
+    for ln in shown:
+        s = ln.strip()
+        if not s or s == "..." or s.split("  ")[0].strip() in _VARIES:
+            continue
+        assert ln.rstrip() in have, f"{where}: the docs show\n{ln}\nwhich the command no longer prints; it prints\n" + \
+            "\n".join(x for x in live if x.split("  ")[0].strip() == s.split("  ")[0].strip())
+
+
+def test_the_readme_blocks_are_found() -> None:
+    assert len(_compare_blocks()) >= 3
+
+
+@pytest.mark.parametrize("cmd,shown", _compare_blocks(), ids=lambda v: v if isinstance(v, str) else "")
+def test_readme_comparison_outputs_are_current(capsys, monkeypatch, cmd, shown) -> None:
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    argv = shlex.split(cmd)[3:]  # after "python3 -m pkvm"
+    if "--layout" not in argv:
+        argv += ["--layout", "columns"]  # the README shows the narrow terminal's layout
+    _check(shown, _run(capsys, argv), f"README.md, {cmd}")
+
+
+def test_workloads_trace_excerpt_is_current(capsys, monkeypatch, tmp_path) -> None:
+    """docs/workloads.md's excerpt of ``pkvm run --workload swiotlb --memory 64M --trace
+    out.txt``: its lines, in its order, in the trace."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    shown = next(b for b in _blocks(ROOT / "docs" / "workloads.md") if b and "kvm_vmgexit_enter" in b[0])
+    trace = tmp_path / "out.txt"
+    _run(capsys, ["run", "--workload", "swiotlb", "--memory", "64M", "--trace", str(trace)])
+    lines = [ln.rstrip() for ln in trace.read_text(encoding="utf-8").splitlines()]
+    i = lines.index(shown[0].rstrip())
+    assert lines[i:i + len(shown)] == [ln.rstrip() for ln in shown]
