@@ -1,7 +1,7 @@
 """The outputs the README and docs/ show are what the commands print today.
 
-The README's comparison tables and docs/workloads.md's trace excerpt are a reader's first
-figures; the model's changes move them, and nothing else re-runs them (an audit on
+The README's comparison tables, docs/workloads.md's trace excerpt and docs/calibration.md's
+tables against public measurements are a reader's first figures; the model's changes move them, and nothing else re-runs them (an audit on
 2026-12-06 found figures in docs/ a day stale). Each shown line must be a line of the live
 output, but for the simulator's own speed (``wall``, ``GFNs/s``), which varies by run, and the
 ``...`` that marks rows left out.
@@ -74,3 +74,31 @@ def test_workloads_trace_excerpt_is_current(capsys, monkeypatch, tmp_path) -> No
     lines = [ln.rstrip() for ln in trace.read_text(encoding="utf-8").splitlines()]
     i = lines.index(shown[0].rstrip())
     assert lines[i:i + len(shown)] == [ln.rstrip() for ln in shown]
+
+
+def test_calibration_table_is_current(capsys) -> None:
+    """docs/calibration.md's two tables against ``python3 bench/calibration.py`` (about 5 s):
+    pkvm's seconds as printed, its ratios and speedups to the digits the table gives them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibration", ROOT / "bench" / "calibration.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main() == 0
+    live = capsys.readouterr().out.splitlines()
+    doc = (ROOT / "docs" / "calibration.md").read_text(encoding="utf-8")
+    # single vCPU: (pkvm s, ratio) in the order of the table and of the script
+    shown = re.findall(r"^\| A\d, [^|]*\| `[^`]*` \| ([\d.]+) s \| [\d.]+ s \| ([\d.]+) \|$", doc, re.M)
+    got = [ln.split()[-3::2] for ln in live if re.match(r"^(lkvs|J\. Miao)", ln)]
+    assert len(shown) == len(got) == 4, (shown, got)
+    for (s, ratio), (s2, ratio2) in zip(shown, got):
+        assert (s, ratio) == (s2, ratio2), f"calibration.md shows {s} s / {ratio}, the script prints {s2} s / {ratio2}"
+    # speedups: "one s / many s = X×" against the script's 1-vCPU s, 32-vCPU s, speedup
+    shown2 = re.findall(r"^\| (?:TDX|SNP) [^|]*\| ([\d.]+) s / ([\d.]+) s = \**([\d.]+)×", doc, re.M)
+    got2 = [ln.split()[3:6] for ln in live if re.match(r"^(tdx|snp) \d+G ", ln)]  # after "tdx 8G 6.19"
+    assert len(shown2) == len(got2) == 4, (shown2, got2)
+    for (one, many, x), (one2, many2, x2) in zip(shown2, got2):
+        assert (one, many) == (one2, many2), f"calibration.md shows {one} s / {many} s, the script prints {one2} / {many2}"
+        digits = len(x.split(".")[1]) if "." in x else 0
+        assert abs(float(x) - float(x2)) <= 0.5 * 10 ** -digits + 1e-9, f"calibration.md shows {x}×, the script {x2}"
