@@ -102,3 +102,32 @@ def test_calibration_table_is_current(capsys) -> None:
         assert (one, many) == (one2, many2), f"calibration.md shows {one} s / {many} s, the script prints {one2} / {many2}"
         digits = len(x.split(".")[1]) if "." in x else 0
         assert abs(float(x) - float(x2)) <= 0.5 * 10 ** -digits + 1e-9, f"calibration.md shows {x}×, the script {x2}"
+
+
+def _notes(block: list[str]) -> list[str]:
+    """A block's ``note (...)`` lines, each unwrapped (its continuation lines are indented)."""
+    out: list[str] = []
+    for ln in block:
+        if ln.startswith("note ("):
+            out.append(ln.rstrip())
+        elif ln.startswith("  ") and out:
+            out[-1] += " " + ln.strip()
+    return out
+
+
+@pytest.mark.parametrize("memory,extra", [("1G", []), ("64M", ["--cost", "npf_fault=5us"])])
+def test_workloads_replay_notes_are_current(capsys, monkeypatch, tmp_path, memory, extra) -> None:
+    """docs/workloads.md's replay notes: a 1 GiB SNP boot's trace replayed, and a 64 MiB one
+    replayed under ``--cost npf_fault=5us``; each shown note (wrapped there) is the start of a
+    note the replay prints (a shown note may end in ``...``)."""
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    blocks = [_notes(b) for b in _blocks(ROOT / "docs" / "workloads.md")]
+    repriced = memory != "1G"  # the 64 MiB note splits the traced run's time ("... of it the traced work")
+    shown = next(n for n in blocks if n and "modeled time not reproduced" in n[0] and ("of it the" in n[0]) == repriced)
+    trace = tmp_path / "t.txt"
+    _run(capsys, ["run", "--memory", memory, "--trace", str(trace)])
+    live = [ln.rstrip() for ln in _run(capsys, ["run", "--workload", f"replay:{trace}", "--memory", memory, *extra])
+            if ln.startswith("note (")]
+    for note in shown:
+        head = note[:-3].rstrip() if note.endswith("...") else note
+        assert any(ln.startswith(head) for ln in live), f"workloads.md shows\n{note}\nthe replay prints\n" + "\n".join(live)
