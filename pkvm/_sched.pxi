@@ -2245,6 +2245,16 @@ cdef class SchedHooks:
                 cf = h[2]
         return <long long>(w + 0.5)
 
+    cdef long long _rd_stall(self, SchedActor a, LockState lk, _Window sp, long long lo, long long hi,
+                             long long xs, long long xe, double g, double p, bint stalled) except -1:
+        """:meth:`_rd_round` over ``[lo, hi)``, its wait counted for the batch's window ``sp``
+        (:meth:`_pw_wait`: owed by ``a``, in the lock's statistics); returns the wait."""
+        cdef long long m = 0
+        cdef long long w = self._rd_round(a, lk, lo, hi, xs, xe, g, p, stalled, &m)
+        if w > 0:
+            self._pw_wait(a, "mmu_lock", lk, sp, w, m)
+        return w
+
     cdef int _rd_trim(self, LockState lk) except -1:
         """Drop the write holds no fault batch to come, nor one still settling, can
         overlap: those that ended before SimPy's clock and before every open window's start
@@ -2301,7 +2311,7 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         cdef LockState lk = <LockState?>self.locks["mmu_lock"]
         cdef LockStatsState st = lk.stats
-        cdef long long t, now, pend, rel, req, grant, end, ns, hw, work, wa, m = 0, ev_ns
+        cdef long long t, now, pend, rel, req, grant, end, ns, hw, work, wa, ev_ns
         cdef double p, g
         cdef _RdWin rd
         cdef _Window sp
@@ -2324,7 +2334,9 @@ cdef class SchedHooks:
             self._switch_c(a, (_SCHED_REL, self._take_c(), "mmu_lock", 0))
             self._mark -= pend
             grant = a.grant_t.pop(("mmu_lock", 0), a.rd_grant)
-            req = a.rd_req
+            # when it asked, if this grant came through _drive; a hold made real at a yield
+            # (Timeline._make_holds) was granted at its own time, without a wait
+            req = a.rd_req if a.rd_grant == grant else grant
             if req > grant:
                 req = grant
             rel = self._now0
@@ -2356,9 +2368,7 @@ cdef class SchedHooks:
         if g < 0.0:
             g = 0.0
         sp = _window(a.name, t0w, end, ns, n, 0, 0, work, None)
-        wa = self._rd_round(a, lk, t0w, rel, req, grant, g, p, False, &m)
-        if wa > 0:
-            self._pw_wait(a, "mmu_lock", lk, sp, wa, m)
+        wa = self._rd_stall(a, lk, sp, t0w, rel, req, grant, g, p, False)
         rd = _RdWin.__new__(_RdWin)
         rd.owed = wa  # on its clock once its window's interleaved locks are settled (_pw_end)
         rd.lo = rel
@@ -2375,15 +2385,10 @@ cdef class SchedHooks:
         holds within the install of its last fault batch (``_RdWin`` stage 1) stall it, owed
         now."""
         cdef _RdWin rd = <_RdWin>a.rd
-        cdef LockState lk
-        cdef long long w, m = 0
         if rd.stage == 1:
             if int(self.env.now - self._t0) < rd.hi:
                 return 0
-            lk = <LockState?>self.locks["mmu_lock"]
-            w = self._rd_round(a, lk, rd.lo, rd.hi, 0, 0, rd.g, rd.p, True, &m)
-            if w > 0:
-                self._pw_wait(a, "mmu_lock", lk, rd.sp, w, m)
+            self._rd_stall(a, <LockState?>self.locks["mmu_lock"], rd.sp, rd.lo, rd.hi, 0, 0, rd.g, rd.p, True)
             rd.stage = 2
         if not a.lock_debt:
             a.rd = None
@@ -2397,14 +2402,10 @@ cdef class SchedHooks:
         the batch's period: with writers holding the lock a share ``u`` of the time they shrink
         by about ``u`` each, and what the rest would add is below one fault's time."""
         cdef _RdWin rd = <_RdWin>a.rd
-        cdef LockState lk
-        cdef long long w, m = 0
+        cdef long long w
         if rd.stage != 2:
             return 0
-        lk = <LockState?>self.locks["mmu_lock"]
-        w = self._rd_round(a, lk, lo, hi, 0, 0, rd.g, rd.p, True, &m)
-        if w > 0:
-            self._pw_wait(a, "mmu_lock", lk, rd.sp, w, m)
+        w = self._rd_stall(a, <LockState?>self.locks["mmu_lock"], rd.sp, lo, hi, 0, 0, rd.g, rd.p, True)
         if w < rd.p:  # the stall has run out, to within one fault of the batch: no more rounds
             a.rd = None
         return 0
