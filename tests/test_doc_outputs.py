@@ -12,6 +12,7 @@ import re
 import shlex
 
 import pytest
+from test_docs import _blocks as _fenced
 
 from pkvm import cli
 
@@ -20,7 +21,8 @@ _VARIES = ("wall", "GFNs/s")
 
 
 def _blocks(path: pathlib.Path) -> list[list[str]]:
-    return [b.splitlines() for b in re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(encoding="utf-8"), re.S | re.M)]
+    """The lines of every fenced block of ``path`` (test_docs' reading of them)."""
+    return [text.splitlines() for _lang, _line, text in _fenced(path)]
 
 
 def _compare_blocks() -> list[tuple[str, list[str]]]:
