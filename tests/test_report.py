@@ -117,6 +117,31 @@ def test_many_vcpus_collapse_to_sum_and_busiest():
     assert f"{n} vCPUs" in head and "busiest vCPU" in head and "vcpu0" not in head
 
 
+def test_run_breakdowns_fold_many_vcpus_into_their_sum_and_the_busiest():
+    """Past MAX_VCPU_BREAKDOWN vCPUs, the phase and operation tables show the vCPUs' sum and
+    the busiest vCPU's figure (per row: the vCPU that spent the most on it) instead of one
+    column each; the vmm keeps its own; up to that many, every vCPU has a column."""
+    n = report.MAX_VCPU_BREAKDOWN + 1
+    r = experiments.run(experiments.Config(platform="snp", memory="128M", vcpus=n))
+    vc = {a: ns for a, ns in r.by_actor.items() if a.startswith("vcpu")}
+    assert len(vc) == n and len(set(vc.values())) > 1  # the busiest is not any vCPU
+    cols, heads = report._breakdown(r.by_actor_op)
+    assert heads == ["vmm", f"{n} vCPUs", "busiest vCPU"]
+    ops = report.render_text(report.op_table(r))
+    assert "vcpu0" not in ops and f"{n} vCPUs" in ops and "busiest vCPU" in ops
+    footer = report._breakdown_cells(cols, r.by_actor)
+    assert footer == [r.by_actor["vmm"], sum(vc.values()), max(vc.values())]
+    for op in r.by_op:
+        per = [ops_[op] for a, ops_ in r.by_actor_op.items() if a.startswith("vcpu") and ops_.get(op)]
+        cells = report._breakdown_cells(cols, {a: v for a, o in r.by_actor_op.items() if (v := o.get(op))})
+        assert cells[1:] == ([sum(per), max(per)] if per else [None, None]), op
+    phases = report.render_text(report.phase_table(r))
+    assert "vcpu0" not in phases and "busiest vCPU" in phases
+    few = experiments.run(experiments.Config(platform="snp", memory="128M", vcpus=report.MAX_VCPU_BREAKDOWN))
+    head = [ln for ln in report.render_text(report.op_table(few)).splitlines() if ln.lstrip().startswith("operation")][0]
+    assert f"vcpu{report.MAX_VCPU_BREAKDOWN - 1}" in head and "busiest" not in head
+
+
 def test_table_rejects_bad_input(snp_results):
     """No results, or an unknown layout, is a ValueError."""
     with pytest.raises(ValueError, match="no results"):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pkvm._units import format_ns, format_size
@@ -45,6 +45,9 @@ Layout = Literal["auto", "rows", "columns"]
 #: Past this many vCPU actors a table shows the vCPUs' sum and maximum instead of one
 #: column each: sixteen ``modeled vcpuN`` columns would bury the rest of the table.
 MAX_VCPU_COLUMNS = 4
+#: The same for the breakdowns of one run (:func:`phase_table`, :func:`op_table`), whose
+#: columns are narrower: past this many vCPUs, the vCPUs' sum and the busiest one's figure.
+MAX_VCPU_BREAKDOWN = 8
 #: Operations :func:`plot` stacks by name; the rest of ``by_op`` is one "other" segment.
 PLOT_TOP_OPS = 8
 #: Width :func:`render_text` lays out at: wide enough that no table ever wraps.
@@ -249,45 +252,77 @@ def table(results: Sequence[Result], *, console: Console | None = None, layout: 
     return t
 
 
+def _breakdown(actors: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The actor columns of a run's breakdown, in :func:`_actor_order`, and their headers:
+    one per actor, or past :data:`MAX_VCPU_BREAKDOWN` vCPUs each actor that is not a vCPU,
+    then the vCPUs' sum (``"N vCPUs"``) and the busiest vCPU's figure (``"busiest vCPU"``):
+    ``(columns, headers)``, the vCPUs' columns named ``"*vcpus"`` / ``"*busiest"``."""
+    order = sorted(actors, key=_actor_order)
+    vcpus = [a for a in order if _VCPU.match(a)]
+    if len(vcpus) <= MAX_VCPU_BREAKDOWN:
+        return order, list(order)
+    rest = [a for a in order if not _VCPU.match(a)]
+    return rest + ["*vcpus", "*busiest"], rest + [f"{len(vcpus)} vCPUs", "busiest vCPU"]
+
+
+def _breakdown_cells(cols: Sequence[str], values: Mapping[str, int]) -> list[int | None]:
+    """``values`` (ns by actor) in the columns of :func:`_breakdown`; None where an actor has
+    none (and for the vCPUs' columns when no vCPU has any)."""
+    vc = [ns for a, ns in values.items() if _VCPU.match(a)]
+    out: list[int | None] = []
+    for c in cols:
+        if c == "*vcpus":
+            out.append(sum(vc) if vc else None)
+        elif c == "*busiest":
+            out.append(max(vc) if vc else None)
+        else:
+            out.append(values.get(c))
+    return out
+
+
 def phase_table(result: Result) -> Table:
-    """One result's phases: time on the timeline, CPU time in total and per actor, wall time."""
+    """One result's phases: time on the timeline, CPU time in total and per actor (past
+    :data:`MAX_VCPU_BREAKDOWN` vCPUs, their sum and the busiest one's), wall time."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    actors = sorted({a for p in result.phases for a in p.by_actor}, key=_actor_order)
+    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor})
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, title="phases", title_justify="left")
     t.add_column("phase", no_wrap=True)
     t.add_column("elapsed", justify="right", no_wrap=True)
     t.add_column("CPU time", justify="right", no_wrap=True)
-    for a in actors:
-        t.add_column(a, justify="right", no_wrap=True)
+    for h in heads:
+        t.add_column(h, justify="right", no_wrap=True)
     t.add_column("wall", justify="right", no_wrap=True)
     for p in result.phases:
         t.add_row(Text(p.name), Text(format_ns(p.elapsed_ns)), Text(format_ns(p.modeled_ns)),
-                  *(Text(format_ns(p.by_actor[a]) if a in p.by_actor else _MISSING) for a in actors),
+                  *(Text(_MISSING if v is None else format_ns(v)) for v in _breakdown_cells(cols, p.by_actor)),
                   Text(_seconds(p.wall_s)))
     return t
 
 
 def op_table(result: Result) -> Table:
-    """One result's modeled time by operation (largest first), its share, and per actor."""
+    """One result's modeled time by operation (largest first), its share, and per actor (past
+    :data:`MAX_VCPU_BREAKDOWN` vCPUs, their sum and the busiest one's: in each row the vCPU
+    that spent the most on that operation, in the footer the vCPU that spent the most)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    actors = sorted(result.by_actor_op, key=_actor_order)
+    cols, heads = _breakdown(result.by_actor_op)
     total = result.modeled_ns
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, show_footer=True,
               title="modeled time by operation", title_justify="left")
     t.add_column("operation", "total", no_wrap=True)
     t.add_column("modeled", format_ns(total), justify="right", no_wrap=True)
     t.add_column("share", "100%" if total else _MISSING, justify="right", no_wrap=True)
-    for a in actors:
-        t.add_column(a, format_ns(result.by_actor.get(a, 0)), justify="right", no_wrap=True)
+    foot = _breakdown_cells(cols, {a: result.by_actor.get(a, 0) for a in result.by_actor_op})
+    for h, v in zip(heads, foot):
+        t.add_column(h, format_ns(v or 0), justify="right", no_wrap=True)
     for op, ns in sorted(result.by_op.items(), key=lambda kv: (-kv[1], kv[0])):
         share = f"{100.0 * ns / total:.1f}%" if total else _MISSING
-        per = (result.by_actor_op[a].get(op) for a in actors)
+        per = _breakdown_cells(cols, {a: v for a, ops in result.by_actor_op.items() if (v := ops.get(op))})
         t.add_row(Text(op), Text(format_ns(ns)), Text(share),
                   *(Text(format_ns(v) if v else _MISSING) for v in per))
     return t
