@@ -40,6 +40,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -1374,10 +1375,17 @@ _FIELD_OPTIONS = {"memory": "--memory", "image": "--image", "vcpus": "--vcpus", 
 
 def _as_option(message: str) -> str:
     """A :class:`pkvm.experiments.Config` message that starts with a field's name, worded with
-    the option's: "host_cpus 99999 must be ..." is "--host-cpus 99999 must be ..."."""
+    the option's: "host_cpus 99999 must be ..." is "--host-cpus 99999 must be ...", and a field
+    with an underscore named further on is the option too."""
     field, sep, rest = message.partition(" ")
     option = _FIELD_OPTIONS.get(field)
-    return f"{option} {rest}" if option is not None and sep else message
+    if option is None or not sep:
+        return message
+    # a field named further on, if it cannot be a plain word ("... exceed host_cpus 64")
+    for name, opt in _FIELD_OPTIONS.items():
+        if "_" in name:
+            rest = re.sub(rf"\b{name}\b", opt, rest)
+    return f"{option} {rest}"
 
 
 def _message(exc: BaseException) -> str:

@@ -68,6 +68,8 @@ def test_an_argument_with_a_nul_byte_is_a_usage_error(capsys, monkeypatch, argv)
     (["run", "--costs", "@BAD", "--cost", "rmpupdate=1ns"], "--costs @BAD: bad cost model JSON in @BAD"),
     (["compare", "--batch-pages", "3"], "--batch-pages 3 must be a power of two from 1 to 1073741824"),
     (["sweep", "--grid", "vcpus=1", "--batch-pages", "3"], "--batch-pages 3 must be a power of two"),
+    (["run", "--vcpus", "128"], "--vcpus 128 exceed --host-cpus 64: the timeline runs each vCPU thread on a "
+                                "host CPU of its own (give --host-cpus >= vcpus)"),
 ])
 def test_a_value_config_refuses_is_named_by_its_option(capsys, monkeypatch, tmp_path, argv, start):
     """A value that the experiment configuration refuses is reported with the option that
