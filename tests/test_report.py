@@ -237,6 +237,31 @@ def test_plot_splits_by_actor_and_wraps_long_policy_specs(tmp_path, monkeypatch)
     assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
 
 
+def test_plot_folds_many_vcpus_into_one_segment(tmp_path, monkeypatch):
+    """Past MAX_VCPU_COLUMNS vCPUs the by-actor panel stacks the VMM and one segment for the
+    vCPUs' sum, with a legend of two entries (with 32 vCPUs the legend had 33 and ran off the
+    figure over the bars); up to that many, one segment per vCPU."""
+    from matplotlib.figure import Figure
+
+    figs = []
+    real_savefig = Figure.savefig
+
+    def keep(self, *a, **k):
+        figs.append(self)
+        return real_savefig(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    n = report.MAX_VCPU_COLUMNS + 1
+    r = experiments.run(experiments.Config(platform="snp", memory="64M", vcpus=n))
+    vc = sum(ns for a, ns in r.by_actor.items() if a.startswith("vcpu"))
+    assert report._plot_stack([r]) == [("VMM (ioctls)", [r.by_actor["vmm"]]), (f"{n} vCPUs", [vc])]
+    report.plot([r], str(tmp_path / "many.png"))
+    names = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert names == [f"{n} vCPUs", "VMM (ioctls)"]
+    few = experiments.run(experiments.Config(platform="snp", memory="64M", vcpus=n - 1))
+    assert [label for label, _ in report._plot_stack([few])] == ["VMM (ioctls)"] + [f"vcpu{i}" for i in range(n - 1)]
+
+
 def test_plot_sweep(tmp_path):
     """The sweep plot is a PNG of modeled time against memory."""
     rs = experiments.sweep(experiments.Config(), ["16M", "32M", "64M"], ["fault-time", "eager-post"])

@@ -436,18 +436,36 @@ def _set_ticks(ax: Any, results: Sequence[Result]) -> None:
         ax.set_xticks(range(len(results)), labels, fontsize=8)
 
 
+def _plot_stack(results: Sequence[Result]) -> list[tuple[str, list[int]]]:
+    """The segments of :func:`_plot_actors`' bars, bottom up: ``(label, ns per result)``, one
+    per actor (the VMM first, then the vCPUs in order, then any other actor), or past
+    :data:`MAX_VCPU_COLUMNS` vCPUs one segment for all of them (``"N vCPUs"``), as the table
+    does."""
+    actors = sorted({a for r in results for a in r.by_actor}, key=_actor_order)
+    vcpus = [a for a in actors if _VCPU.match(a)]
+    fold = len(vcpus) > MAX_VCPU_COLUMNS
+    out: list[tuple[str, list[int]]] = []
+    for a in actors:
+        if fold and a in vcpus:
+            if a == vcpus[0]:
+                out.append((f"{len(vcpus)} vCPUs",
+                            [sum(ns for b, ns in r.by_actor.items() if _VCPU.match(b)) for r in results]))
+            continue
+        out.append(("VMM (ioctls)" if a == "vmm" else a, [r.by_actor.get(a, 0) for r in results]))
+    return out
+
+
 def _plot_actors(ax: Any, results: Sequence[Result]) -> None:
-    """Modeled time per result, stacked by actor (VMM first, then the vCPUs)."""
-    actors = sorted({a for r in results for a in r.by_actor}, key=lambda a: (a != "vmm", len(a), a))
+    """Modeled time per result, stacked by actor (VMM first, then the vCPUs: past
+    :data:`MAX_VCPU_COLUMNS` of them, their sum)."""
     unit, scale = _time_unit(max(r.modeled_ns for r in results))
     x = range(len(results))
-    palette = {"vmm": "#3f3f3f"}
+    palette = {"VMM (ioctls)": "#3f3f3f"}
     bottoms = [0.0] * len(results)
-    for i, actor in enumerate(actors):
-        heights = [r.by_actor.get(actor, 0) / scale for r in results]
-        color = palette.get(actor, ("#6baed6", "#2171b5", "#9ecae1", "#08519c")[i % 4])
-        ax.bar(x, heights, bottom=bottoms, color=color, label="VMM (ioctls)" if actor == "vmm" else actor,
-               width=0.6)
+    for i, (label, values) in enumerate(_plot_stack(results)):
+        heights = [v / scale for v in values]
+        color = palette.get(label, ("#6baed6", "#2171b5", "#9ecae1", "#08519c")[i % 4])
+        ax.bar(x, heights, bottom=bottoms, color=color, label=label, width=0.6)
         for j, (b, h) in enumerate(zip(bottoms, heights)):
             if h > 0.06 * max(1e-9, max(r.modeled_ns for r in results) / scale):
                 ax.annotate(format_ns(h * scale), (j, b + h / 2), ha="center", va="center", fontsize=7,
