@@ -905,19 +905,20 @@ cdef class FaultPath:
             self._charge("npf_fault", n)
         return 0
 
-    cdef inline int _retry_counted(self, PageFault f) except -1:
-        """A fault at ``f.gfn`` returned ``RET_PF_RETRY``: counted, and the ``retry`` event."""
+    cdef inline int _retry_counted(self, uint64_t gfn) except -1:
+        """A fault at ``gfn`` returned ``RET_PF_RETRY``: counted, and the ``retry`` event."""
         self.stats.v[S_PF_RETRY] += 1
         if self.ledger.traced:
-            self.vm._emit("retry", f.gfn, f.gfn + 1, "fault", 1)
+            self.vm._emit("retry", gfn, gfn + 1, "fault", 1)
         return 0
 
-    cdef int _retried_one(self, PageFault f) except -1:
-        """One page of the batch ``f`` took ``RET_PF_RETRY`` and faults again (the timeline's
+    cdef int _retried_one(self, uint64_t gfn) except -1:
+        """The page ``gfn`` of a batch took ``RET_PF_RETRY`` and faults again (the timeline's
         batch that an invalidation overlapped, ``_batch_valid_end``): a fault taken and
-        retried, counted and charged as :meth:`_settle` does a retried fault."""
+        retried, counted and charged as :meth:`_settle` does a retried fault, with its
+        ``retry`` event and no ``fault`` event (docs/events.md)."""
         self._taken(1)
-        return self._retry_counted(f)
+        return self._retry_counted(gfn)
 
     cdef FaultResult _finish(self, PageFault f):
         """Post-processing in ``kvm_mmu_do_page_fault`` / ``kvm_mmu_page_fault`` (§4.2 step 9)."""
@@ -962,7 +963,7 @@ cdef class FaultPath:
             _out_leaf(f, o)
             return ret
         if _ret_is(ret, "retry"):
-            self._retry_counted(f)
+            self._retry_counted(f.gfn)
             return ret
         if _ret_is(ret, "emulate"):
             st.v[S_PF_EMULATE] += 1

@@ -3127,7 +3127,7 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
                 keep = _batch_valid_end(sched, fp, f, gfn, end0)
                 if f.ret and keep > gfn:
                     f.ret = ""
-                    fp._retried_one(f)
+                    fp._retried_one(keep)
                     sched.races["pf_retry"] += 1
                     retried = 1
                 if not f.ret:

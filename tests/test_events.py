@@ -321,6 +321,38 @@ def test_lock_events_add_up_to_the_locks_statistics(monkeypatch, platform, polic
     assert sum(waits.values()) == sum(a["lock_wait_ns"] for a in r.actors.values())
 
 
+def test_retry_events_are_at_the_page_that_retried(monkeypatch):
+    """On the timeline a fault that returned ``RET_PF_RETRY`` is a ``retry`` event at the page
+    that retried; a fault called alone is also a ``fault`` event with the result ``"retry"``
+    there, while the page of a fault batch that an invalidation overlapped is not (the batch's
+    own ``fault`` event, after it, covers the pages before it). The spin's re-faults are counted without events. So ``pf_taken`` less the fault
+    events' counts is ``pf_retry`` less the ``"retry"`` fault events, and the fault events'
+    counts with the batches' retried pages are the fault latency samples. (The batch's
+    ``retry`` event was at the batch's first page, which the batch had mapped.)"""
+    got: list[pkvm.Event] = []
+    init = Timeline.__init__
+
+    def subscribed(self, vm, *a, **k):
+        init(self, vm, *a, **k)
+        vm.subscribe(got.append, ("fault", "retry"))
+
+    monkeypatch.setattr(Timeline, "__init__", subscribed)
+    r = E.run(E.Config(platform="snp", memory="256M", vcpus=3, workload="mixed"), seed=2)
+    retried = [e for e in got if e.kind == "fault" and e.result == "retry"]
+    retry = [e for e in got if e.kind == "retry"]
+    alone = {(e.gfn_start, e.actor) for e in retried}
+    assert all(e.count == 1 and e.gfn_end == e.gfn_start + 1 for e in retried)
+    batched = [i for i, e in enumerate(got) if e.kind == "retry" and (e.gfn_start, e.actor) not in alone]
+    assert len(retried) > 100 and len(batched) > 100
+    for i in batched:  # the batch's own event (the same vCPU's next) ends at the page that retried
+        nxt = next(e for e in got[i + 1:] if e.kind == "fault" and e.actor == got[i].actor)
+        assert nxt.result == "fixed" and nxt.gfn_start < nxt.gfn_end == got[i].gfn_start, (got[i], nxt)
+    faults = sum(e.count for e in got if e.kind == "fault")
+    assert r.counters["pf_taken"] - faults == r.counters["pf_retry"] - len(retried)
+    assert faults + len(batched) == r.latency_ns["fault"]["count"]
+    assert len(retry) == len(retried) + len(batched)
+
+
 def test_event_is_immutable():
     ev = pkvm.Event(1, "vmm", "zap")
     with pytest.raises(AttributeError):
