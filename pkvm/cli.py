@@ -829,8 +829,17 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
         if r.config.gantt is not None:
             _info(args, f"wrote Gantt chart {r.config.gantt}")
     if args.json is not None:
+        config = base.to_dict()
+        if memories:
+            # The runs' memory is sweep_memory's, each result's config says which (and, chosen by
+            # the memory, its batch); the base's default memory was never run.
+            config["memory"] = None
+            if "memory_text" in config:
+                config["memory_text"] = None
+            if config.get("batch_pages_auto"):
+                config["batch_pages"] = None
         extra: dict[str, Any] = {
-            "command": [_PROG, *argv], "config": base.to_dict(), "seed": args.seed,
+            "command": [_PROG, *argv], "config": config, "seed": args.seed,
             "policies": list(policies), "cost_model": base.cost_model().to_dict()}
         if memories:
             extra["sweep_memory"] = [format_size(m) for m in memories]

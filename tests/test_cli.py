@@ -125,6 +125,10 @@ def test_sweep_memory(tmp_path):
     assert png.read_bytes().startswith(PNG)
     d = json.loads(js.read_text())
     assert d["sweep_memory"] == ["64M", "128M"]
+    # the top-level config is the sweep's: no memory of its own (it said the default 64 GiB,
+    # which never ran), nor the batch that memory would choose
+    assert d["config"]["memory"] is None and d["config"]["memory_text"] is None
+    assert d["config"]["batch_pages"] is None and d["config"]["batch_pages_auto"] is True
     assert [(r["config"]["memory_text"], r["row"]["policy"]) for r in d["results"]] == [
         ("64M", "fault-time"), ("64M", "eager-post"), ("128M", "fault-time"), ("128M", "eager-post")]
 
