@@ -199,6 +199,11 @@ class Config:
             # LAUNCH_UPDATE populates whole folios: a 2M folio only partly in the image is refused.
             raise ValueError(f"image {format_size(image)} must be a multiple of 2M under policy {self.policy!r}: its "
                              "2M guest_memfd folios are launched whole")
+        if self.platform == "tdx" and resolve_policy(str(self.policy)).gmem_max_order and image > 4096:
+            # KVM_TDX_INIT_MEM_REGION would add a large folio's first page and refuse the next (EEXIST)
+            raise ValueError(f"image {format_size(image)} must be 4K under policy {self.policy!r}: the TD build adds "
+                             "only the first page of a large guest_memfd folio (docs/tdx.md, \"Why tdx-huge-pages "
+                             "is not among the default TDX policies\")")
         self.cost_model()  # validates overrides and the file
 
     def cost_model(self) -> CostModel:

@@ -41,7 +41,6 @@ from RAM above the image; vCPUs take turns (round-robin) in the order actions ar
 
 from __future__ import annotations
 
-import errno
 import math
 import random
 import time
@@ -392,15 +391,8 @@ class Context:
                 if mark_private:
                     with vm.acting("vmm"):
                         vm.set_memory_attributes(0, self.memory, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-            image = [(0, self.image, True)] if self.image and private else []
-            try:
-                self.vmm.launch(image)
-            except KvmError as exc:
-                if vm.platform.name == "tdx" and vm.policy.gmem_max_order and exc.errno == errno.EEXIST:
-                    raise KvmError(exc.errno, f"{exc.strerror}; known gap of the beyond-upstream 2M guest_memfd "
-                                   "folios on TDX: the TD build adds only the first page of a 2M folio, so build "
-                                   "a 4K image (Config(image='4K'), --image 4K)") from None
-                raise
+            # (a TD with large guest_memfd folios needs a 4K image: Config refuses a larger one)
+            self.vmm.launch([(0, self.image, True)] if self.image and private else [])
         finally:
             vm.trace(tracer)
         self.setup_done = True
