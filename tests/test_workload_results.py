@@ -26,14 +26,14 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): 'b6ba6de1530b2d0d',
-    ('snp', 'fault-time', 3, 'balloon', ()): 'efe0a305a2032e94',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '5dd06b762c5a4eff',
+    ('snp', 'fault-time', 1, 'balloon', ()): '8fbbe0dcf87d2ca0',
+    ('snp', 'fault-time', 3, 'balloon', ()): 'b56e63fd88c7be76',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '1cf2337ed990cc44',
     ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5a4177315a6b2972',
     ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3cf7ea7bbce2f132',
-    ('tdx', '6.19', 1, 'balloon', ()): 'c89f2b20b2e11f6e',
+    ('tdx', '6.19', 1, 'balloon', ()): '6fc4a3ab183294be',
     ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cee5e6b0303a27d2',
-    ('sw_protected', '6.8', 3, 'balloon', ()): 'aa1ffc3f96ed4e79',
+    ('sw_protected', '6.8', 3, 'balloon', ()): '3f5bc330f82eaeb2',
     ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '55d9e2826b018d3a',
 }
 MEMORY = "512M"

@@ -405,7 +405,9 @@ class Result:
         ``by_actor_op.vcpu0.npf_fault``, ``directmap.fragmented_fraction``,
         ``phases.accept.modeled_ns``, ``wall_s``, ``gfns_per_s`` ... Any numeric field of the
         result (and any numeric value nested in its dicts and records) is included, so fields
-        added later are addressable the same way. Booleans and text are left out.
+        added later are addressable the same way. Booleans and text are left out. A phase
+        that recurs (``balloon``'s ``inflate`` and ``deflate``, once per cycle) is the sum of its
+        occurrences, so the phases' figures add up to the run's.
         ``wall=False`` leaves out the simulator's own time (``wall_s``, ``phases.*.wall_s``,
         ``gfns_per_s``), which is all that differs between two runs of the same config and seed.
 
@@ -473,8 +475,19 @@ def _flatten(name: str, value: Any, out: dict[str, float]) -> None:
         for f in dataclasses.fields(value):
             _flatten(f"{name}.{f.name}", getattr(value, f.name), out)
     elif isinstance(value, (tuple, list)):
+        seen: set[str] = set()
         for i, v in enumerate(value):
             key = getattr(v, "name", None)
+            if isinstance(key, str) and key in seen:
+                # a name that recurs (balloon's inflate and deflate, once per cycle): the sum,
+                # so that the phases' figures still add up to the run's
+                part: dict[str, float] = {}
+                _flatten(f"{name}.{key}", v, part)
+                for k, x in part.items():
+                    out[k] = out.get(k, 0) + x
+                continue
+            if isinstance(key, str):
+                seen.add(key)
             _flatten(f"{name}.{key if isinstance(key, str) else i}", v, out)
     else:
         try:  # numpy scalars and other numbers
