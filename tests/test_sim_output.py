@@ -392,6 +392,26 @@ def test_gantt_many_slices_and_tracks(tmp_path):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_gantt_draws_the_vmm_and_64_vcpus_by_default(tmp_path, monkeypatch):
+    """A 64-vCPU run has 65 tracks (the VMM's too): all of them are drawn by default, with
+    labels of a readable size (the default of 64 tracks left out the last vCPU, and the labels
+    were 5 pt)."""
+    from matplotlib.figure import Figure
+
+    figs = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    r = Recorder()
+    for i, track in enumerate(["vmm"] + [f"vcpu{v}" for v in range(64)]):
+        r.slice(track, "fault", i, i + 10, CAT_BUSY)
+    plot_gantt(r, tmp_path / "g.png", title="t")
+    ax = figs[0].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 65 and labels[0] == "vcpu63" and labels[-1] == "vmm"
+    assert "first" not in ax.get_title()
+    assert min(t.get_fontsize() for t in ax.get_yticklabels()) >= 8
+
+
 def test_gantt_empty_recorder_and_bad_arguments(tmp_path):
     """An empty recorder still gives a PNG; bad arguments raise before writing."""
     plot_gantt(Recorder(), tmp_path / "empty.png")

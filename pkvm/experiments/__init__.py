@@ -614,7 +614,7 @@ def _write_timeline_outputs(config: Config, tl: Any) -> None:
     if config.gantt:
         with _naming_output("gantt", config.gantt):
             plot_gantt(tl.recorder, config.gantt, title=f"{config.policy}: {config.workload} "
-                       f"{format_size(config.memory)}, {config.vcpus} vCPU(s)")  # type: ignore[arg-type]
+                       f"{format_size(config.memory)}, {config.vcpus} vCPU{'s' if config.vcpus != 1 else ''}")  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
