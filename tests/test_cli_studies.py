@@ -139,3 +139,38 @@ def test_sensitivity_defaults_to_the_critical_path_and_simulates_it():
     out = ok("sensitivity", "--memory", "16M", "--samples", "8", "--policies", "fault-time,eager-post")
     assert "metric critical_path_ns" in out
     assert "critical_path_ns is not a sum of counts times prices, so every sample was simulated" in out
+
+
+def test_grid_plot_keeps_each_policy_s_style_across_panels(tmp_path, monkeypatch):
+    """``plot_grid``: a policy has one colour and marker in every panel, one legend names every
+    policy (the panels of a platform grid have different policies: the TDX lines were drawn
+    in the SNP policies' styles and named by the first panel's legend only), a true/false key
+    is categorical, a time in ns is plotted in s / ms / µs, and the process's matplotlib
+    backend is left as it was."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from pkvm.experiments.frames import plot_grid
+
+    figs = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    rows = [{"platform": plat, "discard": d, "policy": pol, "critical_path_ns": 2e9 + i * 1e8}
+            for plat, pols in (("snp", ["fault-time", "eager-post"]), ("tdx", ["6.16", "6.19"]))
+            for i, pol in enumerate(pols) for d in (True, False)]
+    backend = matplotlib.get_backend()
+    plot_grid(pd.DataFrame(rows), ["discard", "platform"], "critical_path_ns", str(tmp_path / "g.png"))
+    assert matplotlib.get_backend() == backend
+    fig = figs[0]
+    styles: dict[str, set[tuple[str, str]]] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            styles.setdefault(line.get_label(), set()).add((str(line.get_color()), str(line.get_marker())))
+    assert set(styles) == {"fault-time", "eager-post", "6.16", "6.19"}
+    assert all(len(s) == 1 for s in styles.values())
+    assert len({next(iter(s)) for s in styles.values()}) == 4  # four different styles
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fault-time", "eager-post", "6.16", "6.19"]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["True", "False"]
+    assert ax.get_ylabel() == "critical_path (s)"
+    assert max(max(line.get_ydata()) for line in ax.get_lines()) < 10  # seconds, not ns

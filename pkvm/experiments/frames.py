@@ -122,33 +122,52 @@ def write_frame(frame: pd.DataFrame, path: str) -> None:
             f.write(frame.to_csv(index=False).encode("utf-8"))
 
 
+def _is_time_metric(metric: str) -> bool:
+    """Whether ``metric`` is in ns (``modeled_ns``, ``critical_path_ns``, ``latency_ns.fault.p99``
+    ...), which a plot shows in s, ms or µs."""
+    return metric.endswith("_ns") or metric.startswith("latency_ns.") or "_ns." in metric
+
+
 def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) -> None:
     """Small multiples of a grid sweep: ``metric`` against the first grid key with several
     values (x axis; log scale for memory), one line per policy, one panel per combination of
-    the other keys."""
-    import matplotlib
+    the other keys. A policy has the same colour and marker in every panel, and one legend
+    beside the panels names every policy; a time in ns is shown in s, ms or µs; a key of
+    true/false values is categorical. Uses matplotlib's object API on the Agg canvas, as
+    :func:`pkvm.experiments.report.plot` does: pyplot's state and the backend are untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pkvm.experiments.report import _time_unit
 
     varying = [k for k in keys if frame[k].nunique() > 1] or list(keys[:1])
     xkey, facets = varying[0], varying[1:]
     combos = list(itertools.product(*(list(dict.fromkeys(frame[k])) for k in facets))) or [()]
     ncols = min(4, len(combos))
     nrows = (len(combos) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.5, 2.9 * nrows + 0.6), squeeze=False,
-                             sharey=True, constrained_layout=True)
+    fig = Figure(figsize=(3.6 * ncols + 2.3, 2.9 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
     xs = list(dict.fromkeys(frame[xkey]))
-    numeric = all(isinstance(x, (int, float)) for x in xs)
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     markers = "os^Dv<>P"
+    colours = [f"C{i}" for i in range(10)]
+    policies = list(dict.fromkeys(frame["policy"]))
+    style = {p: (colours[i % len(colours)], markers[i % len(markers)]) for i, p in enumerate(policies)}
+    values = frame[metric].to_numpy(dtype=float)
+    finite = values[values == values]
+    unit, scale = _time_unit(float(abs(finite).max()) if finite.size else 0.0) if _is_time_metric(metric) \
+        else ("", 1.0)
     for ax, combo in zip(axes.flat, combos):
         sub = frame
         for k, v in zip(facets, combo):
             sub = sub[sub[k] == v]
-        for i, (pol, rows) in enumerate(sub.groupby("policy", sort=False)):
+        for pol, rows in sub.groupby("policy", sort=False):
             rows = rows.set_index(xkey).reindex(xs)
             xvals = xs if numeric else list(range(len(xs)))
-            ax.plot(xvals, rows[metric].to_numpy(dtype=float), marker=markers[i % len(markers)], label=pol)
+            colour, marker = style[pol]
+            ax.plot(xvals, rows[metric].to_numpy(dtype=float) / scale, marker=marker, color=colour, label=pol)
         if numeric:
             if xkey == "memory":
                 ax.set_xscale("log", base=2)
@@ -156,8 +175,11 @@ def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) 
             elif len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) > 10:
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(xs, [str(x) for x in xs])
+            else:
+                ax.set_xticks(xs, [str(x) for x in xs])
         else:
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_title(", ".join(f"{k}={format_size(int(v)) if k == 'memory' else v}"
                                for k, v in zip(facets, combo)) or metric, fontsize=9)
         ax.set_xlabel(xkey)
@@ -166,7 +188,9 @@ def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) 
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(combos):]:
         ax.set_visible(False)
-    axes[0][0].set_ylabel(metric)
-    axes[0][0].legend(fontsize=7, title="policy", title_fontsize=7)
+    for row in axes:
+        row[0].set_ylabel(f"{metric.replace('_ns', '')} ({unit})" if unit else metric)
+    handles = [Line2D([], [], color=c, marker=m, label=p) for p, (c, m) in style.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7, title="policy", title_fontsize=7,
+               frameon=False)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

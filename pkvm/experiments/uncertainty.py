@@ -682,11 +682,10 @@ def plot(result: SensitivityResult, path: str) -> None:
     """Draw ``result`` to ``path``: the metric's distribution per policy (box plots, log scale
     when it spans more than a decade) and, per policy and per pair of policies, a bar chart of
     each price group's total Sobol' index (``ST``, with ``S1`` inside it and the confidence
-    interval) or Morris ``mu*``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    interval) or Morris ``mu*``. Uses matplotlib's object API on the Agg canvas: pyplot's
+    state and the process's backend are untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     pols = result.policies
     idx = result.indices
@@ -694,8 +693,9 @@ def plot(result: SensitivityResult, path: str) -> None:
     pairs = [o for o in idx["output"].unique()
              if o not in pols and (nums[idx["output"] == o].to_numpy(dtype=float) != 0).any()]
     panels = 2 if not pairs else 3
-    fig, axes = plt.subplots(1, panels, figsize=(6 + 4.5 * (panels - 1), 4.2 + 0.18 * len(result.groups)),
-                             constrained_layout=True)
+    fig = Figure(figsize=(6 + 4.5 * (panels - 1), 4.2 + 0.18 * len(result.groups)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     ax = axes[0]
     data = [np.asarray(result.y[p], dtype=float) / 1e9 for p in pols]
     ax.boxplot(data, whis=(5, 95), showfliers=False)
@@ -704,8 +704,8 @@ def plot(result: SensitivityResult, path: str) -> None:
     hi = max(float(d.max()) for d in data)
     if lo > 0 and hi / lo > 10:
         ax.set_yscale("log")
-    unit = " (s)" if result.metric.endswith("_ns") else ""
-    ax.set_ylabel(f"{result.metric}{unit}" if unit else f"{result.metric} / 1e9")
+    timed = result.metric.endswith("_ns")
+    ax.set_ylabel(f"{result.metric[:-3]} (s)" if timed else f"{result.metric} / 1e9")
     ax.set_title(f"{result.metric} over {len(result.values)} cost samples\n(box: p25-p75, whiskers: p5-p95)",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
@@ -715,7 +715,6 @@ def plot(result: SensitivityResult, path: str) -> None:
     fig.suptitle(f"pkvm sensitivity · {result.config.platform} {format_size(int(result.config.memory))} "
                  f"{result.config.workload} · {result.method} · {result.evaluation}", fontsize=10)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _bars(ax: Any, result: SensitivityResult, outputs: Sequence[str], title: str) -> None:
@@ -733,10 +732,11 @@ def _bars(ax: Any, result: SensitivityResult, outputs: Sequence[str], title: str
         pos = ypos + (k - (len(outputs) - 1) / 2) * width
         ax.barh(pos, vals, height=width, xerr=errs, label=out, alpha=0.85, capsize=2)
         if result.method == "sobol":
-            ax.barh(pos, sub["S1"].to_numpy(dtype=float), height=width * 0.4, color="black", alpha=0.5)
+            ax.barh(pos, sub["S1"].to_numpy(dtype=float), height=width * 0.4, color="black")
     ax.set_yticks(ypos, groups, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("total Sobol' index ST (black: first-order S1)" if result.method == "sobol"
+    ax.set_xlabel("total Sobol' index ST\n(inner black bar: first-order S1; whiskers: 95 % CI)"
+                  if result.method == "sobol"
                   else f"Morris mu* ({result.metric}, s)")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
