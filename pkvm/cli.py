@@ -738,14 +738,42 @@ class _Output:
             self.console = Console(file=stream, highlight=False)
 
     def table(self, results: Sequence[Result], layout: str) -> RenderableType:
-        return report.table(results, console=self.console, layout=layout)  # type: ignore[arg-type]
+        """The comparison table; on a terminal too narrow for either layout, the column layout
+        in as many tables as it takes (``report.tables``)."""
+        if self.console is None:
+            return report.table(results, layout=layout)  # type: ignore[arg-type]
+        from rich.console import Group
+
+        parts = report.tables(results, console=self.console, layout=layout)  # type: ignore[arg-type]
+        return parts[0] if len(parts) == 1 else Group(*[x for i, t in enumerate(parts) for x in ((t,) if not i else ("", t))])
+
+    def breakdown(self, make: Callable[..., RenderableType], result: Result) -> RenderableType:
+        """``make(result)`` (``report.phase_table`` / ``op_table``), with the vCPUs folded into
+        their sum and the busiest one when a column each does not fit the terminal."""
+        t = make(result)
+        if self.console is not None and report.width(t, self.console) > self.console.width:
+            return make(result, fold=True)
+        return t
 
     def print(self, renderable: RenderableType | str = "") -> None:
         with _writing(self._stream):
             if self.console is not None:
                 from rich.text import Text
 
-                self.console.print(Text(renderable) if isinstance(renderable, str) else renderable)
+                if isinstance(renderable, str):
+                    self.console.print(Text(renderable))
+                else:
+                    # Never cut a cell short: wider than the terminal, it is printed whole and
+                    # the terminal wraps its lines.
+                    need, have = report.width(renderable, self.console), self.console.width
+                    if need > have:
+                        self.console.width = need  # (Console.print's width= is capped at the console's)
+                        try:
+                            self.console.print(renderable, crop=False)
+                        finally:
+                            self.console.width = have
+                    else:
+                        self.console.print(renderable)
             elif isinstance(renderable, str):
                 self._stream.write(renderable + "\n")
             else:
@@ -903,9 +931,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> int
     out.print(_header(config, args.seed, f"policy {policy}"))
     out.print(out.table([result], args.layout))
     out.print()
-    out.print(report.phase_table(result))
+    out.print(out.breakdown(report.phase_table, result))
     out.print()
-    out.print(report.op_table(result))
+    out.print(out.breakdown(report.op_table, result))
     _notes(out, [result])
     _write_outputs(args, argv, config, [result], [policy], [])
     return 0

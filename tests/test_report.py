@@ -289,3 +289,50 @@ def test_module_doctests():
     """The examples in pkvm.experiments.report's docstring run."""
     result = doctest.testmod(pkvm.experiments.report)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_tables_split_the_columns_that_do_not_fit_and_cut_nothing():
+    """On a terminal too narrow for either layout, ``tables`` gives the column layout in as many
+    tables as it takes, each within the width, every result once, no cell cut short ("…"):
+    ``table`` alone cut numbers and units short and could leave a policy's column out."""
+    import io
+
+    from rich.console import Console
+
+    pols = ["6.11", "6.16", "6.19", "eager-locked", "eager-post", "eager-split", "fault-time"]
+    rs = experiments.compare(experiments.Config(memory="64M", platform="snp"), pols[3:]) + \
+        experiments.compare(experiments.Config(memory="64M", platform="tdx"), pols[1:3])
+    for width in (60, 80, 120):
+        console = Console(file=io.StringIO(), width=width, color_system=None)
+        parts = report.tables(rs, console=console)
+        if report.width(report.table(rs, console=console, layout="rows"), console) > width:
+            assert all(report.width(t, console) <= width for t in parts), width
+        labels = [c.header for t in parts for c in t.columns[1:]]
+        assert sorted(labels) == sorted(" ".join(report._label_parts(r, ["platform", "policy"])) for r in rs)
+        for t in parts:
+            console.print(t)
+        assert "…" not in console.file.getvalue()
+    wide = Console(file=io.StringIO(), width=1000)
+    assert len(report.tables(rs, console=wide)) == 1
+
+
+def test_breakdowns_fold_when_a_column_each_does_not_fit(monkeypatch):
+    """``pkvm run`` on a narrow terminal folds the vCPUs of its phase and operation tables
+    into their sum and the busiest one (``fold=True``), and prints what is still too wide
+    whole, for the terminal to wrap, rather than cut."""
+    import io
+
+    from rich.console import Console
+
+    from pkvm.cli import _Output
+
+    r = experiments.run(experiments.Config(platform="snp", memory="64M", vcpus=3))
+    out = _Output(io.StringIO())
+    out.console = Console(file=io.StringIO(), width=70, color_system=None)
+    t = out.breakdown(report.op_table, r)
+    assert [c.header for c in t.columns][3:] == ["vmm", "3 vCPUs", "busiest vCPU"]
+    out.console = Console(file=io.StringIO(), width=400, color_system=None)
+    assert "vcpu2" in [c.header for c in out.breakdown(report.op_table, r).columns]
+    out.console = Console(file=io.StringIO(), width=30, color_system=None)
+    out.print(report.op_table(r))
+    assert "…" not in out.console.file.getvalue()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pkvm.experiments import Result
 
-__all__ = ["table", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
+__all__ = ["table", "tables", "width", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
 
 Layout = Literal["auto", "rows", "columns"]
 
@@ -218,7 +218,6 @@ def table(results: Sequence[Result], *, console: Console | None = None, layout: 
         ValueError: no results, or an unknown layout.
     """
     from rich import box
-    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
@@ -239,9 +238,18 @@ def table(results: Sequence[Result], *, console: Console | None = None, layout: 
             t.add_row(*(Text(x) for x in _label_parts(r, heads)), *(Text(c.cell(r, row)) for c in cols))
         if layout == "rows" or console is None:
             return t
-        # Measured unconstrained: Console.measure clamps to the console's own width.
-        if Measurement.get(console, console.options.update_width(_TEXT_WIDTH), t).maximum <= console.width:
+        if width(t, console) <= console.width:
             return t
+    return _column_table(cols, labels, results, rows)
+
+
+def _column_table(cols: Sequence[_Col], labels: Sequence[str], results: Sequence[Result],
+                  rows: Sequence[dict[str, Any]]) -> Table:
+    """The column layout of :func:`table`: a row per metric, a column per result."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False)
     t.add_column("", no_wrap=True)
     for label in labels:
@@ -252,14 +260,49 @@ def table(results: Sequence[Result], *, console: Console | None = None, layout: 
     return t
 
 
-def _breakdown(actors: Iterable[str]) -> tuple[list[str], list[str]]:
+def width(renderable: RenderableType, console: Console) -> int:
+    """How many columns ``renderable`` takes laid out without limit (``Console.measure``
+    clamps to the console's own width)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(_TEXT_WIDTH), renderable).maximum
+
+
+def tables(results: Sequence[Result], *, console: Console | None = None, layout: Layout = "auto") -> list[Table]:
+    """:func:`table`, for a terminal: with ``"auto"``, when neither layout fits ``console``, the
+    column layout split into several tables of as many results as fit (each with the metric
+    labels), so that no cell is cut short. Otherwise the one table of :func:`table`.
+
+    Raises:
+        ValueError: as :func:`table`.
+    """
+    t = table(results, console=console, layout=layout)
+    if layout != "auto" or console is None or width(t, console) <= console.width:
+        return [t]
+    rows = [r.row() for r in results]
+    cols = _columns(results, rows)
+    _heads, labels = _labels(results)
+    out: list[Table] = []
+    i = 0
+    while i < len(results):
+        k = len(results) - i
+        while k > 1 and width(_column_table(cols, labels[i:i + k], results[i:i + k], rows[i:i + k]),
+                              console) > console.width:
+            k -= 1
+        out.append(_column_table(cols, labels[i:i + k], results[i:i + k], rows[i:i + k]))
+        i += k
+    return out
+
+
+def _breakdown(actors: Iterable[str], fold: bool | None = None) -> tuple[list[str], list[str]]:
     """The actor columns of a run's breakdown, in :func:`_actor_order`, and their headers:
-    one per actor, or past :data:`MAX_VCPU_BREAKDOWN` vCPUs each actor that is not a vCPU,
-    then the vCPUs' sum (``"N vCPUs"``) and the busiest vCPU's figure (``"busiest vCPU"``):
-    ``(columns, headers)``, the vCPUs' columns named ``"*vcpus"`` / ``"*busiest"``."""
+    one per actor, or past :data:`MAX_VCPU_BREAKDOWN` vCPUs (``fold=None``; with ``fold=True``
+    past one) each actor that is not a vCPU, then the vCPUs' sum (``"N vCPUs"``) and the
+    busiest vCPU's figure (``"busiest vCPU"``): ``(columns, headers)``, the vCPUs' columns
+    named ``"*vcpus"`` / ``"*busiest"``."""
     order = sorted(actors, key=_actor_order)
     vcpus = [a for a in order if _VCPU.match(a)]
-    if len(vcpus) <= MAX_VCPU_BREAKDOWN:
+    if len(vcpus) <= (1 if fold else MAX_VCPU_BREAKDOWN):
         return order, list(order)
     rest = [a for a in order if not _VCPU.match(a)]
     return rest + ["*vcpus", "*busiest"], rest + [f"{len(vcpus)} vCPUs", "busiest vCPU"]
@@ -280,14 +323,15 @@ def _breakdown_cells(cols: Sequence[str], values: Mapping[str, int]) -> list[int
     return out
 
 
-def phase_table(result: Result) -> Table:
+def phase_table(result: Result, *, fold: bool | None = None) -> Table:
     """One result's phases: time on the timeline, CPU time in total and per actor (past
-    :data:`MAX_VCPU_BREAKDOWN` vCPUs, their sum and the busiest one's), wall time."""
+    :data:`MAX_VCPU_BREAKDOWN` vCPUs, or with ``fold=True`` past one, their sum and the busiest
+    one's), wall time."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor})
+    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor}, fold)
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, title="phases", title_justify="left")
     t.add_column("phase", no_wrap=True)
     t.add_column("elapsed", justify="right", no_wrap=True)
@@ -302,15 +346,16 @@ def phase_table(result: Result) -> Table:
     return t
 
 
-def op_table(result: Result) -> Table:
+def op_table(result: Result, *, fold: bool | None = None) -> Table:
     """One result's modeled time by operation (largest first), its share, and per actor (past
-    :data:`MAX_VCPU_BREAKDOWN` vCPUs, their sum and the busiest one's: in each row the vCPU
-    that spent the most on that operation, in the footer the vCPU that spent the most)."""
+    :data:`MAX_VCPU_BREAKDOWN` vCPUs, or with ``fold=True`` past one, their sum and the busiest
+    one's: in each row the vCPU that spent the most on that operation, in the footer the vCPU
+    that spent the most)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    cols, heads = _breakdown(result.by_actor_op)
+    cols, heads = _breakdown(result.by_actor_op, fold)
     total = result.modeled_ns
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, show_footer=True,
               title="modeled time by operation", title_justify="left")
