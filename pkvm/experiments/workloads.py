@@ -275,6 +275,7 @@ class Context:
         self.gfns_accessed = 0
         self.notes: list[str] = []
         self.phases: list[PhaseRecord] = []
+        self._phase_depth = 0  # phases open (a phase opened inside another is part of it)
         self.setup_done = False
         #: The guest's own view of which pages it made shared (1) — Linux never hands a shared
         #: page to the page allocator, so random picks avoid them.
@@ -332,9 +333,30 @@ class Context:
     @contextmanager
     def phase(self, name: str) -> Iterator[PhaseRecord]:
         """Attribute the work done inside the ``with`` block to phase ``name``; on the timeline
-        the phase starts and ends with every vCPU idle (``PhaseRecord.elapsed_ns``)."""
-        vm = self.vm
+        the phase starts and ends with every vCPU idle (``PhaseRecord.elapsed_ns``).
+
+        A phase opened inside another (``mixed``'s balloon rounds, inside its ``steady``
+        phase) is part of the enclosing one: it is not recorded on its own and does not stop
+        the vCPUs, so the phases never overlap and add up to the run (the record it yields is
+        not kept)."""
         rec = PhaseRecord(name)
+        if self._phase_depth:
+            self._phase_depth += 1
+            try:
+                yield rec
+            finally:
+                self._phase_depth -= 1
+            return
+        self._phase_depth = 1
+        try:
+            with self._top_phase(rec):
+                yield rec
+        finally:
+            self._phase_depth = 0
+
+    @contextmanager
+    def _top_phase(self, rec: PhaseRecord) -> Iterator[PhaseRecord]:
+        vm = self.vm
         self.barrier()
         tl = self.timeline
         e0 = tl.now_ns if tl is not None else vm.modeled_ns
@@ -644,12 +666,16 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
     shift = (chunk >> PAGE_SHIFT).bit_length() - 1
     # Chunks are numbered in RAM order; a chunk's gpa follows the q35 layout (identity for one range).
     gpas = sorted(_chunk_gpas(ctx, ctx.rng.sample(range(lo, hi), k), chunk))
-    shared = ctx.shared
-    if gpas and shared.find_ne(gpas[0] << shift, (gpas[-1] + 1) << shift, 0) == -1:
-        picked = gpas  # no shared page anywhere among them (the filter below keeps every chunk)
-    else:
-        picked = [c for c in gpas if shared.find_ne(c << shift, (c + 1) << shift, 0) == -1]  # private only
+    shared, reserved = ctx.shared, ctx.reserved
+    if gpas and shared.find_ne(gpas[0] << shift, (gpas[-1] + 1) << shift, 0) == -1 and \
+            reserved.find_ne(gpas[0] << shift, (gpas[-1] + 1) << shift, 0) == -1:
+        picked = gpas  # no shared or reserved page anywhere among them (the filter keeps every chunk)
+    else:  # private only, and not in use by a task still running (inside mixed's steady phase)
+        picked = [c for c in gpas if shared.find_ne(c << shift, (c + 1) << shift, 0) == -1
+                  and reserved.find_ne(c << shift, (c + 1) << shift, 0) == -1]
     runs = _coalesce(picked)  # adjacent chunks: the balloon hands back runs of pages
+    for s, e in runs:  # the balloon's until the deflate has accepted them again (_deflate_run)
+        ctx.reserve(s * chunk, (e - s) * chunk)
     with ctx.phase("inflate"):
         for s, e in runs:
             ctx.vmm.discard_ram(s * chunk, (e - s) * chunk)
@@ -661,9 +687,16 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
             g = guests[ctx._turn % len(guests)]  # ctx.guest(), in line
             ctx._turn += 1
             if tl is not None and (tl._current is None or tl._current.name != g.actor):
-                tl.dispatch(g.actor, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, huge)  # ctx.run_on's hand-off
+                tl.dispatch(g.actor, _deflate_run, ctx, g, s * chunk, (e - s) * chunk, huge)  # ctx.run_on's hand-off
             else:
-                ctx.run_on(g, _accept_touch, ctx, g, s * chunk, (e - s) * chunk, huge)
+                ctx.run_on(g, _deflate_run, ctx, g, s * chunk, (e - s) * chunk, huge)
+
+
+def _deflate_run(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
+    """A task of g's vCPU: it accepts and touches a run the balloon hands back, which random
+    picks then may use again."""
+    _accept_touch(ctx, g, gpa, size, huge)
+    ctx.release(gpa, size)
 
 
 def _coalesce(chunks: list[int]) -> list[tuple[int, int]]:
