@@ -805,8 +805,22 @@ def _header(config: Config, seed: int, what: str) -> str:
         costs += f" ({len(changed)} changed: {', '.join(changed)})"
     parts = [f"pkvm {experiments.version()}", config.platform, f"{format_size(int(config.memory))} RAM",
              f"workload {config.workload}" + (f" ({shown})" if shown else ""), what, f"seed {seed}", costs]
-    if config.vcpus != 1:
-        parts.insert(3, f"{config.vcpus} vCPUs")
+    # the settings that change the numbers, where they are not the defaults
+    dflt = experiments.Config()
+    extra = [f"{config.vcpus} vCPUs"] if config.vcpus != 1 else []
+    if config.host_cpus != dflt.host_cpus:
+        extra.append(f"{config.host_cpus} host CPUs")
+    if int(config.image) != int(dflt.image):
+        extra.append(f"image {format_size(int(config.image))}")
+    if config.shared_backing != dflt.shared_backing:
+        extra.append(f"shared backing {config.shared_backing}")
+    if not config.discard:
+        extra.append("no discard")
+    if config.batch_pages is not None:
+        extra.append(f"batch {config.batch_pages} pages")
+    if config.pagewise_locks != dflt.pagewise_locks:
+        extra.append(f"pagewise locks {config.pagewise_locks}")
+    parts[3:3] = extra
     return " · ".join(parts)
 
 

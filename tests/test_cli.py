@@ -318,3 +318,16 @@ def test_progress_bar_follows_the_runs():
         cb("a", 0.5)
         cb("b", 0.25)
         cb("b", 1.0)
+
+
+def test_the_header_names_every_setting_that_is_not_the_default():
+    """The header line names what the numbers depend on: also the host CPUs, the image, the
+    shared backing, discard, the batch and the pagewise locks when they are not the defaults
+    (two runs that differ only in those printed the same header)."""
+    plain = ok("run", *SMALL, "--vcpus", "2").splitlines()[0]
+    assert "host CPUs" not in plain and "batch" not in plain and "image" not in plain
+    head = ok("run", *SMALL, "--vcpus", "2", "--host-cpus", "128", "--batch-pages", "64", "--pagewise-locks",
+              "batch", "--image", "4M", "--shared-backing", "hugetlb-2m", "--no-discard").splitlines()[0]
+    for part in ("2 vCPUs", "128 host CPUs", "image 4M", "shared backing hugetlb-2m", "no discard",
+                 "batch 64 pages", "pagewise locks batch"):
+        assert f" · {part} · " in head, (part, head)
