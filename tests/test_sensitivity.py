@@ -260,3 +260,18 @@ def test_concurrent_vcpus_are_simulated_per_sample():
                       metric="modeled_ns", samples=4)
     assert r.evaluation == "simulated"
     assert any("2 concurrent vCPUs" in n for n in r.notes)
+
+
+def test_to_frame_has_0_for_a_metric_a_policy_never_counted():
+    """A metric one policy's runs have and another's lack (``directmap_unmaps``: the eager
+    designs' direct map) is 0 in the other's rows of ``to_frame``, not NaN, which pandas' means
+    skip (``pkvm sensitivity --out``), as in ``pkvm.experiments.to_frame``."""
+    res = E.sensitivity(E.Config(platform="snp", memory="16M"), ["fault-time", "eager-post"], method="morris",
+                        samples=4, metric="critical_path_ns", seed=0, keep_metrics=True, evaluation="simulate")
+    frame = res.to_frame()
+    col = "phases.launch.counters.directmap_unmaps"
+    assert col in frame.columns
+    metrics = [c for c in frame.columns if "." in c and not c.startswith("price.")]
+    assert not frame[metrics].isna().any().any()
+    by = frame.groupby("policy")[col]
+    assert by.min()["fault-time"] == by.max()["fault-time"] == 0 and by.min()["eager-post"] > 0

@@ -409,7 +409,13 @@ class SensitivityResult:
                 if m != self.metric:
                     cols[m] = arr
             frames.append(pd.DataFrame(cols))
-        return pd.concat(frames, ignore_index=True)
+        frame = pd.concat(frames, ignore_index=True)
+        # a metric one policy never counted (directmap_unmaps under fault-time) is 0 there, not
+        # NaN, which means would skip, as in pkvm.experiments.to_frame
+        metrics = {self.metric} | {m for d in self.extra_metrics.values() for m in d}
+        have = [c for c in frame.columns if c in metrics]
+        frame[have] = frame[have].fillna(0)
+        return frame
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: everything but the samples (those go to :meth:`to_frame`)."""
