@@ -262,12 +262,25 @@ def test_plot_folds_many_vcpus_into_one_segment(tmp_path, monkeypatch):
     assert [label for label, _ in report._plot_stack([few])] == ["VMM (ioctls)"] + [f"vcpu{i}" for i in range(n - 1)]
 
 
-def test_plot_sweep(tmp_path):
-    """The sweep plot is a PNG of modeled time against memory."""
-    rs = experiments.sweep(experiments.Config(), ["16M", "32M", "64M"], ["fault-time", "eager-post"])
+def test_plot_sweep(tmp_path, monkeypatch):
+    """The sweep plot is a PNG of the critical path (what the guest sees, the table's first row;
+    it plotted the CPU time) against memory, one line per policy, and its title names the
+    vCPUs."""
+    from matplotlib.figure import Figure
+
+    figs = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    rs = experiments.sweep(experiments.Config(vcpus=4), ["16M", "32M", "64M"], ["fault-time", "eager-post"])
     path = tmp_path / "sweep.png"
     report.plot(rs, str(path), sweep=True)
     assert path.read_bytes().startswith(PNG)
+    ax = figs[0].axes[0]
+    assert ax.get_ylabel() == "critical path (s)" and "4 vCPUs" in ax.get_title()
+    for line in ax.get_lines():
+        want = [r.critical_path_ns / 1e9 for r in rs if r.policy == line.get_label()]
+        assert list(line.get_ydata()) == pytest.approx(want)
+    assert all(r.critical_path_ns < r.modeled_ns for r in rs)  # so it is not the CPU time
 
 
 def test_plot_other_segment(tmp_path, snp_results, monkeypatch):

@@ -427,6 +427,9 @@ def _title(results: Sequence[Result], *, memory: bool) -> str:
     parts = [distinct([r.config.platform for r in results]), distinct([r.config.workload for r in results])]
     if memory:
         parts.append(distinct([format_size(r.config.memory) for r in results]))  # type: ignore[arg-type]
+    vcpus = list(dict.fromkeys(r.config.vcpus for r in results))
+    if vcpus != [1]:
+        parts.append("/".join(str(v) for v in vcpus) + " vCPUs")
     return " · ".join(parts)
 
 
@@ -437,8 +440,8 @@ def plot(results: Sequence[Result], path: str, *, sweep: bool = False) -> None:
     actor (the VMM's ioctls against the vCPUs: where the time is spent); right, stacked by
     operation (the :data:`PLOT_TOP_OPS` largest operations overall, the rest as "other"),
     total on top. Long policy specs are wrapped at each ``+`` so that the labels stay
-    readable. With ``sweep`` (the results of :func:`pkvm.experiments.sweep`): modeled time against
-    guest memory on log-log axes, one line per policy.
+    readable. With ``sweep`` (the results of :func:`pkvm.experiments.sweep`): the critical path
+    (with one vCPU, the CPU time) against guest memory on log-log axes, one line per policy.
 
     Uses matplotlib's object API on the Agg canvas: no display is needed, and neither
     pyplot's global figure list nor the process's backend setting is touched.
@@ -570,12 +573,14 @@ def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
 
 
 def _plot_sweep(ax: Any, results: Sequence[Result]) -> None:
+    """The critical path (what the guest sees, the table's first row; with one vCPU it is the
+    CPU time) against guest memory, one line per policy."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in results:
-        if r.modeled_ns > 0:  # a log axis cannot show 0
-            lines.setdefault(r.policy, []).append((int(r.config.memory), r.modeled_ns / 1e9))
+        if r.critical_path_ns > 0:  # a log axis cannot show 0
+            lines.setdefault(r.policy, []).append((int(r.config.memory), r.critical_path_ns / 1e9))
     memories = sorted({int(r.config.memory) for r in results})
     # Distinct markers and dashes too: policies with equal times draw on top of each other.
     markers, dashes = "os^Dv<>P", ("-", "--", "-.", ":")
@@ -590,9 +595,17 @@ def _plot_sweep(ax: Any, results: Sequence[Result]) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
     if len(memories) == 1:  # one size: give the point some room instead of a zero-width axis
         ax.set_xlim(memories[0] / 2, memories[0] * 2)
+    # plain numbers ("0.3", not "3×10^-1"); the minor ticks labelled only when the axis spans
+    # less than two decades (else they crowd the decades' labels)
+    def minor(v: float, _pos: int) -> str:
+        lo, hi = ax.get_ylim()
+        return f"{v:g}" if lo > 0 and hi / lo < 100 else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.set_xlabel("guest memory")
-    ax.set_ylabel("modeled time (s)")
-    ax.set_title(_title(results, memory=False) + " · modeled time vs guest memory")
+    ax.set_ylabel("critical path (s)")
+    ax.set_title(_title(results, memory=False) + " · critical path vs guest memory")
     ax.grid(which="both", alpha=0.3)
     if lines:
         ax.legend(title="policy", fontsize=8, title_fontsize=8)
