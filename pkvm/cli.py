@@ -1146,7 +1146,10 @@ def _study_config(args: argparse.Namespace) -> Config:
 
 
 def _fmt_value(metric: str, v: float) -> str:
-    if metric.endswith("_ns") or metric.startswith(("by_actor.", "by_op.", "by_actor_op.")):
+    """A metric's value for a table: a time in ns (``*_ns``, the breakdowns of ``modeled_ns``,
+    the latency percentiles) as s/ms/µs/ns, anything else as is."""
+    if metric.endswith("_ns") or metric.startswith(("by_actor.", "by_op.", "by_actor_op.")) \
+            or (metric.startswith("latency_ns.") and not metric.endswith(".count")):
         return format_ns(float(v)) if v >= 0 else "-" + format_ns(-float(v))
     return f"{v:.4g}"
 
@@ -1241,6 +1244,11 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         raise UsageError(f"--grid: {_message(exc)}") from None
     for pt in points:
         _policies(args, pt)
+    if args.metric is not None:
+        try:  # a name no run measures is refused before the runs
+            args.metric = experiments.metric_name(args.metric)
+        except ValueError as exc:
+            raise UsageError(f"--metric {args.metric}: {_message(exc).partition(' is ')[2]}") from None
     _check_replay_grid(dict(args.grid), points)
     _check_outputs(args, base)
     _check_frame_out(args)

@@ -275,3 +275,37 @@ def test_to_frame_has_0_for_a_metric_a_policy_never_counted():
     assert not frame[metrics].isna().any().any()
     by = frame.groupby("policy")[col]
     assert by.min()["fault-time"] == by.max()["fault-time"] == 0 and by.min()["eager-post"] > 0
+
+
+def test_metric_names_are_checked_before_anything_runs():
+    """``metric_name`` resolves the table's names (``fault_p99_ns``) and refuses a name no run
+    measures before the runs (a typo failed only after every run of a sweep); every metric a
+    run reports passes it, and its families are the result's fields; the table's vCPU stall is
+    a metric (``vcpu_stall_ns``)."""
+    import dataclasses
+
+    assert E.metric_name("fault_p99_ns") == "latency_ns.fault.p99"
+    assert E.metric_name("vcpu_stall_ns") == "vcpu_stall_ns"
+    r = E.run(E.Config(platform="snp", memory="16M", vcpus=2), 0)
+    m = r.metrics()
+    assert m["vcpu_stall_ns"] == r.vcpu_stall_ns
+    assert all(E.metric_name(k) == k for k in m)
+    fields = {f.name for f in dataclasses.fields(E.Result)} - E._NOT_METRICS
+    assert fields <= set(E._SCALAR_METRICS) | set(E._METRIC_FAMILIES)
+    for bad in ("foo.bar", "counters", "modeled_ns.x", "counters.", "", "seed", "config.memory"):
+        with pytest.raises(ValueError, match="not a name runs measure"):
+            E.metric_name(bad)
+    with pytest.raises(U.UnknownMetricError, match="not a name runs measure"):
+        E.sensitivity(E.Config(memory="16M"), ["fault-time"], metric="nope", samples=2,
+                      jobs=1)
+
+
+def test_sweep_refuses_an_unknown_metric_before_the_runs(capsys, monkeypatch):
+    from pkvm.cli import main
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    monkeypatch.setattr(E, "_build", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    assert main(["sweep", "--grid", "vcpus=1,3", "--memory", "16M", "--metric", "foo.bar", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pkvm: error: --metric foo.bar: not a name runs measure: one of modeled_ns") and \
+        err.count("\n") == 1

@@ -26,15 +26,15 @@ from pkvm import experiments as E
 
 #: (platform, policy, vcpus, workload, options) -> digest of the result's metrics.
 CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
-    ('snp', 'fault-time', 1, 'balloon', ()): '8fbbe0dcf87d2ca0',
-    ('snp', 'fault-time', 3, 'balloon', ()): 'b56e63fd88c7be76',
-    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '1cf2337ed990cc44',
-    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '5a4177315a6b2972',
-    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): '3cf7ea7bbce2f132',
-    ('tdx', '6.19', 1, 'balloon', ()): '6fc4a3ab183294be',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): 'cee5e6b0303a27d2',
-    ('sw_protected', '6.8', 3, 'balloon', ()): '3f5bc330f82eaeb2',
-    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '55d9e2826b018d3a',
+    ('snp', 'fault-time', 1, 'balloon', ()): '55e7b3eb258e0481',
+    ('snp', 'fault-time', 3, 'balloon', ()): '676042f34ab3a822',
+    ('snp', 'eager-post', 1, 'balloon', (('chunk', '4K'),)): '9b1bee70b3b0f843',
+    ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '704408029cdde372',
+    ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'd15002c1a7147a4f',
+    ('tdx', '6.19', 1, 'balloon', ()): '865d50a4055f09f4',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '19245d84592e3441',
+    ('sw_protected', '6.8', 3, 'balloon', ()): 'fec581a51b64f1d3',
+    ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '02794c8c86a76af1',
 }
 MEMORY = "512M"
 

@@ -58,7 +58,7 @@ from pkvm.sim.recorder import Recorder
 __all__ = ["Config", "Result", "run", "run_many", "compare", "sweep", "sweep_grid", "grid_configs",
            "grid_fields", "to_frame", "sensitivity", "count_run", "run_metrics", "describe", "version",
            "DEFAULT_POLICIES", "PLATFORM_POLICIES", "PLATFORMS", "SHARED_BACKINGS", "platform_policies",
-           "trace_size"]
+           "trace_size", "metric_name", "METRIC_ALIASES"]
 
 #: The policies ``pkvm compare`` runs when none are given, per platform.
 PLATFORM_POLICIES: Mapping[str, tuple[str, ...]] = {
@@ -421,6 +421,8 @@ class Result:
             if f.name not in _NOT_METRICS:
                 _flatten(f.name, getattr(self, f.name), out)
         out["gfns_per_s"] = self.gfns_per_s
+        if self.actors:  # the comparison table's vCPU stall (a run on the timeline)
+            out["vcpu_stall_ns"] = self.vcpu_stall_ns
         if not wall:
             out = {k: v for k, v in out.items() if not is_wall_metric(k)}
         return out
@@ -451,6 +453,38 @@ class Result:
             "latency_ns": {k: dict(v) for k, v in self.latency_ns.items()},
             "races": dict(self.races),
         }
+
+
+#: The comparison table's names of metrics that :meth:`Result.metrics` spells otherwise.
+METRIC_ALIASES: Mapping[str, str] = {"fault_p99_ns": "latency_ns.fault.p99"}
+#: Metrics that are one number, and the fields whose metrics are dotted names under them.
+_SCALAR_METRICS = ("modeled_ns", "critical_path_ns", "vcpu_stall_ns", "wall_s", "gfns_per_s")
+_METRIC_FAMILIES = ("counters", "by_actor", "by_op", "by_actor_op", "directmap", "phases", "actors", "locks",
+                    "latency_ns", "races")
+
+
+def metric_name(metric: str) -> str:
+    """``metric`` as :meth:`Result.metrics` names it (an alias of :data:`METRIC_ALIASES`
+    resolved), checked before anything runs for what can be checked without runs: one of the
+    one-number metrics (``modeled_ns``, ``critical_path_ns``, ``vcpu_stall_ns``, ``wall_s``,
+    ``gfns_per_s``) or a dotted name under one of the result's fields (``counters.rmpupdate``,
+    ``latency_ns.fault.p99`` ...). Whether the runs measure it is known only after them.
+
+    >>> metric_name("fault_p99_ns"), metric_name("counters.rmpupdate")
+    ('latency_ns.fault.p99', 'counters.rmpupdate')
+
+    Raises:
+        ValueError: not a str, or a name no run measures (its message lists the names).
+    """
+    if not isinstance(metric, str):
+        raise ValueError(f"metric {metric!r} must be a dotted name such as 'modeled_ns'")
+    name = METRIC_ALIASES.get(metric, metric)
+    head, dot, rest = name.partition(".")
+    if (not dot and head in _SCALAR_METRICS) or (dot and rest and head in _METRIC_FAMILIES):
+        return name
+    raise ValueError(f"metric {metric!r} is not a name runs measure: one of {', '.join(_SCALAR_METRICS)}, "
+                     f"or a dotted name under {', '.join(_METRIC_FAMILIES)} (e.g. counters.rmpupdate, "
+                     f"latency_ns.fault.p99){'; aliases: ' + ', '.join(METRIC_ALIASES) if METRIC_ALIASES else ''}")
 
 
 def is_wall_metric(name: str) -> bool:

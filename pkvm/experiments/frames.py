@@ -125,7 +125,8 @@ def write_frame(frame: pd.DataFrame, path: str) -> None:
 def _is_time_metric(metric: str) -> bool:
     """Whether ``metric`` is in ns (``modeled_ns``, ``critical_path_ns``, ``latency_ns.fault.p99``
     ...), which a plot shows in s, ms or µs."""
-    return metric.endswith("_ns") or metric.startswith("latency_ns.") or "_ns." in metric
+    return metric.endswith("_ns") or metric.startswith(("by_actor.", "by_op.", "by_actor_op.")) \
+        or (metric.startswith("latency_ns.") and not metric.endswith(".count"))
 
 
 def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) -> None:
