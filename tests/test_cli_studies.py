@@ -62,7 +62,7 @@ def test_sensitivity_of_a_simulated_metric_says_so(tmp_path):
     (["--range", "rmpupdate=2us..200ns"], 2, "--range: range rmpupdate=2 µs..200 ns: low is above high"),
     (["--range", "bogus=1..2"], 2, "--range: unknown cost operation 'bogus'"),
     (["--vary", "rmpupdat"], 2, "--vary: unknown cost operation 'rmpupdat'; did you mean rmpupdate?"),
-    (["--metric", "modeled"], 2, "--metric: metric 'modeled' is not measured by these runs; did you mean modeled_ns"),
+    (["--metric", "modeled"], 2, "--metric: metric 'modeled' is not a name runs measure: one of modeled_ns"),
     (["--method", "morris", "--samples", "1"], 2, "--samples 1: morris needs at least 2 trajectories"),
     (["--out", "OUT.txt"], 2, "--out OUT.txt: write .parquet or .csv, not .txt"),
     (["--scheduler", "tcp://127.0.0.1:9"], 1, "--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 5 s"),
@@ -95,7 +95,7 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     (["--grid", "vcpus=1,x"], "--grid vcpus=1,x: 'x' is not an integer"),
     (["--grid", "memory=3M"], "--grid: grid point memory=3M: memory '3M' must be a multiple of 2M"),
     (["--grid", "vcpus=1", "vcpus=2"], "--grid gives vcpus twice"),
-    (["--grid", "vcpus=1", "--metric", "nope"], "--metric nope: not measured by these runs"),
+    (["--grid", "vcpus=1", "--metric", "nope"], "--metric nope: not a name runs measure: one of modeled_ns"),
     # a text column of the table: formatting it as a number failed after the runs (exit 1)
     (["--grid", "vcpus=1", "--metric", "policy"], "--metric policy: a column of the configuration, not a number"),
     (["--grid", "vcpus=1", "--metric", "platform"], "--metric platform: a column of the configuration"),
@@ -103,7 +103,7 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     (["--grid", "vcpus=1", "--metric", "seed"], "--metric seed: a column of the configuration, not a number"),
     (["--grid", "vcpus=1", "--metric", "vcpus"], "--metric vcpus: a column of the configuration, not a number"),
     (["--grid", "vcpus=1", "--metric", "host_cpus"], "--metric host_cpus: a column of the configuration"),
-    (["--grid", "vcpus=1", "--metric", ""], "--metric : not measured by these runs"),  # was the default metric
+    (["--grid", "vcpus=1", "--metric", ""], "--metric : not a name runs measure"),  # was the default metric
 ])
 def test_sweep_bad_grid(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

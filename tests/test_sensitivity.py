@@ -200,7 +200,7 @@ def test_price_space_refuses_bad_input(kwargs, match):
     ({"method": "fast"}, "method 'fast' is not one of sobol, morris"),
     ({"method": "morris", "samples": 1}, "samples 1 must be a positive int >= 2 for morris"),
     ({"samples": 10**14}, "samples 100000000000000 is more than 1,048,576"),  # MemoryError after the runs
-    ({"metric": "modeled_nss"}, "metric 'modeled_nss' is not measured by these runs; did you mean modeled_ns"),
+    ({"metric": "modeled_nss"}, "metric 'modeled_nss' is not a name runs measure: .*; did you mean modeled_ns"),
     ({"evaluation": "guess"}, "evaluation 'guess' is not auto, reprice or simulate"),
     ({"ranges": {"psmash": "5..1"}}, "low is above high"),
 ])
@@ -292,9 +292,12 @@ def test_metric_names_are_checked_before_anything_runs():
     assert all(E.metric_name(k) == k for k in m)
     fields = {f.name for f in dataclasses.fields(E.Result)} - E._NOT_METRICS
     assert fields <= set(E._SCALAR_METRICS) | set(E._METRIC_FAMILIES)
-    for bad in ("foo.bar", "counters", "modeled_ns.x", "counters.", "", "seed", "config.memory"):
+    for bad in ("foo.bar", "counters", "modeled_ns.x", "counters.", "", "config.memory"):
         with pytest.raises(ValueError, match="not a name runs measure"):
             E.metric_name(bad)
+    for col in ("seed", "vcpus", "policy", "memory"):
+        with pytest.raises(ValueError, match="a column of the configuration"):
+            E.metric_name(col)
     with pytest.raises(U.UnknownMetricError, match="not a name runs measure"):
         E.sensitivity(E.Config(memory="16M"), ["fault-time"], metric="nope", samples=2,
                       jobs=1)

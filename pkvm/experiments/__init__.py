@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import errno
 import itertools
 import json
@@ -42,7 +43,7 @@ from pkvm.cost.model import CostModel
 from pkvm.errors import KvmError, TracePlatformError
 from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
-from pkvm.experiments.frames import results_frame
+from pkvm.experiments.frames import config_columns, results_frame
 from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse, list_arg
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS, trailer_prices
 from pkvm.experiments.trace import Tracer, check_trace_events
@@ -482,9 +483,14 @@ def metric_name(metric: str) -> str:
     head, dot, rest = name.partition(".")
     if (not dot and head in _SCALAR_METRICS) or (dot and rest and head in _METRIC_FAMILIES):
         return name
+    if name in config_columns(Config()) or name in ("seed", "policy", "cost_fingerprint", "pkvm_version"):
+        raise ValueError(f"metric {metric!r} is a column of the configuration, not a number the runs measure "
+                         "(e.g. modeled_ns, by_actor.vcpu0, counters.rmpupdate)")
+    close = difflib.get_close_matches(name, [*_SCALAR_METRICS, *METRIC_ALIASES], n=3, cutoff=0.6)
     raise ValueError(f"metric {metric!r} is not a name runs measure: one of {', '.join(_SCALAR_METRICS)}, "
                      f"or a dotted name under {', '.join(_METRIC_FAMILIES)} (e.g. counters.rmpupdate, "
-                     f"latency_ns.fault.p99){'; aliases: ' + ', '.join(METRIC_ALIASES) if METRIC_ALIASES else ''}")
+                     f"latency_ns.fault.p99){'; aliases: ' + ', '.join(METRIC_ALIASES) if METRIC_ALIASES else ''}"
+                     + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 def is_wall_metric(name: str) -> bool:
