@@ -61,3 +61,12 @@ def format_ns(ns: int | float) -> str:
             v = ns / scale
             return f"{v:.3g} {unit}" if v < 100 else f"{v:,.0f} {unit}"
     return f"{ns:.0f} ns"
+
+
+def time_unit(max_ns: float) -> tuple[str, float]:
+    """The unit a plot of times up to ``max_ns`` ns shows them in, and its size in ns:
+    ``("s", 1e9)``, ``("ms", 1e6)``, ``("µs", 1e3)`` or ``("ns", 1.0)``."""
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if max_ns >= scale:
+            return unit, scale
+    return "ns", 1.0

@@ -44,7 +44,7 @@ from pkvm.errors import KvmError, TracePlatformError
 from pkvm.experiments import workloads as _workloads
 from pkvm.experiments.execution import Runner
 from pkvm.experiments.frames import config_columns, results_frame
-from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, analyse, list_arg
+from pkvm.experiments.uncertainty import Ledger, SensitivityResult, Simulation, UnknownMetricError, analyse, list_arg
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS, trailer_prices
 from pkvm.experiments.trace import Tracer, check_trace_events
 from pkvm.experiments.workloads import PhaseRecord
@@ -928,6 +928,11 @@ def sensitivity(config: Config, policies: Sequence[str] | None = None, **kwargs:
             ``evaluation="reprice"`` cannot re-price.
     """
     pols = _policies(policies, config.platform)
+    if isinstance(kwargs.get("metric"), str):
+        try:  # a name no run measures, before anything runs; an alias resolved
+            kwargs["metric"] = metric_name(kwargs["metric"])
+        except ValueError as exc:
+            raise UnknownMetricError(str(exc)) from None
     return analyse(config, pols, _SIMULATION, **kwargs)
 
 

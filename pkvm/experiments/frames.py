@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pkvm._files import atomic_output, output_path
-from pkvm._units import format_size
+from pkvm._units import format_size, time_unit
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -140,8 +140,6 @@ def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) 
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from pkvm.experiments.report import _time_unit
-
     varying = [k for k in keys if frame[k].nunique() > 1] or list(keys[:1])
     xkey, facets = varying[0], varying[1:]
     combos = list(itertools.product(*(list(dict.fromkeys(frame[k])) for k in facets))) or [()]
@@ -158,7 +156,7 @@ def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) 
     style = {p: (colours[i % len(colours)], markers[i % len(markers)]) for i, p in enumerate(policies)}
     values = frame[metric].to_numpy(dtype=float)
     finite = values[values == values]
-    unit, scale = _time_unit(float(abs(finite).max()) if finite.size else 0.0) if _is_time_metric(metric) \
+    unit, scale = time_unit(float(abs(finite).max()) if finite.size else 0.0) if _is_time_metric(metric) \
         else ("", 1.0)
     for ax, combo in zip(axes.flat, combos):
         sub = frame

@@ -554,13 +554,6 @@ def analyse(config: Config, policies: Sequence[str], sim: Simulation, *, metric:
         raise ValueError(f"conf_level {conf_level!r} must be a number in (0, 1)")
     if metric is not None and not isinstance(metric, str):
         raise ValueError(f"metric {metric!r} must be a dotted name such as 'modeled_ns', or None")
-    if metric is not None:
-        from pkvm.experiments import metric_name
-
-        try:  # a name no run measures, before anything runs; an alias resolved
-            metric = metric_name(metric)
-        except ValueError as exc:
-            raise UnknownMetricError(str(exc)) from None
     pols = list_arg(policies, "policies", "['fault-time', 'eager-post']")
     if not pols or len(set(pols)) != len(pols):
         raise ValueError(f"policies {', '.join(pols) or '(none)'} must be distinct, and at least one")
