@@ -872,6 +872,8 @@ def _write_outputs(args: argparse.Namespace, argv: Sequence[str], base: Config, 
             _info(args, f"wrote Gantt chart {r.config.gantt}")
     if args.json is not None:
         config = base.to_dict()
+        if len(policies) > 1:
+            config["policy"] = None  # each result's config has its own; `policies` lists them
         if memories:
             # The runs' memory is sweep_memory's, each result's config says which (and, chosen by
             # the memory, its batch); the base's default memory was never run.

@@ -129,6 +129,7 @@ def test_sweep_memory(tmp_path):
     # which never ran), nor the batch that memory would choose
     assert d["config"]["memory"] is None and d["config"]["memory_text"] is None
     assert d["config"]["batch_pages"] is None and d["config"]["batch_pages_auto"] is True
+    assert d["config"]["policy"] is None and d["policies"] == ["fault-time", "eager-post"]
     assert [(r["config"]["memory_text"], r["row"]["policy"]) for r in d["results"]] == [
         ("64M", "fault-time"), ("64M", "eager-post"), ("128M", "fault-time"), ("128M", "eager-post")]
 

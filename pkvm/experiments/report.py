@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from pkvm._units import format_ns, format_size
+from pkvm._units import format_ns, format_size, time_unit
 from pkvm.experiments import version as _version
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -413,11 +413,7 @@ def to_json(results: Sequence[Result], extra: Mapping[str, Any] | None = None) -
 # ---- plots -----------------------------------------------------------------------------------
 
 
-def _time_unit(max_ns: float) -> tuple[str, float]:
-    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if max_ns >= scale:
-            return unit, scale
-    return "ns", 1.0
+_time_unit = time_unit
 
 
 def _title(results: Sequence[Result], *, memory: bool) -> str:
@@ -510,18 +506,21 @@ def _plot_actors(ax: Any, results: Sequence[Result]) -> None:
     x = range(len(results))
     palette = {"VMM (ioctls)": "#3f3f3f"}
     bottoms = [0.0] * len(results)
-    for i, (label, values) in enumerate(_plot_stack(results)):
+    stack = _plot_stack(results)
+    for i, (label, values) in enumerate(stack):
         heights = [v / scale for v in values]
         color = palette.get(label, ("#6baed6", "#2171b5", "#9ecae1", "#08519c")[i % 4])
         ax.bar(x, heights, bottom=bottoms, color=color, label=label, width=0.6)
         for j, (b, h) in enumerate(zip(bottoms, heights)):
-            if h > 0.06 * max(1e-9, max(r.modeled_ns for r in results) / scale):
+            # a segment's time inside it, where it is tall enough and the bars wide enough
+            if len(results) <= 5 and h > 0.06 * max(1e-9, max(r.modeled_ns for r in results) / scale):
                 ax.annotate(format_ns(h * scale), (j, b + h / 2), ha="center", va="center", fontsize=7,
                             color="white")
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     _set_ticks(ax, results)
     ax.set_ylabel(f"CPU time by actor ({unit})")
-    ax.set_ylim(0, max(1e-9, max(bottoms)) * 1.12)
+    # room above the bars for the legend (upper left): about 7 % of the axis per entry
+    ax.set_ylim(0, max(1e-9, max(bottoms)) * (1.06 + 0.075 * len(stack)))
     ax.set_title("by actor", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -558,8 +557,11 @@ def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
     if any(crit):
         ax.scatter(list(x), crit, marker="D", s=36, color="black", zorder=3, label="critical path")
         for i, r in enumerate(results):
-            ax.annotate(format_ns(r.critical_path_ns), (i, r.critical_path_ns / scale), xytext=(8, -3),
-                        textcoords="offset points", ha="left", va="top", fontsize=7)
+            if r.critical_path_ns != r.modeled_ns:  # (one vCPU: the total above the bar says it)
+                ax.annotate(format_ns(r.critical_path_ns), (i, r.critical_path_ns / scale), xytext=(8, -3),
+                            textcoords="offset points", ha="left", va="top", fontsize=7,
+                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                                  "alpha": 0.8})
     _set_ticks(ax, results)
     ax.set_ylabel(f"CPU time by operation, and critical path ({unit})")
     ax.set_ylim(0, max(1e-9, max(bottoms), max(crit)) * 1.12)
