@@ -279,6 +279,19 @@ def test_lock_kinds_and_the_timeline_clock():
     assert vm.modeled_ns > start
 
 
+def _timeline_events(monkeypatch, kinds):
+    """The events of ``kinds`` of every VM a Timeline is built for from now on (``E.run``)."""
+    got: list[pkvm.Event] = []
+    init = Timeline.__init__
+
+    def subscribed(self, vm, *a, **k):
+        init(self, vm, *a, **k)
+        vm.subscribe(got.append, kinds)
+
+    monkeypatch.setattr(Timeline, "__init__", subscribed)
+    return got
+
+
 @pytest.mark.parametrize("platform,policy,workload,extra", [
     ("tdx", "6.19", "mixed", {}),
     ("snp", "eager-post", "mixed", {}),
@@ -294,14 +307,7 @@ def test_lock_events_add_up_to_the_locks_statistics(monkeypatch, platform, polic
     for had them counted again in that lock's event: in TDX ``mixed``, 1 GiB with 8 vCPUs,
     ``slots_lock``'s events said 690.9 ms where it waited 389.0 ms; and a hold's event ran to
     the end of the waits that passed after its release.)"""
-    got: list[pkvm.Event] = []
-    init = Timeline.__init__
-
-    def subscribed(self, vm, *a, **k):
-        init(self, vm, *a, **k)
-        vm.subscribe(got.append, ("lock_wait", "lock_hold"))
-
-    monkeypatch.setattr(Timeline, "__init__", subscribed)
+    got = _timeline_events(monkeypatch, ("lock_wait", "lock_hold"))
     r = E.run(E.Config(platform=platform, policy=policy, memory="256M", vcpus=3, workload=workload, **extra), seed=1)
     waits: dict[str, int] = {}
     holds: dict[tuple[str, str], int] = {}
@@ -329,14 +335,7 @@ def test_retry_events_are_at_the_page_that_retried(monkeypatch):
     events' counts is ``pf_retry`` less the ``"retry"`` fault events, and the fault events'
     counts with the batches' retried pages are the fault latency samples. (The batch's
     ``retry`` event was at the batch's first page, which the batch had mapped.)"""
-    got: list[pkvm.Event] = []
-    init = Timeline.__init__
-
-    def subscribed(self, vm, *a, **k):
-        init(self, vm, *a, **k)
-        vm.subscribe(got.append, ("fault", "retry"))
-
-    monkeypatch.setattr(Timeline, "__init__", subscribed)
+    got = _timeline_events(monkeypatch, ("fault", "retry"))
     r = E.run(E.Config(platform="snp", memory="256M", vcpus=3, workload="mixed"), seed=2)
     retried = [e for e in got if e.kind == "fault" and e.result == "retry"]
     retry = [e for e in got if e.kind == "retry"]

@@ -192,6 +192,21 @@ def test_to_json_keeps_its_own_keys(snp_results):
         report.to_json(snp_results, {"results": []})
 
 
+def _kept_figures(monkeypatch):
+    """The figures ``Figure.savefig`` saves from now on, in order (they are still written)."""
+    from matplotlib.figure import Figure
+
+    figs = []
+    real_savefig = Figure.savefig
+
+    def keep(self, *a, **k):
+        figs.append(self)
+        return real_savefig(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figs
+
+
 def test_plot_bars(snp_results, tmp_path):
     """The default plot is a PNG of stacked bars."""
     path = tmp_path / "bars.png"
@@ -203,18 +218,9 @@ def test_plot_splits_by_actor_and_wraps_long_policy_specs(tmp_path, monkeypatch)
     """The bar plot has a by-actor panel whose stacks are each result's by_actor (the VMM
     against the vCPUs), beside the by-operation panel; a long policy spec is wrapped at its
     ``+`` into short lines, and slanted labels do not overlap their neighbours."""
-    from matplotlib.figure import Figure
-
     cfg = experiments.Config(memory="64M", options={"prealloc": "1"})
     rs = experiments.compare(cfg, ["fault-time", "eager-post+directmap=split-4k", "eager-split+directmap=split-4k"])
-    figs = []
-    real_savefig = Figure.savefig
-
-    def keep(self, *a, **k):
-        figs.append(self)
-        return real_savefig(self, *a, **k)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
+    figs = _kept_figures(monkeypatch)
     path = tmp_path / "bars.png"
     report.plot(rs, str(path))
     assert path.read_bytes().startswith(PNG)
@@ -241,16 +247,7 @@ def test_plot_folds_many_vcpus_into_one_segment(tmp_path, monkeypatch):
     """Past MAX_VCPU_COLUMNS vCPUs the by-actor panel stacks the VMM and one segment for the
     vCPUs' sum, with a legend of two entries (with 32 vCPUs the legend had 33 and ran off the
     figure over the bars); up to that many, one segment per vCPU."""
-    from matplotlib.figure import Figure
-
-    figs = []
-    real_savefig = Figure.savefig
-
-    def keep(self, *a, **k):
-        figs.append(self)
-        return real_savefig(self, *a, **k)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
+    figs = _kept_figures(monkeypatch)
     n = report.MAX_VCPU_COLUMNS + 1
     r = experiments.run(experiments.Config(platform="snp", memory="64M", vcpus=n))
     vc = sum(ns for a, ns in r.by_actor.items() if a.startswith("vcpu"))
@@ -266,11 +263,7 @@ def test_plot_sweep(tmp_path, monkeypatch):
     """The sweep plot is a PNG of the critical path (what the guest sees, the table's first row;
     it plotted the CPU time) against memory, one line per policy, and its title names the
     vCPUs."""
-    from matplotlib.figure import Figure
-
-    figs = []
-    real = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    figs = _kept_figures(monkeypatch)
     rs = experiments.sweep(experiments.Config(vcpus=4), ["16M", "32M", "64M"], ["fault-time", "eager-post"])
     path = tmp_path / "sweep.png"
     report.plot(rs, str(path), sweep=True)
