@@ -1415,11 +1415,17 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
         fmt = (lambda r: f"{_fmt_value(m, r['mu_star'])}±{_fmt_value(m, r['mu_star_conf'])}")
     outputs = [o for o in dict.fromkeys(idx["output"]) if o in res.policies or not _all_zero(idx, o)]
     by = {(r["output"], r["price"]): r for r in idx.to_dict(orient="records")}
-    for chunk_start in range(0, len(outputs), 4):
-        chunk = outputs[chunk_start:chunk_start + 4]
-        rows = [[g] + [fmt(by[(o, g)]) for o in chunk] for g in res.groups]
-        out.write((head + "\n" if chunk_start == 0 else "") + _text_table(["price", *chunk], rows,
-                                                                          [False] + [True] * len(chunk)))
+    pols = [o for o in outputs if o in res.policies]
+    pairs = [o for o in outputs if o not in res.policies]
+    for caption, group in ((f"{head}\nof each policy's {m}", pols),
+                           (f"of the difference of two policies' {m} (what decides which is faster)", pairs)):
+        for chunk_start in range(0, len(group), 4):
+            chunk = group[chunk_start:chunk_start + 4]
+            rows = [[g] + [fmt(by[(o, g)]) for o in chunk] for g in res.groups]
+            if chunk_start == 0 and group is pairs:
+                out.print()
+            out.write((caption + "\n" if chunk_start == 0 else "") + _text_table(["price", *chunk], rows,
+                                                                                [False] + [True] * len(chunk)))
     if res.notes:
         out.print()
         out.print("\n".join(f"note: {n}" for n in res.notes))

@@ -36,6 +36,9 @@ def test_sensitivity_writes_json_table_and_plot(tmp_path):
              "--metric", "modeled_ns", "--json", str(js), "--out", str(pq), "--plot", str(png))
     assert "metric modeled_ns · sobol, N=64" in out and "re-priced (exact" in out
     assert "ranking: fraction of samples" in out and "Sobol' indices" in out
+    # each group of tables says what its indices are of (the pairs' had no caption)
+    assert "of each policy's modeled_ns" in out
+    assert "of the difference of two policies' modeled_ns (what decides which is faster)\nprice" in out
     assert "directmap_tlb_flush" in out and "log-uniform" in out
     d = json.loads(js.read_text())
     assert d["evaluation"] == "re-priced" and d["metric"] == "modeled_ns"
