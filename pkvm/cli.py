@@ -1277,7 +1277,9 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     out.write(_text_table([*keys, "policy", metric], rows, [False] * (len(keys) + 1) + [True]))
     if args.json is not None:
         _write_json(args, report.to_json(results, {"command": [_PROG, *argv], "grid": {
-            k: [str(v) for v in vs] for k, vs in grid.items()}, "metric": metric}))
+            k: [str(v) for v in vs] for k, vs in grid.items()}, "metric": metric, "seed": args.seed,
+            "policies": list(args.policies) if args.policies else None,
+            "cost_model": base.cost_model().to_dict()}))
     if args.out is not None:
         _atomic(args.out, lambda tmp: _write_table(frame, tmp, args.out))
         _info(args, f"wrote {args.out}")

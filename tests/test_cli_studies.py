@@ -82,8 +82,12 @@ def test_sensitivity_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypa
 
 def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     pq, png = tmp_path / "g.parquet", tmp_path / "g.png"
+    js = tmp_path / "g.json"
     out = ok("sweep", "--grid", "memory=16M,32M", "vcpus=1,2", "--policies", "fault-time,eager-post",
-             "--out", str(pq), "--plot", str(png))
+             "--out", str(pq), "--plot", str(png), "--json", str(js), "--seed", "3")
+    d = json.loads(js.read_text())  # the keys compare's JSON has too (it lacked the last three)
+    assert d["metric"] == "critical_path_ns" and d["seed"] == 3 and d["policies"] == ["fault-time", "eager-post"]
+    assert d["cost_model"] and len(d["results"]) == 8
     lines = out.splitlines()
     assert lines[1].split() == ["memory", "vcpus", "policy", "critical_path_ns"]  # the default metric
     assert [ln.split()[:3] for ln in lines[2:4]] == [["16M", "1", "fault-time"], ["16M", "1", "eager-post"]]
