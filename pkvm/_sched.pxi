@@ -2829,8 +2829,30 @@ cdef class SchedHooks:
             for e in owed:  # the locks' statistics count them as they pass
                 self._pw_count(e[0], e[1], e[2], e[3], e[4])
             if rec is not None:
-                self._rec_lock_wait(a, (<tuple>owed[len(owed) - 1])[0], t0)
+                self._rec_debt_waits(a, owed, t0, env.now)
             debt = a.lock_debt
+
+    def _rec_debt_waits(self, SchedActor a, list owed, t0, t1):
+        """The recorder's slices of a payment ``[t0, t1)`` (SimPy's time) of the waits ``owed``,
+        one per lock in the order they were owed (neighbours of one lock merged), each as long
+        as its waits, so that a lock's ``wait`` slices add up to its statistics (one slice named
+        after the last lock put another lock's waits under it)."""
+        cdef tuple e
+        cdef long long w
+        s = t0
+        lock = None
+        start = t0
+        for e in owed:
+            w = e[3]
+            if w <= 0:
+                continue
+            if lock is not None and e[0] != lock:
+                self._rec_lock_wait(a, lock, start, s)
+                start = s
+            lock = e[0]
+            s = s + w if s + w < t1 else t1
+        if lock is not None:
+            self._rec_lock_wait(a, lock, start, t1)
 
     cdef list _debts_before(self, SchedActor a, long long grant):
         """Take out of ``a``'s lock debt the waits owed for windows that began before

@@ -640,8 +640,10 @@ class Timeline(SchedHooks):
         t = self.env.now - self._t0
         self.recorder.slice(a.name, "IPI", t, t + debt, CAT_IPI_STALL)
 
-    def _rec_lock_wait(self, a: _Actor, lock: str, t0: int) -> None:
-        self.recorder.slice(a.name, f"wait {lock}", t0 - self._t0, self.env.now - self._t0, CAT_LOCK_WAIT)
+    def _rec_lock_wait(self, a: _Actor, lock: str, t0: int, t1: int | None = None) -> None:
+        """A ``wait LOCK`` slice from SimPy time ``t0`` to ``t1`` (default: now)."""
+        end = self.env.now if t1 is None else t1
+        self.recorder.slice(a.name, f"wait {lock}", t0 - self._t0, end - self._t0, CAT_LOCK_WAIT)
 
     def _rec_hold(self, a: _Actor, lock: str, mode: int, lk: Any, granted: int) -> None:
         self.recorder.slice(a.name, f"hold {lock}" + (" (read)" if mode == READ and isinstance(lk, RWLock) else ""),
