@@ -456,3 +456,17 @@ def test_directmap_pages_are_a_count():
     assert type(r.metrics()["directmap.fragmented_pages"]) is int
     d = json.loads(json.dumps(r.to_dict()))
     assert type(d["directmap"]["fragmented_pages"]) is int
+
+
+@pytest.mark.parametrize("workload,options", [("swiotlb", {"ops": "3000"}), ("virtio", {"cycles": "4"}),
+                                              ("boot", {})])
+def test_progress_only_rises_and_ends_at_one(workload, options):
+    """``run(progress=)``: the fractions rise and the last is 1.0; a workload's boot is the
+    first tenth (its boot reported 1.0, then its own loop started again at 0.0 and stopped
+    at 0.68)."""
+    seen: list[float] = []
+    E.run(E.Config(memory=SMALL, workload=workload, options=options), 1, progress=seen.append)
+    assert seen and seen[-1] == 1.0
+    assert all(a < b for a, b in zip(seen, seen[1:])), seen
+    if workload != "boot":
+        assert seen[0] <= 0.1 and len(seen) > 2

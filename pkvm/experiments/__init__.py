@@ -584,6 +584,8 @@ def run(config: Config, seed: int = 0, *, progress: Callable[[float], None] | No
                 tracer = Tracer(sink, header=[_trace_header(config, opts)], events=config.trace_events)
                 vm.trace(tracer)
             tl = _run_timeline(config, vm, ctx, wl, opts)
+            ctx.progress_span = (0.0, 1.0)
+            ctx.progress(1.0)  # done (a workload's own last report may fall short of it)
             if sink is not None:
                 sink.write(_trace_trailer(vm))
         finally:

@@ -287,6 +287,10 @@ class Context:
         self.timeline: Any = None
         self._turn = 0
         self._progress = progress
+        #: The share of the run the fractions of :meth:`progress` fill (the boot before a
+        #: workload's own work is its first tenth: _boot_first), and the last value reported.
+        self.progress_span = (0.0, 1.0)
+        self._progress_last = -1.0
 
     # -- helpers for workloads ---------------------------------------------------------------
 
@@ -297,9 +301,15 @@ class Context:
         return g
 
     def progress(self, fraction: float) -> None:
-        """Report progress in [0, 1] (drives the CLI's progress bar)."""
+        """Report progress: ``fraction`` in [0, 1] of the current :attr:`progress_span` (drives
+        the CLI's progress bar). What the callback sees never goes back; the run reports 1.0
+        when it ends (``pkvm.experiments.run``)."""
         if self._progress is not None:
-            self._progress(min(1.0, max(0.0, fraction)))
+            lo, hi = self.progress_span
+            value = lo + (hi - lo) * min(1.0, max(0.0, fraction))
+            if value > self._progress_last:
+                self._progress_last = value
+                self._progress(value)
 
     def run_on(self, guest: Guest, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on ``guest``'s vCPU: at once without a timeline (or when already
@@ -533,6 +543,13 @@ class Context:
 # -- the workloads -----------------------------------------------------------------------------------
 
 
+def _boot_first(ctx: Context, prealloc: bool) -> None:
+    """The boot before a workload's own work: the first tenth of its progress."""
+    ctx.progress_span = (0.0, 0.1)
+    _boot_all(ctx, P2M, prealloc)
+    ctx.progress_span = (0.1, 1.0)
+
+
 def _boot_all(ctx: Context, accept: int = P2M, prealloc: bool = False) -> None:
     with ctx.phase("launch"):
         ctx.setup(prealloc=prealloc)
@@ -597,7 +614,7 @@ def _churn_page(ctx: Context, g: Guest, gpa: int, touches: int) -> None:
 
 
 def swiotlb(ctx: Context, *, ops: int, touches: int, prealloc: bool) -> None:
-    _boot_all(ctx, P2M, prealloc)
+    _boot_first(ctx, prealloc)
     with ctx.phase("churn"):
         for i in range(ops):
             _churn_one(ctx, touches)
@@ -644,7 +661,7 @@ def _virtio_cycle(ctx: Context, devices: int, queues: int, ring: int, buffers: i
 
 def virtio(ctx: Context, *, cycles: int, devices: int, queues: int, ring: int, buffers: int, io: int,
            prealloc: bool) -> None:
-    _boot_all(ctx, P2M, prealloc)
+    _boot_first(ctx, prealloc)
     with ctx.phase("devices"):
         for c in range(cycles):
             _virtio_cycle(ctx, devices, queues, ring, buffers, io)
@@ -740,7 +757,7 @@ def _chunk_gpas(ctx: Context, chunks: list[int], chunk: int) -> list[int]:
 
 
 def balloon(ctx: Context, *, cycles: int, fraction: float, chunk: int, prealloc: bool) -> None:
-    _boot_all(ctx, P2M, prealloc)
+    _boot_first(ctx, prealloc)
     for c in range(cycles):
         _balloon_round(ctx, fraction, chunk)
         ctx.progress((c + 1) / max(cycles, 1))
@@ -775,7 +792,7 @@ def migration(ctx: Context, *, resident: float, devices: int, buffers: int, prea
 
 
 def mixed(ctx: Context, *, ops: int, prealloc: bool) -> None:
-    _boot_all(ctx, P2M, prealloc)
+    _boot_first(ctx, prealloc)
     pool = ctx.swiotlb_size()
     with ctx.phase("swiotlb-pool"):
         if ctx.memory - ctx.image > pool:
@@ -836,7 +853,7 @@ def implicit(ctx: Context, *, ops: int, prealloc: bool) -> None:
     shared is touched as private. From 6.11 that exits (``KVM_EXIT_MEMORY_FAULT``) and the VMM
     converts it; 6.8 takes the type from the attribute (``private_fault_source``), maps the
     page shared and nothing exits. The guest then converts the page back properly."""
-    _boot_all(ctx, P2M, prealloc)
+    _boot_first(ctx, prealloc)
     sw = ctx.vm.platform.name == "sw_protected"
     with ctx.phase("implicit"):
         for i in range(ops):
