@@ -401,3 +401,33 @@ def test_a_vcpu_class_without_entry_checks_gets_page_fault_per_call():
     assert calls == [(0x1000, True, True), (0x2000, False, True)] and len(b) == 2
     td_vcpu = td(SIZE)[3]
     assert "_fault_entry_check" in type(td_vcpu).__dict__ and "page_fault" in type(td_vcpu).__dict__
+
+
+def test_both_batched_calls_refuse_an_event_callback_also_when_empty():
+    """From an event callback both batched calls raise EDEADLK before any call runs, also for
+    an empty batch (``page_fault_many([])`` returned an empty batch there, while
+    ``set_memory_attributes_many([])`` raised), ``page_fault_many`` as a FaultBatchError
+    with index 0."""
+    import errno as _errno
+
+    vm = pkvm.VM("sw_protected", policy="6.19")
+    gmem = vm.create_guest_memfd(1 << 30)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 1 << 30, 1 << 40, gmem)
+    c = vm.create_vcpu()
+    got: list[object] = []
+
+    def cb(_e):
+        if got:
+            return
+        for call in (lambda: vm.set_memory_attributes_many([], 0x1000, 8),
+                     lambda: c.page_fault_many([], private=False),
+                     lambda: c.page_fault_many([0, 4096], private=True)):
+            try:
+                got.append(call())
+            except pkvm.KvmError as ex:
+                got.append((type(ex).__name__, ex.errno, getattr(ex, "index", None)))
+
+    vm.subscribe(cb)
+    vm.set_memory_attributes(0, 0x1000, 8)
+    assert got == [("KvmError", _errno.EDEADLK, None), ("FaultBatchError", _errno.EDEADLK, 0),
+                   ("FaultBatchError", _errno.EDEADLK, 0)]

@@ -292,6 +292,11 @@ def page_fault_many(vcpu: Vcpu, gpas: object, private: object, write: object,
     p = _flag_array("private", private, n)
     w = _flag_array("write", write, n)
     vm = vcpu.vm
+    if vm._in_callback:  # EDEADLK before any call runs, an empty batch too (as the ioctls' batch)
+        try:
+            vm._nested_call()
+        except KvmError as e:
+            raise FaultBatchError(e, FaultBatch([])) from e
     if vm._sched is not None or vm._tracer is not None or not _fast_faults(type(vcpu)):
         out: list[FaultResult] = []
         try:
