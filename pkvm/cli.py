@@ -1413,7 +1413,7 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
         head = "Sobol' indices: total ST (first-order S1), ± half the 95% confidence interval"
         fmt = (lambda r: f"{r['ST']:.2f}±{r['ST_conf']:.2f} ({r['S1']:.2f})")
     else:
-        head = f"Morris: mean absolute elementary effect mu* on {m} ± 95% confidence"
+        head = "Morris: mean absolute elementary effect mu* ± 95% confidence"
         fmt = (lambda r: f"{_fmt_value(m, r['mu_star'])}±{_fmt_value(m, r['mu_star_conf'])}")
     outputs = [o for o in dict.fromkeys(idx["output"]) if o in res.policies or not _all_zero(idx, o)]
     by = {(r["output"], r["price"]): r for r in idx.to_dict(orient="records")}
