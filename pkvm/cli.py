@@ -54,7 +54,7 @@ from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError, TracePlatformError
 from pkvm.experiments import report, workloads
 from pkvm.experiments.execution import Runner, check_address, max_jobs
-from pkvm.experiments.frames import check_frame_path, plot_grid
+from pkvm.experiments.frames import check_frame_path, is_time_metric, plot_grid
 from pkvm.experiments.uncertainty import (DISTRIBUTIONS, MAX_SAMPLES, METHODS, UnknownMetricError, plot,
                                          price_space)
 from pkvm.experiments.trace import TRACE_EVENTS, check_file, check_trace_events, header_fields
@@ -744,8 +744,10 @@ class _Output:
             return report.table(results, layout=layout)  # type: ignore[arg-type]
         from rich.console import Group
 
-        parts = report.tables(results, console=self.console, layout=layout)  # type: ignore[arg-type]
-        return parts[0] if len(parts) == 1 else Group(*[x for i, t in enumerate(parts) for x in ((t,) if not i else ("", t))])
+        parts: list[RenderableType] = []
+        for t in report.tables(results, console=self.console, layout=layout):  # type: ignore[arg-type]
+            parts += ["", t] if parts else [t]  # a blank line between the tables
+        return parts[0] if len(parts) == 1 else Group(*parts)
 
     def breakdown(self, make: Callable[..., RenderableType], result: Result) -> RenderableType:
         """``make(result)`` (``report.phase_table`` / ``op_table``), with the vCPUs folded into
@@ -1148,10 +1150,9 @@ def _study_config(args: argparse.Namespace) -> Config:
 
 
 def _fmt_value(metric: str, v: float) -> str:
-    """A metric's value for a table: a time in ns (``*_ns``, the breakdowns of ``modeled_ns``,
-    the latency percentiles) as s/ms/µs/ns, anything else as is."""
-    if metric.endswith("_ns") or metric.startswith(("by_actor.", "by_op.", "by_actor_op.")) \
-            or (metric.startswith("latency_ns.") and not metric.endswith(".count")):
+    """A metric's value for a table: a time in ns (``frames.is_time_metric``) as s/ms/µs/ns,
+    anything else as is."""
+    if is_time_metric(metric):
         return format_ns(float(v)) if v >= 0 else "-" + format_ns(-float(v))
     return f"{v:.4g}"
 

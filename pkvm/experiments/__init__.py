@@ -456,12 +456,16 @@ class Result:
         }
 
 
+#: Result fields that describe the run rather than measure it.
+_NOT_METRICS = frozenset({"config", "seed", "version", "cost_model", "cost_fingerprint", "notes"})
 #: The comparison table's names of metrics that :meth:`Result.metrics` spells otherwise.
 METRIC_ALIASES: Mapping[str, str] = {"fault_p99_ns": "latency_ns.fault.p99"}
-#: Metrics that are one number, and the fields whose metrics are dotted names under them.
-_SCALAR_METRICS = ("modeled_ns", "critical_path_ns", "vcpu_stall_ns", "wall_s", "gfns_per_s")
-_METRIC_FAMILIES = ("counters", "by_actor", "by_op", "by_actor_op", "directmap", "phases", "actors", "locks",
-                    "latency_ns", "races")
+#: Metrics that are one number (the result's number fields, and the two :meth:`Result.metrics`
+#: adds), and the fields whose metrics are dotted names under them, from :class:`Result`.
+_SCALAR_METRICS = tuple(f.name for f in dataclasses.fields(Result) if f.name not in _NOT_METRICS
+                        and f.type in ("int", "float")) + ("vcpu_stall_ns", "gfns_per_s")
+_METRIC_FAMILIES = tuple(f.name for f in dataclasses.fields(Result) if f.name not in _NOT_METRICS
+                         and f.type not in ("int", "float"))
 
 
 def metric_name(metric: str) -> str:
@@ -499,8 +503,6 @@ def is_wall_metric(name: str) -> bool:
     return name == "gfns_per_s" or name == "wall_s" or name.endswith(".wall_s")
 
 
-#: Result fields that describe the run rather than measure it.
-_NOT_METRICS = frozenset({"config", "seed", "version", "cost_model", "cost_fingerprint", "notes"})
 
 
 def _flatten(name: str, value: Any, out: dict[str, float]) -> None:

@@ -122,9 +122,9 @@ def write_frame(frame: pd.DataFrame, path: str) -> None:
             f.write(frame.to_csv(index=False).encode("utf-8"))
 
 
-def _is_time_metric(metric: str) -> bool:
-    """Whether ``metric`` is in ns (``modeled_ns``, ``critical_path_ns``, ``latency_ns.fault.p99``
-    ...), which a plot shows in s, ms or µs."""
+def is_time_metric(metric: str) -> bool:
+    """Whether ``metric`` is in ns (``modeled_ns``, ``critical_path_ns``, the breakdowns of
+    ``modeled_ns``, the latency percentiles ...), which tables and plots show in s, ms or µs."""
     return metric.endswith("_ns") or metric.startswith(("by_actor.", "by_op.", "by_actor_op.")) \
         or (metric.startswith("latency_ns.") and not metric.endswith(".count"))
 
@@ -156,7 +156,7 @@ def plot_grid(frame: pd.DataFrame, keys: Sequence[str], metric: str, path: str) 
     style = {p: (colours[i % len(colours)], markers[i % len(markers)]) for i, p in enumerate(policies)}
     values = frame[metric].to_numpy(dtype=float)
     finite = values[values == values]
-    unit, scale = time_unit(float(abs(finite).max()) if finite.size else 0.0) if _is_time_metric(metric) \
+    unit, scale = time_unit(float(abs(finite).max()) if finite.size else 0.0) if is_time_metric(metric) \
         else ("", 1.0)
     for ax, combo in zip(axes.flat, combos):
         sub = frame

@@ -294,18 +294,25 @@ def tables(results: Sequence[Result], *, console: Console | None = None, layout:
     return out
 
 
-def _breakdown(actors: Iterable[str], fold: bool | None = None) -> tuple[list[str], list[str]]:
+def _breakdown(actors: Iterable[str], limit: int = MAX_VCPU_BREAKDOWN) -> tuple[list[str], list[str]]:
     """The actor columns of a run's breakdown, in :func:`_actor_order`, and their headers:
-    one per actor, or past :data:`MAX_VCPU_BREAKDOWN` vCPUs (``fold=None``; with ``fold=True``
-    past one) each actor that is not a vCPU, then the vCPUs' sum (``"N vCPUs"``) and the
-    busiest vCPU's figure (``"busiest vCPU"``): ``(columns, headers)``, the vCPUs' columns
-    named ``"*vcpus"`` / ``"*busiest"``."""
+    one per actor, or past ``limit`` vCPUs, in the vCPUs' place, their sum (``"N vCPUs"``) and
+    the busiest vCPU's figure (``"busiest vCPU"``): ``(columns, headers)``, the vCPUs' columns
+    named ``"*vcpus"`` / ``"*busiest"`` (:func:`_breakdown_cells` fills them)."""
     order = sorted(actors, key=_actor_order)
     vcpus = [a for a in order if _VCPU.match(a)]
-    if len(vcpus) <= (1 if fold else MAX_VCPU_BREAKDOWN):
+    if len(vcpus) <= limit:
         return order, list(order)
-    rest = [a for a in order if not _VCPU.match(a)]
-    return rest + ["*vcpus", "*busiest"], rest + [f"{len(vcpus)} vCPUs", "busiest vCPU"]
+    cols: list[str] = []
+    heads: list[str] = []
+    for a in order:
+        if a == vcpus[0]:
+            cols += ["*vcpus", "*busiest"]
+            heads += [f"{len(vcpus)} vCPUs", "busiest vCPU"]
+        elif a not in vcpus:
+            cols.append(a)
+            heads.append(a)
+    return cols, heads
 
 
 def _breakdown_cells(cols: Sequence[str], values: Mapping[str, int]) -> list[int | None]:
@@ -331,7 +338,7 @@ def phase_table(result: Result, *, fold: bool | None = None) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor}, fold)
+    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor}, 1 if fold else MAX_VCPU_BREAKDOWN)
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, title="phases", title_justify="left")
     t.add_column("phase", no_wrap=True)
     t.add_column("elapsed", justify="right", no_wrap=True)
@@ -355,7 +362,7 @@ def op_table(result: Result, *, fold: bool | None = None) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    cols, heads = _breakdown(result.by_actor_op, fold)
+    cols, heads = _breakdown(result.by_actor_op, 1 if fold else MAX_VCPU_BREAKDOWN)
     total = result.modeled_ns
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, show_footer=True,
               title="modeled time by operation", title_justify="left")
@@ -413,7 +420,6 @@ def to_json(results: Sequence[Result], extra: Mapping[str, Any] | None = None) -
 # ---- plots -----------------------------------------------------------------------------------
 
 
-_time_unit = time_unit
 
 
 def _title(results: Sequence[Result], *, memory: bool) -> str:
@@ -484,25 +490,17 @@ def _plot_stack(results: Sequence[Result]) -> list[tuple[str, list[int]]]:
     """The segments of :func:`_plot_actors`' bars, bottom up: ``(label, ns per result)``, one
     per actor (the VMM first, then the vCPUs in order, then any other actor), or past
     :data:`MAX_VCPU_COLUMNS` vCPUs one segment for all of them (``"N vCPUs"``), as the table
-    does."""
-    actors = sorted({a for r in results for a in r.by_actor}, key=_actor_order)
-    vcpus = [a for a in actors if _VCPU.match(a)]
-    fold = len(vcpus) > MAX_VCPU_COLUMNS
-    out: list[tuple[str, list[int]]] = []
-    for a in actors:
-        if fold and a in vcpus:
-            if a == vcpus[0]:
-                out.append((f"{len(vcpus)} vCPUs",
-                            [sum(ns for b, ns in r.by_actor.items() if _VCPU.match(b)) for r in results]))
-            continue
-        out.append(("VMM (ioctls)" if a == "vmm" else a, [r.by_actor.get(a, 0) for r in results]))
-    return out
+    does (:func:`_breakdown`; the busiest vCPU does not stack)."""
+    cols, heads = _breakdown({a for r in results for a in r.by_actor}, MAX_VCPU_COLUMNS)
+    cells = [_breakdown_cells(cols, r.by_actor) for r in results]
+    return [("VMM (ioctls)" if c == "vmm" else h, [row[i] or 0 for row in cells])
+            for i, (c, h) in enumerate(zip(cols, heads)) if c != "*busiest"]
 
 
 def _plot_actors(ax: Any, results: Sequence[Result]) -> None:
     """Modeled time per result, stacked by actor (VMM first, then the vCPUs: past
     :data:`MAX_VCPU_COLUMNS` of them, their sum)."""
-    unit, scale = _time_unit(max(r.modeled_ns for r in results))
+    unit, scale = time_unit(max(r.modeled_ns for r in results))
     x = range(len(results))
     palette = {"VMM (ioctls)": "#3f3f3f"}
     bottoms = [0.0] * len(results)
@@ -537,7 +535,7 @@ def _plot_ops(ax: Any, results: Sequence[Result]) -> None:
             totals[op] = totals.get(op, 0) + ns
     ranked = [op for op, ns in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])) if ns > 0]
     top = ranked[:PLOT_TOP_OPS]
-    unit, scale = _time_unit(max(r.modeled_ns for r in results))
+    unit, scale = time_unit(max(r.modeled_ns for r in results))
     x = range(len(results))
     colors = matplotlib.colormaps["tab10"]
     bottoms = [0.0] * len(results)
