@@ -4,6 +4,7 @@ now; taking one changes nothing. And the accounting identities of a finished run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -97,11 +98,13 @@ def _check_monotone(rs: list[TimelineResult]) -> None:
 
 
 def _run(cfg: experiments.Config, seed: int, at: list[int], *, take: bool = True,
-         inside_every: int = 0, record: bool = False) -> tuple[TimelineResult, dict[str, int], list[TimelineResult], Timeline]:
+         inside_every: int = 0, record: bool = False,
+         probe: Callable[[TimelineResult], object] | None = None) -> tuple[TimelineResult, dict[str, int], list[TimelineResult], Timeline]:
     """``cfg``'s workload on the timeline as ``experiments.run`` runs it, with a process of the
     embedder's own that wakes at each of the SimPy times ``at`` and (``take``) takes a result
     there. ``inside_every``: also take one from the actors' code at every ``inside_every``-th
-    event the model emits (a subscriber, which runs on the actor that emits). ``record``: with a
+    event the model emits (a subscriber, which runs on the actor that emits), and pass it to
+    ``probe``. ``record``: with a
     recorder (every visibility point yields)."""
     wl = workloads.get(cfg.workload)
     opts = workloads.parse_options(wl, cfg.options)
@@ -134,7 +137,10 @@ def _run(cfg: experiments.Config, seed: int, at: list[int], *, take: bool = True
         def inside(_ev: Any) -> None:
             n[0] += 1
             if tl.current is not None and n[0] % inside_every == 0:
-                _check(tl.result(), tl, inside=True)
+                x = tl.result()
+                _check(x, tl, inside=True)
+                if probe is not None:
+                    probe(x)
 
         vm.subscribe(inside)
     tl.spawn("vmm", main_loop)
@@ -453,3 +459,19 @@ def test_overlapping_read_holds_count_once_in_the_union() -> None:
         assert lk["hold_ns"] <= x.critical_path_ns, (lk, x.critical_path_ns)
     lk = r.locks["mmu_lock"]
     assert lk["hold_ns"] < lk["hold_read_ns"]  # the readers overlapped: once in the union
+
+
+
+def test_a_read_hold_taken_from_the_actors_code_counts_once_in_the_union() -> None:
+    """The same union, in a result taken from an actor's code while its own read hold is open
+    (not in SimPy's lock yet): vCPU1 holds mmu_lock for read from 63.7 ms on its clock, over
+    vCPU0's uncontended read hold of 31.7 to 89.0 ms. The result counted vCPU1's hold whole
+    (hold_ns 103.5 ms at vCPU1's 97.3 ms; found by test_taking_results_changes_nothing in CI,
+    2026-12-07); the union is 78.2 ms there."""
+    cfg = _config("tdx", "migration", 2, 0)
+    seen: dict[int, int] = {}
+    r, _counters, _snaps, _tl = _run(cfg, 367, [], inside_every=1,  # _check at every event
+                                     probe=lambda x: seen.setdefault(x.critical_path_ns,
+                                                                     x.locks["mmu_lock"]["hold_ns"]))
+    assert seen[97_275_630] == 103_456_399 - (89_012_385 - 63_738_030)
+    assert r.locks["mmu_lock"]["hold_ns"] < r.locks["mmu_lock"]["hold_read_ns"]
