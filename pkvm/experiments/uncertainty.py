@@ -712,7 +712,7 @@ def plot(result: SensitivityResult, path: str) -> None:
         ax.set_yscale("log")
     timed = result.metric.endswith("_ns")
     ax.set_ylabel(f"{result.metric[:-3]} (s)" if timed else f"{result.metric} / 1e9")
-    ax.set_title(f"{result.metric} over {len(result.values)} cost samples\n(box: p25-p75, whiskers: p5-p95)",
+    ax.set_title(f"{result.metric} over {len(result.values):,} cost samples\n(box: p25-p75, whiskers: p5-p95)",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     _bars(axes[1], result, pols, "per policy")
