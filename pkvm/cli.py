@@ -1272,10 +1272,12 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     keys = list(grid)
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
             + [r["policy"], _fmt_value(metric, r[metric])] for r in frame.to_dict(orient="records")]
-    out.print(f"pkvm {experiments.version()} · sweep of {len(points)} grid points × policies · "
+    out.print(f"pkvm {experiments.version()} · sweep of {len(points)} grid point{'s' if len(points) != 1 else ''} × policies · "
               f"{base.workload if 'workload' not in grid else 'workloads'} · seed {args.seed} · "
               f"metric {metric} · runs {runner.describe()}")
-    out.write(_text_table([*keys, "policy", metric], rows, [False] * (len(keys) + 1) + [True]))
+    # a time's cells carry their unit (210 ms): the column drops the name's "_ns"
+    col = metric[:-3] if is_time_metric(metric) and metric.endswith("_ns") else metric
+    out.write(_text_table([*keys, "policy", col], rows, [False] * (len(keys) + 1) + [True]))
     if args.json is not None:
         _write_json(args, report.to_json(results, {"command": [_PROG, *argv], "grid": {
             k: [str(v) for v in vs] for k, vs in grid.items()}, "metric": metric, "seed": args.seed,

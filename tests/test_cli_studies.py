@@ -89,7 +89,10 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
     assert d["metric"] == "critical_path_ns" and d["seed"] == 3 and d["policies"] == ["fault-time", "eager-post"]
     assert d["cost_model"] and len(d["results"]) == 8
     lines = out.splitlines()
-    assert lines[1].split() == ["memory", "vcpus", "policy", "critical_path_ns"]  # the default metric
+    assert "metric critical_path_ns" in lines[0]  # the default metric
+    # its cells carry their unit (ms), so the column drops the name's _ns (it said critical_path_ns)
+    assert lines[1].split() == ["memory", "vcpus", "policy", "critical_path"]
+    assert lines[2].endswith(" ms")
     assert [ln.split()[:3] for ln in lines[2:4]] == [["16M", "1", "fault-time"], ["16M", "1", "eager-post"]]
     frame = pd.read_parquet(pq)
     assert len(frame) == 8 and frame["vcpus"].tolist()[:4] == [1, 1, 2, 2]
