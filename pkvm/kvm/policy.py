@@ -31,6 +31,7 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
         "rmp_fault_zap": ("from-gfn", "2m-aligned"),
         "pre_fault_memory": (False, True),
         "pre_fault_invalid_slot": ("retry", "eagain"),
+        "snp_launch_zero_len": ("no-op", "einval"),
     }
 )
 
@@ -102,6 +103,11 @@ class Policy:
         ``RET_PF_RETRY`` and ``kvm_tdp_map_page`` loops until a signal, ``EINTR``) or
         ``"eagain"`` (6.18+: ``kvm_mmu_faultin_pfn`` fails a prefetch fault with ``-EAGAIN``).
         Only a pre-fault racing a memslot deletion can tell.
+    ``snp_launch_zero_len``
+        What ``KVM_SEV_SNP_LAUNCH_UPDATE`` does with a ``len`` of 0 (§5.9): ``"no-op"``
+        (6.11-6.17: the ioctl's checks let it through, ``kvm_gmem_populate`` gets no pages and
+        returns 0, so the call succeeds having done nothing) or ``"einval"`` (6.18+: the ioctl
+        refuses it among its parameter checks). SNP only.
 
     >>> Policy.preset("6.8").hugepage_guard
     False
@@ -126,6 +132,7 @@ class Policy:
     rmp_fault_zap: str = "from-gfn"
     pre_fault_memory: bool = True
     pre_fault_invalid_slot: str = "eagain"
+    snp_launch_zero_len: str = "einval"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -187,6 +194,7 @@ KNOB_SCOPE: Mapping[str, str] = MappingProxyType({
     "rmp_fault_zap": "SNP (RMP #NPF after a PSMASH)",
     "pre_fault_memory": "all, the KVM_PRE_FAULT_MEMORY ioctl (no workload uses it)",
     "pre_fault_invalid_slot": "all, KVM_PRE_FAULT_MEMORY racing a memslot deletion (no workload does)",
+    "snp_launch_zero_len": "SNP, KVM_SEV_SNP_LAUNCH_UPDATE with len 0 (no workload does)",
 })
 
 
@@ -211,12 +219,13 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
         hugepage_guard=False, attr_ioctl="all-or-nothing", gmem_max_order=0,
         mixed_head_in_slot="start-only", private_fault_source="attributes",
         tdx_initial_image="premap-then-add", tdx_huge_pages=False, rmp_fault_zap="from-gfn",
-        pre_fault_memory=False, pre_fault_invalid_slot="retry",
+        pre_fault_memory=False, pre_fault_invalid_slot="retry", snp_launch_zero_len="no-op",
     )
     v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access",
                  pre_fault_memory=True)
     v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
-    v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook", pre_fault_invalid_slot="eagain")
+    v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook", pre_fault_invalid_slot="eagain",
+                 snp_launch_zero_len="einval")
     # RFC v8 of the SNP host series (LKML, Feb-Mar 2023; kernel-semantics.md §7.7): RMPUPDATE from the post-lock
     # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
     # hook and none of the later MMU fixes.
@@ -252,6 +261,7 @@ _PRESET_PLATFORM = MappingProxyType({
 #: Knobs only one platform reads.
 _KNOB_PLATFORM = MappingProxyType({
     "rmp_update": "snp", "directmap": "snp", "tdx_huge_pages": "tdx", "tdx_initial_image": "tdx",
+    "snp_launch_zero_len": "snp",
 })
 
 

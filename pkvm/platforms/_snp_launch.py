@@ -3,8 +3,11 @@
 
 :func:`launch_update` (``snp_launch_update`` + ``kvm_gmem_populate`` + ``sev_gmem_post_populate``):
 
-1. ``len`` nonzero and 4K aligned (and the gpa), ``flags == 0``, ``type`` one of NORMAL, ZERO,
-   UNMEASURED, SECRETS, CPUID, and LAUNCH_FINISH not yet done; else ``-EINVAL``.
+1. ``len`` 4K aligned (and the gpa), ``flags == 0``, ``type`` one of NORMAL, ZERO, UNMEASURED,
+   SECRETS, CPUID, and LAUNCH_FINISH not yet done; else ``-EINVAL``. From 6.18 also ``len``
+   nonzero (``Policy.snp_launch_zero_len="einval"``); before, a zero ``len`` passes, and after
+   the memslot checks of step 2 the call returns 0 having done nothing (``kvm_gmem_populate``
+   gets a count of 0: its test refused only a negative one).
 2. The first gfn's memslot must be guest_memfd-backed (``-EINVAL``). The range is clipped to
    that memslot.
 3. Folio by folio (allocated if missing, never prepared): ``-EEXIST`` if already prepared;
@@ -21,9 +24,7 @@
    returns its internal errno and ``snp_launch_update`` (arch/x86/kvm/svm/sev.c) reports
    ``-EIO`` to userspace with the firmware's error in ``struct kvm_sev_cmd.error`` (0 here:
    the firmware was never reached). pkvm raises ``KvmError(EIO)`` with ``.error`` (that field)
-   and ``.populate_errno`` (the internal errno, for diagnostics). A zero ``len`` passes the
-   ioctl's checks and makes ``kvm_gmem_populate`` return ``-EINVAL`` (with a host WARN):
-   ``-EIO`` too.
+   and ``.populate_errno`` (the internal errno, for diagnostics).
 
 :func:`launch_finish` sets ``launched`` (KVM's ``pre_fault_allowed``) and marks the vCPUs that
 exist then as having protected state (``snp_launch_update_vmsa`` encrypts each one's VMSA and
@@ -62,9 +63,10 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
     """Populate ``[gpa, gpa + size)``; returns the bytes done (module docstring).
 
     Raises:
-        KvmError: EINVAL for bad parameters, after LAUNCH_FINISH, or a first gfn outside a
-            guest_memfd memslot; EIO (``.error == 0``, ``.populate_errno`` the cause) when the
-            first page cannot be populated or ``size`` is 0; EIO if the VM is dead.
+        KvmError: EINVAL for bad parameters (``size`` 0 under ``snp_launch_zero_len="einval"``),
+            after LAUNCH_FINISH, or a first gfn outside a guest_memfd memslot; EIO
+            (``.error == 0``, ``.populate_errno`` the cause) when the first page cannot be
+            populated; EIO if the VM is dead.
         TypeError / ValueError: an argument is not a u64 int.
     """
     vm = snp.vm
@@ -73,7 +75,8 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
     page_type, flags = _u64("page_type", page_type), _u64("flags", flags)
     if snp.launched:
         raise KvmError(errno.EINVAL, "SNP_LAUNCH_UPDATE after SNP_LAUNCH_FINISH")
-    if (gpa | size) & 0xFFF or flags or page_type not in _PAGE_TYPES:
+    if (gpa | size) & 0xFFF or flags or page_type not in _PAGE_TYPES or \
+            (not size and vm.policy.snp_launch_zero_len == "einval"):
         raise KvmError(errno.EINVAL, f"SNP_LAUNCH_UPDATE: bad parameters gpa={gpa:#x} len={size:#x} "
                        f"type={page_type} flags={flags:#x}")
     gfn = gpa >> PAGE_SHIFT
@@ -82,8 +85,8 @@ def launch_update(snp: SnpVm, gpa: int, size: int, page_type: int, flags: int) -
         raise KvmError(errno.EINVAL, f"SNP_LAUNCH_UPDATE: gfn {gfn:#x} is not in a guest_memfd memslot")
     if slot.gmem_file is None:  # kvm_gmem_populate: kvm_gmem_get_file failed, -EFAULT
         raise _populate_failed(errno.EFAULT, gfn, "the guest_memfd was closed")
-    if not size:  # kvm_gmem_populate: WARN_ON_ONCE(npages <= 0), -EINVAL
-        raise _populate_failed(errno.EINVAL, gfn, "len is 0 (kvm_gmem_populate warns)")
+    if not size:  # before 6.18: kvm_gmem_populate populates no page and returns 0
+        return 0
     end = min((gpa + size) >> PAGE_SHIFT, slot.end_gfn)
     gmem = slot.gmem
     off = slot.gmem_pgoff - slot.base_gfn
