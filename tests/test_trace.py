@@ -408,3 +408,15 @@ def test_check_file_binary(tmp_path):
     path.write_bytes(b"cpus=2\n\xff\xfe\n")
     with pytest.raises(ValueError, match=r"is not UTF-8 text \(byte 7\)"):
         check_file(str(path))
+
+
+def test_replay_of_trace_cmd_report_with_empty_cpus(tmp_path):
+    """``trace-cmd report`` prints ``CPU N is empty`` before ``cpus=N`` for each CPU that
+    recorded no event (a host tracing only KVM events has many): the file is still a trace."""
+    path = tmp_path / "t.txt"
+    path.write_text("CPU 1 is empty\nCPU 3 is empty\ncpus=4\n"
+                    "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x400000 "
+                    "error_code 0x100000002\n")
+    assert check_file(str(path)) == {}
+    r = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    assert r.counters["pf_taken"] == 1

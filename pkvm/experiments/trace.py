@@ -398,7 +398,7 @@ def header_fields(lines: Iterable[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in lines:
         s = line.strip()
-        if not s or s.startswith("cpus="):  # trace-cmd report's first line
+        if not s or s.startswith("cpus=") or _empty_cpu(s):  # trace-cmd report's first lines
             continue
         if not s.startswith("#"):
             break
@@ -419,6 +419,13 @@ _HEAD_BYTES = 1 << 16
 def _clip(text: str, n: int = 40) -> str:
     text = text.strip()
     return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def _empty_cpu(line: str) -> bool:
+    """Whether ``line`` is ``CPU N is empty``, which ``trace-cmd report`` prints before its
+    ``cpus=N`` line for each CPU that recorded no event."""
+    words = line.split()
+    return len(words) == 4 and words[0] == "CPU" and words[1].isdigit() and words[1].isascii() and words[2:] == ["is", "empty"]
 
 
 def _is_event_line(line: str) -> bool:
@@ -442,8 +449,8 @@ def check_file(path: str) -> dict[str, str]:
     fields (empty for a trace from a real host).
 
     A trace is ``trace-cmd report`` text (or pkvm's ``--trace`` output): UTF-8 text whose first
-    line is ``cpus=N``, a ``#`` comment (pkvm's ``# pkvm ...`` header among them) or an event
-    line, and which holds at least one event :func:`parse_line` knows (a pkvm trace may hold
+    line, after any ``CPU N is empty`` lines, is ``cpus=N``, a ``#`` comment (pkvm's
+    ``# pkvm ...`` header among them) or an event line, and which holds at least one event :func:`parse_line` knows (a pkvm trace may hold
     none: its header says what it is). The scan stops at the first known event.
 
     Raises:
@@ -468,8 +475,8 @@ def check_file(path: str) -> dict[str, str]:
         raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}), not a trace: pkvm replays "
                          "'trace-cmd report' text") from None
     lines = head.decode("utf-8", errors="replace").splitlines()
-    first = next(((no, ln) for no, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")),
-                 None)
+    first = next(((no, ln) for no, ln in enumerate(lines, 1)
+                  if ln.strip() and not ln.lstrip().startswith("#") and not _empty_cpu(ln)), None)
     fields = header_fields(lines)
     if first is not None:
         no, ln = first
