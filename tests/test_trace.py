@@ -420,3 +420,15 @@ def test_replay_of_trace_cmd_report_with_empty_cpus(tmp_path):
     assert check_file(str(path)) == {}
     r = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
     assert r.counters["pf_taken"] == 1
+
+
+@pytest.mark.parametrize("task", ["CPU x/KVM", "CPU ", "CPU -1/KVM"])
+def test_replay_names_the_line_of_a_hypercall_task_without_a_vcpu(tmp_path, task):
+    """A hypercall's vCPU comes from QEMU's thread name ``CPU N/KVM``; a task named ``CPU``
+    without a vCPU number is refused with its line (not an IndexError, not int()'s message)."""
+    path = tmp_path / "t.txt"
+    path.write_text("cpus=1\n  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x400000 "
+                    "error_code 0x100000002\n"
+                    f"  {task}-4097 [000] 1.0: kvm_hypercall: nr 0xc a0 0x0 a1 0x1 a2 0x0 a3 0x0\n")
+    with pytest.raises(ValueError, match=r"t\.txt line 3: kvm_hypercall: task .* is not QEMU's vCPU thread"):
+        E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)

@@ -280,7 +280,10 @@ def replay_file(ctx: Context, path: str) -> None:
             elif name == "sys_enter_madvise":
                 _step(rp.madvise, (x["start"], x["len_in"], x["behavior"]), ctx, path, rp, no, name)
             elif name == "kvm_hypercall":
-                vid = int(ev.comm.split()[1].split("/")[0]) if ev.comm.startswith("CPU ") else 0
+                try:
+                    vid = _task_vcpu(ev.comm)
+                except ValueError as exc:
+                    raise ValueError(f"{path} line {no}: {name}: {exc}") from None
                 _step(rp.hypercall, (vid, x["nr"], x["a0"], x["a1"], x["a2"]), ctx, path, rp, no, name)
             elif name == "kvm_userspace_exit":
                 rp.trace_exits += 1
@@ -291,6 +294,21 @@ def replay_file(ctx: Context, path: str) -> None:
                 ctx.progress(no * 110 / size)  # ~110 bytes per trace-cmd line
         _step(rp.finish, (), ctx, path, rp, 0, "kvm_page_fault")
     _notes(ctx, rp, hdr, path)
+
+
+def _task_vcpu(comm: str) -> int:
+    """The vCPU of a hypercall's task: N for QEMU's ``CPU N/KVM`` thread, 0 for a task that
+    does not follow QEMU's naming (a trace from another VMM).
+
+    Raises:
+        ValueError: a ``CPU ...`` task whose vCPU number is not a decimal number.
+    """
+    if not comm.startswith("CPU "):
+        return 0
+    num = comm[4:].split("/", 1)[0].strip()
+    if not (num.isdigit() and num.isascii()):
+        raise ValueError(f"task {comm!r} is not QEMU's vCPU thread 'CPU N/KVM' (N a vCPU number)")
+    return int(num)
 
 
 def _step(call: Callable[..., None], args: tuple[int, ...], ctx: Context, path: str, rp: _Replayer,
