@@ -432,3 +432,16 @@ def test_replay_names_the_line_of_a_hypercall_task_without_a_vcpu(tmp_path, task
                     f"  {task}-4097 [000] 1.0: kvm_hypercall: nr 0xc a0 0x0 a1 0x1 a2 0x0 a3 0x0\n")
     with pytest.raises(ValueError, match=r"t\.txt line 3: kvm_hypercall: task .* is not QEMU's vCPU thread"):
         E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+
+
+def test_replay_failure_names_the_errno_once(tmp_path):
+    """A replayed call the kernel fails is a KvmError naming the line; its text gives the
+    errno's name and description once, as any KvmError's does."""
+    path = tmp_path / "t.txt"
+    path.write_text("cpus=1\nqemu-system-x86-6 [000] 1.0: kvm_vm_set_mem_attributes: 0x5 -- 0x9 [0x10]\n")
+    with pytest.raises(pkvm.KvmError) as info:
+        E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    assert info.value.errno == 22
+    text = str(info.value)
+    assert text.startswith("[EINVAL] ") and "t.txt line 2: kvm_vm_set_mem_attributes: attributes 0x10" in text
+    assert text.count("[EINVAL]") == 1 and text.count("(Invalid argument)") == 1, text

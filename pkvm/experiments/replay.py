@@ -455,7 +455,7 @@ def _reraise(exc: KvmError, ctx: Context, path: str, line: int, event: str) -> N
     """Name the trace line whose replay failed (a dead VM's EIO passes through as it is)."""
     if exc.errno == errno.EIO and ctx.vm.vm_dead:
         raise exc
-    raise KvmError(exc.errno or errno.EINVAL, f"{path} line {line}: {event}: {exc}") from None
+    raise KvmError(exc.errno or errno.EINVAL, f"{path} line {line}: {event}: {exc.strerror}") from None
 
 
 def _n(n: int, noun: str) -> str:
