@@ -390,6 +390,9 @@ def test_replay_refuses_addresses_no_kernel_traces(tmp_path, address):
     ('[overrides]\nrmpupdate = "800ns"\n', r"is not a trace: line 1 '\[overrides\]'"),
     ("cpus=2\nfoo-1 [000] 1.0: sched_switch: whatever\n", "is not a trace pkvm can replay: it has none of the events"),
     ("# pkvm version=0 platform=snp memory=x\n", r"the '# pkvm' header's memory='x' is not a whole number"),
+    # str.isdigit() takes these, int() refuses the first and reads the second as 67
+    ("# pkvm version=0 platform=snp memory=\u00b2\n", r"the '# pkvm' header's memory='\u00b2' is not a whole number"),
+    ("# pkvm version=0 platform=snp vcpus=\uff16\uff17\n", r"the '# pkvm' header's vcpus='\uff16\uff17' is not a whole"),
     ("cpus=2\n  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address zz error_code 0x2\n",
      r"line 2: kvm_page_fault: cannot parse"),
 ])

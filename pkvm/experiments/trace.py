@@ -485,7 +485,7 @@ def check_file(path: str) -> dict[str, str]:
             raise ValueError(f"{path} is not a trace: line {no} {_clip(ln)} is neither a '# pkvm' header, "
                              "trace-cmd's 'cpus=N' nor an event line 'COMM-PID [CPU] SECS: EVENT: ...'")
     for key in _HEADER_NUMBERS:
-        if key in fields and not fields[key].isdigit():
+        if key in fields and not (fields[key].isdigit() and fields[key].isascii()):  # "²".isdigit()
             raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not a whole number")
     if any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
         return fields
