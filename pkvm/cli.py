@@ -359,6 +359,7 @@ def _config(args: argparse.Namespace) -> Config:
         _check_replay_file(options["file"])
     recorded = _recorded_shape(options["file"]) if workload == "replay" and "file" in options else {}
     _check_replay_shape(args, recorded, options.get("file", ""))
+    _check_recorded_shape(recorded, options.get("file", ""))
     shape: dict[str, Any] = {}
     for key, default in _VM_DEFAULTS.items():
         given = getattr(args, key)
@@ -477,6 +478,18 @@ def _check_replay_shape(args: argparse.Namespace, recorded: dict[str, Any], path
             shown = format_size(recorded[key]) if key in ("memory", "image") else recorded[key]
             raise UsageError(f"--{key} {given}: the trace {path} was recorded with {key} {shown}; a replay "
                              f"runs the VM its trace recorded (drop --{key})")
+
+
+def _check_recorded_shape(recorded: dict[str, Any], path: str) -> None:
+    """The VM a trace's ``# pkvm`` header records is one pkvm builds (``memory=0`` is not):
+    the message names the trace, not the option the value would otherwise stand for."""
+    if not recorded:
+        return
+    try:
+        experiments.Config(**{**_VM_DEFAULTS, **recorded})
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--workload replay:{path}: its '# pkvm' header records a VM pkvm does not build: "
+                         f"{_message(exc)}") from None
 
 
 def _check_replay_grid(grid: dict[str, str], points: Sequence[Config]) -> None:

@@ -161,6 +161,24 @@ def test_trace_then_replay(tmp_path):
     assert rows(out) == ["6.19"]
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("memory", "0", "memory 0 must be"), ("vcpus", "100000", "vcpus 100000 must be"),
+    ("image", "1", "image 1 must be"),
+])
+def test_replay_of_a_header_pkvm_cannot_build_names_the_trace(tmp_path, field, value, said):
+    """A '# pkvm' header value pkvm refuses is the trace's fault, not that of an option the
+    user did not give: the message names the trace."""
+    header = {"memory": "67108864", "image": "2097152", "vcpus": "1", field: value}
+    (tmp_path / "t.txt").write_text(
+        f"cpus=1\n# pkvm version=0.1.0 platform=snp memory={header['memory']} image={header['image']} "
+        f"vcpus={header['vcpus']} policy=fault-time workload=boot prealloc=0\n")
+    p = pkvm("run", "--workload", "replay:t.txt", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.splitlines()
+    assert line.startswith("pkvm: error: --workload replay:t.txt: its '# pkvm' header records a VM pkvm does "
+                           f"not build: {said}"), line
+
+
 def test_sweep_traces_are_named_by_size_and_policy(tmp_path):
     """A sweep writes one trace per size and policy, named as experiments.sweep names them."""
     ok("compare", "--sweep-memory", "16M,32M", "--policies", "6.19", "--trace", "t.txt", cwd=tmp_path)
