@@ -11,7 +11,7 @@ import pkvm
 from pkvm import experiments as E
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
 from pkvm._units import format_ns
-from pkvm.experiments.trace import Tracer, TraceEvent, check_file, header_fields, parse, parse_line
+from pkvm.experiments.trace import TRACE_EVENTS, Tracer, TraceEvent, check_file, header_fields, parse, parse_line
 
 ROUND_TRIP = [
     ("snp", "boot", {}), ("snp", "boot", {"prealloc": "1"}), ("snp", "swiotlb", {"ops": "60"}),
@@ -448,3 +448,21 @@ def test_replay_failure_names_the_errno_once(tmp_path):
     text = str(info.value)
     assert text.startswith("[EINVAL] ") and "t.txt line 2: kvm_vm_set_mem_attributes: attributes 0x10" in text
     assert text.count("[EINVAL]") == 1 and text.count("(Invalid argument)") == 1, text
+
+
+def test_replay_of_a_filtered_trace_says_what_it_left_out(tmp_path):
+    """A trace written with a tracepoint filter lacks events the replay would repeat: the
+    replay names them, and does not call the time they took untraced guest work."""
+    path = tmp_path / "t.txt"
+    cfg = E.Config(memory="64M", trace=str(path), trace_events=("kvm_vm_set_mem_attributes",))
+    E.run(cfg, 0)
+    b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None, trace_events=None), 0)
+    assert any(n.startswith("the trace holds only the tracepoints kvm_vm_set_mem_attributes") and
+               "kvm_page_fault" in n for n in b.notes), b.notes
+    assert not any(n.startswith("modeled time not reproduced") for n in b.notes), b.notes
+    assert any(n.startswith("modeled time not compared") for n in b.notes), b.notes
+    # Every tracepoint named is no filter at all: the notes are those of an unfiltered trace.
+    E.run(cfg.with_(trace_events=TRACE_EVENTS), 0)
+    c = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None, trace_events=None), 0)
+    assert not any("holds only" in n for n in c.notes)
+    assert any(n.startswith("modeled time not reproduced") for n in c.notes), c.notes

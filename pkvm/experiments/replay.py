@@ -83,6 +83,9 @@ _UNTRACED_WORK = {
     "snp": "PVALIDATE, the page-state-change (PSC) requests with their #VC and exits to userspace",
     "tdx": "TDG.MEM.PAGE.ACCEPT and the MapGPA TDVMCALLs with their exits to userspace",
 }
+#: The tracepoints whose events a replay repeats (a trace written with a filter may lack some).
+_REPLAYED = ("kvm_vm_set_mem_attributes", "kvm_page_fault", "kvm_hypercall", "sys_enter_fallocate",
+             "sys_enter_madvise")
 #: The largest guest physical address width (MAXPHYADDR) a VM has.
 _GPA_BITS = 52
 
@@ -326,7 +329,13 @@ def _step(call: Callable[..., None], args: tuple[int, ...], ctx: Context, path: 
 def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
     """What the replay could not reproduce: exits, counters and modeled time (module docstring)."""
     platform = rp.platform
-    if rp.trace_exits != rp.own_exits:
+    kept = None if hdr.get("events") is None else set(hdr["events"].split(","))
+    left_out = [] if kept is None else [n for n in _REPLAYED if n not in kept]
+    if left_out:
+        ctx.notes.append(f"the trace holds only the tracepoints {hdr['events']} (it was written with a tracepoint "
+                         f"filter): the replay did not see the events of {', '.join(left_out)}, so its counters "
+                         "and modeled time lack their work")
+    if rp.trace_exits != rp.own_exits and (kept is None or "kvm_userspace_exit" in kept):
         ctx.notes.append(f"the trace has {_n(rp.trace_exits, 'exit')} to userspace; the replay took "
                          f"{rp.own_exits} (page-state-change and MapGPA exits are not replayed: no tracepoint "
                          "carries them)")
@@ -352,7 +361,12 @@ def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
         # The rest of the traced run is the untraced work, kept at the prices it was modeled at.
         mine_by_op = at_trace_prices(ctx.vm, end)
         recorded = hdr.get("policy")
-        if recorded is not None and not _same_policy(recorded, ctx.vm.policy):
+        if left_out:
+            # The gap is then the left-out events' work too: it says nothing of the untraced work.
+            ctx.notes.append(f"modeled time not compared: the traced run modeled {format_ns(orig)} and this replay "
+                             f"{format_ns(mine)}, without the work of the events the trace left out as well as "
+                             f"the {untraced}")
+        elif recorded is not None and not _same_policy(recorded, ctx.vm.policy):
             # The gap is then the policies' difference too: it says nothing of the untraced work.
             ctx.notes.append(f"modeled time not compared: the trace was recorded under policy {recorded} (it "
                              f"modeled {format_ns(orig)}) and this replay runs another ({format_ns(mine)}), "
