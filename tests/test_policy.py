@@ -99,6 +99,10 @@ def test_policy_spec_strings():
     ("eager-post+directmap=huge", "not one of"),
     ("7.1+directmap=split-4k", "unknown policy preset"),
     ("6.19+gmem_max_order=3", "not one of"),
+    # a knob given twice is ambiguous, whether the values differ or not
+    ("eager-post+directmap=split-4k+directmap=unmap-restore",
+     r"gives knob directmap twice \(directmap=split-4k and directmap=unmap-restore\)"),
+    ("6.19+gmem_max_order=9+gmem_max_order=9", "gives knob gmem_max_order twice"),
 ])
 def test_policy_spec_errors(spec, match):
     from pkvm.kvm.policy import resolve_policy

@@ -297,7 +297,8 @@ def resolve_policy(policy: Policy | str) -> Policy:
     9
 
     Raises:
-        ValueError: an unknown preset or knob, or a value outside the knob's choices.
+        ValueError: an unknown preset or knob, a knob given twice, or a value outside the
+            knob's choices.
     """
     if isinstance(policy, Policy):
         return policy
@@ -307,11 +308,16 @@ def resolve_policy(policy: Policy | str) -> Policy:
         if not changes:
             return base
         knobs: dict[str, object] = {}
+        given: dict[str, str] = {}
         for ch in changes:
             knob, eq, text = ch.partition("=")
             knob, text = knob.strip(), text.strip()
             if not eq or knob not in _CHOICES:
                 raise ValueError(f"policy {policy!r}: {ch!r} is not knob=value; knobs are {', '.join(_CHOICES)}")
+            if knob in given:
+                raise ValueError(f"policy {policy!r} gives knob {knob} twice ({given[knob]} and {ch.strip()}); "
+                                 "give each knob once")
+            given[knob] = ch.strip()
             match = [c for c in _CHOICES[knob] if str(c).lower() == text.lower()]
             if not match:
                 raise ValueError(f"policy {policy!r}: {knob}={text!r} is not one of "
