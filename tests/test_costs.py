@@ -723,3 +723,15 @@ def test_every_price_says_measured_or_estimated_and_how():
         assert r.source.strip() not in ("no figure", "no measurement found", "no measurement"), r.name
     text = format_table(rows)
     assert text.splitlines()[0].split()[:6] == ["operation", "value", "range", "unit", "basis", "conf"]
+
+
+@pytest.mark.parametrize("name", ["model.json", "MODEL.JSON", "model.Json"])
+def test_a_json_cost_file_is_read_as_json_whatever_the_case_of_its_suffix(tmp_path, name):
+    """``--costs FILE.json`` is read with ``from_dict``; ``MODEL.JSON`` was read as TOML and
+    refused with "bad cost model TOML ... Invalid statement"."""
+    from pkvm import experiments as E
+
+    path = tmp_path / name
+    path.write_text(json.dumps({"overrides": {"rmpupdate": "800ns"}}))
+    model = E.Config(memory="64M", cost_file=str(path)).cost_model()
+    assert model["rmpupdate"].value_ns == 800

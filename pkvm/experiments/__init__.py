@@ -219,7 +219,7 @@ class Config:
             path = os.fspath(self.cost_file)
 
             def load(base: CostModel | None) -> CostModel:
-                if path.endswith(".json"):
+                if path.lower().endswith(".json"):  # MODEL.JSON too
                     return _json_cost_model(path, base)
                 return CostModel.from_toml(Path(path), base=base)
 
