@@ -525,13 +525,21 @@ def _check_trace_size(args: argparse.Namespace, configs: Sequence[Config]) -> No
         n, b = experiments.trace_size(config, args.seed)
         lines, size = lines + n, size + b
     files = f"{len(configs)} files" if len(configs) > 1 else args.trace
-    what = f"about {_human_bytes(size)} ({lines / 1e6:,.1f} M lines) of trace to {files}"
+    what = f"about {_human_bytes(size)} ({_human_count(lines)} lines) of trace to {files}"
     if size > cap:
         need = format_size(-(-size // (1 << 30)) << 30)
         raise UsageError(f"--trace {args.trace}: the run would write {what}, more than --trace-max-size "
                          f"{args.trace_max_size}; pass --trace-max-size {need} to write it, or trace a "
                          "smaller --memory")
     _info(args, f"writing {what}")
+
+
+def _human_count(n: int) -> str:
+    """``n`` to three significant digits or so: 16.8 M, 48.1 k, 512."""
+    for unit, scale in (("M", 10**6), ("k", 10**3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n}"
 
 
 def _human_bytes(n: int) -> str:

@@ -179,6 +179,17 @@ def test_replay_of_a_header_pkvm_cannot_build_names_the_trace(tmp_path, field, v
                            f"not build: {said}"), line
 
 
+def test_trace_size_estimate_counts_lines_of_a_small_trace(tmp_path):
+    """--trace says how many lines it will write: a trace of tens of thousands of lines was
+    announced as "(0.0 M lines)"."""
+    p = pkvm("run", *SMALL, "--workload", "swiotlb", "--trace", "t.txt", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    said = p.stderr.splitlines()[0]
+    assert "0.0 M lines" not in said and " k lines) of trace to t.txt" in said, said
+    estimate = float(said.split(" (", 1)[1].split(" k lines", 1)[0])
+    assert abs(estimate * 1000 - len((tmp_path / "t.txt").read_text().splitlines())) < 0.1 * estimate * 1000
+
+
 def test_sweep_traces_are_named_by_size_and_policy(tmp_path):
     """A sweep writes one trace per size and policy, named as experiments.sweep names them."""
     ok("compare", "--sweep-memory", "16M,32M", "--policies", "6.19", "--trace", "t.txt", cwd=tmp_path)
