@@ -466,3 +466,17 @@ def test_replay_of_a_filtered_trace_says_what_it_left_out(tmp_path):
     c = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None, trace_events=None), 0)
     assert not any("holds only" in n for n in c.notes)
     assert any(n.startswith("modeled time not reproduced") for n in c.notes), c.notes
+
+
+def test_replay_skips_an_event_line_commented_out(tmp_path):
+    """A line made a '#' comment (an event deleted from a trace by hand) is no event, for
+    parse_line and for the replay's fast path for faults alike."""
+    fault = "  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address 0x400000 error_code 0x100000002"
+    attrs = "qemu-system-x86-6 [000] 1.0: kvm_vm_set_mem_attributes: 0x400 -- 0x401 [0x0]"
+    assert parse_line("#" + fault) is None and parse_line("# " + attrs) is None
+    path, plain = tmp_path / "t.txt", tmp_path / "plain.txt"
+    path.write_text("\n".join(["cpus=1", fault, "#" + fault.replace("0x400000", "0x500000"), "# " + attrs]) + "\n")
+    plain.write_text("\n".join(["cpus=1", fault]) + "\n")
+    r = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    assert r.counters["pf_taken"] == 1
+    assert r.counters == E.run(E.Config(memory="64M", workload="replay", options={"file": str(plain)}), 0).counters

@@ -253,7 +253,7 @@ def replay_file(ctx: Context, path: str) -> None:
         for no, line in enumerate(f, 1):
             # Fast path for the bulk of a trace: a fault needs only its body's three numbers.
             i = line.find(": kvm_page_fault:")
-            if i >= 0:
+            if i >= 0 and not line.lstrip().startswith("#"):  # a '#' comment is no event
                 toks = line[i + 17:].split()
                 if len(toks) >= 8 and toks[0] == "vcpu" and toks[4] == "address" and toks[6] == "error_code":
                     try:

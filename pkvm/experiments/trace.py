@@ -340,7 +340,7 @@ def parse_line(line: str) -> TraceEvent | None:
         ValueError: a known event whose fields do not parse (names the event and the text).
     """
     rb = line.find("] ")
-    if rb < 0:
+    if rb < 0 or line.lstrip().startswith("#"):
         return None
     lb = line.rfind("[", 0, rb)
     c1 = line.find(": ", rb)
