@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import pkvm
 from pkvm import experiments as E
 from pkvm.experiments.replay import GUEST_ONLY_COUNTERS
+from pkvm.kvm.policy import resolve_policy
 from pkvm._units import format_ns
 from pkvm.experiments.trace import TRACE_EVENTS, Tracer, TraceEvent, check_file, header_fields, parse, parse_line
 
@@ -480,3 +481,18 @@ def test_replay_skips_an_event_line_commented_out(tmp_path):
     r = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
     assert r.counters["pf_taken"] == 1
     assert r.counters == E.run(E.Config(memory="64M", workload="replay", options={"file": str(plain)}), 0).counters
+
+
+def test_trace_header_records_a_policy_spec_written_with_blanks(tmp_path):
+    """A spec with blanks around its parts (" eager-post + directmap = split-4k ") names the
+    same policy; the header recorded it as written, and split at the blanks it read back as
+    'eager-post', so its replay under that very policy said the policies differ."""
+    path = tmp_path / "t.txt"
+    spec = " eager-post + directmap = split-4k "
+    cfg = E.Config(memory="64M", policy=spec, trace=str(path))
+    E.run(cfg, 0)
+    recorded = header_fields(path.read_text().splitlines()[:4])["policy"]
+    assert pkvm.Policy.preset("eager-post").replace(directmap="split-4k") == resolve_policy(recorded)
+    b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), 0)
+    assert not any("recorded under policy" in n for n in b.notes), b.notes
+    assert any(n.startswith("modeled time not reproduced") for n in b.notes), b.notes

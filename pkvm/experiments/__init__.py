@@ -679,7 +679,9 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 def _trace_header(config: Config, opts: Mapping[str, Any]) -> str:
     return (f"pkvm version={version()} platform={config.platform} memory={config.memory} "
-            f"image={config.image} vcpus={config.vcpus} policy={config.policy} workload={config.workload} "
+            # (a spec's blanks are not part of it, and would split the header's key=value field)
+            f"image={config.image} vcpus={config.vcpus} policy={''.join(str(config.policy).split())} "
+            f"workload={config.workload} "
             f"prealloc={int(bool(opts.get('prealloc', False)))} shared_backing={config.shared_backing} "
             f"discard={int(config.discard)} setup=untraced"
             + ("" if config.trace_events is None else f" events={','.join(config.trace_events)}"))
