@@ -553,7 +553,7 @@ def _recorded_shape(path: str) -> dict[str, Any]:
     """What the ``# pkvm`` header of the trace at ``path`` says about the VM's shape
     (nothing when the file has no such header or cannot be read: the replay reports that)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             fields = header_fields(islice(f, 64))
     except OSError:
         return {}

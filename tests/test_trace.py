@@ -496,3 +496,19 @@ def test_trace_header_records_a_policy_spec_written_with_blanks(tmp_path):
     b = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), 0)
     assert not any("recorded under policy" in n for n in b.notes), b.notes
     assert any(n.startswith("modeled time not reproduced") for n in b.notes), b.notes
+
+
+def test_replay_of_a_trace_with_a_byte_order_mark(tmp_path):
+    """An editor that saves UTF-8 with a byte order mark puts U+FEFF before the first line;
+    it was read as part of that line, and the file refused as 'line 1 '\\ufeff# pkvm ...' is
+    neither a '# pkvm' header ...'. The mark is not part of the text."""
+    path, marked = tmp_path / "t.txt", tmp_path / "bom.txt"
+    cfg = E.Config(memory="64M", workload="swiotlb", options={"ops": "20"}, trace=str(path))
+    E.run(cfg, 0)
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert check_file(str(marked)) == check_file(str(path)) != {}
+    a = E.run(cfg.with_(workload="replay", options={"file": str(path)}, trace=None), 0)
+    b = E.run(cfg.with_(workload="replay", options={"file": str(marked)}, trace=None), 0)
+    assert a.counters == b.counters and a.modeled_ns == b.modeled_ns
+    notes = [n.replace(str(marked), str(path)) for n in b.notes]
+    assert notes == list(a.notes)

@@ -249,7 +249,7 @@ def replay_file(ctx: Context, path: str) -> None:
     size = os.path.getsize(path) or 1
     rp = _Replayer(ctx)
     done = 0
-    with ctx.phase("replay"), open(path, encoding="utf-8", errors="replace") as f:
+    with ctx.phase("replay"), open(path, encoding="utf-8-sig", errors="replace") as f:
         for no, line in enumerate(f, 1):
             # Fast path for the bulk of a trace: a fault needs only its body's three numbers.
             i = line.find(": kvm_page_fault:")

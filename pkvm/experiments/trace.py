@@ -474,7 +474,7 @@ def check_file(path: str) -> dict[str, str]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}), not a trace: pkvm replays "
                          "'trace-cmd report' text") from None
-    lines = head.decode("utf-8", errors="replace").splitlines()
+    lines = head.decode("utf-8-sig", errors="replace").splitlines()
     first = next(((no, ln) for no, ln in enumerate(lines, 1)
                   if ln.strip() and not ln.lstrip().startswith("#") and not _empty_cpu(ln)), None)
     fields = header_fields(lines)
@@ -489,7 +489,7 @@ def check_file(path: str) -> dict[str, str]:
             raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not a whole number")
     if any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
         return fields
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for no, line in enumerate(f, 1):
             if ": kvm_" not in line and ": sys_enter_" not in line:
                 continue
