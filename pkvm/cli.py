@@ -28,7 +28,8 @@ line too; set ``PKVM_DEBUG=1`` in the environment to get its traceback, for the 
 than ``--trace-max-size`` (default 1G) unless that is raised.
 
 A replay (``--workload replay:PATH``) of a trace that pkvm wrote takes the platform, memory,
-image and vCPU count from the trace's ``# pkvm`` header unless they are given.
+image and vCPU count from the trace's ``# pkvm`` header; an option that gives another value
+is refused.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ __all__ = ["main"]
 
 _PROG = "pkvm"
 _REPLAY_EPILOG = ("With --workload replay:PATH, a trace written by pkvm --trace also sets the platform, "
-                  "memory, image and vCPUs it was recorded with (options given override them).")
+                  "memory, image and vCPUs it was recorded with (an option that gives another value is "
+                  "refused: a replay runs the VM its trace recorded).")
 _LAYOUTS = ("auto", "rows", "columns")
 #: The trace size ``--trace`` writes without being told more (``--trace-max-size``).
 _TRACE_MAX_DEFAULT = "1G"

@@ -190,6 +190,16 @@ def test_trace_size_estimate_counts_lines_of_a_small_trace(tmp_path):
     assert abs(estimate * 1000 - len((tmp_path / "t.txt").read_text().splitlines())) < 0.1 * estimate * 1000
 
 
+def test_replay_help_says_what_a_differing_option_does(tmp_path):
+    """--help said options given "override" the trace's recorded VM; a replay refuses them."""
+    ok("run", *SMALL, "--trace", "t.txt", cwd=tmp_path)
+    p = pkvm("run", "--workload", "replay:t.txt", "--memory", "128M", cwd=tmp_path)
+    assert p.returncode == 2 and "a replay runs the VM its trace recorded" in p.stderr
+    for command in ("run", "compare"):
+        text = " ".join(ok(command, "--help").split())
+        assert "options given override them" not in text and "an option that gives another value is refused" in text
+
+
 def test_sweep_traces_are_named_by_size_and_policy(tmp_path):
     """A sweep writes one trace per size and policy, named as experiments.sweep names them."""
     ok("compare", "--sweep-memory", "16M,32M", "--policies", "6.19", "--trace", "t.txt", cwd=tmp_path)
