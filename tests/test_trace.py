@@ -367,6 +367,15 @@ def test_replay_of_a_host_trace_names_the_untraced_work(tmp_path):
     b = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
     assert any(n.startswith("modeled time not reproduced: PVALIDATE") and "no pkvm total" in n for n in b.notes)
     assert any(n.startswith("counters not reproduced") and "pvalidate" in n for n in b.notes)
+    # a header without the trailer pkvm writes last: cut short (a replay said nothing of it)
+    assert any("looks cut short" in n for n in b.notes), b.notes
+
+
+def test_replay_of_a_whole_pkvm_trace_does_not_call_it_cut_short(tmp_path):
+    path = tmp_path / "t.txt"
+    E.run(E.Config(memory="64M", trace=str(path)), 0)
+    b = E.run(E.Config(memory="64M", workload="replay", options={"file": str(path)}), 0)
+    assert not any("cut short" in n for n in b.notes), b.notes
 
 
 @pytest.mark.parametrize("address", ["-1", "0x10000000000000000", "0x20000000000000"])

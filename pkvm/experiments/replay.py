@@ -351,6 +351,9 @@ def _notes(ctx: Context, rp: _Replayer, hdr: dict[str, str], path: str) -> None:
                          f"{'was' if n == 1 else 'were'} skipped")
     untraced = _UNTRACED_WORK.get(platform, "guest work no tracepoint carries")
     end = trailer_fields(path) if hdr else {}
+    if hdr and not end:  # pkvm writes its trailer last: a trace without one was cut short
+        ctx.notes.append("the trace has pkvm's '# pkvm' header but not its '# pkvm end' trailer, which pkvm writes "
+                         "last: it looks cut short, and the replay ran only the events it holds")
     stats = ctx.vm.stats
     lost = sorted(k for k in GUEST_ONLY_COUNTERS if k in stats)
     if lost and platform in _UNTRACED_WORK and not end:
