@@ -114,6 +114,21 @@ def test_parse_real_lines(line, event, fields):
     assert isinstance(ev, TraceEvent) and ev.event == event and ev.fields == fields
 
 
+def test_attribute_lines_print_gfn_0_as_the_kernel_does():
+    """kvm_vm_set_mem_attributes prints its gfns with %#016llx, whose '#' adds no 0x to a zero:
+    gfn 0 is 16 zeros (pkvm wrote Python's 0x00000000000000); the parser reads both."""
+    vm = pkvm.VM("sw_protected")
+    gmem = vm.create_guest_memfd(1 << 21)
+    vm.set_user_memory_region2(0, pkvm.KVM_MEM_GUEST_MEMFD, 0, 1 << 21, 1 << 40, gmem, 0)
+    t = Tracer()
+    vm.trace(t)
+    vm.set_memory_attributes(0, 0x10000, pkvm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    (line,) = [ln for ln in t.lines if "kvm_vm_set_mem_attributes" in ln]
+    assert line.endswith(": 0000000000000000 -- 0x00000000000010 [0x8]"), line
+    assert parse_line(line).fields == {"start": 0, "end": 0x10, "attributes": 8}
+    assert parse_line(line.replace("0000000000000000", "0x00000000000000")).fields["start"] == 0
+
+
 def test_parse_skips_what_it_does_not_know():
     lines = ["cpus=8", "", "# comment", "  CPU 0/KVM-7 [000] 5.0: kvm_entry: vcpu 0, rip 0xfff0",
              "version = 6", "garbage"]

@@ -188,7 +188,7 @@ class Tracer(Tracepoints):
     # -- events ----------------------------------------------------------------------------------
 
     def set_mem_attributes(self, start: int, end: int, attrs: int) -> None:
-        self._emit("kvm_vm_set_mem_attributes", f"{start:#016x} -- {end:#016x} [{attrs:#x}]")
+        self._emit("kvm_vm_set_mem_attributes", f"{_alt_hex16(start)} -- {_alt_hex16(end)} [{attrs:#x}]")
 
     def page_faults(self, vcpu_id: int, gfn: int, end: int, step: int, private: bool, write: bool,
                     rmp: bool, t0: int, t1: int) -> None:
@@ -419,6 +419,12 @@ _HEAD_BYTES = 1 << 16
 def _clip(text: str, n: int = 40) -> str:
     text = text.strip()
     return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def _alt_hex16(v: int) -> str:
+    """``v`` as C's ``%#016llx`` prints it: ``0x`` and 14 digits at least, but 16 zeros for 0
+    (the ``#`` flag adds no ``0x`` to a zero; Python's ``#016x`` does)."""
+    return f"{v:#016x}" if v else "0000000000000000"
 
 
 def _empty_cpu(line: str) -> bool:
