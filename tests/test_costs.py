@@ -735,3 +735,18 @@ def test_a_json_cost_file_is_read_as_json_whatever_the_case_of_its_suffix(tmp_pa
     path.write_text(json.dumps({"overrides": {"rmpupdate": "800ns"}}))
     model = E.Config(memory="64M", cost_file=str(path)).cost_model()
     assert model["rmpupdate"].value_ns == 800
+
+
+def test_a_json_cost_file_with_a_key_twice_is_refused_as_a_toml_one_is(tmp_path):
+    """JSON's parser keeps the last of two equal keys without a word; a TOML cost file with a
+    key twice is refused. Both refuse it now, naming the file and the key."""
+    from pkvm import experiments as E
+
+    path = tmp_path / "m.json"
+    path.write_text('{"overrides": {"rmpupdate": "800ns", "rmpupdate": "900ns"}}')
+    with pytest.raises(ValueError, match=r"m\.json: the key 'rmpupdate' appears twice"):
+        E.Config(memory="64M", cost_file=str(path)).cost_model()
+    toml = tmp_path / "m.toml"
+    toml.write_text('[overrides]\nrmpupdate = "800ns"\nrmpupdate = "900ns"\n')
+    with pytest.raises(ValueError):
+        E.Config(memory="64M", cost_file=str(toml)).cost_model()

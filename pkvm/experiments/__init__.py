@@ -258,14 +258,30 @@ class Config:
         return d
 
 
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice (``json`` keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _json_cost_model(path: str, base: CostModel | None) -> CostModel:
     """The cost model of the JSON file at ``path`` over ``base``; every error names the file."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise ValueError(f"cost model JSON {path}: the file is not UTF-8 text") from None
+    except _DuplicateKey as exc:
+        raise ValueError(f"bad cost model JSON in {path}: the key {exc.args[0]!r} appears twice in one object "
+                         "(a TOML file refuses that too)") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"bad cost model JSON in {path}: {exc}") from None
     except RecursionError:
