@@ -418,6 +418,9 @@ def test_replay_refuses_addresses_no_kernel_traces(tmp_path, address):
     # str.isdigit() takes these, int() refuses the first and reads the second as 67
     ("# pkvm version=0 platform=snp memory=\u00b2\n", r"the '# pkvm' header's memory='\u00b2' is not a whole number"),
     ("# pkvm version=0 platform=snp vcpus=\uff16\uff17\n", r"the '# pkvm' header's vcpus='\uff16\uff17' is not a whole"),
+    # written as 0 or 1; 7 was read as false (prealloc) or true (discard) without a word
+    ("# pkvm version=0 platform=snp prealloc=7\n", r"the '# pkvm' header's prealloc='7' is not 0 or 1"),
+    ("# pkvm version=0 platform=snp discard=5\n", r"the '# pkvm' header's discard='5' is not 0 or 1"),
     ("cpus=2\n  CPU 0/KVM-7 [000] 1.0: kvm_page_fault: vcpu 0 rip 0x0 address zz error_code 0x2\n",
      r"line 2: kvm_page_fault: cannot parse"),
 ])

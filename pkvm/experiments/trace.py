@@ -413,6 +413,7 @@ def header_fields(lines: Iterable[str]) -> dict[str, str]:
 
 #: ``# pkvm`` header fields that hold a whole number.
 _HEADER_NUMBERS = ("memory", "image", "vcpus", "prealloc", "discard")
+_HEADER_FLAGS = ("prealloc", "discard")  # written as 0 or 1
 _HEAD_BYTES = 1 << 16
 
 
@@ -493,6 +494,9 @@ def check_file(path: str) -> dict[str, str]:
     for key in _HEADER_NUMBERS:
         if key in fields and not (fields[key].isdigit() and fields[key].isascii()):  # "²".isdigit()
             raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not a whole number")
+    for key in _HEADER_FLAGS:
+        if key in fields and fields[key] not in ("0", "1"):
+            raise ValueError(f"{path}: the '# pkvm' header's {key}={_clip(fields[key])} is not 0 or 1")
     if any(ln.lstrip().startswith("# pkvm ") for ln in lines[:64]):
         return fields
     with open(path, encoding="utf-8-sig", errors="replace") as f:
