@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -539,3 +541,16 @@ def test_replay_of_a_trace_with_a_byte_order_mark(tmp_path):
     assert a.counters == b.counters and a.modeled_ns == b.modeled_ns
     notes = [n.replace(str(marked), str(path)) for n in b.notes]
     assert notes == list(a.notes)
+
+
+def test_a_td_trace_of_two_vcpus_that_kills_the_replay_names_the_line_and_why(tmp_path):
+    """A replay of a trace of several concurrent TDX vCPUs may kill its TD (docs/timeline.md: a
+    TD's ACCEPTs are not traced). The dead VM's EIO passed through without the trace line, as
+    a bare '[EIO] the VM is dead (...)'; it keeps EIO and names the line and the known cause."""
+    path = tmp_path / "t.txt"
+    E.run(E.Config(platform="tdx", memory="128M", vcpus=2, workload="mixed", options={"ops": 300},
+                   trace=str(path)), 0)
+    with pytest.raises(pkvm.KvmError, match=r"t\.txt line \d+: \w+: the VM is dead .*several concurrent TDX "
+                                            r"vCPUs may not replay") as e:
+        E.run(E.Config(platform="tdx", memory="128M", vcpus=2, workload="replay", options={"file": str(path)}), 0)
+    assert e.value.errno == errno.EIO

@@ -469,9 +469,16 @@ def _same_policy(recorded: str, policy: Policy) -> bool:
 
 
 def _reraise(exc: KvmError, ctx: Context, path: str, line: int, event: str) -> None:
-    """Name the trace line whose replay failed (a dead VM's EIO passes through as it is)."""
+    """Name the trace line whose replay failed. A dead VM's EIO keeps its errno and says why
+    the VM died; a TD with several vCPUs is the known case (docs/timeline.md, "What is
+    approximated": a TD's ACCEPTs are not traced, so the replay cannot tell which vCPU's accept
+    served a fault)."""
     if exc.errno == errno.EIO and ctx.vm.vm_dead:
-        raise exc
+        hint = ""
+        if ctx.vm.platform.name == "tdx" and len(ctx.guests) > 1:
+            hint = ("; a trace of several concurrent TDX vCPUs may not replay: their ACCEPTs are not traced, so "
+                    "the replay cannot tell which vCPU's accept served a fault (docs/timeline.md)")
+        raise KvmError(errno.EIO, f"{path} line {line}: {event}: {exc.strerror}{hint}") from None
     raise KvmError(exc.errno or errno.EINVAL, f"{path} line {line}: {event}: {exc.strerror}") from None
 
 
