@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 digest = result_digest(run_case(wl, plat, pol, n, mem, tmp))
-            except (KvmError, ValueError) as exc:  # a refused run is a result too: its message
-                digest = "error " + hashlib.sha256(f"{type(exc).__name__}: {exc}".encode()).hexdigest()[:16]
+            except (KvmError, ValueError) as exc:  # a refused run is a result too: its message,
+                # without the temporary trace's directory (a replay's error names its file)
+                msg = f"{type(exc).__name__}: {exc}".replace(tmp + os.sep, "")
+                digest = "error " + hashlib.sha256(msg.encode()).hexdigest()[:16]
             line = f"{wl} {plat} {pol} vcpus={n} {mem} {digest}"
             total.update(line.encode())
             lines.append(line)
