@@ -1,6 +1,7 @@
 """The execution layer (pkvm.experiments.execution): a Dask LocalCluster gives exactly what a serial run
 gives, a failing task is named with its configuration, an unreachable scheduler is one error."""
 
+import contextlib
 import json
 import time
 
@@ -158,3 +159,50 @@ def test_cli_runs_on_an_existing_scheduler_and_refuses_a_workers_address(cluster
     err = capsys.readouterr().err
     assert err == (f"pkvm: error: --scheduler {worker}: the server there is a Dask Worker, not a Dask scheduler "
                    "(give the scheduler's address, e.g. tcp://host:8786)\n")
+
+
+# Ctrl-C on a terminal sends SIGINT to the whole foreground process group: pkvm and the local
+# cluster's worker processes. The driver runs the CLI in a session of its own and says when the
+# cluster is up; the test then signals the group, as a terminal would.
+_CTRL_C_DRIVER = r"""
+import os, subprocess, sys
+import pkvm.experiments.execution as ex
+from pkvm.cli import main
+
+start = ex.Runner.start
+def patched(self):
+    if sys.argv[1] == "start" and self._client is None:  # Ctrl-C while the cluster starts
+        subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -INT -{os.getpgrp()}"])
+    start(self)
+    print("ready", flush=True)
+ex.Runner.start = patched
+sys.exit(main(["sensitivity", "--memory", "64M", "--workload", "mixed", "--option", "ops=100",
+               "--metric", "counters.mmu_lock_held_ns", "--samples", "64", "-q", "-j", "2"]))
+"""
+
+
+@pytest.mark.parametrize("when", ["start", "run"])
+def test_ctrl_c_with_jobs_is_one_line(when):
+    """``pkvm sensitivity -j 2`` and Ctrl-C: exit 130 with ``pkvm: interrupted`` and nothing else.
+    The worker processes printed a KeyboardInterrupt traceback each (Ctrl-C reaches them too),
+    and Ctrl-C while the cluster started printed distributed's ``close_clusters`` traceback.
+    A Ctrl-C during the start is lost now; the next one stops the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env.pop("PKVM_DEBUG", None)
+    with subprocess.Popen([sys.executable, "-c", _CTRL_C_DRIVER, when], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env, text=True, start_new_session=True) as p:
+        try:
+            assert p.stdout.readline() == "ready\n"
+            time.sleep(1.5)  # the runs are under way on the workers
+            os.killpg(p.pid, signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert (p.returncode, err) == (130, "pkvm: interrupted\n")

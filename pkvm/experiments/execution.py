@@ -24,12 +24,14 @@ stops the batch with :class:`RunError`, which names the task's configuration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import signal
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -173,6 +175,28 @@ def _probe_scheduler(address: str, timeout: float) -> None:
                                         "scheduler (give the scheduler's address, e.g. tcp://host:8786)")
 
 
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """SIGINT ignored while the local cluster starts, so that the worker processes it spawns
+    inherit that: an ignored signal stays ignored across exec, and Python then installs no
+    KeyboardInterrupt handler. The workers stop when the cluster is closed.
+
+    Ctrl-C on a terminal signals the whole process group: each worker printed a
+    KeyboardInterrupt traceback, and one while the cluster started printed distributed's
+    ``close_clusters`` traceback at exit. A Ctrl-C during the start (a second or two) is lost
+    (the signal cannot be kept pending: threads that numpy's BLAS started take it and drop it);
+    the next one stops pkvm. Only the main thread can change signal handlers; from another
+    thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def max_jobs() -> int:
     """The most local worker processes a :class:`Runner` starts: 4 per CPU. The runs are
     CPU-bound, so more buy nothing, and each worker is a process of its own (``-j 99999``
@@ -271,11 +295,16 @@ class Runner:
                     f"--scheduler {self.scheduler}: could not connect to the Dask scheduler "
                     f"({_detail(exc)})") from None
             return
-        with warnings.catch_warnings():  # start-up notices (slow scratch disk ...) are not results
-            warnings.simplefilter("ignore", UserWarning)
-            self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
-                                         dashboard_address=None, silence_logs=logging.CRITICAL)
-            self._client = Client(self._cluster, set_as_default=False)
+        try:
+            with warnings.catch_warnings(), _workers_ignore_sigint():
+                # start-up notices (slow scratch disk ...) are not results
+                warnings.simplefilter("ignore", UserWarning)
+                self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
+                                             dashboard_address=None, silence_logs=logging.CRITICAL)
+                self._client = Client(self._cluster, set_as_default=False)
+        except BaseException:  # a failed start leaves no cluster behind
+            self.close()
+            raise
 
     def close(self) -> None:
         """Disconnect; shut the local cluster down (an external cluster keeps running)."""
