@@ -166,6 +166,7 @@ def test_cli_runs_on_an_existing_scheduler_and_refuses_a_workers_address(cluster
 # cluster is up; the test then signals the group, as a terminal would.
 _CTRL_C_DRIVER = r"""
 import os, subprocess, sys
+import distributed
 import pkvm.experiments.execution as ex
 from pkvm.cli import main
 
@@ -198,11 +199,26 @@ def test_ctrl_c_with_jobs_is_one_line(when):
     with subprocess.Popen([sys.executable, "-c", _CTRL_C_DRIVER, when], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=env, text=True, start_new_session=True) as p:
         try:
-            assert p.stdout.readline() == "ready\n"
-            time.sleep(1.5)  # the runs are under way on the workers
-            os.killpg(p.pid, signal.SIGINT)
+            # "start": the Ctrl-C during the start is lost, or (on a slow or a fast machine)
+            # lands before it or after it and stops the run: either way, no "ready" or one
+            if p.stdout.readline() == "ready\n":
+                time.sleep(1.5)  # the runs are under way on the workers
+                os.killpg(p.pid, signal.SIGINT)
             _, err = p.communicate(timeout=60)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
     assert (p.returncode, err) == (130, "pkvm: interrupted\n")
+
+
+
+def test_the_local_cluster_leaves_no_gc_callback_in_this_process(cluster):
+    """The local cluster's scheduler runs in this process, and distributed's scheduler hooks a
+    GC diagnosis into ``gc.callbacks`` (it only logs, and pkvm silences those logs). A
+    KeyboardInterrupt raised while a gc callback runs is "ignored" by Python: about one Ctrl-C
+    in four during ``pkvm sensitivity -j 2`` printed 'Exception ignored in: <bound method
+    GCDiagnosis._gc_callback ...> KeyboardInterrupt' and the run went on."""
+    import gc
+
+    cluster.start()
+    assert [cb for cb in gc.callbacks if "distributed" in getattr(cb, "__module__", "")] == []

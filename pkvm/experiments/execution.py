@@ -305,6 +305,12 @@ class Runner:
         except BaseException:  # a failed start leaves no cluster behind
             self.close()
             raise
+        # The scheduler runs in this process and hooks a GC diagnosis into gc.callbacks (it
+        # only logs, and its logs are silenced). A KeyboardInterrupt raised while a gc
+        # callback runs is printed as "Exception ignored" and lost: Ctrl-C did nothing.
+        from distributed.gc import disable_gc_diagnosis
+
+        disable_gc_diagnosis(force=True)
 
     def close(self) -> None:
         """Disconnect; shut the local cluster down (an external cluster keeps running)."""
