@@ -147,6 +147,32 @@ def test_a_metric_that_is_not_a_sum_is_simulated_per_sample():
                       evaluation="reprice", vary=["rmpupdate"])
 
 
+def test_simulated_samples_ship_back_only_the_metric_unless_all_are_kept():
+    """A simulated sample returned every metric of its run (264 for a small mixed boot, 9 KB
+    pickled), shipped from the worker and held in the client for every sample, when the
+    analysis reads one of them: 20,000 samples held half a GB. Now only the metric comes back,
+    unless ``keep_metrics`` (``--out``) asks for every one."""
+    from pkvm.experiments.execution import Runner
+
+    class Recording(Runner):
+        def map(self, fn, tasks, labels, progress=None, **kwargs):
+            out = super().map(fn, tasks, labels, progress, **kwargs)
+            shipped.extend(r for r in out if isinstance(r, dict))
+            return out
+
+    cfg = E.Config(memory="16M")
+    for keep in (False, True):
+        shipped: list = []
+        res = E.sensitivity(cfg, ["fault-time"], metric="counters.mmu_lock_held_ns", samples=2, seed=0,
+                            vary=["rmpupdate"], keep_metrics=keep, runner=Recording())
+        assert len(shipped) == len(res.values) == 6
+        if keep:
+            assert all(len(r) > 100 for r in shipped) and "modeled_ns" in res.extra_metrics["fault-time"]
+        else:
+            assert all(set(r) == {"counters.mmu_lock_held_ns"} for r in shipped) and not res.extra_metrics
+            assert list(res.y["fault-time"]) == [r["counters.mmu_lock_held_ns"] for r in shipped]
+
+
 def test_morris_screen_ranks_the_dominant_price_first():
     res = E.sensitivity(CONFIGS["snp"][1], ["eager-post"], method="morris", samples=20, seed=2)
     idx = res.indices.sort_values("mu_star", ascending=False)

@@ -31,6 +31,7 @@ says which was used.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -650,7 +651,10 @@ def _analyse(runner: Runner, sim: Simulation, cfgs: list[Config], pols: list[str
 
         workers = max(1, runner.jobs) if runner.scheduler is None else 8
         chunk = max(1, min(64, len(tasks) // (workers * 4)))
-        outs = runner.map(sim.sample, tasks, labels, report, chunksize=chunk)
+        # Each sample measures every metric (hundreds, ~9 KB pickled); unless all are kept,
+        # only the one analysed travels back from the worker and stays in memory here.
+        fn = sim.sample if keep_metrics else functools.partial(_one_metric, sim.sample, metric)
+        outs = runner.map(fn, tasks, labels, report, chunksize=chunk)
         for k, pol in enumerate(pols):
             rows = outs[k * n:(k + 1) * n]
             y[pol] = np.array([r.get(metric, 0.0) for r in rows])
@@ -670,6 +674,11 @@ def _analyse(runner: Runner, sim: Simulation, cfgs: list[Config], pols: list[str
         base_samples=samples, prices=prices, unit=unit, values=values, y=y,
         nominal={p: float(metrics0[p].get(metric, 0.0)) for p in pols}, indices=indices, notes=notes,
         extra_metrics=extra)
+
+
+def _one_metric(sample: Callable[..., dict[str, float]], metric: str, *args: Any) -> dict[str, float]:
+    """``sample(*args)`` cut down to ``metric`` (on the worker: module level, so that it pickles)."""
+    return {metric: sample(*args).get(metric, 0.0)}
 
 
 def _reprices_nominal(model: CostModel, ledger: Ledger, result: Result) -> bool:
