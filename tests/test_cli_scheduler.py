@@ -154,3 +154,31 @@ def test_the_runner_names_what_answered(short_timeout):
     """The API raises the one documented error, SchedulerUnreachableError (an OSError)."""
     with _server(_http) as address, pytest.raises(SchedulerUnreachableError, match="not a Dask scheduler"):
         Runner(scheduler=address).start()
+
+
+def test_a_real_http_server_is_a_scheduler_that_never_answered(capsys, monkeypatch, short_timeout):
+    """docs/sensitivity.md said the dashboard's port (an HTTP server) is reported as "not a Dask
+    scheduler". A real HTTP server (the dashboard, Python's http.server) waits for a request,
+    and what it sends back to Dask's handshake, if anything, is no Dask message: pkvm reports it
+    as no scheduler answering in time, as the docs now say. (``_http`` above is a server whose
+    replies read as a Dask frame header of absurd size.)"""
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # its log is not pkvm's stderr
+            pass
+
+    monkeypatch.delenv("PKVM_DEBUG", raising=False)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        address = f"tcp://127.0.0.1:{srv.server_address[1]}"
+        code, took = _main_in_thread([*ARGV, "--scheduler", address], 20)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert code == 1 and took < 10, (took, err)
+    assert err == f"pkvm: error: --scheduler {address}: no Dask scheduler answered within 1 s\n"
