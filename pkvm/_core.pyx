@@ -2395,6 +2395,8 @@ cdef int rangemap_find_ne(RangeMap m, uint64_t start, uint64_t end, uint64_t val
     """1 and ``*found`` = the first key of ``[start, end)`` not ``value``; 0 if none."""
     if start > end:
         return _bad_range(start, end)
+    if m.bulk_writer:
+        return _busy(m, False)
     return m._find_ne_c(start, end, value, found)
 
 
@@ -2403,6 +2405,8 @@ cdef int rangemap_run_at(RangeMap m, uint64_t key, Run *out) except -1 nogil:
     if key == U64_MAX:
         with gil:
             raise OverflowError(f"key out of range for run_at: {key:#x} (must be < 2**64 - 1)")
+    if m.bulk_writer:
+        return _busy(m, False)
     out[0] = m._run_at_c(key)
     return 0
 
@@ -2469,6 +2473,8 @@ cdef int rangemap_cursor_init(RangeMap m, RunCursor *cur, uint64_t start,
     """Start a walk over the stored runs meeting ``[start, end)``; 1 if ``cur`` holds one."""
     if start > end:
         return _bad_range(start, end)
+    if m.bulk_writer:
+        return _busy(m, False)
     cur.owner = <void*>m
     cur.stop = end
     cur.start = cur.end = start
@@ -2492,6 +2498,8 @@ cdef int rangemap_cursor_next(RangeMap m, RunCursor *cur) except -1 nogil:
             raise ValueError("rangemap_cursor_next: the cursor walks another RangeMap")
     if cur.leaf == NULL:
         return 0
+    if m.bulk_writer:
+        return _busy(m, False)
     if cur.version != m.version:
         return _cursor_seek(m, cur, cur.end) if cur.end < cur.stop else _cursor_end(cur)
     cur.index += 1

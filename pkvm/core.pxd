@@ -10,8 +10,10 @@ releases; the declarations in ``pkvm/_core.pxd`` (node layout, pools, helpers) a
 Error convention: a function declared ``except -1`` returns -1 with a Python exception set
 (``ValueError`` for ``start > end`` or a cursor used on another map, ``OverflowError`` for the
 key ``2**64 - 1`` in ``rangemap_run_at``, ``MemoryError``, ``RuntimeError`` while a bulk call
-runs in another thread); a refused call changes nothing. The ``nogil`` functions may be called
-without the GIL; they acquire it only to raise.
+runs in another thread: a change during any bulk call, a read during one that changes the map);
+a refused call changes nothing. The ``nogil`` functions may be called without the GIL; they
+acquire it only to raise. The ``RuntimeError`` is reliable only for a caller holding the GIL: a
+caller that reads without it a map another thread may change must lock the map itself.
 
 A ``RunCursor`` walks the stored runs of a window leaf to leaf: each step reads the next slot
 of the current leaf, with no descent from the root. Read ``start``, ``end`` (clipped to the

@@ -212,6 +212,28 @@ out = np.empty_like(keys)
 consumer.get_many(a, keys, out)
 assert (out == b.get_many(keys)).all()
 
+# A read while assign_many changes the map in another thread (its merge runs without the GIL)
+# is refused as the Python methods refuse it (RuntimeError); the C reads crashed (SIGSEGV).
+import threading, time
+busy = pkvm.RangeMap()
+bs = np.arange(1 << 20, dtype=np.uint64) * 4
+stop, refused = [], []
+def writer():
+    while not stop:
+        busy.assign_many(bs, bs + 2, bs % 3 + 1)
+        busy.assign_many(bs, bs + 2, 0)
+t = threading.Thread(target=writer)
+t.start()
+t0 = time.monotonic()
+while not refused and time.monotonic() - t0 < 20:
+    try:
+        consumer.read_with_gil(busy, 50)
+    except RuntimeError as e:
+        refused.append(str(e))
+stop.append(1)
+t.join()
+assert refused and "being changed by assign_many" in refused[0], refused
+
 # The cursor walk against re-descending for each run, on 2**18 adjacent runs.
 n = 1 << 18
 big = pkvm.RangeMap()

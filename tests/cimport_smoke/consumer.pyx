@@ -131,3 +131,16 @@ def walk_descend(RangeMap m, int repeat):
         dt = perf_counter_ns() - t0
         best = dt if best is None or dt < best else best
     return n, total, best / max(n, 1)
+
+
+def read_with_gil(RangeMap m, int n):
+    """Every C-level read but ``rangemap_get``, n times, holding the GIL."""
+    cdef uint64_t found
+    cdef int i
+    cdef RunCursor c
+    cdef Run r
+    for i in range(n):
+        rangemap_find_ne(m, 0, 1 << 40, 0, &found)
+        rangemap_run_at(m, 12345, &r)
+        if rangemap_cursor_init(m, &c, 0, 1 << 40):
+            rangemap_cursor_next(m, &c)
