@@ -1064,6 +1064,14 @@ def _runner(args: argparse.Namespace) -> Iterator[Any]:
         yield runner
 
 
+def _where(runner: Runner) -> str:
+    """Where ``runner`` runs, after "runs" in a header: "serially in-process", "on a local
+    Dask cluster of N worker processes", "on the Dask cluster at ADDRESS"."""
+    if not runner.distributed:
+        return runner.describe()
+    return ("on the " if runner.scheduler is not None else "on a ") + runner.describe()
+
+
 def _check_frame_out(args: argparse.Namespace) -> None:
     if getattr(args, "out", None) is not None:
         try:
@@ -1297,7 +1305,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
             + [r["policy"], _fmt_value(metric, r[metric])] for r in frame.to_dict(orient="records")]
     out.print(f"pkvm {experiments.version()} · sweep of {len(points)} grid point{'s' if len(points) != 1 else ''} × policies · "
               f"{base.workload if 'workload' not in grid else 'workloads'} · seed {args.seed} · "
-              f"metric {metric} · runs {runner.describe()}")
+              f"metric {metric} · runs {_where(runner)}")
     # a time's cells carry their unit (210 ms): the column drops the name's "_ns"
     col = metric[:-3] if is_time_metric(metric) and metric.endswith("_ns") else metric
     out.write(_text_table([*keys, "policy", col], rows, [False] * (len(keys) + 1) + [True]))
@@ -1381,7 +1389,7 @@ def _cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str], out: _Output
                 ranges=ranges, vary=args.vary, dist=args.dist, evaluation=args.evaluation, runner=runner,
                 progress=cb,
                 keep_metrics=args.out is not None)
-            where = runner.describe()
+            where = _where(runner)
     except UnknownMetricError as exc:
         raise UsageError(f"--metric: {_message(exc)}") from None
     except ValueError as exc:

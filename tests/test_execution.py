@@ -161,6 +161,27 @@ def test_cli_runs_on_an_existing_scheduler_and_refuses_a_workers_address(cluster
                    "(give the scheduler's address, e.g. tcp://host:8786)\n")
 
 
+
+def test_the_header_says_where_the_runs_ran(cluster, capsys):
+    """The sweep and sensitivity headers read "runs local Dask cluster of 2 worker processes"
+    and "runs Dask cluster at tcp://..."; now "runs on a ..." / "runs on the ...", and
+    "runs serially in-process" as before."""
+    from pkvm.cli import _where, main
+
+    cluster.start()
+    address = cluster._cluster.scheduler_address
+    sweep = ["sweep", "--grid", "vcpus=1", "--memory", "16M", "--policies", "fault-time", "-q"]
+    sens = ["sensitivity", "--memory", "16M", "--policies", "fault-time", "--samples", "2", "--vary", "rmpupdate",
+            "--metric", "counters.mmu_lock_held_ns", "-q"]
+    for argv in (sweep, sens):
+        for extra, where in (([], "runs serially in-process"),
+                             (["--scheduler", address], f"runs on the Dask cluster at {address}")):
+            assert main([*argv, *extra]) == 0
+            out = capsys.readouterr().out
+            assert where in out.splitlines()[0 if argv is sweep else 1], out
+    assert _where(cluster) == "on a local Dask cluster of 2 worker processes"
+
+
 # Ctrl-C on a terminal sends SIGINT to the whole foreground process group: pkvm and the local
 # cluster's worker processes. The driver runs the CLI in a session of its own and says when the
 # cluster is up; the test then signals the group, as a terminal would.
