@@ -243,3 +243,25 @@ def test_the_local_cluster_leaves_no_gc_callback_in_this_process(cluster):
 
     cluster.start()
     assert [cb for cb in gc.callbacks if "distributed" in getattr(cb, "__module__", "")] == []
+
+
+def test_a_sigint_handler_not_installed_from_python_is_left_alone(monkeypatch):
+    """signal.signal returns None for a handler installed by C code (an embedding
+    application's); restoring None would raise TypeError after the cluster started. Such a
+    handler is left as it is."""
+    from pkvm.experiments import execution
+
+    calls = []
+
+    def fake_signal(signum, handler):
+        if handler is None:
+            raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
+        calls.append(handler)
+        return None
+
+    monkeypatch.setattr(execution.signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(execution.signal, "signal", fake_signal)
+    with execution._workers_ignore_sigint():
+        pass
+    assert calls == []
+

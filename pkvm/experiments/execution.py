@@ -186,8 +186,8 @@ def _workers_ignore_sigint() -> Iterator[None]:
     ``close_clusters`` traceback at exit. A Ctrl-C during the start (a second or two) is lost
     (the signal cannot be kept pending: threads that numpy's BLAS started take it and drop it);
     the next one stops pkvm. Only the main thread can change signal handlers; from another
-    thread this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    thread, or where a handler not installed from Python would be lost, this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
