@@ -182,3 +182,19 @@ def test_a_real_http_server_is_a_scheduler_that_never_answered(capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 1 and took < 10, (took, err)
     assert err == f"pkvm: error: --scheduler {address}: no Dask scheduler answered within 1 s\n"
+
+
+@pytest.mark.parametrize("host", ["a" * 64, "a..b", ".host"])
+def test_a_host_name_no_resolver_takes_is_a_usage_error(capsys, host):
+    """A host name that cannot be a DNS name (a label longer than 63 characters, an empty
+    label) failed as "the server there is not a Dask scheduler (its answer is not Dask's
+    protocol: UnicodeError ...)", exit 1: no server was ever reached. It is a malformed
+    address: exit 2, at once."""
+    address = f"tcp://{host}:8786"
+    t0 = time.monotonic()
+    assert main([*ARGV, "--scheduler", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pkvm: error: --scheduler {address}: not an address like tcp://host:8786 (host "), err
+    assert err.count("\n") == 1 and time.monotonic() - t0 < 4
+    with pytest.raises(ValueError, match="is not a host name"):
+        Runner(scheduler=address)

@@ -65,7 +65,8 @@ def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> lis
 def check_address(address: str) -> None:
     """ValueError (``not an address like ... (why)``) unless ``address`` is one a
     ``dask.distributed`` client can dial: a known scheme and, for the socket ones, a (non-empty)
-    host and a port in 1..65535; an ``inproc://`` address of this process (a malformed address is an error
+    host that can be a host name (no label over 63 characters, no empty one) and a port in
+    1..65535; an ``inproc://`` address of this process (a malformed address is an error
     in the address, not a scheduler that did not answer). ValueError (``not usable here: ...``)
     for ``tls://`` without TLS credentials configured, or ``ucx://`` without a UCX backend."""
     from distributed.comm.addressing import get_address_host_port, parse_address
@@ -78,6 +79,10 @@ def check_address(address: str) -> None:
             host, port = get_address_host_port(address)
             if not host:  # tcp://:8786 listens on every interface, but dials nothing
                 raise ValueError(f"no host before the port in {address!r}")
+            try:  # what the resolver does to it: a label over 63 characters or an empty one fails
+                host.encode("idna")
+            except UnicodeError as exc:
+                raise ValueError(f"host {host!r} is not a host name: {exc.__cause__ or exc}") from None
             if not 0 < port < 65536:
                 raise ValueError(f"port {port} is not in 1..65535")
     except ValueError as exc:
@@ -220,7 +225,7 @@ class Runner:
     Raises:
         ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
             :func:`max_jobs`, ``connect_timeout`` is not a positive number, or ``scheduler`` is
-            empty or not an address (an unknown scheme,
+            empty or not an address (an unknown scheme, a host that cannot be a host name,
             no port, a port outside 1..65535) or one this installation cannot dial (``tls://``
             without TLS credentials configured, ``ucx://`` without a UCX backend, ``inproc://``
             of another process).
