@@ -265,3 +265,25 @@ def test_a_sigint_handler_not_installed_from_python_is_left_alone(monkeypatch):
         pass
     assert calls == []
 
+
+
+def test_a_local_cluster_that_cannot_start_is_a_run_error(monkeypatch, capsys):
+    """LocalCluster failing to start (too few file descriptors: ``ulimit -n 28``; a script
+    without ``if __name__ == "__main__":``, whose workers re-import it) raised distributed's
+    RuntimeError("Nanny failed to start."), which the command line reported as "internal
+    error ... (a bug in pkvm ...)". It is RunError (a PkvmError) naming the cluster, and a
+    failed run, exit 1, on the command line."""
+    import distributed
+
+    from pkvm.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", broken)
+    with pytest.raises(RunError, match=r"^could not start a local Dask cluster of 2 worker processes "
+                                       r"\(RuntimeError: Nanny failed to start\.\)"):
+        Runner(jobs=2).start()
+    assert main(["compare", "--memory", "16M", "-q", "-j", "2"]) == 1
+    assert capsys.readouterr().err == ("pkvm: error: could not start a local Dask cluster of 2 worker processes "
+                                       "(RuntimeError: Nanny failed to start.)\n")

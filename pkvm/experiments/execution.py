@@ -46,7 +46,8 @@ CONNECT_TIMEOUT_S = 5.0
 
 class RunError(PkvmError):
     """A task failed (on a cluster: twice, the retry included); the message names its
-    configuration and the original error, which is also the ``__cause__``."""
+    configuration and the original error, which is also the ``__cause__``. Also: the local
+    cluster of ``jobs=N`` could not start (its error is the ``__cause__``)."""
 
 
 class SchedulerUnreachableError(PkvmError, OSError):
@@ -231,6 +232,9 @@ class Runner:
             of another process).
         SchedulerUnreachableError: (on entry) no scheduler answered in time, or what answered
             is not a Dask scheduler.
+        RunError: (on entry) the local cluster could not start (worker processes that fail to
+            start: too few file descriptors, or a script that starts the runs without
+            ``if __name__ == "__main__":``, which each worker process imports again).
     """
 
     def __init__(self, jobs: int = 1, scheduler: str | None = None, *,
@@ -307,9 +311,12 @@ class Runner:
                 self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
                                              dashboard_address=None, silence_logs=logging.CRITICAL)
                 self._client = Client(self._cluster, set_as_default=False)
-        except BaseException:  # a failed start leaves no cluster behind
+        except BaseException as exc:  # a failed start leaves no cluster behind
             self.close()
-            raise
+            if not isinstance(exc, Exception):  # Ctrl-C, SystemExit
+                raise
+            raise RunError(f"could not start a local Dask cluster of {self.jobs} worker processes "
+                           f"({_detail(exc)})") from exc
         # The scheduler runs in this process and hooks a GC diagnosis into gc.callbacks (it
         # only logs, and its logs are silenced). A KeyboardInterrupt raised while a gc
         # callback runs is printed as "Exception ignored" and lost: Ctrl-C did nothing.
