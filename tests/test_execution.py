@@ -287,3 +287,26 @@ def test_a_local_cluster_that_cannot_start_is_a_run_error(monkeypatch, capsys):
     assert main(["compare", "--memory", "16M", "-q", "-j", "2"]) == 1
     assert capsys.readouterr().err == ("pkvm: error: could not start a local Dask cluster of 2 worker processes "
                                        "(RuntimeError: Nanny failed to start.)\n")
+
+
+def _exit_on_a_worker(client_pid, status):
+    """Kill the process running this task, unless it is the client's (a test of the client)."""
+    import os
+
+    if os.getpid() == client_pid:
+        raise AssertionError("the task ran in the client process")
+    os._exit(status)
+
+
+def test_a_chunk_whose_worker_died_is_not_rerun_in_this_process():
+    """A failed chunk was re-run here, task by task, to name the one that failed. When the
+    failure is the worker's death (a crash of the core, the kernel's OOM killer), the re-run
+    killed pkvm itself the same way: os._exit(3) in a task of a 2-task chunk ended the client
+    with status 3 and no message. Now a chunk whose worker died is named as a chunk."""
+    import os
+
+    with Runner(jobs=2) as runner:
+        with pytest.raises(RunError, match=r"^a \(or one of the 1 runs sent with it\) failed on the cluster "
+                                           r"\(tried twice\): KilledWorker: "):
+            runner.map(_exit_on_a_worker, [(os.getpid(), 3), (os.getpid(), 4)], ["a", "b"], chunksize=2)
+        assert runner.map(pow, [(2, 5)], ["c"]) == [32]  # the nannies started new workers

@@ -375,6 +375,7 @@ class Runner:
                   progress: Callable[[str, float], None] | None, chunksize: int,
                   names: Sequence[str]) -> list[Any]:
         from distributed import as_completed
+        from distributed.scheduler import KilledWorker
 
         client = self._client
         nchunks = math.ceil(len(tasks) / chunksize)
@@ -391,7 +392,9 @@ class Runner:
                     exc = fut.exception()
                     label = names[lo]
                     if hi - lo > 1:
-                        bad = _first_failing(fn, tasks[lo:hi])
+                        # Re-run here to name the task, unless the worker died: the task may
+                        # kill this process the same way (a crash, the OOM killer).
+                        bad = None if isinstance(exc, KilledWorker) else _first_failing(fn, tasks[lo:hi])
                         label = (names[lo + bad] if bad is not None else
                                  f"{names[lo]} (or one of the {hi - lo - 1} runs sent with it)")
                     raise RunError(f"{label} failed on the cluster (tried twice): "
@@ -407,7 +410,7 @@ class Runner:
 
 def _first_failing(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> int | None:
     """Which task of a failed chunk fails (re-run locally, in order, to name it); None when
-    none does here (the worker itself died)."""
+    none does here. Not for a chunk whose worker died (KilledWorker)."""
     for i, args in enumerate(batch):
         try:
             fn(*args)
