@@ -1054,7 +1054,13 @@ def _runner(args: argparse.Namespace) -> Iterator[Any]:
     if args.jobs > 1 or args.scheduler is not None:
         # The cluster's own log lines (heartbeats, shutdown) are not pkvm's output: a run that
         # fails reaches the user as one error line (RunError), the rest is noise on stderr.
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        # distributed sets some loggers' levels itself when imported (distributed.client at
+        # WARNING, tornado.application at ERROR): each is silenced, not only the parent.
+        import distributed  # noqa: F401 - its logging set-up, before the levels below
+
+        for name in ("distributed", "tornado", *logging.root.manager.loggerDict):
+            if name.split(".")[0] in ("distributed", "tornado"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     if args.scheduler is not None:
         try:
             check_address(args.scheduler.strip())

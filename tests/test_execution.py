@@ -310,3 +310,47 @@ def test_a_chunk_whose_worker_died_is_not_rerun_in_this_process():
                                            r"\(tried twice\): KilledWorker: "):
             runner.map(_exit_on_a_worker, [(os.getpid(), 3), (os.getpid(), 4)], ["a", "b"], chunksize=2)
         assert runner.map(pow, [(2, 5)], ["c"]) == [32]  # the nannies started new workers
+
+
+def test_a_run_the_cluster_cancelled_or_lost_is_named_as_such(cluster):
+    """When the scheduler goes away mid-run (or a task is cancelled), its futures end
+    'cancelled': the error read 'sample 192 of ... (or one of the 63 runs sent with it)
+    failed on the cluster (tried twice): NoneType: None', after re-running the chunk here.
+    Now it says what happened, and re-runs nothing."""
+    import threading
+
+    cluster.start()
+    client = cluster._client
+    submitted = []
+    submit = client.submit
+
+    def recording(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    client.submit = recording
+    try:
+        timer = threading.Timer(0.8, lambda: submitted[3].cancel())
+        timer.start()
+        with pytest.raises(RunError, match=r"^t3 did not finish: the Dask cluster reports it cancelled \(the "
+                                           r"connection to the scheduler was lost, or the task was cancelled\)$"):
+            cluster.map(time.sleep, [(0.5,)] * 8, [f"t{i}" for i in range(8)], chunksize=1)
+        timer.join()
+    finally:
+        del client.submit
+
+
+def test_the_cluster_logs_nothing_on_the_command_line(cluster, capsys):
+    """distributed configures 'distributed.client' at WARNING itself, so setting 'distributed'
+    to CRITICAL left it out: a scheduler that went away mid-run printed 'distributed.client -
+    ERROR -' and a 30-line traceback before pkvm's one line."""
+    import logging
+
+    from pkvm.cli import main
+
+    cluster.start()
+    assert main(["compare", "--memory", "16M", "-q", "--policies", "fault-time", "--scheduler",
+                 cluster._cluster.scheduler_address]) == 0
+    capsys.readouterr()
+    for name in ("distributed", "distributed.client", "distributed.gc", "distributed.comm.tcp", "tornado.application"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.CRITICAL, name

@@ -388,6 +388,9 @@ class Runner:
         try:
             for fut in as_completed(list(futures), loop=client.loop):
                 lo, hi = futures[fut]
+                if fut.status not in ("finished", "error"):  # the scheduler went away, or a cancel
+                    raise RunError(f"{names[lo]} did not finish: the Dask cluster reports it {fut.status} (the "
+                                   "connection to the scheduler was lost, or the task was cancelled)")
                 if fut.status != "finished":
                     exc = fut.exception()
                     label = names[lo]
