@@ -1309,7 +1309,8 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     keys = list(grid)
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
             + [r["policy"], _fmt_value(metric, r[metric])] for r in frame.to_dict(orient="records")]
-    out.print(f"pkvm {experiments.version()} · sweep of {len(points)} grid point{'s' if len(points) != 1 else ''} × policies · "
+    grid_points = f"{len(points)} grid point" + ("s" if len(points) != 1 else "")
+    out.print(f"pkvm {experiments.version()} · sweep of {grid_points} × policies · "
               f"{base.workload if 'workload' not in grid else 'workloads'} · seed {args.seed} · "
               f"metric {metric} · runs {_where(runner)}")
     # a time's cells carry their unit (210 ms): the column drops the name's "_ns"
