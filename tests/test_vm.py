@@ -325,3 +325,45 @@ def test_check_detects_wrong_disallow_count():
     vm.memslot(0).lpage.maps[pkvm.PG_LEVEL_2M].assign(1, 2, 1)
     with pytest.raises(pkvm.InternalInvariantError, match="level-2 disallow counts"):
         vm.check()
+
+
+@pytest.mark.parametrize(("vm_type", "policy", "zaps_all"), [
+    ("default", "6.19", True),        # the KVM_X86_QUIRK_SLOT_ZAP_ALL quirk, on by default
+    ("default", "6.8", True),
+    ("sw_protected", "6.8", True),    # before 6.12: kvm_mmu_zap_all_fast for every VM type
+    ("sw_protected", "6.11", True),
+    ("sw_protected", "6.16", False),  # 6.12+: only the slot's mappings
+    ("sw_protected", "6.19", False),
+    ("snp", "6.19", False),
+])
+def test_deleting_a_memslot_zaps_what_the_kernel_zaps(vm_type, policy, zaps_all):
+    """``kvm_arch_flush_shadow_memslot`` (arch/x86/kvm/mmu/mmu.c): before 6.12 it zapped every
+    mapping of the VM (``kvm_mmu_zap_all_fast``); from 6.12 only the slot's, except on a
+    DEFAULT VM while the SLOT_ZAP_ALL quirk is on (``kvm_memslot_flush_zap_all``). pkvm zapped
+    the slot's gfns on every VM and version, and nothing for an SMM slot (a mutation audit
+    found it: docs/kernel-semantics.md §4.7)."""
+    vm = pkvm.VM(vm_type, policy=policy)
+    vm.set_user_memory_region2(0, 0, 0, 2 * MiB, UADDR)
+    vm.set_user_memory_region2(1, 0, 4 * MiB, 2 * MiB, UADDR + 4 * MiB)
+    v = vm.create_vcpu()
+    v.page_fault(0, private=False)
+    v.page_fault(4 * MiB, private=False)
+    flushes = vm.stats["remote_tlb_flush"]
+    vm.set_user_memory_region2(1, 0, 4 * MiB, 0)  # delete slot 1
+    assert vm.mmu.lookup(4 << 8) is None
+    assert (vm.mmu.lookup(0) is None) == zaps_all
+    assert vm.stats["remote_tlb_flush"] == flushes + 1
+    vm.check()
+
+
+def test_deleting_an_smm_memslot_of_a_default_vm_zaps_everything():
+    """An SMM memslot (address space 1) has no mappings of its own in pkvm, but its deletion
+    runs the same zap of everything on a DEFAULT VM (pkvm zapped nothing)."""
+    vm = pkvm.VM("default", policy="6.19")
+    vm.set_user_memory_region2(0, 0, 0, 2 * MiB, UADDR)
+    vm.set_user_memory_region2(1 << 16, 0, 0, 2 * MiB, UADDR + 8 * MiB)
+    v = vm.create_vcpu()
+    v.page_fault(0, private=False)
+    vm.set_user_memory_region2(1 << 16, 0, 0, 0)
+    assert vm.mmu.lookup(0) is None
+    vm.check()

@@ -17,6 +17,7 @@ from pkvm.constants import (
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
     KVM_USER_MEM_SLOTS,
+    KVM_X86_DEFAULT_VM,
     PAGE_SHIFT,
     PAGE_SIZE,
     PG_LEVEL_1G,
@@ -215,14 +216,31 @@ def set_user_memory_region2(vm: VM, slot: int, flags: int, guest_phys_addr: int,
 
 
 def _delete(vm: VM, old: Memslot) -> None:
-    """``KVM_MR_DELETE``: invalidate the slot, zap its mappings, unbind, free metadata."""
+    """``KVM_MR_DELETE`` (a move deletes first): invalidate the slot, zap (its mappings, or
+    every mapping of the VM: :func:`zaps_all`), unbind, free metadata."""
     old.invalid = True
-    if old.as_id == 0 and vm._zap(old.base_gfn, old.end_gfn):
+    if zaps_all(vm):  # kvm_mmu_zap_all_fast: every root of both address spaces
+        zapped = vm._zap(0, vm._gfn_limit or 1 << (52 - PAGE_SHIFT))
+    else:
+        zapped = vm._zap(old.base_gfn, old.end_gfn) if old.as_id == 0 else 0
+    if zapped:
         vm._flush_remote_tlbs()
     vm._slot_maps[old.as_id].assign(old.base_gfn, old.end_gfn, 0)
     del vm._slots[old.key]
     if old.gmem is not None:
         old.gmem._unbind(old)
+
+
+def zaps_all(vm: VM) -> bool:
+    """Whether ``kvm_arch_flush_shadow_memslot`` zaps every mapping of ``vm`` when a memslot
+    is deleted or moved (``kvm_mmu_zap_all_fast``, arch/x86/kvm/mmu/mmu.c): always before 6.12
+    (``Policy.memslot_zap="all"``); from 6.12 only on a ``KVM_X86_DEFAULT_VM``, through the
+    ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` quirk (``kvm_memslot_flush_zap_all``), which pkvm takes as
+    enabled, the kernel's default. Never on a TD: the 6.12 change made TDX's memslot zap
+    targeted before TDX was merged, and a zap of everything leaves its mirror root alone."""
+    if vm._mirror:
+        return False
+    return vm.policy.memslot_zap == "all" or vm.vm_type == KVM_X86_DEFAULT_VM
 
 
 def attr_edges(vm: VM, start: int, end: int) -> list[int]:

@@ -32,6 +32,7 @@ _CHOICES: Mapping[str, tuple[object, ...]] = MappingProxyType(
         "pre_fault_memory": (False, True),
         "pre_fault_invalid_slot": ("retry", "eagain"),
         "snp_launch_zero_len": ("no-op", "einval"),
+        "memslot_zap": ("all", "slot"),
     }
 )
 
@@ -108,6 +109,12 @@ class Policy:
         (6.11-6.17: the ioctl's checks let it through, ``kvm_gmem_populate`` gets no pages and
         returns 0, so the call succeeds having done nothing) or ``"einval"`` (6.18+: the ioctl
         refuses it among its parameter checks). SNP only.
+    ``memslot_zap``
+        What deleting or moving a memslot zaps (``kvm_arch_flush_shadow_memslot``, §4.7):
+        ``"all"`` (6.8-6.11: every mapping of the VM, ``kvm_mmu_zap_all_fast``, whatever the
+        VM type) or ``"slot"`` (6.12+: only the slot's, except on a ``KVM_X86_DEFAULT_VM``,
+        where the ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` quirk, on unless userspace disables it, still
+        zaps everything). A TD zaps only the slot under either (no kernel with TDX zaps it all).
 
     >>> Policy.preset("6.8").hugepage_guard
     False
@@ -133,6 +140,7 @@ class Policy:
     pre_fault_memory: bool = True
     pre_fault_invalid_slot: str = "eagain"
     snp_launch_zero_len: str = "einval"
+    memslot_zap: str = "slot"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -195,6 +203,7 @@ KNOB_SCOPE: Mapping[str, str] = MappingProxyType({
     "pre_fault_memory": "all, the KVM_PRE_FAULT_MEMORY ioctl (no workload uses it)",
     "pre_fault_invalid_slot": "all, KVM_PRE_FAULT_MEMORY racing a memslot deletion (no workload does)",
     "snp_launch_zero_len": "SNP, KVM_SEV_SNP_LAUNCH_UPDATE with len 0 (no workload does)",
+    "memslot_zap": "SNP, SW_PROTECTED, memslot delete or move (no workload does)",
 })
 
 
@@ -220,10 +229,11 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
         mixed_head_in_slot="start-only", private_fault_source="attributes",
         tdx_initial_image="premap-then-add", tdx_huge_pages=False, rmp_fault_zap="from-gfn",
         pre_fault_memory=False, pre_fault_invalid_slot="retry", snp_launch_zero_len="no-op",
+        memslot_zap="all",
     )
     v6_11 = dict(v6_8, prepare="once-per-folio", mixed_head_in_slot="whole-chunk", private_fault_source="access",
                  pre_fault_memory=True)
-    v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True)
+    v6_16 = dict(v6_11, zap_filter="old-type", hugepage_guard=True, memslot_zap="slot")
     v6_19 = dict(v6_16, tdx_initial_image="add-in-sept-hook", pre_fault_invalid_slot="eagain",
                  snp_launch_zero_len="einval")
     # RFC v8 of the SNP host series (LKML, Feb-Mar 2023; kernel-semantics.md §7.7): RMPUPDATE from the post-lock

@@ -23,6 +23,7 @@ from pkvm.constants import (
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_X86_DEFAULT_VM,
     PAGE_SHIFT,
     PG_LEVEL_1G,
     PG_LEVEL_2M,
@@ -374,7 +375,13 @@ class ReferenceVM:
         self.slots[slot] = new
 
     def delete(self, old: RefSlot) -> None:
-        if old.key >> 16 == 0 and self.zap(old.base, old.end):
+        # kvm_arch_flush_shadow_memslot: every mapping of the VM before 6.12, and after it on a
+        # DEFAULT VM (the SLOT_ZAP_ALL quirk); else the slot's, in address space 0
+        if self.policy.memslot_zap == "all" or self.platform.vm_type == KVM_X86_DEFAULT_VM:
+            zapped = self.zap(min(self.sptes), max(self.sptes) + 1) if self.sptes else 0
+        else:
+            zapped = self.zap(old.base, old.end) if old.key >> 16 == 0 else 0
+        if zapped:
             self.flush()
         del self.slots[old.key]
         if old.gmem is not None and not old.gmem.closed:
