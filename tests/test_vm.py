@@ -189,6 +189,27 @@ def test_set_user_memory_region2_validation(kwargs, err, match):
     assert snapshot(vm) == before
 
 
+def test_memslot_limits_are_inclusive():
+    """The two size limits of kvm_set_memory_region (virt/kvm/kvm_main.c, §2.9) refuse only what
+    goes *past* them: ``access_ok(userspace_addr, memory_size)`` accepts a range that ends
+    exactly at TASK_SIZE_MAX, and ``memory_size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES`` accepts
+    a slot of exactly KVM_MEM_MAX_NR_PAGES pages (one page more is EINVAL)."""
+    from pkvm.constants import KVM_MEM_MAX_NR_PAGES, TASK_SIZE_MAX
+    vm = pkvm.VM(0)
+    vm.set_user_memory_region2(0, 0, 0, 2 * MiB, TASK_SIZE_MAX - 2 * MiB)
+    assert vm.memslot(0).userspace_addr + 2 * MiB == TASK_SIZE_MAX
+    with pytest.raises(pkvm.KvmError, match="not user memory") as exc:
+        vm.set_user_memory_region2(1, 0, 4 * MiB, 2 * MiB, TASK_SIZE_MAX - 2 * MiB + 0x1000)
+    assert exc.value.errno == errno.EINVAL
+    big = KVM_MEM_MAX_NR_PAGES << 12
+    vm.set_user_memory_region2(2, 0, 1 << 40, big, UADDR)
+    assert vm.memslot(2).npages == KVM_MEM_MAX_NR_PAGES
+    with pytest.raises(pkvm.KvmError, match="KVM_MEM_MAX_NR_PAGES") as exc:
+        vm.set_user_memory_region2(3, 0, 1 << 44, big + 0x1000, UADDR)
+    assert exc.value.errno == errno.EINVAL
+    vm.check()
+
+
 def test_gpa_overlap_is_eexist():
     """A new slot whose gpa range overlaps another slot fails with EEXIST."""
     vm, _ = shared_vm(4 * MiB)
