@@ -69,6 +69,10 @@ def test_create_guest_memfd_validation(size, flags, match):
     pytest.param(KEEP, 2 * MiB, 4096, errno.EINVAL, "past the size", id="allocate-beyond-size"),
     pytest.param(KEEP, MiB, 2 * MiB, errno.EINVAL, "past the size", id="allocate-straddles-size"),
     pytest.param(KEEP, 1 << 63, 4096, errno.EFBIG, "MAX_LFS_FILESIZE", id="past-max-file-size"),
+    # vfs_fallocate's EFBIG test is offset + len > s_maxbytes: a range ending exactly at
+    # MAX_LFS_FILESIZE (2**63 - 1) passes it, and kvm_gmem_fallocate refuses the odd length.
+    pytest.param(PUNCH, 4096, pkvm.constants.MAX_LFS_FILESIZE - 4096, errno.EINVAL, "not 4 KiB aligned",
+                 id="ends-at-max-file-size"),
 ])
 def test_fallocate_validation(mode, offset, length, err, match):
     """fallocate on a guest_memfd fails with the VFS/guest_memfd errno and changes nothing (§2.9)."""
