@@ -267,6 +267,19 @@ def test_hole_punch_zaps_mirror_only():
     vm.check()
 
 
+def test_gmem_close_zaps_mirror_only():
+    """kvm_gmem_release (virt/kvm/guest_memfd.c) zaps the bindings through
+    kvm_gmem_invalidate_begin with KVM_FILTER_PRIVATE (no INIT_SHARED; §4.7), as a hole punch
+    does: on a TD the mirror root's private leaves go, the direct root's shared leaf stays
+    (on a VM with one root the filter selects nothing: kvm_gfn_range_filter_to_root_types)."""
+    vm, vmm, gmem, vcpu = _accepted_td()
+    vm.set_memory_attributes(0, 4096, 0)
+    vcpu.access(0, private=False)
+    gmem.close()
+    assert vm.mmu.lookup(0) is not None and not vm.mmu.lookup(0).private
+    assert vm.mmu.lookup(1) is None and vm.sept.state(1) == "free"
+
+
 def test_memslot_delete_zaps_both_roots():
     """Deleting a TD memslot zaps its shared and private leaves; S-EPT page tables stay (no RECLAIM)."""
     vm, vmm, gmem, vcpu = _accepted_td()
