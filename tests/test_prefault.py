@@ -106,6 +106,21 @@ def test_shared_pages_of_a_plain_vm_are_allowed_at_once():
     vm.check()
 
 
+def test_a_page_inside_a_huge_mapping_advances_to_its_end():
+    """kvm_arch_vcpu_pre_fault_memory (arch/x86/kvm/mmu/mmu.c) returns
+    ``min(size, end - gpa)`` with ``end`` the end of the mapping level's huge page: a range that
+    starts inside a 2M mapping is done up to the 2M boundary by one call of the fault path
+    (one pre_fault_page), not page by page."""
+    vm, _gmem, vcpu = gmem_vm(policy="6.19")
+    assert vcpu.pre_fault_memory(0, 0x1000) == 0x1000
+    assert vm.mmu.lookup(0).level == 2
+    price = vm.costs.ns("pre_fault_page")
+    assert vm.cost_breakdown()["pre_fault_page"] == price
+    assert vcpu.pre_fault_memory(0x1000, 2 * MiB - 0x1000) == 2 * MiB - 0x1000
+    assert vm.cost_breakdown()["pre_fault_page"] == 2 * price
+    assert vm.stats["pf_fixed"] == 1 and vm.stats["pf_taken"] == 0
+
+
 def test_snp_launch_update_charges_the_psp_per_page():
     """sev_gmem_post_populate issues one SEV_CMD_SNP_LAUNCH_UPDATE per 4K page."""
     vm, vcpu = _snp(launched=False)
