@@ -546,6 +546,24 @@ def test_launch_update_of_len_0_before_6_18_does_nothing_and_succeeds(preset):
     vm.check()
 
 
+def test_launch_update_stops_at_the_memslot_end():
+    """kvm_gmem_populate (virt/kvm/guest_memfd.c) clips the page count to the first gfn's memslot
+    (``npages = min(npages, slot->npages - (start_gfn - slot->base_gfn))``): a range that runs
+    into the next memslot returns the bytes up to the slot's end (the caller loops, §5.9), and
+    the file of the first slot gets no folio past its binding."""
+    vm = pkvm.VM("snp", policy="6.19")
+    g0, g1 = vm.create_guest_memfd(8 * MiB), vm.create_guest_memfd(2 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 2 * MiB, UADDR, g0, 0)
+    vm.set_user_memory_region2(1, GMEM, 2 * MiB, 2 * MiB, UADDR + 2 * MiB, g1, 0)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    assert vm.snp.launch_update(2 * MiB - 0x2000, 0x4000) == 0x2000
+    assert vm.stats["launch_update_pages"] == 2
+    assert [(s, e) for s, e, _v in g0.folios.ranges()] == [(510, 512)] and g1.folios.ranges() == []
+    assert vm.snp.launch_update(2 * MiB, 0x2000) == 0x2000  # the rest, from the next slot's file
+    assert [(s, e) for s, e, _v in g1.folios.ranges()] == [(0, 2)]
+    vm.check()
+
+
 def test_vmm_launch_flow():
     vm = pkvm.VM("snp", policy="6.19")
     vmm = pkvm.Vmm(vm)
