@@ -55,6 +55,16 @@ def test_map_gpa_rejected_operands(gpa, size, status):
     assert after[0][:4] == before[0][:4] and after[1:] == before[1:]
 
 
+def test_map_gpa_may_end_at_the_top_of_the_gpa_space():
+    """tdx_map_gpa (arch/x86/kvm/vmx/tdx.c) tests the last byte, ``kvm_vcpu_is_legal_gpa(gpa +
+    size - 1)`` (§7.2): the shared half's last page, ending exactly at 2**gpaw, is a legal
+    range and exits to userspace (gpa without the shared bit, DECRYPTED)."""
+    vm, vmm, gmem, vcpu = td()
+    gpa = (1 << 48) - 4096
+    r = vcpu.map_gpa(gpa, 4096)
+    assert r.ret == "exit" and r.hypercall.args == (gpa & ~SHARED47, 1, DEC)
+
+
 def test_map_gpa_exits_in_2m_chunks_without_shared_bit():
     """MapGPA exits once per 2 MiB chunk (from gpa, not aligned), gpa stripped of the shared bit, DECRYPTED."""
     vm, vmm, gmem, vcpu = td(8 * MiB)
