@@ -343,6 +343,15 @@ def test_psc_msr_protocol():
     assert vm.stats["psc_requests"] == 4
 
 
+def test_psc_msr_gfn_field_is_40_bits():
+    """snp_begin_psc_msr (arch/x86/kvm/svm/sev.c) reads the gfn from the GHCB MSR's 40-bit
+    GHCB_MSR_PSC_REQ_GFN field: a gpa bit at or above 52 is not part of the request, and the
+    exit names the gpa without it."""
+    vm, _, vcpu = snp_vm(private=False)
+    r = vcpu.psc_msr((1 << 52) | 0x3000, sv.SNP_PAGE_STATE_PRIVATE)
+    assert r.ret == "exit" and r.hypercall.args == (0x3000, 1, 0x10)
+
+
 def E(gfn, op=sv.SNP_PAGE_STATE_PRIVATE, huge=False, cur=0):
     return sv.PscEntry(gfn, op, huge, cur)
 
