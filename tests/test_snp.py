@@ -415,6 +415,25 @@ def test_psc_ghcb_partly_done_2m_entry_coalesces_as_the_kernel_does():
     assert vm.stats["hypercall_exits"] == 3
 
 
+def test_psc_ghcb_skips_done_entries_and_stops_coalescing_at_one():
+    """snp_begin_psc (arch/x86/kvm/svm/sev.c): an entry whose cur_page equals its page count is
+    done and skipped (only cur_page *past* it is VMGEXIT_PSC_ERROR_INVALID_ENTRY), and the
+    coalescing loop stops at a following entry with a nonzero cur_page (``entry.cur_page``
+    breaks it), so that entry is not counted into the exit."""
+    vm, _, vcpu = snp_vm(private=False)
+    desc = sv.PscDesc.of([E(5, cur=1), E(6)])
+    r = vcpu.psc(desc)
+    assert r.ret == "exit" and r.hypercall.args == (6 << 12, 1, 0x10)
+    assert vcpu.run().status == 0 and desc.cur_entry == 2
+    desc = sv.PscDesc.of([E(8), E(9, cur=1), E(10)])
+    r = vcpu.psc(desc)
+    assert r.hypercall.args == (8 << 12, 1, 0x10)  # not 2 pages: entry 1 has cur_page 1
+    r = vcpu.run()
+    assert r.hypercall.args == (10 << 12, 1, 0x10)
+    assert vcpu.run().status == 0 and desc.cur_entry == 3
+    assert vm.stats["hypercall_exits"] == 3
+
+
 # -- §7.8 end-to-end sequences ---------------------------------------------------------------------
 
 
