@@ -46,6 +46,8 @@ class HookLog:
     pytest.param(4097, 0, "size 0x1001", id="size-unaligned"),
     pytest.param(4096, pkvm.constants.GUEST_MEMFD_FLAG_MMAP, "flags 0x1 are not supported", id="mmap-flag"),
     pytest.param(4096, 1 << 7, "flags 0x80", id="unknown-flag"),
+    # kvm_gmem_create's size is a loff_t: 2**63 and above is negative there (size <= 0: EINVAL)
+    pytest.param(1 << 63, 0, "size 0x8000000000000000 must be a positive", id="size-negative-as-loff_t"),
 ])
 def test_create_guest_memfd_validation(size, flags, match):
     """KVM_CREATE_GUEST_MEMFD rejects unknown flags and sizes that are not positive multiples of 4 KiB."""
