@@ -312,6 +312,19 @@ def test_create_vcpu_ids():
     assert len(vm.vcpus) == 3
 
 
+def test_create_vcpu_limit_is_kvm_max_vcpus():
+    """kvm_vm_ioctl_create_vcpu (virt/kvm/kvm_main.c) refuses a vCPU once ``created_vcpus >=
+    max_vcpus`` (KVM_MAX_VCPUS on x86): the KVM_MAX_VCPUS-th vCPU is created, one more is EINVAL."""
+    from pkvm.constants import KVM_MAX_VCPUS
+    vm = pkvm.VM(0)
+    for _ in range(KVM_MAX_VCPUS):
+        vm.create_vcpu()
+    assert vm.vcpus[-1].id == KVM_MAX_VCPUS - 1
+    with pytest.raises(pkvm.KvmError, match="at most") as exc:
+        vm.create_vcpu()
+    assert exc.value.errno == errno.EINVAL and len(vm.vcpus) == KVM_MAX_VCPUS
+
+
 def test_stats_names_include_kvm_counters():
     """vm.stats carries KVM's counter names plus pkvm's own."""
     names = set(pkvm.VM(1).stats)
