@@ -5,6 +5,7 @@ import errno
 
 import pytest
 from tdxhelpers import PRIVATE, PUNCH, SHARED47, MiB, ops, seamcalls, td, tdx_snapshot, trace
+from vmhelpers import GMEM, UADDR
 
 import pkvm
 from pkvm.constants import TDX_EPT_ENTRY_STATE_INCORRECT
@@ -219,3 +220,19 @@ def test_build_only_touches_private_memory():
     assert exc.value.errno == errno.EINVAL and gmem.folio(0) is not None  # the folio was allocated first
     vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
     assert vm.tdx.init_mem_region(vcpu, 0, 1) == 1
+
+
+def test_init_mem_region_across_two_memslots_uses_each_slots_file():
+    """tdx_vcpu_init_mem_region (arch/x86/kvm/vmx/tdx.c) calls kvm_gmem_populate one page at a
+    time, and kvm_gmem_populate (virt/kvm/guest_memfd.c) looks the memslot up for its gfn and
+    clips the count to it: a region that crosses into the next memslot takes each page's folio
+    from that page's own slot's guest_memfd, never past the first file's binding."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    g1 = vm.create_guest_memfd(2 * MiB)
+    vm.set_user_memory_region2(5, GMEM, 8 * MiB, 2 * MiB, UADDR + 64 * MiB, g1, 0)
+    vm.set_memory_attributes(8 * MiB, 2 * MiB, PRIVATE)
+    assert vm.tdx.init_mem_region(vcpu, 8 * MiB - 0x2000, 4) == 4
+    assert [(s, e) for s, e, _v in gmem.folios.ranges()][-1] == (2046, 2048)
+    assert [(s, e) for s, e, _v in g1.folios.ranges()] == [(0, 2)]
+    assert [vm.sept.state(g) for g in range(2046, 2050)] == ["mapped"] * 4
+    vm.check()
