@@ -90,6 +90,22 @@ def test_xa_reserve_counts_gfns_and_short_circuit_reserves_nothing():
     vm.check()
 
 
+def test_times_counts_calls_after_a_batch_failure():
+    """inject_failure: calls ``after + 1`` to ``after + times`` fail. A batch of calls (one
+    ioctl reserving many gfns) that reaches call ``after + 1`` fails there, and the very next
+    call is call ``after + 2``: it fails too, whatever ``after`` was."""
+    vm, _gmem, _vcpu = gmem_vm()
+    vm.inject_failure("xa_reserve", ENOMEM, times=2, after=2)
+    with pytest.raises(pkvm.KvmError, match="at gfn 0x2"):
+        vm.set_memory_attributes(0, 5 << 12, PRIVATE)
+    with pytest.raises(pkvm.KvmError, match="at gfn 0x0"):
+        vm.set_memory_attributes(0, 0x1000, PRIVATE)
+    assert vm._inject.pending() == {}
+    vm.set_memory_attributes(0, 0x1000, PRIVATE)
+    assert vm.get_memory_attributes(0) == PRIVATE
+    vm.check()
+
+
 # -- mmu_topup_memory_caches in the fault path -----------------------------------------------------
 
 
