@@ -169,6 +169,7 @@ def test_invalidate_of_part_of_a_2m_entry_psmashes_first():
     pfn = gpfn(gmem, 0)
     snp_gmem_invalidate(vm, pfn + 8, pfn + 16)
     assert vm.stats["psmash"] == 1
+    assert vm.cost_breakdown()["psmash"] == vm.costs.ns("psmash")  # docs/costs.md: per 2M entry split
     assert vm.rmp.lookup(pfn).level == PG_LEVEL_4K and vm.rmp.lookup(pfn).assigned
     assert vm.rmp.find_eq(pfn + 8, 8, assigned=True) == -1
     assert vm.stats["cache_flush_pages"] == 8
