@@ -122,6 +122,25 @@ def test_hypercall_errors_complete_in_kernel(args, status):
     assert (r.ret, r.status) == ("done", status) and vm.stats["hypercall_exits"] == 0
 
 
+def test_hypercall_gfn_overflow_test_is_a_wrap_test():
+    """____kvm_emulate_hypercall (arch/x86/kvm/x86.c) refuses KVM_HC_MAP_GPA_RANGE when
+    ``gpa_to_gfn(gpa) + npages <= gpa_to_gfn(gpa)`` (§7.3), i.e. only when the u64 sum wraps:
+    a range whose last gfn + 1 is exactly 2**64 - 1 still exits to userspace, one page more is
+    -KVM_EINVAL. The exit costs one vmexit and one userspace_exit (docs/costs.md)."""
+    vm, vmm, gmem, guest = _sw()
+    vcpu = guest.vcpu
+    before = vm.cost_breakdown()
+    r = vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0x1000, U64 - 1, 0)
+    assert r.ret == "exit" and r.hypercall.args == (0x1000, U64 - 1, 0)
+    cb = vm.cost_breakdown()
+    assert cb.get("userspace_exit", 0) - before.get("userspace_exit", 0) == vm.costs.ns("userspace_exit")
+    assert cb.get("vmexit", 0) - before.get("vmexit", 0) == vm.costs.ns("vmexit")
+    r.hypercall.ret = 22
+    assert vcpu.run().status == 22
+    r = vcpu.hypercall(pkvm.KVM_HC_MAP_GPA_RANGE, 0x2000, U64 - 1, 0)
+    assert (r.ret, r.status) == ("done", -KVM_EINVAL & U64)
+
+
 def test_hypercall_without_capability_is_enosys_and_ret_truncated_for_32_bit():
     """Without KVM_CAP_EXIT_HYPERCALL the hypercall is -KVM_ENOSYS; a 32-bit caller sees ret cut to 32 bits."""
     vm = pkvm.VM("sw_protected")
