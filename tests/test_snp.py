@@ -593,6 +593,23 @@ def test_launch_update_stops_at_the_memslot_end():
     vm.check()
 
 
+def test_launch_update_with_2m_folios_keeps_a_folio_already_in_the_block():
+    """With 2M guest_memfd folios (gmem_max_order=9, the §10.3 study) populate allocates a
+    large folio only when its aligned block is empty: the page cache refuses a large folio over
+    a page already present (mm/filemap.c: __filemap_get_folio falls back to a smaller order),
+    so a page fallocated at index 1 stays and index 0 gets an order-0 folio; nothing leaks."""
+    vm = pkvm.VM("snp", policy="6.19+gmem_max_order=9")
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MiB, UADDR, gmem, 0)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    gmem.fallocate(pkvm.FALLOC_FL_KEEP_SIZE, 0x1000, 0x1000)
+    kept = gmem.folio(1)
+    assert vm.snp.launch_update(0, 0x1000) == 0x1000
+    assert gmem.folio(0)[1:] == (0, True) and gmem.folio(1) == kept
+    assert vm.hostmem.nr_allocated == 2
+    vm.check()
+
+
 def test_vmm_launch_flow():
     vm = pkvm.VM("snp", policy="6.19")
     vmm = pkvm.Vmm(vm)
