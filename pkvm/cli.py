@@ -932,7 +932,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
         sizes = memories or [int(base.memory)]
         _check_trace_size(args, [base.with_(memory=m, policy=p) for m in sizes for p in policies])
     results: list[Result] = []
-    with _runner(args) as runner:
+    with _runner(args, runs=len(policies)) as runner:  # one size's policies at a time
         for i, mem in enumerate(memories or [int(base.memory)]):
             config, prefix = base, ""
             if memories:
@@ -1046,7 +1046,10 @@ def _add_execution_options(g: argparse._ArgumentGroup) -> None:
 
 
 @contextlib.contextmanager
-def _runner(args: argparse.Namespace) -> Iterator[Any]:
+def _runner(args: argparse.Namespace, runs: int | None = None) -> Iterator[Any]:
+    """The runner of ``-j`` / ``--scheduler``. ``runs``: the most runs that go to it at once,
+    when known; a local cluster gets no more worker processes than that (``-j 8`` for four
+    runs started eight, four of them idle), and one run goes serially in-process."""
     if args.scheduler is not None and not args.scheduler.strip():
         raise UsageError("--scheduler needs an address like tcp://host:8786")
     if args.scheduler is None and args.jobs > max_jobs():
@@ -1066,7 +1069,8 @@ def _runner(args: argparse.Namespace) -> Iterator[Any]:
             check_address(args.scheduler.strip())
         except ValueError as exc:
             raise UsageError(f"--scheduler {args.scheduler}: {_message(exc)}") from None
-    with Runner(args.jobs, args.scheduler) as runner:
+    jobs = args.jobs if runs is None or args.scheduler is not None else max(1, min(args.jobs, runs))
+    with Runner(jobs, args.scheduler) as runner:
         yield runner
 
 
@@ -1293,7 +1297,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     _check_outputs(args, base)
     _check_frame_out(args)
     runs = sum(len(args.policies or experiments.PLATFORM_POLICIES[pt.platform]) for pt in points)
-    with _runner(args) as runner, _runs_progress(args, runs) as cb:
+    with _runner(args, runs=runs) as runner, _runs_progress(args, runs) as cb:
         results = experiments.sweep_grid(base, grid, args.policies, args.seed, runner=runner, progress=cb)
     frame = experiments.to_frame(results)
     metric = args.metric if args.metric is not None else (

@@ -354,3 +354,15 @@ def test_the_cluster_logs_nothing_on_the_command_line(cluster, capsys):
     capsys.readouterr()
     for name in ("distributed", "distributed.client", "distributed.gc", "distributed.comm.tcp", "tornado.application"):
         assert logging.getLogger(name).getEffectiveLevel() >= logging.CRITICAL, name
+
+
+def test_a_local_cluster_gets_no_more_workers_than_runs(capsys):
+    """``-j 4`` for two runs started four worker processes, two of them idle; one run goes
+    serially in-process (the helper audit of 2026-12-07 found the idle workers)."""
+    from pkvm.cli import main
+
+    base = ["sweep", "--grid", "memory=16M", "--memory", "16M", "-q", "-j", "4"]
+    assert main([*base, "--policies", "fault-time,eager-post"]) == 0
+    assert "runs on a local Dask cluster of 2 worker processes" in capsys.readouterr().out.splitlines()[0]
+    assert main([*base, "--policies", "fault-time"]) == 0
+    assert "runs serially in-process" in capsys.readouterr().out.splitlines()[0]
