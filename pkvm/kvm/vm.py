@@ -615,12 +615,6 @@ class VM(VmState):
         if self._sched is not None:
             self._sched.changed()
 
-    def _retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
-        """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since."""
-        if self.mmu_invalidate_in_progress and self._range_start <= gfn < self._range_end:
-            return True
-        return self._stats["mmu_invalidate_seq"] != mmu_seq
-
     # -- memslot lookup ---------------------------------------------------------------------
 
     def _slot_at(self, gfn: int) -> Memslot | None:
