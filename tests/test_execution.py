@@ -380,6 +380,9 @@ def test_a_ctrl_c_lost_in_c_code_still_stops_the_runs(monkeypatch):
 
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda *a: printed.append(a[0]))
+    excepthook = sys.excepthook
 
     def unraisable(exc):
         return type("U", (), {"exc_type": type(exc), "exc_value": exc, "exc_traceback": None,
@@ -393,10 +396,14 @@ def test_a_ctrl_c_lost_in_c_code_still_stops_the_runs(monkeypatch):
         try:  # as C code loses it, reporting it as unraisable
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
         except KeyboardInterrupt as exc:
+            sys.excepthook(KeyboardInterrupt, exc, None)  # Cython prints its traceback first
             sys.unraisablehook(unraisable(exc))
+        sys.excepthook(ValueError, ValueError("x"), None)
         assert reported == [other]  # the lost Ctrl-C is not: the runner raises it again
+        assert printed == [ValueError]
         with pytest.raises(KeyboardInterrupt):
             r.map(ran.append, [(1,), (2,)], ["a", "b"])
     assert ran == [] and signal.getsignal(signal.SIGINT) is before and sys.unraisablehook == reported.append
+    assert sys.excepthook is excepthook
     with Runner(jobs=1) as r:  # a new runner starts afresh
         assert r.map(ran.append, [(1,)], ["a"]) == [None] and ran == [1]

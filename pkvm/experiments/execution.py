@@ -264,6 +264,7 @@ class Runner:
         self._sigint = False
         self._sigint_prev: Any = None
         self._unraisable_prev: Any = None
+        self._excepthook_prev: Any = None
 
     @property
     def distributed(self) -> bool:
@@ -303,7 +304,8 @@ class Runner:
         callback) it is printed as "Exception ignored" and lost, so the run went on
         (``tests/test_execution.py::test_a_ctrl_c_lost_in_c_code_still_stops_the_runs``). The
         previous handler still runs, and Python's "Exception ignored" report of the lost
-        KeyboardInterrupt is not printed (``sys.unraisablehook``). Only from the main thread,
+        KeyboardInterrupt is not printed (``sys.unraisablehook``, and ``sys.excepthook``, through
+        which Cython prints its traceback first). Only from the main thread,
         and not over a handler not installed from Python or an ignored SIGINT."""
         if threading.current_thread() is not threading.main_thread():
             return
@@ -319,6 +321,15 @@ class Runner:
                 hook(unraisable)
 
         sys.unraisablehook = quiet
+        # Cython prints the traceback of an exception it cannot pass on through sys.excepthook
+        # (PyErr_PrintEx) before it reports it as unraisable
+        excepthook = self._excepthook_prev = sys.excepthook
+
+        def quiet_excepthook(exc_type: Any, value: Any, tb: Any) -> None:
+            if not (self._sigint and exc_type is KeyboardInterrupt):
+                excepthook(exc_type, value, tb)
+
+        sys.excepthook = quiet_excepthook
 
         def note(signum: int, frame: Any) -> None:
             self._sigint = True
@@ -334,6 +345,7 @@ class Runner:
         if prev is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, prev)
             sys.unraisablehook = self._unraisable_prev
+            sys.excepthook = self._excepthook_prev
 
     def _check_sigint(self) -> None:
         if self._sigint:
