@@ -519,8 +519,6 @@ def is_wall_metric(name: str) -> bool:
     return name == "gfns_per_s" or name == "wall_s" or name.endswith(".wall_s")
 
 
-
-
 def _flatten(name: str, value: Any, out: dict[str, float]) -> None:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return

@@ -260,7 +260,7 @@ class Runner:
         self.connect_timeout = connect_timeout
         self._client: Any = None
         self._cluster: Any = None
-        # Ctrl-C seen while this runner is entered (``__enter__``): see _note_sigint
+        # Ctrl-C seen while this runner is entered (``__enter__``): see _watch_sigint
         self._sigint = False
         self._sigint_prev: Any = None
         self._unraisable_prev: Any = None
@@ -423,17 +423,15 @@ class Runner:
             raise ValueError(f"chunksize {chunksize!r} must be a positive int")
         self._check_sigint()  # a Ctrl-C lost before the runs (_watch_sigint)
         if not self.distributed:
-            return self._map_serial(fn, tasks, labels, progress, pass_progress, self._check_sigint)
+            return self._map_serial(fn, tasks, labels, progress, pass_progress)
         self.start()
         return self._map_dask(fn, tasks, labels, progress, chunksize, list(names or labels))
 
-    @staticmethod
-    def _map_serial(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
-                    progress: Callable[[str, float], None] | None, pass_progress: bool,
-                    check: Callable[[], None]) -> list[Any]:
+    def _map_serial(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], labels: Sequence[str],
+                    progress: Callable[[str, float], None] | None, pass_progress: bool) -> list[Any]:
         out = []
         for args, label in zip(tasks, labels):
-            check()
+            self._check_sigint()
             if pass_progress and progress is not None:
                 out.append(fn(*args, progress=lambda f, _l=label: progress(_l, f)))
             else:

@@ -473,13 +473,11 @@ def _reraise(exc: KvmError, ctx: Context, path: str, line: int, event: str) -> N
     the VM died; a TD with several vCPUs is the known case (docs/timeline.md, "What is
     approximated": a TD's ACCEPTs are not traced, so the replay cannot tell which vCPU's accept
     served a fault)."""
-    if exc.errno == errno.EIO and ctx.vm.vm_dead:
-        hint = ""
-        if ctx.vm.platform.name == "tdx" and len(ctx.guests) > 1:
-            hint = ("; a trace of several concurrent TDX vCPUs may not replay: their ACCEPTs are not traced, so "
-                    "the replay cannot tell which vCPU's accept served a fault (docs/timeline.md)")
-        raise KvmError(errno.EIO, f"{path} line {line}: {event}: {exc.strerror}{hint}") from None
-    raise KvmError(exc.errno or errno.EINVAL, f"{path} line {line}: {event}: {exc.strerror}") from None
+    hint = ""
+    if exc.errno == errno.EIO and ctx.vm.vm_dead and ctx.vm.platform.name == "tdx" and len(ctx.guests) > 1:
+        hint = ("; a trace of several concurrent TDX vCPUs may not replay: their ACCEPTs are not traced, so "
+                "the replay cannot tell which vCPU's accept served a fault (docs/timeline.md)")
+    raise KvmError(exc.errno or errno.EINVAL, f"{path} line {line}: {event}: {exc.strerror}{hint}") from None
 
 
 def _n(n: int, noun: str) -> str:

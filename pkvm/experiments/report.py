@@ -420,8 +420,6 @@ def to_json(results: Sequence[Result], extra: Mapping[str, Any] | None = None) -
 # ---- plots -----------------------------------------------------------------------------------
 
 
-
-
 def _title(results: Sequence[Result], *, memory: bool) -> str:
     def distinct(values: Sequence[str]) -> str:
         return "/".join(dict.fromkeys(values))
@@ -505,13 +503,14 @@ def _plot_actors(ax: Any, results: Sequence[Result]) -> None:
     palette = {"VMM (ioctls)": "#3f3f3f"}
     bottoms = [0.0] * len(results)
     stack = _plot_stack(results)
+    tallest = max(1e-9, max(r.modeled_ns for r in results) / scale)
     for i, (label, values) in enumerate(stack):
         heights = [v / scale for v in values]
         color = palette.get(label, ("#6baed6", "#2171b5", "#9ecae1", "#08519c")[i % 4])
         ax.bar(x, heights, bottom=bottoms, color=color, label=label, width=0.6)
         for j, (b, h) in enumerate(zip(bottoms, heights)):
             # a segment's time inside it, where it is tall enough and the bars wide enough
-            if len(results) <= 5 and h > 0.06 * max(1e-9, max(r.modeled_ns for r in results) / scale):
+            if len(results) <= 5 and h > 0.06 * tallest:
                 ax.annotate(format_ns(h * scale), (j, b + h / 2), ha="center", va="center", fontsize=7,
                             color="white")
         bottoms = [b + h for b, h in zip(bottoms, heights)]

@@ -457,8 +457,9 @@ def check_file(path: str) -> dict[str, str]:
 
     A trace is ``trace-cmd report`` text (or pkvm's ``--trace`` output): UTF-8 text whose first
     line, after any ``CPU N is empty`` lines, is ``cpus=N``, a ``#`` comment (pkvm's
-    ``# pkvm ...`` header among them) or an event line, and which holds at least one event :func:`parse_line` knows (a pkvm trace may hold
-    none: its header says what it is). The scan stops at the first known event.
+    ``# pkvm ...`` header among them) or an event line, and which holds at least one event
+    :func:`parse_line` knows (a pkvm trace may hold none: its header says what it is). The scan
+    stops at the first known event.
 
     Raises:
         ValueError: one line saying why the file is not such a trace (empty, binary, not
