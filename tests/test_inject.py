@@ -314,6 +314,26 @@ def test_set_memory_enomem_fails_the_rmpupdate_and_the_fault(directmap):
     vm.check()
 
 
+def test_unmap_restore_makes_no_direct_map_call_before_a_page_goes_back_to_shared():
+    """Under the RFC's unmap-restore the direct-map change before an RMPUPDATE is the
+    invalidation of a page being assigned; a page given back to the host (the folio freed by
+    a hole punch: rmp_make_shared) is restored after its RMPUPDATE, so an armed set_memory
+    failure is not reached there: the entry becomes shared and the failure stays armed."""
+    pol = pkvm.Policy.preset("6.19").replace(directmap="unmap-restore")
+    vm = pkvm.VM("snp", policy=pol)
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MiB, UADDR, gmem, 0)
+    vm.set_memory_attributes(0, 4 * MiB, PRIVATE)
+    vcpu = vm.create_vcpu()
+    pfn = vcpu.page_fault(0x7000, private=True).pfn
+    vm.inject_failure("set_memory", ENOMEM)
+    vm.set_memory_attributes(0x7000, 0x1000, 0)
+    gmem.fallocate(pkvm.FALLOC_FL_PUNCH_HOLE | KEEP, 0x7000, 0x1000)
+    assert not vm.rmp.lookup(pfn).assigned and vm.stats["rmpupdate"] == 2
+    assert vm._inject.fired["set_memory"] == 0
+    vm.check()
+
+
 def test_set_memory_counts_cpa_calls():
     """split-4k: only a 4K update inside a 2M direct-map mapping calls set_memory_4k; the
     second page of the same 2M block needs no call, so after=1 fails the next block's."""

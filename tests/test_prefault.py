@@ -226,3 +226,45 @@ def test_pre_fault_on_the_timeline_waits_out_another_threads_invalidation():
     assert vm.mmu.sptes.get(0)
     assert vm.stats["pf_taken"] == 0 and vm.stats["pf_retry"] == 0
     assert hold - 10_000 < r.races["pf_retry_ns"] <= hold
+
+
+def test_pre_fault_turned_back_by_more_invalidations_than_the_retry_limit_still_maps():
+    """Each time another thread's invalidation of the page ends during the pre-fault's fault
+    (mmu_invalidate_seq moved since its snapshot), kvm_tdp_map_page retries and gets through
+    once the invalidations stop: a retry another thread explains is not one of a loop that
+    cannot end, so RETRY_LIMIT does not cut it short (it used to count every retry and fail
+    with EINTR after RETRY_LIMIT of them, though no signal ever came)."""
+    from pkvm.sim import WRITE, Timeline
+
+    vm, _gmem, vcpu = gmem_vm(policy="6.19")
+    vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
+    tl = Timeline(vm)
+    n = 3 * pkvm.constants.RETRY_LIMIT
+    out = {}
+
+    def notifier():  # short invalidations of the page, back to back
+        for _ in range(n):
+            tl.acquire("mmu_lock", WRITE)
+            vm._invalidate_begin()
+            vm._invalidate_range_add(0, 512)
+            tl.release("mmu_lock", WRITE)
+            tl.sleep(500)
+            tl.acquire("mmu_lock", WRITE)
+            vm._invalidate_end()
+            tl.release("mmu_lock", WRITE)
+            tl.sleep(500)
+        out["end"] = tl.now_ns
+
+    def vcpu0():
+        tl.sleep(1_000)
+        out["mapped"] = vcpu.pre_fault_memory(0, 0x1000)
+        out["done"] = tl.now_ns
+
+    tl.spawn("vmm", notifier)
+    tl.spawn("vcpu0", vcpu0)
+    tl.run()
+    r = tl.result()
+    assert out["mapped"] == 0x1000 and out["done"] > out["end"]
+    assert r.races["pf_retry"] > pkvm.constants.RETRY_LIMIT
+    assert vm.mmu.sptes.get(0)
+    vm.check()
