@@ -765,12 +765,29 @@ class _Output:
         in as many tables as it takes (``report.tables``)."""
         if self.console is None:
             return report.table(results, layout=layout)  # type: ignore[arg-type]
+        return self._group(report.tables(results, console=self.console, layout=layout))  # type: ignore[arg-type]
+
+    def sweep_tables(self, batches: Sequence[Sequence[Result]], layout: str) -> list[RenderableType]:
+        """:meth:`table` for each memory size of a sweep, all in the same layout on a terminal
+        (``report.sweep_tables``)."""
+        if self.console is None:
+            return [self.table(b, layout) for b in batches]
+        return [self._group(ts) for ts in
+                report.sweep_tables(batches, console=self.console, layout=layout)]  # type: ignore[arg-type]
+
+    @staticmethod
+    def _group(tables: Sequence[RenderableType]) -> RenderableType:
         from rich.console import Group
 
         parts: list[RenderableType] = []
-        for t in report.tables(results, console=self.console, layout=layout):  # type: ignore[arg-type]
+        for t in tables:
             parts += ["", t] if parts else [t]  # a blank line between the tables
         return parts[0] if len(parts) == 1 else Group(*parts)
+
+    def layout_waits_for_all(self, layout: str, batches: int) -> bool:
+        """Whether a sweep's tables wait for its last size: on a terminal with ``--layout
+        auto``, the layout that fits every size is known only then."""
+        return self.console is not None and layout == "auto" and batches > 1
 
     def breakdown(self, make: Callable[..., RenderableType], result: Result) -> RenderableType:
         """``make(result)`` (``report.phase_table`` / ``op_table``), with the vCPUs folded into
@@ -928,12 +945,14 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
     memories = _memories(args.sweep_memory, base)
     _check_outputs(args, base, policies, memories)
     _check_frame_out(args)
+    sizes = memories or [int(base.memory)]
     if args.trace is not None:
-        sizes = memories or [int(base.memory)]
         _check_trace_size(args, [base.with_(memory=m, policy=p) for m in sizes for p in policies])
     results: list[Result] = []
+    held: list[tuple[Config, list[Result]]] = []  # batches whose table waits for the sweep's last
+    hold = out.layout_waits_for_all(args.layout, len(sizes))
     with _runner(args, runs=len(policies)) as runner:  # one size's policies at a time
-        for i, mem in enumerate(memories or [int(base.memory)]):
+        for i, mem in enumerate(sizes):
             config, prefix = base, ""
             if memories:
                 config = base.with_(memory=mem, trace=_sweep_trace(base.trace, mem, policies),
@@ -943,7 +962,14 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
             with _progress(_show_progress(args), policies, prefix) as cb:
                 batch = experiments.compare(config, policies, args.seed, progress=cb, runner=runner)
             results.extend(batch)
-            _print_batch(out, args, config, policies, batch, i)
+            if hold:
+                held.append((config, batch))
+            else:
+                _print_batch(out, args, config, policies, batch, i)
+    if held:
+        shown = out.sweep_tables([b for _c, b in held], args.layout)
+        for i, ((config, batch), t) in enumerate(zip(held, shown)):
+            _print_batch(out, args, config, policies, batch, i, t)
     _write_outputs(args, argv, base, results, policies, memories)
     if args.out is not None:
         _atomic(args.out, lambda tmp: _write_table(experiments.to_frame(results), tmp, args.out))
@@ -952,12 +978,12 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
 
 
 def _print_batch(out: _Output, args: argparse.Namespace, config: Config, policies: Sequence[str],
-                 batch: Sequence[Result], i: int) -> None:
+                 batch: Sequence[Result], i: int, table: RenderableType | None = None) -> None:
     if i:
         out.print()
     n = len(policies)
     out.print(_header(config, args.seed, f"{n} policies" if n > 1 else f"policy {policies[0]}"))
-    out.print(out.table(batch, args.layout))
+    out.print(out.table(batch, args.layout) if table is None else table)
     _notes(out, batch)
 
 

@@ -342,3 +342,76 @@ def test_breakdowns_fold_when_a_column_each_does_not_fit(monkeypatch):
     out.console = Console(file=io.StringIO(), width=30, color_system=None)
     out.print(report.op_table(r))
     assert "…" not in out.console.file.getvalue()
+
+
+def _fixed_wall(results):
+    """``results`` with a fixed wall time: the only figure that varies between runs, and one
+    that changes a table's width."""
+    import dataclasses
+
+    return [dataclasses.replace(r, wall_s=0.001) for r in results]
+
+
+def test_sweep_tables_use_one_layout_for_every_size():
+    """A sweep's tables share one layout on a terminal: rows only if every size's rows fit,
+    else columns for all, and one split of the columns for all when some size needs one.
+    Before ``sweep_tables``, each size picked its own (``pkvm compare --sweep-memory
+    64M,1G,8G`` on a 258-column terminal: 64M and 1G in rows, 8G in columns)."""
+    import io
+
+    from rich.console import Console
+
+    small = _fixed_wall(experiments.compare(experiments.Config(memory="64M")))
+    large = _fixed_wall(experiments.compare(experiments.Config(memory="8G")))
+    probe = Console(file=io.StringIO(), width=1000)
+    w_small, w_large = (report.width(report.table(b, layout="rows"), probe) for b in (small, large))
+    assert w_small < w_large  # the larger size's counts are wider
+    console = Console(file=io.StringIO(), width=w_small)
+    # each on its own: the small size in rows, the large one in columns
+    assert [len(t.columns) for t in report.tables(small, console=console)] != \
+        [len(t.columns) for t in report.tables(large, console=console)]
+    both = report.sweep_tables([small, large], console=console)
+    assert [[len(t.columns) for t in ts] for ts in both] == [[1 + len(small)], [1 + len(large)]]  # columns
+    wide = Console(file=io.StringIO(), width=w_large)
+    assert all(len(ts) == 1 and ts[0].columns[0].header == "policy"
+               for ts in report.sweep_tables([small, large], console=wide))  # rows
+    for width in (40, 60):  # neither layout fits: the same split for every size, each within the width
+        narrow = Console(file=io.StringIO(), width=width)
+        split = report.sweep_tables([small, large], console=narrow)
+        assert [len(t.columns) for t in split[0]] == [len(t.columns) for t in split[1]]
+        assert len(split[0]) > 1
+        assert all(report.width(t, narrow) <= width for ts in split for t in ts)
+    # an explicit layout, or no console, as before
+    assert [[len(t.columns) for t in ts] for ts in report.sweep_tables([small, large], layout="rows")] == \
+        [[len(t.columns) for t in report.tables(small)], [len(t.columns) for t in report.tables(large)]]
+
+
+def test_compare_sweep_memory_on_a_terminal_prints_one_layout(monkeypatch, capsys):
+    """``pkvm compare --sweep-memory`` on a terminal as wide as the smaller size's rows prints
+    every size in columns, not the smaller one in rows and the larger in columns."""
+    import io
+
+    from rich.console import Console
+
+    from pkvm import cli
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    probe = Tty()
+    monkeypatch.setattr(experiments, "compare", _wrap_fixed_wall(experiments.compare))
+    small = experiments.compare(experiments.Config(memory="64M"))
+    width = report.width(report.table(small, layout="rows"), Console(file=io.StringIO(), width=1000))
+    monkeypatch.setenv("COLUMNS", str(width))
+    monkeypatch.setattr("sys.stdout", probe)
+    assert cli.main(["compare", "--sweep-memory", "64M,8G", "--quiet"]) == 0
+    text = probe.getvalue()
+    assert text.count("critical path") == 2  # a row label of the column layout, once per size
+    assert " policy " not in text  # no size in rows
+
+
+def _wrap_fixed_wall(compare):
+    def fixed(*args, **kwargs):
+        return _fixed_wall(compare(*args, **kwargs))
+    return fixed

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pkvm.experiments import Result
 
-__all__ = ["table", "tables", "width", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
+__all__ = ["table", "tables", "sweep_tables", "width", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
 
 Layout = Literal["auto", "rows", "columns"]
 
@@ -292,6 +292,42 @@ def tables(results: Sequence[Result], *, console: Console | None = None, layout:
         out.append(_column_table(cols, labels[i:i + k], results[i:i + k], rows[i:i + k]))
         i += k
     return out
+
+
+def sweep_tables(batches: Sequence[Sequence[Result]], *, console: Console | None = None,
+                 layout: Layout = "auto") -> list[list[Table]]:
+    """:func:`tables` for each batch of a sweep (one memory size's results each), in one layout
+    for them all: with ``"auto"`` on ``console``, rows if every batch's rows fit, else the
+    column layout, split into tables of the same number of results in every batch when some
+    batch's columns do not fit either (as many as fit in every batch). Each batch choosing its
+    own layout printed one size's table in rows and the next one's in columns.
+
+    Raises:
+        ValueError: as :func:`table`, for any batch.
+    """
+    if layout != "auto" or console is None or len(batches) < 2:
+        return [tables(b, console=console, layout=layout) for b in batches]
+    fits = console.width
+    if all(width(table(b, layout="rows"), console) <= fits for b in batches):
+        return [[table(b, layout="rows")] for b in batches]
+    if all(width(table(b, layout="columns"), console) <= fits for b in batches):
+        return [[table(b, layout="columns")] for b in batches]
+    prepared = []
+    for b in batches:
+        rows = [r.row() for r in b]
+        prepared.append((b, rows, _columns(b, rows), _labels(b)[1]))
+
+    def chunks(k: int) -> list[list[Table]]:
+        return [[_column_table(cols, labels[i:i + k], b[i:i + k], rows[i:i + k]) for i in range(0, len(b), k)]
+                for b, rows, cols, labels in prepared]
+
+    k = max(len(b) for b in batches)
+    while k > 1:
+        k -= 1
+        out = chunks(k)
+        if all(width(t, console) <= fits for ts in out for t in ts):
+            return out
+    return chunks(1)
 
 
 def _breakdown(actors: Iterable[str], limit: int = MAX_VCPU_BREAKDOWN) -> tuple[list[str], list[str]]:
