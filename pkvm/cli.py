@@ -188,7 +188,7 @@ def _experiment_options(single_policy: bool) -> _Parser:
                             + "; ".join(f"{k}: {','.join(v)}" for k, v in _platform_policies()) + ")")
         g.add_argument("--sweep-memory", type=_name_list, default=None, metavar="SIZE,SIZE,...",
                        help="repeat the comparison at each guest memory size (e.g. 1G,16G,256G,1T), "
-                            "one table per size; --plot then draws modeled time against memory")
+                            "one table per size, all in one layout; --plot then draws the critical path against memory")
         _add_execution_options(g)
     g.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="random seed; the same seed gives the same counters and modeled times "
@@ -227,8 +227,9 @@ def _experiment_options(single_policy: bool) -> _Parser:
                    help="write every result (config, seed, cost model, counters, breakdowns) as JSON "
                         "(- for standard output; the tables then go to stderr)")
     o.add_argument("--plot", metavar="OUT.png", default=None,
-                   help="draw modeled time per policy, split by actor (VMM, vCPUs) and by operation, to a PNG"
-                        + ("" if single_policy else " (with --sweep-memory: modeled time against memory)"))
+                   help="draw modeled time per policy, split by actor (VMM, vCPUs) and by operation, with "
+                        "each policy's critical path, to a PNG"
+                        + ("" if single_policy else " (with --sweep-memory: the critical path against memory)"))
     o.add_argument("--trace", metavar="OUT.txt", default=None,
                    help="write a kernel-format trace ('trace-cmd report' text), one line per event, "
                    "as large as the kernel's would be (a 64G boot: ~16.8 M lines, ~2.3 GB, ~20 s); the "

@@ -269,6 +269,22 @@ def test_help(args):
             assert opt in out
 
 
+def test_help_says_the_sweep_plot_draws_the_critical_path():
+    """``compare --sweep-memory ... --plot`` draws the critical path against memory
+    (``report.plot(sweep=True)``, the README); the help of both options said modeled time,
+    which is the CPU time, not the critical path, with more than one vCPU."""
+    import re
+
+    from pkvm.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["compare"]
+    helps = {o: next(a.help for a in sub._actions if o in a.option_strings) for o in ("--plot", "--sweep-memory")}
+    for opt, text in helps.items():
+        assert "critical path against memory" in text, opt
+        assert not re.search(r"modeled time against memory", text), opt
+
+
 def test_version():
     """--version prints the package version."""
     assert ok("--version").strip() == f"pkvm {experiments.version()}"
