@@ -283,3 +283,17 @@ def test_inline_pkvm_names_exist():
                 if not re.search(r"\.[A-Z]$", name) and not _resolves(name):
                     missing.append(f"{path.name}:{line}: {name}")
     assert not missing, "\n".join(missing)
+
+
+def test_sensitivity_md_lists_every_grid_key():
+    """docs/sensitivity.md's list of ``pkvm sweep --grid`` keys names every key the command
+    takes (``experiments.grid_fields()``): it left out ``batch_pages`` and ``pagewise_locks``,
+    which ``pkvm sweep --help`` lists and ``--grid batch_pages=512,16384`` accepts."""
+    import re
+
+    from pkvm import experiments
+
+    doc = (ROOT / "docs" / "sensitivity.md").read_text(encoding="utf-8")
+    start = doc.index("Grid keys are")
+    sentence = doc[start:doc.index(";", start)]
+    assert set(re.findall(r"`(\w+)`", sentence)) >= set(experiments.grid_fields())
