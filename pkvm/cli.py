@@ -1338,8 +1338,14 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         raise UsageError(f"--metric {metric}: a column of the configuration, not a number the runs "
                          "measured (e.g. modeled_ns, by_actor.vcpu0, counters.rmpupdate)")
     keys = list(grid)
+    shown = frame
+    if "batch_pages" in keys and frame["batch_pages_auto"].any():
+        # auto's size beside a given one (batch_pages=512,auto) would read as the same point twice
+        shown = frame.copy()
+        shown["batch_pages"] = [f"auto ({n})" if auto else str(n)
+                                for n, auto in zip(frame["batch_pages"], frame["batch_pages_auto"])]
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
-            + [r["policy"], _fmt_value(metric, r[metric])] for r in frame.to_dict(orient="records")]
+            + [r["policy"], _fmt_value(metric, r[metric])] for r in shown.to_dict(orient="records")]
     grid_points = f"{len(points)} grid point" + ("s" if len(points) != 1 else "")
     out.print(f"pkvm {experiments.version()} · sweep of {grid_points} × policies · "
               f"{base.workload if 'workload' not in grid else 'workloads'} · seed {args.seed} · "
@@ -1356,7 +1362,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         _atomic(args.out, lambda tmp: _write_table(frame, tmp, args.out))
         _info(args, f"wrote {args.out}")
     if args.plot is not None:
-        _atomic(args.plot, lambda tmp: plot_grid(frame, keys, metric, tmp))
+        _atomic(args.plot, lambda tmp: plot_grid(shown, keys, metric, tmp))
         _info(args, f"wrote {args.plot}")
     return 0
 

@@ -102,6 +102,9 @@ def test_sweep_grid_table_frame_and_small_multiples(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--grid", "colour=red"], "--grid colour=red: 'colour' is not one of"),
     (["--grid", "memory=16M,16M"], "--grid: grid key 'memory' repeats a value"),
+    # the same size spelt twice: two identical points, and --plot failed after the runs (exit 1)
+    (["--grid", "memory=16M,16384K"], "--grid: grid key 'memory' repeats a value: 16M and 16384K are the same"),
+    (["--grid", "image=2M,2048K"], "--grid: grid key 'image' repeats a value: 2M and 2048K are the same"),
     (["--grid", "vcpus=1,x"], "--grid vcpus=1,x: 'x' is not an integer"),
     (["--grid", "memory=3M"], "--grid: grid point memory=3M: memory '3M' must be a multiple of 2M"),
     (["--grid", "vcpus=1", "vcpus=2"], "--grid gives vcpus twice"),
@@ -121,6 +124,20 @@ def test_sweep_bad_grid(tmp_path, monkeypatch, capsys, args, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_tells_auto_batch_pages_from_the_size_it_chose(tmp_path, capsys):
+    """``--grid batch_pages=512,auto`` where auto takes 512: the table printed the two points
+    alike (``512`` twice), the tidy table could not tell them apart, and ``--plot`` stopped
+    after the runs with pandas' "cannot reindex on an axis with duplicate labels" (exit 1)."""
+    png, csv = tmp_path / "g.png", tmp_path / "g.csv"
+    assert main(["sweep", "--memory", "16M", "--vcpus", "2", "--policies", "fault-time", "--grid",
+                 "batch_pages=512,auto", "--plot", str(png), "--out", str(csv), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert [ln.split("  ")[0] for ln in out.splitlines()[2:]] == ["512", "auto (512)"]
+    assert png.read_bytes().startswith(b"\x89PNG")
+    frame = pd.read_csv(csv)
+    assert list(frame["batch_pages"]) == [512, 512] and list(frame["batch_pages_auto"]) == [False, True]
 
 
 def test_compare_out_and_local_cluster(tmp_path):

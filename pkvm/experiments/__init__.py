@@ -840,6 +840,16 @@ def grid_configs(config: Config, grid: Mapping[str, Sequence[Any]]) -> list[Conf
             raise ValueError(f"grid key {key!r} repeats a value: {', '.join(map(str, values))}")
     out = []
     keys = list(grid)
+    for key in keys:  # values that differ as written but not once read: 16M and 16384K
+        seen: dict[Any, Any] = {}
+        for v in grid[key]:
+            try:
+                read = getattr(config.with_(**{key: v}), key)
+            except (ValueError, TypeError):
+                continue  # refused below, with the point named
+            if read in seen:
+                raise ValueError(f"grid key {key!r} repeats a value: {seen[read]} and {v} are the same")
+            seen.setdefault(read, v)
     for combo in itertools.product(*(grid[k] for k in keys)):
         changes = dict(zip(keys, combo))
         extra: dict[str, Any] = {}

@@ -3,7 +3,8 @@ it to ``.parquet`` (pyarrow) or ``.csv`` without ever leaving a half-written fil
 
 Columns of :func:`results_frame`: the configuration (``platform``, ``memory`` in bytes,
 ``memory_text``, ``workload``, ``options`` as ``k=v,...`` text, ``policy``, ``vcpus``,
-``shared_backing``, ``discard``, ``image``, ``cost_file``, ``costs`` as text, and any field
+``shared_backing``, ``discard``, ``image``, ``cost_file``, ``costs`` as text, ``batch_pages``
+(the size the run used) and ``batch_pages_auto`` (whether pkvm chose it), and any field
 :class:`pkvm.experiments.Config` gains later), ``seed``, ``cost_fingerprint``, ``pkvm_version``,
 then every metric of :meth:`pkvm.experiments.Result.metrics` under its dotted name
 (``modeled_ns``, ``counters.rmpupdate``, ``by_actor.vcpu0`` ...). A metric a run lacks (an
@@ -54,6 +55,8 @@ def config_columns(config: Config) -> dict[str, Any]:
         out[f.name] = v
         if f.name == "memory":
             out["memory_text"] = format_size(int(v))
+        elif f.name == "batch_pages":  # the size used; whether pkvm chose it (as in the JSON's config)
+            out["batch_pages_auto"] = config.batch_pages is None
     return out
 
 
