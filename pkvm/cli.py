@@ -380,6 +380,13 @@ def _config(args: argparse.Namespace) -> Config:
             trace_events = check_trace_events(args.trace_events, "--trace-events")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    # An option without a default (replay's file) is required; said in the command line's
+    # terms before Config says it in its own ("needs option 'file'").
+    wl = workloads.WORKLOADS.get(workload)
+    for name, opt in (wl.options.items() if wl is not None else ()):
+        if opt.default is None and name not in options:
+            hint = " (or --workload replay:PATH)" if workload == "replay" else ""
+            raise UsageError(f"--workload {workload} needs --option {name}=...{hint}: {opt.help}")
     try:
         config = experiments.Config(
             **shape, workload=workload, options=options, policy=policy, costs=_once("--cost", args.cost),
@@ -393,12 +400,6 @@ def _config(args: argparse.Namespace) -> Config:
             blamed = _blame(args, shape, workload, options, policy)
             message = f"{blamed}: {message}" if blamed else message
         raise UsageError(message) from None
-    # An option without a default (replay's file) is required; Config does not check that.
-    wl = workloads.WORKLOADS[config.workload]
-    for name, opt in wl.options.items():
-        if opt.default is None and name not in config.options:
-            hint = " (or --workload replay:PATH)" if config.workload == "replay" else ""
-            raise UsageError(f"workload {config.workload!r} needs --option {name}=...{hint}")
     return config
 
 

@@ -326,6 +326,17 @@ def test_bad_input_is_one_line(args, status, tmp_path):
     assert os.listdir(tmp_path) == []  # nothing half-written
 
 
+@pytest.mark.parametrize("command", [["compare"], ["run"], ["sweep", "--grid", "vcpus=1"]])
+def test_replay_without_a_file_names_the_options(capsys, command):
+    """``pkvm compare --workload replay`` said Config's words ("workload 'replay' needs option
+    'file' (the trace file)"), naming no command-line argument; the line the CLI meant to print
+    (after Config, so never reached) names --option file= and replay:PATH."""
+    assert main([*command, "--workload", "replay", "--memory", "64M"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pkvm: error: --workload replay needs --option file=... (or --workload replay:PATH): "
+                   "the trace file\n")
+
+
 def test_main_returns_status(capsys):
     """main() returns the exit status instead of raising SystemExit (help included)."""
     assert main(["--help"]) == 0
