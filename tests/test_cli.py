@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -398,3 +399,49 @@ def test_the_header_names_every_setting_that_is_not_the_default():
     for part in ("2 vCPUs", "128 host CPUs", "image 4M", "shared backing hugetlb-2m", "no discard",
                  "batch 64 pages", "pagewise locks batch"):
         assert f" · {part} · " in head, (part, head)
+
+
+def _json_section():
+    """docs/workloads.md's "The JSON report" section, and the keys it names in backticks."""
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "workloads.md").read_text(encoding="utf-8")
+    start = doc.index("### The JSON report")
+    section = doc[start:doc.index("**Default policies**", start)]
+    fields = doc.index("`Config` fields:")  # the config's keys, which the section refers to
+    fields = doc[fields:doc.index("\n\n", fields)]
+    return set(re.findall(r"`([A-Za-z0-9_]+)`", section + fields)), section
+
+
+@pytest.mark.parametrize("platform", ["snp", "tdx", "sw_protected"])
+def test_every_json_key_is_documented(tmp_path, platform):
+    """Every key ``compare --json`` writes (top level, each result, its config, row and phases)
+    is named in docs/workloads.md's "The JSON report" (a config's in its list of ``Config``
+    fields, which left out ``batch_pages`` and ``pagewise_locks``); no doc listed the result's ``row`` (its
+    ``directmap_fragmented`` a fraction where the table shows a percentage, ``faults`` the
+    retried faults included), ``wall_s``, ``gfns_per_s``, ``command`` or ``sweep_memory``."""
+    named, _ = _json_section()
+    out = tmp_path / "o.json"
+    ok("compare", "--platform", platform, "--sweep-memory", "16M,32M", "--vcpus", "5", "--workload", "swiotlb",
+       "-o", "ops=20", "--json", str(out))
+    d = json.loads(out.read_text())
+    keys = set(d) | set(d["config"])
+    for r in d["results"]:
+        keys |= set(r) | set(r["config"]) | {p for ph in r["phases"] for p in ph}
+        keys |= {"modeled_ns_ACTOR" if k.startswith("modeled_ns_") else k for k in r["row"]}
+        keys |= set(r["directmap"])
+    assert sorted(keys - named) == []
+
+
+def test_the_json_section_names_only_keys_there_are():
+    """... and every key the section names in its tables is written (none left from an
+    older layout)."""
+    from pkvm.experiments import report
+
+    named, section = _json_section()
+    tables = {k for line in section.splitlines() if line.startswith("| `")
+              for k in re.findall(r"`([A-Za-z0-9_]+)`", line.split("|")[1])}
+    rs = experiments.compare(experiments.Config(memory="16M"), ["fault-time"])
+    d = report.to_json(rs, {"command": [], "config": {}, "seed": 0, "policies": [], "cost_model": {},
+                            "sweep_memory": []})
+    assert sorted(tables - set(d) - set(d["results"][0])) == []
