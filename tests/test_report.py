@@ -415,3 +415,27 @@ def _wrap_fixed_wall(compare):
     def fixed(*args, **kwargs):
         return _fixed_wall(compare(*args, **kwargs))
     return fixed
+
+
+def test_idle_vcpus_count_in_the_tables_and_the_plot():
+    """A small guest leaves vCPUs idle (16 MiB with 16 vCPUs: 7 of them work; 8 MiB with 6:
+    3). The tables counted only the vCPUs ``by_actor`` charged: the comparison table said
+    "CPU time 7 vCPUs" under a header of 16 vCPUs, showed 6 vCPUs' run as three columns, and
+    the plot's legend said "7 vCPUs"; the run's breakdowns left the idle vCPUs out. They count
+    the VM's vCPUs (``pkvm compare --memory 16M --vcpus 16 --layout columns``)."""
+    many = experiments.compare(experiments.Config(memory="16M", vcpus=16), ["fault-time"])
+    assert len([a for a in many[0].by_actor if a.startswith("vcpu")]) < 16  # some are idle
+    text = report.text_table(many, layout="columns")
+    assert "CPU time 16 vCPUs" in text
+    assert ("16 vCPUs", [sum(ns for a, ns in many[0].by_actor.items() if a.startswith("vcpu"))]) in \
+        report._plot_stack(many)
+    few = experiments.run(experiments.Config(memory="8M", vcpus=6))
+    assert len([a for a in few.by_actor if a.startswith("vcpu")]) < 6
+    text = report.text_table([few], layout="columns")
+    assert "CPU time 6 vCPUs" in text and "CPU time vcpu0" not in text  # past four: folded
+    for make in (report.phase_table, report.op_table):
+        heads = [c.header for c in make(few).columns]
+        assert [h for h in heads if h.startswith("vcpu")] == [f"vcpu{i}" for i in range(6)]
+    three = experiments.run(experiments.Config(memory="8M", vcpus=3))
+    lines = report.text_table([three], layout="columns").splitlines()
+    assert [ln.split()[2] for ln in lines if ln.startswith(" CPU time vcpu")] == ["vcpu0", "vcpu1", "vcpu2"]

@@ -145,9 +145,26 @@ def _actor_order(actor: str) -> tuple[int, int, str]:
     return (1, int(m.group(1)), actor) if m else (2, 0, actor)
 
 
+def _vcpus(results: Iterable[Result]) -> set[str]:
+    """Every vCPU of the runs' VMs (``vcpu0`` .. ``vcpuN-1``), those that did no work included:
+    ``by_actor`` has only the actors charged, and a small guest leaves some vCPUs idle (16 MiB
+    with 16 vCPUs: 7 of them work)."""
+    return {f"vcpu{i}" for r in results for i in range(int(r.config.vcpus))}
+
+
 def _actors(results: Sequence[Result]) -> list[str]:
-    seen = {a for r in results for a in r.by_actor}
+    seen = {a for r in results for a in r.by_actor} | _vcpus(results)
     return sorted(seen, key=_actor_order)
+
+
+def _actor_cell(actor: str) -> Callable[[Result, dict[str, Any]], str]:
+    """One actor's CPU time: 0 for a vCPU of the run's VM that did no work."""
+    def cell(r: Result, row: dict[str, Any]) -> str:
+        key = f"modeled_ns_{actor}"
+        if key in row:
+            return format_ns(row[key])
+        return format_ns(0) if actor in _vcpus([r]) else _MISSING
+    return cell
 
 
 def _columns(results: Sequence[Result], rows: list[dict[str, Any]]) -> list[_Col]:
@@ -167,7 +184,7 @@ def _columns(results: Sequence[Result], rows: list[dict[str, Any]]) -> list[_Col
     for a in actors:
         if a in vcpus and len(vcpus) > MAX_VCPU_COLUMNS:
             continue
-        cols.append(_Col(f"modeled_ns_{a}", f"CPU time\n{a}", _field(f"modeled_ns_{a}", format_ns)))
+        cols.append(_Col(f"modeled_ns_{a}", f"CPU time\n{a}", _actor_cell(a)))
     if len(vcpus) > MAX_VCPU_COLUMNS:
         def vcpu_sum(r: Result, _row: dict[str, Any]) -> str:
             return format_ns(sum(ns for a, ns in r.by_actor.items() if _VCPU.match(a)))
@@ -374,7 +391,8 @@ def phase_table(result: Result, *, fold: bool | None = None) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor}, 1 if fold else MAX_VCPU_BREAKDOWN)
+    cols, heads = _breakdown({a for p in result.phases for a in p.by_actor} | _vcpus([result]),
+                             1 if fold else MAX_VCPU_BREAKDOWN)
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, title="phases", title_justify="left")
     t.add_column("phase", no_wrap=True)
     t.add_column("elapsed", justify="right", no_wrap=True)
@@ -398,14 +416,14 @@ def op_table(result: Result, *, fold: bool | None = None) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    cols, heads = _breakdown(result.by_actor_op, 1 if fold else MAX_VCPU_BREAKDOWN)
+    cols, heads = _breakdown(set(result.by_actor_op) | _vcpus([result]), 1 if fold else MAX_VCPU_BREAKDOWN)
     total = result.modeled_ns
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, show_footer=True,
               title="modeled time by operation", title_justify="left")
     t.add_column("operation", "total", no_wrap=True)
     t.add_column("modeled", format_ns(total), justify="right", no_wrap=True)
     t.add_column("share", "100%" if total else _MISSING, justify="right", no_wrap=True)
-    foot = _breakdown_cells(cols, {a: result.by_actor.get(a, 0) for a in result.by_actor_op})
+    foot = _breakdown_cells(cols, {a: result.by_actor.get(a, 0) for a in set(result.by_actor_op) | _vcpus([result])})
     for h, v in zip(heads, foot):
         t.add_column(h, format_ns(v or 0), justify="right", no_wrap=True)
     for op, ns in sorted(result.by_op.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -525,7 +543,7 @@ def _plot_stack(results: Sequence[Result]) -> list[tuple[str, list[int]]]:
     per actor (the VMM first, then the vCPUs in order, then any other actor), or past
     :data:`MAX_VCPU_COLUMNS` vCPUs one segment for all of them (``"N vCPUs"``), as the table
     does (:func:`_breakdown`; the busiest vCPU does not stack)."""
-    cols, heads = _breakdown({a for r in results for a in r.by_actor}, MAX_VCPU_COLUMNS)
+    cols, heads = _breakdown({a for r in results for a in r.by_actor} | _vcpus(results), MAX_VCPU_COLUMNS)
     cells = [_breakdown_cells(cols, r.by_actor) for r in results]
     return [("VMM (ioctls)" if c == "vmm" else h, [row[i] or 0 for row in cells])
             for i, (c, h) in enumerate(zip(cols, heads)) if c != "*busiest"]
