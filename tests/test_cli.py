@@ -431,6 +431,18 @@ def test_every_json_key_is_documented(tmp_path, platform):
         keys |= {"modeled_ns_ACTOR" if k.startswith("modeled_ns_") else k for k in r["row"]}
         keys |= set(r["directmap"])
     assert sorted(keys - named) == []
+    # the timeline's figures, in docs/timeline.md's "What comes out"
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "timeline.md").read_text(encoding="utf-8")
+    start = doc.index("## What comes out")
+    table = doc[start:doc.index("### ", start)]
+    rows = {line.split("|")[1].strip(" `"): set(re.findall(r"`([A-Za-z0-9_]+)`", line.split("|")[2]))
+            for line in table.splitlines() if line.startswith("| `")}
+    for field in ("actors", "locks", "latency_ns"):
+        sub = {k for r in d["results"] for v in r[field].values() for k in v}
+        assert sorted(sub - rows[field]) == [], field
+    assert sorted({k for r in d["results"] for k in r["races"]} - rows["races"]) == []
 
 
 def test_the_json_section_names_only_keys_there_are():
