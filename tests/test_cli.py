@@ -445,6 +445,14 @@ def test_every_json_key_is_documented(tmp_path, platform):
     assert sorted({k for r in d["results"] for k in r["races"]} - rows["races"]) == []
 
 
+def test_sweep_json_keys_are_documented(tmp_path):
+    """``pkvm sweep --json``'s top-level keys (``grid``, ``metric``) are in the same section."""
+    named, _ = _json_section()
+    out = tmp_path / "s.json"
+    ok("sweep", "--grid", "memory=16M", "--policies", "fault-time", "--json", str(out))
+    assert sorted(set(json.loads(out.read_text())) - named) == []
+
+
 def test_the_json_section_names_only_keys_there_are():
     """... and every key the section names in its tables is written (none left from an
     older layout)."""
