@@ -133,3 +133,26 @@ def test_workloads_replay_notes_are_current(capsys, monkeypatch, tmp_path, memor
     for note in shown:
         head = note[:-3].rstrip() if note.endswith("...") else note
         assert any(ln.startswith(head) for ln in live), f"workloads.md shows\n{note}\nthe replay prints\n" + "\n".join(live)
+
+
+def test_readme_direct_map_prose_is_current() -> None:
+    """The README's sentence under the default comparison, "16.8 M per-page direct-map calls
+    where upstream makes N (...), S s more (P %)", and the plot paragraph's "add their S s on
+    the vCPU", against the runs: it said 32,832 calls (the split count; fault-time's
+    ``set_memory_4k`` makes 32,768 calls) and 3.4 s (the runs differ by 3.35 s)."""
+    from pkvm import experiments
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    m = re.search(r"([\d.]+) M per-page direct-map calls where upstream makes ([\d,]+)(?: \([^)]*\))?, "
+                  r"([\d.]+) s more \((\d+) %\)", text)
+    assert m is not None
+    ft, ep = experiments.compare(experiments.Config(), ["fault-time", "eager-post"])
+    calls = ep.counters["directmap_cpa_calls"]
+    assert f"{calls / 1e6:.1f}" == m.group(1)
+    assert f"{ft.counters['directmap_cpa_calls']:,}" == m.group(2)
+    more = (ep.modeled_ns - ft.modeled_ns) / 1e9
+    assert f"{more:.{len(m.group(3).split('.')[1])}f}" == m.group(3)
+    assert f"{100 * more * 1e9 / ft.modeled_ns:.0f}" == m.group(4)
+    on_vcpu = (ep.by_actor["vcpu0"] - ft.by_actor["vcpu0"]) / 1e9
+    shown = re.search(r"per-page direct-map calls add their ([\d.]+) s on the vCPU", text)
+    assert shown is not None and f"{on_vcpu:.{len(shown.group(1).split('.')[1])}f}" == shown.group(1)
