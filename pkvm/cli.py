@@ -40,6 +40,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import numbers
 import os
 import re
 import stat
@@ -1219,10 +1220,13 @@ def _study_config(args: argparse.Namespace) -> Config:
 
 
 def _fmt_value(metric: str, v: float) -> str:
-    """A metric's value for a table: a time in ns (``frames.is_time_metric``) as s/ms/µs/ns,
-    anything else as is."""
+    """A metric's value for a table: a time in ns (``frames.is_time_metric``) as s/ms/µs/ns, a
+    count (an integer) whole with thousands separators (``16,777,216``: exact, as the
+    comparison table shows it, not ``1.678e+07``), anything else to 4 significant digits."""
     if is_time_metric(metric):
         return format_ns(float(v)) if v >= 0 else "-" + format_ns(-float(v))
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return f"{int(v):,}"
     return f"{v:.4g}"
 
 

@@ -140,6 +140,15 @@ def test_sweep_tells_auto_batch_pages_from_the_size_it_chose(tmp_path, capsys):
     assert list(frame["batch_pages"]) == [512, 512] and list(frame["batch_pages_auto"]) == [False, True]
 
 
+def test_sweep_prints_a_count_whole(capsys):
+    """A count is exact, and ``pkvm sweep --metric counters.rmpupdate`` prints it as the
+    comparison table does, ``16,777,216``; it printed ``1.678e+07`` (4 significant digits)."""
+    assert main(["sweep", "--grid", "memory=16M,64G", "--policies", "fault-time", "--metric",
+                 "counters.rmpupdate", "-q"]) == 0
+    cells = [ln.split()[-1] for ln in capsys.readouterr().out.splitlines()[2:]]
+    assert cells == ["4,096", "16,777,216"]
+
+
 def test_compare_out_and_local_cluster(tmp_path):
     """compare --jobs 2 (a local Dask cluster) gives the serial JSON, and --out the tidy rows."""
     one, two, csv = tmp_path / "1.json", tmp_path / "2.json", tmp_path / "c.csv"
