@@ -189,7 +189,8 @@ def _experiment_options(single_policy: bool) -> _Parser:
                             + "; ".join(f"{k}: {','.join(v)}" for k, v in _platform_policies()) + ")")
         g.add_argument("--sweep-memory", type=_name_list, default=None, metavar="SIZE,SIZE,...",
                        help="repeat the comparison at each guest memory size (e.g. 1G,16G,256G,1T), "
-                            "one table per size, all in one layout; --plot then draws the critical path against memory")
+                            "one table per size, all in one layout; --plot then draws the critical path "
+                            "against memory")
         _add_execution_options(g)
     g.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="random seed; the same seed gives the same counters and modeled times "
@@ -768,7 +769,8 @@ class _Output:
         in as many tables as it takes (``report.tables``)."""
         if self.console is None:
             return report.table(results, layout=layout)  # type: ignore[arg-type]
-        return self._group(report.tables(results, console=self.console, layout=layout))  # type: ignore[arg-type]
+        tables = report.tables(results, console=self.console, layout=layout)  # type: ignore[arg-type]
+        return self._group(tables)
 
     def sweep_tables(self, batches: Sequence[Sequence[Result]], layout: str) -> list[RenderableType]:
         """:meth:`table` for each memory size of a sweep, all in the same layout on a terminal

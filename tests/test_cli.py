@@ -465,3 +465,14 @@ def test_the_json_section_names_only_keys_there_are():
     d = report.to_json(rs, {"command": [], "config": {}, "seed": 0, "policies": [], "cost_model": {},
                             "sweep_memory": []})
     assert sorted(tables - set(d) - set(d["results"][0])) == []
+
+
+def test_result_docstring_names_the_timeline_keys():
+    """``help(pkvm.experiments.Result)`` names every key of its timeline figures: it left out
+    ``acquisitions``, mmu_lock's ``hold_write_ns`` / ``hold_read_ns`` and the parts of
+    ``wait_ns`` (``lock_wait_ns``, ``ipi_ns``, ``spin_ns``)."""
+    r = experiments.run(experiments.Config(memory="16M", vcpus=2))
+    doc = experiments.Result.__doc__ or ""
+    named = set(re.findall(r"``([A-Za-z0-9_]+)``", doc))
+    keys = {k for field in (r.actors, r.locks, r.latency_ns) for v in field.values() for k in v} | set(r.races)
+    assert sorted(keys - named) == []

@@ -338,9 +338,10 @@ class Result:
 
     The concurrent timeline's figures (``docs/timeline.md``): ``critical_path_ns`` (when the
     workload's last actor finished: the guest's boot time); ``actors`` (per thread ``busy_ns``,
-    ``wait_ns``, ``idle_ns``, adding up to the critical path; the busy times add up to
-    ``modeled_ns``, the CPU time); ``locks`` (per lock ``hold_ns``, ``wait_ns``, ``waits``,
-    ``wait_p50_ns``, ``wait_p99_ns``, ``wait_max_ns``); ``latency_ns`` (per kind ``fault``,
+    ``wait_ns`` (``lock_wait_ns`` + ``ipi_ns`` + ``spin_ns``), ``idle_ns``, adding up to the
+    critical path; the busy times add up to ``modeled_ns``, the CPU time); ``locks`` (per lock
+    ``hold_ns``, ``wait_ns``, ``waits``, ``acquisitions``, ``wait_p50_ns``, ``wait_p99_ns``,
+    ``wait_max_ns``, and for ``mmu_lock`` ``hold_write_ns`` and ``hold_read_ns``); ``latency_ns`` (per kind ``fault``,
     ``attr_ioctl``, ``conversion``, ``exit``: ``count``, ``p50``, ``p99``, ``max``); ``races``
     (``rmp_npf_loop`` faults that hit the eager-post window and ``rmp_npf_loop_ns`` they looped,
     ``pf_retry`` / ``pf_retry_ns``, ``tdx_busy_retry``, ``rmp_inuse_retry``).

@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pkvm.experiments import Result
 
-__all__ = ["table", "tables", "sweep_tables", "width", "text_table", "phase_table", "op_table", "render_text", "to_json", "plot"]
+__all__ = ["table", "tables", "sweep_tables", "width", "text_table", "phase_table", "op_table", "render_text",
+           "to_json", "plot"]
 
 Layout = Literal["auto", "rows", "columns"]
 
@@ -423,7 +424,8 @@ def op_table(result: Result, *, fold: bool | None = None) -> Table:
     t.add_column("operation", "total", no_wrap=True)
     t.add_column("modeled", format_ns(total), justify="right", no_wrap=True)
     t.add_column("share", "100%" if total else _MISSING, justify="right", no_wrap=True)
-    foot = _breakdown_cells(cols, {a: result.by_actor.get(a, 0) for a in set(result.by_actor_op) | _vcpus([result])})
+    foot = _breakdown_cells(cols, {a: result.by_actor.get(a, 0)
+                                   for a in set(result.by_actor_op) | _vcpus([result])})
     for h, v in zip(heads, foot):
         t.add_column(h, format_ns(v or 0), justify="right", no_wrap=True)
     for op, ns in sorted(result.by_op.items(), key=lambda kv: (-kv[1], kv[0])):
