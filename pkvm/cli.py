@@ -956,6 +956,25 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
     results: list[Result] = []
     held: list[tuple[Config, list[Result]]] = []  # batches whose table waits for the sweep's last
     hold = out.layout_waits_for_all(args.layout, len(sizes))
+    try:
+        _run_sizes(args, out, base, policies, memories, sizes, results, held if hold else None)
+    finally:  # what ran is shown, also when a later size fails or is interrupted
+        if held:
+            shown = out.sweep_tables([b for _c, b in held], args.layout)
+            for i, ((config, batch), t) in enumerate(zip(held, shown)):
+                _print_batch(out, args, config, policies, batch, i, t)
+    _write_outputs(args, argv, base, results, policies, memories)
+    if args.out is not None:
+        _atomic(args.out, lambda tmp: _write_table(experiments.to_frame(results), tmp, args.out))
+        _info(args, f"wrote {args.out}")
+    return 0
+
+
+def _run_sizes(args: argparse.Namespace, out: _Output, base: Config, policies: Sequence[str],
+               memories: Sequence[int], sizes: Sequence[int], results: list[Result],
+               held: list[tuple[Config, list[Result]]] | None) -> None:
+    """Run every size's policies, one size at a time; print each size's table as it comes, or
+    with ``held``, keep it there for the sweep's common layout."""
     with _runner(args, runs=len(policies)) as runner:  # one size's policies at a time
         for i, mem in enumerate(sizes):
             config, prefix = base, ""
@@ -967,19 +986,10 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str], out: _Output) ->
             with _progress(_show_progress(args), policies, prefix) as cb:
                 batch = experiments.compare(config, policies, args.seed, progress=cb, runner=runner)
             results.extend(batch)
-            if hold:
+            if held is not None:
                 held.append((config, batch))
             else:
                 _print_batch(out, args, config, policies, batch, i)
-    if held:
-        shown = out.sweep_tables([b for _c, b in held], args.layout)
-        for i, ((config, batch), t) in enumerate(zip(held, shown)):
-            _print_batch(out, args, config, policies, batch, i, t)
-    _write_outputs(args, argv, base, results, policies, memories)
-    if args.out is not None:
-        _atomic(args.out, lambda tmp: _write_table(experiments.to_frame(results), tmp, args.out))
-        _info(args, f"wrote {args.out}")
-    return 0
 
 
 def _print_batch(out: _Output, args: argparse.Namespace, config: Config, policies: Sequence[str],

@@ -439,3 +439,34 @@ def test_idle_vcpus_count_in_the_tables_and_the_plot():
     three = experiments.run(experiments.Config(memory="8M", vcpus=3))
     lines = report.text_table([three], layout="columns").splitlines()
     assert [ln.split()[2] for ln in lines if ln.startswith(" CPU time vcpu")] == ["vcpu0", "vcpu1", "vcpu2"]
+
+
+def test_a_terminal_sweep_that_fails_later_still_shows_what_ran(monkeypatch, capsys):
+    """The sweep's tables wait for its last size on a terminal; a size that fails (or a
+    Ctrl-C) after others ran still shows theirs, as the size-by-size printing did."""
+    import io
+
+    from pkvm import cli
+    from pkvm.errors import KvmError
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    compare = experiments.compare
+    calls = []
+
+    def failing(config, *args, **kwargs):
+        calls.append(config.memory)
+        if len(calls) == 2:
+            raise KvmError(5, "simulated failure")
+        return compare(config, *args, **kwargs)
+
+    probe = Tty()
+    monkeypatch.setattr(experiments, "compare", failing)
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr("sys.stdout", probe)
+    assert cli.main(["compare", "--sweep-memory", "16M,32M", "--policies", "fault-time", "--quiet"]) == 1
+    text = probe.getvalue()
+    assert "16M RAM" in text and "32M RAM" not in text and "critical path" in text
+    assert "simulated failure" in capsys.readouterr().err
