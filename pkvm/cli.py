@@ -1151,6 +1151,16 @@ def _write_table(frame: Any, tmp: str, path: str) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def _names_stdout(path: str) -> bool:
+    """Whether ``path`` is this process's standard output (``/dev/stdout``, ``/proc/self/fd/1``,
+    or the file stdout is redirected to)."""
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no such file; a stdout without a descriptor
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _write_json(args: argparse.Namespace, data: Any) -> None:
     """Write ``data`` to ``--json``: a file (and say so), or standard output for ``-`` (the
     tables went to stderr: :func:`main`)."""
@@ -1632,6 +1642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("no command given; commands: compare, run, sweep, sensitivity, workloads, policies, costs "
                              "(see 'pkvm --help')")
+        if getattr(args, "json", None) not in (None, "-") and _names_stdout(args.json):
+            args.json = "-"  # --json /dev/stdout: the tables would have gone into the JSON
         # ``--json -``: the JSON document is standard output, so the tables go to stderr
         out = _Output(sys.stderr if getattr(args, "json", None) == "-" else sys.stdout)
         return int(args.handler(args, argv, out))

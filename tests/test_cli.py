@@ -476,3 +476,14 @@ def test_result_docstring_names_the_timeline_keys():
     named = set(re.findall(r"``([A-Za-z0-9_]+)``", doc))
     keys = {k for field in (r.actors, r.locks, r.latency_ns) for v in field.values() for k in v} | set(r.races)
     assert sorted(keys - named) == []
+
+
+@pytest.mark.parametrize("path", ["/dev/stdout", "/proc/self/fd/1"])
+def test_json_to_dev_stdout_is_json_dash(path):
+    """``--json /dev/stdout | jq`` is ``--json -``: the tables go to stderr. They went to
+    standard output before the JSON, which no JSON reader could then parse."""
+    p = pkvm("compare", "--memory", "16M", "--policies", "fault-time", "-q", "--json", path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["policies"] == ["fault-time"]
+    assert "critical" in p.stderr
+
