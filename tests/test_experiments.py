@@ -393,6 +393,35 @@ def test_migration_with_more_vcpus_than_chunks_runs():
     assert r.counters["gfns_accessed"] > 0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_migration_restores_shared_ranges_apart_from_each_other(seed, monkeypatch):
+    """The source's shared ranges (the SWIOTLB pool and one buffer pool per device) are
+    different memory: the incoming VMM restores each once, and none overlaps another. They
+    were drawn before any was marked, so two could overlap (64M, seed 2: two device pools),
+    converting some pages twice and touching them twice on resume."""
+    from pkvm.actors.vmm import Vmm
+
+    ranges = []
+    convert = Vmm.convert_memory
+
+    def record(self, gpa, size, private, *args, **kwargs):
+        if not private:
+            ranges.append((gpa, gpa + size))
+        return convert(self, gpa, size, private, *args, **kwargs)
+
+    monkeypatch.setattr(Vmm, "convert_memory", record)
+    E.run(E.Config(memory="64M", workload="migration"), seed)
+    assert len(ranges) == 5  # the pool and four devices' buffers
+    ranges.sort()
+    assert all(e <= s for (_s, e), (s, _e) in zip(ranges, ranges[1:]))
+
+
+def test_migration_with_more_devices_than_fit_is_refused():
+    """1000 device pools of 2M cannot fit apart in 64M of RAM (they used to overlap)."""
+    with pytest.raises(pkvm.ConfigError, match=r"no private 2M region left in 64M of RAM"):
+        E.run(E.Config(memory="64M", workload="migration", options={"devices": 1000}), 0)
+
+
 def test_a_workload_that_does_not_fit_says_what_to_change():
     with pytest.raises(pkvm.ConfigError, match=r"needs a 4K private region .* of RAM with a 6M image does not "
                                                r"leave: give more memory \(Config\(memory=\.\.\.\), --memory\), a smaller image "

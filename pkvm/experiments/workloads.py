@@ -765,8 +765,16 @@ def balloon(ctx: Context, *, cycles: int, fraction: float, chunk: int, prealloc:
 
 def migration(ctx: Context, *, resident: float, devices: int, buffers: int, prealloc: bool) -> None:
     shared = [(ctx.image, ctx.swiotlb_size())] if ctx.memory - ctx.image > ctx.swiotlb_size() else []
-    for _ in range(devices):
-        shared.append((ctx.random_region(buffers), buffers))
+    for gpa, size in shared:
+        ctx.reserve(gpa, size)
+    try:  # the source's device buffers: apart from each other and from the SWIOTLB pool
+        for _ in range(devices):
+            gpa = ctx.random_region(buffers)
+            ctx.reserve(gpa, buffers)
+            shared.append((gpa, buffers))
+    finally:
+        for gpa, size in shared:
+            ctx.release(gpa, size)
     with ctx.phase("incoming"):
         ctx.setup(prealloc=prealloc)
         for gpa, size in shared:  # the source's shared ranges, restored before the guest runs
