@@ -423,10 +423,21 @@ def test_migration_with_more_devices_than_fit_is_refused():
 
 
 def test_a_workload_that_does_not_fit_says_what_to_change():
-    with pytest.raises(pkvm.ConfigError, match=r"needs a 4K private region .* of RAM with a 6M image does not "
+    with pytest.raises(pkvm.ConfigError, match=r"needs a 4M private region between gpa 0x600000 and 0x800000, which "
+                                               r"8M of RAM with a 6M image does not "
                                                r"leave: give more memory \(Config\(memory=\.\.\.\), --memory\), a smaller image "
                                                r"\(Config\(image=\.\.\.\), --image\) or smaller workload options"):
-        E.run(E.Config(memory="8M", image="6M", workload="mixed"), 0)
+        E.run(E.Config(memory="8M", image="6M", workload="migration", options={"buffers": "4M"}), 0)
+
+
+def test_mixed_without_room_for_its_swiotlb_pool_runs_on_private_memory():
+    """2M of RAM above a 6M image leaves no room for the SWIOTLB pool: mixed shares none, and
+    its implicit conversions pick among all of that RAM (they picked above a pool that was
+    never shared, an empty range, and the run failed: "between gpa 0x800000 and 0x800000")."""
+    r = E.run(E.Config(memory="8M", image="6M", workload="mixed", options={"ops": 200}), 0)
+    assert [p.name for p in r.phases][-2:] == ["swiotlb-pool", "steady"]
+    assert r.phases[-2].counters.get("gfns_converted", 0) == 0
+    assert r.counters["memory_fault_exits"] > 0  # the implicit conversions ran
     with pytest.raises(pkvm.ConfigError, match=r"no private 256K region left in 64M of RAM: give more memory \(Config\(memory=\.\.\.\), --memory\)"):
         E.run(E.Config(memory="64M", workload="virtio", options={"devices": 60000}), 0)
     assert issubclass(pkvm.ConfigError, ValueError)  # what the run raised before (a ValueError)
