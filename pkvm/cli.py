@@ -1374,7 +1374,12 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
             + [r["policy"], _fmt_value(metric, r[metric])] for r in shown.to_dict(orient="records")]
     grid_points = f"{len(points)} grid point" + ("s" if len(points) != 1 else "")
-    out.print(f"pkvm {experiments.version()} · sweep of {grid_points} × policies · "
+    n = len(results) // max(len(points), 1)
+    if n * len(points) == len(results) and len({r.policy for r in results}) == n:  # the same policies at each
+        grid_points += f" × {n} polic" + ("ies" if n != 1 else "y")
+    else:  # a platform in the grid: each point runs its platform's policies
+        grid_points += f" × their policies ({len(results)} runs)"
+    out.print(f"pkvm {experiments.version()} · sweep of {grid_points} · "
               f"{base.workload if 'workload' not in grid else 'workloads'} · seed {args.seed} · "
               f"metric {metric} · runs {_where(runner)}")
     # a time's cells carry their unit (210 ms): the column drops the name's "_ns"

@@ -149,6 +149,18 @@ def test_sweep_prints_a_count_whole(capsys):
     assert cells == ["4,096", "16,777,216"]
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--grid", "memory=16M,32M"], "sweep of 2 grid points × 4 policies ·"),
+    (["--grid", "memory=16M", "--policies", "fault-time"], "sweep of 1 grid point × 1 policy ·"),
+    (["--grid", "platform=snp,tdx", "--memory", "16M"], "sweep of 2 grid points × their policies (6 runs) ·"),
+])
+def test_sweep_header_counts_the_policies(capsys, argv, says):
+    """The header says how many runs each grid point makes; it said "× policies" whatever the
+    count, and a platform in the grid runs each platform's own policies."""
+    assert main(["sweep", *argv, "-q"]) == 0
+    assert says in capsys.readouterr().out.splitlines()[0]
+
+
 def test_compare_out_and_local_cluster(tmp_path):
     """compare --jobs 2 (a local Dask cluster) gives the serial JSON, and --out the tidy rows."""
     one, two, csv = tmp_path / "1.json", tmp_path / "2.json", tmp_path / "c.csv"
