@@ -159,7 +159,8 @@ class TdxVcpu(Vcpu):
 
         KVM checks, in order: ``KVM_CAP_EXIT_HYPERCALL`` for ``KVM_HC_MAP_GPA_RANGE``
         (else ``TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED``); no wrap-around, a non-empty range of
-        legal GPAs (below ``2**gpaw``) on one side of the shared bit (else
+        legal GPAs (pkvm: below ``2**gpaw``; the kernel's bound is the vCPU's MAXPHYADDR, see
+        docs/tdx.md) on one side of the shared bit (else
         ``INVALID_OPERAND``); 4K alignment (else ``ALIGN_ERROR``); r11 = ``gpa`` on these
         errors. Then it exits to userspace once per chunk of at most 2 MiB
         (``KVM_EXIT_HYPERCALL``: ``KVM_HC_MAP_GPA_RANGE``, gpa without the shared bit, pages,
