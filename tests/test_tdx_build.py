@@ -8,7 +8,7 @@ from tdxhelpers import PRIVATE, PUNCH, SHARED47, MiB, ops, seamcalls, td, tdx_sn
 from vmhelpers import GMEM, UADDR
 
 import pkvm
-from pkvm.constants import TDX_EPT_ENTRY_STATE_INCORRECT
+from pkvm.constants import RETRY_LIMIT, TDX_EPT_ENTRY_STATE_INCORRECT
 
 MEASURE = pkvm.KVM_TDX_MEASURE_MEMORY_REGION
 
@@ -131,6 +131,30 @@ def test_616_busy_add_leaves_page_premapped_and_blocks_finalize():
     gmem.fallocate(PUNCH, 0x1000, 0x1000)
     assert [(e.op, e.status) for e in t] == [("TDH.MEM.RANGE.BLOCK", TDX_EPT_ENTRY_STATE_INCORRECT)]
     assert vm.tdx.nr_premapped == 0 and not vm.vm_dead
+    vm.tdx.finalize_vm()
+    vm.check()
+
+
+def test_616_busy_walk_until_a_signal_still_prepares_the_folio():
+    """6.16: the premap is a prefetch fault (kvm_tdp_map_page), whose fault-in step gets the pfn
+    from guest_memfd (kvm_gmem_get_pfn: zero, mark up to date) before the walk. A walk that stays
+    TDX_OPERAND_BUSY until a signal (EINTR) so leaves the folio prepared though nothing was
+    mapped or counted: the page cannot be populated again (EEXIST), and the TD still finalizes.
+    6.19 maps the pfn populate found without asking guest_memfd again, so its folio stays
+    unprepared (test_retry_bounds.py: test_tdx_init_mem_region_busy_walk_is_bounded)."""
+    vm, vmm, gmem, vcpu = td(policy="6.16", finalize=False)
+    vm.tdx.inject_busy("sept_add", RETRY_LIMIT)
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0x1000, 1)
+    assert (exc.value.errno, exc.value.progress) == (errno.EINTR, (0x1000, 1))
+    assert gmem.folio(1)[2], "the premap fault's guest_memfd lookup prepared the folio"
+    assert vm.tdx.nr_premapped == 0 and vm.mmu.lookup(1) is None and vm.sept.state(1) == "free"
+    assert vm.stats["seamcall_add"] == 0 and vm.stats["pf_fixed"] == 0
+    vm.check()
+    with pytest.raises(pkvm.KvmError) as exc:
+        vm.tdx.init_mem_region(vcpu, 0x1000, 1)
+    assert exc.value.errno == errno.EEXIST
+    assert vm.tdx.init_mem_region(vcpu, 0x2000, 1) == 1
     vm.tdx.finalize_vm()
     vm.check()
 

@@ -187,7 +187,8 @@ class TdxVm:
                 populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; EIO if
                 ``TDH.MR.EXTEND`` failed (6.19: the VM is bugged; 6.16: it is not, and the page
                 stays added); EINTR if the S-EPT walk stayed busy for ``RETRY_LIMIT``
-                attempts; ENOMEM.
+                attempts (nothing mapped; 6.16's premap fault has prepared the folio all the
+                same, so that page is EEXIST afterwards); ENOMEM.
             TypeError / ValueError: bad argument types, or a vCPU of another VM.
         """
         vm = self._vm
@@ -264,6 +265,15 @@ class TdxVm:
         delta = pfn - gfn
         value = make_spte(delta, PG_LEVEL_4K, True, not slot.flags & KVM_MEM_READONLY)
         n = end - gfn
+        _fs, _fe, fv = gmem.folios.run_at(index)
+        # What "prepared" marks: the whole folio (a large folio has one up-to-date flag).
+        ps, pe = (index & -(1 << order), (index & -(1 << order)) + (1 << order)) if order else (index, end + off)
+        if self.premap:
+            # 6.16: kvm_tdp_map_page is a prefetch fault whose fault-in step gets the pfn from
+            # guest_memfd again (kvm_gmem_get_pfn zeroes the folio and marks it up to date)
+            # before the walk, on the first attempt: the folio is prepared even if the walk
+            # then stays busy until a signal (-EINTR) and nothing is mapped.
+            gmem.folios.assign(ps, pe, fv | FOLIO_PREPARED)
         # The mirror mapping: kvm_tdp_mmu_map_private_pfn (6.19) or kvm_tdp_map_page (6.16) loop
         # while the walk returns RET_PF_RETRY (a busy SEPT.ADD / AUG / ADD).
         # The kernel loop ends only on a signal (-EINTR); the synchronous API plays that signal
@@ -281,14 +291,9 @@ class TdxVm:
         if r:
             return 0, -r
         mmu.map_run(gfn, end, PG_LEVEL_4K, value)
-        _fs, _fe, fv = gmem.folios.run_at(index)
-        # What "prepared" marks: the whole folio (a large folio has one up-to-date flag).
-        ps, pe = (index & -(1 << order), (index & -(1 << order)) + (1 << order)) if order else (index, end + off)
         if self.premap:
-            # kvm_tdp_map_page is a prefetch fault: pf_fixed counts it, pf_taken does not; its
-            # kvm_gmem_get_pfn zeroed the folio and marked it up to date.
+            # kvm_tdp_map_page is a prefetch fault: pf_fixed counts it, pf_taken does not.
             vm._stats["pf_fixed"] += n
-            gmem.folios.assign(ps, pe, fv | FOLIO_PREPARED)
             st = sc.call("add", n, gfn, end, PG_LEVEL_4K)
             if st == TDX_OPERAND_BUSY:
                 return 0, errno.EBUSY

@@ -542,6 +542,8 @@ class ReferenceTdx(ReferenceVM):
         if not self.attrs.get(gfn, 0) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
             return errno.EINVAL
         writable = not slot.flags & KVM_MEM_READONLY
+        if self.premap:
+            gmem.prepared[fstart] = True  # the premap fault's kvm_gmem_get_pfn, before its walk
         self.populating = not self.premap
         try:
             while True:
@@ -555,7 +557,6 @@ class ReferenceTdx(ReferenceVM):
         self.sptes[gfn] = (pfn, PG_LEVEL_4K, True, writable)
         self.stats["pages_4k"] += 1
         if self.premap:
-            gmem.prepared[fstart] = True  # the premap fault's kvm_gmem_get_pfn
             self.stats["pf_fixed"] += 1
             if self.sc("add") == "busy":
                 return errno.EBUSY
