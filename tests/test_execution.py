@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pkvm import experiments as E
-from pkvm.experiments.execution import RunError, Runner, SchedulerUnreachableError
+from pkvm.experiments.execution import NoWorkersError, RunError, Runner, SchedulerUnreachableError
 
 SMALL = E.Config(memory="32M", workload="swiotlb", options={"ops": "30"})
 POLICIES = ["fault-time", "eager-post"]
@@ -90,6 +90,52 @@ def test_unreachable_scheduler_is_one_error_within_the_timeout():
     with pytest.raises(SchedulerUnreachableError, match=r"--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 1 s"):
         Runner(scheduler="tcp://127.0.0.1:9", connect_timeout=1).start()
     assert time.monotonic() - t0 < 15
+
+
+
+@contextlib.contextmanager
+def _scheduler_without_workers(adapt=False):
+    """A real scheduler (in this process, on TCP) with no worker: a bare ``dask scheduler``,
+    or (``adapt``) an adaptive cluster scaled to zero, which starts a worker for pending tasks."""
+    import logging
+
+    from distributed import LocalCluster
+
+    # its HTTP server (started without a dashboard too) on a free port: the module's cluster has 8787
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.CRITICAL) as bare:
+        if adapt:
+            bare.adapt(minimum=0, maximum=1, interval="200ms")
+        yield bare.scheduler_address
+
+
+def test_a_scheduler_without_workers_is_one_error_within_the_timeout(monkeypatch, capsys):
+    """``--scheduler`` of a scheduler that no worker joined waited for ever: the tasks were
+    accepted and never ran. pkvm waits ``worker_timeout`` seconds for one, then fails the run
+    (exit 1) in one line naming the scheduler."""
+    import functools
+
+    from pkvm import cli
+
+    with _scheduler_without_workers() as address:
+        t0 = time.monotonic()
+        with pytest.raises(NoWorkersError, match=rf"^--scheduler {address}: the Dask scheduler there has no "
+                                                 rf"workers \(none joined within 1 s\); start some with: dask "
+                                                 rf"worker {address} --nthreads 1$"):
+            Runner(scheduler=address, worker_timeout=1).start()
+        assert time.monotonic() - t0 < 8
+        monkeypatch.setattr(cli, "Runner", functools.partial(Runner, worker_timeout=1))
+        assert cli.main(["compare", "--memory", "16M", "-q", "--policies", "fault-time", "--scheduler", address]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pkvm: error: --scheduler {address}: the Dask scheduler there has no workers")
+        assert err.count("\n") == 1
+
+
+def test_an_adaptive_cluster_scaled_to_zero_gets_a_worker_while_pkvm_waits():
+    """The wait for a worker has a task pending: an adaptive cluster scales on its tasks, and
+    one with no worker and nothing to do would never start one."""
+    with _scheduler_without_workers(adapt=True) as address, Runner(scheduler=address, worker_timeout=8) as runner:
+        assert runner.map(pow, [(2, 3)], ["a"]) == [8]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

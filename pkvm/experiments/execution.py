@@ -10,7 +10,8 @@ runs to a :class:`Runner`. A run is a pure function of its arguments (a
 - ``Runner(jobs=N)`` (N > 1) starts a ``distributed.LocalCluster`` of N worker processes
   with one thread each, and closes it on exit;
 - ``Runner(scheduler="tcp://host:8786")`` connects to an existing cluster (the workers must
-  be able to import the same pkvm) and leaves it running on exit.
+  be able to import the same pkvm), waits up to :data:`WORKER_TIMEOUT_S` seconds for it to
+  have a worker, and leaves it running on exit.
 
 On a cluster every task is submitted with one retry (a worker that dies or a task that fails
 is tried once more), and results come back in submission order. A task that fails twice
@@ -38,11 +39,15 @@ from typing import Any
 
 from pkvm.errors import PkvmError
 
-__all__ = ["CONNECT_TIMEOUT_S", "RunError", "Runner", "SchedulerUnreachableError", "check_address",
-           "max_jobs"]
+__all__ = ["CONNECT_TIMEOUT_S", "NoWorkersError", "RunError", "Runner", "SchedulerUnreachableError",
+           "WORKER_TIMEOUT_S", "check_address", "max_jobs"]
 
 #: Seconds to wait for an existing Dask scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 5.0
+
+#: Seconds to wait, once an existing scheduler answered, for at least one worker to join it
+#: (a bare ``dask scheduler``, or a cluster whose workers are still starting).
+WORKER_TIMEOUT_S = 30.0
 
 
 class RunError(PkvmError):
@@ -57,6 +62,13 @@ class SchedulerUnreachableError(PkvmError, OSError):
     answered is not a Dask scheduler (a server of another protocol, a worker). The address
     itself was well-formed (:func:`check_address`): the command line reports this as a failed
     run, exit status 1, not as a usage error."""
+
+
+class NoWorkersError(PkvmError):
+    """``--scheduler ADDRESS`` answered, but no worker joined its cluster within
+    :data:`WORKER_TIMEOUT_S` seconds: the tasks would wait for ever. (The connection was lost
+    while waiting is :class:`SchedulerUnreachableError`.) A failed run on the command line,
+    exit status 1."""
 
 
 def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -223,6 +235,7 @@ class Runner:
         scheduler: the address of an existing ``dask.distributed`` scheduler
             (``tcp://host:8786``); ``jobs`` is then ignored.
         connect_timeout: seconds to wait for ``scheduler``.
+        worker_timeout: seconds to wait, once ``scheduler`` answered, for a worker to join it.
 
     Raises:
         ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
@@ -230,24 +243,26 @@ class Runner:
             empty or not an address (an unknown scheme, a host that cannot be a host name,
             no port, a port outside 1..65535) or one this installation cannot dial (``tls://``
             without TLS credentials configured, ``ucx://`` without a UCX backend, ``inproc://``
-            of another process).
+            of another process); or ``worker_timeout`` is not a positive number.
         SchedulerUnreachableError: (on entry) no scheduler answered in time, or what answered
             is not a Dask scheduler.
+        NoWorkersError: (on entry) the scheduler has no worker, and none joined within
+            ``worker_timeout`` seconds.
         RunError: (on entry) the local cluster could not start (worker processes that fail to
             start: too few file descriptors, or a script that starts the runs without
             ``if __name__ == "__main__":``, which each worker process imports again).
     """
 
     def __init__(self, jobs: int = 1, scheduler: str | None = None, *,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, worker_timeout: float = WORKER_TIMEOUT_S) -> None:
         if type(jobs) is not int or jobs < 1:
             raise ValueError(f"jobs {jobs!r} must be a positive int")
         if scheduler is None and jobs > max_jobs():
             raise ValueError(f"jobs {jobs} is more than {max_jobs()} worker processes (4 per CPU of this "
                              "machine): each is a Python process with its own pkvm")
-        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
-                or not 0 < connect_timeout < math.inf:
-            raise ValueError(f"connect_timeout {connect_timeout!r} must be a positive number of seconds")
+        for name, timeout in (("connect_timeout", connect_timeout), ("worker_timeout", worker_timeout)):
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+                raise ValueError(f"{name} {timeout!r} must be a positive number of seconds")
         if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
             raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
         if scheduler is not None:
@@ -258,6 +273,7 @@ class Runner:
         self.jobs = jobs
         self.scheduler = scheduler.strip() if scheduler is not None else None
         self.connect_timeout = connect_timeout
+        self.worker_timeout = worker_timeout
         self._client: Any = None
         self._cluster: Any = None
         # Ctrl-C seen while this runner is entered (``__enter__``): see _watch_sigint
@@ -371,6 +387,11 @@ class Runner:
                 raise SchedulerUnreachableError(
                     f"--scheduler {self.scheduler}: could not connect to the Dask scheduler "
                     f"({_detail(exc)})") from None
+            try:
+                self._wait_for_workers()
+            except BaseException:  # Ctrl-C too: a failed start leaves no client behind
+                self.close()
+                raise
             return
         try:
             with warnings.catch_warnings(), _workers_ignore_sigint():
@@ -391,6 +412,28 @@ class Runner:
         from distributed.gc import disable_gc_diagnosis
 
         disable_gc_diagnosis(force=True)
+
+    def _wait_for_workers(self) -> None:
+        """Return once the remote cluster has a running worker; :class:`NoWorkersError` when
+        none joins within ``worker_timeout`` seconds. A scheduler without workers (a bare
+        ``dask scheduler``) accepts tasks and never runs them: pkvm waited for ever. A task is
+        pending while this waits, so that an adaptive cluster scaled to zero starts a worker
+        (it scales on the tasks it is given, and this is before pkvm's)."""
+        client = self._client
+        pending = client.submit(os.getpid, pure=False)
+        try:
+            client.wait_for_workers(1, timeout=self.worker_timeout)
+        except TimeoutError:
+            raise NoWorkersError(
+                f"--scheduler {self.scheduler}: the Dask scheduler there has no workers (none joined "
+                f"within {self.worker_timeout:g} s); start some with: dask worker {self.scheduler} "
+                "--nthreads 1") from None
+        except Exception as exc:  # noqa: BLE001 - the scheduler went away while we waited
+            raise SchedulerUnreachableError(
+                f"--scheduler {self.scheduler}: lost the Dask scheduler while waiting for a worker "
+                f"({_detail(exc)})") from None
+        finally:
+            client.cancel([pending])
 
     def close(self) -> None:
         """Disconnect; shut the local cluster down (an external cluster keeps running)."""
