@@ -19,8 +19,9 @@ Exit status: 0 on success; 2 for a usage error (a bad option or file, a configur
 the run finds it cannot build, :class:`pkvm.ConfigError`: a workload that needs more memory
 than the guest has above its image); 1 when
 a run or a file operation fails (writing standard output too; and ``--scheduler ADDRESS`` when
-no Dask scheduler answers there within 5 s, what answers is not one, or no worker joins it within
-30 s: a malformed address is a usage error, 2); 130 on Ctrl-C. Every error is one line, ``pkvm: error:
+no Dask scheduler answers there within 5 s, what answers is not one, no worker joins it within
+30 s, or its workers run another pkvm, Python or Dask: a malformed address is a usage error, 2);
+130 on Ctrl-C. Every error is one line, ``pkvm: error:
 <message>``, with control characters escaped. An unexpected exception (a bug in pkvm) is one
 line too; set ``PKVM_DEBUG=1`` in the environment to get its traceback, for the bug report.
 
@@ -1083,7 +1084,8 @@ def _add_execution_options(g: argparse._ArgumentGroup) -> None:
                    help="run on an existing Dask cluster, e.g. tcp://host:8786 (its workers need "
                         "the same pkvm installed); overrides --jobs. A malformed address is a usage "
                         "error (exit 2); no scheduler answering within 5 s, a server there that is "
-                        "not one, or no worker joining it within 30 s fails the run (exit 1)")
+                        "not one, no worker joining it within 30 s, or workers running another pkvm, "
+                        "Python or Dask fail the run (exit 1)")
 
 
 @contextlib.contextmanager

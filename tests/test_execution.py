@@ -8,7 +8,8 @@ import time
 import pytest
 
 from pkvm import experiments as E
-from pkvm.experiments.execution import NoWorkersError, RunError, Runner, SchedulerUnreachableError
+from pkvm.experiments.execution import (NoWorkersError, RunError, Runner, SchedulerUnreachableError,
+                                        WorkerMismatchError)
 
 SMALL = E.Config(memory="32M", workload="swiotlb", options={"ops": "30"})
 POLICIES = ["fault-time", "eager-post"]
@@ -136,6 +137,48 @@ def test_an_adaptive_cluster_scaled_to_zero_gets_a_worker_while_pkvm_waits():
     one with no worker and nothing to do would never start one."""
     with _scheduler_without_workers(adapt=True) as address, Runner(scheduler=address, worker_timeout=8) as runner:
         assert runner.map(pow, [(2, 3)], ["a"]) == [8]
+
+
+
+def test_workers_of_another_pkvm_are_refused(cluster, monkeypatch, capsys):
+    """Workers with another pkvm (or Python, or Dask) than the client's computed with their
+    own code without a word. Before it runs anything, the runner asks each worker for its
+    environment() and refuses one line naming what differs: here the client says it is pkvm
+    0.0.0-other, and the workers (processes of their own) are the real one."""
+    import pkvm
+    from pkvm.cli import main
+    from pkvm.experiments.execution import environment
+
+    cluster.start()
+    address = cluster._cluster.scheduler_address
+    with Runner(scheduler=address) as runner:  # the same pkvm everywhere: accepted
+        assert runner.map(pow, [(2, 3)], ["a"]) == [8]
+    monkeypatch.setattr(pkvm, "__version__", "0.0.0-other")
+    assert environment()["pkvm"] == "0.0.0-other"
+    with pytest.raises(WorkerMismatchError, match=rf"^--scheduler {address}: the workers do not run this pkvm, "
+                                                  r"Python and Dask: pkvm 0\.1\.0 on tcp://\S+ \(and 1 more "
+                                                  r"worker\), 0\.0\.0-other here; install the same on every "
+                                                  r"worker$"):
+        Runner(scheduler=address).start()
+    assert main(["compare", "--memory", "16M", "-q", "--policies", "fault-time", "--scheduler", address]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pkvm: error: --scheduler {address}: the workers do not run this pkvm")
+    assert err.count("\n") == 1
+
+
+def test_what_differs_between_client_and_workers_is_named():
+    """Each differing value once, with the first worker that has it and how many more do."""
+    from pkvm.experiments.execution import _mismatch, environment
+
+    here = environment()
+    assert set(here) >= {"pkvm", "pkvm sources", "python", "dask", "distributed", "cloudpickle", "numpy"}
+    assert here["python"].count(".") == 2 and len(here["pkvm sources"]) == 12
+    assert _mismatch(here, {"tcp://a:1": dict(here), "tcp://b:1": dict(here)}) is None
+    other = dict(here, **{"pkvm sources": "0123456789ab"})
+    older = {k: v for k, v in here.items() if k != "numpy"}
+    assert _mismatch(here, {"tcp://b:1": other, "tcp://a:1": other, "tcp://c:1": older, "tcp://d:1": here}) == (
+        f"pkvm sources 0123456789ab on tcp://a:1 (and 1 more worker), {here['pkvm sources']} here; "
+        f"numpy missing on tcp://c:1, {here['numpy']} here")
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

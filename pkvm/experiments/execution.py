@@ -9,9 +9,10 @@ runs to a :class:`Runner`. A run is a pure function of its arguments (a
   cluster to start; the progress callback sees each run's fraction done);
 - ``Runner(jobs=N)`` (N > 1) starts a ``distributed.LocalCluster`` of N worker processes
   with one thread each, and closes it on exit;
-- ``Runner(scheduler="tcp://host:8786")`` connects to an existing cluster (the workers must
-  be able to import the same pkvm), waits up to :data:`WORKER_TIMEOUT_S` seconds for it to
-  have a worker, and leaves it running on exit.
+- ``Runner(scheduler="tcp://host:8786")`` connects to an existing cluster, waits up to
+  :data:`WORKER_TIMEOUT_S` seconds for it to have a worker, refuses workers that run another
+  pkvm (version or sources), Python or Dask than this process (:func:`environment`), and
+  leaves the cluster running on exit.
 
 On a cluster every task is submitted with one retry (a worker that dies or a task that fails
 is tried once more), and results come back in submission order. A task that fails twice
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
+import platform
 import signal
 import sys
 import threading
@@ -37,10 +40,11 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+import pkvm
 from pkvm.errors import PkvmError
 
 __all__ = ["CONNECT_TIMEOUT_S", "NoWorkersError", "RunError", "Runner", "SchedulerUnreachableError",
-           "WORKER_TIMEOUT_S", "check_address", "max_jobs"]
+           "WORKER_TIMEOUT_S", "WorkerMismatchError", "check_address", "environment", "max_jobs"]
 
 #: Seconds to wait for an existing Dask scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 5.0
@@ -69,6 +73,58 @@ class NoWorkersError(PkvmError):
     :data:`WORKER_TIMEOUT_S` seconds: the tasks would wait for ever. (The connection was lost
     while waiting is :class:`SchedulerUnreachableError`.) A failed run on the command line,
     exit status 1."""
+
+
+class WorkerMismatchError(PkvmError):
+    """A worker of ``--scheduler ADDRESS`` runs another pkvm (its version, or the digest of its
+    sources), Python or Dask than this process (:func:`environment`), or cannot tell (it cannot
+    import pkvm, or a pkvm too old to answer): its runs would not be this pkvm's. Checked once,
+    on entry, for the workers there then. A failed run on the command line, exit status 1."""
+
+
+#: The libraries whose versions a worker must share with this process (with Python's): the
+#: ones Dask needs the same on both ends, and numpy, which the runs compute with.
+_SHARED_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "numpy")
+
+
+def environment() -> dict[str, str]:
+    """What a worker must share with this process for its runs to be this process's runs:
+    ``pkvm`` (the version), ``pkvm sources`` (a digest of the package's ``.py``, ``.pxi`` and
+    ``.pxd`` files: another checkout of the same version differs there), ``python`` and the
+    versions of :data:`_SHARED_PACKAGES`. Computed afresh (a few milliseconds): on the client,
+    and on each worker through ``Client.run``."""
+    from distributed.versions import get_package_info
+
+    root = os.path.dirname(os.path.abspath(pkvm.__file__))
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".pxi", ".pxd")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read() + b"\0")
+    out = {"pkvm": str(pkvm.__version__), "pkvm sources": digest.hexdigest()[:12]}
+    out.update((k, str(v)) for k, v in get_package_info(_SHARED_PACKAGES).items())
+    out["python"] = platform.python_version()
+    return out
+
+
+def _mismatch(here: dict[str, str], workers: dict[str, dict[str, str]]) -> str | None:
+    """What differs between this process's :func:`environment` and the workers', in a few
+    words (``pkvm 0.2.0 on tcp://w:1 (and 1 more worker), 0.1.0 here; ...``); None when nothing does."""
+    parts = []
+    for key, mine in here.items():
+        odd: dict[str, list[str]] = {}
+        for address, env in sorted(workers.items()):
+            theirs = env.get(key, "missing")
+            if theirs != mine:
+                odd.setdefault(theirs, []).append(address)
+        for theirs, where in odd.items():
+            more = f" (and {len(where) - 1} more worker{'s' if len(where) > 2 else ''})" if len(where) > 1 else ""
+            parts.append(f"{key} {theirs} on {where[0]}{more}, {mine} here")
+    return "; ".join(parts) or None
 
 
 def _call_batch(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -248,6 +304,8 @@ class Runner:
             is not a Dask scheduler.
         NoWorkersError: (on entry) the scheduler has no worker, and none joined within
             ``worker_timeout`` seconds.
+        WorkerMismatchError: (on entry) a worker of ``scheduler`` runs another pkvm, Python or
+            Dask than this process.
         RunError: (on entry) the local cluster could not start (worker processes that fail to
             start: too few file descriptors, or a script that starts the runs without
             ``if __name__ == "__main__":``, which each worker process imports again).
@@ -389,6 +447,7 @@ class Runner:
                     f"({_detail(exc)})") from None
             try:
                 self._wait_for_workers()
+                self._check_workers()
             except BaseException:  # Ctrl-C too: a failed start leaves no client behind
                 self.close()
                 raise
@@ -434,6 +493,23 @@ class Runner:
                 f"({_detail(exc)})") from None
         finally:
             client.cancel([pending])
+
+    def _check_workers(self) -> None:
+        """:class:`WorkerMismatchError` unless every worker of the remote cluster has this
+        process's :func:`environment`: a worker with another pkvm computed other numbers (or
+        failed on what this one sends it) without a word."""
+        try:
+            # by reference: each worker runs its own pkvm's environment()
+            workers = self._client.run(environment)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot import pkvm, or an old one
+            raise WorkerMismatchError(
+                f"--scheduler {self.scheduler}: could not ask the workers which pkvm they run "
+                f"({_detail(exc)}); every worker needs this pkvm installed") from None
+        differs = _mismatch(environment(), workers)
+        if differs is not None:
+            raise WorkerMismatchError(
+                f"--scheduler {self.scheduler}: the workers do not run this pkvm, Python and Dask: "
+                f"{differs}; install the same on every worker")
 
     def close(self) -> None:
         """Disconnect; shut the local cluster down (an external cluster keeps running)."""
