@@ -3,6 +3,8 @@ gives, a failing task is named with its configuration, an unreachable scheduler 
 
 import contextlib
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -320,6 +322,39 @@ def test_ctrl_c_with_jobs_is_one_line(when):
                 os.killpg(p.pid, signal.SIGKILL)
     assert (p.returncode, err) == (130, "pkvm: interrupted\n")
 
+
+
+def _sigint_bits(pid):
+    """Whether process ``pid`` blocks SIGINT and whether it ignores it (/proc/PID/status)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+    return {k: bool(int(status[k], 16) & (1 << (signal.SIGINT - 1))) for k in ("SigBlk", "SigIgn")}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+def test_a_worker_the_nanny_restarts_ignores_ctrl_c_too(capfd):
+    """The local cluster's workers inherit an ignored SIGINT from its start; one that a nanny
+    restarted later (after a crash, or the memory limit) did not, and died on the user's
+    Ctrl-C with a KeyboardInterrupt traceback. Now it blocks SIGINT (inherited from the
+    cluster's threads) and ignores it (a preload), and a SIGINT leaves it running, silent."""
+    with Runner(jobs=2) as runner:
+        client = runner._client
+        before = set(client.run(os.getpid).values())
+        assert all(_sigint_bits(pid)["SigIgn"] for pid in before)  # inherited from the start
+        os.kill(min(before), signal.SIGKILL)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                pids = set(client.run(os.getpid).values())
+                if len(pids) == 2 and pids != before:
+                    break
+            time.sleep(0.1)
+        (new,) = pids - before
+        assert _sigint_bits(new) == {"SigBlk": True, "SigIgn": True}
+        os.kill(new, signal.SIGINT)
+        time.sleep(1)
+        assert new in client.run(os.getpid).values()
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 def test_the_local_cluster_leaves_no_gc_callback_in_this_process(cluster):

@@ -37,6 +37,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing import resource_tracker
 from types import TracebackType
 from typing import Any
 
@@ -256,6 +257,16 @@ def _workers_ignore_sigint() -> Iterator[None]:
     inherit that: an ignored signal stays ignored across exec, and Python then installs no
     KeyboardInterrupt handler. The workers stop when the cluster is closed.
 
+    SIGINT is also blocked in this thread meanwhile, so that the threads the cluster starts
+    (its event loop, and the threads that loop starts to spawn worker processes) inherit the
+    blocked signal, and so does every worker process spawned from them later: a worker that
+    a nanny restarts (one that died, or exceeded its memory) is spawned when SIGINT is no
+    longer ignored here, and died on the user's Ctrl-C with a KeyboardInterrupt traceback. A
+    blocked signal stays blocked across fork and exec, and nothing in a worker unblocks it.
+    multiprocessing's resource tracker is started first: starting it unblocks SIGINT in the
+    thread that does (``resource_tracker.ensure_running``), which was the cluster's event
+    loop. (:data:`_IGNORE_SIGINT` makes each worker ignore SIGINT too, should the mask be lost.)
+
     Ctrl-C on a terminal signals the whole process group: each worker printed a
     KeyboardInterrupt traceback, and one while the cluster started printed distributed's
     ``close_clusters`` traceback at exit. A Ctrl-C during the start (a second or two) is lost
@@ -266,10 +277,18 @@ def _workers_ignore_sigint() -> Iterator[None]:
         yield
         return
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, handler)
+
+
+#: A worker preload (Python source: distributed runs it in each worker process, in its main
+#: thread, before the worker starts; restarted ones included): SIGINT ignored there.
+_IGNORE_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)"
 
 
 def max_jobs() -> int:
@@ -457,7 +476,8 @@ class Runner:
                 # start-up notices (slow scratch disk ...) are not results
                 warnings.simplefilter("ignore", UserWarning)
                 self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, silence_logs=logging.CRITICAL)
+                                             dashboard_address=None, silence_logs=logging.CRITICAL,
+                                             preload=[_IGNORE_SIGINT])
                 self._client = Client(self._cluster, set_as_default=False)
         except BaseException as exc:  # a failed start leaves no cluster behind
             self.close()
