@@ -210,7 +210,7 @@ def test_garbage_cost_files(capsys, monkeypatch, body, ext):
     (["run", "--memory", "64M", "--trace", "@TMP/t.txt", "--trace-max-size", "1K"],
      "more than --trace-max-size 1K; pass --trace-max-size 1G to write it"),
     # a workload that does not fit was a run failure (exit 1), found only once the run built it
-    (["run", "--memory", "64M", "--image", "62M", "--workload", "mixed"],
+    (["run", "--memory", "64M", "--image", "62M", "--workload", "migration", "-o", "buffers=4M"],
      "which 64M of RAM with a 62M image does not leave: give more memory (Config(memory=...), --memory), a smaller image"),
     (["run", "--memory", "64M", "--workload", "virtio", "-o", "ring=1T"],
      "the workload needs a 1T private region"),
