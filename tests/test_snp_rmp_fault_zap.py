@@ -1,6 +1,7 @@
 """The zap range of ``sev_handle_rmp_fault`` (arch/x86/kvm/svm/sev.c): after a PSMASH, 6.11+
-zaps ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself; the rfc-v8 design zapped the
-2M-aligned range holding it (``Policy.rmp_fault_zap``; docs/snp.md)."""
+zaps ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself, as RFC v7 and v8 already did;
+``Policy.rmp_fault_zap="2m-aligned"`` (no preset) keeps the 2M-aligned range of the June 2022
+"Part2 v6" handler (docs/snp.md)."""
 
 import pytest
 from vmhelpers import UADDR
@@ -49,9 +50,18 @@ def test_rmp_fault_zaps_from_the_faulting_gfn(policy):
     vm.check()
 
 
-def test_rfc_v8_zap_is_2m_aligned():
-    """rfc-v8's handler rounds the gfn down to 2M: [0, 512) is zapped, the next chunk is not."""
-    assert pkvm.Policy.preset("rfc-v8").rmp_fault_zap == "2m-aligned"
+def test_rfc_v8_zaps_from_the_faulting_gfn():
+    """RFC v8's handler ("[PATCH RFC v8 44/56] KVM: SVM: Add support to handle the RMP nested
+    page fault", M. Roth, 20 Feb 2023) sets gfn = gpa >> PAGE_SHIFT and zaps [gfn, gfn +
+    PTRS_PER_PMD), as 6.11+ does; only the pre-guest_memfd "Part2 v6" handler (June 2022)
+    rounded the gfn down to 2M. The rfc-v8 preset said "2m-aligned" until 2026-12-07."""
+    assert pkvm.Policy.preset("rfc-v8").rmp_fault_zap == "from-gfn"
+    assert all(pkvm.Policy.preset(p).rmp_fault_zap == "from-gfn" for p in pkvm.Policy.presets())
+
+
+def test_2m_aligned_zap_rounds_the_gfn_down():
+    """rmp_fault_zap="2m-aligned" rounds the gfn down to 2M: [0, 512) is zapped, the next chunk
+    is not."""
     vm, v, pfn = _mixed_2m_chunk("6.19+gmem_max_order=9+rmp_fault_zap=2m-aligned")
     assert v.access(5 << 12, private=True).ret == "vc"
     assert _mapped(vm, range(2, 10)) == [5]

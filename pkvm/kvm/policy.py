@@ -90,9 +90,11 @@ class Policy:
         per-2M guest-inhibit bit and accept-size mismatch faults. Needs ``gmem_max_order=9``
         (2M guest_memfd folios) to map anything at 2M. TDX only.
     ``rmp_fault_zap``
-        The gfns ``sev_handle_rmp_fault`` zaps after a PSMASH: ``"from-gfn"`` (6.11+:
-        ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself) or ``"2m-aligned"``
-        (``rfc-v8``: the 2M-aligned range holding the gfn). SNP only.
+        The gfns ``sev_handle_rmp_fault`` zaps after a PSMASH: ``"from-gfn"`` (every preset:
+        ``[gfn, gfn + PTRS_PER_PMD)`` from the faulting gfn itself, in 6.11+ and already in
+        the RMP #NPF handler of RFC v7 and v8) or ``"2m-aligned"`` (the 2M-aligned range
+        holding the gfn, as the pre-guest_memfd handler of the "Part2 v6" series, June 2022,
+        rounded it; no preset). SNP only.
     ``pre_fault_memory``
         Whether the kernel has the ``KVM_PRE_FAULT_MEMORY`` vCPU ioctl (6.11+: added with
         ``kvm_vcpu_pre_fault_memory`` in virt/kvm/kvm_main.c and x86's
@@ -240,7 +242,7 @@ def _build_presets() -> Mapping[str, Mapping[str, Any]]:
     # update_mem_attr op, direct map unmapped/restored around it, the UPM-era ioctl, no prepare
     # hook and none of the later MMU fixes.
     rfc_v8 = dict(v6_8, rmp_update="eager-post", directmap="unmap-restore", attr_ioctl="legacy-progress",
-                  private_fault_source="access", rmp_fault_zap="2m-aligned")
+                  private_fault_source="access")
     # The design presets compare *where the RMPUPDATE happens* and nothing else: the 6.19 kernel
     # with the RMPUPDATE moved out of gmem_prepare, and the RFC-era direct map that the eager
     # designs were written for (unmap before making private, restore after making shared). So

@@ -20,8 +20,9 @@ What this platform adds (the RMP table and the direct map themselves are
   for a whole aligned 2M entry, else PSMASH then 4K, then a cache flush of every page made
   shared), ``gmem_max_mapping_level`` (the RMP level of the pfn, §3.5).
 * **Faults**: ``fault_is_private`` is the C-bit of the access (§4.1); the RMP #NPF handler
-  (§5.6) PSMASHes a 2M entry and zaps 512 gfns from the faulting one (``rfc-v8``: the
-  2M-aligned range; ``Policy.rmp_fault_zap``), or does nothing (spurious). The
+  (§5.6) PSMASHes a 2M entry and zaps 512 gfns from the faulting one (``Policy.rmp_fault_zap
+  ="2m-aligned"``: the 2M-aligned range, as a 2022 pre-guest_memfd RFC did), or does nothing
+  (spurious). The
   access-time RMP check lives in :class:`pkvm.platforms._snp_vcpu.SnpVcpu`.
 * **RMPUPDATE policies** (``Policy.rmp_update``, §7.7: the RFC v8 debate), in :mod:`._snp_policy`.
 * **Launch** (§5.9): ``vm.snp.launch_update`` and ``vm.snp.launch_finish``.
@@ -294,8 +295,9 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
                          (vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret))
             return 0
         vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
-    # 6.11+: kvm_zap_gfn_range(kvm, gfn, gfn + PTRS_PER_PMD) from the faulting gfn itself;
-    # rfc-v8 (Policy.rmp_fault_zap="2m-aligned"): the 2M-aligned range holding it.
+    # 6.11+ (and RFC v7/v8): kvm_zap_gfn_range(kvm, gfn, gfn + PTRS_PER_PMD) from the faulting
+    # gfn itself; Policy.rmp_fault_zap="2m-aligned" (no preset; the June 2022 "Part2 v6"
+    # handler): the 2M-aligned range holding it.
     base = gfn & ~(RMP_PAGES_2M - 1) if vm.policy.rmp_fault_zap == "2m-aligned" else gfn
     # kvm_zap_gfn_range (arch/x86/kvm/mmu/mmu.c): mmu_lock for write around one invalidation
     # of the range (begin, range_add, the zap, a flush if anything was zapped, end), as the
