@@ -11,9 +11,11 @@ in the piece (pages never allocated are skipped; their first private fault assig
 * to private: every allocated pfn that is not yet assigned gets ``rmp_make_private`` at its gfn,
   at 2M for each whole aligned 2M block of a 2M folio inside the piece, else at 4K. An already
   assigned pfn is skipped (pkvm's choice: a second RMPUPDATE would clear Validated on a page the
-  guest already validated; the kernel reference is silent).
+  guest already validated; the RFC's op updates it again).
 * to shared: every assigned pfn gets ``rmp_make_shared``: a whole 2M entry inside the piece at
-  2M, otherwise PSMASH the 2M entry first, then 4K.
+  2M, otherwise PSMASH the 2M entry first, then 4K (the RFC's op goes at 4K only).
+
+The RFC's op stops at its first failure; a plan goes on (docs/snp.md lists these departures).
 
 Steps are ``(kind, pfn, npages, level, gfn)`` with kind ``"private"``, ``"shared"`` or
 ``"psmash"``. Failures are only counted (``mem_attr_op_failures`` and ``rmpupdate_failures``),
