@@ -377,7 +377,8 @@ def snp_psc_begin(vcpu):
 @cython.auto_pickle(False)  # a pending continuation of live simulation state
 cdef class _PscRunDone:
     """The completion of run ``k``'s exit (``__snp_complete_one_psc``): a range userspace
-    failed ends the request with ``VMGEXIT_PSC_ERROR_GENERIC`` (untraced, as ``psc``);
+    failed ends the request with ``VMGEXIT_PSC_ERROR_GENERIC`` (untraced, as ``psc``); so does
+    a hypercall exit userspace disabled meanwhile (``snp_begin_psc``'s first test, traced);
     otherwise the next run goes."""
 
     cdef object vcpu, hc, k
@@ -388,6 +389,10 @@ cdef class _PscRunDone:
         if self.hc.ret:
             return GuestOpResult("done", _PSC_ERROR_GENERIC)
         self.at[0] = self.k + 1
+        if not self.vcpu.vm.hypercall_exit_mask & (1 << _HC_MAP_GPA_RANGE):
+            # snp_begin_psc, reached again from snp_complete_one_psc, tests the hypercall exit
+            # first: userspace disabled it while the vCPU was in the exit
+            return self.vcpu._psc_done(GuestOpResult("done", _PSC_ERROR_GENERIC))
         r = _psc_run(self.vcpu, self.runs, self.op, self.at)
         return r if self.vcpu.vm._subs is None else self.vcpu._psc_done(r)
 

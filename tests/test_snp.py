@@ -435,6 +435,36 @@ def test_psc_ghcb_skips_done_entries_and_stops_coalescing_at_one():
     assert vm.stats["hypercall_exits"] == 3
 
 
+def test_psc_ghcb_hypercall_exit_disabled_during_the_exit():
+    """snp_complete_one_psc (arch/x86/kvm/svm/sev.c) marks the in-flight entries done, then
+    calls snp_begin_psc again, whose first test is user_exit_on_hypercall(KVM_HC_MAP_GPA_RANGE):
+    if userspace disabled the exit (KVM_ENABLE_CAP may change it at any time) while the vCPU
+    was in it, the request ends with VMGEXIT_PSC_ERROR_GENERIC, even when nothing was left.
+    The model went on with the next range (another exit) or answered 0."""
+    vm, _, vcpu = snp_vm(private=False)
+    desc = sv.PscDesc.of([E(8), E(10)])
+    assert vcpu.psc(desc).hypercall.args == (8 << 12, 1, 0x10)
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 0)
+    r = vcpu.run()
+    assert r.ret == "done" and r.status == sv.VMGEXIT_PSC_ERROR_GENERIC
+    assert desc.cur_entry == 1 and [e.cur_page for e in desc.entries] == [1, 0]
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    desc = sv.PscDesc.of([E(8)])
+    assert vcpu.psc(desc).ret == "exit"
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 0)
+    r = vcpu.run()  # the last range: still GENERIC
+    assert r.status == sv.VMGEXIT_PSC_ERROR_GENERIC and desc.cur_entry == 1
+    # the range-compressed form the guest flows use answers the same
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    at = [0]
+    r = vcpu._psc_runs([(8, 1, False), (10, 1, False)], sv.SNP_PAGE_STATE_PRIVATE, at)
+    assert r.ret == "exit" and r.hypercall.args == (8 << 12, 1, 0x10)
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 0)
+    r = vcpu.run()
+    assert r.ret == "done" and r.status == sv.VMGEXIT_PSC_ERROR_GENERIC and at[0] == 1
+    assert vm.stats["hypercall_exits"] == 3
+
+
 # -- §7.8 end-to-end sequences ---------------------------------------------------------------------
 
 

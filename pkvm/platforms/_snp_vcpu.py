@@ -575,6 +575,11 @@ class SnpVcpu(Vcpu):
                 for k in range(idx, idx + inflight):
                     entries[k].cur_page = entries[k].npages
                 desc.cur_entry = idx + inflight
+                # snp_complete_one_psc goes on through snp_begin_psc, whose first test is the
+                # hypercall exit again: userspace may have disabled it meanwhile (even after the
+                # last range, the answer is then GENERIC, not 0).
+                if not self._psc_enabled():
+                    return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
                 return self._psc_next(desc)
 
             return hypercall_exit(self, hc, complete)
