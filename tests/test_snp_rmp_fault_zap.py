@@ -89,3 +89,30 @@ def test_rmp_fault_zap_is_one_invalidation_under_mmu_lock():
     assert tl.locks["mmu_lock"].stats.hold_write_ns > 0
     assert vm.mmu_lock_ns > held
     vm.check()
+
+
+def test_rmp_fault_trace_level_after_a_failed_psmash(monkeypatch):
+    """After a failed PSMASH, sev_handle_rmp_fault (arch/x86/kvm/svm/sev.c) looks the entry up
+    again into the same rmp_level its trace point prints: when another CPU split the entry
+    first (the lookup finds it 4K and assigned) kvm_rmp_fault says 4K, with no zap. The model
+    printed the first lookup's 2M. Another CPU's PSMASH is stood in for by a PSMASH that splits
+    and then reports failure, as the losing CPU's instruction would (the entry is no longer 2M)."""
+    import pkvm.platforms.snp as snp_mod
+    from pkvm.platforms.snp_constants import PSMASH_FAIL_INPUT
+
+    vm, v, pfn = _mixed_2m_chunk("6.19+gmem_max_order=9")
+    real = snp_mod.psmash
+
+    def lost_race(vm_, p):
+        assert real(vm_, p) == 0  # the other CPU's PSMASH
+        return PSMASH_FAIL_INPUT  # ours then finds a 4K entry
+
+    monkeypatch.setattr(snp_mod, "psmash", lost_race)
+    events = []
+    vm.subscribe(events.append, kinds="rmp_fault")
+    before = _mapped(vm, range(2, 10))
+    v.access(5 << 12, private=True)
+    traced = [e.args for e in events]
+    assert traced and traced[0][5] == PG_LEVEL_4K and traced[0][6] == PSMASH_FAIL_INPUT
+    assert _mapped(vm, range(2, 10)) == before  # resolved: nothing zapped
+    vm.check()

@@ -285,14 +285,18 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
         # zap. The synchronous API stops here (SnpVcpu reports rmp_loop with the count).
         vcpu.rmp_stuck = ("PSMASH FAIL_INUSE (snp_rmptable_psmash)", RETRY_LIMIT)  # type: ignore[attr-defined]
         return 0
+    # The level the trace point prints: the first lookup's, or the second one's after a failed
+    # PSMASH (sev_handle_rmp_fault reads the entry again into the same rmp_level).
+    level = PG_LEVEL_2M
     if ret != PSMASH_SUCCESS:
         ent = snp.rmp.lookup(pfn)
+        level = ent.level
         if ent.assigned and ent.level == PG_LEVEL_4K:
             # Another CPU split the entry first: the fault is resolved, and the kernel goes
             # straight to its trace point without zapping anything (sev_handle_rmp_fault).
             if vm._subs is not None:
                 vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, ret,
-                         (vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret))
+                         (vcpu.id, gpa, pfn, private, write, level, ret))
             return 0
         vm.events.append(("rmp_fault", f"PSMASH of pfn {pfn:#x} failed on an RMP fault"))
     # 6.11+ (and RFC v7/v8): kvm_zap_gfn_range(kvm, gfn, gfn + PTRS_PER_PMD) from the faulting
@@ -317,7 +321,7 @@ def snp_handle_rmp_fault(vcpu: Vcpu, gpa: int, private: bool, write: bool, resul
     if sched is not None:
         sched.release("mmu_lock")
     if vm._subs is not None:  # traced on the way out, unless the entry was not assigned (§5.6)
-        vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, ret, (vcpu.id, gpa, pfn, private, write, PG_LEVEL_2M, ret))
+        vm._emit("rmp_fault", gfn, gfn + 1, None, 1, 0, ret, (vcpu.id, gpa, pfn, private, write, level, ret))
     return 0
 
 
