@@ -376,10 +376,10 @@ def snp_psc_begin(vcpu):
 @cython.final
 @cython.auto_pickle(False)  # a pending continuation of live simulation state
 cdef class _PscRunDone:
-    """The completion of run ``k``'s exit (``__snp_complete_one_psc``): a range userspace
-    failed ends the request with ``VMGEXIT_PSC_ERROR_GENERIC`` (untraced, as ``psc``); so does
-    a hypercall exit userspace disabled meanwhile (``snp_begin_psc``'s first test, traced);
-    otherwise the next run goes."""
+    """The completion of run ``k``'s exit (``snp_complete_one_psc``): a range userspace failed
+    ends the request with ``VMGEXIT_PSC_ERROR_GENERIC``; so does a hypercall exit userspace
+    disabled meanwhile (``snp_begin_psc``'s first test); otherwise the next run goes. Either
+    end is traced (``vmgexit_exit``), as every completed VMGEXIT is."""
 
     cdef object vcpu, hc, k
     cdef list runs, at
@@ -387,7 +387,7 @@ cdef class _PscRunDone:
 
     def __call__(self):
         if self.hc.ret:
-            return GuestOpResult("done", _PSC_ERROR_GENERIC)
+            return self.vcpu._psc_done(GuestOpResult("done", _PSC_ERROR_GENERIC))
         self.at[0] = self.k + 1
         if not self.vcpu.vm.hypercall_exit_mask & (1 << _HC_MAP_GPA_RANGE):
             # snp_begin_psc, reached again from snp_complete_one_psc, tests the hypercall exit

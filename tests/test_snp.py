@@ -465,6 +465,25 @@ def test_psc_ghcb_hypercall_exit_disabled_during_the_exit():
     assert vm.stats["hypercall_exits"] == 3
 
 
+def test_psc_ghcb_failed_range_still_traces_the_vmgexit_exit():
+    """A range userspace fails ends the request with VMGEXIT_PSC_ERROR_GENERIC
+    (snp_complete_one_psc -> snp_complete_psc); the vCPU then re-enters the guest and the kernel
+    traces kvm_vmgexit_exit with that code (sev_es_unmap_ghcb), as for every completed
+    VMGEXIT. The model left this one exit untraced, so enters and exits did not pair up."""
+    vm, _, vcpu = snp_vm(private=False)
+    events = []
+    vm.subscribe(events.append, kinds=["vmgexit_enter", "vmgexit_exit"])
+    r = vcpu.psc(sv.PscDesc.of([E(8)]))
+    r.hypercall.ret = 1
+    assert vcpu.run().status == sv.VMGEXIT_PSC_ERROR_GENERIC
+    at = [0]
+    r = vcpu._psc_runs([(8, 1, False)], sv.SNP_PAGE_STATE_PRIVATE, at)
+    r.hypercall.ret = 1
+    assert vcpu.run().status == sv.VMGEXIT_PSC_ERROR_GENERIC
+    assert [e.kind for e in events] == ["vmgexit_enter", "vmgexit_exit"] * 2
+    assert [e.args[3] for e in events if e.kind == "vmgexit_exit"] == [sv.VMGEXIT_PSC_ERROR_GENERIC] * 2
+
+
 # -- §7.8 end-to-end sequences ---------------------------------------------------------------------
 
 

@@ -570,8 +570,8 @@ class SnpVcpu(Vcpu):
                            KVM_EXIT_HYPERCALL_LONG_MODE)
 
             def complete(hc: Hypercall = hc, idx: int = idx, inflight: int = inflight) -> GuestOpResult:
-                if hc.ret:  # __snp_complete_one_psc: userspace failed the range
-                    return GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC)
+                if hc.ret:  # snp_complete_one_psc: userspace failed the range
+                    return self._psc_done(GuestOpResult("done", status=VMGEXIT_PSC_ERROR_GENERIC))
                 for k in range(idx, idx + inflight):
                     entries[k].cur_page = entries[k].npages
                 desc.cur_entry = idx + inflight
