@@ -353,6 +353,15 @@ def test_psc_msr_gfn_field_is_40_bits():
     assert r.ret == "exit" and r.hypercall.args == (0x3000, 1, 0x10)
 
 
+def test_psc_msr_operation_field_is_4_bits():
+    """snp_begin_psc_msr (arch/x86/kvm/svm/sev.c) reads the operation with
+    GHCB_MSR_PSC_REQ_TO_OP, bits 55:52 of the GHCB MSR: an op of 0x11 is the MSR value with
+    op 1 (private), not an unknown operation. The model compared the whole int with 1 and 2."""
+    vm, _, vcpu = snp_vm(private=False)
+    r = vcpu.psc_msr(0x3000, 0x10 | sv.SNP_PAGE_STATE_PRIVATE)
+    assert r.ret == "exit" and r.hypercall.args == (0x3000, 1, 0x10)
+
+
 def E(gfn, op=sv.SNP_PAGE_STATE_PRIVATE, huge=False, cur=0):
     return sv.PscEntry(gfn, op, huge, cur)
 

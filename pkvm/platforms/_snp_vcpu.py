@@ -436,6 +436,7 @@ class SnpVcpu(Vcpu):
         vm._stats["psc_requests"] += 1
         vm._charge("psc_request", 1)
         gpa &= ~0xFFF & ((1 << 52) - 1)
+        op &= 0xF  # GHCB_MSR_PSC_REQ_TO_OP: the MSR's operation field is bits 55:52
         if vm._subs is not None:  # the GHCB MSR value: gfn, operation, GHCB_MSR_PSC_REQ
             vm._emit("vmgexit_msr_enter", gpa >> 12, (gpa >> 12) + 1, None, 1, 0, None,
                      (self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ))
