@@ -52,14 +52,25 @@ def replayable(vm: VM) -> bool:
     return sched is None or (sched.recorder is None and not sched.contended())
 
 
-def uniform_end(vm: VM, vmm: Vmm, start: int, end: int, private: bool,
+def uniform_end(vm: VM, vmm: Vmm, start: int, end: int, private: bool, npages: int,
                 extra: Callable[[int, int], int] | None = None) -> int:
     """The end of the longest stretch ``[start, e)`` of ``[start, end)`` (gfns) whose
-    conversion to ``private`` is the same work at every gfn and touches no mapping and no
-    memory: inside one memslot with a guest_memfd and one binding of it, one attribute value
-    (if it changes, only under a policy without attribute-time RMP work), no SPTE, no
-    guest_memfd folio, no populated shared backing. ``extra(s, e)`` cuts it further for a
-    platform's own state. Returns ``start`` when there is no such stretch. O(log n)."""
+    conversion to ``private``, ``npages`` gfns an exit, is the same work at every exit and
+    touches no mapping and no memory: inside one memslot with a guest_memfd and one binding
+    of it, one attribute value (if it changes, only under a policy without attribute-time RMP
+    work), no SPTE, no guest_memfd folio, no populated shared backing. ``extra(s, e)`` cuts it
+    further for a platform's own state. Returns ``start`` when there is no such stretch.
+    O(log n).
+
+    An exit that changes the attributes ends with POST's 2M and 1G tests of the chunks it
+    covers in part (docs/kernel-semantics.md §3.2-§3.3), which walk each such chunk from its
+    first gfn to the first that differs. Where the exits fall at a different place in their chunk each time (an
+    exit that is not a whole number of chunks), that walk can differ from one exit to the
+    next once the stretch reaches another chunk, though the first exits agreed: the stretch
+    ends with the chunk ``start`` is in (the 1G chunk, and the 2M chunk for exits that are
+    not whole 2M chunks). Inside it, the walk of an exit stops before the stretch (the same
+    for every exit) or inside what the stretch converted (a different length each time,
+    which the recorded steps show: :meth:`StepReplay.ready`)."""
     slot = vm._slot_at(start)
     if slot is None or slot.gmem is None or slot.gmem_file is None or slot.invalid or not vmm.discard:
         return start
@@ -90,6 +101,11 @@ def uniform_end(vm: VM, vmm: Vmm, start: int, end: int, private: bool,
     x = vm._shared._map.find_ne(hs, hs + (e - start), 0)
     if x != -1:
         e = start + (x - hs)
+    if attrs != target:
+        if npages % (1 << 18):
+            e = min(e, ((start >> 18) + 1) << 18)
+        if npages % 512:
+            e = min(e, ((start >> 9) + 1) << 9)
     if extra is not None and e > start:
         e = extra(start, e)
     return max(e, start)

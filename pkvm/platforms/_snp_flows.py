@@ -283,7 +283,7 @@ class SnpGuestFlows:
                     rg, n, big = runs[0]
                     if not plan and same >= MIN_STEPS and rg >= tried and replayable(vm):
                         npages = n * (RMP_PAGES_2M if big else 1)
-                        ue = uniform_end(vm, g.vmm, rg, rg + same * npages, op == SNP_PAGE_STATE_PRIVATE)
+                        ue = uniform_end(vm, g.vmm, rg, rg + same * npages, op == SNP_PAGE_STATE_PRIVATE, npages)
                         plan = (ue - rg) // npages
                         if plan >= MIN_STEPS:
                             replay.begin()

@@ -195,7 +195,8 @@ class _MapGpaReplay:
             g = self.guest
             gfn = hc.gpa >> PAGE_SHIFT
             private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
-            ue = uniform_end(g.vm, g.vmm, gfn, gfn + left * _CHUNK_PAGES, private, self._sept_end)
+            ue = uniform_end(g.vm, g.vmm, gfn, gfn + left * _CHUNK_PAGES, private, _CHUNK_PAGES,
+                             self._sept_end)
             n = (ue - gfn) // _CHUNK_PAGES
             if n < MIN_STEPS:
                 # Not here: look again past this stretch, and after ever more chunks (at most
