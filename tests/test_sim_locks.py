@@ -548,3 +548,117 @@ def test_lockstats_as_dict_keys():
     """as_dict() carries exactly the documented keys, RW ones only for an RWLock."""
     assert list(LockStats().as_dict()) == MUTEX_KEYS
     assert list(LockStats(rw=True).as_dict()) == RW_KEYS
+
+
+# ------------------------------------------------------------------ batches, hand-offs and the union
+
+
+def test_a_waiting_batch_is_one_sample_of_the_wait_distribution(env):
+    """A batch (``count=n``) that waited adds its wait once to the wait distribution, not n
+    times: its 99 acquisitions after the first cannot wait, so they must not drag p99 down
+    to its wait."""
+    m = Mutex(env, "m")
+
+    def holder():
+        yield m.acquire("a")
+        yield env.timeout(10)
+        m.release("a")
+
+    def waiter(owner, count, hold):
+        yield m.acquire(owner, count)
+        yield env.timeout(hold)
+        m.release(owner)
+
+    env.process(holder())
+    env.process(waiter("batch", 99, 1))  # waits 10, holds 10..11
+    env.process(waiter("c", 1, 1))  # waits 11
+    env.run()
+    s = m.stats
+    assert (s.acquisitions, s.waits, s.wait_ns) == (101, 2, 21)
+    assert s.wait_distribution.count == 2
+    assert (s.wait_p50_ns, s.wait_p99_ns, s.wait_max_ns) == (10, 11, 11)
+
+
+@pytest.mark.parametrize(("kind", "mode"), [(Mutex, "w"), (SpinLock, "w"), (RWLock, "r"), (RWLock, "w")],
+                         ids=["mutex", "spinlock", "rw-read", "rw-write"])
+@pytest.mark.parametrize("try_first", [False, True], ids=["acquire", "try_acquire"])
+def test_an_uncontended_batch_counts_all_its_acquisitions(env, kind, mode, try_first):
+    """``count=n`` on a free lock is granted at once and counts n acquisitions and no wait,
+    through the event path as through ``try_acquire*``."""
+    lock = kind(env, "l")
+    if kind is RWLock:
+        acq = lock.acquire_read if mode == "r" else lock.acquire_write
+        try_acq = lock.try_acquire_read if mode == "r" else lock.try_acquire_write
+    else:
+        acq, try_acq = lock.acquire, lock.try_acquire
+    if try_first:
+        assert try_acq("a", 4) is True
+    else:
+        ev = acq("a", 4)
+        assert ev.triggered and ev.value == 0
+    assert lock.locked
+    assert (lock.stats.acquisitions, lock.stats.waits, lock.stats.wait_ns) == (4, 0, 0)
+    assert lock.waiting == ()
+
+
+def test_a_hand_off_with_no_wait_records_no_wait_slice(env):
+    """A waiter queued at the very time the holder releases is handed the lock with a wait
+    of 0: no wait is counted and no ``wait`` slice recorded (only waits longer than 0 are)."""
+    rec = Recorder()
+    m = Mutex(env, "m", recorder=rec)
+
+    def late():  # created first: at t=5 it asks before the holder releases
+        yield env.timeout(5)
+        ev = m.acquire("b")
+        assert not ev.triggered  # a holds it: queued
+        yield ev
+        m.release("b")
+
+    def holder():
+        yield m.acquire("a")
+        yield env.timeout(5)
+        m.release("a")
+
+    env.process(late())
+    env.process(holder())
+    env.run()
+    assert (m.stats.acquisitions, m.stats.waits, m.stats.wait_ns, m.stats.wait_max_ns) == (2, 0, 0, 0)
+    assert [s[3] for s in rec.iter_slices("b")] == [CAT_LOCK_HOLD]
+    assert [(s[0], s[1], s[2]) for s in rec.iter_slices("b")] == [("hold m", 5, 5)]
+
+
+def _union(intervals):
+    total, cur_s, cur_e = 0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s if cur_e is not None else 0)
+
+
+@given(st.lists(st.integers(0, 40), min_size=0, max_size=12, unique=True),
+       st.integers(0, 30), st.integers(0, 30))
+def test_rwlock_hold_ns_is_the_union_with_the_timelines_fast_reads(points, start, length):
+    """``hold_ns`` is the union of the holds: read holds a timeline took and released
+    uncontended (``fast_reads``, counted in ``hold_ns`` already) that overlap a reader this
+    lock lets in are counted once. The reference: the length of the union of the intervals."""
+    points = sorted(points)
+    fast = [[points[i], points[i + 1]] for i in range(0, len(points) - 1, 2)]  # disjoint, in order
+    env = simpy.Environment()
+    lock = RWLock(env, "mmu_lock")
+    lock.fast_reads = [list(iv) for iv in fast]
+    lock.stats.hold_ns = sum(e - s for s, e in fast)  # as the timeline's core counts them
+
+    def reader():
+        yield env.timeout(start)
+        yield lock.acquire_read("r")
+        yield env.timeout(length)
+        lock.release_read("r")
+
+    env.process(reader())
+    env.run()
+    assert lock.stats.hold_ns == _union([*map(tuple, fast), (start, start + length)])
+    assert lock.stats.hold_read_ns == length
