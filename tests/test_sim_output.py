@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pkvm.sim.chrome import write_chrome_trace
-from pkvm.sim.gantt import _merge_spans, plot_gantt
+from pkvm.sim.gantt import _PALETTE, _colour, _merge_spans, _time_unit, plot_gantt
 from pkvm.sim.locks import RWLock
 from pkvm.sim.recorder import (CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT,
                                Recorder)
@@ -31,7 +32,9 @@ def _nearest_rank(expanded, q):
     """The textbook nearest-rank percentile of an already expanded, sorted list."""
     if not expanded:
         return 0
-    return expanded[max(math.ceil(q / 100 * len(expanded)), 1) - 1]
+    # the rank of q as written (99.9 is 999/10): q / 100 * n in floats is 1000 for q=99.9 and
+    # n=1000, one above the rank
+    return expanded[max(math.ceil(Fraction(str(q)) * len(expanded) / 100), 1) - 1]
 
 
 SAMPLES = st.lists(st.tuples(st.integers(-50, 10**6), st.integers(1, 40)), max_size=60)
@@ -157,6 +160,26 @@ def test_percentile_refuses_bad_q():
         d.percentile("50")
 
 
+def test_a_float_percentile_is_the_rank_of_its_decimal_value():
+    """The rank of a float ``q`` is computed from the decimal it is written as: with 1,000
+    samples 1..1000, p99.9 is the 999th (99.9 as a binary float is a hair above 99.9, whose
+    rank would be the 1000th) and p12.3 the 123rd."""
+    d = Distribution()
+    for v in range(1, 1001):
+        d.add(v)
+    assert (d.percentile(99.9), d.percentile(12.3), d.percentile(0.1)) == (999, 123, 1)
+    d.add(1001, count=1000)
+    assert d.percentile(99.9) == 1001 and d.percentile(50) == 1000
+
+
+def test_percentile_refuses_a_bool_q():
+    """``True`` is not a percentile (bool is refused as an int subclass would not be)."""
+    d = Distribution()
+    d.add(1)
+    with pytest.raises(TypeError, match=r"q must be a real number, got bool"):
+        d.percentile(True)
+
+
 # ------------------------------------------------------------------ Recorder
 
 
@@ -185,14 +208,30 @@ def test_recorder_tracks_in_first_use_order():
      (lambda r: r.slice("t", "x", 0, 1, 3), TypeError, r"cat must be a str"),
      (lambda r: r.slice("t", "x", 0, 1, CAT_BUSY, [1]), TypeError, r"args must be a dict or None"),
      (lambda r: r.slice("t", "x", "0", 1, CAT_BUSY), TypeError, r"start_ns must be a real number"),
-     (lambda r: r.instant("t", "x", float("inf"), "c"), ValueError, r"t_ns must be finite")],
-    ids=["reversed", "track-int", "name-none", "cat-int", "args-list", "start-str", "t-inf"])
+     (lambda r: r.instant("t", "x", float("inf"), "c"), ValueError, r"t_ns must be finite"),
+     (lambda r: r.slice("t", "x", 0, float("nan"), CAT_BUSY), ValueError, r"end_ns must be finite"),
+     (lambda r: r.slice("t", "x", 0, float("inf"), CAT_BUSY), ValueError, r"end_ns must be finite"),
+     (lambda r: r.slice("t", "x", False, 1, CAT_BUSY), TypeError, r"start_ns must be a real number.*bool")],
+    ids=["reversed", "track-int", "name-none", "cat-int", "args-list", "start-str", "t-inf", "end-nan", "end-inf",
+         "start-bool"])
 def test_recorder_refuses_bad_events(call, exc, match):
     """A bad event raises and records nothing, not even its track."""
     r = Recorder()
     with pytest.raises(exc, match=match):
         call(r)
     assert r.tracks == () and len(r) == 0
+
+
+def test_recorder_span_and_counts_include_instants():
+    """An instant after every slice ends the span; ``n_instants(track)`` counts the track's
+    instants, not its slices."""
+    r = Recorder()
+    r.slice("vcpu0", "fault", 10, 20, CAT_BUSY)
+    r.slice("vcpu0", "fault", 30, 40, CAT_BUSY)
+    r.instant("vcpu0", "race", 55, "race")
+    r.instant("vmm", "start", 5, "misc")
+    assert r.span() == (5, 55)
+    assert (r.n_slices("vcpu0"), r.n_instants("vcpu0"), r.n_instants("vmm"), r.n_instants("nope")) == (2, 1, 1, 0)
 
 
 # ------------------------------------------------------------------ Chrome trace
@@ -352,6 +391,18 @@ def test_empty_recorder_is_a_valid_trace():
     assert doc["otherData"] == {}
 
 
+def test_chrome_trace_writes_instants_by_time():
+    """A track's instants are written by time, whatever order they were recorded in."""
+    r = Recorder()
+    r.instant("vcpu0", "late", 3_000, "race")
+    r.instant("vcpu0", "early", 1_000, "race")
+    r.instant("vcpu0", "middle", 2_000, "race")
+    out = io.StringIO()
+    write_chrome_trace(r, out)
+    events = [e for e in json.loads(out.getvalue())["traceEvents"] if e["ph"] == "i"]
+    assert [(e["name"], e["ts"]) for e in events] == [("early", 1.0), ("middle", 2.0), ("late", 3.0)]
+
+
 # ------------------------------------------------------------------ Gantt chart
 
 
@@ -423,6 +474,82 @@ def test_gantt_empty_recorder_and_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match=r"recorder must be a pkvm.sim.recorder.Recorder"):
         plot_gantt({}, tmp_path / "g.png")
     assert os.listdir(tmp_path) == ["empty.png"]
+
+
+def test_merge_spans_keeps_a_gap_of_one_pixel_apart():
+    """Slices merge when the gap between them is under ``min_gap``; a gap of exactly
+    ``min_gap`` keeps them apart (and each is widened to ``min_gap``)."""
+    iv = np.array([[0.0, 1.0], [3.0, 4.0]])
+    assert _merge_spans(iv, 2.0) == [(0.0, 2.0), (3.0, 2.0)]
+    assert _merge_spans(iv, 2.5) == [(0.0, 4.0)]
+
+
+def test_gantt_time_unit_boundaries():
+    """The axis unit is the largest that a span reaches: 1 s of span is in s, 1 ms in ms."""
+    assert _time_unit(1e9) == (1e9, "s")
+    assert _time_unit(1e9 - 1) == (1e6, "ms")
+    assert _time_unit(1e6) == (1e6, "ms")
+    assert _time_unit(1e6 - 1) == (1e3, "µs")
+
+
+def test_gantt_other_categories_take_distinct_palette_colours():
+    """Categories the chart does not know get the palette's colours in order, cycling; the
+    known ones keep their fixed colours and do not use up the palette."""
+    colours: dict[str, str] = {}
+    assert _colour(CAT_BUSY, colours) == "#4c72b0"
+    got = [_colour(f"c{i}", colours) for i in range(len(_PALETTE) + 1)]
+    assert got[:-1] == _PALETTE and got[-1] == _PALETTE[0]
+    assert _colour("c1", colours) == _PALETTE[1]  # a category keeps its colour
+
+
+def _drawn(monkeypatch, recorder, tmp_path, **kw):
+    from matplotlib.figure import Figure
+    figs = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    plot_gantt(recorder, tmp_path / "g.png", **kw)
+    return figs[0].axes[0]
+
+
+def test_gantt_rows_axis_and_labels(tmp_path, monkeypatch):
+    """The first track is the top row, busy slices fill it and other categories are narrower
+    bars on it; the axis starts at 0 for a run from 0 and is in µs for a span under 1 ms."""
+    r = Recorder()
+    r.slice("vmm", "ioctl", 0, 500_000, CAT_BUSY)
+    r.slice("vcpu0", "wait", 100_000, 200_000, CAT_LOCK_WAIT)
+    ax = _drawn(monkeypatch, r, tmp_path)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["vcpu0", "vmm"]  # bottom to top
+    bars = {}
+    for c in ax.collections:
+        ys = c.get_paths()[0].vertices[:, 1]
+        bars[tuple(np.round(c.get_facecolor()[0][:3], 3))] = (round(ys.min(), 2), round(ys.max(), 2))
+    from matplotlib.colors import to_rgb
+    assert bars[tuple(np.round(to_rgb("#4c72b0"), 3))] == (0.6, 1.4)  # vmm busy: row 1, full height
+    assert bars[tuple(np.round(to_rgb("#dd8452"), 3))] == (-0.22, 0.22)  # vcpu0 wait: row 0, narrower
+    assert ax.get_xlabel() == "time (µs)"
+
+
+def test_gantt_axis_starts_at_the_first_event_of_a_late_start(tmp_path, monkeypatch):
+    """Events that start late in the run (after 10 % of the span) put the axis origin at the
+    first event, and the label says where it is."""
+    r = Recorder()
+    r.slice("vcpu0", "fault", 5_000_000, 5_500_000, CAT_BUSY)
+    ax = _drawn(monkeypatch, r, tmp_path)
+    assert ax.get_xlabel() == "time since 5 ms (µs)"
+    assert ax.get_xlim()[1] == pytest.approx(500 * 1.01)
+    r = Recorder()  # a first event at 10 % of the span still counts as from the start
+    r.slice("vcpu0", "fault", 100_000, 1_100_000, CAT_BUSY)
+    assert _drawn(monkeypatch, r, tmp_path).get_xlabel() == "time (ms)"
+
+
+def test_gantt_max_tracks_draws_that_many(tmp_path, monkeypatch):
+    """``max_tracks`` tracks are drawn, the first ones, and the title says how many of all."""
+    r = Recorder()
+    for t in ("vmm", "vcpu0", "vcpu1"):
+        r.slice(t, "x", 0, 10, CAT_BUSY)
+    ax = _drawn(monkeypatch, r, tmp_path, max_tracks=2, title="run")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["vcpu0", "vmm"]
+    assert ax.get_title() == "run  (first 2 of 3 tracks)"
 
 
 @pytest.mark.parametrize(("platform", "policy", "workload"), [("tdx", "6.19", "mixed"), ("snp", "eager-post", "mixed")])
