@@ -470,3 +470,91 @@ def test_a_terminal_sweep_that_fails_later_still_shows_what_ran(monkeypatch, cap
     text = probe.getvalue()
     assert "16M RAM" in text and "32M RAM" not in text and "critical path" in text
     assert "simulated failure" in capsys.readouterr().err
+
+
+# ---- what mutation testing found unchecked (2026-12-07) -----------------------------------------
+
+
+def test_cell_formats_at_their_boundaries():
+    """A rate reaches a prefix at exactly its scale; a value of a column pkvm does not know
+    yet keeps separators for ints only, 4 digits for floats, and a bool as a word."""
+    assert (report._rate(1e6), report._rate(999.0), report._rate(86.6e6), report._rate(1e9)) == \
+        ("1 M", "999", "86.6 M", "1 G")
+    assert report._number(1234567) == "1,234,567"
+    assert report._number(12345.678) == "1.235e+04"
+    assert (report._number(True), report._number("x")) == ("True", "x")
+
+
+def test_actor_order_is_vmm_then_vcpus_numerically():
+    """vcpu10 comes after vcpu2, anything else after the vCPUs."""
+    actors = ["other", "vcpu10", "vcpu2", "vmm", "vcpu0"]
+    assert sorted(actors, key=report._actor_order) == ["vmm", "vcpu0", "vcpu2", "vcpu10", "other"]
+
+
+def _fake(by_actor):
+    from types import SimpleNamespace
+    vcpus = sum(1 for a in by_actor if a.startswith("vcpu"))
+    return SimpleNamespace(by_actor=by_actor, config=SimpleNamespace(vcpus=vcpus))
+
+
+def test_table_columns_per_vcpu_up_to_the_limit_then_sum_and_busiest():
+    """Up to MAX_VCPU_COLUMNS vCPUs, a CPU-time column each; one more, their sum and the
+    busiest one's; the timeline's figures end the first section."""
+    n = report.MAX_VCPU_COLUMNS
+    row = {"critical_path_ns": 1, "vcpu_stall_ns": 2, "fault_p99_ns": 3, "faults": 4, "modeled_ns": 10}
+    few = _fake({"vmm": 1, **{f"vcpu{i}": 10 * (i + 1) for i in range(n)}})
+    cols = report._columns([few], [row])
+    keys = [c.key for c in cols]
+    assert [f"modeled_ns_vcpu{i}" for i in range(n)] == [k for k in keys if k.startswith("modeled_ns_vcpu")]
+    assert [c.key for c in cols if c.section_end][:1] == ["fault_p99_ns"]
+    many = _fake({"vmm": 1, **{f"vcpu{i}": 10 * (i + 1) for i in range(n + 1)}})
+    cols = {c.key: c for c in report._columns([many], [row])}
+    assert "modeled_ns_vcpu0" not in cols
+    assert cols["modeled_ns_vcpus"].cell(many, row) == format_ns(sum(10 * (i + 1) for i in range(n + 1)))
+    assert cols["modeled_ns_vcpu_max"].cell(many, row) == format_ns(10 * (n + 1))
+
+
+def test_breakdown_folds_only_past_its_limit():
+    """``_breakdown`` keeps a column per vCPU up to ``limit`` of them, and folds one more."""
+    n = report.MAX_VCPU_BREAKDOWN
+    actors = ["vmm", *(f"vcpu{i}" for i in range(n))]
+    assert report._breakdown(actors) == (actors, actors)
+    assert report._breakdown([*actors, f"vcpu{n}"])[1] == ["vmm", f"{n + 1} vCPUs", "busiest vCPU"]
+
+
+def test_breakdown_tables_fold_and_order(snp_results):
+    """``fold=True`` folds the phase table past one vCPU; the operation table lists the
+    operations largest first, each with its share to one decimal."""
+    r = experiments.run(experiments.Config(platform="snp", memory="64M", vcpus=2))
+    assert "2 vCPUs" in report.render_text(report.phase_table(r, fold=True))
+    assert "2 vCPUs" not in report.render_text(report.phase_table(r))
+    r = snp_results[0]
+    lines = report.render_text(report.op_table(r)).splitlines()
+    ranked = sorted(r.by_op.items(), key=lambda kv: (-kv[1], kv[0]))
+    rows = [ln.split()[0] for ln in lines if ln.split() and ln.split()[0] in r.by_op]
+    assert rows == [op for op, _ in ranked]
+    op, ns = ranked[0]
+    share = f"{100.0 * ns / r.modeled_ns:.1f}%"
+    assert any(ln.split()[0] == op and share in ln.split() for ln in lines if ln.split())
+
+
+def test_to_json_keeps_its_version(snp_results):
+    """extra may not replace the version either."""
+    with pytest.raises(ValueError, match="may not set pkvm_version"):
+        report.to_json(snp_results, {"pkvm_version": "0"})
+
+
+def test_plot_stacks_the_top_operations_and_the_rest_as_other(tmp_path, snp_results, monkeypatch):
+    """With PLOT_TOP_OPS = 2, the operation panel's legend has the 2 largest operations and
+    "other", read top-down like the stack (the largest at its bottom), then the critical path."""
+    monkeypatch.setattr(report, "PLOT_TOP_OPS", 2)
+    figs = _kept_figures(monkeypatch)
+    report.plot(snp_results, str(tmp_path / "p.png"))
+    totals: dict[str, int] = {}
+    for r in snp_results:
+        for op, ns in r.by_op.items():
+            totals[op] = totals.get(op, 0) + ns
+    top = [op for op, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))][:2]
+    ops_ax = figs[0].axes[1]
+    names = [t.get_text() for t in ops_ax.get_legend().get_texts()]
+    assert names == ["other", top[1], top[0], "critical path"]
