@@ -279,6 +279,68 @@ def test_write_frame_is_atomic(tmp_path):
         write_frame(pd.DataFrame({"a": [1]}), str(tmp_path / "t.txt"))
 
 
+def test_config_columns_are_what_ran():
+    """A tidy row's configuration is what ran: the batch size chosen for ``batch_pages=None``
+    (512 pages for 16M with 2 vCPUs), the memory also as text, and no output paths."""
+    from pkvm.experiments.frames import config_columns
+
+    cols = config_columns(E.Config(memory="16M", vcpus=2, timeline="t.json"))
+    assert (cols["batch_pages"], cols["memory"], cols["memory_text"]) == (512, 16 << 20, "16M")
+    assert "timeline" not in cols and "gantt" not in cols
+
+
+def test_results_frame_fills_a_metric_a_run_lacks_with_an_int_zero():
+    """A metric some run lacks is 0 there, and a column of int ns stays int64, dotted or not."""
+    from types import SimpleNamespace
+
+    from pkvm.experiments.frames import results_frame
+
+    cfg = E.Config(memory="16M")
+
+    def fake(metrics):
+        return SimpleNamespace(config=cfg, seed=1, cost_fingerprint="f", version="v", metrics=lambda: metrics)
+
+    frame = results_frame([fake({"modeled_ns": 5, "spin_ns": 3, "by_actor.vcpu1": 7}), fake({"modeled_ns": 6})])
+    assert frame["spin_ns"].tolist() == [3, 0] and str(frame["spin_ns"].dtype) == "int64"
+    assert frame["by_actor.vcpu1"].tolist() == [7, 0] and str(frame["by_actor.vcpu1"].dtype) == "int64"
+
+
+def test_check_frame_path_takes_the_extension_in_any_case_and_refuses_a_directory(tmp_path):
+    """``.CSV`` is a CSV; a directory is not a file to write."""
+    from pkvm.experiments.frames import check_frame_path
+
+    check_frame_path(str(tmp_path / "T.CSV"))
+    check_frame_path(str(tmp_path / "t.Parquet"))
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(ValueError, match=r"d.csv: it is a directory"):
+        check_frame_path(str(tmp_path / "d.csv"))
+
+
+def test_is_time_metric():
+    """Times in ns (breakdowns, latency percentiles) are times; a latency count is not."""
+    from pkvm.experiments.frames import is_time_metric
+
+    assert all(is_time_metric(m) for m in ("modeled_ns", "by_actor.vcpu0", "by_op.npf_fault",
+                                           "by_actor_op.vcpu0.npf_fault", "latency_ns.fault.p99"))
+    assert not any(is_time_metric(m) for m in ("latency_ns.fault.count", "counters.rmpupdate"))
+
+
+def test_plot_grid_facets_only_keys_that_vary(tmp_path, monkeypatch):
+    """A grid key with one value is no facet: one panel, titled by the metric."""
+    from matplotlib.figure import Figure
+
+    from pkvm.experiments.frames import plot_grid
+
+    figs = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    frame = pd.DataFrame({"memory": [1 << 24, 1 << 25, 1 << 24, 1 << 25], "vcpus": [1, 1, 1, 1],
+                          "policy": ["a", "a", "b", "b"], "modeled_ns": [1_000, 2_000, 1_500, 3_000]})
+    plot_grid(frame, ["vcpus", "memory"], "modeled_ns", str(tmp_path / "g.png"))
+    (ax,) = [a for a in figs[0].axes if a.get_visible()]
+    assert ax.get_title() == "modeled_ns" and ax.get_xlabel() == "memory"
+
+
 def test_concurrent_vcpus_are_simulated_per_sample():
     """With several vCPUs the interleaving, and so the work, can depend on the prices: the summed
     metric is simulated per sample, and the analysis says why."""
