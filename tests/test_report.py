@@ -558,3 +558,18 @@ def test_plot_stacks_the_top_operations_and_the_rest_as_other(tmp_path, snp_resu
     ops_ax = figs[0].axes[1]
     names = [t.get_text() for t in ops_ax.get_legend().get_texts()]
     assert names == ["other", top[1], top[0], "critical path"]
+
+
+def test_plot_labels_the_critical_path_only_where_it_differs_from_the_total(tmp_path, snp_results, monkeypatch):
+    """With one vCPU the critical path is the CPU time, which the total above each bar
+    already says: the operation panel has one time label per bar, and with two vCPUs (a
+    critical path below the total) a second one for the diamond."""
+    figs = _kept_figures(monkeypatch)
+    report.plot(snp_results, str(tmp_path / "one.png"))
+    assert all(r.critical_path_ns == r.modeled_ns for r in snp_results)
+    assert len(figs[0].axes[1].texts) == len(snp_results)
+    two = [experiments.run(experiments.Config(platform="snp", memory="64M", vcpus=2))]
+    assert two[0].critical_path_ns != two[0].modeled_ns
+    report.plot(two, str(tmp_path / "two.png"))
+    assert [t.get_text() for t in figs[1].axes[1].texts] == [format_ns(two[0].modeled_ns),
+                                                              format_ns(two[0].critical_path_ns)]
