@@ -627,18 +627,6 @@ def test_a_hand_off_with_no_wait_records_no_wait_slice(env):
     assert [(s[0], s[1], s[2]) for s in rec.iter_slices("b")] == [("hold m", 5, 5)]
 
 
-def _union(intervals):
-    total, cur_s, cur_e = 0, None, None
-    for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    return total + (cur_e - cur_s if cur_e is not None else 0)
-
-
 @given(st.lists(st.integers(0, 40), min_size=0, max_size=12, unique=True),
        st.integers(0, 30), st.integers(0, 30))
 def test_rwlock_hold_ns_is_the_union_with_the_timelines_fast_reads(points, start, length):
@@ -660,5 +648,5 @@ def test_rwlock_hold_ns_is_the_union_with_the_timelines_fast_reads(points, start
 
     env.process(reader())
     env.run()
-    assert lock.stats.hold_ns == _union([*map(tuple, fast), (start, start + length)])
+    assert lock.stats.hold_ns == _union_length([*map(tuple, fast), (start, start + length)])
     assert lock.stats.hold_read_ns == length
