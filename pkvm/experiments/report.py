@@ -326,10 +326,10 @@ def sweep_tables(batches: Sequence[Sequence[Result]], *, console: Console | None
     if layout != "auto" or console is None or len(batches) < 2:
         return [tables(b, console=console, layout=layout) for b in batches]
     fits = console.width
-    if all(width(table(b, layout="rows"), console) <= fits for b in batches):
-        return [[table(b, layout="rows")] for b in batches]
-    if all(width(table(b, layout="columns"), console) <= fits for b in batches):
-        return [[table(b, layout="columns")] for b in batches]
+    for whole in ("rows", "columns"):  # one table per batch, if every batch's fits
+        built = [table(b, layout=whole) for b in batches]
+        if all(width(t, console) <= fits for t in built):
+            return [[t] for t in built]
     prepared = []
     for b in batches:
         rows = [r.row() for r in b]

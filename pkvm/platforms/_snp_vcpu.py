@@ -439,7 +439,7 @@ class SnpVcpu(Vcpu):
         op &= 0xF  # GHCB_MSR_PSC_REQ_TO_OP: the MSR's operation field is bits 55:52
         if vm._subs is not None:  # the GHCB MSR value: gfn, operation, GHCB_MSR_PSC_REQ
             vm._emit("vmgexit_msr_enter", gpa >> 12, (gpa >> 12) + 1, None, 1, 0, None,
-                     (self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ))
+                     (self.id, gpa | op << 52 | GHCB_MSR_PSC_REQ))
         if op not in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED) or not self._psc_enabled():
             return self._msr_done(gpa, op, GHCB_MSR_PSC_RESP_ERROR)
         vm._stats["psc_entries"] += 1
@@ -456,7 +456,7 @@ class SnpVcpu(Vcpu):
         vm = self.vm
         if vm._subs is not None:
             vm._emit("vmgexit_msr_exit", gpa >> 12, (gpa >> 12) + 1, None, 1, 0, status,
-                     (self.id, gpa | (op & 0xF) << 52 | GHCB_MSR_PSC_REQ, 1))
+                     (self.id, gpa | op << 52 | GHCB_MSR_PSC_REQ, 1))
         return GuestOpResult("done", status=status)
 
     def psc(self, desc: PscDesc) -> GuestOpResult:
