@@ -2481,22 +2481,30 @@ cdef class SchedHooks:
         if a is None:
             return 0
         total = (self._now0 + _vm_ns(self) - self._mark) - begin[0]  # now_ns
-        cdef DistState d = <DistState?>self.latency[kind]
+        w = 0 if n <= 1 else a.lock_wait - a.page_wait + a.spin - begin[1]
+        self._latency_put(kind, total, w, n, 1)
         log = self.latency_log
+        if log is not None:
+            log.append((kind, total, w, n))
+        return 0
+
+    cdef int _latency_put(self, kind, total, w, n, times) except -1:
+        """``times`` samples of ``total`` ns (``n`` > 1: a batch of ``n`` operations whose
+        first waited ``w`` ns; :meth:`latency_end`) in distribution ``kind``."""
+        cdef DistState d = <DistState?>self.latency[kind]
         # Distribution._add: the samples are int ns and the counts ints >= 1 (add's checks).
         if n <= 1:
-            d._add_c(total, 1)
-            if log is not None:
-                log.append((kind, total, 1))
+            d._add_c(total, times)
         else:
-            w = a.lock_wait - a.page_wait + a.spin - begin[1]
             each = (total - w) // n
-            d._add_c(each + w, 1)
-            d._add_c(each, n - 1)
-            if log is not None:
-                log.append((kind, each + w, 1))
-                log.append((kind, each, n - 1))
+            d._add_c(each + w, times)
+            d._add_c(each, (n - 1) * times)
         return 0
+
+    def latency_replay(self, kind, total, w, n, times):
+        """Add again, ``times`` times, a sample that :meth:`latency_end` logged as
+        ``(kind, total, w, n)`` in ``latency_log`` (the exit replay, ``pkvm.actors._steps``)."""
+        self._latency_put(kind, total, w, n, times)
 
     def work_ns(self):
         """The running actor's own work so far (its busy time plus what it has not yielded)."""

@@ -277,3 +277,116 @@ def test_posts_1g_walk_is_charged_exit_by_exit_in_every_chunk(platform: str) -> 
             rs.append(guest.accept(lo, (3 << 30) - lo, huge=False))
         out.append((rs, vm.modeled_ns, vm.cost_by_actor(), dict(vm.stats), vmm.conversions))
     assert out[0] == out[1]
+
+
+def _hists(tl: Timeline) -> dict[str, dict[int, int]]:
+    return {k: dict(d._hist) for k, d in tl.latency.items()}
+
+
+@pytest.mark.parametrize("case", ["tdx-from-chunk-start", "tdx-prefix-walked", "tdx-prefix-stops", "snp-2m-entries",
+                                  "snp-4k-entries"])
+def test_growing_steps_are_replayed_exactly(case: str) -> None:
+    """Stretches whose exits walk further each time: POST's 1G test walks a chunk's 2M
+    sub-chunks from its first, so a conversion from a chunk's first gfn (or after a prefix
+    already converted, or with 2M-entry requests) walks one exit's worth more at each exit;
+    with 4K-entry requests the 2M test walks gfn by gfn the same way. On a timeline (each exit
+    adds an ``attr_ioctl`` and an ``exit`` latency sample, growing too) the replay must give
+    every figure, map and latency sample of the per-exit path, and must have replayed. The
+    control: a prefix whose walk stops before the stretch (every exit the same step)."""
+    platform = case.split("-")[0]
+    gib = 1 << 18
+    out = []
+    for replay in (True, False):
+        vm = pkvm.VM(platform, policy="6.19" if platform == "tdx" else "fault-time")
+        vmm = pkvm.Vmm(vm)
+        vmm.add_ram(0, 3 * gib << 12)
+        vm.create_vcpu()
+        if platform == "tdx":
+            vmm.launch([(0, 1 << 20, True)])
+        guest = pkvm.Guest(vm, vmm)
+        guest.flows.compress_exits = replay
+        tl = Timeline(vm, simpy.Environment())
+        calls: list[int] = []
+        orig = vmm._convert_memory
+        vmm._convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
+        results: list[object] = []
+        ops = {"tdx-from-chunk-start": [("convert", gib, gib + gib // 2, False, False),
+                                        ("convert", gib, gib, True, False)],
+               "tdx-prefix-walked": [("convert", gib, 512 * 3, False, False),
+                                     ("convert", gib + 512 * 3, gib // 2, False, False)],
+               "tdx-prefix-stops": [("convert", gib + 512, 512 * 3, False, False),
+                                    ("convert", gib + 512 * 4, gib // 2, False, False)],
+               "snp-2m-entries": [("psc", gib, 2 * gib, False, False),
+                                  ("accept", gib, gib + 16 * 512, True, True)],
+               "snp-4k-entries": [("psc", 2 * gib, 4096, False, False),
+                                  ("accept", 2 * gib + 1024 + 64, 2048, True, False)]}[case]
+
+        def main(guest: pkvm.Guest = guest, results: list[object] = results, ops: list = ops) -> None:
+            for op in ops:
+                if op[0] == "psc":  # the page-state change to shared alone (nothing was validated)
+                    with vm.acting(guest.actor):
+                        r = guest.flows.page_state_change(op[1] << 12, op[2] << 12, False, False)
+                    results.append((r, _state(vm, vmm, guest)))
+                else:
+                    results.append((_do(guest, op), _state(vm, vmm, guest)))
+
+        tl.spawn("vcpu0", main)
+        tl.run()
+        out.append((results, tl.result().to_dict(), _hists(tl), len(calls)))
+    assert out[0][:3] == out[1][:3]
+    assert all(r for r, _s in out[0][0]), out[0][0]
+    assert out[0][3] < out[1][3] - 2, (out[0][3], out[1][3])  # some exits were replayed
+
+
+def _gib_ops(platform: str) -> st.SearchStrategy[list[tuple[object, ...]]]:
+    """Operations on a 3 GiB guest over ranges of up to a GiB and a half that start on or near
+    1G and 2M boundaries (where the POST walks grow), a few touches between them."""
+    gib = 1 << 18
+    start = st.builds(lambda c, s, o: c * gib + s * 512 + o, st.integers(0, 2), st.integers(0, 511),
+                      st.sampled_from([0, 0, 0, 1, 64, 300]))
+    size = st.builds(lambda s, o: s * 512 + o, st.integers(1, 768), st.sampled_from([0, 0, 0, 5, 64]))
+    kinds = ["convert", "convert", "accept"] + (["psc"] if platform == "snp" else [])
+    ranged = st.tuples(st.sampled_from(kinds), start, size, st.booleans(), st.booleans())
+    touch = st.tuples(st.just("touch"), start, st.integers(1, 3), st.booleans(), st.booleans())
+    return st.lists(st.one_of(ranged, ranged, touch), min_size=1, max_size=4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), platform=st.sampled_from(["snp", "tdx"]))
+def test_replay_equals_per_exit_where_walks_grow(data: st.DataObject, platform: str) -> None:
+    """Random conversions, acceptances and page-state changes on a 3 GiB guest on a timeline,
+    over ranges placed where POST's walks grow from exit to exit: the replay (growing steps
+    included) and the per-exit path give the same results, maps, figures and latency samples."""
+    ops = data.draw(_gib_ops(platform))
+    gib = 1 << 18
+    out = []
+    for replay in (True, False):
+        vm = pkvm.VM(platform, policy="6.19" if platform == "tdx" else "fault-time")
+        vmm = pkvm.Vmm(vm)
+        vmm.add_ram(0, 3 * gib << 12)
+        vm.create_vcpu()
+        if platform == "tdx":
+            vmm.launch([(0, 1 << 20, True)])
+        guest = pkvm.Guest(vm, vmm)
+        guest.flows.compress_exits = replay
+        tl = Timeline(vm, simpy.Environment())
+        results: list[object] = []
+
+        def main(guest: pkvm.Guest = guest, vm: pkvm.VM = vm, vmm: pkvm.Vmm = vmm,
+                 results: list[object] = results) -> None:
+            for op in ops:
+                kind, gfn, n, private, _huge = op
+                n = min(n, 3 * gib - gfn)
+                if n <= 0:
+                    continue
+                if kind == "psc":
+                    with vm.acting(guest.actor):
+                        r: object = guest.flows.page_state_change(gfn << 12, n << 12, private, _huge)
+                else:
+                    r = _do(guest, (kind, gfn, n, private, _huge))
+                results.append((r, _state(vm, vmm, guest)))
+
+        tl.spawn("vcpu0", main)
+        tl.run()
+        out.append((results, tl.result().to_dict(), _hists(tl)))
+    assert out[0] == out[1]

@@ -9,12 +9,14 @@ change request per 64 entries and KVM exits once per run of them (``arch/x86/kvm
 (``kvm_convert_memory``: ``KVM_SET_MEMORY_ATTRIBUTES``, then the discard or the hole punch).
 
 Where every chunk of a stretch starts from the same state and the conversion touches no
-mapping and no memory (:func:`uniform_end`), every exit does exactly the same work: the same
-counters, charges, lock acquisitions and hold times, latency samples. :class:`StepReplay` then
-runs the first two exits of the stretch on the ordinary path and records what each added
-(:meth:`StepReplay.mark`); if the two agree, the next ``k`` exits are answered as one
+mapping and no memory (:func:`uniform_end`), every exit does the same work: the same
+counters, charges, lock acquisitions and hold times, latency samples, except that POST's tests
+may walk one exit further into the stretch than the exit before (by the same amount each time).
+:class:`StepReplay` then runs the first two exits of the stretch on the ordinary path and
+records what each added (:meth:`StepReplay.mark`), and a third if those two differ; if the
+steps agree (equal, or growing by the same amount), the next ``k`` exits are answered as one
 conversion of their union (the same final state: attributes, MIXED flags) with the accounting
-of ``k`` times the recorded step added instead of what the union cost, and the stretch's last
+of the ``k`` steps that follow the recorded ones added instead of what the union cost, and the stretch's last
 exit runs on the ordinary path again (it leaves the invalidation range as the per-exit path
 does). Nothing is replayed while anyone subscribes to the VM's events (a tracer included),
 while a failure is armed, while another actor runs on the timeline, while the timeline records
@@ -69,8 +71,8 @@ def uniform_end(vm: VM, vmm: Vmm, start: int, end: int, private: bool, npages: i
     next once the stretch reaches another chunk, though the first exits agreed: the stretch
     ends with the chunk ``start`` is in (the 1G chunk, and the 2M chunk for exits that are
     not whole 2M chunks). Inside it, the walk of an exit stops before the stretch (the same
-    for every exit) or inside what the stretch converted (a different length each time,
-    which the recorded steps show: :meth:`StepReplay.ready`)."""
+    for every exit) or at the first gfn (sub-chunk) the stretch has not converted yet, one
+    exit's worth further each time (:meth:`StepReplay.ready`)."""
     slot = vm._slot_at(start)
     if slot is None or slot.gmem is None or slot.gmem_file is None or slot.invalid or not vmm.discard:
         return start
@@ -139,64 +141,106 @@ class _Snap:
             self.races = dict(sched.races)
 
 
-def _diff(a: dict[Any, Any], b: dict[Any, Any]) -> dict[Any, Any]:
-    return {k: v - a.get(k, 0) for k, v in b.items() if v != a.get(k, 0)}
-
-
 class _Step:
-    """What one exit added (``b - a``); equal steps compare equal."""
+    """What one exit added (``b - a``): ``num``, every figure that adds up, by key (zeros left
+    out), and ``shape``, what must be the same at every exit of a stretch (the acting actor,
+    the events and races added, each latency sample's kind, waits and batch size). Equal
+    steps compare equal."""
 
-    __slots__ = ("stats", "cells", "clk", "actor", "modeled", "vm_counts", "vmm_counts", "locks", "samples",
-                 "races", "events", "_key")
+    __slots__ = ("num", "shape")
 
-    def __init__(self, a: _Snap, b: _Snap, log: list[tuple[str, int, int]] | None) -> None:
-        self.stats = _diff(a.stats, b.stats)
-        self.cells = {x: d for x, c in b.cells.items() if (d := _diff(a.cells.get(x, {}), c))}
-        self.clk = _diff(a.clk, b.clk)
-        self.actor = b.actor if a.actor == b.actor else None
-        self.modeled = b.modeled - a.modeled
-        self.vm_counts = tuple(y - x for x, y in zip(a.vm_counts, b.vm_counts, strict=True))
-        self.vmm_counts = tuple(y - x for x, y in zip(a.vmm_counts, b.vmm_counts, strict=True))
-        self.locks = {n: tuple(y - x for x, y in zip(a.locks[n], v, strict=True))
-                      for n, v in b.locks.items() if v != a.locks[n]}
-        self.samples = tuple(log[a.log:b.log]) if log is not None else ()
-        self.races = _diff(a.races, b.races)
-        self.events = b.events - a.events
-        self._key = (sorted(self.stats.items()), sorted((x, sorted(d.items())) for x, d in self.cells.items()),
-                     sorted(self.clk.items()), self.actor, self.modeled, self.vm_counts, self.vmm_counts,
-                     sorted(self.locks.items()), self.samples, sorted(self.races.items()), self.events)
+    def __init__(self, a: _Snap, b: _Snap, log: list[tuple[str, int, int, int]] | None) -> None:
+        num: dict[tuple[Any, ...], int] = {}
+
+        def put(key: tuple[Any, ...], d: int) -> None:
+            if d:
+                num[key] = d
+
+        for x, v in b.stats.items():
+            put(("stats", x), v - a.stats.get(x, 0))
+        for x, c in b.cells.items():
+            ac = a.cells.get(x, {})
+            for op, v in c.items():
+                put(("cell", x, op), v - ac.get(op, 0))
+        for x, v in b.clk.items():
+            put(("clk", x), v - a.clk.get(x, 0))
+        put(("modeled",), b.modeled - a.modeled)
+        for i, (p, q) in enumerate(zip(a.vm_counts, b.vm_counts, strict=True)):
+            put(("vm", i), q - p)
+        for i, (p, q) in enumerate(zip(a.vmm_counts, b.vmm_counts, strict=True)):
+            put(("vmm", i), q - p)
+        for name, held in b.locks.items():
+            for i, (p, q) in enumerate(zip(a.locks[name], held, strict=True)):
+                put(("lock", name, i), q - p)
+        samples = log[a.log:b.log] if log is not None else []
+        for i, (_kind, total, _w, _n) in enumerate(samples):
+            put(("sample", i), total)
+        races = sorted((x, v - a.races.get(x, 0)) for x, v in b.races.items() if v != a.races.get(x, 0))
+        self.num = num
+        self.shape = (b.actor if a.actor == b.actor else None, b.events - a.events, tuple(races),
+                      tuple((kind, w, n) for kind, _t, w, n in samples))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Step) and self._key == other._key
+        return isinstance(other, _Step) and self.shape == other.shape and self.num == other.num
 
     __hash__ = None  # type: ignore[assignment]
 
     def clean(self) -> bool:
         """A step that may be repeated by arithmetic: no failed conversion, no warning, no
         race, no lock wait (each of those depends on more than the step's own state)."""
-        return (self.actor is not None and not self.vmm_counts[1] and not self.events and not self.races
-                and all(not d[4] and not d[5] for d in self.locks.values()))
+        actor, events, races, _samples = self.shape
+        num = self.num
+        return (actor is not None and not num.get(("vmm", 1)) and not events and not races
+                and not any(k[0] == "lock" and k[2] >= 4 for k in num))
+
+
+def _growth(d1: _Step, d2: _Step, d3: _Step) -> dict[tuple[Any, ...], int] | None:
+    """How much each figure of three consecutive steps grows from one step to the next, if
+    it grows by the same amount each time, by no less than zero, and nothing else differs
+    (the shape, the VMM's counts); else None."""
+    if not d1.shape == d2.shape == d3.shape:
+        return None
+    growth: dict[tuple[Any, ...], int] = {}
+    for key in d1.num.keys() | d2.num.keys() | d3.num.keys():
+        a, b, c = d1.num.get(key, 0), d2.num.get(key, 0), d3.num.get(key, 0)
+        g = b - a
+        if c - b != g or g < 0 or (g and key[0] == "vmm"):
+            return None
+        if g:
+            growth[key] = g
+    return growth
 
 
 class StepReplay:
     """Records the first exits of a uniform stretch and answers the next ones as one range
     operation with the recorded accounting repeated (module docstring).
 
-    Use: :meth:`begin`, then :meth:`mark` before each exit of the stretch is answered; after
-    the third mark, :meth:`ready` says whether the two recorded steps agree; :meth:`skip`
-    then answers ``k`` exits through ``silent`` (which changes the state as those ``k`` exits
-    would, at any cost) and sets every counter and clock to the third mark plus ``k`` steps.
-    :meth:`end` (also done by :meth:`skip`) stops recording."""
+    Use: :meth:`begin`, then :meth:`mark` before each exit of the stretch is answered; from
+    the third mark on, :meth:`ready` says whether the recorded steps repeat (two equal ones)
+    or grow by the same amount each time (three whose differences agree), or that one more
+    exit must be recorded to tell; :meth:`skip` then answers ``k`` exits through ``silent``
+    (which changes the state as those ``k`` exits would, at any cost) and sets every counter
+    and clock to the last mark plus the ``k`` steps that follow the recorded ones.
+    :meth:`end` (also done by :meth:`skip`) stops recording.
 
-    __slots__ = ("vm", "vmm", "snaps")
+    Steps grow where POST's 2M and 1G tests walk a chunk from its first gfn into what the
+    stretch has converted so far (docs/kernel-semantics.md §3.3; :func:`uniform_end`): each
+    exit walks ``npages`` gfns (or ``npages / 512`` sub-chunks) further than the one before,
+    up to the stretch's last exit, which is answered on the ordinary path. Every figure an exit
+    adds is then a sum of prices times counts that each grow by a fixed amount, so the ``i``-th
+    step after the last recorded one is that step plus ``i`` times the growth."""
+
+    __slots__ = ("vm", "vmm", "snaps", "growth")
 
     def __init__(self, vm: VM, vmm: Vmm) -> None:
         self.vm = vm
         self.vmm = vmm
         self.snaps: list[_Snap] = []
+        self.growth: dict[tuple[Any, ...], int] = {}
 
     def begin(self) -> None:
         self.snaps = []
+        self.growth = {}
         sched = self.vm._sched
         if sched is not None:
             sched.latency_log = []
@@ -212,23 +256,42 @@ class StepReplay:
         self.snaps.append(_Snap(self.vm, self.vmm))
         return len(self.snaps)
 
-    def ready(self) -> bool:
-        """Three marks, and the two steps between them are equal and clean."""
-        if len(self.snaps) != 3 or not replayable(self.vm):
+    def ready(self) -> bool | None:
+        """After three marks: True if the two steps between them are equal and clean; None if
+        they differ (one more exit is to be recorded); after four: True if the three steps
+        grow by the same amount each time and are clean. False otherwise: no replay."""
+        n = len(self.snaps)
+        if n not in (3, 4) or not replayable(self.vm):
             return False
         log = self.vm._sched.latency_log if self.vm._sched is not None else None
-        a, b, c = self.snaps
-        d1, d2 = _Step(a, b, log), _Step(b, c, log)
-        return d1 == d2 and d2.clean()
+        steps = [_Step(a, b, log) for a, b in zip(self.snaps, self.snaps[1:], strict=False)]
+        if not steps[-1].clean():
+            return False
+        if n == 3:
+            return True if steps[0] == steps[1] else None
+        growth = _growth(*steps)
+        if growth is None:
+            return False
+        self.growth = growth
+        return True
 
     def skip(self, k: int, silent: Callable[[], Any]) -> Any:
         """Run ``silent()`` (the state change of ``k`` exits; its return value is returned)
-        unobserved, then set the accounting to the last mark plus ``k`` recorded steps."""
+        unobserved, then set the accounting to the last mark plus the ``k`` steps after the
+        recorded ones: ``k`` times the last recorded step, plus its growth times
+        ``1 + 2 + ... + k``."""
         vm, vmm = self.vm, self.vmm
         sched = vm._sched
         log = sched.latency_log if sched is not None else None
-        b, c = self.snaps[1], self.snaps[2]
-        step = _Step(b, c, log)
+        b, c = self.snaps[-2], self.snaps[-1]
+        step = _Step(b, c, log).num
+        growth = self.growth
+        tri = k * (k + 1) // 2
+
+        def add(key: tuple[Any, ...]) -> int:
+            return k * step.get(key, 0) + tri * growth.get(key, 0)
+
+        samples = list(log[b.log:c.log]) if log is not None else []
         self.end()
         vm._sched = None  # the union is one ioctl: neither its locks nor its latency count
         try:
@@ -237,36 +300,40 @@ class StepReplay:
             vm._sched = sched
         st = vm._stats
         for key, v in c.stats.items():
-            st[key] = v + k * step.stats.get(key, 0)
+            st[key] = v + add(("stats", key))
         for x, cell in vm._actor_ns.items():
             base = c.cells.get(x)
             if base is None:
                 raise InternalInvariantError(f"actor {x!r} first acted in a replayed exit")
-            d = step.cells.get(x, {})
             for op in [op for op in cell if op not in base]:
                 del cell[op]
             for op, v in base.items():
-                cell[op] = v + k * d.get(op, 0)
+                cell[op] = v + add(("cell", x, op))
         if vm._actor != c.actor:
             raise InternalInvariantError(f"a replayed exit left {vm._actor!r} acting, not {c.actor!r}")
         tot = vm._actor_tot
         for x, v in c.clk.items():
-            tot[x] = v + k * step.clk.get(x, 0)
-        vm._modeled_ns = c.modeled + k * step.modeled
+            tot[x] = v + add(("clk", x))
+        vm._modeled_ns = c.modeled + add(("modeled",))
         vm._actor_mark = vm._modeled_ns  # the acting actor's clock is all in _actor_tot
-        vm.attr_ioctls = c.vm_counts[0] + k * step.vm_counts[0]
-        vm.mmu_lock_ns = c.vm_counts[1] + k * step.vm_counts[1]
+        vm.attr_ioctls = c.vm_counts[0] + add(("vm", 0))
+        vm.mmu_lock_ns = c.vm_counts[1] + add(("vm", 1))
         vmm.conversions, vmm.failed_conversions, vmm.gfns_converted = (
-            v + k * dv for v, dv in zip(c.vmm_counts, step.vmm_counts, strict=True))
+            v + add(("vmm", i)) for i, v in enumerate(c.vmm_counts))
         if sched is not None:
-            for n, dl in step.locks.items():
-                ls = sched.locks[n].stats
-                ls.acquisitions += k * dl[0]
-                ls.hold_ns += k * dl[1]
-                ls.hold_write_ns += k * dl[2]
-                ls.hold_read_ns += k * dl[3]
-            for kind, value, count in step.samples:
-                sched.latency[kind]._add(value, count * k)
+            for n, ls in sched.locks.items():
+                st4 = ls.stats
+                st4.acquisitions += add(("lock", n, 0))
+                st4.hold_ns += add(("lock", n, 1))
+                st4.hold_write_ns += add(("lock", n, 2))
+                st4.hold_read_ns += add(("lock", n, 3))
+            for i, (kind, total, w, n) in enumerate(samples):
+                g = growth.get(("sample", i), 0)
+                if not g:
+                    sched.latency_replay(kind, total, w, n, k)
+                else:
+                    for j in range(1, k + 1):
+                        sched.latency_replay(kind, total + j * g, w, n, 1)
         return out
 
 

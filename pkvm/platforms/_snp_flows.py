@@ -296,9 +296,12 @@ class SnpGuestFlows:
                             misses += 1
                             plan = 0
                     if plan:
-                        if replay.mark() == 3:
-                            if replay.ready():
-                                k = plan - 3  # requests 2 .. plan - 2; the last one runs as usual
+                        marks = replay.mark()
+                        verdict = replay.ready() if marks >= 3 else None
+                        if marks >= 3 and verdict is not None:
+                            if verdict:
+                                # requests marks - 1 .. plan - 2; the last one runs as usual
+                                k = plan - marks
                                 replay.skip(k, partial(convert_silently, g.vmm, rg, k * npages,
                                                        op == SNP_PAGE_STATE_PRIVATE))
                                 self.requests += k

@@ -157,8 +157,9 @@ class _MapGpaReplay:
 
     KVM forwards a MapGPA in ``TDX_MAP_GPA_MAX_LEN`` chunks, one ``KVM_HC_MAP_GPA_RANGE`` exit
     each (``tdx_map_gpa``; ``tdx_complete_vmcall_map_gpa`` sends the next). On a stretch of
-    whole chunks whose conversions are the same step (``uniform_end``), the first two are
-    answered as usual and recorded; if they agree, the chunks after them up to the stretch's
+    whole chunks whose conversions are the same step (``uniform_end``), the first two (or
+    three, where the steps grow) are answered as usual and recorded; if they agree
+    (``StepReplay.ready``), the chunks after them up to the stretch's
     last are converted as one range with their accounting, and the vCPU is left in the exit
     of the last chunk, which is answered as usual."""
 
@@ -208,14 +209,18 @@ class _MapGpaReplay:
             self.tried = gpa + n * TDX_MAP_GPA_MAX_LEN
             self.plan, self.plan_gpa = n, gpa
             self.replay.begin()
-        if self.replay.mark() < 3:
+        marks = self.replay.mark()
+        if marks < 3:
             return r
+        verdict = self.replay.ready()
+        if verdict is None:
+            return r  # the steps differ: one more chunk is recorded
         n = self.plan
         self.plan = 0
-        if not self.replay.ready() or not self._eligible():
+        if not verdict or not self._eligible():
             self.replay.end()
             return r
-        k = n - 3  # chunks 2 .. n - 2; the last one is answered as usual
+        k = n - marks  # chunks marks - 1 .. n - 2; the last one is answered as usual
         gfn = hc.gpa >> PAGE_SHIFT
         private = bool(hc.args[2] & KVM_MAP_GPA_RANGE_ENCRYPTED)
         last = self.plan_gpa + (n - 1) * TDX_MAP_GPA_MAX_LEN

@@ -238,9 +238,10 @@ class Timeline(SchedHooks):
         self._changed: simpy.Event | None = None
         self.latency: dict[str, Distribution] = {k: Distribution() for k in LATENCY_KINDS}
         self.races: dict[str, int] = dict.fromkeys(RACE_KINDS, 0)
-        #: While a list: every latency sample added, as ``(kind, value, count)`` (the VMM's
-        #: exit replay reads the samples of one exit to add them again; docs/performance.md).
-        self.latency_log: list[tuple[str, int, int]] | None = None
+        #: While a list: every latency sample added, as ``(kind, total, w, n)``: its ns, and
+        #: for a batch of ``n`` operations the first one's waits (``latency_end``). The VMM's
+        #: exit replay reads the samples of one exit to add them again (docs/performance.md).
+        self.latency_log: list[tuple[str, int, int, int]] | None = None
         self._end: int | None = None
         costs = vm.costs
         self._npf_ns = max(1, costs.ns("npf_fault"))
