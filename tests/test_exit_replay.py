@@ -216,38 +216,61 @@ def test_an_armed_failure_stops_the_replay() -> None:
     assert "xa_reserve failed at gfn 0x800" in r.detail
 
 
+def _hists(tl: Timeline) -> dict[str, dict[int, int]]:
+    return {k: dict(d._hist) for k, d in tl.latency.items()}
+
+
+def _run_gib(platform: str, replay: bool, ops: list[tuple[object, ...]]) -> tuple[object, ...]:
+    """``ops`` on a 3 GiB guest (one vCPU) on a timeline, the replay on or off: per op its
+    result and :func:`_state`; then the timeline's figures, every latency sample, and how
+    many conversions the VMM ran (fewer with the replay). An op ``("psc", gfn, n, private,
+    huge)`` is the page-state change alone (SNP); ops are cut at the guest's end."""
+    gib = 1 << 18
+    vm = pkvm.VM(platform, policy="6.19" if platform == "tdx" else "fault-time")
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 3 * gib << 12)
+    vm.create_vcpu()
+    if platform == "tdx":
+        vmm.launch([(0, 1 << 20, True)])
+    guest = pkvm.Guest(vm, vmm)
+    guest.flows.compress_exits = replay
+    tl = Timeline(vm, simpy.Environment())
+    calls: list[int] = []
+    orig = vmm._convert_memory  # what the exits and the replay's union run
+    vmm._convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
+    results: list[object] = []
+
+    def main() -> None:
+        for kind, gfn, n, private, huge in ops:
+            n = min(n, 3 * gib - gfn)  # type: ignore[operator]
+            if n <= 0:
+                continue
+            if kind == "psc":
+                with vm.acting(guest.actor):
+                    r: object = guest.flows.page_state_change(gfn << 12, n << 12, private, huge)  # type: ignore[operator]
+            else:
+                r = _do(guest, (kind, gfn, n, private, huge))
+            results.append((r, _state(vm, vmm, guest)))
+
+    tl.spawn("vcpu0", main)
+    tl.run()
+    return results, tl.result().to_dict(), _hists(tl), len(calls)
+
+
 @pytest.mark.parametrize("platform", ["snp", "tdx"])
 def test_across_1g_boundaries(platform: str) -> None:
     """Stretches that cross 1G boundaries (the 1G MIXED flags change at each) on a 3 GiB guest
     with a few pages touched here and there, converted back and forth on a timeline: every map
     (2M and 1G MIXED flags included) and figure as on the per-exit path."""
     gib = 1 << 18
-    out = []
-    for replay in (True, False):
-        vm = pkvm.VM(platform, policy="6.19" if platform == "tdx" else "fault-time")
-        vmm = pkvm.Vmm(vm)
-        vmm.add_ram(0, 3 * gib << 12)
-        vm.create_vcpu()
-        if platform == "tdx":
-            vmm.launch([(0, 1 << 20, True)])
-        guest = pkvm.Guest(vm, vmm)
-        guest.flows.compress_exits = replay
-        tl = Timeline(vm, simpy.Environment())
-        results: list[object] = []
-        ops = [("accept", 256, 3 * gib - 256, True, True), ("touch", gib + 7, 3, True, False),
-               ("touch", 2 * gib - 600, 2, True, False),
-               ("convert", gib // 2 + 1, 2 * gib, False, False), ("convert", gib - 512, gib + 1024, True, False),
-               ("convert", 2 * gib + 512, gib // 4, True, False)]
-
-        def main(guest: pkvm.Guest = guest, results: list[object] = results) -> None:
-            for op in ops:
-                results.append((_do(guest, op), _state(vm, vmm, guest)))
-
-        tl.spawn("vcpu0", main)
-        tl.run()
-        out.append((results, tl.result().to_dict()))
-    assert out[0] == out[1]
-    assert all(r or isinstance(r, pkvm.AccessResult) for r, _s in out[0][0] if r is not None), out[0][0]
+    ops: list[tuple[object, ...]] = [
+        ("accept", 256, 3 * gib - 256, True, True), ("touch", gib + 7, 3, True, False),
+        ("touch", 2 * gib - 600, 2, True, False),
+        ("convert", gib // 2 + 1, 2 * gib, False, False), ("convert", gib - 512, gib + 1024, True, False),
+        ("convert", 2 * gib + 512, gib // 4, True, False)]
+    on, off = (_run_gib(platform, replay, ops) for replay in (True, False))
+    assert on[:3] == off[:3]
+    assert all(r or isinstance(r, pkvm.AccessResult) for r, _s in on[0] if r is not None), on[0]
 
 
 @pytest.mark.parametrize("platform", ["snp", "tdx"])
@@ -279,10 +302,6 @@ def test_posts_1g_walk_is_charged_exit_by_exit_in_every_chunk(platform: str) -> 
     assert out[0] == out[1]
 
 
-def _hists(tl: Timeline) -> dict[str, dict[int, int]]:
-    return {k: dict(d._hist) for k, d in tl.latency.items()}
-
-
 @pytest.mark.parametrize("case", ["tdx-from-chunk-start", "tdx-prefix-walked", "tdx-prefix-stops", "snp-2m-entries",
                                   "snp-4k-entries"])
 def test_growing_steps_are_replayed_exactly(case: str) -> None:
@@ -295,44 +314,17 @@ def test_growing_steps_are_replayed_exactly(case: str) -> None:
     control: a prefix whose walk stops before the stretch (every exit the same step)."""
     platform = case.split("-")[0]
     gib = 1 << 18
-    out = []
-    for replay in (True, False):
-        vm = pkvm.VM(platform, policy="6.19" if platform == "tdx" else "fault-time")
-        vmm = pkvm.Vmm(vm)
-        vmm.add_ram(0, 3 * gib << 12)
-        vm.create_vcpu()
-        if platform == "tdx":
-            vmm.launch([(0, 1 << 20, True)])
-        guest = pkvm.Guest(vm, vmm)
-        guest.flows.compress_exits = replay
-        tl = Timeline(vm, simpy.Environment())
-        calls: list[int] = []
-        orig = vmm._convert_memory
-        vmm._convert_memory = lambda gpa, size, p: calls.append(size) or orig(gpa, size, p)  # type: ignore[method-assign]
-        results: list[object] = []
-        ops = {"tdx-from-chunk-start": [("convert", gib, gib + gib // 2, False, False),
-                                        ("convert", gib, gib, True, False)],
-               "tdx-prefix-walked": [("convert", gib, 512 * 3, False, False),
-                                     ("convert", gib + 512 * 3, gib // 2, False, False)],
-               "tdx-prefix-stops": [("convert", gib + 512, 512 * 3, False, False),
-                                    ("convert", gib + 512 * 4, gib // 2, False, False)],
-               "snp-2m-entries": [("psc", gib, 2 * gib, False, False),
-                                  ("accept", gib, gib + 16 * 512, True, True)],
-               "snp-4k-entries": [("psc", 2 * gib, 4096, False, False),
-                                  ("accept", 2 * gib + 1024 + 64, 2048, True, False)]}[case]
-
-        def main(guest: pkvm.Guest = guest, results: list[object] = results, ops: list = ops) -> None:
-            for op in ops:
-                if op[0] == "psc":  # the page-state change to shared alone (nothing was validated)
-                    with vm.acting(guest.actor):
-                        r = guest.flows.page_state_change(op[1] << 12, op[2] << 12, False, False)
-                    results.append((r, _state(vm, vmm, guest)))
-                else:
-                    results.append((_do(guest, op), _state(vm, vmm, guest)))
-
-        tl.spawn("vcpu0", main)
-        tl.run()
-        out.append((results, tl.result().to_dict(), _hists(tl), len(calls)))
+    ops = {"tdx-from-chunk-start": [("convert", gib, gib + gib // 2, False, False),
+                                    ("convert", gib, gib, True, False)],
+           "tdx-prefix-walked": [("convert", gib, 512 * 3, False, False),
+                                 ("convert", gib + 512 * 3, gib // 2, False, False)],
+           "tdx-prefix-stops": [("convert", gib + 512, 512 * 3, False, False),
+                                ("convert", gib + 512 * 4, gib // 2, False, False)],
+           "snp-2m-entries": [("psc", gib, 2 * gib, False, False),
+                              ("accept", gib, gib + 16 * 512, True, True)],
+           "snp-4k-entries": [("psc", 2 * gib, 4096, False, False),
+                              ("accept", 2 * gib + 1024 + 64, 2048, True, False)]}[case]
+    out = [_run_gib(platform, replay, ops) for replay in (True, False)]  # type: ignore[arg-type]
     assert out[0][:3] == out[1][:3]
     assert all(r for r, _s in out[0][0]), out[0][0]
     assert out[0][3] < out[1][3] - 2, (out[0][3], out[1][3])  # some exits were replayed
@@ -358,35 +350,5 @@ def test_replay_equals_per_exit_where_walks_grow(data: st.DataObject, platform: 
     over ranges placed where POST's walks grow from exit to exit: the replay (growing steps
     included) and the per-exit path give the same results, maps, figures and latency samples."""
     ops = data.draw(_gib_ops(platform))
-    gib = 1 << 18
-    out = []
-    for replay in (True, False):
-        vm = pkvm.VM(platform, policy="6.19" if platform == "tdx" else "fault-time")
-        vmm = pkvm.Vmm(vm)
-        vmm.add_ram(0, 3 * gib << 12)
-        vm.create_vcpu()
-        if platform == "tdx":
-            vmm.launch([(0, 1 << 20, True)])
-        guest = pkvm.Guest(vm, vmm)
-        guest.flows.compress_exits = replay
-        tl = Timeline(vm, simpy.Environment())
-        results: list[object] = []
-
-        def main(guest: pkvm.Guest = guest, vm: pkvm.VM = vm, vmm: pkvm.Vmm = vmm,
-                 results: list[object] = results) -> None:
-            for op in ops:
-                kind, gfn, n, private, _huge = op
-                n = min(n, 3 * gib - gfn)
-                if n <= 0:
-                    continue
-                if kind == "psc":
-                    with vm.acting(guest.actor):
-                        r: object = guest.flows.page_state_change(gfn << 12, n << 12, private, _huge)
-                else:
-                    r = _do(guest, (kind, gfn, n, private, _huge))
-                results.append((r, _state(vm, vmm, guest)))
-
-        tl.spawn("vcpu0", main)
-        tl.run()
-        out.append((results, tl.result().to_dict(), _hists(tl)))
-    assert out[0] == out[1]
+    on, off = (_run_gib(platform, replay, ops) for replay in (True, False))
+    assert on[:3] == off[:3]
