@@ -288,13 +288,15 @@ cdef int _begin_insn(vcpu) except -1:
 def hypercall_exit(vcpu, hc, complete, faults=0):
     """Stop ``vcpu`` in a ``KVM_EXIT_HYPERCALL`` carrying ``hc``; ``complete`` runs at the next
     ``KVM_RUN`` (``complete_userspace_io``). Counts the exit; the caller charges it (the cost
-    of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``)."""
+    of an exit depends on the instruction: ``userspace_exit``, or TDX's ``map_gpa``). Records
+    ``hc.flags`` as what the vCPU's ``run->hypercall.flags`` now holds (``Vcpu._hc_flags``)."""
     return _hypercall_exit(vcpu, hc, complete, faults)
 
 
 cdef object _hypercall_exit(vcpu, hc, complete, faults):
     vm = vcpu.vm
     _stat_add(vm._stats, "hypercall_exits", 1)
+    vcpu._hc_flags = hc.flags  # what kvm_run now holds (Vcpu._hc_flags)
     if vm._subs is not None:
         vm._emit("userspace_exit", None, None, None, 1, 0, _KVM_EXIT_HYPERCALL, (_KVM_EXIT_HYPERCALL, 0))
     vcpu._resume = complete

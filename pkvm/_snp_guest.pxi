@@ -351,7 +351,6 @@ cdef int _PSC_PRIVATE = 1                        # SNP_PAGE_STATE_PRIVATE
 cdef int _HC_MAP_GPA_RANGE = 12                  # KVM_HC_MAP_GPA_RANGE
 cdef int _MAP_GPA_ENCRYPTED = 1 << 4             # KVM_MAP_GPA_RANGE_ENCRYPTED (DECRYPTED: 0)
 cdef int _MAP_GPA_SZ_2M = 1                      # KVM_MAP_GPA_RANGE_PAGE_SZ_2M (4K: 0)
-cdef int _HC_LONG_MODE = 1                       # KVM_EXIT_HYPERCALL_LONG_MODE
 _VMGEXIT_PSC = 0x80000010                        # SVM_VMGEXIT_PSC
 _PSC_ERROR_GENERIC = 0x100 << 32                 # VMGEXIT_PSC_ERROR_GENERIC
 
@@ -405,7 +404,8 @@ cdef object _psc_run(vcpu, list runs, int op, list at):
     gfn, n, huge = runs[k]
     _stat_add(vcpu.vm._stats, "psc_entries", n)
     attrs = (_MAP_GPA_ENCRYPTED if op == _PSC_PRIVATE else 0) | (_MAP_GPA_SZ_2M if huge else 0)
-    hc = Hypercall(_HC_MAP_GPA_RANGE, (gfn << 12, n * 512 if huge else n, attrs), 0, _HC_LONG_MODE)
+    # snp_begin_psc leaves run->hypercall.flags as it was (docs/snp.md, "flags")
+    hc = Hypercall(_HC_MAP_GPA_RANGE, (gfn << 12, n * 512 if huge else n, attrs), 0, vcpu._hc_flags)
     cdef _PscRunDone done = _PscRunDone.__new__(_PscRunDone)
     done.vcpu = vcpu
     done.hc = hc

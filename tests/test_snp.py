@@ -757,3 +757,51 @@ def test_launch_update_closed_guest_memfd_is_eio():
         vm.snp.launch_update(0, 0x1000)
     assert (e.value.errno, e.value.error, e.value.populate_errno) == (errno.EIO, 0, errno.EFAULT)
     assert snapshot(vm) == before
+
+
+@pytest.mark.parametrize("preset", ["6.11", "6.16", "6.19"])
+def test_psc_exits_leave_hypercall_flags_as_they_were(preset):
+    """snp_begin_psc_msr and snp_begin_psc (arch/x86/kvm/svm/sev.c, 6.11 to 6.19) fill
+    exit_reason, nr, ret (6.13+) and args[0..2] of run->hypercall but never its flags: userspace
+    reads what the field last held. kvm_run is zeroed when the vCPU is created, so a vCPU's
+    first PSC exits carry 0; after a KVM_HC_MAP_GPA_RANGE hypercall exit (whose flags
+    ____kvm_emulate_hypercall in arch/x86/kvm/x86.c does write) they carry that value. pkvm
+    reported KVM_EXIT_HYPERCALL_LONG_MODE on every PSC exit."""
+    pol = pkvm.Policy.preset(preset)
+    vm = pkvm.VM("snp", policy=pol)
+    gmem = vm.create_guest_memfd(4 * MiB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MiB, UADDR, gmem, 0)
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    vcpu = vm.create_vcpu()
+    shared = sv.SNP_PAGE_STATE_SHARED
+
+    def flags_of_all_three():
+        out = []
+        r = vcpu.psc_msr(0x3000, shared)
+        out.append(r.hypercall.flags)
+        vcpu.run()
+        r = vcpu.psc(sv.PscDesc.of([E(5, shared)]))
+        out.append(r.hypercall.flags)
+        vcpu.run()
+        r = vcpu._psc_runs([(9, 1, False)], shared, [0])
+        out.append(r.hypercall.flags)
+        vcpu.run()
+        return out
+
+    assert flags_of_all_three() == [0, 0, 0]  # never written since KVM_CREATE_VCPU
+    r = vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, 0x10000, 1, 0, long_mode=True)
+    assert r.hypercall.flags == pkvm.constants.KVM_EXIT_HYPERCALL_LONG_MODE
+    vcpu.run()
+    assert flags_of_all_three() == [pkvm.constants.KVM_EXIT_HYPERCALL_LONG_MODE] * 3
+    r = vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, 0x10000, 1, 0, long_mode=False)
+    assert r.hypercall.flags == 0
+    vcpu.run()
+    assert flags_of_all_three() == [0, 0, 0]
+    # a refused hypercall (bad arguments) exits nowhere and writes nothing
+    r = vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, 0x10000, 1, 0, long_mode=True)
+    vcpu.run()
+    assert vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, 0x10001, 1, 0, long_mode=False).ret == "done"
+    assert flags_of_all_three() == [pkvm.constants.KVM_EXIT_HYPERCALL_LONG_MODE] * 3
+    # another vCPU has its own kvm_run
+    vcpu = vm.create_vcpu()
+    assert flags_of_all_three() == [0, 0, 0]

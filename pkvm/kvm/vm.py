@@ -1172,14 +1172,17 @@ class Vcpu:
     """
 
     # _page_fault: this vCPU's typed page-fault entry (pkvm._core.VcpuFault), set on the first
-    # read of ``page_fault``
-    __slots__ = ("vm", "id", "_resume", "_page_fault")
+    # read of ``page_fault``; _hc_flags: ``run->hypercall.flags`` as this vCPU's last
+    # KVM_EXIT_HYPERCALL left it (kvm_run is zeroed at KVM_CREATE_VCPU; SNP's page-state-change
+    # exits do not write the field, so they show this value again; docs/snp.md)
+    __slots__ = ("vm", "id", "_resume", "_page_fault", "_hc_flags")
 
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
         self.id = vcpu_id
         #: ``complete_userspace_io``: what the next :meth:`run` does (None: nothing pending).
         self._resume: Callable[[], GuestOpResult] | None = None
+        self._hc_flags = 0
 
     def __repr__(self) -> str:
         return f"<pkvm.Vcpu {self.id} of {self.vm!r}>"

@@ -42,7 +42,6 @@ from pkvm._core import (
     snp_usable_end,
 )
 from pkvm.constants import (
-    KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
@@ -444,8 +443,9 @@ class SnpVcpu(Vcpu):
             return self._msr_done(gpa, op, GHCB_MSR_PSC_RESP_ERROR)
         vm._stats["psc_entries"] += 1
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if op == SNP_PAGE_STATE_PRIVATE else KVM_MAP_GPA_RANGE_DECRYPTED
+        # snp_begin_psc_msr does not write run->hypercall.flags: it keeps its last value
         hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gpa, 1, attrs | KVM_MAP_GPA_RANGE_PAGE_SZ_4K), 0,
-                       KVM_EXIT_HYPERCALL_LONG_MODE)
+                       self._hc_flags)
 
         def complete() -> GuestOpResult:  # snp_complete_psc_msr
             return self._msr_done(gpa, op, GHCB_MSR_PSC_RESP_ERROR if hc.ret else GHCB_MSR_PSC_RESP)
@@ -567,8 +567,9 @@ class SnpVcpu(Vcpu):
             # The size flag is the first entry's page-size bit, even for a partly done 2M entry
             # that continues as 4K pages (snp_begin_psc).
             attrs |= KVM_MAP_GPA_RANGE_PAGE_SZ_2M if first.huge else KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+            # snp_begin_psc does not write run->hypercall.flags: it keeps its last value
             hc = Hypercall(KVM_HC_MAP_GPA_RANGE, (gfn << PAGE_SHIFT, npages, attrs), 0,
-                           KVM_EXIT_HYPERCALL_LONG_MODE)
+                           self._hc_flags)
 
             def complete(hc: Hypercall = hc, idx: int = idx, inflight: int = inflight) -> GuestOpResult:
                 if hc.ret:  # snp_complete_one_psc: userspace failed the range
