@@ -96,6 +96,55 @@ def test_init_mem_region_stops_with_progress(setup, err, pages_done):
     vm.check()
 
 
+TASK_SIZE_MAX = (1 << 47) - 4096  # x86_64, 4-level host paging (pkvm.constants.TASK_SIZE_MAX)
+
+
+@pytest.mark.parametrize("policy", ["6.16", "6.19"])
+@pytest.mark.parametrize(("source", "err", "pages_done"), [
+    (0, errno.EFAULT, 0),
+    (TASK_SIZE_MAX, errno.EFAULT, 0),
+    ((1 << 64) - 4096, errno.EOVERFLOW, 0),
+    (TASK_SIZE_MAX - 2 * 4096, errno.EFAULT, 2),
+], ids=["null", "above-task-size", "wraps", "crosses-task-size"])
+def test_init_mem_region_source_that_cannot_be_pinned(policy, source, err, pages_done):
+    """tdx_gmem_post_populate (arch/x86/kvm/vmx/tdx.c, 6.16 and 6.19) first pins the page's
+    source with get_user_pages_fast, whose gup_fast_fallback (mm/gup.c) refuses a range past
+    TASK_SIZE_MAX (-EFAULT) or wrapping (-EOVERFLOW); address 0, which a VMM does not map, is
+    pkvm's stand-in for an unmapped source (-EFAULT: no VMA). kvm_gmem_populate has found or
+    allocated the folio by then (not prepared); nothing is mapped or added for that page, the
+    pages before it stay added and the region written back says what remains. pkvm accepted
+    such a source and added the pages."""
+    vm, vmm, gmem, vcpu = td(policy=policy, finalize=False)
+    nr_premapped = vm.tdx.nr_premapped
+    with pytest.raises(pkvm.KvmError, match="get_user_pages_fast cannot pin the source page") as exc:
+        vm.tdx.init_mem_region(vcpu, 0x1000, 4, source_addr=source, flags=MEASURE)
+    assert exc.value.errno == err
+    assert exc.value.progress == (0x1000 + pages_done * 4096, 4 - pages_done)
+    assert vm.stats["seamcall_add"] == pages_done
+    assert vm.tdx.nr_premapped == nr_premapped
+    failed = 1 + pages_done
+    assert vm.sept.state(failed) == "free" and vm.mmu.lookup(failed) is None
+    assert gmem.folio(failed) is not None and not gmem.folio(failed)[2]  # allocated, not prepared
+    vm.check()
+    # the page is not EEXIST: a mapped source adds it and the rest
+    assert vm.tdx.init_mem_region(vcpu, 0x1000 + pages_done * 4096, 4 - pages_done, source_addr=0x7f0000000000,
+                                  flags=MEASURE) == 4 - pages_done
+    vm.tdx.finalize_vm()
+
+
+def test_init_mem_region_default_source_is_a_mapped_buffer():
+    """source_addr=None (the default) stands for the VMM's mapped image: every page is added;
+    an unaligned source is EINVAL among the ioctl's argument checks, before any page."""
+    vm, vmm, gmem, vcpu = td(finalize=False)
+    assert vm.tdx.init_mem_region(vcpu, 0, 2) == 2
+    before = tdx_snapshot(vm)
+    with pytest.raises(pkvm.KvmError, match="must be 4 KiB aligned") as exc:
+        vm.tdx.init_mem_region(vcpu, 0x2000, 1, source_addr=0x7f0000000800)
+    assert exc.value.errno == errno.EINVAL and tdx_snapshot(vm) == before
+    with pytest.raises(TypeError):
+        vm.tdx.init_mem_region(vcpu, 0x2000, 1, source_addr=1.0)
+
+
 def test_finalize_rules():
     """KVM_TDX_FINALIZE_VM: once only; busy MR.FINALIZE is EBUSY; after it no more INIT_MEM_REGION."""
     vm, vmm, gmem, vcpu = td(finalize=False)

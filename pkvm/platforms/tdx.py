@@ -50,6 +50,7 @@ from pkvm.constants import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
     RETRY_LIMIT,
+    TASK_SIZE_MAX,
     TDX_EPT_ENTRY_STATE_INCORRECT,
     TDX_OPERAND_BUSY,
     TDX_SHARED_BIT_PWL_4,
@@ -163,7 +164,8 @@ class TdxVm:
 
     # -- KVM_TDX_INIT_MEM_REGION -----------------------------------------------------------
 
-    def init_mem_region(self, vcpu: Vcpu, gpa: int, nr_pages: int, *, source_addr: int = 0, flags: int = 0) -> int:
+    def init_mem_region(self, vcpu: Vcpu, gpa: int, nr_pages: int, *, source_addr: int | None = None,
+                        flags: int = 0) -> int:
         """``KVM_TDX_INIT_MEM_REGION`` (vCPU ioctl; kernel-semantics.md §6.3): add ``nr_pages`` pages of the
         initial image at the private ``gpa``, measuring them when ``flags`` has
         ``KVM_TDX_MEASURE_MEMORY_REGION`` (16 ``TDH.MR.EXTEND`` of 256 bytes per page).
@@ -175,6 +177,12 @@ class TdxVm:
         ``nr_premapped``) and adds after. Uniform runs of pages are processed together.
         Returns the number of pages added (``nr_pages``).
 
+        ``source_addr`` is the VMM's address of the image (page ``i`` is read from
+        ``source_addr + i * 4096``). pkvm models no userspace memory: ``None`` (the default)
+        stands for a buffer the VMM has mapped; an int is checked as ``get_user_pages_fast``
+        checks it for each page, and ``0`` stands for the unmapped page it is in a VMM
+        (docs/tdx.md, "TD build").
+
         Like the kernel, which writes the remaining region back, a failure part way keeps the
         pages already added: the :class:`KvmError` then has ``progress = (gpa, nr_pages)``
         of what remains.
@@ -183,7 +191,9 @@ class TdxVm:
             KvmError: EIO for a dead VM; EINVAL if the TD is finalized, for unknown ``flags``,
                 an unaligned ``gpa`` / ``source_addr``, ``nr_pages == 0``, a wrapping range
                 or one that is not private, a page outside guest_memfd memslots or not
-                PRIVATE; EFAULT if the guest_memfd was closed; EEXIST for a page already
+                PRIVATE; EFAULT if the guest_memfd was closed, or for a source page that is
+                ``0`` or ends above ``TASK_SIZE_MAX``; EOVERFLOW for a source page whose end
+                wraps past 2**64; EEXIST for a page already
                 populated or faulted in; EBUSY (6.16) if ``PAGE.ADD`` stayed busy; EIO if
                 ``TDH.MR.EXTEND`` failed (6.19: the VM is bugged; 6.16: it is not, and the page
                 stays added); EINTR if the S-EPT walk stayed busy for ``RETRY_LIMIT``
@@ -198,7 +208,9 @@ class TdxVm:
         if vcpu.vm is not vm:
             raise ValueError("vcpu belongs to another VM")
         gpa, nr_pages = _u64("gpa", gpa), _u64("nr_pages", nr_pages)
-        source_addr, flags = _u64("source_addr", source_addr), _u64("flags", flags)
+        src = None if source_addr is None else _u64("source_addr", source_addr)
+        flags = _u64("flags", flags)
+        source_addr = 0 if src is None else src  # for the alignment check and the messages
         if self.runnable:
             raise KvmError(errno.EINVAL, "KVM_TDX_INIT_MEM_REGION: the TD is already finalized")
         if flags & ~KVM_TDX_MEASURE_MEMORY_REGION:
@@ -213,11 +225,23 @@ class TdxVm:
         measure = bool(flags & KVM_TDX_MEASURE_MEMORY_REGION)
         gfn, left = gpa >> PAGE_SHIFT, nr_pages
         while left:
-            n, err = self._populate(gfn, left, measure)
+            # The source page of gfn (the kernel advances region.source_addr page by page)
+            src_gfn = None if src is None else (src + (nr_pages - left) * (1 << PAGE_SHIFT)) & U64_MAX
+            fit, src_err = (left, 0) if src_gfn is None else _source_pages(src_gfn, left)
+            if fit:
+                n, err = self._populate(gfn, fit, measure)
+            else:
+                n, err = self._populate(gfn, 1, measure, src_err)
             gfn += n
             left -= n
             if err:
+                src_failed, err = err < 0, abs(err)
                 why = _POPULATE_ERRORS.get(err, errno.errorcode.get(err))
+                if src_failed:
+                    why = (f"get_user_pages_fast cannot pin the source page at {src_gfn:#x} ("
+                           + ("its end wraps past 2**64" if err == errno.EOVERFLOW else
+                              "pkvm's stand-in for an unmapped source" if src_gfn == 0 else
+                              f"it ends above TASK_SIZE_MAX {TASK_SIZE_MAX:#x}") + ")")
                 if err == errno.EIO and not vm.vm_bugged:
                     why = ("the guest_memfd binding is not this memslot's, or (6.16) TDH.MR.EXTEND failed: "
                            "-EIO without bugging the VM, the page stays added")
@@ -227,9 +251,13 @@ class TdxVm:
                 raise exc
         return nr_pages
 
-    def _populate(self, gfn: int, limit: int, measure: bool) -> tuple[int, int]:
+    def _populate(self, gfn: int, limit: int, measure: bool, src_err: int = 0) -> tuple[int, int]:
         """``kvm_gmem_populate`` + ``tdx_gmem_post_populate`` for the longest uniform run of
-        pages from ``gfn`` (at most ``limit``); returns ``(pages added, errno or 0)``."""
+        pages from ``gfn`` (at most ``limit``); returns ``(pages added, errno or 0)``.
+        ``src_err``: ``get_user_pages_fast`` fails on the source of page ``gfn`` (``limit`` is
+        then 1) with that errno, the first step of ``tdx_gmem_post_populate``, so after
+        ``kvm_gmem_populate`` has found or allocated the folio and checked it; that failure
+        returns ``(0, -src_err)``, negative to tell it from the same errno of another step."""
         vm = self._vm
         slot = vm._slot_at(gfn)
         if slot is None or slot.gmem is None:
@@ -258,6 +286,8 @@ class TdxVm:
             return 0, errno.EEXIST
         if not private:
             return 0, errno.EINVAL
+        if src_err:
+            return 0, -src_err                   # tdx_gmem_post_populate: get_user_pages_fast
         end = min(end, fend - off)
         mmu = vm._mmu
         if mmu.sptes.find_ne(gfn, end, 0) != -1:
@@ -331,6 +361,21 @@ class TdxVm:
         if self.seamcalls.call("mr_finalize") == TDX_OPERAND_BUSY:
             raise KvmError(errno.EBUSY, "KVM_TDX_FINALIZE_VM: TDH.MR.FINALIZE returned TDX_OPERAND_BUSY")
         self.state = TD_STATE_RUNNABLE
+
+
+def _source_pages(src: int, left: int) -> tuple[int, int]:
+    """How many of ``left`` source pages from ``src`` (page aligned) ``get_user_pages_fast``
+    can pin, and the errno it fails the next one with (0 if all ``left`` can be pinned).
+    ``gup_fast_fallback`` (mm/gup.c) refuses a range whose end wraps (``-EOVERFLOW``) or lies
+    above ``TASK_SIZE_MAX`` (``-EFAULT``) before looking at any page table; pkvm models no
+    userspace mapping otherwise and takes address 0, which a VMM does not map, as unmapped
+    (``-EFAULT`` from the slow path, which finds no VMA there)."""
+    if src == 0:
+        return 0, errno.EFAULT
+    if src + (1 << PAGE_SHIFT) > U64_MAX:  # check_add_overflow: the end does not fit a u64
+        return 0, errno.EOVERFLOW
+    fit = (TASK_SIZE_MAX - src) >> PAGE_SHIFT if src < TASK_SIZE_MAX else 0
+    return (left, 0) if fit >= left else (fit, errno.EFAULT)
 
 
 _POPULATE_ERRORS = {
