@@ -1113,8 +1113,15 @@ def _runner(args: argparse.Namespace, runs: int | None = None) -> Iterator[Any]:
         except ValueError as exc:
             raise UsageError(f"--scheduler {args.scheduler}: {_message(exc)}") from None
     jobs = args.jobs if runs is None or args.scheduler is not None else max(1, min(args.jobs, runs))
-    with Runner(jobs, args.scheduler) as runner:
+    with Runner(jobs, args.scheduler, notice=_warning) as runner:
         yield runner
+
+
+def _warning(line: str) -> None:
+    """One ``pkvm: warning: ...`` line on stderr (a worker of --scheduler refused during the
+    runs), even with -q: it is about where the runs ran, not a note on the results."""
+    with contextlib.suppress(OSError):  # a closed stderr does not fail the run
+        print(f"{_PROG}: warning: {_escape(line)}", file=sys.stderr, flush=True)
 
 
 def _where(runner: Runner) -> str:

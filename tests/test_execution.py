@@ -168,6 +168,86 @@ def test_workers_of_another_pkvm_are_refused(cluster, monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
+def test_a_worker_of_another_pkvm_that_joins_later_is_closed_before_it_runs_anything(capsys):
+    """The workers were checked only when pkvm connected: one that joined later (an adaptive
+    cluster scaling up) ran pkvm's tasks whatever pkvm it had. Now a worker plugin checks each
+    joining worker before it reads a task and closes a mismatching one; the runner passes one
+    line to ``notice`` and the runs go on on the others. Here the late worker's environment()
+    says pkvm 0.0.0-other (the cluster runs in this process, so the check is patched after the
+    runner connected). After close() the plugin is gone from the scheduler."""
+    from distributed import LocalCluster, get_worker
+
+    from pkvm.experiments import execution
+
+    def where(x):
+        return get_worker().address, x * 2
+
+    notices = []
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=50) as lc:
+        first = next(iter(lc.scheduler.workers))
+        with Runner(scheduler=lc.scheduler_address, worker_timeout=5, notice=notices.append) as runner:
+            real = execution.environment
+
+            def other():
+                return dict(real(), pkvm="0.0.0-other")
+
+            execution.environment = other
+            try:
+                lc.scale(2)
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and not runner._refused:
+                    time.sleep(0.05)
+                out = runner.map(where, [(i,) for i in range(6)], [str(i) for i in range(6)])
+            finally:
+                execution.environment = real
+            assert [x for _, x in out] == [0, 2, 4, 6, 8, 10]
+            assert {w for w, _ in out} == {first}  # the late worker ran none of them
+            assert len(notices) == 1 and "\n" not in notices[0]
+            assert notices[0].startswith(f"--scheduler {lc.scheduler_address}: closed the worker ")
+            assert "that joined after pkvm connected: it does not run this pkvm, Python and Dask (pkvm " \
+                   "0.0.0-other on " in notices[0] and notices[0].endswith("; it ran none of the runs")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and len(lc.scheduler.workers) != 1:
+                time.sleep(0.05)
+            assert list(lc.scheduler.workers) == [first]
+            assert [n for n in lc.scheduler.worker_plugins if n.startswith("pkvm-environment-")]
+        assert not [n for n in lc.scheduler.worker_plugins if n.startswith("pkvm-environment-")]
+    # the command line's notice: one warning line on stderr
+    from pkvm import cli
+
+    cli._warning(notices[0])
+    assert capsys.readouterr().err == f"pkvm: warning: {notices[0]}\n"
+
+
+def test_a_check_left_by_a_runner_that_died_refuses_nothing():
+    """A runner killed without close() leaves its plugin on the scheduler; the scheduler forgets
+    the runner's sentinel task when its client goes, and the plugin then refuses no worker (a
+    cluster upgraded later would otherwise lose every new worker)."""
+    from distributed import Client, LocalCluster
+
+    from pkvm.experiments import execution
+    from pkvm.experiments._dask_plugin import EnvironmentCheck
+
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=50) as lc:
+        with Client(lc, set_as_default=False) as client:
+            sentinel = client.submit(int, 0, key="pkvm-runner-dead", pure=False)
+            client.register_plugin(EnvironmentCheck(dict(execution.environment(), pkvm="0.0.0-gone"),
+                                                    sentinel.key), name="pkvm-environment-dead")
+            sentinel.release()
+            del sentinel
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "pkvm-runner-dead" in lc.scheduler.tasks:
+            time.sleep(0.05)
+        lc.scale(2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(lc.scheduler.workers) != 2:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert len(lc.scheduler.workers) == 2 and "pkvm-environment-dead" in lc.scheduler.worker_plugins
+
+
 def test_what_differs_between_client_and_workers_is_named():
     """Each differing value once, with the first worker that has it and how many more do."""
     from pkvm.experiments.execution import _mismatch, environment

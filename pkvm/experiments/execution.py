@@ -11,8 +11,9 @@ runs to a :class:`Runner`. A run is a pure function of its arguments (a
   with one thread each, and closes it on exit;
 - ``Runner(scheduler="tcp://host:8786")`` connects to an existing cluster, waits up to
   :data:`WORKER_TIMEOUT_S` seconds for it to have a worker, refuses workers that run another
-  pkvm (version or sources), Python or Dask than this process (:func:`environment`), and
-  leaves the cluster running on exit.
+  pkvm (version or sources), Python or Dask than this process (:func:`environment`), closes
+  such a worker that joins later before it runs anything (a worker plugin; ``notice`` gets
+  one line), and leaves the cluster running on exit.
 
 On a cluster every task is submitted with one retry (a worker that dies or a task that fails
 is tried once more), and results come back in submission order. A task that fails twice
@@ -26,6 +27,7 @@ stops the batch with :class:`RunError`, which names the task's configuration.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -35,6 +37,7 @@ import platform
 import signal
 import sys
 import threading
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import resource_tracker
@@ -79,8 +82,10 @@ class NoWorkersError(PkvmError):
 class WorkerMismatchError(PkvmError):
     """A worker of ``--scheduler ADDRESS`` runs another pkvm (its version, or the digest of its
     sources), Python or Dask than this process (:func:`environment`), or cannot tell (it cannot
-    import pkvm, or a pkvm too old to answer): its runs would not be this pkvm's. Checked once,
-    on entry, for the workers there then. A failed run on the command line, exit status 1."""
+    import pkvm, or a pkvm too old to answer): its runs would not be this pkvm's. Raised on
+    entry, for the workers there then; a mismatching worker that joins later is closed before
+    it runs anything and reported through the runner's ``notice`` (:class:`Runner`). A failed
+    run on the command line, exit status 1."""
 
 
 #: The libraries whose versions a worker must share with this process (with Python's): the
@@ -311,6 +316,11 @@ class Runner:
             (``tcp://host:8786``); ``jobs`` is then ignored.
         connect_timeout: seconds to wait for ``scheduler``.
         worker_timeout: seconds to wait, once ``scheduler`` answered, for a worker to join it.
+        notice: called with one line for each worker that joined ``scheduler``'s cluster after
+            the runner connected, runs another pkvm, Python or Dask, and was closed before it
+            ran anything (a worker plugin checks each one; the runs go on on the others).
+            Called from the thread that calls :meth:`map` or :meth:`close`; by default
+            ``warnings.warn(line, RuntimeWarning)``.
 
     Raises:
         ValueError: ``jobs`` is not a positive int or (without ``scheduler``) more than
@@ -331,7 +341,8 @@ class Runner:
     """
 
     def __init__(self, jobs: int = 1, scheduler: str | None = None, *,
-                 connect_timeout: float = CONNECT_TIMEOUT_S, worker_timeout: float = WORKER_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, worker_timeout: float = WORKER_TIMEOUT_S,
+                 notice: Callable[[str], None] | None = None) -> None:
         if type(jobs) is not int or jobs < 1:
             raise ValueError(f"jobs {jobs!r} must be a positive int")
         if scheduler is None and jobs > max_jobs():
@@ -342,6 +353,8 @@ class Runner:
                 raise ValueError(f"{name} {timeout!r} must be a positive number of seconds")
         if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
             raise ValueError(f"scheduler {scheduler!r} must be an address like tcp://host:8786")
+        if notice is not None and not callable(notice):
+            raise ValueError(f"notice {notice!r} must be a callable taking one str")
         if scheduler is not None:
             try:
                 check_address(scheduler.strip())
@@ -353,6 +366,12 @@ class Runner:
         self.worker_timeout = worker_timeout
         self._client: Any = None
         self._cluster: Any = None
+        self.notice = notice
+        # the late-worker check (_check_late_workers): the plugin's name, the client's sentinel
+        # future, and the refusals reported meanwhile (appended by the client's event loop)
+        self._plugin: str | None = None
+        self._sentinel: Any = None
+        self._refused: collections.deque[str] = collections.deque()
         # Ctrl-C seen while this runner is entered (``__enter__``): see _watch_sigint
         self._sigint = False
         self._sigint_prev: Any = None
@@ -466,7 +485,8 @@ class Runner:
                     f"({_detail(exc)})") from None
             try:
                 self._wait_for_workers()
-                self._check_workers()
+                env = self._check_workers()
+                self._check_late_workers(env)
             except BaseException:  # Ctrl-C too: a failed start leaves no client behind
                 self.close()
                 raise
@@ -514,10 +534,10 @@ class Runner:
         finally:
             client.cancel([pending])
 
-    def _check_workers(self) -> None:
+    def _check_workers(self) -> dict[str, str]:
         """:class:`WorkerMismatchError` unless every worker of the remote cluster has this
-        process's :func:`environment`: a worker with another pkvm computed other numbers (or
-        failed on what this one sends it) without a word."""
+        process's :func:`environment` (returned): a worker with another pkvm computed other
+        numbers (or failed on what this one sends it) without a word."""
         try:
             # by reference: each worker runs its own pkvm's environment()
             workers = self._client.run(environment)
@@ -525,18 +545,71 @@ class Runner:
             raise WorkerMismatchError(
                 f"--scheduler {self.scheduler}: could not ask the workers which pkvm they run "
                 f"({_detail(exc)}); every worker needs this pkvm installed") from None
-        differs = _mismatch(environment(), workers)
+        here = environment()
+        differs = _mismatch(here, workers)
         if differs is not None:
             raise WorkerMismatchError(
                 f"--scheduler {self.scheduler}: the workers do not run this pkvm, Python and Dask: "
                 f"{differs}; install the same on every worker")
+        return here
+
+    def _check_late_workers(self, env: dict[str, str]) -> None:
+        """Register the worker plugin that checks every worker joining later against ``env``
+        and closes a mismatching one before it reads a task
+        (:class:`pkvm.experiments._dask_plugin.EnvironmentCheck`); its refusals come back on
+        an event topic. The plugin has a name of its own (another pkvm client of the cluster
+        keeps its own) and is unregistered by :meth:`close`; the sentinel, a tiny task held
+        while this client is connected, makes one left behind by a client that died inert."""
+        from pkvm.experiments._dask_plugin import REFUSED_TOPIC, EnvironmentCheck
+
+        client = self._client
+        token = uuid.uuid4().hex[:12]
+        self._sentinel = client.submit(int, 0, key=f"pkvm-runner-{token}", pure=False)
+        client.subscribe_topic(REFUSED_TOPIC, self._on_refused)
+        try:
+            client.register_plugin(EnvironmentCheck(env, self._sentinel.key), name=f"pkvm-environment-{token}")
+        except Exception as exc:  # noqa: BLE001 - the scheduler went away, or refuses plugins
+            raise SchedulerUnreachableError(
+                f"--scheduler {self.scheduler}: could not register pkvm's check of the workers that join "
+                f"later ({_detail(exc)})") from None
+        self._plugin = f"pkvm-environment-{token}"
+
+    def _on_refused(self, event: tuple[float, Any]) -> None:
+        """The client's event loop: a worker refused by the plugin (flushed by
+        :meth:`_flush_notices`, in the caller's thread)."""
+        msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+        if isinstance(msg, dict):
+            self._refused.append(
+                f"--scheduler {self.scheduler}: closed the worker {msg.get('worker')} that joined after pkvm "
+                f"connected: it does not run this pkvm, Python and Dask ({msg.get('differs')}); it ran "
+                "none of the runs")
+
+    def _flush_notices(self) -> None:
+        while self._refused:
+            line = self._refused.popleft()
+            if self.notice is not None:
+                self.notice(line)
+            else:
+                warnings.warn(line, RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
         """Disconnect; shut the local cluster down (an external cluster keeps running)."""
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
+        plugin, self._plugin, self._sentinel = self._plugin, None, None
         if client is not None:
+            if plugin is not None and client.status == "running":
+                from pkvm.experiments._dask_plugin import REFUSED_TOPIC
+
+                # within the connect timeout: a scheduler that went away does not hold close up
+                with contextlib.suppress(Exception):
+                    client.sync(client._unregister_worker_plugin, name=plugin,
+                                callback_timeout=self.connect_timeout)
+                with contextlib.suppress(Exception):
+                    client.unsubscribe_topic(REFUSED_TOPIC)
             client.close()
+            with contextlib.suppress(Exception):  # refusals reported after the last map
+                self._flush_notices()
         if cluster is not None:
             cluster.close()
 
@@ -596,6 +669,7 @@ class Runner:
         try:
             for fut in as_completed(list(futures), loop=client.loop):
                 self._check_sigint()
+                self._flush_notices()
                 lo, hi = futures[fut]
                 if fut.status not in ("finished", "error"):  # the scheduler went away, or a cancel
                     raise RunError(f"{names[lo]} did not finish: the Dask cluster reports it {fut.status} (the "
@@ -617,6 +691,7 @@ class Runner:
                         progress(label, 1.0)
         finally:
             client.cancel(list(futures))
+            self._flush_notices()
         return results
 
 
