@@ -52,6 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from pkvm import experiments
 from pkvm._files import atomic_output, check_creatable, output_path
+from pkvm._units import format_ns as format_time
 from pkvm._units import format_size, parse_decimal, parse_size
 from pkvm.cost.model import format_ns, format_table
 from pkvm.errors import ConfigError, PkvmError, TracePlatformError
@@ -1261,6 +1262,15 @@ def _fmt_value(metric: str, v: float) -> str:
     return f"{v:.4g}"
 
 
+def _fmt_grid_value(metric: str, v: float) -> str:
+    """A metric's value in ``pkvm sweep``'s table: a time as the comparison table prints
+    times, to 3 significant digits (``pkvm._units.format_ns``: ``36.1 ms``), anything else as
+    :func:`_fmt_value` (whose times keep the 4 digits of ``pkvm sensitivity``'s tables)."""
+    if is_time_metric(metric):
+        return format_time(float(v)) if v >= 0 else "-" + format_time(-float(v))
+    return _fmt_value(metric, v)
+
+
 def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     right = right or [False] * len(headers)
@@ -1381,7 +1391,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         shown["batch_pages"] = [f"auto ({n})" if auto else str(n)
                                 for n, auto in zip(frame["batch_pages"], frame["batch_pages_auto"])]
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
-            + [r["policy"], _fmt_value(metric, r[metric])] for r in shown.to_dict(orient="records")]
+            + [r["policy"], _fmt_grid_value(metric, r[metric])] for r in shown.to_dict(orient="records")]
     grid_points = f"{len(points)} grid point" + ("s" if len(points) != 1 else "")
     n = len(results) // max(len(points), 1)
     if n * len(points) == len(results) and len({r.policy for r in results}) == n:  # the same policies at each

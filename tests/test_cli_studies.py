@@ -149,6 +149,18 @@ def test_sweep_prints_a_count_whole(capsys):
     assert cells == ["4,096", "16,777,216"]
 
 
+def test_sweep_prints_times_to_3_digits_as_compare_does(capsys):
+    """A time in ``pkvm sweep``'s table reads as in ``pkvm compare``'s, to 3 significant digits
+    (``36.1 ms``); the sweep printed 4 (``36.12 ms``, the cost model's formatter for prices)."""
+    argv = ["--platform", "tdx", "--memory", "16M", "--policies", "6.19", "-q"]
+    assert main(["sweep", "--grid", "memory=16M", *argv]) == 0
+    swept = capsys.readouterr().out.splitlines()[2].split()[-2:]
+    assert main(["compare", *argv]) == 0
+    table = capsys.readouterr().out.splitlines()
+    compared = table[-1].split()[1:3]  # the critical path, the table's first metric
+    assert swept == compared and len(swept[0].replace(".", "")) == 3, (swept, compared)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--grid", "memory=16M,32M"], "sweep of 2 grid points × 4 policies ·"),
     (["--grid", "memory=16M", "--policies", "fault-time"], "sweep of 1 grid point × 1 policy ·"),
