@@ -260,8 +260,16 @@ def _experiment_options(single_policy: bool) -> _Parser:
                    help="refuse to start when --trace would write more than SIZE in all "
                         "(default: %(default)s)")
     o.add_argument("--layout", choices=_LAYOUTS, default="auto",
-                   help="table shape: one row per policy, one column per policy, or rows when they fit "
-                        "the terminal (default: %(default)s)")
+                   help=("table shape: rows (one row for the run), columns (one column, a row per "
+                         "metric), or auto: rows when they fit the terminal, else columns (off a "
+                         "terminal: rows)" if single_policy else
+                         "table shape: rows (one row per policy), columns (one column per policy, a "
+                         "row per metric), or auto: rows when they fit the terminal, else columns, "
+                         "split into several tables when even those do not fit (off a terminal: "
+                         "rows); with --sweep-memory, auto picks one shape for every size's table "
+                         "(rows only if every size's rows fit), so on a terminal the tables appear "
+                         "once the last size has run")
+                        + " (default: %(default)s)")
     o.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no list of the files written")
     return p

@@ -71,6 +71,28 @@ def test_layout_columns():
     assert out.splitlines()[1].split() == list(experiments.PLATFORM_POLICIES["snp"])
 
 
+def _layout_help(capsys, command):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    para = text[text.index("\n  --layout {"):text.index("-q, --quiet")]
+    return " ".join(para.split())
+
+
+def test_layout_help_says_what_auto_does_and_the_sweep_layout(capsys):
+    """--layout's help named rows, columns and "rows when they fit", but not what auto does when
+    the columns do not fit either (several tables), off a terminal (rows), or with
+    --sweep-memory (one shape for every size, report.sweep_tables, so the tables wait for the
+    last size on a terminal). pkvm run has a single result: no policies, no sweep there."""
+    compare = _layout_help(capsys, "compare")
+    for words in ("rows (one row per policy)", "columns (one column per policy, a row per metric)",
+                  "split into several tables", "off a terminal: rows", "with --sweep-memory, auto picks "
+                  "one shape for every size's table (rows only if every size's rows fit)",
+                  "once the last size has run", "(default: auto)"):
+        assert words in compare, words
+    run = _layout_help(capsys, "run")
+    assert "rows (one row for the run)" in run and "policy" not in run and "--sweep-memory" not in run
+
+
 def test_compare_json(tmp_path):
     """--json writes the command line, config, seed, cost model, version and one result per policy."""
     path = tmp_path / "out.json"
