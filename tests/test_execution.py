@@ -227,14 +227,13 @@ def test_a_check_left_by_a_runner_that_died_refuses_nothing():
     from distributed import Client, LocalCluster
 
     from pkvm.experiments import execution
-    from pkvm.experiments._dask_plugin import EnvironmentCheck
 
     with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
                       scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=50) as lc:
         with Client(lc, set_as_default=False) as client:
             sentinel = client.submit(int, 0, key="pkvm-runner-dead", pure=False)
-            client.register_plugin(EnvironmentCheck(dict(execution.environment(), pkvm="0.0.0-gone"),
-                                                    sentinel.key), name="pkvm-environment-dead")
+            client.register_plugin(execution._environment_check(dict(execution.environment(), pkvm="0.0.0-gone"),
+                                                                 sentinel.key), name="pkvm-environment-dead")
             sentinel.release()
             del sentinel
         deadline = time.monotonic() + 5

@@ -203,6 +203,68 @@ def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+#: The event topic on which a worker the late-worker check refuses says why (the runner's client
+#: subscribes to it; :func:`_environment_check`).
+REFUSED_TOPIC = "pkvm-worker-refused"
+
+#: Seconds a refusing worker waits for the scheduler to say whether the runner is still there.
+_ASK_TIMEOUT_S = 5.0
+
+
+def _environment_check(expected: dict[str, str], sentinel: str) -> Any:
+    """The worker plugin that checks each worker joining a ``--scheduler`` cluster after the
+    runner connected (:meth:`Runner._check_late_workers`; docs/sensitivity.md, on
+    ``--scheduler``). Its class is made here, where ``distributed`` is imported (lazily, as
+    everywhere in this module), so Dask pickles it by value; on the worker it calls that
+    worker's own :func:`environment`."""
+    from distributed.core import Status
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class EnvironmentCheck(WorkerPlugin):
+        """``setup`` runs on every worker of the cluster when the runner registers the plugin, and
+        on every worker that joins later, before it reads a task from the scheduler
+        (``Worker._register_with_scheduler`` sets the plugins up before it starts handling the
+        scheduler's messages). A worker whose :func:`~pkvm.experiments.execution.environment`
+        differs from ``expected`` pauses at once (status ``closing_gracefully``: the scheduler
+        assigns it nothing, and it starts nothing it was sent), reports what differs on
+        :data:`REFUSED_TOPIC` and closes, with its nanny (which then does not restart it).
+
+        ``sentinel`` is the key of a task the runner's client holds while it is connected: a
+        runner that died without unregistering the plugin leaves it behind, and the scheduler
+        forgets the key when the client goes, so that such a plugin then refuses nothing."""
+
+        def __init__(self, expected: dict[str, str], sentinel: str) -> None:
+            self.expected = dict(expected)
+            self.sentinel = sentinel
+            self._closing: Any = None  # the close task, referenced until it is done
+
+        async def setup(self, worker: Any) -> None:
+            try:
+                mine = environment()
+            except Exception as exc:  # noqa: BLE001 - a worker that cannot tell is refused too
+                differs: str | None = f"its environment() failed ({_detail(exc)})"
+            else:
+                differs = _mismatch(self.expected, {worker.address: mine})
+            if differs is None or not await self._runner_connected(worker):
+                return
+            worker.status = Status.closing_gracefully  # paused now; the scheduler is told
+            worker.log_event(REFUSED_TOPIC, {"worker": worker.address, "differs": differs})
+            self._closing = asyncio.ensure_future(
+                worker.close(reason=f"pkvm: this worker does not run the client's pkvm: {differs}", nanny=True))
+
+        async def _runner_connected(self, worker: Any) -> bool:
+            """False once the scheduler has forgotten the runner's sentinel task (its client is
+            gone); True while it has it, and when the scheduler does not answer in time."""
+            try:
+                states = await asyncio.wait_for(worker.scheduler.get_task_status(keys=[self.sentinel]),
+                                                _ASK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - cannot tell: refusing a mismatching worker is the safe side
+                return True
+            return states.get(self.sentinel) is not None
+
+    return EnvironmentCheck(expected, sentinel)
+
+
 def _probe_scheduler(address: str, timeout: float) -> None:
     """Return once the server at ``address`` has answered Dask's ``identity`` request as a
     scheduler; :class:`SchedulerUnreachableError` when nothing answers within ``timeout``
@@ -556,18 +618,16 @@ class Runner:
     def _check_late_workers(self, env: dict[str, str]) -> None:
         """Register the worker plugin that checks every worker joining later against ``env``
         and closes a mismatching one before it reads a task
-        (:class:`pkvm.experiments._dask_plugin.EnvironmentCheck`); its refusals come back on
+        (:func:`_environment_check`); its refusals come back on
         an event topic. The plugin has a name of its own (another pkvm client of the cluster
         keeps its own) and is unregistered by :meth:`close`; the sentinel, a tiny task held
         while this client is connected, makes one left behind by a client that died inert."""
-        from pkvm.experiments._dask_plugin import REFUSED_TOPIC, EnvironmentCheck
-
         client = self._client
         token = uuid.uuid4().hex[:12]
         self._sentinel = client.submit(int, 0, key=f"pkvm-runner-{token}", pure=False)
         client.subscribe_topic(REFUSED_TOPIC, self._on_refused)
         try:
-            client.register_plugin(EnvironmentCheck(env, self._sentinel.key), name=f"pkvm-environment-{token}")
+            client.register_plugin(_environment_check(env, self._sentinel.key), name=f"pkvm-environment-{token}")
         except Exception as exc:  # noqa: BLE001 - the scheduler went away, or refuses plugins
             raise SchedulerUnreachableError(
                 f"--scheduler {self.scheduler}: could not register pkvm's check of the workers that join "
@@ -599,8 +659,6 @@ class Runner:
         plugin, self._plugin, self._sentinel = self._plugin, None, None
         if client is not None:
             if plugin is not None and client.status == "running":
-                from pkvm.experiments._dask_plugin import REFUSED_TOPIC
-
                 # within the connect timeout: a scheduler that went away does not hold close up
                 with contextlib.suppress(Exception):
                     client.sync(client._unregister_worker_plugin, name=plugin,
