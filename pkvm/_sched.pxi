@@ -2529,18 +2529,24 @@ cdef class SchedHooks:
 
         Skipped while nothing could run or look before the actor's next yield, which then
         advances its clock by the same total: no other actor in a task, no event scheduled in
-        the environment, no IPI stall owed, no recorder (whose slices would show the split).
-        Locks the actor took uncontended stay so: a hold's statistics are its release time
-        minus its grant time either way (``Timeline._switch`` makes them real holds, granted
-        at their own time, whenever the actor yields)."""
+        the environment, no IPI stall owed, no round of a fault batch's reads of ``mmu_lock``
+        still to settle (``a.rd``: the yield would settle it, ``_rd_after_work``), no
+        recorder (whose slices would show the split). Locks the actor took uncontended stay
+        so: a hold's statistics are its release time minus its grant time either way
+        (``Timeline._switch`` makes them real holds, granted at their own time, whenever the
+        actor yields)."""
         self._sync_point()
 
     cdef int _sync_point(self) except -1:
         cdef SchedActor a = self._current
         if a is None:
             return 0
-        if (self._active <= a.in_task and not a.stall_debt and not a.lock_debt and self.recorder is None
-                and self._queue_empty_c()):
+        # a.rd: a yield settles the last fault batch's stage-1 round (or forgets a stage-2 one
+        # with nothing owed) before the actor goes on; skipped, the round came at a later yield
+        # (its wait after work that should follow it) or never (a later batch's _release_rd
+        # replaced it), so the skip was not the yield it stands for.
+        if (self._active <= a.in_task and not a.stall_debt and not a.lock_debt and a.rd is None
+                and self.recorder is None and self._queue_empty_c()):
             self._skipped = True  # Timeline.serialize: the work pending since this point
             self._vis = _vm_ns(self)
             return 0
