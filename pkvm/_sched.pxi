@@ -2930,11 +2930,15 @@ cdef class SchedHooks:
             self._current = None
             a.charge_to = vm._actor
             op, dt = req[0], req[1]
-            if op == _SCHED_DONE and dt and not a.stall_debt and not a.lock_debt:
+            if op == _SCHED_DONE and dt and not a.stall_debt and not a.lock_debt and a.rd is None:
                 # The task is done: its pending work passes, then the thread goes idle. The
                 # timeout's callback frees the thread (the same events in the same order as
                 # resuming this process for it: no IPI can reach a thread outside a task, so
-                # no stall follows); the process waits for its next task meanwhile.
+                # no stall follows); the process waits for its next task meanwhile. Not while
+                # its last fault batch has a round of mmu_lock reads to settle (a.rd): resumed,
+                # the process settles it once the work passed (_rd_after_work) and pays its wait
+                # before the thread goes idle, where this path left it to a later task's first
+                # yield (or to none: a later batch's _release_rd replaced it).
                 a.busy += dt
                 a.flight = _FL_BUSY
                 a.flight_t = env.now + dt

@@ -635,6 +635,68 @@ def test_a_write_hold_stalls_the_fault_batch_and_does_not_wait_for_it() -> None:
     assert r.locks["mmu_lock"]["acquisitions"] >= 2048
 
 
+def _writer_beside_a_task(holds: list[tuple[int, int]], *, thread: bool) -> tuple[Any, Timeline]:
+    """:func:`_writer_beside_a_batch`'s run, the acceptance a task of vCPU thread ``vcpu1``
+    (``thread``: ``start_vcpu`` / ``dispatch``, the VMM stopping the timeline after its holds)
+    or its own actor (``spawn``)."""
+    from tdxhelpers import td
+
+    vm, vmm, _gmem, _v0 = td(64 * M, nr_vcpus=2, vcpus=2)
+    guest = pkvm.Guest(vm, vmm, vm.vcpus[1])
+    tl = Timeline(vm)
+
+    def writer() -> None:
+        if thread:
+            tl.dispatch("vcpu1", guest.accept, 0, 8 * M)
+        for gap, prices in holds:
+            tl.sleep(gap)
+            tl.acquire("mmu_lock", WRITE)
+            vm._charge("vmexit", prices)
+            tl.release("mmu_lock", WRITE)
+        if thread:
+            tl.stop()
+
+    if thread:
+        tl.start_vcpu("vcpu1")
+    tl.spawn("vmm", writer)
+    if not thread:
+        tl.spawn("vcpu1", guest.accept, 0, 8 * M)
+    tl.run()
+    r = tl.result()
+    _check(r, tl, inside=False, finished=True)
+    return r, tl
+
+
+def test_a_round_left_at_a_task_s_end_is_paid_before_the_thread_idles() -> None:
+    """A write hold at 2 ms falls in the install of vCPU1's batch of 2,048 faults, the last
+    work of its task: the round of the batch's reads it stalls (``_RdWin`` stage 1) is
+    settled at the thread's next yield, the end of its task, and paid before the thread goes
+    idle -- as when the acceptance runs on an actor of its own (the final sync). Until
+    2026-12-07 a task's end with nothing else owed took ``_drive``'s short path, which settles
+    no round: the thread went idle with it left (to its next task's first yield, or to none),
+    and waited 0 ns where the actor waits 129 µs, the run 0.13 ms shorter."""
+    holds = [(2_000_000, 200)]
+    spawned, _ = _writer_beside_a_task(holds, thread=False)
+    r, tl = _writer_beside_a_task(holds, thread=True)
+    assert spawned.actors["vcpu1"]["lock_wait_ns"] > 100_000
+    assert r.actors["vcpu1"]["lock_wait_ns"] == spawned.actors["vcpu1"]["lock_wait_ns"]
+    assert r.critical_path_ns == spawned.critical_path_ns
+    assert (r.locks["mmu_lock"]["wait_ns"], r.locks["mmu_lock"]["waits"]) == \
+        (spawned.locks["mmu_lock"]["wait_ns"], spawned.locks["mmu_lock"]["waits"])
+    assert all(a.rd is None for a in tl._actors.values())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_no_round_of_a_fault_batch_is_left_when_a_run_ends(seed: int) -> None:
+    """Every fault batch's rounds of ``mmu_lock`` reads are settled by the end of a run (a
+    vCPU thread settles its last one before it goes idle). SW_PROTECTED ``balloon`` at 128
+    MiB with 3 vCPUs ended with vCPU1's (and with seed 2 vCPU2's) left until 2026-12-07."""
+    from test_timeline_snapshots import _config, _run
+
+    _r, _counters, _snaps, tl = _run(_config("sw_protected", "balloon", 3, 0), seed, [])
+    assert [a.name for a in tl._actors.values() if a.rd is not None] == []
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3_000_000), st.integers(1, 400)), min_size=1, max_size=8))
 def test_write_holds_stall_a_fault_batch_by_at_most_their_length(holds: list[tuple[int, int]]) -> None:
