@@ -1260,23 +1260,16 @@ def _study_config(args: argparse.Namespace) -> Config:
 
 
 def _fmt_value(metric: str, v: float) -> str:
-    """A metric's value for a table: a time in ns (``frames.is_time_metric``) as s/ms/µs/ns, a
-    count (an integer) whole with thousands separators (``16,777,216``: exact, as the
-    comparison table shows it, not ``1.678e+07``), anything else to 4 significant digits."""
+    """A metric's value in the tables of ``pkvm sweep`` and ``pkvm sensitivity``: a time in ns
+    (``frames.is_time_metric``) as the comparison table prints times, to 3 significant digits
+    (``pkvm._units.format_ns``: ``36.1 ms``; the cost model's ``format_ns``, up to 4 digits, is
+    for prices), a count (an integer) whole with thousands separators (``16,777,216``: exact, as
+    the comparison table shows it, not ``1.678e+07``), anything else to 4 significant digits."""
     if is_time_metric(metric):
-        return format_ns(float(v)) if v >= 0 else "-" + format_ns(-float(v))
+        return format_time(float(v)) if v >= 0 else "-" + format_time(-float(v))
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         return f"{int(v):,}"
     return f"{v:.4g}"
-
-
-def _fmt_grid_value(metric: str, v: float) -> str:
-    """A metric's value in ``pkvm sweep``'s table: a time as the comparison table prints
-    times, to 3 significant digits (``pkvm._units.format_ns``: ``36.1 ms``), anything else as
-    :func:`_fmt_value` (whose times keep the 4 digits of ``pkvm sensitivity``'s tables)."""
-    if is_time_metric(metric):
-        return format_time(float(v)) if v >= 0 else "-" + format_time(-float(v))
-    return _fmt_value(metric, v)
 
 
 def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
@@ -1399,7 +1392,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str], out: _Output) -> i
         shown["batch_pages"] = [f"auto ({n})" if auto else str(n)
                                 for n, auto in zip(frame["batch_pages"], frame["batch_pages_auto"])]
     rows = [[format_size(int(r[k])) if k in ("memory", "image") else str(r[k]) for k in keys]
-            + [r["policy"], _fmt_grid_value(metric, r[metric])] for r in shown.to_dict(orient="records")]
+            + [r["policy"], _fmt_value(metric, r[metric])] for r in shown.to_dict(orient="records")]
     grid_points = f"{len(points)} grid point" + ("s" if len(points) != 1 else "")
     n = len(results) // max(len(points), 1)
     if n * len(points) == len(results) and len({r.policy for r in results}) == n:  # the same policies at each
@@ -1525,6 +1518,8 @@ def _print_sensitivity(out: _Output, res: Any, base: Config, where: str) -> None
     out.print(f"metric {m} · {res.method}, N={res.base_samples} ({n_eval:,} cost samples per policy) · "
               f"{how} · runs {where}")
     out.print()
+    # a price's range and model value are prices: the cost model's format (up to 4 digits, as
+    # docs/costs.md and `pkvm costs` give them); the metric's times below are _fmt_value's (3)
     rows = [[p.name, p.group, f"{format_ns(p.low)}..{format_ns(p.high)}", p.dist, p.confidence,
              format_ns(p.nominal)] for p in res.prices]
     out.write("prices sampled\n" + _text_table(["price", "moves with", "range", "distribution", "conf", "model"],

@@ -161,6 +161,37 @@ def test_sweep_prints_times_to_3_digits_as_compare_does(capsys):
     assert swept == compared and len(swept[0].replace(".", "")) == 3, (swept, compared)
 
 
+def test_sensitivity_prints_times_to_3_digits_as_compare_does_and_prices_as_the_cost_model(capsys):
+    """A time of the metric in ``pkvm sensitivity``'s per-policy table reads as in ``pkvm
+    compare``'s, to 3 significant digits (``35.2 ms``); it printed 4 (``35.18 ms``, the cost
+    model's formatter for prices). The prices table keeps that formatter: a price set to
+    1234 ns reads ``1.234 µs``, as ``pkvm costs`` gives it."""
+    argv = ["--platform", "tdx", "--memory", "16M", "--policies", "6.19", "--cost", "npf_fault=1234ns", "-q"]
+    assert main(["sensitivity", "--samples", "2", *argv]) == 0  # the critical path, simulated per sample
+    lines = capsys.readouterr().out.splitlines()
+    price = next(ln for ln in lines if ln.startswith("npf_fault ")).split()
+    row = lines[lines.index("critical_path_ns per policy") + 2].split()  # model's prices, mean, p5, p50, p95
+    assert main(["compare", *argv]) == 0
+    compared = capsys.readouterr().out.splitlines()[-1].split()[1:3]  # the critical path, the table's first metric
+    assert price[-2:] == ["1.234", "µs"], price
+    assert row[1:3] == compared, (row, compared)
+    cells = [row[i] for i in range(1, len(row), 2)]
+    assert len(cells) == 5 and all(len(c.replace(".", "").lstrip("0")) <= 3 for c in cells), row
+
+
+def test_sensitivity_morris_prints_mu_star_to_3_digits(capsys):
+    """Morris's mu* and its confidence are times of the metric (its change over a price's
+    range), not prices: 3 significant digits, as the per-policy table's times."""
+    argv = ["--platform", "tdx", "--memory", "16M", "--policies", "6.19", "--metric", "modeled_ns"]
+    assert main(["sensitivity", "--samples", "2", "--method", "morris", *argv, "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("of each policy's modeled_ns") + 2
+    cells = [ln.split(None, 1)[1].strip() for ln in lines[start:lines.index("", start)]]  # one per price group
+    values = [v for c in cells for v in c.split("±")]
+    assert len(values) >= 4 and all(len(v.split()[0].replace(".", "").lstrip("0")) <= 3 for v in values), cells
+    assert any(len(v.split()[0].replace(".", "")) == 3 for v in values), cells
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--grid", "memory=16M,32M"], "sweep of 2 grid points × 4 policies ·"),
     (["--grid", "memory=16M", "--policies", "fault-time"], "sweep of 1 grid point × 1 policy ·"),
