@@ -2708,9 +2708,14 @@ cdef class SchedHooks:
         self._sync_c()
 
     cdef int _sync_c(self) except -1:
-        """Advance the running actor's clock to its pending work (a round trip to SimPy)."""
+        """Advance the running actor's clock to its pending work (a round trip to SimPy). Also
+        with nothing pending and nothing owed while its last fault batch has a round of
+        ``mmu_lock`` reads still to settle (``a.rd``): the round trip settles it
+        (``_rd_after_work``) and pays its wait (neither the visibility point's skip,
+        :meth:`_sync_point`, nor a task's end, :meth:`_drive`, goes without settling it)."""
         cdef SchedActor a = self._current
-        if a is None or (_vm_ns_is(self, self._mark) and not a.stall_debt and not a.lock_debt):
+        if a is None or (_vm_ns_is(self, self._mark) and not a.stall_debt and not a.lock_debt
+                         and a.rd is None):
             return 0
         self._switch_c(a, (_SCHED_SYNC, self._take_c()))
         return 0
@@ -2782,12 +2787,29 @@ cdef class SchedHooks:
             work.succeed()
 
     def _call_once(self, SchedActor a, fn, tuple args):
+        """The body of an actor started with ``Timeline.spawn``: ``fn(*args)``, then its last
+        yield, as a vCPU thread's task end (:meth:`_drive`, ``_DONE``): its pending work passes,
+        then what it owes, and its last fault batch's round of ``mmu_lock`` reads still to
+        settle (``a.rd``) is settled and paid before the actor ends (docs/timeline.md,
+        "Interleaved reads of mmu_lock")."""
+        cdef _RdWin rd
         self._set_in_task_c(a, True)
         try:
             fn(*args)
             self._sync_c()
-            while a.lock_debt:  # a later window's settling owed it a wait while its last work
-                self._sync_c()  # (or the last wait) passed
+            # a later window's settling owed it a wait while its last work (or the last wait)
+            # passed; or a round is still due (_rd_after_work settles one only once SimPy's
+            # clock has reached its end, which the actor's own clock is past: the yields here
+            # pass the rest)
+            while a.lock_debt or a.rd is not None:
+                rd = <_RdWin?>a.rd if a.rd is not None else None
+                t = self.env.now
+                self._sync_c()
+                if rd is not None and a.rd is rd and rd.stage == 1 and self.env.now == t:
+                    from pkvm.errors import InternalInvariantError
+                    raise InternalInvariantError(
+                        f"{a.name}: a fault batch's round of mmu_lock reads ends at "
+                        f"{rd.hi} ns, after the actor's work ({int(t - self._t0)} ns)")
         finally:
             self._set_in_task_c(a, False)
 
