@@ -19,6 +19,7 @@ import pkvm
 from pkvm import experiments
 from pkvm._core import LoadProfile
 from pkvm.sim import WRITE, Timeline
+from pkvm.sim.recorder import Recorder
 
 from test_timeline_snapshots import _check
 
@@ -695,6 +696,142 @@ def test_no_round_of_a_fault_batch_is_left_when_a_run_ends(seed: int) -> None:
 
     _r, _counters, _snaps, tl = _run(_config("sw_protected", "balloon", 3, 0), seed, [])
     assert [a.name for a in tl._actors.values() if a.rd is not None] == []
+
+
+def _spawned_acceptance(tail: str, *, record: bool) -> tuple[Any, Timeline]:
+    """:func:`_writer_beside_a_task`'s run on actors of one's own (``spawn``), a write hold at
+    2 ms in the install of vCPU1's batch of 2,048 faults; after the acceptance vCPU1 does
+    ``tail``: nothing (``""``), a yield (``"yield"``: a sync and a sleep of 0 ns), or a hold
+    of ``slots_lock`` the VMM holds meanwhile, over the last 3 ms of its work (``"serialize"``:
+    the acquisition's yield passes its work only up to those 3 ms, before the batch's install
+    has passed). ``record``: with a recorder (every visibility point yields)."""
+    from tdxhelpers import td
+
+    vm, vmm, _gmem, _v0 = td(64 * M, nr_vcpus=2, vcpus=2)
+    guest = pkvm.Guest(vm, vmm, vm.vcpus[1])
+    tl = Timeline(vm, recorder=Recorder() if record else None)
+
+    def writer() -> None:
+        tl.sleep(2_000_000)
+        tl.acquire("mmu_lock", WRITE)
+        vm._charge("vmexit", 200)
+        tl.release("mmu_lock", WRITE)
+        tl.acquire("slots_lock")
+        vm._charge("vmexit", 400)
+        tl.release("slots_lock")
+
+    def vcpu() -> None:
+        guest.accept(0, 8 * M)
+        if tail == "yield":
+            tl._sync()
+            tl.sleep(0)
+        elif tail == "serialize":
+            tl.serialize("slots_lock", 3_000_000)
+            tl.release("slots_lock")
+
+    tl.spawn("vmm", writer)
+    tl.spawn("vcpu1", vcpu)
+    tl.run()
+    r = tl.result()
+    _check(r, tl, inside=False, finished=True)
+    return r, tl
+
+
+def _waits(r: Any) -> tuple[int, int, int, int]:
+    return (r.actors["vcpu1"]["lock_wait_ns"], r.locks["mmu_lock"]["wait_ns"], r.locks["mmu_lock"]["waits"],
+            r.critical_path_ns)
+
+
+@pytest.mark.parametrize("tail", ["", "yield", "serialize"])
+def test_a_spawned_actor_pays_its_last_fault_batch_s_round_before_it_ends(tail: str) -> None:
+    """An actor of one's own whose last fault batch has a round of ``mmu_lock`` reads to
+    settle (the write hold at 2 ms in its install, ``_RdWin`` stage 1) pays it before it
+    ends, whatever follows the batch: as with a recorder (every visibility point yields),
+    the same 129 µs as when a yield follows, and no round is left. The batch's install time
+    is still pending at its release, and every yield passes the actor's pending work before
+    it settles a round, so a round is still due at a yield only while part of that work is
+    held back (``serialize``: its acquisition passes the work before the locked part; the
+    release that passes the rest settles it), and never once the function has returned with
+    nothing pending (``SchedHooks._call_once`` would yield for it then, as a vCPU thread's
+    task end does; docs/timeline.md, "Interleaved reads of mmu_lock")."""
+    r, tl = _spawned_acceptance(tail, record=False)
+    ref, ref_tl = _spawned_acceptance(tail, record=True)
+    assert _waits(r) == _waits(ref)
+    yielded, _ = _spawned_acceptance("yield", record=False)
+    assert r.actors["vcpu1"]["lock_wait_ns"] == yielded.actors["vcpu1"]["lock_wait_ns"] > 100_000
+    assert [a.name for t in (tl, ref_tl) for a in t._actors.values() if a.rd is not None] == []
+
+
+_EMBED_OP = st.tuples(st.sampled_from(["touch_p", "touch_s", "to_shared", "to_private", "accept", "write",
+                                       "serialize", "sleep"]),
+                      st.sampled_from([1, 16, 512, 2048]), st.integers(0, 10**6), st.integers(1, 400))
+
+
+def _embedding(platform: str, programs: list[list[tuple[str, int, int, int]]], *, record: bool) -> tuple[Any, Timeline]:
+    """One spawned actor per program, each on a guest of its own over its own part of 64 MiB
+    (``(op, pages, where, n)``: a guest call on ``pages`` pages at ``where`` into its part, a
+    write hold of ``mmu_lock`` of ``n`` vmexit prices, ``n`` µs of work under ``slots_lock``
+    by ``serialize``, or a sleep of ``where`` ns after a sync)."""
+    vm = pkvm.VM(platform, nr_vcpus=len(programs))
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * M)
+    guests = [pkvm.Guest(vm, vmm, vm.create_vcpu()) for _ in programs]
+    if platform != "sw_protected":
+        vmm.launch(())
+    tl = Timeline(vm, recorder=Recorder() if record else None)
+    part = 64 * M // len(programs) & ~0xFFFFF  # whole MiBs
+
+    def body(i: int) -> None:
+        g = guests[i]
+        for op, pages, where, n in programs[i]:
+            gpa = i * part + (where * 4096) % (part - pages * 4096)
+            size = pages * 4096
+            try:
+                if op == "touch_p":
+                    g.touch(gpa, size, private=True)
+                elif op == "touch_s":
+                    g.touch(gpa, size, private=False)
+                elif op == "to_shared":
+                    g.convert(gpa, size, private=False)
+                elif op == "to_private":
+                    g.convert(gpa, size, private=True)
+                elif op == "accept" and platform != "sw_protected":
+                    g.accept(gpa, size)
+            except pkvm.KvmError:
+                pass
+            if op == "write":
+                tl.acquire("mmu_lock", WRITE)
+                vm._charge("vmexit", n)
+                tl.release("mmu_lock", WRITE)
+            elif op == "serialize":
+                vm._charge("vmexit", n)
+                tl.serialize("slots_lock", n * 1000)
+                tl.release("slots_lock")
+            elif op == "sleep":
+                tl._sync()
+                tl.sleep(where)
+
+    for i in range(len(programs)):
+        tl.spawn(f"vcpu{i}", body, i)
+    tl.run()
+    r = tl.result()
+    _check(r, tl, inside=False, finished=True)
+    return r, tl
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(["sw_protected", "snp", "tdx"]),
+       st.lists(st.lists(_EMBED_OP, min_size=1, max_size=6), min_size=2, max_size=3))
+def test_spawned_actors_leave_no_round_and_recording_changes_nothing(
+        platform: str, programs: list[list[tuple[str, int, int, int]]]) -> None:
+    """Embeddings of one's own (guest calls, write holds of ``mmu_lock``, ``serialize``, sleeps
+    on spawned actors): no fault batch's round of ``mmu_lock`` reads is left when the run
+    ends, and the run's figures are those of the run in which every visibility point yields
+    (a recorder)."""
+    r, tl = _embedding(platform, programs, record=False)
+    ref, _ = _embedding(platform, programs, record=True)
+    assert [a.name for a in tl._actors.values() if a.rd is not None] == []
+    assert r.to_dict() == ref.to_dict()
 
 
 @settings(max_examples=25, deadline=None)
