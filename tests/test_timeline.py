@@ -575,3 +575,27 @@ def test_batch_pages_sets_the_contended_fault_batch() -> None:
         with pytest.raises(ValueError, match="batch_pages"):
             Timeline(vm, batch_pages=bad)  # type: ignore[arg-type]
         assert vm._sched is None  # refused: nothing attached
+
+
+def test_tdx_vcpus_accepting_overlapping_ranges_fail_cleanly() -> None:
+    """Two vCPUs accept ranges that overlap, at once (a guest bug: Linux's unaccepted-memory
+    bitmap keeps that from happening). The second vCPU's batched EPT violation finds the leaf
+    the first installed meanwhile (a spurious fault); the range-compressed accept loop raised
+    InternalInvariantError there. Now the TDCALL re-executes on the instruction path: one
+    accept succeeds, the other stops with TDX_PAGE_ALREADY_ACCEPTED at the first page the
+    other vCPU accepted, as the Linux loop (``try_accept_one``) would."""
+    mib = 1 << 20
+    vm = pkvm.VM("tdx", nr_vcpus=2)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * mib)
+    g0, g1 = (pkvm.Guest(vm, vmm, vm.create_vcpu()) for _ in range(2))
+    vmm.launch(())
+    tl = Timeline(vm)
+    out: dict[int, pkvm.ConversionResult] = {}
+    tl.spawn("vcpu0", lambda: out.__setitem__(0, g0.accept(53370880, 8 * mib)))
+    tl.spawn("vcpu1", lambda: out.__setitem__(1, g1.accept(46542848, 8 * mib)))  # overlaps vcpu0's
+    tl.run()
+    assert out[0].ok, out
+    assert not out[1].ok and out[1].step == "TDG.MEM.PAGE.ACCEPT"
+    assert out[1].status == pkvm.constants.TDX_PAGE_ALREADY_ACCEPTED and 53370880 <= out[1].gpa < 54525952
+    assert vm.stats["pf_spurious"] == 1 and not vm.vm_dead

@@ -367,6 +367,11 @@ class TdxVcpu(Vcpu):
             if r.ret == "retry" and vm._sched is not None:
                 vm._sched.retry_fault(gfn)  # raced with another thread: take the instruction path
                 return 0
+            if r.ret == "spurious" and vm._sched is not None:
+                # another vCPU installed the leaf of gfn while this fault ran (the guest
+                # accepts a range another vCPU accepts too): the TDCALL re-executes and finds
+                # that leaf, on the instruction path
+                return 0
             if r.ret != "fixed":
                 raise InternalInvariantError(f"gfn {gfn:#x}: a private fault that had to be fixed returned {r}")
             return self._accept_run(gfn, f.end, end)
