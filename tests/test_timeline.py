@@ -599,3 +599,29 @@ def test_tdx_vcpus_accepting_overlapping_ranges_fail_cleanly() -> None:
     assert not out[1].ok and out[1].step == "TDG.MEM.PAGE.ACCEPT"
     assert out[1].status == pkvm.constants.TDX_PAGE_ALREADY_ACCEPTED and 53370880 <= out[1].gpa < 54525952
     assert vm.stats["pf_spurious"] == 1 and not vm.vm_dead
+
+
+def test_a_sleep_starts_after_the_work_before_it() -> None:
+    """``Timeline.sleep(ns)`` after work the actor has not yielded yet: the sleep starts at the
+    end of that work (the actor's clock). Its timeout was made at SimPy's time, before the work
+    passed, so it overlapped the work: after touching 8 MiB (4.5 ms of work) a sleep of 1 ms
+    slept 0 ns."""
+    mib = 1 << 20
+    vm = pkvm.VM("sw_protected", nr_vcpus=1)
+    vmm = pkvm.Vmm(vm)
+    vmm.add_ram(0, 64 * mib)
+    g = pkvm.Guest(vm, vmm, vm.create_vcpu())
+    tl = Timeline(vm)
+    seen: list[tuple[int, int]] = []
+
+    def vcpu() -> None:
+        g.touch(0, 8 * mib, private=True)
+        before = tl.now_ns
+        tl.sleep(1_000_000)
+        seen.append((before, tl.now_ns))
+
+    tl.spawn("vcpu0", vcpu)
+    tl.run()
+    (before, after), = seen
+    assert before > 1_000_000 and after - before == 1_000_000
+    assert tl.result().actors["vcpu0"]["idle_ns"] == 1_000_000

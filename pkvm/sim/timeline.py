@@ -303,7 +303,8 @@ class Timeline(SchedHooks):
         return proc
 
     def sleep(self, ns: int) -> None:
-        """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall).
+        """From an actor: do nothing for ``ns`` of simulated time (idle, not a stall), from
+        the end of the work it did before (its clock, :attr:`now_ns`).
 
         Raises:
             ValueError: ``ns`` is not a non-negative int, or would take the timeline's clock
@@ -316,6 +317,7 @@ class Timeline(SchedHooks):
             raise RuntimeError("Timeline.sleep is for code running on a timeline actor")
         if self.now_ns + ns >= MAX_CLOCK_NS:  # the clocks are C long longs (SchedHooks)
             raise ValueError(f"ns={ns!r} would take the timeline's clock past 2**62 ns (about 146 years)")
+        self._sync()  # the work before the sleep passes first: the sleep starts at its end
         self._wait(self.env.timeout(ns), idle=True, keep_task=True)
 
     def barrier(self) -> None:
