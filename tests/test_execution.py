@@ -223,12 +223,14 @@ def test_a_worker_of_another_pkvm_that_joins_later_is_closed_before_it_runs_anyt
 def test_a_check_left_by_a_runner_that_died_refuses_nothing():
     """A runner killed without close() leaves its plugin on the scheduler; the scheduler forgets
     the runner's sentinel task when its client goes, and the plugin then refuses no worker (a
-    cluster upgraded later would otherwise lose every new worker)."""
+    cluster upgraded later would otherwise lose every new worker). The cluster has no worker
+    while the runner lives: the plugin's (faked) mismatch would close one there then, which
+    depended on whether the scheduler had the sentinel yet when the worker's setup asked."""
     from distributed import Client, LocalCluster
 
     from pkvm.experiments import execution
 
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+    with LocalCluster(n_workers=0, processes=False, threads_per_worker=1, dashboard_address=None,
                       scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=50) as lc:
         with Client(lc, set_as_default=False) as client:
             sentinel = client.submit(int, 0, key="pkvm-runner-dead", pure=False)
