@@ -2501,10 +2501,15 @@ cdef class SchedHooks:
             d._add_c(each, (n - 1) * times)
         return 0
 
-    def latency_replay(self, kind, total, w, n, times):
+    def latency_replay(self, kind, total, w, n, times, growth=0):
         """Add again, ``times`` times, a sample that :meth:`latency_end` logged as
-        ``(kind, total, w, n)`` in ``latency_log`` (the exit replay, ``pkvm.actors._steps``)."""
-        self._latency_put(kind, total, w, n, times)
+        ``(kind, total, w, n)`` in ``latency_log`` (the exit replay, ``pkvm.actors._steps``);
+        with ``growth``, the ``j``-th of them (from 1) is ``total + j * growth`` ns."""
+        if not growth:
+            self._latency_put(kind, total, w, n, times)
+            return
+        for j in range(1, times + 1):
+            self._latency_put(kind, total + j * growth, w, n, 1)
 
     def work_ns(self):
         """The running actor's own work so far (its busy time plus what it has not yielded)."""

@@ -327,13 +327,8 @@ class StepReplay:
                 st4.hold_ns += add(("lock", n, 1))
                 st4.hold_write_ns += add(("lock", n, 2))
                 st4.hold_read_ns += add(("lock", n, 3))
-            for i, (kind, total, w, n) in enumerate(samples):
-                g = growth.get(("sample", i), 0)
-                if not g:
-                    sched.latency_replay(kind, total, w, n, k)
-                else:
-                    for j in range(1, k + 1):
-                        sched.latency_replay(kind, total + j * g, w, n, 1)
+            for i, (kind, total, w, batch) in enumerate(samples):
+                sched.latency_replay(kind, total, w, batch, k, growth.get(("sample", i), 0))
         return out
 
 
