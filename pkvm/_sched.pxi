@@ -484,11 +484,16 @@ cdef class LockState:
     cdef public bint locked
     cdef public LockStatsState stats
     cdef public long long held_until, written_until
-    # An RWLock's read holds taken and released uncontended, as [start, end) in SimPy's time,
-    # already in stats.hold_ns: a reader SimPy lets in meanwhile (readers share) overlaps them,
-    # and the lock's busy period then leaves that overlap out of hold_ns (the union of the
-    # holds; pkvm.sim.locks.RWLock._covered). None on the other locks.
-    cdef public list fast_reads
+    # An RWLock's holds counted in stats.hold_ns, in either mode and whoever counted them (the
+    # timeline's hooks for a hold taken and released uncontended, SimPy's lock for the others),
+    # as disjoint [start, end] intervals in SimPy's time, in order: hold_ns is the length of
+    # their union. Holds overlap where readers share, and where a hold taken uncontended on its
+    # holder's clock (ahead of SimPy's) overlaps one SimPy granted meanwhile; each hold adds
+    # only the part no interval covers yet (_union_add). Intervals no later hold can reach
+    # back to are dropped (pkvm.sim.locks.RWLock._prune_union) once the list is longer than
+    # ``union_prune_at``. None on the other locks.
+    cdef public list hold_union
+    cdef public Py_ssize_t union_prune_at
     # A lock the kernel takes once per page (``_PAGEWISE_LOCKS``) under
     # ``Timeline(pagewise_locks="interleaved")``: its holds never queue in SimPy; each window of
     # work that held it (``SchedHooks.pw_begin`` / ``pw_end``) is settled against the others'
@@ -652,12 +657,19 @@ cdef int _lock_wait_longer(LockStatsState st, w, long long early) except -1:
     return 0
 
 
-cdef object _fast_read_add(list fr, s, e):
-    """Add ``[s, e)`` to ``fr`` (``LockState.fast_reads``), a list of disjoint ``[start,
+def hold_union_add(list fr, s, e):
+    """:func:`_union_add` for ``pkvm.sim.locks.RWLock``: add ``[s, e)`` to the disjoint
+    intervals ``fr`` and return the part of it they did not cover."""
+    return _union_add(fr, s, e)
+
+
+cdef object _union_add(list fr, s, e):
+    """Add ``[s, e)`` to ``fr`` (``LockState.hold_union``), a list of disjoint ``[start,
     end]`` intervals in order (those it overlaps or touches merge with it); return the part
-    of it no interval covered yet, for ``hold_ns``, the union of the holds: two readers that
-    take the lock uncontended, each on its own clock ahead of SimPy's, may overlap (readers
-    share), and until 2026-12-05 such an overlap was counted twice."""
+    of it no interval covered yet, for ``hold_ns``, the length of the union of the holds. Two
+    holds may overlap: readers share, and a hold taken uncontended on its holder's clock runs
+    ahead of SimPy's, where SimPy may grant another meanwhile. Until 2026-12-05 two such read
+    holds were counted twice, and until later on 2026-12-07 a write hold with a read hold."""
     cdef Py_ssize_t n = len(fr), lo = 0, hi = n, mid, j
     cdef list iv
     if s >= e:
@@ -1651,9 +1663,11 @@ cdef class SchedHooks:
                 lks.held_until = t + held_ns
             if (mode != 0 or not lks.stats._rw) and t + held_ns > lks.written_until:
                 lks.written_until = t + held_ns
-            if mode == 0 and lks.fast_reads is not None:  # an RWLock's read: see LockState
-                union = _fast_read_add(lks.fast_reads, t + self._t0, t + held_ns + self._t0)
-            elif mode != 0 and lks.wholds is not None:  # for the batches' reads (_rd_round)
+            if lks.hold_union is not None:  # an RWLock's: see LockState
+                union = _union_add(lks.hold_union, t + self._t0, t + held_ns + self._t0)
+                if len(lks.hold_union) > lks.union_prune_at:
+                    (<object>lks)._prune_union()
+            if mode != 0 and lks.wholds is not None:  # for the batches' reads (_rd_round)
                 self._rd_write_hold(a, lks, t, t + held_ns)
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
@@ -2351,8 +2365,10 @@ cdef class SchedHooks:
         # hold's union with the others', as for one taken uncontended: _fast_read_add)
         if end > rel:
             _fast_done_add(a, "mmu_lock", 0, rel, end)
-            union = _fast_read_add(lk.fast_reads, rel + self._t0, end + self._t0)
+            union = _union_add(lk.hold_union, rel + self._t0, end + self._t0)
             st.hold_ns += union
+            if len(lk.hold_union) > lk.union_prune_at:
+                (<object>lk)._prune_union()
             st.hold_read_ns += end - rel
             if self.recorder is not None:
                 self._record_hold(a, "mmu_lock", 0, lk, rel, end)

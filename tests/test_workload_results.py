@@ -32,7 +32,7 @@ CASES: dict[tuple[str, str, int, str, tuple[tuple[str, object], ...]], str] = {
     ('snp', 'eager-post', 3, 'mixed', (('ops', 150),)): '704408029cdde372',
     ('snp', 'fault-time', 3, 'mixed', (('ops', 150),)): 'd15002c1a7147a4f',
     ('tdx', '6.19', 1, 'balloon', ()): '865d50a4055f09f4',
-    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '18ba0fa17431f848',
+    ('tdx', '6.19', 3, 'mixed', (('ops', 150),)): '39affbc49bdb9e55',
     ('sw_protected', '6.8', 3, 'balloon', ()): 'fec581a51b64f1d3',
     ('sw_protected', '6.19', 3, 'mixed', (('ops', 150),)): '02794c8c86a76af1',
 }

@@ -71,7 +71,7 @@ from typing import Any
 
 import simpy
 
-from pkvm._core import LockState, LockStatsState
+from pkvm._core import LockState, LockStatsState, hold_union_add
 
 from .recorder import CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
 from .stats import Distribution
@@ -92,6 +92,10 @@ def _check_args(owner: object, count: object) -> None:
         raise TypeError(f"count must be an int, got {type(count).__name__}: {count!r}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+
+
+# How many intervals an RWLock's hold_union keeps before it prunes (RWLock._prune_union).
+_UNION_KEEP = 64
 
 
 def _check_owner(owner: object) -> None:
@@ -369,8 +373,10 @@ class RWLock(_Lock):
         self._writer: str | None = None
         self._write_since: float = 0
         self._readers: dict[str, float] = {}  # owner -> time its read hold began
-        self._busy_since: float = 0  # when the lock last went from free to held (any mode)
-        self.fast_reads = []  # read holds a timeline counted already (LockState; _covered)
+        # hold_ns's holds, as a union (LockState.hold_union): each release adds its hold's part
+        # that none counted yet covers, also the timeline's holds taken uncontended
+        self.hold_union = []
+        self.union_prune_at = _UNION_KEEP
         #: Whether the lock is held in either mode (kept with the holders, as Mutex.locked).
         self.locked = False
 
@@ -460,6 +466,7 @@ class RWLock(_Lock):
                                f"(readers: {list(readers)!r}, writer: {self._writer!r})")
         start = readers.pop(owner)
         self.stats.hold_read_ns += self.env.now - start
+        self._hold_end(start)
         if self.recorder is not None:
             self._record_hold(owner, _READ, start)
         if not readers:
@@ -478,6 +485,7 @@ class RWLock(_Lock):
             raise RuntimeError(f"{self.name}: {owner!r} releases a write hold it does not have "
                                f"(writer: {self._writer!r}, readers: {list(self._readers)!r})")
         self.stats.hold_write_ns += self.env.now - self._write_since
+        self._hold_end(self._write_since)
         if self.recorder is not None:
             self._record_hold(owner, _WRITE, self._write_since)
         self._writer = None
@@ -501,8 +509,6 @@ class RWLock(_Lock):
             self._check_acquire(owner, count)  # raises, unless only the count is unusual
         if self._writer is None and not self._queue:
             now = self.env.now
-            if not readers:
-                self._busy_since = now
             readers[owner] = now
             self.locked = True
             return True
@@ -516,37 +522,48 @@ class RWLock(_Lock):
         if self._writer is None and not self._readers and not self._queue:
             self._writer = owner
             self.locked = True
-            self._write_since = self._busy_since = self.env.now
+            self._write_since = self.env.now
             return True
         return False
 
-    def _covered(self, start: float, end: float, prune: bool = False) -> float:
-        """How much of ``[start, end)`` the read holds in ``fast_reads`` cover: a timeline's
-        holds taken and released uncontended, on their holder's clock ahead of SimPy's, are in
-        ``hold_ns`` already, and a reader this lock let in meanwhile overlaps them (readers
-        share), so the busy period leaves that part out of the union. ``prune``: drop the ones
-        that end by ``end`` (no later busy period can reach back to them)."""
-        fr = self.fast_reads
-        if not fr:
-            return 0
-        cov: float = 0
-        for s, e in fr:
-            lo = s if s > start else start
-            hi = e if e < end else end
-            if hi > lo:
-                cov += hi - lo
-        if prune:
-            fr[:] = [iv for iv in fr if iv[1] > end]
-        return cov
+    def _hold_end(self, start: float) -> None:
+        """A hold from ``start`` ends now: ``hold_ns`` counts the part of it no hold counted
+        before covers (readers share; a timeline's hold taken uncontended on its holder's
+        clock, ahead of SimPy's, may overlap one this lock granted meanwhile)."""
+        fr = self.hold_union
+        assert fr is not None  # (an RWLock's is a list; LockState's type allows None)
+        self.stats.hold_ns += hold_union_add(fr, start, self.env.now)
+        if len(fr) > self.union_prune_at:
+            self._prune_union()
+
+    def _prune_union(self) -> None:
+        """Drop the intervals of ``hold_union`` that no hold yet to be counted can reach:
+        those that end by SimPy's time and by the start of every hold this lock has
+        granted and not yet released (a hold not yet granted, or one a timeline takes
+        uncontended, starts at SimPy's time or later: on its holder's clock, which runs at
+        or ahead of SimPy's). Keeps the list short in a long run, whose holds rarely
+        overlap; a prune that can drop little is not repeated until the list has doubled."""
+        fr = self.hold_union
+        assert fr is not None
+        floor = self.env.now
+        for s in self._readers.values():
+            if s < floor:
+                floor = s
+        if self._writer is not None and self._write_since < floor:
+            floor = self._write_since
+        k = 0
+        n = len(fr)
+        while k < n and fr[k][1] <= floor:
+            k += 1
+        if k:
+            del fr[:k]
+        self.union_prune_at = max(_UNION_KEEP, 2 * len(fr))
 
     def _freed(self) -> None:
         """The lock just became free: hand it to the head of the queue, as the kernel does."""
         queue = self._queue
         if not queue:
-            now = self.env.now
-            self.stats.hold_ns += now - self._busy_since - self._covered(self._busy_since, now, prune=True)
             return
-        # Held without a gap: the busy interval (for hold_ns) continues.
         now = self.env.now
         if queue[0][0] == _WRITE:
             self._writer = self._grant_head()[1]

@@ -28,7 +28,7 @@ from typing import Any
 import greenlet  # type: ignore[import-untyped,unused-ignore]  # no stubs unless types-greenlet
 import simpy
 
-from pkvm._core import SchedActor, SchedHooks
+from pkvm._core import SchedActor, SchedHooks, hold_union_add
 from pkvm.errors import InternalInvariantError
 from pkvm.sim.locks import Mutex, RWLock, SpinLock
 from pkvm.sim.recorder import CAT_BUSY, CAT_IPI_STALL, CAT_LOCK_HOLD, CAT_LOCK_WAIT, Recorder
@@ -404,11 +404,14 @@ class Timeline(SchedHooks):
         """``lk``'s statistics up to ``end`` (ns since the timeline's start). They count a hold
         at its release, and an actor's work passes on SimPy's clock after its code ran: holds
         still open count up to ``end``, and the part after ``end`` of a hold its holder took
-        and released uncontended in work still passing does not count yet."""
+        and released uncontended in work still passing does not count yet. An RWLock's
+        ``hold_ns`` is the length of the union of its holds up to ``end``: of the holds it
+        counted (``hold_union``) and the open ones."""
         d: dict[str, Any] = lk.stats.as_dict()
         rw = isinstance(lk, RWLock)
         now = end + self._t0  # in SimPy's time
         hold = write = read = 0  # hold time to add: in all, for write, for read
+        opened: list[int] = []  # an RWLock's open holds' starts (SimPy's time)
 
         def add(mode: int, t: int) -> None:
             nonlocal hold, read, write
@@ -419,12 +422,14 @@ class Timeline(SchedHooks):
                 write += t
 
         if rw:
-            if lk.writer is not None or lk._readers:
-                hold = now - lk._busy_since - lk._covered(lk._busy_since, now)
-                if lk.writer is not None:
-                    write = now - lk._write_since
-                read = sum(now - t for t in lk._readers.values())
-        elif lk.holder is not None:
+            if lk.writer is not None and now > lk._write_since:
+                write = now - lk._write_since
+                opened.append(lk._write_since)
+            for t in lk._readers.values():
+                if now > t:
+                    read += now - t
+                    opened.append(t)
+        elif lk.holder is not None and now > lk._held_since:
             hold = now - lk._held_since
         for a in self._actors.values():
             if a is cur:
@@ -432,24 +437,20 @@ class Timeline(SchedHooks):
                     for lock, mode, t in a.held:
                         if lock == name and t >= 0 and end > t:
                             add(mode, end - t)
-                            if rw and mode == READ:  # hold_ns is the union of the read holds
-                                hold -= self._read_overlap(lk, t + self._t0, now)
+                            opened.append(t + self._t0)
                 continue
-            for (lock, mode), t in a.grant_t.items():
-                # A hold taken uncontended at t, made a SimPy hold when its holder yielded
-                # (_make_holds): SimPy counts it from the yield, less the time to t.
-                if lock == name and t > end and self._holds(lk, a.name, mode):
-                    add(mode, t - end)
             for lock, mode, t, t_rel in a.fast_done:
                 if lock == name and t_rel > end:
-                    if rw and mode == READ:  # the sum's part; the union's below
-                        read -= t_rel - max(t, end)
-                    else:
-                        add(mode, -(t_rel - max(t, end)))
-        if rw and lk.fast_reads:
-            # hold_ns counts the read holds taken uncontended as a union (the core's
-            # _fast_read_add): the part of that union after end does not count yet
-            hold -= sum(e - (s if s > now else now) for s, e in lk.fast_reads if e > now)
+                    add(mode, -(t_rel - max(t, end)))
+        if rw:
+            # the union up to now: what hold_ns counted, less its part after now, and the open
+            # holds' parts before now that it does not cover
+            hold = -sum(e - (s if s > now else now) for s, e in lk.hold_union if e > now)
+            if opened:
+                lo = min(opened)
+                union = [list(iv) for iv in lk.hold_union if iv[1] >= lo]
+                for t in opened:
+                    hold += hold_union_add(union, t, now)
         if hold:
             d["hold_ns"] += int(hold)
         if rw:
@@ -458,28 +459,6 @@ class Timeline(SchedHooks):
             if read:
                 d["hold_read_ns"] += int(read)
         return d
-
-    @staticmethod
-    def _read_overlap(lk: Any, s: int, now: int) -> int:
-        """How much of a read hold from ``s`` to ``now`` (SimPy's time) the holds ``lk``'s
-        ``hold_ns`` counts already cover: its read holds taken and released uncontended
-        (``fast_reads``) and, while SimPy's lock is held, its busy period since
-        ``_busy_since``. Another reader's hold overlapping this one (readers share) is in the
-        union once (found 2026-12-07: TDX ``migration`` with 2 vCPUs, seed 367, counted
-        vCPU1's read hold whole over vCPU0's, and mmu_lock's ``hold_ns`` mid-run exceeded the
-        critical path)."""
-        cov = lk._covered(s, now)
-        if lk.writer is not None or lk._readers:
-            m = s if s > lk._busy_since else lk._busy_since
-            if now > m:
-                cov += (now - m) - lk._covered(m, now)
-        return int(cov)
-
-    @staticmethod
-    def _holds(lk: Any, owner: str, mode: int) -> bool:
-        if isinstance(lk, RWLock):
-            return owner in lk._readers if mode == READ else lk.writer == owner
-        return bool(lk.holder == owner)
 
     def _last_done(self) -> int | None:
         """When the last actor finished; None while any is unfinished."""
@@ -627,7 +606,6 @@ class Timeline(SchedHooks):
         """Before ``a`` yields (``_switch``): the locks it took uncontended become real holds
         of their SimPy locks, granted at their own time, so whoever runs meanwhile sees them
         held."""
-        now = self.env.now - self._t0
         for i, (lock, mode, t) in enumerate(a.held):
             if t < 0:
                 continue
@@ -638,15 +616,16 @@ class Timeline(SchedHooks):
                 if isinstance(lk, RWLock) else lk.acquire(a.name)
             if not ev.triggered:
                 raise InternalInvariantError(f"{lock} taken uncontended by {a.name} is held by another actor")
-            st = lk.stats
-            st.acquisitions -= 1  # counted when it was taken
-            early = t - now  # SimPy counts the hold from now; it began at t
-            st.hold_ns -= early
+            lk.stats.acquisitions -= 1  # counted when it was taken
+            # granted at its own time, t (at or after SimPy's: on a's clock), so SimPy's lock
+            # counts the hold (and its slice) from there, as the core counts one it releases
             if isinstance(lk, RWLock):
                 if mode == READ:
-                    st.hold_read_ns -= early
+                    lk._readers[a.name] = t + self._t0
                 else:
-                    st.hold_write_ns -= early
+                    lk._write_since = t + self._t0
+            else:
+                lk._held_since = t + self._t0
             a.grant_t[(lock, mode)] = t
             a.held[i] = (lock, mode, -1)
         a.fast = 0
