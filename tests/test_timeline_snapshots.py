@@ -561,3 +561,16 @@ def test_mmu_lock_hold_ns_is_the_union_of_its_hold_slices(platform: str, workloa
     for x, t in (*zip(snaps, at), (r, 1 << 62)):
         assert x.locks["mmu_lock"]["hold_ns"] == _union_up_to(slices, t), t
     assert r.locks["mmu_lock"] == plain.locks["mmu_lock"]
+
+
+@pytest.mark.parametrize("platform,vcpus", [("snp", 1), ("tdx", 1), ("tdx", 3)])
+def test_mmu_lock_keeps_a_short_union_of_its_holds(platform: str, vcpus: int) -> None:
+    """The union of the counted holds (``LockState.hold_union``) drops what no later hold can
+    reach: with one vCPU every hold is taken uncontended and counted by the core, which prunes
+    it (``RWLock._prune_union``) once the list passes 64; a run of some 850 acquisitions of
+    ``mmu_lock`` keeps at most 64 intervals, and ``hold_ns`` is still the union of the holds
+    (:func:`test_mmu_lock_hold_ns_is_the_union_of_its_hold_slices`)."""
+    r, _counters, _snaps, tl = _run(_config(platform, "mixed", vcpus, 0), 0, [])
+    lk = tl.locks["mmu_lock"]
+    assert r.locks["mmu_lock"]["acquisitions"] > 500
+    assert len(lk.hold_union) <= 64 < r.locks["mmu_lock"]["acquisitions"]
