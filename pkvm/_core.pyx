@@ -12,6 +12,7 @@ nothing can fail, so a ``MemoryError`` never leaves a half-applied update behind
 """
 
 cimport cython
+from cpython.dict cimport PyDict_GetItemWithError
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.weakref cimport PyWeakref_GetObject

@@ -52,7 +52,9 @@ cdef int _stat_add(object stats, str key, object n) except -1:
     if type(stats) is Counters and type(n) is int and _as_i64(n, &x):
         c = <Counters>stats
         i = c.index.get(key)
-        if i is not None and (x >= 0 and c.v[<Py_ssize_t>i] <= 0x7FFFFFFFFFFFFFFF - x):
+        # (the bound as an int64_t: a bare literal this large is a Python int to Cython, which
+        # made the test two boxed ints and a Python subtraction per add)
+        if i is not None and (x >= 0 and c.v[<Py_ssize_t>i] <= <int64_t>0x7FFFFFFFFFFFFFFF - x):
             c.v[<Py_ssize_t>i] += x
             return 0
     stats[key] += n

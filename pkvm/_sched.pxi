@@ -465,7 +465,9 @@ cdef class LockStatsState:
     """The fields of :class:`pkvm.sim.locks.LockStats` (its base class), which the timeline's
     hooks update on every acquisition and release."""
 
-    cdef public object hold_ns, hold_write_ns, hold_read_ns, wait_ns, waits, acquisitions
+    cdef public object hold_ns, hold_write_ns, hold_read_ns, wait_ns, waits
+    # (typed: counted on every acquisition; an int to Python as before)
+    cdef public long long acquisitions
     cdef public object wait_distribution
     cdef public bint _rw
 
@@ -613,12 +615,18 @@ cdef class DistState:
         return 0
 
     cdef int _add_c(self, value, count) except -1:
-        hist = self._hist
-        hist[value] = hist.get(value, 0) + count
+        # hist[value] = hist.get(value, 0) + count with one lookup for the get; a sample of
+        # one (count 1: most of them) adds value itself to the total
+        cdef dict hist = self._hist
+        cdef PyObject *old = PyDict_GetItemWithError(hist, value)  # (except? NULL: raises)
+        if old is NULL:
+            hist[value] = count if type(count) is int else 0 + count
+        else:
+            hist[value] = <object>old + count
         if value > self._max or not self._count:
             self._max = value
         self._count += count
-        self._total += value * count
+        self._total += value if type(count) is int and type(value) is int and count == 1 else value * count
         self._sorted = None
         return 0
 
@@ -1496,7 +1504,8 @@ cdef object _held_take(SchedActor a, lock, mode):
     cdef tuple h
     while i >= 0:
         h = <tuple>held[i]
-        if h[0] == lock and h[1] == mode:
+        # (the same name and mode objects as a rule: the identity test spares the comparisons)
+        if (h[0] is lock or h[0] == lock) and (h[1] is mode or h[1] == mode):
             del held[i]
             return h[2]
         i -= 1
@@ -1519,7 +1528,8 @@ cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) 
     cdef Py_ssize_t n = len(fd)  # (the module is built with wraparound=False: no fd[-1])
     if n and t_rel > t:
         last = <tuple>fd[n - 1]
-        if <long long>last[3] == t and last[0] == lock and last[1] == mode and <long long>last[2] <= t:
+        if (<long long>last[3] == t and (last[0] is lock or last[0] == lock)
+                and (last[1] is mode or last[1] == mode) and <long long>last[2] <= t):
             fd[n - 1] = (lock, mode, last[2], t_rel)
             return 0
     fd.append((lock, mode, t, t_rel))

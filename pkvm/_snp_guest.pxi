@@ -87,7 +87,9 @@ def snp_pval_count(vm, int level, int code, count):
 
 cdef uint64_t _pv_batch_end(vm, uint64_t gfn, uint64_t end, bint validated) except? 0:
     """``SnpVcpu._batch_end``: the walk is :func:`snp_batch_end`'s."""
-    slot = vm._slot_at(gfn)
+    # vm._slot_at(gfn), without its Python frame (once per fresh block a PVALIDATE faults)
+    cdef uint64_t key = rangemap_get(<RangeMap?>vm._slot_maps[0], gfn)
+    slot = vm._slots[key - 1] if key else None
     if slot is None or slot.gmem is None or end <= gfn + 1:
         return gfn + 1
     snp = vm.snp

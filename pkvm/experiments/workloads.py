@@ -691,11 +691,13 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         picked = [c for c in gpas if shared.find_ne(c << shift, (c + 1) << shift, 0) == -1
                   and reserved.find_ne(c << shift, (c + 1) << shift, 0) == -1]
     runs = _coalesce(picked)  # adjacent chunks: the balloon hands back runs of pages
+    assign = ctx.reserved.assign  # ctx.reserve, without its frame
     for s, e in runs:  # the balloon's until the deflate has accepted them again (_deflate_run)
-        ctx.reserve(s * chunk, (e - s) * chunk)
+        assign(s << shift, e << shift, 1)
     with ctx.phase("inflate"):
+        discard = ctx.vmm.discard_ram
         for s, e in runs:
-            ctx.vmm.discard_ram(s * chunk, (e - s) * chunk)
+            discard(s * chunk, (e - s) * chunk)
     with ctx.phase("deflate"):
         huge = chunk == P2M
         guests = ctx.guests
@@ -712,8 +714,17 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
 def _deflate_run(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
     """A task of g's vCPU: it accepts and touches a run the balloon hands back, which random
     picks then may use again."""
-    _accept_touch(ctx, g, gpa, size, huge)
-    ctx.release(gpa, size)
+    # _accept_touch(ctx, g, gpa, size, huge) and ctx.release(gpa, size), in line (one task
+    # per balloon run; size > 0)
+    ok = g.accept(gpa, size, huge=huge)
+    if ok is not CONVERTED and not ok:
+        ctx._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
+    ctx.gfns_accessed += size >> PAGE_SHIFT
+    r = g.touch(gpa, size, private=True, write=True)
+    if r.ret != "done":
+        ctx._require(False, f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
+    ctx.gfns_accessed += size >> PAGE_SHIFT
+    ctx.reserved.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0)
 
 
 def _coalesce(chunks: list[int]) -> list[tuple[int, int]]:

@@ -162,8 +162,9 @@ class GuestMemfd:
         from index ``start`` once its checks passed (the file is open, the range is aligned,
         non-empty and below ``MAX_LFS_FILESIZE``, no event callback is running): the hole punch
         and its event (the VMM's discard calls it directly)."""
-        self._punch_hole(start, min(start + count, self.npages))
         vm = self._vm
+        # self._punch_hole(...), without its frame (one per balloon run's discard)
+        _gmem_path(vm).punch_hole(self, start, min(start + count, self.npages))
         if vm._subs is not None:
             vm._emit("fallocate", None, None, None, count, 0, None,
                      (self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start << PAGE_SHIFT,
