@@ -1683,12 +1683,13 @@ cdef class SchedHooks:
         if led.traced if led is not None else self.vm._subs is not None:  # vm._subs is not None
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
         cdef LockStatsState st = lks.stats
-        st.hold_ns += held_ns if union is None else union
-        if st._rw:  # an RWLock's (LockStats(rw=True))
-            if mode == 0:
-                st.hold_read_ns += held_ns
-            else:
-                st.hold_write_ns += held_ns
+        if held_ns or union is not None:  # (a hold of no length adds 0: most of them)
+            st.hold_ns += held_ns if union is None else union
+            if st._rw:  # an RWLock's (LockStats(rw=True))
+                if mode == 0:
+                    st.hold_read_ns += held_ns
+                else:
+                    st.hold_write_ns += held_ns
         if self.recorder is not None:
             self._record_hold(a, lock, mode, lks, t_obj, t + held_ns)
         if lks.interleaved:
