@@ -373,7 +373,7 @@ class LockStatsState:
     hold_read_ns: Any
     wait_ns: Any
     waits: Any
-    acquisitions: int  # a typed long long in the core
+    acquisitions: Any
     wait_distribution: Any
     _rw: bool
 

@@ -465,9 +465,7 @@ cdef class LockStatsState:
     """The fields of :class:`pkvm.sim.locks.LockStats` (its base class), which the timeline's
     hooks update on every acquisition and release."""
 
-    cdef public object hold_ns, hold_write_ns, hold_read_ns, wait_ns, waits
-    # (typed: counted on every acquisition; an int to Python as before)
-    cdef public long long acquisitions
+    cdef public object hold_ns, hold_write_ns, hold_read_ns, wait_ns, waits, acquisitions
     cdef public object wait_distribution
     cdef public bint _rw
 
