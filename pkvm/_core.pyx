@@ -168,6 +168,125 @@ cdef extern from *:
     """
     object pkvm_fastcall_override(object type, int slot, const char *name, void *fn)
 
+cdef extern from *:
+    """
+    /* The memory of RangeMap's nodes (leaves, inner nodes and value arrays), for every map of
+       the process: slots carved in allocation order from chunks of 2 MiB aligned to 2 MiB and
+       advised MADV_HUGEPAGE, and the slots given back kept on a free list per size for the
+       next node of any map. A node lookup in a large map lands on a cold leaf; with 4 KiB pages
+       nearly every one is also a TLB miss (and, in a VM, a two-dimensional page walk), which a
+       2 MiB page of nodes takes away where the kernel grants huge pages (THP "madvise" or
+       "always"; elsewhere the chunks are ordinary pages). Slots are multiples of 64 bytes in
+       64-byte aligned chunks, so a leaf's 64 starts fill exactly 8 cache lines.
+       One chunk holds leaves, inner nodes and value arrays together, in the order they are
+       made (as malloc's heap did): a separate chunk for the value arrays made a lookup in a
+       map with values (the SPTEs) slower. Memory is never returned to the system: a map's
+       nodes go back to the free lists, and the next map reuses them. The lock is a spin flag
+       (allocation is rare: pool refills and frees past RangeMap's pools, a map's teardown),
+       reset in a forked child, which may have been forked while another thread held it. */
+    #include <sys/mman.h>
+    #include <pthread.h>
+    #define PKVM_CHUNK ((size_t)2 << 20)
+    #define PKVM_SLOT_NODE ((size_t)1088)   /* a Leaf (1064 bytes) or an Inner (1032), to 64 */
+    #define PKVM_SLOT_VALS ((size_t)512)    /* a value array (LEAF_CAP uint64) */
+    static struct {
+        char *bump, *end;       /* the current chunk's unused part */
+        void *free_node;        /* given-back node slots, linked through their first word */
+        void *free_vals;        /* given-back value-array slots, likewise */
+        char lock;
+    } pkvm_nodes;
+    static void pkvm_nodes_unlock_child(void) { __atomic_clear(&pkvm_nodes.lock, __ATOMIC_RELAXED); }
+    static int pkvm_nodes_init(void) { return pthread_atfork(NULL, NULL, pkvm_nodes_unlock_child); }
+    static char *pkvm_nodes_chunk(void) {
+        /* mapped twice the size, the parts around the aligned chunk given back */
+        char *m = (char *)mmap(NULL, 2 * PKVM_CHUNK, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        char *a;
+        if (m == (char *)MAP_FAILED)
+            return NULL;
+        a = (char *)(((uintptr_t)m + PKVM_CHUNK - 1) & ~(uintptr_t)(PKVM_CHUNK - 1));
+        if (a != m)
+            munmap(m, (size_t)(a - m));
+        munmap(a + PKVM_CHUNK, (size_t)(m + PKVM_CHUNK - a));
+    #ifdef MADV_HUGEPAGE
+        madvise(a, PKVM_CHUNK, MADV_HUGEPAGE);
+    #endif
+        return a;
+    }
+    /* A slot of ``size`` (PKVM_SLOT_NODE or PKVM_SLOT_VALS), or NULL when out of memory. */
+    static void *pkvm_nodes_alloc(size_t size) {
+        void **fl = size == PKVM_SLOT_VALS ? &pkvm_nodes.free_vals : &pkvm_nodes.free_node;
+        void *p;
+        while (__atomic_test_and_set(&pkvm_nodes.lock, __ATOMIC_ACQUIRE))
+            ;
+        p = *fl;
+        if (p != NULL) {
+            *fl = *(void **)p;
+        } else {
+            if ((size_t)(pkvm_nodes.end - pkvm_nodes.bump) < size) {
+                char *c = pkvm_nodes_chunk();   /* the old chunk's tail, under one slot, stays unused */
+                if (c != NULL) {
+                    pkvm_nodes.bump = c;
+                    pkvm_nodes.end = c + PKVM_CHUNK;
+                }
+            }
+            if ((size_t)(pkvm_nodes.end - pkvm_nodes.bump) >= size) {
+                p = pkvm_nodes.bump;
+                pkvm_nodes.bump += size;
+            }
+        }
+        __atomic_clear(&pkvm_nodes.lock, __ATOMIC_RELEASE);
+        return p;
+    }
+    /* Give back a slot of ``size`` that pkvm_nodes_alloc returned (NULL: nothing). */
+    static void pkvm_nodes_free(void *p, size_t size) {
+        void **fl = size == PKVM_SLOT_VALS ? &pkvm_nodes.free_vals : &pkvm_nodes.free_node;
+        if (p == NULL)
+            return;
+        while (__atomic_test_and_set(&pkvm_nodes.lock, __ATOMIC_ACQUIRE))
+            ;
+        *(void **)p = *fl;
+        *fl = p;
+        __atomic_clear(&pkvm_nodes.lock, __ATOMIC_RELEASE);
+    }
+    """
+    size_t PKVM_SLOT_NODE
+    size_t PKVM_SLOT_VALS
+    int pkvm_nodes_init() noexcept nogil
+    void *pkvm_nodes_alloc(size_t size) noexcept nogil
+    void pkvm_nodes_free(void *p, size_t size) noexcept nogil
+
+if pkvm_nodes_init() != 0:
+    raise ImportError("pkvm._core: pthread_atfork failed")
+if sizeof(Leaf) > PKVM_SLOT_NODE or sizeof(Inner) > PKVM_SLOT_NODE or LEAF_CAP * sizeof(uint64_t) > PKVM_SLOT_VALS:
+    raise ImportError("pkvm._core: a node does not fit its slot (PKVM_SLOT_NODE / PKVM_SLOT_VALS)")
+
+
+cdef inline Leaf *_leaf_alloc() noexcept nogil:
+    """A leaf's memory (uninitialised), or NULL when out of memory."""
+    return <Leaf*>pkvm_nodes_alloc(PKVM_SLOT_NODE)
+
+
+cdef inline Inner *_inner_alloc() noexcept nogil:
+    """An inner node's memory (uninitialised), or NULL when out of memory."""
+    return <Inner*>pkvm_nodes_alloc(PKVM_SLOT_NODE)
+
+
+cdef inline uint64_t *_vals_alloc() noexcept nogil:
+    """A value array's memory (``LEAF_CAP`` uint64, uninitialised), or NULL when out of memory."""
+    return <uint64_t*>pkvm_nodes_alloc(PKVM_SLOT_VALS)
+
+
+cdef inline void _node_free(void *p) noexcept nogil:
+    """Give back a leaf or an inner node (NULL: nothing)."""
+    pkvm_nodes_free(p, PKVM_SLOT_NODE)
+
+
+cdef inline void _vals_free(uint64_t *v) noexcept nogil:
+    """Give back a value array (NULL: nothing)."""
+    pkvm_nodes_free(<void*>v, PKVM_SLOT_VALS)
+
+
 cdef extern from "Python.h":
     # The raw C-API call: it returns (unsigned long long)-1 and sets OverflowError for negative
     # or too-large ints; we turn that into a message that names the argument.
@@ -610,7 +729,7 @@ cdef int _b_put(Builder *b, Run r) noexcept nogil:
                 return -1
             b.leaves = grown
             b.cap = 2 * b.cap + 16
-        lf = <Leaf*>malloc(sizeof(Leaf))
+        lf = _leaf_alloc()
         if lf == NULL:
             return -1
         lf.n = 0
@@ -623,7 +742,7 @@ cdef int _b_put(Builder *b, Run r) noexcept nogil:
         b.leaves[b.n] = <void*>lf
         b.n += 1
     if lf.vals == NULL and r.value != lf.uval:
-        lf.vals = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
+        lf.vals = _vals_alloc()
         if lf.vals == NULL:
             return -1
         b.vals += 1
@@ -661,9 +780,9 @@ cdef int _b_finish(Builder *b) noexcept nogil:
             return -1
     if b.n == 0:
         b.leaves = <void**>malloc(sizeof(void*))
-        lf = <Leaf*>malloc(sizeof(Leaf))
+        lf = _leaf_alloc()
         if b.leaves == NULL or lf == NULL:
-            free(lf)
+            _node_free(lf)
             return -1
         lf.n = 0
         lf.vals = NULL
@@ -697,13 +816,13 @@ cdef void _free_node(void *node, int height) noexcept nogil:
         return
     if height == 0:
         lf = <Leaf*>node
-        free(lf.vals)
-        free(lf)
+        _vals_free(lf.vals)
+        _node_free(lf)
         return
     nd = <Inner*>node
     for j in range(nd.n):
         _free_node(nd.children[j], height - 1)
-    free(nd)
+    _node_free(nd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -985,15 +1104,15 @@ cdef class RangeMap:
         while self.pool_leaves != NULL:
             lf = self.pool_leaves
             self.pool_leaves = lf.next
-            free(lf)
+            _node_free(lf)
         while self.pool_inner != NULL:
             nd = self.pool_inner
             self.pool_inner = <Inner*>nd.children[0]
-            free(nd)
+            _node_free(nd)
         while self.pool_vals != NULL:
             v = self.pool_vals
             self.pool_vals = <uint64_t*><size_t>v[0]
-            free(v)
+            _vals_free(v)
 
     # -- node pools ------------------------------------------------------------------------------
 
@@ -1024,7 +1143,7 @@ cdef class RangeMap:
         cdef Inner *nd
         cdef uint64_t *v
         while self.n_pool_leaves < leaves:
-            lf = <Leaf*>malloc(sizeof(Leaf))
+            lf = _leaf_alloc()
             if lf == NULL:
                 with gil:
                     raise MemoryError("RangeMap: out of memory allocating a leaf")
@@ -1033,7 +1152,7 @@ cdef class RangeMap:
             self.pool_leaves = lf
             self.n_pool_leaves += 1
         while self.n_pool_inner < inner:
-            nd = <Inner*>malloc(sizeof(Inner))
+            nd = _inner_alloc()
             if nd == NULL:
                 with gil:
                     raise MemoryError("RangeMap: out of memory allocating an inner node")
@@ -1041,7 +1160,7 @@ cdef class RangeMap:
             self.pool_inner = nd
             self.n_pool_inner += 1
         while self.n_pool_vals < vals:
-            v = <uint64_t*>malloc(LEAF_CAP * sizeof(uint64_t))
+            v = _vals_alloc()
             if v == NULL:
                 with gil:
                     raise MemoryError("RangeMap: out of memory allocating a value array")
@@ -1082,7 +1201,7 @@ cdef class RangeMap:
     cdef void _give_vals(self, uint64_t *v) noexcept nogil:
         self.n_vals -= 1
         if self.n_pool_vals >= POOL_MAX:
-            free(v)
+            _vals_free(v)
             return
         v[0] = <uint64_t><size_t>self.pool_vals
         self.pool_vals = v
@@ -1095,7 +1214,7 @@ cdef class RangeMap:
             lf.vals = NULL
         self.n_leaves -= 1
         if self.n_pool_leaves >= POOL_MAX:
-            free(lf)
+            _node_free(lf)
             return
         lf.next = self.pool_leaves
         self.pool_leaves = lf
@@ -1105,7 +1224,7 @@ cdef class RangeMap:
         _drop_finger(self)
         self.n_inner -= 1
         if self.n_pool_inner >= POOL_MAX:
-            free(nd)
+            _node_free(nd)
             return
         nd.children[0] = <void*>self.pool_inner
         self.pool_inner = nd
@@ -1118,15 +1237,15 @@ cdef class RangeMap:
         if height == 0:
             lf = <Leaf*>node
             if lf.vals != NULL:
-                free(lf.vals)
+                _vals_free(lf.vals)
                 self.n_vals -= 1
-            free(lf)
+            _node_free(lf)
             self.n_leaves -= 1
             return
         nd = <Inner*>node
         for i in range(nd.n):
             self._free_subtree(nd.children[i], height - 1)
-        free(nd)
+        _node_free(nd)
         self.n_inner -= 1
 
     cdef void _reset(self) noexcept nogil:
@@ -1726,7 +1845,7 @@ cdef class RangeMap:
             extra = nlevel % nnext
             pos = 0
             for i in range(nnext):
-                nd = <Inner*>malloc(sizeof(Inner))
+                nd = _inner_alloc()
                 if nd == NULL:
                     # level[0:i] hold this level's new nodes (owning level[0:pos]'s old
                     # entries); level[pos:nlevel] are subtrees not adopted yet.
@@ -2025,17 +2144,17 @@ cdef class RangeMap:
             lf = self.pool_leaves
             self.pool_leaves = lf.next
             self.n_pool_leaves -= 1
-            free(lf)
+            _node_free(lf)
         while self.n_pool_inner > 3 * self.height + 8:
             nd = self.pool_inner
             self.pool_inner = <Inner*>nd.children[0]
             self.n_pool_inner -= 1
-            free(nd)
+            _node_free(nd)
         while self.n_pool_vals > 16:
             v = self.pool_vals
             self.pool_vals = <uint64_t*><size_t>v[0]
             self.n_pool_vals -= 1
-            free(v)
+            _vals_free(v)
 
     def copy(self):
         """An independent map with the same default and runs, densely packed. O(n)."""
