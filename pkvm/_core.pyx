@@ -171,37 +171,63 @@ cdef extern from *:
 cdef extern from *:
     """
     /* The memory of RangeMap's nodes (leaves, inner nodes and value arrays), for every map of
-       the process: slots carved in allocation order from chunks of 2 MiB aligned to 2 MiB and
-       advised MADV_HUGEPAGE, and the slots given back kept on a free list per size for the
-       next node of any map. A node lookup in a large map lands on a cold leaf; with 4 KiB pages
-       nearly every one is also a TLB miss (and, in a VM, a two-dimensional page walk), which a
-       2 MiB page of nodes takes away where the kernel grants huge pages (THP "madvise" or
-       "always"; elsewhere the chunks are ordinary pages). Slots are multiples of 64 bytes in
-       64-byte aligned chunks, so a leaf's 64 starts fill exactly 8 cache lines.
+       the process: 64-byte slots carved in allocation order from chunks of 2 MiB aligned to
+       2 MiB and advised MADV_HUGEPAGE. A node lookup in a large map lands on a cold leaf; with
+       4 KiB pages nearly every one is also a TLB miss (and, in a VM, a two-dimensional page
+       walk), which a 2 MiB page of nodes takes away where the kernel grants huge pages (THP
+       "madvise" or "always"; elsewhere the chunks are ordinary pages). Slots are multiples of
+       64 bytes after a 64-byte header, so a leaf's 64 starts fill exactly 8 cache lines.
        One chunk holds leaves, inner nodes and value arrays together, in the order they are
-       made (as malloc's heap did): a separate chunk for the value arrays made a lookup in a
-       map with values (the SPTEs) slower. Memory is never returned to the system: a map's
-       nodes go back to the free lists, and the next map reuses them. The lock is a spin flag
-       (allocation is rare: pool refills and frees past RangeMap's pools, a map's teardown),
-       reset in a forked child, which may have been forked while another thread held it. */
+       made (as malloc's heap did): value arrays in chunks of their own made a lookup in a map
+       with values (the SPTEs) slower.
+       Each chunk keeps the slots given back on a free list per size and counts the slots in
+       use. A chunk whose last slot comes back starts over (carved in order again) or, past
+       PKVM_CHUNKS_SPARE such empty chunks, is unmapped: a map built after others were freed
+       gets its nodes in order again instead of in the order the free lists hold them (with
+       one free list for the process, W4's bulk calls after W2 and W3 took 20 % longer).
+       Allocation takes from the current chunk, else the next chunk with room in the
+       registry's order, else a new chunk. The lock is a spin flag (allocation is rare: pool
+       refills and frees past RangeMap's pools, a map's teardown), reset in a forked child,
+       which may have been forked while another thread held it. */
     #include <sys/mman.h>
     #include <pthread.h>
     #define PKVM_CHUNK ((size_t)2 << 20)
+    #define PKVM_CHUNK_HDR ((size_t)64)     /* the chunk's pkvm_chunk, then its slots */
+    #define PKVM_CHUNKS_SPARE 4             /* empty chunks kept mapped */
     #define PKVM_SLOT_NODE ((size_t)1088)   /* a Leaf (1064 bytes) or an Inner (1032), to 64 */
     #define PKVM_SLOT_VALS ((size_t)512)    /* a value array (LEAF_CAP uint64) */
-    static struct {
-        char *bump, *end;       /* the current chunk's unused part */
+    typedef struct {
+        char *bump;             /* the chunk's never-used part starts here */
         void *free_node;        /* given-back node slots, linked through their first word */
         void *free_vals;        /* given-back value-array slots, likewise */
+        size_t live;            /* slots handed out and not given back */
+        size_t index;           /* in pkvm_nodes.chunks */
+    } pkvm_chunk;
+    static struct {
+        pkvm_chunk **chunks;    /* every mapped chunk */
+        size_t n, cap;
+        size_t cur;             /* the chunk allocation tries first (< n when n > 0) */
+        size_t empty;           /* chunks with no slot in use */
         char lock;
     } pkvm_nodes;
     static void pkvm_nodes_unlock_child(void) { __atomic_clear(&pkvm_nodes.lock, __ATOMIC_RELAXED); }
     static int pkvm_nodes_init(void) { return pthread_atfork(NULL, NULL, pkvm_nodes_unlock_child); }
-    static char *pkvm_nodes_chunk(void) {
+    static void pkvm_chunk_reset(pkvm_chunk *c) {
+        c->bump = (char *)c + PKVM_CHUNK_HDR;
+        c->free_node = c->free_vals = NULL;
+    }
+    static pkvm_chunk *pkvm_chunk_new(void) {
         /* mapped twice the size, the parts around the aligned chunk given back */
-        char *m = (char *)mmap(NULL, 2 * PKVM_CHUNK, PROT_READ | PROT_WRITE,
-                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        char *a;
+        char *m, *a;
+        pkvm_chunk *c, **grown;
+        if (pkvm_nodes.n == pkvm_nodes.cap) {
+            grown = (pkvm_chunk **)realloc(pkvm_nodes.chunks, (2 * pkvm_nodes.cap + 16) * sizeof(pkvm_chunk *));
+            if (grown == NULL)
+                return NULL;
+            pkvm_nodes.chunks = grown;
+            pkvm_nodes.cap = 2 * pkvm_nodes.cap + 16;
+        }
+        m = (char *)mmap(NULL, 2 * PKVM_CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == (char *)MAP_FAILED)
             return NULL;
         a = (char *)(((uintptr_t)m + PKVM_CHUNK - 1) & ~(uintptr_t)(PKVM_CHUNK - 1));
@@ -211,42 +237,76 @@ cdef extern from *:
     #ifdef MADV_HUGEPAGE
         madvise(a, PKVM_CHUNK, MADV_HUGEPAGE);
     #endif
-        return a;
+        c = (pkvm_chunk *)a;
+        pkvm_chunk_reset(c);
+        c->live = 0;
+        c->index = pkvm_nodes.n;
+        pkvm_nodes.chunks[pkvm_nodes.n++] = c;
+        pkvm_nodes.empty++;
+        return c;
+    }
+    /* A slot of ``size`` from chunk ``c``, or NULL when it has none. */
+    static void *pkvm_chunk_take(pkvm_chunk *c, size_t size) {
+        void **fl = size == PKVM_SLOT_VALS ? &c->free_vals : &c->free_node;
+        void *p = *fl;
+        if (p != NULL) {
+            *fl = *(void **)p;
+        } else if ((size_t)((char *)c + PKVM_CHUNK - c->bump) >= size) {
+            p = c->bump;
+            c->bump += size;
+        } else {
+            return NULL;
+        }
+        if (c->live++ == 0)
+            pkvm_nodes.empty--;
+        return p;
     }
     /* A slot of ``size`` (PKVM_SLOT_NODE or PKVM_SLOT_VALS), or NULL when out of memory. */
     static void *pkvm_nodes_alloc(size_t size) {
-        void **fl = size == PKVM_SLOT_VALS ? &pkvm_nodes.free_vals : &pkvm_nodes.free_node;
-        void *p;
+        void *p = NULL;
+        size_t k, i;
+        pkvm_chunk *c;
         while (__atomic_test_and_set(&pkvm_nodes.lock, __ATOMIC_ACQUIRE))
             ;
-        p = *fl;
-        if (p != NULL) {
-            *fl = *(void **)p;
-        } else {
-            if ((size_t)(pkvm_nodes.end - pkvm_nodes.bump) < size) {
-                char *c = pkvm_nodes_chunk();   /* the old chunk's tail, under one slot, stays unused */
-                if (c != NULL) {
-                    pkvm_nodes.bump = c;
-                    pkvm_nodes.end = c + PKVM_CHUNK;
-                }
-            }
-            if ((size_t)(pkvm_nodes.end - pkvm_nodes.bump) >= size) {
-                p = pkvm_nodes.bump;
-                pkvm_nodes.bump += size;
-            }
+        for (k = 0; k < pkvm_nodes.n && p == NULL; k++) {   /* from the current one on */
+            i = (pkvm_nodes.cur + k) % pkvm_nodes.n;
+            p = pkvm_chunk_take(pkvm_nodes.chunks[i], size);
+            if (p != NULL)
+                pkvm_nodes.cur = i;
+        }
+        if (p == NULL && (c = pkvm_chunk_new()) != NULL) {
+            pkvm_nodes.cur = c->index;
+            p = pkvm_chunk_take(c, size);
         }
         __atomic_clear(&pkvm_nodes.lock, __ATOMIC_RELEASE);
         return p;
     }
     /* Give back a slot of ``size`` that pkvm_nodes_alloc returned (NULL: nothing). */
     static void pkvm_nodes_free(void *p, size_t size) {
-        void **fl = size == PKVM_SLOT_VALS ? &pkvm_nodes.free_vals : &pkvm_nodes.free_node;
+        pkvm_chunk *c, *last;
+        void **fl;
         if (p == NULL)
             return;
+        c = (pkvm_chunk *)((uintptr_t)p & ~(uintptr_t)(PKVM_CHUNK - 1));
+        fl = size == PKVM_SLOT_VALS ? &c->free_vals : &c->free_node;
         while (__atomic_test_and_set(&pkvm_nodes.lock, __ATOMIC_ACQUIRE))
             ;
         *(void **)p = *fl;
         *fl = p;
+        if (--c->live == 0) {
+            if (pkvm_nodes.empty >= PKVM_CHUNKS_SPARE && c->index != pkvm_nodes.cur) {
+                /* unmapped; the registry's last chunk takes its place */
+                last = pkvm_nodes.chunks[--pkvm_nodes.n];
+                pkvm_nodes.chunks[c->index] = last;
+                last->index = c->index;
+                if (pkvm_nodes.cur == pkvm_nodes.n)
+                    pkvm_nodes.cur = c->index;
+                munmap((void *)c, PKVM_CHUNK);
+            } else {
+                pkvm_chunk_reset(c);
+                pkvm_nodes.empty++;
+            }
+        }
         __atomic_clear(&pkvm_nodes.lock, __ATOMIC_RELEASE);
     }
     """
