@@ -714,17 +714,8 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
 def _deflate_run(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
     """A task of g's vCPU: it accepts and touches a run the balloon hands back, which random
     picks then may use again."""
-    # _accept_touch(ctx, g, gpa, size, huge) and ctx.release(gpa, size), in line (one task
-    # per balloon run; size > 0)
-    ok = g.accept(gpa, size, huge=huge)
-    if ok is not CONVERTED and not ok:
-        ctx._require(ok, f"accepting [{gpa:#x}, +{size:#x})")
-    ctx.gfns_accessed += size >> PAGE_SHIFT
-    r = g.touch(gpa, size, private=True, write=True)
-    if r.ret != "done":
-        ctx._require(False, f"touching [{gpa:#x}, +{size:#x}) ({r.ret})")
-    ctx.gfns_accessed += size >> PAGE_SHIFT
-    ctx.reserved.assign(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, 0)
+    _accept_touch(ctx, g, gpa, size, huge)
+    ctx.release(gpa, size)
 
 
 def _coalesce(chunks: list[int]) -> list[tuple[int, int]]:
