@@ -1660,7 +1660,7 @@ cdef class SchedHooks:
             self._release_slow(a, lock, mode)
             return 0
         cdef LockState lks = <LockState?>self.locks[lock]
-        union = None  # a read hold's part outside the other read holds (_fast_read_add)
+        union = None  # an RWLock hold's part outside the holds counted before (_union_add)
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
         if held_ns:  # for a result taken mid-run (_fast_done_add: kept short, exactly)
             _fast_done_add(a, lock, mode, t, t + held_ns)
@@ -2371,7 +2371,7 @@ cdef class SchedHooks:
         ns = end - grant  # the hold as the batch ran it (with what it paid on the way)
         # hw: its work under the lock (the check and the installs), without waits
         # the lock's statistics: the part of the hold after its release in SimPy (a read
-        # hold's union with the others', as for one taken uncontended: _fast_read_add)
+        # hold's union with the others', as for one taken uncontended: _union_add)
         if end > rel:
             _fast_done_add(a, "mmu_lock", 0, rel, end)
             union = _union_add(lk.hold_union, rel + self._t0, end + self._t0)

@@ -691,9 +691,8 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         picked = [c for c in gpas if shared.find_ne(c << shift, (c + 1) << shift, 0) == -1
                   and reserved.find_ne(c << shift, (c + 1) << shift, 0) == -1]
     runs = _coalesce(picked)  # adjacent chunks: the balloon hands back runs of pages
-    assign = ctx.reserved.assign  # ctx.reserve, without its frame
     for s, e in runs:  # the balloon's until the deflate has accepted them again (_deflate_run)
-        assign(s << shift, e << shift, 1)
+        ctx.reserve(s * chunk, (e - s) * chunk)
     with ctx.phase("inflate"):
         discard = ctx.vmm.discard_ram
         for s, e in runs:

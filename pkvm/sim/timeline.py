@@ -443,8 +443,8 @@ class Timeline(SchedHooks):
                 if lock == name and t_rel > end:
                     add(mode, -(t_rel - max(t, end)))
         if rw:
-            # the union up to now: what hold_ns counted, less its part after now, and the open
-            # holds' parts before now that it does not cover
+            # the union up to now (in place of the sum add() made): what hold_ns counted, less
+            # its part after now, and the open holds' parts before now that it does not cover
             hold = -sum(e - (s if s > now else now) for s, e in lk.hold_union if e > now)
             if opened:
                 lo = min(opened)
