@@ -249,6 +249,44 @@ def test_a_check_left_by_a_runner_that_died_refuses_nothing():
         assert len(lc.scheduler.workers) == 2 and "pkvm-environment-dead" in lc.scheduler.worker_plugins
 
 
+def test_runs_left_with_no_worker_stop_within_the_timeout_instead_of_waiting_for_ever():
+    """Every worker of the cluster went after pkvm connected (here: the one there leaves, and the
+    one that joins instead runs another pkvm, so the late-worker check closes it): the runs
+    waited for ever. Now map() gives up once the cluster has had no worker for
+    ``worker_timeout`` seconds, with one line naming the scheduler and the runs still to run,
+    after the notice of the refused worker; the runner still closes cleanly."""
+    from distributed import LocalCluster
+
+    from pkvm.experiments import execution
+
+    notices = []
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=50) as lc:
+        address = lc.scheduler_address
+        with Runner(scheduler=address, worker_timeout=1, notice=notices.append) as runner:
+            assert runner.map(pow, [(2, 3)], ["a"]) == [8]
+            real = execution.environment
+            execution.environment = lambda: dict(real(), pkvm="0.0.0-other")
+            try:
+                lc.scale(0)
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and lc.scheduler.workers:
+                    time.sleep(0.05)
+                assert not lc.scheduler.workers
+                lc.scale(1)  # joins, and is refused
+                t0 = time.monotonic()
+                with pytest.raises(NoWorkersError, match=rf"^--scheduler {address}: no worker left to run the 3 "
+                                                         r"runs still to run \(none for 1 s: every worker left, died "
+                                                         rf"or was refused\); start some with: dask worker {address} "
+                                                         r"--nthreads 1$"):
+                    runner.map(pow, [(2, 3), (3, 3), (4, 3)], ["a", "b", "c"])
+                assert time.monotonic() - t0 < 15
+            finally:
+                execution.environment = real
+        assert len(notices) == 1 and "closed the worker" in notices[0]
+        assert not [n for n in lc.scheduler.worker_plugins if n.startswith("pkvm-environment-")]
+
+
 def test_what_differs_between_client_and_workers_is_named():
     """Each differing value once, with the first worker that has it and how many more do."""
     from pkvm.experiments.execution import _mismatch, environment

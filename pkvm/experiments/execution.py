@@ -37,6 +37,7 @@ import platform
 import signal
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,11 @@ CONNECT_TIMEOUT_S = 5.0
 #: (a bare ``dask scheduler``, or a cluster whose workers are still starting).
 WORKER_TIMEOUT_S = 30.0
 
+# While runs are out: how often to look for finished ones, and how often to ask the scheduler
+# whether it still has a worker (Runner._as_completed).
+_POLL_S = 0.02
+_WORKER_POLL_S = 1.0
+
 
 class RunError(PkvmError):
     """A task failed (on a cluster: twice, the retry included); the message names its
@@ -75,8 +81,10 @@ class SchedulerUnreachableError(PkvmError, OSError):
 class NoWorkersError(PkvmError):
     """``--scheduler ADDRESS`` answered, but no worker joined its cluster within
     :data:`WORKER_TIMEOUT_S` seconds: the tasks would wait for ever. (The connection was lost
-    while waiting is :class:`SchedulerUnreachableError`.) A failed run on the command line,
-    exit status 1."""
+    while waiting is :class:`SchedulerUnreachableError`.) Also from :meth:`Runner.map`, when
+    the cluster has had no worker for that long while runs were out: every worker left, died
+    for good, or was refused by the check of workers that join later. A failed run on the
+    command line, exit status 1."""
 
 
 class WorkerMismatchError(PkvmError):
@@ -377,7 +385,9 @@ class Runner:
         scheduler: the address of an existing ``dask.distributed`` scheduler
             (``tcp://host:8786``); ``jobs`` is then ignored.
         connect_timeout: seconds to wait for ``scheduler``.
-        worker_timeout: seconds to wait, once ``scheduler`` answered, for a worker to join it.
+        worker_timeout: seconds to wait, once ``scheduler`` answered, for a worker to join it;
+            and, while runs are out on any cluster, how long it may have no worker at all
+            before :meth:`map` gives up.
         notice: called with one line for each worker that joined ``scheduler``'s cluster after
             the runner connected, runs another pkvm, Python or Dask, and was closed before it
             ran anything (a worker plugin checks each one; the runs go on on the others).
@@ -685,6 +695,8 @@ class Runner:
 
         Raises:
             RunError: a task failed (retried once on a cluster); names its label.
+            NoWorkersError: on a cluster, no worker was there for ``worker_timeout``
+                seconds while runs were out (they left, died, or were refused).
         """
         if len(labels) != len(tasks) or (names is not None and len(names) != len(tasks)):
             raise ValueError(f"{len(tasks)} tasks but {len(labels)} labels"
@@ -724,8 +736,10 @@ class Runner:
             fut = client.submit(_call_batch, fn, list(tasks[lo:hi]), retries=1, pure=False)
             futures[fut] = (lo, hi)
         results: list[Any] = [None] * len(tasks)
+        done = 0
         try:
-            for fut in as_completed(list(futures), loop=client.loop):
+            for fut in self._as_completed(as_completed(list(futures), loop=client.loop),
+                                          lambda: len(tasks) - done):
                 self._check_sigint()
                 self._flush_notices()
                 lo, hi = futures[fut]
@@ -744,6 +758,7 @@ class Runner:
                     raise RunError(f"{label} failed on the cluster (tried twice): "
                                    f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
                 results[lo:hi] = fut.result()
+                done += hi - lo
                 if progress is not None:
                     for label in labels[lo:hi]:
                         progress(label, 1.0)
@@ -751,6 +766,46 @@ class Runner:
             client.cancel(list(futures))
             self._flush_notices()
         return results
+
+    def _as_completed(self, ac: Any, left: Callable[[], int]) -> Iterator[Any]:
+        """The futures of ``ac`` (a ``distributed.as_completed``) as they complete, while
+        watching that the cluster still has a worker: when it has had none for
+        ``worker_timeout`` seconds (every worker left, died for good, or was refused by the
+        late-worker check), :class:`NoWorkersError` instead of waiting for ever. ``left()``:
+        how many runs are still to come, for the message. Ctrl-C is seen between polls."""
+        client = self._client
+        none_since: float | None = None
+        next_check = 0.0
+        while True:
+            batch = ac.next_batch(block=False)
+            if batch:
+                none_since = None
+                yield from batch
+                continue
+            if not ac.count():
+                return
+            self._check_sigint()
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + _WORKER_POLL_S
+                try:
+                    workers = len(client.nthreads())
+                except Exception:  # noqa: BLE001 - the scheduler went away: the futures say so
+                    workers = 1
+                if workers:
+                    none_since = None
+                elif none_since is None:
+                    none_since = now
+                elif now - none_since >= self.worker_timeout:
+                    self._flush_notices()
+                    where = f"--scheduler {self.scheduler}" if self.scheduler is not None else \
+                        f"the local Dask cluster of {self.jobs} worker processes"
+                    hint = (f"; start some with: dask worker {self.scheduler} --nthreads 1"
+                            if self.scheduler is not None else "")
+                    raise NoWorkersError(
+                        f"{where}: no worker left to run the {left()} runs still to run (none for "
+                        f"{self.worker_timeout:g} s: every worker left, died or was refused){hint}")
+            time.sleep(_POLL_S)
 
 
 def _first_failing(fn: Callable[..., Any], batch: Sequence[tuple[Any, ...]]) -> int | None:
