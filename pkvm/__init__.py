@@ -3,7 +3,11 @@
 See ``README.md`` and ``docs/``. Users import ``pkvm``; ``pkvm._core`` is the private typed core.
 """
 
-from pkvm import platforms  # noqa: F401  (importing it installs the op tables: pkvm.kvm.ops)
+from pkvm import _launch
+
+_launch.guard()  # the command line's process: Ctrl-C while it imports is one line (pkvm._launch)
+
+from pkvm import platforms  # noqa: E402, F401  (importing it installs the op tables: pkvm.kvm.ops)
 from pkvm._core import RangeMap, RmpEntry, RmpTable
 from pkvm.actors.guest import Guest
 from pkvm.actors.vmm import Vmm

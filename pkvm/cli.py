@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from pkvm import experiments
+from pkvm import _launch, experiments
 from pkvm._files import atomic_output, check_creatable, output_path
 from pkvm._units import format_ns as format_time
 from pkvm._units import format_size, parse_decimal, parse_size
@@ -1657,6 +1657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("cannot write to standard output: it is closed")
         return 1
     try:
+        _launch.release()  # a Ctrl-C from here on is the KeyboardInterrupt below
         for i, a in enumerate(argv):  # no C string holds one: open() failed on it after the run
             if not isinstance(a, str) or "\0" in a:
                 raise UsageError(f"argument {i + 1}, {a!r}, " + ("contains a NUL byte, which no value or file name "
