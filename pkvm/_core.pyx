@@ -19,7 +19,7 @@ from cpython.weakref cimport PyWeakref_GetObject
 from libc.math cimport floor
 from libc.limits cimport LLONG_MIN
 from libc.stdint cimport uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
 import operator

@@ -559,74 +559,272 @@ cdef int _rd_clip(list iv, long long s, long long e, long long lo, long long hi,
 cdef class DistState:
     """The state of :class:`pkvm.sim.stats.Distribution` (its base class): a count per
     distinct value (``_hist``), the number of samples, their sum and maximum, and the sorted
-    view a percentile read caches (None after an add). The timeline's latency hook adds a
-    sample at C level (about five per balloon run)."""
+    view a percentile read caches (None after an add). The timeline's hooks add samples at C
+    level (four or five per balloon chunk).
 
-    cdef public dict _hist
-    cdef public object _count, _total, _max, _sorted
+    Kept in C while it can be (the Python views are built when read, with the same values
+    and types): the samples of int64 values and counts added since ``_hist`` was last read
+    wait in a table of int64 pairs (``_pv`` / ``_pc``, in the order their values were first
+    added, found through the open-addressing index ``_pix``) and go into the dict when it is
+    read, and the count, sum and maximum are int64 fields while they are ints that fit
+    (``_cs``). Any other sample (a float, an int past int64, a count of less than 1), a
+    removal, or an overflow moves the table into the dict and the three figures into Python
+    objects first, then runs the Python arithmetic; the figures come back into C when they
+    fit again."""
+
+    cdef dict _h                   # the histogram's dict (the samples not in the table)
+    cdef int64_t *_pv              # the table: values ...
+    cdef int64_t *_pc              # ... and how many samples of each, in first-add order
+    cdef Py_ssize_t _pn, _pcap     # its entries, and the room for them
+    cdef Py_ssize_t *_pix          # index: slot -> entry + 1 (0: empty), linear probing
+    cdef Py_ssize_t _pmask         # its slots - 1 (a power of two minus one; -1: none yet)
+    cdef bint _cs                  # count, total and max in _cn, _ct, _cm (else _on, _ot, _om)
+    cdef int64_t _cn, _ct, _cm
+    cdef object _on, _ot, _om
+    cdef public object _sorted
 
     def __cinit__(self):
-        self._hist = {}  # value -> how many samples have it
-        self._count = 0
-        self._total = 0
-        self._max = 0
+        self._h = {}  # value -> how many samples have it
+        self._pmask = -1
+        self._cs = True
+        self._cn = 0
+        self._ct = 0
+        self._cm = 0
         self._sorted = None
+
+    def __dealloc__(self):
+        free(self._pv)
+        free(self._pc)
+        free(self._pix)
+
+    property _hist:
+        """The count per distinct value (a dict; the table's samples moved into it first)."""
+        def __get__(self):
+            self._flush()
+            return self._h
+
+        def __set__(self, dict value):
+            self._pn = 0
+            self._pix_clear()
+            self._h = value
+
+    property _count:
+        def __get__(self):
+            return self._cn if self._cs else self._on
+
+        def __set__(self, value):
+            self._to_obj()
+            self._on = value
+            self._try_c()
+
+    property _total:
+        def __get__(self):
+            return self._ct if self._cs else self._ot
+
+        def __set__(self, value):
+            self._to_obj()
+            self._ot = value
+            self._try_c()
+
+    property _max:
+        def __get__(self):
+            return self._cm if self._cs else self._om
+
+        def __set__(self, value):
+            self._to_obj()
+            self._om = value
+            self._try_c()
 
     def __getstate__(self):
         return (self._hist, self._count, self._total, self._max)
 
     def __setstate__(self, state):
-        self._hist, self._count, self._total, self._max = state
+        self._to_obj()
+        self._hist, self._on, self._ot, self._om = state
+        self._try_c()
         self._sorted = None
 
     def _add(self, value, count):
         """Add without validation, for callers inside pkvm that pass checked values (the
-        timeline's hooks, on every latency sample: one dict update and four fields)."""
+        timeline's hooks, on every latency sample)."""
         self._add_c(value, count)
+
+    cdef int _pix_clear(self) except -1:
+        if self._pmask >= 0:
+            memset(self._pix, 0, (self._pmask + 1) * sizeof(Py_ssize_t))
+        return 0
+
+    cdef int _flush(self) except -1:
+        """Move the table's samples into the dict (``hist[v] = hist.get(v, 0) + n``, in the
+        order their values were first added, as the adds would have)."""
+        cdef Py_ssize_t i, n = self._pn
+        cdef dict hist = self._h
+        cdef PyObject *old
+        if not n:
+            return 0
+        self._pn = 0  # (first: a failure below loses the rest rather than adding it twice)
+        self._pix_clear()
+        for i in range(n):
+            v = self._pv[i]
+            old = PyDict_GetItemWithError(hist, v)
+            if old is NULL:
+                hist[v] = self._pc[i]
+            else:
+                hist[v] = <object>old + self._pc[i]
+        return 0
+
+    cdef int _to_obj(self) except -1:
+        """The table into the dict, the count, total and max into Python objects."""
+        self._flush()
+        if self._cs:
+            self._on = self._cn
+            self._ot = self._ct
+            self._om = self._cm
+            self._cs = False
+        return 0
+
+    cdef int _try_c(self) except -1:
+        """The count, total and max back into C if all three are ints that fit an int64."""
+        cdef int64_t n, t, m
+        if (not self._cs and type(self._on) is int and type(self._ot) is int
+                and type(self._om) is int and _as_i64(self._on, &n) and _as_i64(self._ot, &t)
+                and _as_i64(self._om, &m)):
+            self._cn = n
+            self._ct = t
+            self._cm = m
+            self._on = self._ot = self._om = None
+            self._cs = True
+        return 0
+
+    cdef int _grow(self) except -1:
+        """Room for one more entry in the table, and an index at most half full."""
+        cdef Py_ssize_t cap, slots, i, s
+        cdef int64_t *pv
+        cdef int64_t *pc
+        cdef Py_ssize_t *ix
+        if self._pn == self._pcap:
+            cap = self._pcap * 2 if self._pcap else 16
+            pv = <int64_t *>realloc(self._pv, cap * sizeof(int64_t))
+            if pv is NULL:
+                raise MemoryError()
+            self._pv = pv
+            pc = <int64_t *>realloc(self._pc, cap * sizeof(int64_t))
+            if pc is NULL:
+                raise MemoryError()
+            self._pc = pc
+            self._pcap = cap
+        if 2 * (self._pn + 1) > self._pmask + 1:
+            slots = (self._pmask + 1) * 2 if self._pmask >= 0 else 32
+            ix = <Py_ssize_t *>calloc(slots, sizeof(Py_ssize_t))
+            if ix is NULL:
+                raise MemoryError()
+            free(self._pix)
+            self._pix = ix
+            self._pmask = slots - 1
+            for i in range(self._pn):
+                s = _dist_slot(self._pv[i], self._pmask)
+                while ix[s]:
+                    s = (s + 1) & self._pmask
+                ix[s] = i + 1
+        return 0
+
+    cdef bint _add_i64(self, int64_t v, int64_t c) except -1:
+        """Add ``c`` >= 1 samples of ``v`` in C; False (nothing changed) if a figure or the
+        value's count in the table would leave int64."""
+        cdef int64_t n, t, vc
+        cdef Py_ssize_t s = 0, e = 0
+        if pkvm_add_ovf(self._cn, c, &n):
+            return False
+        if c == 1:
+            if pkvm_add_ovf(self._ct, v, &t):
+                return False
+        elif pkvm_mul_ovf(v, c, &vc) or pkvm_add_ovf(self._ct, vc, &t):
+            return False
+        if self._pmask >= 0:
+            s = _dist_slot(v, self._pmask)
+            while True:
+                e = self._pix[s]
+                if not e or self._pv[e - 1] == v:
+                    break
+                s = (s + 1) & self._pmask
+        if e:
+            if pkvm_add_ovf(self._pc[e - 1], c, &vc):
+                return False
+            self._pc[e - 1] = vc
+        else:
+            if self._pmask < 0 or self._pn == self._pcap or 2 * (self._pn + 1) > self._pmask + 1:
+                self._grow()
+                s = _dist_slot(v, self._pmask)
+                while self._pix[s]:
+                    s = (s + 1) & self._pmask
+            self._pv[self._pn] = v
+            self._pc[self._pn] = c
+            self._pn += 1
+            self._pix[s] = self._pn
+        if v > self._cm or not self._cn:
+            self._cm = v
+        self._cn = n
+        self._ct = t
+        return True
 
     cdef int _remove_n(self, value, long long k) except -1:
         """Take back ``k`` samples of ``value`` (they must be there); the maximum follows."""
-        n = self._hist[value]
+        self._to_obj()
+        n = self._h[value]
         if n == k:
-            del self._hist[value]
+            del self._h[value]
         else:
-            self._hist[value] = n - k
-        self._count -= k
-        self._total -= value * k
-        if value >= self._max:
-            self._max = max(self._hist) if self._hist else 0
+            self._h[value] = n - k
+        self._on -= k
+        self._ot -= value * k
+        if value >= self._om:
+            self._om = max(self._h) if self._h else 0
         self._sorted = None
+        self._try_c()
         return 0
 
     cdef int _remove_c(self, value) except -1:
         """Take back one sample of ``value`` (it must be there); the maximum follows."""
-        n = self._hist[value]
+        self._to_obj()
+        n = self._h[value]
         if n == 1:
-            del self._hist[value]
+            del self._h[value]
         else:
-            self._hist[value] = n - 1
-        self._count -= 1
-        self._total -= value
-        if value >= self._max:  # it may have been the only one at the top
-            self._max = max(self._hist) if self._hist else 0
+            self._h[value] = n - 1
+        self._on -= 1
+        self._ot -= value
+        if value >= self._om:  # it may have been the only one at the top
+            self._om = max(self._h) if self._h else 0
         self._sorted = None
+        self._try_c()
         return 0
 
     cdef int _add_c(self, value, count) except -1:
-        # hist[value] = hist.get(value, 0) + count with one lookup for the get; a sample of
-        # one (count 1: most of them) adds value itself to the total
-        cdef dict hist = self._hist
+        cdef int64_t v, c
+        if (self._cs and type(value) is int and type(count) is int and _as_i64(value, &v)
+                and _as_i64(count, &c) and c >= 1 and self._add_i64(v, c)):
+            self._sorted = None
+            return 0
+        # any other sample, through the dict and Python objects (the table first, for the order)
+        self._to_obj()
+        cdef dict hist = self._h
         cdef PyObject *old = PyDict_GetItemWithError(hist, value)  # (except? NULL: raises)
         if old is NULL:
             hist[value] = count if type(count) is int else 0 + count
         else:
             hist[value] = <object>old + count
-        if value > self._max or not self._count:
-            self._max = value
-        self._count += count
-        self._total += value if type(count) is int and type(value) is int and count == 1 else value * count
+        if value > self._om or not self._on:
+            self._om = value
+        self._on += count
+        self._ot += value if type(count) is int and type(value) is int and count == 1 else value * count
         self._sorted = None
+        self._try_c()
         return 0
+
+
+cdef inline Py_ssize_t _dist_slot(int64_t v, Py_ssize_t mask) noexcept:
+    """The first index slot of value ``v`` in a DistState's table (Fibonacci hashing)."""
+    return <Py_ssize_t>((<uint64_t>v * <uint64_t>0x9E3779B97F4A7C15ULL) >> 32) & mask
 
 
 # the requests an actor's coroutine sends to its SimPy process (pkvm/sim/timeline.py's _ACQ ...)
