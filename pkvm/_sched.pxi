@@ -1774,6 +1774,43 @@ cdef inline int _vm_ns_is(SchedHooks h, long long mark) except -1:
     return h.vm._modeled_ns == mark
 
 
+cdef object _env_look(SchedHooks h):
+    """Note in ``h._env_own`` whether ``h.env``'s ``now`` is SimPy's own property
+    (``Environment.now``, which returns ``self._now``), and SimPy's ``Event`` class and its
+    ``PENDING`` value for :func:`_ev_triggered`."""
+    env = h.env
+    h._env_seen = env
+    import simpy.core
+    import simpy.events
+    h._env_own = type(env).now is simpy.core.Environment.__dict__.get("now")
+    h._ev_cls = simpy.events.Event
+    h._ev_pending = simpy.events.PENDING
+    return env
+
+
+cdef inline object _env_now(SchedHooks h):
+    """``h.env.now``, SimPy's time, read as the attribute ``_now`` where that is what its
+    ``now`` property returns: without a Python frame per read. (Not through the environment's
+    ``__dict__``: asking for it makes the instance's dict an object of its own, and every
+    ``self._now`` in SimPy's loop then takes the interpreter's slower path.)"""
+    env = h.env
+    if env is not h._env_seen:
+        _env_look(h)
+    if h._env_own:
+        return env._now
+    return env.now
+
+
+cdef inline bint _ev_triggered(SchedHooks h, ev) except -1:
+    """``ev.triggered``; for a plain SimPy ``Event`` (``env.event()``) read as its property
+    does, ``ev._value is not PENDING``, without a Python frame."""
+    if h.env is not h._env_seen:
+        _env_look(h)
+    if type(ev) is h._ev_cls:
+        return ev._value is not h._ev_pending
+    return True if ev.triggered else False
+
+
 @cython.auto_pickle(False)
 cdef class SchedHooks:
     """The hot hooks of :class:`pkvm.sim.Timeline` (its base class; see that class).
@@ -1810,6 +1847,12 @@ cdef class SchedHooks:
     cdef public list _heap
     # vm's Ledger, read in C by _vm_ns / _vm_ns_is (taken again whenever vm is another object)
     cdef Ledger _led
+    # whether env's ``now`` is SimPy's property (which returns ``_now``), for _env_now; looked
+    # at again whenever env is another object (_env_seen)
+    cdef bint _env_own
+    cdef object _env_seen
+    # SimPy's Event class and its PENDING value (_env_look), for _ev_triggered
+    cdef object _ev_cls, _ev_pending
 
     def acquire(self, lock, mode=1):
         """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
@@ -2211,7 +2254,7 @@ cdef class SchedHooks:
         na = len(self._actors)
         if len(spans) > max(lk.trim_spans, 4 * na + 16) or lk.prof.n > max(lk.trim_prof, 8 * na + 32):
             # No window to come starts before SimPy's clock or an open window's start.
-            horizon = int(self.env.now - self._t0)
+            horizon = int(_env_now(self) - self._t0)
             for k in self._actors.values():
                 if k.pw_depth > 0 and k.pw_t0 < horizon:
                     horizon = k.pw_t0
@@ -2480,7 +2523,7 @@ cdef class SchedHooks:
         """Drop the write holds no fault batch to come, nor one still settling, can
         overlap: those that ended before SimPy's clock and before every open window's start
         and every batch's round still due."""
-        cdef long long horizon = int(self.env.now - self._t0)
+        cdef long long horizon = int(_env_now(self) - self._t0)
         cdef SchedActor k
         cdef _RdWin rd
         for k in self._actors.values():
@@ -2609,7 +2652,7 @@ cdef class SchedHooks:
         now."""
         cdef _RdWin rd = <_RdWin>a.rd
         if rd.stage == 1:
-            if int(self.env.now - self._t0) < rd.hi:
+            if int(_env_now(self) - self._t0) < rd.hi:
                 return 0
             self._rd_stall(a, <LockState?>self.locks["mmu_lock"], rd.sp, rd.lo, rd.hi, 0, 0, rd.g, rd.p, True)
             rd.stage = 2
@@ -2841,7 +2884,7 @@ cdef class SchedHooks:
         a.absorb = _AB_NONE
         if not q:
             return 0
-        now = int(self.env.now - self._t0)
+        now = int(_env_now(self) - self._t0)
         for e in q:
             over = <long long>e[0] - now
             if over > 0:
@@ -2996,14 +3039,14 @@ cdef class SchedHooks:
                              f"start_vcpu; threads: {', '.join(a.name for a in self._actors.values() if a.idle is not None) or 'none'})")
         if not callable(fn):
             raise TypeError(f"dispatch: fn must be callable, got {type(fn).__name__}")
-        if target.work is not None and target.work.triggered and target.work.value == "stop":
+        if target.work is not None and _ev_triggered(self, target.work) and target.work.value == "stop":
             # stop() finished the thread: a task handed to it now would wait forever
             raise RuntimeError(f"dispatch: vCPU thread {name!r} was finished by stop(); "
                                f"dispatch before stopping the timeline")
         cdef SchedActor a = self._current
         if a is not None and (not _vm_ns_is(self, self._mark) or a.stall_debt or a.lock_debt):
             self._sync_c()  # the task starts at the caller's clock
-        while target.task is not None or not target.idle.triggered:
+        while target.task is not None or not _ev_triggered(self, target.idle):
             self._wait_c(target.idle, True, False)
         target.task = (fn, args)
         if not target.in_task:  # _set_in_task(target, True): it has work from now on
@@ -3011,7 +3054,7 @@ cdef class SchedHooks:
             target.in_task = True
         target.idle = self.env.event()
         work = target.work
-        if work is not None and not work.triggered:
+        if work is not None and not _ev_triggered(self, work):
             work.succeed()
 
     def _call_once(self, SchedActor a, fn, tuple args):
@@ -3031,9 +3074,9 @@ cdef class SchedHooks:
             # pass the rest)
             while a.lock_debt or a.rd is not None:
                 rd = <_RdWin?>a.rd if a.rd is not None else None
-                t = self.env.now
+                t = _env_now(self)
                 self._sync_c()
-                if rd is not None and a.rd is rd and rd.stage == 1 and self.env.now == t:
+                if rd is not None and a.rd is rd and rd.stage == 1 and _env_now(self) == t:
                     from pkvm.errors import InternalInvariantError
                     raise InternalInvariantError(
                         f"{a.name}: a fault batch's round of mmu_lock reads ends at "
@@ -3078,7 +3121,7 @@ cdef class SchedHooks:
             a.lock_debt = 0
             owed = a.debts
             a.debts = []
-            t0 = env.now
+            t0 = _env_now(self)
             a.flight = _FL_LOCK
             a.flight_t = t0
             a.absorb = _AB_HOST
@@ -3089,11 +3132,11 @@ cdef class SchedHooks:
             a.lock_wait += debt
             a.page_wait += debt
             if a.rd is not None:  # its last fault batch stalled meanwhile (_release_rd)
-                self._rd_after_pay(a, int(t0 - self._t0), int(env.now - self._t0))
+                self._rd_after_pay(a, int(t0 - self._t0), int(_env_now(self) - self._t0))
             for e in owed:  # the locks' statistics count them as they pass
                 self._pw_count(e[0], e[1], e[2], e[3], e[4])
             if rec is not None:
-                self._rec_debt_waits(a, owed, t0, env.now)
+                self._rec_debt_waits(a, owed, t0, _env_now(self))
             debt = a.lock_debt
 
     def _rec_debt_waits(self, SchedActor a, list owed, t0, t1):
@@ -3143,7 +3186,7 @@ cdef class SchedHooks:
     cdef int _resume_c(self, SchedActor a) except -1:
         """``a``'s code runs again (SimPy's clock stands still until it yields)."""
         self._current = a
-        self._now0 = int(self.env.now - self._t0)
+        self._now0 = int(_env_now(self) - self._t0)
         if a.fast_done:
             a.fast_done = []
         vm = self.vm
@@ -3168,7 +3211,7 @@ cdef class SchedHooks:
 
         def free(_ev):  # the end of a task's pending work (_DONE)
             a.task = None
-            a.done = int(env.now - self._t0)
+            a.done = int(_env_now(self) - self._t0)
             a.idle.succeed()
 
         self._resume_c(a)
@@ -3191,7 +3234,7 @@ cdef class SchedHooks:
                 # yield (or to none: a later batch's _release_rd replaced it).
                 a.busy += dt
                 a.flight = _FL_BUSY
-                a.flight_t = env.now + dt
+                a.flight_t = _env_now(self) + dt
                 if rec is not None:
                     self._rec_work(a, dt)
                 env.timeout(dt).callbacks.append(free)
@@ -3204,7 +3247,7 @@ cdef class SchedHooks:
             if dt:
                 a.busy += dt
                 a.flight = _FL_BUSY
-                a.flight_t = env.now + dt
+                a.flight_t = _env_now(self) + dt
                 if rec is not None:
                     self._rec_work(a, dt)
                 yield env.timeout(dt)
@@ -3214,7 +3257,7 @@ cdef class SchedHooks:
                 a.wait += debt
                 a.ipi += debt
                 a.flight = _FL_IPI
-                a.flight_t = env.now + debt
+                a.flight_t = _env_now(self) + debt
                 if rec is not None:
                     self._rec_ipi(a, debt)
                 yield env.timeout(debt)
@@ -3229,7 +3272,7 @@ cdef class SchedHooks:
             value = None
             if op == _SCHED_ACQ:
                 lk = locks[req[2]]
-                t0 = env.now
+                t0 = _env_now(self)
                 if req[3] == 0 and (<LockState>lk).wholds is not None:  # (_release_rd)
                     a.rd_req = int(t0 - self._t0)
                 # a hold another actor took and released uncontended, on its clock ahead of
@@ -3255,7 +3298,7 @@ cdef class SchedHooks:
                 a.flight = _FL_NONE
                 if blocked or early > 0:
                     self._ipi_wake(a)
-                    waited = env.now - t0  # int ns: every delay is an int
+                    waited = _env_now(self) - t0  # int ns: every delay is an int
                     a.wait += waited
                     a.lock_wait += waited
                     a.acq_wait = waited
@@ -3265,20 +3308,20 @@ cdef class SchedHooks:
                         self.races["tdx_busy_retry"] += max(1, waited // self._seamcall_retry_ns)
                     if rec is not None:
                         self._rec_lock_wait(a, req[2], t0)
-                grants[(req[2], req[3])] = int(env.now - self._t0)
+                grants[(req[2], req[3])] = int(_env_now(self) - self._t0)
                 if req[3] == 0 and (<LockState>lk).wholds is not None:
-                    a.rd_grant = int(env.now - self._t0)
+                    a.rd_grant = int(_env_now(self) - self._t0)
                 if req[2] in _PAGEWISE_LOCKS:  # for pagewise(): this grant and what it waited
                     a.pw_acq = lk.stats.acquisitions
-                    a.pw_wait = env.now - t0 if (blocked or early > 0) else 0
+                    a.pw_wait = _env_now(self) - t0 if (blocked or early > 0) else 0
             elif op == _SCHED_REL:
                 lk = locks[req[2]]
                 if rec is not None:
                     self._rec_hold(a, req[2], req[3], lk, grants[(req[2], req[3])])
                 if req[3] != 0 and (<LockState>lk).wholds is not None:  # (_rd_round)
                     self._rd_write_hold(a, <LockState>lk, <long long>grants[(req[2], req[3])],
-                                        int(env.now - self._t0))
-                a.rel_t = int(env.now - self._t0)
+                                        int(_env_now(self) - self._t0))
+                a.rel_t = int(_env_now(self) - self._t0)
                 if isinstance(lk, rwlock):
                     (lk.release_read if req[3] == 0 else lk.release_write)(a.name)
                 else:
@@ -3291,7 +3334,7 @@ cdef class SchedHooks:
             elif op == _SCHED_WAIT:
                 ev = req[2]
                 if not ev.processed:
-                    t0 = env.now
+                    t0 = _env_now(self)
                     if not req[3]:
                         a.flight = _FL_SPIN
                         a.flight_t = t0
@@ -3302,7 +3345,7 @@ cdef class SchedHooks:
                     a.flight = _FL_NONE
                     self._ipi_wake(a)
                     if not req[3]:
-                        spun = env.now - t0  # int ns, as above
+                        spun = _env_now(self) - t0  # int ns, as above
                         a.wait += spun
                         a.spin += spun
                         if rec is not None:
@@ -3311,7 +3354,7 @@ cdef class SchedHooks:
                     value = ev.value
             elif op == _SCHED_DONE:  # _task_loop: the task is done, the thread idles until the next
                 a.task = None
-                a.done = int(env.now - self._t0)
+                a.done = int(_env_now(self) - self._t0)
                 a.idle.succeed()
                 ev = env.event()
                 a.work = ev
@@ -3319,7 +3362,7 @@ cdef class SchedHooks:
             self._resume_c(a)
             req = g.switch(value)
         self._current = None
-        a.done = int(env.now - self._t0)
+        a.done = int(_env_now(self) - self._t0)
 
 
 # -- the fault driver under a timeline ----------------------------------------------------------
