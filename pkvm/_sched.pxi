@@ -460,14 +460,89 @@ cdef _Window _window(actor, long long start, long long end, long long h, long lo
     return w
 
 
+cdef enum:  # LockStatsState's figures kept in C (its _fc / _fo)
+    _FIG_ACQ = 0, _FIG_HOLD = 1, _FIG_HOLD_R = 2, _FIG_HOLD_W = 3, _NFIG = 4
+
+
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class LockStatsState:
     """The fields of :class:`pkvm.sim.locks.LockStats` (its base class), which the timeline's
-    hooks update on every acquisition and release."""
+    hooks update on every acquisition and release.
 
-    cdef public object hold_ns, hold_write_ns, hold_read_ns, wait_ns, waits, acquisitions
+    ``acquisitions``, ``hold_ns``, ``hold_read_ns`` and ``hold_write_ns`` are int64 fields
+    (``_fc``) while they hold ints that fit, and Python objects (``_fo``, None while in C)
+    otherwise: each reads back as the int (or other number) the Python arithmetic made
+    (``_fig_add``)."""
+
+    cdef public object wait_ns, waits
     cdef public object wait_distribution
     cdef public bint _rw
+    cdef int64_t _fc[_NFIG]
+    cdef list _fo
+
+    def __cinit__(self, *args, **kwargs):
+        self._fo = [None] * _NFIG
+
+    property acquisitions:
+        def __get__(self):
+            return _fig_get(self, _FIG_ACQ)
+
+        def __set__(self, value):
+            _fig_set(self, _FIG_ACQ, value)
+
+    property hold_ns:
+        def __get__(self):
+            return _fig_get(self, _FIG_HOLD)
+
+        def __set__(self, value):
+            _fig_set(self, _FIG_HOLD, value)
+
+    property hold_read_ns:
+        def __get__(self):
+            return _fig_get(self, _FIG_HOLD_R)
+
+        def __set__(self, value):
+            _fig_set(self, _FIG_HOLD_R, value)
+
+    property hold_write_ns:
+        def __get__(self):
+            return _fig_get(self, _FIG_HOLD_W)
+
+        def __set__(self, value):
+            _fig_set(self, _FIG_HOLD_W, value)
+
+
+cdef inline object _fig_get(LockStatsState st, int i):
+    """Figure ``i`` of ``st`` (a Python int from its int64 field, or its object)."""
+    o = (<list>st._fo)[i]
+    return st._fc[i] if o is None else o
+
+
+cdef int _fig_set(LockStatsState st, int i, value) except -1:
+    cdef int64_t x
+    if type(value) is int and _as_i64(value, &x):
+        st._fc[i] = x
+        (<list>st._fo)[i] = None
+    else:
+        (<list>st._fo)[i] = value
+    return 0
+
+
+cdef inline int _fig_add_i(LockStatsState st, int i, int64_t n) except -1:
+    """Figure ``i`` ``+= n``, in C while it stays in int64."""
+    cdef int64_t r
+    if (<list>st._fo)[i] is None and not pkvm_add_ovf(st._fc[i], n, &r):
+        st._fc[i] = r
+        return 0
+    return _fig_set(st, i, _fig_get(st, i) + n)
+
+
+cdef int _fig_add(LockStatsState st, int i, value) except -1:
+    """Figure ``i`` ``+= value`` (any number: Python's arithmetic where it is not two int64s)."""
+    cdef int64_t x
+    if type(value) is int and _as_i64(value, &x):
+        return _fig_add_i(st, i, x)
+    return _fig_set(st, i, _fig_get(st, i) + value)
 
 
 @cython.auto_pickle(False)  # live simulation state: never pickled
@@ -1870,14 +1945,14 @@ cdef class SchedHooks:
         cdef long long now
         if lk.interleaved:  # never queued: its windows are settled (_pw_settle)
             a.held.append((lock, mode, self._now0 + _vm_ns(self) - self._mark))  # now_ns
-            lk.stats.acquisitions += 1
+            _fig_add_i(lk.stats, _FIG_ACQ, 1)
             return 0
         if self._active <= a.in_task and not lk.locked:
             now = self._now0 + _vm_ns(self) - self._mark
             if now >= _lock_free_at(lk, mode):
                 a.held.append((lock, mode, now))
                 a.fast += 1
-                lk.stats.acquisitions += 1
+                _fig_add_i(lk.stats, _FIG_ACQ, 1)
                 return 0
         self._acquire_slow(a, lock, mode)
         return 0
@@ -1923,12 +1998,12 @@ cdef class SchedHooks:
             self.vm._emit("lock_hold", None, None, lock, 1, 0, "read" if mode == 0 else "write", (held_ns,))
         cdef LockStatsState st = lks.stats
         if held_ns or union is not None:  # (a hold of no length adds 0: most of them)
-            st.hold_ns += held_ns if union is None else union
+            if union is None:
+                _fig_add_i(st, _FIG_HOLD, held_ns)
+            else:
+                _fig_add(st, _FIG_HOLD, union)
             if st._rw:  # an RWLock's (LockStats(rw=True))
-                if mode == 0:
-                    st.hold_read_ns += held_ns
-                else:
-                    st.hold_write_ns += held_ns
+                _fig_add_i(st, _FIG_HOLD_R if mode == 0 else _FIG_HOLD_W, held_ns)
         if self.recorder is not None:
             self._record_hold(a, lock, mode, lks, t_obj, t + held_ns)
         if lks.interleaved:
@@ -2616,13 +2691,13 @@ cdef class SchedHooks:
         if end > rel:
             _fast_done_add(a, "mmu_lock", 0, rel, end)
             union = _union_add(lk.hold_union, rel + self._t0, end + self._t0)
-            st.hold_ns += union
+            _fig_add(st, _FIG_HOLD, union)
             if len(lk.hold_union) > lk.union_prune_at:
                 (<object>lk)._prune_union()
-            st.hold_read_ns += end - rel
+            _fig_add_i(st, _FIG_HOLD_R, end - rel)
             if self.recorder is not None:
                 self._record_hold(a, "mmu_lock", 0, lk, rel, end)
-        st.acquisitions += n - 1
+        _fig_add_i(st, _FIG_ACQ, n - 1)
         led = _hook_ledger(self)
         if led.traced if led is not None else self.vm._subs is not None:
             self.vm._emit("lock_hold", None, None, "mmu_lock", 1, 0, "read", (ev_ns,))
@@ -2698,17 +2773,17 @@ cdef class SchedHooks:
         cdef LockStatsState st = lk.stats
         if lk.interleaved:  # the release's hold stands for n acquisitions of its window
             if n > 1:
-                st.acquisitions += n - 1
+                _fig_add_i(st, _FIG_ACQ, n - 1)
             a.pw_calls = n if n > 0 else 0
             a.pw_long_n = nl
             a.pw_long_ns = hl
             return 0
-        cdef long long w = a.pw_wait if a.pw_acq == st.acquisitions else 0
+        cdef long long w = a.pw_wait if a.pw_acq == _fig_get(st, _FIG_ACQ) else 0
         a.pw_acq = -1
         a.pw_wait = 0
         if n <= 1:
             return 0
-        st.acquisitions += n - 1
+        _fig_add_i(st, _FIG_ACQ, n - 1)
         if w <= 0:
             return 0
         cdef DistState d = <DistState?>st.wait_distribution
@@ -3312,7 +3387,7 @@ cdef class SchedHooks:
                 if req[3] == 0 and (<LockState>lk).wholds is not None:
                     a.rd_grant = int(_env_now(self) - self._t0)
                 if req[2] in _PAGEWISE_LOCKS:  # for pagewise(): this grant and what it waited
-                    a.pw_acq = lk.stats.acquisitions
+                    a.pw_acq = _fig_get((<LockState>lk).stats, _FIG_ACQ)
                     a.pw_wait = _env_now(self) - t0 if (blocked or early > 0) else 0
             elif op == _SCHED_REL:
                 lk = locks[req[2]]
