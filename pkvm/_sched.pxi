@@ -1826,8 +1826,18 @@ cdef inline Ledger _hook_ledger(SchedHooks h):
     return led if led is not None and led.big is None else None
 
 
+cdef inline bint _led_ok(SchedHooks h) noexcept:
+    """``h._led`` is ``h.vm``'s ledger and its total an int64 (the hooks' usual case, tested
+    on a borrowed pointer: no reference counting)."""
+    cdef PyObject *p = <PyObject *>h._led
+    return (p != <PyObject *>None and <PyObject *>(<Ledger>p).vm == <PyObject *>h.vm
+            and <PyObject *>(<Ledger>p).big == <PyObject *>None)
+
+
 cdef inline long long _vm_ns(SchedHooks h) except? -1:
     """``<long long>h.vm._modeled_ns``, read from the VM's ledger in C."""
+    if _led_ok(h):
+        return h._led.ns
     cdef Ledger led = _hook_ledger(h)
     if led is not None:
         return led.ns
@@ -1843,6 +1853,8 @@ cdef inline long long _vm_guest_ns(SchedHooks h) except? -1:
 
 cdef inline int _vm_ns_is(SchedHooks h, long long mark) except -1:
     """``h.vm._modeled_ns == mark``, read from the VM's ledger in C."""
+    if _led_ok(h):
+        return h._led.ns == mark
     cdef Ledger led = _hook_ledger(h)
     if led is not None:
         return led.ns == mark
