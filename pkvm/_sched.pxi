@@ -1685,7 +1685,13 @@ cdef class SchedActor:
     # the share of its last stretch of work (the one in flight) that ran in guest mode
     # (Ledger.guest_ns): the chance that a KVM request's IPI finds it there (SchedHooks._ipi)
     cdef public double guest_share
-    cdef public list held, fast_done, ipi_in
+    cdef public list fast_done, ipi_in
+    # ``held``, in C: the entries' locks and modes (owned references) and their grant times
+    # (-1: a hold its SimPy lock knows), ``_hn`` of them in arrays of ``_hcap``
+    cdef PyObject **_hl
+    cdef PyObject **_hmd
+    cdef int64_t *_ht
+    cdef Py_ssize_t _hn, _hcap
     cdef public bint in_task, vcpu
     cdef public int absorb
     cdef public Py_ssize_t fast
@@ -1736,7 +1742,7 @@ cdef class SchedActor:
         self.stall_debt = 0
         self.done = 0
         self.in_task = False
-        self.held = []
+        self._held_clear()
         self.fast = 0
         self.grant_t = {}
         self.vcpu = vcpu
@@ -1763,22 +1769,106 @@ cdef class SchedActor:
         self.acq_wait = 0
         self.rel_t = 0
 
+    def __dealloc__(self):
+        self._held_clear()
+        free(self._hl)
+        free(self._hmd)
+        free(self._ht)
 
-cdef object _held_take(SchedActor a, lock, mode):
+    cdef int _held_clear(self) except -1:
+        cdef Py_ssize_t i, n = self._hn
+        self._hn = 0
+        for i in range(n):
+            _decref(self._hl[i])
+            _decref(self._hmd[i])
+        return 0
+
+    cdef int _hpush(self, lock, mode, int64_t t) except -1:
+        """Append ``(lock, mode, t)`` to ``held``."""
+        cdef Py_ssize_t cap
+        cdef void *p
+        if self._hn == self._hcap:
+            cap = self._hcap * 2 if self._hcap else 8
+            p = realloc(self._hl, cap * sizeof(PyObject *))
+            if p is NULL:
+                raise MemoryError()
+            self._hl = <PyObject **>p
+            p = realloc(self._hmd, cap * sizeof(PyObject *))
+            if p is NULL:
+                raise MemoryError()
+            self._hmd = <PyObject **>p
+            p = realloc(self._ht, cap * sizeof(int64_t))
+            if p is NULL:
+                raise MemoryError()
+            self._ht = <int64_t *>p
+            self._hcap = cap
+        _incref(<PyObject *>lock)
+        _incref(<PyObject *>mode)
+        self._hl[self._hn] = <PyObject *>lock
+        self._hmd[self._hn] = <PyObject *>mode
+        self._ht[self._hn] = t
+        self._hn += 1
+        return 0
+
+    property held:
+        """The locks it holds, as ``(lock, mode, grant time if taken uncontended, else -1)``,
+        oldest first (a new list; :meth:`hold` adds one)."""
+        def __get__(self):
+            cdef Py_ssize_t i
+            return [(<object>self._hl[i], <object>self._hmd[i], self._ht[i]) for i in range(self._hn)]
+
+        def __set__(self, value):
+            cdef list entries = [(e[0], e[1], <int64_t>e[2]) for e in value]
+            self._held_clear()
+            for e in entries:
+                self._hpush(e[0], e[1], e[2])
+
+    def hold(self, lock, mode, int64_t t):
+        """Add ``(lock, mode, t)`` to :attr:`held` (``t``: the grant time of a hold taken
+        uncontended, -1 for one its SimPy lock knows)."""
+        self._hpush(lock, mode, t)
+
+    def held_granted(self, Py_ssize_t i):
+        """Entry ``i`` of :attr:`held` is now a hold its SimPy lock knows (grant time -1)."""
+        if not 0 <= i < self._hn:
+            raise IndexError(f"held entry {i} of {self._hn}")
+        self._ht[i] = -1
+
+
+cdef extern from *:
+    """
+    static inline void pkvm_incref(PyObject *o) { Py_INCREF(o); }
+    static inline void pkvm_decref(PyObject *o) { Py_DECREF(o); }
+    """
+    void _incref "pkvm_incref"(PyObject *o) noexcept
+    void _decref "pkvm_decref"(PyObject *o)
+
+
+cdef long long _held_take(SchedActor a, lock, mode) except? -2:
     """Take ``a``'s latest entry of ``(lock, mode)`` out of ``a.held`` and return its grant
     time (-1: a hold its SimPy lock knows); the usual case is the last one (LIFO).
 
     Raises:
         RuntimeError: ``a`` does not hold ``lock`` in ``mode``."""
-    cdef list held = a.held
-    cdef Py_ssize_t i = len(held) - 1
-    cdef tuple h
+    cdef Py_ssize_t i = a._hn - 1, k
+    cdef PyObject *hl
+    cdef PyObject *hm
+    cdef long long t
     while i >= 0:
-        h = <tuple>held[i]
+        hl = a._hl[i]
+        hm = a._hmd[i]
         # (the same name and mode objects as a rule: the identity test spares the comparisons)
-        if (h[0] is lock or h[0] == lock) and (h[1] is mode or h[1] == mode):
-            del held[i]
-            return h[2]
+        if ((hl == <PyObject *>lock or <object>hl == lock)
+                and (hm == <PyObject *>mode or <object>hm == mode)):
+            t = a._ht[i]
+            for k in range(i, a._hn - 1):
+                a._hl[k] = a._hl[k + 1]
+                a._hmd[k] = a._hmd[k + 1]
+                a._ht[k] = a._ht[k + 1]
+            a._hn -= 1
+            _decref(hl)
+            _decref(hm)
+            return t
         i -= 1
     raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
 
@@ -2029,13 +2119,13 @@ cdef class SchedHooks:
         lk = _lock_of(self, lock)
         cdef long long now
         if lk.interleaved:  # never queued: its windows are settled (_pw_settle)
-            a.held.append((lock, mode, self._now0 + _vm_ns(self) - self._mark))  # now_ns
+            a._hpush(lock, mode, self._now0 + _vm_ns(self) - self._mark)  # now_ns
             _fig_add_i(lk.stats, _FIG_ACQ, 1)
             return 0
         if self._active <= a.in_task and not lk.locked:
             now = self._now0 + _vm_ns(self) - self._mark
             if now >= _lock_free_at(lk, mode):
-                a.held.append((lock, mode, now))
+                a._hpush(lock, mode, now)
                 a.fast += 1
                 _fig_add_i(lk.stats, _FIG_ACQ, 1)
                 return 0
@@ -2055,8 +2145,7 @@ cdef class SchedHooks:
         cdef Ledger led
         if a is None:
             return 0
-        t_obj = _held_take(a, lock, mode)
-        t = t_obj
+        t = _held_take(a, lock, mode)
         if t < 0:
             self._release_slow(a, lock, mode)
             return 0
@@ -2090,7 +2179,7 @@ cdef class SchedHooks:
             if st._rw:  # an RWLock's (LockStats(rw=True))
                 _fig_add_i(st, _FIG_HOLD_R if mode == 0 else _FIG_HOLD_W, held_ns)
         if self.recorder is not None:
-            self._record_hold(a, lock, mode, lks, t_obj, t + held_ns)
+            self._record_hold(a, lock, mode, lks, t, t + held_ns)
         if lks.interleaved:
             return self._pw_hold(a, lock, lks, t, held_ns)
         a.fast -= 1

@@ -475,7 +475,7 @@ class Timeline(SchedHooks):
     def _acquire_slow(self, a: _Actor, lock: str, mode: int) -> None:
         """:meth:`acquire` when another actor is in a task or the lock is held: through the
         actor's SimPy process, first-come first-served."""
-        a.held.append((lock, mode, -1))
+        a.hold(lock, mode, -1)
         a.acq_wait = 0
         self._switch(a, (_ACQ, self._take(a), lock, mode))
         # (the wait for this lock alone: waits owed for earlier windows and paid on the way,
@@ -501,16 +501,16 @@ class Timeline(SchedHooks):
             ns = 0
         lk = self.locks[lock]
         if lk.interleaved:  # never queued: its windows are settled (SchedHooks._pw_settle)
-            a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
+            a.hold(lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns)  # now_ns - ns
             lk.stats.acquisitions += 1
             return
         if (self._active <= a.in_task and not lk.locked
                 and self._now0 + vm._modeled_ns - self._mark - ns >= lk.held_until):
-            a.held.append((lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns))  # now_ns - ns
+            a.hold(lock, WRITE, self._now0 + vm._modeled_ns - self._mark - ns)  # now_ns - ns
             a.fast += 1
             lk.stats.acquisitions += 1
             return
-        a.held.append((lock, WRITE, -1))
+        a.hold(lock, WRITE, -1)
         a.acq_wait = 0
         self._mark += ns  # the unlocked part goes first
         self._switch(a, (_ACQ, self._take(a), lock, WRITE))
@@ -627,7 +627,7 @@ class Timeline(SchedHooks):
             else:
                 lk._held_since = t + self._t0
             a.grant_t[(lock, mode)] = t
-            a.held[i] = (lock, mode, -1)
+            a.held_granted(i)
         a.fast = 0
 
     # the recorder's slices of _drive (the typed core's: pkvm/_sched.pxi)
