@@ -268,9 +268,11 @@ cdef extern from *:
     """
     static inline int pkvm_add_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_add_overflow(a, b, r); }
     static inline int pkvm_mul_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_mul_overflow(a, b, r); }
+    static inline int pkvm_sub_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_sub_overflow(a, b, r); }
     """
     bint pkvm_add_ovf(int64_t a, int64_t b, int64_t *r) noexcept nogil
     bint pkvm_mul_ovf(int64_t a, int64_t b, int64_t *r) noexcept nogil
+    bint pkvm_sub_ovf(int64_t a, int64_t b, int64_t *r) noexcept nogil
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 

@@ -874,6 +874,13 @@ cdef class DistState:
         self._try_c()
         return 0
 
+    cdef int _add_ll(self, int64_t v, int64_t c) except -1:
+        """:meth:`_add_c` of an int64 value and count, boxed only if it cannot stay in C."""
+        if self._cs and c >= 1 and self._add_i64(v, c):
+            self._sorted = None
+            return 0
+        return self._add_c(v, c)
+
     cdef int _add_c(self, value, count) except -1:
         cdef int64_t v, c
         if (self._cs and type(value) is int and type(count) is int and _as_i64(value, &v)
@@ -1685,7 +1692,14 @@ cdef class SchedActor:
     # the share of its last stretch of work (the one in flight) that ran in guest mode
     # (Ledger.guest_ns): the chance that a KVM request's IPI finds it there (SchedHooks._ipi)
     cdef public double guest_share
-    cdef public list fast_done, ipi_in
+    cdef public list ipi_in
+    # ``fast_done``, in C: the entries' locks and modes (owned references), grants and
+    # releases, ``_fn`` of them in arrays of ``_fcap``
+    cdef PyObject **_fl
+    cdef PyObject **_fm
+    cdef int64_t *_ft
+    cdef int64_t *_fr
+    cdef Py_ssize_t _fn, _fcap
     # ``held``, in C: the entries' locks and modes (owned references) and their grant times
     # (-1: a hold its SimPy lock knows), ``_hn`` of them in arrays of ``_hcap``
     cdef PyObject **_hl
@@ -1750,7 +1764,7 @@ cdef class SchedActor:
         self.flight = _FL_NONE
         self.flight_t = 0
         self.guest_share = 1.0
-        self.fast_done = []
+        self._fd_clear()
         self.pw_acq = -1
         self.pw_wait = 0
         self.pw_depth = 0
@@ -1774,6 +1788,65 @@ cdef class SchedActor:
         free(self._hl)
         free(self._hmd)
         free(self._ht)
+        self._fd_clear()
+        free(self._fl)
+        free(self._fm)
+        free(self._ft)
+        free(self._fr)
+
+    cdef int _fd_clear(self) except -1:
+        cdef Py_ssize_t i, n = self._fn
+        self._fn = 0
+        for i in range(n):
+            _decref(self._fl[i])
+            _decref(self._fm[i])
+        return 0
+
+    cdef int _fd_push(self, lock, mode, int64_t t, int64_t t_rel) except -1:
+        """Append ``(lock, mode, t, t_rel)`` to ``fast_done``."""
+        cdef Py_ssize_t cap
+        cdef void *p
+        if self._fn == self._fcap:
+            cap = self._fcap * 2 if self._fcap else 8
+            p = realloc(self._fl, cap * sizeof(PyObject *))
+            if p is NULL:
+                raise MemoryError()
+            self._fl = <PyObject **>p
+            p = realloc(self._fm, cap * sizeof(PyObject *))
+            if p is NULL:
+                raise MemoryError()
+            self._fm = <PyObject **>p
+            p = realloc(self._ft, cap * sizeof(int64_t))
+            if p is NULL:
+                raise MemoryError()
+            self._ft = <int64_t *>p
+            p = realloc(self._fr, cap * sizeof(int64_t))
+            if p is NULL:
+                raise MemoryError()
+            self._fr = <int64_t *>p
+            self._fcap = cap
+        _incref(<PyObject *>lock)
+        _incref(<PyObject *>mode)
+        self._fl[self._fn] = <PyObject *>lock
+        self._fm[self._fn] = <PyObject *>mode
+        self._ft[self._fn] = t
+        self._fr[self._fn] = t_rel
+        self._fn += 1
+        return 0
+
+    property fast_done:
+        """The holds taken and released uncontended since it last resumed, as ``(lock, mode,
+        grant, release)`` (a new list; ``_fast_done_add``)."""
+        def __get__(self):
+            cdef Py_ssize_t i
+            return [(<object>self._fl[i], <object>self._fm[i], self._ft[i], self._fr[i])
+                    for i in range(self._fn)]
+
+        def __set__(self, value):
+            cdef list entries = [(e[0], e[1], <int64_t>e[2], <int64_t>e[3]) for e in value]
+            self._fd_clear()
+            for e in entries:
+                self._fd_push(e[0], e[1], e[2], e[3])
 
     cdef int _held_clear(self) except -1:
         cdef Py_ssize_t i, n = self._hn
@@ -1884,16 +1957,17 @@ cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) 
     list grew by one entry per hold between two resumes of the actor (millions in a long
     uncontended stretch, where most holds are of no length or follow each other); it now
     grows only by a hold after a gap, and the figures are the same for every ``end``."""
-    cdef list fd = a.fast_done
-    cdef tuple last
-    cdef Py_ssize_t n = len(fd)  # (the module is built with wraparound=False: no fd[-1])
+    cdef Py_ssize_t n = a._fn
+    cdef PyObject *fl
+    cdef PyObject *fm
     if n and t_rel > t:
-        last = <tuple>fd[n - 1]
-        if (<long long>last[3] == t and (last[0] is lock or last[0] == lock)
-                and (last[1] is mode or last[1] == mode) and <long long>last[2] <= t):
-            fd[n - 1] = (lock, mode, last[2], t_rel)
+        fl = a._fl[n - 1]
+        fm = a._fm[n - 1]
+        if (a._fr[n - 1] == t and (fl == <PyObject *>lock or <object>fl == lock)
+                and (fm == <PyObject *>mode or <object>fm == mode) and a._ft[n - 1] <= t):
+            a._fr[n - 1] = t_rel
             return 0
-    fd.append((lock, mode, t, t_rel))
+    a._fd_push(lock, mode, t, t_rel)
     return 0
 
 
@@ -2993,9 +3067,17 @@ cdef class SchedHooks:
 
     cdef int _latency_end(self, kind, begin, n) except -1:
         cdef SchedActor a = self._current
+        cdef int64_t b, t
         if a is None:
             return 0
-        total = (self._now0 + _vm_ns(self) - self._mark) - begin[0]  # now_ns
+        cdef long long now = self._now0 + _vm_ns(self) - self._mark  # now_ns
+        b0 = begin[0]
+        if (self.latency_log is None and type(b0) is int and _as_i64(b0, &b) and b != LLONG_MIN
+                and not pkvm_add_ovf(now, -b, &t) and n <= 1):
+            # a sample of one operation, unlogged (the usual case): _latency_put's add in C
+            (<DistState?>self.latency[kind])._add_ll(t, 1)
+            return 0
+        total = now - b0
         w = 0 if n <= 1 else a.lock_wait - a.page_wait + a.spin - begin[1]
         self._latency_put(kind, total, w, n, 1)
         log = self.latency_log
@@ -3436,8 +3518,8 @@ cdef class SchedHooks:
         """``a``'s code runs again (SimPy's clock stands still until it yields)."""
         self._current = a
         self._now0 = int(_env_now(self) - self._t0)
-        if a.fast_done:
-            a.fast_done = []
+        if a._fn:
+            a._fd_clear()
         vm = self.vm
         self._mark = _vm_ns(self)
         self._gmark = _vm_guest_ns(self)

@@ -70,13 +70,27 @@ cdef class VmState:
         prev = self._actor
         if actor is prev or actor == prev:
             return prev
+        cdef int64_t o, mk, r
         cells = self._actor_ns.get(actor)
-        led = self._ledger
+        sched = self._sched
+        if isinstance(sched, SchedHooks) and (<SchedHooks>sched).vm is self \
+                and _led_ok(<SchedHooks>sched):
+            led = (<SchedHooks>sched)._led  # the timeline's copy of self._ledger (_hook_led)
+        else:
+            led = self._ledger
         if cells is None:
             cells = self._actor_ns[actor] = (<Ledger?>led).new_cells()
             self._actor_tot[actor] = 0
         m = (<Ledger?>led).now()
-        self._actor_tot[prev] += m - self._actor_mark
+        tot = self._actor_tot
+        old = tot[prev]
+        mark = self._actor_mark
+        if (type(old) is int and type(mark) is int and (<Ledger>led).big is None
+                and _as_i64(old, &o) and _as_i64(mark, &mk)
+                and not pkvm_sub_ovf((<Ledger>led).ns, mk, &r) and not pkvm_add_ovf(o, r, &r)):
+            tot[prev] = r  # old + (m - mark), in C
+        else:
+            tot[prev] = old + (m - mark)
         self._actor_mark = m
         self._actor = actor
         self._cost_ns = cells
