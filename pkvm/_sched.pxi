@@ -2025,71 +2025,9 @@ cdef inline int _vm_ns_is(SchedHooks h, long long mark) except -1:
     return h.vm._modeled_ns == mark
 
 
-cdef extern from *:
-    """
-    #if PY_VERSION_HEX < 0x030C0000
-    #define PKVM_DICT_VER 1
-    static inline uint64_t pkvm_dict_ver(PyObject *d) { return ((PyDictObject *)d)->ma_version_tag; }
-    #else
-    #define PKVM_DICT_VER 0
-    static inline uint64_t pkvm_dict_ver(PyObject *d) { (void)d; return 0; }
-    #endif
-    """
-    # dict.ma_version_tag (PEP 509: a new value, unique to the process, at every change of a
-    # dict); 0 and PKVM_DICT_VER false where the interpreter deprecates it (3.12 on)
-    uint64_t pkvm_dict_ver(object d) noexcept
-    bint PKVM_DICT_VER
-
-
 cdef inline LockState _lock_of(SchedHooks h, lock):
-    """``<LockState?>h.locks[lock]``: the last four names looked up are kept (by identity)
-    with their LockStates while ``h.locks`` is the same dict, unchanged since (its version)."""
-    cdef dict d = h.locks
-    cdef int n = h._lk_n
-    if n and d is h._lk_dict and pkvm_dict_ver(d) == h._lk_ver:
-        if lock is h._lkn0:
-            return h._lks0
-        if n > 1 and lock is h._lkn1:
-            return h._lks1
-        if n > 2 and lock is h._lkn2:
-            return h._lks2
-        if n > 3 and lock is h._lkn3:
-            return h._lks3
-    return _lock_look(h, lock)
-
-
-cdef LockState _lock_look(SchedHooks h, lock):
-    """:func:`_lock_of` through the dict, the name and its LockState kept."""
-    cdef dict d = h.locks
-    cdef LockState lk = <LockState?>d[lock]
-    cdef int i
-    if not PKVM_DICT_VER:
-        return lk
-    if d is not h._lk_dict or pkvm_dict_ver(d) != h._lk_ver or not h._lk_n:
-        h._lk_dict = d
-        h._lk_ver = pkvm_dict_ver(d)
-        h._lk_n = 0
-        h._lkn0 = h._lkn1 = h._lkn2 = h._lkn3 = None
-        h._lks0 = h._lks1 = h._lks2 = h._lks3 = None
-    if h._lk_n < 4:
-        i = h._lk_n
-        h._lk_n += 1
-    else:
-        i = h._lk_next
-        h._lk_next = (i + 1) & 3
-    if i == 0:
-        h._lkn0 = lock
-        h._lks0 = lk
-    elif i == 1:
-        h._lkn1 = lock
-        h._lks1 = lk
-    elif i == 2:
-        h._lkn2 = lock
-        h._lks2 = lk
-    else:
-        h._lkn3 = lock
-        h._lks3 = lk
-    return lk
+    """``<LockState?>h.locks[lock]``: the LockState of the lock named ``lock``."""
+    return <LockState?>h.locks[lock]
 
 
 cdef object _env_look(SchedHooks h):
@@ -2171,12 +2109,6 @@ cdef class SchedHooks:
     cdef object _env_seen
     # SimPy's Event class and its PENDING value (_env_look), for _ev_triggered
     cdef object _ev_cls, _ev_pending
-    # the LockStates of the last four lock names looked up (_lock_of: by identity, ``_lk_n``
-    # of them), while ``locks`` is the dict ``_lk_dict`` at version ``_lk_ver``
-    cdef object _lkn0, _lkn1, _lkn2, _lkn3, _lk_dict
-    cdef LockState _lks0, _lks1, _lks2, _lks3
-    cdef uint64_t _lk_ver
-    cdef int _lk_n, _lk_next
 
     def acquire(self, lock, mode=1):
         """The running actor takes ``lock`` (``READ`` / ``WRITE`` for ``mmu_lock``), waiting
