@@ -1657,6 +1657,74 @@ cdef inline long long _lock_free_at(LockState lk, mode):
     return lk.held_until
 
 
+ctypedef struct _Holds:
+    # A list of (lock, mode, t, t2) entries in C arrays (SchedActor's ``held`` and
+    # ``fast_done``): the locks and modes are owned references; ``n`` entries, room for ``cap``.
+    PyObject **lock
+    PyObject **mode
+    int64_t *t
+    int64_t *t2
+    Py_ssize_t n, cap
+
+
+cdef int _holds_push(_Holds *h, lock, mode, int64_t t, int64_t t2) except -1:
+    """Append ``(lock, mode, t, t2)`` to ``h``."""
+    cdef Py_ssize_t cap
+    cdef void *p
+    if h.n == h.cap:
+        cap = h.cap * 2 if h.cap else 8
+        p = realloc(h.lock, cap * sizeof(PyObject *))
+        if p is NULL:
+            raise MemoryError()
+        h.lock = <PyObject **>p
+        p = realloc(h.mode, cap * sizeof(PyObject *))
+        if p is NULL:
+            raise MemoryError()
+        h.mode = <PyObject **>p
+        p = realloc(h.t, cap * sizeof(int64_t))
+        if p is NULL:
+            raise MemoryError()
+        h.t = <int64_t *>p
+        p = realloc(h.t2, cap * sizeof(int64_t))
+        if p is NULL:
+            raise MemoryError()
+        h.t2 = <int64_t *>p
+        h.cap = cap
+    _incref(<PyObject *>lock)
+    _incref(<PyObject *>mode)
+    h.lock[h.n] = <PyObject *>lock
+    h.mode[h.n] = <PyObject *>mode
+    h.t[h.n] = t
+    h.t2[h.n] = t2
+    h.n += 1
+    return 0
+
+
+cdef int _holds_clear(_Holds *h) except -1:
+    """Empty ``h`` (its arrays stay for the next entries)."""
+    cdef Py_ssize_t i, n = h.n
+    h.n = 0
+    for i in range(n):
+        _decref(h.lock[i])
+        _decref(h.mode[i])
+    return 0
+
+
+cdef void _holds_free(_Holds *h) noexcept:
+    """Empty ``h`` and free its arrays."""
+    cdef Py_ssize_t i
+    for i in range(h.n):
+        _decref(h.lock[i])
+        _decref(h.mode[i])
+    h.n = h.cap = 0
+    free(h.lock)
+    free(h.mode)
+    free(h.t)
+    free(h.t2)
+    h.lock = h.mode = NULL
+    h.t = h.t2 = NULL
+
+
 @cython.final
 @cython.auto_pickle(False)  # live simulation state: never pickled
 cdef class SchedActor:
@@ -1693,19 +1761,12 @@ cdef class SchedActor:
     # (Ledger.guest_ns): the chance that a KVM request's IPI finds it there (SchedHooks._ipi)
     cdef public double guest_share
     cdef public list ipi_in
-    # ``fast_done``, in C: the entries' locks and modes (owned references), grants and
-    # releases, ``_fn`` of them in arrays of ``_fcap``
-    cdef PyObject **_fl
-    cdef PyObject **_fm
-    cdef int64_t *_ft
-    cdef int64_t *_fr
-    cdef Py_ssize_t _fn, _fcap
-    # ``held``, in C: the entries' locks and modes (owned references) and their grant times
-    # (-1: a hold its SimPy lock knows), ``_hn`` of them in arrays of ``_hcap``
-    cdef PyObject **_hl
-    cdef PyObject **_hmd
-    cdef int64_t *_ht
-    cdef Py_ssize_t _hn, _hcap
+    # ``fast_done`` in C: the entries' locks and modes (owned references), grants (``t``) and
+    # releases (``t2``)
+    cdef _Holds _fd
+    # ``held`` in C: the entries' locks and modes (owned references) and their grant times
+    # (``t``; -1: a hold its SimPy lock knows; ``t2`` unused)
+    cdef _Holds _hd
     cdef public bint in_task, vcpu
     cdef public int absorb
     cdef public Py_ssize_t fast
@@ -1756,7 +1817,7 @@ cdef class SchedActor:
         self.stall_debt = 0
         self.done = 0
         self.in_task = False
-        self._held_clear()
+        _holds_clear(&self._hd)
         self.fast = 0
         self.grant_t = {}
         self.vcpu = vcpu
@@ -1764,7 +1825,7 @@ cdef class SchedActor:
         self.flight = _FL_NONE
         self.flight_t = 0
         self.guest_share = 1.0
-        self._fd_clear()
+        _holds_clear(&self._fd)
         self.pw_acq = -1
         self.pw_wait = 0
         self.pw_depth = 0
@@ -1784,128 +1845,46 @@ cdef class SchedActor:
         self.rel_t = 0
 
     def __dealloc__(self):
-        self._held_clear()
-        free(self._hl)
-        free(self._hmd)
-        free(self._ht)
-        self._fd_clear()
-        free(self._fl)
-        free(self._fm)
-        free(self._ft)
-        free(self._fr)
-
-    cdef int _fd_clear(self) except -1:
-        cdef Py_ssize_t i, n = self._fn
-        self._fn = 0
-        for i in range(n):
-            _decref(self._fl[i])
-            _decref(self._fm[i])
-        return 0
-
-    cdef int _fd_push(self, lock, mode, int64_t t, int64_t t_rel) except -1:
-        """Append ``(lock, mode, t, t_rel)`` to ``fast_done``."""
-        cdef Py_ssize_t cap
-        cdef void *p
-        if self._fn == self._fcap:
-            cap = self._fcap * 2 if self._fcap else 8
-            p = realloc(self._fl, cap * sizeof(PyObject *))
-            if p is NULL:
-                raise MemoryError()
-            self._fl = <PyObject **>p
-            p = realloc(self._fm, cap * sizeof(PyObject *))
-            if p is NULL:
-                raise MemoryError()
-            self._fm = <PyObject **>p
-            p = realloc(self._ft, cap * sizeof(int64_t))
-            if p is NULL:
-                raise MemoryError()
-            self._ft = <int64_t *>p
-            p = realloc(self._fr, cap * sizeof(int64_t))
-            if p is NULL:
-                raise MemoryError()
-            self._fr = <int64_t *>p
-            self._fcap = cap
-        _incref(<PyObject *>lock)
-        _incref(<PyObject *>mode)
-        self._fl[self._fn] = <PyObject *>lock
-        self._fm[self._fn] = <PyObject *>mode
-        self._ft[self._fn] = t
-        self._fr[self._fn] = t_rel
-        self._fn += 1
-        return 0
+        _holds_free(&self._hd)
+        _holds_free(&self._fd)
 
     property fast_done:
         """The holds taken and released uncontended since it last resumed, as ``(lock, mode,
         grant, release)`` (a new list; ``_fast_done_add``)."""
         def __get__(self):
             cdef Py_ssize_t i
-            return [(<object>self._fl[i], <object>self._fm[i], self._ft[i], self._fr[i])
-                    for i in range(self._fn)]
+            return [(<object>self._fd.lock[i], <object>self._fd.mode[i], self._fd.t[i], self._fd.t2[i])
+                    for i in range(self._fd.n)]
 
         def __set__(self, value):
             cdef list entries = [(e[0], e[1], <int64_t>e[2], <int64_t>e[3]) for e in value]
-            self._fd_clear()
+            _holds_clear(&self._fd)
             for e in entries:
-                self._fd_push(e[0], e[1], e[2], e[3])
-
-    cdef int _held_clear(self) except -1:
-        cdef Py_ssize_t i, n = self._hn
-        self._hn = 0
-        for i in range(n):
-            _decref(self._hl[i])
-            _decref(self._hmd[i])
-        return 0
-
-    cdef int _hpush(self, lock, mode, int64_t t) except -1:
-        """Append ``(lock, mode, t)`` to ``held``."""
-        cdef Py_ssize_t cap
-        cdef void *p
-        if self._hn == self._hcap:
-            cap = self._hcap * 2 if self._hcap else 8
-            p = realloc(self._hl, cap * sizeof(PyObject *))
-            if p is NULL:
-                raise MemoryError()
-            self._hl = <PyObject **>p
-            p = realloc(self._hmd, cap * sizeof(PyObject *))
-            if p is NULL:
-                raise MemoryError()
-            self._hmd = <PyObject **>p
-            p = realloc(self._ht, cap * sizeof(int64_t))
-            if p is NULL:
-                raise MemoryError()
-            self._ht = <int64_t *>p
-            self._hcap = cap
-        _incref(<PyObject *>lock)
-        _incref(<PyObject *>mode)
-        self._hl[self._hn] = <PyObject *>lock
-        self._hmd[self._hn] = <PyObject *>mode
-        self._ht[self._hn] = t
-        self._hn += 1
-        return 0
+                _holds_push(&self._fd, e[0], e[1], e[2], e[3])
 
     property held:
         """The locks it holds, as ``(lock, mode, grant time if taken uncontended, else -1)``,
         oldest first (a new list; :meth:`hold` adds one)."""
         def __get__(self):
             cdef Py_ssize_t i
-            return [(<object>self._hl[i], <object>self._hmd[i], self._ht[i]) for i in range(self._hn)]
+            return [(<object>self._hd.lock[i], <object>self._hd.mode[i], self._hd.t[i]) for i in range(self._hd.n)]
 
         def __set__(self, value):
             cdef list entries = [(e[0], e[1], <int64_t>e[2]) for e in value]
-            self._held_clear()
+            _holds_clear(&self._hd)
             for e in entries:
-                self._hpush(e[0], e[1], e[2])
+                _holds_push(&self._hd, e[0], e[1], e[2], 0)
 
     def hold(self, lock, mode, int64_t t):
         """Add ``(lock, mode, t)`` to :attr:`held` (``t``: the grant time of a hold taken
         uncontended, -1 for one its SimPy lock knows)."""
-        self._hpush(lock, mode, t)
+        _holds_push(&self._hd, lock, mode, t, 0)
 
     def held_granted(self, Py_ssize_t i):
         """Entry ``i`` of :attr:`held` is now a hold its SimPy lock knows (grant time -1)."""
-        if not 0 <= i < self._hn:
-            raise IndexError(f"held entry {i} of {self._hn}")
-        self._ht[i] = -1
+        if not 0 <= i < self._hd.n:
+            raise IndexError(f"held entry {i} of {self._hd.n}")
+        self._hd.t[i] = -1
 
 
 cdef extern from *:
@@ -1923,22 +1902,23 @@ cdef long long _held_take(SchedActor a, lock, mode) except? -2:
 
     Raises:
         RuntimeError: ``a`` does not hold ``lock`` in ``mode``."""
-    cdef Py_ssize_t i = a._hn - 1, k
+    cdef _Holds *h = &a._hd
+    cdef Py_ssize_t i = h.n - 1, k
     cdef PyObject *hl
     cdef PyObject *hm
     cdef long long t
     while i >= 0:
-        hl = a._hl[i]
-        hm = a._hmd[i]
+        hl = h.lock[i]
+        hm = h.mode[i]
         # (the same name and mode objects as a rule: the identity test spares the comparisons)
         if ((hl == <PyObject *>lock or <object>hl == lock)
                 and (hm == <PyObject *>mode or <object>hm == mode)):
-            t = a._ht[i]
-            for k in range(i, a._hn - 1):
-                a._hl[k] = a._hl[k + 1]
-                a._hmd[k] = a._hmd[k + 1]
-                a._ht[k] = a._ht[k + 1]
-            a._hn -= 1
+            t = h.t[i]
+            for k in range(i, h.n - 1):
+                h.lock[k] = h.lock[k + 1]
+                h.mode[k] = h.mode[k + 1]
+                h.t[k] = h.t[k + 1]
+            h.n -= 1
             _decref(hl)
             _decref(hm)
             return t
@@ -1957,17 +1937,18 @@ cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) 
     list grew by one entry per hold between two resumes of the actor (millions in a long
     uncontended stretch, where most holds are of no length or follow each other); it now
     grows only by a hold after a gap, and the figures are the same for every ``end``."""
-    cdef Py_ssize_t n = a._fn
+    cdef _Holds *h = &a._fd
+    cdef Py_ssize_t n = h.n
     cdef PyObject *fl
     cdef PyObject *fm
     if n and t_rel > t:
-        fl = a._fl[n - 1]
-        fm = a._fm[n - 1]
-        if (a._fr[n - 1] == t and (fl == <PyObject *>lock or <object>fl == lock)
-                and (fm == <PyObject *>mode or <object>fm == mode) and a._ft[n - 1] <= t):
-            a._fr[n - 1] = t_rel
+        fl = h.lock[n - 1]
+        fm = h.mode[n - 1]
+        if (h.t2[n - 1] == t and (fl == <PyObject *>lock or <object>fl == lock)
+                and (fm == <PyObject *>mode or <object>fm == mode) and h.t[n - 1] <= t):
+            h.t2[n - 1] = t_rel
             return 0
-    a._fd_push(lock, mode, t, t_rel)
+    _holds_push(h, lock, mode, t, t_rel)
     return 0
 
 
@@ -2125,13 +2106,13 @@ cdef class SchedHooks:
         lk = _lock_of(self, lock)
         cdef long long now
         if lk.interleaved:  # never queued: its windows are settled (_pw_settle)
-            a._hpush(lock, mode, self._now0 + _vm_ns(self) - self._mark)  # now_ns
+            _holds_push(&a._hd, lock, mode, self._now0 + _vm_ns(self) - self._mark, 0)  # now_ns
             _fig_add_i(lk.stats, _FIG_ACQ, 1)
             return 0
         if self._active <= a.in_task and not lk.locked:
             now = self._now0 + _vm_ns(self) - self._mark
             if now >= _lock_free_at(lk, mode):
-                a._hpush(lock, mode, now)
+                _holds_push(&a._hd, lock, mode, now, 0)
                 a.fast += 1
                 _fig_add_i(lk.stats, _FIG_ACQ, 1)
                 return 0
@@ -3450,8 +3431,8 @@ cdef class SchedHooks:
         """``a``'s code runs again (SimPy's clock stands still until it yields)."""
         self._current = a
         self._now0 = int(_env_now(self) - self._t0)
-        if a._fn:
-            a._fd_clear()
+        if a._fd.n:
+            _holds_clear(&a._fd)
         vm = self.vm
         self._mark = _vm_ns(self)
         self._gmark = _vm_guest_ns(self)
