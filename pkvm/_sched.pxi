@@ -860,19 +860,7 @@ cdef class DistState:
 
     cdef int _remove_c(self, value) except -1:
         """Take back one sample of ``value`` (it must be there); the maximum follows."""
-        self._to_obj()
-        n = self._h[value]
-        if n == 1:
-            del self._h[value]
-        else:
-            self._h[value] = n - 1
-        self._on -= 1
-        self._ot -= value
-        if value >= self._om:  # it may have been the only one at the top
-            self._om = max(self._h) if self._h else 0
-        self._sorted = None
-        self._try_c()
-        return 0
+        return self._remove_n(value, 1)
 
     cdef int _add_ll(self, int64_t v, int64_t c) except -1:
         """:meth:`_add_c` of an int64 value and count, boxed only if it cannot stay in C."""
