@@ -732,20 +732,40 @@ cdef class DistState:
     cdef int _flush(self) except -1:
         """Move the table's samples into the dict (``hist[v] = hist.get(v, 0) + n``, in the
         order their values were first added, as the adds would have)."""
-        cdef Py_ssize_t i, n = self._pn
+        cdef Py_ssize_t i = 0, n = self._pn
         cdef dict hist = self._h
         cdef PyObject *old
         if not n:
             return 0
-        self._pn = 0  # (first: a failure below loses the rest rather than adding it twice)
+        try:
+            while i < n:
+                v = self._pv[i]
+                old = PyDict_GetItemWithError(hist, v)
+                if old is NULL:
+                    hist[v] = self._pc[i]
+                else:
+                    hist[v] = <object>old + self._pc[i]
+                i += 1  # (each store either happens or leaves the dict as it was)
+        finally:
+            # The entries moved leave the table; if a store failed (MemoryError, or a key of
+            # the dict whose comparison raised), the rest stay in it, in order, for the next
+            # read: no sample is lost or counted twice.
+            if i < n:
+                memmove(self._pv, self._pv + i, (n - i) * sizeof(int64_t))
+                memmove(self._pc, self._pc + i, (n - i) * sizeof(int64_t))
+            self._pn = n - i
+            self._reindex()
+        return 0
+
+    cdef int _reindex(self) except -1:
+        """The index of the table's ``_pn`` entries, built again (none: cleared)."""
+        cdef Py_ssize_t i, s
         self._pix_clear()
-        for i in range(n):
-            v = self._pv[i]
-            old = PyDict_GetItemWithError(hist, v)
-            if old is NULL:
-                hist[v] = self._pc[i]
-            else:
-                hist[v] = <object>old + self._pc[i]
+        for i in range(self._pn):
+            s = _dist_slot(self._pv[i], self._pmask)
+            while self._pix[s]:
+                s = (s + 1) & self._pmask
+            self._pix[s] = i + 1
         return 0
 
     cdef int _to_obj(self) except -1:
@@ -773,7 +793,7 @@ cdef class DistState:
 
     cdef int _grow(self) except -1:
         """Room for one more entry in the table, and an index at most half full."""
-        cdef Py_ssize_t cap, slots, i, s
+        cdef Py_ssize_t cap, slots
         cdef int64_t *pv
         cdef int64_t *pc
         cdef Py_ssize_t *ix
@@ -796,11 +816,7 @@ cdef class DistState:
             free(self._pix)
             self._pix = ix
             self._pmask = slots - 1
-            for i in range(self._pn):
-                s = _dist_slot(self._pv[i], self._pmask)
-                while ix[s]:
-                    s = (s + 1) & self._pmask
-                ix[s] = i + 1
+            self._reindex()
         return 0
 
     cdef bint _add_i64(self, int64_t v, int64_t c) except -1:

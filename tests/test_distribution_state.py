@@ -76,3 +76,45 @@ def test_c_table_matches_python_arithmetic(ops):
     assert list(d._hist.items()) == list(hist.items())
     assert [type(k) for k in d._hist] == [type(k) for k in hist]
     assert pickle.loads(pickle.dumps(d)).__getstate__() == (hist, count, total, mx)
+
+
+class _RaisesOnce:
+    """A histogram key with the hash of ``value`` whose first comparison raises: the move of
+    the C table into the dict fails at that value's entry."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.armed = True
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        if self.armed:
+            self.armed = False
+            raise MemoryError("injected")
+        return False
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_a_failed_move_of_the_c_table_keeps_the_samples_not_moved(at):
+    """Reading the histogram moves the table's samples into the dict one value at a time; if a
+    store fails part way (here: the dict's comparison with a key raises, as a MemoryError in a
+    resize would), the values moved stay moved and the rest stay in the table, in order, for
+    the next read: nothing is lost or counted twice, and adds keep working in between."""
+    values = [10, 20, 30]
+    d = Distribution()
+    key = _RaisesOnce(values[at])
+    d._hist = {key: 1}
+    for v in values:
+        d._add(v, 2)
+    with pytest.raises(MemoryError, match="injected"):
+        d._hist
+    d._add(20, 1)
+    d._add(40, 1)
+    hist = d._hist
+    assert hist.pop(key) == 1
+    assert hist == {10: 2, 20: 3, 30: 2, 40: 1}
+    # The values before the failing one reached the dict first: the order stays first-add's.
+    assert list(hist) == [10, 20, 30, 40]
+    assert (d._count, d._total, d._max) == (8, 10 * 2 + 20 * 3 + 30 * 2 + 40, 40)
