@@ -650,3 +650,28 @@ def test_a_ctrl_c_lost_in_c_code_still_stops_the_runs(monkeypatch):
     assert sys.excepthook is excepthook
     with Runner(jobs=1) as r:  # a new runner starts afresh
         assert r.map(ran.append, [(1,)], ["a"]) == [None] and ran == [1]
+
+
+def test_close_waits_for_the_plugin_s_unregister_at_most_the_connect_timeout(monkeypatch):
+    """close() unregisters pkvm's worker plugin through distributed's public call, which has no
+    timeout of its own: a scheduler that stops answering holds close() up for at most the
+    connect timeout, and the client still closes."""
+    from distributed import Client, LocalCluster
+
+    calls = []
+
+    def hangs(self, name, nanny=None):
+        calls.append(name)
+        time.sleep(30)
+
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=50) as lc:
+        runner = Runner(scheduler=lc.scheduler_address, connect_timeout=2)
+        assert runner.map(pow, [(2, 5)], ["a"]) == [32]
+        client = runner._client
+        monkeypatch.setattr(Client, "unregister_worker_plugin", hangs)
+        t0 = time.monotonic()
+        runner.close()
+        assert time.monotonic() - t0 < 6
+        assert len(calls) == 1 and calls[0].startswith("pkvm-environment-")
+        assert client.status == "closed"

@@ -373,6 +373,18 @@ def max_jobs() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
+def _call_within(timeout: float, fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)`` in a daemon thread, waited for at most ``timeout`` seconds; whatever it
+    raises is dropped (for best-effort clean-up calls that have no timeout of their own)."""
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            fn(*args)
+
+    t = threading.Thread(target=run, name="pkvm-cleanup", daemon=True)
+    t.start()
+    t.join(timeout)
+
+
 class Runner:
     """Where a batch of runs executes: in this process, on a local cluster, or on a remote one.
 
@@ -670,9 +682,9 @@ class Runner:
         if client is not None:
             if plugin is not None and client.status == "running":
                 # within the connect timeout: a scheduler that went away does not hold close up
-                with contextlib.suppress(Exception):
-                    client.sync(client._unregister_worker_plugin, name=plugin,
-                                callback_timeout=self.connect_timeout)
+                # (distributed's public call has no timeout: it waits in a thread of its own,
+                # which client.close() below ends if it is still waiting)
+                _call_within(self.connect_timeout, client.unregister_worker_plugin, plugin)
                 with contextlib.suppress(Exception):
                     client.unsubscribe_topic(REFUSED_TOPIC)
             client.close()
