@@ -77,6 +77,14 @@ def test_script_type_checks_after_the_readme_editable_install(tmp_path):
     assert _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path).returncode == 0
     py = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The packages of the environment running the tests (setuptools for the build, mypy) for
+    # the new venv: --system-site-packages gives only the base interpreter's, and when that
+    # environment is itself a venv on Python 3.12+ the base has no setuptools. A plain path
+    # entry, not a site dir: that environment's own install of pkvm (a .pth) stays out.
+    purelib = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path, env=env)
+    assert purelib.returncode == 0, purelib.stderr
+    (Path(purelib.stdout.strip()) / "zz_test_parent_env.pth").write_text(
+        "".join(p + "\n" for p in sys.path if p.endswith("-packages") and Path(p).is_dir()))
     proc = _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(src),
                  "--config-settings", "editable_mode=compat"], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
