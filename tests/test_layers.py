@@ -13,17 +13,14 @@ from pathlib import Path
 
 import grimp
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: import-linter depends on tomli there
-    import tomli as tomllib
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pkvm"
 #: The only modules still imported inside a function: optional or version-dependent ones, and
 #: the heavy libraries only some commands need (distributed, pandas and SALib cost ~1, ~1 and
 #: ~3.5 s to import here; ``pkvm compare`` on one core needs none of them).
-LAZY_OK = ("rich", "matplotlib", "tomllib", "distributed", "pandas", "SALib")
+LAZY_OK = ("rich", "matplotlib", "distributed", "pandas", "SALib")
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:

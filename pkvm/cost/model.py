@@ -99,6 +99,7 @@ import math
 import operator
 import os
 import re
+import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -685,11 +686,6 @@ class CostModel(Mapping[str, Cost]):
             :meth:`from_dict` rejects (an empty file among them); a file's errors name it.
             OSError: the file cannot be read.
         """
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            raise RuntimeError("CostModel.from_toml needs Python 3.11+ (tomllib); "
-                               "use CostModel.from_dict with JSON instead") from None
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"source must be TOML text or a path, not {type(source).__name__}")
         if isinstance(source, str) and _looks_like_toml(source):
