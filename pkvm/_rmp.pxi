@@ -998,6 +998,33 @@ cdef tuple _rmp_update(RmpTable t, uint64_t p, uint64_t n, int lvl, object assig
     return _rmp_result(&res)
 
 
+cdef inline bint _rmp_asid_ok(object asid, uint64_t *out) except -1:
+    """``asid`` is an int that ``_rmp_int(asid, "asid", 0, 1 << 16)`` passes: its value in
+    ``out``."""
+    cdef int64_t v
+    if type(asid) is int and _as_i64(asid, &v) and 0 <= v < (1 << 16):
+        out[0] = <uint64_t>v
+        return True
+    return False
+
+
+cdef inline bint _rmp_gpa_ok(uint64_t gpa, uint64_t npages) noexcept:
+    """``_rmp_gfn(gpa, npages)`` passes (``npages`` below 2**63): the gfn is ``gpa >> 12``."""
+    return gpa < (1ULL << 52) and not gpa & 0xFFF and (gpa >> 12) + npages <= _RMP_MAX_PFN
+
+
+cdef tuple _rmp_pvalidate_u(RmpTable t, uint64_t p, uint64_t n, int lvl, object asid, uint64_t gpa,
+                            bint validate):
+    """:func:`_rmp_pvalidate` with the gpa and the flag as C values (the PVALIDATE walk's);
+    an ASID or gpa its checks would refuse goes to it (its error)."""
+    cdef uint64_t a
+    cdef RmpResult res
+    if n < (1ULL << 62) and _rmp_asid_ok(asid, &a) and _rmp_gpa_ok(gpa, n):
+        t._pvalidate_c(p, n, lvl == 2, a, gpa >> 12, validate, &res)
+        return _rmp_result(&res)
+    return _rmp_pvalidate(t, p, n, lvl, asid, gpa, validate)
+
+
 cdef tuple _rmp_pvalidate(RmpTable t, uint64_t p, uint64_t n, int lvl, object asid,
                           object gpa, object validate):
     cdef bint v = _rmp_flag(validate, "validate")
@@ -1039,3 +1066,39 @@ cdef object _rmp_find(RmpTable t, object pfn, object npages, bint equal, object 
     if t._find_c(p, p + n, &want, equal, &found):
         return found
     return -1
+
+
+cdef int64_t _rmp_find_u(RmpTable t, uint64_t pfn, uint64_t npages, bint equal, int assigned,
+                         int level, object asid, bint has_gpa, uint64_t gpa,
+                         int validated) except -2:
+    """:func:`_rmp_find` for the core's walks, with C values and no boxed ints: ``assigned`` and
+    ``validated`` 0 or 1, ``level`` 1 or 2, each -1 for a field not compared, as ``asid`` None
+    and ``has_gpa`` False (immutable and VMSA not compared). Where a check of
+    :func:`_rmp_find` would refuse a value, the call is :func:`_rmp_find`'s (its error)."""
+    cdef RmpMatch want
+    cdef uint64_t found, a = 0
+    if (pfn < t.max_pfn_ and npages <= t.max_pfn_ - pfn and assigned <= 1 and validated <= 1
+            and (level == -1 or level == 1 or level == 2)
+            and (asid is None or _rmp_asid_ok(asid, &a)) and (not has_gpa or _rmp_gpa_ok(gpa, npages))):
+        memset(&want, 0, sizeof(want))
+        if assigned >= 0:
+            want.fields |= RMP_F_ASSIGNED
+            want.assigned = <uint64_t>assigned
+        if level >= 0:
+            want.fields |= RMP_F_BIG
+            want.big = level == 2
+        if asid is not None:
+            want.fields |= RMP_F_ASID
+            want.asid = a
+        if has_gpa:
+            want.fields |= RMP_F_GPA
+            want.gfn = gpa >> 12
+        if validated >= 0:
+            want.fields |= RMP_F_VALID
+            want.valid = <uint64_t>validated
+        if t._find_c(pfn, pfn + npages, &want, equal, &found):
+            return <int64_t>found
+        return -1
+    return _rmp_find(t, pfn, npages, equal, None if assigned < 0 else assigned,
+                     None if level < 0 else level, asid, gpa if has_gpa else None, None,
+                     None if validated < 0 else validated, None)

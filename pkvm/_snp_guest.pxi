@@ -125,7 +125,7 @@ cdef object _pv_rmp_pvalidate(rmp, uint64_t pfn, uint64_t n, int level, asid, ui
     if type(rmp) is RmpTable:
         t = <RmpTable>rmp
         if pfn < t.max_pfn_ and n <= t.max_pfn_ - pfn and not (level == _PV_2M and n & _MASK_2M):
-            return _rmp_pvalidate(t, pfn, n, level, asid, gpa, validate)
+            return _rmp_pvalidate_u(t, pfn, n, level, asid, gpa, validate)
     return rmp.pvalidate_range(pfn, n, level, asid=asid, gpa=gpa, validate=validate)
 
 
@@ -208,12 +208,17 @@ cdef object _pv_range(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge
     return r
 
 
-cdef object _pv_find_ne(rmp, uint64_t pfn, uint64_t n, assigned, level, asid, gpa, validated):
-    """``rmp.find_ne(pfn, n, ...)`` with the fields that are not None: the core's
-    :class:`RmpTable` answers in C, a reference twin through its method."""
+cdef int64_t _pv_find_ne(rmp, uint64_t pfn, uint64_t n, int assigned, int level, asid,
+                         bint has_gpa, uint64_t gpa, int validated) except -2:
+    """``rmp.find_ne(pfn, n, ...)`` with the fields compared (``assigned`` / ``validated`` 0 or
+    1 and ``level``: -1 for none; ``asid`` None, ``has_gpa`` False for none): the core's
+    :class:`RmpTable` answers in C (:func:`_rmp_find_u`), a reference twin through its
+    method."""
     if type(rmp) is RmpTable:
-        return _rmp_find(<RmpTable>rmp, pfn, n, False, assigned, level, asid, gpa, None, validated, None)
-    return rmp.find_ne(pfn, n, assigned=assigned, level=level, asid=asid, gpa=gpa, validated=validated)
+        return _rmp_find_u(<RmpTable>rmp, pfn, n, False, assigned, level, asid, has_gpa, gpa, validated)
+    return rmp.find_ne(pfn, n, assigned=None if assigned < 0 else assigned == 1,
+                       level=None if level < 0 else level, asid=asid, gpa=gpa if has_gpa else None,
+                       validated=None if validated < 0 else validated == 1)
 
 
 cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint huge):
@@ -281,7 +286,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             if v1:
                 p1 = <uint64_t>(<int64_t>gfn + _decode_delta(v1))
                 if (v1 & _F_SPTE_PRIVATE and not p1 & 511 and e > gfn + 1
-                        and _pv_find_ne(rmp, p1, 1, None, None, None, None, validate) != -1):  # its 4K retry succeeds
+                        and _pv_find_ne(rmp, p1, 1, -1, -1, None, False, 0, validate) != -1):  # its 4K retry succeeds
                     n, r = _pv_fault(vm, vcpu, gfn + 1, _pv_batch_end(vm, gfn + 1, e, not validate))
                     faults += n
                     _pv_retried(vm, r, gfn + 1)  # (the next pass faults gfn + 1 again, counted there)
@@ -303,8 +308,8 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 gfn += 512
             continue
         if (v and v & _F_SPTE_PRIVATE and e - gfn >= 512 and _f_level(v) == _PV_4K
-                and not pfn & 511 and _pv_find_ne(rmp, pfn, e - gfn, True, _PV_4K, snp.asid,
-                                                  gfn << 12, None) == -1):
+                and not pfn & 511 and _pv_find_ne(rmp, pfn, e - gfn, 1, _PV_4K, snp.asid,
+                                                  True, gfn << 12, -1) == -1):
             # 4K leaves over 4K RMP entries: every 2M PVALIDATE fails with SIZEMISMATCH and
             # is redone as 512 x 4K; the blocks up to the first 4K failure are counted.
             k = (e - gfn) >> 9
@@ -319,7 +324,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             gfn += k << 9
             continue
         if (v and v & _F_SPTE_PRIVATE and _f_level(v) == _PV_4K and pfn & 511
-                and _pv_find_ne(rmp, pfn, 1, True, _PV_2M, snp.asid, gfn << 12, None) != -1):
+                and _pv_find_ne(rmp, pfn, 1, 1, _PV_2M, snp.asid, True, gfn << 12, -1) != -1):
             # A 2M PVALIDATE through a private 4K leaf of a pfn that is not 2M-aligned, and no
             # 2M RMP entry of this guest there (which would be SnpVcpu._pvalidate's #NPF first):
             # FAIL_SIZEMISMATCH, counted as the method counts it, without calling it. (A
@@ -438,14 +443,18 @@ def snp_usable_end(vcpu, uint64_t gfn, uint64_t stop, uint64_t spte, bint privat
     else is ``SnpVcpu._rmp_verdict``'s, which records where and why the access stops."""
     vcpu._rmp_stop = None
     cdef uint64_t u = stop if not write or spte & _F_SPTE_WRITABLE else gfn  # Vcpu._usable_end
+    cdef int64_t p
     if u <= gfn or (private and not spte & _F_SPTE_PRIVATE):
         return gfn if private and not spte & _F_SPTE_PRIVATE else u
     if private:
         snp = vcpu.vm.snp
         rmp = snp._rmp  # snp.rmp, without the property
-        if type(rmp) is RmpTable and _rmp_find(
-                <RmpTable>rmp, <int64_t>gfn + _decode_delta(spte), u - gfn, False, True, _f_level(spte),
-                snp.asid, gfn << 12, None, True, None) == -1:
+        p = <int64_t>gfn + _decode_delta(spte)
+        if type(rmp) is RmpTable and (_rmp_find_u(
+                <RmpTable>rmp, <uint64_t>p, u - gfn, False, 1, _f_level(spte), snp.asid, True, gfn << 12,
+                1) == -1 if p >= 0 else _rmp_find(
+                <RmpTable>rmp, p, u - gfn, False, True, _f_level(spte), snp.asid, gfn << 12, None, True,
+                None) == -1):
             return u
     end, why = vcpu._rmp_verdict(gfn, u - gfn, spte, private)
     if why:
