@@ -491,6 +491,7 @@ cdef class FaultPath:
     """
 
     cdef object vm, platform, gmem_get_pfn, set_external, topup, timeline_run, emit_fault
+    cdef bint tl_core           # timeline_run is the core's fault_timeline (called in C: _tl_run)
     cdef object base_fault, gpa_to_gfn, kvm_error, is_implemented
     cdef object fault_is_private, gmem_max_level, plat_max_level, handle_rmp
     cdef dict d, costs, slots, armed
@@ -562,6 +563,7 @@ cdef class FaultPath:
         self.set_external = set_external
         self.topup = topup
         self.timeline_run = timeline_run
+        self.tl_core = timeline_run is fault_timeline
         self.emit_fault = emit_fault
         self.base_fault = base_fault
         self.gpa_to_gfn = gpa_to_gfn
@@ -1022,9 +1024,18 @@ cdef class FaultPath:
         cdef VmState vs = self.vs
         self._ops()
         if vs._sched is not None:
-            return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
+            return self._tl_run(vcpu, gfn, limit, private, write, prefetch)
         f = _new_fault(gfn, limit, private, write, prefetch)
         return f, self._phases(vcpu, f, gfn, private, write)
+
+    cdef inline tuple _tl_run(self, vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
+                              bint prefetch):
+        """``self.timeline_run(vcpu, gfn, limit, private, write, prefetch)``: the core's
+        :func:`fault_timeline` at C level, on this path and the VM's timeline."""
+        if self.tl_core:
+            return _fault_timeline(vcpu, self.vm, <SchedHooks?>self.vs._sched, self, gfn, limit,
+                                   private, write, prefetch)
+        return self.timeline_run(vcpu, gfn, limit, private, write, prefetch)
 
     cdef FaultResult _run1(self, vcpu, uint64_t gfn, bint private, bint write):
         """:meth:`_run` of one page, not prefetched: the result alone (no tuple made). The
@@ -1035,7 +1046,7 @@ cdef class FaultPath:
         cdef VmState vs = self.vs
         self._ops()
         if vs._sched is not None:
-            return self.timeline_run(vcpu, gfn, gfn + 1, private, write, False)[1]
+            return self._tl_run(vcpu, gfn, gfn + 1, private, write, False)[1]
         f = self._take_spare(gfn, private, write)
         r = self._phases(vcpu, f, gfn, private, write)
         if Py_REFCNT(f) == 1:  # nothing kept it: reuse it
@@ -1244,7 +1255,7 @@ cdef class FaultPath:
                             self._keep_spare(f)
                         f = None
                     else:
-                        r = self.timeline_run(vcpu, gfn, gfn + 1, p, w, False)[1]
+                        r = self._tl_run(vcpu, gfn, gfn + 1, p, w, False)[1]
                 else:
                     r = vcpu._fault(gfn, gfn + 1, p, w)[1]
                 if r is not None:

@@ -908,6 +908,24 @@ cdef class DistState:
         return 0
 
 
+cdef inline int64_t _floor_div(int64_t x, int64_t k) noexcept:
+    """``x // k`` as Python rounds it (toward minus infinity), for ``k`` > 0."""
+    cdef int64_t q = x / k
+    if q * k != x and x < 0:
+        q -= 1
+    return q
+
+
+cdef inline bint _i64_sum(p, m, s, z, int64_t *out) except -1:
+    """Whether ``p - m + s - z`` of four ints is computed in int64 without overflow (the value in
+    ``out``); False for anything else (the caller then computes it in Python)."""
+    cdef int64_t vp, vm, vs, vz
+    return (type(p) is int and type(m) is int and type(s) is int and type(z) is int
+            and _as_i64(p, &vp) and _as_i64(m, &vm) and _as_i64(s, &vs) and _as_i64(z, &vz)
+            and not pkvm_sub_ovf(vp, vm, out) and not pkvm_add_ovf(out[0], vs, out)
+            and not pkvm_sub_ovf(out[0], vz, out))
+
+
 cdef inline Py_ssize_t _dist_slot(int64_t v, Py_ssize_t mask) noexcept:
     """The first index slot of value ``v`` in a DistState's table (Fibonacci hashing)."""
     return <Py_ssize_t>((<uint64_t>v * <uint64_t>0x9E3779B97F4A7C15ULL) >> 32) & mask
@@ -2984,16 +3002,25 @@ cdef class SchedHooks:
 
     cdef int _latency_end(self, kind, begin, n) except -1:
         cdef SchedActor a = self._current
-        cdef int64_t b, t
+        cdef int64_t b, t, k, wc, x, q
+        cdef DistState d
         if a is None:
             return 0
         cdef long long now = self._now0 + _vm_ns(self) - self._mark  # now_ns
         b0 = begin[0]
         if (self.latency_log is None and type(b0) is int and _as_i64(b0, &b) and b != LLONG_MIN
-                and not pkvm_add_ovf(now, -b, &t) and n <= 1):
-            # a sample of one operation, unlogged (the usual case): _latency_put's add in C
-            (<DistState?>self.latency[kind])._add_ll(t, 1)
-            return 0
+                and not pkvm_add_ovf(now, -b, &t)):
+            # unlogged (the usual case): _latency_put's adds in C
+            if n <= 1:  # a sample of one operation
+                (<DistState?>self.latency[kind])._add_ll(t, 1)
+                return 0
+            if (type(n) is int and _as_i64(n, &k) and _i64_sum(a.lock_wait, a.page_wait, a.spin, begin[1], &wc)
+                    and not pkvm_sub_ovf(t, wc, &x) and not pkvm_add_ovf(_floor_div(x, k), wc, &q)):
+                # a batch of n: the first sample carries the waits w, (total - w) // n each
+                d = <DistState?>self.latency[kind]
+                d._add_ll(q, 1)
+                d._add_ll(_floor_div(x, k), k - 1)
+                return 0
         total = now - b0
         w = 0 if n <= 1 else a.lock_wait - a.page_wait + a.spin - begin[1]
         self._latency_put(kind, total, w, n, 1)
@@ -3670,8 +3697,14 @@ def fault_timeline(vcpu, uint64_t gfn, uint64_t limit, bint private, bint write,
     ends at a boundary of ``sched.batch_pages`` pages (64M by default) (2M and 4K leaves only: the counters are those of the whole batch),
     so locks interleave between vCPUs."""
     vm = vcpu.vm
-    cdef SchedHooks sched = <SchedHooks?>vm._sched
-    cdef FaultPath fp = <FaultPath?>vm._fault_path
+    return _fault_timeline(vcpu, vm, <SchedHooks?>vm._sched, <FaultPath?>vm._fault_path, gfn, limit,
+                           private, write, prefetch)
+
+
+cdef tuple _fault_timeline(vcpu, vm, SchedHooks sched, FaultPath fp, uint64_t gfn, uint64_t limit,
+                           bint private, bint write, bint prefetch):
+    """:func:`fault_timeline` on ``vm``'s timeline ``sched`` and fault path ``fp`` (the path's
+    own calls pass themselves: ``FaultPath._tl_run``)."""
     cdef RangeMap sptes = fp.sptes
     t0 = sched._work_ns()  # this thread's own work
     cdef uint64_t cut = sched.batch_pages
