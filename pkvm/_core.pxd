@@ -221,6 +221,11 @@ cdef class Counters:
 cdef class Cells
 
 
+ctypedef struct OpPrice:
+    Py_ssize_t i                    # an op's index in the ledger (Ledger.op_slot)
+    int64_t p                       # the price of one event (-1: none that fits, charged by name)
+
+
 cdef class Ledger:
     cdef int64_t ns                 # the modeled ns, while ``big`` is None
     cdef object big                 # the modeled ns as a Python int once it left int64, else None

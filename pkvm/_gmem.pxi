@@ -371,6 +371,10 @@ cdef class SnpPath:
     cdef Ledger ledger
     cdef int64_t p_rmpupdate    # the price of one rmpupdate (-1: look it up per charge)
     cdef Py_ssize_t i_rmpupdate_op  # its op index in the ledger
+    # the direct map's ops and the cache flush, resolved for _charge_op; the guest's
+    # PVALIDATEs and page-state-change requests (pkvm/_snp_guest.pxi: _pv_count, _psc_begin)
+    cdef OpPrice o_cpa_call, o_dm_split, o_dm_flush, o_cache_flush, o_pv4k, o_pv2m, o_psc
+    cdef Py_ssize_t i_pvalidate, i_pvalidate_2m, i_pvalidate_failures, i_psc_requests
     # the indices of SNP_STAT_KEYS' counters this path adds to (registered by snp_init_vm)
     cdef Py_ssize_t i_dm_splits, i_dm_unmaps, i_dm_restores, i_dm_cpa_calls, i_dm_tlb_flushes
     cdef Py_ssize_t i_sleep_atomic, i_rmpupdate, i_rmpupdate_2m, i_rmpupdate_failures
@@ -406,6 +410,17 @@ cdef class SnpPath:
         self.ledger = d["_ledger"]
         self.p_rmpupdate = _price(self.costs, "rmpupdate")
         self.i_rmpupdate_op = self.ledger.op_slot("rmpupdate")
+        _op_price(&self.o_cpa_call, self.ledger, self.costs, "directmap_cpa_call")
+        _op_price(&self.o_dm_split, self.ledger, self.costs, "directmap_split")
+        _op_price(&self.o_dm_flush, self.ledger, self.costs, "directmap_tlb_flush")
+        _op_price(&self.o_cache_flush, self.ledger, self.costs, "cache_flush_4k")
+        _op_price(&self.o_pv4k, self.ledger, self.costs, "pvalidate_4k")
+        _op_price(&self.o_pv2m, self.ledger, self.costs, "pvalidate_2m")
+        _op_price(&self.o_psc, self.ledger, self.costs, "psc_request")
+        self.i_pvalidate = ix["pvalidate"]
+        self.i_pvalidate_2m = ix["pvalidate_2m"]
+        self.i_pvalidate_failures = ix["pvalidate_failures"]
+        self.i_psc_requests = ix["psc_requests"]
         self.armed = d["_inject"]._armed
         self.asid = snp.asid
         self.leaked = snp.leaked
@@ -530,10 +545,10 @@ cdef class SnpPath:
         st.v[self.i_dm_unmaps] += <int64_t>unmaps
         st.v[self.i_dm_restores] += <int64_t>restores
         st.v[self.i_dm_cpa_calls] += <int64_t>calls
-        self._charge("directmap_cpa_call", calls)  # each under cpa_lock (held here)
+        _charge_op(self.ledger, &self.o_cpa_call, "directmap_cpa_call", calls)  # each under cpa_lock (held here)
         cdef long long long0 = _vm_ns(sched) if sched is not None and splits else 0
         if splits:
-            self._charge("directmap_split", splits)
+            _charge_op(self.ledger, &self.o_dm_split, "directmap_split", splits)
         # A global TLB flush per split, under cpa_lock (__split_large_page's flush_tlb_all): a
         # 4K update inside a 1G mapping splits twice and flushes twice. Nothing else flushes:
         # set_memory_4k changes no entry after its splits (no CPA_FLUSHTLB, so no cpa_flush),
@@ -542,7 +557,7 @@ cdef class SnpPath:
         flushes = splits
         if flushes:
             st.v[self.i_dm_tlb_flushes] += <int64_t>flushes
-            self._charge("directmap_tlb_flush", flushes)
+            _charge_op(self.ledger, &self.o_dm_flush, "directmap_tlb_flush", flushes)
         # The calls that may sleep: every set_memory_4k (change_page_attr_set_clr runs
         # vm_unmap_aliases, which takes the vmap_purge_lock mutex); of the RFC's _noflush
         # helpers only those that split (split_large_page drops cpa_lock, a spinlock, to
@@ -766,7 +781,7 @@ cdef class SnpPath:
                         continue
                     if flush:
                         self.stats.v[self.i_cache_flush_pages] += <int64_t>(pb[k] - pa[k])
-                        self._charge("cache_flush_4k", pb[k] - pa[k])
+                        _charge_op(self.ledger, &self.o_cache_flush, "cache_flush_4k", pb[k] - pa[k])
             return ret
         finally:
             _runs_free(&segs)
@@ -817,6 +832,7 @@ cdef class GmemPath:
     cdef Counters stats
     cdef Ledger ledger
     cdef int64_t p_alloc[3]     # the prices of gmem_alloc_4k / _2m / _1g (-1: look up per charge)
+    cdef OpPrice o_punch        # gmem_punch_4k, resolved for _charge_op
     cdef Py_ssize_t i_alloc[3]  # their op indices in the ledger
     cdef int max_order, mode
     cdef bint has_prepare, has_invalidate
@@ -841,6 +857,7 @@ cdef class GmemPath:
         for k in range(3):
             self.p_alloc[k] = _price(self.costs, _alloc_op(9 * k))
             self.i_alloc[k] = self.ledger.op_slot(_alloc_op(9 * k))
+        _op_price(&self.o_punch, self.ledger, self.costs, "gmem_punch_4k")
         self.armed = d["_inject"]._armed
         self.hm = <HostMemoryState?>d["_hostmem"]
         policy = d["_policy"]
@@ -1104,14 +1121,14 @@ cdef class GmemPath:
                         self.snp_inval.gmem_invalidate(pfn, pfn + (b - a))
                     else:
                         self.invalidate_op(self.vm, pfn, pfn + (b - a))
-                    self.stats["gmem_invalidate"] += (b - a) >> order
+                    _stat_add_at(self.stats, S_GMEM_INVALIDATE, "gmem_invalidate", (b - a) >> order)
                 _hm_free(self.hm, pfn, b - a)
                 rangemap_assign(folios, a, b, 0)
                 freed += b - a
             ok = rangemap_cursor_next(folios, &cur)
         if freed:
-            self.stats["gmem_pages_freed"] += freed
-            self._charge("gmem_punch_4k", freed)
+            _stat_add_at(self.stats, S_GMEM_PAGES_FREED, "gmem_pages_freed", freed)
+            _charge_op(self.ledger, &self.o_punch, "gmem_punch_4k", freed)
         return 0
 
     cdef list _bound_ranges(self, gmem, int64_t start, int64_t end):

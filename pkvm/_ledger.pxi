@@ -48,16 +48,33 @@ cdef int _stat_add(object stats, str key, object n) except -1:
     ``key`` and the sum stays an int64 (every counter the paths add to), else through the
     mapping."""
     cdef int64_t x
-    cdef Counters c
     if type(stats) is Counters and type(n) is int and _as_i64(n, &x):
-        c = <Counters>stats
-        i = c.index.get(key)
-        # (the bound as an int64_t: a bare literal this large is a Python int to Cython, which
-        # made the test two boxed ints and a Python subtraction per add)
-        if i is not None and (x >= 0 and c.v[<Py_ssize_t>i] <= <int64_t>0x7FFFFFFFFFFFFFFF - x):
-            c.v[<Py_ssize_t>i] += x
-            return 0
+        i = (<Counters>stats).index.get(key)
+        if i is not None:
+            return _stat_add_at(<Counters>stats, <Py_ssize_t>i, key, x)
     stats[key] += n
+    return 0
+
+
+cdef int _stat_add_n(Counters c, Py_ssize_t i, str key, object n) except -1:
+    """``c[key] += n`` for the counter ``key`` at index ``i`` (:func:`_stat_add_at` for an int
+    object)."""
+    cdef int64_t x
+    if type(n) is int and _as_i64(n, &x):
+        return _stat_add_at(c, i, key, x)
+    c[key] += n
+    return 0
+
+
+cdef int _stat_add_at(Counters c, Py_ssize_t i, str key, int64_t x) except -1:
+    """``c[key] += x`` for the counter ``key`` at index ``i``: in C while the sum stays an int64
+    (else through the mapping, which refuses it)."""
+    # (the bound as an int64_t: a bare literal this large is a Python int to Cython, which
+    # made the test two boxed ints and a Python subtraction per add)
+    if x >= 0 and c.v[i] <= <int64_t>0x7FFFFFFFFFFFFFFF - x:
+        c.v[i] += x
+        return 0
+    c[key] += x
     return 0
 
 
@@ -487,6 +504,24 @@ cdef int64_t _price(dict prices, str op) except -2:
     if type(p) is int and _as_i64(p, &v) and v >= 0:
         return v
     return -1
+
+
+cdef inline int _op_price(OpPrice *o, Ledger led, dict prices, str op) except -1:
+    """Resolve ``op`` for :func:`_charge_op`: its index and price (a path resolves the ops it
+    charges when it is built, as for :meth:`Ledger.charge_p`: the VM's prices are fixed by
+    then)."""
+    o.p = _price(prices, op)
+    o.i = led.op_slot(op)
+    return 0
+
+
+cdef inline int _charge_op(Ledger led, const OpPrice *o, str op, object n) except -1:
+    """``led.charge_obj(op, n)`` (``VM._charge``) of an op resolved by :func:`_op_price`,
+    without looking ``op`` up."""
+    cdef int64_t v
+    if o.p >= 0 and type(n) is int and _as_i64(n, &v) and v >= 0:
+        return led.charge_p(o.i, o.p, <uint64_t>v)
+    return led.charge_obj(op, n)
 
 
 @cython.final

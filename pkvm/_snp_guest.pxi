@@ -66,23 +66,27 @@ def snp_pv_fault_stop(r, uint64_t gfn, faults):
     return _pv_fault_stop(r, gfn, faults)
 
 
-cdef int _pv_count(vm, int level, int code, count) except -1:
+cdef int _pv_count(snp, int level, int code, count) except -1:
     """``SnpVcpu._pval_count``: count and charge ``count`` PVALIDATEs at ``level`` that ended
-    with ``code`` (``vm._charge``, then the counters)."""
-    (<Ledger?>vm._ledger).charge_obj("pvalidate_2m" if level == _PV_2M else "pvalidate_4k", count)  # VM._charge
-    st = vm._stats
-    if code == _PV_SUCCESS:
-        _stat_add(st, "pvalidate", count)
-        if level == _PV_2M:
-            _stat_add(st, "pvalidate_2m", count)
+    with ``code`` (``vm._charge``, then the counters) on ``snp`` (``vm.snp``), with the ops
+    and counters its :class:`SnpPath` resolved."""
+    cdef SnpPath p = <SnpPath?>snp._path
+    if level == _PV_2M:
+        _charge_op(p.ledger, &p.o_pv2m, "pvalidate_2m", count)  # VM._charge
     else:
-        _stat_add(st, "pvalidate_failures", count)
+        _charge_op(p.ledger, &p.o_pv4k, "pvalidate_4k", count)
+    if code == _PV_SUCCESS:
+        _stat_add_n(p.stats, p.i_pvalidate, "pvalidate", count)
+        if level == _PV_2M:
+            _stat_add_n(p.stats, p.i_pvalidate_2m, "pvalidate_2m", count)
+    else:
+        _stat_add_n(p.stats, p.i_pvalidate_failures, "pvalidate_failures", count)
     return 0
 
 
 def snp_pval_count(vm, int level, int code, count):
     """``SnpVcpu._pval_count`` (see :func:`_pv_count`)."""
-    _pv_count(vm, level, code, count)
+    _pv_count(vm.snp, level, code, count)
 
 
 cdef uint64_t _pv_batch_end(vm, uint64_t gfn, uint64_t end, bint validated) except? 0:
@@ -149,7 +153,7 @@ cdef object _pv_4k_run(vcpu, vm, snp, RangeMap sptes, uint64_t gfn, uint64_t end
         # below then takes the #NPF (PSMASH + zap) and re-executes.
         done, _fail, code = _pv_rmp_pvalidate(snp._rmp, pfn, e - gfn, _PV_4K, snp.asid, gfn << 12, validate)
         if done:
-            _pv_count(vm, _PV_4K, _PV_SUCCESS, done)
+            _pv_count(snp, _PV_4K, _PV_SUCCESS, done)
             gfn += <uint64_t>done
         if code == 0 and gfn == e:
             continue
@@ -299,7 +303,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             n2 = (e - gfn) >> 9
             done, _fail, code = _pv_rmp_pvalidate(rmp, pfn, n2 << 9, _PV_2M, snp.asid, gfn << 12, validate)
             if done:
-                _pv_count(vm, _PV_2M, _PV_SUCCESS, done)
+                _pv_count(snp, _PV_2M, _PV_SUCCESS, done)
                 gfn += (<uint64_t>done) << 9
             if code:
                 op = vcpu._pvalidate(gfn << 12, _PV_2M, validate, 0)
@@ -318,7 +322,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
                 failed_blocks = k
             else:
                 failed_blocks = ((((<GuestOpResult?>r2).value or 0) >> 12) - gfn >> 9) + 1
-            _pv_count(vm, _PV_2M, _PV_FAIL_SIZEMISMATCH, failed_blocks)
+            _pv_count(snp, _PV_2M, _PV_FAIL_SIZEMISMATCH, failed_blocks)
             if r2 is not None:
                 return r2
             gfn += k << 9
@@ -329,7 +333,7 @@ cdef object _pv_range_body(vcpu, uint64_t gfn, uint64_t end, bint validate, bint
             # 2M RMP entry of this guest there (which would be SnpVcpu._pvalidate's #NPF first):
             # FAIL_SIZEMISMATCH, counted as the method counts it, without calling it. (A
             # 2M-aligned pfn went to the range forms above, or goes to the method.)
-            _pv_count(vm, _PV_2M, _PV_FAIL_SIZEMISMATCH, 1)
+            _pv_count(snp, _PV_2M, _PV_FAIL_SIZEMISMATCH, 1)
             status = _PV_FAIL_SIZEMISMATCH
         else:
             # Anything else (no leaf, a shared leaf, mixed sizes): one 2M PVALIDATE at a time.
@@ -367,8 +371,9 @@ cdef bint _psc_begin(vcpu) except -1:
     counted, charged and announced; whether the guest may use the protocol."""
     _begin_insn(vcpu)
     vm = vcpu.vm
-    _stat_add(vm._stats, "psc_requests", 1)
-    (<Ledger?>vm._ledger).charge_obj("psc_request", 1)  # VM._charge
+    cdef SnpPath p = <SnpPath?>vm.snp._path  # the ops and counters it resolved
+    _stat_add_at(p.stats, p.i_psc_requests, "psc_requests", 1)
+    _charge_op(p.ledger, &p.o_psc, "psc_request", 1)  # VM._charge
     if vm._subs is not None:
         vm._emit("vmgexit_enter", None, None, None, 1, 0, None, (vcpu.id, _VMGEXIT_PSC, 0, 0))
     return bool(vm.hypercall_exit_mask & (1 << _HC_MAP_GPA_RANGE))
