@@ -961,7 +961,7 @@ cdef class AttrPath:
             self.vm._emit("charge", None, None, "remote_tlb_flush", 1, ns, None, (n,))
         sched = self.vs._sched
         if sched is not None:
-            sched.ipi("vm")  # the flush IPI interrupts every other vCPU in guest mode
+            (<SchedHooks?>sched)._ipi("vm", 1)  # the flush IPI interrupts every other vCPU in guest mode
         return 0
 
     def flush_remote_tlbs(self):
@@ -1070,7 +1070,7 @@ cdef class AttrPath:
             raise InternalInvariantError("mmu_invalidate_in_progress went negative")
         sched = vs._sched
         if sched is not None:
-            sched.changed()  # spinning faults go on, to wait for mmu_lock
+            (<SchedHooks?>sched)._changed_c()  # spinning faults go on, to wait for mmu_lock
         return 0
 
     cdef int _post_piece(self, uint64_t s, uint64_t e, uint64_t key, uint64_t attrs) except -1:
@@ -1393,7 +1393,7 @@ cdef class AttrPath:
                 self._add_lock((sched._work_ns() if sched is not None else self.ledger.now()) - t0)
             if sched is not None:
                 sched._release("mmu_lock", 1)
-        freed = shared_discard(sb, start, end)
+        freed = _shared_discard(sb, start, end)
         if pieces:
             if sched is not None:
                 sched._acquire("mmu_lock", 1)

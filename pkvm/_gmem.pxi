@@ -1211,6 +1211,11 @@ def shared_discard(SharedBackingState sb, uint64_t start, uint64_t end):
     populated run there goes back to the host allocator and becomes unpopulated; returns the
     pages freed. Nothing populated there (the usual case of private memory) changes nothing.
     (``pkvm.host.hostmem.SharedBacking.discard``.)"""
+    return _shared_discard(sb, start, end)
+
+
+cdef int64_t _shared_discard(SharedBackingState sb, uint64_t start, uint64_t end) except -1:
+    """:func:`shared_discard` (the MMU notifier's discard calls it directly)."""
     cdef int order = sb.order
     cdef uint64_t a = ((start + (1ULL << order) - 1) >> order) << order
     cdef uint64_t b = (end >> order) << order

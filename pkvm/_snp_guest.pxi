@@ -103,7 +103,7 @@ cdef uint64_t _pv_batch_end(vm, uint64_t gfn, uint64_t end, bint validated) exce
         end = se
     if end <= gfn + 1:
         return gfn + 1
-    return snp_batch_end(slot.gmem.folios, snp._rmp, off, gfn, end, validated, snp.asid)
+    return _snp_batch_end(slot.gmem.folios, snp._rmp, off, gfn, end, validated, snp.asid)
 
 
 def snp_pv_batch_end(vm, uint64_t gfn, uint64_t end, bint validated):

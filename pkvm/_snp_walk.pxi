@@ -13,6 +13,12 @@ def snp_batch_end(RangeMap folios, rmp, int64_t off, uint64_t gfn, uint64_t end,
     validated; else no page may be validated (pages without a folio qualify). ``rmp`` is
     the core's ``RmpTable`` (queried at C level) or a reference twin (its ``find_ne`` /
     ``find_eq``, the tests' RMP)."""
+    return _snp_batch_end(folios, rmp, off, gfn, end, validated, asid)
+
+
+cdef uint64_t _snp_batch_end(RangeMap folios, rmp, int64_t off, uint64_t gfn, uint64_t end,
+                             bint validated, asid) except? 0:
+    """:func:`snp_batch_end` (the PVALIDATE walk's ``_pv_batch_end`` calls it directly)."""
     cdef uint64_t g = gfn, e
     cdef int64_t d
     cdef Run r
