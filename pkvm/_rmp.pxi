@@ -1035,34 +1035,48 @@ cdef tuple _rmp_pvalidate(RmpTable t, uint64_t p, uint64_t n, int lvl, object as
     return _rmp_result(&res)
 
 
+cdef inline void _rmp_want(RmpMatch *want, int assigned, int level, bint has_asid, uint64_t asid,
+                           bint has_gfn, uint64_t gfn, int immutable, int validated,
+                           int vmsa) noexcept:
+    """The fields an RMP query compares, checked already: each flag 0 or 1 and ``level`` 1 or 2,
+    -1 for a field not compared (``has_asid`` / ``has_gfn`` False for those two)."""
+    memset(want, 0, sizeof(RmpMatch))
+    if assigned >= 0:
+        want.fields |= RMP_F_ASSIGNED
+        want.assigned = <uint64_t>assigned
+    if level >= 0:
+        want.fields |= RMP_F_BIG
+        want.big = level == 2
+    if has_asid:
+        want.fields |= RMP_F_ASID
+        want.asid = asid
+    if has_gfn:
+        want.fields |= RMP_F_GPA
+        want.gfn = gfn
+    if immutable >= 0:
+        want.fields |= RMP_F_IMM
+        want.imm = <uint64_t>immutable
+    if validated >= 0:
+        want.fields |= RMP_F_VALID
+        want.valid = <uint64_t>validated
+    if vmsa >= 0:
+        want.fields |= RMP_F_VMSA
+        want.vmsa = <uint64_t>vmsa
+
+
 cdef object _rmp_find(RmpTable t, object pfn, object npages, bint equal, object assigned,
                       object level, object asid, object gpa, object immutable,
                       object validated, object vmsa):
     cdef uint64_t p, n, found
     cdef RmpMatch want
     nv = _rmp_range(t.max_pfn_, pfn, npages, &p, &n)
-    memset(&want, 0, sizeof(want))
-    if assigned is not None:
-        want.fields |= RMP_F_ASSIGNED
-        want.assigned = _rmp_flag(assigned, "assigned")
-    if level is not None:
-        want.fields |= RMP_F_BIG
-        want.big = _rmp_level(level) == 2
-    if asid is not None:
-        want.fields |= RMP_F_ASID
-        want.asid = _rmp_int(asid, "asid", 0, 1 << 16)
-    if gpa is not None:
-        want.fields |= RMP_F_GPA
-        want.gfn = _rmp_gfn(gpa, nv)
-    if immutable is not None:
-        want.fields |= RMP_F_IMM
-        want.imm = _rmp_flag(immutable, "immutable")
-    if validated is not None:
-        want.fields |= RMP_F_VALID
-        want.valid = _rmp_flag(validated, "validated")
-    if vmsa is not None:
-        want.fields |= RMP_F_VMSA
-        want.vmsa = _rmp_flag(vmsa, "vmsa")
+    _rmp_want(&want, -1 if assigned is None else <int>_rmp_flag(assigned, "assigned"),
+              -1 if level is None else _rmp_level(level),
+              asid is not None, 0 if asid is None else _rmp_int(asid, "asid", 0, 1 << 16),
+              gpa is not None, 0 if gpa is None else _rmp_gfn(gpa, nv),
+              -1 if immutable is None else <int>_rmp_flag(immutable, "immutable"),
+              -1 if validated is None else <int>_rmp_flag(validated, "validated"),
+              -1 if vmsa is None else <int>_rmp_flag(vmsa, "vmsa"))
     if t._find_c(p, p + n, &want, equal, &found):
         return found
     return -1
@@ -1080,22 +1094,7 @@ cdef int64_t _rmp_find_u(RmpTable t, uint64_t pfn, uint64_t npages, bint equal, 
     if (pfn < t.max_pfn_ and npages <= t.max_pfn_ - pfn and assigned <= 1 and validated <= 1
             and (level == -1 or level == 1 or level == 2)
             and (asid is None or _rmp_asid_ok(asid, &a)) and (not has_gpa or _rmp_gpa_ok(gpa, npages))):
-        memset(&want, 0, sizeof(want))
-        if assigned >= 0:
-            want.fields |= RMP_F_ASSIGNED
-            want.assigned = <uint64_t>assigned
-        if level >= 0:
-            want.fields |= RMP_F_BIG
-            want.big = level == 2
-        if asid is not None:
-            want.fields |= RMP_F_ASID
-            want.asid = a
-        if has_gpa:
-            want.fields |= RMP_F_GPA
-            want.gfn = gpa >> 12
-        if validated >= 0:
-            want.fields |= RMP_F_VALID
-            want.valid = <uint64_t>validated
+        _rmp_want(&want, assigned, level, asid is not None, a, has_gpa, gpa >> 12, -1, validated, -1)
         if t._find_c(pfn, pfn + npages, &want, equal, &found):
             return <int64_t>found
         return -1
