@@ -382,6 +382,7 @@ cdef class SnpPath:
     cdef RmpTable rmp           # None while ``snp.rmp`` is not an RmpTable (a reference twin)
     cdef RangeMap dm_map        # None while ``snp.directmap`` is not a DirectMap
     cdef RangeMap dm_orig       # its boot layout (None likewise)
+    cdef RunMemo dm_run         # the run of dm_map read last (_dm_all_4k of one page)
     cdef RangeMap leaked
     cdef uint64_t asid
     cdef bint split4k
@@ -444,6 +445,7 @@ cdef class SnpPath:
         typed = type(dm).__dict__.get("_core_walks") is True
         self.dm_map = dm._map if typed else None
         self.dm_orig = dm._orig if typed else None
+        self.dm_run.map = NULL
         self.dm_cnt = dm._cnt
         self.split4k = dm._policy == "split-4k"
 
@@ -594,8 +596,12 @@ cdef class SnpPath:
         """Whether the direct map maps every page of ``[pfn, pfn + npages)`` at 4K already."""
         cdef RunCursor cur
         cdef int ok
+        cdef uint64_t v
         if npages == 1:
-            return rangemap_get(self.dm_map, pfn) & 3 < 2
+            # (a fragmented guest's faults take pfns in order: the run of 4K mappings read
+            # last holds the next one, until the fault that splits the next 2M block)
+            _memo_get(&self.dm_run, self.dm_map, pfn, &v)
+            return v & 3 < 2
         ok = rangemap_cursor_init(self.dm_map, &cur, pfn, pfn + npages)
         while ok == 1:
             if cur.value & 3 >= 2:
@@ -619,12 +625,19 @@ cdef class SnpPath:
         """``pkvm.platforms._snp_rmp.rmpupdate_range`` (``dm`` is a :data:`DIRECTMAP_MODES`
         code): an armed ``set_memory`` failure goes entry by entry through the Python
         ``_rmpupdate_injected``."""
-        cdef SchedHooks sched = <SchedHooks?>self.vs._sched if self.vs._sched is not None else None
-        if sched is None:
-            return self._update(pfn, npages, level, assigned, gfn, immutable, dm)
-        # the range is a window over which the kernel's page-by-page direct-map calls (and so
-        # cpa_lock) interleave with its RMPUPDATEs (SchedHooks.pw_begin; inside a fault batch,
-        # the batch's window counts)
+        if self.vs._sched is not None:
+            return self._update_window(pfn, npages, level, assigned, gfn, immutable, dm)
+        if not self.armed:  # (nothing armed: _update's work is the body's)
+            return self.body(pfn, npages, level, assigned, gfn, immutable, dm)
+        return self._update(pfn, npages, level, assigned, gfn, immutable, dm)
+
+    cdef int _update_window(self, uint64_t pfn, uint64_t npages, int level, bint assigned, uint64_t gfn,
+                            bint immutable, int dm) except? -1000:
+        """:meth:`_update` under a timeline: the range is a window over which the kernel's
+        page-by-page direct-map calls (and so cpa_lock) interleave with its RMPUPDATEs
+        (SchedHooks.pw_begin; inside a fault batch, the batch's window counts). A function of
+        its own so that :meth:`rmpupdate_range` without a timeline carries no try/finally."""
+        cdef SchedHooks sched = <SchedHooks?>self.vs._sched
         sched._pw_begin()
         try:
             return self._update(pfn, npages, level, assigned, gfn, immutable, dm)
@@ -641,31 +654,21 @@ cdef class SnpPath:
     cpdef int body(self, uint64_t pfn, uint64_t npages, int level, bint assigned, uint64_t gfn,
                    bint immutable, int dm) except? -1000:
         """``pkvm.platforms._snp_rmp._rmpupdate_body``: the direct-map work before, the
-        RMPUPDATEs, their accounting, the direct-map work after; 0 or ``-EFAULT``."""
+        RMPUPDATEs, their accounting, the direct-map work after; 0 or ``-EFAULT``. (The rare
+        steps, a twin's table, the event and a failure, are functions of their own: this one
+        holds no Python object.)"""
         cdef RmpResult res
         cdef RmpTable rmp = self.rmp
-        cdef uint64_t span, done
-        cdef int code
-        cdef int64_t fail
         if (dm == _DM_BOTH or dm == _DM_BEFORE) and not self._dm_idle(True, pfn, npages, level):
             self._directmap(True, pfn, npages, level, assigned)
         if rmp is None or (level != 1 and level != 2) or pfn >= rmp.max_pfn_ or npages > rmp.max_pfn_ - pfn or (
                 level == 2 and npages & _MASK_2M) or (assigned and (gfn >= _RMP_MAX_PFN or gfn + npages > _RMP_MAX_PFN)):
-            # A twin, or out of the table: RmpTable.rmpupdate_range raises the named error.
-            if assigned:
-                t = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=True, asid=self.asid,
-                                                 gpa=gfn << 12, immutable=immutable)
-            else:
-                t = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=False)
-            done, fail, code = t
+            self._twin_update(pfn, npages, level, assigned, gfn, immutable, &res)
+        elif assigned:
+            rmp._rmpupdate_c(pfn, npages, level == 2, True, self.asid, gfn, immutable, &res)
         else:
-            if assigned:
-                rmp._rmpupdate_c(pfn, npages, level == 2, True, self.asid, gfn, immutable, &res)
-            else:
-                rmp._rmpupdate_c(pfn, npages, level == 2, False, 0, 0, False, &res)
-            done = res.done
-            code = res.code
-            fail = <int64_t>res.fail_pfn if res.code else -1
+            rmp._rmpupdate_c(pfn, npages, level == 2, False, 0, 0, False, &res)
+        cdef uint64_t done = res.done
         cdef Counters st = self.stats
         if done:
             if self.vs._sched is not None:
@@ -678,24 +681,54 @@ cdef class SnpPath:
             else:
                 self._charge("rmpupdate", done)
         if self.ledger.traced:
-            span = done << (9 if level == 2 else 0)
-            self.vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None,
-                          "rmpupdate", done, 0, code, (pfn, pfn + span, level, assigned))
-        if code:
-            st.v[self.i_rmpupdate_failures] += 1
-            if code == _RMP_FAIL_OVERLAP:
-                from pkvm.constants import RETRY_LIMIT
-                how = (f" (still FAIL_OVERLAP after {RETRY_LIMIT} attempts; rmpupdate() retries it until "
-                       "another CPU releases the entry)")
-            else:
-                how = ""
-            self.vm.events.append(("rmpupdate", f"RMPUPDATE failed for pfn {fail:#x} level {level}: code {code}{how}"))
-            if (dm == _DM_BOTH or dm == _DM_AFTER) and done:
-                self._directmap(False, pfn, done << (9 if level == 2 else 0), level, assigned)
-            return -_EFAULT
+            self._emit_update(pfn, level, assigned, gfn, &res)
+        if res.code:
+            return self._update_failed(pfn, level, assigned, dm, &res)
         if (dm == _DM_BOTH or dm == _DM_AFTER) and not self._dm_idle(False, pfn, npages, level):
             self._directmap(False, pfn, npages, level, assigned)
         return 0
+
+    cdef int _twin_update(self, uint64_t pfn, uint64_t npages, int level, bint assigned, uint64_t gfn,
+                          bint immutable, RmpResult *res) except -1:
+        """:meth:`body`'s RMPUPDATEs on a twin, or out of the table (RmpTable.rmpupdate_range
+        raises the named error), into ``res``."""
+        cdef int64_t fail
+        if assigned:
+            t = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=True, asid=self.asid,
+                                             gpa=gfn << 12, immutable=immutable)
+        else:
+            t = self.rmp_obj.rmpupdate_range(pfn, npages, level, assigned=False)
+        res.done, fail, res.code = t
+        res.fail_pfn = <uint64_t>fail if res.code else 0
+        return 0
+
+    cdef int _emit_update(self, uint64_t pfn, int level, bint assigned, uint64_t gfn,
+                          const RmpResult *res) except -1:
+        """:meth:`body`'s ``rmp_change`` event."""
+        cdef uint64_t done = res.done
+        cdef uint64_t span = done << (9 if level == 2 else 0)
+        self.vm._emit("rmp_change", gfn if assigned else None, gfn + span if assigned else None,
+                      "rmpupdate", done, 0, res.code, (pfn, pfn + span, level, assigned))
+        return 0
+
+    cdef int _update_failed(self, uint64_t pfn, int level, bint assigned, int dm,
+                            const RmpResult *res) except? -1000:
+        """:meth:`body` after an RMPUPDATE failed (``res.code``): counted, the event of the VM,
+        the direct-map work after the instructions that succeeded; ``-EFAULT``."""
+        cdef uint64_t done = res.done
+        cdef int code = res.code
+        cdef int64_t fail = <int64_t>res.fail_pfn
+        self.stats.v[self.i_rmpupdate_failures] += 1
+        if code == _RMP_FAIL_OVERLAP:
+            from pkvm.constants import RETRY_LIMIT
+            how = (f" (still FAIL_OVERLAP after {RETRY_LIMIT} attempts; rmpupdate() retries it until "
+                   "another CPU releases the entry)")
+        else:
+            how = ""
+        self.vm.events.append(("rmpupdate", f"RMPUPDATE failed for pfn {fail:#x} level {level}: code {code}{how}"))
+        if (dm == _DM_BOTH or dm == _DM_AFTER) and done:
+            self._directmap(False, pfn, done << (9 if level == 2 else 0), level, assigned)
+        return -_EFAULT
 
     cdef int _check_range(self, uint64_t pfn, uint64_t npages) except -1:
         """Raise RmpTable's named ValueError for a range outside the table."""
@@ -721,7 +754,8 @@ cdef class SnpPath:
             return -_EINVAL if r else 0
         if nr == 1 and self.rmp is not None and pfn < self.rmp.max_pfn_:
             # one 4K folio (a fragmented fault): what _segments would find, from one lookup
-            if self._assigned(pfn):
+            # (_assigned's, which the RMPUPDATE right after starts from)
+            if self.rmp._word_c(pfn) & 1:
                 return 0
             return -_EINVAL if self.rmpupdate_range(pfn, 1, 1, True, gfn) else 0
         _runs_init(&todo)

@@ -415,7 +415,7 @@ cdef class RmpTable:
             else:
                 r0 = self.ent._run_pos_c(pfn, &pos)
             x = pfn
-            if _bad_4k(r0.value) or self._scan(r0.end, m, _K_UPD4K, 0, &x):
+            if _bad_4k(r0.value) or (r0.end < m and self._scan(r0.end, m, _K_UPD4K, 0, &x)):
                 if x < m:
                     m = x
                     code = (_RMP_FAIL_PERMISSION if self.ent._get_c(x) & _E_IMM
