@@ -1682,15 +1682,18 @@ cdef inline long long _lock_free_at(LockState lk, mode):
 ctypedef struct _Holds:
     # A list of (lock, mode, t, t2) entries in C arrays (SchedActor's ``held`` and
     # ``fast_done``): the locks and modes are owned references; ``n`` entries, room for ``cap``.
+    # ``lk``: the LockState an entry of ``held`` was taken on (SchedHooks._acquire; an owned
+    # reference), NULL where it is not known (the entries Python added, and ``fast_done``'s).
     PyObject **lock
     PyObject **mode
+    PyObject **lk
     int64_t *t
     int64_t *t2
     Py_ssize_t n, cap
 
 
-cdef int _holds_push(_Holds *h, lock, mode, int64_t t, int64_t t2) except -1:
-    """Append ``(lock, mode, t, t2)`` to ``h``."""
+cdef int _holds_push(_Holds *h, lock, mode, int64_t t, int64_t t2, PyObject *lk) except -1:
+    """Append ``(lock, mode, t, t2)`` to ``h``, with ``lk`` (a LockState or NULL)."""
     cdef Py_ssize_t cap
     cdef void *p
     if h.n == h.cap:
@@ -1703,6 +1706,10 @@ cdef int _holds_push(_Holds *h, lock, mode, int64_t t, int64_t t2) except -1:
         if p is NULL:
             raise MemoryError()
         h.mode = <PyObject **>p
+        p = realloc(h.lk, cap * sizeof(PyObject *))
+        if p is NULL:
+            raise MemoryError()
+        h.lk = <PyObject **>p
         p = realloc(h.t, cap * sizeof(int64_t))
         if p is NULL:
             raise MemoryError()
@@ -1714,8 +1721,11 @@ cdef int _holds_push(_Holds *h, lock, mode, int64_t t, int64_t t2) except -1:
         h.cap = cap
     _incref(<PyObject *>lock)
     _incref(<PyObject *>mode)
+    if lk is not NULL:
+        _incref(lk)
     h.lock[h.n] = <PyObject *>lock
     h.mode[h.n] = <PyObject *>mode
+    h.lk[h.n] = lk
     h.t[h.n] = t
     h.t2[h.n] = t2
     h.n += 1
@@ -1729,6 +1739,8 @@ cdef int _holds_clear(_Holds *h) except -1:
     for i in range(n):
         _decref(h.lock[i])
         _decref(h.mode[i])
+        if h.lk[i] is not NULL:
+            _decref(h.lk[i])
     return 0
 
 
@@ -1738,12 +1750,15 @@ cdef void _holds_free(_Holds *h) noexcept:
     for i in range(h.n):
         _decref(h.lock[i])
         _decref(h.mode[i])
+        if h.lk[i] is not NULL:
+            _decref(h.lk[i])
     h.n = h.cap = 0
     free(h.lock)
     free(h.mode)
+    free(h.lk)
     free(h.t)
     free(h.t2)
-    h.lock = h.mode = NULL
+    h.lock = h.mode = h.lk = NULL
     h.t = h.t2 = NULL
 
 
@@ -1882,7 +1897,7 @@ cdef class SchedActor:
             cdef list entries = [(e[0], e[1], <int64_t>e[2], <int64_t>e[3]) for e in value]
             _holds_clear(&self._fd)
             for e in entries:
-                _holds_push(&self._fd, e[0], e[1], e[2], e[3])
+                _holds_push(&self._fd, e[0], e[1], e[2], e[3], NULL)
 
     property held:
         """The locks it holds, as ``(lock, mode, grant time if taken uncontended, else -1)``,
@@ -1895,12 +1910,12 @@ cdef class SchedActor:
             cdef list entries = [(e[0], e[1], <int64_t>e[2]) for e in value]
             _holds_clear(&self._hd)
             for e in entries:
-                _holds_push(&self._hd, e[0], e[1], e[2], 0)
+                _holds_push(&self._hd, e[0], e[1], e[2], 0, NULL)
 
     def hold(self, lock, mode, int64_t t):
         """Add ``(lock, mode, t)`` to :attr:`held` (``t``: the grant time of a hold taken
         uncontended, -1 for one its SimPy lock knows)."""
-        _holds_push(&self._hd, lock, mode, t, 0)
+        _holds_push(&self._hd, lock, mode, t, 0, NULL)
 
     def held_granted(self, Py_ssize_t i):
         """Entry ``i`` of :attr:`held` is now a hold its SimPy lock knows (grant time -1)."""
@@ -1918,9 +1933,11 @@ cdef extern from *:
     void _decref "pkvm_decref"(PyObject *o)
 
 
-cdef long long _held_take(SchedActor a, lock, mode) except? -2:
+cdef long long _held_take(SchedActor a, lock, mode, PyObject **lk) except? -2:
     """Take ``a``'s latest entry of ``(lock, mode)`` out of ``a.held`` and return its grant
-    time (-1: a hold its SimPy lock knows); the usual case is the last one (LIFO).
+    time (-1: a hold its SimPy lock knows); the usual case is the last one (LIFO). ``*lk``
+    (when ``lk`` is not NULL) gets the entry's LockState, a reference the caller owns, or
+    NULL.
 
     Raises:
         RuntimeError: ``a`` does not hold ``lock`` in ``mode``."""
@@ -1928,6 +1945,7 @@ cdef long long _held_take(SchedActor a, lock, mode) except? -2:
     cdef Py_ssize_t i = h.n - 1, k
     cdef PyObject *hl
     cdef PyObject *hm
+    cdef PyObject *hk
     cdef long long t
     while i >= 0:
         hl = h.lock[i]
@@ -1936,13 +1954,19 @@ cdef long long _held_take(SchedActor a, lock, mode) except? -2:
         if ((hl == <PyObject *>lock or <object>hl == lock)
                 and (hm == <PyObject *>mode or <object>hm == mode)):
             t = h.t[i]
+            hk = h.lk[i]
             for k in range(i, h.n - 1):
                 h.lock[k] = h.lock[k + 1]
                 h.mode[k] = h.mode[k + 1]
+                h.lk[k] = h.lk[k + 1]
                 h.t[k] = h.t[k + 1]
             h.n -= 1
             _decref(hl)
             _decref(hm)
+            if lk is not NULL:
+                lk[0] = hk
+            elif hk is not NULL:
+                _decref(hk)
             return t
         i -= 1
     raise RuntimeError(f"{a.name} releases {lock}, which it does not hold")
@@ -1970,7 +1994,7 @@ cdef int _fast_done_add(SchedActor a, lock, mode, long long t, long long t_rel) 
                 and (fm == <PyObject *>mode or <object>fm == mode) and h.t[n - 1] <= t):
             h.t2[n - 1] = t_rel
             return 0
-    _holds_push(h, lock, mode, t, t_rel)
+    _holds_push(h, lock, mode, t, t_rel, NULL)
     return 0
 
 
@@ -2128,13 +2152,13 @@ cdef class SchedHooks:
         lk = _lock_of(self, lock)
         cdef long long now
         if lk.interleaved:  # never queued: its windows are settled (_pw_settle)
-            _holds_push(&a._hd, lock, mode, self._now0 + _vm_ns(self) - self._mark, 0)  # now_ns
+            _holds_push(&a._hd, lock, mode, self._now0 + _vm_ns(self) - self._mark, 0, <PyObject *>lk)  # now_ns
             _fig_add_i(lk.stats, _FIG_ACQ, 1)
             return 0
         if self._active <= a.in_task and not lk.locked:
             now = self._now0 + _vm_ns(self) - self._mark
             if now >= _lock_free_at(lk, mode):
-                _holds_push(&a._hd, lock, mode, now, 0)
+                _holds_push(&a._hd, lock, mode, now, 0, <PyObject *>lk)
                 a.fast += 1
                 _fig_add_i(lk.stats, _FIG_ACQ, 1)
                 return 0
@@ -2152,13 +2176,19 @@ cdef class SchedHooks:
         cdef SchedActor a = self._current
         cdef long long held_ns, t
         cdef Ledger led
+        cdef PyObject *lkp = NULL
+        cdef LockState lks
         if a is None:
             return 0
-        t = _held_take(a, lock, mode)
+        t = _held_take(a, lock, mode, &lkp)
+        if lkp is not NULL:  # the LockState it was taken on (lks owns the entry's reference)
+            lks = <LockState>lkp
+            _decref(lkp)
         if t < 0:
             self._release_slow(a, lock, mode)
             return 0
-        cdef LockState lks = _lock_of(self, lock)
+        if lkp is NULL:  # (a hold Python added)
+            lks = _lock_of(self, lock)
         union = None  # an RWLock hold's part outside the holds counted before (_union_add)
         held_ns = self._now0 + _vm_ns(self) - self._mark - t  # now_ns - t
         if held_ns:  # for a result taken mid-run (_fast_done_add: kept short, exactly)
@@ -2838,7 +2868,7 @@ cdef class SchedHooks:
         cdef _RdWin rd
         cdef _Window sp
         cdef Ledger led
-        t = _held_take(a, "mmu_lock", 0)
+        t = _held_take(a, "mmu_lock", 0, NULL)
         t0w = a.pw_t0
         now = self._now0 + _vm_ns(self) - self._mark
         if t >= 0:  # taken uncontended on its clock: no writer waits for its install
