@@ -2130,6 +2130,10 @@ cdef class SchedHooks:
     cdef public list _heap
     # vm's Ledger, read in C by _vm_ns / _vm_ns_is (taken again whenever vm is another object)
     cdef Ledger _led
+    # vm's counters (``VM._stats``, set once when the VM is made), read by _note_inval; taken
+    # again whenever vm is another object (_st_vm)
+    cdef Counters _st
+    cdef object _st_vm
     # whether env's ``now`` is SimPy's property (which returns ``_now``), for _env_now; looked
     # at again whenever env is another object (_env_seen)
     cdef bint _env_own
@@ -3222,8 +3226,10 @@ cdef class SchedHooks:
     cdef int _note_inval(self) except -1:
         """Record the invalidation that ended, if ``mmu_invalidate_seq`` moved since the last
         record (every ``kvm_mmu_invalidate_end`` on the timeline calls :meth:`changed`)."""
-        cdef Counters st = <Counters?>self.vm._stats
-        cdef int64_t seq = st.v[S_MMU_INVALIDATE_SEQ]
+        if self._st is None or self._st_vm is not self.vm:
+            self._st = <Counters?>self.vm._stats
+            self._st_vm = self.vm
+        cdef int64_t seq = self._st.v[S_MMU_INVALIDATE_SEQ]
         cdef VmState vs
         cdef Py_ssize_t i
         if seq != self._inv_last:
