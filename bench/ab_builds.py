@@ -3,7 +3,8 @@ build once, in turn, in a fresh process (``PYTHONPATH`` set to the build's check
 prints each build's minimum over the rounds of the thread CPU ns per operation of the four
 phases of ``bench_fragmented.py`` (to private, private fault, to shared, shared fault), then
 every round's numbers, then each build's time over the first build's paired by round (median
-and quartiles).
+and quartiles), plainly and with each phase first divided by the other three phases of the
+same process (which cancels a process the machine ran slower as a whole).
 
 Run: ``python3 bench/ab_builds.py CHECKOUT[,CHECKOUT...] [N] [--rounds R]
 [--platform snp|sw_protected] [--batched]``, where each CHECKOUT is a source tree with its
@@ -95,6 +96,20 @@ def main(argv: list[str] | None = None) -> None:
             cells = []
             for i in range(4):
                 r = [y[i] / x[i] for x, y in zip(base, runs[c])]
+                q = statistics.quantiles(r, n=4)
+                cells.append(f"{statistics.median(r):.3f} ({q[0]:.2f}-{q[2]:.2f})")
+            print(f"| {c} | " + " | ".join(cells) + " |")
+        # The same, each phase first divided by the sum of the other three phases of its own
+        # process: a process the machine ran slower as a whole (another job, a cold start)
+        # cancels out, which steadies the ratio of a change that touches one phase only (at
+        # 10^6 pages the plain ratio swings by about 15 % on the 2-core development machine).
+        print("\n| build / first build, paired by round, each phase over its process's other three "
+              "| to private | private fault | to shared | shared fault |")
+        print("|---|---:|---:|---:|---:|")
+        for c in builds[1:]:
+            cells = []
+            for i in range(4):
+                r = [(y[i] / (sum(y) - y[i])) / (x[i] / (sum(x) - x[i])) for x, y in zip(base, runs[c])]
                 q = statistics.quantiles(r, n=4)
                 cells.append(f"{statistics.median(r):.3f} ({q[0]:.2f}-{q[2]:.2f})")
             print(f"| {c} | " + " | ".join(cells) + " |")
