@@ -499,10 +499,8 @@ cdef class FaultPath:
     cdef SharedBackingState shared  # the VMM's shared backing (its fields are C members)
     cdef Counters stats
     cdef Ledger ledger
-    cdef int64_t p_npf          # the price of one npf_fault (-1: look it up per charge)
-    cdef int64_t p_salloc       # the price of one shared host page (alloc_op; -1: look it up)
-    cdef Py_ssize_t i_salloc    # its op index in the ledger
-    cdef Py_ssize_t i_npf       # its op index in the ledger
+    cdef OpPrice o_npf          # npf_fault, resolved for _charge_op_u
+    cdef OpPrice o_salloc       # one shared host page (alloc_op), likewise
     cdef RangeMap attrs, sptes, slot0, shared_map
     cdef bint attr_source, has_private_mem, mirror, has_gmem_max, has_plat_max, has_rmp, access_decides
     cdef bint access_or_attr
@@ -544,16 +542,14 @@ cdef class FaultPath:
         self.stats = _vm_counters(d["_stats"])
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
-        self.p_npf = _price(self.costs, "npf_fault")
-        self.i_npf = self.ledger.op_slot("npf_fault")
+        _op_price(&self.o_npf, self.ledger, self.costs, "npf_fault")
         self.armed = d["_inject"]._armed
         shared = d["_shared"]
         self.shared = <SharedBackingState?>shared
         self.shared_map = shared._map
         self.host_level = _level_for_order(shared.order)
         self.alloc_op = alloc_op
-        self.p_salloc = _price(self.costs, alloc_op)
-        self.i_salloc = self.ledger.op_slot(alloc_op)
+        _op_price(&self.o_salloc, self.ledger, self.costs, alloc_op)
         self.attr_source = d["_policy"].private_fault_source == "attributes"
         self.prefault_eagain = d["_policy"].pre_fault_invalid_slot == "eagain"
         self.mirror = d["_mirror"]
@@ -801,10 +797,7 @@ cdef class FaultPath:
             if npop:
                 self.stats.v[S_SHARED_PAGES_POPULATED] += npop
                 # VM._charge_alloc
-                if self.p_salloc >= 0:
-                    self.ledger.charge_p(self.i_salloc, self.p_salloc, <uint64_t>npop >> self.shared.order)
-                else:
-                    self._charge(self.alloc_op, <uint64_t>npop >> self.shared.order)
+                _charge_op_u(self.ledger, &self.o_salloc, self.alloc_op, <uint64_t>npop >> self.shared.order)
             f.delta = <int64_t>hva + _decode_delta(v) - <int64_t>gfn
             f.map_writable = not (flags & _F_MEM_READONLY)
         f.end = end
@@ -901,10 +894,7 @@ cdef class FaultPath:
     cdef inline int _taken(self, uint64_t n) except -1:
         """``n`` faults taken: counted and charged (``npf_fault``)."""
         self.stats.v[S_PF_TAKEN] += n
-        if self.p_npf >= 0:
-            self.ledger.charge_p(self.i_npf, self.p_npf, n)
-        else:
-            self._charge("npf_fault", n)
+        _charge_op_u(self.ledger, &self.o_npf, "npf_fault", n)
         return 0
 
     cdef inline int _retry_counted(self, uint64_t gfn) except -1:

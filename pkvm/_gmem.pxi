@@ -369,8 +369,7 @@ cdef class SnpPath:
     cdef dict d, costs, armed, dm_cnt
     cdef Counters stats
     cdef Ledger ledger
-    cdef int64_t p_rmpupdate    # the price of one rmpupdate (-1: look it up per charge)
-    cdef Py_ssize_t i_rmpupdate_op  # its op index in the ledger
+    cdef OpPrice o_rmpupdate    # rmpupdate, resolved for _charge_op_u
     # the direct map's ops and the cache flush, resolved for _charge_op; the guest's
     # PVALIDATEs and page-state-change requests (pkvm/_snp_guest.pxi: _pv_count, _psc_begin)
     cdef OpPrice o_cpa_call, o_dm_split, o_dm_flush, o_cache_flush, o_pv4k, o_pv2m, o_psc
@@ -409,8 +408,7 @@ cdef class SnpPath:
         self.i_leaked_pages = ix["snp_leaked_pages"]
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
-        self.p_rmpupdate = _price(self.costs, "rmpupdate")
-        self.i_rmpupdate_op = self.ledger.op_slot("rmpupdate")
+        _op_price(&self.o_rmpupdate, self.ledger, self.costs, "rmpupdate")
         _op_price(&self.o_cpa_call, self.ledger, self.costs, "directmap_cpa_call")
         _op_price(&self.o_dm_split, self.ledger, self.costs, "directmap_split")
         _op_price(&self.o_dm_flush, self.ledger, self.costs, "directmap_tlb_flush")
@@ -676,10 +674,7 @@ cdef class SnpPath:
             st.v[self.i_rmpupdate] += <int64_t>done
             if level == 2:
                 st.v[self.i_rmpupdate_2m] += <int64_t>done
-            if self.p_rmpupdate >= 0:
-                self.ledger.charge_p(self.i_rmpupdate_op, self.p_rmpupdate, done)
-            else:
-                self._charge("rmpupdate", done)
+            _charge_op_u(self.ledger, &self.o_rmpupdate, "rmpupdate", done)
         if self.ledger.traced:
             self._emit_update(pfn, level, assigned, gfn, &res)
         if res.code:
@@ -865,9 +860,8 @@ cdef class GmemPath:
     cdef dict d, costs, armed
     cdef Counters stats
     cdef Ledger ledger
-    cdef int64_t p_alloc[3]     # the prices of gmem_alloc_4k / _2m / _1g (-1: look up per charge)
+    cdef OpPrice o_alloc[3]     # gmem_alloc_4k / _2m / _1g, resolved for _charge_op_u
     cdef OpPrice o_punch        # gmem_punch_4k, resolved for _charge_op
-    cdef Py_ssize_t i_alloc[3]  # their op indices in the ledger
     cdef int max_order, mode
     cdef bint has_prepare, has_invalidate
     cdef SnpPath snp_prep, snp_inval
@@ -889,8 +883,7 @@ cdef class GmemPath:
         self.costs = d["_costs"]
         self.ledger = d["_ledger"]
         for k in range(3):
-            self.p_alloc[k] = _price(self.costs, _alloc_op(9 * k))
-            self.i_alloc[k] = self.ledger.op_slot(_alloc_op(9 * k))
+            _op_price(&self.o_alloc[k], self.ledger, self.costs, _alloc_op(9 * k))
         _op_price(&self.o_punch, self.ledger, self.costs, "gmem_punch_4k")
         self.armed = d["_inject"]._armed
         self.hm = <HostMemoryState?>d["_hostmem"]
@@ -976,8 +969,8 @@ cdef class GmemPath:
         op = _alloc_op(order)
         if op is None:
             self.vm._charge_alloc(count << order, order)
-        elif self.p_alloc[order // 9] >= 0 and count >= 0:
-            self.ledger.charge_p(self.i_alloc[order // 9], self.p_alloc[order // 9], <uint64_t>count)
+        elif count >= 0:
+            _charge_op_u(self.ledger, &self.o_alloc[order // 9], op, <uint64_t>count)
         else:
             self._charge(op, count)
         return 0

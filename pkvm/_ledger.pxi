@@ -515,12 +515,19 @@ cdef inline int _op_price(OpPrice *o, Ledger led, dict prices, str op) except -1
     return 0
 
 
-cdef inline int _charge_op(Ledger led, const OpPrice *o, str op, object n) except -1:
-    """``led.charge_obj(op, n)`` (``VM._charge``) of an op resolved by :func:`_op_price`,
+cdef inline int _charge_op_u(Ledger led, const OpPrice *o, str op, uint64_t n) except -1:
+    """``led.charge_c(op, n)`` (``VM._charge``) of an op resolved by :func:`_op_price`,
     without looking ``op`` up."""
+    if o.p >= 0:
+        return led.charge_p(o.i, o.p, n)
+    return led.charge_c(op, n)
+
+
+cdef inline int _charge_op(Ledger led, const OpPrice *o, str op, object n) except -1:
+    """:func:`_charge_op_u` of an int object ``n`` (``led.charge_obj(op, n)``)."""
     cdef int64_t v
-    if o.p >= 0 and type(n) is int and _as_i64(n, &v) and v >= 0:
-        return led.charge_p(o.i, o.p, <uint64_t>v)
+    if type(n) is int and _as_i64(n, &v) and v >= 0:
+        return _charge_op_u(led, o, op, <uint64_t>v)
     return led.charge_obj(op, n)
 
 
