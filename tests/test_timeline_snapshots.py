@@ -326,6 +326,49 @@ def test_recording_does_not_move_a_fault_batch_s_wait_for_mmu_lock(tmp_path: Any
     assert rec == plain
 
 
+@pytest.mark.parametrize(("platform", "policy", "memory", "options"), [
+    (platform, policy, memory, options)
+    for platform, policy in [("snp", "fault-time"), ("snp", "eager-post"), ("snp", "eager-locked"), ("tdx", "6.19"),
+                             ("sw_protected", "6.19")]
+    for memory, options in [("256M", {"cycles": "2"}), ("64M", {"chunk": "4K"}), ("1G", {"cycles": "3", "fraction": "0.5"})]
+    if not (platform == "tdx" and options.get("chunk") == "4K")  # a TD accepts 2M units at the least
+])
+def test_one_vcpu_s_balloon_runs_as_one_task_change_nothing(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, platform: str, policy: str, memory: str,
+        options: dict[str, str]) -> None:
+    """With one vCPU, ``balloon``'s deflate phase hands the vCPU one task for all the round's
+    runs (``workloads._deflate_runs``) instead of a task per run; with a recorder it still
+    hands them one by one. Both give every figure of the run."""
+    batches: list[int] = []
+    real = workloads._deflate_runs
+
+    def counted(ctx: Any, g: Any, runs: list[tuple[int, int]], chunk: int, huge: bool) -> None:
+        batches.append(len(runs))
+        real(ctx, g, runs, chunk, huge)
+
+    monkeypatch.setattr(workloads, "_deflate_runs", counted)
+    cfg = experiments.Config(platform=platform, memory=memory, workload="balloon", policy=policy, vcpus=1,
+                             options=options)
+    for seed in (1, 2):
+        batches.clear()
+        rec, plain = _with_and_without_recorder(cfg, seed, tmp_path)
+        assert batches and sum(batches) > len(batches), "the one-task path was not taken"
+        assert rec == plain, seed
+
+
+def test_mixed_s_balloon_rounds_hand_their_runs_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``mixed``'s ``steady`` phase a round's runs go to the vCPU a task each, also with
+    one vCPU: the round's discards just before still overlap its first runs, and one task for
+    the runs (all but the last, then the last) moved a ``cpa_lock`` wait and a conversion's
+    p99 latency (SNP ``fault-time``, 8 GiB, 150 ops, seed 1)."""
+    batches: list[int] = []
+    monkeypatch.setattr(workloads, "_deflate_runs", lambda *a: batches.append(1))
+    cfg = experiments.Config(platform="snp", memory="8G", workload="mixed", policy="fault-time", vcpus=1,
+                             options={"ops": "150"})
+    r = experiments.run(cfg, seed=1)
+    assert r.counters["gfns_accessed"] > 0 and not batches
+
+
 @pytest.mark.parametrize("platform", ["snp", "tdx", "sw_protected"])
 @pytest.mark.parametrize("workload", ["mixed", "balloon", "virtio"])
 def test_recording_changes_nothing(tmp_path: Any, platform: str, workload: str) -> None:
