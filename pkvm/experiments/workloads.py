@@ -726,8 +726,15 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
 
 def _deflate_runs(ctx: Context, g: Guest, runs: list[tuple[int, int]], chunk: int, huge: bool) -> None:
     """A task of g's vCPU: :func:`_deflate_run` for each of ``runs`` (chunk numbers), in order."""
-    for s, e in runs:
+    tl = ctx.timeline
+    for i, (s, e) in enumerate(runs):
         _deflate_run(ctx, g, s * chunk, (e - s) * chunk, huge)
+        if not ~i & 31 and tl is not None:
+            # Every 32 runs the vCPU's work passes on SimPy's clock, as it did at every task's
+            # end: alone, the vCPU skips the yields at its visibility points and runs ahead of
+            # that clock, and the pagewise locks keep every window after it (their lists grew
+            # to their caps: 4 % more instructions a chunk, 29 MB more at 1 TiB).
+            tl._sync()
 
 
 def _deflate_run(ctx: Context, g: Guest, gpa: int, size: int, huge: bool) -> None:
