@@ -243,7 +243,10 @@ walked = consumer.walk_cursor(big, 5)
 descended = consumer.walk_descend(big, 5)
 assert walked[:2] == descended[:2] == (n, n // 2 * 3), (walked, descended)
 print(f"cursor {walked[2]:.2f} ns/run, descend {descended[2]:.2f} ns/run")
-assert descended[2] >= 5 * walked[2], (walked, descended)
+# A cursor that re-descended would take about as long as the descents. The bound was 5x, which the
+# best of five wall-clock rounds missed on a 2-core machine running three processes (17.0 against
+# 73.0 ns a run, 4.3x): 2x checks that the cursor walks, not how busy the machine is.
+assert descended[2] >= 2 * walked[2], (walked, descended)
 print("ok")
 """
 
