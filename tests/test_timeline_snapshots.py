@@ -358,9 +358,9 @@ def test_one_vcpu_s_balloon_runs_as_one_task_change_nothing(
 
 def test_mixed_s_balloon_rounds_hand_their_runs_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside ``mixed``'s ``steady`` phase a round's runs go to the vCPU a task each, also with
-    one vCPU: the round's discards just before still overlap its first runs, and one task for
-    the runs (all but the last, then the last) moved a ``cpa_lock`` wait and a conversion's
-    p99 latency (SNP ``fault-time``, 8 GiB, 150 ops, seed 1)."""
+    one vCPU: there the round's discards come just before its runs, and one task for the runs
+    (all but the last, then the last) moved a ``cpa_lock`` wait and a conversion's p99 latency
+    (SNP ``fault-time``, 8 GiB, 150 ops, seed 1)."""
     batches: list[int] = []
     monkeypatch.setattr(workloads, "_deflate_runs", lambda *a: batches.append(1))
     cfg = experiments.Config(platform="snp", memory="8G", workload="mixed", policy="fault-time", vcpus=1,

@@ -726,10 +726,10 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
 
 def _deflate_runs(ctx: Context, g: Guest, runs: list[tuple[int, int]], chunk: int, huge: bool) -> None:
     """A task of g's vCPU: :func:`_deflate_run` for each of ``runs`` (chunk numbers), in order."""
-    tl = ctx.timeline
+    tl = ctx.timeline  # (only dispatched on a timeline: _balloon_round)
     for i, (s, e) in enumerate(runs):
         _deflate_run(ctx, g, s * chunk, (e - s) * chunk, huge)
-        if not ~i & 31 and tl is not None:
+        if i & 31 == 31:
             # Every 32 runs the vCPU's work passes on SimPy's clock, as it did at every task's
             # end: alone, the vCPU skips the yields at its visibility points and runs ahead of
             # that clock, and the pagewise locks keep every window after it (their lists grew
