@@ -2109,6 +2109,13 @@ cdef class SchedHooks:
     cdef public Py_ssize_t _active
     cdef public long long _now0, _mark, _vis, _gmark
     cdef public bint _skipped
+    # At a skipped sync (_sync_point): _vis_g the guest-mode ns then, _vis_mark the value of
+    # _mark then, and _vis_share the guest share of the last non-empty stretch between two
+    # visibility points since the actor resumed (_vis_set: there was one): what a yield at each
+    # point would have left as the actor's guest_share (_take_c)
+    cdef long long _vis_g, _vis_mark
+    cdef double _vis_share
+    cdef bint _vis_set
     # the per-task machinery's state (set by Timeline.__init__): the SimPy environment, its time
     # when the timeline was attached, the main greenlet, the greenlet class, the event a
     # spinning vCPU waits on (None while none waits), the actors by name
@@ -3125,10 +3132,23 @@ cdef class SchedHooks:
         # with nothing owed) before the actor goes on; skipped, the round came at a later yield
         # (its wait after work that should follow it) or never (a later batch's _release_rd
         # replaced it), so the skip was not the yield it stands for.
+        cdef long long m, g, m0
         if (self._active <= a.in_task and not a.stall_debt and not a.lock_debt and a.rd is None
                 and self.recorder is None and self._queue_empty_c()):
+            m = _vm_ns(self)
+            g = _vm_guest_ns(self)
+            if self._skipped:
+                m0 = self._vis
+                if m > m0:
+                    self._vis_share = <double>(g - self._vis_g) / <double>(m - m0)
+                    self._vis_set = True
+            elif m > self._mark:
+                self._vis_share = <double>(g - self._gmark) / <double>(m - self._mark)
+                self._vis_set = True
             self._skipped = True  # Timeline.serialize: the work pending since this point
-            self._vis = _vm_ns(self)
+            self._vis = m
+            self._vis_g = g
+            self._vis_mark = self._mark
             return 0
         self._sync_c()
         return 0
@@ -3278,10 +3298,23 @@ cdef class SchedHooks:
         """The running actor's work since its last yield (and the mark moves to now); the
         share of it that ran in guest mode becomes the actor's ``guest_share``."""
         cdef long long m = _vm_ns(self), g = _vm_guest_ns(self)
-        cdef long long d = m - self._mark
+        cdef long long d = m - self._mark, dv
         cdef SchedActor a = self._current
         if d > 0 and a is not None:
-            a.guest_share = <double>(g - self._gmark) / <double>d
+            if not self._skipped:
+                a.guest_share = <double>(g - self._gmark) / <double>d
+            else:
+                # Visibility points were skipped since the actor resumed: its guest share is
+                # the one a yield at each of them would have left, that of the work since the
+                # last one (the mark moved by as much as a caller moved it since), else that of
+                # the last stretch between two of them with any work. (A share of all the work
+                # since the resume would make an IPI's stall depend on whether a recorder made
+                # those yields.)
+                dv = m - (self._vis + (self._mark - self._vis_mark))
+                if dv > 0:
+                    a.guest_share = <double>(g - self._vis_g) / <double>dv
+                elif self._vis_set:
+                    a.guest_share = self._vis_share
         self._gmark = g
         self._mark = m
         return d
@@ -3504,6 +3537,7 @@ cdef class SchedHooks:
         self._mark = _vm_ns(self)
         self._gmark = _vm_guest_ns(self)
         self._skipped = False
+        self._vis_set = False
         vm._hostmem.cpu = a.name
         if isinstance(vm, VmState):
             (<VmState>vm)._set_actor_c(a.charge_to)  # VM._set_actor, at C level
