@@ -1933,11 +1933,12 @@ cdef extern from *:
     void _decref "pkvm_decref"(PyObject *o)
 
 
-cdef long long _held_take(SchedActor a, lock, mode, PyObject **lk) except? -2:
+cdef long long _held_take(SchedActor a, lock, mode, PyObject **lk, bint *crossed=NULL) except? -2:
     """Take ``a``'s latest entry of ``(lock, mode)`` out of ``a.held`` and return its grant
     time (-1: a hold its SimPy lock knows); the usual case is the last one (LIFO). ``*lk``
     (when ``lk`` is not NULL) gets the entry's LockState, a reference the caller owns, or
-    NULL.
+    NULL; ``*crossed`` (when not NULL) whether the hold, taken uncontended, was held at a
+    visibility point whose yield was skipped (``t2`` of the entry: SchedHooks._vis_cut).
 
     Raises:
         RuntimeError: ``a`` does not hold ``lock`` in ``mode``."""
@@ -1955,11 +1956,14 @@ cdef long long _held_take(SchedActor a, lock, mode, PyObject **lk) except? -2:
                 and (hm == <PyObject *>mode or <object>hm == mode)):
             t = h.t[i]
             hk = h.lk[i]
+            if crossed is not NULL:
+                crossed[0] = h.t2[i] != 0
             for k in range(i, h.n - 1):
                 h.lock[k] = h.lock[k + 1]
                 h.mode[k] = h.mode[k + 1]
                 h.lk[k] = h.lk[k + 1]
                 h.t[k] = h.t[k + 1]
+                h.t2[k] = h.t2[k + 1]
             h.n -= 1
             _decref(hl)
             _decref(hm)
@@ -2189,15 +2193,20 @@ cdef class SchedHooks:
         cdef Ledger led
         cdef PyObject *lkp = NULL
         cdef LockState lks
+        cdef bint crossed = False
         if a is None:
             return 0
-        t = _held_take(a, lock, mode, &lkp)
+        t = _held_take(a, lock, mode, &lkp, &crossed)
         if lkp is not NULL:  # the LockState it was taken on (lks owns the entry's reference)
             lks = <LockState>lkp
             _decref(lkp)
         if t < 0:
             self._release_slow(a, lock, mode)
             return 0
+        if crossed:
+            # held at a skipped visibility point: its yield would have made the hold real, and
+            # its release a yield of its own (_release_slow), which sets the guest share
+            self._vis_cut(a, False)
         if lkp is NULL:  # (a hold Python added)
             lks = _lock_of(self, lock)
         union = None  # an RWLock hold's part outside the holds counted before (_union_add)
@@ -3132,25 +3141,42 @@ cdef class SchedHooks:
         # with nothing owed) before the actor goes on; skipped, the round came at a later yield
         # (its wait after work that should follow it) or never (a later batch's _release_rd
         # replaced it), so the skip was not the yield it stands for.
-        cdef long long m, g, m0
         if (self._active <= a.in_task and not a.stall_debt and not a.lock_debt and a.rd is None
                 and self.recorder is None and self._queue_empty_c()):
-            m = _vm_ns(self)
-            g = _vm_guest_ns(self)
-            if self._skipped:
-                m0 = self._vis
-                if m > m0:
-                    self._vis_share = <double>(g - self._vis_g) / <double>(m - m0)
-                    self._vis_set = True
-            elif m > self._mark:
-                self._vis_share = <double>(g - self._gmark) / <double>(m - self._mark)
-                self._vis_set = True
-            self._skipped = True  # Timeline.serialize: the work pending since this point
-            self._vis = m
-            self._vis_g = g
-            self._vis_mark = self._mark
+            self._vis_cut(a, True)
             return 0
         self._sync_c()
+        return 0
+
+    cdef int _vis_cut(self, SchedActor a, bint point) except -1:
+        """Where ``a`` would have yielded and did not (a skipped visibility point, or the release
+        of a hold taken uncontended and held at one): the guest share of its work since the
+        last such place (or its resume), if it did any, is the one a yield would have left
+        (_take_c). At a point (``point``) after some work, the holds it took uncontended that a
+        yield would have made real (Timeline._make_holds: all but the interleaved locks') are
+        marked so (``t2``), for their release."""
+        cdef long long m = _vm_ns(self), g = _vm_guest_ns(self), m0
+        cdef _Holds *h
+        cdef Py_ssize_t i
+        cdef bint work = False  # any since the last such place: a yield here would switch
+        if self._skipped:
+            m0 = self._vis + (self._mark - self._vis_mark)
+            if m > m0:
+                self._vis_share = <double>(g - self._vis_g) / <double>(m - m0)
+                self._vis_set = work = True
+        elif m > self._mark:
+            self._vis_share = <double>(g - self._gmark) / <double>(m - self._mark)
+            self._vis_set = work = True
+        self._skipped = True  # Timeline.serialize: the work pending since this point
+        self._vis = m
+        self._vis_g = g
+        self._vis_mark = self._mark
+        if point and work:  # (a point with nothing pending does not yield: SchedHooks._sync_c)
+            h = &a._hd
+            for i in range(h.n):
+                if h.t[i] >= 0 and not h.t2[i] and not (
+                        <LockState>h.lk[i] if h.lk[i] is not NULL else _lock_of(self, <object>h.lock[i])).interleaved:
+                    h.t2[i] = 1
         return 0
 
     def _queue_empty(self):
