@@ -701,19 +701,24 @@ def _balloon_round(ctx: Context, fraction: float, chunk: int) -> None:
         huge = chunk == P2M
         guests = ctx.guests
         tl = ctx.timeline
-        if (runs and len(guests) == 1 and ctx._phase_depth == 1 and tl is not None and tl.recorder is None
+        if (len(runs) > 1 and len(guests) == 1 and tl is not None and tl.recorder is None
                 and (tl._current is None or tl._current.name != guests[0].actor)):
-            # One vCPU, in a phase of its own (balloon): the loop below hands each run to the
-            # vCPU's thread once it is free, so the runs follow each other at its clock, and the
-            # phase ends when the last one has. One task for all of them does the same without
-            # a hand-off per run; nothing else runs meanwhile (the phase began with every vCPU
-            # idle). Not inside mixed's steady phase, where the VMM's work of the round (its
-            # discards, on the caller's clock) comes just before the runs and the figures
-            # depend on where the tasks end (one task moved a cpa_lock wait and a conversion's
-            # p99: tests/test_timeline_snapshots.py). A recorder draws each task's work as its
-            # own slice: with one, the runs go one by one as before.
+            # One vCPU: the loop below hands each run to the vCPU's thread once it is free, so
+            # the runs follow each other at its clock. Fewer tasks do the same without a
+            # hand-off per run (the driver waits meanwhile: nothing else of the workload runs).
+            # In a phase of its own (balloon) the phase ends when the last run has, and one task
+            # takes them all. Inside mixed's steady phase the driver goes on to its next action
+            # once it has handed the last run: all but the last are one task, the last one of
+            # its own. A recorder draws each task's work as its own slice: with one, the runs go
+            # one by one as before (tests/test_timeline_snapshots.py compares the two).
+            g = guests[0]
             ctx._turn += len(runs)
-            tl.dispatch(guests[0].actor, _deflate_runs, ctx, guests[0], runs, chunk, huge)
+            if ctx._phase_depth == 1:
+                tl.dispatch(g.actor, _deflate_runs, ctx, g, runs, chunk, huge)
+                return
+            tl.dispatch(g.actor, _deflate_runs, ctx, g, runs[:-1], chunk, huge)
+            s, e = runs[-1]
+            tl.dispatch(g.actor, _deflate_run, ctx, g, s * chunk, (e - s) * chunk, huge)
             return
         for s, e in runs:
             g = guests[ctx._turn % len(guests)]  # ctx.guest(), in line
