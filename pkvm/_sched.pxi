@@ -2105,7 +2105,8 @@ cdef class SchedHooks:
     ``_current``: the actor whose code runs (None outside every actor); ``_active``: actors in
     a task; while an actor runs, its clock is ``_now0 + vm._modeled_ns - _mark`` (``_now0`` is
     the SimPy time when it resumed, which stands still while it runs); ``_skipped``: a
-    :meth:`sync` was skipped since it resumed, the last one at ``vm._modeled_ns == _vis``."""
+    :meth:`sync` was skipped since it resumed, the last one (or the release of a hold held at
+    one, :meth:`_vis_cut`) at ``vm._modeled_ns == _vis``."""
 
     cdef public object vm, recorder, latency_log, _rwlock
     cdef public dict locks, latency
@@ -2113,10 +2114,11 @@ cdef class SchedHooks:
     cdef public Py_ssize_t _active
     cdef public long long _now0, _mark, _vis, _gmark
     cdef public bint _skipped
-    # At a skipped sync (_sync_point): _vis_g the guest-mode ns then, _vis_mark the value of
-    # _mark then, and _vis_share the guest share of the last non-empty stretch between two
-    # visibility points since the actor resumed (_vis_set: there was one): what a yield at each
-    # point would have left as the actor's guest_share (_take_c)
+    # At the last place the actor did not yield where a yield would have been (_vis_cut: a
+    # skipped sync, or the release of a hold held at one): _vis_g the guest-mode ns then,
+    # _vis_mark the value of _mark then; _vis_share the guest share of the last stretch with
+    # any work between two such places since the actor resumed (_vis_set: there was one): what
+    # those yields would have left as the actor's guest_share (_take_c)
     cdef long long _vis_g, _vis_mark
     cdef double _vis_share
     cdef bint _vis_set
