@@ -369,6 +369,20 @@ def test_recording_changes_nothing_in_mixed_with_balloon_rounds(platform: str, v
     assert rec == plain
 
 
+def _count_deflate_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap ``workloads._deflate_runs`` to append the number of runs of each task it is
+    handed to the list returned (the balloon's one-task paths)."""
+    batches: list[int] = []
+    real = workloads._deflate_runs
+
+    def counted(ctx: Any, g: Any, runs: list[tuple[int, int]], chunk: int, huge: bool) -> None:
+        batches.append(len(runs))
+        real(ctx, g, runs, chunk, huge)
+
+    monkeypatch.setattr(workloads, "_deflate_runs", counted)
+    return batches
+
+
 @pytest.mark.parametrize(("platform", "policy", "memory", "options"), [
     (platform, policy, memory, options)
     for platform, policy in [("snp", "fault-time"), ("snp", "eager-post"), ("snp", "eager-locked"), ("tdx", "6.19"),
@@ -382,14 +396,7 @@ def test_one_vcpu_s_balloon_runs_as_one_task_change_nothing(
     """With one vCPU, ``balloon``'s deflate phase hands the vCPU one task for all the round's
     runs (``workloads._deflate_runs``) instead of a task per run; with a recorder it still
     hands them one by one. Both give every figure of the run."""
-    batches: list[int] = []
-    real = workloads._deflate_runs
-
-    def counted(ctx: Any, g: Any, runs: list[tuple[int, int]], chunk: int, huge: bool) -> None:
-        batches.append(len(runs))
-        real(ctx, g, runs, chunk, huge)
-
-    monkeypatch.setattr(workloads, "_deflate_runs", counted)
+    batches = _count_deflate_batches(monkeypatch)
     cfg = experiments.Config(platform=platform, memory=memory, workload="balloon", policy=policy, vcpus=1,
                              options=options)
     for seed in (1, 2):
@@ -410,14 +417,7 @@ def test_mixed_s_balloon_rounds_in_two_tasks_change_nothing(
     the driver goes on to its next action when it has handed the last run, as with a task per
     run; with a recorder each run is still a task. Both give every figure of the run. (A round
     has 0.1 % of the 2M chunks: 4 at 8 GiB, 8 at 16 GiB.)"""
-    batches: list[int] = []
-    real = workloads._deflate_runs
-
-    def counted(ctx: Any, g: Any, runs: list[tuple[int, int]], chunk: int, huge: bool) -> None:
-        batches.append(len(runs))
-        real(ctx, g, runs, chunk, huge)
-
-    monkeypatch.setattr(workloads, "_deflate_runs", counted)
+    batches = _count_deflate_batches(monkeypatch)
     cfg = experiments.Config(platform=platform, memory=memory, workload="mixed", policy=policy, vcpus=1,
                              options={"ops": "150"})
     rec, plain = _with_and_without_recorder(cfg, seed, tmp_path)
