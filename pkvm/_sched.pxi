@@ -3152,9 +3152,9 @@ cdef class SchedHooks:
 
     cdef int _vis_cut(self, SchedActor a, bint point) except -1:
         """Where ``a`` would have yielded and did not (a skipped visibility point, or the release
-        of a hold taken uncontended and held at one): the guest share of its work since the
-        last such place (or its resume), if it did any, is the one a yield would have left
-        (_take_c). At a point (``point``) after some work, the holds it took uncontended that a
+        of a hold taken uncontended and held at one), and where it yields (_take_c): the guest
+        share of its work since the last such place (or its resume), if it did any, is the one
+        a yield would have left (``_vis_share``). At a point (``point``) after some work, the holds it took uncontended that a
         yield would have made real (Timeline._make_holds: all but the interleaved locks') are
         marked so (``t2``), for their release."""
         cdef long long m = _vm_ns(self), g = _vm_guest_ns(self), m0
@@ -3326,23 +3326,16 @@ cdef class SchedHooks:
         """The running actor's work since its last yield (and the mark moves to now); the
         share of it that ran in guest mode becomes the actor's ``guest_share``."""
         cdef long long m = _vm_ns(self), g = _vm_guest_ns(self)
-        cdef long long d = m - self._mark, dv
+        cdef long long d = m - self._mark
         cdef SchedActor a = self._current
         if d > 0 and a is not None:
-            if not self._skipped:
-                a.guest_share = <double>(g - self._gmark) / <double>d
-            else:
-                # Visibility points were skipped since the actor resumed: its guest share is
-                # the one a yield at each of them would have left, that of the work since the
-                # last one (the mark moved by as much as a caller moved it since), else that of
-                # the last stretch between two of them with any work. (A share of all the work
-                # since the resume would make an IPI's stall depend on whether a recorder made
-                # those yields.)
-                dv = m - (self._vis + (self._mark - self._vis_mark))
-                if dv > 0:
-                    a.guest_share = <double>(g - self._vis_g) / <double>dv
-                elif self._vis_set:
-                    a.guest_share = self._vis_share
+            # The share of the work since the last place a yield was skipped (or since the
+            # resume), else of the last stretch with any work between two of them: what a yield
+            # at each of them would have left. (A share of all the work since the resume would
+            # make an IPI's stall depend on whether a recorder made those yields.) With work
+            # pending there is such a stretch (_vis_set).
+            self._vis_cut(a, False)
+            a.guest_share = self._vis_share
         self._gmark = g
         self._mark = m
         return d
